@@ -1,0 +1,1 @@
+"""OpenAI-compatible and admin HTTP API (issue: serving API)."""

@@ -1,0 +1,18 @@
+"""gpupool: serve many fine-tuned LLMs from one shared pool of accelerators."""
+
+from gpupool.config import Config, PoolConfig, SchedulerConfig
+from gpupool.engine import Engine
+from gpupool.models.errors import ModelLoadError
+from gpupool.scheduler.params import SamplingParams
+from gpupool.scheduler.request import RequestError, RequestOutput
+
+__all__ = [
+    "Config",
+    "Engine",
+    "ModelLoadError",
+    "PoolConfig",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
+]

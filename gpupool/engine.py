@@ -1,0 +1,203 @@
+"""``Engine``: wires the pool, the models and the scheduler, and runs the loop in a thread.
+
+    engine = Engine(device="cpu")
+    engine.add_model("smollm2", "smollm2")
+    outs = engine.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import psutil
+import torch
+
+from gpupool import kernels
+from gpupool.config import Config
+from gpupool.default_model import DEFAULT_MODEL, ensure_default_model
+from gpupool.models.errors import ModelLoadError
+from gpupool.models.worker import ModelWorker
+from gpupool.pool.kv import KVStorage
+from gpupool.scheduler.core import EngineCore
+from gpupool.scheduler.params import SamplingParams
+from gpupool.scheduler.request import RequestError, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return dev
+
+
+def default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.3)
+    return min(2 << 30, int(psutil.virtual_memory().available * 0.2))
+
+
+class Engine:
+    """Many models, one KV pool, continuous batching; thread-safe public methods."""
+
+    def __init__(self, device: str = "auto", config: Config | None = None, **overrides):
+        self.config = config or Config.from_env(device=device, **overrides)
+        self.device = resolve_device(self.config.device)
+        kernels.set_kernel_mode(self.config.kernels)
+        pool = self.config.pool
+        kv_bytes = pool.kv_cache_bytes or default_kv_bytes(self.device)
+        self.kv = KVStorage(kv_bytes // pool.kv_page_bytes, pool.kv_page_bytes, self.device)
+        self.core = EngineCore(self.config.scheduler, self.kv.pages)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        logger.info("engine on %s: %d KV pages of %d KiB", self.device,
+                    self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
+
+    # ---- models ---------------------------------------------------------------------------
+    def resolve_model_path(self, path: str | Path) -> Path:
+        if str(path) == DEFAULT_MODEL:
+            return ensure_default_model(self.config.home)
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"{folder}: model folder does not exist")
+        return folder
+
+    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL) -> None:
+        """Load a model folder (or ``"smollm2"``) and serve it as ``name``."""
+        with self._lock:
+            if name in self.core.workers:
+                raise RequestError(f"model {name!r} is already loaded")
+        worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
+                             self.config.dtype)
+        with self._lock:
+            self.core.add_worker(worker)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.core.workers)
+
+    def tokenizer(self, model: str):
+        return self.core.workers[model].tokenizer
+
+    # ---- requests -------------------------------------------------------------------------
+    def _model_name(self, model: str | None) -> str:
+        if model is not None:
+            return model
+        if len(self.core.workers) != 1:
+            raise RequestError("name the model: the engine serves "
+                               f"{len(self.core.workers)} models")
+        return next(iter(self.core.workers))
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    model: str | None = None, request_id: str | None = None,
+                    sink=None) -> str:
+        """Queue a request; ``sink(RequestOutput)`` is called from the engine thread."""
+        with self._lock:
+            rid = self.core.add_request(self._model_name(model), prompt,
+                                        params or SamplingParams(), request_id, sink)
+            self._ensure_thread()
+            self._lock.notify()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.core.abort(request_id)
+
+    def generate(self, prompts: str | list[str | list[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 model: str | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; one final output per prompt, in order.
+
+        Every prompt is checked before any is queued, so a bad one raises RequestError and
+        nothing of the call runs.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise RequestError("give one SamplingParams, or one per prompt")
+        plist = [p or SamplingParams() for p in plist]
+        done = threading.Event()
+        results: dict[int, RequestOutput] = {}
+
+        def sink_for(i):
+            def sink(out: RequestOutput):
+                if out.finished:
+                    results[i] = out
+                    if len(results) == len(prompts):
+                        done.set()
+            return sink
+
+        with self._lock:
+            name = self._model_name(model)
+            checked = []
+            for prompt, p in zip(prompts, plist):
+                ids = self.core.tokenize(name, prompt)
+                self.core.check_request(name, ids, p)
+                checked.append(ids)
+            for i, (ids, p) in enumerate(zip(checked, plist)):
+                self.core.add_request(name, ids, p, sink=sink_for(i))
+            self._ensure_thread()
+            self._lock.notify()
+        done.wait()
+        return [results[i] for i in range(len(prompts))]
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     model: str | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield outputs as tokens arrive; leaving early aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = self.add_request(prompt, params, model, request_id,
+                               sink=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gpupool-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self.core.has_work():
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                self.core.step()
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            self.core.check_integrity()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,58 @@
+"""Compute kernels: a Triton version on CUDA, the torch reference elsewhere.
+
+``GPUPOOL_KERNELS=reference`` forces the reference everywhere (read in gpupool.config);
+``triton`` forces Triton (on CPU only useful with ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpupool.kernels import reference
+from gpupool.kernels.reference import write_kv
+
+__all__ = ["paged_attention_decode", "paged_attention_prefill", "triton_available", "write_kv"]
+
+_MODE = {"kernels": "auto"}
+
+
+def set_kernel_mode(mode: str) -> None:
+    """``auto`` (Triton on CUDA tensors), ``reference`` or ``triton``."""
+    if mode not in ("auto", "reference", "triton"):
+        raise ValueError(f"kernel mode must be auto, reference or triton, not {mode!r}")
+    _MODE["kernels"] = mode
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    mode = _MODE["kernels"]
+    if mode == "reference":
+        return False
+    if mode == "triton":
+        return True
+    return t.is_cuda and triton_available()
+
+
+def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """See :func:`gpupool.kernels.reference.paged_attention_decode`."""
+    if _use_triton(q):
+        from gpupool.kernels.paged_attention import paged_attention_decode as impl
+    else:
+        impl = reference.paged_attention_decode
+    return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    """See :func:`gpupool.kernels.reference.paged_attention_prefill`."""
+    if _use_triton(q):
+        from gpupool.kernels.paged_attention import paged_attention_prefill as impl
+    else:
+        impl = reference.paged_attention_prefill
+    return impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)

@@ -1,0 +1,107 @@
+"""Plain-torch versions of every kernel: the CPU path and the tests' ground truth.
+
+Paged caches are ``[num_pages, block_tokens, num_kv_heads, head_dim]`` views (possibly strided:
+a page also holds the other layers). Token ``t`` of a sequence lives at page
+``block_tables[s, t // block_tokens]``, slot ``t % block_tokens``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Tokens ``[0, length)`` of one or more sequences from a paged cache.
+
+    block_table: [M] -> [length, kvh, d]; [B, M] -> [B, length, kvh, d].
+    """
+    bt = cache.shape[1]
+    num_blocks = -(-length // bt)
+    pages = cache[block_table[..., :num_blocks].long()]  # [..., nb, bt, kvh, d]
+    pages = pages.flatten(-4, -3)  # [..., nb * bt, kvh, d]
+    return pages[..., :length, :, :]
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Semantics: ``out[b] = softmax(q[b] @ K_b^T * scale) @ V_b`` over the ``context_lens[b]``
+    cached tokens of sequence b (the newest token's K/V already written), GQA by head groups.
+
+    q: [B, H, D]; k_cache, v_cache: [P, bt, KVH, D]; block_tables: [B, M] int;
+    context_lens: [B] int (>= 1). Returns [B, H, D] in q's dtype.
+    """
+    max_len = int(context_lens.max())
+    k = _gather(k_cache, block_tables, max_len).transpose(1, 2)  # [B, KVH, L, D]
+    v = _gather(v_cache, block_tables, max_len).transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, H, 1, D]
+        k,
+        v,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def paged_attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Semantics: causal attention of a chunk of new tokens over its cached prefix and itself.
+
+    Sequence s owns query rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` (n_s rows), which are its
+    tokens ``context_lens[s] - n_s ... context_lens[s] - 1``; query i attends to cached tokens
+    ``0 ... context_lens[s] - n_s + i``. Their K/V are already written to the cache.
+
+    q: [T, H, D]; k_cache, v_cache: [P, bt, KVH, D]; block_tables: [S, M] int;
+    cu_seqlens_q: [S + 1] int; context_lens: [S] int. Returns [T, H, D].
+    """
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    for s, length in enumerate(lens):
+        lo, hi = cu[s], cu[s + 1]
+        n = hi - lo
+        k = _gather(k_cache, block_tables[s], length).transpose(0, 1)  # [KVH, L, D]
+        v = _gather(v_cache, block_tables[s], length).transpose(0, 1)
+        qs = q[lo:hi].transpose(0, 1)  # [H, n, D]
+        if n == length:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            rows = torch.arange(n, device=q.device)[:, None] + (length - n)
+            mask = torch.arange(length, device=q.device)[None, :] <= rows  # [n, L]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        out[lo:hi] = o.transpose(0, 1)
+    return out
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_pages: torch.Tensor,
+    slot_offsets: torch.Tensor,
+) -> None:
+    """Semantics: ``k_cache[slot_pages[t], slot_offsets[t]] = k[t]`` (same for v).
+
+    k, v: [T, KVH, D]; slot_pages, slot_offsets: [T] long.
+    """
+    k_cache[slot_pages, slot_offsets] = k
+    v_cache[slot_pages, slot_offsets] = v

@@ -1,0 +1,1 @@
+"""Llama-family model definitions whose weights are views into a flat buffer."""

@@ -1,0 +1,38 @@
+"""The tensors of one forward pass over a flattened batch.
+
+Decode rows come first (one token per sequence), then prefill chunks:
+
+    input_ids  | d0 | d1 | d2 | p0 p0 p0 p0 | p1 p1 |
+               |<- num_decode ->|<-- prefill chunks -->|
+    logits_indices: rows whose next token is sampled (each decode row; the last row of a
+    prefill chunk that reaches the end of its sequence)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_pages: torch.Tensor  # [T] long: page receiving each token's K/V
+    slot_offsets: torch.Tensor  # [T] long: slot within that page
+    num_decode: int
+    decode_block_tables: torch.Tensor  # [num_decode, M] int32
+    decode_context_lens: torch.Tensor  # [num_decode] int32, including the new token
+    prefill_block_tables: torch.Tensor  # [S, M] int32
+    prefill_cu_seqlens: torch.Tensor  # [S + 1] int32: query rows, relative to num_decode
+    prefill_context_lens: torch.Tensor  # [S] int32: cached prefix + chunk
+    logits_indices: torch.Tensor  # [R] long
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_prefill_seqs(self) -> int:
+        return self.prefill_context_lens.shape[0]

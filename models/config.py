@@ -1,0 +1,130 @@
+"""Model hyper-parameters read from a Hugging Face ``config.json``.
+
+Accepts both the transformers 4 spelling (``rope_theta`` + ``rope_scaling``) and the
+transformers 5 one (``rope_parameters``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpupool.models.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the Llama-family forward pass needs to know about a model."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    sliding_window: int | None = None
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt + output) the engine accepts for this model."""
+        if self.sliding_window:  # attention is exact only while the window covers everything
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element_bytes
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"gpupool supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            num_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            head_dim = cfg.get("head_dim") or hidden // num_heads
+            rope = dict(cfg.get("rope_parameters") or {})
+            scaling = dict(cfg.get("rope_scaling") or {})
+            theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+            if not scaling and rope.get("rope_type", "default") != "default":
+                scaling = rope
+            scaling.pop("rope_theta", None)
+            if scaling.get("type") and not scaling.get("rope_type"):
+                scaling["rope_type"] = scaling["type"]
+            if scaling.get("rope_type", "default") == "default":
+                scaling = {}
+            window = cfg.get("sliding_window")
+            if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+                window = None
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=int(head_dim),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+                qk_norm=arch == "Qwen3ForCausalLM",
+                sliding_window=int(window) if window else None,
+                torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{source}: malformed model config ({e!r})") from e
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> ModelConfig:
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{cfg_path}: no config.json in model folder")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{cfg_path}: cannot read config ({e})") from e
+        if cfg.get("mlp_bias"):
+            raise ModelLoadError(f"{cfg_path}: mlp_bias=true is not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"{cfg_path}: hidden_act {cfg['hidden_act']!r} not supported")
+        return cls.from_dict(cfg, str(cfg_path))

@@ -1,0 +1,90 @@
+"""The Llama-family forward pass (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM).
+
+Weights are views into the model's flat buffer (:meth:`LlamaModel.bind`); the model owns no
+memory of its own besides the rotary table. Attention reads and writes the paged KV view
+``[num_pages, num_layers, 2, block_tokens, num_kv_heads, head_dim]`` it is handed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gpupool import kernels
+from gpupool.models.batch import ForwardBatch
+from gpupool.models.config import ModelConfig
+from gpupool.models.rope import apply_rope, cos_sin_table
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.scale = cfg.head_dim**-0.5
+        self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
+        self.w: dict[str, torch.Tensor] = {}
+        self.layers: list[dict[str, torch.Tensor]] = []
+
+    def bind(self, views: dict[str, torch.Tensor]) -> None:
+        """Point the model at a set of weight views (e.g. after a swap); no copy."""
+        self.w = views
+        self.layers = [
+            {k.split(".", 2)[2]: v for k, v in views.items() if k.startswith(f"layers.{i}.")}
+            for i in range(self.cfg.num_layers)
+        ]
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.w["embed_tokens"] if self.cfg.tie_word_embeddings else self.w["lm_head"]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] in float32."""
+        x = F.embedding(batch.input_ids, self.w["embed_tokens"])  # [T, hidden]
+        cos_sin = self.rope[batch.positions]  # [T, 2, D]
+        cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
+        for i, lw in enumerate(self.layers):
+            h = rms_norm(x, lw["input_norm"], self.cfg.rms_norm_eps)
+            x = x + self._attention(h, lw, kv[:, i, 0], kv[:, i, 1], cos, sin, batch)
+            h = rms_norm(x, lw["post_norm"], self.cfg.rms_norm_eps)
+            gate, up = F.linear(h, lw["gate_up_weight"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw["down_weight"])
+        x = x[batch.logits_indices]
+        x = rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch):
+        cfg = self.cfg
+        qkv = F.linear(h, lw["qkv_weight"], lw.get("qkv_bias"))  # [T, q + 2kv]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, lw["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, lw["k_norm"], cfg.rms_norm_eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        kernels.write_kv(k_cache, v_cache, k, v, batch.slot_pages, batch.slot_offsets)
+        nd = batch.num_decode
+        parts = []
+        if nd:
+            parts.append(kernels.paged_attention_decode(
+                q[:nd], k_cache, v_cache, batch.decode_block_tables,
+                batch.decode_context_lens, self.scale,
+            ))
+        if batch.num_prefill_seqs:
+            parts.append(kernels.paged_attention_prefill(
+                q[nd:], k_cache, v_cache, batch.prefill_block_tables,
+                batch.prefill_cu_seqlens, batch.prefill_context_lens, self.scale,
+            ))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
+        return F.linear(o.reshape(o.shape[0], cfg.q_size), lw["o_weight"])

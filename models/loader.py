@@ -1,0 +1,121 @@
+"""Read a Hugging Face folder's safetensors into one flat buffer per model.
+
+Our tensor names differ from the checkpoint's: q/k/v are stacked into ``qkv_weight`` and
+gate/up into ``gate_up_weight`` so each is one matmul. :func:`weight_sources` says which
+checkpoint tensors make each of ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from gpupool.models.config import ModelConfig
+from gpupool.models.errors import ModelLoadError
+from gpupool.pool.weights import WeightLayout
+
+
+def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[str]]]:
+    """Our name -> (shape, checkpoint names concatenated along dim 0), in layout order."""
+    h, q, kv, inter, hd = (
+        cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.head_dim
+    )
+    out: dict[str, tuple[tuple[int, ...], list[str]]] = {
+        "embed_tokens": ((cfg.vocab_size, h), ["model.embed_tokens.weight"]),
+    }
+    for i in range(cfg.num_layers):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[f"layers.{i}.input_norm"] = ((h,), [p + "input_layernorm.weight"])
+        out[f"layers.{i}.qkv_weight"] = (
+            (q + 2 * kv, h), [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
+        )
+        if cfg.qkv_bias:
+            out[f"layers.{i}.qkv_bias"] = (
+                (q + 2 * kv,), [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]
+            )
+        if cfg.qk_norm:
+            out[f"layers.{i}.q_norm"] = ((hd,), [a + "q_norm.weight"])
+            out[f"layers.{i}.k_norm"] = ((hd,), [a + "k_norm.weight"])
+        out[f"layers.{i}.o_weight"] = ((h, q), [a + "o_proj.weight"])
+        out[f"layers.{i}.post_norm"] = ((h,), [p + "post_attention_layernorm.weight"])
+        out[f"layers.{i}.gate_up_weight"] = (
+            (2 * inter, h), [m + "gate_proj.weight", m + "up_proj.weight"]
+        )
+        out[f"layers.{i}.down_weight"] = ((h, inter), [m + "down_proj.weight"])
+    out["norm"] = ((h,), ["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ((cfg.vocab_size, h), ["lm_head.weight"])
+    return out
+
+
+def build_layout(cfg: ModelConfig, dtype: torch.dtype) -> WeightLayout:
+    return WeightLayout.build({k: v[0] for k, v in weight_sources(cfg).items()}, dtype)
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index}: unreadable shard index ({e!r})") from e
+        return {name: folder / fname for name, fname in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+            raise ModelLoadError(f"{folder}: only pickle weights found; gpupool reads safetensors")
+        raise ModelLoadError(f"{folder}: no *.safetensors weight file")
+    where = {}
+    for f in files:
+        for name in _open(f).keys():
+            where[name] = f
+    return where
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: weight file is missing")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
+
+
+def load_flat_weights(
+    folder: str | Path, cfg: ModelConfig, dtype: torch.dtype
+) -> tuple[WeightLayout, torch.Tensor]:
+    """Read every weight once into a new host buffer in the layout's order."""
+    folder = Path(folder)
+    layout = build_layout(cfg, dtype)
+    buffer = layout.allocate("cpu")
+    views = layout.views(buffer)
+    where = _checkpoint_files(folder)
+    handles: dict[Path, object] = {}
+    for name, (shape, sources) in weight_sources(cfg).items():
+        row = 0
+        for src in sources:
+            path = where.get(src)
+            if path is None:
+                raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
+            if path not in handles:
+                handles[path] = _open(path)
+            try:
+                t = handles[path].get_tensor(src)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
+            n = t.shape[0] if t.dim() else 0
+            dest = views[name][row : row + n]
+            if tuple(t.shape) != tuple(dest.shape) or t.dim() != len(shape):
+                raise ModelLoadError(
+                    f"{path}: tensor {src!r} has shape {tuple(t.shape)}, "
+                    f"config expects {tuple(dest.shape)}"
+                )
+            dest.copy_(t)
+            row += n
+        if row != shape[0]:
+            raise ModelLoadError(f"{folder}: tensor {name!r} assembled {row} rows of {shape[0]}")
+    return layout, buffer

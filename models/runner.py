@@ -1,0 +1,56 @@
+"""Build the tensors of one step from the scheduler's integers (the only place that does)."""
+
+from __future__ import annotations
+
+import torch
+
+from gpupool.models.batch import ForwardBatch
+
+
+def _block_table(rows: list[list[int]], device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32,
+                        device=device)
+
+
+def build_batch(scheduled, block_tokens: int, device) -> ForwardBatch:
+    """``scheduled``: items with ``.seq`` (token_ids(), pages, num_computed_tokens),
+    ``.num_new_tokens``, ``.is_decode`` and ``.samples``; decode items first."""
+    ids, pos, pages, offs, logits_rows = [], [], [], [], []
+    dec_tables, dec_lens, pre_tables, pre_lens, cu = [], [], [], [], [0]
+    num_decode = 0
+    for item in scheduled:
+        seq, n = item.seq, item.num_new_tokens
+        start = seq.num_computed_tokens
+        ids.extend(seq.token_ids(start, start + n))
+        positions = range(start, start + n)
+        pos.extend(positions)
+        pages.extend(seq.pages[p // block_tokens] for p in positions)
+        offs.extend(p % block_tokens for p in positions)
+        if item.is_decode:
+            num_decode += 1
+            dec_tables.append(seq.pages)
+            dec_lens.append(start + n)
+        else:
+            pre_tables.append(seq.pages)
+            pre_lens.append(start + n)
+            cu.append(cu[-1] + n)
+        if item.samples:
+            logits_rows.append(len(ids) - 1)
+
+    def t(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    return ForwardBatch(
+        input_ids=t(ids),
+        positions=t(pos),
+        slot_pages=t(pages),
+        slot_offsets=t(offs),
+        num_decode=num_decode,
+        decode_block_tables=_block_table(dec_tables, device),
+        decode_context_lens=t(dec_lens, torch.int32),
+        prefill_block_tables=_block_table(pre_tables, device),
+        prefill_cu_seqlens=t(cu, torch.int32),
+        prefill_context_lens=t(pre_lens, torch.int32),
+        logits_indices=t(logits_rows),
+    )

@@ -1,0 +1,93 @@
+"""One loaded model: config, tokenizer, flat weights bound to the forward pass, KV view."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from gpupool.models.config import ModelConfig
+from gpupool.models.errors import ModelLoadError
+from gpupool.models.llama import LlamaModel
+from gpupool.models.loader import load_flat_weights
+from gpupool.models.runner import build_batch
+from gpupool.pool.kv import KVStorage
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it has none (token-id prompts only)."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; report the folder
+        raise ModelLoadError(f"{folder}: cannot load tokenizer ({e})") from e
+
+
+def eos_token_ids(folder: Path, cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids as transformers' generate uses them (generation_config first)."""
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            eos = None
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if cfg.eos_token_ids:
+        return cfg.eos_token_ids
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (int(tokenizer.eos_token_id),)
+    return ()
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":  # fp32 on CPU (exact, and CPU bf16 matmuls are slow); else the model's
+        if device.type == "cpu":
+            return torch.float32
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            cfg.torch_dtype, torch.bfloat16
+        )
+    try:
+        return {"float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
+
+
+class ModelWorker:
+    def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
+                 dtype: str | torch.dtype = "auto"):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelLoadError(f"{folder}: model folder does not exist")
+        self.name = name
+        self.folder = folder
+        self.cfg = ModelConfig.from_folder(folder)
+        self.device = device
+        self.dtype = resolve_dtype(dtype, self.cfg, device)
+        self.tokenizer = load_tokenizer(folder)
+        self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer)
+        self.layout, host = load_flat_weights(folder, self.cfg, self.dtype)
+        self.weights = host if device.type == "cpu" else host.to(device)
+        self.model = LlamaModel(self.cfg, self.dtype, device)
+        self.model.bind(self.layout.views(self.weights))
+        self.kv_view = kv.model_view(
+            self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
+        )
+        self.block_tokens = self.kv_view.shape[3]
+        logger.info("loaded model %s from %s (%s, %.1f MiB, %d KV tokens per page)", name,
+                    folder, self.dtype, self.layout.num_bytes / 2**20, self.block_tokens)
+
+    def execute(self, scheduled) -> torch.Tensor:
+        """Run one step; logits [rows that sample, vocab] in float32."""
+        batch = build_batch(scheduled, self.block_tokens, self.device)
+        return self.model.forward(batch, self.kv_view)

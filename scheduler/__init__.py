@@ -1,0 +1,1 @@
+"""Requests, continuous batching, sampling, detokenisation and the engine loop's body."""

@@ -1,0 +1,208 @@
+"""The engine loop's body: admit requests, run steps, turn sampled tokens into outputs.
+
+Single-threaded by design: :class:`gpupool.Engine` drives it from one thread. A step is
+``schedule -> worker.execute -> sample -> append, detokenise, check stops -> outputs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gpupool.pool.kv import PagePool
+from gpupool.scheduler.detokenizer import DetokenizerState, append_token
+from gpupool.scheduler.params import SamplingParams
+from gpupool.scheduler.request import RequestError, RequestOutput, Sequence, Status
+from gpupool.scheduler.sampler import make_generator, sample
+from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class _Tracked:
+    seq: Sequence
+    generator: torch.Generator
+    detok: DetokenizerState
+    sink: Sink | None
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    stop_reason: str | int | None = None
+
+
+class EngineCore:
+    """Requests in, :class:`RequestOutput` updates out. Workers are added by the Engine."""
+
+    def __init__(self, config: SchedulerConfig, pages: PagePool):
+        self.pages = pages
+        self.scheduler = Scheduler(config, pages)
+        self.workers: dict = {}
+        self.requests: dict[str, _Tracked] = {}
+        self._next_id = 0
+
+    # ---- models -------------------------------------------------------------------------
+    def add_worker(self, worker) -> None:
+        if worker.name in self.workers:
+            raise RequestError(f"model {worker.name!r} is already loaded")
+        self.workers[worker.name] = worker
+        self.scheduler.add_model(worker.name, worker.block_tokens)
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, model: str, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the model; raises RequestError."""
+        worker = self.workers.get(model)
+        if worker is None:
+            raise RequestError(f"model {model!r} is not loaded")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            if worker.tokenizer is None:
+                raise RequestError(f"model {model!r} has no tokenizer; pass token ids")
+            ids = list(worker.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise RequestError("prompt is empty")
+        vocab = worker.cfg.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def check_request(self, model: str, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise RequestError if the request can never run; else its max total tokens."""
+        worker = self.workers[model]
+        max_len = worker.cfg.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise RequestError(
+                f"prompt has {len(prompt_ids)} tokens, but model {model!r} has a context "
+                f"window of {max_len} tokens (prompt + at least one new token)"
+            )
+        total = min(len(prompt_ids) + params.max_tokens, max_len)
+        capacity = self.pages.num_pages * worker.block_tokens
+        if total > capacity:
+            raise RequestError(
+                f"request needs up to {total} tokens of KV cache, but the pool holds "
+                f"{capacity} tokens of model {model!r}; lower max_tokens or the prompt"
+            )
+        return total
+
+    def add_request(self, model: str, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None, sink: Sink | None = None,
+                    arrival_time: float | None = None) -> str:
+        ids = self.tokenize(model, prompt)
+        total = self.check_request(model, ids, params)
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, model, ids, params,
+                       time.monotonic() if arrival_time is None else arrival_time, total)
+        self.requests[request_id] = _Tracked(
+            seq, make_generator(params.seed), DetokenizerState.start(ids), sink
+        )
+        self.scheduler.add_request(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now (reason ``abort``); unknown or finished ids are ignored."""
+        tr = self.requests.get(request_id)
+        if tr is not None:
+            self._finish(tr, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        try:
+            logits = self.workers[out.model].execute(out.scheduled)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            logger.exception("step for model %s failed", out.model)
+            return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
+                    for s in out.scheduled]
+        self.scheduler.update_from_output(out)
+        return self._process(out, sampling, logits)
+
+    def _process(self, out: SchedulerOutput, sampling: list[Sequence], logits) -> list:
+        tracked = [self.requests[s.request_id] for s in sampling]
+        tokens = sample(logits, [s.params for s in sampling], [t.generator for t in tracked])
+        worker = self.workers[out.model]
+        outputs = []
+        for tr, token in zip(tracked, tokens):
+            seq = tr.seq
+            seq.output_token_ids.append(token)
+            append_token(worker.tokenizer, tr.detok, token)
+            reason = self._stop_reason(tr, token, worker.eos_token_ids)
+            if reason is not None:
+                outputs.append(self._finish(tr, reason))
+            else:
+                outputs.append(self._emit(tr, finished=False))
+        return outputs
+
+    def _stop_reason(self, tr: _Tracked, token: int, eos_ids) -> str | None:
+        seq, p = tr.seq, tr.seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+            tr.stop_reason = token
+            return "stop"
+        if p.stop:
+            text = tr.detok.text
+            start = max(0, tr.detok.stop_checked_upto - max(len(s) for s in p.stop) + 1)
+            hits = [(text.find(s, start), s) for s in p.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            tr.detok.stop_checked_upto = len(text)
+            if hits:
+                idx, s = min(hits)
+                tr.detok.text = text[:idx]
+                tr.stop_reason = s
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+            return "length"
+        return None
+
+    def _emit(self, tr: _Tracked, finished: bool, error: str | None = None) -> RequestOutput:
+        seq, text = tr.seq, tr.detok.text
+        visible = len(text)
+        if not finished and seq.params.stop:  # hold back what may start a stop string
+            visible = max(tr.emitted_chars, len(text) - max(len(s) for s in seq.params.stop) + 1)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            model=seq.model,
+            prompt_token_ids=tuple(seq.prompt_token_ids),
+            token_ids=tuple(seq.output_token_ids),
+            text=text[:visible],
+            delta_token_ids=tuple(seq.output_token_ids[tr.emitted_tokens:]),
+            delta_text=text[tr.emitted_chars:visible],
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            stop_reason=tr.stop_reason,
+            error=error,
+        )
+        tr.emitted_chars, tr.emitted_tokens = visible, len(seq.output_token_ids)
+        if tr.sink is not None:
+            tr.sink(out)
+        return out
+
+    def _finish(self, tr: _Tracked, reason: str, error: str | None = None) -> RequestOutput:
+        self.scheduler.finish(tr.seq, reason)
+        self.requests.pop(tr.seq.request_id, None)
+        return self._emit(tr, finished=True, error=error)
+
+    def check_integrity(self) -> None:
+        """Pages held by live sequences plus free pages account for the whole pool."""
+        self.pages.check_integrity()
+        held = [p for tr in self.requests.values() for p in tr.seq.pages]
+        assert len(held) == len(set(held)), "a page is held by two sequences"
+        assert len(held) == self.pages.num_used_pages, "a page is used but held by no sequence"
+        for tr in self.requests.values():
+            assert tr.seq.status is not Status.FINISHED

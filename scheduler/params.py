@@ -1,0 +1,55 @@
+"""Per-request sampling parameters, checked when made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop (vLLM's names and meanings).
+
+    max_tokens: most new tokens; temperature: 0 is greedy; top_p: nucleus mass in (0, 1];
+    top_k: keep the k most likely (-1: all); seed: per-request RNG, so a seeded request gives
+    the same tokens whatever else is in the batch; stop: strings that end the output (not
+    included in the text); stop_token_ids: ids that end it (kept in token_ids);
+    ignore_eos: keep generating past the model's end-of-sequence token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: str | list[str] | tuple[str, ...] | None = None
+    stop_token_ids: list[int] | tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            bad(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
+            bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            bad("stop must be non-empty strings")
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids or ())
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            bad("stop_token_ids must be non-negative integers")
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1

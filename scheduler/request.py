@@ -1,0 +1,69 @@
+"""A request's life inside the engine, and what callers get back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from gpupool.scheduler.params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (bad prompt, unknown model, ...)."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Integer state of one request. ``num_computed_tokens`` tokens have K/V in ``pages``."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    max_total_tokens: int  # prompt + output never exceeds this (max_model_len)
+    output_token_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """Cumulative output of a request so far; ``delta_*`` is what this update added."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    delta_token_ids: tuple[int, ...]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    stop_reason: str | int | None = None  # the stop string or token id that matched
+    error: str | None = None

@@ -1,0 +1,54 @@
+"""Turn a batch of logits into next tokens.
+
+Greedy rows take the argmax together. Sampled rows each draw from their own
+``torch.Generator`` (seeded by the request's seed), so a seeded request samples the same
+tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpupool.scheduler.params import SamplingParams
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities [V] after temperature, top-k and top-p (float32, on CPU)."""
+    logits = logits.float() / params.temperature
+    if params.top_k != -1 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        drop = cum - sorted_probs > params.top_p  # keep the smallest prefix reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
+    """logits: [R, V]; one params and generator per row. Returns R token ids."""
+    out = logits.argmax(dim=-1).tolist()
+    cpu = None
+    for r, p in enumerate(params):
+        if p.is_greedy:
+            continue
+        if cpu is None:
+            cpu = logits.float().cpu()
+        probs = filtered_probs(cpu[r], p)
+        out[r] = int(torch.multinomial(probs, 1, generator=generators[r]))
+    return out

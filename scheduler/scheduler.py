@@ -1,0 +1,166 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Integers only: the scheduler decides which sequences run this step and how many of their
+tokens, allocates KV pages, and preempts when pages run out. It never touches a tensor.
+
+Each step serves one model (the one whose oldest request arrived first); within it:
+  1. running sequences, oldest first: 1 token each when decoding, a chunk when prefilling;
+     when pages run out the newest running sequence is preempted (pages freed, recomputed
+     later from its prompt + output so far);
+  2. waiting sequences, oldest first, while the token budget, the sequence cap and free
+     pages allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from gpupool.pool.kv import PagePool
+from gpupool.scheduler.request import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits."""
+
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 1024  # tokens computed in one step (prefill chunk budget)
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.seq.num_computed_tokens >= self.seq.num_prompt_tokens and (
+            self.num_new_tokens == 1
+        )
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step ends the sequence's known tokens, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step: a model and its batch (decode rows first, then prefill chunks)."""
+
+    model: str | None
+    scheduled: tuple[ScheduledSeq, ...]
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pages: PagePool):
+        self.config = config
+        self.pages = pages
+        self.block_tokens: dict[str, int] = {}
+        self.waiting: dict[str, deque[Sequence]] = {}
+        self.running: dict[str, list[Sequence]] = {}
+
+    def add_model(self, model: str, block_tokens: int) -> None:
+        self.block_tokens[model] = block_tokens
+        self.waiting.setdefault(model, deque())
+        self.running.setdefault(model, [])
+
+    def add_request(self, seq: Sequence) -> None:
+        self.waiting[seq.model].append(seq)
+
+    def has_work(self) -> bool:
+        return any(self.waiting.values()) or any(self.running.values())
+
+    def num_unfinished(self, model: str | None = None) -> int:
+        models = [model] if model else list(self.waiting)
+        return sum(len(self.waiting[m]) + len(self.running[m]) for m in models)
+
+    def _pick_model(self) -> str | None:
+        best = None
+        for m in self.waiting:
+            for seq in list(self.running[m][:1]) + list(self.waiting[m])[:1]:
+                if best is None or seq.arrival_time < best.arrival_time:
+                    best = seq
+        return best.model if best else None
+
+    def _pages_needed(self, seq: Sequence, num_new: int) -> int:
+        bt = self.block_tokens[seq.model]
+        return -(-(seq.num_computed_tokens + num_new) // bt) - len(seq.pages)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pages.free(seq.pages)
+        seq.pages = []
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.running[seq.model].remove(seq)
+        self.waiting[seq.model].appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        model = self._pick_model()
+        if model is None:
+            return SchedulerOutput(None, (), ())
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        running = self.running[model]
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._pages_needed(seq, num_new)
+            while not self.pages.can_allocate(need) and running[-1] is not seq:
+                victim = running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+            if not self.pages.can_allocate(need):  # seq is the newest: preempt it too
+                self._preempt(seq)
+                preempted.append(seq)
+                break
+            seq.pages.extend(self.pages.allocate(need))
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+        waiting = self.waiting[model]
+        while waiting and budget > 0 and len(running) < self.config.max_num_seqs and not preempted:
+            seq = waiting[0]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._pages_needed(seq, num_new)
+            if not self.pages.can_allocate(need):
+                break
+            waiting.popleft()
+            seq.pages.extend(self.pages.allocate(need))
+            seq.status = Status.RUNNING
+            running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        scheduled.sort(key=lambda s: not s.is_decode)  # decode rows first
+        return SchedulerOutput(model, tuple(scheduled), tuple(preempted))
+
+    def update_from_output(self, out: SchedulerOutput) -> None:
+        """Advance each scheduled sequence past the tokens this step computed."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a sequence wherever it is and free its pages. Safe to call twice."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running[seq.model].remove(seq)
+        elif seq in self.waiting[seq.model]:
+            self.waiting[seq.model].remove(seq)
+        self.pages.free(seq.pages)
+        seq.pages = []
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
