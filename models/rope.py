@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 
@@ -21,7 +20,8 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     scaling = cfg.rope_scaling
     kind = scaling.get("rope_type", "default")
     if kind not in SUPPORTED_ROPE:
-        raise ModelLoadError(f"rope scaling {kind!r} is not supported ({', '.join(SUPPORTED_ROPE)})")
+        supported = ", ".join(SUPPORTED_ROPE)
+        raise ModelLoadError(f"rope scaling {kind!r} is not supported ({supported})")
     if kind == "linear":
         return inv / scaling["factor"]
     if kind == "llama3":

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import torch
-
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel
@@ -60,7 +59,7 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
         return {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, not {dtype!r}") from None
 
 
 class ModelWorker:

@@ -1,0 +1,103 @@
+"""Factories for tests: tiny random Llama-family models with a word-level tokenizer, and
+engines wired to them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 160
+EOS_ID = 2
+
+VARIANTS = {
+    # name: (transformers config class, extra config)
+    "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "llama_tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "llama3_rope": ("LlamaConfig", {
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 32},
+    }),
+    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+}
+
+
+def make_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer over words w0..wN, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": EOS_ID}
+    for i in range(len(vocab), VOCAB_SIZE):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
+def make_tiny_model(folder: Path, variant: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny random model of ``variant`` (see VARIANTS) with a tokenizer; return folder.
+
+    initializer_range=0.5 keeps the top logits apart (STYLE.md: greedy parity on 0.02-scale
+    random models is decided by 1e-4 ties). Norm weights and biases are randomised too, so
+    a wrongly mapped norm or bias changes the output.
+    """
+    import transformers
+
+    cls_name, extra = VARIANTS[variant]
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.5, eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(str(folder))
+    make_tokenizer(folder)
+    return folder
+
+
+def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, run alone (no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False,
+                               attention_mask=torch.ones_like(x), pad_token_id=0)
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """n token-id prompts of lengths in [lo, hi], avoiding special ids."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, VOCAB_SIZE, (k,), generator=g).tolist() for k in lengths]
+
+
+def make_engine(folder: Path | None = None, name: str = "m", **overrides):
+    """A CPU engine with a small KV pool (override any Config/PoolConfig/SchedulerConfig field)."""
+    from gpupool import Engine
+
+    opts = {"kv_cache_bytes": 4 << 20, "kv_page_bytes": 16 << 10, **overrides}
+    engine = Engine(device="cpu", **opts)
+    if folder is not None:
+        engine.add_model(name, folder)
+    return engine

@@ -1,0 +1,129 @@
+"""Paged attention: reference vs dense attention, and Triton (interpreted on CPU) vs reference."""
+
+import math
+
+import pytest
+import torch
+from gpupool.kernels import reference, triton_available
+
+
+def _paged(lengths, block_tokens, kvh, d, num_pages=64, seed=0, layers=3, layer=1):
+    """Random K/V for each sequence, scattered over shuffled pages of a strided multi-layer
+    cache (like the engine's), plus the dense copies."""
+    g = torch.Generator().manual_seed(seed)
+    storage = torch.randn(num_pages, layers, 2, block_tokens, kvh, d, generator=g)
+    k_cache, v_cache = storage[:, layer, 0], storage[:, layer, 1]
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    tables, dense_k, dense_v = [], [], []
+    for n in lengths:
+        nb = math.ceil(n / block_tokens)
+        pages = [perm.pop() for _ in range(nb)]
+        tables.append(pages)
+        dense_k.append(torch.cat([k_cache[p] for p in pages])[:n])
+        dense_v.append(torch.cat([v_cache[p] for p in pages])[:n])
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return k_cache, v_cache, bt, dense_k, dense_v
+
+
+def _dense_attention(q, k, v, scale, causal_offset=None):
+    """q [n, H, D], k/v [L, KVH, D]; query i sees keys <= causal_offset + i (or all)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s = torch.einsum("nhd,lhd->hnl", q.double(), k.double()) * scale
+    if causal_offset is not None:
+        rows = torch.arange(q.shape[0])[:, None] + causal_offset
+        s = s.masked_fill(torch.arange(k.shape[0])[None, :] > rows, float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", s.softmax(-1), v.double()).float()
+
+
+@pytest.mark.parametrize("block_tokens", [1, 5, 16])
+@pytest.mark.parametrize("heads,kvh", [(4, 4), (4, 2), (6, 1)])
+def test_decode_reference_matches_dense(block_tokens, heads, kvh):
+    lengths = [1, 7, 33, 16]
+    d = 8
+    k_cache, v_cache, bt, dk, dv = _paged(lengths, block_tokens, kvh, d)
+    q = torch.randn(len(lengths), heads, d)
+    out = reference.paged_attention_decode(q, k_cache, v_cache, bt,
+                                           torch.tensor(lengths, dtype=torch.int32), 0.3)
+    for b in range(len(lengths)):
+        want = _dense_attention(q[b : b + 1], dk[b], dv[b], 0.3)[0]
+        torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_tokens", [3, 16])
+def test_prefill_reference_matches_dense(block_tokens):
+    lengths, chunks = [9, 20, 5], [9, 6, 1]  # whole prompt; chunk after a prefix; one row
+    heads, kvh, d = 4, 2, 8
+    k_cache, v_cache, bt, dk, dv = _paged(lengths, block_tokens, kvh, d, seed=1)
+    q = torch.randn(sum(chunks), heads, d)
+    cu = torch.tensor([0, 9, 15, 16], dtype=torch.int32)
+    out = reference.paged_attention_prefill(q, k_cache, v_cache, bt, cu,
+                                            torch.tensor(lengths, dtype=torch.int32), 0.25)
+    for s, (n, c) in enumerate(zip(lengths, chunks)):
+        lo, hi = cu[s].item(), cu[s + 1].item()
+        want = _dense_attention(q[lo:hi], dk[s], dv[s], 0.25, causal_offset=n - c)
+        torch.testing.assert_close(out[lo:hi], want, atol=1e-5, rtol=1e-5)
+
+
+def test_write_kv_lands_in_the_addressed_slot():
+    storage = torch.zeros(4, 2, 2, 3, 1, 2)  # pages, layers, k/v, block_tokens, kvh, d
+    k_cache, v_cache = storage[:, 1, 0], storage[:, 1, 1]
+    k = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]])
+    reference.write_kv(k_cache, v_cache, k, -k, torch.tensor([2, 0]), torch.tensor([1, 2]))
+    assert storage[2, 1, 0, 1].tolist() == [[1.0, 2.0]]
+    assert storage[0, 1, 1, 2].tolist() == [[-3.0, -4.0]]
+    assert storage[:, 0].abs().sum() == 0  # the other layer is untouched
+    assert storage.abs().sum() == 20
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("block_tokens", [4, 16, 22])
+@pytest.mark.parametrize("heads,kvh,d", [(4, 2, 16), (3, 3, 64), (9, 3, 24)])
+def test_triton_decode_matches_reference(block_tokens, heads, kvh, d):
+    from gpupool.kernels import paged_attention as tk
+
+    lengths = [1, 40, 17, 64, 3]
+    k_cache, v_cache, bt, _, _ = _paged(lengths, block_tokens, kvh, d, num_pages=96, seed=2)
+    q = torch.randn(len(lengths), heads, d)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    got = tk.paged_attention_decode(q, k_cache, v_cache, bt, lens, d**-0.5)
+    want = reference.paged_attention_decode(q, k_cache, v_cache, bt, lens, d**-0.5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_tokens", [4, 22])
+@pytest.mark.parametrize("heads,kvh,d", [(4, 2, 16), (3, 1, 24)])
+def test_triton_prefill_matches_reference(block_tokens, heads, kvh, d):
+    from gpupool.kernels import paged_attention as tk
+
+    lengths, chunks = [37, 20, 5, 18], [37, 3, 1, 17]
+    k_cache, v_cache, bt, _, _ = _paged(lengths, block_tokens, kvh, d, num_pages=96, seed=3)
+    q = torch.randn(sum(chunks), heads, d)
+    cu = torch.tensor([0, 37, 40, 41, 58], dtype=torch.int32)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    got = tk.paged_attention_prefill(q, k_cache, v_cache, bt, cu, lens, d**-0.5)
+    want = reference.paged_attention_prefill(q, k_cache, v_cache, bt, cu, lens, d**-0.5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_on_gpu_matches_reference(dtype):
+    from gpupool.kernels import paged_attention as tk
+
+    lengths = [1, 300, 77]
+    k_cache, v_cache, bt, _, _ = _paged(lengths, 16, 2, 64, num_pages=64, seed=4)
+    k_cache, v_cache, bt = k_cache.cuda().to(dtype), v_cache.cuda().to(dtype), bt.cuda()
+    q = torch.randn(3, 8, 64, device="cuda", dtype=dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    got = tk.paged_attention_decode(q, k_cache, v_cache, bt, lens, 0.125)
+    want = reference.paged_attention_decode(q.float(), k_cache.float(), v_cache.float(), bt,
+                                            lens, 0.125)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
