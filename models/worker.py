@@ -59,7 +59,8 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
         return {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, not {dtype!r}") from None
+        choices = "auto, float32, float16 or bfloat16"
+        raise ValueError(f"dtype must be {choices}, not {dtype!r}") from None
 
 
 class ModelWorker:

@@ -1,0 +1,79 @@
+"""Command line: ``gpupool generate`` (serving arrives with the API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from gpupool.default_model import DEFAULT_MODEL
+
+
+def _generate(args) -> int:
+    from gpupool import Engine, ModelLoadError, RequestError, SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                stop=args.stop or None)
+    except ValueError as e:
+        print(f"gpupool: error: {e}", file=sys.stderr)
+        return 2
+    engine = Engine(device=args.device)
+    try:
+        engine.add_model("model", args.model)
+        prompts = args.prompt
+        if args.chat:
+            tok = engine.tokenizer("model")
+            if tok is None or not getattr(tok, "chat_template", None):
+                raise RequestError(f"model {args.model!r} has no chat template")
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}],
+                                               add_generation_prompt=True, tokenize=False)
+                       for p in prompts]
+            prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        outs = engine.generate(prompts, params, model="model")
+    except (ModelLoadError, RequestError) as e:
+        print(f"gpupool: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        engine.shutdown()
+    if args.json:
+        rows = [{"prompt": p, "text": o.text, "token_ids": list(o.token_ids),
+                 "finish_reason": o.finish_reason} for p, o in zip(args.prompt, outs)]
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        for o in outs:
+            print(o.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpupool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete prompts with one model and print them")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder, or {DEFAULT_MODEL!r} (default) for SmolLM2-135M")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--json", action="store_true",
+                   help="print a JSON list of {prompt, text, token_ids, finish_reason}")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

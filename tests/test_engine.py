@@ -1,0 +1,189 @@
+"""Engine behaviour: sampling, stops, streaming, aborts and bad input."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from gpupool import RequestError, SamplingParams
+from gpupool.scheduler.sampler import filtered_probs
+from tests.factories import make_engine, random_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    e = make_engine(tiny_models("llama"))
+    yield e
+    e.shutdown()
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    prompts = random_prompts(6, 3, 25, seed=5)
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=40, seed=1234,
+                       ignore_eos=True)
+    alone = engine.generate(prompts[0], p)[0].token_ids
+    again = engine.generate(prompts[0], p)[0].token_ids
+    # the same request inside a batch of other, differently seeded/greedy requests
+    mixed_params = [p] + [SamplingParams(max_tokens=12, temperature=0.7, seed=i)
+                          for i in range(4)] + [SamplingParams(max_tokens=3, temperature=0)]
+    batched = engine.generate(prompts, mixed_params)[0].token_ids
+    assert alone == again == batched
+    other_seed = engine.generate(prompts[0], SamplingParams(
+        max_tokens=12, temperature=1.0, top_p=0.9, top_k=40, seed=99, ignore_eos=True))[0]
+    assert other_seed.token_ids != alone  # the seed matters
+
+
+def test_top_k_one_is_greedy(engine):
+    prompt = random_prompts(1, 5, 5, seed=6)[0]
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0))[0]
+    topk1 = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=2.0, top_k=1,
+                                                   seed=3))[0]
+    assert greedy.token_ids == topk1.token_ids
+
+
+def test_filtered_probs_top_k_and_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = filtered_probs(logits, SamplingParams(top_k=2))
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    probs = filtered_probs(logits, SamplingParams(top_p=0.7))  # 0.5 + 0.3 reaches 0.7
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    probs = filtered_probs(logits, SamplingParams(top_p=0.45))
+    torch.testing.assert_close(probs, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_max_tokens_and_stop_token_ids(engine):
+    prompt = random_prompts(1, 8, 8, seed=7)[0]
+    full = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0,
+                                                  ignore_eos=True))[0]
+    assert len(full.token_ids) == 10 and full.finish_reason == "length"
+    stop_id = full.token_ids[4]
+    cut = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                 stop_token_ids=[stop_id]))[0]
+    k = full.token_ids.index(stop_id)
+    assert cut.token_ids == full.token_ids[: k + 1]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop_id
+
+
+def test_stop_string_truncates_text(engine):
+    prompt = random_prompts(1, 8, 8, seed=8)[0]
+    full = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0,
+                                                  ignore_eos=True))[0]
+    words = full.text.split()
+    stop = words[3]
+    cut = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                 stop=[stop, "never-there"]))[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+
+
+def test_text_prompts_and_detokenised_text(engine):
+    tok = engine.tokenizer("m")
+    out = engine.generate("w10 w11 w12", SamplingParams(max_tokens=8, temperature=0,
+                                                        ignore_eos=True))[0]
+    assert list(out.prompt_token_ids) == tok("w10 w11 w12")["input_ids"]
+    assert out.text.strip() == tok.decode(out.token_ids, skip_special_tokens=True).strip()
+
+
+def test_stream_deltas_add_up_and_match_generate(engine):
+    prompt = random_prompts(1, 6, 6, seed=9)[0]
+    p = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    want = engine.generate(prompt, p)[0]
+
+    async def consume():
+        return [o async for o in engine.stream(prompt, p)]
+
+    outs = asyncio.run(consume())
+    assert outs[-1].finished and outs[-1].token_ids == want.token_ids
+    assert "".join(o.delta_text for o in outs) == want.text
+    assert sum(len(o.delta_token_ids) for o in outs) == 9
+    assert all(not o.finished for o in outs[:-1])
+
+
+def test_leaving_a_stream_early_aborts_and_frees_pages(engine):
+    prompt = random_prompts(1, 6, 6, seed=10)[0]
+
+    async def take_two():
+        agen = engine.stream(prompt, SamplingParams(max_tokens=200, temperature=0,
+                                                    ignore_eos=True))
+        got = [await agen.__anext__(), await agen.__anext__()]
+        await agen.aclose()
+        return got
+
+    got = asyncio.run(take_two())
+    assert not got[-1].finished
+    engine.generate(prompt, SamplingParams(max_tokens=2))  # the loop has moved on
+    engine.check_integrity()
+    assert engine.kv.pages.num_used_pages == 0
+
+
+@pytest.mark.parametrize("make_bad,match", [
+    (lambda: ("", SamplingParams()), "empty"),
+    (lambda: ([[]], SamplingParams()), "empty"),
+    (lambda: ([5] * 300, SamplingParams()), "context window"),
+    (lambda: ([5, 10**6], SamplingParams()), "token ids"),
+])
+def test_bad_prompts_raise_clear_errors(engine, make_bad, match):
+    prompt, params = make_bad()
+    with pytest.raises(RequestError, match=match):
+        engine.generate(prompt, params)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"stop": [""]}, "stop"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_an_empty_list_of_prompts_returns_nothing(engine):
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_unknown_model_and_path(engine):
+    with pytest.raises(RequestError, match="not loaded"):
+        engine.generate([1, 2, 3], SamplingParams(), model="nope")
+    from gpupool import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        engine.add_model("x", "/no/such/model")
+    with pytest.raises(RequestError, match="already loaded"):
+        engine.add_model("m", "/no/such/model")
+    assert engine.models == ["m"]
+
+
+def test_bad_input_never_disturbs_running_requests(engine):
+    prompts = random_prompts(4, 5, 20, seed=11)
+    p = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    want = engine.generate(prompts, p)
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("outs", engine.generate(prompts, p)))
+    t.start()
+    errors = 0
+    for bad in ("", [5] * 300, [-1]):
+        with pytest.raises(RequestError):
+            engine.generate(bad, p)
+        errors += 1
+    with pytest.raises(RequestError):  # one bad prompt in a batch: nothing of it is queued
+        engine.generate([prompts[0], ""], p)
+    t.join(timeout=120)
+    assert errors == 3
+    assert [o.token_ids for o in results["outs"]] == [o.token_ids for o in want]
+    engine.check_integrity()
+
+
+def test_request_larger_than_the_whole_kv_pool_is_refused(tiny_models):
+    e = make_engine(tiny_models("llama"), kv_cache_bytes=8192, kv_page_bytes=4096)
+    try:  # 2 pages of 8 tokens
+        with pytest.raises(RequestError, match="KV cache"):
+            e.generate([5] * 10, SamplingParams(max_tokens=10))
+        assert len(e.generate([5] * 10, SamplingParams(max_tokens=6))[0].token_ids) <= 6
+    finally:
+        e.shutdown()

@@ -1,0 +1,88 @@
+"""The scheduler on integers alone: budgets, chunking, preemption order, page accounting."""
+
+from gpupool import SamplingParams
+from gpupool.pool.kv import PagePool
+from gpupool.scheduler.request import Sequence, Status
+from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
+
+
+def _seq(i, prompt_len, t=None):
+    return Sequence(str(i), "m", list(range(prompt_len)), SamplingParams(), t or float(i), 999)
+
+
+def _scheduler(num_pages=100, block_tokens=4, **cfg):
+    s = Scheduler(SchedulerConfig(**cfg), PagePool(num_pages))
+    s.add_model("m", block_tokens)
+    return s
+
+
+def _advance(s, out, sampled_token=7):
+    s.update_from_output(out)
+    for item in out.scheduled:
+        if item.seq.num_computed_tokens == item.seq.num_tokens:
+            item.seq.output_token_ids.append(sampled_token)
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    s = _scheduler(max_num_batched_tokens=10)
+    a, b = _seq(0, 7), _seq(1, 9)
+    s.add_request(a)
+    s.add_request(b)
+    out = s.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 7), ("1", 3)]
+    assert out.scheduled[0].samples and not out.scheduled[1].samples
+    _advance(s, out)
+    out = s.schedule()  # a decodes 1 token, b continues with the rest of its prompt
+    assert [(x.seq.request_id, x.num_new_tokens, x.is_decode) for x in out.scheduled] == [
+        ("0", 1, True), ("1", 6, False)]
+    assert len(a.pages) == 2 and len(b.pages) == 3
+
+
+def test_max_num_seqs_caps_the_batch():
+    s = _scheduler(max_num_seqs=2)
+    for i in range(4):
+        s.add_request(_seq(i, 3))
+    assert len(s.schedule().scheduled) == 2
+
+
+def test_newest_running_sequence_is_preempted_and_requeued_first():
+    s = _scheduler(num_pages=3, block_tokens=4)
+    seqs = [_seq(i, 4) for i in range(3)]
+    for q in seqs:
+        s.add_request(q)
+    out = s.schedule()  # 3 pages used, each prompt fills its page exactly
+    assert len(out.scheduled) == 3
+    _advance(s, out)
+    out = s.schedule()  # each needs a second page; none is free
+    assert [q.request_id for q in out.preempted] == ["2", "1"]
+    assert [x.seq.request_id for x in out.scheduled] == ["0"]
+    assert [q.request_id for q in s.waiting["m"]] == ["1", "2"]
+    assert seqs[2].status is Status.WAITING and seqs[2].pages == []
+    assert seqs[2].num_computed_tokens == 0 and seqs[2].num_preemptions == 1
+    s.pages.check_integrity()
+    assert s.pages.num_used_pages == 2
+
+
+def test_finish_frees_pages_wherever_the_sequence_is():
+    s = _scheduler()
+    a, b = _seq(0, 5), _seq(1, 5)
+    s.add_request(a)
+    s.add_request(b)
+    s.schedule()
+    s.finish(a, "abort")
+    s.finish(a, "abort")  # twice is safe
+    assert a.status is Status.FINISHED and a.pages == []
+    c = _seq(2, 3)
+    s.add_request(c)
+    s.finish(c, "abort")  # still waiting
+    assert s.pages.num_used_pages == len(b.pages)
+    assert not s.waiting["m"]
+
+
+def test_oldest_request_picks_the_model():
+    s = Scheduler(SchedulerConfig(), PagePool(10))
+    s.add_model("a", 4)
+    s.add_model("b", 4)
+    s.add_request(Sequence("x", "b", [1], SamplingParams(), 1.0, 99))
+    s.add_request(Sequence("y", "a", [1], SamplingParams(), 2.0, 99))
+    assert s.schedule().model == "b"
