@@ -1,0 +1,73 @@
+"""The real default model (SmolLM2-135M-Instruct) against transformers, token for token."""
+
+import pytest
+import torch
+
+from gpupool import SamplingParams
+from tests.factories import hf_greedy, make_engine
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old",
+    "1, 2, 3, 4,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "Translate to French: Good morning, how are you today? My name is",
+    "A haiku about autumn:",
+    "In machine learning, overfitting means",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    return ids, hf_greedy(smollm2_path, ids, NEW_TOKENS)
+
+
+def test_batch_matches_transformers(smollm2_path, reference):
+    ids, want = reference
+    engine = make_engine(smollm2_path, kv_cache_bytes=64 << 20, kv_page_bytes=1 << 20)
+    try:
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+        assert [list(o.token_ids) for o in outs] == want
+        tok = engine.tokenizer("m")
+        assert outs[0].text == tok.decode(want[0], skip_special_tokens=True)
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
+    from gpupool.config import SchedulerConfig
+    from gpupool.models.worker import ModelWorker
+    from gpupool.pool.kv import KVStorage
+    from gpupool.scheduler.core import EngineCore
+
+    ids, want = reference
+    # 4 tokens of SmolLM2 (46080 B each in fp32) per page; 24 pages hold 96 tokens, far less
+    # than 9 requests of up to 47 tokens: sequences are preempted and recomputed.
+    kv = KVStorage(24, 4 * 46080, "cpu")
+    core = EngineCore(SchedulerConfig(max_num_batched_tokens=64), kv.pages)
+    core.add_worker(ModelWorker("m", smollm2_path, torch.device("cpu"), kv))
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    arrivals = {0: [0, 1, 2], 2: [3], 5: [4, 5], 9: [6, 7, 8]}
+    finals, step, seqs = {}, 0, []
+    while core.has_work() or arrivals:
+        for i in arrivals.pop(step, []):
+            core.add_request("m", ids[i], params, request_id=str(i))
+            seqs.append(core.requests[str(i)].seq)
+        for out in core.step():
+            if out.finished:
+                finals[int(out.request_id)] = list(out.token_ids)
+        core.check_integrity()
+        step += 1
+    assert sum(s.num_preemptions for s in seqs) > 0
+    assert [finals[i] for i in range(len(PROMPTS))] == want
+    assert kv.pages.num_used_pages == 0
