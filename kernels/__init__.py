@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+
 from gpupool.kernels import reference
 from gpupool.kernels.reference import write_kv
 

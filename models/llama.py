@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from gpupool import kernels
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import apply_rope, cos_sin_table
-
-from gpupool import kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.pool.weights import WeightLayout
-from safetensors import SafetensorError, safe_open
 
 
 def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[str]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 

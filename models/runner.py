@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from gpupool.models.batch import ForwardBatch
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from gpupool.pool.kv import PagePool
 from gpupool.scheduler.detokenizer import DetokenizerState, append_token
 from gpupool.scheduler.params import SamplingParams

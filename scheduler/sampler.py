@@ -8,6 +8,7 @@ tokens whatever else shares its batch.
 from __future__ import annotations
 
 import torch
+
 from gpupool.scheduler.params import SamplingParams
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from gpupool.kernels import reference, triton_available
 
 
