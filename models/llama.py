@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpupool import kernels
+from gpupool.kernels.linear import linear
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import apply_rope, cos_sin_table
@@ -55,15 +56,15 @@ class LlamaModel:
             h = rms_norm(x, lw["input_norm"], self.cfg.rms_norm_eps)
             x = x + self._attention(h, lw, kv[:, i, 0], kv[:, i, 1], cos, sin, batch)
             h = rms_norm(x, lw["post_norm"], self.cfg.rms_norm_eps)
-            gate, up = F.linear(h, lw["gate_up_weight"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw["down_weight"])
+            gate, up = linear(h, lw["gate_up_weight"]).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, lw["down_weight"])
         x = x[batch.logits_indices]
         x = rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
     def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch):
         cfg = self.cfg
-        qkv = F.linear(h, lw["qkv_weight"], lw.get("qkv_bias"))  # [T, q + 2kv]
+        qkv = linear(h, lw["qkv_weight"], lw.get("qkv_bias"))  # [T, q + 2kv]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -87,4 +88,4 @@ class LlamaModel:
                 batch.prefill_cu_seqlens, batch.prefill_context_lens, self.scale,
             ))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
-        return F.linear(o.reshape(o.shape[0], cfg.q_size), lw["o_weight"])
+        return linear(o.reshape(o.shape[0], cfg.q_size), lw["o_weight"])
