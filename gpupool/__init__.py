@@ -1,12 +1,15 @@
 """gpupool: serve many fine-tuned LLMs from one shared pool of accelerators."""
 
-from gpupool.config import Config, PoolConfig, SchedulerConfig
+from gpupool.adapters.base import AdapterError
+from gpupool.config import AdapterConfig, Config, PoolConfig, SchedulerConfig
 from gpupool.engine import Engine
 from gpupool.models.errors import ModelLoadError
 from gpupool.scheduler.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterError",
     "Config",
     "Engine",
     "ModelLoadError",

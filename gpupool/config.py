@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpupool.adapters.base import AdapterConfig
 from gpupool.scheduler.scheduler import SchedulerConfig
 
-__all__ = ["Config", "PoolConfig", "SchedulerConfig", "default_home"]
+__all__ = ["AdapterConfig", "Config", "PoolConfig", "SchedulerConfig", "default_home"]
 
 
 def default_home() -> Path:
@@ -43,6 +44,7 @@ class Config:
     home: Path = field(default_factory=default_home)
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
     def __post_init__(self):
         if self.kernels not in ("auto", "reference", "triton"):
@@ -52,14 +54,15 @@ class Config:
     def from_env(cls, **overrides) -> Config:
         """Defaults, then ``GPUPOOL_*`` variables, then keyword overrides.
 
-        An override may name a field of Config, PoolConfig or SchedulerConfig.
+        An override may name a field of Config, PoolConfig, SchedulerConfig or
+        AdapterConfig.
         """
         top = {"home": default_home()}
         for key in ("device", "kernels"):
             if f"GPUPOOL_{key.upper()}" in os.environ:
                 top[key] = os.environ[f"GPUPOOL_{key.upper()}"]
-        parts = {"pool": {}, "scheduler": {}}
-        sub = {"pool": PoolConfig, "scheduler": SchedulerConfig}
+        parts = {"pool": {}, "scheduler": {}, "adapters": {}}
+        sub = {"pool": PoolConfig, "scheduler": SchedulerConfig, "adapters": AdapterConfig}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -72,4 +75,5 @@ class Config:
             else:
                 raise TypeError(f"unknown engine option {key!r}")
         return cls(pool=PoolConfig(**parts["pool"]),
-                   scheduler=SchedulerConfig(**parts["scheduler"]), **top)
+                   scheduler=SchedulerConfig(**parts["scheduler"]),
+                   adapters=AdapterConfig(**parts["adapters"]), **top)

@@ -77,16 +77,33 @@ class Engine:
             if name in self.core.workers:
                 raise RequestError(f"model {name!r} is already loaded")
         worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
-                             self.config.dtype)
+                             self.config.dtype, self.config.adapters)
         with self._lock:
             self.core.add_worker(worker)
+
+    def add_adapter(self, name: str, base: str, path: str | Path) -> None:
+        """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``."""
+        with self._lock:
+            self.core.add_adapter(name, base, str(Path(path).expanduser()))
+
+    def remove_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
+        with self._lock:
+            self.core.remove_adapter(name)
 
     @property
     def models(self) -> list[str]:
         return list(self.core.workers)
 
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Adapter name -> base model, for adapters that take requests."""
+        with self._lock:
+            return {n: r.base for n, r in self.core.adapters.refs.items()
+                    if n not in self.core.adapters.removing}
+
     def tokenizer(self, model: str):
-        return self.core.workers[model].tokenizer
+        return self.core.workers[self.core.resolve(model)[0]].tokenizer
 
     # ---- requests -------------------------------------------------------------------------
     def _model_name(self, model: str | None) -> str:
@@ -114,11 +131,12 @@ class Engine:
 
     def generate(self, prompts: str | list[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 model: str | None = None) -> list[RequestOutput]:
+                 model: str | list[str] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; one final output per prompt, in order.
 
-        Every prompt is checked before any is queued, so a bad one raises RequestError and
-        nothing of the call runs.
+        ``model`` names a base model or an adapter, or is a list with one name per prompt,
+        so one call can mix bases and adapters. Every prompt is checked before any is
+        queued, so a bad one raises RequestError and nothing of the call runs.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -140,13 +158,16 @@ class Engine:
             return sink
 
         with self._lock:
-            name = self._model_name(model)
+            names = (list(model) if isinstance(model, (list, tuple))
+                     else [self._model_name(model)] * len(prompts))
+            if len(names) != len(prompts):
+                raise RequestError("give one model name, or one per prompt")
             checked = []
-            for prompt, p in zip(prompts, plist):
+            for prompt, p, name in zip(prompts, plist, names):
                 ids = self.core.tokenize(name, prompt)
                 self.core.check_request(name, ids, p)
                 checked.append(ids)
-            for i, (ids, p) in enumerate(zip(checked, plist)):
+            for i, (ids, p, name) in enumerate(zip(checked, plist, names)):
                 self.core.add_request(name, ids, p, sink=sink_for(i))
             self._ensure_thread()
             self._lock.notify()

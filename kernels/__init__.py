@@ -11,7 +11,14 @@ import torch
 from gpupool.kernels import reference
 from gpupool.kernels.reference import write_kv
 
-__all__ = ["paged_attention_decode", "paged_attention_prefill", "triton_available", "write_kv"]
+__all__ = [
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "sgmv_expand",
+    "sgmv_shrink",
+    "triton_available",
+    "write_kv",
+]
 
 _MODE = {"kernels": "auto"}
 
@@ -56,3 +63,21 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     else:
         impl = reference.paged_attention_prefill
     return impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+
+
+def sgmv_shrink(x, w, seg_starts, seg_slots, seg_rows):
+    """See :func:`gpupool.kernels.reference.sgmv_shrink`."""
+    if _use_triton(x):
+        from gpupool.kernels.sgmv import sgmv_shrink as impl
+    else:
+        impl = reference.sgmv_shrink
+    return impl(x, w, seg_starts, seg_slots, seg_rows)
+
+
+def sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets):
+    """See :func:`gpupool.kernels.reference.sgmv_expand` (adds into y in place)."""
+    if _use_triton(y):
+        from gpupool.kernels.sgmv import sgmv_expand as impl
+    else:
+        impl = reference.sgmv_expand
+    impl(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)

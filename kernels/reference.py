@@ -107,3 +107,53 @@ def write_kv(
     """
     k_cache[slot_pages, slot_offsets] = k
     v_cache[slot_pages, slot_offsets] = v
+
+
+def sgmv_shrink(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_rows: torch.Tensor,
+) -> torch.Tensor:
+    """Semantics: for each segment s, rows ``lo = seg_starts[s] ... hi = seg_starts[s+1]``:
+    ``out[lo:hi, :seg_rows[s]] = x[lo:hi] @ w[seg_slots[s], :seg_rows[s]].T``; every other
+    entry of out is 0 (rows in no segment cost nothing).
+
+    x: [T, K]; w: [num_slots, R, K]; seg_starts: [S + 1] int; seg_slots, seg_rows: [S] int.
+    Returns out: [T, R] in x's dtype.
+    """
+    from gpupool.kernels.linear import linear
+
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    starts = seg_starts.tolist()
+    for s, (slot, rows) in enumerate(zip(seg_slots.tolist(), seg_rows.tolist())):
+        lo, hi = starts[s], starts[s + 1]
+        if hi > lo and rows:
+            out[lo:hi, :rows] = linear(x[lo:hi], w[slot, :rows])
+    return out
+
+
+def sgmv_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_ranks: torch.Tensor,
+    seg_h_offsets: torch.Tensor,
+) -> None:
+    """Semantics: for each segment s (rows lo:hi, rank r, offset o, slot i):
+    ``y[lo:hi] += h[lo:hi, o:o+r] @ w[i, :, :r].T``, in place; other rows are untouched.
+
+    y: [T, N] (may be a column slice of a wider output); h: [T, Rh]; w: [num_slots, N, R];
+    seg_starts: [S + 1] int; seg_slots, seg_ranks, seg_h_offsets: [S] int.
+    """
+    from gpupool.kernels.linear import linear
+
+    starts = seg_starts.tolist()
+    segs = zip(seg_slots.tolist(), seg_ranks.tolist(), seg_h_offsets.tolist())
+    for s, (slot, rank, off) in enumerate(segs):
+        lo, hi = starts[s], starts[s + 1]
+        if hi > lo and rank:
+            y[lo:hi] += linear(h[lo:hi, off : off + rank], w[slot, :, :rank])

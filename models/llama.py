@@ -47,24 +47,37 @@ class LlamaModel:
         return self.w["embed_tokens"] if self.cfg.tie_word_embeddings else self.w["lm_head"]
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] in float32."""
+    def forward(self, batch: ForwardBatch, kv: torch.Tensor, lora=None) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] in float32.
+
+        ``lora``: a :class:`gpupool.adapters.batch.LoraBatch` adding each row's adapter
+        terms after every fused projection, or None for a base-only batch.
+        """
         x = F.embedding(batch.input_ids, self.w["embed_tokens"])  # [T, hidden]
         cos_sin = self.rope[batch.positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw["input_norm"], self.cfg.rms_norm_eps)
-            x = x + self._attention(h, lw, kv[:, i, 0], kv[:, i, 1], cos, sin, batch)
+            x = x + self._attention(h, lw, kv[:, i, 0], kv[:, i, 1], cos, sin, batch, lora, i)
             h = rms_norm(x, lw["post_norm"], self.cfg.rms_norm_eps)
-            gate, up = linear(h, lw["gate_up_weight"]).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, lw["down_weight"])
+            gate_up = linear(h, lw["gate_up_weight"])  # [T, 2 * inter]
+            if lora is not None:
+                lora.apply(i, "gate_up", h, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = linear(act, lw["down_weight"])
+            if lora is not None:
+                lora.apply(i, "down", act, down)
+            x = x + down
         x = x[batch.logits_indices]
         x = rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps)
         return linear(x, self.lm_head).float()
 
-    def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch):
+    def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch, lora, i):
         cfg = self.cfg
         qkv = linear(h, lw["qkv_weight"], lw.get("qkv_bias"))  # [T, q + 2kv]
+        if lora is not None:
+            lora.apply(i, "qkv", h, qkv)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -88,4 +101,8 @@ class LlamaModel:
                 batch.prefill_cu_seqlens, batch.prefill_context_lens, self.scale,
             ))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
-        return linear(o.reshape(o.shape[0], cfg.q_size), lw["o_weight"])
+        o = o.reshape(o.shape[0], cfg.q_size)
+        out = linear(o, lw["o_weight"])
+        if lora is not None:
+            lora.apply(i, "o", o, out)
+        return out

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from gpupool.adapters.base import AdapterConfig
+from gpupool.adapters.batch import LoraBatch
+from gpupool.adapters.slots import AdapterSlots
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel
@@ -66,7 +69,7 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 
 class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
-                 dtype: str | torch.dtype = "auto"):
+                 dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None):
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -85,10 +88,35 @@ class ModelWorker:
             self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
         )
         self.block_tokens = self.kv_view.shape[3]
+        self.adapter_config = adapters or AdapterConfig()
+        self.slots: AdapterSlots | None = None  # made when the first adapter arrives
+        self.adapter_targets: dict[str, tuple[str, ...]] = {}
         logger.info("loaded model %s from %s (%s, %.1f MiB, %d KV tokens per page)", name,
                     folder, self.dtype, self.layout.num_bytes / 2**20, self.block_tokens)
+
+    def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
+        if self.slots is None:
+            cfg = self.adapter_config
+            self.slots = AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
+                                      self.dtype, self.device)
+        self.slots.add(name, rank, weights)
+        self.adapter_targets[name] = targets
+
+    def remove_adapter(self, name: str) -> None:
+        if self.slots is not None:
+            self.slots.remove(name)
+        self.adapter_targets.pop(name, None)
+
+    def _lora_batch(self, scheduled) -> LoraBatch | None:
+        rows = [item.seq.adapter for item in scheduled for _ in range(item.num_new_tokens)]
+        names = {n for n in rows if n}
+        if not names:
+            return None
+        slot_of = self.slots.ensure(names)
+        return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
+                               self.slots.views, self.device)
 
     def execute(self, scheduled) -> torch.Tensor:
         """Run one step; logits [rows that sample, vocab] in float32."""
         batch = build_batch(scheduled, self.block_tokens, self.device)
-        return self.model.forward(batch, self.kv_view)
+        return self.model.forward(batch, self.kv_view, self._lora_batch(scheduled))

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gpupool.adapters.base import AdapterError, AdapterRef
+from gpupool.adapters.peft_format import read_peft_adapter
+from gpupool.adapters.registry import AdapterRegistry
 from gpupool.pool.kv import PagePool
 from gpupool.scheduler.detokenizer import DetokenizerState, append_token
 from gpupool.scheduler.params import SamplingParams
@@ -43,6 +46,7 @@ class EngineCore:
         self.pages = pages
         self.scheduler = Scheduler(config, pages)
         self.workers: dict = {}
+        self.adapters = AdapterRegistry()
         self.requests: dict[str, _Tracked] = {}
         self._next_id = 0
 
@@ -50,15 +54,50 @@ class EngineCore:
     def add_worker(self, worker) -> None:
         if worker.name in self.workers:
             raise RequestError(f"model {worker.name!r} is already loaded")
+        if worker.name in self.adapters.refs:
+            raise RequestError(f"{worker.name!r} is already the name of an adapter")
         self.workers[worker.name] = worker
-        self.scheduler.add_model(worker.name, worker.block_tokens)
+        self.scheduler.add_model(worker.name, worker.block_tokens,
+                                 worker.adapter_config.max_loras_on_device)
+
+    # ---- adapters -----------------------------------------------------------------------
+    def add_adapter(self, name: str, base: str, path: str) -> AdapterRef:
+        """Read, validate and register a PEFT LoRA adapter of a loaded base model."""
+        if name in self.workers or name in self.adapters.refs:
+            raise AdapterError(f"{name!r} is already the name of a model or adapter")
+        worker = self.workers.get(base)
+        if worker is None:
+            raise AdapterError(f"base model {base!r} is not loaded")
+        rank, scaling, weights = read_peft_adapter(
+            path, worker.cfg, worker.adapter_config.max_lora_rank)
+        targets = tuple(sorted({proj for _, proj in weights}))
+        ref = AdapterRef(name, base, str(path), rank, scaling, targets)
+        worker.add_adapter(name, rank, targets, weights)
+        self.adapters.add(ref)
+        return ref
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests for it fail at once; running ones finish, then it is dropped."""
+        if self.adapters.remove(name):
+            self._drop_adapter(name)
+
+    def _drop_adapter(self, name: str) -> None:
+        ref = self.adapters.drop(name)
+        self.workers[ref.base].remove_adapter(name)
+
+    def resolve(self, model: str) -> tuple[str, str | None]:
+        """(base model, adapter or None) for a model or adapter name; RequestError if none."""
+        if model in self.workers:
+            return model, None
+        ref = self.adapters.get(model)
+        if ref is None:
+            raise RequestError(f"model {model!r} is not loaded")
+        return ref.base, ref.name
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, model: str, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the model; raises RequestError."""
-        worker = self.workers.get(model)
-        if worker is None:
-            raise RequestError(f"model {model!r} is not loaded")
+        worker = self.workers[self.resolve(model)[0]]
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty")
@@ -76,7 +115,7 @@ class EngineCore:
 
     def check_request(self, model: str, prompt_ids: list[int], params: SamplingParams) -> int:
         """Raise RequestError if the request can never run; else its max total tokens."""
-        worker = self.workers[model]
+        worker = self.workers[self.resolve(model)[0]]
         max_len = worker.cfg.max_model_len
         if len(prompt_ids) >= max_len:
             raise RequestError(
@@ -102,8 +141,12 @@ class EngineCore:
             self._next_id += 1
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, model, ids, params,
-                       time.monotonic() if arrival_time is None else arrival_time, total)
+        base, adapter = self.resolve(model)
+        if adapter is not None:
+            self.adapters.acquire(adapter)
+        seq = Sequence(request_id, base, ids, params,
+                       time.monotonic() if arrival_time is None else arrival_time, total,
+                       adapter=adapter)
         self.requests[request_id] = _Tracked(
             seq, make_generator(params.seed), DetokenizerState.start(ids), sink
         )
@@ -177,7 +220,7 @@ class EngineCore:
             visible = max(tr.emitted_chars, len(text) - max(len(s) for s in seq.params.stop) + 1)
         out = RequestOutput(
             request_id=seq.request_id,
-            model=seq.model,
+            model=seq.adapter or seq.model,
             prompt_token_ids=tuple(seq.prompt_token_ids),
             token_ids=tuple(seq.output_token_ids),
             text=text[:visible],
@@ -196,6 +239,8 @@ class EngineCore:
     def _finish(self, tr: _Tracked, reason: str, error: str | None = None) -> RequestOutput:
         self.scheduler.finish(tr.seq, reason)
         self.requests.pop(tr.seq.request_id, None)
+        if tr.seq.adapter is not None and self.adapters.release(tr.seq.adapter):
+            self._drop_adapter(tr.seq.adapter)
         return self._emit(tr, finished=True, error=error)
 
     def check_integrity(self) -> None:
@@ -204,5 +249,14 @@ class EngineCore:
         held = [p for tr in self.requests.values() for p in tr.seq.pages]
         assert len(held) == len(set(held)), "a page is held by two sequences"
         assert len(held) == self.pages.num_used_pages, "a page is used but held by no sequence"
+        live: dict[str, int] = {}
         for tr in self.requests.values():
             assert tr.seq.status is not Status.FINISHED
+            if tr.seq.adapter:
+                live[tr.seq.adapter] = live.get(tr.seq.adapter, 0) + 1
+        self.adapters.check_integrity(live)
+        for worker in self.workers.values():
+            if worker.slots is not None:
+                worker.slots.check_integrity()
+                assert set(worker.slots.host) == {
+                    n for n, r in self.adapters.refs.items() if r.base == worker.name}

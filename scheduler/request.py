@@ -28,6 +28,7 @@ class Sequence:
     params: SamplingParams
     arrival_time: float
     max_total_tokens: int  # prompt + output never exceeds this (max_model_len)
+    adapter: str | None = None  # LoRA adapter of ``model`` (the base), or None
     output_token_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

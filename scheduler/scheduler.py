@@ -67,11 +67,14 @@ class Scheduler:
         self.config = config
         self.pages = pages
         self.block_tokens: dict[str, int] = {}
+        self.max_adapters: dict[str, int] = {}
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
 
-    def add_model(self, model: str, block_tokens: int) -> None:
+    def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30) -> None:
+        """``max_adapters``: distinct adapters one step may hold (the device slots)."""
         self.block_tokens[model] = block_tokens
+        self.max_adapters[model] = max_adapters
         self.waiting.setdefault(model, deque())
         self.running.setdefault(model, [])
 
@@ -114,9 +117,18 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         running = self.running[model]
+        adapters: set[str] = set()
+        cap = self.max_adapters[model]
+
+        def fits(seq: Sequence) -> bool:  # a step holds at most `cap` distinct adapters
+            return seq.adapter is None or seq.adapter in adapters or len(adapters) < cap
+
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
+            if not fits(seq):  # deferred to a later step; keeps its pages
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._pages_needed(seq, num_new)
             while not self.pages.can_allocate(need) and running[-1] is not seq:
@@ -130,21 +142,31 @@ class Scheduler:
             seq.pages.extend(self.pages.allocate(need))
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+            if seq.adapter:
+                adapters.add(seq.adapter)
             i += 1
         waiting = self.waiting[model]
-        while waiting and budget > 0 and len(running) < self.config.max_num_seqs and not preempted:
-            seq = waiting[0]
+        j = 0
+        while (j < len(waiting) and budget > 0 and len(running) < self.config.max_num_seqs
+               and not preempted):
+            seq = waiting[j]
+            if not fits(seq):
+                j += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._pages_needed(seq, num_new)
             if not self.pages.can_allocate(need):
                 break
-            waiting.popleft()
+            del waiting[j]
             seq.pages.extend(self.pages.allocate(need))
             seq.status = Status.RUNNING
             running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        scheduled.sort(key=lambda s: not s.is_decode)  # decode rows first
+            if seq.adapter:
+                adapters.add(seq.adapter)
+        # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
+        scheduled.sort(key=lambda s: (not s.is_decode, s.seq.adapter or ""))
         return SchedulerOutput(model, tuple(scheduled), tuple(preempted))
 
     def update_from_output(self, out: SchedulerOutput) -> None:

@@ -1,0 +1,43 @@
+"""Types shared by the adapter package: errors, what an adapter is, and its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# LoRA-targetable projections, grouped by the fused matmul they add to:
+#   group -> (input width key, [(projection, output width key), ...])
+GROUPS = {
+    "qkv": ("hidden", [("q_proj", "q"), ("k_proj", "kv"), ("v_proj", "kv")]),
+    "o": ("q", [("o_proj", "hidden")]),
+    "gate_up": ("hidden", [("gate_proj", "inter"), ("up_proj", "inter")]),
+    "down": ("inter", [("down_proj", "hidden")]),
+}
+PROJECTIONS = tuple(p for _, projs in GROUPS.values() for p, _ in projs)
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served (unsupported, malformed, wrong base, unknown name)."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Adapter memory per base model."""
+
+    max_loras_on_device: int = 8  # device slots; a step never uses more distinct adapters
+    max_lora_rank: int = 16  # largest rank accepted; sizes each slot
+
+    def __post_init__(self):
+        if self.max_loras_on_device < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras_on_device and max_lora_rank must be >= 1")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A registered adapter. ``scaling`` is already folded into its B weights."""
+
+    name: str
+    base: str
+    path: str
+    rank: int
+    scaling: float
+    targets: tuple[str, ...]

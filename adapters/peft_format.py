@@ -1,0 +1,104 @@
+"""Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+Refused with a clear error, never served wrongly: DoRA, ``modules_to_save``, LoRA on
+embeddings or lm_head, LoRA biases, per-module rank/alpha patterns, fan_in_fan_out, pickled
+``.bin`` weights, ranks above the configured maximum, shapes that do not fit the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from gpupool.adapters.base import PROJECTIONS, AdapterError
+
+KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
+)
+
+
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """Projection -> (in_features, out_features) of the base model."""
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def _config(folder: Path, max_rank: int) -> tuple[int, float]:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"{path}: no adapter_config.json in adapter folder")
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: unreadable ({e})") from e
+    checks = [
+        (c.get("peft_type", "LORA") != "LORA", f"peft_type {c.get('peft_type')!r} is not LORA"),
+        (bool(c.get("use_dora")), "DoRA adapters (use_dora) are not supported"),
+        (bool(c.get("modules_to_save")), "modules_to_save is not supported"),
+        (c.get("bias", "none") != "none", "LoRA biases (bias != 'none') are not supported"),
+        (bool(c.get("rank_pattern")) or bool(c.get("alpha_pattern")),
+         "per-module rank_pattern/alpha_pattern is not supported"),
+        (bool(c.get("fan_in_fan_out")), "fan_in_fan_out adapters are not supported"),
+    ]
+    for bad, msg in checks:
+        if bad:
+            raise AdapterError(f"{path}: {msg}")
+    try:
+        rank, alpha = int(c["r"]), float(c.get("lora_alpha", c["r"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{path}: missing or bad r / lora_alpha") from e
+    if not 1 <= rank <= max_rank:
+        raise AdapterError(f"{path}: rank {rank} exceeds max_lora_rank {max_rank}")
+    scaling = alpha / math.sqrt(rank) if c.get("use_rslora") else alpha / rank
+    return rank, scaling
+
+
+def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
+    """Returns (rank, scaling, {(layer, projection): (A [r, in], B*scaling [out, r])})."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: adapter folder does not exist")
+    rank, scaling = _config(folder, max_rank)
+    wfile = folder / "adapter_model.safetensors"
+    if not wfile.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise AdapterError(f"{folder}: adapter_model.bin is a pickle; gpupool reads only "
+                               "adapter_model.safetensors")
+        raise AdapterError(f"{wfile}: adapter weights missing")
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{wfile}: corrupt or unreadable safetensors ({e})") from e
+    shapes = projection_shapes(base_cfg)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = KEY.match(key)
+        if m is None:
+            raise AdapterError(f"{wfile}: unsupported tensor {key!r} (only LoRA A/B on "
+                               f"{', '.join(PROJECTIONS)} are supported)")
+        layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= base_cfg.num_layers:
+            raise AdapterError(f"{wfile}: {key!r} names layer {layer}; the base has "
+                               f"{base_cfg.num_layers}")
+        fan_in, fan_out = shapes[proj]
+        want = (rank, fan_in) if ab == "A" else (fan_out, rank)
+        if tuple(t.shape) != want:
+            raise AdapterError(f"{wfile}: {key!r} has shape {tuple(t.shape)}, the base model "
+                               f"needs {want}")
+        parts.setdefault((layer, proj), {})[ab] = t.float()
+    if not parts:
+        raise AdapterError(f"{wfile}: no LoRA weights found")
+    weights = {}
+    for (layer, proj), ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{wfile}: layer {layer} {proj} lacks lora_A or lora_B")
+        weights[(layer, proj)] = (ab["A"], ab["B"] * scaling)
+    return rank, scaling, weights

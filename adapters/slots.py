@@ -1,0 +1,117 @@
+"""Adapter memory of one base model: host copies, device slots, LRU with pinning.
+
+Every adapter of a base is stored in one *slot layout* (a :class:`WeightLayout` sized for
+``max_lora_rank``), so loading an adapter into a device slot is one bulk copy:
+
+    slot layout, per layer i (R = max rank, r = the adapter's rank):
+      i.qkv.A  [3R, hidden]  rows 0:r = q's A, r:2r = k's A, 2r:3r = v's A (packed by r)
+      i.q_proj.B [q, R]  i.k_proj.B [kv, R]  i.v_proj.B [kv, R]   (columns 0:r used)
+      i.o.A [R, q]  i.o_proj.B [hidden, R]
+      i.gate_up.A [2R, hidden]  i.gate_proj.B [inter, R]  i.up_proj.B [inter, R]
+      i.down.A [R, inter]  i.down_proj.B [hidden, R]
+
+The device buffer is ``[num_slots, slot_bytes]``; each tensor is viewed across slots as
+``[num_slots, *shape]`` so the SGMV kernels index it by slot id.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from gpupool.adapters.base import GROUPS, AdapterError
+from gpupool.pool.weights import WeightLayout
+
+
+def _widths(cfg) -> dict[str, int]:
+    return {"hidden": cfg.hidden_size, "q": cfg.q_size, "kv": cfg.kv_size,
+            "inter": cfg.intermediate_size}
+
+
+def slot_layout(cfg, max_rank: int, dtype: torch.dtype) -> WeightLayout:
+    w, shapes = _widths(cfg), {}
+    for i in range(cfg.num_layers):
+        for group, (fan_in, projs) in GROUPS.items():
+            shapes[f"{i}.{group}.A"] = (len(projs) * max_rank, w[fan_in])
+            for proj, fan_out in projs:
+                shapes[f"{i}.{proj}.B"] = (w[fan_out], max_rank)
+    return WeightLayout.build(shapes, dtype)
+
+
+def pack_adapter(layout: WeightLayout, cfg, rank: int, weights) -> torch.Tensor:
+    """A host buffer in slot layout holding one adapter (zeros where it has no LoRA)."""
+    buf = layout.allocate("cpu")
+    buf.zero_()
+    views = layout.views(buf)
+    for i in range(cfg.num_layers):
+        for group, (_, projs) in GROUPS.items():
+            for j, (proj, _) in enumerate(projs):
+                ab = weights.get((i, proj))
+                if ab is not None:
+                    views[f"{i}.{group}.A"][j * rank : (j + 1) * rank] = ab[0]
+                    views[f"{i}.{proj}.B"][:, :rank] = ab[1]
+    return buf
+
+
+class AdapterSlots:
+    """``num_slots`` device slots for one base model, least recently used evicted first.
+
+    ``ensure(names)`` makes a step's adapters resident and pins them for that step; slots of
+    pinned adapters are never chosen as victims. Host buffers live in ``host`` (name -> bytes).
+    """
+
+    def __init__(self, cfg, num_slots: int, max_rank: int, dtype, device):
+        self.cfg = cfg
+        self.layout = slot_layout(cfg, max_rank, dtype)
+        self.num_slots = num_slots
+        self.buffer = torch.zeros(num_slots, self.layout.num_bytes, dtype=torch.uint8,
+                                  device=device)
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.views: dict[str, torch.Tensor] = {}
+        for s in self.layout.specs:
+            cols = self.buffer[:, s.offset_bytes : s.offset_bytes + s.numel * elem]
+            self.views[s.name] = cols.view(dtype).view(num_slots, *s.shape)
+        self.host: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
+        self.pinned: set[str] = set()
+        self.num_loads = 0
+
+    def add(self, name: str, rank: int, weights) -> None:
+        self.host[name] = pack_adapter(self.layout, self.cfg, rank, weights)
+        self.ranks[name] = rank
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter (its slot becomes free). The caller ensures nothing runs it."""
+        self.resident.pop(name, None)
+        self.pinned.discard(name)
+        self.host.pop(name, None)
+        self.ranks.pop(name, None)
+
+    def ensure(self, names: set[str]) -> dict[str, int]:
+        """Slot of each name, loading missing ones into free or LRU slots; pins them all."""
+        if len(names) > self.num_slots:
+            raise AdapterError(f"{len(names)} adapters in one step, {self.num_slots} slots")
+        self.pinned = set(names)
+        for name in names:
+            if name in self.resident:
+                self.resident.move_to_end(name)
+                continue
+            used = set(self.resident.values())
+            free = [s for s in range(self.num_slots) if s not in used]
+            if free:
+                slot = free[0]
+            else:
+                victim = next(n for n in self.resident if n not in self.pinned)
+                slot = self.resident.pop(victim)
+            self.buffer[slot].copy_(self.host[name], non_blocking=True)
+            self.resident[name] = slot
+            self.num_loads += 1
+        return {n: self.resident[n] for n in names}
+
+    def check_integrity(self) -> None:
+        slots = list(self.resident.values())
+        assert len(slots) == len(set(slots)), "two adapters share a slot"
+        assert all(0 <= s < self.num_slots for s in slots)
+        assert set(self.resident) <= set(self.host), "a resident adapter has no host copy"
