@@ -101,3 +101,46 @@ def make_engine(folder: Path | None = None, name: str = "m", **overrides):
     if folder is not None:
         engine.add_model(name, folder)
     return engine
+
+
+def make_peft_adapter(base_folder: Path, out: Path, rank: int, targets: list[str],
+                      alpha: float | None = None, rslora: bool = False, seed: int = 0,
+                      **extra) -> Path:
+    """A PEFT LoRA adapter of ``base_folder`` with random (non-zero) A and B, saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
+                     use_rslora=rslora, init_lora_weights=False, **extra)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():  # larger B than peft's default so each adapter changes the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(str(out))
+    return out
+
+
+def peft_greedy(base_folder: Path, adapters: dict[str, Path], prompts: list[list[int]],
+                names: list[str | None], max_new_tokens: int) -> list[list[int]]:
+    """peft's greedy continuation of each prompt with its adapter active (None: base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
+    items = list(adapters.items())
+    model = PeftModel.from_pretrained(base, str(items[0][1]), adapter_name=items[0][0])
+    for name, path in items[1:]:
+        model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    out = []
+    for ids, name in zip(prompts, names):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                               adapter_names=[name or "__base__"])
+        out.append(y[0, len(ids):].tolist())
+    return out
