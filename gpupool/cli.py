@@ -11,7 +11,7 @@ from gpupool.default_model import DEFAULT_MODEL
 
 
 def _generate(args) -> int:
-    from gpupool import Engine, ModelLoadError, RequestError, SamplingParams
+    from gpupool import AdapterError, Engine, ModelLoadError, RequestError, SamplingParams
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -20,9 +20,13 @@ def _generate(args) -> int:
     except ValueError as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(device=args.device)
+    engine = Engine(device=args.device, max_lora_rank=args.max_lora_rank)
     try:
         engine.add_model("model", args.model)
+        name = "model"
+        if args.adapter:
+            engine.add_adapter("adapter", "model", args.adapter)
+            name = "adapter"
         prompts = args.prompt
         if args.chat:
             tok = engine.tokenizer("model")
@@ -32,8 +36,8 @@ def _generate(args) -> int:
                                                add_generation_prompt=True, tokenize=False)
                        for p in prompts]
             prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        outs = engine.generate(prompts, params, model="model")
-    except (ModelLoadError, RequestError) as e:
+        outs = engine.generate(prompts, params, model=name)
+    except (ModelLoadError, RequestError, AdapterError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 1
     finally:
@@ -54,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete prompts with one model and print them")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder, or {DEFAULT_MODEL!r} (default) for SmolLM2-135M")
+    g.add_argument("--adapter", help="PEFT LoRA adapter folder to apply to every prompt")
+    g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)

@@ -53,3 +53,25 @@ def test_default_model_with_chat_template(smollm2_path):
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert "Paris" in row["text"]
+
+
+def test_adapter_flag_matches_the_engine(tiny_models, tmp_path):
+    from gpupool import SamplingParams
+    from tests.factories import make_peft_adapter
+
+    base = tiny_models("llama")
+    adapter = make_peft_adapter(base, tmp_path / "a", 8, ["q_proj", "v_proj", "down_proj"])
+    r = _cli("--model", str(base), "--adapter", str(adapter), "--prompt", "w5 w6 w7",
+             "--max-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    engine = make_engine(base, name="b", max_lora_rank=8)
+    try:
+        engine.add_adapter("a", "b", adapter)
+        want = engine.generate("w5 w6 w7", SamplingParams(max_tokens=6, temperature=0),
+                               model="a")[0]
+        base_out = engine.generate("w5 w6 w7", SamplingParams(max_tokens=6, temperature=0),
+                                   model="b")[0]
+    finally:
+        engine.shutdown()
+    assert json.loads(r.stdout)[0]["token_ids"] == list(want.token_ids)
+    assert want.token_ids != base_out.token_ids

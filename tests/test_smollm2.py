@@ -71,3 +71,31 @@ def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     assert sum(s.num_preemptions for s in seqs) > 0
     assert [finals[i] for i in range(len(PROMPTS))] == want
     assert kv.pages.num_used_pages == 0
+
+
+def test_lora_adapters_match_peft(smollm2_path, reference, tmp_path):
+    """SmolLM2 with 4 adapters of different ranks and targets in one batch with base rows."""
+    from tests.factories import make_peft_adapter, peft_greedy
+
+    ids, base_want = reference
+    specs = {"r4": (4, ["q_proj", "v_proj"]), "r8": (8, ["o_proj", "down_proj"]),
+             "r16": (16, ["gate_proj", "up_proj", "k_proj"]),
+             "r64": (64, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"])}
+    paths = {n: make_peft_adapter(smollm2_path, tmp_path / n, r, t, seed=i)
+             for i, (n, (r, t)) in enumerate(specs.items())}
+    names = [None, "r4", "r8", "r16", "r64", None, "r64", "r4"]
+    prompts = ids[: len(names)]
+    want = peft_greedy(smollm2_path, paths, prompts, names, 12)
+    assert sum(w != b[:12] for w, b, n in zip(want, base_want, names) if n) >= 4
+    engine = make_engine(smollm2_path, name="base", kv_cache_bytes=64 << 20,
+                         kv_page_bytes=1 << 20, max_lora_rank=64)
+    try:
+        for n, p in paths.items():
+            engine.add_adapter(n, "base", p)
+        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0),
+                               model=[n or "base" for n in names])
+        assert [list(o.token_ids) for o in outs] == want
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
