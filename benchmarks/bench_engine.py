@@ -10,17 +10,19 @@ warm-up. Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from gpupool import Engine, SamplingParams
-from gpupool.config import default_home
-from gpupool.default_model import ensure_default_model
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, median_seconds  # noqa: E402
+
+from gpupool import Engine, SamplingParams  # noqa: E402
+from gpupool.config import default_home  # noqa: E402
+from gpupool.default_model import ensure_default_model  # noqa: E402
 
 NEW_TOKENS = 64
 BASE = [
@@ -40,16 +42,6 @@ def prompts(n: int) -> list[str]:
     return [BASE[i % len(BASE)] + ("" if i < len(BASE) else f" (variant {i})") for i in range(n)]
 
 
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_engine(engine: Engine, batch: list[str], runs: int) -> float:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
@@ -57,7 +49,7 @@ def bench_engine(engine: Engine, batch: list[str], runs: int) -> float:
         outs = engine.generate(batch, params)
         assert all(len(o.token_ids) == NEW_TOKENS for o in outs)
 
-    return len(batch) * NEW_TOKENS / median_time(run, runs)
+    return len(batch) * NEW_TOKENS / median_seconds(run, runs)
 
 
 def bench_transformers(model, tok, batch: list[str], runs: int) -> float:
@@ -69,7 +61,7 @@ def bench_transformers(model, tok, batch: list[str], runs: int) -> float:
                                  do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] - enc["input_ids"].shape[1] == NEW_TOKENS
 
-    return len(batch) * NEW_TOKENS / median_time(run, runs)
+    return len(batch) * NEW_TOKENS / median_seconds(run, runs)
 
 
 def main() -> None:
@@ -100,11 +92,7 @@ def main() -> None:
         result[f"transformers_tok_s_bs{bs}"] = round(ref, 1)
         result[f"ratio_vs_transformers_bs{bs}"] = round(ours / ref, 3)
     engine.shutdown()
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:32s} {v}")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,16 @@ Usage: python3 benchmarks/bench_lora.py [--json] [--runs 3]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import prompts  # noqa: E402
+from common import emit, median_seconds  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -33,17 +31,6 @@ from gpupool.default_model import ensure_default_model  # noqa: E402
 
 NUM_REQUESTS, NEW_TOKENS, RANK = 32, 64, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def timed(fn, runs: int, warmup: bool) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def make_adapters(folder: Path, out: Path, n: int):
@@ -99,11 +86,12 @@ def main() -> None:
             peft_model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                 do_sample=False, pad_token_id=tok.pad_token_id, **kw)
 
-    base_s = timed(lambda: engine.generate(texts, ours_params, model="base"), args.runs, True)
+    base_s = median_seconds(lambda: engine.generate(texts, ours_params, model="base"),
+                            args.runs)
     result["no_lora_tok_s"] = round(total / base_s, 1)
     for k in (int(x) for x in args.distinct.split(",")):
         names = [f"a{i % k}" for i in range(NUM_REQUESTS)]
-        ours = timed(lambda names=names: engine.generate(texts, ours_params, model=names),
+        ours = median_seconds(lambda names=names: engine.generate(texts, ours_params, model=names),
                      args.runs, True)
 
         def seq(names=names):
@@ -111,8 +99,9 @@ def main() -> None:
                 peft_model.set_adapter(a)
                 peft_generate([t for t, n in zip(texts, names) if n == a])
 
-        peft_seq = timed(seq, args.runs, False)
-        peft_mixed = timed(lambda names=names: peft_generate(texts, names), args.runs, False)
+        peft_seq = median_seconds(seq, args.runs, warmup=False)
+        peft_mixed = median_seconds(lambda names=names: peft_generate(texts, names),
+                                    args.runs, warmup=False)
         result[f"gpupool_tok_s_{k}"] = round(total / ours, 1)
         result[f"peft_sequential_tok_s_{k}"] = round(total / peft_seq, 1)
         result[f"peft_mixed_tok_s_{k}"] = round(total / peft_mixed, 1)
@@ -123,11 +112,7 @@ def main() -> None:
     for key in ("ratio_vs_peft_sequential", "ratio_vs_peft_mixed", "ratio_vs_no_lora"):
         result[key] = result[f"{key}_{top}"]
     engine.shutdown()
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, v in result.items():
-            print(f"{key:32s} {v}")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
