@@ -91,8 +91,8 @@ def main() -> None:
     result["no_lora_tok_s"] = round(total / base_s, 1)
     for k in (int(x) for x in args.distinct.split(",")):
         names = [f"a{i % k}" for i in range(NUM_REQUESTS)]
-        ours = median_seconds(lambda names=names: engine.generate(texts, ours_params, model=names),
-                     args.runs, True)
+        ours = median_seconds(
+            lambda names=names: engine.generate(texts, ours_params, model=names), args.runs)
 
         def seq(names=names):
             for a in sorted(set(names)):
