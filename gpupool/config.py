@@ -24,10 +24,13 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Device memory the engine reserves once."""
+    """Device memory the engine reserves once (the arena) and the host model cache."""
 
-    kv_cache_bytes: int | None = None  # KV pool size; None: a share of free memory
+    kv_cache_bytes: int | None = None  # KV region; None: a share of free memory
     kv_page_bytes: int = 1 << 20  # bytes per KV page (every model's view of a page)
+    weight_bytes: int | None = None  # weight region (model slabs); None: a share of free
+    adapter_bytes: int = 1 << 30  # adapter region (LoRA slots of every base model)
+    host_cache_bytes: int | None = None  # host model cache bound; None: 50% of available
 
     def __post_init__(self):
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.kv_page_bytes:

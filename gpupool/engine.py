@@ -21,7 +21,9 @@ from gpupool.config import Config
 from gpupool.default_model import DEFAULT_MODEL, ensure_default_model
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.worker import ModelWorker
+from gpupool.pool.arena import Arena
 from gpupool.pool.kv import KVStorage
+from gpupool.pool.residency import WeightPool
 from gpupool.scheduler.core import EngineCore
 from gpupool.scheduler.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
@@ -38,11 +40,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 def default_kv_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.3)
-    return min(2 << 30, int(psutil.virtual_memory().available * 0.2))
+        return int(free_bytes(device) * 0.3)
+    return min(2 << 30, int(free_bytes(device) * 0.2))
+
+
+def default_weight_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(free_bytes(device) * 0.4)
+    return min(8 << 30, int(free_bytes(device) * 0.3))
 
 
 class Engine:
@@ -54,7 +67,12 @@ class Engine:
         kernels.set_kernel_mode(self.config.kernels)
         pool = self.config.pool
         kv_bytes = pool.kv_cache_bytes or default_kv_bytes(self.device)
-        self.kv = KVStorage(kv_bytes // pool.kv_page_bytes, pool.kv_page_bytes, self.device)
+        num_pages = kv_bytes // pool.kv_page_bytes
+        self.arena = Arena(pool.weight_bytes or default_weight_bytes(self.device),
+                           pool.adapter_bytes, num_pages * pool.kv_page_bytes, self.device)
+        self.kv = KVStorage(num_pages, pool.kv_page_bytes, self.device, self.arena.kv)
+        host_bytes = pool.host_cache_bytes or int(psutil.virtual_memory().available * 0.5)
+        self.weights = WeightPool(self.arena, host_bytes)
         self.core = EngineCore(self.config.scheduler, self.kv.pages)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -77,9 +95,18 @@ class Engine:
             if name in self.core.workers:
                 raise RequestError(f"model {name!r} is already loaded")
         worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
-                             self.config.dtype, self.config.adapters)
+                             self.config.dtype, self.config.adapters, self.weights)
         with self._lock:
-            self.core.add_worker(worker)
+            try:
+                self.core.add_worker(worker)
+            except RequestError:
+                self.weights.unregister(name)
+                raise
+
+    def remove_model(self, name: str) -> None:
+        """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
+        with self._lock:
+            self.core.remove_model(name)
 
     def add_adapter(self, name: str, base: str, path: str | Path) -> None:
         """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``."""
@@ -211,6 +238,7 @@ class Engine:
     def check_integrity(self) -> None:
         with self._lock:
             self.core.check_integrity()
+            self.weights.check_integrity()
 
     def shutdown(self) -> None:
         with self._lock:

@@ -69,7 +69,11 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 
 class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
-                 dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None):
+                 dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
+                 weight_pool=None):
+        """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
+        in the host cache and are copied into an arena slab when the model runs; without it
+        they are copied to the device once and stay."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -81,18 +85,34 @@ class ModelWorker:
         self.tokenizer = load_tokenizer(folder)
         self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer)
         self.layout, host = load_flat_weights(folder, self.cfg, self.dtype)
-        self.weights = host if device.type == "cpu" else host.to(device)
         self.model = LlamaModel(self.cfg, self.dtype, device)
-        self.model.bind(self.layout.views(self.weights))
         self.kv_view = kv.model_view(
             self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
         )
         self.block_tokens = self.kv_view.shape[3]
+        self.weight_pool = weight_pool
+        if weight_pool is None:
+            self.weights = host if device.type == "cpu" else host.to(device)
+            self.model.bind(self.layout.views(self.weights))
+        else:  # last: nothing after this may fail, or the pool would keep a dead entry
+            weight_pool.register(name, self.layout, host, self._reload)
         self.adapter_config = adapters or AdapterConfig()
         self.slots: AdapterSlots | None = None  # made when the first adapter arrives
         self.adapter_targets: dict[str, tuple[str, ...]] = {}
         logger.info("loaded model %s from %s (%s, %.1f MiB, %d KV tokens per page)", name,
                     folder, self.dtype, self.layout.num_bytes / 2**20, self.block_tokens)
+
+    def _reload(self) -> torch.Tensor:
+        return load_flat_weights(self.folder, self.cfg, self.dtype)[1]
+
+    def make_resident(self, keep: frozenset[str] = frozenset()):
+        """Ensure the weights are on the device (a swap: copy + rebind); the SwapIn or None."""
+        if self.weight_pool is None:
+            return None
+        swap = self.weight_pool.make_resident(self.name, keep)
+        if swap is not None:
+            self.model.bind(self.weight_pool.views(self.name))
+        return swap
 
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
         if self.slots is None:
@@ -117,6 +137,8 @@ class ModelWorker:
                                self.slots.views, self.device)
 
     def execute(self, scheduled) -> torch.Tensor:
-        """Run one step; logits [rows that sample, vocab] in float32."""
+        """Run one step (swapping the weights in first if needed); logits [rows that sample,
+        vocab] in float32."""
+        self.make_resident(frozenset({self.name}))
         batch = build_batch(scheduled, self.block_tokens, self.device)
         return self.model.forward(batch, self.kv_view, self._lora_batch(scheduled))

@@ -69,12 +69,17 @@ def block_tokens_for(page_bytes: int, kv_bytes_per_token: int) -> int:
 class KVStorage:
     """The bytes behind the page pool, reserved once, viewed per model."""
 
-    def __init__(self, num_pages: int, page_bytes: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_pages: int, page_bytes: int, device: torch.device | str = "cpu",
+                 storage: torch.Tensor | None = None):
+        """``storage``: an existing zeroed uint8 region (the arena's) of at least
+        ``num_pages * page_bytes``; by default a new one is reserved."""
         if page_bytes % 16:
             raise ValueError("kv page size must be a multiple of 16 bytes")
         self.page_bytes = page_bytes
         self.pages = PagePool(num_pages)
-        self.storage = torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device)
+        if storage is None:
+            storage = torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device)
+        self.storage = storage[: num_pages * page_bytes]
 
     def model_view(
         self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype

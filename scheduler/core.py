@@ -46,6 +46,7 @@ class EngineCore:
         self.pages = pages
         self.scheduler = Scheduler(config, pages)
         self.workers: dict = {}
+        self.removing_models: set[str] = set()
         self.adapters = AdapterRegistry()
         self.requests: dict[str, _Tracked] = {}
         self._next_id = 0
@@ -87,12 +88,32 @@ class EngineCore:
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""
-        if model in self.workers:
+        if model in self.workers and model not in self.removing_models:
             return model, None
         ref = self.adapters.get(model)
-        if ref is None:
+        if ref is None or ref.base in self.removing_models:
             raise RequestError(f"model {model!r} is not loaded")
         return ref.base, ref.name
+
+    def remove_model(self, name: str) -> None:
+        """New requests for the model (and its adapters) fail at once; running ones finish,
+        then its weights, adapters and queues are dropped."""
+        if name not in self.workers or name in self.removing_models:
+            raise RequestError(f"model {name!r} is not loaded")
+        self.removing_models.add(name)
+        self._drop_model_if_idle(name)
+
+    def _drop_model_if_idle(self, name: str) -> None:
+        if name not in self.removing_models or self.scheduler.num_unfinished(name):
+            return
+        for adapter in [n for n, r in self.adapters.refs.items() if r.base == name]:
+            self.adapters.removing.add(adapter)
+            self._drop_adapter(adapter)
+        worker = self.workers.pop(name)
+        if worker.weight_pool is not None:
+            worker.weight_pool.unregister(name)
+        self.scheduler.remove_model(name)
+        self.removing_models.discard(name)
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, model: str, prompt: str | list[int]) -> list[int]:
@@ -241,6 +262,7 @@ class EngineCore:
         self.requests.pop(tr.seq.request_id, None)
         if tr.seq.adapter is not None and self.adapters.release(tr.seq.adapter):
             self._drop_adapter(tr.seq.adapter)
+        self._drop_model_if_idle(tr.seq.model)
         return self._emit(tr, finished=True, error=error)
 
     def check_integrity(self) -> None:

@@ -78,6 +78,12 @@ class Scheduler:
         self.waiting.setdefault(model, deque())
         self.running.setdefault(model, [])
 
+    def remove_model(self, model: str) -> None:
+        """Forget a model with no unfinished sequences."""
+        assert not self.num_unfinished(model)
+        for table in (self.block_tokens, self.max_adapters, self.waiting, self.running):
+            table.pop(model)
+
     def add_request(self, seq: Sequence) -> None:
         self.waiting[seq.model].append(seq)
 

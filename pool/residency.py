@@ -1,0 +1,147 @@
+"""Which models' weights are on the device, and the host model cache behind them.
+
+A model's weights live once in host memory as one flat buffer in its device layout (pinned
+on CUDA); making it resident is one bulk copy into a slab of the arena's weight region, after
+evicting least-recently-used models that the step does not need. Weights are read-only, so
+eviction only frees the slab. Host buffers are bounded too: past ``host_bytes`` the least
+recently used non-resident ones are dropped and re-read from disk when needed again.
+
+On CUDA the copy runs on its own stream and the compute stream waits on its event; on CPU the
+same code path copies synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gpupool.pool.arena import Arena
+from gpupool.pool.weights import WeightLayout
+
+logger = logging.getLogger(__name__)
+
+
+class PoolCapacityError(ValueError):
+    """A model (or a step's set of models) can never fit the arena."""
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    """One residency change: what was copied, what was evicted, how long it took."""
+
+    model: str
+    num_bytes: int
+    seconds: float
+    evicted: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class _Entry:
+    layout: WeightLayout
+    loader: Callable[[], torch.Tensor]  # re-reads the host buffer from disk
+    host: torch.Tensor | None = None
+    slab: int | None = None  # byte offset in the weight region when resident
+
+
+class WeightPool:
+    def __init__(self, arena: Arena, host_bytes: int):
+        self.arena = arena
+        self.host_bytes = host_bytes
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order, oldest first
+        self.device = arena.buffer.device
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.num_swaps = 0
+        self.swap_bytes = 0
+        self.swap_seconds = 0.0
+
+    def register(self, name: str, layout: WeightLayout, host: torch.Tensor,
+                 loader: Callable[[], torch.Tensor]) -> None:
+        if layout.num_bytes > self.arena.weight_bytes:
+            raise PoolCapacityError(
+                f"model {name!r} needs {layout.num_bytes / 2**20:.1f} MiB of weights, but the "
+                f"arena's weight region holds {self.arena.weight_bytes / 2**20:.1f} MiB; "
+                "raise weight_bytes")
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        self.entries[name] = _Entry(layout, loader, host)
+        self._trim_host()
+
+    def unregister(self, name: str) -> None:
+        entry = self.entries.pop(name)
+        if entry.slab is not None:
+            self.arena.weight_slabs.free(entry.slab)
+
+    def is_resident(self, name: str) -> bool:
+        return self.entries[name].slab is not None
+
+    @property
+    def resident(self) -> list[str]:
+        return [n for n, e in self.entries.items() if e.slab is not None]
+
+    def views(self, name: str) -> dict[str, torch.Tensor]:
+        entry = self.entries[name]
+        nbytes = entry.layout.num_bytes
+        return entry.layout.views(self.arena.weights[entry.slab : entry.slab + nbytes])
+
+    def make_resident(self, name: str, keep: frozenset[str] = frozenset()) -> SwapIn | None:
+        """Copy ``name`` into a slab (evicting LRU models not in ``keep``); None if resident."""
+        entry = self.entries[name]
+        self.entries.move_to_end(name)
+        if entry.slab is not None:
+            return None
+        start = time.perf_counter()
+        evicted = []
+        slab = self.arena.weight_slabs.allocate(entry.layout.num_bytes)
+        while slab is None:
+            victim = next((n for n, e in self.entries.items()
+                           if e.slab is not None and n != name and n not in keep), None)
+            if victim is None:
+                raise PoolCapacityError(f"cannot make {name!r} resident beside {sorted(keep)}")
+            self.arena.weight_slabs.free(self.entries[victim].slab)
+            self.entries[victim].slab = None
+            evicted.append(victim)
+            slab = self.arena.weight_slabs.allocate(entry.layout.num_bytes)
+        if entry.host is None:
+            entry.host = entry.loader()
+            if self.device.type == "cuda":
+                entry.host = entry.host.pin_memory()
+        self._copy(self.arena.weights[slab : slab + entry.layout.num_bytes], entry.host)
+        entry.slab = slab
+        self._trim_host()
+        seconds = time.perf_counter() - start
+        self.num_swaps += 1
+        self.swap_bytes += entry.layout.num_bytes
+        self.swap_seconds += seconds
+        return SwapIn(name, entry.layout.num_bytes, seconds, tuple(evicted))
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self._stream is None:
+            dst.copy_(src)
+            return
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _trim_host(self) -> None:
+        """Drop host buffers of non-resident models, least recently used first, over the cap."""
+        total = sum(e.host.numel() for e in self.entries.values() if e.host is not None)
+        for name, e in self.entries.items():
+            if total <= self.host_bytes:
+                break
+            if e.host is not None and e.slab is None:
+                total -= e.host.numel()
+                e.host = None
+                logger.info("host cache: dropped %s (re-read from disk when needed)", name)
+
+    def check_integrity(self) -> None:
+        self.arena.check_integrity()
+        slabs = [e.slab for e in self.entries.values() if e.slab is not None]
+        assert len(slabs) == len(set(slabs)), "two models share a slab"
+        assert len(slabs) == len(self.arena.weight_slabs._used), "a slab is owned by no model"
