@@ -71,9 +71,10 @@ class Engine:
         self.arena = Arena(pool.weight_bytes or default_weight_bytes(self.device),
                            pool.adapter_bytes, num_pages * pool.kv_page_bytes, self.device)
         self.kv = KVStorage(num_pages, pool.kv_page_bytes, self.device, self.arena.kv)
+        self.kv.enable_host_swap(pool.host_kv_bytes // pool.kv_page_bytes)
         host_bytes = pool.host_cache_bytes or int(psutil.virtual_memory().available * 0.5)
         self.weights = WeightPool(self.arena, host_bytes)
-        self.core = EngineCore(self.config.scheduler, self.kv.pages)
+        self.core = EngineCore(self.config.scheduler, self.kv.pages, self.kv)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False

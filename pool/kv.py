@@ -77,9 +77,35 @@ class KVStorage:
             raise ValueError("kv page size must be a multiple of 16 bytes")
         self.page_bytes = page_bytes
         self.pages = PagePool(num_pages)
+        self.host_pages: PagePool | None = None
+        self.num_pages_swapped_out = 0
+        self.num_pages_swapped_in = 0
         if storage is None:
             storage = torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device)
         self.storage = storage[: num_pages * page_bytes]
+
+    def enable_host_swap(self, num_host_pages: int) -> None:
+        """A host page pool for preempted requests' KV (pinned on CUDA)."""
+        self.host_pages = PagePool(num_host_pages) if num_host_pages else None
+        if num_host_pages:
+            pin = self.storage.device.type == "cuda"
+            self.host_storage = torch.empty(num_host_pages, self.page_bytes, dtype=torch.uint8,
+                                            pin_memory=pin)
+
+    def copy_pages(self, pairs: list[tuple[int, int]], to_host: bool) -> None:
+        """Copy whole pages: (device page, host page) pairs, device->host or host->device."""
+        if not pairs:
+            return
+        device_view = self.storage.view(self.pages.num_pages, self.page_bytes)
+        dev = torch.tensor([d for d, _ in pairs], device=self.storage.device)
+        host = torch.tensor([h for _, h in pairs])
+        if to_host:
+            self.num_pages_swapped_out += len(pairs)
+            self.host_storage.index_copy_(0, host, device_view.index_select(0, dev).cpu())
+        else:
+            self.num_pages_swapped_in += len(pairs)
+            device_view.index_copy_(0, dev, self.host_storage.index_select(0, host).to(
+                self.storage.device, non_blocking=True))
 
     def model_view(
         self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype

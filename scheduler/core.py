@@ -42,9 +42,13 @@ class _Tracked:
 class EngineCore:
     """Requests in, :class:`RequestOutput` updates out. Workers are added by the Engine."""
 
-    def __init__(self, config: SchedulerConfig, pages: PagePool):
+    def __init__(self, config: SchedulerConfig, pages: PagePool, kv=None):
+        """``kv``: the :class:`KVStorage`; with host pages enabled, preempted requests' KV is
+        swapped out to host memory instead of recomputed."""
         self.pages = pages
-        self.scheduler = Scheduler(config, pages)
+        self.kv = kv
+        host = kv.host_pages if kv is not None else None
+        self.scheduler = Scheduler(config, pages, host)
         self.workers: dict = {}
         self.removing_models: set[str] = set()
         self.adapters = AdapterRegistry()
@@ -189,6 +193,9 @@ class EngineCore:
         if out.is_empty:
             return []
         sampling = [s.seq for s in out.scheduled if s.samples]
+        if out.swap_out or out.swap_in:
+            self.kv.copy_pages(list(out.swap_out), to_host=True)
+            self.kv.copy_pages(list(out.swap_in), to_host=False)
         try:
             logits = self.workers[out.model].execute(out.scheduled)
         except Exception as e:  # a failed step fails its requests, never the engine
@@ -271,6 +278,12 @@ class EngineCore:
         held = [p for tr in self.requests.values() for p in tr.seq.pages]
         assert len(held) == len(set(held)), "a page is held by two sequences"
         assert len(held) == self.pages.num_used_pages, "a page is used but held by no sequence"
+        host = [p for tr in self.requests.values() for p in tr.seq.host_pages]
+        if self.scheduler.host_pages is not None:
+            self.scheduler.host_pages.check_integrity()
+            assert len(host) == len(set(host)) == self.scheduler.host_pages.num_used_pages
+        else:
+            assert not host
         live: dict[str, int] = {}
         for tr in self.requests.values():
             assert tr.seq.status is not Status.FINISHED

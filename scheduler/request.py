@@ -31,6 +31,7 @@ class Sequence:
     adapter: str | None = None  # LoRA adapter of ``model`` (the base), or None
     output_token_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    host_pages: list[int] = field(default_factory=list)  # KV swapped out while preempted
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None

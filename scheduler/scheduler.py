@@ -56,6 +56,8 @@ class SchedulerOutput:
     model: str | None
     scheduled: tuple[ScheduledSeq, ...]
     preempted: tuple[Sequence, ...]
+    swap_out: tuple[tuple[int, int], ...] = ()  # (device page, host page): copy before the step
+    swap_in: tuple[tuple[int, int], ...] = ()  # (device page, host page): copy before the step
 
     @property
     def is_empty(self) -> bool:
@@ -63,9 +65,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pages: PagePool):
+    def __init__(self, config: SchedulerConfig, pages: PagePool,
+                 host_pages: PagePool | None = None):
+        """``host_pages``: where preempted sequences' KV goes (None: always recompute)."""
         self.config = config
         self.pages = pages
+        self.host_pages = host_pages
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
         self.block_tokens: dict[str, int] = {}
         self.max_adapters: dict[str, int] = {}
         self.waiting: dict[str, deque[Sequence]] = {}
@@ -107,18 +114,28 @@ class Scheduler:
         return -(-(seq.num_computed_tokens + num_new) // bt) - len(seq.pages)
 
     def _preempt(self, seq: Sequence) -> None:
+        """Swap the sequence's KV out to host pages, or (no room there) drop it to recompute."""
+        host = self.host_pages.allocate(len(seq.pages)) if self.host_pages else None
+        if host is not None and seq.pages:
+            self._swap_out.extend(zip(seq.pages, host))
+            seq.host_pages = host
+        else:
+            seq.num_computed_tokens = 0
         self.pages.free(seq.pages)
         seq.pages = []
-        seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.running[seq.model].remove(seq)
         self.waiting[seq.model].appendleft(seq)
 
     def schedule(self) -> SchedulerOutput:
+        """A step's batch. Swap-outs (preemption) and swap-ins (waiting sequences resuming)
+        never share a step: a page freed by one could otherwise be overwritten before the
+        other's copy reads it."""
         model = self._pick_model()
         if model is None:
             return SchedulerOutput(None, (), ())
+        self._swap_out, self._swap_in = [], []
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
@@ -165,6 +182,10 @@ class Scheduler:
                 break
             del waiting[j]
             seq.pages.extend(self.pages.allocate(need))
+            if seq.host_pages:  # resume: bring the swapped KV back into the new pages
+                self._swap_in.extend(zip(seq.pages, seq.host_pages))
+                self.host_pages.free(seq.host_pages)
+                seq.host_pages = []
             seq.status = Status.RUNNING
             running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
@@ -173,7 +194,8 @@ class Scheduler:
                 adapters.add(seq.adapter)
         # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
         scheduled.sort(key=lambda s: (not s.is_decode, s.seq.adapter or ""))
-        return SchedulerOutput(model, tuple(scheduled), tuple(preempted))
+        return SchedulerOutput(model, tuple(scheduled), tuple(preempted),
+                               tuple(self._swap_out), tuple(self._swap_in))
 
     def update_from_output(self, out: SchedulerOutput) -> None:
         """Advance each scheduled sequence past the tokens this step computed."""
@@ -190,5 +212,8 @@ class Scheduler:
             self.waiting[seq.model].remove(seq)
         self.pages.free(seq.pages)
         seq.pages = []
+        if seq.host_pages:
+            self.host_pages.free(seq.host_pages)
+            seq.host_pages = []
         seq.status = Status.FINISHED
         seq.finish_reason = reason
