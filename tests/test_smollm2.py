@@ -99,3 +99,41 @@ def test_lora_adapters_match_peft(smollm2_path, reference, tmp_path):
         engine.check_integrity()
     finally:
         engine.shutdown()
+
+
+def test_interleaved_with_tiny_models_in_a_one_model_arena(smollm2_path, reference,
+                                                          tiny_models):
+    """SmolLM2 and two tiny models through an arena whose weight region holds SmolLM2 only."""
+    from gpupool.models.config import ModelConfig
+    from gpupool.models.loader import build_layout
+    from tests.factories import random_prompts
+
+    ids, want = reference
+    nbytes = build_layout(ModelConfig.from_folder(smollm2_path), torch.float32).num_bytes
+    tiny = {v: random_prompts(3, 4, 20, seed=30 + i) for i, v in enumerate(("llama", "qwen3"))}
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    tiny_want = {}
+    for v, prompts in tiny.items():
+        alone = make_engine(tiny_models(v))
+        try:
+            tiny_want[v] = [list(o.token_ids) for o in alone.generate(prompts, params)]
+        finally:
+            alone.shutdown()
+    engine = make_engine(weight_bytes=nbytes, kv_cache_bytes=64 << 20, kv_page_bytes=1 << 20)
+    try:
+        engine.add_model("smol", smollm2_path)
+        for v in tiny:
+            engine.add_model(v, tiny_models(v))
+        names = ["smol", "llama", "smol", "qwen3", "llama", "smol", "qwen3", "llama", "qwen3"]
+        queues = {"smol": list(range(3)), "llama": [0, 1, 2], "qwen3": [0, 1, 2]}
+        prompts, expected = [], []
+        for n in names:
+            i = queues[n].pop(0)
+            prompts.append(ids[i] if n == "smol" else tiny[n][i])
+            expected.append(want[i] if n == "smol" else tiny_want[n][i])
+        outs = engine.generate(prompts, params, model=names)
+        assert [list(o.token_ids) for o in outs] == expected
+        assert engine.weights.num_swaps >= 3
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
