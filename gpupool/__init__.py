@@ -6,6 +6,7 @@ from gpupool.engine import Engine
 from gpupool.models.errors import ModelLoadError
 from gpupool.scheduler.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
+from gpupool.scheduler.slo import SLO
 
 __all__ = [
     "AdapterConfig",
@@ -16,6 +17,7 @@ __all__ = [
     "PoolConfig",
     "RequestError",
     "RequestOutput",
+    "SLO",
     "SamplingParams",
     "SchedulerConfig",
 ]

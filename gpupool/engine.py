@@ -27,6 +27,7 @@ from gpupool.pool.residency import WeightPool
 from gpupool.scheduler.core import EngineCore
 from gpupool.scheduler.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
+from gpupool.scheduler.slo import SLO
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ class Engine:
             raise ModelLoadError(f"{folder}: model folder does not exist")
         return folder
 
-    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL) -> None:
-        """Load a model folder (or ``"smollm2"``) and serve it as ``name``."""
+    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL, slo: SLO | None = None):
+        """Load a model folder (or ``"smollm2"``) and serve it as ``name`` (with its own
+        latency objectives, else the config's defaults)."""
         with self._lock:
             if name in self.core.workers:
                 raise RequestError(f"model {name!r} is already loaded")
@@ -103,6 +105,8 @@ class Engine:
             except RequestError:
                 self.weights.unregister(name)
                 raise
+            if slo is not None:
+                self.core.set_slo(name, slo)
 
     def remove_model(self, name: str) -> None:
         """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""

@@ -91,6 +91,7 @@ class ModelWorker:
         )
         self.block_tokens = self.kv_view.shape[3]
         self.weight_pool = weight_pool
+        self.last_swap = None  # the SwapIn of the latest execute, if it swapped
         if weight_pool is None:
             self.weights = host if device.type == "cpu" else host.to(device)
             self.model.bind(self.layout.views(self.weights))
@@ -139,6 +140,6 @@ class ModelWorker:
     def execute(self, scheduled) -> torch.Tensor:
         """Run one step (swapping the weights in first if needed); logits [rows that sample,
         vocab] in float32."""
-        self.make_resident(frozenset({self.name}))
+        self.last_swap = self.make_resident(frozenset({self.name}))
         batch = build_batch(scheduled, self.block_tokens, self.device)
         return self.model.forward(batch, self.kv_view, self._lora_batch(scheduled))

@@ -19,9 +19,11 @@ from gpupool.adapters.registry import AdapterRegistry
 from gpupool.pool.kv import PagePool
 from gpupool.scheduler.detokenizer import DetokenizerState, append_token
 from gpupool.scheduler.params import SamplingParams
+from gpupool.scheduler.policy import make_policy
 from gpupool.scheduler.request import RequestError, RequestOutput, Sequence, Status
 from gpupool.scheduler.sampler import make_generator, sample
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from gpupool.scheduler.slo import SLO, CostModel
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,10 @@ class EngineCore:
         self.pages = pages
         self.kv = kv
         host = kv.host_pages if kv is not None else None
-        self.scheduler = Scheduler(config, pages, host)
+        self.cost = CostModel()
+        self.policy = make_policy(config.policy, self.cost,
+                                  default_slo=SLO(config.ttft_ms, config.tbt_ms))
+        self.scheduler = Scheduler(config, pages, host, self.policy)
         self.workers: dict = {}
         self.removing_models: set[str] = set()
         self.adapters = AdapterRegistry()
@@ -56,6 +61,11 @@ class EngineCore:
         self._next_id = 0
 
     # ---- models -------------------------------------------------------------------------
+    def set_slo(self, model: str, slo: SLO) -> None:
+        """The model's latency objectives (used by the token policy)."""
+        if hasattr(self.policy, "slos"):
+            self.policy.slos[model] = slo
+
     def add_worker(self, worker) -> None:
         if worker.name in self.workers:
             raise RequestError(f"model {worker.name!r} is already loaded")
@@ -197,7 +207,13 @@ class EngineCore:
             self.kv.copy_pages(list(out.swap_out), to_host=True)
             self.kv.copy_pages(list(out.swap_in), to_host=False)
         try:
-            logits = self.workers[out.model].execute(out.scheduled)
+            worker = self.workers[out.model]
+            start = time.perf_counter()
+            logits = worker.execute(out.scheduled)
+            if worker.last_swap is not None:
+                self.cost.observe_swap(out.model, worker.last_swap.seconds)
+            self.cost.observe_step(out.model, time.perf_counter() - start -
+                                   (worker.last_swap.seconds if worker.last_swap else 0.0))
         except Exception as e:  # a failed step fails its requests, never the engine
             logger.exception("step for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))

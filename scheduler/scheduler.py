@@ -3,7 +3,7 @@
 Integers only: the scheduler decides which sequences run this step and how many of their
 tokens, allocates KV pages, and preempts when pages run out. It never touches a tensor.
 
-Each step serves one model (the one whose oldest request arrived first); within it:
+Each step serves one model, chosen by a :mod:`policy <gpupool.scheduler.policy>`; within it:
   1. running sequences, oldest first: 1 token each when decoding, a chunk when prefilling;
      when pages run out the newest running sequence is preempted (pages freed, recomputed
      later from its prompt + output so far);
@@ -13,10 +13,12 @@ Each step serves one model (the one whose oldest request arrived first); within 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from gpupool.pool.kv import PagePool
+from gpupool.scheduler.policy import FcfsPolicy, Policy
 from gpupool.scheduler.request import Sequence, Status
 
 
@@ -26,10 +28,15 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 1024  # tokens computed in one step (prefill chunk budget)
+    policy: str = "token"  # which model runs each step: token | request | fcfs
+    ttft_ms: float = 2000.0  # default SLO: time to first token
+    tbt_ms: float = 200.0  # default SLO: time between tokens
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.policy not in ("token", "request", "fcfs"):
+            raise ValueError(f"policy must be token, request or fcfs, not {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pages: PagePool,
-                 host_pages: PagePool | None = None):
-        """``host_pages``: where preempted sequences' KV goes (None: always recompute)."""
+                 host_pages: PagePool | None = None, policy: Policy | None = None):
+        """``host_pages``: where preempted sequences' KV goes (None: always recompute);
+        ``policy`` picks each step's model (default FCFS)."""
         self.config = config
+        self.policy = policy or FcfsPolicy()
         self.pages = pages
         self.host_pages = host_pages
         self._swap_out: list[tuple[int, int]] = []
@@ -90,6 +99,7 @@ class Scheduler:
         assert not self.num_unfinished(model)
         for table in (self.block_tokens, self.max_adapters, self.waiting, self.running):
             table.pop(model)
+        self.policy.forget(model)
 
     def add_request(self, seq: Sequence) -> None:
         self.waiting[seq.model].append(seq)
@@ -100,14 +110,6 @@ class Scheduler:
     def num_unfinished(self, model: str | None = None) -> int:
         models = [model] if model else list(self.waiting)
         return sum(len(self.waiting[m]) + len(self.running[m]) for m in models)
-
-    def _pick_model(self) -> str | None:
-        best = None
-        for m in self.waiting:
-            for seq in list(self.running[m][:1]) + list(self.waiting[m])[:1]:
-                if best is None or seq.arrival_time < best.arrival_time:
-                    best = seq
-        return best.model if best else None
 
     def _pages_needed(self, seq: Sequence, num_new: int) -> int:
         bt = self.block_tokens[seq.model]
@@ -128,11 +130,11 @@ class Scheduler:
         self.running[seq.model].remove(seq)
         self.waiting[seq.model].appendleft(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
         """A step's batch. Swap-outs (preemption) and swap-ins (waiting sequences resuming)
         never share a step: a page freed by one could otherwise be overwritten before the
         other's copy reads it."""
-        model = self._pick_model()
+        model = self.policy.pick(self, time.monotonic() if now is None else now)
         if model is None:
             return SchedulerOutput(None, (), ())
         self._swap_out, self._swap_in = [], []

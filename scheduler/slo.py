@@ -1,0 +1,50 @@
+"""Latency objectives and the online cost model the policies plan with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Time to first token and time between tokens, in milliseconds."""
+
+    ttft_ms: float = 2000.0
+    tbt_ms: float = 200.0
+
+    def __post_init__(self):
+        if self.ttft_ms <= 0 or self.tbt_ms <= 0:
+            raise ValueError("SLO times must be positive")
+
+    def token_deadline(self, arrival: float, num_output_tokens: int) -> float:
+        """When the next token (index ``num_output_tokens``) is due, in seconds (Aegaeon)."""
+        return arrival + (self.ttft_ms + num_output_tokens * self.tbt_ms) / 1000.0
+
+
+class CostModel:
+    """Step and swap times per model: measured online (exponential moving averages), or set
+    from a table by the simulator. Unknown values fall back to ``default_*``."""
+
+    def __init__(self, default_step_s: float = 0.01, default_swap_s: float = 0.0,
+                 smoothing: float = 0.2):
+        self.default_step_s = default_step_s
+        self.default_swap_s = default_swap_s
+        self.smoothing = smoothing
+        self.step_s: dict[str, float] = {}
+        self.swap_s: dict[str, float] = {}
+
+    def _ema(self, table: dict[str, float], model: str, seconds: float) -> None:
+        old = table.get(model)
+        table[model] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def observe_step(self, model: str, seconds: float) -> None:
+        self._ema(self.step_s, model, seconds)
+
+    def observe_swap(self, model: str, seconds: float) -> None:
+        self._ema(self.swap_s, model, seconds)
+
+    def step(self, model: str) -> float:
+        return self.step_s.get(model, self.default_step_s)
+
+    def swap(self, model: str) -> float:
+        return self.swap_s.get(model, self.default_swap_s)
