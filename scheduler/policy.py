@@ -4,7 +4,10 @@
   where a request's next token is due at ``arrival + TTFT + k * TBT``; the chosen model keeps
   the device for a time quota sized so that, over a round of all busy models, each one still
   produces tokens as fast as its TBT demands after paying the switch costs:
-  ``alpha_m = step_m / TBT_m``, ``R = sum(switch) / (1 - sum(alpha))``, ``quota_m = alpha_m R``.
+  ``alpha_m = step_m / (HEADROOM * TBT_m)``, ``R = sum(switch) / (1 - sum(alpha))``,
+  ``quota_m = max(alpha_m R, SWITCH_AMORTISE * switch_m)``. When a quota ends the model keeps
+  the device unless another model's earliest deadline is due before that model could be
+  switched in and served (lazy switching: a switch is paid only when a deadline needs it).
 - ``request``: a model serves until its queue drains, then the oldest waiting request's model
   (request-level scaling: ServerlessLLM, Ollama).
 - ``fcfs``: the model of the oldest unfinished request, switching whenever it changes.
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 from gpupool.scheduler.slo import SLO, CostModel
 
-MIN_QUOTA_S = 0.0  # a quota may be a single step when switching is free
+HEADROOM = 0.5  # plan for half the TBT: prefill steps and variance eat the rest
+SWITCH_AMORTISE = 2.0  # a quota is at least this many switch times
 
 
 def _oldest(seqs):
@@ -88,10 +92,11 @@ class TokenPolicy(Policy):
         return min(slo.token_deadline(s.arrival_time, len(s.output_token_ids)) for s in seqs)
 
     def quota(self, model: str, busy: list[str]) -> float:
-        alpha = {m: self.cost.step(m) / (self.slo(m).tbt_ms / 1000.0) for m in busy}
+        alpha = {m: self.cost.step(m) / (HEADROOM * self.slo(m).tbt_ms / 1000.0)
+                 for m in busy}
         switch = sum(self.cost.swap(m) for m in busy) if len(busy) > 1 else 0.0
         round_s = switch / max(1.0 - sum(alpha.values()), 0.1)
-        return max(MIN_QUOTA_S, alpha[model] * round_s)
+        return max(alpha[model] * round_s, SWITCH_AMORTISE * self.cost.swap(model))
 
     def pick(self, sched, now):
         busy = models_with_work(sched)
@@ -99,7 +104,12 @@ class TokenPolicy(Policy):
             return None
         if self.current in busy and now < self.quota_end:
             return self.current
-        choice = min(busy, key=lambda m: self.deadline(sched, m))
+        deadlines = {m: self.deadline(sched, m) for m in busy}
+        choice = min(busy, key=deadlines.get)
+        if self.current in busy and choice != self.current:
+            urgent = deadlines[choice] - now < self.cost.swap(choice) + self.quota(choice, busy)
+            if not urgent:  # nobody needs the device yet: no switch to pay
+                choice = self.current
         self.quota_end = now + self.quota(choice, busy)
         self.current = choice
         return choice

@@ -1,0 +1,187 @@
+"""Discrete-event simulation of one device: the real :class:`Scheduler` and policy objects,
+driven by simulated time and a table cost model instead of a GPU.
+
+Cost model (:class:`TableCost`), from step times measured with vLLM on real GPUs
+(shared/data/step_times.csv, fp16, eager): a step costs
+``prefill_s(prefill tokens) + decode_s(decode rows)``, each interpolated linearly over the
+measured grid: prefill over total prompt tokens (input_len x batch), decode over batch size at
+the measured input_len nearest 512 tokens among those whose grid covers that batch. Mixing
+both terms in one step is an approximation (vLLM's figures are for pure prefill and pure decode batches). Switching a
+model in costs ``model_bytes / (PCIe GiB/s x efficiency)``; by default the Aegaeon artifact's
+own estimate (32 GiB/s on H100 with its deliberately pessimistic efficiency 0.15), as listed in
+shared/data/model_sizes.csv.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpupool.pool.kv import PagePool
+from gpupool.scheduler.metrics import RequestTiming
+from gpupool.scheduler.params import SamplingParams
+from gpupool.scheduler.policy import make_policy
+from gpupool.scheduler.request import Sequence
+from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
+from gpupool.scheduler.slo import SLO, CostModel
+from gpupool.scheduler.workload import WorkloadRequest
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    if x <= xs[0]:
+        return ys[0] * x / xs[0] if xs[0] else ys[0]
+    if x >= xs[-1]:  # extend linearly from the last two points
+        if len(xs) == 1:
+            return ys[-1]
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + slope * (x - xs[-1])
+    i = bisect.bisect_right(xs, x)
+    f = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + f * (ys[i] - ys[i - 1])
+
+
+@dataclass(frozen=True)
+class TableCost:
+    """Step time of one model on one GPU, interpolated from measured figures."""
+
+    prefill_tokens: tuple[float, ...]
+    prefill_s: tuple[float, ...]
+    decode_by_len: dict  # input_len -> (batch sizes, seconds)
+
+    @classmethod
+    def from_csv(cls, path: str | Path, model: str, gpu: str, tp: int = 1) -> TableCost:
+        rows = [r for r in csv.DictReader(open(path))
+                if r["model"] == model and r["gpu"] == gpu and int(r["tp"]) == tp]
+        if not rows:
+            raise ValueError(f"{path}: no step times for {model} on {gpu} (tp {tp})")
+        prefill: dict[int, list[float]] = {}
+        decode: dict[int, dict[int, float]] = {}
+        for r in rows:
+            n, b = int(r["input_len"]), int(r["batch_size"])
+            prefill.setdefault(n * b, []).append(float(r["prefill_s"]))
+            decode.setdefault(n, {})[b] = float(r["decode_step_s"])
+        tokens = sorted(prefill)
+        return cls(tuple(tokens), tuple(min(prefill[t]) for t in tokens),
+                   {n: (sorted(d), [d[b] for b in sorted(d)]) for n, d in decode.items()})
+
+    def prefill(self, tokens: int) -> float:
+        return _interp(list(self.prefill_tokens), list(self.prefill_s), tokens) if tokens else 0
+
+    def decode(self, batch: int, context: int = 512) -> float:
+        """One decode step of ``batch`` rows at about ``context`` tokens: the measured input
+        length nearest ``context`` among those measured up to that batch size."""
+        if not batch:
+            return 0.0
+        covering = [n for n, (bs, _) in self.decode_by_len.items() if bs[-1] >= batch]
+        if covering:
+            n = min(covering, key=lambda n: abs(math.log(n / context)))
+        else:
+            n = max(self.decode_by_len, key=lambda n: self.decode_by_len[n][0][-1])
+        bs, secs = self.decode_by_len[n]
+        return _interp(bs, secs, batch)
+
+
+@dataclass(frozen=True)
+class SimModel:
+    name: str
+    cost: TableCost
+    switch_s: float  # time to make the model resident
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    resident_models: int = 1  # how many models' weights the device holds at once
+    kv_tokens: int = 200_000  # KV capacity in tokens (pages of block_tokens)
+    block_tokens: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 8192
+
+
+def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest],
+                    policy_name: str, slos: dict[str, SLO], device: DeviceConfig,
+                    horizon_s: float | None = None) -> list[RequestTiming]:
+    """Run one device until every request finishes (or ``horizon_s``); token times per request.
+
+    Requests are admitted at their arrival times; each step the policy picks a model, the
+    scheduler builds its batch, and simulated time advances by the switch (if the model is
+    not resident) plus the step cost.
+    """
+    cost = CostModel()
+    for m in models.values():
+        cost.swap_s[m.name] = m.switch_s
+        cost.step_s[m.name] = m.cost.decode(8)
+    policy = make_policy(policy_name, cost, slos=dict(slos))
+    pages = PagePool(device.kv_tokens // device.block_tokens)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=device.max_num_seqs,
+                                      max_num_batched_tokens=device.max_num_batched_tokens),
+                      pages, policy=policy)
+    for name in models:
+        sched.add_model(name, device.block_tokens)
+    resident: OrderedDict[str, None] = OrderedDict()
+    pending = list(requests)
+    times: dict[str, list[float]] = {}
+    info: dict[str, WorkloadRequest] = {}
+    now, nxt = 0.0, 0
+    while nxt < len(pending) or sched.has_work():
+        while nxt < len(pending) and pending[nxt].arrival <= now:
+            r = pending[nxt]
+            rid = f"r{nxt}"
+            seq = Sequence(rid, r.model, [0] * r.prompt_tokens,
+                           SamplingParams(max_tokens=r.output_tokens), r.arrival,
+                           r.prompt_tokens + r.output_tokens)
+            sched.add_request(seq)
+            times[rid], info[rid] = [], r
+            nxt += 1
+        out = sched.schedule(now)
+        if out.is_empty:
+            if nxt >= len(pending):
+                break
+            now = max(now, pending[nxt].arrival)
+            continue
+        model = models[out.model]
+        if out.model not in resident:
+            now += model.switch_s
+            resident[out.model] = None
+            while len(resident) > device.resident_models:
+                resident.popitem(last=False)
+        resident.move_to_end(out.model)
+        prefill = sum(s.num_new_tokens for s in out.scheduled if not s.is_decode)
+        decode = sum(1 for s in out.scheduled if s.is_decode)
+        step = model.cost.prefill(prefill) + model.cost.decode(decode)
+        cost.observe_step(out.model, step)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        now += step
+        sched.update_from_output(out)
+        for seq in sampling:
+            seq.output_token_ids.append(0)
+            times[seq.request_id].append(now)
+            if len(seq.output_token_ids) >= seq.params.max_tokens:
+                sched.finish(seq, "length")
+        if horizon_s is not None and now > horizon_s:
+            break
+    return [RequestTiming(info[rid].model, info[rid].arrival, tuple(t))
+            for rid, t in times.items()]
+
+
+def load_sim_models(data_dir: str | Path, gpu: str, names: list[str],
+                    efficiency: float | None = None) -> dict[str, SimModel]:
+    """Models named ``<base>#<i>`` use the figures of ``<base>`` (several copies of a 7B)."""
+    data_dir = Path(data_dir)
+    sizes = {r["model"]: r for r in csv.DictReader(open(data_dir / "model_sizes.csv"))}
+    pcie = {"H800": 64.0}.get(gpu, 32.0)
+    out, tables = {}, {}
+    for name in names:
+        base = name.split("#")[0]
+        if base not in tables:
+            tables[base] = TableCost.from_csv(data_dir / "step_times.csv", base, gpu)
+        row = sizes[base]
+        if efficiency is None:
+            switch = float(row[f"switch_s_{gpu}"])
+        else:
+            switch = int(row["model_bytes"]) / (pcie * 2**30 * efficiency)
+        out[name] = SimModel(name, tables[base], switch)
+    return out

@@ -1,0 +1,70 @@
+"""Policies on integer queues: which model each one picks, and why."""
+
+from gpupool import SamplingParams
+from gpupool.pool.kv import PagePool
+from gpupool.scheduler.policy import make_policy
+from gpupool.scheduler.request import Sequence
+from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
+from gpupool.scheduler.slo import SLO, CostModel
+
+
+def _sched(policy, models=("a", "b", "c")):
+    s = Scheduler(SchedulerConfig(), PagePool(1000), policy=policy)
+    for m in models:
+        s.add_model(m, 16)
+    return s
+
+
+def _add(s, model, arrival, outputs=0, running=False):
+    seq = Sequence(f"{model}{arrival}", model, [1, 2, 3], SamplingParams(), arrival, 999)
+    seq.output_token_ids = [7] * outputs
+    (s.running[model].append if running else s.waiting[model].append)(seq)
+    return seq
+
+
+def test_fcfs_follows_the_oldest_request():
+    s = _sched(make_policy("fcfs"))
+    _add(s, "b", 1.0, running=True)
+    _add(s, "a", 2.0)
+    assert s.policy.pick(s, 5.0) == "b"
+    s.running["b"].clear()
+    assert s.policy.pick(s, 5.0) == "a"
+
+
+def test_request_level_stays_until_the_queue_drains():
+    s = _sched(make_policy("request"))
+    _add(s, "a", 1.0)
+    assert s.policy.pick(s, 1.0) == "a"
+    _add(s, "b", 0.5)  # older, but a still has work
+    assert s.policy.pick(s, 2.0) == "a"
+    s.waiting["a"].clear()
+    assert s.policy.pick(s, 3.0) == "b"
+
+
+def test_token_policy_serves_the_earliest_deadline_and_honours_quotas():
+    cost = CostModel(default_step_s=0.01, default_swap_s=0.05)
+    slo = SLO(ttft_ms=1000, tbt_ms=100)
+    s = _sched(make_policy("token", cost, default_slo=slo))
+    _add(s, "a", 0.0, outputs=20, running=True)  # next token due 0 + 1.0 + 2.0 = 3.0
+    _add(s, "b", 1.5)  # first token due 2.5: more urgent
+    assert s.policy.pick(s, 2.0) == "b"
+    # alpha = 0.01 / (0.5 * 0.1) = 0.2 each, R = 0.1 / (1 - 0.4) = 1/6 s, alpha R = 1/30 s,
+    # below the floor of two switch times: quota = 0.1 s
+    assert abs(s.policy.quota_end - (2.0 + 0.1)) < 1e-9
+    s.waiting["b"][0].output_token_ids = [1] * 30  # b now far ahead of its deadlines
+    assert s.policy.pick(s, 2.05) == "b"  # inside its quota
+    assert s.policy.pick(s, 2.2) == "b"  # quota over, but a's deadline (3.0) is not close
+    assert s.policy.pick(s, 2.9) == "a"  # a is due within a switch + a quota: switch
+
+
+def test_token_policy_uses_per_model_slos():
+    s = _sched(make_policy("token", CostModel(), default_slo=SLO(1000, 100)))
+    s.policy.slos["b"] = SLO(ttft_ms=100, tbt_ms=50)  # an interactive model
+    _add(s, "a", 0.0)
+    _add(s, "b", 0.5)  # arrived later, but its TTFT ends first (0.6 < 1.0)
+    assert s.policy.pick(s, 0.55) == "b"
+
+
+def test_no_work_no_model():
+    for name in ("token", "request", "fcfs"):
+        assert _sched(make_policy(name)).policy.pick(_sched(make_policy(name)), 0.0) is None
