@@ -4,12 +4,13 @@ driven by simulated time and a table cost model instead of a GPU.
 Cost model (:class:`TableCost`), from step times measured with vLLM on real GPUs
 (shared/data/step_times.csv, fp16, eager): a step costs
 ``prefill_s(prefill tokens) + decode_s(decode rows)``, each interpolated linearly over the
-measured grid: prefill over total prompt tokens (input_len x batch), decode over batch size at
-the measured input_len nearest 512 tokens among those whose grid covers that batch. Mixing
-both terms in one step is an approximation (vLLM's figures are for pure prefill and pure decode batches). Switching a
-model in costs ``model_bytes / (PCIe GiB/s x efficiency)``; by default the Aegaeon artifact's
-own estimate (32 GiB/s on H100 with its deliberately pessimistic efficiency 0.15), as listed in
-shared/data/model_sizes.csv.
+measured grid: prefill over total prompt tokens (input_len x batch); decode over batch size,
+at the measured input_len nearest 512 tokens among those whose grid covers that batch.
+Mixing both terms in one step is an approximation (vLLM's figures are for pure prefill and
+pure decode batches). Switching a model in costs ``model_bytes / (PCIe GiB/s x efficiency)``:
+by default the Aegaeon artifact's own estimate (32 GiB/s on H100, its deliberately
+pessimistic efficiency 0.15), as listed in shared/data/model_sizes.csv; callers may pass
+another efficiency (gpupool's bulk copy measured at 1.0x a raw copy in bench_swap.py).
 """
 
 from __future__ import annotations
