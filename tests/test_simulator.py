@@ -1,0 +1,75 @@
+"""Attainment metrics, workloads and the discrete-event simulator."""
+
+from pathlib import Path
+
+import pytest
+
+from gpupool.scheduler.metrics import RequestTiming, aegaeon_score, attainment, meets_slo
+from gpupool.scheduler.simulator import DeviceConfig, TableCost, load_sim_models, simulate_device
+from gpupool.scheduler.slo import SLO
+from gpupool.scheduler.workload import (
+    SHAREGPT_INPUT,
+    SHAREGPT_OUTPUT,
+    LengthDist,
+    poisson_workload,
+    zipf_rates,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data is not beside the repo")
+SLO_1S = SLO(ttft_ms=1000, tbt_ms=100)
+
+
+def test_goodput_slo_needs_both_ttft_and_tpot():
+    on_time = RequestTiming("m", 0.0, (0.5, 0.6, 0.7))
+    slow_start = RequestTiming("m", 0.0, (1.5, 1.6))
+    slow_tokens = RequestTiming("m", 0.0, (0.5, 0.8, 1.1))  # 300 ms per token
+    assert meets_slo(on_time, SLO_1S)
+    assert not meets_slo(slow_start, SLO_1S) and not meets_slo(slow_tokens, SLO_1S)
+    assert attainment([on_time, slow_start, slow_tokens], SLO_1S)["slo_attainment"] == 1 / 3
+
+
+def test_aegaeon_score_counts_time_behind_deadlines():
+    # deadlines 1.0, 1.1; tokens at 1.5 and 1.6: behind from 1.0 to 1.6 of a 1.6 s life
+    late = RequestTiming("m", 0.0, (1.5, 1.6))
+    assert aegaeon_score(late, SLO_1S) == pytest.approx(1 - 0.6 / 1.6)
+    assert aegaeon_score(RequestTiming("m", 0.0, (0.2, 0.3)), SLO_1S) == 1.0
+    # early tokens are banked: a late second token is forgiven while ahead of schedule
+    assert aegaeon_score(RequestTiming("m", 0.0, (0.1, 1.05)), SLO_1S) == 1.0
+
+
+def test_workload_rates_and_lengths():
+    rates = zipf_rates(["a", "b", "c"], 6.0, 1.0)
+    assert sum(rates.values()) == pytest.approx(6.0) and rates["a"] == pytest.approx(2 * rates["b"])
+    reqs = poisson_workload(rates, 200.0, LengthDist(60, 50, 8, 200), SHAREGPT_OUTPUT, seed=1)
+    assert 1000 < len(reqs) < 1400  # 6 req/s for 200 s
+    assert all(a.arrival <= b.arrival for a, b in zip(reqs, reqs[1:]))
+    lens = sorted(r.prompt_tokens for r in reqs)
+    assert 40 <= lens[len(lens) // 2] <= 60 and 8 <= lens[0] and lens[-1] <= 200
+
+
+@needs_data
+def test_table_cost_interpolates_the_measured_grid():
+    cost = TableCost.from_csv(DATA / "step_times.csv", "qwen2_5_7b", "H100")
+    assert cost.decode(1) == pytest.approx(0.0092, rel=0.1)  # measured ~9 ms at batch 1
+    assert cost.decode(1) < cost.decode(64) < cost.decode(150)
+    assert cost.prefill(100) < cost.prefill(1000) < cost.prefill(4000)
+
+
+@needs_data
+def test_simulator_finishes_every_request_and_policies_differ_under_load():
+    names = [f"qwen2_5_7b#{i}" for i in range(6)]
+    models = load_sim_models(DATA, "H100", names, efficiency=0.8)
+    assert models[names[0]].switch_s == pytest.approx(15569256448 / (32 * 2**30 * 0.8))
+    reqs = poisson_workload({m: 0.1 for m in names}, 300.0, SHAREGPT_INPUT, SHAREGPT_OUTPUT,
+                            seed=3)
+    slo = SLO(ttft_ms=10_000, tbt_ms=100)
+    scores = {}
+    for policy in ("token", "request", "fcfs"):
+        res = simulate_device(models, reqs, policy, {m: slo for m in names},
+                              DeviceConfig(resident_models=2))
+        assert len(res) == len(reqs)
+        assert all(len(r.token_times) == q.output_tokens
+                   for r, q in zip(sorted(res, key=lambda r: r.arrival), reqs))
+        scores[policy] = attainment(res, slo)["slo_attainment"]
+    assert len(set(scores.values())) > 1
