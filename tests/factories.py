@@ -144,3 +144,12 @@ def peft_greedy(base_folder: Path, adapters: dict[str, Path], prompts: list[list
                                adapter_names=[name or "__base__"])
         out.append(y[0, len(ids):].tolist())
     return out
+
+
+def engine_alone(folder: Path, prompts: list, params) -> list[list[int]]:
+    """Token ids of ``prompts`` on an engine serving only the model in ``folder``."""
+    engine = make_engine(folder)
+    try:
+        return [list(o.token_ids) for o in engine.generate(prompts, params)]
+    finally:
+        engine.shutdown()

@@ -7,7 +7,7 @@ from gpupool.config import SchedulerConfig
 from gpupool.models.worker import ModelWorker
 from gpupool.pool.kv import KVStorage
 from gpupool.scheduler.core import EngineCore
-from tests.factories import hf_greedy, make_engine, random_prompts
+from tests.factories import engine_alone, hf_greedy, make_engine, random_prompts
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 
@@ -63,13 +63,7 @@ def test_interleaved_models_with_kv_swaps_forced(tiny_models):
     variants = ("llama", "qwen3")
     prompts = {v: random_prompts(5, 10, 30, seed=i + 7) for i, v in enumerate(variants)}
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    want = {}
-    for v in variants:
-        e = make_engine(tiny_models(v), name=v)
-        try:
-            want[v] = [list(o.token_ids) for o in e.generate(prompts[v], params)]
-        finally:
-            e.shutdown()
+    want = {v: engine_alone(tiny_models(v), prompts[v], params) for v in variants}
     # 16 KiB pages: llama 32 tokens, qwen3 (head_dim 32) 16 tokens a page; 8 pages in all
     e = make_engine(kv_cache_bytes=8 * 16384, kv_page_bytes=16384, host_kv_bytes=64 * 16384)
     try:

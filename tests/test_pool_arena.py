@@ -11,7 +11,7 @@ from gpupool.models.loader import build_layout
 from gpupool.pool.arena import ALIGN, Arena, SlabAllocator
 from gpupool.pool.residency import PoolCapacityError, WeightPool
 from gpupool.pool.weights import WeightLayout
-from tests.factories import make_engine, random_prompts
+from tests.factories import engine_alone, make_engine, random_prompts
 
 
 def test_slab_allocator_first_fit_and_coalescing():
@@ -94,21 +94,10 @@ def _one_model_arena_engine(tiny_models, **kw):
     return e
 
 
-def _alone(tiny_models, prompts, params):
-    want = {}
-    for v in VARIANTS:
-        e = make_engine(tiny_models(v), name=v)
-        try:
-            want[v] = [list(o.token_ids) for o in e.generate(prompts[v], params)]
-        finally:
-            e.shutdown()
-    return want
-
-
 def test_interleaved_models_through_a_one_model_arena(tiny_models):
     prompts = {v: random_prompts(4, 3, 30, seed=i) for i, v in enumerate(VARIANTS)}
     params = SamplingParams(max_tokens=12, temperature=0)
-    want = _alone(tiny_models, prompts, params)
+    want = {v: engine_alone(tiny_models(v), prompts[v], params) for v in VARIANTS}
     e = _one_model_arena_engine(tiny_models)
     try:
         results = {}

@@ -106,19 +106,13 @@ def test_interleaved_with_tiny_models_in_a_one_model_arena(smollm2_path, referen
     """SmolLM2 and two tiny models through an arena whose weight region holds SmolLM2 only."""
     from gpupool.models.config import ModelConfig
     from gpupool.models.loader import build_layout
-    from tests.factories import random_prompts
+    from tests.factories import engine_alone, random_prompts
 
     ids, want = reference
     nbytes = build_layout(ModelConfig.from_folder(smollm2_path), torch.float32).num_bytes
     tiny = {v: random_prompts(3, 4, 20, seed=30 + i) for i, v in enumerate(("llama", "qwen3"))}
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
-    tiny_want = {}
-    for v, prompts in tiny.items():
-        alone = make_engine(tiny_models(v))
-        try:
-            tiny_want[v] = [list(o.token_ids) for o in alone.generate(prompts, params)]
-        finally:
-            alone.shutdown()
+    tiny_want = {v: engine_alone(tiny_models(v), prompts, params) for v, prompts in tiny.items()}
     engine = make_engine(weight_bytes=nbytes, kv_cache_bytes=64 << 20, kv_page_bytes=1 << 20)
     try:
         engine.add_model("smol", smollm2_path)
