@@ -66,9 +66,7 @@ class WeightPool:
                 f"model {name!r} needs {layout.num_bytes / 2**20:.1f} MiB of weights, but the "
                 f"arena's weight region holds {self.arena.weight_bytes / 2**20:.1f} MiB; "
                 "raise weight_bytes")
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        self.entries[name] = _Entry(layout, loader, host)
+        self.entries[name] = _Entry(layout, loader, self._host_buffer(host))
         self._trim_host()
 
     def unregister(self, name: str) -> None:
@@ -107,9 +105,7 @@ class WeightPool:
             evicted.append(victim)
             slab = self.arena.weight_slabs.allocate(entry.layout.num_bytes)
         if entry.host is None:
-            entry.host = entry.loader()
-            if self.device.type == "cuda":
-                entry.host = entry.host.pin_memory()
+            entry.host = self._host_buffer(entry.loader())
         self._copy(self.arena.weights[slab : slab + entry.layout.num_bytes], entry.host)
         entry.slab = slab
         self._trim_host()
@@ -118,6 +114,10 @@ class WeightPool:
         self.swap_bytes += entry.layout.num_bytes
         self.swap_seconds += seconds
         return SwapIn(name, entry.layout.num_bytes, seconds, tuple(evicted))
+
+    def _host_buffer(self, host: torch.Tensor) -> torch.Tensor:
+        """Host buffers are pinned on CUDA so the swap-in copy runs at full bandwidth."""
+        return host.pin_memory() if self.device.type == "cuda" else host
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if self._stream is None:

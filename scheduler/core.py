@@ -63,8 +63,7 @@ class EngineCore:
     # ---- models -------------------------------------------------------------------------
     def set_slo(self, model: str, slo: SLO) -> None:
         """The model's latency objectives (used by the token policy)."""
-        if hasattr(self.policy, "slos"):
-            self.policy.slos[model] = slo
+        self.policy.set_slo(model, slo)
 
     def add_worker(self, worker) -> None:
         if worker.name in self.workers:
@@ -121,7 +120,6 @@ class EngineCore:
         if name not in self.removing_models or self.scheduler.num_unfinished(name):
             return
         for adapter in [n for n, r in self.adapters.refs.items() if r.base == name]:
-            self.adapters.removing.add(adapter)
             self._drop_adapter(adapter)
         worker = self.workers.pop(name)
         if worker.weight_pool is not None:
@@ -210,10 +208,11 @@ class EngineCore:
             worker = self.workers[out.model]
             start = time.perf_counter()
             logits = worker.execute(out.scheduled)
+            swap_s = 0.0
             if worker.last_swap is not None:
-                self.cost.observe_swap(out.model, worker.last_swap.seconds)
-            self.cost.observe_step(out.model, time.perf_counter() - start -
-                                   (worker.last_swap.seconds if worker.last_swap else 0.0))
+                swap_s = worker.last_swap.seconds
+                self.cost.observe_swap(out.model, swap_s)
+            self.cost.observe_step(out.model, time.perf_counter() - start - swap_s)
         except Exception as e:  # a failed step fails its requests, never the engine
             logger.exception("step for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))

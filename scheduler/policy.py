@@ -34,12 +34,18 @@ def models_with_work(sched) -> list[str]:
 
 class Policy:
     name = "base"
+    current: str | None = None  # the model the policy last chose (for policies that stay)
 
     def pick(self, sched, now: float) -> str | None:
         raise NotImplementedError
 
+    def set_slo(self, model: str, slo: SLO) -> None:
+        """A model's latency objectives; policies that do not plan with SLOs ignore them."""
+
     def forget(self, model: str) -> None:
         """The model was removed."""
+        if self.current == model:
+            self.current = None
 
 
 class FcfsPolicy(Policy):
@@ -55,9 +61,6 @@ class FcfsPolicy(Policy):
 class RequestPolicy(Policy):
     name = "request"
 
-    def __init__(self):
-        self.current: str | None = None
-
     def pick(self, sched, now):
         busy = models_with_work(sched)
         if self.current in busy:
@@ -65,10 +68,6 @@ class RequestPolicy(Policy):
         head = _oldest([s for m in busy for s in list(sched.waiting[m])[:1]])
         self.current = head.model if head else (busy[0] if busy else None)
         return self.current
-
-    def forget(self, model):
-        if self.current == model:
-            self.current = None
 
 
 class TokenPolicy(Policy):
@@ -79,8 +78,10 @@ class TokenPolicy(Policy):
         self.cost = cost or CostModel()
         self.slos = slos if slos is not None else {}
         self.default_slo = default_slo or SLO()
-        self.current: str | None = None
         self.quota_end = 0.0
+
+    def set_slo(self, model: str, slo: SLO) -> None:
+        self.slos[model] = slo
 
     def slo(self, model: str) -> SLO:
         return self.slos.get(model, self.default_slo)
@@ -113,10 +114,6 @@ class TokenPolicy(Policy):
         self.quota_end = now + self.quota(choice, busy)
         self.current = choice
         return choice
-
-    def forget(self, model):
-        if self.current == model:
-            self.current = None
 
 
 POLICIES = {"token": TokenPolicy, "request": RequestPolicy, "fcfs": FcfsPolicy}

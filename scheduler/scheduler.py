@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from gpupool.pool.kv import PagePool
-from gpupool.scheduler.policy import FcfsPolicy, Policy
+from gpupool.scheduler.policy import POLICIES, FcfsPolicy, Policy
 from gpupool.scheduler.request import Sequence, Status
 
 
@@ -35,8 +35,8 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.policy not in ("token", "request", "fcfs"):
-            raise ValueError(f"policy must be token, request or fcfs, not {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
 
 
 @dataclass(frozen=True)
