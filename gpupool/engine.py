@@ -59,6 +59,11 @@ def default_weight_bytes(device: torch.device) -> int:
     return min(8 << 30, int(free_bytes(device) * 0.3))
 
 
+def worker_weight_bytes(pool: WeightPool, name: str) -> int:
+    entry = pool.entries.get(name)
+    return entry.layout.num_bytes if entry is not None else 0
+
+
 class Engine:
     """Many models, one KV pool, continuous batching; thread-safe public methods."""
 
@@ -133,6 +138,87 @@ class Engine:
         with self._lock:
             return {n: r.base for n, r in self.core.adapters.refs.items()
                     if n not in self.core.adapters.removing}
+
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` (a base model or an adapter) takes requests now."""
+        with self._lock:
+            try:
+                self.core.resolve(name)
+            except RequestError:
+                return False
+            return True
+
+    def context_limit(self, model: str) -> int:
+        """Most tokens (prompt + output) one request for ``model`` may hold: the model's
+        context window, or the KV pool's capacity in that model's tokens if smaller."""
+        with self._lock:
+            worker = self.core.workers[self.core.resolve(model)[0]]
+            return min(worker.cfg.max_model_len,
+                       self.kv.pages.num_pages * worker.block_tokens)
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams, model: str) -> list[int]:
+        """Tokenise and check a request without queuing it; RequestError if it cannot run."""
+        with self._lock:
+            ids = self.core.tokenize(model, prompt)
+            self.core.check_request(model, ids, params)
+            return ids
+
+    def num_unfinished(self) -> int:
+        """Requests queued or running, over all models."""
+        with self._lock:
+            return len(self.core.requests)
+
+    def stats(self) -> dict:
+        """A snapshot of the pool for operators: arena regions, resident models and adapters,
+        KV pages, swaps, queue depth per model (plain ints, floats and strings)."""
+        with self._lock:
+            arena, kv, w = self.arena, self.kv, self.weights
+            sched = self.core.scheduler
+            weight_used = arena.weight_bytes - arena.weight_slabs.num_free_bytes
+            host = kv.host_pages
+            models = {}
+            for name, worker in self.core.workers.items():
+                slots = worker.slots
+                models[name] = {
+                    "resident": w.is_resident(name) if name in w.entries else True,
+                    "weight_bytes": worker_weight_bytes(w, name),
+                    "removing": name in self.core.removing_models,
+                    "waiting": len(sched.waiting.get(name, ())),
+                    "running": len(sched.running.get(name, ())),
+                    "adapter_slots": slots.num_slots if slots is not None else 0,
+                    "resident_adapters": list(slots.resident) if slots is not None else [],
+                }
+            return {
+                "device": str(self.device),
+                "policy": self.config.scheduler.policy,
+                "arena": {
+                    "total_bytes": arena.num_bytes,
+                    "weights": {"bytes": arena.weight_bytes, "used_bytes": weight_used},
+                    "adapters": {"bytes": arena.adapter_bytes},
+                    "kv": {"bytes": arena.kv_bytes},
+                },
+                "kv_pages": {
+                    "page_bytes": kv.page_bytes,
+                    "total": kv.pages.num_pages,
+                    "used": kv.pages.num_used_pages,
+                    "free": kv.pages.num_free_pages,
+                    "host_total": host.num_pages if host is not None else 0,
+                    "host_used": host.num_used_pages if host is not None else 0,
+                },
+                "swaps": {
+                    "weight_swaps": w.num_swaps,
+                    "weight_bytes": w.swap_bytes,
+                    "weight_seconds": w.swap_seconds,
+                    "kv_pages_out": kv.num_pages_swapped_out,
+                    "kv_pages_in": kv.num_pages_swapped_in,
+                    "kv_bytes": (kv.num_pages_swapped_out + kv.num_pages_swapped_in)
+                    * kv.page_bytes,
+                },
+                "resident_models": list(w.resident),
+                "models": models,
+                "adapters": {n: r.base for n, r in self.core.adapters.refs.items()},
+                "requests": len(self.core.requests),
+            }
 
     def tokenizer(self, model: str):
         return self.core.workers[self.core.resolve(model)[0]].tokenizer

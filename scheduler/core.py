@@ -21,7 +21,7 @@ from gpupool.scheduler.detokenizer import DetokenizerState, append_token
 from gpupool.scheduler.params import SamplingParams
 from gpupool.scheduler.policy import make_policy
 from gpupool.scheduler.request import RequestError, RequestOutput, Sequence, Status
-from gpupool.scheduler.sampler import make_generator, sample
+from gpupool.scheduler.sampler import logprobs, make_generator, sample
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpupool.scheduler.slo import SLO, CostModel
 
@@ -39,6 +39,7 @@ class _Tracked:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     stop_reason: str | int | None = None
+    logprobs: list | None = None  # filled when the request asks for logprobs
 
 
 class EngineCore:
@@ -181,7 +182,8 @@ class EngineCore:
                        time.monotonic() if arrival_time is None else arrival_time, total,
                        adapter=adapter)
         self.requests[request_id] = _Tracked(
-            seq, make_generator(params.seed), DetokenizerState.start(ids), sink
+            seq, make_generator(params.seed), DetokenizerState.start(ids), sink,
+            logprobs=[] if params.logprobs is not None else None,
         )
         self.scheduler.add_request(seq)
         return request_id
@@ -223,11 +225,14 @@ class EngineCore:
     def _process(self, out: SchedulerOutput, sampling: list[Sequence], logits) -> list:
         tracked = [self.requests[s.request_id] for s in sampling]
         tokens = sample(logits, [s.params for s in sampling], [t.generator for t in tracked])
+        lps = logprobs(logits, tokens, [s.params.logprobs for s in sampling])
         worker = self.workers[out.model]
         outputs = []
-        for tr, token in zip(tracked, tokens):
+        for tr, token, lp in zip(tracked, tokens, lps):
             seq = tr.seq
             seq.output_token_ids.append(token)
+            if lp is not None:
+                tr.logprobs.append((token, *lp))
             append_token(worker.tokenizer, tr.detok, token)
             reason = self._stop_reason(tr, token, worker.eos_token_ids)
             if reason is not None:
@@ -273,6 +278,7 @@ class EngineCore:
             finish_reason=seq.finish_reason if finished else None,
             stop_reason=tr.stop_reason,
             error=error,
+            logprobs=tuple(tr.logprobs) if tr.logprobs is not None else None,
         )
         tr.emitted_chars, tr.emitted_tokens = visible, len(seq.output_token_ids)
         if tr.sink is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -13,7 +15,10 @@ class SamplingParams:
     top_k: keep the k most likely (-1: all); seed: per-request RNG, so a seeded request gives
     the same tokens whatever else is in the batch; stop: strings that end the output (not
     included in the text); stop_token_ids: ids that end it (kept in token_ids);
-    ignore_eos: keep generating past the model's end-of-sequence token.
+    ignore_eos: keep generating past the model's end-of-sequence token;
+    logprobs: None, or return each sampled token's log-probability with this many most likely
+    alternatives (0 to MAX_LOGPROBS), from the model's distribution before temperature,
+    top-k and top-p (as vLLM and OpenAI report them).
     """
 
     max_tokens: int = 16
@@ -24,6 +29,7 @@ class SamplingParams:
     stop: str | list[str] | tuple[str, ...] | None = None
     stop_token_ids: list[int] | tuple[int, ...] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -50,6 +56,10 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
             bad("stop_token_ids must be non-negative integers")
         object.__setattr__(self, "stop_token_ids", ids)
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)
+                               or not 0 <= lp <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -69,3 +69,6 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     stop_reason: str | int | None = None  # the stop string or token id that matched
     error: str | None = None
+    # with SamplingParams.logprobs: one (token id, logprob, ((id, logprob), ...)) per token
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = None
+

@@ -52,3 +52,21 @@ def sample(
         probs = filtered_probs(cpu[r], p)
         out[r] = int(torch.multinomial(probs, 1, generator=generators[r]))
     return out
+
+
+def logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int | None]) -> list:
+    """Per row with ``nums[r]`` set: (logprob of token_ids[r], ((id, logprob), ...) of the
+    nums[r] most likely tokens); None for other rows. From the raw model distribution."""
+    rows = [r for r, n in enumerate(nums) if n is not None]
+    out: list = [None] * len(nums)
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
+    k = max(nums[r] for r in rows)
+    top_v, top_i = torch.topk(lp, k, dim=-1) if k else (None, None)
+    for j, r in enumerate(rows):
+        top = ()
+        if nums[r]:
+            top = tuple(zip(top_i[j, : nums[r]].tolist(), top_v[j, : nums[r]].tolist()))
+        out[r] = (float(lp[j, token_ids[r]]), top)
+    return out

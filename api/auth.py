@@ -1,0 +1,74 @@
+"""Tenants and keys: who is calling, and which models they may use.
+
+With no tenant stored the server is open (everyone may use every model). Otherwise every
+OpenAI route needs ``Authorization: Bearer <tenant key>``; under ``/tenants/{t}/v1`` the key
+must be one of tenant ``t``'s. A model a tenant may not use is answered exactly like one that
+does not exist (404), so tenants cannot probe each other's adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from gpupool.api.errors import APIError, model_not_found
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    models: tuple[str, ...]
+
+    def may_use(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+def bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def _lookup(store, key: str | None, tenant_path: str | None) -> Tenant | None:
+    if not store.has_tenants():
+        if tenant_path is not None:
+            raise APIError(404, f"tenant {tenant_path!r} does not exist", code="not_found")
+        return None
+    if key is None:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    name = store.tenant_for_key(key)
+    if name is None or (tenant_path is not None and name != tenant_path):
+        raise _unauthorized("invalid API key")
+    spec = store.tenant(name)
+    if spec is None:  # deleted between the two reads
+        raise _unauthorized("invalid API key")
+    return Tenant(name, tuple(spec["models"]))
+
+
+async def authenticate(state, request: Request, tenant_path: str | None) -> Tenant | None:
+    """The calling tenant, or None when the server is open; 401 for a missing or bad key."""
+    return await asyncio.to_thread(_lookup, state.store, bearer(request), tenant_path)
+
+
+def check_model_access(state, tenant: Tenant | None, model: str) -> None:
+    if model not in state.models.known() or (tenant is not None and not tenant.may_use(model)):
+        raise model_not_found(model)
+
+
+def check_admin(state, request: Request) -> None:
+    if not state.config.admin_key:
+        raise APIError(403, "the admin API is disabled: start the server with --admin-key "
+                            "or GPUPOOL_ADMIN_KEY", code="admin_disabled")
+    key = bearer(request)
+    if key is None or not hmac.compare_digest(key.encode(), state.config.admin_key.encode()):
+        raise _unauthorized("invalid admin key")

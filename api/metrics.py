@@ -1,0 +1,80 @@
+"""Prometheus metrics (prometheus-client), one registry per app.
+
+Counters and histograms are updated by the routes; pool figures (queue depth, swaps, KV and
+weight occupancy) are read from ``Engine.stats()`` at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _PoolCollector:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        queue = GaugeMetricFamily("gpupool_queue_depth", "Requests per model and state",
+                                  labels=["model", "state"])
+        resident = GaugeMetricFamily("gpupool_model_resident",
+                                     "1 when the model's weights are in the arena",
+                                     labels=["model"])
+        for name, m in s["models"].items():
+            queue.add_metric([name, "waiting"], m["waiting"])
+            queue.add_metric([name, "running"], m["running"])
+            resident.add_metric([name], 1.0 if m["resident"] else 0.0)
+        yield queue
+        yield resident
+        kv = GaugeMetricFamily("gpupool_kv_pages", "KV cache pages", labels=["where", "state"])
+        p = s["kv_pages"]
+        kv.add_metric(["device", "used"], p["used"])
+        kv.add_metric(["device", "free"], p["free"])
+        kv.add_metric(["host", "used"], p["host_used"])
+        kv.add_metric(["host", "free"], p["host_total"] - p["host_used"])
+        yield kv
+        arena = GaugeMetricFamily("gpupool_arena_bytes", "Arena regions",
+                                  labels=["region", "state"])
+        w = s["arena"]["weights"]
+        arena.add_metric(["weights", "total"], w["bytes"])
+        arena.add_metric(["weights", "used"], w["used_bytes"])
+        arena.add_metric(["adapters", "total"], s["arena"]["adapters"]["bytes"])
+        arena.add_metric(["kv", "total"], s["arena"]["kv"]["bytes"])
+        yield arena
+        sw = s["swaps"]
+        c = CounterMetricFamily("gpupool_swaps", "Swaps into the arena", labels=["kind"])
+        c.add_metric(["weights"], sw["weight_swaps"])
+        c.add_metric(["kv_pages_in"], sw["kv_pages_in"])
+        c.add_metric(["kv_pages_out"], sw["kv_pages_out"])
+        yield c
+        b = CounterMetricFamily("gpupool_swap_bytes", "Bytes swapped", labels=["kind"])
+        b.add_metric(["weights"], sw["weight_bytes"])
+        b.add_metric(["kv"], sw["kv_bytes"])
+        yield b
+        t = CounterMetricFamily("gpupool_swap_seconds", "Seconds spent swapping weights in",
+                                labels=["kind"])
+        t.add_metric(["weights"], sw["weight_seconds"])
+        yield t
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gpupool_requests", "Finished requests",
+                                ["model", "tenant", "status"], registry=r)
+        self.prompt_tokens = Counter("gpupool_prompt_tokens", "Prompt tokens",
+                                     ["model", "tenant"], registry=r)
+        self.generation_tokens = Counter("gpupool_generation_tokens", "Generated tokens",
+                                         ["model", "tenant"], registry=r)
+        self.ttft = Histogram("gpupool_time_to_first_token_seconds",
+                              "From request arrival to its first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tbt = Histogram("gpupool_time_between_tokens_seconds",
+                             "Between consecutive tokens of a request", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_PoolCollector(engine))

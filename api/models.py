@@ -1,0 +1,184 @@
+"""Which models and adapters the server knows, and loading them into the engine.
+
+Models and adapters come from the config file and flags (loaded at start) or from the admin
+API (stored in Redis, so a restarted server knows them again and loads each on first use).
+Paths given to the admin API must resolve, symlinks followed, under a ``--model-root``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+
+from gpupool.adapters.base import AdapterError
+from gpupool.api.errors import APIError, model_not_found
+from gpupool.api.state import StateStore
+from gpupool.config import ServerConfig
+from gpupool.engine import Engine
+from gpupool.models.errors import ModelLoadError
+from gpupool.scheduler.request import RequestError
+from gpupool.scheduler.slo import SLO
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+def check_name(name, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise APIError(400, f"{what} must be 1-128 characters: letters, digits and ._:/@+- "
+                            f"(starting with a letter or digit), got {name!r}", param=what)
+    return name
+
+
+class ModelManager:
+    def __init__(self, engine: Engine, store: StateStore, config: ServerConfig):
+        self.engine = engine
+        self.store = store
+        self.roots = [Path(r).expanduser().resolve() for r in config.model_roots]
+        self.static_models = {m.name: m for m in config.models}
+        self.static_adapters = {a.name: a for a in config.adapters}
+        self._removed: set[str] = set()  # config entries removed through the admin API
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ---- what is known --------------------------------------------------------------------
+    def models(self) -> dict[str, dict]:
+        out = {n: dict(v) for n, v in self.store.models().items()}
+        for n, m in self.static_models.items():
+            out[n] = {"path": m.path, "ttft_ms": m.ttft_ms, "tbt_ms": m.tbt_ms}
+        return {n: v for n, v in out.items() if n not in self._removed}
+
+    def adapters(self) -> dict[str, dict]:
+        out = {n: dict(v) for n, v in self.store.adapters().items()}
+        for n, a in self.static_adapters.items():
+            out[n] = {"base": a.base, "path": a.path}
+        models = self.models()
+        return {n: v for n, v in out.items() if n not in self._removed and v["base"] in models}
+
+    def known(self) -> dict[str, str | None]:
+        """Every servable name -> its base model (None for base models)."""
+        out: dict[str, str | None] = dict.fromkeys(self.models())
+        out.update({n: a["base"] for n, a in self.adapters().items()})
+        return out
+
+    # ---- loading --------------------------------------------------------------------------
+    async def ensure(self, name: str) -> None:
+        """Load ``name`` (and its base) into the engine if it is known but not loaded yet."""
+        if self.engine.has_model(name):
+            return
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if self.engine.has_model(name):
+                return
+            models, adapters = self.models(), self.adapters()
+            try:
+                if name in models:
+                    spec = models[name]
+                    await asyncio.to_thread(self._load_model, name, spec)
+                elif name in adapters:
+                    spec = adapters[name]
+                    await self.ensure(spec["base"])
+                    await asyncio.to_thread(self.engine.add_adapter, name, spec["base"],
+                                            spec["path"])
+                else:
+                    raise model_not_found(name)
+            except (ModelLoadError, AdapterError, RequestError, OSError, ValueError) as e:
+                if self.engine.has_model(name):  # loaded by a concurrent admin call
+                    return
+                raise APIError(503, f"model {name!r} is registered but could not be loaded: "
+                                    f"{e}", param="model", code="model_load_failed") from e
+
+    def _load_model(self, name: str, spec: dict) -> None:
+        slo = None
+        if spec.get("ttft_ms") or spec.get("tbt_ms"):
+            default = self.engine.config.scheduler
+            slo = SLO(spec.get("ttft_ms") or default.ttft_ms, spec.get("tbt_ms") or default.tbt_ms)
+        self.engine.add_model(name, spec["path"], slo=slo)
+        logger.info("loaded model %s from %s", name, spec["path"])
+
+    def load_static(self) -> None:
+        """Config and flag models and adapters, loaded at start (errors stop the server)."""
+        for name, m in self.static_models.items():
+            self._load_model(name, {"path": m.path, "ttft_ms": m.ttft_ms, "tbt_ms": m.tbt_ms})
+        for name, a in self.static_adapters.items():
+            if a.base not in self.static_models and a.base not in self.store.models():
+                raise ValueError(f"adapter {name!r}: base model {a.base!r} is not declared")
+            if not self.engine.has_model(a.base):
+                self._load_model(a.base, self.store.models()[a.base])
+            self.engine.add_adapter(name, a.base, a.path)
+
+    # ---- admin changes --------------------------------------------------------------------
+    def check_path(self, path) -> str:
+        if not isinstance(path, str) or not path:
+            raise APIError(400, "path must be a non-empty string", param="path")
+        if not self.roots:
+            raise APIError(403, "loading from paths is disabled: start the server with "
+                                "--model-root DIR", param="path", code="no_model_root")
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved == r or r in resolved.parents for r in self.roots):
+            raise APIError(403, f"path {path!r} is outside the allowed model roots",
+                           param="path", code="path_not_allowed")
+        if not resolved.is_dir():
+            raise APIError(400, f"path {path!r} is not a folder", param="path")
+        return str(resolved)
+
+    def _check_free(self, name: str) -> None:
+        if name in self.known() or self.engine.has_model(name):
+            raise APIError(409, f"{name!r} is already the name of a model or adapter",
+                           param="name", code="name_taken")
+
+    async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
+        check_name(name)
+        path = self.check_path(path)
+        self._check_free(name)
+        try:
+            await asyncio.to_thread(self._load_model, name,
+                                    {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms})
+        except (ModelLoadError, RequestError, ValueError, OSError) as e:
+            raise APIError(400, f"cannot load model {name!r}: {e}", param="path") from e
+        self.store.put_model(name, path, ttft_ms, tbt_ms)
+        self._removed.discard(name)
+
+    async def add_adapter(self, name: str, base: str, path: str) -> None:
+        check_name(name)
+        path = self.check_path(path)
+        self._check_free(name)
+        if base not in self.models():
+            raise APIError(404, f"base model {base!r} does not exist", param="base",
+                           code="model_not_found")
+        await self.ensure(base)
+        try:
+            await asyncio.to_thread(self.engine.add_adapter, name, base, path)
+        except (AdapterError, RequestError, ValueError, OSError) as e:
+            raise APIError(400, f"cannot load adapter {name!r}: {e}", param="path") from e
+        self.store.put_adapter(name, base, path)
+        self._removed.discard(name)
+
+    async def remove_model(self, name: str) -> None:
+        if name not in self.models():
+            raise APIError(404, f"model {name!r} does not exist", code="model_not_found")
+        for adapter, spec in self.adapters().items():
+            if spec["base"] == name:
+                await self.remove_adapter(adapter)
+        if self.engine.has_model(name):
+            try:
+                await asyncio.to_thread(self.engine.remove_model, name)
+            except RequestError:
+                pass  # already leaving
+        self.store.delete_model(name)
+        if name in self.static_models:
+            self._removed.add(name)
+
+    async def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters():
+            raise APIError(404, f"adapter {name!r} does not exist", code="model_not_found")
+        if self.engine.has_model(name):
+            try:
+                await asyncio.to_thread(self.engine.remove_adapter, name)
+            except (AdapterError, RequestError):
+                pass
+        self.store.delete_adapter(name)
+        if name in self.static_adapters:
+            self._removed.add(name)

@@ -1,0 +1,187 @@
+"""Admin API (``Authorization: Bearer <admin key>``): models, adapters, tenants, the pool."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpupool.api.auth import check_admin
+from gpupool.api.errors import APIError
+from gpupool.api.models import check_name
+from gpupool.api.state import hash_key, new_key
+from gpupool.api.util import read_json
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelBody(_Body):
+    name: str
+    path: str
+    ttft_ms: float | None = Field(None, gt=0)
+    tbt_ms: float | None = Field(None, gt=0)
+
+
+class AdapterBody(_Body):
+    name: str
+    base: str
+    path: str
+
+
+class TenantBody(_Body):
+    name: str
+    models: list[str]
+
+
+class TenantUpdate(_Body):
+    models: list[str]
+
+
+class KeyBody(_Body):
+    revoke_existing: bool = True
+
+
+async def _body(state, request: Request, cls, required: bool = True):
+    if not required and request.headers.get("content-length") in (None, "0"):
+        return cls()
+    raw = await read_json(request, state.config.max_body_bytes)
+    if not isinstance(raw, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise APIError(400, f"{loc}: {err['msg']}", param=str(err["loc"][0]) if err["loc"]
+                       else None) from None
+
+
+def router(state) -> APIRouter:
+    r = APIRouter(prefix="/admin")
+    models = state.models
+    store = state.store
+    engine = state.engine
+
+    def admin(fn):
+        async def handler(request: Request):
+            check_admin(state, request)
+            return await fn(request, **request.path_params)
+        return handler
+
+    # ---- models -------------------------------------------------------------------------
+    async def add_model(request):
+        b = await _body(state, request, ModelBody)
+        await models.add_model(b.name, b.path, b.ttft_ms, b.tbt_ms)
+        return JSONResponse({"name": b.name, "path": models.models()[b.name]["path"],
+                             "loaded": True}, status_code=201)
+
+    async def list_models(request):
+        stats = await asyncio.to_thread(engine.stats)
+        data = []
+        for name, spec in models.models().items():
+            live = stats["models"].get(name)
+            data.append({"name": name, "path": spec["path"], "loaded": live is not None,
+                         "resident": bool(live and live["resident"]),
+                         "ttft_ms": spec.get("ttft_ms"), "tbt_ms": spec.get("tbt_ms")})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def delete_model(request, name):
+        await models.remove_model(name)
+        return JSONResponse({"name": name, "deleted": True})
+
+    # ---- adapters -----------------------------------------------------------------------
+    async def add_adapter(request):
+        b = await _body(state, request, AdapterBody)
+        await models.add_adapter(b.name, b.base, b.path)
+        return JSONResponse({"name": b.name, "base": b.base,
+                             "path": models.adapters()[b.name]["path"], "loaded": True},
+                            status_code=201)
+
+    async def list_adapters(request):
+        data = [{"name": n, "base": a["base"], "path": a["path"],
+                 "loaded": engine.has_model(n)} for n, a in models.adapters().items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def delete_adapter(request, name):
+        await models.remove_adapter(name)
+        return JSONResponse({"name": name, "deleted": True})
+
+    # ---- tenants ------------------------------------------------------------------------
+    def check_models(names: list[str]) -> list[str]:
+        known = models.known()
+        unknown = [n for n in names if n != "*" and n not in known]
+        if unknown:
+            raise APIError(400, f"unknown models or adapters: {', '.join(unknown)}",
+                           param="models")
+        return list(dict.fromkeys(names))
+
+    def tenant_view(name: str, spec: dict) -> dict:
+        return {"name": name, "models": spec["models"], "created": spec["created"],
+                "num_keys": store.num_keys(name)}
+
+    async def add_tenant(request):
+        b = await _body(state, request, TenantBody)
+        check_name(b.name)
+        names = check_models(b.models)
+        if store.tenant(b.name) is not None:
+            raise APIError(409, f"tenant {b.name!r} already exists", param="name",
+                           code="tenant_exists")
+        key = new_key()
+        store.put_tenant(b.name, names, [hash_key(key)])
+        return JSONResponse({**tenant_view(b.name, store.tenant(b.name)), "api_key": key},
+                            status_code=201)
+
+    def tenant_or_404(name):
+        spec = store.tenant(name)
+        if spec is None:
+            raise APIError(404, f"tenant {name!r} does not exist", code="not_found")
+        return spec
+
+    async def list_tenants(request):
+        return JSONResponse({"object": "list",
+                             "data": [tenant_view(n, t) for n, t in store.tenants().items()]})
+
+    async def get_tenant(request, name):
+        return JSONResponse(tenant_view(name, tenant_or_404(name)))
+
+    async def update_tenant(request, name):
+        tenant_or_404(name)
+        b = await _body(state, request, TenantUpdate)
+        store.put_tenant(name, check_models(b.models))
+        return JSONResponse(tenant_view(name, store.tenant(name)))
+
+    async def delete_tenant(request, name):
+        tenant_or_404(name)
+        store.delete_tenant(name)
+        return JSONResponse({"name": name, "deleted": True})
+
+    async def new_tenant_key(request, name):
+        spec = tenant_or_404(name)
+        b = await _body(state, request, KeyBody, required=False)
+        key = new_key()
+        store.put_tenant(name, spec["models"], [hash_key(key)], replace_keys=b.revoke_existing)
+        return JSONResponse({**tenant_view(name, store.tenant(name)), "api_key": key},
+                            status_code=201)
+
+    # ---- the pool -----------------------------------------------------------------------
+    async def pool(request):
+        return JSONResponse(await asyncio.to_thread(engine.stats))
+
+    routes = [
+        ("/models", add_model, "POST"), ("/models", list_models, "GET"),
+        ("/models/{name:path}", delete_model, "DELETE"),
+        ("/adapters", add_adapter, "POST"), ("/adapters", list_adapters, "GET"),
+        ("/adapters/{name:path}", delete_adapter, "DELETE"),
+        ("/tenants", add_tenant, "POST"), ("/tenants", list_tenants, "GET"),
+        ("/tenants/{name}/keys", new_tenant_key, "POST"),
+        ("/tenants/{name}", get_tenant, "GET"), ("/tenants/{name}", update_tenant, "PATCH"),
+        ("/tenants/{name}", delete_tenant, "DELETE"),
+        ("/pool", pool, "GET"),
+    ]
+    for path, fn, method in routes:
+        r.add_api_route(path, admin(fn), methods=[method])
+    return r

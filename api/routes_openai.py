@@ -1,0 +1,423 @@
+"""OpenAI routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, and the same
+under ``/tenants/{tenant}/v1/``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gpupool.api.auth import Tenant, authenticate, check_model_access
+from gpupool.api.errors import APIError, model_not_found
+from gpupool.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse,
+    sampling_params,
+)
+from gpupool.api.util import read_json
+from gpupool.scheduler.params import SamplingParams
+from gpupool.scheduler.request import RequestError, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+# ---- running a request's choices ------------------------------------------------------------
+@dataclass
+class _Choice:
+    index: int
+    prompt_len: int
+    request_id: str | None = None
+    last: RequestOutput | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclass
+class Run:
+    """The engine requests behind one API call (prompts x n), and their merged outputs."""
+
+    state: object
+    model: str
+    tenant: str
+    choices: list[_Choice] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+    n: int = 1  # choices per prompt
+
+    async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        engine = self.state.engine
+        loop = asyncio.get_running_loop()
+
+        def sink_for(i):
+            return lambda out: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params)):
+                self.choices.append(_Choice(i, len(ids)))
+                self.choices[i].request_id = await asyncio.to_thread(
+                    engine.add_request, ids, p, self.model, f"{uuid.uuid4().hex}", sink_for(i))
+        except RequestError as e:
+            self.abort()
+            if not engine.has_model(self.model):
+                raise model_not_found(self.model) from e
+            raise APIError(400, str(e)) from e
+
+    def _observe(self, ch: _Choice, out: RequestOutput) -> None:
+        now = time.monotonic()
+        metrics = self.state.metrics
+        n = len(out.delta_token_ids)
+        if n:
+            if ch.first_token_at is None:
+                ch.first_token_at = now
+                metrics.ttft.labels(self.model).observe(now - self.started)
+                n -= 1
+            elif ch.last_token_at is not None:
+                for _ in range(n):
+                    metrics.tbt.labels(self.model).observe((now - ch.last_token_at) / n)
+            ch.last_token_at = now
+
+    async def events(self):
+        """(choice index, output) as they come, until every choice has finished."""
+        remaining = sum(1 for c in self.choices if c.last is None or not c.last.finished)
+        try:
+            while remaining:
+                i, out = await self.queue.get()
+                ch = self.choices[i]
+                self._observe(ch, out)
+                ch.last = out
+                if out.finished:
+                    remaining -= 1
+                yield ch, out
+        finally:
+            if remaining:
+                self.abort()
+            self._count()
+
+    def abort(self) -> None:
+        """Abort unfinished choices (client gone, or a sibling failed to queue)."""
+        for ch in self.choices:
+            if ch.request_id is not None and (ch.last is None or not ch.last.finished):
+                self.state.engine.abort(ch.request_id)
+
+    def _count(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        m = self.state.metrics
+        status = "ok"
+        for ch in self.choices:
+            if ch.last is None or not ch.last.finished:
+                status = "aborted"
+            elif ch.last.error:
+                status = "error"
+        m.requests.labels(self.model, self.tenant, status).inc()
+        m.prompt_tokens.labels(self.model, self.tenant).inc(self.prompt_tokens)
+        m.generation_tokens.labels(self.model, self.tenant).inc(self.completion_tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        # one prompt may be shared by n choices; usage counts each prompt once, as OpenAI does
+        return sum(c.prompt_len for c in self.choices[:: self.n])
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.last.token_ids) for c in self.choices if c.last is not None)
+
+    def usage(self) -> dict:
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def _wait_all(run: Run, request: Request) -> None:
+    """Collect every output; abort the run if the client goes away meanwhile."""
+
+    async def drain():
+        async for _ in run.events():
+            pass
+
+    task = asyncio.create_task(drain())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                task.result()
+                return
+            if await request.is_disconnected():
+                logger.info("client went away: aborting %s", run.model)
+                task.cancel()
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _finish_reason(out: RequestOutput) -> str | None:
+    if out.error:
+        raise APIError(500, f"generation failed: {out.error}", code="generation_failed")
+    return out.finish_reason
+
+
+# ---- shared request handling ----------------------------------------------------------------
+def _token_text(tokenizer, tid: int) -> str:
+    return tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+
+
+async def _prepare(state, request: Request, tenant_path: str | None, cls, route: str):
+    tenant = await authenticate(state, request, tenant_path)
+    body = await read_json(request, state.config.max_body_bytes)
+    req = parse(cls, body, route)
+    check_model_access(state, tenant, req.model)
+    await state.models.ensure(req.model)
+    if state.engine.num_unfinished() >= state.config.max_queued_requests:
+        raise APIError(503, "the server's request queue is full; retry later",
+                       code="queue_full", headers={"Retry-After": "1"})
+    return tenant, req
+
+
+def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
+    limit = state.engine.context_limit(req.model)
+    if max_tokens is None:
+        max_tokens = default_max if default_max is not None else max(1, limit - prompt_len)
+    out = []
+    for k in range(req.n):
+        seed = None if req.seed is None else req.seed + k
+        out.append(sampling_params(req, max_tokens, logprobs, seed))
+    return out
+
+
+async def _check_all(state, model: str, prompts, params) -> list[list[int]]:
+    ids = []
+    for prompt, p in zip(prompts, params):
+        try:
+            ids.append(await asyncio.to_thread(state.engine.prepare, prompt, p, model))
+        except RequestError as e:
+            if not state.engine.has_model(model):
+                raise model_not_found(model) from e
+            raise APIError(400, str(e), param="prompt") from e
+    return ids
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stream_error(e: APIError) -> str:
+    return _sse(e.body())
+
+
+# ---- completions ----------------------------------------------------------------------------
+def _completion_logprobs(tokenizer, lps, text_start: int = 0):
+    if lps is None:
+        return None
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = text_start
+    for tid, lp, top in lps:
+        t = _token_text(tokenizer, tid)
+        tokens.append(t)
+        token_lps.append(lp)
+        tops.append({_token_text(tokenizer, i): v for i, v in top})
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+async def completions(state, request: Request, tenant_path: str | None = None):
+    tenant, req = await _prepare(state, request, tenant_path, CompletionRequest,
+                                 "/v1/completions")
+    prompts = req.prompts()
+    per_choice_prompts, params = [], []
+    for prompt in prompts:
+        plen = len(prompt) if isinstance(prompt, list) else 0
+        ps = _params_for(state, req, plen, req.max_tokens, req.logprobs, 16)
+        per_choice_prompts += [prompt] * req.n
+        params += ps
+    ids = await _check_all(state, req.model, per_choice_prompts, params)
+    run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
+    await run.start(ids, params)
+    tokenizer = state.engine.tokenizer(req.model)
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def body(choices, usage=None):
+        b = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+             "choices": choices}
+        if usage is not None or not req.stream:
+            b["usage"] = usage
+        return b
+
+    if not req.stream:
+        await _wait_all(run, request)
+        choices = []
+        for ch in run.choices:
+            out = ch.last
+            choices.append({"index": ch.index, "text": out.text,
+                            "logprobs": _completion_logprobs(tokenizer, out.logprobs),
+                            "finish_reason": _finish_reason(out)})
+        return JSONResponse(body(choices, run.usage()))
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def stream():
+        sent: dict[int, int] = {}
+        try:
+            async for ch, out in run.events():
+                lps = None
+                if out.logprobs is not None:
+                    start = sent.get(ch.index, 0)
+                    lps = _completion_logprobs(tokenizer, out.logprobs[start:])
+                    sent[ch.index] = len(out.logprobs)
+                if not out.delta_text and not out.finished and not lps:
+                    continue
+                reason = _finish_reason(out) if out.finished else None
+                chunk = body([{"index": ch.index, "text": out.delta_text, "logprobs": lps,
+                               "finish_reason": reason}])
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+            if include_usage:
+                yield _sse(body([], run.usage()))
+        except APIError as e:
+            yield _stream_error(e)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+# ---- chat completions -----------------------------------------------------------------------
+def _chat_logprobs(tokenizer, lps):
+    if lps is None:
+        return None
+    content = []
+    for tid, lp, top in lps:
+        t = _token_text(tokenizer, tid)
+        content.append({"token": t, "logprob": lp, "bytes": list(t.encode()),
+                        "top_logprobs": [{"token": (s := _token_text(tokenizer, i)),
+                                          "logprob": v, "bytes": list(s.encode())}
+                                         for i, v in top]})
+    return {"content": content}
+
+
+def _chat_prompt(state, req: ChatCompletionRequest) -> list[int]:
+    tok = state.engine.tokenizer(req.model)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise APIError(400, f"model {req.model!r} has no chat template; use /v1/completions",
+                       param="model")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # a template may raise on an order of roles it does not allow
+        raise APIError(400, f"the chat template refused the messages: {e}",
+                       param="messages") from e
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+async def chat_completions(state, request: Request, tenant_path: str | None = None):
+    tenant, req = await _prepare(state, request, tenant_path, ChatCompletionRequest,
+                                 "/v1/chat/completions")
+    prompt = await asyncio.to_thread(_chat_prompt, state, req)
+    max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params_for(state, req, len(prompt), max_tokens, logprobs, None)
+    ids = await _check_all(state, req.model, [prompt] * req.n, params)
+    run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
+    await run.start(ids, params)
+    tokenizer = state.engine.tokenizer(req.model)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if not req.stream:
+        await _wait_all(run, request)
+        choices = []
+        for ch in run.choices:
+            out = ch.last
+            choices.append({"index": ch.index,
+                            "message": {"role": "assistant", "content": out.text},
+                            "logprobs": _chat_logprobs(tokenizer, out.logprobs),
+                            "finish_reason": _finish_reason(out)})
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
+                             "model": req.model, "choices": choices, "usage": run.usage()})
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(choices, usage=False, usage_value=None):
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created,
+             "model": req.model, "choices": choices}
+        if usage:
+            c["usage"] = usage_value
+        return c
+
+    async def stream():
+        sent: dict[int, int] = {}
+        try:
+            for ch in run.choices:
+                yield _sse(chunk([{"index": ch.index,
+                                   "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}], include_usage))
+            async for ch, out in run.events():
+                lps = None
+                if out.logprobs is not None:
+                    start = sent.get(ch.index, 0)
+                    lps = _chat_logprobs(tokenizer, out.logprobs[start:])
+                    sent[ch.index] = len(out.logprobs)
+                if out.delta_text or lps:
+                    yield _sse(chunk([{"index": ch.index, "delta": {"content": out.delta_text},
+                                       "logprobs": lps, "finish_reason": None}], include_usage))
+                if out.finished:
+                    yield _sse(chunk([{"index": ch.index, "delta": {}, "logprobs": None,
+                                       "finish_reason": _finish_reason(out)}], include_usage))
+            if include_usage:
+                yield _sse(chunk([], True, run.usage()))
+        except APIError as e:
+            yield _stream_error(e)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+# ---- models ---------------------------------------------------------------------------------
+def _model_card(state, name: str, base: str | None) -> dict:
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "gpupool",
+            "root": name if base is None else base, "parent": base}
+
+
+async def list_models(state, request: Request, tenant_path: str | None = None):
+    tenant = await authenticate(state, request, tenant_path)
+    known = state.models.known()
+    data = [_model_card(state, n, b) for n, b in known.items()
+            if tenant is None or tenant.may_use(n)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(state, request: Request, model: str, tenant_path: str | None = None):
+    tenant = await authenticate(state, request, tenant_path)
+    check_model_access(state, tenant, model)
+    return JSONResponse(_model_card(state, model, state.models.known()[model]))
+
+
+def router(state) -> APIRouter:
+    r = APIRouter()
+    for prefix in ("/v1", "/tenants/{tenant}/v1"):
+        def bind(fn):
+            async def handler(request: Request):
+                return await fn(state, request, request.path_params.get("tenant"))
+            return handler
+
+        async def one_model(request: Request):
+            return await get_model(state, request, request.path_params["model"],
+                                   request.path_params.get("tenant"))
+
+        r.add_api_route(prefix + "/models", bind(list_models), methods=["GET"])
+        r.add_api_route(prefix + "/models/{model:path}", one_model, methods=["GET"])
+        r.add_api_route(prefix + "/completions", bind(completions), methods=["POST"])
+        r.add_api_route(prefix + "/chat/completions", bind(chat_completions), methods=["POST"])
+    return r
+
+
+__all__ = ["router", "Tenant"]

