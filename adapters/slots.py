@@ -10,8 +10,10 @@ Every adapter of a base is stored in one *slot layout* (a :class:`WeightLayout` 
       i.gate_up.A [2R, hidden]  i.gate_proj.B [inter, R]  i.up_proj.B [inter, R]
       i.down.A [R, inter]  i.down_proj.B [hidden, R]
 
-The device buffer is ``[num_slots, slot_bytes]``; each tensor is viewed across slots as
-``[num_slots, *shape]`` so the SGMV kernels index it by slot id.
+The device buffer is ``[num_slots, slot_bytes]``: a view of the base model's range of the
+arena's adapter region (``WeightPool.adapter_buffer``), never an allocation of its own. Each
+tensor is viewed across slots as ``[num_slots, *shape]`` so the SGMV kernels index it by slot
+id.
 """
 
 from __future__ import annotations
@@ -59,14 +61,22 @@ class AdapterSlots:
 
     ``ensure(names)`` makes a step's adapters resident and pins them for that step; slots of
     pinned adapters are never chosen as victims. Host buffers live in ``host`` (name -> bytes).
+    ``memory`` is the device memory of the slots: a uint8 tensor of :meth:`num_bytes` bytes
+    (a range of the arena's adapter region), viewed, never copied or reallocated.
     """
 
-    def __init__(self, cfg, num_slots: int, max_rank: int, dtype, device):
+    @staticmethod
+    def num_bytes(cfg, num_slots: int, max_rank: int, dtype) -> int:
+        return num_slots * slot_layout(cfg, max_rank, dtype).num_bytes
+
+    def __init__(self, cfg, num_slots: int, max_rank: int, dtype, memory: torch.Tensor):
         self.cfg = cfg
         self.layout = slot_layout(cfg, max_rank, dtype)
         self.num_slots = num_slots
-        self.buffer = torch.zeros(num_slots, self.layout.num_bytes, dtype=torch.uint8,
-                                  device=device)
+        nbytes = num_slots * self.layout.num_bytes
+        if memory.dtype != torch.uint8 or memory.dim() != 1 or memory.numel() != nbytes:
+            raise ValueError(f"adapter slot memory must be uint8 of {nbytes} bytes")
+        self.buffer = memory.view(num_slots, self.layout.num_bytes)
         elem = torch.empty((), dtype=dtype).element_size()
         self.views: dict[str, torch.Tensor] = {}
         for s in self.layout.specs:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gpupool.adapters.base import AdapterConfig
+from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots
 from gpupool.models.config import ModelConfig
@@ -17,6 +17,7 @@ from gpupool.models.llama import LlamaModel
 from gpupool.models.loader import load_flat_weights
 from gpupool.models.runner import build_batch
 from gpupool.pool.kv import KVStorage
+from gpupool.pool.residency import PoolCapacityError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class ModelWorker:
                  weight_pool=None):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
-        they are copied to the device once and stay."""
+        they are copied to the device once and stay. Adapter slots live in the pool's arena
+        (its adapter region), so a worker without ``weight_pool`` serves no adapters."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -98,7 +100,9 @@ class ModelWorker:
         else:  # last: nothing after this may fail, or the pool would keep a dead entry
             weight_pool.register(name, self.layout, host, self._reload)
         self.adapter_config = adapters or AdapterConfig()
-        self.slots: AdapterSlots | None = None  # made when the first adapter arrives
+        # carved from the arena's adapter region when the first adapter arrives, returned
+        # when the last one is dropped (or the model is unregistered from the pool)
+        self.slots: AdapterSlots | None = None
         self.adapter_targets: dict[str, tuple[str, ...]] = {}
         logger.info("loaded model %s from %s (%s, %.1f MiB, %d KV tokens per page)", name,
                     folder, self.dtype, self.layout.num_bytes / 2**20, self.block_tokens)
@@ -116,16 +120,42 @@ class ModelWorker:
         return swap
 
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
+        """Keep the adapter's host copy; the first one carves this model's slots
+        (``max_loras_on_device`` of them) out of the arena's adapter region. AdapterError,
+        with nothing changed, when the region cannot hold them all."""
         if self.slots is None:
-            cfg = self.adapter_config
-            self.slots = AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                                      self.dtype, self.device)
-        self.slots.add(name, rank, weights)
+            self.slots = self._make_slots()
+        try:
+            self.slots.add(name, rank, weights)
+        except Exception:
+            if not self.slots.host:  # made for this adapter: give the range back
+                self.slots = None
+                self.weight_pool.release_adapters(self.name)
+            raise
         self.adapter_targets[name] = targets
 
+    def _make_slots(self) -> AdapterSlots:
+        if self.weight_pool is None:
+            raise AdapterError(f"model {self.name!r} has no weight pool: adapter slots live "
+                               "in the arena's adapter region")
+        cfg = self.adapter_config
+        nbytes = AdapterSlots.num_bytes(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
+                                        self.dtype)
+        try:
+            memory = self.weight_pool.adapter_buffer(self.name, nbytes)
+        except PoolCapacityError as e:
+            raise AdapterError(str(e)) from None
+        return AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank, self.dtype,
+                            memory)
+
     def remove_adapter(self, name: str) -> None:
+        """Forget the adapter (the caller ensures nothing runs it); with the last one gone the
+        slots go back to the arena's adapter region."""
         if self.slots is not None:
             self.slots.remove(name)
+            if not self.slots.host:
+                self.slots = None
+                self.weight_pool.release_adapters(self.name)
         self.adapter_targets.pop(name, None)
 
     def _lora_batch(self, scheduled) -> LoraBatch | None:

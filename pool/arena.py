@@ -1,12 +1,14 @@
 """The arena: one reservation per device, carved once into weight, adapter and KV regions.
 
     arena (uint8, pool_bytes)
-    | weights: model slabs (SlabAllocator)  | adapters: slot buffers | KV pages             |
-    0                                       weight_bytes             weight + adapter bytes
+    | weights: model slabs (SlabAllocator) | adapters: slot buffers (SlabAllocator) | KV pages |
+    0                                      weight_bytes                  weight + adapter bytes
 
-Nothing in the steady state asks the framework allocator for weights or KV: a model switch is
-a copy into a slab plus rebinding views. :class:`SlabAllocator` is the integer bookkeeping of
-a region (first fit, neighbours coalesced on free); it never touches a tensor.
+Nothing in the steady state asks the framework allocator for weights, adapters or KV: a model
+switch is a copy into a slab plus rebinding views; a base model's LoRA slots are one range of
+the adapter region, carved when its first adapter arrives and freed when it has none left.
+:class:`SlabAllocator` is the integer bookkeeping of a region (first fit, neighbours
+coalesced on free); it never touches a tensor.
 """
 
 from __future__ import annotations
@@ -84,11 +86,36 @@ class Arena:
         self.kv.zero_()  # never-written KV slots are read (masked) by attention: keep finite
         self.weight_slabs = SlabAllocator(self.weight_bytes)
         self.adapter_slabs = SlabAllocator(self.adapter_bytes)
+        self.adapter_owners: dict[str, int] = {}  # base model -> offset in the adapter region
 
     @property
     def num_bytes(self) -> int:
         return self.buffer.numel()
 
+    def allocate_adapters(self, owner: str, num_bytes: int) -> torch.Tensor | None:
+        """A zeroed range of ``num_bytes`` of the adapter region for ``owner`` (one per
+        owner), or None when no free range is large enough."""
+        if owner in self.adapter_owners:
+            raise ValueError(f"{owner!r} already holds an adapter range")
+        offset = self.adapter_slabs.allocate(num_bytes)
+        if offset is None:
+            return None
+        self.adapter_owners[owner] = offset
+        view = self.adapters[offset : offset + num_bytes]
+        view.zero_()
+        return view
+
+    def free_adapters(self, owner: str) -> bool:
+        """Return ``owner``'s adapter range to the region; False if it held none."""
+        offset = self.adapter_owners.pop(owner, None)
+        if offset is None:
+            return False
+        self.adapter_slabs.free(offset)
+        return True
+
     def check_integrity(self) -> None:
         self.weight_slabs.check_integrity()
         self.adapter_slabs.check_integrity()
+        offsets = sorted(self.adapter_owners.values())
+        assert offsets == sorted(self.adapter_slabs._used), (
+            "adapter ranges and their owners disagree")

@@ -8,6 +8,9 @@ recently used non-resident ones are dropped and re-read from disk when needed ag
 
 On CUDA the copy runs on its own stream and the compute stream waits on its event; on CPU the
 same code path copies synchronously.
+
+The pool also hands out each registered model's range of the arena's adapter region (its LoRA
+slots, :meth:`WeightPool.adapter_buffer`); ``unregister`` returns it with the weight slab.
 """
 
 from __future__ import annotations
@@ -73,6 +76,28 @@ class WeightPool:
         entry = self.entries.pop(name)
         if entry.slab is not None:
             self.arena.weight_slabs.free(entry.slab)
+        self.arena.free_adapters(name)
+
+    def adapter_buffer(self, name: str, num_bytes: int) -> torch.Tensor:
+        """A zeroed uint8 view of ``num_bytes`` in the arena's adapter region for registered
+        model ``name`` (its LoRA slots), held until :meth:`release_adapters` or
+        :meth:`unregister`. PoolCapacityError when no free range is large enough."""
+        if name not in self.entries:
+            raise KeyError(f"model {name!r} is not registered")
+        view = self.arena.allocate_adapters(name, num_bytes)
+        if view is None:
+            slabs = self.arena.adapter_slabs
+            raise PoolCapacityError(
+                f"model {name!r} needs {num_bytes / 2**20:.1f} MiB of adapter slots, but the "
+                f"arena's adapter region ({self.arena.adapter_bytes / 2**20:.1f} MiB, "
+                f"{slabs.largest_free_bytes / 2**20:.1f} MiB free in one range, used by "
+                f"{sorted(self.arena.adapter_owners) or 'no model'}) cannot hold them; raise "
+                "adapter_bytes, or lower max_loras_on_device or max_lora_rank")
+        return view
+
+    def release_adapters(self, name: str) -> None:
+        """Return ``name``'s adapter slots to the arena (no-op if it holds none)."""
+        self.arena.free_adapters(name)
 
     def is_resident(self, name: str) -> bool:
         return self.entries[name].slab is not None
@@ -145,3 +170,5 @@ class WeightPool:
         slabs = [e.slab for e in self.entries.values() if e.slab is not None]
         assert len(slabs) == len(set(slabs)), "two models share a slab"
         assert len(slabs) == len(self.arena.weight_slabs._used), "a slab is owned by no model"
+        assert set(self.arena.adapter_owners) <= set(self.entries), (
+            "adapter slots are held by a model that is no longer registered")

@@ -1,9 +1,15 @@
-"""Multi-LoRA against peft: mixed batches of base and adapter rows, slots, removal."""
+"""Multi-LoRA against peft: mixed batches of base and adapter rows, slots, removal, and the
+slots' home in the arena's adapter region."""
 
 import pytest
 import torch
 
 from gpupool import AdapterError, RequestError, SamplingParams
+from gpupool.adapters.slots import AdapterSlots
+from gpupool.models.config import ModelConfig
+from gpupool.models.worker import ModelWorker
+from gpupool.pool.arena import ALIGN
+from gpupool.pool.kv import KVStorage
 from tests.factories import (
     make_engine,
     make_peft_adapter,
@@ -162,3 +168,99 @@ def test_remove_idle_adapter_and_errors(lora_setup):
         e.check_integrity()
     finally:
         e.shutdown()
+
+
+def _slot_bytes(base, num_slots, max_rank=64):
+    return AdapterSlots.num_bytes(ModelConfig.from_folder(base), num_slots, max_rank,
+                                  torch.float32)
+
+
+def test_slots_are_views_into_the_arena_adapter_region(lora_setup):
+    base, paths = lora_setup
+    e = _engine(base, paths, max_loras_on_device=3)
+    try:
+        arena, slots = e.arena, e.core.workers["base"].slots
+        lo = arena.adapters.data_ptr()
+        hi = lo + arena.adapter_bytes
+        assert arena.weights.data_ptr() + arena.weight_bytes == lo  # the region, not KV
+        assert slots.buffer.untyped_storage().data_ptr() == arena.buffer.data_ptr()
+        offset = arena.adapter_owners["base"]
+        assert slots.buffer.data_ptr() == lo + offset
+        assert slots.buffer.numel() == _slot_bytes(base, 3)
+        assert lo <= slots.buffer.data_ptr() < slots.buffer.data_ptr() + slots.buffer.numel() <= hi
+        for v in slots.views.values():  # every tensor the kernels read lies in the region
+            assert v.untyped_storage().data_ptr() == arena.buffer.data_ptr()
+            assert lo <= v.data_ptr() < hi
+        used = arena.adapter_slabs.num_bytes - arena.adapter_slabs.num_free_bytes
+        assert used == -(-_slot_bytes(base, 3) // ALIGN) * ALIGN  # one range, this base's
+        # a load writes the arena's bytes: the slot the step got holds the adapter's host copy
+        slot = slots.ensure({"r16"})["r16"]
+        start = offset + slot * slots.layout.num_bytes
+        assert torch.equal(arena.adapters[start : start + slots.layout.num_bytes],
+                           slots.host["r16"])
+        e.check_integrity()
+    finally:
+        e.shutdown()
+
+
+def test_adapter_space_returns_when_the_base_or_its_last_adapter_goes(lora_setup, mixed):
+    """A region that holds one base's slots: the second base gets them only once the first
+    has given its range back, by losing its last adapter or by being removed."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    e = make_engine(max_lora_rank=64, max_loras_on_device=2,
+                    adapter_bytes=_slot_bytes(base, 2))
+    try:
+        e.add_model("a", base)
+        e.add_model("b", base)
+        arena = e.arena
+        e.add_adapter("r4", "a", paths["r4"])
+        with pytest.raises(AdapterError, match="adapter region"):
+            e.add_adapter("r8", "b", paths["r8"])
+        assert e.adapters == {"r4": "a"} and e.core.workers["b"].slots is None
+        assert list(arena.adapter_owners) == ["a"]
+        e.check_integrity()
+        e.remove_adapter("r4")  # a's last adapter: its range goes back
+        assert arena.adapter_owners == {} and e.core.workers["a"].slots is None
+        assert arena.adapter_slabs.num_free_bytes == arena.adapter_bytes
+        e.add_adapter("r8", "b", paths["r8"])
+        with pytest.raises(AdapterError, match="adapter region"):
+            e.add_adapter("r4", "a", paths["r4"])
+        e.remove_model("b")  # idle: dropped at once, with its adapters and their range
+        assert e.models == ["a"] and arena.adapter_owners == {} and e.adapters == {}
+        e.check_integrity()
+        e.add_adapter("r4", "a", paths["r4"])
+        out = e.generate(prompts[1], SamplingParams(max_tokens=16, temperature=0), model="r4")
+        assert names[1] == "r4" and list(out[0].token_ids) == want[1]
+        e.check_integrity()
+    finally:
+        e.shutdown()
+
+
+def test_too_small_adapter_region_refuses_cleanly(lora_setup):
+    base, paths = lora_setup
+    need = _slot_bytes(base, 4)
+    e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=4,
+                    adapter_bytes=need - ALIGN)
+    try:
+        with pytest.raises(AdapterError, match=r"adapter slots.*adapter region.*adapter_bytes"):
+            e.add_adapter("r4", "base", paths["r4"])
+        worker = e.core.workers["base"]
+        assert e.adapters == {} and not e.core.adapters.refs
+        assert worker.slots is None and worker.adapter_targets == {}
+        assert e.arena.adapter_owners == {}
+        assert e.arena.adapter_slabs.num_free_bytes == e.arena.adapter_bytes
+        e.check_integrity()
+        with pytest.raises(RequestError, match="not loaded"):
+            e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="r4")
+        assert len(e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="base")) == 1
+    finally:
+        e.shutdown()
+
+
+def test_a_worker_without_a_pool_serves_no_adapters(lora_setup):
+    base, _ = lora_setup
+    worker = ModelWorker("m", base, torch.device("cpu"), KVStorage(4, 16 << 10, "cpu"))
+    with pytest.raises(AdapterError, match="adapter region"):
+        worker.add_adapter("x", 4, ("q_proj",), {})
+    assert worker.slots is None and worker.adapter_targets == {}
