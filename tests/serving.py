@@ -1,0 +1,89 @@
+"""Start ``gpupool serve`` in a subprocess on a free port, as a user would, for e2e tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+# small pools so each server starts fast and several fit beside the test process
+POOL_TOML = """
+[engine]
+device = "cpu"
+kv_cache_bytes = {kv}
+kv_page_bytes = 262144
+weight_bytes = {weights}
+host_cache_bytes = 2147483648
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, *args: str, kv: int = 128 << 20, weights: int = 1 << 30,
+                 env: dict | None = None):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config = self.home / "gpupool.toml"
+        self.config.write_text(POOL_TOML.format(kv=kv, weights=weights))
+        self.args = args
+        self.env = env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = self.home / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 120.0) -> Server:
+        exe = shutil.which("gpupool")
+        cmd = [exe] if exe else [sys.executable, "-m", "gpupool.cli"]
+        env = {**os.environ, "GPUPOOL_HOME": str(self.home), **self.env}
+        self.proc = subprocess.Popen(
+            [*cmd, "serve", "--port", str(self.port), "--config", str(self.config),
+             "--log-level", "info", *self.args],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text())
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become healthy:\n" + self.log.read_text())
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code, self.proc = self.proc.returncode, None
+        return code
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
