@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gpupool.api.auth import Tenant, authenticate, check_model_access
 from gpupool.api.errors import APIError, model_not_found
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Choice:
     index: int
-    prompt_len: int
     request_id: str | None = None
     last: RequestOutput | None = None
     first_token_at: float | None = None
@@ -52,23 +51,25 @@ class Run:
     done: bool = False
     n: int = 1  # choices per prompt
 
-    async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        engine = self.state.engine
+    async def start(self, prompts: list, params: list[SamplingParams]) -> None:
+        """Queue every choice at once, or none (400 naming what is wrong)."""
         loop = asyncio.get_running_loop()
 
         def sink_for(i):
             return lambda out: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
 
+        engine = self.state.engine
+        self.choices = [_Choice(i) for i in range(len(prompts))]
         try:
-            for i, (ids, p) in enumerate(zip(prompts, params)):
-                self.choices.append(_Choice(i, len(ids)))
-                self.choices[i].request_id = await asyncio.to_thread(
-                    engine.add_request, ids, p, self.model, f"{uuid.uuid4().hex}", sink_for(i))
+            rids = await asyncio.to_thread(engine.submit, prompts, params, self.model,
+                                           [sink_for(i) for i in range(len(prompts))])
         except RequestError as e:
-            self.abort()
+            self.choices = []
             if not engine.has_model(self.model):
                 raise model_not_found(self.model) from e
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param="prompt") from e
+        for ch, rid in zip(self.choices, rids):
+            ch.request_id = rid
 
     def _observe(self, ch: _Choice, out: RequestOutput) -> None:
         now = time.monotonic()
@@ -125,7 +126,8 @@ class Run:
     @property
     def prompt_tokens(self) -> int:
         # one prompt may be shared by n choices; usage counts each prompt once, as OpenAI does
-        return sum(c.prompt_len for c in self.choices[:: self.n])
+        return sum(len(c.last.prompt_token_ids) for c in self.choices[:: self.n]
+                   if c.last is not None)
 
     @property
     def completion_tokens(self) -> int:
@@ -136,8 +138,8 @@ class Run:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _wait_all(run: Run, request: Request) -> None:
-    """Collect every output; abort the run if the client goes away meanwhile."""
+async def _wait_all(run: Run, request: Request) -> bool:
+    """Collect every output; abort the run and return False if the client goes away."""
 
     async def drain():
         async for _ in run.events():
@@ -149,11 +151,11 @@ async def _wait_all(run: Run, request: Request) -> None:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 task.result()
-                return
+                return True
             if await request.is_disconnected():
-                logger.info("client went away: aborting %s", run.model)
+                logger.info("client went away: aborting its request for %s", run.model)
                 task.cancel()
-                return
+                return False
     finally:
         if not task.done():
             task.cancel()
@@ -183,7 +185,10 @@ async def _prepare(state, request: Request, tenant_path: str | None, cls, route:
 
 
 def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
-    limit = state.engine.context_limit(req.model)
+    try:
+        limit = state.engine.context_limit(req.model)
+    except (RequestError, KeyError):
+        raise model_not_found(req.model) from None
     if max_tokens is None:
         max_tokens = default_max if default_max is not None else max(1, limit - prompt_len)
     out = []
@@ -191,18 +196,6 @@ def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
         seed = None if req.seed is None else req.seed + k
         out.append(sampling_params(req, max_tokens, logprobs, seed))
     return out
-
-
-async def _check_all(state, model: str, prompts, params) -> list[list[int]]:
-    ids = []
-    for prompt, p in zip(prompts, params):
-        try:
-            ids.append(await asyncio.to_thread(state.engine.prepare, prompt, p, model))
-        except RequestError as e:
-            if not state.engine.has_model(model):
-                raise model_not_found(model) from e
-            raise APIError(400, str(e), param="prompt") from e
-    return ids
 
 
 def _sse(obj) -> str:
@@ -240,9 +233,8 @@ async def completions(state, request: Request, tenant_path: str | None = None):
         ps = _params_for(state, req, plen, req.max_tokens, req.logprobs, 16)
         per_choice_prompts += [prompt] * req.n
         params += ps
-    ids = await _check_all(state, req.model, per_choice_prompts, params)
     run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
-    await run.start(ids, params)
+    await run.start(per_choice_prompts, params)
     tokenizer = state.engine.tokenizer(req.model)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -254,7 +246,8 @@ async def completions(state, request: Request, tenant_path: str | None = None):
         return b
 
     if not req.stream:
-        await _wait_all(run, request)
+        if not await _wait_all(run, request):
+            return Response(status_code=499)  # nobody is listening any more
         choices = []
         for ch in run.choices:
             out = ch.last
@@ -326,14 +319,14 @@ async def chat_completions(state, request: Request, tenant_path: str | None = No
     max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params_for(state, req, len(prompt), max_tokens, logprobs, None)
-    ids = await _check_all(state, req.model, [prompt] * req.n, params)
     run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
-    await run.start(ids, params)
+    await run.start([prompt] * req.n, params)
     tokenizer = state.engine.tokenizer(req.model)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if not req.stream:
-        await _wait_all(run, request)
+        if not await _wait_all(run, request):
+            return Response(status_code=499)  # nobody is listening any more
         choices = []
         for ch in run.choices:
             out = ch.last

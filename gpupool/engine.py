@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -140,33 +141,39 @@ class Engine:
                     if n not in self.core.adapters.removing}
 
     def has_model(self, name: str) -> bool:
-        """Whether ``name`` (a base model or an adapter) takes requests now."""
-        with self._lock:
-            try:
-                self.core.resolve(name)
-            except RequestError:
-                return False
-            return True
+        """Whether ``name`` (a base model or an adapter) takes requests now. Reads without the
+        engine lock (a step may hold it for a while): a snapshot, as any answer would be."""
+        try:
+            self.core.resolve(name)
+        except (RequestError, KeyError):
+            return False
+        return True
 
     def context_limit(self, model: str) -> int:
         """Most tokens (prompt + output) one request for ``model`` may hold: the model's
         context window, or the KV pool's capacity in that model's tokens if smaller."""
-        with self._lock:
-            worker = self.core.workers[self.core.resolve(model)[0]]
-            return min(worker.cfg.max_model_len,
-                       self.kv.pages.num_pages * worker.block_tokens)
-
-    def prepare(self, prompt: str | list[int], params: SamplingParams, model: str) -> list[int]:
-        """Tokenise and check a request without queuing it; RequestError if it cannot run."""
-        with self._lock:
-            ids = self.core.tokenize(model, prompt)
-            self.core.check_request(model, ids, params)
-            return ids
+        worker = self.core.workers[self.core.resolve(model)[0]]
+        return min(worker.cfg.max_model_len, self.kv.pages.num_pages * worker.block_tokens)
 
     def num_unfinished(self) -> int:
-        """Requests queued or running, over all models."""
+        """Requests queued or running, over all models (a snapshot, read without the lock)."""
+        return len(self.core.requests)
+
+    def submit(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
+               model: str, sinks: Sequence) -> list[str]:
+        """Queue several requests for one model at once, or none: each is tokenised and
+        checked first (RequestError names the first bad one). One lock acquisition."""
         with self._lock:
-            return len(self.core.requests)
+            checked = []
+            for prompt, p in zip(prompts, params):
+                ids = self.core.tokenize(model, prompt)
+                self.core.check_request(model, ids, p)
+                checked.append(ids)
+            rids = [self.core.add_request(model, ids, p, sink=sink)
+                    for ids, p, sink in zip(checked, params, sinks)]
+            self._ensure_thread()
+            self._lock.notify()
+        return rids
 
     def stats(self) -> dict:
         """A snapshot of the pool for operators: arena regions, resident models and adapters,
@@ -325,6 +332,7 @@ class Engine:
                 if self._stopped:
                     return
                 self.core.step()
+            time.sleep(0)  # let a thread waiting for the lock (a new request) take it now
 
     def check_integrity(self) -> None:
         with self._lock:

@@ -252,6 +252,26 @@ def test_client_disconnect_aborts_and_frees_pages(served):
                                              "max_tokens": 1}).status_code == 200
 
 
+def _pages_free(url) -> bool:
+    for _ in range(100):
+        text = httpx.get(url + "/metrics").text
+        if 'gpupool_kv_pages{state="used",where="device"} 0.0' in text:
+            return True
+        asyncio.run(asyncio.sleep(0.05))
+    return False
+
+
+def test_disconnect_without_streaming_aborts_too(served):
+    url = served["server"].url
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**LONG_STREAM, "stream": False},
+                   timeout=httpx.Timeout(60, read=1.0))
+    assert _pages_free(url)
+    running = [l for l in httpx.get(url + "/metrics").text.splitlines()
+               if l.startswith("gpupool_queue_depth") and 'state="running"' in l]
+    assert running and all(l.endswith(" 0.0") for l in running)
+
+
 def test_health_and_metrics(served):
     url = served["server"].url
     h = httpx.get(url + "/health").json()
