@@ -161,7 +161,7 @@ def _specs(cls, rows, what: str) -> tuple:
 def _pair(text: str, what: str) -> tuple[str, str]:
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"{what} must look like NAME=..., got {text!r}")
+        raise ValueError(f"{what} got {text!r}")
     return name, rest
 
 
@@ -200,10 +200,10 @@ def load_server_config(path: str | None = None, **flags) -> ServerConfig:
             engine[key] = os.environ[f"GPUPOOL_{key.upper()}"]
     data.update({k: v for k, v in env.items() if v})
     for text in flags.pop("models", None) or ():
-        name, rest = _pair(text, "--model")
+        name, rest = _pair(text, "--model must look like NAME=PATH;")
         models = [m for m in models if m.name != name] + [ModelSpec(name, rest)]
     for text in flags.pop("adapters", None) or ():
-        name, rest = _pair(text, "--adapter")
+        name, rest = _pair(text, "--adapter must look like NAME=BASE:PATH;")
         base, sep, apath = rest.partition(":")
         if not sep or not base or not apath:
             raise ValueError(f"--adapter must look like NAME=BASE:PATH, got {text!r}")

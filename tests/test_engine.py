@@ -137,6 +137,9 @@ def test_bad_prompts_raise_clear_errors(engine, make_bad, match):
     ({"top_p": 0.0}, "top_p"),
     ({"top_k": 0}, "top_k"),
     ({"stop": [""]}, "stop"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -187,3 +190,24 @@ def test_request_larger_than_the_whole_kv_pool_is_refused(tiny_models):
         assert len(e.generate([5] * 10, SamplingParams(max_tokens=6))[0].token_ids) <= 6
     finally:
         e.shutdown()
+
+
+def test_logprobs_match_transformers_log_softmax(engine, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    prompt = [5, 9, 14, 20]
+    params = SamplingParams(max_tokens=5, temperature=0.7, seed=3, logprobs=4)
+    out = engine.generate([prompt, [7, 8]], [params, SamplingParams(max_tokens=3)])
+    assert out[1].logprobs is None  # only requests that ask get them
+    lps = out[0].logprobs
+    assert [t for t, _, _ in lps] == list(out[0].token_ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_models("llama")), dtype=torch.float32)
+    ids = torch.tensor([prompt + list(out[0].token_ids)])
+    with torch.no_grad():
+        want = torch.log_softmax(hf(ids).logits[0].float(), dim=-1)
+    for k, (token, lp, top) in enumerate(lps):
+        row = want[len(prompt) - 1 + k]  # raw distribution: before temperature
+        assert lp == pytest.approx(float(row[token]), abs=1e-4)
+        top_ids = torch.topk(row, 4).indices.tolist()
+        assert [i for i, _ in top] == top_ids
+        assert [v for _, v in top] == pytest.approx(row[top_ids].tolist(), abs=1e-4)
