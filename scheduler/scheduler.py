@@ -5,10 +5,13 @@ tokens, allocates KV pages, and preempts when pages run out. It never touches a 
 
 Each step serves one model, chosen by a :mod:`policy <gpupool.scheduler.policy>`; within it:
   1. running sequences, oldest first: 1 token each when decoding, a chunk when prefilling;
-     when pages run out the newest running sequence is preempted (pages freed, recomputed
-     later from its prompt + output so far);
   2. waiting sequences, oldest first, while the token budget, the sequence cap and free
      pages allow.
+When pages run out, the KV of other models' running sequences (models that do not hold the
+device this step, newest request first) is swapped out to host pages first — their batch's
+turn has ended, and they resume token-exact when their model runs again; only then is the
+newest running sequence of the model itself preempted. A preempted sequence's pages go to
+host pages, or with none free it is recomputed later from its prompt + output so far.
 """
 
 from __future__ import annotations
@@ -115,9 +118,10 @@ class Scheduler:
         bt = self.block_tokens[seq.model]
         return -(-(seq.num_computed_tokens + num_new) // bt) - len(seq.pages)
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Swap the sequence's KV out to host pages, or (no room there) drop it to recompute."""
-        host = self.host_pages.allocate(len(seq.pages)) if self.host_pages else None
+    def _preempt(self, seq: Sequence, swap: bool = True) -> None:
+        """Swap the sequence's KV out to host pages, or (no room there, or ``swap`` False)
+        drop it to recompute."""
+        host = self.host_pages.allocate(len(seq.pages)) if self.host_pages and swap else None
         if host is not None and seq.pages:
             self._swap_out.extend(zip(seq.pages, host))
             seq.host_pages = host
@@ -129,6 +133,19 @@ class Scheduler:
         seq.num_preemptions += 1
         self.running[seq.model].remove(seq)
         self.waiting[seq.model].appendleft(seq)
+
+    def _evict_others(self, model: str, need: int, preempted: list[Sequence],
+                      swap: bool = True) -> None:
+        """Preempt other models' running sequences, newest first, until ``need`` pages are
+        free or none is left. Their KV goes to host pages when there is room and ``swap``
+        (False when the step swaps a sequence in: a host page a swap-in frees must not be
+        overwritten by a swap-out of the same step, so they recompute instead)."""
+        others = sorted((q for m, run in self.running.items() if m != model for q in run),
+                        key=lambda q: q.arrival_time)
+        while others and not self.pages.can_allocate(need):
+            victim = others.pop()
+            self._preempt(victim, swap)
+            preempted.append(victim)
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """A step's batch. Swap-outs (preemption) and swap-ins (waiting sequences resuming)
@@ -156,6 +173,7 @@ class Scheduler:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._pages_needed(seq, num_new)
+            self._evict_others(model, need, preempted)
             while not self.pages.can_allocate(need) and running[-1] is not seq:
                 victim = running[-1]
                 self._preempt(victim)
@@ -172,14 +190,20 @@ class Scheduler:
             i += 1
         waiting = self.waiting[model]
         j = 0
+        own_preempted = any(q.model == model for q in preempted)
         while (j < len(waiting) and budget > 0 and len(running) < self.config.max_num_seqs
-               and not preempted):
+               and not own_preempted):
             seq = waiting[j]
             if not fits(seq):
                 j += 1
                 continue
+            if seq.host_pages and self._swap_out:  # its swap-in waits for a step without
+                break  # swap-outs (the freed pages may be the ones it would copy into)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._pages_needed(seq, num_new)
+            # evicted KV recomputes if this step swaps in: no swap-out beside a swap-in
+            self._evict_others(model, need, preempted,
+                               swap=not (seq.host_pages or self._swap_in))
             if not self.pages.can_allocate(need):
                 break
             del waiting[j]

@@ -11,6 +11,13 @@ pure decode batches). Switching a model in costs ``model_bytes / (PCIe GiB/s x e
 by default the Aegaeon artifact's own estimate (32 GiB/s on H100, its deliberately
 pessimistic efficiency 0.15), as listed in shared/data/model_sizes.csv; callers may pass
 another efficiency (gpupool's bulk copy measured at 1.0x a raw copy in bench_swap.py).
+
+Weight copies: by default a switch stalls the device for the whole copy (what the engine does
+today: the copy runs on its own CUDA stream, but only once a step needs the model). With
+``DeviceConfig.prefetch`` the simulator models a copy engine working beside compute: after
+each step the policy's ``prefetch_hint`` model is copied into the least recently used slot
+other than the running model's, and a later switch to it waits only for the rest of that
+copy (Aegaeon prefetches weights the same way). The engine has no prefetch hook yet.
 """
 
 from __future__ import annotations
@@ -100,16 +107,20 @@ class DeviceConfig:
     block_tokens: int = 16
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 8192
+    prefetch: bool = False  # overlap the next model's weight copy with compute (see above)
 
 
 def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest],
                     policy_name: str, slos: dict[str, SLO], device: DeviceConfig,
-                    horizon_s: float | None = None) -> list[RequestTiming]:
+                    horizon_s: float | None = None,
+                    stats: dict | None = None) -> list[RequestTiming]:
     """Run one device until every request finishes (or ``horizon_s``); token times per request.
 
     Requests are admitted at their arrival times; each step the policy picks a model, the
     scheduler builds its batch, and simulated time advances by the switch (if the model is
-    not resident) plus the step cost.
+    not resident) plus the step cost. ``stats``, if given, receives the seconds the device
+    computed (``busy_s``) and waited for weight copies (``stall_s``), the number of model
+    switches and of steps, and the end time.
     """
     cost = CostModel()
     for m in models.values():
@@ -122,7 +133,9 @@ def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest]
                       pages, policy=policy)
     for name in models:
         sched.add_model(name, device.block_tokens)
-    resident: OrderedDict[str, None] = OrderedDict()
+    resident: OrderedDict[str, float] = OrderedDict()  # model -> when its copy completes
+    copy_free = 0.0  # when the copy engine is next idle
+    last, stall, busy, switches, steps = None, 0.0, 0.0, 0, 0
     pending = list(requests)
     times: dict[str, list[float]] = {}
     info: dict[str, WorkloadRequest] = {}
@@ -144,18 +157,34 @@ def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest]
             now = max(now, pending[nxt].arrival)
             continue
         model = models[out.model]
-        if out.model not in resident:
-            now += model.switch_s
-            resident[out.model] = None
+        if out.model not in resident:  # copy now, the device waits
+            copy_free = max(now, copy_free) + model.switch_s
+            resident[out.model] = copy_free
             while len(resident) > device.resident_models:
                 resident.popitem(last=False)
+        if resident[out.model] > now or out.model != last:  # the device waits for a copy
+            cost.observe_swap(out.model, max(0.0, resident[out.model] - now))
+            stall += max(0.0, resident[out.model] - now)
+            now = max(now, resident[out.model])
+        switches += out.model != last
+        last = out.model
         resident.move_to_end(out.model)
         prefill = sum(s.num_new_tokens for s in out.scheduled if not s.is_decode)
         decode = sum(1 for s in out.scheduled if s.is_decode)
         step = model.cost.prefill(prefill) + model.cost.decode(decode)
         cost.observe_step(out.model, step)
         sampling = [s.seq for s in out.scheduled if s.samples]
+        if device.prefetch and device.resident_models > 1 and copy_free <= now:
+            hint = policy.prefetch_hint(sched, now)
+            if hint is not None and hint not in resident:
+                if len(resident) >= device.resident_models:  # evict the LRU other model
+                    del resident[next(m for m in resident if m != out.model)]
+                copy_free = now + models[hint].switch_s
+                resident[hint] = copy_free
+                resident.move_to_end(out.model)
         now += step
+        busy += step
+        steps += 1
         sched.update_from_output(out)
         for seq in sampling:
             seq.output_token_ids.append(0)
@@ -164,6 +193,8 @@ def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest]
                 sched.finish(seq, "length")
         if horizon_s is not None and now > horizon_s:
             break
+    if stats is not None:
+        stats.update(busy_s=busy, stall_s=stall, switches=switches, steps=steps, end_s=now)
     return [RequestTiming(info[rid].model, info[rid].arrival, tuple(t))
             for rid, t in times.items()]
 

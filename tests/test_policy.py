@@ -68,3 +68,35 @@ def test_token_policy_uses_per_model_slos():
 def test_no_work_no_model():
     for name in ("token", "request", "fcfs"):
         assert _sched(make_policy(name)).policy.pick(_sched(make_policy(name)), 0.0) is None
+
+
+def test_token_policy_yields_once_a_round_ahead_and_stays_while_nobody_is_due():
+    cost = CostModel(default_step_s=0.01, default_swap_s=0.05)
+    slo = SLO(ttft_ms=1000, tbt_ms=100)
+    s = _sched(make_policy("token", cost, default_slo=slo))
+    a = _add(s, "a", 0.0, running=True)
+    assert s.policy.pick(s, 0.0) == "a"
+    a.output_token_ids = [7] * 30  # a's first token at 0.0, so token 30 is due ~3.0
+    b = _add(s, "b", 0.5)  # b's first token is due 1.5 (planning: 0.5 + 0.75 = 1.25)
+    # lead (one round): 2 switches / (1 - 2 * 0.1) = 0.125 s; b is not due within it
+    assert s.policy.pick(s, 0.6) == "a"
+    assert s.policy.pick(s, 1.1) == "b"  # b is due within a round, and a is far ahead
+    assert s.policy.prefetch_hint(s, 1.1) == "a"
+    b.output_token_ids = [7]
+    s.policy.first_token[b] = 1.1
+    s.waiting["b"].remove(b)
+    s.running["b"].append(b)
+    assert s.policy.pick(s, 1.2) == "b"  # inside b's quota
+
+
+def test_prefetch_hints_name_the_next_model():
+    s = _sched(make_policy("request"))
+    _add(s, "a", 1.0, running=True)
+    s.policy.current = "a"  # a holds the device until its queue drains
+    _add(s, "c", 3.0)
+    _add(s, "b", 2.0)
+    assert s.policy.pick(s, 4.0) == "a" and s.policy.prefetch_hint(s, 4.0) == "b"
+    f = _sched(make_policy("fcfs"))
+    _add(f, "a", 1.0, running=True)
+    _add(f, "c", 3.0)
+    assert f.policy.pick(f, 4.0) == "a" and f.policy.prefetch_hint(f, 4.0) == "c"

@@ -2,6 +2,7 @@
 
 from gpupool import SamplingParams
 from gpupool.pool.kv import PagePool
+from gpupool.scheduler.policy import Policy
 from gpupool.scheduler.request import Sequence, Status
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -86,3 +87,55 @@ def test_oldest_request_picks_the_model():
     s.add_request(Sequence("x", "b", [1], SamplingParams(), 1.0, 99))
     s.add_request(Sequence("y", "a", [1], SamplingParams(), 2.0, 99))
     assert s.schedule().model == "b"
+
+
+
+class _Fixed(Policy):
+    """Always the model it is told."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def pick(self, sched, now):
+        return self.model
+
+
+def _two_models(num_pages, running_b):
+    """Model b runs ``running_b`` sequences of 8 tokens (2 pages each); then a holds the device."""
+    s = Scheduler(SchedulerConfig(), PagePool(num_pages), host_pages=PagePool(16),
+                  policy=_Fixed("b"))
+    s.add_model("a", 4)
+    s.add_model("b", 4)
+    bs = [Sequence(f"b{i}", "b", list(range(8)), SamplingParams(), float(i), 99)
+          for i in range(running_b)]
+    for q in bs:
+        s.add_request(q)
+    _advance(s, s.schedule())
+    s.policy.model = "a"
+    return s, bs
+
+
+def test_other_models_kv_is_swapped_out_when_the_running_model_needs_pages():
+    s, (b0, b1) = _two_models(5, 2)
+    a = Sequence("a", "a", list(range(8)), SamplingParams(), 5.0, 99)
+    s.add_request(a)
+    out = s.schedule()  # a needs 2 pages, 1 is free: the newest of b's KV goes to host pages
+    assert out.model == "a" and [q.request_id for q in out.preempted] == ["b1"]
+    assert len(out.swap_out) == 2 and not out.swap_in
+    assert [x.seq.request_id for x in out.scheduled] == ["a"]
+    assert b1.status is Status.WAITING and len(b1.host_pages) == 2
+    assert b1.num_computed_tokens == 8 and b0.status is Status.RUNNING  # kept: not needed
+    s.pages.check_integrity()
+
+
+def test_a_swap_in_never_shares_a_step_with_a_swap_out():
+    s, (b0,) = _two_models(3, 1)
+    a = Sequence("a", "a", list(range(8)), SamplingParams(), 5.0, 99)
+    a.num_computed_tokens, a.output_token_ids = 8, [7]
+    a.host_pages = s.host_pages.allocate(2)  # a was swapped out earlier
+    s.add_request(a)
+    out = s.schedule()  # a needs 3 pages, 1 is free: b0 is evicted by recompute
+    assert [x.seq.request_id for x in out.scheduled] == ["a"]
+    assert len(out.swap_in) == 2 and not out.swap_out
+    assert b0.status is Status.WAITING and b0.num_computed_tokens == 0 and not b0.host_pages
+    s.pages.check_integrity()

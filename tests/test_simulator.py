@@ -73,3 +73,23 @@ def test_simulator_finishes_every_request_and_policies_differ_under_load():
                    for r, q in zip(sorted(res, key=lambda r: r.arrival), reqs))
         scores[policy] = attainment(res, slo)["slo_attainment"]
     assert len(set(scores.values())) > 1
+
+
+@needs_data
+def test_prefetch_overlaps_weight_copies_with_compute():
+    names = [f"qwen2_5_7b#{i}" for i in range(4)]
+    models = load_sim_models(DATA, "H100", names, efficiency=0.8)
+    reqs = poisson_workload({m: 0.1 for m in names}, 200.0, SHAREGPT_INPUT, SHAREGPT_OUTPUT,
+                            seed=5)
+    slo = SLO(ttft_ms=10_000, tbt_ms=100)
+    stats = {}
+    for prefetch in (False, True):
+        st = stats[prefetch] = {}
+        res = simulate_device(models, reqs, "token", {m: slo for m in names},
+                              DeviceConfig(resident_models=2, prefetch=prefetch), stats=st)
+        assert len(res) == len(reqs) and st["switches"] > 0
+        assert all(len(r.token_times) == q.output_tokens
+                   for r, q in zip(sorted(res, key=lambda r: r.arrival), reqs))
+    # stalls per switch: a prefetched copy has run (part of) its course before it is needed
+    assert (stats[True]["stall_s"] / stats[True]["switches"]
+            < stats[False]["stall_s"] / stats[False]["switches"])
