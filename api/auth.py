@@ -1,6 +1,7 @@
 """Tenants and keys: who is calling, and which models they may use.
 
-With no tenant stored the server is open (everyone may use every model). Otherwise every
+Until the first tenant is created the server is open (everyone may use every model); from
+then on (even after the last tenant is deleted) every
 OpenAI route needs ``Authorization: Bearer <tenant key>``; under ``/tenants/{t}/v1`` the key
 must be one of tenant ``t``'s. A model a tenant may not use is answered exactly like one that
 does not exist (404), so tenants cannot probe each other's adapters.
@@ -40,7 +41,7 @@ def _unauthorized(message: str) -> APIError:
 
 
 def _lookup(store, key: str | None, tenant_path: str | None) -> Tenant | None:
-    if not store.has_tenants():
+    if not store.auth_required():
         if tenant_path is not None:
             raise APIError(404, f"tenant {tenant_path!r} does not exist", code="not_found")
         return None

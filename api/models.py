@@ -41,7 +41,9 @@ class ModelManager:
         self.static_models = {m.name: m for m in config.models}
         self.static_adapters = {a.name: a for a in config.adapters}
         self._removed: set[str] = set()  # config entries removed through the admin API
-        self._locks: dict[str, asyncio.Lock] = {}
+        # one lock for every load and every admin change, so a load never races a removal
+        # or a second add of the same name (loads are rare; served names skip it)
+        self._lock = asyncio.Lock()
 
     # ---- what is known --------------------------------------------------------------------
     def models(self) -> dict[str, dict]:
@@ -68,27 +70,26 @@ class ModelManager:
         """Load ``name`` (and its base) into the engine if it is known but not loaded yet."""
         if self.engine.has_model(name):
             return
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            if self.engine.has_model(name):
-                return
-            models, adapters = self.models(), self.adapters()
-            try:
-                if name in models:
-                    spec = models[name]
-                    await asyncio.to_thread(self._load_model, name, spec)
-                elif name in adapters:
-                    spec = adapters[name]
-                    await self.ensure(spec["base"])
-                    await asyncio.to_thread(self.engine.add_adapter, name, spec["base"],
-                                            spec["path"])
-                else:
-                    raise model_not_found(name)
-            except (ModelLoadError, AdapterError, RequestError, OSError, ValueError) as e:
-                if self.engine.has_model(name):  # loaded by a concurrent admin call
-                    return
-                raise APIError(503, f"model {name!r} is registered but could not be loaded: "
-                                    f"{e}", param="model", code="model_load_failed") from e
+        async with self._lock:
+            await self._ensure_locked(name)
+
+    async def _ensure_locked(self, name: str) -> None:
+        if self.engine.has_model(name):
+            return
+        models, adapters = self.models(), self.adapters()  # registered now, under the lock
+        try:
+            if name in models:
+                await asyncio.to_thread(self._load_model, name, models[name])
+            elif name in adapters:
+                spec = adapters[name]
+                await self._ensure_locked(spec["base"])
+                await asyncio.to_thread(self.engine.add_adapter, name, spec["base"],
+                                        spec["path"])
+            else:
+                raise model_not_found(name)
+        except (ModelLoadError, AdapterError, RequestError, OSError, ValueError) as e:
+            raise APIError(503, f"model {name!r} is registered but could not be loaded: "
+                                f"{e}", param="model", code="model_load_failed") from e
 
     def _load_model(self, name: str, spec: dict) -> None:
         slo = None
@@ -130,6 +131,22 @@ class ModelManager:
                            param="name", code="name_taken")
 
     async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
+        async with self._lock:
+            await self._add_model(name, path, ttft_ms, tbt_ms)
+
+    async def add_adapter(self, name: str, base: str, path: str) -> None:
+        async with self._lock:
+            await self._add_adapter(name, base, path)
+
+    async def remove_model(self, name: str) -> None:
+        async with self._lock:
+            await self._remove_model(name)
+
+    async def remove_adapter(self, name: str) -> None:
+        async with self._lock:
+            await self._remove_adapter(name)
+
+    async def _add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
         check_name(name)
         path = self.check_path(path)
         self._check_free(name)
@@ -141,14 +158,14 @@ class ModelManager:
         self.store.put_model(name, path, ttft_ms, tbt_ms)
         self._removed.discard(name)
 
-    async def add_adapter(self, name: str, base: str, path: str) -> None:
+    async def _add_adapter(self, name: str, base: str, path: str) -> None:
         check_name(name)
         path = self.check_path(path)
         self._check_free(name)
         if base not in self.models():
             raise APIError(404, f"base model {base!r} does not exist", param="base",
                            code="model_not_found")
-        await self.ensure(base)
+        await self._ensure_locked(base)
         try:
             await asyncio.to_thread(self.engine.add_adapter, name, base, path)
         except (AdapterError, RequestError, ValueError, OSError) as e:
@@ -156,12 +173,12 @@ class ModelManager:
         self.store.put_adapter(name, base, path)
         self._removed.discard(name)
 
-    async def remove_model(self, name: str) -> None:
+    async def _remove_model(self, name: str) -> None:
         if name not in self.models():
             raise APIError(404, f"model {name!r} does not exist", code="model_not_found")
         for adapter, spec in self.adapters().items():
             if spec["base"] == name:
-                await self.remove_adapter(adapter)
+                await self._remove_adapter(adapter)
         if self.engine.has_model(name):
             try:
                 await asyncio.to_thread(self.engine.remove_model, name)
@@ -171,7 +188,7 @@ class ModelManager:
         if name in self.static_models:
             self._removed.add(name)
 
-    async def remove_adapter(self, name: str) -> None:
+    async def _remove_adapter(self, name: str) -> None:
         if name not in self.adapters():
             raise APIError(404, f"adapter {name!r} does not exist", code="model_not_found")
         if self.engine.has_model(name):

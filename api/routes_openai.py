@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class Run:
             if not engine.has_model(self.model):
                 raise model_not_found(self.model) from e
             raise APIError(400, str(e), param="prompt") from e
+        except ValueError as e:
+            self.choices = []
+            raise APIError(400, str(e)) from e
         for ch, rid in zip(self.choices, rids):
             ch.request_id = rid
 
@@ -168,6 +172,18 @@ def _finish_reason(out: RequestOutput) -> str | None:
 
 
 # ---- shared request handling ----------------------------------------------------------------
+def _tokenizer(state, model: str):
+    try:
+        return state.engine.tokenizer(model)
+    except (RequestError, KeyError):
+        raise model_not_found(model) from None
+
+
+def _lp(value: float) -> float:
+    """JSON has no infinities: a -inf log-probability is reported as -9999.0 (as vLLM does)."""
+    return value if math.isfinite(value) else -9999.0
+
+
 def _token_text(tokenizer, tid: int) -> str:
     return tokenizer.decode([tid]) if tokenizer is not None else str(tid)
 
@@ -178,7 +194,8 @@ async def _prepare(state, request: Request, tenant_path: str | None, cls, route:
     req = parse(cls, body, route)
     check_model_access(state, tenant, req.model)
     await state.models.ensure(req.model)
-    if state.engine.num_unfinished() >= state.config.max_queued_requests:
+    incoming = req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
+    if state.engine.num_unfinished() + incoming > state.config.max_queued_requests:
         raise APIError(503, "the server's request queue is full; retry later",
                        code="queue_full", headers={"Retry-After": "1"})
     return tenant, req
@@ -215,8 +232,8 @@ def _completion_logprobs(tokenizer, lps, text_start: int = 0):
     for tid, lp, top in lps:
         t = _token_text(tokenizer, tid)
         tokens.append(t)
-        token_lps.append(lp)
-        tops.append({_token_text(tokenizer, i): v for i, v in top})
+        token_lps.append(_lp(lp))
+        tops.append({_token_text(tokenizer, i): _lp(v) for i, v in top})
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
@@ -233,9 +250,9 @@ async def completions(state, request: Request, tenant_path: str | None = None):
         ps = _params_for(state, req, plen, req.max_tokens, req.logprobs, 16)
         per_choice_prompts += [prompt] * req.n
         params += ps
+    tokenizer = _tokenizer(state, req.model)
     run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
     await run.start(per_choice_prompts, params)
-    tokenizer = state.engine.tokenizer(req.model)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def body(choices, usage=None):
@@ -260,13 +277,17 @@ async def completions(state, request: Request, tenant_path: str | None = None):
 
     async def stream():
         sent: dict[int, int] = {}
+        offset: dict[int, int] = {}  # characters of token text already sent, per choice
         try:
             async for ch, out in run.events():
                 lps = None
                 if out.logprobs is not None:
                     start = sent.get(ch.index, 0)
-                    lps = _completion_logprobs(tokenizer, out.logprobs[start:])
+                    lps = _completion_logprobs(tokenizer, out.logprobs[start:],
+                                               offset.get(ch.index, 0))
                     sent[ch.index] = len(out.logprobs)
+                    offset[ch.index] = (lps["text_offset"][-1] + len(lps["tokens"][-1])
+                                        if lps["tokens"] else offset.get(ch.index, 0))
                 if not out.delta_text and not out.finished and not lps:
                     continue
                 reason = _finish_reason(out) if out.finished else None
@@ -291,9 +312,9 @@ def _chat_logprobs(tokenizer, lps):
     content = []
     for tid, lp, top in lps:
         t = _token_text(tokenizer, tid)
-        content.append({"token": t, "logprob": lp, "bytes": list(t.encode()),
+        content.append({"token": t, "logprob": _lp(lp), "bytes": list(t.encode()),
                         "top_logprobs": [{"token": (s := _token_text(tokenizer, i)),
-                                          "logprob": v, "bytes": list(s.encode())}
+                                          "logprob": _lp(v), "bytes": list(s.encode())}
                                          for i, v in top]})
     return {"content": content}
 
@@ -316,12 +337,13 @@ async def chat_completions(state, request: Request, tenant_path: str | None = No
     tenant, req = await _prepare(state, request, tenant_path, ChatCompletionRequest,
                                  "/v1/chat/completions")
     prompt = await asyncio.to_thread(_chat_prompt, state, req)
-    max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
+    max_tokens = req.max_tokens if req.max_completion_tokens is None else (
+        req.max_completion_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params_for(state, req, len(prompt), max_tokens, logprobs, None)
+    tokenizer = _tokenizer(state, req.model)
     run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
     await run.start([prompt] * req.n, params)
-    tokenizer = state.engine.tokenizer(req.model)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if not req.stream:
@@ -390,8 +412,10 @@ async def list_models(state, request: Request, tenant_path: str | None = None):
 
 async def get_model(state, request: Request, model: str, tenant_path: str | None = None):
     tenant = await authenticate(state, request, tenant_path)
-    check_model_access(state, tenant, model)
-    return JSONResponse(_model_card(state, model, state.models.known()[model]))
+    known = state.models.known()
+    if model not in known or (tenant is not None and not tenant.may_use(model)):
+        raise model_not_found(model)
+    return JSONResponse(_model_card(state, model, known[model]))
 
 
 def router(state) -> APIRouter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -40,9 +41,13 @@ def build_state(config: ServerConfig) -> AppState:
     engine = Engine(config=Config.from_env(**config.engine))
     try:
         store = StateStore.open(config.redis_url, engine.config.home)
-        for t in config.tenants:
+        for t in config.tenants:  # seeded once; later admin changes (rotation) persist
+            if store.tenant(t.name) is not None:
+                logger.info("tenant %s is already in the state store; its config entry is "
+                            "not applied again (change it through the admin API)", t.name)
+                continue
             hashes = [hash_key(k) for k in t.api_keys] + list(t.key_hashes)
-            store.put_tenant(t.name, list(t.models), hashes, replace_keys=True)
+            store.put_tenant(t.name, list(t.models), hashes)
         models = ModelManager(engine, store, config)
         models.load_static()
     except BaseException:
@@ -82,12 +87,14 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok", "models": state.engine.models}
 
     @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(state.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+    async def metrics():  # reads engine stats under its lock: off the event loop
+        body = await asyncio.to_thread(generate_latest, state.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
     async def root():
@@ -102,7 +109,7 @@ def serve(config: ServerConfig) -> None:
     import uvicorn
 
     state = build_state(config)
-    if not state.store.has_tenants():
+    if not state.store.auth_required():
         logger.warning("no tenants are configured: the server is OPEN, anyone who can reach "
                        "http://%s:%d may use every model", config.host, config.port)
     if not config.admin_key:

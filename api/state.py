@@ -6,6 +6,8 @@ Keys (values are JSON):
   gpupool:adapters  hash  name -> {"base", "path"}                (admin-added adapters)
   gpupool:tenants   hash  name -> {"models": [...], "created": unix time}
   gpupool:keys      hash  sha256(key) hex -> tenant name
+  gpupool:auth      string "required" once any tenant was created: deleting the last tenant
+                    does not open the server again
 
 API keys are never stored, only their SHA-256 digests: keys are 256-bit random tokens, so a
 fast hash is enough (no dictionary to guess from), and lookup is one hash read.
@@ -105,8 +107,9 @@ class StateStore:
         raw = self.r.hget(PREFIX + "tenants", name)
         return json.loads(raw) if raw is not None else None
 
-    def has_tenants(self) -> bool:
-        return self.r.hlen(PREFIX + "tenants") > 0
+    def auth_required(self) -> bool:
+        """Whether the OpenAI routes need a tenant key: once any tenant has existed."""
+        return bool(self.r.exists(PREFIX + "auth")) or self.r.hlen(PREFIX + "tenants") > 0
 
     def put_tenant(self, name: str, models: list[str], key_hashes: list[str] | None = None,
                    replace_keys: bool = False) -> None:
@@ -121,6 +124,7 @@ class StateStore:
             pipe.hset(PREFIX + "keys", h, name)
         pipe.hset(PREFIX + "tenants", name,
                   json.dumps({"models": list(models), "created": created}))
+        pipe.set(PREFIX + "auth", "required")
         pipe.execute()
         self._saved()
 

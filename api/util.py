@@ -26,7 +26,11 @@ async def read_json(request: Request, limit: int):
     if not raw:
         raise APIError(400, "the request body is empty; send JSON")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")

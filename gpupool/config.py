@@ -90,6 +90,7 @@ class Config:
 
 
 # ---- the server ---------------------------------------------------------------------------
+MIN_KEY_CHARS = 16  # configured API keys shorter than this are refused
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -111,6 +112,21 @@ class TenantSpec:
     models: tuple[str, ...]  # base models and adapters it may use ("*": all)
     api_keys: tuple[str, ...] = ()  # plain keys (hashed before they are stored)
     key_hashes: tuple[str, ...] = ()  # or their sha256 hex digests
+
+    def __post_init__(self):
+        def strings(value, what):
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v
+                                                       for v in value):
+                raise ValueError(f"tenant {self.name!r}: {what} must be a list of strings")
+
+        strings(self.models, "models")
+        strings(self.api_keys, "api_keys")
+        strings(self.key_hashes, "key_hashes")
+        if any(len(k) < MIN_KEY_CHARS for k in self.api_keys):
+            raise ValueError(f"tenant {self.name!r}: API keys need at least {MIN_KEY_CHARS} "
+                             "characters")
+        if any(len(h) != 64 or set(h) - set("0123456789abcdef") for h in self.key_hashes):
+            raise ValueError(f"tenant {self.name!r}: key_hashes are sha256 hex digests")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -85,6 +86,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._loading: set[str] = set()  # model names being read from disk
+        self._aborts: collections.deque[str] = collections.deque()  # applied by the loop
         logger.info("engine on %s: %d KV pages of %d KiB", self.device,
                     self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
 
@@ -101,18 +104,25 @@ class Engine:
         """Load a model folder (or ``"smollm2"``) and serve it as ``name`` (with its own
         latency objectives, else the config's defaults)."""
         with self._lock:
-            if name in self.core.workers:
+            if name in self.core.workers or name in self._loading:
                 raise RequestError(f"model {name!r} is already loaded")
-        worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
-                             self.config.dtype, self.config.adapters, self.weights)
-        with self._lock:
-            try:
-                self.core.add_worker(worker)
-            except RequestError:
-                self.weights.unregister(name)
-                raise
-            if slo is not None:
-                self.core.set_slo(name, slo)
+            if name in self.core.adapters.refs:
+                raise RequestError(f"{name!r} is already the name of an adapter")
+            self._loading.add(name)  # a concurrent add of the same name fails above
+        try:
+            worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
+                                 self.config.dtype, self.config.adapters, self.weights)
+            with self._lock:
+                try:
+                    self.core.add_worker(worker)
+                except RequestError:
+                    self.weights.unregister(name)
+                    raise
+                if slo is not None:
+                    self.core.set_slo(name, slo)
+        finally:
+            with self._lock:
+                self._loading.discard(name)
 
     def remove_model(self, name: str) -> None:
         """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
@@ -131,7 +141,7 @@ class Engine:
 
     @property
     def models(self) -> list[str]:
-        return list(self.core.workers)
+        return list(self.core.workers)  # one C-level copy under the GIL: no lock needed
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -169,8 +179,14 @@ class Engine:
                 ids = self.core.tokenize(model, prompt)
                 self.core.check_request(model, ids, p)
                 checked.append(ids)
-            rids = [self.core.add_request(model, ids, p, sink=sink)
-                    for ids, p, sink in zip(checked, params, sinks)]
+            rids: list[str] = []
+            try:
+                for ids, p, sink in zip(checked, params, sinks):
+                    rids.append(self.core.add_request(model, ids, p, sink=sink))
+            except BaseException:
+                for rid in rids:  # all or none
+                    self.core.abort(rid)
+                raise
             self._ensure_thread()
             self._lock.notify()
         return rids
@@ -251,8 +267,18 @@ class Engine:
         return rid
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.core.abort(request_id)
+        """Finish a request now (reason ``abort``). Never waits for a running step: the
+        abort is applied at once if the engine lock is free, else before the next step."""
+        self._aborts.append(request_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_aborts()
+            finally:
+                self._lock.release()
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            self.core.abort(self._aborts.popleft())
 
     def generate(self, prompts: str | list[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -331,8 +357,18 @@ class Engine:
                     self._lock.wait()
                 if self._stopped:
                     return
-                self.core.step()
+                self._apply_aborts()
+                try:
+                    self.core.step()
+                except Exception as e:  # never lose the loop: fail what was in flight
+                    logger.exception("engine step failed; failing its requests")
+                    self.core.fail_all(f"engine error: {e}")
             time.sleep(0)  # let a thread waiting for the lock (a new request) take it now
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine loop has stopped (shutdown)."""
+        return not self._stopped and (self._thread is None or self._thread.is_alive())
 
     def check_integrity(self) -> None:
         with self._lock:

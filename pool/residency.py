@@ -15,7 +15,9 @@ slots, :meth:`WeightPool.adapter_buffer`); ``unregister`` returns it with the we
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,6 +53,14 @@ class _Entry:
     slab: int | None = None  # byte offset in the weight region when resident
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class WeightPool:
     def __init__(self, arena: Arena, host_bytes: int):
         self.arena = arena
@@ -61,7 +71,11 @@ class WeightPool:
         self.num_swaps = 0
         self.swap_bytes = 0
         self.swap_seconds = 0.0
+        # register() runs in the caller's thread while the engine thread makes models
+        # resident: every method that reads or changes `entries` holds this lock
+        self._lock = threading.RLock()
 
+    @_locked
     def register(self, name: str, layout: WeightLayout, host: torch.Tensor,
                  loader: Callable[[], torch.Tensor]) -> None:
         if layout.num_bytes > self.arena.weight_bytes:
@@ -72,12 +86,14 @@ class WeightPool:
         self.entries[name] = _Entry(layout, loader, self._host_buffer(host))
         self._trim_host()
 
+    @_locked
     def unregister(self, name: str) -> None:
         entry = self.entries.pop(name)
         if entry.slab is not None:
             self.arena.weight_slabs.free(entry.slab)
         self.arena.free_adapters(name)
 
+    @_locked
     def adapter_buffer(self, name: str, num_bytes: int) -> torch.Tensor:
         """A zeroed uint8 view of ``num_bytes`` in the arena's adapter region for registered
         model ``name`` (its LoRA slots), held until :meth:`release_adapters` or
@@ -111,6 +127,7 @@ class WeightPool:
         nbytes = entry.layout.num_bytes
         return entry.layout.views(self.arena.weights[entry.slab : entry.slab + nbytes])
 
+    @_locked
     def make_resident(self, name: str, keep: frozenset[str] = frozenset()) -> SwapIn | None:
         """Copy ``name`` into a slab (evicting LRU models not in ``keep``); None if resident."""
         entry = self.entries[name]
@@ -154,6 +171,7 @@ class WeightPool:
             event.record(self._stream)
         torch.cuda.current_stream(self.device).wait_event(event)
 
+    @_locked
     def _trim_host(self) -> None:
         """Drop host buffers of non-resident models, least recently used first, over the cap."""
         total = sum(e.host.numel() for e in self.entries.values() if e.host is not None)
@@ -165,6 +183,7 @@ class WeightPool:
                 e.host = None
                 logger.info("host cache: dropped %s (re-read from disk when needed)", name)
 
+    @_locked
     def check_integrity(self) -> None:
         self.arena.check_integrity()
         slabs = [e.slab for e in self.entries.values() if e.slab is not None]

@@ -194,6 +194,15 @@ class EngineCore:
         if tr is not None:
             self._finish(tr, "abort")
 
+    def fail_all(self, error: str) -> None:
+        """Finish every unfinished request with ``error`` (after an unexpected failure)."""
+        for tr in list(self.requests.values()):
+            try:
+                self._finish(tr, "abort", error=error)
+            except Exception:  # keep going: the others must still be told
+                logger.exception("could not finish request %s", tr.seq.request_id)
+                self.requests.pop(tr.seq.request_id, None)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 

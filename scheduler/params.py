@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,17 @@ class SamplingParams:
             bad(f"max_tokens must be an integer, got {self.max_tokens!r}")
         if self.max_tokens < 1:
             bad(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if (not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature)
+                or self.temperature < 0):
+            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
             bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
         seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not -(2**63) <= seed < 2**64):
+            bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             bad("stop must be non-empty strings")
@@ -63,4 +67,5 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # below 1e-5 the distribution is one-hot in float32 anyway (vLLM's threshold too)
+        return self.temperature < GREEDY_BELOW or self.top_k == 1

@@ -211,3 +211,22 @@ def test_logprobs_match_transformers_log_softmax(engine, tiny_models):
         top_ids = torch.topk(row, 4).indices.tolist()
         assert [i for i, _ in top] == top_ids
         assert [v for _, v in top] == pytest.approx(row[top_ids].tolist(), abs=1e-4)
+
+
+def test_an_unexpected_step_failure_fails_its_requests_not_the_engine(engine, monkeypatch):
+    calls = []
+    real = engine.core._process
+
+    def broken(*args):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(engine.core, "_process", broken)
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert out.finish_reason == "abort" and "boom" in out.error
+    again = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert again.error is None and len(again.token_ids) == 3
+    assert engine.alive
+    engine.check_integrity()

@@ -188,6 +188,28 @@ def test_bad_parameters_get_400_in_openai_format(served, body, param):
     assert err["param"] == param
 
 
+def test_requests_that_could_break_the_engine_get_400_and_it_keeps_serving(served):
+    url = served["server"].url
+    for raw in (b'{"model": "tiny", "prompt": "w1", "temperature": NaN}',
+                b'{"model": "tiny", "prompt": "w1", "top_p": Infinity}'):
+        r = httpx.post(url + "/v1/completions", content=raw,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+    r = _post(served, "/v1/completions", {"model": "tiny", "prompt": [1, 2, 3], "n": 2,
+                                          "max_tokens": 3, "seed": 2**64 - 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    depth = [l for l in httpx.get(url + "/metrics").text.splitlines()
+             if l.startswith('gpupool_queue_depth{model="tiny"')]
+    assert depth and all(l.endswith(" 0.0") for l in depth)  # nothing of it was queued
+    tiny_t = _post(served, "/v1/completions", {"model": "tiny", "prompt": [1, 2, 3],
+                                               "max_tokens": 4, "temperature": 1e-45})
+    greedy = _post(served, "/v1/completions", {"model": "tiny", "prompt": [1, 2, 3],
+                                               "max_tokens": 4, "temperature": 0})
+    assert tiny_t.status_code == 200 and tiny_t.json()["choices"][0]["text"] == (
+        greedy.json()["choices"][0]["text"])
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
 def test_malformed_json_unknown_model_long_prompt_and_big_body(served):
     r = httpx.post(served["server"].url + "/v1/completions", content=b'{"model": ',
                    headers={"content-type": "application/json"})
@@ -212,6 +234,15 @@ def test_unknown_fields_are_ignored_with_a_log_line(served):
     assert "ignoring unknown fields brand_new_option" in served["server"].output()
 
 
+def _pages_free(url) -> bool:
+    for _ in range(100):
+        text = httpx.get(url + "/metrics").text
+        if 'gpupool_kv_pages{state="used",where="device"} 0.0' in text:
+            return True
+        asyncio.run(asyncio.sleep(0.05))
+    return False
+
+
 def test_queue_bound_gives_503_with_retry_after(served):
     body = LONG_STREAM
     url = served["server"].url + "/v1/completions"
@@ -230,6 +261,7 @@ def test_queue_bound_gives_503_with_retry_after(served):
         finally:
             for s in streams:
                 s.__exit__(None, None, None)  # disconnect mid-stream: aborts the requests
+    assert _pages_free(served["server"].url)
 
 
 def test_client_disconnect_aborts_and_frees_pages(served):
@@ -250,15 +282,6 @@ def test_client_disconnect_aborts_and_frees_pages(served):
     # and it keeps serving
     assert _post(served, "/v1/completions", {"model": "tiny", "prompt": "w1",
                                              "max_tokens": 1}).status_code == 200
-
-
-def _pages_free(url) -> bool:
-    for _ in range(100):
-        text = httpx.get(url + "/metrics").text
-        if 'gpupool_kv_pages{state="used",where="device"} 0.0' in text:
-            return True
-        asyncio.run(asyncio.sleep(0.05))
-    return False
 
 
 def test_disconnect_without_streaming_aborts_too(served):

@@ -107,6 +107,15 @@ def test_admin_flow_isolation_and_restart(setup):
         _err(a.post("/admin/tenants", json={"name": "acme", "models": []}), 409)
         assert {m["name"] for m in a.get("/admin/models").json()["data"]} == {"tiny", "long"}
 
+        # the same model added twice at once: one wins, the other gets 409, nothing breaks
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            codes = sorted(pool.map(lambda _: a.post("/admin/models", json={
+                "name": "twice", "path": str(root / "keep")}).status_code, range(2)))
+        assert codes == [201, 409]
+        assert a.delete("/admin/models/twice").status_code == 200
+
         # unload the adapter and its base while a stream on the adapter runs: it finishes
         body = {"model": "long-ad", "prompt": "w5 w6", "max_tokens": 3000, "ignore_eos": True,
                 "temperature": 0, "stream": True,
@@ -142,6 +151,8 @@ def test_admin_flow_isolation_and_restart(setup):
         _err(httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {acme_key}"}), 401)
         assert a.delete("/admin/tenants/beta").status_code == 200
         _err(httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {beta_key}"}), 401)
+        assert a.post("/admin/tenants", json={"name": "gone", "models": []}).status_code == 201
+        assert a.delete("/admin/tenants/gone").status_code == 200
         want = openai.OpenAI(base_url=url + "/v1", api_key=new_acme, max_retries=0) \
             .completions.create(model="keep-ad", prompt="w7 w8 w9", max_tokens=6,
                                 temperature=0).choices[0].text

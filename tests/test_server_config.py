@@ -26,7 +26,7 @@ path = "/models/x"
 [[tenants]]
 name = "acme"
 models = ["a", "x"]
-api_keys = ["k1"]
+api_keys = ["k1-0123456789abcdef"]
 """
 
 
@@ -51,7 +51,7 @@ def test_file_then_environment_then_flags(config_file, monkeypatch):
     assert c.port == 9001 and c.admin_key == "from-file" and c.model_roots == ("/models",)
     assert c.engine == {"policy": "request", "tbt_ms": 120.0}
     assert c.models[0].ttft_ms == 500 and c.adapters[0].base == "a"
-    assert c.tenants[0].api_keys == ("k1",) and c.tenants[0].models == ("a", "x")
+    assert c.tenants[0].api_keys == ("k1-0123456789abcdef",) and c.tenants[0].models == ("a", "x")
     monkeypatch.setenv("GPUPOOL_CONFIG", str(config_file))
     monkeypatch.setenv("GPUPOOL_PORT", "9002")
     monkeypatch.setenv("GPUPOOL_POLICY", "fcfs")
@@ -70,6 +70,10 @@ def test_file_then_environment_then_flags(config_file, monkeypatch):
     ("[[models]]\nname = 'a'", "bad entry in models"),
     ("[[models]]\nname = 'a'\npath = 'p'\nextra = 1", "unknown keys in models"),
     ("port = 0", "port"),
+    ("[[tenants]]\nname='a'\nmodels=['m']\napi_keys='a-single-string-key'", "list of strings"),
+    ("[[tenants]]\nname='a'\nmodels='m'", "list of strings"),
+    ("[[tenants]]\nname='a'\nmodels=['m']\napi_keys=['short']", "at least 16"),
+    ("[[tenants]]\nname='a'\nmodels=['m']\nkey_hashes=['abc']", "sha256"),
     ("port = [", "config file"),
     ("[[models]]\nname='a'\npath='p'\n[[adapters]]\nname='a'\nbase='a'\npath='q'",
      "declared twice"),
