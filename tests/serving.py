@@ -82,6 +82,14 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         code, self.proc = self.proc.returncode, None
+        # the embedded Redis daemonises (its parent is init), so find it by its folder too
+        state = str(self.home / "state")
+        for p in psutil.process_iter(["name"]):
+            try:
+                if p.info["name"] == "redis-server" and p.cwd() == state:
+                    children.append(p)
+            except psutil.Error:
+                pass
         _, alive = psutil.wait_procs(children, timeout=10)
         for p in alive:
             p.kill()
