@@ -170,19 +170,23 @@ class Engine:
         return len(self.core.requests)
 
     def submit(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
-               model: str, sinks: Sequence) -> list[str]:
-        """Queue several requests for one model at once, or none: each is tokenised and
-        checked first (RequestError names the first bad one). One lock acquisition."""
+               model: str | Sequence[str], sinks: Sequence) -> list[str]:
+        """Queue several requests at once, or none: each is tokenised and checked first
+        (RequestError names the first bad one). ``model``: one name, or one per prompt.
+        One lock acquisition."""
+        names = [model] * len(prompts) if isinstance(model, str) else list(model)
+        if len(names) != len(prompts):
+            raise RequestError("give one model name, or one per prompt")
         with self._lock:
             checked = []
-            for prompt, p in zip(prompts, params):
-                ids = self.core.tokenize(model, prompt)
-                self.core.check_request(model, ids, p)
+            for prompt, p, name in zip(prompts, params, names):
+                ids = self.core.tokenize(name, prompt)
+                self.core.check_request(name, ids, p)
                 checked.append(ids)
             rids: list[str] = []
             try:
-                for ids, p, sink in zip(checked, params, sinks):
-                    rids.append(self.core.add_request(model, ids, p, sink=sink))
+                for ids, p, name, sink in zip(checked, params, names, sinks):
+                    rids.append(self.core.add_request(name, ids, p, sink=sink))
             except BaseException:
                 for rid in rids:  # all or none
                     self.core.abort(rid)
@@ -308,20 +312,9 @@ class Engine:
                         done.set()
             return sink
 
-        with self._lock:
-            names = (list(model) if isinstance(model, (list, tuple))
-                     else [self._model_name(model)] * len(prompts))
-            if len(names) != len(prompts):
-                raise RequestError("give one model name, or one per prompt")
-            checked = []
-            for prompt, p, name in zip(prompts, plist, names):
-                ids = self.core.tokenize(name, prompt)
-                self.core.check_request(name, ids, p)
-                checked.append(ids)
-            for i, (ids, p, name) in enumerate(zip(checked, plist, names)):
-                self.core.add_request(name, ids, p, sink=sink_for(i))
-            self._ensure_thread()
-            self._lock.notify()
+        if not isinstance(model, (list, tuple)):
+            model = self._model_name(model)
+        self.submit(prompts, plist, model, [sink_for(i) for i in range(len(prompts))])
         done.wait()
         return [results[i] for i in range(len(prompts))]
 
