@@ -61,9 +61,12 @@ async def authenticate(state, request: Request, tenant_path: str | None) -> Tena
     return await asyncio.to_thread(_lookup, state.store, bearer(request), tenant_path)
 
 
-def check_model_access(state, tenant: Tenant | None, model: str) -> None:
-    if model not in state.models.known() or (tenant is not None and not tenant.may_use(model)):
+def check_model_access(state, tenant: Tenant | None, model: str) -> str | None:
+    """``model``'s base (None for a base model); 404 if unknown or not the tenant's."""
+    known = state.models.known()
+    if model not in known or (tenant is not None and not tenant.may_use(model)):
         raise model_not_found(model)
+    return known[model]
 
 
 def check_admin(state, request: Request) -> None:

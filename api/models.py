@@ -52,17 +52,20 @@ class ModelManager:
             out[n] = {"path": m.path, "ttft_ms": m.ttft_ms, "tbt_ms": m.tbt_ms}
         return {n: v for n, v in out.items() if n not in self._removed}
 
-    def adapters(self) -> dict[str, dict]:
+    def adapters(self, models: dict | None = None) -> dict[str, dict]:
+        """Adapters whose base is known (``models``: the result of ``models()`` if already
+        read, to spare a second store read)."""
         out = {n: dict(v) for n, v in self.store.adapters().items()}
         for n, a in self.static_adapters.items():
             out[n] = {"base": a.base, "path": a.path}
-        models = self.models()
+        models = self.models() if models is None else models
         return {n: v for n, v in out.items() if n not in self._removed and v["base"] in models}
 
     def known(self) -> dict[str, str | None]:
         """Every servable name -> its base model (None for base models)."""
-        out: dict[str, str | None] = dict.fromkeys(self.models())
-        out.update({n: a["base"] for n, a in self.adapters().items()})
+        models = self.models()
+        out: dict[str, str | None] = dict.fromkeys(models)
+        out.update({n: a["base"] for n, a in self.adapters(models).items()})
         return out
 
     # ---- loading --------------------------------------------------------------------------
@@ -76,7 +79,8 @@ class ModelManager:
     async def _ensure_locked(self, name: str) -> None:
         if self.engine.has_model(name):
             return
-        models, adapters = self.models(), self.adapters()  # registered now, under the lock
+        models = self.models()  # registered now, under the lock
+        adapters = self.adapters(models)
         try:
             if name in models:
                 await asyncio.to_thread(self._load_model, name, models[name])

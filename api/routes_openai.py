@@ -142,8 +142,8 @@ class Run:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _wait_all(run: Run, request: Request) -> bool:
-    """Collect every output; abort the run and return False if the client goes away."""
+async def _collect(run: Run, request: Request) -> list[RequestOutput] | None:
+    """Every choice's final output, in order; None (run aborted) if the client goes away."""
 
     async def drain():
         async for _ in run.events():
@@ -155,11 +155,11 @@ async def _wait_all(run: Run, request: Request) -> bool:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 task.result()
-                return True
+                return [ch.last for ch in run.choices]
             if await request.is_disconnected():
                 logger.info("client went away: aborting its request for %s", run.model)
                 task.cancel()
-                return False
+                return None
     finally:
         if not task.done():
             task.cancel()
@@ -215,6 +215,21 @@ def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
     return out
 
 
+async def _start(state, req, tenant, prompts: list, params: list[SamplingParams]):
+    """The Run with every choice queued, and the model's tokenizer (for logprob tokens)."""
+    tokenizer = _tokenizer(state, req.model)
+    run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
+    await run.start(prompts, params)
+    return run, tokenizer
+
+
+def _new_logprobs(out: RequestOutput):
+    """The logprobs of the tokens this update added (one entry per output token)."""
+    if out.logprobs is None:
+        return None
+    return out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -250,9 +265,7 @@ async def completions(state, request: Request, tenant_path: str | None = None):
         ps = _params_for(state, req, plen, req.max_tokens, req.logprobs, 16)
         per_choice_prompts += [prompt] * req.n
         params += ps
-    tokenizer = _tokenizer(state, req.model)
-    run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
-    await run.start(per_choice_prompts, params)
+    run, tokenizer = await _start(state, req, tenant, per_choice_prompts, params)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def body(choices, usage=None):
@@ -263,31 +276,24 @@ async def completions(state, request: Request, tenant_path: str | None = None):
         return b
 
     if not req.stream:
-        if not await _wait_all(run, request):
+        outs = await _collect(run, request)
+        if outs is None:
             return Response(status_code=499)  # nobody is listening any more
-        choices = []
-        for ch in run.choices:
-            out = ch.last
-            choices.append({"index": ch.index, "text": out.text,
-                            "logprobs": _completion_logprobs(tokenizer, out.logprobs),
-                            "finish_reason": _finish_reason(out)})
+        choices = [{"index": i, "text": out.text,
+                    "logprobs": _completion_logprobs(tokenizer, out.logprobs),
+                    "finish_reason": _finish_reason(out)} for i, out in enumerate(outs)]
         return JSONResponse(body(choices, run.usage()))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def stream():
-        sent: dict[int, int] = {}
         offset: dict[int, int] = {}  # characters of token text already sent, per choice
         try:
             async for ch, out in run.events():
-                lps = None
-                if out.logprobs is not None:
-                    start = sent.get(ch.index, 0)
-                    lps = _completion_logprobs(tokenizer, out.logprobs[start:],
-                                               offset.get(ch.index, 0))
-                    sent[ch.index] = len(out.logprobs)
-                    offset[ch.index] = (lps["text_offset"][-1] + len(lps["tokens"][-1])
-                                        if lps["tokens"] else offset.get(ch.index, 0))
+                lps = _completion_logprobs(tokenizer, _new_logprobs(out),
+                                           offset.get(ch.index, 0))
+                if lps and lps["tokens"]:
+                    offset[ch.index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
                 if not out.delta_text and not out.finished and not lps:
                     continue
                 reason = _finish_reason(out) if out.finished else None
@@ -341,21 +347,16 @@ async def chat_completions(state, request: Request, tenant_path: str | None = No
         req.max_completion_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params_for(state, req, len(prompt), max_tokens, logprobs, None)
-    tokenizer = _tokenizer(state, req.model)
-    run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
-    await run.start([prompt] * req.n, params)
+    run, tokenizer = await _start(state, req, tenant, [prompt] * req.n, params)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if not req.stream:
-        if not await _wait_all(run, request):
+        outs = await _collect(run, request)
+        if outs is None:
             return Response(status_code=499)  # nobody is listening any more
-        choices = []
-        for ch in run.choices:
-            out = ch.last
-            choices.append({"index": ch.index,
-                            "message": {"role": "assistant", "content": out.text},
-                            "logprobs": _chat_logprobs(tokenizer, out.logprobs),
-                            "finish_reason": _finish_reason(out)})
+        choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": _chat_logprobs(tokenizer, out.logprobs),
+                    "finish_reason": _finish_reason(out)} for i, out in enumerate(outs)]
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
                              "model": req.model, "choices": choices, "usage": run.usage()})
 
@@ -369,18 +370,13 @@ async def chat_completions(state, request: Request, tenant_path: str | None = No
         return c
 
     async def stream():
-        sent: dict[int, int] = {}
         try:
             for ch in run.choices:
                 yield _sse(chunk([{"index": ch.index,
                                    "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}], include_usage))
             async for ch, out in run.events():
-                lps = None
-                if out.logprobs is not None:
-                    start = sent.get(ch.index, 0)
-                    lps = _chat_logprobs(tokenizer, out.logprobs[start:])
-                    sent[ch.index] = len(out.logprobs)
+                lps = _chat_logprobs(tokenizer, _new_logprobs(out))
                 if out.delta_text or lps:
                     yield _sse(chunk([{"index": ch.index, "delta": {"content": out.delta_text},
                                        "logprobs": lps, "finish_reason": None}], include_usage))
@@ -412,10 +408,8 @@ async def list_models(state, request: Request, tenant_path: str | None = None):
 
 async def get_model(state, request: Request, model: str, tenant_path: str | None = None):
     tenant = await authenticate(state, request, tenant_path)
-    known = state.models.known()
-    if model not in known or (tenant is not None and not tenant.may_use(model)):
-        raise model_not_found(model)
-    return JSONResponse(_model_card(state, model, known[model]))
+    base = check_model_access(state, tenant, model)
+    return JSONResponse(_model_card(state, model, base))
 
 
 def router(state) -> APIRouter:

@@ -3,6 +3,7 @@ a tiny model and two adapters of it (open: no tenants)."""
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -159,6 +160,16 @@ def test_logprobs_are_log_probabilities_of_the_chosen_tokens(client):
         assert top[tok] == pytest.approx(value)
 
 
+def test_streamed_logprobs_add_up_to_the_whole(client):
+    kw = dict(model="tiny", prompt="w3 w4", max_tokens=6, temperature=0, logprobs=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw)
+             if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.tokens
+    assert [v for p in parts for v in p.token_logprobs] == whole.token_logprobs
+    assert [o for p in parts for o in p.text_offset] == whole.text_offset
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model="smollm2", max_tokens=4, temperature=0,
                                        messages=[{"role": "user", "content": "Hi"}],
@@ -239,7 +250,7 @@ def _pages_free(url) -> bool:
         text = httpx.get(url + "/metrics").text
         if 'gpupool_kv_pages{state="used",where="device"} 0.0' in text:
             return True
-        asyncio.run(asyncio.sleep(0.05))
+        time.sleep(0.05)
     return False
 
 
@@ -276,7 +287,7 @@ def test_client_disconnect_aborts_and_frees_pages(served):
         pool = httpx.get(url + "/metrics").text
         if 'gpupool_kv_pages{state="used",where="device"} 0.0' in pool:
             break
-        asyncio.run(asyncio.sleep(0.05))
+        time.sleep(0.05)
     assert 'gpupool_kv_pages{state="used",where="device"} 0.0' in pool
     assert 'status="aborted"' in pool
     # and it keeps serving
