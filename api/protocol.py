@@ -124,16 +124,23 @@ class ChatCompletionRequest(_Common):
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
 
-def parse(cls: type[BaseModel], body: Any, route: str):
-    """Validate a JSON body into ``cls``; 400 in OpenAI format on any error."""
+def validate(cls: type[BaseModel], body: Any):
+    """A JSON body as ``cls``; 400 in OpenAI format naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        req = cls.model_validate(body)
+        return cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        raise APIError(400, f"{loc}: {err['msg']}", param=str(err["loc"][0])) from None
+        raise APIError(400, f"{loc}: {err['msg']}",
+                       param=str(err["loc"][0]) if err["loc"] else None) from None
+
+
+def parse(cls: type[BaseModel], body: Any, route: str):
+    """An OpenAI request body as ``cls``: validated, unknown fields logged, unsupported
+    features refused."""
+    req = validate(cls, body)
     extra = sorted(req.model_extra or {})
     if extra:
         logger.warning("%s: ignoring unknown fields %s", route, ", ".join(extra))

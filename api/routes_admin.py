@@ -6,11 +6,12 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpupool.api.auth import check_admin
 from gpupool.api.errors import APIError
 from gpupool.api.models import check_name
+from gpupool.api.protocol import validate
 from gpupool.api.state import hash_key, new_key
 from gpupool.api.util import read_json
 
@@ -48,16 +49,7 @@ class KeyBody(_Body):
 async def _body(state, request: Request, cls, required: bool = True):
     if not required and request.headers.get("content-length") in (None, "0"):
         return cls()
-    raw = await read_json(request, state.config.max_body_bytes)
-    if not isinstance(raw, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise APIError(400, f"{loc}: {err['msg']}", param=str(err["loc"][0]) if err["loc"]
-                       else None) from None
+    return validate(cls, await read_json(request, state.config.max_body_bytes))
 
 
 def router(state) -> APIRouter:
