@@ -75,7 +75,7 @@ def test_engine_keeps_serving_after_refusals(engine, base, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     _refused(engine, bad, "DoRA")
     engine.add_adapter("ok", "base", path)
-    out = engine.generate(random_prompts(1, 5, 5)[0], SamplingParams(max_tokens=4),
-                          model="ok")[0]
+    out = engine.generate(random_prompts(1, 5, 5)[0],
+                          SamplingParams(max_tokens=4, ignore_eos=True), model="ok")[0]
     assert len(out.token_ids) == 4
     engine.remove_adapter("ok")
