@@ -38,6 +38,7 @@ class PoolConfig:
     adapter_bytes: int = 1 << 30  # adapter region (LoRA slots of every base model)
     host_cache_bytes: int | None = None  # host model cache bound; None: 50% of available
     host_kv_bytes: int = 512 << 20  # host pages for preempted requests' KV (0: recompute)
+    prefetch: bool = True  # copy the next model's weights while the current one runs
 
     def __post_init__(self):
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.kv_page_bytes:

@@ -82,7 +82,8 @@ class Engine:
         self.kv.enable_host_swap(pool.host_kv_bytes // pool.kv_page_bytes)
         host_bytes = pool.host_cache_bytes or int(psutil.virtual_memory().available * 0.5)
         self.weights = WeightPool(self.arena, host_bytes)
-        self.core = EngineCore(self.config.scheduler, self.kv.pages, self.kv)
+        self.core = EngineCore(self.config.scheduler, self.kv.pages, self.kv,
+                               prefetch=pool.prefetch)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -236,6 +237,9 @@ class Engine:
                     "weight_swaps": w.num_swaps,
                     "weight_bytes": w.swap_bytes,
                     "weight_seconds": w.swap_seconds,
+                    "weight_prefetches": w.num_prefetches,
+                    "weight_prefetch_hits": w.prefetch_hits,
+                    "weight_prefetches_wasted": w.prefetch_wasted,
                     "kv_pages_out": kv.num_pages_swapped_out,
                     "kv_pages_in": kv.num_pages_swapped_in,
                     "kv_bytes": (kv.num_pages_swapped_out + kv.num_pages_swapped_in)
@@ -374,6 +378,7 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self.weights.close()
 
     def __enter__(self):
         return self

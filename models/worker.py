@@ -93,7 +93,6 @@ class ModelWorker:
         )
         self.block_tokens = self.kv_view.shape[3]
         self.weight_pool = weight_pool
-        self.last_swap = None  # the SwapIn of the latest execute, if it swapped
         if weight_pool is None:
             self.weights = host if device.type == "cpu" else host.to(device)
             self.model.bind(self.layout.views(self.weights))
@@ -111,7 +110,8 @@ class ModelWorker:
         return load_flat_weights(self.folder, self.cfg, self.dtype)[1]
 
     def make_resident(self, keep: frozenset[str] = frozenset()):
-        """Ensure the weights are on the device (a swap: copy + rebind); the SwapIn or None."""
+        """Ensure the weights are on the device (a swap, or a prefetch's first use: copy and
+        rebind); the SwapIn, or None if they were bound already."""
         if self.weight_pool is None:
             return None
         swap = self.weight_pool.make_resident(self.name, keep)
@@ -170,6 +170,6 @@ class ModelWorker:
     def execute(self, scheduled) -> torch.Tensor:
         """Run one step (swapping the weights in first if needed); logits [rows that sample,
         vocab] in float32."""
-        self.last_swap = self.make_resident(frozenset({self.name}))
+        self.make_resident(frozenset({self.name}))
         batch = build_batch(scheduled, self.block_tokens, self.device)
         return self.model.forward(batch, self.kv_view, self._lora_batch(scheduled))

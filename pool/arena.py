@@ -58,6 +58,12 @@ class SlabAllocator:
             prev = self._free.pop(i - 1)
             self._free[i - 1] = (prev[0], prev[1] + self._free[i - 1][1])
 
+    def clone(self) -> SlabAllocator:
+        """An independent copy of the bookkeeping (to try a plan without changing this one)."""
+        other = SlabAllocator(self.num_bytes)
+        other._free, other._used = list(self._free), dict(self._used)
+        return other
+
     def check_integrity(self) -> None:
         """Free and used ranges tile the region exactly, free neighbours coalesced."""
         ranges = sorted(list(self._free) + list(self._used.items()))

@@ -9,6 +9,15 @@ recently used non-resident ones are dropped and re-read from disk when needed ag
 On CUDA the copy runs on its own stream and the compute stream waits on its event; on CPU the
 same code path copies synchronously.
 
+Prefetch (:meth:`WeightPool.prefetch`): while one model runs, the next one the policy expects
+is copied into a free slab, or one freed by evicting the least recently used model other than
+the running one, off the engine's critical path — on CUDA on the copy stream, on CPU by one
+copy thread (``torch`` copies release the GIL). At most one prefetch is in flight. The model
+counts as resident at once; the first :meth:`make_resident` that needs it waits only for the
+rest of its copy (an event on CUDA, the copy's future on CPU) and reports that wait. A slab is
+never reused while a copy into it may still run: evicting or unregistering a model waits for
+its copy first.
+
 The pool also hands out each registered model's range of the arena's adapter region (its LoRA
 slots, :meth:`WeightPool.adapter_buffer`); ``unregister`` returns it with the weight slab.
 """
@@ -21,6 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +47,15 @@ class PoolCapacityError(ValueError):
 
 @dataclass(frozen=True)
 class SwapIn:
-    """One residency change: what was copied, what was evicted, how long it took."""
+    """One residency change: what was copied, what was evicted, how long the step waited.
+    ``prefetched``: the copy was started earlier by :meth:`WeightPool.prefetch`, and
+    ``seconds`` is only the wait for what was left of it."""
 
     model: str
     num_bytes: int
     seconds: float
     evicted: tuple[str, ...]
+    prefetched: bool = False
 
 
 @dataclass(eq=False)
@@ -51,6 +64,7 @@ class _Entry:
     loader: Callable[[], torch.Tensor]  # re-reads the host buffer from disk
     host: torch.Tensor | None = None
     slab: int | None = None  # byte offset in the weight region when resident
+    copy: object = None  # the prefetch copy into the slab (CUDA event or Future) until used
 
 
 def _locked(method):
@@ -68,9 +82,13 @@ class WeightPool:
         self.entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order, oldest first
         self.device = arena.buffer.device
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.num_swaps = 0
+        self._copier: ThreadPoolExecutor | None = None  # CPU prefetch copies (made lazily)
+        self.num_swaps = 0  # copies a step waited for in full
         self.swap_bytes = 0
-        self.swap_seconds = 0.0
+        self.swap_seconds = 0.0  # time steps waited for weights (whole copies, prefetch rests)
+        self.num_prefetches = 0  # copies started ahead of need
+        self.prefetch_hits = 0  # prefetched models a step then used
+        self.prefetch_wasted = 0  # prefetched models evicted or removed before any use
         # register() runs in the caller's thread while the engine thread makes models
         # resident: every method that reads or changes `entries` holds this lock
         self._lock = threading.RLock()
@@ -90,7 +108,7 @@ class WeightPool:
     def unregister(self, name: str) -> None:
         entry = self.entries.pop(name)
         if entry.slab is not None:
-            self.arena.weight_slabs.free(entry.slab)
+            self._release_slab(entry)
         self.arena.free_adapters(name)
 
     @_locked
@@ -129,23 +147,23 @@ class WeightPool:
 
     @_locked
     def make_resident(self, name: str, keep: frozenset[str] = frozenset()) -> SwapIn | None:
-        """Copy ``name`` into a slab (evicting LRU models not in ``keep``); None if resident."""
+        """Copy ``name`` into a slab (evicting LRU models not in ``keep``); None if it was
+        resident already (a prefetched model's first use is a SwapIn with ``prefetched``)."""
         entry = self.entries[name]
         self.entries.move_to_end(name)
         if entry.slab is not None:
-            return None
+            if entry.copy is None:
+                return None
+            start = time.perf_counter()
+            self._wait(entry)
+            seconds = time.perf_counter() - start
+            self.prefetch_hits += 1
+            self.swap_seconds += seconds
+            return SwapIn(name, entry.layout.num_bytes, seconds, (), prefetched=True)
         start = time.perf_counter()
-        evicted = []
-        slab = self.arena.weight_slabs.allocate(entry.layout.num_bytes)
-        while slab is None:
-            victim = next((n for n, e in self.entries.items()
-                           if e.slab is not None and n != name and n not in keep), None)
-            if victim is None:
-                raise PoolCapacityError(f"cannot make {name!r} resident beside {sorted(keep)}")
-            self.arena.weight_slabs.free(self.entries[victim].slab)
-            self.entries[victim].slab = None
-            evicted.append(victim)
-            slab = self.arena.weight_slabs.allocate(entry.layout.num_bytes)
+        slab, evicted = self._allocate(name, keep)
+        if slab is None:
+            raise PoolCapacityError(f"cannot make {name!r} resident beside {sorted(keep)}")
         if entry.host is None:
             entry.host = self._host_buffer(entry.loader())
         self._copy(self.arena.weights[slab : slab + entry.layout.num_bytes], entry.host)
@@ -155,7 +173,91 @@ class WeightPool:
         self.num_swaps += 1
         self.swap_bytes += entry.layout.num_bytes
         self.swap_seconds += seconds
-        return SwapIn(name, entry.layout.num_bytes, seconds, tuple(evicted))
+        return SwapIn(name, entry.layout.num_bytes, seconds, evicted)
+
+    @_locked
+    def prefetch(self, name: str, protect: frozenset[str] = frozenset()) -> bool:
+        """Start copying ``name`` into a slab without waiting for it, evicting least recently
+        used models not in ``protect`` (the running model) if needed. Does nothing (False)
+        when ``name`` is resident or unknown, its host buffer was dropped (re-reading it from
+        disk is no job for the copy engine), another prefetch is still copying, or no slab
+        can be had without evicting a protected model."""
+        entry = self.entries.get(name)
+        if entry is None or entry.slab is not None or entry.host is None:
+            return False
+        if any(e.copy is not None and not self._copy_done(e.copy) for e in self.entries.values()):
+            return False
+        slab, _ = self._allocate(name, protect)
+        if slab is None:
+            return False
+        dst = self.arena.weights[slab : slab + entry.layout.num_bytes]
+        entry.copy = self._start_copy(dst, entry.host)
+        entry.slab = slab
+        self.entries.move_to_end(name)
+        for keep in protect:  # the running model stays the most recently used
+            if keep in self.entries:
+                self.entries.move_to_end(keep)
+        self.num_prefetches += 1
+        self.swap_bytes += entry.layout.num_bytes
+        return True
+
+    def _allocate(self, name: str, keep: frozenset[str]) -> tuple[int | None, tuple[str, ...]]:
+        """A slab for ``name``, evicting LRU resident models other than ``name`` and ``keep``
+        until one fits; (None, ()) with nothing evicted if no such eviction makes it fit
+        (free ranges are first fit, so fragmentation can stop it)."""
+        nbytes = self.entries[name].layout.num_bytes
+        plan = self.arena.weight_slabs.clone()  # evict on a copy first: all or nothing
+        victims = []
+        while plan.allocate(nbytes) is None:
+            victim = next((n for n, e in self.entries.items() if e.slab is not None
+                           and n != name and n not in keep and n not in victims), None)
+            if victim is None:
+                return None, ()
+            plan.free(self.entries[victim].slab)
+            victims.append(victim)
+        for victim in victims:
+            self._release_slab(self.entries[victim])
+        return self.arena.weight_slabs.allocate(nbytes), tuple(victims)
+
+    def _release_slab(self, entry: _Entry) -> None:
+        if entry.copy is not None:  # prefetched, never used: let its copy finish first
+            self._wait(entry)
+            self.prefetch_wasted += 1
+        self.arena.weight_slabs.free(entry.slab)
+        entry.slab = None
+
+    def _start_copy(self, dst: torch.Tensor, src: torch.Tensor):
+        if self._stream is None:
+            if self._copier is None:
+                self._copier = ThreadPoolExecutor(1, thread_name_prefix="gpupool-prefetch")
+            return self._copier.submit(dst.copy_, src)
+        # the slab's last reader (an evicted model's step) must be done before it is
+        # overwritten: the copy stream waits for the work queued on the compute stream
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return event
+
+    @staticmethod
+    def _copy_done(copy) -> bool:
+        return copy.done() if isinstance(copy, Future) else copy.query()
+
+    def _wait(self, entry: _Entry) -> None:
+        """Make the compute side wait for ``entry``'s prefetch copy (CPU: block on it; CUDA:
+        the compute stream waits on its event, the host does not)."""
+        copy, entry.copy = entry.copy, None
+        if isinstance(copy, Future):
+            copy.result()
+        else:
+            torch.cuda.current_stream(self.device).wait_event(copy)
+
+    def close(self) -> None:
+        """Stop the CPU copy thread (after its copy, if one runs)."""
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
 
     def _host_buffer(self, host: torch.Tensor) -> torch.Tensor:
         """Host buffers are pinned on CUDA so the swap-in copy runs at full bandwidth."""
@@ -165,6 +267,7 @@ class WeightPool:
         if self._stream is None:
             dst.copy_(src)
             return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # see _start_copy
         with torch.cuda.stream(self._stream):
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
@@ -189,5 +292,7 @@ class WeightPool:
         slabs = [e.slab for e in self.entries.values() if e.slab is not None]
         assert len(slabs) == len(set(slabs)), "two models share a slab"
         assert len(slabs) == len(self.arena.weight_slabs._used), "a slab is owned by no model"
+        assert all(e.slab is not None for e in self.entries.values() if e.copy is not None), (
+            "a prefetch copy targets no slab")
         assert set(self.arena.adapter_owners) <= set(self.entries), (
             "adapter slots are held by a model that is no longer registered")

@@ -45,9 +45,12 @@ class _Tracked:
 class EngineCore:
     """Requests in, :class:`RequestOutput` updates out. Workers are added by the Engine."""
 
-    def __init__(self, config: SchedulerConfig, pages: PagePool, kv=None):
+    def __init__(self, config: SchedulerConfig, pages: PagePool, kv=None,
+                 prefetch: bool = False):
         """``kv``: the :class:`KVStorage`; with host pages enabled, preempted requests' KV is
-        swapped out to host memory instead of recomputed."""
+        swapped out to host memory instead of recomputed. ``prefetch``: each step, start
+        copying the weights of the model the policy expects next (``prefetch_hint``) while
+        this one runs."""
         self.pages = pages
         self.kv = kv
         host = kv.host_pages if kv is not None else None
@@ -60,6 +63,7 @@ class EngineCore:
         self.adapters = AdapterRegistry()
         self.requests: dict[str, _Tracked] = {}
         self._next_id = 0
+        self.prefetch = prefetch
 
     # ---- models -------------------------------------------------------------------------
     def set_slo(self, model: str, slo: SLO) -> None:
@@ -217,19 +221,27 @@ class EngineCore:
             self.kv.copy_pages(list(out.swap_in), to_host=False)
         try:
             worker = self.workers[out.model]
+            swap = worker.make_resident(frozenset({out.model}))
+            if swap is not None:  # what switching to the model cost the device: the wait
+                self.cost.observe_swap(out.model, swap.seconds)
+            if self.prefetch:
+                self._prefetch(out.model)
             start = time.perf_counter()
             logits = worker.execute(out.scheduled)
-            swap_s = 0.0
-            if worker.last_swap is not None:
-                swap_s = worker.last_swap.seconds
-                self.cost.observe_swap(out.model, swap_s)
-            self.cost.observe_step(out.model, time.perf_counter() - start - swap_s)
+            self.cost.observe_step(out.model, time.perf_counter() - start)
         except Exception as e:  # a failed step fails its requests, never the engine
             logger.exception("step for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
                     for s in out.scheduled]
         self.scheduler.update_from_output(out)
         return self._process(out, sampling, logits)
+
+    def _prefetch(self, running: str) -> None:
+        """Start copying the weights of the model the policy expects after ``running``."""
+        hint = self.policy.prefetch_hint(self.scheduler, time.monotonic())
+        worker = self.workers.get(hint) if hint != running else None
+        if worker is not None and worker.weight_pool is not None:
+            worker.weight_pool.prefetch(hint, protect=frozenset({running}))
 
     def _process(self, out: SchedulerOutput, sampling: list[Sequence], logits) -> list:
         tracked = [self.requests[s.request_id] for s in sampling]

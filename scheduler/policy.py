@@ -20,8 +20,8 @@
   (request-level scaling: ServerlessLLM, Ollama).
 - ``fcfs``: the model of the oldest unfinished request, switching whenever it changes.
 
-``prefetch_hint`` names the model a policy expects to run after the current one (the
-simulator uses it to model weight copies overlapped with compute). Policies read the
+``prefetch_hint`` names the model a policy expects to run after the current one (the engine
+and the simulator start copying its weights while the current one runs). Policies read the
 scheduler's integer queues and never touch a tensor; the simulator drives the same objects
 with simulated time.
 """

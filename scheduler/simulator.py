@@ -12,12 +12,12 @@ by default the Aegaeon artifact's own estimate (32 GiB/s on H100, its deliberate
 pessimistic efficiency 0.15), as listed in shared/data/model_sizes.csv; callers may pass
 another efficiency (gpupool's bulk copy measured at 1.0x a raw copy in bench_swap.py).
 
-Weight copies: by default a switch stalls the device for the whole copy (what the engine does
-today: the copy runs on its own CUDA stream, but only once a step needs the model). With
-``DeviceConfig.prefetch`` the simulator models a copy engine working beside compute: after
-each step the policy's ``prefetch_hint`` model is copied into the least recently used slot
-other than the running model's, and a later switch to it waits only for the rest of that
-copy (Aegaeon prefetches weights the same way). The engine has no prefetch hook yet.
+Weight copies: by default a switch stalls the device for the whole copy (the engine with
+``PoolConfig.prefetch`` off). With ``DeviceConfig.prefetch`` the simulator models a copy
+engine working beside compute, as the engine's ``WeightPool.prefetch`` does: each step the
+policy's ``prefetch_hint`` model is copied into the least recently used slot other than the
+running model's, one copy at a time, and a later switch to it waits only for the rest of
+that copy (Aegaeon prefetches weights the same way).
 """
 
 from __future__ import annotations
