@@ -328,8 +328,14 @@ class Engine:
         """Yield outputs as tokens arrive; leaving early aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.add_request(prompt, params, model, request_id,
-                               sink=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        def sink(out: RequestOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+                if not loop.is_closed():
+                    raise
+
+        rid = self.add_request(prompt, params, model, request_id, sink=sink)
         finished = False
         try:
             while not finished:
@@ -354,8 +360,8 @@ class Engine:
                     self._lock.wait()
                 if self._stopped:
                     return
-                self._apply_aborts()
                 try:
+                    self._apply_aborts()
                     self.core.step()
                 except Exception as e:  # never lose the loop: fail what was in flight
                     logger.exception("engine step failed; failing its requests")

@@ -64,6 +64,7 @@ class EngineCore:
         self.requests: dict[str, _Tracked] = {}
         self._next_id = 0
         self.prefetch = prefetch
+        self._orphans: list[str] = []  # requests whose sink failed: aborted before a step
 
     # ---- models -------------------------------------------------------------------------
     def set_slo(self, model: str, slo: SLO) -> None:
@@ -212,6 +213,8 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        while self._orphans:
+            self.abort(self._orphans.pop())
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -303,7 +306,14 @@ class EngineCore:
         )
         tr.emitted_chars, tr.emitted_tokens = visible, len(seq.output_token_ids)
         if tr.sink is not None:
-            tr.sink(out)
+            try:
+                tr.sink(out)
+            except Exception:  # the consumer is gone: its failure never reaches the engine
+                logger.exception("output sink of request %s failed; aborting it",
+                                 seq.request_id)
+                tr.sink = None
+                if not finished:
+                    self._orphans.append(seq.request_id)
         return out
 
     def _finish(self, tr: _Tracked, reason: str, error: str | None = None) -> RequestOutput:

@@ -230,3 +230,71 @@ def test_an_unexpected_step_failure_fails_its_requests_not_the_engine(engine, mo
     assert again.error is None and len(again.token_ids) == 3
     assert engine.alive
     engine.check_integrity()
+
+
+def _generate_within(engine, prompt, params, seconds=120.0):
+    """engine.generate on a daemon thread: a dead engine loop fails the test, not hangs it."""
+    out = []
+    t = threading.Thread(target=lambda: out.extend(engine.generate(prompt, params)), daemon=True)
+    t.start()
+    t.join(timeout=seconds)
+    assert out, "the engine loop no longer serves requests"
+    return out
+
+
+def test_a_stream_left_while_the_engine_is_busy_does_not_stop_the_loop(engine):
+    """The abort of a stream left early is applied after its event loop has closed (here:
+    the engine lock is held by another thread, as by a step, while asyncio.run returns);
+    outputs for it then have nowhere to go, which must not end the engine loop."""
+    prompt = random_prompts(1, 6, 6, seed=12)[0]
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with engine._lock:
+            held.set()
+            release.wait(timeout=60)
+
+    async def take_one():
+        agen = engine.stream(prompt, SamplingParams(max_tokens=200, temperature=0,
+                                                    ignore_eos=True))
+        first = await agen.__anext__()
+        holder = threading.Thread(target=hold_the_lock, daemon=True)
+        holder.start()
+        held.wait(timeout=60)
+        await agen.aclose()  # the abort is queued: the lock is busy
+        return first, holder
+
+    first, holder = asyncio.run(take_one())  # the stream's event loop is closed now
+    release.set()
+    holder.join()
+    assert not first.finished
+    out = _generate_within(engine, prompt, SamplingParams(max_tokens=2, temperature=0))
+    assert len(out[0].token_ids) == 2 and engine.alive
+    engine.check_integrity()
+    assert engine.kv.pages.num_used_pages == 0
+
+
+def test_a_failing_sink_aborts_its_request_only(engine):
+    prompts = random_prompts(3, 5, 12, seed=13)
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = engine.generate(prompts, p)
+    calls, results, done = [], {}, threading.Event()
+
+    def bad_sink(out):
+        calls.append(out)
+        raise RuntimeError("consumer gone")
+
+    def good_sink(i):
+        def sink(out):
+            if out.finished:
+                results[i] = out
+                if len(results) == 2:
+                    done.set()
+        return sink
+
+    engine.submit(prompts, [p] * 3, engine.models[0], [bad_sink, good_sink(1), good_sink(2)])
+    assert done.wait(timeout=120)
+    assert [results[i].token_ids for i in (1, 2)] == [want[i].token_ids for i in (1, 2)]
+    assert len(calls) == 1  # the failed sink is not called again; its request was aborted
+    assert engine.alive and not engine.core.requests
+    engine.check_integrity()
