@@ -59,6 +59,13 @@ class _PoolCollector:
                                 labels=["kind"])
         t.add_metric(["weights"], sw["weight_seconds"])
         yield t
+        pf = CounterMetricFamily("gpupool_weight_prefetches",
+                                 "Weight copies started ahead of need, by what became of them",
+                                 labels=["outcome"])
+        pf.add_metric(["started"], sw["weight_prefetches"])
+        pf.add_metric(["used"], sw["weight_prefetch_hits"])
+        pf.add_metric(["wasted"], sw["weight_prefetches_wasted"])
+        yield pf
 
 
 class Metrics:

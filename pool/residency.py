@@ -161,12 +161,16 @@ class WeightPool:
             self.swap_seconds += seconds
             return SwapIn(name, entry.layout.num_bytes, seconds, (), prefetched=True)
         start = time.perf_counter()
+        if entry.host is None:  # re-read before taking a slab: a failed read holds none
+            entry.host = self._host_buffer(entry.loader())
         slab, evicted = self._allocate(name, keep)
         if slab is None:
             raise PoolCapacityError(f"cannot make {name!r} resident beside {sorted(keep)}")
-        if entry.host is None:
-            entry.host = self._host_buffer(entry.loader())
-        self._copy(self.arena.weights[slab : slab + entry.layout.num_bytes], entry.host)
+        try:
+            self._copy(self.arena.weights[slab : slab + entry.layout.num_bytes], entry.host)
+        except BaseException:
+            self.arena.weight_slabs.free(slab)
+            raise
         entry.slab = slab
         self._trim_host()
         seconds = time.perf_counter() - start
@@ -187,9 +191,11 @@ class WeightPool:
             return False
         if any(e.copy is not None and not self._copy_done(e.copy) for e in self.entries.values()):
             return False
-        slab, _ = self._allocate(name, protect)
+        slab, evicted = self._allocate(name, protect)
         if slab is None:
             return False
+        if evicted:
+            self._trim_host()
         dst = self.arena.weights[slab : slab + entry.layout.num_bytes]
         entry.copy = self._start_copy(dst, entry.host)
         entry.slab = slab
@@ -221,8 +227,12 @@ class WeightPool:
 
     def _release_slab(self, entry: _Entry) -> None:
         if entry.copy is not None:  # prefetched, never used: let its copy finish first
-            self._wait(entry)
             self.prefetch_wasted += 1
+            try:
+                self._wait(entry)
+            except Exception:  # the slab is freed by _wait; the model was not in use
+                logger.exception("a prefetch copy failed")
+                return
         self.arena.weight_slabs.free(entry.slab)
         entry.slab = None
 
@@ -245,13 +255,26 @@ class WeightPool:
         return copy.done() if isinstance(copy, Future) else copy.query()
 
     def _wait(self, entry: _Entry) -> None:
-        """Make the compute side wait for ``entry``'s prefetch copy (CPU: block on it; CUDA:
-        the compute stream waits on its event, the host does not)."""
+        """Wait for ``entry``'s prefetch copy (CPU: its future; CUDA: its event, and the
+        compute stream is ordered after it). If the copy failed, its slab is freed and the
+        model is not resident (its views must never be bound to a half-written slab)."""
         copy, entry.copy = entry.copy, None
-        if isinstance(copy, Future):
-            copy.result()
-        else:
-            torch.cuda.current_stream(self.device).wait_event(copy)
+        try:
+            if isinstance(copy, Future):
+                copy.result()
+            else:
+                self._finish_cuda_copy(copy)
+        except BaseException:
+            self.arena.weight_slabs.free(entry.slab)
+            entry.slab = None
+            raise
+
+    def _finish_cuda_copy(self, event) -> None:
+        """The compute stream waits for the copy; so does the host, so that the time a step
+        measures for its weights is the device's real stall (a step ends in a host sync for
+        sampling anyway, so blocking here costs no overlap)."""
+        torch.cuda.current_stream(self.device).wait_event(event)
+        event.synchronize()
 
     def close(self) -> None:
         """Stop the CPU copy thread (after its copy, if one runs)."""
@@ -266,13 +289,8 @@ class WeightPool:
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if self._stream is None:
             dst.copy_(src)
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # see _start_copy
-        with torch.cuda.stream(self._stream):
-            dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        torch.cuda.current_stream(self.device).wait_event(event)
+        else:
+            self._finish_cuda_copy(self._start_copy(dst, src))
 
     @_locked
     def _trim_host(self) -> None:

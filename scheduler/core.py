@@ -240,11 +240,18 @@ class EngineCore:
         return self._process(out, sampling, logits)
 
     def _prefetch(self, running: str) -> None:
-        """Start copying the weights of the model the policy expects after ``running``."""
+        """Start copying the weights of the model the policy expects after ``running``. A
+        prefetch is an optimisation: its failure is logged and the step goes on."""
         hint = self.policy.prefetch_hint(self.scheduler, time.monotonic())
-        worker = self.workers.get(hint) if hint != running else None
-        if worker is not None and worker.weight_pool is not None:
+        if hint == running or hint in self.removing_models:
+            return
+        worker = self.workers.get(hint)
+        if worker is None or worker.weight_pool is None:
+            return
+        try:
             worker.weight_pool.prefetch(hint, protect=frozenset({running}))
+        except Exception:
+            logger.exception("prefetch of %s failed", hint)
 
     def _process(self, out: SchedulerOutput, sampling: list[Sequence], logits) -> list:
         tracked = [self.requests[s.request_id] for s in sampling]

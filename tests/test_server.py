@@ -315,7 +315,7 @@ def test_health_and_metrics(served):
                  "gpupool_time_to_first_token_seconds_bucket",
                  "gpupool_time_between_tokens_seconds_bucket", "gpupool_queue_depth",
                  "gpupool_swaps_total", "gpupool_swap_bytes_total", "gpupool_kv_pages",
-                 "gpupool_arena_bytes"):
+                 "gpupool_arena_bytes", 'gpupool_weight_prefetches_total{outcome="used"}'):
         assert name in text, name
     line = next(l for l in text.splitlines()
                 if l.startswith('gpupool_generation_tokens_total{model="tiny"'))
