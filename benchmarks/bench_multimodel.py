@@ -3,15 +3,18 @@
 Default (this CPU), chosen to resemble Aegaeon's setting (many models, each at a low rate,
 long decodes, a device whose weight memory holds only a few of them):
   - 8 Llama models (hidden 128, 2 layers, vocabulary 32000, untied: ~32 MiB of fp32 weights
-    each, so a switch is a real copy: measured ~1.5 ms, about one decode step here) and an
-    arena whose weight region holds 2 of them;
+    each, so a switch is a real copy of about one decode step: measured 1.5 ms against
+    0.7 ms steps on an avx512 CPU, 3 ms against 4 ms on an avx2-only one) and an arena whose
+    weight region holds 2 of them;
   - Poisson arrivals, Zipf(1.0) popularity over the models; prompts log-normal mean/median
     64/50 tokens, outputs 96/80 (long decodes: ~100x the prompt's prefill steps);
   - SLO TTFT 1 s, TBT 100 ms. Relative to a step (~1-5 ms) the TBT is looser than
     Aegaeon's (100 ms vs ~10 ms steps on H800) and the TTFT (~6x a request's full-speed
     service time here, ~3x in Aegaeon's traces) is looser for the request-level baseline.
 For each policy and total arrival rate, requests arrive for --duration seconds into a running
-engine (greedy, ignore_eos, max_tokens = the sampled output length). Attainment two ways:
+engine with weight prefetch on (``PoolConfig.prefetch``; token and request are run again with
+it off, keys ``*_noprefetch``, unless --no-compare-prefetch); greedy, ignore_eos, max_tokens
+= the sampled output length. Attainment two ways:
 ``*_attainment`` = share of requests meeting TTFT and mean TPOT (vLLM goodput, strict) and
 ``*_aegaeon_score`` = Aegaeon's time-based per-token score. Reports the highest rate with >=
 90% per policy for both, and ``rate_ratio_token_vs_request`` (goodput) /
@@ -26,8 +29,8 @@ lengths, 0.1 req/s per model, SLO TTFT 10 s / TBT 100 ms, 2 models resident per 
 models per GPU the attainment per policy, and the most models per GPU with >= 90% (x 16
 GPUs for the cluster, each GPU serving its own share of the models). Four settings: switch
 cost from the artifact's pessimistic estimate or a bulk copy at 80% of PCIe bandwidth, each
-with copies stalling the device (what the engine does today) or prefetched beside compute
-(the simulator's model of Aegaeon-style prefetch; the engine has no prefetch hook yet).
+with copies stalling the device (the engine with prefetch off) or prefetched beside compute
+(the engine's default, Aegaeon-style).
 Usage: python3 benchmarks/bench_multimodel.py [--json] [--simulate]
 """
 
@@ -97,10 +100,14 @@ def run_engine(args) -> dict:
               "zipf_skew": 1.0, "prompt_mean_median": [64, 50], "output_mean_median": [96, 80]}
     rates = [float(r) for r in args.rates.split(",")]
     curves, acurves, swaps, steps = {}, {}, [], []
-    for policy in ("token", "request", "fcfs"):
+    runs = [("token", True), ("request", True), ("fcfs", True)]
+    if args.compare_prefetch:
+        runs += [("token", False), ("request", False)]
+    for policy, prefetch in runs:
+        label = policy if prefetch else f"{policy}_noprefetch"
         engine = Engine(device="cpu", policy=policy, weight_bytes=2 * nbytes,
                         kv_cache_bytes=256 << 20, kv_page_bytes=64 << 10,
-                        ttft_ms=slo.ttft_ms, tbt_ms=slo.tbt_ms)
+                        ttft_ms=slo.ttft_ms, tbt_ms=slo.tbt_ms, prefetch=prefetch)
         for n in names:
             engine.add_model(n, folders[n])
         curve, scores, low = {}, {}, 0
@@ -113,20 +120,28 @@ def run_engine(args) -> dict:
             a = attainment(timings, slo)
             curve[rate], scores[rate] = a["slo_attainment"], a["aegaeon_score"]
             low = low + 1 if curve[rate] < 0.5 else 0
-        swaps += list(engine.core.cost.swap_s.values())
+        if not prefetch:
+            swaps += list(engine.core.cost.swap_s.values())
         steps += list(engine.core.cost.step_s.values())
+        w = engine.weights
+        result[f"{label}_weight_copies"] = {
+            "waited_for": w.num_swaps, "prefetched": w.num_prefetches,
+            "prefetch_hits": w.prefetch_hits, "prefetch_wasted": w.prefetch_wasted,
+            "seconds_waited": round(w.swap_seconds, 3)}
         engine.shutdown()
-        curves[policy], acurves[policy] = curve, scores
-        result[f"{policy}_attainment"] = {str(r): round(a, 3) for r, a in curve.items()}
-        result[f"{policy}_aegaeon_score"] = {str(r): round(a, 3) for r, a in scores.items()}
-        result[f"{policy}_max_rate_at_90"] = best_rate(curve)
-        result[f"{policy}_max_rate_at_90_aegaeon"] = best_rate(scores)
-    result["measured_switch_ms_median"] = round(1000 * statistics.median(swaps), 2)
+        curves[label], acurves[label] = curve, scores
+        result[f"{label}_attainment"] = {str(r): round(a, 3) for r, a in curve.items()}
+        result[f"{label}_aegaeon_score"] = {str(r): round(a, 3) for r, a in scores.items()}
+        result[f"{label}_max_rate_at_90"] = best_rate(curve)
+        result[f"{label}_max_rate_at_90_aegaeon"] = best_rate(scores)
+    if swaps:  # a full copy, learned where nothing is prefetched
+        result["measured_switch_ms_median"] = round(1000 * statistics.median(swaps), 2)
     result["measured_step_ms_median"] = round(1000 * statistics.median(steps), 2)
     for suffix in ("", "_aegaeon"):
-        req = result[f"request_max_rate_at_90{suffix}"]
-        result[f"rate_ratio_token_vs_request{suffix}"] = (
-            round(result[f"token_max_rate_at_90{suffix}"] / req, 2) if req else None)
+        for pre in ("", "_noprefetch") if args.compare_prefetch else ("",):
+            req = result[f"request{pre}_max_rate_at_90{suffix}"]
+            result[f"rate_ratio_token_vs_request{pre}{suffix}"] = (
+                round(result[f"token{pre}_max_rate_at_90{suffix}"] / req, 2) if req else None)
     return result
 
 
@@ -215,12 +230,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--simulate", action="store_true")
     ap.add_argument("--models", type=int, default=8)
-    ap.add_argument("--rates", default="10,20,40,80,160", help="total requests/s to try")
+    ap.add_argument("--rates", default="2.5,5,10,20,40,80", help="total requests/s to try")
     ap.add_argument("--duration", type=float, default=6.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--no-compare-prefetch", dest="compare_prefetch", action="store_false",
+                    help="skip the token and request runs with weight prefetch off")
     ap.add_argument("--max-models", type=int, default=10)
     ap.add_argument("--sim-duration", type=float, default=1200.0)
     ap.add_argument("--data", default="../shared/data")
