@@ -3,6 +3,7 @@ engines wired to them."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -153,3 +154,22 @@ def engine_alone(folder: Path, prompts: list, params) -> list[list[int]]:
         return [list(o.token_ids) for o in engine.generate(prompts, params)]
     finally:
         engine.shutdown()
+
+
+def generate_interleaved(engine, prompts: dict[str, list], params):
+    """Token ids per model when each model's prompts are sent from its own thread at once,
+    and for one call that mixes every model's prompts in one list (in ``prompts`` order)."""
+    results = {}
+
+    def run(model):
+        results[model] = engine.generate(prompts[model], params, model=model)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    mixed = engine.generate([p for m in prompts for p in prompts[m]], params,
+                            model=[m for m in prompts for _ in prompts[m]])
+    per_model = {m: [list(o.token_ids) for o in results[m]] for m in prompts}
+    return per_model, [list(o.token_ids) for o in mixed]

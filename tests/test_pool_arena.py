@@ -1,6 +1,5 @@
 """The arena, its slab allocator, the weight pool, and models swapped through one slot."""
 
-import threading
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from gpupool.models.loader import build_layout
 from gpupool.pool.arena import ALIGN, Arena, SlabAllocator
 from gpupool.pool.residency import PoolCapacityError, WeightPool
 from gpupool.pool.weights import WeightLayout
-from tests.factories import engine_alone, make_engine, random_prompts
+from tests.factories import engine_alone, generate_interleaved, make_engine, random_prompts
 
 
 def test_slab_allocator_first_fit_and_coalescing():
@@ -100,21 +99,9 @@ def test_interleaved_models_through_a_one_model_arena(tiny_models):
     want = {v: engine_alone(tiny_models(v), prompts[v], params) for v in VARIANTS}
     e = _one_model_arena_engine(tiny_models)
     try:
-        results = {}
-
-        def run(v):
-            results[v] = e.generate(prompts[v], params, model=v)
-
-        threads = [threading.Thread(target=run, args=(v,)) for v in VARIANTS]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        # and one call that mixes all three models in one list
-        mixed = e.generate([p for v in VARIANTS for p in prompts[v]], params,
-                           model=[v for v in VARIANTS for _ in prompts[v]])
-        assert {v: [list(o.token_ids) for o in results[v]] for v in VARIANTS} == want
-        assert [list(o.token_ids) for o in mixed] == [t for v in VARIANTS for t in want[v]]
+        per_model, mixed = generate_interleaved(e, prompts, params)
+        assert per_model == want
+        assert mixed == [t for v in VARIANTS for t in want[v]]
         assert e.weights.num_swaps >= len(VARIANTS) + 1  # models really were swapped
         assert len(e.weights.resident) == 1
         e.check_integrity()

@@ -13,7 +13,7 @@ from gpupool.models.loader import build_layout
 from gpupool.pool.arena import Arena
 from gpupool.pool.residency import WeightPool
 from gpupool.pool.weights import WeightLayout
-from tests.factories import engine_alone, make_engine, random_prompts
+from tests.factories import engine_alone, generate_interleaved, make_engine, random_prompts
 
 VARIANTS = ("llama", "qwen2", "qwen3")
 
@@ -175,20 +175,9 @@ def test_prefetched_models_give_the_same_tokens_as_each_model_alone(tiny_models)
     for policy in ("token", "fcfs"):
         e = _two_model_arena_engine(tiny_models, policy=policy)
         try:
-            results = {}
-
-            def run(v, e=e, results=results):
-                results[v] = e.generate(prompts[v], params, model=v)
-
-            threads = [threading.Thread(target=run, args=(v,)) for v in VARIANTS]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=120)
-            mixed = e.generate([p for v in VARIANTS for p in prompts[v]], params,
-                               model=[v for v in VARIANTS for _ in prompts[v]])
-            assert {v: [list(o.token_ids) for o in results[v]] for v in VARIANTS} == want
-            assert [list(o.token_ids) for o in mixed] == [t for v in VARIANTS for t in want[v]]
+            per_model, mixed = generate_interleaved(e, prompts, params)
+            assert per_model == want
+            assert mixed == [t for v in VARIANTS for t in want[v]]
             assert e.weights.num_prefetches > 0, policy
             e.check_integrity()
         finally:
