@@ -99,7 +99,7 @@ def run_engine(args) -> dict:
               "slo_ms": [slo.ttft_ms, slo.tbt_ms], "duration_s": args.duration,
               "zipf_skew": 1.0, "prompt_mean_median": [64, 50], "output_mean_median": [96, 80]}
     rates = [float(r) for r in args.rates.split(",")]
-    curves, acurves, swaps, steps = {}, {}, [], []
+    swaps, steps = [], []
     runs = [("token", True), ("request", True), ("fcfs", True)]
     if args.compare_prefetch:
         runs += [("token", False), ("request", False)]
@@ -129,7 +129,6 @@ def run_engine(args) -> dict:
             "prefetch_hits": w.prefetch_hits, "prefetch_wasted": w.prefetch_wasted,
             "seconds_waited": round(w.swap_seconds, 3)}
         engine.shutdown()
-        curves[label], acurves[label] = curve, scores
         result[f"{label}_attainment"] = {str(r): round(a, 3) for r, a in curve.items()}
         result[f"{label}_aegaeon_score"] = {str(r): round(a, 3) for r, a in scores.items()}
         result[f"{label}_max_rate_at_90"] = best_rate(curve)
