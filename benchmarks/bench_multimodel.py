@@ -24,7 +24,7 @@ policy is a faithful request-level policy: same continuous batching and chunked 
 only keeps the device until the model's queue drains.
 
 --simulate: the same policy and scheduler objects in the discrete-event simulator with H100
-step times from shared/data (qwen2.5-7B, yi-1.5-9B, llama2-13B in rotation), ShareGPT-like
+step times from scheduler/data (qwen2.5-7B, yi-1.5-9B, llama2-13B in rotation), ShareGPT-like
 lengths, 0.1 req/s per model, SLO TTFT 10 s / TBT 100 ms, 2 models resident per GPU; for n
 models per GPU the attainment per policy, and the most models per GPU with >= 90% (x 16
 GPUs for the cluster, each GPU serving its own share of the models). Four settings: switch
@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from common import emit  # noqa: E402
 
 from gpupool.scheduler.metrics import RequestTiming, attainment  # noqa: E402
+from gpupool.scheduler.simulator import DEFAULT_DATA_DIR  # noqa: E402
 from gpupool.scheduler.slo import SLO  # noqa: E402
 from gpupool.scheduler.workload import LengthDist, poisson_workload, zipf_rates  # noqa: E402
 
@@ -181,14 +182,12 @@ def run_simulation(args) -> dict:
     from gpupool.scheduler.simulator import DeviceConfig, load_sim_models, simulate_device
     from gpupool.scheduler.workload import SHAREGPT_INPUT, SHAREGPT_OUTPUT
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not data.is_dir():
-        data = Path(args.data)
+    data = Path(args.data)
     bases = ["qwen2_5_7b", "yi1_5_9b_chat", "llama2_13b_chat"]
     slo = SLO(ttft_ms=10_000, tbt_ms=100)
     result = {"gpu": "H100", "gpus": 16, "rate_per_model": 0.1, "slo_ms": [10_000, 100],
               "resident_models": 2, "duration_s": args.sim_duration,
-              "cost_model": "shared/data step_times.csv (vLLM fp16 measured), interpolated",
+              "cost_model": "scheduler/data step_times.csv (vLLM fp16 measured), interpolated",
               "attainment": "goodput (TTFT and mean TPOT); *_aegaeon: Aegaeon's time score"}
     for label, eff, prefetch in (("pessimistic_switch", None, False),
                                  ("bulk_copy_switch", 0.8, False),
@@ -239,7 +238,8 @@ def main() -> None:
                     help="skip the token and request runs with weight prefetch off")
     ap.add_argument("--max-models", type=int, default=10)
     ap.add_argument("--sim-duration", type=float, default=1200.0)
-    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--data", default=str(DEFAULT_DATA_DIR),
+                    help="folder of the measured tables (default: the package's copy)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     emit(run_simulation(args) if args.simulate else run_engine(args), args.json)

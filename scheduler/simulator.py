@@ -2,14 +2,14 @@
 driven by simulated time and a table cost model instead of a GPU.
 
 Cost model (:class:`TableCost`), from step times measured with vLLM on real GPUs
-(shared/data/step_times.csv, fp16, eager): a step costs
+(scheduler/data/step_times.csv, fp16, eager): a step costs
 ``prefill_s(prefill tokens) + decode_s(decode rows)``, each interpolated linearly over the
 measured grid: prefill over total prompt tokens (input_len x batch); decode over batch size,
 at the measured input_len nearest 512 tokens among those whose grid covers that batch.
 Mixing both terms in one step is an approximation (vLLM's figures are for pure prefill and
 pure decode batches). Switching a model in costs ``model_bytes / (PCIe GiB/s x efficiency)``:
 by default the Aegaeon artifact's own estimate (32 GiB/s on H100, its deliberately
-pessimistic efficiency 0.15), as listed in shared/data/model_sizes.csv; callers may pass
+pessimistic efficiency 0.15), as listed in scheduler/data/model_sizes.csv; callers may pass
 another efficiency (gpupool's bulk copy measured at 1.0x a raw copy in bench_swap.py).
 
 Weight copies: by default a switch stalls the device for the whole copy (the engine with
@@ -199,9 +199,13 @@ def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest]
             for rid, t in times.items()]
 
 
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"  # measured tables; see README
+
+
 def load_sim_models(data_dir: str | Path, gpu: str, names: list[str],
                     efficiency: float | None = None) -> dict[str, SimModel]:
-    """Models named ``<base>#<i>`` use the figures of ``<base>`` (several copies of a 7B)."""
+    """Models named ``<base>#<i>`` use the figures of ``<base>`` (several copies of a 7B);
+    ``data_dir`` holds the tables (``DEFAULT_DATA_DIR``: the package's own copy)."""
     data_dir = Path(data_dir)
     sizes = {r["model"]: r for r in csv.DictReader(open(data_dir / "model_sizes.csv"))}
     pcie = {"H800": 64.0}.get(gpu, 32.0)

@@ -1,6 +1,6 @@
 """Synthetic multi-model workloads: Poisson arrivals per model, Zipf-skewed popularity, and
 log-normal prompt/output lengths fitted to a mean and a median (defaults: the ShareGPT-derived
-statistics in shared/data/workload_lengths.csv, input mean ~700 / p50 ~600, output mean ~300 /
+statistics in scheduler/data/workload_lengths.csv, input mean ~700 / p50 ~600, output mean ~300 /
 p50 ~265)."""
 
 from __future__ import annotations

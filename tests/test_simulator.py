@@ -1,11 +1,16 @@
 """Attainment metrics, workloads and the discrete-event simulator."""
 
-from pathlib import Path
 
 import pytest
 
 from gpupool.scheduler.metrics import RequestTiming, aegaeon_score, attainment, meets_slo
-from gpupool.scheduler.simulator import DeviceConfig, TableCost, load_sim_models, simulate_device
+from gpupool.scheduler.simulator import (
+    DEFAULT_DATA_DIR,
+    DeviceConfig,
+    TableCost,
+    load_sim_models,
+    simulate_device,
+)
 from gpupool.scheduler.slo import SLO
 from gpupool.scheduler.workload import (
     SHAREGPT_INPUT,
@@ -15,8 +20,7 @@ from gpupool.scheduler.workload import (
     zipf_rates,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data is not beside the repo")
+DATA = DEFAULT_DATA_DIR
 SLO_1S = SLO(ttft_ms=1000, tbt_ms=100)
 
 
@@ -48,7 +52,6 @@ def test_workload_rates_and_lengths():
     assert 40 <= lens[len(lens) // 2] <= 60 and 8 <= lens[0] and lens[-1] <= 200
 
 
-@needs_data
 def test_table_cost_interpolates_the_measured_grid():
     cost = TableCost.from_csv(DATA / "step_times.csv", "qwen2_5_7b", "H100")
     assert cost.decode(1) == pytest.approx(0.0092, rel=0.1)  # measured ~9 ms at batch 1
@@ -56,7 +59,6 @@ def test_table_cost_interpolates_the_measured_grid():
     assert cost.prefill(100) < cost.prefill(1000) < cost.prefill(4000)
 
 
-@needs_data
 def test_simulator_finishes_every_request_and_policies_differ_under_load():
     names = [f"qwen2_5_7b#{i}" for i in range(6)]
     models = load_sim_models(DATA, "H100", names, efficiency=0.8)
@@ -75,7 +77,6 @@ def test_simulator_finishes_every_request_and_policies_differ_under_load():
     assert len(set(scores.values())) > 1
 
 
-@needs_data
 def test_prefetch_overlaps_weight_copies_with_compute():
     names = [f"qwen2_5_7b#{i}" for i in range(4)]
     models = load_sim_models(DATA, "H100", names, efficiency=0.8)
