@@ -105,16 +105,48 @@ def create_app(state: AppState) -> FastAPI:
     return app
 
 
-def serve(config: ServerConfig) -> None:
+def startup_lines(state: AppState, seconds: float) -> list[tuple[int, str]]:
+    """What ``serve()`` says once it listens: (log level, line) pairs."""
+    config = state.config
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    known = state.models.known()
+    adapters = [f"{n} (on {b})" for n, b in known.items() if b is not None]
+    lines = [
+        (logging.INFO, f"ready in {seconds:.1f} s, listening on http://{host}:{config.port}/v1"
+                       " (OpenAI API)"),
+        (logging.INFO, "models: " + (", ".join(n for n, b in known.items() if b is None)
+                                     or "none")),
+        (logging.INFO, "adapters: " + (", ".join(adapters) or "none")),
+    ]
+    if state.store.auth_required():
+        lines.append((logging.INFO, f"tenants: {len(state.store.tenants())} (bearer keys "
+                                    "required)"))
+    else:
+        lines.append((logging.WARNING, "the server is OPEN: no tenants yet, so anyone who can "
+                                       f"reach {host}:{config.port} may use every model"))
+    lines.append((logging.INFO, "admin API: " + ("on /admin (admin key)" if config.admin_key
+                                                 else "disabled (no --admin-key)")))
+    return lines
+
+
+def serve(config: ServerConfig, started_at: float | None = None) -> None:
+    """Load, bind, say so, serve until a signal; ``started_at`` (``time.time()``, default the
+    process's start) is what "ready in" counts from."""
+    import psutil
     import uvicorn
 
+    started_at = psutil.Process().create_time() if started_at is None else started_at
     state = build_state(config)
-    if not state.store.auth_required():
-        logger.warning("no tenants are configured: the server is OPEN, anyone who can reach "
-                       "http://%s:%d may use every model", config.host, config.port)
-    if not config.admin_key:
-        logger.warning("no admin key: the admin API is disabled")
-    logger.info("serving %s on http://%s:%d/v1", ", ".join(state.models.known()),
-                config.host, config.port)
-    uvicorn.run(create_app(state), host=config.host, port=config.port,
-                log_level=config.log_level, timeout_graceful_shutdown=5)
+    try:
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(state), host=config.host, port=config.port, log_level=config.log_level,
+            timeout_graceful_shutdown=5))
+        sock = server.config.bind_socket()  # a taken port fails here, before "ready"
+        for level, line in startup_lines(state, time.time() - started_at):
+            logger.log(level, line)
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
+        pass
+    finally:
+        state.engine.shutdown()
+        state.store.close()

