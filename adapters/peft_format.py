@@ -2,7 +2,8 @@
 
 Refused with a clear error, never served wrongly: DoRA, ``modules_to_save``, LoRA on
 embeddings or lm_head, LoRA biases, per-module rank/alpha patterns, fan_in_fan_out, pickled
-``.bin`` weights, ranks above the configured maximum, shapes that do not fit the base model.
+``.bin`` weights, ranks above the configured maximum, shapes that do not fit the base model,
+non-finite ``lora_alpha`` or weights, a config that is not a JSON object.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
         raise AdapterError(f"{path}: no adapter_config.json in adapter folder")
     try:
         c = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{path}: unreadable ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise AdapterError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(c, dict):
+        raise AdapterError(f"{path}: must hold a JSON object, not {type(c).__name__}")
+    targets = c.get("target_modules")
+    unknown = ([t for t in targets if not isinstance(t, str)
+                or t.rsplit(".", 1)[-1] not in PROJECTIONS]
+               if isinstance(targets, list) else [])
     checks = [
         (c.get("peft_type", "LORA") != "LORA", f"peft_type {c.get('peft_type')!r} is not LORA"),
         (bool(c.get("use_dora")), "DoRA adapters (use_dora) are not supported"),
@@ -47,18 +54,22 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
         (bool(c.get("rank_pattern")) or bool(c.get("alpha_pattern")),
          "per-module rank_pattern/alpha_pattern is not supported"),
         (bool(c.get("fan_in_fan_out")), "fan_in_fan_out adapters are not supported"),
+        (bool(unknown), f"target_modules {unknown!r} are not supported (only "
+                        f"{', '.join(PROJECTIONS)})"),
     ]
     for bad, msg in checks:
         if bad:
             raise AdapterError(f"{path}: {msg}")
-    try:
-        rank, alpha = int(c["r"]), float(c.get("lora_alpha", c["r"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterError(f"{path}: missing or bad r / lora_alpha") from e
-    if not 1 <= rank <= max_rank:
+    rank, alpha = c.get("r"), c.get("lora_alpha", c.get("r"))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{path}: r must be a positive integer, got {rank!r}")
+    if rank > max_rank:
         raise AdapterError(f"{path}: rank {rank} exceeds max_lora_rank {max_rank}")
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)):
+        raise AdapterError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
     scaling = alpha / math.sqrt(rank) if c.get("use_rslora") else alpha / rank
-    return rank, scaling
+    return rank, float(scaling)
 
 
 def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
@@ -93,7 +104,10 @@ def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
         if tuple(t.shape) != want:
             raise AdapterError(f"{wfile}: {key!r} has shape {tuple(t.shape)}, the base model "
                                f"needs {want}")
-        parts.setdefault((layer, proj), {})[ab] = t.float()
+        t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{wfile}: {key!r} holds NaN or infinite values")
+        parts.setdefault((layer, proj), {})[ab] = t
     if not parts:
         raise AdapterError(f"{wfile}: no LoRA weights found")
     weights = {}

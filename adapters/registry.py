@@ -50,6 +50,13 @@ class AdapterRegistry:
         self.in_flight.pop(name)
         return self.refs.pop(name)
 
+    def clear_in_flight(self) -> list[str]:
+        """After every request was failed: zero the counts; returns the adapters being
+        removed, which can now be dropped."""
+        for name in self.in_flight:
+            self.in_flight[name] = 0
+        return sorted(self.removing)
+
     def check_integrity(self, live_counts: dict[str, int]) -> None:
         """``live_counts``: adapter -> unfinished requests seen by the engine."""
         for name, n in self.in_flight.items():

@@ -69,10 +69,25 @@ def check_model_access(state, tenant: Tenant | None, model: str) -> str | None:
     return known[model]
 
 
+def _key_matches(key: str | None, expected: str | None) -> bool:
+    return bool(key and expected) and hmac.compare_digest(key.encode(), expected.encode())
+
+
+def check_metrics_access(state, request: Request) -> None:
+    """``/metrics`` names tenants' models and adapters: once tenants exist it needs the
+    metrics key or the admin key, unless the operator made it public."""
+    config = state.config
+    if config.public_metrics or not state.store.auth_required():
+        return
+    key = bearer(request)
+    if not (_key_matches(key, config.metrics_key) or _key_matches(key, config.admin_key)):
+        raise _unauthorized("/metrics needs the metrics key or the admin key "
+                            "(or start the server with --public-metrics)")
+
+
 def check_admin(state, request: Request) -> None:
     if not state.config.admin_key:
         raise APIError(403, "the admin API is disabled: start the server with --admin-key "
                             "or GPUPOOL_ADMIN_KEY", code="admin_disabled")
-    key = bearer(request)
-    if key is None or not hmac.compare_digest(key.encode(), state.config.admin_key.encode()):
+    if not _key_matches(bearer(request), state.config.admin_key):
         raise _unauthorized("invalid admin key")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from pathlib import Path
 
 from gpupool.adapters.base import AdapterError
 from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.state import StateStore
 from gpupool.config import ServerConfig
+from gpupool.config import check_name as config_check_name
 from gpupool.engine import Engine
 from gpupool.models.errors import ModelLoadError
 from gpupool.scheduler.request import RequestError
@@ -23,14 +23,24 @@ from gpupool.scheduler.slo import SLO
 
 logger = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+def check_name(name, what: str = "name", slash: bool = True) -> str:
+    """``config.check_name`` as a 400 naming the field: models and adapters may hold ``/``,
+    tenants may not."""
+    try:
+        return config_check_name(name, what, slash)
+    except ValueError as e:
+        raise APIError(400, str(e), param=what) from None
 
 
-def check_name(name, what: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise APIError(400, f"{what} must be 1-128 characters: letters, digits and ._:/@+- "
-                            f"(starting with a letter or digit), got {name!r}", param=what)
-    return name
+def files_outside(folder: Path, roots: list[Path]) -> list[str]:
+    """Files under ``folder`` (already resolved) whose own resolved path (a symlinked file
+    followed) lies under none of ``roots``."""
+    out = []
+    for path in folder.rglob("*"):
+        resolved = path.resolve()
+        if not any(resolved == r or r in resolved.parents for r in roots):
+            out.append(str(path.relative_to(folder)))
+    return out
 
 
 class ModelManager:
@@ -127,12 +137,21 @@ class ModelManager:
                            param="path", code="path_not_allowed")
         if not resolved.is_dir():
             raise APIError(400, f"path {path!r} is not a folder", param="path")
+        outside = files_outside(resolved, self.roots)  # a symlinked file may point anywhere
+        if outside:
+            raise APIError(403, f"path {path!r} holds files that resolve outside the allowed "
+                                f"model roots: {', '.join(sorted(outside)[:5])}",
+                           param="path", code="path_not_allowed")
         return str(resolved)
 
     def _check_free(self, name: str) -> None:
         if name in self.known() or self.engine.has_model(name):
             raise APIError(409, f"{name!r} is already the name of a model or adapter",
                            param="name", code="name_taken")
+        if self.engine.holds_name(name):
+            raise APIError(409, f"{name!r} was removed but still finishes running requests; "
+                                "add it again once they are done", param="name",
+                           code="name_draining", headers={"Retry-After": "1"})
 
     async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
         async with self._lock:
@@ -189,6 +208,7 @@ class ModelManager:
             except RequestError:
                 pass  # already leaving
         self.store.delete_model(name)
+        self.store.revoke_grants(name)
         if name in self.static_models:
             self._removed.add(name)
 
@@ -201,5 +221,6 @@ class ModelManager:
             except (AdapterError, RequestError):
                 pass
         self.store.delete_adapter(name)
+        self.store.revoke_grants(name)
         if name in self.static_adapters:
             self._removed.add(name)

@@ -1,9 +1,10 @@
 """OpenAI request bodies (pydantic, strict types) and their mapping to SamplingParams.
 
-Unknown fields are accepted and ignored with a log line, as vLLM does, so newer clients keep
-working. Known fields that would change the output in a way gpupool does not implement
-(penalties, logit_bias, echo, tools, best_of > n, non-text response formats) are refused with
-a 400 rather than silently ignored.
+Every field is honoured or refused. Fields nobody knows are ignored with one log line per
+field name (newer clients keep working, as with vLLM); known fields that would change the
+output in a way gpupool does not implement (``REFUSED``: penalties other than
+``repetition_penalty``, ``logit_bias``, tools, guided decoding, beam search, ...) get a 400
+naming the field unless they hold the value that changes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,37 @@ logger = logging.getLogger(__name__)
 
 MAX_N = 16
 
+# field -> the values that change nothing (absent counts as None)
+REFUSED: dict[str, tuple] = {
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,), "structured_outputs": (None,),
+    "bad_words": (None, []), "prompt_logprobs": (None,), "use_beam_search": (None, False),
+    "length_penalty": (None, 1), "truncate_prompt_tokens": (None,), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
+    "return_tokens_as_token_ids": (None, False), "prompt_embeds": (None,),
+    "documents": (None, []), "mm_processor_kwargs": (None, {}), "reasoning_effort": (None,),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]),
+    "detokenize": (None, True), "typical_p": (None, 1), "top_a": (None, 0),
+    "tfs": (None, 1), "mirostat": (None, 0), "dry_multiplier": (None, 0),
+    "xtc_probability": (None, 0), "repeat_last_n": (None,), "num_beams": (None, 1),
+}
+_warned_unknown: set[str] = set()  # unknown field names already logged once
+
+
+def _same(value, neutral) -> bool:
+    """JSON equality where 0 and 0.0 agree but False is not 0 and "1" is not 1."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or neutral is None:
+        return value is neutral
+    if isinstance(value, (int, float)) and isinstance(neutral, (int, float)):
+        return value == neutral
+    return type(value) is type(neutral) and value == neutral
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -34,24 +66,33 @@ class _Common(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension
+    min_p: float | None = None  # vLLM's extension
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's extension
+    include_stop_str_in_output: bool = False  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
+    min_tokens: int | None = None  # vLLM's extension
+    repetition_penalty: float | None = None  # vLLM's extension
+    allowed_token_ids: list[int] | None = None  # vLLM's extension
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    add_special_tokens: bool | None = None
 
-    def check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported", param=name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    _default_add_special_tokens = True
+
+    def check_unsupported(self, body: dict) -> None:
+        for name, neutral in REFUSED.items():
+            if not any(_same(body.get(name), v) for v in neutral):
+                raise APIError(400, f"{name} is not supported", param=name,
+                               code="unsupported_field")
+        if (self.add_special_tokens is not None
+                and self.add_special_tokens != self._default_add_special_tokens):
+            raise APIError(400, f"add_special_tokens={self.add_special_tokens} is not "
+                                "supported on this route", param="add_special_tokens",
+                           code="unsupported_field")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true",
                            param="stream_options")
@@ -60,18 +101,13 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
 
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if self.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
+    def check_unsupported(self, body: dict) -> None:
+        super().check_unsupported(body)
         if self.best_of is not None and self.best_of != self.n:
-            raise APIError(400, "best_of other than n is not supported", param="best_of")
+            raise APIError(400, "best_of other than n is not supported", param="best_of",
+                           code="unsupported_field")
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -109,17 +145,15 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+    _default_add_special_tokens = False  # the chat template places the special tokens
+
+    def check_unsupported(self, body: dict) -> None:
+        super().check_unsupported(body)
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise APIError(400, "only response_format type 'text' is supported",
-                           param="response_format")
+                           param="response_format", code="unsupported_field")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
@@ -141,10 +175,12 @@ def parse(cls: type[BaseModel], body: Any, route: str):
     """An OpenAI request body as ``cls``: validated, unknown fields logged, unsupported
     features refused."""
     req = validate(cls, body)
-    extra = sorted(req.model_extra or {})
-    if extra:
-        logger.warning("%s: ignoring unknown fields %s", route, ", ".join(extra))
-    req.check_unsupported()
+    req.check_unsupported(body)
+    new = sorted(set(req.model_extra or ()) - set(REFUSED) - _warned_unknown)
+    if new:  # once per field name, not once per request
+        _warned_unknown.update(new)
+        logger.warning("%s: ignoring unknown fields %s (logged once per field)", route,
+                       ", ".join(new))
     return req
 
 
@@ -162,6 +198,12 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            repetition_penalty=(1.0 if req.repetition_penalty is None
+                                else req.repetition_penalty),
+            min_p=0.0 if req.min_p is None else req.min_p,
+            min_tokens=req.min_tokens or 0,
+            allowed_token_ids=req.allowed_token_ids,
+            include_stop_str_in_output=req.include_stop_str_in_output,
         )
     except ValueError as e:
         word = str(e).split(" ", 1)[0]
@@ -169,4 +211,5 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
 
 
 _FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-           "logprobs"}
+           "logprobs", "repetition_penalty", "min_p", "min_tokens", "allowed_token_ids",
+           "include_stop_str_in_output"}

@@ -117,7 +117,7 @@ def router(state) -> APIRouter:
 
     async def add_tenant(request):
         b = await _body(state, request, TenantBody)
-        check_name(b.name)
+        check_name(b.name, slash=False)
         names = check_models(b.models)
         if store.tenant(b.name) is not None:
             raise APIError(409, f"tenant {b.name!r} already exists", param="name",

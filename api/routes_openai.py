@@ -202,12 +202,25 @@ async def _prepare(state, request: Request, tenant_path: str | None, cls, route:
 
 
 def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
+    """One SamplingParams per choice. A missing ``max_tokens`` becomes ``default_max`` (or
+    all the room left), capped by the context; an explicit one beyond it is a 400."""
     try:
         limit = state.engine.context_limit(req.model)
     except (RequestError, KeyError):
         raise model_not_found(req.model) from None
+    room = limit - prompt_len
+    if room < 1:
+        raise APIError(400, f"the prompt has {prompt_len} tokens, but this model's context "
+                            f"holds {limit} tokens (prompt + at least one new token)",
+                       param="messages" if hasattr(req, "messages") else "prompt",
+                       code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = default_max if default_max is not None else max(1, limit - prompt_len)
+        max_tokens = room if default_max is None else min(default_max, room)
+    elif isinstance(max_tokens, int) and max_tokens > room:
+        raise APIError(400, f"this model's context holds {limit} tokens, but the request "
+                            f"asks for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
+                            f"{max_tokens} to generate); lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
     out = []
     for k in range(req.n):
         seed = None if req.seed is None else req.seed + k
@@ -255,14 +268,27 @@ def _completion_logprobs(tokenizer, lps, text_start: int = 0):
             "text_offset": offsets}
 
 
+def _tokenize_all(state, model: str, prompts: list) -> list[list[int]]:
+    """Every prompt as checked token ids, once (the engine takes ids as they are)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        try:
+            out.append(state.engine.tokenize(model, prompt))
+        except (RequestError, KeyError) as e:
+            if not state.engine.has_model(model):  # removed since the request came in
+                raise model_not_found(model) from None
+            raise APIError(400, f"prompt {i}: {e}" if len(prompts) > 1 else str(e),
+                           param="prompt") from None
+    return out
+
+
 async def completions(state, request: Request, tenant_path: str | None = None):
     tenant, req = await _prepare(state, request, tenant_path, CompletionRequest,
                                  "/v1/completions")
-    prompts = req.prompts()
+    prompts = await asyncio.to_thread(_tokenize_all, state, req.model, req.prompts())
     per_choice_prompts, params = [], []
     for prompt in prompts:
-        plen = len(prompt) if isinstance(prompt, list) else 0
-        ps = _params_for(state, req, plen, req.max_tokens, req.logprobs, 16)
+        ps = _params_for(state, req, len(prompt), req.max_tokens, req.logprobs, 16)
         per_choice_prompts += [prompt] * req.n
         params += ps
     run, tokenizer = await _start(state, req, tenant, per_choice_prompts, params)

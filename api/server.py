@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpupool.api import routes_admin, routes_openai
+from gpupool.api.auth import check_metrics_access
 from gpupool.api.errors import APIError
 from gpupool.api.metrics import Metrics
 from gpupool.api.models import ModelManager
@@ -86,13 +87,14 @@ def create_app(state: AppState) -> FastAPI:
                             status_code=500)
 
     @app.get("/health")
-    async def health():
+    async def health():  # says only whether it is up: no names of anyone's models
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return {"status": "ok", "models": state.engine.models}
+        return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():  # reads engine stats under its lock: off the event loop
+    async def metrics(request: Request):  # reads engine stats under its lock: off the loop
+        await asyncio.to_thread(check_metrics_access, state, request)
         body = await asyncio.to_thread(generate_latest, state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

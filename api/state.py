@@ -136,6 +136,17 @@ class StateStore:
         pipe.execute()
         self._saved()
 
+    def revoke_grants(self, name: str) -> None:
+        """Take a deleted model or adapter out of every tenant's list, so one registered
+        later under the same name starts with no grants."""
+        pipe = self.r.pipeline()
+        for tenant, spec in self.tenants().items():
+            if name in spec["models"]:
+                spec["models"] = [m for m in spec["models"] if m != name]
+                pipe.hset(PREFIX + "tenants", tenant, json.dumps(spec))
+        pipe.execute()
+        self._saved()
+
     def _key_hashes(self, tenant: str) -> list[str]:
         return [h.decode() for h, t in self.r.hgetall(PREFIX + "keys").items()
                 if t.decode() == tenant]

@@ -60,7 +60,8 @@ def _serve(args) -> int:
             args.config, host=args.host, port=args.port, admin_key=args.admin_key,
             model_roots=args.model_root, redis_url=args.redis_url,
             max_queued_requests=args.max_queued_requests, log_level=args.log_level,
-            models=args.model, adapters=args.adapter, device=args.device, policy=args.policy)
+            models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
+            metrics_key=args.metrics_key, public_metrics=args.public_metrics or None)
     except ValueError as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 2
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     s.add_argument("--max-queued-requests", type=int, default=None,
                    help="unfinished requests beyond this are refused with 503 (default 1024)")
+    s.add_argument("--metrics-key", default=None,
+                   help="once tenants exist, /metrics needs this key or the admin key")
+    s.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics to anyone, even with tenants")
     s.add_argument("--log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=_serve)

@@ -6,13 +6,14 @@ Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
 ``GPUPOOL_KERNELS`` (auto | reference | triton); for the server also ``GPUPOOL_CONFIG``
 (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``, ``GPUPOOL_ADMIN_KEY``,
 ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
-``GPUPOOL_POLICY``.
+``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,25 @@ from gpupool.adapters.base import AdapterConfig
 from gpupool.scheduler.scheduler import SchedulerConfig
 
 __all__ = ["AdapterConfig", "Config", "PoolConfig", "SchedulerConfig", "ServerConfig",
-           "default_home", "load_server_config"]
+           "check_name", "default_home", "load_server_config"]
+
+MAX_NAME_CHARS = 128
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")
+
+
+def check_name(name, what: str = "name", slash: bool = True) -> str:
+    """``name`` if it may name a model or adapter (``slash``: ``org/model`` names, as clients
+    send them to vLLM) or a tenant (no ``/``); else ValueError saying what is allowed.
+
+    Each ``/``-separated part starts with a letter or digit, so no part is empty, ``.`` or
+    ``..`` and every name can be addressed in a URL path as it is."""
+    parts = name.split("/") if isinstance(name, str) and slash else [name]
+    if (not isinstance(name, str) or len(name) > MAX_NAME_CHARS
+            or not all(isinstance(p, str) and _SEGMENT.fullmatch(p) for p in parts)):
+        allowed = "letters, digits and ._:@+-" + (", parts joined by /" if slash else "")
+        raise ValueError(f"{what} must be 1-{MAX_NAME_CHARS} characters: {allowed}, each "
+                         f"part starting with a letter or digit; got {name!r}")
+    return name
 
 
 def default_home() -> Path:
@@ -99,12 +118,19 @@ class ModelSpec:
     ttft_ms: float | None = None  # SLO; None: the engine's default
     tbt_ms: float | None = None
 
+    def __post_init__(self):
+        check_name(self.name, "model name")
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
     name: str
     base: str
     path: str
+
+    def __post_init__(self):
+        check_name(self.name, "adapter name")
+        check_name(self.base, f"adapter {self.name!r}: base")
 
 
 @dataclass(frozen=True)
@@ -120,6 +146,7 @@ class TenantSpec:
                                                        for v in value):
                 raise ValueError(f"tenant {self.name!r}: {what} must be a list of strings")
 
+        check_name(self.name, "tenant name", slash=False)
         strings(self.models, "models")
         strings(self.api_keys, "api_keys")
         strings(self.key_hashes, "key_hashes")
@@ -142,6 +169,8 @@ class ServerConfig:
     max_queued_requests: int = 1024  # unfinished requests beyond this get 503 + Retry-After
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
     log_level: str = "info"
+    metrics_key: str | None = None  # once tenants exist, /metrics needs this or the admin key
+    public_metrics: bool = False  # /metrics open to anyone, tenants or not
     models: tuple[ModelSpec, ...] = ()
     adapters: tuple[AdapterSpec, ...] = ()
     tenants: tuple[TenantSpec, ...] = ()
@@ -209,6 +238,7 @@ def load_server_config(path: str | None = None, **flags) -> ServerConfig:
         "port": os.environ.get("GPUPOOL_PORT"),
         "admin_key": os.environ.get("GPUPOOL_ADMIN_KEY"),
         "redis_url": os.environ.get("GPUPOOL_REDIS_URL"),
+        "metrics_key": os.environ.get("GPUPOOL_METRICS_KEY"),
     }
     if os.environ.get("GPUPOOL_MODEL_ROOTS"):
         env["model_roots"] = tuple(os.environ["GPUPOOL_MODEL_ROOTS"].split(os.pathsep))

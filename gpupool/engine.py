@@ -160,6 +160,11 @@ class Engine:
             return False
         return True
 
+    def holds_name(self, name: str) -> bool:
+        """Whether a model or adapter of this name is loaded, one being removed (draining its
+        running requests) included; a snapshot read without the lock."""
+        return name in self.core.workers or name in self.core.adapters.refs
+
     def context_limit(self, model: str) -> int:
         """Most tokens (prompt + output) one request for ``model`` may hold: the model's
         context window, or the KV pool's capacity in that model's tokens if smaller."""
@@ -253,6 +258,11 @@ class Engine:
 
     def tokenizer(self, model: str):
         return self.core.workers[self.core.resolve(model)[0]].tokenizer
+
+    def tokenize(self, model: str, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids for ``model``, checked (RequestError if empty, untokenizable
+        or out of the vocabulary); read without the engine lock, as ``tokenizer`` is."""
+        return self.core.tokenize(model, prompt)
 
     # ---- requests -------------------------------------------------------------------------
     def _model_name(self, model: str | None) -> str:

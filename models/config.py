@@ -7,6 +7,7 @@ transformers 5 one (``rope_parameters``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,22 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
+    def __post_init__(self):
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_layers": self.num_layers,
+                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                 "head_dim": self.head_dim,
+                 "max_position_embeddings": self.max_position_embeddings}
+        bad = [k for k, v in sizes.items() if not 0 < v <= 1 << 24]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive (and below 2**24)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
@@ -65,6 +82,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
+        archs = archs if isinstance(archs, list) else [archs]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ModelLoadError(
@@ -111,8 +129,8 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelLoadError(f"{source}: malformed model config ({e!r})") from e
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            raise ModelLoadError(f"{source}: malformed model config ({e!r})") from None
 
     @classmethod
     def from_folder(cls, path: str | Path) -> ModelConfig:
@@ -121,8 +139,12 @@ class ModelConfig:
             raise ModelLoadError(f"{cfg_path}: no config.json in model folder")
         try:
             cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{cfg_path}: cannot read config ({e})") from e
+        except (OSError, ValueError, RecursionError) as e:
+            raise ModelLoadError(f"{cfg_path}: cannot read config ({type(e).__name__}: "
+                                 f"{e})") from None
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{cfg_path}: must hold a JSON object, not "
+                                 f"{type(cfg).__name__}")
         if cfg.get("mlp_bias"):
             raise ModelLoadError(f"{cfg_path}: mlp_bias=true is not supported")
         if cfg.get("hidden_act", "silu") != "silu":

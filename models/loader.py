@@ -60,9 +60,14 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{index}: unreadable shard index ({e!r})") from e
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise ModelLoadError(f"{index}: unreadable shard index ({e!r})") from None
+        bad = [f for f in weight_map.values()
+               if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
+        if bad:  # a shard is a file beside the index, never a path out of the folder
+            raise ModelLoadError(f"{index}: shard names must be plain file names, got "
+                                 f"{bad[0]!r}")
         return {name: folder / fname for name, fname in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -115,6 +120,8 @@ def load_flat_weights(
                     f"config expects {tuple(dest.shape)}"
                 )
             dest.copy_(t)
+            if not bool(torch.isfinite(dest).all()):
+                raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite values")
             row += n
         if row != shape[0]:
             raise ModelLoadError(f"{folder}: tensor {name!r} assembled {row} rows of {shape[0]}")

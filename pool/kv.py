@@ -53,6 +53,11 @@ class PagePool:
             self._used.remove(p)
             self._free.append(p)
 
+    def reset(self) -> None:
+        """Every page free again. Only for recovery, when no sequence holds a page."""
+        self._free = list(range(self.num_pages - 1, -1, -1))
+        self._used = set()
+
     def check_integrity(self) -> None:
         """Raise AssertionError unless free + used == total with no page in both."""
         free = set(self._free)

@@ -20,6 +20,7 @@ from gpupool.pool.kv import PagePool
 from gpupool.scheduler.detokenizer import DetokenizerState, append_token
 from gpupool.scheduler.params import SamplingParams
 from gpupool.scheduler.policy import make_policy
+from gpupool.scheduler.processors import apply_processors
 from gpupool.scheduler.request import RequestError, RequestOutput, Sequence, Status
 from gpupool.scheduler.sampler import logprobs, make_generator, sample
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -161,7 +162,22 @@ class EngineCore:
                 f"prompt has {len(prompt_ids)} tokens, but model {model!r} has a context "
                 f"window of {max_len} tokens (prompt + at least one new token)"
             )
-        total = min(len(prompt_ids) + params.max_tokens, max_len)
+        total = len(prompt_ids) + params.max_tokens
+        if total > max_len:
+            raise RequestError(
+                f"model {model!r} has a context window of {max_len} tokens, but the request "
+                f"asks for {total} ({len(prompt_ids)} in the prompt, max_tokens "
+                f"{params.max_tokens}); lower max_tokens"
+            )
+        vocab = worker.cfg.vocab_size
+        allowed = params.allowed_token_ids
+        if allowed and max(allowed) >= vocab:
+            raise RequestError(f"allowed_token_ids must be below the vocabulary size {vocab}")
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos
+                                             else set(worker.eos_token_ids))
+        if allowed and params.min_tokens and set(allowed) <= ends:
+            raise RequestError("allowed_token_ids holds only end tokens, which min_tokens "
+                               "forbids: nothing could be generated")
         capacity = self.pages.num_pages * worker.block_tokens
         if total > capacity:
             raise RequestError(
@@ -200,13 +216,39 @@ class EngineCore:
             self._finish(tr, "abort")
 
     def fail_all(self, error: str) -> None:
-        """Finish every unfinished request with ``error`` (after an unexpected failure)."""
+        """Finish every unfinished request with ``error`` and reset the request state (after
+        a failure the engine cannot step past): queues emptied, every KV page free, adapter
+        counts zero. Registered models and adapters stay, so the next request is served."""
         for tr in list(self.requests.values()):
             try:
                 self._finish(tr, "abort", error=error)
             except Exception:  # keep going: the others must still be told
                 logger.exception("could not finish request %s", tr.seq.request_id)
                 self.requests.pop(tr.seq.request_id, None)
+                if tr.sink is not None:
+                    self._tell(tr, error)
+        self.requests.clear()
+        self._orphans.clear()
+        for queues in (self.scheduler.waiting, self.scheduler.running):
+            for q in queues.values():
+                q.clear()
+        self.pages.reset()
+        if self.scheduler.host_pages is not None:
+            self.scheduler.host_pages.reset()
+        for adapter in self.adapters.clear_in_flight():
+            self._drop_adapter(adapter)
+        for model in list(self.removing_models):
+            self._drop_model_if_idle(model)
+
+    def _tell(self, tr: _Tracked, error: str) -> None:
+        """Last word to a request whose normal finish failed: a bare final output."""
+        seq = tr.seq
+        try:
+            tr.sink(RequestOutput(seq.request_id, seq.adapter or seq.model,
+                                  tuple(seq.prompt_token_ids), tuple(seq.output_token_ids),
+                                  "", (), "", True, "abort", error=error))
+        except Exception:
+            logger.exception("output sink of request %s failed", seq.request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -255,12 +297,26 @@ class EngineCore:
 
     def _process(self, out: SchedulerOutput, sampling: list[Sequence], logits) -> list:
         tracked = [self.requests[s.request_id] for s in sampling]
-        tokens = sample(logits, [s.params for s in sampling], [t.generator for t in tracked])
-        lps = logprobs(logits, tokens, [s.params.logprobs for s in sampling])
         worker = self.workers[out.model]
+        params = [s.params for s in sampling]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [R]: a bad row fails alone
+        if not all(finite):
+            logits = torch.where(torch.tensor(finite, device=logits.device)[:, None], logits,
+                                 torch.zeros((), dtype=logits.dtype, device=logits.device))
+        processed = apply_processors(logits, params, [s.prompt_token_ids for s in sampling],
+                                     [s.output_token_ids for s in sampling],
+                                     worker.eos_token_ids)
+        tokens = sample(processed, params, [t.generator for t in tracked])
+        lps = logprobs(logits, tokens, [p.logprobs for p in params])  # the raw distribution
         outputs = []
-        for tr, token, lp in zip(tracked, tokens, lps):
+        for tr, token, lp, ok in zip(tracked, tokens, lps, finite):
             seq = tr.seq
+            if not ok:
+                logger.error("request %s: model %s produced non-finite logits; failing it",
+                             seq.request_id, seq.adapter or seq.model)
+                outputs.append(self._finish(tr, "abort", error="the model produced NaN or "
+                                            "infinite logits for this request"))
+                continue
             seq.output_token_ids.append(token)
             if lp is not None:
                 tr.logprobs.append((token, *lp))
@@ -274,23 +330,31 @@ class EngineCore:
 
     def _stop_reason(self, tr: _Tracked, token: int, eos_ids) -> str | None:
         seq, p = tr.seq, tr.seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+        if len(seq.output_token_ids) < p.min_tokens:  # nothing stops it before min_tokens
+            tr.detok.stop_checked_upto = len(tr.detok.text)  # nor a stop string in this text
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
             tr.stop_reason = token
             return "stop"
-        if p.stop:
-            text = tr.detok.text
-            start = max(0, tr.detok.stop_checked_upto - max(len(s) for s in p.stop) + 1)
-            hits = [(text.find(s, start), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            tr.detok.stop_checked_upto = len(text)
-            if hits:
-                idx, s = min(hits)
-                tr.detok.text = text[:idx]
-                tr.stop_reason = s
-                return "stop"
+        elif p.stop and self._stop_string(tr):
+            return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
             return "length"
         return None
+
+    def _stop_string(self, tr: _Tracked) -> bool:
+        """Whether the text now holds a stop string; if so the text ends before it (or
+        after it, with ``include_stop_str_in_output``)."""
+        p, text = tr.seq.params, tr.detok.text
+        start = max(0, tr.detok.stop_checked_upto - max(len(s) for s in p.stop) + 1)
+        hits = [(text.find(s, start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        tr.detok.stop_checked_upto = len(text)
+        if not hits:
+            return False
+        idx, s = min(hits)
+        tr.detok.text = text[: idx + len(s)] if p.include_stop_str_in_output else text[:idx]
+        tr.stop_reason = s
+        return True
 
     def _emit(self, tr: _Tracked, finished: bool, error: str | None = None) -> RequestOutput:
         seq, text = tr.seq, tr.detok.text

@@ -21,6 +21,12 @@ class SamplingParams:
     logprobs: None, or return each sampled token's log-probability with this many most likely
     alternatives (0 to MAX_LOGPROBS), from the model's distribution before temperature,
     top-k and top-p (as vLLM and OpenAI report them).
+    repetition_penalty: > 0; tokens already in the prompt or output have positive logits
+    divided and negative ones multiplied by it (1: off); min_p: in [0, 1], after temperature
+    drop tokens whose probability is below min_p times the most likely one's (0: off);
+    min_tokens: no EOS, stop token or stop string ends the output before this many tokens;
+    allowed_token_ids: only these ids may be generated (None: all);
+    include_stop_str_in_output: keep the matched stop string at the end of the text.
     """
 
     max_tokens: int = 16
@@ -32,6 +38,11 @@ class SamplingParams:
     stop_token_ids: list[int] | tuple[int, ...] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | tuple[int, ...] | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         def bad(msg):
@@ -64,8 +75,36 @@ class SamplingParams:
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)
                                or not 0 <= lp <= MAX_LOGPROBS):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
+        if not _is_number(self.repetition_penalty) or not (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad(f"repetition_penalty must be a finite number > 0, got "
+                f"{self.repetition_penalty!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        mt = self.min_tokens
+        if isinstance(mt, bool) or not isinstance(mt, int) or not 0 <= mt <= self.max_tokens:
+            bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {mt!r}")
+        if self.allowed_token_ids is not None:
+            allowed = tuple(self.allowed_token_ids)
+            if not allowed or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                  for t in allowed):
+                bad("allowed_token_ids must be a non-empty list of non-negative integers")
+            object.__setattr__(self, "allowed_token_ids", allowed)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad("include_stop_str_in_output must be a boolean")
+
+    @property
+    def needs_processors(self) -> bool:
+        """Whether any logits processor changes this request's logits before sampling."""
+        return (self.repetition_penalty != 1.0 or self.min_tokens > 0
+                or self.allowed_token_ids is not None)
 
     @property
     def is_greedy(self) -> bool:
         # below 1e-5 the distribution is one-hot in float32 anyway (vLLM's threshold too)
         return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

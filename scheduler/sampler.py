@@ -22,8 +22,11 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [V] after temperature, top-k and top-p (float32, on CPU)."""
+    """Probabilities [V] after temperature, min-p, top-k and top-p (float32, on CPU)."""
     logits = logits.float() / params.temperature
+    if params.min_p > 0.0:  # vLLM v1: drop tokens below min_p times the top probability
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k != -1 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

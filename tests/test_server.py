@@ -245,11 +245,13 @@ def test_malformed_json_unknown_model_long_prompt_and_big_body(served):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_unknown_fields_are_ignored_with_a_log_line(served):
-    r = _post(served, "/v1/completions", {"model": "tiny", "prompt": "w1 w2", "max_tokens": 2,
-                                          "temperature": 0, "brand_new_option": {"x": 1}})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    assert "ignoring unknown fields brand_new_option" in served["server"].output()
+def test_unknown_fields_are_ignored_with_one_log_line_per_name(served):
+    for _ in range(3):
+        r = _post(served, "/v1/completions", {"model": "tiny", "prompt": "w1 w2",
+                                              "max_tokens": 2, "temperature": 0,
+                                              "brand_new_option": {"x": 1}})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert served["server"].output().count("ignoring unknown fields brand_new_option") == 1
 
 
 def _pages_free(url) -> bool:
@@ -315,8 +317,7 @@ def test_disconnect_without_streaming_aborts_too(served):
 
 def test_health_and_metrics(served):
     url = served["server"].url
-    h = httpx.get(url + "/health").json()
-    assert h["status"] == "ok" and "tiny" in h["models"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}  # no model names
     text = httpx.get(url + "/metrics").text
     for name in ("gpupool_requests_total", "gpupool_generation_tokens_total",
                  "gpupool_time_to_first_token_seconds_bucket",

@@ -1,0 +1,80 @@
+"""Logits processors: per-request changes to a batch of logits before sampling.
+
+vLLM's formulas, applied batched and in this order:
+
+1. repetition_penalty: each token id seen in the row's prompt or output has a positive logit
+   divided by the penalty and a non-positive one multiplied by it (1: off).
+2. min_tokens: while the row has fewer output tokens than min_tokens, its stop_token_ids and
+   (unless ignore_eos) the model's EOS ids get -inf, so nothing ends the output early.
+3. allowed_token_ids: every other id gets -inf (ids >= the vocabulary size are ignored).
+
+They are deterministic and never touch a ``torch.Generator`` or the global RNG, so seeded
+sampling stays reproducible. Rows that need none come out bit-identical (in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gpupool.scheduler.params import SamplingParams
+
+
+def apply_processors(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    eos_ids: Sequence[int],
+) -> torch.Tensor:
+    """Semantics: x = logits.float(); for each row r with params[r].needs_processors:
+    seen = prompt_ids[r] + output_ids[r]; x[r, seen] = where(x[r, seen] > 0,
+    x[r, seen] / rp, x[r, seen] * rp); if len(output_ids[r]) < min_tokens:
+    x[r, stop_token_ids + eos_ids (unless ignore_eos)] = -inf; if allowed_token_ids:
+    x[r, ~isin(arange(V), allowed)] = -inf. Returns logits itself when no row needs any.
+
+    logits: [R, V] any float dtype and device; params, prompt_ids, output_ids: R each;
+    eos_ids: the model's EOS ids. Returns float32 [R, V] on logits' device.
+    """
+    if not any(p.needs_processors for p in params):
+        return logits
+    n_rows, vocab = logits.shape
+    device = logits.device
+    x = logits.float()  # may alias logits: only out-of-place ops below
+
+    penalized = {r: list(prompt_ids[r]) + list(output_ids[r])
+                 for r, p in enumerate(params) if p.repetition_penalty != 1.0}
+    if penalized:
+        pen = torch.ones(n_rows, 1, dtype=torch.float32)
+        for r in penalized:
+            pen[r] = params[r].repetition_penalty
+        pen = pen.to(device)
+        seen = _id_mask(n_rows, vocab, device, penalized)
+        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+
+    banned_ids = {r: list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+                  for r, p in enumerate(params) if len(output_ids[r]) < p.min_tokens}
+    allowed = {r: p.allowed_token_ids for r, p in enumerate(params)
+               if p.allowed_token_ids is not None}
+    if banned_ids or allowed:
+        banned = _id_mask(n_rows, vocab, device, banned_ids)
+        if allowed:
+            restricted = torch.zeros(n_rows, 1, dtype=torch.bool)
+            restricted[list(allowed)] = True
+            banned |= restricted.to(device) & ~_id_mask(n_rows, vocab, device, allowed)
+        x = x.masked_fill(banned, float("-inf"))
+    return x
+
+
+def _id_mask(
+    n_rows: int, vocab: int, device: torch.device, ids: dict[int, Sequence[int]]
+) -> torch.Tensor:
+    """[n_rows, vocab] bool: True at (r, t) for each t in ids[r] with t < vocab."""
+    mask = torch.zeros(n_rows, vocab, dtype=torch.bool, device=device)
+    counts = torch.tensor([len(v) for v in ids.values()], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.tensor(list(ids), dtype=torch.long), counts)
+    cols = torch.tensor([t for v in ids.values() for t in v], dtype=torch.long)
+    keep = cols < vocab
+    flat = (rows[keep] * vocab + cols[keep]).to(device)
+    return mask.view(-1).scatter_(0, flat, True).view(n_rows, vocab)

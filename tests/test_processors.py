@@ -1,0 +1,168 @@
+"""Logits processors and min-p, against transformers' reference processors."""
+
+import pytest
+import torch
+from transformers import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+)
+
+from gpupool import SamplingParams
+from gpupool.scheduler.processors import apply_processors
+from gpupool.scheduler.sampler import filtered_probs
+
+V = 64
+EOS = (2,)
+NEG = float("-inf")
+
+
+def rand_logits(rows: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, V, generator=g) * 3
+
+
+def one(logits, p, prompt, out, eos=EOS):
+    return apply_processors(logits[None], [p], [prompt], [out], eos)[0]
+
+
+@pytest.mark.parametrize("penalty", [0.8, 1.3, 2.0])
+def test_repetition_penalty_matches_transformers(penalty):
+    logits = rand_logits(3, seed=1)
+    prompts = [[5, 9, 9, 40, 63], [0, 1], [7]]
+    outputs = [[5, 11, 12], [], [30, 7, 30, 8]]
+    got = apply_processors(logits, [SamplingParams(repetition_penalty=penalty)] * 3,
+                           prompts, outputs, EOS)
+    ref = RepetitionPenaltyLogitsProcessor(penalty)
+    for r in range(3):
+        ids = torch.tensor([prompts[r] + outputs[r]])
+        want = ref(ids, logits[r : r + 1].clone())[0]
+        torch.testing.assert_close(got[r], want, rtol=0, atol=1e-6)
+        untouched = torch.ones(V, dtype=torch.bool)
+        untouched[ids[0]] = False
+        assert torch.equal(got[r][untouched], logits[r][untouched])
+        assert not torch.equal(got[r], logits[r])
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+@pytest.mark.parametrize("min_p", [0.05, 0.3])
+def test_min_p_matches_transformers(temperature, min_p):
+    logits = rand_logits(4, seed=2)
+    warp = MinPLogitsWarper(min_p)
+    for row in logits:
+        got = filtered_probs(row, SamplingParams(temperature=temperature, min_p=min_p))
+        scaled = (row / temperature)[None]
+        want = torch.softmax(warp(None, scaled), dim=-1)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert (got == 0).any() and (got > 0).sum() >= 1
+
+
+def test_min_p_one_keeps_only_the_top_tokens():
+    row = torch.tensor([1.0, 3.0, -2.0, 3.0, 0.5])
+    got = filtered_probs(row, SamplingParams(min_p=1.0))
+    assert torch.equal(got, torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0]))
+
+
+def test_min_p_zero_is_bit_identical_and_composes_with_top_k_top_p():
+    logits = rand_logits(4, seed=3)
+    for row in logits:
+        for kw in ({}, {"top_k": 10}, {"top_p": 0.8}):
+            base = filtered_probs(row, SamplingParams(temperature=0.9, **kw))
+            zero = filtered_probs(row, SamplingParams(temperature=0.9, min_p=0.0, **kw))
+            assert torch.equal(base, zero)
+        # min-p then top-k: the kept set is the intersection
+        both = filtered_probs(row, SamplingParams(min_p=0.2, top_k=10))
+        mp = filtered_probs(row, SamplingParams(min_p=0.2))
+        tk = filtered_probs(row, SamplingParams(top_k=10))
+        assert torch.equal(both > 0, (mp > 0) & (tk > 0))
+
+
+def test_min_tokens_matches_transformers_for_eos():
+    logits = rand_logits(1, seed=4)[0]
+    prompt = [3, 4, 5]
+    p = SamplingParams(min_tokens=3)
+    for n in range(5):
+        out = list(range(10, 10 + n))
+        ref = MinNewTokensLengthLogitsProcessor(
+            prompt_length_to_skip=len(prompt), min_new_tokens=3, eos_token_id=list(EOS))
+        want = ref(torch.tensor([prompt + out]), logits[None].clone())[0]
+        assert torch.equal(one(logits, p, prompt, out), want)
+        assert (want[EOS[0]] == NEG) == (n < 3)
+
+
+def test_min_tokens_stop_ids_ignore_eos_and_release():
+    logits = rand_logits(1, seed=5)[0]
+    eos = (2, 3)
+    p = SamplingParams(min_tokens=2, stop_token_ids=[7, 9, 1000])  # 1000 >= V: ignored
+    got = one(logits, p, [1], [4], eos)
+    assert torch.isinf(got[[2, 3, 7, 9]]).all() and (got[[2, 3, 7, 9]] < 0).all()
+    keep = torch.ones(V, dtype=torch.bool)
+    keep[[2, 3, 7, 9]] = False
+    assert torch.equal(got[keep], logits[keep])
+    q = SamplingParams(min_tokens=2, stop_token_ids=[7], ignore_eos=True)
+    got = one(logits, q, [1], [4], eos)
+    assert got[7] == NEG and torch.equal(got[[2, 3]], logits[[2, 3]])
+    assert torch.equal(one(logits, p, [1], [4, 5], eos), logits)  # len(out) == min_tokens
+    assert torch.equal(one(logits, p, [1], [4, 5, 6], eos), logits)
+
+
+def test_allowed_token_ids():
+    logits = rand_logits(1, seed=6)[0]
+    allowed = [4, 17, 33, V + 5]  # V + 5: ignored
+    got = one(logits, SamplingParams(allowed_token_ids=allowed), [1], [])
+    finite = torch.isfinite(got).nonzero().flatten().tolist()
+    assert finite == [4, 17, 33]
+    assert torch.equal(got[[4, 17, 33]], logits[[4, 17, 33]])
+    assert int(got.argmax()) == [4, 17, 33][int(logits[[4, 17, 33]].argmax())]
+
+
+def test_mixed_batch_equals_rows_alone_and_plain_rows_bit_identical():
+    logits = rand_logits(6, seed=7).to(torch.bfloat16)
+    params = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(temperature=0.5, top_p=0.9),
+        SamplingParams(min_tokens=4, stop_token_ids=[8]),
+        SamplingParams(allowed_token_ids=[1, 2, 3, 50]),
+        SamplingParams(repetition_penalty=0.6, min_tokens=1, allowed_token_ids=[2, 5, 6]),
+    ]
+    prompts = [[1, 2], [3, 3, 4], [5], [6, 7], [8, 9, 10], [5, 6, 11]]
+    outputs = [[12], [13, 4], [], [14], [], []]
+    got = apply_processors(logits, params, prompts, outputs, EOS)
+    assert got.dtype == torch.float32 and got.shape == (6, V)
+    for r in range(6):
+        alone = one(logits[r], params[r], prompts[r], outputs[r])
+        assert torch.equal(got[r], alone)
+        if params[r].needs_processors:
+            assert not torch.equal(got[r], logits[r].float())
+        else:
+            assert torch.equal(got[r], logits[r].float())
+    assert got[5, 2] == NEG  # min_tokens bans EOS even though it is allowed
+    seen = logits[5, [5, 6]].float()
+    assert torch.equal(got[5, [5, 6]], torch.where(seen > 0, seen / 0.6, seen * 0.6))
+
+
+def test_processors_leave_rng_state_alone():
+    g = torch.Generator().manual_seed(123)
+    g_state, global_state = g.get_state(), torch.get_rng_state()
+    logits = rand_logits(2, seed=8)
+    params = [SamplingParams(repetition_penalty=1.2, min_tokens=2, allowed_token_ids=[1, 2]),
+              SamplingParams(repetition_penalty=0.9)]
+    apply_processors(logits, params, [[1], [2]], [[], [3]], EOS)
+    assert torch.equal(g.get_state(), g_state)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_fast_path_returns_same_object():
+    logits = rand_logits(3, seed=9).half()
+    params = [SamplingParams(), SamplingParams(temperature=0.3, min_p=0.1),
+              SamplingParams(repetition_penalty=1.0, min_tokens=0)]
+    assert apply_processors(logits, params, [[1]] * 3, [[]] * 3, EOS) is logits
+
+
+def test_processors_do_not_modify_float32_input():
+    logits = rand_logits(2, seed=10)
+    before = logits.clone()
+    params = [SamplingParams(repetition_penalty=2.0, allowed_token_ids=[1]), SamplingParams()]
+    got = apply_processors(logits, params, [[1, 2], [3]], [[4], []], EOS)
+    assert torch.equal(logits, before) and got is not logits
