@@ -43,6 +43,9 @@ def paged_attention_decode(
     k = _gather(k_cache, block_tables, max_len).transpose(1, 2)  # [B, KVH, L, D]
     v = _gather(v_cache, block_tables, max_len).transpose(1, 2)
     mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    if not bool(mask.all()):  # stale page contents past a sequence's end (maybe NaN, and
+        k = k.masked_fill(~mask[:, None, :, None], 0.0)  # NaN * 0 is NaN) never reach it
+        v = v.masked_fill(~mask[:, None, :, None], 0.0)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         k,

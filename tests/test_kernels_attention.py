@@ -53,6 +53,33 @@ def test_decode_reference_matches_dense(block_tokens, heads, kvh):
         torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_decode_ignores_stale_nan_past_each_sequence(kernel):
+    """Pages are reused: what a finished request left past another's end (NaN after a fault)
+    must not reach its attention, though padding and partial pages read it."""
+    if kernel == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    from gpupool.kernels import paged_attention
+
+    lengths, block_tokens, heads, kvh, d = [3, 21, 8], 4, 4, 2, 16
+    k_cache, v_cache, bt, dk, dv = _paged(lengths, block_tokens, kvh, d, seed=3)
+    used = {(int(p), t) for b, n in enumerate(lengths) for t in range(n)
+            for p in [bt[b, t // block_tokens]]}
+    for p in range(k_cache.shape[0]):  # every slot no sequence owns holds NaN
+        for t in range(block_tokens):
+            if (p, t) not in {(pp, tt % block_tokens) for pp, tt in used}:
+                k_cache[p, t] = float("nan")
+                v_cache[p, t] = float("nan")
+    q = torch.randn(len(lengths), heads, d)
+    fn = (reference.paged_attention_decode if kernel == "reference"
+          else paged_attention.paged_attention_decode)
+    out = fn(q, k_cache, v_cache, bt, torch.tensor(lengths, dtype=torch.int32), 0.3)
+    assert torch.isfinite(out).all()
+    for b in range(len(lengths)):
+        want = _dense_attention(q[b : b + 1], dk[b], dv[b], 0.3)[0]
+        torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block_tokens", [3, 16])
 def test_prefill_reference_matches_dense(block_tokens):
     lengths, chunks = [9, 20, 5], [9, 6, 1]  # whole prompt; chunk after a prefix; one row
