@@ -1,0 +1,290 @@
+"""A hostile tenant and a careless operator against the HTTP API, in process (ASGI): bad
+adapters and model folders, names, paths, bodies, fields, exposure, grants.
+
+The tests run in file order on one app: the first part with the server open, then with
+tenants (auth on for good)."""
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from gpupool import SamplingParams
+from gpupool.api.server import build_state, create_app
+from gpupool.config import ModelSpec, ServerConfig, TenantSpec, load_server_config
+from tests.factories import make_peft_adapter
+
+ADMIN_KEY = "admin-secret-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("root")
+    outside = tmp_path_factory.mktemp("outside")
+    base = root / "base"
+    shutil.copytree(tiny_models("llama"), base)
+    make_peft_adapter(base, root / "good", 4, ["q_proj", "v_proj"], seed=1)
+    config = ServerConfig(
+        admin_key=ADMIN_KEY, model_roots=(str(root),), models=(ModelSpec("tiny", str(base)),),
+        engine={"device": "cpu", "home": tmp_path_factory.mktemp("home"),
+                "kv_cache_bytes": 8 << 20, "kv_page_bytes": 16 << 10,
+                "weight_bytes": 256 << 20, "host_cache_bytes": 1 << 30})
+    state = build_state(config)
+    with TestClient(create_app(state)) as client:
+        yield {"client": client, "state": state, "root": root, "outside": outside,
+               "base": base}
+
+
+def _err(r, status, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def _adapter_variant(env, name, edit_config=None, edit_weights=None):
+    src, dst = env["root"] / "good", env["root"] / name
+    shutil.copytree(src, dst)
+    if edit_config is not None:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(edit_config(cfg))
+    if edit_weights is not None:
+        tensors = load_file(str(dst / "adapter_model.safetensors"))
+        edit_weights(tensors)
+        save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def _first(tensors, value):
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = value
+
+
+BAD_ADAPTERS = {
+    "alpha-nan": dict(edit_config=lambda c: json.dumps({**c, "lora_alpha": float("nan")})),
+    "alpha-inf": dict(edit_config=lambda c: json.dumps({**c, "lora_alpha": float("inf")})),
+    "rank-float": dict(edit_config=lambda c: json.dumps({**c, "r": 4.5})),
+    "config-list": dict(edit_config=lambda c: "[]"),
+    "config-deep": dict(edit_config=lambda c: "[" * 100_000 + "]" * 100_000),
+    "unknown-target": dict(edit_config=lambda c: json.dumps({**c, "target_modules":
+                                                             ["q_proj", "lm_head"]})),
+    "weights-nan": dict(edit_weights=lambda t: _first(t, float("nan"))),
+    "weights-inf": dict(edit_weights=lambda t: _first(t, float("-inf"))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ADAPTERS))
+def test_bad_adapters_are_refused_at_registration(env, name):
+    c = env["client"]
+    path = _adapter_variant(env, name, **BAD_ADAPTERS[name])
+    r = c.post("/admin/adapters", headers=ADMIN, json={"name": name, "base": "tiny",
+                                                        "path": str(path)})
+    _err(r, 400, "path")
+    assert name not in [a["name"] for a in c.get("/admin/adapters", headers=ADMIN).json()["data"]]
+    _err(c.post("/v1/completions", json={"model": name, "prompt": "w1"}), 404)
+
+
+@pytest.mark.parametrize("text", ["[]", "[" * 100_000 + "]" * 100_000,
+                                  '{"architectures": ["LlamaForCausalLM"], "hidden_size": 0}',
+                                  '{"architectures": 3}'])
+def test_model_folders_of_the_wrong_shape_are_400(env, text, tmp_path):
+    folder = env["root"] / f"m{abs(hash(text)) % 10**8}"
+    shutil.copytree(env["base"], folder)
+    (folder / "config.json").write_text(text)
+    r = env["client"].post("/admin/models", headers=ADMIN,
+                           json={"name": folder.name, "path": str(folder)})
+    _err(r, 400, "path")
+
+
+def test_bodies_that_nest_too_deeply_are_400(env):
+    c = env["client"]
+    for depth in (100_000, 70):
+        body = '{"model": "tiny", "prompt": ' + "[" * depth + "]" * depth + "}"
+        for path, headers in (("/v1/completions", {}), ("/admin/tenants", ADMIN)):
+            r = c.post(path, content=body, headers={**headers,
+                                                    "Content-Type": "application/json"})
+            assert _err(r, 400)["code"] == "invalid_json"
+
+
+def test_a_symlinked_file_out_of_the_root_is_refused(env):
+    folder = env["root"] / "sneaky-file"
+    shutil.copytree(env["base"], folder)
+    secret = env["outside"] / "config.json"
+    shutil.copy(folder / "config.json", secret)
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(secret)
+    r = env["client"].post("/admin/models", headers=ADMIN,
+                           json={"name": "sneaky", "path": str(folder)})
+    assert _err(r, 403, "path")["code"] == "path_not_allowed"
+
+
+def test_a_shard_index_pointing_out_of_the_folder_is_refused(env):
+    folder = env["root"] / "escaping-index"
+    shutil.copytree(env["base"], folder)
+    names = list(load_file(str(folder / "model.safetensors")))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "../base/model.safetensors" for n in names}}))
+    r = env["client"].post("/admin/models", headers=ADMIN,
+                           json={"name": "escaping", "path": str(folder)})
+    assert "plain file names" in _err(r, 400, "path")["message"]
+
+
+def test_model_names_may_hold_slashes_and_every_route_reaches_them(env):
+    c = env["client"]
+    r = c.post("/admin/models", headers=ADMIN, json={"name": "org/tiny-2",
+                                                      "path": str(env["base"])})
+    assert r.status_code == 201, r.text
+    assert c.get("/v1/models/org/tiny-2").json()["id"] == "org/tiny-2"
+    r = c.post("/v1/completions", json={"model": "org/tiny-2", "prompt": "w1 w2",
+                                        "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert c.delete("/admin/models/org/tiny-2", headers=ADMIN).json()["deleted"]
+    for bad in ("org/../tiny", "org//tiny", "./tiny", "/tiny", "tiny/", "a" * 129, "sp ace"):
+        _err(c.post("/admin/models", headers=ADMIN, json={"name": bad,
+                                                          "path": str(env["base"])}), 400)
+
+
+def test_tenant_names_never_hold_a_slash_anywhere():
+    with pytest.raises(ValueError, match="tenant name"):
+        TenantSpec("a/b", ("*",))
+    with pytest.raises(ValueError, match="model name"):
+        load_server_config(models=["a/../b=/x"])
+    with pytest.raises(ValueError, match="adapter name"):
+        load_server_config(adapters=["x/=tiny:/y"])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 3}),
+    ("echo", True), ("suffix", "x"), ("tools", [{"type": "function"}]),
+    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a"]),
+    ("bad_words", ["w1"]), ("prompt_logprobs", 1), ("use_beam_search", True),
+    ("truncate_prompt_tokens", 4), ("chat_template_kwargs", {"x": 1}),
+    ("skip_special_tokens", False), ("best_of", 3), ("add_special_tokens", False)])
+def test_output_changing_fields_are_honoured_or_refused_by_name(env, field, value):
+    r = env["client"].post("/v1/completions", json={"model": "tiny", "prompt": "w1",
+                                                    "max_tokens": 2, field: value})
+    assert _err(r, 400, field)["code"] == "unsupported_field"
+
+
+def test_neutral_values_of_refused_fields_are_accepted(env):
+    body = {"model": "tiny", "prompt": "w1", "max_tokens": 2, "presence_penalty": 0.0,
+            "frequency_penalty": 0, "logit_bias": {}, "echo": False, "tools": [],
+            "skip_special_tokens": True, "use_beam_search": False}
+    assert env["client"].post("/v1/completions", json=body).status_code == 200
+
+
+def test_vllm_sampling_fields_are_honoured(env):
+    c = env["client"]
+
+    def run(**extra):
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7],
+                                            "max_tokens": 12, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    assert len(run(min_tokens=12, ignore_eos=False)["text"]) > 0
+    allowed = [10, 11, 12]
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
+                                        "temperature": 0, "allowed_token_ids": allowed,
+                                        "logprobs": 0, "ignore_eos": True})
+    tokens = env["state"].engine.tokenizer("tiny").convert_tokens_to_ids(
+        r.json()["choices"][0]["logprobs"]["tokens"])
+    assert r.status_code == 200 and set(tokens) <= set(allowed), tokens
+    plain = run(ignore_eos=True)["text"]
+    stop = plain[3:6]
+    cut = run(ignore_eos=True, stop=[stop])
+    kept = run(ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    assert kept["text"] == cut["text"] + stop and kept["text"].endswith(stop)
+    assert run(repetition_penalty=5.0, ignore_eos=True)["text"] != plain
+    for field, value in (("repetition_penalty", 0), ("min_p", 1.5), ("min_tokens", 99),
+                         ("allowed_token_ids", [10**6])):
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 4,
+                                            field: value})
+        _err(r, 400)
+
+
+def test_max_tokens_beyond_the_context_is_400_and_the_default_fits(env):
+    c = env["client"]
+    limit = env["state"].engine.context_limit("tiny")
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5] * 10,
+                                        "max_tokens": limit - 9})
+    assert _err(r, 400, "max_tokens")["code"] == "context_length_exceeded"
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5] * (limit - 3),
+                                        "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_readding_a_model_that_still_drains_is_409(env):
+    c = env["client"]
+    engine = env["state"].engine
+    r = c.post("/admin/models", headers=ADMIN, json={"name": "drain", "path": str(env["base"])})
+    assert r.status_code == 201
+
+    rid = engine.add_request([5, 6], SamplingParams(max_tokens=200, ignore_eos=True),
+                             model="drain")
+    try:
+        assert c.delete("/admin/models/drain", headers=ADMIN).status_code == 200
+        r = c.post("/admin/models", headers=ADMIN, json={"name": "drain",
+                                                          "path": str(env["base"])})
+        assert _err(r, 409, "name")["code"] == "name_draining"
+    finally:
+        engine.abort(rid)
+
+
+def test_health_says_only_ok(env):
+    r = env["client"].get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert "tiny" not in r.text
+
+
+# ---- from here on, tenants exist -----------------------------------------------------------
+def test_metrics_need_a_key_once_tenants_exist(env):
+    c, state = env["client"], env["state"]
+    assert c.get("/metrics").status_code == 200  # open server: open metrics
+    r = c.post("/admin/tenants", headers=ADMIN, json={"name": "acme", "models": ["tiny"]})
+    key = r.json()["api_key"]
+    _err(c.get("/metrics"), 401)
+    _err(c.get("/metrics", headers={"Authorization": f"Bearer {key}"}), 401)
+    assert 'model="tiny"' in c.get("/metrics", headers=ADMIN).text
+    import dataclasses
+
+    config = state.config
+    try:
+        state.config = dataclasses.replace(config, metrics_key="scraper-key-0123456789")
+        assert c.get("/metrics", headers={"Authorization": "Bearer scraper-key-0123456789"}
+                     ).status_code == 200
+        state.config = dataclasses.replace(config, public_metrics=True)
+        assert c.get("/metrics").status_code == 200
+    finally:
+        state.config = config
+
+
+def test_tenant_names_with_a_slash_are_refused_by_the_admin_api(env):
+    c = env["client"]
+    _err(c.post("/admin/tenants", headers=ADMIN, json={"name": "a/b", "models": ["*"]}), 400,
+         "name")
+    assert "a/b" not in [t["name"] for t in c.get("/admin/tenants", headers=ADMIN).json()["data"]]
+
+
+def test_deleting_a_model_or_adapter_revokes_its_grants(env):
+    c = env["client"]
+    r = c.post("/admin/adapters", headers=ADMIN, json={"name": "ad", "base": "tiny",
+                                                        "path": str(env["root"] / "good")})
+    assert r.status_code == 201, r.text
+    r = c.post("/admin/tenants", headers=ADMIN, json={"name": "beta", "models": ["tiny", "ad"]})
+    key = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    assert c.post("/v1/completions", headers=key, json={"model": "ad", "prompt": "w1",
+                                                         "max_tokens": 1}).status_code == 200
+    assert c.delete("/admin/adapters/ad", headers=ADMIN).status_code == 200
+    assert c.get("/admin/tenants/beta", headers=ADMIN).json()["models"] == ["tiny"]
+    assert c.post("/admin/adapters", headers=ADMIN, json={
+        "name": "ad", "base": "tiny", "path": str(env["root"] / "good")}).status_code == 201
+    _err(c.post("/v1/completions", headers=key, json={"model": "ad", "prompt": "w1",
+                                                      "max_tokens": 1}), 404)
+    assert c.get("/health").json() == {"status": "ok"}  # still whole after all of the above
