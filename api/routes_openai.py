@@ -63,7 +63,8 @@ class Run:
         self.choices = [_Choice(i) for i in range(len(prompts))]
         try:
             rids = await asyncio.to_thread(engine.submit, prompts, params, self.model,
-                                           [sink_for(i) for i in range(len(prompts))])
+                                           [sink_for(i) for i in range(len(prompts))],
+                                           self.tenant or None)
         except RequestError as e:
             self.choices = []
             if not engine.has_model(self.model):

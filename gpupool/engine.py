@@ -176,9 +176,11 @@ class Engine:
         return len(self.core.requests)
 
     def submit(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
-               model: str | Sequence[str], sinks: Sequence) -> list[str]:
+               model: str | Sequence[str], sinks: Sequence,
+               tenant: str | None = None) -> list[str]:
         """Queue several requests at once, or none: each is tokenised and checked first
-        (RequestError names the first bad one). ``model``: one name, or one per prompt.
+        (RequestError names the first bad one). ``model``: one name, or one per prompt;
+        ``tenant``: who asks (the scheduler shares batch slots fairly between tenants).
         One lock acquisition."""
         names = [model] * len(prompts) if isinstance(model, str) else list(model)
         if len(names) != len(prompts):
@@ -192,7 +194,8 @@ class Engine:
             rids: list[str] = []
             try:
                 for ids, p, name, sink in zip(checked, params, names, sinks):
-                    rids.append(self.core.add_request(name, ids, p, sink=sink))
+                    rids.append(self.core.add_request(name, ids, p, sink=sink,
+                                                      tenant=tenant))
             except BaseException:
                 for rid in rids:  # all or none
                     self.core.abort(rid)

@@ -188,7 +188,7 @@ class EngineCore:
 
     def add_request(self, model: str, prompt: str | list[int], params: SamplingParams,
                     request_id: str | None = None, sink: Sink | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, tenant: str | None = None) -> str:
         ids = self.tokenize(model, prompt)
         total = self.check_request(model, ids, params)
         if request_id is None:
@@ -201,7 +201,7 @@ class EngineCore:
             self.adapters.acquire(adapter)
         seq = Sequence(request_id, base, ids, params,
                        time.monotonic() if arrival_time is None else arrival_time, total,
-                       adapter=adapter)
+                       adapter=adapter, tenant=tenant)
         self.requests[request_id] = _Tracked(
             seq, make_generator(params.seed), DetokenizerState.start(ids), sink,
             logprobs=[] if params.logprobs is not None else None,
@@ -273,7 +273,8 @@ class EngineCore:
                 self._prefetch(out.model)
             start = time.perf_counter()
             logits = worker.execute(out.scheduled)
-            self.cost.observe_step(out.model, time.perf_counter() - start)
+            self.cost.observe_step(out.model, time.perf_counter() - start,
+                                   sum(x.num_new_tokens for x in out.scheduled))
         except Exception as e:  # a failed step fails its requests, never the engine
             logger.exception("step for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))

@@ -46,8 +46,24 @@ def models_with_work(sched) -> list[str]:
 
 
 class Policy:
+    """``cost`` (step and switch times, measured) and the SLOs are shared by every policy:
+    the scheduler reads them to size a step's prefill chunk (``slo(model).tbt_ms``)."""
+
     name = "base"
     current: str | None = None  # the model the policy last chose (for policies that stay)
+
+    def __init__(self, cost: CostModel | None = None, slos: dict[str, SLO] | None = None,
+                 default_slo: SLO | None = None):
+        self.cost = cost or CostModel()
+        self.slos = slos if slos is not None else {}
+        self.default_slo = default_slo or SLO()
+
+    def slo(self, model: str) -> SLO:
+        return self.slos.get(model, self.default_slo)
+
+    def set_slo(self, model: str, slo: SLO) -> None:
+        """A model's latency objectives."""
+        self.slos[model] = slo
 
     def pick(self, sched, now: float) -> str | None:
         raise NotImplementedError
@@ -55,9 +71,6 @@ class Policy:
     def prefetch_hint(self, sched, now: float) -> str | None:
         """The model expected to run after the current one (None: no guess)."""
         return None
-
-    def set_slo(self, model: str, slo: SLO) -> None:
-        """A model's latency objectives; policies that do not plan with SLOs ignore them."""
 
     def forget(self, model: str) -> None:
         """The model was removed."""
@@ -106,18 +119,10 @@ class TokenPolicy(Policy):
 
     def __init__(self, cost: CostModel | None = None, slos: dict[str, SLO] | None = None,
                  default_slo: SLO | None = None):
-        self.cost = cost or CostModel()
-        self.slos = slos if slos is not None else {}
-        self.default_slo = default_slo or SLO()
+        super().__init__(cost, slos, default_slo)
         self.quota_end = 0.0
         self.first_token: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._order: list[str] = []
-
-    def set_slo(self, model: str, slo: SLO) -> None:
-        self.slos[model] = slo
-
-    def slo(self, model: str) -> SLO:
-        return self.slos.get(model, self.default_slo)
 
     def seq_deadline(self, seq, slo: SLO, now: float) -> float:
         """When the sequence's next token is due (seconds), less the planning margin."""
@@ -198,6 +203,4 @@ def make_policy(name: str, cost: CostModel | None = None, slos=None,
                 default_slo: SLO | None = None) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {name!r}")
-    if name == "token":
-        return TokenPolicy(cost, slos, default_slo)
-    return POLICIES[name]()
+    return POLICIES[name](cost, slos, default_slo)

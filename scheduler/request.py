@@ -29,6 +29,7 @@ class Sequence:
     arrival_time: float
     max_total_tokens: int  # prompt + output never exceeds this (max_model_len)
     adapter: str | None = None  # LoRA adapter of ``model`` (the base), or None
+    tenant: str | None = None  # who asked: the scheduler shares batch slots between tenants
     output_token_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     host_pages: list[int] = field(default_factory=list)  # KV swapped out while preempted
@@ -36,6 +37,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    last_step: int = -1  # the scheduler step that last ran it (least recently run go first)
 
     @property
     def num_tokens(self) -> int:

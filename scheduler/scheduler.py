@@ -17,12 +17,15 @@ host pages, or with none free it is recomputed later from its prompt + output so
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 from gpupool.pool.kv import PagePool
 from gpupool.scheduler.policy import POLICIES, FcfsPolicy, Policy
 from gpupool.scheduler.request import Sequence, Status
+
+MIN_PREFILL_CHUNK = 16  # a step that decodes still advances prompts by at least this
+TBT_SHARE = 0.5  # of the TBT SLO a decoding step may spend on prompt tokens
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,35 @@ class SchedulerConfig:
     policy: str = "token"  # which model runs each step: token | request | fcfs
     ttft_ms: float = 2000.0  # default SLO: time to first token
     tbt_ms: float = 200.0  # default SLO: time between tokens
+    # prompt tokens a step that also decodes may compute (None: sized from the TBT SLO and
+    # the measured cost of a token), so running streams never stall behind a long prompt
+    max_prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is not None and cap < 1:
+            raise ValueError("max_prefill_tokens_while_decoding must be >= 1 (or unset)")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+
+
+@dataclass
+class _Step:
+    """What one ``schedule`` call has used so far."""
+
+    budget: int  # tokens left in the step
+    max_adapters: int  # distinct adapters the step may hold
+    prefill_left: int = 1 << 30  # prompt tokens left (capped when the step also decodes)
+    scheduled: list = field(default_factory=list)
+    preempted: list = field(default_factory=list)
+    adapters: set = field(default_factory=set)
+
+    def fits(self, seq) -> bool:
+        """A step holds at most ``max_adapters`` distinct adapters."""
+        return (seq.adapter is None or seq.adapter in self.adapters
+                or len(self.adapters) < self.max_adapters)
 
 
 @dataclass(frozen=True)
@@ -89,6 +115,7 @@ class Scheduler:
         self.max_adapters: dict[str, int] = {}
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
+        self._step = 0
 
     def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30) -> None:
         """``max_adapters``: distinct adapters one step may hold (the device slots)."""
@@ -147,6 +174,20 @@ class Scheduler:
             self._preempt(victim, swap)
             preempted.append(victim)
 
+    def prefill_cap(self, model: str) -> int:
+        """Most prompt tokens a step that also decodes may compute: a running stream waits one
+        step for its next token, so that step should fit the model's TBT SLO. Fixed by
+        ``max_prefill_tokens_while_decoding``, else ``TBT_SHARE`` of the TBT over the measured
+        cost of a prefill token (the whole step budget until a cost is known)."""
+        budget = self.config.max_num_batched_tokens
+        if self.config.max_prefill_tokens_while_decoding is not None:
+            return min(budget, self.config.max_prefill_tokens_while_decoding)
+        per_token = self.policy.cost.token(model)
+        if per_token is None:
+            return budget
+        tbt_s = self.policy.slo(model).tbt_ms / 1000.0
+        return max(MIN_PREFILL_CHUNK, min(budget, int(TBT_SHARE * tbt_s / per_token)))
+
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """A step's batch. Swap-outs (preemption) and swap-ins (waiting sequences resuming)
         never share a step: a page freed by one could otherwise be overwritten before the
@@ -155,58 +196,90 @@ class Scheduler:
         if model is None:
             return SchedulerOutput(None, (), ())
         self._swap_out, self._swap_in = [], []
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
-        running = self.running[model]
-        adapters: set[str] = set()
-        cap = self.max_adapters[model]
+        self._step += 1
+        step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model])
+        if any(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model]):
+            step.prefill_left = min(step.budget, self.prefill_cap(model))
+        fair = self._preempt_for_fairness(model)
+        self._schedule_running(model, step)
+        if not any(q.model == model for q in step.preempted):  # no room freed by own preemption
+            self._admit_waiting(model, step)
+        step.preempted.extend(fair)
+        # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
+        step.scheduled.sort(key=lambda x: (not x.is_decode, x.seq.adapter or ""))
+        return SchedulerOutput(model, tuple(step.scheduled), tuple(step.preempted),
+                               tuple(self._swap_out), tuple(self._swap_in))
 
-        def fits(seq: Sequence) -> bool:  # a step holds at most `cap` distinct adapters
-            return seq.adapter is None or seq.adapter in adapters or len(adapters) < cap
+    def _num_new(self, seq: Sequence, step: _Step) -> int:
+        """Tokens the sequence computes this step: 1 to decode, a chunk of its prompt (or of
+        the tokens to recompute) within both budgets; 0 when no budget is left."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining == 1:
+            return 1 if step.budget > 0 else 0
+        return min(remaining, step.budget, step.prefill_left)
 
-        i = 0
-        while i < len(running) and budget > 0:
-            seq = running[i]
-            if not fits(seq):  # deferred to a later step; keeps its pages
-                i += 1
+    def _take(self, seq: Sequence, num_new: int, step: _Step) -> None:
+        step.scheduled.append(ScheduledSeq(seq, num_new))
+        step.budget -= num_new
+        if seq.num_tokens - seq.num_computed_tokens > 1:
+            step.prefill_left -= num_new
+        if seq.adapter:
+            step.adapters.add(seq.adapter)
+        seq.last_step = self._step
+
+    def _victim(self, model: str, step: _Step, spare: Sequence) -> Sequence | None:
+        """The newest running sequence of ``model`` not in this step's batch, nor ``spare``."""
+        taken = {id(x.seq) for x in step.scheduled}
+        return next((q for q in reversed(self.running[model])
+                     if id(q) not in taken and q is not spare), None)
+
+    def _schedule_running(self, model: str, step: _Step) -> None:
+        """Running sequences, least recently run first (so one deferred for want of an
+        adapter slot goes first next time), each with the pages its tokens need; when pages
+        run out other models' sequences are evicted, then this model's newest."""
+        for seq in sorted(self.running[model], key=lambda q: q.last_step):
+            if step.budget <= 0:
+                break
+            if seq.status is not Status.RUNNING or not step.fits(seq):
+                continue  # preempted above as a victim, or deferred: keeps its pages
+            num_new = self._num_new(seq, step)
+            if num_new == 0:
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._pages_needed(seq, num_new)
-            self._evict_others(model, need, preempted)
-            while not self.pages.can_allocate(need) and running[-1] is not seq:
-                victim = running[-1]
+            self._evict_others(model, need, step.preempted)
+            while not self.pages.can_allocate(need):
+                victim = self._victim(model, step, seq)
+                if victim is None:
+                    break
                 self._preempt(victim)
-                preempted.append(victim)
-            if not self.pages.can_allocate(need):  # seq is the newest: preempt it too
+                step.preempted.append(victim)
+            if not self.pages.can_allocate(need):  # nothing else to evict: preempt it too
                 self._preempt(seq)
-                preempted.append(seq)
+                step.preempted.append(seq)
                 break
             seq.pages.extend(self.pages.allocate(need))
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-            if seq.adapter:
-                adapters.add(seq.adapter)
-            i += 1
-        waiting = self.waiting[model]
-        j = 0
-        own_preempted = any(q.model == model for q in preempted)
-        while (j < len(waiting) and budget > 0 and len(running) < self.config.max_num_seqs
-               and not own_preempted):
-            seq = waiting[j]
-            if not fits(seq):
-                j += 1
+            self._take(seq, num_new, step)
+
+    def _admit_waiting(self, model: str, step: _Step) -> None:
+        """Waiting sequences in fair order while budgets, the sequence cap and pages allow."""
+        running = self.running[model]
+        for seq in self._fair_order(model):
+            if step.budget <= 0 or len(running) >= self.config.max_num_seqs:
+                break
+            if not step.fits(seq):
                 continue
             if seq.host_pages and self._swap_out:  # its swap-in waits for a step without
                 break  # swap-outs (the freed pages may be the ones it would copy into)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._num_new(seq, step)
+            if num_new == 0:
+                continue
             need = self._pages_needed(seq, num_new)
             # evicted KV recomputes if this step swaps in: no swap-out beside a swap-in
-            self._evict_others(model, need, preempted,
+            self._evict_others(model, need, step.preempted,
                                swap=not (seq.host_pages or self._swap_in))
             if not self.pages.can_allocate(need):
                 break
-            del waiting[j]
+            self.waiting[model].remove(seq)
             seq.pages.extend(self.pages.allocate(need))
             if seq.host_pages:  # resume: bring the swapped KV back into the new pages
                 self._swap_in.extend(zip(seq.pages, seq.host_pages))
@@ -214,14 +287,45 @@ class Scheduler:
                 seq.host_pages = []
             seq.status = Status.RUNNING
             running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-            if seq.adapter:
-                adapters.add(seq.adapter)
-        # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
-        scheduled.sort(key=lambda s: (not s.is_decode, s.seq.adapter or ""))
-        return SchedulerOutput(model, tuple(scheduled), tuple(preempted),
-                               tuple(self._swap_out), tuple(self._swap_in))
+            self._take(seq, num_new, step)
+
+    def _fair_order(self, model: str) -> list[Sequence]:
+        """Waiting sequences, tenants interleaved: each one's key is its tenant's running
+        sequences plus its place in that tenant's queue (FIFO within a tenant), so a tenant
+        with fewer sequences in the batch goes first. One tenant: plain FIFO."""
+        counts = Counter(q.tenant for q in self.running[model])
+        keyed = []
+        for i, seq in enumerate(self.waiting[model]):
+            keyed.append((counts[seq.tenant], i, seq))
+            counts[seq.tenant] += 1
+        return [seq for _, _, seq in sorted(keyed, key=lambda k: k[:2])]
+
+    def _preempt_for_fairness(self, model: str) -> list[Sequence]:
+        """When the batch is full and a tenant with waiting work holds less than its share of
+        ``max_num_seqs`` (an equal split between tenants with work), preempt the newest
+        sequences of tenants holding more than their share to make room for it."""
+        running, waiting = self.running[model], self.waiting[model]
+        if len(running) < self.config.max_num_seqs or not waiting:
+            return []
+        counts = Counter(q.tenant for q in running)
+        tenants = set(counts) | {q.tenant for q in waiting}
+        if len(tenants) < 2:
+            return []
+        share = max(1, self.config.max_num_seqs // len(tenants))
+        want = Counter()
+        for seq in waiting:
+            if counts[seq.tenant] + want[seq.tenant] < share:
+                want[seq.tenant] += 1
+        out = []
+        for _ in range(sum(want.values())):
+            donor, held = counts.most_common(1)[0]
+            if held <= share:
+                break
+            victim = next(q for q in reversed(running) if q.tenant == donor)
+            self._preempt(victim)
+            counts[donor] -= 1
+            out.append(victim)
+        return out
 
     def update_from_output(self, out: SchedulerOutput) -> None:
         """Advance each scheduled sequence past the tokens this step computed."""

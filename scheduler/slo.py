@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PREFILL_TOKENS = 32  # steps computing at least this many tokens measure the per-token cost
+
 
 @dataclass(frozen=True)
 class SLO:
@@ -32,13 +34,18 @@ class CostModel:
         self.smoothing = smoothing
         self.step_s: dict[str, float] = {}
         self.swap_s: dict[str, float] = {}
+        self.token_s: dict[str, float] = {}  # seconds per computed token, prefill-heavy steps
 
     def _ema(self, table: dict[str, float], model: str, seconds: float) -> None:
         old = table.get(model)
         table[model] = seconds if old is None else old + self.smoothing * (seconds - old)
 
-    def observe_step(self, model: str, seconds: float) -> None:
+    def observe_step(self, model: str, seconds: float, num_tokens: int = 0) -> None:
+        """A step's time; with ``num_tokens`` of at least ``PREFILL_TOKENS`` computed it
+        also teaches the cost of one prefill token."""
         self._ema(self.step_s, model, seconds)
+        if num_tokens >= PREFILL_TOKENS:
+            self._ema(self.token_s, model, seconds / num_tokens)
 
     def observe_swap(self, model: str, seconds: float) -> None:
         self._ema(self.swap_s, model, seconds)
@@ -48,3 +55,7 @@ class CostModel:
 
     def swap(self, model: str) -> float:
         return self.swap_s.get(model, self.default_swap_s)
+
+    def token(self, model: str) -> float | None:
+        """Seconds per prefill token, once a prefill-heavy step has been seen."""
+        return self.token_s.get(model)

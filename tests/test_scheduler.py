@@ -1,5 +1,7 @@
 """The scheduler on integers alone: budgets, chunking, preemption order, page accounting."""
 
+from collections import Counter
+
 from gpupool import SamplingParams
 from gpupool.pool.kv import PagePool
 from gpupool.scheduler.policy import Policy
@@ -139,3 +141,84 @@ def test_a_swap_in_never_shares_a_step_with_a_swap_out():
     assert len(out.swap_in) == 2 and not out.swap_out
     assert b0.status is Status.WAITING and b0.num_computed_tokens == 0 and not b0.host_pages
     s.pages.check_integrity()
+
+
+# ---- no stalls, fair shares ----------------------------------------------------------------
+def _tseq(i, prompt_len, tenant=None, adapter=None):
+    return Sequence(str(i), "m", list(range(prompt_len)), SamplingParams(), float(i), 9999,
+                    adapter=adapter, tenant=tenant)
+
+
+def _run(s, steps):
+    outs = []
+    for _ in range(steps):
+        out = s.schedule()
+        _advance(s, out)
+        outs.append(out)
+    return outs
+
+
+def test_running_streams_advance_every_step_while_long_prompts_are_admitted():
+    s = _scheduler(num_pages=2000, max_num_batched_tokens=512,
+                   max_prefill_tokens_while_decoding=64)
+    streams = [_tseq(i, 5) for i in range(4)]
+    for q in streams:
+        s.add_request(q)
+    _run(s, 2)  # prefilled, now decoding
+    for i in range(10):
+        s.add_request(_tseq(10 + i, 400))
+    for out in _run(s, 30):
+        decoding = {x.seq.request_id for x in out.scheduled if x.is_decode}
+        assert {q.request_id for q in streams} <= decoding  # every step: k = 1
+        assert sum(x.num_new_tokens for x in out.scheduled if not x.is_decode) <= 64
+    assert any(len(q.output_token_ids) for q in s.running["m"] if int(q.request_id) >= 10)
+
+
+def test_the_prefill_cap_follows_the_tbt_slo_and_the_measured_token_cost():
+    from gpupool.scheduler.slo import SLO
+
+    s = _scheduler(max_num_batched_tokens=1024)
+    assert s.prefill_cap("m") == 1024  # nothing measured yet: the whole budget
+    s.policy.cost.observe_step("m", 0.5, 100)  # 5 ms per token
+    s.policy.set_slo("m", SLO(2000, 200))
+    assert s.prefill_cap("m") == 20  # half of 200 ms at 5 ms a token
+    s.policy.set_slo("m", SLO(2000, 20))
+    assert s.prefill_cap("m") == 16  # never below the minimum chunk
+    s.policy.set_slo("m", SLO(2000, 100_000))
+    assert s.prefill_cap("m") == 1024
+
+
+def test_each_tenant_with_waiting_work_gets_its_share_of_batch_slots():
+    s = _scheduler(num_pages=1000, max_num_seqs=8)
+    for i in range(20):
+        s.add_request(_tseq(i, 6, tenant="flood"))
+    _run(s, 3)
+    assert len(s.running["m"]) == 8
+    for i in range(3):
+        s.add_request(_tseq(100 + i, 6, tenant="quiet"))
+    out = s.schedule()
+    _advance(s, out)
+    tenants = Counter(x.seq.tenant for x in out.scheduled)
+    assert tenants["quiet"] == 3 and tenants["flood"] == 5
+    assert [q.tenant for q in out.preempted] == ["flood"] * 3
+    for out in _run(s, 5):  # and keeps it
+        assert Counter(x.seq.tenant for x in out.scheduled)["quiet"] == 3
+
+
+def test_a_quiet_tenant_is_admitted_before_a_flood_that_came_first():
+    s = _scheduler(max_num_seqs=2)
+    for i in range(6):
+        s.add_request(_tseq(i, 4, tenant="flood"))
+    s.add_request(_tseq(50, 4, tenant="quiet"))
+    assert [x.seq.request_id for x in s.schedule().scheduled] == ["0", "50"]
+
+
+def test_running_sequences_left_out_for_want_of_budget_go_first_next_step():
+    s = _scheduler(max_num_batched_tokens=24, max_num_seqs=6)
+    for i in range(6):
+        s.add_request(_tseq(i, 4))
+    _run(s, 1)  # all six prefilled (24 tokens), now decoding
+    s.config = SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=6)
+    ran = [{x.seq.request_id for x in out.scheduled} for out in _run(s, 6)]
+    for a, b in zip(ran, ran[1:]):  # four a step, so each runs at least every second step
+        assert len(a) == 4 and a | b == {str(i) for i in range(6)}
