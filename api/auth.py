@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -22,6 +22,7 @@ from gpupool.api.errors import APIError, model_not_found
 class Tenant:
     name: str
     models: tuple[str, ...]
+    limits: dict = field(default_factory=dict, compare=False)  # see api.limits
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -53,7 +54,7 @@ def _lookup(store, key: str | None, tenant_path: str | None) -> Tenant | None:
     spec = store.tenant(name)
     if spec is None:  # deleted between the two reads
         raise _unauthorized("invalid API key")
-    return Tenant(name, tuple(spec["models"]))
+    return Tenant(name, tuple(spec["models"]), dict(spec.get("limits") or {}))
 
 
 async def authenticate(state, request: Request, tenant_path: str | None) -> Tenant | None:

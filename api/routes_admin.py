@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpupool.api.auth import check_admin
 from gpupool.api.errors import APIError
+from gpupool.api.limits import check_limits
 from gpupool.api.models import check_name
 from gpupool.api.protocol import validate
 from gpupool.api.state import hash_key, new_key
@@ -33,13 +34,21 @@ class AdapterBody(_Body):
     path: str
 
 
+class Limits(_Body):
+    max_concurrent_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+
 class TenantBody(_Body):
     name: str
     models: list[str]
+    limits: Limits | None = None
 
 
 class TenantUpdate(_Body):
-    models: list[str]
+    models: list[str] | None = None
+    limits: Limits | None = None  # replaces the tenant's limits (a missing field: no limit)
 
 
 class KeyBody(_Body):
@@ -113,7 +122,12 @@ def router(state) -> APIRouter:
 
     def tenant_view(name: str, spec: dict) -> dict:
         return {"name": name, "models": spec["models"], "created": spec["created"],
-                "num_keys": store.num_keys(name)}
+                "num_keys": store.num_keys(name),
+                "limits": check_limits(spec.get("limits")),
+                "usage": state.limiter.usage(name)}
+
+    def limits_of(body) -> dict | None:
+        return None if body.limits is None else body.limits.model_dump()
 
     async def add_tenant(request):
         b = await _body(state, request, TenantBody)
@@ -123,7 +137,7 @@ def router(state) -> APIRouter:
             raise APIError(409, f"tenant {b.name!r} already exists", param="name",
                            code="tenant_exists")
         key = new_key()
-        store.put_tenant(b.name, names, [hash_key(key)])
+        store.put_tenant(b.name, names, [hash_key(key)], limits=limits_of(b) or {})
         return JSONResponse({**tenant_view(b.name, store.tenant(b.name)), "api_key": key},
                             status_code=201)
 
@@ -141,9 +155,10 @@ def router(state) -> APIRouter:
         return JSONResponse(tenant_view(name, tenant_or_404(name)))
 
     async def update_tenant(request, name):
-        tenant_or_404(name)
+        spec = tenant_or_404(name)
         b = await _body(state, request, TenantUpdate)
-        store.put_tenant(name, check_models(b.models))
+        models = spec["models"] if b.models is None else check_models(b.models)
+        store.put_tenant(name, models, limits=limits_of(b))
         return JSONResponse(tenant_view(name, store.tenant(name)))
 
     async def delete_tenant(request, name):

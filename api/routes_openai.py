@@ -45,42 +45,64 @@ class Run:
 
     state: object
     model: str
-    tenant: str
+    tenant: Tenant | None
     choices: list[_Choice] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
     n: int = 1  # choices per prompt
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    counted: bool = False  # admitted by the tenant's limiter: tell it when the call ends
 
-    async def start(self, prompts: list, params: list[SamplingParams]) -> None:
-        """Queue every choice at once, or none (400 naming what is wrong)."""
+    async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Admit the call under the tenant's limits (429), then queue every choice at once,
+        or none (400 naming what is wrong)."""
         loop = asyncio.get_running_loop()
 
         def sink_for(i):
             return lambda out: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
 
         engine = self.state.engine
+        await self._admit(sum(len(p) for p in prompts[:: self.n]))
         self.choices = [_Choice(i) for i in range(len(prompts))]
         try:
             rids = await asyncio.to_thread(engine.submit, prompts, params, self.model,
                                            [sink_for(i) for i in range(len(prompts))],
-                                           self.tenant or None)
-        except RequestError as e:
+                                           self.tenant.name if self.tenant else None)
+        except (RequestError, ValueError) as e:
             self.choices = []
+            self._release(0)
             if not engine.has_model(self.model):
                 raise model_not_found(self.model) from e
-            raise APIError(400, str(e), param="prompt") from e
-        except ValueError as e:
-            self.choices = []
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param="prompt" if isinstance(e, RequestError)
+                           else None) from e
         for ch, rid in zip(self.choices, rids):
             ch.request_id = rid
+
+    async def _admit(self, prompt_tokens: int) -> None:
+        if self.tenant is None:  # an open server has no tenants and no limits
+            return
+        limiter = self.state.limiter
+        refusal = await asyncio.to_thread(limiter.admit, self.tenant.name, self.call_id,
+                                          self.tenant.limits, prompt_tokens)
+        if refusal is not None:
+            raise APIError(429, f"tenant limit {refusal.limit} reached; retry later",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(refusal.retry_after_s)})
+        self.counted = True
+
+    def _release(self, completion_tokens: int) -> None:
+        if self.counted:
+            self.counted = False
+            self.state.limiter.finished(self.tenant.name, self.call_id, completion_tokens)
 
     def _observe(self, ch: _Choice, out: RequestOutput) -> None:
         now = time.monotonic()
         metrics = self.state.metrics
         n = len(out.delta_token_ids)
         if n:
+            if self.counted and all(c.first_token_at is None for c in self.choices):
+                self.state.limiter.started(self.tenant.name, self.call_id)
             if ch.first_token_at is None:
                 ch.first_token_at = now
                 metrics.ttft.labels(self.model).observe(now - self.started)
@@ -117,6 +139,7 @@ class Run:
         if self.done:
             return
         self.done = True
+        self._release(self.completion_tokens)
         m = self.state.metrics
         status = "ok"
         for ch in self.choices:
@@ -124,9 +147,10 @@ class Run:
                 status = "aborted"
             elif ch.last.error:
                 status = "error"
-        m.requests.labels(self.model, self.tenant, status).inc()
-        m.prompt_tokens.labels(self.model, self.tenant).inc(self.prompt_tokens)
-        m.generation_tokens.labels(self.model, self.tenant).inc(self.completion_tokens)
+        tenant = self.tenant.name if self.tenant else ""
+        m.requests.labels(self.model, tenant, status).inc()
+        m.prompt_tokens.labels(self.model, tenant).inc(self.prompt_tokens)
+        m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
 
     @property
     def prompt_tokens(self) -> int:
@@ -232,7 +256,7 @@ def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
 async def _start(state, req, tenant, prompts: list, params: list[SamplingParams]):
     """The Run with every choice queued, and the model's tokenizer (for logprob tokens)."""
     tokenizer = _tokenizer(state, req.model)
-    run = Run(state, req.model, tenant.name if tenant else "", n=req.n)
+    run = Run(state, req.model, tenant, n=req.n)
     await run.start(prompts, params)
     return run, tokenizer
 

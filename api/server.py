@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gpupool.api import routes_admin, routes_openai
 from gpupool.api.auth import check_metrics_access
 from gpupool.api.errors import APIError
+from gpupool.api.limits import TenantLimiter
 from gpupool.api.metrics import Metrics
 from gpupool.api.models import ModelManager
 from gpupool.api.state import StateStore, hash_key
@@ -34,6 +35,7 @@ class AppState:
     models: ModelManager
     metrics: Metrics
     started: int
+    limiter: TenantLimiter
 
 
 def build_state(config: ServerConfig) -> AppState:
@@ -48,13 +50,14 @@ def build_state(config: ServerConfig) -> AppState:
                             "not applied again (change it through the admin API)", t.name)
                 continue
             hashes = [hash_key(k) for k in t.api_keys] + list(t.key_hashes)
-            store.put_tenant(t.name, list(t.models), hashes)
+            store.put_tenant(t.name, list(t.models), hashes, limits=t.limits)
         models = ModelManager(engine, store, config)
         models.load_static()
     except BaseException:
         engine.shutdown()
         raise
-    return AppState(config, engine, store, models, Metrics(engine), int(time.time()))
+    return AppState(config, engine, store, models, Metrics(engine), int(time.time()),
+                    TenantLimiter(store.r))
 
 
 def create_app(state: AppState) -> FastAPI:

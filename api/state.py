@@ -4,10 +4,12 @@ under the data dir by default, or any Redis at ``GPUPOOL_REDIS_URL``.
 Keys (values are JSON):
   gpupool:models    hash  name -> {"path", "ttft_ms", "tbt_ms"}   (admin-added models)
   gpupool:adapters  hash  name -> {"base", "path"}                (admin-added adapters)
-  gpupool:tenants   hash  name -> {"models": [...], "created": unix time}
+  gpupool:tenants   hash  name -> {"models": [...], "created": unix time, "limits": {...}}
   gpupool:keys      hash  sha256(key) hex -> tenant name
   gpupool:auth      string "required" once any tenant was created: deleting the last tenant
                     does not open the server again
+
+Per-tenant usage counters live beside these (``api.limits``).
 
 API keys are never stored, only their SHA-256 digests: keys are 256-bit random tokens, so a
 fast hash is enough (no dictionary to guess from), and lookup is one hash read.
@@ -120,18 +122,22 @@ class StateStore:
         return bool(self.r.exists(PREFIX + "auth")) or self.r.hlen(PREFIX + "tenants") > 0
 
     def put_tenant(self, name: str, models: list[str], key_hashes: list[str] | None = None,
-                   replace_keys: bool = False) -> None:
-        """Create or update a tenant; ``key_hashes`` are added (or replace its keys)."""
+                   replace_keys: bool = False, limits: dict | None = None) -> None:
+        """Create or update a tenant; ``key_hashes`` are added (or replace its keys);
+        ``limits`` (see ``api.limits``) replace its limits (None: keep them)."""
         old = self.tenant(name)
         created = old["created"] if old else int(time.time())
+        if limits is None:
+            limits = (old or {}).get("limits") or {}
         pipe = self.r.pipeline()
         if replace_keys:
             for h in self._key_hashes(name):
                 pipe.hdel(PREFIX + "keys", h)
         for h in key_hashes or ():
             pipe.hset(PREFIX + "keys", h, name)
-        pipe.hset(PREFIX + "tenants", name,
-                  json.dumps({"models": list(models), "created": created}))
+        pipe.hset(PREFIX + "tenants", name, json.dumps(
+            {"models": list(models), "created": created,
+             "limits": {k: v for k, v in limits.items() if v is not None}}))
         pipe.set(PREFIX + "auth", "required")
         pipe.execute()
         self._saved()

@@ -139,6 +139,15 @@ class TenantSpec:
     models: tuple[str, ...]  # base models and adapters it may use ("*": all)
     api_keys: tuple[str, ...] = ()  # plain keys (hashed before they are stored)
     key_hashes: tuple[str, ...] = ()  # or their sha256 hex digests
+    max_concurrent_requests: int | None = None  # calls in flight; beyond: 429
+    max_queued_requests: int | None = None  # of those, waiting for a first token
+    tokens_per_minute: int | None = None  # prompt + generated tokens a minute
+
+    @property
+    def limits(self) -> dict[str, int | None]:
+        return {"max_concurrent_requests": self.max_concurrent_requests,
+                "max_queued_requests": self.max_queued_requests,
+                "tokens_per_minute": self.tokens_per_minute}
 
     def __post_init__(self):
         def strings(value, what):
@@ -155,6 +164,10 @@ class TenantSpec:
                              "characters")
         if any(len(h) != 64 or set(h) - set("0123456789abcdef") for h in self.key_hashes):
             raise ValueError(f"tenant {self.name!r}: key_hashes are sha256 hex digests")
+        for limit, value in self.limits.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"tenant {self.name!r}: {limit} must be a positive integer")
 
 
 @dataclass(frozen=True)

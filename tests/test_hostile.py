@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from gpupool import SamplingParams
+from gpupool.api.limits import TenantLimiter
 from gpupool.api.server import build_state, create_app
 from gpupool.config import ModelSpec, ServerConfig, TenantSpec, load_server_config
 from tests.factories import make_peft_adapter
@@ -288,3 +289,49 @@ def test_deleting_a_model_or_adapter_revokes_its_grants(env):
     _err(c.post("/v1/completions", headers=key, json={"model": "ad", "prompt": "w1",
                                                       "max_tokens": 1}), 404)
     assert c.get("/health").json() == {"status": "ok"}  # still whole after all of the above
+
+
+def test_tenant_limits_give_429_with_retry_after_across_front_ends(env):
+    c, state = env["client"], env["state"]
+    r = c.post("/admin/tenants", headers=ADMIN, json={
+        "name": "gamma", "models": ["tiny"], "limits": {"max_concurrent_requests": 1}})
+    assert r.status_code == 201, r.text
+    key = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9], "max_tokens": 3}
+    assert c.post("/v1/completions", headers=key, json=body).status_code == 200
+    other_front_end = TenantLimiter(state.store.r)  # a second gateway on the same Redis
+    assert other_front_end.admit("gamma", "held", {"max_concurrent_requests": 1}, 0) is None
+    r = c.post("/v1/completions", headers=key, json=body)
+    assert _err(r, 429)["code"] == "rate_limit_exceeded" and r.headers["Retry-After"] == "1"
+    other_front_end.finished("gamma", "held", 0)
+    assert c.post("/v1/completions", headers=key, json=body).status_code == 200
+    usage = c.get("/admin/tenants/gamma", headers=ADMIN).json()["usage"]
+    assert usage["requests_in_flight"] == 0 and usage["tokens_this_minute"] >= 2 * (5 + 1)
+
+    r = c.patch("/admin/tenants/gamma", headers=ADMIN, json={"limits": {"tokens_per_minute": 1}})
+    assert r.json()["limits"]["tokens_per_minute"] == 1 and r.json()["models"] == ["tiny"]
+    for _ in range(2):  # this minute's tokens are spent (or, past a minute's end, soon are)
+        r = c.post("/v1/completions", headers=key, json=body)
+        if r.status_code == 429:
+            break
+    assert _err(r, 429)["message"].startswith("tenant limit tokens_per_minute")
+    assert 1 <= int(r.headers["Retry-After"]) <= 61
+    _err(c.patch("/admin/tenants/gamma", headers=ADMIN,
+                 json={"limits": {"tokens_per_minute": 0}}), 400)
+    _err(c.patch("/admin/tenants/gamma", headers=ADMIN, json={"limits": {"bogus": 3}}), 400)
+    c.patch("/admin/tenants/gamma", headers=ADMIN, json={"limits": {}})
+    assert c.post("/v1/completions", headers=key, json=body).status_code == 200
+
+
+def test_queued_requests_count_until_the_first_token(env):
+    limiter = env["state"].limiter
+    limits = {"max_queued_requests": 1}
+    assert limiter.admit("delta", "a", limits, 3) is None
+    assert limiter.admit("delta", "b", limits, 3).limit == "max_queued_requests"
+    limiter.started("delta", "a")
+    assert limiter.admit("delta", "b", limits, 3) is None
+    assert limiter.usage("delta") == {"requests_in_flight": 2, "requests_queued": 1,
+                                      "tokens_this_minute": 6}
+    limiter.finished("delta", "a", 4)
+    limiter.finished("delta", "b", 0)
+    assert limiter.usage("delta")["requests_in_flight"] == 0
