@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpupool.api import openapi as doc
 from gpupool.api.auth import check_admin
 from gpupool.api.errors import APIError
 from gpupool.api.limits import check_limits
@@ -178,17 +179,37 @@ def router(state) -> APIRouter:
     async def pool(request):
         return JSONResponse(await asyncio.to_thread(engine.stats))
 
-    routes = [
-        ("/models", add_model, "POST"), ("/models", list_models, "GET"),
-        ("/models/{name:path}", delete_model, "DELETE"),
-        ("/adapters", add_adapter, "POST"), ("/adapters", list_adapters, "GET"),
-        ("/adapters/{name:path}", delete_adapter, "DELETE"),
-        ("/tenants", add_tenant, "POST"), ("/tenants", list_tenants, "GET"),
-        ("/tenants/{name}/keys", new_tenant_key, "POST"),
-        ("/tenants/{name}", get_tenant, "GET"), ("/tenants/{name}", update_tenant, "PATCH"),
-        ("/tenants/{name}", delete_tenant, "DELETE"),
-        ("/pool", pool, "GET"),
+    routes = [  # path, handler, method, and its OpenAPI declaration
+        ("/models", add_model, "POST",
+         doc.admin_route("/models", "POST", "addModel", doc.ModelAdded, ModelBody, status=201)),
+        ("/models", list_models, "GET",
+         doc.admin_route("/models", "GET", "listAdminModels", doc.ModelInfoList)),
+        ("/models/{name:path}", delete_model, "DELETE",
+         doc.admin_route("/models/{name:path}", "DELETE", "deleteModel", doc.Deleted)),
+        ("/adapters", add_adapter, "POST",
+         doc.admin_route("/adapters", "POST", "addAdapter", doc.AdapterInfo, AdapterBody,
+                         status=201)),
+        ("/adapters", list_adapters, "GET",
+         doc.admin_route("/adapters", "GET", "listAdapters", doc.AdapterInfoList)),
+        ("/adapters/{name:path}", delete_adapter, "DELETE",
+         doc.admin_route("/adapters/{name:path}", "DELETE", "deleteAdapter", doc.Deleted)),
+        ("/tenants", add_tenant, "POST",
+         doc.admin_route("/tenants", "POST", "addTenant", doc.TenantWithKey, TenantBody,
+                         status=201)),
+        ("/tenants", list_tenants, "GET",
+         doc.admin_route("/tenants", "GET", "listTenants", doc.TenantInfoList)),
+        ("/tenants/{name}/keys", new_tenant_key, "POST",
+         doc.admin_route("/tenants/{name}/keys", "POST", "newTenantKey", doc.TenantWithKey,
+                         KeyBody, body_required=False, status=201)),
+        ("/tenants/{name}", get_tenant, "GET",
+         doc.admin_route("/tenants/{name}", "GET", "getTenant", doc.TenantInfo)),
+        ("/tenants/{name}", update_tenant, "PATCH",
+         doc.admin_route("/tenants/{name}", "PATCH", "updateTenant", doc.TenantInfo,
+                         TenantUpdate)),
+        ("/tenants/{name}", delete_tenant, "DELETE",
+         doc.admin_route("/tenants/{name}", "DELETE", "deleteTenant", doc.Deleted)),
+        ("/pool", pool, "GET", doc.admin_route("/pool", "GET", "getPool", doc.PoolStats)),
     ]
-    for path, fn, method in routes:
-        r.add_api_route(path, admin(fn), methods=[method])
+    for path, fn, method, declared in routes:
+        r.add_api_route(path, admin(fn), methods=[method], **declared)
     return r

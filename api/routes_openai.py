@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gpupool.api import openapi
 from gpupool.api.auth import Tenant, authenticate, check_model_access
 from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.protocol import (
@@ -475,10 +476,13 @@ def router(state) -> APIRouter:
             return await get_model(state, request, request.path_params["model"],
                                    request.path_params.get("tenant"))
 
-        r.add_api_route(prefix + "/models", bind(list_models), methods=["GET"])
-        r.add_api_route(prefix + "/models/{model:path}", one_model, methods=["GET"])
-        r.add_api_route(prefix + "/completions", bind(completions), methods=["POST"])
-        r.add_api_route(prefix + "/chat/completions", bind(chat_completions), methods=["POST"])
+        for path, fn, kind, method in (
+                ("/models", bind(list_models), "models", "GET"),
+                ("/models/{model:path}", one_model, "model", "GET"),
+                ("/completions", bind(completions), "completions", "POST"),
+                ("/chat/completions", bind(chat_completions), "chat", "POST")):
+            r.add_api_route(prefix + path, fn, methods=[method],
+                            **openapi.openai_route(kind, prefix + path))
     return r
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpupool.api import routes_admin, routes_openai
+from gpupool.api import openapi, routes_admin, routes_openai
 from gpupool.api.auth import check_metrics_access
 from gpupool.api.errors import APIError
 from gpupool.api.limits import TenantLimiter
@@ -89,24 +89,25 @@ def create_app(state: AppState) -> FastAPI:
                                        "type": "server_error", "param": None, "code": None}},
                             status_code=500)
 
-    @app.get("/health")
+    @app.get("/health", **openapi.health_route())
     async def health():  # says only whether it is up: no names of anyone's models
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", **openapi.metrics_route())
     async def metrics(request: Request):  # reads engine stats under its lock: off the loop
         await asyncio.to_thread(check_metrics_access, state, request)
         body = await asyncio.to_thread(generate_latest, state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/")
+    @app.get("/", **openapi.root_route())
     async def root():
         return PlainTextResponse("gpupool: OpenAI-compatible API under /v1\n")
 
     app.include_router(routes_openai.router(state))
     app.include_router(routes_admin.router(state))
+    openapi.install(app)  # request, response and error bodies, and the two key schemes
     return app
 
 

@@ -33,11 +33,12 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, home: Path, *args: str, kv: int = 128 << 20, weights: int = 1 << 30,
-                 env: dict | None = None):
+                 env: dict | None = None, engine_toml: str = ""):
+        """``engine_toml``: more ``key = value`` lines for the config's ``[engine]`` table."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.config = self.home / "gpupool.toml"
-        self.config.write_text(POOL_TOML.format(kv=kv, weights=weights))
+        self.config.write_text(POOL_TOML.format(kv=kv, weights=weights) + engine_toml)
         self.args = args
         self.env = env or {}
         self.port = free_port()
