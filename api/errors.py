@@ -30,7 +30,9 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message,
+        # a message may quote the client's input: never let it make the reply unencodable
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"message": message,
                           "type": _TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
 

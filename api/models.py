@@ -126,8 +126,8 @@ class ModelManager:
 
     # ---- admin changes --------------------------------------------------------------------
     def check_path(self, path) -> str:
-        if not isinstance(path, str) or not path:
-            raise APIError(400, "path must be a non-empty string", param="path")
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise APIError(400, "path must be a non-empty string without NUL", param="path")
         if not self.roots:
             raise APIError(403, "loading from paths is disabled: start the server with "
                                 "--model-root DIR", param="path", code="no_model_root")

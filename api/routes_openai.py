@@ -221,6 +221,9 @@ async def _prepare(state, request: Request, tenant_path: str | None, cls, route:
     check_model_access(state, tenant, req.model)
     await state.models.ensure(req.model)
     incoming = req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
+    if incoming > state.config.max_queued_requests:  # could never be admitted: not a 503
+        raise APIError(400, f"the request makes {incoming} choices (n x prompts); the server "
+                            f"queues at most {state.config.max_queued_requests}", param="n")
     if state.engine.num_unfinished() + incoming > state.config.max_queued_requests:
         raise APIError(503, "the server's request queue is full; retry later",
                        code="queue_full", headers={"Retry-After": "1"})
@@ -388,7 +391,10 @@ def _chat_prompt(state, req: ChatCompletionRequest) -> list[int]:
     except Exception as e:  # a template may raise on an order of roles it does not allow
         raise APIError(400, f"the chat template refused the messages: {e}",
                        param="messages") from e
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    try:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+    except (TypeError, ValueError, UnicodeError) as e:
+        raise APIError(400, f"the messages cannot be tokenized: {e}", param="messages") from e
 
 
 async def chat_completions(state, request: Request, tenant_path: str | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from fastapi import Request
 
@@ -34,30 +35,54 @@ def parse_json(raw: bytes | str):
     """JSON text as Python values; 400 when it is not JSON, holds NaN or Infinity, or nests
     deeper than ``MAX_JSON_DEPTH``."""
     try:
-        value = json.loads(raw, parse_constant=_no_constant)
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
-                       code="invalid_json")
+    check_json(value)
     return value
 
 
-def json_depth(value) -> int:
-    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0); iterative,
-    so no depth can exhaust the stack."""
-    deepest, stack = 0, [(value, 1)]
+def check_json(value) -> None:
+    """400 unless every list and object nests at most ``MAX_JSON_DEPTH`` deep and every
+    string (keys too) is valid Unicode: JSON's ``\\ud800`` escapes can make lone
+    surrogates, which no tokenizer, file path or UTF-8 reply can hold. Iterative, so no
+    depth can exhaust the stack."""
+    stack = [(value, 1)]
     while stack:
-        v, d = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
-        if children is None:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            _check_text(v)
             continue
-        deepest = max(deepest, d)
-        stack.extend((c, d + 1) for c in children)
-    return deepest
+        if isinstance(v, dict):
+            for k in v:
+                _check_text(k)
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                           code="invalid_json")
+        stack.extend((c, depth + 1) for c in children)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-"
+                            "\\udfff escape), which is not text", code="invalid_json") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a 64-bit float")
+    return value
 
 
 def _no_constant(name: str):

@@ -43,6 +43,15 @@ class _Tracked:
     logprobs: list | None = None  # filled when the request asks for logprobs
 
 
+def _zero_rows(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the rows where ``keep`` [R] is False set to 0 (a harmless row that
+    still samples; its request is failed instead)."""
+    if bool(keep.all()):
+        return logits
+    return torch.where(keep[:, None], logits, torch.zeros((), dtype=logits.dtype,
+                                                          device=logits.device))
+
+
 class EngineCore:
     """Requests in, :class:`RequestOutput` updates out. Workers are added by the Engine."""
 
@@ -143,7 +152,10 @@ class EngineCore:
                 raise RequestError("prompt is empty")
             if worker.tokenizer is None:
                 raise RequestError(f"model {model!r} has no tokenizer; pass token ids")
-            ids = list(worker.tokenizer(prompt)["input_ids"])
+            try:
+                ids = list(worker.tokenizer(prompt)["input_ids"])
+            except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate
+                raise RequestError(f"prompt cannot be tokenized: {e}") from None
         else:
             ids = list(prompt)
         if not ids:
@@ -300,13 +312,17 @@ class EngineCore:
         tracked = [self.requests[s.request_id] for s in sampling]
         worker = self.workers[out.model]
         params = [s.params for s in sampling]
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [R]: a bad row fails alone
-        if not all(finite):
-            logits = torch.where(torch.tensor(finite, device=logits.device)[:, None], logits,
-                                 torch.zeros((), dtype=logits.dtype, device=logits.device))
+        finite = torch.isfinite(logits).all(dim=-1)  # [R]: a bad row fails alone
+        logits = _zero_rows(logits, finite)
         processed = apply_processors(logits, params, [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling],
                                      worker.eos_token_ids)
+        if processed is not logits:  # processors may mask (-inf), never make NaN or +inf
+            sane = ~(processed.isnan() | processed.isposinf()).any(-1) & (
+                processed > float("-inf")).any(-1)
+            finite = finite & sane
+            processed = _zero_rows(processed, sane)
+        finite = finite.tolist()
         tokens = sample(processed, params, [t.generator for t in tracked])
         lps = logprobs(logits, tokens, [p.logprobs for p in params])  # the raw distribution
         outputs = []

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+# a penalty outside this range only overflows float32 logits (vLLM asks > 0 and no more)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class SamplingParams:
     logprobs: None, or return each sampled token's log-probability with this many most likely
     alternatives (0 to MAX_LOGPROBS), from the model's distribution before temperature,
     top-k and top-p (as vLLM and OpenAI report them).
-    repetition_penalty: > 0; tokens already in the prompt or output have positive logits
+    repetition_penalty: in [0.01, 100]; tokens already in the prompt or output have positive logits
     divided and negative ones multiplied by it (1: off); min_p: in [0, 1], after temperature
     drop tokens whose probability is below min_p times the most likely one's (0: off);
     min_tokens: no EOS, stop token or stop string ends the output before this many tokens;
@@ -76,9 +78,9 @@ class SamplingParams:
                                or not 0 <= lp <= MAX_LOGPROBS):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
         if not _is_number(self.repetition_penalty) or not (
-                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            bad(f"repetition_penalty must be a finite number > 0, got "
-                f"{self.repetition_penalty!r}")
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            bad(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                f"{MAX_REPETITION_PENALTY}], got {self.repetition_penalty!r}")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         mt = self.min_tokens

@@ -89,3 +89,20 @@ def test_a_failure_the_engine_cannot_step_past_fails_in_flight_then_it_recovers(
         engine.check_integrity()
     finally:
         engine.shutdown()
+
+
+def test_a_row_the_processors_overflow_fails_alone(base):
+    """Validation keeps repetition_penalty in range; past it (forced here) logits overflow to
+    inf: that request fails, its batch mate is untouched."""
+    prompts = random_prompts(2, 5, 12, seed=9)
+    want = engine_alone(base, prompts[:1], GREEDY)
+    bad = SamplingParams(max_tokens=12, temperature=0.7, ignore_eos=True, seed=1)
+    object.__setattr__(bad, "repetition_penalty", 1e-40)  # fault injection
+    engine = make_engine(base)
+    try:
+        outs = engine.generate(prompts, [GREEDY, bad])
+        assert list(outs[0].token_ids) == want[0] and outs[0].error is None
+        assert outs[1].finish_reason == "abort" and "NaN or infinite" in outs[1].error
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
