@@ -85,3 +85,15 @@ class Metrics:
                              "Between consecutive tokens of a request", ["model"],
                              buckets=LATENCY_BUCKETS, registry=r)
         r.register(_PoolCollector(engine))
+
+    def prune(self, models, tenants) -> None:
+        """Drop the series of models, adapters and tenants that no longer exist, so names
+        added and deleted over a server's life do not pile up (reads prometheus_client's
+        label table: it has no public way to list a metric's series)."""
+        keep = {"model": set(models), "tenant": set(tenants) | {""}}
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft,
+                       self.tbt):
+            names = metric._labelnames
+            for values in list(metric._metrics):
+                if any(v not in keep[n] for n, v in zip(names, values) if n in keep):
+                    metric.remove(*values)

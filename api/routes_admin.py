@@ -91,8 +91,12 @@ def router(state) -> APIRouter:
                          "ttft_ms": spec.get("ttft_ms"), "tbt_ms": spec.get("tbt_ms")})
         return JSONResponse({"object": "list", "data": data})
 
+    def prune_metrics() -> None:
+        state.metrics.prune(models.known(), store.tenants())
+
     async def delete_model(request, name):
         await models.remove_model(name)
+        prune_metrics()
         return JSONResponse({"name": name, "deleted": True})
 
     # ---- adapters -----------------------------------------------------------------------
@@ -110,6 +114,7 @@ def router(state) -> APIRouter:
 
     async def delete_adapter(request, name):
         await models.remove_adapter(name)
+        prune_metrics()
         return JSONResponse({"name": name, "deleted": True})
 
     # ---- tenants ------------------------------------------------------------------------
@@ -165,6 +170,7 @@ def router(state) -> APIRouter:
     async def delete_tenant(request, name):
         tenant_or_404(name)
         store.delete_tenant(name)
+        prune_metrics()
         return JSONResponse({"name": name, "deleted": True})
 
     async def new_tenant_key(request, name):

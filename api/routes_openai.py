@@ -152,6 +152,8 @@ class Run:
         m.requests.labels(self.model, tenant, status).inc()
         m.prompt_tokens.labels(self.model, tenant).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
+        if not self.state.engine.has_model(self.model):  # deleted while this call ran
+            m.prune(self.state.models.known(), self.state.store.tenants())
 
     @property
     def prompt_tokens(self) -> int:

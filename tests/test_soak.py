@@ -220,6 +220,8 @@ def test_soak(live):
     assert engine.kv.pages.num_used_pages == 0 and engine.kv.host_pages.num_used_pages == 0
     slots = engine.core.workers["tiny"].slots
     assert set(slots.host) == {"ad0", "ad1", "ad2"}  # every churned adapter is gone
+    metrics = state.metrics.ttft._metrics  # series of churned adapters were dropped
+    assert {v[0] for v in metrics} <= {"tiny", "ad0", "ad1", "ad2"}, set(metrics)
     for tenant in ("big", "small", "capped"):
         usage = state.limiter.usage(tenant)
         assert usage["requests_in_flight"] == 0 and usage["requests_queued"] == 0, tenant
