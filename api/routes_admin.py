@@ -185,37 +185,28 @@ def router(state) -> APIRouter:
     async def pool(request):
         return JSONResponse(await asyncio.to_thread(engine.stats))
 
-    routes = [  # path, handler, method, and its OpenAPI declaration
-        ("/models", add_model, "POST",
-         doc.admin_route("/models", "POST", "addModel", doc.ModelAdded, ModelBody, status=201)),
-        ("/models", list_models, "GET",
-         doc.admin_route("/models", "GET", "listAdminModels", doc.ModelInfoList)),
-        ("/models/{name:path}", delete_model, "DELETE",
-         doc.admin_route("/models/{name:path}", "DELETE", "deleteModel", doc.Deleted)),
-        ("/adapters", add_adapter, "POST",
-         doc.admin_route("/adapters", "POST", "addAdapter", doc.AdapterInfo, AdapterBody,
-                         status=201)),
-        ("/adapters", list_adapters, "GET",
-         doc.admin_route("/adapters", "GET", "listAdapters", doc.AdapterInfoList)),
-        ("/adapters/{name:path}", delete_adapter, "DELETE",
-         doc.admin_route("/adapters/{name:path}", "DELETE", "deleteAdapter", doc.Deleted)),
-        ("/tenants", add_tenant, "POST",
-         doc.admin_route("/tenants", "POST", "addTenant", doc.TenantWithKey, TenantBody,
-                         status=201)),
-        ("/tenants", list_tenants, "GET",
-         doc.admin_route("/tenants", "GET", "listTenants", doc.TenantInfoList)),
-        ("/tenants/{name}/keys", new_tenant_key, "POST",
-         doc.admin_route("/tenants/{name}/keys", "POST", "newTenantKey", doc.TenantWithKey,
-                         KeyBody, body_required=False, status=201)),
-        ("/tenants/{name}", get_tenant, "GET",
-         doc.admin_route("/tenants/{name}", "GET", "getTenant", doc.TenantInfo)),
-        ("/tenants/{name}", update_tenant, "PATCH",
-         doc.admin_route("/tenants/{name}", "PATCH", "updateTenant", doc.TenantInfo,
-                         TenantUpdate)),
-        ("/tenants/{name}", delete_tenant, "DELETE",
-         doc.admin_route("/tenants/{name}", "DELETE", "deleteTenant", doc.Deleted)),
-        ("/pool", pool, "GET", doc.admin_route("/pool", "GET", "getPool", doc.PoolStats)),
+    created = {"status": 201}
+    routes = [  # path, method, handler, OpenAPI operation id, answer, more of its declaration
+        ("/models", "POST", add_model, "addModel", doc.ModelAdded,
+         {"body": ModelBody, **created}),
+        ("/models", "GET", list_models, "listAdminModels", doc.ModelInfoList, {}),
+        ("/models/{name:path}", "DELETE", delete_model, "deleteModel", doc.Deleted, {}),
+        ("/adapters", "POST", add_adapter, "addAdapter", doc.AdapterInfo,
+         {"body": AdapterBody, **created}),
+        ("/adapters", "GET", list_adapters, "listAdapters", doc.AdapterInfoList, {}),
+        ("/adapters/{name:path}", "DELETE", delete_adapter, "deleteAdapter", doc.Deleted, {}),
+        ("/tenants", "POST", add_tenant, "addTenant", doc.TenantWithKey,
+         {"body": TenantBody, **created}),
+        ("/tenants", "GET", list_tenants, "listTenants", doc.TenantInfoList, {}),
+        ("/tenants/{name}/keys", "POST", new_tenant_key, "newTenantKey", doc.TenantWithKey,
+         {"body": KeyBody, "body_required": False, **created}),
+        ("/tenants/{name}", "GET", get_tenant, "getTenant", doc.TenantInfo, {}),
+        ("/tenants/{name}", "PATCH", update_tenant, "updateTenant", doc.TenantInfo,
+         {"body": TenantUpdate}),
+        ("/tenants/{name}", "DELETE", delete_tenant, "deleteTenant", doc.Deleted, {}),
+        ("/pool", "GET", pool, "getPool", doc.PoolStats, {}),
     ]
-    for path, fn, method, declared in routes:
-        r.add_api_route(path, admin(fn), methods=[method], **declared)
+    for path, method, fn, operation, answer, more in routes:
+        r.add_api_route(path, admin(fn), methods=[method],
+                        **doc.admin_route(path, method, operation, answer, **more))
     return r

@@ -256,9 +256,11 @@ class EngineCore:
         """Last word to a request whose normal finish failed: a bare final output."""
         seq = tr.seq
         try:
-            tr.sink(RequestOutput(seq.request_id, seq.adapter or seq.model,
-                                  tuple(seq.prompt_token_ids), tuple(seq.output_token_ids),
-                                  "", (), "", True, "abort", error=error))
+            tr.sink(RequestOutput(
+                request_id=seq.request_id, model=seq.adapter or seq.model,
+                prompt_token_ids=tuple(seq.prompt_token_ids),
+                token_ids=tuple(seq.output_token_ids), text="", delta_token_ids=(),
+                delta_text="", finished=True, finish_reason="abort", error=error))
         except Exception:
             logger.exception("output sink of request %s failed", seq.request_id)
 

@@ -192,6 +192,20 @@ def test_request_larger_than_the_whole_kv_pool_is_refused(tiny_models):
         e.shutdown()
 
 
+def test_requests_as_large_as_the_whole_kv_pool_finish_together(tiny_models):
+    """What is admitted can always finish: each of three requests needs every page, so they
+    take turns (preempted, swapped out or recomputed), never wait for ever."""
+    e = make_engine(tiny_models("llama"), kv_cache_bytes=8192, kv_page_bytes=4096)
+    try:  # 2 pages of 8 tokens
+        params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
+        outs = e.generate([[5] * 5, [6] * 5, [7] * 5], params)
+        assert [len(o.token_ids) for o in outs] == [11, 11, 11]
+        assert all(o.finish_reason == "length" for o in outs)
+        e.check_integrity()
+    finally:
+        e.shutdown()
+
+
 def test_logprobs_match_transformers_log_softmax(engine, tiny_models):
     from transformers import AutoModelForCausalLM
 
