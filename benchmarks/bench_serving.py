@@ -1,17 +1,27 @@
-"""Serving benchmark: N concurrent streaming clients against ``gpupool serve`` for a fixed
-time, over two base models and two LoRA adapters, in the shape of vLLM's
-``benchmark_serving.py`` (request throughput, output tokens/s, TTFT / TPOT / ITL
-percentiles). The baseline, in the same run: the same closed-loop load straight on an
-in-process ``Engine`` (``Engine.stream``), so the difference is what HTTP, JSON, SSE and the
-OpenAI layer cost.
+"""Serving benchmark against ``gpupool serve`` on SmolLM2, three workloads:
 
-Load: ``--clients`` clients, each sending its next request when the last one ends
-(closed loop), models in rotation smollm2, a1, a2, smollm2-b (a1/a2: rank-8 q/v adapters
-of smollm2; smollm2-b: a second registration of the same weights, so the pool switches
-models); prompts from a fixed list of short instructions; ``--max-tokens`` new tokens each
-(ignore_eos, temperature 0). Only requests that finish inside the window count.
-Figures: medians over ``--runs`` alternating runs (server, engine, server, ...).
-Usage: python3 benchmarks/bench_serving.py [--json] [--clients 8] [--duration 20] [--runs 3]
+- ``closed`` (default): N concurrent streaming clients for a fixed time, over two base models
+  and two LoRA adapters, in the shape of vLLM's ``benchmark_serving.py`` (request
+  throughput, output tokens/s, TTFT / TPOT / ITL percentiles). Baseline in the same run: the
+  same closed-loop load straight on an in-process ``Engine`` (``Engine.stream``), so the
+  difference is what HTTP, JSON, SSE and the OpenAI layer cost. Models in rotation smollm2,
+  a1, a2, smollm2-b (a1/a2: rank-8 q/v adapters; smollm2-b: a second registration of the
+  same weights, so the pool switches models).
+- ``burst``: ``--burst`` requests sent at once (vLLM ``bench serve`` style) over the base and
+  four adapters; per adapter p50 / p99 / max inter-token latency and TTFT, the p99 ITL over
+  the median ITL (a running stream gets one token per step, so the median ITL is the median
+  step time of the batch) and the longest stall. Baseline in the same run: the same server
+  with the prefill chunk of decoding steps uncapped (``max_prefill_tokens_while_decoding``
+  = the step budget: every stream waits while a whole burst of prompts is prefilled).
+- ``flood``: tenants ``flood`` (20 closed-loop clients), ``q1`` and ``q2`` (2 clients each)
+  for ``--duration`` s, on a server with ``--max-num-seqs`` (16) batch slots, so the flood
+  alone could fill the batch; each tenant's median and p90 TTFT. Baselines in the same run: the
+  quiet tenants alone (their TTFT without the flood; goal: under the flood within 2x), and
+  every request under one tenant key (no tenant fairness, FIFO).
+
+Prompts from a fixed list of short chat instructions; ignore_eos, temperature 0. Figures are
+medians over ``--runs`` runs. The CPU's flags are printed with the result.
+Usage: python3 benchmarks/bench_serving.py [--workload closed|burst|flood] [--json] ...
 """
 
 from __future__ import annotations
@@ -44,13 +54,13 @@ PROMPTS = ["Write a haiku about the sea.", "Explain what a GPU is.", "List three
 POOL = {"kv": 256 << 20, "weights": 2 << 30}
 
 
-def make_adapters(base: Path, out: Path) -> dict[str, Path]:
+def make_adapters(base: Path, out: Path, names=("a1", "a2")) -> dict[str, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     paths = {}
-    for i, name in enumerate(("a1", "a2")):
+    for i, name in enumerate(names):
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
@@ -146,16 +156,188 @@ async def engine_load(engine: Engine, clients: int, duration: float, max_tokens:
     return summarise(records, duration, window[0])
 
 
+# ---- burst and flood -------------------------------------------------------------------------
+BURST_MODELS = ["smollm2", "b1", "b2", "b3", "b4"]
+
+
+async def _stream_one(http, url, body, headers=None) -> dict:
+    """One streamed completion: its TTFT and the gaps between its tokens (seconds)."""
+    t0 = time.perf_counter()
+    times = []
+    async with http.stream("POST", url + "/v1/completions", json=body,
+                           headers=headers or {}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    return {"ttft": times[0] - t0 if times else None,
+            "itl": [b - a for a, b in zip(times, times[1:])]}
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else None
+
+
+def _latency_figures(records: list[dict]) -> dict:
+    ttft = [r["ttft"] * 1e3 for r in records if r["ttft"] is not None]
+    itl = [x * 1e3 for r in records for x in r["itl"]]
+    return {"n": len(records), "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
+            "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99),
+            "itl_max_ms": max(itl) if itl else None}
+
+
+async def burst_load(url: str, n: int, max_tokens: int) -> dict:
+    """``n`` streamed requests at once over BURST_MODELS; figures overall and per model."""
+    bodies = [{"model": BURST_MODELS[i % len(BURST_MODELS)], "prompt": PROMPTS[i % len(PROMPTS)],
+               "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+              for i in range(n)]
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n)) as http:
+        records = await asyncio.gather(*(_stream_one(http, url, b) for b in bodies))
+    out = _latency_figures(records)
+    out["p99_itl_over_median"] = (out["itl_p99_ms"] / out["itl_p50_ms"]
+                                  if out["itl_p50_ms"] else None)
+    out["per_model"] = {m: _latency_figures([r for r, b in zip(records, bodies)
+                                             if b["model"] == m]) for m in BURST_MODELS}
+    return out
+
+
+async def flood_load(url: str, keys: dict[str, str], clients: dict[str, int], duration: float,
+                     max_tokens: int) -> dict:
+    """Closed-loop clients per tenant (``clients``), each tenant with its own key (``keys``:
+    tenant -> key); each tenant's median and p90 TTFT over the requests that finished."""
+    stop_at = time.perf_counter() + duration
+    ttfts: dict[str, list[float]] = {t: [] for t in clients}
+
+    async def client(tenant: str, k: int, http):
+        headers = {"Authorization": f"Bearer {keys[tenant]}"}
+        while time.perf_counter() < stop_at:
+            body = {"model": "smollm2", "prompt": PROMPTS[k % len(PROMPTS)],
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            k += 1
+            r = await _stream_one(http, url, body, headers)
+            if time.perf_counter() <= stop_at and r["ttft"] is not None:
+                ttfts[tenant].append(r["ttft"] * 1e3)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
+        await asyncio.gather(*(client(t, i, http) for t, c in clients.items()
+                               for i in range(c)))
+    return {t: {"n": len(xs), "ttft_p50_ms": _pct(xs, 50), "ttft_p90_ms": _pct(xs, 90)}
+            for t, xs in ttfts.items()}
+
+
+def _median_of(runs: list[dict], path: tuple) -> float | None:
+    vals = []
+    for r in runs:
+        for key in path:
+            r = r.get(key) if isinstance(r, dict) else None
+        if r is not None:
+            vals.append(r)
+    return statistics.median(vals) if vals else None
+
+
+def run_burst(args, smollm2: Path, tmp: Path) -> dict:
+    adapters = make_adapters(smollm2, tmp, names=("b1", "b2", "b3", "b4"))
+    serve_args = ("--device", "cpu", "--model", f"smollm2={smollm2}", "--log-level", "warning",
+                  *(x for n, p in adapters.items() for x in ("--adapter", f"{n}=smollm2:{p}")))
+    settings = {"capped": "", "uncapped": "max_prefill_tokens_while_decoding = 1024\n"}
+    runs: dict[str, list[dict]] = {k: [] for k in settings}
+    for _ in range(args.runs):
+        for label, toml in settings.items():
+            with Server(tmp / f"home-{label}", *serve_args, engine_toml=toml, **POOL) as server:
+                asyncio.run(burst_load(server.url, 8, 4))  # warm-up: learns the step cost
+                runs[label].append(asyncio.run(burst_load(server.url, args.burst,
+                                                          args.max_tokens)))
+    result = {"workload": "burst", "requests": args.burst, "max_tokens": args.max_tokens,
+              "models": BURST_MODELS, "runs": args.runs}
+    keys = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms",
+            "p99_itl_over_median")
+    for label in settings:
+        for k in keys:
+            result[f"{label}_{k}"] = _median_of(runs[label], (k,))
+        for m in BURST_MODELS:
+            result[f"{label}_{m}"] = {k: _median_of(runs[label], ("per_model", m, k))
+                                      for k in keys[:5]}
+    result["uncapped_over_capped_itl_p99"] = (result["uncapped_itl_p99_ms"]
+                                              / result["capped_itl_p99_ms"])
+    result["uncapped_over_capped_itl_max"] = (result["uncapped_itl_max_ms"]
+                                              / result["capped_itl_max_ms"])
+    return result
+
+
+def run_flood(args, smollm2: Path, tmp: Path) -> dict:
+    serve_args = ("--device", "cpu", "--model", f"smollm2={smollm2}", "--log-level", "warning",
+                  "--admin-key", "bench-admin-key")
+    clients = {"flood": 20, "q1": 2, "q2": 2}
+    runs: dict[str, list[dict]] = {"alone": [], "fair": [], "one_tenant": []}
+    toml = f"max_num_seqs = {args.max_num_seqs}\n"  # fewer slots than clients: they are shared
+    for i in range(args.runs):
+        with Server(tmp / f"home-flood-{i}", *serve_args, engine_toml=toml, **POOL) as server:
+            admin = {"Authorization": "Bearer bench-admin-key"}
+            keys = {t: httpx.post(server.url + "/admin/tenants", headers=admin, timeout=30,
+                                  json={"name": t, "models": ["*"]}).json()["api_key"]
+                    for t in clients}
+            asyncio.run(flood_load(server.url, keys, {"q1": 1}, 3, 4))  # warm-up
+            quiet = {t: c for t, c in clients.items() if t != "flood"}
+            runs["alone"].append(asyncio.run(flood_load(server.url, keys, quiet,
+                                                        args.duration, args.max_tokens)))
+            runs["fair"].append(asyncio.run(flood_load(server.url, keys, clients,
+                                                       args.duration, args.max_tokens)))
+            same = dict.fromkeys(clients, keys["flood"])  # everyone under one key: FIFO
+            runs["one_tenant"].append(asyncio.run(flood_load(server.url, same, clients,
+                                                             args.duration, args.max_tokens)))
+    result = {"workload": "flood", "clients": clients, "duration_s": args.duration,
+              "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
+              "runs": args.runs}
+    for label, rs in runs.items():
+        for t in clients:
+            if label == "alone" and t == "flood":
+                continue
+            for k in ("ttft_p50_ms", "ttft_p90_ms", "n"):
+                result[f"{label}_{t}_{k}"] = _median_of(rs, (t, k))
+    for t in ("q1", "q2"):
+        alone = result[f"alone_{t}_ttft_p50_ms"]
+        result[f"{t}_ttft_flood_over_alone"] = result[f"fair_{t}_ttft_p50_ms"] / alone
+        result[f"{t}_ttft_one_tenant_over_alone"] = (result[f"one_tenant_{t}_ttft_p50_ms"]
+                                                    / alone)
+    return result
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
+    return f"{model}: {' '.join(sorted(wanted))}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=["closed", "burst", "flood"], default="closed")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=64, help="requests at once (burst)")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-num-seqs", type=int, default=16,
+                    help="batch slots of the flood's server (fewer than its 24 clients)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     smollm2 = ensure_default_model(default_home())
+    if args.workload != "closed":
+        with tempfile.TemporaryDirectory() as tmp:
+            run = run_burst if args.workload == "burst" else run_flood
+            result = run(args, smollm2, Path(tmp))
+        result["cpu"] = cpu_flags()
+        emit(result, args.json)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         adapters = make_adapters(smollm2, tmp)

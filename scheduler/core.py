@@ -288,7 +288,9 @@ class EngineCore:
             start = time.perf_counter()
             logits = worker.execute(out.scheduled)
             self.cost.observe_step(out.model, time.perf_counter() - start,
-                                   sum(x.num_new_tokens for x in out.scheduled))
+                                   sum(x.num_new_tokens for x in out.scheduled),
+                                   sum(x.num_new_tokens for x in out.scheduled
+                                       if not x.is_decode))
         except Exception as e:  # a failed step fails its requests, never the engine
             logger.exception("step for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))

@@ -177,16 +177,20 @@ class Scheduler:
     def prefill_cap(self, model: str) -> int:
         """Most prompt tokens a step that also decodes may compute: a running stream waits one
         step for its next token, so that step should fit the model's TBT SLO. Fixed by
-        ``max_prefill_tokens_while_decoding``, else ``TBT_SHARE`` of the TBT over the measured
-        cost of a prefill token (the whole step budget until a cost is known)."""
+        ``max_prefill_tokens_while_decoding``; else the time of ``TBT_SHARE`` of the TBT, or
+        of a decode step when decoding alone takes longer (a TBT this device cannot meet:
+        streams then still get at least half of it), over the measured cost of a prompt
+        token. The whole step budget until a cost is known."""
         budget = self.config.max_num_batched_tokens
         if self.config.max_prefill_tokens_while_decoding is not None:
             return min(budget, self.config.max_prefill_tokens_while_decoding)
-        per_token = self.policy.cost.token(model)
+        cost = self.policy.cost
+        per_token = cost.token(model)
         if per_token is None:
             return budget
-        tbt_s = self.policy.slo(model).tbt_ms / 1000.0
-        return max(MIN_PREFILL_CHUNK, min(budget, int(TBT_SHARE * tbt_s / per_token)))
+        seconds = max(TBT_SHARE * self.policy.slo(model).tbt_ms / 1000.0,
+                      cost.decode(model) or 0.0)
+        return max(MIN_PREFILL_CHUNK, min(budget, int(seconds / per_token)))
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """A step's batch. Swap-outs (preemption) and swap-ins (waiting sequences resuming)

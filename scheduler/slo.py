@@ -34,18 +34,26 @@ class CostModel:
         self.smoothing = smoothing
         self.step_s: dict[str, float] = {}
         self.swap_s: dict[str, float] = {}
-        self.token_s: dict[str, float] = {}  # seconds per computed token, prefill-heavy steps
+        self.token_s: dict[str, float] = {}  # seconds per prompt token (prefill-heavy steps)
+        self.decode_s: dict[str, float] = {}  # a step of decode rows only
 
     def _ema(self, table: dict[str, float], model: str, seconds: float) -> None:
         old = table.get(model)
         table[model] = seconds if old is None else old + self.smoothing * (seconds - old)
 
-    def observe_step(self, model: str, seconds: float, num_tokens: int = 0) -> None:
-        """A step's time; with ``num_tokens`` of at least ``PREFILL_TOKENS`` computed it
-        also teaches the cost of one prefill token."""
+    def observe_step(self, model: str, seconds: float, num_tokens: int = 0,
+                     prefill_tokens: int = 0) -> None:
+        """A step's time. It computed ``num_tokens`` tokens, ``prefill_tokens`` of them prompt
+        (or recomputed) tokens: a step with none teaches the decode step's time; one with at
+        least ``PREFILL_TOKENS`` the cost of a prompt token (its decode rows' share, as last
+        measured, taken off)."""
         self._ema(self.step_s, model, seconds)
-        if num_tokens >= PREFILL_TOKENS:
-            self._ema(self.token_s, model, seconds / num_tokens)
+        if num_tokens and not prefill_tokens:
+            self._ema(self.decode_s, model, seconds)
+        elif prefill_tokens >= PREFILL_TOKENS:
+            decoding = self.decode_s.get(model, 0.0) if num_tokens > prefill_tokens else 0.0
+            self._ema(self.token_s, model,
+                      max(seconds - decoding, 0.2 * seconds) / prefill_tokens)
 
     def observe_swap(self, model: str, seconds: float) -> None:
         self._ema(self.swap_s, model, seconds)
@@ -59,3 +67,7 @@ class CostModel:
     def token(self, model: str) -> float | None:
         """Seconds per prefill token, once a prefill-heavy step has been seen."""
         return self.token_s.get(model)
+
+    def decode(self, model: str) -> float | None:
+        """Seconds of a step of decode rows only, once one has been seen."""
+        return self.decode_s.get(model)

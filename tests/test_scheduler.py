@@ -179,13 +179,16 @@ def test_the_prefill_cap_follows_the_tbt_slo_and_the_measured_token_cost():
 
     s = _scheduler(max_num_batched_tokens=1024)
     assert s.prefill_cap("m") == 1024  # nothing measured yet: the whole budget
-    s.policy.cost.observe_step("m", 0.5, 100)  # 5 ms per token
+    s.policy.cost.observe_step("m", 0.5, 100, 100)  # 5 ms per prompt token
     s.policy.set_slo("m", SLO(2000, 200))
     assert s.prefill_cap("m") == 20  # half of 200 ms at 5 ms a token
     s.policy.set_slo("m", SLO(2000, 20))
     assert s.prefill_cap("m") == 16  # never below the minimum chunk
     s.policy.set_slo("m", SLO(2000, 100_000))
     assert s.prefill_cap("m") == 1024
+    s.policy.set_slo("m", SLO(2000, 200))
+    s.policy.cost.observe_step("m", 0.3, 64, 0)  # decoding alone takes 300 ms > 200 ms TBT
+    assert s.prefill_cap("m") == 60  # prompts get as long as decoding: 300 ms / 5 ms
 
 
 def test_each_tenant_with_waiting_work_gets_its_share_of_batch_slots():
