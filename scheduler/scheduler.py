@@ -174,13 +174,13 @@ class Scheduler:
             self._preempt(victim, swap)
             preempted.append(victim)
 
-    def prefill_cap(self, model: str) -> int:
+    def prefill_cap(self, model: str, decode_rows: int = 1) -> int:
         """Most prompt tokens a step that also decodes may compute: a running stream waits one
         step for its next token, so that step should fit the model's TBT SLO. Fixed by
         ``max_prefill_tokens_while_decoding``; else the time of ``TBT_SHARE`` of the TBT, or
-        of a decode step when decoding alone takes longer (a TBT this device cannot meet:
-        streams then still get at least half of it), over the measured cost of a prompt
-        token. The whole step budget until a cost is known."""
+        of this step's ``decode_rows`` decode rows when they alone take longer (a TBT this
+        device cannot meet: streams then still get at least half of it), over the measured
+        cost of a prompt token. The whole step budget until a cost is known."""
         budget = self.config.max_num_batched_tokens
         if self.config.max_prefill_tokens_while_decoding is not None:
             return min(budget, self.config.max_prefill_tokens_while_decoding)
@@ -189,7 +189,7 @@ class Scheduler:
         if per_token is None:
             return budget
         seconds = max(TBT_SHARE * self.policy.slo(model).tbt_ms / 1000.0,
-                      cost.decode(model) or 0.0)
+                      cost.decode(model, decode_rows) or 0.0)
         return max(MIN_PREFILL_CHUNK, min(budget, int(seconds / per_token)))
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
@@ -202,8 +202,9 @@ class Scheduler:
         self._swap_out, self._swap_in = [], []
         self._step += 1
         step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model])
-        if any(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model]):
-            step.prefill_left = min(step.budget, self.prefill_cap(model))
+        decoding = sum(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model])
+        if decoding:
+            step.prefill_left = min(step.budget, self.prefill_cap(model, decoding))
         fair = self._preempt_for_fairness(model)
         self._schedule_running(model, step)
         if not any(q.model == model for q in step.preempted):  # no room freed by own preemption

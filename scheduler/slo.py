@@ -35,7 +35,7 @@ class CostModel:
         self.step_s: dict[str, float] = {}
         self.swap_s: dict[str, float] = {}
         self.token_s: dict[str, float] = {}  # seconds per prompt token (prefill-heavy steps)
-        self.decode_s: dict[str, float] = {}  # a step of decode rows only
+        self.decode_fit: dict[str, _LineFit] = {}  # decode-only step seconds vs its rows
 
     def _ema(self, table: dict[str, float], model: str, seconds: float) -> None:
         old = table.get(model)
@@ -48,10 +48,12 @@ class CostModel:
         least ``PREFILL_TOKENS`` the cost of a prompt token (its decode rows' share, as last
         measured, taken off)."""
         self._ema(self.step_s, model, seconds)
-        if num_tokens and not prefill_tokens:
-            self._ema(self.decode_s, model, seconds)
+        rows = num_tokens - prefill_tokens  # a decode row computes one token
+        if rows and not prefill_tokens:
+            fit = self.decode_fit.setdefault(model, _LineFit(1.0 - self.smoothing))
+            fit.add(rows, seconds)
         elif prefill_tokens >= PREFILL_TOKENS:
-            decoding = self.decode_s.get(model, 0.0) if num_tokens > prefill_tokens else 0.0
+            decoding = (self.decode(model, rows) or 0.0) if rows else 0.0
             self._ema(self.token_s, model,
                       max(seconds - decoding, 0.2 * seconds) / prefill_tokens)
 
@@ -68,6 +70,30 @@ class CostModel:
         """Seconds per prefill token, once a prefill-heavy step has been seen."""
         return self.token_s.get(model)
 
-    def decode(self, model: str) -> float | None:
-        """Seconds of a step of decode rows only, once one has been seen."""
-        return self.decode_s.get(model)
+    def decode(self, model: str, rows: int) -> float | None:
+        """Seconds of a step of ``rows`` decode rows, once decode-only steps have been seen
+        (a line fitted to their times: a fixed part plus a part per row)."""
+        fit = self.decode_fit.get(model)
+        return None if fit is None else fit.predict(rows)
+
+
+class _LineFit:
+    """Least-squares ``y = a + b x`` over past points, older ones weighted down by ``decay``
+    per point. While a single x has been seen, ``y`` is taken as constant: for the prefill
+    cap an underestimate only makes prompt chunks smaller, never a stream's wait longer."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.sums = [0.0] * 5  # weight, x, x*x, y, x*y
+
+    def add(self, x: float, y: float) -> None:
+        self.sums = [self.decay * s + v for s, v in zip(self.sums, (1.0, x, x * x, y, x * y))]
+
+    def predict(self, x: float) -> float:
+        w, sx, sxx, sy, sxy = self.sums
+        var = w * sxx - sx * sx
+        if var <= 1e-9 * max(w * sxx, 1.0):  # one x so far
+            return sy / w
+        b = max(0.0, (w * sxy - sx * sy) / var)
+        a = max(0.0, (sy - b * sx) / w)
+        return a + b * x

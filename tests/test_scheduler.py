@@ -187,8 +187,20 @@ def test_the_prefill_cap_follows_the_tbt_slo_and_the_measured_token_cost():
     s.policy.set_slo("m", SLO(2000, 100_000))
     assert s.prefill_cap("m") == 1024
     s.policy.set_slo("m", SLO(2000, 200))
-    s.policy.cost.observe_step("m", 0.3, 64, 0)  # decoding alone takes 300 ms > 200 ms TBT
-    assert s.prefill_cap("m") == 60  # prompts get as long as decoding: 300 ms / 5 ms
+    s.policy.cost.observe_step("m", 0.3, 64, 0)  # 64 decode rows alone take 300 ms
+    assert s.prefill_cap("m", 64) == 60  # prompts get as long as decoding: 300 ms / 5 ms
+    s.policy.cost.observe_step("m", 0.1, 16, 0)  # fitted: 300 ms = 33 ms + 64 x 4.2 ms
+    assert s.prefill_cap("m", 128) == 113  # 128 rows: 567 ms
+    assert s.prefill_cap("m", 8) == 20  # 8 rows take 67 ms: half the TBT is more
+
+
+def test_the_cost_of_a_prompt_token_leaves_out_the_decode_rows():
+    from gpupool.scheduler.slo import CostModel
+
+    cost = CostModel(smoothing=1.0)
+    cost.observe_step("m", 0.2, 40, 0)  # 40 decode rows: 5 ms a row
+    cost.observe_step("m", 0.5, 140, 100)  # 40 rows (200 ms) + 100 prompt tokens (300 ms)
+    assert abs(cost.token("m") - 0.003) < 1e-9
 
 
 def test_each_tenant_with_waiting_work_gets_its_share_of_batch_slots():
