@@ -38,7 +38,8 @@ class SchedulerConfig:
     ttft_ms: float = 2000.0  # default SLO: time to first token
     tbt_ms: float = 200.0  # default SLO: time between tokens
     # prompt tokens a step that also decodes may compute (None: sized from the TBT SLO and
-    # the measured cost of a token), so running streams never stall behind a long prompt
+    # the measured cost of a token), so running streams never stall behind a long prompt;
+    # a short prompt not started yet is taken whole if the step stays within twice this
     max_prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self):
@@ -58,6 +59,7 @@ class _Step:
     budget: int  # tokens left in the step
     max_adapters: int  # distinct adapters the step may hold
     prefill_left: int = 1 << 30  # prompt tokens left (capped when the step also decodes)
+    prefill_cap: int = 0  # the cap, when the step decodes (a short prompt may overrun it)
     scheduled: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
     adapters: set = field(default_factory=set)
@@ -204,7 +206,8 @@ class Scheduler:
         step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model])
         decoding = sum(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model])
         if decoding:
-            step.prefill_left = min(step.budget, self.prefill_cap(model, decoding))
+            step.prefill_cap = min(step.budget, self.prefill_cap(model, decoding))
+            step.prefill_left = step.prefill_cap
         fair = self._preempt_for_fairness(model)
         self._schedule_running(model, step)
         if not any(q.model == model for q in step.preempted):  # no room freed by own preemption
@@ -217,11 +220,16 @@ class Scheduler:
 
     def _num_new(self, seq: Sequence, step: _Step) -> int:
         """Tokens the sequence computes this step: 1 to decode, a chunk of its prompt (or of
-        the tokens to recompute) within both budgets; 0 when no budget is left."""
+        the tokens to recompute) within both budgets; 0 when no budget is left. A prompt not
+        started yet is taken whole when the step's prompt tokens stay within twice the cap:
+        splitting a short prompt costs its first token a whole step and saves little."""
         remaining = seq.num_tokens - seq.num_computed_tokens
         if remaining == 1:
             return 1 if step.budget > 0 else 0
-        return min(remaining, step.budget, step.prefill_left)
+        if (seq.num_computed_tokens == 0 and step.prefill_left > 0
+                and remaining <= step.prefill_left + step.prefill_cap):
+            return min(remaining, step.budget)  # a short prompt whole: one step, not two
+        return max(0, min(remaining, step.budget, step.prefill_left))
 
     def _take(self, seq: Sequence, num_new: int, step: _Step) -> None:
         step.scheduled.append(ScheduledSeq(seq, num_new))

@@ -174,6 +174,18 @@ def test_running_streams_advance_every_step_while_long_prompts_are_admitted():
     assert any(len(q.output_token_ids) for q in s.running["m"] if int(q.request_id) >= 10)
 
 
+def test_a_short_prompt_is_not_split_while_streams_decode():
+    s = _scheduler(num_pages=2000, max_num_batched_tokens=512,
+                   max_prefill_tokens_while_decoding=32)
+    s.add_request(_tseq(0, 5))
+    _run(s, 2)  # decoding
+    s.add_request(_tseq(1, 50))  # more than the cap, less than twice: whole
+    s.add_request(_tseq(2, 50))  # would make the step's prompt tokens exceed twice the cap
+    out = s.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 1),
+                                                                             ("1", 50)]
+
+
 def test_the_prefill_cap_follows_the_tbt_slo_and_the_measured_token_cost():
     from gpupool.scheduler.slo import SLO
 
