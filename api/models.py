@@ -131,14 +131,18 @@ class ModelManager:
         if not self.roots:
             raise APIError(403, "loading from paths is disabled: start the server with "
                                 "--model-root DIR", param="path", code="no_model_root")
-        resolved = Path(path).expanduser().resolve()
-        if not any(resolved == r or r in resolved.parents for r in self.roots):
+        try:
+            resolved = Path(path).expanduser().resolve()
+            inside = any(resolved == r or r in resolved.parents for r in self.roots)
+            outside = files_outside(resolved, self.roots) if inside and resolved.is_dir() else []
+        except (RuntimeError, OSError, ValueError) as e:  # ~nosuchuser, a symlink loop
+            raise APIError(400, f"path {path!r} cannot be resolved: {e}", param="path") from None
+        if not inside:
             raise APIError(403, f"path {path!r} is outside the allowed model roots",
                            param="path", code="path_not_allowed")
         if not resolved.is_dir():
             raise APIError(400, f"path {path!r} is not a folder", param="path")
-        outside = files_outside(resolved, self.roots)  # a symlinked file may point anywhere
-        if outside:
+        if outside:  # a symlinked file inside may point anywhere
             raise APIError(403, f"path {path!r} holds files that resolve outside the allowed "
                                 f"model roots: {', '.join(sorted(outside)[:5])}",
                            param="path", code="path_not_allowed")

@@ -183,8 +183,10 @@ class EngineCore:
             )
         vocab = worker.cfg.vocab_size
         allowed = params.allowed_token_ids
-        if allowed and max(allowed) >= vocab:
-            raise RequestError(f"allowed_token_ids must be below the vocabulary size {vocab}")
+        for name, ids in (("allowed_token_ids", allowed), ("stop_token_ids",
+                                                           params.stop_token_ids)):
+            if ids and max(ids) >= vocab:
+                raise RequestError(f"{name} must be below the vocabulary size {vocab}")
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos
                                              else set(worker.eos_token_ids))
         if allowed and params.min_tokens and set(allowed) <= ends:
@@ -296,7 +298,12 @@ class EngineCore:
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
                     for s in out.scheduled]
         self.scheduler.update_from_output(out)
-        return self._process(out, sampling, logits)
+        try:
+            return self._process(out, sampling, logits)
+        except Exception as e:  # sampling failed: this step's requests, not the engine's
+            logger.exception("sampling for model %s failed", out.model)
+            return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
+                    for s in out.scheduled if s.seq.request_id in self.requests]
 
     def _prefetch(self, running: str) -> None:
         """Start copying the weights of the model the policy expects after ``running``. A

@@ -211,7 +211,7 @@ class Scheduler:
         fair = self._preempt_for_fairness(model)
         self._schedule_running(model, step)
         if not any(q.model == model for q in step.preempted):  # no room freed by own preemption
-            self._admit_waiting(model, step)
+            self._admit_waiting(model, step, skip=fair)
         step.preempted.extend(fair)
         # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
         step.scheduled.sort(key=lambda x: (not x.is_decode, x.seq.adapter or ""))
@@ -273,13 +273,14 @@ class Scheduler:
             seq.pages.extend(self.pages.allocate(need))
             self._take(seq, num_new, step)
 
-    def _admit_waiting(self, model: str, step: _Step) -> None:
-        """Waiting sequences in fair order while budgets, the sequence cap and pages allow."""
+    def _admit_waiting(self, model: str, step: _Step, skip: list[Sequence]) -> None:
+        """Waiting sequences in fair order while budgets, the sequence cap and pages allow;
+        ``skip``: preempted for fairness this step (never re-admitted at once)."""
         running = self.running[model]
         for seq in self._fair_order(model):
             if step.budget <= 0 or len(running) >= self.config.max_num_seqs:
                 break
-            if not step.fits(seq):
+            if not step.fits(seq) or any(seq is q for q in skip):
                 continue
             if seq.host_pages and self._swap_out:  # its swap-in waits for a step without
                 break  # swap-outs (the freed pages may be the ones it would copy into)
@@ -325,9 +326,12 @@ class Scheduler:
         if len(tenants) < 2:
             return []
         share = max(1, self.config.max_num_seqs // len(tenants))
+        in_use = {q.adapter for q in running if q.adapter}
+        room = len(in_use) < self.max_adapters[model]
         want = Counter()
-        for seq in waiting:
-            if counts[seq.tenant] + want[seq.tenant] < share:
+        for seq in waiting:  # only for sequences that could run: no preemption for nothing
+            could_run = seq.adapter is None or seq.adapter in in_use or room
+            if could_run and counts[seq.tenant] + want[seq.tenant] < share:
                 want[seq.tenant] += 1
         out = []
         for _ in range(sum(want.values())):

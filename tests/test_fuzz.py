@@ -389,6 +389,13 @@ def test_fuzz_the_api_against_its_own_schema(env):
 # (id, method, path, raw JSON body, what happens now): each should get a 4xx. Strict xfail: a
 # fix shows up as XPASS, and its entry goes.
 KNOWN_FINDINGS = [  # (id, method, path, body, what it did before it was fixed)
+    ("huge-stop-token-id", "POST", "/v1/completions",
+     '{"model": "tiny", "prompt": [5, 6], "max_tokens": 4, "min_tokens": 1, '
+     '"stop_token_ids": [9223372036854775808]}',
+     "found in review: the min_tokens mask could not hold the id (overflow) and the engine "
+     "failed every request in flight"),
+    ("unknown-user-path", "POST", "/admin/models", '{"name": "tilde", "path": "~nosuchuser/x"}',
+     "found in review: expanduser raised RuntimeError; 500"),
     ("tiny-repetition-penalty", "POST", "/v1/completions",
      '{"model": "tiny", "prompt": [5, 6], "max_tokens": 4, "repetition_penalty": 1e-40}',
      "repetition_penalty below ~1e-38 makes logits inf: the engine step raises (probability "

@@ -249,3 +249,19 @@ def test_running_sequences_left_out_for_want_of_budget_go_first_next_step():
     ran = [{x.seq.request_id for x in out.scheduled} for out in _run(s, 6)]
     for a, b in zip(ran, ran[1:]):  # four a step, so each runs at least every second step
         assert len(a) == 4 and a | b == {str(i) for i in range(6)}
+
+
+def test_no_fairness_preemption_for_a_sequence_that_could_not_run():
+    """The quiet tenant's adapter has no slot while the flood's holds the only one: preempting
+    the flood would only throw its work away, step after step."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_prefill_tokens_while_decoding=16),
+                  PagePool(1000))
+    s.add_model("m", 4, max_adapters=1)
+    flood = [_tseq(0, 4, "A", "x"), _tseq(1, 100, "A", "x")]
+    for q in flood:
+        s.add_request(q)
+    _run(s, 8)
+    s.add_request(_tseq(2, 4, "B", "y"))
+    for out in _run(s, 8):
+        assert not out.preempted
+    assert flood[1].num_preemptions == 0 and len(flood[1].output_token_ids) > 1
