@@ -107,6 +107,10 @@ class TenantLimiter:
             pipe.expire(key, 120)
         pipe.execute()
 
+    def forget(self, tenant: str) -> None:
+        """A deleted tenant's counters go with it (a call still running releases nothing)."""
+        self.r.delete(f"{PREFIX}inflight:{tenant}", f"{PREFIX}queued:{tenant}")
+
     def usage(self, tenant: str) -> dict[str, int]:
         """In flight, queued and this minute's tokens (for the admin API and tests)."""
         now = time.time()

@@ -170,6 +170,7 @@ def router(state) -> APIRouter:
     async def delete_tenant(request, name):
         tenant_or_404(name)
         store.delete_tenant(name)
+        state.limiter.forget(name)
         prune_metrics()
         return JSONResponse({"name": name, "deleted": True})
 

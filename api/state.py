@@ -145,12 +145,16 @@ class StateStore:
     def revoke_grants(self, name: str) -> None:
         """Take a deleted model or adapter out of every tenant's list, so one registered
         later under the same name starts with no grants."""
-        pipe = self.r.pipeline()
-        for tenant, spec in self.tenants().items():
-            if name in spec["models"]:
-                spec["models"] = [m for m in spec["models"] if m != name]
-                pipe.hset(PREFIX + "tenants", tenant, json.dumps(spec))
-        pipe.execute()
+        def revoke(pipe) -> None:  # retried if a tenant changes meanwhile (WATCH)
+            specs = {k.decode(): json.loads(v)
+                     for k, v in pipe.hgetall(PREFIX + "tenants").items()}
+            pipe.multi()
+            for tenant, spec in specs.items():
+                if name in spec["models"]:
+                    spec["models"] = [m for m in spec["models"] if m != name]
+                    pipe.hset(PREFIX + "tenants", tenant, json.dumps(spec))
+
+        self.r.transaction(revoke, PREFIX + "tenants")
         self._saved()
 
     def _key_hashes(self, tenant: str) -> list[str]:

@@ -335,3 +335,6 @@ def test_queued_requests_count_until_the_first_token(env):
     limiter.finished("delta", "a", 4)
     limiter.finished("delta", "b", 0)
     assert limiter.usage("delta")["requests_in_flight"] == 0
+    assert limiter.admit("delta", "c", limits, 0) is None
+    limiter.forget("delta")  # a deleted tenant's counters go with it
+    assert limiter.usage("delta")["requests_in_flight"] == 0
