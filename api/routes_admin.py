@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpupool.api import openapi as doc
 from gpupool.api.auth import check_admin
 from gpupool.api.errors import APIError
-from gpupool.api.limits import check_limits
+from gpupool.api.limits import limits_view
 from gpupool.api.models import check_name
 from gpupool.api.protocol import validate
 from gpupool.api.state import hash_key, new_key
@@ -129,7 +129,7 @@ def router(state) -> APIRouter:
     def tenant_view(name: str, spec: dict) -> dict:
         return {"name": name, "models": spec["models"], "created": spec["created"],
                 "num_keys": store.num_keys(name),
-                "limits": check_limits(spec.get("limits")),
+                "limits": limits_view(spec.get("limits")),
                 "usage": state.limiter.usage(name)}
 
     def limits_of(body) -> dict | None:

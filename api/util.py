@@ -32,8 +32,8 @@ async def read_json(request: Request, limit: int):
 
 
 def parse_json(raw: bytes | str):
-    """JSON text as Python values; 400 when it is not JSON, holds NaN or Infinity, or nests
-    deeper than ``MAX_JSON_DEPTH``."""
+    """JSON text as Python values; 400 when it is not JSON, holds NaN, Infinity or a number
+    past a 64-bit float, or fails ``check_json`` (depth, lone surrogates)."""
     try:
         value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
