@@ -16,7 +16,7 @@ from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.state import StateStore
 from gpupool.config import ServerConfig
 from gpupool.config import check_name as config_check_name
-from gpupool.engine import Engine
+from gpupool.llm import Engine
 from gpupool.models.errors import ModelLoadError
 from gpupool.scheduler.request import RequestError
 from gpupool.scheduler.slo import SLO

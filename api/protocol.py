@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpupool.api.errors import APIError
-from gpupool.scheduler.params import MAX_LOGPROBS, SamplingParams
+from gpupool.messages.params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from gpupool.api.protocol import (
     sampling_params,
 )
 from gpupool.api.util import read_json
-from gpupool.scheduler.params import SamplingParams
+from gpupool.messages.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from gpupool.api.metrics import Metrics
 from gpupool.api.models import ModelManager
 from gpupool.api.state import StateStore, hash_key
 from gpupool.config import Config, ServerConfig
-from gpupool.engine import Engine
+from gpupool.llm import Engine
 
 logger = logging.getLogger("gpupool.api")
 

@@ -2,9 +2,9 @@
 
 from gpupool.adapters.base import AdapterError
 from gpupool.config import AdapterConfig, Config, PoolConfig, SchedulerConfig
-from gpupool.engine import Engine
+from gpupool.llm import Engine
 from gpupool.models.errors import ModelLoadError
-from gpupool.scheduler.params import SamplingParams
+from gpupool.messages.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
 from gpupool.scheduler.slo import SLO
 

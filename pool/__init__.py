@@ -1,6 +1,5 @@
-"""Memory the engine owns: flat weight buffers, the KV page pool and (later) the arena."""
+"""Memory the engine owns: the arena, flat weight buffers, the KV page pool and its bytes.
 
-from gpupool.pool.kv import KVStorage, PagePool
-from gpupool.pool.weights import TensorSpec, WeightLayout
-
-__all__ = ["KVStorage", "PagePool", "TensorSpec", "WeightLayout"]
+``pages`` is pure Python (integer bookkeeping); the other modules hold tensors. Nothing is
+imported here, so ``import gpupool.pool.pages`` never loads torch.
+"""

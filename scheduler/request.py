@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.params import SamplingParams
+from gpupool.messages.params import SamplingParams
 
 
 class RequestError(ValueError):

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from gpupool.pool.kv import PagePool
+from gpupool.pool.pages import PagePool
 from gpupool.scheduler.policy import POLICIES, FcfsPolicy, Policy
 from gpupool.scheduler.request import Sequence, Status
 

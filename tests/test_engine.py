@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpupool import RequestError, SamplingParams
-from gpupool.scheduler.sampler import filtered_probs
+from gpupool.engine.sampler import filtered_probs
 from tests.factories import make_engine, random_prompts
 
 

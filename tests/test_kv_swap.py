@@ -6,7 +6,7 @@ from gpupool import SamplingParams
 from gpupool.config import SchedulerConfig
 from gpupool.models.worker import ModelWorker
 from gpupool.pool.kv import KVStorage
-from gpupool.scheduler.core import EngineCore
+from gpupool.engine.core import EngineCore
 from tests.factories import engine_alone, hf_greedy, make_engine, random_prompts
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

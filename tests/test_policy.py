@@ -1,7 +1,7 @@
 """Policies on integer queues: which model each one picks, and why."""
 
 from gpupool import SamplingParams
-from gpupool.pool.kv import PagePool
+from gpupool.pool.pages import PagePool
 from gpupool.scheduler.policy import make_policy
 from gpupool.scheduler.request import Sequence
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig

@@ -9,8 +9,8 @@ from transformers import (
 )
 
 from gpupool import SamplingParams
-from gpupool.scheduler.processors import apply_processors
-from gpupool.scheduler.sampler import filtered_probs
+from gpupool.engine.processors import apply_processors
+from gpupool.engine.sampler import filtered_probs
 
 V = 64
 EOS = (2,)

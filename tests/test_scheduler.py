@@ -3,7 +3,7 @@
 from collections import Counter
 
 from gpupool import SamplingParams
-from gpupool.pool.kv import PagePool
+from gpupool.pool.pages import PagePool
 from gpupool.scheduler.policy import Policy
 from gpupool.scheduler.request import Sequence, Status
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig

@@ -79,7 +79,7 @@ def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     from gpupool.config import SchedulerConfig
     from gpupool.models.worker import ModelWorker
     from gpupool.pool.kv import KVStorage
-    from gpupool.scheduler.core import EngineCore
+    from gpupool.engine.core import EngineCore
 
     ids, want = reference
     # 4 tokens of SmolLM2 (46080 B each in fp32) per page; 24 pages hold 96 tokens, far less

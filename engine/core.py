@@ -16,13 +16,13 @@ import torch
 from gpupool.adapters.base import AdapterError, AdapterRef
 from gpupool.adapters.peft_format import read_peft_adapter
 from gpupool.adapters.registry import AdapterRegistry
-from gpupool.pool.kv import PagePool
-from gpupool.scheduler.detokenizer import DetokenizerState, append_token
-from gpupool.scheduler.params import SamplingParams
+from gpupool.pool.pages import PagePool
+from gpupool.frontend.detokenizer import DetokenizerState, append_token
+from gpupool.messages.params import SamplingParams
 from gpupool.scheduler.policy import make_policy
-from gpupool.scheduler.processors import apply_processors
+from gpupool.engine.processors import apply_processors
 from gpupool.scheduler.request import RequestError, RequestOutput, Sequence, Status
-from gpupool.scheduler.sampler import logprobs, make_generator, sample
+from gpupool.engine.sampler import logprobs, make_generator, sample
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpupool.scheduler.slo import SLO, CostModel
 

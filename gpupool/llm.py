@@ -26,8 +26,8 @@ from gpupool.models.worker import ModelWorker
 from gpupool.pool.arena import Arena
 from gpupool.pool.kv import KVStorage
 from gpupool.pool.residency import WeightPool
-from gpupool.scheduler.core import EngineCore
-from gpupool.scheduler.params import SamplingParams
+from gpupool.engine.core import EngineCore
+from gpupool.messages.params import SamplingParams
 from gpupool.scheduler.request import RequestError, RequestOutput
 from gpupool.scheduler.slo import SLO
 

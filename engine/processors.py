@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gpupool.scheduler.params import SamplingParams
+from gpupool.messages.params import SamplingParams
 
 
 def apply_processors(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gpupool.scheduler.params import SamplingParams
+from gpupool.messages.params import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -1,0 +1,1 @@
+"""The text side: chat template, tokenisation, context checks, incremental detokenisation, stop strings."""
