@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpupool.messages.errors import AdapterError
+
 # LoRA-targetable projections, grouped by the fused matmul they add to:
 #   group -> (input width key, [(projection, output width key), ...])
 GROUPS = {
@@ -15,8 +17,7 @@ GROUPS = {
 PROJECTIONS = tuple(p for _, projs in GROUPS.values() for p, _ in projs)
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be served (unsupported, malformed, wrong base, unknown name)."""
+__all__ = ["GROUPS", "PROJECTIONS", "AdapterConfig", "AdapterError", "AdapterRef"]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client), one registry per app.
 
 Counters and histograms are updated by the routes; pool figures (queue depth, swaps, KV and
-weight occupancy) are read from ``Engine.stats()`` at scrape time.
+weight occupancy) come from the engine client's ``stats()``, which the /metrics route asks
+for before each scrape (``Metrics.pool_stats``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.
 
 
 class _PoolCollector:
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
 
     def collect(self):
-        s = self.engine.stats()
+        s = self.metrics.pool_stats
+        if s is None:  # no scrape yet
+            return
         queue = GaugeMetricFamily("gpupool_queue_depth", "Requests per model and state",
                                   labels=["model", "state"])
         resident = GaugeMetricFamily("gpupool_model_resident",
@@ -69,7 +72,8 @@ class _PoolCollector:
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self):
+        self.pool_stats: dict | None = None  # the engine's last stats snapshot, as a dict
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("gpupool_requests", "Finished requests",
@@ -84,7 +88,7 @@ class Metrics:
         self.tbt = Histogram("gpupool_time_between_tokens_seconds",
                              "Between consecutive tokens of a request", ["model"],
                              buckets=LATENCY_BUCKETS, registry=r)
-        r.register(_PoolCollector(engine))
+        r.register(_PoolCollector(self))
 
     def prune(self, models, tenants) -> None:
         """Drop the series of models, adapters and tenants that no longer exist, so names

@@ -11,15 +11,13 @@ import asyncio
 import logging
 from pathlib import Path
 
-from gpupool.adapters.base import AdapterError
 from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.state import StateStore
 from gpupool.config import ServerConfig
 from gpupool.config import check_name as config_check_name
-from gpupool.llm import Engine
-from gpupool.models.errors import ModelLoadError
-from gpupool.scheduler.request import RequestError
-from gpupool.scheduler.slo import SLO
+from gpupool.messages.client import EngineClient
+from gpupool.messages.errors import AdapterError, ModelLoadError, RequestError
+from gpupool.messages.types import AddAdapter, AddModel, RemoveAdapter, RemoveModel
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +42,8 @@ def files_outside(folder: Path, roots: list[Path]) -> list[str]:
 
 
 class ModelManager:
-    def __init__(self, engine: Engine, store: StateStore, config: ServerConfig):
-        self.engine = engine
+    def __init__(self, client: EngineClient, store: StateStore, config: ServerConfig):
+        self.client = client
         self.store = store
         self.roots = [Path(r).expanduser().resolve() for r in config.model_roots]
         self.static_models = {m.name: m for m in config.models}
@@ -78,51 +76,52 @@ class ModelManager:
         out.update({n: a["base"] for n, a in self.adapters(models).items()})
         return out
 
+    def served(self, name: str) -> bool:
+        """Whether the engine takes requests for ``name`` now."""
+        return self.client.model_info(name) is not None
+
     # ---- loading --------------------------------------------------------------------------
     async def ensure(self, name: str) -> None:
         """Load ``name`` (and its base) into the engine if it is known but not loaded yet."""
-        if self.engine.has_model(name):
+        if self.served(name):
             return
         async with self._lock:
             await self._ensure_locked(name)
 
     async def _ensure_locked(self, name: str) -> None:
-        if self.engine.has_model(name):
+        if self.served(name):
             return
         models = self.models()  # registered now, under the lock
         adapters = self.adapters(models)
         try:
             if name in models:
-                await asyncio.to_thread(self._load_model, name, models[name])
+                await self._load_model(name, models[name])
             elif name in adapters:
                 spec = adapters[name]
                 await self._ensure_locked(spec["base"])
-                await asyncio.to_thread(self.engine.add_adapter, name, spec["base"],
-                                        spec["path"])
+                await self.client.command(AddAdapter(name, spec["base"], spec["path"]))
             else:
                 raise model_not_found(name)
         except (ModelLoadError, AdapterError, RequestError, OSError, ValueError) as e:
             raise APIError(503, f"model {name!r} is registered but could not be loaded: "
                                 f"{e}", param="model", code="model_load_failed") from e
 
-    def _load_model(self, name: str, spec: dict) -> None:
-        slo = None
-        if spec.get("ttft_ms") or spec.get("tbt_ms"):
-            default = self.engine.config.scheduler
-            slo = SLO(spec.get("ttft_ms") or default.ttft_ms, spec.get("tbt_ms") or default.tbt_ms)
-        self.engine.add_model(name, spec["path"], slo=slo)
+    async def _load_model(self, name: str, spec: dict) -> None:
+        await self.client.command(AddModel(name, spec["path"], spec.get("ttft_ms") or None,
+                                           spec.get("tbt_ms") or None))
         logger.info("loaded model %s from %s", name, spec["path"])
 
-    def load_static(self) -> None:
+    async def load_static(self) -> None:
         """Config and flag models and adapters, loaded at start (errors stop the server)."""
         for name, m in self.static_models.items():
-            self._load_model(name, {"path": m.path, "ttft_ms": m.ttft_ms, "tbt_ms": m.tbt_ms})
+            await self._load_model(name, {"path": m.path, "ttft_ms": m.ttft_ms,
+                                          "tbt_ms": m.tbt_ms})
         for name, a in self.static_adapters.items():
             if a.base not in self.static_models and a.base not in self.store.models():
                 raise ValueError(f"adapter {name!r}: base model {a.base!r} is not declared")
-            if not self.engine.has_model(a.base):
-                self._load_model(a.base, self.store.models()[a.base])
-            self.engine.add_adapter(name, a.base, a.path)
+            if not self.served(a.base):
+                await self._load_model(a.base, self.store.models()[a.base])
+            await self.client.command(AddAdapter(name, a.base, a.path))
 
     # ---- admin changes --------------------------------------------------------------------
     def check_path(self, path) -> str:
@@ -149,10 +148,10 @@ class ModelManager:
         return str(resolved)
 
     def _check_free(self, name: str) -> None:
-        if name in self.known() or self.engine.has_model(name):
+        if name in self.known() or self.served(name):
             raise APIError(409, f"{name!r} is already the name of a model or adapter",
                            param="name", code="name_taken")
-        if self.engine.holds_name(name):
+        if self.client.holds_name(name):
             raise APIError(409, f"{name!r} was removed but still finishes running requests; "
                                 "add it again once they are done", param="name",
                            code="name_draining", headers={"Retry-After": "1"})
@@ -178,8 +177,7 @@ class ModelManager:
         path = self.check_path(path)
         self._check_free(name)
         try:
-            await asyncio.to_thread(self._load_model, name,
-                                    {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms})
+            await self._load_model(name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms})
         except (ModelLoadError, RequestError, ValueError, OSError) as e:
             raise APIError(400, f"cannot load model {name!r}: {e}", param="path") from e
         self.store.put_model(name, path, ttft_ms, tbt_ms)
@@ -194,7 +192,7 @@ class ModelManager:
                            code="model_not_found")
         await self._ensure_locked(base)
         try:
-            await asyncio.to_thread(self.engine.add_adapter, name, base, path)
+            await self.client.command(AddAdapter(name, base, path))
         except (AdapterError, RequestError, ValueError, OSError) as e:
             raise APIError(400, f"cannot load adapter {name!r}: {e}", param="path") from e
         self.store.put_adapter(name, base, path)
@@ -206,9 +204,9 @@ class ModelManager:
         for adapter, spec in self.adapters().items():
             if spec["base"] == name:
                 await self._remove_adapter(adapter)
-        if self.engine.has_model(name):
+        if self.served(name):
             try:
-                await asyncio.to_thread(self.engine.remove_model, name)
+                await self.client.command(RemoveModel(name))
             except RequestError:
                 pass  # already leaving
         self.store.delete_model(name)
@@ -219,9 +217,9 @@ class ModelManager:
     async def _remove_adapter(self, name: str) -> None:
         if name not in self.adapters():
             raise APIError(404, f"adapter {name!r} does not exist", code="model_not_found")
-        if self.engine.has_model(name):
+        if self.served(name):
             try:
-                await asyncio.to_thread(self.engine.remove_adapter, name)
+                await self.client.command(RemoveAdapter(name))
             except (AdapterError, RequestError):
                 pass
         self.store.delete_adapter(name)

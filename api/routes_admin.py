@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,7 +64,7 @@ def router(state) -> APIRouter:
     r = APIRouter(prefix="/admin")
     models = state.models
     store = state.store
-    engine = state.engine
+    client = state.client
 
     def admin(fn):
         async def handler(request: Request):
@@ -82,7 +80,7 @@ def router(state) -> APIRouter:
                              "loaded": True}, status_code=201)
 
     async def list_models(request):
-        stats = await asyncio.to_thread(engine.stats)
+        stats = (await client.stats()).to_dict()
         data = []
         for name, spec in models.models().items():
             live = stats["models"].get(name)
@@ -109,7 +107,7 @@ def router(state) -> APIRouter:
 
     async def list_adapters(request):
         data = [{"name": n, "base": a["base"], "path": a["path"],
-                 "loaded": engine.has_model(n)} for n, a in models.adapters().items()]
+                 "loaded": models.served(n)} for n, a in models.adapters().items()]
         return JSONResponse({"object": "list", "data": data})
 
     async def delete_adapter(request, name):
@@ -184,7 +182,7 @@ def router(state) -> APIRouter:
 
     # ---- the pool -----------------------------------------------------------------------
     async def pool(request):
-        return JSONResponse(await asyncio.to_thread(engine.stats))
+        return JSONResponse((await client.stats()).to_dict())
 
     created = {"status": 201}
     routes = [  # path, method, handler, OpenAPI operation id, answer, more of its declaration

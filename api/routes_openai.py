@@ -1,5 +1,11 @@
 """OpenAI routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, and the same
-under ``/tenants/{tenant}/v1/``."""
+under ``/tenants/{tenant}/v1/``.
+
+Both completion routes run one path (``_complete``); a :class:`_Route` says what differs
+(how the prompts are made, the default max_tokens, how a choice and a chunk look). The
+engine is reached only through its client (``state.client``); text goes through
+:mod:`gpupool.frontend.text`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -24,20 +31,33 @@ from gpupool.api.protocol import (
     sampling_params,
 )
 from gpupool.api.util import read_json
-from gpupool.messages.params import SamplingParams
-from gpupool.scheduler.request import RequestError, RequestOutput
+from gpupool.frontend.text import (
+    ContextLengthError,
+    RequestOutput,
+    TextStream,
+    chat_prompt,
+    max_tokens_for,
+    tokenize,
+)
+from gpupool.messages.errors import RequestError
+from gpupool.messages.types import EngineRequest, ModelInfo
 
 logger = logging.getLogger(__name__)
 
 
-# ---- running a request's choices ------------------------------------------------------------
+# ---- running a call's choices ---------------------------------------------------------------
 @dataclass
 class _Choice:
     index: int
-    request_id: str | None = None
+    request: EngineRequest
+    text: TextStream
     last: RequestOutput | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and self.last.finished
 
 
 @dataclass
@@ -47,38 +67,37 @@ class Run:
     state: object
     model: str
     tenant: Tenant | None
+    n: int = 1  # choices per prompt
     choices: list[_Choice] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
-    n: int = 1  # choices per prompt
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     counted: bool = False  # admitted by the tenant's limiter: tell it when the call ends
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _pumps: list = field(default_factory=list)
 
-    async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    async def start(self, choices: list[_Choice]) -> None:
         """Admit the call under the tenant's limits (429), then queue every choice at once,
         or none (400 naming what is wrong)."""
-        loop = asyncio.get_running_loop()
-
-        def sink_for(i):
-            return lambda out: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
-
-        engine = self.state.engine
-        await self._admit(sum(len(p) for p in prompts[:: self.n]))
-        self.choices = [_Choice(i) for i in range(len(prompts))]
+        client = self.state.client
+        await self._admit(sum(len(c.request.prompt_token_ids) for c in choices[:: self.n]))
         try:
-            rids = await asyncio.to_thread(engine.submit, prompts, params, self.model,
-                                           [sink_for(i) for i in range(len(prompts))],
-                                           self.tenant.name if self.tenant else None)
-        except (RequestError, ValueError) as e:
-            self.choices = []
+            streams = await client.submit([c.request for c in choices])
+        except RequestError as e:
             self._release(0)
-            if not engine.has_model(self.model):
+            if client.model_info(self.model) is None:
                 raise model_not_found(self.model) from e
-            raise APIError(400, str(e), param="prompt" if isinstance(e, RequestError)
-                           else None) from e
-        for ch, rid in zip(self.choices, rids):
-            ch.request_id = rid
+            raise APIError(400, str(e), param="prompt") from e
+        self.choices = choices
+        for i, s in enumerate(streams):  # one queue for all choices, in arrival order
+            self._pumps.append(asyncio.create_task(self._pump(i, s)))
+
+    async def _pump(self, i: int, stream) -> None:
+        try:
+            async for delta in stream:
+                self._queue.put_nowait((i, delta))
+        finally:
+            await stream.aclose()  # cancelled before its end: abort it
 
     async def _admit(self, prompt_tokens: int) -> None:
         if self.tenant is None:  # an open server has no tenants and no limits
@@ -114,12 +133,18 @@ class Run:
             ch.last_token_at = now
 
     async def events(self):
-        """(choice index, output) as they come, until every choice has finished."""
-        remaining = sum(1 for c in self.choices if c.last is None or not c.last.finished)
+        """(choice, output) as they come, until every choice has finished. A stop string
+        ends a choice here (the text side) and aborts its engine request."""
+        remaining = sum(not c.finished for c in self.choices)
         try:
             while remaining:
-                i, out = await self.queue.get()
+                i, delta = await self._queue.get()
                 ch = self.choices[i]
+                out = ch.text.feed(delta)
+                if ch.text.stopped:
+                    await self.state.client.abort(ch.request.request_id)
+                if out is None:
+                    continue
                 self._observe(ch, out)
                 ch.last = out
                 if out.finished:
@@ -131,10 +156,9 @@ class Run:
             self._count()
 
     def abort(self) -> None:
-        """Abort unfinished choices (client gone, or a sibling failed to queue)."""
-        for ch in self.choices:
-            if ch.request_id is not None and (ch.last is None or not ch.last.finished):
-                self.state.engine.abort(ch.request_id)
+        """Abort unfinished choices (client gone, or the call failed)."""
+        for task in self._pumps:
+            task.cancel()  # each pump aborts its request as it ends
 
     def _count(self) -> None:
         if self.done:
@@ -144,7 +168,7 @@ class Run:
         m = self.state.metrics
         status = "ok"
         for ch in self.choices:
-            if ch.last is None or not ch.last.finished:
+            if not ch.finished:
                 status = "aborted"
             elif ch.last.error:
                 status = "error"
@@ -152,18 +176,18 @@ class Run:
         m.requests.labels(self.model, tenant, status).inc()
         m.prompt_tokens.labels(self.model, tenant).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
-        if not self.state.engine.has_model(self.model):  # deleted while this call ran
+        if self.state.client.model_info(self.model) is None:  # deleted while this call ran
             m.prune(self.state.models.known(), self.state.store.tenants())
 
     @property
     def prompt_tokens(self) -> int:
         # one prompt may be shared by n choices; usage counts each prompt once, as OpenAI does
-        return sum(len(c.last.prompt_token_ids) for c in self.choices[:: self.n]
-                   if c.last is not None)
+        return sum(len(c.request.prompt_token_ids) for c in self.choices[:: self.n])
 
     @property
     def completion_tokens(self) -> int:
-        return sum(len(c.last.token_ids) for c in self.choices if c.last is not None)
+        # tokens the text side kept: none after a stop string
+        return sum(len(c.text.token_ids) for c in self.choices)
 
     def usage(self) -> dict:
         p, c = self.prompt_tokens, self.completion_tokens
@@ -199,14 +223,7 @@ def _finish_reason(out: RequestOutput) -> str | None:
     return out.finish_reason
 
 
-# ---- shared request handling ----------------------------------------------------------------
-def _tokenizer(state, model: str):
-    try:
-        return state.engine.tokenizer(model)
-    except (RequestError, KeyError):
-        raise model_not_found(model) from None
-
-
+# ---- logprobs -------------------------------------------------------------------------------
 def _lp(value: float) -> float:
     """JSON has no infinities: a -inf log-probability is reported as -9999.0 (as vLLM does)."""
     return value if math.isfinite(value) else -9999.0
@@ -216,57 +233,6 @@ def _token_text(tokenizer, tid: int) -> str:
     return tokenizer.decode([tid]) if tokenizer is not None else str(tid)
 
 
-async def _prepare(state, request: Request, tenant_path: str | None, cls, route: str):
-    tenant = await authenticate(state, request, tenant_path)
-    body = await read_json(request, state.config.max_body_bytes)
-    req = parse(cls, body, route)
-    check_model_access(state, tenant, req.model)
-    await state.models.ensure(req.model)
-    incoming = req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
-    if incoming > state.config.max_queued_requests:  # could never be admitted: not a 503
-        raise APIError(400, f"the request makes {incoming} choices (n x prompts); the server "
-                            f"queues at most {state.config.max_queued_requests}", param="n")
-    if state.engine.num_unfinished() + incoming > state.config.max_queued_requests:
-        raise APIError(503, "the server's request queue is full; retry later",
-                       code="queue_full", headers={"Retry-After": "1"})
-    return tenant, req
-
-
-def _params_for(state, req, prompt_len: int, max_tokens, logprobs, default_max):
-    """One SamplingParams per choice. A missing ``max_tokens`` becomes ``default_max`` (or
-    all the room left), capped by the context; an explicit one beyond it is a 400."""
-    try:
-        limit = state.engine.context_limit(req.model)
-    except (RequestError, KeyError):
-        raise model_not_found(req.model) from None
-    room = limit - prompt_len
-    if room < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens, but this model's context "
-                            f"holds {limit} tokens (prompt + at least one new token)",
-                       param="messages" if hasattr(req, "messages") else "prompt",
-                       code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = room if default_max is None else min(default_max, room)
-    elif isinstance(max_tokens, int) and max_tokens > room:
-        raise APIError(400, f"this model's context holds {limit} tokens, but the request "
-                            f"asks for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
-                            f"{max_tokens} to generate); lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
-    out = []
-    for k in range(req.n):
-        seed = None if req.seed is None else req.seed + k
-        out.append(sampling_params(req, max_tokens, logprobs, seed))
-    return out
-
-
-async def _start(state, req, tenant, prompts: list, params: list[SamplingParams]):
-    """The Run with every choice queued, and the model's tokenizer (for logprob tokens)."""
-    tokenizer = _tokenizer(state, req.model)
-    run = Run(state, req.model, tenant, n=req.n)
-    await run.start(prompts, params)
-    return run, tokenizer
-
-
 def _new_logprobs(out: RequestOutput):
     """The logprobs of the tokens this update added (one entry per output token)."""
     if out.logprobs is None:
@@ -274,15 +240,6 @@ def _new_logprobs(out: RequestOutput):
     return out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _stream_error(e: APIError) -> str:
-    return _sse(e.body())
-
-
-# ---- completions ----------------------------------------------------------------------------
 def _completion_logprobs(tokenizer, lps, text_start: int = 0):
     if lps is None:
         return None
@@ -299,76 +256,6 @@ def _completion_logprobs(tokenizer, lps, text_start: int = 0):
             "text_offset": offsets}
 
 
-def _tokenize_all(state, model: str, prompts: list) -> list[list[int]]:
-    """Every prompt as checked token ids, once (the engine takes ids as they are)."""
-    out = []
-    for i, prompt in enumerate(prompts):
-        try:
-            out.append(state.engine.tokenize(model, prompt))
-        except (RequestError, KeyError) as e:
-            if not state.engine.has_model(model):  # removed since the request came in
-                raise model_not_found(model) from None
-            raise APIError(400, f"prompt {i}: {e}" if len(prompts) > 1 else str(e),
-                           param="prompt") from None
-    return out
-
-
-async def completions(state, request: Request, tenant_path: str | None = None):
-    tenant, req = await _prepare(state, request, tenant_path, CompletionRequest,
-                                 "/v1/completions")
-    prompts = await asyncio.to_thread(_tokenize_all, state, req.model, req.prompts())
-    per_choice_prompts, params = [], []
-    for prompt in prompts:
-        ps = _params_for(state, req, len(prompt), req.max_tokens, req.logprobs, 16)
-        per_choice_prompts += [prompt] * req.n
-        params += ps
-    run, tokenizer = await _start(state, req, tenant, per_choice_prompts, params)
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def body(choices, usage=None):
-        b = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-             "choices": choices}
-        if usage is not None or not req.stream:
-            b["usage"] = usage
-        return b
-
-    if not req.stream:
-        outs = await _collect(run, request)
-        if outs is None:
-            return Response(status_code=499)  # nobody is listening any more
-        choices = [{"index": i, "text": out.text,
-                    "logprobs": _completion_logprobs(tokenizer, out.logprobs),
-                    "finish_reason": _finish_reason(out)} for i, out in enumerate(outs)]
-        return JSONResponse(body(choices, run.usage()))
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def stream():
-        offset: dict[int, int] = {}  # characters of token text already sent, per choice
-        try:
-            async for ch, out in run.events():
-                lps = _completion_logprobs(tokenizer, _new_logprobs(out),
-                                           offset.get(ch.index, 0))
-                if lps and lps["tokens"]:
-                    offset[ch.index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
-                if not out.delta_text and not out.finished and not lps:
-                    continue
-                reason = _finish_reason(out) if out.finished else None
-                chunk = body([{"index": ch.index, "text": out.delta_text, "logprobs": lps,
-                               "finish_reason": reason}])
-                if include_usage:
-                    chunk["usage"] = None
-                yield _sse(chunk)
-            if include_usage:
-                yield _sse(body([], run.usage()))
-        except APIError as e:
-            yield _stream_error(e)
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
-
-
-# ---- chat completions -----------------------------------------------------------------------
 def _chat_logprobs(tokenizer, lps):
     if lps is None:
         return None
@@ -382,71 +269,180 @@ def _chat_logprobs(tokenizer, lps):
     return {"content": content}
 
 
-def _chat_prompt(state, req: ChatCompletionRequest) -> list[int]:
-    tok = state.engine.tokenizer(req.model)
-    if tok is None or not getattr(tok, "chat_template", None):
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- what differs between the two routes ----------------------------------------------------
+def _completion_prompts(req: CompletionRequest, tokenizer, info: ModelInfo) -> list[list[int]]:
+    prompts = req.prompts()
+    out = []
+    for i, prompt in enumerate(prompts):
+        try:
+            out.append(tokenize(tokenizer, prompt, info.vocab_size))
+        except RequestError as e:
+            raise APIError(400, f"prompt {i}: {e}" if len(prompts) > 1 else str(e),
+                           param="prompt") from None
+    return out
+
+
+def _chat_prompts(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> list[list[int]]:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"model {req.model!r} has no chat template; use /v1/completions",
                        param="model")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # a template may raise on an order of roles it does not allow
-        raise APIError(400, f"the chat template refused the messages: {e}",
-                       param="messages") from e
-    try:
-        return list(tok(text, add_special_tokens=False)["input_ids"])
-    except (TypeError, ValueError, UnicodeError) as e:
-        raise APIError(400, f"the messages cannot be tokenized: {e}", param="messages") from e
+        return [chat_prompt(tokenizer, messages)]
+    except RequestError as e:
+        raise APIError(400, str(e), param="messages") from e
 
 
-async def chat_completions(state, request: Request, tenant_path: str | None = None):
-    tenant, req = await _prepare(state, request, tenant_path, ChatCompletionRequest,
-                                 "/v1/chat/completions")
-    prompt = await asyncio.to_thread(_chat_prompt, state, req)
-    max_tokens = req.max_tokens if req.max_completion_tokens is None else (
-        req.max_completion_tokens)
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _params_for(state, req, len(prompt), max_tokens, logprobs, None)
-    run, tokenizer = await _start(state, req, tenant, [prompt] * req.n, params)
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+@dataclass(frozen=True)
+class _Route:
+    path: str
+    body: type
+    prompts: Callable  # (req, tokenizer, info) -> token ids per prompt
+    prompt_param: str
+    default_max_tokens: int | None
+    id_prefix: str
+    obj: str  # the object name of a whole answer
+    chunk_obj: str  # ... and of a streamed chunk
+
+    def max_tokens(self, req):
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            return req.max_completion_tokens
+        return req.max_tokens
+
+    def logprobs(self, req) -> int | None:
+        if isinstance(req, ChatCompletionRequest):
+            return (req.top_logprobs or 0) if req.logprobs else None
+        return req.logprobs
+
+    def choice(self, i: int, out: RequestOutput, tokenizer) -> dict:
+        if self.body is ChatCompletionRequest:
+            return {"index": i, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": _chat_logprobs(tokenizer, out.logprobs),
+                    "finish_reason": _finish_reason(out)}
+        return {"index": i, "text": out.text,
+                "logprobs": _completion_logprobs(tokenizer, out.logprobs),
+                "finish_reason": _finish_reason(out)}
+
+    def opening(self, run: Run) -> list[dict]:
+        """Chunks sent before any token: the chat route names the role of each choice."""
+        if self.body is not ChatCompletionRequest:
+            return []
+        return [{"index": ch.index, "delta": {"role": "assistant", "content": ""},
+                 "logprobs": None, "finish_reason": None} for ch in run.choices]
+
+    def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict) -> list[dict]:
+        """The chunk choices for one update (maybe none)."""
+        new = _new_logprobs(out)
+        if self.body is ChatCompletionRequest:
+            lps = _chat_logprobs(tokenizer, new)
+            parts = []
+            if out.delta_text or lps:
+                parts.append({"index": ch.index, "delta": {"content": out.delta_text},
+                              "logprobs": lps, "finish_reason": None})
+            if out.finished:
+                parts.append({"index": ch.index, "delta": {}, "logprobs": None,
+                              "finish_reason": _finish_reason(out)})
+            return parts
+        lps = _completion_logprobs(tokenizer, new, offsets.get(ch.index, 0))
+        if lps and lps["tokens"]:  # characters of token text already sent, per choice
+            offsets[ch.index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
+        if not out.delta_text and not out.finished and not lps:
+            return []
+        return [{"index": ch.index, "text": out.delta_text, "logprobs": lps,
+                 "finish_reason": _finish_reason(out) if out.finished else None}]
+
+
+COMPLETIONS = _Route("/v1/completions", CompletionRequest, _completion_prompts, "prompt", 16,
+                     "cmpl", "text_completion", "text_completion")
+CHAT = _Route("/v1/chat/completions", ChatCompletionRequest, _chat_prompts, "messages", None,
+              "chatcmpl", "chat.completion", "chat.completion.chunk")
+
+
+# ---- the one completion path ----------------------------------------------------------------
+def _model(state, name: str) -> tuple[ModelInfo, object]:
+    info = state.client.model_info(name)
+    if info is None:
+        raise model_not_found(name)
+    return info, state.client.tokenizer(name)
+
+
+def _choices(state, route: _Route, req, tenant: Tenant | None, info: ModelInfo,
+             tokenizer, prompts: list[list[int]], call_id: str) -> list[_Choice]:
+    """One choice per prompt and ``n``: its engine request (max_tokens checked against the
+    context; choice k of a seeded call uses seed + k) and its text stream."""
+    out = []
+    for prompt in prompts:
+        try:
+            max_tokens = max_tokens_for(info, len(prompt), route.max_tokens(req),
+                                        route.default_max_tokens, route.prompt_param)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param=e.param,
+                           code="context_length_exceeded") from None
+        for k in range(req.n):
+            seed = None if req.seed is None else req.seed + k
+            params = sampling_params(req, max_tokens, route.logprobs(req), seed)
+            rid = f"{call_id}-{len(out)}"
+            engine_req = EngineRequest(rid, req.model, prompt, params,
+                                       tenant.name if tenant else None)
+            out.append(_Choice(len(out), engine_req,
+                               TextStream(rid, req.model, tokenizer, prompt, params)))
+    return out
+
+
+async def _complete(state, request: Request, tenant_path: str | None, route: _Route):
+    tenant = await authenticate(state, request, tenant_path)
+    body = await read_json(request, state.config.max_body_bytes)
+    req = parse(route.body, body, route.path)
+    check_model_access(state, tenant, req.model)
+    await state.models.ensure(req.model)
+    incoming = req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
+    if incoming > state.config.max_queued_requests:  # could never be admitted: not a 503
+        raise APIError(400, f"the request makes {incoming} choices (n x prompts); the server "
+                            f"queues at most {state.config.max_queued_requests}", param="n")
+    if state.client.num_unfinished() + incoming > state.config.max_queued_requests:
+        raise APIError(503, "the server's request queue is full; retry later",
+                       code="queue_full", headers={"Retry-After": "1"})
+    info, tokenizer = _model(state, req.model)
+    prompts = await asyncio.to_thread(route.prompts, req, tokenizer, info)
+    run = Run(state, req.model, tenant, n=req.n)
+    await run.start(_choices(state, route, req, tenant, info, tokenizer, prompts, run.call_id))
+    cid, created = f"{route.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def answer(obj: str, choices: list[dict]) -> dict:
+        return {"id": cid, "object": obj, "created": created, "model": req.model,
+                "choices": choices}
 
     if not req.stream:
         outs = await _collect(run, request)
         if outs is None:
             return Response(status_code=499)  # nobody is listening any more
-        choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": _chat_logprobs(tokenizer, out.logprobs),
-                    "finish_reason": _finish_reason(out)} for i, out in enumerate(outs)]
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
-                             "model": req.model, "choices": choices, "usage": run.usage()})
+        choices = [route.choice(i, out, tokenizer) for i, out in enumerate(outs)]
+        return JSONResponse({**answer(route.obj, choices), "usage": run.usage()})
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def chunk(choices, usage=False, usage_value=None):
-        c = {"id": cid, "object": "chat.completion.chunk", "created": created,
-             "model": req.model, "choices": choices}
-        if usage:
-            c["usage"] = usage_value
-        return c
+    def chunk(choices: list[dict]) -> str:
+        c = answer(route.chunk_obj, choices)
+        if include_usage:
+            c["usage"] = None
+        return _sse(c)
 
     async def stream():
+        offsets: dict[int, int] = {}
         try:
-            for ch in run.choices:
-                yield _sse(chunk([{"index": ch.index,
-                                   "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}], include_usage))
+            for opening in route.opening(run):
+                yield chunk([opening])
             async for ch, out in run.events():
-                lps = _chat_logprobs(tokenizer, _new_logprobs(out))
-                if out.delta_text or lps:
-                    yield _sse(chunk([{"index": ch.index, "delta": {"content": out.delta_text},
-                                       "logprobs": lps, "finish_reason": None}], include_usage))
-                if out.finished:
-                    yield _sse(chunk([{"index": ch.index, "delta": {}, "logprobs": None,
-                                       "finish_reason": _finish_reason(out)}], include_usage))
+                for part in route.chunks(ch, out, tokenizer, offsets):
+                    yield chunk([part])
             if include_usage:
-                yield _sse(chunk([], True, run.usage()))
+                yield _sse({**answer(route.chunk_obj, []), "usage": run.usage()})
         except APIError as e:
-            yield _stream_error(e)
+            yield _sse(e.body())
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
@@ -475,9 +471,9 @@ async def get_model(state, request: Request, model: str, tenant_path: str | None
 def router(state) -> APIRouter:
     r = APIRouter()
     for prefix in ("/v1", "/tenants/{tenant}/v1"):
-        def bind(fn):
+        def bind(fn, *args):
             async def handler(request: Request):
-                return await fn(state, request, request.path_params.get("tenant"))
+                return await fn(state, request, request.path_params.get("tenant"), *args)
             return handler
 
         async def one_model(request: Request):
@@ -487,8 +483,8 @@ def router(state) -> APIRouter:
         for path, fn, kind, method in (
                 ("/models", bind(list_models), "models", "GET"),
                 ("/models/{model:path}", one_model, "model", "GET"),
-                ("/completions", bind(completions), "completions", "POST"),
-                ("/chat/completions", bind(chat_completions), "chat", "POST")):
+                ("/completions", bind(_complete, COMPLETIONS), "completions", "POST"),
+                ("/chat/completions", bind(_complete, CHAT), "chat", "POST")):
             r.add_api_route(prefix + path, fn, methods=[method],
                             **openapi.openai_route(kind, prefix + path))
     return r

@@ -21,8 +21,8 @@ from gpupool.api.limits import TenantLimiter
 from gpupool.api.metrics import Metrics
 from gpupool.api.models import ModelManager
 from gpupool.api.state import StateStore, hash_key
-from gpupool.config import Config, ServerConfig
-from gpupool.llm import Engine
+from gpupool.config import ServerConfig
+from gpupool.messages.client import EngineClient
 
 logger = logging.getLogger("gpupool.api")
 
@@ -30,7 +30,7 @@ logger = logging.getLogger("gpupool.api")
 @dataclass
 class AppState:
     config: ServerConfig
-    engine: Engine
+    client: EngineClient
     store: StateStore
     models: ModelManager
     metrics: Metrics
@@ -38,12 +38,12 @@ class AppState:
     limiter: TenantLimiter
 
 
-def build_state(config: ServerConfig) -> AppState:
-    """Engine, state store and model registry; config models and adapters are loaded now
-    (so a bad one stops the server before it listens)."""
-    engine = Engine(config=Config.from_env(**config.engine))
+def build_state(config: ServerConfig, client: EngineClient) -> AppState:
+    """State store and model registry over an engine ``client``; config models and adapters
+    are loaded now (so a bad one stops the server before it listens). The state owns the
+    client from here: it is closed with the state (or at once if this fails)."""
     try:
-        store = StateStore.open(config.redis_url, engine.config.home)
+        store = StateStore.open(config.redis_url, client.home)
         for t in config.tenants:  # seeded once; later admin changes (rotation) persist
             if store.tenant(t.name) is not None:
                 logger.info("tenant %s is already in the state store; its config entry is "
@@ -51,12 +51,12 @@ def build_state(config: ServerConfig) -> AppState:
                 continue
             hashes = [hash_key(k) for k in t.api_keys] + list(t.key_hashes)
             store.put_tenant(t.name, list(t.models), hashes, limits=t.limits)
-        models = ModelManager(engine, store, config)
-        models.load_static()
+        models = ModelManager(client, store, config)
+        asyncio.run(models.load_static())
     except BaseException:
-        engine.shutdown()
+        client.close()
         raise
-    return AppState(config, engine, store, models, Metrics(engine), int(time.time()),
+    return AppState(config, client, store, models, Metrics(), int(time.time()),
                     TenantLimiter(store.r))
 
 
@@ -64,7 +64,7 @@ def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         yield
-        state.engine.shutdown()
+        state.client.close()
         state.store.close()
 
     app = FastAPI(title="gpupool", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -91,13 +91,14 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.get("/health", **openapi.health_route())
     async def health():  # says only whether it is up: no names of anyone's models
-        if not state.engine.alive:
+        if not state.client.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", **openapi.metrics_route())
-    async def metrics(request: Request):  # reads engine stats under its lock: off the loop
+    async def metrics(request: Request):
         await asyncio.to_thread(check_metrics_access, state, request)
+        state.metrics.pool_stats = (await state.client.stats()).to_dict()
         body = await asyncio.to_thread(generate_latest, state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -135,14 +136,15 @@ def startup_lines(state: AppState, seconds: float) -> list[tuple[int, str]]:
     return lines
 
 
-def serve(config: ServerConfig, started_at: float | None = None) -> None:
-    """Load, bind, say so, serve until a signal; ``started_at`` (``time.time()``, default the
-    process's start) is what "ready in" counts from."""
+def serve(config: ServerConfig, client: EngineClient, started_at: float | None = None) -> None:
+    """Load, bind, say so, serve until a signal; ``client``: the engine's (the server closes
+    it); ``started_at`` (``time.time()``, default the process's start) is what "ready in"
+    counts from."""
     import psutil
     import uvicorn
 
     started_at = psutil.Process().create_time() if started_at is None else started_at
-    state = build_state(config)
+    state = build_state(config, client)
     try:
         server = uvicorn.Server(uvicorn.Config(
             create_app(state), host=config.host, port=config.port, log_level=config.log_level,
@@ -154,5 +156,5 @@ def serve(config: ServerConfig, started_at: float | None = None) -> None:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
         pass
     finally:
-        state.engine.shutdown()
+        state.client.close()
         state.store.close()

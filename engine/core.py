@@ -1,7 +1,9 @@
-"""The engine loop's body: admit requests, run steps, turn sampled tokens into outputs.
+"""The engine loop's body: admit requests, run steps, turn sampled tokens into output deltas.
 
-Single-threaded by design: :class:`gpupool.Engine` drives it from one thread. A step is
-``schedule -> worker.execute -> sample -> append, detokenise, check stops -> outputs``.
+Single-threaded by design: :class:`gpupool.engine.local.LocalEngine` drives it from one
+thread. A step is ``schedule -> worker.execute -> sample -> append, check stop tokens ->
+OutputDelta messages``. Token ids in, token ids out: text (tokenising, detokenising, stop
+strings) is the front end's.
 """
 
 from __future__ import annotations
@@ -13,34 +15,32 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool.adapters.base import AdapterError, AdapterRef
+from gpupool.adapters.base import AdapterRef
 from gpupool.adapters.peft_format import read_peft_adapter
 from gpupool.adapters.registry import AdapterRegistry
-from gpupool.pool.pages import PagePool
-from gpupool.frontend.detokenizer import DetokenizerState, append_token
-from gpupool.messages.params import SamplingParams
-from gpupool.scheduler.policy import make_policy
 from gpupool.engine.processors import apply_processors
-from gpupool.scheduler.request import RequestError, RequestOutput, Sequence, Status
-from gpupool.engine.sampler import logprobs, make_generator, sample
+from gpupool.engine.sampler import logprobs, sample
+from gpupool.messages.errors import AdapterError, RequestError
+from gpupool.messages.types import EngineRequest, OutputDelta, Usage
+from gpupool.models.batch import BatchRow
+from gpupool.pool.pages import PagePool
+from gpupool.scheduler.policy import make_policy
+from gpupool.scheduler.request import Sequence, Status
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpupool.scheduler.slo import SLO, CostModel
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[RequestOutput], None]
+Sink = Callable[[OutputDelta], None]
 
 
 @dataclass(eq=False)
 class _Tracked:
     seq: Sequence
-    generator: torch.Generator
-    detok: DetokenizerState
     sink: Sink | None
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    stop_reason: str | int | None = None
-    logprobs: list | None = None  # filled when the request asks for logprobs
+    emitted: int  # output tokens already sent (delivered ones of a resumed request included)
+    stop_token: int | None = None
+    logprobs: list | None = None  # new tokens' logprobs not sent yet, when asked for
 
 
 def _zero_rows(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _zero_rows(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class EngineCore:
-    """Requests in, :class:`RequestOutput` updates out. Workers are added by the Engine."""
+    """EngineRequests in, OutputDelta messages out. Workers are added by the LocalEngine."""
 
     def __init__(self, config: SchedulerConfig, pages: PagePool, kv=None,
                  prefetch: bool = False):
@@ -72,7 +72,6 @@ class EngineCore:
         self.removing_models: set[str] = set()
         self.adapters = AdapterRegistry()
         self.requests: dict[str, _Tracked] = {}
-        self._next_id = 0
         self.prefetch = prefetch
         self._orphans: list[str] = []  # requests whose sink failed: aborted before a step
 
@@ -144,30 +143,22 @@ class EngineCore:
         self.removing_models.discard(name)
 
     # ---- requests -----------------------------------------------------------------------
-    def tokenize(self, model: str, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, checked against the model; raises RequestError."""
+    def check_request(self, req: EngineRequest) -> int:
+        """Raise RequestError if the request can never run; else its max total tokens. The
+        engine's own guard at the boundary (a remote client may send anything): the front end
+        has checked the same with messages for users (``gpupool.frontend.text``)."""
+        model, prompt_ids, params = req.model, req.prompt_token_ids, req.params
         worker = self.workers[self.resolve(model)[0]]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("prompt is empty")
-            if worker.tokenizer is None:
-                raise RequestError(f"model {model!r} has no tokenizer; pass token ids")
-            try:
-                ids = list(worker.tokenizer(prompt)["input_ids"])
-            except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate
-                raise RequestError(f"prompt cannot be tokenized: {e}") from None
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise RequestError("prompt is empty")
         vocab = worker.cfg.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        return ids
-
-    def check_request(self, model: str, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Raise RequestError if the request can never run; else its max total tokens."""
-        worker = self.workers[self.resolve(model)[0]]
+        if not prompt_ids:
+            raise RequestError("prompt is empty")
+        for what, ids in (("prompt", prompt_ids), ("delivered", req.delivered_token_ids)):
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+                   for t in ids):
+                raise RequestError(f"{what} token ids must be integers in [0, {vocab})")
+        if len(req.delivered_token_ids) >= params.max_tokens:
+            raise RequestError("a resumed request must have fewer delivered tokens than "
+                               "max_tokens")
         max_len = worker.cfg.max_model_len
         if len(prompt_ids) >= max_len:
             raise RequestError(
@@ -181,7 +172,6 @@ class EngineCore:
                 f"asks for {total} ({len(prompt_ids)} in the prompt, max_tokens "
                 f"{params.max_tokens}); lower max_tokens"
             )
-        vocab = worker.cfg.vocab_size
         allowed = params.allowed_token_ids
         for name, ids in (("allowed_token_ids", allowed), ("stop_token_ids",
                                                            params.stop_token_ids)):
@@ -200,28 +190,24 @@ class EngineCore:
             )
         return total
 
-    def add_request(self, model: str, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None, sink: Sink | None = None,
-                    arrival_time: float | None = None, tenant: str | None = None) -> str:
-        ids = self.tokenize(model, prompt)
-        total = self.check_request(model, ids, params)
-        if request_id is None:
-            request_id = f"req-{self._next_id}"
-            self._next_id += 1
-        if request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        base, adapter = self.resolve(model)
+    def add_request(self, req: EngineRequest, sink: Sink | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request (checked first); ``sink(OutputDelta)`` gets its outputs."""
+        total = self.check_request(req)
+        if req.request_id in self.requests:
+            raise RequestError(f"request id {req.request_id!r} is already in use")
+        base, adapter = self.resolve(req.model)
         if adapter is not None:
             self.adapters.acquire(adapter)
-        seq = Sequence(request_id, base, ids, params,
+        seq = Sequence(req.request_id, base, list(req.prompt_token_ids), req.params,
                        time.monotonic() if arrival_time is None else arrival_time, total,
-                       adapter=adapter, tenant=tenant)
-        self.requests[request_id] = _Tracked(
-            seq, make_generator(params.seed), DetokenizerState.start(ids), sink,
-            logprobs=[] if params.logprobs is not None else None,
-        )
+                       adapter=adapter, tenant=req.tenant,
+                       output_token_ids=list(req.delivered_token_ids))
+        self.requests[req.request_id] = _Tracked(
+            seq, sink, emitted=len(req.delivered_token_ids),
+            logprobs=[] if req.params.logprobs is not None else None)
         self.scheduler.add_request(seq)
-        return request_id
+        return req.request_id
 
     def abort(self, request_id: str) -> None:
         """Finish a request now (reason ``abort``); unknown or finished ids are ignored."""
@@ -258,11 +244,9 @@ class EngineCore:
         """Last word to a request whose normal finish failed: a bare final output."""
         seq = tr.seq
         try:
-            tr.sink(RequestOutput(
-                request_id=seq.request_id, model=seq.adapter or seq.model,
-                prompt_token_ids=tuple(seq.prompt_token_ids),
-                token_ids=tuple(seq.output_token_ids), text="", delta_token_ids=(),
-                delta_text="", finished=True, finish_reason="abort", error=error))
+            tr.sink(OutputDelta(seq.request_id, len(seq.output_token_ids),
+                                finish_reason="abort", error=error,
+                                usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids))))
         except Exception:
             logger.exception("output sink of request %s failed", seq.request_id)
 
@@ -270,7 +254,7 @@ class EngineCore:
         return self.scheduler.has_work()
 
     # ---- the step -------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[OutputDelta]:
         while self._orphans:
             self.abort(self._orphans.pop())
         out = self.scheduler.schedule()
@@ -282,13 +266,13 @@ class EngineCore:
             self.kv.copy_pages(list(out.swap_in), to_host=False)
         try:
             worker = self.workers[out.model]
-            swap = worker.make_resident(frozenset({out.model}))
+            swap = worker.make_resident(frozenset({out.model}))  # once a step, here only
             if swap is not None:  # what switching to the model cost the device: the wait
                 self.cost.observe_swap(out.model, swap.seconds)
             if self.prefetch:
                 self._prefetch(out.model)
             start = time.perf_counter()
-            logits = worker.execute(out.scheduled)
+            logits = worker.execute(batch_rows(out))
             self.cost.observe_step(out.model, time.perf_counter() - start,
                                    sum(x.num_new_tokens for x in out.scheduled),
                                    sum(x.num_new_tokens for x in out.scheduled
@@ -334,7 +318,7 @@ class EngineCore:
             finite = finite & sane
             processed = _zero_rows(processed, sane)
         finite = finite.tolist()
-        tokens = sample(processed, params, [t.generator for t in tracked])
+        tokens = sample(processed, params, [len(s.output_token_ids) for s in sampling])
         lps = logprobs(logits, tokens, [p.logprobs for p in params])  # the raw distribution
         outputs = []
         for tr, token, lp, ok in zip(tracked, tokens, lps, finite):
@@ -348,7 +332,6 @@ class EngineCore:
             seq.output_token_ids.append(token)
             if lp is not None:
                 tr.logprobs.append((token, *lp))
-            append_token(worker.tokenizer, tr.detok, token)
             reason = self._stop_reason(tr, token, worker.eos_token_ids)
             if reason is not None:
                 outputs.append(self._finish(tr, reason))
@@ -357,53 +340,34 @@ class EngineCore:
         return outputs
 
     def _stop_reason(self, tr: _Tracked, token: int, eos_ids) -> str | None:
+        """Token-level stops: a stop token or EOS (not before ``min_tokens``), or length.
+        Stop strings are the front end's (it aborts the request when one appears)."""
         seq, p = tr.seq, tr.seq.params
-        if len(seq.output_token_ids) < p.min_tokens:  # nothing stops it before min_tokens
-            tr.detok.stop_checked_upto = len(tr.detok.text)  # nor a stop string in this text
-        elif token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
-            tr.stop_reason = token
-            return "stop"
-        elif p.stop and self._stop_string(tr):
+        if len(seq.output_token_ids) >= p.min_tokens and (
+                token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids)):
+            tr.stop_token = token
             return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
             return "length"
         return None
 
-    def _stop_string(self, tr: _Tracked) -> bool:
-        """Whether the text now holds a stop string; if so the text ends before it (or
-        after it, with ``include_stop_str_in_output``)."""
-        p, text = tr.seq.params, tr.detok.text
-        start = max(0, tr.detok.stop_checked_upto - max(len(s) for s in p.stop) + 1)
-        hits = [(text.find(s, start), s) for s in p.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        tr.detok.stop_checked_upto = len(text)
-        if not hits:
-            return False
-        idx, s = min(hits)
-        tr.detok.text = text[: idx + len(s)] if p.include_stop_str_in_output else text[:idx]
-        tr.stop_reason = s
-        return True
-
-    def _emit(self, tr: _Tracked, finished: bool, error: str | None = None) -> RequestOutput:
-        seq, text = tr.seq, tr.detok.text
-        visible = len(text)
-        if not finished and seq.params.stop:  # hold back what may start a stop string
-            visible = max(tr.emitted_chars, len(text) - max(len(s) for s in seq.params.stop) + 1)
-        out = RequestOutput(
+    def _emit(self, tr: _Tracked, finished: bool, error: str | None = None) -> OutputDelta:
+        seq = tr.seq
+        new = tuple(seq.output_token_ids[tr.emitted:])
+        lps = None
+        if tr.logprobs is not None:
+            lps, tr.logprobs = tuple(tr.logprobs), []
+        out = OutputDelta(
             request_id=seq.request_id,
-            model=seq.adapter or seq.model,
-            prompt_token_ids=tuple(seq.prompt_token_ids),
-            token_ids=tuple(seq.output_token_ids),
-            text=text[:visible],
-            delta_token_ids=tuple(seq.output_token_ids[tr.emitted_tokens:]),
-            delta_text=text[tr.emitted_chars:visible],
-            finished=finished,
+            index=tr.emitted,
+            token_ids=new,
+            logprobs=lps,
             finish_reason=seq.finish_reason if finished else None,
-            stop_reason=tr.stop_reason,
+            stop_token=tr.stop_token if finished else None,
+            usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids)) if finished else None,
             error=error,
-            logprobs=tuple(tr.logprobs) if tr.logprobs is not None else None,
         )
-        tr.emitted_chars, tr.emitted_tokens = visible, len(seq.output_token_ids)
+        tr.emitted = len(seq.output_token_ids)
         if tr.sink is not None:
             try:
                 tr.sink(out)
@@ -415,7 +379,7 @@ class EngineCore:
                     self._orphans.append(seq.request_id)
         return out
 
-    def _finish(self, tr: _Tracked, reason: str, error: str | None = None) -> RequestOutput:
+    def _finish(self, tr: _Tracked, reason: str, error: str | None = None) -> OutputDelta:
         self.scheduler.finish(tr.seq, reason)
         self.requests.pop(tr.seq.request_id, None)
         if tr.seq.adapter is not None and self.adapters.release(tr.seq.adapter):
@@ -446,3 +410,15 @@ class EngineCore:
                 worker.slots.check_integrity()
                 assert set(worker.slots.host) == {
                     n for n, r in self.adapters.refs.items() if r.base == worker.name}
+
+
+def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
+    """The model's typed description of a step: one row per scheduled sequence, in the
+    scheduler's order (decode rows first), with the token ids it computes."""
+    rows = []
+    for item in out.scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        rows.append(BatchRow(token_ids=seq.token_ids(start, start + item.num_new_tokens),
+                             start=start, pages=seq.pages, is_decode=item.is_decode,
+                             samples=item.samples, adapter=seq.adapter))
+    return rows

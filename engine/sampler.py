@@ -1,8 +1,10 @@
 """Turn a batch of logits into next tokens.
 
-Greedy rows take the argmax together. Sampled rows each draw from their own
-``torch.Generator`` (seeded by the request's seed), so a seeded request samples the same
-tokens whatever else shares its batch.
+Greedy rows take the argmax together. Sampled rows draw with counter-based randomness: token
+*i* of a request comes from a generator seeded with ``token_seed(seed, i)``, a hash of the
+request's seed and the token's index in its output. So a seeded request samples the same
+tokens whatever else shares its batch, and a request resumed from the tokens it already
+delivered (on this engine or another) samples exactly what the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import torch
 
 from gpupool.messages.params import SamplingParams
 
+_MASK = (1 << 64) - 1
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator(device="cpu")
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+
+def token_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of output token ``index`` of a request seeded ``seed``: SplitMix64 of
+    the pair, so nearby seeds and indices give unrelated streams."""
+    x = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -41,19 +45,19 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-) -> list[int]:
-    """logits: [R, V]; one params and generator per row. Returns R token ids."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
+    """logits: [R, V]; one params (with a seed) and output index per row. Returns R ids."""
     out = logits.argmax(dim=-1).tolist()
     cpu = None
+    gen = None
     for r, p in enumerate(params):
         if p.is_greedy:
             continue
         if cpu is None:
             cpu = logits.float().cpu()
-        probs = filtered_probs(cpu[r], p)
-        out[r] = int(torch.multinomial(probs, 1, generator=generators[r]))
+            gen = torch.Generator(device="cpu")
+        gen.manual_seed(token_seed(p.seed, indices[r]))
+        out[r] = int(torch.multinomial(filtered_probs(cpu[r], p), 1, generator=gen))
     return out
 
 

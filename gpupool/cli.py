@@ -68,9 +68,10 @@ def _serve(args) -> int:
     logging.getLogger("gpupool").setLevel(config.log_level.upper())
     from gpupool import AdapterError, ModelLoadError, RequestError
     from gpupool.api.server import serve
+    from gpupool.llm import local_client
 
     try:
-        serve(config)
+        serve(config, local_client(config))
     except (ModelLoadError, RequestError, AdapterError, ValueError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,21 @@ import torch
 
 
 @dataclass(frozen=True)
+class BatchRow:
+    """What the engine asks of one sequence in a step (integers only): compute the K/V of
+    ``token_ids`` at positions ``start``, ``start + 1``, ... into ``pages`` (the sequence's
+    whole page list), and return logits for the last one if ``samples``. Decode rows (one
+    token past a cached context) come before prefill chunks."""
+
+    token_ids: list[int]
+    start: int
+    pages: list[int]
+    is_decode: bool
+    samples: bool
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long

@@ -1,5 +1,5 @@
-"""Errors raised while reading a model from disk."""
+"""Errors raised while reading a model from disk (defined with the engine's messages)."""
 
+from gpupool.messages.errors import ModelLoadError
 
-class ModelLoadError(ValueError):
-    """A model folder cannot be served: unsupported, missing or corrupt. Names the file."""
+__all__ = ["ModelLoadError"]

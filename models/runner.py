@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpupool.models.batch import ForwardBatch
+from gpupool.models.batch import BatchRow, ForwardBatch
 
 
 def _block_table(rows: list[list[int]], device) -> torch.Tensor:
@@ -13,26 +13,24 @@ def _block_table(rows: list[list[int]], device) -> torch.Tensor:
                         device=device)
 
 
-def build_batch(scheduled, block_tokens: int, device) -> ForwardBatch:
-    """``scheduled``: items with ``.seq`` (token_ids(), pages, num_computed_tokens),
-    ``.num_new_tokens``, ``.is_decode`` and ``.samples``; decode items first."""
+def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch:
+    """The step's tensors from its rows (decode rows first)."""
     ids, pos, pages, offs, logits_rows = [], [], [], [], []
     dec_tables, dec_lens, pre_tables, pre_lens, cu = [], [], [], [], [0]
     num_decode = 0
-    for item in scheduled:
-        seq, n = item.seq, item.num_new_tokens
-        start = seq.num_computed_tokens
-        ids.extend(seq.token_ids(start, start + n))
+    for item in rows:
+        n, start, seq_pages = len(item.token_ids), item.start, item.pages
+        ids.extend(item.token_ids)
         positions = range(start, start + n)
         pos.extend(positions)
-        pages.extend(seq.pages[p // block_tokens] for p in positions)
+        pages.extend(seq_pages[p // block_tokens] for p in positions)
         offs.extend(p % block_tokens for p in positions)
         if item.is_decode:
             num_decode += 1
-            dec_tables.append(seq.pages)
+            dec_tables.append(seq_pages)
             dec_lens.append(start + n)
         else:
-            pre_tables.append(seq.pages)
+            pre_tables.append(seq_pages)
             pre_lens.append(start + n)
             cu.append(cu[-1] + n)
         if item.samples:

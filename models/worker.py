@@ -11,6 +11,7 @@ import torch
 from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots
+from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel
@@ -158,8 +159,8 @@ class ModelWorker:
                 self.weight_pool.release_adapters(self.name)
         self.adapter_targets.pop(name, None)
 
-    def _lora_batch(self, scheduled) -> LoraBatch | None:
-        rows = [item.seq.adapter for item in scheduled for _ in range(item.num_new_tokens)]
+    def _lora_batch(self, batch: list[BatchRow]) -> LoraBatch | None:
+        rows = [item.adapter for item in batch for _ in item.token_ids]
         names = {n for n in rows if n}
         if not names:
             return None
@@ -167,9 +168,8 @@ class ModelWorker:
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
                                self.slots.views, self.device)
 
-    def execute(self, scheduled) -> torch.Tensor:
-        """Run one step (swapping the weights in first if needed); logits [rows that sample,
+    def execute(self, rows: list[BatchRow]) -> torch.Tensor:
+        """Run one step (the caller made the weights resident); logits [rows that sample,
         vocab] in float32."""
-        self.make_resident(frozenset({self.name}))
-        batch = build_batch(scheduled, self.block_tokens, self.device)
-        return self.model.forward(batch, self.kv_view, self._lora_batch(scheduled))
+        batch = build_batch(rows, self.block_tokens, self.device)
+        return self.model.forward(batch, self.kv_view, self._lora_batch(rows))

@@ -8,8 +8,8 @@ small KV footprint per token fits more tokens in a page, and any free page can s
     | page 0                        | page 1 | ...
     | L0 K [bt,kvh,d] | L0 V | L1 K | ... | unused tail |
 
-:class:`~gpupool.pool.pages.PagePool` (``pages.py``) is the integer bookkeeping; :class:`KVStorage` owns
-the bytes and hands out per-model views.
+:class:`~gpupool.pool.pages.PagePool` (``pages.py``) is the integer bookkeeping;
+:class:`KVStorage` owns the bytes and hands out per-model views.
 """
 
 from __future__ import annotations

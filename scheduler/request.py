@@ -1,4 +1,4 @@
-"""A request's life inside the engine, and what callers get back."""
+"""A request's integer state inside the scheduler."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import enum
 from dataclasses import dataclass, field
 
 from gpupool.messages.params import SamplingParams
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as asked (bad prompt, unknown model, ...)."""
 
 
 class Status(enum.Enum):
@@ -54,23 +50,3 @@ class Sequence:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """Cumulative output of a request so far; ``delta_*`` is what this update added."""
-
-    request_id: str
-    model: str
-    prompt_token_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
-    text: str
-    delta_token_ids: tuple[int, ...]
-    delta_text: str
-    finished: bool
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
-    stop_reason: str | int | None = None  # the stop string or token id that matched
-    error: str | None = None
-    # with SamplingParams.logprobs: one (token id, logprob, ((id, logprob), ...)) per token
-    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = None
-

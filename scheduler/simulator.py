@@ -29,9 +29,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpupool.messages.params import SamplingParams
 from gpupool.pool.pages import PagePool
 from gpupool.scheduler.metrics import RequestTiming
-from gpupool.messages.params import SamplingParams
 from gpupool.scheduler.policy import make_policy
 from gpupool.scheduler.request import Sequence
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig

@@ -178,3 +178,25 @@ def generate_interleaved(engine, prompts: dict[str, list], params):
                             model=[m for m in prompts for _ in prompts[m]])
     per_model = {m: [list(o.token_ids) for o in results[m]] for m in prompts}
     return per_model, [list(o.token_ids) for o in mixed]
+
+
+class DeltaLog:
+    """An EngineCore's output deltas joined per request: ``tokens[rid]`` every output token
+    so far, ``final[rid]`` the final delta. Checks that each delta starts where the last
+    one ended."""
+
+    def __init__(self):
+        self.tokens: dict[str, list[int]] = {}
+        self.final: dict = {}
+
+    def add(self, deltas) -> list:
+        """Record ``deltas``; returns the final ones among them."""
+        done = []
+        for d in deltas:
+            have = self.tokens.setdefault(d.request_id, [])
+            assert d.index == len(have), (d.index, len(have))
+            have.extend(d.token_ids)
+            if d.finished:
+                self.final[d.request_id] = d
+                done.append(d)
+        return done

@@ -8,6 +8,7 @@ import torch
 
 from gpupool import RequestError, SamplingParams
 from gpupool.engine.sampler import filtered_probs
+from gpupool.messages.types import EngineRequest
 from tests.factories import make_engine, random_prompts
 
 
@@ -299,16 +300,21 @@ def test_a_failing_sink_aborts_its_request_only(engine):
         raise RuntimeError("consumer gone")
 
     def good_sink(i):
-        def sink(out):
-            if out.finished:
-                results[i] = out
+        tokens = []
+
+        def sink(delta):
+            tokens.extend(delta.token_ids)
+            if delta.finished:
+                results[i] = tuple(tokens)
                 if len(results) == 2:
                     done.set()
         return sink
 
-    engine.submit(prompts, [p] * 3, engine.models[0], [bad_sink, good_sink(1), good_sink(2)])
+    reqs = [EngineRequest(f"s{i}", engine.models[0], engine.tokenize(engine.models[0], q), p)
+            for i, q in enumerate(prompts)]
+    engine.submit(reqs, [bad_sink, good_sink(1), good_sink(2)])
     assert done.wait(timeout=120)
-    assert [results[i].token_ids for i in (1, 2)] == [want[i].token_ids for i in (1, 2)]
+    assert [results[i] for i in (1, 2)] == [want[i].token_ids for i in (1, 2)]
     assert len(calls) == 1  # the failed sink is not called again; its request was aborted
     assert engine.alive and not engine.core.requests
     engine.check_integrity()

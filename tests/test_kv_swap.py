@@ -4,10 +4,11 @@ import torch
 
 from gpupool import SamplingParams
 from gpupool.config import SchedulerConfig
+from gpupool.engine.core import EngineCore
+from gpupool.messages.types import EngineRequest
 from gpupool.models.worker import ModelWorker
 from gpupool.pool.kv import KVStorage
-from gpupool.engine.core import EngineCore
-from tests.factories import engine_alone, hf_greedy, make_engine, random_prompts
+from tests.factories import DeltaLog, engine_alone, hf_greedy, make_engine, random_prompts
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 
@@ -32,11 +33,12 @@ def _run(folder, num_host_pages):
     prompts = random_prompts(8, 10, 30, seed=4)
     seqs = []
     for i, ids in enumerate(prompts):
-        core.add_request("m", ids, GREEDY, request_id=str(i))
+        core.add_request(EngineRequest(str(i), "m", ids, GREEDY))
         seqs.append(core.requests[str(i)].seq)
-    finals = {}
+    finals, log = {}, DeltaLog()
     while core.has_work():
-        finals.update({int(o.request_id): list(o.token_ids) for o in core.step() if o.finished})
+        finals.update({int(o.request_id): log.tokens[o.request_id]
+                       for o in log.add(core.step())})
         core.check_integrity()
     assert kv.pages.num_used_pages == 0 and kv.host_pages.num_used_pages == 0
     return prompts, finals, copies, sum(s.num_preemptions for s in seqs)

@@ -6,11 +6,14 @@ import torch
 
 from gpupool import AdapterError, RequestError, SamplingParams
 from gpupool.adapters.slots import AdapterSlots
+from gpupool.engine.core import batch_rows
+from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
 from gpupool.models.worker import ModelWorker
 from gpupool.pool.arena import ALIGN
 from gpupool.pool.kv import KVStorage
 from tests.factories import (
+    DeltaLog,
     make_engine,
     make_peft_adapter,
     peft_greedy,
@@ -80,9 +83,10 @@ def test_logits_match_peft_within_tolerance(lora_setup):
     try:
         core = e.core
         for i, (ids, n) in enumerate(zip(prompts, names)):
-            core.add_request(n or "base", ids, SamplingParams(max_tokens=1), request_id=str(i))
+            core.add_request(EngineRequest(str(i), n or "base", ids, SamplingParams(max_tokens=1)))
         out = core.scheduler.schedule()
-        logits = core.workers["base"].execute(out.scheduled)
+        core.workers["base"].make_resident()
+        logits = core.workers["base"].execute(batch_rows(out))
         ours = {s.seq.request_id: logits[k] for k, s in enumerate(out.scheduled)}
         for s in out.scheduled:
             core.abort(s.seq.request_id)
@@ -126,19 +130,19 @@ def test_remove_adapter_during_a_request(lora_setup, mixed):
     try:
         core = e.core
         with e._lock:  # drive the core by hand for a deterministic interleaving
-            core.add_request("r16", prompts[3], SamplingParams(max_tokens=16, temperature=0),
-                             request_id="x")
-            core.step()
-            core.step()
+            log = DeltaLog()
+            core.add_request(EngineRequest("x", "r16", prompts[3],
+                                           SamplingParams(max_tokens=16, temperature=0)))
+            log.add(core.step())
+            log.add(core.step())
             core.remove_adapter("r16")
             assert "r16" not in e.adapters
             with pytest.raises(RequestError, match="not loaded"):
-                core.add_request("r16", prompts[3], SamplingParams(max_tokens=4))
-            final = None
+                core.add_request(EngineRequest("y", "r16", prompts[3],
+                                               SamplingParams(max_tokens=4)))
             while core.has_work():
-                for out in core.step():
-                    final = out if out.finished else final
-            assert list(final.token_ids) == want[3]  # the running request completed
+                log.add(core.step())
+            assert "x" in log.final and log.tokens["x"] == want[3]  # the running one completed
             assert "r16" not in core.adapters.refs  # dropped once it finished
             assert "r16" not in core.workers["base"].slots.host
             core.check_integrity()

@@ -6,10 +6,11 @@ import torch
 
 from gpupool import SamplingParams
 from gpupool.config import SchedulerConfig
+from gpupool.engine.core import EngineCore
+from gpupool.messages.types import EngineRequest
 from gpupool.models.worker import ModelWorker
 from gpupool.pool.kv import KVStorage
-from gpupool.engine.core import EngineCore
-from tests.factories import VARIANTS, hf_greedy, make_engine, random_prompts
+from tests.factories import VARIANTS, DeltaLog, hf_greedy, make_engine, random_prompts
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 
@@ -46,14 +47,13 @@ def _core(folder, num_pages, page_bytes=4096, **sched):
 
 def _run_to_end(core, arrivals=None):
     """Step until idle; ``arrivals`` maps a step number to requests added before it."""
-    finals, step = {}, 0
+    finals, step, log = {}, 0, DeltaLog()
     arrivals = dict(arrivals or {})
     while core.has_work() or arrivals:
         for prompt_id, ids in arrivals.pop(step, []):
-            core.add_request("m", ids, GREEDY, request_id=str(prompt_id))
-        for out in core.step():
-            if out.finished:
-                finals[int(out.request_id)] = list(out.token_ids)
+            core.add_request(EngineRequest(str(prompt_id), "m", ids, GREEDY))
+        for out in log.add(core.step()):
+            finals[int(out.request_id)] = log.tokens[out.request_id]
         core.check_integrity()
         step += 1
     return finals
@@ -89,7 +89,7 @@ def test_preemption_by_recompute_keeps_tokens_exact(tiny_models):
     assert core.workers["m"].block_tokens == 8
     seqs = []
     for i, ids in enumerate(prompts):
-        core.add_request("m", ids, GREEDY, request_id=str(i))
+        core.add_request(EngineRequest(str(i), "m", ids, GREEDY))
         seqs.append(core.requests[str(i)].seq)
     finals = _run_to_end(core)
     assert sum(s.num_preemptions for s in seqs) > 0

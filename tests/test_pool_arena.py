@@ -5,12 +5,19 @@ import pytest
 import torch
 
 from gpupool import RequestError, SamplingParams
+from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
 from gpupool.models.loader import build_layout
 from gpupool.pool.arena import ALIGN, Arena, SlabAllocator
 from gpupool.pool.residency import PoolCapacityError, WeightPool
 from gpupool.pool.weights import WeightLayout
-from tests.factories import engine_alone, generate_interleaved, make_engine, random_prompts
+from tests.factories import (
+    DeltaLog,
+    engine_alone,
+    generate_interleaved,
+    make_engine,
+    random_prompts,
+)
 
 
 def test_slab_allocator_first_fit_and_coalescing():
@@ -116,17 +123,17 @@ def test_remove_model_with_requests_in_flight(tiny_models):
         params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
         with e._lock:  # drive the core by hand for a deterministic interleaving
             core = e.core
-            core.add_request("qwen2", prompt, params, request_id="x")
-            core.add_request("llama", prompt, params, request_id="y")
+            log = DeltaLog()
+            core.add_request(EngineRequest("x", "qwen2", prompt, params))
+            core.add_request(EngineRequest("y", "llama", prompt, params))
             for _ in range(3):
-                core.step()
+                log.add(core.step())
             core.remove_model("qwen2")
             with pytest.raises(RequestError, match="not loaded"):
-                core.add_request("qwen2", prompt, params)
-            finals = {}
+                core.add_request(EngineRequest("z", "qwen2", prompt, params))
             while core.has_work():
-                finals.update({o.request_id: o for o in core.step() if o.finished})
-            assert finals["x"].finish_reason == "length" and len(finals["x"].token_ids) == 40
+                log.add(core.step())
+            assert log.final["x"].finish_reason == "length" and len(log.tokens["x"]) == 40
             assert "qwen2" not in core.workers and "qwen2" not in e.weights.entries
             core.check_integrity()
         assert e.models == ["llama", "qwen3"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpupool import SamplingParams
+from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
 from gpupool.models.loader import build_layout
 from gpupool.pool.arena import Arena
@@ -193,7 +194,7 @@ def test_fcfs_prefetches_the_next_head_and_the_switch_waits_for_no_copy(tiny_mod
         with e._lock:  # drive the core by hand: one request each, in this order
             core = e.core
             for i, v in enumerate(order):
-                core.add_request(v, prompt, params, request_id=str(i))
+                core.add_request(EngineRequest(str(i), v, prompt, params))
             while core.has_work():
                 core.step()
                 core.check_integrity()

@@ -77,9 +77,11 @@ def test_batch_matches_transformers(smollm2_path, reference):
 
 def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     from gpupool.config import SchedulerConfig
+    from gpupool.engine.core import EngineCore
+    from gpupool.messages.types import EngineRequest
     from gpupool.models.worker import ModelWorker
     from gpupool.pool.kv import KVStorage
-    from gpupool.engine.core import EngineCore
+    from tests.factories import DeltaLog
 
     ids, want = reference
     # 4 tokens of SmolLM2 (46080 B each in fp32) per page; 24 pages hold 96 tokens, far less
@@ -89,14 +91,13 @@ def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     core.add_worker(ModelWorker("m", smollm2_path, torch.device("cpu"), kv))
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     arrivals = {0: [0, 1, 2], 2: [3], 5: [4, 5], 9: [6, 7, 8]}
-    finals, step, seqs = {}, 0, []
+    finals, step, seqs, log = {}, 0, [], DeltaLog()
     while core.has_work() or arrivals:
         for i in arrivals.pop(step, []):
-            core.add_request("m", ids[i], params, request_id=str(i))
+            core.add_request(EngineRequest(str(i), "m", ids[i], params))
             seqs.append(core.requests[str(i)].seq)
-        for out in core.step():
-            if out.finished:
-                finals[int(out.request_id)] = list(out.token_ids)
+        for out in log.add(core.step()):
+            finals[int(out.request_id)] = log.tokens[out.request_id]
         core.check_integrity()
         step += 1
     assert sum(s.num_preemptions for s in seqs) > 0

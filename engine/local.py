@@ -1,0 +1,463 @@
+"""The engine in this process: the pool, the model workers and :class:`EngineCore` wired
+together, the step loop in one background thread (:class:`LocalEngine`), and the client
+protocol over it (:class:`LocalClient`), which is all the HTTP layer and ``Engine.generate``
+use.
+
+    engine = LocalEngine(Config.from_env(device="cpu"))
+    engine.add_model("smollm2", "smollm2")
+    client = LocalClient(engine)
+    [stream] = await client.submit([EngineRequest("r1", "smollm2", ids, params)])
+    async for delta in stream: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+import torch
+
+from gpupool import kernels
+from gpupool.config import Config
+from gpupool.default_model import DEFAULT_MODEL, ensure_default_model
+from gpupool.engine.core import EngineCore, Sink
+from gpupool.messages.errors import ModelLoadError, RequestError
+from gpupool.messages.params import SamplingParams
+from gpupool.messages.types import (
+    AddAdapter,
+    AddModel,
+    AdminCommand,
+    EngineRequest,
+    ModelInfo,
+    OutputDelta,
+    RemoveAdapter,
+    RemoveModel,
+    Stats,
+)
+from gpupool.models.worker import ModelWorker
+from gpupool.pool.arena import Arena
+from gpupool.pool.kv import KVStorage
+from gpupool.pool.residency import WeightPool
+from gpupool.scheduler.slo import SLO
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return dev
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(free_bytes(device) * 0.3)
+    return min(2 << 30, int(free_bytes(device) * 0.2))
+
+
+def default_weight_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(free_bytes(device) * 0.4)
+    return min(8 << 30, int(free_bytes(device) * 0.3))
+
+
+def worker_weight_bytes(pool: WeightPool, name: str) -> int:
+    entry = pool.entries.get(name)
+    return entry.layout.num_bytes if entry is not None else 0
+
+
+class LocalEngine:
+    """Many models, one KV pool, continuous batching, the step loop in its own thread;
+    thread-safe public methods. Token ids in, :class:`OutputDelta` messages out."""
+
+    def __init__(self, device: str = "auto", config: Config | None = None, **overrides):
+        self.config = config or Config.from_env(device=device, **overrides)
+        self.device = resolve_device(self.config.device)
+        kernels.set_kernel_mode(self.config.kernels)
+        pool = self.config.pool
+        kv_bytes = pool.kv_cache_bytes or default_kv_bytes(self.device)
+        num_pages = kv_bytes // pool.kv_page_bytes
+        self.arena = Arena(pool.weight_bytes or default_weight_bytes(self.device),
+                           pool.adapter_bytes, num_pages * pool.kv_page_bytes, self.device)
+        self.kv = KVStorage(num_pages, pool.kv_page_bytes, self.device, self.arena.kv)
+        self.kv.enable_host_swap(pool.host_kv_bytes // pool.kv_page_bytes)
+        host_bytes = pool.host_cache_bytes or int(psutil.virtual_memory().available * 0.5)
+        self.weights = WeightPool(self.arena, host_bytes)
+        self.core = EngineCore(self.config.scheduler, self.kv.pages, self.kv,
+                               prefetch=pool.prefetch)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._loading: set[str] = set()  # model names being read from disk
+        self._aborts: collections.deque[str] = collections.deque()  # applied by the loop
+        self._ids = itertools.count()
+        logger.info("engine on %s: %d KV pages of %d KiB", self.device,
+                    self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
+
+    # ---- models ---------------------------------------------------------------------------
+    def resolve_model_path(self, path: str | Path) -> Path:
+        if str(path) == DEFAULT_MODEL:
+            return ensure_default_model(self.config.home)
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"{folder}: model folder does not exist")
+        return folder
+
+    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL, slo: SLO | None = None):
+        """Load a model folder (or ``"smollm2"``) and serve it as ``name`` (with its own
+        latency objectives, else the config's defaults)."""
+        with self._lock:
+            if name in self.core.workers or name in self._loading:
+                raise RequestError(f"model {name!r} is already loaded")
+            if name in self.core.adapters.refs:
+                raise RequestError(f"{name!r} is already the name of an adapter")
+            self._loading.add(name)  # a concurrent add of the same name fails above
+        try:
+            worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
+                                 self.config.dtype, self.config.adapters, self.weights)
+            with self._lock:
+                try:
+                    self.core.add_worker(worker)
+                except RequestError:
+                    self.weights.unregister(name)
+                    raise
+                if slo is not None:
+                    self.core.set_slo(name, slo)
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+
+    def remove_model(self, name: str) -> None:
+        """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
+        with self._lock:
+            self.core.remove_model(name)
+
+    def add_adapter(self, name: str, base: str, path: str | Path) -> None:
+        """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``."""
+        with self._lock:
+            self.core.add_adapter(name, base, str(Path(path).expanduser()))
+
+    def remove_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
+        with self._lock:
+            self.core.remove_adapter(name)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.core.workers)  # one C-level copy under the GIL: no lock needed
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Adapter name -> base model, for adapters that take requests."""
+        with self._lock:
+            return {n: r.base for n, r in self.core.adapters.refs.items()
+                    if n not in self.core.adapters.removing}
+
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` (a base model or an adapter) takes requests now. Reads without the
+        engine lock (a step may hold it for a while): a snapshot, as any answer would be."""
+        try:
+            self.core.resolve(name)
+        except (RequestError, KeyError):
+            return False
+        return True
+
+    def holds_name(self, name: str) -> bool:
+        """Whether a model or adapter of this name is loaded, one being removed (draining its
+        running requests) included; a snapshot read without the lock."""
+        return name in self.core.workers or name in self.core.adapters.refs
+
+    def context_limit(self, model: str) -> int:
+        """Most tokens (prompt + output) one request for ``model`` may hold: the model's
+        context window, or the KV pool's capacity in that model's tokens if smaller."""
+        worker = self.core.workers[self.core.resolve(model)[0]]
+        return min(worker.cfg.max_model_len, self.kv.pages.num_pages * worker.block_tokens)
+
+    def num_unfinished(self) -> int:
+        """Requests queued or running, over all models (a snapshot, read without the lock)."""
+        return len(self.core.requests)
+
+    def submit(self, requests: Sequence[EngineRequest], sinks: Sequence[Sink | None]) -> list[str]:
+        """Queue several requests at once, or none: each is checked first (RequestError
+        names the first bad one). One lock acquisition."""
+        with self._lock:
+            for i, req in enumerate(requests):
+                try:
+                    self.core.check_request(req)
+                except RequestError as e:
+                    raise RequestError(f"prompt {i}: {e}" if len(requests) > 1
+                                       else str(e)) from None
+            rids: list[str] = []
+            try:
+                for req, sink in zip(requests, sinks):
+                    rids.append(self.core.add_request(req, sink))
+            except BaseException:
+                for rid in rids:  # all or none
+                    self.core.abort(rid)
+                raise
+            self._ensure_thread()
+            self._lock.notify()
+        return rids
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    model: str | None = None, request_id: str | None = None,
+                    sink: Sink | None = None, tenant: str | None = None) -> str:
+        """Queue one request of token ids; ``sink(OutputDelta)`` is called from the engine
+        thread."""
+        req = EngineRequest(request_id or self.new_request_id(), self._model_name(model),
+                            prompt, params or SamplingParams(), tenant)
+        return self.submit([req], [sink])[0]
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def _model_name(self, model: str | None) -> str:
+        if model is not None:
+            return model
+        if len(self.core.workers) != 1:
+            raise RequestError("name the model: the engine serves "
+                               f"{len(self.core.workers)} models")
+        return next(iter(self.core.workers))
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        """What ``name`` is, if it takes requests now (a snapshot read without the lock)."""
+        try:
+            base, adapter = self.core.resolve(name)
+            worker = self.core.workers[base]
+        except (RequestError, KeyError):
+            return None
+        return ModelInfo(name, base, adapter, str(worker.folder), worker.cfg.vocab_size,
+                         min(worker.cfg.max_model_len,
+                             self.kv.pages.num_pages * worker.block_tokens),
+                         tuple(worker.eos_token_ids))
+
+    def tokenizer(self, model: str):
+        """The tokenizer of ``model``'s base (None if it has none); KeyError/RequestError if
+        ``model`` is not served."""
+        return self.core.workers[self.core.resolve(model)[0]].tokenizer
+
+    def stats(self) -> dict:
+        """A snapshot of the pool for operators: arena regions, resident models and adapters,
+        KV pages, swaps, queue depth per model (plain ints, floats and strings)."""
+        with self._lock:
+            arena, kv, w = self.arena, self.kv, self.weights
+            sched = self.core.scheduler
+            weight_used = arena.weight_bytes - arena.weight_slabs.num_free_bytes
+            host = kv.host_pages
+            models = {}
+            for name, worker in self.core.workers.items():
+                slots = worker.slots
+                models[name] = {
+                    "resident": w.is_resident(name) if name in w.entries else True,
+                    "weight_bytes": worker_weight_bytes(w, name),
+                    "removing": name in self.core.removing_models,
+                    "waiting": len(sched.waiting.get(name, ())),
+                    "running": len(sched.running.get(name, ())),
+                    "adapter_slots": slots.num_slots if slots is not None else 0,
+                    "resident_adapters": list(slots.resident) if slots is not None else [],
+                }
+            return {
+                "device": str(self.device),
+                "policy": self.config.scheduler.policy,
+                "arena": {
+                    "total_bytes": arena.num_bytes,
+                    "weights": {"bytes": arena.weight_bytes, "used_bytes": weight_used},
+                    "adapters": {"bytes": arena.adapter_bytes},
+                    "kv": {"bytes": arena.kv_bytes},
+                },
+                "kv_pages": {
+                    "page_bytes": kv.page_bytes,
+                    "total": kv.pages.num_pages,
+                    "used": kv.pages.num_used_pages,
+                    "free": kv.pages.num_free_pages,
+                    "host_total": host.num_pages if host is not None else 0,
+                    "host_used": host.num_used_pages if host is not None else 0,
+                },
+                "swaps": {
+                    "weight_swaps": w.num_swaps,
+                    "weight_bytes": w.swap_bytes,
+                    "weight_seconds": w.swap_seconds,
+                    "weight_prefetches": w.num_prefetches,
+                    "weight_prefetch_hits": w.prefetch_hits,
+                    "weight_prefetches_wasted": w.prefetch_wasted,
+                    "kv_pages_out": kv.num_pages_swapped_out,
+                    "kv_pages_in": kv.num_pages_swapped_in,
+                    "kv_bytes": (kv.num_pages_swapped_out + kv.num_pages_swapped_in)
+                    * kv.page_bytes,
+                },
+                "resident_models": list(w.resident),
+                "models": models,
+                "adapters": {n: r.base for n, r in self.core.adapters.refs.items()},
+                "requests": len(self.core.requests),
+            }
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now (reason ``abort``). Never waits for a running step: the
+        abort is applied at once if the engine lock is free, else before the next step."""
+        self._aborts.append(request_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_aborts()
+            finally:
+                self._lock.release()
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            self.core.abort(self._aborts.popleft())
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gpupool-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self.core.has_work():
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                try:
+                    self._apply_aborts()
+                    self.core.step()
+                except Exception as e:  # never lose the loop: fail what was in flight
+                    logger.exception("engine step failed; failing its requests")
+                    self.core.fail_all(f"engine error: {e}")
+            time.sleep(0)  # let a thread waiting for the lock (a new request) take it now
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine loop has stopped (shutdown)."""
+        return not self._stopped and (self._thread is None or self._thread.is_alive())
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            self.core.check_integrity()
+            self.weights.check_integrity()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self.weights.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+class _OutputStream:
+    """One request's deltas, put on an asyncio queue from the engine thread."""
+
+    def __init__(self, engine: LocalEngine, request_id: str = ""):
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue[OutputDelta] = asyncio.Queue()
+        self.done = False
+
+    def sink(self, loop: asyncio.AbstractEventLoop):
+        def put(delta: OutputDelta) -> None:
+            # raises once the consumer's loop is closed: the core then aborts the request
+            loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        return put
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> OutputDelta:
+        if self.done:
+            raise StopAsyncIteration
+        delta = await self.queue.get()
+        self.done = delta.finished
+        return delta
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.engine.abort(self.request_id)
+
+
+class LocalClient:
+    """The client protocol (:class:`gpupool.messages.client.EngineClient`) over a
+    :class:`LocalEngine` in this process. Calls that may wait for the engine lock (a step
+    can hold it for a while) run in a worker thread, never on the event loop."""
+
+    def __init__(self, engine: LocalEngine):
+        self.engine = engine
+
+    async def submit(self, requests: Sequence[EngineRequest]) -> list[_OutputStream]:
+        loop = asyncio.get_running_loop()
+        streams = [_OutputStream(self.engine, r.request_id) for r in requests]
+        await asyncio.to_thread(self.engine.submit, list(requests),
+                                [s.sink(loop) for s in streams])
+        return streams
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)  # never waits for a step
+
+    async def command(self, cmd: AdminCommand) -> None:
+        e = self.engine
+        if isinstance(cmd, AddModel):
+            slo = None
+            if cmd.ttft_ms is not None or cmd.tbt_ms is not None:
+                default = e.config.scheduler
+                slo = SLO(default.ttft_ms if cmd.ttft_ms is None else cmd.ttft_ms,
+                          default.tbt_ms if cmd.tbt_ms is None else cmd.tbt_ms)
+            await asyncio.to_thread(e.add_model, cmd.name, cmd.path, slo)
+        elif isinstance(cmd, RemoveModel):
+            await asyncio.to_thread(e.remove_model, cmd.name)
+        elif isinstance(cmd, AddAdapter):
+            await asyncio.to_thread(e.add_adapter, cmd.name, cmd.base, cmd.path)
+        elif isinstance(cmd, RemoveAdapter):
+            await asyncio.to_thread(e.remove_adapter, cmd.name)
+        else:
+            raise TypeError(f"{type(cmd).__name__} is not an admin command")
+
+    async def stats(self) -> Stats:
+        d = await asyncio.to_thread(self.engine.stats)
+        return Stats(**{**d, "resident_models": tuple(d["resident_models"])})
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        return self.engine.model_info(name)
+
+    def holds_name(self, name: str) -> bool:
+        return self.engine.holds_name(name)
+
+    def tokenizer(self, model: str):
+        return self.engine.tokenizer(model)
+
+    def num_unfinished(self) -> int:
+        return self.engine.num_unfinished()
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
+
+    @property
+    def home(self) -> str:
+        return str(self.engine.config.home)
+
+    def close(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,159 @@
+"""The messages between a client and an engine: plain frozen dataclasses of ints, floats,
+strings and tuples (no tensors, no tokenizer), so they cross a thread, a process or a machine
+as they are (``gpupool.messages.codec`` turns them into JSON-safe dicts and back).
+
+A request's life: the front end sends an :class:`EngineRequest` (prompt token ids; the text
+side stays with the front end), the engine answers with :class:`OutputDelta` messages (new
+token ids from ``index`` on) until one is final; :class:`Abort` ends it early. Admin commands
+(:class:`AddModel`, :class:`RemoveModel`, :class:`AddAdapter`, :class:`RemoveAdapter`) change
+what the engine serves; :class:`Stats` is a snapshot of its pool for operators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+
+from gpupool.messages.params import SamplingParams
+
+# one generated token's log-probability: (token id, logprob, ((id, logprob), ...) of the
+# most likely alternatives) from the model's distribution before temperature and filters
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none (recorded on it, so it can be resumed)."""
+    return secrets.randbits(63)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One sequence to generate. ``model``: a base model or an adapter name; ``tenant``: who
+    asks (batch slots are shared fairly between tenants). ``delivered_token_ids``: output
+    tokens a previous engine already delivered (a resumed request); they stay output tokens
+    (they count towards ``max_tokens``, penalties and the sampling index), and generation
+    continues after them exactly as the uninterrupted request would have. ``params.seed`` is
+    always set: an unseeded request gets a random one here, recorded on the request.
+
+    The engine reads only the token-level parts of ``params`` (stop strings are the front
+    end's: it aborts the request when one appears)."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str | None = None
+    delivered_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        object.__setattr__(self, "delivered_token_ids", tuple(self.delivered_token_ids))
+        if self.params.seed is None:
+            object.__setattr__(self, "params",
+                               dataclasses.replace(self.params, seed=random_seed()))
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # every output token, delivered ones of a resumed request included
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """New output of one request: ``token_ids`` are output tokens ``index``,
+    ``index + 1``, ...; a receiver that already has some drops them by index. The final
+    delta has ``finish_reason`` ("stop", "length" or "abort"), ``usage``, and ``error`` when
+    the request failed."""
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when asked for
+    finish_reason: str | None = None
+    stop_token: int | None = None  # the stop token id (or EOS) that finished it
+    usage: Usage | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class AddModel:
+    """Load the model folder ``path`` (or "smollm2") as ``name``; SLOs default to the
+    engine's."""
+
+    name: str
+    path: str
+    ttft_ms: float | None = None
+    tbt_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class RemoveModel:
+    """New requests fail at once; running ones finish, then the model is dropped."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class AddAdapter:
+    """Serve the PEFT LoRA folder ``path`` as ``name`` on the loaded base ``base``."""
+
+    name: str
+    base: str
+    path: str
+
+
+@dataclass(frozen=True)
+class RemoveAdapter:
+    name: str
+
+
+AdminCommand = AddModel | RemoveModel | AddAdapter | RemoveAdapter
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front end needs to know of a servable name: its base, its limits and where
+    its tokenizer lives."""
+
+    name: str
+    base: str  # the base model (== name for a base model)
+    adapter: str | None  # the adapter (== name), or None for a base model
+    folder: str  # the base model's folder (tokenizer, chat template)
+    vocab_size: int
+    context_limit: int  # most tokens (prompt + output) one request may hold
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of an engine's pool (plain values: see ``Engine.stats`` for the keys)."""
+
+    device: str
+    policy: str
+    arena: dict
+    kv_pages: dict
+    swaps: dict
+    resident_models: tuple[str, ...]
+    models: dict
+    adapters: dict
+    requests: int
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["resident_models"] = list(self.resident_models)
+        return d
+
+
+MESSAGES = (EngineRequest, Usage, OutputDelta, Abort, AddModel, RemoveModel, AddAdapter,
+            RemoveAdapter, ModelInfo, Stats, SamplingParams)
