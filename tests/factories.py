@@ -102,7 +102,9 @@ def make_engine(folder: Path | None = None, name: str = "m", **overrides):
     """A CPU engine with a small KV pool (override any Config/PoolConfig/SchedulerConfig field)."""
     from gpupool import Engine
 
-    opts = {"kv_cache_bytes": 4 << 20, "kv_page_bytes": 16 << 10, **overrides}
+    # token-comparing tests pin float32 (dtype "auto" is the speed-issue's choice to make)
+    opts = {"kv_cache_bytes": 4 << 20, "kv_page_bytes": 16 << 10, "dtype": "float32",
+            **overrides}
     engine = Engine(device="cpu", **opts)
     if folder is not None:
         engine.add_model(name, folder)

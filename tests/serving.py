@@ -18,6 +18,7 @@ import psutil
 POOL_TOML = """
 [engine]
 device = "cpu"
+dtype = "float32"
 kv_cache_bytes = {kv}
 kv_page_bytes = 262144
 weight_bytes = {weights}

@@ -15,6 +15,7 @@ from gpupool import SamplingParams
 from gpupool.api.limits import TenantLimiter
 from gpupool.api.server import build_state, create_app
 from gpupool.config import ModelSpec, ServerConfig, TenantSpec, load_server_config
+from gpupool.llm import local_client
 from tests.factories import make_peft_adapter
 
 ADMIN_KEY = "admin-secret-key"
@@ -30,10 +31,10 @@ def env(tmp_path_factory, tiny_models):
     make_peft_adapter(base, root / "good", 4, ["q_proj", "v_proj"], seed=1)
     config = ServerConfig(
         admin_key=ADMIN_KEY, model_roots=(str(root),), models=(ModelSpec("tiny", str(base)),),
-        engine={"device": "cpu", "home": tmp_path_factory.mktemp("home"),
+        engine={"device": "cpu", "dtype": "float32", "home": tmp_path_factory.mktemp("home"),
                 "kv_cache_bytes": 8 << 20, "kv_page_bytes": 16 << 10,
                 "weight_bytes": 256 << 20, "host_cache_bytes": 1 << 30})
-    state = build_state(config)
+    state = build_state(config, local_client(config))
     with TestClient(create_app(state)) as client:
         yield {"client": client, "state": state, "root": root, "outside": outside,
                "base": base}
@@ -194,7 +195,7 @@ def test_vllm_sampling_fields_are_honoured(env):
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
                                         "temperature": 0, "allowed_token_ids": allowed,
                                         "logprobs": 0, "ignore_eos": True})
-    tokens = env["state"].engine.tokenizer("tiny").convert_tokens_to_ids(
+    tokens = env["state"].client.tokenizer("tiny").convert_tokens_to_ids(
         r.json()["choices"][0]["logprobs"]["tokens"])
     assert r.status_code == 200 and set(tokens) <= set(allowed), tokens
     plain = run(ignore_eos=True)["text"]
@@ -212,7 +213,7 @@ def test_vllm_sampling_fields_are_honoured(env):
 
 def test_max_tokens_beyond_the_context_is_400_and_the_default_fits(env):
     c = env["client"]
-    limit = env["state"].engine.context_limit("tiny")
+    limit = env["state"].client.model_info("tiny").context_limit
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5] * 10,
                                         "max_tokens": limit - 9})
     assert _err(r, 400, "max_tokens")["code"] == "context_length_exceeded"
@@ -223,7 +224,7 @@ def test_max_tokens_beyond_the_context_is_400_and_the_default_fits(env):
 
 def test_readding_a_model_that_still_drains_is_409(env):
     c = env["client"]
-    engine = env["state"].engine
+    engine = env["state"].client.engine
     r = c.post("/admin/models", headers=ADMIN, json={"name": "drain", "path": str(env["base"])})
     assert r.status_code == 201
 

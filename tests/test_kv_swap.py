@@ -21,7 +21,7 @@ def _run(folder, num_host_pages):
     kv = KVStorage(12, 4096, "cpu")  # 8 tokens a page: far too few for 8 sequences
     kv.enable_host_swap(num_host_pages)
     core = EngineCore(SchedulerConfig(), kv.pages, kv)
-    core.add_worker(ModelWorker("m", folder, torch.device("cpu"), kv))
+    core.add_worker(ModelWorker("m", folder, torch.device("cpu"), kv, torch.float32))
     copies = {"out": 0, "in": 0}
     copy = kv.copy_pages
 

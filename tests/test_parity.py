@@ -41,7 +41,7 @@ def test_batch_of_mixed_lengths_matches_transformers(tiny_models, variant):
 def _core(folder, num_pages, page_bytes=4096, **sched):
     kv = KVStorage(num_pages, page_bytes, "cpu")
     core = EngineCore(SchedulerConfig(**sched), kv.pages)
-    core.add_worker(ModelWorker("m", folder, torch.device("cpu"), kv))
+    core.add_worker(ModelWorker("m", folder, torch.device("cpu"), kv, torch.float32))
     return core
 
 

@@ -62,7 +62,7 @@ def test_chat_greedy_matches_engine_generate(served, client):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24,
                                        temperature=0)
-    engine = Engine(device="cpu", kv_cache_bytes=64 << 20, weight_bytes=1 << 30)
+    engine = Engine(device="cpu", dtype="float32", kv_cache_bytes=64 << 20, weight_bytes=1 << 30)
     try:
         engine.add_model("smollm2", served["smollm2"])
         tok = engine.tokenizer("smollm2")

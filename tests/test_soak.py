@@ -22,6 +22,7 @@ import uvicorn
 
 from gpupool.api.server import build_state, create_app
 from gpupool.config import ModelSpec, ServerConfig
+from gpupool.llm import local_client
 from tests.factories import make_peft_adapter
 from tests.serving import free_port
 
@@ -42,11 +43,11 @@ def live(tmp_path_factory, tiny_models):
     config = ServerConfig(
         host="127.0.0.1", port=port, admin_key="soak-admin-key", model_roots=(str(root),),
         models=(ModelSpec("tiny", str(root / "base")),), log_level="warning",
-        engine={"device": "cpu", "home": tmp_path_factory.mktemp("home"),
+        engine={"device": "cpu", "dtype": "float32", "home": tmp_path_factory.mktemp("home"),
                 "kv_cache_bytes": 4 << 20, "kv_page_bytes": 16 << 10,
                 "weight_bytes": 256 << 20, "host_cache_bytes": 1 << 30,
                 "max_loras_on_device": 2})
-    state = build_state(config)
+    state = build_state(config, local_client(config))
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -215,7 +216,7 @@ def test_soak(live):
     for _ in range(2):
         asyncio.run(_traffic(live, keys, SOAK_S / 2, tally))
         rss.append(rss_now())
-    engine = state.engine
+    engine = state.client.engine
     deadline = time.monotonic() + 30
     while engine.num_unfinished() and time.monotonic() < deadline:
         time.sleep(0.1)
