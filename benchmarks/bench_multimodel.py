@@ -156,7 +156,7 @@ def drive(engine, reqs, SamplingParams) -> list[RequestTiming]:
         def sink(out):
             now = time.monotonic()
             with lock:
-                times[i].extend([now] * len(out.delta_token_ids))
+                times[i].extend([now] * len(out.token_ids))  # an OutputDelta
                 if out.finished:
                     remaining[0] -= 1
                     if remaining[0] == 0:
