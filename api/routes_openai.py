@@ -39,8 +39,8 @@ from gpupool.frontend.text import (
     max_tokens_for,
     tokenize,
 )
-from gpupool.messages.errors import RequestError
-from gpupool.messages.types import EngineRequest, ModelInfo
+from gpupool.messages.errors import EngineError, RequestError
+from gpupool.messages.types import EngineRequest, ModelInfo, OutputDelta
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class _Choice:
     last: RequestOutput | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    aborted: bool = False  # an abort was sent to the engine
 
     @property
     def finished(self) -> bool:
@@ -88,14 +89,28 @@ class Run:
             if client.model_info(self.model) is None:
                 raise model_not_found(self.model) from e
             raise APIError(400, str(e), param="prompt") from e
+        except EngineError as e:  # the engine refused for another reason
+            self._release(0)
+            raise APIError(503, f"the engine could not take the request: {e}",
+                           code="engine_unavailable", headers={"Retry-After": "1"}) from e
+        except BaseException:
+            self._release(0)
+            raise
         self.choices = choices
         for i, s in enumerate(streams):  # one queue for all choices, in arrival order
             self._pumps.append(asyncio.create_task(self._pump(i, s)))
 
     async def _pump(self, i: int, stream) -> None:
+        index = 0
         try:
             async for delta in stream:
+                index = delta.index + len(delta.token_ids)
                 self._queue.put_nowait((i, delta))
+        except Exception as e:  # the stream broke (a remote engine gone): end the choice
+            logger.exception("output stream of %s failed", stream.request_id)
+            self._queue.put_nowait((i, OutputDelta(stream.request_id, index,
+                                                   finish_reason="abort",
+                                                   error=f"output stream failed: {e}")))
         finally:
             await stream.aclose()  # cancelled before its end: abort it
 
@@ -141,7 +156,8 @@ class Run:
                 i, delta = await self._queue.get()
                 ch = self.choices[i]
                 out = ch.text.feed(delta)
-                if ch.text.stopped:
+                if ch.text.stopped and not ch.aborted:
+                    ch.aborted = True
                     await self.state.client.abort(ch.request.request_id)
                 if out is None:
                     continue
@@ -158,7 +174,11 @@ class Run:
     def abort(self) -> None:
         """Abort unfinished choices (client gone, or the call failed)."""
         for task in self._pumps:
-            task.cancel()  # each pump aborts its request as it ends
+            task.cancel()  # a pump that has started aborts its request as it ends
+        for ch in self.choices:
+            if not ch.finished and not ch.aborted:
+                ch.aborted = True
+                asyncio.ensure_future(self.state.client.abort(ch.request.request_id))
 
     def _count(self) -> None:
         if self.done:
@@ -334,26 +354,25 @@ class _Route:
         return [{"index": ch.index, "delta": {"role": "assistant", "content": ""},
                  "logprobs": None, "finish_reason": None} for ch in run.choices]
 
-    def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict) -> list[dict]:
-        """The chunk choices for one update (maybe none)."""
+    def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict):
+        """The chunk choices for one update (maybe none), one at a time: text already
+        generated goes out before a failure's error event."""
         new = _new_logprobs(out)
         if self.body is ChatCompletionRequest:
             lps = _chat_logprobs(tokenizer, new)
-            parts = []
             if out.delta_text or lps:
-                parts.append({"index": ch.index, "delta": {"content": out.delta_text},
-                              "logprobs": lps, "finish_reason": None})
+                yield {"index": ch.index, "delta": {"content": out.delta_text},
+                       "logprobs": lps, "finish_reason": None}
             if out.finished:
-                parts.append({"index": ch.index, "delta": {}, "logprobs": None,
-                              "finish_reason": _finish_reason(out)})
-            return parts
+                yield {"index": ch.index, "delta": {}, "logprobs": None,
+                       "finish_reason": _finish_reason(out)}
+            return
         lps = _completion_logprobs(tokenizer, new, offsets.get(ch.index, 0))
         if lps and lps["tokens"]:  # characters of token text already sent, per choice
             offsets[ch.index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
-        if not out.delta_text and not out.finished and not lps:
-            return []
-        return [{"index": ch.index, "text": out.delta_text, "logprobs": lps,
-                 "finish_reason": _finish_reason(out) if out.finished else None}]
+        if out.delta_text or out.finished or lps:
+            yield {"index": ch.index, "text": out.delta_text, "logprobs": lps,
+                   "finish_reason": _finish_reason(out) if out.finished else None}
 
 
 COMPLETIONS = _Route("/v1/completions", CompletionRequest, _completion_prompts, "prompt", 16,
@@ -367,7 +386,10 @@ def _model(state, name: str) -> tuple[ModelInfo, object]:
     info = state.client.model_info(name)
     if info is None:
         raise model_not_found(name)
-    return info, state.client.tokenizer(name)
+    try:
+        return info, state.client.tokenizer(name)
+    except (EngineError, KeyError):  # removed just now
+        raise model_not_found(name) from None
 
 
 def _choices(state, route: _Route, req, tenant: Tenant | None, info: ModelInfo,
@@ -443,6 +465,10 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
                 yield _sse({**answer(route.chunk_obj, []), "usage": run.usage()})
         except APIError as e:
             yield _sse(e.body())
+        finally:  # the client left before events() began (or it never ran): abort, count
+            if not run.done:
+                run.abort()
+                run._count()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")

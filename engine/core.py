@@ -244,7 +244,8 @@ class EngineCore:
         """Last word to a request whose normal finish failed: a bare final output."""
         seq = tr.seq
         try:
-            tr.sink(OutputDelta(seq.request_id, len(seq.output_token_ids),
+            tr.sink(OutputDelta(seq.request_id, tr.emitted,
+                                tuple(seq.output_token_ids[tr.emitted:]),
                                 finish_reason="abort", error=error,
                                 usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids))))
         except Exception:

@@ -375,12 +375,19 @@ class _OutputStream:
         self.engine = engine
         self.request_id = request_id
         self.queue: asyncio.Queue[OutputDelta] = asyncio.Queue()
-        self.done = False
+        self.done = False  # iteration over (final delta read, or closed)
+        self.ended = False  # the final delta was read
 
     def sink(self, loop: asyncio.AbstractEventLoop):
         def put(delta: OutputDelta) -> None:
-            # raises once the consumer's loop is closed: the core then aborts the request
-            loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+            except RuntimeError:
+                if not loop.is_closed():
+                    raise
+                # nobody listens any more (the consumer's loop ended): let the request go
+                if not delta.finished:
+                    self.engine.abort(self.request_id)
         return put
 
     def __aiter__(self):
@@ -390,8 +397,16 @@ class _OutputStream:
         if self.done:
             raise StopAsyncIteration
         delta = await self.queue.get()
-        self.done = delta.finished
+        self.done = self.done or delta.finished
+        self.ended = self.ended or delta.finished
         return delta
+
+    async def rest(self):
+        """The deltas still to come after ``aclose``, up to the final one."""
+        while not self.ended:
+            delta = await self.queue.get()
+            self.ended = delta.finished
+            yield delta
 
     async def aclose(self) -> None:
         if not self.done:

@@ -12,6 +12,7 @@ reaches it.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 from gpupool.engine.core import Sink
@@ -59,8 +60,8 @@ class Engine(LocalEngine):
 
         ``model`` names a base model or an adapter, or is a list with one name per prompt,
         so one call can mix bases and adapters. Every prompt is checked before any is
-        queued, so a bad one raises RequestError and nothing of the call runs. Not from a
-        running event loop (use ``stream`` there).
+        queued, so a bad one raises RequestError and nothing of the call runs. Blocks; from
+        a thread with a running event loop (a notebook) it runs in a helper thread.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -73,33 +74,40 @@ class Engine(LocalEngine):
         if not isinstance(model, (list, tuple)):
             model = self._model_name(model)
         requests = self._requests(prompts, plist, model)
-        return asyncio.run(self._run_all(requests))
+        tokenizers = {r.model: self.tokenizer(r.model) for r in requests}
+        return _run_blocking(self._run_all(requests, tokenizers))
 
-    async def _run_all(self, requests: list[EngineRequest]) -> list[RequestOutput]:
-        client = self.client()
-        streams = await client.submit(requests)
-        return list(await asyncio.gather(*(self._final(client, s, r)
+    async def _run_all(self, requests: list[EngineRequest], tokenizers) -> list[RequestOutput]:
+        streams = await self.client().submit(requests)
+        return list(await asyncio.gather(*(self._final(s, r, tokenizers[r.model])
                                            for s, r in zip(streams, requests))))
 
-    async def _outputs(self, client: LocalClient, stream, req: EngineRequest):
-        """The request's RequestOutput updates; a stop string aborts it in the engine."""
-        text = TextStream(req.request_id, req.model, self.tokenizer(req.model),
-                          req.prompt_token_ids, req.params)
+    async def _outputs(self, stream, req: EngineRequest, tokenizer):
+        """The request's RequestOutput updates. A stop string aborts it in the engine; the
+        stream is still read to its final delta, so the engine has let go of the request
+        (its pages are free) when the last output is yielded."""
+        text = TextStream(req.request_id, req.model, tokenizer, req.prompt_token_ids,
+                          req.params)
+        final = None
         try:
             async for delta in stream:
                 out = text.feed(delta)
-                if text.stopped:
-                    await stream.aclose()
-                if out is not None:
+                if text.stopped and not stream.done:
+                    await stream.aclose()  # the engine's final (abort) delta still comes
+                    async for _ in stream.rest():
+                        pass
+                if out is not None and out.finished:
+                    final = out
+                elif out is not None:
                     yield out
-                if text.finished:
-                    return
+            if final is not None:
+                yield final
         finally:
             await stream.aclose()  # left early: abort (no-op once finished)
 
-    async def _final(self, client, stream, req) -> RequestOutput:
+    async def _final(self, stream, req, tokenizer) -> RequestOutput:
         last = None
-        async for out in self._outputs(client, stream, req):
+        async for out in self._outputs(stream, req, tokenizer):
             last = out
         return last
 
@@ -109,11 +117,11 @@ class Engine(LocalEngine):
         """Yield outputs as tokens arrive; leaving early aborts the request."""
         name = self._model_name(model)
         ids = self.tokenize(name, prompt)
+        tokenizer = self.tokenizer(name)
         req = EngineRequest(request_id or self.new_request_id(), name, ids,
                             params or SamplingParams())
-        client = self.client()
-        [stream] = await client.submit([req])
-        agen = self._outputs(client, stream, req)
+        [stream] = await self.client().submit([req])
+        agen = self._outputs(stream, req, tokenizer)
         try:
             async for out in agen:
                 yield out
@@ -124,10 +132,37 @@ class Engine(LocalEngine):
                     model: str | None = None, request_id: str | None = None,
                     sink: Sink | None = None, tenant: str | None = None) -> str:
         """Queue one request (a string is tokenised); ``sink(OutputDelta)`` is called from
-        the engine thread with token-level outputs."""
+        the engine thread with token-level outputs (no text: stop strings are the text
+        side's, so a request with ``stop`` is refused here; use ``generate`` or ``stream``)."""
+        if params is not None and params.stop:
+            raise RequestError("add_request is token-level: stop strings need the text side "
+                               "(generate or stream)")
         name = self._model_name(model)
         return super().add_request(self.tokenize(name, prompt), params, name, request_id,
                                    sink, tenant)
+
+
+def _run_blocking(coro):
+    """Run ``coro`` to its end and return its result: in this thread, or in a helper thread
+    when this one already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="gpupool-generate")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def local_client(server_config) -> LocalClient:

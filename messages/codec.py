@@ -39,12 +39,13 @@ def from_wire(d: dict):
     if not isinstance(d, dict) or d.get("type") not in _BY_NAME:
         raise ValueError("not a message: a dict with a known 'type' is expected")
     cls = _BY_NAME[d["type"]]
+    plain = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("dict")}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names - {"type"}
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**{k: _back(v, keep_lists=isinstance(v, dict) and "type" not in v)
-                  for k, v in d.items() if k != "type"})
+    # dict fields hold plain JSON (a model may be called "type"); others may nest messages
+    return cls(**{k: _back(v, keep_lists=k in plain) for k, v in d.items() if k != "type"})
 
 
 def _back(v, keep_lists: bool = False):

@@ -77,6 +77,28 @@ def test_stop_string_truncates_text(engine):
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == full.text[: full.text.index(stop)]
     assert stop not in cut.text
+    # no token after the one that completed the stop string is kept (or counted)
+    k = next(i for i in range(1, 11) if stop in engine.tokenizer("m").decode(
+        full.token_ids[:i], skip_special_tokens=True))
+    assert cut.token_ids == full.token_ids[:k]
+    # the engine let go of the request before generate returned
+    assert engine.kv.pages.num_used_pages == 0 and not engine.core.requests
+
+
+def test_generate_inside_a_running_event_loop(engine):
+    prompt = random_prompts(1, 8, 8, seed=8)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = engine.generate(prompt, params)[0]
+
+    async def inside():  # a notebook cell, an async application
+        return engine.generate(prompt, params)[0]
+
+    assert asyncio.run(inside()).token_ids == want.token_ids
+
+
+def test_add_request_is_token_level_and_refuses_stop_strings(engine):
+    with pytest.raises(RequestError, match="stop strings"):
+        engine.add_request([5, 6], SamplingParams(stop=["x"]))
 
 
 def test_text_prompts_and_detokenised_text(engine):

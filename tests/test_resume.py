@@ -91,3 +91,23 @@ def test_an_unseeded_request_records_its_seed():
     b = EngineRequest("b", "m", [1, 2], SamplingParams(temperature=1.0))
     assert isinstance(a.params.seed, int) and a.params.seed != b.params.seed
     assert from_wire(to_wire(a)).params.seed == a.params.seed
+
+
+def test_messages_cross_a_wire_as_json():
+    import json
+
+    from gpupool.messages.types import AddModel, OutputDelta, Stats, Usage
+
+    msgs = [
+        EngineRequest("r", "m", [1, 2], SamplingParams(stop=["x"], seed=3, logprobs=2),
+                      tenant="t", delivered_token_ids=[4]),
+        OutputDelta("r", 1, (5, 6), ((5, -0.5, ((5, -0.5), (7, -2.0))), (6, -1.0, ())),
+                    "stop", 6, Usage(2, 3)),
+        AddModel("m", "/p", 100.0, None),
+        Stats("cpu", "token", {"kv": {"bytes": 1}}, {}, {}, ("m",),
+              {"type": {"resident_adapters": ["a"]}}, {"a": "type"}, 1),
+    ]
+    for m in msgs:
+        assert from_wire(json.loads(json.dumps(to_wire(m)))) == m
+    with pytest.raises(ValueError):
+        from_wire({"type": "EngineRequest", "request_id": "r", "surprise": 1})
