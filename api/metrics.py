@@ -69,6 +69,22 @@ class _PoolCollector:
         pf.add_metric(["used"], sw["weight_prefetch_hits"])
         pf.add_metric(["wasted"], sw["weight_prefetches_wasted"])
         yield pf
+        cluster = s.get("cluster")
+        if cluster:  # a gateway over a cluster of workers
+            w = GaugeMetricFamily("gpupool_cluster_workers", "Workers by state",
+                                  labels=["state"])
+            w.add_metric(["alive"], cluster["workers_alive"])
+            w.add_metric(["dead"], cluster["workers_dead"])
+            yield w
+            yield CounterMetricFamily("gpupool_cluster_redispatched_requests",
+                                      "Requests moved to another worker after theirs died",
+                                      value=cluster["redispatched"])
+            routes = CounterMetricFamily("gpupool_cluster_routes",
+                                         "Routing decisions of this gateway by reason",
+                                         labels=["reason"])
+            for reason, n in sorted(cluster["routes"].items()):
+                routes.add_metric([reason], n)
+            yield routes
 
 
 class Metrics:

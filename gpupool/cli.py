@@ -1,4 +1,6 @@
-"""Command line: ``gpupool serve`` (the OpenAI-compatible server) and ``gpupool generate``."""
+"""Command line: ``gpupool serve`` (the OpenAI-compatible server, one engine),
+``gpupool gateway`` and ``gpupool worker`` (the same API over a cluster of engines sharing a
+Redis) and ``gpupool generate``."""
 
 from __future__ import annotations
 
@@ -61,27 +63,65 @@ def _serve(args) -> int:
             model_roots=args.model_root, redis_url=args.redis_url,
             max_queued_requests=args.max_queued_requests, log_level=args.log_level,
             models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
-            metrics_key=args.metrics_key, public_metrics=args.public_metrics or None)
+            metrics_key=args.metrics_key, public_metrics=args.public_metrics or None,
+            default_model=args.command == "serve")
+        if args.command == "gateway" and not config.redis_url:
+            raise ValueError("gateway needs --redis-url (the cluster's Redis)")
     except ValueError as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("gpupool").setLevel(config.log_level.upper())
     from gpupool import AdapterError, ModelLoadError, RequestError
     from gpupool.api.server import serve
-    from gpupool.llm import local_client
 
     try:
-        serve(config, local_client(config))
+        if args.command == "gateway":
+            from gpupool.cluster.client import RedisClient
+            from gpupool.config import Config
+
+            client = RedisClient(config.redis_url, str(Config.from_env(**config.engine).home),
+                                 migration_limit=args.migration_limit,
+                                 policy=config.engine.get("policy", "token"))
+        else:
+            from gpupool.llm import local_client
+
+            client = local_client(config)
+        serve(config, client)
     except (ModelLoadError, RequestError, AdapterError, ValueError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpupool", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+def _worker(args) -> int:
+    import tomllib
+
+    from gpupool.config import Config
+    from gpupool.worker import run_worker
+
+    logging.getLogger("gpupool").setLevel((args.log_level or "info").upper())
+    try:
+        engine = {}
+        if args.config:
+            with open(args.config, "rb") as f:
+                engine = dict(tomllib.load(f).get("engine", {}) or {})
+        for key in ("device", "dtype", "policy"):
+            if getattr(args, key) is not None:
+                engine[key] = getattr(args, key)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_worker(args.redis_url, args.name, Config.from_env(**engine),
+                   args.model_root or (), args.heartbeat_s, args.ttl_s, args.grace_s)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"gpupool: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _http_args(s) -> None:
+    """The flags of the HTTP server (``serve`` and ``gateway``)."""
     s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--config", default=None, help="TOML file: models, adapters, tenants, ...")
@@ -104,7 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve /metrics to anyone, even with tenants")
     s.add_argument("--log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpupool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    _http_args(s)
     s.set_defaults(func=_serve)
+    gw = sub.add_parser("gateway", help="the same HTTP API over a cluster of workers (Redis)")
+    _http_args(gw)
+    gw.add_argument("--migration-limit", type=int, default=3,
+                    help="most times one request is moved after its worker dies (default 3)")
+    gw.set_defaults(func=_serve)
+    w = sub.add_parser("worker", help="one engine serving a cluster through Redis")
+    w.add_argument("--redis-url", required=True, help="the cluster's Redis (redis:// or rediss://)")
+    w.add_argument("--name", default=None, help="unique worker name (default host-pid)")
+    w.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    w.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
+    w.add_argument("--policy", choices=["token", "request", "fcfs"], default=None)
+    w.add_argument("--config", default=None, help="TOML file whose [engine] table sizes the pool")
+    w.add_argument("--model-root", action="append", metavar="DIR",
+                   help="folder this worker may load models and adapters from (repeatable)")
+    w.add_argument("--heartbeat-s", type=float, default=0.5)
+    w.add_argument("--ttl-s", type=float, default=3.0,
+                   help="a worker whose heartbeat is this old is dead (a lost node)")
+    w.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM, time to finish running requests before exiting")
+    w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    w.add_argument("--log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug"])
+    w.set_defaults(func=_worker)
     g = sub.add_parser("generate", help="complete prompts with one model and print them")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder, or {DEFAULT_MODEL!r} (default) for SmolLM2-135M")

@@ -224,7 +224,8 @@ def _pair(text: str, what: str) -> tuple[str, str]:
     return name, rest
 
 
-def load_server_config(path: str | None = None, **flags) -> ServerConfig:
+def load_server_config(path: str | None = None, default_model: bool = True,
+                       **flags) -> ServerConfig:
     """Defaults, then the TOML file (``path`` or ``GPUPOOL_CONFIG``), then ``GPUPOOL_*``
     variables, then ``flags`` (None values are ignored). ``flags`` may hold ``models``
     (``NAME=PATH`` strings) and ``adapters`` (``NAME=BASE:PATH``), which add to the file's."""
@@ -280,7 +281,7 @@ def load_server_config(path: str | None = None, **flags) -> ServerConfig:
             data["port"] = int(data["port"])
         except ValueError:
             raise ValueError(f"port must be an integer, not {data['port']!r}") from None
-    if not models:
+    if not models and default_model:  # a gateway serves what the cluster registers
         models = [ModelSpec("smollm2", "smollm2")]
     return ServerConfig(models=tuple(models), adapters=tuple(adapters), tenants=tenants,
                         engine=engine, **data)

@@ -148,10 +148,16 @@ class Stats:
     models: dict
     adapters: dict
     requests: int
+    workers: tuple[dict, ...] = ()  # a cluster's workers (a gateway's client fills it)
+    cluster: dict = field(default_factory=dict)  # a cluster's counters
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["resident_models"] = list(self.resident_models)
+        if not self.workers and not self.cluster:  # one engine: the shape it always had
+            del d["workers"], d["cluster"]
+        else:
+            d["workers"] = list(self.workers)
         return d
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,39 +16,11 @@ from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel
 from gpupool.models.loader import load_flat_weights
 from gpupool.models.runner import build_batch
+from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
 from gpupool.pool.kv import KVStorage
 from gpupool.pool.residency import PoolCapacityError
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it has none (token-id prompts only)."""
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # transformers raises many kinds; report the folder
-        raise ModelLoadError(f"{folder}: cannot load tokenizer ({e})") from e
-
-
-def eos_token_ids(folder: Path, cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
-    """End-of-sequence ids as transformers' generate uses them (generation_config first)."""
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        try:
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-        except (OSError, ValueError):
-            eos = None
-        if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    if cfg.eos_token_ids:
-        return cfg.eos_token_ids
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return (int(tokenizer.eos_token_id),)
-    return ()
 
 
 def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device):

@@ -34,13 +34,15 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, home: Path, *args: str, kv: int = 128 << 20, weights: int = 1 << 30,
-                 env: dict | None = None, engine_toml: str = ""):
-        """``engine_toml``: more ``key = value`` lines for the config's ``[engine]`` table."""
+                 env: dict | None = None, engine_toml: str = "", command: str = "serve"):
+        """``engine_toml``: more ``key = value`` lines for the config's ``[engine]`` table;
+        ``command``: serve, or gateway (``args`` then name the cluster's Redis)."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.config = self.home / "gpupool.toml"
         self.config.write_text(POOL_TOML.format(kv=kv, weights=weights) + engine_toml)
         self.args = args
+        self.command = command
         self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,7 +54,7 @@ class Server:
         cmd = [exe] if exe else [sys.executable, "-m", "gpupool.cli"]
         env = {**os.environ, "GPUPOOL_HOME": str(self.home), **self.env}
         self.proc = subprocess.Popen(
-            [*cmd, "serve", "--port", str(self.port), "--config", str(self.config),
+            [*cmd, self.command, "--port", str(self.port), "--config", str(self.config),
              "--log-level", "info", *self.args],
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

@@ -44,7 +44,7 @@ def test_the_contracts_hold(staged):
 @pytest.mark.parametrize("module, line, contract", [
     ("scheduler/policy.py", "import gpupool.engine.core", "Layers"),
     ("api/routes_openai.py", "from gpupool.engine.local import LocalClient", "Layers"),
-    ("frontend/text.py", "from gpupool.models.worker import load_tokenizer", "Layers"),
+    ("frontend/text.py", "from gpupool.models.tokenizer import load_tokenizer", "Layers"),
     ("kernels/reference.py", "import gpupool.pool.pages", "Kernels import nothing"),
     ("scheduler/slo.py", "import torch", "No torch"),
 ], ids=["scheduler->engine", "api->engine", "frontend->models", "kernels->pool",

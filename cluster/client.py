@@ -1,0 +1,387 @@
+"""The gateway's engine client: the client protocol over Redis Streams, to a pool of workers.
+
+``submit`` routes each request (``scheduler.router``) and puts it on that worker's inbox
+stream; each request's deltas come back on its own output stream, read here. When the
+worker holding a request dies (its heartbeat is gone, or its connections are), the request
+is moved: everything the dead worker wrote is read first, then the request goes to another
+worker with those tokens as ``delivered_token_ids``, so it continues exactly where it was
+(counter-based sampling makes seeded sampling continue exactly too). Deltas carry token
+indexes, so nothing is shown twice. ``migration_limit`` bounds the moves of one request.
+
+Admin commands change the cluster's registrations (``keys.MODELS``, ``keys.ADAPTERS``);
+workers load what they are asked for on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import redis
+import redis.asyncio as aredis
+
+from gpupool.cluster import keys, registry
+from gpupool.messages.codec import from_wire, to_wire
+from gpupool.messages.errors import AdapterError, EngineError, ModelLoadError, RequestError
+from gpupool.messages.types import (
+    Abort,
+    AddAdapter,
+    AddModel,
+    EngineRequest,
+    ModelInfo,
+    OutputDelta,
+    RemoveAdapter,
+    RemoveModel,
+    Stats,
+    Usage,
+)
+from gpupool.models.config import ModelConfig
+from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
+from gpupool.scheduler.router import NoWorker, Router
+
+logger = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 200  # an output stream checks its worker's health this often when quiet
+
+
+class _RemoteStream:
+    """One request's deltas from its output stream, deduplicated by index, moved to another
+    worker when its worker dies."""
+
+    def __init__(self, client: RedisClient, req: EngineRequest, worker: str):
+        self.client, self.req, self.request_id = client, req, req.request_id
+        self.worker = worker
+        self.moves = 0
+        self.last_id = "0-0"
+        self.tokens = list(req.delivered_token_ids)  # every output token received
+        self.pending: deque[OutputDelta] = deque()
+        self.finished = False  # a final delta was received
+        self.done = False  # iteration over
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> OutputDelta:
+        if self.done:
+            raise StopAsyncIteration
+        while not self.pending:
+            if not await self._read(READ_BLOCK_MS):
+                await self._check_worker()
+        delta = self.pending.popleft()
+        if delta.finished:
+            self.done = True
+            self.client._where.pop(self.request_id, None)
+        return delta
+
+    async def _read(self, block: int | None) -> bool:
+        ar = self.client._aredis()
+        got = await ar.xread({keys.outbox(self.request_id): self.last_id}, count=256,
+                             block=block)
+        for _, entries in got or ():
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                self._accept(from_wire(json.loads(fields[b"msg"])))
+        return bool(got)
+
+    def _accept(self, d: OutputDelta) -> None:
+        if self.finished:
+            return
+        skip = len(self.tokens) - d.index
+        if skip < 0:  # a gap: never expected (a worker writes every token it samples)
+            logger.error("request %s: tokens %d..%d never arrived", self.request_id,
+                         len(self.tokens), d.index)
+            skip = 0
+        toks = d.token_ids[skip:]
+        lps = d.logprobs[skip:] if d.logprobs is not None else None
+        if not toks and not d.finished:
+            return
+        self.pending.append(OutputDelta(self.request_id, len(self.tokens), toks, lps,
+                                        d.finish_reason, d.stop_token, d.usage, d.error))
+        self.tokens.extend(toks)
+        self.finished = d.finished
+
+    async def _check_worker(self) -> None:
+        if self.client.is_alive(self.worker):
+            return
+        dead = self.worker
+        while await self._read(None):  # what the dead worker wrote that was not read yet
+            pass
+        if self.finished:
+            return
+        self.client.forget_worker(dead)
+        p = self.req.params
+        usage = Usage(len(self.req.prompt_token_ids), len(self.tokens))
+        if len(self.tokens) >= p.max_tokens:  # it died between its last token and the end
+            self._accept(OutputDelta(self.request_id, len(self.tokens), finish_reason="length",
+                                     usage=usage))
+            return
+        if self.moves >= self.client.migration_limit:
+            self._accept(OutputDelta(self.request_id, len(self.tokens), finish_reason="abort",
+                                     usage=usage, error=f"worker {dead} died; the request was "
+                                     f"already moved {self.moves} times"))
+            return
+        moved = dataclasses.replace(self.req, delivered_token_ids=tuple(self.tokens))
+        try:
+            worker = self.client._route(moved, exclude=frozenset({dead}))
+        except (NoWorker, EngineError) as e:
+            self._accept(OutputDelta(self.request_id, len(self.tokens), finish_reason="abort",
+                                     usage=usage, error=f"worker {dead} died: {e}"))
+            return
+        self.moves += 1
+        self.worker = worker
+        logger.warning("request %s: worker %s died after %d tokens; moved to %s",
+                       self.request_id, dead, len(self.tokens), worker)
+        await self.client._send(worker, moved)
+        self.client._where[self.request_id] = worker
+        self.client.redispatched_here += 1
+        self.client.r.incr(keys.REDISPATCHED)
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.client.abort(self.request_id)
+
+
+class RedisClient:
+    """The client protocol (``gpupool.messages.client.EngineClient``) over a cluster."""
+
+    def __init__(self, url: str, home: str, migration_limit: int = 3,
+                 liveness_s: float = 0.2, router: Router | None = None,
+                 policy: str = "token"):
+        self.url = url
+        self.r = redis.Redis.from_url(url)
+        self.r.ping()
+        self._home = home
+        self.router = router or Router()
+        self.migration_limit = migration_limit
+        self.liveness_s = liveness_s
+        self.policy = policy
+        self._where: dict[str, str] = {}  # request id -> the worker holding it
+        self._ar: tuple | None = None  # (event loop, asyncio client)
+        self._workers: tuple[float, list] = (0.0, [])
+        self._views: dict = {}
+        self._specs: tuple[float, dict, dict] = (0.0, {}, {})
+        self._configs: dict[str, tuple] = {}
+        self._tokenizers: dict[str, object] = {}
+        self.routes: Counter[str] = Counter()
+        self.redispatched_here = 0
+        self.closed = False
+
+    # ---- Redis -------------------------------------------------------------------------------
+    def _aredis(self):
+        loop = asyncio.get_running_loop()
+        if self._ar is None or self._ar[0] is not loop:
+            self._ar = (loop, aredis.Redis.from_url(self.url))
+        return self._ar[1]
+
+    async def _send(self, worker: str, msg) -> None:
+        await self._aredis().xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg))})
+
+    # ---- workers -----------------------------------------------------------------------------
+    def workers(self, fresh: bool = False) -> list[tuple[registry.WorkerInfo, bool]]:
+        at, cached = self._workers
+        if fresh or time.monotonic() - at > self.liveness_s:
+            cached = registry.read_workers(self.r)
+            self._workers = (time.monotonic(), cached)
+            # fresh views: what the router sent since is in the workers' own counts now
+            self._views = {info.name: info.view(alive) for info, alive in cached}
+        return cached
+
+    def is_alive(self, name: str) -> bool:
+        return any(info.name == name and alive for info, alive in self.workers())
+
+    def forget_worker(self, name: str) -> None:
+        """Drop a dead worker from the registry (every gateway may; it is idempotent)."""
+        for info, alive in self.workers(fresh=True):
+            if info.name == name and not alive:
+                registry.forget(self.r, name)
+        self._workers = (0.0, [])
+
+    def _route(self, req: EngineRequest, exclude: frozenset[str] = frozenset()) -> str:
+        info = self.model_info(req.model)
+        if info is None:
+            raise RequestError(f"model {req.model!r} is not loaded")
+        self.workers()
+        route = self.router.route(info.base, list(self._views.values()), exclude=exclude)
+        self.routes[route.reason] += 1
+        return route.worker
+
+    # ---- the protocol ------------------------------------------------------------------------
+    async def submit(self, requests) -> list[_RemoteStream]:
+        routed = []
+        for i, req in enumerate(requests):
+            self._check(req, i if len(requests) > 1 else None)
+        for req in requests:
+            try:
+                routed.append((req, self._route(req)))
+            except NoWorker as e:
+                raise EngineError(str(e)) from None
+        streams = []
+        for req, worker in routed:
+            self._where[req.request_id] = worker
+            await self._send(worker, req)
+            streams.append(_RemoteStream(self, req, worker))
+        return streams
+
+    def _check(self, req: EngineRequest, i: int | None) -> None:
+        """What the gateway can check before a worker sees the request."""
+        info = self.model_info(req.model)
+        where = "" if i is None else f"prompt {i}: "
+        if info is None:
+            raise RequestError(f"{where}model {req.model!r} is not loaded")
+        ids = req.prompt_token_ids
+        if not ids or any(not isinstance(t, int) or not 0 <= t < info.vocab_size for t in ids):
+            raise RequestError(f"{where}prompt token ids must be integers in "
+                               f"[0, {info.vocab_size})")
+        if len(ids) + req.params.max_tokens > info.context_limit:
+            raise RequestError(f"{where}model {req.model!r} has a context window of "
+                               f"{info.context_limit} tokens")
+
+    async def abort(self, request_id: str) -> None:
+        worker = self._where.pop(request_id, None)
+        if worker is not None:
+            await self._send(worker, Abort(request_id))
+
+    async def command(self, cmd) -> None:
+        r = self.r
+        models, adapters = self._read_specs(fresh=True)
+        if isinstance(cmd, AddModel):
+            same = models.get(cmd.name, {}).get("path") == cmd.path
+            if (cmd.name in models and not same) or cmd.name in adapters:
+                raise RequestError(f"{cmd.name!r} is already the name of a model or adapter")
+            self._config(cmd.path)  # a folder the gateway cannot read is refused now
+            r.hset(keys.MODELS, cmd.name, json.dumps(
+                {"path": cmd.path, "ttft_ms": cmd.ttft_ms, "tbt_ms": cmd.tbt_ms}))
+        elif isinstance(cmd, AddAdapter):
+            same = adapters.get(cmd.name) == {"base": cmd.base, "path": cmd.path}
+            if (cmd.name in adapters and not same) or cmd.name in models:
+                raise AdapterError(f"{cmd.name!r} is already the name of a model or adapter")
+            if cmd.base not in models:
+                raise AdapterError(f"base model {cmd.base!r} is not loaded")
+            if not (Path(cmd.path) / "adapter_config.json").is_file():
+                raise AdapterError(f"{cmd.path}: no adapter_config.json (a PEFT LoRA folder)")
+            r.hset(keys.ADAPTERS, cmd.name, json.dumps({"base": cmd.base, "path": cmd.path}))
+        elif isinstance(cmd, (RemoveModel, RemoveAdapter)):
+            table = keys.MODELS if isinstance(cmd, RemoveModel) else keys.ADAPTERS
+            if not r.hdel(table, cmd.name):
+                raise RequestError(f"model {cmd.name!r} is not loaded")
+            for info, alive in self.workers(fresh=True):
+                if alive:  # each drops it once its running requests finish
+                    await self._send(info.name, cmd)
+        else:
+            raise TypeError(f"{type(cmd).__name__} is not an admin command")
+        self._specs = (0.0, {}, {})
+
+    async def stats(self) -> Stats:
+        workers = self.workers(fresh=True)
+        live = [w for w, alive in workers if alive]
+        models, adapters = self._read_specs()
+        total = sum(w.kv_pages_total for w in live)
+        free = sum(w.kv_pages_free for w in live)
+        resident = sorted({m for w in live for m in w.resident})
+        per_model = {}
+        for name in models:
+            holders = [w for w in live if name in w.models]
+            per_model[name] = {"resident": any(name in w.resident for w in live),
+                               "weight_bytes": 0, "removing": False, "waiting": 0,
+                               "running": 0, "adapter_slots": 0, "resident_adapters": [],
+                               "workers": [w.name for w in holders]}
+        view = []
+        for w, alive in workers:
+            view.append({"name": w.name, "device": w.device, "alive": alive,
+                         "draining": w.draining, "host": w.host, "pid": w.pid,
+                         "models": list(w.resident), "loaded": list(w.models),
+                         "running": w.running, "queued": w.queued,
+                         "kv_pages_free": w.kv_pages_free,
+                         "heartbeat_age_s": round(registry.heartbeat_age(w), 3)})
+        return Stats(
+            device="cluster", policy=self.policy,
+            arena={"total_bytes": 0, "weights": {"bytes": sum(w.weight_bytes for w in live),
+                                                 "used_bytes": 0},
+                   "adapters": {"bytes": 0}, "kv": {"bytes": 0}},
+            kv_pages={"page_bytes": 0, "total": total, "used": total - free, "free": free,
+                      "host_total": 0, "host_used": 0},
+            swaps=dict.fromkeys(("weight_swaps", "weight_bytes", "weight_seconds",
+                                 "weight_prefetches", "weight_prefetch_hits",
+                                 "weight_prefetches_wasted", "kv_pages_out", "kv_pages_in",
+                                 "kv_bytes"), 0),
+            resident_models=tuple(resident), models=per_model,
+            adapters={n: a["base"] for n, a in adapters.items()},
+            requests=sum(w.running + w.queued for w in live),
+            workers=tuple(view),
+            cluster={"workers_alive": len(live), "workers_dead": len(workers) - len(live),
+                     "redispatched": int(self.r.get(keys.REDISPATCHED) or 0),
+                     "routes": dict(self.routes)})
+
+    # ---- what is served ----------------------------------------------------------------------
+    def _read_specs(self, fresh: bool = False) -> tuple[dict, dict]:
+        at, models, adapters = self._specs
+        if fresh or time.monotonic() - at > 0.5:
+            models = {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.MODELS).items()}
+            adapters = {k.decode(): json.loads(v)
+                        for k, v in self.r.hgetall(keys.ADAPTERS).items()}
+            self._specs = (time.monotonic(), models, adapters)
+        return models, adapters
+
+    def _config(self, folder: str) -> ModelConfig:
+        if folder not in self._configs:
+            self._configs[folder] = ModelConfig.from_folder(Path(folder))
+        return self._configs[folder]
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        models, adapters = self._read_specs()
+        if name in models:
+            base, adapter = name, None
+        elif name in adapters and adapters[name]["base"] in models:
+            base, adapter = adapters[name]["base"], name
+        else:
+            return None
+        folder = models[base]["path"]
+        try:
+            cfg = self._config(folder)
+            eos = eos_token_ids(Path(folder), cfg, self._tokenizer(folder))
+        except (ModelLoadError, OSError):
+            return None
+        return ModelInfo(name, base, adapter, folder, cfg.vocab_size, cfg.max_model_len,
+                         tuple(eos))
+
+    def _tokenizer(self, folder: str):
+        if folder not in self._tokenizers:
+            self._tokenizers[folder] = load_tokenizer(Path(folder))
+        return self._tokenizers[folder]
+
+    def tokenizer(self, model: str):
+        info = self.model_info(model)
+        if info is None:
+            raise RequestError(f"model {model!r} is not loaded")
+        return self._tokenizer(info.folder)
+
+    def holds_name(self, name: str) -> bool:
+        models, adapters = self._read_specs()
+        return name in models or name in adapters
+
+    def num_unfinished(self) -> int:
+        return len(self._where)
+
+    @property
+    def alive(self) -> bool:
+        if self.closed:
+            return False
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError:
+            return False
+
+    @property
+    def home(self) -> str:
+        return self._home
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.r.close()

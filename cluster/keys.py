@@ -1,0 +1,44 @@
+"""Redis keys of a cluster (all under ``gpupool:cluster:``):
+
+  workers            set     names of workers ever registered (dead ones are dropped)
+  worker:{name}      string  the worker's heartbeat: JSON of ``registry.WorkerInfo``; expires
+                             (PX) after the heartbeat TTL, so a lost node disappears
+  in:{name}          stream  messages to a worker (field ``msg``: an EngineRequest, Abort,
+                             RemoveModel or RemoveAdapter as codec JSON), read through the
+                             consumer group ``engine``; a request is acknowledged (XACK) when
+                             it ends, so what a dead worker held is what it never acked
+  out:{request id}   stream  the request's OutputDelta messages (field ``msg``), capped in
+                             length and expiring, read by the gateway holding the HTTP call
+  models, adapters   hash    what the cluster serves: name -> {"path", ...} as JSON
+  redispatched       counter requests moved to another worker after theirs died
+
+A worker's connections are named ``gpupool-worker:{name}`` (CLIENT SETNAME), so a process
+that dies is seen at once in CLIENT LIST, before its heartbeat expires.
+"""
+
+from __future__ import annotations
+
+PREFIX = "gpupool:cluster:"
+WORKERS = PREFIX + "workers"
+MODELS = PREFIX + "models"
+ADAPTERS = PREFIX + "adapters"
+REDISPATCHED = PREFIX + "redispatched"
+GROUP = "engine"
+OUT_MAXLEN = 10_000  # deltas kept per request stream (a request's tokens, with room)
+OUT_TTL_S = 600  # an output stream outlives its request by this long
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}worker:{name}"
+
+
+def inbox(name: str) -> str:
+    return f"{PREFIX}in:{name}"
+
+
+def outbox(request_id: str) -> str:
+    return f"{PREFIX}out:{request_id}"
+
+
+def client_name(worker: str) -> str:
+    return f"gpupool-worker:{worker}"

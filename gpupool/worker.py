@@ -1,0 +1,247 @@
+"""``gpupool worker``: one engine (one device) serving a cluster through Redis.
+
+Threads: the reader takes messages from the worker's inbox stream (consumer group
+``engine``) and hands requests to the engine (loading a registered model or adapter on first
+use, its path re-checked against this worker's own ``--model-root``); the engine thread steps;
+the writer puts each request's deltas on its output stream and acknowledges the request's
+inbox entry when it ends; the heartbeat publishes what the worker holds every
+``heartbeat_s`` with a TTL. SIGTERM drains: the heartbeat says so (routers send nothing new),
+running requests finish within ``grace_s``, then it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from gpupool.cluster import keys
+from gpupool.cluster.registry import WorkerInfo
+from gpupool.default_model import DEFAULT_MODEL
+from gpupool.engine.local import LocalEngine
+from gpupool.messages.codec import from_wire, to_wire
+from gpupool.messages.errors import EngineError, ModelLoadError, RequestError
+from gpupool.messages.types import (
+    Abort,
+    EngineRequest,
+    OutputDelta,
+    RemoveAdapter,
+    RemoveModel,
+    Usage,
+)
+from gpupool.scheduler.slo import SLO
+
+logger = logging.getLogger("gpupool.worker")
+
+
+class Worker:
+    def __init__(self, url: str, name: str, engine: LocalEngine, model_roots=(),
+                 heartbeat_s: float = 0.5, ttl_s: float = 3.0, grace_s: float = 30.0):
+        self.name, self.engine = name, engine
+        self.r = redis.Redis.from_url(url, client_name=keys.client_name(name))
+        self.r.ping()
+        self.roots = [Path(p).expanduser().resolve() for p in model_roots]
+        self.heartbeat_s, self.ttl_s, self.grace_s = heartbeat_s, ttl_s, grace_s
+        self.inbox = keys.inbox(name)
+        self.out: queue.Queue = queue.Queue()
+        self.entries: dict[str, bytes] = {}  # request id -> its inbox entry (acked at its end)
+        self.stopping = threading.Event()
+        self.draining = threading.Event()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.r.xgroup_create(self.inbox, keys.GROUP, id="$", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._heartbeat()
+        threads = [threading.Thread(target=self._beat_loop, name="gpupool-heartbeat",
+                                    daemon=True),
+                   threading.Thread(target=self._write_loop, name="gpupool-writer",
+                                    daemon=True)]
+        for t in threads:
+            t.start()
+        logger.info("worker %s on %s: reading %s", self.name, self.engine.device, self.inbox)
+        deadline = None
+        try:
+            while not self.stopping.is_set():
+                if self.draining.is_set():
+                    deadline = deadline or time.monotonic() + self.grace_s
+                    if not self.engine.num_unfinished() or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                    continue
+                try:
+                    got = self.r.xreadgroup(keys.GROUP, self.name, {self.inbox: ">"},
+                                            count=64, block=100)
+                except redis.ResponseError as e:  # taken for dead and forgotten: rejoin
+                    if "NOGROUP" not in str(e):
+                        raise
+                    logger.warning("worker %s: inbox gone (taken for dead); joining again",
+                                   self.name)
+                    self.r.xgroup_create(self.inbox, keys.GROUP, id="$", mkstream=True)
+                    self._heartbeat()
+                    continue
+                for _, entries in got or ():
+                    for entry_id, fields in entries:
+                        self._handle(entry_id, fields)
+        finally:
+            self.stopping.set()
+            for t in threads:
+                t.join(timeout=5)
+            self._leave()
+            self.engine.shutdown()
+
+    def drain(self, *_) -> None:
+        """Take no new work; finish what is held (within ``grace_s``), then stop."""
+        logger.info("worker %s draining", self.name)
+        self.draining.set()
+
+    def _leave(self) -> None:
+        try:
+            pipe = self.r.pipeline()
+            pipe.srem(keys.WORKERS, self.name)
+            pipe.delete(keys.worker_key(self.name))
+            pipe.execute()
+        except redis.RedisError:
+            pass
+
+    # ---- messages ----------------------------------------------------------------------------
+    def _handle(self, entry_id: bytes, fields: dict) -> None:
+        try:
+            msg = from_wire(json.loads(fields[b"msg"]))
+        except (KeyError, ValueError, TypeError) as e:
+            logger.error("unreadable message %s: %s", entry_id, e)
+            self.r.xack(self.inbox, keys.GROUP, entry_id)
+            return
+        if isinstance(msg, EngineRequest):
+            self._start(entry_id, msg)
+            return
+        try:
+            if isinstance(msg, Abort):
+                self.engine.abort(msg.request_id)
+            elif isinstance(msg, RemoveModel) and msg.name in self.engine.models:
+                self.engine.remove_model(msg.name)
+            elif isinstance(msg, RemoveAdapter) and msg.name in self.engine.adapters:
+                self.engine.remove_adapter(msg.name)
+        except EngineError as e:
+            logger.warning("%s: %s", type(msg).__name__, e)
+        self.r.xack(self.inbox, keys.GROUP, entry_id)
+
+    def _start(self, entry_id: bytes, req: EngineRequest) -> None:
+        rid = req.request_id
+        self.entries[rid] = entry_id
+        try:
+            self._ensure(req.model)
+            self.engine.submit([req], [lambda d: self.out.put(d)])
+        except (EngineError, OSError) as e:
+            self.out.put(OutputDelta(rid, len(req.delivered_token_ids), finish_reason="abort",
+                                     error=str(e), usage=Usage(len(req.prompt_token_ids),
+                                                               len(req.delivered_token_ids))))
+
+    def _ensure(self, name: str) -> None:
+        """Load ``name`` (and its base) if the cluster registers it and this worker has not."""
+        if self.engine.model_info(name) is not None:
+            return
+        models = {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.MODELS).items()}
+        adapters = {k.decode(): json.loads(v)
+                    for k, v in self.r.hgetall(keys.ADAPTERS).items()}
+        if name in adapters:
+            spec = adapters[name]
+            self._ensure(spec["base"])
+            self.engine.add_adapter(name, spec["base"], self._allowed(spec["path"]))
+        elif name in models:
+            spec = models[name]
+            slo = None
+            if spec.get("ttft_ms") or spec.get("tbt_ms"):
+                d = self.engine.config.scheduler
+                slo = SLO(spec.get("ttft_ms") or d.ttft_ms, spec.get("tbt_ms") or d.tbt_ms)
+            self.engine.add_model(name, self._allowed(spec["path"]), slo)
+            logger.info("worker %s loaded %s from %s", self.name, name, spec["path"])
+        else:
+            raise RequestError(f"model {name!r} is not registered in the cluster")
+
+    def _allowed(self, path: str) -> str:
+        """``path`` if it resolves under one of this worker's model roots (whoever can write
+        to Redis must not make a worker read any file it likes)."""
+        if path == DEFAULT_MODEL:
+            return path
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved == r or r in resolved.parents for r in self.roots):
+            raise ModelLoadError(f"{path}: outside this worker's --model-root"
+                                 if self.roots else
+                                 f"{path}: this worker has no --model-root to load from")
+        return str(resolved)
+
+    # ---- the writer and the heartbeat --------------------------------------------------------
+    def _write_loop(self) -> None:
+        while not (self.stopping.is_set() and self.out.empty()):
+            try:
+                items = [self.out.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while True:
+                try:
+                    items.append(self.out.get_nowait())
+                except queue.Empty:
+                    break
+            pipe = self.r.pipeline(transaction=False)
+            for d in items:
+                key = keys.outbox(d.request_id)
+                pipe.xadd(key, {"msg": json.dumps(to_wire(d))}, maxlen=keys.OUT_MAXLEN,
+                          approximate=True)
+                pipe.expire(key, keys.OUT_TTL_S)
+                if d.finished:
+                    entry = self.entries.pop(d.request_id, None)
+                    if entry is not None:
+                        pipe.xack(self.inbox, keys.GROUP, entry)
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                logger.exception("could not write %d deltas", len(items))
+
+    def _beat_loop(self) -> None:
+        while not self.stopping.wait(self.heartbeat_s):
+            try:
+                self._heartbeat()
+            except redis.RedisError:
+                logger.exception("heartbeat failed")
+
+    def _heartbeat(self) -> None:
+        s = self.engine.stats()
+        loaded = list(s["models"])
+        info = WorkerInfo(
+            name=self.name, host=socket.gethostname(), pid=os.getpid(), device=s["device"],
+            weight_bytes=s["arena"]["weights"]["bytes"], kv_pages_total=s["kv_pages"]["total"],
+            kv_pages_free=s["kv_pages"]["free"], resident=list(s["resident_models"]),
+            cached=[m for m in loaded if m not in s["resident_models"]], models=loaded,
+            running=sum(m["running"] for m in s["models"].values()),
+            queued=sum(m["waiting"] for m in s["models"].values()),
+            draining=self.draining.is_set(), at=time.time())
+        pipe = self.r.pipeline()
+        pipe.set(keys.worker_key(self.name), info.to_json(), px=int(self.ttl_s * 1000))
+        pipe.sadd(keys.WORKERS, self.name)
+        pipe.execute()
+
+
+def run_worker(url: str, name: str | None, config, model_roots=(), heartbeat_s: float = 0.5,
+               ttl_s: float = 3.0, grace_s: float = 30.0) -> None:
+    """Build the engine from ``config`` and serve the cluster until SIGTERM (drain) or
+    SIGINT."""
+    engine = LocalEngine(config=config)
+    worker = Worker(url, name or f"{socket.gethostname()}-{os.getpid()}", engine, model_roots,
+                    heartbeat_s, ttl_s, grace_s)
+    signal.signal(signal.SIGTERM, worker.drain)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,47 @@
+"""The cluster's routing policy, without Redis: resident first, then host-cached, then the
+least loaded worker that can hold the model; overload spills to a second worker."""
+
+import pytest
+
+from gpupool.scheduler.router import NoWorker, Router, WorkerView
+
+
+def _w(name, **kw):
+    return WorkerView(name, **kw)
+
+
+def test_resident_then_cached_then_least_loaded():
+    r = Router()
+    ws = [_w("a", running=5), _w("b", cached=frozenset({"m"}), running=9),
+          _w("c", resident=frozenset({"m"}), running=20)]
+    first = r.route("m", ws)
+    assert (first.worker, first.reason) == ("c", "resident")
+    ws[2].alive = False  # the resident one died: the host cache is next
+    assert r.route("m", ws).worker == "b" and r.route("m", ws).reason == "cached"
+    ws[1].draining = True  # draining takes no new work: the least loaded then
+    assert r.route("m", ws).worker == "a" and r.route("m", ws).reason == "load"
+
+
+def test_a_burst_between_heartbeats_is_spread_and_overload_spills():
+    r = Router(max_queue=2)
+    ws = [_w("a", resident=frozenset({"m"})), _w("b"), _w("c")]
+    picks = [r.route("m", ws).worker for _ in range(6)]
+    assert picks[:2] == ["a", "a"]  # the resident worker until its queue is full
+    assert set(picks[2:]) == {"b", "c"}  # then the load spreads over the others
+    assert ws[1].sent + ws[2].sent == 4 and abs(ws[1].sent - ws[2].sent) <= 1
+
+
+def test_exclude_and_no_worker():
+    r = Router()
+    ws = [_w("a", resident=frozenset({"m"})), _w("b")]
+    assert r.route("m", ws, exclude=frozenset({"a"})).worker == "b"
+    with pytest.raises(NoWorker, match="no live worker"):
+        r.route("m", ws, exclude=frozenset({"a", "b"}))
+
+
+def test_a_model_larger_than_every_weight_region_is_refused():
+    r = Router()
+    ws = [_w("a", weight_bytes=100), _w("b", weight_bytes=300)]
+    assert r.route("m", ws, model_bytes=250).worker == "b"
+    with pytest.raises(NoWorker, match="largest 300 bytes"):
+        r.route("m", ws, model_bytes=400)
