@@ -40,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import emit  # noqa: E402
+from common import cpu_flags, emit  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -302,19 +302,6 @@ def run_flood(args, smollm2: Path, tmp: Path) -> dict:
         result[f"{t}_ttft_one_tenant_over_alone"] = (result[f"one_tenant_{t}_ttft_p50_ms"]
                                                     / alone)
     return result
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("model name")), "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
-    return f"{model}: {' '.join(sorted(wanted))}"
 
 
 def main() -> None:

@@ -9,7 +9,11 @@
                              it ends, so what a dead worker held is what it never acked
   out:{request id}   stream  the request's OutputDelta messages (field ``msg``), capped in
                              length and expiring, read by the gateway holding the HTTP call
-  models, adapters   hash    what the cluster serves: name -> {"path", ...} as JSON
+
+What the cluster serves lives in the API state store's own hashes, ``gpupool:models`` (name ->
+{"path", "ttft_ms", "tbt_ms"}) and ``gpupool:adapters`` (name -> {"base", "path"}), so a model
+registered on one gateway (flag, config file or admin API) is known to every gateway and
+worker.
   redispatched       counter requests moved to another worker after theirs died
 
 A worker's connections are named ``gpupool-worker:{name}`` (CLIENT SETNAME), so a process
@@ -20,8 +24,8 @@ from __future__ import annotations
 
 PREFIX = "gpupool:cluster:"
 WORKERS = PREFIX + "workers"
-MODELS = PREFIX + "models"
-ADAPTERS = PREFIX + "adapters"
+MODELS = "gpupool:models"  # the state store's hashes (api/state.py)
+ADAPTERS = "gpupool:adapters"
 REDISPATCHED = PREFIX + "redispatched"
 GROUP = "engine"
 OUT_MAXLEN = 10_000  # deltas kept per request stream (a request's tokens, with room)

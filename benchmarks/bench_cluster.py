@@ -1,0 +1,165 @@
+"""What the cluster costs and how fast it heals, on CPU with a tiny model.
+
+1. Added latency: the same closed-loop load (``--clients`` streaming clients, ``--requests``
+   each, ``--max-tokens`` tokens, greedy) against ``gpupool serve`` (one process, one engine)
+   and against a gateway with one worker (same engine settings); medians of TTFT and of
+   per-request tokens/s, and the gateway's added TTFT and throughput ratio.
+2. Failover: two workers; a stream is started, and after ``--tokens-before`` tokens the worker
+   holding it is SIGKILLed (a dead process) or SIGSTOPped (a lost node: its connections stay,
+   its heartbeat stops); the time from the signal to the next token on the client, median
+   over ``--trials``. The lost-node figure is bounded below by the heartbeat TTL (``--ttl-s``).
+   The gateway moves one request at most ``--migration-limit`` times (printed).
+
+Baseline in the same run: ``gpupool serve``. The CPU's flags are printed with the result.
+Usage: python3 benchmarks/bench_cluster.py [--json] [--trials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent.parent))
+from common import cpu_flags, emit  # noqa: E402
+
+from tests.cluster import ADMIN, Cluster  # noqa: E402
+from tests.factories import make_tiny_model  # noqa: E402
+from tests.serving import POOL_TOML, Server  # noqa: E402
+
+KV, WEIGHTS = 128 << 20, 1 << 30  # the same engine settings on both sides
+
+PROMPT = [5, 17, 42, 9, 33, 71, 8, 12]
+
+
+def _stream(url: str, model: str, max_tokens: int, on_token=None) -> dict:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
+    times = []
+    with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions",
+                                                  json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+                if on_token is not None:
+                    on_token(len(times))
+    return {"ttft": times[0] - t0, "tok_s": (len(times) - 1) / (times[-1] - times[0])
+            if len(times) > 1 else 0.0, "times": times}
+
+
+def closed_loop(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    records: list[dict] = []
+    lock = threading.Lock()
+
+    def client():
+        for _ in range(requests):
+            r = _stream(url, model, max_tokens)
+            with lock:
+                records.append(r)
+
+    _stream(url, model, 4)  # warm-up: the model is loaded and resident
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"median_ttft_ms": statistics.median(r["ttft"] for r in records) * 1e3,
+            "median_tok_s": statistics.median(r["tok_s"] for r in records),
+            "requests": len(records)}
+
+
+def failover(c: Cluster, gw: Server, model: str, how: str, before: int, trials: int,
+             max_tokens: int) -> list[float]:
+    out = []
+    for _ in range(trials):
+        signalled: dict = {}
+
+        def on_token(n, signalled=signalled):
+            if n == before and "at" not in signalled:
+                pool = httpx.get(gw.url + "/admin/pool", headers=ADMIN).json()["workers"]
+                busy = [w for w in pool if w["alive"] and w["running"]]
+                name = busy[0]["name"]
+                proc = c.workers[name]
+                signalled["name"], signalled["at"] = name, time.perf_counter()
+                proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+
+        r = _stream(gw.url, model, max_tokens, on_token)
+        after = [t for t in r["times"] if t > signalled["at"]]
+        out.append(after[0] - signalled["at"])
+        proc = c.workers[signalled["name"]]
+        if how == "stop":
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        c.start_worker(signalled["name"])
+        _stream(gw.url, model, 2)  # the restarted worker is seen before the next trial
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=8, help="per client")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--tokens-before", type=int, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_tiny_model(tmp / "models" / "tiny", "llama")
+        serve = Server(tmp / "serve", "--model", f"tiny={model}", kv=KV,
+                       weights=WEIGHTS).start()
+        try:
+            base = closed_loop(serve.url, "tiny", args.clients, args.requests,
+                               args.max_tokens)
+        finally:
+            serve.stop()
+        c = Cluster(tmp / "models", tmp / "cluster", threads=0,
+                    worker_toml=POOL_TOML.format(kv=KV, weights=WEIGHTS))
+        try:
+            c.start_worker("w1")
+            gw = c.gateway("--model", f"tiny={model}")
+            try:
+                cluster = closed_loop(gw.url, "tiny", args.clients, args.requests,
+                                      args.max_tokens)
+                c.start_worker("w2")
+                kill = failover(c, gw, "tiny", "kill", args.tokens_before, args.trials, 400)
+                lost = failover(c, gw, "tiny", "stop", args.tokens_before, args.trials, 400)
+            finally:
+                gw.stop()
+        finally:
+            c.close()
+    emit({
+        "cpu": cpu_flags(),
+        "model": "tiny random llama (tests/factories.py), fp32, CPU",
+        "engine": POOL_TOML.format(kv=KV, weights=WEIGHTS).strip().replace("\n", "; "),
+        "serve_median_ttft_ms": base["median_ttft_ms"],
+        "gateway_median_ttft_ms": cluster["median_ttft_ms"],
+        "gateway_added_ttft_ms": cluster["median_ttft_ms"] - base["median_ttft_ms"],
+        "serve_median_tok_s": base["median_tok_s"],
+        "gateway_median_tok_s": cluster["median_tok_s"],
+        "gateway_vs_serve_tok_s": cluster["median_tok_s"] / base["median_tok_s"],
+        "failover_kill_median_s": statistics.median(kill),
+        "failover_kill_s": kill,
+        "failover_lost_node_median_s": statistics.median(lost),
+        "failover_lost_node_s": lost,
+        "heartbeat_ttl_s": c.ttl_s,
+        "migration_limit": 3,
+    }, args.json)
+
+
+if __name__ == "__main__":
+    main()
