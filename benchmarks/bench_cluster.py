@@ -6,9 +6,11 @@
    per-request tokens/s, and the gateway's added TTFT and throughput ratio.
 2. Failover: two workers; a stream is started, and after ``--tokens-before`` tokens the worker
    holding it is SIGKILLed (a dead process) or SIGSTOPped (a lost node: its connections stay,
-   its heartbeat stops); the time from the signal to the next token on the client, median
-   over ``--trials``. The lost-node figure is bounded below by the heartbeat TTL (``--ttl-s``).
-   The gateway moves one request at most ``--migration-limit`` times (printed).
+   its heartbeat stops); the client's longest wait for a token from the signal on (tokens the
+   dead worker had already written arrive first, then the stall while the request moves),
+   median over ``--trials``: with the model already loaded on the other worker, and with it
+   loaded there on the move. The lost-node figure is bounded below by the heartbeat TTL
+   (``--ttl-s``). The gateway moves one request at most ``--migration-limit`` times.
 
 Baseline in the same run: ``gpupool serve``. The CPU's flags are printed with the result.
 Usage: python3 benchmarks/bench_cluster.py [--json] [--trials 5]
@@ -32,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.append(str(Path(__file__).parent.parent))
 from common import cpu_flags, emit  # noqa: E402
 
+from gpupool.cluster import keys  # noqa: E402
+from gpupool.messages.codec import to_wire  # noqa: E402
+from gpupool.messages.params import SamplingParams  # noqa: E402
+from gpupool.messages.types import EngineRequest  # noqa: E402
 from tests.cluster import ADMIN, Cluster  # noqa: E402
 from tests.factories import make_tiny_model  # noqa: E402
 from tests.serving import POOL_TOML, Server  # noqa: E402
@@ -48,6 +54,8 @@ def _stream(url: str, model: str, max_tokens: int, on_token=None) -> dict:
     times = []
     with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions",
                                                   json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {r.read().decode()}")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -81,30 +89,50 @@ def closed_loop(url: str, model: str, clients: int, requests: int, max_tokens: i
             "requests": len(records)}
 
 
+def warm(c: Cluster, worker: str, model: str) -> None:
+    """Load ``model`` on ``worker`` (one request straight to its inbox)."""
+    req = EngineRequest(f"warm-{worker}-{time.monotonic_ns()}", model, PROMPT,
+                        SamplingParams(max_tokens=1, temperature=0))
+    c.r.xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(req))})
+    deadline = time.monotonic() + 60
+    while not c.r.xlen(keys.outbox(req.request_id)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def failover(c: Cluster, gw: Server, model: str, how: str, before: int, trials: int,
-             max_tokens: int) -> list[float]:
+             max_tokens: int, warm_target: bool) -> list[float]:
+    """``warm_target``: the other worker has the model loaded when the request moves (else
+    it loads it then: the stall includes a model load)."""
     out = []
     for _ in range(trials):
+        for name in c.workers:
+            if warm_target:
+                warm(c, name, model)
         signalled: dict = {}
 
         def on_token(n, signalled=signalled):
-            if n == before and "at" not in signalled:
+            if n >= before and "at" not in signalled:
                 pool = httpx.get(gw.url + "/admin/pool", headers=ADMIN).json()["workers"]
                 busy = [w for w in pool if w["alive"] and w["running"]]
+                if not busy:  # its heartbeat has not told yet: try at the next token
+                    return
                 name = busy[0]["name"]
                 proc = c.workers[name]
                 signalled["name"], signalled["at"] = name, time.perf_counter()
                 proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
 
         r = _stream(gw.url, model, max_tokens, on_token)
-        after = [t for t in r["times"] if t > signalled["at"]]
-        out.append(after[0] - signalled["at"])
+        # tokens the dead worker had written still arrive just after the signal; the
+        # failover is the stall that follows: the longest wait for a token from the signal on
+        after = [signalled["at"]] + [t for t in r["times"] if t > signalled["at"]]
+        out.append(max(b - a for a, b in zip(after, after[1:])))
         proc = c.workers[signalled["name"]]
         if how == "stop":
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         c.start_worker(signalled["name"])
         _stream(gw.url, model, 2)  # the restarted worker is seen before the next trial
+
     return out
 
 
@@ -136,8 +164,12 @@ def main() -> None:
                 cluster = closed_loop(gw.url, "tiny", args.clients, args.requests,
                                       args.max_tokens)
                 c.start_worker("w2")
-                kill = failover(c, gw, "tiny", "kill", args.tokens_before, args.trials, 400)
-                lost = failover(c, gw, "tiny", "stop", args.tokens_before, args.trials, 400)
+                kill = failover(c, gw, "tiny", "kill", args.tokens_before, args.trials, 100,
+                                warm_target=True)
+                cold = failover(c, gw, "tiny", "kill", args.tokens_before, args.trials, 100,
+                                warm_target=False)
+                lost = failover(c, gw, "tiny", "stop", args.tokens_before, args.trials, 100,
+                                warm_target=True)
             finally:
                 gw.stop()
         finally:
@@ -154,6 +186,8 @@ def main() -> None:
         "gateway_vs_serve_tok_s": cluster["median_tok_s"] / base["median_tok_s"],
         "failover_kill_median_s": statistics.median(kill),
         "failover_kill_s": kill,
+        "failover_kill_cold_target_median_s": statistics.median(cold),
+        "failover_kill_cold_target_s": cold,
         "failover_lost_node_median_s": statistics.median(lost),
         "failover_lost_node_s": lost,
         "heartbeat_ttl_s": c.ttl_s,

@@ -46,7 +46,7 @@ from gpupool.scheduler.router import NoWorker, Router
 
 logger = logging.getLogger(__name__)
 
-READ_BLOCK_MS = 200  # an output stream checks its worker's health this often when quiet
+READ_BLOCK_MS = 100  # an output stream checks its worker's health this often when quiet
 
 
 class _RemoteStream:
@@ -151,7 +151,7 @@ class RedisClient:
     """The client protocol (``gpupool.messages.client.EngineClient``) over a cluster."""
 
     def __init__(self, url: str, home: str, migration_limit: int = 3,
-                 liveness_s: float = 0.2, router: Router | None = None,
+                 liveness_s: float = 0.1, router: Router | None = None,
                  policy: str = "token"):
         self.url = url
         self.r = redis.Redis.from_url(url)

@@ -107,6 +107,7 @@ class LocalEngine:
         self._loading: set[str] = set()  # model names being read from disk
         self._aborts: collections.deque[str] = collections.deque()  # applied by the loop
         self._ids = itertools.count()
+        self.load_tokenizers = True  # False in a cluster worker (its gateways tokenize)
         logger.info("engine on %s: %d KV pages of %d KiB", self.device,
                     self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
 
@@ -130,7 +131,8 @@ class LocalEngine:
             self._loading.add(name)  # a concurrent add of the same name fails above
         try:
             worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
-                                 self.config.dtype, self.config.adapters, self.weights)
+                                 self.config.dtype, self.config.adapters, self.weights,
+                                 tokenizer=self.load_tokenizers)
             with self._lock:
                 try:
                     self.core.add_worker(worker)

@@ -238,6 +238,7 @@ def run_worker(url: str, name: str | None, config, model_roots=(), heartbeat_s: 
     """Build the engine from ``config`` and serve the cluster until SIGTERM (drain) or
     SIGINT."""
     engine = LocalEngine(config=config)
+    engine.load_tokenizers = False  # token ids in, token ids out: the gateways tokenize
     worker = Worker(url, name or f"{socket.gethostname()}-{os.getpid()}", engine, model_roots,
                     heartbeat_s, ttl_s, grace_s)
     signal.signal(signal.SIGTERM, worker.drain)

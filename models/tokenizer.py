@@ -22,8 +22,10 @@ def load_tokenizer(folder: Path):
         raise ModelLoadError(f"{folder}: cannot load tokenizer ({e})") from e
 
 
-def eos_token_ids(folder: Path, cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
-    """End-of-sequence ids as transformers' generate uses them (generation_config first)."""
+def eos_token_ids(folder: Path, cfg: ModelConfig, tokenizer,
+                  load_if_needed: bool = False) -> tuple[int, ...]:
+    """End-of-sequence ids as transformers' generate uses them (generation_config first;
+    the tokenizer's last, loaded here when ``tokenizer`` is None and ``load_if_needed``)."""
     gen = folder / "generation_config.json"
     if gen.is_file():
         try:
@@ -34,6 +36,8 @@ def eos_token_ids(folder: Path, cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
             return tuple(eos) if isinstance(eos, list) else (int(eos),)
     if cfg.eos_token_ids:
         return cfg.eos_token_ids
+    if tokenizer is None and load_if_needed:
+        tokenizer = load_tokenizer(folder)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         return (int(tokenizer.eos_token_id),)
     return ()

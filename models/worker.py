@@ -43,7 +43,7 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
-                 weight_pool=None):
+                 weight_pool=None, tokenizer: bool = True):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
         they are copied to the device once and stay. Adapter slots live in the pool's arena
@@ -56,8 +56,10 @@ class ModelWorker:
         self.cfg = ModelConfig.from_folder(folder)
         self.device = device
         self.dtype = resolve_dtype(dtype, self.cfg, device)
-        self.tokenizer = load_tokenizer(folder)
-        self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer)
+        # a cluster worker has no text side: it skips the tokenizer (a second of loading)
+        self.tokenizer = load_tokenizer(folder) if tokenizer else None
+        self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer,
+                                           load_if_needed=not tokenizer)
         self.layout, host = load_flat_weights(folder, self.cfg, self.dtype)
         self.model = LlamaModel(self.cfg, self.dtype, device)
         self.kv_view = kv.model_view(
