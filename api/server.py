@@ -8,6 +8,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -81,6 +82,12 @@ def create_app(state: AppState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         return APIError(400, str(e)).response()
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, e: redis.RedisError):
+        logger.warning("Redis unavailable on %s: %s", request.url.path, e)
+        return APIError(503, "the server's state store (Redis) is unavailable; retry later",
+                        code="state_unavailable", headers={"Retry-After": "1"}).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):

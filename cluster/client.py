@@ -62,6 +62,7 @@ class _RemoteStream:
         self.pending: deque[OutputDelta] = deque()
         self.finished = False  # a final delta was received
         self.done = False  # iteration over
+        self.lease_at = time.monotonic()  # when the reader key was last renewed
 
     def __aiter__(self):
         return self
@@ -80,6 +81,9 @@ class _RemoteStream:
 
     async def _read(self, block: int | None) -> bool:
         ar = self.client._aredis()
+        if time.monotonic() - self.lease_at > keys.READER_TTL_S / 3:  # still reading it
+            self.lease_at = time.monotonic()
+            await ar.set(keys.reader(self.request_id), 1, px=int(keys.READER_TTL_S * 1000))
         got = await ar.xread({keys.outbox(self.request_id): self.last_id}, count=256,
                              block=block)
         for _, entries in got or ():
@@ -180,7 +184,11 @@ class RedisClient:
         return self._ar[1]
 
     async def _send(self, worker: str, msg) -> None:
-        await self._aredis().xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg))})
+        pipe = self._aredis().pipeline(transaction=False)
+        if isinstance(msg, EngineRequest):  # someone reads it (renewed while it is read)
+            pipe.set(keys.reader(msg.request_id), 1, px=int(keys.READER_TTL_S * 1000))
+        pipe.xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg))})
+        await pipe.execute()
 
     # ---- workers -----------------------------------------------------------------------------
     def workers(self, fresh: bool = False) -> list[tuple[registry.WorkerInfo, bool]]:
@@ -216,16 +224,18 @@ class RedisClient:
         routed = []
         for i, req in enumerate(requests):
             self._check(req, i if len(requests) > 1 else None)
-        for req in requests:
-            try:
+        try:
+            for req in requests:
                 routed.append((req, self._route(req)))
-            except NoWorker as e:
-                raise EngineError(str(e)) from None
-        streams = []
-        for req, worker in routed:
-            self._where[req.request_id] = worker
-            await self._send(worker, req)
-            streams.append(_RemoteStream(self, req, worker))
+            streams = []
+            for req, worker in routed:
+                self._where[req.request_id] = worker
+                await self._send(worker, req)
+                streams.append(_RemoteStream(self, req, worker))
+        except NoWorker as e:
+            raise EngineError(str(e)) from None
+        except redis.RedisError as e:  # Redis unreachable: the HTTP layer answers 503
+            raise EngineError(f"the cluster's Redis is unavailable: {e}") from None
         return streams
 
     def _check(self, req: EngineRequest, i: int | None) -> None:

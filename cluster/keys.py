@@ -9,6 +9,8 @@
                              it ends, so what a dead worker held is what it never acked
   out:{request id}   stream  the request's OutputDelta messages (field ``msg``), capped in
                              length and expiring, read by the gateway holding the HTTP call
+  reader:{request id} string set (expiring) by the gateway reading the request: a worker
+                             aborts a request whose reader is gone (a dead gateway)
 
 What the cluster serves lives in the API state store's own hashes, ``gpupool:models`` (name ->
 {"path", "ttft_ms", "tbt_ms"}) and ``gpupool:adapters`` (name -> {"base", "path"}), so a model
@@ -42,6 +44,13 @@ def inbox(name: str) -> str:
 
 def outbox(request_id: str) -> str:
     return f"{PREFIX}out:{request_id}"
+
+
+def reader(request_id: str) -> str:
+    return f"{PREFIX}reader:{request_id}"
+
+
+READER_TTL_S = 5.0  # a request nobody has read for this long is aborted by its worker
 
 
 def client_name(worker: str) -> str:

@@ -55,6 +55,7 @@ class Worker:
         self.entries: dict[str, bytes] = {}  # request id -> its inbox entry (acked at its end)
         self.stopping = threading.Event()
         self.draining = threading.Event()
+        self._deadline: float | None = None  # when a drain gives up on running requests
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -71,35 +72,47 @@ class Worker:
         for t in threads:
             t.start()
         logger.info("worker %s on %s: reading %s", self.name, self.engine.device, self.inbox)
-        deadline = None
         try:
-            while not self.stopping.is_set():
-                if self.draining.is_set():
-                    deadline = deadline or time.monotonic() + self.grace_s
-                    if not self.engine.num_unfinished() or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-                    continue
+            while not self.stopping.is_set() and not self._drained():
                 try:
-                    got = self.r.xreadgroup(keys.GROUP, self.name, {self.inbox: ">"},
-                                            count=64, block=100)
-                except redis.ResponseError as e:  # taken for dead and forgotten: rejoin
-                    if "NOGROUP" not in str(e):
-                        raise
-                    logger.warning("worker %s: inbox gone (taken for dead); joining again",
-                                   self.name)
-                    self.r.xgroup_create(self.inbox, keys.GROUP, id="$", mkstream=True)
-                    self._heartbeat()
-                    continue
-                for _, entries in got or ():
-                    for entry_id, fields in entries:
-                        self._handle(entry_id, fields)
+                    self._read_once()
+                except redis.ConnectionError as e:  # Redis away: what is held goes on
+                    logger.warning("worker %s: Redis unavailable (%s); retrying", self.name, e)
+                    time.sleep(0.5)
         finally:
             self.stopping.set()
             for t in threads:
                 t.join(timeout=5)
             self._leave()
             self.engine.shutdown()
+
+    def _drained(self) -> bool:
+        """Draining and done (or out of grace time); while draining nothing new is read."""
+        if not self.draining.is_set():
+            return False
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.grace_s
+        if not self.engine.num_unfinished() or time.monotonic() > self._deadline:
+            return True
+        time.sleep(0.05)
+        return False
+
+    def _read_once(self) -> None:
+        if self.draining.is_set():
+            return
+        try:
+            got = self.r.xreadgroup(keys.GROUP, self.name, {self.inbox: ">"}, count=64,
+                                    block=100)
+        except redis.ResponseError as e:  # taken for dead and forgotten: join again
+            if "NOGROUP" not in str(e):
+                raise
+            logger.warning("worker %s: inbox gone (taken for dead); joining again", self.name)
+            self.r.xgroup_create(self.inbox, keys.GROUP, id="$", mkstream=True)
+            self._heartbeat()
+            return
+        for _, entries in got or ():
+            for entry_id, fields in entries:
+                self._handle(entry_id, fields)
 
     def drain(self, *_) -> None:
         """Take no new work; finish what is held (within ``grace_s``), then stop."""
@@ -206,15 +219,40 @@ class Worker:
                         pipe.xack(self.inbox, keys.GROUP, entry)
             try:
                 pipe.execute()
-            except redis.RedisError:
-                logger.exception("could not write %d deltas", len(items))
+            except redis.RedisError as e:  # Redis away: keep the deltas, try again
+                logger.warning("could not write %d deltas (%s); retrying", len(items), e)
+                for d in reversed(items):
+                    self.out.queue.appendleft(d)
+                time.sleep(0.2)
 
     def _beat_loop(self) -> None:
+        beats = 0
         while not self.stopping.wait(self.heartbeat_s):
             try:
                 self._heartbeat()
-            except redis.RedisError:
-                logger.exception("heartbeat failed")
+                beats += 1
+                if beats * self.heartbeat_s >= 1.0:  # about once a second
+                    beats = 0
+                    self._abort_unread()
+            except redis.RedisError as e:
+                logger.warning("heartbeat failed: %s", e)
+
+    def _abort_unread(self) -> None:
+        """Abort requests whose gateway stopped reading them (it died): nobody would see
+        their tokens."""
+        rids = list(self.entries)
+        if not rids:
+            return
+        alive = self.r.exists(*[keys.reader(rid) for rid in rids]) == len(rids)
+        if alive:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(keys.reader(rid))
+        for rid, read in zip(rids, pipe.execute()):
+            if not read:
+                logger.info("request %s: no reader any more; aborting it", rid)
+                self.engine.abort(rid)
 
     def _heartbeat(self) -> None:
         s = self.engine.stats()

