@@ -216,11 +216,49 @@ def run_simulation(args) -> dict:
                 str(n): round(a, 3) for n, a in per_n_a.items()}
             result[f"{label}_{policy}_models_per_gpu_at_90"] = best[policy]
             result[f"{label}_{policy}_models_per_gpu_at_90_aegaeon"] = best_a[policy]
-            result[f"{label}_{policy}_cluster_models_at_90"] = best[policy] * 16
+            result[f"{label}_{policy}_one_device_x16"] = best[policy] * 16  # no routing
         for suffix, b in (("", best), ("_aegaeon", best_a)):
             result[f"{label}_models_ratio_token_vs_request{suffix}"] = (
                 round(b["token"] / b["request"], 2) if b["request"] else None)
+    if args.cluster_devices:
+        result.update(run_cluster_simulation(args, data, bases, slo))
     return result
+
+
+def run_cluster_simulation(args, data, bases, slo) -> dict:
+    """``--cluster-devices`` simulated devices with the gateway's Router placing every
+    request (bulk copy at 0.8 efficiency, prefetch, 2 resident models per device): the most
+    models the cluster serves at the 90% target, per policy, over models per device
+    1, 2, ... (stopping after two misses)."""
+    from gpupool.scheduler.router import Router
+    from gpupool.scheduler.simulator import DeviceConfig, load_sim_models, simulate_cluster
+    from gpupool.scheduler.workload import SHAREGPT_INPUT, SHAREGPT_OUTPUT
+
+    n_dev = args.cluster_devices
+    out = {"cluster_devices": n_dev, "cluster_duration_s": args.cluster_duration,
+           "cluster_config": "bulk_copy_switch_prefetch, Router(resident > host-cached > "
+                             "least loaded)"}
+    for policy in ("token", "request"):
+        per, low = {}, 0
+        for k in range(1, args.max_models + 1):
+            if low >= 2:
+                break
+            n = k * n_dev
+            names = [f"{bases[i % 3]}#{i}" for i in range(n)]
+            models = load_sim_models(data, "H100", names, efficiency=0.8)
+            reqs = poisson_workload({m: 0.1 for m in names}, args.cluster_duration,
+                                    SHAREGPT_INPUT, SHAREGPT_OUTPUT, seed=n)
+            res = simulate_cluster(models, reqs, policy, {m: slo for m in names},
+                                   DeviceConfig(resident_models=2, prefetch=True), n_dev,
+                                   router=Router())
+            per[k] = attainment(res, slo)["slo_attainment"]
+            low = low + 1 if per[k] < TARGET else 0
+        best = max((k for k, a in per.items() if a >= TARGET), default=0)
+        out[f"cluster_{policy}_attainment_by_models_per_device"] = {
+            str(k): round(a, 3) for k, a in per.items()}
+        out[f"cluster_{policy}_models_per_device_at_90"] = best
+        out[f"cluster_{policy}_models_at_90"] = best * n_dev
+    return out
 
 
 def main() -> None:
@@ -238,6 +276,10 @@ def main() -> None:
                     help="skip the token and request runs with weight prefetch off")
     ap.add_argument("--max-models", type=int, default=10)
     ap.add_argument("--sim-duration", type=float, default=1200.0)
+    ap.add_argument("--cluster-devices", type=int, default=16,
+                    help="with --simulate: also simulate this many devices behind the "
+                         "gateway's router (0: skip)")
+    ap.add_argument("--cluster-duration", type=float, default=300.0)
     ap.add_argument("--data", default=str(DEFAULT_DATA_DIR),
                     help="folder of the measured tables (default: the package's copy)")
     args = ap.parse_args()

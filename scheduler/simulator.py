@@ -1,5 +1,7 @@
-"""Discrete-event simulation of one device: the real :class:`Scheduler` and policy objects,
-driven by simulated time and a table cost model instead of a GPU.
+"""Discrete-event simulation of a device (``simulate_device``) or a cluster of them
+(``simulate_cluster``, the gateway's ``Router`` placing every request): the real
+:class:`Scheduler` and policy objects, driven by simulated time and a table cost model
+instead of a GPU.
 
 Cost model (:class:`TableCost`), from step times measured with vLLM on real GPUs
 (scheduler/data/step_times.csv, fp16, eager): a step costs
@@ -34,6 +36,7 @@ from gpupool.pool.pages import PagePool
 from gpupool.scheduler.metrics import RequestTiming
 from gpupool.scheduler.policy import make_policy
 from gpupool.scheduler.request import Sequence
+from gpupool.scheduler.router import Router, WorkerView
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
 from gpupool.scheduler.slo import SLO, CostModel
 from gpupool.scheduler.workload import WorkloadRequest
@@ -110,6 +113,104 @@ class DeviceConfig:
     prefetch: bool = False  # overlap the next model's weight copy with compute (see above)
 
 
+class SimDevice:
+    """One simulated device: its own clock, scheduler, policy and resident weights. Requests
+    are ``add``-ed at their arrival; ``run_until(t)`` steps while there is work and the clock
+    is before ``t``."""
+
+    def __init__(self, models: dict[str, SimModel], policy_name: str, slos: dict[str, SLO],
+                 device: DeviceConfig):
+        self.models, self.device = models, device
+        self.cost = CostModel()
+        for m in models.values():
+            self.cost.swap_s[m.name] = m.switch_s
+            self.cost.step_s[m.name] = m.cost.decode(8)
+        self.policy = make_policy(policy_name, self.cost, slos=dict(slos))
+        pages = PagePool(device.kv_tokens // device.block_tokens)
+        self.sched = Scheduler(SchedulerConfig(
+            max_num_seqs=device.max_num_seqs,
+            max_num_batched_tokens=device.max_num_batched_tokens), pages, policy=self.policy)
+        for name in models:
+            self.sched.add_model(name, device.block_tokens)
+        self.resident: OrderedDict[str, float] = OrderedDict()  # model -> copy completes at
+        self.copy_free = 0.0  # when the copy engine is next idle
+        self.last = None
+        self.stall = self.busy = 0.0
+        self.switches = self.steps = 0
+        self.now = 0.0
+        self.times: dict[str, list[float]] = {}
+        self.info: dict[str, WorkloadRequest] = {}
+        self.served: set[str] = set()  # models it has had requests for (in its host cache)
+
+    def add(self, rid: str, r: WorkloadRequest) -> None:
+        seq = Sequence(rid, r.model, [0] * r.prompt_tokens,
+                       SamplingParams(max_tokens=r.output_tokens), r.arrival,
+                       r.prompt_tokens + r.output_tokens)
+        self.sched.add_request(seq)
+        self.times[rid], self.info[rid] = [], r
+        self.served.add(r.model)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        s = self.sched
+        return (sum(len(q) for q in s.running.values()),
+                sum(len(q) for q in s.waiting.values()))
+
+    def step(self) -> bool:
+        """One step at the current time; False when the scheduler had nothing to run."""
+        out = self.sched.schedule(self.now)
+        if out.is_empty:
+            return False
+        device, resident, cost = self.device, self.resident, self.cost
+        model = self.models[out.model]
+        if out.model not in resident:  # copy now, the device waits
+            self.copy_free = max(self.now, self.copy_free) + model.switch_s
+            resident[out.model] = self.copy_free
+            while len(resident) > device.resident_models:
+                resident.popitem(last=False)
+        if resident[out.model] > self.now or out.model != self.last:  # waits for a copy
+            cost.observe_swap(out.model, max(0.0, resident[out.model] - self.now))
+            self.stall += max(0.0, resident[out.model] - self.now)
+            self.now = max(self.now, resident[out.model])
+        self.switches += out.model != self.last
+        self.last = out.model
+        resident.move_to_end(out.model)
+        prefill = sum(s.num_new_tokens for s in out.scheduled if not s.is_decode)
+        decode = sum(1 for s in out.scheduled if s.is_decode)
+        step = model.cost.prefill(prefill) + model.cost.decode(decode)
+        cost.observe_step(out.model, step)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        if device.prefetch and device.resident_models > 1 and self.copy_free <= self.now:
+            hint = self.policy.prefetch_hint(self.sched, self.now)
+            if hint is not None and hint not in resident:
+                if len(resident) >= device.resident_models:  # evict the LRU other model
+                    del resident[next(m for m in resident if m != out.model)]
+                self.copy_free = self.now + self.models[hint].switch_s
+                resident[hint] = self.copy_free
+                resident.move_to_end(out.model)
+        self.now += step
+        self.busy += step
+        self.steps += 1
+        self.sched.update_from_output(out)
+        for seq in sampling:
+            seq.output_token_ids.append(0)
+            self.times[seq.request_id].append(self.now)
+            if len(seq.output_token_ids) >= seq.params.max_tokens:
+                self.sched.finish(seq, "length")
+        return True
+
+    def run_until(self, t: float) -> None:
+        """Step while there is work and the clock is before ``t``; an idle device's clock
+        jumps to ``t``."""
+        while self.now < t:
+            if not self.sched.has_work() or not self.step():
+                self.now = max(self.now, t)
+
+    def timings(self) -> list[RequestTiming]:
+        return [RequestTiming(self.info[rid].model, self.info[rid].arrival, tuple(t))
+                for rid, t in self.times.items()]
+
+
 def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest],
                     policy_name: str, slos: dict[str, SLO], device: DeviceConfig,
                     horizon_s: float | None = None,
@@ -122,81 +223,52 @@ def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest]
     computed (``busy_s``) and waited for weight copies (``stall_s``), the number of model
     switches and of steps, and the end time.
     """
-    cost = CostModel()
-    for m in models.values():
-        cost.swap_s[m.name] = m.switch_s
-        cost.step_s[m.name] = m.cost.decode(8)
-    policy = make_policy(policy_name, cost, slos=dict(slos))
-    pages = PagePool(device.kv_tokens // device.block_tokens)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=device.max_num_seqs,
-                                      max_num_batched_tokens=device.max_num_batched_tokens),
-                      pages, policy=policy)
-    for name in models:
-        sched.add_model(name, device.block_tokens)
-    resident: OrderedDict[str, float] = OrderedDict()  # model -> when its copy completes
-    copy_free = 0.0  # when the copy engine is next idle
-    last, stall, busy, switches, steps = None, 0.0, 0.0, 0, 0
+    dev = SimDevice(models, policy_name, slos, device)
     pending = list(requests)
-    times: dict[str, list[float]] = {}
-    info: dict[str, WorkloadRequest] = {}
-    now, nxt = 0.0, 0
-    while nxt < len(pending) or sched.has_work():
-        while nxt < len(pending) and pending[nxt].arrival <= now:
-            r = pending[nxt]
-            rid = f"r{nxt}"
-            seq = Sequence(rid, r.model, [0] * r.prompt_tokens,
-                           SamplingParams(max_tokens=r.output_tokens), r.arrival,
-                           r.prompt_tokens + r.output_tokens)
-            sched.add_request(seq)
-            times[rid], info[rid] = [], r
+    nxt = 0
+    while nxt < len(pending) or dev.sched.has_work():
+        while nxt < len(pending) and pending[nxt].arrival <= dev.now:
+            dev.add(f"r{nxt}", pending[nxt])
             nxt += 1
-        out = sched.schedule(now)
-        if out.is_empty:
+        if not dev.step():
             if nxt >= len(pending):
                 break
-            now = max(now, pending[nxt].arrival)
+            dev.now = max(dev.now, pending[nxt].arrival)
             continue
-        model = models[out.model]
-        if out.model not in resident:  # copy now, the device waits
-            copy_free = max(now, copy_free) + model.switch_s
-            resident[out.model] = copy_free
-            while len(resident) > device.resident_models:
-                resident.popitem(last=False)
-        if resident[out.model] > now or out.model != last:  # the device waits for a copy
-            cost.observe_swap(out.model, max(0.0, resident[out.model] - now))
-            stall += max(0.0, resident[out.model] - now)
-            now = max(now, resident[out.model])
-        switches += out.model != last
-        last = out.model
-        resident.move_to_end(out.model)
-        prefill = sum(s.num_new_tokens for s in out.scheduled if not s.is_decode)
-        decode = sum(1 for s in out.scheduled if s.is_decode)
-        step = model.cost.prefill(prefill) + model.cost.decode(decode)
-        cost.observe_step(out.model, step)
-        sampling = [s.seq for s in out.scheduled if s.samples]
-        if device.prefetch and device.resident_models > 1 and copy_free <= now:
-            hint = policy.prefetch_hint(sched, now)
-            if hint is not None and hint not in resident:
-                if len(resident) >= device.resident_models:  # evict the LRU other model
-                    del resident[next(m for m in resident if m != out.model)]
-                copy_free = now + models[hint].switch_s
-                resident[hint] = copy_free
-                resident.move_to_end(out.model)
-        now += step
-        busy += step
-        steps += 1
-        sched.update_from_output(out)
-        for seq in sampling:
-            seq.output_token_ids.append(0)
-            times[seq.request_id].append(now)
-            if len(seq.output_token_ids) >= seq.params.max_tokens:
-                sched.finish(seq, "length")
-        if horizon_s is not None and now > horizon_s:
+        if horizon_s is not None and dev.now > horizon_s:
             break
     if stats is not None:
-        stats.update(busy_s=busy, stall_s=stall, switches=switches, steps=steps, end_s=now)
-    return [RequestTiming(info[rid].model, info[rid].arrival, tuple(t))
-            for rid, t in times.items()]
+        stats.update(busy_s=dev.busy, stall_s=dev.stall, switches=dev.switches,
+                     steps=dev.steps, end_s=dev.now)
+    return dev.timings()
+
+
+def simulate_cluster(models: dict[str, SimModel], requests: list[WorkloadRequest],
+                     policy_name: str, slos: dict[str, SLO], device: DeviceConfig,
+                     num_devices: int, router: Router | None = None,
+                     placements: dict | None = None) -> list[RequestTiming]:
+    """``num_devices`` simulated devices, each with every model registered; the cluster's
+    ``Router`` places each request at its arrival, seeing each device's resident models, the
+    models it has served (a worker's host cache; unbounded here) and its load as they are
+    then (a gateway sees them one heartbeat late; here they are exact).
+    ``placements``, if given, receives request index -> (device, reason)."""
+    router = router or Router()
+    devices = [SimDevice(models, policy_name, slos, device) for _ in range(num_devices)]
+    for i, r in enumerate(requests):
+        views = []
+        for k, dev in enumerate(devices):
+            dev.run_until(r.arrival)
+            running, waiting = dev.load()
+            views.append(WorkerView(str(k), resident=frozenset(dev.resident),
+                                    cached=frozenset(dev.served), running=running,
+                                    queued=waiting))
+        route = router.route(r.model, views)
+        devices[int(route.worker)].add(f"r{i}", r)
+        if placements is not None:
+            placements[i] = (int(route.worker), route.reason)
+    for dev in devices:
+        dev.run_until(math.inf)
+    return [t for dev in devices for t in dev.timings()]
 
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"  # measured tables; see README

@@ -94,3 +94,27 @@ def test_prefetch_overlaps_weight_copies_with_compute():
     # stalls per switch: a prefetched copy has run (part of) its course before it is needed
     assert (stats[True]["stall_s"] / stats[True]["switches"]
             < stats[False]["stall_s"] / stats[False]["switches"])
+
+
+def test_cluster_simulation_routes_every_request_and_keeps_each_model_together():
+    from collections import Counter
+
+    from gpupool.scheduler.simulator import simulate_cluster
+    from gpupool.scheduler.workload import SHAREGPT_INPUT, SHAREGPT_OUTPUT, poisson_workload
+
+    names = [f"qwen2_5_7b#{i}" for i in range(6)]
+    models = load_sim_models(DEFAULT_DATA_DIR, "H100", names, efficiency=0.8)
+    reqs = poisson_workload({m: 0.1 for m in names}, 120, SHAREGPT_INPUT, SHAREGPT_OUTPUT,
+                            seed=3)
+    slo = SLO(ttft_ms=10_000, tbt_ms=100)
+    placed: dict = {}
+    res = simulate_cluster(models, reqs, "token", {m: slo for m in names},
+                           DeviceConfig(resident_models=2, prefetch=True), 3, placements=placed)
+    assert len(res) == len(reqs) == len(placed)
+    assert sorted(len(r.token_times) for r in res) == sorted(r.output_tokens for r in reqs)
+    assert {d for d, _ in placed.values()} == {0, 1, 2}  # every device serves
+    reasons = Counter(reason for _, reason in placed.values())
+    assert reasons["load"] == len(names)  # only a model's first request goes by load
+    for m in names:  # the rest follow it to the device that has it
+        where = Counter(placed[i][0] for i, r in enumerate(reqs) if r.model == m)
+        assert len(where) == 1, (m, where)
