@@ -112,8 +112,11 @@ def _worker(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if args.metrics_port is not None and not (args.metrics_key or args.public_metrics):
+            raise ValueError("--metrics-port needs --metrics-key (or --public-metrics)")
         run_worker(args.redis_url, args.name, Config.from_env(**engine),
-                   args.model_root or (), args.heartbeat_s, args.ttl_s, args.grace_s)
+                   args.model_root or (), args.heartbeat_s, args.ttl_s, args.grace_s,
+                   args.metrics_port, args.metrics_key, args.metrics_host)
     except (ValueError, TypeError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 1
@@ -172,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grace-s", type=float, default=30.0,
                    help="on SIGTERM, time to finish running requests before exiting")
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    w.add_argument("--metrics-port", type=int, default=None,
+                   help="serve the engine's Prometheus metrics on this port (/metrics)")
+    w.add_argument("--metrics-host", default="0.0.0.0")
+    w.add_argument("--metrics-key", default=None,
+                   help="bearer key /metrics needs (required with --metrics-port unless "
+                        "--public-metrics)")
+    w.add_argument("--public-metrics", action="store_true")
     w.add_argument("--log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug"])
     w.set_defaults(func=_worker)

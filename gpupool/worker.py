@@ -271,16 +271,72 @@ class Worker:
         pipe.execute()
 
 
+class _LiveStats:
+    """What the pool collector reads: the engine's stats at scrape time."""
+
+    def __init__(self, engine: LocalEngine):
+        self.engine = engine
+
+    @property
+    def pool_stats(self) -> dict:
+        return self.engine.stats()
+
+
+def serve_metrics(engine: LocalEngine, port: int, key: str | None, host: str = "0.0.0.0"):
+    """The engine's pool metrics (Prometheus text) on ``http://host:port/metrics``; with
+    ``key``, a request needs ``Authorization: Bearer <key>`` (the rule of ``gpupool serve``'s
+    /metrics once tenants exist). Returns the server (its thread is a daemon)."""
+    import hmac
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from gpupool.api.metrics import _PoolCollector
+
+    registry = CollectorRegistry()
+    registry.register(_PoolCollector(_LiveStats(engine)))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if key and not hmac.compare_digest(given.encode(), key.encode()):
+                self.send_error(401, "metrics need the worker's --metrics-key")
+                return
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="gpupool-metrics", daemon=True).start()
+    return server
+
+
 def run_worker(url: str, name: str | None, config, model_roots=(), heartbeat_s: float = 0.5,
-               ttl_s: float = 3.0, grace_s: float = 30.0) -> None:
+               ttl_s: float = 3.0, grace_s: float = 30.0, metrics_port: int | None = None,
+               metrics_key: str | None = None, metrics_host: str = "0.0.0.0") -> None:
     """Build the engine from ``config`` and serve the cluster until SIGTERM (drain) or
-    SIGINT."""
+    SIGINT; with ``metrics_port``, the engine's metrics too."""
     engine = LocalEngine(config=config)
     engine.load_tokenizers = False  # token ids in, token ids out: the gateways tokenize
     worker = Worker(url, name or f"{socket.gethostname()}-{os.getpid()}", engine, model_roots,
                     heartbeat_s, ttl_s, grace_s)
     signal.signal(signal.SIGTERM, worker.drain)
+    metrics = None
+    if metrics_port is not None:
+        metrics = serve_metrics(engine, metrics_port, metrics_key, metrics_host)
     try:
         worker.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        if metrics is not None:
+            metrics.shutdown()

@@ -59,7 +59,7 @@ class Cluster:
         (home / "worker.toml").write_text(worker_toml)
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, *extra: str) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "ab")
         env = {**os.environ, "GPUPOOL_HOME": str(self.home / name)}
         proc = subprocess.Popen(
@@ -67,7 +67,7 @@ class Cluster:
              "--name", name, "--config", str(self.home / "worker.toml"), "--model-root",
              str(self.root), "--heartbeat-s", str(self.heartbeat_s), "--ttl-s",
              str(self.ttl_s), "--grace-s", "10",
-             *(["--threads", str(self.threads)] if self.threads else [])],
+             *(["--threads", str(self.threads)] if self.threads else []), *extra],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         self.workers[name] = proc
         deadline = time.monotonic() + 60

@@ -211,3 +211,22 @@ def test_redis_down_is_a_503_and_the_cluster_comes_back(cluster):
         assert time.monotonic() < deadline, "the cluster did not come back"
         time.sleep(0.2)
     assert all(p.poll() is None for p in c.workers.values())  # no worker died of it
+
+
+def test_a_worker_s_metrics_need_its_key(cluster):
+    from tests.serving import free_port
+
+    c, gw, paths = cluster
+    port = free_port()
+    proc = c.start_worker("wm", "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
+                          "--metrics-key", "worker-metrics-key")
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert httpx.get(url).status_code == 401
+        r = httpx.get(url, headers={"Authorization": "Bearer worker-metrics-key"})
+        assert r.status_code == 200 and "gpupool_kv_pages" in r.text
+    finally:
+        proc.send_signal(signal.SIGTERM)  # drains (nothing held) and leaves the registry
+        assert proc.wait(timeout=30) == 0
+        del c.workers["wm"]
+    assert "wm" not in {w["name"] for w in _pool(gw)}
