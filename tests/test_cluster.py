@@ -230,3 +230,49 @@ def test_a_worker_s_metrics_need_its_key(cluster):
         assert proc.wait(timeout=30) == 0
         del c.workers["wm"]
     assert "wm" not in {w["name"] for w in _pool(gw)}
+
+
+def test_a_request_nobody_reads_any_more_is_aborted_by_its_worker(cluster, monkeypatch):
+    """In-process worker over the cluster's Redis, with a slowed engine: a request whose
+    reader key is gone (its gateway died) is aborted within about a second."""
+    import json
+
+    from gpupool.cluster import keys
+    from gpupool.config import Config
+    from gpupool.engine.local import LocalEngine
+    from gpupool.messages.codec import from_wire, to_wire
+    from gpupool.messages.types import EngineRequest
+    from gpupool.worker import Worker
+
+    c, gw, paths = cluster
+    engine = LocalEngine(config=Config.from_env(device="cpu", dtype="float32",
+                                                kv_cache_bytes=8 << 20, kv_page_bytes=16 << 10))
+    real_step = engine.core.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(engine.core, "step", slow_step)
+    worker = Worker(c.url, "w-orphans", engine, [str(c.root)], heartbeat_s=0.1, ttl_s=0.6)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: c.r.exists(keys.worker_key("w-orphans")))
+        req = EngineRequest("orphan-1", "llama", [5, 6, 7],
+                            SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        c.r.set(keys.reader(req.request_id), 1, px=300)  # read once, then never again
+        c.r.xadd(keys.inbox("w-orphans"), {"msg": json.dumps(to_wire(req))})
+
+        def final():
+            for _, fields in c.r.xrange(keys.outbox(req.request_id)):
+                d = from_wire(json.loads(fields[b"msg"]))
+                if d.finished:
+                    return d
+            return None
+
+        d = _wait_for(final, timeout=20)
+        assert d.finish_reason == "abort" and d.index + len(d.token_ids) < 200
+    finally:
+        worker.drain()
+        thread.join(timeout=30)
