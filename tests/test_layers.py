@@ -47,8 +47,10 @@ def test_the_contracts_hold(staged):
     ("frontend/text.py", "from gpupool.models.tokenizer import load_tokenizer", "Layers"),
     ("kernels/reference.py", "import gpupool.pool.pages", "Kernels import nothing"),
     ("scheduler/slo.py", "import torch", "No torch"),
+    ("scheduler/router.py", "import redis", "The scheduler knows no Redis"),
+    ("cluster/client.py", "from gpupool.engine.local import LocalClient", "A gateway runs no"),
 ], ids=["scheduler->engine", "api->engine", "frontend->models", "kernels->pool",
-        "scheduler->torch"])
+        "scheduler->torch", "scheduler->redis", "cluster->engine"])
 def test_a_broken_layer_is_caught(tmp_path, module, line, contract):
     staged = _script().stage(ROOT, tmp_path)
     path = staged / "gpupool" / module
