@@ -28,6 +28,7 @@ from gpupool import kernels
 from gpupool.config import Config
 from gpupool.default_model import DEFAULT_MODEL, ensure_default_model
 from gpupool.engine.core import EngineCore, Sink
+from gpupool.messages.client import QueueStream
 from gpupool.messages.errors import ModelLoadError, RequestError
 from gpupool.messages.params import SamplingParams
 from gpupool.messages.types import (
@@ -370,20 +371,20 @@ class LocalEngine:
         self.shutdown()
 
 
-class _OutputStream:
+class _OutputStream(QueueStream):
     """One request's deltas, put on an asyncio queue from the engine thread."""
 
-    def __init__(self, engine: LocalEngine, request_id: str = ""):
+    def __init__(self, engine: LocalEngine, request_id: str):
+        super().__init__(request_id, self._abort_now)
         self.engine = engine
-        self.request_id = request_id
-        self.queue: asyncio.Queue[OutputDelta] = asyncio.Queue()
-        self.done = False  # iteration over (final delta read, or closed)
-        self.ended = False  # the final delta was read
+
+    async def _abort_now(self, request_id: str) -> None:
+        self.engine.abort(request_id)  # never waits for a step
 
     def sink(self, loop: asyncio.AbstractEventLoop):
         def put(delta: OutputDelta) -> None:
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+                loop.call_soon_threadsafe(self.put, delta)
             except RuntimeError:
                 if not loop.is_closed():
                     raise
@@ -391,29 +392,6 @@ class _OutputStream:
                 if not delta.finished:
                     self.engine.abort(self.request_id)
         return put
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> OutputDelta:
-        if self.done:
-            raise StopAsyncIteration
-        delta = await self.queue.get()
-        self.done = self.done or delta.finished
-        self.ended = self.ended or delta.finished
-        return delta
-
-    async def rest(self):
-        """The deltas still to come after ``aclose``, up to the final one."""
-        while not self.ended:
-            delta = await self.queue.get()
-            self.ended = delta.finished
-            yield delta
-
-    async def aclose(self) -> None:
-        if not self.done:
-            self.done = True
-            self.engine.abort(self.request_id)
 
 
 class LocalClient:

@@ -10,7 +10,8 @@ commands that fail (nothing is changed).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from gpupool.messages.types import AdminCommand, EngineRequest, ModelInfo, OutputDelta, Stats
@@ -71,3 +72,41 @@ class EngineClient(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class QueueStream:
+    """An ``OutputStream`` fed through an asyncio queue (``put``): what an in-process client
+    hands out. ``abort(request_id)`` is awaited when the stream is closed before its end."""
+
+    def __init__(self, request_id: str, abort: Callable[[str], Awaitable[None]]):
+        self.request_id = request_id
+        self._abort = abort
+        self.queue: asyncio.Queue[OutputDelta] = asyncio.Queue()
+        self.done = False  # iteration over (final delta read, or closed)
+        self.ended = False  # the final delta was read
+
+    def put(self, delta: OutputDelta) -> None:
+        self.queue.put_nowait(delta)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> OutputDelta:
+        if self.done:
+            raise StopAsyncIteration
+        delta = await self.queue.get()
+        self.done = self.done or delta.finished
+        self.ended = self.ended or delta.finished
+        return delta
+
+    async def rest(self):
+        """The deltas still to come after ``aclose``, up to the final one."""
+        while not self.ended:
+            delta = await self.queue.get()
+            self.ended = delta.finished
+            yield delta
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            await self._abort(self.request_id)

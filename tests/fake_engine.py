@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+from gpupool.messages.client import QueueStream
 from gpupool.messages.errors import ModelLoadError, RequestError
 from gpupool.messages.types import (
     AddAdapter,
@@ -59,28 +60,6 @@ def next_token(req: EngineRequest, index: int, previous: int) -> int:
     return random.Random(p.seed * 1_000_003 + index).randint(FIRST, LAST)
 
 
-class _Stream:
-    def __init__(self, engine: FakeClient, request_id: str):
-        self.engine, self.request_id = engine, request_id
-        self.queue: asyncio.Queue[OutputDelta] = asyncio.Queue()
-        self.done = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> OutputDelta:
-        if self.done:
-            raise StopAsyncIteration
-        delta = await self.queue.get()
-        self.done = delta.finished
-        return delta
-
-    async def aclose(self) -> None:
-        if not self.done:
-            self.done = True
-            await self.engine.abort(self.request_id)
-
-
 class FakeClient:
     def __init__(self, home: str, models: dict[str, int] | None = None,
                  step_seconds: float = 0.001):
@@ -92,7 +71,7 @@ class FakeClient:
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
         self._tasks: dict[str, asyncio.Task] = {}
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, QueueStream] = {}
         self.closed = False
 
     # ---- requests ---------------------------------------------------------------------------
@@ -105,13 +84,13 @@ class FakeClient:
         streams = []
         for r in requests:
             self.requests.append(r)
-            s = _Stream(self, r.request_id)
+            s = QueueStream(r.request_id, self.abort)
             self._streams[r.request_id] = s
             self._tasks[r.request_id] = asyncio.create_task(self._run(r, s))
             streams.append(s)
         return streams
 
-    async def _run(self, req: EngineRequest, stream: _Stream) -> None:
+    async def _run(self, req: EngineRequest, stream: QueueStream) -> None:
         p, out = req.params, list(req.delivered_token_ids)
         previous = out[-1] if out else req.prompt_token_ids[-1]
         try:
@@ -125,7 +104,7 @@ class FakeClient:
                     reason, stop = "stop", token
                 elif len(out) >= p.max_tokens:
                     reason = "length"
-                stream.queue.put_nowait(OutputDelta(
+                stream.put(OutputDelta(
                     req.request_id, len(out) - 1, (token,),
                     logprobs=((token, -0.5, ((token, -0.5),)),) if p.logprobs is not None
                     else None,
@@ -134,7 +113,7 @@ class FakeClient:
                 if reason:
                     return
         except asyncio.CancelledError:
-            stream.queue.put_nowait(OutputDelta(req.request_id, len(out),
+            stream.put(OutputDelta(req.request_id, len(out),
                                                 finish_reason="abort",
                                                 usage=Usage(len(req.prompt_token_ids),
                                                             len(out))))
