@@ -172,6 +172,7 @@ class RedisClient:
         self._specs: tuple[float, dict, dict] = (0.0, {}, {})
         self._configs: dict[str, tuple] = {}
         self._tokenizers: dict[str, object] = {}
+        self._infos: dict[tuple, ModelInfo] = {}
         self.routes: Counter[str] = Counter()
         self.redispatched_here = 0
         self.closed = False
@@ -345,6 +346,17 @@ class RedisClient:
 
     def model_info(self, name: str) -> ModelInfo | None:
         models, adapters = self._read_specs()
+        base = (adapters.get(name) or {}).get("base")
+        key = (name, json.dumps(models.get(name)), json.dumps(adapters.get(name)),
+               json.dumps(models.get(base)))
+        if key in self._infos:  # the same registration as last time: the same answer
+            return self._infos[key]
+        info = self._model_info(name, models, adapters)
+        if info is not None:
+            self._infos[key] = info
+        return info
+
+    def _model_info(self, name: str, models: dict, adapters: dict) -> ModelInfo | None:
         if name in models:
             base, adapter = name, None
         elif name in adapters and adapters[name]["base"] in models:
