@@ -276,3 +276,42 @@ def test_a_request_nobody_reads_any_more_is_aborted_by_its_worker(cluster, monke
     finally:
         worker.drain()
         thread.join(timeout=30)
+
+
+def test_a_drained_worker_hands_over_what_it_could_not_finish(cluster):
+    """SIGTERM with a short grace: the worker takes nothing new, and the streams it still
+    holds when it leaves go on elsewhere from their delivered tokens."""
+    c, gw, paths = cluster
+    client = _client(gw)
+    n, max_tokens = 4, 200
+    prompts = random_prompts(n, 4, 10, seed=43)
+    want = _reference(paths, "llama", prompts, max_tokens, temperature=0)
+    c.start_worker("w-drain", "--grace-s", "0.3")
+    model = "drain-test"
+    r = httpx.post(gw.url + "/admin/models", headers=ADMIN,
+                   json={"name": model, "path": str(paths["llama"])})
+    assert r.status_code == 201, r.text
+    # load it on the new worker only: the others are drained of nothing, so route by hand
+    for other in [w for w in c.workers if w != "w-drain"]:
+        c.workers[other].send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # their heartbeats expire: only w-drain is alive
+        client.completions.create(model=model, prompt=prompts[0], max_tokens=1)
+    finally:
+        for other in [w for w in c.workers if w != "w-drain"]:
+            c.workers[other].send_signal(signal.SIGCONT)
+    _wait_for(lambda: {w["name"] for w in _pool(gw) if w["alive"]} >= set(c.workers))
+    chunks = [[] for _ in range(n)]
+    threads = [threading.Thread(target=_stream, args=(client, model, prompts[i], max_tokens,
+                                                      chunks[i]), kwargs={"temperature": 0})
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: all(len(ch) >= 3 for ch in chunks), timeout=60, step=0.005)
+    c.workers["w-drain"].send_signal(signal.SIGTERM)
+    assert c.workers.pop("w-drain").wait(timeout=30) == 0
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(n):
+        assert "".join(t for _, t, _ in chunks[i]) == want[i], i
+        assert chunks[i][-1][2] == "length"
