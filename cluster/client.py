@@ -80,12 +80,15 @@ class _RemoteStream:
         return delta
 
     async def _read(self, block: int | None) -> bool:
-        ar = self.client._aredis()
-        if time.monotonic() - self.lease_at > keys.READER_TTL_S / 3:  # still reading it
-            self.lease_at = time.monotonic()
-            await ar.set(keys.reader(self.request_id), 1, px=int(keys.READER_TTL_S * 1000))
-        got = await ar.xread({keys.outbox(self.request_id): self.last_id}, count=256,
-                             block=block)
+        async def read(ar):
+            if time.monotonic() - self.lease_at > keys.READER_TTL_S / 3:  # still reading
+                self.lease_at = time.monotonic()
+                await ar.set(keys.reader(self.request_id), 1,
+                             px=int(keys.READER_TTL_S * 1000))
+            return await ar.xread({keys.outbox(self.request_id): self.last_id}, count=256,
+                                  block=block)
+
+        got = await self.client._call(read)
         for _, entries in got or ():
             for entry_id, fields in entries:
                 self.last_id = entry_id
@@ -184,12 +187,25 @@ class RedisClient:
             self._ar = (loop, aredis.Redis.from_url(self.url))
         return self._ar[1]
 
+    async def _call(self, fn):
+        """``await fn(client)``, once more on a fresh connection if a pooled one was closed
+        (Redis restarted: every connection in the pool is stale, one by one)."""
+        ar = self._aredis()
+        try:
+            return await fn(ar)
+        except redis.ConnectionError:
+            await ar.connection_pool.disconnect()
+            return await fn(ar)
+
     async def _send(self, worker: str, msg) -> None:
-        pipe = self._aredis().pipeline(transaction=False)
-        if isinstance(msg, EngineRequest):  # someone reads it (renewed while it is read)
-            pipe.set(keys.reader(msg.request_id), 1, px=int(keys.READER_TTL_S * 1000))
-        pipe.xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg))})
-        await pipe.execute()
+        async def send(ar):
+            pipe = ar.pipeline(transaction=False)
+            if isinstance(msg, EngineRequest):  # someone reads it (renewed while read)
+                pipe.set(keys.reader(msg.request_id), 1, px=int(keys.READER_TTL_S * 1000))
+            pipe.xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg))})
+            await pipe.execute()
+
+        await self._call(send)
 
     # ---- workers -----------------------------------------------------------------------------
     def workers(self, fresh: bool = False) -> list[tuple[registry.WorkerInfo, bool]]:
