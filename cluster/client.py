@@ -41,8 +41,9 @@ from gpupool.messages.types import (
     Usage,
 )
 from gpupool.models.config import ModelConfig
+from gpupool.models.sizes import parameter_count
 from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
-from gpupool.scheduler.router import NoWorker, Router
+from gpupool.scheduler.router import NoWorker, Router, fits_weights, too_large
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class RedisClient:
         self._configs: dict[str, tuple] = {}
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[tuple, ModelInfo] = {}
+        self._param_counts: dict[str, int] = {}
         self.routes: Counter[str] = Counter()
         self.redispatched_here = 0
         self.closed = False
@@ -232,7 +234,8 @@ class RedisClient:
         if info is None:
             raise RequestError(f"model {req.model!r} is not loaded")
         self.workers()
-        route = self.router.route(info.base, list(self._views.values()), exclude=exclude)
+        route = self.router.route(info.base, list(self._views.values()),
+                                  self._params(info.folder), exclude=exclude)
         self.routes[route.reason] += 1
         return route.worker
 
@@ -282,6 +285,10 @@ class RedisClient:
             if (cmd.name in models and not same) or cmd.name in adapters:
                 raise RequestError(f"{cmd.name!r} is already the name of a model or adapter")
             self._config(cmd.path)  # a folder the gateway cannot read is refused now
+            live = [info.view(alive) for info, alive in self.workers(fresh=True) if alive]
+            params = self._params(cmd.path)
+            if live and not any(fits_weights(w, params) for w in live):
+                raise ModelLoadError(too_large(cmd.name, params, live))
             r.hset(keys.MODELS, cmd.name, json.dumps(
                 {"path": cmd.path, "ttft_ms": cmd.ttft_ms, "tbt_ms": cmd.tbt_ms}))
         elif isinstance(cmd, AddAdapter):
@@ -354,6 +361,14 @@ class RedisClient:
                         for k, v in self.r.hgetall(keys.ADAPTERS).items()}
             self._specs = (time.monotonic(), models, adapters)
         return models, adapters
+
+    def _params(self, folder: str) -> int:
+        if folder not in self._param_counts:
+            try:
+                self._param_counts[folder] = parameter_count(folder)
+            except ModelLoadError:
+                self._param_counts[folder] = 0  # unknown: the worker will say
+        return self._param_counts[folder]
 
     def _config(self, folder: str) -> ModelConfig:
         if folder not in self._configs:

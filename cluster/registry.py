@@ -19,6 +19,7 @@ class WorkerInfo:
     pid: int = 0
     device: str = ""
     weight_bytes: int = 0
+    element_bytes: int = 0  # bytes per weight element in the worker's dtype
     kv_pages_total: int = 0
     kv_pages_free: int = 0
     resident: list[str] = field(default_factory=list)
@@ -42,7 +43,7 @@ class WorkerInfo:
         return WorkerView(self.name, alive=alive, draining=self.draining,
                           resident=frozenset(self.resident), cached=frozenset(self.cached),
                           running=self.running, queued=self.queued,
-                          weight_bytes=self.weight_bytes)
+                          weight_bytes=self.weight_bytes, element_bytes=self.element_bytes)
 
 
 def connected_workers(r) -> set[str]:

@@ -37,6 +37,7 @@ from gpupool.messages.types import (
     RemoveModel,
     Usage,
 )
+from gpupool.models.sizes import element_bytes
 from gpupool.scheduler.slo import SLO
 
 logger = logging.getLogger("gpupool.worker")
@@ -259,7 +260,9 @@ class Worker:
         loaded = list(s["models"])
         info = WorkerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), device=s["device"],
-            weight_bytes=s["arena"]["weights"]["bytes"], kv_pages_total=s["kv_pages"]["total"],
+            weight_bytes=s["arena"]["weights"]["bytes"],
+            element_bytes=element_bytes(self.engine.config.dtype, s["device"]),
+            kv_pages_total=s["kv_pages"]["total"],
             kv_pages_free=s["kv_pages"]["free"], resident=list(s["resident_models"]),
             cached=[m for m in loaded if m not in s["resident_models"]], models=loaded,
             running=sum(m["running"] for m in s["models"].values()),

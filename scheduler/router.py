@@ -29,11 +29,28 @@ class WorkerView:
     running: int = 0
     queued: int = 0
     weight_bytes: int = 0  # the weight region's size (0: unknown, no limit checked)
+    element_bytes: int = 0  # bytes per weight element in its dtype (0: unknown)
     sent: int = field(default=0, compare=False)  # routed here since the last report
 
     @property
     def load(self) -> int:
         return self.running + self.queued + self.sent
+
+
+def fits_weights(w: WorkerView, model_params: int) -> bool:
+    """Whether the worker's weight region can hold the model (unknown sizes: assume so)."""
+    if not model_params or not w.weight_bytes or not w.element_bytes:
+        return True
+    return model_params * w.element_bytes <= w.weight_bytes
+
+
+def too_large(model: str, model_params: int, workers: list[WorkerView]) -> str:
+    """The message for a model no worker's weight region can hold."""
+    best = max(workers, key=lambda w: w.weight_bytes)
+    need = model_params * (best.element_bytes or 2)
+    return (f"model {model!r} needs about {need / 2**30:.2f} GiB of weights, more than any "
+            f"worker's weight region (largest {best.weight_bytes / 2**30:.2f} GiB, on "
+            f"{best.name}); no tensor parallelism yet")
 
 
 class NoWorker(Exception):
@@ -50,20 +67,16 @@ class Router:
     def __init__(self, max_queue: int = 16):
         self.max_queue = max_queue
 
-    def route(self, model: str, workers: list[WorkerView], model_bytes: int = 0,
+    def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
               exclude: frozenset[str] = frozenset()) -> Route:
-        """The worker for a request of base model ``model`` (``model_bytes``: its weights,
-        0 if unknown); ``exclude``: workers not to use (one that just failed it)."""
+        """The worker for a request of base model ``model`` (``model_params``: its weight
+        elements, 0 if unknown); ``exclude``: workers not to use (one that just failed it)."""
         live = [w for w in workers if w.alive and not w.draining and w.name not in exclude]
         if not live:
             raise NoWorker("no live worker in the pool")
-        fits = [w for w in live if not model_bytes or not w.weight_bytes
-                or model_bytes <= w.weight_bytes]
+        fits = [w for w in live if fits_weights(w, model_params)]
         if not fits:
-            biggest = max(w.weight_bytes for w in live)
-            raise NoWorker(f"model {model!r} needs {model_bytes} bytes of weights, more than "
-                           f"any worker's weight region (largest {biggest} bytes); no tensor "
-                           "parallelism yet")
+            raise NoWorker(too_large(model, model_params, live))
         for reason, tier in (("resident", [w for w in fits if model in w.resident]),
                              ("cached", [w for w in fits if model in w.cached])):
             ok = [w for w in tier if w.queued + w.sent < self.max_queue]

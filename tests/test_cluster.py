@@ -315,3 +315,21 @@ def test_a_drained_worker_hands_over_what_it_could_not_finish(cluster):
     for i in range(n):
         assert "".join(t for _, t, _ in chunks[i]) == want[i], i
         assert chunks[i][-1][2] == "length"
+
+
+def test_a_model_no_worker_can_hold_is_refused_at_the_gateway(cluster):
+    import json
+    import shutil
+    import struct
+
+    c, gw, paths = cluster
+    big = c.root / "big"
+    shutil.copytree(paths["llama"], big)
+    header = json.dumps({"huge": {"dtype": "F32", "shape": [100_000, 10_000],
+                                  "data_offsets": [0, 0]}}).encode()
+    (big / "huge.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    r = httpx.post(gw.url + "/admin/models", headers=ADMIN,
+                   json={"name": "big", "path": str(big)})
+    assert r.status_code == 400, r.text
+    assert "more than any worker's weight region" in r.json()["error"]["message"]
+    assert "big" not in {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}

@@ -41,7 +41,10 @@ def test_exclude_and_no_worker():
 
 def test_a_model_larger_than_every_weight_region_is_refused():
     r = Router()
-    ws = [_w("a", weight_bytes=100), _w("b", weight_bytes=300)]
-    assert r.route("m", ws, model_bytes=250).worker == "b"
-    with pytest.raises(NoWorker, match="largest 300 bytes"):
-        r.route("m", ws, model_bytes=400)
+    gib = 2**30
+    ws = [_w("a", weight_bytes=1 * gib, element_bytes=4),
+          _w("b", weight_bytes=3 * gib, element_bytes=2)]
+    assert r.route("m", ws, model_params=gib).worker == "b"  # 4 GiB on a, 2 GiB on b
+    with pytest.raises(NoWorker, match=r"about 4\.00 GiB .*\(largest 3\.00 GiB, on b"):
+        r.route("m", ws, model_params=2 * gib)
+    assert r.route("m", [_w("c")], model_params=2 * gib).worker == "c"  # sizes unknown

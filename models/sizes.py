@@ -1,0 +1,40 @@
+"""How many parameters a model folder holds, from its safetensors headers alone (no torch, no
+reading of the weights): a gateway checks a model against the workers' weight regions."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from gpupool.models.errors import ModelLoadError
+
+
+def parameter_count(folder: str | Path) -> int:
+    """Elements of every tensor in the folder's ``*.safetensors`` files."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no .safetensors files")
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 << 20:
+                    raise ValueError("header too large")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelLoadError(f"{f}: unreadable safetensors header ({e})") from None
+        for name, spec in header.items():
+            if name != "__metadata__":
+                total += math.prod(spec.get("shape") or [1])
+    return total
+
+
+def element_bytes(dtype: str, device: str) -> int:
+    """Bytes per weight element on a worker: its dtype setting ("auto": fp32 on CPU, else
+    the 2-byte dtypes models ship in)."""
+    if dtype == "float32" or (dtype == "auto" and device.startswith("cpu")):
+        return 4
+    return 2
