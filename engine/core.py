@@ -202,7 +202,8 @@ class EngineCore:
         seq = Sequence(req.request_id, base, list(req.prompt_token_ids), req.params,
                        time.monotonic() if arrival_time is None else arrival_time, total,
                        adapter=adapter, tenant=req.tenant,
-                       output_token_ids=list(req.delivered_token_ids))
+                       output_token_ids=list(req.delivered_token_ids),
+                       num_delivered=len(req.delivered_token_ids))
         self.requests[req.request_id] = _Tracked(
             seq, sink, emitted=len(req.delivered_token_ids),
             logprobs=[] if req.params.logprobs is not None else None)

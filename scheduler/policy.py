@@ -125,8 +125,9 @@ class TokenPolicy(Policy):
         self._order: list[str] = []
 
     def seq_deadline(self, seq, slo: SLO, now: float) -> float:
-        """When the sequence's next token is due (seconds), less the planning margin."""
-        n = len(seq.output_token_ids)
+        """When the sequence's next token is due (seconds), less the planning margin. A
+        resumed sequence counts only the tokens made since it arrived here."""
+        n = len(seq.output_token_ids) - seq.num_delivered
         if n == 0:
             return seq.arrival_time + slo.ttft_ms * (1 - MARGIN) / 1000.0
         t0 = self.first_token.get(seq)

@@ -34,6 +34,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     last_step: int = -1  # the scheduler step that last ran it (least recently run go first)
+    num_delivered: int = 0  # output tokens it arrived with (resumed elsewhere): its SLO clock
+    # starts at the first token after them, as a new request's does
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 from gpupool import SamplingParams
 from gpupool.pool.pages import PagePool
-from gpupool.scheduler.policy import make_policy
+from gpupool.scheduler.policy import TokenPolicy, make_policy
 from gpupool.scheduler.request import Sequence
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
 from gpupool.scheduler.slo import SLO, CostModel
@@ -100,3 +100,17 @@ def test_prefetch_hints_name_the_next_model():
     _add(f, "a", 1.0, running=True)
     _add(f, "c", 3.0)
     assert f.policy.pick(f, 4.0) == "a" and f.policy.prefetch_hint(f, 4.0) == "c"
+
+
+def test_a_resumed_request_is_due_like_a_new_one():
+    """A request moved from a dead worker with 50 tokens delivered is due at its arrival +
+    TTFT here, as a new request is, not 50 TBTs later."""
+    slo = SLO(ttft_ms=1000, tbt_ms=100)
+    policy = TokenPolicy(slos={"m": slo})
+    fresh = Sequence("a", "m", [1, 2, 3], SamplingParams(), 10.0, 999)
+    resumed = Sequence("b", "m", [1, 2, 3], SamplingParams(max_tokens=200), 10.0, 999,
+                       output_token_ids=list(range(50)), num_delivered=50)
+    assert policy.seq_deadline(resumed, slo, 10.0) == policy.seq_deadline(fresh, slo, 10.0)
+    resumed.output_token_ids.append(7)  # its first token here came at 10.5
+    later = policy.seq_deadline(resumed, slo, 10.5)
+    assert 10.5 < later <= 10.5 + slo.tbt_ms / 1000
