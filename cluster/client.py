@@ -331,7 +331,7 @@ class RedisClient:
                          "draining": w.draining, "host": w.host, "pid": w.pid,
                          "models": list(w.resident), "loaded": list(w.models),
                          "running": w.running, "queued": w.queued,
-                         "kv_pages_free": w.kv_pages_free,
+                         "kv_pages_free": w.kv_pages_free, "step_s": round(w.step_s, 4),
                          "heartbeat_age_s": round(registry.heartbeat_age(w), 3)})
         return Stats(
             device="cluster", policy=self.policy,

@@ -28,7 +28,7 @@ class WorkerInfo:
     running: int = 0
     queued: int = 0
     draining: bool = False
-    step_s: float = 0.0  # recent mean step time
+    step_s: float = 0.0  # recent step time (the slowest model's moving average)
     at: float = 0.0  # unix time of the heartbeat
 
     def to_json(self) -> str:

@@ -267,7 +267,8 @@ class Worker:
             cached=[m for m in loaded if m not in s["resident_models"]], models=loaded,
             running=sum(m["running"] for m in s["models"].values()),
             queued=sum(m["waiting"] for m in s["models"].values()),
-            draining=self.draining.is_set(), at=time.time())
+            draining=self.draining.is_set(), at=time.time(),
+            step_s=max(self.engine.core.cost.step_s.values(), default=0.0))
         pipe = self.r.pipeline()
         pipe.set(keys.worker_key(self.name), info.to_json(), px=int(self.ttl_s * 1000))
         pipe.sadd(keys.WORKERS, self.name)
