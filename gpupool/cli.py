@@ -22,7 +22,7 @@ def _generate(args) -> int:
     except ValueError as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(device=args.device, max_lora_rank=args.max_lora_rank)
+    engine = Engine(device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank)
     try:
         engine.add_model("model", args.model)
         name = "model"
@@ -63,6 +63,7 @@ def _serve(args) -> int:
             model_roots=args.model_root, redis_url=args.redis_url,
             max_queued_requests=args.max_queued_requests, log_level=args.log_level,
             models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
+            dtype=args.dtype,
             metrics_key=args.metrics_key, public_metrics=args.public_metrics or None,
             default_model=args.command == "serve")
         if args.command == "gateway" and not config.redis_url:
@@ -137,6 +138,9 @@ def _worker(args) -> int:
     return 0
 
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
 def _http_args(s) -> None:
     """The flags of the HTTP server (``serve`` and ``gateway``)."""
     s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
@@ -153,6 +157,9 @@ def _http_args(s) -> None:
                    help="external Redis for state (default: embedded, under the data dir)")
     s.add_argument("--policy", choices=["token", "request", "fcfs"], default=None)
     s.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    s.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="auto (default: bf16 on a CPU that computes it natively, else "
+                        "float32; a GPU: the model's dtype)")
     s.add_argument("--max-queued-requests", type=int, default=None,
                    help="unfinished requests beyond this are refused with 503 (default 1024)")
     s.add_argument("--metrics-key", default=None,
@@ -178,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--redis-url", required=True, help="the cluster's Redis (redis:// or rediss://)")
     w.add_argument("--name", default=None, help="unique worker name (default host-pid)")
     w.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    w.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
+    w.add_argument("--dtype", default=None, choices=DTYPES, help="auto (default), ...")
     w.add_argument("--policy", choices=["token", "request", "fcfs"], default=None)
     w.add_argument("--config", default=None, help="TOML file whose [engine] table sizes the pool")
     w.add_argument("--model-root", action="append", metavar="DIR",
@@ -215,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print a JSON list of {prompt, text, token_ids, finish_reason}")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto (bf16 on a CPU that computes it natively, else float32)")
     g.set_defaults(func=_generate)
     return parser
 

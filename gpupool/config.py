@@ -6,7 +6,8 @@ Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
 ``GPUPOOL_KERNELS`` (auto | reference | triton); for the server also ``GPUPOOL_CONFIG``
 (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``, ``GPUPOOL_ADMIN_KEY``,
 ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
-``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``.
+``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``; ``GPUPOOL_DTYPE`` (auto | float32 | bfloat16
+| float16).
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class PoolConfig:
 @dataclass(frozen=True)
 class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, the model's dtype on GPU) | float32 | ...
+    # auto: on CPU bf16 where the CPU computes it natively (probed), else float32; on a GPU
+    # the model's 16-bit dtype | float32 | bfloat16 | float16
+    dtype: str = "auto"
     kernels: str = "auto"  # auto | reference | triton
     home: Path = field(default_factory=default_home)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -88,7 +91,7 @@ class Config:
         AdapterConfig.
         """
         top = {"home": default_home()}
-        for key in ("device", "kernels"):
+        for key in ("device", "kernels", "dtype"):
             if f"GPUPOOL_{key.upper()}" in os.environ:
                 top[key] = os.environ[f"GPUPOOL_{key.upper()}"]
         parts = {"pool": {}, "scheduler": {}, "adapters": {}}
@@ -256,7 +259,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
     }
     if os.environ.get("GPUPOOL_MODEL_ROOTS"):
         env["model_roots"] = tuple(os.environ["GPUPOOL_MODEL_ROOTS"].split(os.pathsep))
-    for key in ("device", "kernels", "policy"):
+    for key in ("device", "kernels", "policy", "dtype"):
         if os.environ.get(f"GPUPOOL_{key.upper()}"):
             engine[key] = os.environ[f"GPUPOOL_{key.upper()}"]
     data.update({k: v for k, v in env.items() if v})
@@ -269,7 +272,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
         if not sep or not base or not apath:
             raise ValueError(f"--adapter must look like NAME=BASE:PATH, got {text!r}")
         adapters = [a for a in adapters if a.name != name] + [AdapterSpec(name, base, apath)]
-    for key in ("device", "policy"):
+    for key in ("device", "policy", "dtype"):
         if flags.get(key) is not None:
             engine[key] = flags.pop(key)
         flags.pop(key, None)

@@ -8,6 +8,7 @@ import math
 import struct
 from pathlib import Path
 
+from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
 
 
@@ -33,8 +34,8 @@ def parameter_count(folder: str | Path) -> int:
 
 
 def element_bytes(dtype: str, device: str) -> int:
-    """Bytes per weight element on a worker: its dtype setting ("auto": fp32 on CPU, else
-    the 2-byte dtypes models ship in)."""
-    if dtype == "float32" or (dtype == "auto" and device.startswith("cpu")):
-        return 4
-    return 2
+    """Bytes per weight element on a worker: its dtype setting ("auto" on CPU: what the CPU
+    probe picks; on a GPU the 2-byte dtypes models ship in)."""
+    if dtype == "auto" and device.startswith("cpu"):
+        dtype = auto_cpu_dtype()
+    return 4 if dtype == "float32" else 2

@@ -12,6 +12,7 @@ from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots
 from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
+from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel
 from gpupool.models.loader import load_flat_weights
@@ -23,15 +24,20 @@ from gpupool.pool.residency import PoolCapacityError
 logger = logging.getLogger(__name__)
 
 
-def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device):
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device,
+                  cpu_flags=None):
+    """``auto``: on CPU bf16 where the CPU computes it natively (avx512_bf16 or AMX, probed
+    at run time; ``cpu_flags`` injected in tests), else float32; on a GPU the model's own
+    16-bit dtype. float32 is the one that is token-exact with transformers in fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":  # fp32 on CPU (exact, and CPU bf16 matmuls are slow); else the model's
+    if dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-            cfg.torch_dtype, torch.bfloat16
-        )
+            dtype = auto_cpu_dtype(cpu_flags)
+        else:
+            return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+                cfg.torch_dtype, torch.bfloat16
+            )
     try:
         return {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}[dtype]

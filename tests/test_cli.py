@@ -8,7 +8,9 @@ from tests.factories import make_engine
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gpupool.cli", "generate", *args],
+    # float32: these compare tokens with make_engine's (float32) engine
+    return subprocess.run([sys.executable, "-m", "gpupool.cli", "generate", "--dtype",
+                           "float32", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
