@@ -1,24 +1,30 @@
-"""Output tokens/s of gpupool's engine vs transformers ``generate`` on SmolLM2-135M-Instruct.
+"""Decode and prefill speed of gpupool's engine vs transformers on SmolLM2-135M-Instruct, per
+dtype, against the memory-bandwidth bound.
 
-Same run, same prompts (mixed lengths), 64 new tokens per prompt, greedy. Both sides produce
-exactly 64 tokens per prompt (the engine with ignore_eos, transformers with
-min_new_tokens=max_new_tokens), so they do the same work. transformers runs a batch with left
-padding, as its docs recommend. Each figure is the median of --runs timed runs after one
-warm-up. Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
+Per dtype (``--dtypes``, default float32 and bfloat16), in the same run:
+- decode: output tokens/s at each batch size (``--batch-sizes``, 64 new tokens, greedy, both
+  sides generate exactly 64: the engine with ignore_eos, transformers with min_new_tokens) and
+  the engine's decode step time (the 64-token run less the 1-token run, over 63 steps) as a
+  multiple of the bound: the model's weight bytes in that dtype over the measured read
+  bandwidth (a decode step must read every weight once);
+- prefill: tokens/s of one prompt of 128 and of 1000 tokens (the engine's time to first
+  token; transformers' forward pass), same dtype.
+transformers runs a batch with left padding, as its docs recommend. Each figure is the
+median of ``--runs`` timed runs after one warm-up. The CPU's flags and the bandwidth are
+printed with the result. Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, median_seconds  # noqa: E402
+from common import cpu_flags, emit, median_seconds  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -42,14 +48,22 @@ def prompts(n: int) -> list[str]:
     return [BASE[i % len(BASE)] + ("" if i < len(BASE) else f" (variant {i})") for i in range(n)]
 
 
-def bench_engine(engine: Engine, batch: list[str], runs: int) -> float:
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+def read_bandwidth(runs: int = 5) -> float:
+    """Bytes/s the CPU reads from memory: the median time to sum a 512 MiB buffer."""
+    x = torch.ones(128 << 20, dtype=torch.float32)
+    return x.numel() * 4 / median_seconds(lambda: x.sum(), runs)
+
+
+def bench_engine(engine: Engine, batch: list[str], runs: int,
+                 new_tokens: int = NEW_TOKENS) -> float:
+    """Seconds to generate ``new_tokens`` for every prompt of ``batch`` (median)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
 
     def run():
         outs = engine.generate(batch, params)
-        assert all(len(o.token_ids) == NEW_TOKENS for o in outs)
+        assert all(len(o.token_ids) == new_tokens for o in outs)
 
-    return len(batch) * NEW_TOKENS / median_seconds(run, runs)
+    return median_seconds(run, runs)
 
 
 def bench_transformers(model, tok, batch: list[str], runs: int) -> float:
@@ -64,34 +78,70 @@ def bench_transformers(model, tok, batch: list[str], runs: int) -> float:
     return len(batch) * NEW_TOKENS / median_seconds(run, runs)
 
 
+def prefill_ids(n: int) -> list[int]:
+    return [100 + (7 * i) % 40000 for i in range(n)]
+
+
+def bench_prefill(engine: Engine, model, n: int, runs: int) -> tuple[float, float]:
+    """(engine, transformers) prefill tokens/s of one ``n``-token prompt."""
+    ids = prefill_ids(n)
+    one = SamplingParams(max_tokens=1, temperature=0)
+    ours = median_seconds(lambda: engine.generate([ids], one), runs)
+    x = torch.tensor([ids])
+
+    def forward():
+        with torch.inference_mode():
+            model(x)
+
+    return n / ours, n / median_seconds(forward, runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--batch-sizes", default="1,8,16")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--prefill", default="128,1000", help="prompt lengths for prefill")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = ensure_default_model(default_home())
-    engine = Engine(device="cpu")
-    engine.add_model("smollm2", folder)
     tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    bandwidth = read_bandwidth()
     result = {
-        "model": "SmolLM2-135M-Instruct (fp32)", "device": "cpu",
-        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
+        "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "new_tokens": NEW_TOKENS, "runs": args.runs,
     }
-    for bs in (int(b) for b in args.batch_sizes.split(",")):
-        batch = prompts(bs)
-        result[f"prompt_tokens_bs{bs}"] = [len(tok(p)["input_ids"]) for p in batch]
-        ours = bench_engine(engine, batch, args.runs)
-        ref = bench_transformers(model, tok, batch, args.runs)
-        result[f"gpupool_tok_s_bs{bs}"] = round(ours, 1)
-        result[f"transformers_tok_s_bs{bs}"] = round(ref, 1)
-        result[f"ratio_vs_transformers_bs{bs}"] = round(ours / ref, 3)
-    engine.shutdown()
+    for dtype in args.dtypes.split(","):
+        engine = Engine(device="cpu", dtype=dtype)
+        engine.add_model("smollm2", folder)
+        weight_bytes = engine.core.workers["smollm2"].layout.num_bytes
+        bound_ms = weight_bytes / bandwidth * 1e3
+        result[f"{dtype}_weight_bytes_per_decode_step"] = weight_bytes
+        result[f"{dtype}_decode_bound_ms"] = round(bound_ms, 2)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=getattr(torch, dtype)).eval()
+        for bs in (int(b) for b in args.batch_sizes.split(",")):
+            batch = prompts(bs)
+            full = bench_engine(engine, batch, args.runs)
+            first = bench_engine(engine, batch, args.runs, new_tokens=1)
+            step_ms = (full - first) / (NEW_TOKENS - 1) * 1e3
+            ours = bs * NEW_TOKENS / full
+            ref = bench_transformers(model, tok, batch, args.runs)
+            result[f"{dtype}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
+            result[f"{dtype}_transformers_tok_s_bs{bs}"] = round(ref, 1)
+            result[f"{dtype}_ratio_vs_transformers_bs{bs}"] = round(ours / ref, 3)
+            result[f"{dtype}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
+            result[f"{dtype}_decode_step_vs_bound_bs{bs}"] = round(step_ms / bound_ms, 2)
+        for n in (int(x) for x in args.prefill.split(",")):
+            ours, ref = bench_prefill(engine, model, n, args.runs)
+            result[f"{dtype}_prefill_tok_s_{n}"] = round(ours)
+            result[f"{dtype}_transformers_prefill_tok_s_{n}"] = round(ref)
+            result[f"{dtype}_prefill_ratio_vs_transformers_{n}"] = round(ours / ref, 2)
+        engine.shutdown()
     emit(result, args.json)
 
 
