@@ -108,14 +108,14 @@ class ModelManager:
 
     async def _load_model(self, name: str, spec: dict) -> None:
         await self.client.command(AddModel(name, spec["path"], spec.get("ttft_ms") or None,
-                                           spec.get("tbt_ms") or None))
+                                           spec.get("tbt_ms") or None, spec.get("dtype")))
         logger.info("loaded model %s from %s", name, spec["path"])
 
     async def load_static(self) -> None:
         """Config and flag models and adapters, loaded at start (errors stop the server)."""
         for name, m in self.static_models.items():
             await self._load_model(name, {"path": m.path, "ttft_ms": m.ttft_ms,
-                                          "tbt_ms": m.tbt_ms})
+                                          "tbt_ms": m.tbt_ms, "dtype": m.dtype})
         for name, a in self.static_adapters.items():
             if a.base not in self.static_models and a.base not in self.store.models():
                 raise ValueError(f"adapter {name!r}: base model {a.base!r} is not declared")
@@ -156,9 +156,10 @@ class ModelManager:
                                 "add it again once they are done", param="name",
                            code="name_draining", headers={"Retry-After": "1"})
 
-    async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
+    async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None,
+                        dtype=None) -> None:
         async with self._lock:
-            await self._add_model(name, path, ttft_ms, tbt_ms)
+            await self._add_model(name, path, ttft_ms, tbt_ms, dtype)
 
     async def add_adapter(self, name: str, base: str, path: str) -> None:
         async with self._lock:
@@ -172,15 +173,17 @@ class ModelManager:
         async with self._lock:
             await self._remove_adapter(name)
 
-    async def _add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
+    async def _add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None,
+                         dtype=None) -> None:
         check_name(name)
         path = self.check_path(path)
         self._check_free(name)
         try:
-            await self._load_model(name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms})
+            await self._load_model(name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms,
+                                          "dtype": dtype})
         except (ModelLoadError, RequestError, ValueError, OSError) as e:
             raise APIError(400, f"cannot load model {name!r}: {e}", param="path") from e
-        self.store.put_model(name, path, ttft_ms, tbt_ms)
+        self.store.put_model(name, path, ttft_ms, tbt_ms, dtype)
         self._removed.discard(name)
 
     async def _add_adapter(self, name: str, base: str, path: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +27,7 @@ class ModelBody(_Body):
     path: str
     ttft_ms: float | None = Field(None, gt=0)
     tbt_ms: float | None = Field(None, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
 
 
 class AdapterBody(_Body):
@@ -75,7 +78,7 @@ def router(state) -> APIRouter:
     # ---- models -------------------------------------------------------------------------
     async def add_model(request):
         b = await _body(state, request, ModelBody)
-        await models.add_model(b.name, b.path, b.ttft_ms, b.tbt_ms)
+        await models.add_model(b.name, b.path, b.ttft_ms, b.tbt_ms, b.dtype)
         return JSONResponse({"name": b.name, "path": models.models()[b.name]["path"],
                              "loaded": True}, status_code=201)
 

@@ -94,8 +94,9 @@ class StateStore:
     def models(self) -> dict[str, dict]:
         return self._all("models")
 
-    def put_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None) -> None:
-        self._put("models", name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms})
+    def put_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None, dtype=None) -> None:
+        self._put("models", name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms,
+                                   "dtype": dtype})
 
     def delete_model(self, name: str) -> bool:
         return self._delete("models", name)

@@ -290,7 +290,8 @@ class RedisClient:
             if live and not any(fits_weights(w, params) for w in live):
                 raise ModelLoadError(too_large(cmd.name, params, live))
             r.hset(keys.MODELS, cmd.name, json.dumps(
-                {"path": cmd.path, "ttft_ms": cmd.ttft_ms, "tbt_ms": cmd.tbt_ms}))
+                {"path": cmd.path, "ttft_ms": cmd.ttft_ms, "tbt_ms": cmd.tbt_ms,
+                 "dtype": cmd.dtype}))
         elif isinstance(cmd, AddAdapter):
             same = adapters.get(cmd.name) == {"base": cmd.base, "path": cmd.path}
             if (cmd.name in adapters and not same) or cmd.name in models:

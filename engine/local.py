@@ -121,9 +121,10 @@ class LocalEngine:
             raise ModelLoadError(f"{folder}: model folder does not exist")
         return folder
 
-    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL, slo: SLO | None = None):
+    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL, slo: SLO | None = None,
+                  dtype: str | None = None):
         """Load a model folder (or ``"smollm2"``) and serve it as ``name`` (with its own
-        latency objectives, else the config's defaults)."""
+        latency objectives and dtype, else the config's)."""
         with self._lock:
             if name in self.core.workers or name in self._loading:
                 raise RequestError(f"model {name!r} is already loaded")
@@ -132,7 +133,7 @@ class LocalEngine:
             self._loading.add(name)  # a concurrent add of the same name fails above
         try:
             worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
-                                 self.config.dtype, self.config.adapters, self.weights,
+                                 dtype or self.config.dtype, self.config.adapters, self.weights,
                                  tokenizer=self.load_tokenizers)
             with self._lock:
                 try:
@@ -267,6 +268,7 @@ class LocalEngine:
             for name, worker in self.core.workers.items():
                 slots = worker.slots
                 models[name] = {
+                    "dtype": str(worker.dtype).removeprefix("torch."),
                     "resident": w.is_resident(name) if name in w.entries else True,
                     "weight_bytes": worker_weight_bytes(w, name),
                     "removing": name in self.core.removing_models,
@@ -420,7 +422,7 @@ class LocalClient:
                 default = e.config.scheduler
                 slo = SLO(default.ttft_ms if cmd.ttft_ms is None else cmd.ttft_ms,
                           default.tbt_ms if cmd.tbt_ms is None else cmd.tbt_ms)
-            await asyncio.to_thread(e.add_model, cmd.name, cmd.path, slo)
+            await asyncio.to_thread(e.add_model, cmd.name, cmd.path, slo, cmd.dtype)
         elif isinstance(cmd, RemoveModel):
             await asyncio.to_thread(e.remove_model, cmd.name)
         elif isinstance(cmd, AddAdapter):

@@ -112,6 +112,9 @@ class Config:
                    adapters=AdapterConfig(**parts["adapters"]), **top)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 # ---- the server ---------------------------------------------------------------------------
 MIN_KEY_CHARS = 16  # configured API keys shorter than this are refused
 @dataclass(frozen=True)
@@ -120,9 +123,12 @@ class ModelSpec:
     path: str
     ttft_ms: float | None = None  # SLO; None: the engine's default
     tbt_ms: float | None = None
+    dtype: str | None = None  # None: the engine's
 
     def __post_init__(self):
         check_name(self.name, "model name")
+        if self.dtype not in (None, *DTYPES):
+            raise ValueError(f"model {self.name!r}: dtype must be one of {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ class Worker:
             if spec.get("ttft_ms") or spec.get("tbt_ms"):
                 d = self.engine.config.scheduler
                 slo = SLO(spec.get("ttft_ms") or d.ttft_ms, spec.get("tbt_ms") or d.tbt_ms)
-            self.engine.add_model(name, self._allowed(spec["path"]), slo)
+            self.engine.add_model(name, self._allowed(spec["path"]), slo, spec.get("dtype"))
             logger.info("worker %s loaded %s from %s", self.name, name, spec["path"])
         else:
             raise RequestError(f"model {name!r} is not registered in the cluster")

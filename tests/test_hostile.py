@@ -339,3 +339,19 @@ def test_queued_requests_count_until_the_first_token(env):
     assert limiter.admit("delta", "c", limits, 0) is None
     limiter.forget("delta")  # a deleted tenant's counters go with it
     assert limiter.usage("delta")["requests_in_flight"] == 0
+
+
+def test_a_model_may_have_its_own_dtype(env):
+    c = env["client"]
+    r = c.post("/admin/models", headers=ADMIN,
+               json={"name": "half", "path": str(env["base"]), "dtype": "bfloat16"})
+    assert r.status_code == 201, r.text
+    try:
+        pool = c.get("/admin/pool", headers=ADMIN).json()
+        assert pool["models"]["half"]["dtype"] == "bfloat16"
+        assert pool["models"]["tiny"]["dtype"] == "float32"  # the engine's own
+    finally:
+        assert c.delete("/admin/models/half", headers=ADMIN).status_code == 200
+    r = c.post("/admin/models", headers=ADMIN,
+               json={"name": "quarter", "path": str(env["base"]), "dtype": "int4"})
+    assert _err(r, 400, "dtype")
