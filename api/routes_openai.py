@@ -392,7 +392,7 @@ def _model(state, name: str) -> tuple[ModelInfo, object]:
         raise model_not_found(name) from None
 
 
-def _choices(state, route: _Route, req, tenant: Tenant | None, info: ModelInfo,
+def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
              tokenizer, prompts: list[list[int]], call_id: str) -> list[_Choice]:
     """One choice per prompt and ``n``: its engine request (max_tokens checked against the
     context; choice k of a seeded call uses seed + k) and its text stream."""
@@ -431,7 +431,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
     info, tokenizer = _model(state, req.model)
     prompts = await asyncio.to_thread(route.prompts, req, tokenizer, info)
     run = Run(state, req.model, tenant, n=req.n)
-    await run.start(_choices(state, route, req, tenant, info, tokenizer, prompts, run.call_id))
+    await run.start(_choices(route, req, tenant, info, tokenizer, prompts, run.call_id))
     cid, created = f"{route.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def answer(obj: str, choices: list[dict]) -> dict:

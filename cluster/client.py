@@ -146,7 +146,6 @@ class _RemoteStream:
                        self.request_id, dead, len(self.tokens), worker)
         await self.client._send(worker, moved)
         self.client._where[self.request_id] = worker
-        self.client.redispatched_here += 1
         self.client.r.incr(keys.REDISPATCHED)
 
     async def aclose(self) -> None:
@@ -174,12 +173,11 @@ class RedisClient:
         self._workers: tuple[float, list] = (0.0, [])
         self._views: dict = {}
         self._specs: tuple[float, dict, dict] = (0.0, {}, {})
-        self._configs: dict[str, tuple] = {}
+        self._configs: dict[str, ModelConfig] = {}
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[tuple, ModelInfo] = {}
         self._param_counts: dict[str, int] = {}
         self.routes: Counter[str] = Counter()
-        self.redispatched_here = 0
         self.closed = False
 
     # ---- Redis -------------------------------------------------------------------------------

@@ -191,9 +191,12 @@ class EngineCore:
         return total
 
     def add_request(self, req: EngineRequest, sink: Sink | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Queue a request (checked first); ``sink(OutputDelta)`` gets its outputs."""
-        total = self.check_request(req)
+                    arrival_time: float | None = None, total: int | None = None) -> str:
+        """Queue a request; ``sink(OutputDelta)`` gets its outputs. ``total``: what
+        ``check_request`` returned for it, when the caller has checked it already (else it
+        is checked here)."""
+        if total is None:
+            total = self.check_request(req)
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already in use")
         base, adapter = self.resolve(req.model)

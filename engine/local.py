@@ -147,6 +147,15 @@ class LocalEngine:
             with self._lock:
                 self._loading.discard(name)
 
+    def slo(self, ttft_ms: float | None, tbt_ms: float | None) -> SLO | None:
+        """A model's own latency objectives (the config's default for the one not given), or
+        None when neither is given (the model keeps the defaults)."""
+        if ttft_ms is None and tbt_ms is None:
+            return None
+        default = self.config.scheduler
+        return SLO(default.ttft_ms if ttft_ms is None else ttft_ms,
+                   default.tbt_ms if tbt_ms is None else tbt_ms)
+
     def remove_model(self, name: str) -> None:
         """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
         with self._lock:
@@ -173,25 +182,10 @@ class LocalEngine:
             return {n: r.base for n, r in self.core.adapters.refs.items()
                     if n not in self.core.adapters.removing}
 
-    def has_model(self, name: str) -> bool:
-        """Whether ``name`` (a base model or an adapter) takes requests now. Reads without the
-        engine lock (a step may hold it for a while): a snapshot, as any answer would be."""
-        try:
-            self.core.resolve(name)
-        except (RequestError, KeyError):
-            return False
-        return True
-
     def holds_name(self, name: str) -> bool:
         """Whether a model or adapter of this name is loaded, one being removed (draining its
         running requests) included; a snapshot read without the lock."""
         return name in self.core.workers or name in self.core.adapters.refs
-
-    def context_limit(self, model: str) -> int:
-        """Most tokens (prompt + output) one request for ``model`` may hold: the model's
-        context window, or the KV pool's capacity in that model's tokens if smaller."""
-        worker = self.core.workers[self.core.resolve(model)[0]]
-        return min(worker.cfg.max_model_len, self.kv.pages.num_pages * worker.block_tokens)
 
     def num_unfinished(self) -> int:
         """Requests queued or running, over all models (a snapshot, read without the lock)."""
@@ -201,16 +195,17 @@ class LocalEngine:
         """Queue several requests at once, or none: each is checked first (RequestError
         names the first bad one). One lock acquisition."""
         with self._lock:
+            totals = []
             for i, req in enumerate(requests):
                 try:
-                    self.core.check_request(req)
+                    totals.append(self.core.check_request(req))
                 except RequestError as e:
                     raise RequestError(f"prompt {i}: {e}" if len(requests) > 1
                                        else str(e)) from None
             rids: list[str] = []
             try:
-                for req, sink in zip(requests, sinks):
-                    rids.append(self.core.add_request(req, sink))
+                for req, sink, total in zip(requests, sinks, totals):
+                    rids.append(self.core.add_request(req, sink, total=total))
             except BaseException:
                 for rid in rids:  # all or none
                     self.core.abort(rid)
@@ -240,7 +235,9 @@ class LocalEngine:
         return next(iter(self.core.workers))
 
     def model_info(self, name: str) -> ModelInfo | None:
-        """What ``name`` is, if it takes requests now (a snapshot read without the lock)."""
+        """What ``name`` is, if it takes requests now (a snapshot read without the lock).
+        Its context limit is the model's window, or the KV pool's capacity in that model's
+        tokens if smaller."""
         try:
             base, adapter = self.core.resolve(name)
             worker = self.core.workers[base]
@@ -417,12 +414,8 @@ class LocalClient:
     async def command(self, cmd: AdminCommand) -> None:
         e = self.engine
         if isinstance(cmd, AddModel):
-            slo = None
-            if cmd.ttft_ms is not None or cmd.tbt_ms is not None:
-                default = e.config.scheduler
-                slo = SLO(default.ttft_ms if cmd.ttft_ms is None else cmd.ttft_ms,
-                          default.tbt_ms if cmd.tbt_ms is None else cmd.tbt_ms)
-            await asyncio.to_thread(e.add_model, cmd.name, cmd.path, slo, cmd.dtype)
+            await asyncio.to_thread(e.add_model, cmd.name, cmd.path,
+                                    e.slo(cmd.ttft_ms, cmd.tbt_ms), cmd.dtype)
         elif isinstance(cmd, RemoveModel):
             await asyncio.to_thread(e.remove_model, cmd.name)
         elif isinstance(cmd, AddAdapter):

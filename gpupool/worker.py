@@ -38,7 +38,6 @@ from gpupool.messages.types import (
     Usage,
 )
 from gpupool.models.sizes import element_bytes
-from gpupool.scheduler.slo import SLO
 
 logger = logging.getLogger("gpupool.worker")
 
@@ -175,11 +174,9 @@ class Worker:
             self.engine.add_adapter(name, spec["base"], self._allowed(spec["path"]))
         elif name in models:
             spec = models[name]
-            slo = None
-            if spec.get("ttft_ms") or spec.get("tbt_ms"):
-                d = self.engine.config.scheduler
-                slo = SLO(spec.get("ttft_ms") or d.ttft_ms, spec.get("tbt_ms") or d.tbt_ms)
-            self.engine.add_model(name, self._allowed(spec["path"]), slo, spec.get("dtype"))
+            self.engine.add_model(name, self._allowed(spec["path"]),
+                                  self.engine.slo(spec.get("ttft_ms"), spec.get("tbt_ms")),
+                                  spec.get("dtype"))
             logger.info("worker %s loaded %s from %s", self.name, name, spec["path"])
         else:
             raise RequestError(f"model {name!r} is not registered in the cluster")
