@@ -108,14 +108,16 @@ class ModelManager:
 
     async def _load_model(self, name: str, spec: dict) -> None:
         await self.client.command(AddModel(name, spec["path"], spec.get("ttft_ms") or None,
-                                           spec.get("tbt_ms") or None, spec.get("dtype")))
+                                           spec.get("tbt_ms") or None, spec.get("dtype"),
+                                           spec.get("quantization")))
         logger.info("loaded model %s from %s", name, spec["path"])
 
     async def load_static(self) -> None:
         """Config and flag models and adapters, loaded at start (errors stop the server)."""
         for name, m in self.static_models.items():
             await self._load_model(name, {"path": m.path, "ttft_ms": m.ttft_ms,
-                                          "tbt_ms": m.tbt_ms, "dtype": m.dtype})
+                                          "tbt_ms": m.tbt_ms, "dtype": m.dtype,
+                                          "quantization": m.quantization})
         for name, a in self.static_adapters.items():
             if a.base not in self.static_models and a.base not in self.store.models():
                 raise ValueError(f"adapter {name!r}: base model {a.base!r} is not declared")
@@ -124,7 +126,9 @@ class ModelManager:
             await self.client.command(AddAdapter(name, a.base, a.path))
 
     # ---- admin changes --------------------------------------------------------------------
-    def check_path(self, path) -> str:
+    def check_path(self, path, gguf: bool = False) -> str:
+        """``path`` resolved, if it is a folder (or, with ``gguf``, a ``.gguf`` file) under a
+        model root; else an APIError."""
         if not isinstance(path, str) or not path or "\x00" in path:
             raise APIError(400, "path must be a non-empty string without NUL", param="path")
         if not self.roots:
@@ -139,8 +143,10 @@ class ModelManager:
         if not inside:
             raise APIError(403, f"path {path!r} is outside the allowed model roots",
                            param="path", code="path_not_allowed")
-        if not resolved.is_dir():
-            raise APIError(400, f"path {path!r} is not a folder", param="path")
+        is_gguf = gguf and resolved.suffix == ".gguf" and resolved.is_file()
+        if not resolved.is_dir() and not is_gguf:
+            raise APIError(400, f"path {path!r} is not a folder" + (" or a .gguf file" if gguf
+                                                                      else ""), param="path")
         if outside:  # a symlinked file inside may point anywhere
             raise APIError(403, f"path {path!r} holds files that resolve outside the allowed "
                                 f"model roots: {', '.join(sorted(outside)[:5])}",
@@ -157,9 +163,9 @@ class ModelManager:
                            code="name_draining", headers={"Retry-After": "1"})
 
     async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None,
-                        dtype=None) -> None:
+                        dtype=None, quantization=None) -> None:
         async with self._lock:
-            await self._add_model(name, path, ttft_ms, tbt_ms, dtype)
+            await self._add_model(name, path, ttft_ms, tbt_ms, dtype, quantization)
 
     async def add_adapter(self, name: str, base: str, path: str) -> None:
         async with self._lock:
@@ -174,16 +180,16 @@ class ModelManager:
             await self._remove_adapter(name)
 
     async def _add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None,
-                         dtype=None) -> None:
+                         dtype=None, quantization=None) -> None:
         check_name(name)
-        path = self.check_path(path)
+        path = self.check_path(path, gguf=True)
         self._check_free(name)
         try:
             await self._load_model(name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms,
-                                          "dtype": dtype})
+                                          "dtype": dtype, "quantization": quantization})
         except (ModelLoadError, RequestError, ValueError, OSError) as e:
             raise APIError(400, f"cannot load model {name!r}: {e}", param="path") from e
-        self.store.put_model(name, path, ttft_ms, tbt_ms, dtype)
+        self.store.put_model(name, path, ttft_ms, tbt_ms, dtype, quantization)
         self._removed.discard(name)
 
     async def _add_adapter(self, name: str, base: str, path: str) -> None:

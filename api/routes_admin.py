@@ -28,6 +28,7 @@ class ModelBody(_Body):
     ttft_ms: float | None = Field(None, gt=0)
     tbt_ms: float | None = Field(None, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    quantization: Literal["int8", "none"] | None = None
 
 
 class AdapterBody(_Body):
@@ -78,7 +79,7 @@ def router(state) -> APIRouter:
     # ---- models -------------------------------------------------------------------------
     async def add_model(request):
         b = await _body(state, request, ModelBody)
-        await models.add_model(b.name, b.path, b.ttft_ms, b.tbt_ms, b.dtype)
+        await models.add_model(b.name, b.path, b.ttft_ms, b.tbt_ms, b.dtype, b.quantization)
         return JSONResponse({"name": b.name, "path": models.models()[b.name]["path"],
                              "loaded": True}, status_code=201)
 

@@ -94,9 +94,10 @@ class StateStore:
     def models(self) -> dict[str, dict]:
         return self._all("models")
 
-    def put_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None, dtype=None) -> None:
+    def put_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None, dtype=None,
+                  quantization=None) -> None:
         self._put("models", name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms,
-                                   "dtype": dtype})
+                                   "dtype": dtype, "quantization": quantization})
 
     def delete_model(self, name: str) -> bool:
         return self._delete("models", name)

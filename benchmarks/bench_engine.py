@@ -1,14 +1,17 @@
 """Decode and prefill speed of gpupool's engine vs transformers on SmolLM2-135M-Instruct, per
 dtype, against the memory-bandwidth bound.
 
-Per dtype (``--dtypes``, default float32 and bfloat16), in the same run:
+Per variant (``--variants``: a dtype, optionally ``+int8`` for int8 weights; default float32,
+bfloat16 and bfloat16+int8), in the same run:
 - decode: output tokens/s at each batch size (``--batch-sizes``, 64 new tokens, greedy, both
   sides generate exactly 64: the engine with ignore_eos, transformers with min_new_tokens) and
   the engine's decode step time (the 64-token run less the 1-token run, over 63 steps) as a
   multiple of the bound: the model's weight bytes in that dtype over the measured read
   bandwidth (a decode step must read every weight once);
 - prefill: tokens/s of one prompt of 128 and of 1000 tokens (the engine's time to first
-  token; transformers' forward pass), same dtype.
+  token; transformers' forward pass), same dtype (int8: transformers in bf16), and the
+  engine's time against the compute bound: 2 x parameters x tokens FLOPs over the matmul
+  FLOP/s measured in that dtype (a 1024 x 576 x 1536 product).
 transformers runs a batch with left padding, as its docs recommend. Each figure is the
 median of ``--runs`` timed runs after one warm-up. The CPU's flags and the bandwidth are
 printed with the result. Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_flags, emit, median_seconds  # noqa: E402
+from common import cpu_flags, emit, median_seconds, variants  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -52,6 +55,13 @@ def read_bandwidth(runs: int = 5) -> float:
     """Bytes/s the CPU reads from memory: the median time to sum a 512 MiB buffer."""
     x = torch.ones(128 << 20, dtype=torch.float32)
     return x.numel() * 4 / median_seconds(lambda: x.sum(), runs)
+
+
+def matmul_flops(dtype: torch.dtype, runs: int = 5) -> float:
+    """FLOP/s of a prefill-sized matmul (1024 tokens x SmolLM2's 576 -> 1536) in ``dtype``."""
+    a = torch.randn(1024, 576).to(dtype)
+    b = torch.randn(576, 1536).to(dtype)
+    return 2 * 1024 * 576 * 1536 / median_seconds(lambda: a @ b, runs)
 
 
 def bench_engine(engine: Engine, batch: list[str], runs: int,
@@ -101,7 +111,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8,16")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
     ap.add_argument("--prefill", default="128,1000", help="prompt lengths for prefill")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -115,13 +125,17 @@ def main() -> None:
         "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "new_tokens": NEW_TOKENS, "runs": args.runs,
     }
-    for dtype in args.dtypes.split(","):
-        engine = Engine(device="cpu", dtype=dtype)
+    for label, dtype, quant in variants(args.variants):
+        engine = Engine(device="cpu", dtype=dtype, quantization=quant)
         engine.add_model("smollm2", folder)
-        weight_bytes = engine.core.workers["smollm2"].layout.num_bytes
+        worker = engine.core.workers["smollm2"]
+        weight_bytes = worker.layout.num_bytes
+        params = sum(s.numel for s in worker.layout.specs if not s.name.endswith("_scale"))
         bound_ms = weight_bytes / bandwidth * 1e3
-        result[f"{dtype}_weight_bytes_per_decode_step"] = weight_bytes
-        result[f"{dtype}_decode_bound_ms"] = round(bound_ms, 2)
+        flops = matmul_flops(getattr(torch, dtype))
+        result[f"{label}_weight_bytes_per_decode_step"] = weight_bytes
+        result[f"{label}_decode_bound_ms"] = round(bound_ms, 2)
+        result[f"{label}_matmul_gflop_s"] = round(flops / 1e9, 1)
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=getattr(torch, dtype)).eval()
         for bs in (int(b) for b in args.batch_sizes.split(",")):
@@ -131,16 +145,18 @@ def main() -> None:
             step_ms = (full - first) / (NEW_TOKENS - 1) * 1e3
             ours = bs * NEW_TOKENS / full
             ref = bench_transformers(model, tok, batch, args.runs)
-            result[f"{dtype}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
-            result[f"{dtype}_transformers_tok_s_bs{bs}"] = round(ref, 1)
-            result[f"{dtype}_ratio_vs_transformers_bs{bs}"] = round(ours / ref, 3)
-            result[f"{dtype}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
-            result[f"{dtype}_decode_step_vs_bound_bs{bs}"] = round(step_ms / bound_ms, 2)
+            result[f"{label}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
+            result[f"{label}_transformers_tok_s_bs{bs}"] = round(ref, 1)
+            result[f"{label}_ratio_vs_transformers_bs{bs}"] = round(ours / ref, 3)
+            result[f"{label}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
+            result[f"{label}_decode_step_vs_bound_bs{bs}"] = round(step_ms / bound_ms, 2)
         for n in (int(x) for x in args.prefill.split(",")):
             ours, ref = bench_prefill(engine, model, n, args.runs)
-            result[f"{dtype}_prefill_tok_s_{n}"] = round(ours)
-            result[f"{dtype}_transformers_prefill_tok_s_{n}"] = round(ref)
-            result[f"{dtype}_prefill_ratio_vs_transformers_{n}"] = round(ours / ref, 2)
+            result[f"{label}_prefill_tok_s_{n}"] = round(ours)
+            result[f"{label}_transformers_prefill_tok_s_{n}"] = round(ref)
+            result[f"{label}_prefill_ratio_vs_transformers_{n}"] = round(ours / ref, 2)
+            compute_s = 2 * params * n / flops
+            result[f"{label}_prefill_vs_compute_bound_{n}"] = round(n / ours / compute_s, 2)
         engine.shutdown()
     emit(result, args.json)
 

@@ -1,14 +1,15 @@
 """Multi-LoRA throughput on SmolLM2-135M-Instruct: gpupool's mixed-adapter batches vs peft.
 
-32 requests, 64 new tokens each (exactly: ignore_eos / min_new_tokens), greedy, over 1, 4
-and 32 distinct adapters (request i uses adapter i mod k), rank 16 on all seven projections,
-adapters made by peft with random non-zero B. In the same run:
+--requests (32) requests, 64 new tokens each (exactly: ignore_eos / min_new_tokens), greedy,
+over --distinct adapters (request i uses adapter i mod k), rank 16 on all seven projections,
+adapters made by peft with random non-zero B; for each of --variants (dtype, +int8: an int8
+base, against peft in bf16). In the same run:
   gpupool        the engine, one continuous batch mixing the adapters (SGMV path);
   no_lora        the engine on the same prompts with the base model only;
   peft_seq       peft, one adapter at a time (set_adapter, that adapter's requests batched);
   peft_mixed     peft's mixed-adapter batch (generate(..., adapter_names=[...])).
 Output tokens/s, median of --runs timed runs (the engine also gets one warm-up run).
-Usage: python3 benchmarks/bench_lora.py [--json] [--runs 3]
+Usage: python3 benchmarks/bench_lora.py [--json] [--runs 3] [--requests 8 --distinct 4]
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import prompts  # noqa: E402
-from common import emit, median_seconds  # noqa: E402
+from common import cpu_flags, emit, median_seconds, variants  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
 from gpupool.default_model import ensure_default_model  # noqa: E402
 
-NUM_REQUESTS, NEW_TOKENS, RANK = 32, 64, 16
+NEW_TOKENS, RANK = 64, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -58,24 +59,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--distinct", default="1,4,32")
+    ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoTokenizer
 
+    n = args.requests
     folder = ensure_default_model(default_home())
     tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
-    texts = prompts(NUM_REQUESTS)
+    texts = prompts(n)
     tmp = Path(tempfile.mkdtemp(prefix="gpupool-bench-lora-"))
-    peft_model, paths = make_adapters(folder, tmp, NUM_REQUESTS)
-    engine = Engine(device="cpu", max_lora_rank=RANK, max_loras_on_device=NUM_REQUESTS)
-    engine.add_model("base", folder)
-    for name, path in paths.items():
-        engine.add_adapter(name, "base", path)
+    distinct = [int(x) for x in args.distinct.split(",")]
+    peft_model, paths = make_adapters(folder, tmp, max(distinct))
     ours_params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    total = NUM_REQUESTS * NEW_TOKENS
-    result = {"model": "SmolLM2-135M-Instruct (fp32)", "device": "cpu",
-              "threads": torch.get_num_threads(), "requests": NUM_REQUESTS,
+    total = n * NEW_TOKENS
+    result = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
+              "threads": torch.get_num_threads(), "requests": n,
               "new_tokens": NEW_TOKENS, "rank": RANK, "targets": "all 7 projections",
               "runs": args.runs}
 
@@ -86,34 +87,40 @@ def main() -> None:
             peft_model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                 do_sample=False, pad_token_id=tok.pad_token_id, **kw)
 
-    base_s = median_seconds(lambda: engine.generate(texts, ours_params, model="base"),
-                            args.runs)
-    result["no_lora_tok_s"] = round(total / base_s, 1)
-    for k in (int(x) for x in args.distinct.split(",")):
-        names = [f"a{i % k}" for i in range(NUM_REQUESTS)]
-        ours = median_seconds(
-            lambda names=names: engine.generate(texts, ours_params, model=names), args.runs)
+    for label, dtype, quant in variants(args.variants):
+        peft_model.to(getattr(torch, dtype))
+        result[f"{label}_peft_dtype"] = dtype
+        engine = Engine(device="cpu", dtype=dtype, quantization=quant, max_lora_rank=RANK,
+                        max_loras_on_device=max(distinct))
+        engine.add_model("base", folder)
+        for name, path in paths.items():
+            engine.add_adapter(name, "base", path)
+        base_s = median_seconds(lambda e=engine: e.generate(texts, ours_params, model="base"),
+                                args.runs)
+        result[f"{label}_no_lora_tok_s"] = round(total / base_s, 1)
+        for k in distinct:
+            names = [f"a{i % k}" for i in range(n)]
+            ours = median_seconds(
+                lambda names=names, e=engine: e.generate(texts, ours_params, model=names),
+                args.runs)
 
-        def seq(names=names):
-            for a in sorted(set(names)):
-                peft_model.set_adapter(a)
-                peft_generate([t for t, n in zip(texts, names) if n == a])
+            def seq(names=names):
+                for a in sorted(set(names)):
+                    peft_model.set_adapter(a)
+                    peft_generate([t for t, m in zip(texts, names) if m == a])
 
-        peft_seq = median_seconds(seq, args.runs, warmup=False)
-        peft_mixed = median_seconds(lambda names=names: peft_generate(texts, names),
-                                    args.runs, warmup=False)
-        result[f"gpupool_tok_s_{k}"] = round(total / ours, 1)
-        result[f"peft_sequential_tok_s_{k}"] = round(total / peft_seq, 1)
-        result[f"peft_mixed_tok_s_{k}"] = round(total / peft_mixed, 1)
-        result[f"ratio_vs_peft_sequential_{k}"] = round(peft_seq / ours, 3)
-        result[f"ratio_vs_peft_mixed_{k}"] = round(peft_mixed / ours, 3)
-        result[f"ratio_vs_no_lora_{k}"] = round(base_s / ours, 3)
-    top = max(int(x) for x in args.distinct.split(","))
-    for key in ("ratio_vs_peft_sequential", "ratio_vs_peft_mixed", "ratio_vs_no_lora"):
-        result[key] = result[f"{key}_{top}"]
-    engine.shutdown()
+            peft_seq = median_seconds(seq, args.runs, warmup=False)
+            peft_mixed = median_seconds(lambda names=names: peft_generate(texts, names),
+                                        args.runs, warmup=False)
+            p = f"{label}_"
+            result[f"{p}gpupool_tok_s_{k}"] = round(total / ours, 1)
+            result[f"{p}peft_sequential_tok_s_{k}"] = round(total / peft_seq, 1)
+            result[f"{p}peft_mixed_tok_s_{k}"] = round(total / peft_mixed, 1)
+            result[f"{p}ratio_vs_peft_sequential_{k}"] = round(peft_seq / ours, 3)
+            result[f"{p}ratio_vs_peft_mixed_{k}"] = round(peft_mixed / ours, 3)
+            result[f"{p}ratio_vs_no_lora_{k}"] = round(base_s / ours, 3)
+        engine.shutdown()
     emit(result, args.json)
-
 
 if __name__ == "__main__":
     main()

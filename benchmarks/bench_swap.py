@@ -1,8 +1,9 @@
 """Model switch cost: a running engine that last served model A is asked for model B.
 
 Two SmolLM2-135M models (the default model's weights under two names) share an arena whose
-weight region holds one of them, so every switch evicts one and copies the other in. Measured
-in the same run, medians of --runs switches:
+weight region holds one of them, so every switch evicts one and copies the other in. For each
+of --variants (dtype, optionally +int8 weights: half bf16's bytes), measured in the same run,
+medians of --runs switches:
   residency_s      making B resident (slab allocation, eviction, bulk copy, rebinding views),
                    from the engine's own swap record;
   raw_copy_s       one copy of the same number of bytes between two preallocated buffers (the
@@ -10,7 +11,7 @@ in the same run, medians of --runs switches:
   switch_to_first_token_s   "B needed" to B's first token (swap + prefill + first decode);
   cold_start_s     a fresh Python process that imports gpupool, starts an engine, loads B and
                    produces its first token: what scaling without component reuse pays.
-Usage: python3 benchmarks/bench_swap.py [--json] [--runs 5]
+Usage: python3 benchmarks/bench_swap.py [--json] [--runs 5] [--variants float32,bfloat16,...]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, median_seconds  # noqa: E402
+from common import cpu_flags, emit, median_seconds, variants  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -46,20 +47,16 @@ e.shutdown()
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    folder = ensure_default_model(default_home())
+def switch_costs(folder: Path, dtype: str, quantization: str | None, runs: int) -> dict:
     one = SamplingParams(max_tokens=1, temperature=0)
-    nbytes = build_layout(ModelConfig.from_folder(folder), torch.float32).num_bytes
-    engine = Engine(device="cpu", weight_bytes=nbytes)  # room for one model's weights
+    nbytes = build_layout(ModelConfig.from_folder(folder), getattr(torch, dtype),
+                          quantization).num_bytes
+    engine = Engine(device="cpu", dtype=dtype, quantization=quantization,
+                    weight_bytes=nbytes)  # room for one model's weights
     engine.add_model("a", folder)
     engine.add_model("b", folder)
     switch, residency = [], []
-    for _ in range(args.runs):
+    for _ in range(runs):
         engine.generate(PROMPT, one, model="a")  # A is resident, B is not
         swaps = engine.weights.num_swaps
         seconds = engine.weights.swap_seconds
@@ -68,31 +65,46 @@ def main() -> None:
         switch.append(time.perf_counter() - t)
         assert engine.weights.num_swaps == swaps + 1
         residency.append(engine.weights.swap_seconds - seconds)
-    warm_b = median_seconds(lambda: engine.generate(PROMPT, one, model="b"), args.runs)
+    warm_b = median_seconds(lambda: engine.generate(PROMPT, one, model="b"), runs)
     engine.shutdown()
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8)
-    raw = median_seconds(lambda: dst.copy_(src), args.runs)
+    raw = median_seconds(lambda: dst.copy_(src), runs)
+    out = {
+        "weight_bytes": nbytes,
+        "residency_s": round(statistics.median(residency), 4),
+        "raw_copy_s": round(raw, 4),
+        "switch_to_first_token_s": round(statistics.median(switch), 4),
+        "resident_first_token_s": round(warm_b, 4),
+    }
+    out["ratio_vs_raw_copy"] = round(out["residency_s"] / raw, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    folder = ensure_default_model(default_home())
+    result = {"model": "SmolLM2-135M-Instruct x2", "device": "cpu", "cpu": cpu_flags(),
+              "runs": args.runs}
+    for label, dtype, quant in variants(args.variants):
+        for key, value in switch_costs(folder, dtype, quant, args.runs).items():
+            result[f"{label}_{key}"] = value
     cold = []
     for _ in range(max(3, args.runs // 2)):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", COLD.format(prompt=PROMPT), str(folder)],
                        check=True, capture_output=True)
         cold.append(time.perf_counter() - t)
-    result = {
-        "model": "SmolLM2-135M-Instruct (fp32) x2", "device": "cpu", "runs": args.runs,
-        "weight_bytes": nbytes,
-        "residency_s": round(statistics.median(residency), 4),
-        "raw_copy_s": round(raw, 4),
-        "switch_to_first_token_s": round(statistics.median(switch), 4),
-        "resident_first_token_s": round(warm_b, 4),
-        "cold_start_s": round(statistics.median(cold), 3),
-    }
-    result["ratio_vs_raw_copy"] = round(result["residency_s"] / raw, 3)
-    result["speedup_vs_cold_start"] = round(
-        result["cold_start_s"] / result["switch_to_first_token_s"], 1)
+    result["cold_start_s (dtype auto)"] = round(statistics.median(cold), 3)
+    for label, _, _ in variants(args.variants):
+        result[f"{label}_speedup_vs_cold_start"] = round(
+            statistics.median(cold) / result[f"{label}_switch_to_first_token_s"], 1)
     emit(result, args.json)
-
 
 if __name__ == "__main__":
     main()

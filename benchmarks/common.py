@@ -39,3 +39,12 @@ def cpu_flags() -> str:
                   if line.startswith("flags")), [])
     wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
     return f"{model}: {' '.join(sorted(wanted))}"
+
+
+def variants(text: str) -> list[tuple[str, str, str | None]]:
+    """``"float32,bfloat16,bfloat16+int8"`` -> [(label, dtype, quantization or None)]."""
+    out = []
+    for item in text.split(","):
+        dtype, _, quant = item.strip().partition("+")
+        out.append((item.strip(), dtype, quant or None))
+    return out

@@ -41,7 +41,7 @@ from gpupool.messages.types import (
     Usage,
 )
 from gpupool.models.config import ModelConfig
-from gpupool.models.sizes import parameter_count
+from gpupool.models.sizes import model_element_bytes, parameter_count
 from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
 from gpupool.scheduler.router import NoWorker, Router, fits_weights, too_large
 
@@ -232,8 +232,11 @@ class RedisClient:
         if info is None:
             raise RequestError(f"model {req.model!r} is not loaded")
         self.workers()
+        spec = self._read_specs()[0].get(info.base, {})
         route = self.router.route(info.base, list(self._views.values()),
-                                  self._params(info.folder), exclude=exclude)
+                                  self._params(info.folder), exclude=exclude,
+                                  element_bytes=model_element_bytes(spec.get("dtype"),
+                                                                    spec.get("quantization")))
         self.routes[route.reason] += 1
         return route.worker
 
@@ -285,11 +288,12 @@ class RedisClient:
             self._config(cmd.path)  # a folder the gateway cannot read is refused now
             live = [info.view(alive) for info, alive in self.workers(fresh=True) if alive]
             params = self._params(cmd.path)
-            if live and not any(fits_weights(w, params) for w in live):
-                raise ModelLoadError(too_large(cmd.name, params, live))
+            eb = model_element_bytes(cmd.dtype, cmd.quantization)
+            if live and not any(fits_weights(w, params, eb) for w in live):
+                raise ModelLoadError(too_large(cmd.name, params, live, eb))
             r.hset(keys.MODELS, cmd.name, json.dumps(
                 {"path": cmd.path, "ttft_ms": cmd.ttft_ms, "tbt_ms": cmd.tbt_ms,
-                 "dtype": cmd.dtype}))
+                 "dtype": cmd.dtype, "quantization": cmd.quantization}))
         elif isinstance(cmd, AddAdapter):
             same = adapters.get(cmd.name) == {"base": cmd.base, "path": cmd.path}
             if (cmd.name in adapters and not same) or cmd.name in models:

@@ -26,7 +26,7 @@ import torch
 
 from gpupool import kernels
 from gpupool.config import Config
-from gpupool.default_model import DEFAULT_MODEL, ensure_default_model
+from gpupool.default_model import DEFAULT_MODEL, ensure_default_model, ensure_gguf_model
 from gpupool.engine.core import EngineCore, Sink
 from gpupool.messages.client import QueueStream
 from gpupool.messages.errors import ModelLoadError, RequestError
@@ -117,14 +117,16 @@ class LocalEngine:
         if str(path) == DEFAULT_MODEL:
             return ensure_default_model(self.config.home)
         folder = Path(path).expanduser()
+        if folder.suffix == ".gguf" and folder.is_file():  # converted once, then reused
+            return ensure_gguf_model(self.config.home, folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
         return folder
 
     def add_model(self, name: str, path: str | Path = DEFAULT_MODEL, slo: SLO | None = None,
-                  dtype: str | None = None):
+                  dtype: str | None = None, quantization: str | None = None):
         """Load a model folder (or ``"smollm2"``) and serve it as ``name`` (with its own
-        latency objectives and dtype, else the config's)."""
+        latency objectives, dtype and quantization ("int8", "none"), else the config's)."""
         with self._lock:
             if name in self.core.workers or name in self._loading:
                 raise RequestError(f"model {name!r} is already loaded")
@@ -134,7 +136,8 @@ class LocalEngine:
         try:
             worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
                                  dtype or self.config.dtype, self.config.adapters, self.weights,
-                                 tokenizer=self.load_tokenizers)
+                                 tokenizer=self.load_tokenizers,
+                                 quantization=quantization or self.config.quantization)
             with self._lock:
                 try:
                     self.core.add_worker(worker)
@@ -266,6 +269,7 @@ class LocalEngine:
                 slots = worker.slots
                 models[name] = {
                     "dtype": str(worker.dtype).removeprefix("torch."),
+                    "quantization": worker.quantization,
                     "resident": w.is_resident(name) if name in w.entries else True,
                     "weight_bytes": worker_weight_bytes(w, name),
                     "removing": name in self.core.removing_models,
@@ -415,7 +419,7 @@ class LocalClient:
         e = self.engine
         if isinstance(cmd, AddModel):
             await asyncio.to_thread(e.add_model, cmd.name, cmd.path,
-                                    e.slo(cmd.ttft_ms, cmd.tbt_ms), cmd.dtype)
+                                    e.slo(cmd.ttft_ms, cmd.tbt_ms), cmd.dtype, cmd.quantization)
         elif isinstance(cmd, RemoveModel):
             await asyncio.to_thread(e.remove_model, cmd.name)
         elif isinstance(cmd, AddAdapter):

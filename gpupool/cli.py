@@ -22,7 +22,8 @@ def _generate(args) -> int:
     except ValueError as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank)
+    engine = Engine(device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
+                    quantization=args.quantization)
     try:
         engine.add_model("model", args.model)
         name = "model"
@@ -63,7 +64,7 @@ def _serve(args) -> int:
             model_roots=args.model_root, redis_url=args.redis_url,
             max_queued_requests=args.max_queued_requests, log_level=args.log_level,
             models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
-            dtype=args.dtype,
+            dtype=args.dtype, quantization=args.quantization,
             metrics_key=args.metrics_key, public_metrics=args.public_metrics or None,
             default_model=args.command == "serve")
         if args.command == "gateway" and not config.redis_url:
@@ -117,7 +118,7 @@ def _worker(args) -> int:
         if args.config:
             with open(args.config, "rb") as f:
                 engine = dict(tomllib.load(f).get("engine", {}) or {})
-        for key in ("device", "dtype", "policy"):
+        for key in ("device", "dtype", "policy", "quantization"):
             if getattr(args, key) is not None:
                 engine[key] = getattr(args, key)
         if args.threads:
@@ -139,6 +140,9 @@ def _worker(args) -> int:
 
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+QUANTIZATIONS = ["none", "int8"]
+QUANT_HELP = ("int8: store the linear layers and lm_head int8 with one scale per row "
+              "(half bf16's bytes; default none)")
 
 
 def _http_args(s) -> None:
@@ -160,6 +164,8 @@ def _http_args(s) -> None:
     s.add_argument("--dtype", default=None, choices=DTYPES,
                    help="auto (default: bf16 on a CPU that computes it natively, else "
                         "float32; a GPU: the model's dtype)")
+    s.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help=QUANT_HELP)
     s.add_argument("--max-queued-requests", type=int, default=None,
                    help="unfinished requests beyond this are refused with 503 (default 1024)")
     s.add_argument("--metrics-key", default=None,
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default=None, help="unique worker name (default host-pid)")
     w.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     w.add_argument("--dtype", default=None, choices=DTYPES, help="auto (default), ...")
+    w.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANT_HELP)
     w.add_argument("--policy", choices=["token", "request", "fcfs"], default=None)
     w.add_argument("--config", default=None, help="TOML file whose [engine] table sizes the pool")
     w.add_argument("--model-root", action="append", metavar="DIR",
@@ -224,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto (bf16 on a CPU that computes it natively, else float32)")
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANT_HELP)
     g.set_defaults(func=_generate)
     return parser
 

@@ -73,6 +73,8 @@ class Config:
     # auto: on CPU bf16 where the CPU computes it natively (probed), else float32; on a GPU
     # the model's 16-bit dtype | float32 | bfloat16 | float16
     dtype: str = "auto"
+    # int8: every model's linear layers and lm_head stored int8 (weight-only, per-row scales)
+    quantization: str | None = None  # None | "none" | "int8"; a model may set its own
     kernels: str = "auto"  # auto | reference | triton
     home: Path = field(default_factory=default_home)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -82,6 +84,9 @@ class Config:
     def __post_init__(self):
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be auto, reference or triton, not {self.kernels!r}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not "
+                             f"{self.quantization!r}")
 
     @classmethod
     def from_env(cls, **overrides) -> Config:
@@ -91,7 +96,7 @@ class Config:
         AdapterConfig.
         """
         top = {"home": default_home()}
-        for key in ("device", "kernels", "dtype"):
+        for key in ("device", "kernels", "dtype", "quantization"):
             if f"GPUPOOL_{key.upper()}" in os.environ:
                 top[key] = os.environ[f"GPUPOOL_{key.upper()}"]
         parts = {"pool": {}, "scheduler": {}, "adapters": {}}
@@ -113,6 +118,7 @@ class Config:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")  # weight storage; "none": the dtype's
 
 
 # ---- the server ---------------------------------------------------------------------------
@@ -124,11 +130,15 @@ class ModelSpec:
     ttft_ms: float | None = None  # SLO; None: the engine's default
     tbt_ms: float | None = None
     dtype: str | None = None  # None: the engine's
+    quantization: str | None = None  # None: the engine's; "none" | "int8"
 
     def __post_init__(self):
         check_name(self.name, "model name")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"model {self.name!r}: dtype must be one of {', '.join(DTYPES)}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"model {self.name!r}: quantization must be one of "
+                             f"{', '.join(QUANTIZATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -265,7 +275,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
     }
     if os.environ.get("GPUPOOL_MODEL_ROOTS"):
         env["model_roots"] = tuple(os.environ["GPUPOOL_MODEL_ROOTS"].split(os.pathsep))
-    for key in ("device", "kernels", "policy", "dtype"):
+    for key in ("device", "kernels", "policy", "dtype", "quantization"):
         if os.environ.get(f"GPUPOOL_{key.upper()}"):
             engine[key] = os.environ[f"GPUPOOL_{key.upper()}"]
     data.update({k: v for k, v in env.items() if v})
@@ -278,7 +288,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
         if not sep or not base or not apath:
             raise ValueError(f"--adapter must look like NAME=BASE:PATH, got {text!r}")
         adapters = [a for a in adapters if a.name != name] + [AdapterSpec(name, base, apath)]
-    for key in ("device", "policy", "dtype"):
+    for key in ("device", "policy", "dtype", "quantization"):
         if flags.get(key) is not None:
             engine[key] = flags.pop(key)
         flags.pop(key, None)

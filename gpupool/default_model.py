@@ -7,6 +7,7 @@ folder. Nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import shutil
@@ -38,12 +39,26 @@ def gguf_path() -> Path:
 
 
 def ensure_default_model(home: Path) -> Path:
-    """The converted folder, converting on first use (written aside, then renamed, so an
+    """The converted folder, converting on first use."""
+    return ensure_converted(gguf_path(), home / "models" / FOLDER_NAME)
+
+
+def ensure_gguf_model(home: Path, src: Path) -> Path:
+    """A GGUF file's converted folder under ``home/models``, named by the file's name, size
+    and modification time (a changed file converts again)."""
+    try:
+        st = src.stat()
+    except OSError as e:
+        raise ModelLoadError(f"{src}: cannot read GGUF file ({e})") from None
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return ensure_converted(src, home / "models" / f"{src.stem}-{key.hexdigest()[:12]}")
+
+
+def ensure_converted(src: Path, dest: Path) -> Path:
+    """``dest``, converting ``src`` into it on first use (written aside, then renamed, so an
     interrupted conversion is never taken for a finished one)."""
-    dest = home / "models" / FOLDER_NAME
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
-    src = gguf_path()
     logger.warning("gpupool: first run: converting %s to safetensors under %s (once)",
                    src.name, dest)
     start = time.perf_counter()
@@ -52,6 +67,6 @@ def ensure_default_model(home: Path) -> Path:
     convert_gguf(src, tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    logger.warning("gpupool: default model ready at %s (%.1f s)", dest,
+    logger.warning("gpupool: model ready at %s (%.1f s)", dest,
                    time.perf_counter() - start)
     return dest

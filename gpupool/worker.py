@@ -176,7 +176,7 @@ class Worker:
             spec = models[name]
             self.engine.add_model(name, self._allowed(spec["path"]),
                                   self.engine.slo(spec.get("ttft_ms"), spec.get("tbt_ms")),
-                                  spec.get("dtype"))
+                                  spec.get("dtype"), spec.get("quantization"))
             logger.info("worker %s loaded %s from %s", self.name, name, spec["path"])
         else:
             raise RequestError(f"model {name!r} is not registered in the cluster")

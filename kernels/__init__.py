@@ -1,4 +1,5 @@
-"""Compute kernels: a Triton version on CUDA, the torch reference elsewhere.
+"""Compute kernels: a Triton version on CUDA, the torch reference elsewhere (decode
+attention: :mod:`gpupool.kernels.decode`, a faster torch version checked against it).
 
 ``GPUPOOL_KERNELS=reference`` forces the reference everywhere (read in gpupool.config);
 ``triton`` forces Triton (on CPU only useful with ``TRITON_INTERPRET=1``).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gpupool.kernels import reference
+from gpupool.kernels import decode, reference
 from gpupool.kernels.reference import write_kv
 
 __all__ = [
@@ -51,6 +52,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scal
     """See :func:`gpupool.kernels.reference.paged_attention_decode`."""
     if _use_triton(q):
         from gpupool.kernels.paged_attention import paged_attention_decode as impl
+    elif _MODE["kernels"] != "reference" and decode.faster_than_reference(q):
+        impl = decode.paged_attention_decode
     else:
         impl = reference.paged_attention_decode
     return impl(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -88,14 +88,16 @@ class Abort:
 
 @dataclass(frozen=True)
 class AddModel:
-    """Load the model folder ``path`` (or "smollm2") as ``name``; SLOs and ``dtype`` (auto,
-    float32, bfloat16, float16) default to the engine's."""
+    """Load the model folder ``path`` (or "smollm2") as ``name``; SLOs, ``dtype`` (auto,
+    float32, bfloat16, float16) and ``quantization`` ("int8", "none") default to the
+    engine's."""
 
     name: str
     path: str
     ttft_ms: float | None = None
     tbt_ms: float | None = None
     dtype: str | None = None
+    quantization: str | None = None
 
 
 @dataclass(frozen=True)

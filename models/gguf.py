@@ -1,7 +1,9 @@
 """Convert a Llama-family GGUF file into a Hugging Face folder (config, tokenizer, safetensors).
 
 Only what gpupool needs to serve a GGUF model: the ``gguf`` package reads the metadata and
-de-quantizes each tensor to float32 (exact: a quantized value has one float meaning);
+de-quantizes each tensor to float32 (exact: a quantized value has one float meaning; a
+``Q8_0`` file, 8-bit values with one scale per 32, becomes its exact float32 values, which
+``quantization="int8"`` requantizes with one scale per row);
 transformers builds the config and the tokenizer. No accelerate and no model instance, so the
 default model's first run costs the plain install and a few seconds.
 
@@ -81,7 +83,8 @@ def llama_config(reader):
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     heads = int(_field(reader, "llama.attention.head_count"))
     hidden = int(_field(reader, "llama.embedding_length"))
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else _REQUIRED
     return LlamaConfig(
         vocab_size=int(_field(reader, "llama.vocab_size", vocab)),
         hidden_size=hidden,
@@ -147,5 +150,8 @@ def convert_gguf(src: Path, dest: Path) -> None:
     tensors = read_tensors(reader, config, progress)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     logger.warning("gpupool: converting the tokenizer (%.1f s)", time.perf_counter() - start)
+    if "tokenizer.ggml.tokens" not in reader.fields:  # weights only: token-id prompts
+        logger.warning("gpupool: %s has no tokenizer; the model takes token ids only", src.name)
+        return
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     tokenizer.save_pretrained(str(dest))

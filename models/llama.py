@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from gpupool import kernels
-from gpupool.kernels.linear import linear
+from gpupool.kernels.linear import linear, linear_int8
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import apply_rope, cos_sin_table
+from gpupool.pool.weights import SCALE_SUFFIX
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,6 +23,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w[name].T (+ bias)``; an int8 weight comes with its per-row ``name_scale``."""
+    scale = w.get(name + SCALE_SUFFIX)
+    if scale is None:
+        return linear(x, w[name], bias)
+    return linear_int8(x, w[name], scale, bias)
 
 
 class LlamaModel:
@@ -43,8 +53,15 @@ class LlamaModel:
         ]
 
     @property
-    def lm_head(self) -> torch.Tensor:
-        return self.w["embed_tokens"] if self.cfg.tie_word_embeddings else self.w["lm_head"]
+    def lm_head_name(self) -> str:
+        return "embed_tokens" if self.cfg.tie_word_embeddings else "lm_head"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.w["embed_tokens"])
+        scale = self.w.get("embed_tokens" + SCALE_SUFFIX)
+        if scale is not None:  # int8 rows (tied with an int8 lm_head)
+            x = x.to(self.dtype) * scale[ids, None]
+        return x
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: torch.Tensor, lora=None) -> torch.Tensor:
@@ -53,29 +70,29 @@ class LlamaModel:
         ``lora``: a :class:`gpupool.adapters.batch.LoraBatch` adding each row's adapter
         terms after every fused projection, or None for a base-only batch.
         """
-        x = F.embedding(batch.input_ids, self.w["embed_tokens"])  # [T, hidden]
+        x = self.embed(batch.input_ids)  # [T, hidden]
         cos_sin = self.rope[batch.positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw["input_norm"], self.cfg.rms_norm_eps)
             x = x + self._attention(h, lw, kv[:, i, 0], kv[:, i, 1], cos, sin, batch, lora, i)
             h = rms_norm(x, lw["post_norm"], self.cfg.rms_norm_eps)
-            gate_up = linear(h, lw["gate_up_weight"])  # [T, 2 * inter]
+            gate_up = project(h, lw, "gate_up_weight")  # [T, 2 * inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-            down = linear(act, lw["down_weight"])
+            down = project(act, lw, "down_weight")
             if lora is not None:
                 lora.apply(i, "down", act, down)
             x = x + down
         x = x[batch.logits_indices]
         x = rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps)
-        return linear(x, self.lm_head).float()
+        return project(x, self.w, self.lm_head_name).float()
 
     def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch, lora, i):
         cfg = self.cfg
-        qkv = linear(h, lw["qkv_weight"], lw.get("qkv_bias"))  # [T, q + 2kv]
+        qkv = project(h, lw, "qkv_weight", lw.get("qkv_bias"))  # [T, q + 2kv]
         if lora is not None:
             lora.apply(i, "qkv", h, qkv)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -102,7 +119,7 @@ class LlamaModel:
             ))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
         o = o.reshape(o.shape[0], cfg.q_size)
-        out = linear(o, lw["o_weight"])
+        out = project(o, lw, "o_weight")
         if lora is not None:
             lora.apply(i, "o", o, out)
         return out

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
-from gpupool.pool.weights import WeightLayout
+from gpupool.pool.weights import SCALE_SUFFIX, WeightLayout
 
 
 def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[str]]]:
@@ -51,8 +51,45 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
     return out
 
 
-def build_layout(cfg: ModelConfig, dtype: torch.dtype) -> WeightLayout:
-    return WeightLayout.build({k: v[0] for k, v in weight_sources(cfg).items()}, dtype)
+QUANTIZATIONS = ("int8",)
+
+
+def check_quantization(quantization: str | None) -> str | None:
+    """The quantization, None for none ("none" or None); ValueError if unknown."""
+    if quantization in (None, "none"):
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or none, "
+                         f"not {quantization!r}")
+    return quantization
+
+
+def quantized_names(cfg: ModelConfig, quantization: str | None) -> frozenset[str]:
+    """The weights stored int8 under ``quantization``: every linear layer's and the lm_head
+    (which is ``embed_tokens`` when the two are tied; the embedding then reads int8 rows)."""
+    if check_quantization(quantization) is None:
+        return frozenset()
+    names = {f"layers.{i}.{w}" for i in range(cfg.num_layers)
+             for w in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")}
+    names.add("embed_tokens" if cfg.tie_word_embeddings else "lm_head")
+    return frozenset(names)
+
+
+def build_layout(cfg: ModelConfig, dtype: torch.dtype,
+                 quantization: str | None = None) -> WeightLayout:
+    return WeightLayout.build({k: v[0] for k, v in weight_sources(cfg).items()}, dtype,
+                              quantized_names(cfg, quantization))
+
+
+def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: ``w[n] ~ q[n] * s[n]`` with ``s[n] = max|w[n]| / 127`` rounded
+    to ``scale_dtype`` first (so the stored scale is the one the values were divided by)."""
+    wf = w.float()
+    s = (wf.abs().amax(dim=-1) / 127).to(scale_dtype)
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale; 1
+    q = torch.round(wf / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -91,11 +128,12 @@ def _open(path: Path):
 
 
 def load_flat_weights(
-    folder: str | Path, cfg: ModelConfig, dtype: torch.dtype
+    folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None
 ) -> tuple[WeightLayout, torch.Tensor]:
-    """Read every weight once into a new host buffer in the layout's order."""
+    """Read every weight once into a new host buffer in the layout's order (quantizing the
+    weights ``quantization`` names, row by row as they are read)."""
     folder = Path(folder)
-    layout = build_layout(cfg, dtype)
+    layout = build_layout(cfg, dtype, quantization)
     buffer = layout.allocate("cpu")
     views = layout.views(buffer)
     where = _checkpoint_files(folder)
@@ -119,9 +157,16 @@ def load_flat_weights(
                     f"{path}: tensor {src!r} has shape {tuple(t.shape)}, "
                     f"config expects {tuple(dest.shape)}"
                 )
-            dest.copy_(t)
-            if not bool(torch.isfinite(dest).all()):
+            scales = views.get(name + SCALE_SUFFIX)
+            finite = dest if scales is None else t  # the int8 copy has no NaN to see
+            if scales is None:
+                dest.copy_(t)
+            if not bool(torch.isfinite(finite).all()):
                 raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite values")
+            if scales is not None:
+                q, s = quantize_rows(t, dtype)
+                dest.copy_(q)
+                scales[row : row + n].copy_(s)
             row += n
         if row != shape[0]:
             raise ModelLoadError(f"{folder}: tensor {name!r} assembled {row} rows of {shape[0]}")

@@ -33,6 +33,16 @@ def parameter_count(folder: str | Path) -> int:
     return total
 
 
+def model_element_bytes(dtype: str | None, quantization: str | None) -> int:
+    """Bytes per weight element a model's own settings fix (int8: 1, about: norms and an
+    untied embedding stay 16/32-bit), or 0 when they leave it to the worker's dtype."""
+    if quantization == "int8":
+        return 1
+    if dtype in (None, "auto"):
+        return 0
+    return 4 if dtype == "float32" else 2
+
+
 def element_bytes(dtype: str, device: str) -> int:
     """Bytes per weight element on a worker: its dtype setting ("auto" on CPU: what the CPU
     probe picks; on a GPU the 2-byte dtypes models ship in)."""

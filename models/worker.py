@@ -15,7 +15,7 @@ from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.llama import LlamaModel
-from gpupool.models.loader import load_flat_weights
+from gpupool.models.loader import check_quantization, load_flat_weights
 from gpupool.models.runner import build_batch
 from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
 from gpupool.pool.kv import KVStorage
@@ -49,11 +49,13 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
-                 weight_pool=None, tokenizer: bool = True):
+                 weight_pool=None, tokenizer: bool = True, quantization: str | None = None):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
         they are copied to the device once and stay. Adapter slots live in the pool's arena
-        (its adapter region), so a worker without ``weight_pool`` serves no adapters."""
+        (its adapter region), so a worker without ``weight_pool`` serves no adapters.
+        ``quantization="int8"`` stores the linear layers and the lm_head as int8 with one scale
+        per output row (the rest, activations and adapters stay in ``dtype``)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -62,11 +64,12 @@ class ModelWorker:
         self.cfg = ModelConfig.from_folder(folder)
         self.device = device
         self.dtype = resolve_dtype(dtype, self.cfg, device)
+        self.quantization = check_quantization(quantization)
         # a cluster worker has no text side: it skips the tokenizer (a second of loading)
         self.tokenizer = load_tokenizer(folder) if tokenizer else None
         self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer,
                                            load_if_needed=not tokenizer)
-        self.layout, host = load_flat_weights(folder, self.cfg, self.dtype)
+        self.layout, host = load_flat_weights(folder, self.cfg, self.dtype, self.quantization)
         self.model = LlamaModel(self.cfg, self.dtype, device)
         self.kv_view = kv.model_view(
             self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
@@ -83,11 +86,12 @@ class ModelWorker:
         # when the last one is dropped (or the model is unregistered from the pool)
         self.slots: AdapterSlots | None = None
         self.adapter_targets: dict[str, tuple[str, ...]] = {}
-        logger.info("loaded model %s from %s (%s, %.1f MiB, %d KV tokens per page)", name,
-                    folder, self.dtype, self.layout.num_bytes / 2**20, self.block_tokens)
+        logger.info("loaded model %s from %s (%s%s, %.1f MiB, %d KV tokens per page)", name,
+                    folder, self.dtype, f", {quantization}" if quantization else "",
+                    self.layout.num_bytes / 2**20, self.block_tokens)
 
     def _reload(self) -> torch.Tensor:
-        return load_flat_weights(self.folder, self.cfg, self.dtype)[1]
+        return load_flat_weights(self.folder, self.cfg, self.dtype, self.quantization)[1]
 
     def make_resident(self, keep: frozenset[str] = frozenset()):
         """Ensure the weights are on the device (a swap, or a prefetch's first use: copy and

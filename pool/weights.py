@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 ALIGN_BYTES = 256
+SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales: "<name>_scale"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     offset_bytes: int
+    dtype: torch.dtype
 
     @property
     def numel(self) -> int:
@@ -31,19 +33,34 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """Where each named tensor of one model lives inside its flat buffer."""
+    """Where each named tensor of one model lives inside its flat buffer.
+
+    ``dtype`` is the model's compute dtype. A weight named in ``int8`` is stored as int8
+    (``name``) with one scale per output row in ``dtype`` (``name + "_scale"``, right after
+    it): weight-only quantization, ``W[n, k] ~ int8[n, k] * scale[n]``.
+    """
 
     dtype: torch.dtype
     specs: tuple[TensorSpec, ...]
     num_bytes: int
 
     @classmethod
-    def build(cls, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> WeightLayout:
-        elem = torch.empty((), dtype=dtype).element_size()
-        specs, offset = [], 0
+    def build(cls, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+              int8: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
+        unknown = set(int8) - set(shapes)
+        if unknown:
+            raise ValueError(f"cannot quantize unknown weights {sorted(unknown)}")
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
         for name, shape in shapes.items():
-            specs.append(TensorSpec(name, tuple(shape), offset))
-            nbytes = math.prod(shape) * elem
+            if name in int8:
+                entries.append((name, tuple(shape), torch.int8))
+                entries.append((name + SCALE_SUFFIX, (shape[0],), dtype))
+            else:
+                entries.append((name, tuple(shape), dtype))
+        specs, offset = [], 0
+        for name, shape, dt in entries:
+            specs.append(TensorSpec(name, shape, offset, dt))
+            nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
             offset += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         return cls(dtype, tuple(specs), offset)
 
@@ -55,9 +72,9 @@ class WeightLayout:
         """Typed views into ``buffer``; no copy. ``buffer`` must be uint8 of ``num_bytes``."""
         if buffer.dtype != torch.uint8 or buffer.numel() < self.num_bytes:
             raise ValueError(f"buffer must be uint8 with at least {self.num_bytes} bytes")
-        elem = torch.empty((), dtype=self.dtype).element_size()
         out = {}
         for s in self.specs:
+            elem = torch.empty((), dtype=s.dtype).element_size()
             raw = buffer[s.offset_bytes : s.offset_bytes + s.numel * elem]
-            out[s.name] = raw.view(self.dtype).view(s.shape)
+            out[s.name] = raw.view(s.dtype).view(s.shape)
         return out

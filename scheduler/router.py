@@ -37,17 +37,20 @@ class WorkerView:
         return self.running + self.queued + self.sent
 
 
-def fits_weights(w: WorkerView, model_params: int) -> bool:
-    """Whether the worker's weight region can hold the model (unknown sizes: assume so)."""
-    if not model_params or not w.weight_bytes or not w.element_bytes:
+def fits_weights(w: WorkerView, model_params: int, element_bytes: int = 0) -> bool:
+    """Whether the worker's weight region can hold the model (unknown sizes: assume so);
+    ``element_bytes``: the model's own bytes per weight (its dtype or int8), 0: the worker's."""
+    eb = element_bytes or w.element_bytes
+    if not model_params or not w.weight_bytes or not eb:
         return True
-    return model_params * w.element_bytes <= w.weight_bytes
+    return model_params * eb <= w.weight_bytes
 
 
-def too_large(model: str, model_params: int, workers: list[WorkerView]) -> str:
+def too_large(model: str, model_params: int, workers: list[WorkerView],
+              element_bytes: int = 0) -> str:
     """The message for a model no worker's weight region can hold."""
     best = max(workers, key=lambda w: w.weight_bytes)
-    need = model_params * (best.element_bytes or 2)
+    need = model_params * (element_bytes or best.element_bytes or 2)
     return (f"model {model!r} needs about {need / 2**30:.2f} GiB of weights, more than any "
             f"worker's weight region (largest {best.weight_bytes / 2**30:.2f} GiB, on "
             f"{best.name}); no tensor parallelism yet")
@@ -68,15 +71,16 @@ class Router:
         self.max_queue = max_queue
 
     def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
-              exclude: frozenset[str] = frozenset()) -> Route:
+              exclude: frozenset[str] = frozenset(), element_bytes: int = 0) -> Route:
         """The worker for a request of base model ``model`` (``model_params``: its weight
-        elements, 0 if unknown); ``exclude``: workers not to use (one that just failed it)."""
+        elements, 0 if unknown; ``element_bytes``: the model's own bytes per element, 0: each
+        worker's); ``exclude``: workers not to use (one that just failed it)."""
         live = [w for w in workers if w.alive and not w.draining and w.name not in exclude]
         if not live:
             raise NoWorker("no live worker in the pool")
-        fits = [w for w in live if fits_weights(w, model_params)]
+        fits = [w for w in live if fits_weights(w, model_params, element_bytes)]
         if not fits:
-            raise NoWorker(too_large(model, model_params, live))
+            raise NoWorker(too_large(model, model_params, live, element_bytes))
         for reason, tier in (("resident", [w for w in fits if model in w.resident]),
                              ("cached", [w for w in fits if model in w.cached])):
             ok = [w for w in tier if w.queued + w.sent < self.max_queue]

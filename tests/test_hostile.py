@@ -355,3 +355,26 @@ def test_a_model_may_have_its_own_dtype(env):
     r = c.post("/admin/models", headers=ADMIN,
                json={"name": "quarter", "path": str(env["base"]), "dtype": "int4"})
     assert _err(r, 400, "dtype")
+
+
+def test_a_model_may_be_stored_int8(env):
+    c = env["client"]
+    r = c.post("/admin/models", headers=ADMIN,
+               json={"name": "small", "path": str(env["base"]), "quantization": "int8"})
+    assert r.status_code == 201, r.text
+    try:
+        pool = c.get("/admin/pool", headers=ADMIN).json()
+        small, tiny = pool["models"]["small"], pool["models"]["tiny"]
+        assert small["quantization"] == "int8" and tiny["quantization"] is None
+        assert small["weight_bytes"] < tiny["weight_bytes"] / 2  # fp32 engine: ~1/4
+        r = c.post("/admin/tenants", headers=ADMIN, json={"name": "int8", "models": ["small"]})
+        key = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        r = c.post("/v1/completions", headers=key,
+                   json={"model": "small", "prompt": [1, 2, 3], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        c.delete("/admin/tenants/int8", headers=ADMIN)
+        assert c.delete("/admin/models/small", headers=ADMIN).status_code == 200
+    r = c.post("/admin/models", headers=ADMIN,
+               json={"name": "smaller", "path": str(env["base"]), "quantization": "int4"})
+    assert _err(r, 400, "quantization")

@@ -1,11 +1,14 @@
-"""Paged attention: reference vs dense attention, and Triton (interpreted on CPU) vs reference."""
+"""Paged attention: reference and the torch decode (kernels.decode) vs dense attention, and
+Triton (interpreted on CPU) vs reference."""
 
 import math
 
 import pytest
 import torch
 
-from gpupool.kernels import reference, triton_available
+from gpupool.kernels import decode, reference, triton_available
+
+DECODE = {"reference": reference.paged_attention_decode, "torch": decode.paged_attention_decode}
 
 
 def _paged(lengths, block_tokens, kvh, d, num_pages=64, seed=0, layers=3, layer=1):
@@ -39,21 +42,21 @@ def _dense_attention(q, k, v, scale, causal_offset=None):
     return torch.einsum("hnl,lhd->nhd", s.softmax(-1), v.double()).float()
 
 
+@pytest.mark.parametrize("impl", list(DECODE))
 @pytest.mark.parametrize("block_tokens", [1, 5, 16])
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (4, 2), (6, 1)])
-def test_decode_reference_matches_dense(block_tokens, heads, kvh):
+def test_decode_matches_dense(impl, block_tokens, heads, kvh):
     lengths = [1, 7, 33, 16]
     d = 8
     k_cache, v_cache, bt, dk, dv = _paged(lengths, block_tokens, kvh, d)
     q = torch.randn(len(lengths), heads, d)
-    out = reference.paged_attention_decode(q, k_cache, v_cache, bt,
-                                           torch.tensor(lengths, dtype=torch.int32), 0.3)
+    out = DECODE[impl](q, k_cache, v_cache, bt, torch.tensor(lengths, dtype=torch.int32), 0.3)
     for b in range(len(lengths)):
         want = _dense_attention(q[b : b + 1], dk[b], dv[b], 0.3)[0]
         torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("kernel", ["reference", "torch", "triton"])
 def test_decode_ignores_stale_nan_past_each_sequence(kernel):
     """Pages are reused: what a finished request left past another's end (NaN after a fault)
     must not reach its attention, though padding and partial pages read it."""
@@ -71,13 +74,30 @@ def test_decode_ignores_stale_nan_past_each_sequence(kernel):
                 k_cache[p, t] = float("nan")
                 v_cache[p, t] = float("nan")
     q = torch.randn(len(lengths), heads, d)
-    fn = (reference.paged_attention_decode if kernel == "reference"
-          else paged_attention.paged_attention_decode)
+    fn = DECODE.get(kernel) or paged_attention.paged_attention_decode
     out = fn(q, k_cache, v_cache, bt, torch.tensor(lengths, dtype=torch.int32), 0.3)
     assert torch.isfinite(out).all()
     for b in range(len(lengths)):
         want = _dense_attention(q[b : b + 1], dk[b], dv[b], 0.3)[0]
         torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_decode_in_16_bits_matches_reference(dtype):
+    """bf16/fp16 caches: the torch decode (16-bit matmuls, fp32 softmax) against the
+    reference, both against float64 dense attention: the same order of error."""
+    lengths, heads, kvh, d = [5, 40, 17, 64], 9, 3, 64
+    k_cache, v_cache, bt, dk, dv = _paged(lengths, 16, kvh, d, seed=5)
+    k16, v16 = k_cache.to(dtype), v_cache.to(dtype)
+    q = torch.randn(len(lengths), heads, d).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    got = decode.paged_attention_decode(q, k16, v16, bt, lens, 0.125).float()
+    ref = reference.paged_attention_decode(q, k16, v16, bt, lens, 0.125).float()
+    for b in range(len(lengths)):
+        want = _dense_attention(q[b : b + 1].float(), dk[b].to(dtype).float(),
+                                dv[b].to(dtype).float(), 0.125)[0]
+        err, ref_err = (got[b] - want).abs().max(), (ref[b] - want).abs().max()
+        assert err <= max(2 * ref_err, 1e-2), (b, err, ref_err)
 
 
 @pytest.mark.parametrize("block_tokens", [3, 16])

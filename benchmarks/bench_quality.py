@@ -1,0 +1,108 @@
+"""What bf16 and int8 weights cost in quality on SmolLM2-135M-Instruct, against float32.
+
+For each of --variants (dtype, optionally +int8 weights), in the same run:
+- perplexity of a fixed English text (TEXT below, ~400 tokens) under the engine's own forward
+  pass (every position's logits, float32 softmax), and its ratio to float32's;
+- greedy agreement with float32 on the 8 fixed prompts of bench_engine (48 new tokens each):
+  the share of positions whose token is identical, and the share of tokens before each
+  prompt's first difference (after a difference the two continuations drift apart).
+Usage: python3 benchmarks/bench_quality.py [--json] [--variants float32,bfloat16,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import prompts  # noqa: E402
+from common import cpu_flags, emit, variants  # noqa: E402
+
+from gpupool import Engine, SamplingParams  # noqa: E402
+from gpupool.config import default_home  # noqa: E402
+from gpupool.default_model import ensure_default_model  # noqa: E402
+from gpupool.models.batch import BatchRow  # noqa: E402
+from gpupool.models.runner import build_batch  # noqa: E402
+
+NEW_TOKENS = 48
+TEXT = (
+    "The river rises in the hills north of the town and runs south for about forty miles "
+    "before it meets the sea. For most of the year it is shallow enough to wade across, but "
+    "in early spring, when the snow on the hills melts, it can rise by several feet in a "
+    "single night. The old stone bridge in the centre of the town was built in the "
+    "eighteenth century to replace a wooden one that had been washed away, and it has "
+    "survived every flood since. Farmers along the valley grow wheat, barley and potatoes, "
+    "and many of them keep sheep on the higher ground. The town itself has a market every "
+    "Saturday, a small museum about the history of the valley, and a railway station with "
+    "trains to the city every hour. In summer, visitors come to walk along the river, to "
+    "fish for trout, or to climb the hills for the view of the coast. The local school has "
+    "about three hundred pupils, and most of the teachers live in the town or in the "
+    "villages nearby. When people are asked what they like most about living there, they "
+    "usually mention the quiet streets, the friendly neighbours and the fact that the sea "
+    "is only half an hour away by car. Some of the younger residents, however, say that "
+    "there is not much to do in the evenings and that they would like a cinema."
+)
+
+
+def perplexity(engine: Engine, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ``ids[1:]`` given the prefix, one forward pass."""
+    worker = engine.core.workers["m"]
+    worker.make_resident()
+    pages = engine.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
+    try:
+        row = BatchRow(token_ids=ids, start=0, pages=pages, is_decode=False, samples=True)
+        batch = build_batch([row], worker.block_tokens, worker.device)
+        batch = dataclasses.replace(batch, logits_indices=torch.arange(len(ids) - 1))
+        logits = worker.model.forward(batch, worker.kv_view)
+    finally:
+        engine.kv.pages.free(pages)
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    return math.exp(float(nll))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8,float32+int8")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    folder = ensure_default_model(default_home())
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    texts = prompts(8)
+    result = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
+              "greedy_prompts": len(texts), "greedy_new_tokens": NEW_TOKENS}
+    reference = None
+    for label, dtype, quant in variants(args.variants):
+        engine = Engine(device="cpu", dtype=dtype, quantization=quant)
+        engine.add_model("m", folder)
+        try:
+            ids = engine.tokenize("m", TEXT)
+            ppl = perplexity(engine, ids)
+            outs = [list(o.token_ids) for o in engine.generate(texts, params, model="m")]
+        finally:
+            engine.shutdown()
+        if reference is None:
+            if (dtype, quant) != ("float32", None):
+                raise SystemExit("the first variant must be float32 (the reference)")
+            reference = (ppl, outs)
+            result["text_tokens"] = len(ids)
+        same = sum(a == b for x, y in zip(outs, reference[1]) for a, b in zip(x, y))
+        prefix = 0
+        for x, y in zip(outs, reference[1]):
+            prefix += next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+        total = sum(len(x) for x in outs)
+        result[f"{label}_perplexity"] = round(ppl, 3)
+        result[f"{label}_perplexity_vs_float32"] = round(ppl / reference[0], 4)
+        result[f"{label}_greedy_same_tokens"] = round(same / total, 3)
+        result[f"{label}_greedy_same_prefix"] = round(prefix / total, 3)
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
