@@ -23,6 +23,14 @@ class Tenant:
     name: str
     models: tuple[str, ...]
     limits: dict = field(default_factory=dict, compare=False)  # see api.limits
+    share_prefix_cache: bool = False  # cached prompt KV shared with other tenants
+
+    def cache_salt(self, request_salt: str | None) -> str | None:
+        """The prefix cache namespace of this tenant's requests: its own unless it shares,
+        plus the request's ``cache_salt``."""
+        parts = ([] if self.share_prefix_cache else [f"tenant:{self.name}"]) + (
+            [f"salt:{request_salt}"] if request_salt else [])
+        return "|".join(parts) or None
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -54,7 +62,8 @@ def _lookup(store, key: str | None, tenant_path: str | None) -> Tenant | None:
     spec = store.tenant(name)
     if spec is None:  # deleted between the two reads
         raise _unauthorized("invalid API key")
-    return Tenant(name, tuple(spec["models"]), dict(spec.get("limits") or {}))
+    return Tenant(name, tuple(spec["models"]), dict(spec.get("limits") or {}),
+                  bool(spec.get("share_prefix_cache")))
 
 
 async def authenticate(state, request: Request, tenant_path: str | None) -> Tenant | None:

@@ -33,10 +33,20 @@ class _PoolCollector:
             resident.add_metric([name], 1.0 if m["resident"] else 0.0)
         yield queue
         yield resident
+        pq = CounterMetricFamily("gpupool_prefix_cache_queries",
+                                 "Prompt tokens looked up in the prefix cache", labels=["model"])
+        ph = CounterMetricFamily("gpupool_prefix_cache_hits",
+                                 "Prompt tokens found in the prefix cache", labels=["model"])
+        for name, m in s["models"].items():
+            pq.add_metric([name], m.get("prefix_cache_queries", 0))
+            ph.add_metric([name], m.get("prefix_cache_hits", 0))
+        yield pq
+        yield ph
         kv = GaugeMetricFamily("gpupool_kv_pages", "KV cache pages", labels=["where", "state"])
         p = s["kv_pages"]
         kv.add_metric(["device", "used"], p["used"])
         kv.add_metric(["device", "free"], p["free"])
+        kv.add_metric(["device", "cached"], p.get("cached", 0))
         kv.add_metric(["host", "used"], p["host_used"])
         kv.add_metric(["host", "free"], p["host_total"] - p["host_used"])
         yield kv

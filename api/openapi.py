@@ -57,10 +57,15 @@ class ErrorBody(_Out):
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class PromptTokensDetails(_Out):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(_Out):
@@ -231,6 +236,7 @@ class TenantInfo(_Out):
     created: int
     num_keys: int
     limits: TenantLimits
+    share_prefix_cache: bool
     usage: TenantUsage
 
 

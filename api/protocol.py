@@ -79,6 +79,8 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension: requests with different salts never share cached prompt KV
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
     add_special_tokens: bool | None = None
 
     _default_add_special_tokens = True

@@ -47,11 +47,13 @@ class TenantBody(_Body):
     name: str
     models: list[str]
     limits: Limits | None = None
+    share_prefix_cache: bool = False  # reuse cached prompt KV across tenants
 
 
 class TenantUpdate(_Body):
     models: list[str] | None = None
     limits: Limits | None = None  # replaces the tenant's limits (a missing field: no limit)
+    share_prefix_cache: bool | None = None
 
 
 class KeyBody(_Body):
@@ -132,6 +134,7 @@ def router(state) -> APIRouter:
         return {"name": name, "models": spec["models"], "created": spec["created"],
                 "num_keys": store.num_keys(name),
                 "limits": limits_view(spec.get("limits")),
+                "share_prefix_cache": bool(spec.get("share_prefix_cache")),
                 "usage": state.limiter.usage(name)}
 
     def limits_of(body) -> dict | None:
@@ -145,7 +148,8 @@ def router(state) -> APIRouter:
             raise APIError(409, f"tenant {b.name!r} already exists", param="name",
                            code="tenant_exists")
         key = new_key()
-        store.put_tenant(b.name, names, [hash_key(key)], limits=limits_of(b) or {})
+        store.put_tenant(b.name, names, [hash_key(key)], limits=limits_of(b) or {},
+                         share_prefix_cache=b.share_prefix_cache)
         return JSONResponse({**tenant_view(b.name, store.tenant(b.name)), "api_key": key},
                             status_code=201)
 
@@ -166,7 +170,8 @@ def router(state) -> APIRouter:
         spec = tenant_or_404(name)
         b = await _body(state, request, TenantUpdate)
         models = spec["models"] if b.models is None else check_models(b.models)
-        store.put_tenant(name, models, limits=limits_of(b))
+        store.put_tenant(name, models, limits=limits_of(b),
+                         share_prefix_cache=b.share_prefix_cache)
         return JSONResponse(tenant_view(name, store.tenant(name)))
 
     async def delete_tenant(request, name):

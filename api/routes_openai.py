@@ -57,6 +57,10 @@ class _Choice:
     aborted: bool = False  # an abort was sent to the engine
 
     @property
+    def cached_tokens(self) -> int:
+        return self.text.cached_tokens
+
+    @property
     def finished(self) -> bool:
         return self.last is not None and self.last.finished
 
@@ -209,9 +213,15 @@ class Run:
         # tokens the text side kept: none after a stop string
         return sum(len(c.text.token_ids) for c in self.choices)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (each prompt once, as prompt_tokens)."""
+        return sum(c.cached_tokens for c in self.choices[:: self.n])
+
     def usage(self) -> dict:
         p, c = self.prompt_tokens, self.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 async def _collect(run: Run, request: Request) -> list[RequestOutput] | None:
@@ -408,8 +418,9 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
             seed = None if req.seed is None else req.seed + k
             params = sampling_params(req, max_tokens, route.logprobs(req), seed)
             rid = f"{call_id}-{len(out)}"
+            salt = tenant.cache_salt(req.cache_salt) if tenant else req.cache_salt
             engine_req = EngineRequest(rid, req.model, prompt, params,
-                                       tenant.name if tenant else None)
+                                       tenant.name if tenant else None, cache_salt=salt)
             out.append(_Choice(len(out), engine_req,
                                TextStream(rid, req.model, tokenizer, prompt, params)))
     return out

@@ -51,7 +51,8 @@ def build_state(config: ServerConfig, client: EngineClient) -> AppState:
                             "not applied again (change it through the admin API)", t.name)
                 continue
             hashes = [hash_key(k) for k in t.api_keys] + list(t.key_hashes)
-            store.put_tenant(t.name, list(t.models), hashes, limits=t.limits)
+            store.put_tenant(t.name, list(t.models), hashes, limits=t.limits,
+                             share_prefix_cache=t.share_prefix_cache)
         models = ModelManager(client, store, config)
         asyncio.run(models.load_static())
     except BaseException:

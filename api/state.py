@@ -124,13 +124,18 @@ class StateStore:
         return bool(self.r.exists(PREFIX + "auth")) or self.r.hlen(PREFIX + "tenants") > 0
 
     def put_tenant(self, name: str, models: list[str], key_hashes: list[str] | None = None,
-                   replace_keys: bool = False, limits: dict | None = None) -> None:
+                   replace_keys: bool = False, limits: dict | None = None,
+                   share_prefix_cache: bool | None = None) -> None:
         """Create or update a tenant; ``key_hashes`` are added (or replace its keys);
-        ``limits`` (see ``api.limits``) replace its limits (None: keep them)."""
+        ``limits`` (see ``api.limits``) replace its limits (None: keep them);
+        ``share_prefix_cache``: its requests may reuse (and leave) cached prompt KV across
+        tenants (None: keep; new tenants: False)."""
         old = self.tenant(name)
         created = old["created"] if old else int(time.time())
         if limits is None:
             limits = (old or {}).get("limits") or {}
+        if share_prefix_cache is None:
+            share_prefix_cache = bool((old or {}).get("share_prefix_cache"))
         pipe = self.r.pipeline()
         if replace_keys:
             for h in self._key_hashes(name):
@@ -139,7 +144,8 @@ class StateStore:
             pipe.hset(PREFIX + "keys", h, name)
         pipe.hset(PREFIX + "tenants", name, json.dumps(
             {"models": list(models), "created": created,
-             "limits": {k: v for k, v in limits.items() if v is not None}}))
+             "limits": {k: v for k, v in limits.items() if v is not None},
+             "share_prefix_cache": share_prefix_cache}))
         pipe.set(PREFIX + "auth", "required")
         pipe.execute()
         self._saved()

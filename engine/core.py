@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from gpupool.engine.sampler import logprobs, sample
 from gpupool.messages.errors import AdapterError, RequestError
 from gpupool.messages.types import EngineRequest, OutputDelta, Usage
 from gpupool.models.batch import BatchRow
-from gpupool.pool.pages import PagePool
+from gpupool.pool.pages import PagePool, prefix_root
 from gpupool.scheduler.policy import make_policy
 from gpupool.scheduler.request import Sequence, Status
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -113,6 +114,7 @@ class EngineCore:
     def _drop_adapter(self, name: str) -> None:
         ref = self.adapters.drop(name)
         self.workers[ref.base].remove_adapter(name)
+        self.pages.drop(ref.base, adapter=name)  # a new adapter of that name is another KV
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""
@@ -137,6 +139,7 @@ class EngineCore:
         for adapter in [n for n, r in self.adapters.refs.items() if r.base == name]:
             self._drop_adapter(adapter)
         worker = self.workers.pop(name)
+        self.pages.drop(name, everything=True)
         if worker.weight_pool is not None:
             worker.weight_pool.unregister(name)
         self.scheduler.remove_model(name)
@@ -207,6 +210,8 @@ class EngineCore:
                        adapter=adapter, tenant=req.tenant,
                        output_token_ids=list(req.delivered_token_ids),
                        num_delivered=len(req.delivered_token_ids))
+        if self.scheduler.config.enable_prefix_caching:
+            seq.cache_root = prefix_root(base, adapter, req.cache_salt)
         self.requests[req.request_id] = _Tracked(
             seq, sink, emitted=len(req.delivered_token_ids),
             logprobs=[] if req.params.logprobs is not None else None)
@@ -369,8 +374,10 @@ class EngineCore:
             logprobs=lps,
             finish_reason=seq.finish_reason if finished else None,
             stop_token=tr.stop_token if finished else None,
-            usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids)) if finished else None,
+            usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids),
+                        seq.num_cached_tokens) if finished else None,
             error=error,
+            cached_tokens=seq.num_cached_tokens,
         )
         tr.emitted = len(seq.output_token_ids)
         if tr.sink is not None:
@@ -394,10 +401,19 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         """Pages held by live sequences plus free pages account for the whole pool."""
-        self.pages.check_integrity()
-        held = [p for tr in self.requests.values() for p in tr.seq.pages]
-        assert len(held) == len(set(held)), "a page is held by two sequences"
-        assert len(held) == self.pages.num_used_pages, "a page is used but held by no sequence"
+        holders = Counter(p for tr in self.requests.values() for p in tr.seq.pages)
+        self.pages.check_integrity(dict(holders))  # shared prefix pages: one count per holder
+        for tr in self.requests.values():
+            seq = tr.seq
+            assert len(seq.pages) == len(set(seq.pages)), "a sequence lists a page twice"
+            bt = self.scheduler.block_tokens[seq.model]
+            for i, p in enumerate(seq.pages[: seq.num_indexed_pages]):
+                if self.pages.is_indexed(p) and holders[p] > 1:  # shared: a full page
+                    assert (i + 1) * bt <= seq.num_computed_tokens, "a shared page is partial"
+        for entry in self.pages.entries():
+            assert entry.model in self.workers, f"cached pages of removed model {entry.model}"
+            assert entry.adapter is None or entry.adapter in self.adapters.refs, (
+                f"cached pages of removed adapter {entry.adapter}")
         host = [p for tr in self.requests.values() for p in tr.seq.host_pages]
         if self.scheduler.host_pages is not None:
             self.scheduler.host_pages.check_integrity()

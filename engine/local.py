@@ -275,6 +275,9 @@ class LocalEngine:
                     "removing": name in self.core.removing_models,
                     "waiting": len(sched.waiting.get(name, ())),
                     "running": len(sched.running.get(name, ())),
+                    # prefix cache: prompt tokens looked up, and found cached
+                    "prefix_cache_queries": sched.cache_queries[name],
+                    "prefix_cache_hits": sched.cache_hits[name],
                     "adapter_slots": slots.num_slots if slots is not None else 0,
                     "resident_adapters": list(slots.resident) if slots is not None else [],
                 }
@@ -291,7 +294,10 @@ class LocalEngine:
                     "page_bytes": kv.page_bytes,
                     "total": kv.pages.num_pages,
                     "used": kv.pages.num_used_pages,
-                    "free": kv.pages.num_free_pages,
+                    "free": kv.pages.num_free_pages,  # free or cached-unheld (evictable)
+                    "cached": kv.pages.num_cached_pages,  # in the prefix index
+                    "evictable": kv.pages.num_evictable_pages,  # cached and held by none
+                    "prefix_cache_evictions": kv.pages.num_evicted,
                     "host_total": host.num_pages if host is not None else 0,
                     "host_used": host.num_used_pages if host is not None else 0,
                 },
@@ -353,6 +359,12 @@ class LocalEngine:
     def alive(self) -> bool:
         """False once the engine loop has stopped (shutdown)."""
         return not self._stopped and (self._thread is None or self._thread.is_alive())
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (pages no request holds become free); the entries
+        dropped."""
+        with self._lock:
+            return self.kv.pages.evict_all()
 
     def check_integrity(self) -> None:
         with self._lock:

@@ -43,6 +43,7 @@ class RequestOutput:
     error: str | None = None
     # with SamplingParams.logprobs: one (token id, logprob, ((id, logprob), ...)) per token
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 def tokenize(tokenizer, prompt: str | list[int], vocab_size: int,
@@ -122,6 +123,7 @@ class TextStream:
         self.emitted_chars = self.emitted_tokens = 0
         self.finished = self.stopped = False
         self.stop_reason: str | int | None = None
+        self.cached_tokens = 0
         for token in delivered_token_ids:  # a resumed request: its text so far, no checks
             self.token_ids.append(token)
             append_token(tokenizer, self.detok, token)
@@ -135,6 +137,7 @@ class TextStream:
     def feed(self, delta: OutputDelta) -> RequestOutput | None:
         if self.finished:
             return None
+        self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
         skip = len(self.token_ids) - delta.index
         if skip < 0:
             raise RequestError(f"request {self.request_id}: output tokens from "
@@ -199,6 +202,7 @@ class TextStream:
             stop_reason=self.stop_reason,
             error=error,
             logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
+            cached_tokens=self.cached_tokens,
         )
         self.emitted_chars, self.emitted_tokens = visible, len(self.token_ids)
         return out

@@ -161,6 +161,7 @@ class TenantSpec:
     max_concurrent_requests: int | None = None  # calls in flight; beyond: 429
     max_queued_requests: int | None = None  # of those, waiting for a first token
     tokens_per_minute: int | None = None  # prompt + generated tokens a minute
+    share_prefix_cache: bool = False  # its cached prompt KV is shared with other tenants
 
     @property
     def limits(self) -> dict[str, int | None]:

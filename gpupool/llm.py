@@ -40,7 +40,8 @@ class Engine(LocalEngine):
             raise RequestError(f"model {model!r} is not loaded")
         return tokenize(self.tokenizer(model), prompt, info.vocab_size)
 
-    def _requests(self, prompts, params, model, tenant=None) -> list[EngineRequest]:
+    def _requests(self, prompts, params, model, tenant=None,
+                  cache_salt=None) -> list[EngineRequest]:
         names = [model] * len(prompts) if isinstance(model, str) else list(model)
         if len(names) != len(prompts):
             raise RequestError("give one model name, or one per prompt")
@@ -50,16 +51,19 @@ class Engine(LocalEngine):
                 ids = self.tokenize(name, prompt)
             except RequestError as e:
                 raise RequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from None
-            out.append(EngineRequest(self.new_request_id(), name, ids, p, tenant))
+            out.append(EngineRequest(self.new_request_id(), name, ids, p, tenant,
+                                     cache_salt=cache_salt))
         return out
 
     def generate(self, prompts: str | list[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 model: str | list[str] | None = None) -> list[RequestOutput]:
+                 model: str | list[str] | None = None,
+                 cache_salt: str | None = None) -> list[RequestOutput]:
         """Run prompts to completion; one final output per prompt, in order.
 
         ``model`` names a base model or an adapter, or is a list with one name per prompt,
-        so one call can mix bases and adapters. Every prompt is checked before any is
+        so one call can mix bases and adapters. Requests with different ``cache_salt`` never
+        share cached prompt KV. Every prompt is checked before any is
         queued, so a bad one raises RequestError and nothing of the call runs. Blocks; from
         a thread with a running event loop (a notebook) it runs in a helper thread.
         """
@@ -73,7 +77,7 @@ class Engine(LocalEngine):
         plist = [p or SamplingParams() for p in plist]
         if not isinstance(model, (list, tuple)):
             model = self._model_name(model)
-        requests = self._requests(prompts, plist, model)
+        requests = self._requests(prompts, plist, model, cache_salt=cache_salt)
         tokenizers = {r.model: self.tokenizer(r.model) for r in requests}
         return _run_blocking(self._run_all(requests, tokenizers))
 
@@ -112,14 +116,14 @@ class Engine(LocalEngine):
         return last
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     model: str | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                     model: str | None = None, request_id: str | None = None,
+                     cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens arrive; leaving early aborts the request."""
         name = self._model_name(model)
         ids = self.tokenize(name, prompt)
         tokenizer = self.tokenizer(name)
         req = EngineRequest(request_id or self.new_request_id(), name, ids,
-                            params or SamplingParams())
+                            params or SamplingParams(), cache_salt=cache_salt)
         [stream] = await self.client().submit([req])
         agen = self._outputs(stream, req, tokenizer)
         try:

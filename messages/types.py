@@ -30,7 +30,8 @@ def random_seed() -> int:
 @dataclass(frozen=True)
 class EngineRequest:
     """One sequence to generate. ``model``: a base model or an adapter name; ``tenant``: who
-    asks (batch slots are shared fairly between tenants). ``delivered_token_ids``: output
+    asks (batch slots are shared fairly between tenants); ``cache_salt``: see below.
+    ``delivered_token_ids``: output
     tokens a previous engine already delivered (a resumed request); they stay output tokens
     (they count towards ``max_tokens``, penalties and the sampling index), and generation
     continues after them exactly as the uninterrupted request would have. ``params.seed`` is
@@ -45,6 +46,9 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     tenant: str | None = None
     delivered_token_ids: tuple[int, ...] = ()
+    # prefix cache namespace beside model and adapter: requests with different salts never
+    # share cached KV (the front end puts the tenant here unless its cache is shared)
+    cache_salt: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
@@ -58,6 +62,7 @@ class EngineRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int  # every output token, delivered ones of a resumed request included
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class OutputDelta:
     stop_token: int | None = None  # the stop token id (or EOS) that finished it
     usage: Usage | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (known once it runs)
 
     @property
     def finished(self) -> bool:

@@ -36,6 +36,11 @@ class Sequence:
     last_step: int = -1  # the scheduler step that last ran it (least recently run go first)
     num_delivered: int = 0  # output tokens it arrived with (resumed elsewhere): its SLO clock
     # starts at the first token after them, as a new request's does
+    # prefix caching: the chain's root key (model, adapter, salt), None: not cached
+    cache_root: bytes | None = None
+    page_keys: list[bytes] = field(default_factory=list)  # chain keys of its full pages
+    num_indexed_pages: int = 0  # its first pages that are in the prefix index (or tried)
+    num_cached_tokens: int = 0  # prompt tokens its first admission took from the cache
 
     @property
     def num_tokens(self) -> int:

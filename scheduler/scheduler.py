@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from gpupool.pool.pages import PagePool
+from gpupool.pool.pages import PagePool, page_key
 from gpupool.scheduler.policy import POLICIES, FcfsPolicy, Policy
 from gpupool.scheduler.request import Sequence, Status
 
@@ -41,6 +41,9 @@ class SchedulerConfig:
     # the measured cost of a token), so running streams never stall behind a long prompt;
     # a short prompt not started yet is taken whole if the step stays within twice this
     max_prefill_tokens_while_decoding: int | None = None
+    # full KV pages stay indexed by their prefix (model, adapter, salt, tokens) and a new
+    # request reuses the longest cached chain of its prompt
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -118,6 +121,10 @@ class Scheduler:
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
         self._step = 0
+        self.num_preemptions = 0  # sequences preempted (swapped out or dropped), in total
+        # prefix cache, per model: prompt tokens looked up, and found cached
+        self.cache_queries: Counter[str] = Counter()
+        self.cache_hits: Counter[str] = Counter()
 
     def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30) -> None:
         """``max_adapters``: distinct adapters one step may hold (the device slots)."""
@@ -156,10 +163,12 @@ class Scheduler:
             seq.host_pages = host
         else:
             seq.num_computed_tokens = 0
-        self.pages.free(seq.pages)
+        self.pages.free(seq.pages)  # indexed pages stay cached: a recompute may hit them
         seq.pages = []
+        seq.num_indexed_pages = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.running[seq.model].remove(seq)
         self.waiting[seq.model].appendleft(seq)
 
@@ -284,15 +293,25 @@ class Scheduler:
                 continue
             if seq.host_pages and self._swap_out:  # its swap-in waits for a step without
                 break  # swap-outs (the freed pages may be the ones it would copy into)
+            hit = self._take_cached_prefix(seq)
             num_new = self._num_new(seq, step)
-            if num_new == 0:
-                continue
             need = self._pages_needed(seq, num_new)
             # evicted KV recomputes if this step swaps in: no swap-out beside a swap-in
-            self._evict_others(model, need, step.preempted,
-                               swap=not (seq.host_pages or self._swap_in))
-            if not self.pages.can_allocate(need):
+            if num_new:
+                self._evict_others(model, need, step.preempted,
+                                   swap=not (seq.host_pages or self._swap_in))
+            if num_new == 0 or not self.pages.can_allocate(need):
+                if hit:  # not admitted: the prefix goes back to the cache
+                    self.pages.free(seq.pages)
+                    seq.pages, seq.num_computed_tokens, seq.num_indexed_pages = [], 0, 0
+                if num_new == 0:
+                    continue
                 break
+            if hit and seq.num_preemptions == 0:
+                seq.num_cached_tokens = hit
+            if seq.cache_root is not None and not seq.host_pages:
+                self.cache_queries[model] += seq.num_tokens
+                self.cache_hits[model] += hit
             self.waiting[model].remove(seq)
             seq.pages.extend(self.pages.allocate(need))
             if seq.host_pages:  # resume: bring the swapped KV back into the new pages
@@ -302,6 +321,41 @@ class Scheduler:
             seq.status = Status.RUNNING
             running.append(seq)
             self._take(seq, num_new, step)
+
+    # ---- prefix cache -------------------------------------------------------------------
+    def _page_key(self, seq: Sequence, i: int) -> bytes:
+        """The chain key of the sequence's page ``i`` (its tokens must be known)."""
+        bt = self.block_tokens[seq.model]
+        while len(seq.page_keys) <= i:
+            j = len(seq.page_keys)
+            parent = seq.page_keys[-1] if seq.page_keys else seq.cache_root
+            seq.page_keys.append(page_key(parent, seq.token_ids(j * bt, (j + 1) * bt)))
+        return seq.page_keys[i]
+
+    def _take_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence starting from nothing: hold the longest cached chain of its full
+        pages (never its last token: at least one is computed, to sample from) and skip
+        their tokens. Returns the tokens taken."""
+        if (seq.cache_root is None or seq.pages or seq.host_pages
+                or seq.num_computed_tokens or not self.config.enable_prefix_caching):
+            return 0
+        bt = self.block_tokens[seq.model]
+        hit = self.pages.lookup([self._page_key(seq, i)
+                                 for i in range((seq.num_tokens - 1) // bt)])
+        if not hit:
+            return 0
+        self.pages.share(hit)
+        seq.pages = list(hit)
+        seq.num_computed_tokens = len(hit) * bt
+        seq.num_indexed_pages = len(hit)
+        return seq.num_computed_tokens
+
+    def _index_full_pages(self, seq: Sequence) -> None:
+        """Put the sequence's newly computed full pages in the prefix index."""
+        full = min(seq.num_computed_tokens // self.block_tokens[seq.model], len(seq.pages))
+        for i in range(seq.num_indexed_pages, full):
+            self.pages.register(seq.pages[i], self._page_key(seq, i), seq.model, seq.adapter)
+        seq.num_indexed_pages = max(seq.num_indexed_pages, full)
 
     def _fair_order(self, model: str) -> list[Sequence]:
         """Waiting sequences, tenants interleaved: each one's key is its tenant's running
@@ -348,6 +402,8 @@ class Scheduler:
         """Advance each scheduled sequence past the tokens this step computed."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
+            if s.seq.cache_root is not None and self.config.enable_prefix_caching:
+                self._index_full_pages(s.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence wherever it is and free its pages. Safe to call twice."""

@@ -378,3 +378,40 @@ def test_a_model_may_be_stored_int8(env):
     r = c.post("/admin/models", headers=ADMIN,
                json={"name": "smaller", "path": str(env["base"]), "quantization": "int4"})
     assert _err(r, 400, "quantization")
+
+
+def test_tenants_share_no_cached_prompt_unless_marked(env):
+    """Prefix cache hits show in timing, so tenants get their own namespace unless the
+    operator marks them shared; a request's cache_salt splits it further."""
+    c = env["client"]
+    keys = {}
+    for name, shared in (("pc1", False), ("pc2", False), ("pc3", True), ("pc4", True)):
+        r = c.post("/admin/tenants", headers=ADMIN,
+                   json={"name": name, "models": ["tiny"], "share_prefix_cache": shared})
+        assert r.status_code == 201 and r.json()["share_prefix_cache"] is shared, r.text
+        keys[name] = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    prompt = [3 + (7 * i) % 150 for i in range(70)]  # 2 full pages of 32 tokens, and 6
+
+    def cached(tenant, **extra):
+        r = c.post("/v1/completions", headers=keys[tenant],
+                   json={"model": "tiny", "prompt": prompt, "max_tokens": 2, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    try:
+        assert cached("pc1") == 0 and cached("pc1") == 64
+        assert cached("pc2") == 0  # another tenant: nothing of pc1's
+        assert cached("pc1", cache_salt="x") == 0 and cached("pc1", cache_salt="x") == 64
+        assert cached("pc3") == 0 and cached("pc4") == 64  # both shared: one namespace
+        r = c.post("/v1/completions", headers=keys["pc1"],
+                   json={"model": "tiny", "prompt": "w5", "cache_salt": ""})
+        _err(r, 400, "cache_salt")
+        text = c.get("/metrics", headers=ADMIN).text
+        hits = [line for line in text.splitlines()
+                if line.startswith('gpupool_prefix_cache_hits_total{model="tiny"}')]
+        assert hits and float(hits[0].split()[-1]) >= 3 * 64
+        pool = c.get("/admin/pool", headers=ADMIN).json()
+        assert pool["kv_pages"]["cached"] >= 3 * 2  # three namespaces' two pages
+    finally:
+        for name in keys:
+            c.delete(f"/admin/tenants/{name}", headers=ADMIN)

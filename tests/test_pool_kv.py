@@ -24,7 +24,7 @@ def test_allocate_free_and_integrity():
 def test_integrity_catches_a_lost_page():
     pool = PagePool(3)
     pool.allocate(1)
-    pool._used.clear()  # simulate a leak
+    pool._refs.clear()  # simulate a leak
     with pytest.raises(AssertionError):
         pool.check_integrity()
 

@@ -44,7 +44,8 @@ def test_greedy_completion_counts_its_tokens(env):
     body = r.json()
     assert body["choices"][0]["text"] == "cdefg"
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     req = fake.requests[-1]
     assert req.prompt_token_ids == (97, 98) and req.params.max_tokens == 5
 
