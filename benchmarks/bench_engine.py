@@ -12,7 +12,8 @@ bfloat16 and bfloat16+int8), in the same run:
   token; transformers' forward pass), same dtype (int8: transformers in bf16), and the
   engine's time against the compute bound: 2 x parameters x tokens FLOPs over the matmul
   FLOP/s measured in that dtype (a 1024 x 576 x 1536 product).
-transformers runs a batch with left padding, as its docs recommend. Each figure is the
+transformers runs a batch with left padding, as its docs recommend, in a separate process
+(the engine's process keeps one torch thread team, as ``gpupool serve`` does). Each figure is the
 median of ``--runs`` timed runs after one warm-up. The CPU's flags and the bandwidth are
 printed with the result. Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
 """
@@ -27,7 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_flags, emit, median_seconds, variants  # noqa: E402
+from common import (  # noqa: E402
+    cpu_flags,
+    emit,
+    engine_threads,
+    in_subprocess,
+    median_seconds,
+    variants,
+)
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -92,18 +100,30 @@ def prefill_ids(n: int) -> list[int]:
     return [100 + (7 * i) % 40000 for i in range(n)]
 
 
-def bench_prefill(engine: Engine, model, n: int, runs: int) -> tuple[float, float]:
-    """(engine, transformers) prefill tokens/s of one ``n``-token prompt."""
-    ids = prefill_ids(n)
+def bench_prefill(engine: Engine, n: int, runs: int) -> float:
+    """The engine's prefill tokens/s of one ``n``-token prompt (its time to first token)."""
     one = SamplingParams(max_tokens=1, temperature=0)
-    ours = median_seconds(lambda: engine.generate([ids], one), runs)
-    x = torch.tensor([ids])
+    return n / median_seconds(lambda: engine.generate([prefill_ids(n)], one), runs)
 
-    def forward():
-        with torch.inference_mode():
-            model(x)
 
-    return n / ours, n / median_seconds(forward, runs)
+def transformers_figures(folder: str, dtype: str, batch_sizes: list[int],
+                         prefill: list[int], runs: int) -> dict:
+    """transformers' decode tokens/s per batch size and prefill tokens/s per prompt length
+    (run by ``in_subprocess``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    out = {f"bs{bs}": bench_transformers(model, tok, prompts(bs), runs) for bs in batch_sizes}
+    for n in prefill:
+        x = torch.tensor([prefill_ids(n)])
+
+        def forward(x=x):
+            with torch.inference_mode():
+                model(x)
+
+        out[f"prefill{n}"] = n / median_seconds(forward, runs)
+    return out
 
 
 def main() -> None:
@@ -115,46 +135,48 @@ def main() -> None:
     ap.add_argument("--prefill", default="128,1000", help="prompt lengths for prefill")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = ensure_default_model(default_home())
-    tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
-    bandwidth = read_bandwidth()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    lengths = [int(x) for x in args.prefill.split(",")]
+    threads = engine_threads()  # before any torch work in this process
+    bandwidth = in_subprocess(read_bandwidth)
     result = {
         "model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
-        "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "threads": threads, "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "new_tokens": NEW_TOKENS, "runs": args.runs,
     }
     for label, dtype, quant in variants(args.variants):
-        engine = Engine(device="cpu", dtype=dtype, quantization=quant)
+        ref = in_subprocess(transformers_figures, str(folder), dtype, batch_sizes, lengths,
+                            args.runs)
+        # no prefix cache: the same prompts run again and again here
+        engine = Engine(device="cpu", dtype=dtype, quantization=quant, threads=threads,
+                        enable_prefix_caching=False)
         engine.add_model("smollm2", folder)
         worker = engine.core.workers["smollm2"]
         weight_bytes = worker.layout.num_bytes
         params = sum(s.numel for s in worker.layout.specs if not s.name.endswith("_scale"))
         bound_ms = weight_bytes / bandwidth * 1e3
-        flops = matmul_flops(getattr(torch, dtype))
+        flops = in_subprocess(matmul_flops, getattr(torch, dtype))
         result[f"{label}_weight_bytes_per_decode_step"] = weight_bytes
         result[f"{label}_decode_bound_ms"] = round(bound_ms, 2)
         result[f"{label}_matmul_gflop_s"] = round(flops / 1e9, 1)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=getattr(torch, dtype)).eval()
-        for bs in (int(b) for b in args.batch_sizes.split(",")):
+        for bs in batch_sizes:
             batch = prompts(bs)
             full = bench_engine(engine, batch, args.runs)
             first = bench_engine(engine, batch, args.runs, new_tokens=1)
             step_ms = (full - first) / (NEW_TOKENS - 1) * 1e3
             ours = bs * NEW_TOKENS / full
-            ref = bench_transformers(model, tok, batch, args.runs)
+            theirs = ref[f"bs{bs}"]
             result[f"{label}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
-            result[f"{label}_transformers_tok_s_bs{bs}"] = round(ref, 1)
-            result[f"{label}_ratio_vs_transformers_bs{bs}"] = round(ours / ref, 3)
+            result[f"{label}_transformers_tok_s_bs{bs}"] = round(theirs, 1)
+            result[f"{label}_ratio_vs_transformers_bs{bs}"] = round(ours / theirs, 3)
             result[f"{label}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
             result[f"{label}_decode_step_vs_bound_bs{bs}"] = round(step_ms / bound_ms, 2)
-        for n in (int(x) for x in args.prefill.split(",")):
-            ours, ref = bench_prefill(engine, model, n, args.runs)
+        for n in lengths:
+            ours, theirs = bench_prefill(engine, n, args.runs), ref[f"prefill{n}"]
             result[f"{label}_prefill_tok_s_{n}"] = round(ours)
-            result[f"{label}_transformers_prefill_tok_s_{n}"] = round(ref)
-            result[f"{label}_prefill_ratio_vs_transformers_{n}"] = round(ours / ref, 2)
+            result[f"{label}_transformers_prefill_tok_s_{n}"] = round(theirs)
+            result[f"{label}_prefill_ratio_vs_transformers_{n}"] = round(ours / theirs, 2)
             compute_s = 2 * params * n / flops
             result[f"{label}_prefill_vs_compute_bound_{n}"] = round(n / ours / compute_s, 2)
         engine.shutdown()

@@ -75,9 +75,9 @@ async def run_workload(engine: Engine, convs: list[dict]) -> dict:
     async def turn(conv: dict, t: int) -> None:
         nonlocal generated
         conv["history"].append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
-        ids = tok.apply_chat_template(conv["history"], add_generation_prompt=True,
-                                      tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = tok.apply_chat_template(conv["history"], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
         start, ttft, last = time.perf_counter(), None, None
         async for out in engine.stream(ids, params, model=conv["model"],
                                        cache_salt=conv["tenant"]):

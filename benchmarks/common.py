@@ -48,3 +48,25 @@ def variants(text: str) -> list[tuple[str, str, str | None]]:
         dtype, _, quant = item.strip().partition("+")
         out.append((item.strip(), dtype, quant or None))
     return out
+
+
+def in_subprocess(fn, *args):
+    """``fn(*args)`` in a fresh process (spawned: no torch state shared). Benchmarks run
+    their baselines there: a second torch thread team in the engine's process (the baseline
+    on the main thread beside the engine's step loop) slows both by about a quarter, which
+    a server process never pays (gpupool's CLI keeps its main thread to one torch thread)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, *args).result()
+
+
+def engine_threads() -> int:
+    """As ``gpupool serve`` does: the step loop gets torch's thread count, this (main) thread
+    one thread, so the engine's process has one OpenMP team (see LocalEngine._loop)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads

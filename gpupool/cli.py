@@ -12,6 +12,17 @@ import sys
 from gpupool.default_model import DEFAULT_MODEL
 
 
+def _engine_threads(requested: int | None = None) -> int:
+    """The step loop's CPU threads; this (main) thread then uses one, so its torch work
+    (allocating the arena, loading weights) never starts a second OpenMP team beside the
+    loop's (see ``LocalEngine._loop``: that costs the step a quarter of its speed)."""
+    import torch
+
+    threads = requested or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
 def _generate(args) -> int:
     from gpupool import AdapterError, Engine, ModelLoadError, RequestError, SamplingParams
 
@@ -23,7 +34,7 @@ def _generate(args) -> int:
         print(f"gpupool: error: {e}", file=sys.stderr)
         return 2
     engine = Engine(device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
-                    quantization=args.quantization)
+                    quantization=args.quantization, threads=_engine_threads())
     try:
         engine.add_model("model", args.model)
         name = "model"
@@ -87,6 +98,7 @@ def _serve(args) -> int:
         else:
             from gpupool.llm import local_client
 
+            config.engine.setdefault("threads", _engine_threads())
             client = local_client(config)
         serve(config, client)
     except redis_errors() as e:
@@ -121,10 +133,7 @@ def _worker(args) -> int:
         for key in ("device", "dtype", "policy", "quantization"):
             if getattr(args, key) is not None:
                 engine[key] = getattr(args, key)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        engine["threads"] = _engine_threads(args.threads or engine.get("threads"))
         if args.metrics_port is not None and not (args.metrics_key or args.public_metrics):
             raise ValueError("--metrics-port needs --metrics-key (or --public-metrics)")
         run_worker(args.redis_url, args.name, Config.from_env(**engine),

@@ -76,6 +76,8 @@ class Config:
     # int8: every model's linear layers and lm_head stored int8 (weight-only, per-row scales)
     quantization: str | None = None  # None | "none" | "int8"; a model may set its own
     kernels: str = "auto"  # auto | reference | triton
+    # CPU threads of the step loop (None: torch's count in the thread that makes the engine)
+    threads: int | None = None
     home: Path = field(default_factory=default_home)
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -239,7 +239,10 @@ class WeightPool:
     def _start_copy(self, dst: torch.Tensor, src: torch.Tensor):
         if self._stream is None:
             if self._copier is None:
-                self._copier = ThreadPoolExecutor(1, thread_name_prefix="gpupool-prefetch")
+                # one intra-op thread: a second OpenMP team would slow the step loop's
+                self._copier = ThreadPoolExecutor(1, thread_name_prefix="gpupool-prefetch",
+                                                  initializer=torch.set_num_threads,
+                                                  initargs=(1,))
             return self._copier.submit(dst.copy_, src)
         # the slab's last reader (an evicted model's step) must be done before it is
         # overwritten: the copy stream waits for the work queued on the compute stream
