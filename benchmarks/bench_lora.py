@@ -3,7 +3,8 @@
 --requests (32) requests, 64 new tokens each (exactly: ignore_eos / min_new_tokens), greedy,
 over --distinct adapters (request i uses adapter i mod k), rank 16 on all seven projections,
 adapters made by peft with random non-zero B; for each of --variants (dtype, +int8: an int8
-base, against peft in bf16). In the same run:
+base, against peft in bf16). peft runs in a separate process (the engine's keeps one torch
+thread team, as ``gpupool serve`` does). In the same run:
   gpupool        the engine, one continuous batch mixing the adapters (SGMV path);
   no_lora        the engine on the same prompts with the base model only;
   peft_seq       peft, one adapter at a time (set_adapter, that adapter's requests batched);
@@ -24,7 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import prompts  # noqa: E402
-from common import cpu_flags, emit, median_seconds, variants  # noqa: E402
+from common import (  # noqa: E402
+    cpu_flags,
+    emit,
+    engine_threads,
+    in_subprocess,
+    median_seconds,
+    variants,
+)
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -32,6 +40,12 @@ from gpupool.default_model import ensure_default_model  # noqa: E402
 
 NEW_TOKENS, RANK = 64, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_adapters(folder: str, out: str, n: int) -> dict[str, str]:
+    """``make_adapters`` for ``in_subprocess``: the adapters' folders by name."""
+    _, paths = make_adapters(Path(folder), Path(out), n)
+    return {name: str(p) for name, p in paths.items()}
 
 
 def make_adapters(folder: Path, out: Path, n: int):
@@ -55,6 +69,44 @@ def make_adapters(folder: Path, out: Path, n: int):
     return model.eval(), paths
 
 
+def peft_figures(folder: str, paths: dict, dtype: str, n: int, distinct: list[int],
+                 runs: int) -> dict:
+    """peft's seconds for the workload per adapter count: one adapter at a time, and its
+    mixed-adapter batch (run by ``in_subprocess``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    names = sorted(paths)
+    model = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(paths[name], adapter_name=name)
+    model.to(getattr(torch, dtype)).eval()
+    texts = prompts(n)
+
+    def generate(batch, adapters=None):
+        enc = tok(batch, return_tensors="pt", padding=True)
+        kw = {"adapter_names": adapters} if adapters else {}
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False, pad_token_id=tok.pad_token_id, **kw)
+
+    out = {}
+    for k in distinct:
+        adapters = [f"a{i % k}" for i in range(n)]
+
+        def seq(adapters=adapters):
+            for a in sorted(set(adapters)):
+                model.set_adapter(a)
+                generate([t for t, m in zip(texts, adapters) if m == a])
+
+        out[f"seq{k}"] = median_seconds(seq, runs, warmup=False)
+        out[f"mixed{k}"] = median_seconds(lambda a=adapters: generate(texts, a), runs,
+                                          warmup=False)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -64,34 +116,27 @@ def main() -> None:
     ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from transformers import AutoTokenizer
-
+    threads = engine_threads()  # before any torch work in this process
     n = args.requests
     folder = ensure_default_model(default_home())
-    tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
     texts = prompts(n)
     tmp = Path(tempfile.mkdtemp(prefix="gpupool-bench-lora-"))
     distinct = [int(x) for x in args.distinct.split(",")]
-    peft_model, paths = make_adapters(folder, tmp, max(distinct))
+    paths = in_subprocess(save_adapters, str(folder), str(tmp), max(distinct))
     ours_params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     total = n * NEW_TOKENS
     result = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
-              "threads": torch.get_num_threads(), "requests": n,
+              "threads": threads, "requests": n,
               "new_tokens": NEW_TOKENS, "rank": RANK, "targets": "all 7 projections",
               "runs": args.runs}
-
-    def peft_generate(batch, names=None):
-        enc = tok(batch, return_tensors="pt", padding=True)
-        kw = {"adapter_names": names} if names else {}
-        with torch.inference_mode():
-            peft_model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                do_sample=False, pad_token_id=tok.pad_token_id, **kw)
-
     for label, dtype, quant in variants(args.variants):
-        peft_model.to(getattr(torch, dtype))
-        result[f"{label}_peft_dtype"] = dtype
+        peft_dtype = dtype
+        result[f"{label}_peft_dtype"] = peft_dtype
+        ref = in_subprocess(peft_figures, str(folder), paths, peft_dtype, n, distinct,
+                            args.runs)
         engine = Engine(device="cpu", dtype=dtype, quantization=quant, max_lora_rank=RANK,
-                        max_loras_on_device=max(distinct))
+                        max_loras_on_device=max(distinct), threads=threads,
+                        enable_prefix_caching=False)
         engine.add_model("base", folder)
         for name, path in paths.items():
             engine.add_adapter(name, "base", path)
@@ -103,21 +148,12 @@ def main() -> None:
             ours = median_seconds(
                 lambda names=names, e=engine: e.generate(texts, ours_params, model=names),
                 args.runs)
-
-            def seq(names=names):
-                for a in sorted(set(names)):
-                    peft_model.set_adapter(a)
-                    peft_generate([t for t, m in zip(texts, names) if m == a])
-
-            peft_seq = median_seconds(seq, args.runs, warmup=False)
-            peft_mixed = median_seconds(lambda names=names: peft_generate(texts, names),
-                                        args.runs, warmup=False)
             p = f"{label}_"
             result[f"{p}gpupool_tok_s_{k}"] = round(total / ours, 1)
-            result[f"{p}peft_sequential_tok_s_{k}"] = round(total / peft_seq, 1)
-            result[f"{p}peft_mixed_tok_s_{k}"] = round(total / peft_mixed, 1)
-            result[f"{p}ratio_vs_peft_sequential_{k}"] = round(peft_seq / ours, 3)
-            result[f"{p}ratio_vs_peft_mixed_{k}"] = round(peft_mixed / ours, 3)
+            result[f"{p}peft_sequential_tok_s_{k}"] = round(total / ref[f"seq{k}"], 1)
+            result[f"{p}peft_mixed_tok_s_{k}"] = round(total / ref[f"mixed{k}"], 1)
+            result[f"{p}ratio_vs_peft_sequential_{k}"] = round(ref[f"seq{k}"] / ours, 3)
+            result[f"{p}ratio_vs_peft_mixed_{k}"] = round(ref[f"mixed{k}"] / ours, 3)
             result[f"{p}ratio_vs_no_lora_{k}"] = round(base_s / ours, 3)
         engine.shutdown()
     emit(result, args.json)

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_lora import make_adapters  # noqa: E402
-from common import cpu_flags, emit  # noqa: E402
+from bench_lora import save_adapters  # noqa: E402
+from common import cpu_flags, emit, engine_threads, in_subprocess  # noqa: E402
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -105,12 +105,15 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=6)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    threads = engine_threads()  # as gpupool serve: one torch thread team in this process
     folder = ensure_default_model(default_home())
-    _, paths = make_adapters(folder, Path(tempfile.mkdtemp(prefix="gpupool-bench-prefix-")), 2)
+    paths = in_subprocess(save_adapters, str(folder),
+                          tempfile.mkdtemp(prefix="gpupool-bench-prefix-"), 2)
     result = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
               "conversations": args.conversations, "reply_tokens": REPLY_TOKENS}
     for caching in (True, False):
-        engine = Engine(device="cpu", enable_prefix_caching=caching, max_lora_rank=16)
+        engine = Engine(device="cpu", enable_prefix_caching=caching, max_lora_rank=16,
+                        threads=threads)
         engine.add_model("base", folder)
         for name, path in paths.items():
             engine.add_adapter(name, "base", path)

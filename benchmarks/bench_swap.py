@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_flags, emit, median_seconds, variants  # noqa: E402
+from common import (  # noqa: E402
+    cpu_flags,
+    emit,
+    engine_threads,
+    in_subprocess,
+    median_seconds,
+    variants,
+)
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
@@ -47,11 +54,20 @@ e.shutdown()
 """
 
 
-def switch_costs(folder: Path, dtype: str, quantization: str | None, runs: int) -> dict:
+def raw_copy_seconds(nbytes: int, runs: int) -> float:
+    """One copy of ``nbytes`` between two preallocated buffers, every torch thread (run by
+    ``in_subprocess``)."""
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    return median_seconds(lambda: dst.copy_(src), runs)
+
+
+def switch_costs(folder: Path, dtype: str, quantization: str | None, runs: int,
+                 threads: int) -> dict:
     one = SamplingParams(max_tokens=1, temperature=0)
     nbytes = build_layout(ModelConfig.from_folder(folder), getattr(torch, dtype),
                           quantization).num_bytes
-    engine = Engine(device="cpu", dtype=dtype, quantization=quantization,
+    engine = Engine(device="cpu", dtype=dtype, quantization=quantization, threads=threads,
                     weight_bytes=nbytes)  # room for one model's weights
     engine.add_model("a", folder)
     engine.add_model("b", folder)
@@ -67,9 +83,7 @@ def switch_costs(folder: Path, dtype: str, quantization: str | None, runs: int) 
         residency.append(engine.weights.swap_seconds - seconds)
     warm_b = median_seconds(lambda: engine.generate(PROMPT, one, model="b"), runs)
     engine.shutdown()
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8)
-    raw = median_seconds(lambda: dst.copy_(src), runs)
+    raw = in_subprocess(raw_copy_seconds, nbytes, runs)
     out = {
         "weight_bytes": nbytes,
         "residency_s": round(statistics.median(residency), 4),
@@ -88,11 +102,12 @@ def main() -> None:
     ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    threads = engine_threads()  # as gpupool serve: one torch thread team in this process
     folder = ensure_default_model(default_home())
     result = {"model": "SmolLM2-135M-Instruct x2", "device": "cpu", "cpu": cpu_flags(),
               "runs": args.runs}
     for label, dtype, quant in variants(args.variants):
-        for key, value in switch_costs(folder, dtype, quant, args.runs).items():
+        for key, value in switch_costs(folder, dtype, quant, args.runs, threads).items():
             result[f"{label}_{key}"] = value
     cold = []
     for _ in range(max(3, args.runs // 2)):
