@@ -2,8 +2,8 @@
 
 Every field is honoured or refused. Fields nobody knows are ignored with one log line per
 field name (newer clients keep working, as with vLLM); known fields that would change the
-output in a way gpupool does not implement (``REFUSED``: penalties other than
-``repetition_penalty``, ``logit_bias``, tools, guided decoding, beam search, ...) get a 400
+output in a way gpupool does not implement (``REFUSED``: tools, guided decoding, beam
+search, ...) get a 400
 naming the field unless they hold the value that changes nothing.
 """
 
@@ -23,7 +23,6 @@ MAX_N = 16
 
 # field -> the values that change nothing (absent counts as None)
 REFUSED: dict[str, tuple] = {
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
     "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
@@ -75,6 +74,9 @@ class _Common(BaseModel):
     min_tokens: int | None = None  # vLLM's extension
     repetition_penalty: float | None = None  # vLLM's extension
     allowed_token_ids: list[int] | None = None  # vLLM's extension
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string in JSON) -> bias
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -206,6 +208,9 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             min_tokens=req.min_tokens or 0,
             allowed_token_ids=req.allowed_token_ids,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            logit_bias=req.logit_bias or None,
         )
     except ValueError as e:
         word = str(e).split(" ", 1)[0]
@@ -214,4 +219,5 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
 
 _FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
            "logprobs", "repetition_penalty", "min_p", "min_tokens", "allowed_token_ids",
-           "include_stop_str_in_output"}
+           "include_stop_str_in_output", "frequency_penalty", "presence_penalty",
+           "logit_bias"}

@@ -176,8 +176,10 @@ class EngineCore:
                 f"{params.max_tokens}); lower max_tokens"
             )
         allowed = params.allowed_token_ids
+        biased = [t for t, _ in params.logit_bias or ()]
         for name, ids in (("allowed_token_ids", allowed), ("stop_token_ids",
-                                                           params.stop_token_ids)):
+                                                           params.stop_token_ids),
+                          ("logit_bias", biased)):
             if ids and max(ids) >= vocab:
                 raise RequestError(f"{name} must be below the vocabulary size {vocab}")
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos

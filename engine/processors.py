@@ -1,12 +1,15 @@
 """Logits processors: per-request changes to a batch of logits before sampling.
 
-vLLM's formulas, applied batched and in this order:
+vLLM's formulas, applied batched and in vLLM's order:
 
-1. repetition_penalty: each token id seen in the row's prompt or output has a positive logit
-   divided by the penalty and a non-positive one multiplied by it (1: off).
+1. allowed_token_ids: every other id gets -inf (ids >= the vocabulary size are ignored).
 2. min_tokens: while the row has fewer output tokens than min_tokens, its stop_token_ids and
    (unless ignore_eos) the model's EOS ids get -inf, so nothing ends the output early.
-3. allowed_token_ids: every other id gets -inf (ids >= the vocabulary size are ignored).
+3. logit_bias: each listed id's logit gains its bias.
+4. repetition_penalty: each token id seen in the row's prompt or output has a positive logit
+   divided by the penalty and a non-positive one multiplied by it (1: off).
+5. frequency_penalty: each id's logit loses the penalty times its count in the output.
+6. presence_penalty: each id in the output loses the penalty once.
 
 They are deterministic and never touch a ``torch.Generator`` or the global RNG, so seeded
 sampling stays reproducible. Rows that need none come out bit-identical (in float32).
@@ -29,10 +32,12 @@ def apply_processors(
     eos_ids: Sequence[int],
 ) -> torch.Tensor:
     """Semantics: x = logits.float(); for each row r with params[r].needs_processors:
-    seen = prompt_ids[r] + output_ids[r]; x[r, seen] = where(x[r, seen] > 0,
-    x[r, seen] / rp, x[r, seen] * rp); if len(output_ids[r]) < min_tokens:
-    x[r, stop_token_ids + eos_ids (unless ignore_eos)] = -inf; if allowed_token_ids:
-    x[r, ~isin(arange(V), allowed)] = -inf. Returns logits itself when no row needs any.
+    if allowed_token_ids: x[r, ~isin(arange(V), allowed)] = -inf; if len(output_ids[r]) <
+    min_tokens: x[r, stop_token_ids + eos_ids (unless ignore_eos)] = -inf;
+    x[r, id] += bias for (id, bias) in logit_bias; seen = prompt_ids[r] + output_ids[r];
+    x[r, seen] = where(x[r, seen] > 0, x[r, seen] / rp, x[r, seen] * rp);
+    x[r] -= frequency_penalty * count(output_ids[r]) + presence_penalty * (count > 0).
+    Returns logits itself when no row needs any.
 
     logits: [R, V] any float dtype and device; params, prompt_ids, output_ids: R each;
     eos_ids: the model's EOS ids. Returns float32 [R, V] on logits' device.
@@ -42,16 +47,6 @@ def apply_processors(
     n_rows, vocab = logits.shape
     device = logits.device
     x = logits.float()  # may alias logits: only out-of-place ops below
-
-    penalized = {r: list(prompt_ids[r]) + list(output_ids[r])
-                 for r, p in enumerate(params) if p.repetition_penalty != 1.0}
-    if penalized:
-        pen = torch.ones(n_rows, 1, dtype=torch.float32)
-        for r in penalized:
-            pen[r] = params[r].repetition_penalty
-        pen = pen.to(device)
-        seen = _id_mask(n_rows, vocab, device, penalized)
-        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
 
     banned_ids = {r: list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
                   for r, p in enumerate(params) if len(output_ids[r]) < p.min_tokens}
@@ -64,6 +59,37 @@ def apply_processors(
             restricted[list(allowed)] = True
             banned |= restricted.to(device) & ~_id_mask(n_rows, vocab, device, allowed)
         x = x.masked_fill(banned, float("-inf"))
+
+    biased = {r: p.logit_bias for r, p in enumerate(params) if p.logit_bias is not None}
+    if biased:
+        bias = torch.zeros(n_rows, vocab, dtype=torch.float32)
+        for r, pairs in biased.items():
+            ids = [t for t, _ in pairs if t < vocab]
+            bias[r, ids] = torch.tensor([b for t, b in pairs if t < vocab])
+        x = x + bias.to(device)
+
+    penalized = {r: list(prompt_ids[r]) + list(output_ids[r])
+                 for r, p in enumerate(params) if p.repetition_penalty != 1.0}
+    if penalized:
+        pen = torch.ones(n_rows, 1, dtype=torch.float32)
+        for r in penalized:
+            pen[r] = params[r].repetition_penalty
+        pen = pen.to(device)
+        seen = _id_mask(n_rows, vocab, device, penalized)
+        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+
+    counted = [r for r, p in enumerate(params)
+               if p.frequency_penalty != 0 or p.presence_penalty != 0]
+    if counted:
+        counts = torch.zeros(n_rows, vocab, dtype=torch.float32)
+        freq = torch.zeros(n_rows, 1, dtype=torch.float32)
+        pres = torch.zeros(n_rows, 1, dtype=torch.float32)
+        for r in counted:
+            ids = torch.tensor([t for t in output_ids[r] if t < vocab], dtype=torch.long)
+            counts[r].index_add_(0, ids, torch.ones(len(ids)))
+            freq[r], pres[r] = params[r].frequency_penalty, params[r].presence_penalty
+        counts = counts.to(device)
+        x = x - freq.to(device) * counts - pres.to(device) * (counts > 0).float()
     return x
 
 

@@ -9,6 +9,9 @@ MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 # a penalty outside this range only overflows float32 logits (vLLM asks > 0 and no more)
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's range)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,11 @@ class SamplingParams:
     drop tokens whose probability is below min_p times the most likely one's (0: off);
     min_tokens: no EOS, stop token or stop string ends the output before this many tokens;
     allowed_token_ids: only these ids may be generated (None: all);
-    include_stop_str_in_output: keep the matched stop string at the end of the text.
+    include_stop_str_in_output: keep the matched stop string at the end of the text;
+    frequency_penalty, presence_penalty: in [-2, 2]; each output token's logit loses
+    frequency_penalty times the times it was generated so far, and presence_penalty once if
+    it was (0: off); logit_bias: token id -> a value in [-100, 100] added to its logit
+    (a dict, or (id, value) pairs; kept as sorted pairs).
     """
 
     max_tokens: int = 16
@@ -45,6 +52,9 @@ class SamplingParams:
     min_tokens: int = 0
     allowed_token_ids: list[int] | tuple[int, ...] | None = None
     include_stop_str_in_output: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | tuple | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -95,12 +105,18 @@ class SamplingParams:
             object.__setattr__(self, "allowed_token_ids", allowed)
         if not isinstance(self.include_stop_str_in_output, bool):
             bad("include_stop_str_in_output must be a boolean")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def needs_processors(self) -> bool:
         """Whether any logits processor changes this request's logits before sampling."""
         return (self.repetition_penalty != 1.0 or self.min_tokens > 0
-                or self.allowed_token_ids is not None)
+                or self.allowed_token_ids is not None or self.frequency_penalty != 0
+                or self.presence_penalty != 0 or self.logit_bias is not None)
 
     @property
     def is_greedy(self) -> bool:
@@ -110,3 +126,29 @@ class SamplingParams:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...] | None:
+    """``{id: bias}`` (ids as ints or digit strings, as JSON has them) or pairs -> sorted
+    pairs; ValueError naming logit_bias when malformed."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ValueError("logit_bias must map token ids to numbers") from None
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+    out = {}
+    for k, v in pairs:
+        if isinstance(k, str) and k.strip().isdigit():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), "
+                             f"got {k!r}")
+        if not _is_number(v) or not math.isfinite(v) or abs(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, "
+                             f"{MAX_LOGIT_BIAS:g}], got {v!r}")
+        out[k] = float(v)
+    return tuple(sorted(out.items())) or None

@@ -166,3 +166,55 @@ def test_processors_do_not_modify_float32_input():
     params = [SamplingParams(repetition_penalty=2.0, allowed_token_ids=[1]), SamplingParams()]
     got = apply_processors(logits, params, [[1, 2], [3]], [[4], []], EOS)
     assert torch.equal(logits, before) and got is not logits
+
+
+# ---- frequency / presence penalties and logit_bias (vLLM's formulas and order) ----------------
+def test_frequency_and_presence_penalties_by_hand():
+    """Row 0 generated [1, 1, 2] after prompt [3]: token 1 loses 2 x 0.5 + 0.25, token 2
+    loses 0.5 + 0.25, token 3 (prompt only) and token 0 keep theirs; row 1 asks nothing and
+    is untouched."""
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5], [1.0, 2.0, -1.0, 0.5]])
+    params = [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), SamplingParams()]
+    out = apply_processors(logits, params, [[3], [3]], [[1, 1, 2], [1, 1, 2]], [])
+    assert out[0].tolist() == [1.0, 0.75, -1.75, 0.5]
+    assert torch.equal(out[1], logits[1])
+
+
+def test_negative_penalties_reward_repeats():
+    logits = torch.zeros(1, 3)
+    out = apply_processors(logits, [SamplingParams(frequency_penalty=-1.0,
+                                                   presence_penalty=-0.5)],
+                           [[]], [[2, 2, 2]], [])
+    assert out.tolist() == [[0.0, 0.0, 3.5]]
+
+
+def test_logit_bias_comes_before_repetition_penalty():
+    """vLLM adds the bias, then penalises: 1.0 - 2.0 = -1.0 seen -> -1.0 * 2 = -2.0 (the other
+    order would give 1.0 / 2 - 2.0 = -1.5)."""
+    logits = torch.tensor([[1.0, 0.0, 0.0]])
+    p = SamplingParams(logit_bias={"0": -2.0, 2: 3.0}, repetition_penalty=2.0)
+    out = apply_processors(logits, [p], [[0]], [[]], [])
+    assert out.tolist() == [[-2.0, 0.0, 3.0]]
+    assert p.logit_bias == ((0, -2.0), (2, 3.0))  # normalised: sorted (id, bias) pairs
+
+
+def test_logit_bias_matches_transformers_sequence_bias():
+    from transformers import SequenceBiasLogitsProcessor
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 50, generator=g)
+    bias = {4: 1.5, 17: -3.0, 49: 0.25}
+    theirs = SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()})(
+        torch.tensor([[1, 2], [3, 5]]), logits.clone())
+    ours = apply_processors(logits, [SamplingParams(logit_bias=bias)] * 2, [[1, 2], [3, 5]],
+                            [[], []], [])
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"frequency_penalty": 2.5}, {"presence_penalty": -3}, {"logit_bias": {"a": 1}},
+    {"logit_bias": {5: float("nan")}}, {"logit_bias": {5: 101}}, {"logit_bias": {-1: 1}},
+    {"logit_bias": [(1, 2, 3)]}])
+def test_bad_penalties_and_biases_are_refused(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)

@@ -101,9 +101,12 @@ def test_messages_cross_a_wire_as_json():
     msgs = [
         EngineRequest("r", "m", [1, 2], SamplingParams(stop=["x"], seed=3, logprobs=2),
                       tenant="t", delivered_token_ids=[4]),
+        EngineRequest("s", "m", [1], SamplingParams(logit_bias={"5": 2.0}, seed=1,
+                                                    frequency_penalty=0.5),
+                      cache_salt="tenant:t"),
         OutputDelta("r", 1, (5, 6), ((5, -0.5, ((5, -0.5), (7, -2.0))), (6, -1.0, ())),
-                    "stop", 6, Usage(2, 3)),
-        AddModel("m", "/p", 100.0, None),
+                    "stop", 6, Usage(2, 3, 1), cached_tokens=1),
+        AddModel("m", "/p", 100.0, None, "bfloat16", "int8"),
         Stats("cpu", "token", {"kv": {"bytes": 1}}, {}, {}, ("m",),
               {"type": {"resident_adapters": ["a"]}}, {"a": "type"}, 1),
     ]

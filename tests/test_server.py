@@ -194,7 +194,9 @@ def test_chat_logprobs(client):
     ({"model": "tiny", "prompt": "w1", "n": 0}, "n"),
     ({"model": "tiny"}, "prompt"),
     ({"model": "tiny", "prompt": [1, "x"]}, "prompt"),
-    ({"model": "tiny", "prompt": "w1", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "w1", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "w1", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "w1", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"model": "tiny", "prompt": "w1", "stream_options": {"include_usage": True}},
      "stream_options"),
 ])
