@@ -9,6 +9,7 @@ naming the field unless they hold the value that changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -83,6 +84,8 @@ class _Common(BaseModel):
     user: str | None = None
     # vLLM's extension: requests with different salts never share cached prompt KV
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}
+    response_format: dict[str, Any] | None = None
     add_special_tokens: bool | None = None
 
     _default_add_special_tokens = True
@@ -149,15 +152,11 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
 
     _default_add_special_tokens = False  # the chat template places the special tokens
 
     def check_unsupported(self, body: dict) -> None:
         super().check_unsupported(body)
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "only response_format type 'text' is supported",
-                           param="response_format", code="unsupported_field")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
@@ -188,6 +187,25 @@ def parse(cls: type[BaseModel], body: Any, route: str):
     return req
 
 
+def structured(req: _Common) -> tuple[str, str] | None:
+    """``response_format`` as SamplingParams.structured (OpenAI's shapes); 400 otherwise."""
+    rf = req.response_format
+    kind = (rf or {}).get("type", "text")
+    if not rf or kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_object", "")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON "
+                                "schema object", param="response_format")
+        return ("json_schema", json.dumps(schema))
+    raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object, "
+                        "json_schema)", param="response_format", code="unsupported_field")
+
+
 def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
                     seed: int | None) -> SamplingParams:
     """SamplingParams of one choice; 400 on a bad value. ``max_tokens`` is already resolved."""
@@ -211,6 +229,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
             logit_bias=req.logit_bias or None,
+            structured=structured(req),
         )
     except ValueError as e:
         word = str(e).split(" ", 1)[0]

@@ -92,7 +92,7 @@ class Run:
             self._release(0)
             if client.model_info(self.model) is None:
                 raise model_not_found(self.model) from e
-            raise APIError(400, str(e), param="prompt") from e
+            raise APIError(400, str(e), param=getattr(e, "param", None) or "prompt") from e
         except EngineError as e:  # the engine refused for another reason
             self._release(0)
             raise APIError(503, f"the engine could not take the request: {e}",

@@ -19,6 +19,7 @@ import torch
 from gpupool.adapters.base import AdapterRef
 from gpupool.adapters.peft_format import read_peft_adapter
 from gpupool.adapters.registry import AdapterRegistry
+from gpupool.engine.grammar import Grammars
 from gpupool.engine.processors import apply_processors
 from gpupool.engine.sampler import logprobs, sample
 from gpupool.messages.errors import AdapterError, RequestError
@@ -42,6 +43,7 @@ class _Tracked:
     emitted: int  # output tokens already sent (delivered ones of a resumed request included)
     stop_token: int | None = None
     logprobs: list | None = None  # new tokens' logprobs not sent yet, when asked for
+    matcher: object | None = None  # structured output: its xgrammar matcher
 
 
 def _zero_rows(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,7 @@ class EngineCore:
         self.removing_models: set[str] = set()
         self.adapters = AdapterRegistry()
         self.requests: dict[str, _Tracked] = {}
+        self.grammars = Grammars()
         self.prefetch = prefetch
         self._orphans: list[str] = []  # requests whose sink failed: aborted before a step
 
@@ -140,6 +143,7 @@ class EngineCore:
             self._drop_adapter(adapter)
         worker = self.workers.pop(name)
         self.pages.drop(name, everything=True)
+        self.grammars.forget(name)
         if worker.weight_pool is not None:
             worker.weight_pool.unregister(name)
         self.scheduler.remove_model(name)
@@ -187,6 +191,11 @@ class EngineCore:
         if allowed and params.min_tokens and set(allowed) <= ends:
             raise RequestError("allowed_token_ids holds only end tokens, which min_tokens "
                                "forbids: nothing could be generated")
+        if params.structured is not None:
+            if params.min_tokens:
+                raise RequestError("min_tokens cannot be combined with response_format (the "
+                                   "grammar decides where the output ends)")
+            self.compile_grammar(req)
         capacity = self.pages.num_pages * worker.block_tokens
         if total > capacity:
             raise RequestError(
@@ -194,6 +203,18 @@ class EngineCore:
                 f"{capacity} tokens of model {model!r}; lower max_tokens or the prompt"
             )
         return total
+
+    def compile_grammar(self, req: EngineRequest):
+        """The request's compiled grammar (cached per model and schema); RequestError if its
+        schema does not compile. Safe outside the engine lock."""
+        worker = self.workers[self.resolve(req.model)[0]]
+        tokenizer = worker.tokenizer
+        if tokenizer is None:  # a cluster worker skips it until a grammar needs it
+            from gpupool.models.tokenizer import load_tokenizer
+
+            tokenizer = worker.tokenizer = load_tokenizer(worker.folder)
+        return self.grammars.compile(worker.name, tokenizer, worker.cfg.vocab_size,
+                                     worker.eos_token_ids, req.params.structured)
 
     def add_request(self, req: EngineRequest, sink: Sink | None = None,
                     arrival_time: float | None = None, total: int | None = None) -> str:
@@ -214,9 +235,13 @@ class EngineCore:
                        num_delivered=len(req.delivered_token_ids))
         if self.scheduler.config.enable_prefix_caching:
             seq.cache_root = prefix_root(base, adapter, req.cache_salt)
+        matcher = None
+        if req.params.structured is not None:
+            matcher = self.grammars.matcher(self.compile_grammar(req),
+                                            list(req.delivered_token_ids))
         self.requests[req.request_id] = _Tracked(
             seq, sink, emitted=len(req.delivered_token_ids),
-            logprobs=[] if req.params.logprobs is not None else None)
+            logprobs=[] if req.params.logprobs is not None else None, matcher=matcher)
         self.scheduler.add_request(seq)
         return req.request_id
 
@@ -324,6 +349,10 @@ class EngineCore:
         processed = apply_processors(logits, params, [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling],
                                      worker.eos_token_ids)
+        matchers = [tr.matcher for tr in tracked]
+        if any(m is not None for m in matchers):  # grammars: mask a copy, never raw logits
+            processed = processed.clone() if processed is logits else processed
+            self.grammars.mask(processed, matchers)
         if processed is not logits:  # processors may mask (-inf), never make NaN or +inf
             sane = ~(processed.isnan() | processed.isposinf()).any(-1) & (
                 processed > float("-inf")).any(-1)
@@ -344,6 +373,10 @@ class EngineCore:
             seq.output_token_ids.append(token)
             if lp is not None:
                 tr.logprobs.append((token, *lp))
+            if tr.matcher is not None and not tr.matcher.accept_token(token):
+                outputs.append(self._finish(tr, "abort", error="sampled a token the grammar "
+                                            "does not accept"))
+                continue
             reason = self._stop_reason(tr, token, worker.eos_token_ids)
             if reason is not None:
                 outputs.append(self._finish(tr, reason))
@@ -355,6 +388,9 @@ class EngineCore:
         """Token-level stops: a stop token or EOS (not before ``min_tokens``), or length.
         Stop strings are the front end's (it aborts the request when one appears)."""
         seq, p = tr.seq, tr.seq.params
+        if tr.matcher is not None and tr.matcher.is_terminated():  # the grammar ended it
+            tr.stop_token = token
+            return "stop"
         if len(seq.output_token_ids) >= p.min_tokens and (
                 token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids)):
             tr.stop_token = token

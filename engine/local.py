@@ -208,15 +208,22 @@ class LocalEngine:
 
     def submit(self, requests: Sequence[EngineRequest], sinks: Sequence[Sink | None]) -> list[str]:
         """Queue several requests at once, or none: each is checked first (RequestError
-        names the first bad one). One lock acquisition."""
+        names the first bad one). One lock acquisition; grammars are compiled before it."""
+        for req in requests:
+            if req.params.structured is not None:
+                try:
+                    self.core.compile_grammar(req)  # cached: the check below finds it
+                except (RequestError, KeyError):
+                    pass  # the check below says what is wrong, with the prompt's index
         with self._lock:
             totals = []
             for i, req in enumerate(requests):
                 try:
                     totals.append(self.core.check_request(req))
                 except RequestError as e:
-                    raise RequestError(f"prompt {i}: {e}" if len(requests) > 1
-                                       else str(e)) from None
+                    err = RequestError(f"prompt {i}: {e}" if len(requests) > 1 else str(e))
+                    err.param = getattr(e, "param", None)  # the field to name, if not prompt
+                    raise err from None
             rids: list[str] = []
             try:
                 for req, sink, total in zip(requests, sinks, totals):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's range)
 MAX_LOGIT_BIAS_ENTRIES = 1024
+STRUCTURED_KINDS = ("json_object", "json_schema")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class SamplingParams:
     frequency_penalty, presence_penalty: in [-2, 2]; each output token's logit loses
     frequency_penalty times the times it was generated so far, and presence_penalty once if
     it was (0: off); logit_bias: token id -> a value in [-100, 100] added to its logit
-    (a dict, or (id, value) pairs; kept as sorted pairs).
+    (a dict, or (id, value) pairs; kept as sorted pairs); structured: None, or
+    ("json_object", "") or ("json_schema", the schema as JSON text): the output follows it.
     """
 
     max_tokens: int = 16
@@ -55,6 +58,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict | tuple | None = None
+    structured: tuple[str, str] | list | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -110,6 +114,7 @@ class SamplingParams:
             if not _is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
                 bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        object.__setattr__(self, "structured", _structured(self.structured))
 
     @property
     def needs_processors(self) -> bool:
@@ -152,3 +157,26 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...] | None:
                              f"{MAX_LOGIT_BIAS:g}], got {v!r}")
         out[k] = float(v)
     return tuple(sorted(out.items())) or None
+
+
+def _structured(structured) -> tuple[str, str] | None:
+    """``(kind, spec)`` checked (spec: JSON text of an object for json_schema)."""
+    if structured is None:
+        return None
+    try:
+        kind, spec = structured
+    except (TypeError, ValueError):
+        raise ValueError("structured must be a (kind, spec) pair") from None
+    if kind not in STRUCTURED_KINDS:
+        raise ValueError(f"structured kind must be one of {', '.join(STRUCTURED_KINDS)}, "
+                         f"not {kind!r}")
+    if kind == "json_schema":
+        if not isinstance(spec, str):
+            raise ValueError("structured json_schema spec must be JSON text")
+        try:
+            schema = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"structured json_schema is not JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("structured json_schema must be a JSON object")
+    return kind, spec or ""

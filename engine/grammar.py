@@ -1,0 +1,82 @@
+"""Structured output: xgrammar grammars compiled once per (model, schema), a matcher per
+request, and the token mask they put on each row's logits before sampling.
+
+``SamplingParams.structured`` is ``(kind, spec)``: ``("json_object", "")`` for any JSON
+object, ``("json_schema", schema as JSON text)``. Each model gets one
+``xgrammar.GrammarCompiler`` (its tokenizer's vocabulary, read once; compiled grammars cached
+by the compiler). A request's ``GrammarMatcher`` advances with every token it is given, so
+constrained and free rows, base and adapters share one batch; a resumed request replays its
+delivered tokens. Whitespace is not free-form (``any_whitespace=False``): a model that
+prefers spaces cannot spend its tokens on them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from gpupool.messages.errors import RequestError
+
+
+class Grammars:
+    """Per-model compilers and compiled grammars (thread-safe: the API compiles off the
+    engine loop, the loop builds matchers)."""
+
+    def __init__(self):
+        self._compilers: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, model: str) -> None:
+        with self._lock:
+            self._compilers.pop(model, None)
+
+    def _compiler(self, model: str, tokenizer, vocab_size: int, eos_ids):
+        import xgrammar as xgr
+
+        with self._lock:
+            if model not in self._compilers:
+                if tokenizer is None:
+                    raise RequestError(f"model {model!r} has no tokenizer: structured output "
+                                       "needs one")
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                          stop_token_ids=list(eos_ids))
+                self._compilers[model] = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compilers[model]
+
+    def compile(self, model: str, tokenizer, vocab_size: int, eos_ids, structured):
+        """The compiled grammar of ``structured``; RequestError naming response_format when
+        the schema is not one xgrammar can compile."""
+        kind, spec = structured
+        compiler = self._compiler(model, tokenizer, vocab_size, eos_ids)
+        try:
+            if kind == "json_object":
+                return compiler.compile_builtin_json_grammar()
+            return compiler.compile_json_schema(spec, any_whitespace=False)
+        except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses
+            err = RequestError(f"response_format: cannot compile the JSON schema: {e}")
+            err.param = "response_format"  # the HTTP layer names it
+            raise err from None
+
+    @staticmethod
+    def matcher(compiled, delivered: list[int]):
+        """A matcher at the start of the output, advanced over ``delivered`` tokens."""
+        import xgrammar as xgr
+
+        m = xgr.GrammarMatcher(compiled)
+        for t in delivered:
+            if not m.accept_token(t):
+                raise RequestError("the delivered tokens do not follow the request's "
+                                   "response_format")
+        return m
+
+    @staticmethod
+    def mask(logits: torch.Tensor, matchers: list) -> None:
+        """Set to -inf, in place, each constrained row's tokens its grammar forbids now."""
+        import xgrammar as xgr
+
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

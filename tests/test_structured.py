@@ -1,0 +1,183 @@
+"""Structured output (issue 18): response_format json_object / json_schema through xgrammar,
+per row in mixed batches, over the engine and over HTTP with the official openai client.
+
+The model is a tiny random Llama with SmolLM2's byte-level tokenizer (49152 tokens): the
+word-level test tokenizer has no ``{``, ``"`` or digits, so no JSON could come out of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import jsonschema
+import openai
+import pytest
+import torch
+
+from gpupool import SamplingParams
+from gpupool.messages.types import EngineRequest
+from tests.factories import make_engine, make_peft_adapter
+from tests.serving import Server
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "kind": {"type": "string", "enum": ["cat", "dog", "owl"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4},
+                 "maxItems": 3},
+        "home": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                                  "indoor": {"type": "boolean"}},
+                 "required": ["city", "indoor"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "age", "tags", "home"],
+    "additionalProperties": False,
+}
+MAX_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory, smollm2_path):
+    """A tiny random Llama (2 layers, 64 wide) with SmolLM2's tokenizer and vocabulary."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("bytes")
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    for f in smollm2_path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def _close(folder) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids("}")
+
+
+def _valid(text: str) -> dict:
+    value = json.loads(text)
+    jsonschema.validate(value, SCHEMA)
+    return value
+
+
+def test_mixed_batch_constrained_free_and_adapter(byte_model, tmp_path):
+    ad = make_peft_adapter(byte_model, tmp_path / "ad", 4, ["q_proj", "v_proj"])
+    engine = make_engine(byte_model, kv_cache_bytes=16 << 20)
+    try:
+        engine.add_adapter("ad", "m", ad)
+        schema = ("json_schema", json.dumps(SCHEMA))
+        params = [
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, structured=schema),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=5, structured=schema),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, structured=schema),
+            # any JSON object is unbounded for a random model: a bias on "}" closes it as
+            # soon as the grammar allows (and checks a bias inside a grammar's mask)
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.7, seed=9,
+                           structured=("json_object", ""), logit_bias={_close(byte_model): 30}),
+            SamplingParams(max_tokens=12, temperature=0),  # free
+        ]
+        prompts = ["A pet:", "Another pet:", "Pet:", "Any object:", "Free text"]
+        models = ["m", "m", "ad", "m", "m"]
+        outs = engine.generate(prompts, params, model=models)
+        for o in outs[:3]:
+            assert o.finish_reason == "stop", o.text
+            _valid(o.text)
+        assert outs[3].finish_reason == "stop" and isinstance(json.loads(outs[3].text), dict)
+        alone = engine.generate(prompts[4:], params[4:])[0]
+        assert alone.token_ids == outs[4].token_ids  # a free row is not touched (fp32)
+        free = engine.generate(["A pet:"], SamplingParams(max_tokens=20, temperature=0))[0]
+        with pytest.raises(ValueError):
+            json.loads(free.text)  # the random model alone writes no JSON
+    finally:
+        engine.shutdown()
+
+
+def test_a_resumed_request_replays_its_tokens_into_the_grammar(byte_model):
+    engine = make_engine(byte_model, kv_cache_bytes=16 << 20)
+    try:
+        ids = engine.tokenize("m", "A pet:")
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                structured=("json_schema", json.dumps(SCHEMA)))
+
+        async def run(req):
+            [stream] = await engine.client().submit([req])
+            tokens = list(req.delivered_token_ids)
+            async for delta in stream:
+                tokens += delta.token_ids[len(tokens) - delta.index:]
+            return tokens
+
+        whole = asyncio.run(run(EngineRequest("w", "m", ids, params)))
+        resumed = asyncio.run(run(EngineRequest("r", "m", ids, params,
+                                                delivered_token_ids=whole[:7])))
+        assert resumed == whole
+        bad = EngineRequest("b", "m", ids, params, delivered_token_ids=[ids[0]] * 3)
+        with pytest.raises(Exception, match="response_format"):
+            asyncio.run(run(bad))
+    finally:
+        engine.shutdown()
+
+
+# ---- over HTTP -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, byte_model):
+    ad = make_peft_adapter(byte_model, tmp_path_factory.mktemp("ad") / "ad", 4, ["q_proj"])
+    server = Server(tmp_path_factory.mktemp("home"), "--model", f"bytes={byte_model}",
+                    "--adapter", f"ad=bytes:{ad}", kv=32 << 20)
+    with server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}}
+
+
+@pytest.mark.parametrize("model,temperature", [("bytes", 0.0), ("ad", 1.0)])
+def test_chat_json_schema_with_the_openai_client(client, model, temperature):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Describe a pet."}],
+        max_tokens=MAX_TOKENS, temperature=temperature, seed=3,
+        response_format=RESPONSE_FORMAT)
+    assert r.choices[0].finish_reason == "stop"
+    _valid(r.choices[0].message.content)
+    text, reasons = "", []
+    for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Describe a pet."}],
+            max_tokens=MAX_TOKENS, temperature=temperature, seed=3, stream=True,
+            response_format=RESPONSE_FORMAT):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            reasons.append(c.finish_reason)
+    assert reasons[-1] == "stop" and _valid(text)
+    assert text == r.choices[0].message.content  # same seed: streamed or not
+
+
+def test_completions_json_object_and_bad_formats(client, byte_model):
+    r = client.completions.create(model="bytes", prompt="An object:", max_tokens=MAX_TOKENS,
+                                  temperature=0.5, seed=1, n=2,
+                                  logit_bias={str(_close(byte_model)): 30},
+                                  extra_body={"response_format": {"type": "json_object"}})
+    for c in r.choices:
+        assert c.finish_reason == "stop" and isinstance(json.loads(c.text), dict)
+    for fmt, code in (({"type": "json_schema", "json_schema": {"name": "x"}}, None),
+                      ({"type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, None),
+                      ({"type": "regex"}, "unsupported_field")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model="bytes", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                response_format=fmt)
+        err = e.value.body
+        assert err["param"] == "response_format", err
+        assert code is None or err["code"] == code
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="bytes", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            response_format={"type": "json_object"}, extra_body={"min_tokens": 2})
+    assert "min_tokens" in e.value.body["message"]
