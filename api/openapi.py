@@ -307,11 +307,33 @@ def _stream_event(*chunks: type[BaseModel]) -> dict:
                 "retry": {"type": "integer", "minimum": 0}}}
 
 
+class Tokens(_Out):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Detokenized(_Out):
+    prompt: str
+
+
+class Version(_Out):
+    version: str
+
+
 def openai_route(kind: str, path: str) -> dict:
     """Keyword arguments of ``add_api_route`` documenting one OpenAI route; ``kind`` is
-    ``models``, ``model``, ``completions`` or ``chat``."""
+    ``models``, ``model``, ``completions``, ``chat``, ``tokenize``, ``detokenize`` or
+    ``version``."""
+    from gpupool.api.protocol import DetokenizeRequest, TokenizeRequest
+
     tenant = path.startswith("/tenants/")
     request, answer, chunk, summary, op = {
+        "tokenize": (TokenizeRequest, Tokens, None, "Token ids of a prompt (vLLM's)",
+                     "tokenize"),
+        "detokenize": (DetokenizeRequest, Detokenized, None, "Text of token ids (vLLM's)",
+                       "detokenize"),
+        "version": (None, Version, None, "The server's version", "version"),
         "models": (None, ModelList, None, "Models this key may use", "listModels"),
         "model": (None, ModelCard, None, "One model this key may use", "retrieveModel"),
         "completions": (CompletionRequest, Completion, CompletionChunk, "Text completion",

@@ -240,3 +240,21 @@ _FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_
            "logprobs", "repetition_penalty", "min_p", "min_tokens", "allowed_token_ids",
            "include_stop_str_in_output", "frequency_penalty", "presence_penalty",
            "logit_bias"}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a prompt, or chat messages through the model's template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    tokens: list[int] = Field(max_length=1 << 20)

@@ -27,8 +27,11 @@ from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     parse,
     sampling_params,
+    validate,
 )
 from gpupool.api.util import read_json
 from gpupool.frontend.text import (
@@ -505,8 +508,67 @@ async def get_model(state, request: Request, model: str, tenant_path: str | None
     return JSONResponse(_model_card(state, model, base))
 
 
+async def tokenize_route(state, request: Request, tenant_path: str | None = None):
+    """vLLM's ``/tokenize``: ``{count, max_model_len, tokens}``."""
+    tenant = await authenticate(state, request, tenant_path)
+    req = validate(TokenizeRequest, await read_json(request, state.config.max_body_bytes))
+    check_model_access(state, tenant, req.model)
+    info, tokenizer = _model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give either prompt or messages", param="prompt")
+    if tokenizer is None:
+        raise APIError(400, f"model {req.model!r} has no tokenizer", param="model")
+    if req.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, f"model {req.model!r} has no chat template", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = chat_prompt(tokenizer, messages)
+        except RequestError as e:
+            raise APIError(400, str(e), param="messages") from e
+    else:
+        special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = list(tokenizer(req.prompt, add_special_tokens=special)["input_ids"])
+    return JSONResponse({"count": len(ids), "max_model_len": info.context_limit,
+                         "tokens": ids})
+
+
+async def detokenize_route(state, request: Request, tenant_path: str | None = None):
+    """vLLM's ``/detokenize``: ``{prompt}``."""
+    tenant = await authenticate(state, request, tenant_path)
+    req = validate(DetokenizeRequest, await read_json(request, state.config.max_body_bytes))
+    check_model_access(state, tenant, req.model)
+    info, tokenizer = _model(state, req.model)
+    if any(not 0 <= t < info.vocab_size for t in req.tokens):
+        raise APIError(400, f"tokens must be integers in [0, {info.vocab_size})",
+                       param="tokens")
+    if tokenizer is None:
+        raise APIError(400, f"model {req.model!r} has no tokenizer", param="model")
+    return JSONResponse({"prompt": tokenizer.decode(req.tokens)})
+
+
+async def version_route(request: Request):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("gpupool")
+    except PackageNotFoundError:
+        v = "unknown"
+    return JSONResponse({"version": v})
+
+
 def router(state) -> APIRouter:
     r = APIRouter()
+    def plain(fn):  # the handler's only parameter is the request (others become query ones)
+        async def handler(request: Request):
+            return await fn(state, request)
+        return handler
+
+    for path, fn, kind in (("/tokenize", tokenize_route, "tokenize"),
+                           ("/detokenize", detokenize_route, "detokenize")):
+        r.add_api_route(path, plain(fn), methods=["POST"], **openapi.openai_route(kind, path))
+    r.add_api_route("/version", version_route, methods=["GET"],
+                    **openapi.openai_route("version", "/version"))
     for prefix in ("/v1", "/tenants/{tenant}/v1"):
         def bind(fn, *args):
             async def handler(request: Request):

@@ -85,6 +85,9 @@ BUDGET = {
     ("GET", "/health"): (1, 0),
     ("GET", "/metrics"): (1, 0),
     ("GET", "/"): (1, 0),
+    ("POST", "/tokenize"): (3, 2),
+    ("POST", "/detokenize"): (3, 2),
+    ("GET", "/version"): (1, 0),
 }
 
 

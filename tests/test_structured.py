@@ -181,3 +181,31 @@ def test_completions_json_object_and_bad_formats(client, byte_model):
             model="bytes", messages=[{"role": "user", "content": "x"}], max_tokens=5,
             response_format={"type": "json_object"}, extra_body={"min_tokens": 2})
     assert "min_tokens" in e.value.body["message"]
+
+
+def test_tokenize_detokenize_and_version(client, byte_model):
+    import httpx
+
+    base = str(client.base_url).removesuffix("/v1/")
+    r = httpx.post(base + "/tokenize", json={"model": "bytes", "prompt": "Hello world"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(byte_model))
+    assert body["tokens"] == tok("Hello world")["input_ids"] and body["count"] == 2
+    assert body["max_model_len"] == 512
+    chat = httpx.post(base + "/tokenize", json={
+        "model": "ad", "messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > 2 and "<|im_start|>" in tok.decode(chat["tokens"])
+    r = httpx.post(base + "/detokenize", json={"model": "bytes", "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json()["prompt"] == "Hello world"
+    for path, payload, param in (
+            ("/detokenize", {"model": "bytes", "tokens": [10**6]}, "tokens"),
+            ("/tokenize", {"model": "bytes"}, "prompt"),
+            ("/tokenize", {"model": "bytes", "prompt": "x", "surprise": 1}, "surprise")):
+        r = httpx.post(base + path, json=payload)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(base + "/tokenize", json={"model": "nope", "prompt": "x"}
+                      ).status_code == 404
+    assert httpx.get(base + "/version").json()["version"] == "0.1.0"
