@@ -33,6 +33,21 @@ class _PoolCollector:
             resident.add_metric([name], 1.0 if m["resident"] else 0.0)
         yield queue
         yield resident
+        running = GaugeMetricFamily("vllm:num_requests_running",
+                                    "Requests in the running batch (vLLM's name)",
+                                    labels=["model_name"])
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting",
+                                    "Requests waiting (vLLM's name)", labels=["model_name"])
+        for name, m in s["models"].items():
+            running.add_metric([name], m["running"])
+            waiting.add_metric([name], m["waiting"])
+        yield running
+        yield waiting
+        p = s["kv_pages"]
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc",
+                                "KV pages held by requests, 0 to 1 (vLLM's name; cached "
+                                "prefix pages nobody holds count as free)",
+                                value=p["used"] / p["total"] if p["total"] else 0.0)
         pq = CounterMetricFamily("gpupool_prefix_cache_queries",
                                  "Prompt tokens looked up in the prefix cache", labels=["model"])
         ph = CounterMetricFamily("gpupool_prefix_cache_hits",
@@ -114,15 +129,30 @@ class Metrics:
         self.tbt = Histogram("gpupool_time_between_tokens_seconds",
                              "Between consecutive tokens of a request", ["model"],
                              buckets=LATENCY_BUCKETS, registry=r)
+        # the same under vLLM's names (label model_name), so a dashboard made for vLLM reads
+        # gpupool; the gauges are in _PoolCollector
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds",
+                                   "Time to first token (vLLM's name)", ["model_name"],
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.vllm_itl = Histogram("vllm:inter_token_latency_seconds",
+                                  "Inter-token latency (vLLM's name)", ["model_name"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens (vLLM's name)",
+                                          ["model_name"], registry=r)
+        self.vllm_generation_tokens = Counter("vllm:generation_tokens",
+                                              "Generated tokens (vLLM's name)",
+                                              ["model_name"], registry=r)
         r.register(_PoolCollector(self))
 
     def prune(self, models, tenants) -> None:
         """Drop the series of models, adapters and tenants that no longer exist, so names
         added and deleted over a server's life do not pile up (reads prometheus_client's
         label table: it has no public way to list a metric's series)."""
-        keep = {"model": set(models), "tenant": set(tenants) | {""}}
+        keep = {"model": set(models), "model_name": set(models),
+                "tenant": set(tenants) | {""}}
         for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft,
-                       self.tbt):
+                       self.tbt, self.vllm_ttft, self.vllm_itl, self.vllm_prompt_tokens,
+                       self.vllm_generation_tokens):
             names = metric._labelnames
             for values in list(metric._metrics):
                 if any(v not in keep[n] for n, v in zip(names, values) if n in keep):

@@ -148,10 +148,12 @@ class Run:
             if ch.first_token_at is None:
                 ch.first_token_at = now
                 metrics.ttft.labels(self.model).observe(now - self.started)
+                metrics.vllm_ttft.labels(self.model).observe(now - self.started)
                 n -= 1
             elif ch.last_token_at is not None:
                 for _ in range(n):
                     metrics.tbt.labels(self.model).observe((now - ch.last_token_at) / n)
+                    metrics.vllm_itl.labels(self.model).observe((now - ch.last_token_at) / n)
             ch.last_token_at = now
 
     async def events(self):
@@ -203,6 +205,8 @@ class Run:
         m.requests.labels(self.model, tenant, status).inc()
         m.prompt_tokens.labels(self.model, tenant).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
+        m.vllm_prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        m.vllm_generation_tokens.labels(self.model).inc(self.completion_tokens)
         if self.state.client.model_info(self.model) is None:  # deleted while this call ran
             m.prune(self.state.models.known(), self.state.store.tenants())
 

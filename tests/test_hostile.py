@@ -414,6 +414,13 @@ def test_tenants_share_no_cached_prompt_unless_marked(env):
         assert hits and float(hits[0].split()[-1]) >= 3 * 64
         pool = c.get("/admin/pool", headers=ADMIN).json()
         assert pool["kv_pages"]["cached"] >= 3 * 2  # three namespaces' two pages
+        for name in ('vllm:num_requests_running{model_name="tiny"}',  # vLLM's names too
+                     'vllm:num_requests_waiting{model_name="tiny"}', "vllm:kv_cache_usage_perc",
+                     'vllm:prompt_tokens_total{model_name="tiny"}',
+                     'vllm:generation_tokens_total{model_name="tiny"}',
+                     'vllm:time_to_first_token_seconds_count{model_name="tiny"}',
+                     'vllm:inter_token_latency_seconds_count{model_name="tiny"}'):
+            assert any(line.startswith(name + " ") for line in text.splitlines()), name
     finally:
         for name in keys:
             c.delete(f"/admin/tenants/{name}", headers=ADMIN)
