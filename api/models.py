@@ -8,6 +8,7 @@ Paths given to the admin API must resolve, symlinks followed, under a ``--model-
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -171,6 +172,26 @@ class ModelManager:
         async with self._lock:
             await self._add_adapter(name, base, path)
 
+    def base_for(self, path: str) -> str:
+        """vLLM's rule for an adapter loaded without a base: the registered model its
+        ``base_model_name_or_path`` names (by name, or by the folder it was loaded from),
+        else the only registered model; else a 400."""
+        resolved = Path(self.check_path(path))
+        try:
+            named = json.loads((resolved / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        bases = self.models()
+        for name, spec in bases.items():
+            if named and (named == name or _same_folder(named, spec.get("path"))):
+                return name
+        if len(bases) == 1:
+            return next(iter(bases))
+        raise APIError(400, f"adapter's base_model_name_or_path {named!r} names none of the "
+                            f"registered models ({', '.join(sorted(bases)) or 'none'}); load "
+                            "it with POST /admin/adapters and a base", param="lora_path")
+
     async def remove_model(self, name: str) -> None:
         async with self._lock:
             await self._remove_model(name)
@@ -235,3 +256,10 @@ class ModelManager:
         self.store.revoke_grants(name)
         if name in self.static_adapters:
             self._removed.add(name)
+
+
+def _same_folder(a: str, b: str | None) -> bool:
+    try:
+        return b is not None and Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False

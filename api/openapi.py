@@ -361,7 +361,7 @@ def openai_route(kind: str, path: str) -> dict:
 
 def admin_route(path: str, method: str, operation_id: str, answer: type[BaseModel],
                 body: type[BaseModel] | None = None, body_required: bool = True,
-                status: int = 200) -> dict:
+                status: int = 200, summary: str | None = None) -> dict:
     """Keyword arguments of ``add_api_route`` documenting one admin route."""
     extra: dict[str, Any] = {"security": [{ADMIN_KEY: []}]}
     params = _path_params(path)
@@ -369,7 +369,7 @@ def admin_route(path: str, method: str, operation_id: str, answer: type[BaseMode
         extra["parameters"] = params
     if body is not None:
         extra["requestBody"] = _request_body(body, body_required)
-    return {"summary": f"{method} /admin{path.replace(':path', '')}",
+    return {"summary": summary or f"{method} /admin{path.replace(':path', '')}",
             "operation_id": operation_id, "tags": ["admin"], "status_code": status,
             "responses": {status: {"model": answer}, **_errors()}, "openapi_extra": extra}
 

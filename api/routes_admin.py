@@ -56,6 +56,19 @@ class TenantUpdate(_Body):
     share_prefix_cache: bool | None = None
 
 
+class LoadLoraBody(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body (its other fields are ignored, as vLLM does)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+
+
 class KeyBody(_Body):
     revoke_existing: bool = True
 
@@ -217,4 +230,37 @@ def router(state) -> APIRouter:
     for path, method, fn, operation, answer, more in routes:
         r.add_api_route(path, admin(fn), methods=[method],
                         **doc.admin_route(path, method, operation, answer, **more))
+    return r
+
+
+def vllm_router(state) -> APIRouter:
+    """vLLM's adapter operations (admin key): ``POST /v1/load_lora_adapter`` with no base
+    model (the adapter's ``base_model_name_or_path`` when it names a registered model, else
+    the only model) and ``POST /v1/unload_lora_adapter``; the model roots confine the path,
+    and in a cluster the adapter is registered for every worker, as /admin/adapters does."""
+    r = APIRouter(prefix="/v1")
+    models = state.models
+
+    async def load(request: Request):
+        check_admin(state, request)
+        b = await _body(state, request, LoadLoraBody)
+        base = models.base_for(b.lora_path)
+        await models.add_adapter(b.lora_name, base, b.lora_path)
+        return JSONResponse({"name": b.lora_name, "base": base,
+                             "path": models.adapters()[b.lora_name]["path"], "loaded": True})
+
+    async def unload(request: Request):
+        check_admin(state, request)
+        b = await _body(state, request, UnloadLoraBody)
+        await models.remove_adapter(b.lora_name)
+        state.metrics.prune(models.known(), state.store.tenants())
+        return JSONResponse({"name": b.lora_name, "deleted": True})
+
+    for path, fn, operation, answer, body in (
+            ("/load_lora_adapter", load, "loadLoraAdapter", doc.AdapterInfo, LoadLoraBody),
+            ("/unload_lora_adapter", unload, "unloadLoraAdapter", doc.Deleted,
+             UnloadLoraBody)):
+        r.add_api_route(path, fn, methods=["POST"],
+                        **doc.admin_route(path, "POST", operation, answer, body=body,
+                                          summary=f"POST /v1{path} (vLLM's)"))
     return r

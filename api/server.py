@@ -116,6 +116,7 @@ def create_app(state: AppState) -> FastAPI:
 
     app.include_router(routes_openai.router(state))
     app.include_router(routes_admin.router(state))
+    app.include_router(routes_admin.vllm_router(state))
     openapi.install(app)  # request, response and error bodies, and the two key schemes
     return app
 

@@ -88,6 +88,8 @@ BUDGET = {
     ("POST", "/tokenize"): (3, 2),
     ("POST", "/detokenize"): (3, 2),
     ("GET", "/version"): (1, 0),
+    ("POST", "/v1/load_lora_adapter"): (3, 2),
+    ("POST", "/v1/unload_lora_adapter"): (2, 1),
 }
 
 

@@ -424,3 +424,41 @@ def test_tenants_share_no_cached_prompt_unless_marked(env):
     finally:
         for name in keys:
             c.delete(f"/admin/tenants/{name}", headers=ADMIN)
+
+
+def test_vllm_load_and_unload_lora_adapter(env):
+    """vLLM's operations: admin key only, the base from the adapter's
+    base_model_name_or_path (a registered name or folder) or the only model, else 400; the
+    model roots confine the path."""
+    c = env["client"]
+    src = env["root"] / "good"
+    named = env["root"] / "vl-named"
+    shutil.copytree(src, named)
+    cfg = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**cfg,
+                                                           "base_model_name_or_path": "tiny"}))
+    body = {"lora_name": "vl1", "lora_path": str(named)}
+    _err(c.post("/v1/load_lora_adapter", json=body), 401)
+    r = c.post("/v1/load_lora_adapter", headers=ADMIN, json=body)
+    assert r.status_code == 200 and r.json()["base"] == "tiny", r.text
+    assert "vl1" in c.get("/admin/adapters", headers=ADMIN).text
+    # a second registered model makes "the only model" ambiguous for an unnamed base
+    assert c.post("/admin/models", headers=ADMIN,
+                  json={"name": "tiny2", "path": str(env["base"])}).status_code == 201
+    try:
+        other = env["root"] / "vl-other"
+        shutil.copytree(src, other)
+        cfg = json.loads((other / "adapter_config.json").read_text())
+        (other / "adapter_config.json").write_text(json.dumps(
+            {**cfg, "base_model_name_or_path": "org/unknown"}))
+        r = c.post("/v1/load_lora_adapter", headers=ADMIN,
+                   json={"lora_name": "vl2", "lora_path": str(other)})
+        _err(r, 400, "lora_path")
+    finally:
+        assert c.delete("/admin/models/tiny2", headers=ADMIN).status_code == 200
+    r = c.post("/v1/load_lora_adapter", headers=ADMIN,
+               json={"lora_name": "vl3", "lora_path": str(env["outside"])})
+    _err(r, 403)
+    r = c.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": "vl1"})
+    assert r.status_code == 200 and r.json() == {"name": "vl1", "deleted": True}
+    _err(c.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": "vl1"}), 404)
