@@ -26,9 +26,7 @@ MAX_N = 16
 REFUSED: dict[str, tuple] = {
     "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,), "structured_outputs": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "bad_words": (None, []), "prompt_logprobs": (None,), "use_beam_search": (None, False),
     "length_penalty": (None, 1), "truncate_prompt_tokens": (None,), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
@@ -86,6 +84,12 @@ class _Common(BaseModel):
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}
     response_format: dict[str, Any] | None = None
+    # vLLM's: one of json (a schema), regex, choice (strings), grammar (EBNF)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names of the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     add_special_tokens: bool | None = None
 
     _default_add_special_tokens = True
@@ -188,7 +192,44 @@ def parse(cls: type[BaseModel], body: Any, route: str):
 
 
 def structured(req: _Common) -> tuple[str, str] | None:
-    """``response_format`` as SamplingParams.structured (OpenAI's shapes); 400 otherwise."""
+    """``response_format`` (OpenAI's shapes) or vLLM's ``structured_outputs`` /
+    ``guided_*`` as SamplingParams.structured; 400 when malformed or more than one is set."""
+    vllm = _vllm_structured(req)
+    fmt = _response_format(req)
+    if vllm is not None and fmt is not None:
+        raise APIError(400, "give response_format or structured output fields, not both",
+                       param="response_format")
+    return vllm or fmt
+
+
+def _vllm_structured(req: _Common) -> tuple[str, str] | None:
+    so = dict(req.structured_outputs or {})
+    for key, name in (("json", "guided_json"), ("regex", "guided_regex"),
+                      ("choice", "guided_choice"), ("grammar", "guided_grammar")):
+        if getattr(req, name) is not None:
+            so.setdefault(key, getattr(req, name))
+    given = {k: v for k, v in so.items() if v is not None}
+    if not given:
+        return None
+    if len(given) > 1 or set(given) - {"json", "regex", "choice", "grammar"}:
+        raise APIError(400, "structured output takes exactly one of json, regex, choice, "
+                            "grammar", param="structured_outputs")
+    (key, value), = given.items()
+    if key == "json":
+        try:
+            schema = json.loads(value) if isinstance(value, str) else value
+        except ValueError:
+            schema = None
+        if not isinstance(schema, dict):
+            raise APIError(400, "a json structured output is a JSON schema object",
+                           param="structured_outputs")
+        return ("json_schema", json.dumps(schema))
+    if key == "choice":
+        return ("choice", json.dumps(value))
+    return (key, value)
+
+
+def _response_format(req: _Common) -> tuple[str, str] | None:
     rf = req.response_format
     kind = (rf or {}).get("type", "text")
     if not rf or kind == "text":

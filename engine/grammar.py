@@ -12,6 +12,7 @@ prefers spaces cannot spend its tokens on them.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import torch
@@ -52,9 +53,17 @@ class Grammars:
         try:
             if kind == "json_object":
                 return compiler.compile_builtin_json_grammar()
+            if kind == "regex":
+                return compiler.compile_regex(spec)
+            if kind == "grammar":
+                return compiler.compile_grammar(spec)
+            if kind == "choice":  # one literal of the list, exactly (JSON escapes: EBNF's)
+                literals = " | ".join(json.dumps(c) for c in json.loads(spec))
+                return compiler.compile_grammar(f"root ::= {literals}")
             return compiler.compile_json_schema(spec, any_whitespace=False)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses
-            err = RequestError(f"response_format: cannot compile the JSON schema: {e}")
+            what = "the JSON schema" if kind == "json_schema" else f"the {kind}"
+            err = RequestError(f"response_format: cannot compile {what}: {e}")
             err.param = "response_format"  # the HTTP layer names it
             raise err from None
 

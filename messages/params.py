@@ -13,7 +13,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's range)
 MAX_LOGIT_BIAS_ENTRIES = 1024
-STRUCTURED_KINDS = ("json_object", "json_schema")
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class SamplingParams:
     frequency_penalty times the times it was generated so far, and presence_penalty once if
     it was (0: off); logit_bias: token id -> a value in [-100, 100] added to its logit
     (a dict, or (id, value) pairs; kept as sorted pairs); structured: None, or
-    ("json_object", "") or ("json_schema", the schema as JSON text): the output follows it.
+    ("json_object", ""), ("json_schema", the schema as JSON text), ("regex", a pattern),
+    ("choice", a JSON list of strings) or ("grammar", EBNF text): the output follows it.
     """
 
     max_tokens: int = 16
@@ -179,4 +180,14 @@ def _structured(structured) -> tuple[str, str] | None:
             raise ValueError(f"structured json_schema is not JSON: {e}") from None
         if not isinstance(schema, dict):
             raise ValueError("structured json_schema must be a JSON object")
+    elif kind == "choice":
+        try:
+            choices = json.loads(spec)
+        except (TypeError, ValueError):
+            choices = None
+        if (not isinstance(choices, list) or not choices
+                or not all(isinstance(c, str) and c for c in choices)):
+            raise ValueError("structured choice must be a JSON list of non-empty strings")
+    elif kind in ("regex", "grammar") and (not isinstance(spec, str) or not spec):
+        raise ValueError(f"structured {kind} must be a non-empty string")
     return kind, spec or ""

@@ -163,8 +163,8 @@ def test_tenant_names_never_hold_a_slash_anywhere():
 
 @pytest.mark.parametrize("field,value", [
     ("echo", True), ("suffix", "x"), ("tools", [{"type": "function"}]),
-    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a"]),
-    ("bad_words", ["w1"]), ("prompt_logprobs", 1), ("use_beam_search", True),
+    ("guided_decoding_backend", "outlines"), ("bad_words", ["w1"]), ("prompt_logprobs", 1),
+    ("use_beam_search", True),
     ("truncate_prompt_tokens", 4), ("chat_template_kwargs", {"x": 1}),
     ("skip_special_tokens", False), ("best_of", 3), ("add_special_tokens", False)])
 def test_output_changing_fields_are_honoured_or_refused_by_name(env, field, value):

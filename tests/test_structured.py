@@ -209,3 +209,28 @@ def test_tokenize_detokenize_and_version(client, byte_model):
     assert httpx.post(base + "/tokenize", json={"model": "nope", "prompt": "x"}
                       ).status_code == 404
     assert httpx.get(base + "/version").json()["version"] == "0.1.0"
+
+
+def test_vllm_structured_output_fields(client):
+    """vLLM's structured_outputs and guided_* fields, through the same grammars."""
+    ask = {"model": "bytes", "prompt": "Answer:", "max_tokens": 40, "temperature": 1.0,
+           "seed": 2}
+    r = client.completions.create(**ask, extra_body={"guided_choice": ["yes", "no way"]})
+    assert r.choices[0].text in ("yes", "no way") and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(
+        **ask, extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-c]{2}"}})
+    text = r.choices[0].text
+    assert len(text) == 6 and text[:3].isdigit() and text[3] == "-", text
+    assert set(text[4:]) <= set("abc")
+    r = client.completions.create(**{**ask, "max_tokens": MAX_TOKENS},
+                                  extra_body={"guided_json": SCHEMA})
+    assert r.choices[0].finish_reason == "stop"
+    _valid(r.choices[0].text)
+    r = client.completions.create(
+        **ask, extra_body={"guided_grammar": 'root ::= "x" ("y" | "z") "!"'})
+    assert r.choices[0].text in ("xy!", "xz!")
+    for extra in ({"guided_choice": ["a"], "guided_regex": "b"},
+                  {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+                  {"guided_regex": "(unclosed"}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(**ask, extra_body=extra)
