@@ -27,7 +27,7 @@ REFUSED: dict[str, tuple] = {
     "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
-    "bad_words": (None, []), "prompt_logprobs": (None,), "use_beam_search": (None, False),
+    "prompt_logprobs": (None,), "use_beam_search": (None, False),
     "length_penalty": (None, 1), "truncate_prompt_tokens": (None,), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
     "continue_final_message": (None, False), "skip_special_tokens": (None, True),
@@ -90,6 +90,7 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    bad_words: list[str] | None = None  # vLLM's: never generated (as tokens, see below)
     add_special_tokens: bool | None = None
 
     _default_add_special_tokens = True
@@ -247,8 +248,26 @@ def _response_format(req: _Common) -> tuple[str, str] | None:
                         "json_schema)", param="response_format", code="unsupported_field")
 
 
+def bad_words_token_ids(req: _Common, tokenizer) -> list[list[int]] | None:
+    """vLLM's tokenization of bad_words: each word alone and after a space (so it is banned
+    at the start of the output and inside it)."""
+    if not req.bad_words:
+        return None
+    if tokenizer is None:
+        raise APIError(400, "bad_words needs the model's tokenizer", param="bad_words")
+    out = []
+    for word in req.bad_words:
+        for text in (word, " " + word.lstrip()):
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if ids and ids not in out:
+                out.append(ids)
+    if not out:
+        raise APIError(400, "bad_words has nothing to ban", param="bad_words")
+    return out
+
+
 def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
-                    seed: int | None) -> SamplingParams:
+                    seed: int | None, tokenizer=None) -> SamplingParams:
     """SamplingParams of one choice; 400 on a bad value. ``max_tokens`` is already resolved."""
     try:
         return SamplingParams(
@@ -271,6 +290,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             presence_penalty=req.presence_penalty or 0.0,
             logit_bias=req.logit_bias or None,
             structured=structured(req),
+            bad_words_token_ids=bad_words_token_ids(req, tokenizer),
         )
     except ValueError as e:
         word = str(e).split(" ", 1)[0]

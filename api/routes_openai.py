@@ -423,7 +423,7 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
                            code="context_length_exceeded") from None
         for k in range(req.n):
             seed = None if req.seed is None else req.seed + k
-            params = sampling_params(req, max_tokens, route.logprobs(req), seed)
+            params = sampling_params(req, max_tokens, route.logprobs(req), seed, tokenizer)
             rid = f"{call_id}-{len(out)}"
             salt = tenant.cache_salt(req.cache_salt) if tenant else req.cache_salt
             engine_req = EngineRequest(rid, req.model, prompt, params,

@@ -181,9 +181,10 @@ class EngineCore:
             )
         allowed = params.allowed_token_ids
         biased = [t for t, _ in params.logit_bias or ()]
+        bad = [t for seq in params.bad_words_token_ids or () for t in seq]
         for name, ids in (("allowed_token_ids", allowed), ("stop_token_ids",
                                                            params.stop_token_ids),
-                          ("logit_bias", biased)):
+                          ("logit_bias", biased), ("bad_words", bad)):
             if ids and max(ids) >= vocab:
                 raise RequestError(f"{name} must be below the vocabulary size {vocab}")
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos
@@ -195,7 +196,11 @@ class EngineCore:
             if params.min_tokens:
                 raise RequestError("min_tokens cannot be combined with response_format (the "
                                    "grammar decides where the output ends)")
-            self.compile_grammar(req)
+            if not self.grammars.can_start(self.compile_grammar(req), vocab):
+                err = RequestError("response_format: no token of this model's vocabulary can "
+                                   "begin the required output")
+                err.param = "response_format"
+                raise err
         capacity = self.pages.num_pages * worker.block_tokens
         if total > capacity:
             raise RequestError(
@@ -345,6 +350,7 @@ class EngineCore:
         worker = self.workers[out.model]
         params = [s.params for s in sampling]
         finite = torch.isfinite(logits).all(dim=-1)  # [R]: a bad row fails alone
+        raw = finite.tolist()  # the model's own logits were fine (a row may fail later)
         logits = _zero_rows(logits, finite)
         processed = apply_processors(logits, params, [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling],
@@ -362,8 +368,12 @@ class EngineCore:
         tokens = sample(processed, params, [len(s.output_token_ids) for s in sampling])
         lps = logprobs(logits, tokens, [p.logprobs for p in params])  # the raw distribution
         outputs = []
-        for tr, token, lp, ok in zip(tracked, tokens, lps, finite):
+        for tr, token, lp, ok, raw_ok in zip(tracked, tokens, lps, finite, raw):
             seq = tr.seq
+            if not ok and tr.matcher is not None and raw_ok:
+                outputs.append(self._finish(tr, "abort", error="no token of this model's "
+                                            "vocabulary satisfies the request's grammar here"))
+                continue
             if not ok:
                 logger.error("request %s: model %s produced non-finite logits; failing it",
                              seq.request_id, seq.adapter or seq.model)

@@ -80,6 +80,18 @@ class Grammars:
         return m
 
     @staticmethod
+    def can_start(compiled, vocab_size: int) -> bool:
+        """Whether some token of the vocabulary may begin the output (a word-level
+        vocabulary cannot begin JSON, for one)."""
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        logits = torch.zeros(1, vocab_size)
+        xgr.apply_token_bitmask_inplace(logits, bitmask)
+        return bool(torch.isfinite(logits).any())
+
+    @staticmethod
     def mask(logits: torch.Tensor, matchers: list) -> None:
         """Set to -inf, in place, each constrained row's tokens its grammar forbids now."""
         import xgrammar as xgr

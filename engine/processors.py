@@ -5,6 +5,8 @@ vLLM's formulas, applied batched and in vLLM's order:
 1. allowed_token_ids: every other id gets -inf (ids >= the vocabulary size are ignored).
 2. min_tokens: while the row has fewer output tokens than min_tokens, its stop_token_ids and
    (unless ignore_eos) the model's EOS ids get -inf, so nothing ends the output early.
+   bad_words: a sequence's last token gets -inf when the output ends with the rest of it
+   (a one-token sequence: always).
 3. logit_bias: each listed id's logit gains its bias.
 4. repetition_penalty: each token id seen in the row's prompt or output has a positive logit
    divided by the penalty and a non-positive one multiplied by it (1: off).
@@ -33,7 +35,8 @@ def apply_processors(
 ) -> torch.Tensor:
     """Semantics: x = logits.float(); for each row r with params[r].needs_processors:
     if allowed_token_ids: x[r, ~isin(arange(V), allowed)] = -inf; if len(output_ids[r]) <
-    min_tokens: x[r, stop_token_ids + eos_ids (unless ignore_eos)] = -inf;
+    min_tokens: x[r, stop_token_ids + eos_ids (unless ignore_eos)] = -inf; for each bad
+    word sequence s whose s[:-1] ends output_ids[r]: x[r, s[-1]] = -inf;
     x[r, id] += bias for (id, bias) in logit_bias; seen = prompt_ids[r] + output_ids[r];
     x[r, seen] = where(x[r, seen] > 0, x[r, seen] / rp, x[r, seen] * rp);
     x[r] -= frequency_penalty * count(output_ids[r]) + presence_penalty * (count > 0).
@@ -50,6 +53,11 @@ def apply_processors(
 
     banned_ids = {r: list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
                   for r, p in enumerate(params) if len(output_ids[r]) < p.min_tokens}
+    for r, p in enumerate(params):
+        for seq in p.bad_words_token_ids or ():
+            prefix = list(seq[:-1])
+            if not prefix or list(output_ids[r][-len(prefix):]) == prefix:
+                banned_ids.setdefault(r, []).append(seq[-1])
     allowed = {r: p.allowed_token_ids for r, p in enumerate(params)
                if p.allowed_token_ids is not None}
     if banned_ids or allowed:

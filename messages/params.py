@@ -39,7 +39,9 @@ class SamplingParams:
     it was (0: off); logit_bias: token id -> a value in [-100, 100] added to its logit
     (a dict, or (id, value) pairs; kept as sorted pairs); structured: None, or
     ("json_object", ""), ("json_schema", the schema as JSON text), ("regex", a pattern),
-    ("choice", a JSON list of strings) or ("grammar", EBNF text): the output follows it.
+    ("choice", a JSON list of strings) or ("grammar", EBNF text): the output follows it;
+    bad_words_token_ids: token id sequences never generated (a sequence's last token is
+    banned whenever the output ends with the rest of it; vLLM's bad_words, tokenized).
     """
 
     max_tokens: int = 16
@@ -60,6 +62,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: dict | tuple | None = None
     structured: tuple[str, str] | list | None = None
+    bad_words_token_ids: tuple | list | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -116,13 +119,20 @@ class SamplingParams:
                 bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "structured", _structured(self.structured))
+        if self.bad_words_token_ids is not None:
+            seqs = tuple(tuple(s) for s in self.bad_words_token_ids)
+            if not seqs or any(not s or any(isinstance(t, bool) or not isinstance(t, int)
+                                            or t < 0 for t in s) for s in seqs):
+                bad("bad_words_token_ids must be non-empty sequences of token ids")
+            object.__setattr__(self, "bad_words_token_ids", seqs)
 
     @property
     def needs_processors(self) -> bool:
         """Whether any logits processor changes this request's logits before sampling."""
         return (self.repetition_penalty != 1.0 or self.min_tokens > 0
                 or self.allowed_token_ids is not None or self.frequency_penalty != 0
-                or self.presence_penalty != 0 or self.logit_bias is not None)
+                or self.presence_penalty != 0 or self.logit_bias is not None
+                or self.bad_words_token_ids is not None)
 
     @property
     def is_greedy(self) -> bool:

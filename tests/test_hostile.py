@@ -163,7 +163,7 @@ def test_tenant_names_never_hold_a_slash_anywhere():
 
 @pytest.mark.parametrize("field,value", [
     ("echo", True), ("suffix", "x"), ("tools", [{"type": "function"}]),
-    ("guided_decoding_backend", "outlines"), ("bad_words", ["w1"]), ("prompt_logprobs", 1),
+    ("guided_decoding_backend", "outlines"), ("prompt_logprobs", 1),
     ("use_beam_search", True),
     ("truncate_prompt_tokens", 4), ("chat_template_kwargs", {"x": 1}),
     ("skip_special_tokens", False), ("best_of", 3), ("add_special_tokens", False)])
@@ -206,6 +206,12 @@ def test_vllm_sampling_fields_are_honoured(env):
     forced = run(logit_bias={"17": 100}, ignore_eos=True, logprobs=0)
     assert set(tok.convert_tokens_to_ids(forced["logprobs"]["tokens"])) == {17}
     assert run(frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True)["text"] != plain
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 4,
+                                        "response_format": {"type": "json_object"}})
+    assert "vocabulary" in _err(r, 400, "response_format")["message"]  # words: no "{"
+    banned = plain.split()[:2]  # the words greedy decoding chose first
+    words = run(bad_words=banned, ignore_eos=True)["text"].split()
+    assert words and not set(words) & set(banned), (banned, words)
     for field, value in (("repetition_penalty", 0), ("min_p", 1.5), ("min_tokens", 99),
                          ("allowed_token_ids", [10**6])):
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 4,

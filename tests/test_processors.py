@@ -218,3 +218,15 @@ def test_logit_bias_matches_transformers_sequence_bias():
 def test_bad_penalties_and_biases_are_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_bad_words_ban_the_last_token_after_the_rest():
+    """Output [5, 6]: [6, 7] bans 7 (the output ends with 6), [9] bans 9 always, [4, 8] bans
+    nothing (the output does not end with 4); another row is untouched."""
+    logits = torch.zeros(2, 10)
+    p = SamplingParams(bad_words_token_ids=[[6, 7], [9], [4, 8]])
+    out = apply_processors(logits, [p, SamplingParams()], [[1], [1]], [[5, 6], [5, 6]], [])
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == [7, 9]
+    assert torch.equal(out[1], logits[1])
+    with pytest.raises(ValueError, match="bad_words_token_ids"):
+        SamplingParams(bad_words_token_ids=[[]])
