@@ -24,7 +24,7 @@ MAX_N = 16
 
 # field -> the values that change nothing (absent counts as None)
 REFUSED: dict[str, tuple] = {
-    "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+    "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "prompt_logprobs": (None,), "use_beam_search": (None, False),
@@ -114,9 +114,13 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
+    echo: bool = False  # the prompt's text before each choice's
 
     def check_unsupported(self, body: dict) -> None:
         super().check_unsupported(body)
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which are not "
+                                "supported yet", param="echo", code="unsupported_field")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of",
                            code="unsupported_field")

@@ -456,11 +456,20 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         return {"id": cid, "object": obj, "created": created, "model": req.model,
                 "choices": choices}
 
+    echo = [""] * len(run.choices)  # completions' echo: each choice's prompt text first
+    if getattr(req, "echo", False):
+        texts = [p if isinstance(p, str) else tokenizer.decode(ids)
+                 for p, ids in zip(req.prompts(), prompts)]
+        echo = [texts[i // req.n] for i in range(len(run.choices))]
+
     if not req.stream:
         outs = await _collect(run, request)
         if outs is None:
             return Response(status_code=499)  # nobody is listening any more
         choices = [route.choice(i, out, tokenizer) for i, out in enumerate(outs)]
+        for c in choices:
+            if echo[c["index"]]:
+                c["text"] = echo[c["index"]] + c["text"]
         return JSONResponse({**answer(route.obj, choices), "usage": run.usage()})
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -476,6 +485,10 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         try:
             for opening in route.opening(run):
                 yield chunk([opening])
+            for i, text in enumerate(echo):
+                if text:
+                    yield chunk([{"index": i, "text": text, "logprobs": None,
+                                  "finish_reason": None}])
             async for ch, out in run.events():
                 for part in route.chunks(ch, out, tokenizer, offsets):
                     yield chunk([part])

@@ -162,7 +162,7 @@ def test_tenant_names_never_hold_a_slash_anywhere():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("echo", True), ("suffix", "x"), ("tools", [{"type": "function"}]),
+    ("suffix", "x"), ("tools", [{"type": "function"}]),
     ("guided_decoding_backend", "outlines"), ("prompt_logprobs", 1),
     ("use_beam_search", True),
     ("truncate_prompt_tokens", 4), ("chat_template_kwargs", {"x": 1}),
@@ -174,7 +174,7 @@ def test_output_changing_fields_are_honoured_or_refused_by_name(env, field, valu
 
 
 def test_neutral_values_of_refused_fields_are_accepted(env):
-    body = {"model": "tiny", "prompt": "w1", "max_tokens": 2, "echo": False, "tools": [],
+    body = {"model": "tiny", "prompt": "w1", "max_tokens": 2, "tools": [],
             "skip_special_tokens": True, "use_beam_search": False}
     assert env["client"].post("/v1/completions", json=body).status_code == 200
 
@@ -206,6 +206,17 @@ def test_vllm_sampling_fields_are_honoured(env):
     forced = run(logit_bias={"17": 100}, ignore_eos=True, logprobs=0)
     assert set(tok.convert_tokens_to_ids(forced["logprobs"]["tokens"])) == {17}
     assert run(frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True)["text"] != plain
+    echoed = run(echo=True, ignore_eos=True)["text"]
+    assert echoed == env["state"].client.tokenizer("tiny").decode([5, 6, 7]) + plain
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "w9 w10", "max_tokens": 3,
+                                        "echo": True, "stream": True, "n": 2})
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i)
+             for i in (0, 1)]
+    assert all(t.startswith("w9 w10") and len(t) > len("w9 w10") for t in texts), texts
+    _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "echo": True,
+                                         "logprobs": 1}), 400, "echo")
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 4,
                                         "response_format": {"type": "json_object"}})
     assert "vocabulary" in _err(r, 400, "response_format")["message"]  # words: no "{"
