@@ -75,11 +75,23 @@ class CompletionLogprobs(_Out):
     text_offset: list[int]
 
 
+class PromptLogprob(_Out):
+    logprob: float
+    rank: int | None  # among the model's tokens, when within the top alternatives asked for
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: None for the first prompt token, then {token id: PromptLogprob}
+# for the token and the top alternatives; null unless the request asked for them
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(_Out):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None
 
 
 class Completion(_Out):
@@ -130,6 +142,7 @@ class ChatChoice(_Out):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None
 
 
 class ChatCompletion(_Out):

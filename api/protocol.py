@@ -27,7 +27,7 @@ REFUSED: dict[str, tuple] = {
     "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
-    "prompt_logprobs": (None,), "use_beam_search": (None, False),
+    "use_beam_search": (None, False),
     "length_penalty": (None, 1), "truncate_prompt_tokens": (None,), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
     "continue_final_message": (None, False), "skip_special_tokens": (None, True),
@@ -91,6 +91,7 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     bad_words: list[str] | None = None  # vLLM's: never generated (as tokens, see below)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
     add_special_tokens: bool | None = None
 
     _default_add_special_tokens = True
@@ -105,6 +106,9 @@ class _Common(BaseModel):
             raise APIError(400, f"add_special_tokens={self.add_special_tokens} is not "
                                 "supported on this route", param="add_special_tokens",
                            code="unsupported_field")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs is not supported with stream=true yet",
+                           param="prompt_logprobs", code="unsupported_field")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true",
                            param="stream_options")
@@ -295,6 +299,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             logit_bias=req.logit_bias or None,
             structured=structured(req),
             bad_words_token_ids=bad_words_token_ids(req, tokenizer),
+            prompt_logprobs=req.prompt_logprobs,
         )
     except ValueError as e:
         word = str(e).split(" ", 1)[0]

@@ -357,12 +357,16 @@ class _Route:
 
     def choice(self, i: int, out: RequestOutput, tokenizer) -> dict:
         if self.body is ChatCompletionRequest:
-            return {"index": i, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": _chat_logprobs(tokenizer, out.logprobs),
-                    "finish_reason": _finish_reason(out)}
-        return {"index": i, "text": out.text,
-                "logprobs": _completion_logprobs(tokenizer, out.logprobs),
-                "finish_reason": _finish_reason(out)}
+            c = {"index": i, "message": {"role": "assistant", "content": out.text},
+                 "logprobs": _chat_logprobs(tokenizer, out.logprobs),
+                 "finish_reason": _finish_reason(out)}
+        else:
+            c = {"index": i, "text": out.text,
+                 "logprobs": _completion_logprobs(tokenizer, out.logprobs),
+                 "finish_reason": _finish_reason(out)}
+        c["prompt_logprobs"] = (None if out.prompt_logprobs is None
+                                else _prompt_logprobs(tokenizer, out.prompt_logprobs))
+        return c
 
     def opening(self, run: Run) -> list[dict]:
         """Chunks sent before any token: the chat route names the role of each choice."""
@@ -389,7 +393,27 @@ class _Route:
             offsets[ch.index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
         if out.delta_text or out.finished or lps:
             yield {"index": ch.index, "text": out.delta_text, "logprobs": lps,
-                   "finish_reason": _finish_reason(out) if out.finished else None}
+                   "finish_reason": _finish_reason(out) if out.finished else None,
+                   "prompt_logprobs": None}
+
+
+def _prompt_logprobs(tokenizer, entries) -> list:
+    """vLLM's shape: None for the first token, then {id: {logprob, rank, decoded_token}} for
+    the token and its top alternatives (rank known within those)."""
+    out = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        token, lp, top = e
+        ranks = {t: r + 1 for r, (t, _) in enumerate(top)}
+        d = {str(token): {"logprob": lp, "rank": ranks.get(token),
+                          "decoded_token": tokenizer.decode([token])}}
+        for t, v in top:
+            d.setdefault(str(t), {"logprob": v, "rank": ranks[t],
+                                  "decoded_token": tokenizer.decode([t])})
+        out.append(d)
+    return out
 
 
 COMPLETIONS = _Route("/v1/completions", CompletionRequest, _completion_prompts, "prompt", 16,
@@ -488,7 +512,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
             for i, text in enumerate(echo):
                 if text:
                     yield chunk([{"index": i, "text": text, "logprobs": None,
-                                  "finish_reason": None}])
+                                  "finish_reason": None, "prompt_logprobs": None}])
             async for ch, out in run.events():
                 for part in route.chunks(ch, out, tokenizer, offsets):
                     yield chunk([part])

@@ -44,6 +44,8 @@ class _Tracked:
     stop_token: int | None = None
     logprobs: list | None = None  # new tokens' logprobs not sent yet, when asked for
     matcher: object | None = None  # structured output: its xgrammar matcher
+    prompt_lps: list | None = None  # prompt logprobs by position, when asked for
+    prompt_lps_sent: bool = False
 
 
 def _zero_rows(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -246,7 +248,9 @@ class EngineCore:
                                             list(req.delivered_token_ids))
         self.requests[req.request_id] = _Tracked(
             seq, sink, emitted=len(req.delivered_token_ids),
-            logprobs=[] if req.params.logprobs is not None else None, matcher=matcher)
+            logprobs=[] if req.params.logprobs is not None else None, matcher=matcher,
+            prompt_lps=([None] * len(seq.prompt_token_ids)
+                        if req.params.prompt_logprobs is not None else None))
         self.scheduler.add_request(seq)
         return req.request_id
 
@@ -314,7 +318,8 @@ class EngineCore:
             if self.prefetch:
                 self._prefetch(out.model)
             start = time.perf_counter()
-            logits = worker.execute(batch_rows(out))
+            rows = batch_rows(out)
+            logits = self._prompt_logprobs(out, rows, worker.execute(rows))
             self.cost.observe_step(out.model, time.perf_counter() - start,
                                    sum(x.num_new_tokens for x in out.scheduled),
                                    sum(x.num_new_tokens for x in out.scheduled
@@ -330,6 +335,34 @@ class EngineCore:
             logger.exception("sampling for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
                     for s in out.scheduled if s.seq.request_id in self.requests]
+
+    def _prompt_logprobs(self, out: SchedulerOutput, rows: list[BatchRow], logits):
+        """Record prompt logprobs from rows that asked for every position's logits; the
+        logits of the rows that sample, in order."""
+        if not any(r.all_logits for r in rows):
+            return logits
+        keep, at = [], 0
+        for item, row in zip(out.scheduled, rows):
+            if not row.all_logits:
+                if row.samples:
+                    keep.append(at)
+                    at += 1
+                continue
+            n = len(row.token_ids)
+            tr = self.requests[item.seq.request_id]
+            prompt = item.seq.prompt_token_ids
+            positions = [p for p in range(row.start, row.start + n) if p + 1 < len(prompt)]
+            if positions:  # logits at position p rate the prompt's token p + 1
+                j = [p - row.start + at for p in positions]
+                targets = [prompt[p + 1] for p in positions]
+                k = item.seq.params.prompt_logprobs
+                lps = logprobs(logits[j], targets, [k] * len(j))
+                for p, t, lp in zip(positions, targets, lps):
+                    tr.prompt_lps[p + 1] = (t, *lp)
+            if row.samples:
+                keep.append(at + n - 1)
+            at += n
+        return logits[keep]
 
     def _prefetch(self, running: str) -> None:
         """Start copying the weights of the model the policy expects after ``running``. A
@@ -426,6 +459,7 @@ class EngineCore:
                         seq.num_cached_tokens) if finished else None,
             error=error,
             cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(tr, new, finished),
         )
         tr.emitted = len(seq.output_token_ids)
         if tr.sink is not None:
@@ -438,6 +472,15 @@ class EngineCore:
                 if not finished:
                     self._orphans.append(seq.request_id)
         return out
+
+    @staticmethod
+    def _take_prompt_logprobs(tr: _Tracked, new: tuple, finished: bool) -> tuple | None:
+        """The prompt logprobs, once: with the first delta that has tokens (the prompt is
+        computed by then), or the final one."""
+        if tr.prompt_lps is None or tr.prompt_lps_sent or not (new or finished):
+            return None
+        tr.prompt_lps_sent = True
+        return tuple(tr.prompt_lps)
 
     def _finish(self, tr: _Tracked, reason: str, error: str | None = None) -> OutputDelta:
         self.scheduler.finish(tr.seq, reason)
@@ -489,5 +532,7 @@ def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
         seq, start = item.seq, item.seq.num_computed_tokens
         rows.append(BatchRow(token_ids=seq.token_ids(start, start + item.num_new_tokens),
                              start=start, pages=seq.pages, is_decode=item.is_decode,
-                             samples=item.samples, adapter=seq.adapter))
+                             samples=item.samples, adapter=seq.adapter,
+                             all_logits=(seq.params.prompt_logprobs is not None
+                                         and start < seq.num_prompt_tokens - 1)))
     return rows

@@ -44,6 +44,9 @@ class RequestOutput:
     # with SamplingParams.logprobs: one (token id, logprob, ((id, logprob), ...)) per token
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # with SamplingParams.prompt_logprobs: per prompt token (id, logprob, top alternatives),
+    # None for the first
+    prompt_logprobs: tuple | None = None
 
 
 def tokenize(tokenizer, prompt: str | list[int], vocab_size: int,
@@ -124,6 +127,7 @@ class TextStream:
         self.finished = self.stopped = False
         self.stop_reason: str | int | None = None
         self.cached_tokens = 0
+        self.prompt_logprobs: tuple | None = None
         for token in delivered_token_ids:  # a resumed request: its text so far, no checks
             self.token_ids.append(token)
             append_token(tokenizer, self.detok, token)
@@ -138,6 +142,8 @@ class TextStream:
         if self.finished:
             return None
         self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         skip = len(self.token_ids) - delta.index
         if skip < 0:
             raise RequestError(f"request {self.request_id}: output tokens from "
@@ -203,6 +209,7 @@ class TextStream:
             error=error,
             logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
             cached_tokens=self.cached_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )
         self.emitted_chars, self.emitted_tokens = visible, len(self.token_ids)
         return out

@@ -41,7 +41,9 @@ class SamplingParams:
     ("json_object", ""), ("json_schema", the schema as JSON text), ("regex", a pattern),
     ("choice", a JSON list of strings) or ("grammar", EBNF text): the output follows it;
     bad_words_token_ids: token id sequences never generated (a sequence's last token is
-    banned whenever the output ends with the rest of it; vLLM's bad_words, tokenized).
+    banned whenever the output ends with the rest of it; vLLM's bad_words, tokenized);
+    prompt_logprobs: None, or each prompt token's log-probability given the ones before it
+    with this many most likely alternatives (0 to MAX_LOGPROBS; the first token has none).
     """
 
     max_tokens: int = 16
@@ -63,6 +65,7 @@ class SamplingParams:
     logit_bias: dict | tuple | None = None
     structured: tuple[str, str] | list | None = None
     bad_words_token_ids: tuple | list | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -119,6 +122,10 @@ class SamplingParams:
                 bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "structured", _structured(self.structured))
+        plp = self.prompt_logprobs
+        if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int)
+                                or not 0 <= plp <= MAX_LOGPROBS):
+            bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {plp!r}")
         if self.bad_words_token_ids is not None:
             seqs = tuple(tuple(s) for s in self.bad_words_token_ids)
             if not seqs or any(not s or any(isinstance(t, bool) or not isinstance(t, int)

@@ -28,6 +28,7 @@ class BatchRow:
     is_decode: bool
     samples: bool
     adapter: str | None = None
+    all_logits: bool = False  # logits for every token of the row (prompt logprobs), in order
 
 
 @dataclass(frozen=True)

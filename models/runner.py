@@ -33,7 +33,9 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
             pre_tables.append(seq_pages)
             pre_lens.append(start + n)
             cu.append(cu[-1] + n)
-        if item.samples:
+        if item.all_logits:
+            logits_rows.extend(range(len(ids) - n, len(ids)))
+        elif item.samples:
             logits_rows.append(len(ids) - 1)
 
     def t(x, dtype=torch.long):

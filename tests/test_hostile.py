@@ -163,8 +163,7 @@ def test_tenant_names_never_hold_a_slash_anywhere():
 
 @pytest.mark.parametrize("field,value", [
     ("suffix", "x"), ("tools", [{"type": "function"}]),
-    ("guided_decoding_backend", "outlines"), ("prompt_logprobs", 1),
-    ("use_beam_search", True),
+    ("guided_decoding_backend", "outlines"), ("use_beam_search", True),
     ("truncate_prompt_tokens", 4), ("chat_template_kwargs", {"x": 1}),
     ("skip_special_tokens", False), ("best_of", 3), ("add_special_tokens", False)])
 def test_output_changing_fields_are_honoured_or_refused_by_name(env, field, value):
@@ -217,6 +216,14 @@ def test_vllm_sampling_fields_are_honoured(env):
     assert all(t.startswith("w9 w10") and len(t) > len("w9 w10") for t in texts), texts
     _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "echo": True,
                                          "logprobs": 1}), 400, "echo")
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2,
+                                        "prompt_logprobs": 2})
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert r.status_code == 200 and plp[0] is None and len(plp) == 3, r.text
+    assert "6" in plp[1] and "7" in plp[2] and len(plp[2]) <= 3  # the token and its top 2
+    assert all(v["logprob"] <= 0 for d in plp[1:] for v in d.values())
+    _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "stream": True,
+                                         "prompt_logprobs": 1}), 400, "prompt_logprobs")
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 4,
                                         "response_format": {"type": "json_object"}})
     assert "vocabulary" in _err(r, 400, "response_format")["message"]  # words: no "{"

@@ -230,3 +230,37 @@ def test_bad_words_ban_the_last_token_after_the_rest():
     assert torch.equal(out[1], logits[1])
     with pytest.raises(ValueError, match="bad_words_token_ids"):
         SamplingParams(bad_words_token_ids=[[]])
+
+
+# ---- prompt logprobs -------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1024, 5])  # one prefill step; chunks of 5 tokens
+def test_prompt_logprobs_match_transformers(tiny_models, budget):
+    """Each prompt token's logprob given the ones before it, and the top alternatives, as
+    transformers computes them (fp32); the same again when the prompt's KV is cached (a
+    request asking for prompt logprobs takes no cached prefix)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import make_engine
+
+    folder = tiny_models("llama")
+    prompt = [5, 17, 9, 33, 2, 41, 8, 12, 60, 7, 3]
+    engine = make_engine(folder, max_num_batched_tokens=budget, kv_page_bytes=2048)
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+        first = engine.generate([prompt], params)[0]
+        again = engine.generate([prompt], params)[0]
+    finally:
+        engine.shutdown()
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    for out in (first, again):
+        got = out.prompt_logprobs
+        assert got[0] is None and len(got) == len(prompt)
+        for i in range(1, len(prompt)):
+            token, value, top = got[i]
+            assert token == prompt[i]
+            assert abs(value - lp[i - 1, prompt[i]].item()) < 1e-4
+            want = torch.topk(lp[i - 1], 3)
+            assert [t for t, _ in top] == want.indices.tolist()
+    assert again.cached_tokens == 0 and again.prompt_logprobs == first.prompt_logprobs
