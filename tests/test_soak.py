@@ -108,7 +108,7 @@ async def _stream(c, rng, key, model, tally, leave_early: bool):
 BAD = [
     ("not json", b"{model: tiny", 400), ("deep", b'{"model":"tiny","prompt":' + b"[" * 5000
                                                  + b"]" * 5000 + b"}", 400),
-    ("refused", json.dumps({"model": "tiny", "prompt": "w1", "echo": True}), 400),
+    ("refused", json.dumps({"model": "tiny", "prompt": "w1", "suffix": "x"}), 400),
     ("unknown model", json.dumps({"model": "nope", "prompt": "w1"}), 404),
     ("too long", json.dumps({"model": "tiny", "prompt": "w1", "max_tokens": 10**6}), 400),
     ("not an object", b"[1, 2]", 400),
