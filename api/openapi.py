@@ -54,7 +54,7 @@ class ErrorBody(_Out):
 
 
 # ---- OpenAI responses -------------------------------------------------------------------------
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class PromptTokensDetails(_Out):
@@ -132,9 +132,25 @@ class ChatLogprobs(_Out):
     content: list[TokenLogprob]
 
 
+class ToolFunction(_Out):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
 class AssistantMessage(_Out):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCallOut]  # [] without calls (as vLLM sends it)
 
 
 class ChatChoice(_Out):
@@ -157,6 +173,7 @@ class ChatCompletion(_Out):
 class ChatDelta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None  # all of an answer's calls, at its end
 
 
 class ChatChunkChoice(_Out):

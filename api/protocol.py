@@ -24,8 +24,7 @@ MAX_N = 16
 
 # field -> the values that change nothing (absent counts as None)
 REFUSED: dict[str, tuple] = {
-    "suffix": (None, ""), "tools": (None, []),
-    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1), "truncate_prompt_tokens": (None,), "chat_template": (None,),
@@ -122,6 +121,10 @@ class CompletionRequest(_Common):
 
     def check_unsupported(self, body: dict) -> None:
         super().check_unsupported(body)
+        for name, neutral in (("tools", (None, [])), ("tool_choice", (None, "none"))):
+            if body.get(name) not in neutral:
+                raise APIError(400, f"{name} is for /v1/chat/completions", param=name,
+                               code="unsupported_field")
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which are not "
                                 "supported yet", param="echo", code="unsupported_field")
@@ -166,7 +169,36 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {...}}]
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | a function
+    parallel_tool_calls: bool | None = None  # accepted; a model writes what it writes
+
     _default_add_special_tokens = False  # the chat template places the special tokens
+
+    def tool_choice_value(self) -> str | dict:
+        """The checked tool choice: "none", "auto", "required" or {"name": ...}."""
+        names = []
+        for t in self.tools or ():
+            fn = t.get("function") if isinstance(t, dict) else None
+            if (not isinstance(t, dict) or t.get("type") != "function"
+                    or not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                    or not isinstance(fn.get("parameters", {}), dict)):
+                raise APIError(400, 'each tool must be {"type": "function", "function": '
+                                    '{"name": ..., "parameters": {...}}}', param="tools")
+            names.append(fn["name"])
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if names else "none"
+        if choice in ("none", "auto", "required"):
+            if choice != "none" and not names:
+                raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+            return choice
+        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or choice.get("type") != "function" or name not in names:
+            raise APIError(400, "tool_choice must be none, auto, required or "
+                                '{"type": "function", "function": {"name": <a tool>}}',
+                           param="tool_choice")
+        return {"name": name}
 
     def check_unsupported(self, body: dict) -> None:
         super().check_unsupported(body)
@@ -209,6 +241,13 @@ def structured(req: _Common) -> tuple[str, str] | None:
         raise APIError(400, "give response_format or structured output fields, not both",
                        param="response_format")
     return vllm or fmt
+
+
+def _one_structure(fmt, tool):
+    if fmt is not None and tool is not None:
+        raise APIError(400, "a required or named tool_choice cannot be combined with "
+                            "response_format", param="tool_choice")
+    return fmt or tool
 
 
 def _vllm_structured(req: _Common) -> tuple[str, str] | None:
@@ -256,6 +295,27 @@ def _response_format(req: _Common) -> tuple[str, str] | None:
                         "json_schema)", param="response_format", code="unsupported_field")
 
 
+def tool_structured(req: _Common, tokenizer) -> tuple[str, str] | None:
+    """The grammar of a required or named tool call in the model's own format."""
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    choice = req.tool_choice_value()
+    if choice in ("none", "auto"):
+        return None
+    from gpupool.frontend.text import tool_format
+
+    fmt = tool_format(tokenizer)
+    key = "parameters" if fmt == "llama3" else "arguments"
+    tools = [t["function"] for t in req.tools
+             if choice == "required" or t["function"]["name"] == choice["name"]]
+    variants = [{"type": "object", "properties": {
+        "name": {"const": fn["name"]}, key: fn.get("parameters") or {"type": "object"}},
+        "required": ["name", key], "additionalProperties": False} for fn in tools]
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    tags = ("<tool_call>\n", "\n</tool_call>") if fmt == "hermes" else ("", "")
+    return ("tagged_json", json.dumps({"begin": tags[0], "schema": schema, "end": tags[1]}))
+
+
 def bad_words_token_ids(req: _Common, tokenizer) -> list[list[int]] | None:
     """vLLM's tokenization of bad_words: each word alone and after a space (so it is banned
     at the start of the output and inside it)."""
@@ -297,7 +357,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
             logit_bias=req.logit_bias or None,
-            structured=structured(req),
+            structured=_one_structure(structured(req), tool_structured(req, tokenizer)),
             bad_words_token_ids=bad_words_token_ids(req, tokenizer),
             prompt_logprobs=req.prompt_logprobs,
         )

@@ -41,7 +41,9 @@ from gpupool.frontend.text import (
     chat_prompt,
     max_tokens_for,
     tokenize,
+    tool_format,
 )
+from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
 from gpupool.messages.errors import EngineError, RequestError
 from gpupool.messages.types import EngineRequest, ModelInfo, OutputDelta
 
@@ -327,11 +329,43 @@ def _chat_prompts(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> lis
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"model {req.model!r} has no chat template; use /v1/completions",
                        param="model")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = [_template_message(m) for m in req.messages]
+    tools = None
+    if req.tool_choice_value() != "none":
+        if tool_format(tokenizer) is None:
+            raise APIError(400, f"model {req.model!r}'s chat template takes no tools (it "
+                                "could not call them)", param="tools")
+        tools = req.tools
     try:
-        return [chat_prompt(tokenizer, messages)]
+        return [chat_prompt(tokenizer, messages, tools)]
     except RequestError as e:
         raise APIError(400, str(e), param="messages") from e
+
+
+def _template_message(m) -> dict:
+    """A message as chat templates take it: an assistant's tool_calls with their arguments
+    as objects (the templates serialise them), a tool result with its call's id."""
+    out = {"role": m.role, "content": m.text()}
+    extra = m.model_extra or {}
+    if m.role == "assistant" and extra.get("tool_calls"):
+        calls = []
+        for c in extra["tool_calls"]:
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(400, "tool_calls entries need function.name", param="messages")
+            args = fn.get("arguments", "{}")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except ValueError:
+                raise APIError(400, "tool_calls arguments must be JSON", param="messages") from None
+            calls.append({"id": c.get("id"), "type": "function",
+                          "function": {"name": fn["name"], "arguments": args}})
+        out["tool_calls"] = calls
+    if m.role == "tool":
+        out["tool_call_id"] = extra.get("tool_call_id")
+    if m.name:
+        out["name"] = m.name
+    return out
 
 
 @dataclass(frozen=True)
@@ -355,11 +389,16 @@ class _Route:
             return (req.top_logprobs or 0) if req.logprobs else None
         return req.logprobs
 
-    def choice(self, i: int, out: RequestOutput, tokenizer) -> dict:
+    def choice(self, i: int, out: RequestOutput, tokenizer, tools: str | None = None) -> dict:
         if self.body is ChatCompletionRequest:
-            c = {"index": i, "message": {"role": "assistant", "content": out.text},
+            content, calls = out.text, []
+            if tools is not None:
+                content, calls = parse_tool_calls(out.text, tools)
+            reason = _finish_reason(out)
+            c = {"index": i, "message": {"role": "assistant", "content": content,
+                                         "tool_calls": [_tool_call(t) for t in calls]},
                  "logprobs": _chat_logprobs(tokenizer, out.logprobs),
-                 "finish_reason": _finish_reason(out)}
+                 "finish_reason": "tool_calls" if calls and reason == "stop" else reason}
         else:
             c = {"index": i, "text": out.text,
                  "logprobs": _completion_logprobs(tokenizer, out.logprobs),
@@ -375,18 +414,35 @@ class _Route:
         return [{"index": ch.index, "delta": {"role": "assistant", "content": ""},
                  "logprobs": None, "finish_reason": None} for ch in run.choices]
 
-    def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict):
+    def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict,
+               tools: str | None = None):
         """The chunk choices for one update (maybe none), one at a time: text already
-        generated goes out before a failure's error event."""
+        generated goes out before a failure's error event. With ``tools`` (the model's
+        tool-call format) text that may be a call is held back until the output ends."""
         new = _new_logprobs(out)
         if self.body is ChatCompletionRequest:
             lps = _chat_logprobs(tokenizer, new)
-            if out.delta_text or lps:
-                yield {"index": ch.index, "delta": {"content": out.delta_text},
+            text = out.delta_text
+            parser = None
+            if tools is not None:
+                parser = offsets.setdefault(("tools", ch.index), ToolStreamParser(tools))
+                text = parser.feed(text)
+            if text or lps:
+                yield {"index": ch.index, "delta": {"content": text},
                        "logprobs": lps, "finish_reason": None}
             if out.finished:
+                reason, calls = _finish_reason(out), []
+                if parser is not None:
+                    rest, calls = parser.finish()
+                    if rest:
+                        yield {"index": ch.index, "delta": {"content": rest},
+                               "logprobs": None, "finish_reason": None}
+                    if calls:
+                        yield {"index": ch.index, "delta": {"tool_calls": [
+                            {"index": k, **_tool_call(t)} for k, t in enumerate(calls)]},
+                            "logprobs": None, "finish_reason": None}
                 yield {"index": ch.index, "delta": {}, "logprobs": None,
-                       "finish_reason": _finish_reason(out)}
+                       "finish_reason": "tool_calls" if calls and reason == "stop" else reason}
             return
         lps = _completion_logprobs(tokenizer, new, offsets.get(ch.index, 0))
         if lps and lps["tokens"]:  # characters of token text already sent, per choice
@@ -395,6 +451,11 @@ class _Route:
             yield {"index": ch.index, "text": out.delta_text, "logprobs": lps,
                    "finish_reason": _finish_reason(out) if out.finished else None,
                    "prompt_logprobs": None}
+
+
+def _tool_call(t) -> dict:
+    return {"id": t.id, "type": "function",
+            "function": {"name": t.name, "arguments": t.arguments}}
 
 
 def _prompt_logprobs(tokenizer, entries) -> list:
@@ -480,6 +541,9 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         return {"id": cid, "object": obj, "created": created, "model": req.model,
                 "choices": choices}
 
+    tools = None  # the model's tool-call format, when the answer may hold calls
+    if isinstance(req, ChatCompletionRequest) and req.tool_choice_value() != "none":
+        tools = tool_format(tokenizer)
     echo = [""] * len(run.choices)  # completions' echo: each choice's prompt text first
     if getattr(req, "echo", False):
         texts = [p if isinstance(p, str) else tokenizer.decode(ids)
@@ -490,7 +554,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         outs = await _collect(run, request)
         if outs is None:
             return Response(status_code=499)  # nobody is listening any more
-        choices = [route.choice(i, out, tokenizer) for i, out in enumerate(outs)]
+        choices = [route.choice(i, out, tokenizer, tools) for i, out in enumerate(outs)]
         for c in choices:
             if echo[c["index"]]:
                 c["text"] = echo[c["index"]] + c["text"]
@@ -514,7 +578,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
                     yield chunk([{"index": i, "text": text, "logprobs": None,
                                   "finish_reason": None, "prompt_logprobs": None}])
             async for ch, out in run.events():
-                for part in route.chunks(ch, out, tokenizer, offsets):
+                for part in route.chunks(ch, out, tokenizer, offsets, tools):
                     yield chunk([part])
             if include_usage:
                 yield _sse({**answer(route.chunk_obj, []), "usage": run.usage()})

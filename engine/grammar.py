@@ -57,6 +57,17 @@ class Grammars:
                 return compiler.compile_regex(spec)
             if kind == "grammar":
                 return compiler.compile_grammar(spec)
+            if kind == "tagged_json":  # begin text, a JSON value of the schema, end text
+                import xgrammar as xgr
+
+                t = json.loads(spec)
+                parts = [xgr.Grammar.from_ebnf(f"root ::= {json.dumps(t[k])}")
+                         for k in ("begin", "end") if t.get(k)]
+                body = xgr.Grammar.from_json_schema(json.dumps(t["schema"]),
+                                                    any_whitespace=False)
+                seq = ([parts.pop(0)] if t.get("begin") else []) + [body] + parts
+                return compiler.compile_grammar(xgr.Grammar.concat(*seq) if len(seq) > 1
+                                                else body)
             if kind == "choice":  # one literal of the list, exactly (JSON escapes: EBNF's)
                 literals = " | ".join(json.dumps(c) for c in json.loads(spec))
                 return compiler.compile_grammar(f"root ::= {literals}")

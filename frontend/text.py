@@ -72,15 +72,17 @@ def tokenize(tokenizer, prompt: str | list[int], vocab_size: int,
     return ids
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The chat template applied to ``messages`` (with the generation prompt), tokenised
-    without adding special tokens again; RequestError if there is no template or it
-    refuses."""
+def chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None
+                ) -> list[int]:
+    """The chat template applied to ``messages`` (with the generation prompt, and ``tools``
+    when given), tokenised without adding special tokens again; RequestError if there is no
+    template or it refuses."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions")
     try:
+        kw = {"tools": tools} if tools else {}
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False)
+                                             tokenize=False, **kw)
     except Exception as e:  # a template may raise on an order of roles it does not allow
         raise RequestError(f"the chat template refused the messages: {e}") from e
     try:
@@ -213,3 +215,17 @@ class TextStream:
         )
         self.emitted_chars, self.emitted_tokens = visible, len(self.token_ids)
         return out
+
+
+def tool_format(tokenizer) -> str | None:
+    """How the model's chat template writes tool calls: ``hermes`` (<tool_call> tags: Qwen2.5,
+    Qwen3), ``llama3`` (JSON with "parameters": Llama 3.1), or None when the template takes
+    no tools (SmolLM2's, for one)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if not isinstance(template, str) or "tools" not in template:
+        return None
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or '"parameters"' in template:
+        return "llama3"
+    return None

@@ -13,7 +13,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's range)
 MAX_LOGIT_BIAS_ENTRIES = 1024
-STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "tagged_json")
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,14 @@ def _structured(structured) -> tuple[str, str] | None:
         if (not isinstance(choices, list) or not choices
                 or not all(isinstance(c, str) and c for c in choices)):
             raise ValueError("structured choice must be a JSON list of non-empty strings")
+    elif kind == "tagged_json":  # {"begin": text, "schema": {...}, "end": text}
+        try:
+            tagged = json.loads(spec)
+        except (TypeError, ValueError):
+            tagged = None
+        if (not isinstance(tagged, dict) or not isinstance(tagged.get("schema"), dict)
+                or not all(isinstance(tagged.get(k, ""), str) for k in ("begin", "end"))):
+            raise ValueError("structured tagged_json must be JSON {begin, schema, end}")
     elif kind in ("regex", "grammar") and (not isinstance(spec, str) or not spec):
         raise ValueError(f"structured {kind} must be a non-empty string")
     return kind, spec or ""
