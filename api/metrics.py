@@ -7,6 +7,8 @@ for before each scrape (``Metrics.pool_stats``).
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -43,6 +45,16 @@ class _PoolCollector:
             waiting.add_metric([name], m["waiting"])
         yield running
         yield waiting
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Adapters with running and waiting requests (vLLM's "
+            "name; the value is the scrape time)",
+            labels=["model_name", "running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        now = time.time()
+        for name, m in s["models"].items():
+            lora.add_metric([name, ",".join(m.get("running_adapters", ())),
+                             ",".join(m.get("waiting_adapters", ())),
+                             str(m.get("adapter_slots", 0))], now)
+        yield lora
         p = s["kv_pages"]
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc",
                                 "KV pages held by requests, 0 to 1 (vLLM's name; cached "

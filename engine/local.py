@@ -297,6 +297,10 @@ class LocalEngine:
                     # prefix cache: prompt tokens looked up, and found cached
                     "prefix_cache_queries": sched.cache_queries[name],
                     "prefix_cache_hits": sched.cache_hits[name],
+                    "running_adapters": sorted({q.adapter for q in sched.running.get(name, ())
+                                                if q.adapter}),
+                    "waiting_adapters": sorted({q.adapter for q in sched.waiting.get(name, ())
+                                                if q.adapter}),
                     "adapter_slots": slots.num_slots if slots is not None else 0,
                     "resident_adapters": list(slots.resident) if slots is not None else [],
                 }

@@ -5,6 +5,7 @@ The tests run in file order on one app: the first part with the server open, the
 tenants (auth on for good)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -445,6 +446,7 @@ def test_tenants_share_no_cached_prompt_unless_marked(env):
                      'vllm:time_to_first_token_seconds_count{model_name="tiny"}',
                      'vllm:inter_token_latency_seconds_count{model_name="tiny"}'):
             assert any(line.startswith(name + " ") for line in text.splitlines()), name
+        assert re.search(r'vllm:lora_requests_info{max_lora="\d+",model_name="tiny",', text)
     finally:
         for name in keys:
             c.delete(f"/admin/tenants/{name}", headers=ADMIN)
