@@ -202,3 +202,30 @@ class DeltaLog:
                 self.final[d.request_id] = d
                 done.append(d)
         return done
+
+
+def make_byte_model(folder: Path, smollm2_path: Path, seed: int = 0, max_len: int = 512,
+                    chat_template: str | None = None) -> Path:
+    """A tiny random Llama (2 layers, 64 wide) with SmolLM2's byte-level tokenizer and
+    vocabulary (49152), for output that must spell JSON or tool calls (the word-level test
+    tokenizer has no '{', '"' or digits); ``chat_template`` replaces SmolLM2's."""
+    import json
+    import shutil
+
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
+        initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    for f in smollm2_path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    if chat_template is not None:
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+        tc = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({**tc, "chat_template": chat_template}))
+    return folder

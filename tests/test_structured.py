@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import jsonschema
 import openai
 import pytest
-import torch
 
 from gpupool import SamplingParams
 from gpupool.messages.types import EngineRequest
-from tests.factories import make_engine, make_peft_adapter
+from tests.factories import make_byte_model, make_engine, make_peft_adapter
 from tests.serving import Server
 
 SCHEMA = {
@@ -40,20 +38,7 @@ MAX_TOKENS = 160
 
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory, smollm2_path):
-    """A tiny random Llama (2 layers, 64 wide) with SmolLM2's tokenizer and vocabulary."""
-    import transformers
-
-    folder = tmp_path_factory.mktemp("bytes")
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
-    for f in smollm2_path.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, folder / f.name)
-    return folder
+    return make_byte_model(tmp_path_factory.mktemp("bytes"), smollm2_path)
 
 
 def _close(folder) -> int:

@@ -5,12 +5,12 @@ SmolLM2's byte-level tokenizer and a chat template written here in the hermes fo
 from __future__ import annotations
 
 import json
-import shutil
 
 import jsonschema
 import openai
 import pytest
 
+from tests.factories import make_byte_model
 from tests.serving import Server
 
 TEMPLATE = (
@@ -36,22 +36,8 @@ TIME = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, smollm2_path):
-    import torch
-    import transformers
-
-    folder = tmp_path_factory.mktemp("toolbot")
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
-    for f in smollm2_path.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    tc = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": TEMPLATE}))
+    folder = make_byte_model(tmp_path_factory.mktemp("toolbot"), smollm2_path, seed=1,
+                             max_len=1024, chat_template=TEMPLATE)
     server = Server(tmp_path_factory.mktemp("home"), "--model", f"toolbot={folder}",
                     "--model", f"smol={smollm2_path}", kv=32 << 20)
     with server:
