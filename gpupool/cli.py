@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (bf16 on a CPU that computes it natively, else float32)")
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANT_HELP)
     g.set_defaults(func=_generate)
+    from gpupool.admin_cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
