@@ -74,29 +74,30 @@ def _ps(args) -> tuple[object, str]:
     return {"pool": pool, "models": models, "adapters": adapters}, text
 
 
-def _models(args) -> tuple[object, str]:
+def _registry(args, kind: str, body: dict, columns: list[str], row) -> tuple[object, str]:
+    """list / add / rm of ``/admin/{kind}s``: ``body`` the add request, ``row(item)`` a
+    listed item's cells under ``columns``."""
+    path = f"/admin/{kind}s"
     if args.action == "add":
-        out = _request(args, "POST", "/admin/models", {"name": args.name, "path": args.path})
-        return out, f"added model {out['name']} from {out['path']}"
+        out = _request(args, "POST", path, body)
+        return out, f"added {kind} {out['name']}" + (f" of {out['base']}" if out.get("base")
+                                                      else f" from {out['path']}")
     if args.action == "rm":
-        out = _request(args, "DELETE", f"/admin/models/{args.name}")
-        return out, f"removed model {args.name}"
-    data = _request(args, "GET", "/admin/models")["data"]
-    return data, table([[m["name"], m["path"], m["loaded"], m["resident"]] for m in data],
-                       ["NAME", "PATH", "LOADED", "RESIDENT"])
+        return _request(args, "DELETE", f"{path}/{args.name}"), f"removed {kind} {args.name}"
+    data = _request(args, "GET", path)["data"]
+    return data, table([row(item) for item in data], columns)
+
+
+def _models(args) -> tuple[object, str]:
+    return _registry(args, "model", {"name": args.name, "path": args.path},
+                     ["NAME", "PATH", "LOADED", "RESIDENT"],
+                     lambda m: [m["name"], m["path"], m["loaded"], m["resident"]])
 
 
 def _adapters(args) -> tuple[object, str]:
-    if args.action == "add":
-        out = _request(args, "POST", "/admin/adapters",
-                       {"name": args.name, "base": args.base, "path": args.path})
-        return out, f"added adapter {out['name']} of {out['base']}"
-    if args.action == "rm":
-        out = _request(args, "DELETE", f"/admin/adapters/{args.name}")
-        return out, f"removed adapter {args.name}"
-    data = _request(args, "GET", "/admin/adapters")["data"]
-    return data, table([[a["name"], a["base"], a["path"], a["loaded"]] for a in data],
-                       ["NAME", "BASE", "PATH", "LOADED"])
+    return _registry(args, "adapter", {"name": args.name, "base": args.base, "path": args.path},
+                     ["NAME", "BASE", "PATH", "LOADED"],
+                     lambda a: [a["name"], a["base"], a["path"], a["loaded"]])
 
 
 def _tenants(args) -> tuple[object, str]:
