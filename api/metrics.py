@@ -29,48 +29,39 @@ class _PoolCollector:
         resident = GaugeMetricFamily("gpupool_model_resident",
                                      "1 when the model's weights are in the arena",
                                      labels=["model"])
-        for name, m in s["models"].items():
-            queue.add_metric([name, "waiting"], m["waiting"])
-            queue.add_metric([name, "running"], m["running"])
-            resident.add_metric([name], 1.0 if m["resident"] else 0.0)
-        yield queue
-        yield resident
+        pq = CounterMetricFamily("gpupool_prefix_cache_queries",
+                                 "Prompt tokens looked up in the prefix cache", labels=["model"])
+        ph = CounterMetricFamily("gpupool_prefix_cache_hits",
+                                 "Prompt tokens found in the prefix cache", labels=["model"])
+        # vLLM's names for the same (label model_name)
         running = GaugeMetricFamily("vllm:num_requests_running",
                                     "Requests in the running batch (vLLM's name)",
                                     labels=["model_name"])
         waiting = GaugeMetricFamily("vllm:num_requests_waiting",
                                     "Requests waiting (vLLM's name)", labels=["model_name"])
-        for name, m in s["models"].items():
-            running.add_metric([name], m["running"])
-            waiting.add_metric([name], m["waiting"])
-        yield running
-        yield waiting
         lora = GaugeMetricFamily(
             "vllm:lora_requests_info", "Adapters with running and waiting requests (vLLM's "
             "name; the value is the scrape time)",
             labels=["model_name", "running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         now = time.time()
         for name, m in s["models"].items():
+            queue.add_metric([name, "waiting"], m["waiting"])
+            queue.add_metric([name, "running"], m["running"])
+            resident.add_metric([name], 1.0 if m["resident"] else 0.0)
+            pq.add_metric([name], m.get("prefix_cache_queries", 0))
+            ph.add_metric([name], m.get("prefix_cache_hits", 0))
+            running.add_metric([name], m["running"])
+            waiting.add_metric([name], m["waiting"])
             lora.add_metric([name, ",".join(m.get("running_adapters", ())),
                              ",".join(m.get("waiting_adapters", ())),
                              str(m.get("adapter_slots", 0))], now)
-        yield lora
+        yield from (queue, resident, pq, ph, running, waiting, lora)
         p = s["kv_pages"]
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc",
                                 "KV pages held by requests, 0 to 1 (vLLM's name; cached "
                                 "prefix pages nobody holds count as free)",
                                 value=p["used"] / p["total"] if p["total"] else 0.0)
-        pq = CounterMetricFamily("gpupool_prefix_cache_queries",
-                                 "Prompt tokens looked up in the prefix cache", labels=["model"])
-        ph = CounterMetricFamily("gpupool_prefix_cache_hits",
-                                 "Prompt tokens found in the prefix cache", labels=["model"])
-        for name, m in s["models"].items():
-            pq.add_metric([name], m.get("prefix_cache_queries", 0))
-            ph.add_metric([name], m.get("prefix_cache_hits", 0))
-        yield pq
-        yield ph
         kv = GaugeMetricFamily("gpupool_kv_pages", "KV cache pages", labels=["where", "state"])
-        p = s["kv_pages"]
         kv.add_metric(["device", "used"], p["used"])
         kv.add_metric(["device", "free"], p["free"])
         kv.add_metric(["device", "cached"], p.get("cached", 0))

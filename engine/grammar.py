@@ -61,11 +61,11 @@ class Grammars:
                 import xgrammar as xgr
 
                 t = json.loads(spec)
-                parts = [xgr.Grammar.from_ebnf(f"root ::= {json.dumps(t[k])}")
-                         for k in ("begin", "end") if t.get(k)]
                 body = xgr.Grammar.from_json_schema(json.dumps(t["schema"]),
                                                     any_whitespace=False)
-                seq = ([parts.pop(0)] if t.get("begin") else []) + [body] + parts
+                begin, end = ([xgr.Grammar.from_ebnf(f"root ::= {json.dumps(t[k])}")]
+                              if t.get(k) else [] for k in ("begin", "end"))
+                seq = begin + [body] + end
                 return compiler.compile_grammar(xgr.Grammar.concat(*seq) if len(seq) > 1
                                                 else body)
             if kind == "choice":  # one literal of the list, exactly (JSON escapes: EBNF's)

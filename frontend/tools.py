@@ -123,10 +123,6 @@ class ToolStreamParser:
     def feed(self, delta: str) -> str:
         """The content to send now for ``delta``."""
         self.text += delta
-        if self.fmt == "hermes" and self.text.find(OPEN) >= 0:
-            end = self.text.find(OPEN)
-            out, self.sent = self.text[self.sent: max(self.sent, end)], max(self.sent, end)
-            return out
         end = max(self.sent, self._safe_end())
         out, self.sent = self.text[self.sent: end], end
         return out
