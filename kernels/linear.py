@@ -73,10 +73,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # SmolLM2's layers: 10.5 ms vs 20.4 ms a step) and it loses from ~28 rows on (the cost grows
 # with the rows). It returns garbage for K not a multiple of 16 and crashed for K=100, so it
 # is used only for K % 32 == 0, contiguous operands, at most INT8_PACK_MAX_ROWS rows, after a
-# probe at first use. Everything else (fp32 and fp16 activations, more rows, CUDA) takes the
-# reference: dequantize the weight to x's dtype and scale the output rows,
-# ``y = (x @ q.T) * scale`` (exact int8 -> 16/32-bit conversion).
+# probe at first use. On CUDA (or with the kernel mode ``triton``) a Triton kernel
+# (:mod:`gpupool.kernels.int8`) reads the int8 weights and scales the fp32 accumulator.
+# Everything else (fp32 and fp16 activations on CPU, more rows) takes the reference: dequantize
+# the weight to x's dtype and scale the output rows, ``y = (x @ q.T) * scale`` (exact int8 ->
+# 16/32-bit conversion).
 INT8_PACK_MAX_ROWS = 24
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT8_PACK: list[bool] = []  # [works] once probed
 
 
@@ -114,6 +117,12 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, q * scale[:, None], bias)`` for int8 ``q`` [N, K] and per-row ``scale``
     [N] (in x's dtype), without materialising the float weight where the kernel allows."""
+    from gpupool import kernels  # the package's kernel mode (auto: Triton on CUDA tensors)
+
+    if kernels._use_triton(x) and x.dtype in _TRITON_DTYPES:
+        from gpupool.kernels.int8 import linear_int8 as triton_int8
+
+        return triton_int8(x, q, scale, bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and 0 < rows <= INT8_PACK_MAX_ROWS
             and x.shape[-1] % 32 == 0 and q.is_contiguous() and scale.dtype == torch.bfloat16

@@ -12,6 +12,7 @@ import torch
 
 from gpupool import SamplingParams
 from gpupool.kernels import linear as lin
+from gpupool.kernels import triton_available
 from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
 from gpupool.models.llama import LlamaModel
@@ -249,3 +250,50 @@ def test_gguf_q8_0_file_loads_and_requantizes(tmp_path):
         assert (q8 - ref).abs().max() < 0.15 * ref.abs().max()
     finally:
         engine.shutdown()
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 5, 17, 70])  # each tile shape of kernels.int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # interpreter: no bf16 dot
+def test_triton_int8_matches_its_reference(rows, dtype):
+    """The Triton kernel (interpreted on CPU) against exact float64 products of int8 * scale,
+    with K and N not multiples of the tiles, a bias and without, leading batch axes."""
+    from gpupool.kernels import int8 as tk
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 72, 200
+    w = torch.randn(n, k, generator=g)
+    q, s = quantize_rows(w, dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    x = (torch.randn(rows, k, generator=g) / 4).to(dtype)
+    exact = x.double() @ (q.double() * s.double()[:, None]).T
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for b in (None, bias):
+        got = tk.linear_int8(x, q, s, b)
+        want = exact if b is None else exact + b.double()
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert (got.double() - want).abs().max() <= tol * want.abs().max(), (rows, dtype)
+    got3 = tk.linear_int8(x.view(1, rows, k), q, s)
+    assert got3.shape == (1, rows, n) and torch.equal(got3[0], tk.linear_int8(x, q, s))
+    with pytest.raises(ValueError, match="int8"):
+        tk.linear_int8(x, q.float(), s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_int8_on_gpu(rows, dtype):
+    """Compiled for real: linear_int8 on CUDA tensors takes the Triton kernel."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(960, 576, generator=g)
+    q, s = quantize_rows(w, dtype)
+    x = torch.randn(rows, 576, generator=g).to(dtype)
+    bias = torch.randn(960, generator=g).to(dtype)
+    exact = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
+    got = lin.linear_int8(x.cuda(), q.cuda(), s.cuda(), bias.cuda()).cpu()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype
+    assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
