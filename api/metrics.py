@@ -126,6 +126,10 @@ class Metrics:
                                      ["model", "tenant"], registry=r)
         self.generation_tokens = Counter("gpupool_generation_tokens", "Generated tokens",
                                          ["model", "tenant"], registry=r)
+        self.slo_requests = Counter(
+            "gpupool_slo_requests", "Finished choices by whether they met the model's SLOs "
+            "(time to first token, and mean time per output token after it)",
+            ["model", "outcome"], registry=r)
         self.ttft = Histogram("gpupool_time_to_first_token_seconds",
                               "From request arrival to its first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -153,9 +157,9 @@ class Metrics:
         label table: it has no public way to list a metric's series)."""
         keep = {"model": set(models), "model_name": set(models),
                 "tenant": set(tenants) | {""}}
-        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft,
-                       self.tbt, self.vllm_ttft, self.vllm_itl, self.vllm_prompt_tokens,
-                       self.vllm_generation_tokens):
+        for metric in (self.requests, self.slo_requests, self.prompt_tokens,
+                       self.generation_tokens, self.ttft, self.tbt, self.vllm_ttft,
+                       self.vllm_itl, self.vllm_prompt_tokens, self.vllm_generation_tokens):
             names = metric._labelnames
             for values in list(metric._metrics):
                 if any(v not in keep[n] for n, v in zip(names, values) if n in keep):

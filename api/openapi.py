@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpupool.api.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -294,6 +294,9 @@ class PoolStats(BaseModel):
     models: dict[str, dict[str, Any]]
     adapters: dict[str, str]
     requests: int
+    recent_swaps: list[dict[str, Any]] = Field(
+        default_factory=list, description="The last residency changes, newest last: time "
+        "(Unix seconds), model, bytes, seconds waited, evicted models, prefetched")
 
 
 # ---- route declarations -----------------------------------------------------------------------
@@ -417,6 +420,15 @@ def metrics_route() -> dict:
             "response_class": PlainTextResponse,
             "responses": {401: {"model": ErrorBody}},
             "openapi_extra": {"security": [{METRICS_KEY: []}, {ADMIN_KEY: []}, {}]}}
+
+
+def status_page_route() -> dict:
+    """The operators' status page: one HTML file that reads the admin API with the admin key
+    typed into it (so the page itself needs no key)."""
+    error = {"application/json": {"schema": {"$ref": REF + "ErrorBody"}}}
+    return {"summary": "The operators' status page (HTML)", "tags": ["admin"],
+            "operation_id": "statusPage", "response_class": HTMLResponse,
+            "responses": {403: {"description": "The admin API is disabled", "content": error}}}
 
 
 def root_route() -> dict:

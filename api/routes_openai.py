@@ -59,6 +59,7 @@ class _Choice:
     last: RequestOutput | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    tokens: int = 0  # output tokens seen
     aborted: bool = False  # an abort was sent to the engine
 
     @property
@@ -144,6 +145,7 @@ class Run:
         now = time.monotonic()
         metrics = self.state.metrics
         n = len(out.delta_token_ids)
+        ch.tokens += n
         if n:
             if self.counted and all(c.first_token_at is None for c in self.choices):
                 self.state.limiter.started(self.tenant.name, self.call_id)
@@ -209,8 +211,17 @@ class Run:
         m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
         m.vllm_prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         m.vllm_generation_tokens.labels(self.model).inc(self.completion_tokens)
-        if self.state.client.model_info(self.model) is None:  # deleted while this call ran
+        info = self.state.client.model_info(self.model)
+        if info is None:  # deleted while this call ran
             m.prune(self.state.models.known(), self.state.store.tenants())
+        elif info.ttft_ms is not None and info.tbt_ms is not None:
+            for ch in self.choices:  # vLLM's goodput rule (scheduler.metrics.meets_slo)
+                if ch.finished and not ch.last.error and ch.first_token_at is not None:
+                    ttft = ch.first_token_at - self.started
+                    tpot = ((ch.last_token_at - ch.first_token_at) / (ch.tokens - 1)
+                            if ch.tokens > 1 else 0.0)
+                    met = ttft <= info.ttft_ms / 1000 and tpot <= info.tbt_ms / 1000
+                    m.slo_requests.labels(self.model, "met" if met else "missed").inc()
 
     @property
     def prompt_tokens(self) -> int:

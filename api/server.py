@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +26,7 @@ from gpupool.api.state import StateStore, hash_key
 from gpupool.config import ServerConfig
 from gpupool.messages.client import EngineClient
 
+STATUS_PAGE = importlib.resources.files("gpupool.api").joinpath("status.html").read_text()
 logger = logging.getLogger("gpupool.api")
 
 
@@ -109,6 +111,13 @@ def create_app(state: AppState) -> FastAPI:
         state.metrics.pool_stats = (await state.client.stats()).to_dict()
         body = await asyncio.to_thread(generate_latest, state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/", **openapi.status_page_route())
+    async def status_page():  # the page asks for the admin key itself; it holds no data
+        if not state.config.admin_key:
+            raise APIError(403, "the admin API is disabled: start the server with --admin-key "
+                                "or GPUPOOL_ADMIN_KEY", code="admin_disabled")
+        return HTMLResponse(STATUS_PAGE)
 
     @app.get("/", **openapi.root_route())
     async def root():

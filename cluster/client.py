@@ -159,8 +159,11 @@ class RedisClient:
 
     def __init__(self, url: str, home: str, migration_limit: int = 3,
                  liveness_s: float = 0.1, router: Router | None = None,
-                 policy: str = "token"):
+                 policy: str = "token", default_slo: tuple[float, float] | None = None):
         self.url = url
+        # (ttft_ms, tbt_ms) of a model registered without its own: the workers' default,
+        # as this gateway's configuration has it (for SLO metrics; None: not counted)
+        self.default_slo = default_slo
         self.r = redis.Redis.from_url(url)
         self.r.ping()
         self._home = home
@@ -403,8 +406,10 @@ class RedisClient:
             eos = eos_token_ids(Path(folder), cfg, self._tokenizer(folder))
         except (ModelLoadError, OSError):
             return None
+        spec = models[base]  # SLOs given at registration, else the workers' default
+        ttft, tbt = self.default_slo or (None, None)
         return ModelInfo(name, base, adapter, folder, cfg.vocab_size, cfg.max_model_len,
-                         tuple(eos))
+                         tuple(eos), spec.get("ttft_ms") or ttft, spec.get("tbt_ms") or tbt)
 
     def _tokenizer(self, folder: str):
         if folder not in self._tokenizers:

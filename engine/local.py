@@ -265,10 +265,11 @@ class LocalEngine:
             worker = self.core.workers[base]
         except (RequestError, KeyError):
             return None
+        slo = self.core.scheduler.policy.slo(base)
         return ModelInfo(name, base, adapter, str(worker.folder), worker.cfg.vocab_size,
                          min(worker.cfg.max_model_len,
                              self.kv.pages.num_pages * worker.block_tokens),
-                         tuple(worker.eos_token_ids))
+                         tuple(worker.eos_token_ids), slo.ttft_ms, slo.tbt_ms)
 
     def tokenizer(self, model: str):
         """The tokenizer of ``model``'s base (None if it has none); KeyError/RequestError if
@@ -337,6 +338,7 @@ class LocalEngine:
                     * kv.page_bytes,
                 },
                 "resident_models": list(w.resident),
+                "recent_swaps": list(w.recent),
                 "models": models,
                 "adapters": {n: r.base for n, r in self.core.adapters.refs.items()},
                 "requests": len(self.core.requests),
@@ -473,7 +475,8 @@ class LocalClient:
 
     async def stats(self) -> Stats:
         d = await asyncio.to_thread(self.engine.stats)
-        return Stats(**{**d, "resident_models": tuple(d["resident_models"])})
+        return Stats(**{**d, "resident_models": tuple(d["resident_models"]),
+                        "recent_swaps": tuple(d["recent_swaps"])})
 
     def model_info(self, name: str) -> ModelInfo | None:
         return self.engine.model_info(name)

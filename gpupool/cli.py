@@ -92,9 +92,12 @@ def _serve(args) -> int:
             from gpupool.cluster.client import RedisClient
             from gpupool.config import Config
 
-            client = RedisClient(config.redis_url, str(Config.from_env(**config.engine).home),
+            engine_config = Config.from_env(**config.engine)
+            client = RedisClient(config.redis_url, str(engine_config.home),
                                  migration_limit=args.migration_limit,
-                                 policy=config.engine.get("policy", "token"))
+                                 policy=config.engine.get("policy", "token"),
+                                 default_slo=(engine_config.scheduler.ttft_ms,
+                                              engine_config.scheduler.tbt_ms))
         else:
             from gpupool.llm import local_client
 

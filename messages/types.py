@@ -145,6 +145,8 @@ class ModelInfo:
     vocab_size: int
     context_limit: int  # most tokens (prompt + output) one request may hold
     eos_token_ids: tuple[int, ...] = ()
+    ttft_ms: float | None = None  # the base model's SLOs, where the client knows them
+    tbt_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,12 @@ class Stats:
     requests: int
     workers: tuple[dict, ...] = ()  # a cluster's workers (a gateway's client fills it)
     cluster: dict = field(default_factory=dict)  # a cluster's counters
+    recent_swaps: tuple[dict, ...] = ()  # the last residency changes, newest last
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["resident_models"] = list(self.resident_models)
+        d["recent_swaps"] = list(self.recent_swaps)
         if not self.workers and not self.cluster:  # one engine: the shape it always had
             del d["workers"], d["cluster"]
         else:

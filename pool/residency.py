@@ -24,6 +24,7 @@ slots, :meth:`WeightPool.adapter_buffer`); ``unregister`` returns it with the we
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -39,6 +40,7 @@ from gpupool.pool.arena import Arena
 from gpupool.pool.weights import WeightLayout
 
 logger = logging.getLogger(__name__)
+RECENT_SWAPS = 20  # residency changes kept for stats()
 
 
 class PoolCapacityError(ValueError):
@@ -89,6 +91,9 @@ class WeightPool:
         self.num_prefetches = 0  # copies started ahead of need
         self.prefetch_hits = 0  # prefetched models a step then used
         self.prefetch_wasted = 0  # prefetched models evicted or removed before any use
+        # the last residency changes, newest last (operators' status page): wall-clock time,
+        # model, bytes, seconds waited, evicted models, prefetched
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT_SWAPS)
         # register() runs in the caller's thread while the engine thread makes models
         # resident: every method that reads or changes `entries` holds this lock
         self._lock = threading.RLock()
@@ -159,7 +164,8 @@ class WeightPool:
             seconds = time.perf_counter() - start
             self.prefetch_hits += 1
             self.swap_seconds += seconds
-            return SwapIn(name, entry.layout.num_bytes, seconds, (), prefetched=True)
+            return self._record(SwapIn(name, entry.layout.num_bytes, seconds, (),
+                                       prefetched=True))
         start = time.perf_counter()
         if entry.host is None:  # re-read before taking a slab: a failed read holds none
             entry.host = self._host_buffer(entry.loader())
@@ -177,7 +183,13 @@ class WeightPool:
         self.num_swaps += 1
         self.swap_bytes += entry.layout.num_bytes
         self.swap_seconds += seconds
-        return SwapIn(name, entry.layout.num_bytes, seconds, evicted)
+        return self._record(SwapIn(name, entry.layout.num_bytes, seconds, evicted))
+
+    def _record(self, swap: SwapIn) -> SwapIn:
+        self.recent.append({"time": time.time(), "model": swap.model, "bytes": swap.num_bytes,
+                            "seconds": swap.seconds, "evicted": list(swap.evicted),
+                            "prefetched": swap.prefetched})
+        return swap
 
     @_locked
     def prefetch(self, name: str, protect: frozenset[str] = frozenset()) -> bool:

@@ -153,6 +153,19 @@ def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling):
     c.start_worker(other)
 
 
+def test_the_dashboard_reads_only_metrics_the_gateway_exports(cluster):
+    """The Grafana dashboard against a gateway over workers: every metric it names, the
+    cluster's included, is in the gateway's /metrics (test_operator: one server)."""
+    from tests.test_operator import dashboard_metrics, exported_metrics
+
+    c, gw, paths = cluster
+    r = _client(gw).completions.create(model="lora", prompt="w5 w6", max_tokens=3)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    exported = exported_metrics(httpx.get(gw.url + "/metrics", headers=ADMIN).text)
+    missing = dashboard_metrics() - exported
+    assert not missing, f"the dashboard names metrics the gateway does not export: {missing}"
+
+
 def test_gateways_share_the_cluster_and_one_can_die(cluster):
     c, gw, paths = cluster
     gw2 = c.gateway()  # no models of its own: it serves what the cluster registers

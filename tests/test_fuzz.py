@@ -82,6 +82,7 @@ BUDGET = {
     ("PATCH", "/admin/tenants/{name}"): (3, 2),
     ("DELETE", "/admin/tenants/{name}"): (2, 0),
     ("GET", "/admin/pool"): (1, 0),
+    ("GET", "/admin/"): (1, 0),
     ("GET", "/health"): (1, 0),
     ("GET", "/metrics"): (1, 0),
     ("GET", "/"): (1, 0),
@@ -348,6 +349,11 @@ def test_the_document_declares_every_route_body_and_error(env):
     for (method, path), op in ops.items():
         params = {p["name"] for p in op.get("parameters", ()) if p["in"] == "path"}
         assert params == set(re.findall(r"{(\w+)}", path)), path
+        if path == "/admin/":  # the status page: HTML, or a 403 when there is no admin API
+            assert "text/html" in op["responses"]["200"]["content"]
+            error = op["responses"]["403"]["content"]["application/json"]["schema"]
+            assert error == {"$ref": "#/components/schemas/ErrorBody"}
+            continue
         if path in ("/", "/health", "/metrics"):
             continue
         ok = op["responses"]["201" if method == "POST" and path.startswith("/admin")

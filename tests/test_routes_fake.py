@@ -157,3 +157,33 @@ def test_the_api_with_a_fake_client_never_imports_torch(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_finished_choices_are_counted_against_the_model_s_slos(env, monkeypatch):
+    """gpupool_slo_requests_total{outcome}: met when the time to first token and the mean
+    time per output token are within the model's SLOs (the dashboard's attainment)."""
+    import dataclasses
+
+    client, fake = env
+    info = fake.model_info
+
+    def counts() -> dict[str, float]:
+        text = client.get("/metrics").text
+        return {o: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("gpupool_slo_requests_total{")
+                       and 'model="fake"' in line and f'outcome="{o}"' in line)
+                for o in ("met", "missed")}
+
+    before = counts()
+    for ttft_ms, outcome in ((60_000.0, "met"), (1e-6, "missed")):
+        monkeypatch.setattr(fake, "model_info", lambda name, t=ttft_ms: dataclasses.replace(
+            info(name), ttft_ms=t, tbt_ms=60_000.0) if info(name) else None)
+        r = _post(client, "/v1/completions", prompt="ab", max_tokens=3, n=2, temperature=0)
+        assert r.status_code == 200, r.text
+        after = counts()
+        assert after[outcome] == before[outcome] + 2  # both choices
+        before = after
+    monkeypatch.setattr(fake, "model_info", lambda name: dataclasses.replace(
+        info(name), ttft_ms=None, tbt_ms=None))  # a client that knows no SLOs counts none
+    _post(client, "/v1/completions", prompt="ab", max_tokens=3, temperature=0)
+    assert counts() == before
