@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     engine_threads,
     in_subprocess,
     median_seconds,
+    sweep,
     variants,
 )
 
@@ -145,41 +146,49 @@ def main() -> None:
         "threads": threads, "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "new_tokens": NEW_TOKENS, "runs": args.runs,
     }
-    for label, dtype, quant in variants(args.variants):
-        ref = in_subprocess(transformers_figures, str(folder), dtype, batch_sizes, lengths,
-                            args.runs)
-        # no prefix cache: the same prompts run again and again here
-        engine = Engine(device="cpu", dtype=dtype, quantization=quant, threads=threads,
-                        enable_prefix_caching=False)
-        engine.add_model("smollm2", folder)
-        worker = engine.core.workers["smollm2"]
-        weight_bytes = worker.layout.num_bytes
-        params = sum(s.numel for s in worker.layout.specs if not s.name.endswith("_scale"))
-        bound_ms = weight_bytes / bandwidth * 1e3
-        flops = in_subprocess(matmul_flops, getattr(torch, dtype))
-        result[f"{label}_weight_bytes_per_decode_step"] = weight_bytes
-        result[f"{label}_decode_bound_ms"] = round(bound_ms, 2)
-        result[f"{label}_matmul_gflop_s"] = round(flops / 1e9, 1)
-        for bs in batch_sizes:
-            batch = prompts(bs)
-            full = bench_engine(engine, batch, args.runs)
-            first = bench_engine(engine, batch, args.runs, new_tokens=1)
-            step_ms = (full - first) / (NEW_TOKENS - 1) * 1e3
-            ours = bs * NEW_TOKENS / full
-            theirs = ref[f"bs{bs}"]
-            result[f"{label}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
-            result[f"{label}_transformers_tok_s_bs{bs}"] = round(theirs, 1)
-            result[f"{label}_ratio_vs_transformers_bs{bs}"] = round(ours / theirs, 3)
-            result[f"{label}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
-            result[f"{label}_decode_step_vs_bound_bs{bs}"] = round(step_ms / bound_ms, 2)
-        for n in lengths:
-            ours, theirs = bench_prefill(engine, n, args.runs), ref[f"prefill{n}"]
-            result[f"{label}_prefill_tok_s_{n}"] = round(ours)
-            result[f"{label}_transformers_prefill_tok_s_{n}"] = round(theirs)
-            result[f"{label}_prefill_ratio_vs_transformers_{n}"] = round(ours / theirs, 2)
-            compute_s = 2 * params * n / flops
-            result[f"{label}_prefill_vs_compute_bound_{n}"] = round(n / ours / compute_s, 2)
-        engine.shutdown()
+    todo = variants(args.variants)
+    with sweep(len(todo) * (1 + len(batch_sizes) + len(lengths)), "bench_engine") as bar:
+        for label, dtype, quant in todo:
+            bar.note(f"{label} transformers")
+            ref = in_subprocess(transformers_figures, str(folder), dtype, batch_sizes, lengths,
+                                args.runs)
+            bar.update()
+            # no prefix cache: the same prompts run again and again here
+            engine = Engine(device="cpu", dtype=dtype, quantization=quant, threads=threads,
+                            enable_prefix_caching=False)
+            engine.add_model("smollm2", folder)
+            worker = engine.core.workers["smollm2"]
+            weight_bytes = worker.layout.num_bytes
+            params = sum(s.numel for s in worker.layout.specs if not s.name.endswith("_scale"))
+            bound_ms = weight_bytes / bandwidth * 1e3
+            flops = in_subprocess(matmul_flops, getattr(torch, dtype))
+            result[f"{label}_weight_bytes_per_decode_step"] = weight_bytes
+            result[f"{label}_decode_bound_ms"] = round(bound_ms, 2)
+            result[f"{label}_matmul_gflop_s"] = round(flops / 1e9, 1)
+            for bs in batch_sizes:
+                bar.note(f"{label} batch {bs}")
+                batch = prompts(bs)
+                full = bench_engine(engine, batch, args.runs)
+                first = bench_engine(engine, batch, args.runs, new_tokens=1)
+                step_ms = (full - first) / (NEW_TOKENS - 1) * 1e3
+                ours = bs * NEW_TOKENS / full
+                theirs = ref[f"bs{bs}"]
+                result[f"{label}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
+                result[f"{label}_transformers_tok_s_bs{bs}"] = round(theirs, 1)
+                result[f"{label}_ratio_vs_transformers_bs{bs}"] = round(ours / theirs, 3)
+                result[f"{label}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
+                result[f"{label}_decode_step_vs_bound_bs{bs}"] = round(step_ms / bound_ms, 2)
+                bar.update()
+            for n in lengths:
+                bar.note(f"{label} prefill {n}")
+                ours, theirs = bench_prefill(engine, n, args.runs), ref[f"prefill{n}"]
+                result[f"{label}_prefill_tok_s_{n}"] = round(ours)
+                result[f"{label}_transformers_prefill_tok_s_{n}"] = round(theirs)
+                result[f"{label}_prefill_ratio_vs_transformers_{n}"] = round(ours / theirs, 2)
+                compute_s = 2 * params * n / flops
+                result[f"{label}_prefill_vs_compute_bound_{n}"] = round(n / ours / compute_s, 2)
+                bar.update()
+            engine.shutdown()
     emit(result, args.json)
 
 

@@ -206,6 +206,43 @@ def decode(folder: Path, copy_gb_s: float, runs: int) -> list[dict]:
     return out
 
 
+def profile(folder: Path, out_dir: Path | None) -> dict:
+    """Where a batch-1 bf16 decode step's time goes: torch.profiler over 16 steps; the table
+    (top ops by self CPU time) goes to profile.txt beside --out."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from gpupool import Engine, SamplingParams
+
+    e = Engine(device="cuda", dtype="bfloat16", kv_cache_bytes=1 << 30)
+    try:
+        e.add_model("m", folder)
+        p = SamplingParams(max_tokens=17, temperature=0, ignore_eos=True)
+        e.generate([[5, 6, 7, 8]], p, model="m")
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            e.generate([[5, 6, 7, 8]], p, model="m")
+            wall = time.perf_counter() - t
+    finally:
+        e.shutdown()
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cpu_time_total", row_limit=40)
+    if out_dir is not None:
+        (out_dir / "profile.txt").write_text(table + "\n\n" + events.table(
+            sort_by="self_device_time_total", row_limit=25))
+    launches = sum(ev.count for ev in events if ev.key in ("cudaLaunchKernel",
+                                                           "cuLaunchKernel",
+                                                           "cudaLaunchKernelExC"))
+    syncs = {ev.key: ev.count for ev in events
+             if "Synchronize" in ev.key or ev.key in ("cudaMemcpyAsync", "aten::item",
+                                                      "aten::_local_scalar_dense")}
+    device_us = sum(getattr(ev, "self_device_time_total", 0) for ev in events
+                    if ev.device_type == torch.autograd.DeviceType.CUDA)
+    return {"wall_s_17_tokens": wall, "kernel_launches_per_token": launches / 17,
+            "sync_like_calls": syncs, "gpu_busy_ms_per_token": device_us / 17 / 1e3,
+            "wall_ms_per_token": wall / 17 * 1e3}
+
+
 def swap(folder: Path, runs: int) -> dict:
     from gpupool import Engine, SamplingParams
     from gpupool.models.config import ModelConfig
@@ -267,6 +304,7 @@ def main() -> None:
         tmp = Path(tmp)
         section("parity", tiny_parity, tmp)
         folder = make_shaped_model(tmp / args.shape, SHAPES[args.shape])
+        section("profile", profile, folder, args.out.parent if args.out else None)
         section("decode", decode, folder, copy, args.runs)
         section("swap", swap, folder, args.runs)
     print(json.dumps(result, indent=1))

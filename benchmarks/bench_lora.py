@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     engine_threads,
     in_subprocess,
     median_seconds,
+    sweep,
     variants,
 )
 
@@ -129,33 +130,41 @@ def main() -> None:
               "threads": threads, "requests": n,
               "new_tokens": NEW_TOKENS, "rank": RANK, "targets": "all 7 projections",
               "runs": args.runs}
-    for label, dtype, quant in variants(args.variants):
-        peft_dtype = dtype
-        result[f"{label}_peft_dtype"] = peft_dtype
-        ref = in_subprocess(peft_figures, str(folder), paths, peft_dtype, n, distinct,
-                            args.runs)
-        engine = Engine(device="cpu", dtype=dtype, quantization=quant, max_lora_rank=RANK,
-                        max_loras_on_device=max(distinct), threads=threads,
-                        enable_prefix_caching=False)
-        engine.add_model("base", folder)
-        for name, path in paths.items():
-            engine.add_adapter(name, "base", path)
-        base_s = median_seconds(lambda e=engine: e.generate(texts, ours_params, model="base"),
+    todo = variants(args.variants)
+    with sweep(len(todo) * (2 + len(distinct)), "bench_lora") as bar:
+        for label, dtype, quant in todo:
+            bar.note(f"{label} peft")
+            peft_dtype = dtype
+            result[f"{label}_peft_dtype"] = peft_dtype
+            ref = in_subprocess(peft_figures, str(folder), paths, peft_dtype, n, distinct,
                                 args.runs)
-        result[f"{label}_no_lora_tok_s"] = round(total / base_s, 1)
-        for k in distinct:
-            names = [f"a{i % k}" for i in range(n)]
-            ours = median_seconds(
-                lambda names=names, e=engine: e.generate(texts, ours_params, model=names),
-                args.runs)
-            p = f"{label}_"
-            result[f"{p}gpupool_tok_s_{k}"] = round(total / ours, 1)
-            result[f"{p}peft_sequential_tok_s_{k}"] = round(total / ref[f"seq{k}"], 1)
-            result[f"{p}peft_mixed_tok_s_{k}"] = round(total / ref[f"mixed{k}"], 1)
-            result[f"{p}ratio_vs_peft_sequential_{k}"] = round(ref[f"seq{k}"] / ours, 3)
-            result[f"{p}ratio_vs_peft_mixed_{k}"] = round(ref[f"mixed{k}"] / ours, 3)
-            result[f"{p}ratio_vs_no_lora_{k}"] = round(base_s / ours, 3)
-        engine.shutdown()
+            bar.update()
+            engine = Engine(device="cpu", dtype=dtype, quantization=quant, max_lora_rank=RANK,
+                            max_loras_on_device=max(distinct), threads=threads,
+                            enable_prefix_caching=False)
+            engine.add_model("base", folder)
+            for name, path in paths.items():
+                engine.add_adapter(name, "base", path)
+            bar.note(f"{label} no adapter")
+            base_s = median_seconds(lambda e=engine: e.generate(texts, ours_params, model="base"),
+                                    args.runs)
+            result[f"{label}_no_lora_tok_s"] = round(total / base_s, 1)
+            bar.update()
+            for k in distinct:
+                bar.note(f"{label} {k} adapters")
+                names = [f"a{i % k}" for i in range(n)]
+                ours = median_seconds(
+                    lambda names=names, e=engine: e.generate(texts, ours_params, model=names),
+                    args.runs)
+                p = f"{label}_"
+                result[f"{p}gpupool_tok_s_{k}"] = round(total / ours, 1)
+                result[f"{p}peft_sequential_tok_s_{k}"] = round(total / ref[f"seq{k}"], 1)
+                result[f"{p}peft_mixed_tok_s_{k}"] = round(total / ref[f"mixed{k}"], 1)
+                result[f"{p}ratio_vs_peft_sequential_{k}"] = round(ref[f"seq{k}"] / ours, 3)
+                result[f"{p}ratio_vs_peft_mixed_{k}"] = round(ref[f"mixed{k}"] / ours, 3)
+                result[f"{p}ratio_vs_no_lora_{k}"] = round(base_s / ours, 3)
+                bar.update()
+            engine.shutdown()
     emit(result, args.json)
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     engine_threads,
     in_subprocess,
     median_seconds,
+    sweep,
     variants,
 )
 
@@ -106,15 +107,21 @@ def main() -> None:
     folder = ensure_default_model(default_home())
     result = {"model": "SmolLM2-135M-Instruct x2", "device": "cpu", "cpu": cpu_flags(),
               "runs": args.runs}
-    for label, dtype, quant in variants(args.variants):
-        for key, value in switch_costs(folder, dtype, quant, args.runs, threads).items():
-            result[f"{label}_{key}"] = value
-    cold = []
-    for _ in range(max(3, args.runs // 2)):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", COLD.format(prompt=PROMPT), str(folder)],
-                       check=True, capture_output=True)
-        cold.append(time.perf_counter() - t)
+    todo, cold_runs = variants(args.variants), max(3, args.runs // 2)
+    with sweep(len(todo) + cold_runs, "bench_swap") as bar:
+        for label, dtype, quant in todo:
+            bar.note(f"{label} switches")
+            for key, value in switch_costs(folder, dtype, quant, args.runs, threads).items():
+                result[f"{label}_{key}"] = value
+            bar.update()
+        cold = []
+        bar.note("cold starts")
+        for _ in range(cold_runs):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", COLD.format(prompt=PROMPT), str(folder)],
+                           check=True, capture_output=True)
+            cold.append(time.perf_counter() - t)
+            bar.update()
     result["cold_start_s (dtype auto)"] = round(statistics.median(cold), 3)
     for label, _, _ in variants(args.variants):
         result[f"{label}_speedup_vs_cold_start"] = round(

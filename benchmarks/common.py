@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: median timing and printing a result."""
+"""Helpers shared by the benchmarks: median timing, printing a result, a sweep's progress."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+from gpupool.progress import Progress
 
 
 def median_seconds(fn, runs: int, warmup: bool = True) -> float:
@@ -70,3 +72,10 @@ def engine_threads() -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     return threads
+
+
+def sweep(steps: int, name: str) -> Progress:
+    """A sweep's progress line on stderr (only on a terminal, see gpupool.progress): use it as
+    a context manager, ``note`` the step starting ("bfloat16 bs8") and ``update()`` after it.
+    The result still goes to stdout alone."""
+    return Progress(steps, name, "steps")

@@ -7,7 +7,9 @@ Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
 (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``, ``GPUPOOL_ADMIN_KEY``,
 ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
 ``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``; ``GPUPOOL_DTYPE`` (auto | float32 | bfloat16
-| float16).
+| float16). One exception, read by :mod:`gpupool.progress` (the model loader uses it, and
+models may not import this module): ``GPUPOOL_PROGRESS`` (0 | 1: progress lines of long
+operations on stderr off | on; unset: only when stderr is a terminal).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from gpupool import progress
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.gguf import convert_gguf
 
@@ -62,11 +63,22 @@ def ensure_converted(src: Path, dest: Path) -> Path:
     logger.warning("gpupool: first run: converting %s to safetensors under %s (once)",
                    src.name, dest)
     start = time.perf_counter()
+    if not progress.enabled():
+        _quiet_transformers()
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    convert_gguf(src, tmp)
+    convert_gguf(src, tmp)  # a progress line on a terminal (gpupool.progress)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     logger.warning("gpupool: model ready at %s (%.1f s)", dest,
                    time.perf_counter() - start)
     return dest
+
+
+def _quiet_transformers() -> None:
+    """No tqdm bars from transformers (its "Loading weights", "Writing model shards") where
+    stderr is not a terminal: a server's log keeps one line per event. Process-wide, as
+    transformers' switch is."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

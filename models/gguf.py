@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gpupool.models.errors import ModelLoadError
+from gpupool.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,23 @@ def read_tensors(reader, config, progress: Callable[[int, int], None] | None = N
 
 def convert_gguf(src: Path, dest: Path) -> None:
     """Write ``config.json``, the tokenizer files and ``model.safetensors`` for ``src`` into
-    ``dest`` (created; the caller moves it into place)."""
+    ``dest`` (created; the caller moves it into place). On a terminal one progress line shows
+    it (``gpupool.progress``); elsewhere (a server's log) log lines at each quarter do."""
+    start = time.perf_counter()
+    with Progress(None, f"converting {src.stem}", "bytes") as bar:
+        bar.note("reading")
+        has_tokenizer = _convert(src, dest, bar, start)
+        bar.status = ""  # the closing line: the figures and the time taken
+    if not has_tokenizer:  # weights only: token-id prompts
+        logger.warning("gpupool: %s has no tokenizer; the model takes token ids only", src.name)
+
+
+def _convert(src: Path, dest: Path, bar: Progress, start: float) -> bool:
+    """:func:`convert_gguf`'s work; whether the file had a tokenizer."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    start = time.perf_counter()
     try:
         reader = GGUFReader(str(src))
     except (OSError, ValueError) as e:
@@ -139,19 +151,25 @@ def convert_gguf(src: Path, dest: Path) -> None:
     config = llama_config(reader)
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(dest))
+    bar.total = sum(4 * int(t.n_elements) for t in reader.tensors)  # float32 bytes written
     next_pct = [25]
 
-    def progress(done: int, total: int) -> None:
-        if done * 100 >= next_pct[0] * total:
+    def progress(done: int, count: int) -> None:
+        bar.update(4 * int(reader.tensors[done - 1].n_elements))
+        if not bar.active and done * 100 >= next_pct[0] * count:
             logger.warning("gpupool: converting weights %d%% (%d/%d tensors, %.1f s)",
-                           next_pct[0], done, total, time.perf_counter() - start)
+                           next_pct[0], done, count, time.perf_counter() - start)
             next_pct[0] += 25
 
+    bar.note("de-quantizing")
     tensors = read_tensors(reader, config, progress)
+    bar.note("writing")
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    logger.warning("gpupool: converting the tokenizer (%.1f s)", time.perf_counter() - start)
-    if "tokenizer.ggml.tokens" not in reader.fields:  # weights only: token-id prompts
-        logger.warning("gpupool: %s has no tokenizer; the model takes token ids only", src.name)
-        return
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        return False
+    if not bar.active:
+        logger.warning("gpupool: converting the tokenizer (%.1f s)", time.perf_counter() - start)
+    bar.note("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     tokenizer.save_pretrained(str(dest))
+    return True

@@ -16,6 +16,9 @@ from safetensors import SafetensorError, safe_open
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.pool.weights import SCALE_SUFFIX, WeightLayout
+from gpupool.progress import Progress
+
+PROGRESS_MIN_BYTES = 64 << 20  # a smaller model loads too fast for a progress line
 
 
 def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[str]]]:
@@ -138,36 +141,42 @@ def load_flat_weights(
     views = layout.views(buffer)
     where = _checkpoint_files(folder)
     handles: dict[Path, object] = {}
-    for name, (shape, sources) in weight_sources(cfg).items():
-        row = 0
-        for src in sources:
-            path = where.get(src)
-            if path is None:
-                raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
-            if path not in handles:
-                handles[path] = _open(path)
-            try:
-                t = handles[path].get_tensor(src)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
-            n = t.shape[0] if t.dim() else 0
-            dest = views[name][row : row + n]
-            if tuple(t.shape) != tuple(dest.shape) or t.dim() != len(shape):
-                raise ModelLoadError(
-                    f"{path}: tensor {src!r} has shape {tuple(t.shape)}, "
-                    f"config expects {tuple(dest.shape)}"
-                )
-            scales = views.get(name + SCALE_SUFFIX)
-            finite = dest if scales is None else t  # the int8 copy has no NaN to see
-            if scales is None:
-                dest.copy_(t)
-            if not bool(torch.isfinite(finite).all()):
-                raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite values")
-            if scales is not None:
-                q, s = quantize_rows(t, dtype)
-                dest.copy_(q)
-                scales[row : row + n].copy_(s)
-            row += n
-        if row != shape[0]:
-            raise ModelLoadError(f"{folder}: tensor {name!r} assembled {row} rows of {shape[0]}")
+    with Progress(layout.num_bytes, f"loading {folder.name}", "bytes",
+                  active=None if layout.num_bytes >= PROGRESS_MIN_BYTES else False) as bar:
+        for name, (shape, sources) in weight_sources(cfg).items():
+            row = 0
+            for src in sources:
+                path = where.get(src)
+                if path is None:
+                    raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
+                if path not in handles:
+                    handles[path] = _open(path)
+                try:
+                    t = handles[path].get_tensor(src)
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
+                n = t.shape[0] if t.dim() else 0
+                dest = views[name][row : row + n]
+                if tuple(t.shape) != tuple(dest.shape) or t.dim() != len(shape):
+                    raise ModelLoadError(
+                        f"{path}: tensor {src!r} has shape {tuple(t.shape)}, "
+                        f"config expects {tuple(dest.shape)}"
+                    )
+                scales = views.get(name + SCALE_SUFFIX)
+                finite = dest if scales is None else t  # the int8 copy has no NaN to see
+                if scales is None:
+                    dest.copy_(t)
+                if not bool(torch.isfinite(finite).all()):
+                    raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite values")
+                if scales is not None:
+                    q, s = quantize_rows(t, dtype)
+                    dest.copy_(q)
+                    scales[row : row + n].copy_(s)
+                row += n
+            if row != shape[0]:
+                raise ModelLoadError(f"{folder}: tensor {name!r} assembled {row} rows of "
+                                     f"{shape[0]}")
+            bar.update(views[name].nbytes + (views[name + SCALE_SUFFIX].nbytes
+                                              if name + SCALE_SUFFIX in views else 0))
+        bar.update(layout.num_bytes - bar.done)  # the alignment gaps: end at 100%
     return layout, buffer
