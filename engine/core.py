@@ -77,6 +77,7 @@ class EngineCore:
         self.removing_models: set[str] = set()
         self.adapters = AdapterRegistry()
         self.requests: dict[str, _Tracked] = {}
+        self.last_used: dict[str, float] = {}  # model -> wall-clock time of its last step
         self.grammars = Grammars()
         self.prefetch = prefetch
         self._orphans: list[str] = []  # requests whose sink failed: aborted before a step
@@ -318,6 +319,7 @@ class EngineCore:
             if self.prefetch:
                 self._prefetch(out.model)
             start = time.perf_counter()
+            self.last_used[out.model] = time.time()
             rows = batch_rows(out)
             logits = self._prompt_logprobs(out, rows, worker.execute(rows))
             self.cost.observe_step(out.model, time.perf_counter() - start,

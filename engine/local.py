@@ -293,6 +293,7 @@ class LocalEngine:
                     "resident": w.is_resident(name) if name in w.entries else True,
                     "weight_bytes": worker_weight_bytes(w, name),
                     "removing": name in self.core.removing_models,
+                    "last_used": self.core.last_used.get(name),  # Unix time of its last step
                     "waiting": len(sched.waiting.get(name, ())),
                     "running": len(sched.running.get(name, ())),
                     # prefix cache: prompt tokens looked up, and found cached

@@ -47,6 +47,16 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def _ago(when: float | None) -> str:
+    """'12 s ago', '3 min ago', 'never' for a Unix time (this machine's clock)."""
+    if when is None:
+        return "never"
+    s = max(0.0, time.time() - when)
+    if s < 120:
+        return f"{s:.0f} s ago"
+    return f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.0f} h ago"
+
+
 def _ps(args) -> tuple[object, str]:
     pool = _request(args, "GET", "/admin/pool")
     models = _request(args, "GET", "/admin/models")["data"]
@@ -56,21 +66,26 @@ def _ps(args) -> tuple[object, str]:
     for m in models:
         s = live.get(m["name"], {})
         state = ("resident" if s.get("resident") else "host-cached") if s else "not loaded"
+        dtype = s.get("dtype") or ""
+        if s.get("quantization") and s["quantization"] != "none":
+            dtype += "+" + s["quantization"]
+        weights = f"{s['weight_bytes'] / 2**20:.1f} MiB" if s.get("weight_bytes") else ""
         rows.append([m["name"], "model", "", state, s.get("running", 0), s.get("waiting", 0),
-                     s.get("dtype"), s.get("weight_bytes")])
+                     dtype, weights, _ago(s.get("last_used"))])
     for a in adapters:
         base = live.get(a["base"], {})
         state = ("on device" if a["name"] in base.get("resident_adapters", ())
                  else "registered" if a["loaded"] else "not loaded")
-        rows.append([a["name"], "adapter", a["base"], state, "", "", "", ""])
+        rows.append([a["name"], "adapter", a["base"], state, "", "", "", "", ""])
     kv = pool.get("kv_pages", {})
     footer = (f"KV pages: {kv.get('used', 0)} used, {kv.get('cached', 0)} cached prefix, "
               f"{kv.get('total', 0)} total; requests: {pool.get('requests', 0)}")
     for w in pool.get("workers", ()):
         footer += (f"\nworker {w.get('name')}: {'alive' if w.get('alive') else 'dead'}, "
-                   f"resident {', '.join(w.get('resident', ())) or '-'}")
+                   f"resident {', '.join(w.get('models', ())) or '-'}, "
+                   f"running {w.get('running', 0)}, queued {w.get('queued', 0)}")
     text = table(rows, ["NAME", "KIND", "BASE", "STATE", "RUNNING", "WAITING", "DTYPE",
-                        "WEIGHT BYTES"]) + "\n" + footer
+                        "WEIGHTS", "LAST USED"]) + "\n" + footer
     return {"pool": pool, "models": models, "adapters": adapters}, text
 
 
@@ -89,8 +104,11 @@ def _registry(args, kind: str, body: dict, columns: list[str], row) -> tuple[obj
 
 
 def _models(args) -> tuple[object, str]:
-    return _registry(args, "model", {"name": args.name, "path": args.path},
-                     ["NAME", "PATH", "LOADED", "RESIDENT"],
+    body = {"name": args.name, "path": args.path}
+    for field in ("dtype", "quantization", "ttft_ms", "tbt_ms"):  # only those given
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    return _registry(args, "model", body, ["NAME", "PATH", "LOADED", "RESIDENT"],
                      lambda m: [m["name"], m["path"], m["loaded"], m["resident"]])
 
 
@@ -144,6 +162,12 @@ def add_parsers(sub) -> None:
     m.add_argument("action", nargs="?", choices=["ls", "add", "rm"], default="ls")
     m.add_argument("name", nargs="?")
     m.add_argument("path", nargs="?")
+    m.add_argument("--dtype", default=None, help="add: float32, bfloat16, ... (default: the "
+                   "server's)")
+    m.add_argument("--quantization", default=None, choices=["none", "int8"],
+                   help="add: int8 weight-only (default: the server's)")
+    m.add_argument("--ttft-ms", type=float, default=None, help="add: time-to-first-token SLO")
+    m.add_argument("--tbt-ms", type=float, default=None, help="add: time-between-tokens SLO")
     a = sub.add_parser("adapters", help="list, add or remove a running server's adapters")
     common(a)
     a.add_argument("action", nargs="?", choices=["ls", "add", "rm"], default="ls")

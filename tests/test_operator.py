@@ -53,7 +53,8 @@ def cli(server, *args, key=KEY):
 
 def test_add_see_remove_and_rotate(server):
     s, root = server
-    r = cli(s, "models", "add", "extra", str(root / "extra"))
+    r = cli(s, "models", "add", "extra", str(root / "extra"), "--quantization", "int8",
+            "--ttft-ms", "500")
     assert r.returncode == 0 and "added model extra" in r.stdout, r.stderr
     r = cli(s, "adapters", "add", "ad", "tiny", str(root / "ad"))
     assert r.returncode == 0, r.stderr
@@ -63,6 +64,9 @@ def test_add_see_remove_and_rotate(server):
     assert lines[0].split()[:4] == ["NAME", "KIND", "BASE", "STATE"]
     rows = {line.split()[0]: line.split() for line in lines[1:] if line and line[0] != "K"}
     assert rows["extra"][1] == "model" and rows["ad"][1:3] == ["adapter", "tiny"]
+    assert rows["extra"][6] == "float32+int8" and rows["extra"][-1] == "never"  # no step yet
+    listed = {m["name"]: m for m in json.loads(cli(s, "models", "--json").stdout)}
+    assert listed["extra"]["ttft_ms"] == 500
     assert "KV pages:" in ps.stdout
     data = json.loads(cli(s, "ps", "--json").stdout)
     assert {m["name"] for m in data["models"]} >= {"tiny", "extra"}
@@ -187,13 +191,12 @@ def _wait_for(driver, test, what: str, timeout: float = 20.0):
 
 
 def _rows(driver, table: str) -> dict[str, list[str]]:
-    rows = driver.find_elements("css selector", f"#{table} tbody tr")
-    out = {}
-    for r in rows:
-        cells = [c.text for c in r.find_elements("tag name", "td")]
-        if cells:
-            out[cells[0]] = cells
-    return out
+    """A table's rows by first cell, read in one script call (the page redraws its tables
+    every 2 s: elements found by one call may be gone by the next)."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map("
+        "r => Array.from(r.cells).map(c => c.textContent.trim()))", f"#{table} tbody tr")
+    return {cells[0]: cells for cells in rows if cells}
 
 
 def test_the_status_page_shows_the_pool_live(server, browser):
