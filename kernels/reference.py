@@ -127,16 +127,18 @@ def sgmv_shrink(
     entry of out is 0 (rows in no segment cost nothing).
 
     x: [T, K]; w: [num_slots, R, K]; seg_starts: [S + 1] int; seg_slots, seg_rows: [S] int.
-    Returns out: [T, R] in x's dtype.
+    Returns out: [T, R] in w's dtype (the adapters' dtype, which may be wider than x's: the
+    product is computed in it).
     """
     from gpupool.kernels.linear import linear
 
-    out = x.new_zeros(x.shape[0], w.shape[1])
+    out = x.new_zeros(x.shape[0], w.shape[1], dtype=w.dtype)
+    xw = x.to(w.dtype)  # no copy when the dtypes agree
     starts = seg_starts.tolist()
     for s, (slot, rows) in enumerate(zip(seg_slots.tolist(), seg_rows.tolist())):
         lo, hi = starts[s], starts[s + 1]
         if hi > lo and rows:
-            out[lo:hi, :rows] = linear(x[lo:hi], w[slot, :rows])
+            out[lo:hi, :rows] = linear(xw[lo:hi], w[slot, :rows])
     return out
 
 
@@ -153,10 +155,12 @@ def sgmv_expand(
     ``y[lo:hi] += h[lo:hi, o:o+r] @ w[i, :, :r].T``, in place; other rows are untouched.
 
     y: [T, N] (may be a column slice of a wider output); h: [T, Rh]; w: [num_slots, N, R];
-    seg_starts: [S + 1] int; seg_slots, seg_ranks, seg_h_offsets: [S] int.
+    seg_starts: [S + 1] int; seg_slots, seg_ranks, seg_h_offsets: [S] int. The product is
+    computed in w's dtype and added into y (rounded to y's dtype once).
     """
     from gpupool.kernels.linear import linear
 
+    h = h.to(w.dtype)  # no copy when the dtypes agree
     starts = seg_starts.tolist()
     segs = zip(seg_slots.tolist(), seg_ranks.tolist(), seg_h_offsets.tolist())
     for s, (slot, rank, off) in enumerate(segs):

@@ -89,7 +89,7 @@ def sgmv_shrink(x, w, seg_starts, seg_slots, seg_rows):
     _check_rows(w, "w")
     if w.dim() != 3 or x.shape[1] != w.shape[2]:
         raise ValueError("x must be [T, K] and w [num_slots, R, K]")
-    out = x.new_zeros(x.shape[0], w.shape[1])
+    out = x.new_zeros(x.shape[0], w.shape[1], dtype=w.dtype)
     num_segs = seg_slots.shape[0]
     if num_segs == 0 or x.shape[0] == 0:
         return out

@@ -64,6 +64,12 @@ class ModelWorker:
         self.cfg = ModelConfig.from_folder(folder)
         self.device = device
         self.dtype = resolve_dtype(dtype, self.cfg, device)
+        # LoRA slots: float32 on CPU for 16-bit models (the adapters' small products run 2-4x
+        # faster in fp32 there: 1-8 rows x 576 x 48 took 18-25 us in bf16, 4-11 us in fp32,
+        # measured on an avx512_bf16 CPU; and the LoRA terms are then computed in fp32); the
+        # model's dtype elsewhere (the Triton kernels accumulate in fp32 anyway)
+        self.adapter_dtype = (torch.float32 if device.type == "cpu"
+                              and self.dtype in (torch.bfloat16, torch.float16) else self.dtype)
         self.quantization = check_quantization(quantization)
         # a cluster worker has no text side: it skips the tokenizer (a second of loading)
         self.tokenizer = load_tokenizer(folder) if tokenizer else None
@@ -124,13 +130,13 @@ class ModelWorker:
                                "in the arena's adapter region")
         cfg = self.adapter_config
         nbytes = AdapterSlots.num_bytes(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                                        self.dtype)
+                                        self.adapter_dtype)
         try:
             memory = self.weight_pool.adapter_buffer(self.name, nbytes)
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
-        return AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank, self.dtype,
-                            memory)
+        return AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
+                            self.adapter_dtype, memory)
 
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter (the caller ensures nothing runs it); with the last one gone the

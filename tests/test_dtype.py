@@ -10,7 +10,7 @@ from gpupool import SamplingParams
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype, native_bf16
 from gpupool.models.worker import resolve_dtype
-from tests.factories import hf_greedy_with, make_engine, random_prompts
+from tests.factories import hf_greedy_with, make_engine, make_peft_adapter, random_prompts
 
 ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
 SAPPHIRE_RAPIDS = {"avx2", "avx512f", "amx_tile", "amx_bf16"}
@@ -54,3 +54,37 @@ def test_bf16_agrees_with_transformers_bf16_and_with_fp32(tiny_models):
     for tokens, top in zip(ours16, top32):
         rated = dict(top)
         assert tokens[0] in rated and rated[tokens[0]] >= top[0][1] - 0.15
+
+
+def test_bf16_lora_runs_its_adapter_terms_in_fp32_and_agrees_with_fp32(tiny_models, tmp_path):
+    """On CPU a bf16 model's LoRA slots are float32 (its small products are faster there) and
+    the adapter terms are computed in fp32. Each bf16 first token with an adapter is one the
+    fp32 engine rates within 0.15 nats of its own best, and the adapters change the output."""
+    folder = tiny_models("llama")
+    a = make_peft_adapter(folder, tmp_path / "a", 4, ["q_proj", "v_proj", "down_proj"], seed=5)
+    b = make_peft_adapter(folder, tmp_path / "b", 8, ["o_proj", "gate_proj", "up_proj"],
+                          seed=6)
+    prompts = random_prompts(6, 4, 16, seed=62)
+    prompts[2] = prompts[1] = prompts[0]  # the same prompt with a, b and the base
+    names = ["a", "b", None, "b", "a", "b"]
+    first = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = {}
+    for dtype in ("bfloat16", "float32"):
+        e = make_engine(folder, dtype=dtype, max_lora_rank=8)
+        try:
+            e.add_adapter("a", "m", a)
+            e.add_adapter("b", "m", b)
+            worker = e.core.workers["m"]
+            assert worker.adapter_dtype == torch.float32
+            outs[dtype] = [e.generate([p], first if dtype == "float32" else greedy,
+                                      model=n or "m")[0] for p, n in zip(prompts, names)]
+            assert {v.dtype for v in worker.slots.views.values()} == {torch.float32}
+        finally:
+            e.shutdown()
+    for o16, o32 in zip(outs["bfloat16"], outs["float32"]):
+        top = o32.logprobs[0][2]
+        rated = dict(top)
+        assert o16.token_ids[0] in rated and rated[o16.token_ids[0]] >= top[0][1] - 0.15
+    base = [list(o.token_ids) for o in outs["bfloat16"]]
+    assert base[0] != base[2] and base[1] != base[2]  # each adapter changes the output
