@@ -166,4 +166,4 @@ def sgmv_expand(
     for s, (slot, rank, off) in enumerate(segs):
         lo, hi = starts[s], starts[s + 1]
         if hi > lo and rank:
-            y[lo:hi] += linear(h[lo:hi, off : off + rank], w[slot, :, :rank])
+            y[lo:hi].add_(linear(h[lo:hi, off : off + rank], w[slot, :, :rank]))
