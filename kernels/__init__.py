@@ -48,15 +48,20 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
-def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """See :func:`gpupool.kernels.reference.paged_attention_decode`."""
+def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                           max_len: int | None = None, min_len: int | None = None):
+    """See :func:`gpupool.kernels.reference.paged_attention_decode`. ``max_len`` and
+    ``min_len``: the longest and shortest of ``context_lens`` if the caller knows them (the
+    torch versions then never read them back from the tensor)."""
     if _use_triton(q):
         from gpupool.kernels.paged_attention import paged_attention_decode as impl
-    elif _MODE["kernels"] != "reference" and decode.faster_than_reference(q):
+
+        return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if _MODE["kernels"] != "reference" and decode.faster_than_reference(q):
         impl = decode.paged_attention_decode
     else:
         impl = reference.paged_attention_decode
-    return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return impl(q, k_cache, v_cache, block_tables, context_lens, scale, max_len, min_len)
 
 
 def paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):

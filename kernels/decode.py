@@ -37,13 +37,17 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    max_len: int | None = None,
+    min_len: int | None = None,
 ) -> torch.Tensor:
     """q: [B, H, D]; k_cache, v_cache: [P, bt, KVH, D]; block_tables: [B, M];
-    context_lens: [B] (>= 1). Returns [B, H, D] in q's dtype."""
+    context_lens: [B] (>= 1); max_len: its largest value, if known (min_len: unused).
+    Returns [B, H, D] in q's dtype."""
     b, h, d = q.shape
     bt, kvh = k_cache.shape[1], k_cache.shape[2]
     group = h // kvh
-    max_len = int(context_lens.max())
+    if max_len is None:
+        max_len = int(context_lens.max())
     num_blocks = -(-max_len // bt)
     span = num_blocks * bt
     table = block_tables[:, :num_blocks].reshape(-1)

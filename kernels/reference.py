@@ -32,25 +32,33 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    max_len: int | None = None,
+    min_len: int | None = None,
 ) -> torch.Tensor:
     """Semantics: ``out[b] = softmax(q[b] @ K_b^T * scale) @ V_b`` over the ``context_lens[b]``
     cached tokens of sequence b (the newest token's K/V already written), GQA by head groups.
 
     q: [B, H, D]; k_cache, v_cache: [P, bt, KVH, D]; block_tables: [B, M] int;
-    context_lens: [B] int (>= 1). Returns [B, H, D] in q's dtype.
+    context_lens: [B] int (>= 1); max_len, min_len: its largest and smallest value, if known.
+    Returns [B, H, D] in q's dtype.
     """
-    max_len = int(context_lens.max())
+    if max_len is None or min_len is None:
+        max_len, min_len = int(context_lens.max()), int(context_lens.min())
     k = _gather(k_cache, block_tables, max_len).transpose(1, 2)  # [B, KVH, L, D]
     v = _gather(v_cache, block_tables, max_len).transpose(1, 2)
-    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
-    if not bool(mask.all()):  # stale page contents past a sequence's end (maybe NaN, and
-        k = k.masked_fill(~mask[:, None, :, None], 0.0)  # NaN * 0 is NaN) never reach it
+    mask = None  # every sequence as long as the longest: nothing to hide
+    if min_len < max_len:
+        mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+        # stale page contents past a sequence's end (maybe NaN, and NaN * 0 is NaN) never
+        # reach the sum
+        k = k.masked_fill(~mask[:, None, :, None], 0.0)
         v = v.masked_fill(~mask[:, None, :, None], 0.0)
+        mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         k,
         v,
-        attn_mask=mask[:, None, None, :],
+        attn_mask=mask,
         scale=scale,
         enable_gqa=True,
     )

@@ -44,6 +44,10 @@ class ForwardBatch:
     prefill_cu_seqlens: torch.Tensor  # [S + 1] int32: query rows, relative to num_decode
     prefill_context_lens: torch.Tensor  # [S] int32: cached prefix + chunk
     logits_indices: torch.Tensor  # [R] long
+    # the decode rows' longest and shortest context (plain ints: every layer's attention
+    # would otherwise read them back from the tensor, a device sync each on a GPU)
+    decode_max_len: int = 0
+    decode_min_len: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -43,6 +43,7 @@ class LlamaModel:
         self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
+        self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
         """Point the model at a set of weight views (e.g. after a swap); no copy."""
@@ -73,9 +74,13 @@ class LlamaModel:
         x = self.embed(batch.input_ids)  # [T, hidden]
         cos_sin = self.rope[batch.positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
+        if self._kv is None or self._kv[0] is not kv:  # the same storage every step: its
+            self._kv = (kv, [(kv[:, i, 0], kv[:, i, 1])  # layers' views are made once
+                             for i in range(self.cfg.num_layers)])
+        kv_layers = self._kv[1]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw["input_norm"], self.cfg.rms_norm_eps)
-            x = x + self._attention(h, lw, kv[:, i, 0], kv[:, i, 1], cos, sin, batch, lora, i)
+            x = x + self._attention(h, lw, *kv_layers[i], cos, sin, batch, lora, i)
             h = rms_norm(x, lw["post_norm"], self.cfg.rms_norm_eps)
             gate_up = project(h, lw, "gate_up_weight")  # [T, 2 * inter]
             if lora is not None:
@@ -95,15 +100,20 @@ class LlamaModel:
         qkv = project(h, lw, "qkv_weight", lw.get("qkv_bias"))  # [T, q + 2kv]
         if lora is not None:
             lora.apply(i, "qkv", h, qkv)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q = rms_norm(q, lw["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, lw["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = rms_norm(q.view(-1, cfg.num_heads, cfg.head_dim), lw["q_norm"],
+                         cfg.rms_norm_eps)
+            k = rms_norm(k.view(-1, cfg.num_kv_heads, cfg.head_dim), lw["k_norm"],
+                         cfg.rms_norm_eps)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+        else:  # q and k rotated together: one RoPE over [T, heads + kv heads, D]
+            heads = cfg.num_heads + cfg.num_kv_heads
+            qk = apply_rope(qkv[:, : cfg.q_size + cfg.kv_size].view(-1, heads, cfg.head_dim),
+                            cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
         kernels.write_kv(k_cache, v_cache, k, v, batch.slot_pages, batch.slot_offsets)
         nd = batch.num_decode
         parts = []
@@ -111,6 +121,7 @@ class LlamaModel:
             parts.append(kernels.paged_attention_decode(
                 q[:nd], k_cache, v_cache, batch.decode_block_tables,
                 batch.decode_context_lens, self.scale,
+                batch.decode_max_len, batch.decode_min_len,
             ))
         if batch.num_prefill_seqs:
             parts.append(kernels.paged_attention_prefill(

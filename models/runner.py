@@ -53,4 +53,6 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
         prefill_cu_seqlens=t(cu, torch.int32),
         prefill_context_lens=t(pre_lens, torch.int32),
         logits_indices=t(logits_rows),
+        decode_max_len=max(dec_lens, default=0),
+        decode_min_len=min(dec_lens, default=0),
     )
