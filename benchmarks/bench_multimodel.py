@@ -31,7 +31,22 @@ GPUs for the cluster, each GPU serving its own share of the models). Four settin
 cost from the artifact's pessimistic estimate or a bulk copy at 80% of PCIe bandwidth, each
 with copies stalling the device (the engine with prefetch off) or prefetched beside compute
 (the engine's default, Aegaeon-style).
-Usage: python3 benchmarks/bench_multimodel.py [--json] [--simulate]
+--plot DIR (off by default; needs matplotlib, a dev dependency): also write PNGs into DIR
+(created) and print their paths (to stderr; the result gains a ``plots`` key). Engine mode:
+cpu_attainment_vs_rate.png (goodput and Aegaeon's score against the total rate, per policy)
+and cpu_timeline.png (which model each engine step ran, token vs request policy, at one rate:
+where the token policy meets 90% and leads most; per-step records taken by wrapping the
+engine core's scheduler and cost model from here, engine code unchanged). --simulate:
+sim_attainment_by_models.png, sim_models_per_gpu.png and sim_timeline.png (one more simulated
+GPU, bulk copy with prefetch, at the most models the token policy serves at 90%, traced).
+
+Run times measured on a 2-core avx512 CPU (AMD EPYC), --plot included: engine mode with the
+defaults ~4.5 min (5 runs of up to 6 rates x 6 s), with --quick (rates 2.5-40, 3 s each,
+prefetch comparison off) ~2.2 min; --simulate with the defaults ~6 min (1200 s sweeps of up
+to 10 models x 4 settings x 3 policies, then the 16-device cluster), with --quick (300 s, up
+to 8 models, no cluster) ~45 s. --plot itself adds a few seconds (--simulate: one more
+traced run per policy).
+Usage: python3 benchmarks/bench_multimodel.py [--json] [--simulate] [--quick] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -46,14 +61,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import emit  # noqa: E402
+from common import cpu_flags, emit  # noqa: E402
 
 from gpupool.scheduler.metrics import RequestTiming, attainment  # noqa: E402
-from gpupool.scheduler.simulator import DEFAULT_DATA_DIR  # noqa: E402
+from gpupool.scheduler.simulator import DEFAULT_DATA_DIR, StepRecord  # noqa: E402
 from gpupool.scheduler.slo import SLO  # noqa: E402
 from gpupool.scheduler.workload import LengthDist, poisson_workload, zipf_rates  # noqa: E402
 
 TARGET = 0.9
+# option -> (default, with --quick): --quick makes a plot-sized run (see the docstring)
+DEFAULTS = {"rates": ("2.5,5,10,20,40,80", "2.5,5,10,20,40"), "duration": (6.0, 3.0),
+            "compare_prefetch": (True, False), "max_models": (10, 8),
+            "sim_duration": (1200.0, 300.0), "cluster_devices": (16, 0),
+            "cluster_duration": (300.0, 300.0)}
 
 
 def best_rate(curve: dict[float, float]) -> float:
@@ -99,8 +119,11 @@ def run_engine(args) -> dict:
               "weights_mib_per_model": round(nbytes / 2**20, 1),
               "slo_ms": [slo.ttft_ms, slo.tbt_ms], "duration_s": args.duration,
               "zipf_skew": 1.0, "prompt_mean_median": [64, 50], "output_mean_median": [96, 80]}
+    if args.plot:
+        result["cpu"] = cpu_flags()
     rates = [float(r) for r in args.rates.split(",")]
     swaps, steps = [], []
+    traces: dict[str, dict[float, list]] = {}  # policy -> rate -> StepRecords (--plot)
     runs = [("token", True), ("request", True), ("fcfs", True)]
     if args.compare_prefetch:
         runs += [("token", False), ("request", False)]
@@ -111,13 +134,18 @@ def run_engine(args) -> dict:
                         ttft_ms=slo.ttft_ms, tbt_ms=slo.tbt_ms, prefetch=prefetch)
         for n in names:
             engine.add_model(n, folders[n])
+        tracer = StepTracer(engine.core) if args.plot and prefetch else None
         curve, scores, low = {}, {}, 0
         for rate in rates:
             if low >= 2:
                 break
             reqs = poisson_workload(zipf_rates(names, rate, 1.0), args.duration, inputs,
                                     outputs, seed=args.seed + int(rate * 100))
+            if tracer:
+                tracer.restart()
             timings = drive(engine, reqs, SamplingParams)
+            if tracer:
+                traces.setdefault(policy, {})[rate] = tracer.records
             a = attainment(timings, slo)
             curve[rate], scores[rate] = a["slo_attainment"], a["aegaeon_score"]
             low = low + 1 if curve[rate] < 0.5 else 0
@@ -142,7 +170,76 @@ def run_engine(args) -> dict:
             req = result[f"request{pre}_max_rate_at_90{suffix}"]
             result[f"rate_ratio_token_vs_request{pre}{suffix}"] = (
                 round(result[f"token{pre}_max_rate_at_90{suffix}"] / req, 2) if req else None)
+    if args.plot:
+        result["plots"] = plot_engine(args, result, traces)
     return result
+
+
+class StepTracer:
+    """Per-step records (``StepRecord``, seconds since ``restart``) of a running engine, taken
+    from outside: the engine core's ``scheduler.schedule`` (the batch), ``cost.observe_swap``
+    (the wait for a weight copy, before the step) and ``cost.observe_step`` (the step's
+    compute time, after it) are wrapped on those instances, no engine code changed. A
+    ``switched`` step ran another model than the step before; ``wait_s`` is what the engine
+    reported waiting for that model's weights (a copy, or the rest of a prefetch)."""
+
+    def __init__(self, core):
+        self.records: list = []
+        self.t0 = time.monotonic()
+        self._out, self._wait, self._last = None, 0.0, None
+        sched, cost = core.scheduler, core.cost
+        schedule, observe_swap, observe_step = (sched.schedule, cost.observe_swap,
+                                                cost.observe_step)
+
+        def traced_schedule(*a, **k):
+            self._out, self._wait = schedule(*a, **k), 0.0
+            return self._out
+
+        def traced_swap(model, seconds):
+            self._wait = seconds
+            observe_swap(model, seconds)
+
+        def traced_step(model, seconds, num_tokens=0, prefill_tokens=0):
+            end = time.monotonic() - self.t0
+            out = self._out
+            rows = len(out.scheduled) if out is not None and out.model == model else 0
+            self.records.append(StepRecord(end - seconds, end, model, rows, num_tokens,
+                                           prefill_tokens, model != self._last, self._wait))
+            self._last, self._wait = model, 0.0
+            observe_step(model, seconds, num_tokens, prefill_tokens)
+
+        sched.schedule, cost.observe_swap, cost.observe_step = (traced_schedule, traced_swap,
+                                                               traced_step)
+
+    def restart(self) -> None:
+        """A fresh list and clock origin (the next run's first arrival)."""
+        self.records, self.t0, self._last = [], time.monotonic(), None
+
+
+def plot_engine(args, result: dict, traces: dict) -> list[str]:
+    """--plot for the engine mode; the timeline at the rate where the token policy meets 90%
+    goodput and leads the request policy most (the lowest such), else the highest rate both
+    policies ran."""
+    import plots
+
+    common = sorted(set(traces.get("token", {})) & set(traces.get("request", {})))
+    rate = None
+    if common:
+        tok, req = result["token_attainment"], result["request_attainment"]
+        ok = [r for r in common if tok[str(r)] >= TARGET]
+        rate = (max(ok, key=lambda r: (tok[str(r)] - req[str(r)], -r)) if ok
+                else common[-1])
+        result["timeline_rate"] = rate
+    chosen = {p: traces[p][rate] for p in ("token", "request")} if rate is not None else {}
+    paths = plots.write_engine_plots(result, chosen, args.plot, window_s=args.window,
+                                     rate=rate)
+    return report_plots(paths)
+
+
+def report_plots(paths) -> list[str]:
+    for p in paths:
+        print(f"wrote {p}", file=sys.stderr)
+    return [str(p) for p in paths]
 
 
 def drive(engine, reqs, SamplingParams) -> list[RequestTiming]:
@@ -222,7 +319,41 @@ def run_simulation(args) -> dict:
                 round(b["token"] / b["request"], 2) if b["request"] else None)
     if args.cluster_devices:
         result.update(run_cluster_simulation(args, data, bases, slo))
+    if args.plot:
+        result["plots"] = plot_simulation(args, result, data, bases, slo)
     return result
+
+
+def plot_simulation(args, result: dict, data: Path, bases: list[str], slo: SLO) -> list[str]:
+    """--plot for --simulate: the sweep's figures, and a timeline from one more simulated
+    GPU (bulk copy, prefetch: the engine's default) traced under the token and the request
+    policy, at the most models per GPU the token policy serves at 90% (at least 2)."""
+    import plots
+
+    from gpupool.scheduler.simulator import DeviceConfig, load_sim_models, simulate_device
+    from gpupool.scheduler.workload import SHAREGPT_INPUT, SHAREGPT_OUTPUT
+
+    n = max(2, result.get("bulk_copy_switch_prefetch_token_models_per_gpu_at_90", 0))
+    names = [f"{bases[i % 3]}#{i}" for i in range(n)]
+    models = load_sim_models(data, "H100", names, efficiency=0.8)
+    reqs = poisson_workload({m: 0.1 for m in names}, args.sim_duration, SHAREGPT_INPUT,
+                            SHAREGPT_OUTPUT, seed=n)
+    traces = {}
+    for policy in ("token", "request"):
+        traces[policy], stats = [], {}
+        res = simulate_device(models, reqs, policy, {m: slo for m in names},
+                              DeviceConfig(resident_models=2, prefetch=True), stats=stats,
+                              trace=traces[policy])
+        result[f"timeline_{policy}_attainment"] = round(attainment(res, slo)["slo_attainment"],
+                                                        3)
+        result[f"timeline_{policy}_switches"] = stats["switches"]
+    result["timeline_models_per_gpu"] = n
+    setting = (f"{n} models on one GPU (bulk copy at 80% of PCIe, prefetched, 2 resident; "
+               f"goodput token {result['timeline_token_attainment']:.0%}, "
+               f"request {result['timeline_request_attainment']:.0%})")
+    paths = plots.write_sim_plots(result, traces, args.plot, trace_setting=setting,
+                                  window_s=args.sim_window)
+    return report_plots(paths)
 
 
 def run_cluster_simulation(args, data, bases, slo) -> dict:
@@ -265,24 +396,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--simulate", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller run, for a plot in a couple of minutes: "
+                         + ", ".join(f"--{k.replace('_', '-')} {q}" for k, (d, q)
+                                     in DEFAULTS.items() if d != q and k != "compare_prefetch")
+                         + ", no prefetch comparison (options given win)")
+    ap.add_argument("--plot", metavar="DIR", default=None,
+                    help="write PNG figures into DIR (needs matplotlib)")
+    ap.add_argument("--window", type=float, default=1.0,
+                    help="engine mode --plot: seconds of the run the timeline shows")
+    ap.add_argument("--sim-window", type=float, default=60.0,
+                    help="--simulate --plot: simulated seconds the timeline shows")
     ap.add_argument("--models", type=int, default=8)
-    ap.add_argument("--rates", default="2.5,5,10,20,40,80", help="total requests/s to try")
-    ap.add_argument("--duration", type=float, default=6.0)
+    ap.add_argument("--rates", default=None,
+                    help=f"total requests/s to try (default {DEFAULTS['rates'][0]})")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--no-compare-prefetch", dest="compare_prefetch", action="store_false",
+                    default=None,
                     help="skip the token and request runs with weight prefetch off")
-    ap.add_argument("--max-models", type=int, default=10)
-    ap.add_argument("--sim-duration", type=float, default=1200.0)
-    ap.add_argument("--cluster-devices", type=int, default=16,
+    ap.add_argument("--max-models", type=int, default=None)
+    ap.add_argument("--sim-duration", type=float, default=None)
+    ap.add_argument("--cluster-devices", type=int, default=None,
                     help="with --simulate: also simulate this many devices behind the "
-                         "gateway's router (0: skip)")
-    ap.add_argument("--cluster-duration", type=float, default=300.0)
+                         "gateway's router (0: skip; default 16)")
+    ap.add_argument("--cluster-duration", type=float, default=None)
     ap.add_argument("--data", default=str(DEFAULT_DATA_DIR),
                     help="folder of the measured tables (default: the package's copy)")
     args = ap.parse_args()
+    for key, (full, quick) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     logging.basicConfig(level=logging.WARNING)
     emit(run_simulation(args) if args.simulate else run_engine(args), args.json)
 

@@ -20,6 +20,11 @@ engine working beside compute, as the engine's ``WeightPool.prefetch`` does: eac
 policy's ``prefetch_hint`` model is copied into the least recently used slot other than the
 running model's, one copy at a time, and a later switch to it waits only for the rest of
 that copy (Aegaeon prefetches weights the same way).
+
+Trace (off by default): ``simulate_device(..., trace=[])`` or ``SimDevice(..., trace=[])``
+appends one :class:`StepRecord` per step (when it ran, which model, its batch, whether the
+device had switched models and how long it waited for a weight copy), for timelines such as
+benchmarks/plots.py draws. With no list given nothing is recorded.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from gpupool.messages.params import SamplingParams
 from gpupool.pool.pages import PagePool
@@ -96,6 +102,23 @@ class TableCost:
         return _interp(bs, secs, batch)
 
 
+class StepRecord(NamedTuple):
+    """One step of a traced device: ``model`` computed from ``t_start`` to ``t_end`` for
+    ``rows`` sequences (``tokens`` tokens, ``prefill_tokens`` of them prompt tokens).
+    ``switched``: the device ran another model (or nothing yet) the step before, as the
+    device's ``switches`` counts; ``wait_s``: seconds it waited just before ``t_start`` for
+    the model's weight copy (0 when the weights were already there)."""
+
+    t_start: float
+    t_end: float
+    model: str
+    rows: int
+    tokens: int
+    prefill_tokens: int
+    switched: bool
+    wait_s: float
+
+
 @dataclass(frozen=True)
 class SimModel:
     name: str
@@ -116,11 +139,12 @@ class DeviceConfig:
 class SimDevice:
     """One simulated device: its own clock, scheduler, policy and resident weights. Requests
     are ``add``-ed at their arrival; ``run_until(t)`` steps while there is work and the clock
-    is before ``t``."""
+    is before ``t``. ``trace``, if a list, receives a :class:`StepRecord` per step."""
 
     def __init__(self, models: dict[str, SimModel], policy_name: str, slos: dict[str, SLO],
-                 device: DeviceConfig):
+                 device: DeviceConfig, trace: list[StepRecord] | None = None):
         self.models, self.device = models, device
+        self.trace = trace
         self.cost = CostModel()
         for m in models.values():
             self.cost.swap_s[m.name] = m.switch_s
@@ -168,11 +192,14 @@ class SimDevice:
             resident[out.model] = self.copy_free
             while len(resident) > device.resident_models:
                 resident.popitem(last=False)
+        wait = 0.0
         if resident[out.model] > self.now or out.model != self.last:  # waits for a copy
-            cost.observe_swap(out.model, max(0.0, resident[out.model] - self.now))
-            self.stall += max(0.0, resident[out.model] - self.now)
+            wait = max(0.0, resident[out.model] - self.now)
+            cost.observe_swap(out.model, wait)
+            self.stall += wait
             self.now = max(self.now, resident[out.model])
-        self.switches += out.model != self.last
+        switched = out.model != self.last
+        self.switches += switched
         self.last = out.model
         resident.move_to_end(out.model)
         prefill = sum(s.num_new_tokens for s in out.scheduled if not s.is_decode)
@@ -188,6 +215,10 @@ class SimDevice:
                 self.copy_free = self.now + self.models[hint].switch_s
                 resident[hint] = self.copy_free
                 resident.move_to_end(out.model)
+        if self.trace is not None:
+            self.trace.append(StepRecord(self.now, self.now + step, out.model,
+                                         len(out.scheduled), prefill + decode, prefill,
+                                         switched, wait))
         self.now += step
         self.busy += step
         self.steps += 1
@@ -213,17 +244,18 @@ class SimDevice:
 
 def simulate_device(models: dict[str, SimModel], requests: list[WorkloadRequest],
                     policy_name: str, slos: dict[str, SLO], device: DeviceConfig,
-                    horizon_s: float | None = None,
-                    stats: dict | None = None) -> list[RequestTiming]:
+                    horizon_s: float | None = None, stats: dict | None = None,
+                    trace: list[StepRecord] | None = None) -> list[RequestTiming]:
     """Run one device until every request finishes (or ``horizon_s``); token times per request.
 
     Requests are admitted at their arrival times; each step the policy picks a model, the
     scheduler builds its batch, and simulated time advances by the switch (if the model is
     not resident) plus the step cost. ``stats``, if given, receives the seconds the device
     computed (``busy_s``) and waited for weight copies (``stall_s``), the number of model
-    switches and of steps, and the end time.
+    switches and of steps, and the end time. ``trace``, if a list, receives a
+    :class:`StepRecord` per step (see :class:`SimDevice`).
     """
-    dev = SimDevice(models, policy_name, slos, device)
+    dev = SimDevice(models, policy_name, slos, device, trace)
     pending = list(requests)
     nxt = 0
     while nxt < len(pending) or dev.sched.has_work():
