@@ -9,9 +9,10 @@ folder. In one run:
                 and GB/s of weight bytes read (triton.testing.do_bench, median);
   parity        greedy tokens of the engine on CUDA against transformers on CUDA (fp32 and
                 bf16, tiny random Llama and Qwen2 configs): the share of identical tokens;
-  decode        the engine's decode tokens/s at each batch size per variant (bf16, bf16+int8)
-                against transformers' generate in bf16 (same prompts, 64 new tokens), and the
-                step time as a multiple of the bound (weight bytes / copy bandwidth);
+  decode        the engine's decode tokens/s at each batch size per variant (bf16 with and
+                without CUDA graphs, bf16+int8) against transformers' generate in bf16 (same
+                prompts, 64 new tokens), and the step time as a multiple of the bound
+                (weight bytes / copy bandwidth);
   swap          switching the weight region between two models: the engine's copy against a
                 raw pinned host-to-device copy of the same bytes.
 Prints one JSON object (also written to --out). Usage:
@@ -158,10 +159,10 @@ def decode(folder: Path, copy_gb_s: float, runs: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     out = []
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).cuda()
-    for quant in (None, "int8"):
+    for quant, graphs in ((None, True), (None, False), ("int8", True)):
         nbytes = build_layout(ModelConfig.from_folder(folder), torch.bfloat16, quant).num_bytes
         e = Engine(device="cuda", dtype="bfloat16", quantization=quant,
-                   kv_cache_bytes=4 << 30)
+                   kv_cache_bytes=4 << 30, cuda_graphs=graphs)
         try:
             e.add_model("m", folder)
             for bs in (1, 16, 64):
@@ -193,7 +194,8 @@ def decode(folder: Path, copy_gb_s: float, runs: int) -> list[dict]:
                         torch.cuda.synchronize()
                         th.append(time.perf_counter() - t)
                 bound = nbytes / (copy_gb_s * 1e9)
-                out.append({"quantization": quant or "none", "batch": bs,
+                out.append({"quantization": quant or "none", "cuda_graphs": graphs,
+                            "batch": bs,
                             "weight_bytes": nbytes,
                             "tok_s": bs * 64 / statistics.median(t64),
                             "transformers_bf16_tok_s": bs * 64 / statistics.median(th),

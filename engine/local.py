@@ -149,7 +149,8 @@ class LocalEngine:
             worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
                                  dtype or self.config.dtype, self.config.adapters, self.weights,
                                  tokenizer=self.load_tokenizers,
-                                 quantization=quantization or self.config.quantization)
+                                 quantization=quantization or self.config.quantization,
+                                 cuda_graphs=self.config.cuda_graphs)
             with self._lock:
                 try:
                     self.core.add_worker(worker)

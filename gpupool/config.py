@@ -3,7 +3,8 @@
 
 Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
 ``GPUPOOL_HOME`` (data dir, default ``~/.cache/gpupool``), ``GPUPOOL_DEVICE``,
-``GPUPOOL_KERNELS`` (auto | reference | triton); for the server also ``GPUPOOL_CONFIG``
+``GPUPOOL_KERNELS`` (auto | reference | triton), ``GPUPOOL_CUDA_GRAPHS`` (0 turns the
+decode steps' CUDA graphs off); for the server also ``GPUPOOL_CONFIG``
 (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``, ``GPUPOOL_ADMIN_KEY``,
 ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
 ``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``; ``GPUPOOL_DTYPE`` (auto | float32 | bfloat16
@@ -78,6 +79,8 @@ class Config:
     # int8: every model's linear layers and lm_head stored int8 (weight-only, per-row scales)
     quantization: str | None = None  # None | "none" | "int8"; a model may set its own
     kernels: str = "auto"  # auto | reference | triton
+    # on CUDA, decode steps replayed from captured CUDA graphs (models/graphs.py)
+    cuda_graphs: bool = True
     # CPU threads of the step loop (None: torch's count in the thread that makes the engine)
     threads: int | None = None
     home: Path = field(default_factory=default_home)
@@ -103,6 +106,9 @@ class Config:
         for key in ("device", "kernels", "dtype", "quantization"):
             if f"GPUPOOL_{key.upper()}" in os.environ:
                 top[key] = os.environ[f"GPUPOOL_{key.upper()}"]
+        graphs = os.environ.get("GPUPOOL_CUDA_GRAPHS")
+        if graphs is not None:
+            top["cuda_graphs"] = graphs.strip().lower() not in ("0", "false", "no", "off")
         parts = {"pool": {}, "scheduler": {}, "adapters": {}}
         sub = {"pool": PoolConfig, "scheduler": SchedulerConfig, "adapters": AdapterConfig}
         for key, value in overrides.items():

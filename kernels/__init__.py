@@ -13,6 +13,7 @@ from gpupool.kernels import decode, reference
 from gpupool.kernels.reference import write_kv
 
 __all__ = [
+    "capture_safe",
     "paged_attention_decode",
     "paged_attention_prefill",
     "sgmv_expand",
@@ -37,6 +38,13 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def capture_safe() -> bool:
+    """Whether a CUDA step's kernels read nothing back to the host, so the step can be
+    captured in a CUDA graph: Triton's attention does; the reference reads the longest
+    context as a Python int."""
+    return _MODE["kernels"] != "reference" and triton_available()
 
 
 def _use_triton(t: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from gpupool import kernels
 from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots
@@ -14,6 +15,7 @@ from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
+from gpupool.models.graphs import DecodeGraphs
 from gpupool.models.llama import LlamaModel
 from gpupool.models.loader import check_quantization, load_flat_weights
 from gpupool.models.runner import build_batch
@@ -49,7 +51,8 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
-                 weight_pool=None, tokenizer: bool = True, quantization: str | None = None):
+                 weight_pool=None, tokenizer: bool = True, quantization: str | None = None,
+                 cuda_graphs: bool = False):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
         they are copied to the device once and stay. Adapter slots live in the pool's arena
@@ -81,6 +84,9 @@ class ModelWorker:
             self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
         )
         self.block_tokens = self.kv_view.shape[3]
+        # decode steps replayed from captured CUDA graphs (models/graphs.py)
+        self.graphs = (DecodeGraphs(name, self.model, self.kv_view, self.block_tokens, device)
+                       if cuda_graphs and device.type == "cuda" else None)
         self.weight_pool = weight_pool
         if weight_pool is None:
             self.weights = host if device.type == "cpu" else host.to(device)
@@ -160,5 +166,10 @@ class ModelWorker:
     def execute(self, rows: list[BatchRow]) -> torch.Tensor:
         """Run one step (the caller made the weights resident); logits [rows that sample,
         vocab] in float32."""
+        if (self.graphs is not None and self.graphs.eligible(rows)
+                and kernels.capture_safe()):
+            logits = self.graphs.run(rows)
+            if logits is not None:
+                return logits
         batch = build_batch(rows, self.block_tokens, self.device)
         return self.model.forward(batch, self.kv_view, self._lora_batch(rows))
