@@ -88,3 +88,44 @@ def test_bf16_lora_runs_its_adapter_terms_in_fp32_and_agrees_with_fp32(tiny_mode
         assert o16.token_ids[0] in rated and rated[o16.token_ids[0]] >= top[0][1] - 0.15
     base = [list(o.token_ids) for o in outs["bfloat16"]]
     assert base[0] != base[2] and base[1] != base[2]  # each adapter changes the output
+
+
+def test_the_batched_lora_path_matches_the_segmented_one():
+    """LoraBatch's batched path (equal segments, one rank; used for 16-bit models on CPU)
+    gives the segmented SGMV path's output within fp32 rounding, with the segments' slots in
+    order (views) and permuted (a gather); other batches keep the segmented path."""
+    from gpupool.adapters.base import GROUPS
+    from gpupool.adapters.batch import LoraBatch
+
+    g = torch.Generator().manual_seed(3)
+    widths = {"hidden": 24, "q": 24, "kv": 8, "inter": 40}
+    num_slots, rank_max = 5, 8
+    views = {}
+    for group, (fan_in, projs) in GROUPS.items():
+        views[f"0.{group}.A"] = torch.randn(num_slots, len(projs) * rank_max, widths[fan_in],
+                                           generator=g)
+        for proj, fan_out in projs:
+            views[f"0.{proj}.B"] = torch.randn(num_slots, widths[fan_out], rank_max,
+                                               generator=g)
+    targets = {"a": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
+               "b": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
+               "c": ("q_proj",)}
+    ranks = {"a": 4, "b": 4, "c": 8}
+    for slot_of in ({"a": 0, "b": 1}, {"a": 3, "b": 1}):
+        rows = ["a", "a", "a", "b", "b", "b"]
+        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=True)
+        slow = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=False)
+        assert fast.batched is not None and slow.batched is None
+        for group, (fan_in, projs) in GROUPS.items():
+            x = torch.randn(len(rows), widths[fan_in], generator=g).to(torch.bfloat16)
+            n = sum(widths[f] for _, f in projs)
+            base = torch.randn(len(rows), n, generator=g).to(torch.bfloat16)
+            got, want = base.clone(), base.clone()
+            fast.apply(0, group, x, got)
+            slow.apply(0, group, x, want)
+            assert not torch.equal(want, base)  # the adapters did add something
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    for rows in (["a", "a", "b"], ["a", None, "b"], ["a", "c"]):  # sizes, base rows, ranks
+        slot_of = {"a": 0, "b": 1, "c": 2}
+        assert LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu",
+                               batched=True).batched is None
