@@ -5,12 +5,13 @@ so each run of equal adapters is one segment; base-model runs are segments of ra
 the kernels skip.
 
 Batched path (``LoraBatch.batched``, CPU with float32 slots for a 16-bit model): when every
-segment has an adapter, all segments have the same number of rows and all adapters the same
-rank (a decode batch spread evenly over adapters), each group is one batched matmul over the
-segments for the shrink and one per projection for the expand, instead of a matmul per
-segment and projection (44 small products a SmolLM2 layer at 4 adapters): same products,
-summed in another order, so within rounding of the segmented path. Identity claims are made
-in fp32, which keeps the segmented path.
+segment has an adapter and all adapters have the same rank, each group is one batched matmul
+over the segments for the shrink and one per projection for the expand, instead of a matmul
+per segment and projection (44 small products a SmolLM2 layer at 4 adapters). Segments of
+unequal length are gathered into a padded ``[S, longest, K]`` (a zero row fills the short
+ones; used while the padding at most doubles the rows) and their results gathered back in
+row order. Same products, summed in another order, so within rounding of the segmented
+path. Identity claims are made in fp32, which keeps the segmented path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 
 from gpupool import kernels
 from gpupool.adapters.base import GROUPS
+
+PAD_LIMIT = 2  # the batched path pads segments to the longest while that costs <= 2x the rows
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,22 @@ class LoraBatch:
                                       for n, r in zip(names, ranks)])
                 proj_offsets[proj] = t([j * r for r in ranks])
         plan = None
-        sizes = {b - a for a, b in zip(starts, starts[1:])}
-        if batched and all(names) and len(sizes) == 1 and len(set(ranks)) == 1:
+        sizes = [b - a for a, b in zip(starts, starts[1:])]
+        total, longest = len(row_adapters), max(sizes)
+        if (batched and all(names) and len(set(ranks)) == 1
+                and len(names) * longest <= PAD_LIMIT * total):
             slots = [slot_of[n] for n in names]
             index = (None if slots == list(range(len(slots)))
                      else torch.tensor(slots, dtype=torch.long, device=device))
             targeted = {p for n in names for p in targets_of[n]}
-            plan = (len(names), sizes.pop(), ranks[0], index, targeted)
+            pad = None  # unequal segments: each padded to the longest with a zero row
+            if len(set(sizes)) > 1:
+                rows = [a + i if i < b - a else total for a, b in zip(starts, starts[1:])
+                        for i in range(longest)]
+                valid = [k for k, r in enumerate(rows) if r < total]  # row order kept
+                pad = (torch.tensor(rows, dtype=torch.long, device=device),
+                       torch.tensor(valid, dtype=torch.long, device=device))
+            plan = (len(names), longest, ranks[0], index, targeted, pad)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, views, plan)
 
@@ -84,15 +96,17 @@ class LoraBatch:
             col += width
 
     def _apply_batched(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor):
-        segs, rows, rank, index, targeted = self.batched
+        segs, rows, rank, index, targeted, pad = self.batched
         projs = GROUPS[group][1]
 
         def pick(w: torch.Tensor) -> torch.Tensor:  # the segments' slots, [S, ...]
             return w[:segs] if index is None else w.index_select(0, index)
 
         a = pick(self.views[f"{layer}.{group}.A"])[:, : len(projs) * rank]  # [S, P*r, K]
-        xs = x.to(a.dtype).view(segs, rows, x.shape[1])
-        h = torch.bmm(xs, a.transpose(1, 2))  # [S, n, P*r]
+        xs = x.to(a.dtype)
+        if pad is not None:  # rows gathered per segment, short ones padded with a zero row
+            xs = torch.cat([xs, xs.new_zeros(1, xs.shape[1])]).index_select(0, pad[0])
+        h = torch.bmm(xs.view(segs, rows, x.shape[1]), a.transpose(1, 2))  # [S, n, P*r]
         col = 0
         for j, (proj, _) in enumerate(projs):
             b = self.views[f"{layer}.{proj}.B"]
@@ -100,5 +114,8 @@ class LoraBatch:
             if proj in targeted:
                 delta = torch.bmm(h[:, :, j * rank : (j + 1) * rank],
                                   pick(b)[:, :, :rank].transpose(1, 2))  # [S, n, N]
-                out[:, col : col + width].add_(delta.view(segs * rows, width))
+                delta = delta.view(segs * rows, width)
+                if pad is not None:
+                    delta = delta.index_select(0, pad[1])
+                out[:, col : col + width].add_(delta)
             col += width

@@ -111,11 +111,13 @@ def test_the_batched_lora_path_matches_the_segmented_one():
                "b": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
                "c": ("q_proj",)}
     ranks = {"a": 4, "b": 4, "c": 8}
-    for slot_of in ({"a": 0, "b": 1}, {"a": 3, "b": 1}):
-        rows = ["a", "a", "a", "b", "b", "b"]
+    for slot_of, rows in (({"a": 0, "b": 1}, ["a", "a", "a", "b", "b", "b"]),
+                          ({"a": 3, "b": 1}, ["a", "a", "a", "b", "b", "b"]),
+                          ({"a": 3, "b": 1}, ["a", "a", "b", "b", "b", "a"])):  # padded
         fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=True)
         slow = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=False)
         assert fast.batched is not None and slow.batched is None
+        assert (fast.batched[-1] is None) == (rows[2] == "a")  # equal segments: no padding
         for group, (fan_in, projs) in GROUPS.items():
             x = torch.randn(len(rows), widths[fan_in], generator=g).to(torch.bfloat16)
             n = sum(widths[f] for _, f in projs)
@@ -125,7 +127,7 @@ def test_the_batched_lora_path_matches_the_segmented_one():
             slow.apply(0, group, x, want)
             assert not torch.equal(want, base)  # the adapters did add something
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
-    for rows in (["a", "a", "b"], ["a", None, "b"], ["a", "c"]):  # sizes, base rows, ranks
+    for rows in (["a"] * 8 + ["b", "a"], ["a", None, "b"], ["a", "c"]):  # padding, base, ranks
         slot_of = {"a": 0, "b": 1, "c": 2}
         assert LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu",
                                batched=True).batched is None
