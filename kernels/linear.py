@@ -54,7 +54,53 @@ def use_onednn(enabled: bool | None) -> None:
         _STATE.update(dict.fromkeys(_DTYPES, False))
 
 
+# ---- packed weights ---------------------------------------------------------------------------
+# oneDNN's linear reads a weight reordered once into its own blocked layout
+# (``mkldnn._reorder_linear_weight``) 1.2-2.8x faster than the plain one, which it reorders on
+# every call (measured, bf16 on the project's AMD EPYC: 3072x576 at 1 row 142 -> 51 us, 16 rows
+# 293 -> 158 us; the 49152x576 lm_head at 1 row 3296 -> 1737 us), with bit-identical results
+# in bf16 (fp32's differ at one row, so fp32 stays plain). A packed weight is a copy
+# (``LlamaModel.bind`` makes them for a resident CPU model: the reorder costs about a copy of
+# the bytes, 0.33 ms for 3.5 MB); probed once: bit-identical results or no packing.
+_PACK: dict[torch.dtype, bool] = {}
+
+
+def _pack_ok(dtype: torch.dtype) -> bool:
+    if dtype not in _PACK:
+        ok = False
+        if dtype == torch.bfloat16 and _onednn_ok(dtype):
+            try:
+                g = torch.Generator().manual_seed(1)
+                w = torch.randn(96, 64, generator=g).to(dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+                ok = all(torch.equal(
+                    torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+                    for x in (torch.randn(m, 64, generator=g).to(dtype) for m in (1, 7, 40)))
+            except (RuntimeError, AttributeError) as e:
+                logger.info("packed oneDNN weights unavailable for %s (%s)", dtype, e)
+        _PACK[dtype] = ok
+    return _PACK[dtype]
+
+
+def use_packing(enabled: bool | None) -> None:
+    """Force weight packing off (False) or re-probe it (None / True)."""
+    _PACK.clear()
+    if enabled is False:
+        _PACK.update(dict.fromkeys(_DTYPES, False))
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [N, K] reordered for oneDNN's linear (a copy), or None where packing is not
+    used (not CPU, not bf16, or the probe failed)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not _pack_ok(weight.dtype):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    if weight.is_mkldnn:  # packed (``pack``): only oneDNN reads it
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if (x.device.type == "cpu" and x.dtype in _DTYPES
             and weight.dtype == x.dtype and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
             and _onednn_ok(x.dtype)):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpupool import kernels
-from gpupool.kernels.linear import linear, linear_int8
+from gpupool.kernels.linear import linear, linear_int8, pack
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import apply_rope, cos_sin_table
@@ -34,6 +34,14 @@ def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
     return linear_int8(x, w[name], scale, bias)
 
 
+LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    packed = pack(weight)
+    return weight if packed is None else packed
+
+
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
@@ -46,12 +54,21 @@ class LlamaModel:
         self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
-        """Point the model at a set of weight views (e.g. after a swap); no copy."""
+        """Point the model at a set of weight views (e.g. after a swap); no copy, except on
+        CPU in bf16, where the linear layers' weights and the lm_head are packed for oneDNN
+        (``kernels.linear.pack``: bit-identical results, 1.2-2.8x faster products)."""
         self.w = views
         self.layers = [
             {k.split(".", 2)[2]: v for k, v in views.items() if k.startswith(f"layers.{i}.")}
             for i in range(self.cfg.num_layers)
         ]
+        self.head = views[self.lm_head_name]
+        if self.lm_head_name + SCALE_SUFFIX not in views:  # int8 weights stay as they are
+            self.head = _packed(self.head)
+        for lw in self.layers:
+            for name in LINEAR_WEIGHTS:
+                if name in lw and name + SCALE_SUFFIX not in lw:
+                    lw[name] = _packed(lw[name])
 
     @property
     def lm_head_name(self) -> str:
@@ -93,6 +110,8 @@ class LlamaModel:
             x = x + down
         x = x[batch.logits_indices]
         x = rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps)
+        if self.head is not self.w[self.lm_head_name]:  # packed
+            return linear(x, self.head).float()
         return project(x, self.w, self.lm_head_name).float()
 
     def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch, lora, i):

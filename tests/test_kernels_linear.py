@@ -36,3 +36,40 @@ def test_linear_matches_f_linear_on_flat_buffer_views(onednn, m, dtype):
 def test_other_dtypes_fall_back_to_f_linear():
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     assert torch.equal(lin.linear(x, w), F.linear(x, w))
+
+
+def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models):
+    """Where this CPU packs bf16 weights for oneDNN (probed), a packed weight's products equal
+    the plain weight's bit for bit, and a bf16 model bound with packed weights gives the same
+    logits as one without; fp32 and int8 weights are never packed."""
+    from gpupool.models.batch import BatchRow
+    from gpupool.models.worker import ModelWorker
+    from gpupool.pool.kv import KVStorage
+
+    w = torch.randn(200, 64).to(torch.bfloat16)
+    packed = lin.pack(w)
+    if packed is None:
+        assert not lin._pack_ok(torch.bfloat16)  # this CPU does not pack: nothing to compare
+    else:
+        assert packed.is_mkldnn and packed.shape == w.shape
+        for m in (1, 3, 17, 90):
+            x = torch.randn(m, 64).to(torch.bfloat16)
+            assert torch.equal(lin.linear(x, packed), lin.linear(x, w))
+    assert lin.pack(w.float()) is None
+    folder = tiny_models("llama")
+    kv = KVStorage(16, 16 << 10, torch.device("cpu"))
+    logits = {}
+    for packing in (True, False):
+        lin.use_packing(None if packing else False)
+        try:
+            worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype="bfloat16")
+            weights = worker.model.layers[0]["qkv_weight"]
+            assert weights.is_mkldnn == (packing and packed is not None)
+            logits[packing] = worker.execute([BatchRow([5, 6, 7], 0, [0], False, True)])
+        finally:
+            lin.use_packing(None)
+    assert torch.equal(logits[True], logits[False])
+    for dtype, quant in (("float32", None), ("bfloat16", "int8")):
+        worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype=dtype,
+                             quantization=quant)
+        assert not any(v.is_mkldnn for lw in worker.model.layers for v in lw.values())
