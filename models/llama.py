@@ -51,6 +51,7 @@ class LlamaModel:
         self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
+        self.head: torch.Tensor | None = None  # the lm_head weight (packed on CPU in bf16)
         self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
@@ -69,6 +70,11 @@ class LlamaModel:
             for name in LINEAR_WEIGHTS:
                 if name in lw and name + SCALE_SUFFIX not in lw:
                     lw[name] = _packed(lw[name])
+
+    def unbind(self) -> None:
+        """Forget the weights (evicted: the views' slab now holds another model, and packed
+        copies would hold host memory): the next ``bind`` brings them back."""
+        self.w, self.layers, self.head = {}, [], None
 
     @property
     def lm_head_name(self) -> str:

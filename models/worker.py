@@ -92,7 +92,8 @@ class ModelWorker:
             self.weights = host if device.type == "cpu" else host.to(device)
             self.model.bind(self.layout.views(self.weights))
         else:  # last: nothing after this may fail, or the pool would keep a dead entry
-            weight_pool.register(name, self.layout, host, self._reload)
+            weight_pool.register(name, self.layout, host, self._reload,
+                                 on_evict=self.model.unbind)
         self.adapter_config = adapters or AdapterConfig()
         # carved from the arena's adapter region when the first adapter arrives, returned
         # when the last one is dropped (or the model is unregistered from the pool)

@@ -67,6 +67,7 @@ class _Entry:
     host: torch.Tensor | None = None
     slab: int | None = None  # byte offset in the weight region when resident
     copy: object = None  # the prefetch copy into the slab (CUDA event or Future) until used
+    on_evict: Callable[[], None] | None = None  # told when the slab is taken away
 
 
 def _locked(method):
@@ -100,13 +101,17 @@ class WeightPool:
 
     @_locked
     def register(self, name: str, layout: WeightLayout, host: torch.Tensor,
-                 loader: Callable[[], torch.Tensor]) -> None:
+                 loader: Callable[[], torch.Tensor],
+                 on_evict: Callable[[], None] | None = None) -> None:
+        """``on_evict()`` is called whenever the model loses its slab (its owner drops what it
+        made from the views, e.g. packed copies of the weights)."""
         if layout.num_bytes > self.arena.weight_bytes:
             raise PoolCapacityError(
                 f"model {name!r} needs {layout.num_bytes / 2**20:.1f} MiB of weights, but the "
                 f"arena's weight region holds {self.arena.weight_bytes / 2**20:.1f} MiB; "
                 "raise weight_bytes")
-        self.entries[name] = _Entry(layout, loader, self._host_buffer(host))
+        self.entries[name] = _Entry(layout, loader, self._host_buffer(host),
+                                    on_evict=on_evict)
         self._trim_host()
 
     @_locked
@@ -247,6 +252,8 @@ class WeightPool:
                 return
         self.arena.weight_slabs.free(entry.slab)
         entry.slab = None
+        if entry.on_evict is not None:
+            entry.on_evict()
 
     def _start_copy(self, dst: torch.Tensor, src: torch.Tensor):
         if self._stream is None:

@@ -73,3 +73,30 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
         worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype=dtype,
                              quantization=quant)
         assert not any(v.is_mkldnn for lw in worker.model.layers for v in lw.values())
+
+
+def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
+    """The weight pool tells a model when its slab is taken: it drops its views and packed
+    copies (host memory), and gets them back when it is made resident again."""
+    from gpupool import SamplingParams
+    from gpupool.models.config import ModelConfig
+    from gpupool.models.loader import build_layout
+    from tests.factories import make_engine
+
+    folder = tiny_models("llama")
+    one = build_layout(ModelConfig.from_folder(folder), torch.bfloat16).num_bytes
+    e = make_engine(folder, name="a", dtype="bfloat16", weight_bytes=one, prefetch=False)
+    try:
+        e.add_model("b", folder)
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        first = e.generate([5, 6, 7], params, model="a")[0].token_ids
+        a, b = e.core.workers["a"].model, e.core.workers["b"].model
+        assert a.layers and a.head is not None
+        e.generate([5, 6, 7], params, model="b")
+        assert a.layers == [] and a.head is None and a.w == {}  # evicted: nothing held
+        assert b.layers and b.head is not None
+        assert e.generate([5, 6, 7], params, model="a")[0].token_ids == first
+        assert b.layers == []
+        e.check_integrity()
+    finally:
+        e.shutdown()
