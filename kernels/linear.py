@@ -60,8 +60,9 @@ def use_onednn(enabled: bool | None) -> None:
 # every call (measured, bf16 on the project's AMD EPYC: 3072x576 at 1 row 142 -> 51 us, 16 rows
 # 293 -> 158 us; the 49152x576 lm_head at 1 row 3296 -> 1737 us), with bit-identical results
 # in bf16 (fp32's differ at one row, so fp32 stays plain). A packed weight is a copy
-# (``LlamaModel.bind`` makes them for a resident CPU model: the reorder costs about a copy of
-# the bytes, 0.33 ms for 3.5 MB); probed once: bit-identical results or no packing.
+# (``LlamaModel.pack_weights`` makes them once a CPU model has stayed resident
+# PACK_AFTER_STEPS steps: the reorder costs about a copy of the bytes, 0.33 ms for 3.5 MB);
+# probed once: bit-identical results or no packing.
 _PACK: dict[torch.dtype, bool] = {}
 
 

@@ -51,30 +51,40 @@ class LlamaModel:
         self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
-        self.head: torch.Tensor | None = None  # the lm_head weight (packed on CPU in bf16)
+        self.head: torch.Tensor | None = None  # the lm_head weight (maybe packed)
+        self.packed = False  # pack_weights() ran since the last bind
         self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
-        """Point the model at a set of weight views (e.g. after a swap); no copy, except on
-        CPU in bf16, where the linear layers' weights and the lm_head are packed for oneDNN
-        (``kernels.linear.pack``: bit-identical results, 1.2-2.8x faster products)."""
+        """Point the model at a set of weight views (e.g. after a swap); no copy."""
         self.w = views
         self.layers = [
             {k.split(".", 2)[2]: v for k, v in views.items() if k.startswith(f"layers.{i}.")}
             for i in range(self.cfg.num_layers)
         ]
         self.head = views[self.lm_head_name]
-        if self.lm_head_name + SCALE_SUFFIX not in views:  # int8 weights stay as they are
+        self.packed = False
+
+    def pack_weights(self) -> None:
+        """On CPU in bf16, the linear layers' weights and the lm_head packed for oneDNN
+        (``kernels.linear.pack``: bit-identical results, 1.2-2.8x faster products; copies
+        held until the next ``bind`` or ``unbind``). About a copy of the weights' bytes:
+        SmolLM2 took 90-110 ms here, so the worker packs a model only once it has stayed
+        resident a while. Elsewhere nothing changes."""
+        if self.packed or not self.layers:
+            return
+        if self.lm_head_name + SCALE_SUFFIX not in self.w:  # int8 weights stay as they are
             self.head = _packed(self.head)
         for lw in self.layers:
             for name in LINEAR_WEIGHTS:
                 if name in lw and name + SCALE_SUFFIX not in lw:
                     lw[name] = _packed(lw[name])
+        self.packed = True
 
     def unbind(self) -> None:
         """Forget the weights (evicted: the views' slab now holds another model, and packed
         copies would hold host memory): the next ``bind`` brings them back."""
-        self.w, self.layers, self.head = {}, [], None
+        self.w, self.layers, self.head, self.packed = {}, [], None, False
 
     @property
     def lm_head_name(self) -> str:

@@ -63,6 +63,8 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
         lin.use_packing(None if packing else False)
         try:
             worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype="bfloat16")
+            assert not worker.model.layers[0]["qkv_weight"].is_mkldnn  # packed only later
+            worker.model.pack_weights()
             weights = worker.model.layers[0]["qkv_weight"]
             assert weights.is_mkldnn == (packing and packed is not None)
             logits[packing] = worker.execute([BatchRow([5, 6, 7], 0, [0], False, True)])
@@ -72,6 +74,7 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
     for dtype, quant in (("float32", None), ("bfloat16", "int8")):
         worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype=dtype,
                              quantization=quant)
+        worker.model.pack_weights()
         assert not any(v.is_mkldnn for lw in worker.model.layers for v in lw.values())
 
 
@@ -79,9 +82,13 @@ def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
     """The weight pool tells a model when its slab is taken: it drops its views and packed
     copies (host memory), and gets them back when it is made resident again."""
     from gpupool import SamplingParams
+    from gpupool.models import worker as worker_module
     from gpupool.models.config import ModelConfig
     from gpupool.models.loader import build_layout
     from tests.factories import make_engine
+
+    def worker_steps() -> int:
+        return worker_module.PACK_AFTER_STEPS + 2
 
     folder = tiny_models("llama")
     one = build_layout(ModelConfig.from_folder(folder), torch.bfloat16).num_bytes
@@ -92,6 +99,10 @@ def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
         first = e.generate([5, 6, 7], params, model="a")[0].token_ids
         a, b = e.core.workers["a"].model, e.core.workers["b"].model
         assert a.layers and a.head is not None
+        assert not a.packed  # 3 steps: too few to pay for a reorder
+        long = SamplingParams(max_tokens=worker_steps(), temperature=0, ignore_eos=True)
+        e.generate([5, 6, 7], long, model="a")
+        assert a.packed == lin._pack_ok(torch.bfloat16)  # resident long enough
         e.generate([5, 6, 7], params, model="b")
         assert a.layers == [] and a.head is None and a.w == {}  # evicted: nothing held
         assert b.layers and b.head is not None
