@@ -28,30 +28,42 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _PROBE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
+def _probed(cache: dict, dtype: torch.dtype, what: str, check) -> bool:
+    """``check()`` once per dtype, remembered in ``cache``; False (logged) if it raises."""
+    if dtype not in cache:
+        try:
+            cache[dtype] = bool(check())
+        except (RuntimeError, AttributeError) as e:
+            logger.info("%s unavailable for %s (%s)", what, dtype, e)
+            cache[dtype] = False
+    return cache[dtype]
+
+
+def _force(cache: dict, enabled: bool | None) -> None:
+    """Forget ``cache``'s probes; ``enabled=False`` turns the path off for every dtype."""
+    cache.clear()
+    if enabled is False:
+        cache.update(dict.fromkeys(_DTYPES, False))
+
+
 def _onednn_ok(dtype: torch.dtype) -> bool:
     """Probe once per dtype: oneDNN may lack a dtype on a CPU (bf16 without avx512 on an AMD
     machine raises "could not create a primitive descriptor"), so each is checked alone."""
-    if dtype not in _STATE:
-        ok = False
-        try:
-            if torch.backends.mkldnn.is_available():
-                g = torch.Generator().manual_seed(0)
-                x, w, b = (torch.randn(s, generator=g).to(dtype)
-                           for s in ((5, 32), (24, 32), (24,)))
-                y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-                tol = _PROBE_TOL[dtype]
-                ok = torch.allclose(y.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
-        except (RuntimeError, AttributeError) as e:
-            logger.info("oneDNN linear unavailable for %s (%s); using F.linear", dtype, e)
-        _STATE[dtype] = ok
-    return _STATE[dtype]
+    def check():
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=g).to(dtype) for s in ((5, 32), (24, 32), (24,)))
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        tol = _PROBE_TOL[dtype]
+        return torch.allclose(y.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
+
+    return _probed(_STATE, dtype, "oneDNN linear (using F.linear)", check)
 
 
 def use_onednn(enabled: bool | None) -> None:
     """Force the oneDNN path on (for the dtypes where it works) or off; None re-probes."""
-    _STATE.clear()
-    if enabled is False:
-        _STATE.update(dict.fromkeys(_DTYPES, False))
+    _force(_STATE, enabled)
 
 
 # ---- packed weights ---------------------------------------------------------------------------
@@ -67,28 +79,23 @@ _PACK: dict[torch.dtype, bool] = {}
 
 
 def _pack_ok(dtype: torch.dtype) -> bool:
-    if dtype not in _PACK:
-        ok = False
-        if dtype == torch.bfloat16 and _onednn_ok(dtype):
-            try:
-                g = torch.Generator().manual_seed(1)
-                w = torch.randn(96, 64, generator=g).to(dtype)
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-                ok = all(torch.equal(
-                    torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
-                    for x in (torch.randn(m, 64, generator=g).to(dtype) for m in (1, 7, 40)))
-            except (RuntimeError, AttributeError) as e:
-                logger.info("packed oneDNN weights unavailable for %s (%s)", dtype, e)
-        _PACK[dtype] = ok
-    return _PACK[dtype]
+    def check():
+        if dtype != torch.bfloat16 or not _onednn_ok(dtype):
+            return False
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(96, 64, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        return all(torch.equal(
+            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+            for x in (torch.randn(m, 64, generator=g).to(dtype) for m in (1, 7, 40)))
+
+    return _probed(_PACK, dtype, "packed oneDNN weights", check)
 
 
 def use_packing(enabled: bool | None) -> None:
     """Force weight packing off (False) or re-probe it (None / True)."""
-    _PACK.clear()
-    if enabled is False:
-        _PACK.update(dict.fromkeys(_DTYPES, False))
+    _force(_PACK, enabled)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
