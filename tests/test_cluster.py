@@ -166,6 +166,27 @@ def test_the_dashboard_reads_only_metrics_the_gateway_exports(cluster):
     assert not missing, f"the dashboard names metrics the gateway does not export: {missing}"
 
 
+def test_gpupool_ps_lists_the_cluster_s_workers(cluster):
+    """``gpupool ps`` against a gateway: the registered models, and a line per worker."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cluster import ADMIN_KEY
+
+    c, gw, paths = cluster
+    env = {**os.environ, "GPUPOOL_URL": gw.url, "GPUPOOL_ADMIN_KEY": ADMIN_KEY}
+    r = subprocess.run([sys.executable, "-m", "gpupool.cli", "ps"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    names = {line.split()[0] for line in r.stdout.splitlines()[1:] if line.strip()}
+    assert {"llama", "qwen", "lora"} <= names
+    alive = [line for line in r.stdout.splitlines()
+             if line.startswith("worker ") and ": alive" in line]
+    named = {line.split()[1].rstrip(":") for line in alive}
+    assert named and named <= set(c.workers)  # (a worker just restarted may not be listed yet)
+
+
 def test_gateways_share_the_cluster_and_one_can_die(cluster):
     c, gw, paths = cluster
     gw2 = c.gateway()  # no models of its own: it serves what the cluster registers
