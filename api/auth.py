@@ -95,9 +95,14 @@ def check_metrics_access(state, request: Request) -> None:
                             "(or start the server with --public-metrics)")
 
 
-def check_admin(state, request: Request) -> None:
+def check_admin_enabled(state) -> None:
+    """403 when the server has no admin key (the admin API and its status page are off)."""
     if not state.config.admin_key:
         raise APIError(403, "the admin API is disabled: start the server with --admin-key "
                             "or GPUPOOL_ADMIN_KEY", code="admin_disabled")
+
+
+def check_admin(state, request: Request) -> None:
+    check_admin_enabled(state)
     if not _key_matches(bearer(request), state.config.admin_key):
         raise _unauthorized("invalid admin key")

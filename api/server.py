@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpupool.api import openapi, routes_admin, routes_openai
-from gpupool.api.auth import check_metrics_access
+from gpupool.api.auth import check_admin_enabled, check_metrics_access
 from gpupool.api.errors import APIError
 from gpupool.api.limits import TenantLimiter
 from gpupool.api.metrics import Metrics
@@ -114,9 +114,7 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.get("/admin/", **openapi.status_page_route())
     async def status_page():  # the page asks for the admin key itself; it holds no data
-        if not state.config.admin_key:
-            raise APIError(403, "the admin API is disabled: start the server with --admin-key "
-                                "or GPUPOOL_ADMIN_KEY", code="admin_disabled")
+        check_admin_enabled(state)
         return HTMLResponse(STATUS_PAGE)
 
     @app.get("/", **openapi.root_route())

@@ -20,6 +20,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+# the package's kernel mode (its __init__ never imports this module, so no cycle)
+from gpupool import kernels
+
 logger = logging.getLogger(__name__)
 
 _STATE: dict[torch.dtype, bool] = {}  # dtype -> oneDNN's linear works and agrees
@@ -134,31 +137,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # 16/32-bit conversion).
 INT8_PACK_MAX_ROWS = 24
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT8_PACK: list[bool] = []  # [works] once probed
+_INT8_PACK: dict[torch.dtype, bool] = {}  # bf16 activations: the kernel works
 
 
 def _int8_pack_ok() -> bool:
-    if not _INT8_PACK:
-        ok = False
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
-            q = torch.randint(-127, 128, (40, 64), generator=g, dtype=torch.int8)
-            s = (torch.rand(40, generator=g) + 0.5).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(x, q, s)
-            ref = (x.float() @ q.float().T) * s.float()
-            ok = bool(((y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()).item())
-        except (RuntimeError, AttributeError) as e:
-            logger.info("int8 weight-only kernel unavailable (%s); dequantizing", e)
-        _INT8_PACK.append(ok)
-    return _INT8_PACK[0]
+    def check():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+        q = torch.randint(-127, 128, (40, 64), generator=g, dtype=torch.int8)
+        s = (torch.rand(40, generator=g) + 0.5).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x, q, s)
+        ref = (x.float() @ q.float().T) * s.float()
+        return bool(((y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()).item())
+
+    return _probed(_INT8_PACK, torch.bfloat16, "int8 weight-only kernel (dequantizing)", check)
 
 
 def use_int8_kernel(enabled: bool | None) -> None:
     """Force the int8 kernel off (False) or re-probe it (None / True)."""
-    _INT8_PACK.clear()
-    if enabled is False:
-        _INT8_PACK.append(False)
+    _force(_INT8_PACK, enabled)
 
 
 def linear_int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -171,9 +168,7 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, q * scale[:, None], bias)`` for int8 ``q`` [N, K] and per-row ``scale``
     [N] (in x's dtype), without materialising the float weight where the kernel allows."""
-    from gpupool import kernels  # the package's kernel mode (auto: Triton on CUDA tensors)
-
-    if kernels._use_triton(x) and x.dtype in _TRITON_DTYPES:
+    if kernels._use_triton(x) and x.dtype in _TRITON_DTYPES:  # auto: Triton on CUDA tensors
         from gpupool.kernels.int8 import linear_int8 as triton_int8
 
         return triton_int8(x, q, scale, bias)
