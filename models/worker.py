@@ -53,6 +53,7 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 # a model swapped in for a few tokens never pays it
 PACK_AFTER_STEPS = 16
 
+
 class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
