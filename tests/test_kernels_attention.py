@@ -89,7 +89,8 @@ def test_torch_decode_in_16_bits_matches_reference(dtype):
     lengths, heads, kvh, d = [5, 40, 17, 64], 9, 3, 64
     k_cache, v_cache, bt, dk, dv = _paged(lengths, 16, kvh, d, seed=5)
     k16, v16 = k_cache.to(dtype), v_cache.to(dtype)
-    q = torch.randn(len(lengths), heads, d).to(dtype)
+    # seeded: the global generator's state depends on the tests run before this one
+    q = torch.randn(len(lengths), heads, d, generator=torch.Generator().manual_seed(6)).to(dtype)
     lens = torch.tensor(lengths, dtype=torch.int32)
     got = decode.paged_attention_decode(q, k16, v16, bt, lens, 0.125).float()
     ref = reference.paged_attention_decode(q, k16, v16, bt, lens, 0.125).float()
@@ -97,7 +98,9 @@ def test_torch_decode_in_16_bits_matches_reference(dtype):
         want = _dense_attention(q[b : b + 1].float(), dk[b].to(dtype).float(),
                                 dv[b].to(dtype).float(), 0.125)[0]
         err, ref_err = (got[b] - want).abs().max(), (ref[b] - want).abs().max()
-        assert err <= max(2 * ref_err, 1e-2), (b, err, ref_err)
+        # floor: two bf16 steps at the outputs' magnitude (~1); one seed in 80 of the global
+        # generator gave 0.011 against the reference's 0.005 under a 1e-2 floor
+        assert err <= max(2 * ref_err, 2e-2), (b, err, ref_err)
 
 
 @pytest.mark.parametrize("block_tokens", [3, 16])
