@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpupool import kernels
+from gpupool.kernels import native
 from gpupool.kernels.linear import linear, linear_int8, pack
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
@@ -105,12 +106,11 @@ class LlamaModel:
         terms after every fused projection, or None for a base-only batch.
         """
         x = self.embed(batch.input_ids)  # [T, hidden]
+        kv_layers = self._kv_layers(kv)
+        if self._native(x, kv):
+            return self._forward_native(x, batch, kv_layers, lora)
         cos_sin = self.rope[batch.positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
-        if self._kv is None or self._kv[0] is not kv:  # the same storage every step: its
-            self._kv = (kv, [(kv[:, i, 0], kv[:, i, 1])  # layers' views are made once
-                             for i in range(self.cfg.num_layers)])
-        kv_layers = self._kv[1]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw["input_norm"], self.cfg.rms_norm_eps)
             x = x + self._attention(h, lw, *kv_layers[i], cos, sin, batch, lora, i)
@@ -125,10 +125,69 @@ class LlamaModel:
                 lora.apply(i, "down", act, down)
             x = x + down
         x = x[batch.logits_indices]
-        x = rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps)
+        return self._logits(rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is not self.w[self.lm_head_name]:  # packed
             return linear(x, self.head).float()
         return project(x, self.w, self.lm_head_name).float()
+
+    def _kv_layers(self, kv: torch.Tensor) -> list:
+        """Each layer's (K, V) cache views: the same storage every step, so made once."""
+        if self._kv is None or self._kv[0] is not kv:
+            self._kv = (kv, [(kv[:, i, 0], kv[:, i, 1]) for i in range(self.cfg.num_layers)])
+        return self._kv[1]
+
+    def _native(self, x: torch.Tensor, kv: torch.Tensor) -> bool:
+        """Whether this step runs on the fused CPU kernels (:mod:`gpupool.kernels.native`):
+        bf16 activations and KV cache on CPU, no per-head q/k norm, sizes they handle."""
+        cfg = self.cfg
+        return (x.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16 and not cfg.qk_norm
+                and native.supports(x, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                                    cfg.num_kv_heads, cfg.head_dim)
+                and native.enabled())
+
+    def _forward_native(self, x, batch: ForwardBatch, kv_layers, lora) -> torch.Tensor:
+        """The forward pass with each layer's glue in fused kernels: the residual add and the
+        norm after it in one call, RoPE with the KV write, decode attention in place, SiLU
+        times up. Same arithmetic as the torch path, op for op (see native.c)."""
+        cfg, eps, nd = self.cfg, self.cfg.rms_norm_eps, batch.num_decode
+        h = torch.empty_like(x)  # each norm's output, reused
+        delta = None  # the previous layer's MLP output, added to x by the next norm
+        for i, lw in enumerate(self.layers):
+            native.add_rmsnorm(x, delta, lw["input_norm"], eps, h)
+            qkv = project(h, lw, "qkv_weight", lw.get("qkv_bias"))  # [T, q + 2kv]
+            if lora is not None:
+                lora.apply(i, "qkv", h, qkv)
+            k_cache, v_cache = kv_layers[i]
+            native.rope_kv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.rope,
+                           batch.positions, k_cache, v_cache, batch.slot_pages,
+                           batch.slot_offsets)
+            parts = []
+            if nd:
+                parts.append(native.decode_attention(
+                    qkv[:nd], cfg.num_heads, k_cache, v_cache, batch.decode_block_tables,
+                    batch.decode_context_lens, self.scale))
+            if batch.num_prefill_seqs:
+                q = qkv[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)
+                parts.append(kernels.paged_attention_prefill(
+                    q, k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
+                    batch.prefill_context_lens, self.scale,
+                ).reshape(q.shape[0], cfg.q_size))
+            o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, q_size]
+            out = project(o, lw, "o_weight")
+            if lora is not None:
+                lora.apply(i, "o", o, out)
+            native.add_rmsnorm(x, out, lw["post_norm"], eps, h)
+            gate_up = project(h, lw, "gate_up_weight")
+            if lora is not None:
+                lora.apply(i, "gate_up", h, gate_up)
+            act = native.silu_mul(gate_up)
+            delta = project(act, lw, "down_weight")
+            if lora is not None:
+                lora.apply(i, "down", act, delta)
+        native.add_rmsnorm(x, delta, self.w["norm"], eps, h)
+        return self._logits(h[batch.logits_indices])
 
     def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch, lora, i):
         cfg = self.cfg

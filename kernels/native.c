@@ -1,0 +1,195 @@
+/* Fused CPU kernels for a bf16 decode step (see kernels/native.py, which builds this file with
+ * the machine's C compiler for the machine's own CPU, loads it with ctypes and checks every
+ * kernel against its torch version before using it).
+ *
+ * Why: at batch 1 a SmolLM2 layer is ~55 torch ops of a few microseconds each around four
+ * matrix products; these kernels do the same work in four calls (a residual add fused with
+ * the RMSNorm, RoPE fused with the KV write, paged decode attention reading each page once in
+ * place, SiLU times up). Rounding follows the torch ops they replace: every op that torch
+ * computes in bf16 rounds here too (round to nearest even), float32 where torch uses float32.
+ *
+ * bf16 values are uint16_t bit patterns; strides are in elements; `threads` is the caller's
+ * torch thread count (OpenMP: torch's own libgomp where native.py finds it).
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+#define MAX_DIM 16384     /* hidden and intermediate sizes (native.py checks) */
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16      /* query heads per KV head */
+
+int gp_version(void) { return 1; }
+
+/* x[r] += delta[r] (in bf16, when delta is not NULL), then
+ * out[r] = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), as transformers' LlamaRMSNorm. */
+void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
+                    const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows, int64_t dim,
+                    float eps, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *xr = x + r * ldx;
+        float xf[MAX_DIM];
+        float ss = 0.0f;
+        if (delta) {
+            const uint16_t *dr = delta + r * ldd;
+            for (int64_t i = 0; i < dim; i++) {
+                float v = round_bf(bf2f(xr[i]) + bf2f(dr[i]));
+                xr[i] = f2bf(v);
+                xf[i] = v;
+                ss += v * v;
+            }
+        } else {
+            for (int64_t i = 0; i < dim; i++) {
+                float v = bf2f(xr[i]);
+                xf[i] = v;
+                ss += v * v;
+            }
+        }
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        uint16_t *orow = out + r * ldo;
+        for (int64_t i = 0; i < dim; i++)
+            orow[i] = f2bf(bf2f(w[i]) * round_bf(xf[i] * inv));
+    }
+}
+
+/* out[r] = bf16(bf16(silu(g)) * u) for g = gu[r, :inter], u = gu[r, inter:2*inter]. */
+void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, int64_t rows,
+                 int64_t inter, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * inter >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gu + r * ldg, *u = g + inter;
+        uint16_t *o = out + r * ldo;
+        float s[MAX_DIM];
+        for (int64_t i = 0; i < inter; i++) {
+            float v = bf2f(g[i]);
+            float e = expf(-fminf(fmaxf(v, -88.0f), 88.0f));
+            s[i] = v / (1.0f + e);
+        }
+        for (int64_t i = 0; i < inter; i++) o[i] = f2bf(round_bf(s[i]) * bf2f(u[i]));
+    }
+}
+
+/* RoPE on the q and k heads of each row of qkv (in place; rows [T, (nq + 2 nkv) * D], q heads,
+ * then k, then v), then the row's k and v written to its KV slot: page slot_pages[t], slot
+ * slot_offsets[t] of caches laid out [pages][bt][nkv][D] with page stride page_stride. cos_sin:
+ * [positions][2][D] bf16. Rounding as x * cos + rotate_half(x) * sin in bf16. */
+void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, int64_t D,
+                const uint16_t *cos_sin, const int64_t *positions, uint16_t *k_cache,
+                uint16_t *v_cache, int64_t page_stride, int64_t bt, const int64_t *slot_pages,
+                const int64_t *slot_offsets, int threads) {
+    int64_t half = D / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        uint16_t *row = qkv + t * ld;
+        const uint16_t *c = cos_sin + positions[t] * 2 * D, *s = c + D;
+        for (int64_t h = 0; h < nq + nkv; h++) {
+            uint16_t *x = row + h * D;
+            float xf[MAX_HEAD_DIM];
+            for (int64_t i = 0; i < D; i++) xf[i] = bf2f(x[i]);
+            for (int64_t i = 0; i < D; i++) {
+                float rot = i < half ? -xf[i + half] : xf[i - half];
+                x[i] = f2bf(round_bf(xf[i] * bf2f(c[i])) + round_bf(rot * bf2f(s[i])));
+            }
+        }
+        int64_t slot = slot_pages[t] * page_stride + slot_offsets[t] * nkv * D;
+        memcpy(k_cache + slot, row + nq * D, (size_t)(nkv * D) * 2);
+        memcpy(v_cache + slot, row + (nq + nkv) * D, (size_t)(nkv * D) * 2);
+    }
+    (void)bt;
+}
+
+/* Paged decode attention, one query row per sequence: for sequence b and query head h (KV head
+ * h / (nq / nkv)), out = softmax(q . K^T * scale) V over its context_lens[b] cached tokens.
+ * Scores and softmax in float32, probabilities rounded to bf16 (as torch's bf16 attention),
+ * the weighted sum of V in float32, rounded once. Each page is read in place, once per KV
+ * head. q: rows of ldq elements ([nq][D] at the start); out: [B][nq][D] contiguous. */
+void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, int64_t nkv,
+                         int64_t D, const uint16_t *k_cache, const uint16_t *v_cache,
+                         int64_t page_stride, int64_t bt, const int32_t *block_tables,
+                         int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
+                         int threads) {
+    int64_t group = nq / nkv;
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += context_lens[b];
+    #pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(threads) \
+        if (work * nkv >= 256)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t g = 0; g < nkv; g++) {
+            int64_t len = context_lens[b];
+            const int32_t *table = block_tables + b * ldt;
+            float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
+            float mx[MAX_GROUP], den[MAX_GROUP];
+            for (int64_t j = 0; j < group; j++) {
+                const uint16_t *qr = q + b * ldq + (g * group + j) * D;
+                for (int64_t i = 0; i < D; i++) { qf[j][i] = bf2f(qr[i]); acc[j][i] = 0.0f; }
+                mx[j] = -FLT_MAX;
+                den[j] = 0.0f;
+            }
+            float *scores = malloc(sizeof(float) * (size_t)(group * len));
+            if (!scores) continue;  /* native.py never asks for more than memory holds */
+            /* pass 1: scores */
+            for (int64_t p = 0; p * bt < len; p++) {
+                const uint16_t *kp = k_cache + (int64_t)table[p] * page_stride + g * D;
+                int64_t n = len - p * bt < bt ? len - p * bt : bt;
+                for (int64_t s = 0; s < n; s++) {
+                    const uint16_t *kr = kp + s * nkv * D;
+                    float kf[MAX_HEAD_DIM];
+                    for (int64_t i = 0; i < D; i++) kf[i] = bf2f(kr[i]);
+                    for (int64_t j = 0; j < group; j++) {
+                        float dot = 0.0f;
+                        for (int64_t i = 0; i < D; i++) dot += qf[j][i] * kf[i];
+                        float v = dot * scale;
+                        scores[j * len + p * bt + s] = v;
+                        if (v > mx[j]) mx[j] = v;
+                    }
+                }
+            }
+            /* softmax (float32), probabilities rounded to bf16 */
+            for (int64_t j = 0; j < group; j++) {
+                float *sj = scores + j * len, m = mx[j], d = 0.0f;
+                for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - m); d += sj[t]; }
+                den[j] = 1.0f / d;
+                for (int64_t t = 0; t < len; t++) sj[t] = round_bf(sj[t] * den[j]);
+            }
+            /* pass 2: probabilities times V */
+            for (int64_t p = 0; p * bt < len; p++) {
+                const uint16_t *vp = v_cache + (int64_t)table[p] * page_stride + g * D;
+                int64_t n = len - p * bt < bt ? len - p * bt : bt;
+                for (int64_t s = 0; s < n; s++) {
+                    const uint16_t *vr = vp + s * nkv * D;
+                    float vf[MAX_HEAD_DIM];
+                    for (int64_t i = 0; i < D; i++) vf[i] = bf2f(vr[i]);
+                    for (int64_t j = 0; j < group; j++) {
+                        float pr = scores[j * len + p * bt + s];
+                        for (int64_t i = 0; i < D; i++) acc[j][i] += pr * vf[i];
+                    }
+                }
+            }
+            for (int64_t j = 0; j < group; j++) {
+                uint16_t *o = out + (b * nq + g * group + j) * D;
+                for (int64_t i = 0; i < D; i++) o[i] = f2bf(acc[j][i]);
+            }
+            free(scores);
+        }
+    }
+}
