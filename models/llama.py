@@ -52,6 +52,7 @@ class LlamaModel:
         self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
+        self.plain: list[dict[str, torch.Tensor]] = []  # the layers' weight views, unpacked
         self.head: torch.Tensor | None = None  # the lm_head weight (maybe packed)
         self.packed = False  # pack_weights() ran since the last bind
         self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
@@ -64,6 +65,7 @@ class LlamaModel:
             for i in range(self.cfg.num_layers)
         ]
         self.head = views[self.lm_head_name]
+        self.plain = [dict(lw) for lw in self.layers]  # the views, whatever packing does
         self.packed = False
 
     def pack_weights(self) -> None:
@@ -85,7 +87,7 @@ class LlamaModel:
     def unbind(self) -> None:
         """Forget the weights (evicted: the views' slab now holds another model, and packed
         copies would hold host memory): the next ``bind`` brings them back."""
-        self.w, self.layers, self.head, self.packed = {}, [], None, False
+        self.w, self.layers, self.plain, self.head, self.packed = {}, [], [], None, False
 
     @property
     def lm_head_name(self) -> str:
@@ -154,9 +156,14 @@ class LlamaModel:
         cfg, eps, nd = self.cfg, self.cfg.rms_norm_eps, batch.num_decode
         h = torch.empty_like(x)  # each norm's output, reused
         delta = None  # the previous layer's MLP output, added to x by the next norm
+        # a few rows: the kernels' GEMV on the plain weights (faster than oneDNN there)
+        gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
+        proj = self._gemv_project if gemv else project
         for i, lw in enumerate(self.layers):
+            if gemv:
+                lw = self.plain[i]
             native.add_rmsnorm(x, delta, lw["input_norm"], eps, h)
-            qkv = project(h, lw, "qkv_weight", lw.get("qkv_bias"))  # [T, q + 2kv]
+            qkv = proj(h, lw, "qkv_weight", lw.get("qkv_bias"))  # [T, q + 2kv]
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
             k_cache, v_cache = kv_layers[i]
@@ -175,19 +182,28 @@ class LlamaModel:
                     batch.prefill_context_lens, self.scale,
                 ).reshape(q.shape[0], cfg.q_size))
             o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, q_size]
-            out = project(o, lw, "o_weight")
+            out = proj(o, lw, "o_weight")
             if lora is not None:
                 lora.apply(i, "o", o, out)
             native.add_rmsnorm(x, out, lw["post_norm"], eps, h)
-            gate_up = project(h, lw, "gate_up_weight")
+            gate_up = proj(h, lw, "gate_up_weight")
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
             act = native.silu_mul(gate_up)
-            delta = project(act, lw, "down_weight")
+            delta = proj(act, lw, "down_weight")
             if lora is not None:
                 lora.apply(i, "down", act, delta)
         native.add_rmsnorm(x, delta, self.w["norm"], eps, h)
-        return self._logits(h[batch.logits_indices])
+        h = h[batch.logits_indices]
+        if gemv:
+            return self._gemv_project(h, self.w, self.lm_head_name).float()
+        return self._logits(h)
+
+    @staticmethod
+    def _gemv_project(x, w, name, bias=None):
+        if name + SCALE_SUFFIX in w:  # int8: torch's kernel
+            return project(x, w, name, bias)
+        return native.gemv(x, w[name], bias)
 
     def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch, lora, i):
         cfg = self.cfg

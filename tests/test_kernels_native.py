@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from gpupool import SamplingParams
 from gpupool.kernels import decode, native, reference
+from gpupool.models.cpu import cpu_flags
 from tests.factories import hf_greedy_with, make_engine, random_prompts
 from tests.test_kernels_attention import _dense_attention, _paged
 
@@ -59,6 +60,24 @@ def test_add_rmsnorm_matches_torch(rows, with_delta):
     assert torch.equal(base[:, dim:], _rand(rows, dim + 8, seed=1, scale=3.0)[:, dim:])
     ulps = _ulps_apart(got, want)
     assert ulps.max() <= 1 and (ulps == 0).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(960, 576), (49152 // 8, 576), (576, 1536), (37, 100)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv_matches_linear(rows, n, k, with_bias):
+    """Against float64 on the same bf16 inputs: as close as oneDNN's bf16 product."""
+    # built exactly where the CPU has AVX-512 BF16; elsewhere the model keeps oneDNN
+    assert native.has_gemv() == ("avx512_bf16" in cpu_flags())
+    if not native.has_gemv():
+        return
+    x = _rand(rows, k + 16, seed=12)[:, :k]  # strided rows
+    w, b = _rand(n, k, seed=13), (_rand(n, seed=14) if with_bias else None)
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    got, theirs = native.gemv(x, w, b), torch.nn.functional.linear(x, w, b)
+    err, their_err = (got.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+    assert err <= 1.5 * their_err, (err, their_err)
+    assert (_ulps_apart(got, theirs) <= 1).float().mean() >= 0.99
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])
