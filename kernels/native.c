@@ -266,3 +266,77 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
     (void)ldy; (void)threads;
 }
 #endif
+
+/* y[m] = bf16(bf16((x[m] . q[n]) * scale[n]) (+ bias[n])) for int8 weights q [N][K] (row stride
+ * ldq) with one bf16 scale per row: the int8 weight-only product, reading q once, row after row
+ * (as gp_gemv_bf16), int8 -> float32 exactly, dot products in float32 with x in float32, the
+ * scale applied to the float32 sum (as torch's _weight_int8pack_mm), a bias added after the
+ * rounding (as gpupool's int8 linear). AVX-512F; gp_has_gemv_int8 says whether it was built. */
+#ifdef __AVX512F__
+static void gemv_i8_rows(const float *xf, int64_t M, int64_t K, const int8_t *Q, int64_t n0,
+                         int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
+                         uint16_t *y, int64_t ldy) {
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *q = Q + n * ldq;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = xf + m * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64) {
+                __m512i raw = _mm512_loadu_si512(q + k);
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm512_castsi512_si128(raw))), _mm512_loadu_ps(xm + k), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm512_extracti32x4_epi32(raw, 1))), _mm512_loadu_ps(xm + k + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm512_extracti32x4_epi32(raw, 2))), _mm512_loadu_ps(xm + k + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm512_extracti32x4_epi32(raw, 3))), _mm512_loadu_ps(xm + k + 48), a3);
+            }
+            for (; k < K; k += 16) {
+                int64_t left = K - k < 16 ? K - k : 16;
+                __mmask16 mk = (__mmask16)((1u << left) - 1);
+                __m128i raw = _mm_maskz_loadu_epi8(mk, q + k);
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)),
+                                     _mm512_maskz_loadu_ps(mk, xm + k), a0);
+            }
+            float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1),
+                                                         _mm512_add_ps(a2, a3)));
+            v = round_bf(v * bf2f(scale[n]));
+            if (bias) v += bf2f(bias[n]);
+            y[m * ldy + n] = f2bf(v);
+        }
+    }
+}
+
+int gp_has_gemv_int8(void) { return 1; }
+
+void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int8_t *Q,
+                  int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
+                  uint16_t *y, int64_t ldy, int threads) {
+    float *xf = malloc(sizeof(float) * (size_t)(M * K));
+    if (!xf) return;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf2f(x[m * ldx + k]);
+    #pragma omp parallel num_threads(threads) if (N * K >= 65536)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        if (n0 < n1) gemv_i8_rows(xf, M, K, Q, n0, n1, ldq, scale, bias, y, ldy);
+    }
+    free(xf);
+}
+#else
+int gp_has_gemv_int8(void) { return 0; }
+
+void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int8_t *Q,
+                  int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
+                  uint16_t *y, int64_t ldy, int threads) {
+    (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)scale;
+    (void)bias; (void)y; (void)ldy; (void)threads;
+}
+#endif

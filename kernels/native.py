@@ -55,6 +55,7 @@ _SIGNATURES = {
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
                             _vp, _f32, _vp, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
+    "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
 }
 # the GEMV's row limit: from ~6 rows on, oneDNN's blocked product is as fast (measured on the
 # project's AMD EPYC, SmolLM2's layers: 1 row 7.1 vs 11.5 ms, 2 rows 7.9 vs 12.7, 6 rows
@@ -130,6 +131,7 @@ def _load():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.gp_has_gemv.restype = ctypes.c_int
+    lib.gp_has_gemv_int8.restype = ctypes.c_int
     return lib
 
 
@@ -201,6 +203,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(rows, n, dtype=x.dtype)
     _lib().gp_gemv_bf16(x.data_ptr(), rows, k, x.stride(0), weight.data_ptr(), n,
                         weight.stride(0), _p(bias), out.data_ptr(), n, torch.get_num_threads())
+    return out
+
+
+def has_gemv_int8() -> bool:
+    """Whether the int8 GEMV was built (the compiler targets AVX-512F on this CPU)."""
+    return enabled() and bool(_lib().gp_has_gemv_int8())
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear_int8(x, q, scale, bias)`` for a few bf16 rows: int8 ``q`` [N, K] with unit
+    stride in a row, bf16 ``scale`` [N] (where :func:`has_gemv_int8`)."""
+    rows, k = x.shape
+    n = q.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype)
+    _lib().gp_gemv_int8(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
+                        scale.data_ptr(), _p(bias), out.data_ptr(), n, torch.get_num_threads())
     return out
 
 
@@ -324,8 +343,12 @@ def failures(seed: int = 0) -> list[str]:
     got = decode_attention(qkv, h, k_cache, v_cache, table, lens, d**-0.5)
     if not close(got.view(2, h, d), want):
         bad.append("decode_attention")
-    if _lib().gp_has_gemv():
-        xs, w, b = rnd(3, 100)[:, :72], rnd(40, 72), rnd(40)  # a strided x, K not 32's multiple
-        if not close(gemv(xs, w, b), torch.nn.functional.linear(xs, w, b)):
-            bad.append("gemv")
+    xs, w, b = rnd(3, 100)[:, :72], rnd(40, 72), rnd(40)  # a strided x, K not 32's multiple
+    if _lib().gp_has_gemv() and not close(gemv(xs, w, b), torch.nn.functional.linear(xs, w, b)):
+        bad.append("gemv")
+    q = torch.randint(-127, 128, (40, 72), generator=g, dtype=torch.int8)
+    scale = (torch.rand(40, generator=g) * 0.02).to(bf)
+    want = torch.nn.functional.linear(xs, q.to(bf)) * scale + b
+    if _lib().gp_has_gemv_int8() and not close(gemv_int8(xs, q, scale, b), want):
+        bad.append("gemv_int8")
     return bad

@@ -201,9 +201,12 @@ class LlamaModel:
 
     @staticmethod
     def _gemv_project(x, w, name, bias=None):
-        if name + SCALE_SUFFIX in w:  # int8: torch's kernel
-            return project(x, w, name, bias)
-        return native.gemv(x, w[name], bias)
+        scale = w.get(name + SCALE_SUFFIX)
+        if scale is None:
+            return native.gemv(x, w[name], bias)
+        if scale.dtype == torch.bfloat16 and native.has_gemv_int8():
+            return native.gemv_int8(x, w[name], scale, bias)
+        return project(x, w, name, bias)
 
     def _attention(self, h, lw, k_cache, v_cache, cos, sin, batch: ForwardBatch, lora, i):
         cfg = self.cfg

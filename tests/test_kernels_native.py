@@ -80,6 +80,30 @@ def test_gemv_matches_linear(rows, n, k, with_bias):
     assert (_ulps_apart(got, theirs) <= 1).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (37, 100)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
+    """Against gpupool's int8 linear (kernels.linear.linear_int8): within two bf16 steps (its
+    reference path rounds the product before the scale, this kernel once), and no further
+    from float64 than it."""
+    from gpupool.kernels.linear import linear_int8
+
+    assert native.has_gemv_int8() == ("avx512f" in cpu_flags())
+    if not native.has_gemv_int8():
+        return
+    g = torch.Generator().manual_seed(15)
+    x = _rand(rows, k + 8, seed=16)[:, :k]
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.02 + 0.001).to(BF)
+    b = _rand(n, seed=17) if with_bias else None
+    exact = (x.double() @ q.double().T) * scale.double() + (0 if b is None else b.double())
+    got, theirs = native.gemv_int8(x, q, scale, b), linear_int8(x, q, scale, b)
+    err, their_err = (got.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+    assert err <= 1.5 * their_err + 1e-6, (err, their_err)
+    assert _ulps_apart(got, theirs).max() <= 2
+
+
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_silu_mul_matches_torch(rows):
     gu = _rand(rows, 2 * 1536, seed=4, scale=3.0)
@@ -158,8 +182,10 @@ def _teacher_forced_logits(engine, ids):
         engine.kv.pages.free(pages)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
+                                                  ("llama", "int8")])
 def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, variant,
+                                                                       quantization,
                                                                        monkeypatch):
     """Teacher-forced over 40 tokens at batch 1, against the model's fp32 logits: the kernels'
     bf16 logits are no further off than the torch path's (mean error within 1.25x, top-1
@@ -167,7 +193,7 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     from the kernels', so the two bf16 runs are compared through fp32, not with each other.)"""
     folder = tiny_models(variant)
     ids = random_prompts(1, 40, 40, seed=11)[0]
-    engine = make_engine(folder, dtype="bfloat16")
+    engine = make_engine(folder, dtype="bfloat16", quantization=quantization)
     exact = make_engine(folder, dtype="float32")
     calls = []
     real = native.decode_attention
