@@ -22,8 +22,12 @@ import torch
 
 from gpupool import kernels
 from gpupool.adapters.base import GROUPS
+from gpupool.kernels import native
 
 PAD_LIMIT = 2  # the batched path pads segments to the longest while that costs <= 2x the rows
+# steps of at most this many rows take the fused CPU kernel (kernels.native.lora) where the
+# batched path is allowed and the kernels are on; longer ones (prefill) the batched matmuls
+NATIVE_MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class LoraBatch:
     # the batched path: (segments, rows each, rank, slot index or None when the segments'
     # slots are 0..S-1 in order, projections some adapter targets); None: segmented
     batched: tuple | None = None
+    # the fused CPU kernel: (each segment's rank [S], group -> its projections' ranks [P, S])
+    native: tuple | None = None
 
     @classmethod
     def build(cls, row_adapters: list[str | None], slot_of: dict[str, int],
@@ -77,11 +83,22 @@ class LoraBatch:
                 pad = (torch.tensor(rows, dtype=torch.long, device=device),
                        torch.tensor(valid, dtype=torch.long, device=device))
             plan = (len(names), longest, ranks[0], index, targeted, pad)
+        fused = None
+        if (batched and total <= NATIVE_MAX_ROWS and max(ranks) <= native.MAX_LORA_RANK
+                and native.enabled()):
+            fused = (t(ranks), {group: torch.stack([proj_ranks[p] for p, _ in projs])
+                                for group, (_, projs) in GROUPS.items()})
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
-                   proj_ranks, proj_offsets, views, plan)
+                   proj_ranks, proj_offsets, views, plan, fused)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""
+        if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
+            native.lora(x, out, self.starts, self.slots, self.native[0],
+                        self.views[f"{layer}.{group}.A"],
+                        [self.views[f"{layer}.{p}.B"] for p, _ in GROUPS[group][1]],
+                        self.native[1][group])
+            return
         if self.batched is not None:
             self._apply_batched(layer, group, x, out)
             return

@@ -340,3 +340,60 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
     (void)bias; (void)y; (void)ldy; (void)threads;
 }
 #endif
+
+/* LoRA terms of one projection group for a few rows, float32 adapter slots, bf16 activations:
+ * for row t of segment s (rows starts[s] .. starts[s+1]) with an adapter (seg_rank[s] = r > 0)
+ * in slot slots[s]: h = A[slot][0 : P r] . x[t] in float32, then for each projection j that
+ * the adapter targets (proj_rank[j][s] > 0), out[t, col_j + c] += B_j[slot][c][0 : r] .
+ * h[j r : j r + r], added in float32 and rounded once (as torch adds a float32 delta into a
+ * bf16 tensor). The segmented torch path (sgmv shrink + expand per projection) is the
+ * ground truth. b_ptrs etc.: per projection, its B slots' address, slot and row strides and
+ * width (columns of out, consecutive from 0). */
+void gp_lora(const uint16_t *x, int64_t ldx, int64_t T, int64_t K, uint16_t *out, int64_t ldo,
+             int64_t S, const int32_t *starts, const int32_t *slots, const int32_t *seg_rank,
+             const float *A, int64_t a_slot, int64_t a_row, int64_t P, const int64_t *b_ptrs,
+             const int64_t *b_slot, const int64_t *b_row, const int64_t *widths,
+             const int32_t *proj_rank, int threads) {
+    (void)T;
+    /* a segment at a time: its rows share the adapter, so each A and B row is read once
+     * from memory and reused from L1 for every row of the segment */
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (S > 1)
+    for (int64_t s = 0; s < S; s++) {
+        int64_t r = seg_rank[s], t0 = starts[s], n = starts[s + 1] - starts[s];
+        if (r <= 0 || n <= 0) continue;
+        float *xf = malloc(sizeof(float) * (size_t)(n * K + n * P * r));
+        if (!xf) continue;
+        float *h = xf + n * K;  /* [n][P r] */
+        for (int64_t u = 0; u < n; u++)
+            for (int64_t k = 0; k < K; k++) xf[u * K + k] = bf2f(x[(t0 + u) * ldx + k]);
+        const float *a = A + slots[s] * a_slot;
+        for (int64_t i = 0; i < P * r; i++) {
+            const float *ai = a + i * a_row;
+            for (int64_t u = 0; u < n; u++) {
+                const float *xu = xf + u * K;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < K; k++) acc += ai[k] * xu[k];
+                h[u * P * r + i] = acc;
+            }
+        }
+        int64_t col = 0;
+        for (int64_t j = 0; j < P; j++) {
+            int64_t rj = proj_rank[j * S + s];
+            if (rj > 0) {
+                const float *b = (const float *)(intptr_t)b_ptrs[j] + slots[s] * b_slot[j];
+                for (int64_t c = 0; c < widths[j]; c++) {
+                    const float *bc = b + c * b_row[j];
+                    for (int64_t u = 0; u < n; u++) {
+                        const float *hj = h + u * P * r + j * r;
+                        float acc = 0.0f;
+                        for (int64_t i = 0; i < rj; i++) acc += bc[i] * hj[i];
+                        uint16_t *o = out + (t0 + u) * ldo + col + c;
+                        *o = f2bf(bf2f(*o) + acc);
+                    }
+                }
+            }
+            col += widths[j];
+        }
+        free(xf);
+    }
+}

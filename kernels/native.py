@@ -43,6 +43,7 @@ SOURCE = Path(__file__).with_name("native.c")
 MAX_DIM = 16384  # as native.c
 MAX_HEAD_DIM = 256
 MAX_GROUP = 16
+MAX_LORA_RANK = 256
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": the loaded library or None; "forced": bool or None
 
@@ -55,6 +56,8 @@ _SIGNATURES = {
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
                             _vp, _f32, _vp, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
+    "gp_lora": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp,
+                _vp, _vp, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
 }
 # the GEMV's row limit: from ~6 rows on, oneDNN's blocked product is as fast (measured on the
@@ -221,6 +224,23 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     _lib().gp_gemv_int8(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
                         scale.data_ptr(), _p(bias), out.data_ptr(), n, torch.get_num_threads())
     return out
+
+
+def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
+         seg_rank: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
+         proj_rank: torch.Tensor) -> None:
+    """``out[:, projection j's columns] += x A_s^T B_{s,j}^T`` per segment s (the LoRA terms of
+    one projection group; see native.c's gp_lora). x, out: bf16 rows (unit stride); starts
+    [S + 1], slots, seg_rank [S] int32; a: the group's float32 A slots [slots, P r_max, K];
+    bs: each projection's float32 B slots [slots, width, r_max]; proj_rank [P, S] int32."""
+    p = len(bs)
+    i64 = ctypes.c_int64 * p
+    _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(),
+                   out.stride(0), slots.shape[0], starts.data_ptr(), slots.data_ptr(),
+                   seg_rank.data_ptr(), a.data_ptr(), a.stride(0), a.stride(1), p,
+                   i64(*(b.data_ptr() for b in bs)), i64(*(b.stride(0) for b in bs)),
+                   i64(*(b.stride(1) for b in bs)), i64(*(b.shape[1] for b in bs)),
+                   proj_rank.data_ptr(), torch.get_num_threads())
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

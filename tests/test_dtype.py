@@ -93,9 +93,21 @@ def test_bf16_lora_runs_its_adapter_terms_in_fp32_and_agrees_with_fp32(tiny_mode
 def test_the_batched_lora_path_matches_the_segmented_one():
     """LoraBatch's batched path (equal segments, one rank; used for 16-bit models on CPU)
     gives the segmented SGMV path's output within fp32 rounding, with the segments' slots in
-    order (views) and permuted (a gather); other batches keep the segmented path."""
+    order (views) and permuted (a gather); other batches keep the segmented path. (The fused
+    CPU kernel, which would take these small batches first, is off here: test_kernels_native
+    checks it.)"""
     from gpupool.adapters.base import GROUPS
     from gpupool.adapters.batch import LoraBatch
+    from gpupool.kernels import native
+
+    native.use(False)
+    try:
+        _check_batched_lora(GROUPS, LoraBatch)
+    finally:
+        native.use(None)
+
+
+def _check_batched_lora(GROUPS, LoraBatch):
 
     g = torch.Generator().manual_seed(3)
     widths = {"hidden": 24, "q": 24, "kv": 8, "inter": 40}
