@@ -19,9 +19,15 @@
   quiet tenants alone (their TTFT without the flood; goal: under the flood within 2x), and
   every request under one tenant key (no tenant fairness, FIFO).
 
+- ``ttft``: time to first token of one long prompt (``--prompt-tokens``, 1000) through
+  ``gpupool serve --dtype`` (``--dtype``, bfloat16), one request at a time after a warm-up,
+  each prompt distinct from its first token on (no prefix-cache hit). Baselines in the same
+  run: the same prompts on an in-process ``Engine`` (what HTTP adds) and transformers'
+  forward pass over them in that dtype (a separate process).
+
 Prompts from a fixed list of short chat instructions; ignore_eos, temperature 0. Figures are
 medians over ``--runs`` runs. The CPU's flags are printed with the result.
-Usage: python3 benchmarks/bench_serving.py [--workload closed|burst|flood] [--json] ...
+Usage: python3 benchmarks/bench_serving.py [--workload closed|burst|flood|ttft] [--json] ...
 """
 
 from __future__ import annotations
@@ -266,6 +272,61 @@ def run_burst(args, smollm2: Path, tmp: Path) -> dict:
     return result
 
 
+def _long_prompts(n: int, tokens: int) -> list[list[int]]:
+    """``n`` token-id prompts of ``tokens`` ids, each distinct from its first id on."""
+    return [[1000 + i] + [100 + (7 * j + 13 * i) % 40000 for j in range(tokens - 1)]
+            for i in range(n)]
+
+
+async def _ttft_http(url: str, prompts: list[list[int]]) -> list[float]:
+    async with httpx.AsyncClient(timeout=300) as http:
+        out = []
+        for p in prompts:
+            body = {"model": "smollm2", "prompt": p, "max_tokens": 2, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            out.append((await _stream_one(http, url, body))["ttft"])
+        return out
+
+
+def run_ttft(args, smollm2: Path, tmp: Path) -> dict:
+    from bench_engine import transformers_figures
+    from common import in_subprocess
+
+    n, warm = args.runs * 3, 3
+    prompts = _long_prompts(n + warm, args.prompt_tokens)
+    serve_args = ("--device", "cpu", "--dtype", args.dtype, "--model", f"smollm2={smollm2}",
+                  "--log-level", "warning")
+    with Server(tmp / "home", *serve_args, **POOL) as server:
+        # warm-up: enough steps for the weights to be packed (models.worker.PACK_AFTER_STEPS)
+        asyncio.run(http_load(server.url, 1, 2, 32))
+        asyncio.run(_ttft_http(server.url, prompts[:warm]))
+        http = asyncio.run(_ttft_http(server.url, prompts[warm:]))
+    engine = Engine(device="cpu", dtype=args.dtype, kv_cache_bytes=POOL["kv"],
+                    weight_bytes=POOL["weights"])
+    engine.add_model("smollm2", smollm2)
+    one = SamplingParams(max_tokens=1, temperature=0)
+    try:
+        engine.generate([PROMPTS[0]], SamplingParams(max_tokens=32, temperature=0))
+        engine.generate(prompts[:warm], one)
+        local = []
+        for p in prompts[warm:]:
+            t0 = time.perf_counter()
+            engine.generate([p], one)
+            local.append(time.perf_counter() - t0)
+    finally:
+        engine.shutdown()
+    ref = in_subprocess(transformers_figures, str(smollm2), args.dtype, [],
+                        [args.prompt_tokens], args.runs)
+    theirs = args.prompt_tokens / ref[f"prefill{args.prompt_tokens}"]
+    result = {"workload": "ttft", "prompt_tokens": args.prompt_tokens, "dtype": args.dtype,
+              "requests": n, "http_ttft_median_ms": statistics.median(http) * 1e3,
+              "http_ttft_max_ms": max(http) * 1e3,
+              "engine_ttft_median_ms": statistics.median(local) * 1e3,
+              "transformers_forward_ms": theirs * 1e3}
+    result["http_vs_transformers"] = theirs / statistics.median(http)
+    return result
+
+
 def run_flood(args, smollm2: Path, tmp: Path) -> dict:
     serve_args = ("--device", "cpu", "--model", f"smollm2={smollm2}", "--log-level", "warning",
                   "--admin-key", "bench-admin-key")
@@ -306,7 +367,10 @@ def run_flood(args, smollm2: Path, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=["closed", "burst", "flood"], default="closed")
+    ap.add_argument("--workload", choices=["closed", "burst", "flood", "ttft"],
+                    default="closed")
+    ap.add_argument("--prompt-tokens", type=int, default=1000, help="the ttft workload's")
+    ap.add_argument("--dtype", default="bfloat16", help="the ttft workload's")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--burst", type=int, default=64, help="requests at once (burst)")
@@ -320,7 +384,7 @@ def main() -> None:
     smollm2 = ensure_default_model(default_home())
     if args.workload != "closed":
         with tempfile.TemporaryDirectory() as tmp:
-            run = run_burst if args.workload == "burst" else run_flood
+            run = {"burst": run_burst, "flood": run_flood, "ttft": run_ttft}[args.workload]
             result = run(args, smollm2, Path(tmp))
         result["cpu"] = cpu_flags()
         emit(result, args.json)
