@@ -5,7 +5,11 @@ For each of --variants (dtype, optionally +int8 weights), in the same run:
   pass (every position's logits, float32 softmax), and its ratio to float32's;
 - greedy agreement with float32 on the 8 fixed prompts of bench_engine (48 new tokens each):
   the share of positions whose token is identical, and the share of tokens before each
-  prompt's first difference (after a difference the two continuations drift apart).
+  prompt's first difference (after a difference the two continuations drift apart);
+- teacher-forced decoding of the same text, one token a step through the decode path (as a
+  batch-1 stream runs): the share of positions whose top token is float32's, and the mean
+  KL divergence from float32's next-token distribution. Unlike greedy agreement, one near-tie
+  does not decide the rest, so this is the steadier figure.
 Usage: python3 benchmarks/bench_quality.py [--json] [--variants float32,bfloat16,...]
 """
 
@@ -66,6 +70,23 @@ def perplexity(engine: Engine, ids: list[int]) -> float:
     return math.exp(float(nll))
 
 
+def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """The logits after each token of ``ids``, fed one token a step as decode rows."""
+    worker = engine.core.workers["m"]
+    worker.make_resident()
+    pages = engine.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
+    try:
+        out = []
+        for p, token in enumerate(ids):
+            row = BatchRow(token_ids=[token], start=p, pages=pages, is_decode=p > 0,
+                           samples=True)
+            batch = build_batch([row], worker.block_tokens, worker.device)
+            out.append(worker.model.forward(batch, worker.kv_view))
+    finally:
+        engine.kv.pages.free(pages)
+    return torch.cat(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -84,13 +105,14 @@ def main() -> None:
         try:
             ids = engine.tokenize("m", TEXT)
             ppl = perplexity(engine, ids)
+            forced = decode_logits(engine, ids)
             outs = [list(o.token_ids) for o in engine.generate(texts, params, model="m")]
         finally:
             engine.shutdown()
         if reference is None:
             if (dtype, quant) != ("float32", None):
                 raise SystemExit("the first variant must be float32 (the reference)")
-            reference = (ppl, outs)
+            reference = (ppl, outs, forced)
             result["text_tokens"] = len(ids)
         same = sum(a == b for x, y in zip(outs, reference[1]) for a, b in zip(x, y))
         prefix = 0
@@ -101,6 +123,11 @@ def main() -> None:
         result[f"{label}_perplexity_vs_float32"] = round(ppl / reference[0], 4)
         result[f"{label}_greedy_same_tokens"] = round(same / total, 3)
         result[f"{label}_greedy_same_prefix"] = round(prefix / total, 3)
+        ref_lp, lp = reference[2].log_softmax(-1), forced.log_softmax(-1)
+        top1 = (forced.argmax(-1) == reference[2].argmax(-1)).float().mean()
+        result[f"{label}_forced_same_top1"] = round(float(top1), 4)
+        result[f"{label}_forced_mean_kl"] = round(
+            float((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean()), 5)
     emit(result, args.json)
 
 

@@ -278,12 +278,12 @@ def _long_prompts(n: int, tokens: int) -> list[list[int]]:
             for i in range(n)]
 
 
-async def _ttft_http(url: str, prompts: list[list[int]]) -> list[float]:
+async def _ttft_http(url: str, prompts: list, max_tokens: int = 2) -> list[float]:
     async with httpx.AsyncClient(timeout=300) as http:
         out = []
         for p in prompts:
-            body = {"model": "smollm2", "prompt": p, "max_tokens": 2, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
+            body = {"model": "smollm2", "prompt": p, "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True}
             out.append((await _stream_one(http, url, body))["ttft"])
         return out
 
@@ -298,7 +298,7 @@ def run_ttft(args, smollm2: Path, tmp: Path) -> dict:
                   "--log-level", "warning")
     with Server(tmp / "home", *serve_args, **POOL) as server:
         # warm-up: enough steps for the weights to be packed (models.worker.PACK_AFTER_STEPS)
-        asyncio.run(http_load(server.url, 1, 2, 32))
+        asyncio.run(_ttft_http(server.url, PROMPTS[:1], max_tokens=32))
         asyncio.run(_ttft_http(server.url, prompts[:warm]))
         http = asyncio.run(_ttft_http(server.url, prompts[warm:]))
     engine = Engine(device="cpu", dtype=args.dtype, kv_cache_bytes=POOL["kv"],

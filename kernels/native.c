@@ -397,3 +397,64 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t T, int64_t K, uint16_t *out
         free(xf);
     }
 }
+
+/* ---- a whole decode step's layers in one call ----------------------------------------------
+ * For steps of a few decode rows without adapters: every layer of the model, in the order and
+ * with the kernels the per-op path calls from Python (so the same results, bit for bit), minus
+ * ~10 Python calls a layer. x: the residual stream [T][hidden] (updated); out: the final
+ * norm's output [T][hidden]. mats: per layer LAYER_PTRS addresses (see native.py). */
+#define LAYER_PTRS 11
+enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_SCALE, P_QKV_BIAS, P_O, P_O_SCALE, P_GATE_UP,
+       P_GATE_UP_SCALE, P_DOWN, P_DOWN_SCALE };
+
+static void gp_matmul(const uint16_t *x, int64_t M, int64_t K, const int64_t *p, int w,
+                      int scale, int bias, int64_t N, uint16_t *y, int threads) {
+    const void *W = (const void *)(intptr_t)p[w];
+    const uint16_t *s = scale >= 0 ? (const uint16_t *)(intptr_t)p[scale] : NULL;
+    const uint16_t *b = bias >= 0 ? (const uint16_t *)(intptr_t)p[bias] : NULL;
+    if (s)
+        gp_gemv_int8(x, M, K, K, (const int8_t *)W, N, K, s, b, y, N, threads);
+    else
+        gp_gemv_bf16(x, M, K, K, (const uint16_t *)W, N, K, b, y, N, threads);
+}
+
+int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int64_t nq,
+                     int64_t nkv, int64_t D, int64_t L, const int64_t *mats, float eps,
+                     const uint16_t *cos_sin, const int64_t *positions, const int64_t *k_caches,
+                     const int64_t *v_caches, int64_t page_stride, int64_t bt,
+                     const int64_t *slot_pages, const int64_t *slot_offsets,
+                     const int32_t *block_tables, int64_t ldt, const int32_t *context_lens,
+                     float scale, const uint16_t *final_norm, uint16_t *out, int threads) {
+    int64_t nqkv = (nq + 2 * nkv) * D;
+    size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden));
+    uint16_t *buf = malloc(elems * 2);
+    if (!buf) return -1;
+    uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
+    uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *p = mats + l * LAYER_PTRS;
+        gp_add_rmsnorm(x, hidden, l ? delta : NULL, hidden,
+                       (const uint16_t *)(intptr_t)p[P_IN_NORM], h, hidden, T, hidden, eps,
+                       threads);
+        gp_matmul(h, T, hidden, p, P_QKV, p[P_QKV_SCALE] ? P_QKV_SCALE : -1,
+                  p[P_QKV_BIAS] ? P_QKV_BIAS : -1, nqkv, qkv, threads);
+        uint16_t *kc = (uint16_t *)(intptr_t)k_caches[l], *vc = (uint16_t *)(intptr_t)v_caches[l];
+        gp_rope_kv(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride, bt,
+                   slot_pages, slot_offsets, threads);
+        gp_decode_attention(qkv, nqkv, T, nq, nkv, D, kc, vc, page_stride, bt, block_tables,
+                            ldt, context_lens, scale, o, threads);
+        gp_matmul(o, T, nq * D, p, P_O, p[P_O_SCALE] ? P_O_SCALE : -1, -1, hidden, delta,
+                  threads);
+        gp_add_rmsnorm(x, hidden, delta, hidden, (const uint16_t *)(intptr_t)p[P_POST_NORM],
+                       h, hidden, T, hidden, eps, threads);
+        gp_matmul(h, T, hidden, p, P_GATE_UP, p[P_GATE_UP_SCALE] ? P_GATE_UP_SCALE : -1, -1,
+                  2 * inter, gu, threads);
+        gp_silu_mul(gu, 2 * inter, act, inter, T, inter, threads);
+        gp_matmul(act, T, inter, p, P_DOWN, p[P_DOWN_SCALE] ? P_DOWN_SCALE : -1, -1, hidden,
+                  delta, threads);
+    }
+    gp_add_rmsnorm(x, hidden, L ? delta : NULL, hidden, final_norm, out, hidden, T, hidden,
+                   eps, threads);
+    free(buf);
+    return 0;
+}

@@ -58,6 +58,8 @@ _SIGNATURES = {
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
     "gp_lora": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp,
                 _vp, _vp, _vp, _vp, _int],
+    "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
+                         _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
 }
 # the GEMV's row limit: from ~6 rows on, oneDNN's blocked product is as fast (measured on the
@@ -134,6 +136,7 @@ def _load():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.gp_has_gemv.restype = ctypes.c_int
+    lib.gp_decode_layers.restype = ctypes.c_int
     lib.gp_has_gemv_int8.restype = ctypes.c_int
     return lib
 
@@ -241,6 +244,57 @@ def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.
                    i64(*(b.data_ptr() for b in bs)), i64(*(b.stride(0) for b in bs)),
                    i64(*(b.stride(1) for b in bs)), i64(*(b.shape[1] for b in bs)),
                    proj_rank.data_ptr(), torch.get_num_threads())
+
+
+# one layer's entries in decode_layers' table, in native.c's order (0: none)
+LAYER_ENTRIES = ("input_norm", "post_norm", "qkv_weight", "qkv_weight_scale", "qkv_bias",
+                 "o_weight", "o_weight_scale", "gate_up_weight", "gate_up_weight_scale",
+                 "down_weight", "down_weight_scale")
+
+
+def layer_table(layers: list[dict[str, torch.Tensor]]):
+    """``decode_layers``' table of the layers' weight addresses (plain, unpacked views; the
+    caller keeps them alive), or None if a weight is not one it reads: contiguous bf16
+    (int8 with bf16 scales where quantized)."""
+    addrs = []
+    for lw in layers:
+        for name in LAYER_ENTRIES:
+            t = lw.get(name)
+            if t is None:
+                if not name.endswith(("_scale", "_bias")):
+                    return None
+                addrs.append(0)
+                continue
+            if not t.is_contiguous() or t.dtype not in (torch.bfloat16, torch.int8):
+                return None
+            if t.dtype == torch.int8 and not has_gemv_int8():
+                return None
+            addrs.append(t.data_ptr())
+    return (ctypes.c_int64 * len(addrs))(*addrs)
+
+
+def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads: int,
+                  num_kv_heads: int, head_dim: int, eps: float, cos_sin: torch.Tensor,
+                  positions: torch.Tensor, kv_layers: list, slot_pages: torch.Tensor,
+                  slot_offsets: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor):
+    """Every layer of a decode step of a few rows without adapters in one call (the same
+    kernels, in the same order, as the per-op path); returns the final norm's output
+    [T, hidden]. x: the embeddings [T, hidden] (contiguous; updated in place)."""
+    t, hidden = x.shape
+    out = torch.empty_like(x)
+    kc = (ctypes.c_int64 * num_layers)(*(k.data_ptr() for k, _ in kv_layers))
+    vc = (ctypes.c_int64 * num_layers)(*(v.data_ptr() for _, v in kv_layers))
+    k0 = kv_layers[0][0]
+    rc = _lib().gp_decode_layers(
+        x.data_ptr(), t, hidden, inter, num_heads, num_kv_heads, head_dim, num_layers, table,
+        eps, cos_sin.data_ptr(), positions.data_ptr(), kc, vc, k0.stride(0), k0.shape[1],
+        slot_pages.data_ptr(), slot_offsets.data_ptr(), block_tables.data_ptr(),
+        block_tables.stride(0), context_lens.data_ptr(), scale, final_norm.data_ptr(),
+        out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise MemoryError("decode_layers could not allocate its buffers")
+    return out
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

@@ -56,6 +56,7 @@ class LlamaModel:
         self.head: torch.Tensor | None = None  # the lm_head weight (maybe packed)
         self.packed = False  # pack_weights() ran since the last bind
         self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
+        self._table = None  # the layers' weight addresses for native.decode_layers, or False
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
         """Point the model at a set of weight views (e.g. after a swap); no copy."""
@@ -66,6 +67,7 @@ class LlamaModel:
         ]
         self.head = views[self.lm_head_name]
         self.plain = [dict(lw) for lw in self.layers]  # the views, whatever packing does
+        self._table = None  # native.layer_table(self.plain), made at first use
         self.packed = False
 
     def pack_weights(self) -> None:
@@ -88,6 +90,7 @@ class LlamaModel:
         """Forget the weights (evicted: the views' slab now holds another model, and packed
         copies would hold host memory): the next ``bind`` brings them back."""
         self.w, self.layers, self.plain, self.head, self.packed = {}, [], [], None, False
+        self._table = None
 
     @property
     def lm_head_name(self) -> str:
@@ -154,6 +157,18 @@ class LlamaModel:
         norm after it in one call, RoPE with the KV write, decode attention in place, SiLU
         times up. Same arithmetic as the torch path, op for op (see native.c)."""
         cfg, eps, nd = self.cfg, self.cfg.rms_norm_eps, batch.num_decode
+        if (lora is None and not batch.num_prefill_seqs and nd <= native.GEMV_MAX_ROWS
+                and native.has_gemv()):
+            if self._table is None:
+                self._table = native.layer_table(self.plain) or False
+            if self._table:  # a few decode rows, no adapters: every layer in one call
+                h = native.decode_layers(
+                    x, self._table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads,
+                    cfg.num_kv_heads, cfg.head_dim, eps, self.rope, batch.positions, kv_layers,
+                    batch.slot_pages, batch.slot_offsets, batch.decode_block_tables,
+                    batch.decode_context_lens, self.scale, self.w["norm"])
+                return self._gemv_project(h[batch.logits_indices], self.w,
+                                          self.lm_head_name).float()
         h = torch.empty_like(x)  # each norm's output, reused
         delta = None  # the previous layer's MLP output, added to x by the next norm
         # a few rows: the kernels' GEMV on the plain weights (faster than oneDNN there)

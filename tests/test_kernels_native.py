@@ -235,8 +235,9 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     engine = make_engine(folder, dtype="bfloat16", quantization=quantization)
     exact = make_engine(folder, dtype="float32")
     calls = []
-    real = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    for name in ("decode_attention", "decode_layers"):  # per op, or every layer in one call
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real: calls.append(1) or real(*a))
     try:
         ref = _teacher_forced_logits(exact, ids)
         native.use(True)
@@ -253,6 +254,48 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     assert err_fast <= 1.25 * err_slow, (err_fast, err_slow)
     top1 = [(x.argmax(-1) == ref.argmax(-1)).float().mean() for x in (fast, slow)]
     assert top1[0] >= top1[1] - 0.05, top1
+
+
+@pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
+                                                  ("llama", "int8")])
+def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
+                                                            monkeypatch):
+    """native.decode_layers (every layer of a small decode step in one call) against the
+    per-op native path: identical logits, batches of 1 and 3 decode rows."""
+    from gpupool.models.batch import BatchRow
+    from gpupool.models.runner import build_batch
+
+    folder = tiny_models(variant)
+    engine = make_engine(folder, dtype="bfloat16", quantization=quantization)
+    calls = []
+    real = native.decode_layers
+    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    try:
+        w = engine.core.workers["m"]
+        w.make_resident()
+        prompts = random_prompts(3, 5, 9, seed=21)
+        pages = [engine.kv.pages.allocate(2) for _ in prompts]
+        rows = [BatchRow(token_ids=p, start=0, pages=pg, is_decode=False, samples=True)
+                for p, pg in zip(prompts, pages)]
+        w.model.forward(build_batch(rows, w.block_tokens, w.device), w.kv_view)
+        for n in (1, 3):
+            step = [BatchRow(token_ids=[7 + i], start=len(p), pages=pg, is_decode=True,
+                             samples=True)
+                    for i, (p, pg) in enumerate(list(zip(prompts, pages))[:n])]
+            batch = build_batch(step, w.block_tokens, w.device)
+            before = len(calls)
+            fused = w.model.forward(batch, w.kv_view)  # rewrites the same K/V slots
+            assert len(calls) == before + 1
+            table = w.model._table
+            w.model._table = False  # the per-op path
+            try:
+                per_op = w.model.forward(batch, w.kv_view)
+            finally:
+                w.model._table = table
+            assert len(calls) == before + 1
+            assert torch.equal(fused, per_op)
+    finally:
+        engine.shutdown()
 
 
 def test_greedy_tokens_on_the_kernels_agree_with_transformers_bf16(tiny_models):
