@@ -135,9 +135,8 @@ def _load():
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.gp_has_gemv.restype = ctypes.c_int
+    lib.gp_gemv_features.restype = ctypes.c_int
     lib.gp_decode_layers.restype = ctypes.c_int
-    lib.gp_has_gemv_int8.restype = ctypes.c_int
     return lib
 
 
@@ -198,7 +197,7 @@ def supports(x: torch.Tensor, hidden: int, inter: int, heads: int, kv_heads: int
 
 def has_gemv() -> bool:
     """Whether the GEMV was built (the compiler targets AVX-512 BF16 on this CPU)."""
-    return enabled() and bool(_lib().gp_has_gemv())
+    return enabled() and bool(_lib().gp_gemv_features() & 1)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -214,7 +213,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def has_gemv_int8() -> bool:
     """Whether the int8 GEMV was built (the compiler targets AVX-512F on this CPU)."""
-    return enabled() and bool(_lib().gp_has_gemv_int8())
+    return enabled() and bool(_lib().gp_gemv_features() & 2)
 
 
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -418,11 +417,12 @@ def failures(seed: int = 0) -> list[str]:
     if not close(got.view(2, h, d), want):
         bad.append("decode_attention")
     xs, w, b = rnd(3, 100)[:, :72], rnd(40, 72), rnd(40)  # a strided x, K not 32's multiple
-    if _lib().gp_has_gemv() and not close(gemv(xs, w, b), torch.nn.functional.linear(xs, w, b)):
+    features = _lib().gp_gemv_features()
+    if features & 1 and not close(gemv(xs, w, b), torch.nn.functional.linear(xs, w, b)):
         bad.append("gemv")
     q = torch.randint(-127, 128, (40, 72), generator=g, dtype=torch.int8)
     scale = (torch.rand(40, generator=g) * 0.02).to(bf)
     want = torch.nn.functional.linear(xs, q.to(bf)) * scale + b
-    if _lib().gp_has_gemv_int8() and not close(gemv_int8(xs, q, scale, b), want):
+    if features & 2 and not close(gemv_int8(xs, q, scale, b), want):
         bad.append("gemv_int8")
     return bad

@@ -229,3 +229,19 @@ def make_byte_model(folder: Path, smollm2_path: Path, seed: int = 0, max_len: in
         (folder / "tokenizer_config.json").write_text(
             json.dumps({**tc, "chat_template": chat_template}))
     return folder
+
+
+def lora_slot_views(widths: dict[str, int], num_slots: int, rank_max: int,
+                    g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random float32 LoRA slot views of one layer ("0.{group}.A", "0.{proj}.B"), shaped as
+    AdapterSlots makes them; widths: "hidden", "q", "kv", "inter" sizes."""
+    from gpupool.adapters.base import GROUPS
+
+    views = {}
+    for group, (fan_in, projs) in GROUPS.items():
+        views[f"0.{group}.A"] = torch.randn(num_slots, len(projs) * rank_max, widths[fan_in],
+                                           generator=g)
+        for proj, fan_out in projs:
+            views[f"0.{proj}.B"] = torch.randn(num_slots, widths[fan_out], rank_max,
+                                               generator=g)
+    return views

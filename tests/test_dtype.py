@@ -10,7 +10,13 @@ from gpupool import SamplingParams
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype, native_bf16
 from gpupool.models.worker import resolve_dtype
-from tests.factories import hf_greedy_with, make_engine, make_peft_adapter, random_prompts
+from tests.factories import (
+    hf_greedy_with,
+    lora_slot_views,
+    make_engine,
+    make_peft_adapter,
+    random_prompts,
+)
 
 ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
 SAPPHIRE_RAPIDS = {"avx2", "avx512f", "amx_tile", "amx_bf16"}
@@ -112,13 +118,7 @@ def _check_batched_lora(GROUPS, LoraBatch):
     g = torch.Generator().manual_seed(3)
     widths = {"hidden": 24, "q": 24, "kv": 8, "inter": 40}
     num_slots, rank_max = 5, 8
-    views = {}
-    for group, (fan_in, projs) in GROUPS.items():
-        views[f"0.{group}.A"] = torch.randn(num_slots, len(projs) * rank_max, widths[fan_in],
-                                           generator=g)
-        for proj, fan_out in projs:
-            views[f"0.{proj}.B"] = torch.randn(num_slots, widths[fan_out], rank_max,
-                                               generator=g)
+    views = lora_slot_views(widths, num_slots, rank_max, g)
     targets = {"a": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
                "b": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
                "c": ("q_proj",)}

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from gpupool import SamplingParams
 from gpupool.kernels import decode, native, reference
 from gpupool.models.cpu import cpu_flags
-from tests.factories import hf_greedy_with, make_engine, random_prompts
+from tests.factories import hf_greedy_with, lora_slot_views, make_engine, random_prompts
 from tests.test_kernels_attention import _dense_attention, _paged
 
 BF = torch.bfloat16
@@ -172,13 +172,7 @@ def test_lora_kernel_matches_the_segmented_path():
     g = torch.Generator().manual_seed(3)
     widths = {"hidden": 40, "q": 40, "kv": 8, "inter": 72}
     num_slots, rank_max = 5, 16
-    views = {}
-    for group, (fan_in, projs) in GROUPS.items():
-        views[f"0.{group}.A"] = torch.randn(num_slots, len(projs) * rank_max, widths[fan_in],
-                                           generator=g)
-        for proj, fan_out in projs:
-            views[f"0.{proj}.B"] = torch.randn(num_slots, widths[fan_out], rank_max,
-                                               generator=g)
+    views = lora_slot_views(widths, num_slots, rank_max, g)
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets = {"a": every, "b": ("q_proj", "v_proj", "down_proj"), "c": ("q_proj",)}
     ranks = {"a": 4, "b": 16, "c": 8}
