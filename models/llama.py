@@ -50,6 +50,8 @@ class LlamaModel:
         self.device = device
         self.scale = cfg.head_dim**-0.5
         self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            native.enabled()  # builds and checks the kernels now, not in the first request
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
         self.plain: list[dict[str, torch.Tensor]] = []  # the layers' weight views, unpacked
