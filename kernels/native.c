@@ -12,7 +12,9 @@
  * torch thread count (OpenMP: torch's own libgomp where native.py finds it).
  */
 #include <float.h>
-#include <immintrin.h>
+#ifdef __AVX512F__
+#include <immintrin.h>  /* only the GEMVs use intrinsics; the rest is portable C */
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
