@@ -41,13 +41,17 @@ class LoraBatch:
     # the batched path: (segments, rows each, rank, slot index or None when the segments'
     # slots are 0..S-1 in order, projections some adapter targets); None: segmented
     batched: tuple | None = None
-    # the fused CPU kernel: (each segment's rank [S], group -> its projections' ranks [P, S])
+    # the fused CPU kernel: (each segment's rank [S], group -> its projections' ranks [P, S],
+    # (layer, group) -> native.lora_weights of the slots, kept as long as the slots are)
     native: tuple | None = None
 
     @classmethod
     def build(cls, row_adapters: list[str | None], slot_of: dict[str, int],
               rank_of: dict[str, int], targets_of: dict[str, tuple[str, ...]],
-              views: dict[str, torch.Tensor], device, batched: bool = False) -> LoraBatch:
+              views: dict[str, torch.Tensor], device, batched: bool = False,
+              native_weights: dict | None = None) -> LoraBatch:
+        """``native_weights``: the slots' cache of native.lora_weights per (layer, group)
+        (AdapterSlots.native_weights); a batch without one prepares its own."""
         starts, names = [], []
         for i, name in enumerate(row_adapters):
             if i == 0 or name != row_adapters[i - 1]:
@@ -87,16 +91,20 @@ class LoraBatch:
         if (batched and total <= NATIVE_MAX_ROWS and max(ranks) <= native.MAX_LORA_RANK
                 and native.enabled()):
             fused = (t(ranks), {group: torch.stack([proj_ranks[p] for p, _ in projs])
-                                for group, (_, projs) in GROUPS.items()})
+                                for group, (_, projs) in GROUPS.items()},
+                     {} if native_weights is None else native_weights)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, views, plan, fused)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
-            native.lora(x, out, self.starts, self.slots, self.native[0],
-                        self.views[f"{layer}.{group}.A"],
-                        [self.views[f"{layer}.{p}.B"] for p, _ in GROUPS[group][1]],
+            weights = self.native[2].get((layer, group))
+            if weights is None:
+                weights = self.native[2][layer, group] = native.lora_weights(
+                    self.views[f"{layer}.{group}.A"],
+                    [self.views[f"{layer}.{p}.B"] for p, _ in GROUPS[group][1]])
+            native.lora(x, out, self.starts, self.slots, self.native[0], weights,
                         self.native[1][group])
             return
         if self.batched is not None:

@@ -82,6 +82,9 @@ class AdapterSlots:
         for s in self.layout.specs:
             cols = self.buffer[:, s.offset_bytes : s.offset_bytes + s.numel * elem]
             self.views[s.name] = cols.view(dtype).view(num_slots, *s.shape)
+        # the fused CPU LoRA kernel's view of these slots per (layer, group)
+        # (kernels.native.lora_weights: addresses, fixed while this memory is)
+        self.native_weights: dict = {}
         self.host: dict[str, torch.Tensor] = {}
         self.ranks: dict[str, int] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first

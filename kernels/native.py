@@ -228,21 +228,26 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return out
 
 
+def lora_weights(a: torch.Tensor, bs: list[torch.Tensor]) -> tuple:
+    """:func:`lora`'s view of one projection group's slots (addresses, strides, widths): a:
+    the group's float32 A slots [slots, P r_max, K]; bs: each projection's float32 B slots
+    [slots, width, r_max]. Valid while the views' memory is (the slots' life): callers keep
+    it per (layer, group) instead of rebuilding it every step."""
+    i64 = ctypes.c_int64 * len(bs)
+    return (a.data_ptr(), a.stride(0), a.stride(1), len(bs), i64(*(b.data_ptr() for b in bs)),
+            i64(*(b.stride(0) for b in bs)), i64(*(b.stride(1) for b in bs)),
+            i64(*(b.shape[1] for b in bs)))
+
+
 def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
-         seg_rank: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
-         proj_rank: torch.Tensor) -> None:
+         seg_rank: torch.Tensor, weights: tuple, proj_rank: torch.Tensor) -> None:
     """``out[:, projection j's columns] += x A_s^T B_{s,j}^T`` per segment s (the LoRA terms of
     one projection group; see native.c's gp_lora). x, out: bf16 rows (unit stride); starts
-    [S + 1], slots, seg_rank [S] int32; a: the group's float32 A slots [slots, P r_max, K];
-    bs: each projection's float32 B slots [slots, width, r_max]; proj_rank [P, S] int32."""
-    p = len(bs)
-    i64 = ctypes.c_int64 * p
+    [S + 1], slots, seg_rank [S] int32; weights: :func:`lora_weights`; proj_rank [P, S]
+    int32."""
     _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(),
                    out.stride(0), slots.shape[0], starts.data_ptr(), slots.data_ptr(),
-                   seg_rank.data_ptr(), a.data_ptr(), a.stride(0), a.stride(1), p,
-                   i64(*(b.data_ptr() for b in bs)), i64(*(b.stride(0) for b in bs)),
-                   i64(*(b.stride(1) for b in bs)), i64(*(b.shape[1] for b in bs)),
-                   proj_rank.data_ptr(), torch.get_num_threads())
+                   seg_rank.data_ptr(), *weights, proj_rank.data_ptr(), torch.get_num_threads())
 
 
 # one layer's entries in decode_layers' table, in native.c's order (0: none)

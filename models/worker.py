@@ -171,7 +171,8 @@ class ModelWorker:
         slot_of = self.slots.ensure(names)
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
                                self.slots.views, self.device,
-                               batched=self.adapter_dtype != self.dtype)
+                               batched=self.adapter_dtype != self.dtype,
+                               native_weights=self.slots.native_weights)
 
     def execute(self, rows: list[BatchRow]) -> torch.Tensor:
         """Run one step (the caller made the weights resident); logits [rows that sample,
