@@ -85,12 +85,28 @@ def _torch_gomp() -> Path | None:
     return lib if lib.exists() else None
 
 
-def _flags() -> list[str]:
-    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=gnu11"]
+# Compiled with -ffast-math (vectorised reductions and exp), linked without it: linking with
+# -ffast-math adds crtfastmath.o, whose constructor turns on flush-to-zero and
+# denormals-are-zero for the whole process when the library loads (subnormal floats become 0
+# in every torch op and in Python: hypothesis caught it). The kernels' arithmetic never
+# relies on infinities or NaN (NaN bits are kept by integer ops).
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=gnu11"]
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags)."""
+    compile_flags, link = list(COMPILE_FLAGS), ["-shared"]
     gomp = _torch_gomp()
     if gomp is not None:
-        flags += ["-fopenmp", f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}"]
-    return flags
+        compile_flags.append("-fopenmp")
+        link += ["-fopenmp", f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}"]
+    return compile_flags, link
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.strip()[-500:]}")
 
 
 def _cpu_id() -> str:
@@ -109,7 +125,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), version, " ".join(_flags()), _cpu_id(),
+        SOURCE.read_text(), version, repr(_flags()), _cpu_id(),
     ]).encode()).hexdigest()[:16]
     out = cache_dir() / f"gpupool_native_{key}.so"
     if out.exists():
@@ -117,15 +133,16 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
+    obj = tmp[:-3] + ".o"
+    compile_flags, link = _flags()
     try:
-        proc = subprocess.run([cc, *_flags(), str(SOURCE), "-o", tmp, "-lm"],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+        _run([cc, *compile_flags, "-c", str(SOURCE), "-o", obj])
+        _run([cc, *link, obj, "-o", tmp, "-lm"])  # no -ffast-math here (see COMPILE_FLAGS)
         os.replace(tmp, out)  # atomic: other processes see the whole file or none
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
     return out
 
 

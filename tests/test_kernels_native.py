@@ -311,6 +311,25 @@ def test_greedy_tokens_on_the_kernels_agree_with_transformers_bf16(tiny_models):
     assert same / sum(len(x) for x in ours) >= 0.85
 
 
+def test_loading_the_kernels_keeps_subnormal_floats(tmp_path):
+    """The library is linked without -ffast-math: linked with it, it pulled in crtfastmath.o,
+    which turned on flush-to-zero for the whole process when it loaded (subnormals became 0
+    in torch and in Python; hypothesis noticed). A fresh process, a fresh build."""
+    code = """
+import sys, torch
+from gpupool.kernels import native
+assert native.available()
+tiny = sys.float_info.min / 4
+print("PYTHON", tiny * 1.0 > 0)
+print("TORCH", (torch.tensor([1e-40]) * 1).item() > 0)
+"""
+    env = {**os.environ, "GPUPOOL_NATIVE_DIR": str(tmp_path / "native")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "PYTHON True" in proc.stdout and "TORCH True" in proc.stdout
+
+
 def test_without_a_compiler_the_torch_path_serves(tiny_models, tmp_path):
     """A process with no C compiler on PATH and an empty kernel cache: the kernels are
     unavailable (said in the log), and a bf16 engine still generates."""
