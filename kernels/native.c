@@ -44,8 +44,6 @@ static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16      /* query heads per KV head */
 
-int gp_version(void) { return 1; }
-
 /* which GEMVs this build has: bit 0 the bf16 one (AVX-512 BF16), bit 1 the int8 one
  * (AVX-512F); the others are built everywhere */
 int gp_gemv_features(void) {
@@ -127,7 +125,7 @@ void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, in
  * [positions][2][D] bf16. Rounding as x * cos + rotate_half(x) * sin in bf16. */
 void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, int64_t D,
                 const uint16_t *cos_sin, const int64_t *positions, uint16_t *k_cache,
-                uint16_t *v_cache, int64_t page_stride, int64_t bt, const int64_t *slot_pages,
+                uint16_t *v_cache, int64_t page_stride, const int64_t *slot_pages,
                 const int64_t *slot_offsets, int threads) {
     int64_t half = D / 2;
     #pragma omp parallel for schedule(static) num_threads(threads) if (T >= 64)
@@ -147,7 +145,6 @@ void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, i
         memcpy(k_cache + slot, row + nq * D, (size_t)(nkv * D) * 2);
         memcpy(v_cache + slot, row + (nq + nkv) * D, (size_t)(nkv * D) * 2);
     }
-    (void)bt;
 }
 
 /* KV head g's row of token t in a paged cache ([pages][bt][nkv][D], page stride ps) */
@@ -503,7 +500,7 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
         gp_matmul(h, T, hidden, p, P_QKV, p[P_QKV_SCALE] ? P_QKV_SCALE : -1,
                   p[P_QKV_BIAS] ? P_QKV_BIAS : -1, nqkv, qkv, threads);
         uint16_t *kc = (uint16_t *)(intptr_t)k_caches[l], *vc = (uint16_t *)(intptr_t)v_caches[l];
-        gp_rope_kv(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride, bt,
+        gp_rope_kv(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride,
                    slot_pages, slot_offsets, threads);
         gp_decode_attention(qkv, nqkv, T, nq, nkv, D, kc, vc, page_stride, bt, block_tables,
                             ldt, context_lens, scale, o, threads);

@@ -7,7 +7,11 @@ of dispatch each. ``native.c`` does each layer's glue in four calls:
 - ``add_rmsnorm``: the residual add fused with the next RMSNorm;
 - ``rope_kv``: RoPE on q and k in place, then k and v written to their KV slots;
 - ``decode_attention``: paged decode attention reading each page in place, once;
-- ``silu_mul``: SiLU(gate) * up.
+- ``silu_mul``: SiLU(gate) * up;
+
+and besides: ``lora`` (a projection group's LoRA terms from float32 slots), ``gemv`` and
+``gemv_int8`` (bf16 / int8 weights, a few rows, one sequential stream per thread) and
+``decode_layers`` (every layer of a small decode step without adapters in one call).
 
 Each rounds as the torch ops it replaces (bf16 after every op torch does in bf16), so outputs
 match the torch path to a bf16 rounding step here and there (reduction order): the tests
@@ -51,8 +55,7 @@ _i64, _int, _f32, _vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_v
 _SIGNATURES = {
     "gp_add_rmsnorm": [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _f32, _int],
     "gp_silu_mul": [_vp, _i64, _vp, _i64, _i64, _i64, _int],
-    "gp_rope_kv": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _vp, _vp,
-                   _int],
+    "gp_rope_kv": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
                             _vp, _f32, _vp, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
@@ -348,8 +351,8 @@ def rope_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     (caches: [P, bt, KVH, D] views with unit strides inside a page)."""
     _lib().gp_rope_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, num_kv_heads,
                       head_dim, cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(),
-                      v_cache.data_ptr(), k_cache.stride(0), k_cache.shape[1],
-                      slot_pages.data_ptr(), slot_offsets.data_ptr(), torch.get_num_threads())
+                      v_cache.data_ptr(), k_cache.stride(0), slot_pages.data_ptr(),
+                      slot_offsets.data_ptr(), torch.get_num_threads())
 
 
 def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
@@ -368,31 +371,21 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
     return out
 
 
-# ---- the torch versions, and the check against them -------------------------------------------
+# ---- the torch versions (kernels.reference), and the check against them ------------------------
 def add_rmsnorm_torch(x, delta, weight, eps):
     """What :func:`add_rmsnorm` computes, in torch ops (returns (x + delta, normed))."""
+    from gpupool.kernels.reference import rms_norm
+
     if delta is not None:
         x = x + delta
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return x, weight * xf.to(x.dtype)
-
-
-def silu_mul_torch(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
-def rope_torch(x, cos, sin):
-    """x: [T, heads, D]; cos, sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return x, rms_norm(x, weight, eps)
 
 
 def failures(seed: int = 0) -> list[str]:
     """The kernels whose output differs from their torch version on small random inputs by
     more than bf16 rounding explains (empty: all agree)."""
     from gpupool.kernels import reference
+    from gpupool.kernels.reference import apply_rope
 
     g = torch.Generator().manual_seed(seed)
     bf = torch.bfloat16
@@ -410,7 +403,7 @@ def failures(seed: int = 0) -> list[str]:
     if not (torch.equal(x, want_x) and close(got, want)):
         bad.append("add_rmsnorm")
     gu = rnd(3, 2 * 24)
-    if not close(silu_mul(gu), silu_mul_torch(gu)):
+    if not close(silu_mul(gu), reference.silu_mul(gu)):
         bad.append("silu_mul")
     # 2 sequences, 4 heads over 2 KV heads, D 8, pages of 4 tokens
     h, kvh, d, bt, pages = 4, 2, 8, 4, 6
@@ -421,9 +414,9 @@ def failures(seed: int = 0) -> list[str]:
     positions = (lens - 1).long()
     qkv = rnd(2, (h + 2 * kvh) * d)
     cos_sin = rnd(16, 2, d)
-    q_want = rope_torch(qkv[:, : h * d].view(2, h, d), cos_sin[positions, 0:1],
+    q_want = apply_rope(qkv[:, : h * d].view(2, h, d), cos_sin[positions, 0:1],
                         cos_sin[positions, 1:2])
-    k_want = rope_torch(qkv[:, h * d : (h + kvh) * d].view(2, kvh, d),
+    k_want = apply_rope(qkv[:, h * d : (h + kvh) * d].view(2, kvh, d),
                         cos_sin[positions, 0:1], cos_sin[positions, 1:2])
     v_want = qkv[:, (h + kvh) * d :].view(2, kvh, d).clone()
     slot_pages = table[torch.arange(2), positions // bt].long()

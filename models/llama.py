@@ -13,17 +13,11 @@ import torch.nn.functional as F
 from gpupool import kernels
 from gpupool.kernels import native
 from gpupool.kernels.linear import linear, linear_int8, pack
+from gpupool.kernels.reference import apply_rope, rms_norm, silu_mul
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
-from gpupool.models.rope import apply_rope, cos_sin_table
+from gpupool.models.rope import cos_sin_table
 from gpupool.pool.weights import SCALE_SUFFIX
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
@@ -125,8 +119,7 @@ class LlamaModel:
             gate_up = project(h, lw, "gate_up_weight")  # [T, 2 * inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+            act = silu_mul(gate_up)
             down = project(act, lw, "down_weight")
             if lora is not None:
                 lora.apply(i, "down", act, down)
@@ -134,7 +127,11 @@ class LlamaModel:
         x = x[batch.logits_indices]
         return self._logits(rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps))
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        """float32 logits of the final norm's rows ``x``; ``gemv``: through the native
+        GEMVs on the plain lm_head (a few rows)."""
+        if gemv:
+            return self._gemv_project(x, self.w, self.lm_head_name).float()
         if self.head is not self.w[self.lm_head_name]:  # packed
             return linear(x, self.head).float()
         return project(x, self.w, self.lm_head_name).float()
@@ -159,8 +156,9 @@ class LlamaModel:
         norm after it in one call, RoPE with the KV write, decode attention in place, SiLU
         times up. Same arithmetic as the torch path, op for op (see native.c)."""
         cfg, eps, nd = self.cfg, self.cfg.rms_norm_eps, batch.num_decode
-        if (lora is None and not batch.num_prefill_seqs and nd <= native.GEMV_MAX_ROWS
-                and native.has_gemv()):
+        # a few rows: the kernels' GEMV on the plain weights (faster than oneDNN there)
+        gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
+        if gemv and lora is None and not batch.num_prefill_seqs:
             if self._table is None:
                 self._table = native.layer_table(self.plain) or False
             if self._table:  # a few decode rows, no adapters: every layer in one call
@@ -169,12 +167,9 @@ class LlamaModel:
                     cfg.num_kv_heads, cfg.head_dim, eps, self.rope, batch.positions, kv_layers,
                     batch.slot_pages, batch.slot_offsets, batch.decode_block_tables,
                     batch.decode_context_lens, self.scale, self.w["norm"])
-                return self._gemv_project(h[batch.logits_indices], self.w,
-                                          self.lm_head_name).float()
+                return self._logits(h[batch.logits_indices], gemv)
         h = torch.empty_like(x)  # each norm's output, reused
         delta = None  # the previous layer's MLP output, added to x by the next norm
-        # a few rows: the kernels' GEMV on the plain weights (faster than oneDNN there)
-        gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
         proj = self._gemv_project if gemv else project
         for i, lw in enumerate(self.layers):
             if gemv:
@@ -211,10 +206,7 @@ class LlamaModel:
             if lora is not None:
                 lora.apply(i, "down", act, delta)
         native.add_rmsnorm(x, delta, self.w["norm"], eps, h)
-        h = h[batch.logits_indices]
-        if gemv:
-            return self._gemv_project(h, self.w, self.lm_head_name).float()
-        return self._logits(h)
+        return self._logits(h[batch.logits_indices], gemv)
 
     @staticmethod
     def _gemv_project(x, w, name, bias=None):

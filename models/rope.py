@@ -44,10 +44,3 @@ def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype, device) -> torch.
     freqs = torch.arange(max_positions, device=device).float()[:, None] * inv[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos, sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
