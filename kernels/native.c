@@ -45,13 +45,13 @@ static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 #define MAX_GROUP 16      /* query heads per KV head */
 
 /* which GEMVs this build has: bit 0 the bf16 one (AVX-512 BF16), bit 1 the int8 one
- * (AVX-512F); the others are built everywhere */
+ * (AVX-512 BW); the others are built everywhere */
 int gp_gemv_features(void) {
     int f = 0;
 #ifdef __AVX512BF16__
     f |= 1;
 #endif
-#ifdef __AVX512F__
+#ifdef __AVX512BW__
     f |= 2;
 #endif
     return f;
@@ -287,42 +287,86 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 
 /* y[m] = bf16(bf16((x[m] . q[n]) * scale[n]) (+ bias[n])) for int8 weights q [N][K] (row stride
  * ldq) with one bf16 scale per row: the int8 weight-only product, reading q once, row after row
- * (as gp_gemv_bf16), int8 -> float32 exactly, dot products in float32 with x in float32, the
- * scale applied to the float32 sum (as torch's _weight_int8pack_mm), a bias added after the
- * rounding (as gpupool's int8 linear). AVX-512F (see gp_gemv_features). */
-#ifdef __AVX512F__
-static void gemv_i8_rows(const float *xf, int64_t M, int64_t K, const int8_t *Q, int64_t n0,
-                         int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
-                         uint16_t *y, int64_t ldy) {
+ * (as gp_gemv_bf16). Each row x[m] is first quantized to int16 with one float32 scale
+ * (amax / 32767: 16 significant bits, twice bf16's, so the bf16 input loses at most half a unit
+ * in its 16th bit), so the dot products run in exact integer arithmetic: 32 int8 weights widened
+ * to int16 and multiplied-accumulated into int32 pairs by one instruction (AVX-512 VNNI's
+ * vpdpwssd; AVX-512 BW's vpmaddwd + vpaddd elsewhere), a third of the instructions of widening
+ * to float32, so the product keeps up with memory. The integer sum times the row's scale is
+ * the float32 dot product; then the weight scale (as torch's _weight_int8pack_mm) and a bias
+ * added after the rounding (as gpupool's int8 linear). Sums are flushed to float32 every
+ * I8_BLOCK columns, so no int32 overflows (|q| <= 128, |x| <= 32767: 2 * 128 * 32767 per
+ * pair, I8_BLOCK / 64 pairs per lane and accumulator). */
+#ifdef __AVX512BW__
+#define I8_BLOCK 8192
+
+static inline __m512i dp16(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+
+/* the rows [n0, n1) for M (1..4, a constant after inlining) rows of int16 x (row stride Kp,
+ * zero past K) */
+static inline __attribute__((always_inline)) void gemv_i8_rows_m(
+        const int16_t *xq, const float *xs, const int M, int64_t K, int64_t Kp, const int8_t *Q,
+        int64_t n0, int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
+        uint16_t *y, int64_t ldy) {
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *q = Q + n * ldq;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = xf + m * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t k = 0;
-            for (; k + 64 <= K; k += 64) {
-                __m512i raw = _mm512_loadu_si512(q + k);
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm512_castsi512_si128(raw))), _mm512_loadu_ps(xm + k), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm512_extracti32x4_epi32(raw, 1))), _mm512_loadu_ps(xm + k + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm512_extracti32x4_epi32(raw, 2))), _mm512_loadu_ps(xm + k + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm512_extracti32x4_epi32(raw, 3))), _mm512_loadu_ps(xm + k + 48), a3);
+        float dot[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
+            int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
+            __m512i acc[4][4];
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_si512();
+            int64_t k = b0;
+            for (; k + 128 <= b1; k += 128) {
+                __m512i w[4];
+                for (int j = 0; j < 4; j++)
+                    w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(q + k + 32 * j)));
+                for (int m = 0; m < M; m++)
+                    for (int j = 0; j < 4; j++)
+                        acc[m][j] = dp16(acc[m][j], w[j],
+                                         _mm512_loadu_si512(xq + m * Kp + k + 32 * j));
             }
-            for (; k < K; k += 16) {
-                int64_t left = K - k < 16 ? K - k : 16;
-                __mmask16 mk = (__mmask16)((1u << left) - 1);
-                __m128i raw = _mm_maskz_loadu_epi8(mk, q + k);
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)),
-                                     _mm512_maskz_loadu_ps(mk, xm + k), a0);
+            for (; k < b1; k += 32) {  /* x is zero past K: only the weights are masked */
+                int64_t left = b1 - k < 32 ? b1 - k : 32;
+                __mmask32 mk = left == 32 ? (__mmask32)0xffffffffu
+                                          : (__mmask32)((1u << left) - 1);
+                __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, q + k));
+                for (int m = 0; m < M; m++)
+                    acc[m][0] = dp16(acc[m][0], w, _mm512_loadu_si512(xq + m * Kp + k));
             }
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1),
-                                                         _mm512_add_ps(a2, a3)));
-            v = round_bf(v * bf2f(scale[n]));
+            for (int m = 0; m < M; m++) {
+                __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]),
+                                             _mm512_add_epi32(acc[m][2], acc[m][3]));
+                dot[m] += (float)_mm512_reduce_add_epi32(s);
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            float v = round_bf(dot[m] * xs[m] * bf2f(scale[n]));
             if (bias) v += bf2f(bias[n]);
             y[m * ldy + n] = f2bf(v);
+        }
+    }
+}
+
+static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t K, int64_t Kp,
+                         const int8_t *Q, int64_t n0, int64_t n1, int64_t ldq,
+                         const uint16_t *scale, const uint16_t *bias, uint16_t *y,
+                         int64_t ldy) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int16_t *x = xq + m0 * Kp;
+        const float *s = xs + m0;
+        uint16_t *ym = y + m0 * ldy;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+        case 1: gemv_i8_rows_m(x, s, 1, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
+        case 2: gemv_i8_rows_m(x, s, 2, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
+        case 3: gemv_i8_rows_m(x, s, 3, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
+        default: gemv_i8_rows_m(x, s, 4, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
         }
     }
 }
@@ -332,18 +376,34 @@ static void gemv_i8_rows(const float *xf, int64_t M, int64_t K, const int8_t *Q,
 void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int8_t *Q,
                   int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
                   uint16_t *y, int64_t ldy, int threads) {
-#ifdef __AVX512F__
-    float *xf = malloc(sizeof(float) * (size_t)(M * K));
-    if (!xf) return;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf2f(x[m * ldx + k]);
+#ifdef __AVX512BW__
+    int64_t Kp = (K + 31) / 32 * 32;
+    int16_t *xq = aligned_alloc(64, sizeof(int16_t) * (size_t)(M * Kp) + 64);
+    float *xs = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    if (!xq || !xs) { free(xq); free(xs); return; }
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * ldx;
+        float amax = 0.f;
+        int finite = 1;
+        for (int64_t k = 0; k < K; k++) {
+            float a = fabsf(bf2f(xm[k]));
+            finite &= a <= FLT_MAX;  /* false for inf and NaN */
+            amax = a > amax ? a : amax;
+        }
+        /* a row holding inf or NaN has no integer form: its scale is NaN, so are its outputs */
+        float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
+        xs[m] = !finite ? NAN : amax / 32767.f;
+        for (int64_t k = 0; k < K; k++) xq[m * Kp + k] = (int16_t)lrintf(bf2f(xm[k]) * inv);
+        for (int64_t k = K; k < Kp; k++) xq[m * Kp + k] = 0;
+    }
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
     {
         int64_t n0, n1;
         thread_share(N, &n0, &n1);
-        if (n0 < n1) gemv_i8_rows(xf, M, K, Q, n0, n1, ldq, scale, bias, y, ldy);
+        if (n0 < n1) gemv_i8_rows(xq, xs, M, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy);
     }
-    free(xf);
+    free(xq);
+    free(xs);
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)scale;
     (void)bias; (void)y; (void)ldy; (void)threads;

@@ -84,12 +84,14 @@ def test_gemv_matches_linear(rows, n, k, with_bias):
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (37, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
-    """Against gpupool's int8 linear (kernels.linear.linear_int8): within two bf16 steps (its
-    reference path rounds the product before the scale, this kernel once), and no further
-    from float64 than it."""
+    """Against gpupool's int8 linear (kernels.linear.linear_int8): no further from float64 than
+    it; the product before the bias within two bf16 steps of its for 99.5% of the outputs, and
+    every one within two steps plus 2^-9 of sum |x_i q_i| scale (a dot product's error scale)
+    (only outputs near zero, where the sum cancels, are further apart in steps: its reference
+    path rounds the product before the scale, this kernel once, and quantizes x to int16)."""
     from gpupool.kernels.linear import linear_int8
 
-    assert native.has_gemv_int8() == ("avx512f" in cpu_flags())
+    assert native.has_gemv_int8() == ("avx512bw" in cpu_flags())
     if not native.has_gemv_int8():
         return
     g = torch.Generator().manual_seed(15)
@@ -101,7 +103,11 @@ def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
     got, theirs = native.gemv_int8(x, q, scale, b), linear_int8(x, q, scale, b)
     err, their_err = (got.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
     assert err <= 1.5 * their_err + 1e-6, (err, their_err)
-    assert _ulps_apart(got, theirs).max() <= 2
+    got, theirs = native.gemv_int8(x, q, scale), linear_int8(x, q, scale)
+    assert (_ulps_apart(got, theirs) <= 2).float().mean() >= 0.995
+    magnitude = (x.double().abs() @ q.double().abs().T) * scale.double()
+    two_steps = theirs.double().abs() * 2**-7
+    assert ((got.double() - theirs.double()).abs() <= two_steps + magnitude * 2**-9).all()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])
