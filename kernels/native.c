@@ -288,15 +288,18 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 /* y[m] = bf16(bf16((x[m] . q[n]) * scale[n]) (+ bias[n])) for int8 weights q [N][K] (row stride
  * ldq) with one bf16 scale per row: the int8 weight-only product, reading q once, row after row
  * (as gp_gemv_bf16). Each row x[m] is first quantized to int16 with one float32 scale
- * (amax / 32767: 16 significant bits, twice bf16's, so the bf16 input loses at most half a unit
- * in its 16th bit), so the dot products run in exact integer arithmetic: 32 int8 weights widened
- * to int16 and multiplied-accumulated into int32 pairs by one instruction (AVX-512 VNNI's
- * vpdpwssd; AVX-512 BW's vpmaddwd + vpaddd elsewhere), a third of the instructions of widening
- * to float32, so the product keeps up with memory. The integer sum times the row's scale is
+ * (amax / 32767: an element within 2^-7 of the row's largest keeps all 8 bits of its bf16
+ * significand; a smaller one, weighing less in the sum, rounds at amax / 65534), so the dot
+ * products run in exact integer arithmetic: 32 int8 weights widened to int16 and
+ * multiplied-accumulated into int32 pairs by one instruction (AVX-512 VNNI's vpdpwssd; AVX-512
+ * BW's vpmaddwd + vpaddd elsewhere), a third of the instructions of widening to float32, so the
+ * product keeps up with memory at one row and costs ~1 ms a row for SmolLM2 after that (so the
+ * model uses it up to native.GEMV_INT8_MAX_ROWS rows). The integer sum times the row's scale is
  * the float32 dot product; then the weight scale (as torch's _weight_int8pack_mm) and a bias
  * added after the rounding (as gpupool's int8 linear). Sums are flushed to float32 every
- * I8_BLOCK columns, so no int32 overflows (|q| <= 128, |x| <= 32767: 2 * 128 * 32767 per
- * pair, I8_BLOCK / 64 pairs per lane and accumulator). */
+ * I8_BLOCK columns, so no int32 overflows: an instruction adds two products of at most
+ * 128 * 32767 to a lane; over a block an accumulator (4 a row, 32 columns an instruction) takes
+ * I8_BLOCK / 128 instructions, 3 more from the tail: 134 products, 5.6e8 < 2^31. */
 #ifdef __AVX512BW__
 #define I8_BLOCK 8192
 

@@ -69,6 +69,11 @@ _SIGNATURES = {
 # project's AMD EPYC, SmolLM2's layers: 1 row 7.1 vs 11.5 ms, 2 rows 7.9 vs 12.7, 6 rows
 # 10.3 vs 10.3, 12 rows 18.8 vs 13.0)
 GEMV_MAX_ROWS = 4
+# the int8 GEMV's: it costs ~1 ms a row after the first for SmolLM2's weights, torch's
+# _weight_int8pack_mm and the dequantizing reference (kernels.linear.linear_int8) more up to ~24
+# rows (same machine, all of SmolLM2's layers: 8 rows 11.0 vs 23.1 ms, 16 rows 18.2 vs 34.6,
+# 32 rows 32.5 vs 33.3)
+GEMV_INT8_MAX_ROWS = 16
 
 
 def cache_dir() -> Path:

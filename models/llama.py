@@ -51,6 +51,7 @@ class LlamaModel:
         self.plain: list[dict[str, torch.Tensor]] = []  # the layers' weight views, unpacked
         self.head: torch.Tensor | None = None  # the lm_head weight (maybe packed)
         self.packed = False  # pack_weights() ran since the last bind
+        self.int8 = False  # every linear weight int8 (set by bind)
         self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
         self._table = None  # the layers' weight addresses for native.decode_layers, or False
 
@@ -65,6 +66,10 @@ class LlamaModel:
         self.plain = [dict(lw) for lw in self.layers]  # the views, whatever packing does
         self._table = None  # native.layer_table(self.plain), made at first use
         self.packed = False
+        # int8 weight-only: every linear weight and the lm_head carry row scales
+        self.int8 = self.lm_head_name + SCALE_SUFFIX in views and all(
+            name + SCALE_SUFFIX in lw for lw in self.layers for name in LINEAR_WEIGHTS
+            if name in lw)
 
     def pack_weights(self) -> None:
         """On CPU in bf16, the linear layers' weights and the lm_head packed for oneDNN
@@ -86,7 +91,7 @@ class LlamaModel:
         """Forget the weights (evicted: the views' slab now holds another model, and packed
         copies would hold host memory): the next ``bind`` brings them back."""
         self.w, self.layers, self.plain, self.head, self.packed = {}, [], [], None, False
-        self._table = None
+        self._table, self.int8 = None, False
 
     @property
     def lm_head_name(self) -> str:
@@ -156,8 +161,12 @@ class LlamaModel:
         norm after it in one call, RoPE with the KV write, decode attention in place, SiLU
         times up. Same arithmetic as the torch path, op for op (see native.c)."""
         cfg, eps, nd = self.cfg, self.cfg.rms_norm_eps, batch.num_decode
-        # a few rows: the kernels' GEMV on the plain weights (faster than oneDNN there)
-        gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
+        # a few rows: the kernels' GEMVs on the plain weights (faster than oneDNN there; the
+        # int8 one than torch's int8 products for more rows)
+        if self.int8:
+            gemv = x.shape[0] <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
+        else:
+            gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
         if gemv and lora is None and not batch.num_prefill_seqs:
             if self._table is None:
                 self._table = native.layer_table(self.plain) or False
