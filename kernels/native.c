@@ -72,10 +72,13 @@ static inline void thread_share(int64_t N, int64_t *n0, int64_t *n1) {
 
 /* x[r] += delta[r] (in bf16, when delta is not NULL), then
  * out[r] = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), as transformers' LlamaRMSNorm. */
-void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
-                    const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows, int64_t dim,
-                    float eps, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= 65536)
+/* Each kernel's work is a *_body function: its loop shared by the calling OpenMP team (an
+ * orphaned worksharing loop: alone, the gp_* wrapper opens a team; gp_decode_layers runs every
+ * body of a step inside one team, with barriers instead of a thread fork and join per op). */
+static void add_rmsnorm_body(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
+                             const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows,
+                             int64_t dim, float eps) {
+    #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *xr = x + r * ldx;
         float xf[MAX_DIM];
@@ -102,10 +105,17 @@ void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd
     }
 }
 
+void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
+                    const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows, int64_t dim,
+                    float eps, int threads) {
+    #pragma omp parallel num_threads(threads) if (rows * dim >= 65536)
+    add_rmsnorm_body(x, ldx, delta, ldd, w, out, ldo, rows, dim, eps);
+}
+
 /* out[r] = bf16(bf16(silu(g)) * u) for g = gu[r, :inter], u = gu[r, inter:2*inter]. */
-void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, int64_t rows,
-                 int64_t inter, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * inter >= 65536)
+static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
+                          int64_t rows, int64_t inter) {
+    #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *g = gu + r * ldg, *u = g + inter;
         uint16_t *o = out + r * ldo;
@@ -119,16 +129,22 @@ void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, in
     }
 }
 
+void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, int64_t rows,
+                 int64_t inter, int threads) {
+    #pragma omp parallel num_threads(threads) if (rows * inter >= 65536)
+    silu_mul_body(gu, ldg, out, ldo, rows, inter);
+}
+
 /* RoPE on the q and k heads of each row of qkv (in place; rows [T, (nq + 2 nkv) * D], q heads,
  * then k, then v), then the row's k and v written to its KV slot: page slot_pages[t], slot
  * slot_offsets[t] of caches laid out [pages][bt][nkv][D] with page stride page_stride. cos_sin:
  * [positions][2][D] bf16. Rounding as x * cos + rotate_half(x) * sin in bf16. */
-void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, int64_t D,
-                const uint16_t *cos_sin, const int64_t *positions, uint16_t *k_cache,
-                uint16_t *v_cache, int64_t page_stride, const int64_t *slot_pages,
-                const int64_t *slot_offsets, int threads) {
+static void rope_kv_body(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv,
+                         int64_t D, const uint16_t *cos_sin, const int64_t *positions,
+                         uint16_t *k_cache, uint16_t *v_cache, int64_t page_stride,
+                         const int64_t *slot_pages, const int64_t *slot_offsets) {
     int64_t half = D / 2;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (T >= 64)
+    #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         uint16_t *row = qkv + t * ld;
         const uint16_t *c = cos_sin + positions[t] * 2 * D, *s = c + D;
@@ -147,6 +163,15 @@ void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, i
     }
 }
 
+void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, int64_t D,
+                const uint16_t *cos_sin, const int64_t *positions, uint16_t *k_cache,
+                uint16_t *v_cache, int64_t page_stride, const int64_t *slot_pages,
+                const int64_t *slot_offsets, int threads) {
+    #pragma omp parallel num_threads(threads) if (T >= 64)
+    rope_kv_body(qkv, ld, T, nq, nkv, D, cos_sin, positions, k_cache, v_cache, page_stride,
+                 slot_pages, slot_offsets);
+}
+
 /* KV head g's row of token t in a paged cache ([pages][bt][nkv][D], page stride ps) */
 static inline const uint16_t *token_row(const uint16_t *cache, const int32_t *table, int64_t t,
                                         int64_t bt, int64_t ps, int64_t nkv, int64_t D,
@@ -161,16 +186,13 @@ static inline const uint16_t *token_row(const uint16_t *cache, const int32_t *ta
  * max) and divides at the end: 0.00084 against 0.00092 mean KL from fp32 on SmolLM2, but
  * 77 against 86 of 96 greedy tokens like transformers' bf16 on the tests' tiny model). Each
  * page is read in place, once per KV head. q: rows of ldq elements ([nq][D] at the start); out: [B][nq][D] contiguous. */
-void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, int64_t nkv,
-                         int64_t D, const uint16_t *k_cache, const uint16_t *v_cache,
-                         int64_t page_stride, int64_t bt, const int32_t *block_tables,
-                         int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
-                         int threads) {
+static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq,
+                                  int64_t nkv, int64_t D, const uint16_t *k_cache,
+                                  const uint16_t *v_cache, int64_t page_stride, int64_t bt,
+                                  const int32_t *block_tables, int64_t ldt,
+                                  const int32_t *context_lens, float scale, uint16_t *out) {
     int64_t group = nq / nkv;
-    int64_t work = 0;
-    for (int64_t b = 0; b < B; b++) work += context_lens[b];
-    #pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(threads) \
-        if (work * nkv >= 256)
+    #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t g = 0; g < nkv; g++) {
             int64_t len = context_lens[b];
@@ -225,6 +247,18 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
     }
 }
 
+void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, int64_t nkv,
+                         int64_t D, const uint16_t *k_cache, const uint16_t *v_cache,
+                         int64_t page_stride, int64_t bt, const int32_t *block_tables,
+                         int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
+                         int threads) {
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += context_lens[b];
+    #pragma omp parallel num_threads(threads) if (work * nkv >= 256)
+    decode_attention_body(q, ldq, B, nq, nkv, D, k_cache, v_cache, page_stride, bt,
+                          block_tables, ldt, context_lens, scale, out);
+}
+
 /* y[m] = bf16(x[m] . W[n] (+ bias[n])) for a few rows m of x: a bf16 matrix-vector product
  * that reads W [N][K] (row stride ldw) once, row after row (one sequential stream per thread:
  * the hardware prefetcher follows it; oneDNN's blocked GEMV reached 18 GB/s on the project's
@@ -269,16 +303,21 @@ static void gemv_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, cons
 
 #endif
 
+/* the calling thread's share of the rows (no barrier after) */
+static void gemv_bf16_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
+                           const uint16_t *W, int64_t N, int64_t ldw, const uint16_t *bias,
+                           uint16_t *y, int64_t ldy) {
+    int64_t n0, n1;
+    thread_share(N, &n0, &n1);
+    if (n0 < n1) gemv_rows(x, M, K, ldx, W, n0, n1, ldw, bias, y, ldy);
+}
+
 void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *W,
                   int64_t N, int64_t ldw, const uint16_t *bias, uint16_t *y, int64_t ldy,
                   int threads) {
 #ifdef __AVX512BF16__
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    {
-        int64_t n0, n1;
-        thread_share(N, &n0, &n1);
-        if (n0 < n1) gemv_rows(x, M, K, ldx, W, n0, n1, ldw, bias, y, ldy);
-    }
+    gemv_bf16_body(x, M, K, ldx, W, N, ldw, bias, y, ldy);
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)W; (void)N; (void)ldw; (void)bias; (void)y;
     (void)ldy; (void)threads;
@@ -374,16 +413,15 @@ static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t 
     }
 }
 
-#endif
-
-void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int8_t *Q,
-                  int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
-                  uint16_t *y, int64_t ldy, int threads) {
-#ifdef __AVX512BW__
+/* x's rows quantized to int16 into xq [M][Kp] (Kp: K rounded up to 32, zero past K) with their
+ * scales xs[M] by one thread (a barrier after), then the calling thread's share of the rows
+ * (no barrier after) */
+static void gemv_int8_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
+                           const int8_t *Q, int64_t N, int64_t ldq, const uint16_t *scale,
+                           const uint16_t *bias, uint16_t *y, int64_t ldy, int16_t *xq,
+                           float *xs) {
     int64_t Kp = (K + 31) / 32 * 32;
-    int16_t *xq = aligned_alloc(64, sizeof(int16_t) * (size_t)(M * Kp) + 64);
-    float *xs = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
-    if (!xq || !xs) { free(xq); free(xs); return; }
+    #pragma omp single
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *xm = x + m * ldx;
         float amax = 0.f;
@@ -399,12 +437,21 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
         for (int64_t k = 0; k < K; k++) xq[m * Kp + k] = (int16_t)lrintf(bf2f(xm[k]) * inv);
         for (int64_t k = K; k < Kp; k++) xq[m * Kp + k] = 0;
     }
+    int64_t n0, n1;
+    thread_share(N, &n0, &n1);
+    if (n0 < n1) gemv_i8_rows(xq, xs, M, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy);
+}
+#endif
+
+void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int8_t *Q,
+                  int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
+                  uint16_t *y, int64_t ldy, int threads) {
+#ifdef __AVX512BW__
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * ((K + 31) / 32 * 32)) + 64);
+    float *xs = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    if (!xq || !xs) { free(xq); free(xs); return; }
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    {
-        int64_t n0, n1;
-        thread_share(N, &n0, &n1);
-        if (n0 < n1) gemv_i8_rows(xq, xs, M, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy);
-    }
+    gemv_int8_body(x, M, K, ldx, Q, N, ldq, scale, bias, y, ldy, xq, xs);
     free(xq);
     free(xs);
 #else
@@ -531,15 +578,23 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t T, int64_t K, uint16_t *out
 enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_SCALE, P_QKV_BIAS, P_O, P_O_SCALE, P_GATE_UP,
        P_GATE_UP_SCALE, P_DOWN, P_DOWN_SCALE };
 
-static void gp_matmul(const uint16_t *x, int64_t M, int64_t K, const int64_t *p, int w,
-                      int scale, int bias, int64_t N, uint16_t *y, int threads) {
+/* one layer's product, inside the team: this thread's share of the rows, then a barrier */
+static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const int64_t *p, int w,
+                        int scale, int bias, int64_t N, uint16_t *y, int16_t *xq, float *xs) {
     const void *W = (const void *)(intptr_t)p[w];
-    const uint16_t *s = scale >= 0 ? (const uint16_t *)(intptr_t)p[scale] : NULL;
-    const uint16_t *b = bias >= 0 ? (const uint16_t *)(intptr_t)p[bias] : NULL;
+    const uint16_t *s = p[scale] ? (const uint16_t *)(intptr_t)p[scale] : NULL;
+    const uint16_t *b = bias >= 0 && p[bias] ? (const uint16_t *)(intptr_t)p[bias] : NULL;
+#ifdef __AVX512BW__
     if (s)
-        gp_gemv_int8(x, M, K, K, (const int8_t *)W, N, K, s, b, y, N, threads);
-    else
-        gp_gemv_bf16(x, M, K, K, (const uint16_t *)W, N, K, b, y, N, threads);
+        gemv_int8_body(x, M, K, K, (const int8_t *)W, N, K, s, b, y, N, xq, xs);
+#else
+    (void)xq; (void)xs;
+#endif
+#ifdef __AVX512BF16__
+    if (!s)
+        gemv_bf16_body(x, M, K, K, (const uint16_t *)W, N, K, b, y, N);
+#endif
+    #pragma omp barrier
 }
 
 int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int64_t nq,
@@ -551,34 +606,44 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
                      float scale, const uint16_t *final_norm, uint16_t *out, int threads) {
     int64_t nqkv = (nq + 2 * nkv) * D;
     size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden));
+    int64_t kmax = hidden > inter ? hidden : inter;
+    kmax = kmax > nq * D ? kmax : nq * D;
     uint16_t *buf = malloc(elems * 2);
-    if (!buf) return -1;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * ((kmax + 31) / 32 * 32)) + 64);
+    float *xs = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+    if (!buf || !xq || !xs) { free(buf); free(xq); free(xs); return -1; }
     uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
     uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter;
-    for (int64_t l = 0; l < L; l++) {
-        const int64_t *p = mats + l * LAYER_PTRS;
-        gp_add_rmsnorm(x, hidden, l ? delta : NULL, hidden,
-                       (const uint16_t *)(intptr_t)p[P_IN_NORM], h, hidden, T, hidden, eps,
-                       threads);
-        gp_matmul(h, T, hidden, p, P_QKV, p[P_QKV_SCALE] ? P_QKV_SCALE : -1,
-                  p[P_QKV_BIAS] ? P_QKV_BIAS : -1, nqkv, qkv, threads);
-        uint16_t *kc = (uint16_t *)(intptr_t)k_caches[l], *vc = (uint16_t *)(intptr_t)v_caches[l];
-        gp_rope_kv(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride,
-                   slot_pages, slot_offsets, threads);
-        gp_decode_attention(qkv, nqkv, T, nq, nkv, D, kc, vc, page_stride, bt, block_tables,
-                            ldt, context_lens, scale, o, threads);
-        gp_matmul(o, T, nq * D, p, P_O, p[P_O_SCALE] ? P_O_SCALE : -1, -1, hidden, delta,
-                  threads);
-        gp_add_rmsnorm(x, hidden, delta, hidden, (const uint16_t *)(intptr_t)p[P_POST_NORM],
-                       h, hidden, T, hidden, eps, threads);
-        gp_matmul(h, T, hidden, p, P_GATE_UP, p[P_GATE_UP_SCALE] ? P_GATE_UP_SCALE : -1, -1,
-                  2 * inter, gu, threads);
-        gp_silu_mul(gu, 2 * inter, act, inter, T, inter, threads);
-        gp_matmul(act, T, inter, p, P_DOWN, p[P_DOWN_SCALE] ? P_DOWN_SCALE : -1, -1, hidden,
-                  delta, threads);
+    /* one thread team for the whole step: every op's loop is shared, a barrier between ops
+     * (the worksharing loops end in one; matmul_body adds its own) */
+    #pragma omp parallel num_threads(threads)
+    {
+        for (int64_t l = 0; l < L; l++) {
+            const int64_t *p = mats + l * LAYER_PTRS;
+            uint16_t *kc = (uint16_t *)(intptr_t)k_caches[l];
+            uint16_t *vc = (uint16_t *)(intptr_t)v_caches[l];
+            add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden,
+                             (const uint16_t *)(intptr_t)p[P_IN_NORM], h, hidden, T, hidden,
+                             eps);
+            matmul_body(h, T, hidden, p, P_QKV, P_QKV_SCALE, P_QKV_BIAS, nqkv, qkv, xq, xs);
+            rope_kv_body(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride,
+                         slot_pages, slot_offsets);
+            decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, page_stride, bt,
+                                  block_tables, ldt, context_lens, scale, o);
+            matmul_body(o, T, nq * D, p, P_O, P_O_SCALE, -1, hidden, delta, xq, xs);
+            add_rmsnorm_body(x, hidden, delta, hidden,
+                             (const uint16_t *)(intptr_t)p[P_POST_NORM], h, hidden, T, hidden,
+                             eps);
+            matmul_body(h, T, hidden, p, P_GATE_UP, P_GATE_UP_SCALE, -1, 2 * inter, gu, xq,
+                        xs);
+            silu_mul_body(gu, 2 * inter, act, inter, T, inter);
+            matmul_body(act, T, inter, p, P_DOWN, P_DOWN_SCALE, -1, hidden, delta, xq, xs);
+        }
+        add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, final_norm, out, hidden, T,
+                         hidden, eps);
     }
-    gp_add_rmsnorm(x, hidden, L ? delta : NULL, hidden, final_norm, out, hidden, T, hidden,
-                   eps, threads);
+    free(xq);
+    free(xs);
     free(buf);
     return 0;
 }

@@ -261,7 +261,8 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call) against the
-    per-op native path: identical logits, batches of 1 and 3 decode rows."""
+    per-op native path: identical logits, batches of 1 and 3 decode rows (and 8 for int8
+    weights, whose GEMV serves up to native.GEMV_INT8_MAX_ROWS rows)."""
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
@@ -273,12 +274,13 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
     try:
         w = engine.core.workers["m"]
         w.make_resident()
-        prompts = random_prompts(3, 5, 9, seed=21)
+        sizes = (1, 3, 8) if quantization else (1, 3)
+        prompts = random_prompts(max(sizes), 5, 9, seed=21)
         pages = [engine.kv.pages.allocate(2) for _ in prompts]
         rows = [BatchRow(token_ids=p, start=0, pages=pg, is_decode=False, samples=True)
                 for p, pg in zip(prompts, pages)]
         w.model.forward(build_batch(rows, w.block_tokens, w.device), w.kv_view)
-        for n in (1, 3):
+        for n in sizes:
             step = [BatchRow(token_ids=[7 + i], start=len(p), pages=pg, is_decode=True,
                              samples=True)
                     for i, (p, pg) in enumerate(list(zip(prompts, pages))[:n])]
