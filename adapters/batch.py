@@ -12,6 +12,11 @@ unequal length are gathered into a padded ``[S, longest, K]`` (a zero row fills 
 ones; used while the padding at most doubles the rows) and their results gathered back in
 row order. Same products, summed in another order, so within rounding of the segmented
 path. Identity claims are made in fp32, which keeps the segmented path.
+
+Fused path (``LoraBatch.native``, a bf16 model on CPU whose float32 slots have a bf16 mirror,
+``adapters.slots``): each group's terms in one call of ``kernels.native.lora``, for steps of
+any size (measured on SmolLM2, rank 16 on all projections, 4 adapters, 30 layers: 16 rows
+2.3 ms against the batched path's 10.7, 110 rows 9.2 against 29.8, 1000 rows 79 against 244).
 """
 
 from __future__ import annotations
@@ -25,9 +30,6 @@ from gpupool.adapters.base import GROUPS
 from gpupool.kernels import native
 
 PAD_LIMIT = 2  # the batched path pads segments to the longest while that costs <= 2x the rows
-# steps of at most this many rows take the fused CPU kernel (kernels.native.lora) where the
-# batched path is allowed and the kernels are on; longer ones (prefill) the batched matmuls
-NATIVE_MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,20 @@ class LoraBatch:
     # slots are 0..S-1 in order, projections some adapter targets); None: segmented
     batched: tuple | None = None
     # the fused CPU kernel: (each segment's rank [S], group -> its projections' ranks [P, S],
-    # (layer, group) -> native.lora_weights of the slots, kept as long as the slots are)
+    # (layer, group) -> native.lora_weights of the mirror, kept as long as the slots are,
+    # the slots' bf16 mirror (adapters.slots))
     native: tuple | None = None
 
     @classmethod
     def build(cls, row_adapters: list[str | None], slot_of: dict[str, int],
               rank_of: dict[str, int], targets_of: dict[str, tuple[str, ...]],
               views: dict[str, torch.Tensor], device, batched: bool = False,
+              mirror: dict[str, torch.Tensor] | None = None,
               native_weights: dict | None = None) -> LoraBatch:
-        """``native_weights``: the slots' cache of native.lora_weights per (layer, group)
-        (AdapterSlots.native_weights); a batch without one prepares its own."""
+        """``mirror``: the slots' bf16 copies for the fused CPU kernel (AdapterSlots.mirror;
+        without one the kernel is not used); ``native_weights``: the slots' cache of
+        native.lora_weights per (layer, group) (AdapterSlots.native_weights); a batch without
+        one prepares its own."""
         starts, names = [], []
         for i, name in enumerate(row_adapters):
             if i == 0 or name != row_adapters[i - 1]:
@@ -88,11 +94,11 @@ class LoraBatch:
                        torch.tensor(valid, dtype=torch.long, device=device))
             plan = (len(names), longest, ranks[0], index, targeted, pad)
         fused = None
-        if (batched and total <= NATIVE_MAX_ROWS and max(ranks) <= native.MAX_LORA_RANK
+        if (batched and mirror is not None and max(ranks) <= native.MAX_LORA_RANK
                 and native.enabled()):
             fused = (t(ranks), {group: torch.stack([proj_ranks[p] for p, _ in projs])
                                 for group, (_, projs) in GROUPS.items()},
-                     {} if native_weights is None else native_weights)
+                     {} if native_weights is None else native_weights, mirror)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, views, plan, fused)
 
@@ -101,9 +107,10 @@ class LoraBatch:
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
             weights = self.native[2].get((layer, group))
             if weights is None:
+                mirror = self.native[3]
                 weights = self.native[2][layer, group] = native.lora_weights(
-                    self.views[f"{layer}.{group}.A"],
-                    [self.views[f"{layer}.{p}.B"] for p, _ in GROUPS[group][1]])
+                    mirror[f"{layer}.{group}.A"], mirror[f"{layer}.{group}.BT"],
+                    [self.views[f"{layer}.{p}.B"].shape[1] for p, _ in GROUPS[group][1]])
             native.lora(x, out, self.starts, self.slots, self.native[0], weights,
                         self.native[1][group])
             return

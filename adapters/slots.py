@@ -14,6 +14,15 @@ The device buffer is ``[num_slots, slot_bytes]``: a view of the base model's ran
 arena's adapter region (``WeightPool.adapter_buffer``), never an allocation of its own. Each
 tensor is viewed across slots as ``[num_slots, *shape]`` so the SGMV kernels index it by slot
 id.
+
+A *mirror* (``mirror=True``: float32 slots of a bf16 model on CPU, for the fused LoRA kernel,
+``kernels.native.lora``) follows the slots in the same range: per slot, each group's A in bf16
+and its projections' B stacked and transposed in bf16, refreshed whenever an adapter is loaded
+into the slot:
+
+    mirror layout, per layer i:  i.{group}.A [P R, fan_in]   i.{group}.BT [R, sum of widths]
+
+Half the bytes of the float32 slots for the kernel to read, and an expand without reductions.
 """
 
 from __future__ import annotations
@@ -41,6 +50,30 @@ def slot_layout(cfg, max_rank: int, dtype: torch.dtype) -> WeightLayout:
     return WeightLayout.build(shapes, dtype)
 
 
+def mirror_layout(cfg, max_rank: int) -> WeightLayout:
+    w, shapes = _widths(cfg), {}
+    for i in range(cfg.num_layers):
+        for group, (fan_in, projs) in GROUPS.items():
+            shapes[f"{i}.{group}.A"] = (len(projs) * max_rank, w[fan_in])
+            shapes[f"{i}.{group}.BT"] = (max_rank, sum(w[f] for _, f in projs))
+    return WeightLayout.build(shapes, torch.bfloat16)
+
+
+def fill_mirror(mirror: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
+                num_layers: int, slot: int) -> None:
+    """Slot ``slot`` of the mirror from the slots' views: A rounded to bf16, each group's Bs
+    ([width, R] each) stacked, transposed and rounded."""
+    for i in range(num_layers):
+        for group, (_, projs) in GROUPS.items():
+            mirror[f"{i}.{group}.A"][slot].copy_(views[f"{i}.{group}.A"][slot])
+            bt = mirror[f"{i}.{group}.BT"][slot]
+            col = 0
+            for proj, _ in projs:
+                b = views[f"{i}.{proj}.B"][slot]  # [width, R]
+                bt[:, col : col + b.shape[0]].copy_(b.T)
+                col += b.shape[0]
+
+
 def pack_adapter(layout: WeightLayout, cfg, rank: int, weights) -> torch.Tensor:
     """A host buffer in slot layout holding one adapter (zeros where it has no LoRA)."""
     buf = layout.allocate("cpu")
@@ -56,6 +89,16 @@ def pack_adapter(layout: WeightLayout, cfg, rank: int, weights) -> torch.Tensor:
     return buf
 
 
+def _views(layout: WeightLayout, buffer: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """Each tensor of ``layout`` across the slots' rows of ``buffer``: [num_slots, *shape]."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    views = {}
+    for s in layout.specs:
+        cols = buffer[:, s.offset_bytes : s.offset_bytes + s.numel * elem]
+        views[s.name] = cols.view(dtype).view(buffer.shape[0], *s.shape)
+    return views
+
+
 class AdapterSlots:
     """``num_slots`` device slots for one base model, least recently used evicted first.
 
@@ -66,23 +109,30 @@ class AdapterSlots:
     """
 
     @staticmethod
-    def num_bytes(cfg, num_slots: int, max_rank: int, dtype) -> int:
-        return num_slots * slot_layout(cfg, max_rank, dtype).num_bytes
+    def num_bytes(cfg, num_slots: int, max_rank: int, dtype, mirror: bool = False) -> int:
+        per_slot = slot_layout(cfg, max_rank, dtype).num_bytes
+        if mirror:
+            per_slot += mirror_layout(cfg, max_rank).num_bytes
+        return num_slots * per_slot
 
-    def __init__(self, cfg, num_slots: int, max_rank: int, dtype, memory: torch.Tensor):
+    def __init__(self, cfg, num_slots: int, max_rank: int, dtype, memory: torch.Tensor,
+                 mirror: bool = False):
         self.cfg = cfg
         self.layout = slot_layout(cfg, max_rank, dtype)
         self.num_slots = num_slots
-        nbytes = num_slots * self.layout.num_bytes
+        nbytes = self.num_bytes(cfg, num_slots, max_rank, dtype, mirror)
         if memory.dtype != torch.uint8 or memory.dim() != 1 or memory.numel() != nbytes:
             raise ValueError(f"adapter slot memory must be uint8 of {nbytes} bytes")
-        self.buffer = memory.view(num_slots, self.layout.num_bytes)
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.views: dict[str, torch.Tensor] = {}
-        for s in self.layout.specs:
-            cols = self.buffer[:, s.offset_bytes : s.offset_bytes + s.numel * elem]
-            self.views[s.name] = cols.view(dtype).view(num_slots, *s.shape)
-        # the fused CPU LoRA kernel's view of these slots per (layer, group)
+        slot_bytes = num_slots * self.layout.num_bytes
+        self.buffer = memory[:slot_bytes].view(num_slots, self.layout.num_bytes)
+        self.views = _views(self.layout, self.buffer, dtype)
+        # bf16 copies for the fused CPU kernel (see the module's docstring), or None
+        self.mirror: dict[str, torch.Tensor] | None = None
+        if mirror:
+            mlayout = mirror_layout(cfg, max_rank)
+            self.mirror = _views(mlayout, memory[slot_bytes:].view(num_slots, -1),
+                                 torch.bfloat16)
+        # the fused CPU LoRA kernel's view of the mirror per (layer, group)
         # (kernels.native.lora_weights: addresses, fixed while this memory is)
         self.native_weights: dict = {}
         self.host: dict[str, torch.Tensor] = {}
@@ -119,6 +169,8 @@ class AdapterSlots:
                 victim = next(n for n in self.resident if n not in self.pinned)
                 slot = self.resident.pop(victim)
             self.buffer[slot].copy_(self.host[name], non_blocking=True)
+            if self.mirror is not None:
+                fill_mirror(self.mirror, self.views, self.cfg.num_layers, slot)
             self.resident[name] = slot
             self.num_loads += 1
         return {n: self.resident[n] for n in names}

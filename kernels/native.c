@@ -43,6 +43,7 @@ static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 #define MAX_DIM 16384     /* hidden and intermediate sizes (native.py checks) */
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16      /* query heads per KV head */
+#define MAX_LORA_COLS 768 /* a group's A rows, projections x rank: rank <= 256 (native.py) */
 
 /* which GEMVs this build has: bit 0 the bf16 one (AVX-512 BF16), bit 1 the int8 one
  * (AVX-512 BW); the others are built everywhere */
@@ -460,113 +461,171 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
 #endif
 }
 
-#ifdef __AVX512F__
-/* lane e: B[e][0:r] . h[0:r] for 16 consecutive rows of B (row stride ldb): each row's
- * products in one vector, then the 16 vectors summed across their lanes at once (a
- * transposing add tree: 45 shuffles and adds for 16 dot products instead of 16 reductions) */
-static __m512 expand16(const float *B, int64_t ldb, const float *h, int64_t r) {
-    __m512 v[16];
-    for (int e = 0; e < 16; e++) v[e] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < r; i += 16) {
-        __mmask16 mk = r - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (r - i)) - 1);
-        __m512 hv = _mm512_maskz_loadu_ps(mk, h + i);
-        for (int e = 0; e < 16; e++)
-            v[e] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, B + e * ldb + i), hv, v[e]);
-    }
-    __m512 t[8], q[4], w[2];
-    for (int e = 0; e < 8; e++)  /* pairs: lanes hold partial sums of v[2e], v[2e+1] */
-        t[e] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * e], v[2 * e + 1]),
-                             _mm512_unpackhi_ps(v[2 * e], v[2 * e + 1]));
-    for (int e = 0; e < 4; e++)  /* each 128-bit lane: partials of v[4e .. 4e+3] */
-        q[e] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * e], t[2 * e + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(t[2 * e], t[2 * e + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int e = 0; e < 2; e++)
-        w[e] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * e], q[2 * e + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(q[2 * e], q[2 * e + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+/* ---- LoRA ---------------------------------------------------------------------------------
+ * The LoRA terms of one projection group for a few rows, from bf16 copies of the adapter slots
+ * (adapters/slots.py's mirror: each group's A [P R][K] as the slots hold it, its projections'
+ * B stacked and transposed, BT [R][widths]): for row t of segment s (rows starts[s] ..
+ * starts[s+1]) with an adapter (seg_rank[s] = r > 0) in slot slots[s]:
+ *   h = A[slot][0 : P r] . x[t]                       products exact, summed in float32
+ *   out[t, col_j + c] += sum_i<r h[j r + i] BT[slot][i][col_j + c]
+ * for each projection j the adapter targets (proj_rank[j][s] > 0; its columns from col_j,
+ * the sum of the widths before it), added in float32 and rounded once (as torch adds a float32
+ * delta into a bf16 tensor). The transposed B makes the expand a sum of r broadcast
+ * multiply-adds over 16 consecutive columns, no reductions. */
+static inline float bf16_dot(const uint16_t *a, const uint16_t *b, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; k++) acc += bf2f(a[k]) * bf2f(b[k]);
+    return acc;
 }
 
-/* o[0:16] = bf16(o + add): f2bf on 16 lanes (round to nearest even, NaN kept quiet) */
-static void add_into_bf16x16(uint16_t *o, __m512 add) {
-    __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)o)),
-                                  16);
-    u = _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(u), add));
+/* h[u * ldh + i] = A[i] . x[u] for the R rows of A (row stride lda) and n rows of x (row
+ * stride ldx), bf16 inputs, float32 sums: four rows of A at a time (four sums in flight, each
+ * x vector loaded once for four rows) */
+static void lora_shrink(const uint16_t *A, int64_t lda, int64_t R, const uint16_t *x,
+                        int64_t ldx, int64_t n, int64_t K, float *h, int64_t ldh) {
+    int64_t i = 0;
+#ifdef __AVX512BF16__
+    __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);
+    for (; i + 4 <= R; i += 4) {
+        const uint16_t *a = A + i * lda;
+        for (int64_t u = 0; u < n; u++) {
+            const uint16_t *xu = x + u * ldx;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(xu + k);
+                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + k), xv);
+                s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + lda + k), xv);
+                s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a + 2 * lda + k), xv);
+                s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a + 3 * lda + k), xv);
+            }
+            if (k < K) {
+                __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xu + k);
+                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + k), xv);
+                s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + lda + k),
+                                      xv);
+                s2 = _mm512_dpbf16_ps(
+                    s2, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + 2 * lda + k), xv);
+                s3 = _mm512_dpbf16_ps(
+                    s3, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + 3 * lda + k), xv);
+            }
+            float *hu = h + u * ldh + i;
+            hu[0] = _mm512_reduce_add_ps(s0);
+            hu[1] = _mm512_reduce_add_ps(s1);
+            hu[2] = _mm512_reduce_add_ps(s2);
+            hu[3] = _mm512_reduce_add_ps(s3);
+        }
+    }
+#endif
+    for (; i < R; i++)
+        for (int64_t u = 0; u < n; u++) h[u * ldh + i] = bf16_dot(A + i * lda, x + u * ldx, K);
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __m512 bf16x16_load(const uint16_t *p, __mmask16 mk) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+
+/* o[0:16 where mk] = bf16(o + add): f2bf on 16 lanes (round to nearest even, NaN kept quiet) */
+static void add_into_bf16x16(uint16_t *o, __m512 add, __mmask16 mk) {
+    __m512i u = _mm512_castps_si512(_mm512_add_ps(bf16x16_load(o, mk), add));
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
     __mmask16 nan = _mm512_cmpgt_epi32_mask(
         _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
     rounded = _mm512_mask_mov_epi32(rounded, nan,
                                     _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-    _mm256_storeu_si256((void *)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    _mm256_mask_storeu_epi16((void *)o, mk,
+                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 #endif
 
-/* LoRA terms of one projection group for a few rows, float32 adapter slots, bf16 activations:
- * for row t of segment s (rows starts[s] .. starts[s+1]) with an adapter (seg_rank[s] = r > 0)
- * in slot slots[s]: h = A[slot][0 : P r] . x[t] in float32, then for each projection j that
- * the adapter targets (proj_rank[j][s] > 0), out[t, col_j + c] += B_j[slot][c][0 : r] .
- * h[j r : j r + r], added in float32 and rounded once (as torch adds a float32 delta into a
- * bf16 tensor). The segmented torch path (sgmv shrink + expand per projection) is the
- * ground truth. b_ptrs etc.: per projection, its B slots' address, slot and row strides and
- * width (columns of out, consecutive from 0). */
-void gp_lora(const uint16_t *x, int64_t ldx, int64_t T, int64_t K, uint16_t *out, int64_t ldo,
-             int64_t S, const int32_t *starts, const int32_t *slots, const int32_t *seg_rank,
-             const float *A, int64_t a_slot, int64_t a_row, int64_t P, const int64_t *b_ptrs,
-             const int64_t *b_slot, const int64_t *b_row, const int64_t *widths,
-             const int32_t *proj_rank, int threads) {
-    (void)T;
-    /* a segment at a time: its rows share the adapter, so each A and B row is read once
-     * from memory and reused from L1 for every row of the segment */
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (S > 1)
-    for (int64_t s = 0; s < S; s++) {
-        int64_t r = seg_rank[s], t0 = starts[s], n = starts[s + 1] - starts[s];
-        if (r <= 0 || n <= 0) continue;
-        float *xf = malloc(sizeof(float) * (size_t)(n * K + n * P * r));
-        if (!xf) continue;
-        float *h = xf + n * K;  /* [n][P r] */
-        for (int64_t u = 0; u < n; u++)
-            for (int64_t k = 0; k < K; k++) xf[u * K + k] = bf2f(x[(t0 + u) * ldx + k]);
-        const float *a = A + slots[s] * a_slot;
-        for (int64_t i = 0; i < P * r; i++) {
-            const float *ai = a + i * a_row;
-            for (int64_t u = 0; u < n; u++) {
-                const float *xu = xf + u * K;
-                float acc = 0.0f;
-                for (int64_t k = 0; k < K; k++) acc += ai[k] * xu[k];
-                h[u * P * r + i] = acc;
+/* out[u][c] += sum_i<r h[u][i] BT[i][c] for c < W, n rows u (out row stride ldo, h row stride
+ * ldh, BT row stride ldb): 64 columns at a time (four sums in flight), then 16, then a masked
+ * tail */
+static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, const float *h,
+                        int64_t ldh, int64_t n, uint16_t *out, int64_t ldo) {
+    int64_t c = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    for (; c + 64 <= W; c += 64)
+        for (int64_t u = 0; u < n; u++) {
+            const float *hu = h + u * ldh;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int64_t i = 0; i < r; i++) {
+                __m512 hv = _mm512_set1_ps(hu[i]);
+                const uint16_t *b = BT + i * ldb + c;
+                s0 = _mm512_fmadd_ps(hv, bf16x16_load(b, 0xffff), s0);
+                s1 = _mm512_fmadd_ps(hv, bf16x16_load(b + 16, 0xffff), s1);
+                s2 = _mm512_fmadd_ps(hv, bf16x16_load(b + 32, 0xffff), s2);
+                s3 = _mm512_fmadd_ps(hv, bf16x16_load(b + 48, 0xffff), s3);
             }
+            uint16_t *o = out + u * ldo + c;
+            add_into_bf16x16(o, s0, 0xffff);
+            add_into_bf16x16(o + 16, s1, 0xffff);
+            add_into_bf16x16(o + 32, s2, 0xffff);
+            add_into_bf16x16(o + 48, s3, 0xffff);
         }
+    for (; c < W; c += 16) {
+        __mmask16 mk = W - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (W - c)) - 1);
+        for (int64_t u = 0; u < n; u++) {
+            const float *hu = h + u * ldh;
+            __m512 s0 = _mm512_setzero_ps();
+            for (int64_t i = 0; i < r; i++)
+                s0 = _mm512_fmadd_ps(_mm512_set1_ps(hu[i]), bf16x16_load(BT + i * ldb + c, mk),
+                                     s0);
+            add_into_bf16x16(out + u * ldo + c, s0, mk);
+        }
+    }
+#endif
+    for (; c < W; c++)
+        for (int64_t u = 0; u < n; u++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < r; i++) acc += h[u * ldh + i] * bf2f(BT[i * ldb + c]);
+            uint16_t *o = out + u * ldo + c;
+            *o = f2bf(bf2f(*o) + acc);
+        }
+}
+
+#define LORA_CHUNK 16  /* rows of a segment per work item */
+
+void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo, int64_t S,
+             const int32_t *starts, const int32_t *slots, const int32_t *seg_rank,
+             const uint16_t *A, int64_t a_slot, int64_t a_row, int64_t P, const uint16_t *BT,
+             int64_t bt_slot, int64_t bt_row, const int64_t *widths, const int32_t *proj_rank,
+             int threads) {
+    /* work items: up to LORA_CHUNK rows of one segment (a decode step's segments are an item
+     * each; a long prompt's rows are shared by the threads). An item's rows share the adapter,
+     * so each A and BT row is read once from memory and reused from L1 for all of them. */
+    int64_t items = 0;
+    for (int64_t s = 0; s < S; s++)
+        if (seg_rank[s] > 0) items += (starts[s + 1] - starts[s] + LORA_CHUNK - 1) / LORA_CHUNK;
+    int64_t *item_seg = malloc(sizeof(int64_t) * (size_t)(2 * items + 1));
+    if (!item_seg) return;
+    int64_t *item_row = item_seg + items;
+    for (int64_t s = 0, k = 0; s < S; s++)
+        if (seg_rank[s] > 0)
+            for (int64_t t = starts[s]; t < starts[s + 1]; t += LORA_CHUNK) {
+                item_seg[k] = s;
+                item_row[k++] = t;
+            }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t s = item_seg[it], t0 = item_row[it], r = seg_rank[s];
+        int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
+        float h[LORA_CHUNK * MAX_LORA_COLS];  /* [n][P r] */
+        lora_shrink(A + slots[s] * a_slot, a_row, P * r, x + t0 * ldx, ldx, n, K, h, P * r);
+        const uint16_t *bt = BT + slots[s] * bt_slot;
         int64_t col = 0;
         for (int64_t j = 0; j < P; j++) {
             int64_t rj = proj_rank[j * S + s];
-            if (rj > 0) {
-                const float *b = (const float *)(intptr_t)b_ptrs[j] + slots[s] * b_slot[j];
-                int64_t c = 0;
-#ifdef __AVX512F__
-                for (; c + 16 <= widths[j]; c += 16)  /* 16 columns at a time, vectorized */
-                    for (int64_t u = 0; u < n; u++) {
-                        uint16_t *o = out + (t0 + u) * ldo + col + c;
-                        __m512 sums = expand16(b + c * b_row[j], b_row[j],
-                                               h + u * P * r + j * r, rj);
-                        add_into_bf16x16(o, sums);
-                    }
-#endif
-                for (; c < widths[j]; c++) {
-                    const float *bc = b + c * b_row[j];
-                    for (int64_t u = 0; u < n; u++) {
-                        const float *hj = h + u * P * r + j * r;
-                        float acc = 0.0f;
-                        for (int64_t i = 0; i < rj; i++) acc += bc[i] * hj[i];
-                        uint16_t *o = out + (t0 + u) * ldo + col + c;
-                        *o = f2bf(bf2f(*o) + acc);
-                    }
-                }
-            }
+            if (rj > 0)
+                lora_expand(bt + col, bt_row, widths[j], rj, h + j * r, P * r, n,
+                            out + t0 * ldo + col, ldo);
             col += widths[j];
         }
-        free(xf);
     }
+    free(item_seg);
 }
 
 /* ---- a whole decode step's layers in one call ----------------------------------------------

@@ -9,9 +9,10 @@ of dispatch each. ``native.c`` does each layer's glue in four calls:
 - ``decode_attention``: paged decode attention reading each page in place, once;
 - ``silu_mul``: SiLU(gate) * up;
 
-and besides: ``lora`` (a projection group's LoRA terms from float32 slots), ``gemv`` and
-``gemv_int8`` (bf16 / int8 weights, a few rows, one sequential stream per thread) and
-``decode_layers`` (every layer of a small decode step without adapters in one call).
+and besides: ``lora`` (a projection group's LoRA terms from bf16 copies of the float32 slots,
+B transposed), ``gemv`` and ``gemv_int8`` (bf16 / int8 weights, a few rows, one sequential
+stream per thread; the int8 one in integers on x quantized to int16) and ``decode_layers``
+(every layer of a small decode step without adapters in one call, one thread team).
 
 Each rounds as the torch ops it replaces (bf16 after every op torch does in bf16), so outputs
 match the torch path to a bf16 rounding step here and there (reduction order): the tests
@@ -47,7 +48,7 @@ SOURCE = Path(__file__).with_name("native.c")
 MAX_DIM = 16384  # as native.c
 MAX_HEAD_DIM = 256
 MAX_GROUP = 16
-MAX_LORA_RANK = 256
+MAX_LORA_RANK = 256  # as native.c (MAX_LORA_COLS: 3 projections x 256)
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": the loaded library or None; "forced": bool or None
 
@@ -59,8 +60,8 @@ _SIGNATURES = {
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
                             _vp, _f32, _vp, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
-    "gp_lora": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp,
-                _vp, _vp, _vp, _vp, _int],
+    "gp_lora": [_vp, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
+                _i64, _vp, _vp, _int],
     "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
                          _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
@@ -253,15 +254,14 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def lora_weights(a: torch.Tensor, bs: list[torch.Tensor]) -> tuple:
-    """:func:`lora`'s view of one projection group's slots (addresses, strides, widths): a:
-    the group's float32 A slots [slots, P r_max, K]; bs: each projection's float32 B slots
-    [slots, width, r_max]. Valid while the views' memory is (the slots' life): callers keep
-    it per (layer, group) instead of rebuilding it every step."""
-    i64 = ctypes.c_int64 * len(bs)
-    return (a.data_ptr(), a.stride(0), a.stride(1), len(bs), i64(*(b.data_ptr() for b in bs)),
-            i64(*(b.stride(0) for b in bs)), i64(*(b.stride(1) for b in bs)),
-            i64(*(b.shape[1] for b in bs)))
+def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
+    """:func:`lora`'s view of one projection group's bf16 slot copies (addresses, strides,
+    widths): a: the group's A [slots, P r_max, K]; bt: its projections' B stacked and
+    transposed [slots, r_max, sum(widths)] (adapters.slots.fill_mirror). Valid while the
+    views' memory is (the slots' life): callers keep it per (layer, group) instead of
+    rebuilding it every step."""
+    return (a.data_ptr(), a.stride(0), a.stride(1), len(widths), bt.data_ptr(), bt.stride(0),
+            bt.stride(1), (ctypes.c_int64 * len(widths))(*widths))
 
 
 def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
@@ -270,7 +270,7 @@ def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.
     one projection group; see native.c's gp_lora). x, out: bf16 rows (unit stride); starts
     [S + 1], slots, seg_rank [S] int32; weights: :func:`lora_weights`; proj_rank [P, S]
     int32."""
-    _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(),
+    _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(),
                    out.stride(0), slots.shape[0], starts.data_ptr(), slots.data_ptr(),
                    seg_rank.data_ptr(), *weights, proj_rank.data_ptr(), torch.get_num_threads())
 

@@ -11,6 +11,7 @@ from gpupool import kernels
 from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots
+from gpupool.kernels import native
 from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype
@@ -144,14 +145,17 @@ class ModelWorker:
             raise AdapterError(f"model {self.name!r} has no weight pool: adapter slots live "
                                "in the arena's adapter region")
         cfg = self.adapter_config
+        # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
+        mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
+                  and self.adapter_dtype == torch.float32 and native.enabled())
         nbytes = AdapterSlots.num_bytes(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                                        self.adapter_dtype)
+                                        self.adapter_dtype, mirror)
         try:
             memory = self.weight_pool.adapter_buffer(self.name, nbytes)
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
         return AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                            self.adapter_dtype, memory)
+                            self.adapter_dtype, memory, mirror)
 
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter (the caller ensures nothing runs it); with the last one gone the
@@ -172,6 +176,7 @@ class ModelWorker:
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
                                self.slots.views, self.device,
                                batched=self.adapter_dtype != self.dtype,
+                               mirror=self.slots.mirror,
                                native_weights=self.slots.native_weights)
 
     def execute(self, rows: list[BatchRow]) -> torch.Tensor:

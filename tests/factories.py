@@ -231,6 +231,23 @@ def make_byte_model(folder: Path, smollm2_path: Path, seed: int = 0, max_len: in
     return folder
 
 
+def lora_mirror(views: dict[str, torch.Tensor], num_slots: int) -> dict[str, torch.Tensor]:
+    """The bf16 mirror (adapters.slots.fill_mirror) of one layer's slot views, every slot."""
+    from gpupool.adapters.base import GROUPS
+    from gpupool.adapters.slots import fill_mirror
+
+    mirror = {}
+    for group, (_, projs) in GROUPS.items():
+        a = views[f"0.{group}.A"]
+        bs = [views[f"0.{p}.B"] for p, _ in projs]
+        mirror[f"0.{group}.A"] = torch.empty(a.shape, dtype=torch.bfloat16)
+        mirror[f"0.{group}.BT"] = torch.empty(num_slots, bs[0].shape[2],
+                                              sum(b.shape[1] for b in bs), dtype=torch.bfloat16)
+    for slot in range(num_slots):
+        fill_mirror(mirror, views, 1, slot)
+    return mirror
+
+
 def lora_slot_views(widths: dict[str, int], num_slots: int, rank_max: int,
                     g: torch.Generator) -> dict[str, torch.Tensor]:
     """Random float32 LoRA slot views of one layer ("0.{group}.A", "0.{proj}.B"), shaped as

@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM
 from gpupool import SamplingParams
 from gpupool.kernels import decode, native, reference
 from gpupool.models.cpu import cpu_flags
-from tests.factories import hf_greedy_with, lora_slot_views, make_engine, random_prompts
+from tests.factories import (
+    hf_greedy_with,
+    lora_mirror,
+    lora_slot_views,
+    make_engine,
+    random_prompts,
+)
 from tests.test_kernels_attention import _dense_attention, _paged
 
 BF = torch.bfloat16
@@ -168,10 +174,14 @@ def test_decode_attention_matches_dense_attention(heads, kvh, d, lengths):
         assert err <= max(2 * torch_err, 2e-2), (b, err, torch_err)
 
 
-def test_lora_kernel_matches_the_segmented_path():
-    """The fused LoRA kernel against the segmented SGMV path (the ground truth) on bf16
-    activations with float32 slots: unequal segments, permuted slots, base rows between
-    adapters, adapters of different ranks and targets; within bf16 rounding of the sum."""
+@pytest.mark.parametrize("exact_in_bf16", [True, False])
+def test_lora_kernel_matches_the_segmented_path(exact_in_bf16):
+    """The fused LoRA kernel (on the slots' bf16 mirror) against the segmented SGMV path (the
+    ground truth) on bf16 activations: unequal segments, permuted slots, base rows between
+    adapters, adapters of different ranks and targets, segments longer than the kernel's
+    16-row work items. On slots that bf16 holds exactly, within
+    bf16 rounding of the sum; on any float32 slots, within the slots' own rounding to bf16
+    (2^-8 of the sum of the terms' magnitudes) and that rounding of the sum."""
     from gpupool.adapters.base import GROUPS
     from gpupool.adapters.batch import LoraBatch
 
@@ -179,13 +189,21 @@ def test_lora_kernel_matches_the_segmented_path():
     widths = {"hidden": 40, "q": 40, "kv": 8, "inter": 72}
     num_slots, rank_max = 5, 16
     views = lora_slot_views(widths, num_slots, rank_max, g)
+    if exact_in_bf16:
+        views = {k: v.to(BF).float() for k, v in views.items()}
+    mirror = lora_mirror(views, num_slots)
+    magnitudes = {k: v.abs() for k, v in views.items()}
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets = {"a": every, "b": ("q_proj", "v_proj", "down_proj"), "c": ("q_proj",)}
     ranks = {"a": 4, "b": 16, "c": 8}
     slot_of = {"a": 3, "b": 0, "c": 4}
-    for rows in (["a", "a", "b", "b", "b", "c"], ["a"], [None, "a", "a", None, "c", "c", "c"]):
-        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=True)
+    long = ["c"] * 3 + ["b"] * 37 + [None] * 2 + ["a"] * 17  # segments over 16 rows: shared
+    for rows in (["a", "a", "b", "b", "b", "c"], ["a"], [None, "a", "a", None, "c", "c", "c"],
+                 long):
+        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=True,
+                               mirror=mirror)
         slow = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=False)
+        size = LoraBatch.build(rows, slot_of, ranks, targets, magnitudes, "cpu")
         assert fast.native is not None and slow.native is None
         for group, (fan_in, projs) in GROUPS.items():
             x = torch.randn(len(rows), widths[fan_in], generator=g).to(BF)
@@ -198,7 +216,14 @@ def test_lora_kernel_matches_the_segmented_path():
                 if name is None:
                     assert torch.equal(got[r], base[r])
             assert not torch.equal(want, base)
-            assert _ulps_apart(got, want).max() <= 1, group
+            if exact_in_bf16:
+                assert _ulps_apart(got, want).max() <= 1, group
+            else:
+                terms = torch.zeros(len(rows), n)
+                size.apply(0, group, x.float().abs(), terms)
+                gap = (got.float() - want.float()).abs()
+                assert (gap <= terms * 2**-8 + want.float().abs() * 2**-8).all(), group
+                assert (_ulps_apart(got, want) <= 1).float().mean() >= 0.5, group
 
 
 def _teacher_forced_logits(engine, ids):
