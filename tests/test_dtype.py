@@ -64,8 +64,9 @@ def test_bf16_agrees_with_transformers_bf16_and_with_fp32(tiny_models):
 
 def test_bf16_lora_runs_its_adapter_terms_in_fp32_and_agrees_with_fp32(tiny_models, tmp_path):
     """On CPU a bf16 model's LoRA slots are float32 (its small products are faster there) and
-    the adapter terms are computed in fp32. Each bf16 first token with an adapter is one the
-    fp32 engine rates within 0.15 nats of its own best, and the adapters change the output."""
+    the adapter terms are summed in fp32 (the fused kernel's bf16 mirror of the slots rounds
+    the weights, not the sums). Each bf16 first token with an adapter is one the fp32 engine
+    rates within 0.15 nats of its own best, and the adapters change the output."""
     folder = tiny_models("llama")
     a = make_peft_adapter(folder, tmp_path / "a", 4, ["q_proj", "v_proj", "down_proj"], seed=5)
     b = make_peft_adapter(folder, tmp_path / "b", 8, ["o_proj", "gate_proj", "up_proj"],

@@ -21,6 +21,7 @@ from tests.factories import (
     lora_mirror,
     lora_slot_views,
     make_engine,
+    make_peft_adapter,
     random_prompts,
 )
 from tests.test_kernels_attention import _dense_attention, _paged
@@ -224,6 +225,47 @@ def test_lora_kernel_matches_the_segmented_path(exact_in_bf16):
                 gap = (got.float() - want.float()).abs()
                 assert (gap <= terms * 2**-8 + want.float().abs() * 2**-8).all(), group
                 assert (_ulps_apart(got, want) <= 1).float().mean() >= 0.5, group
+
+
+def test_the_lora_mirror_lives_in_the_arena_and_follows_every_slot_load(tiny_models, tmp_path):
+    """A bf16 model on CPU: its float32 slots' bf16 mirror lies in the base's range of the
+    arena's adapter region, after the slots; with one slot and two adapters taking turns, each
+    load leaves the mirror equal to the slot's A rounded to bf16 and its Bs transposed, and an
+    adapter gives the same tokens after the other one evicted it."""
+    from gpupool.adapters.base import GROUPS
+
+    folder = tiny_models("llama")
+    a = make_peft_adapter(folder, tmp_path / "a", 4, ["q_proj", "v_proj", "down_proj"], seed=5)
+    b = make_peft_adapter(folder, tmp_path / "b", 8, ["o_proj", "gate_proj", "up_proj"],
+                          seed=6)
+    e = make_engine(folder, dtype="bfloat16", max_lora_rank=8, max_loras_on_device=1)
+    try:
+        e.add_adapter("a", "m", a)
+        e.add_adapter("b", "m", b)
+        prompt = random_prompts(1, 6, 6, seed=3)[0]
+        greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        worker = e.core.workers["m"]
+        tokens = []
+        for name in ("a", "b", "a"):
+            tokens.append(list(e.generate([prompt], greedy, model=name)[0].token_ids))
+            slots = worker.slots
+            assert list(slots.resident) == [name] and slots.mirror is not None
+            for i in range(worker.cfg.num_layers):
+                for group, (_, projs) in GROUPS.items():
+                    assert torch.equal(slots.mirror[f"{i}.{group}.A"][0],
+                                       slots.views[f"{i}.{group}.A"][0].to(BF))
+                    bt = torch.cat([slots.views[f"{i}.{p}.B"][0] for p, _ in projs]).T
+                    assert torch.equal(slots.mirror[f"{i}.{group}.BT"][0], bt.to(BF))
+        arena = e.arena
+        start = slots.buffer.data_ptr() + slots.buffer.numel()  # the slots end, the mirror starts
+        end = arena.adapters.data_ptr() + arena.adapter_bytes
+        for v in slots.mirror.values():
+            assert v.untyped_storage().data_ptr() == arena.buffer.data_ptr()
+            assert start <= v.data_ptr() < end
+        assert tokens[0] == tokens[2] and tokens[0] != tokens[1]
+        e.check_integrity()
+    finally:
+        e.shutdown()
 
 
 def _teacher_forced_logits(engine, ids):
