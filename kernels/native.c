@@ -45,12 +45,13 @@ static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 #define MAX_GROUP 16      /* query heads per KV head */
 #define MAX_LORA_COLS 768 /* a group's A rows, projections x rank: rank <= 256 (native.py) */
 
-/* which GEMVs this build has: bit 0 the bf16 one (AVX-512 BF16), bit 1 the int8 one
- * (AVX-512 BW); the others are built everywhere */
+/* which kernels with intrinsics this build has: bit 0 the bf16 GEMV (AVX-512 BF16), bit 1 the
+ * int8 one (AVX-512 BW), bit 2 prefill attention (AVX-512 BF16); the others are built
+ * everywhere */
 int gp_gemv_features(void) {
     int f = 0;
 #ifdef __AVX512BF16__
-    f |= 1;
+    f |= 1 | 4;
 #endif
 #ifdef __AVX512BW__
     f |= 2;
@@ -258,6 +259,211 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
     #pragma omp parallel num_threads(threads) if (work * nkv >= 256)
     decode_attention_body(q, ldq, B, nq, nkv, D, k_cache, v_cache, page_stride, bt,
                           block_tables, ldt, context_lens, scale, out);
+}
+
+/* ---- prefill attention ---------------------------------------------------------------------
+ * Causal attention of a chunk of new tokens over its cached prefix and itself (the semantics of
+ * kernels.reference.paged_attention_prefill): sequence s owns query rows cu[s] .. cu[s+1] (n
+ * rows), its tokens ctx[s] - n .. ctx[s] - 1; query row i attends to cached tokens
+ * 0 .. ctx[s] - n + i, read from the pages in place. Flash-style: a work item is up to PA_QT
+ * rows of one sequence with the query heads of one KV head; keys come in blocks of PA_KB, each
+ * block's K transposed and its V interleaved once (as bf16 pairs) for all the item's queries;
+ * scores and the weighted sum of V are AVX-512 BF16 dot products (exact products, float32
+ * sums); an online softmax in float32 (running max and sum); the probabilities rounded to
+ * bf16 for the product with V (as torch's flash attention does), their sum taken of the
+ * rounded values; the output divided once and rounded to bf16. */
+#ifdef __AVX512BF16__
+#define PA_QT 32
+#define PA_KB 64
+
+/* e^x, float32, for x <= 0 (a score minus its row's max): 2^n e^r, n = round(x / ln 2),
+ * r = x - n ln 2 in two parts, e^r by its Taylor polynomial of degree 6 (|r| <= ln 2 / 2:
+ * relative error < 2e-7); below -87, 2^n underflows to 0 through scalef */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), kept float */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* one work item: rows [r0, r0 + nr) of sequence s (relative row i: token past + i), KV head g.
+ * buf: nr * group * (D + 2) floats of state, then the K and V blocks */
+static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
+                         int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
+                         const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
+                         int64_t bt, const int32_t *table, float scale, uint16_t *out,
+                         int64_t ldo, float *buf) {
+    int64_t nv = nr * group;
+    float *acc = buf, *mx = acc + nv * D, *den = mx + nv;
+    uint32_t *kt = (uint32_t *)(den + nv);  /* [D/2][PA_KB]: key k's d-pair d' at [d'][k] */
+    uint32_t *v2 = kt + (D / 2) * PA_KB;    /* [PA_KB/2][D]: keys 2k', 2k'+1 of dim d */
+    for (int64_t v = 0; v < nv; v++) {
+        mx[v] = -INFINITY;
+        den[v] = 0.0f;
+        for (int64_t d = 0; d < D; d++) acc[v * D + d] = 0.0f;
+    }
+    int64_t kmax = past + r0 + nr;  /* the last row's keys */
+    uint32_t pp[PA_KB / 2];  /* a query's probabilities of the block, bf16 pairs */
+    for (int64_t k0 = 0; k0 < kmax; k0 += PA_KB) {
+        int64_t nb = kmax - k0 < PA_KB ? kmax - k0 : PA_KB;
+        for (int64_t kk = 0; kk < PA_KB; kk++) {
+            const uint32_t *kr = kk < nb ? (const uint32_t *)token_row(
+                k_cache, table, k0 + kk, bt, ps, nkv, D, g) : NULL;
+            for (int64_t d = 0; d < D / 2; d++) kt[d * PA_KB + kk] = kr ? kr[d] : 0u;
+        }
+        for (int64_t kk = 0; kk < PA_KB; kk += 2) {
+            const uint16_t *va = kk < nb ? token_row(v_cache, table, k0 + kk, bt, ps, nkv, D, g)
+                                         : NULL;
+            const uint16_t *vb = kk + 1 < nb ? token_row(v_cache, table, k0 + kk + 1, bt, ps,
+                                                         nkv, D, g) : NULL;
+            uint32_t *o = v2 + (kk / 2) * D;
+            for (int64_t d = 0; d < D; d++)
+                o[d] = (va ? (uint32_t)va[d] : 0u) | (vb ? (uint32_t)vb[d] << 16 : 0u);
+        }
+        for (int64_t i = 0; i < nr; i++) {
+            int64_t lim = past + r0 + i + 1;  /* keys [0, lim) */
+            if (lim <= k0) continue;
+            int64_t nvalid = (lim < k0 + nb ? lim : k0 + nb) - k0;
+            for (int64_t j = 0; j < group; j++) {
+                int64_t v = i * group + j;
+                const uint32_t *qp = (const uint32_t *)(q + (row0 + r0 + i) * ldq
+                                                        + (g * group + j) * D);
+                __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                __m512 t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+                for (int64_t d = 0; d < D / 2; d += 2) {  /* D % 16 == 0: d-pairs in twos */
+                    __m512bh qa = (__m512bh)_mm512_set1_epi32((int)qp[d]);
+                    __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[d + 1]);
+                    const uint32_t *ka = kt + d * PA_KB, *kb = ka + PA_KB;
+                    s0 = _mm512_dpbf16_ps(s0, qa, (__m512bh)_mm512_loadu_si512(ka));
+                    s1 = _mm512_dpbf16_ps(s1, qa, (__m512bh)_mm512_loadu_si512(ka + 16));
+                    s2 = _mm512_dpbf16_ps(s2, qa, (__m512bh)_mm512_loadu_si512(ka + 32));
+                    s3 = _mm512_dpbf16_ps(s3, qa, (__m512bh)_mm512_loadu_si512(ka + 48));
+                    t0 = _mm512_dpbf16_ps(t0, qb, (__m512bh)_mm512_loadu_si512(kb));
+                    t1 = _mm512_dpbf16_ps(t1, qb, (__m512bh)_mm512_loadu_si512(kb + 16));
+                    t2 = _mm512_dpbf16_ps(t2, qb, (__m512bh)_mm512_loadu_si512(kb + 32));
+                    t3 = _mm512_dpbf16_ps(t3, qb, (__m512bh)_mm512_loadu_si512(kb + 48));
+                }
+                __m512 sv[4] = {_mm512_add_ps(s0, t0), _mm512_add_ps(s1, t1),
+                                _mm512_add_ps(s2, t2), _mm512_add_ps(s3, t3)};
+                __m512 bmax = _mm512_set1_ps(-INFINITY);
+                __mmask16 mk[4];
+                for (int c = 0; c < 4; c++) {
+                    int64_t left = nvalid - 16 * c;
+                    mk[c] = left >= 16 ? (__mmask16)0xffff
+                                       : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+                    sv[c] = _mm512_mul_ps(sv[c], _mm512_set1_ps(scale));
+                    bmax = _mm512_mask_max_ps(bmax, mk[c], bmax, sv[c]);
+                }
+                float m_new = _mm512_reduce_max_ps(bmax);
+                if (m_new < mx[v]) m_new = mx[v];
+                float alpha = mx[v] == -INFINITY ? 0.0f : expf(mx[v] - m_new);
+                mx[v] = m_new;
+                __m512 psum = _mm512_setzero_ps(), pc[4];
+                for (int c = 0; c < 4; c++) {
+                    pc[c] = _mm512_maskz_mov_ps(mk[c], bf16_round_ps(
+                        exp512(_mm512_sub_ps(sv[c], _mm512_set1_ps(m_new)))));
+                    psum = _mm512_add_ps(psum, pc[c]);
+                }
+                /* as bf16 pairs: word k = (p[2k], p[2k + 1]) (exact: already rounded) */
+                _mm512_storeu_si512(pp, (__m512i)_mm512_cvtne2ps_pbh(pc[1], pc[0]));
+                _mm512_storeu_si512(pp + 16, (__m512i)_mm512_cvtne2ps_pbh(pc[3], pc[2]));
+                den[v] = den[v] * alpha + _mm512_reduce_add_ps(psum);
+                float *a = acc + v * D;
+                __m512 al = _mm512_set1_ps(alpha);
+                for (int64_t d = 0; d < D; d += 16) {
+                    __m512 ae = _mm512_mul_ps(_mm512_loadu_ps(a + d), al);
+                    __m512 ao = _mm512_setzero_ps();
+                    const uint32_t *vr = v2 + d;
+                    /* probabilities past nvalid are 0: keys in fours, two to a 32-bit lane */
+                    for (int64_t kp = 0; kp < (nvalid + 1) / 2; kp += 2) {
+                        ae = _mm512_dpbf16_ps(ae, (__m512bh)_mm512_set1_epi32((int)pp[kp]),
+                                              (__m512bh)_mm512_loadu_si512(vr + kp * D));
+                        ao = _mm512_dpbf16_ps(ao, (__m512bh)_mm512_set1_epi32((int)pp[kp + 1]),
+                                              (__m512bh)_mm512_loadu_si512(vr + (kp + 1) * D));
+                    }
+                    _mm512_storeu_ps(a + d, _mm512_add_ps(ae, ao));
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < nr; i++)
+        for (int64_t j = 0; j < group; j++) {
+            int64_t v = i * group + j;
+            float inv = 1.0f / den[v];
+            uint16_t *o = out + (row0 + r0 + i) * ldo + (g * group + j) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = f2bf(acc[v * D + d] * inv);
+        }
+}
+#endif
+
+/* q: rows of ldq elements (the query heads [nq][D] first); out: [T][nq D] (row stride ldo);
+ * cu [S + 1] and ctx [S] int32; block tables [S][ldt] int32; caches [pages][bt][nkv][D]. Returns
+ * 0, or -1 where this build has no such kernel or memory ran out (the caller falls back). */
+int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_t *cu,
+                         const int32_t *ctx, int64_t nq, int64_t nkv, int64_t D,
+                         const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
+                         int64_t bt, const int32_t *block_tables, int64_t ldt, float scale,
+                         uint16_t *out, int64_t ldo, int threads) {
+#ifdef __AVX512BF16__
+    int64_t group = nq / nkv, items = 0;
+    for (int64_t s = 0; s < S; s++) items += nkv * ((cu[s + 1] - cu[s] + PA_QT - 1) / PA_QT);
+    int64_t *it_s = malloc(sizeof(int64_t) * (size_t)(3 * items + 1));
+    if (!it_s) return -1;
+    int64_t *it_r = it_s + items, *it_g = it_r + items;
+    /* the longest items (the last rows: the most keys) first, so the threads end together */
+    int64_t k = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t n = cu[s + 1] - cu[s];
+        for (int64_t r0 = (n - 1) / PA_QT * PA_QT; r0 >= 0; r0 -= PA_QT)
+            for (int64_t g = 0; g < nkv; g++) {
+                it_s[k] = s;
+                it_r[k] = r0;
+                it_g[k++] = g;
+            }
+    }
+    int failed = 0;
+    size_t floats = (size_t)(PA_QT * group * (D + 2) + D * PA_KB);
+    #pragma omp parallel num_threads(threads) if (items > 1)
+    {
+        float *buf = malloc(sizeof(float) * floats);
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!buf) continue;
+            int64_t s = it_s[it], r0 = it_r[it], n = cu[s + 1] - cu[s];
+            int64_t nr = n - r0 < PA_QT ? n - r0 : PA_QT;
+            prefill_item(q, ldq, cu[s], r0, nr, ctx[s] - n, it_g[it], group, nkv, D, k_cache,
+                         v_cache, ps, bt, block_tables + s * ldt, scale, out, ldo, buf);
+        }
+        free(buf);
+    }
+    free(it_s);
+    return failed ? -1 : 0;
+#else
+    (void)q; (void)ldq; (void)S; (void)cu; (void)ctx; (void)nq; (void)nkv; (void)D;
+    (void)k_cache; (void)v_cache; (void)ps; (void)bt; (void)block_tables; (void)ldt;
+    (void)scale; (void)out; (void)ldo; (void)threads;
+    return -1;
+#endif
 }
 
 /* y[m] = bf16(x[m] . W[n] (+ bias[n])) for a few rows m of x: a bf16 matrix-vector product

@@ -7,6 +7,9 @@ of dispatch each. ``native.c`` does each layer's glue in four calls:
 - ``add_rmsnorm``: the residual add fused with the next RMSNorm;
 - ``rope_kv``: RoPE on q and k in place, then k and v written to their KV slots;
 - ``decode_attention``: paged decode attention reading each page in place, once;
+- ``prefill_attention``: causal prefill attention over the pages in place (flash-style: blocks
+  of 64 keys, AVX-512 BF16 dot products, an online softmax; 6.9 against SDPA's 11.7 ms a
+  SmolLM2 layer for a 1000-token prompt);
 - ``silu_mul``: SiLU(gate) * up;
 
 and besides: ``lora`` (a projection group's LoRA terms from bf16 copies of the float32 slots,
@@ -65,6 +68,8 @@ _SIGNATURES = {
     "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
                          _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
+    "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
+                             _vp, _i64, _f32, _vp, _i64, _int],
 }
 # the GEMV's row limit: from ~6 rows on, oneDNN's blocked product is as fast (measured on the
 # project's AMD EPYC, SmolLM2's layers: 1 row 7.1 vs 11.5 ms, 2 rows 7.9 vs 12.7, 6 rows
@@ -163,6 +168,7 @@ def _load():
         fn.argtypes, fn.restype = args, None
     lib.gp_gemv_features.restype = ctypes.c_int
     lib.gp_decode_layers.restype = ctypes.c_int
+    lib.gp_prefill_attention.restype = ctypes.c_int
     return lib
 
 
@@ -376,6 +382,29 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
     return out
 
 
+def has_prefill_attention(head_dim: int) -> bool:
+    """Whether :func:`prefill_attention` runs here: built (AVX-512 BF16), head_dim % 16 == 0."""
+    return enabled() and bool(_lib().gp_gemv_features() & 4) and head_dim % 16 == 0
+
+
+def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
+                      scale: float) -> torch.Tensor | None:
+    """``kernels.reference.paged_attention_prefill`` on the pages in place (see native.c):
+    q: [T, >= H * D] rows (the leading part of qkv rows); caches [P, bt, KVH, D]; block_tables
+    [S, M], cu_seqlens [S + 1], context_lens [S] int32 contiguous. Returns [T, H * D], or None
+    if the kernel could not run (no memory: the caller takes the torch path)."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    out = torch.empty(q.shape[0], num_heads * d, dtype=q.dtype)
+    rc = _lib().gp_prefill_attention(
+        q.data_ptr(), q.stride(0), context_lens.shape[0], cu_seqlens.data_ptr(),
+        context_lens.data_ptr(), num_heads, kvh, d, k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.shape[1], block_tables.data_ptr(), block_tables.stride(0),
+        scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    return None if rc else out
+
+
 # ---- the torch versions (kernels.reference), and the check against them ------------------------
 def add_rmsnorm_torch(x, delta, weight, eps):
     """What :func:`add_rmsnorm` computes, in torch ops (returns (x + delta, normed))."""
@@ -445,4 +474,15 @@ def failures(seed: int = 0) -> list[str]:
     want = torch.nn.functional.linear(xs, q.to(bf)) * scale + b
     if features & 2 and not close(gemv_int8(xs, q, scale, b), want):
         bad.append("gemv_int8")
+    if features & 4:  # prefill: sequence 0's last 3 tokens after its prefix, 1's first 4
+        cu, ctx = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([7, 4],
+                                                                           dtype=torch.int32)
+        d = 16
+        kv = rnd(pages, 2, bt, kvh, d)
+        q = rnd(7, h * d)
+        want = reference.paged_attention_prefill(q.view(7, h, d), kv[:, 0], kv[:, 1], table, cu,
+                                                 ctx, d**-0.5)
+        got = prefill_attention(q, h, kv[:, 0], kv[:, 1], table, cu, ctx, d**-0.5)
+        if got is None or not close(got.view(7, h, d), want):
+            bad.append("prefill_attention")
     return bad

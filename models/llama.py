@@ -177,6 +177,7 @@ class LlamaModel:
                     batch.slot_pages, batch.slot_offsets, batch.decode_block_tables,
                     batch.decode_context_lens, self.scale, self.w["norm"])
                 return self._logits(h[batch.logits_indices], gemv)
+        prefill_native = native.has_prefill_attention(cfg.head_dim)
         h = torch.empty_like(x)  # each norm's output, reused
         delta = None  # the previous layer's MLP output, added to x by the next norm
         proj = self._gemv_project if gemv else project
@@ -197,11 +198,18 @@ class LlamaModel:
                     qkv[:nd], cfg.num_heads, k_cache, v_cache, batch.decode_block_tables,
                     batch.decode_context_lens, self.scale))
             if batch.num_prefill_seqs:
-                q = qkv[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)
-                parts.append(kernels.paged_attention_prefill(
-                    q, k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
-                    batch.prefill_context_lens, self.scale,
-                ).reshape(q.shape[0], cfg.q_size))
+                o = None
+                if prefill_native:  # flash-style in C, on the pages in place
+                    o = native.prefill_attention(
+                        qkv[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
+                        batch.prefill_cu_seqlens, batch.prefill_context_lens, self.scale)
+                if o is None:
+                    q = qkv[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)
+                    o = kernels.paged_attention_prefill(
+                        q, k_cache, v_cache, batch.prefill_block_tables,
+                        batch.prefill_cu_seqlens, batch.prefill_context_lens, self.scale,
+                    ).reshape(q.shape[0], cfg.q_size)
+                parts.append(o)
             o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, q_size]
             out = proj(o, lw, "o_weight")
             if lora is not None:

@@ -268,6 +268,111 @@ def test_the_lora_mirror_lives_in_the_arena_and_follows_every_slot_load(tiny_mod
         e.shutdown()
 
 
+def _paged_prefill_case(new, ctx, nq, nkv, d, bt=16, seed=0):
+    """Random bf16 pages holding each sequence's ctx tokens (NaN everywhere else: stale pages),
+    permuted page tables, qkv rows for the new tokens; the args of prefill_attention."""
+    g = torch.Generator().manual_seed(seed)
+    pages_per = [-(-c // bt) for c in ctx]
+    num_pages = sum(pages_per) + 3
+    k_cache = torch.full((num_pages, bt, nkv, d), float("nan")).to(BF)
+    v_cache = k_cache.clone()
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    tables = torch.zeros(len(new), max(pages_per), dtype=torch.int32)
+    at = 0
+    for s, c in enumerate(ctx):
+        for t in range(c):
+            if t % bt == 0:
+                tables[s, t // bt] = perm[at]
+                at += 1
+            page = int(tables[s, t // bt])
+            k_cache[page, t % bt] = torch.randn(nkv, d, generator=g).to(BF)
+            v_cache[page, t % bt] = torch.randn(nkv, d, generator=g).to(BF)
+    qkv = torch.randn(sum(new), (nq + 2 * nkv) * d + 8, generator=g).to(BF)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    return qkv, k_cache, v_cache, tables, cu, torch.tensor(ctx, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("new,ctx,nq,nkv,d", [
+    ([5], [5], 9, 3, 64),                    # SmolLM2's heads
+    ([40, 3, 70], [40, 10, 100], 9, 3, 64),  # sequences after cached prefixes
+    ([1], [1], 4, 4, 32),
+    ([63, 64, 65], [63, 64, 200], 8, 2, 64),  # around the kernel's 64-key blocks
+    ([129], [129], 4, 1, 128),
+    ([33, 100], [33, 300], 6, 3, 16),
+])
+def test_prefill_attention_matches_the_reference(new, ctx, nq, nkv, d):
+    """native.prefill_attention against float64 on the same bf16 inputs: no further off than
+    the torch path (kernels.reference, SDPA) in its largest and mean error; the NaN in pages
+    and slots past each context never reaches the output."""
+    assert native.has_prefill_attention(d) == ("avx512_bf16" in cpu_flags())
+    if not native.has_prefill_attention(d):
+        return
+    qkv, kc, vc, tables, cu, lens = _paged_prefill_case(new, ctx, nq, nkv, d)
+    scale = d**-0.5
+    t = qkv.shape[0]
+    got = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale)
+    q = qkv[:, : nq * d].reshape(t, nq, d)
+    theirs = reference.paged_attention_prefill(q, kc, vc, tables, cu, lens, scale)
+    exact = reference.paged_attention_prefill(q.double(), kc.double(), vc.double(), tables, cu,
+                                              lens, scale)
+    assert got is not None and torch.isfinite(got).all()
+    err, their = (got.double() - exact.reshape(t, -1)).abs(), (
+        theirs.double() - exact).abs().reshape(t, -1)
+    assert err.max() <= 1.25 * their.max() + 1e-3, (err.max(), their.max())
+    assert err.mean() <= 1.25 * their.mean(), (err.mean(), their.mean())
+
+
+def _prefill_logits(engine, ids, chunk):
+    """Logits of every position of ``ids`` through the model's prefill path, ``chunk`` tokens a
+    step (later chunks attend to the cached prefix)."""
+    from gpupool.models.batch import BatchRow
+    from gpupool.models.runner import build_batch
+
+    w = engine.core.workers["m"]
+    w.make_resident()
+    pages = engine.kv.pages.allocate(-(-len(ids) // w.block_tokens))
+    try:
+        out = []
+        for p in range(0, len(ids), chunk):
+            row = BatchRow(token_ids=ids[p : p + chunk], start=p, pages=pages, is_decode=False,
+                           samples=True, all_logits=True)
+            out.append(w.model.forward(build_batch([row], w.block_tokens, w.device),
+                                       w.kv_view))
+        return torch.cat(out)
+    finally:
+        engine.kv.pages.free(pages)
+
+
+@pytest.mark.parametrize("chunk", [80, 23])
+def test_prefill_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, chunk,
+                                                                      monkeypatch):
+    """An 80-token prompt's logits at every position, in one step or in chunks over a cached
+    prefix: with the native prefill attention no further from fp32 than the torch path (mean
+    error within 1.25x, top-1 agreement within 5 points)."""
+    folder = tiny_models("llama")
+    ids = random_prompts(1, 80, 80, seed=12)[0]
+    engine = make_engine(folder, dtype="bfloat16")
+    exact = make_engine(folder, dtype="float32")
+    calls = []
+    real = native.prefill_attention
+    monkeypatch.setattr(native, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    try:
+        ref = _prefill_logits(exact, ids, chunk)
+        native.use(True)
+        fast = _prefill_logits(engine, ids, chunk)
+        assert bool(calls) == native.has_prefill_attention(16)
+        native.use(False)
+        slow = _prefill_logits(engine, ids, chunk)
+    finally:
+        engine.shutdown()
+        exact.shutdown()
+    assert fast.shape == ref.shape == (80, ref.shape[1])
+    err_fast, err_slow = (fast - ref).abs().mean(), (slow - ref).abs().mean()
+    assert err_fast <= 1.25 * err_slow, (err_fast, err_slow)
+    top1 = [(x.argmax(-1) == ref.argmax(-1)).float().mean() for x in (fast, slow)]
+    assert top1[0] >= top1[1] - 0.05, top1
+
+
 def _teacher_forced_logits(engine, ids):
     """Logits of each position of ``ids`` through the model's decode path, one row a step."""
     from gpupool.models.batch import BatchRow
