@@ -637,7 +637,7 @@ async def tokenize_route(state, request: Request, tenant_path: str | None = None
     if req.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"model {req.model!r} has no chat template", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [_template_message(m) for m in req.messages]  # as the chat route has them
         try:
             ids = chat_prompt(tokenizer, messages)
         except RequestError as e:

@@ -105,3 +105,25 @@ def test_a_template_without_tools_and_bad_tool_choices_are_400(client):
     r = client.chat.completions.create(model="smol", messages=ASK, max_tokens=3,
                                        tools=[WEATHER], tool_choice="none")
     assert r.choices[0].message.tool_calls == []
+
+
+def test_tokenize_renders_tool_calls_and_results_as_the_chat_route_does(client):
+    """/tokenize with messages counts the prompt the chat route builds: an assistant's
+    tool_calls and a tool result with its call id are rendered by the template, not dropped."""
+    import httpx
+
+    args = json.dumps({"city": "Paris", "unit": "celsius"})
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+    base = str(client.base_url).removesuffix("/v1/")
+    r = httpx.post(base + "/tokenize", json={"model": "toolbot", "messages": history})
+    assert r.status_code == 200, r.text
+    chat = client.chat.completions.create(model="toolbot", messages=history, max_tokens=1,
+                                          temperature=0)
+    assert r.json()["count"] == chat.usage.prompt_tokens
+    text = httpx.post(base + "/detokenize", json={"model": "toolbot",
+                                                   "tokens": r.json()["tokens"]}).json()
+    assert "<tool_call>" in text["prompt"] and "Paris" in text["prompt"]
