@@ -16,7 +16,9 @@ transformers runs a batch with left padding, as its docs recommend, in a separat
 (the engine's process keeps one torch thread team, as ``gpupool serve`` does). Each figure is the
 median of ``--runs`` timed runs after one warm-up. The CPU's flags and the bandwidth are
 printed with the result: read before each variant and at the end (it varies on a shared
-machine), the bound taken from the highest reading.
+machine), the bound taken from the highest reading; and read again just before and just after
+each decode measurement, which gives each step a second ratio, against the higher of the two
+readings around it (``..._vs_local_bound_...``: what the machine gave while the step ran).
 Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
 """
 
@@ -174,9 +176,16 @@ def main() -> None:
             for bs in batch_sizes:
                 bar.note(f"{label} batch {bs}")
                 batch = prompts(bs)
+                around = [in_subprocess(read_bandwidth)]
                 full = bench_engine(engine, batch, args.runs)
                 first = bench_engine(engine, batch, args.runs, new_tokens=1)
+                around.append(in_subprocess(read_bandwidth))
                 step_ms = (full - first) / (NEW_TOKENS - 1) * 1e3
+                local_ms = weight_bytes / max(around) * 1e3
+                result[f"{label}_bandwidth_gb_s_around_bs{bs}"] = [
+                    round(b / 1e9, 1) for b in around]
+                result[f"{label}_decode_step_vs_local_bound_bs{bs}"] = round(
+                    step_ms / local_ms, 2)
                 ours = bs * NEW_TOKENS / full
                 theirs = ref[f"bs{bs}"]
                 result[f"{label}_gpupool_tok_s_bs{bs}"] = round(ours, 1)
