@@ -102,17 +102,26 @@ class LoraBatch:
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, views, plan, fused)
 
+    def _native_weights(self, layer: int, group: str) -> tuple:
+        weights = self.native[2].get((layer, group))
+        if weights is None:
+            mirror = self.native[3]
+            weights = self.native[2][layer, group] = native.lora_weights(
+                mirror[f"{layer}.{group}.A"], mirror[f"{layer}.{group}.BT"],
+                [self.views[f"{layer}.{p}.B"].shape[1] for p, _ in GROUPS[group][1]])
+        return weights
+
+    def native_table(self, num_layers: int):
+        """The step's LoRA terms for ``native.decode_layers`` (the fused path only)."""
+        layers = [[self._native_weights(i, g) for g in GROUPS] for i in range(num_layers)]
+        return native.lora_table(self.starts, self.slots, self.native[0],
+                                 [self.native[1][g] for g in GROUPS], layers)
+
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
-            weights = self.native[2].get((layer, group))
-            if weights is None:
-                mirror = self.native[3]
-                weights = self.native[2][layer, group] = native.lora_weights(
-                    mirror[f"{layer}.{group}.A"], mirror[f"{layer}.{group}.BT"],
-                    [self.views[f"{layer}.{p}.B"].shape[1] for p, _ in GROUPS[group][1]])
-            native.lora(x, out, self.starts, self.slots, self.native[0], weights,
-                        self.native[1][group])
+            native.lora(x, out, self.starts, self.slots, self.native[0],
+                        self._native_weights(layer, group), self.native[1][group])
             return
         if self.batched is not None:
             self._apply_batched(layer, group, x, out)

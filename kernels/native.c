@@ -795,27 +795,37 @@ static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, c
 
 #define LORA_CHUNK 16  /* rows of a segment per work item */
 
-void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo, int64_t S,
-             const int32_t *starts, const int32_t *slots, const int32_t *seg_rank,
-             const uint16_t *A, int64_t a_slot, int64_t a_row, int64_t P, const uint16_t *BT,
-             int64_t bt_slot, int64_t bt_row, const int64_t *widths, const int32_t *proj_rank,
-             int threads) {
-    /* work items: up to LORA_CHUNK rows of one segment (a decode step's segments are an item
-     * each; a long prompt's rows are shared by the threads). An item's rows share the adapter,
-     * so each A and BT row is read once from memory and reused from L1 for all of them. */
+/* work items: up to LORA_CHUNK rows of one segment with an adapter (a decode step's segments
+ * are an item each; a long prompt's rows are shared by the threads). An item's rows share the
+ * adapter, so each A and BT row is read once from memory and reused from L1 for all of them.
+ * Returns the count; *item_seg (malloc'd, NULL when out of memory) holds the segments, then
+ * the first rows. */
+static int64_t lora_items(int64_t S, const int32_t *starts, const int32_t *seg_rank,
+                          int64_t **item_seg) {
     int64_t items = 0;
     for (int64_t s = 0; s < S; s++)
         if (seg_rank[s] > 0) items += (starts[s + 1] - starts[s] + LORA_CHUNK - 1) / LORA_CHUNK;
-    int64_t *item_seg = malloc(sizeof(int64_t) * (size_t)(2 * items + 1));
-    if (!item_seg) return;
-    int64_t *item_row = item_seg + items;
+    int64_t *seg = malloc(sizeof(int64_t) * (size_t)(2 * items + 1));
+    *item_seg = seg;
+    if (!seg) return 0;
     for (int64_t s = 0, k = 0; s < S; s++)
         if (seg_rank[s] > 0)
             for (int64_t t = starts[s]; t < starts[s + 1]; t += LORA_CHUNK) {
-                item_seg[k] = s;
-                item_row[k++] = t;
+                seg[k] = s;
+                seg[items + k++] = t;
             }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
+    return items;
+}
+
+/* the items shared by the calling team (a barrier after) */
+static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo,
+                      int64_t S, const int32_t *starts, const int32_t *slots,
+                      const int32_t *seg_rank, const uint16_t *A, int64_t a_slot, int64_t a_row,
+                      int64_t P, const uint16_t *BT, int64_t bt_slot, int64_t bt_row,
+                      const int64_t *widths, const int32_t *proj_rank, int64_t items,
+                      const int64_t *item_seg) {
+    const int64_t *item_row = item_seg + items;
+    #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; it++) {
         int64_t s = item_seg[it], t0 = item_row[it], r = seg_rank[s];
         int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
@@ -831,15 +841,34 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
             col += widths[j];
         }
     }
+}
+
+void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo, int64_t S,
+             const int32_t *starts, const int32_t *slots, const int32_t *seg_rank,
+             const uint16_t *A, int64_t a_slot, int64_t a_row, int64_t P, const uint16_t *BT,
+             int64_t bt_slot, int64_t bt_row, const int64_t *widths, const int32_t *proj_rank,
+             int threads) {
+    int64_t *item_seg;
+    int64_t items = lora_items(S, starts, seg_rank, &item_seg);
+    if (!item_seg) return;
+    #pragma omp parallel num_threads(threads) if (items > 1)
+    lora_body(x, ldx, K, out, ldo, S, starts, slots, seg_rank, A, a_slot, a_row, P, BT, bt_slot,
+              bt_row, widths, proj_rank, items, item_seg);
     free(item_seg);
 }
 
 /* ---- a whole decode step's layers in one call ----------------------------------------------
- * For steps of a few decode rows without adapters: every layer of the model, in the order and
- * with the kernels the per-op path calls from Python (so the same results, bit for bit), minus
- * ~10 Python calls a layer. x: the residual stream [T][hidden] (updated); out: the final
- * norm's output [T][hidden]. mats: per layer LAYER_PTRS addresses (see native.py). */
+ * For steps of a few decode rows: every layer of the model, in the order and with the kernels
+ * the per-op path calls from Python (so the same results, bit for bit), minus ~10 Python calls
+ * a layer (~14 with adapters). x: the residual stream [T][hidden] (updated); out: the final
+ * norm's output [T][hidden]. mats: per layer LAYER_PTRS addresses (see native.py). lora: NULL,
+ * or the step's LoRA terms (native.py's lora_table): LORA_HEAD entries (S, the starts, slots
+ * and seg_rank addresses, then per group LORA_GROUP entries: a_slot, a_row, P, bt_slot,
+ * bt_row, three widths, the proj_rank address), then per layer and group the A and BT slot
+ * addresses of the mirror. */
 #define LAYER_PTRS 11
+#define LORA_GROUP 9
+#define LORA_HEAD (4 + 4 * LORA_GROUP)
 enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_SCALE, P_QKV_BIAS, P_O, P_O_SCALE, P_GATE_UP,
        P_GATE_UP_SCALE, P_DOWN, P_DOWN_SCALE };
 
@@ -862,13 +891,25 @@ static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const int64_t *
     #pragma omp barrier
 }
 
+/* group g's LoRA terms for layer l (inside the team; a barrier after) */
+static void lora_group(const int64_t *lora, int64_t l, int g, const uint16_t *x, int64_t K,
+                       uint16_t *out, int64_t ldo, int64_t items, const int64_t *item_seg) {
+    const int64_t *h = lora + 4 + g * LORA_GROUP, *p = lora + LORA_HEAD + (l * 4 + g) * 2;
+    lora_body(x, K, K, out, ldo, lora[0], (const int32_t *)(intptr_t)lora[1],
+              (const int32_t *)(intptr_t)lora[2], (const int32_t *)(intptr_t)lora[3],
+              (const uint16_t *)(intptr_t)p[0], h[0], h[1], h[2],
+              (const uint16_t *)(intptr_t)p[1], h[3], h[4], h + 5,
+              (const int32_t *)(intptr_t)h[8], items, item_seg);
+}
+
 int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int64_t nq,
                      int64_t nkv, int64_t D, int64_t L, const int64_t *mats, float eps,
                      const uint16_t *cos_sin, const int64_t *positions, const int64_t *k_caches,
                      const int64_t *v_caches, int64_t page_stride, int64_t bt,
                      const int64_t *slot_pages, const int64_t *slot_offsets,
                      const int32_t *block_tables, int64_t ldt, const int32_t *context_lens,
-                     float scale, const uint16_t *final_norm, uint16_t *out, int threads) {
+                     float scale, const uint16_t *final_norm, uint16_t *out,
+                     const int64_t *lora, int threads) {
     int64_t nqkv = (nq + 2 * nkv) * D;
     size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden));
     int64_t kmax = hidden > inter ? hidden : inter;
@@ -876,7 +917,13 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
     uint16_t *buf = malloc(elems * 2);
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * ((kmax + 31) / 32 * 32)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
-    if (!buf || !xq || !xs) { free(buf); free(xq); free(xs); return -1; }
+    int64_t *item_seg = NULL, items = 0;
+    if (lora) {
+        items = lora_items(lora[0], (const int32_t *)(intptr_t)lora[1],
+                           (const int32_t *)(intptr_t)lora[3], &item_seg);
+        if (!item_seg) { free(buf); free(xq); free(xs); return -1; }
+    }
+    if (!buf || !xq || !xs) { free(buf); free(xq); free(xs); free(item_seg); return -1; }
     uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
     uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter;
     /* one thread team for the whole step: every op's loop is shared, a barrier between ops
@@ -891,24 +938,29 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
                              (const uint16_t *)(intptr_t)p[P_IN_NORM], h, hidden, T, hidden,
                              eps);
             matmul_body(h, T, hidden, p, P_QKV, P_QKV_SCALE, P_QKV_BIAS, nqkv, qkv, xq, xs);
+            if (lora) lora_group(lora, l, 0, h, hidden, qkv, nqkv, items, item_seg);
             rope_kv_body(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride,
                          slot_pages, slot_offsets);
             decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, page_stride, bt,
                                   block_tables, ldt, context_lens, scale, o);
             matmul_body(o, T, nq * D, p, P_O, P_O_SCALE, -1, hidden, delta, xq, xs);
+            if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
             add_rmsnorm_body(x, hidden, delta, hidden,
                              (const uint16_t *)(intptr_t)p[P_POST_NORM], h, hidden, T, hidden,
                              eps);
             matmul_body(h, T, hidden, p, P_GATE_UP, P_GATE_UP_SCALE, -1, 2 * inter, gu, xq,
                         xs);
+            if (lora) lora_group(lora, l, 2, h, hidden, gu, 2 * inter, items, item_seg);
             silu_mul_body(gu, 2 * inter, act, inter, T, inter);
             matmul_body(act, T, inter, p, P_DOWN, P_DOWN_SCALE, -1, hidden, delta, xq, xs);
+            if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
         }
         add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, final_norm, out, hidden, T,
                          hidden, eps);
     }
     free(xq);
     free(xs);
+    free(item_seg);
     free(buf);
     return 0;
 }

@@ -15,7 +15,7 @@ of dispatch each. ``native.c`` does each layer's glue in four calls:
 and besides: ``lora`` (a projection group's LoRA terms from bf16 copies of the float32 slots,
 B transposed), ``gemv`` and ``gemv_int8`` (bf16 / int8 weights, a few rows, one sequential
 stream per thread; the int8 one in integers on x quantized to int16) and ``decode_layers``
-(every layer of a small decode step without adapters in one call, one thread team).
+(every layer of a small decode step, LoRA terms included, in one call and one thread team).
 
 Each rounds as the torch ops it replaces (bf16 after every op torch does in bf16), so outputs
 match the torch path to a bf16 rounding step here and there (reduction order): the tests
@@ -66,7 +66,7 @@ _SIGNATURES = {
     "gp_lora": [_vp, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
                 _i64, _vp, _vp, _int],
     "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
-                         _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _int],
+                         _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
                              _vp, _i64, _f32, _vp, _i64, _int],
@@ -270,6 +270,20 @@ def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
             bt.stride(1), (ctypes.c_int64 * len(widths))(*widths))
 
 
+def lora_table(starts: torch.Tensor, slots: torch.Tensor, seg_rank: torch.Tensor,
+               proj_ranks: list[torch.Tensor], layers: list[list[tuple]]):
+    """``decode_layers``' view of a step's LoRA terms (native.c's LORA_HEAD layout): the
+    segments (starts [S + 1], slots, seg_rank [S] int32), each group's projection ranks
+    [P, S] int32 (groups in adapters.base.GROUPS' order: qkv, o, gate_up, down), and per
+    layer each group's :func:`lora_weights`. The tensors must outlive the call."""
+    head = [slots.shape[0], starts.data_ptr(), slots.data_ptr(), seg_rank.data_ptr()]
+    for (_, a_slot, a_row, p, _, bt_slot, bt_row, widths), ranks in zip(layers[0], proj_ranks):
+        head += [a_slot, a_row, p, bt_slot, bt_row, *widths, *[0] * (3 - p),
+                 ranks.data_ptr()]
+    body = [ptr for groups in layers for w in groups for ptr in (w[0], w[4])]
+    return (ctypes.c_int64 * (len(head) + len(body)))(*head, *body)
+
+
 def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
          seg_rank: torch.Tensor, weights: tuple, proj_rank: torch.Tensor) -> None:
     """``out[:, projection j's columns] += x A_s^T B_{s,j}^T`` per segment s (the LoRA terms of
@@ -312,10 +326,12 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                   num_kv_heads: int, head_dim: int, eps: float, cos_sin: torch.Tensor,
                   positions: torch.Tensor, kv_layers: list, slot_pages: torch.Tensor,
                   slot_offsets: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor):
-    """Every layer of a decode step of a few rows without adapters in one call (the same
-    kernels, in the same order, as the per-op path); returns the final norm's output
-    [T, hidden]. x: the embeddings [T, hidden] (contiguous; updated in place)."""
+                  context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
+                  lora=None):
+    """Every layer of a decode step of a few rows in one call (the same kernels, in the same
+    order, as the per-op path); returns the final norm's output [T, hidden]. x: the
+    embeddings [T, hidden] (contiguous; updated in place); lora: None, or the step's
+    :func:`lora_table`."""
     t, hidden = x.shape
     out = torch.empty_like(x)
     kc = (ctypes.c_int64 * num_layers)(*(k.data_ptr() for k, _ in kv_layers))
@@ -326,7 +342,7 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
         eps, cos_sin.data_ptr(), positions.data_ptr(), kc, vc, k0.stride(0), k0.shape[1],
         slot_pages.data_ptr(), slot_offsets.data_ptr(), block_tables.data_ptr(),
         block_tables.stride(0), context_lens.data_ptr(), scale, final_norm.data_ptr(),
-        out.data_ptr(), torch.get_num_threads())
+        out.data_ptr(), lora, torch.get_num_threads())
     if rc:
         raise MemoryError("decode_layers could not allocate its buffers")
     return out

@@ -167,15 +167,17 @@ class LlamaModel:
             gemv = x.shape[0] <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
         else:
             gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
-        if gemv and lora is None and not batch.num_prefill_seqs:
+        if (gemv and not batch.num_prefill_seqs
+                and (lora is None or lora.native is not None)):
             if self._table is None:
                 self._table = native.layer_table(self.plain) or False
-            if self._table:  # a few decode rows, no adapters: every layer in one call
+            if self._table:  # a few decode rows: every layer in one call
                 h = native.decode_layers(
                     x, self._table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads,
                     cfg.num_kv_heads, cfg.head_dim, eps, self.rope, batch.positions, kv_layers,
                     batch.slot_pages, batch.slot_offsets, batch.decode_block_tables,
-                    batch.decode_context_lens, self.scale, self.w["norm"])
+                    batch.decode_context_lens, self.scale, self.w["norm"],
+                    None if lora is None else lora.native_table(cfg.num_layers))
                 return self._logits(h[batch.logits_indices], gemv)
         prefill_native = native.has_prefill_attention(cfg.head_dim)
         h = torch.empty_like(x)  # each norm's output, reused

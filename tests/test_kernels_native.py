@@ -428,21 +428,31 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     assert top1[0] >= top1[1] - 0.05, top1
 
 
-@pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
-                                                  ("llama", "int8")])
+@pytest.mark.parametrize("variant,quantization,adapters", [
+    ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
+    ("llama", None, True), ("llama", "int8", True)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
-                                                            monkeypatch):
+                                                            adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call) against the
     per-op native path: identical logits, batches of 1 and 3 decode rows (and 8 for int8
-    weights, whose GEMV serves up to native.GEMV_INT8_MAX_ROWS rows)."""
+    weights, whose GEMV serves up to native.GEMV_INT8_MAX_ROWS rows); with adapters, rows of
+    two adapters of different ranks and targets and base rows, the LoRA terms inside the
+    call."""
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
     folder = tiny_models(variant)
-    engine = make_engine(folder, dtype="bfloat16", quantization=quantization)
+    engine = make_engine(folder, dtype="bfloat16", quantization=quantization, max_lora_rank=8)
+    names = [None] * 8
+    if adapters:
+        engine.add_adapter("a", "m", make_peft_adapter(
+            folder, tmp_path / "a", 4, ["q_proj", "v_proj", "down_proj"], seed=5))
+        engine.add_adapter("b", "m", make_peft_adapter(
+            folder, tmp_path / "b", 8, ["o_proj", "gate_proj", "up_proj", "k_proj"], seed=6))
+        names = ["a", "b", "b", "a", "a", None, "b", "b"]
     calls = []
     real = native.decode_layers
-    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(a[-1]) or real(*a))
     try:
         w = engine.core.workers["m"]
         w.make_resident()
@@ -453,21 +463,27 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
                 for p, pg in zip(prompts, pages)]
         w.model.forward(build_batch(rows, w.block_tokens, w.device), w.kv_view)
         for n in sizes:
-            step = [BatchRow(token_ids=[7 + i], start=len(p), pages=pg, is_decode=True,
-                             samples=True)
-                    for i, (p, pg) in enumerate(list(zip(prompts, pages))[:n])]
+            step = sorted(  # rows grouped by adapter, as the scheduler sends them
+                [BatchRow(token_ids=[7 + i], start=len(p), pages=pg, is_decode=True,
+                          samples=True, adapter=names[i])
+                 for i, (p, pg) in enumerate(list(zip(prompts, pages))[:n])],
+                key=lambda r: r.adapter or "")
             batch = build_batch(step, w.block_tokens, w.device)
+            lora = w._lora_batch(step)
+            assert (lora is not None) == any(r.adapter for r in step)
             before = len(calls)
-            fused = w.model.forward(batch, w.kv_view)  # rewrites the same K/V slots
-            assert len(calls) == before + 1
+            fused = w.model.forward(batch, w.kv_view, lora)  # rewrites the same K/V slots
+            assert len(calls) == before + 1 and (calls[-1] is None) == (lora is None)
             table = w.model._table
             w.model._table = False  # the per-op path
             try:
-                per_op = w.model.forward(batch, w.kv_view)
+                per_op = w.model.forward(batch, w.kv_view, lora)
             finally:
                 w.model._table = table
             assert len(calls) == before + 1
             assert torch.equal(fused, per_op)
+            if lora is not None:  # the adapters' terms are in it
+                assert not torch.equal(fused, w.model.forward(batch, w.kv_view))
     finally:
         engine.shutdown()
 
