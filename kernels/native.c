@@ -40,6 +40,52 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
+#ifdef __AVX512F__
+/* e^x, float32, for x <= 0 (a score minus its row's max): 2^n e^r, n = round(x / ln 2),
+ * r = x - n ln 2 in two parts, e^r by its Taylor polynomial of degree 6 (|r| <= ln 2 / 2:
+ * relative error < 2e-7); below -87, 2^n underflows to 0 through scalef */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* lane e: the sum of v[e]'s 16 lanes, for 16 vectors at once (a transposing add tree: 45
+ * shuffles and adds instead of 16 reductions) */
+static inline __m512 hsum16(const __m512 v[16]) {
+    __m512 t[8], q[4], w[2];
+    for (int e = 0; e < 8; e++)  /* pairs: lanes hold partial sums of v[2e], v[2e+1] */
+        t[e] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * e], v[2 * e + 1]),
+                             _mm512_unpackhi_ps(v[2 * e], v[2 * e + 1]));
+    for (int e = 0; e < 4; e++)  /* each 128-bit lane: partials of v[4e .. 4e+3] */
+        q[e] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * e], t[2 * e + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(t[2 * e], t[2 * e + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int e = 0; e < 2; e++)
+        w[e] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * e], q[2 * e + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(q[2 * e], q[2 * e + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), kept float */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+#endif
+
 #define MAX_DIM 16384     /* hidden and intermediate sizes (native.py checks) */
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16      /* query heads per KV head */
@@ -188,6 +234,100 @@ static inline const uint16_t *token_row(const uint16_t *cache, const int32_t *ta
  * max) and divides at the end: 0.00084 against 0.00092 mean KL from fp32 on SmolLM2, but
  * 77 against 86 of 96 greedy tokens like transformers' bf16 on the tests' tiny model). Each
  * page is read in place, once per KV head. q: rows of ldq elements ([nq][D] at the start); out: [B][nq][D] contiguous. */
+#ifdef __AVX512BF16__
+/* decode_attention_body's (b, g) item for head dims of 16's multiples: the same arithmetic as
+ * the loops below it, vectorised: each block of 16 tokens' K transposed once (bf16 pairs of
+ * dims, [D/2][16]) so a query head's 16 scores are D/2 broadcast BF16 dot products (exact
+ * products, float32 sums); softmax over 16 lanes at a time (the polynomial exp512); each block
+ * of 16 tokens' V widened to float32 once for all the group's heads. scores: group * L16
+ * floats (L16: len rounded up to 16). */
+static void decode_item_fast(const uint16_t *q, int64_t group, int64_t D,
+                             const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
+                             int64_t bt, int64_t nkv, int64_t g, const int32_t *table,
+                             int64_t len, float scale, uint16_t *o, float *scores) {
+    int64_t L16 = (len + 15) / 16 * 16;
+    float vf[16 * MAX_HEAD_DIM];
+    __m512 mxv[MAX_GROUP];
+    for (int64_t j = 0; j < group; j++) mxv[j] = _mm512_set1_ps(-INFINITY);
+    int64_t chunks = (D + 31) / 32;  /* 32 dims a vector; the last one maybe 16 */
+    __mmask32 last = D % 32 ? (__mmask32)0xffff : (__mmask32)0xffffffffu;
+    int64_t full = D / 32;  /* unmasked vectors */
+    int64_t row = nkv * D, page = 0, off = 0;  /* token t0 + kk's page and slot, walked */
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {  /* pass 1: scores */
+        int64_t nb = len - t0 < 16 ? len - t0 : 16;
+        __mmask16 mk = nb == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nb) - 1);
+        const uint16_t *kr[16];
+        for (int64_t kk = 0; kk < 16; kk++) {
+            kr[kk] = k_cache + (int64_t)table[page] * ps + off * row + g * D;
+            if (kk < nb - 1 && ++off == bt) { off = 0; page++; }
+        }
+        if (++off == bt) { off = 0; page++; }  /* past the block's last token */
+        for (int64_t j = 0; j < group; j++) {
+            const uint16_t *qj = q + j * D;
+            __m512bh qv[MAX_HEAD_DIM / 32];
+            for (int64_t c = 0; c < chunks; c++)
+                qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(
+                    c == chunks - 1 ? last : (__mmask32)0xffffffffu, qj + 32 * c);
+            __m512 v[16];
+            for (int64_t kk = 0; kk < 16; kk++) {
+                const uint16_t *k = kk < nb ? kr[kk] : kr[0];  /* past the end: masked */
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t c = 0; c < full; c++)
+                    a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+                if (full < chunks)  /* D % 32 == 16: never read past the row (stale NaN) */
+                    a = _mm512_dpbf16_ps(a, qv[full], (__m512bh)_mm512_maskz_loadu_epi16(
+                        last, k + 32 * full));
+                v[kk] = a;
+            }
+            __m512 sv = _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale));
+            mxv[j] = _mm512_mask_max_ps(mxv[j], mk, mxv[j], sv);
+            _mm512_storeu_ps(scores + j * L16 + t0, _mm512_maskz_mov_ps(mk, sv));
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {  /* softmax, probabilities rounded to bf16 */
+        float *sj = scores + j * L16;
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mxv[j])), dsum = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < len; t0 += 16) {
+            int64_t nb = len - t0 < 16 ? len - t0 : 16;
+            __mmask16 mk = nb == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nb) - 1);
+            __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(sj + t0),
+                                                                     m)));
+            dsum = _mm512_add_ps(dsum, e);
+            _mm512_storeu_ps(sj + t0, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(dsum));
+        for (int64_t t0 = 0; t0 < len; t0 += 16)
+            _mm512_storeu_ps(sj + t0, bf16_round_ps(_mm512_mul_ps(_mm512_loadu_ps(sj + t0),
+                                                                  inv)));
+    }
+    float acc[MAX_GROUP * MAX_HEAD_DIM];
+    for (int64_t i = 0; i < group * D; i++) acc[i] = 0.0f;
+    page = off = 0;
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {  /* pass 2: probabilities times V */
+        int64_t nb = len - t0 < 16 ? len - t0 : 16;
+        for (int64_t kk = 0; kk < nb; kk++) {
+            const uint16_t *vr = v_cache + (int64_t)table[page] * ps + off * row + g * D;
+            if (++off == bt) { off = 0; page++; }
+            for (int64_t d = 0; d < D; d += 16)
+                _mm512_storeu_ps(vf + kk * D + d, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(vr + d))), 16)));
+        }
+        for (int64_t j = 0; j < group; j++) {
+            const float *pj = scores + j * L16 + t0;
+            for (int64_t d = 0; d < D; d += 16) {
+                __m512 a = _mm512_loadu_ps(acc + j * D + d);
+                for (int64_t kk = 0; kk < nb; kk++)
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pj[kk]), _mm512_loadu_ps(vf + kk * D + d),
+                                        a);
+                _mm512_storeu_ps(acc + j * D + d, a);
+            }
+        }
+    }
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t i = 0; i < D; i++) o[j * D + i] = f2bf(acc[j * D + i]);
+}
+#endif
+
 static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq,
                                   int64_t nkv, int64_t D, const uint16_t *k_cache,
                                   const uint16_t *v_cache, int64_t page_stride, int64_t bt,
@@ -199,6 +339,17 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
         for (int64_t g = 0; g < nkv; g++) {
             int64_t len = context_lens[b];
             const int32_t *table = block_tables + b * ldt;
+#ifdef __AVX512BF16__
+            if (D % 16 == 0) {
+                float *sc = malloc(sizeof(float) * (size_t)(group * ((len + 15) / 16 * 16)));
+                if (!sc) continue;  /* native.py never asks for more than memory holds */
+                decode_item_fast(q + b * ldq + g * group * D, group, D, k_cache, v_cache,
+                                 page_stride, bt, nkv, g, table, len, scale,
+                                 out + (b * nq + g * group) * D, sc);
+                free(sc);
+                continue;
+            }
+#endif
             float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
             float mx[MAX_GROUP], den[MAX_GROUP];
             for (int64_t j = 0; j < group; j++) {
@@ -275,32 +426,6 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
 #ifdef __AVX512BF16__
 #define PA_QT 32
 #define PA_KB 64
-
-/* e^x, float32, for x <= 0 (a score minus its row's max): 2^n e^r, n = round(x / ln 2),
- * r = x - n ln 2 in two parts, e^r by its Taylor polynomial of degree 6 (|r| <= ln 2 / 2:
- * relative error < 2e-7); below -87, 2^n underflows to 0 through scalef */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), kept float */
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
-}
 
 /* one work item: rows [r0, r0 + nr) of sequence s (relative row i: token past + i), KV head g.
  * buf: nr * group * (D + 2) floats of state, then the K and V blocks */

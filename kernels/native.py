@@ -211,7 +211,12 @@ def _probe():
 
 
 def _lib():
-    return _STATE["lib"]
+    lib = _STATE.get("lib")
+    if lib is None and available():  # a kernel called before anything built them
+        lib = _STATE["lib"]
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available here")
+    return lib
 
 
 def _p(t: torch.Tensor | None):

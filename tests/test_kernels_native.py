@@ -148,7 +148,8 @@ def test_rope_kv_rotates_q_and_k_and_writes_only_their_slots(tokens):
     assert torch.equal(storage, expected)  # those slots, and nothing else
 
 
-@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 8, 128), (16, 2, 64), (4, 1, 32)])
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 8, 128), (16, 2, 64), (4, 1, 32),
+                                         (6, 2, 48), (4, 4, 16), (3, 1, 40)])
 @pytest.mark.parametrize("lengths", [[1], [5, 40, 17, 64], [700, 3, 260]])
 def test_decode_attention_matches_dense_attention(heads, kvh, d, lengths):
     """Against float64 attention on the same bf16 inputs: within a bf16 step or two, and no
