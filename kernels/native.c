@@ -667,12 +667,14 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * product keeps up with memory at one row and costs ~1 ms a row for SmolLM2 after that (so the
  * model uses it up to native.GEMV_INT8_MAX_ROWS rows). The integer sum times the row's scale is
  * the float32 dot product; then the weight scale (as torch's _weight_int8pack_mm) and a bias
- * added after the rounding (as gpupool's int8 linear). Sums are flushed to float32 every
- * I8_BLOCK columns, so no int32 overflows: an instruction adds two products of at most
- * 128 * 32767 to a lane; over a block an accumulator (4 a row, 32 columns an instruction) takes
- * I8_BLOCK / 128 instructions, 3 more from the tail: 134 products, 5.6e8 < 2^31. */
+ * added after the rounding (as gpupool's int8 linear). No int32 overflows: an instruction adds
+ * two products of at most 128 * 32767 to a lane; over a block of I8_BLOCK columns an
+ * accumulator (4 a row, 32 columns an instruction) takes I8_BLOCK / 128 instructions, 3 more
+ * from the tail: 38 products, the 4 accumulators' sum 6.4e8 < 2^31 a lane; the lanes and the
+ * blocks are summed in int64 (16 lanes of a long row can pass 2^31: a constant row of 1536
+ * would give 6.4e9), converted to float32 once. */
 #ifdef __AVX512BW__
-#define I8_BLOCK 8192
+#define I8_BLOCK 2048
 
 static inline __m512i dp16(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
@@ -690,7 +692,7 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
         uint16_t *y, int64_t ldy) {
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *q = Q + n * ldq;
-        float dot[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t dot[4] = {0, 0, 0, 0};
         for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
             int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
             __m512i acc[4][4];
@@ -714,14 +716,16 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
                 for (int m = 0; m < M; m++)
                     acc[m][0] = dp16(acc[m][0], w, _mm512_loadu_si512(xq + m * Kp + k));
             }
-            for (int m = 0; m < M; m++) {
+            for (int m = 0; m < M; m++) {  /* lanes summed in int64: 16 lanes can overflow */
                 __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]),
                                              _mm512_add_epi32(acc[m][2], acc[m][3]));
-                dot[m] += (float)_mm512_reduce_add_epi32(s);
+                dot[m] += _mm512_reduce_add_epi64(_mm512_add_epi64(
+                    _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s)),
+                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1))));
             }
         }
         for (int m = 0; m < M; m++) {
-            float v = round_bf(dot[m] * xs[m] * bf2f(scale[n]));
+            float v = round_bf((float)dot[m] * xs[m] * bf2f(scale[n]));
             if (bias) v += bf2f(bias[n]);
             y[m * ldy + n] = f2bf(v);
         }

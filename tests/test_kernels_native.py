@@ -117,6 +117,23 @@ def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
     assert ((got.double() - theirs.double()).abs() <= two_steps + magnitude * 2**-9).all()
 
 
+@pytest.mark.parametrize("k", [576, 1536, 5000])
+def test_gemv_int8_sums_extreme_rows_without_overflow(k):
+    """Constant rows at the int8 and int16 extremes (the largest dot products there are:
+    6.4e9 for 1536 columns, past int32): the same as the int8 linear."""
+    from gpupool.kernels.linear import linear_int8
+
+    if not native.has_gemv_int8():
+        return
+    x = torch.full((2, k), 3.0).to(BF)
+    x[1] = -0.5
+    q = torch.full((4, k), 127, dtype=torch.int8)
+    q[1], q[2, ::2] = -128, -128
+    scale = torch.full((4,), 0.01).to(BF)
+    got, want = native.gemv_int8(x, q, scale), linear_int8(x, q, scale)
+    assert _ulps_apart(got, want).max() <= 1, (got, want)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_silu_mul_matches_torch(rows):
     gu = _rand(rows, 2 * 1536, seed=4, scale=3.0)
