@@ -77,6 +77,12 @@ static inline __m512 hsum16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* 16 bf16 values at p widened to float32 (exact) */
+static inline __m512 bf16x16_loadu(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
+}
+
 static inline __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), kept float */
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -309,8 +315,7 @@ static void decode_item_fast(const uint16_t *q, int64_t group, int64_t D,
             const uint16_t *vr = v_cache + (int64_t)table[page] * ps + off * row + g * D;
             if (++off == bt) { off = 0; page++; }
             for (int64_t d = 0; d < D; d += 16)
-                _mm512_storeu_ps(vf + kk * D + d, _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(vr + d))), 16)));
+                _mm512_storeu_ps(vf + kk * D + d, bf16x16_loadu(vr + d));
         }
         for (int64_t j = 0; j < group; j++) {
             const float *pj = scores + j * L16 + t0;
@@ -857,6 +862,7 @@ static void lora_shrink(const uint16_t *A, int64_t lda, int64_t R, const uint16_
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* bf16x16_loadu for the lanes in mk (0 elsewhere, nothing read there) */
 static inline __m512 bf16x16_load(const uint16_t *p, __mmask16 mk) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
@@ -890,10 +896,10 @@ static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, c
             for (int64_t i = 0; i < r; i++) {
                 __m512 hv = _mm512_set1_ps(hu[i]);
                 const uint16_t *b = BT + i * ldb + c;
-                s0 = _mm512_fmadd_ps(hv, bf16x16_load(b, 0xffff), s0);
-                s1 = _mm512_fmadd_ps(hv, bf16x16_load(b + 16, 0xffff), s1);
-                s2 = _mm512_fmadd_ps(hv, bf16x16_load(b + 32, 0xffff), s2);
-                s3 = _mm512_fmadd_ps(hv, bf16x16_load(b + 48, 0xffff), s3);
+                s0 = _mm512_fmadd_ps(hv, bf16x16_loadu(b), s0);
+                s1 = _mm512_fmadd_ps(hv, bf16x16_loadu(b + 16), s1);
+                s2 = _mm512_fmadd_ps(hv, bf16x16_loadu(b + 32), s2);
+                s3 = _mm512_fmadd_ps(hv, bf16x16_loadu(b + 48), s3);
             }
             uint16_t *o = out + u * ldo + c;
             add_into_bf16x16(o, s0, 0xffff);
