@@ -44,7 +44,7 @@ class LoraBatch:
     # slots are 0..S-1 in order, projections some adapter targets); None: segmented
     batched: tuple | None = None
     # the fused CPU kernel: (each segment's rank [S], group -> its projections' ranks [P, S],
-    # (layer, group) -> native.lora_weights of the mirror, kept as long as the slots are,
+    # the slots' cache of native.lora_weights per (layer, group) and of lora_table_body,
     # the slots' bf16 mirror (adapters.slots))
     native: tuple | None = None
 
@@ -112,10 +112,15 @@ class LoraBatch:
         return weights
 
     def native_table(self, num_layers: int):
-        """The step's LoRA terms for ``native.decode_layers`` (the fused path only)."""
-        layers = [[self._native_weights(i, g) for g in GROUPS] for i in range(num_layers)]
+        """The step's LoRA terms for ``native.decode_layers`` (the fused path only); the
+        per-layer addresses are kept with the slots' cache, as the weights are."""
+        body = self.native[2].get(("body", num_layers))
+        if body is None:
+            body = self.native[2]["body", num_layers] = native.lora_table_body(
+                [[self._native_weights(i, g) for g in GROUPS] for i in range(num_layers)])
         return native.lora_table(self.starts, self.slots, self.native[0],
-                                 [self.native[1][g] for g in GROUPS], layers)
+                                 [self.native[1][g] for g in GROUPS],
+                                 [self._native_weights(0, g) for g in GROUPS], body)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""

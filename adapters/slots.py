@@ -133,7 +133,8 @@ class AdapterSlots:
             self.mirror = _views(mlayout, memory[slot_bytes:].view(num_slots, -1),
                                  torch.bfloat16)
         # the fused CPU LoRA kernel's view of the mirror per (layer, group)
-        # (kernels.native.lora_weights: addresses, fixed while this memory is)
+        # (kernels.native.lora_weights) and per layer count (("body", layers):
+        # kernels.native.lora_table_body): addresses, fixed while this memory is
         self.native_weights: dict = {}
         self.host: dict[str, torch.Tensor] = {}
         self.ranks: dict[str, int] = {}

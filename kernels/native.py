@@ -53,7 +53,9 @@ MAX_HEAD_DIM = 256
 MAX_GROUP = 16
 MAX_LORA_RANK = 256  # as native.c (MAX_LORA_COLS: 3 projections x 256)
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # "lib": the loaded library or None; "forced": bool or None
+# "lib": the loaded library or None; "features": its gp_gemv_features() bits, read once;
+# "forced": bool or None
+_STATE: dict[str, object] = {}
 
 _i64, _int, _f32, _vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
@@ -198,6 +200,7 @@ def use(enabled: bool | None) -> None:
 def _probe():
     try:
         lib = _load()
+        _STATE["features"] = lib.gp_gemv_features()  # fixed by the build
         _STATE["lib"] = lib  # the checks call the kernels through the wrappers below
         failed = failures()
     except (RuntimeError, OSError, AttributeError) as e:
@@ -219,6 +222,11 @@ def _lib():
     return lib
 
 
+def _has(feature: int) -> bool:
+    """Whether the kernels are on and this build has ``feature`` (a gp_gemv_features bit)."""
+    return enabled() and bool(_STATE["features"] & feature)
+
+
 def _p(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
@@ -234,7 +242,7 @@ def supports(x: torch.Tensor, hidden: int, inter: int, heads: int, kv_heads: int
 
 def has_gemv() -> bool:
     """Whether the GEMV was built (the compiler targets AVX-512 BF16 on this CPU)."""
-    return enabled() and bool(_lib().gp_gemv_features() & 1)
+    return _has(1)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -250,7 +258,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def has_gemv_int8() -> bool:
     """Whether the int8 GEMV was built (the compiler targets AVX-512F on this CPU)."""
-    return enabled() and bool(_lib().gp_gemv_features() & 2)
+    return _has(2)
 
 
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -275,17 +283,23 @@ def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
             bt.stride(1), (ctypes.c_int64 * len(widths))(*widths))
 
 
+def lora_table_body(layers: list[list[tuple]]) -> tuple[int, ...]:
+    """The per-layer part of :func:`lora_table`: each layer's groups' mirror A and BT slot
+    addresses, from their :func:`lora_weights` (fixed while the slots are: callers keep it)."""
+    return tuple(ptr for groups in layers for w in groups for ptr in (w[0], w[4]))
+
+
 def lora_table(starts: torch.Tensor, slots: torch.Tensor, seg_rank: torch.Tensor,
-               proj_ranks: list[torch.Tensor], layers: list[list[tuple]]):
+               proj_ranks: list[torch.Tensor], groups: list[tuple], body: tuple[int, ...]):
     """``decode_layers``' view of a step's LoRA terms (native.c's LORA_HEAD layout): the
     segments (starts [S + 1], slots, seg_rank [S] int32), each group's projection ranks
-    [P, S] int32 (groups in adapters.base.GROUPS' order: qkv, o, gate_up, down), and per
-    layer each group's :func:`lora_weights`. The tensors must outlive the call."""
+    [P, S] int32 and :func:`lora_weights` (of any layer: their strides and widths; groups in
+    adapters.base.GROUPS' order: qkv, o, gate_up, down), then :func:`lora_table_body`. The
+    tensors must outlive the call."""
     head = [slots.shape[0], starts.data_ptr(), slots.data_ptr(), seg_rank.data_ptr()]
-    for (_, a_slot, a_row, p, _, bt_slot, bt_row, widths), ranks in zip(layers[0], proj_ranks):
+    for (_, a_slot, a_row, p, _, bt_slot, bt_row, widths), ranks in zip(groups, proj_ranks):
         head += [a_slot, a_row, p, bt_slot, bt_row, *widths, *[0] * (3 - p),
                  ranks.data_ptr()]
-    body = [ptr for groups in layers for w in groups for ptr in (w[0], w[4])]
     return (ctypes.c_int64 * (len(head) + len(body)))(*head, *body)
 
 
@@ -405,7 +419,7 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
 
 def has_prefill_attention(head_dim: int) -> bool:
     """Whether :func:`prefill_attention` runs here: built (AVX-512 BF16), head_dim % 16 == 0."""
-    return enabled() and bool(_lib().gp_gemv_features() & 4) and head_dim % 16 == 0
+    return _has(4) and head_dim % 16 == 0
 
 
 def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
@@ -487,7 +501,7 @@ def failures(seed: int = 0) -> list[str]:
     if not close(got.view(2, h, d), want):
         bad.append("decode_attention")
     xs, w, b = rnd(3, 100)[:, :72], rnd(40, 72), rnd(40)  # a strided x, K not 32's multiple
-    features = _lib().gp_gemv_features()
+    features = _STATE["features"]
     if features & 1 and not close(gemv(xs, w, b), torch.nn.functional.linear(xs, w, b)):
         bad.append("gemv")
     q = torch.randint(-127, 128, (40, 72), generator=g, dtype=torch.int8)
