@@ -22,6 +22,7 @@ from gpupool.adapters.registry import AdapterRegistry
 from gpupool.engine.grammar import Grammars
 from gpupool.engine.processors import apply_processors
 from gpupool.engine.sampler import logprobs, sample
+from gpupool.kernels import native
 from gpupool.messages.errors import AdapterError, RequestError
 from gpupool.messages.types import EngineRequest, OutputDelta, Usage
 from gpupool.models.batch import BatchRow
@@ -46,15 +47,26 @@ class _Tracked:
     matcher: object | None = None  # structured output: its xgrammar matcher
     prompt_lps: list | None = None  # prompt logprobs by position, when asked for
     prompt_lps_sent: bool = False
+    final_only: bool = False  # no delta before the last (EngineRequest.final_only)
 
 
-def _zero_rows(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the rows where ``keep`` [R] is False set to 0 (a harmless row that
-    still samples; its request is failed instead)."""
-    if bool(keep.all()):
+def _finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row of float32 ``logits`` [R, V] is all finite: one native call on CPU
+    (torch's isfinite(...).all(-1) is four ops: 61 us a row of SmolLM2's 49152 logits on the
+    project's EPYC, the kernel ~5), torch's elsewhere."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.stride(-1) == 1 and native.enabled()):
+        return native.finite_rows(logits)
+    return torch.isfinite(logits).all(dim=-1).tolist()
+
+
+def _zero_rows(logits: torch.Tensor, keep: list[bool]) -> torch.Tensor:
+    """``logits`` with the rows where ``keep`` is False set to 0 (a harmless row that still
+    samples; its request is failed instead)."""
+    if all(keep):
         return logits
-    return torch.where(keep[:, None], logits, torch.zeros((), dtype=logits.dtype,
-                                                          device=logits.device))
+    mask = torch.tensor(keep, device=logits.device)[:, None]
+    return torch.where(mask, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
 class EngineCore:
@@ -251,7 +263,8 @@ class EngineCore:
             seq, sink, emitted=len(req.delivered_token_ids),
             logprobs=[] if req.params.logprobs is not None else None, matcher=matcher,
             prompt_lps=([None] * len(seq.prompt_token_ids)
-                        if req.params.prompt_logprobs is not None else None))
+                        if req.params.prompt_logprobs is not None else None),
+            final_only=req.final_only)
         self.scheduler.add_request(seq)
         return req.request_id
 
@@ -384,9 +397,8 @@ class EngineCore:
         tracked = [self.requests[s.request_id] for s in sampling]
         worker = self.workers[out.model]
         params = [s.params for s in sampling]
-        finite = torch.isfinite(logits).all(dim=-1)  # [R]: a bad row fails alone
-        raw = finite.tolist()  # the model's own logits were fine (a row may fail later)
-        logits = _zero_rows(logits, finite)
+        raw = _finite_rows(logits)  # a bad row fails alone
+        logits = _zero_rows(logits, raw)
         processed = apply_processors(logits, params, [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling],
                                      worker.eos_token_ids)
@@ -394,12 +406,12 @@ class EngineCore:
         if any(m is not None for m in matchers):  # grammars: mask a copy, never raw logits
             processed = processed.clone() if processed is logits else processed
             self.grammars.mask(processed, matchers)
+        finite = raw  # the model's own logits were fine (a row may fail later)
         if processed is not logits:  # processors may mask (-inf), never make NaN or +inf
-            sane = ~(processed.isnan() | processed.isposinf()).any(-1) & (
-                processed > float("-inf")).any(-1)
-            finite = finite & sane
+            sane = (~(processed.isnan() | processed.isposinf()).any(-1) & (
+                processed > float("-inf")).any(-1)).tolist()
+            finite = [a and b for a, b in zip(raw, sane)]
             processed = _zero_rows(processed, sane)
-        finite = finite.tolist()
         tokens = sample(processed, params, [len(s.output_token_ids) for s in sampling])
         lps = logprobs(logits, tokens, [p.logprobs for p in params])  # the raw distribution
         outputs = []
@@ -425,7 +437,7 @@ class EngineCore:
             reason = self._stop_reason(tr, token, worker.eos_token_ids)
             if reason is not None:
                 outputs.append(self._finish(tr, reason))
-            else:
+            elif not tr.final_only:
                 outputs.append(self._emit(tr, finished=False))
         return outputs
 

@@ -51,8 +51,10 @@ class Engine(LocalEngine):
                 ids = self.tokenize(name, prompt)
             except RequestError as e:
                 raise RequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from None
+            # generate reads only the final output: one delta at the end, unless stop strings
+            # need the text as it grows
             out.append(EngineRequest(self.new_request_id(), name, ids, p, tenant,
-                                     cache_salt=cache_salt))
+                                     cache_salt=cache_salt, final_only=not p.stop))
         return out
 
     def generate(self, prompts: str | list[str | list[int]],

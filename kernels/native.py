@@ -70,6 +70,8 @@ _SIGNATURES = {
     "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
                          _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
+    "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
+    "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
                              _vp, _i64, _f32, _vp, _i64, _int],
 }
@@ -271,6 +273,24 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     _lib().gp_gemv_int8(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
                         scale.data_ptr(), _p(bias), out.data_ptr(), n, torch.get_num_threads())
     return out
+
+
+def argmax(x: torch.Tensor) -> list[int]:
+    """``x.argmax(-1).tolist()`` for float32 rows ``x`` [R, V] (unit stride in a row) that hold
+    no NaN (where the kernels are :func:`enabled`)."""
+    rows, v = x.shape
+    out = (ctypes.c_int64 * rows)()
+    _lib().gp_argmax_rows(x.data_ptr(), rows, v, x.stride(0), out)
+    return list(out)
+
+
+def finite_rows(x: torch.Tensor) -> list[bool]:
+    """``torch.isfinite(x).all(-1).tolist()`` for float32 rows ``x`` [R, V] (unit stride in a
+    row; where the kernels are :func:`enabled`)."""
+    rows, v = x.shape
+    ok = (ctypes.c_int8 * rows)()
+    _lib().gp_finite_rows(x.data_ptr(), rows, v, x.stride(0), ok)
+    return [bool(b) for b in ok]
 
 
 def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
@@ -500,6 +520,13 @@ def failures(seed: int = 0) -> list[str]:
     got = decode_attention(qkv, h, k_cache, v_cache, table, lens, d**-0.5)
     if not close(got.view(2, h, d), want):
         bad.append("decode_attention")
+    logits = torch.randn(3, 200, generator=g)
+    logits[1, 7] = logits[1, 150] = logits[1].max() + 1  # a tie: the first index wins
+    if argmax(logits[:, :130]) != logits[:, :130].argmax(-1).tolist():
+        bad.append("argmax")
+    logits[0, 3], logits[2, 120] = float("nan"), float("-inf")
+    if finite_rows(logits[:, :130]) != [False, True, False]:
+        bad.append("finite_rows")
     xs, w, b = rnd(3, 100)[:, :72], rnd(40, 72), rnd(40)  # a strided x, K not 32's multiple
     features = _STATE["features"]
     if features & 1 and not close(gemv(xs, w, b), torch.nn.functional.linear(xs, w, b)):

@@ -49,6 +49,11 @@ class EngineRequest:
     # prefix cache namespace beside model and adapter: requests with different salts never
     # share cached KV (the front end puts the tenant here unless its cache is shared)
     cache_salt: str | None = None
+    # one delta when the request ends (every output token in it) instead of one a step: for
+    # a caller that reads only the final output (Engine.generate without stop strings; vLLM's
+    # FINAL_ONLY output kind). Spares the engine thread a message a token and the consumer
+    # its wake-ups, which on a small CPU run beside the step
+    final_only: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))

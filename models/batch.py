@@ -5,7 +5,8 @@ Decode rows come first (one token per sequence), then prefill chunks:
     input_ids  | d0 | d1 | d2 | p0 p0 p0 p0 | p1 p1 |
                |<- num_decode ->|<-- prefill chunks -->|
     logits_indices: rows whose next token is sampled (each decode row; the last row of a
-    prefill chunk that reaches the end of its sequence)
+    prefill chunk that reaches the end of its sequence), in increasing order: as many as
+    there are rows means every row, in order (the model then skips the gather)
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+    def sampled_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """The rows of ``h`` [T, ...] that logits are computed for: ``h`` itself when that is
+        every row (a decode step; an index op costs ~10 us on a small CPU)."""
+        if self.logits_indices.shape[0] == h.shape[0]:
+            return h
+        return h[self.logits_indices]
 
     @property
     def num_prefill_seqs(self) -> int:

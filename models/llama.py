@@ -129,7 +129,7 @@ class LlamaModel:
             if lora is not None:
                 lora.apply(i, "down", act, down)
             x = x + down
-        x = x[batch.logits_indices]
+        x = batch.sampled_rows(x)
         return self._logits(rms_norm(x, self.w["norm"], self.cfg.rms_norm_eps))
 
     def _logits(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
@@ -178,7 +178,7 @@ class LlamaModel:
                     batch.slot_pages, batch.slot_offsets, batch.decode_block_tables,
                     batch.decode_context_lens, self.scale, self.w["norm"],
                     None if lora is None else lora.native_table(cfg.num_layers))
-                return self._logits(h[batch.logits_indices], gemv)
+                return self._logits(batch.sampled_rows(h), gemv)
         prefill_native = native.has_prefill_attention(cfg.head_dim)
         h = torch.empty_like(x)  # each norm's output, reused
         delta = None  # the previous layer's MLP output, added to x by the next norm
@@ -225,7 +225,7 @@ class LlamaModel:
             if lora is not None:
                 lora.apply(i, "down", act, delta)
         native.add_rmsnorm(x, delta, self.w["norm"], eps, h)
-        return self._logits(h[batch.logits_indices], gemv)
+        return self._logits(batch.sampled_rows(h), gemv)
 
     @staticmethod
     def _gemv_project(x, w, name, bias=None):

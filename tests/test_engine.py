@@ -340,3 +340,56 @@ def test_a_failing_sink_aborts_its_request_only(engine):
     assert len(calls) == 1  # the failed sink is not called again; its request was aborted
     assert engine.alive and not engine.core.requests
     engine.check_integrity()
+
+
+def test_final_only_requests_get_one_delta_with_every_token(engine):
+    """EngineRequest.final_only: one delta when the request ends (what generate asks for
+    when no stop string needs the text as it grows), with the tokens, logprobs and prompt
+    logprobs a per-step request gets over all its deltas."""
+    prompts = random_prompts(2, 4, 9, seed=21)
+    p = SamplingParams(max_tokens=7, temperature=0.8, seed=5, ignore_eos=True, logprobs=2,
+                       prompt_logprobs=1)
+    got: dict[str, list] = {"once": [], "steps": []}
+    done = threading.Event()
+
+    def sink(kind):
+        def put(delta):
+            got[kind].append(delta)
+            if sum(d.finished is not None and d.finish_reason is not None
+                   for k in got for d in got[k]) == 2:
+                done.set()
+        return put
+
+    name = engine.models[0]
+    ids = engine.tokenize(name, prompts[0])
+    engine.submit([EngineRequest("fo-once", name, ids, p, final_only=True),
+                   EngineRequest("fo-steps", name, ids, p)], [sink("once"), sink("steps")])
+    assert done.wait(timeout=120)
+    [once], steps = got["once"], got["steps"]
+    assert len(steps) == 7 and once.index == 0 and once.finish_reason == "length"
+    assert once.token_ids == sum((d.token_ids for d in steps), ())
+    want = sum((d.logprobs for d in steps), ())  # the rows share a batch: same up to fp32
+    assert [(t, [i for i, _ in top]) for t, _, top in once.logprobs] == [
+        (t, [i for i, _ in top]) for t, _, top in want]
+    assert [lp for _, lp, _ in once.logprobs] == pytest.approx([lp for _, lp, _ in want],
+                                                                abs=1e-5)
+    assert once.prompt_logprobs == steps[0].prompt_logprobs is not None
+    assert once.usage == steps[-1].usage
+
+
+def test_generate_asks_for_final_only_output_unless_stop_strings_need_the_text(engine,
+                                                                               monkeypatch):
+    seen = []
+    submit = type(engine).submit
+
+    def spy(self, requests, sinks):
+        seen.extend(r.final_only for r in requests)
+        return submit(self, requests, sinks)
+
+    monkeypatch.setattr(type(engine), "submit", spy)
+    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    plain, stopped = engine.generate(["w1 w2", "w3 w4"], [p, SamplingParams(
+        max_tokens=3, temperature=0, ignore_eos=True, stop=["zzz"])])
+    assert seen == [True, False]
+    assert len(plain.token_ids) == 3 and len(stopped.token_ids) == 3
+

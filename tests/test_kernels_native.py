@@ -134,6 +134,23 @@ def test_gemv_int8_sums_extreme_rows_without_overflow(k):
     assert _ulps_apart(got, want).max() <= 1, (got, want)
 
 
+@pytest.mark.parametrize("vocab", [1, 63, 64, 65, 49152])
+def test_argmax_and_finite_rows_match_torch(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab + 3, generator=g)[:, :vocab]  # strided rows
+    x[1] = 2.0  # a row of ties: the first index
+    x[2, -1] = 50.0  # the largest last
+    x[3, vocab // 2] = float("-inf")  # masked values are finite for argmax, not for the check
+    x[4, :] = float("-inf")
+    x[4, vocab - 1] = -1e30
+    assert native.argmax(x) == x.argmax(-1).tolist()
+    x[0, vocab // 3] = float("nan")
+    x[5, -1] = float("inf")
+    want = torch.isfinite(x).all(-1).tolist()
+    assert native.finite_rows(x) == want
+    assert want[0] is False and want[5] is False and want[3] is False and want[1] is True
+
+
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_silu_mul_matches_torch(rows):
     gu = _rand(rows, 2 * 1536, seed=4, scale=3.0)
