@@ -1035,8 +1035,11 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
 /* ---- a whole decode step's layers in one call ----------------------------------------------
  * For steps of a few decode rows: every layer of the model, in the order and with the kernels
  * the per-op path calls from Python (so the same results, bit for bit), minus ~10 Python calls
- * a layer (~14 with adapters). x: the residual stream [T][hidden] (updated); out: the final
- * norm's output [T][hidden]. mats: per layer LAYER_PTRS addresses (see native.py). lora: NULL,
+ * a layer (~14 with adapters). x: the residual stream [T][hidden] (updated; filled first
+ * with the embedding rows of ids when ids is not NULL); out: the final norm's output
+ * [T][hidden]; logits: NULL, or [T][vocab] float32 filled with the head's product of out
+ * (the model's first and last ops in the same team: no torch op and no second team
+ * around the step). mats: per layer LAYER_PTRS addresses (see native.py). lora: NULL,
  * or the step's LoRA terms (native.py's lora_table): LORA_HEAD entries (S, the starts, slots
  * and seg_rank addresses, then per group LORA_GROUP entries: a_slot, a_row, P, bt_slot,
  * bt_row, three widths, the proj_rank address), then per layer and group the A and BT slot
@@ -1077,6 +1080,47 @@ static void lora_group(const int64_t *lora, int64_t l, int g, const uint16_t *x,
               (const int32_t *)(intptr_t)h[8], items, item_seg);
 }
 
+/* x [T][hidden] = the embedding rows ids[t] of emb [vocab][hidden]: bf16 rows as they are;
+ * int8 rows (emb_scale not NULL) as bf16(q * scale[id]), as torch's x.to(bf16) * scale */
+static void embed_body(const int64_t *ids, int64_t T, int64_t hidden, const void *emb,
+                       const uint16_t *emb_scale, uint16_t *x) {
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        int64_t id = ids[t];
+        if (emb_scale) {
+            const int8_t *q = (const int8_t *)emb + id * hidden;
+            float sc = bf2f(emb_scale[id]);
+            for (int64_t k = 0; k < hidden; k++) x[t * hidden + k] = f2bf((float)q[k] * sc);
+        } else {
+            memcpy(x + t * hidden, (const uint16_t *)emb + id * hidden, 2 * (size_t)hidden);
+        }
+    }
+}
+
+/* logits [T][vocab] float32 = the head's product of the final norm's output out [T][hidden]
+ * (bf16 head, or int8 with bf16 scales: the GEMVs' rounding), via the bf16 buffer hb; each
+ * thread widens the columns it computed (no barrier between) */
+static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void *head,
+                      const uint16_t *head_scale, int64_t vocab, uint16_t *hb, float *logits,
+                      int16_t *xq, float *xs) {
+#ifdef __AVX512BW__
+    if (head_scale)
+        gemv_int8_body(out, T, hidden, hidden, (const int8_t *)head, vocab, hidden, head_scale,
+                       NULL, hb, vocab, xq, xs);
+#else
+    (void)xq; (void)xs;
+#endif
+#ifdef __AVX512BF16__
+    if (!head_scale)
+        gemv_bf16_body(out, T, hidden, hidden, (const uint16_t *)head, vocab, hidden, NULL, hb,
+                       vocab);
+#endif
+    int64_t n0, n1;
+    thread_share(vocab, &n0, &n1);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t n = n0; n < n1; n++) logits[t * vocab + n] = bf2f(hb[t * vocab + n]);
+}
+
 int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int64_t nq,
                      int64_t nkv, int64_t D, int64_t L, const int64_t *mats, float eps,
                      const uint16_t *cos_sin, const int64_t *positions, const int64_t *k_caches,
@@ -1084,9 +1128,12 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
                      const int64_t *slot_pages, const int64_t *slot_offsets,
                      const int32_t *block_tables, int64_t ldt, const int32_t *context_lens,
                      float scale, const uint16_t *final_norm, uint16_t *out,
-                     const int64_t *lora, int threads) {
+                     const int64_t *ids, const void *emb, const uint16_t *emb_scale,
+                     const void *head, const uint16_t *head_scale, int64_t vocab,
+                     float *logits, const int64_t *lora, int threads) {
     int64_t nqkv = (nq + 2 * nkv) * D;
-    size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden));
+    size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden
+                                 + (logits ? vocab : 0)));
     int64_t kmax = hidden > inter ? hidden : inter;
     kmax = kmax > nq * D ? kmax : nq * D;
     uint16_t *buf = malloc(elems * 2);
@@ -1100,11 +1147,12 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
     }
     if (!buf || !xq || !xs) { free(buf); free(xq); free(xs); free(item_seg); return -1; }
     uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
-    uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter;
+    uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter, *hb = delta + T * hidden;
     /* one thread team for the whole step: every op's loop is shared, a barrier between ops
      * (the worksharing loops end in one; matmul_body adds its own) */
     #pragma omp parallel num_threads(threads)
     {
+        if (ids) embed_body(ids, T, hidden, emb, emb_scale, x);
         for (int64_t l = 0; l < L; l++) {
             const int64_t *p = mats + l * LAYER_PTRS;
             uint16_t *kc = (uint16_t *)(intptr_t)k_caches[l];
@@ -1132,6 +1180,7 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
         }
         add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, final_norm, out, hidden, T,
                          hidden, eps);
+        if (logits) head_body(out, T, hidden, head, head_scale, vocab, hb, logits, xq, xs);
     }
     free(xq);
     free(xs);

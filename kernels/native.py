@@ -68,7 +68,8 @@ _SIGNATURES = {
     "gp_lora": [_vp, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
                 _i64, _vp, _vp, _int],
     "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
-                         _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp, _vp, _int],
+                         _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp,
+                         _vp, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
@@ -233,10 +234,11 @@ def _p(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def supports(x: torch.Tensor, hidden: int, inter: int, heads: int, kv_heads: int,
-             head_dim: int) -> bool:
-    """Whether a model of these sizes can run on the kernels for activations like ``x``."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16
+def supports(device: torch.device, dtype: torch.dtype, hidden: int, inter: int, heads: int,
+             kv_heads: int, head_dim: int) -> bool:
+    """Whether a model of these sizes can run on the kernels with activations of ``dtype``
+    on ``device``."""
+    return (device.type == "cpu" and dtype == torch.bfloat16
             and max(hidden, inter) <= MAX_DIM and head_dim <= MAX_HEAD_DIM
             and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
             and head_dim % 2 == 0)
@@ -363,28 +365,44 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
 
 def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads: int,
                   num_kv_heads: int, head_dim: int, eps: float, cos_sin: torch.Tensor,
-                  positions: torch.Tensor, kv_layers: list, slot_pages: torch.Tensor,
+                  positions: torch.Tensor, kv: tuple, slot_pages: torch.Tensor,
                   slot_offsets: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
-                  lora=None):
+                  ids: torch.Tensor | None = None, embed: tuple | None = None,
+                  head: tuple | None = None, lora=None):
     """Every layer of a decode step of a few rows in one call (the same kernels, in the same
-    order, as the per-op path); returns the final norm's output [T, hidden]. x: the
-    embeddings [T, hidden] (contiguous; updated in place); lora: None, or the step's
-    :func:`lora_table`."""
+    order, as the per-op path). x: [T, hidden] contiguous, the embeddings (updated in place);
+    or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
+    first. Returns the final norm's output [T, hidden]; or, with ``head`` = (weight [V,
+    hidden], int8 scales or None), the float32 logits [T, V] of it (the GEMVs' rounding).
+    kv: :func:`kv_table` of the layers' caches; lora: None, or the step's :func:`lora_table`."""
     t, hidden = x.shape
     out = torch.empty_like(x)
-    kc = (ctypes.c_int64 * num_layers)(*(k.data_ptr() for k, _ in kv_layers))
-    vc = (ctypes.c_int64 * num_layers)(*(v.data_ptr() for _, v in kv_layers))
-    k0 = kv_layers[0][0]
+    kc, vc, page_stride, block_tokens = kv
+    logits = None if head is None else torch.empty(t, head[0].shape[0], dtype=torch.float32)
     rc = _lib().gp_decode_layers(
         x.data_ptr(), t, hidden, inter, num_heads, num_kv_heads, head_dim, num_layers, table,
-        eps, cos_sin.data_ptr(), positions.data_ptr(), kc, vc, k0.stride(0), k0.shape[1],
+        eps, cos_sin.data_ptr(), positions.data_ptr(), kc, vc, page_stride, block_tokens,
         slot_pages.data_ptr(), slot_offsets.data_ptr(), block_tables.data_ptr(),
         block_tables.stride(0), context_lens.data_ptr(), scale, final_norm.data_ptr(),
-        out.data_ptr(), lora, torch.get_num_threads())
+        out.data_ptr(), _p(ids), None if embed is None else embed[0].data_ptr(),
+        None if embed is None else _p(embed[1]), None if head is None else head[0].data_ptr(),
+        None if head is None else _p(head[1]), 0 if head is None else head[0].shape[0],
+        _p(logits), lora, torch.get_num_threads())
     if rc:
         raise MemoryError("decode_layers could not allocate its buffers")
-    return out
+    return out if logits is None else logits
+
+
+def kv_table(kv_layers: list) -> tuple:
+    """``decode_layers``' view of the KV caches: each layer's K and V addresses as C arrays,
+    the page stride and the page size (the caller keeps the views alive; the model makes it
+    once per cache)."""
+    n = len(kv_layers)
+    k0 = kv_layers[0][0]
+    return ((ctypes.c_int64 * n)(*(k.data_ptr() for k, _ in kv_layers)),
+            (ctypes.c_int64 * n)(*(v.data_ptr() for _, v in kv_layers)), k0.stride(0),
+            k0.shape[1])
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

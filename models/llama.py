@@ -52,8 +52,9 @@ class LlamaModel:
         self.head: torch.Tensor | None = None  # the lm_head weight (maybe packed)
         self.packed = False  # pack_weights() ran since the last bind
         self.int8 = False  # every linear weight int8 (set by bind)
-        self._kv: tuple[torch.Tensor, list] | None = None  # (kv, per-layer (K, V) views)
+        self._kv: tuple | None = None  # (kv, per-layer (K, V) views, their native.kv_table)
         self._table = None  # the layers' weight addresses for native.decode_layers, or False
+        self._ends = None  # see _step_ends
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
         """Point the model at a set of weight views (e.g. after a swap); no copy."""
@@ -65,6 +66,7 @@ class LlamaModel:
         self.head = views[self.lm_head_name]
         self.plain = [dict(lw) for lw in self.layers]  # the views, whatever packing does
         self._table = None  # native.layer_table(self.plain), made at first use
+        self._ends = None
         self.packed = False
         # int8 weight-only: every linear weight and the lm_head carry row scales
         self.int8 = self.lm_head_name + SCALE_SUFFIX in views and all(
@@ -91,7 +93,7 @@ class LlamaModel:
         """Forget the weights (evicted: the views' slab now holds another model, and packed
         copies would hold host memory): the next ``bind`` brings them back."""
         self.w, self.layers, self.plain, self.head, self.packed = {}, [], [], None, False
-        self._table, self.int8 = None, False
+        self._table, self._ends, self.int8 = None, None, False
 
     @property
     def lm_head_name(self) -> str:
@@ -111,10 +113,10 @@ class LlamaModel:
         ``lora``: a :class:`gpupool.adapters.batch.LoraBatch` adding each row's adapter
         terms after every fused projection, or None for a base-only batch.
         """
-        x = self.embed(batch.input_ids)  # [T, hidden]
         kv_layers = self._kv_layers(kv)
-        if self._native(x, kv):
-            return self._forward_native(x, batch, kv_layers, lora)
+        if self._native(kv):
+            return self._forward_native(batch, kv, kv_layers, lora)
+        x = self.embed(batch.input_ids)  # [T, hidden]
         cos_sin = self.rope[batch.positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
         for i, lw in enumerate(self.layers):
@@ -143,42 +145,76 @@ class LlamaModel:
 
     def _kv_layers(self, kv: torch.Tensor) -> list:
         """Each layer's (K, V) cache views: the same storage every step, so made once."""
-        if self._kv is None or self._kv[0] is not kv:
-            self._kv = (kv, [(kv[:, i, 0], kv[:, i, 1]) for i in range(self.cfg.num_layers)])
+        if self._kv is None or self._kv[0] is not kv:  # (kv, views, native.kv_table)
+            self._kv = (kv, [(kv[:, i, 0], kv[:, i, 1]) for i in range(self.cfg.num_layers)],
+                        None)
         return self._kv[1]
 
-    def _native(self, x: torch.Tensor, kv: torch.Tensor) -> bool:
+    def _native(self, kv: torch.Tensor) -> bool:
         """Whether this step runs on the fused CPU kernels (:mod:`gpupool.kernels.native`):
-        bf16 activations and KV cache on CPU, no per-head q/k norm, sizes they handle."""
+        bf16 activations (the model's dtype) and KV cache on CPU, no per-head q/k norm, sizes
+        they handle."""
         cfg = self.cfg
-        return (x.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16 and not cfg.qk_norm
-                and native.supports(x, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                                    cfg.num_kv_heads, cfg.head_dim)
+        return (self.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16 and not cfg.qk_norm
+                and native.supports(self.device, self.dtype, cfg.hidden_size,
+                                    cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                                    cfg.head_dim)
                 and native.enabled())
 
-    def _forward_native(self, x, batch: ForwardBatch, kv_layers, lora) -> torch.Tensor:
+    def _step_ends(self):
+        """(embedding, head) for native.decode_layers to run the model's first and last ops
+        too: each (plain weight, int8 row scales or None), or False when one is not a form its
+        kernels read. Made once per bind."""
+        if self._ends is None:
+            self._ends = False
+            parts = []
+            for name in ("embed_tokens", self.lm_head_name):
+                w, sc = self.w[name], self.w.get(name + SCALE_SUFFIX)
+                ok = w.is_contiguous() and (
+                    (sc is None and w.dtype == torch.bfloat16 and native.has_gemv())
+                    or (sc is not None and w.dtype == torch.int8 and sc.dtype == torch.bfloat16
+                        and sc.is_contiguous() and native.has_gemv_int8()))
+                if not ok:
+                    return False
+                parts.append((w, sc))
+            self._ends = tuple(parts)
+        return self._ends
+
+    def _forward_native(self, batch: ForwardBatch, kv: torch.Tensor, kv_layers,
+                        lora) -> torch.Tensor:
         """The forward pass with each layer's glue in fused kernels: the residual add and the
         norm after it in one call, RoPE with the KV write, decode attention in place, SiLU
         times up. Same arithmetic as the torch path, op for op (see native.c)."""
         cfg, eps, nd = self.cfg, self.cfg.rms_norm_eps, batch.num_decode
+        rows = batch.num_tokens
         # a few rows: the kernels' GEMVs on the plain weights (faster than oneDNN there; the
         # int8 one than torch's int8 products for more rows)
         if self.int8:
-            gemv = x.shape[0] <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
+            gemv = rows <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
         else:
-            gemv = x.shape[0] <= native.GEMV_MAX_ROWS and native.has_gemv()
+            gemv = rows <= native.GEMV_MAX_ROWS and native.has_gemv()
         if (gemv and not batch.num_prefill_seqs
                 and (lora is None or lora.native is not None)):
             if self._table is None:
                 self._table = native.layer_table(self.plain) or False
             if self._table:  # a few decode rows: every layer in one call
-                h = native.decode_layers(
+                ends = self._step_ends()
+                if self._kv[2] is None:
+                    self._kv = (*self._kv[:2], native.kv_table(kv_layers))
+                # every row samples (a decode step): the embedding and the head in the call
+                whole = ends and batch.logits_indices.shape[0] == rows
+                x = (torch.empty(rows, cfg.hidden_size, dtype=self.dtype) if whole
+                     else self.embed(batch.input_ids))
+                out = native.decode_layers(
                     x, self._table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads,
-                    cfg.num_kv_heads, cfg.head_dim, eps, self.rope, batch.positions, kv_layers,
-                    batch.slot_pages, batch.slot_offsets, batch.decode_block_tables,
-                    batch.decode_context_lens, self.scale, self.w["norm"],
+                    cfg.num_kv_heads, cfg.head_dim, eps, self.rope, batch.positions,
+                    self._kv[2], batch.slot_pages, batch.slot_offsets,
+                    batch.decode_block_tables, batch.decode_context_lens, self.scale,
+                    self.w["norm"], batch.input_ids if whole else None,
+                    ends[0] if whole else None, ends[1] if whole else None,
                     None if lora is None else lora.native_table(cfg.num_layers))
-                return self._logits(batch.sampled_rows(h), gemv)
+                return out if whole else self._logits(batch.sampled_rows(out), gemv)
+        x = self.embed(batch.input_ids)
         prefill_native = native.has_prefill_attention(cfg.head_dim)
         h = torch.empty_like(x)  # each norm's output, reused
         delta = None  # the previous layer's MLP output, added to x by the next norm

@@ -468,11 +468,11 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     ("llama", None, True), ("llama", "int8", True)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
-    """native.decode_layers (every layer of a small decode step in one call) against the
-    per-op native path: identical logits, batches of 1 and 3 decode rows (and 8 for int8
-    weights, whose GEMV serves up to native.GEMV_INT8_MAX_ROWS rows); with adapters, rows of
-    two adapters of different ranks and targets and base rows, the LoRA terms inside the
-    call."""
+    """native.decode_layers (every layer of a small decode step in one call, with the
+    embedding and the head, or without) against the per-op native path: identical logits,
+    batches of 1 and 3 decode rows (and 8 for int8 weights, whose GEMV serves up to
+    native.GEMV_INT8_MAX_ROWS rows); with adapters, rows of two adapters of different ranks
+    and targets and base rows, the LoRA terms inside the call."""
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
@@ -509,14 +509,21 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
             before = len(calls)
             fused = w.model.forward(batch, w.kv_view, lora)  # rewrites the same K/V slots
             assert len(calls) == before + 1 and (calls[-1] is None) == (lora is None)
+            ends = w.model._step_ends()
+            assert ends  # the embedding and the head ran in the call too
+            w.model._ends = False  # the layers in the call, the ends in torch and a GEMV
+            try:
+                layers_only = w.model.forward(batch, w.kv_view, lora)
+            finally:
+                w.model._ends = ends
             table = w.model._table
             w.model._table = False  # the per-op path
             try:
                 per_op = w.model.forward(batch, w.kv_view, lora)
             finally:
                 w.model._table = table
-            assert len(calls) == before + 1
-            assert torch.equal(fused, per_op)
+            assert len(calls) == before + 2
+            assert torch.equal(fused, per_op) and torch.equal(layers_only, per_op)
             if lora is not None:  # the adapters' terms are in it
                 assert not torch.equal(fused, w.model.forward(batch, w.kv_view))
     finally:
