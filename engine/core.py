@@ -92,6 +92,7 @@ class EngineCore:
         self.last_used: dict[str, float] = {}  # model -> wall-clock time of its last step
         self.grammars = Grammars()
         self.prefetch = prefetch
+        self.ran = False  # whether the last step ran a batch
         self._orphans: list[str] = []  # requests whose sink failed: aborted before a step
 
     # ---- models -------------------------------------------------------------------------
@@ -318,6 +319,7 @@ class EngineCore:
         while self._orphans:
             self.abort(self._orphans.pop())
         out = self.scheduler.schedule()
+        self.ran = not out.is_empty  # the loop yields after a step that ran nothing
         if out.is_empty:
             return []
         sampling = [s.seq for s in out.scheduled if s.samples]

@@ -407,10 +407,11 @@ class LocalEngine:
                     self.core.fail_all(f"engine error: {e}")
             # Python's lock is not fair: without a yield the loop takes it again at once. So
             # yield the GIL when a thread is queued for the lock (a new request, a command),
-            # and when the step sent deltas: their consumers run now, not during the next
-            # step's kernels (on 2 cores they would slow its thread team). Not otherwise:
-            # the yield cost ~0.13 ms a step (final-only requests send nothing a step).
-            if deltas is None or deltas or self._lock.queued:
+            # when the step sent deltas: their consumers run now, not during the next
+            # step's kernels (on 2 cores they would slow its thread team), and after a step
+            # that ran nothing (what it waits for may need the GIL). Not otherwise: the yield
+            # cost ~0.13 ms a step (final-only requests send nothing a step).
+            if deltas is None or deltas or not self.core.ran or self._lock.queued:
                 time.sleep(0)
 
     @property
