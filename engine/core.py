@@ -54,8 +54,7 @@ def _finite_rows(logits: torch.Tensor) -> list[bool]:
     """Whether each row of float32 ``logits`` [R, V] is all finite: one native call on CPU
     (torch's isfinite(...).all(-1) is four ops: 61 us a row of SmolLM2's 49152 logits on the
     project's EPYC, the kernel ~5), torch's elsewhere."""
-    if (logits.device.type == "cpu" and logits.dtype == torch.float32
-            and logits.stride(-1) == 1 and native.enabled()):
+    if native.takes_rows(logits):
         return native.finite_rows(logits)
     return torch.isfinite(logits).all(dim=-1).tolist()
 

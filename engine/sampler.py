@@ -50,8 +50,7 @@ def greedy(logits: torch.Tensor) -> list[int]:
     """Each row's argmax (the first index of its largest value) for logits [R, V] holding no
     NaN: the native kernel on CPU float32 rows (torch's argmax is a scalar loop there: 43 us
     a row of SmolLM2's 49152 logits against ~6), torch's elsewhere."""
-    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-            and logits.stride(-1) == 1 and native.enabled()):
+    if native.takes_rows(logits):
         return native.argmax(logits)
     return logits.argmax(dim=-1).tolist()
 

@@ -1050,12 +1050,11 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
 enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_SCALE, P_QKV_BIAS, P_O, P_O_SCALE, P_GATE_UP,
        P_GATE_UP_SCALE, P_DOWN, P_DOWN_SCALE };
 
-/* one layer's product, inside the team: this thread's share of the rows, then a barrier */
-static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const int64_t *p, int w,
-                        int scale, int bias, int64_t N, uint16_t *y, int16_t *xq, float *xs) {
-    const void *W = (const void *)(intptr_t)p[w];
-    const uint16_t *s = p[scale] ? (const uint16_t *)(intptr_t)p[scale] : NULL;
-    const uint16_t *b = bias >= 0 && p[bias] ? (const uint16_t *)(intptr_t)p[bias] : NULL;
+/* y [M][N] = x [M][K] times the weights W [N][K] (bf16, or int8 with bf16 row scales s) plus
+ * the bias b (or NULL), with the GEMVs' rounding: this thread's share of the rows, no barrier */
+static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
+                      const uint16_t *s, const uint16_t *b, int64_t N, uint16_t *y, int16_t *xq,
+                      float *xs) {
 #ifdef __AVX512BW__
     if (s)
         gemv_int8_body(x, M, K, K, (const int8_t *)W, N, K, s, b, y, N, xq, xs);
@@ -1066,6 +1065,14 @@ static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const int64_t *
     if (!s)
         gemv_bf16_body(x, M, K, K, (const uint16_t *)W, N, K, b, y, N);
 #endif
+}
+
+/* one layer's product, inside the team: this thread's share of the rows, then a barrier */
+static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const int64_t *p, int w,
+                        int scale, int bias, int64_t N, uint16_t *y, int16_t *xq, float *xs) {
+    const uint16_t *s = p[scale] ? (const uint16_t *)(intptr_t)p[scale] : NULL;
+    const uint16_t *b = bias >= 0 && p[bias] ? (const uint16_t *)(intptr_t)p[bias] : NULL;
+    gemv_body(x, M, K, (const void *)(intptr_t)p[w], s, b, N, y, xq, xs);
     #pragma omp barrier
 }
 
@@ -1103,18 +1110,7 @@ static void embed_body(const int64_t *ids, int64_t T, int64_t hidden, const void
 static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void *head,
                       const uint16_t *head_scale, int64_t vocab, uint16_t *hb, float *logits,
                       int16_t *xq, float *xs) {
-#ifdef __AVX512BW__
-    if (head_scale)
-        gemv_int8_body(out, T, hidden, hidden, (const int8_t *)head, vocab, hidden, head_scale,
-                       NULL, hb, vocab, xq, xs);
-#else
-    (void)xq; (void)xs;
-#endif
-#ifdef __AVX512BF16__
-    if (!head_scale)
-        gemv_bf16_body(out, T, hidden, hidden, (const uint16_t *)head, vocab, hidden, NULL, hb,
-                       vocab);
-#endif
+    gemv_body(out, T, hidden, head, head_scale, NULL, vocab, hb, xq, xs);
     int64_t n0, n1;
     thread_share(vocab, &n0, &n1);
     for (int64_t t = 0; t < T; t++)

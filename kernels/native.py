@@ -277,9 +277,15 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return out
 
 
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether :func:`argmax` and :func:`finite_rows` run on ``x``: float32 rows [R, V] on CPU
+    with unit stride in a row, the kernels on."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and x.stride(-1) == 1 and enabled())
+
+
 def argmax(x: torch.Tensor) -> list[int]:
-    """``x.argmax(-1).tolist()`` for float32 rows ``x`` [R, V] (unit stride in a row) that hold
-    no NaN (where the kernels are :func:`enabled`)."""
+    """``x.argmax(-1).tolist()`` for rows ``x`` that hold no NaN (where :func:`takes_rows`)."""
     rows, v = x.shape
     out = (ctypes.c_int64 * rows)()
     _lib().gp_argmax_rows(x.data_ptr(), rows, v, x.stride(0), out)
@@ -287,8 +293,7 @@ def argmax(x: torch.Tensor) -> list[int]:
 
 
 def finite_rows(x: torch.Tensor) -> list[bool]:
-    """``torch.isfinite(x).all(-1).tolist()`` for float32 rows ``x`` [R, V] (unit stride in a
-    row; where the kernels are :func:`enabled`)."""
+    """``torch.isfinite(x).all(-1).tolist()`` (where :func:`takes_rows`)."""
     rows, v = x.shape
     ok = (ctypes.c_int8 * rows)()
     _lib().gp_finite_rows(x.data_ptr(), rows, v, x.stride(0), ok)

@@ -115,7 +115,7 @@ class LlamaModel:
         """
         kv_layers = self._kv_layers(kv)
         if self._native(kv):
-            return self._forward_native(batch, kv, kv_layers, lora)
+            return self._forward_native(batch, kv_layers, lora)
         x = self.embed(batch.input_ids)  # [T, hidden]
         cos_sin = self.rope[batch.positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
@@ -180,8 +180,7 @@ class LlamaModel:
             self._ends = tuple(parts)
         return self._ends
 
-    def _forward_native(self, batch: ForwardBatch, kv: torch.Tensor, kv_layers,
-                        lora) -> torch.Tensor:
+    def _forward_native(self, batch: ForwardBatch, kv_layers, lora) -> torch.Tensor:
         """The forward pass with each layer's glue in fused kernels: the residual add and the
         norm after it in one call, RoPE with the KV write, decode attention in place, SiLU
         times up. Same arithmetic as the torch path, op for op (see native.c)."""
