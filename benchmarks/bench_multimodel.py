@@ -60,8 +60,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import cpu_flags, emit  # noqa: E402
+from common import cpu_flags, emit, load_tests_package  # noqa: E402
+
+load_tests_package()
 
 from gpupool.scheduler.metrics import RequestTiming, attainment  # noqa: E402
 from gpupool.scheduler.simulator import DEFAULT_DATA_DIR, StepRecord  # noqa: E402

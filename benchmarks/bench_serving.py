@@ -45,8 +45,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import cpu_flags, emit  # noqa: E402
+from common import cpu_flags, emit, load_tests_package  # noqa: E402
+
+load_tests_package()
 
 from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from gpupool.progress import Progress
+
+
+def load_tests_package() -> None:
+    """Make the checkout's ``tests`` helpers importable (``from tests.factories import ...``)
+    without putting the checkout's root on ``sys.path``: there its folders (``kernels``,
+    ``api``, ``models``, ...) would answer for PyPI packages of the same names that
+    dependencies probe for (transformers looks for Hugging Face's ``kernels``)."""
+    if "tests" in sys.modules:
+        return
+    folder = Path(__file__).resolve().parent.parent / "tests"
+    spec = importlib.util.spec_from_file_location(
+        "tests", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tests"] = module
+    spec.loader.exec_module(module)
 
 
 def median_seconds(fn, runs: int, warmup: bool = True) -> float:

@@ -66,7 +66,7 @@ class Cluster:
         log = open(self.home / f"{name}.log", "ab")
         env = {**os.environ, "GPUPOOL_HOME": str(self.home / name)}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.cli", "worker", "--redis-url", self.url,
+            [sys.executable, "-P", "-m", "gpupool.cli", "worker", "--redis-url", self.url,
              "--name", name, "--config", str(self.home / "worker.toml"), "--model-root",
              str(self.root), "--heartbeat-s", str(self.heartbeat_s), "--ttl-s",
              str(self.ttl_s), "--grace-s", "10",

@@ -2,6 +2,12 @@
 
 import os
 
+# Every Python the tests start (the server, workers, ``python -c`` checks, many with the
+# checkout as their working directory) runs without its working directory on sys.path: the
+# checkout's top-level folders (kernels, api, models, ...) would answer for PyPI packages of
+# the same names that dependencies probe for (transformers imports Hugging Face's ``kernels``).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 import torch
 
 if not torch.cuda.is_available():

@@ -51,7 +51,7 @@ class Server:
 
     def start(self, timeout: float = 120.0) -> Server:
         exe = shutil.which("gpupool")
-        cmd = [exe] if exe else [sys.executable, "-m", "gpupool.cli"]
+        cmd = [exe] if exe else [sys.executable, "-P", "-m", "gpupool.cli"]
         env = {**os.environ, "GPUPOOL_HOME": str(self.home), **self.env}
         self.proc = subprocess.Popen(
             [*cmd, self.command, "--port", str(self.port), "--config", str(self.config),

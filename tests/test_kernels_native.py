@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from gpupool import SamplingParams
 from gpupool.kernels import decode, native, reference
 from gpupool.models.cpu import cpu_flags
+from tests import TESTS_PACKAGE
 from tests.factories import (
     hf_greedy_with,
     lora_mirror,
@@ -576,7 +577,7 @@ import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 from gpupool.kernels import native
 print("AVAILABLE", native.available())
-sys.path.insert(0, {os.getcwd()!r})
+{TESTS_PACKAGE}
 from tests.factories import make_engine
 from gpupool import SamplingParams
 e = make_engine({str(tiny_models("llama"))!r}, dtype="bfloat16")

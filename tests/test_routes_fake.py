@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from gpupool.api.server import build_state, create_app
 from gpupool.config import ModelSpec, ServerConfig
+from tests import TESTS_PACKAGE
 from tests.fake_engine import FakeClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,7 @@ def test_errors_are_openai_errors(env):
 def test_the_api_with_a_fake_client_never_imports_torch(tmp_path):
     """In a fresh interpreter: the whole app over the fake client serves a completion, and
     neither torch nor transformers (nor the engine) is ever imported."""
-    script = textwrap.dedent(f"""
+    script = TESTS_PACKAGE + textwrap.dedent(f"""
         import json, sys
         from fastapi.testclient import TestClient
         from gpupool.api.server import build_state, create_app
