@@ -95,8 +95,15 @@ def _wait_for(predicate, timeout=30.0, step=0.02):
     raise AssertionError("timed out")
 
 
-def _pool(gw) -> list[dict]:
-    return httpx.get(gw.url + "/admin/pool", headers=ADMIN).json()["workers"]
+def _pool(gw, polling: bool = False) -> list[dict]:
+    """The pool's workers. ``polling`` (inside _wait_for): none while the gateway answers
+    that it is busy (503 or 504: right after SIGCONT a worker's reply can still be late), so
+    the wait polls again; any other error fails."""
+    r = httpx.get(gw.url + "/admin/pool", headers=ADMIN)
+    if polling and r.status_code in (503, 504):
+        return []
+    assert r.status_code == 200, r.text
+    return r.json()["workers"]
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 7}],
@@ -114,7 +121,7 @@ def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling):
                    json={"name": model, "path": str(paths["llama"])})
     assert r.status_code == 201, r.text
     client.completions.create(model=model, prompt=prompts[0], max_tokens=1)
-    holder = _wait_for(lambda: [w["name"] for w in _pool(gw) if model in w["models"]])
+    holder = _wait_for(lambda: [w["name"] for w in _pool(gw, True) if model in w["models"]])
     assert len(holder) == 1
     victim = holder[0]
     before = int(c.r.get("gpupool:cluster:redispatched") or 0)
@@ -147,7 +154,7 @@ def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling):
     other = next(name for name in c.workers if name != victim)
     c.workers[other].send_signal(signal.SIGTERM)
     assert c.workers[other].wait(timeout=30) == 0
-    _wait_for(lambda: {w["name"] for w in _pool(gw) if w["alive"]} == {victim})
+    _wait_for(lambda: {w["name"] for w in _pool(gw, True) if w["alive"]} == {victim})
     r = client.completions.create(model="qwen", prompt=prompts[0], max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason == "length"
     c.start_worker(other)
@@ -334,7 +341,7 @@ def test_a_drained_worker_hands_over_what_it_could_not_finish(cluster):
     finally:
         for other in [w for w in c.workers if w != "w-drain"]:
             c.workers[other].send_signal(signal.SIGCONT)
-    _wait_for(lambda: {w["name"] for w in _pool(gw) if w["alive"]} >= set(c.workers))
+    _wait_for(lambda: {w["name"] for w in _pool(gw, True) if w["alive"]} >= set(c.workers))
     chunks = [[] for _ in range(n)]
     threads = [threading.Thread(target=_stream, args=(client, model, prompts[i], max_tokens,
                                                       chunks[i]), kwargs={"temperature": 0})
