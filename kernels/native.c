@@ -12,15 +12,22 @@
  * torch thread count (OpenMP: torch's own libgomp where native.py finds it).
  */
 #include <float.h>
-#ifdef __AVX512F__
-#include <immintrin.h>  /* only the GEMVs use intrinsics; the rest is portable C */
+/* the bf16 GEMV's two builds (see gemv_rows): AVX-512 BF16, or AVX2 + FMA emulating it */
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+#define HAVE_GEMV_BF16 1
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>  /* the GEMVs, attention and LoRA use intrinsics; the rest is portable C */
 #endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
-#include <omp.h>
+/* the two OpenMP calls used, declared here: no omp.h needed (Clang ships none without
+ * libomp-dev; the library links torch's libgomp) */
+int omp_get_thread_num(void);
+int omp_get_num_threads(void);
 #endif
 
 static inline float bf2f(uint16_t h) {
@@ -41,10 +48,14 @@ static inline uint16_t f2bf(float f) {
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
 #ifdef __AVX512F__
+/* helpers of the AVX-512 kernels; a build that has some of those kernels and not others
+ * leaves some unused */
+#define SIMD_HELPER static inline __attribute__((unused))
+
 /* e^x, float32, for x <= 0 (a score minus its row's max): 2^n e^r, n = round(x / ln 2),
  * r = x - n ln 2 in two parts, e^r by its Taylor polynomial of degree 6 (|r| <= ln 2 / 2:
  * relative error < 2e-7); below -87, 2^n underflows to 0 through scalef */
-static inline __m512 exp512(__m512 x) {
+SIMD_HELPER __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -62,7 +73,7 @@ static inline __m512 exp512(__m512 x) {
 
 /* lane e: the sum of v[e]'s 16 lanes, for 16 vectors at once (a transposing add tree: 45
  * shuffles and adds instead of 16 reductions) */
-static inline __m512 hsum16(const __m512 v[16]) {
+SIMD_HELPER __m512 hsum16(const __m512 v[16]) {
     __m512 t[8], q[4], w[2];
     for (int e = 0; e < 8; e++)  /* pairs: lanes hold partial sums of v[2e], v[2e+1] */
         t[e] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * e], v[2 * e + 1]),
@@ -78,12 +89,12 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 
 /* 16 bf16 values at p widened to float32 (exact) */
-static inline __m512 bf16x16_loadu(const uint16_t *p) {
+SIMD_HELPER __m512 bf16x16_loadu(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
 }
 
-static inline __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), kept float */
+SIMD_HELPER __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), kept float */
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
@@ -97,13 +108,18 @@ static inline __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even),
 #define MAX_GROUP 16      /* query heads per KV head */
 #define MAX_LORA_COLS 768 /* a group's A rows, projections x rank: rank <= 256 (native.py) */
 
-/* which kernels with intrinsics this build has: bit 0 the bf16 GEMV (AVX-512 BF16), bit 1 the
- * int8 one (AVX-512 BW), bit 2 prefill attention (AVX-512 BF16); the others are built
- * everywhere */
+/* which kernels with intrinsics this build has: bit 0 the bf16 GEMV (AVX-512 BF16, or AVX2 +
+ * FMA: bit 3), bit 1 the int8 one (AVX-512 BW), bit 2 prefill attention (AVX-512 BF16); the
+ * others are built everywhere */
 int gp_gemv_features(void) {
     int f = 0;
+#ifdef HAVE_GEMV_BF16
+    f |= 1;
+#endif
 #ifdef __AVX512BF16__
-    f |= 1 | 4;
+    f |= 4;
+#elif defined(HAVE_GEMV_BF16)
+    f |= 8;
 #endif
 #ifdef __AVX512BW__
     f |= 2;
@@ -162,6 +178,7 @@ static void add_rmsnorm_body(uint16_t *x, int64_t ldx, const uint16_t *delta, in
 void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
                     const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows, int64_t dim,
                     float eps, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     #pragma omp parallel num_threads(threads) if (rows * dim >= 65536)
     add_rmsnorm_body(x, ldx, delta, ldd, w, out, ldo, rows, dim, eps);
 }
@@ -185,6 +202,7 @@ static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_
 
 void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, int64_t rows,
                  int64_t inter, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     #pragma omp parallel num_threads(threads) if (rows * inter >= 65536)
     silu_mul_body(gu, ldg, out, ldo, rows, inter);
 }
@@ -261,6 +279,7 @@ void gp_rope_kv(uint16_t *qkv, int64_t ld, int64_t T, int64_t nq, int64_t nkv, i
                 const uint16_t *cos_sin, const int64_t *positions, uint16_t *k_cache,
                 uint16_t *v_cache, int64_t page_stride, const int64_t *slot_pages,
                 const int64_t *slot_offsets, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     #pragma omp parallel num_threads(threads) if (T >= 64)
     rope_kv_body(qkv, ld, T, nq, nkv, D, cos_sin, positions, k_cache, v_cache, page_stride,
                  slot_pages, slot_offsets);
@@ -450,8 +469,10 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
                          int64_t page_stride, int64_t bt, const int32_t *block_tables,
                          int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
                          int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += context_lens[b];
+    (void)work;
     #pragma omp parallel num_threads(threads) if (work * nkv >= 256)
     decode_attention_body(q, ldq, B, nq, nkv, D, k_cache, v_cache, page_stride, bt,
                           block_tables, ldt, context_lens, scale, out);
@@ -590,6 +611,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *block_tables, int64_t ldt, float scale,
                          uint16_t *out, int64_t ldo, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
 #ifdef __AVX512BF16__
     int64_t group = nq / nkv, items = 0;
     for (int64_t s = 0; s < S; s++) items += nkv * ((cu[s + 1] - cu[s] + PA_QT - 1) / PA_QT);
@@ -639,46 +661,121 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
 /* y[m] = bf16(x[m] . W[n] (+ bias[n])) for a few rows m of x: a bf16 matrix-vector product
  * that reads W [N][K] (row stride ldw) once, row after row (one sequential stream per thread:
  * the hardware prefetcher follows it; oneDNN's blocked GEMV reached 18 GB/s on the project's
- * machine where this reaches 27-30), each thread a contiguous share of the rows. Dot products
- * in float32 (AVX-512 BF16), rounded once. Built only where the compiler targets AVX-512 BF16
- * (gp_gemv_features says so); elsewhere the caller keeps oneDNN. */
+ * machine where this reaches 27-30), each thread a contiguous share of the rows.
+ *
+ * Semantics (one summation order, whichever build runs it): a row's dot product is 16 float32
+ * lanes times 4 accumulators; element k = 32 c + 2 j + e (chunk c, lane j, e = 0 even, 1 odd)
+ * goes to lane j of accumulator c % 4 for the chunks of the whole 128-element blocks, to
+ * accumulator 0 for the remaining whole chunks and to accumulator 1 for a last partial chunk
+ * (zero-padded). A lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs that are
+ * denormal count as zero, lane = ftz(fma(x_odd, w_odd, lane)), then
+ * lane = ftz(fma(x_even, w_even, lane)) (bf16 x bf16 products are exact in float32). Then the
+ * 4 accumulators are added lane-wise as (a0 + a1) + (a2 + a3) and the 16 lanes reduced by
+ * gemv_hsum's fixed tree, the bias added (all under DAZ/FTZ), rounded to bf16 once.
+ *
+ * Two builds compute exactly that: AVX-512 BF16 (the dot-product instruction itself) and
+ * AVX2 + FMA (bf16 pairs split into their even and odd float32 halves by a shift and a mask,
+ * two FMAs, MXCSR's DAZ and FTZ bits set around the loop: bit-identical, tested on a CPU that
+ * has both), so a worker without AVX-512 continues a request exactly. gp_gemv_features' bit 0
+ * says a build has one; elsewhere the caller keeps torch's product. */
+#ifdef HAVE_GEMV_BF16
+#define MXCSR_DAZ_FTZ 0x8040u
+
+/* the 16 lanes' sum in one fixed order: s_i = v_{i+8} + v_i, t_j = s_{j+4} + s_j,
+ * (t_0 + t_2) + (t_1 + t_3); the empty asm keeps -ffast-math from reassociating it */
+static inline float gemv_hsum(__m256 lo, __m256 hi) {
+    __m256 s = _mm256_add_ps(hi, lo);
+    __asm__("" : "+x"(s));
+    __m128 t = _mm_add_ps(_mm256_extractf128_ps(s, 1), _mm256_castps256_ps128(s));
+    __asm__("" : "+x"(t));
+    __m128 u = _mm_add_ps(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));
+    __asm__("" : "+x"(u));
+    float u0 = _mm_cvtss_f32(u), u1 = _mm_cvtss_f32(_mm_shuffle_ps(u, u, 1));
+    return u0 + u1;
+}
+
 #ifdef __AVX512BF16__
+static inline float gemv_dot(const uint16_t *xm, const uint16_t *w, int64_t K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xm + k),
+                              (__m512bh)_mm512_loadu_si512(w + k));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(xm + k + 32),
+                              (__m512bh)_mm512_loadu_si512(w + k + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(xm + k + 64),
+                              (__m512bh)_mm512_loadu_si512(w + k + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(xm + k + 96),
+                              (__m512bh)_mm512_loadu_si512(w + k + 96));
+    }
+    for (; k + 32 <= K; k += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xm + k),
+                              (__m512bh)_mm512_loadu_si512(w + k));
+    if (k < K) {
+        __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mk, xm + k),
+                              (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k));
+    }
+    __m512 v = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    __asm__("" : "+v"(v));
+    return gemv_hsum(_mm512_castps512_ps256(v),
+                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#else
+/* one 32-element chunk into an accumulator's two halves (lanes 0-7: elements 0-15, lanes
+ * 8-15: elements 16-31), odd elements first, as vdpbf16ps */
+#define GEMV_HI16 _mm256_set1_epi32((int)0xffff0000u)
+static inline void gemv_chunk(const uint16_t *x, const uint16_t *w, __m256 *lo, __m256 *hi) {
+    for (int h = 0; h < 2; h++) {
+        __m256i xv = _mm256_loadu_si256((const void *)(x + 16 * h));
+        __m256i wv = _mm256_loadu_si256((const void *)(w + 16 * h));
+        __m256 *a = h ? hi : lo;
+        *a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(xv, GEMV_HI16)),
+                             _mm256_castsi256_ps(_mm256_and_si256(wv, GEMV_HI16)), *a);
+        *a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(xv, 16)),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), *a);
+    }
+}
+
+static inline float gemv_dot(const uint16_t *xm, const uint16_t *w, int64_t K) {
+    __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0,
+           h3 = l0;
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        gemv_chunk(xm + k, w + k, &l0, &h0);
+        gemv_chunk(xm + k + 32, w + k + 32, &l1, &h1);
+        gemv_chunk(xm + k + 64, w + k + 64, &l2, &h2);
+        gemv_chunk(xm + k + 96, w + k + 96, &l3, &h3);
+    }
+    for (; k + 32 <= K; k += 32) gemv_chunk(xm + k, w + k, &l0, &h0);
+    if (k < K) {  /* zero-padded, as the masked load */
+        uint16_t xt[32] = {0}, wt[32] = {0};
+        memcpy(xt, xm + k, 2 * (size_t)(K - k));
+        memcpy(wt, w + k, 2 * (size_t)(K - k));
+        gemv_chunk(xt, wt, &l1, &h1);
+    }
+    __m256 lo = _mm256_add_ps(_mm256_add_ps(l0, l1), _mm256_add_ps(l2, l3));
+    __m256 hi = _mm256_add_ps(_mm256_add_ps(h0, h1), _mm256_add_ps(h2, h3));
+    __asm__("" : "+x"(lo), "+x"(hi));
+    return gemv_hsum(lo, hi);
+}
+#endif
+
 static void gemv_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *W,
                       int64_t n0, int64_t n1, int64_t ldw, const uint16_t *bias, uint16_t *y,
                       int64_t ldy) {
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | MXCSR_DAZ_FTZ);
     for (int64_t n = n0; n < n1; n++) {
         const uint16_t *w = W + n * ldw;
         for (int64_t m = 0; m < M; m++) {
-            const uint16_t *xm = x + m * ldx;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t k = 0;
-            for (; k + 128 <= K; k += 128) {
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xm + k),
-                                      (__m512bh)_mm512_loadu_si512(w + k));
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(xm + k + 32),
-                                      (__m512bh)_mm512_loadu_si512(w + k + 32));
-                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(xm + k + 64),
-                                      (__m512bh)_mm512_loadu_si512(w + k + 64));
-                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(xm + k + 96),
-                                      (__m512bh)_mm512_loadu_si512(w + k + 96));
-            }
-            for (; k + 32 <= K; k += 32)
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xm + k),
-                                      (__m512bh)_mm512_loadu_si512(w + k));
-            if (k < K) {
-                __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mk, xm + k),
-                                      (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k));
-            }
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1),
-                                                         _mm512_add_ps(a2, a3)));
+            float v = gemv_dot(x + m * ldx, w, K);
             if (bias) v += bf2f(bias[n]);  /* fused, rounded once, as oneDNN */
             y[m * ldy + n] = f2bf(v);
         }
     }
+    _mm_setcsr(csr);
 }
-
-#endif
 
 /* the calling thread's share of the rows (no barrier after) */
 static void gemv_bf16_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
@@ -688,16 +785,18 @@ static void gemv_bf16_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
     thread_share(N, &n0, &n1);
     if (n0 < n1) gemv_rows(x, M, K, ldx, W, n0, n1, ldw, bias, y, ldy);
 }
+#endif
 
 void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *W,
                   int64_t N, int64_t ldw, const uint16_t *bias, uint16_t *y, int64_t ldy,
                   int threads) {
-#ifdef __AVX512BF16__
+    (void)threads;  /* a build without OpenMP has one thread */
+#ifdef HAVE_GEMV_BF16
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
     gemv_bf16_body(x, M, K, ldx, W, N, ldw, bias, y, ldy);
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)W; (void)N; (void)ldw; (void)bias; (void)y;
-    (void)ldy; (void)threads;
+    (void)ldy;
 #endif
 }
 
@@ -827,6 +926,7 @@ static void gemv_int8_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
 void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int8_t *Q,
                   int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
                   uint16_t *y, int64_t ldy, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
 #ifdef __AVX512BW__
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * ((K + 31) / 32 * 32)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
@@ -1023,6 +1123,7 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
              const uint16_t *A, int64_t a_slot, int64_t a_row, int64_t P, const uint16_t *BT,
              int64_t bt_slot, int64_t bt_row, const int64_t *widths, const int32_t *proj_rank,
              int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     int64_t *item_seg;
     int64_t items = lora_items(S, starts, seg_rank, &item_seg);
     if (!item_seg) return;
@@ -1061,9 +1162,12 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
 #else
     (void)xq; (void)xs;
 #endif
-#ifdef __AVX512BF16__
+#ifdef HAVE_GEMV_BF16
     if (!s)
         gemv_bf16_body(x, M, K, K, (const uint16_t *)W, N, K, b, y, N);
+#endif
+#if !defined(HAVE_GEMV_BF16) && !defined(__AVX512BW__)
+    (void)x; (void)M; (void)K; (void)W; (void)s; (void)b; (void)N; (void)y;
 #endif
 }
 
@@ -1127,6 +1231,7 @@ int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int6
                      const int64_t *ids, const void *emb, const uint16_t *emb_scale,
                      const void *head, const uint16_t *head_scale, int64_t vocab,
                      float *logits, const int64_t *lora, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     int64_t nqkv = (nq + 2 * nkv) * D;
     size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden
                                  + (logits ? vocab : 0)));

@@ -21,14 +21,19 @@ Each rounds as the torch ops it replaces (bf16 after every op torch does in bf16
 match the torch path to a bf16 rounding step here and there (reduction order): the tests
 compare every kernel with its torch version on random inputs.
 
-Building: the first use compiles ``native.c`` with the C compiler (``$CC``, else ``cc``/
-``gcc``) for this CPU (``-march=native``: the machine is probed by its own compiler, never
-assumed), linked to torch's own OpenMP runtime where torch ships one (one thread team, as
-torch's ops), into ``$GPUPOOL_NATIVE_DIR`` (default ``~/.cache/gpupool/native``), keyed by a
-hash of the source, the compiler's version and the CPU's flags; later processes load it in
-milliseconds. Then each kernel is checked once against torch on small random inputs. Without
-a compiler, or if the build or the check fails, :func:`available` is False (logged once) and
-the model keeps its torch path. ``GPUPOOL_NATIVE=0`` turns the kernels off.
+Building: an engine on CPU compiles ``native.c`` when it starts (never inside a step) with the
+C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for this CPU (``-march=native``, on Arm
+``-mcpu=native``: the machine is probed by its own compiler, never assumed;
+``GPUPOOL_NATIVE_MARCH`` names another target, see :func:`target`), linked to torch's own
+OpenMP runtime where torch ships one (one thread team, as torch's ops; elsewhere, e.g. macOS,
+one thread), into ``$GPUPOOL_NATIVE_DIR`` (default ``~/.cache/gpupool/native``), keyed by a
+hash of the source, the compiler's version, the flags and the CPU's flags; later processes
+load it in milliseconds. Then each kernel is checked once against torch on small random
+inputs. Which kernels a build has follows its target: the portable C ones everywhere, the bf16
+GEMV with AVX2 + FMA or AVX-512 BF16 (bit-identical), the int8 GEMV with AVX-512 BW, prefill
+attention with AVX-512 BF16 (``gp_gemv_features``). Without a compiler, or if the build or the
+check fails, :func:`available` is False (a WARNING naming the compiler's first error) and the
+model keeps its torch path. ``GPUPOOL_NATIVE=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -108,13 +114,30 @@ def _torch_gomp() -> Path | None:
 # -ffast-math adds crtfastmath.o, whose constructor turns on flush-to-zero and
 # denormals-are-zero for the whole process when the library loads (subnormal floats become 0
 # in every torch op and in Python: hypothesis caught it). The kernels' arithmetic never
-# relies on infinities or NaN (NaN bits are kept by integer ops).
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=gnu11"]
+# relies on infinities or NaN (NaN bits are kept by integer ops). The bf16 GEMV's order is
+# fixed in the source (its sums behind empty asm statements): -ffast-math cannot move it.
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=gnu11"]
 
 
-def _flags() -> tuple[list[str], list[str]]:
-    """(compile flags, link flags)."""
-    compile_flags, link = list(COMPILE_FLAGS), ["-shared"]
+def target() -> str:
+    """The CPU the kernels are built for: ``native`` (this machine's own, as its compiler
+    probes it) unless ``GPUPOOL_NATIVE_MARCH`` names another ``-march`` target, e.g.
+    ``x86-64-v3`` for the AVX2 build on an AVX-512 machine (what a CPU without AVX-512 runs:
+    the bf16 GEMV bit-identical, the AVX-512-only kernels left to torch)."""
+    return os.environ.get("GPUPOOL_NATIVE_MARCH", "").strip() or "native"
+
+
+def _arch_flag(march: str | None = None) -> str:
+    """``-march=`` on x86; on Arm the compilers spell the host CPU ``-mcpu=native``."""
+    march = march or target()
+    if march == "native" and platform.machine().lower() in ("arm64", "aarch64"):
+        return "-mcpu=native"
+    return f"-march={march}"
+
+
+def _flags(march: str | None = None) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for ``march`` (default: :func:`target`)."""
+    compile_flags, link = [*COMPILE_FLAGS, _arch_flag(march)], ["-shared"]
     gomp = _torch_gomp()
     if gomp is not None:
         compile_flags.append("-fopenmp")
@@ -122,10 +145,21 @@ def _flags() -> tuple[list[str], list[str]]:
     return compile_flags, link
 
 
+def first_error(stderr: str) -> str:
+    """The compiler's first error line (else its first line): what a failed build says."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["no output"])[0][:300]
+
+
+class BuildError(RuntimeError):
+    """The compiler or the linker failed (its first error in the message)."""
+
+
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.strip()[-500:]}")
+        raise BuildError(f"{cmd[0]} failed: {first_error(proc.stderr)}")
 
 
 def _cpu_id() -> str:
@@ -137,14 +171,15 @@ def _cpu_id() -> str:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
-def _build() -> Path:
-    """The compiled library's path (built if missing). Raises RuntimeError on failure."""
+def build(march: str | None = None) -> Path:
+    """The library compiled for ``march`` (default: :func:`target`), built if missing.
+    Raises BuildError (the compiler's first error) or RuntimeError (no compiler)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), version, repr(_flags()), _cpu_id(),
+        SOURCE.read_text(), version, repr(_flags(march)), _cpu_id(),
     ]).encode()).hexdigest()[:16]
     out = cache_dir() / f"gpupool_native_{key}.so"
     if out.exists():
@@ -153,7 +188,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     obj = tmp[:-3] + ".o"
-    compile_flags, link = _flags()
+    compile_flags, link = _flags(march)
     try:
         _run([cc, *compile_flags, "-c", str(SOURCE), "-o", obj])
         _run([cc, *link, obj, "-o", tmp, "-lm"])  # no -ffast-math here (see COMPILE_FLAGS)
@@ -165,8 +200,8 @@ def _build() -> Path:
     return out
 
 
-def _load():
-    path = _build()
+def open_library(path: Path):
+    """A built library loaded, its functions' argument types set."""
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -202,12 +237,16 @@ def use(enabled: bool | None) -> None:
 
 def _probe():
     try:
-        lib = _load()
+        lib = open_library(build())
         _STATE["features"] = lib.gp_gemv_features()  # fixed by the build
         _STATE["lib"] = lib  # the checks call the kernels through the wrappers below
         failed = failures()
+    except BuildError as e:
+        logger.warning("native CPU kernels failed to build for %s (%s); using torch ops",
+                       _arch_flag(), e)
+        return None
     except (RuntimeError, OSError, AttributeError) as e:
-        logger.info("native CPU kernels unavailable (%s); using torch ops", e)
+        logger.warning("native CPU kernels unavailable (%s); using torch ops", e)
         return None
     if failed:
         logger.warning("native CPU kernels disagree with torch (%s); using torch ops",
@@ -245,8 +284,16 @@ def supports(device: torch.device, dtype: torch.dtype, hidden: int, inter: int, 
 
 
 def has_gemv() -> bool:
-    """Whether the GEMV was built (the compiler targets AVX-512 BF16 on this CPU)."""
+    """Whether the bf16 GEMV was built: the compiler targets AVX-512 BF16, or AVX2 with FMA
+    (the same sums, bit for bit; see native.c's gemv_rows)."""
     return _has(1)
+
+
+def gemv_isa() -> str | None:
+    """Which build of the bf16 GEMV runs: ``avx512_bf16``, ``avx2`` or None (none built)."""
+    if not has_gemv():
+        return None
+    return "avx2" if _STATE["features"] & 8 else "avx512_bf16"
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):

@@ -75,10 +75,12 @@ def test_add_rmsnorm_matches_torch(rows, with_delta):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gemv_matches_linear(rows, n, k, with_bias):
     """Against float64 on the same bf16 inputs: as close as oneDNN's bf16 product."""
-    # built exactly where the CPU has AVX-512 BF16; elsewhere the model keeps oneDNN
-    assert native.has_gemv() == ("avx512_bf16" in cpu_flags())
+    # built exactly where the CPU has AVX-512 BF16 or AVX2 + FMA; elsewhere torch's product
+    flags = cpu_flags()
+    if native.target() == "native":
+        assert native.has_gemv() == ("avx512_bf16" in flags or {"avx2", "fma"} <= flags)
     if not native.has_gemv():
-        return
+        pytest.skip("this build has no bf16 GEMV")
     x = _rand(rows, k + 16, seed=12)[:, :k]  # strided rows
     w, b = _rand(n, k, seed=13), (_rand(n, seed=14) if with_bias else None)
     exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
@@ -99,9 +101,10 @@ def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
     path rounds the product before the scale, this kernel once, and quantizes x to int16)."""
     from gpupool.kernels.linear import linear_int8
 
-    assert native.has_gemv_int8() == ("avx512bw" in cpu_flags())
+    if native.target() == "native":  # a forced target (GPUPOOL_NATIVE_MARCH) has its own
+        assert native.has_gemv_int8() == ("avx512bw" in cpu_flags())
     if not native.has_gemv_int8():
-        return
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW)")
     g = torch.Generator().manual_seed(15)
     x = _rand(rows, k + 8, seed=16)[:, :k]
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -340,9 +343,10 @@ def test_prefill_attention_matches_the_reference(new, ctx, nq, nkv, d):
     """native.prefill_attention against float64 on the same bf16 inputs: no further off than
     the torch path (kernels.reference, SDPA) in its largest and mean error; the NaN in pages
     and slots past each context never reaches the output."""
-    assert native.has_prefill_attention(d) == ("avx512_bf16" in cpu_flags())
+    if native.target() == "native":
+        assert native.has_prefill_attention(d) == ("avx512_bf16" in cpu_flags())
     if not native.has_prefill_attention(d):
-        return
+        pytest.skip("this build has no prefill attention (AVX-512 BF16)")
     qkv, kc, vc, tables, cu, lens = _paged_prefill_case(new, ctx, nq, nkv, d)
     scale = d**-0.5
     t = qkv.shape[0]
@@ -477,6 +481,8 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
+    if quantization and not native.has_gemv_int8():
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW): no whole-step call for int8")
     folder = tiny_models(variant)
     engine = make_engine(folder, dtype="bfloat16", quantization=quantization, max_lora_rank=8)
     names = [None] * 8

@@ -1,0 +1,162 @@
+"""native.c builds without a warning for every x86-64 level the project's users run, with GCC
+and Clang where installed, and its bf16 GEMV computes the same bits in the AVX2 build as in the
+AVX-512 BF16 one (so a worker without AVX-512 continues a request exactly)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from gpupool.kernels import native
+from gpupool.models.cpu import cpu_flags
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+TARGETS = ("x86-64", "x86-64-v3", "skylake-avx512", "icelake-server", "sapphirerapids")
+AVX512_FREE = ("x86-64", "x86-64-v3")
+COMPILERS = [cc for cc in ("gcc", "clang") if shutil.which(cc)]
+WARNINGS = ["-Wall", "-Wextra", "-Werror"]
+
+pytestmark = pytest.mark.skipif(not X86, reason="x86-64 targets (this machine is not x86-64)")
+
+
+def test_every_target_builds_without_a_warning(tmp_path):
+    """Each compiler x target with OpenMP, and the two AVX-512-free targets without it (as
+    on macOS, where torch ships no libgomp), compiled at once (2 cores: ~8 s). GCC warns
+    about the OpenMP pragmas a build without OpenMP ignores: -Wno-unknown-pragmas there, as
+    that build means to ignore them."""
+    if not COMPILERS:
+        pytest.skip("no gcc or clang on PATH")
+    jobs = {}
+    for cc in COMPILERS:
+        for march in TARGETS:
+            for omp in (["-fopenmp"], ["-Wno-unknown-pragmas"]):
+                if omp[0] != "-fopenmp" and march not in AVX512_FREE:
+                    continue
+                cmd = [cc, *native.COMPILE_FLAGS, f"-march={march}", *omp, *WARNINGS, "-c",
+                       str(native.SOURCE), "-o", str(tmp_path / f"{cc}-{march}-{len(jobs)}.o")]
+                jobs[f"{cc} -march={march} {omp[0]}"] = subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failed = {}
+    for name, proc in jobs.items():
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode:
+            failed[name] = native.first_error(out)
+    assert failed == {}
+    assert len(jobs) == (len(TARGETS) + len(AVX512_FREE)) * len(COMPILERS)
+
+
+def _gemv(lib, x, w, bias):
+    """gp_gemv_bf16 of one loaded build (native.open_library)."""
+    rows, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    lib.gp_gemv_bf16(x.data_ptr(), rows, k, x.stride(0), w.data_ptr(), n, w.stride(0),
+                     None if bias is None else bias.data_ptr(), y.data_ptr(), n, 2)
+    return y.view(torch.int16)
+
+
+def _cases():
+    """Shapes on both sides of every block edge (K = 1 .. 700: tails, whole 32s, 128s; a
+    strided x), values from tiny to huge, denormal bf16 inputs, zeros, infinities."""
+    g = torch.Generator().manual_seed(7)
+    for i in range(120):
+        rows = 1 + i % 4
+        k = int(torch.randint(1, 700, (1,), generator=g))
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        scale = (1.0, 1e-19, 1e-37, 1e30, 1.0)[i % 5]
+        x = (torch.randn(rows, k + 3, generator=g) * scale).to(torch.bfloat16)[:, :k]
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        if i % 3 == 0:  # denormal bf16 (exponent bits 0) in x and w
+            x.view(torch.int16)[:, ::5] &= 0x807F
+            w.view(torch.int16)[:, ::7] &= 0x807F
+        if i % 7 == 0:
+            w[:, ::11] = 0.0
+        if i % 11 == 0:
+            x[0, 0] = float("inf")
+        bias = torch.randn(n, generator=g).to(torch.bfloat16) if i % 2 else None
+        yield x, w, bias
+
+
+def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
+    if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA: the AVX2 build cannot run here")
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("this CPU has no AVX-512 BF16: only the AVX2 build runs here, nothing to "
+                    "compare it with")
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    libs = {march: native.open_library(native.build(march))
+            for march in ("x86-64-v3", "native")}
+    features = {march: lib.gp_gemv_features() for march, lib in libs.items()}
+    assert features["x86-64-v3"] & 9 == 9 and features["native"] & 9 == 1  # AVX2 vs BF16
+    compared = 0
+    for x, w, bias in _cases():
+        avx2, bf16 = _gemv(libs["x86-64-v3"], x, w, bias), _gemv(libs["native"], x, w, bias)
+        assert torch.equal(avx2, bf16), (tuple(x.shape), tuple(w.shape), bias is None)
+        compared += 1
+    assert compared == 120
+
+
+def test_the_gemv_follows_its_stated_order(tmp_path, monkeypatch):
+    """The build this CPU runs against native.c's semantics written in float64-free Python:
+    per lane, odd then even products fused into the accumulator, denormals as zero, the
+    fixed reduction tree (small shapes: it is slow)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    lib = native.open_library(native.build())
+    if not lib.gp_gemv_features() & 1:
+        pytest.skip("this build has no bf16 GEMV (no AVX2 + FMA or AVX-512 BF16)")
+    g = torch.Generator().manual_seed(3)
+    for k in (1, 31, 32, 33, 100, 128, 129, 300):
+        x = torch.randn(2, k, generator=g).to(torch.bfloat16)
+        w = torch.randn(5, k, generator=g).to(torch.bfloat16)
+        b = torch.randn(5, generator=g).to(torch.bfloat16)
+        got = _gemv(lib, x, w, b)
+        want = torch.tensor([[_stated_dot(x[m], w[n], b[n]) for n in range(5)]
+                             for m in range(2)], dtype=torch.bfloat16).view(torch.int16)
+        assert torch.equal(got, want), k
+
+
+def _stated_dot(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> float:
+    """native.c's gemv_rows for one output, in float32 torch scalars (normal inputs: no
+    denormal occurs, so DAZ/FTZ change nothing; float32 fma = the exact product added once)."""
+    k = x.shape[0]
+    f = torch.float32
+    xp = torch.zeros(-(-k // 32) * 32, dtype=f)
+    wp = torch.zeros_like(xp)
+    xp[:k], wp[:k] = x.to(f), w.to(f)
+    acc = torch.zeros(4, 16, dtype=f)
+    whole = k // 128 * 128
+    for c in range(xp.shape[0] // 32):
+        start = 32 * c
+        a = c % 4 if start < whole else (0 if start + 32 <= k else 1)
+        pairs_x, pairs_w = xp[start:start + 32].view(16, 2), wp[start:start + 32].view(16, 2)
+        for e in (1, 0):  # odd first
+            exact = pairs_x[:, e].double() * pairs_w[:, e].double()  # exact in float32
+            acc[a] = (acc[a].double() + exact).to(f)  # one rounding: the fma
+    v = (acc[0] + acc[1]) + (acc[2] + acc[3])
+    s = v[8:] + v[:8]
+    t = s[4:] + s[:4]
+    total = (t[0] + t[2]) + (t[1] + t[3])
+    return float((total + bias.to(f)).to(torch.bfloat16))
+
+
+def test_a_failed_build_is_a_warning_with_the_compilers_first_error(tmp_path, monkeypatch,
+                                                                    caplog):
+    """A target the compiler refuses: no library, and one WARNING naming the target and the
+    compiler's own first error line (the probe leaves the process's loaded kernels alone)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("GPUPOOL_NATIVE_MARCH", "no-such-cpu")
+    with caplog.at_level("WARNING", logger="gpupool.kernels.native"):
+        assert native._probe() is None
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "-march=no-such-cpu" in record.getMessage()
+    assert "error" in record.getMessage() and "no-such-cpu" in record.getMessage()
