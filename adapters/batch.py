@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool import kernels
 from gpupool.adapters.base import GROUPS
 from gpupool.kernels import native
+from gpupool.kernels.backend import TorchOps
 
 PAD_LIMIT = 2  # the batched path pads segments to the longest while that costs <= 2x the rows
 
@@ -47,15 +47,18 @@ class LoraBatch:
     # the slots' cache of native.lora_weights per (layer, group) and of lora_table_body,
     # the slots' bf16 mirror (adapters.slots))
     native: tuple | None = None
+    # the model's kernel backend (kernels.backend): its SGMV kernels for the segmented path
+    ops: object = None
 
     @classmethod
     def build(cls, row_adapters: list[str | None], slot_of: dict[str, int],
               rank_of: dict[str, int], targets_of: dict[str, tuple[str, ...]],
-              views: dict[str, torch.Tensor], device, batched: bool = False,
+              views: dict[str, torch.Tensor], device, ops=None, batched: bool = False,
               mirror: dict[str, torch.Tensor] | None = None,
               native_weights: dict | None = None) -> LoraBatch:
-        """``mirror``: the slots' bf16 copies for the fused CPU kernel (AdapterSlots.mirror;
-        without one the kernel is not used); ``native_weights``: the slots' cache of
+        """``ops``: the model's kernel backend (default: torch's); ``mirror``: the slots'
+        bf16 copies for the fused CPU kernel (AdapterSlots.mirror; used where ``ops`` has
+        fused LoRA terms); ``native_weights``: the slots' cache of
         native.lora_weights per (layer, group) (AdapterSlots.native_weights); a batch without
         one prepares its own."""
         starts, names = [], []
@@ -94,13 +97,14 @@ class LoraBatch:
                        torch.tensor(valid, dtype=torch.long, device=device))
             plan = (len(names), longest, ranks[0], index, targeted, pad)
         fused = None
+        ops = ops if ops is not None else TorchOps()
         if (batched and mirror is not None and max(ranks) <= native.MAX_LORA_RANK
-                and native.enabled()):
+                and ops.fused_lora):
             fused = (t(ranks), {group: torch.stack([proj_ranks[p] for p, _ in projs])
                                 for group, (_, projs) in GROUPS.items()},
                      {} if native_weights is None else native_weights, mirror)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
-                   proj_ranks, proj_offsets, views, plan, fused)
+                   proj_ranks, proj_offsets, views, plan, fused, ops)
 
     def _native_weights(self, layer: int, group: str) -> tuple:
         weights = self.native[2].get((layer, group))
@@ -131,14 +135,14 @@ class LoraBatch:
         if self.batched is not None:
             self._apply_batched(layer, group, x, out)
             return
-        h = kernels.sgmv_shrink(x, self.views[f"{layer}.{group}.A"], self.starts, self.slots,
-                                self.group_rows[group])
+        h = self.ops.sgmv_shrink(x, self.views[f"{layer}.{group}.A"], self.starts,
+                                 self.slots, self.group_rows[group])
         col = 0
         for proj, _ in GROUPS[group][1]:
             b = self.views[f"{layer}.{proj}.B"]
             width = b.shape[1]
-            kernels.sgmv_expand(out[:, col : col + width], h, b, self.starts, self.slots,
-                                self.proj_ranks[proj], self.proj_offsets[proj])
+            self.ops.sgmv_expand(out[:, col : col + width], h, b, self.starts, self.slots,
+                                 self.proj_ranks[proj], self.proj_offsets[proj])
             col += width
 
     def _apply_batched(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor):

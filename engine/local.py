@@ -24,10 +24,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from gpupool import kernels
 from gpupool.config import Config
 from gpupool.default_model import DEFAULT_MODEL, ensure_default_model, ensure_gguf_model
 from gpupool.engine.core import EngineCore, Sink
+from gpupool.kernels import native
 from gpupool.messages.client import QueueStream
 from gpupool.messages.errors import ModelLoadError, RequestError
 from gpupool.messages.params import SamplingParams
@@ -119,7 +119,10 @@ class LocalEngine:
         self.config = config or Config.from_env(device=device, **overrides)
         self.device = resolve_device(self.config.device)
         self.threads = self.config.threads or torch.get_num_threads()
-        kernels.set_kernel_mode(self.config.kernels)
+        if self.device.type == "cpu" and self.config.native:
+            # the native kernels built and checked now, never inside a step: the sampler's
+            # argmax and finiteness check use them in every dtype, the bf16 layers too
+            native.available()
         pool = self.config.pool
         kv_bytes = pool.kv_cache_bytes or default_kv_bytes(self.device)
         num_pages = kv_bytes // pool.kv_page_bytes
@@ -167,7 +170,8 @@ class LocalEngine:
                                  dtype or self.config.dtype, self.config.adapters, self.weights,
                                  tokenizer=self.load_tokenizers,
                                  quantization=quantization or self.config.quantization,
-                                 cuda_graphs=self.config.cuda_graphs)
+                                 cuda_graphs=self.config.cuda_graphs,
+                                 kernels=self.config.kernels, use_native=self.config.native)
             with self._lock:
                 try:
                     self.core.add_worker(worker)

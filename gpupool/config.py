@@ -4,9 +4,9 @@
 Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
 ``GPUPOOL_HOME`` (data dir, default ``~/.cache/gpupool``), ``GPUPOOL_DEVICE``,
 ``GPUPOOL_KERNELS`` (auto | reference | triton), ``GPUPOOL_CUDA_GRAPHS`` (0 turns the
-decode steps' CUDA graphs off); for the server also ``GPUPOOL_CONFIG``
-(a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``, ``GPUPOOL_ADMIN_KEY``,
-``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
+decode steps' CUDA graphs off), ``GPUPOOL_NATIVE`` (0: no native CPU kernels); for the
+server also ``GPUPOOL_CONFIG`` (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``,
+``GPUPOOL_ADMIN_KEY``, ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
 ``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``; ``GPUPOOL_DTYPE`` (auto | float32 | bfloat16
 | float16). One exception, read by :mod:`gpupool.progress` (the model loader uses it, and
 models may not import this module): ``GPUPOOL_PROGRESS`` (0 | 1: progress lines of long
@@ -79,6 +79,9 @@ class Config:
     # int8: every model's linear layers and lm_head stored int8 (weight-only, per-row scales)
     quantization: str | None = None  # None | "none" | "int8"; a model may set its own
     kernels: str = "auto"  # auto | reference | triton
+    # the native CPU kernels (kernels/native.c) for bf16 models where they build; False:
+    # torch ops (GPUPOOL_NATIVE=0)
+    native: bool = True
     # on CUDA, decode steps replayed from captured CUDA graphs (models/graphs.py)
     cuda_graphs: bool = True
     # CPU threads of the step loop (None: torch's count in the thread that makes the engine)
@@ -106,9 +109,10 @@ class Config:
         for key in ("device", "kernels", "dtype", "quantization"):
             if f"GPUPOOL_{key.upper()}" in os.environ:
                 top[key] = os.environ[f"GPUPOOL_{key.upper()}"]
-        graphs = os.environ.get("GPUPOOL_CUDA_GRAPHS")
-        if graphs is not None:
-            top["cuda_graphs"] = graphs.strip().lower() not in ("0", "false", "no", "off")
+        for key in ("cuda_graphs", "native"):
+            value = os.environ.get(f"GPUPOOL_{key.upper()}")
+            if value is not None:
+                top[key] = value.strip().lower() not in ("0", "false", "no", "off")
         parts = {"pool": {}, "scheduler": {}, "adapters": {}}
         sub = {"pool": PoolConfig, "scheduler": SchedulerConfig, "adapters": AdapterConfig}
         for key, value in overrides.items():

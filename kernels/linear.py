@@ -20,9 +20,6 @@ import logging
 import torch
 import torch.nn.functional as F
 
-# the package's kernel mode (its __init__ never imports this module, so no cycle)
-from gpupool import kernels
-
 logger = logging.getLogger(__name__)
 
 _STATE: dict[torch.dtype, bool] = {}  # dtype -> oneDNN's linear works and agrees
@@ -165,10 +162,11 @@ def linear_int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, triton: bool = False) -> torch.Tensor:
     """``F.linear(x, q * scale[:, None], bias)`` for int8 ``q`` [N, K] and per-row ``scale``
-    [N] (in x's dtype), without materialising the float weight where the kernel allows."""
-    if kernels._use_triton(x) and x.dtype in _TRITON_DTYPES:  # auto: Triton on CUDA tensors
+    [N] (in x's dtype), without materialising the float weight where the kernel allows;
+    ``triton``: Triton's kernel (the backend's choice, kernels.backend)."""
+    if triton and x.dtype in _TRITON_DTYPES:
         from gpupool.kernels.int8 import linear_int8 as triton_int8
 
         return triton_int8(x, q, scale, bias)

@@ -33,7 +33,8 @@ inputs. Which kernels a build has follows its target: the portable C ones everyw
 GEMV with AVX2 + FMA or AVX-512 BF16 (bit-identical), the int8 GEMV with AVX-512 BW, prefill
 attention with AVX-512 BF16 (``gp_gemv_features``). Without a compiler, or if the build or the
 check fails, :func:`available` is False (a WARNING naming the compiler's first error) and the
-model keeps its torch path. ``GPUPOOL_NATIVE=0`` turns the kernels off.
+model keeps its torch path. ``GPUPOOL_NATIVE=0`` (the engine's ``native`` setting) keeps
+a model off them.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ MAX_HEAD_DIM = 256
 MAX_GROUP = 16
 MAX_LORA_RANK = 256  # as native.c (MAX_LORA_COLS: 3 projections x 256)
 _LOCK = threading.Lock()
-# "lib": the loaded library or None; "features": its gp_gemv_features() bits, read once;
-# "forced": bool or None
+# "lib": the loaded library or None; "features": its gp_gemv_features() bits, read once.
+# Facts about this process's build, not choices: whether a model uses the kernels is its
+# backend's choice (kernels.backend.select), made from the engine's config.
 _STATE: dict[str, object] = {}
 
 _i64, _int, _f32, _vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -221,18 +223,9 @@ def available() -> bool:
     return _STATE["lib"] is not None
 
 
-def enabled() -> bool:
-    """Whether the model should use the kernels: available and not switched off."""
-    forced = _STATE.get("forced")
-    if forced is False or (forced is None and os.environ.get("GPUPOOL_NATIVE", "1") == "0"):
-        return False
-    return available()
-
-
-def use(enabled: bool | None) -> None:
-    """Force the kernels off (False), on where available (True), or back to the
-    environment's choice (None)."""
-    _STATE["forced"] = enabled
+def loaded() -> bool:
+    """Whether the kernels are built, loaded and checked already (never builds them)."""
+    return _STATE.get("lib") is not None
 
 
 def _probe():
@@ -265,8 +258,9 @@ def _lib():
 
 
 def _has(feature: int) -> bool:
-    """Whether the kernels are on and this build has ``feature`` (a gp_gemv_features bit)."""
-    return enabled() and bool(_STATE["features"] & feature)
+    """Whether the kernels are available and this build has ``feature`` (a
+    gp_gemv_features bit)."""
+    return available() and bool(_STATE["features"] & feature)
 
 
 def _p(t: torch.Tensor | None):
@@ -326,9 +320,10 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 def takes_rows(x: torch.Tensor) -> bool:
     """Whether :func:`argmax` and :func:`finite_rows` run on ``x``: float32 rows [R, V] on CPU
-    with unit stride in a row, the kernels on."""
+    with unit stride in a row, the kernels loaded (an engine loads them when it starts; these
+    two are exact, so whichever runs gives the same answer)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-            and x.stride(-1) == 1 and enabled())
+            and x.stride(-1) == 1 and loaded())
 
 
 def argmax(x: torch.Tensor) -> list[int]:
@@ -413,6 +408,23 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
                 return None
             addrs.append(t.data_ptr())
     return (ctypes.c_int64 * len(addrs))(*addrs)
+
+
+def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str):
+    """(embedding, head) for :func:`decode_layers` to run the model's first and last ops too:
+    each (plain weight, int8 row scales or None), or None when one is not a form its kernels
+    read (contiguous bf16 with the bf16 GEMV; int8 with bf16 scales with the int8 one)."""
+    parts = []
+    for name in ("embed_tokens", lm_head):
+        w, sc = weights[name], weights.get(name + scale_suffix)
+        ok = w.is_contiguous() and (
+            (sc is None and w.dtype == torch.bfloat16 and has_gemv())
+            or (sc is not None and w.dtype == torch.int8 and sc.dtype == torch.bfloat16
+                and sc.is_contiguous() and has_gemv_int8()))
+        if not ok:
+            return None
+        parts.append((w, sc))
+    return tuple(parts)
 
 
 def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads: int,

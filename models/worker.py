@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from gpupool import kernels
 from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots
-from gpupool.kernels import native
+from gpupool.kernels import backend, native
 from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype
@@ -28,15 +27,19 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device,
-                  cpu_flags=None):
+                  cpu_flags=None, bf16_gemv: bool | None = None):
     """``auto``: on CPU bf16 where the CPU computes it natively (avx512_bf16 or AMX, probed
-    at run time; ``cpu_flags`` injected in tests), else float32; on a GPU the model's own
-    16-bit dtype. float32 is the one that is token-exact with transformers in fp32."""
+    at run time; ``cpu_flags`` injected in tests) or has AVX2 + FMA and the native bf16 GEMV
+    built (``bf16_gemv``: injected in tests, else asked of the kernels, which this builds),
+    else float32; on a GPU the model's own 16-bit dtype. float32 is the one that is
+    token-exact with transformers in fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cpu":
-            dtype = auto_cpu_dtype(cpu_flags)
+            if bf16_gemv is None:
+                bf16_gemv = native.has_gemv()
+            dtype = auto_cpu_dtype(cpu_flags, bf16_gemv)
         else:
             return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
                 cfg.torch_dtype, torch.bfloat16
@@ -59,13 +62,15 @@ class ModelWorker:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
                  weight_pool=None, tokenizer: bool = True, quantization: str | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, kernels: str = "auto", use_native: bool = True):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
         they are copied to the device once and stay. Adapter slots live in the pool's arena
         (its adapter region), so a worker without ``weight_pool`` serves no adapters.
         ``quantization="int8"`` stores the linear layers and the lm_head as int8 with one scale
-        per output row (the rest, activations and adapters stay in ``dtype``)."""
+        per output row (the rest, activations and adapters stay in ``dtype``). ``kernels``
+        and ``use_native``: the engine's kernel settings, from which the model's backend is
+        chosen once (kernels.backend.select)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -73,7 +78,8 @@ class ModelWorker:
         self.folder = folder
         self.cfg = ModelConfig.from_folder(folder)
         self.device = device
-        self.dtype = resolve_dtype(dtype, self.cfg, device)
+        self.dtype = resolve_dtype(dtype, self.cfg, device,
+                                   bf16_gemv=None if use_native else False)
         # LoRA slots: float32 on CPU for 16-bit models (the adapters' small products run 2-4x
         # faster in fp32 there: 1-8 rows x 576 x 48 took 18-25 us in bf16, 4-11 us in fp32,
         # measured on an avx512_bf16 CPU; and the LoRA terms are then computed in fp32); the
@@ -86,7 +92,9 @@ class ModelWorker:
         self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer,
                                            load_if_needed=not tokenizer)
         self.layout, host = load_flat_weights(folder, self.cfg, self.dtype, self.quantization)
-        self.model = LlamaModel(self.cfg, self.dtype, device)
+        self.model = LlamaModel(self.cfg, self.dtype, device,
+                                backend.select(device, self.dtype, self.cfg, kernels,
+                                               use_native))
         self.kv_view = kv.model_view(
             self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
         )
@@ -147,7 +155,7 @@ class ModelWorker:
         cfg = self.adapter_config
         # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
         mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                  and self.adapter_dtype == torch.float32 and native.enabled())
+                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora)
         nbytes = AdapterSlots.num_bytes(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
                                         self.adapter_dtype, mirror)
         try:
@@ -174,7 +182,7 @@ class ModelWorker:
             return None
         slot_of = self.slots.ensure(names)
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
-                               self.slots.views, self.device,
+                               self.slots.views, self.device, self.model.ops,
                                batched=self.adapter_dtype != self.dtype,
                                mirror=self.slots.mirror,
                                native_weights=self.slots.native_weights)
@@ -186,7 +194,7 @@ class ModelWorker:
         if self.steps_bound == PACK_AFTER_STEPS and self.device.type == "cpu":
             self.model.pack_weights()  # stayed resident: worth a reorder (kernels.linear)
         if (self.graphs is not None and self.graphs.eligible(rows)
-                and kernels.capture_safe()):
+                and self.model.ops.capture_safe):
             logits = self.graphs.run(rows)
             if logits is not None:
                 return logits

@@ -23,16 +23,19 @@ SAPPHIRE_RAPIDS = {"avx2", "avx512f", "amx_tile", "amx_bf16"}
 OLD = {"avx2", "fma", "f16c"}
 
 
-@pytest.mark.parametrize("flags, want", [(ZEN4, torch.bfloat16),
-                                         (SAPPHIRE_RAPIDS, torch.bfloat16),
-                                         (OLD, torch.float32), (set(), torch.float32)],
-                         ids=["avx512_bf16", "amx", "avx2-only", "unknown"])
-def test_auto_on_cpu_follows_the_cpu_flags(tiny_models, flags, want):
+@pytest.mark.parametrize("flags, gemv, want", [
+    (ZEN4, True, torch.bfloat16), (SAPPHIRE_RAPIDS, False, torch.bfloat16),
+    (OLD, True, torch.bfloat16), (OLD, False, torch.float32), (set(), True, torch.float32)],
+    ids=["avx512_bf16", "amx", "avx2-with-gemv", "avx2-no-kernels", "unknown"])
+def test_auto_on_cpu_follows_the_cpu_flags(tiny_models, flags, gemv, want):
+    """bf16 where the CPU computes it natively, or on AVX2 + FMA where the native bf16 GEMV
+    built (``gemv``: whether it did); float32 elsewhere, and whenever asked for."""
     cfg = ModelConfig.from_folder(tiny_models("llama"))
-    assert resolve_dtype("auto", cfg, torch.device("cpu"), cpu_flags=flags) is want
-    assert native_bf16(flags) == (want is torch.bfloat16)
-    assert resolve_dtype("float32", cfg, torch.device("cpu"), cpu_flags=flags) is torch.float32
-    assert auto_cpu_dtype(flags) == ("bfloat16" if want is torch.bfloat16 else "float32")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cfg, cpu, cpu_flags=flags, bf16_gemv=gemv) is want
+    assert native_bf16(flags) == (flags in (ZEN4, SAPPHIRE_RAPIDS))
+    assert resolve_dtype("float32", cfg, cpu, cpu_flags=flags, bf16_gemv=gemv) is torch.float32
+    assert auto_cpu_dtype(flags, gemv) == ("bfloat16" if want is torch.bfloat16 else "float32")
 
 
 def test_bf16_agrees_with_transformers_bf16_and_with_fp32(tiny_models):
@@ -105,13 +108,8 @@ def test_the_batched_lora_path_matches_the_segmented_one():
     checks it.)"""
     from gpupool.adapters.base import GROUPS
     from gpupool.adapters.batch import LoraBatch
-    from gpupool.kernels import native
 
-    native.use(False)
-    try:
-        _check_batched_lora(GROUPS, LoraBatch)
-    finally:
-        native.use(None)
+    _check_batched_lora(GROUPS, LoraBatch)  # LoraBatch's default backend: torch's
 
 
 def _check_batched_lora(GROUPS, LoraBatch):

@@ -89,12 +89,11 @@ def test_the_static_inputs_give_the_eager_logits(tiny_models):
     """What a graph replays, run eagerly on CPU: the static batch filled from a step's rows
     (block tables padded to the model's longest context) gives build_batch's logits, with
     the Triton kernels (interpreted here) that a CUDA graph captures."""
-    from gpupool import kernels
     from gpupool.models.batch import BatchRow
     from gpupool.models.graphs import DecodeGraphs, _Graph
     from gpupool.models.runner import build_batch
 
-    e = make_engine(tiny_models("qwen2"))
+    e = make_engine(tiny_models("qwen2"), kernels="triton")  # what a CUDA graph captures
     try:
         w = e.core.workers["m"]
         w.make_resident(frozenset({"m"}))
@@ -107,15 +106,12 @@ def test_the_static_inputs_give_the_eager_logits(tiny_models):
         assert graphs.eligible(rows)
         assert not graphs.eligible([BatchRow([7, 8], 0, [0], False, True)])  # prefill
         assert not graphs.eligible([BatchRow([7], 0, [0], True, True, adapter="a")])
-        kernels.set_kernel_mode("triton")
-        try:
-            static = _Graph(len(rows), graphs.max_pages, torch.device("cpu"))
-            graphs._fill(static, rows)
-            assert static.batch.decode_block_tables.shape == (3, graphs.max_pages)
-            got = w.model.forward(static.batch, w.kv_view, None)
-            want = w.model.forward(build_batch(rows, bt, "cpu"), w.kv_view, None)
-        finally:
-            kernels.set_kernel_mode("auto")
+        assert w.model.ops.name == "triton"
+        static = _Graph(len(rows), graphs.max_pages, torch.device("cpu"))
+        graphs._fill(static, rows)
+        assert static.batch.decode_block_tables.shape == (3, graphs.max_pages)
+        got = w.model.forward(static.batch, w.kv_view, None)
+        want = w.model.forward(build_batch(rows, bt, "cpu"), w.kv_view, None)
         assert torch.equal(got, want)
     finally:
         e.shutdown()

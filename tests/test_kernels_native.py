@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from gpupool import SamplingParams
 from gpupool.kernels import decode, native, reference
+from gpupool.kernels.backend import NativeOps
 from gpupool.models.cpu import cpu_flags
 from tests import TESTS_PACKAGE
 from tests.factories import (
@@ -29,13 +30,6 @@ from tests.test_kernels_attention import _dense_attention, _paged
 
 BF = torch.bfloat16
 HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-
-
-@pytest.fixture(autouse=True)
-def _native_as_configured():
-    native.use(None)
-    yield
-    native.use(None)
 
 
 def _rand(*shape, seed=0, scale=1.0):
@@ -240,8 +234,8 @@ def test_lora_kernel_matches_the_segmented_path(exact_in_bf16):
     long = ["c"] * 3 + ["b"] * 37 + [None] * 2 + ["a"] * 17  # segments over 16 rows: shared
     for rows in (["a", "a", "b", "b", "b", "c"], ["a"], [None, "a", "a", None, "c", "c", "c"],
                  long):
-        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=True,
-                               mirror=mirror)
+        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", NativeOps(),
+                               batched=True, mirror=mirror)
         slow = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=False)
         size = LoraBatch.build(rows, slot_of, ranks, targets, magnitudes, "cpu")
         assert fast.native is not None and slow.native is None
@@ -392,19 +386,21 @@ def test_prefill_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_model
     folder = tiny_models("llama")
     ids = random_prompts(1, 80, 80, seed=12)[0]
     engine = make_engine(folder, dtype="bfloat16")
+    plain = make_engine(folder, dtype="bfloat16", native=False)  # the torch backend
     exact = make_engine(folder, dtype="float32")
     calls = []
     real = native.prefill_attention
     monkeypatch.setattr(native, "prefill_attention", lambda *a: calls.append(1) or real(*a))
     try:
         ref = _prefill_logits(exact, ids, chunk)
-        native.use(True)
         fast = _prefill_logits(engine, ids, chunk)
         assert bool(calls) == native.has_prefill_attention(16)
-        native.use(False)
-        slow = _prefill_logits(engine, ids, chunk)
+        n = len(calls)
+        slow = _prefill_logits(plain, ids, chunk)
+        assert len(calls) == n  # its backend is torch's: never called
     finally:
         engine.shutdown()
+        plain.shutdown()
         exact.shutdown()
     assert fast.shape == ref.shape == (80, ref.shape[1])
     err_fast, err_slow = (fast - ref).abs().mean(), (slow - ref).abs().mean()
@@ -445,6 +441,7 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     folder = tiny_models(variant)
     ids = random_prompts(1, 40, 40, seed=11)[0]
     engine = make_engine(folder, dtype="bfloat16", quantization=quantization)
+    plain = make_engine(folder, dtype="bfloat16", quantization=quantization, native=False)
     exact = make_engine(folder, dtype="float32")
     calls = []
     for name in ("decode_attention", "decode_layers"):  # per op, or every layer in one call
@@ -452,15 +449,14 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
         monkeypatch.setattr(native, name, lambda *a, real=real: calls.append(1) or real(*a))
     try:
         ref = _teacher_forced_logits(exact, ids)
-        native.use(True)
         fast = _teacher_forced_logits(engine, ids)
         assert calls, "the kernels were not used"
-        native.use(False)
         n = len(calls)
-        slow = _teacher_forced_logits(engine, ids)
-        assert len(calls) == n  # switched off: never called
+        slow = _teacher_forced_logits(plain, ids)
+        assert len(calls) == n  # its backend is torch's: never called
     finally:
         engine.shutdown()
+        plain.shutdown()
         exact.shutdown()
     err_fast, err_slow = (fast - ref).abs().mean(), (slow - ref).abs().mean()
     assert err_fast <= 1.25 * err_slow, (err_fast, err_slow)
@@ -516,19 +512,20 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
             before = len(calls)
             fused = w.model.forward(batch, w.kv_view, lora)  # rewrites the same K/V slots
             assert len(calls) == before + 1 and (calls[-1] is None) == (lora is None)
-            ends = w.model._step_ends()
+            cache = w.model.ops._cache  # what the backend made for the whole-step call
+            ends = cache.ends
             assert ends  # the embedding and the head ran in the call too
-            w.model._ends = False  # the layers in the call, the ends in torch and a GEMV
+            cache.ends = None  # the layers in the call, the ends in torch and a GEMV
             try:
                 layers_only = w.model.forward(batch, w.kv_view, lora)
             finally:
-                w.model._ends = ends
-            table = w.model._table
-            w.model._table = False  # the per-op path
+                cache.ends = ends
+            table = cache.table
+            cache.table = None  # the per-op path
             try:
                 per_op = w.model.forward(batch, w.kv_view, lora)
             finally:
-                w.model._table = table
+                cache.table = table
             assert len(calls) == before + 2
             assert torch.equal(fused, per_op) and torch.equal(layers_only, per_op)
             if lora is not None:  # the adapters' terms are in it
@@ -543,7 +540,6 @@ def test_greedy_tokens_on_the_kernels_agree_with_transformers_bf16(tiny_models):
     folder = tiny_models("llama")
     prompts = random_prompts(8, 4, 16, seed=61)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    native.use(True)
     engine = make_engine(folder, dtype="bfloat16")
     try:
         ours = [list(o.token_ids) for o in engine.generate(prompts, params)]

@@ -1,0 +1,348 @@
+"""Kernel backends: the ops of a forward step, chosen once per model (:func:`select`).
+
+A model's layer loop (``models/llama.py``) calls one backend for every op, so which kernel
+runs is decided in one place, when the model is made, from the device, the dtype, the CPU's
+build of the native kernels (what built and passed its self-check) and the engine's config
+(``kernels``: auto, reference or triton; ``native``: on or off). Nothing here is a process
+global: two engines in one process with different settings keep theirs.
+
+- :class:`TorchOps`: torch ops, the spec (``kernels/reference.py`` and the faster torch
+  decode attention checked against it); every device and dtype.
+- :class:`TritonOps`: the same with Triton's attention, SGMV and int8 kernels (CUDA, or CPU
+  under ``TRITON_INTERPRET=1`` with ``kernels="triton"``).
+- :class:`NativeOps`: the fused C kernels of ``kernels/native.c`` for bf16 on CPU: the
+  residual add with the norm, RoPE with the KV write, attention on the pages in place, the
+  GEMVs for a few rows, and a whole decode step in one call (:meth:`NativeOps.decode_step`).
+
+Adding an op: write its torch version in ``reference.py`` (the spec), a method here on
+:class:`TorchOps` calling it, and overrides where a backend has a faster kernel, checked
+against the reference in ``tests/test_kernels_*.py``. Adding a backend: a subclass and a line
+in :func:`select`. A step's per-step state (the rotary rows, which weights the products read)
+is a :class:`StepPlan` made once by :meth:`TorchOps.plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gpupool.kernels import decode, native, reference
+from gpupool.kernels.linear import linear, linear_int8
+
+SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
+
+
+@dataclass
+class StepPlan:
+    """What a step's ops share: the rotary table's rows for its positions (torch backends),
+    the layers' weights the products read (packed or plain) and whether they run as GEMVs."""
+    layers: list[dict[str, torch.Tensor]]
+    rope: torch.Tensor  # the model's rotary table [positions, 2, D]
+    cos: torch.Tensor | None = None  # [T, 1, D]: the table's rows of the step's positions
+    sin: torch.Tensor | None = None
+    gemv: bool = False
+
+
+def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
+            bias: torch.Tensor | None = None, triton: bool = False) -> torch.Tensor:
+    """``x @ w[name].T (+ bias)``; an int8 weight comes with its per-row ``name_scale``."""
+    scale = w.get(name + SCALE_SUFFIX)
+    if scale is None:
+        return linear(x, w[name], bias)
+    return linear_int8(x, w[name], scale, bias, triton=triton)
+
+
+class TorchOps:
+    """Every op in torch. ``reference``: the reference decode attention too (the spec itself,
+    slower; ``kernels="reference"``)."""
+
+    name = "torch"
+    triton = False  # Triton kernels for attention, SGMV and int8 products
+    capture_safe = False  # a CUDA step reads nothing back to the host (CUDA graphs)
+
+    def __init__(self, reference_only: bool = False, fused_lora: bool = False):
+        """``reference_only``: the reference attention too; ``fused_lora``: LoRA terms
+        through ``native.lora`` (adapters.batch.LoraBatch; bf16 on CPU where the native
+        kernels are available, even for a model whose layers they do not run)."""
+        self.reference_only = reference_only
+        self.fused_lora = fused_lora
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fused_lora={self.fused_lora})"
+
+    # ---- a step ---------------------------------------------------------------------------
+    def bind(self, model) -> None:
+        """The model's weights changed (bound or unbound): forget what was made from them."""
+
+    def plan(self, model, batch) -> StepPlan:
+        cos_sin = model.rope[batch.positions]  # [T, 2, D]
+        return StepPlan(model.layers, model.rope, cos_sin[:, 0:1], cos_sin[:, 1:2])
+
+    def decode_step(self, model, batch, kv_layers, lora) -> torch.Tensor | None:
+        """The whole step in one call where a backend has one (logits), else None."""
+        return None
+
+    # ---- ops --------------------------------------------------------------------------------
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, rms_norm(x + delta, weight)); delta None: x as it is."""
+        if delta is not None:
+            x = x + delta
+        return x, reference.rms_norm(x, weight, eps)
+
+    def final_norm(self, x, delta, weight, eps, batch) -> torch.Tensor:
+        """The last residual add and the final norm, of the rows that sample only."""
+        if delta is not None:
+            x = x + delta
+        return reference.rms_norm(batch.sampled_rows(x), weight, eps)
+
+    def linear(self, plan: StepPlan, x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return project(x, w, name, bias, self.triton)
+
+    def logits(self, plan: StepPlan, model, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the final norm's rows ``h`` (the packed lm_head if there is)."""
+        if model.head is not model.w[model.lm_head_name]:  # packed
+            return linear(h, model.head).float()
+        return project(h, model.w, model.lm_head_name, triton=self.triton).float()
+
+    def rope_kv(self, plan: StepPlan, cfg, qkv: torch.Tensor, lw, k_cache, v_cache, batch):
+        """RoPE on q and k (after their per-head norms, Qwen3), k and v into their KV slots;
+        returns q in the form :meth:`attention` takes ([T, H, D] here)."""
+        cos, sin = plan.cos, plan.sin
+        if cfg.qk_norm:
+            q, k, _ = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = reference.rms_norm(q.view(-1, cfg.num_heads, cfg.head_dim), lw["q_norm"],
+                                   cfg.rms_norm_eps)
+            k = reference.rms_norm(k.view(-1, cfg.num_kv_heads, cfg.head_dim), lw["k_norm"],
+                                   cfg.rms_norm_eps)
+            q, k = reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+        else:  # q and k rotated together: one RoPE over [T, heads + kv heads, D]
+            heads = cfg.num_heads + cfg.num_kv_heads
+            qk = reference.apply_rope(
+                qkv[:, : cfg.q_size + cfg.kv_size].view(-1, heads, cfg.head_dim), cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        reference.write_kv(k_cache, v_cache, k, v, batch.slot_pages, batch.slot_offsets)
+        return q
+
+    def attention(self, cfg, q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+        """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size]."""
+        nd = batch.num_decode
+        parts = []
+        if nd:
+            parts.append(self.decode_attention(
+                q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
+                scale, batch.decode_max_len, batch.decode_min_len))
+        if batch.num_prefill_seqs:
+            parts.append(self.prefill_attention(
+                q[nd:], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
+                batch.prefill_context_lens, scale))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
+        return o.reshape(o.shape[0], cfg.q_size)
+
+    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale,
+                         max_len=None, min_len=None):
+        """See :func:`reference.paged_attention_decode`."""
+        if not self.reference_only and decode.faster_than_reference(q):
+            impl = decode.paged_attention_decode
+        else:
+            impl = reference.paged_attention_decode
+        return impl(q, k_cache, v_cache, block_tables, context_lens, scale, max_len, min_len)
+
+    def prefill_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens, context_lens,
+                          scale):
+        """See :func:`reference.paged_attention_prefill`."""
+        return reference.paged_attention_prefill(q, k_cache, v_cache, block_tables,
+                                                 cu_seqlens, context_lens, scale)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return reference.silu_mul(gate_up)
+
+    def sgmv_shrink(self, x, w, seg_starts, seg_slots, seg_rows):
+        """See :func:`reference.sgmv_shrink`."""
+        return reference.sgmv_shrink(x, w, seg_starts, seg_slots, seg_rows)
+
+    def sgmv_expand(self, y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets):
+        """See :func:`reference.sgmv_expand` (adds into y in place)."""
+        reference.sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)
+
+
+class TritonOps(TorchOps):
+    """Triton's paged attention, SGMV and int8 products; the rest in torch."""
+
+    name = "triton"
+    triton = True
+    capture_safe = True
+
+    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale,
+                         max_len=None, min_len=None):
+        from gpupool.kernels.paged_attention import paged_attention_decode
+
+        return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+    def prefill_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens, context_lens,
+                          scale):
+        from gpupool.kernels.paged_attention import paged_attention_prefill
+
+        return paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens,
+                                       context_lens, scale)
+
+    def sgmv_shrink(self, x, w, seg_starts, seg_slots, seg_rows):
+        from gpupool.kernels.sgmv import sgmv_shrink
+
+        return sgmv_shrink(x, w, seg_starts, seg_slots, seg_rows)
+
+    def sgmv_expand(self, y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets):
+        from gpupool.kernels.sgmv import sgmv_expand
+
+        sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)
+
+
+@dataclass
+class _NativeCache:
+    """What the whole-step call reads, made once per bind: the layers' weight addresses
+    (None: some weight is not a form it reads), the embedding and head (None likewise), the
+    KV caches' addresses (per KV view)."""
+    table: object = None
+    ends: tuple | None = None
+    kv: tuple = field(default_factory=tuple)  # (kv view, native.kv_table) or ()
+    made: bool = False
+
+
+class NativeOps(TorchOps):
+    """The fused C kernels (``kernels/native.c``) for bf16 activations on CPU."""
+
+    name = "native"
+
+    def __init__(self):
+        super().__init__(fused_lora=True)
+        self._cache = _NativeCache()
+
+    def bind(self, model) -> None:
+        self._cache = _NativeCache()
+
+    def plan(self, model, batch) -> StepPlan:
+        # a few rows: the GEMVs on the plain weights (faster than oneDNN there; the int8 one
+        # than torch's int8 products for more rows)
+        rows = batch.num_tokens
+        if model.int8:
+            gemv = rows <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
+        else:
+            gemv = rows <= native.GEMV_MAX_ROWS and native.has_gemv()
+        return StepPlan(model.plain if gemv else model.layers, model.rope, gemv=gemv)
+
+    def _whole_step_inputs(self, model, kv_layers):
+        c = self._cache
+        if not c.made:
+            c.table = native.layer_table(model.plain)
+            c.ends = native.step_ends(model.w, model.lm_head_name, SCALE_SUFFIX)
+            c.made = True
+        if not c.kv or c.kv[0] is not kv_layers:
+            c.kv = (kv_layers, native.kv_table(kv_layers))
+        return c.table, c.ends, c.kv[1]
+
+    def decode_step(self, model, batch, kv_layers, lora) -> torch.Tensor | None:
+        """Every layer of a decode step of a few rows in one call (``native.decode_layers``),
+        with the embedding and the head when every row samples; None where it does not
+        apply (prefill rows, more rows than the GEMVs take, a weight it cannot read)."""
+        plan = self.plan(model, batch)
+        if not plan.gemv or batch.num_prefill_seqs or (lora is not None
+                                                       and lora.native is None):
+            return None
+        table, ends, kv = self._whole_step_inputs(model, kv_layers)
+        if table is None:
+            return None
+        cfg, rows = model.cfg, batch.num_tokens
+        whole = ends is not None and batch.logits_indices.shape[0] == rows
+        x = (torch.empty(rows, cfg.hidden_size, dtype=model.dtype) if whole
+             else model.embed(batch.input_ids))
+        out = native.decode_layers(
+            x, table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.rms_norm_eps, model.rope, batch.positions, kv, batch.slot_pages,
+            batch.slot_offsets, batch.decode_block_tables, batch.decode_context_lens,
+            model.scale, model.w["norm"], batch.input_ids if whole else None,
+            ends[0] if whole else None, ends[1] if whole else None,
+            None if lora is None else lora.native_table(cfg.num_layers))
+        return out if whole else self.logits(plan, model, batch.sampled_rows(out))
+
+    def add_norm(self, x, delta, weight, eps):
+        h = torch.empty_like(x)
+        native.add_rmsnorm(x, delta, weight, eps, h)  # x += delta in place
+        return x, h
+
+    def final_norm(self, x, delta, weight, eps, batch):
+        return batch.sampled_rows(self.add_norm(x, delta, weight, eps)[1])
+
+    def linear(self, plan, x, w, name, bias=None):
+        if not plan.gemv:
+            return project(x, w, name, bias)
+        scale = w.get(name + SCALE_SUFFIX)
+        if scale is None:
+            return native.gemv(x, w[name], bias)
+        if scale.dtype == torch.bfloat16 and native.has_gemv_int8():
+            return native.gemv_int8(x, w[name], scale, bias)
+        return project(x, w, name, bias)
+
+    def logits(self, plan, model, h):
+        if plan.gemv:  # the plain lm_head through the GEMVs
+            return self.linear(plan, h, model.w, model.lm_head_name).float()
+        return super().logits(plan, model, h)
+
+    def rope_kv(self, plan, cfg, qkv, lw, k_cache, v_cache, batch):
+        """RoPE and the KV write in place in qkv; returns qkv (q leads each row)."""
+        native.rope_kv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, plan.rope,
+                       batch.positions, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
+        return qkv
+
+    def attention(self, cfg, q, k_cache, v_cache, batch, scale):
+        nd = batch.num_decode
+        parts = []
+        if nd:
+            parts.append(native.decode_attention(
+                q[:nd], cfg.num_heads, k_cache, v_cache, batch.decode_block_tables,
+                batch.decode_context_lens, scale))
+        if batch.num_prefill_seqs:
+            o = None
+            if native.has_prefill_attention(cfg.head_dim):  # flash-style, on the pages
+                o = native.prefill_attention(
+                    q[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
+                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale)
+            if o is None:
+                qp = q[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)
+                o = super().prefill_attention(
+                    qp, k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
+                    batch.prefill_context_lens, scale).reshape(qp.shape[0], cfg.q_size)
+            parts.append(o)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, q_size]
+
+    def silu_mul(self, gate_up):
+        return native.silu_mul(gate_up)
+
+
+def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
+           use_native: bool = True) -> TorchOps:
+    """The backend for a model of ``cfg`` with activations of ``dtype`` on ``device``:
+    Triton on CUDA where it is installed (or ``kernels="triton"``), the native kernels for
+    bf16 on CPU where they built, passed their check and take the model's sizes (no per-head
+    q/k norm), torch elsewhere (``kernels="reference"``: the reference attention too)."""
+    if kernels == "reference":
+        return TorchOps(reference_only=True)
+    if kernels == "triton" or (device.type == "cuda" and triton_available()):
+        return TritonOps()
+    cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16
+                and native.available())
+    if (cpu_bf16 and not cfg.qk_norm
+            and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
+                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)):
+        return NativeOps()
+    return TorchOps(fused_lora=cpu_bf16)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
