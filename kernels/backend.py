@@ -230,7 +230,7 @@ class NativeOps(TorchOps):
         if model.int8:
             gemv = rows <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
         else:
-            gemv = rows <= native.GEMV_MAX_ROWS and native.has_gemv()
+            gemv = rows <= native.gemv_max_rows()
         return StepPlan(model.plain if gemv else model.layers, model.rope, gemv=gemv)
 
     def _whole_step_inputs(self, model, kv_layers):

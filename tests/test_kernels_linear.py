@@ -33,6 +33,26 @@ def test_linear_matches_f_linear_on_flat_buffer_views(onednn, m, dtype):
         lin.use_onednn(None)
 
 
+def test_bf16_without_a_onednn_bf16_kernel_computes_in_fp32(monkeypatch):
+    """A CPU whose oneDNN has no bf16 kernel (AVX2 machines; here the probe's answer is set
+    so): bf16 products of oneDNN's size widen to fp32 for its fp32 kernel and round once,
+    within a bf16 step of the float64 product; tiny ones stay F.linear."""
+    lin.use_onednn(None)
+    if not lin._onednn_ok(torch.float32):
+        pytest.skip("no oneDNN fp32 linear on this CPU")
+    monkeypatch.setitem(lin._STATE, torch.bfloat16, False)
+    g = torch.Generator().manual_seed(5)
+    x, w = (torch.randn(s, generator=g).to(torch.bfloat16) for s in ((16, 576), (1536, 576)))
+    b = torch.randn(1536, generator=g).to(torch.bfloat16)
+    got = lin.linear(x, w, b)
+    want = lin.linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    tiny = x[:1, :8], w[:4, :8]
+    assert torch.equal(lin.linear(*tiny), F.linear(*tiny))
+
+
 def test_other_dtypes_fall_back_to_f_linear():
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     assert torch.equal(lin.linear(x, w), F.linear(x, w))
