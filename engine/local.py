@@ -303,31 +303,7 @@ class LocalEngine:
         KV pages, swaps, queue depth per model (plain ints, floats and strings)."""
         with self._lock:
             arena, kv, w = self.arena, self.kv, self.weights
-            sched = self.core.scheduler
             weight_used = arena.weight_bytes - arena.weight_slabs.num_free_bytes
-            host = kv.host_pages
-            models = {}
-            for name, worker in self.core.workers.items():
-                slots = worker.slots
-                models[name] = {
-                    "dtype": str(worker.dtype).removeprefix("torch."),
-                    "quantization": worker.quantization,
-                    "resident": w.is_resident(name) if name in w.entries else True,
-                    "weight_bytes": worker_weight_bytes(w, name),
-                    "removing": name in self.core.removing_models,
-                    "last_used": self.core.last_used.get(name),  # Unix time of its last step
-                    "waiting": len(sched.waiting.get(name, ())),
-                    "running": len(sched.running.get(name, ())),
-                    # prefix cache: prompt tokens looked up, and found cached
-                    "prefix_cache_queries": sched.cache_queries[name],
-                    "prefix_cache_hits": sched.cache_hits[name],
-                    "running_adapters": sorted({q.adapter for q in sched.running.get(name, ())
-                                                if q.adapter}),
-                    "waiting_adapters": sorted({q.adapter for q in sched.waiting.get(name, ())
-                                                if q.adapter}),
-                    "adapter_slots": slots.num_slots if slots is not None else 0,
-                    "resident_adapters": list(slots.resident) if slots is not None else [],
-                }
             return {
                 "device": str(self.device),
                 "policy": self.config.scheduler.policy,
@@ -337,17 +313,7 @@ class LocalEngine:
                     "adapters": {"bytes": arena.adapter_bytes},
                     "kv": {"bytes": arena.kv_bytes},
                 },
-                "kv_pages": {
-                    "page_bytes": kv.page_bytes,
-                    "total": kv.pages.num_pages,
-                    "used": kv.pages.num_used_pages,
-                    "free": kv.pages.num_free_pages,  # free or cached-unheld (evictable)
-                    "cached": kv.pages.num_cached_pages,  # in the prefix index
-                    "evictable": kv.pages.num_evictable_pages,  # cached and held by none
-                    "prefix_cache_evictions": kv.pages.num_evicted,
-                    "host_total": host.num_pages if host is not None else 0,
-                    "host_used": host.num_used_pages if host is not None else 0,
-                },
+                "kv_pages": self._kv_stats(),
                 "swaps": {
                     "weight_swaps": w.num_swaps,
                     "weight_bytes": w.swap_bytes,
@@ -362,10 +328,47 @@ class LocalEngine:
                 },
                 "resident_models": list(w.resident),
                 "recent_swaps": list(w.recent),
-                "models": models,
+                "models": {name: self._model_stats(name, worker)
+                           for name, worker in self.core.workers.items()},
                 "adapters": {n: r.base for n, r in self.core.adapters.refs.items()},
                 "requests": len(self.core.requests),
             }
+
+    def _kv_stats(self) -> dict:
+        kv, host = self.kv, self.kv.host_pages
+        return {
+            "page_bytes": kv.page_bytes,
+            "total": kv.pages.num_pages,
+            "used": kv.pages.num_used_pages,
+            "free": kv.pages.num_free_pages,  # free or cached-unheld (evictable)
+            "cached": kv.pages.num_cached_pages,  # in the prefix index
+            "evictable": kv.pages.num_evictable_pages,  # cached and held by none
+            "prefix_cache_evictions": kv.pages.num_evicted,
+            "host_total": host.num_pages if host is not None else 0,
+            "host_used": host.num_used_pages if host is not None else 0,
+        }
+
+    def _model_stats(self, name: str, worker: ModelWorker) -> dict:
+        w, sched, slots = self.weights, self.core.scheduler, worker.slots
+        return {
+            "dtype": str(worker.dtype).removeprefix("torch."),
+            "quantization": worker.quantization,
+            "resident": w.is_resident(name) if name in w.entries else True,
+            "weight_bytes": worker_weight_bytes(w, name),
+            "removing": name in self.core.removing_models,
+            "last_used": self.core.last_used.get(name),  # Unix time of its last step
+            "waiting": len(sched.waiting.get(name, ())),
+            "running": len(sched.running.get(name, ())),
+            # prefix cache: prompt tokens looked up, and found cached
+            "prefix_cache_queries": sched.cache_queries[name],
+            "prefix_cache_hits": sched.cache_hits[name],
+            "running_adapters": sorted({q.adapter for q in sched.running.get(name, ())
+                                        if q.adapter}),
+            "waiting_adapters": sorted({q.adapter for q in sched.waiting.get(name, ())
+                                        if q.adapter}),
+            "adapter_slots": slots.num_slots if slots is not None else 0,
+            "resident_adapters": list(slots.resident) if slots is not None else [],
+        }
 
     def abort(self, request_id: str) -> None:
         """Finish a request now (reason ``abort``). Never waits for a running step: the

@@ -47,10 +47,17 @@ def apply_processors(
     """
     if not any(p.needs_processors for p in params):
         return logits
-    n_rows, vocab = logits.shape
-    device = logits.device
     x = logits.float()  # may alias logits: only out-of-place ops below
+    x = _ban(x, params, output_ids, eos_ids)
+    x = _add_bias(x, params)
+    x = _repetition_penalty(x, params, prompt_ids, output_ids)
+    return _count_penalties(x, params, output_ids)
 
+
+def _ban(x, params, output_ids, eos_ids) -> torch.Tensor:
+    """-inf outside allowed_token_ids, on stop ids and EOS before min_tokens, and on each bad
+    word's last token after its prefix."""
+    n_rows, vocab = x.shape
     banned_ids = {r: list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
                   for r, p in enumerate(params) if len(output_ids[r]) < p.min_tokens}
     for r, p in enumerate(params):
@@ -60,45 +67,58 @@ def apply_processors(
                 banned_ids.setdefault(r, []).append(seq[-1])
     allowed = {r: p.allowed_token_ids for r, p in enumerate(params)
                if p.allowed_token_ids is not None}
-    if banned_ids or allowed:
-        banned = _id_mask(n_rows, vocab, device, banned_ids)
-        if allowed:
-            restricted = torch.zeros(n_rows, 1, dtype=torch.bool)
-            restricted[list(allowed)] = True
-            banned |= restricted.to(device) & ~_id_mask(n_rows, vocab, device, allowed)
-        x = x.masked_fill(banned, float("-inf"))
+    if not (banned_ids or allowed):
+        return x
+    banned = _id_mask(n_rows, vocab, x.device, banned_ids)
+    if allowed:
+        restricted = torch.zeros(n_rows, 1, dtype=torch.bool)
+        restricted[list(allowed)] = True
+        banned |= restricted.to(x.device) & ~_id_mask(n_rows, vocab, x.device, allowed)
+    return x.masked_fill(banned, float("-inf"))
 
+
+def _add_bias(x, params) -> torch.Tensor:
+    n_rows, vocab = x.shape
     biased = {r: p.logit_bias for r, p in enumerate(params) if p.logit_bias is not None}
-    if biased:
-        bias = torch.zeros(n_rows, vocab, dtype=torch.float32)
-        for r, pairs in biased.items():
-            ids = [t for t, _ in pairs if t < vocab]
-            bias[r, ids] = torch.tensor([b for t, b in pairs if t < vocab])
-        x = x + bias.to(device)
+    if not biased:
+        return x
+    bias = torch.zeros(n_rows, vocab, dtype=torch.float32)
+    for r, pairs in biased.items():
+        ids = [t for t, _ in pairs if t < vocab]
+        bias[r, ids] = torch.tensor([b for t, b in pairs if t < vocab])
+    return x + bias.to(x.device)
 
+
+def _repetition_penalty(x, params, prompt_ids, output_ids) -> torch.Tensor:
+    n_rows, vocab = x.shape
     penalized = {r: list(prompt_ids[r]) + list(output_ids[r])
                  for r, p in enumerate(params) if p.repetition_penalty != 1.0}
-    if penalized:
-        pen = torch.ones(n_rows, 1, dtype=torch.float32)
-        for r in penalized:
-            pen[r] = params[r].repetition_penalty
-        pen = pen.to(device)
-        seen = _id_mask(n_rows, vocab, device, penalized)
-        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+    if not penalized:
+        return x
+    pen = torch.ones(n_rows, 1, dtype=torch.float32)
+    for r in penalized:
+        pen[r] = params[r].repetition_penalty
+    pen = pen.to(x.device)
+    seen = _id_mask(n_rows, vocab, x.device, penalized)
+    return torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
 
+
+def _count_penalties(x, params, output_ids) -> torch.Tensor:
+    """Frequency and presence penalties from the output tokens' counts."""
+    n_rows, vocab = x.shape
     counted = [r for r, p in enumerate(params)
                if p.frequency_penalty != 0 or p.presence_penalty != 0]
-    if counted:
-        counts = torch.zeros(n_rows, vocab, dtype=torch.float32)
-        freq = torch.zeros(n_rows, 1, dtype=torch.float32)
-        pres = torch.zeros(n_rows, 1, dtype=torch.float32)
-        for r in counted:
-            ids = torch.tensor([t for t in output_ids[r] if t < vocab], dtype=torch.long)
-            counts[r].index_add_(0, ids, torch.ones(len(ids)))
-            freq[r], pres[r] = params[r].frequency_penalty, params[r].presence_penalty
-        counts = counts.to(device)
-        x = x - freq.to(device) * counts - pres.to(device) * (counts > 0).float()
-    return x
+    if not counted:
+        return x
+    counts = torch.zeros(n_rows, vocab, dtype=torch.float32)
+    freq = torch.zeros(n_rows, 1, dtype=torch.float32)
+    pres = torch.zeros(n_rows, 1, dtype=torch.float32)
+    for r in counted:
+        ids = torch.tensor([t for t in output_ids[r] if t < vocab], dtype=torch.long)
+        counts[r].index_add_(0, ids, torch.ones(len(ids)))
+        freq[r], pres[r] = params[r].frequency_penalty, params[r].presence_penalty
+    counts = counts.to(x.device)
+    return x - freq.to(x.device) * counts - pres.to(x.device) * (counts > 0).float()
 
 
 def _id_mask(
