@@ -12,6 +12,7 @@
  * torch thread count (OpenMP: torch's own libgomp where native.py finds it).
  */
 #include <float.h>
+#include "native.h"
 /* the bf16 GEMV's two builds (see gemv_rows): AVX-512 BF16, or AVX2 + FMA emulating it */
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #define HAVE_GEMV_BF16 1
@@ -1136,20 +1137,13 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
 /* ---- a whole decode step's layers in one call ----------------------------------------------
  * For steps of a few decode rows: every layer of the model, in the order and with the kernels
  * the per-op path calls from Python (so the same results, bit for bit), minus ~10 Python calls
- * a layer (~14 with adapters). x: the residual stream [T][hidden] (updated; filled first
- * with the embedding rows of ids when ids is not NULL); out: the final norm's output
- * [T][hidden]; logits: NULL, or [T][vocab] float32 filled with the head's product of out
- * (the model's first and last ops in the same team: no torch op and no second team
- * around the step). mats: per layer LAYER_PTRS addresses (see native.py). lora: NULL,
- * or the step's LoRA terms (native.py's lora_table): LORA_HEAD entries (S, the starts, slots
- * and seg_rank addresses, then per group LORA_GROUP entries: a_slot, a_row, P, bt_slot,
- * bt_row, three widths, the proj_rank address), then per layer and group the A and BT slot
- * addresses of the mirror. */
-#define LAYER_PTRS 11
-#define LORA_GROUP 9
-#define LORA_HEAD (4 + 4 * LORA_GROUP)
-enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_SCALE, P_QKV_BIAS, P_O, P_O_SCALE, P_GATE_UP,
-       P_GATE_UP_SCALE, P_DOWN, P_DOWN_SCALE };
+ * a layer (~14 with adapters). The step (native.h's gp_step_t): x, the residual stream
+ * [rows][hidden] (updated; filled first with the embedding rows of ids when ids is not NULL);
+ * out, the final norm's output [rows][hidden]; logits: NULL, or [rows][vocab] float32 filled
+ * with the head's product of out (the model's first and last ops in the same team: no torch
+ * op and no second team around the step); layers: gp_layer_t per layer; lora: NULL, or the
+ * step's LoRA terms. */
+int gp_abi_version(void) { return GP_ABI_VERSION; }
 
 /* y [M][N] = x [M][K] times the weights W [N][K] (bf16, or int8 with bf16 row scales s) plus
  * the bias b (or NULL), with the GEMVs' rounding: this thread's share of the rows, no barrier */
@@ -1172,23 +1166,22 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
 }
 
 /* one layer's product, inside the team: this thread's share of the rows, then a barrier */
-static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const int64_t *p, int w,
-                        int scale, int bias, int64_t N, uint16_t *y, int16_t *xq, float *xs) {
-    const uint16_t *s = p[scale] ? (const uint16_t *)(intptr_t)p[scale] : NULL;
-    const uint16_t *b = bias >= 0 && p[bias] ? (const uint16_t *)(intptr_t)p[bias] : NULL;
-    gemv_body(x, M, K, (const void *)(intptr_t)p[w], s, b, N, y, xq, xs);
+static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const void *w,
+                        const void *scale, const void *bias, int64_t N, uint16_t *y,
+                        int16_t *xq, float *xs) {
+    gemv_body(x, M, K, w, (const uint16_t *)scale, (const uint16_t *)bias, N, y, xq, xs);
     #pragma omp barrier
 }
 
 /* group g's LoRA terms for layer l (inside the team; a barrier after) */
-static void lora_group(const int64_t *lora, int64_t l, int g, const uint16_t *x, int64_t K,
+static void lora_group(const gp_lora_t *lora, int64_t l, int g, const uint16_t *x, int64_t K,
                        uint16_t *out, int64_t ldo, int64_t items, const int64_t *item_seg) {
-    const int64_t *h = lora + 4 + g * LORA_GROUP, *p = lora + LORA_HEAD + (l * 4 + g) * 2;
-    lora_body(x, K, K, out, ldo, lora[0], (const int32_t *)(intptr_t)lora[1],
-              (const int32_t *)(intptr_t)lora[2], (const int32_t *)(intptr_t)lora[3],
-              (const uint16_t *)(intptr_t)p[0], h[0], h[1], h[2],
-              (const uint16_t *)(intptr_t)p[1], h[3], h[4], h + 5,
-              (const int32_t *)(intptr_t)h[8], items, item_seg);
+    const gp_lora_group_t *h = &lora->groups[g];
+    const void *const *m = lora->mirrors + (l * GP_LORA_GROUPS + g) * 2;
+    lora_body(x, K, K, out, ldo, lora->num_segments, lora->starts, lora->slots,
+              lora->seg_rank, (const uint16_t *)m[0], h->a_slot, h->a_row, h->num_proj,
+              (const uint16_t *)m[1], h->bt_slot, h->bt_row, h->widths, h->proj_rank, items,
+              item_seg);
 }
 
 /* x [T][hidden] = the embedding rows ids[t] of emb [vocab][hidden]: bf16 rows as they are;
@@ -1221,67 +1214,67 @@ static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void
         for (int64_t n = n0; n < n1; n++) logits[t * vocab + n] = bf2f(hb[t * vocab + n]);
 }
 
-int gp_decode_layers(uint16_t *x, int64_t T, int64_t hidden, int64_t inter, int64_t nq,
-                     int64_t nkv, int64_t D, int64_t L, const int64_t *mats, float eps,
-                     const uint16_t *cos_sin, const int64_t *positions, const int64_t *k_caches,
-                     const int64_t *v_caches, int64_t page_stride, int64_t bt,
-                     const int64_t *slot_pages, const int64_t *slot_offsets,
-                     const int32_t *block_tables, int64_t ldt, const int32_t *context_lens,
-                     float scale, const uint16_t *final_norm, uint16_t *out,
-                     const int64_t *ids, const void *emb, const uint16_t *emb_scale,
-                     const void *head, const uint16_t *head_scale, int64_t vocab,
-                     float *logits, const int64_t *lora, int threads) {
+static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h, uint16_t *qkv,
+                       uint16_t *o, uint16_t *gu, uint16_t *act, uint16_t *delta,
+                       int16_t *xq, float *xs, int64_t items, const int64_t *item_seg) {
+    const gp_layer_t *p = st->layers + l;
+    int64_t T = st->rows, hidden = st->hidden, inter = st->inter, nq = st->num_heads;
+    int64_t nkv = st->num_kv_heads, D = st->head_dim, nqkv = (nq + 2 * nkv) * D;
+    uint16_t *kc = (uint16_t *)st->kv->k[l], *vc = (uint16_t *)st->kv->v[l];
+    const gp_lora_t *lora = st->lora;
+    add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden, (const uint16_t *)p->input_norm, h,
+                     hidden, T, hidden, st->eps);
+    matmul_body(h, T, hidden, p->qkv, p->qkv_scale, p->qkv_bias, nqkv, qkv, xq, xs);
+    if (lora) lora_group(lora, l, 0, h, hidden, qkv, nqkv, items, item_seg);
+    rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
+                 st->kv->page_stride, st->slot_pages, st->slot_offsets);
+    decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
+                          st->kv->block_tokens, st->block_tables, st->block_table_stride,
+                          st->context_lens, st->scale, o);
+    matmul_body(o, T, nq * D, p->o, p->o_scale, NULL, hidden, delta, xq, xs);
+    if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
+    add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
+                     hidden, st->eps);
+    matmul_body(h, T, hidden, p->gate_up, p->gate_up_scale, NULL, 2 * inter, gu, xq, xs);
+    if (lora) lora_group(lora, l, 2, h, hidden, gu, 2 * inter, items, item_seg);
+    silu_mul_body(gu, 2 * inter, act, inter, T, inter);
+    matmul_body(act, T, inter, p->down, p->down_scale, NULL, hidden, delta, xq, xs);
+    if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
+}
+
+int gp_decode_layers(const gp_step_t *st, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
-    int64_t nqkv = (nq + 2 * nkv) * D;
+    int64_t T = st->rows, hidden = st->hidden, inter = st->inter, L = st->num_layers;
+    int64_t nq = st->num_heads, D = st->head_dim, nqkv = (nq + 2 * st->num_kv_heads) * D;
     size_t elems = (size_t)(T * (hidden + nqkv + nq * D + 2 * inter + inter + hidden
-                                 + (logits ? vocab : 0)));
+                                 + (st->logits ? st->vocab : 0)));
     int64_t kmax = hidden > inter ? hidden : inter;
     kmax = kmax > nq * D ? kmax : nq * D;
     uint16_t *buf = malloc(elems * 2);
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * ((kmax + 31) / 32 * 32)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
     int64_t *item_seg = NULL, items = 0;
-    if (lora) {
-        items = lora_items(lora[0], (const int32_t *)(intptr_t)lora[1],
-                           (const int32_t *)(intptr_t)lora[3], &item_seg);
+    if (st->lora) {
+        items = lora_items(st->lora->num_segments, st->lora->starts, st->lora->seg_rank,
+                           &item_seg);
         if (!item_seg) { free(buf); free(xq); free(xs); return -1; }
     }
     if (!buf || !xq || !xs) { free(buf); free(xq); free(xs); free(item_seg); return -1; }
     uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
     uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter, *hb = delta + T * hidden;
+    uint16_t *x = st->x;
     /* one thread team for the whole step: every op's loop is shared, a barrier between ops
      * (the worksharing loops end in one; matmul_body adds its own) */
     #pragma omp parallel num_threads(threads)
     {
-        if (ids) embed_body(ids, T, hidden, emb, emb_scale, x);
-        for (int64_t l = 0; l < L; l++) {
-            const int64_t *p = mats + l * LAYER_PTRS;
-            uint16_t *kc = (uint16_t *)(intptr_t)k_caches[l];
-            uint16_t *vc = (uint16_t *)(intptr_t)v_caches[l];
-            add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden,
-                             (const uint16_t *)(intptr_t)p[P_IN_NORM], h, hidden, T, hidden,
-                             eps);
-            matmul_body(h, T, hidden, p, P_QKV, P_QKV_SCALE, P_QKV_BIAS, nqkv, qkv, xq, xs);
-            if (lora) lora_group(lora, l, 0, h, hidden, qkv, nqkv, items, item_seg);
-            rope_kv_body(qkv, nqkv, T, nq, nkv, D, cos_sin, positions, kc, vc, page_stride,
-                         slot_pages, slot_offsets);
-            decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, page_stride, bt,
-                                  block_tables, ldt, context_lens, scale, o);
-            matmul_body(o, T, nq * D, p, P_O, P_O_SCALE, -1, hidden, delta, xq, xs);
-            if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
-            add_rmsnorm_body(x, hidden, delta, hidden,
-                             (const uint16_t *)(intptr_t)p[P_POST_NORM], h, hidden, T, hidden,
-                             eps);
-            matmul_body(h, T, hidden, p, P_GATE_UP, P_GATE_UP_SCALE, -1, 2 * inter, gu, xq,
-                        xs);
-            if (lora) lora_group(lora, l, 2, h, hidden, gu, 2 * inter, items, item_seg);
-            silu_mul_body(gu, 2 * inter, act, inter, T, inter);
-            matmul_body(act, T, inter, p, P_DOWN, P_DOWN_SCALE, -1, hidden, delta, xq, xs);
-            if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
-        }
-        add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, final_norm, out, hidden, T,
-                         hidden, eps);
-        if (logits) head_body(out, T, hidden, head, head_scale, vocab, hb, logits, xq, xs);
+        if (st->ids) embed_body(st->ids, T, hidden, st->embed, st->embed_scale, x);
+        for (int64_t l = 0; l < L; l++)
+            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, items, item_seg);
+        add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out, hidden,
+                         T, hidden, st->eps);
+        if (st->logits)
+            head_body(st->out, T, hidden, st->head, st->head_scale, st->vocab, hb, st->logits,
+                      xq, xs);
     }
     free(xq);
     free(xs);

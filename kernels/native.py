@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,6 +56,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
+HEADER = Path(__file__).with_name("native.h")  # the structs that cross, written once there
 MAX_DIM = 16384  # as native.c
 MAX_HEAD_DIM = 256
 MAX_GROUP = 16
@@ -75,9 +77,7 @@ _SIGNATURES = {
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
     "gp_lora": [_vp, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
                 _i64, _vp, _vp, _int],
-    "gp_decode_layers": [_vp, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _vp, _vp, _vp,
-                         _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _f32, _vp, _vp,
-                         _vp, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
+    "gp_decode_layers": [_vp, _int],  # (const gp_step_t *, threads)
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
@@ -99,6 +99,60 @@ GEMV_AVX2_MAX_ROWS = 8
 # rows (same machine, all of SmolLM2's layers: 8 rows 11.0 vs 23.1 ms, 16 rows 18.2 vs 34.6,
 # 32 rows 32.5 vs 33.3)
 GEMV_INT8_MAX_ROWS = 16
+
+
+_CTYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float}
+
+
+class _Struct(ctypes.Structure):
+    """A native.h struct: its constructor refuses a field the struct does not have (plain
+    ctypes would keep it as a Python attribute, and C would read a zero)."""
+
+    def __init__(self, **fields):
+        unknown = set(fields) - {name for name, _ in self._fields_}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
+        super().__init__(**fields)
+
+
+def _structs(text: str) -> tuple[int, dict[str, type]]:
+    """(GP_ABI_VERSION, ctypes.Structure per typedef) read from native.h's text: its layouts
+    are written there only. A field: ``type name;`` or ``type name[N];`` (a pointer is a
+    c_void_p; a struct type is one typedef'd above)."""
+    version = int(re.search(r"#define GP_ABI_VERSION (\d+)", text).group(1))
+    structs: dict[str, type] = {}
+    for body, name in re.findall(r"typedef struct \{(.*?)\} (\w+);", text, re.S):
+        fields = []
+        body = re.sub(r"\bconst\b", " ", re.sub(r"/\*.*?\*/", "", body, flags=re.S))
+        for line in filter(str.strip, body.split(";")):
+            m = re.fullmatch(r"\s*(\w+)\s*((?:\*\s*)*)(\w+)\s*(?:\[(\d+)\])?\s*", line)
+            if m is None:
+                raise RuntimeError(f"native.h: cannot read the field {line.strip()!r}")
+            base, pointer, field, count = m.groups()
+            ctype = ctypes.c_void_p if pointer else _CTYPES.get(base) or structs[base]
+            fields.append((field, ctype * int(count) if count else ctype))
+        structs[name] = type(name, (_Struct,), {"_fields_": fields})
+    return version, structs
+
+
+ABI_VERSION, STRUCTS = _structs(HEADER.read_text())
+Layer, LoraGroup, Lora, KV, Step = (STRUCTS[n] for n in (
+    "gp_layer_t", "gp_lora_group_t", "gp_lora_t", "gp_kv_t", "gp_step_t"))
+
+
+def check(name: str, t: torch.Tensor, dtype: torch.dtype | tuple, dims: int,
+          unit_stride: bool = True, contiguous: bool = False) -> None:
+    """Raise ValueError unless ``t`` is a CPU tensor of ``dtype`` with ``dims`` dimensions,
+    unit stride in its last one (or contiguous): checked before its address crosses into C,
+    where a mismatch would corrupt memory silently."""
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.device.type != "cpu" or t.dtype not in dtypes or t.dim() != dims:
+        raise ValueError(f"native: {name} must be a {dims}-d CPU tensor of "
+                         f"{'/'.join(map(str, dtypes))}, not {t.dim()}-d {t.dtype} on {t.device}")
+    if (contiguous and not t.is_contiguous()) or (unit_stride and t.numel()
+                                                  and t.stride(-1) != 1):
+        need = "contiguous memory" if contiguous else "unit stride in its last dimension"
+        raise ValueError(f"native: {name} must have {need}")
 
 
 def cache_dir() -> Path:
@@ -187,7 +241,7 @@ def build(march: str | None = None) -> Path:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), version, repr(_flags(march)), _cpu_id(),
+        SOURCE.read_text(), HEADER.read_text(), version, repr(_flags(march)), _cpu_id(),
     ]).encode()).hexdigest()[:16]
     out = cache_dir() / f"gpupool_native_{key}.so"
     if out.exists():
@@ -209,8 +263,13 @@ def build(march: str | None = None) -> Path:
 
 
 def open_library(path: Path):
-    """A built library loaded, its functions' argument types set."""
+    """A built library loaded, its functions' argument types set; RuntimeError if it was
+    built from another native.h (its gp_abi_version())."""
     lib = ctypes.CDLL(str(path))
+    lib.gp_abi_version.restype = ctypes.c_int
+    if lib.gp_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path.name}: ABI version {lib.gp_abi_version()}, native.h says "
+                           f"{ABI_VERSION}")
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
@@ -305,6 +364,10 @@ def gemv_isa() -> str | None:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``F.linear(x, weight, bias)`` for a few bf16 rows (at most gemv_max_rows(); where
     :func:`has_gemv`). x: [rows, K] with unit stride in a row; weight: [N, K] likewise."""
+    check("x", x, torch.bfloat16, 2)
+    check("weight", weight, torch.bfloat16, 2)
+    if weight.shape[1] != x.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError("native: gemv's x, weight and bias do not fit")
     rows, k = x.shape
     n = weight.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype)
@@ -322,6 +385,11 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear_int8(x, q, scale, bias)`` for a few bf16 rows: int8 ``q`` [N, K] with unit
     stride in a row, bf16 ``scale`` [N] (where :func:`has_gemv_int8`)."""
+    check("x", x, torch.bfloat16, 2)
+    check("q", q, torch.int8, 2)
+    check("scale", scale, torch.bfloat16, 1, contiguous=True)
+    if q.shape[1] != x.shape[1] or scale.shape != q.shape[:1]:
+        raise ValueError("native: gemv_int8's x, q and scale do not fit")
     rows, k = x.shape
     n = q.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype)
@@ -340,6 +408,7 @@ def takes_rows(x: torch.Tensor) -> bool:
 
 def argmax(x: torch.Tensor) -> list[int]:
     """``x.argmax(-1).tolist()`` for rows ``x`` that hold no NaN (where :func:`takes_rows`)."""
+    check("logits", x, torch.float32, 2)
     rows, v = x.shape
     out = (ctypes.c_int64 * rows)()
     _lib().gp_argmax_rows(x.data_ptr(), rows, v, x.stride(0), out)
@@ -348,6 +417,7 @@ def argmax(x: torch.Tensor) -> list[int]:
 
 def finite_rows(x: torch.Tensor) -> list[bool]:
     """``torch.isfinite(x).all(-1).tolist()`` (where :func:`takes_rows`)."""
+    check("logits", x, torch.float32, 2)
     rows, v = x.shape
     ok = (ctypes.c_int8 * rows)()
     _lib().gp_finite_rows(x.data_ptr(), rows, v, x.stride(0), ok)
@@ -360,28 +430,45 @@ def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
     transposed [slots, r_max, sum(widths)] (adapters.slots.fill_mirror). Valid while the
     views' memory is (the slots' life): callers keep it per (layer, group) instead of
     rebuilding it every step."""
+    check("lora A", a, torch.bfloat16, 3)
+    check("lora BT", bt, torch.bfloat16, 3)
     return (a.data_ptr(), a.stride(0), a.stride(1), len(widths), bt.data_ptr(), bt.stride(0),
             bt.stride(1), (ctypes.c_int64 * len(widths))(*widths))
 
 
-def lora_table_body(layers: list[list[tuple]]) -> tuple[int, ...]:
+def lora_table_body(layers: list[list[tuple]]):
     """The per-layer part of :func:`lora_table`: each layer's groups' mirror A and BT slot
-    addresses, from their :func:`lora_weights` (fixed while the slots are: callers keep it)."""
-    return tuple(ptr for groups in layers for w in groups for ptr in (w[0], w[4]))
+    addresses ([layers][4][2], native.h's gp_lora_t.mirrors), from their
+    :func:`lora_weights` (fixed while the slots are: callers keep it)."""
+    ptrs = [ptr for groups in layers for w in groups for ptr in (w[0], w[4])]
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)
 
 
 def lora_table(starts: torch.Tensor, slots: torch.Tensor, seg_rank: torch.Tensor,
-               proj_ranks: list[torch.Tensor], groups: list[tuple], body: tuple[int, ...]):
-    """``decode_layers``' view of a step's LoRA terms (native.c's LORA_HEAD layout): the
-    segments (starts [S + 1], slots, seg_rank [S] int32), each group's projection ranks
-    [P, S] int32 and :func:`lora_weights` (of any layer: their strides and widths; groups in
+               proj_ranks: list[torch.Tensor], groups: list[tuple], body):
+    """``decode_layers``' view of a step's LoRA terms (native.h's gp_lora_t): the segments
+    (starts [S + 1], slots, seg_rank [S] int32), each group's projection ranks [P, S] int32
+    and :func:`lora_weights` (of any layer: their strides and widths; groups in
     adapters.base.GROUPS' order: qkv, o, gate_up, down), then :func:`lora_table_body`. The
-    tensors must outlive the call."""
-    head = [slots.shape[0], starts.data_ptr(), slots.data_ptr(), seg_rank.data_ptr()]
-    for (_, a_slot, a_row, p, _, bt_slot, bt_row, widths), ranks in zip(groups, proj_ranks):
-        head += [a_slot, a_row, p, bt_slot, bt_row, *widths, *[0] * (3 - p),
-                 ranks.data_ptr()]
-    return (ctypes.c_int64 * (len(head) + len(body)))(*head, *body)
+    tensors and ``body`` must outlive the call (the struct keeps ``body``)."""
+    num_segments = slots.shape[0]
+    for name, t, n in (("starts", starts, num_segments + 1), ("slots", slots, num_segments),
+                       ("seg_rank", seg_rank, num_segments)):
+        check(name, t, torch.int32, 1, contiguous=True)
+        if t.shape[0] != n:
+            raise ValueError(f"native: {name} must hold {n} entries, not {t.shape[0]}")
+    table = Lora(num_segments=num_segments, starts=starts.data_ptr(), slots=slots.data_ptr(),
+                 seg_rank=seg_rank.data_ptr(), mirrors=ctypes.addressof(body))
+    for g, ((_, a_slot, a_row, p, _, bt_slot, bt_row, widths), ranks) in enumerate(
+            zip(groups, proj_ranks)):
+        check("proj_rank", ranks, torch.int32, 2, contiguous=True)
+        if tuple(ranks.shape) != (p, num_segments):
+            raise ValueError(f"native: proj_rank must be [{p}, {num_segments}]")
+        table.groups[g] = LoraGroup(a_slot=a_slot, a_row=a_row, num_proj=p, bt_slot=bt_slot,
+                                    bt_row=bt_row, widths=(ctypes.c_int64 * 3)(*widths),
+                                    proj_rank=ranks.data_ptr())
+    table._keep = body  # the mirrors array lives as long as the struct that points at it
+    return table
 
 
 def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
@@ -390,36 +477,41 @@ def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.
     one projection group; see native.c's gp_lora). x, out: bf16 rows (unit stride); starts
     [S + 1], slots, seg_rank [S] int32; weights: :func:`lora_weights`; proj_rank [P, S]
     int32."""
+    check("x", x, torch.bfloat16, 2)
+    check("out", out, torch.bfloat16, 2)
+    if out.shape[0] != x.shape[0]:
+        raise ValueError("native: lora's x and out must have the same rows")
     _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(),
                    out.stride(0), slots.shape[0], starts.data_ptr(), slots.data_ptr(),
                    seg_rank.data_ptr(), *weights, proj_rank.data_ptr(), torch.get_num_threads())
 
 
-# one layer's entries in decode_layers' table, in native.c's order (0: none)
-LAYER_ENTRIES = ("input_norm", "post_norm", "qkv_weight", "qkv_weight_scale", "qkv_bias",
-                 "o_weight", "o_weight_scale", "gate_up_weight", "gate_up_weight_scale",
-                 "down_weight", "down_weight_scale")
-
-
 def layer_table(layers: list[dict[str, torch.Tensor]]):
-    """``decode_layers``' table of the layers' weight addresses (plain, unpacked views; the
-    caller keeps them alive), or None if a weight is not one it reads: contiguous bf16
-    (int8 with bf16 scales where quantized)."""
-    addrs = []
-    for lw in layers:
-        for name in LAYER_ENTRIES:
-            t = lw.get(name)
+    """``decode_layers``' array of native.h's gp_layer_t (plain, unpacked views; the caller
+    keeps them alive), or None if a weight is not one it reads: contiguous bf16 (int8 with
+    bf16 scales where quantized)."""
+    entries = [name for name, _ in Layer._fields_]
+    table = (Layer * len(layers))()
+    for lw, row in zip(layers, table):
+        for entry in entries:
+            t = lw.get(_WEIGHT_NAMES.get(entry, entry))
             if t is None:
-                if not name.endswith(("_scale", "_bias")):
+                if not entry.endswith(("_scale", "_bias")):
                     return None
-                addrs.append(0)
                 continue
             if not t.is_contiguous() or t.dtype not in (torch.bfloat16, torch.int8):
                 return None
             if t.dtype == torch.int8 and not has_gemv_int8():
                 return None
-            addrs.append(t.data_ptr())
-    return (ctypes.c_int64 * len(addrs))(*addrs)
+            setattr(row, entry, t.data_ptr())
+    return table
+
+
+# gp_layer_t's fields -> the model's weight names (LlamaModel.layers' keys)
+_WEIGHT_NAMES = {"qkv": "qkv_weight", "qkv_scale": "qkv_weight_scale",
+                 "o": "o_weight", "o_scale": "o_weight_scale",
+                 "gate_up": "gate_up_weight", "gate_up_scale": "gate_up_weight_scale",
+                 "down": "down_weight", "down_scale": "down_weight_scale"}
 
 
 def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str):
@@ -441,7 +533,7 @@ def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str)
 
 def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads: int,
                   num_kv_heads: int, head_dim: int, eps: float, cos_sin: torch.Tensor,
-                  positions: torch.Tensor, kv: tuple, slot_pages: torch.Tensor,
+                  positions: torch.Tensor, kv, slot_pages: torch.Tensor,
                   slot_offsets: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
                   ids: torch.Tensor | None = None, embed: tuple | None = None,
@@ -451,40 +543,81 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
     first. Returns the final norm's output [T, hidden]; or, with ``head`` = (weight [V,
     hidden], int8 scales or None), the float32 logits [T, V] of it (the GEMVs' rounding).
-    kv: :func:`kv_table` of the layers' caches; lora: None, or the step's :func:`lora_table`."""
+    table: :func:`layer_table`; kv: :func:`kv_table` of the layers' caches; lora: None, or the
+    step's :func:`lora_table`."""
     t, hidden = x.shape
+    check("x", x, torch.bfloat16, 2, contiguous=True)
+    for name, v, dtype, dims in (
+            ("positions", positions, torch.int64, 1), ("slot_pages", slot_pages, torch.int64, 1),
+            ("slot_offsets", slot_offsets, torch.int64, 1),
+            ("context_lens", context_lens, torch.int32, 1),
+            ("block_tables", block_tables, torch.int32, 2)):
+        check(name, v, dtype, dims, contiguous=dims == 1)
+        if v.shape[0] != t:
+            raise ValueError(f"native: decode_layers' {name} must have {t} rows")
+    check("cos_sin", cos_sin, torch.bfloat16, 3, contiguous=True)
+    check("final_norm", final_norm, torch.bfloat16, 1, contiguous=True)
+    if len(table) != num_layers or len(kv.arrays[0]) != num_layers:
+        raise ValueError(f"native: decode_layers needs {num_layers} layers' weights and caches")
+    if ids is not None:
+        check("ids", ids, torch.int64, 1, contiguous=True)
     out = torch.empty_like(x)
-    kc, vc, page_stride, block_tokens = kv
     logits = None if head is None else torch.empty(t, head[0].shape[0], dtype=torch.float32)
-    rc = _lib().gp_decode_layers(
-        x.data_ptr(), t, hidden, inter, num_heads, num_kv_heads, head_dim, num_layers, table,
-        eps, cos_sin.data_ptr(), positions.data_ptr(), kc, vc, page_stride, block_tokens,
-        slot_pages.data_ptr(), slot_offsets.data_ptr(), block_tables.data_ptr(),
-        block_tables.stride(0), context_lens.data_ptr(), scale, final_norm.data_ptr(),
-        out.data_ptr(), _p(ids), None if embed is None else embed[0].data_ptr(),
-        None if embed is None else _p(embed[1]), None if head is None else head[0].data_ptr(),
-        None if head is None else _p(head[1]), 0 if head is None else head[0].shape[0],
-        _p(logits), lora, torch.get_num_threads())
-    if rc:
+    step = Step(rows=t, hidden=hidden, inter=inter, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers, eps=eps,
+                scale=scale, layers=ctypes.addressof(table), kv=ctypes.addressof(kv.struct),
+                cos_sin=cos_sin.data_ptr(), positions=positions.data_ptr(),
+                slot_pages=slot_pages.data_ptr(), slot_offsets=slot_offsets.data_ptr(),
+                block_tables=block_tables.data_ptr(), block_table_stride=block_tables.stride(0),
+                context_lens=context_lens.data_ptr(), final_norm=final_norm.data_ptr(),
+                x=x.data_ptr(), out=out.data_ptr(), ids=_p(ids),
+                embed=None if embed is None else embed[0].data_ptr(),
+                embed_scale=None if embed is None else _p(embed[1]),
+                head=None if head is None else head[0].data_ptr(),
+                head_scale=None if head is None else _p(head[1]),
+                vocab=0 if head is None else head[0].shape[0], logits=_p(logits),
+                lora=None if lora is None else ctypes.addressof(lora))
+    if _lib().gp_decode_layers(ctypes.byref(step), torch.get_num_threads()):
         raise MemoryError("decode_layers could not allocate its buffers")
     return out if logits is None else logits
 
 
-def kv_table(kv_layers: list) -> tuple:
-    """``decode_layers``' view of the KV caches: each layer's K and V addresses as C arrays,
-    the page stride and the page size (the caller keeps the views alive; the model makes it
-    once per cache)."""
-    n = len(kv_layers)
-    k0 = kv_layers[0][0]
-    return ((ctypes.c_int64 * n)(*(k.data_ptr() for k, _ in kv_layers)),
-            (ctypes.c_int64 * n)(*(v.data_ptr() for _, v in kv_layers)), k0.stride(0),
-            k0.shape[1])
+class KVTable:
+    """native.h's gp_kv_t for a model's KV caches, with the address arrays it points at."""
+
+    def __init__(self, kv_layers: list):
+        n = len(kv_layers)
+        k0 = kv_layers[0][0]
+        for k, v in kv_layers:  # [pages, block_tokens, kv heads, D], dense inside a page
+            for name, c in (("k cache", k), ("v cache", v)):
+                check(name, c, torch.bfloat16, 4)
+                if c.shape != k0.shape or c.stride() != k0.stride() or c.stride()[1:] != (
+                        c.shape[2] * c.shape[3], c.shape[3], 1):
+                    raise ValueError(f"native: every layer's {name} must be dense pages of "
+                                     f"one shape and stride")
+        self.arrays = ((ctypes.c_void_p * n)(*(k.data_ptr() for k, _ in kv_layers)),
+                       (ctypes.c_void_p * n)(*(v.data_ptr() for _, v in kv_layers)))
+        self.struct = KV(k=ctypes.addressof(self.arrays[0]), v=ctypes.addressof(self.arrays[1]),
+                         page_stride=k0.stride(0), block_tokens=k0.shape[1])
+
+
+def kv_table(kv_layers: list) -> KVTable:
+    """``decode_layers``' view of the KV caches (the caller keeps the views alive; the model's
+    backend makes it once per cache)."""
+    return KVTable(kv_layers)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                 eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x += delta`` (in place, if given), then ``rms_norm(x, weight)`` into ``out``.
     x, delta, out: [rows, dim] bf16 with unit stride in dim; weight: [dim] contiguous."""
+    check("x", x, torch.bfloat16, 2)
+    check("weight", weight, torch.bfloat16, 1, contiguous=True)
+    for name, t in (("delta", delta), ("out", out)):
+        if t is not None:
+            check(name, t, torch.bfloat16, 2)
+            if t.shape != x.shape:
+                raise ValueError(f"native: add_rmsnorm's {name} must be shaped as x")
     rows, dim = x.shape
     if out is None:
         out = torch.empty_like(x)
@@ -496,6 +629,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [rows, 2 * inter] (gate first)."""
+    check("gate_up", gate_up, torch.bfloat16, 2)
     rows, two = gate_up.shape
     out = torch.empty(rows, two // 2, dtype=gate_up.dtype)
     _lib().gp_silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0),
@@ -509,6 +643,11 @@ def rope_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     """RoPE on qkv's q and k heads in place ([T, (H + 2 KVH) * D], unit stride in a row;
     cos_sin: the [positions, 2, D] table), then each row's k and v into its KV slot
     (caches: [P, bt, KVH, D] views with unit strides inside a page)."""
+    check("qkv", qkv, torch.bfloat16, 2)
+    check("cos_sin", cos_sin, torch.bfloat16, 3, contiguous=True)
+    if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim or positions.shape[0] != (
+            qkv.shape[0]) or slot_pages.shape[0] != qkv.shape[0]:
+        raise ValueError("native: rope_kv's qkv, positions and slots do not fit")
     _lib().gp_rope_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, num_kv_heads,
                       head_dim, cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(),
                       v_cache.data_ptr(), k_cache.stride(0), slot_pages.data_ptr(),
@@ -520,6 +659,11 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [B, >= H * D] rows (e.g. the leading part of qkv rows); caches [P, bt, KVH, D];
     block_tables [B, M] int32 contiguous; context_lens [B] int32. Returns [B, H * D]."""
+    check("q", q, torch.bfloat16, 2)
+    check("block_tables", block_tables, torch.int32, 2)
+    check("context_lens", context_lens, torch.int32, 1, contiguous=True)
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape[0] != q.shape[0]:
+        raise ValueError("native: decode_attention needs a block table and a length a row")
     b = q.shape[0]
     kvh, d = k_cache.shape[2], k_cache.shape[3]
     out = torch.empty(b, num_heads * d, dtype=q.dtype)
@@ -544,6 +688,11 @@ def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
     q: [T, >= H * D] rows (the leading part of qkv rows); caches [P, bt, KVH, D]; block_tables
     [S, M], cu_seqlens [S + 1], context_lens [S] int32 contiguous. Returns [T, H * D], or None
     if the kernel could not run (no memory: the caller takes the torch path)."""
+    check("q", q, torch.bfloat16, 2)
+    check("cu_seqlens", cu_seqlens, torch.int32, 1, contiguous=True)
+    if cu_seqlens.shape[0] != context_lens.shape[0] + 1:
+        raise ValueError("native: prefill_attention's cu_seqlens must hold one more entry "
+                         "than context_lens")
     kvh, d = k_cache.shape[2], k_cache.shape[3]
     out = torch.empty(q.shape[0], num_heads * d, dtype=q.dtype)
     rc = _lib().gp_prefill_attention(

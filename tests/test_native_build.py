@@ -4,6 +4,7 @@ AVX-512 BF16 one (so a worker without AVX-512 continues a request exactly)."""
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import shutil
 import subprocess
@@ -160,3 +161,52 @@ def test_a_failed_build_is_a_warning_with_the_compilers_first_error(tmp_path, mo
     [record] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "-march=no-such-cpu" in record.getMessage()
     assert "error" in record.getMessage() and "no-such-cpu" in record.getMessage()
+
+
+def test_the_structs_native_py_reads_have_the_compilers_layout(tmp_path):
+    """native.py builds its ctypes structs from native.h's text; a C program compiled with
+    the same header prints every field's offset and each struct's size: they agree."""
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{native.HEADER}"',
+             "int main(void) {"]
+    want = []
+    for name, struct in native.STRUCTS.items():
+        lines.append(f'printf("%zu\\n", sizeof({name}));')
+        want.append(ctypes.sizeof(struct))
+        for field, _ in struct._fields_:
+            lines.append(f'printf("%zu\\n", offsetof({name}, {field}));')
+            want.append(getattr(struct, field).offset)
+    (tmp_path / "layout.c").write_text("\n".join(lines) + "\nreturn 0; }\n")
+    subprocess.run([cc, str(tmp_path / "layout.c"), "-o", str(tmp_path / "layout")],
+                   check=True, timeout=60)
+    got = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert [int(v) for v in got] == want
+    assert len(native.STRUCTS) == 5 and native.Step.lora.offset > 0
+
+
+def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
+    """A library of another ABI version is not loaded; a struct field that does not exist
+    and tensors of the wrong dtype, rank, stride or length never reach C."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    path = native.build()
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match="ABI version"):
+        native.open_library(path)
+    with pytest.raises(TypeError, match="no field"):
+        native.Lora(startz=0)
+    bf = torch.bfloat16
+    with pytest.raises(ValueError, match="bfloat16"):
+        native.check("x", torch.zeros(2, 8), bf, 2)
+    with pytest.raises(ValueError, match="unit stride"):
+        native.check("x", torch.zeros(8, 2, dtype=bf).T, bf, 2)
+    with pytest.raises(ValueError, match="2-d"):
+        native.check("x", torch.zeros(8, dtype=bf), bf, 2)
+    starts, slots = torch.tensor([0, 2], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="seg_rank must hold 1"):
+        native.lora_table(starts, slots, torch.zeros(3, dtype=torch.int32), [], [],
+                          native.lora_table_body([]))

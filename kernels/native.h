@@ -1,0 +1,104 @@
+/* The native kernels' typed interface: the structs that cross from Python into native.c.
+ *
+ * Written once, here: kernels/native.py builds its ctypes.Structure classes from the typedefs
+ * below when it loads the library (so it reads this file's syntax: one field per line,
+ * `type name;` or `type name[N];`, the type int64_t, int32_t, float, a pointer, or a struct
+ * typedef'd above it). GP_ABI_VERSION changes with any struct or exported signature, and
+ * native.py refuses a library whose gp_abi_version() is not the one it read here.
+ *
+ * Room left for the open issues (each bumps the version): attention options (sliding window,
+ * logit soft-cap, sinks) in gp_step_t, the activation kind, a 4-bit weight kind in gp_layer_t, a
+ * per-adapter page table in gp_lora. */
+#ifndef GPUPOOL_NATIVE_H
+#define GPUPOOL_NATIVE_H
+
+#include <stdint.h>
+
+#define GP_ABI_VERSION 1
+#define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
+
+/* one layer's weights: bf16 [N][K], or int8 with bf16 row scales; NULL where absent (a
+ * scale: bf16 weights; the bias: none) */
+typedef struct {
+    const void *input_norm;
+    const void *post_norm;
+    const void *qkv;
+    const void *qkv_scale;
+    const void *qkv_bias;
+    const void *o;
+    const void *o_scale;
+    const void *gate_up;
+    const void *gate_up_scale;
+    const void *down;
+    const void *down_scale;
+} gp_layer_t;
+
+/* one projection group's LoRA mirror strides (see gp_lora in native.c): A [slots][P r][K]
+ * (a_slot, a_row), BT [slots][r][sum widths] (bt_slot, bt_row), the projections' widths and
+ * their ranks per segment, [P][S] */
+typedef struct {
+    int64_t a_slot;
+    int64_t a_row;
+    int64_t num_proj;
+    int64_t bt_slot;
+    int64_t bt_row;
+    int64_t widths[3];
+    const int32_t *proj_rank;
+} gp_lora_group_t;
+
+/* a step's LoRA terms: its segments (starts [S + 1], slots and ranks [S]), the groups'
+ * strides, and per layer and group the mirror's A and BT addresses ([layers][4][2]) */
+typedef struct {
+    int64_t num_segments;
+    const int32_t *starts;
+    const int32_t *slots;
+    const int32_t *seg_rank;
+    gp_lora_group_t groups[4];
+    const void *const *mirrors;
+} gp_lora_t;
+
+/* the model's KV caches: each layer's K and V pages ([pages][block_tokens][kv heads][D]) */
+typedef struct {
+    const void *const *k;
+    const void *const *v;
+    int64_t page_stride;
+    int64_t block_tokens;
+} gp_kv_t;
+
+/* a decode step of a few rows through every layer (gp_decode_layers) */
+typedef struct {
+    int64_t rows;
+    int64_t hidden;
+    int64_t inter;
+    int64_t num_heads;
+    int64_t num_kv_heads;
+    int64_t head_dim;
+    int64_t num_layers;
+    float eps;
+    float scale;
+    const gp_layer_t *layers;
+    const gp_kv_t *kv;
+    const uint16_t *cos_sin;
+    const int64_t *positions;
+    const int64_t *slot_pages;
+    const int64_t *slot_offsets;
+    const int32_t *block_tables;
+    int64_t block_table_stride;
+    const int32_t *context_lens;
+    const uint16_t *final_norm;
+    uint16_t *x;
+    uint16_t *out;
+    const int64_t *ids;
+    const void *embed;
+    const uint16_t *embed_scale;
+    const void *head;
+    const uint16_t *head_scale;
+    int64_t vocab;
+    float *logits;
+    const gp_lora_t *lora;
+} gp_step_t;
+
+int gp_abi_version(void);
+int gp_decode_layers(const gp_step_t *step, int threads);
+
+#endif
