@@ -298,7 +298,7 @@ def run_ttft(args, smollm2: Path, tmp: Path) -> dict:
     serve_args = ("--device", "cpu", "--dtype", args.dtype, "--model", f"smollm2={smollm2}",
                   "--log-level", "warning")
     with Server(tmp / "home", *serve_args, **POOL) as server:
-        # warm-up: enough steps for the weights to be packed (models.worker.PACK_AFTER_STEPS)
+        # warm-up: enough steps for the weights to be packed (models.loaded.PACK_AFTER_STEPS)
         asyncio.run(_ttft_http(server.url, PROMPTS[:1], max_tokens=32))
         asyncio.run(_ttft_http(server.url, prompts[:warm]))
         http = asyncio.run(_ttft_http(server.url, prompts[warm:]))

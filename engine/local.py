@@ -42,7 +42,7 @@ from gpupool.messages.types import (
     RemoveModel,
     Stats,
 )
-from gpupool.models.worker import ModelWorker
+from gpupool.models.loaded import LoadedModel
 from gpupool.pool.arena import Arena
 from gpupool.pool.kv import KVStorage
 from gpupool.pool.residency import WeightPool
@@ -166,7 +166,7 @@ class LocalEngine:
                 raise RequestError(f"{name!r} is already the name of an adapter")
             self._loading.add(name)  # a concurrent add of the same name fails above
         try:
-            worker = ModelWorker(name, self.resolve_model_path(path), self.device, self.kv,
+            worker = LoadedModel(name, self.resolve_model_path(path), self.device, self.kv,
                                  dtype or self.config.dtype, self.config.adapters, self.weights,
                                  tokenizer=self.load_tokenizers,
                                  quantization=quantization or self.config.quantization,
@@ -348,7 +348,7 @@ class LocalEngine:
             "host_used": host.num_used_pages if host is not None else 0,
         }
 
-    def _model_stats(self, name: str, worker: ModelWorker) -> dict:
+    def _model_stats(self, name: str, worker: LoadedModel) -> dict:
         w, sched, slots = self.weights, self.core.scheduler, worker.slots
         return {
             "dtype": str(worker.dtype).removeprefix("torch."),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from gpupool import SamplingParams
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype, native_bf16
-from gpupool.models.worker import resolve_dtype
+from gpupool.models.loaded import resolve_dtype
 from tests.factories import (
     hf_greedy_with,
     lora_slot_views,

@@ -63,7 +63,7 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
     the plain weight's bit for bit, and a bf16 model bound with packed weights gives the same
     logits as one without; fp32 and int8 weights are never packed."""
     from gpupool.models.batch import BatchRow
-    from gpupool.models.worker import ModelWorker
+    from gpupool.models.loaded import LoadedModel
     from gpupool.pool.kv import KVStorage
 
     w = torch.randn(200, 64).to(torch.bfloat16)
@@ -82,7 +82,7 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
     for packing in (True, False):
         lin.use_packing(None if packing else False)
         try:
-            worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype="bfloat16")
+            worker = LoadedModel("m", folder, torch.device("cpu"), kv, dtype="bfloat16")
             assert not worker.model.layers[0]["qkv_weight"].is_mkldnn  # packed only later
             worker.model.pack_weights()
             weights = worker.model.layers[0]["qkv_weight"]
@@ -92,7 +92,7 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
             lin.use_packing(None)
     assert torch.equal(logits[True], logits[False])
     for dtype, quant in (("float32", None), ("bfloat16", "int8")):
-        worker = ModelWorker("m", folder, torch.device("cpu"), kv, dtype=dtype,
+        worker = LoadedModel("m", folder, torch.device("cpu"), kv, dtype=dtype,
                              quantization=quant)
         worker.model.pack_weights()
         assert not any(v.is_mkldnn for lw in worker.model.layers for v in lw.values())
@@ -102,13 +102,13 @@ def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
     """The weight pool tells a model when its slab is taken: it drops its views and packed
     copies (host memory), and gets them back when it is made resident again."""
     from gpupool import SamplingParams
-    from gpupool.models import worker as worker_module
+    from gpupool.models import loaded as loaded_module
     from gpupool.models.config import ModelConfig
     from gpupool.models.loader import build_layout
     from tests.factories import make_engine
 
     def worker_steps() -> int:
-        return worker_module.PACK_AFTER_STEPS + 2
+        return loaded_module.PACK_AFTER_STEPS + 2
 
     folder = tiny_models("llama")
     one = build_layout(ModelConfig.from_folder(folder), torch.bfloat16).num_bytes

@@ -6,7 +6,7 @@ from gpupool import SamplingParams
 from gpupool.config import SchedulerConfig
 from gpupool.engine.core import EngineCore
 from gpupool.messages.types import EngineRequest
-from gpupool.models.worker import ModelWorker
+from gpupool.models.loaded import LoadedModel
 from gpupool.pool.kv import KVStorage
 from tests.factories import DeltaLog, engine_alone, hf_greedy, make_engine, random_prompts
 
@@ -21,7 +21,7 @@ def _run(folder, num_host_pages):
     kv = KVStorage(12, 4096, "cpu")  # 8 tokens a page: far too few for 8 sequences
     kv.enable_host_swap(num_host_pages)
     core = EngineCore(SchedulerConfig(), kv.pages, kv)
-    core.add_worker(ModelWorker("m", folder, torch.device("cpu"), kv, torch.float32))
+    core.add_worker(LoadedModel("m", folder, torch.device("cpu"), kv, torch.float32))
     copies = {"out": 0, "in": 0}
     copy = kv.copy_pages
 

@@ -9,7 +9,7 @@ from gpupool.adapters.slots import AdapterSlots
 from gpupool.engine.core import batch_rows
 from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
-from gpupool.models.worker import ModelWorker
+from gpupool.models.loaded import LoadedModel
 from gpupool.pool.arena import ALIGN
 from gpupool.pool.kv import KVStorage
 from tests.factories import (
@@ -264,7 +264,7 @@ def test_too_small_adapter_region_refuses_cleanly(lora_setup):
 
 def test_a_worker_without_a_pool_serves_no_adapters(lora_setup):
     base, _ = lora_setup
-    worker = ModelWorker("m", base, torch.device("cpu"), KVStorage(4, 16 << 10, "cpu"))
+    worker = LoadedModel("m", base, torch.device("cpu"), KVStorage(4, 16 << 10, "cpu"))
     with pytest.raises(AdapterError, match="adapter region"):
         worker.add_adapter("x", 4, ("q_proj",), {})
     assert worker.slots is None and worker.adapter_targets == {}

@@ -8,7 +8,7 @@ from gpupool import SamplingParams
 from gpupool.config import SchedulerConfig
 from gpupool.engine.core import EngineCore
 from gpupool.messages.types import EngineRequest
-from gpupool.models.worker import ModelWorker
+from gpupool.models.loaded import LoadedModel
 from gpupool.pool.kv import KVStorage
 from tests.factories import VARIANTS, DeltaLog, hf_greedy, make_engine, random_prompts
 
@@ -41,7 +41,7 @@ def test_batch_of_mixed_lengths_matches_transformers(tiny_models, variant):
 def _core(folder, num_pages, page_bytes=4096, **sched):
     kv = KVStorage(num_pages, page_bytes, "cpu")
     core = EngineCore(SchedulerConfig(**sched), kv.pages)
-    core.add_worker(ModelWorker("m", folder, torch.device("cpu"), kv, torch.float32))
+    core.add_worker(LoadedModel("m", folder, torch.device("cpu"), kv, torch.float32))
     return core
 
 

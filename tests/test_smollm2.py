@@ -79,7 +79,7 @@ def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     from gpupool.config import SchedulerConfig
     from gpupool.engine.core import EngineCore
     from gpupool.messages.types import EngineRequest
-    from gpupool.models.worker import ModelWorker
+    from gpupool.models.loaded import LoadedModel
     from gpupool.pool.kv import KVStorage
     from tests.factories import DeltaLog
 
@@ -88,7 +88,7 @@ def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     # than 9 requests of up to 47 tokens: sequences are preempted and recomputed.
     kv = KVStorage(24, 4 * 46080, "cpu")
     core = EngineCore(SchedulerConfig(max_num_batched_tokens=64), kv.pages)
-    core.add_worker(ModelWorker("m", smollm2_path, torch.device("cpu"), kv, torch.float32))
+    core.add_worker(LoadedModel("m", smollm2_path, torch.device("cpu"), kv, torch.float32))
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     arrivals = {0: [0, 1, 2], 2: [3], 5: [4, 5], 9: [6, 7, 8]}
     finals, step, seqs, log = {}, 0, [], DeltaLog()

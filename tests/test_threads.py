@@ -30,13 +30,13 @@ def test_the_step_loop_uses_the_engine_s_threads_and_helpers_one(tiny_models, mo
 
         from gpupool.engine import local
 
-        real = local.ModelWorker
+        real = local.LoadedModel
 
         def spy(*args, **kwargs):
             seen["command"] = torch.get_num_threads()
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(local, "ModelWorker", spy)
+        monkeypatch.setattr(local, "LoadedModel", spy)
         asyncio.run(LocalClient(engine).command(AddModel("n", str(tiny_models("llama")))))
         assert seen["command"] == 1
     finally:

@@ -58,7 +58,7 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 PACK_AFTER_STEPS = 16
 
 
-class ModelWorker:
+class LoadedModel:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
                  weight_pool=None, tokenizer: bool = True, quantization: str | None = None,

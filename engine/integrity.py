@@ -1,0 +1,49 @@
+"""The engine's state checks (tests and idle time): every page, host page, adapter count and
+slot accounted for."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from gpupool.scheduler.request import Status
+
+
+def check(core) -> None:
+    """Pages held by live sequences plus free pages account for the whole pool; shared pages
+    are full; cached pages belong to loaded models and adapters; host pages, adapter counts
+    and each model's slots agree with the requests."""
+    requests = core.requests.values()
+    holders = Counter(p for tr in requests for p in tr.seq.pages)
+    core.pages.check_integrity(dict(holders))  # shared prefix pages: one count per holder
+    for tr in requests:
+        seq = tr.seq
+        assert len(seq.pages) == len(set(seq.pages)), "a sequence lists a page twice"
+        bt = core.scheduler.block_tokens[seq.model]
+        for i, p in enumerate(seq.pages[: seq.num_indexed_pages]):
+            if core.pages.is_indexed(p) and holders[p] > 1:  # shared: a full page
+                assert (i + 1) * bt <= seq.num_computed_tokens, "a shared page is partial"
+    for entry in core.pages.entries():
+        assert entry.model in core.workers, f"cached pages of removed model {entry.model}"
+        assert entry.adapter is None or entry.adapter in core.adapters.refs, (
+            f"cached pages of removed adapter {entry.adapter}")
+    _check_host_pages(core)
+    live: dict[str, int] = {}
+    for tr in requests:
+        assert tr.seq.status is not Status.FINISHED
+        if tr.seq.adapter:
+            live[tr.seq.adapter] = live.get(tr.seq.adapter, 0) + 1
+    core.adapters.check_integrity(live)
+    for worker in core.workers.values():
+        if worker.slots is not None:
+            worker.slots.check_integrity()
+            assert set(worker.slots.host) == {
+                n for n, r in core.adapters.refs.items() if r.base == worker.name}
+
+
+def _check_host_pages(core) -> None:
+    host = [p for tr in core.requests.values() for p in tr.seq.host_pages]
+    if core.scheduler.host_pages is not None:
+        core.scheduler.host_pages.check_integrity()
+        assert len(host) == len(set(host)) == core.scheduler.host_pages.num_used_pages
+    else:
+        assert not host
