@@ -140,19 +140,20 @@ Layer, LoraGroup, Lora, KV, Step = (STRUCTS[n] for n in (
     "gp_layer_t", "gp_lora_group_t", "gp_lora_t", "gp_kv_t", "gp_step_t"))
 
 
-def check(name: str, t: torch.Tensor, dtype: torch.dtype | tuple, dims: int,
+def check(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int,
           unit_stride: bool = True, contiguous: bool = False) -> None:
     """Raise ValueError unless ``t`` is a CPU tensor of ``dtype`` with ``dims`` dimensions,
     unit stride in its last one (or contiguous): checked before its address crosses into C,
-    where a mismatch would corrupt memory silently."""
-    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
-    if t.device.type != "cpu" or t.dtype not in dtypes or t.dim() != dims:
-        raise ValueError(f"native: {name} must be a {dims}-d CPU tensor of "
-                         f"{'/'.join(map(str, dtypes))}, not {t.dim()}-d {t.dtype} on {t.device}")
-    if (contiguous and not t.is_contiguous()) or (unit_stride and t.numel()
-                                                  and t.stride(-1) != 1):
-        need = "contiguous memory" if contiguous else "unit stride in its last dimension"
-        raise ValueError(f"native: {name} must have {need}")
+    where a mismatch would corrupt memory silently. (About half a microsecond: the per-op
+    path makes ~600 a SmolLM2 step.)"""
+    if t.dtype != dtype or t.dim() != dims or not t.is_cpu:
+        raise ValueError(f"native: {name} must be a {dims}-d CPU tensor of {dtype}, not "
+                         f"{t.dim()}-d {t.dtype} on {t.device}")
+    if contiguous:
+        if not t.is_contiguous():
+            raise ValueError(f"native: {name} must have contiguous memory")
+    elif unit_stride and t.stride(-1) != 1 and t.numel():
+        raise ValueError(f"native: {name} must have unit stride in its last dimension")
 
 
 def cache_dir() -> Path:
