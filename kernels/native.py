@@ -135,8 +135,10 @@ def _structs(text: str) -> tuple[int, dict[str, type]]:
     return version, structs
 
 
-ABI_VERSION, STRUCTS = _structs(HEADER.read_text())
-Layer, LoraGroup, Lora, KV, Step = (STRUCTS[n] for n in (
+# an install without the header (a copy of the .py files only) imports, with the kernels
+# unavailable: build() refuses, and the model takes the torch backend
+ABI_VERSION, STRUCTS = _structs(HEADER.read_text()) if HEADER.exists() else (0, {})
+Layer, LoraGroup, Lora, KV, Step = (STRUCTS.get(n) for n in (
     "gp_layer_t", "gp_lora_group_t", "gp_lora_t", "gp_kv_t", "gp_step_t"))
 
 
@@ -240,6 +242,8 @@ def build(march: str | None = None) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    if not (SOURCE.exists() and HEADER.exists()):
+        raise RuntimeError(f"{SOURCE.name} or {HEADER.name} is missing from {SOURCE.parent}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
         SOURCE.read_text(), HEADER.read_text(), version, repr(_flags(march)), _cpu_id(),

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(sys.argv[1]) / "scripts"))
 from lint_imports import stage
 root, into = Path(sys.argv[1]), Path(sys.argv[2])
 stage(root, into)
+for name in ("native.c", "native.h"):  # the CPU kernels' source (stage copies .py files only)
+    shutil.copy2(root / "kernels" / name, into / "gpupool" / "kernels" / name)
 for extra in ("tests", "benchmarks"):
     shutil.copytree(root / extra, into / extra)
 shutil.copy2(root / "pyproject.toml", into / "pyproject.toml")
