@@ -1,16 +1,19 @@
 """Configuration: one frozen dataclass per part, composed into :class:`Config`; the server's
 :class:`ServerConfig` on top.
 
-Environment variables are read here and nowhere else (prefix ``GPUPOOL_``):
+Environment variables (prefix ``GPUPOOL_``) are read here, except the few that
+docs/architecture.md lists under "Claims a script checks" (tests/test_docs.py):
 ``GPUPOOL_HOME`` (data dir, default ``~/.cache/gpupool``), ``GPUPOOL_DEVICE``,
 ``GPUPOOL_KERNELS`` (auto | reference | triton), ``GPUPOOL_CUDA_GRAPHS`` (0 turns the
 decode steps' CUDA graphs off), ``GPUPOOL_NATIVE`` (0: no native CPU kernels); for the
 server also ``GPUPOOL_CONFIG`` (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``,
 ``GPUPOOL_ADMIN_KEY``, ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
 ``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``; ``GPUPOOL_DTYPE`` (auto | float32 | bfloat16
-| float16). One exception, read by :mod:`gpupool.progress` (the model loader uses it, and
-models may not import this module): ``GPUPOOL_PROGRESS`` (0 | 1: progress lines of long
-operations on stderr off | on; unset: only when stderr is a terminal).
+| float16). Read elsewhere: ``GPUPOOL_PROGRESS`` by :mod:`gpupool.progress` (the model
+loader uses it, and models may not import this module; 0 | 1: progress lines of long
+operations on stderr off | on; unset: only when stderr is a terminal), ``GPUPOOL_URL`` and
+``GPUPOOL_ADMIN_KEY`` by the operator's CLI, ``GPUPOOL_NATIVE_DIR`` and
+``GPUPOOL_NATIVE_MARCH`` by :mod:`gpupool.kernels.native`.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class TorchOps:
         cos_sin = model.rope[batch.positions]  # [T, 2, D]
         return StepPlan(model.layers, model.rope, cos_sin[:, 0:1], cos_sin[:, 1:2])
 
-    def decode_step(self, model, batch, kv_layers, lora) -> torch.Tensor | None:
+    def decode_step(self, model, batch, plan: StepPlan, kv_layers,
+                    lora) -> torch.Tensor | None:
         """The whole step in one call where a backend has one (logits), else None."""
         return None
 
@@ -207,7 +208,7 @@ class _NativeCache:
     KV caches' addresses (per KV view)."""
     table: object = None
     ends: tuple | None = None
-    kv: tuple = field(default_factory=tuple)  # (kv view, native.kv_table) or ()
+    kv: tuple = field(default_factory=tuple)  # (kv views, their native.KVTable) or ()
     made: bool = False
 
 
@@ -240,14 +241,13 @@ class NativeOps(TorchOps):
             c.ends = native.step_ends(model.w, model.lm_head_name, SCALE_SUFFIX)
             c.made = True
         if not c.kv or c.kv[0] is not kv_layers:
-            c.kv = (kv_layers, native.kv_table(kv_layers))
+            c.kv = (kv_layers, native.KVTable(kv_layers))
         return c.table, c.ends, c.kv[1]
 
-    def decode_step(self, model, batch, kv_layers, lora) -> torch.Tensor | None:
+    def decode_step(self, model, batch, plan, kv_layers, lora) -> torch.Tensor | None:
         """Every layer of a decode step of a few rows in one call (``native.decode_layers``),
         with the embedding and the head when every row samples; None where it does not
         apply (prefill rows, more rows than the GEMVs take, a weight it cannot read)."""
-        plan = self.plan(model, batch)
         if not plan.gemv or batch.num_prefill_seqs or (lora is not None
                                                        and lora.native is None):
             return None

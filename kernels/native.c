@@ -654,7 +654,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
 #else
     (void)q; (void)ldq; (void)S; (void)cu; (void)ctx; (void)nq; (void)nkv; (void)D;
     (void)k_cache; (void)v_cache; (void)ps; (void)bt; (void)block_tables; (void)ldt;
-    (void)scale; (void)out; (void)ldo; (void)threads;
+    (void)scale; (void)out; (void)ldo;
     return -1;
 #endif
 }
@@ -938,7 +938,7 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
     free(xs);
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)scale;
-    (void)bias; (void)y; (void)ldy; (void)threads;
+    (void)bias; (void)y; (void)ldy;
 #endif
 }
 
@@ -1224,21 +1224,21 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     const gp_lora_t *lora = st->lora;
     add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden, (const uint16_t *)p->input_norm, h,
                      hidden, T, hidden, st->eps);
-    matmul_body(h, T, hidden, p->qkv, p->qkv_scale, p->qkv_bias, nqkv, qkv, xq, xs);
+    matmul_body(h, T, hidden, p->qkv_weight, p->qkv_weight_scale, p->qkv_bias, nqkv, qkv, xq, xs);
     if (lora) lora_group(lora, l, 0, h, hidden, qkv, nqkv, items, item_seg);
     rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
                  st->kv->page_stride, st->slot_pages, st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
                           st->kv->block_tokens, st->block_tables, st->block_table_stride,
                           st->context_lens, st->scale, o);
-    matmul_body(o, T, nq * D, p->o, p->o_scale, NULL, hidden, delta, xq, xs);
+    matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, NULL, hidden, delta, xq, xs);
     if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
     add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
                      hidden, st->eps);
-    matmul_body(h, T, hidden, p->gate_up, p->gate_up_scale, NULL, 2 * inter, gu, xq, xs);
+    matmul_body(h, T, hidden, p->gate_up_weight, p->gate_up_weight_scale, NULL, 2 * inter, gu, xq, xs);
     if (lora) lora_group(lora, l, 2, h, hidden, gu, 2 * inter, items, item_seg);
     silu_mul_body(gu, 2 * inter, act, inter, T, inter);
-    matmul_body(act, T, inter, p->down, p->down_scale, NULL, hidden, delta, xq, xs);
+    matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, NULL, hidden, delta, xq, xs);
     if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
 }
 

@@ -18,19 +18,20 @@
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], or int8 with bf16 row scales; NULL where absent (a
- * scale: bf16 weights; the bias: none) */
+ * scale: bf16 weights; the bias: none). The field names are the model's weight names
+ * (LlamaModel.layers' keys): native.py fills each field from the weight of its name. */
 typedef struct {
     const void *input_norm;
     const void *post_norm;
-    const void *qkv;
-    const void *qkv_scale;
+    const void *qkv_weight;
+    const void *qkv_weight_scale;
     const void *qkv_bias;
-    const void *o;
-    const void *o_scale;
-    const void *gate_up;
-    const void *gate_up_scale;
-    const void *down;
-    const void *down_scale;
+    const void *o_weight;
+    const void *o_weight_scale;
+    const void *gate_up_weight;
+    const void *gate_up_weight_scale;
+    const void *down_weight;
+    const void *down_weight_scale;
 } gp_layer_t;
 
 /* one projection group's LoRA mirror strides (see gp_lora in native.c): A [slots][P r][K]

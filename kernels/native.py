@@ -495,11 +495,11 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
     """``decode_layers``' array of native.h's gp_layer_t (plain, unpacked views; the caller
     keeps them alive), or None if a weight is not one it reads: contiguous bf16 (int8 with
     bf16 scales where quantized)."""
-    entries = [name for name, _ in Layer._fields_]
+    entries = [name for name, _ in Layer._fields_]  # native.h names them as the model does
     table = (Layer * len(layers))()
     for lw, row in zip(layers, table):
         for entry in entries:
-            t = lw.get(_WEIGHT_NAMES.get(entry, entry))
+            t = lw.get(entry)
             if t is None:
                 if not entry.endswith(("_scale", "_bias")):
                     return None
@@ -510,13 +510,6 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
                 return None
             setattr(row, entry, t.data_ptr())
     return table
-
-
-# gp_layer_t's fields -> the model's weight names (LlamaModel.layers' keys)
-_WEIGHT_NAMES = {"qkv": "qkv_weight", "qkv_scale": "qkv_weight_scale",
-                 "o": "o_weight", "o_scale": "o_weight_scale",
-                 "gate_up": "gate_up_weight", "gate_up_scale": "gate_up_weight_scale",
-                 "down": "down_weight", "down_scale": "down_weight_scale"}
 
 
 def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str):
@@ -548,7 +541,7 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
     first. Returns the final norm's output [T, hidden]; or, with ``head`` = (weight [V,
     hidden], int8 scales or None), the float32 logits [T, V] of it (the GEMVs' rounding).
-    table: :func:`layer_table`; kv: :func:`kv_table` of the layers' caches; lora: None, or the
+    table: :func:`layer_table`; kv: a :class:`KVTable` of the layers' caches; lora: None, or the
     step's :func:`lora_table`."""
     t, hidden = x.shape
     check("x", x, torch.bfloat16, 2, contiguous=True)
@@ -588,7 +581,9 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
 
 
 class KVTable:
-    """native.h's gp_kv_t for a model's KV caches, with the address arrays it points at."""
+    """``decode_layers``' view of a model's KV caches: native.h's gp_kv_t with the address
+    arrays it points at (the caller keeps the views alive; the backend makes it once per
+    cache)."""
 
     def __init__(self, kv_layers: list):
         n = len(kv_layers)
@@ -604,12 +599,6 @@ class KVTable:
                        (ctypes.c_void_p * n)(*(v.data_ptr() for _, v in kv_layers)))
         self.struct = KV(k=ctypes.addressof(self.arrays[0]), v=ctypes.addressof(self.arrays[1]),
                          page_stride=k0.stride(0), block_tokens=k0.shape[1])
-
-
-def kv_table(kv_layers: list) -> KVTable:
-    """``decode_layers``' view of the KV caches (the caller keeps the views alive; the model's
-    backend makes it once per cache)."""
-    return KVTable(kv_layers)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
@@ -650,8 +639,9 @@ def rope_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     (caches: [P, bt, KVH, D] views with unit strides inside a page)."""
     check("qkv", qkv, torch.bfloat16, 2)
     check("cos_sin", cos_sin, torch.bfloat16, 3, contiguous=True)
-    if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim or positions.shape[0] != (
-            qkv.shape[0]) or slot_pages.shape[0] != qkv.shape[0]:
+    rows = qkv.shape[0]
+    if (qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
+            or positions.shape[0] != rows or slot_pages.shape[0] != rows):
         raise ValueError("native: rope_kv's qkv, positions and slots do not fit")
     _lib().gp_rope_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, num_kv_heads,
                       head_dim, cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(),

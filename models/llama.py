@@ -13,14 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from gpupool.kernels import backend
-from gpupool.kernels.backend import TorchOps, project
+from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import cos_sin_table
 from gpupool.pool.weights import SCALE_SUFFIX
-
-__all__ = ["LINEAR_WEIGHTS", "LlamaModel", "project"]
 
 LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
@@ -106,12 +104,12 @@ class LlamaModel:
         ``lora``: a :class:`gpupool.adapters.batch.LoraBatch` adding each row's adapter
         terms after every fused projection, or None for a base-only batch.
         """
+        ops, eps = self.ops, self.cfg.rms_norm_eps
         kv_layers = self._kv_layers(kv)
-        logits = self.ops.decode_step(self, batch, kv_layers, lora)
+        plan = ops.plan(self, batch)
+        logits = ops.decode_step(self, batch, plan, kv_layers, lora)
         if logits is not None:  # the backend ran the whole step in one call
             return logits
-        ops, eps = self.ops, self.cfg.rms_norm_eps
-        plan = ops.plan(self, batch)
         x = self.embed(batch.input_ids)  # [T, hidden]
         delta = None  # the previous layer's MLP output, added to x by the next norm
         for i, lw in enumerate(plan.layers):

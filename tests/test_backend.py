@@ -12,6 +12,13 @@ from tests.factories import make_engine, random_prompts
 CPU = torch.device("cpu")
 
 
+def test_the_backend_names_int8_scales_as_the_weight_layout_does():
+    """kernels may not import pool (the layers), so the suffix is written in both: equal."""
+    from gpupool.pool.weights import SCALE_SUFFIX
+
+    assert backend.SCALE_SUFFIX == SCALE_SUFFIX
+
+
 def test_select_follows_device_dtype_model_and_settings(tiny_models):
     llama = ModelConfig.from_folder(tiny_models("llama"))
     qwen3 = ModelConfig.from_folder(tiny_models("qwen3"))  # per-head q/k norm
