@@ -166,7 +166,7 @@ def main() -> None:
             engine = Engine(device="cpu", dtype=dtype, quantization=quant, threads=threads,
                             enable_prefix_caching=False)
             engine.add_model("smollm2", folder)
-            worker = engine.core.workers["smollm2"]
+            worker = engine.local.core.workers["smollm2"]
             weight_bytes = worker.layout.num_bytes
             params = sum(s.numel for s in worker.layout.specs if not s.name.endswith("_scale"))
             weights[label] = weight_bytes

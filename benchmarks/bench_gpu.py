@@ -262,15 +262,15 @@ def swap(folder: Path, runs: int) -> dict:
         rec = []
         for _ in range(runs + 1):
             for name in ("a", "b"):
-                before = e.weights.swap_seconds
+                before = e.local.weights.swap_seconds
                 e.generate([[5, 6, 7]], one, model=name)
-                rec.append(e.weights.swap_seconds - before)
+                rec.append(e.local.weights.swap_seconds - before)
         host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
         dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         raw = cuda_ms(lambda: dev.copy_(host, non_blocking=True)) / 1e3
         return {"weight_bytes": nbytes, "switch_s": statistics.median(rec[2:]),
                 "raw_pinned_copy_s": raw, "ratio": statistics.median(rec[2:]) / raw,
-                "swaps": e.weights.num_swaps}
+                "swaps": e.local.weights.num_swaps}
     finally:
         e.shutdown()
 

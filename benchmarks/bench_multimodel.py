@@ -135,7 +135,7 @@ def run_engine(args) -> dict:
                         ttft_ms=slo.ttft_ms, tbt_ms=slo.tbt_ms, prefetch=prefetch)
         for n in names:
             engine.add_model(n, folders[n])
-        tracer = StepTracer(engine.core) if args.plot and prefetch else None
+        tracer = StepTracer(engine.local.core) if args.plot and prefetch else None
         curve, scores, low = {}, {}, 0
         for rate in rates:
             if low >= 2:
@@ -151,9 +151,9 @@ def run_engine(args) -> dict:
             curve[rate], scores[rate] = a["slo_attainment"], a["aegaeon_score"]
             low = low + 1 if curve[rate] < 0.5 else 0
         if not prefetch:
-            swaps += list(engine.core.cost.swap_s.values())
-        steps += list(engine.core.cost.step_s.values())
-        w = engine.weights
+            swaps += list(engine.local.core.cost.swap_s.values())
+        steps += list(engine.local.core.cost.step_s.values())
+        w = engine.local.weights
         result[f"{label}_weight_copies"] = {
             "waited_for": w.num_swaps, "prefetched": w.num_prefetches,
             "prefetch_hits": w.prefetch_hits, "prefetch_wasted": w.prefetch_wasted,

@@ -56,25 +56,25 @@ TEXT = (
 
 def perplexity(engine: Engine, ids: list[int]) -> float:
     """exp(mean negative log-likelihood) of ``ids[1:]`` given the prefix, one forward pass."""
-    worker = engine.core.workers["m"]
+    worker = engine.local.core.workers["m"]
     worker.make_resident()
-    pages = engine.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
+    pages = engine.local.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
     try:
         row = BatchRow(token_ids=ids, start=0, pages=pages, is_decode=False, samples=True)
         batch = build_batch([row], worker.block_tokens, worker.device)
         batch = dataclasses.replace(batch, logits_indices=torch.arange(len(ids) - 1))
         logits = worker.model.forward(batch, worker.kv_view)
     finally:
-        engine.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages)
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
     return math.exp(float(nll))
 
 
 def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     """The logits after each token of ``ids``, fed one token a step as decode rows."""
-    worker = engine.core.workers["m"]
+    worker = engine.local.core.workers["m"]
     worker.make_resident()
-    pages = engine.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
+    pages = engine.local.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
     try:
         out = []
         for p, token in enumerate(ids):
@@ -83,7 +83,7 @@ def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
             batch = build_batch([row], worker.block_tokens, worker.device)
             out.append(worker.model.forward(batch, worker.kv_view))
     finally:
-        engine.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages)
     return torch.cat(out)
 
 

@@ -75,13 +75,13 @@ def switch_costs(folder: Path, dtype: str, quantization: str | None, runs: int,
     switch, residency = [], []
     for _ in range(runs):
         engine.generate(PROMPT, one, model="a")  # A is resident, B is not
-        swaps = engine.weights.num_swaps
-        seconds = engine.weights.swap_seconds
+        swaps = engine.local.weights.num_swaps
+        seconds = engine.local.weights.swap_seconds
         t = time.perf_counter()
         engine.generate(PROMPT, one, model="b")
         switch.append(time.perf_counter() - t)
-        assert engine.weights.num_swaps == swaps + 1
-        residency.append(engine.weights.swap_seconds - seconds)
+        assert engine.local.weights.num_swaps == swaps + 1
+        residency.append(engine.local.weights.swap_seconds - seconds)
     warm_b = median_seconds(lambda: engine.generate(PROMPT, one, model="b"), runs)
     engine.shutdown()
     raw = in_subprocess(raw_copy_seconds, nbytes, runs)

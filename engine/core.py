@@ -99,7 +99,7 @@ class EngineCore:
         (engine/admission.py)."""
         return admission.check_request(self.registry, self.pages, req)
 
-    def add_request(self, req: EngineRequest, sink: Sink | None = None,
+    def enqueue(self, req: EngineRequest, sink: Sink | None = None,
                     arrival_time: float | None = None, total: int | None = None) -> str:
         """Queue a request; ``sink(OutputDelta)`` gets its outputs. ``total``: what
         ``check_request`` returned for it, when the caller has checked it already (else it
@@ -127,7 +127,7 @@ class EngineCore:
             prompt_lps=([None] * len(seq.prompt_token_ids)
                         if req.params.prompt_logprobs is not None else None),
             final_only=req.final_only)
-        self.scheduler.add_request(seq)
+        self.scheduler.enqueue(seq)
         return req.request_id
 
     def abort(self, request_id: str) -> None:

@@ -30,7 +30,6 @@ from gpupool.engine.core import EngineCore, Sink
 from gpupool.kernels import native
 from gpupool.messages.client import QueueStream
 from gpupool.messages.errors import ModelLoadError, RequestError
-from gpupool.messages.params import SamplingParams
 from gpupool.messages.types import (
     AddAdapter,
     AddModel,
@@ -249,7 +248,7 @@ class LocalEngine:
             rids: list[str] = []
             try:
                 for req, sink, total in zip(requests, sinks, totals):
-                    rids.append(self.core.add_request(req, sink, total=total))
+                    rids.append(self.core.enqueue(req, sink, total=total))
             except BaseException:
                 for rid in rids:  # all or none
                     self.core.abort(rid)
@@ -258,19 +257,11 @@ class LocalEngine:
             self._lock.notify()
         return rids
 
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
-                    model: str | None = None, request_id: str | None = None,
-                    sink: Sink | None = None, tenant: str | None = None) -> str:
-        """Queue one request of token ids; ``sink(OutputDelta)`` is called from the engine
-        thread."""
-        req = EngineRequest(request_id or self.new_request_id(), self._model_name(model),
-                            prompt, params or SamplingParams(), tenant)
-        return self.submit([req], [sink])[0]
-
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def _model_name(self, model: str | None) -> str:
+    def model_name(self, model: str | None) -> str:
+        """``model``, or the one model served when it is None (RequestError if several)."""
         if model is not None:
             return model
         if len(self.core.workers) != 1:

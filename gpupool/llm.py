@@ -1,4 +1,5 @@
-"""``Engine``: the face for Python users, a :class:`LocalEngine` with the text side.
+"""``Engine``: the face for Python users: a :class:`LocalEngine` (token ids in, deltas out)
+wrapped with the text side.
 
     engine = Engine(device="cpu")
     engine.add_model("smollm2", "smollm2")
@@ -14,23 +15,102 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
+from gpupool.config import Config
+from gpupool.default_model import DEFAULT_MODEL
 from gpupool.engine.core import Sink
 from gpupool.engine.local import LocalClient, LocalEngine
 from gpupool.frontend.text import RequestOutput, TextStream, tokenize
 from gpupool.messages.errors import RequestError
 from gpupool.messages.params import SamplingParams
-from gpupool.messages.types import EngineRequest
+from gpupool.messages.types import EngineRequest, ModelInfo
+from gpupool.scheduler.slo import SLO
 
 __all__ = ["Engine", "RequestOutput"]
 
 
-class Engine(LocalEngine):
-    """Many models, one KV pool, continuous batching; thread-safe public methods."""
+class Engine:
+    """Many models, one KV pool, continuous batching; thread-safe public methods.
 
+    Text in and out; the models, the pool and the step loop are ``self.local``'s (a
+    :class:`LocalEngine`), whose operator methods are repeated here by name."""
+
+    def __init__(self, device: str = "auto", config: Config | None = None, **overrides):
+        self.local = LocalEngine(device, config, **overrides)
+
+    # ---- the wrapped engine's operator surface, unchanged -----------------------------------
+    @property
+    def config(self) -> Config:
+        return self.local.config
+
+    @property
+    def device(self):
+        return self.local.device
+
+    def add_model(self, name: str, path: str | Path = DEFAULT_MODEL, slo: SLO | None = None,
+                  dtype: str | None = None, quantization: str | None = None) -> None:
+        """See :meth:`LocalEngine.add_model`."""
+        self.local.add_model(name, path, slo, dtype, quantization)
+
+    def remove_model(self, name: str) -> None:
+        self.local.remove_model(name)
+
+    def add_adapter(self, name: str, base: str, path: str | Path) -> None:
+        self.local.add_adapter(name, base, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.local.remove_adapter(name)
+
+    @property
+    def models(self) -> list[str]:
+        return self.local.models
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return self.local.adapters
+
+    def slo(self, ttft_ms: float | None, tbt_ms: float | None) -> SLO | None:
+        return self.local.slo(ttft_ms, tbt_ms)
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        return self.local.model_info(name)
+
+    def tokenizer(self, model: str):
+        return self.local.tokenizer(model)
+
+    def stats(self) -> dict:
+        return self.local.stats()
+
+    def num_unfinished(self) -> int:
+        return self.local.num_unfinished()
+
+    def abort(self, request_id: str) -> None:
+        self.local.abort(request_id)
+
+    def reset_prefix_cache(self) -> int:
+        return self.local.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        self.local.check_integrity()
+
+    @property
+    def alive(self) -> bool:
+        return self.local.alive
+
+    def shutdown(self) -> None:
+        self.local.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ---- the text side ------------------------------------------------------------------------
     def client(self) -> LocalClient:
         """The engine's client protocol (what ``gpupool serve`` hands the HTTP layer)."""
-        return LocalClient(self)
+        return LocalClient(self.local)
 
     def tokenize(self, model: str, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids for ``model``, checked (RequestError if empty, untokenizable
@@ -53,7 +133,7 @@ class Engine(LocalEngine):
                 raise RequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from None
             # generate reads only the final output: one delta at the end, unless stop strings
             # need the text as it grows
-            out.append(EngineRequest(self.new_request_id(), name, ids, p, tenant,
+            out.append(EngineRequest(self.local.new_request_id(), name, ids, p, tenant,
                                      cache_salt=cache_salt, final_only=not p.stop))
         return out
 
@@ -78,7 +158,7 @@ class Engine(LocalEngine):
             raise RequestError("give one SamplingParams, or one per prompt")
         plist = [p or SamplingParams() for p in plist]
         if not isinstance(model, (list, tuple)):
-            model = self._model_name(model)
+            model = self.local.model_name(model)
         requests = self._requests(prompts, plist, model, cache_salt=cache_salt)
         tokenizers = {r.model: self.tokenizer(r.model) for r in requests}
         return _run_blocking(self._run_all(requests, tokenizers))
@@ -121,10 +201,10 @@ class Engine(LocalEngine):
                      model: str | None = None, request_id: str | None = None,
                      cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens arrive; leaving early aborts the request."""
-        name = self._model_name(model)
+        name = self.local.model_name(model)
         ids = self.tokenize(name, prompt)
         tokenizer = self.tokenizer(name)
-        req = EngineRequest(request_id or self.new_request_id(), name, ids,
+        req = EngineRequest(request_id or self.local.new_request_id(), name, ids,
                             params or SamplingParams(), cache_salt=cache_salt)
         [stream] = await self.client().submit([req])
         agen = self._outputs(stream, req, tokenizer)
@@ -143,9 +223,10 @@ class Engine(LocalEngine):
         if params is not None and params.stop:
             raise RequestError("add_request is token-level: stop strings need the text side "
                                "(generate or stream)")
-        name = self._model_name(model)
-        return super().add_request(self.tokenize(name, prompt), params, name, request_id,
-                                   sink, tenant)
+        name = self.local.model_name(model)
+        req = EngineRequest(request_id or self.local.new_request_id(), name,
+                            self.tokenize(name, prompt), params or SamplingParams(), tenant)
+        return self.local.submit([req], [sink])[0]
 
 
 def _run_blocking(coro):
@@ -174,6 +255,4 @@ def _run_blocking(coro):
 def local_client(server_config) -> LocalClient:
     """A client over a new in-process engine configured by a ``ServerConfig``'s engine
     table (what ``gpupool serve`` runs)."""
-    from gpupool.config import Config
-
-    return Engine(config=Config.from_env(**server_config.engine)).client()
+    return LocalClient(LocalEngine(config=Config.from_env(**server_config.engine)))

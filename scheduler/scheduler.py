@@ -140,7 +140,7 @@ class Scheduler:
             table.pop(model)
         self.policy.forget(model)
 
-    def add_request(self, seq: Sequence) -> None:
+    def enqueue(self, seq: Sequence) -> None:
         self.waiting[seq.model].append(seq)
 
     def has_work(self) -> bool:

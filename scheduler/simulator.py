@@ -170,7 +170,7 @@ class SimDevice:
         seq = Sequence(rid, r.model, [0] * r.prompt_tokens,
                        SamplingParams(max_tokens=r.output_tokens), r.arrival,
                        r.prompt_tokens + r.output_tokens)
-        self.sched.add_request(seq)
+        self.sched.enqueue(seq)
         self.times[rid], self.info[rid] = [], r
         self.served.add(r.model)
 

@@ -52,8 +52,8 @@ def test_two_engines_in_one_process_keep_their_backends(tiny_models, monkeypatch
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     prompts = random_prompts(2, 4, 9, seed=3)
     try:
-        assert on.core.workers["m"].model.ops.name == "native"
-        assert off.core.workers["m"].model.ops.name == "torch"
+        assert on.local.core.workers["m"].model.ops.name == "native"
+        assert off.local.core.workers["m"].model.ops.name == "torch"
         for engine, uses_native in ((on, True), (off, False), (on, True), (off, False)):
             before = len(calls)
             engine.generate(prompts, params)

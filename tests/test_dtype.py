@@ -85,7 +85,7 @@ def test_bf16_lora_runs_its_adapter_terms_in_fp32_and_agrees_with_fp32(tiny_mode
         try:
             e.add_adapter("a", "m", a)
             e.add_adapter("b", "m", b)
-            worker = e.core.workers["m"]
+            worker = e.local.core.workers["m"]
             assert worker.adapter_dtype == torch.float32
             outs[dtype] = [e.generate([p], first if dtype == "float32" else greedy,
                                       model=n or "m")[0] for p, n in zip(prompts, names)]

@@ -82,7 +82,7 @@ def test_stop_string_truncates_text(engine):
         full.token_ids[:i], skip_special_tokens=True))
     assert cut.token_ids == full.token_ids[:k]
     # the engine let go of the request before generate returned
-    assert engine.kv.pages.num_used_pages == 0 and not engine.core.requests
+    assert engine.local.kv.pages.num_used_pages == 0 and not engine.local.core.requests
 
 
 def test_generate_inside_a_running_event_loop(engine):
@@ -138,7 +138,7 @@ def test_leaving_a_stream_early_aborts_and_frees_pages(engine):
     assert not got[-1].finished
     engine.generate(prompt, SamplingParams(max_tokens=2))  # the loop has moved on
     engine.check_integrity()
-    assert engine.kv.pages.num_used_pages == 0
+    assert engine.local.kv.pages.num_used_pages == 0
 
 
 @pytest.mark.parametrize("make_bad,match", [
@@ -252,7 +252,7 @@ def test_logprobs_match_transformers_log_softmax(engine, tiny_models):
 
 def test_an_unexpected_step_failure_fails_its_requests_not_the_engine(engine, monkeypatch):
     calls = []
-    real = engine.core._process
+    real = engine.local.core._process
 
     def broken(*args):
         if not calls:
@@ -260,7 +260,7 @@ def test_an_unexpected_step_failure_fails_its_requests_not_the_engine(engine, mo
             raise RuntimeError("boom")
         return real(*args)
 
-    monkeypatch.setattr(engine.core, "_process", broken)
+    monkeypatch.setattr(engine.local.core, "_process", broken)
     out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0]
     assert out.finish_reason == "abort" and "boom" in out.error
     again = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0]
@@ -287,7 +287,7 @@ def test_a_stream_left_while_the_engine_is_busy_does_not_stop_the_loop(engine):
     held, release = threading.Event(), threading.Event()
 
     def hold_the_lock():
-        with engine._lock:
+        with engine.local._lock:
             held.set()
             release.wait(timeout=60)
 
@@ -308,7 +308,7 @@ def test_a_stream_left_while_the_engine_is_busy_does_not_stop_the_loop(engine):
     out = _generate_within(engine, prompt, SamplingParams(max_tokens=2, temperature=0))
     assert len(out[0].token_ids) == 2 and engine.alive
     engine.check_integrity()
-    assert engine.kv.pages.num_used_pages == 0
+    assert engine.local.kv.pages.num_used_pages == 0
 
 
 def test_a_failing_sink_aborts_its_request_only(engine):
@@ -334,11 +334,11 @@ def test_a_failing_sink_aborts_its_request_only(engine):
 
     reqs = [EngineRequest(f"s{i}", engine.models[0], engine.tokenize(engine.models[0], q), p)
             for i, q in enumerate(prompts)]
-    engine.submit(reqs, [bad_sink, good_sink(1), good_sink(2)])
+    engine.local.submit(reqs, [bad_sink, good_sink(1), good_sink(2)])
     assert done.wait(timeout=120)
     assert [results[i] for i in (1, 2)] == [want[i].token_ids for i in (1, 2)]
     assert len(calls) == 1  # the failed sink is not called again; its request was aborted
-    assert engine.alive and not engine.core.requests
+    assert engine.alive and not engine.local.core.requests
     engine.check_integrity()
 
 
@@ -362,7 +362,7 @@ def test_final_only_requests_get_one_delta_with_every_token(engine):
 
     name = engine.models[0]
     ids = engine.tokenize(name, prompts[0])
-    engine.submit([EngineRequest("fo-once", name, ids, p, final_only=True),
+    engine.local.submit([EngineRequest("fo-once", name, ids, p, final_only=True),
                    EngineRequest("fo-steps", name, ids, p)], [sink("once"), sink("steps")])
     assert done.wait(timeout=120)
     [once], steps = got["once"], got["steps"]
@@ -380,13 +380,13 @@ def test_final_only_requests_get_one_delta_with_every_token(engine):
 def test_generate_asks_for_final_only_output_unless_stop_strings_need_the_text(engine,
                                                                                monkeypatch):
     seen = []
-    submit = type(engine).submit
+    submit = type(engine.local).submit
 
     def spy(self, requests, sinks):
         seen.extend(r.final_only for r in requests)
         return submit(self, requests, sinks)
 
-    monkeypatch.setattr(type(engine), "submit", spy)
+    monkeypatch.setattr(type(engine.local), "submit", spy)
     p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     plain, stopped = engine.generate(["w1 w2", "w3 w4"], [p, SamplingParams(
         max_tokens=3, temperature=0, ignore_eos=True, stop=["zzz"])])

@@ -27,7 +27,7 @@ def adapters(base, tmp_path_factory):
 def _poison(engine, adapter: str) -> None:
     """Fault injection: NaN into an adapter's host copy (registration refuses NaN files, so
     this stands for memory gone bad after it)."""
-    slots = engine.core.workers["m"].slots
+    slots = engine.local.core.workers["m"].slots
     for view in slots.layout.views(slots.host[adapter]).values():
         view.fill_(float("nan"))
 
@@ -62,7 +62,7 @@ def test_a_failure_the_engine_cannot_step_past_fails_in_flight_then_it_recovers(
     engine = make_engine(base)
     try:
         engine.add_adapter("good", "m", adapters["good"])
-        real = engine.core.scheduler.schedule
+        real = engine.local.core.scheduler.schedule
         started = threading.Event()
         calls = {"n": 0}
 
@@ -73,7 +73,7 @@ def test_a_failure_the_engine_cannot_step_past_fails_in_flight_then_it_recovers(
                 raise RuntimeError("injected scheduler fault")
             return real(*a, **kw)
 
-        engine.core.scheduler.schedule = faulty
+        engine.local.core.scheduler.schedule = faulty
         outs = engine.generate(prompts + prompts[:1],
                                SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
                                model=["m", "m", "m", "good"])
@@ -81,9 +81,9 @@ def test_a_failure_the_engine_cannot_step_past_fails_in_flight_then_it_recovers(
         assert all(o.finish_reason == "abort" and "injected scheduler fault" in o.error
                    for o in outs)
         engine.check_integrity()
-        assert engine.kv.pages.num_used_pages == 0
+        assert engine.local.kv.pages.num_used_pages == 0
         assert engine.models == ["m"] and engine.adapters == {"good": "m"}
-        engine.core.scheduler.schedule = real
+        engine.local.core.scheduler.schedule = real
         assert [list(o.token_ids) for o in engine.generate(prompts, GREEDY)] == want
         assert engine.generate(prompts[:1], GREEDY, model="good")[0].error is None
         engine.check_integrity()

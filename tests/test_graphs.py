@@ -18,7 +18,7 @@ def test_cpu_engines_make_no_graphs_and_the_switch_reads_the_environment(tiny_mo
                                                                          monkeypatch):
     e = make_engine(tiny_models("llama"))
     try:
-        assert e.core.workers["m"].graphs is None
+        assert e.local.core.workers["m"].graphs is None
     finally:
         e.shutdown()
     monkeypatch.setenv("GPUPOOL_CUDA_GRAPHS", "0")
@@ -45,7 +45,7 @@ def _run(folders, adapter, dtype: str, graphs: bool, weight_bytes: int | None = 
                                         ignore_eos=True), model="llama")]
         e.check_integrity()
         stats = {n: (w.graphs.num_captures, w.graphs.num_replays, w.graphs.enabled)
-                 for n, w in e.core.workers.items() if w.graphs is not None}
+                 for n, w in e.local.core.workers.items() if w.graphs is not None}
         return out, sampled, stats
     finally:
         e.shutdown()
@@ -95,7 +95,7 @@ def test_the_static_inputs_give_the_eager_logits(tiny_models):
 
     e = make_engine(tiny_models("qwen2"), kernels="triton")  # what a CUDA graph captures
     try:
-        w = e.core.workers["m"]
+        w = e.local.core.workers["m"]
         w.make_resident(frozenset({"m"}))
         bt = w.block_tokens
         graphs = DecodeGraphs("m", w.model, w.kv_view, bt, torch.device("cpu"))

@@ -17,6 +17,7 @@ from gpupool.api.limits import TenantLimiter
 from gpupool.api.server import build_state, create_app
 from gpupool.config import ModelSpec, ServerConfig, TenantSpec, load_server_config
 from gpupool.llm import local_client
+from gpupool.messages.types import EngineRequest
 from tests.factories import make_peft_adapter
 
 ADMIN_KEY = "admin-secret-key"
@@ -255,8 +256,9 @@ def test_readding_a_model_that_still_drains_is_409(env):
     r = c.post("/admin/models", headers=ADMIN, json={"name": "drain", "path": str(env["base"])})
     assert r.status_code == 201
 
-    rid = engine.add_request([5, 6], SamplingParams(max_tokens=200, ignore_eos=True),
-                             model="drain")
+    [rid] = engine.submit([EngineRequest(engine.new_request_id(), "drain", [5, 6],
+                                         SamplingParams(max_tokens=200, ignore_eos=True))],
+                          [None])
     try:
         assert c.delete("/admin/models/drain", headers=ADMIN).status_code == 200
         r = c.post("/admin/models", headers=ADMIN, json={"name": "drain",

@@ -277,7 +277,7 @@ def test_the_lora_mirror_lives_in_the_arena_and_follows_every_slot_load(tiny_mod
         e.add_adapter("b", "m", b)
         prompt = random_prompts(1, 6, 6, seed=3)[0]
         greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        worker = e.core.workers["m"]
+        worker = e.local.core.workers["m"]
         tokens = []
         for name in ("a", "b", "a"):
             tokens.append(list(e.generate([prompt], greedy, model=name)[0].token_ids))
@@ -289,7 +289,7 @@ def test_the_lora_mirror_lives_in_the_arena_and_follows_every_slot_load(tiny_mod
                                        slots.views[f"{i}.{group}.A"][0].to(BF))
                     bt = torch.cat([slots.views[f"{i}.{p}.B"][0] for p, _ in projs]).T
                     assert torch.equal(slots.mirror[f"{i}.{group}.BT"][0], bt.to(BF))
-        arena = e.arena
+        arena = e.local.arena
         start = slots.buffer.data_ptr() + slots.buffer.numel()  # the slots end, the mirror starts
         end = arena.adapters.data_ptr() + arena.adapter_bytes
         for v in slots.mirror.values():
@@ -362,9 +362,9 @@ def _prefill_logits(engine, ids, chunk):
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
-    w = engine.core.workers["m"]
+    w = engine.local.core.workers["m"]
     w.make_resident()
-    pages = engine.kv.pages.allocate(-(-len(ids) // w.block_tokens))
+    pages = engine.local.kv.pages.allocate(-(-len(ids) // w.block_tokens))
     try:
         out = []
         for p in range(0, len(ids), chunk):
@@ -374,7 +374,7 @@ def _prefill_logits(engine, ids, chunk):
                                        w.kv_view))
         return torch.cat(out)
     finally:
-        engine.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages)
 
 
 @pytest.mark.parametrize("chunk", [80, 23])
@@ -414,9 +414,9 @@ def _teacher_forced_logits(engine, ids):
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
-    w = engine.core.workers["m"]
+    w = engine.local.core.workers["m"]
     w.make_resident()
-    pages = engine.kv.pages.allocate(-(-len(ids) // w.block_tokens))
+    pages = engine.local.kv.pages.allocate(-(-len(ids) // w.block_tokens))
     try:
         out = []
         for p in range(len(ids)):
@@ -426,7 +426,7 @@ def _teacher_forced_logits(engine, ids):
                                        w.kv_view))
         return torch.cat(out)
     finally:
-        engine.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages)
 
 
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
@@ -492,11 +492,11 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
     real = native.decode_layers
     monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(a[-1]) or real(*a))
     try:
-        w = engine.core.workers["m"]
+        w = engine.local.core.workers["m"]
         w.make_resident()
         sizes = (1, 3, 8) if quantization else (1, 3)
         prompts = random_prompts(max(sizes), 5, 9, seed=21)
-        pages = [engine.kv.pages.allocate(2) for _ in prompts]
+        pages = [engine.local.kv.pages.allocate(2) for _ in prompts]
         rows = [BatchRow(token_ids=p, start=0, pages=pg, is_decode=False, samples=True)
                 for p, pg in zip(prompts, pages)]
         w.model.forward(build_batch(rows, w.block_tokens, w.device), w.kv_view)

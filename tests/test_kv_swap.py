@@ -33,7 +33,7 @@ def _run(folder, num_host_pages):
     prompts = random_prompts(8, 10, 30, seed=4)
     seqs = []
     for i, ids in enumerate(prompts):
-        core.add_request(EngineRequest(str(i), "m", ids, GREEDY))
+        core.enqueue(EngineRequest(str(i), "m", ids, GREEDY))
         seqs.append(core.requests[str(i)].seq)
     finals, log = {}, DeltaLog()
     while core.has_work():
@@ -75,8 +75,8 @@ def test_interleaved_models_with_kv_swaps_forced(tiny_models):
                           model=[v for v in variants for _ in prompts[v]])
         assert [list(o.token_ids) for o in outs] == [t for v in variants for t in want[v]]
         e.check_integrity()
-        assert e.kv.host_pages.num_used_pages == 0
-        assert e.kv.num_pages_swapped_out > 0
-        assert e.kv.num_pages_swapped_in == e.kv.num_pages_swapped_out
+        assert e.local.kv.host_pages.num_used_pages == 0
+        assert e.local.kv.num_pages_swapped_out > 0
+        assert e.local.kv.num_pages_swapped_in == e.local.kv.num_pages_swapped_out
     finally:
         e.shutdown()

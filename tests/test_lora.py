@@ -81,9 +81,9 @@ def test_logits_match_peft_within_tolerance(lora_setup):
     prompts = random_prompts(len(names), 5, 20, seed=22)
     e = _engine(base, paths)
     try:
-        core = e.core
+        core = e.local.core
         for i, (ids, n) in enumerate(zip(prompts, names)):
-            core.add_request(EngineRequest(str(i), n or "base", ids, SamplingParams(max_tokens=1)))
+            core.enqueue(EngineRequest(str(i), n or "base", ids, SamplingParams(max_tokens=1)))
         out = core.scheduler.schedule()
         core.workers["base"].make_resident()
         logits = core.workers["base"].execute(batch_rows(out))
@@ -109,7 +109,7 @@ def test_more_adapters_than_slots(lora_setup, mixed):
     names, prompts, want = mixed
     e = _engine(base, paths, max_loras_on_device=2)
     try:
-        slots = e.core.workers["base"].slots
+        slots = e.local.core.workers["base"].slots
         per_step, ensure = [], slots.ensure
         slots.ensure = lambda names: per_step.append(set(names)) or ensure(names)
         outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
@@ -128,17 +128,17 @@ def test_remove_adapter_during_a_request(lora_setup, mixed):
     names, prompts, want = mixed
     e = _engine(base, paths)
     try:
-        core = e.core
-        with e._lock:  # drive the core by hand for a deterministic interleaving
+        core = e.local.core
+        with e.local._lock:  # drive the core by hand for a deterministic interleaving
             log = DeltaLog()
-            core.add_request(EngineRequest("x", "r16", prompts[3],
+            core.enqueue(EngineRequest("x", "r16", prompts[3],
                                            SamplingParams(max_tokens=16, temperature=0)))
             log.add(core.step())
             log.add(core.step())
             core.remove_adapter("r16")
             assert "r16" not in e.adapters
             with pytest.raises(RequestError, match="not loaded"):
-                core.add_request(EngineRequest("y", "r16", prompts[3],
+                core.enqueue(EngineRequest("y", "r16", prompts[3],
                                                SamplingParams(max_tokens=4)))
             while core.has_work():
                 log.add(core.step())
@@ -146,7 +146,7 @@ def test_remove_adapter_during_a_request(lora_setup, mixed):
             assert "r16" not in core.adapters.refs  # dropped once it finished
             assert "r16" not in core.workers["base"].slots.host
             core.check_integrity()
-        assert e.kv.pages.num_used_pages == 0
+        assert e.local.kv.pages.num_used_pages == 0
         with pytest.raises(RequestError):
             e.generate(prompts[3], SamplingParams(max_tokens=2), model="r16")
         e.add_adapter("r16", "base", paths["r16"])  # can be loaded again
@@ -183,7 +183,7 @@ def test_slots_are_views_into_the_arena_adapter_region(lora_setup):
     base, paths = lora_setup
     e = _engine(base, paths, max_loras_on_device=3)
     try:
-        arena, slots = e.arena, e.core.workers["base"].slots
+        arena, slots = e.local.arena, e.local.core.workers["base"].slots
         lo = arena.adapters.data_ptr()
         hi = lo + arena.adapter_bytes
         assert arena.weights.data_ptr() + arena.weight_bytes == lo  # the region, not KV
@@ -217,15 +217,15 @@ def test_adapter_space_returns_when_the_base_or_its_last_adapter_goes(lora_setup
     try:
         e.add_model("a", base)
         e.add_model("b", base)
-        arena = e.arena
+        arena = e.local.arena
         e.add_adapter("r4", "a", paths["r4"])
         with pytest.raises(AdapterError, match="adapter region"):
             e.add_adapter("r8", "b", paths["r8"])
-        assert e.adapters == {"r4": "a"} and e.core.workers["b"].slots is None
+        assert e.adapters == {"r4": "a"} and e.local.core.workers["b"].slots is None
         assert list(arena.adapter_owners) == ["a"]
         e.check_integrity()
         e.remove_adapter("r4")  # a's last adapter: its range goes back
-        assert arena.adapter_owners == {} and e.core.workers["a"].slots is None
+        assert arena.adapter_owners == {} and e.local.core.workers["a"].slots is None
         assert arena.adapter_slabs.num_free_bytes == arena.adapter_bytes
         e.add_adapter("r8", "b", paths["r8"])
         with pytest.raises(AdapterError, match="adapter region"):
@@ -249,11 +249,11 @@ def test_too_small_adapter_region_refuses_cleanly(lora_setup):
     try:
         with pytest.raises(AdapterError, match=r"adapter slots.*adapter region.*adapter_bytes"):
             e.add_adapter("r4", "base", paths["r4"])
-        worker = e.core.workers["base"]
-        assert e.adapters == {} and not e.core.adapters.refs
+        worker = e.local.core.workers["base"]
+        assert e.adapters == {} and not e.local.core.adapters.refs
         assert worker.slots is None and worker.adapter_targets == {}
-        assert e.arena.adapter_owners == {}
-        assert e.arena.adapter_slabs.num_free_bytes == e.arena.adapter_bytes
+        assert e.local.arena.adapter_owners == {}
+        assert e.local.arena.adapter_slabs.num_free_bytes == e.local.arena.adapter_bytes
         e.check_integrity()
         with pytest.raises(RequestError, match="not loaded"):
             e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="r4")

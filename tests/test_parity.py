@@ -33,7 +33,7 @@ def test_batch_of_mixed_lengths_matches_transformers(tiny_models, variant):
             assert list(out.token_ids) == ref
             assert out.finish_reason == ("stop" if ref[-1] == 2 else "length")
         engine.check_integrity()
-        assert engine.kv.pages.num_used_pages == 0
+        assert engine.local.kv.pages.num_used_pages == 0
     finally:
         engine.shutdown()
 
@@ -51,7 +51,7 @@ def _run_to_end(core, arrivals=None):
     arrivals = dict(arrivals or {})
     while core.has_work() or arrivals:
         for prompt_id, ids in arrivals.pop(step, []):
-            core.add_request(EngineRequest(str(prompt_id), "m", ids, GREEDY))
+            core.enqueue(EngineRequest(str(prompt_id), "m", ids, GREEDY))
         for out in log.add(core.step()):
             finals[int(out.request_id)] = log.tokens[out.request_id]
         core.check_integrity()
@@ -89,7 +89,7 @@ def test_preemption_by_recompute_keeps_tokens_exact(tiny_models):
     assert core.workers["m"].block_tokens == 8
     seqs = []
     for i, ids in enumerate(prompts):
-        core.add_request(EngineRequest(str(i), "m", ids, GREEDY))
+        core.enqueue(EngineRequest(str(i), "m", ids, GREEDY))
         seqs.append(core.requests[str(i)].seq)
     finals = _run_to_end(core)
     assert sum(s.num_preemptions for s in seqs) > 0

@@ -109,8 +109,8 @@ def test_interleaved_models_through_a_one_model_arena(tiny_models):
         per_model, mixed = generate_interleaved(e, prompts, params)
         assert per_model == want
         assert mixed == [t for v in VARIANTS for t in want[v]]
-        assert e.weights.num_swaps >= len(VARIANTS) + 1  # models really were swapped
-        assert len(e.weights.resident) == 1
+        assert e.local.weights.num_swaps >= len(VARIANTS) + 1  # models really were swapped
+        assert len(e.local.weights.resident) == 1
         e.check_integrity()
     finally:
         e.shutdown()
@@ -121,20 +121,20 @@ def test_remove_model_with_requests_in_flight(tiny_models):
     try:
         prompt = random_prompts(1, 5, 5)[0]
         params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-        with e._lock:  # drive the core by hand for a deterministic interleaving
-            core = e.core
+        with e.local._lock:  # drive the core by hand for a deterministic interleaving
+            core = e.local.core
             log = DeltaLog()
-            core.add_request(EngineRequest("x", "qwen2", prompt, params))
-            core.add_request(EngineRequest("y", "llama", prompt, params))
+            core.enqueue(EngineRequest("x", "qwen2", prompt, params))
+            core.enqueue(EngineRequest("y", "llama", prompt, params))
             for _ in range(3):
                 log.add(core.step())
             core.remove_model("qwen2")
             with pytest.raises(RequestError, match="not loaded"):
-                core.add_request(EngineRequest("z", "qwen2", prompt, params))
+                core.enqueue(EngineRequest("z", "qwen2", prompt, params))
             while core.has_work():
                 log.add(core.step())
             assert log.final["x"].finish_reason == "length" and len(log.tokens["x"]) == 40
-            assert "qwen2" not in core.workers and "qwen2" not in e.weights.entries
+            assert "qwen2" not in core.workers and "qwen2" not in e.local.weights.entries
             core.check_integrity()
         assert e.models == ["llama", "qwen3"]
         with pytest.raises(RequestError):
@@ -142,7 +142,7 @@ def test_remove_model_with_requests_in_flight(tiny_models):
         e.add_model("qwen2", tiny_models("qwen2"))  # and back again
         assert len(e.generate(prompt, SamplingParams(max_tokens=3), model="qwen2")) == 1
         e.check_integrity()
-        assert e.kv.pages.num_used_pages == 0
+        assert e.local.kv.pages.num_used_pages == 0
     finally:
         e.shutdown()
 

@@ -179,7 +179,7 @@ def test_prefetched_models_give_the_same_tokens_as_each_model_alone(tiny_models)
             per_model, mixed = generate_interleaved(e, prompts, params)
             assert per_model == want
             assert mixed == [t for v in VARIANTS for t in want[v]]
-            assert e.weights.num_prefetches > 0, policy
+            assert e.local.weights.num_prefetches > 0, policy
             e.check_integrity()
         finally:
             e.shutdown()
@@ -191,14 +191,14 @@ def test_fcfs_prefetches_the_next_head_and_the_switch_waits_for_no_copy(tiny_mod
         params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
         prompt = random_prompts(1, 5, 5)[0]
         order = ("qwen3", "llama", "qwen2")  # each prefetch finds a slab that fits
-        with e._lock:  # drive the core by hand: one request each, in this order
-            core = e.core
+        with e.local._lock:  # drive the core by hand: one request each, in this order
+            core = e.local.core
             for i, v in enumerate(order):
-                core.add_request(EngineRequest(str(i), v, prompt, params))
+                core.enqueue(EngineRequest(str(i), v, prompt, params))
             while core.has_work():
                 core.step()
                 core.check_integrity()
-        w = e.weights
+        w = e.local.weights
         # qwen3 runs first; llama, then qwen2 (evicting qwen3) are copied while the model
         # before them runs
         assert w.num_prefetches == 2 and w.prefetch_hits == 2 and w.prefetch_wasted == 0
@@ -216,7 +216,7 @@ def test_prefetch_off_copies_only_when_a_step_needs_the_model(tiny_models):
     try:
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         e.generate(random_prompts(3, 5, 5), params, model=list(VARIANTS))
-        assert e.weights.num_prefetches == 0 and e.weights.num_swaps >= 3
+        assert e.local.weights.num_prefetches == 0 and e.local.weights.num_swaps >= 3
         e.check_integrity()
     finally:
         e.shutdown()

@@ -85,7 +85,7 @@ def test_drop_forgets_a_model_or_an_adapter():
 # ---- the engine ------------------------------------------------------------------------------
 def _record_rows(engine, model="m"):
     """Wrap the model's execute: every step's rows (token count, pages) land in the list."""
-    worker = engine.core.workers[model]
+    worker = engine.local.core.workers[model]
     rows, execute = [], worker.execute
 
     def recording(batch):
@@ -105,7 +105,7 @@ def _shared_prompts(n: int, prefix_len: int, seed: int = 0) -> list[list[int]]:
 def test_same_prompt_shares_full_pages_and_computes_only_the_rest(tiny_models):
     engine = make_engine(tiny_models("llama"), kv_page_bytes=PAGE)
     try:
-        bt = engine.core.workers["m"].block_tokens
+        bt = engine.local.core.workers["m"].block_tokens
         prompt = random_prompts(1, 22, 22, seed=3)[0]  # 5 full pages of 4 and 2 tokens
         rows = _record_rows(engine)
         first = engine.generate([prompt], GREEDY)[0]
@@ -119,7 +119,7 @@ def test_same_prompt_shares_full_pages_and_computes_only_the_rest(tiny_models):
         stats = engine.stats()
         assert stats["models"]["m"]["prefix_cache_hits"] == 5 * bt
         assert stats["models"]["m"]["prefix_cache_queries"] == 44
-        engine.core.check_integrity()
+        engine.local.core.check_integrity()
     finally:
         engine.shutdown()
 
@@ -159,7 +159,7 @@ def test_adapters_and_salts_share_nothing(tiny_models, tmp_path):
         assert salted.cached_tokens == 0 and salted.token_ids == outs["a"].token_ids
         assert engine.generate([prompt], GREEDY, model="a",
                                cache_salt="tenant:x")[0].cached_tokens == 16
-        engine.core.check_integrity()
+        engine.local.core.check_integrity()
     finally:
         engine.shutdown()
 
@@ -182,8 +182,8 @@ def _run_workload(folder, caching: bool, tmp_path=None, **engine_opts):
         long = prompts[0] + random_prompts(1, 40, 40, seed=8)[0]
         out += [list(o.token_ids) for o in engine.generate([long, long], GREEDY)]
         cached = engine.stats()["models"]["m"]["prefix_cache_hits"]
-        engine.core.check_integrity()
-        return out, cached, engine.core.scheduler.num_preemptions
+        engine.local.core.check_integrity()
+        return out, cached, engine.local.core.scheduler.num_preemptions
     finally:
         engine.shutdown()
 
@@ -220,8 +220,8 @@ def test_interleaved_models_keep_their_own_caches(tiny_models):
         assert [o.cached_tokens for o in first] == [0, 0]
         assert all(o.cached_tokens > 0 for o in again)
         engine.remove_model("y")
-        assert all(e.model == "x" for e in engine.kv.pages.entries())  # y's cache is gone
-        engine.core.check_integrity()
+        assert all(e.model == "x" for e in engine.local.kv.pages.entries())  # y's cache is gone
+        engine.local.core.check_integrity()
     finally:
         engine.shutdown()
 
@@ -234,9 +234,9 @@ def test_removing_an_adapter_drops_its_cache_and_aborts_leave_nothing(tiny_model
         prompt = random_prompts(1, 20, 20, seed=10)[0]
         engine.generate([prompt], GREEDY, model="a")
         engine.generate([prompt], GREEDY, model="m")
-        assert {e.adapter for e in engine.kv.pages.entries()} == {"a", None}
+        assert {e.adapter for e in engine.local.kv.pages.entries()} == {"a", None}
         engine.remove_adapter("a")
-        assert {e.adapter for e in engine.kv.pages.entries()} == {None}
+        assert {e.adapter for e in engine.local.kv.pages.entries()} == {None}
         # a re-added adapter of the same name is other weights: no stale hit
         engine.add_adapter("a", "m", make_peft_adapter(folder, tmp_path / "a2", 4, ["q_proj"],
                                                        seed=3))
@@ -244,9 +244,9 @@ def test_removing_an_adapter_drops_its_cache_and_aborts_leave_nothing(tiny_model
         long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
         rid = engine.add_request(prompt, long, model="m")
         engine.abort(rid)
-        engine.core.check_integrity()
+        engine.local.core.check_integrity()
         assert engine.reset_prefix_cache() > 0
-        assert engine.kv.pages.num_used_pages == 0
-        assert engine.kv.pages.num_free_pages == engine.kv.pages.num_pages
+        assert engine.local.kv.pages.num_used_pages == 0
+        assert engine.local.kv.pages.num_free_pages == engine.local.kv.pages.num_pages
     finally:
         engine.shutdown()

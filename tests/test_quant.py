@@ -108,7 +108,7 @@ def test_int8_forward_is_the_dequantized_model(tmp_path, variant):
     folder = make_tiny_model(tmp_path / variant, variant)
     engine = make_engine(folder, "q", quantization="int8")
     try:
-        worker = engine.core.workers["q"]
+        worker = engine.local.core.workers["q"]
         worker.make_resident()
         batch = build_batch(_rows(worker), worker.block_tokens, worker.device)
         got = worker.model.forward(batch, worker.kv_view)
@@ -127,7 +127,7 @@ def test_adapters_on_an_int8_base(tmp_path):
     engine = make_engine(folder, "q", quantization="int8")
     try:
         engine.add_adapter("a", "q", ad)
-        worker = engine.core.workers["q"]
+        worker = engine.local.core.workers["q"]
         worker.make_resident()
         rows = _rows(worker, adapter="a")
         batch = build_batch(rows, worker.block_tokens, worker.device)
@@ -240,12 +240,12 @@ def test_gguf_q8_0_file_loads_and_requantizes(tmp_path):
         engine.add_model("g8", path, quantization="int8")  # Q8_0 -> one scale per row
         converted = list((engine.config.home / "models").glob("tiny.Q8_0-*"))
         assert len(converted) == 1
-        worker = engine.core.workers["g8"]
+        worker = engine.local.core.workers["g8"]
         worker.make_resident()
         batch = build_batch(_rows(worker), worker.block_tokens, worker.device)
         q8 = worker.model.forward(batch, worker.kv_view)
-        engine.core.workers["g"].make_resident()
-        ref = engine.core.workers["g"].model.forward(batch, worker.kv_view)
+        engine.local.core.workers["g"].make_resident()
+        ref = engine.local.core.workers["g"].model.forward(batch, worker.kv_view)
         # the requantization's loss, bounded (the tiny model's 0.5-scale weights amplify it)
         assert (q8 - ref).abs().max() < 0.15 * ref.abs().max()
     finally:

@@ -35,7 +35,7 @@ def _run(engine, requests: list[EngineRequest]) -> dict[str, list[int]]:
                         done.set()
         return sink
 
-    engine.submit(requests, [sink_for(r.request_id) for r in requests])
+    engine.local.submit(requests, [sink_for(r.request_id) for r in requests])
     assert done.wait(timeout=120)
     for r in requests:  # a resumed request's first new token has index K
         assert first[r.request_id] == len(r.delivered_token_ids)

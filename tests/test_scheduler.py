@@ -29,8 +29,8 @@ def _advance(s, out, sampled_token=7):
 def test_chunked_prefill_respects_the_token_budget():
     s = _scheduler(max_num_batched_tokens=10)
     a, b = _seq(0, 7), _seq(1, 9)
-    s.add_request(a)
-    s.add_request(b)
+    s.enqueue(a)
+    s.enqueue(b)
     out = s.schedule()
     assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 7), ("1", 3)]
     assert out.scheduled[0].samples and not out.scheduled[1].samples
@@ -44,7 +44,7 @@ def test_chunked_prefill_respects_the_token_budget():
 def test_max_num_seqs_caps_the_batch():
     s = _scheduler(max_num_seqs=2)
     for i in range(4):
-        s.add_request(_seq(i, 3))
+        s.enqueue(_seq(i, 3))
     assert len(s.schedule().scheduled) == 2
 
 
@@ -52,7 +52,7 @@ def test_newest_running_sequence_is_preempted_and_requeued_first():
     s = _scheduler(num_pages=3, block_tokens=4)
     seqs = [_seq(i, 4) for i in range(3)]
     for q in seqs:
-        s.add_request(q)
+        s.enqueue(q)
     out = s.schedule()  # 3 pages used, each prompt fills its page exactly
     assert len(out.scheduled) == 3
     _advance(s, out)
@@ -69,14 +69,14 @@ def test_newest_running_sequence_is_preempted_and_requeued_first():
 def test_finish_frees_pages_wherever_the_sequence_is():
     s = _scheduler()
     a, b = _seq(0, 5), _seq(1, 5)
-    s.add_request(a)
-    s.add_request(b)
+    s.enqueue(a)
+    s.enqueue(b)
     s.schedule()
     s.finish(a, "abort")
     s.finish(a, "abort")  # twice is safe
     assert a.status is Status.FINISHED and a.pages == []
     c = _seq(2, 3)
-    s.add_request(c)
+    s.enqueue(c)
     s.finish(c, "abort")  # still waiting
     assert s.pages.num_used_pages == len(b.pages)
     assert not s.waiting["m"]
@@ -86,8 +86,8 @@ def test_oldest_request_picks_the_model():
     s = Scheduler(SchedulerConfig(), PagePool(10))
     s.add_model("a", 4)
     s.add_model("b", 4)
-    s.add_request(Sequence("x", "b", [1], SamplingParams(), 1.0, 99))
-    s.add_request(Sequence("y", "a", [1], SamplingParams(), 2.0, 99))
+    s.enqueue(Sequence("x", "b", [1], SamplingParams(), 1.0, 99))
+    s.enqueue(Sequence("y", "a", [1], SamplingParams(), 2.0, 99))
     assert s.schedule().model == "b"
 
 
@@ -111,7 +111,7 @@ def _two_models(num_pages, running_b):
     bs = [Sequence(f"b{i}", "b", list(range(8)), SamplingParams(), float(i), 99)
           for i in range(running_b)]
     for q in bs:
-        s.add_request(q)
+        s.enqueue(q)
     _advance(s, s.schedule())
     s.policy.model = "a"
     return s, bs
@@ -120,7 +120,7 @@ def _two_models(num_pages, running_b):
 def test_other_models_kv_is_swapped_out_when_the_running_model_needs_pages():
     s, (b0, b1) = _two_models(5, 2)
     a = Sequence("a", "a", list(range(8)), SamplingParams(), 5.0, 99)
-    s.add_request(a)
+    s.enqueue(a)
     out = s.schedule()  # a needs 2 pages, 1 is free: the newest of b's KV goes to host pages
     assert out.model == "a" and [q.request_id for q in out.preempted] == ["b1"]
     assert len(out.swap_out) == 2 and not out.swap_in
@@ -135,7 +135,7 @@ def test_a_swap_in_never_shares_a_step_with_a_swap_out():
     a = Sequence("a", "a", list(range(8)), SamplingParams(), 5.0, 99)
     a.num_computed_tokens, a.output_token_ids = 8, [7]
     a.host_pages = s.host_pages.allocate(2)  # a was swapped out earlier
-    s.add_request(a)
+    s.enqueue(a)
     out = s.schedule()  # a needs 3 pages, 1 is free: b0 is evicted by recompute
     assert [x.seq.request_id for x in out.scheduled] == ["a"]
     assert len(out.swap_in) == 2 and not out.swap_out
@@ -163,10 +163,10 @@ def test_running_streams_advance_every_step_while_long_prompts_are_admitted():
                    max_prefill_tokens_while_decoding=64)
     streams = [_tseq(i, 5) for i in range(4)]
     for q in streams:
-        s.add_request(q)
+        s.enqueue(q)
     _run(s, 2)  # prefilled, now decoding
     for i in range(10):
-        s.add_request(_tseq(10 + i, 400))
+        s.enqueue(_tseq(10 + i, 400))
     for out in _run(s, 30):
         decoding = {x.seq.request_id for x in out.scheduled if x.is_decode}
         assert {q.request_id for q in streams} <= decoding  # every step: k = 1
@@ -177,10 +177,10 @@ def test_running_streams_advance_every_step_while_long_prompts_are_admitted():
 def test_a_short_prompt_is_not_split_while_streams_decode():
     s = _scheduler(num_pages=2000, max_num_batched_tokens=512,
                    max_prefill_tokens_while_decoding=32)
-    s.add_request(_tseq(0, 5))
+    s.enqueue(_tseq(0, 5))
     _run(s, 2)  # decoding
-    s.add_request(_tseq(1, 50))  # more than the cap, less than twice: whole
-    s.add_request(_tseq(2, 50))  # would make the step's prompt tokens exceed twice the cap
+    s.enqueue(_tseq(1, 50))  # more than the cap, less than twice: whole
+    s.enqueue(_tseq(2, 50))  # would make the step's prompt tokens exceed twice the cap
     out = s.schedule()
     assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 1),
                                                                              ("1", 50)]
@@ -218,11 +218,11 @@ def test_the_cost_of_a_prompt_token_leaves_out_the_decode_rows():
 def test_each_tenant_with_waiting_work_gets_its_share_of_batch_slots():
     s = _scheduler(num_pages=1000, max_num_seqs=8)
     for i in range(20):
-        s.add_request(_tseq(i, 6, tenant="flood"))
+        s.enqueue(_tseq(i, 6, tenant="flood"))
     _run(s, 3)
     assert len(s.running["m"]) == 8
     for i in range(3):
-        s.add_request(_tseq(100 + i, 6, tenant="quiet"))
+        s.enqueue(_tseq(100 + i, 6, tenant="quiet"))
     out = s.schedule()
     _advance(s, out)
     tenants = Counter(x.seq.tenant for x in out.scheduled)
@@ -235,15 +235,15 @@ def test_each_tenant_with_waiting_work_gets_its_share_of_batch_slots():
 def test_a_quiet_tenant_is_admitted_before_a_flood_that_came_first():
     s = _scheduler(max_num_seqs=2)
     for i in range(6):
-        s.add_request(_tseq(i, 4, tenant="flood"))
-    s.add_request(_tseq(50, 4, tenant="quiet"))
+        s.enqueue(_tseq(i, 4, tenant="flood"))
+    s.enqueue(_tseq(50, 4, tenant="quiet"))
     assert [x.seq.request_id for x in s.schedule().scheduled] == ["0", "50"]
 
 
 def test_running_sequences_left_out_for_want_of_budget_go_first_next_step():
     s = _scheduler(max_num_batched_tokens=24, max_num_seqs=6)
     for i in range(6):
-        s.add_request(_tseq(i, 4))
+        s.enqueue(_tseq(i, 4))
     _run(s, 1)  # all six prefilled (24 tokens), now decoding
     s.config = SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=6)
     ran = [{x.seq.request_id for x in out.scheduled} for out in _run(s, 6)]
@@ -259,9 +259,9 @@ def test_no_fairness_preemption_for_a_sequence_that_could_not_run():
     s.add_model("m", 4, max_adapters=1)
     flood = [_tseq(0, 4, "A", "x"), _tseq(1, 100, "A", "x")]
     for q in flood:
-        s.add_request(q)
+        s.enqueue(q)
     _run(s, 8)
-    s.add_request(_tseq(2, 4, "B", "y"))
+    s.enqueue(_tseq(2, 4, "B", "y"))
     for out in _run(s, 8):
         assert not out.preempted
     assert flood[1].num_preemptions == 0 and len(flood[1].output_token_ids) > 1

@@ -94,7 +94,7 @@ def test_arrivals_and_preemption_match_transformers(smollm2_path, reference):
     finals, step, seqs, log = {}, 0, [], DeltaLog()
     while core.has_work() or arrivals:
         for i in arrivals.pop(step, []):
-            core.add_request(EngineRequest(str(i), "m", ids[i], params))
+            core.enqueue(EngineRequest(str(i), "m", ids[i], params))
             seqs.append(core.requests[str(i)].seq)
         for out in log.add(core.step()):
             finals[int(out.request_id)] = log.tokens[out.request_id]
@@ -159,7 +159,7 @@ def test_interleaved_with_tiny_models_in_a_one_model_arena(smollm2_path, referen
             expected.append(want[i] if n == "smol" else tiny_want[n][i])
         outs = engine.generate(prompts, params, model=names)
         assert [list(o.token_ids) for o in outs] == expected
-        w = engine.weights
+        w = engine.local.weights
         assert w.num_swaps + w.prefetch_hits >= 3  # copied in, waited for or prefetched
         engine.check_integrity()
     finally:

@@ -17,7 +17,7 @@ def test_the_step_loop_uses_the_engine_s_threads_and_helpers_one(tiny_models, mo
     seen = {}
     engine = make_engine(tiny_models("llama"), threads=3)
     try:
-        worker = engine.core.workers["m"]
+        worker = engine.local.core.workers["m"]
         execute = worker.execute
 
         def recording(rows):
@@ -26,7 +26,7 @@ def test_the_step_loop_uses_the_engine_s_threads_and_helpers_one(tiny_models, mo
 
         worker.execute = recording
         engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
-        assert engine.threads == 3 and seen["loop"] == 3
+        assert engine.local.threads == 3 and seen["loop"] == 3
 
         from gpupool.engine import local
 
