@@ -60,6 +60,12 @@ class TorchOps:
     name = "torch"
     triton = False  # Triton kernels for attention, SGMV and int8 products
     capture_safe = False  # a CUDA step reads nothing back to the host (CUDA graphs)
+    packs_weights = True  # the products read weights packed for oneDNN (LlamaModel.pack_weights)
+    # every op of a step computes a row's result in an order that depends only on that row
+    # and the op's shape (never on the step's other rows, its chunking or the cache): a
+    # request's tokens are the same whatever shares its steps (README: "Same request, same
+    # tokens"). torch's CPU and CUDA products choose kernels by the number of rows: no claim
+    batch_invariant = False
 
     def __init__(self, reference_only: bool = False, fused_lora: bool = False):
         """``reference_only``: the reference attention too; ``fused_lora``: LoRA terms
@@ -217,21 +223,29 @@ class NativeOps(TorchOps):
 
     name = "native"
 
-    def __init__(self):
+    def __init__(self, head_dim: int = 0):
         super().__init__(fused_lora=True)
         self._cache = _NativeCache()
+        self._attention_invariant = native.has_prefill_attention(head_dim)
+        self.batch_invariant = native.has_gemv() and self._attention_invariant
 
     def bind(self, model) -> None:
         self._cache = _NativeCache()
+        # every product native (the int8 one is AVX-512 only) and attention through the prefill
+        # kernel for decode rows too (AVX-512 BF16, head_dim % 16 == 0)
+        self.batch_invariant = (native.has_gemv() and self._attention_invariant
+                                and (not model.int8 or native.has_gemv_int8()))
+
+    @property
+    def packs_weights(self) -> bool:
+        return not native.has_gemv()  # the native products read the plain weights
 
     def plan(self, model, batch) -> StepPlan:
-        # a few rows: the GEMVs on the plain weights (faster than oneDNN there; the int8 one
-        # than torch's int8 products for more rows)
-        rows = batch.num_tokens
-        if model.int8:
-            gemv = rows <= native.GEMV_INT8_MAX_ROWS and native.has_gemv_int8()
-        else:
-            gemv = rows <= native.gemv_max_rows()
+        # every step, of 1 row or 1000, through the native products on the plain weights: a
+        # row's sums have one order whatever shares its step (batch invariance; tiled, they
+        # keep up with oneDNN's GEMM, native.c); torch's where they do not read the weights
+        # (int8 on a CPU without AVX-512)
+        gemv = native.has_gemv_int8() if model.int8 else native.has_gemv()
         return StepPlan(model.plain if gemv else model.layers, model.rope, gemv=gemv)
 
     def _whole_step_inputs(self, model, kv_layers):
@@ -245,9 +259,9 @@ class NativeOps(TorchOps):
         return c.table, c.ends, c.kv[1]
 
     def decode_step(self, model, batch, plan, kv_layers, lora) -> torch.Tensor | None:
-        """Every layer of a decode step of a few rows in one call (``native.decode_layers``),
-        with the embedding and the head when every row samples; None where it does not
-        apply (prefill rows, more rows than the GEMVs take, a weight it cannot read)."""
+        """Every layer of a decode step in one call (``native.decode_layers``), with the
+        embedding and the head when every row samples; None where it does not apply
+        (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
         if not plan.gemv or batch.num_prefill_seqs or (lora is not None
                                                        and lora.native is None):
             return None
@@ -336,7 +350,7 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     if (cpu_bf16 and not cfg.qk_norm
             and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)):
-        return NativeOps()
+        return NativeOps(cfg.head_dim)
     return TorchOps(fused_lora=cpu_bf16)
 
 

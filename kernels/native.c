@@ -295,102 +295,22 @@ static inline const uint16_t *token_row(const uint16_t *cache, const int32_t *ta
 
 /* Paged decode attention, one query row per sequence: for sequence b and query head h (KV head
  * h / (nq / nkv)), out = softmax(q . K^T * scale) V over its context_lens[b] cached tokens.
- * Scores and softmax in float32, probabilities rounded to bf16, the weighted sum of V in
- * float32, rounded once (as kernels/decode.py; torch's flash attention instead rounds exp(s -
- * max) and divides at the end: 0.00084 against 0.00092 mean KL from fp32 on SmolLM2, but
- * 77 against 86 of 96 greedy tokens like transformers' bf16 on the tests' tiny model). Each
- * page is read in place, once per KV head. q: rows of ldq elements ([nq][D] at the start); out: [B][nq][D] contiguous. */
+ * Where the prefill kernel is built (AVX-512 BF16, D % 16 == 0) a row is a one-row query of
+ * it (prefill_item: keys in blocks of PA_KB from token 0, an online softmax), so a token's
+ * attention does not depend on whether a prefill chunk or a decode step computes it, nor on
+ * where a chunk starts. Elsewhere the portable loops below: scores and softmax in float32,
+ * probabilities rounded to bf16, the weighted sum of V in float32, rounded once (as
+ * kernels/decode.py). q: rows of ldq elements ([nq][D] at the start); out: [B][nq][D]
+ * contiguous. */
+
 #ifdef __AVX512BF16__
-/* decode_attention_body's (b, g) item for head dims of 16's multiples: the same arithmetic as
- * the loops below it, vectorised: each block of 16 tokens' K transposed once (bf16 pairs of
- * dims, [D/2][16]) so a query head's 16 scores are D/2 broadcast BF16 dot products (exact
- * products, float32 sums); softmax over 16 lanes at a time (the polynomial exp512); each block
- * of 16 tokens' V widened to float32 once for all the group's heads. scores: group * L16
- * floats (L16: len rounded up to 16). */
-static void decode_item_fast(const uint16_t *q, int64_t group, int64_t D,
-                             const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
-                             int64_t bt, int64_t nkv, int64_t g, const int32_t *table,
-                             int64_t len, float scale, uint16_t *o, float *scores) {
-    int64_t L16 = (len + 15) / 16 * 16;
-    float vf[16 * MAX_HEAD_DIM];
-    __m512 mxv[MAX_GROUP];
-    for (int64_t j = 0; j < group; j++) mxv[j] = _mm512_set1_ps(-INFINITY);
-    int64_t chunks = (D + 31) / 32;  /* 32 dims a vector; the last one maybe 16 */
-    __mmask32 last = D % 32 ? (__mmask32)0xffff : (__mmask32)0xffffffffu;
-    int64_t full = D / 32;  /* unmasked vectors */
-    int64_t row = nkv * D, page = 0, off = 0;  /* token t0 + kk's page and slot, walked */
-    for (int64_t t0 = 0; t0 < len; t0 += 16) {  /* pass 1: scores */
-        int64_t nb = len - t0 < 16 ? len - t0 : 16;
-        __mmask16 mk = nb == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nb) - 1);
-        const uint16_t *kr[16];
-        for (int64_t kk = 0; kk < 16; kk++) {
-            kr[kk] = k_cache + (int64_t)table[page] * ps + off * row + g * D;
-            if (kk < nb - 1 && ++off == bt) { off = 0; page++; }
-        }
-        if (++off == bt) { off = 0; page++; }  /* past the block's last token */
-        for (int64_t j = 0; j < group; j++) {
-            const uint16_t *qj = q + j * D;
-            __m512bh qv[MAX_HEAD_DIM / 32];
-            for (int64_t c = 0; c < chunks; c++)
-                qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(
-                    c == chunks - 1 ? last : (__mmask32)0xffffffffu, qj + 32 * c);
-            __m512 v[16];
-            for (int64_t kk = 0; kk < 16; kk++) {
-                const uint16_t *k = kk < nb ? kr[kk] : kr[0];  /* past the end: masked */
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t c = 0; c < full; c++)
-                    a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
-                if (full < chunks)  /* D % 32 == 16: never read past the row (stale NaN) */
-                    a = _mm512_dpbf16_ps(a, qv[full], (__m512bh)_mm512_maskz_loadu_epi16(
-                        last, k + 32 * full));
-                v[kk] = a;
-            }
-            __m512 sv = _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale));
-            mxv[j] = _mm512_mask_max_ps(mxv[j], mk, mxv[j], sv);
-            _mm512_storeu_ps(scores + j * L16 + t0, _mm512_maskz_mov_ps(mk, sv));
-        }
-    }
-    for (int64_t j = 0; j < group; j++) {  /* softmax, probabilities rounded to bf16 */
-        float *sj = scores + j * L16;
-        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mxv[j])), dsum = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < len; t0 += 16) {
-            int64_t nb = len - t0 < 16 ? len - t0 : 16;
-            __mmask16 mk = nb == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nb) - 1);
-            __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(sj + t0),
-                                                                     m)));
-            dsum = _mm512_add_ps(dsum, e);
-            _mm512_storeu_ps(sj + t0, e);
-        }
-        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(dsum));
-        for (int64_t t0 = 0; t0 < len; t0 += 16)
-            _mm512_storeu_ps(sj + t0, bf16_round_ps(_mm512_mul_ps(_mm512_loadu_ps(sj + t0),
-                                                                  inv)));
-    }
-    float acc[MAX_GROUP * MAX_HEAD_DIM];
-    for (int64_t i = 0; i < group * D; i++) acc[i] = 0.0f;
-    page = off = 0;
-    for (int64_t t0 = 0; t0 < len; t0 += 16) {  /* pass 2: probabilities times V */
-        int64_t nb = len - t0 < 16 ? len - t0 : 16;
-        for (int64_t kk = 0; kk < nb; kk++) {
-            const uint16_t *vr = v_cache + (int64_t)table[page] * ps + off * row + g * D;
-            if (++off == bt) { off = 0; page++; }
-            for (int64_t d = 0; d < D; d += 16)
-                _mm512_storeu_ps(vf + kk * D + d, bf16x16_loadu(vr + d));
-        }
-        for (int64_t j = 0; j < group; j++) {
-            const float *pj = scores + j * L16 + t0;
-            for (int64_t d = 0; d < D; d += 16) {
-                __m512 a = _mm512_loadu_ps(acc + j * D + d);
-                for (int64_t kk = 0; kk < nb; kk++)
-                    a = _mm512_fmadd_ps(_mm512_set1_ps(pj[kk]), _mm512_loadu_ps(vf + kk * D + d),
-                                        a);
-                _mm512_storeu_ps(acc + j * D + d, a);
-            }
-        }
-    }
-    for (int64_t j = 0; j < group; j++)
-        for (int64_t i = 0; i < D; i++) o[j * D + i] = f2bf(acc[j * D + i]);
-}
+#define PA_QT 32
+#define PA_KB 64
+static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
+                         int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
+                         const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
+                         int64_t bt, const int32_t *table, float scale, uint16_t *out,
+                         int64_t ldo, float *buf);
 #endif
 
 static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq,
@@ -406,12 +326,14 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
             const int32_t *table = block_tables + b * ldt;
 #ifdef __AVX512BF16__
             if (D % 16 == 0) {
-                float *sc = malloc(sizeof(float) * (size_t)(group * ((len + 15) / 16 * 16)));
-                if (!sc) continue;  /* native.py never asks for more than memory holds */
-                decode_item_fast(q + b * ldq + g * group * D, group, D, k_cache, v_cache,
-                                 page_stride, bt, nkv, g, table, len, scale,
-                                 out + (b * nq + g * group) * D, sc);
-                free(sc);
+                /* the prefill kernel's arithmetic, a query of one row: a token's attention is
+                 * the same whether it is computed in a prefill chunk or as a decode row (batch
+                 * invariance; decode_item_fast's order differs) */
+                float *buf = malloc(sizeof(float) * (size_t)(group * (D + 2) + D * PA_KB));
+                if (!buf) continue;  /* native.py never asks for more than memory holds */
+                prefill_item(q, ldq, b, 0, 1, len - 1, g, group, nkv, D, k_cache, v_cache,
+                             page_stride, bt, table, scale, out, nq * D, buf);
+                free(buf);
                 continue;
             }
 #endif
@@ -491,9 +413,6 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
  * bf16 for the product with V (as torch's flash attention does), their sum taken of the
  * rounded values; the output divided once and rounded to bf16. */
 #ifdef __AVX512BF16__
-#define PA_QT 32
-#define PA_KB 64
-
 /* one work item: rows [r0, r0 + nr) of sequence s (relative row i: token past + i), KV head g.
  * buf: nr * group * (D + 2) floats of state, then the K and V blocks */
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
@@ -659,31 +578,35 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
 #endif
 }
 
-/* y[m] = bf16(x[m] . W[n] (+ bias[n])) for a few rows m of x: a bf16 matrix-vector product
- * that reads W [N][K] (row stride ldw) once, row after row (one sequential stream per thread:
- * the hardware prefetcher follows it; oneDNN's blocked GEMV reached 18 GB/s on the project's
- * machine where this reaches 27-30), each thread a contiguous share of the rows.
+/* y[m] = bf16(x[m] . W[n] (+ bias[n])) for any number of rows m of x: the bf16 product of the
+ * linear layers, the same sums for a row whether the step has 1 row or 1000 (batch
+ * invariance: a request's tokens do not depend on what shares its step).
  *
- * Semantics (one summation order, whichever build runs it): a row's dot product is 16 float32
- * lanes times 4 accumulators; element k = 32 c + 2 j + e (chunk c, lane j, e = 0 even, 1 odd)
- * goes to lane j of accumulator c % 4 for the chunks of the whole 128-element blocks, to
- * accumulator 0 for the remaining whole chunks and to accumulator 1 for a last partial chunk
- * (zero-padded). A lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs that are
- * denormal count as zero, lane = ftz(fma(x_odd, w_odd, lane)), then
- * lane = ftz(fma(x_even, w_even, lane)) (bf16 x bf16 products are exact in float32). Then the
- * 4 accumulators are added lane-wise as (a0 + a1) + (a2 + a3) and the 16 lanes reduced by
- * gemv_hsum's fixed tree, the bias added (all under DAZ/FTZ), rounded to bf16 once.
+ * Semantics (one summation order, whichever build and whichever tile computes it): a row's
+ * dot product is one accumulator of 16 float32 lanes; element k = 32 c + 2 j + e (chunk c,
+ * lane j, e = 0 even, 1 odd) goes to lane j, chunk after chunk, the last chunk zero-padded. A
+ * lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs that are denormal count
+ * as zero, lane = ftz(fma(x_odd, w_odd, lane)), then lane = ftz(fma(x_even, w_even, lane))
+ * (bf16 x bf16 products are exact in float32). Then the 16 lanes are reduced by one fixed
+ * tree (gemv_hsum's), the bias added (all under DAZ/FTZ), rounded to bf16 once.
  *
  * Two builds compute exactly that: AVX-512 BF16 (the dot-product instruction itself) and
  * AVX2 + FMA (bf16 pairs split into their even and odd float32 halves by a shift and a mask,
  * two FMAs, MXCSR's DAZ and FTZ bits set around the loop: bit-identical, tested on a CPU that
  * has both), so a worker without AVX-512 continues a request exactly. gp_gemv_features' bit 0
- * says a build has one; elsewhere the caller keeps torch's product. */
+ * says a build has one; elsewhere the caller keeps torch's product.
+ *
+ * How: tiles of GT_M rows of x by GT_N rows of W (each vector loaded serves several
+ * elements; one accumulator an element, all in registers), W's rows in blocks of GT_BLOCK
+ * read from L2 by every row tile; with a few rows (decode) one block (a stream of W per
+ * thread, the hardware prefetcher follows it). Which rows share a tile changes the loads,
+ * never an element's sums. */
 #ifdef HAVE_GEMV_BF16
 #define MXCSR_DAZ_FTZ 0x8040u
 
 /* the 16 lanes' sum in one fixed order: s_i = v_{i+8} + v_i, t_j = s_{j+4} + s_j,
- * (t_0 + t_2) + (t_1 + t_3); the empty asm keeps -ffast-math from reassociating it */
+ * (t_0 + t_2) + (t_1 + t_3); the empty asm keeps -ffast-math from reassociating it (or the
+ * caller's bias into it) */
 static inline float gemv_hsum(__m256 lo, __m256 hi) {
     __m256 s = _mm256_add_ps(hi, lo);
     __asm__("" : "+x"(s));
@@ -692,91 +615,179 @@ static inline float gemv_hsum(__m256 lo, __m256 hi) {
     __m128 u = _mm_add_ps(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));
     __asm__("" : "+x"(u));
     float u0 = _mm_cvtss_f32(u), u1 = _mm_cvtss_f32(_mm_shuffle_ps(u, u, 1));
-    return u0 + u1;
+    float r = u0 + u1;
+    __asm__("" : "+x"(r));
+    return r;
 }
 
 #ifdef __AVX512BF16__
-static inline float gemv_dot(const uint16_t *xm, const uint16_t *w, int64_t K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 128 <= K; k += 128) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xm + k),
-                              (__m512bh)_mm512_loadu_si512(w + k));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(xm + k + 32),
-                              (__m512bh)_mm512_loadu_si512(w + k + 32));
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(xm + k + 64),
-                              (__m512bh)_mm512_loadu_si512(w + k + 64));
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(xm + k + 96),
-                              (__m512bh)_mm512_loadu_si512(w + k + 96));
+#define GT_M 4
+#define GT_N 4
+typedef __m512 gacc_t;
+typedef __m512i gop_t;
+static inline gacc_t gacc_zero(void) { return _mm512_setzero_ps(); }
+static inline gop_t gop_load(const uint16_t *p) { return _mm512_loadu_si512(p); }
+static inline gop_t gop_tail(const uint16_t *p, int64_t n) {
+    return _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
+    return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w);
+}
+static inline float gacc_sum(gacc_t a) {
+    return gemv_hsum(_mm512_castps512_ps256(a),
+                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+/* gemv_hsum's tree for 16 accumulators at once (out[e] = gemv_hsum of v[e]): each level adds
+ * the same lanes as gemv_hsum, gathered from several vectors by shuffles (45 instructions for
+ * 16 sums instead of ~160) */
+static inline __m512 gacc_sum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int p = 0; p < 8; p++) {  /* s: lanes i and i + 8 of v[2p] (low half), v[2p+1] */
+        __m512 lo = _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44);
+        __m512 hi = _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xee);
+        a[p] = _mm512_add_ps(hi, lo);
+        __asm__("" : "+v"(a[p]));
     }
-    for (; k + 32 <= K; k += 32)
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xm + k),
-                              (__m512bh)_mm512_loadu_si512(w + k));
-    if (k < K) {
-        __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mk, xm + k),
-                              (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k));
+    for (int q = 0; q < 4; q++) {  /* t: lanes j and j + 4 of each s; quarter r: v[4q + r] */
+        __m512 lo = _mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0x88);
+        __m512 hi = _mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0xdd);
+        b[q] = _mm512_add_ps(hi, lo);
+        __asm__("" : "+v"(b[q]));
     }
-    __m512 v = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-    __asm__("" : "+v"(v));
-    return gemv_hsum(_mm512_castps512_ps256(v),
-                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    for (int r = 0; r < 2; r++) {  /* t0 + t2, t1 + t3 */
+        __m512 lo = _mm512_shuffle_ps(b[2 * r], b[2 * r + 1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 hi = _mm512_shuffle_ps(b[2 * r], b[2 * r + 1], _MM_SHUFFLE(3, 2, 3, 2));
+        c[r] = _mm512_add_ps(lo, hi);
+        __asm__("" : "+v"(c[r]));
+    }
+    __m512 lo = _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0));
+    __m512 hi = _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1));
+    __m512 r = _mm512_add_ps(lo, hi);  /* lane 4 i + k: v[i + 4 k] */
+    __asm__("" : "+v"(r));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11,
+                                            15);
+    return _mm512_permutexvar_ps(order, r);
 }
 #else
-/* one 32-element chunk into an accumulator's two halves (lanes 0-7: elements 0-15, lanes
- * 8-15: elements 16-31), odd elements first, as vdpbf16ps */
+#define GT_M 2
+#define GT_N 4
 #define GEMV_HI16 _mm256_set1_epi32((int)0xffff0000u)
-static inline void gemv_chunk(const uint16_t *x, const uint16_t *w, __m256 *lo, __m256 *hi) {
-    for (int h = 0; h < 2; h++) {
-        __m256i xv = _mm256_loadu_si256((const void *)(x + 16 * h));
-        __m256i wv = _mm256_loadu_si256((const void *)(w + 16 * h));
-        __m256 *a = h ? hi : lo;
-        *a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(xv, GEMV_HI16)),
-                             _mm256_castsi256_ps(_mm256_and_si256(wv, GEMV_HI16)), *a);
-        *a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(xv, 16)),
-                             _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), *a);
-    }
+typedef struct { __m256 lo, hi; } gacc_t;     /* lanes 0-7, 8-15 */
+typedef struct { __m256i lo, hi; } gop_t;     /* elements 0-15, 16-31 */
+static inline gacc_t gacc_zero(void) {
+    gacc_t a = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    return a;
 }
-
-static inline float gemv_dot(const uint16_t *xm, const uint16_t *w, int64_t K) {
-    __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0,
-           h3 = l0;
-    int64_t k = 0;
-    for (; k + 128 <= K; k += 128) {
-        gemv_chunk(xm + k, w + k, &l0, &h0);
-        gemv_chunk(xm + k + 32, w + k + 32, &l1, &h1);
-        gemv_chunk(xm + k + 64, w + k + 64, &l2, &h2);
-        gemv_chunk(xm + k + 96, w + k + 96, &l3, &h3);
-    }
-    for (; k + 32 <= K; k += 32) gemv_chunk(xm + k, w + k, &l0, &h0);
-    if (k < K) {  /* zero-padded, as the masked load */
-        uint16_t xt[32] = {0}, wt[32] = {0};
-        memcpy(xt, xm + k, 2 * (size_t)(K - k));
-        memcpy(wt, w + k, 2 * (size_t)(K - k));
-        gemv_chunk(xt, wt, &l1, &h1);
-    }
-    __m256 lo = _mm256_add_ps(_mm256_add_ps(l0, l1), _mm256_add_ps(l2, l3));
-    __m256 hi = _mm256_add_ps(_mm256_add_ps(h0, h1), _mm256_add_ps(h2, h3));
-    __asm__("" : "+x"(lo), "+x"(hi));
-    return gemv_hsum(lo, hi);
+static inline gop_t gop_load(const uint16_t *p) {
+    gop_t o = {_mm256_loadu_si256((const void *)p), _mm256_loadu_si256((const void *)(p + 16))};
+    return o;
 }
+static inline gop_t gop_tail(const uint16_t *p, int64_t n) {  /* zero-padded, as a masked load */
+    uint16_t t[32] = {0};
+    memcpy(t, p, 2 * (size_t)n);
+    return gop_load(t);
+}
+/* vdpbf16ps on 8 lanes: odd elements (the high halves) first, then even */
+static inline __m256 gacc_half(__m256 a, __m256i x, __m256i w) {
+    a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(x, GEMV_HI16)),
+                        _mm256_castsi256_ps(_mm256_and_si256(w, GEMV_HI16)), a);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), a);
+}
+static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
+    a.lo = gacc_half(a.lo, x.lo, w.lo);
+    a.hi = gacc_half(a.hi, x.hi, w.hi);
+    return a;
+}
+static inline float gacc_sum(gacc_t a) { return gemv_hsum(a.lo, a.hi); }
 #endif
 
+/* y[m0 .. m0 + MR][n0 .. n0 + NR]: each element's chunks in order into its accumulator */
+static inline __attribute__((always_inline)) void gemm_tile(
+        const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t ldw, int64_t K,
+        const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, const int MR,
+        const int NR) {
+    gacc_t acc[GT_M * GT_N];  /* local, the loops unrolled: kept in registers */
+    const uint16_t *xm = x + m0 * ldx, *wn = W + n0 * ldw;
+    for (int e = 0; e < MR * NR; e++) acc[e] = gacc_zero();
+    int64_t k = 0;
+#define GEMM_STEP(LOAD)                                                                   \
+    do {                                                                                  \
+        gop_t xo[GT_M], wo[GT_N];                                                         \
+        for (int m = 0; m < MR; m++) xo[m] = LOAD(xm + m * ldx);                          \
+        for (int n = 0; n < NR; n++) wo[n] = LOAD(wn + n * ldw);                          \
+        for (int m = 0; m < MR; m++)                                                      \
+            for (int n = 0; n < NR; n++)                                                  \
+                acc[m * NR + n] = gacc_dp(acc[m * NR + n], xo[m], wo[n]);                 \
+    } while (0)
+#define GEMM_AT(p) gop_load((p) + k)
+#define GEMM_TAIL(p) gop_tail((p) + k, K - k)
+    for (; k + 32 <= K; k += 32) GEMM_STEP(GEMM_AT);
+    if (k < K) GEMM_STEP(GEMM_TAIL);
+#undef GEMM_TAIL
+#undef GEMM_AT
+#undef GEMM_STEP
+    float sums[GT_M * GT_N];
+#ifdef __AVX512BF16__
+    if (MR * NR == 16) {  /* a whole tile: the sums, the bias and the rounding 16 at a time */
+        __m512 v = gacc_sum16(acc);
+        if (bias) {  /* lane 4 m + n: bias[n0 + n] */
+            __m128i b4 = _mm_cvtepu16_epi32(_mm_loadl_epi64((const void *)(bias + n0)));
+            v = _mm512_add_ps(v, _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(b4, 16))));
+        }
+        /* round to nearest even as f2bf (NaN kept quiet; no denormal: FTZ) */
+        __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
+        for (int m = 0; m < 4; m++)
+            _mm_storel_epi64((void *)(y + (m0 + m) * ldy + n0),
+                             m < 2 ? _mm256_castsi256_si128(m ? _mm256_srli_si256(r, 8) : r)
+                                   : _mm256_extracti128_si256(m == 3 ? _mm256_srli_si256(r, 8)
+                                                                     : r, 1));
+        return;
+    }
+#endif
+    for (int e = 0; e < MR * NR; e++) sums[e] = gacc_sum(acc[e]);
+    for (int m = 0; m < MR; m++)
+        for (int n = 0; n < NR; n++) {
+            float v = sums[m * NR + n];
+            if (bias) v += bf2f(bias[n0 + n]);  /* fused, rounded once, as oneDNN */
+            y[(m0 + m) * ldy + n0 + n] = f2bf(v);
+        }
+}
+
+#define GT_BLOCK 64  /* W rows a block: a few hundred KB at most, read from L2 by each row tile */
+
+/* the rows [n0, n1) of W for all M rows of x (one thread's share) */
 static void gemv_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *W,
                       int64_t n0, int64_t n1, int64_t ldw, const uint16_t *bias, uint16_t *y,
                       int64_t ldy) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | MXCSR_DAZ_FTZ);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint16_t *w = W + n * ldw;
-        for (int64_t m = 0; m < M; m++) {
-            float v = gemv_dot(x + m * ldx, w, K);
-            if (bias) v += bf2f(bias[n]);  /* fused, rounded once, as oneDNN */
-            y[m * ldy + n] = f2bf(v);
+    int64_t block = M <= GT_M ? n1 - n0 : GT_BLOCK;
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+        int64_t b1 = b0 + block < n1 ? b0 + block : n1;
+        for (int64_t m0 = 0; m0 < M; m0 += GT_M) {
+            int mr = M - m0 < GT_M ? (int)(M - m0) : GT_M;
+            for (int64_t c0 = b0; c0 < b1; c0 += GT_N) {
+                int nr = b1 - c0 < GT_N ? (int)(b1 - c0) : GT_N;
+#define GT_CASE(A, B) \
+    case (A) * 8 + (B): gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B); break
+                switch (mr * 8 + nr) {
+                GT_CASE(1, 1); GT_CASE(1, 2); GT_CASE(1, 3); GT_CASE(1, 4);
+                GT_CASE(2, 1); GT_CASE(2, 2); GT_CASE(2, 3); GT_CASE(2, 4);
+#if GT_M == 4
+                GT_CASE(3, 1); GT_CASE(3, 2); GT_CASE(3, 3); GT_CASE(3, 4);
+                GT_CASE(4, 1); GT_CASE(4, 2); GT_CASE(4, 3); GT_CASE(4, 4);
+#endif
+                default: break;  /* mr <= GT_M, nr <= GT_N: listed above */
+                }
+#undef GT_CASE
+            }
         }
     }
     _mm_setcsr(csr);
 }
+
 
 /* the calling thread's share of the rows (no barrier after) */
 static void gemv_bf16_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
@@ -820,13 +831,29 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * would give 6.4e9), converted to float32 once. */
 #ifdef __AVX512BW__
 #define I8_BLOCK 2048
+#define I8_NBLOCK 64  /* W rows a block when many rows of x share them (L2) */
 
 static inline __m512i dp16(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
-    return _mm512_dpwssd_epi32(acc, w, x);
+    /* in place: GCC copies the accumulator around the intrinsic (two moves an instruction,
+     * which halved the tiles' speed here) */
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
 #endif
+}
+
+/* the output of an int8 product: the exact integer dot times x's row scale, then the weight's
+ * row scale, rounded to bf16 (as torch's _weight_int8pack_mm), the bias added after (the asm
+ * keeps -ffast-math from regrouping the products, so every caller rounds alike) */
+static inline uint16_t i8_out(int64_t dot, float xs, const uint16_t *scale, const uint16_t *bias,
+                              int64_t n) {
+    float v = (float)dot * xs;
+    __asm__("" : "+x"(v));
+    v = round_bf(v * bf2f(scale[n]));
+    if (bias) v += bf2f(bias[n]);
+    return f2bf(v);
 }
 
 /* the rows [n0, n1) for M (1..4, a constant after inlining) rows of int16 x (row stride Kp,
@@ -869,27 +896,83 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
                     _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1))));
             }
         }
-        for (int m = 0; m < M; m++) {
-            float v = round_bf((float)dot[m] * xs[m] * bf2f(scale[n]));
-            if (bias) v += bf2f(bias[n]);
-            y[m * ldy + n] = f2bf(v);
-        }
+        for (int m = 0; m < M; m++) y[m * ldy + n] = i8_out(dot[m], xs[m], scale, bias, n);
     }
+}
+
+/* an MR x NR tile (rows m0.., columns n0..) for many rows of x: one accumulator an element
+ * (each of W's and x's vectors loaded once for the tile), summed in int64 per block; the
+ * integer sums are exact, so every tile shape gives gemv_i8_rows_m's result */
+static inline __attribute__((always_inline)) void gemv_i8_tile(
+        const int16_t *xq, const float *xs, int64_t K, int64_t Kp, const int8_t *Q,
+        int64_t ldq, const uint16_t *scale, const uint16_t *bias, uint16_t *y, int64_t ldy,
+        int64_t m0, int64_t n0, const int MR, const int NR) {
+    int64_t dot[16] = {0};
+    for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
+        int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
+        __m512i acc[16];
+        for (int e = 0; e < MR * NR; e++) acc[e] = _mm512_setzero_si512();
+        int64_t k = b0;
+#define I8_STEP(LOAD_W)                                                                   \
+        do {                                                                              \
+            __m512i w[4], x[4];                                                           \
+            for (int n = 0; n < NR; n++)                                                  \
+                w[n] = _mm512_cvtepi8_epi16(LOAD_W(Q + (n0 + n) * ldq + k));              \
+            for (int m = 0; m < MR; m++) x[m] = _mm512_loadu_si512(xq + (m0 + m) * Kp + k); \
+            for (int n = 0; n < NR; n++)                                                  \
+                for (int m = 0; m < MR; m++)                                              \
+                    acc[m * NR + n] = dp16(acc[m * NR + n], w[n], x[m]);                  \
+        } while (0)
+#define I8_WHOLE(p) _mm256_loadu_si256((const void *)(p))
+#define I8_PART(p) _mm256_maskz_loadu_epi8((__mmask32)((1u << (b1 - k)) - 1), p)
+        for (; k + 32 <= b1; k += 32) I8_STEP(I8_WHOLE);
+        if (k < b1) I8_STEP(I8_PART);  /* x is zero past K: only W is masked */
+#undef I8_PART
+#undef I8_WHOLE
+#undef I8_STEP
+        for (int e = 0; e < MR * NR; e++)  /* lanes summed in int64: 16 lanes can overflow */
+            dot[e] += _mm512_reduce_add_epi64(_mm512_add_epi64(
+                _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[e])),
+                _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[e], 1))));
+    }
+    for (int m = 0; m < MR; m++)
+        for (int n = 0; n < NR; n++)
+            y[(m0 + m) * ldy + n0 + n] = i8_out(dot[m * NR + n], xs[m0 + m], scale, bias, n0 + n);
 }
 
 static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t K, int64_t Kp,
                          const int8_t *Q, int64_t n0, int64_t n1, int64_t ldq,
                          const uint16_t *scale, const uint16_t *bias, uint16_t *y,
                          int64_t ldy) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int16_t *x = xq + m0 * Kp;
-        const float *s = xs + m0;
-        uint16_t *ym = y + m0 * ldy;
-        switch (M - m0 < 4 ? M - m0 : 4) {
-        case 1: gemv_i8_rows_m(x, s, 1, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
-        case 2: gemv_i8_rows_m(x, s, 2, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
-        case 3: gemv_i8_rows_m(x, s, 3, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
-        default: gemv_i8_rows_m(x, s, 4, K, Kp, Q, n0, n1, ldq, scale, bias, ym, ldy); break;
+    if (M <= 0) return;
+    if (M <= 4) {  /* one stream of W: a few rows are bound by memory */
+        switch (M) {
+        case 1: gemv_i8_rows_m(xq, xs, 1, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy); break;
+        case 2: gemv_i8_rows_m(xq, xs, 2, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy); break;
+        case 3: gemv_i8_rows_m(xq, xs, 3, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy); break;
+        default: gemv_i8_rows_m(xq, xs, 4, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy); break;
+        }
+        return;
+    }
+    /* more: W's rows in blocks read from L2 by every tile of 4 x 4 */
+    for (int64_t b0 = n0; b0 < n1; b0 += I8_NBLOCK) {
+        int64_t b1 = b0 + I8_NBLOCK < n1 ? b0 + I8_NBLOCK : n1;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int mr = M - m0 < 4 ? (int)(M - m0) : 4;
+            for (int64_t c0 = b0; c0 < b1; c0 += 4) {
+                int nr = b1 - c0 < 4 ? (int)(b1 - c0) : 4;
+#define I8_CASE(A, B) \
+    case (A) * 8 + (B): \
+        gemv_i8_tile(xq, xs, K, Kp, Q, ldq, scale, bias, y, ldy, m0, c0, A, B); break
+                switch (mr * 8 + nr) {
+                I8_CASE(1, 1); I8_CASE(1, 2); I8_CASE(1, 3); I8_CASE(1, 4);
+                I8_CASE(2, 1); I8_CASE(2, 2); I8_CASE(2, 3); I8_CASE(2, 4);
+                I8_CASE(3, 1); I8_CASE(3, 2); I8_CASE(3, 3); I8_CASE(3, 4);
+                I8_CASE(4, 1); I8_CASE(4, 2); I8_CASE(4, 3); I8_CASE(4, 4);
+                default: break;
+                }
+#undef I8_CASE
+            }
         }
     }
 }

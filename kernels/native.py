@@ -84,21 +84,6 @@ _SIGNATURES = {
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
                              _vp, _i64, _f32, _vp, _i64, _int],
 }
-# the GEMV's row limit: from ~6 rows on, oneDNN's blocked product is as fast (measured on the
-# project's AMD EPYC, SmolLM2's layers: 1 row 7.1 vs 11.5 ms, 2 rows 7.9 vs 12.7, 6 rows
-# 10.3 vs 10.3, 12 rows 18.8 vs 13.0)
-GEMV_MAX_ROWS = 4
-# the AVX2 build's: there the alternative is no oneDNN bf16 kernel (F.linear in bf16, ~2x
-# slower than this GEMV at any row count) or the weights widened to fp32 for oneDNN's fp32
-# product (kernels.linear), which wins from ~8 rows (measured with oneDNN and ATen capped at
-# AVX2 on the project's EPYC, SmolLM2's four layer shapes: 6 rows 0.88 vs 1.16 ms, 8 rows
-# 1.09 vs 1.24, 12 rows 1.69 vs 1.51)
-GEMV_AVX2_MAX_ROWS = 8
-# the int8 GEMV's: it costs ~1 ms a row after the first for SmolLM2's weights, torch's
-# _weight_int8pack_mm and the dequantizing reference (kernels.linear.linear_int8) more up to ~24
-# rows (same machine, all of SmolLM2's layers: 8 rows 11.0 vs 23.1 ms, 16 rows 18.2 vs 34.6,
-# 32 rows 32.5 vs 33.3)
-GEMV_INT8_MAX_ROWS = 16
 
 
 _CTYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float}
@@ -353,12 +338,6 @@ def has_gemv() -> bool:
     return _has(1)
 
 
-def gemv_max_rows() -> int:
-    """The most rows a step may have for the bf16 GEMV to serve it (0: none built)."""
-    isa = gemv_isa()
-    return 0 if isa is None else GEMV_AVX2_MAX_ROWS if isa == "avx2" else GEMV_MAX_ROWS
-
-
 def gemv_isa() -> str | None:
     """Which build of the bf16 GEMV runs: ``avx512_bf16``, ``avx2`` or None (none built)."""
     if not has_gemv():
@@ -367,8 +346,9 @@ def gemv_isa() -> str | None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``F.linear(x, weight, bias)`` for a few bf16 rows (at most gemv_max_rows(); where
-    :func:`has_gemv`). x: [rows, K] with unit stride in a row; weight: [N, K] likewise."""
+    """``F.linear(x, weight, bias)`` for bf16 rows, each row's sums in one order whatever the
+    number of rows (where :func:`has_gemv`). x: [rows, K] with unit stride in a row; weight:
+    [N, K] likewise."""
     check("x", x, torch.bfloat16, 2)
     check("weight", weight, torch.bfloat16, 2)
     if weight.shape[1] != x.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
@@ -388,8 +368,9 @@ def has_gemv_int8() -> bool:
 
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear_int8(x, q, scale, bias)`` for a few bf16 rows: int8 ``q`` [N, K] with unit
-    stride in a row, bf16 ``scale`` [N] (where :func:`has_gemv_int8`)."""
+    """``linear_int8(x, q, scale, bias)`` for bf16 rows (exact integer sums: a row's result
+    whatever the number of rows): int8 ``q`` [N, K] with unit stride in a row, bf16
+    ``scale`` [N] (where :func:`has_gemv_int8`)."""
     check("x", x, torch.bfloat16, 2)
     check("q", q, torch.int8, 2)
     check("scale", scale, torch.bfloat16, 1, contiguous=True)

@@ -69,7 +69,7 @@ class LlamaModel:
         held until the next ``bind`` or ``unbind``). About a copy of the weights' bytes:
         SmolLM2 took 90-110 ms here, so the worker packs a model only once it has stayed
         resident a while. Elsewhere nothing changes."""
-        if self.packed or not self.layers:
+        if self.packed or not self.layers or not self.ops.packs_weights:
             return
         if self.lm_head_name + SCALE_SUFFIX not in self.w:  # int8 weights stay as they are
             self.head = _packed(self.head)

@@ -82,7 +82,9 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
     for packing in (True, False):
         lin.use_packing(None if packing else False)
         try:
-            worker = LoadedModel("m", folder, torch.device("cpu"), kv, dtype="bfloat16")
+            # the torch backend: the native one reads the plain weights, never packs
+            worker = LoadedModel("m", folder, torch.device("cpu"), kv, dtype="bfloat16",
+                                 use_native=False)
             assert not worker.model.layers[0]["qkv_weight"].is_mkldnn  # packed only later
             worker.model.pack_weights()
             weights = worker.model.layers[0]["qkv_weight"]
@@ -112,12 +114,13 @@ def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
 
     folder = tiny_models("llama")
     one = build_layout(ModelConfig.from_folder(folder), torch.bfloat16).num_bytes
-    e = make_engine(folder, name="a", dtype="bfloat16", weight_bytes=one, prefetch=False)
+    e = make_engine(folder, name="a", dtype="bfloat16", weight_bytes=one, prefetch=False,
+                    native=False)  # the torch backend: it packs weights (native reads them plain)
     try:
         e.add_model("b", folder)
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         first = e.generate([5, 6, 7], params, model="a")[0].token_ids
-        a, b = e.core.workers["a"].model, e.core.workers["b"].model
+        a, b = e.local.core.workers["a"].model, e.local.core.workers["b"].model
         assert a.layers and a.head is not None
         assert not a.packed  # 3 steps: too few to pay for a reorder
         long = SamplingParams(max_tokens=worker_steps(), temperature=0, ignore_eos=True)

@@ -115,6 +115,34 @@ def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
     assert ((got.double() - theirs.double()).abs() <= two_steps + magnitude * 2**-9).all()
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_the_products_give_a_row_the_same_bits_whatever_shares_it(kind):
+    """Batch invariance of the linear layers: each row of a product of 0 to 70 rows (every
+    tile height, partial tiles of columns, the few-row stream path and the tiled one) equals,
+    bit for bit, the same row computed alone; K with and without a partial last chunk."""
+    if not (native.has_gemv() if kind == "bf16" else native.has_gemv_int8()):
+        pytest.skip(f"this build has no {kind} product")
+    g = torch.Generator().manual_seed(21)
+    for n, k in ((37, 576), (130, 1536), (70, 100), (8, 33), (200, 64)):
+        x = _rand(70, k, seed=n + k)
+        bias = _rand(n, seed=n)
+        if kind == "bf16":
+            w = _rand(n, k, seed=k)
+
+            def product(rows):
+                return native.gemv(rows, w, bias)
+        else:
+            q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            scale = (torch.rand(n, generator=g) * 0.02 + 0.001).to(BF)
+
+            def product(rows):
+                return native.gemv_int8(rows, q, scale, bias)
+        alone = torch.cat([product(x[r : r + 1]) for r in range(70)])
+        for m in (0, 2, 3, 4, 5, 6, 7, 8, 9, 17, 70):
+            assert torch.equal(product(x[:m]).view(torch.int16), alone[:m].view(torch.int16)), \
+                (n, k, m)
+
+
 @pytest.mark.parametrize("k", [576, 1536, 5000])
 def test_gemv_int8_sums_extreme_rows_without_overflow(k):
     """Constant rows at the int8 and int16 extremes (the largest dot products there are:

@@ -65,7 +65,7 @@ def _cases():
     strided x), values from tiny to huge, denormal bf16 inputs, zeros, infinities."""
     g = torch.Generator().manual_seed(7)
     for i in range(120):
-        rows = 1 + i % 4
+        rows = (1, 2, 3, 4, 5, 9, 17, 40)[i % 8]  # every tile height, several tiles
         k = int(torch.randint(1, 700, (1,), generator=g))
         n = int(torch.randint(1, 200, (1,), generator=g))
         scale = (1.0, 1e-19, 1e-37, 1e30, 1.0)[i % 5]
@@ -114,35 +114,35 @@ def test_the_gemv_follows_its_stated_order(tmp_path, monkeypatch):
     if not lib.gp_gemv_features() & 1:
         pytest.skip("this build has no bf16 GEMV (no AVX2 + FMA or AVX-512 BF16)")
     g = torch.Generator().manual_seed(3)
-    for k in (1, 31, 32, 33, 100, 128, 129, 300):
-        x = torch.randn(2, k, generator=g).to(torch.bfloat16)
-        w = torch.randn(5, k, generator=g).to(torch.bfloat16)
-        b = torch.randn(5, generator=g).to(torch.bfloat16)
+    # rows: 2 (one tile), 9 (tiles of every height); columns: 6 (a partial tile); k = 1536
+    # once caught -ffast-math adding the bias into the lanes' sum (an output 1 ulp off)
+    for rows, n, k in ((2, 5, 1), (2, 5, 31), (2, 5, 32), (2, 5, 33), (2, 5, 100),
+                       (2, 5, 128), (2, 5, 129), (2, 5, 300), (9, 6, 576), (3, 70, 1536)):
+        x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        b = torch.randn(n, generator=g).to(torch.bfloat16)
         got = _gemv(lib, x, w, b)
-        want = torch.tensor([[_stated_dot(x[m], w[n], b[n]) for n in range(5)]
-                             for m in range(2)], dtype=torch.bfloat16).view(torch.int16)
-        assert torch.equal(got, want), k
+        want = torch.tensor([[_stated_dot(x[m], w[c], b[c]) for c in range(n)]
+                             for m in range(rows)], dtype=torch.bfloat16).view(torch.int16)
+        assert torch.equal(got, want), (rows, n, k)
 
 
 def _stated_dot(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> float:
     """native.c's gemv_rows for one output, in float32 torch scalars (normal inputs: no
-    denormal occurs, so DAZ/FTZ change nothing; float32 fma = the exact product added once)."""
+    denormal occurs, so DAZ/FTZ change nothing; float32 fma = the exact product added once):
+    one accumulator of 16 lanes, chunk after chunk."""
     k = x.shape[0]
     f = torch.float32
     xp = torch.zeros(-(-k // 32) * 32, dtype=f)
     wp = torch.zeros_like(xp)
     xp[:k], wp[:k] = x.to(f), w.to(f)
-    acc = torch.zeros(4, 16, dtype=f)
-    whole = k // 128 * 128
-    for c in range(xp.shape[0] // 32):
-        start = 32 * c
-        a = c % 4 if start < whole else (0 if start + 32 <= k else 1)
+    acc = torch.zeros(16, dtype=f)
+    for start in range(0, xp.shape[0], 32):
         pairs_x, pairs_w = xp[start:start + 32].view(16, 2), wp[start:start + 32].view(16, 2)
         for e in (1, 0):  # odd first
             exact = pairs_x[:, e].double() * pairs_w[:, e].double()  # exact in float32
-            acc[a] = (acc[a].double() + exact).to(f)  # one rounding: the fma
-    v = (acc[0] + acc[1]) + (acc[2] + acc[3])
-    s = v[8:] + v[:8]
+            acc = (acc.double() + exact).to(f)  # one rounding: the fma
+    s = acc[8:] + acc[:8]
     t = s[4:] + s[:4]
     total = (t[0] + t[2]) + (t[1] + t[3])
     return float((total + bias.to(f)).to(torch.bfloat16))

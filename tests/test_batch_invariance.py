@@ -1,0 +1,232 @@
+"""Same request, same tokens: a request's logits at every step do not depend on what shares its
+steps, how its prompt is chunked, whether its prefix came from the cache, a preemption, or a
+resume in a fresh engine (bf16 and bf16 + int8, with and without adapters), on the backend the
+engine selects on this machine.
+
+The observable is the target request's float32 logits row at each output index, captured where
+the engine hands a step's logits to sampling (``engine.output.sample_step``), compared bit for
+bit with the same request run alone in a fresh engine; its greedy tokens and a seeded sampled
+request's tokens then agree too. Hypothesis draws the scenarios (partners joining and leaving so
+that steps hold 1 to more than 64 rows, chunk budgets, the cache, a KV pool small enough to
+preempt) from a fixed seed, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+from gpupool.engine import output as output_module
+from gpupool.messages.params import SamplingParams
+from gpupool.messages.types import EngineRequest
+from tests.factories import make_engine, make_peft_adapter, random_prompts
+
+VARIANTS = {"bf16": None, "bf16+int8": "int8"}
+TARGET_PROMPT = random_prompts(1, 45, 45, seed=11)[0]
+STEPS = 20  # output tokens of the targets: more than 16 steps (weights were packed after 16)
+GREEDY = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=STEPS, temperature=1.0, top_p=0.9, seed=1234,
+                         ignore_eos=True)
+ADAPTERS = ("a4", "a8")  # rank 4 on attention, rank 8 on the MLP
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    folder = tiny_models("llama")
+    root = tmp_path_factory.mktemp("invariance")
+    adapters = {
+        "a4": make_peft_adapter(folder, root / "a4", 4, ["q_proj", "v_proj", "o_proj"], seed=3),
+        "a8": make_peft_adapter(folder, root / "a8", 8, ["gate_proj", "up_proj", "down_proj"],
+                                seed=4),
+    }
+    return folder, adapters, {}
+
+
+def _engine(folder, adapters, quant, **overrides):
+    opts = {"dtype": "bfloat16", "max_num_seqs": 128, "max_lora_rank": 8,
+            "max_loras_on_device": 3, **overrides}
+    if quant:
+        opts["quantization"] = quant
+    engine = make_engine(folder, **opts)
+    for name, path in adapters.items():
+        engine.add_adapter(name, "m", path)
+    return engine
+
+
+class Capture:
+    """The logits rows of some requests by output index, from every step's sampling."""
+
+    def __init__(self, ids):
+        self.ids, self.rows = set(ids), {i: {} for i in ids}
+
+    def __enter__(self):
+        real = self.real = output_module.sample_step
+
+        def spy(tracked, logits, *args, **kwargs):
+            for i, tr in enumerate(tracked):
+                rid = tr.seq.request_id
+                if rid in self.ids:
+                    index = len(tr.seq.output_token_ids)
+                    assert index not in self.rows[rid], "a token sampled twice"
+                    self.rows[rid][index] = logits[i].clone()
+            return real(tracked, logits, *args, **kwargs)
+
+        output_module.sample_step = spy
+        return self
+
+    def __exit__(self, *exc):
+        output_module.sample_step = self.real
+
+
+def _run(engine, requests, late=(), late_after=0):
+    """Submit ``requests``; once the first has ``late_after`` tokens, submit ``late``; wait for
+    all. Returns token ids by request id."""
+    tokens = {r.request_id: [] for r in (*requests, *late)}
+    left = threading.Semaphore(0)
+    first = requests[0].request_id
+    start_late = threading.Event()
+
+    def sink_for(rid):
+        def sink(delta):
+            tokens[rid].extend(delta.token_ids)
+            if rid == first and len(tokens[rid]) >= late_after:
+                start_late.set()
+            if delta.finished:
+                assert delta.error is None, delta.error
+                left.release()
+        return sink
+
+    engine.local.submit(list(requests), [sink_for(r.request_id) for r in requests])
+    if late:
+        assert start_late.wait(60)
+        engine.local.submit(list(late), [sink_for(r.request_id) for r in late])
+    for _ in range(len(requests) + len(late)):
+        assert left.acquire(timeout=120)
+    return tokens
+
+
+def _targets(adapter):
+    model = adapter or "m"
+    return [EngineRequest("greedy", model, TARGET_PROMPT, GREEDY),
+            EngineRequest("sampled", model, TARGET_PROMPT, SAMPLED)]
+
+
+def _alone(setup, variant, adapter):
+    """The targets' logits rows and tokens run alone in a fresh engine (cached per case)."""
+    folder, adapters, cache = setup
+    key = (variant, adapter)
+    if key not in cache:
+        engine = _engine(folder, adapters, VARIANTS[variant])
+        try:
+            with Capture(["greedy", "sampled"]) as cap:
+                tokens = _run(engine, _targets(adapter))
+            ops = engine.local.core.workers["m"].model.ops  # bound: its claim is final
+            cache[key] = (cap.rows, tokens) if ops.batch_invariant else repr(ops)
+        finally:
+            engine.shutdown()
+    if isinstance(cache[key], str):
+        pytest.skip(f"the backend this machine selects for {variant} ({cache[key]}) does not "
+                    "claim batch invariance (README: 'Same request, same tokens')")
+    return cache[key]
+
+
+def _assert_same_logits(got_rows, want_rows, first=0):
+    for rid in ("greedy", "sampled"):
+        assert set(got_rows[rid]) == set(range(first, STEPS)), rid
+        for index, row in got_rows[rid].items():
+            assert torch.equal(row.view(torch.int32), want_rows[rid][index].view(torch.int32)), \
+                f"{rid}: logits at output index {index} differ"
+
+
+scenario = st.fixed_dictionaries({
+    "variant": st.sampled_from(sorted(VARIANTS)),
+    "adapter": st.sampled_from([None, *ADAPTERS]),
+    "partners": st.integers(0, 80),
+    "late": st.integers(0, 24),
+    "late_after": st.integers(1, 12),
+    "budget": st.sampled_from([7, 16, 33, 100, 1024]),
+    "prefill_cap": st.sampled_from([None, 5, 17]),
+    "cached": st.booleans(),
+    "small_pool": st.booleans(),
+    "seed": st.integers(0, 1 << 16),
+})
+
+
+@seed(29)
+@settings(max_examples=25, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+@given(case=scenario)
+def test_a_requests_logits_do_not_depend_on_its_batch_chunks_or_cache(setup, case):
+    folder, adapters, _ = setup
+    want_rows, want_tokens = _alone(setup, case["variant"], case["adapter"])
+    g = torch.Generator().manual_seed(case["seed"])
+
+    def partner(i, prefix):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        prompt = random_prompts(1, n, n, seed=case["seed"] * 1000 + i)[0]
+        name = (None, *ADAPTERS)[int(torch.randint(0, 3, (1,), generator=g))]
+        steps = int(torch.randint(1, 30, (1,), generator=g))
+        return EngineRequest(f"{prefix}{i}", name or "m", prompt,
+                             SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
+
+    pool = {"kv_cache_bytes": 96 << 10, "host_kv_bytes": 0} if case["small_pool"] else {}
+    engine = _engine(folder, adapters, VARIANTS[case["variant"]],
+                     max_num_batched_tokens=case["budget"],
+                     max_prefill_tokens_while_decoding=case["prefill_cap"], **pool)
+    try:
+        if case["cached"]:  # the target's prompt pages computed once already
+            _run(engine, [EngineRequest("warm", case["adapter"] or "m", TARGET_PROMPT,
+                                        SamplingParams(max_tokens=1))])
+        first = [partner(i, "p") for i in range(case["partners"])]
+        late = [partner(i, "l") for i in range(case["late"])]
+        targets = _targets(case["adapter"])
+        with Capture(["greedy", "sampled"]) as cap:
+            got = _run(engine, [*targets, *first], late, case["late_after"])
+        _assert_same_logits(cap.rows, want_rows)
+        assert got["greedy"] == want_tokens["greedy"]
+        assert got["sampled"] == want_tokens["sampled"]
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_resumed_request_continues_with_the_same_logits(setup, variant):
+    """Resumed from k delivered tokens in a fresh engine (as the cluster moves a stream), the
+    request's later logits are those of the uninterrupted run."""
+    folder, adapters, _ = setup
+    want_rows, want_tokens = _alone(setup, variant, "a4")
+    for k in (1, 9):
+        engine = _engine(folder, adapters, VARIANTS[variant])
+        try:
+            resumed = [EngineRequest(r.request_id, r.model, r.prompt_token_ids, r.params,
+                                     delivered_token_ids=want_tokens[r.request_id][:k])
+                       for r in _targets("a4")]
+            partners = [EngineRequest(f"p{i}", "m", p, GREEDY)
+                        for i, p in enumerate(random_prompts(6, 3, 30, seed=k))]
+            with Capture(["greedy", "sampled"]) as cap:
+                got = _run(engine, [*resumed, *partners])
+            for rid in ("greedy", "sampled"):
+                assert want_tokens[rid][:k] + got[rid] == want_tokens[rid], rid
+            _assert_same_logits(cap.rows, want_rows, first=k)
+        finally:
+            engine.shutdown()
+
+
+def test_this_machine_claims_invariance_where_the_kernels_are_built(setup):
+    """On a CPU with AVX-512 BF16 and a C compiler the bf16 backend must claim it (so the
+    tests above cannot skip here unnoticed)."""
+    from gpupool.kernels import native
+
+    folder, adapters, _ = setup
+    engine = _engine(folder, {}, None)
+    try:
+        engine.generate([TARGET_PROMPT], SamplingParams(max_tokens=1))
+        ops = engine.local.core.workers["m"].model.ops
+        if native.available() and native.has_gemv() and native.has_prefill_attention(16):
+            assert ops.batch_invariant
+    finally:
+        engine.shutdown()
