@@ -5,6 +5,7 @@ Every machine that runs these tests has a C compiler (the project's CI does); a 
 one must fall back to the torch path, which the last test checks in a process that has none."""
 
 import os
+import functools
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,14 @@ def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
     assert ((got.double() - theirs.double()).abs() <= two_steps + magnitude * 2**-9).all()
 
 
+def _bf16_product(rows, w, bias):
+    return native.gemv(rows, w, bias)
+
+
+def _int8_product(rows, q, scale, bias):
+    return native.gemv_int8(rows, q, scale, bias)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_the_products_give_a_row_the_same_bits_whatever_shares_it(kind):
     """Batch invariance of the linear layers: each row of a product of 0 to 70 rows (every
@@ -127,16 +136,11 @@ def test_the_products_give_a_row_the_same_bits_whatever_shares_it(kind):
         x = _rand(70, k, seed=n + k)
         bias = _rand(n, seed=n)
         if kind == "bf16":
-            w = _rand(n, k, seed=k)
-
-            def product(rows):
-                return native.gemv(rows, w, bias)
+            product = functools.partial(_bf16_product, w=_rand(n, k, seed=k), bias=bias)
         else:
             q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
             scale = (torch.rand(n, generator=g) * 0.02 + 0.001).to(BF)
-
-            def product(rows):
-                return native.gemv_int8(rows, q, scale, bias)
+            product = functools.partial(_int8_product, q=q, scale=scale, bias=bias)
         alone = torch.cat([product(x[r : r + 1]) for r in range(70)])
         for m in (0, 2, 3, 4, 5, 6, 7, 8, 9, 17, 70):
             assert torch.equal(product(x[:m]).view(torch.int16), alone[:m].view(torch.int16)), \
