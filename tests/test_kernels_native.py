@@ -4,8 +4,8 @@ versions, and the model's bf16 forward pass on them against its torch path and t
 Every machine that runs these tests has a C compiler (the project's CI does); a machine without
 one must fall back to the torch path, which the last test checks in a process that has none."""
 
-import os
 import functools
+import os
 import shutil
 import subprocess
 import sys
