@@ -413,6 +413,31 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
  * bf16 for the product with V (as torch's flash attention does), their sum taken of the
  * rounded values; the output divided once and rounded to bf16. */
 #ifdef __AVX512BF16__
+/* r[k] = 16 u32 of row k -> r[c] = column c of the 16 rows (element k: row k's) */
+static inline void transpose16_u32(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {  /* in each 128-bit lane: rows i, i+1 interleaved */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* u[i + c], lane L: rows i..i+3 of column 4 L + c */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {  /* column 4 L + c gathers lane L of u[c], u[4+c], ... */
+        __m512i p0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+        __m512i p1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        __m512i q0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        __m512i q1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        r[c] = _mm512_shuffle_i32x4(p0, q0, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(p0, q0, 0xdd);
+        r[8 + c] = _mm512_shuffle_i32x4(p1, q1, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(p1, q1, 0xdd);
+    }
+}
+
 /* one work item: rows [r0, r0 + nr) of sequence s (relative row i: token past + i), KV head g.
  * buf: nr * group * (D + 2) floats of state, then the K and V blocks */
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
@@ -433,19 +458,37 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
     uint32_t pp[PA_KB / 2];  /* a query's probabilities of the block, bf16 pairs */
     for (int64_t k0 = 0; k0 < kmax; k0 += PA_KB) {
         int64_t nb = kmax - k0 < PA_KB ? kmax - k0 : PA_KB;
-        for (int64_t kk = 0; kk < PA_KB; kk++) {
-            const uint32_t *kr = kk < nb ? (const uint32_t *)token_row(
-                k_cache, table, k0 + kk, bt, ps, nkv, D, g) : NULL;
-            for (int64_t d = 0; d < D / 2; d++) kt[d * PA_KB + kk] = kr ? kr[d] : 0u;
+        /* the block's token rows: the page walked, one division a block */
+        int64_t rel[PA_KB], page = k0 / bt, off = k0 % bt, row = nkv * D;
+        for (int64_t kk = 0; kk < nb; kk++) {
+            rel[kk] = (int64_t)table[page] * ps + off * row + g * D;
+            if (++off == bt) { off = 0; page++; }
+        }
+        /* K transposed 16 keys by 16 d-pairs at a time; keys past nb read as zeros */
+        for (int64_t c0 = 0; c0 < PA_KB; c0 += 16) {
+            for (int64_t d0 = 0; d0 < D / 2; d0 += 16) {
+                int64_t nd = D / 2 - d0 < 16 ? D / 2 - d0 : 16;
+                __mmask16 md = (__mmask16)((1u << nd) - 1);
+                __m512i r[16];
+                for (int64_t i = 0; i < 16; i++)
+                    r[i] = c0 + i < nb ? _mm512_maskz_loadu_epi32(
+                               md, (const uint32_t *)(k_cache + rel[c0 + i]) + d0)
+                                       : _mm512_setzero_si512();
+                transpose16_u32(r);
+                for (int64_t j = 0; j < nd; j++)
+                    _mm512_storeu_si512(kt + (d0 + j) * PA_KB + c0, r[j]);
+            }
         }
         for (int64_t kk = 0; kk < PA_KB; kk += 2) {
-            const uint16_t *va = kk < nb ? token_row(v_cache, table, k0 + kk, bt, ps, nkv, D, g)
-                                         : NULL;
-            const uint16_t *vb = kk + 1 < nb ? token_row(v_cache, table, k0 + kk + 1, bt, ps,
-                                                         nkv, D, g) : NULL;
+            const uint16_t *va = kk < nb ? v_cache + rel[kk] : NULL;
+            const uint16_t *vb = kk + 1 < nb ? v_cache + rel[kk + 1] : NULL;
             uint32_t *o = v2 + (kk / 2) * D;
-            for (int64_t d = 0; d < D; d++)
-                o[d] = (va ? (uint32_t)va[d] : 0u) | (vb ? (uint32_t)vb[d] << 16 : 0u);
+            if (va && vb) {
+                for (int64_t d = 0; d < D; d++) o[d] = (uint32_t)va[d] | (uint32_t)vb[d] << 16;
+            } else {
+                for (int64_t d = 0; d < D; d++)
+                    o[d] = (va ? (uint32_t)va[d] : 0u) | (vb ? (uint32_t)vb[d] << 16 : 0u);
+            }
         }
         for (int64_t i = 0; i < nr; i++) {
             int64_t lim = past + r0 + i + 1;  /* keys [0, lim) */
@@ -583,12 +626,14 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
  * invariance: a request's tokens do not depend on what shares its step).
  *
  * Semantics (one summation order, whichever build and whichever tile computes it): a row's
- * dot product is one accumulator of 16 float32 lanes; element k = 32 c + 2 j + e (chunk c,
- * lane j, e = 0 even, 1 odd) goes to lane j, chunk after chunk, the last chunk zero-padded. A
- * lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs that are denormal count
- * as zero, lane = ftz(fma(x_odd, w_odd, lane)), then lane = ftz(fma(x_even, w_even, lane))
- * (bf16 x bf16 products are exact in float32). Then the 16 lanes are reduced by one fixed
- * tree (gemv_hsum's), the bias added (all under DAZ/FTZ), rounded to bf16 once.
+ * dot product is two accumulators of 16 float32 lanes; element k = 32 c + 2 j + e (chunk c,
+ * lane j, e = 0 even, 1 odd) goes to lane j of accumulator c % 2, chunk after chunk, the last
+ * chunk zero-padded. A lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs
+ * that are denormal count as zero, lane = ftz(fma(x_odd, w_odd, lane)), then
+ * lane = ftz(fma(x_even, w_even, lane)) (bf16 x bf16 products are exact in float32). Then
+ * the two accumulators are added lane-wise, the 16 lanes reduced by one fixed tree
+ * (gemv_hsum's), the bias added (all under DAZ/FTZ), rounded to bf16 once. (Two chains an
+ * output, not one: a decode step's single row keeps up with memory.)
  *
  * Two builds compute exactly that: AVX-512 BF16 (the dot-product instruction itself) and
  * AVX2 + FMA (bf16 pairs split into their even and odd float32 halves by a shift and a mask,
@@ -597,10 +642,10 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
  * says a build has one; elsewhere the caller keeps torch's product.
  *
  * How: tiles of GT_M rows of x by GT_N rows of W (each vector loaded serves several
- * elements; one accumulator an element, all in registers), W's rows in blocks of GT_BLOCK
- * read from L2 by every row tile; with a few rows (decode) one block (a stream of W per
- * thread, the hardware prefetcher follows it). Which rows share a tile changes the loads,
- * never an element's sums. */
+ * elements; one set of accumulators in registers, a pass each), W's rows in blocks of
+ * GT_BLOCK read from L2 by every row tile; with a few rows (decode) W's rows one after
+ * another (a stream of W per thread, prefetched ahead). Which rows share a tile changes the
+ * loads, never an element's sums. */
 #ifdef HAVE_GEMV_BF16
 #define MXCSR_DAZ_FTZ 0x8040u
 
@@ -632,6 +677,11 @@ static inline gop_t gop_tail(const uint16_t *p, int64_t n) {
 }
 static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
     return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w);
+}
+static inline gacc_t gacc_add(gacc_t a, gacc_t b) {  /* lane-wise, not reassociated */
+    __m512 v = _mm512_add_ps(a, b);
+    __asm__("" : "+v"(v));
+    return v;
 }
 static inline float gacc_sum(gacc_t a) {
     return gemv_hsum(_mm512_castps512_ps256(a),
@@ -700,34 +750,71 @@ static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
     a.hi = gacc_half(a.hi, x.hi, w.hi);
     return a;
 }
+static inline gacc_t gacc_add(gacc_t a, gacc_t b) {  /* lane-wise, not reassociated */
+    gacc_t v = {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+    __asm__("" : "+x"(v.lo), "+x"(v.hi));
+    return v;
+}
 static inline float gacc_sum(gacc_t a) { return gemv_hsum(a.lo, a.hi); }
 #endif
 
-/* y[m0 .. m0 + MR][n0 .. n0 + NR]: each element's chunks in order into its accumulator */
+#define PF_TILES 8  /* streaming W: its rows this many tiles on are prefetched */
+
+/* y[m0 .. m0 + MR][n0 .. n0 + NR]: each element's even chunks in order into one accumulator,
+ * its odd chunks into another, then the two added lane-wise. PF (a few rows, W streamed from
+ * memory, a tile one row of W): both accumulators in one loop (two chains an element) and W's
+ * rows ahead prefetched; else (tiles from L2) one pass a parity, the first pass's
+ * accumulators kept aside, so a tile holds only one set in registers. Same sums either way. */
 static inline __attribute__((always_inline)) void gemm_tile(
         const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t ldw, int64_t K,
         const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, const int MR,
-        const int NR) {
-    gacc_t acc[GT_M * GT_N];  /* local, the loops unrolled: kept in registers */
+        const int NR, const int PF) {
+    gacc_t acc[GT_M * GT_N], odd[GT_M * GT_N];  /* local, loops unrolled: in registers */
+    gacc_t even_mem[GT_M * GT_N];  /* the tiles' first pass, aside */
     const uint16_t *xm = x + m0 * ldx, *wn = W + n0 * ldw;
-    for (int e = 0; e < MR * NR; e++) acc[e] = gacc_zero();
-    int64_t k = 0;
-#define GEMM_STEP(LOAD)                                                                   \
+#define GEMM_STEP(A, K0, LOAD)                                                            \
     do {                                                                                  \
         gop_t xo[GT_M], wo[GT_N];                                                         \
-        for (int m = 0; m < MR; m++) xo[m] = LOAD(xm + m * ldx);                          \
-        for (int n = 0; n < NR; n++) wo[n] = LOAD(wn + n * ldw);                          \
+        for (int m = 0; m < MR; m++) xo[m] = LOAD(xm + m * ldx, K0);                      \
+        for (int n = 0; n < NR; n++) wo[n] = LOAD(wn + n * ldw, K0);                      \
+        if (PF) /* streaming W from memory: the rows PF_TILES on, ahead of their loads */  \
+            for (int n = 0; n < NR; n++)                                                  \
+                _mm_prefetch((const char *)(wn + (PF_TILES * NR + n) * ldw + (K0)),       \
+                             _MM_HINT_T0);                                                \
         for (int m = 0; m < MR; m++)                                                      \
             for (int n = 0; n < NR; n++)                                                  \
-                acc[m * NR + n] = gacc_dp(acc[m * NR + n], xo[m], wo[n]);                 \
+                A[m * NR + n] = gacc_dp(A[m * NR + n], xo[m], wo[n]);                     \
     } while (0)
-#define GEMM_AT(p) gop_load((p) + k)
-#define GEMM_TAIL(p) gop_tail((p) + k, K - k)
-    for (; k + 32 <= K; k += 32) GEMM_STEP(GEMM_AT);
-    if (k < K) GEMM_STEP(GEMM_TAIL);
+#define GEMM_AT(p, k0) gop_load((p) + (k0))
+#define GEMM_TAIL(p, k0) gop_tail((p) + (k0), K - (k0))
+    int64_t whole = K / 32 * 32;  /* the tail chunk, if any, starts here: chunk K / 32 */
+    int tail_odd = (K / 32) % 2;
+    for (int e = 0; e < MR * NR; e++) acc[e] = odd[e] = gacc_zero();
+    if (PF) {
+        int64_t k = 0;
+        for (; k + 64 <= whole; k += 64) {
+            GEMM_STEP(acc, k, GEMM_AT);
+            GEMM_STEP(odd, k + 32, GEMM_AT);
+        }
+        if (k < whole) GEMM_STEP(acc, k, GEMM_AT);
+        if (whole < K) {
+            if (tail_odd) GEMM_STEP(odd, whole, GEMM_TAIL);
+            else GEMM_STEP(acc, whole, GEMM_TAIL);
+        }
+    } else {
+        for (int64_t k = 0; k < whole; k += 64) GEMM_STEP(acc, k, GEMM_AT);
+        if (whole < K && !tail_odd) GEMM_STEP(acc, whole, GEMM_TAIL);
+        for (int e = 0; e < MR * NR; e++) even_mem[e] = acc[e];
+        __asm__("" : : "r"(even_mem) : "memory");  /* kept in memory, not in registers */
+        for (int e = 0; e < MR * NR; e++) acc[e] = gacc_zero();
+        for (int64_t k = 32; k < whole; k += 64) GEMM_STEP(acc, k, GEMM_AT);
+        if (whole < K && tail_odd) GEMM_STEP(acc, whole, GEMM_TAIL);
+        for (int e = 0; e < MR * NR; e++) odd[e] = even_mem[e];
+    }
 #undef GEMM_TAIL
 #undef GEMM_AT
 #undef GEMM_STEP
+    for (int e = 0; e < MR * NR; e++) acc[e] = gacc_add(acc[e], odd[e]);
     float sums[GT_M * GT_N];
 #ifdef __AVX512BF16__
     if (MR * NR == 16) {  /* a whole tile: the sums, the bias and the rounding 16 at a time */
@@ -763,15 +850,20 @@ static void gemv_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, cons
                       int64_t ldy) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | MXCSR_DAZ_FTZ);
-    int64_t block = M <= GT_M ? n1 - n0 : GT_BLOCK;
+    int few = M <= GT_M;  /* one pass over W, from memory */
+    int64_t block = few ? n1 - n0 : GT_BLOCK;
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
         int64_t b1 = b0 + block < n1 ? b0 + block : n1;
         for (int64_t m0 = 0; m0 < M; m0 += GT_M) {
             int mr = M - m0 < GT_M ? (int)(M - m0) : GT_M;
-            for (int64_t c0 = b0; c0 < b1; c0 += GT_N) {
-                int nr = b1 - c0 < GT_N ? (int)(b1 - c0) : GT_N;
+            int64_t step = few ? 1 : GT_N;  /* streaming: W's rows one after another */
+            for (int64_t c0 = b0; c0 < b1; c0 += step) {
+                int nr = b1 - c0 < step ? (int)(b1 - c0) : (int)step;
 #define GT_CASE(A, B) \
-    case (A) * 8 + (B): gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B); break
+    case (A) * 8 + (B): \
+        if (few) gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B, 1); \
+        else gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B, 0); \
+        break
                 switch (mr * 8 + nr) {
                 GT_CASE(1, 1); GT_CASE(1, 2); GT_CASE(1, 3); GT_CASE(1, 4);
                 GT_CASE(2, 1); GT_CASE(2, 2); GT_CASE(2, 3); GT_CASE(2, 4);

@@ -230,3 +230,53 @@ def test_this_machine_claims_invariance_where_the_kernels_are_built(setup):
             assert ops.batch_invariant
     finally:
         engine.shutdown()
+
+
+def test_over_http_a_cache_hit_and_a_busy_server_give_the_same_tokens(tiny_models,
+                                                                     tmp_path_factory):
+    """The case a user met (bf16, temperature 0): the same request on a prefix-cache miss and
+    on the hit that follows, under two salts, and sent among concurrent requests that share
+    its steps, gives the same 64 tokens every time."""
+    import concurrent.futures
+
+    from fastapi.testclient import TestClient
+
+    from gpupool.api.server import build_state, create_app
+    from gpupool.config import ModelSpec, ServerConfig
+    from gpupool.llm import local_client
+
+    folder = tiny_models("llama")
+    config = ServerConfig(
+        admin_key="admin-key-for-invariance", models=(ModelSpec("tiny", str(folder)),),
+        engine={"device": "cpu", "dtype": "bfloat16", "home": tmp_path_factory.mktemp("home"),
+                "kv_cache_bytes": 8 << 20, "kv_page_bytes": 16 << 10})
+    state = build_state(config, local_client(config))
+    prompt = " ".join(f"w{3 + (11 * i) % 150}" for i in range(150))  # two full pages and more
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 64, "temperature": 0,
+            "ignore_eos": True, "logprobs": 1}
+    admin = {"Authorization": "Bearer admin-key-for-invariance"}
+    with TestClient(create_app(state)) as client:
+        ops = state.client.engine.core.workers["tiny"].model.ops
+        client.post("/v1/completions", headers=admin, json={**body, "max_tokens": 1})
+        if not ops.batch_invariant:
+            pytest.skip(f"the backend this machine selects for bf16 ({ops!r}) does not claim "
+                        "batch invariance")
+
+        def complete(**extra):
+            r = client.post("/v1/completions", headers=admin, json={**body, **extra})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            return (out["choices"][0]["logprobs"]["tokens"],
+                    out["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+        runs = [complete(cache_salt=salt) for salt in ("a", "a", "b", "b")]
+        assert [cached > 0 for _, cached in runs] == [False, True, False, True]
+        want = runs[0][0]
+        assert len(want) == 64 and all(tokens == want for tokens, _ in runs)
+        others = [" ".join(f"w{5 + (k * j) % 140}" for j in range(3 + 9 * k)) for k in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(13) as pool:
+            busy = [pool.submit(client.post, "/v1/completions", headers=admin,
+                                json={**body, "prompt": p, "max_tokens": 40}) for p in others]
+            target = pool.submit(complete, cache_salt="c")
+            assert all(f.result().status_code == 200 for f in busy)
+            assert target.result()[0] == want

@@ -36,9 +36,10 @@ def cluster(tmp_path_factory):
         c.close()
 
 
-def _reference(paths, model: str, prompts, max_tokens: int, **sampling) -> list[str]:
+def _reference(paths, model: str, prompts, max_tokens: int, dtype: str = "float32",
+               **sampling) -> list[str]:
     """The texts one in-process Engine generates (models registered as in the cluster)."""
-    e = make_engine(paths["llama"], name="llama", max_lora_rank=8)
+    e = make_engine(paths["llama"], name="llama", max_lora_rank=8, dtype=dtype)
     try:
         e.add_model("qwen", paths["qwen"])
         e.add_adapter("lora", "llama", paths["lora"])
@@ -106,19 +107,22 @@ def _pool(gw, polling: bool = False) -> list[dict]:
     return r.json()["workers"]
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 7}],
-                         ids=["greedy", "seeded"])
-def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling):
+@pytest.mark.parametrize("sampling,dtype", [
+    ({"temperature": 0}, "float32"), ({"temperature": 0.8, "seed": 7}, "float32"),
+    ({"temperature": 0.8, "seed": 7}, "bfloat16")], ids=["greedy", "seeded", "seeded-bf16"])
+def test_a_killed_worker_s_streams_finish_on_another(cluster, sampling, dtype):
+    """In bf16 too: a stream moved mid-way continues as the uninterrupted one (the kernels
+    give a request the same logits whatever shares its steps, "Same request, same tokens")."""
     c, gw, paths = cluster
     client = _client(gw)
     n, max_tokens = 8, 160
     prompts = random_prompts(n, 4, 10, seed=41)
-    want = _reference(paths, "llama", prompts, max_tokens, **sampling)
+    want = _reference(paths, "llama", prompts, max_tokens, dtype, **sampling)
     # a fresh registration of the same weights, made resident on one worker by one request,
     # so that all eight streams are routed to that worker (the one killed below)
-    model = f"fault-{sampling['temperature']}"
+    model = f"fault-{sampling['temperature']}-{dtype}"
     r = httpx.post(gw.url + "/admin/models", headers=ADMIN,
-                   json={"name": model, "path": str(paths["llama"])})
+                   json={"name": model, "path": str(paths["llama"]), "dtype": dtype})
     assert r.status_code == 201, r.text
     client.completions.create(model=model, prompt=prompts[0], max_tokens=1)
     holder = _wait_for(lambda: [w["name"] for w in _pool(gw, True) if model in w["models"]])

@@ -117,7 +117,7 @@ def test_the_gemv_follows_its_stated_order(tmp_path, monkeypatch):
     # rows: 2 (one tile), 9 (tiles of every height); columns: 6 (a partial tile); k = 1536
     # once caught -ffast-math adding the bias into the lanes' sum (an output 1 ulp off)
     for rows, n, k in ((2, 5, 1), (2, 5, 31), (2, 5, 32), (2, 5, 33), (2, 5, 100),
-                       (2, 5, 128), (2, 5, 129), (2, 5, 300), (9, 6, 576), (3, 70, 1536)):
+                       (2, 5, 128), (2, 5, 129), (2, 5, 300), (9, 6, 576), (4, 160, 1536)):
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         w = torch.randn(n, k, generator=g).to(torch.bfloat16)
         b = torch.randn(n, generator=g).to(torch.bfloat16)
@@ -125,24 +125,42 @@ def test_the_gemv_follows_its_stated_order(tmp_path, monkeypatch):
         want = torch.tensor([[_stated_dot(x[m], w[c], b[c]) for c in range(n)]
                              for m in range(rows)], dtype=torch.bfloat16).view(torch.int16)
         assert torch.equal(got, want), (rows, n, k)
+    # and an output where the order shows through the rounding: chunks of +-2^20 that cancel
+    # beside small terms (one accumulator's running sum loses other bits than two)
+    for trial in range(200):
+        x = torch.ones(1, 256, dtype=torch.bfloat16)
+        w = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+        w.view(1, 8, 32)[:, :, 1::2] = 2.0**20 * torch.tensor([1, -1] * 4).view(1, 8, 1)
+        b = torch.zeros(1, dtype=torch.bfloat16)
+        two, one = _stated_dot(x[0], w[0], b[0]), _stated_dot(x[0], w[0], b[0], 1)
+        if two != one:
+            got = _gemv(lib, x, w, b).view(torch.bfloat16)[0, 0].item()
+            assert got == two != one
+            break
+    else:
+        raise AssertionError("no case told the orders apart")
 
 
-def _stated_dot(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> float:
+def _stated_dot(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
+                accumulators: int = 2) -> float:
     """native.c's gemv_rows for one output, in float32 torch scalars (normal inputs: no
     denormal occurs, so DAZ/FTZ change nothing; float32 fma = the exact product added once):
-    one accumulator of 16 lanes, chunk after chunk."""
+    chunk c into accumulator c % 2 (``accumulators=1``: all into one, the order the test
+    below shows the kernel does not follow), the two added lane-wise, then the lane tree."""
     k = x.shape[0]
     f = torch.float32
     xp = torch.zeros(-(-k // 32) * 32, dtype=f)
     wp = torch.zeros_like(xp)
     xp[:k], wp[:k] = x.to(f), w.to(f)
-    acc = torch.zeros(16, dtype=f)
-    for start in range(0, xp.shape[0], 32):
+    acc = torch.zeros(2, 16, dtype=f)
+    for c, start in enumerate(range(0, xp.shape[0], 32)):
         pairs_x, pairs_w = xp[start:start + 32].view(16, 2), wp[start:start + 32].view(16, 2)
+        a = c % accumulators
         for e in (1, 0):  # odd first
             exact = pairs_x[:, e].double() * pairs_w[:, e].double()  # exact in float32
-            acc = (acc.double() + exact).to(f)  # one rounding: the fma
-    s = acc[8:] + acc[:8]
+            acc[a] = (acc[a].double() + exact).to(f)  # one rounding: the fma
+    v = acc[0] + acc[1]
+    s = v[8:] + v[:8]
     t = s[4:] + s[:4]
     total = (t[0] + t[2]) + (t[1] + t[3])
     return float((total + bias.to(f)).to(torch.bfloat16))
