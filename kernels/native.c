@@ -626,14 +626,12 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
  * invariance: a request's tokens do not depend on what shares its step).
  *
  * Semantics (one summation order, whichever build and whichever tile computes it): a row's
- * dot product is two accumulators of 16 float32 lanes; element k = 32 c + 2 j + e (chunk c,
- * lane j, e = 0 even, 1 odd) goes to lane j of accumulator c % 2, chunk after chunk, the last
- * chunk zero-padded. A lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs
- * that are denormal count as zero, lane = ftz(fma(x_odd, w_odd, lane)), then
- * lane = ftz(fma(x_even, w_even, lane)) (bf16 x bf16 products are exact in float32). Then
- * the two accumulators are added lane-wise, the 16 lanes reduced by one fixed tree
- * (gemv_hsum's), the bias added (all under DAZ/FTZ), rounded to bf16 once. (Two chains an
- * output, not one: a decode step's single row keeps up with memory.)
+ * dot product is one accumulator of 16 float32 lanes; element k = 32 c + 2 j + e (chunk c,
+ * lane j, e = 0 even, 1 odd) goes to lane j, chunk after chunk, the last chunk zero-padded. A
+ * lane takes a chunk's pair as AVX-512 BF16's vdpbf16ps does: inputs that are denormal count
+ * as zero, lane = ftz(fma(x_odd, w_odd, lane)), then lane = ftz(fma(x_even, w_even, lane))
+ * (bf16 x bf16 products are exact in float32). Then the 16 lanes are reduced by one fixed
+ * tree (gemv_hsum's), the bias added (all under DAZ/FTZ), rounded to bf16 once.
  *
  * Two builds compute exactly that: AVX-512 BF16 (the dot-product instruction itself) and
  * AVX2 + FMA (bf16 pairs split into their even and odd float32 halves by a shift and a mask,
@@ -642,10 +640,10 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
  * says a build has one; elsewhere the caller keeps torch's product.
  *
  * How: tiles of GT_M rows of x by GT_N rows of W (each vector loaded serves several
- * elements; one set of accumulators in registers, a pass each), W's rows in blocks of
- * GT_BLOCK read from L2 by every row tile; with a few rows (decode) W's rows one after
- * another (a stream of W per thread, prefetched ahead). Which rows share a tile changes the
- * loads, never an element's sums. */
+ * elements; one accumulator an element, all in registers), W's rows in blocks of GT_BLOCK
+ * read from L2 by every row tile; with a few rows (decode) each thread reads its share of W
+ * as GT_N sequential streams side by side (prefetched ahead). Which rows share a tile
+ * changes the loads, never an element's sums. */
 #ifdef HAVE_GEMV_BF16
 #define MXCSR_DAZ_FTZ 0x8040u
 
@@ -677,11 +675,6 @@ static inline gop_t gop_tail(const uint16_t *p, int64_t n) {
 }
 static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
     return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w);
-}
-static inline gacc_t gacc_add(gacc_t a, gacc_t b) {  /* lane-wise, not reassociated */
-    __m512 v = _mm512_add_ps(a, b);
-    __asm__("" : "+v"(v));
-    return v;
 }
 static inline float gacc_sum(gacc_t a) {
     return gemv_hsum(_mm512_castps512_ps256(a),
@@ -750,74 +743,47 @@ static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
     a.hi = gacc_half(a.hi, x.hi, w.hi);
     return a;
 }
-static inline gacc_t gacc_add(gacc_t a, gacc_t b) {  /* lane-wise, not reassociated */
-    gacc_t v = {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
-    __asm__("" : "+x"(v.lo), "+x"(v.hi));
-    return v;
-}
 static inline float gacc_sum(gacc_t a) { return gemv_hsum(a.lo, a.hi); }
 #endif
 
-#define PF_TILES 8  /* streaming W: its rows this many tiles on are prefetched */
+#define PF_ROWS 8  /* streaming W: each stream's rows this many rows on are prefetched */
 
-/* y[m0 .. m0 + MR][n0 .. n0 + NR]: each element's even chunks in order into one accumulator,
- * its odd chunks into another, then the two added lane-wise. PF (a few rows, W streamed from
- * memory, a tile one row of W): both accumulators in one loop (two chains an element) and W's
- * rows ahead prefetched; else (tiles from L2) one pass a parity, the first pass's
- * accumulators kept aside, so a tile holds only one set in registers. Same sums either way. */
+/* y[m0 + m][n0 + n * cs] for m < MR, n < NR: each element's chunks in order into its one
+ * accumulator (local, the loops unrolled: kept in registers). cs = 1: a tile of adjacent
+ * rows of W (from L2); cs > 1 (a few rows of x, W streamed from memory): NR rows cs apart,
+ * each a sequential stream, its rows PF_ROWS on prefetched. */
 static inline __attribute__((always_inline)) void gemm_tile(
         const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t ldw, int64_t K,
         const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, const int MR,
-        const int NR, const int PF) {
-    gacc_t acc[GT_M * GT_N], odd[GT_M * GT_N];  /* local, loops unrolled: in registers */
-    gacc_t even_mem[GT_M * GT_N];  /* the tiles' first pass, aside */
+        const int NR, int64_t cs) {
+    gacc_t acc[GT_M * GT_N];
     const uint16_t *xm = x + m0 * ldx, *wn = W + n0 * ldw;
-#define GEMM_STEP(A, K0, LOAD)                                                            \
+    int64_t wstep = cs * ldw;
+    for (int e = 0; e < MR * NR; e++) acc[e] = gacc_zero();
+    int64_t k = 0;
+#define GEMM_STEP(LOAD)                                                                   \
     do {                                                                                  \
         gop_t xo[GT_M], wo[GT_N];                                                         \
-        for (int m = 0; m < MR; m++) xo[m] = LOAD(xm + m * ldx, K0);                      \
-        for (int n = 0; n < NR; n++) wo[n] = LOAD(wn + n * ldw, K0);                      \
-        if (PF) /* streaming W from memory: the rows PF_TILES on, ahead of their loads */  \
+        for (int m = 0; m < MR; m++) xo[m] = LOAD(xm + m * ldx);                          \
+        for (int n = 0; n < NR; n++) wo[n] = LOAD(wn + n * wstep);                        \
+        if (cs > 1)                                                                       \
             for (int n = 0; n < NR; n++)                                                  \
-                _mm_prefetch((const char *)(wn + (PF_TILES * NR + n) * ldw + (K0)),       \
+                _mm_prefetch((const char *)(wn + n * wstep + PF_ROWS * ldw + k),          \
                              _MM_HINT_T0);                                                \
         for (int m = 0; m < MR; m++)                                                      \
             for (int n = 0; n < NR; n++)                                                  \
-                A[m * NR + n] = gacc_dp(A[m * NR + n], xo[m], wo[n]);                     \
+                acc[m * NR + n] = gacc_dp(acc[m * NR + n], xo[m], wo[n]);                 \
     } while (0)
-#define GEMM_AT(p, k0) gop_load((p) + (k0))
-#define GEMM_TAIL(p, k0) gop_tail((p) + (k0), K - (k0))
-    int64_t whole = K / 32 * 32;  /* the tail chunk, if any, starts here: chunk K / 32 */
-    int tail_odd = (K / 32) % 2;
-    for (int e = 0; e < MR * NR; e++) acc[e] = odd[e] = gacc_zero();
-    if (PF) {
-        int64_t k = 0;
-        for (; k + 64 <= whole; k += 64) {
-            GEMM_STEP(acc, k, GEMM_AT);
-            GEMM_STEP(odd, k + 32, GEMM_AT);
-        }
-        if (k < whole) GEMM_STEP(acc, k, GEMM_AT);
-        if (whole < K) {
-            if (tail_odd) GEMM_STEP(odd, whole, GEMM_TAIL);
-            else GEMM_STEP(acc, whole, GEMM_TAIL);
-        }
-    } else {
-        for (int64_t k = 0; k < whole; k += 64) GEMM_STEP(acc, k, GEMM_AT);
-        if (whole < K && !tail_odd) GEMM_STEP(acc, whole, GEMM_TAIL);
-        for (int e = 0; e < MR * NR; e++) even_mem[e] = acc[e];
-        __asm__("" : : "r"(even_mem) : "memory");  /* kept in memory, not in registers */
-        for (int e = 0; e < MR * NR; e++) acc[e] = gacc_zero();
-        for (int64_t k = 32; k < whole; k += 64) GEMM_STEP(acc, k, GEMM_AT);
-        if (whole < K && tail_odd) GEMM_STEP(acc, whole, GEMM_TAIL);
-        for (int e = 0; e < MR * NR; e++) odd[e] = even_mem[e];
-    }
+#define GEMM_AT(p) gop_load((p) + k)
+#define GEMM_TAIL(p) gop_tail((p) + k, K - k)
+    for (; k + 32 <= K; k += 32) GEMM_STEP(GEMM_AT);
+    if (k < K) GEMM_STEP(GEMM_TAIL);
 #undef GEMM_TAIL
 #undef GEMM_AT
 #undef GEMM_STEP
-    for (int e = 0; e < MR * NR; e++) acc[e] = gacc_add(acc[e], odd[e]);
     float sums[GT_M * GT_N];
 #ifdef __AVX512BF16__
-    if (MR * NR == 16) {  /* a whole tile: the sums, the bias and the rounding 16 at a time */
+    if (MR * NR == 16 && cs == 1) {  /* a whole tile: sums, bias and rounding 16 at a time */
         __m512 v = gacc_sum16(acc);
         if (bias) {  /* lane 4 m + n: bias[n0 + n] */
             __m128i b4 = _mm_cvtepu16_epi32(_mm_loadl_epi64((const void *)(bias + n0)));
@@ -837,49 +803,64 @@ static inline __attribute__((always_inline)) void gemm_tile(
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++) {
             float v = sums[m * NR + n];
-            if (bias) v += bf2f(bias[n0 + n]);  /* fused, rounded once, as oneDNN */
-            y[(m0 + m) * ldy + n0 + n] = f2bf(v);
+            if (bias) v += bf2f(bias[n0 + n * cs]);  /* fused, rounded once, as oneDNN */
+            y[(m0 + m) * ldy + n0 + n * cs] = f2bf(v);
         }
 }
 
 #define GT_BLOCK 64  /* W rows a block: a few hundred KB at most, read from L2 by each row tile */
 
-/* the rows [n0, n1) of W for all M rows of x (one thread's share) */
+#define GT_CASE(A, B, CS) \
+    case (A) * 8 + (B): gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B, CS); break
+#define GT_CASES(MR_, NR_, CS)                                                            \
+    switch ((MR_) * 8 + (NR_)) {                                                          \
+    GT_CASE(1, 1, CS); GT_CASE(1, 2, CS); GT_CASE(1, 3, CS); GT_CASE(1, 4, CS);          \
+    GT_CASE(2, 1, CS); GT_CASE(2, 2, CS); GT_CASE(2, 3, CS); GT_CASE(2, 4, CS);          \
+    GT_CASES_WIDE(CS)                                                                     \
+    default: break; /* mr <= GT_M, nr <= GT_N: listed */                                  \
+    }
+#if GT_M == 4
+#define GT_CASES_WIDE(CS)                                                                 \
+    GT_CASE(3, 1, CS); GT_CASE(3, 2, CS); GT_CASE(3, 3, CS); GT_CASE(3, 4, CS);          \
+    GT_CASE(4, 1, CS); GT_CASE(4, 2, CS); GT_CASE(4, 3, CS); GT_CASE(4, 4, CS);
+#else
+#define GT_CASES_WIDE(CS)
+#endif
+
+/* the rows [n0, n1) of W for all M rows of x (one thread's share). A few rows of x: the share
+ * in GT_N quarters read side by side, each a sequential stream of W (a row's one chain of
+ * dot products is latency-bound; four in flight keep up with memory, where four adjacent
+ * rows read together did not). More: tiles of GT_M x GT_N over blocks of W in L2. */
 static void gemv_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *W,
                       int64_t n0, int64_t n1, int64_t ldw, const uint16_t *bias, uint16_t *y,
                       int64_t ldy) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | MXCSR_DAZ_FTZ);
-    int few = M <= GT_M;  /* one pass over W, from memory */
-    int64_t block = few ? n1 - n0 : GT_BLOCK;
-    for (int64_t b0 = n0; b0 < n1; b0 += block) {
-        int64_t b1 = b0 + block < n1 ? b0 + block : n1;
-        for (int64_t m0 = 0; m0 < M; m0 += GT_M) {
-            int mr = M - m0 < GT_M ? (int)(M - m0) : GT_M;
-            int64_t step = few ? 1 : GT_N;  /* streaming: W's rows one after another */
-            for (int64_t c0 = b0; c0 < b1; c0 += step) {
-                int nr = b1 - c0 < step ? (int)(b1 - c0) : (int)step;
-#define GT_CASE(A, B) \
-    case (A) * 8 + (B): \
-        if (few) gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B, 1); \
-        else gemm_tile(x, ldx, W, ldw, K, bias, y, ldy, m0, c0, A, B, 0); \
-        break
-                switch (mr * 8 + nr) {
-                GT_CASE(1, 1); GT_CASE(1, 2); GT_CASE(1, 3); GT_CASE(1, 4);
-                GT_CASE(2, 1); GT_CASE(2, 2); GT_CASE(2, 3); GT_CASE(2, 4);
-#if GT_M == 4
-                GT_CASE(3, 1); GT_CASE(3, 2); GT_CASE(3, 3); GT_CASE(3, 4);
-                GT_CASE(4, 1); GT_CASE(4, 2); GT_CASE(4, 3); GT_CASE(4, 4);
-#endif
-                default: break;  /* mr <= GT_M, nr <= GT_N: listed above */
+    if (M <= GT_M) {
+        int64_t q = (n1 - n0 + GT_N - 1) / GT_N, m0 = 0;
+        for (int64_t i = 0; i < q; i++) {
+            int64_t c0 = n0 + i;
+            int nr = 0;
+            while (nr < GT_N && c0 + nr * q < n1) nr++;
+            GT_CASES((int)M, nr, q)
+        }
+    } else {
+        for (int64_t b0 = n0; b0 < n1; b0 += GT_BLOCK) {
+            int64_t b1 = b0 + GT_BLOCK < n1 ? b0 + GT_BLOCK : n1;
+            for (int64_t m0 = 0; m0 < M; m0 += GT_M) {
+                int mr = M - m0 < GT_M ? (int)(M - m0) : GT_M;
+                for (int64_t c0 = b0; c0 < b1; c0 += GT_N) {
+                    int nr = b1 - c0 < GT_N ? (int)(b1 - c0) : GT_N;
+                    GT_CASES(mr, nr, 1)
                 }
-#undef GT_CASE
             }
         }
     }
     _mm_setcsr(csr);
 }
-
+#undef GT_CASES
+#undef GT_CASES_WIDE
+#undef GT_CASE
 
 /* the calling thread's share of the rows (no barrier after) */
 static void gemv_bf16_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,

@@ -127,26 +127,27 @@ def test_the_gemv_follows_its_stated_order(tmp_path, monkeypatch):
         assert torch.equal(got, want), (rows, n, k)
     # and an output where the order shows through the rounding: chunks of +-2^20 that cancel
     # beside small terms (one accumulator's running sum loses other bits than two)
-    for trial in range(200):
+    for _ in range(200):
         x = torch.ones(1, 256, dtype=torch.bfloat16)
         w = torch.randn(1, 256, generator=g).to(torch.bfloat16)
         w.view(1, 8, 32)[:, :, 1::2] = 2.0**20 * torch.tensor([1, -1] * 4).view(1, 8, 1)
         b = torch.zeros(1, dtype=torch.bfloat16)
-        two, one = _stated_dot(x[0], w[0], b[0]), _stated_dot(x[0], w[0], b[0], 1)
+        one, two = _stated_dot(x[0], w[0], b[0]), _stated_dot(x[0], w[0], b[0], 2)
         if two != one:
             got = _gemv(lib, x, w, b).view(torch.bfloat16)[0, 0].item()
-            assert got == two != one
+            assert got == one != two
             break
     else:
         raise AssertionError("no case told the orders apart")
 
 
 def _stated_dot(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
-                accumulators: int = 2) -> float:
+                accumulators: int = 1) -> float:
     """native.c's gemv_rows for one output, in float32 torch scalars (normal inputs: no
     denormal occurs, so DAZ/FTZ change nothing; float32 fma = the exact product added once):
-    chunk c into accumulator c % 2 (``accumulators=1``: all into one, the order the test
-    below shows the kernel does not follow), the two added lane-wise, then the lane tree."""
+    every chunk into one accumulator (``accumulators=2``: chunk c into accumulator c % 2, the
+    two added lane-wise: an order the test below shows the kernel does not follow), then the
+    lane tree."""
     k = x.shape[0]
     f = torch.float32
     xp = torch.zeros(-(-k // 32) * 32, dtype=f)
