@@ -170,7 +170,8 @@ class LocalEngine:
                                  tokenizer=self.load_tokenizers,
                                  quantization=quantization or self.config.quantization,
                                  cuda_graphs=self.config.cuda_graphs,
-                                 kernels=self.config.kernels, use_native=self.config.native)
+                                 kernels=self.config.kernels, use_native=self.config.native,
+                                 batch_invariant=self.config.batch_invariant)
             with self._lock:
                 try:
                     self.core.add_worker(worker)

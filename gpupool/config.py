@@ -5,7 +5,9 @@ Environment variables (prefix ``GPUPOOL_``) are read here, except the few that
 docs/architecture.md lists under "Claims a script checks" (tests/test_docs.py):
 ``GPUPOOL_HOME`` (data dir, default ``~/.cache/gpupool``), ``GPUPOOL_DEVICE``,
 ``GPUPOOL_KERNELS`` (auto | reference | triton), ``GPUPOOL_CUDA_GRAPHS`` (0 turns the
-decode steps' CUDA graphs off), ``GPUPOOL_NATIVE`` (0: no native CPU kernels); for the
+decode steps' CUDA graphs off), ``GPUPOOL_NATIVE`` (0: no native CPU kernels),
+``GPUPOOL_BATCH_INVARIANT`` (0: the fastest kernels per step size, outputs then depend on the
+batch); for the
 server also ``GPUPOOL_CONFIG`` (a TOML file), ``GPUPOOL_HOST``, ``GPUPOOL_PORT``,
 ``GPUPOOL_ADMIN_KEY``, ``GPUPOOL_REDIS_URL``, ``GPUPOOL_MODEL_ROOTS`` (joined by ``os.pathsep``),
 ``GPUPOOL_POLICY``, ``GPUPOOL_METRICS_KEY``; ``GPUPOOL_DTYPE`` (auto | float32 | bfloat16
@@ -85,6 +87,11 @@ class Config:
     # the native CPU kernels (kernels/native.c) for bf16 models where they build; False:
     # torch ops (GPUPOOL_NATIVE=0)
     native: bool = True
+    # every step's products through the native kernels, so a request's output does not depend
+    # on what shares its batch (README: "Same request, same tokens"); False: the fastest path
+    # per step size instead (oneDNN past 64 bf16 rows, torch's int8 kernels past 16 int8 rows:
+    # int8 prefill ~1.5x faster, outputs then depend on the batch) (GPUPOOL_BATCH_INVARIANT=0)
+    batch_invariant: bool = True
     # on CUDA, decode steps replayed from captured CUDA graphs (models/graphs.py)
     cuda_graphs: bool = True
     # CPU threads of the step loop (None: torch's count in the thread that makes the engine)
@@ -112,7 +119,7 @@ class Config:
         for key in ("device", "kernels", "dtype", "quantization"):
             if f"GPUPOOL_{key.upper()}" in os.environ:
                 top[key] = os.environ[f"GPUPOOL_{key.upper()}"]
-        for key in ("cuda_graphs", "native"):
+        for key in ("cuda_graphs", "native", "batch_invariant"):
             value = os.environ.get(f"GPUPOOL_{key.upper()}")
             if value is not None:
                 top[key] = value.strip().lower() not in ("0", "false", "no", "off")

@@ -31,6 +31,9 @@ from gpupool.kernels import decode, native, reference
 from gpupool.kernels.linear import linear, linear_int8
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
+# the native products' row limits where batch invariance is off (Config.batch_invariant):
+# past them torch's are faster (int8: from ~17 rows) or as fast (bf16, oneDNN's packed GEMM)
+FAST_MAX_ROWS = {"bf16": 64, "int8": 16}
 
 
 @dataclass
@@ -223,29 +226,38 @@ class NativeOps(TorchOps):
 
     name = "native"
 
-    def __init__(self, head_dim: int = 0):
+    def __init__(self, head_dim: int = 0, invariant: bool = True):
+        """``invariant`` False: the fastest product per step size instead of the native ones
+        for every step (Config.batch_invariant)."""
         super().__init__(fused_lora=True)
         self._cache = _NativeCache()
+        self.invariant = invariant
         self._attention_invariant = native.has_prefill_attention(head_dim)
-        self.batch_invariant = native.has_gemv() and self._attention_invariant
+        self.batch_invariant = invariant and native.has_gemv() and self._attention_invariant
 
     def bind(self, model) -> None:
         self._cache = _NativeCache()
         # every product native (the int8 one is AVX-512 only) and attention through the prefill
         # kernel for decode rows too (AVX-512 BF16, head_dim % 16 == 0)
-        self.batch_invariant = (native.has_gemv() and self._attention_invariant
+        self.batch_invariant = (self.invariant and native.has_gemv()
+                                and self._attention_invariant
                                 and (not model.int8 or native.has_gemv_int8()))
 
     @property
     def packs_weights(self) -> bool:
-        return not native.has_gemv()  # the native products read the plain weights
+        # the native products read the plain weights; oneDNN's packed copies serve the large
+        # steps of the fast path
+        return not self.invariant or not native.has_gemv()
 
     def plan(self, model, batch) -> StepPlan:
         # every step, of 1 row or 1000, through the native products on the plain weights: a
         # row's sums have one order whatever shares its step (batch invariance; tiled, they
         # keep up with oneDNN's GEMM, native.c); torch's where they do not read the weights
-        # (int8 on a CPU without AVX-512)
+        # (int8 on a CPU without AVX-512). Not invariant: torch's products past a few rows
+        # (FAST_MAX_ROWS), where they are faster (int8) or as fast (bf16, packed)
         gemv = native.has_gemv_int8() if model.int8 else native.has_gemv()
+        if not self.invariant:
+            gemv = gemv and batch.num_tokens <= FAST_MAX_ROWS["int8" if model.int8 else "bf16"]
         return StepPlan(model.plain if gemv else model.layers, model.rope, gemv=gemv)
 
     def _whole_step_inputs(self, model, kv_layers):
@@ -336,7 +348,7 @@ class NativeOps(TorchOps):
 
 
 def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
-           use_native: bool = True) -> TorchOps:
+           use_native: bool = True, batch_invariant: bool = True) -> TorchOps:
     """The backend for a model of ``cfg`` with activations of ``dtype`` on ``device``:
     Triton on CUDA where it is installed (or ``kernels="triton"``), the native kernels for
     bf16 on CPU where they built, passed their check and take the model's sizes (no per-head
@@ -350,7 +362,7 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     if (cpu_bf16 and not cfg.qk_norm
             and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)):
-        return NativeOps(cfg.head_dim)
+        return NativeOps(cfg.head_dim, batch_invariant)
     return TorchOps(fused_lora=cpu_bf16)
 
 

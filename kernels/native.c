@@ -905,6 +905,9 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 #ifdef __AVX512BW__
 #define I8_BLOCK 2048
 #define I8_NBLOCK 64  /* W rows a block when many rows of x share them (L2) */
+/* the tiles' int32 lanes summed every 512 columns: a lane takes at most 32 products of
+ * 128 x 32767 (two an instruction, 16 instructions), 16 lanes 2.1e9 < 2^31 */
+#define I8_TILE_BLOCK 512
 
 static inline __m512i dp16(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
@@ -973,6 +976,34 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
     }
 }
 
+/* the 16 lanes' sums of v[0..15], element e: v[e]'s (int32 adds in any order: exact while
+ * no sum passes 2^31, which I8_TILE_BLOCK keeps) */
+static inline __m512i sum16_epi32(const __m512i *v) {
+    __m512i a[8], b[4], c[2];
+    for (int p = 0; p < 8; p++)
+        a[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0x44),
+                                _mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0xee));
+    for (int q = 0; q < 4; q++)
+        b[q] = _mm512_add_epi32(_mm512_shuffle_i32x4(a[2 * q], a[2 * q + 1], 0x88),
+                                _mm512_shuffle_i32x4(a[2 * q], a[2 * q + 1], 0xdd));
+    for (int r = 0; r < 2; r++)
+        c[r] = _mm512_add_epi32(
+            _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(b[2 * r]),
+                                                  _mm512_castsi512_ps(b[2 * r + 1]),
+                                                  _MM_SHUFFLE(1, 0, 1, 0))),
+            _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(b[2 * r]),
+                                                  _mm512_castsi512_ps(b[2 * r + 1]),
+                                                  _MM_SHUFFLE(3, 2, 3, 2))));
+    __m512i r = _mm512_add_epi32(
+        _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(c[0]),
+                                              _mm512_castsi512_ps(c[1]), _MM_SHUFFLE(2, 0, 2, 0))),
+        _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(c[0]),
+                                              _mm512_castsi512_ps(c[1]), _MM_SHUFFLE(3, 1, 3, 1))));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11,
+                                            15);
+    return _mm512_permutexvar_epi32(order, r);
+}
+
 /* an MR x NR tile (rows m0.., columns n0..) for many rows of x: one accumulator an element
  * (each of W's and x's vectors loaded once for the tile), summed in int64 per block; the
  * integer sums are exact, so every tile shape gives gemv_i8_rows_m's result */
@@ -980,9 +1011,11 @@ static inline __attribute__((always_inline)) void gemv_i8_tile(
         const int16_t *xq, const float *xs, int64_t K, int64_t Kp, const int8_t *Q,
         int64_t ldq, const uint16_t *scale, const uint16_t *bias, uint16_t *y, int64_t ldy,
         int64_t m0, int64_t n0, const int MR, const int NR) {
+    const int full = MR * NR == 16;  /* a whole tile: lanes summed 16 at a time */
     int64_t dot[16] = {0};
-    for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
-        int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
+    __m512i dlo = _mm512_setzero_si512(), dhi = dlo;  /* a whole tile's sums, int64 */
+    for (int64_t b0 = 0; b0 < K; b0 += I8_TILE_BLOCK) {
+        int64_t b1 = b0 + I8_TILE_BLOCK < K ? b0 + I8_TILE_BLOCK : K;
         __m512i acc[16];
         for (int e = 0; e < MR * NR; e++) acc[e] = _mm512_setzero_si512();
         int64_t k = b0;
@@ -1003,10 +1036,20 @@ static inline __attribute__((always_inline)) void gemv_i8_tile(
 #undef I8_PART
 #undef I8_WHOLE
 #undef I8_STEP
-        for (int e = 0; e < MR * NR; e++)  /* lanes summed in int64: 16 lanes can overflow */
-            dot[e] += _mm512_reduce_add_epi64(_mm512_add_epi64(
-                _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[e])),
-                _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[e], 1))));
+        if (full) {  /* a block's 16 lanes fit int32 (I8_TILE_BLOCK): one transposing sum */
+            __m512i s = sum16_epi32(acc);
+            dlo = _mm512_add_epi64(dlo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s)));
+            dhi = _mm512_add_epi64(dhi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1)));
+        } else {
+            for (int e = 0; e < MR * NR; e++)  /* in int64 */
+                dot[e] += _mm512_reduce_add_epi64(_mm512_add_epi64(
+                    _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[e])),
+                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[e], 1))));
+        }
+    }
+    if (full) {
+        _mm512_storeu_si512(dot, dlo);
+        _mm512_storeu_si512(dot + 8, dhi);
     }
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++)

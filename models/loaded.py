@@ -62,14 +62,16 @@ class LoadedModel:
     def __init__(self, name: str, folder: str | Path, device: torch.device, kv: KVStorage,
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
                  weight_pool=None, tokenizer: bool = True, quantization: str | None = None,
-                 cuda_graphs: bool = False, kernels: str = "auto", use_native: bool = True):
+                 cuda_graphs: bool = False, kernels: str = "auto", use_native: bool = True,
+                 batch_invariant: bool = True):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
         they are copied to the device once and stay. Adapter slots live in the pool's arena
         (its adapter region), so a worker without ``weight_pool`` serves no adapters.
         ``quantization="int8"`` stores the linear layers and the lm_head as int8 with one scale
         per output row (the rest, activations and adapters stay in ``dtype``). ``kernels``
-        and ``use_native``: the engine's kernel settings, from which the model's backend is
+        ``use_native`` and ``batch_invariant``: the engine's kernel settings, from which the
+        model's backend is
         chosen once (kernels.backend.select)."""
         folder = Path(folder)
         if not folder.is_dir():
@@ -94,7 +96,7 @@ class LoadedModel:
         self.layout, host = load_flat_weights(folder, self.cfg, self.dtype, self.quantization)
         self.model = LlamaModel(self.cfg, self.dtype, device,
                                 backend.select(device, self.dtype, self.cfg, kernels,
-                                               use_native))
+                                               use_native, batch_invariant))
         self.kv_view = kv.model_view(
             self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
         )

@@ -266,13 +266,14 @@ def test_over_http_a_cache_hit_and_a_busy_server_give_the_same_tokens(tiny_model
             r = client.post("/v1/completions", headers=admin, json={**body, **extra})
             assert r.status_code == 200, r.text
             out = r.json()
-            return (out["choices"][0]["logprobs"]["tokens"],
+            lp = out["choices"][0]["logprobs"]  # the tokens and their logprobs, exactly
+            return ((lp["tokens"], lp["token_logprobs"]),
                     out["usage"]["prompt_tokens_details"]["cached_tokens"])
 
         runs = [complete(cache_salt=salt) for salt in ("a", "a", "b", "b")]
         assert [cached > 0 for _, cached in runs] == [False, True, False, True]
         want = runs[0][0]
-        assert len(want) == 64 and all(tokens == want for tokens, _ in runs)
+        assert len(want[0]) == 64 and all(tokens == want for tokens, _ in runs)
         others = [" ".join(f"w{5 + (k * j) % 140}" for j in range(3 + 9 * k)) for k in range(12)]
         with concurrent.futures.ThreadPoolExecutor(13) as pool:
             busy = [pool.submit(client.post, "/v1/completions", headers=admin,
@@ -280,3 +281,31 @@ def test_over_http_a_cache_hit_and_a_busy_server_give_the_same_tokens(tiny_model
             target = pool.submit(complete, cache_salt="c")
             assert all(f.result().status_code == 200 for f in busy)
             assert target.result()[0] == want
+
+
+def test_the_fast_path_is_opt_in_and_says_it_is_not_invariant(tiny_models):
+    """Config.batch_invariant=False (GPUPOOL_BATCH_INVARIANT=0) trades the guarantee for
+    torch's products on large steps: the backend no longer claims it, and its large steps
+    leave the native products."""
+    from gpupool.config import Config
+
+    assert Config().batch_invariant and not Config.from_env(batch_invariant=False).batch_invariant
+    folder = tiny_models("llama")
+    engine = make_engine(folder, dtype="bfloat16", quantization="int8", batch_invariant=False)
+    try:
+        engine.generate([TARGET_PROMPT], SamplingParams(max_tokens=2))
+        ops = engine.local.core.workers["m"].model.ops
+        assert not ops.batch_invariant and ops.packs_weights
+        model = engine.local.core.workers["m"].model
+        big = type("Batch", (), {"num_tokens": 40})()
+        small = type("Batch", (), {"num_tokens": 3})()
+        assert not ops.plan(model, big).gemv
+        assert ops.plan(model, small).gemv == native_int8()
+    finally:
+        engine.shutdown()
+
+
+def native_int8() -> bool:
+    from gpupool.kernels import native
+
+    return native.has_gemv_int8()
