@@ -69,10 +69,9 @@ class LoadedModel:
         they are copied to the device once and stay. Adapter slots live in the pool's arena
         (its adapter region), so a worker without ``weight_pool`` serves no adapters.
         ``quantization="int8"`` stores the linear layers and the lm_head as int8 with one scale
-        per output row (the rest, activations and adapters stay in ``dtype``). ``kernels``
-        ``use_native`` and ``batch_invariant``: the engine's kernel settings, from which the
-        model's backend is
-        chosen once (kernels.backend.select)."""
+        per output row (the rest, activations and adapters stay in ``dtype``). ``kernels``,
+        ``use_native``, ``batch_invariant``: the engine's kernel settings, from which the
+        model's backend is chosen once (kernels.backend.select)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -97,9 +96,8 @@ class LoadedModel:
         self.model = LlamaModel(self.cfg, self.dtype, device,
                                 backend.select(device, self.dtype, self.cfg, kernels,
                                                use_native, batch_invariant))
-        self.kv_view = kv.model_view(
-            self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype
-        )
+        self.kv_view = kv.model_view(self.cfg.num_layers, self.cfg.num_kv_heads,
+                                     self.cfg.head_dim, self.dtype)
         self.block_tokens = self.kv_view.shape[3]
         self.steps_bound = 0  # steps run since the weights were last bound
         # decode steps replayed from captured CUDA graphs (models/graphs.py)
