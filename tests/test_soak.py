@@ -228,7 +228,7 @@ def test_soak(live):
     engine.reset_prefix_cache()  # the leak check: with the cache emptied, every page free
     assert engine.kv.pages.num_free_pages == engine.kv.pages.num_pages
     engine.check_integrity()
-    slots = engine.local.core.workers["tiny"].slots
+    slots = engine.core.workers["tiny"].slots
     assert set(slots.host) == {"ad0", "ad1", "ad2"}  # every churned adapter is gone
     metrics = state.metrics.ttft._metrics  # series of churned adapters were dropped
     assert {v[0] for v in metrics} <= {"tiny", "ad0", "ad1", "ad2"}, set(metrics)
