@@ -232,16 +232,20 @@ class NativeOps(TorchOps):
         super().__init__(fused_lora=True)
         self._cache = _NativeCache()
         self.invariant = invariant
-        self._attention_invariant = native.has_prefill_attention(head_dim)
-        self.batch_invariant = invariant and native.has_gemv() and self._attention_invariant
+        self._head_dim = head_dim
+        self._int8 = False  # the bound model's weights are int8
 
     def bind(self, model) -> None:
         self._cache = _NativeCache()
+        self._int8 = model.int8
+
+    @property
+    def batch_invariant(self) -> bool:
         # every product native (the int8 one is AVX-512 only) and attention through the prefill
         # kernel for decode rows too (AVX-512 BF16, head_dim % 16 == 0)
-        self.batch_invariant = (self.invariant and native.has_gemv()
-                                and self._attention_invariant
-                                and (not model.int8 or native.has_gemv_int8()))
+        return (self.invariant and native.has_gemv()
+                and native.has_prefill_attention(self._head_dim)
+                and (not self._int8 or native.has_gemv_int8()))
 
     @property
     def packs_weights(self) -> bool:

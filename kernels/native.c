@@ -72,21 +72,40 @@ SIMD_HELPER __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* lane e: the sum of v[e]'s 16 lanes, for 16 vectors at once (a transposing add tree: 45
- * shuffles and adds instead of 16 reductions) */
-SIMD_HELPER __m512 hsum16(const __m512 v[16]) {
-    __m512 t[8], q[4], w[2];
-    for (int e = 0; e < 8; e++)  /* pairs: lanes hold partial sums of v[2e], v[2e+1] */
-        t[e] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * e], v[2 * e + 1]),
-                             _mm512_unpackhi_ps(v[2 * e], v[2 * e + 1]));
-    for (int e = 0; e < 4; e++)  /* each 128-bit lane: partials of v[4e .. 4e+3] */
-        q[e] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * e], t[2 * e + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(t[2 * e], t[2 * e + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int e = 0; e < 2; e++)
-        w[e] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * e], q[2 * e + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(q[2 * e], q[2 * e + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+/* out[e] = the sum of v[e]'s 16 lanes, for 16 vectors at once, in gemv_hsum's tree
+ * (s_i = v_{i+8} + v_i, t_j = s_{j+4} + s_j, (t_0 + t_2) + (t_1 + t_3)): each level adds the
+ * same lanes, gathered from several vectors by shuffles (45 instructions for 16 sums instead
+ * of ~160). integer: the lanes are int32, added as such (exact in any order); else float32,
+ * each level behind an empty asm so -ffast-math cannot reassociate it. */
+static inline __attribute__((always_inline, unused)) __m512 sum16_tree(const __m512 *v,
+                                                                       const int integer) {
+#define TREE_ADD(x, y)                                                                    \
+    (integer ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(x),               \
+                                                    _mm512_castps_si512(y)))              \
+             : _mm512_add_ps(x, y))
+    __m512 a[8], b[4], c[2];
+    for (int p = 0; p < 8; p++) {  /* s: lanes i and i + 8 of v[2p] (low half), v[2p+1] */
+        a[p] = TREE_ADD(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xee),
+                        _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44));
+        __asm__("" : "+v"(a[p]));
+    }
+    for (int q = 0; q < 4; q++) {  /* t: lanes j and j + 4 of each s; quarter r: v[4q + r] */
+        b[q] = TREE_ADD(_mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0xdd),
+                        _mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0x88));
+        __asm__("" : "+v"(b[q]));
+    }
+    for (int r = 0; r < 2; r++) {  /* t0 + t2, t1 + t3 */
+        c[r] = TREE_ADD(_mm512_shuffle_ps(b[2 * r], b[2 * r + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                        _mm512_shuffle_ps(b[2 * r], b[2 * r + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        __asm__("" : "+v"(c[r]));
+    }
+    __m512 r = TREE_ADD(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                        _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __asm__("" : "+v"(r));  /* lane 4 i + k: v[i + 4 k] */
+#undef TREE_ADD
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11,
+                                            15);
+    return _mm512_permutexvar_ps(order, r);
 }
 
 /* 16 bf16 values at p widened to float32 (exact) */
@@ -328,7 +347,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
             if (D % 16 == 0) {
                 /* the prefill kernel's arithmetic, a query of one row: a token's attention is
                  * the same whether it is computed in a prefill chunk or as a decode row (batch
-                 * invariance; decode_item_fast's order differs) */
+                 * invariance) */
                 float *buf = malloc(sizeof(float) * (size_t)(group * (D + 2) + D * PA_KB));
                 if (!buf) continue;  /* native.py never asks for more than memory holds */
                 prefill_item(q, ldq, b, 0, 1, len - 1, g, group, nkv, D, k_cache, v_cache,
@@ -681,37 +700,8 @@ static inline float gacc_sum(gacc_t a) {
                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
 
-/* gemv_hsum's tree for 16 accumulators at once (out[e] = gemv_hsum of v[e]): each level adds
- * the same lanes as gemv_hsum, gathered from several vectors by shuffles (45 instructions for
- * 16 sums instead of ~160) */
-static inline __m512 gacc_sum16(const __m512 *v) {
-    __m512 a[8], b[4], c[2];
-    for (int p = 0; p < 8; p++) {  /* s: lanes i and i + 8 of v[2p] (low half), v[2p+1] */
-        __m512 lo = _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44);
-        __m512 hi = _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xee);
-        a[p] = _mm512_add_ps(hi, lo);
-        __asm__("" : "+v"(a[p]));
-    }
-    for (int q = 0; q < 4; q++) {  /* t: lanes j and j + 4 of each s; quarter r: v[4q + r] */
-        __m512 lo = _mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0x88);
-        __m512 hi = _mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0xdd);
-        b[q] = _mm512_add_ps(hi, lo);
-        __asm__("" : "+v"(b[q]));
-    }
-    for (int r = 0; r < 2; r++) {  /* t0 + t2, t1 + t3 */
-        __m512 lo = _mm512_shuffle_ps(b[2 * r], b[2 * r + 1], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512 hi = _mm512_shuffle_ps(b[2 * r], b[2 * r + 1], _MM_SHUFFLE(3, 2, 3, 2));
-        c[r] = _mm512_add_ps(lo, hi);
-        __asm__("" : "+v"(c[r]));
-    }
-    __m512 lo = _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0));
-    __m512 hi = _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1));
-    __m512 r = _mm512_add_ps(lo, hi);  /* lane 4 i + k: v[i + 4 k] */
-    __asm__("" : "+v"(r));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11,
-                                            15);
-    return _mm512_permutexvar_ps(order, r);
-}
+/* gemv_hsum of each of 16 accumulators, at once */
+static inline __m512 gacc_sum16(const __m512 *v) { return sum16_tree(v, 0); }
 #else
 #define GT_M 2
 #define GT_N 4
@@ -979,29 +969,9 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
 /* the 16 lanes' sums of v[0..15], element e: v[e]'s (int32 adds in any order: exact while
  * no sum passes 2^31, which I8_TILE_BLOCK keeps) */
 static inline __m512i sum16_epi32(const __m512i *v) {
-    __m512i a[8], b[4], c[2];
-    for (int p = 0; p < 8; p++)
-        a[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0x44),
-                                _mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0xee));
-    for (int q = 0; q < 4; q++)
-        b[q] = _mm512_add_epi32(_mm512_shuffle_i32x4(a[2 * q], a[2 * q + 1], 0x88),
-                                _mm512_shuffle_i32x4(a[2 * q], a[2 * q + 1], 0xdd));
-    for (int r = 0; r < 2; r++)
-        c[r] = _mm512_add_epi32(
-            _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(b[2 * r]),
-                                                  _mm512_castsi512_ps(b[2 * r + 1]),
-                                                  _MM_SHUFFLE(1, 0, 1, 0))),
-            _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(b[2 * r]),
-                                                  _mm512_castsi512_ps(b[2 * r + 1]),
-                                                  _MM_SHUFFLE(3, 2, 3, 2))));
-    __m512i r = _mm512_add_epi32(
-        _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(c[0]),
-                                              _mm512_castsi512_ps(c[1]), _MM_SHUFFLE(2, 0, 2, 0))),
-        _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(c[0]),
-                                              _mm512_castsi512_ps(c[1]), _MM_SHUFFLE(3, 1, 3, 1))));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11,
-                                            15);
-    return _mm512_permutexvar_epi32(order, r);
+    __m512 f[16];
+    for (int e = 0; e < 16; e++) f[e] = _mm512_castsi512_ps(v[e]);
+    return _mm512_castps_si512(sum16_tree(f, 1));
 }
 
 /* an MR x NR tile (rows m0.., columns n0..) for many rows of x: one accumulator an element

@@ -66,7 +66,7 @@ typedef struct {
     int64_t block_tokens;
 } gp_kv_t;
 
-/* a decode step of a few rows through every layer (gp_decode_layers) */
+/* a decode step through every layer (gp_decode_layers) */
 typedef struct {
     int64_t rows;
     int64_t hidden;
