@@ -242,7 +242,7 @@ class NativeOps(TorchOps):
     @property
     def batch_invariant(self) -> bool:
         # every product native (the int8 one is AVX-512 only) and attention through the prefill
-        # kernel for decode rows too (AVX-512 BF16, head_dim % 16 == 0)
+        # kernel for decode rows too (AVX-512 BF16 or AVX2, head_dim % 16 == 0)
         return (self.invariant and native.has_gemv()
                 and native.has_prefill_attention(self._head_dim)
                 and (not self._int8 or native.has_gemv_int8()))
@@ -278,8 +278,8 @@ class NativeOps(TorchOps):
         """Every layer of a decode step in one call (``native.decode_layers``), with the
         embedding and the head when every row samples; None where it does not apply
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
-        if not plan.gemv or batch.num_prefill_seqs or (lora is not None
-                                                       and lora.native is None):
+        if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
+                or (lora is not None and lora.native is None)):
             return None
         table, ends, kv = self._whole_step_inputs(model, kv_layers)
         if table is None:
@@ -321,7 +321,14 @@ class NativeOps(TorchOps):
         return super().logits(plan, model, h)
 
     def rope_kv(self, plan, cfg, qkv, lw, k_cache, v_cache, batch):
-        """RoPE and the KV write in place in qkv; returns qkv (q leads each row)."""
+        """RoPE and the KV write in place in qkv (after q's and k's per-head norms, Qwen3);
+        returns qkv (q leads each row)."""
+        if cfg.qk_norm:  # each head's row normed alone: the same whatever shares the step
+            for name, lo, hi in (("q_norm", 0, cfg.q_size),
+                                 ("k_norm", cfg.q_size, cfg.q_size + cfg.kv_size)):
+                heads = qkv[:, lo:hi].reshape(-1, cfg.head_dim)
+                normed = native.add_rmsnorm(heads, None, lw[name], cfg.rms_norm_eps)
+                qkv[:, lo:hi] = normed.view(qkv.shape[0], hi - lo)
         native.rope_kv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, plan.rope,
                        batch.positions, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
         return qkv
@@ -355,16 +362,15 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
            use_native: bool = True, batch_invariant: bool = True) -> TorchOps:
     """The backend for a model of ``cfg`` with activations of ``dtype`` on ``device``:
     Triton on CUDA where it is installed (or ``kernels="triton"``), the native kernels for
-    bf16 on CPU where they built, passed their check and take the model's sizes (no per-head
-    q/k norm), torch elsewhere (``kernels="reference"``: the reference attention too)."""
+    bf16 on CPU where they built, passed their check and take the model's sizes, torch
+    elsewhere (``kernels="reference"``: the reference attention too)."""
     if kernels == "reference":
         return TorchOps(reference_only=True)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
         return TritonOps()
     cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16
                 and native.available())
-    if (cpu_bf16 and not cfg.qk_norm
-            and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
+    if (cpu_bf16 and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)):
         return NativeOps(cfg.head_dim, batch_invariant)
     return TorchOps(fused_lora=cpu_bf16)

@@ -16,6 +16,7 @@
 /* the bf16 GEMV's two builds (see gemv_rows): AVX-512 BF16, or AVX2 + FMA emulating it */
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #define HAVE_GEMV_BF16 1
+#define HAVE_PREFILL_ATTENTION 1  /* the same two builds (see prefill_item) */
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>  /* the GEMVs, attention and LoRA use intrinsics; the rest is portable C */
@@ -47,6 +48,39 @@ static inline uint16_t f2bf(float f) {
 }
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+#ifdef HAVE_GEMV_BF16
+#define MXCSR_DAZ_FTZ 0x8040u
+
+/* the 16 lanes' sum in one fixed order: s_i = v_{i+8} + v_i, t_j = s_{j+4} + s_j,
+ * (t_0 + t_2) + (t_1 + t_3); the empty asm keeps -ffast-math from reassociating it (or the
+ * caller's bias into it) */
+static inline __attribute__((unused)) float gemv_hsum(__m256 lo, __m256 hi) {
+    __m256 s = _mm256_add_ps(hi, lo);
+    __asm__("" : "+x"(s));
+    __m128 t = _mm_add_ps(_mm256_extractf128_ps(s, 1), _mm256_castps256_ps128(s));
+    __asm__("" : "+x"(t));
+    __m128 u = _mm_add_ps(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));
+    __asm__("" : "+x"(u));
+    float u0 = _mm_cvtss_f32(u), u1 = _mm_cvtss_f32(_mm_shuffle_ps(u, u, 1));
+    float r = u0 + u1;
+    __asm__("" : "+x"(r));
+    return r;
+}
+
+#ifndef __AVX512BF16__
+/* vdpbf16ps on 8 lanes (the caller sets MXCSR's DAZ and FTZ, as the instruction implies):
+ * lane = fma(x_odd, w_odd, lane), then fma(x_even, w_even, lane); odd elements are the high
+ * halves of the 32-bit lanes */
+static inline __m256 dp8_bf16(__m256 a, __m256i x, __m256i w) {
+    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);
+    a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(x, hi16)),
+                        _mm256_castsi256_ps(_mm256_and_si256(w, hi16)), a);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), a);
+}
+#endif
+#endif
 
 #ifdef __AVX512F__
 /* helpers of the AVX-512 kernels; a build that has some of those kernels and not others
@@ -129,16 +163,17 @@ SIMD_HELPER __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), k
 #define MAX_LORA_COLS 768 /* a group's A rows, projections x rank: rank <= 256 (native.py) */
 
 /* which kernels with intrinsics this build has: bit 0 the bf16 GEMV (AVX-512 BF16, or AVX2 +
- * FMA: bit 3), bit 1 the int8 one (AVX-512 BW), bit 2 prefill attention (AVX-512 BF16); the
- * others are built everywhere */
+ * FMA: bit 3), bit 1 the int8 one (AVX-512 BW), bit 2 prefill attention (the GEMV's builds);
+ * the others are built everywhere */
 int gp_gemv_features(void) {
     int f = 0;
 #ifdef HAVE_GEMV_BF16
     f |= 1;
 #endif
-#ifdef __AVX512BF16__
+#ifdef HAVE_PREFILL_ATTENTION
     f |= 4;
-#elif defined(HAVE_GEMV_BF16)
+#endif
+#if defined(HAVE_GEMV_BF16) && !defined(__AVX512BF16__)
     f |= 8;
 #endif
 #ifdef __AVX512BW__
@@ -204,6 +239,26 @@ void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd
 }
 
 /* out[r] = bf16(bf16(silu(g)) * u) for g = gu[r, :inter], u = gu[r, inter:2*inter]. */
+/* e^x for |x| <= 88 in float32 operations every build does alike (the compiler vectorises
+ * them to the same instructions on 8 or 16 lanes; a vectorised libm expf differs between the
+ * AVX2 and AVX-512 builds): 2^n e^r as exp512, n >= -126 (below, e^x < 2^-126: 1 + e^x = 1,
+ * all SiLU needs) */
+static inline float exp_fixed(float x) {
+    float n = rintf(x * 1.44269504088896341f);
+    n = n < -126.0f ? -126.0f : n;
+    float r = fmaf(-n, 0.693145751953125f, x);
+    r = fmaf(-n, 1.428606765330187045e-06f, r);
+    float p = 1.0f / 720.0f;
+    p = fmaf(p, r, 1.0f / 120.0f);
+    p = fmaf(p, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    union { uint32_t u; float f; } two_n = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
 static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
                           int64_t rows, int64_t inter) {
     #pragma omp for schedule(static)
@@ -213,7 +268,7 @@ static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_
         float s[MAX_DIM];
         for (int64_t i = 0; i < inter; i++) {
             float v = bf2f(g[i]);
-            float e = expf(-fminf(fmaxf(v, -88.0f), 88.0f));
+            float e = exp_fixed(-fminf(fmaxf(v, -88.0f), 88.0f));
             s[i] = v / (1.0f + e);
         }
         for (int64_t i = 0; i < inter; i++) o[i] = f2bf(round_bf(s[i]) * bf2f(u[i]));
@@ -314,15 +369,15 @@ static inline const uint16_t *token_row(const uint16_t *cache, const int32_t *ta
 
 /* Paged decode attention, one query row per sequence: for sequence b and query head h (KV head
  * h / (nq / nkv)), out = softmax(q . K^T * scale) V over its context_lens[b] cached tokens.
- * Where the prefill kernel is built (AVX-512 BF16, D % 16 == 0) a row is a one-row query of
- * it (prefill_item: keys in blocks of PA_KB from token 0, an online softmax), so a token's
+ * Where the prefill kernel is built (AVX-512 BF16 or AVX2, D % 16 == 0) a row is a one-row
+ * query of it (prefill_item: keys in blocks of PA_KB from token 0, an online softmax), so a token's
  * attention does not depend on whether a prefill chunk or a decode step computes it, nor on
  * where a chunk starts. Elsewhere the portable loops below: scores and softmax in float32,
  * probabilities rounded to bf16, the weighted sum of V in float32, rounded once (as
  * kernels/decode.py). q: rows of ldq elements ([nq][D] at the start); out: [B][nq][D]
  * contiguous. */
 
-#ifdef __AVX512BF16__
+#ifdef HAVE_PREFILL_ATTENTION
 #define PA_QT 32
 #define PA_KB 64
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
@@ -343,7 +398,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
         for (int64_t g = 0; g < nkv; g++) {
             int64_t len = context_lens[b];
             const int32_t *table = block_tables + b * ldt;
-#ifdef __AVX512BF16__
+#ifdef HAVE_PREFILL_ATTENTION
             if (D % 16 == 0) {
                 /* the prefill kernel's arithmetic, a query of one row: a token's attention is
                  * the same whether it is computed in a prefill chunk or as a decode row (batch
@@ -427,10 +482,18 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
  * 0 .. ctx[s] - n + i, read from the pages in place. Flash-style: a work item is up to PA_QT
  * rows of one sequence with the query heads of one KV head; keys come in blocks of PA_KB, each
  * block's K transposed and its V interleaved once (as bf16 pairs) for all the item's queries;
- * scores and the weighted sum of V are AVX-512 BF16 dot products (exact products, float32
- * sums); an online softmax in float32 (running max and sum); the probabilities rounded to
- * bf16 for the product with V (as torch's flash attention does), their sum taken of the
- * rounded values; the output divided once and rounded to bf16. */
+ * scores and the weighted sum of V are bf16 dot products with vdpbf16ps's arithmetic (exact
+ * products, float32 sums: per lane the odd element's product, then the even one's, denormals
+ * as zero); an online softmax in float32 (running max and sum); the probabilities rounded to
+ * bf16 for the product with V (as torch's flash attention does; one that is a float32
+ * denormal counts as zero there), their sum taken of the rounded values in gemv_hsum's tree;
+ * the output divided once and rounded to bf16.
+ *
+ * Two builds compute exactly that: AVX-512 BF16 (the instruction) and AVX2 + FMA (emulating
+ * it as the GEMV does, MXCSR's DAZ and FTZ set around the dot products only, e^x's scaling
+ * by 2^n in two exact-then-once-rounded multiplies): bit-identical, tested on a CPU that has
+ * both, so a decode row or a resumed request gives the same bits on either. */
+#ifdef HAVE_PREFILL_ATTENTION
 #ifdef __AVX512BF16__
 /* r[k] = 16 u32 of row k -> r[c] = column c of the 16 rows (element k: row k's) */
 static inline void transpose16_u32(__m512i *r) {
@@ -457,6 +520,208 @@ static inline void transpose16_u32(__m512i *r) {
     }
 }
 
+/* the block's K as kt[d'][k] (key k's d-pair d'), 16 keys by 16 d-pairs at a time; keys past
+ * nb read as zeros */
+static void pa_k_block(const uint16_t *k_cache, const int64_t *rel, int64_t nb, int64_t D,
+                       uint32_t *kt) {
+    for (int64_t c0 = 0; c0 < PA_KB; c0 += 16) {
+        for (int64_t d0 = 0; d0 < D / 2; d0 += 16) {
+            int64_t nd = D / 2 - d0 < 16 ? D / 2 - d0 : 16;
+            __mmask16 md = (__mmask16)((1u << nd) - 1);
+            __m512i r[16];
+            for (int64_t i = 0; i < 16; i++)
+                r[i] = c0 + i < nb ? _mm512_maskz_loadu_epi32(
+                           md, (const uint32_t *)(k_cache + rel[c0 + i]) + d0)
+                                   : _mm512_setzero_si512();
+            transpose16_u32(r);
+            for (int64_t j = 0; j < nd; j++)
+                _mm512_storeu_si512(kt + (d0 + j) * PA_KB + c0, r[j]);
+        }
+    }
+}
+
+/* one query vector (bf16 pairs qp) over the block's first nvalid keys: its scores, the online
+ * softmax's step (running max *mx, sum *den) and its accumulator a[D] */
+static void pa_query(const uint32_t *qp, const uint32_t *kt, const uint32_t *v2, int64_t D,
+                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    __m512 t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+    for (int64_t d = 0; d < D / 2; d += 2) {  /* D % 16 == 0: d-pairs in twos */
+        __m512bh qa = (__m512bh)_mm512_set1_epi32((int)qp[d]);
+        __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[d + 1]);
+        const uint32_t *ka = kt + d * PA_KB, *kb = ka + PA_KB;
+        s0 = _mm512_dpbf16_ps(s0, qa, (__m512bh)_mm512_loadu_si512(ka));
+        s1 = _mm512_dpbf16_ps(s1, qa, (__m512bh)_mm512_loadu_si512(ka + 16));
+        s2 = _mm512_dpbf16_ps(s2, qa, (__m512bh)_mm512_loadu_si512(ka + 32));
+        s3 = _mm512_dpbf16_ps(s3, qa, (__m512bh)_mm512_loadu_si512(ka + 48));
+        t0 = _mm512_dpbf16_ps(t0, qb, (__m512bh)_mm512_loadu_si512(kb));
+        t1 = _mm512_dpbf16_ps(t1, qb, (__m512bh)_mm512_loadu_si512(kb + 16));
+        t2 = _mm512_dpbf16_ps(t2, qb, (__m512bh)_mm512_loadu_si512(kb + 32));
+        t3 = _mm512_dpbf16_ps(t3, qb, (__m512bh)_mm512_loadu_si512(kb + 48));
+    }
+    __m512 sv[4] = {_mm512_add_ps(s0, t0), _mm512_add_ps(s1, t1), _mm512_add_ps(s2, t2),
+                    _mm512_add_ps(s3, t3)};
+    __m512 bmax = _mm512_set1_ps(-INFINITY);
+    __mmask16 mk[4];
+    for (int c = 0; c < 4; c++) {
+        int64_t left = nvalid - 16 * c;
+        mk[c] = left >= 16 ? (__mmask16)0xffff
+                           : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+        sv[c] = _mm512_mul_ps(sv[c], _mm512_set1_ps(scale));
+        __asm__("" : "+v"(sv[c]));  /* no contraction into the exponent's argument */
+        bmax = _mm512_mask_max_ps(bmax, mk[c], bmax, sv[c]);
+    }
+    float m_new = _mm512_reduce_max_ps(bmax);
+    if (m_new < *mx) m_new = *mx;
+    float alpha = *mx == -INFINITY ? 0.0f : expf(*mx - m_new);
+    *mx = m_new;
+    __m512 psum = _mm512_setzero_ps(), pc[4];
+    for (int c = 0; c < 4; c++) {
+        pc[c] = _mm512_maskz_mov_ps(mk[c], bf16_round_ps(
+            exp512(_mm512_sub_ps(sv[c], _mm512_set1_ps(m_new)))));
+        psum = _mm512_add_ps(psum, pc[c]);
+        __asm__("" : "+v"(psum));  /* in order: -ffast-math may not reassociate it */
+    }
+    /* as bf16 pairs: word k = (p[2k], p[2k + 1]) (exact: already rounded; a denormal to 0) */
+    uint32_t pp[PA_KB / 2];
+    _mm512_storeu_si512(pp, (__m512i)_mm512_cvtne2ps_pbh(pc[1], pc[0]));
+    _mm512_storeu_si512(pp + 16, (__m512i)_mm512_cvtne2ps_pbh(pc[3], pc[2]));
+    *den = *den * alpha + gemv_hsum(_mm512_castps512_ps256(psum),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                        _mm512_castps_pd(psum), 1)));
+    __m512 al = _mm512_set1_ps(alpha);
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 ae = _mm512_mul_ps(_mm512_loadu_ps(a + d), al);
+        __m512 ao = _mm512_setzero_ps();
+        const uint32_t *vr = v2 + d;
+        /* probabilities past nvalid are 0: keys in fours, two to a 32-bit lane */
+        for (int64_t kp = 0; kp < (nvalid + 1) / 2; kp += 2) {
+            ae = _mm512_dpbf16_ps(ae, (__m512bh)_mm512_set1_epi32((int)pp[kp]),
+                                  (__m512bh)_mm512_loadu_si512(vr + kp * D));
+            ao = _mm512_dpbf16_ps(ao, (__m512bh)_mm512_set1_epi32((int)pp[kp + 1]),
+                                  (__m512bh)_mm512_loadu_si512(vr + (kp + 1) * D));
+        }
+        _mm512_storeu_ps(a + d, _mm512_add_ps(ae, ao));
+    }
+}
+#else  /* AVX2 + FMA: the same arithmetic on 8 lanes */
+/* exp512's e^x: the same operations; its scalef(p, n) as p 2^a (exact, a = max(n, -64)) times
+ * 2^(n - a) (rounded once, a denormal as scalef gives it) */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-104.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256 a = _mm256_max_ps(n, _mm256_set1_ps(-64.0f));
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 pa = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(a), bias), 23)));
+    __asm__("" : "+x"(pa));  /* exact; the next product rounds once */
+    __m256 pb = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(n, a)), bias), 23));
+    return _mm256_mul_ps(pa, pb);
+}
+
+static inline __m256 bf16_round256(__m256 v) {  /* bf16_round_ps on 8 lanes */
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static void pa_k_block(const uint16_t *k_cache, const int64_t *rel, int64_t nb, int64_t D,
+                       uint32_t *kt) {
+    for (int64_t kk = 0; kk < PA_KB; kk++) {
+        const uint32_t *kr = kk < nb ? (const uint32_t *)(k_cache + rel[kk]) : NULL;
+        for (int64_t d = 0; d < D / 2; d++) kt[d * PA_KB + kk] = kr ? kr[d] : 0u;
+    }
+}
+
+static void pa_query(const uint32_t *qp, const uint32_t *kt, const uint32_t *v2, int64_t D,
+                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
+    unsigned int csr = _mm_getcsr();
+    __m256 sv[8], tv[8];  /* keys 8 c .. 8 c + 7: even d-pairs' sums, odd ones' */
+    _mm_setcsr(csr | MXCSR_DAZ_FTZ);
+    for (int h = 0; h < 2; h++) {  /* keys 32 h .. 32 h + 31 */
+        __m256 s[4], t[4];
+        for (int c = 0; c < 4; c++) s[c] = t[c] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D / 2; d += 2) {
+            __m256i qa = _mm256_set1_epi32((int)qp[d]), qb = _mm256_set1_epi32((int)qp[d + 1]);
+            const uint32_t *ka = kt + d * PA_KB + 32 * h, *kb = ka + PA_KB;
+            for (int c = 0; c < 4; c++) {
+                s[c] = dp8_bf16(s[c], qa, _mm256_loadu_si256((const void *)(ka + 8 * c)));
+                t[c] = dp8_bf16(t[c], qb, _mm256_loadu_si256((const void *)(kb + 8 * c)));
+            }
+        }
+        for (int c = 0; c < 4; c++) sv[4 * h + c] = s[c], tv[4 * h + c] = t[c];
+    }
+    _mm_setcsr(csr);
+    __m256 bmax = _mm256_set1_ps(-INFINITY), mk[8];
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int c = 0; c < 8; c++) {
+        mk[c] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+            _mm256_set1_epi32((int)(nvalid - 8 * c)), lane));
+        sv[c] = _mm256_mul_ps(_mm256_add_ps(sv[c], tv[c]), _mm256_set1_ps(scale));
+        __asm__("" : "+x"(sv[c]));  /* no contraction into the exponent's argument */
+        bmax = _mm256_blendv_ps(bmax, _mm256_max_ps(bmax, sv[c]), mk[c]);
+    }
+    float lanes[8], m_new = -INFINITY;
+    _mm256_storeu_ps(lanes, bmax);
+    for (int i = 0; i < 8; i++) m_new = lanes[i] > m_new ? lanes[i] : m_new;
+    if (m_new < *mx) m_new = *mx;
+    float alpha = *mx == -INFINITY ? 0.0f : expf(*mx - m_new);
+    *mx = m_new;
+    __m256 plo = _mm256_setzero_ps(), phi = plo;
+    float pf[PA_KB];
+    for (int c = 0; c < 8; c++) {
+        __m256 pc = _mm256_and_ps(mk[c], bf16_round256(
+            exp256(_mm256_sub_ps(sv[c], _mm256_set1_ps(m_new)))));
+        if (c % 2) phi = _mm256_add_ps(phi, pc);  /* 16-key groups: lanes 0-7, then 8-15 */
+        else plo = _mm256_add_ps(plo, pc);
+        __asm__("" : "+x"(plo), "+x"(phi));
+        _mm256_storeu_ps(pf + 8 * c, pc);
+    }
+    uint16_t pp[PA_KB];  /* bf16 (exact: already rounded; a denormal to 0, as vcvtne2ps2bf16) */
+    for (int k = 0; k < PA_KB; k++) {
+        uint32_t u;
+        memcpy(&u, pf + k, 4);
+        pp[k] = (u & 0x7f800000u) ? (uint16_t)(u >> 16) : (uint16_t)((u >> 16) & 0x8000u);
+    }
+    *den = *den * alpha + gemv_hsum(plo, phi);
+    float ae[MAX_HEAD_DIM], ao[MAX_HEAD_DIM];
+    __m256 al = _mm256_set1_ps(alpha);
+    for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(ae + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), al));
+        _mm256_storeu_ps(ao + d, _mm256_setzero_ps());
+    }
+    const uint32_t *pw = (const uint32_t *)pp;
+    _mm_setcsr(csr | MXCSR_DAZ_FTZ);
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 e = _mm256_loadu_ps(ae + d), o = _mm256_loadu_ps(ao + d);
+        const uint32_t *vr = v2 + d;
+        for (int64_t kp = 0; kp < (nvalid + 1) / 2; kp += 2) {
+            e = dp8_bf16(e, _mm256_set1_epi32((int)pw[kp]),
+                         _mm256_loadu_si256((const void *)(vr + kp * D)));
+            o = dp8_bf16(o, _mm256_set1_epi32((int)pw[kp + 1]),
+                         _mm256_loadu_si256((const void *)(vr + (kp + 1) * D)));
+        }
+        _mm256_storeu_ps(ae + d, e);
+        _mm256_storeu_ps(ao + d, o);
+    }
+    _mm_setcsr(csr);
+    for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(a + d, _mm256_add_ps(_mm256_loadu_ps(ae + d), _mm256_loadu_ps(ao + d)));
+}
+#endif
+
 /* one work item: rows [r0, r0 + nr) of sequence s (relative row i: token past + i), KV head g.
  * buf: nr * group * (D + 2) floats of state, then the K and V blocks */
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
@@ -474,7 +739,6 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
         for (int64_t d = 0; d < D; d++) acc[v * D + d] = 0.0f;
     }
     int64_t kmax = past + r0 + nr;  /* the last row's keys */
-    uint32_t pp[PA_KB / 2];  /* a query's probabilities of the block, bf16 pairs */
     for (int64_t k0 = 0; k0 < kmax; k0 += PA_KB) {
         int64_t nb = kmax - k0 < PA_KB ? kmax - k0 : PA_KB;
         /* the block's token rows: the page walked, one division a block */
@@ -483,21 +747,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
             rel[kk] = (int64_t)table[page] * ps + off * row + g * D;
             if (++off == bt) { off = 0; page++; }
         }
-        /* K transposed 16 keys by 16 d-pairs at a time; keys past nb read as zeros */
-        for (int64_t c0 = 0; c0 < PA_KB; c0 += 16) {
-            for (int64_t d0 = 0; d0 < D / 2; d0 += 16) {
-                int64_t nd = D / 2 - d0 < 16 ? D / 2 - d0 : 16;
-                __mmask16 md = (__mmask16)((1u << nd) - 1);
-                __m512i r[16];
-                for (int64_t i = 0; i < 16; i++)
-                    r[i] = c0 + i < nb ? _mm512_maskz_loadu_epi32(
-                               md, (const uint32_t *)(k_cache + rel[c0 + i]) + d0)
-                                       : _mm512_setzero_si512();
-                transpose16_u32(r);
-                for (int64_t j = 0; j < nd; j++)
-                    _mm512_storeu_si512(kt + (d0 + j) * PA_KB + c0, r[j]);
-            }
-        }
+        pa_k_block(k_cache, rel, nb, D, kt);
         for (int64_t kk = 0; kk < PA_KB; kk += 2) {
             const uint16_t *va = kk < nb ? v_cache + rel[kk] : NULL;
             const uint16_t *vb = kk + 1 < nb ? v_cache + rel[kk + 1] : NULL;
@@ -517,61 +767,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                 int64_t v = i * group + j;
                 const uint32_t *qp = (const uint32_t *)(q + (row0 + r0 + i) * ldq
                                                         + (g * group + j) * D);
-                __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-                __m512 t0 = s0, t1 = s0, t2 = s0, t3 = s0;
-                for (int64_t d = 0; d < D / 2; d += 2) {  /* D % 16 == 0: d-pairs in twos */
-                    __m512bh qa = (__m512bh)_mm512_set1_epi32((int)qp[d]);
-                    __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[d + 1]);
-                    const uint32_t *ka = kt + d * PA_KB, *kb = ka + PA_KB;
-                    s0 = _mm512_dpbf16_ps(s0, qa, (__m512bh)_mm512_loadu_si512(ka));
-                    s1 = _mm512_dpbf16_ps(s1, qa, (__m512bh)_mm512_loadu_si512(ka + 16));
-                    s2 = _mm512_dpbf16_ps(s2, qa, (__m512bh)_mm512_loadu_si512(ka + 32));
-                    s3 = _mm512_dpbf16_ps(s3, qa, (__m512bh)_mm512_loadu_si512(ka + 48));
-                    t0 = _mm512_dpbf16_ps(t0, qb, (__m512bh)_mm512_loadu_si512(kb));
-                    t1 = _mm512_dpbf16_ps(t1, qb, (__m512bh)_mm512_loadu_si512(kb + 16));
-                    t2 = _mm512_dpbf16_ps(t2, qb, (__m512bh)_mm512_loadu_si512(kb + 32));
-                    t3 = _mm512_dpbf16_ps(t3, qb, (__m512bh)_mm512_loadu_si512(kb + 48));
-                }
-                __m512 sv[4] = {_mm512_add_ps(s0, t0), _mm512_add_ps(s1, t1),
-                                _mm512_add_ps(s2, t2), _mm512_add_ps(s3, t3)};
-                __m512 bmax = _mm512_set1_ps(-INFINITY);
-                __mmask16 mk[4];
-                for (int c = 0; c < 4; c++) {
-                    int64_t left = nvalid - 16 * c;
-                    mk[c] = left >= 16 ? (__mmask16)0xffff
-                                       : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-                    sv[c] = _mm512_mul_ps(sv[c], _mm512_set1_ps(scale));
-                    bmax = _mm512_mask_max_ps(bmax, mk[c], bmax, sv[c]);
-                }
-                float m_new = _mm512_reduce_max_ps(bmax);
-                if (m_new < mx[v]) m_new = mx[v];
-                float alpha = mx[v] == -INFINITY ? 0.0f : expf(mx[v] - m_new);
-                mx[v] = m_new;
-                __m512 psum = _mm512_setzero_ps(), pc[4];
-                for (int c = 0; c < 4; c++) {
-                    pc[c] = _mm512_maskz_mov_ps(mk[c], bf16_round_ps(
-                        exp512(_mm512_sub_ps(sv[c], _mm512_set1_ps(m_new)))));
-                    psum = _mm512_add_ps(psum, pc[c]);
-                }
-                /* as bf16 pairs: word k = (p[2k], p[2k + 1]) (exact: already rounded) */
-                _mm512_storeu_si512(pp, (__m512i)_mm512_cvtne2ps_pbh(pc[1], pc[0]));
-                _mm512_storeu_si512(pp + 16, (__m512i)_mm512_cvtne2ps_pbh(pc[3], pc[2]));
-                den[v] = den[v] * alpha + _mm512_reduce_add_ps(psum);
-                float *a = acc + v * D;
-                __m512 al = _mm512_set1_ps(alpha);
-                for (int64_t d = 0; d < D; d += 16) {
-                    __m512 ae = _mm512_mul_ps(_mm512_loadu_ps(a + d), al);
-                    __m512 ao = _mm512_setzero_ps();
-                    const uint32_t *vr = v2 + d;
-                    /* probabilities past nvalid are 0: keys in fours, two to a 32-bit lane */
-                    for (int64_t kp = 0; kp < (nvalid + 1) / 2; kp += 2) {
-                        ae = _mm512_dpbf16_ps(ae, (__m512bh)_mm512_set1_epi32((int)pp[kp]),
-                                              (__m512bh)_mm512_loadu_si512(vr + kp * D));
-                        ao = _mm512_dpbf16_ps(ao, (__m512bh)_mm512_set1_epi32((int)pp[kp + 1]),
-                                              (__m512bh)_mm512_loadu_si512(vr + (kp + 1) * D));
-                    }
-                    _mm512_storeu_ps(a + d, _mm512_add_ps(ae, ao));
-                }
+                pa_query(qp, kt, v2, D, nvalid, scale, mx + v, den + v, acc + v * D);
             }
         }
     }
@@ -594,7 +790,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
                          int64_t bt, const int32_t *block_tables, int64_t ldt, float scale,
                          uint16_t *out, int64_t ldo, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
-#ifdef __AVX512BF16__
+#ifdef HAVE_PREFILL_ATTENTION
     int64_t group = nq / nkv, items = 0;
     for (int64_t s = 0; s < S; s++) items += nkv * ((cu[s + 1] - cu[s] + PA_QT - 1) / PA_QT);
     int64_t *it_s = malloc(sizeof(int64_t) * (size_t)(3 * items + 1));
@@ -664,23 +860,6 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
  * as GT_N sequential streams side by side (prefetched ahead). Which rows share a tile
  * changes the loads, never an element's sums. */
 #ifdef HAVE_GEMV_BF16
-#define MXCSR_DAZ_FTZ 0x8040u
-
-/* the 16 lanes' sum in one fixed order: s_i = v_{i+8} + v_i, t_j = s_{j+4} + s_j,
- * (t_0 + t_2) + (t_1 + t_3); the empty asm keeps -ffast-math from reassociating it (or the
- * caller's bias into it) */
-static inline float gemv_hsum(__m256 lo, __m256 hi) {
-    __m256 s = _mm256_add_ps(hi, lo);
-    __asm__("" : "+x"(s));
-    __m128 t = _mm_add_ps(_mm256_extractf128_ps(s, 1), _mm256_castps256_ps128(s));
-    __asm__("" : "+x"(t));
-    __m128 u = _mm_add_ps(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));
-    __asm__("" : "+x"(u));
-    float u0 = _mm_cvtss_f32(u), u1 = _mm_cvtss_f32(_mm_shuffle_ps(u, u, 1));
-    float r = u0 + u1;
-    __asm__("" : "+x"(r));
-    return r;
-}
 
 #ifdef __AVX512BF16__
 #define GT_M 4
@@ -705,7 +884,6 @@ static inline __m512 gacc_sum16(const __m512 *v) { return sum16_tree(v, 0); }
 #else
 #define GT_M 2
 #define GT_N 4
-#define GEMV_HI16 _mm256_set1_epi32((int)0xffff0000u)
 typedef struct { __m256 lo, hi; } gacc_t;     /* lanes 0-7, 8-15 */
 typedef struct { __m256i lo, hi; } gop_t;     /* elements 0-15, 16-31 */
 static inline gacc_t gacc_zero(void) {
@@ -721,16 +899,9 @@ static inline gop_t gop_tail(const uint16_t *p, int64_t n) {  /* zero-padded, as
     memcpy(t, p, 2 * (size_t)n);
     return gop_load(t);
 }
-/* vdpbf16ps on 8 lanes: odd elements (the high halves) first, then even */
-static inline __m256 gacc_half(__m256 a, __m256i x, __m256i w) {
-    a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(x, GEMV_HI16)),
-                        _mm256_castsi256_ps(_mm256_and_si256(w, GEMV_HI16)), a);
-    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)),
-                           _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), a);
-}
 static inline gacc_t gacc_dp(gacc_t a, gop_t x, gop_t w) {
-    a.lo = gacc_half(a.lo, x.lo, w.lo);
-    a.hi = gacc_half(a.hi, x.hi, w.hi);
+    a.lo = dp8_bf16(a.lo, x.lo, w.lo);
+    a.hi = dp8_bf16(a.hi, x.hi, w.hi);
     return a;
 }
 static inline float gacc_sum(gacc_t a) { return gemv_hsum(a.lo, a.hi); }

@@ -30,8 +30,8 @@ one thread), into ``$GPUPOOL_NATIVE_DIR`` (default ``~/.cache/gpupool/native``),
 hash of the source, the compiler's version, the flags and the CPU's flags; later processes
 load it in milliseconds. Then each kernel is checked once against torch on small random
 inputs. Which kernels a build has follows its target: the portable C ones everywhere, the bf16
-GEMV with AVX2 + FMA or AVX-512 BF16 (bit-identical), the int8 GEMV with AVX-512 BW, prefill
-attention with AVX-512 BF16 (``gp_gemv_features``). Without a compiler, or if the build or the
+GEMV and the prefill (and decode) attention with AVX2 + FMA or AVX-512 BF16 (bit-identical),
+the int8 GEMV with AVX-512 BW (``gp_gemv_features``). Without a compiler, or if the build or the
 check fails, :func:`available` is False (a WARNING naming the compiler's first error) and the
 model keeps its torch path. ``GPUPOOL_NATIVE=0`` (the engine's ``native`` setting) keeps
 a model off them.
@@ -40,6 +40,7 @@ a model off them.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -166,7 +167,17 @@ def _torch_gomp() -> Path | None:
 # in every torch op and in Python: hypothesis caught it). The kernels' arithmetic never
 # relies on infinities or NaN (NaN bits are kept by integer ops). The bf16 GEMV's order is
 # fixed in the source (its sums behind empty asm statements): -ffast-math cannot move it.
+# Divisions stay divisions (recip_flag): with -ffast-math both compilers otherwise turn a
+# vectorised one into a reciprocal estimate and a Newton step, whose bits differ between
+# the AVX2 build (rcpps) and the AVX-512 one (rcp14ps), e.g. SiLU's.
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=gnu11"]
+
+
+@functools.cache
+def recip_flag(cc: str) -> str:
+    """The flag that keeps ``cc`` from estimating reciprocals: Clang's spelling, or GCC's."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    return "-mrecip=none" if "clang" in version.lower() else "-mno-recip"
 
 
 def target() -> str:
@@ -188,6 +199,9 @@ def _arch_flag(march: str | None = None) -> str:
 def _flags(march: str | None = None) -> tuple[list[str], list[str]]:
     """(compile flags, link flags) for ``march`` (default: :func:`target`)."""
     compile_flags, link = [*COMPILE_FLAGS, _arch_flag(march)], ["-shared"]
+    cc = _compiler()
+    if cc is not None and platform.machine().lower() in ("x86_64", "amd64"):
+        compile_flags.append(recip_flag(cc))
     gomp = _torch_gomp()
     if gomp is not None:
         compile_flags.append("-fopenmp")
@@ -652,7 +666,8 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
 
 
 def has_prefill_attention(head_dim: int) -> bool:
-    """Whether :func:`prefill_attention` runs here: built (AVX-512 BF16), head_dim % 16 == 0."""
+    """Whether :func:`prefill_attention` runs here: built (AVX-512 BF16, or AVX2 + FMA),
+    head_dim % 16 == 0."""
     return _has(4) and head_dim % 16 == 0
 
 

@@ -91,6 +91,21 @@ def hf_greedy_with(model, prompts: list[list[int]], max_new_tokens: int) -> list
     return out
 
 
+def hf_gap_in_ulps(model, prompts: list[list[int]], outputs: list[list[int]]) -> float:
+    """The largest shortfall, over every generated position, of the logit transformers gives
+    our token below its own best (teacher-forced on our tokens), in units of the bf16 spacing
+    at that best: 0 where we picked its argmax, 1 for a tie one rounding apart."""
+    worst = 0.0
+    for ids, out in zip(prompts, outputs):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1].float()
+        best = logits.max(-1).values
+        spacing = 2.0 ** (torch.floor(torch.log2(best.abs())) - 7)  # bf16: 8 mantissa bits
+        ours = logits[torch.arange(len(out)), torch.tensor(out)]
+        worst = max(worst, ((best - ours) / spacing).max().item())
+    return worst
+
+
 def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     """n token-id prompts of lengths in [lo, hi], avoiding special ids."""
     g = torch.Generator().manual_seed(seed)

@@ -32,8 +32,8 @@ def test_select_follows_device_dtype_model_and_settings(tiny_models):
     if not native.available():
         pytest.skip("the native kernels did not build here: the bf16 choices below need them")
     assert type(backend.select(CPU, torch.bfloat16, llama)) is backend.NativeOps
-    q3 = backend.select(CPU, torch.bfloat16, qwen3)  # layers in torch, LoRA terms fused
-    assert type(q3) is backend.TorchOps and q3.fused_lora
+    q3 = backend.select(CPU, torch.bfloat16, qwen3)  # per-head q/k norms before native RoPE
+    assert type(q3) is backend.NativeOps and q3.fused_lora
 
 
 def test_two_engines_in_one_process_keep_their_backends(tiny_models, monkeypatch):

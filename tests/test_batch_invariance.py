@@ -13,6 +13,7 @@ preempt) from a fixed seed, so a run is reproducible.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -214,6 +215,82 @@ def test_a_resumed_request_continues_with_the_same_logits(setup, variant):
             _assert_same_logits(cap.rows, want_rows, first=k)
         finally:
             engine.shutdown()
+
+
+def test_a_model_with_per_head_qk_norms_is_invariant_too(tiny_models):
+    """Qwen3 (RMSNorm over each head of q and k before RoPE): the target's logits alone equal
+    those among 30 partners with a 7-token chunk budget, its prefix computed or cached."""
+    folder = tiny_models("qwen3")
+    alone = _engine(folder, {}, None)
+    try:
+        with Capture(["greedy", "sampled"]) as cap:
+            want_tokens = _run(alone, _targets(None))
+        ops = alone.local.core.workers["m"].model.ops
+        if not ops.batch_invariant:
+            pytest.skip(f"the backend this machine selects for Qwen3 in bf16 ({ops!r}) does "
+                        "not claim batch invariance (README: 'Same request, same tokens')")
+    finally:
+        alone.shutdown()
+    for cached in (False, True):
+        engine = _engine(folder, {}, None, max_num_batched_tokens=7)
+        try:
+            if cached:
+                _run(engine, [EngineRequest("warm", "m", TARGET_PROMPT,
+                                            SamplingParams(max_tokens=1))])
+            partners = [EngineRequest(f"p{i}", "m", p, SamplingParams(
+                max_tokens=3 + i % 17, temperature=0, ignore_eos=True))
+                for i, p in enumerate(random_prompts(30, 1, 40, seed=7))]
+            with Capture(["greedy", "sampled"]) as busy:
+                got = _run(engine, [*_targets(None), *partners])
+            _assert_same_logits(busy.rows, cap.rows)
+            assert got["greedy"] == want_tokens["greedy"]
+            assert got["sampled"] == want_tokens["sampled"]
+        finally:
+            engine.shutdown()
+
+
+def test_an_avx2_worker_gives_an_avx512_workers_tokens_and_logprobs(tiny_models, tmp_path):
+    """The kernels' AVX2 build (what a CPU without AVX-512 runs) and the AVX-512 BF16 one
+    compute the same bits, whole model included: a stream the cluster moves between such
+    workers continues exactly. Two processes, one a build, 8 prompts x 16 greedy tokens with
+    their top-5 logprobs, Llama and Qwen3 (per-head q/k norms)."""
+    import subprocess
+    import sys
+
+    from gpupool.kernels import native
+    from gpupool.models.cpu import cpu_flags
+    from tests import TESTS_PACKAGE
+
+    flags = cpu_flags()
+    if not {"avx2", "fma", "avx512_bf16"} <= flags or native._compiler() is None:
+        pytest.skip("needs a C compiler and a CPU with AVX2, FMA and AVX-512 BF16 (to run "
+                    "both builds)")
+    code = f"""
+{TESTS_PACKAGE}
+import sys
+from tests.factories import make_engine, random_prompts
+from gpupool import SamplingParams
+from gpupool.kernels import native
+for folder in sys.argv[1:]:
+    e = make_engine(folder, dtype="bfloat16")
+    assert e.local.core.workers["m"].model.ops.batch_invariant
+    outs = e.generate(random_prompts(8, 4, 60, seed=61), SamplingParams(
+        max_tokens=16, temperature=0, ignore_eos=True, logprobs=5))
+    print("ISA", native.gemv_isa(), [(list(o.token_ids), o.logprobs) for o in outs])
+    e.shutdown()
+"""
+    folders = [str(tiny_models("llama")), str(tiny_models("qwen3"))]
+    runs = {}
+    for march in ("x86-64-v3", "native"):
+        proc = subprocess.run([sys.executable, "-P", "-c", code, *folders], capture_output=True,
+                              text=True, timeout=600,
+                              env={**os.environ, "GPUPOOL_NATIVE_MARCH": march})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[march] = [ln for ln in proc.stdout.splitlines() if ln.startswith("ISA")]
+    assert [r.split()[1] for r in runs["x86-64-v3"]] == ["avx2", "avx2"]
+    assert [r.split()[1] for r in runs["native"]] == ["avx512_bf16", "avx512_bf16"]
+    assert [r.split(None, 2)[2] for r in runs["x86-64-v3"]] == \
+        [r.split(None, 2)[2] for r in runs["native"]]
 
 
 def test_this_machine_claims_invariance_where_the_kernels_are_built(setup):

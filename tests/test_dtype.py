@@ -11,6 +11,7 @@ from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype, native_bf16
 from gpupool.models.loaded import resolve_dtype
 from tests.factories import (
+    hf_gap_in_ulps,
     hf_greedy_with,
     lora_slot_views,
     make_engine,
@@ -41,7 +42,9 @@ def test_auto_on_cpu_follows_the_cpu_flags(tiny_models, flags, gemv, want):
 def test_bf16_agrees_with_transformers_bf16_and_with_fp32(tiny_models):
     """Stated bounds on 8 random prompts x 12 greedy tokens of a tiny random Llama (whose
     logits are nearly flat, so rounding flips near-ties): against transformers in bf16, the
-    first token identical for every prompt and at least 85% of all tokens; against our fp32,
+    first token identical for every prompt, and every token one transformers (fed our
+    tokens) rates within one bf16 rounding of its best (a flipped tie, then the sequences
+    part: counting equal tokens measured luck, 78-85%); against our fp32,
     every first token bf16 picks is one fp32 rates within 0.15 nats of its own best."""
     folder = tiny_models("llama")
     prompts = random_prompts(8, 4, 16, seed=61)
@@ -57,9 +60,8 @@ def test_bf16_agrees_with_transformers_bf16_and_with_fp32(tiny_models):
         e32.shutdown()
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
     theirs16 = hf_greedy_with(hf, prompts, 12)
-    same = sum(s == t for x, y in zip(ours16, theirs16) for s, t in zip(x, y))
     assert all(a[0] == b[0] for a, b in zip(ours16, theirs16))
-    assert same / sum(len(x) for x in ours16) >= 0.85
+    assert hf_gap_in_ulps(hf, prompts, ours16) <= 1.0
     for tokens, top in zip(ours16, top32):
         rated = dict(top)
         assert tokens[0] in rated and rated[tokens[0]] >= top[0][1] - 0.15

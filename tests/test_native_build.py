@@ -1,6 +1,6 @@
 """native.c builds without a warning for every x86-64 level the project's users run, with GCC
-and Clang where installed, and its bf16 GEMV computes the same bits in the AVX2 build as in the
-AVX-512 BF16 one (so a worker without AVX-512 continues a request exactly)."""
+and Clang where installed, and its bf16 GEMV and attention compute the same bits in the AVX2
+build as in the AVX-512 BF16 one (so a worker without AVX-512 continues a request exactly)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_every_target_builds_without_a_warning(tmp_path):
             for omp in (["-fopenmp"], ["-Wno-unknown-pragmas"]):
                 if omp[0] != "-fopenmp" and march not in AVX512_FREE:
                     continue
-                cmd = [cc, *native.COMPILE_FLAGS, f"-march={march}", *omp, *WARNINGS, "-c",
+                cmd = [cc, *native.COMPILE_FLAGS, native.recip_flag(cc), f"-march={march}", *omp,
+                       *WARNINGS, "-c",
                        str(native.SOURCE), "-o", str(tmp_path / f"{cc}-{march}-{len(jobs)}.o")]
                 jobs[f"{cc} -march={march} {omp[0]}"] = subprocess.Popen(
                     cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -101,6 +102,78 @@ def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeyp
         assert torch.equal(avx2, bf16), (tuple(x.shape), tuple(w.shape), bias is None)
         compared += 1
     assert compared == 120
+
+
+def _attention_cases():
+    """Paged caches (shuffled pages of a two-layer storage), chunks over a cached past, one or
+    several sequences, head sizes 16-128, groups 1-4; scores from tame to spread so wide
+    that probabilities underflow to float32 denormals and zero."""
+    g = torch.Generator().manual_seed(11)
+    for i in range(24):
+        d, group, kvh = (16, 32, 64, 128)[i % 4], (1, 2, 4)[i % 3], 1 + i % 2
+        bt = (1, 5, 16, 32)[i % 4]
+        news = [int(torch.randint(1, 80, (1,), generator=g)) for _ in range(1 + i % 3)]
+        pasts = [int(torch.randint(0, 150, (1,), generator=g)) for _ in news]
+        ctx = [n + p for n, p in zip(news, pasts)]
+        pages = [-(-c // bt) for c in ctx]
+        storage = torch.randn(sum(pages) + 3, 2, 2, bt, kvh, d, generator=g)
+        spread = (1.0, 4.0, 30.0)[i % 3]  # x 30: score gaps past 87 (e^x underflows)
+        storage = (storage * spread).to(torch.bfloat16)
+        k_cache, v_cache = storage[:, 1, 0], storage[:, 1, 1]
+        perm = torch.randperm(storage.shape[0], generator=g).tolist()
+        tables = torch.zeros(len(news), max(pages), dtype=torch.int32)
+        for s, n in enumerate(pages):
+            tables[s, :n] = torch.tensor([perm.pop() for _ in range(n)], dtype=torch.int32)
+        q = (torch.randn(sum(news), kvh * group * d + 7, generator=g) * spread).to(
+            torch.bfloat16)  # rows of a wider tensor (q leads each qkv row)
+        cu = torch.tensor([0, *torch.tensor(news).cumsum(0).tolist()], dtype=torch.int32)
+        yield q, k_cache, v_cache, tables, cu, torch.tensor(ctx, dtype=torch.int32), group
+
+
+def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode):
+    """gp_prefill_attention of one build, or (decode) gp_decode_attention of each sequence's
+    last row over all its tokens."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    nq = kvh * group
+    if decode:
+        rows = q[(cu[1:] - 1).long()].contiguous()
+        out = torch.empty(rows.shape[0], nq * d, dtype=torch.bfloat16)
+        lib.gp_decode_attention(rows.data_ptr(), rows.stride(0), rows.shape[0], nq, kvh, d,
+                                k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                                k_cache.shape[1], tables.data_ptr(), tables.stride(0),
+                                ctx.data_ptr(), 0.125, out.data_ptr(), 2)
+        return out.view(torch.int16)
+    out = torch.empty(q.shape[0], nq * d, dtype=torch.bfloat16)
+    rc = lib.gp_prefill_attention(q.data_ptr(), q.stride(0), ctx.shape[0], cu.data_ptr(),
+                                  ctx.data_ptr(), nq, kvh, d, k_cache.data_ptr(),
+                                  v_cache.data_ptr(), k_cache.stride(0), k_cache.shape[1],
+                                  tables.data_ptr(), tables.stride(0), 0.125, out.data_ptr(),
+                                  out.stride(0), 2)
+    assert rc == 0
+    return out.view(torch.int16)
+
+
+def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
+    """Prefill chunks and decode rows (the same kernel) give the same bits in both builds, so
+    an AVX2 worker's attention continues an AVX-512 worker's request exactly."""
+    if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA: the AVX2 build cannot run here")
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("this CPU has no AVX-512 BF16: only the AVX2 build runs here, nothing to "
+                    "compare it with")
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    libs = {march: native.open_library(native.build(march))
+            for march in ("x86-64-v3", "native")}
+    assert all(lib.gp_gemv_features() & 4 for lib in libs.values())
+    compared = 0
+    for case in _attention_cases():
+        for decode in (False, True):
+            avx2, bf16 = (_attention(libs[m], *case, decode) for m in ("x86-64-v3", "native"))
+            assert torch.equal(avx2, bf16), (compared, decode, tuple(case[0].shape))
+            compared += 1
+    assert compared == 48
 
 
 def test_the_gemv_follows_its_stated_order(tmp_path, monkeypatch):
