@@ -380,6 +380,11 @@ static inline const uint16_t *token_row(const uint16_t *cache, const int32_t *ta
 #ifdef HAVE_PREFILL_ATTENTION
 #define PA_QT 32
 #define PA_KB 64
+#ifdef __AVX512BF16__
+#define PA_BLOCK_FLOATS(D) ((D) * PA_KB)  /* a key block's K and V as bf16 pairs */
+#else
+#define PA_BLOCK_FLOATS(D) (2 * (D) * PA_KB)  /* ... widened to float32 (AVX2) */
+#endif
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
@@ -403,7 +408,8 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                 /* the prefill kernel's arithmetic, a query of one row: a token's attention is
                  * the same whether it is computed in a prefill chunk or as a decode row (batch
                  * invariance) */
-                float *buf = malloc(sizeof(float) * (size_t)(group * (D + 2) + D * PA_KB));
+                float *buf = malloc(sizeof(float)
+                                    * (size_t)(group * (D + 2) + PA_BLOCK_FLOATS(D)));
                 if (!buf) continue;  /* native.py never asks for more than memory holds */
                 prefill_item(q, ldq, b, 0, 1, len - 1, g, group, nkv, D, k_cache, v_cache,
                              page_stride, bt, table, scale, out, nq * D, buf);
@@ -520,10 +526,11 @@ static inline void transpose16_u32(__m512i *r) {
     }
 }
 
-/* the block's K as kt[d'][k] (key k's d-pair d'), 16 keys by 16 d-pairs at a time; keys past
- * nb read as zeros */
-static void pa_k_block(const uint16_t *k_cache, const int64_t *rel, int64_t nb, int64_t D,
-                       uint32_t *kt) {
+/* the block's K as kt[d'][k] (key k's d-pair d'), 16 keys by 16 d-pairs at a time, and its V
+ * as v2[k'][d] (keys 2k', 2k'+1 of dim d as a bf16 pair); keys past nb read as zeros */
+static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *rel,
+                        int64_t nb, int64_t D, float *blk) {
+    uint32_t *kt = (uint32_t *)blk, *v2 = kt + (D / 2) * PA_KB;
     for (int64_t c0 = 0; c0 < PA_KB; c0 += 16) {
         for (int64_t d0 = 0; d0 < D / 2; d0 += 16) {
             int64_t nd = D / 2 - d0 < 16 ? D / 2 - d0 : 16;
@@ -538,12 +545,24 @@ static void pa_k_block(const uint16_t *k_cache, const int64_t *rel, int64_t nb, 
                 _mm512_storeu_si512(kt + (d0 + j) * PA_KB + c0, r[j]);
         }
     }
+    for (int64_t kk = 0; kk < PA_KB; kk += 2) {
+        const uint16_t *va = kk < nb ? v_cache + rel[kk] : NULL;
+        const uint16_t *vb = kk + 1 < nb ? v_cache + rel[kk + 1] : NULL;
+        uint32_t *o = v2 + (kk / 2) * D;
+        if (va && vb) {
+            for (int64_t d = 0; d < D; d++) o[d] = (uint32_t)va[d] | (uint32_t)vb[d] << 16;
+        } else {
+            for (int64_t d = 0; d < D; d++)
+                o[d] = (va ? (uint32_t)va[d] : 0u) | (vb ? (uint32_t)vb[d] << 16 : 0u);
+        }
+    }
 }
 
 /* one query vector (bf16 pairs qp) over the block's first nvalid keys: its scores, the online
  * softmax's step (running max *mx, sum *den) and its accumulator a[D] */
-static void pa_query(const uint32_t *qp, const uint32_t *kt, const uint32_t *v2, int64_t D,
-                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
+static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nvalid,
+                     float scale, float *mx, float *den, float *a) {
+    const uint32_t *kt = (const uint32_t *)blk, *v2 = kt + (D / 2) * PA_KB;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     __m512 t0 = s0, t1 = s0, t2 = s0, t3 = s0;
     for (int64_t d = 0; d < D / 2; d += 2) {  /* D % 16 == 0: d-pairs in twos */
@@ -637,28 +656,43 @@ static inline __m256 bf16_round256(__m256 v) {  /* bf16_round_ps on 8 lanes */
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-static void pa_k_block(const uint16_t *k_cache, const int64_t *rel, int64_t nb, int64_t D,
-                       uint32_t *kt) {
+/* the block's K as kf[2 d' + e][k] (key k's d-pair d': e = 0 its odd element, 1 its even one,
+ * as float32) and its V as vf[k][d]; keys past nb are zeros. Widened once a block, so the dot
+ * products below are two FMAs a pair with no bit operations. */
+static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *rel,
+                        int64_t nb, int64_t D, float *blk) {
+    float *kf = blk, *vf = blk + D * PA_KB;
     for (int64_t kk = 0; kk < PA_KB; kk++) {
-        const uint32_t *kr = kk < nb ? (const uint32_t *)(k_cache + rel[kk]) : NULL;
-        for (int64_t d = 0; d < D / 2; d++) kt[d * PA_KB + kk] = kr ? kr[d] : 0u;
+        const uint16_t *kr = kk < nb ? k_cache + rel[kk] : NULL;
+        const uint16_t *vr = kk < nb ? v_cache + rel[kk] : NULL;
+        for (int64_t d = 0; d < D / 2; d++) {
+            kf[(2 * d) * PA_KB + kk] = kr ? bf2f(kr[2 * d + 1]) : 0.0f;
+            kf[(2 * d + 1) * PA_KB + kk] = kr ? bf2f(kr[2 * d]) : 0.0f;
+        }
+        for (int64_t d = 0; d < D; d++) vf[kk * D + d] = vr ? bf2f(vr[d]) : 0.0f;
     }
 }
 
-static void pa_query(const uint32_t *qp, const uint32_t *kt, const uint32_t *v2, int64_t D,
-                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
+static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nvalid,
+                     float scale, float *mx, float *den, float *a) {
+    const float *kf = blk, *vf = blk + D * PA_KB;
     unsigned int csr = _mm_getcsr();
     __m256 sv[8], tv[8];  /* keys 8 c .. 8 c + 7: even d-pairs' sums, odd ones' */
     _mm_setcsr(csr | MXCSR_DAZ_FTZ);
     for (int h = 0; h < 2; h++) {  /* keys 32 h .. 32 h + 31 */
         __m256 s[4], t[4];
         for (int c = 0; c < 4; c++) s[c] = t[c] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D / 2; d += 2) {
-            __m256i qa = _mm256_set1_epi32((int)qp[d]), qb = _mm256_set1_epi32((int)qp[d + 1]);
-            const uint32_t *ka = kt + d * PA_KB + 32 * h, *kb = ka + PA_KB;
+        for (int64_t d = 0; d < D / 2; d += 2) {  /* vdpbf16ps: odd element, then even */
+            __m256 qa_o = _mm256_set1_ps(bf2f((uint16_t)(qp[d] >> 16)));
+            __m256 qa_e = _mm256_set1_ps(bf2f((uint16_t)qp[d]));
+            __m256 qb_o = _mm256_set1_ps(bf2f((uint16_t)(qp[d + 1] >> 16)));
+            __m256 qb_e = _mm256_set1_ps(bf2f((uint16_t)qp[d + 1]));
+            const float *ka = kf + 2 * d * PA_KB + 32 * h, *kb = ka + 2 * PA_KB;
             for (int c = 0; c < 4; c++) {
-                s[c] = dp8_bf16(s[c], qa, _mm256_loadu_si256((const void *)(ka + 8 * c)));
-                t[c] = dp8_bf16(t[c], qb, _mm256_loadu_si256((const void *)(kb + 8 * c)));
+                s[c] = _mm256_fmadd_ps(qa_o, _mm256_loadu_ps(ka + 8 * c), s[c]);
+                s[c] = _mm256_fmadd_ps(qa_e, _mm256_loadu_ps(ka + PA_KB + 8 * c), s[c]);
+                t[c] = _mm256_fmadd_ps(qb_o, _mm256_loadu_ps(kb + 8 * c), t[c]);
+                t[c] = _mm256_fmadd_ps(qb_e, _mm256_loadu_ps(kb + PA_KB + 8 * c), t[c]);
             }
         }
         for (int c = 0; c < 4; c++) sv[4 * h + c] = s[c], tv[4 * h + c] = t[c];
@@ -689,12 +723,6 @@ static void pa_query(const uint32_t *qp, const uint32_t *kt, const uint32_t *v2,
         __asm__("" : "+x"(plo), "+x"(phi));
         _mm256_storeu_ps(pf + 8 * c, pc);
     }
-    uint16_t pp[PA_KB];  /* bf16 (exact: already rounded; a denormal to 0, as vcvtne2ps2bf16) */
-    for (int k = 0; k < PA_KB; k++) {
-        uint32_t u;
-        memcpy(&u, pf + k, 4);
-        pp[k] = (u & 0x7f800000u) ? (uint16_t)(u >> 16) : (uint16_t)((u >> 16) & 0x8000u);
-    }
     *den = *den * alpha + gemv_hsum(plo, phi);
     float ae[MAX_HEAD_DIM], ao[MAX_HEAD_DIM];
     __m256 al = _mm256_set1_ps(alpha);
@@ -702,16 +730,19 @@ static void pa_query(const uint32_t *qp, const uint32_t *kt, const uint32_t *v2,
         _mm256_storeu_ps(ae + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), al));
         _mm256_storeu_ps(ao + d, _mm256_setzero_ps());
     }
-    const uint32_t *pw = (const uint32_t *)pp;
+    /* the probabilities as vcvtne2ps2bf16 makes them: exact (already rounded); one that is
+     * a float32 denormal is zero there, and DAZ zeroes it in the products below */
+    int64_t pairs = (nvalid + 1) / 2;
     _mm_setcsr(csr | MXCSR_DAZ_FTZ);
     for (int64_t d = 0; d < D; d += 8) {
         __m256 e = _mm256_loadu_ps(ae + d), o = _mm256_loadu_ps(ao + d);
-        const uint32_t *vr = v2 + d;
-        for (int64_t kp = 0; kp < (nvalid + 1) / 2; kp += 2) {
-            e = dp8_bf16(e, _mm256_set1_epi32((int)pw[kp]),
-                         _mm256_loadu_si256((const void *)(vr + kp * D)));
-            o = dp8_bf16(o, _mm256_set1_epi32((int)pw[kp + 1]),
-                         _mm256_loadu_si256((const void *)(vr + (kp + 1) * D)));
+        const float *vr = vf + d;
+        for (int64_t kp = 0; kp < pairs; kp += 2) {  /* key pairs: odd key, then even */
+            const int64_t k = 2 * kp;
+            e = _mm256_fmadd_ps(_mm256_set1_ps(pf[k + 1]), _mm256_loadu_ps(vr + (k + 1) * D), e);
+            e = _mm256_fmadd_ps(_mm256_set1_ps(pf[k]), _mm256_loadu_ps(vr + k * D), e);
+            o = _mm256_fmadd_ps(_mm256_set1_ps(pf[k + 3]), _mm256_loadu_ps(vr + (k + 3) * D), o);
+            o = _mm256_fmadd_ps(_mm256_set1_ps(pf[k + 2]), _mm256_loadu_ps(vr + (k + 2) * D), o);
         }
         _mm256_storeu_ps(ae + d, e);
         _mm256_storeu_ps(ao + d, o);
@@ -731,8 +762,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                          int64_t ldo, float *buf) {
     int64_t nv = nr * group;
     float *acc = buf, *mx = acc + nv * D, *den = mx + nv;
-    uint32_t *kt = (uint32_t *)(den + nv);  /* [D/2][PA_KB]: key k's d-pair d' at [d'][k] */
-    uint32_t *v2 = kt + (D / 2) * PA_KB;    /* [PA_KB/2][D]: keys 2k', 2k'+1 of dim d */
+    float *blk = den + nv;  /* the key block, as the build's pa_kv_block lays it out */
     for (int64_t v = 0; v < nv; v++) {
         mx[v] = -INFINITY;
         den[v] = 0.0f;
@@ -747,18 +777,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
             rel[kk] = (int64_t)table[page] * ps + off * row + g * D;
             if (++off == bt) { off = 0; page++; }
         }
-        pa_k_block(k_cache, rel, nb, D, kt);
-        for (int64_t kk = 0; kk < PA_KB; kk += 2) {
-            const uint16_t *va = kk < nb ? v_cache + rel[kk] : NULL;
-            const uint16_t *vb = kk + 1 < nb ? v_cache + rel[kk + 1] : NULL;
-            uint32_t *o = v2 + (kk / 2) * D;
-            if (va && vb) {
-                for (int64_t d = 0; d < D; d++) o[d] = (uint32_t)va[d] | (uint32_t)vb[d] << 16;
-            } else {
-                for (int64_t d = 0; d < D; d++)
-                    o[d] = (va ? (uint32_t)va[d] : 0u) | (vb ? (uint32_t)vb[d] << 16 : 0u);
-            }
-        }
+        pa_kv_block(k_cache, v_cache, rel, nb, D, blk);
         for (int64_t i = 0; i < nr; i++) {
             int64_t lim = past + r0 + i + 1;  /* keys [0, lim) */
             if (lim <= k0) continue;
@@ -767,7 +786,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                 int64_t v = i * group + j;
                 const uint32_t *qp = (const uint32_t *)(q + (row0 + r0 + i) * ldq
                                                         + (g * group + j) * D);
-                pa_query(qp, kt, v2, D, nvalid, scale, mx + v, den + v, acc + v * D);
+                pa_query(qp, blk, D, nvalid, scale, mx + v, den + v, acc + v * D);
             }
         }
     }
@@ -808,7 +827,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
             }
     }
     int failed = 0;
-    size_t floats = (size_t)(PA_QT * group * (D + 2) + D * PA_KB);
+    size_t floats = (size_t)(PA_QT * group * (D + 2) + PA_BLOCK_FLOATS(D));
     #pragma omp parallel num_threads(threads) if (items > 1)
     {
         float *buf = malloc(sizeof(float) * floats);
