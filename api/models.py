@@ -96,9 +96,11 @@ class ModelManager:
         adapters = self.adapters(models)
         try:
             if name in models:
+                self._recheck(name, models[name]["path"], name in self.static_models)
                 await self._load_model(name, models[name])
             elif name in adapters:
                 spec = adapters[name]
+                self._recheck(name, spec["path"], name in self.static_adapters)
                 await self._ensure_locked(spec["base"])
                 await self.client.command(AddAdapter(name, spec["base"], spec["path"]))
             else:
@@ -106,6 +108,20 @@ class ModelManager:
         except (ModelLoadError, AdapterError, RequestError, OSError, ValueError) as e:
             raise APIError(503, f"model {name!r} is registered but could not be loaded: "
                                 f"{e}", param="model", code="model_load_failed") from e
+
+    def _recheck(self, name: str, path: str, static: bool) -> None:
+        """A stored registration's path checked again against this server's model roots
+        at every load (the roots may be narrower than when it was added). Config and flag
+        entries are the operator's own: not checked."""
+        if static:
+            return
+        try:
+            self.check_path(path, gguf=True)
+        except APIError as e:
+            logger.warning("model %s not loaded: its stored path %s: %s", name, path, e.message)
+            raise APIError(503, f"model {name!r} is registered but could not be loaded: its "
+                                "path is not under this server's --model-root",
+                           param="model", code="model_load_failed") from None
 
     async def _load_model(self, name: str, spec: dict) -> None:
         await self.client.command(AddModel(name, spec["path"], spec.get("ttft_ms") or None,

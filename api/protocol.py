@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,6 +21,8 @@ from gpupool.messages.params import MAX_LOGPROBS, SamplingParams
 logger = logging.getLogger(__name__)
 
 MAX_N = 16
+MAX_STOP = 1024  # stop strings, bad words
+MAX_TOKEN_LIST = 1 << 18  # stop_token_ids, allowed_token_ids, logit_bias entries
 
 # field -> the values that change nothing (absent counts as None)
 REFUSED: dict[str, tuple] = {
@@ -65,16 +67,19 @@ class _Common(BaseModel):
     top_k: int | None = None  # vLLM's extension
     min_p: float | None = None  # vLLM's extension
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # vLLM's extension
+    # size limits: a request's cost on the event loop and in the engine stays bounded (a 400
+    # naming the field past them)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_TOKEN_LIST)] | None = None
     include_stop_str_in_output: bool = False  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
     min_tokens: int | None = None  # vLLM's extension
     repetition_penalty: float | None = None  # vLLM's extension
-    allowed_token_ids: list[int] | None = None  # vLLM's extension
+    allowed_token_ids: Annotated[list[int], Field(max_length=MAX_TOKEN_LIST)] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # token id (a string in JSON) -> bias
+    # token id (a string in JSON) -> bias
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_TOKEN_LIST)] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -89,7 +94,8 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    bad_words: list[str] | None = None  # vLLM's: never generated (as tokens, see below)
+    # vLLM's: never generated (as tokens, see below)
+    bad_words: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
     add_special_tokens: bool | None = None
 

@@ -71,6 +71,12 @@ class _Choice:
         return self.last is not None and self.last.finished
 
 
+def _off_loop(fn, *args) -> asyncio.Future:
+    """Run a limiter update in a thread (a Redis round trip, which a stalled Redis makes
+    seconds long, never on the event loop); its errors are logged by the limiter."""
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
 @dataclass
 class Run:
     """The engine requests behind one API call (prompts x n), and their merged outputs."""
@@ -86,6 +92,7 @@ class Run:
     counted: bool = False  # admitted by the tenant's limiter: tell it when the call ends
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _pumps: list = field(default_factory=list)
+    _release_done: asyncio.Future | None = None  # the limiter's release of this call
 
     async def start(self, choices: list[_Choice]) -> None:
         """Admit the call under the tenant's limits (429), then queue every choice at once,
@@ -139,7 +146,14 @@ class Run:
     def _release(self, completion_tokens: int) -> None:
         if self.counted:
             self.counted = False
-            self.state.limiter.finished(self.tenant.name, self.call_id, completion_tokens)
+            self._release_done = _off_loop(self.state.limiter.finished, self.tenant.name,
+                                           self.call_id, completion_tokens)
+
+    async def released(self) -> None:
+        """Wait until the limiter has released this call (before the answer's last byte:
+        a client's next call then finds its slot free)."""
+        if self._release_done is not None:
+            await self._release_done
 
     def _observe(self, ch: _Choice, out: RequestOutput) -> None:
         now = time.monotonic()
@@ -148,7 +162,7 @@ class Run:
         ch.tokens += n
         if n:
             if self.counted and all(c.first_token_at is None for c in self.choices):
-                self.state.limiter.started(self.tenant.name, self.call_id)
+                _off_loop(self.state.limiter.started, self.tenant.name, self.call_id)
             if ch.first_token_at is None:
                 ch.first_token_at = now
                 metrics.ttft.labels(self.model).observe(now - self.started)
@@ -545,7 +559,10 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
     info, tokenizer = _model(state, req.model)
     prompts = await asyncio.to_thread(route.prompts, req, tokenizer, info)
     run = Run(state, req.model, tenant, n=req.n)
-    await run.start(_choices(route, req, tenant, info, tokenizer, prompts, run.call_id))
+    # off the event loop: bad_words are tokenized here (thousands of them take seconds)
+    choices = await asyncio.to_thread(_choices, route, req, tenant, info, tokenizer, prompts,
+                                      run.call_id)
+    await run.start(choices)
     cid, created = f"{route.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def answer(obj: str, choices: list[dict]) -> dict:
@@ -563,6 +580,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
 
     if not req.stream:
         outs = await _collect(run, request)
+        await run.released()
         if outs is None:
             return Response(status_code=499)  # nobody is listening any more
         choices = [route.choice(i, out, tokenizer, tools) for i, out in enumerate(outs)]
@@ -599,6 +617,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
             if not run.done:
                 run.abort()
                 run._count()
+        await run.released()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
@@ -634,17 +653,20 @@ async def tokenize_route(state, request: Request, tenant_path: str | None = None
         raise APIError(400, "give either prompt or messages", param="prompt")
     if tokenizer is None:
         raise APIError(400, f"model {req.model!r} has no tokenizer", param="model")
-    if req.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"model {req.model!r} has no chat template", param="messages")
-        messages = [_template_message(m) for m in req.messages]  # as the chat route has them
-        try:
-            ids = chat_prompt(tokenizer, messages)
-        except RequestError as e:
-            raise APIError(400, str(e), param="messages") from e
-    else:
+    if req.messages is not None and not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"model {req.model!r} has no chat template", param="messages")
+
+    def ids_of() -> list[int]:  # in a thread: megabytes of text take seconds
+        if req.messages is not None:
+            messages = [_template_message(m) for m in req.messages]  # as the chat route
+            try:
+                return chat_prompt(tokenizer, messages)
+            except RequestError as e:
+                raise APIError(400, str(e), param="messages") from e
         special = True if req.add_special_tokens is None else req.add_special_tokens
-        ids = list(tokenizer(req.prompt, add_special_tokens=special)["input_ids"])
+        return list(tokenizer(req.prompt, add_special_tokens=special)["input_ids"])
+
+    ids = await asyncio.to_thread(ids_of)
     return JSONResponse({"count": len(ids), "max_model_len": info.context_limit,
                          "tokens": ids})
 
@@ -660,7 +682,7 @@ async def detokenize_route(state, request: Request, tenant_path: str | None = No
                        param="tokens")
     if tokenizer is None:
         raise APIError(400, f"model {req.model!r} has no tokenizer", param="model")
-    return JSONResponse({"prompt": tokenizer.decode(req.tokens)})
+    return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, req.tokens)})
 
 
 async def version_route(request: Request):

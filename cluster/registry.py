@@ -30,6 +30,8 @@ class WorkerInfo:
     draining: bool = False
     step_s: float = 0.0  # recent step time (the slowest model's moving average)
     at: float = 0.0  # unix time of the heartbeat
+    ttl_s: float = 0.0  # how long the heartbeat key lives
+    kv_capacity: dict = field(default_factory=dict)  # loaded model -> most tokens a request
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -48,13 +50,7 @@ class WorkerInfo:
 
 def connected_workers(r) -> set[str]:
     """Workers with at least one open connection to Redis (CLIENT LIST)."""
-    prefix = keys.client_name("")
-    out = set()
-    for c in r.client_list():
-        name = c.get("name") or ""
-        if name.startswith(prefix):
-            out.add(name[len(prefix):])
-    return out
+    return _connected(r.client_list())
 
 
 def read_workers(r) -> list[tuple[WorkerInfo, bool]]:
@@ -64,7 +60,25 @@ def read_workers(r) -> list[tuple[WorkerInfo, bool]]:
     if not names:
         return []
     raws = r.mget([keys.worker_key(n) for n in names])
-    connected = connected_workers(r)
+    return _alive(names, raws, _connected(r.client_list()))
+
+
+async def read_workers_async(ar) -> list[tuple[WorkerInfo, bool]]:
+    """:func:`read_workers` on an asyncio client."""
+    names = sorted(n.decode() for n in await ar.smembers(keys.WORKERS))
+    if not names:
+        return []
+    raws = await ar.mget([keys.worker_key(n) for n in names])
+    return _alive(names, raws, _connected(await ar.client_list()))
+
+
+def _connected(clients) -> set[str]:
+    prefix = keys.client_name("")
+    names = (c.get("name") or "" for c in clients)
+    return {n[len(prefix):] for n in names if n.startswith(prefix)}
+
+
+def _alive(names, raws, connected) -> list[tuple[WorkerInfo, bool]]:
     out = []
     for name, raw in zip(names, raws):
         if raw is None:
@@ -84,5 +98,6 @@ def forget(r, name: str) -> None:
     pipe.execute()
 
 
-def heartbeat_age(info: WorkerInfo) -> float:
-    return max(0.0, time.time() - info.at) if info.at else float("inf")
+def heartbeat_age(info: WorkerInfo) -> float | None:
+    """Seconds since the worker's last heartbeat; None when it has none (expired)."""
+    return max(0.0, time.time() - info.at) if info.at else None

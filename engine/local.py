@@ -48,6 +48,7 @@ from gpupool.pool.residency import WeightPool
 from gpupool.scheduler.slo import SLO
 
 logger = logging.getLogger(__name__)
+SNAPSHOT_S = 0.2  # the step loop publishes the engine's stats at most this often (snapshot)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -139,6 +140,7 @@ class LocalEngine:
         self._loading: set[str] = set()  # model names being read from disk
         self._aborts: collections.deque[str] = collections.deque()  # applied by the loop
         self._ids = itertools.count()
+        self._snapshot: tuple[float, dict] | None = None  # (monotonic time, stats) published
         self.load_tokenizers = True  # False in a cluster worker (its gateways tokenize)
         logger.info("engine on %s: %d KV pages of %d KiB", self.device,
                     self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
@@ -294,37 +296,59 @@ class LocalEngine:
         """A snapshot of the pool for operators: arena regions, resident models and adapters,
         KV pages, swaps, queue depth per model (plain ints, floats and strings)."""
         with self._lock:
-            arena, kv, w = self.arena, self.kv, self.weights
-            weight_used = arena.weight_bytes - arena.weight_slabs.num_free_bytes
-            return {
-                "device": str(self.device),
-                "policy": self.config.scheduler.policy,
-                "arena": {
-                    "total_bytes": arena.num_bytes,
-                    "weights": {"bytes": arena.weight_bytes, "used_bytes": weight_used},
-                    "adapters": {"bytes": arena.adapter_bytes},
-                    "kv": {"bytes": arena.kv_bytes},
-                },
-                "kv_pages": self._kv_stats(),
-                "swaps": {
-                    "weight_swaps": w.num_swaps,
-                    "weight_bytes": w.swap_bytes,
-                    "weight_seconds": w.swap_seconds,
-                    "weight_prefetches": w.num_prefetches,
-                    "weight_prefetch_hits": w.prefetch_hits,
-                    "weight_prefetches_wasted": w.prefetch_wasted,
-                    "kv_pages_out": kv.num_pages_swapped_out,
-                    "kv_pages_in": kv.num_pages_swapped_in,
-                    "kv_bytes": (kv.num_pages_swapped_out + kv.num_pages_swapped_in)
-                    * kv.page_bytes,
-                },
-                "resident_models": list(w.resident),
-                "recent_swaps": list(w.recent),
-                "models": {name: self._model_stats(name, worker)
-                           for name, worker in self.core.workers.items()},
-                "adapters": {n: r.base for n, r in self.core.adapters.refs.items()},
-                "requests": len(self.core.requests),
-            }
+            return self._publish()
+
+    def snapshot(self) -> dict:
+        """:meth:`stats` without waiting for a step: fresh when the engine lock is free,
+        else what the step loop last published (after a step, at most ``SNAPSHOT_S`` apart).
+        What a cluster worker's heartbeat reads: a step longer than the heartbeat's TTL must
+        not make a live worker look dead."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._publish()
+            finally:
+                self._lock.release()
+        return self._snapshot[1] if self._snapshot is not None else {}
+
+    def _publish(self) -> dict:
+        """:meth:`stats` (the lock held), kept with the recent step time as the snapshot."""
+        s = self._stats()
+        step_s = max(self.core.cost.step_s.values(), default=0.0)
+        self._snapshot = (time.monotonic(), {**s, "step_s": step_s})
+        return s
+
+    def _stats(self) -> dict:
+        arena, kv, w = self.arena, self.kv, self.weights
+        weight_used = arena.weight_bytes - arena.weight_slabs.num_free_bytes
+        return {
+            "device": str(self.device),
+            "policy": self.config.scheduler.policy,
+            "arena": {
+                "total_bytes": arena.num_bytes,
+                "weights": {"bytes": arena.weight_bytes, "used_bytes": weight_used},
+                "adapters": {"bytes": arena.adapter_bytes},
+                "kv": {"bytes": arena.kv_bytes},
+            },
+            "kv_pages": self._kv_stats(),
+            "swaps": {
+                "weight_swaps": w.num_swaps,
+                "weight_bytes": w.swap_bytes,
+                "weight_seconds": w.swap_seconds,
+                "weight_prefetches": w.num_prefetches,
+                "weight_prefetch_hits": w.prefetch_hits,
+                "weight_prefetches_wasted": w.prefetch_wasted,
+                "kv_pages_out": kv.num_pages_swapped_out,
+                "kv_pages_in": kv.num_pages_swapped_in,
+                "kv_bytes": (kv.num_pages_swapped_out + kv.num_pages_swapped_in)
+                * kv.page_bytes,
+            },
+            "resident_models": list(w.resident),
+            "recent_swaps": list(w.recent),
+            "models": {name: self._model_stats(name, worker)
+                       for name, worker in self.core.workers.items()},
+            "adapters": {n: r.base for n, r in self.core.adapters.refs.items()},
+            "requests": len(self.core.requests),
+        }
 
     def _kv_stats(self) -> dict:
         kv, host = self.kv, self.kv.host_pages
@@ -360,6 +384,8 @@ class LocalEngine:
                                         if q.adapter}),
             "adapter_slots": slots.num_slots if slots is not None else 0,
             "resident_adapters": list(slots.resident) if slots is not None else [],
+            # the most tokens one request of this model can hold in the KV pool
+            "kv_capacity_tokens": self.kv.pages.num_pages * worker.block_tokens,
         }
 
     def abort(self, request_id: str) -> None:
@@ -401,6 +427,9 @@ class LocalEngine:
                 try:
                     self._apply_aborts()
                     deltas = self.core.step()
+                    if (self._snapshot is None
+                            or time.monotonic() - self._snapshot[0] > SNAPSHOT_S):
+                        self._publish()
                 except Exception as e:  # never lose the loop: fail what was in flight
                     logger.exception("engine step failed; failing its requests")
                     self.core.fail_all(f"engine error: {e}")

@@ -77,6 +77,7 @@ def _serve(args) -> int:
             models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
             dtype=args.dtype, quantization=args.quantization,
             metrics_key=args.metrics_key, public_metrics=args.public_metrics or None,
+            require_auth=args.require_auth or None,
             default_model=args.command == "serve")
         if args.command == "gateway" and not config.redis_url:
             raise ValueError("gateway needs --redis-url (the cluster's Redis)")
@@ -95,6 +96,7 @@ def _serve(args) -> int:
             engine_config = Config.from_env(**config.engine)
             client = RedisClient(config.redis_url, str(engine_config.home),
                                  migration_limit=args.migration_limit,
+                                 outage_limit_s=args.outage_limit_s,
                                  policy=config.engine.get("policy", "token"),
                                  default_slo=(engine_config.scheduler.ttft_ms,
                                               engine_config.scheduler.tbt_ms))
@@ -105,8 +107,8 @@ def _serve(args) -> int:
             client = local_client(config)
         serve(config, client)
     except redis_errors() as e:
-        print(f"gpupool: error: Redis at {config.redis_url or 'the embedded server'}: {e}",
-              file=sys.stderr)
+        where = redact(config.redis_url) if config.redis_url else "the embedded server"
+        print(f"gpupool: error: Redis at {where}: {redact(e)}", file=sys.stderr)
         return 1
     except (ModelLoadError, RequestError, AdapterError, ValueError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
@@ -121,6 +123,27 @@ def redis_errors() -> tuple:
     return (redis.RedisError,)
 
 
+def redact(text) -> str:
+    """``text`` with every Redis URL's password replaced (errors and logs show no secret)."""
+    from gpupool.cluster.conn import redact as _redact
+
+    return _redact(str(text))
+
+
+def _secret(value: str | None, file: str | None, env: str) -> str | None:
+    """A secret from its flag, else the file its ``--...-file`` flag names (stripped), else
+    the environment (``config.worker_secrets``; flags are visible to every local user in
+    ps)."""
+    if value:
+        return value
+    if file:
+        with open(file) as f:
+            return f.read().strip() or None
+    from gpupool.config import worker_secrets
+
+    return worker_secrets()[env]
+
+
 def _worker(args) -> int:
     import tomllib
 
@@ -128,6 +151,7 @@ def _worker(args) -> int:
     from gpupool.worker import run_worker
 
     logging.getLogger("gpupool").setLevel((args.log_level or "info").upper())
+    url = None
     try:
         engine = {}
         if args.config:
@@ -137,13 +161,19 @@ def _worker(args) -> int:
             if getattr(args, key) is not None:
                 engine[key] = getattr(args, key)
         engine["threads"] = _engine_threads(args.threads or engine.get("threads"))
-        if args.metrics_port is not None and not (args.metrics_key or args.public_metrics):
-            raise ValueError("--metrics-port needs --metrics-key (or --public-metrics)")
-        run_worker(args.redis_url, args.name, Config.from_env(**engine),
+        url = _secret(args.redis_url, args.redis_url_file, "redis_url")
+        if not url:
+            raise ValueError("worker needs the cluster's Redis: --redis-url-file, "
+                             "GPUPOOL_REDIS_URL or --redis-url")
+        metrics_key = _secret(args.metrics_key, args.metrics_key_file, "metrics_key")
+        if args.metrics_port is not None and not (metrics_key or args.public_metrics):
+            raise ValueError("--metrics-port needs a metrics key (--metrics-key-file, "
+                             "GPUPOOL_METRICS_KEY or --metrics-key) or --public-metrics")
+        run_worker(url, args.name, Config.from_env(**engine),
                    args.model_root or (), args.heartbeat_s, args.ttl_s, args.grace_s,
-                   args.metrics_port, args.metrics_key, args.metrics_host)
+                   args.metrics_port, metrics_key, args.metrics_host)
     except redis_errors() as e:
-        print(f"gpupool: error: Redis at {args.redis_url}: {e}", file=sys.stderr)
+        print(f"gpupool: error: Redis at {redact(url)}: {redact(e)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, OSError) as e:
         print(f"gpupool: error: {e}", file=sys.stderr)
@@ -184,6 +214,10 @@ def _http_args(s) -> None:
                    help="once tenants exist, /metrics needs this key or the admin key")
     s.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics to anyone, even with tenants")
+    s.add_argument("--require-auth", action="store_true",
+                   help="OpenAI routes need a tenant key even before the first tenant exists "
+                        "(a server that has had tenants needs them anyway, even if its state "
+                        "store comes back empty)")
     s.add_argument("--log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -198,9 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     _http_args(gw)
     gw.add_argument("--migration-limit", type=int, default=3,
                     help="most times one request is moved after its worker dies (default 3)")
+    gw.add_argument("--outage-limit-s", type=float, default=30.0,
+                    help="streams pause while Redis is unavailable, and end with an error "
+                         "past this many seconds (default 30)")
     gw.set_defaults(func=_serve)
     w = sub.add_parser("worker", help="one engine serving a cluster through Redis")
-    w.add_argument("--redis-url", required=True, help="the cluster's Redis (redis:// or rediss://)")
+    w.add_argument("--redis-url", default=None,
+                   help="the cluster's Redis (redis:// or rediss://; visible in ps: prefer "
+                        "--redis-url-file or GPUPOOL_REDIS_URL)")
+    w.add_argument("--redis-url-file", default=None, help="a file holding the Redis URL")
     w.add_argument("--name", default=None, help="unique worker name (default host-pid)")
     w.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     w.add_argument("--dtype", default=None, choices=DTYPES, help="auto (default), ...")
@@ -220,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-host", default="0.0.0.0")
     w.add_argument("--metrics-key", default=None,
                    help="bearer key /metrics needs (required with --metrics-port unless "
-                        "--public-metrics)")
+                        "--public-metrics; visible in ps: prefer --metrics-key-file or "
+                        "GPUPOOL_METRICS_KEY)")
+    w.add_argument("--metrics-key-file", default=None, help="a file holding the metrics key")
     w.add_argument("--public-metrics", action="store_true")
     w.add_argument("--log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug"])

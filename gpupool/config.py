@@ -228,6 +228,9 @@ class ServerConfig:
     log_level: str = "info"
     metrics_key: str | None = None  # once tenants exist, /metrics needs this or the admin key
     public_metrics: bool = False  # /metrics open to anyone, tenants or not
+    require_auth: bool = False  # tenant keys needed even before the first tenant (fail closed)
+    # a tenant limit entry lives this long unless its front end renews it (api/limits.py)
+    limit_lease_s: float = 10.0
     models: tuple[ModelSpec, ...] = ()
     adapters: tuple[AdapterSpec, ...] = ()
     tenants: tuple[TenantSpec, ...] = ()
@@ -238,6 +241,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 1..65535, not {self.port}")
         if self.max_queued_requests < 1 or self.max_body_bytes < 1024:
             raise ValueError("max_queued_requests must be >= 1 and max_body_bytes >= 1024")
+        if not 0.5 <= self.limit_lease_s <= 3600:
+            raise ValueError(f"limit_lease_s must be in 0.5..3600, not {self.limit_lease_s}")
         names = [m.name for m in self.models] + [a.name for a in self.adapters]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -297,6 +302,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
         "admin_key": os.environ.get("GPUPOOL_ADMIN_KEY"),
         "redis_url": os.environ.get("GPUPOOL_REDIS_URL"),
         "metrics_key": os.environ.get("GPUPOOL_METRICS_KEY"),
+        "limit_lease_s": os.environ.get("GPUPOOL_LIMIT_LEASE_S"),
     }
     if os.environ.get("GPUPOOL_MODEL_ROOTS"):
         env["model_roots"] = tuple(os.environ["GPUPOOL_MODEL_ROOTS"].split(os.pathsep))
@@ -325,7 +331,20 @@ def load_server_config(path: str | None = None, default_model: bool = True,
             data["port"] = int(data["port"])
         except ValueError:
             raise ValueError(f"port must be an integer, not {data['port']!r}") from None
+    if "limit_lease_s" in data:
+        try:
+            data["limit_lease_s"] = float(data["limit_lease_s"])
+        except ValueError:
+            raise ValueError("limit_lease_s must be a number of seconds, not "
+                             f"{data['limit_lease_s']!r}") from None
     if not models and default_model:  # a gateway serves what the cluster registers
         models = [ModelSpec("smollm2", "smollm2")]
     return ServerConfig(models=tuple(models), adapters=tuple(adapters), tenants=tenants,
                         engine=engine, **data)
+
+
+def worker_secrets() -> dict[str, str | None]:
+    """A worker's Redis URL and metrics key from the environment (``GPUPOOL_REDIS_URL``,
+    ``GPUPOOL_METRICS_KEY``), where ``ps`` does not show them."""
+    return {"redis_url": os.environ.get("GPUPOOL_REDIS_URL") or None,
+            "metrics_key": os.environ.get("GPUPOOL_METRICS_KEY") or None}

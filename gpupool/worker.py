@@ -3,10 +3,20 @@
 Threads: the reader takes messages from the worker's inbox stream (consumer group
 ``engine``) and hands requests to the engine (loading a registered model or adapter on first
 use, its path re-checked against this worker's own ``--model-root``); the engine thread steps;
-the writer puts each request's deltas on its output stream and acknowledges the request's
-inbox entry when it ends; the heartbeat publishes what the worker holds every
-``heartbeat_s`` with a TTL. SIGTERM drains: the heartbeat says so (routers send nothing new),
-running requests finish within ``grace_s``, then it exits.
+the writer puts each request's deltas on its output stream and acknowledges and deletes the
+request's inbox entry when it ends; the heartbeat publishes what the worker holds every
+``heartbeat_s`` with a TTL, from the engine's snapshot (never waiting for a step). SIGTERM
+drains: the heartbeat says so (routers send nothing new), running requests finish within
+``grace_s``, then it exits.
+
+Redis may stall or restart: every thread retries with backoff and jitter for as long as it
+takes, the engine goes on, and the writer keeps the deltas in order until they are written
+(the gateway drops repeats by token index). Each placement of a request carries an epoch;
+when a gateway moves a request away (it took this worker for dead) it raises the request's
+fence, and the worker aborts it and writes nothing more for it.
+
+``GPUPOOL_TEST_SLOW_PREFILL_S`` (tests only) makes every step that admits a new prompt that
+many seconds longer, holding the engine lock as a long prefill does.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from pathlib import Path
 
 import redis
 
-from gpupool.cluster import keys
+from gpupool.cluster import conn, keys
 from gpupool.cluster.registry import WorkerInfo
 from gpupool.default_model import DEFAULT_MODEL
 from gpupool.engine.local import LocalEngine
@@ -46,13 +56,20 @@ class Worker:
     def __init__(self, url: str, name: str, engine: LocalEngine, model_roots=(),
                  heartbeat_s: float = 0.5, ttl_s: float = 3.0, grace_s: float = 30.0):
         self.name, self.engine = name, engine
-        self.r = redis.Redis.from_url(url, client_name=keys.client_name(name))
+        self.r = conn.client(url, client_name=keys.client_name(name))
         self.r.ping()
         self.roots = [Path(p).expanduser().resolve() for p in model_roots]
         self.heartbeat_s, self.ttl_s, self.grace_s = heartbeat_s, ttl_s, grace_s
         self.inbox = keys.inbox(name)
         self.out: queue.Queue = queue.Queue()
-        self.entries: dict[str, bytes] = {}  # request id -> its inbox entry (acked at its end)
+        # request id -> (its inbox entry, acknowledged and deleted at its end; its placement)
+        self.entries: dict[str, tuple[bytes, int]] = {}
+        self.fenced: set[str] = set()  # moved away by a gateway: nothing more is written
+        self.outage = conn.Outage(limit_s=float("inf"))  # a worker waits for Redis forever
+        self.fenced_dropped = 0  # deltas not written because their request was fenced
+        slow = float(os.environ.get("GPUPOOL_TEST_SLOW_PREFILL_S") or 0)
+        if slow > 0:
+            self._slow_prefill(slow)
         self.stopping = threading.Event()
         self.draining = threading.Event()
         self._deadline: float | None = None  # when a drain gives up on running requests
@@ -76,15 +93,33 @@ class Worker:
             while not self.stopping.is_set() and not self._drained():
                 try:
                     self._read_once()
-                except redis.ConnectionError as e:  # Redis away: what is held goes on
-                    logger.warning("worker %s: Redis unavailable (%s); retrying", self.name, e)
-                    time.sleep(0.5)
+                    self.outage.ok()
+                except redis.RedisError as e:  # a stall or a restart: what is held goes on
+                    self._redis_failed("reading the inbox", e)
         finally:
             self.stopping.set()
             for t in threads:
                 t.join(timeout=5)
             self._leave()
             self.engine.shutdown()
+
+    def _redis_failed(self, what: str, e: Exception) -> None:
+        """Log the first failure of an outage, then wait (backoff with jitter)."""
+        wait = self.outage.failed()
+        if self.outage.tries == 1:
+            logger.warning("worker %s: Redis unavailable while %s (%s); retrying", self.name,
+                           what, conn.redact(e))
+        time.sleep(wait)
+
+    def _slow_prefill(self, seconds: float) -> None:
+        core, step = self.engine.core, self.engine.core.step
+
+        def slow_step():
+            if any(core.scheduler.waiting.values()):
+                time.sleep(seconds)
+            return step()
+
+        core.step = slow_step
 
     def _drained(self) -> bool:
         """Draining and done (or out of grace time); while draining nothing new is read."""
@@ -132,12 +167,17 @@ class Worker:
     def _handle(self, entry_id: bytes, fields: dict) -> None:
         try:
             msg = from_wire(json.loads(fields[b"msg"]))
+            epoch = int(fields.get(b"epoch", 0))
         except (KeyError, ValueError, TypeError) as e:
             logger.error("unreadable message %s: %s", entry_id, e)
-            self.r.xack(self.inbox, keys.GROUP, entry_id)
+            self._consumed(entry_id)
             return
         if isinstance(msg, EngineRequest):
-            self._start(entry_id, msg)
+            held = self.entries.get(msg.request_id)
+            if held is not None and held[1] >= epoch:  # sent again (a retried XADD)
+                self._consumed(entry_id)
+                return
+            self._start(entry_id, msg, epoch)
             return
         try:
             if isinstance(msg, Abort):
@@ -148,11 +188,19 @@ class Worker:
                 self.engine.remove_adapter(msg.name)
         except EngineError as e:
             logger.warning("%s: %s", type(msg).__name__, e)
-        self.r.xack(self.inbox, keys.GROUP, entry_id)
+        self._consumed(entry_id)
 
-    def _start(self, entry_id: bytes, req: EngineRequest) -> None:
+    def _consumed(self, entry_id: bytes) -> None:
+        """Acknowledge an inbox entry and delete it (inboxes do not grow for ever)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xack(self.inbox, keys.GROUP, entry_id)
+        pipe.xdel(self.inbox, entry_id)
+        pipe.execute()
+
+    def _start(self, entry_id: bytes, req: EngineRequest, epoch: int = 0) -> None:
         rid = req.request_id
-        self.entries[rid] = entry_id
+        self.entries[rid] = (entry_id, epoch)
+        self.fenced.discard(rid)
         try:
             self._ensure(req.model)
             self.engine.submit([req], [lambda d: self.out.put(d)])
@@ -205,41 +253,80 @@ class Worker:
                     items.append(self.out.get_nowait())
                 except queue.Empty:
                     break
-            pipe = self.r.pipeline(transaction=False)
-            for d in items:
-                key = keys.outbox(d.request_id)
-                pipe.xadd(key, {"msg": json.dumps(to_wire(d))}, maxlen=keys.OUT_MAXLEN,
-                          approximate=True)
-                pipe.expire(key, keys.OUT_TTL_S)
-                if d.finished:
-                    entry = self.entries.pop(d.request_id, None)
-                    if entry is not None:
-                        pipe.xack(self.inbox, keys.GROUP, entry)
-            try:
-                pipe.execute()
-            except redis.RedisError as e:  # Redis away: keep the deltas, try again
-                logger.warning("could not write %d deltas (%s); retrying", len(items), e)
-                for d in reversed(items):
-                    self.out.queue.appendleft(d)
-                time.sleep(0.2)
+            while True:  # until written: Redis may be away for a while
+                try:
+                    self._write(items)
+                    self.outage.ok()
+                    break
+                except redis.RedisError as e:  # nothing lost: the same deltas, in order
+                    self._redis_failed(f"writing {len(items)} deltas", e)
+
+    def _write(self, items: list[OutputDelta]) -> None:
+        """One pipeline: each delta on its request's output stream with the placement's
+        epoch; the inbox entry of a request that ended acknowledged and deleted. A repeat
+        after a failed try is harmless (the gateway drops tokens it has by index)."""
+        pipe = self.r.pipeline(transaction=False)
+        ended = []
+        for d in items:
+            entry, epoch = self.entries.get(d.request_id, (None, 0))
+            if d.finished:
+                ended.append(d.request_id)
+                if entry is not None:
+                    pipe.xack(self.inbox, keys.GROUP, entry)
+                    pipe.xdel(self.inbox, entry)
+            if d.request_id in self.fenced:
+                self.fenced_dropped += 1
+                continue
+            key = keys.outbox(d.request_id)
+            pipe.xadd(key, {"msg": json.dumps(to_wire(d)), "epoch": epoch},
+                      maxlen=keys.OUT_MAXLEN, approximate=True)
+            pipe.expire(key, keys.OUT_TTL_S)
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, redis.ConnectionError):
+                raise result
+            if isinstance(result, redis.RedisError):  # e.g. an inbox a gateway deleted
+                logger.debug("worker %s: %s", self.name, result)
+        for rid in ended:
+            self.entries.pop(rid, None)
+            self.fenced.discard(rid)
 
     def _beat_loop(self) -> None:
         beats = 0
         while not self.stopping.wait(self.heartbeat_s):
             try:
                 self._heartbeat()
+                self._check_fences()
                 beats += 1
                 if beats * self.heartbeat_s >= 1.0:  # about once a second
                     beats = 0
                     self._abort_unread()
+                self.outage.ok()
             except redis.RedisError as e:
-                logger.warning("heartbeat failed: %s", e)
+                wait = self.outage.failed()
+                if self.outage.tries == 1:
+                    logger.warning("heartbeat failed: %s", conn.redact(e))
+                self.stopping.wait(wait)
+
+    def _check_fences(self) -> None:
+        """Abort the requests a gateway moved to another worker (their fence is above this
+        placement's epoch); the writer drops what they still send."""
+        held = list(self.entries.items())
+        if not held:
+            return
+        fences = self.r.mget([keys.fence(rid) for rid, _ in held])
+        for (rid, (_, epoch)), fence in zip(held, fences):
+            if fence is not None and int(fence) > epoch and rid not in self.fenced:
+                logger.warning("request %s was moved to another worker (placement %d, this "
+                               "one's %d); aborting it here", rid, int(fence), epoch)
+                self.fenced.add(rid)
+                self.engine.abort(rid)
 
     def _abort_unread(self) -> None:
         """Abort requests whose gateway stopped reading them (it died): nobody would see
-        their tokens."""
+        their tokens. Not within a reader lease of a Redis outage: the leases expired while
+        no gateway could renew them."""
         rids = list(self.entries)
-        if not rids:
+        if not rids or self.outage.recent(keys.READER_TTL_S):
             return
         alive = self.r.exists(*[keys.reader(rid) for rid in rids]) == len(rids)
         if alive:
@@ -253,7 +340,9 @@ class Worker:
                 self.engine.abort(rid)
 
     def _heartbeat(self) -> None:
-        s = self.engine.stats()
+        s = self.engine.snapshot()  # never waits for a step
+        if not s:
+            return
         loaded = list(s["models"])
         info = WorkerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), device=s["device"],
@@ -264,8 +353,9 @@ class Worker:
             cached=[m for m in loaded if m not in s["resident_models"]], models=loaded,
             running=sum(m["running"] for m in s["models"].values()),
             queued=sum(m["waiting"] for m in s["models"].values()),
-            draining=self.draining.is_set(), at=time.time(),
-            step_s=max(self.engine.core.cost.step_s.values(), default=0.0))
+            draining=self.draining.is_set(), at=time.time(), step_s=s["step_s"],
+            ttl_s=self.ttl_s,
+            kv_capacity={m: v["kv_capacity_tokens"] for m, v in s["models"].items()})
         pipe = self.r.pipeline()
         pipe.set(keys.worker_key(self.name), info.to_json(), px=int(self.ttl_s * 1000))
         pipe.sadd(keys.WORKERS, self.name)
@@ -326,7 +416,7 @@ def run_worker(url: str, name: str | None, config, model_roots=(), heartbeat_s: 
                metrics_key: str | None = None, metrics_host: str = "0.0.0.0") -> None:
     """Build the engine from ``config`` and serve the cluster until SIGTERM (drain) or
     SIGINT; with ``metrics_port``, the engine's metrics too."""
-    redis.Redis.from_url(url).ping()  # a wrong URL or password fails before the engine is made
+    conn.client(url).ping()  # a wrong URL or password fails before the engine is made
     engine = LocalEngine(config=config)
     engine.load_tokenizers = False  # token ids in, token ids out: the gateways tokenize
     worker = Worker(url, name or f"{socket.gethostname()}-{os.getpid()}", engine, model_roots,

@@ -6,7 +6,10 @@ tokens, allocates KV pages, and preempts when pages run out. It never touches a 
 Each step serves one model, chosen by a :mod:`policy <gpupool.scheduler.policy>`; within it:
   1. running sequences, oldest first: 1 token each when decoding, a chunk when prefilling;
   2. waiting sequences, oldest first, while the token budget, the sequence cap and free
-     pages allow.
+     pages allow. While prompts prefill and other tenants' prompts wait, the running prompts
+     get only their tenants' share of the step's budget (an equal split between those
+     tenants and the waiting ones), so another tenant's short prompt is admitted in the next
+     step instead of waiting behind a long one.
 When pages run out, the KV of other models' running sequences (models that do not hold the
 device this step, newest request first) is swapped out to host pages first — their batch's
 turn has ended, and they resume token-exact when their model runs again; only then is the
@@ -44,6 +47,9 @@ class SchedulerConfig:
     # full KV pages stay indexed by their prefix (model, adapter, salt, tokens) and a new
     # request reuses the longest cached chain of its prompt
     enable_prefix_caching: bool = True
+    # running prompts leave a share of the step's budget to other tenants' waiting prompts
+    # (False: they take it all, as before; benchmarks/bench_fairness.py compares the two)
+    fair_prefill: bool = True
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -63,6 +69,7 @@ class _Step:
     max_adapters: int  # distinct adapters the step may hold
     prefill_left: int = 1 << 30  # prompt tokens left (capped when the step also decodes)
     prefill_cap: int = 0  # the cap, when the step decodes (a short prompt may overrun it)
+    running_prefill_left: int = 1 << 30  # prompt tokens left to running prompts (fair share)
     scheduled: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
     adapters: set = field(default_factory=set)
@@ -218,6 +225,7 @@ class Scheduler:
             step.prefill_cap = min(step.budget, self.prefill_cap(model, decoding))
             step.prefill_left = step.prefill_cap
         fair = self._preempt_for_fairness(model)
+        self._share_prefill(model, step)
         self._schedule_running(model, step)
         if not any(q.model == model for q in step.preempted):  # no room freed by own preemption
             self._admit_waiting(model, step, skip=fair)
@@ -226,6 +234,18 @@ class Scheduler:
         step.scheduled.sort(key=lambda x: (not x.is_decode, x.seq.adapter or ""))
         return SchedulerOutput(model, tuple(step.scheduled), tuple(step.preempted),
                                tuple(self._swap_out), tuple(self._swap_in))
+
+    def _share_prefill(self, model: str, step: _Step) -> None:
+        """While prompts prefill and prompts of other tenants wait, the running prompts get
+        their tenants' share of the step's budget, the rest is left to the waiting ones."""
+        prefilling = {q.tenant for q in self.running[model]
+                      if q.num_tokens - q.num_computed_tokens > 1}
+        if not prefilling or not self.config.fair_prefill:
+            return
+        others = {q.tenant for q in self.waiting[model] if q.tenant not in prefilling}
+        if others:
+            share = step.budget * len(prefilling) // (len(prefilling) + len(others))
+            step.running_prefill_left = max(MIN_PREFILL_CHUNK, share)
 
     def _num_new(self, seq: Sequence, step: _Step) -> int:
         """Tokens the sequence computes this step: 1 to decode, a chunk of its prompt (or of
@@ -265,6 +285,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING or not step.fits(seq):
                 continue  # preempted above as a victim, or deferred: keeps its pages
             num_new = self._num_new(seq, step)
+            prefilling = seq.num_tokens - seq.num_computed_tokens > 1
+            if prefilling:
+                num_new = min(num_new, step.running_prefill_left)
             if num_new == 0:
                 continue
             need = self._pages_needed(seq, num_new)
@@ -281,6 +304,8 @@ class Scheduler:
                 break
             seq.pages.extend(self.pages.allocate(need))
             self._take(seq, num_new, step)
+            if prefilling:
+                step.running_prefill_left -= num_new
 
     def _admit_waiting(self, model: str, step: _Step, skip: list[Sequence]) -> None:
         """Waiting sequences in fair order while budgets, the sequence cap and pages allow;

@@ -62,12 +62,15 @@ class Cluster:
         (home / "worker.toml").write_text(worker_toml)
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def start_worker(self, name: str, *extra: str) -> subprocess.Popen:
+    def start_worker(self, name: str, *extra: str, env: dict | None = None
+                     ) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "ab")
-        env = {**os.environ, "GPUPOOL_HOME": str(self.home / name)}
+        # the URL (a password in it) through the environment, where ps does not show it
+        env = {**os.environ, "GPUPOOL_HOME": str(self.home / name),
+               "GPUPOOL_REDIS_URL": self.url, **(env or {})}
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "gpupool.cli", "worker", "--redis-url", self.url,
-             "--name", name, "--config", str(self.home / "worker.toml"), "--model-root",
+            [sys.executable, "-P", "-m", "gpupool.cli", "worker", "--name", name,
+             "--config", str(self.home / "worker.toml"), "--model-root",
              str(self.root), "--heartbeat-s", str(self.heartbeat_s), "--ttl-s",
              str(self.ttl_s), "--grace-s", "10",
              *(["--threads", str(self.threads)] if self.threads else []), *extra],
@@ -82,9 +85,9 @@ class Cluster:
             time.sleep(0.05)
         raise RuntimeError(f"worker {name} did not register")
 
-    def gateway(self, *args) -> Server:
+    def gateway(self, *args, env: dict | None = None) -> Server:
         return Server(self.home / f"gw-{free_port()}", "--redis-url", self.url, "--admin-key",
-                      ADMIN_KEY, "--model-root", str(self.root), *args,
+                      ADMIN_KEY, "--model-root", str(self.root), *args, env=env,
                       command="gateway").start()
 
     def restart_redis(self, down_s: float = 0.0) -> None:
@@ -94,6 +97,16 @@ class Cluster:
         self.redis_proc.wait()
         time.sleep(down_s)
         self.redis_proc = redis_server(self.port, self.home, self.password)
+
+    def pause_redis(self, seconds: float) -> None:
+        """SIGSTOP the Redis server for ``seconds`` (a stall: connections stay open)."""
+        import signal
+
+        self.redis_proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.redis_proc.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
         for proc in self.workers.values():

@@ -2,9 +2,11 @@
 one gateway and two worker processes on CPU with tiny models, driven through the official
 openai client. Heartbeats are sub-second here; each worker uses one torch thread."""
 
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -380,6 +382,32 @@ def test_a_model_no_worker_can_hold_is_refused_at_the_gateway(cluster):
     assert "big" not in {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
 
 
+def test_a_request_larger_than_any_workers_kv_is_a_400_before_the_stream(cluster):
+    """A long-context copy of the tiny model (its KV pool holds 65,536 tokens of it on each
+    worker): once a worker has loaded it, a request needing more KV than that is refused by
+    the gateway with 400, as `gpupool serve` refuses it, before anything is streamed."""
+    import json
+    import shutil
+
+    c, gw, paths = cluster
+    long = c.root / "long-context"
+    shutil.copytree(paths["llama"], long)
+    cfg = json.loads((long / "config.json").read_text())
+    cfg["max_position_embeddings"] = 200_000
+    (long / "config.json").write_text(json.dumps(cfg))
+    r = httpx.post(gw.url + "/admin/models", headers=ADMIN,
+                   json={"name": "long", "path": str(long)})
+    assert r.status_code == 201, r.text
+    client = _client(gw)
+    client.completions.create(model="long", prompt=[5, 6], max_tokens=1)  # loaded somewhere
+    _wait_for(lambda: any("long" in w["loaded"] for w in _pool(gw, True)))
+    r = httpx.post(gw.url + "/v1/completions", timeout=30,
+                   json={"model": "long", "prompt": [5, 6], "max_tokens": 100_000,
+                         "stream": True})
+    assert r.status_code == 400, r.text
+    assert "tokens of KV cache" in r.json()["error"]["message"]
+
+
 def test_a_cluster_behind_redis_auth(tmp_path, tiny_models):
     """AUTH in the URL (redis://:password@host): a worker and a gateway that give it serve;
     a worker that does not is refused with a clear error."""
@@ -394,9 +422,21 @@ def test_a_cluster_behind_redis_auth(tmp_path, tiny_models):
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "Redis at" in bad.stderr
         assert "AUTH" in bad.stderr.upper()
+        # a wrong password, from the environment and as a flag: never printed
+        wrong = f"redis://:wrong-pw-123@127.0.0.1:{c.port}"
+        for cmd, env in ((["worker", "--name", "nope"], {"GPUPOOL_REDIS_URL": wrong}),
+                         (["gateway", "--redis-url", wrong, "--port", "1"], {})):
+            bad = subprocess.run([sys.executable, "-m", "gpupool.cli", *cmd],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "GPUPOOL_HOME": str(tmp_path / "h"), **env})
+            assert bad.returncode == 1, bad.stderr
+            assert "wrong-pw-123" not in bad.stdout + bad.stderr and "***" in bad.stderr
         (tmp_path / "models").mkdir(exist_ok=True)
         c.root = model.parent
-        c.start_worker("wa")
+        c.start_worker("wa")  # its URL from GPUPOOL_REDIS_URL: not in its command line
+        cmdline = Path(f"/proc/{c.workers['wa'].pid}/cmdline")
+        if cmdline.exists():
+            assert b"cluster-redis-pw" not in cmdline.read_bytes()
         gw = c.gateway("--model", f"tiny={model}")
         try:
             r = _client(gw).completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3,
@@ -404,5 +444,7 @@ def test_a_cluster_behind_redis_auth(tmp_path, tiny_models):
             assert r.choices[0].finish_reason == "length"
         finally:
             gw.stop()
+        for log in (c.home / "wa.log", gw.log):
+            assert "cluster-redis-pw" not in log.read_text(), log
     finally:
         c.close()

@@ -265,3 +265,28 @@ def test_no_fairness_preemption_for_a_sequence_that_could_not_run():
     for out in _run(s, 8):
         assert not out.preempted
     assert flood[1].num_preemptions == 0 and len(flood[1].output_token_ids) > 1
+
+
+def test_another_tenants_short_prompt_is_admitted_while_a_long_prompt_prefills():
+    """Tenant A's 8000-token prompt prefills in chunks; tenant B's 20-token prompt arrives:
+    it is admitted whole in the next step (a share of the step's budget is kept for waiting
+    tenants), and A's chunks go on beside it. One tenant alone keeps the whole budget."""
+    s = _scheduler(num_pages=4000, max_num_batched_tokens=1024)
+    a = _tseq(0, 8000, tenant="A")
+    s.enqueue(a)
+    first = _run(s, 2)
+    assert [x.num_new_tokens for out in first for x in out.scheduled] == [1024, 1024]
+    b = _tseq(1, 20, tenant="B")
+    s.enqueue(b)
+    out = _run(s, 1)[0]
+    got = {x.seq.request_id: x.num_new_tokens for x in out.scheduled}
+    assert got.get("1") == 20  # B whole, in the step after it came
+    assert got.get("0", 0) >= 512  # A keeps going
+    assert b.output_token_ids  # B's first token after one step
+    # A's own later prompts (same tenant) wait behind it as before: no reserve for them
+    s2 = _scheduler(num_pages=4000, max_num_batched_tokens=1024)
+    s2.enqueue(_tseq(0, 8000, tenant="A"))
+    _run(s2, 1)
+    s2.enqueue(_tseq(1, 20, tenant="A"))
+    out = _run(s2, 1)[0]
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 1024)]

@@ -317,6 +317,28 @@ def test_disconnect_without_streaming_aborts_too(served):
     assert running and all(l.endswith(" 0.0") for l in running)
 
 
+def test_a_client_leaving_mid_upload_is_one_quiet_log_line(served):
+    """Headers promising 100 kB, 10 bytes, then the connection closed: no 500, no traceback
+    in the log, one line saying the client left; the server goes on serving."""
+    import socket
+
+    server = served["server"]
+    before = server.log.read_text()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                     b'{"model": ')
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while "client left" not in server.log.read_text()[len(before):]:
+        assert time.monotonic() < deadline, server.log.read_text()[len(before):]
+        time.sleep(0.05)
+    new = server.log.read_text()[len(before):]
+    assert "Traceback" not in new and " 500" not in new, new
+    assert _post(served, "/v1/completions", {"model": "tiny", "prompt": "w1",
+                                             "max_tokens": 1}).status_code == 200
+
+
 def test_health_and_metrics(served):
     url = served["server"].url
     assert httpx.get(url + "/health").json() == {"status": "ok"}  # no model names

@@ -178,3 +178,55 @@ def test_admin_flow_isolation_and_restart(setup):
         assert got == want
         assert {m["name"]: m["loaded"] for m in a.get("/admin/models").json()["data"]} == {
             "tiny": True, "keep": True}
+
+
+def test_a_stored_model_outside_a_narrower_root_is_not_loaded_after_a_restart(
+        tmp_path, tiny_models):
+    """Registered through the admin API under --model-root A; restarted with --model-root
+    A/sub, the stored path is checked again when the model is first used: 503
+    model_load_failed, nothing loaded (and a model under the new root still loads)."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny_models("llama"), root / "m")
+    shutil.copytree(tiny_models("llama"), root / "sub" / "n")
+    home = tmp_path / "home"
+    base = ("--model", f"tiny={tiny_models('llama')}", "--admin-key", "admin-secret")
+    with Server(home, *base, "--model-root", str(root)) as server:
+        for name, path in (("stored", root / "m"), ("inside", root / "sub" / "n")):
+            r = httpx.post(server.url + "/admin/models", headers=ADMIN,
+                           json={"name": name, "path": str(path)})
+            assert r.status_code == 201, r.text
+    with Server(home, *base, "--model-root", str(root / "sub")) as again:
+        body = {"model": "stored", "prompt": [5, 6], "max_tokens": 2}
+        err = _err(httpx.post(again.url + "/v1/completions", json=body), 503)
+        assert err["code"] == "model_load_failed" and str(root) not in err["message"]
+        r = httpx.post(again.url + "/v1/completions",
+                       json={**body, "model": "inside"})
+        assert r.status_code == 200, r.text
+
+
+def test_a_server_that_had_tenants_fails_closed_when_its_store_comes_back_empty(
+        tmp_path, tiny_models):
+    """Tenants created, then the state store lost (its file deleted: as a Redis restarted
+    without persistence): the restarted server refuses requests without a key (401) instead
+    of serving everyone; the admin API still works and a new tenant's key is served. A fresh
+    server with --require-auth needs keys before its first tenant."""
+    home = tmp_path / "home"
+    base = ("--model", f"tiny={tiny_models('llama')}", "--admin-key", "admin-secret")
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 1}
+    with Server(home, *base) as server:
+        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200
+        r = httpx.post(server.url + "/admin/tenants", headers=ADMIN,
+                       json={"name": "acme", "models": ["*"]})
+        assert r.status_code == 201, r.text
+        _err(httpx.post(server.url + "/v1/completions", json=body), 401)
+    shutil.rmtree(home / "state")
+    with Server(home, *base) as again:
+        _err(httpx.post(again.url + "/v1/completions", json=body), 401)
+        r = httpx.post(again.url + "/admin/tenants", headers=ADMIN,
+                       json={"name": "acme", "models": ["*"]})
+        assert r.status_code == 201, r.text
+        key = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        assert httpx.post(again.url + "/v1/completions", json=body,
+                          headers=key).status_code == 200
+    with Server(tmp_path / "fresh", *base, "--require-auth") as strict:
+        _err(httpx.post(strict.url + "/v1/completions", json=body), 401)
