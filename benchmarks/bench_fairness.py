@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
-from common import cpu_flags, engine_threads
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_flags, engine_threads  # noqa: E402
 
-from gpupool import Engine, SamplingParams
-from gpupool.config import default_home
-from gpupool.default_model import ensure_default_model
-from gpupool.messages.types import EngineRequest
+from gpupool import Engine, SamplingParams  # noqa: E402
+from gpupool.config import default_home  # noqa: E402
+from gpupool.default_model import ensure_default_model  # noqa: E402
+from gpupool.messages.types import EngineRequest  # noqa: E402
 
 
 def _ttfts(engine, requests, delays) -> dict[str, float]:

@@ -170,11 +170,12 @@ class _RemoteStream:
             await ar.set(keys.fence(self.request_id), epoch, ex=keys.OUT_TTL_S)
 
         await self.client._call(fence)
+        await self.client._send(worker, moved, epoch)
+        # only once sent: a send that failed (Redis away) is retried from the liveness check
         self.moves += 1
         self.worker, self.epoch = worker, epoch
         logger.warning("request %s: worker %s died after %d tokens; moved to %s",
                        self.request_id, dead, len(self.tokens), worker)
-        await self.client._send(worker, moved, epoch)
         self.client._where[self.request_id] = worker
         await self.client._call(lambda ar: ar.incr(keys.REDISPATCHED))
 

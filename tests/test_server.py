@@ -339,6 +339,53 @@ def test_a_client_leaving_mid_upload_is_one_quiet_log_line(served):
                                              "max_tokens": 1}).status_code == 200
 
 
+def test_heavy_requests_neither_stall_a_running_stream_nor_pass_unbounded(served):
+    """While a SmolLM2 stream runs: 20,000 bad_words are a 400 naming the field (they were
+    tokenized on the event loop for seconds); 1,000 are served; a 3 MB /tokenize and a
+    500,000-id /detokenize run off the loop. The stream's longest pause stays under 2 s
+    (the issue's goal is 0.5 s, measured in benchmarks; CI machines are slower)."""
+    import threading
+
+    url = served["server"].url
+    times: list[float] = []
+    stop = threading.Event()
+
+    def stream():
+        body = {**LONG_STREAM, "max_tokens": 1000}
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions",
+                                                     json=body) as resp:
+            for _ in resp.iter_lines():
+                times.append(time.monotonic())
+                if stop.is_set():
+                    return
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while len(times) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    start = time.monotonic()
+    words = [f"word{i}" for i in range(20_000)]
+    r = _post(served, "/v1/completions", {"model": "smollm2", "prompt": "Hi",
+                                          "max_tokens": 1, "bad_words": words})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+    r = _post(served, "/v1/completions", {"model": "smollm2", "prompt": "Hi",
+                                          "max_tokens": 1, "bad_words": words[:1000]})
+    assert r.status_code == 200, r.text
+    r = _post(served, "/tokenize", {"model": "smollm2", "prompt": "hello world " * 250_000})
+    assert r.status_code == 200 and r.json()["count"] > 100_000
+    r = _post(served, "/detokenize", {"model": "smollm2",
+                                      "tokens": [i % 40_000 for i in range(500_000)]})
+    assert r.status_code == 200, r.text
+    end = time.monotonic()
+    stop.set()
+    t.join(timeout=60)
+    window = [x for x in times if start <= x <= end]
+    gaps = [b - a for a, b in zip([start, *window], [*window, end])]
+    assert max(gaps) < 2.0, (max(gaps), len(window))
+
+
 def test_health_and_metrics(served):
     url = served["server"].url
     assert httpx.get(url + "/health").json() == {"status": "ok"}  # no model names
