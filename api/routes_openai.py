@@ -225,10 +225,14 @@ class Run:
         m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
         m.vllm_prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         m.vllm_generation_tokens.labels(self.model).inc(self.completion_tokens)
-        info = self.state.client.model_info(self.model)
-        if info is None:  # deleted while this call ran
-            m.prune(self.state.models.known(), self.state.store.tenants())
-        elif info.ttft_ms is not None and info.tbt_ms is not None:
+        try:  # a clean-up: never let Redis being away break the answer's end
+            info = self.state.client.model_info(self.model)
+            if info is None:  # deleted while this call ran
+                m.prune(self.state.models.known(), self.state.store.tenants())
+        except Exception as e:  # noqa: BLE001 (Redis errors, whatever the client raises)
+            logger.warning("call %s: SLO metrics not counted: %s", self.call_id, e)
+            return
+        if info is not None and info.ttft_ms is not None and info.tbt_ms is not None:
             for ch in self.choices:  # vLLM's goodput rule (scheduler.metrics.meets_slo)
                 if ch.finished and not ch.last.error and ch.first_token_at is not None:
                     ttft = ch.first_token_at - self.started

@@ -104,10 +104,35 @@ def _counter(c, name):
 
 
 def test_a_redis_stall_of_7_s_is_a_pause(chaos):
+    """Through the module's gateway (outage limit 30 s) every stream pauses and resumes;
+    through one whose limit is 2 s, the same stall ends its stream with an error event and
+    [DONE] (not a truncated body)."""
     c, gw, llama, _ = chaos
     moved = _counter(c, "redispatched")
-    _run_through(c, gw, llama, lambda: c.pause_redis(7.0), seed=1)
+    short = c.gateway("--outage-limit-s", "2")
+    lines: list[str] = []
+
+    def short_stream():
+        body = {"model": "llama", "prompt": [5, 6, 7], "max_tokens": 240, "stream": True,
+                "temperature": 0, "ignore_eos": True}
+        with httpx.Client(timeout=120) as h, h.stream("POST", short.url + "/v1/completions",
+                                                      json=body) as resp:
+            lines.extend(line for line in resp.iter_lines() if line)
+
+    def stall():
+        t = threading.Thread(target=short_stream)
+        t.start()
+        _wait(lambda: len(lines) >= 2, 30)
+        c.pause_redis(7.0)
+        t.join(timeout=60)
+
+    try:
+        _run_through(c, gw, llama, stall, seed=1)
+    finally:
+        short.stop()
     assert _counter(c, "redispatched") == moved  # no worker was taken for dead
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    assert "unavailable for more than 2 s" in lines[-2], lines[-3:]
 
 
 def test_a_redis_restart_from_its_log_is_a_pause(chaos):
