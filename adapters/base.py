@@ -26,10 +26,15 @@ class AdapterConfig:
 
     max_loras_on_device: int = 8  # device slots; a step never uses more distinct adapters
     max_lora_rank: int = 16  # largest rank accepted; sizes each slot
+    # host copies of adapters read from disk, per base model (LRU; its own budget, apart
+    # from the KV host swap's): registering costs none, a first use reads the file
+    host_adapter_bytes: int = 1 << 30
 
     def __post_init__(self):
         if self.max_loras_on_device < 1 or self.max_lora_rank < 1:
             raise ValueError("max_loras_on_device and max_lora_rank must be >= 1")
+        if self.host_adapter_bytes < 0:
+            raise ValueError("host_adapter_bytes must be >= 0")
 
 
 @dataclass(frozen=True)

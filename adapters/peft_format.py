@@ -3,7 +3,9 @@
 Refused with a clear error, never served wrongly: DoRA, ``modules_to_save``, LoRA on
 embeddings or lm_head, LoRA biases, per-module rank/alpha patterns, fan_in_fan_out, pickled
 ``.bin`` weights, ranks above the configured maximum, shapes that do not fit the base model,
-non-finite ``lora_alpha`` or weights, a config that is not a JSON object.
+non-finite ``lora_alpha`` or weights, a config that is not a JSON object. Registration checks
+all of it from the config and the safetensors header (:func:`inspect_peft_adapter`) but the
+weights' values, which are read, and checked, on first use (:func:`load_peft_weights`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from gpupool.adapters.base import PROJECTIONS, AdapterError
@@ -72,8 +75,27 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
     return rank, float(scaling)
 
 
-def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
-    """Returns (rank, scaling, {(layer, projection): (A [r, in], B*scaling [out, r])})."""
+@dataclass(frozen=True)
+class AdapterFile:
+    """What registration learns of an adapter without reading its weights: the safetensors
+    header's keys and shapes, checked against the base model."""
+
+    path: Path  # adapter_model.safetensors
+    rank: int
+    scaling: float
+    # the layers each projection has LoRA on, as a bit mask (kept small: thousands of
+    # adapters are registered, each costs a few hundred bytes until used)
+    layers: tuple[tuple[str, int], ...]  # (projection, layer bit mask)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(proj for proj, _ in self.layers)
+
+
+def inspect_peft_adapter(folder: str | Path, base_cfg, max_rank: int) -> AdapterFile:
+    """Validate a PEFT LoRA folder from its config and its safetensors header only (keys,
+    shapes, dtypes; no weight is read): every refusal of the module's docstring but the
+    weights' finiteness, which :func:`load_peft_weights` checks when they are read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"{folder}: adapter folder does not exist")
@@ -85,12 +107,13 @@ def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
                                "adapter_model.safetensors")
         raise AdapterError(f"{wfile}: adapter weights missing")
     try:
-        tensors = load_file(str(wfile))
-    except (SafetensorError, OSError) as e:
+        with safe_open(str(wfile), framework="pt") as f:
+            header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{wfile}: corrupt or unreadable safetensors ({e})") from e
     shapes = projection_shapes(base_cfg)
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    parts: dict[tuple[int, str], set[str]] = {}
+    for key, shape in sorted(header.items()):
         m = KEY.match(key)
         if m is None:
             raise AdapterError(f"{wfile}: unsupported tensor {key!r} (only LoRA A/B on "
@@ -101,18 +124,50 @@ def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
                                f"{base_cfg.num_layers}")
         fan_in, fan_out = shapes[proj]
         want = (rank, fan_in) if ab == "A" else (fan_out, rank)
-        if tuple(t.shape) != want:
-            raise AdapterError(f"{wfile}: {key!r} has shape {tuple(t.shape)}, the base model "
+        if shape != want:
+            raise AdapterError(f"{wfile}: {key!r} has shape {shape}, the base model "
                                f"needs {want}")
-        t = t.float()
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterError(f"{wfile}: {key!r} holds NaN or infinite values")
-        parts.setdefault((layer, proj), {})[ab] = t
+        parts.setdefault((layer, proj), set()).add(ab)
     if not parts:
         raise AdapterError(f"{wfile}: no LoRA weights found")
-    weights = {}
-    for (layer, proj), ab in parts.items():
-        if set(ab) != {"A", "B"}:
+    masks: dict[str, int] = {}
+    for (layer, proj), abs_ in parts.items():
+        if abs_ != {"A", "B"}:
             raise AdapterError(f"{wfile}: layer {layer} {proj} lacks lora_A or lora_B")
-        weights[(layer, proj)] = (ab["A"], ab["B"] * scaling)
-    return rank, scaling, weights
+        masks[proj] = masks.get(proj, 0) | 1 << layer
+    return AdapterFile(wfile, rank, scaling, tuple(sorted(masks.items())))
+
+
+def load_peft_weights(spec: AdapterFile):
+    """The weights of an inspected adapter: {(layer, projection): (A [r, in] float32,
+    B*scaling [out, r] float32)}; AdapterError if the file changed shape since it was
+    inspected, cannot be read, or holds NaN or infinite values."""
+    try:
+        tensors = load_file(str(spec.path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{spec.path}: corrupt or unreadable safetensors ({e})") from e
+    want = {(layer, proj) for proj, mask in spec.layers
+            for layer in range(mask.bit_length()) if mask >> layer & 1}
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = KEY.match(key)
+        part = None if m is None else (int(m.group(1)), m.group(2))
+        if part not in want or t.shape != ((spec.rank, t.shape[1]) if m.group(3) == "A"
+                                           else (t.shape[0], spec.rank)):
+            raise AdapterError(f"{spec.path}: {key!r} differs from the file registered "
+                               "(changed on disk since)")
+        t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{spec.path}: {key!r} holds NaN or infinite values")
+        parts.setdefault(part, {})[m.group(3)] = t
+    if set(parts) != want or any(len(ab) != 2 for ab in parts.values()):
+        raise AdapterError(f"{spec.path}: its tensors differ from the file registered "
+                           "(changed on disk since)")
+    return {k: (ab["A"], ab["B"] * spec.scaling) for k, ab in parts.items()}
+
+
+def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
+    """Returns (rank, scaling, {(layer, projection): (A [r, in], B*scaling [out, r])}): the
+    header checked, then the weights read (``inspect_peft_adapter`` + ``load_peft_weights``)."""
+    spec = inspect_peft_adapter(folder, base_cfg, max_rank)
+    return spec.rank, spec.scaling, load_peft_weights(spec)

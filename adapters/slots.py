@@ -1,5 +1,11 @@
 """Adapter memory of one base model: host copies, device slots, LRU with pinning.
 
+Registration stores a *loader* only (the adapter's file was checked from its header); the
+weights are read on first use into a host copy, kept in an LRU cache of ``host_bytes`` (per
+base model; copies of adapters on the device or pinned by the step are never dropped), read
+again from disk when needed after being dropped. So registering thousands of adapters costs
+no host memory until they are used.
+
 Every adapter of a base is stored in one *slot layout* (a :class:`WeightLayout` sized for
 ``max_lora_rank``), so loading an adapter into a device slot is one bulk copy:
 
@@ -116,7 +122,7 @@ class AdapterSlots:
         return num_slots * per_slot
 
     def __init__(self, cfg, num_slots: int, max_rank: int, dtype, memory: torch.Tensor,
-                 mirror: bool = False):
+                 mirror: bool = False, host_bytes: int = 1 << 30):
         self.cfg = cfg
         self.layout = slot_layout(cfg, max_rank, dtype)
         self.num_slots = num_slots
@@ -136,22 +142,56 @@ class AdapterSlots:
         # (kernels.native.lora_weights) and per layer count (("body", layers):
         # kernels.native.lora_table_body): addresses, fixed while this memory is
         self.native_weights: dict = {}
-        self.host: dict[str, torch.Tensor] = {}
+        self.loaders: dict[str, object] = {}  # name -> () -> weights (read from disk)
+        self.host: OrderedDict[str, torch.Tensor] = OrderedDict()  # host copies, LRU first
+        self.host_budget = host_bytes
+        self.host_bytes = 0
+        self.num_reads = 0  # adapters read from disk (first uses and re-reads)
         self.ranks: dict[str, int] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
         self.pinned: set[str] = set()
         self.num_loads = 0
 
-    def add(self, name: str, rank: int, weights) -> None:
-        self.host[name] = pack_adapter(self.layout, self.cfg, rank, weights)
+    def add(self, name: str, rank: int, loader) -> None:
+        """Register an adapter: ``loader()`` returns its weights when first needed (a dict
+        of weights is taken as they are, read already)."""
+        if isinstance(loader, dict):
+            weights = loader
+            loader = lambda: weights  # noqa: E731
+        self.loaders[name] = loader
         self.ranks[name] = rank
 
     def remove(self, name: str) -> None:
         """Forget an adapter (its slot becomes free). The caller ensures nothing runs it."""
         self.resident.pop(name, None)
         self.pinned.discard(name)
-        self.host.pop(name, None)
+        self._drop_host(name)
+        self.loaders.pop(name, None)
         self.ranks.pop(name, None)
+
+    def load_host(self, name: str) -> torch.Tensor:
+        """The adapter's host copy, read from disk if the cache has none (AdapterError if
+        the file is unreadable or holds non-finite weights); the LRU's least recent copies
+        not on the device nor pinned are dropped past the byte budget."""
+        buf = self.host.get(name)
+        if buf is not None:
+            self.host.move_to_end(name)
+            return buf
+        buf = pack_adapter(self.layout, self.cfg, self.ranks[name], self.loaders[name]())
+        self.num_reads += 1
+        self.host[name] = buf
+        self.host_bytes += buf.numel() * buf.element_size()
+        for victim in [n for n in self.host if n != name]:
+            if self.host_bytes <= self.host_budget:
+                break
+            if victim not in self.resident and victim not in self.pinned:
+                self._drop_host(victim)
+        return buf
+
+    def _drop_host(self, name: str) -> None:
+        buf = self.host.pop(name, None)
+        if buf is not None:
+            self.host_bytes -= buf.numel() * buf.element_size()
 
     def ensure(self, names: set[str]) -> dict[str, int]:
         """Slot of each name, loading missing ones into free or LRU slots; pins them all."""
@@ -169,7 +209,7 @@ class AdapterSlots:
             else:
                 victim = next(n for n in self.resident if n not in self.pinned)
                 slot = self.resident.pop(victim)
-            self.buffer[slot].copy_(self.host[name], non_blocking=True)
+            self.buffer[slot].copy_(self.load_host(name), non_blocking=True)
             if self.mirror is not None:
                 fill_mirror(self.mirror, self.views, self.cfg.num_layers, slot)
             self.resident[name] = slot
@@ -180,4 +220,7 @@ class AdapterSlots:
         slots = list(self.resident.values())
         assert len(slots) == len(set(slots)), "two adapters share a slot"
         assert all(0 <= s < self.num_slots for s in slots)
-        assert set(self.resident) <= set(self.host), "a resident adapter has no host copy"
+        assert set(self.resident) <= set(self.ranks), "a resident adapter is not registered"
+        assert set(self.host) <= set(self.ranks), "a host copy of an unregistered adapter"
+        assert self.host_bytes == sum(b.numel() * b.element_size()
+                                      for b in self.host.values()), "host bytes miscounted"

@@ -36,7 +36,7 @@ def check(core) -> None:
     for worker in core.workers.values():
         if worker.slots is not None:
             worker.slots.check_integrity()
-            assert set(worker.slots.host) == {
+            assert set(worker.slots.ranks) == {
                 n for n, r in core.adapters.refs.items() if r.base == worker.name}
 
 

@@ -4,7 +4,7 @@ with removal that waits until nothing runs them. Used from the engine's one thre
 from __future__ import annotations
 
 from gpupool.adapters.base import AdapterRef
-from gpupool.adapters.peft_format import read_peft_adapter
+from gpupool.adapters.peft_format import inspect_peft_adapter, load_peft_weights
 from gpupool.adapters.registry import AdapterRegistry
 from gpupool.engine.grammar import Grammars
 from gpupool.messages.errors import AdapterError, RequestError
@@ -72,11 +72,10 @@ class ModelRegistry:
         worker = self.workers.get(base)
         if worker is None:
             raise AdapterError(f"base model {base!r} is not loaded")
-        rank, scaling, weights = read_peft_adapter(
-            path, worker.cfg, worker.adapter_config.max_lora_rank)
-        targets = tuple(sorted({proj for _, proj in weights}))
-        ref = AdapterRef(name, base, str(path), rank, scaling, targets)
-        worker.add_adapter(name, rank, targets, weights)
+        spec = inspect_peft_adapter(path, worker.cfg, worker.adapter_config.max_lora_rank)
+        ref = AdapterRef(name, base, str(path), spec.rank, spec.scaling, spec.targets)
+        # the weights are read on first use (AdapterSlots.load_host), not now
+        worker.add_adapter(name, spec.rank, spec.targets, lambda: load_peft_weights(spec))
         self.adapters.add(ref)
         return ref
 

@@ -134,7 +134,8 @@ class LoadedModel:
         return swap
 
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
-        """Keep the adapter's host copy; the first one carves this model's slots
+        """Register the adapter (``weights``: a loader, called on first use, or the weights);
+        the first one carves this model's slots
         (``max_loras_on_device`` of them) out of the arena's adapter region. AdapterError,
         with nothing changed, when the region cannot hold them all."""
         if self.slots is None:
@@ -142,7 +143,7 @@ class LoadedModel:
         try:
             self.slots.add(name, rank, weights)
         except Exception:
-            if not self.slots.host:  # made for this adapter: give the range back
+            if not self.slots.ranks:  # made for this adapter: give the range back
                 self.slots = None
                 self.weight_pool.release_adapters(self.name)
             raise
@@ -163,14 +164,14 @@ class LoadedModel:
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
         return AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                            self.adapter_dtype, memory, mirror)
+                            self.adapter_dtype, memory, mirror, cfg.host_adapter_bytes)
 
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter (the caller ensures nothing runs it); with the last one gone the
         slots go back to the arena's adapter region."""
         if self.slots is not None:
             self.slots.remove(name)
-            if not self.slots.host:
+            if not self.slots.ranks:
                 self.slots = None
                 self.weight_pool.release_adapters(self.name)
         self.adapter_targets.pop(name, None)

@@ -25,10 +25,10 @@ def adapters(base, tmp_path_factory):
 
 
 def _poison(engine, adapter: str) -> None:
-    """Fault injection: NaN into an adapter's host copy (registration refuses NaN files, so
+    """Fault injection: NaN into an adapter's host copy (its first use refuses NaN files, so
     this stands for memory gone bad after it)."""
     slots = engine.local.core.workers["m"].slots
-    for view in slots.layout.views(slots.host[adapter]).values():
+    for view in slots.layout.views(slots.load_host(adapter)).values():
         view.fill_(float("nan"))
 
 

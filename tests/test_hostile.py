@@ -78,6 +78,10 @@ BAD_ADAPTERS = {
     "config-deep": dict(edit_config=lambda c: "[" * 100_000 + "]" * 100_000),
     "unknown-target": dict(edit_config=lambda c: json.dumps({**c, "target_modules":
                                                              ["q_proj", "lm_head"]})),
+}
+# weights are read on first use, not at registration (thousands of adapters register fast):
+# non-finite values are refused when a request first needs them
+BAD_WEIGHTS = {
     "weights-nan": dict(edit_weights=lambda t: _first(t, float("nan"))),
     "weights-inf": dict(edit_weights=lambda t: _first(t, float("-inf"))),
 }
@@ -92,6 +96,23 @@ def test_bad_adapters_are_refused_at_registration(env, name):
     _err(r, 400, "path")
     assert name not in [a["name"] for a in c.get("/admin/adapters", headers=ADMIN).json()["data"]]
     _err(c.post("/v1/completions", json={"model": name, "prompt": "w1"}), 404)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_WEIGHTS))
+def test_adapters_with_bad_weights_are_refused_at_first_use(env, name):
+    """Registered (the header is sound), the first request for it is a 400 naming the
+    adapter and what is wrong; the base model and other requests are unaffected."""
+    c = env["client"]
+    path = _adapter_variant(env, name, **BAD_WEIGHTS[name])
+    r = c.post("/admin/adapters", headers=ADMIN, json={"name": name, "base": "tiny",
+                                                        "path": str(path)})
+    assert r.status_code == 201, r.text
+    for _ in range(2):  # and again: nothing cached from the failed read
+        err = _err(c.post("/v1/completions", json={"model": name, "prompt": "w1"}), 400)
+        assert name in err["message"] and "NaN or infinite" in err["message"]
+    assert c.post("/v1/completions", json={"model": "tiny", "prompt": "w1",
+                                           "max_tokens": 2}).status_code == 200
+    assert c.delete(f"/admin/adapters/{name}", headers=ADMIN).status_code in (200, 204)
 
 
 @pytest.mark.parametrize("text", ["[]", "[" * 100_000 + "]" * 100_000,

@@ -201,7 +201,7 @@ def test_slots_are_views_into_the_arena_adapter_region(lora_setup):
         slot = slots.ensure({"r16"})["r16"]
         start = offset + slot * slots.layout.num_bytes
         assert torch.equal(arena.adapters[start : start + slots.layout.num_bytes],
-                           slots.host["r16"])
+                           slots.load_host("r16"))
         e.check_integrity()
     finally:
         e.shutdown()
@@ -268,3 +268,41 @@ def test_a_worker_without_a_pool_serves_no_adapters(lora_setup):
     with pytest.raises(AdapterError, match="adapter region"):
         worker.add_adapter("x", 4, ("q_proj",), {})
     assert worker.slots is None and worker.adapter_targets == {}
+
+
+def test_registration_reads_no_weights_and_host_copies_have_a_budget(lora_setup, mixed,
+                                                                      tmp_path, monkeypatch):
+    """200 adapters register without a weight being read (the header is checked) and hold
+    no host memory; with a host cache of two adapters, a mixed batch of four still matches
+    peft: copies dropped from the cache are read again from disk when needed."""
+    import shutil
+
+    from gpupool.adapters import peft_format
+
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    reads = []
+    real = peft_format.load_file
+    monkeypatch.setattr(peft_format, "load_file", lambda *a, **k: reads.append(a) or real(*a, **k))
+    e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=2)
+    try:
+        for i in range(200):
+            folder = tmp_path / f"copy{i}"
+            shutil.copytree(paths["r4"], folder)
+            e.add_adapter(f"copy{i}", "base", folder)
+        slots = e.local.core.workers["base"].slots
+        assert reads == [] and slots.host_bytes == 0 and not slots.host
+    finally:
+        e.shutdown()
+    one = AdapterSlots.num_bytes(ModelConfig.from_folder(base), 1, 64, torch.float32)
+    e = _engine(base, paths, max_loras_on_device=2, host_adapter_bytes=2 * one)
+    try:
+        outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
+                          model=[n or "base" for n in names])
+        assert [list(o.token_ids) for o in outs] == want
+        slots = e.local.core.workers["base"].slots
+        assert slots.host_bytes <= 2 * one + one  # the budget, and the one being loaded
+        assert slots.num_reads > 4  # copies were dropped and read again
+        e.local.check_integrity()
+    finally:
+        e.shutdown()

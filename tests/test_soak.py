@@ -229,7 +229,8 @@ def test_soak(live):
     assert engine.kv.pages.num_free_pages == engine.kv.pages.num_pages
     engine.check_integrity()
     slots = engine.core.workers["tiny"].slots
-    assert set(slots.host) == {"ad0", "ad1", "ad2"}  # every churned adapter is gone
+    assert set(slots.ranks) == {"ad0", "ad1", "ad2"}  # every churned adapter is gone
+    assert set(slots.host) <= {"ad0", "ad1", "ad2"}
     metrics = state.metrics.ttft._metrics  # series of churned adapters were dropped
     assert {v[0] for v in metrics} <= {"tiny", "ad0", "ad1", "ad2"}, set(metrics)
     for tenant in ("big", "small", "capped"):
