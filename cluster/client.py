@@ -319,7 +319,8 @@ class RedisClient:
         route = self.router.route(info.base, list(self._views.values()),
                                   self._params(info.folder), exclude=exclude,
                                   element_bytes=model_element_bytes(spec.get("dtype"),
-                                                                    spec.get("quantization")))
+                                                                    spec.get("quantization")),
+                                  adapter=info.adapter)
         self.routes[route.reason] += 1
         return route.worker
 
@@ -431,6 +432,7 @@ class RedisClient:
             view.append({"name": w.name, "device": w.device, "alive": alive,
                          "draining": w.draining, "host": w.host, "pid": w.pid,
                          "models": list(w.resident), "loaded": list(w.models),
+                         "adapters": list(w.adapters),
                          "running": w.running, "queued": w.queued,
                          "kv_pages_free": w.kv_pages_free, "step_s": round(w.step_s, 4),
                          "heartbeat_age_s": _rounded(registry.heartbeat_age(w))})

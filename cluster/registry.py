@@ -32,6 +32,8 @@ class WorkerInfo:
     at: float = 0.0  # unix time of the heartbeat
     ttl_s: float = 0.0  # how long the heartbeat key lives
     kv_capacity: dict = field(default_factory=dict)  # loaded model -> most tokens a request
+    adapters: list[str] = field(default_factory=list)  # in device slots
+    host_adapters: list[str] = field(default_factory=list)  # read into the host cache
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -45,7 +47,9 @@ class WorkerInfo:
         return WorkerView(self.name, alive=alive, draining=self.draining,
                           resident=frozenset(self.resident), cached=frozenset(self.cached),
                           running=self.running, queued=self.queued,
-                          weight_bytes=self.weight_bytes, element_bytes=self.element_bytes)
+                          weight_bytes=self.weight_bytes, element_bytes=self.element_bytes,
+                          adapters=frozenset(self.adapters),
+                          host_adapters=frozenset(self.host_adapters))
 
 
 def connected_workers(r) -> set[str]:

@@ -384,6 +384,7 @@ class LocalEngine:
                                         if q.adapter}),
             "adapter_slots": slots.num_slots if slots is not None else 0,
             "resident_adapters": list(slots.resident) if slots is not None else [],
+            "host_adapters": list(slots.host) if slots is not None else [],
             # the most tokens one request of this model can hold in the KV pool
             "kv_capacity_tokens": self.kv.pages.num_pages * worker.block_tokens,
         }

@@ -355,7 +355,10 @@ class Worker:
             queued=sum(m["waiting"] for m in s["models"].values()),
             draining=self.draining.is_set(), at=time.time(), step_s=s["step_s"],
             ttl_s=self.ttl_s,
-            kv_capacity={m: v["kv_capacity_tokens"] for m, v in s["models"].items()})
+            kv_capacity={m: v["kv_capacity_tokens"] for m, v in s["models"].items()},
+            adapters=sorted({a for v in s["models"].values() for a in v["resident_adapters"]}),
+            host_adapters=sorted({a for v in s["models"].values()
+                                  for a in v["host_adapters"]}))
         pipe = self.r.pipeline()
         pipe.set(keys.worker_key(self.name), info.to_json(), px=int(self.ttl_s * 1000))
         pipe.sadd(keys.WORKERS, self.name)

@@ -2,10 +2,12 @@
 gateway routes with it over the workers Redis tells it about, and the cluster simulation
 places requests with the same object.
 
-Preference, for a request of base model ``m`` (an adapter follows its base):
-  1. a worker where ``m`` is resident (its weights in the arena), least loaded first;
-  2. a worker whose host cache holds ``m`` (a copy away), least loaded first;
-  3. the least loaded worker whose weight region can hold ``m`` at all.
+Preference, for a request of base model ``m`` (and adapter ``a``, if any):
+  1. a worker where ``m`` is resident and ``a`` is in a device slot, least loaded first;
+  2. a worker where ``m`` is resident and ``a`` in its host cache (read once already);
+  3. a worker where ``m`` is resident, least loaded first;
+  4. a worker whose host cache holds ``m`` (a copy away), least loaded first;
+  5. the least loaded worker whose weight region can hold ``m`` at all.
 A worker counts as overloaded when its queue (waiting requests) reaches ``max_queue``: then
 the next tier is tried, so a model whose load outgrows one worker is served by a second.
 Load is running + queued requests, plus what this router sent since the worker's last report
@@ -26,6 +28,8 @@ class WorkerView:
     draining: bool = False  # takes no new work (SIGTERM)
     resident: frozenset[str] = frozenset()  # models whose weights are in the arena
     cached: frozenset[str] = frozenset()  # models in the host cache
+    adapters: frozenset[str] = frozenset()  # adapters in device slots
+    host_adapters: frozenset[str] = frozenset()  # adapters read into the host cache
     running: int = 0
     queued: int = 0
     weight_bytes: int = 0  # the weight region's size (0: unknown, no limit checked)
@@ -63,7 +67,7 @@ class NoWorker(Exception):
 @dataclass(frozen=True)
 class Route:
     worker: str
-    reason: str  # resident | cached | load
+    reason: str  # adapter | adapter-cached | resident | cached | load
 
 
 class Router:
@@ -71,18 +75,24 @@ class Router:
         self.max_queue = max_queue
 
     def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
-              exclude: frozenset[str] = frozenset(), element_bytes: int = 0) -> Route:
+              exclude: frozenset[str] = frozenset(), element_bytes: int = 0,
+              adapter: str | None = None) -> Route:
         """The worker for a request of base model ``model`` (``model_params``: its weight
         elements, 0 if unknown; ``element_bytes``: the model's own bytes per element, 0: each
-        worker's); ``exclude``: workers not to use (one that just failed it)."""
+        worker's; ``adapter``: the request's adapter, if any); ``exclude``: workers not to
+        use (one that just failed it)."""
         live = [w for w in workers if w.alive and not w.draining and w.name not in exclude]
         if not live:
             raise NoWorker("no live worker in the pool")
         fits = [w for w in live if fits_weights(w, model_params, element_bytes)]
         if not fits:
             raise NoWorker(too_large(model, model_params, live, element_bytes))
-        for reason, tier in (("resident", [w for w in fits if model in w.resident]),
-                             ("cached", [w for w in fits if model in w.cached])):
+        resident = [w for w in fits if model in w.resident]
+        tiers = [("resident", resident), ("cached", [w for w in fits if model in w.cached])]
+        if adapter is not None:
+            tiers[:0] = [("adapter", [w for w in resident if adapter in w.adapters]),
+                         ("adapter-cached", [w for w in resident if adapter in w.host_adapters])]
+        for reason, tier in tiers:
             ok = [w for w in tier if w.queued + w.sent < self.max_queue]
             if ok:
                 return self._pick(ok, reason)

@@ -408,6 +408,28 @@ def test_a_request_larger_than_any_workers_kv_is_a_400_before_the_stream(cluster
     assert "tokens of KV cache" in r.json()["error"]["message"]
 
 
+def test_requests_for_an_adapter_go_to_the_worker_that_holds_it(cluster):
+    """Workers report the adapters in their device slots and host caches; once one worker
+    holds the adapter, the gateway sends its requests there (routes{reason="adapter"})."""
+    import re
+
+    c, gw, paths = cluster
+    client = _client(gw)
+
+    def adapter_routes() -> float:
+        text = httpx.get(gw.url + "/metrics", headers=ADMIN).text
+        m = re.search(r'gpupool_cluster_routes_total\{reason="adapter"\} ([0-9.]+)', text)
+        return float(m.group(1)) if m else 0.0
+
+    client.completions.create(model="lora", prompt=[5, 6, 7], max_tokens=1)
+    holders = _wait_for(lambda: [w["name"] for w in _pool(gw, True)
+                                 if "lora" in w.get("adapters", ())])
+    before = adapter_routes()
+    for _ in range(4):
+        client.completions.create(model="lora", prompt=[5, 6, 7], max_tokens=1)
+    assert adapter_routes() - before == 4, holders
+
+
 def test_a_cluster_behind_redis_auth(tmp_path, tiny_models):
     """AUTH in the URL (redis://:password@host): a worker and a gateway that give it serve;
     a worker that does not is refused with a clear error."""

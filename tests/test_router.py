@@ -48,3 +48,21 @@ def test_a_model_larger_than_every_weight_region_is_refused():
     with pytest.raises(NoWorker, match=r"about 4\.00 GiB .*\(largest 3\.00 GiB, on b"):
         r.route("m", ws, model_params=2 * gib)
     assert r.route("m", [_w("c")], model_params=2 * gib).worker == "c"  # sizes unknown
+
+
+def test_a_worker_holding_the_adapter_is_preferred_then_load_spreads():
+    """Among workers with the base resident: the one with the adapter in a device slot, then
+    one that read it into its host cache, then the least loaded; a full queue spills."""
+    r = Router(max_queue=2)
+    m = frozenset({"m"})
+    ws = [_w("a", resident=m, running=1), _w("b", resident=m, running=5,
+                                              host_adapters=frozenset({"x"})),
+          _w("c", resident=m, running=9, adapters=frozenset({"x"}))]
+    first = r.route("m", ws, adapter="x")
+    assert (first.worker, first.reason) == ("c", "adapter")
+    assert r.route("m", ws, adapter="x").worker == "c"  # c's queue now full (2 sent)
+    spill = r.route("m", ws, adapter="x")
+    assert (spill.worker, spill.reason) == ("b", "adapter-cached")
+    plain = r.route("m", ws, adapter="y")  # an adapter no worker holds: the base's tiers
+    assert (plain.worker, plain.reason) == ("a", "resident")
+    assert r.route("m", ws).reason == "resident"  # the base model itself
