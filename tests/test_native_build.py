@@ -83,7 +83,9 @@ def _cases():
         yield x, w, bias
 
 
-def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
+def _both_builds(tmp_path, monkeypatch) -> dict:
+    """The AVX2 build and this CPU's own (AVX-512 BF16), loaded; skips where either cannot
+    run or there is no compiler."""
     if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
         pytest.skip("this CPU has no AVX2 + FMA: the AVX2 build cannot run here")
     if "avx512_bf16" not in cpu_flags():
@@ -92,8 +94,12 @@ def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeyp
     if native._compiler() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
-    libs = {march: native.open_library(native.build(march))
+    return {march: native.open_library(native.build(march))
             for march in ("x86-64-v3", "native")}
+
+
+def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
+    libs = _both_builds(tmp_path, monkeypatch)
     features = {march: lib.gp_gemv_features() for march, lib in libs.items()}
     assert features["x86-64-v3"] & 9 == 9 and features["native"] & 9 == 1  # AVX2 vs BF16
     compared = 0
@@ -156,16 +162,7 @@ def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode):
 def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
     """Prefill chunks and decode rows (the same kernel) give the same bits in both builds, so
     an AVX2 worker's attention continues an AVX-512 worker's request exactly."""
-    if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
-        pytest.skip("this CPU has no AVX2 + FMA: the AVX2 build cannot run here")
-    if "avx512_bf16" not in cpu_flags():
-        pytest.skip("this CPU has no AVX-512 BF16: only the AVX2 build runs here, nothing to "
-                    "compare it with")
-    if native._compiler() is None:
-        pytest.skip("no C compiler")
-    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
-    libs = {march: native.open_library(native.build(march))
-            for march in ("x86-64-v3", "native")}
+    libs = _both_builds(tmp_path, monkeypatch)
     assert all(lib.gp_gemv_features() & 4 for lib in libs.values())
     compared = 0
     for case in _attention_cases():
