@@ -40,9 +40,9 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
 _ADMIT = _NOW + """
-local expiry = now + tonumber(ARGV[2])
-local max_inflight, max_queued = tonumber(ARGV[3]), tonumber(ARGV[4])
-local max_tpm, tokens, id = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local expiry = now + tonumber(ARGV[1])
+local max_inflight, max_queued = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_tpm, tokens, id = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if max_inflight > 0 and redis.call('ZCARD', KEYS[1]) >= max_inflight then return 1 end
@@ -50,8 +50,8 @@ if max_queued > 0 and redis.call('ZCARD', KEYS[2]) >= max_queued then return 2 e
 if max_tpm > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= max_tpm then return 3 end
 redis.call('ZADD', KEYS[1], expiry, id)
 redis.call('ZADD', KEYS[2], expiry, id)
-redis.call('EXPIRE', KEYS[1], math.ceil(2 * tonumber(ARGV[2])))
-redis.call('EXPIRE', KEYS[2], math.ceil(2 * tonumber(ARGV[2])))
+redis.call('EXPIRE', KEYS[1], math.ceil(2 * tonumber(ARGV[1])))
+redis.call('EXPIRE', KEYS[2], math.ceil(2 * tonumber(ARGV[1])))
 redis.call('INCRBY', KEYS[3], tokens)
 redis.call('EXPIRE', KEYS[3], 120)
 return 0
@@ -115,7 +115,7 @@ class TenantLimiter:
         now = time.time()
         code = int(self._admit(
             keys=[*self._keys(tenant), self._minute_key(tenant, now)],
-            args=[0, self.lease_s, limits.get("max_concurrent_requests") or 0,
+            args=[self.lease_s, limits.get("max_concurrent_requests") or 0,
                   limits.get("max_queued_requests") or 0,
                   limits.get("tokens_per_minute") or 0, prompt_tokens, call_id]))
         if code == 0:

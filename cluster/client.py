@@ -277,9 +277,6 @@ class RedisClient:
         worker's longest wait between tries)."""
         return (max((info.ttl_s for info, _ in self._workers[1]), default=0.0) or 3.0) + 1.0
 
-    def is_alive(self, name: str) -> bool:
-        return any(info.name == name and alive for info, alive in self.workers())
-
     async def worker_alive(self, name: str) -> bool:
         """Whether ``name`` is alive (read on the event loop's client); True during an
         outage and one heartbeat TTL after it."""
@@ -290,15 +287,10 @@ class RedisClient:
             cached = self._set_workers(await self._call(registry.read_workers_async))
         return any(info.name == name and alive for info, alive in cached)
 
-    def forget_worker(self, name: str) -> None:
-        """Drop a dead worker from the registry (every gateway may; it is idempotent)."""
-        for info, alive in self.workers(fresh=True):
-            if info.name == name and not alive:
-                registry.forget(self.r, name)
-        self._workers = (0.0, [])
-
     async def forget_worker_async(self, name: str) -> None:
-        """:meth:`forget_worker` on the event loop's client."""
+        """Drop a dead worker from the registry, its inbox too (every gateway may; it is
+        idempotent): a restarted worker of the same name starts empty, and what the dead one
+        held was moved."""
         for info, alive in await self._call(registry.read_workers_async):
             if info.name == name and not alive:
                 async def forget(ar):

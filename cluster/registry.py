@@ -52,11 +52,6 @@ class WorkerInfo:
                           host_adapters=frozenset(self.host_adapters))
 
 
-def connected_workers(r) -> set[str]:
-    """Workers with at least one open connection to Redis (CLIENT LIST)."""
-    return _connected(r.client_list())
-
-
 def read_workers(r) -> list[tuple[WorkerInfo, bool]]:
     """Every registered worker with whether it is alive: its heartbeat is current and it
     still has a connection open (a killed process loses its connections at once)."""
@@ -91,15 +86,6 @@ def _alive(names, raws, connected) -> list[tuple[WorkerInfo, bool]]:
         info = WorkerInfo.from_json(raw)
         out.append((info, name in connected))
     return out
-
-
-def forget(r, name: str) -> None:
-    """Drop a dead worker from the registry (its inbox too: a restarted worker of the same
-    name starts empty, and what the dead one held was moved by the gateways)."""
-    pipe = r.pipeline()
-    pipe.srem(keys.WORKERS, name)
-    pipe.delete(keys.worker_key(name), keys.inbox(name))
-    pipe.execute()
 
 
 def heartbeat_age(info: WorkerInfo) -> float | None:
