@@ -111,9 +111,15 @@ def inspect_peft_adapter(folder: str | Path, base_cfg, max_rank: int) -> Adapter
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{wfile}: corrupt or unreadable safetensors ({e})") from e
+    return AdapterFile(wfile, rank, scaling, _layer_masks(wfile, header, base_cfg, rank))
+
+
+def _layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
+    """The (projection, layer bit mask) pairs of a file's tensors (key -> shape), each key
+    and shape checked against the base model; AdapterError naming the first bad one."""
     shapes = projection_shapes(base_cfg)
     parts: dict[tuple[int, str], set[str]] = {}
-    for key, shape in sorted(header.items()):
+    for key, shape in sorted(shapes_of.items()):
         m = KEY.match(key)
         if m is None:
             raise AdapterError(f"{wfile}: unsupported tensor {key!r} (only LoRA A/B on "
@@ -135,39 +141,28 @@ def inspect_peft_adapter(folder: str | Path, base_cfg, max_rank: int) -> Adapter
         if abs_ != {"A", "B"}:
             raise AdapterError(f"{wfile}: layer {layer} {proj} lacks lora_A or lora_B")
         masks[proj] = masks.get(proj, 0) | 1 << layer
-    return AdapterFile(wfile, rank, scaling, tuple(sorted(masks.items())))
+    return tuple(sorted(masks.items()))
 
 
-def load_peft_weights(spec: AdapterFile):
+def load_peft_weights(spec: AdapterFile, base_cfg):
     """The weights of an inspected adapter: {(layer, projection): (A [r, in] float32,
-    B*scaling [out, r] float32)}; AdapterError if the file changed shape since it was
-    inspected, cannot be read, or holds NaN or infinite values."""
+    B*scaling [out, r] float32)}; AdapterError if the file cannot be read, no longer holds
+    what was inspected (its keys and shapes checked again, as at registration), or holds NaN
+    or infinite values."""
     try:
         tensors = load_file(str(spec.path))
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{spec.path}: corrupt or unreadable safetensors ({e})") from e
-    want = {(layer, proj) for proj, mask in spec.layers
-            for layer in range(mask.bit_length()) if mask >> layer & 1}
+    masks = _layer_masks(spec.path, {k: tuple(t.shape) for k, t in tensors.items()},
+                         base_cfg, spec.rank)
+    if masks != spec.layers:
+        raise AdapterError(f"{spec.path}: its tensors differ from the file registered "
+                           "(changed on disk since)")
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = KEY.match(key)
-        part = None if m is None else (int(m.group(1)), m.group(2))
-        if part not in want or t.shape != ((spec.rank, t.shape[1]) if m.group(3) == "A"
-                                           else (t.shape[0], spec.rank)):
-            raise AdapterError(f"{spec.path}: {key!r} differs from the file registered "
-                               "(changed on disk since)")
         t = t.float()
         if not bool(torch.isfinite(t).all()):
             raise AdapterError(f"{spec.path}: {key!r} holds NaN or infinite values")
-        parts.setdefault(part, {})[m.group(3)] = t
-    if set(parts) != want or any(len(ab) != 2 for ab in parts.values()):
-        raise AdapterError(f"{spec.path}: its tensors differ from the file registered "
-                           "(changed on disk since)")
+        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
     return {k: (ab["A"], ab["B"] * spec.scaling) for k, ab in parts.items()}
-
-
-def read_peft_adapter(folder: str | Path, base_cfg, max_rank: int):
-    """Returns (rank, scaling, {(layer, projection): (A [r, in], B*scaling [out, r])}): the
-    header checked, then the weights read (``inspect_peft_adapter`` + ``load_peft_weights``)."""
-    spec = inspect_peft_adapter(folder, base_cfg, max_rank)
-    return spec.rank, spec.scaling, load_peft_weights(spec)

@@ -153,11 +153,7 @@ class AdapterSlots:
         self.num_loads = 0
 
     def add(self, name: str, rank: int, loader) -> None:
-        """Register an adapter: ``loader()`` returns its weights when first needed (a dict
-        of weights is taken as they are, read already)."""
-        if isinstance(loader, dict):
-            weights = loader
-            loader = lambda: weights  # noqa: E731
+        """Register an adapter: ``loader()`` returns its weights when first needed."""
         self.loaders[name] = loader
         self.ranks[name] = rank
 

@@ -70,6 +70,7 @@ def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         yield
+        state.limiter.close()
         state.client.close()
         state.store.close()
 
@@ -180,5 +181,6 @@ def serve(config: ServerConfig, client: EngineClient, started_at: float | None =
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
         pass
     finally:
+        state.limiter.close()
         state.client.close()
         state.store.close()

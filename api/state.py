@@ -54,6 +54,7 @@ class StateStore:
         self.embedded = embedded
         self._closed = False
         self.marker = marker
+        self._marked = marker is None or marker.exists()
         self._required = require_auth or (marker is not None and marker.exists())
         self._warned = False
         self.r.ping()
@@ -139,9 +140,7 @@ class StateStore:
         store, or as this server's marker says: fail closed), or with ``--require-auth``."""
         stored = bool(self.r.exists(PREFIX + "auth")) or self.r.hlen(PREFIX + "tenants") > 0
         if stored:
-            if not self._required:
-                self._required = True
-                self._mark()
+            self._mark()
             return True
         if self._required and not self._warned:
             self._warned = True
@@ -151,7 +150,11 @@ class StateStore:
         return self._required
 
     def _mark(self) -> None:
-        if self.marker is not None:
+        """Auth is required from now on: remembered in the marker file (written once, also
+        when --require-auth already required it: a restart without the flag stays closed)."""
+        self._required = True
+        if not self._marked:
+            self._marked = True
             try:
                 self.marker.parent.mkdir(parents=True, exist_ok=True)
                 self.marker.write_text("auth required: this server has had tenants\n")
@@ -184,9 +187,7 @@ class StateStore:
         pipe.set(PREFIX + "auth", "required")
         pipe.execute()
         self._saved()
-        if not self._required:
-            self._required = True
-            self._mark()
+        self._mark()
 
     def revoke_grants(self, name: str) -> None:
         """Take a deleted model or adapter out of every tenant's list, so one registered

@@ -199,7 +199,6 @@ class RedisClient:
         self.r = conn.client(url)
         self.r.ping()
         self.outage = conn.Outage(outage_limit_s)
-        self.fenced = 0  # deltas of fenced placements this gateway dropped
         self._home = home
         self.router = router or Router()
         self.migration_limit = migration_limit
@@ -245,7 +244,7 @@ class RedisClient:
         return self.outage.failed()
 
     async def fenced_delta(self) -> None:
-        self.fenced += 1
+        """Count a delta dropped because its placement was fenced (``keys.FENCED``)."""
         await self._call(lambda ar: ar.incr(keys.FENCED))
 
     async def _send(self, worker: str, msg, epoch: int = 0) -> None:

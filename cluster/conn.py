@@ -22,16 +22,16 @@ OUTAGE_LIMIT_S = 30.0  # default: how long streams pause for an unreachable Redi
 HEALTH_CHECK_S = 5  # a connection idle this long is pinged before use
 
 
+_OPTIONS = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "health_check_interval": HEALTH_CHECK_S}
+
+
 def client(url: str, **kw) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                health_check_interval=HEALTH_CHECK_S, **kw)
+    return redis.Redis.from_url(url, **_OPTIONS, **kw)
 
 
 def async_client(url: str, **kw) -> aredis.Redis:
-    return aredis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                 socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                 health_check_interval=HEALTH_CHECK_S, **kw)
+    return aredis.Redis.from_url(url, **_OPTIONS, **kw)
 
 
 def redact(text: str) -> str:

@@ -4,6 +4,7 @@ request that passes here can always run."""
 
 from __future__ import annotations
 
+from gpupool.adapters.base import AdapterError
 from gpupool.engine.registry import ModelRegistry
 from gpupool.messages.errors import RequestError
 from gpupool.messages.types import EngineRequest
@@ -12,12 +13,18 @@ from gpupool.pool.pages import PagePool
 
 def check_request(registry: ModelRegistry, pages: PagePool, req: EngineRequest) -> int:
     """Raise RequestError if the request can never run; else its max total tokens."""
-    worker = registry.workers[registry.resolve(req.model)[0]]
+    base, adapter = registry.resolve(req.model)
+    worker = registry.workers[base]
     _check_ids(req, worker.cfg.vocab_size)
     total = _check_length(req, worker.cfg.max_model_len)
     _check_params(req, worker)
     if req.params.structured is not None:
         _check_grammar(registry, req, worker.cfg.vocab_size)
+    if adapter is not None:  # read now, not inside a step: a bad file fails this request
+        try:
+            worker.slots.load_host(adapter)
+        except AdapterError as e:
+            raise RequestError(f"adapter {adapter!r} could not be read: {e}") from None
     capacity = pages.num_pages * worker.block_tokens
     if total > capacity:
         raise RequestError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from gpupool.adapters.base import AdapterError, AdapterRef
+from gpupool.adapters.base import AdapterRef
 from gpupool.engine import admission, integrity, output
 from gpupool.engine.output import Sink, Tracked
 from gpupool.engine.registry import ModelRegistry
@@ -97,14 +97,7 @@ class EngineCore:
     def check_request(self, req: EngineRequest) -> int:
         """Raise RequestError if the request can never run; else its max total tokens
         (engine/admission.py)."""
-        total = admission.check_request(self.registry, self.pages, req)
-        base, adapter = self.registry.resolve(req.model)
-        if adapter is not None:  # read now, not inside a step: a bad file fails this request
-            try:
-                self.registry.workers[base].slots.load_host(adapter)
-            except AdapterError as e:
-                raise RequestError(f"adapter {adapter!r} could not be read: {e}") from None
-        return total
+        return admission.check_request(self.registry, self.pages, req)
 
     def enqueue(self, req: EngineRequest, sink: Sink | None = None,
                     arrival_time: float | None = None, total: int | None = None) -> str:

@@ -141,6 +141,7 @@ class LocalEngine:
         self._aborts: collections.deque[str] = collections.deque()  # applied by the loop
         self._ids = itertools.count()
         self._snapshot: tuple[float, dict] | None = None  # (monotonic time, stats) published
+        self._snapshots_read = False  # someone reads snapshot(): the loop publishes
         self.load_tokenizers = True  # False in a cluster worker (its gateways tokenize)
         logger.info("engine on %s: %d KV pages of %d KiB", self.device,
                     self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
@@ -303,6 +304,7 @@ class LocalEngine:
         else what the step loop last published (after a step, at most ``SNAPSHOT_S`` apart).
         What a cluster worker's heartbeat reads: a step longer than the heartbeat's TTL must
         not make a live worker look dead."""
+        self._snapshots_read = True
         if self._lock.acquire(blocking=False):
             try:
                 self._publish()
@@ -428,7 +430,8 @@ class LocalEngine:
                 try:
                     self._apply_aborts()
                     deltas = self.core.step()
-                    if (self._snapshot is None
+                    if self._snapshots_read and (
+                            self._snapshot is None
                             or time.monotonic() - self._snapshot[0] > SNAPSHOT_S):
                         self._publish()
                 except Exception as e:  # never lose the loop: fail what was in flight

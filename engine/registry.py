@@ -75,7 +75,8 @@ class ModelRegistry:
         spec = inspect_peft_adapter(path, worker.cfg, worker.adapter_config.max_lora_rank)
         ref = AdapterRef(name, base, str(path), spec.rank, spec.scaling, spec.targets)
         # the weights are read on first use (AdapterSlots.load_host), not now
-        worker.add_adapter(name, spec.rank, spec.targets, lambda: load_peft_weights(spec))
+        worker.add_adapter(name, spec.rank, spec.targets,
+                           lambda: load_peft_weights(spec, worker.cfg))
         self.adapters.add(ref)
         return ref
 

@@ -66,7 +66,6 @@ class Worker:
         self.entries: dict[str, tuple[bytes, int]] = {}
         self.fenced: set[str] = set()  # moved away by a gateway: nothing more is written
         self.outage = conn.Outage(limit_s=float("inf"))  # a worker waits for Redis forever
-        self.fenced_dropped = 0  # deltas not written because their request was fenced
         slow = float(os.environ.get("GPUPOOL_TEST_SLOW_PREFILL_S") or 0)
         if slow > 0:
             self._slow_prefill(slow)
@@ -104,7 +103,7 @@ class Worker:
             self.engine.shutdown()
 
     def _redis_failed(self, what: str, e: Exception) -> None:
-        """Log the first failure of an outage, then wait (backoff with jitter)."""
+        """Log the first failure of an outage, then wait (backoff with jitter, at most 1 s)."""
         wait = self.outage.failed()
         if self.outage.tries == 1:
             logger.warning("worker %s: Redis unavailable while %s (%s); retrying", self.name,
@@ -274,8 +273,7 @@ class Worker:
                 if entry is not None:
                     pipe.xack(self.inbox, keys.GROUP, entry)
                     pipe.xdel(self.inbox, entry)
-            if d.request_id in self.fenced:
-                self.fenced_dropped += 1
+            if d.request_id in self.fenced:  # moved away: the gateway reads another placement
                 continue
             key = keys.outbox(d.request_id)
             pipe.xadd(key, {"msg": json.dumps(to_wire(d)), "epoch": epoch},
@@ -302,10 +300,7 @@ class Worker:
                     self._abort_unread()
                 self.outage.ok()
             except redis.RedisError as e:
-                wait = self.outage.failed()
-                if self.outage.tries == 1:
-                    logger.warning("heartbeat failed: %s", conn.redact(e))
-                self.stopping.wait(wait)
+                self._redis_failed("publishing its heartbeat", e)
 
     def _check_fences(self) -> None:
         """Abort the requests a gateway moved to another worker (their fence is above this

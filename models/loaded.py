@@ -134,7 +134,7 @@ class LoadedModel:
         return swap
 
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
-        """Register the adapter (``weights``: a loader, called on first use, or the weights);
+        """Register the adapter (``weights``: its loader, called on first use);
         the first one carves this model's slots
         (``max_loras_on_device`` of them) out of the arena's adapter region. AdapterError,
         with nothing changed, when the region cannot hold them all."""

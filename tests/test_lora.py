@@ -266,7 +266,7 @@ def test_a_worker_without_a_pool_serves_no_adapters(lora_setup):
     base, _ = lora_setup
     worker = LoadedModel("m", base, torch.device("cpu"), KVStorage(4, 16 << 10, "cpu"))
     with pytest.raises(AdapterError, match="adapter region"):
-        worker.add_adapter("x", 4, ("q_proj",), {})
+        worker.add_adapter("x", 4, ("q_proj",), dict)
     assert worker.slots is None and worker.adapter_targets == {}
 
 
