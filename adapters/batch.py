@@ -82,7 +82,9 @@ class LoraBatch:
         plan = None
         sizes = [b - a for a, b in zip(starts, starts[1:])]
         total, longest = len(row_adapters), max(sizes)
-        if (batched and all(names) and len(set(ranks)) == 1
+        ops = ops if ops is not None else TorchOps()
+        # the batched products' shapes follow the step's segments: not with batch invariance
+        if (batched and not ops.batch_invariant and all(names) and len(set(ranks)) == 1
                 and len(names) * longest <= PAD_LIMIT * total):
             slots = [slot_of[n] for n in names]
             index = (None if slots == list(range(len(slots)))
@@ -97,7 +99,6 @@ class LoraBatch:
                        torch.tensor(valid, dtype=torch.long, device=device))
             plan = (len(names), longest, ranks[0], index, targeted, pad)
         fused = None
-        ops = ops if ops is not None else TorchOps()
         if (batched and mirror is not None and max(ranks) <= native.MAX_LORA_RANK
                 and ops.fused_lora):
             fused = (t(ranks), {group: torch.stack([proj_ranks[p] for p, _ in projs])

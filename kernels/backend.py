@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpupool.kernels import decode, native, reference
+from gpupool.kernels import decode, fixed, native, reference
 from gpupool.kernels.linear import linear, linear_int8
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
@@ -63,22 +63,39 @@ class TorchOps:
     name = "torch"
     triton = False  # Triton kernels for attention, SGMV and int8 products
     capture_safe = False  # a CUDA step reads nothing back to the host (CUDA graphs)
-    packs_weights = True  # the products read weights packed for oneDNN (LlamaModel.pack_weights)
-    # every op of a step computes a row's result in an order that depends only on that row
-    # and the op's shape (never on the step's other rows, its chunking or the cache): a
-    # request's tokens are the same whatever shares its steps (README: "Same request, same
-    # tokens"). torch's CPU and CUDA products choose kernels by the number of rows: no claim
-    batch_invariant = False
 
-    def __init__(self, reference_only: bool = False, fused_lora: bool = False):
+    def __init__(self, reference_only: bool = False, fused_lora: bool = False,
+                 invariant: bool = False, dtype: torch.dtype | None = None):
         """``reference_only``: the reference attention too; ``fused_lora``: LoRA terms
         through ``native.lora`` (adapters.batch.LoraBatch; bf16 on CPU where the native
-        kernels are available, even for a model whose layers they do not run)."""
+        kernels are available, even for a model whose layers they do not run);
+        ``invariant``: the fixed-order ops of ``kernels.fixed`` (CPU) for activations of
+        ``dtype``."""
         self.reference_only = reference_only
         self.fused_lora = fused_lora
+        self.invariant = invariant and not reference_only
+        self._dtype = dtype
+        self._items: tuple = (None, None)  # (batch, kernels.fixed.plan of it)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(fused_lora={self.fused_lora})"
+        return (f"{type(self).__name__}(fused_lora={self.fused_lora}, "
+                f"invariant={self.invariant})")
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Every op of a step computes a row's result in an order that depends only on that
+        row and the op's shape (never on the step's other rows, its chunking or the cache): a
+        request's tokens are the same whatever shares its steps (README: "Same request, same
+        tokens"). Here: the fixed-order torch ops, where this machine's probes passed
+        (``kernels.fixed.supported``); torch's own products and attention choose kernels by
+        the number of rows, so the reference and the fast path make no claim."""
+        return self.invariant and fixed.supported(self._dtype)
+
+    @property
+    def packs_weights(self) -> bool:
+        # the products read weights packed for oneDNN (LlamaModel.pack_weights); the
+        # fixed-order ones too where the packed kernel gives the plain one's bits (probed)
+        return not self.batch_invariant or fixed.packs(self._dtype)
 
     # ---- a step ---------------------------------------------------------------------------
     def bind(self, model) -> None:
@@ -109,13 +126,15 @@ class TorchOps:
 
     def linear(self, plan: StepPlan, x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
                bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.batch_invariant:
+            return fixed.project(x, w, name, bias)
         return project(x, w, name, bias, self.triton)
 
     def logits(self, plan: StepPlan, model, h: torch.Tensor) -> torch.Tensor:
         """float32 logits of the final norm's rows ``h`` (the packed lm_head if there is)."""
         if model.head is not model.w[model.lm_head_name]:  # packed
             return linear(h, model.head).float()
-        return project(h, model.w, model.lm_head_name, triton=self.triton).float()
+        return self.linear(plan, h, model.w, model.lm_head_name).float()
 
     def rope_kv(self, plan: StepPlan, cfg, qkv: torch.Tensor, lw, k_cache, v_cache, batch):
         """RoPE on q and k (after their per-head norms, Qwen3), k and v into their KV slots;
@@ -139,6 +158,11 @@ class TorchOps:
 
     def attention(self, cfg, q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
         """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size]."""
+        if self.batch_invariant:  # the step's attention items, made by its first layer
+            if self._items[0] is not batch:
+                self._items = (batch, fixed.plan(batch, cfg.num_heads, cfg.num_kv_heads))
+            return fixed.attention(q, k_cache, v_cache, batch, scale, self._items[1]).reshape(
+                q.shape[0], cfg.q_size)
         nd = batch.num_decode
         parts = []
         if nd:
@@ -168,15 +192,21 @@ class TorchOps:
                                                  cu_seqlens, context_lens, scale)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return fixed.silu_mul(gate_up)
         return reference.silu_mul(gate_up)
+
+    def _products(self):
+        return fixed.linear if self.batch_invariant else linear
 
     def sgmv_shrink(self, x, w, seg_starts, seg_slots, seg_rows):
         """See :func:`reference.sgmv_shrink`."""
-        return reference.sgmv_shrink(x, w, seg_starts, seg_slots, seg_rows)
+        return reference.sgmv_shrink(x, w, seg_starts, seg_slots, seg_rows, self._products())
 
     def sgmv_expand(self, y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets):
         """See :func:`reference.sgmv_expand` (adds into y in place)."""
-        reference.sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)
+        reference.sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets,
+                              self._products())
 
 
 class TritonOps(TorchOps):
@@ -373,7 +403,9 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     if (cpu_bf16 and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)):
         return NativeOps(cfg.head_dim, batch_invariant)
-    return TorchOps(fused_lora=cpu_bf16)
+    # the fixed-order torch ops on CPU (CUDA's invariant kernels: issue 32)
+    return TorchOps(fused_lora=cpu_bf16, invariant=batch_invariant and device.type == "cpu",
+                    dtype=dtype)
 
 
 def triton_available() -> bool:

@@ -149,6 +149,7 @@ def sgmv_shrink(
     seg_starts: torch.Tensor,
     seg_slots: torch.Tensor,
     seg_rows: torch.Tensor,
+    product=None,
 ) -> torch.Tensor:
     """Semantics: for each segment s, rows ``lo = seg_starts[s] ... hi = seg_starts[s+1]``:
     ``out[lo:hi, :seg_rows[s]] = x[lo:hi] @ w[seg_slots[s], :seg_rows[s]].T``; every other
@@ -156,10 +157,12 @@ def sgmv_shrink(
 
     x: [T, K]; w: [num_slots, R, K]; seg_starts: [S + 1] int; seg_slots, seg_rows: [S] int.
     Returns out: [T, R] in w's dtype (the adapters' dtype, which may be wider than x's: the
-    product is computed in it).
+    product is computed in it). ``product``: the products' function (``kernels.linear.linear``;
+    the fixed-order backend passes its own).
     """
     from gpupool.kernels.linear import linear
 
+    linear = product or linear
     out = x.new_zeros(x.shape[0], w.shape[1], dtype=w.dtype)
     xw = x.to(w.dtype)  # no copy when the dtypes agree
     starts = seg_starts.tolist()
@@ -178,16 +181,19 @@ def sgmv_expand(
     seg_slots: torch.Tensor,
     seg_ranks: torch.Tensor,
     seg_h_offsets: torch.Tensor,
+    product=None,
 ) -> None:
     """Semantics: for each segment s (rows lo:hi, rank r, offset o, slot i):
     ``y[lo:hi] += h[lo:hi, o:o+r] @ w[i, :, :r].T``, in place; other rows are untouched.
 
     y: [T, N] (may be a column slice of a wider output); h: [T, Rh]; w: [num_slots, N, R];
     seg_starts: [S + 1] int; seg_slots, seg_ranks, seg_h_offsets: [S] int. The product is
-    computed in w's dtype and added into y (rounded to y's dtype once).
+    computed in w's dtype and added into y (rounded to y's dtype once). ``product``: as
+    :func:`sgmv_shrink`'s.
     """
     from gpupool.kernels.linear import linear
 
+    linear = product or linear
     h = h.to(w.dtype)  # no copy when the dtypes agree
     starts = seg_starts.tolist()
     segs = zip(seg_slots.tolist(), seg_ranks.tolist(), seg_h_offsets.tolist())

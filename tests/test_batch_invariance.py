@@ -27,6 +27,10 @@ from gpupool.messages.types import EngineRequest
 from tests.factories import make_engine, make_peft_adapter, random_prompts
 
 VARIANTS = {"bf16": None, "bf16+int8": "int8"}
+# the torch backend's fixed-order ops (kernels.fixed: GPUPOOL_NATIVE=0, no compiler, a CPU
+# without AVX2, float32): variant -> (dtype, quantization)
+TORCH_VARIANTS = {"torch-bf16": ("bfloat16", None), "torch-bf16+int8": ("bfloat16", "int8"),
+                  "torch-fp32": ("float32", None)}
 TARGET_PROMPT = random_prompts(1, 45, 45, seed=11)[0]
 STEPS = 20  # output tokens of the targets: more than 16 steps (weights were packed after 16)
 GREEDY = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
@@ -48,8 +52,13 @@ def setup(tiny_models, tmp_path_factory):
 
 
 def _engine(folder, adapters, quant, **overrides):
+    """``quant``: a VARIANTS value (the backend this machine selects in bf16) or a
+    TORCH_VARIANTS key (the torch backend)."""
     opts = {"dtype": "bfloat16", "max_num_seqs": 128, "max_lora_rank": 8,
             "max_loras_on_device": 3, **overrides}
+    if quant in TORCH_VARIANTS:
+        opts["native"] = False
+        opts["dtype"], quant = TORCH_VARIANTS[quant]
     if quant:
         opts["quantization"] = quant
     engine = make_engine(folder, **opts)
@@ -121,7 +130,7 @@ def _alone(setup, variant, adapter):
     folder, adapters, cache = setup
     key = (variant, adapter)
     if key not in cache:
-        engine = _engine(folder, adapters, VARIANTS[variant])
+        engine = _engine(folder, adapters, VARIANTS.get(variant, variant))
         try:
             with Capture(["greedy", "sampled"]) as cap:
                 tokens = _run(engine, _targets(adapter))
@@ -162,6 +171,22 @@ scenario = st.fixed_dictionaries({
           suppress_health_check=list(HealthCheck))
 @given(case=scenario)
 def test_a_requests_logits_do_not_depend_on_its_batch_chunks_or_cache(setup, case):
+    _check_scenario(setup, case)
+
+
+@seed(30)
+@settings(max_examples=9, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+@given(case=scenario.map(lambda c: {**c, "partners": c["partners"] // 2})
+       .flatmap(lambda c: st.sampled_from(sorted(TORCH_VARIANTS))
+                .map(lambda v: {**c, "variant": v})))
+def test_the_torch_backend_is_invariant_too(setup, case):
+    """The same property on the torch backend (kernels.fixed), in bf16, bf16 + int8 and
+    float32: what a machine without the native kernels runs."""
+    _check_scenario(setup, case)
+
+
+def _check_scenario(setup, case):
     folder, adapters, _ = setup
     want_rows, want_tokens = _alone(setup, case["variant"], case["adapter"])
     g = torch.Generator().manual_seed(case["seed"])
@@ -175,7 +200,9 @@ def test_a_requests_logits_do_not_depend_on_its_batch_chunks_or_cache(setup, cas
                              SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
 
     pool = {"kv_cache_bytes": 96 << 10, "host_kv_bytes": 0} if case["small_pool"] else {}
-    engine = _engine(folder, adapters, VARIANTS[case["variant"]],
+    if case["small_pool"] and case["variant"] == "torch-fp32":  # float32 pages: twice the bytes
+        pool["kv_cache_bytes"] *= 2
+    engine = _engine(folder, adapters, VARIANTS.get(case["variant"], case["variant"]),
                      max_num_batched_tokens=case["budget"],
                      max_prefill_tokens_while_decoding=case["prefill_cap"], **pool)
     try:
@@ -194,14 +221,14 @@ def test_a_requests_logits_do_not_depend_on_its_batch_chunks_or_cache(setup, cas
         engine.shutdown()
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", [*sorted(VARIANTS), "torch-bf16"])
 def test_a_resumed_request_continues_with_the_same_logits(setup, variant):
     """Resumed from k delivered tokens in a fresh engine (as the cluster moves a stream), the
     request's later logits are those of the uninterrupted run."""
     folder, adapters, _ = setup
     want_rows, want_tokens = _alone(setup, variant, "a4")
     for k in (1, 9):
-        engine = _engine(folder, adapters, VARIANTS[variant])
+        engine = _engine(folder, adapters, VARIANTS.get(variant, variant))
         try:
             resumed = [EngineRequest(r.request_id, r.model, r.prompt_token_ids, r.params,
                                      delivered_token_ids=want_tokens[r.request_id][:k])

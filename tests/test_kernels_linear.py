@@ -82,9 +82,10 @@ def test_packed_bf16_weights_give_bit_identical_products_and_models(tiny_models)
     for packing in (True, False):
         lin.use_packing(None if packing else False)
         try:
-            # the torch backend: the native one reads the plain weights, never packs
+            # the torch backend's fast path: the native and the fixed-order products read
+            # the plain weights, never pack
             worker = LoadedModel("m", folder, torch.device("cpu"), kv, dtype="bfloat16",
-                                 use_native=False)
+                                 use_native=False, batch_invariant=False)
             assert not worker.model.layers[0]["qkv_weight"].is_mkldnn  # packed only later
             worker.model.pack_weights()
             weights = worker.model.layers[0]["qkv_weight"]
@@ -115,7 +116,7 @@ def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
     folder = tiny_models("llama")
     one = build_layout(ModelConfig.from_folder(folder), torch.bfloat16).num_bytes
     e = make_engine(folder, name="a", dtype="bfloat16", weight_bytes=one, prefetch=False,
-                    native=False)  # the torch backend: it packs weights (native reads them plain)
+                    native=False, batch_invariant=False)  # torch's fast path packs weights
     try:
         e.add_model("b", folder)
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
