@@ -24,14 +24,17 @@ __all__ = ["GROUPS", "PROJECTIONS", "AdapterConfig", "AdapterError", "AdapterRef
 class AdapterConfig:
     """Adapter memory per base model."""
 
-    max_loras_on_device: int = 8  # device slots; a step never uses more distinct adapters
+    # device slots: None (default) follows demand, growing into the arena's free adapter
+    # region when a step holds more distinct adapters; a number caps them (made at once)
+    max_loras_on_device: int | None = None
     max_lora_rank: int = 16  # largest rank accepted; sizes each slot
     # host copies of adapters read from disk, per base model (LRU; its own budget, apart
     # from the KV host swap's): registering costs none, a first use reads the file
     host_adapter_bytes: int = 1 << 30
 
     def __post_init__(self):
-        if self.max_loras_on_device < 1 or self.max_lora_rank < 1:
+        if (self.max_loras_on_device is not None and self.max_loras_on_device < 1) \
+                or self.max_lora_rank < 1:
             raise ValueError("max_loras_on_device and max_lora_rank must be >= 1")
         if self.host_adapter_bytes < 0:
             raise ValueError("host_adapter_bytes must be >= 0")

@@ -106,7 +106,8 @@ def _views(layout: WeightLayout, buffer: torch.Tensor, dtype) -> dict[str, torch
 
 
 class AdapterSlots:
-    """``num_slots`` device slots for one base model, least recently used evicted first.
+    """``num_slots`` device slots for one base model, least recently used evicted first
+    (:meth:`grow` moves them to a larger range: how the slots follow demand).
 
     ``ensure(names)`` makes a step's adapters resident and pins them for that step; slots of
     pinned adapters are never chosen as victims. Host buffers live in ``host`` (name -> bytes).
@@ -125,19 +126,9 @@ class AdapterSlots:
                  mirror: bool = False, host_bytes: int = 1 << 30):
         self.cfg = cfg
         self.layout = slot_layout(cfg, max_rank, dtype)
-        self.num_slots = num_slots
-        nbytes = self.num_bytes(cfg, num_slots, max_rank, dtype, mirror)
-        if memory.dtype != torch.uint8 or memory.dim() != 1 or memory.numel() != nbytes:
-            raise ValueError(f"adapter slot memory must be uint8 of {nbytes} bytes")
-        slot_bytes = num_slots * self.layout.num_bytes
-        self.buffer = memory[:slot_bytes].view(num_slots, self.layout.num_bytes)
-        self.views = _views(self.layout, self.buffer, dtype)
-        # bf16 copies for the fused CPU kernel (see the module's docstring), or None
+        self.max_rank, self.dtype, self.has_mirror = max_rank, dtype, mirror
         self.mirror: dict[str, torch.Tensor] | None = None
-        if mirror:
-            mlayout = mirror_layout(cfg, max_rank)
-            self.mirror = _views(mlayout, memory[slot_bytes:].view(num_slots, -1),
-                                 torch.bfloat16)
+        self._bind(num_slots, memory)
         # the fused CPU LoRA kernel's view of the mirror per (layer, group)
         # (kernels.native.lora_weights) and per layer count (("body", layers):
         # kernels.native.lora_table_body): addresses, fixed while this memory is
@@ -151,6 +142,34 @@ class AdapterSlots:
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
         self.pinned: set[str] = set()
         self.num_loads = 0
+
+    def _bind(self, num_slots: int, memory: torch.Tensor) -> None:
+        """Slots, views and mirror over ``memory`` (uint8, :meth:`num_bytes` for
+        ``num_slots``)."""
+        nbytes = self.num_bytes(self.cfg, num_slots, self.max_rank, self.dtype, self.has_mirror)
+        if memory.dtype != torch.uint8 or memory.dim() != 1 or memory.numel() != nbytes:
+            raise ValueError(f"adapter slot memory must be uint8 of {nbytes} bytes")
+        self.num_slots = num_slots
+        slot_bytes = num_slots * self.layout.num_bytes
+        self.buffer = memory[:slot_bytes].view(num_slots, self.layout.num_bytes)
+        self.views = _views(self.layout, self.buffer, self.dtype)
+        # bf16 copies for the fused CPU kernel (see the module's docstring), or None
+        self._mirror_rows = None
+        if self.has_mirror:
+            self._mirror_rows = memory[slot_bytes:].view(num_slots, -1)
+            self.mirror = _views(mirror_layout(self.cfg, self.max_rank), self._mirror_rows,
+                                 torch.bfloat16)
+
+    def grow(self, num_slots: int, memory: torch.Tensor) -> None:
+        """Move to ``memory`` (:meth:`num_bytes` for ``num_slots`` >= the current count, a new
+        range of the arena's adapter region) keeping every slot's contents and index; the
+        caller then frees the old range."""
+        old, old_mirror, count = self.buffer, self._mirror_rows, self.num_slots
+        self._bind(num_slots, memory)
+        self.buffer[:count].copy_(old)
+        if old_mirror is not None:
+            self._mirror_rows[:count].copy_(old_mirror)
+        self.native_weights.clear()  # addresses of the old range
 
     def add(self, name: str, rank: int, loader) -> None:
         """Register an adapter: ``loader()`` returns its weights when first needed."""
@@ -190,7 +209,8 @@ class AdapterSlots:
             self.host_bytes -= buf.numel() * buf.element_size()
 
     def ensure(self, names: set[str]) -> dict[str, int]:
-        """Slot of each name, loading missing ones into free or LRU slots; pins them all."""
+        """Slot of each name, loading missing ones into free or LRU slots; pins them all (the
+        caller grows the slots first where a step holds more adapters than there are)."""
         if len(names) > self.num_slots:
             raise AdapterError(f"{len(names)} adapters in one step, {self.num_slots} slots")
         self.pinned = set(names)

@@ -10,7 +10,16 @@ thread team, as ``gpupool serve`` does). In the same run:
   peft_seq       peft, one adapter at a time (set_adapter, that adapter's requests batched);
   peft_mixed     peft's mixed-adapter batch (generate(..., adapter_names=[...])).
 Output tokens/s, median of --runs timed runs (the engine also gets one warm-up run).
+
+Many adapters (``--adapters 64,512,2000 --zipf 1``, issue 31's workload): rank-8 adapters on
+q/k/v/o, generated once into a cache folder (``<home>/bench-adapters``: one peft adapter, the
+others its config with seeded random weights); per count, one engine with the default
+adapter settings (``--slots`` overrides max_loras_on_device) registers them all (seconds,
+RSS growth, host cache bytes), then --requests (64) requests of 32 greedy tokens, each
+request's adapter drawn by Zipf(s) over the count; tokens/s against the base-only batch of
+the same prompts in the same run, and the batch's distinct adapters.
 Usage: python3 benchmarks/bench_lora.py [--json] [--runs 3] [--requests 8 --distinct 4]
+       python3 benchmarks/bench_lora.py --adapters 64,512,2000 --zipf 1 [--slots 64]
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -108,16 +118,114 @@ def peft_figures(folder: str, paths: dict, dtype: str, n: int, distinct: list[in
     return out
 
 
+MANY_RANK, MANY_TARGETS, MANY_TOKENS = 8, ["q_proj", "k_proj", "v_proj", "o_proj"], 32
+
+
+def many_adapter_folders(folder: Path, n: int) -> list[Path]:
+    """``n`` rank-8 q/k/v/o adapters of the model in ``folder``, made once into
+    ``<home>/bench-adapters``: one by peft (its config and tensor names), the others that
+    config with seeded random weights (A ~ N(0, 1/sqrt(fan_in)), B ~ N(0, 0.02))."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    root = default_home() / "bench-adapters" / f"r{MANY_RANK}-qkvo"
+    first = root / "a0"
+    if not (first / "adapter_model.safetensors").exists():
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        cfg = LoraConfig(r=MANY_RANK, lora_alpha=2 * MANY_RANK, target_modules=MANY_TARGETS,
+                         init_lora_weights=False)
+        get_peft_model(base, cfg).save_pretrained(str(first))
+    shapes = {k: v.shape for k, v in load_file(str(first / "adapter_model.safetensors")).items()}
+    config = json.loads((first / "adapter_config.json").read_text())
+    folders = []
+    for i in range(n):
+        out = root / f"a{i}"
+        if not (out / "adapter_model.safetensors").exists():
+            g = torch.Generator().manual_seed(i)
+            out.mkdir(parents=True, exist_ok=True)
+            tensors = {k: (torch.randn(shape, generator=g)
+                           * (0.02 if "lora_B" in k else shape[-1] ** -0.5)).half()
+                       for k, shape in shapes.items()}
+            save_file(tensors, str(out / "adapter_model.safetensors"))
+            (out / "adapter_config.json").write_text(json.dumps(config))
+        folders.append(out)
+    return folders
+
+
+def zipf_names(n: int, count: int, s: float, seed: int = 0) -> list[str]:
+    """``count`` adapter names drawn by Zipf(s) over a0 .. a{n-1} (a0 the most popular)."""
+    weights = torch.tensor([1.0 / (k + 1) ** s for k in range(n)])
+    picks = torch.multinomial(weights, count, replacement=True,
+                              generator=torch.Generator().manual_seed(seed))
+    return [f"a{int(i)}" for i in picks]
+
+
+def many_adapters(args, threads: int) -> dict:
+    import psutil
+
+    folder = ensure_default_model(default_home())
+    counts = [int(x) for x in args.adapters.split(",")]
+    paths = many_adapter_folders(folder, max(counts))
+    n = args.requests
+    texts = prompts(n)
+    params = SamplingParams(max_tokens=MANY_TOKENS, temperature=0, ignore_eos=True)
+    total = n * MANY_TOKENS
+    result = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
+              "threads": threads, "requests": n, "new_tokens": MANY_TOKENS,
+              "rank": MANY_RANK, "targets": "q/k/v/o", "zipf": args.zipf, "runs": args.runs,
+              "slots": args.slots or "default"}
+    proc = psutil.Process()
+    extra = {"max_loras_on_device": args.slots} if args.slots else {}
+    for count in counts:
+        engine = Engine(device="cpu", dtype="bfloat16", threads=threads,
+                        enable_prefix_caching=False, **extra)
+        engine.add_model("base", folder)
+        if count == counts[0]:
+            base_s = median_seconds(lambda e=engine: e.generate(texts, params, model="base"),
+                                    args.runs)
+            result["base_tok_s"] = round(total / base_s, 1)
+        rss = proc.memory_info().rss
+        t = time.perf_counter()
+        for i in range(count):
+            engine.add_adapter(f"a{i}", "base", str(paths[i]))
+        result[f"register_s_{count}"] = round(time.perf_counter() - t, 2)
+        result[f"register_rss_mb_{count}"] = round((proc.memory_info().rss - rss) / 2**20, 1)
+        slots = engine.local.core.workers["base"].slots
+        result[f"host_cache_bytes_{count}"] = slots.host_bytes
+        names = zipf_names(count, n, args.zipf)
+        result[f"distinct_{count}"] = len(set(names))
+        ours = median_seconds(
+            lambda e=engine, names=names: e.generate(texts, params, model=names), args.runs)
+        result[f"tok_s_{count}"] = round(total / ours, 1)
+        result[f"of_base_{count}"] = round(base_s / ours, 3)
+        result[f"device_slots_{count}"] = slots.num_slots
+        engine.shutdown()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--distinct", default="1,4,32")
     ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
+    ap.add_argument("--adapters", default=None,
+                    help="many-adapter mode: registered adapter counts, e.g. 64,512,2000")
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--slots", type=int, default=None, help="max_loras_on_device (many mode)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = engine_threads()  # before any torch work in this process
+    if args.adapters:
+        args.requests = args.requests or 64
+        emit(many_adapters(args, threads), args.json)
+        return
+    args.requests = args.requests or 32
     n = args.requests
     folder = ensure_default_model(default_home())
     texts = prompts(n)

@@ -135,8 +135,8 @@ class LoadedModel:
 
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
         """Register the adapter (``weights``: its loader, called on first use);
-        the first one carves this model's slots
-        (``max_loras_on_device`` of them) out of the arena's adapter region. AdapterError,
+        the first one carves this model's slots (``max_loras_on_device`` of them, or one
+        where they follow demand) out of the arena's adapter region. AdapterError,
         with nothing changed, when the region cannot hold them all."""
         if self.slots is None:
             self.slots = self._make_slots()
@@ -155,16 +155,40 @@ class LoadedModel:
                                "in the arena's adapter region")
         cfg = self.adapter_config
         # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
-        mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora)
-        nbytes = AdapterSlots.num_bytes(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                                        self.adapter_dtype, mirror)
+        self._slot_mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
+                             and self.adapter_dtype == torch.float32
+                             and self.model.ops.fused_lora)
+        count = cfg.max_loras_on_device or 1  # following demand: one, grown by a step
         try:
-            memory = self.weight_pool.adapter_buffer(self.name, nbytes)
+            memory = self.weight_pool.adapter_buffer(self.name, self._slot_bytes(count))
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
-        return AdapterSlots(self.cfg, cfg.max_loras_on_device, cfg.max_lora_rank,
-                            self.adapter_dtype, memory, mirror, cfg.host_adapter_bytes)
+        return AdapterSlots(self.cfg, count, cfg.max_lora_rank, self.adapter_dtype, memory,
+                            self._slot_mirror, cfg.host_adapter_bytes)
+
+    def _slot_bytes(self, count: int) -> int:
+        return AdapterSlots.num_bytes(self.cfg, count, self.adapter_config.max_lora_rank,
+                                      self.adapter_dtype, self._slot_mirror)
+
+    def adapter_capacity(self) -> int:
+        """Distinct adapters one step may hold now: ``max_loras_on_device`` where set, else
+        the slots there are or as many as the adapter region's largest free range holds
+        (a growth allocates the new range beside the old one)."""
+        cap = self.adapter_config.max_loras_on_device
+        if cap is not None or self.slots is None:
+            return cap or 1 << 30
+        fit = self.weight_pool.adapter_free_bytes() // self._slot_bytes(1)
+        return max(self.slots.num_slots, fit)
+
+    def _grow_slots(self, needed: int) -> None:
+        """Slots for ``needed`` adapters at least (doubling, within :meth:`adapter_capacity`),
+        moved to a larger range of the adapter region with their contents."""
+        slots = self.slots
+        count = min(self.adapter_capacity(), max(needed, 2 * slots.num_slots))
+        if count < needed or self.weight_pool.grow_adapter_buffer(
+                self.name, self._slot_bytes(count), lambda new: slots.grow(count, new)) is None:
+            raise AdapterError(f"{needed} adapters in one step, and the adapter region holds "
+                               f"{max(count, slots.num_slots)} slots of model {self.name!r}")
 
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter (the caller ensures nothing runs it); with the last one gone the
@@ -181,6 +205,8 @@ class LoadedModel:
         names = {n for n in rows if n}
         if not names:
             return None
+        if len(names) > self.slots.num_slots:  # slots follow demand (within the capacity)
+            self._grow_slots(len(names))
         slot_of = self.slots.ensure(names)
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
                                self.slots.views, self.device, self.model.ops,

@@ -111,6 +111,20 @@ class Arena:
         view.zero_()
         return view
 
+    def grow_adapters(self, owner: str, num_bytes: int, move) -> torch.Tensor | None:
+        """A new zeroed range of ``num_bytes`` for ``owner`` (who holds one): ``move(new)``
+        copies what it needs from the old range, which is freed after; None (nothing
+        changed) when no free range is large enough."""
+        offset = self.adapter_slabs.allocate(num_bytes)
+        if offset is None:
+            return None
+        view = self.adapters[offset : offset + num_bytes]
+        view.zero_()
+        move(view)
+        self.adapter_slabs.free(self.adapter_owners[owner])
+        self.adapter_owners[owner] = offset
+        return view
+
     def free_adapters(self, owner: str) -> bool:
         """Return ``owner``'s adapter range to the region; False if it held none."""
         offset = self.adapter_owners.pop(owner, None)

@@ -139,6 +139,15 @@ class WeightPool:
                 "adapter_bytes, or lower max_loras_on_device or max_lora_rank")
         return view
 
+    def grow_adapter_buffer(self, name: str, num_bytes: int, move) -> torch.Tensor | None:
+        """``name``'s adapter range moved to a larger one (``move(new)`` copies into it; see
+        ``Arena.grow_adapters``); None when the region has no such free range."""
+        return self.arena.grow_adapters(name, num_bytes, move)
+
+    def adapter_free_bytes(self) -> int:
+        """The largest free range of the arena's adapter region."""
+        return self.arena.adapter_slabs.largest_free_bytes
+
     def release_adapters(self, name: str) -> None:
         """Return ``name``'s adapter slots to the arena (no-op if it holds none)."""
         self.arena.free_adapters(name)

@@ -306,3 +306,37 @@ def test_registration_reads_no_weights_and_host_copies_have_a_budget(lora_setup,
         e.local.check_integrity()
     finally:
         e.shutdown()
+
+
+def test_slots_follow_demand_within_the_adapter_region(lora_setup, mixed):
+    """max_loras_on_device unset (the default): a base starts with one slot and a step with
+    more distinct adapters grows them (moved to a larger range with their contents), as far
+    as the adapter region holds; past that, steps hold what fits. Outputs match peft either
+    way, and the arena accounts for exactly one range."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    for region_slots in (None, 3):
+        # a region of 3 slots: 1 -> 2 and no further (a growth allocates beside the old range)
+        extra = {} if region_slots is None else {"adapter_bytes": _slot_bytes(base, 3)}
+        e = _engine(base, paths, **extra)
+        try:
+            worker = e.local.core.workers["base"]
+            assert worker.slots.num_slots == 1 and worker.adapter_config.max_loras_on_device \
+                is None
+            per_step, grow = [], worker._grow_slots
+            worker._grow_slots = lambda n, log=per_step, grow=grow: log.append(n) or grow(n)
+            outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
+                              model=[n or "base" for n in names])
+            assert [list(o.token_ids) for o in outs] == want
+            slots, arena = worker.slots, e.local.arena
+            assert per_step and slots.num_slots >= max(per_step)
+            if region_slots is None:  # every adapter of the batch at once, once grown
+                assert slots.num_slots >= len(ADAPTERS)
+            else:
+                assert slots.num_slots == 2
+            used = arena.adapter_slabs.num_bytes - arena.adapter_slabs.num_free_bytes
+            assert used == -(-_slot_bytes(base, slots.num_slots) // ALIGN) * ALIGN
+            assert list(arena.adapter_owners) == ["base"]
+            e.check_integrity()
+        finally:
+            e.shutdown()
