@@ -173,7 +173,7 @@ class EngineCore:
         while self._orphans:
             self.abort(self._orphans.pop())
         for name, worker in self.workers.items():  # slots following demand: what fits now
-            if worker.slots is not None and worker.adapter_config.max_loras_on_device is None:
+            if worker.slots is not None:
                 self.scheduler.max_adapters[name] = worker.adapter_capacity()
         out = self.scheduler.schedule()
         self.ran = not out.is_empty  # the loop yields after a step that ran nothing

@@ -31,8 +31,7 @@ class ModelRegistry:
         if worker.name in self.adapters.refs:
             raise RequestError(f"{worker.name!r} is already the name of an adapter")
         self.workers[worker.name] = worker
-        self.scheduler.add_model(worker.name, worker.block_tokens,
-                                 worker.adapter_config.max_loras_on_device or 1 << 30)
+        self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity())
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""

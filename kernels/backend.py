@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpupool.kernels import decode, fixed, native, reference
-from gpupool.kernels.linear import linear, linear_int8
+from gpupool.kernels.linear import linear, linear_int8, linear_int8_reference
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
 # the native products' row limits where batch invariance is off (Config.batch_invariant):
@@ -48,11 +48,16 @@ class StepPlan:
 
 
 def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
-            bias: torch.Tensor | None = None, triton: bool = False) -> torch.Tensor:
-    """``x @ w[name].T (+ bias)``; an int8 weight comes with its per-row ``name_scale``."""
+            bias: torch.Tensor | None = None, triton: bool = False,
+            product=None) -> torch.Tensor:
+    """``x @ w[name].T (+ bias)``; an int8 weight comes with its per-row ``name_scale``.
+    ``product``: every product through it (``kernels.fixed.linear``), an int8 weight widened
+    to x's dtype and its rows scaled after (``linear_int8_reference``)."""
     scale = w.get(name + SCALE_SUFFIX)
     if scale is None:
-        return linear(x, w[name], bias)
+        return (product or linear)(x, w[name], bias)
+    if product is not None:
+        return linear_int8_reference(x, w[name], scale, bias, product)
     return linear_int8(x, w[name], scale, bias, triton=triton)
 
 
@@ -75,7 +80,6 @@ class TorchOps:
         self.fused_lora = fused_lora
         self.invariant = invariant and not reference_only
         self._dtype = dtype
-        self._items: tuple = (None, None)  # (batch, kernels.fixed.plan of it)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(fused_lora={self.fused_lora}, "
@@ -126,9 +130,7 @@ class TorchOps:
 
     def linear(self, plan: StepPlan, x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.batch_invariant:
-            return fixed.project(x, w, name, bias)
-        return project(x, w, name, bias, self.triton)
+        return project(x, w, name, bias, self.triton, self._products())
 
     def logits(self, plan: StepPlan, model, h: torch.Tensor) -> torch.Tensor:
         """float32 logits of the final norm's rows ``h`` (the packed lm_head if there is)."""
@@ -158,10 +160,8 @@ class TorchOps:
 
     def attention(self, cfg, q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
         """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size]."""
-        if self.batch_invariant:  # the step's attention items, made by its first layer
-            if self._items[0] is not batch:
-                self._items = (batch, fixed.plan(batch, cfg.num_heads, cfg.num_kv_heads))
-            return fixed.attention(q, k_cache, v_cache, batch, scale, self._items[1]).reshape(
+        if self.batch_invariant:
+            return fixed.attention(q, k_cache, v_cache, batch, scale).reshape(
                 q.shape[0], cfg.q_size)
         nd = batch.num_decode
         parts = []
@@ -197,7 +197,9 @@ class TorchOps:
         return reference.silu_mul(gate_up)
 
     def _products(self):
-        return fixed.linear if self.batch_invariant else linear
+        """The products' function under batch invariance (the fixed-order one), else None
+        (the callees' own: ``kernels.linear``)."""
+        return fixed.linear if self.batch_invariant else None
 
     def sgmv_shrink(self, x, w, seg_starts, seg_slots, seg_rows):
         """See :func:`reference.sgmv_shrink`."""

@@ -37,6 +37,7 @@ adds) was found invariant as it is; ``tests/test_batch_invariance.py`` checks th
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 BLOCK = 64  # key positions per attention block (a power of two: the halving sum)
 COLUMNS = 16  # the fewest query vectors per attention item (bmm's order is fixed from there)
 CHUNK_ROWS = 256  # a prefill sequence's query rows per attention pass (memory)
-SCALE_SUFFIX = "_scale"
 _PROBES: dict[tuple, int] = {}  # (what, dtype) -> min rows (1 or 2), 0: not invariant
 
 
@@ -134,8 +134,10 @@ def _probed(what: str, dtype: torch.dtype, probe) -> int:
     return _PROBES[key]
 
 
+@functools.cache
 def _route(dtype: torch.dtype):
-    """(product, min rows) of the invariant products in ``dtype``, or None."""
+    """(product, min rows) of the invariant products in ``dtype``, or None (probed once:
+    the answer is final, so the products ask it per call at a dict lookup's cost)."""
     if dtype in (torch.float32, torch.bfloat16) and _linear._onednn_ok(dtype):
         rows = _probed("products", dtype, lambda: _rows_probe(_dnn, dtype))
         if rows:
@@ -159,16 +161,12 @@ def packs(dtype: torch.dtype | None) -> bool:
                    lambda: _rows_probe(_dnn, dtype, lambda w: _linear.pack(w))) == route[1]
 
 
+@functools.cache
 def supported(dtype: torch.dtype | None) -> bool:
     """Every op here is fixed-order for ``dtype`` on this machine (probed once)."""
     return (dtype is not None and _route(dtype) is not None
             and _probed("attention products", torch.float32, _bmm_probe) > 0
             and _probed("exp", torch.float32, _exp_probe) > 0)
-
-
-def forget_probes() -> None:
-    """Probe again at the next use (tests)."""
-    _PROBES.clear()
 
 
 # ---- products -------------------------------------------------------------------------------
@@ -205,17 +203,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.reshape(*lead, weight.shape[0])
 
 
-def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w[name].T (+ bias)``; an int8 weight (with ``name_scale``) widened to x's dtype
-    and its rows scaled after the product."""
-    scale = w.get(name + SCALE_SUFFIX)
-    if scale is None:
-        return linear(x, w[name], bias)
-    y = linear(x, w[name].to(x.dtype)) * scale.to(x.dtype)
-    return y if bias is None else y + bias
-
-
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2 * inter] with SiLU as separate float32 ops
     (rounded to the input's dtype once, as ``F.silu``)."""
@@ -225,7 +212,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ---- attention ------------------------------------------------------------------------------
-def _halving_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def _halving_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum over ``dim`` (a power of two) as a tree of elementwise adds: one order."""
     while x.shape[dim] > 1:
         half = x.shape[dim] // 2
@@ -233,29 +220,15 @@ def _halving_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x.squeeze(dim)
 
 
-def plan(batch, heads: int, kv_heads: int) -> tuple:
-    """What a step's layers share: each sequence's (first query row, rows, context length)
-    (decode rows first, one each, then the prefill chunks)."""
-    nd = batch.num_decode
-    seqs = [(i, 1, c) for i, c in enumerate(batch.decode_context_lens.tolist())]
-    cu = batch.prefill_cu_seqlens.tolist()
-    seqs += [(nd + cu[s], cu[s + 1] - cu[s], c)
-             for s, c in enumerate(batch.prefill_context_lens.tolist())]
-    return seqs
-
-
 def _tree(x: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 1 as a tree of elementwise adds over its length padded with zeros to a
-    power of two: a row whose later entries are zero (blocks it cannot see) gets the same
-    bits whatever the padded length (x + 0 is x, and the halves pair i with i + half)."""
+    """Sum over dim 1 as :func:`_halving_sum` over its length padded with zeros to a power of
+    two: a row whose later entries are zero (blocks it cannot see) gets the same bits
+    whatever the padded length (x + 0 is x, and the halves pair i with i + half)."""
     n = x.shape[1]
     width = 1 << (n - 1).bit_length()
     if width > n:
         x = torch.cat([x, x.new_zeros(x.shape[0], width - n, *x.shape[2:])], 1)
-    while x.shape[1] > 1:
-        half = x.shape[1] // 2
-        x = x[:, :half] + x[:, half:]
-    return x[:, 0]
+    return _halving_sum(x, 1)
 
 
 def _keys(cache: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, blocks: int,
@@ -311,10 +284,9 @@ def _attend(qt: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-              scale: float, seqs: list | None = None) -> torch.Tensor:
+              scale: float) -> torch.Tensor:
     """Decode rows, then each prefill sequence's rows (``models.batch.ForwardBatch``), over
-    the paged KV (``seqs``: the step's :func:`plan`, if made already); q: [T, H, D];
-    returns [T, H, D] in q's dtype.
+    the paged KV; q: [T, H, D]; returns [T, H, D] in q's dtype.
 
     Each item is one KV head of one sequence: per key block the scores as [BLOCK, D] times
     the query vectors [D, N] (one bmm shape but N, which torch's bmm is invariant to from
@@ -325,7 +297,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
     t, h, d = q.shape
     kvh = k_cache.shape[2]
     grp = h // kvh
-    seqs = seqs if seqs is not None else plan(batch, h, kvh)
     out = torch.empty(t, h, d, dtype=q.dtype)
     qf = q.float()
     nd = batch.num_decode
@@ -341,7 +312,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
         o = _attend(qt.view(nd * kvh, d, cols), qpos, k.view(nd * kvh, blocks, BLOCK, d),
                     v.view(nd * kvh, blocks, d, BLOCK), scale, grp)
         out[:nd] = o.view(nd, kvh, d, grp).permute(0, 1, 3, 2).reshape(nd, h, d)
-    for s, (r0, n, c) in enumerate(seqs[nd:]):
+    cu = batch.prefill_cu_seqlens.tolist()
+    for s, c in enumerate(batch.prefill_context_lens.tolist()):
+        r0, n = nd + cu[s], cu[s + 1] - cu[s]
         table = batch.prefill_block_tables[s : s + 1]
         qs = qf[r0 : r0 + n].view(n, kvh, grp, d)
         for lo in range(0, n, CHUNK_ROWS):  # query rows in chunks: the scores' memory bound

@@ -163,8 +163,9 @@ def use_int8_kernel(enabled: bool | None) -> None:
 
 
 def linear_int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+                          bias: torch.Tensor | None = None, product=None) -> torch.Tensor:
+    """``product`` (default :func:`linear`): the product of x and the widened weight."""
+    y = (product or linear)(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y if bias is None else y + bias
 
 

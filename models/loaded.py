@@ -155,20 +155,18 @@ class LoadedModel:
                                "in the arena's adapter region")
         cfg = self.adapter_config
         # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
-        self._slot_mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                             and self.adapter_dtype == torch.float32
-                             and self.model.ops.fused_lora)
+        mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
+                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora)
+        # one slot's bytes, made once (each step asks adapter_capacity)
+        self._slot_bytes = AdapterSlots.num_bytes(self.cfg, 1, cfg.max_lora_rank,
+                                                  self.adapter_dtype, mirror)
         count = cfg.max_loras_on_device or 1  # following demand: one, grown by a step
         try:
-            memory = self.weight_pool.adapter_buffer(self.name, self._slot_bytes(count))
+            memory = self.weight_pool.adapter_buffer(self.name, count * self._slot_bytes)
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
         return AdapterSlots(self.cfg, count, cfg.max_lora_rank, self.adapter_dtype, memory,
-                            self._slot_mirror, cfg.host_adapter_bytes)
-
-    def _slot_bytes(self, count: int) -> int:
-        return AdapterSlots.num_bytes(self.cfg, count, self.adapter_config.max_lora_rank,
-                                      self.adapter_dtype, self._slot_mirror)
+                            mirror, cfg.host_adapter_bytes)
 
     def adapter_capacity(self) -> int:
         """Distinct adapters one step may hold now: ``max_loras_on_device`` where set, else
@@ -177,7 +175,7 @@ class LoadedModel:
         cap = self.adapter_config.max_loras_on_device
         if cap is not None or self.slots is None:
             return cap or 1 << 30
-        fit = self.weight_pool.adapter_free_bytes() // self._slot_bytes(1)
+        fit = self.weight_pool.adapter_free_bytes() // self._slot_bytes
         return max(self.slots.num_slots, fit)
 
     def _grow_slots(self, needed: int) -> None:
@@ -186,7 +184,7 @@ class LoadedModel:
         slots = self.slots
         count = min(self.adapter_capacity(), max(needed, 2 * slots.num_slots))
         if count < needed or self.weight_pool.grow_adapter_buffer(
-                self.name, self._slot_bytes(count), lambda new: slots.grow(count, new)) is None:
+                self.name, count * self._slot_bytes, lambda new: slots.grow(count, new)) is None:
             raise AdapterError(f"{needed} adapters in one step, and the adapter region holds "
                                f"{max(count, slots.num_slots)} slots of model {self.name!r}")
 

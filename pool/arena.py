@@ -103,27 +103,31 @@ class Arena:
         owner), or None when no free range is large enough."""
         if owner in self.adapter_owners:
             raise ValueError(f"{owner!r} already holds an adapter range")
+        got = self._zeroed_adapter_range(num_bytes)
+        if got is None:
+            return None
+        self.adapter_owners[owner] = got[0]
+        return got[1]
+
+    def _zeroed_adapter_range(self, num_bytes: int) -> tuple[int, torch.Tensor] | None:
         offset = self.adapter_slabs.allocate(num_bytes)
         if offset is None:
             return None
-        self.adapter_owners[owner] = offset
         view = self.adapters[offset : offset + num_bytes]
         view.zero_()
-        return view
+        return offset, view
 
     def grow_adapters(self, owner: str, num_bytes: int, move) -> torch.Tensor | None:
         """A new zeroed range of ``num_bytes`` for ``owner`` (who holds one): ``move(new)``
         copies what it needs from the old range, which is freed after; None (nothing
         changed) when no free range is large enough."""
-        offset = self.adapter_slabs.allocate(num_bytes)
-        if offset is None:
+        got = self._zeroed_adapter_range(num_bytes)
+        if got is None:
             return None
-        view = self.adapters[offset : offset + num_bytes]
-        view.zero_()
-        move(view)
+        move(got[1])
         self.adapter_slabs.free(self.adapter_owners[owner])
-        self.adapter_owners[owner] = offset
-        return view
+        self.adapter_owners[owner] = got[0]
+        return got[1]
 
     def free_adapters(self, owner: str) -> bool:
         """Return ``owner``'s adapter range to the region; False if it held none."""
