@@ -74,7 +74,11 @@ class LoraBatch:
 
         group_rows, proj_ranks, proj_offsets = {}, {}, {}
         for group, (_, projs) in GROUPS.items():
-            group_rows[group] = t([len(projs) * r for r in ranks])
+            # a segment whose adapter targets none of the group's projections skips it (the
+            # slot layout may not even hold the group: adapters.slots.group_ranks)
+            group_rows[group] = t([len(projs) * r if n and any(p in targets_of[n]
+                                                                for p, _ in projs) else 0
+                                   for n, r in zip(names, ranks)])
             for j, (proj, _) in enumerate(projs):
                 proj_ranks[proj] = t([r if n and proj in targets_of[n] else 0
                                       for n, r in zip(names, ranks)])
@@ -109,6 +113,10 @@ class LoraBatch:
 
     def _native_weights(self, layer: int, group: str) -> tuple:
         weights = self.native[2].get((layer, group))
+        if weights is None and f"{layer}.{group}.A" not in self.views:
+            # a group no registered adapter targets: every segment's projection ranks are 0
+            # there, so the kernel reads nothing of it
+            weights = self.native[2][layer, group] = native.lora_absent(len(GROUPS[group][1]))
         if weights is None:
             mirror = self.native[3]
             weights = self.native[2][layer, group] = native.lora_weights(
@@ -129,6 +137,8 @@ class LoraBatch:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""
+        if f"{layer}.{group}.A" not in self.views:  # no registered adapter targets it
+            return
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
             native.lora(x, out, self.starts, self.slots, self.native[0],
                         self._native_weights(layer, group), self.native[1][group])
@@ -149,6 +159,8 @@ class LoraBatch:
     def _apply_batched(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor):
         segs, rows, rank, index, targeted, pad = self.batched
         projs = GROUPS[group][1]
+        if not any(p in targeted for p, _ in projs):
+            return
 
         def pick(w: torch.Tensor) -> torch.Tensor:  # the segments' slots, [S, ...]
             return w[:segs] if index is None else w.index_select(0, index)

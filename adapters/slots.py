@@ -6,10 +6,14 @@ base model; copies of adapters on the device or pinned by the step are never dro
 again from disk when needed after being dropped. So registering thousands of adapters costs
 no host memory until they are used.
 
-Every adapter of a base is stored in one *slot layout* (a :class:`WeightLayout` sized for
-``max_lora_rank``), so loading an adapter into a device slot is one bulk copy:
+Every adapter of a base is stored in one *slot layout*, so loading an adapter into a device
+slot is one bulk copy. The layout is sized by the adapters registered, not by
+``max_lora_rank``: each projection group gets the largest rank of the adapters that target one
+of its projections (:func:`group_ranks`), and a group none targets is left out (rank-8
+adapters of q/k/v/o take a seventh of a slot sized for rank 16 on every projection). A
+registration that needs more makes the owner lay the slots out again (``LoadedModel``):
 
-    slot layout, per layer i (R = max rank, r = the adapter's rank):
+    slot layout, per layer i (R = the group's rank, r = the adapter's rank):
       i.qkv.A  [3R, hidden]  rows 0:r = q's A, r:2r = k's A, 2r:3r = v's A (packed by r)
       i.q_proj.B [q, R]  i.k_proj.B [kv, R]  i.v_proj.B [kv, R]   (columns 0:r used)
       i.o.A [R, q]  i.o_proj.B [hidden, R]
@@ -46,22 +50,39 @@ def _widths(cfg) -> dict[str, int]:
             "inter": cfg.intermediate_size}
 
 
-def slot_layout(cfg, max_rank: int, dtype: torch.dtype) -> WeightLayout:
+def group_ranks(adapters) -> dict[str, int]:
+    """The rank of each projection group in a slot layout that holds every adapter of
+    ``adapters`` ((rank, targeted projections) pairs): the largest rank among those targeting
+    one of its projections; groups none targets are absent."""
+    ranks: dict[str, int] = {}
+    for rank, targets in adapters:
+        for group, (_, projs) in GROUPS.items():
+            if any(p in targets for p, _ in projs):
+                ranks[group] = max(ranks.get(group, 0), rank)
+    return ranks
+
+
+def slot_layout(cfg, ranks: dict[str, int], dtype: torch.dtype) -> WeightLayout:
+    """One slot's tensors: each group of ``ranks`` (group -> R) at its rank."""
     w, shapes = _widths(cfg), {}
     for i in range(cfg.num_layers):
         for group, (fan_in, projs) in GROUPS.items():
-            shapes[f"{i}.{group}.A"] = (len(projs) * max_rank, w[fan_in])
-            for proj, fan_out in projs:
-                shapes[f"{i}.{proj}.B"] = (w[fan_out], max_rank)
+            rank = ranks.get(group, 0)
+            if rank:
+                shapes[f"{i}.{group}.A"] = (len(projs) * rank, w[fan_in])
+                for proj, fan_out in projs:
+                    shapes[f"{i}.{proj}.B"] = (w[fan_out], rank)
     return WeightLayout.build(shapes, dtype)
 
 
-def mirror_layout(cfg, max_rank: int) -> WeightLayout:
+def mirror_layout(cfg, ranks: dict[str, int]) -> WeightLayout:
     w, shapes = _widths(cfg), {}
     for i in range(cfg.num_layers):
         for group, (fan_in, projs) in GROUPS.items():
-            shapes[f"{i}.{group}.A"] = (len(projs) * max_rank, w[fan_in])
-            shapes[f"{i}.{group}.BT"] = (max_rank, sum(w[f] for _, f in projs))
+            rank = ranks.get(group, 0)
+            if rank:
+                shapes[f"{i}.{group}.A"] = (len(projs) * rank, w[fan_in])
+                shapes[f"{i}.{group}.BT"] = (rank, sum(w[f] for _, f in projs))
     return WeightLayout.build(shapes, torch.bfloat16)
 
 
@@ -71,6 +92,8 @@ def fill_mirror(mirror: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
     ([width, R] each) stacked, transposed and rounded."""
     for i in range(num_layers):
         for group, (_, projs) in GROUPS.items():
+            if f"{i}.{group}.A" not in mirror:  # no adapter targets the group
+                continue
             mirror[f"{i}.{group}.A"][slot].copy_(views[f"{i}.{group}.A"][slot])
             bt = mirror[f"{i}.{group}.BT"][slot]
             col = 0
@@ -89,7 +112,7 @@ def pack_adapter(layout: WeightLayout, cfg, rank: int, weights) -> torch.Tensor:
         for group, (_, projs) in GROUPS.items():
             for j, (proj, _) in enumerate(projs):
                 ab = weights.get((i, proj))
-                if ab is not None:
+                if ab is not None:  # the layout has its group (it was sized to hold it)
                     views[f"{i}.{group}.A"][j * rank : (j + 1) * rank] = ab[0]
                     views[f"{i}.{proj}.B"][:, :rank] = ab[1]
     return buf
@@ -116,17 +139,20 @@ class AdapterSlots:
     """
 
     @staticmethod
-    def num_bytes(cfg, num_slots: int, max_rank: int, dtype, mirror: bool = False) -> int:
-        per_slot = slot_layout(cfg, max_rank, dtype).num_bytes
+    def num_bytes(cfg, num_slots: int, ranks: dict[str, int], dtype,
+                  mirror: bool = False) -> int:
+        """Bytes of ``num_slots`` slots laid out for ``ranks`` (:func:`group_ranks`)."""
+        per_slot = slot_layout(cfg, ranks, dtype).num_bytes
         if mirror:
-            per_slot += mirror_layout(cfg, max_rank).num_bytes
+            per_slot += mirror_layout(cfg, ranks).num_bytes
         return num_slots * per_slot
 
-    def __init__(self, cfg, num_slots: int, max_rank: int, dtype, memory: torch.Tensor,
-                 mirror: bool = False, host_bytes: int = 1 << 30):
+    def __init__(self, cfg, num_slots: int, ranks: dict[str, int], dtype,
+                 memory: torch.Tensor, mirror: bool = False, host_bytes: int = 1 << 30):
         self.cfg = cfg
-        self.layout = slot_layout(cfg, max_rank, dtype)
-        self.max_rank, self.dtype, self.has_mirror = max_rank, dtype, mirror
+        self.group_ranks = dict(ranks)
+        self.layout = slot_layout(cfg, ranks, dtype)
+        self.dtype, self.has_mirror = dtype, mirror
         self.mirror: dict[str, torch.Tensor] | None = None
         self._bind(num_slots, memory)
         # the fused CPU LoRA kernel's view of the mirror per (layer, group)
@@ -146,7 +172,8 @@ class AdapterSlots:
     def _bind(self, num_slots: int, memory: torch.Tensor) -> None:
         """Slots, views and mirror over ``memory`` (uint8, :meth:`num_bytes` for
         ``num_slots``)."""
-        nbytes = self.num_bytes(self.cfg, num_slots, self.max_rank, self.dtype, self.has_mirror)
+        nbytes = self.num_bytes(self.cfg, num_slots, self.group_ranks, self.dtype,
+                                self.has_mirror)
         if memory.dtype != torch.uint8 or memory.dim() != 1 or memory.numel() != nbytes:
             raise ValueError(f"adapter slot memory must be uint8 of {nbytes} bytes")
         self.num_slots = num_slots
@@ -157,8 +184,8 @@ class AdapterSlots:
         self._mirror_rows = None
         if self.has_mirror:
             self._mirror_rows = memory[slot_bytes:].view(num_slots, -1)
-            self.mirror = _views(mirror_layout(self.cfg, self.max_rank), self._mirror_rows,
-                                 torch.bfloat16)
+            self.mirror = _views(mirror_layout(self.cfg, self.group_ranks),
+                                 self._mirror_rows, torch.bfloat16)
 
     def grow(self, num_slots: int, memory: torch.Tensor) -> None:
         """Move to ``memory`` (:meth:`num_bytes` for ``num_slots`` >= the current count, a new
@@ -171,8 +198,14 @@ class AdapterSlots:
             self._mirror_rows[:count].copy_(old_mirror)
         self.native_weights.clear()  # addresses of the old range
 
+    def holds(self, rank: int, targets) -> bool:
+        """Whether the layout has room for an adapter of ``rank`` on ``targets``."""
+        need = group_ranks([(rank, targets)])
+        return all(self.group_ranks.get(g, 0) >= r for g, r in need.items())
+
     def add(self, name: str, rank: int, loader) -> None:
-        """Register an adapter: ``loader()`` returns its weights when first needed."""
+        """Register an adapter (the layout :meth:`holds` it): ``loader()`` returns its weights
+        when first needed."""
         self.loaders[name] = loader
         self.ranks[name] = rank
 

@@ -142,6 +142,31 @@ static inline __attribute__((always_inline, unused)) __m512 sum16_tree(const __m
     return _mm512_permutexvar_ps(order, r);
 }
 
+/* r[k] = 16 u32 of row k -> r[c] = column c of the 16 rows (element k: row k's) */
+SIMD_HELPER void transpose16_u32(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {  /* in each 128-bit lane: rows i, i+1 interleaved */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* u[i + c], lane L: rows i..i+3 of column 4 L + c */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {  /* column 4 L + c gathers lane L of u[c], u[4+c], ... */
+        __m512i p0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+        __m512i p1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        __m512i q0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        __m512i q1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        r[c] = _mm512_shuffle_i32x4(p0, q0, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(p0, q0, 0xdd);
+        r[8 + c] = _mm512_shuffle_i32x4(p1, q1, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(p1, q1, 0xdd);
+    }
+}
+
 /* 16 bf16 values at p widened to float32 (exact) */
 SIMD_HELPER __m512 bf16x16_loadu(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -501,31 +526,6 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
  * both, so a decode row or a resumed request gives the same bits on either. */
 #ifdef HAVE_PREFILL_ATTENTION
 #ifdef __AVX512BF16__
-/* r[k] = 16 u32 of row k -> r[c] = column c of the 16 rows (element k: row k's) */
-static inline void transpose16_u32(__m512i *r) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {  /* in each 128-bit lane: rows i, i+1 interleaved */
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  /* u[i + c], lane L: rows i..i+3 of column 4 L + c */
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int c = 0; c < 4; c++) {  /* column 4 L + c gathers lane L of u[c], u[4+c], ... */
-        __m512i p0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
-        __m512i p1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
-        __m512i q0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-        __m512i q1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
-        r[c] = _mm512_shuffle_i32x4(p0, q0, 0x88);
-        r[4 + c] = _mm512_shuffle_i32x4(p0, q0, 0xdd);
-        r[8 + c] = _mm512_shuffle_i32x4(p1, q1, 0x88);
-        r[12 + c] = _mm512_shuffle_i32x4(p1, q1, 0xdd);
-    }
-}
-
 /* the block's K as kt[d'][k] (key k's d-pair d'), 16 keys by 16 d-pairs at a time, and its V
  * as v2[k'][d] (keys 2k', 2k'+1 of dim d as a bf16 pair); keys past nb read as zeros */
 static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *rel,
@@ -1095,21 +1095,27 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * products run in exact integer arithmetic: 32 int8 weights widened to int16 and
  * multiplied-accumulated into int32 pairs by one instruction (AVX-512 VNNI's vpdpwssd; AVX-512
  * BW's vpmaddwd + vpaddd elsewhere), a third of the instructions of widening to float32, so the
- * product keeps up with memory at one row and costs ~1 ms a row for SmolLM2 after that (so the
- * model uses it up to native.GEMV_INT8_MAX_ROWS rows). The integer sum times the row's scale is
- * the float32 dot product; then the weight scale (as torch's _weight_int8pack_mm) and a bias
- * added after the rounding (as gpupool's int8 linear). No int32 overflows: an instruction adds
- * two products of at most 128 * 32767 to a lane; over a block of I8_BLOCK columns an
- * accumulator (4 a row, 32 columns an instruction) takes I8_BLOCK / 128 instructions, 3 more
- * from the tail: 38 products, the 4 accumulators' sum 6.4e8 < 2^31 a lane; the lanes and the
- * blocks are summed in int64 (16 lanes of a long row can pass 2^31: a constant row of 1536
- * would give 6.4e9), converted to float32 once. */
+ * product keeps up with memory at one row; past four rows, W is widened once into panels of
+ * column pairs (i8_panel) and tiles of rows broadcast each pair of x against 16 columns at a
+ * time (i8_tile): no horizontal sums, as fast as the bf16 product (SmolLM2, 1000 rows).
+ * The integer sum times the row's scale is the float32 dot product; then the weight scale
+ * (as torch's _weight_int8pack_mm) and a bias added after the rounding (as gpupool's int8
+ * linear). Integer sums are exact in any order, so every row count and tiling gives a row the
+ * same bits. No int32 overflows: an instruction adds two products of at most 128 * 32767 to a
+ * lane; in the few-row path, over a block of I8_BLOCK columns an accumulator (4 a row, 32
+ * columns an instruction) takes I8_BLOCK / 128 instructions, 3 more from the tail: 38
+ * products, the 4 accumulators' sum 6.4e8 < 2^31 a lane, the lanes and the blocks summed in
+ * int64 (16 lanes of a long row can pass 2^31: a constant row of 1536 would give 6.4e9); in
+ * the tiles, a lane is added into int64 every I8_FLUSH pairs; converted to float32 once. */
 #ifdef __AVX512BW__
 #define I8_BLOCK 2048
-#define I8_NBLOCK 64  /* W rows a block when many rows of x share them (L2) */
-/* the tiles' int32 lanes summed every 512 columns: a lane takes at most 32 products of
- * 128 x 32767 (two an instruction, 16 instructions), 16 lanes 2.1e9 < 2^31 */
-#define I8_TILE_BLOCK 512
+/* many rows of x (the tiled path, gemv_i8_tiles): W's rows I8_NB at a time widened and laid
+ * out as column pairs (a panel, read from L2 by every tile), I8_MR rows of x a tile; an int32
+ * lane takes I8_FLUSH pairs' products (two of at most 128 x 32767 each a pair: 2.147e9 <
+ * 2^31) before it is added into the tile's int64 totals */
+#define I8_NB 64
+#define I8_MR 6
+#define I8_FLUSH 256
 
 static inline __m512i dp16(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
@@ -1132,6 +1138,17 @@ static inline uint16_t i8_out(int64_t dot, float xs, const uint16_t *scale, cons
     v = round_bf(v * bf2f(scale[n]));
     if (bias) v += bf2f(bias[n]);
     return f2bf(v);
+}
+
+/* f2bf on 16 lanes (the bf16 bits in each lane's low half) */
+static inline __m512i f2bf16(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
 }
 
 /* the rows [n0, n1) for M (1..4, a constant after inlining) rows of int16 x (row stride Kp,
@@ -1178,64 +1195,94 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
     }
 }
 
-/* the 16 lanes' sums of v[0..15], element e: v[e]'s (int32 adds in any order: exact while
- * no sum passes 2^31, which I8_TILE_BLOCK keeps) */
-static inline __m512i sum16_epi32(const __m512i *v) {
-    __m512 f[16];
-    for (int e = 0; e < 16; e++) f[e] = _mm512_castsi512_ps(v[e]);
-    return _mm512_castps_si512(sum16_tree(f, 1));
+/* W's rows [c0, c0 + nc) (nc <= I8_NB) widened to int16 as column pairs: panel[p][c] holds
+ * (q[c0 + c][2p], q[c0 + c][2p + 1]) as one int32, p < Kp / 2, c < I8_NB (zeros past K and
+ * past nc): 16 columns by 16 pairs a transpose */
+static void i8_panel(const int8_t *Q, int64_t ldq, int64_t c0, int64_t nc, int64_t K,
+                     int64_t Kp, int32_t *panel) {
+    for (int64_t g = 0; g < I8_NB; g += 16)
+        for (int64_t k = 0; k < Kp; k += 32) {
+            __m512i r[16];
+            int64_t left = K - k;
+            __mmask32 mk = left >= 32 ? (__mmask32)0xffffffffu
+                                      : left > 0 ? (__mmask32)((1u << left) - 1) : 0;
+            for (int c = 0; c < 16; c++)
+                r[c] = g + c < nc ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+                                        mk, Q + (c0 + g + c) * ldq + k))
+                                  : _mm512_setzero_si512();
+            transpose16_u32(r);  /* r[p]: pair p of the 16 columns */
+            for (int p = 0; p < 16; p++)
+                _mm512_storeu_si512(panel + (k / 2 + p) * I8_NB + g, r[p]);
+        }
 }
 
-/* an MR x NR tile (rows m0.., columns n0..) for many rows of x: one accumulator an element
- * (each of W's and x's vectors loaded once for the tile), summed in int64 per block; the
- * integer sums are exact, so every tile shape gives gemv_i8_rows_m's result */
-static inline __attribute__((always_inline)) void gemv_i8_tile(
-        const int16_t *xq, const float *xs, int64_t K, int64_t Kp, const int8_t *Q,
-        int64_t ldq, const uint16_t *scale, const uint16_t *bias, uint16_t *y, int64_t ldy,
-        int64_t m0, int64_t n0, const int MR, const int NR) {
-    const int full = MR * NR == 16;  /* a whole tile: lanes summed 16 at a time */
-    int64_t dot[16] = {0};
-    __m512i dlo = _mm512_setzero_si512(), dhi = dlo;  /* a whole tile's sums, int64 */
-    for (int64_t b0 = 0; b0 < K; b0 += I8_TILE_BLOCK) {
-        int64_t b1 = b0 + I8_TILE_BLOCK < K ? b0 + I8_TILE_BLOCK : K;
-        __m512i acc[16];
-        for (int e = 0; e < MR * NR; e++) acc[e] = _mm512_setzero_si512();
-        int64_t k = b0;
-#define I8_STEP(LOAD_W)                                                                   \
-        do {                                                                              \
-            __m512i w[4], x[4];                                                           \
-            for (int n = 0; n < NR; n++)                                                  \
-                w[n] = _mm512_cvtepi8_epi16(LOAD_W(Q + (n0 + n) * ldq + k));              \
-            for (int m = 0; m < MR; m++) x[m] = _mm512_loadu_si512(xq + (m0 + m) * Kp + k); \
-            for (int n = 0; n < NR; n++)                                                  \
-                for (int m = 0; m < MR; m++)                                              \
-                    acc[m * NR + n] = dp16(acc[m * NR + n], w[n], x[m]);                  \
-        } while (0)
-#define I8_WHOLE(p) _mm256_loadu_si256((const void *)(p))
-#define I8_PART(p) _mm256_maskz_loadu_epi8((__mmask32)((1u << (b1 - k)) - 1), p)
-        for (; k + 32 <= b1; k += 32) I8_STEP(I8_WHOLE);
-        if (k < b1) I8_STEP(I8_PART);  /* x is zero past K: only W is masked */
-#undef I8_PART
-#undef I8_WHOLE
-#undef I8_STEP
-        if (full) {  /* a block's 16 lanes fit int32 (I8_TILE_BLOCK): one transposing sum */
-            __m512i s = sum16_epi32(acc);
-            dlo = _mm512_add_epi64(dlo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s)));
-            dhi = _mm512_add_epi64(dhi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1)));
-        } else {
-            for (int e = 0; e < MR * NR; e++)  /* in int64 */
-                dot[e] += _mm512_reduce_add_epi64(_mm512_add_epi64(
-                    _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[e])),
-                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[e], 1))));
+/* rows m0 .. m0 + MR (MR <= I8_MR, a constant after inlining) of the product with a panel's
+ * columns c0 .. c0 + nc: one int32 accumulator of 16 columns per row and 16 columns (W's
+ * pair vectors loaded once for the tile's rows, x's pair broadcast once for the 4 vectors),
+ * added into int64 every I8_FLUSH pairs; the integer sums are exact, so any tiling gives
+ * gemv_i8_rows_m's result, then i8_out's rounding on 16 columns at once */
+static inline __attribute__((always_inline)) void i8_tile(
+        const int16_t *xq, const float *xs, int64_t Kp, const int32_t *panel,
+        const uint16_t *scale, const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0,
+        int64_t c0, int64_t nc, const int MR) {
+    __m512i acc[I8_MR][4], tot[I8_MR][4][2];
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < 4; j++) tot[m][j][0] = tot[m][j][1] = _mm512_setzero_si512();
+    const int64_t P = Kp / 2;
+    for (int64_t p0 = 0; p0 < P; p0 += I8_FLUSH) {
+        int64_t p1 = p0 + I8_FLUSH < P ? p0 + I8_FLUSH : P;
+        for (int m = 0; m < MR; m++)
+            for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; p++) {
+            const int32_t *wp = panel + p * I8_NB;
+            __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 16),
+                    w2 = _mm512_loadu_si512(wp + 32), w3 = _mm512_loadu_si512(wp + 48);
+            for (int m = 0; m < MR; m++) {
+                int32_t pair;
+                memcpy(&pair, xq + (m0 + m) * Kp + 2 * p, 4);
+                __m512i xb = _mm512_set1_epi32(pair);
+#ifdef __AVX512VNNI__
+                /* one asm a row: GCC reloads an operand for each separate one */
+                __asm__("vpdpwssd %5, %4, %0\n\tvpdpwssd %6, %4, %1\n\t"
+                        "vpdpwssd %7, %4, %2\n\tvpdpwssd %8, %4, %3"
+                        : "+v"(acc[m][0]), "+v"(acc[m][1]), "+v"(acc[m][2]), "+v"(acc[m][3])
+                        : "v"(xb), "v"(w0), "v"(w1), "v"(w2), "v"(w3));
+#else
+                acc[m][0] = dp16(acc[m][0], w0, xb);
+                acc[m][1] = dp16(acc[m][1], w1, xb);
+                acc[m][2] = dp16(acc[m][2], w2, xb);
+                acc[m][3] = dp16(acc[m][3], w3, xb);
+#endif
+            }
+        }
+        for (int m = 0; m < MR; m++)
+            for (int j = 0; j < 4; j++) {
+                tot[m][j][0] = _mm512_add_epi64(
+                    tot[m][j][0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[m][j])));
+                tot[m][j][1] = _mm512_add_epi64(
+                    tot[m][j][1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[m][j], 1)));
+            }
+    }
+    for (int j = 0; j < 4 && 16 * j < nc; j++) {
+        int64_t n = c0 + 16 * j, left = nc - 16 * j;
+        __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, scale + n)), 16));
+        __m512 bs = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, bias + n)), 16))
+                         : _mm512_setzero_ps();
+        for (int m = 0; m < MR; m++) {
+            __m512 d = _mm512_insertf32x8(
+                _mm512_castps256_ps512(_mm512_cvtepi64_ps(tot[m][j][0])),
+                _mm512_cvtepi64_ps(tot[m][j][1]), 1);
+            __m512 v = _mm512_mul_ps(d, _mm512_set1_ps(xs[m0 + m]));
+            __asm__("" : "+v"(v));  /* as i8_out: no regrouping of the two products */
+            __m512i r = f2bf16(_mm512_mul_ps(v, sc));
+            if (bias)
+                r = f2bf16(_mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(r, 16)), bs));
+            _mm256_mask_storeu_epi16(y + (m0 + m) * ldy + n, mk, _mm512_cvtepi32_epi16(r));
         }
     }
-    if (full) {
-        _mm512_storeu_si512(dot, dlo);
-        _mm512_storeu_si512(dot + 8, dhi);
-    }
-    for (int m = 0; m < MR; m++)
-        for (int n = 0; n < NR; n++)
-            y[(m0 + m) * ldy + n0 + n] = i8_out(dot[m * NR + n], xs[m0 + m], scale, bias, n0 + n);
 }
 
 static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t K, int64_t Kp,
@@ -1252,53 +1299,73 @@ static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t 
         }
         return;
     }
-    /* more: W's rows in blocks read from L2 by every tile of 4 x 4 */
-    for (int64_t b0 = n0; b0 < n1; b0 += I8_NBLOCK) {
-        int64_t b1 = b0 + I8_NBLOCK < n1 ? b0 + I8_NBLOCK : n1;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int mr = M - m0 < 4 ? (int)(M - m0) : 4;
-            for (int64_t c0 = b0; c0 < b1; c0 += 4) {
-                int nr = b1 - c0 < 4 ? (int)(b1 - c0) : 4;
-#define I8_CASE(A, B) \
-    case (A) * 8 + (B): \
-        gemv_i8_tile(xq, xs, K, Kp, Q, ldq, scale, bias, y, ldy, m0, c0, A, B); break
-                switch (mr * 8 + nr) {
-                I8_CASE(1, 1); I8_CASE(1, 2); I8_CASE(1, 3); I8_CASE(1, 4);
-                I8_CASE(2, 1); I8_CASE(2, 2); I8_CASE(2, 3); I8_CASE(2, 4);
-                I8_CASE(3, 1); I8_CASE(3, 2); I8_CASE(3, 3); I8_CASE(3, 4);
-                I8_CASE(4, 1); I8_CASE(4, 2); I8_CASE(4, 3); I8_CASE(4, 4);
-                default: break;
-                }
-#undef I8_CASE
+    /* more: W's rows in panels (i8_panel) read from L2 by every tile of I8_MR rows */
+    int32_t *panel = malloc(sizeof(int32_t) * (size_t)(I8_NB * (Kp / 2)) + 64);
+    if (!panel) return;
+    for (int64_t c0 = n0; c0 < n1; c0 += I8_NB) {
+        int64_t nc = n1 - c0 < I8_NB ? n1 - c0 : I8_NB;
+        i8_panel(Q, ldq, c0, nc, K, Kp, panel);
+        for (int64_t m0 = 0; m0 < M; m0 += I8_MR) {
+#define I8_TILE(MR) i8_tile(xq, xs, Kp, panel, scale, bias, y, ldy, m0, c0, nc, MR); break
+            switch (M - m0 < I8_MR ? (int)(M - m0) : I8_MR) {
+            case 1: I8_TILE(1);
+            case 2: I8_TILE(2);
+            case 3: I8_TILE(3);
+            case 4: I8_TILE(4);
+            case 5: I8_TILE(5);
+            default: I8_TILE(6);
             }
+#undef I8_TILE
         }
+    }
+    free(panel);
+}
+
+/* one row x [K] quantized to int16 into xq [Kp] (zero past K) with its scale *xs: amax / 32767,
+ * each element rounded to nearest even (as lrintf); a row holding inf or NaN has no integer
+ * form: its scale is NaN, so are its outputs (checked on the exponent bits: -ffast-math may
+ * fold comparisons with NaN) */
+static void i8_quantize_row(const uint16_t *xm, int64_t K, int64_t Kp, int16_t *xq, float *xs) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
+    __m512 amax16 = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int64_t k = 0;
+    for (; k < K; k += 16) {
+        __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(mk, xm + k)), 16);
+        bad |= _mm512_mask_cmpeq_epi32_mask(mk, _mm512_and_si512(v, exp_mask), exp_mask);
+        amax16 = _mm512_max_ps(amax16, _mm512_castsi512_ps(_mm512_and_si512(v, abs_mask)));
+    }
+    float amax = _mm512_reduce_max_ps(amax16);
+    int finite = bad == 0;
+    float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
+    *xs = !finite ? NAN : amax / 32767.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (k = 0; k < Kp; k += 16) {  /* past K: zeros (masked load) times inv */
+        __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff
+                                   : K > k ? (__mmask16)((1u << (K - k)) - 1) : 0;
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(mk, xm + k)), 16));
+        __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, vinv),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i h = _mm512_cvtepi32_epi16(r);  /* |r| <= 32767 (NaN rows: any value) */
+        if (Kp - k >= 16) _mm256_storeu_si256((void *)(xq + k), h);
+        else _mm256_mask_storeu_epi16(xq + k, (__mmask16)((1u << (Kp - k)) - 1), h);
     }
 }
 
 /* x's rows quantized to int16 into xq [M][Kp] (Kp: K rounded up to 32, zero past K) with their
- * scales xs[M] by one thread (a barrier after), then the calling thread's share of the rows
- * (no barrier after) */
+ * scales xs[M], rows shared by the threads (a barrier after), then the calling thread's share
+ * of the columns (no barrier after) */
 static void gemv_int8_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t *Q, int64_t N, int64_t ldq, const uint16_t *scale,
                            const uint16_t *bias, uint16_t *y, int64_t ldy, int16_t *xq,
                            float *xs) {
     int64_t Kp = (K + 31) / 32 * 32;
-    #pragma omp single
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t *xm = x + m * ldx;
-        float amax = 0.f;
-        int finite = 1;
-        for (int64_t k = 0; k < K; k++) {
-            float a = fabsf(bf2f(xm[k]));
-            finite &= a <= FLT_MAX;  /* false for inf and NaN */
-            amax = a > amax ? a : amax;
-        }
-        /* a row holding inf or NaN has no integer form: its scale is NaN, so are its outputs */
-        float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
-        xs[m] = !finite ? NAN : amax / 32767.f;
-        for (int64_t k = 0; k < K; k++) xq[m * Kp + k] = (int16_t)lrintf(bf2f(xm[k]) * inv);
-        for (int64_t k = K; k < Kp; k++) xq[m * Kp + k] = 0;
-    }
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) i8_quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m);
     int64_t n0, n1;
     thread_share(N, &n0, &n1);
     if (n0 < n1) gemv_i8_rows(xq, xs, M, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy);
@@ -1485,6 +1552,9 @@ static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, 
     #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; it++) {
         int64_t s = item_seg[it], t0 = item_row[it], r = seg_rank[s];
+        int any = 0;  /* an adapter that targets none of the group's projections skips it */
+        for (int64_t j = 0; j < P; j++) any |= proj_rank[j * S + s] > 0;
+        if (!any) continue;
         int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
         float h[LORA_CHUNK * MAX_LORA_COLS];  /* [n][P r] */
         lora_shrink(A + slots[s] * a_slot, a_row, P * r, x + t0 * ldx, ldx, n, K, h, P * r);

@@ -436,6 +436,13 @@ def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
             bt.stride(1), (ctypes.c_int64 * len(widths))(*widths))
 
 
+def lora_absent(num_proj: int) -> tuple:
+    """:func:`lora_weights` of a projection group the slots do not hold (no registered
+    adapter targets it): no memory; valid only where every segment's projection ranks of
+    the group are 0 (the kernel then skips it)."""
+    return (0, 0, 0, num_proj, 0, 0, 0, (ctypes.c_int64 * num_proj)(*[0] * num_proj))
+
+
 def lora_table_body(layers: list[list[tuple]]):
     """The per-layer part of :func:`lora_table`: each layer's groups' mirror A and BT slot
     addresses ([layers][4][2], native.h's gp_lora_t.mirrors), from their

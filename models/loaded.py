@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from gpupool.adapters.base import AdapterConfig, AdapterError
+from gpupool.adapters.base import GROUPS, AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
-from gpupool.adapters.slots import AdapterSlots
+from gpupool.adapters.slots import AdapterSlots, group_ranks
 from gpupool.kernels import backend, native
 from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
@@ -136,10 +136,14 @@ class LoadedModel:
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
         """Register the adapter (``weights``: its loader, called on first use);
         the first one carves this model's slots (``max_loras_on_device`` of them, or one
-        where they follow demand) out of the arena's adapter region. AdapterError,
-        with nothing changed, when the region cannot hold them all."""
+        where they follow demand), laid out for its rank and targets, out of the arena's
+        adapter region; one of a larger rank or on other projections lays them out again
+        (:meth:`_relayout`). AdapterError, with nothing changed, when the region cannot hold
+        them."""
         if self.slots is None:
-            self.slots = self._make_slots()
+            self.slots = self._make_slots(group_ranks([(rank, targets)]))
+        elif not self.slots.holds(rank, targets):
+            self._relayout(rank, targets)
         try:
             self.slots.add(name, rank, weights)
         except Exception:
@@ -149,7 +153,27 @@ class LoadedModel:
             raise
         self.adapter_targets[name] = targets
 
-    def _make_slots(self) -> AdapterSlots:
+    def _relayout(self, rank: int, targets: tuple[str, ...]) -> None:
+        """New slots laid out for the registered adapters and one more of ``rank`` on
+        ``targets`` (between steps: the engine lock is held). The adapters stay registered;
+        their device and host copies are dropped (read again on first use: a layout grows
+        a few times at most, with the largest rank and the targeted projections)."""
+        old = self.slots
+        ranks = group_ranks([(old.group_ranks.get(g, 0), [p for p, _ in projs])
+                             for g, (_, projs) in GROUPS.items()] + [(rank, targets)])
+        self.weight_pool.release_adapters(self.name)
+        try:
+            self.slots = self._make_slots(ranks, old.num_slots)
+        except AdapterError:  # the old layout fitted where it was: made again there
+            self.slots = self._make_slots(old.group_ranks, old.num_slots)
+            raise
+        finally:
+            for n, loader in old.loaders.items():
+                self.slots.add(n, old.ranks[n], loader)
+
+    def _make_slots(self, ranks: dict[str, int], count: int = 1) -> AdapterSlots:
+        """Slots laid out for ``ranks`` (adapters.slots.group_ranks): ``max_loras_on_device``
+        of them, or ``count`` where they follow demand."""
         if self.weight_pool is None:
             raise AdapterError(f"model {self.name!r} has no weight pool: adapter slots live "
                                "in the arena's adapter region")
@@ -157,16 +181,16 @@ class LoadedModel:
         # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
         mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
                   and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora)
-        # one slot's bytes, made once (each step asks adapter_capacity)
-        self._slot_bytes = AdapterSlots.num_bytes(self.cfg, 1, cfg.max_lora_rank,
-                                                  self.adapter_dtype, mirror)
-        count = cfg.max_loras_on_device or 1  # following demand: one, grown by a step
+        # one slot's bytes, made once per layout (each step asks adapter_capacity)
+        self._slot_bytes = AdapterSlots.num_bytes(self.cfg, 1, ranks, self.adapter_dtype,
+                                                  mirror)
+        count = cfg.max_loras_on_device or count  # following demand: grown by a step
         try:
             memory = self.weight_pool.adapter_buffer(self.name, count * self._slot_bytes)
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
-        return AdapterSlots(self.cfg, count, cfg.max_lora_rank, self.adapter_dtype, memory,
-                            mirror, cfg.host_adapter_bytes)
+        return AdapterSlots(self.cfg, count, ranks, self.adapter_dtype, memory, mirror,
+                            cfg.host_adapter_bytes)
 
     def adapter_capacity(self) -> int:
         """Distinct adapters one step may hold now: ``max_loras_on_device`` where set, else

@@ -148,21 +148,41 @@ def test_the_products_give_a_row_the_same_bits_whatever_shares_it(kind):
                 (n, k, m)
 
 
-@pytest.mark.parametrize("k", [576, 1536, 5000])
-def test_gemv_int8_sums_extreme_rows_without_overflow(k):
+@pytest.mark.parametrize("k", [576, 1024, 1536, 5000])
+@pytest.mark.parametrize("rows", [2, 8])  # the few-row path and the tiled one
+def test_gemv_int8_sums_extreme_rows_without_overflow(k, rows):
     """Constant rows at the int8 and int16 extremes (the largest dot products there are:
-    6.4e9 for 1536 columns, past int32): the same as the int8 linear."""
+    6.4e9 for 1536 columns, past int32; a tile's int32 lanes take 512 columns of them): the
+    same as the int8 linear."""
     from gpupool.kernels.linear import linear_int8
 
     if not native.has_gemv_int8():
-        return
-    x = torch.full((2, k), 3.0).to(BF)
-    x[1] = -0.5
-    q = torch.full((4, k), 127, dtype=torch.int8)
-    q[1], q[2, ::2] = -128, -128
-    scale = torch.full((4,), 0.01).to(BF)
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW)")
+    x = torch.full((rows, k), 3.0).to(BF)
+    x[1::2] = -0.5
+    q = torch.full((20, k), 127, dtype=torch.int8)
+    q[1::3], q[2::3, ::2] = -128, -128
+    scale = torch.full((20,), 0.01).to(BF)
     got, want = native.gemv_int8(x, q, scale), linear_int8(x, q, scale)
     assert _ulps_apart(got, want).max() <= 1, (got, want)
+
+
+@pytest.mark.parametrize("k", [7, 40, 576])
+def test_gemv_int8_rows_with_inf_or_nan_give_nan(k):
+    """A row holding inf or NaN has no integer form: its outputs are NaN, the other rows'
+    unchanged (every K: the check once missed a NaN in a row shorter than a vector)."""
+    if not native.has_gemv_int8():
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW)")
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(9, generator=g) * 0.02 + 0.001).to(BF)
+    for rows in (3, 8):
+        x = _rand(rows, k, seed=k)
+        clean = native.gemv_int8(x, q, scale)
+        x[0, 0], x[2, k - 1] = float("nan"), float("inf")
+        got = native.gemv_int8(x, q, scale)
+        assert got[0].isnan().all() and got[2].isnan().all()
+        assert torch.equal(got[1], clean[1]) and torch.equal(got[3:], clean[3:])
 
 
 @pytest.mark.parametrize("vocab", [1, 63, 64, 65, 49152])
@@ -504,9 +524,9 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the
     embedding and the head, or without) against the per-op native path: identical logits,
-    batches of 1 and 3 decode rows (and 8 for int8 weights, whose GEMV serves up to
-    native.GEMV_INT8_MAX_ROWS rows); with adapters, rows of two adapters of different ranks
-    and targets and base rows, the LoRA terms inside the call."""
+    batches of 1 and 3 decode rows (and 8 for int8 weights: their tiled product); with
+    adapters, rows of two adapters of different ranks and targets and base rows, the LoRA
+    terms inside the call."""
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 

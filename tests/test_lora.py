@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpupool import AdapterError, RequestError, SamplingParams
-from gpupool.adapters.slots import AdapterSlots
+from gpupool.adapters.slots import AdapterSlots, group_ranks
 from gpupool.engine.core import batch_rows
 from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
@@ -174,8 +174,10 @@ def test_remove_idle_adapter_and_errors(lora_setup):
         e.shutdown()
 
 
-def _slot_bytes(base, num_slots, max_rank=64):
-    return AdapterSlots.num_bytes(ModelConfig.from_folder(base), num_slots, max_rank,
+def _slot_bytes(base, num_slots, *names):
+    """Bytes of ``num_slots`` slots laid out for the adapters ``names`` (default: all)."""
+    ranks = group_ranks([(ADAPTERS[n][0], ADAPTERS[n][1]) for n in names or ADAPTERS])
+    return AdapterSlots.num_bytes(ModelConfig.from_folder(base), num_slots, ranks,
                                   torch.float32)
 
 
@@ -212,8 +214,9 @@ def test_adapter_space_returns_when_the_base_or_its_last_adapter_goes(lora_setup
     has given its range back, by losing its last adapter or by being removed."""
     base, paths = lora_setup
     names, prompts, want = mixed
+    # two slots for r8 hold two for r4 (q, v at rank 4) but not two more for r8 beside them
     e = make_engine(max_lora_rank=64, max_loras_on_device=2,
-                    adapter_bytes=_slot_bytes(base, 2))
+                    adapter_bytes=_slot_bytes(base, 2, "r8"))
     try:
         e.add_model("a", base)
         e.add_model("b", base)
@@ -243,7 +246,7 @@ def test_adapter_space_returns_when_the_base_or_its_last_adapter_goes(lora_setup
 
 def test_too_small_adapter_region_refuses_cleanly(lora_setup):
     base, paths = lora_setup
-    need = _slot_bytes(base, 4)
+    need = _slot_bytes(base, 4, "r4")
     e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=4,
                     adapter_bytes=need - ALIGN)
     try:
@@ -294,7 +297,7 @@ def test_registration_reads_no_weights_and_host_copies_have_a_budget(lora_setup,
         assert reads == [] and slots.host_bytes == 0 and not slots.host
     finally:
         e.shutdown()
-    one = AdapterSlots.num_bytes(ModelConfig.from_folder(base), 1, 64, torch.float32)
+    one = _slot_bytes(base, 1)
     e = _engine(base, paths, max_loras_on_device=2, host_adapter_bytes=2 * one)
     try:
         outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
@@ -340,3 +343,60 @@ def test_slots_follow_demand_within_the_adapter_region(lora_setup, mixed):
             e.check_integrity()
         finally:
             e.shutdown()
+
+
+def test_slot_layout_follows_the_registered_ranks_and_targets(lora_setup, mixed):
+    """Slots are sized for the adapters registered, not for max_lora_rank on every
+    projection: r4 (q and v at rank 4) alone takes a sliver of a slot of r64's layout;
+    registering the others lays the slots out again (the adapters stay registered and are
+    read again on use) and a mixed batch still matches peft. A region too small for a new
+    layout refuses that registration and keeps serving the adapters it had. In bf16 (the
+    fused CPU kernel, which skips groups an adapter does not target) r4's tokens are the same
+    under either layout."""
+    from gpupool.adapters.base import GROUPS
+
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    i4 = names.index("r4")
+    e = make_engine(base, name="base", max_lora_rank=64)
+    try:
+        e.add_adapter("r4", "base", paths["r4"])
+        worker = e.local.core.workers["base"]
+        assert worker.slots.group_ranks == {"qkv": 4}
+        assert worker.slots.buffer.numel() == _slot_bytes(base, 1, "r4")
+        assert _slot_bytes(base, 1, "r4") * 20 < _slot_bytes(base, 1)
+        assert list(e.generate(prompts[i4], greedy, model="r4")[0].token_ids) == want[i4]
+        for name in ("r8", "r16", "r64"):
+            e.add_adapter(name, "base", paths[name])
+        assert worker.slots.group_ranks == {g: 64 for g in GROUPS}
+        outs = e.generate(prompts, greedy, model=[n or "base" for n in names])
+        assert [list(o.token_ids) for o in outs] == want
+        e.check_integrity()
+    finally:
+        e.shutdown()
+    e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=2,
+                    adapter_bytes=_slot_bytes(base, 2, "r4"))
+    try:
+        e.add_adapter("r4", "base", paths["r4"])
+        with pytest.raises(AdapterError, match="adapter region"):
+            e.add_adapter("r8", "base", paths["r8"])
+        worker = e.local.core.workers["base"]
+        assert e.adapters == {"r4": "base"} and worker.slots.group_ranks == {"qkv": 4}
+        assert list(e.generate(prompts[i4], greedy, model="r4")[0].token_ids) == want[i4]
+        e.check_integrity()
+    finally:
+        e.shutdown()
+    got = []
+    for others in ((), ("r64",)):
+        e = make_engine(base, name="base", max_lora_rank=64, dtype="bfloat16")
+        try:
+            for name in ("r4", *others):
+                e.add_adapter(name, "base", paths[name])
+            out = e.generate(prompts[:4], greedy, model=["r4", "base", "r4", others[0]]
+                             if others else ["r4", "base", "r4", "r4"])
+            got.append([list(o.token_ids) for o in out][:3])
+            e.check_integrity()
+        finally:
+            e.shutdown()
+    assert got[0] == got[1]

@@ -299,3 +299,37 @@ def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="seg_rank must hold 1"):
         native.lora_table(starts, slots, torch.zeros(3, dtype=torch.int32), [], [],
                           native.lora_table_body([]))
+
+
+def test_the_int8_product_without_vnni_is_bit_identical_to_the_vnni_one(tmp_path, monkeypatch):
+    """The Skylake build (AVX-512 BW without VNNI: vpmaddwd + vpaddd) and this CPU's own (VNNI's
+    vpdpwssd) give the same bits on the few-row path and the tiled one, so either continues
+    the other's request exactly."""
+    need = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512_vnni")
+    if not all(f in cpu_flags() for f in need):
+        pytest.skip("this CPU cannot run both the Skylake build and a VNNI one")
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    libs = {march: native.open_library(native.build(march))
+            for march in ("skylake-avx512", "native")}
+    assert all(lib.gp_gemv_features() & 2 for lib in libs.values())
+    g = torch.Generator().manual_seed(9)
+    compared = 0
+    for rows in (1, 3, 5, 8, 40):
+        for k in (7, 100, 576, 1100):
+            for n in (5, 70):
+                x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+                q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+                scale = (torch.rand(n, generator=g) * 0.02).to(torch.bfloat16)
+                bias = torch.randn(n, generator=g).to(torch.bfloat16) if n == 5 else None
+                ys = []
+                for lib in libs.values():
+                    y = torch.empty(rows, n, dtype=torch.bfloat16)
+                    lib.gp_gemv_int8(x.data_ptr(), rows, k, k, q.data_ptr(), n, k,
+                                     scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                                     y.data_ptr(), n, 2)
+                    ys.append(y.view(torch.int16))
+                assert torch.equal(*ys), (rows, k, n)
+                compared += 1
+    assert compared == 40
