@@ -38,6 +38,7 @@ Half the bytes of the float32 slots for the kernel to read, and an expand withou
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -103,8 +104,10 @@ def fill_mirror(mirror: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
                 col += b.shape[0]
 
 
-def pack_adapter(layout: WeightLayout, cfg, rank: int, weights) -> torch.Tensor:
-    """A host buffer in slot layout holding one adapter (zeros where it has no LoRA)."""
+def pack_adapter(layout: WeightLayout, cfg, rank: int, loader) -> torch.Tensor:
+    """A host buffer in slot layout holding one adapter (zeros where it has no LoRA), from
+    ``loader()``, its weights {(layer, projection): (A, B)}."""
+    weights = loader()
     buf = layout.allocate("cpu")
     buf.zero_()
     views = layout.views(buf)
@@ -168,6 +171,11 @@ class AdapterSlots:
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
         self.pinned: set[str] = set()
         self.num_loads = 0
+        # reads of queued requests' adapters running beside the steps (:meth:`prefetch`):
+        # name -> the future host copy; one reader thread, made on first use
+        self._reading: dict[str, Future] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self.num_prefetched = 0  # host copies that came from a prefetch
 
     def _bind(self, num_slots: int, memory: torch.Tensor) -> None:
         """Slots, views and mirror over ``memory`` (uint8, :meth:`num_bytes` for
@@ -211,11 +219,49 @@ class AdapterSlots:
 
     def remove(self, name: str) -> None:
         """Forget an adapter (its slot becomes free). The caller ensures nothing runs it."""
+        self._reading.pop(name, None)
         self.resident.pop(name, None)
         self.pinned.discard(name)
         self._drop_host(name)
         self.loaders.pop(name, None)
         self.ranks.pop(name, None)
+
+    def prefetch(self, name: str, limit: int = 8) -> bool:
+        """Start reading the adapter's host copy in the background (a queued request's
+        whose copy the host cache dropped, while steps run), unless it has one, is being
+        read, ``limit`` reads are in flight, or the reads would hold more than the host
+        budget. Whether a read started. The copy joins the host cache (which drops its least
+        recent copies past the budget) when :meth:`load_host` asks for it; a failed read is
+        repeated there, where its error reaches the request."""
+        if (name in self.host or name in self._reading or name not in self.loaders
+                or len(self._reading) >= limit
+                or (len(self._reading) + 1) * self.layout.num_bytes > self.host_budget):
+            return False
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="gpupool-adapter-read")
+        # the layout, config, rank and loader are fixed for this slots object: the reader
+        # touches nothing the engine thread changes
+        self._reading[name] = self._reader.submit(
+            pack_adapter, self.layout, self.cfg, self.ranks[name], self.loaders[name])
+        return True
+
+    def close(self) -> None:
+        """Stop the background reader (the slots are being replaced or dropped)."""
+        self._reading.clear()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
+
+    def _read(self, name: str) -> torch.Tensor:
+        future = self._reading.pop(name, None)
+        if future is not None:
+            try:
+                buf = future.result()
+                self.num_prefetched += 1
+                return buf
+            except Exception:  # read again here: the error goes to the request
+                pass
+        return pack_adapter(self.layout, self.cfg, self.ranks[name], self.loaders[name])
 
     def load_host(self, name: str) -> torch.Tensor:
         """The adapter's host copy, read from disk if the cache has none (AdapterError if
@@ -225,7 +271,7 @@ class AdapterSlots:
         if buf is not None:
             self.host.move_to_end(name)
             return buf
-        buf = pack_adapter(self.layout, self.cfg, self.ranks[name], self.loaders[name]())
+        buf = self._read(name)
         self.num_reads += 1
         self.host[name] = buf
         self.host_bytes += buf.numel() * buf.element_size()
@@ -273,3 +319,4 @@ class AdapterSlots:
         assert set(self.host) <= set(self.ranks), "a host copy of an unregistered adapter"
         assert self.host_bytes == sum(b.numel() * b.element_size()
                                       for b in self.host.values()), "host bytes miscounted"
+        assert set(self._reading) <= set(self.ranks), "a read of an unregistered adapter"

@@ -18,14 +18,22 @@ adapter settings (``--slots`` overrides max_loras_on_device) registers them all 
 RSS growth, host cache bytes), then --requests (64) requests of 32 greedy tokens, each
 request's adapter drawn by Zipf(s) over the count; tokens/s against the base-only batch of
 the same prompts in the same run, and the batch's distinct adapters.
+
+Cold adapter (``--cold``): time to first token of a one-request batch whose adapter was
+never used and whose file was dropped from the page cache (``posix_fadvise(DONTNEED)``),
+against the bound of issue 31: the adapter's bytes over the disk read rate measured in the
+same run (a 64 MB file written, synced, dropped, read back) plus one step (the same request
+with its adapter warm), --runs adapters each.
 Usage: python3 benchmarks/bench_lora.py [--json] [--runs 3] [--requests 8 --distinct 4]
        python3 benchmarks/bench_lora.py --adapters 64,512,2000 --zipf 1 [--slots 64]
+       python3 benchmarks/bench_lora.py --cold [--runs 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -207,6 +215,66 @@ def many_adapters(args, threads: int) -> dict:
     return result
 
 
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_read_rate(folder: Path, nbytes: int = 64 << 20) -> float:
+    """Bytes a second of a cold sequential read on ``folder``'s disk (a file written,
+    synced and dropped from the page cache, then read back)."""
+    path = folder / "gpupool-read-rate.bin"
+    try:
+        with open(path, "wb") as f:
+            f.write(os.urandom(nbytes))
+        _drop_from_page_cache(path)
+        t = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+        return nbytes / (time.perf_counter() - t)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def cold_adapter(args, threads: int) -> dict:
+    """Time to first token with a cold adapter against the disk-read bound (module doc)."""
+    folder = ensure_default_model(default_home())
+    paths = many_adapter_folders(folder, args.runs + 1)
+    text = prompts(1)
+    first = SamplingParams(max_tokens=1, temperature=0)
+    engine = Engine(device="cpu", dtype="bfloat16", threads=threads,
+                    enable_prefix_caching=False)
+    engine.add_model("base", folder)
+    for i, path in enumerate(paths):
+        engine.add_adapter(f"a{i}", "base", str(path))
+    for _ in range(2):  # warm: a0's host copy and slot, the kernels
+        engine.generate(text, first, model="a0")
+    warm = median_seconds(lambda: engine.generate(text, first, model="a0"), args.runs)
+    files = [p / "adapter_model.safetensors" for p in paths]
+    rate = disk_read_rate(paths[0].parent)
+    cold = []
+    for i in range(1, args.runs + 1):
+        _drop_from_page_cache(files[i])
+        t = time.perf_counter()
+        engine.generate(text, first, model=f"a{i}")
+        cold.append(time.perf_counter() - t)
+    engine.shutdown()
+    size = files[1].stat().st_size
+    cold_s = sorted(cold)[len(cold) // 2]
+    bound = size / rate + warm
+    return {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
+            "threads": threads, "rank": MANY_RANK, "targets": "q/k/v/o", "runs": args.runs,
+            "adapter_bytes": size, "disk_read_mb_s": round(rate / 1e6, 1),
+            "warm_ttft_ms": round(warm * 1e3, 1), "cold_ttft_ms": round(cold_s * 1e3, 1),
+            "cold_ttft_ms_each": [round(c * 1e3, 1) for c in cold],
+            "bound_ms": round(bound * 1e3, 1), "cold_over_bound": round(cold_s / bound, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -218,9 +286,14 @@ def main() -> None:
                     help="many-adapter mode: registered adapter counts, e.g. 64,512,2000")
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--slots", type=int, default=None, help="max_loras_on_device (many mode)")
+    ap.add_argument("--cold", action="store_true",
+                    help="time to first token with an adapter cold on disk")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = engine_threads()  # before any torch work in this process
+    if args.cold:
+        emit(cold_adapter(args, threads), args.json)
+        return
     if args.adapters:
         args.requests = args.requests or 64
         emit(many_adapters(args, threads), args.json)

@@ -159,6 +159,7 @@ class LoadedModel:
         their device and host copies are dropped (read again on first use: a layout grows
         a few times at most, with the largest rank and the targeted projections)."""
         old = self.slots
+        old.close()
         ranks = group_ranks([(old.group_ranks.get(g, 0), [p for p, _ in projs])
                              for g, (_, projs) in GROUPS.items()] + [(rank, targets)])
         self.weight_pool.release_adapters(self.name)
@@ -218,9 +219,18 @@ class LoadedModel:
         if self.slots is not None:
             self.slots.remove(name)
             if not self.slots.ranks:
+                self.slots.close()
                 self.slots = None
                 self.weight_pool.release_adapters(self.name)
         self.adapter_targets.pop(name, None)
+
+    def prefetch_adapters(self, names) -> int:
+        """Start reading the host copies of ``names`` (queued requests' adapters, in the
+        order they will run) beside the steps; how many reads started."""
+        if self.slots is None:
+            return 0
+        return sum(self.slots.prefetch(n) for n in names
+                   if n not in self.slots.resident)
 
     def _lora_batch(self, batch: list[BatchRow]) -> LoraBatch | None:
         rows = [item.adapter for item in batch for _ in item.token_ids]

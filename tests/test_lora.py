@@ -400,3 +400,25 @@ def test_slot_layout_follows_the_registered_ranks_and_targets(lora_setup, mixed)
         finally:
             e.shutdown()
     assert got[0] == got[1]
+
+
+def test_queued_requests_adapters_are_read_while_steps_run(lora_setup, mixed):
+    """One sequence at a time and a host cache of two adapters: admission reads each adapter
+    (checking its weights), the cache drops the older copies, and while earlier requests run
+    the queued ones' adapters are read again in the background; their first steps take those
+    copies. Outputs match peft."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    order = ["r4", "r8", "r16", "r64"]
+    idx = [names.index(n) for n in order]
+    e = _engine(base, paths, max_num_seqs=1, host_adapter_bytes=2 * _slot_bytes(base, 1))
+    try:
+        slots = e.local.core.workers["base"].slots
+        outs = e.generate([prompts[i] for i in idx], SamplingParams(max_tokens=16,
+                                                                    temperature=0),
+                          model=order)
+        assert [list(o.token_ids) for o in outs] == [want[i] for i in idx]
+        assert slots.num_prefetched == 3  # r8, r16, r64: each dropped before its turn
+        e.check_integrity()
+    finally:
+        e.shutdown()
