@@ -285,8 +285,9 @@ def test_registration_reads_no_weights_and_host_copies_have_a_budget(lora_setup,
     base, paths = lora_setup
     names, prompts, want = mixed
     reads = []
-    real = peft_format.load_file
-    monkeypatch.setattr(peft_format, "load_file", lambda *a, **k: reads.append(a) or real(*a, **k))
+    real = peft_format.read_tensors
+    monkeypatch.setattr(peft_format, "read_tensors",
+                        lambda *a, **k: reads.append(a) or real(*a, **k))
     e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=2)
     try:
         for i in range(200):
