@@ -27,15 +27,20 @@ class AdapterConfig:
     # device slots: None (default) follows demand, growing into the arena's free adapter
     # region when a step holds more distinct adapters; a number caps them (made at once)
     max_loras_on_device: int | None = None
-    max_lora_rank: int = 16  # largest rank accepted; sizes each slot
+    max_lora_rank: int = 16  # largest rank accepted
+    # device slots the adapters of one tenant may hold at once (None: no cap), so one
+    # tenant's many adapters cannot push other tenants' hot ones out; a step also holds at
+    # most this many distinct adapters of one tenant
+    max_loras_per_tenant: int | None = None
     # host copies of adapters read from disk, per base model (LRU; its own budget, apart
     # from the KV host swap's): registering costs none, a first use reads the file
     host_adapter_bytes: int = 1 << 30
 
     def __post_init__(self):
-        if (self.max_loras_on_device is not None and self.max_loras_on_device < 1) \
-                or self.max_lora_rank < 1:
-            raise ValueError("max_loras_on_device and max_lora_rank must be >= 1")
+        if any(v is not None and v < 1 for v in (self.max_loras_on_device, self.max_lora_rank,
+                                                  self.max_loras_per_tenant)):
+            raise ValueError("max_loras_on_device, max_lora_rank and max_loras_per_tenant "
+                             "must be >= 1")
         if self.host_adapter_bytes < 0:
             raise ValueError("host_adapter_bytes must be >= 0")
 

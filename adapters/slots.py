@@ -169,6 +169,7 @@ class AdapterSlots:
         self.num_reads = 0  # adapters read from disk (first uses and re-reads)
         self.ranks: dict[str, int] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
+        self.owner: dict[str, str | None] = {}  # resident name -> the tenant that loaded it
         self.pinned: set[str] = set()
         self.num_loads = 0
         # reads of queued requests' adapters running beside the steps (:meth:`prefetch`):
@@ -221,6 +222,7 @@ class AdapterSlots:
         """Forget an adapter (its slot becomes free). The caller ensures nothing runs it."""
         self._reading.pop(name, None)
         self.resident.pop(name, None)
+        self.owner.pop(name, None)
         self.pinned.discard(name)
         self._drop_host(name)
         self.loaders.pop(name, None)
@@ -287,35 +289,52 @@ class AdapterSlots:
         if buf is not None:
             self.host_bytes -= buf.numel() * buf.element_size()
 
-    def ensure(self, names: set[str]) -> dict[str, int]:
+    def ensure(self, names, owners: dict | None = None,
+               tenant_cap: int | None = None) -> dict[str, int]:
         """Slot of each name, loading missing ones into free or LRU slots; pins them all (the
-        caller grows the slots first where a step holds more adapters than there are)."""
+        caller grows the slots first where a step holds more adapters than there are).
+        ``owners``: the tenant each name is loaded for; with ``tenant_cap``, a tenant that
+        holds that many slots already gets its own least recent one (so its adapters cannot
+        push other tenants' out)."""
         if len(names) > self.num_slots:
             raise AdapterError(f"{len(names)} adapters in one step, {self.num_slots} slots")
+        owners = owners or {}
         self.pinned = set(names)
         for name in names:
             if name in self.resident:
                 self.resident.move_to_end(name)
                 continue
+            tenant = owners.get(name)
             used = set(self.resident.values())
             free = [s for s in range(self.num_slots) if s not in used]
-            if free:
+            own = [n for n in self.resident
+                   if self.owner.get(n) == tenant and n not in self.pinned]
+            held = sum(self.owner.get(n) == tenant for n in self.resident)
+            if tenant_cap is not None and held >= tenant_cap and own:
+                slot = self._evict(own[0])
+            elif free:
                 slot = free[0]
             else:
-                victim = next(n for n in self.resident if n not in self.pinned)
-                slot = self.resident.pop(victim)
+                slot = self._evict(next(n for n in self.resident if n not in self.pinned))
             self.buffer[slot].copy_(self.load_host(name), non_blocking=True)
             if self.mirror is not None:
                 fill_mirror(self.mirror, self.views, self.cfg.num_layers, slot)
             self.resident[name] = slot
+            self.owner[name] = tenant
             self.num_loads += 1
         return {n: self.resident[n] for n in names}
+
+    def _evict(self, name: str) -> int:
+        """Take the resident adapter ``name`` off the device; its slot."""
+        self.owner.pop(name, None)
+        return self.resident.pop(name)
 
     def check_integrity(self) -> None:
         slots = list(self.resident.values())
         assert len(slots) == len(set(slots)), "two adapters share a slot"
         assert all(0 <= s < self.num_slots for s in slots)
         assert set(self.resident) <= set(self.ranks), "a resident adapter is not registered"
+        assert set(self.owner) == set(self.resident), "an owner recorded without a slot"
         assert set(self.host) <= set(self.ranks), "a host copy of an unregistered adapter"
         assert self.host_bytes == sum(b.numel() * b.element_size()
                                       for b in self.host.values()), "host bytes miscounted"

@@ -275,7 +275,7 @@ def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
         seq, start = item.seq, item.seq.num_computed_tokens
         rows.append(BatchRow(token_ids=seq.token_ids(start, start + item.num_new_tokens),
                              start=start, pages=seq.pages, is_decode=item.is_decode,
-                             samples=item.samples, adapter=seq.adapter,
+                             samples=item.samples, adapter=seq.adapter, tenant=seq.tenant,
                              all_logits=(seq.params.prompt_logprobs is not None
                                          and start < seq.num_prompt_tokens - 1)))
     return rows

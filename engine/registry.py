@@ -31,7 +31,8 @@ class ModelRegistry:
         if worker.name in self.adapters.refs:
             raise RequestError(f"{worker.name!r} is already the name of an adapter")
         self.workers[worker.name] = worker
-        self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity())
+        self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity(),
+                                 worker.adapter_config.max_loras_per_tenant or 1 << 30)
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""

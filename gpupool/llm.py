@@ -140,14 +140,17 @@ class Engine:
     def generate(self, prompts: str | list[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  model: str | list[str] | None = None,
-                 cache_salt: str | None = None) -> list[RequestOutput]:
+                 cache_salt: str | None = None,
+                 tenant: str | None = None) -> list[RequestOutput]:
         """Run prompts to completion; one final output per prompt, in order.
 
         ``model`` names a base model or an adapter, or is a list with one name per prompt,
         so one call can mix bases and adapters. Requests with different ``cache_salt`` never
-        share cached prompt KV. Every prompt is checked before any is
-        queued, so a bad one raises RequestError and nothing of the call runs. Blocks; from
-        a thread with a running event loop (a notebook) it runs in a helper thread.
+        share cached prompt KV. ``tenant``: whose requests (tenant-fair scheduling, and the
+        per-tenant cap of adapter slots, ``max_loras_per_tenant``). Every prompt is checked
+        before any is queued, so a bad one raises RequestError and nothing of the call runs.
+        Blocks; from a thread with a running event loop (a notebook) it runs in a helper
+        thread.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -159,7 +162,7 @@ class Engine:
         plist = [p or SamplingParams() for p in plist]
         if not isinstance(model, (list, tuple)):
             model = self.local.model_name(model)
-        requests = self._requests(prompts, plist, model, cache_salt=cache_salt)
+        requests = self._requests(prompts, plist, model, tenant, cache_salt=cache_salt)
         tokenizers = {r.model: self.tokenizer(r.model) for r in requests}
         return _run_blocking(self._run_all(requests, tokenizers))
 

@@ -30,6 +30,7 @@ class BatchRow:
     samples: bool
     adapter: str | None = None
     all_logits: bool = False  # logits for every token of the row (prompt logprobs), in order
+    tenant: str | None = None  # whose request (its adapter's device slot is charged to it)
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,8 @@ class LoadedModel:
             return None
         if len(names) > self.slots.num_slots:  # slots follow demand (within the capacity)
             self._grow_slots(len(names))
-        slot_of = self.slots.ensure(names)
+        owners = {item.adapter: item.tenant for item in batch if item.adapter}
+        slot_of = self.slots.ensure(names, owners, self.adapter_config.max_loras_per_tenant)
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
                                self.slots.views, self.device, self.model.ops,
                                batched=self.adapter_dtype != self.dtype,

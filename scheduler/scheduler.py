@@ -67,17 +67,21 @@ class _Step:
 
     budget: int  # tokens left in the step
     max_adapters: int  # distinct adapters the step may hold
+    max_tenant_adapters: int = 1 << 30  # of them, first brought in by one tenant
     prefill_left: int = 1 << 30  # prompt tokens left (capped when the step also decodes)
     prefill_cap: int = 0  # the cap, when the step decodes (a short prompt may overrun it)
     running_prefill_left: int = 1 << 30  # prompt tokens left to running prompts (fair share)
     scheduled: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
     adapters: set = field(default_factory=set)
+    tenant_adapters: Counter = field(default_factory=Counter)  # tenant -> adapters it brought
 
     def fits(self, seq) -> bool:
-        """A step holds at most ``max_adapters`` distinct adapters."""
+        """A step holds at most ``max_adapters`` distinct adapters, ``max_tenant_adapters``
+        of them brought in by one tenant (an adapter already in the step is free)."""
         return (seq.adapter is None or seq.adapter in self.adapters
-                or len(self.adapters) < self.max_adapters)
+                or (len(self.adapters) < self.max_adapters
+                    and self.tenant_adapters[seq.tenant] < self.max_tenant_adapters))
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class Scheduler:
         self._swap_in: list[tuple[int, int]] = []
         self.block_tokens: dict[str, int] = {}
         self.max_adapters: dict[str, int] = {}
+        # per model: distinct adapters of one tenant a step may hold (its slots' cap)
+        self.max_tenant_adapters: dict[str, int] = {}
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
         self._step = 0
@@ -133,17 +139,21 @@ class Scheduler:
         self.cache_queries: Counter[str] = Counter()
         self.cache_hits: Counter[str] = Counter()
 
-    def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30) -> None:
-        """``max_adapters``: distinct adapters one step may hold (the device slots)."""
+    def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30,
+                  max_tenant_adapters: int = 1 << 30) -> None:
+        """``max_adapters``: distinct adapters one step may hold (the device slots);
+        ``max_tenant_adapters``: of them, brought in by one tenant (its cap of slots)."""
         self.block_tokens[model] = block_tokens
         self.max_adapters[model] = max_adapters
+        self.max_tenant_adapters[model] = max_tenant_adapters
         self.waiting.setdefault(model, deque())
         self.running.setdefault(model, [])
 
     def remove_model(self, model: str) -> None:
         """Forget a model with no unfinished sequences."""
         assert not self.num_unfinished(model)
-        for table in (self.block_tokens, self.max_adapters, self.waiting, self.running):
+        for table in (self.block_tokens, self.max_adapters, self.max_tenant_adapters,
+                      self.waiting, self.running):
             table.pop(model)
         self.policy.forget(model)
 
@@ -219,7 +229,8 @@ class Scheduler:
             return SchedulerOutput(None, (), ())
         self._swap_out, self._swap_in = [], []
         self._step += 1
-        step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model])
+        step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model],
+                     self.max_tenant_adapters.get(model, 1 << 30))
         decoding = sum(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model])
         if decoding:
             step.prefill_cap = min(step.budget, self.prefill_cap(model, decoding))
@@ -265,8 +276,9 @@ class Scheduler:
         step.budget -= num_new
         if seq.num_tokens - seq.num_computed_tokens > 1:
             step.prefill_left -= num_new
-        if seq.adapter:
+        if seq.adapter and seq.adapter not in step.adapters:
             step.adapters.add(seq.adapter)
+            step.tenant_adapters[seq.tenant] += 1
         seq.last_step = self._step
 
     def _victim(self, model: str, step: _Step, spare: Sequence) -> Sequence | None:

@@ -111,7 +111,7 @@ def test_more_adapters_than_slots(lora_setup, mixed):
     try:
         slots = e.local.core.workers["base"].slots
         per_step, ensure = [], slots.ensure
-        slots.ensure = lambda names: per_step.append(set(names)) or ensure(names)
+        slots.ensure = lambda names, *a: per_step.append(set(names)) or ensure(names, *a)
         outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
                           model=[n or "base" for n in names])
         assert [list(o.token_ids) for o in outs] == want
@@ -421,5 +421,50 @@ def test_queued_requests_adapters_are_read_while_steps_run(lora_setup, mixed):
         assert [list(o.token_ids) for o in outs] == [want[i] for i in idx]
         assert slots.num_prefetched == 3  # r8, r16, r64: each dropped before its turn
         e.check_integrity()
+    finally:
+        e.shutdown()
+
+
+def test_one_tenants_adapters_cannot_push_out_anothers(lora_setup, mixed):
+    """Three slots, one sequence a step: tenant b's adapter runs, then tenant a's three. With
+    max_loras_per_tenant=2, a's third load takes a's own least recent slot and b's adapter
+    stays on the device (never loaded again); without the cap it is the one evicted. A step
+    holds at most 2 distinct adapters of one tenant. Outputs match peft either way."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    order = ["r8", "r16", "r64"]
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    for cap in (None, 2):
+        e = _engine(base, paths, max_loras_on_device=3, max_num_seqs=1,
+                    max_loras_per_tenant=cap)
+        try:
+            slots = e.local.core.workers["base"].slots
+            i4 = names.index("r4")
+            out = e.generate(prompts[i4], greedy, model="r4", tenant="b")
+            assert list(out[0].token_ids) == want[i4][:8]
+            for name in order:
+                i = names.index(name)
+                out = e.generate(prompts[i], greedy, model=name, tenant="a")
+                assert list(out[0].token_ids) == want[i][:8]
+            assert ("r4" in slots.resident) == (cap == 2), cap
+            if cap == 2:
+                assert sorted(n for n, t in slots.owner.items() if t == "a") == ["r16", "r64"]
+                assert slots.num_loads == 4
+            e.check_integrity()
+        finally:
+            e.shutdown()
+    # the scheduler: a step takes at most 2 of one tenant's distinct adapters
+    e = _engine(base, paths, max_loras_per_tenant=2)
+    try:
+        core = e.local.core
+        steps = []
+        execute = core.workers["base"].execute
+        core.workers["base"].execute = lambda rows: (
+            steps.append({r.adapter for r in rows if r.adapter}) or execute(rows))
+        idx = [names.index(n) for n in ("r4", *order)]
+        outs = e.generate([prompts[i] for i in idx], greedy, model=["r4", *order],
+                          tenant="a")
+        assert [list(o.token_ids) for o in outs] == [want[i][:8] for i in idx]
+        assert steps and max(len(s) for s in steps) == 2
     finally:
         e.shutdown()
