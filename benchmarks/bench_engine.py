@@ -19,7 +19,10 @@ printed with the result: read before each variant and at the end (it varies on a
 machine), the bound taken from the highest reading; and read again just before and just after
 each decode measurement, which gives each step a second ratio, against the higher of the two
 readings around it (``..._vs_local_bound_...``: what the machine gave while the step ran).
-Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3]
+- sampled decode (``--sampled``, batch sizes; default 1 and 16): the same batch greedy and
+  sampled (temperature 1, top_p 0.9, each request its own seed), interleaved, tokens/s and
+  their ratio.
+Usage: python3 benchmarks/bench_engine.py [--json] [--runs 3] [--sampled 1,16]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,6 +93,23 @@ def bench_engine(engine: Engine, batch: list[str], runs: int,
     return median_seconds(run, runs)
 
 
+def bench_sampled(engine: Engine, batch: list[str], runs: int) -> tuple[float, float]:
+    """Seconds (median) for NEW_TOKENS of every prompt greedy, then sampled (temperature 1,
+    top_p 0.9), the two interleaved run by run (one warm-up each)."""
+    kinds = [SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
+             SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9,
+                            ignore_eos=True)]
+    times: list[list[float]] = [[], []]
+    for i in range(runs + 1):
+        for kind, params in enumerate(kinds):
+            t = time.perf_counter()
+            outs = engine.generate(batch, params)
+            assert all(len(o.token_ids) == NEW_TOKENS for o in outs)
+            if i:
+                times[kind].append(time.perf_counter() - t)
+    return tuple(sorted(ts)[len(ts) // 2] for ts in times)
+
+
 def bench_transformers(model, tok, batch: list[str], runs: int) -> float:
     enc = tok(batch, return_tensors="pt", padding=True)
 
@@ -138,11 +159,14 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,16")
     ap.add_argument("--variants", default="float32,bfloat16,bfloat16+int8")
     ap.add_argument("--prefill", default="128,1000", help="prompt lengths for prefill")
+    ap.add_argument("--sampled", default="1,16",
+                    help="batch sizes for sampled vs greedy decode ('' for none)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     folder = ensure_default_model(default_home())
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     lengths = [int(x) for x in args.prefill.split(",")]
+    sampled = [int(b) for b in args.sampled.split(",") if b]
     threads = engine_threads()  # before any torch work in this process
     # the read bandwidth varies on a shared machine (26.6 and 49.9 GB/s in two runs an hour
     # apart): read before every variant and at the end; the bound uses the highest reading
@@ -155,7 +179,8 @@ def main() -> None:
     steps: dict[str, float] = {}  # "{label}_bs{bs}" -> step ms
     weights: dict[str, int] = {}
     todo = variants(args.variants)
-    with sweep(len(todo) * (1 + len(batch_sizes) + len(lengths)), "bench_engine") as bar:
+    with sweep(len(todo) * (1 + len(batch_sizes) + len(lengths) + len(sampled)),
+               "bench_engine") as bar:
         for label, dtype, quant in todo:
             bar.note(f"{label} transformers")
             ref = in_subprocess(transformers_figures, str(folder), dtype, batch_sizes, lengths,
@@ -193,6 +218,13 @@ def main() -> None:
                 result[f"{label}_ratio_vs_transformers_bs{bs}"] = round(ours / theirs, 3)
                 result[f"{label}_decode_step_ms_bs{bs}"] = round(step_ms, 2)
                 steps[f"{label}_bs{bs}"] = step_ms
+                bar.update()
+            for bs in sampled:
+                bar.note(f"{label} sampled batch {bs}")
+                greedy_s, sampled_s = bench_sampled(engine, prompts(bs), args.runs)
+                result[f"{label}_greedy_tok_s_bs{bs}"] = round(bs * NEW_TOKENS / greedy_s, 1)
+                result[f"{label}_sampled_tok_s_bs{bs}"] = round(bs * NEW_TOKENS / sampled_s, 1)
+                result[f"{label}_sampled_vs_greedy_bs{bs}"] = round(greedy_s / sampled_s, 3)
                 bar.update()
             for n in lengths:
                 bar.note(f"{label} prefill {n}")

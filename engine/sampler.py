@@ -1,10 +1,17 @@
 """Turn a batch of logits into next tokens.
 
-Greedy rows take the argmax together. Sampled rows draw with counter-based randomness: token
-*i* of a request comes from a generator seeded with ``token_seed(seed, i)``, a hash of the
-request's seed and the token's index in its output. So a seeded request samples the same
-tokens whatever else shares its batch, and a request resumed from the tokens it already
-delivered (on this engine or another) samples exactly what the uninterrupted one would have.
+Greedy rows take the argmax together. Sampled rows are drawn together, by batched tensor ops
+on the logits' device (temperature, min-p, top-k, top-p; then one draw a row), and only the
+chosen ids cross to the host. Each draw is an inverse-CDF lookup of one uniform number keyed by
+the request's seed and the token's index in its output (``token_seed``, a counter-based hash):
+so a seeded request samples the same tokens whatever else shares its batch (every op works on
+each row alone), and a request resumed from the tokens it already delivered (on this engine or
+another) samples exactly what the uninterrupted one would have.
+
+Top-k and top-p rows are cut from their most likely tokens (``torch.topk``, sorted) instead of
+a sort of the whole vocabulary: a top-p row takes CANDIDATES[0] of them, more (the next count,
+then all of its vocabulary) while those hold no more than its top_p. ``filtered_probs`` is the
+one-row statement of the same distribution (tests hold the batched draw to it).
 """
 
 from __future__ import annotations
@@ -55,20 +62,87 @@ def greedy(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
+CANDIDATES = (128, 512, 2048)  # a top-p row's candidate tokens, round by round (then all)
+
+
+def uniform(seed: int, index: int) -> float:
+    """The uniform number in [0, 1) that draws output token ``index`` of a request seeded
+    ``seed`` (53 bits of ``token_seed``: exact in float64 on every device)."""
+    return (token_seed(seed, index) >> 11) * 2.0**-53
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` [R, N] (non-negative, not all zero), the first index whose
+    cumulative sum (float64, in index order) passes ``u`` [R] times the row's total."""
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
     """logits: [R, V] without NaN (the engine fails such rows first); one params (with a
     seed) and output index per row. Returns R ids."""
-    out = greedy(logits)
-    cpu = None
-    gen = None
-    for r, p in enumerate(params):
-        if p.is_greedy:
-            continue
-        if cpu is None:
-            cpu = logits.float().cpu()
-            gen = torch.Generator(device="cpu")
-        gen.manual_seed(token_seed(p.seed, indices[r]))
-        out[r] = int(torch.multinomial(filtered_probs(cpu[r], p), 1, generator=gen))
+    rows = [r for r, p in enumerate(params) if not p.is_greedy]
+    if len(rows) < len(params):
+        out = greedy(logits)
+    else:
+        out = [0] * len(params)
+    if not rows:
+        return out
+    dev = logits.device
+    ps = [params[r] for r in rows]
+    vocab = logits.shape[1]
+
+    def col(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=dev).unsqueeze(1)
+
+    x = (logits if len(rows) == len(params) else logits[rows]).float()
+    if any(p.temperature != 1.0 for p in ps):
+        x = x / col([p.temperature for p in ps])
+    if any(p.min_p > 0.0 for p in ps):  # vLLM v1: drop tokens below min_p times the top one
+        probs = torch.softmax(x, dim=-1)
+        x = x.masked_fill(probs < col([p.min_p for p in ps]) * probs.amax(-1, keepdim=True),
+                          float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    u = torch.tensor([uniform(p.seed, indices[r]) for p, r in zip(ps, rows)],
+                     dtype=torch.float64, device=dev)
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
+    chosen = torch.empty(len(rows), dtype=torch.long, device=dev)
+    whole = [j for j, p in enumerate(ps) if ks[j] == vocab and p.top_p >= 1.0]
+    if whole:  # temperature (and min-p) only: the whole vocabulary in index order
+        chosen[whole] = _draw(probs[whole], u[whole])
+    # top-k / top-p rows: their candidates first (top_k of them, or CANDIDATES), then all
+    # the vocabulary for a top-p row whose candidates hold no more than its top_p. Rows are
+    # grouped by their own candidate count, so no row's ops depend on what shares its batch
+    rounds = [c for c in CANDIDATES if c < vocab] + [vocab]
+    need = {j: ks[j] if ks[j] < vocab else rounds[0]
+            for j in range(len(ps)) if j not in set(whole)}
+    while need:
+        k = min(need.values())
+        cut = [j for j, n in need.items() if n == k]
+        for j in cut:
+            del need[j]
+        mine = probs if len(cut) == len(ps) else probs[cut]
+        vals, ids = torch.topk(mine, k, dim=-1)  # sorted, most likely first
+        # renormalised within the top k (as a softmax after masking the rest); a row without
+        # top_k keeps the whole vocabulary's normalisation
+        limited = col([ks[j] < vocab for j in cut], torch.bool)
+        vals = torch.where(limited, vals / vals.sum(-1, keepdim=True), vals)
+        top_p = col([ps[j].top_p for j in cut])
+        cum = torch.cumsum(vals, dim=-1)
+        kept = vals.masked_fill(cum - vals > top_p, 0.0)  # the smallest prefix reaching top_p
+        done = list(range(len(cut)))
+        if k < vocab:  # a top-p row whose candidates fall short: more of them next round
+            short = (~limited.squeeze(1) & (cum[:, -1] <= top_p.squeeze(1))).tolist()
+            more = next((c for c in rounds if c > k), vocab)
+            need.update({cut[i]: more for i, s in enumerate(short) if s})
+            done = [i for i, s in enumerate(short) if not s]
+        if done:
+            rows_done = [cut[i] for i in done]
+            pick = _draw(kept[done], u[rows_done])
+            chosen[rows_done] = ids[done].gather(1, pick.unsqueeze(1)).squeeze(1)
+    for r, token in zip(rows, chosen.tolist()):
+        out[r] = token
     return out
 
 
