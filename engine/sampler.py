@@ -79,6 +79,45 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
+def _draw_cut(probs, ps, ks, u, chosen, where) -> None:
+    """The top-k / top-p rows ``where`` of ``probs`` (their params ``ps``, top_k ``ks``,
+    uniforms ``u``) drawn into ``chosen[where]``: from their candidates first (top_k of
+    them, or CANDIDATES[0]), more for a top-p row whose candidates hold no more than its
+    top_p, then all of its vocabulary. Rows are grouped by their own candidate count, so no
+    row's ops depend on what shares its batch."""
+    dev, vocab = probs.device, probs.shape[1]
+
+    def col(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=dev).unsqueeze(1)
+
+    rounds = [c for c in CANDIDATES if c < vocab] + [vocab]
+    need = {j: ks[j] if ks[j] < vocab else rounds[0] for j in range(len(ps))}
+    while need:
+        k = min(need.values())
+        cut = [j for j, n in need.items() if n == k]
+        for j in cut:
+            del need[j]
+        rows = [where[j] for j in cut]
+        mine = probs if len(rows) == probs.shape[0] else probs[rows]
+        vals, ids = torch.topk(mine, k, dim=-1)  # sorted, most likely first
+        # renormalised within the top k (as a softmax after masking the rest); a row without
+        # top_k keeps the whole vocabulary's normalisation
+        limited = col([ks[j] < vocab for j in cut], torch.bool)
+        vals = torch.where(limited, vals / vals.sum(-1, keepdim=True), vals)
+        top_p = col([ps[j].top_p for j in cut])
+        cum = torch.cumsum(vals, dim=-1)
+        kept = vals.masked_fill(cum - vals > top_p, 0.0)  # the smallest prefix reaching top_p
+        done = list(range(len(cut)))
+        if k < vocab:  # a top-p row whose candidates fall short: more of them next round
+            short = (~limited.squeeze(1) & (cum[:, -1] <= top_p.squeeze(1))).tolist()
+            more = next((c for c in rounds if c > k), vocab)
+            need.update({cut[i]: more for i, s in enumerate(short) if s})
+            done = [i for i, s in enumerate(short) if not s]
+        if done:
+            pick = _draw(kept[done], u[[cut[i] for i in done]])
+            chosen[[rows[i] for i in done]] = ids[done].gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
     """logits: [R, V] without NaN (the engine fails such rows first); one params (with a
     seed) and output index per row. Returns R ids."""
@@ -111,36 +150,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     whole = [j for j, p in enumerate(ps) if ks[j] == vocab and p.top_p >= 1.0]
     if whole:  # temperature (and min-p) only: the whole vocabulary in index order
         chosen[whole] = _draw(probs[whole], u[whole])
-    # top-k / top-p rows: their candidates first (top_k of them, or CANDIDATES), then all
-    # the vocabulary for a top-p row whose candidates hold no more than its top_p. Rows are
-    # grouped by their own candidate count, so no row's ops depend on what shares its batch
-    rounds = [c for c in CANDIDATES if c < vocab] + [vocab]
-    need = {j: ks[j] if ks[j] < vocab else rounds[0]
-            for j in range(len(ps)) if j not in set(whole)}
-    while need:
-        k = min(need.values())
-        cut = [j for j, n in need.items() if n == k]
-        for j in cut:
-            del need[j]
-        mine = probs if len(cut) == len(ps) else probs[cut]
-        vals, ids = torch.topk(mine, k, dim=-1)  # sorted, most likely first
-        # renormalised within the top k (as a softmax after masking the rest); a row without
-        # top_k keeps the whole vocabulary's normalisation
-        limited = col([ks[j] < vocab for j in cut], torch.bool)
-        vals = torch.where(limited, vals / vals.sum(-1, keepdim=True), vals)
-        top_p = col([ps[j].top_p for j in cut])
-        cum = torch.cumsum(vals, dim=-1)
-        kept = vals.masked_fill(cum - vals > top_p, 0.0)  # the smallest prefix reaching top_p
-        done = list(range(len(cut)))
-        if k < vocab:  # a top-p row whose candidates fall short: more of them next round
-            short = (~limited.squeeze(1) & (cum[:, -1] <= top_p.squeeze(1))).tolist()
-            more = next((c for c in rounds if c > k), vocab)
-            need.update({cut[i]: more for i, s in enumerate(short) if s})
-            done = [i for i, s in enumerate(short) if not s]
-        if done:
-            rows_done = [cut[i] for i in done]
-            pick = _draw(kept[done], u[rows_done])
-            chosen[rows_done] = ids[done].gather(1, pick.unsqueeze(1)).squeeze(1)
+    cut = [j for j in range(len(ps)) if j not in set(whole)]
+    if cut:
+        _draw_cut(probs, [ps[j] for j in cut], [ks[j] for j in cut], u[cut], chosen, cut)
     for r, token in zip(rows, chosen.tolist()):
         out[r] = token
     return out

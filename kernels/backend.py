@@ -212,11 +212,43 @@ class TorchOps:
 
 
 class TritonOps(TorchOps):
-    """Triton's paged attention, SGMV and int8 products; the rest in torch."""
+    """Triton's paged attention, SGMV and int8 products, and the fused small ops of
+    ``kernels/fused.py`` (add + RMSNorm, SiLU x up, RoPE + KV write); the rest in torch."""
 
     name = "triton"
     triton = True
     capture_safe = True
+
+    def add_norm(self, x, delta, weight, eps):
+        from gpupool.kernels.fused import add_rmsnorm
+
+        if x.stride(-1) != 1 or (delta is not None and delta.stride(-1) != 1):
+            return super().add_norm(x, delta, weight, eps)
+        return add_rmsnorm(x, delta, weight, eps)
+
+    def final_norm(self, x, delta, weight, eps, batch):
+        from gpupool.kernels.fused import add_rmsnorm
+
+        x = batch.sampled_rows(x)  # only the rows that sample: their add and norm
+        delta = None if delta is None else batch.sampled_rows(delta)
+        if x.stride(-1) != 1 or (delta is not None and delta.stride(-1) != 1):
+            return TorchOps.add_norm(self, x, delta, weight, eps)[1]
+        return add_rmsnorm(x, delta, weight, eps)[1]
+
+    def silu_mul(self, gate_up):
+        from gpupool.kernels.fused import silu_mul
+
+        if gate_up.stride(-1) != 1:
+            return super().silu_mul(gate_up)
+        return silu_mul(gate_up)
+
+    def rope_kv(self, plan, cfg, qkv, lw, k_cache, v_cache, batch):
+        from gpupool.kernels.fused import rope_kv
+
+        if cfg.qk_norm or qkv.stride(-1) != 1 or cfg.head_dim % 2:
+            return super().rope_kv(plan, cfg, qkv, lw, k_cache, v_cache, batch)
+        return rope_kv(qkv, plan.cos, plan.sin, cfg.num_heads, cfg.num_kv_heads,
+                       cfg.head_dim, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale,
                          max_len=None, min_len=None):
