@@ -33,7 +33,13 @@ import redis
 
 from gpupool.cluster import conn, keys, registry
 from gpupool.messages.codec import from_wire, to_wire
-from gpupool.messages.errors import AdapterError, EngineError, ModelLoadError, RequestError
+from gpupool.messages.errors import (
+    AdapterError,
+    EngineError,
+    ModelLoadError,
+    RequestError,
+    check_token_ids,
+)
 from gpupool.messages.types import (
     Abort,
     AddAdapter,
@@ -341,9 +347,12 @@ class RedisClient:
         if info is None:
             raise RequestError(f"{where}model {req.model!r} is not loaded")
         ids = req.prompt_token_ids
-        if not ids or any(not isinstance(t, int) or not 0 <= t < info.vocab_size for t in ids):
-            raise RequestError(f"{where}prompt token ids must be integers in "
-                               f"[0, {info.vocab_size})")
+        if not ids:
+            raise RequestError(f"{where}prompt is empty")
+        try:
+            check_token_ids(ids, info.vocab_size)
+        except RequestError as e:
+            raise RequestError(f"{where}{e}") from None
         total = len(ids) + req.params.max_tokens
         if total > info.context_limit:
             raise RequestError(f"{where}model {req.model!r} has a context window of "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from gpupool.adapters.base import AdapterError
 from gpupool.engine.registry import ModelRegistry
-from gpupool.messages.errors import RequestError
+from gpupool.messages.errors import RequestError, check_token_ids, named
 from gpupool.messages.types import EngineRequest
 from gpupool.pool.pages import PagePool
 
@@ -37,9 +37,7 @@ def _check_ids(req: EngineRequest, vocab: int) -> None:
     if not req.prompt_token_ids:
         raise RequestError("prompt is empty")
     for what, ids in (("prompt", req.prompt_token_ids), ("delivered", req.delivered_token_ids)):
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
-               for t in ids):
-            raise RequestError(f"{what} token ids must be integers in [0, {vocab})")
+        check_token_ids(ids, vocab, what)
     if len(req.delivered_token_ids) >= req.params.max_tokens:
         raise RequestError("a resumed request must have fewer delivered tokens than "
                            "max_tokens")
@@ -68,8 +66,10 @@ def _check_params(req: EngineRequest, worker) -> None:
     bad = [t for seq in params.bad_words_token_ids or () for t in seq]
     for name, ids in (("allowed_token_ids", allowed), ("stop_token_ids", params.stop_token_ids),
                       ("logit_bias", biased), ("bad_words", bad)):
-        if ids and max(ids) >= vocab:
-            raise RequestError(f"{name} must be below the vocabulary size {vocab}")
+        wrong = [t for t in ids or () if t >= vocab]
+        if wrong:
+            raise RequestError(f"{name} must be below the vocabulary size {vocab}; got "
+                               f"{named(wrong)}")
     ends = set(params.stop_token_ids) | (set() if params.ignore_eos
                                          else set(worker.eos_token_ids))
     if allowed and params.min_tokens and set(allowed) <= ends:

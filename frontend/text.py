@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gpupool.frontend.detokenizer import DetokenizerState, append_token
-from gpupool.messages.errors import RequestError
+from gpupool.messages.errors import RequestError, check_token_ids
 from gpupool.messages.params import SamplingParams
 from gpupool.messages.types import ModelInfo, OutputDelta
 
@@ -66,9 +66,7 @@ def tokenize(tokenizer, prompt: str | list[int], vocab_size: int,
         ids = list(prompt)
     if not ids:
         raise RequestError("prompt is empty")
-    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
-           for t in ids):
-        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    check_token_ids(ids, vocab_size)
     return ids
 
 

@@ -34,3 +34,20 @@ ERRORS = {cls.kind: cls for cls in (EngineError, RequestError, ModelLoadError, A
 def error_from(kind: str, message: str) -> EngineError:
     """The exception a peer reported as (``kind``, ``message``)."""
     return ERRORS.get(kind, EngineError)(message)
+
+
+def named(values) -> str:
+    """Offending values for an error message: each once, in order, at most 8 shown."""
+    shown = list(dict.fromkeys(repr(v) for v in values))
+    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+    return ", ".join(shown[:8]) + more
+
+
+def check_token_ids(ids, vocab: int, what: str = "prompt") -> None:
+    """RequestError naming the entries of ``ids`` that are not token ids of a vocabulary of
+    ``vocab`` (integers in [0, vocab))."""
+    wrong = [t for t in ids
+             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if wrong:
+        raise RequestError(f"{what} token ids must be integers in [0, {vocab}); got "
+                           f"{named(wrong)}")

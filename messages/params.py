@@ -84,8 +84,9 @@ class SamplingParams:
             bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not -(2**63) <= seed < 2**64):
-            bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+                                 or not -(2**63) <= seed < 2**63):
+            bad(f"seed must be a 64-bit signed integer, in [-2**63, 2**63), got "
+                f"{self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             bad("stop must be non-empty strings")

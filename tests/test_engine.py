@@ -393,3 +393,22 @@ def test_generate_asks_for_final_only_output_unless_stop_strings_need_the_text(e
     assert seen == [True, False]
     assert len(plain.token_ids) == 3 and len(stopped.token_ids) == 3
 
+
+
+def test_seeds_are_64_bit_signed_and_bad_ids_are_named(engine):
+    """A seed outside int64 is refused (vLLM's range); out-of-vocabulary ids are reported by
+    value, every one (8 shown), not only that some id is too large."""
+    SamplingParams(seed=2**63 - 1)
+    SamplingParams(seed=-(2**63))
+    with pytest.raises(ValueError, match=r"seed must be a 64-bit signed integer"):
+        SamplingParams(seed=2**63)
+    vocab = engine.local.core.workers["m"].cfg.vocab_size
+    prompt = [1, 2, 3]
+    with pytest.raises(RequestError, match=rf"logit_bias .*got {vocab + 3}, {vocab + 7}$"):
+        engine.generate(prompt, SamplingParams(logit_bias={5: 1.0, vocab + 7: 2.0,
+                                                           vocab + 3: -1.0}))
+    with pytest.raises(RequestError, match=rf"stop_token_ids .*got {vocab}, "
+                                           rf"{vocab + 1}.* and 2 more$"):
+        engine.generate(prompt, SamplingParams(stop_token_ids=list(range(vocab, vocab + 10))))
+    with pytest.raises(RequestError, match=rf"prompt token ids .*got {vocab + 1}$"):
+        engine.generate([1, vocab + 1, 2], SamplingParams(max_tokens=1))
