@@ -77,7 +77,7 @@ class CompletionLogprobs(_Out):
 
 class PromptLogprob(_Out):
     logprob: float
-    rank: int | None  # among the model's tokens, when within the top alternatives asked for
+    rank: int | None  # among the model's tokens (1: the most likely)
     decoded_token: str
 
 
@@ -158,7 +158,6 @@ class ChatChoice(_Out):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
-    prompt_logprobs: PromptLogprobs | None
 
 
 class ChatCompletion(_Out):
@@ -168,6 +167,7 @@ class ChatCompletion(_Out):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None  # the prompt's, once (where vLLM puts it)
 
 
 class ChatDelta(_Out):

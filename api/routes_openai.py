@@ -317,7 +317,8 @@ def _completion_logprobs(tokenizer, lps, text_start: int = 0):
         t = _token_text(tokenizer, tid)
         tokens.append(t)
         token_lps.append(_lp(lp))
-        tops.append({_token_text(tokenizer, i): _lp(v) for i, v in top})
+        # vLLM's rule: the sampled token is always among them (logprobs: 0 gives just it)
+        tops.append({t: _lp(lp), **{_token_text(tokenizer, i): _lp(v) for i, v in top}})
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
@@ -432,8 +433,9 @@ class _Route:
             c = {"index": i, "text": out.text,
                  "logprobs": _completion_logprobs(tokenizer, out.logprobs),
                  "finish_reason": _finish_reason(out)}
-        c["prompt_logprobs"] = (None if out.prompt_logprobs is None
-                                else _prompt_logprobs(tokenizer, out.prompt_logprobs))
+        if self.body is not ChatCompletionRequest:  # chat: once, at the top level (vLLM)
+            c["prompt_logprobs"] = (None if out.prompt_logprobs is None
+                                    else _prompt_logprobs(tokenizer, out.prompt_logprobs))
         return c
 
     def opening(self, run: Run) -> list[dict]:
@@ -489,15 +491,15 @@ def _tool_call(t) -> dict:
 
 def _prompt_logprobs(tokenizer, entries) -> list:
     """vLLM's shape: None for the first token, then {id: {logprob, rank, decoded_token}} for
-    the token and its top alternatives (rank known within those)."""
+    the token (its rank in the whole vocabulary) and its top alternatives."""
     out = []
     for e in entries:
         if e is None:
             out.append(None)
             continue
-        token, lp, top = e
+        token, lp, top, *rank = e
         ranks = {t: r + 1 for r, (t, _) in enumerate(top)}
-        d = {str(token): {"logprob": lp, "rank": ranks.get(token),
+        d = {str(token): {"logprob": lp, "rank": rank[0] if rank else ranks.get(token),
                           "decoded_token": tokenizer.decode([token])}}
         for t, v in top:
             d.setdefault(str(t), {"logprob": v, "rank": ranks[t],
@@ -591,7 +593,12 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         for c in choices:
             if echo[c["index"]]:
                 c["text"] = echo[c["index"]] + c["text"]
-        return JSONResponse({**answer(route.obj, choices), "usage": run.usage()})
+        body = {**answer(route.obj, choices), "usage": run.usage()}
+        if isinstance(req, ChatCompletionRequest):  # the prompt's, once (vLLM's place)
+            first = outs[0].prompt_logprobs if outs else None
+            body["prompt_logprobs"] = (None if first is None
+                                       else _prompt_logprobs(tokenizer, first))
+        return JSONResponse(body)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

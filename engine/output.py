@@ -84,7 +84,8 @@ def record_prompt_logprobs(out: SchedulerOutput, rows: list[BatchRow], logits,
         if positions:  # logits at position p rate the prompt's token p + 1
             j = [p - row.start + at for p in positions]
             targets = [prompt[p + 1] for p in positions]
-            lps = logprobs(logits[j], targets, [item.seq.params.prompt_logprobs] * len(j))
+            lps = logprobs(logits[j], targets, [item.seq.params.prompt_logprobs] * len(j),
+                           ranks=True)
             tr = requests[item.seq.request_id]
             for p, t, lp in zip(positions, targets, lps):
                 tr.prompt_lps[p + 1] = (t, *lp)

@@ -158,9 +158,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     return out
 
 
-def logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int | None]) -> list:
+def logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int | None],
+             ranks: bool = False) -> list:
     """Per row with ``nums[r]`` set: (logprob of token_ids[r], ((id, logprob), ...) of the
-    nums[r] most likely tokens); None for other rows. From the raw model distribution."""
+    nums[r] most likely tokens), and with ``ranks`` the token's rank (1 + the tokens more
+    likely than it); None for other rows. From the raw model distribution."""
     rows = [r for r, n in enumerate(nums) if n is not None]
     out: list = [None] * len(nums)
     if not rows:
@@ -173,4 +175,9 @@ def logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int | None])
         if nums[r]:
             top = tuple(zip(top_i[j, : nums[r]].tolist(), top_v[j, : nums[r]].tolist()))
         out[r] = (float(lp[j, token_ids[r]]), top)
+    if ranks:
+        picked = lp[torch.arange(len(rows)), [token_ids[r] for r in rows]]
+        above = (lp > picked.unsqueeze(1)).sum(-1).tolist()
+        for j, r in enumerate(rows):
+            out[r] = (*out[r], above[j] + 1)
     return out

@@ -44,8 +44,8 @@ class RequestOutput:
     # with SamplingParams.logprobs: one (token id, logprob, ((id, logprob), ...)) per token
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    # with SamplingParams.prompt_logprobs: per prompt token (id, logprob, top alternatives),
-    # None for the first
+    # with SamplingParams.prompt_logprobs: per prompt token (id, logprob, top alternatives,
+    # its rank in the vocabulary), None for the first
     prompt_logprobs: tuple | None = None
 
 

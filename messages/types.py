@@ -87,7 +87,7 @@ class OutputDelta:
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache (known once it runs)
     # with params.prompt_logprobs, once (on the first delta with tokens): per prompt token
-    # (token id, logprob, top alternatives), None for the first
+    # (token id, logprob, top alternatives, its rank in the vocabulary), None for the first
     prompt_logprobs: tuple | None = None
 
     @property

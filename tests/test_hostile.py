@@ -511,3 +511,27 @@ def test_vllm_load_and_unload_lora_adapter(env):
     r = c.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": "vl1"})
     assert r.status_code == 200 and r.json() == {"name": "vl1", "deleted": True}
     _err(c.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": "vl1"}), 404)
+
+def test_completion_logprobs_always_hold_the_sampled_token(env):
+    """vLLM's rule: the sampled token is always in top_logprobs (logprobs: 0 gives just it,
+    logprobs: 1 the top one and the sampled one where they differ)."""
+    c = env["client"]
+    r = c.post("/admin/tenants", headers=ADMIN, json={"name": "lp1", "models": ["tiny"]})
+    assert r.status_code == 201, r.text
+    key = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    try:
+        r = c.post("/v1/completions", headers=key,
+                   json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 6,
+                         "temperature": 1.5, "seed": 3, "logprobs": 0})
+        lps = r.json()["choices"][0]["logprobs"]
+        assert r.status_code == 200 and len(lps["top_logprobs"]) == 6, r.text
+        for token, lp, top in zip(lps["tokens"], lps["token_logprobs"], lps["top_logprobs"]):
+            assert top == {token: lp}
+        r = c.post("/v1/completions", headers=key,
+                   json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
+                         "temperature": 2.0, "seed": 5, "logprobs": 1})
+        lps = r.json()["choices"][0]["logprobs"]
+        assert all(t in top and 1 <= len(top) <= 2
+                   for t, top in zip(lps["tokens"], lps["top_logprobs"]))
+    finally:
+        c.delete("/admin/tenants/lp1", headers=ADMIN)

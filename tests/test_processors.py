@@ -235,9 +235,9 @@ def test_bad_words_ban_the_last_token_after_the_rest():
 # ---- prompt logprobs -------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [1024, 5])  # one prefill step; chunks of 5 tokens
 def test_prompt_logprobs_match_transformers(tiny_models, budget):
-    """Each prompt token's logprob given the ones before it, and the top alternatives, as
-    transformers computes them (fp32); the same again when the prompt's KV is cached (a
-    request asking for prompt logprobs takes no cached prefix)."""
+    """Each prompt token's logprob given the ones before it, its rank in the vocabulary and
+    the top alternatives, as transformers computes them (fp32); the same again when the
+    prompt's KV is cached (a request asking for prompt logprobs takes no cached prefix)."""
     from transformers import AutoModelForCausalLM
 
     from tests.factories import make_engine
@@ -258,9 +258,10 @@ def test_prompt_logprobs_match_transformers(tiny_models, budget):
         got = out.prompt_logprobs
         assert got[0] is None and len(got) == len(prompt)
         for i in range(1, len(prompt)):
-            token, value, top = got[i]
+            token, value, top, rank = got[i]
             assert token == prompt[i]
             assert abs(value - lp[i - 1, prompt[i]].item()) < 1e-4
+            assert rank == 1 + int((lp[i - 1] > lp[i - 1, prompt[i]]).sum())  # in the vocab
             want = torch.topk(lp[i - 1], 3)
             assert [t for t, _ in top] == want.indices.tolist()
     assert again.cached_tokens == 0 and again.prompt_logprobs == first.prompt_logprobs

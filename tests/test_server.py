@@ -405,3 +405,20 @@ def test_admin_api_is_disabled_without_an_admin_key(served):
     r = httpx.get(served["server"].url + "/admin/pool", headers={"Authorization": "Bearer x"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
     assert json.loads(r.text)["error"]["type"] == "permission_error"
+
+
+def test_chat_prompt_logprobs_sit_at_the_top_level_with_ranks(served):
+    """vLLM's chat response: prompt_logprobs at the top level (null when not asked; not in
+    the choices), each prompt token with its rank in the vocabulary even outside the top
+    alternatives asked for."""
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 2, "temperature": 0}
+    r = _post(served, "/v1/chat/completions", chat)
+    assert r.status_code == 200 and r.json()["prompt_logprobs"] is None, r.text
+    assert "prompt_logprobs" not in r.json()["choices"][0]
+    r = _post(served, "/v1/chat/completions", {**chat, "prompt_logprobs": 1})
+    plp = r.json()["prompt_logprobs"]
+    assert r.status_code == 200 and plp[0] is None and all(1 <= len(d) <= 2 for d in plp[1:])
+    ranks = [v["rank"] for d in plp[1:] for v in d.values()]
+    assert all(isinstance(k, int) and k >= 1 for k in ranks)
+    assert max(ranks) > 2  # prompt tokens outside the top alternative have their rank
