@@ -70,8 +70,8 @@ class Usage(_Out):
 
 class CompletionLogprobs(_Out):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token of an echo
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

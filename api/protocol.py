@@ -125,15 +125,21 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     echo: bool = False  # the prompt's text before each choice's
 
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the logprobs start with the prompt's (how harnesses score)."""
+        return self.echo and self.logprobs is not None
+
     def check_unsupported(self, body: dict) -> None:
         super().check_unsupported(body)
         for name, neutral in (("tools", (None, [])), ("tool_choice", (None, "none"))):
             if body.get(name) not in neutral:
                 raise APIError(400, f"{name} is for /v1/chat/completions", param=name,
                                code="unsupported_field")
-        if self.echo and self.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which are not "
-                                "supported yet", param="echo", code="unsupported_field")
+        if self.stream and (self.scores_prompt or self.max_tokens == 0):
+            raise APIError(400, "echo with logprobs, and max_tokens 0 (scoring a prompt), are "
+                                "not supported with stream=true", param="stream",
+                           code="unsupported_field")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of",
                            code="unsupported_field")
@@ -365,7 +371,8 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None,
             logit_bias=req.logit_bias or None,
             structured=_one_structure(structured(req), tool_structured(req, tokenizer)),
             bad_words_token_ids=bad_words_token_ids(req, tokenizer),
-            prompt_logprobs=req.prompt_logprobs,
+            prompt_logprobs=(max(req.prompt_logprobs or 0, req.logprobs)
+                             if getattr(req, "scores_prompt", False) else req.prompt_logprobs),
         )
     except ValueError as e:
         word = str(e).split(" ", 1)[0]

@@ -338,6 +338,50 @@ def _chat_logprobs(tokenizer, lps):
     return {"content": content}
 
 
+def _score(req: CompletionRequest, choices: list[dict], outs, tokenizer, usage: dict):
+    """Completions that score a prompt: max_tokens 0 returns no token (its one computed
+    token dropped, none counted); echo with logprobs starts the logprobs with the prompt's
+    (OpenAI's legacy format: None for the first token), prompt_logprobs only where asked."""
+    zero = req.max_tokens == 0
+    if zero:
+        usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
+    for c, out in zip(choices, outs):
+        if zero:
+            c["text"] = ""
+            if c["logprobs"] is not None:
+                c["logprobs"] = _completion_logprobs(tokenizer, ())
+        if req.scores_prompt:
+            c["logprobs"] = _prompt_scores(tokenizer, out, req.logprobs, c["logprobs"])
+            if req.prompt_logprobs is None:
+                c["prompt_logprobs"] = None
+
+
+def _prompt_scores(tokenizer, out, k: int, generated: dict | None) -> dict:
+    """The prompt's tokens, logprobs (None first), top alternatives (with the token itself,
+    as for generated tokens) and offsets, followed by ``generated``'s, offsets running on."""
+    tokens, lps, tops, offsets, pos = [], [], [], [], 0
+    for i, tid in enumerate(out.prompt_token_ids):
+        t = _token_text(tokenizer, tid)
+        entry = out.prompt_logprobs[i] if out.prompt_logprobs else None
+        tokens.append(t)
+        offsets.append(pos)
+        pos += len(t)
+        if entry is None:
+            lps.append(None)
+            tops.append(None)
+            continue
+        lps.append(_lp(entry[1]))
+        tops.append({t: _lp(entry[1]), **{_token_text(tokenizer, j): _lp(v)
+                                          for j, v in entry[2][:k]}})
+    if generated:
+        tokens += generated["tokens"]
+        lps += generated["token_logprobs"]
+        tops += generated["top_logprobs"]
+        offsets += [pos + o for o in generated["text_offset"]]
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -530,9 +574,12 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
     """One choice per prompt and ``n``: its engine request (max_tokens checked against the
     context; choice k of a seeded call uses seed + k) and its text stream."""
     out = []
+    asked = route.max_tokens(req)
+    if asked == 0 and route is COMPLETIONS:  # scoring: one token computed, none returned
+        asked = 1
     for prompt in prompts:
         try:
-            max_tokens = max_tokens_for(info, len(prompt), route.max_tokens(req),
+            max_tokens = max_tokens_for(info, len(prompt), asked,
                                         route.default_max_tokens, route.prompt_param)
         except ContextLengthError as e:
             raise APIError(400, str(e), param=e.param,
@@ -590,10 +637,13 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         if outs is None:
             return Response(status_code=499)  # nobody is listening any more
         choices = [route.choice(i, out, tokenizer, tools) for i, out in enumerate(outs)]
+        usage = run.usage()
+        if isinstance(req, CompletionRequest):
+            _score(req, choices, outs, tokenizer, usage)
         for c in choices:
             if echo[c["index"]]:
                 c["text"] = echo[c["index"]] + c["text"]
-        body = {**answer(route.obj, choices), "usage": run.usage()}
+        body = {**answer(route.obj, choices), "usage": usage}
         if isinstance(req, ChatCompletionRequest):  # the prompt's, once (vLLM's place)
             first = outs[0].prompt_logprobs if outs else None
             body["prompt_logprobs"] = (None if first is None

@@ -237,8 +237,6 @@ def test_vllm_sampling_fields_are_honoured(env):
     texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i)
              for i in (0, 1)]
     assert all(t.startswith("w9 w10") and len(t) > len("w9 w10") for t in texts), texts
-    _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "w1", "echo": True,
-                                         "logprobs": 1}), 400, "echo")
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2,
                                         "prompt_logprobs": 2})
     plp = r.json()["choices"][0]["prompt_logprobs"]
@@ -535,3 +533,47 @@ def test_completion_logprobs_always_hold_the_sampled_token(env):
                    for t, top in zip(lps["tokens"], lps["top_logprobs"]))
     finally:
         c.delete("/admin/tenants/lp1", headers=ADMIN)
+
+
+def test_completions_score_a_prompt_as_harnesses_ask(env):
+    """lm-eval's loglikelihood requests: echo with logprobs and max_tokens 0 or 1. The answer
+    is the prompt's text (then the one token), its logprobs OpenAI's legacy ones starting
+    with the prompt's (None for the first token), each within 1e-4 of transformers' fp32
+    log-softmax; max_tokens 0 returns and counts no token; stream with either is a 400."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    c = env["client"]
+    r = c.post("/admin/tenants", headers=ADMIN, json={"name": "score1", "models": ["tiny"]})
+    key = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    prompt = [5, 17, 9, 33, 2, 41, 8]
+    hf = AutoModelForCausalLM.from_pretrained(str(env["base"]), dtype=torch.float32)
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    try:
+        for max_tokens in (0, 1):
+            r = c.post("/v1/completions", headers=key, json={
+                "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "echo": True,
+                "logprobs": 1, "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            choice, lps = body["choices"][0], body["choices"][0]["logprobs"]
+            assert len(lps["tokens"]) == len(prompt) + max_tokens
+            assert lps["token_logprobs"][0] is None and lps["top_logprobs"][0] is None
+            for i in range(1, len(prompt)):
+                assert abs(lps["token_logprobs"][i] - want[i - 1, prompt[i]].item()) < 1e-4
+                assert lps["tokens"][i] in lps["top_logprobs"][i]
+            assert lps["text_offset"] == sorted(lps["text_offset"])
+            assert len(lps["text_offset"]) == len(lps["tokens"])
+            assert choice["text"].startswith(lps["tokens"][0])  # the prompt's text first
+            assert choice["prompt_logprobs"] is None  # not asked for
+            assert body["usage"]["completion_tokens"] == max_tokens
+        r = c.post("/v1/completions", headers=key, json={"model": "tiny", "prompt": prompt,
+                                                         "max_tokens": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "", r.text
+        assert r.json()["usage"]["completion_tokens"] == 0
+        _err(c.post("/v1/completions", headers=key, json={
+            "model": "tiny", "prompt": prompt, "echo": True, "logprobs": 1, "stream": True}),
+            400, "stream")
+    finally:
+        c.delete("/admin/tenants/score1", headers=ADMIN)
