@@ -344,6 +344,7 @@ class Tokens(_Out):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None  # with return_token_strs (vLLM's)
 
 
 class Detokenized(_Out):

@@ -30,8 +30,7 @@ REFUSED: dict[str, tuple] = {
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1), "truncate_prompt_tokens": (None,), "chat_template": (None,),
-    "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False), "skip_special_tokens": (None, True),
+    "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
     "return_tokens_as_token_ids": (None, False), "prompt_embeds": (None,),
     "documents": (None, []), "mm_processor_kwargs": (None, {}), "reasoning_effort": (None,),
@@ -132,8 +131,11 @@ class CompletionRequest(_Common):
 
     def check_unsupported(self, body: dict) -> None:
         super().check_unsupported(body)
-        for name, neutral in (("tools", (None, [])), ("tool_choice", (None, "none"))):
-            if body.get(name) not in neutral:
+        for name, neutral in (("tools", (None, [])), ("tool_choice", (None, "none")),
+                              ("chat_template_kwargs", (None, {})),
+                              ("add_generation_prompt", (None, True)),
+                              ("continue_final_message", (None, False))):
+            if not any(_same(body.get(name), n) for n in neutral):
                 raise APIError(400, f"{name} is for /v1/chat/completions", param=name,
                                code="unsupported_field")
         if self.stream and (self.scores_prompt or self.max_tokens == 0):
@@ -175,8 +177,37 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+# arguments of apply_chat_template that chat_template_kwargs may not set (the route sets them)
+TEMPLATE_RESERVED = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+    "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"})
+
+
+def template_options(req) -> dict:
+    """The chat template's options of a chat or tokenize request (vLLM's fields): both of
+    add_generation_prompt and continue_final_message true is a 400, as chat_template_kwargs
+    setting an argument the route sets."""
+    if req.add_generation_prompt and req.continue_final_message:
+        raise APIError(400, "continue_final_message needs add_generation_prompt false (both "
+                            "true is contradictory)", param="continue_final_message")
+    extra = req.chat_template_kwargs or {}
+    clash = sorted(set(extra) & TEMPLATE_RESERVED)
+    if clash:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}",
+                       param="chat_template_kwargs")
+    return {"add_generation_prompt": req.add_generation_prompt,
+            "continue_final_message": req.continue_final_message, "template_kwargs": extra}
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    # the chat template's options (vLLM's): prefill the assistant's answer with
+    # continue_final_message (and add_generation_prompt false); chat_template_kwargs go to
+    # the template (e.g. Qwen3's enable_thinking)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -393,6 +424,12 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    # with messages: the chat route's template options and tools
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False  # each token's string too (token_strs)
 
 
 class DetokenizeRequest(BaseModel):

@@ -31,6 +31,7 @@ from gpupool.api.protocol import (
     TokenizeRequest,
     parse,
     sampling_params,
+    template_options,
     validate,
 )
 from gpupool.api.util import read_json
@@ -410,8 +411,9 @@ def _chat_prompts(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> lis
             raise APIError(400, f"model {req.model!r}'s chat template takes no tools (it "
                                 "could not call them)", param="tools")
         tools = req.tools
+    options = template_options(req)
     try:
-        return [chat_prompt(tokenizer, messages, tools)]
+        return [chat_prompt(tokenizer, messages, tools, **options)]
     except RequestError as e:
         raise APIError(400, str(e), param="messages") from e
 
@@ -721,15 +723,16 @@ async def tokenize_route(state, request: Request, tenant_path: str | None = None
         if req.messages is not None:
             messages = [_template_message(m) for m in req.messages]  # as the chat route
             try:
-                return chat_prompt(tokenizer, messages)
+                return chat_prompt(tokenizer, messages, req.tools, **template_options(req))
             except RequestError as e:
                 raise APIError(400, str(e), param="messages") from e
         special = True if req.add_special_tokens is None else req.add_special_tokens
         return list(tokenizer(req.prompt, add_special_tokens=special)["input_ids"])
 
     ids = await asyncio.to_thread(ids_of)
+    strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return JSONResponse({"count": len(ids), "max_model_len": info.context_limit,
-                         "tokens": ids})
+                         "tokens": ids, "token_strs": strs})
 
 
 async def detokenize_route(state, request: Request, tenant_path: str | None = None):

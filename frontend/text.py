@@ -70,17 +70,20 @@ def tokenize(tokenizer, prompt: str | list[int], vocab_size: int,
     return ids
 
 
-def chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None
-                ) -> list[int]:
-    """The chat template applied to ``messages`` (with the generation prompt, and ``tools``
-    when given), tokenised without adding special tokens again; RequestError if there is no
-    template or it refuses."""
+def chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                template_kwargs: dict | None = None) -> list[int]:
+    """The chat template applied to ``messages`` (with the generation prompt unless told
+    otherwise, the last message left open with ``continue_final_message``, ``tools`` when
+    given, ``template_kwargs`` passed to the template), tokenised without adding special
+    tokens again; RequestError if there is no template or it refuses."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions")
     try:
-        kw = {"tools": tools} if tools else {}
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False, **kw)
+        kw = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+            continue_final_message=continue_final_message, **kw)
     except Exception as e:  # a template may raise on an order of roles it does not allow
         raise RequestError(f"the chat template refused the messages: {e}") from e
     try:

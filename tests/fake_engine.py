@@ -47,8 +47,11 @@ class CharTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i < FIRST))
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False,
+                            continue_final_message=False, **template_kwargs):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if continue_final_message:
+            text = text.removesuffix("\n")
         return text + ("assistant: " if add_generation_prompt else "")
 
 

@@ -422,3 +422,31 @@ def test_chat_prompt_logprobs_sit_at_the_top_level_with_ranks(served):
     ranks = [v["rank"] for d in plp[1:] for v in d.values()]
     assert all(isinstance(k, int) and k >= 1 for k in ranks)
     assert max(ranks) > 2  # prompt tokens outside the top alternative have their rank
+
+
+def test_chat_template_options_prefill_the_answer(served):
+    """vLLM's continue_final_message / add_generation_prompt / chat_template_kwargs on the chat
+    route and /tokenize (which also takes tools and return_token_strs): the prefilled answer
+    is the prompt's end, left open; contradictions and reserved template arguments are 400s."""
+    msgs = [{"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "The colour is"}]
+    prefill = {"add_generation_prompt": False, "continue_final_message": True}
+    r = _post(served, "/tokenize", {"model": "smollm2", "messages": msgs, **prefill,
+                                    "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    tok = r.json()
+    assert len(tok["token_strs"]) == tok["count"] == len(tok["tokens"])
+    d = _post(served, "/detokenize", {"model": "smollm2", "tokens": tok["tokens"]}).json()
+    assert d["prompt"].endswith("The colour is")  # open: no end-of-turn after it
+    gen = _post(served, "/tokenize", {"model": "smollm2", "messages": msgs[:1]}).json()
+    bare = _post(served, "/tokenize", {"model": "smollm2", "messages": msgs[:1],
+                                       "add_generation_prompt": False}).json()
+    assert bare["count"] < gen["count"]  # the assistant header only with the prompt
+    chat = {"model": "smollm2", "messages": msgs, "max_tokens": 3, "temperature": 0}
+    r = _post(served, "/v1/chat/completions", {**chat, **prefill,
+                                               "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == tok["count"], r.text
+    r = _post(served, "/v1/chat/completions", {**chat, "continue_final_message": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+    r = _post(served, "/v1/chat/completions", {**chat, "chat_template_kwargs": {"tokenize": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
