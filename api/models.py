@@ -145,7 +145,7 @@ class ModelManager:
     # ---- admin changes --------------------------------------------------------------------
     def check_path(self, path, gguf: bool = False) -> str:
         """``path`` resolved, if it is a folder (or, with ``gguf``, a ``.gguf`` file) under a
-        model root; else an APIError."""
+        model root; else an APIError (404 where nothing is there, as vLLM answers)."""
         if not isinstance(path, str) or not path or "\x00" in path:
             raise APIError(400, "path must be a non-empty string without NUL", param="path")
         if not self.roots:
@@ -160,6 +160,9 @@ class ModelManager:
         if not inside:
             raise APIError(403, f"path {path!r} is outside the allowed model roots",
                            param="path", code="path_not_allowed")
+        if not resolved.exists():  # vLLM's answer for a LoRA path that is not there
+            raise APIError(404, f"path {path!r} does not exist", param="path",
+                           code="not_found")
         is_gguf = gguf and resolved.suffix == ".gguf" and resolved.is_file()
         if not resolved.is_dir() and not is_gguf:
             raise APIError(400, f"path {path!r} is not a folder" + (" or a .gguf file" if gguf

@@ -577,3 +577,16 @@ def test_completions_score_a_prompt_as_harnesses_ask(env):
             400, "stream")
     finally:
         c.delete("/admin/tenants/score1", headers=ADMIN)
+
+
+def test_a_missing_adapter_folder_is_404_and_outside_the_roots_403(env):
+    """vLLM answers 404 for a LoRA path that is not there; a path outside the model roots
+    stays refused (403) whether or not it exists."""
+    c = env["client"]
+    body = {"lora_name": "ghost", "lora_path": str(env["root"] / "no-such-adapter")}
+    assert _err(c.post("/v1/load_lora_adapter", headers=ADMIN, json=body), 404,
+                "path")["code"] == "not_found"
+    for where in (env["outside"] / "no-such", env["outside"]):
+        _err(c.post("/v1/load_lora_adapter", headers=ADMIN,
+                    json={"lora_name": "ghost", "lora_path": str(where)}), 403, "path")
+    assert "ghost" not in c.get("/admin/adapters", headers=ADMIN).text
