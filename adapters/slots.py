@@ -232,7 +232,8 @@ class AdapterSlots:
         """Start reading the adapter's host copy in the background (a queued request's
         whose copy the host cache dropped, while steps run), unless it has one, is being
         read, ``limit`` reads are in flight, or the reads would hold more than the host
-        budget. Whether a read started. The copy joins the host cache (which drops its least
+        budget (beside the cache's own: at most twice the budget in all). Whether a read
+        started. The copy joins the host cache (which drops its least
         recent copies past the budget) when :meth:`load_host` asks for it; a failed read is
         repeated there, where its error reaches the request."""
         if (name in self.host or name in self._reading or name not in self.loaders
@@ -254,8 +255,16 @@ class AdapterSlots:
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._reader = None
 
+    def keep_reads(self, names) -> None:
+        """Drop the background reads of adapters not in ``names`` (their requests were
+        aborted or already ran): they would hold memory and places in the reader's queue."""
+        for name in [n for n in self._reading if n not in names]:
+            self._reading.pop(name).cancel()
+
     def _read(self, name: str) -> torch.Tensor:
         future = self._reading.pop(name, None)
+        if future is not None and future.cancel():  # not started: read it here, now
+            future = None
         if future is not None:
             try:
                 buf = future.result()
@@ -300,9 +309,13 @@ class AdapterSlots:
             raise AdapterError(f"{len(names)} adapters in one step, {self.num_slots} slots")
         owners = owners or {}
         self.pinned = set(names)
-        for name in names:
+        for name in names:  # a resident adapter is charged to the tenant using it now
             if name in self.resident:
                 self.resident.move_to_end(name)
+                if name in owners:
+                    self.owner[name] = owners[name]
+        for name in names:
+            if name in self.resident:
                 continue
             tenant = owners.get(name)
             used = set(self.resident.values())

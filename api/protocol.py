@@ -65,7 +65,7 @@ class _Common(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension
     min_p: float | None = None  # vLLM's extension
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # 64-bit signed, as vLLM
     # size limits: a request's cost on the event loop and in the engine stays bounded (a 400
     # naming the field past them)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None

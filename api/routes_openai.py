@@ -587,7 +587,8 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
             raise APIError(400, str(e), param=e.param,
                            code="context_length_exceeded") from None
         for k in range(req.n):
-            seed = None if req.seed is None else req.seed + k
+            # choice k's seed, wrapped into the signed 64-bit range
+            seed = None if req.seed is None else (req.seed + k + 2**63) % 2**64 - 2**63
             params = sampling_params(req, max_tokens, route.logprobs(req), seed, tokenizer)
             rid = f"{call_id}-{len(out)}"
             salt = tenant.cache_salt(req.cache_salt) if tenant else req.cache_salt

@@ -209,7 +209,7 @@ class EngineCore:
             self.cost.observe_swap(out.model, swap.seconds)
         if self.prefetch:
             self._prefetch(out.model)
-        self._prefetch_adapters(out.model, worker)
+        self._prefetch_adapters(out, worker)
         start = time.perf_counter()
         self.last_used[out.model] = time.time()
         rows = batch_rows(out)
@@ -219,17 +219,18 @@ class EngineCore:
                                sum(n for n, x in zip(new, out.scheduled) if not x.is_decode))
         return logits
 
-    def _prefetch_adapters(self, model: str, worker) -> None:
+    def _prefetch_adapters(self, out: SchedulerOutput, worker) -> None:
         """Start reading the adapters of the model's queued requests (the first
         ADAPTER_PREFETCH_DEPTH waiting, oldest first) from disk while this step runs, so
         their first step finds a host copy. An optimisation: a failure is logged."""
         if worker.slots is None:
             return
+        model = out.model
         waiting = self.scheduler.waiting.get(model, ())
         names = dict.fromkeys(s.adapter for s in itertools.islice(
             waiting, ADAPTER_PREFETCH_DEPTH) if s.adapter is not None)
         try:
-            worker.prefetch_adapters(names)
+            worker.prefetch_adapters(names, {x.seq.adapter for x in out.scheduled})
         except Exception:
             logger.exception("adapter prefetch for %s failed", model)
 

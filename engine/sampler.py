@@ -11,7 +11,10 @@ another) samples exactly what the uninterrupted one would have.
 Top-k and top-p rows are cut from their most likely tokens (``torch.topk``, sorted) instead of
 a sort of the whole vocabulary: a top-p row takes CANDIDATES[0] of them, more (the next count,
 then all of its vocabulary) while those hold no more than its top_p. ``filtered_probs`` is the
-one-row statement of the same distribution (tests hold the batched draw to it).
+one-row statement of the same distribution (tests hold the batched draw to it), except
+where tokens tie at the k-th probability: it keeps them all, the batched draw the first k
+(equal probabilities in token id order). Batch invariance is tested on CPU; on CUDA the ops
+are per row too, unverified on a GPU yet.
 """
 
 from __future__ import annotations
@@ -100,10 +103,16 @@ def _draw_cut(probs, ps, ks, u, chosen, where) -> None:
         rows = [where[j] for j in cut]
         mine = probs if len(rows) == probs.shape[0] else probs[rows]
         vals, ids = torch.topk(mine, k, dim=-1)  # sorted, most likely first
-        # renormalised within the top k (as a softmax after masking the rest); a row without
-        # top_k keeps the whole vocabulary's normalisation
+        # equal probabilities in token id order (topk's order among ties is its own)
+        by_id = torch.argsort(ids, dim=-1, stable=True)
+        vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
+        vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
+        ids = ids.gather(1, order)
+        # renormalised within the top k (as a softmax after masking the rest; the total is
+        # the sequential cumulative sum's, not a reduction of the row's own choosing); a row
+        # without top_k keeps the whole vocabulary's normalisation
         limited = col([ks[j] < vocab for j in cut], torch.bool)
-        vals = torch.where(limited, vals / vals.sum(-1, keepdim=True), vals)
+        vals = torch.where(limited, vals / torch.cumsum(vals, dim=-1)[:, -1:], vals)
         top_p = col([ps[j].top_p for j in cut])
         cum = torch.cumsum(vals, dim=-1)
         kept = vals.masked_fill(cum - vals > top_p, 0.0)  # the smallest prefix reaching top_p

@@ -18,6 +18,10 @@
 #define HAVE_GEMV_BF16 1
 #define HAVE_PREFILL_ATTENTION 1  /* the same two builds (see prefill_item) */
 #endif
+/* the int8 products: AVX-512 BW (the int16 multiply-adds) and DQ (int64 -> float) */
+#if defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define HAVE_GEMV_INT8 1
+#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>  /* the GEMVs, attention and LoRA use intrinsics; the rest is portable C */
 #endif
@@ -201,7 +205,7 @@ int gp_gemv_features(void) {
 #if defined(HAVE_GEMV_BF16) && !defined(__AVX512BF16__)
     f |= 8;
 #endif
-#ifdef __AVX512BW__
+#ifdef HAVE_GEMV_INT8
     f |= 2;
 #endif
     return f;
@@ -1107,7 +1111,7 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * products, the 4 accumulators' sum 6.4e8 < 2^31 a lane, the lanes and the blocks summed in
  * int64 (16 lanes of a long row can pass 2^31: a constant row of 1536 would give 6.4e9); in
  * the tiles, a lane is added into int64 every I8_FLUSH pairs; converted to float32 once. */
-#ifdef __AVX512BW__
+#ifdef HAVE_GEMV_INT8
 #define I8_BLOCK 2048
 /* many rows of x (the tiled path, gemv_i8_tiles): W's rows I8_NB at a time widened and laid
  * out as column pairs (a panel, read from L2 by every tile), I8_MR rows of x a tile; an int32
@@ -1376,7 +1380,7 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
                   int64_t N, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
                   uint16_t *y, int64_t ldy, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
-#ifdef __AVX512BW__
+#ifdef HAVE_GEMV_INT8
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * ((K + 31) / 32 * 32)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     if (!xq || !xs) { free(xq); free(xs); return; }
@@ -1601,7 +1605,7 @@ int gp_abi_version(void) { return GP_ABI_VERSION; }
 static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
                       const uint16_t *s, const uint16_t *b, int64_t N, uint16_t *y, int16_t *xq,
                       float *xs) {
-#ifdef __AVX512BW__
+#ifdef HAVE_GEMV_INT8
     if (s)
         gemv_int8_body(x, M, K, K, (const int8_t *)W, N, K, s, b, y, N, xq, xs);
 #else
@@ -1611,7 +1615,7 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
     if (!s)
         gemv_bf16_body(x, M, K, K, (const uint16_t *)W, N, K, b, y, N);
 #endif
-#if !defined(HAVE_GEMV_BF16) && !defined(__AVX512BW__)
+#if !defined(HAVE_GEMV_BF16) && !defined(HAVE_GEMV_INT8)
     (void)x; (void)M; (void)K; (void)W; (void)s; (void)b; (void)N; (void)y;
 #endif
 }

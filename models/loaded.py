@@ -165,7 +165,7 @@ class LoadedModel:
         self.weight_pool.release_adapters(self.name)
         try:
             self.slots = self._make_slots(ranks, old.num_slots)
-        except AdapterError:  # the old layout fitted where it was: made again there
+        except Exception:  # the old layout fitted where it was: made again there
             self.slots = self._make_slots(old.group_ranks, old.num_slots)
             raise
         finally:
@@ -224,11 +224,13 @@ class LoadedModel:
                 self.weight_pool.release_adapters(self.name)
         self.adapter_targets.pop(name, None)
 
-    def prefetch_adapters(self, names) -> int:
+    def prefetch_adapters(self, names, running=()) -> int:
         """Start reading the host copies of ``names`` (queued requests' adapters, in the
-        order they will run) beside the steps; how many reads started."""
+        order they will run) beside the steps, and drop reads of adapters neither queued
+        nor in ``running`` (this step's); how many reads started."""
         if self.slots is None:
             return 0
+        self.slots.keep_reads(set(names) | set(running))
         return sum(self.slots.prefetch(n) for n in names
                    if n not in self.slots.resident)
 
@@ -239,7 +241,10 @@ class LoadedModel:
             return None
         if len(names) > self.slots.num_slots:  # slots follow demand (within the capacity)
             self._grow_slots(len(names))
-        owners = {item.adapter: item.tenant for item in batch if item.adapter}
+        owners: dict = {}  # each adapter charged to its first row's tenant (the scheduler's)
+        for item in batch:
+            if item.adapter:
+                owners.setdefault(item.adapter, item.tenant)
         slot_of = self.slots.ensure(names, owners, self.adapter_config.max_loras_per_tenant)
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
                                self.slots.views, self.device, self.model.ops,

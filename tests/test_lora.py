@@ -468,3 +468,20 @@ def test_one_tenants_adapters_cannot_push_out_anothers(lora_setup, mixed):
         assert steps and max(len(s) for s in steps) == 2
     finally:
         e.shutdown()
+
+
+def test_a_shared_adapter_is_charged_to_the_tenant_using_it(tiny_models):
+    """Three slots, a cap of one a tenant: tenant a loaded X; now tenant b's row uses X and
+    a brings Y. X is charged to b (its user now), so a holds one slot (Y), not two."""
+    cfg = ModelConfig.from_folder(tiny_models("llama"))
+    ranks = {"qkv": 4}
+    memory = torch.zeros(AdapterSlots.num_bytes(cfg, 3, ranks, torch.float32),
+                         dtype=torch.uint8)
+    slots = AdapterSlots(cfg, 3, ranks, torch.float32, memory)
+    for name in ("C", "X", "Y", "Z"):
+        slots.add(name, 4, dict)  # no weights: zero slots are enough here
+    for name, tenant in (("C", "c"), ("X", "a"), ("Z", "z")):
+        slots.ensure({name}, {name: tenant}, 1)
+    slots.ensure({"X", "Y"}, {"X": "b", "Y": "a"}, 1)
+    assert slots.owner == {"X": "b", "Y": "a", "Z": "z"}  # C, the least recent, evicted
+    slots.check_integrity()
