@@ -103,11 +103,11 @@ def _draw_cut(probs, ps, ks, u, chosen, where) -> None:
         rows = [where[j] for j in cut]
         mine = probs if len(rows) == probs.shape[0] else probs[rows]
         vals, ids = torch.topk(mine, k, dim=-1)  # sorted, most likely first
-        # equal probabilities in token id order (topk's order among ties is its own)
-        by_id = torch.argsort(ids, dim=-1, stable=True)
-        vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
-        vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
-        ids = ids.gather(1, order)
+        if dev.type != "cpu":  # equal probabilities in token id order: CUDA's topk picks
+            by_id = torch.argsort(ids, dim=-1, stable=True)  # an algorithm by the rows
+            vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)  # (CPU's works on a row
+            vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)  # alone)
+            ids = ids.gather(1, order)
         # renormalised within the top k (as a softmax after masking the rest; the total is
         # the sequential cumulative sum's, not a reduction of the row's own choosing); a row
         # without top_k keeps the whole vocabulary's normalisation
