@@ -207,10 +207,16 @@ class AdapterSlots:
             self._mirror_rows[:count].copy_(old_mirror)
         self.native_weights.clear()  # addresses of the old range
 
+    def ranks_with(self, rank: int, targets) -> dict[str, int]:
+        """The layout's group ranks widened to hold an adapter of ``rank`` on ``targets``."""
+        out = dict(self.group_ranks)
+        for group, r in group_ranks([(rank, targets)]).items():
+            out[group] = max(out.get(group, 0), r)
+        return out
+
     def holds(self, rank: int, targets) -> bool:
         """Whether the layout has room for an adapter of ``rank`` on ``targets``."""
-        need = group_ranks([(rank, targets)])
-        return all(self.group_ranks.get(g, 0) >= r for g, r in need.items())
+        return self.ranks_with(rank, targets) == self.group_ranks
 
     def add(self, name: str, rank: int, loader) -> None:
         """Register an adapter (the layout :meth:`holds` it): ``loader()`` returns its weights
@@ -231,12 +237,13 @@ class AdapterSlots:
     def prefetch(self, name: str, limit: int = 8) -> bool:
         """Start reading the adapter's host copy in the background (a queued request's
         whose copy the host cache dropped, while steps run), unless it has one, is being
-        read, ``limit`` reads are in flight, or the reads would hold more than the host
-        budget (beside the cache's own: at most twice the budget in all). Whether a read
-        started. The copy joins the host cache (which drops its least
+        read or on the device, ``limit`` reads are in flight, or the reads would hold more
+        than the host budget (beside the cache's own: at most twice the budget in all).
+        Whether a read started. The copy joins the host cache (which drops its least
         recent copies past the budget) when :meth:`load_host` asks for it; a failed read is
         repeated there, where its error reaches the request."""
-        if (name in self.host or name in self._reading or name not in self.loaders
+        if (name in self.host or name in self._reading or name in self.resident
+                or name not in self.loaders
                 or len(self._reading) >= limit
                 or (len(self._reading) + 1) * self.layout.num_bytes > self.host_budget):
             return False

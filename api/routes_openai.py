@@ -314,12 +314,13 @@ def _completion_logprobs(tokenizer, lps, text_start: int = 0):
         return None
     tokens, token_lps, tops, offsets = [], [], [], []
     pos = text_start
-    for tid, lp, top in lps:
+    for tid, lp, top in lps:  # lp None: an echoed prompt's first token
         t = _token_text(tokenizer, tid)
         tokens.append(t)
-        token_lps.append(_lp(lp))
+        token_lps.append(None if lp is None else _lp(lp))
         # vLLM's rule: the sampled token is always among them (logprobs: 0 gives just it)
-        tops.append({t: _lp(lp), **{_token_text(tokenizer, i): _lp(v) for i, v in top}})
+        tops.append(None if lp is None else
+                    {t: _lp(lp), **{_token_text(tokenizer, i): _lp(v) for i, v in top}})
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
@@ -342,45 +343,24 @@ def _chat_logprobs(tokenizer, lps):
 def _score(req: CompletionRequest, choices: list[dict], outs, tokenizer, usage: dict):
     """Completions that score a prompt: max_tokens 0 returns no token (its one computed
     token dropped, none counted); echo with logprobs starts the logprobs with the prompt's
-    (OpenAI's legacy format: None for the first token), prompt_logprobs only where asked."""
+    (OpenAI's legacy format: None for the first token; top alternatives as many as
+    ``logprobs``), prompt_logprobs only where asked."""
     zero = req.max_tokens == 0
     if zero:
         usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
     for c, out in zip(choices, outs):
+        generated = () if zero else out.logprobs or ()
         if zero:
             c["text"] = ""
-            if c["logprobs"] is not None:
-                c["logprobs"] = _completion_logprobs(tokenizer, ())
         if req.scores_prompt:
-            c["logprobs"] = _prompt_scores(tokenizer, out, req.logprobs, c["logprobs"])
+            scored = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            prompt = [(tid, None, ()) if e is None else (tid, e[1], e[2][:req.logprobs])
+                      for tid, e in zip(out.prompt_token_ids, scored)]
+            c["logprobs"] = _completion_logprobs(tokenizer, prompt + list(generated))
             if req.prompt_logprobs is None:
                 c["prompt_logprobs"] = None
-
-
-def _prompt_scores(tokenizer, out, k: int, generated: dict | None) -> dict:
-    """The prompt's tokens, logprobs (None first), top alternatives (with the token itself,
-    as for generated tokens) and offsets, followed by ``generated``'s, offsets running on."""
-    tokens, lps, tops, offsets, pos = [], [], [], [], 0
-    for i, tid in enumerate(out.prompt_token_ids):
-        t = _token_text(tokenizer, tid)
-        entry = out.prompt_logprobs[i] if out.prompt_logprobs else None
-        tokens.append(t)
-        offsets.append(pos)
-        pos += len(t)
-        if entry is None:
-            lps.append(None)
-            tops.append(None)
-            continue
-        lps.append(_lp(entry[1]))
-        tops.append({t: _lp(entry[1]), **{_token_text(tokenizer, j): _lp(v)
-                                          for j, v in entry[2][:k]}})
-    if generated:
-        tokens += generated["tokens"]
-        lps += generated["token_logprobs"]
-        tops += generated["top_logprobs"]
-        offsets += [pos + o for o in generated["text_offset"]]
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
-            "text_offset": offsets}
+        elif zero and c["logprobs"] is not None:
+            c["logprobs"] = _completion_logprobs(tokenizer, generated)
 
 
 def _sse(obj) -> str:
@@ -543,9 +523,9 @@ def _prompt_logprobs(tokenizer, entries) -> list:
         if e is None:
             out.append(None)
             continue
-        token, lp, top, *rank = e
+        token, lp, top, rank = e
         ranks = {t: r + 1 for r, (t, _) in enumerate(top)}
-        d = {str(token): {"logprob": lp, "rank": rank[0] if rank else ranks.get(token),
+        d = {str(token): {"logprob": lp, "rank": rank,
                           "decoded_token": tokenizer.decode([token])}}
         for t, v in top:
             d.setdefault(str(t), {"logprob": v, "rank": ranks[t],

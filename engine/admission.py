@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from gpupool.adapters.base import AdapterError
 from gpupool.engine.registry import ModelRegistry
-from gpupool.messages.errors import RequestError, check_token_ids, named
+from gpupool.messages.errors import RequestError, check_token_ids
 from gpupool.messages.types import EngineRequest
 from gpupool.pool.pages import PagePool
 
@@ -66,10 +66,7 @@ def _check_params(req: EngineRequest, worker) -> None:
     bad = [t for seq in params.bad_words_token_ids or () for t in seq]
     for name, ids in (("allowed_token_ids", allowed), ("stop_token_ids", params.stop_token_ids),
                       ("logit_bias", biased), ("bad_words", bad)):
-        wrong = [t for t in ids or () if t >= vocab]
-        if wrong:
-            raise RequestError(f"{name} must be below the vocabulary size {vocab}; got "
-                               f"{named(wrong)}")
+        check_token_ids(ids or (), vocab, name)
     ends = set(params.stop_token_ids) | (set() if params.ignore_eos
                                          else set(worker.eos_token_ids))
     if allowed and params.min_tokens and set(allowed) <= ends:

@@ -19,6 +19,8 @@ are per row too, unverified on a GPU yet.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from gpupool.kernels import native
@@ -74,6 +76,11 @@ def uniform(seed: int, index: int) -> float:
     return (token_seed(seed, index) >> 11) * 2.0**-53
 
 
+def _column(values, dtype=torch.float32, *, device) -> torch.Tensor:
+    """One value a row, [R, 1]."""
+    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row of ``probs`` [R, N] (non-negative, not all zero), the first index whose
     cumulative sum (float64, in index order) passes ``u`` [R] times the row's total."""
@@ -90,8 +97,7 @@ def _draw_cut(probs, ps, ks, u, chosen, where) -> None:
     row's ops depend on what shares its batch."""
     dev, vocab = probs.device, probs.shape[1]
 
-    def col(values, dtype=torch.float32):
-        return torch.tensor(values, dtype=dtype, device=dev).unsqueeze(1)
+    col = functools.partial(_column, device=dev)
 
     rounds = [c for c in CANDIDATES if c < vocab] + [vocab]
     need = {j: ks[j] if ks[j] < vocab else rounds[0] for j in range(len(ps))}
@@ -141,8 +147,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     ps = [params[r] for r in rows]
     vocab = logits.shape[1]
 
-    def col(values, dtype=torch.float32):
-        return torch.tensor(values, dtype=dtype, device=dev).unsqueeze(1)
+    col = functools.partial(_column, device=dev)
 
     x = (logits if len(rows) == len(params) else logits[rows]).float()
     if any(p.temperature != 1.0 for p in ps):

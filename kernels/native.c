@@ -113,14 +113,9 @@ SIMD_HELPER __m512 exp512(__m512 x) {
 /* out[e] = the sum of v[e]'s 16 lanes, for 16 vectors at once, in gemv_hsum's tree
  * (s_i = v_{i+8} + v_i, t_j = s_{j+4} + s_j, (t_0 + t_2) + (t_1 + t_3)): each level adds the
  * same lanes, gathered from several vectors by shuffles (45 instructions for 16 sums instead
- * of ~160). integer: the lanes are int32, added as such (exact in any order); else float32,
- * each level behind an empty asm so -ffast-math cannot reassociate it. */
-static inline __attribute__((always_inline, unused)) __m512 sum16_tree(const __m512 *v,
-                                                                       const int integer) {
-#define TREE_ADD(x, y)                                                                    \
-    (integer ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(x),               \
-                                                    _mm512_castps_si512(y)))              \
-             : _mm512_add_ps(x, y))
+ * of ~160), each level behind an empty asm so -ffast-math cannot reassociate it. */
+static inline __attribute__((always_inline, unused)) __m512 sum16_tree(const __m512 *v) {
+#define TREE_ADD(x, y) _mm512_add_ps(x, y)
     __m512 a[8], b[4], c[2];
     for (int p = 0; p < 8; p++) {  /* s: lanes i and i + 8 of v[2p] (low half), v[2p+1] */
         a[p] = TREE_ADD(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xee),
@@ -925,7 +920,7 @@ static inline float gacc_sum(gacc_t a) {
 }
 
 /* gemv_hsum of each of 16 accumulators, at once */
-static inline __m512 gacc_sum16(const __m512 *v) { return sum16_tree(v, 0); }
+static inline __m512 gacc_sum16(const __m512 *v) { return sum16_tree(v); }
 #else
 #define GT_M 2
 #define GT_N 4
@@ -1113,7 +1108,7 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * the tiles, a lane is added into int64 every I8_FLUSH pairs; converted to float32 once. */
 #ifdef HAVE_GEMV_INT8
 #define I8_BLOCK 2048
-/* many rows of x (the tiled path, gemv_i8_tiles): W's rows I8_NB at a time widened and laid
+/* many rows of x (the tiled path, i8_tile): W's rows I8_NB at a time widened and laid
  * out as column pairs (a panel, read from L2 by every tile), I8_MR rows of x a tile; an int32
  * lane takes I8_FLUSH pairs' products (two of at most 128 x 32767 each a pair: 2.147e9 <
  * 2^31) before it is added into the tile's int64 totals */

@@ -36,7 +36,7 @@ def error_from(kind: str, message: str) -> EngineError:
     return ERRORS.get(kind, EngineError)(message)
 
 
-def named(values) -> str:
+def _named(values) -> str:
     """Offending values for an error message: each once, in order, at most 8 shown."""
     shown = list(dict.fromkeys(repr(v) for v in values))
     more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
@@ -50,4 +50,4 @@ def check_token_ids(ids, vocab: int, what: str = "prompt") -> None:
              if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
     if wrong:
         raise RequestError(f"{what} token ids must be integers in [0, {vocab}); got "
-                           f"{named(wrong)}")
+                           f"{_named(wrong)}")

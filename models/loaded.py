@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gpupool.adapters.base import GROUPS, AdapterConfig, AdapterError
+from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots, group_ranks
 from gpupool.kernels import backend, native
@@ -160,8 +160,7 @@ class LoadedModel:
         a few times at most, with the largest rank and the targeted projections)."""
         old = self.slots
         old.close()
-        ranks = group_ranks([(old.group_ranks.get(g, 0), [p for p, _ in projs])
-                             for g, (_, projs) in GROUPS.items()] + [(rank, targets)])
+        ranks = old.ranks_with(rank, targets)
         self.weight_pool.release_adapters(self.name)
         try:
             self.slots = self._make_slots(ranks, old.num_slots)
@@ -231,8 +230,7 @@ class LoadedModel:
         if self.slots is None:
             return 0
         self.slots.keep_reads(set(names) | set(running))
-        return sum(self.slots.prefetch(n) for n in names
-                   if n not in self.slots.resident)
+        return sum(self.slots.prefetch(n) for n in names)
 
     def _lora_batch(self, batch: list[BatchRow]) -> LoraBatch | None:
         rows = [item.adapter for item in batch for _ in item.token_ids]

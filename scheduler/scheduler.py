@@ -230,7 +230,7 @@ class Scheduler:
         self._swap_out, self._swap_in = [], []
         self._step += 1
         step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model],
-                     self.max_tenant_adapters.get(model, 1 << 30))
+                     self.max_tenant_adapters[model])
         decoding = sum(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model])
         if decoding:
             step.prefill_cap = min(step.budget, self.prefill_cap(model, decoding))
