@@ -8,14 +8,16 @@ Paths given to the admin API must resolve, symlinks followed, under a ``--model-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.state import StateStore
-from gpupool.config import ServerConfig
+from gpupool.config import ServerConfig, check_model_options
 from gpupool.config import check_name as config_check_name
+from gpupool.frontend.reasoning import END, START, marker_ids
 from gpupool.messages.client import EngineClient
 from gpupool.messages.errors import AdapterError, ModelLoadError, RequestError
 from gpupool.messages.types import AddAdapter, AddModel, RemoveAdapter, RemoveModel
@@ -58,8 +60,17 @@ class ModelManager:
     def models(self) -> dict[str, dict]:
         out = {n: dict(v) for n, v in self.store.models().items()}
         for n, m in self.static_models.items():
-            out[n] = {"path": m.path, "ttft_ms": m.ttft_ms, "tbt_ms": m.tbt_ms}
+            out[n] = _spec(m)
         return {n: v for n, v in out.items() if n not in self._removed}
+
+    def spec_of(self, name: str) -> dict:
+        """The registration of ``name``'s base model (``name`` may be an adapter): its
+        ``reasoning_parser`` and ``task`` decide how the routes serve it; {} if unknown."""
+        models = self.models()
+        if name not in models:
+            base = self.adapters(models).get(name, {}).get("base")
+            name = base if base is not None else name
+        return models.get(name, {})
 
     def adapters(self, models: dict | None = None) -> dict[str, dict]:
         """Adapters whose base is known (``models``: the result of ``models()`` if already
@@ -127,14 +138,17 @@ class ModelManager:
         await self.client.command(AddModel(name, spec["path"], spec.get("ttft_ms") or None,
                                            spec.get("tbt_ms") or None, spec.get("dtype"),
                                            spec.get("quantization")))
+        if spec.get("reasoning_parser") and marker_ids(self.client.tokenizer(name)) is None:
+            with contextlib.suppress(RequestError):
+                await self.client.command(RemoveModel(name))
+            raise ValueError(f"reasoning_parser {spec['reasoning_parser']}: the model's "
+                             f"vocabulary has no {START} and {END} tokens")
         logger.info("loaded model %s from %s", name, spec["path"])
 
     async def load_static(self) -> None:
         """Config and flag models and adapters, loaded at start (errors stop the server)."""
         for name, m in self.static_models.items():
-            await self._load_model(name, {"path": m.path, "ttft_ms": m.ttft_ms,
-                                          "tbt_ms": m.tbt_ms, "dtype": m.dtype,
-                                          "quantization": m.quantization})
+            await self._load_model(name, _spec(m))
         for name, a in self.static_adapters.items():
             if a.base not in self.static_models and a.base not in self.store.models():
                 raise ValueError(f"adapter {name!r}: base model {a.base!r} is not declared")
@@ -182,10 +196,10 @@ class ModelManager:
                                 "add it again once they are done", param="name",
                            code="name_draining", headers={"Retry-After": "1"})
 
-    async def add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None,
-                        dtype=None, quantization=None) -> None:
+    async def add_model(self, name: str, path: str, **options) -> None:
+        """``options``: ttft_ms, tbt_ms, dtype, quantization, reasoning_parser, task."""
         async with self._lock:
-            await self._add_model(name, path, ttft_ms, tbt_ms, dtype, quantization)
+            await self._add_model(name, path, **options)
 
     async def add_adapter(self, name: str, base: str, path: str) -> None:
         async with self._lock:
@@ -219,17 +233,21 @@ class ModelManager:
         async with self._lock:
             await self._remove_adapter(name)
 
-    async def _add_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None,
-                         dtype=None, quantization=None) -> None:
+    async def _add_model(self, name: str, path: str, **options) -> None:
         check_name(name)
+        try:
+            check_model_options(name, options.get("reasoning_parser"),
+                                options.get("task") or "generate")
+        except ValueError as e:
+            raise APIError(400, str(e), param="reasoning_parser") from None
         path = self.check_path(path, gguf=True)
         self._check_free(name)
+        spec = {"path": path, **options}
         try:
-            await self._load_model(name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms,
-                                          "dtype": dtype, "quantization": quantization})
+            await self._load_model(name, spec)
         except (ModelLoadError, RequestError, ValueError, OSError) as e:
             raise APIError(400, f"cannot load model {name!r}: {e}", param="path") from e
-        self.store.put_model(name, path, ttft_ms, tbt_ms, dtype, quantization)
+        self.store.put_model(name, spec)
         self._removed.discard(name)
 
     async def _add_adapter(self, name: str, base: str, path: str) -> None:
@@ -275,6 +293,13 @@ class ModelManager:
         self.store.revoke_grants(name)
         if name in self.static_adapters:
             self._removed.add(name)
+
+
+def _spec(m) -> dict:
+    """A config or flag model's registration, as the admin API stores one."""
+    return {"path": m.path, "ttft_ms": m.ttft_ms, "tbt_ms": m.tbt_ms, "dtype": m.dtype,
+            "quantization": m.quantization, "reasoning_parser": m.reasoning_parser,
+            "task": m.task}
 
 
 def _same_folder(a: str, b: str | None) -> bool:

@@ -224,6 +224,8 @@ class ModelInfo(_Out):
     resident: bool
     ttft_ms: float | None
     tbt_ms: float | None
+    reasoning_parser: str | None
+    task: str
 
 
 class ModelInfoList(_Out):

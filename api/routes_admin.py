@@ -29,6 +29,8 @@ class ModelBody(_Body):
     tbt_ms: float | None = Field(None, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     quantization: Literal["int8", "none"] | None = None
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
+    task: Literal["generate", "embed"] = "generate"
 
 
 class AdapterBody(_Body):
@@ -94,7 +96,7 @@ def router(state) -> APIRouter:
     # ---- models -------------------------------------------------------------------------
     async def add_model(request):
         b = await _body(state, request, ModelBody)
-        await models.add_model(b.name, b.path, b.ttft_ms, b.tbt_ms, b.dtype, b.quantization)
+        await models.add_model(b.name, b.path, **b.model_dump(exclude={"name", "path"}))
         return JSONResponse({"name": b.name, "path": models.models()[b.name]["path"],
                              "loaded": True}, status_code=201)
 
@@ -105,7 +107,9 @@ def router(state) -> APIRouter:
             live = stats["models"].get(name)
             data.append({"name": name, "path": spec["path"], "loaded": live is not None,
                          "resident": bool(live and live["resident"]),
-                         "ttft_ms": spec.get("ttft_ms"), "tbt_ms": spec.get("tbt_ms")})
+                         "ttft_ms": spec.get("ttft_ms"), "tbt_ms": spec.get("tbt_ms"),
+                         "reasoning_parser": spec.get("reasoning_parser"),
+                         "task": spec.get("task") or "generate"})
         return JSONResponse({"object": "list", "data": data})
 
     def prune_metrics() -> None:

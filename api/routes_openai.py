@@ -10,6 +10,7 @@ engine is reached only through its client (``state.client``); text goes through
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from gpupool.api.protocol import (
     validate,
 )
 from gpupool.api.util import read_json
+from gpupool.frontend.reasoning import ReasoningStream, marker_ids, prompt_state, split_reasoning
 from gpupool.frontend.text import (
     ContextLengthError,
     RequestOutput,
@@ -445,14 +447,18 @@ class _Route:
             return (req.top_logprobs or 0) if req.logprobs else None
         return req.logprobs
 
-    def choice(self, i: int, out: RequestOutput, tokenizer, tools: str | None = None) -> dict:
+    def choice(self, i: int, out: RequestOutput, tokenizer, tools: str | None = None,
+               think: tuple[int, int] | None = None) -> dict:
         if self.body is ChatCompletionRequest:
-            content, calls = out.text, []
-            if tools is not None:
-                content, calls = parse_tool_calls(out.text, tools)
+            content, calls, message = out.text, [], {"role": "assistant"}
+            if think is not None:  # a thinking model: its reasoning apart, calls in content
+                message["reasoning_content"], content = split_reasoning(
+                    out.text, prompt_state(out.prompt_token_ids, think))
+            if tools is not None and content is not None:
+                content, calls = parse_tool_calls(content, tools)
             reason = _finish_reason(out)
-            c = {"index": i, "message": {"role": "assistant", "content": content,
-                                         "tool_calls": [_tool_call(t) for t in calls]},
+            message.update(content=content, tool_calls=[_tool_call(t) for t in calls])
+            c = {"index": i, "message": message,
                  "logprobs": _chat_logprobs(tokenizer, out.logprobs),
                  "finish_reason": "tool_calls" if calls and reason == "stop" else reason}
         else:
@@ -472,21 +478,34 @@ class _Route:
                  "logprobs": None, "finish_reason": None} for ch in run.choices]
 
     def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict,
-               tools: str | None = None):
+               tools: str | None = None, think: tuple[int, int] | None = None):
         """The chunk choices for one update (maybe none), one at a time: text already
         generated goes out before a failure's error event. With ``tools`` (the model's
-        tool-call format) text that may be a call is held back until the output ends."""
+        tool-call format) text that may be a call is held back until the output ends; with
+        ``think`` (a thinking model's markers) reasoning goes out as reasoning_content."""
         new = _new_logprobs(out)
         if self.body is ChatCompletionRequest:
             lps = _chat_logprobs(tokenizer, new)
-            text = out.delta_text
+            text, reasoning = out.delta_text, ""
+            if think is not None:
+                rs = offsets.get(("think", ch.index))
+                if rs is None:
+                    rs = offsets[("think", ch.index)] = ReasoningStream(
+                        prompt_state(out.prompt_token_ids, think))
+                reasoning, text = rs.feed(text)
+                if out.finished:
+                    more, rest = rs.finish()
+                    reasoning, text = reasoning + more, text + rest
             parser = None
             if tools is not None:
                 parser = offsets.setdefault(("tools", ch.index), ToolStreamParser(tools))
                 text = parser.feed(text)
-            if text or lps:
-                yield {"index": ch.index, "delta": {"content": text},
-                       "logprobs": lps, "finish_reason": None}
+            delta = {"reasoning_content": reasoning} if reasoning else {}
+            if text or (lps and not reasoning):
+                delta["content"] = text
+            if delta:
+                yield {"index": ch.index, "delta": delta, "logprobs": lps,
+                       "finish_reason": None}
             if out.finished:
                 reason, calls = _finish_reason(out), []
                 if parser is not None:
@@ -552,9 +571,11 @@ def _model(state, name: str) -> tuple[ModelInfo, object]:
 
 
 def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
-             tokenizer, prompts: list[list[int]], call_id: str) -> list[_Choice]:
+             tokenizer, prompts: list[list[int]], call_id: str,
+             think: tuple[int, int] | None = None) -> list[_Choice]:
     """One choice per prompt and ``n``: its engine request (max_tokens checked against the
-    context; choice k of a seeded call uses seed + k) and its text stream."""
+    context; choice k of a seeded call uses seed + k) and its text stream. A thinking
+    model's (``think``: its markers) grammar starts after its reasoning."""
     out = []
     asked = route.max_tokens(req)
     if asked == 0 and route is COMPLETIONS:  # scoring: one token computed, none returned
@@ -570,6 +591,11 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
             # choice k's seed, wrapped into the signed 64-bit range
             seed = None if req.seed is None else (req.seed + k + 2**63) % 2**64 - 2**63
             params = sampling_params(req, max_tokens, route.logprobs(req), seed, tokenizer)
+            if think is not None and params.structured is not None:
+                state = prompt_state(prompt, think)
+                if state != "closed":
+                    params = dataclasses.replace(params,
+                                                 reasoning=(*think, state == "inside"))
             rid = f"{call_id}-{len(out)}"
             salt = tenant.cache_salt(req.cache_salt) if tenant else req.cache_salt
             engine_req = EngineRequest(rid, req.model, prompt, params,
@@ -593,11 +619,18 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         raise APIError(503, "the server's request queue is full; retry later",
                        code="queue_full", headers={"Retry-After": "1"})
     info, tokenizer = _model(state, req.model)
+    spec = state.models.spec_of(req.model)
+    if spec.get("task") == "embed":
+        raise APIError(400, f"model {req.model!r} is an embedding model (task embed); use "
+                            "/v1/embeddings", param="model")
+    think = None  # a thinking model's markers: its chat answers' reasoning apart
+    if route is CHAT and spec.get("reasoning_parser"):
+        think = marker_ids(tokenizer)
     prompts = await asyncio.to_thread(route.prompts, req, tokenizer, info)
     run = Run(state, req.model, tenant, n=req.n)
     # off the event loop: bad_words are tokenized here (thousands of them take seconds)
     choices = await asyncio.to_thread(_choices, route, req, tenant, info, tokenizer, prompts,
-                                      run.call_id)
+                                      run.call_id, think)
     await run.start(choices)
     cid, created = f"{route.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
@@ -619,7 +652,8 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         await run.released()
         if outs is None:
             return Response(status_code=499)  # nobody is listening any more
-        choices = [route.choice(i, out, tokenizer, tools) for i, out in enumerate(outs)]
+        choices = [route.choice(i, out, tokenizer, tools, think)
+                   for i, out in enumerate(outs)]
         usage = run.usage()
         if isinstance(req, CompletionRequest):
             _score(req, choices, outs, tokenizer, usage)
@@ -651,7 +685,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
                     yield chunk([{"index": i, "text": text, "logprobs": None,
                                   "finish_reason": None, "prompt_logprobs": None}])
             async for ch, out in run.events():
-                for part in route.chunks(ch, out, tokenizer, offsets, tools):
+                for part in route.chunks(ch, out, tokenizer, offsets, tools, think):
                     yield chunk([part])
             if include_usage:
                 yield _sse({**answer(route.chunk_obj, []), "usage": run.usage()})

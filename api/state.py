@@ -110,10 +110,9 @@ class StateStore:
     def models(self) -> dict[str, dict]:
         return self._all("models")
 
-    def put_model(self, name: str, path: str, ttft_ms=None, tbt_ms=None, dtype=None,
-                  quantization=None) -> None:
-        self._put("models", name, {"path": path, "ttft_ms": ttft_ms, "tbt_ms": tbt_ms,
-                                   "dtype": dtype, "quantization": quantization})
+    def put_model(self, name: str, spec: dict) -> None:
+        """``spec``: path, ttft_ms, tbt_ms, dtype, quantization, reasoning_parser, task."""
+        self._put("models", name, dict(spec))
 
     def delete_model(self, name: str) -> bool:
         return self._delete("models", name)

@@ -123,7 +123,8 @@ class EngineCore:
             seq.cache_root = prefix_root(base, adapter, req.cache_salt)
         matcher = None
         if req.params.structured is not None:
-            matcher = self.grammars.matcher(self.compile_grammar(req), list(delivered))
+            matcher = self.grammars.matcher(self.compile_grammar(req), list(delivered),
+                                            req.params.reasoning)
         self.requests[req.request_id] = Tracked(
             seq, sink, emitted=len(delivered),
             logprobs=[] if req.params.logprobs is not None else None, matcher=matcher,

@@ -79,11 +79,14 @@ class Grammars:
             raise err from None
 
     @staticmethod
-    def matcher(compiled, delivered: list[int]):
-        """A matcher at the start of the output, advanced over ``delivered`` tokens."""
+    def matcher(compiled, delivered: list[int], reasoning=None):
+        """A matcher at the start of the output, advanced over ``delivered`` tokens; behind
+        a ``ReasoningGate`` when the grammar starts after a reasoning block."""
         import xgrammar as xgr
 
         m = xgr.GrammarMatcher(compiled)
+        if reasoning is not None:
+            m = ReasoningGate(m, *reasoning)
         for t in delivered:
             if not m.accept_token(t):
                 raise RequestError("the delivered tokens do not follow the request's "
@@ -107,8 +110,46 @@ class Grammars:
         """Set to -inf, in place, each constrained row's tokens its grammar forbids now."""
         import xgrammar as xgr
 
-        rows = [i for i, m in enumerate(matchers) if m is not None]
+        rows = [i for i, m in enumerate(matchers)
+                if m is not None and not (isinstance(m, ReasoningGate) and not m.constrains())]
+        if not rows:
+            return
         bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+class ReasoningGate:
+    """A grammar matcher that applies only after a thinking model's reasoning block: free
+    tokens inside ``<think> ... </think>``, the grammar from the token after the end id. Not
+    inside at the start (the prompt did not open a block), the first token may be the start
+    id (a block opens) or one the grammar allows (no block: the grammar from there)."""
+
+    def __init__(self, matcher, start: int, end: int, inside: bool):
+        self.inner, self.start, self.end = matcher, start, end
+        self.state = "inside" if inside else "first"
+
+    def constrains(self) -> bool:
+        return self.state != "inside"
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.inner.fill_next_token_bitmask(bitmask, row)
+        if self.state == "first":  # the start id allowed besides the grammar's tokens
+            word, bit = divmod(self.start, 32)
+            v = (int(bitmask[row, word]) & 0xFFFFFFFF) | (1 << bit)
+            bitmask[row, word] = v - (1 << 32) if v >= 1 << 31 else v
+
+    def accept_token(self, token: int) -> bool:
+        if self.state == "inside":
+            if token == self.end:
+                self.state = "grammar"
+            return True
+        if self.state == "first" and token == self.start:
+            self.state = "inside"
+            return True
+        self.state = "grammar"
+        return self.inner.accept_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.state == "grammar" and self.inner.is_terminated()

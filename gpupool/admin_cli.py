@@ -105,7 +105,8 @@ def _registry(args, kind: str, body: dict, columns: list[str], row) -> tuple[obj
 
 def _models(args) -> tuple[object, str]:
     body = {"name": args.name, "path": args.path}
-    for field in ("dtype", "quantization", "ttft_ms", "tbt_ms"):  # only those given
+    for field in ("dtype", "quantization", "ttft_ms", "tbt_ms", "reasoning_parser",
+                  "task"):  # only those given
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
     return _registry(args, "model", body, ["NAME", "PATH", "LOADED", "RESIDENT"],
@@ -168,6 +169,10 @@ def add_parsers(sub) -> None:
                    help="add: int8 weight-only (default: the server's)")
     m.add_argument("--ttft-ms", type=float, default=None, help="add: time-to-first-token SLO")
     m.add_argument("--tbt-ms", type=float, default=None, help="add: time-between-tokens SLO")
+    m.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="add: a thinking model (its <think> text as reasoning_content)")
+    m.add_argument("--task", default=None, choices=["generate", "embed"],
+                   help="add: embed serves /v1/embeddings (default generate)")
     a = sub.add_parser("adapters", help="list, add or remove a running server's adapters")
     common(a)
     a.add_argument("action", nargs="?", choices=["ls", "add", "rm"], default="ls")

@@ -75,6 +75,7 @@ def _serve(args) -> int:
             model_roots=args.model_root, redis_url=args.redis_url,
             max_queued_requests=args.max_queued_requests, log_level=args.log_level,
             models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
+            reasoning_parser=args.reasoning_parser, task=args.task,
             dtype=args.dtype, quantization=args.quantization,
             metrics_key=args.metrics_key, public_metrics=args.public_metrics or None,
             require_auth=args.require_auth or None,
@@ -196,6 +197,12 @@ def _http_args(s) -> None:
                    help=f"serve a model folder (repeatable; default {DEFAULT_MODEL}=smollm2)")
     s.add_argument("--adapter", action="append", metavar="NAME=BASE:PATH",
                    help="serve a PEFT LoRA adapter of a served base model (repeatable)")
+    s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="the --model models (or the default) are thinking models: their "
+                        "<think> text goes out as reasoning_content")
+    s.add_argument("--task", default=None, choices=["generate", "embed"],
+                   help="embed: the --model models (or the default) serve /v1/embeddings "
+                        "instead of completions (default generate)")
     s.add_argument("--admin-key", default=None, help="enables the admin API (/admin/...)")
     s.add_argument("--model-root", action="append", metavar="DIR",
                    help="folder the admin API may load models and adapters from (repeatable)")

@@ -143,10 +143,24 @@ class Config:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")  # weight storage; "none": the dtype's
+TASKS = ("generate", "embed")  # what a model serves: completions and chat, or embeddings
 
 
 # ---- the server ---------------------------------------------------------------------------
 MIN_KEY_CHARS = 16  # configured API keys shorter than this are refused
+def check_model_options(name: str, reasoning_parser, task) -> None:
+    """ValueError naming the field when a model's reasoning parser or task is not one of
+    those known."""
+    from gpupool.frontend.reasoning import PARSERS
+
+    if reasoning_parser is not None and reasoning_parser not in PARSERS:
+        raise ValueError(f"model {name!r}: reasoning_parser must be one of "
+                         f"{', '.join(PARSERS)}, got {reasoning_parser!r}")
+    if task not in TASKS:
+        raise ValueError(f"model {name!r}: task must be one of {', '.join(TASKS)}, "
+                         f"got {task!r}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -155,9 +169,12 @@ class ModelSpec:
     tbt_ms: float | None = None
     dtype: str | None = None  # None: the engine's
     quantization: str | None = None  # None: the engine's; "none" | "int8"
+    reasoning_parser: str | None = None  # frontend.reasoning.PARSERS: reasoning_content
+    task: str = "generate"  # TASKS
 
     def __post_init__(self):
         check_name(self.name, "model name")
+        check_model_options(self.name, self.reasoning_parser, self.task)
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"model {self.name!r}: dtype must be one of {', '.join(DTYPES)}")
         if self.quantization not in (None, *QUANTIZATIONS):
@@ -310,9 +327,12 @@ def load_server_config(path: str | None = None, default_model: bool = True,
         if os.environ.get(f"GPUPOOL_{key.upper()}"):
             engine[key] = os.environ[f"GPUPOOL_{key.upper()}"]
     data.update({k: v for k, v in env.items() if v})
+    # --reasoning-parser and --task apply to the models of --model flags (or the default)
+    options = {k: flags.pop(k) for k in ("reasoning_parser", "task") if flags.get(k)}
+    flags.pop("reasoning_parser", None), flags.pop("task", None)
     for text in flags.pop("models", None) or ():
         name, rest = _pair(text, "--model must look like NAME=PATH;")
-        models = [m for m in models if m.name != name] + [ModelSpec(name, rest)]
+        models = [m for m in models if m.name != name] + [ModelSpec(name, rest, **options)]
     for text in flags.pop("adapters", None) or ():
         name, rest = _pair(text, "--adapter must look like NAME=BASE:PATH;")
         base, sep, apath = rest.partition(":")
@@ -338,7 +358,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
             raise ValueError("limit_lease_s must be a number of seconds, not "
                              f"{data['limit_lease_s']!r}") from None
     if not models and default_model:  # a gateway serves what the cluster registers
-        models = [ModelSpec("smollm2", "smollm2")]
+        models = [ModelSpec("smollm2", "smollm2", **options)]
     return ServerConfig(models=tuple(models), adapters=tuple(adapters), tenants=tenants,
                         engine=engine, **data)
 

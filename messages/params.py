@@ -43,7 +43,11 @@ class SamplingParams:
     bad_words_token_ids: token id sequences never generated (a sequence's last token is
     banned whenever the output ends with the rest of it; vLLM's bad_words, tokenized);
     prompt_logprobs: None, or each prompt token's log-probability given the ones before it
-    with this many most likely alternatives (0 to MAX_LOGPROBS; the first token has none).
+    with this many most likely alternatives (0 to MAX_LOGPROBS; the first token has none);
+    reasoning: None, or (start id, end id, inside) of a thinking model's reasoning block
+    (``<think>``, ``</think>``): ``structured`` then applies only after the end id; inside:
+    the output begins within the block (the prompt opened it), else the first token may open
+    one (the start id) or begin the structured output.
     """
 
     max_tokens: int = 16
@@ -66,6 +70,7 @@ class SamplingParams:
     structured: tuple[str, str] | list | None = None
     bad_words_token_ids: tuple | list | None = None
     prompt_logprobs: int | None = None
+    reasoning: tuple[int, int, bool] | list | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -123,6 +128,7 @@ class SamplingParams:
                 bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "structured", _structured(self.structured))
+        object.__setattr__(self, "reasoning", _reasoning(self.reasoning))
         plp = self.prompt_logprobs
         if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int)
                                 or not 0 <= plp <= MAX_LOGPROBS):
@@ -176,6 +182,19 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...] | None:
                              f"{MAX_LOGIT_BIAS:g}], got {v!r}")
         out[k] = float(v)
     return tuple(sorted(out.items())) or None
+
+
+def _reasoning(reasoning) -> tuple[int, int, bool] | None:
+    if reasoning is None:
+        return None
+    try:
+        start, end, inside = reasoning
+    except (TypeError, ValueError):
+        raise ValueError("reasoning must be (start id, end id, inside)") from None
+    if (any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in (start, end))
+            or start == end or not isinstance(inside, bool)):
+        raise ValueError("reasoning must be two different token ids and a boolean")
+    return start, end, inside
 
 
 def _structured(structured) -> tuple[str, str] | None:

@@ -220,18 +220,20 @@ class DeltaLog:
 
 
 def make_byte_model(folder: Path, smollm2_path: Path, seed: int = 0, max_len: int = 512,
-                    chat_template: str | None = None) -> Path:
+                    chat_template: str | None = None, extra_tokens: tuple = ()) -> Path:
     """A tiny random Llama (2 layers, 64 wide) with SmolLM2's byte-level tokenizer and
     vocabulary (49152), for output that must spell JSON or tool calls (the word-level test
-    tokenizer has no '{', '"' or digits); ``chat_template`` replaces SmolLM2's."""
+    tokenizer has no '{', '"' or digits); ``chat_template`` replaces SmolLM2's;
+    ``extra_tokens`` are added to the vocabulary (ids 49152, 49153, ...: ``<think>``)."""
     import json
     import shutil
 
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
+        vocab_size=49152 + len(extra_tokens), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_len,
         initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
@@ -243,6 +245,10 @@ def make_byte_model(folder: Path, smollm2_path: Path, seed: int = 0, max_len: in
         tc = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(
             json.dumps({**tc, "chat_template": chat_template}))
+    if extra_tokens:
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        tok.add_tokens(list(extra_tokens))
+        tok.save_pretrained(str(folder))
     return folder
 
 

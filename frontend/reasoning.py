@@ -1,0 +1,103 @@
+"""A thinking model's reasoning: the text between ``<think>`` and ``</think>`` goes out as
+``reasoning_content``, the rest as ``content`` (vLLM's ``--reasoning-parser``), whole or as
+the text streams in.
+
+Both parsers (``qwen3``: Qwen3, QwQ; ``deepseek_r1``: DeepSeek-R1 and its distills) read the
+same markers, each one token of the vocabulary, and one rule decides where the output begins
+from the prompt's last marker:
+
+- ``</think>`` (the template closed the block: Qwen3 with ``enable_thinking: false``): the
+  output is content;
+- ``<think>`` (the template opened it: DeepSeek-R1's, or an assistant prefill): the output
+  begins as reasoning, up to ``</think>``; an output that never closes it is all reasoning;
+- neither: the output is reasoning if it opens with ``<think>``, else content.
+
+Whitespace right after ``</think>`` is dropped (the models write a blank line there).
+"""
+
+from __future__ import annotations
+
+PARSERS = ("qwen3", "deepseek_r1")
+START, END = "<think>", "</think>"
+
+
+def marker_ids(tokenizer) -> tuple[int, int] | None:
+    """The ids of ``<think>`` and ``</think>`` when each is one token of the vocabulary."""
+    out = []
+    for marker in (START, END):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if not isinstance(tid, int) or tokenizer.convert_ids_to_tokens(tid) != marker:
+            return None
+        out.append(tid)
+    return out[0], out[1]
+
+
+def prompt_state(prompt: list[int], markers: tuple[int, int]) -> str:
+    """``closed``, ``inside`` or ``open`` (the output may open a block): the rule above."""
+    start, end = markers
+    for t in reversed(prompt):
+        if t == end:
+            return "closed"
+        if t == start:
+            return "inside"
+    return "open"
+
+
+class ReasoningStream:
+    """Feed the output text as it streams; get (reasoning, content) text to send now."""
+
+    def __init__(self, state: str):
+        self.state = {"closed": "content", "inside": "reasoning", "open": "head"}[state]
+        self.buf = ""
+        self.reasoned = state == "inside"  # a block was opened
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        self.buf += delta
+        reasoning = content = ""
+        while True:
+            if self.state == "head":
+                head = self.buf.lstrip()
+                if head.startswith(START):
+                    self.buf, self.state, self.reasoned = head[len(START):], "reasoning", True
+                    continue
+                if START.startswith(head):  # nothing yet, or a marker starting
+                    return reasoning, content
+                self.state = "content"
+            elif self.state == "reasoning":
+                i = self.buf.find(END)
+                if i >= 0:
+                    reasoning += self.buf[:i]
+                    self.buf, self.state = self.buf[i + len(END):], "gap"
+                    continue
+                keep = next((k for k in range(min(len(END) - 1, len(self.buf)), 0, -1)
+                             if self.buf.endswith(END[:k])), 0)  # a marker may be starting
+                reasoning += self.buf[:len(self.buf) - keep]
+                self.buf = self.buf[len(self.buf) - keep:]
+                return reasoning, content
+            elif self.state == "gap":
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    return reasoning, content
+                self.state = "content"
+            else:
+                content, self.buf = content + self.buf, ""
+                return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """The (reasoning, content) text held back, at the end of the output."""
+        rest, self.buf = self.buf, ""
+        if self.state == "reasoning":
+            return rest, ""
+        return "", rest if self.state != "gap" else ""
+
+
+def split_reasoning(text: str, state: str) -> tuple[str | None, str | None]:
+    """(reasoning or None, content) of a whole output; content None when the output was all
+    reasoning."""
+    p = ReasoningStream(state)
+    r1, c1 = p.feed(text)
+    r2, c2 = p.finish()
+    reasoning, content = r1 + r2, c1 + c2
+    if not p.reasoned:
+        return None, content
+    return reasoning, content or None
