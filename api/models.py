@@ -17,6 +17,7 @@ from gpupool.api.errors import APIError, model_not_found
 from gpupool.api.state import StateStore
 from gpupool.config import ServerConfig, check_model_options
 from gpupool.config import check_name as config_check_name
+from gpupool.frontend.pooling import pooling_of
 from gpupool.frontend.reasoning import END, START, marker_ids
 from gpupool.messages.client import EngineClient
 from gpupool.messages.errors import AdapterError, ModelLoadError, RequestError
@@ -138,11 +139,17 @@ class ModelManager:
         await self.client.command(AddModel(name, spec["path"], spec.get("ttft_ms") or None,
                                            spec.get("tbt_ms") or None, spec.get("dtype"),
                                            spec.get("quantization")))
-        if spec.get("reasoning_parser") and marker_ids(self.client.tokenizer(name)) is None:
+        try:
+            if (spec.get("reasoning_parser")
+                    and marker_ids(self.client.tokenizer(name)) is None):
+                raise ValueError(f"reasoning_parser {spec['reasoning_parser']}: the model's "
+                                 f"vocabulary has no {START} and {END} tokens")
+            if spec.get("task") == "embed":
+                pooling_of(spec["path"])  # its pooling is one the engine does
+        except ValueError:
             with contextlib.suppress(RequestError):
                 await self.client.command(RemoveModel(name))
-            raise ValueError(f"reasoning_parser {spec['reasoning_parser']}: the model's "
-                             f"vocabulary has no {START} and {END} tokens")
+            raise
         logger.info("loaded model %s from %s", name, spec["path"])
 
     async def load_static(self) -> None:

@@ -149,8 +149,9 @@ class ToolCallDelta(ToolCallOut):
 
 class AssistantMessage(_Out):
     role: Literal["assistant"]
-    content: str | None  # None when the answer is only tool calls
+    content: str | None  # None when the answer is only tool calls (or only reasoning)
     tool_calls: list[ToolCallOut]  # [] without calls (as vLLM sends it)
+    reasoning_content: str | None = None  # a thinking model's (its reasoning parser)
 
 
 class ChatChoice(_Out):
@@ -174,6 +175,7 @@ class ChatDelta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None  # all of an answer's calls, at its end
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(_Out):
@@ -353,15 +355,33 @@ class Detokenized(_Out):
     prompt: str
 
 
+class Embedding(_Out):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EmbeddingUsage(_Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Out):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class Version(_Out):
     version: str
 
 
 def openai_route(kind: str, path: str) -> dict:
     """Keyword arguments of ``add_api_route`` documenting one OpenAI route; ``kind`` is
-    ``models``, ``model``, ``completions``, ``chat``, ``tokenize``, ``detokenize`` or
-    ``version``."""
-    from gpupool.api.protocol import DetokenizeRequest, TokenizeRequest
+    ``models``, ``model``, ``completions``, ``chat``, ``embeddings``, ``tokenize``,
+    ``detokenize`` or ``version``."""
+    from gpupool.api.protocol import DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 
     tenant = path.startswith("/tenants/")
     request, answer, chunk, summary, op = {
@@ -376,6 +396,8 @@ def openai_route(kind: str, path: str) -> dict:
                         "createCompletion"),
         "chat": (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk,
                  "Chat completion", "createChatCompletion"),
+        "embeddings": (EmbeddingRequest, EmbeddingList, None,
+                       "Embeddings (models registered with task embed)", "createEmbedding"),
     }[kind]
     ok: dict[str, Any] = {"model": answer}
     if chunk is not None:

@@ -432,6 +432,33 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False  # each token's string too (token_strs)
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per call
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's ``POST /v1/embeddings``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str
+    input: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+            | Annotated[list[int], Field(min_length=1)]
+            | Annotated[list[Annotated[list[int], Field(min_length=1)]],
+                        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    def check_unsupported(self, body: dict) -> None:
+        """Every field is honoured (unknown ones are logged by ``parse``)."""
+
+    def inputs(self) -> list[str | list[int]]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
+
+
 class DetokenizeRequest(BaseModel):
     """vLLM's ``POST /detokenize``."""
 

@@ -775,6 +775,8 @@ async def version_route(request: Request):
 
 
 def router(state) -> APIRouter:
+    from gpupool.api.embeddings import embeddings_route  # it builds on this module
+
     r = APIRouter()
     def plain(fn):  # the handler's only parameter is the request (others become query ones)
         async def handler(request: Request):
@@ -800,7 +802,8 @@ def router(state) -> APIRouter:
                 ("/models", bind(list_models), "models", "GET"),
                 ("/models/{model:path}", one_model, "model", "GET"),
                 ("/completions", bind(_complete, COMPLETIONS), "completions", "POST"),
-                ("/chat/completions", bind(_complete, CHAT), "chat", "POST")):
+                ("/chat/completions", bind(_complete, CHAT), "chat", "POST"),
+                ("/embeddings", bind(embeddings_route), "embeddings", "POST")):
             r.add_api_route(prefix + path, fn, methods=[method],
                             **openapi.openai_route(kind, prefix + path))
     return r

@@ -183,7 +183,8 @@ class EngineCore:
         self.ran = not out.is_empty  # the loop yields after a step that ran nothing
         if out.is_empty:
             return []
-        sampling = [s.seq for s in out.scheduled if s.samples]
+        sampling = [s.seq for s in out.scheduled if s.samples and s.seq.params.pooling is None]
+        pooled = [s.seq for s in out.scheduled if s.samples and s.seq.params.pooling]
         if out.swap_out or out.swap_in:
             self.kv.copy_pages(list(out.swap_out), to_host=True)
             self.kv.copy_pages(list(out.swap_in), to_host=False)
@@ -194,8 +195,9 @@ class EngineCore:
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
                     for s in out.scheduled]
         self.scheduler.update_from_output(out)
+        done = [self._finish(self.requests[s.request_id], "stop") for s in pooled]
         try:
-            return self._process(out, sampling, logits)
+            return done + self._process(out, sampling, logits)
         except Exception as e:  # sampling failed: this step's requests, not the engine's
             logger.exception("sampling for model %s failed", out.model)
             return [self._finish(self.requests[s.seq.request_id], "abort", error=str(e))
@@ -214,7 +216,11 @@ class EngineCore:
         start = time.perf_counter()
         self.last_used[out.model] = time.time()
         rows = batch_rows(out)
-        logits = output.record_prompt_logprobs(out, rows, worker.execute(rows), self.requests)
+        logits = worker.execute(rows)
+        if isinstance(logits, tuple):  # rows that pool: embeddings
+            logits, hidden = logits
+            output.record_pooled(out, rows, hidden, self.requests)
+        logits = output.record_prompt_logprobs(out, rows, logits, self.requests)
         new = [x.num_new_tokens for x in out.scheduled]
         self.cost.observe_step(out.model, time.perf_counter() - start, sum(new),
                                sum(n for n, x in zip(new, out.scheduled) if not x.is_decode))
@@ -278,6 +284,8 @@ def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
         rows.append(BatchRow(token_ids=seq.token_ids(start, start + item.num_new_tokens),
                              start=start, pages=seq.pages, is_decode=item.is_decode,
                              samples=item.samples, adapter=seq.adapter, tenant=seq.tenant,
-                             all_logits=(seq.params.prompt_logprobs is not None
-                                         and start < seq.num_prompt_tokens - 1)))
+                             all_logits=(seq.params.pooling == "mean" or (
+                                 seq.params.prompt_logprobs is not None
+                                 and start < seq.num_prompt_tokens - 1)),
+                             hidden=seq.params.pooling is not None))
     return rows

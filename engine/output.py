@@ -35,6 +35,8 @@ class Tracked:
     prompt_lps: list | None = None  # prompt logprobs by position, when asked for
     prompt_lps_sent: bool = False
     final_only: bool = False  # no delta before the last (EngineRequest.final_only)
+    pooled: torch.Tensor | None = None  # params.pooling: the prompt's final-norm rows (fp32)
+    embedding: tuple[float, ...] | None = None  # ... pooled, once the prompt is done
 
 
 @dataclass
@@ -73,6 +75,8 @@ def record_prompt_logprobs(out: SchedulerOutput, rows: list[BatchRow], logits,
         return logits
     keep, at = [], 0
     for item, row in zip(out.scheduled, rows):
+        if row.hidden:  # its rows pool: none are in logits
+            continue
         if not row.all_logits:
             if row.samples:
                 keep.append(at)
@@ -93,6 +97,31 @@ def record_prompt_logprobs(out: SchedulerOutput, rows: list[BatchRow], logits,
             keep.append(at + n - 1)
         at += n
     return logits[keep]
+
+
+def record_pooled(out: SchedulerOutput, rows: list[BatchRow], hidden: torch.Tensor,
+                  requests: dict[str, Tracked]) -> None:
+    """Keep the final-norm rows of the step's pooling rows (``hidden``: theirs, in order) in
+    float32 by prompt position (a chunk computed again after a preemption overwrites its
+    rows); a request whose prompt is done gets its embedding: the last row, or the mean of
+    every row (one sum over the whole prompt: the same bits however it was chunked)."""
+    at = 0
+    for item, row in zip(out.scheduled, rows):
+        if not row.hidden:
+            continue
+        n = len(row.token_ids) if row.all_logits else int(row.samples)
+        rows_here, at = hidden[at: at + n].float(), at + n
+        tr = requests[item.seq.request_id]
+        if not row.all_logits:  # last-token pooling: the final row only
+            tr.pooled = rows_here
+        else:
+            if tr.pooled is None:
+                tr.pooled = hidden.new_empty(item.seq.num_prompt_tokens, hidden.shape[-1],
+                                             dtype=torch.float32)
+            tr.pooled[row.start: row.start + n] = rows_here
+        if row.samples:  # the prompt's last chunk
+            vec = tr.pooled.mean(dim=0) if row.all_logits else tr.pooled[-1]
+            tr.embedding, tr.pooled = tuple(vec.tolist()), None
 
 
 def sample_step(tracked: list[Tracked], logits: torch.Tensor, eos_ids,
@@ -176,6 +205,7 @@ def emit(tr: Tracked, finished: bool, error: str | None, orphans: list[str]) -> 
         error=error,
         cached_tokens=seq.num_cached_tokens,
         prompt_logprobs=_take_prompt_logprobs(tr, new, finished),
+        embedding=tr.embedding if finished else None,
     )
     tr.emitted = len(seq.output_token_ids)
     if tr.sink is not None:

@@ -47,6 +47,7 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs: per prompt token (id, logprob, top alternatives,
     # its rank in the vocabulary), None for the first
     prompt_logprobs: tuple | None = None
+    embedding: tuple[float, ...] | None = None  # SamplingParams.pooling: the pooled vector
 
 
 def tokenize(tokenizer, prompt: str | list[int], vocab_size: int,
@@ -131,6 +132,7 @@ class TextStream:
         self.stop_reason: str | int | None = None
         self.cached_tokens = 0
         self.prompt_logprobs: tuple | None = None
+        self.embedding: tuple[float, ...] | None = None
         for token in delivered_token_ids:  # a resumed request: its text so far, no checks
             self.token_ids.append(token)
             append_token(tokenizer, self.detok, token)
@@ -147,6 +149,8 @@ class TextStream:
         self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        if delta.embedding is not None:
+            self.embedding = delta.embedding
         skip = len(self.token_ids) - delta.index
         if skip < 0:
             raise RequestError(f"request {self.request_id}: output tokens from "
@@ -213,6 +217,7 @@ class TextStream:
             logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
             cached_tokens=self.cached_tokens,
             prompt_logprobs=self.prompt_logprobs,
+            embedding=self.embedding,
         )
         self.emitted_chars, self.emitted_tokens = visible, len(self.token_ids)
         return out

@@ -13,6 +13,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's range)
 MAX_LOGIT_BIAS_ENTRIES = 1024
+POOLINGS = ("last", "mean")  # how an embedding request pools its prompt's hidden states
 STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "tagged_json")
 
 
@@ -47,7 +48,9 @@ class SamplingParams:
     reasoning: None, or (start id, end id, inside) of a thinking model's reasoning block
     (``<think>``, ``</think>``): ``structured`` then applies only after the end id; inside:
     the output begins within the block (the prompt opened it), else the first token may open
-    one (the start id) or begin the structured output.
+    one (the start id) or begin the structured output;
+    pooling: None, or "last" / "mean": an embedding request, the prompt's final-norm hidden
+    states pooled (the last token's, or the mean of all) instead of any output token.
     """
 
     max_tokens: int = 16
@@ -71,6 +74,7 @@ class SamplingParams:
     bad_words_token_ids: tuple | list | None = None
     prompt_logprobs: int | None = None
     reasoning: tuple[int, int, bool] | list | None = None
+    pooling: str | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -129,6 +133,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "structured", _structured(self.structured))
         object.__setattr__(self, "reasoning", _reasoning(self.reasoning))
+        if self.pooling not in (None, *POOLINGS):
+            bad(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         plp = self.prompt_logprobs
         if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int)
                                 or not 0 <= plp <= MAX_LOGPROBS):

@@ -89,6 +89,7 @@ class OutputDelta:
     # with params.prompt_logprobs, once (on the first delta with tokens): per prompt token
     # (token id, logprob, top alternatives, its rank in the vocabulary), None for the first
     prompt_logprobs: tuple | None = None
+    embedding: tuple[float, ...] | None = None  # params.pooling: the pooled vector, at the end
 
     @property
     def finished(self) -> bool:

@@ -31,6 +31,7 @@ class BatchRow:
     adapter: str | None = None
     all_logits: bool = False  # logits for every token of the row (prompt logprobs), in order
     tenant: str | None = None  # whose request (its adapter's device slot is charged to it)
+    hidden: bool = False  # the final norm's output of its rows instead of logits (pooling)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ForwardBatch:
     # would otherwise read them back from the tensor, a device sync each on a GPU)
     decode_max_len: int = 0
     decode_min_len: int = 0
+    # rows with ``hidden``: the logits_indices positions that sample and those that pool
+    # (None: every one samples)
+    pooling: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -98,8 +98,11 @@ class LlamaModel:
         return x
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: torch.Tensor, lora=None) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] in float32.
+    def forward(self, batch: ForwardBatch, kv: torch.Tensor, lora=None):
+        """Logits [len(batch.logits_indices), vocab] in float32. A batch with rows that pool
+        (``batch.pooling``: index tensors splitting those rows into the ones that sample and
+        the ones that pool) gives the pair (logits of the first; the final norm's output of
+        the second, [rows, hidden size] in the model's dtype: what embeddings pool).
 
         ``lora``: a :class:`gpupool.adapters.batch.LoraBatch` adding each row's adapter
         terms after every fused projection, or None for a base-only batch.
@@ -107,7 +110,9 @@ class LlamaModel:
         ops, eps = self.ops, self.cfg.rms_norm_eps
         kv_layers = self._kv_layers(kv)
         plan = ops.plan(self, batch)
-        logits = ops.decode_step(self, batch, plan, kv_layers, lora)
+        hidden = batch.pooling
+        logits = None if hidden is not None else ops.decode_step(self, batch, plan,
+                                                                  kv_layers, lora)
         if logits is not None:  # the backend ran the whole step in one call
             return logits
         x = self.embed(batch.input_ids)  # [T, hidden]
@@ -127,7 +132,12 @@ class LlamaModel:
             if lora is not None:
                 lora.apply(i, "down", act, delta)
         h = ops.final_norm(x, delta, self.w["norm"], eps, batch)  # the rows that sample
-        return ops.logits(plan, self, h)
+        if hidden is None:
+            return ops.logits(plan, self, h)
+        samples, pools = hidden
+        logits = (ops.logits(plan, self, h[samples]) if samples.numel()
+                  else h.new_zeros(0, self.cfg.vocab_size, dtype=torch.float32))
+        return logits, h[pools]
 
     def _attention(self, plan, h, lw, kv, batch: ForwardBatch, lora, i) -> torch.Tensor:
         """The attention block up to its output projection: [T, q_size]."""

@@ -250,14 +250,15 @@ class LoadedModel:
                                mirror=self.slots.mirror,
                                native_weights=self.slots.native_weights)
 
-    def execute(self, rows: list[BatchRow]) -> torch.Tensor:
+    def execute(self, rows: list[BatchRow]):
         """Run one step (the caller made the weights resident); logits [rows that sample,
-        vocab] in float32."""
+        vocab] in float32. With rows that pool (``hidden``), the pair (those logits, the
+        pooled rows' final-norm output: ``LlamaModel.forward``)."""
         self.steps_bound += 1
         if self.steps_bound == PACK_AFTER_STEPS and self.device.type == "cpu":
             self.model.pack_weights()  # stayed resident: worth a reorder (kernels.linear)
-        if (self.graphs is not None and self.graphs.eligible(rows)
-                and self.model.ops.capture_safe):
+        if (self.graphs is not None and not any(r.hidden for r in rows)
+                and self.graphs.eligible(rows) and self.model.ops.capture_safe):
             logits = self.graphs.run(rows)
             if logits is not None:
                 return logits

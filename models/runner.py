@@ -21,7 +21,7 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
     """The step's tensors from its rows (decode rows first): two host-to-device tensors, one
     long and one int32, the fields views of them (a torch.tensor call costs ~7 us on a small
     CPU, and each is a copy to a GPU)."""
-    ids, pos, pages, offs, logits_rows = [], [], [], [], []
+    ids, pos, pages, offs, logits_rows, pools = [], [], [], [], [], []
     dec_tables, dec_lens, pre_tables, pre_lens, cu = [], [], [], [], [0]
     num_decode = 0
     for item in rows:
@@ -39,12 +39,18 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
             pre_tables.append(seq_pages)
             pre_lens.append(start + n)
             cu.append(cu[-1] + n)
+        first = len(logits_rows)
         if item.all_logits:
             logits_rows.extend(range(len(ids) - n, len(ids)))
         elif item.samples:
             logits_rows.append(len(ids) - 1)
+        pools.extend([item.hidden] * (len(logits_rows) - first))
     t, r = len(ids), len(logits_rows)
-    longs = torch.tensor(ids + pos + pages + offs + logits_rows, dtype=torch.long,
+    split, ns = [], r - sum(pools)  # the logits rows that sample (ns), then those that pool
+    if any(pools):
+        split = ([i for i, p in enumerate(pools) if not p]
+                 + [i for i, p in enumerate(pools) if p])
+    longs = torch.tensor(ids + pos + pages + offs + logits_rows + split, dtype=torch.long,
                          device=device)
     dec_flat, dec_w = _table(dec_tables)
     pre_flat, pre_w = _table(pre_tables)
@@ -64,6 +70,8 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
         prefill_cu_seqlens=ints[d : d + len(cu)],
         prefill_context_lens=ints[d + len(cu) : at],
         logits_indices=longs[4 * t : 4 * t + r],
+        pooling=((longs[4 * t + r : 4 * t + r + ns], longs[4 * t + r + ns :])
+                 if split else None),
         decode_max_len=max(dec_lens, default=0),
         decode_min_len=min(dec_lens, default=0),
     )

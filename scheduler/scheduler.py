@@ -375,7 +375,8 @@ class Scheduler:
         their tokens. Returns the tokens taken."""
         if (seq.cache_root is None or seq.pages or seq.host_pages
                 or seq.num_computed_tokens or not self.config.enable_prefix_caching
-                or seq.params.prompt_logprobs is not None):  # needs every prompt position
+                or seq.params.prompt_logprobs is not None  # needs every prompt position
+                or seq.params.pooling == "mean"):
             return 0
         bt = self.block_tokens[seq.model]
         hit = self.pages.lookup([self._page_key(seq, i)
