@@ -53,6 +53,7 @@ class ModelManager:
         self.static_models = {m.name: m for m in config.models}
         self.static_adapters = {a.name: a for a in config.adapters}
         self._removed: set[str] = set()  # config entries removed through the admin API
+        self._replaced: dict[str, str] = {}  # config adapters replaced in place: new paths
         # one lock for every load and every admin change, so a load never races a removal
         # or a second add of the same name (loads are rare; served names skip it)
         self._lock = asyncio.Lock()
@@ -78,7 +79,7 @@ class ModelManager:
         read, to spare a second store read)."""
         out = {n: dict(v) for n, v in self.store.adapters().items()}
         for n, a in self.static_adapters.items():
-            out[n] = {"base": a.base, "path": a.path}
+            out[n] = {"base": a.base, "path": self._replaced.get(n, a.path)}
         models = self.models() if models is None else models
         return {n: v for n, v in out.items() if n not in self._removed and v["base"] in models}
 
@@ -208,9 +209,31 @@ class ModelManager:
         async with self._lock:
             await self._add_model(name, path, **options)
 
-    async def add_adapter(self, name: str, base: str, path: str) -> None:
+    async def add_adapter(self, name: str, base: str, path: str,
+                          replace: bool = False) -> None:
+        """``replace``: an adapter ``name`` of ``base`` gets the weights in ``path``
+        (vLLM's load_inplace: running requests finish on the old ones); a new name is
+        added as without it."""
         async with self._lock:
-            await self._add_adapter(name, base, path)
+            if replace and self.adapters().get(name, {}).get("base") == base:
+                await self._replace_adapter(name, base, path)
+            else:
+                await self._add_adapter(name, base, path)
+
+    async def _replace_adapter(self, name: str, base: str, path: str) -> None:
+        path = self.check_path(path)
+        try:
+            if self.served(name):
+                await self.client.command(AddAdapter(name, base, path, replace=True))
+            else:  # not loaded yet: check it the way a load would, with the new path
+                await self._ensure_locked(base)
+                await self.client.command(AddAdapter(name, base, path))
+        except (AdapterError, RequestError, ValueError, OSError) as e:
+            raise APIError(400, f"cannot load adapter {name!r}: {e}", param="path") from e
+        if name in self.static_adapters:
+            self._replaced[name] = path
+        else:
+            self.store.put_adapter(name, base, path)
 
     def base_for(self, path: str) -> str:
         """vLLM's rule for an adapter loaded without a base: the registered model its

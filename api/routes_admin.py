@@ -37,6 +37,7 @@ class AdapterBody(_Body):
     name: str
     base: str
     path: str
+    replace: bool = False  # an adapter of that name gets these weights (vLLM's load_inplace)
 
 
 class Limits(_Body):
@@ -64,6 +65,7 @@ class LoadLoraBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # a loaded adapter of that name gets the new weights
 
 
 class UnloadLoraBody(BaseModel):
@@ -123,7 +125,7 @@ def router(state) -> APIRouter:
     # ---- adapters -----------------------------------------------------------------------
     async def add_adapter(request):
         b = await _body(state, request, AdapterBody)
-        await models.add_adapter(b.name, b.base, b.path)
+        await models.add_adapter(b.name, b.base, b.path, b.replace)
         return JSONResponse({"name": b.name, "base": b.base,
                              "path": models.adapters()[b.name]["path"], "loaded": True},
                             status_code=201)
@@ -248,8 +250,9 @@ def vllm_router(state) -> APIRouter:
     async def load(request: Request):
         check_admin(state, request)
         b = await _body(state, request, LoadLoraBody)
-        base = models.base_for(b.lora_path)
-        await models.add_adapter(b.lora_name, base, b.lora_path)
+        current = models.adapters().get(b.lora_name) if b.load_inplace else None
+        base = current["base"] if current else models.base_for(b.lora_path)
+        await models.add_adapter(b.lora_name, base, b.lora_path, replace=b.load_inplace)
         return JSONResponse({"name": b.lora_name, "base": base,
                              "path": models.adapters()[b.lora_name]["path"], "loaded": True})
 

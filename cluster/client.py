@@ -395,13 +395,20 @@ class RedisClient:
                  "dtype": cmd.dtype, "quantization": cmd.quantization}))
         elif isinstance(cmd, AddAdapter):
             same = adapters.get(cmd.name) == {"base": cmd.base, "path": cmd.path}
-            if (cmd.name in adapters and not same) or cmd.name in models:
+            if cmd.replace and adapters.get(cmd.name, {}).get("base") != cmd.base:
+                raise AdapterError(f"adapter {cmd.name!r} of {cmd.base!r} is not loaded: "
+                                   "nothing to replace")
+            if (cmd.name in adapters and not same and not cmd.replace) or cmd.name in models:
                 raise AdapterError(f"{cmd.name!r} is already the name of a model or adapter")
             if cmd.base not in models:
                 raise AdapterError(f"base model {cmd.base!r} is not loaded")
             if not (Path(cmd.path) / "adapter_config.json").is_file():
                 raise AdapterError(f"{cmd.path}: no adapter_config.json (a PEFT LoRA folder)")
             r.hset(keys.ADAPTERS, cmd.name, json.dumps({"base": cmd.base, "path": cmd.path}))
+            if cmd.replace:  # workers holding it swap in the new weights; others load them
+                for info, alive in self.workers(fresh=True):
+                    if alive:
+                        await self._send(info.name, cmd)
         elif isinstance(cmd, (RemoveModel, RemoveAdapter)):
             table = keys.MODELS if isinstance(cmd, RemoveModel) else keys.ADAPTERS
             if not r.hdel(table, cmd.name):

@@ -81,8 +81,8 @@ class EngineCore:
     def add_worker(self, worker) -> None:
         self.registry.add_worker(worker)
 
-    def add_adapter(self, name: str, base: str, path: str) -> AdapterRef:
-        return self.registry.add_adapter(name, base, path)
+    def add_adapter(self, name: str, base: str, path: str, replace: bool = False) -> AdapterRef:
+        return self.registry.add_adapter(name, base, path, replace)
 
     def remove_adapter(self, name: str) -> None:
         self.registry.remove_adapter(name)

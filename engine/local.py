@@ -164,7 +164,7 @@ class LocalEngine:
         with self._lock:
             if name in self.core.workers or name in self._loading:
                 raise RequestError(f"model {name!r} is already loaded")
-            if name in self.core.adapters.refs:
+            if self.core.adapters.holds(name):
                 raise RequestError(f"{name!r} is already the name of an adapter")
             self._loading.add(name)  # a concurrent add of the same name fails above
         try:
@@ -201,10 +201,13 @@ class LocalEngine:
         with self._lock:
             self.core.remove_model(name)
 
-    def add_adapter(self, name: str, base: str, path: str | Path) -> None:
-        """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``."""
+    def add_adapter(self, name: str, base: str, path: str | Path,
+                    replace: bool = False) -> None:
+        """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``;
+        ``replace``: the loaded adapter ``name`` gets these weights (its running requests
+        finish on the old ones; vLLM's load_inplace)."""
         with self._lock:
-            self.core.add_adapter(name, base, str(Path(path).expanduser()))
+            self.core.add_adapter(name, base, str(Path(path).expanduser()), replace)
 
     def remove_adapter(self, name: str) -> None:
         """Refuse new requests for ``name`` now; running ones finish, then it is dropped."""
@@ -219,13 +222,12 @@ class LocalEngine:
     def adapters(self) -> dict[str, str]:
         """Adapter name -> base model, for adapters that take requests."""
         with self._lock:
-            return {n: r.base for n, r in self.core.adapters.refs.items()
-                    if n not in self.core.adapters.removing}
+            return {n: r.base for n, r in self.core.adapters.names().items()}
 
     def holds_name(self, name: str) -> bool:
         """Whether a model or adapter of this name is loaded, one being removed (draining its
         running requests) included; a snapshot read without the lock."""
-        return name in self.core.workers or name in self.core.adapters.refs
+        return name in self.core.workers or self.core.adapters.holds(name)
 
     def num_unfinished(self) -> int:
         """Requests queued or running, over all models (a snapshot, read without the lock)."""
@@ -526,7 +528,8 @@ class LocalClient:
         elif isinstance(cmd, RemoveModel):
             await asyncio.to_thread(one_thread(e.remove_model), cmd.name)
         elif isinstance(cmd, AddAdapter):
-            await asyncio.to_thread(one_thread(e.add_adapter), cmd.name, cmd.base, cmd.path)
+            await asyncio.to_thread(one_thread(e.add_adapter), cmd.name, cmd.base, cmd.path,
+                                    cmd.replace)
         elif isinstance(cmd, RemoveAdapter):
             await asyncio.to_thread(one_thread(e.remove_adapter), cmd.name)
         else:

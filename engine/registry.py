@@ -28,7 +28,7 @@ class ModelRegistry:
     def add_worker(self, worker) -> None:
         if worker.name in self.workers:
             raise RequestError(f"model {worker.name!r} is already loaded")
-        if worker.name in self.adapters.refs:
+        if self.adapters.holds(worker.name):
             raise RequestError(f"{worker.name!r} is already the name of an adapter")
         self.workers[worker.name] = worker
         self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity(),
@@ -65,25 +65,38 @@ class ModelRegistry:
         self.removing_models.discard(name)
 
     # ---- adapters -----------------------------------------------------------------------
-    def add_adapter(self, name: str, base: str, path: str) -> AdapterRef:
-        """Read, validate and register a PEFT LoRA adapter of a loaded base model."""
-        if name in self.workers or name in self.adapters.refs:
+    def add_adapter(self, name: str, base: str, path: str, replace: bool = False) -> AdapterRef:
+        """Read, validate and register a PEFT LoRA adapter of a loaded base model. With
+        ``replace``, a loaded adapter ``name`` of ``base`` gets these weights: its running
+        requests finish on the old ones (``AdapterRegistry.replace``)."""
+        if name in self.workers or (self.adapters.holds(name) and not replace):
             raise AdapterError(f"{name!r} is already the name of a model or adapter")
         worker = self.workers.get(base)
         if worker is None:
             raise AdapterError(f"base model {base!r} is not loaded")
+        old = self.adapters.get(name) if replace else None
+        if replace and (old is None or old.base != base):
+            raise AdapterError(f"adapter {name!r} of {base!r} is not loaded: nothing to "
+                               "replace")
         spec = inspect_peft_adapter(path, worker.cfg, worker.adapter_config.max_lora_rank)
-        ref = AdapterRef(name, base, str(path), spec.rank, spec.scaling, spec.targets)
+        version = self.adapters.next_version(name) if replace else name
+        ref = AdapterRef(version, base, str(path), spec.rank, spec.scaling, spec.targets)
         # the weights are read on first use (AdapterSlots.load_host), not now
-        worker.add_adapter(name, spec.rank, spec.targets,
+        worker.add_adapter(version, spec.rank, spec.targets,
                            lambda: load_peft_weights(spec, worker.cfg))
-        self.adapters.add(ref)
+        if replace:
+            dropped = self.adapters.replace(name, ref)
+            if dropped is not None:
+                self.drop_adapter(dropped)
+        else:
+            self.adapters.add(ref)
         return ref
 
     def remove_adapter(self, name: str) -> None:
         """New requests for it fail at once; running ones finish, then it is dropped."""
-        if self.adapters.remove(name):
-            self.drop_adapter(name)
+        version = self.adapters.remove(name)
+        if version is not None:
+            self.drop_adapter(version)
 
     def drop_adapter(self, name: str) -> None:
         ref = self.adapters.drop(name)

@@ -56,8 +56,9 @@ class Engine:
     def remove_model(self, name: str) -> None:
         self.local.remove_model(name)
 
-    def add_adapter(self, name: str, base: str, path: str | Path) -> None:
-        self.local.add_adapter(name, base, path)
+    def add_adapter(self, name: str, base: str, path: str | Path,
+                    replace: bool = False) -> None:
+        self.local.add_adapter(name, base, path, replace)
 
     def remove_adapter(self, name: str) -> None:
         self.local.remove_adapter(name)

@@ -41,6 +41,7 @@ from gpupool.messages.codec import from_wire, to_wire
 from gpupool.messages.errors import EngineError, ModelLoadError, RequestError
 from gpupool.messages.types import (
     Abort,
+    AddAdapter,
     EngineRequest,
     OutputDelta,
     RemoveAdapter,
@@ -185,6 +186,10 @@ class Worker:
                 self.engine.remove_model(msg.name)
             elif isinstance(msg, RemoveAdapter) and msg.name in self.engine.adapters:
                 self.engine.remove_adapter(msg.name)
+            elif (isinstance(msg, AddAdapter) and msg.replace
+                  and msg.name in self.engine.adapters):  # others load the new spec on use
+                self.engine.add_adapter(msg.name, msg.base, self._allowed(msg.path),
+                                        replace=True)
         except EngineError as e:
             logger.warning("%s: %s", type(msg).__name__, e)
         self._consumed(entry_id)

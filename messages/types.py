@@ -124,11 +124,14 @@ class RemoveModel:
 
 @dataclass(frozen=True)
 class AddAdapter:
-    """Serve the PEFT LoRA folder ``path`` as ``name`` on the loaded base ``base``."""
+    """Serve the PEFT LoRA folder ``path`` as ``name`` on the loaded base ``base``;
+    ``replace``: the adapter ``name`` exists and gets these weights (vLLM's load_inplace:
+    its running requests finish on the old ones, new ones get the new)."""
 
     name: str
     base: str
     path: str
+    replace: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import openai
 import pytest
 import torch
 
-from tests.factories import make_byte_model
+from tests.factories import make_byte_model, make_peft_adapter
 from tests.serving import Server
 
 TEMPLATE = (
@@ -58,7 +58,14 @@ def folders(tmp_path_factory, smollm2_path):
     (meaner / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True,
          "pooling_mode_lasttoken": False}))
-    return {"thinker": thinker, "embedder": embedder, "meaner": meaner}
+    root = thinker.parent
+    for name, seed, targets in (("tune-a", 1, ["q_proj", "v_proj"]),
+                                ("tune-b", 2, ["k_proj", "o_proj"])):
+        make_peft_adapter(thinker, root / name, 4, targets, seed=seed)
+    make_peft_adapter(embedder, embedder.parent / "emb-ad", 4, ["q_proj", "down_proj"], seed=3)
+    return {"thinker": thinker, "embedder": embedder, "meaner": meaner,
+            "tune-a": root / "tune-a", "tune-b": root / "tune-b",
+            "emb-ad": embedder.parent / "emb-ad"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,10 @@ def server(tmp_path_factory, folders):
         f'\n[[models]]\nname = "{n}"\npath = "{folders[n]}"\n{extra}\n'
         for n, extra in (("thinker", 'reasoning_parser = "qwen3"'),
                          ("embedder", 'task = "embed"'), ("meaner", 'task = "embed"')))
-    roots = [a for f in folders.values() for a in ("--model-root", str(f.parent))]
+    models += (f'\n[[adapters]]\nname = "emb-ad"\nbase = "embedder"\n'
+               f'path = "{folders["emb-ad"]}"\n')
+    roots = [a for n in ("thinker", "embedder", "meaner")
+             for a in ("--model-root", str(folders[n].parent))]
     with Server(tmp_path_factory.mktemp("home"), "--admin-key", ADMIN_KEY, *roots,
                 kv=32 << 20, engine_toml=models) as s:
         yield s
@@ -205,6 +215,23 @@ def test_embeddings_match_transformers_hidden_states(client, server, folders):
     assert list(vec) == pytest.approx(f.data[0].embedding, abs=1e-7)  # token ids as input
 
 
+def test_embeddings_of_an_adapter_match_peft(client, server, folders):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = httpx.post(server.url + "/tokenize", json={"model": "embedder", "prompt": "sea"}
+                     ).json()["tokens"]
+    base = AutoModelForCausalLM.from_pretrained(str(folders["embedder"]), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(folders["emb-ad"]))
+    with torch.no_grad():
+        h = tuned.base_model.model.model(torch.tensor([ids])).last_hidden_state[0, -1]
+    got = client.embeddings.create(model="emb-ad", input=ids, encoding_format="float")
+    plain = client.embeddings.create(model="embedder", input=ids, encoding_format="float")
+    want = torch.nn.functional.normalize(h, dim=0)
+    assert (torch.tensor(got.data[0].embedding) - want).abs().max().item() < 1e-5
+    assert (torch.tensor(plain.data[0].embedding) - want).abs().max().item() > 1e-3
+
+
 def test_embedding_errors_are_400s_naming_the_field(client):
     for kw, param in (
             ({"model": "embedder", "input": "x", "dimensions": 8}, "dimensions"),
@@ -217,3 +244,34 @@ def test_embedding_errors_are_400s_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="embedder", messages=ASK, max_tokens=2)
     assert "embedding model" in e.value.body["message"]
+
+
+# ---- adapters replaced in place ---------------------------------------------------------------
+def test_load_inplace_replaces_an_adapter(client, server, folders):
+    admin = httpx.Client(base_url=server.url, headers=ADMIN, timeout=60)
+
+    def load(name, path, **kw):
+        return admin.post("/v1/load_lora_adapter",
+                          json={"lora_name": name, "lora_path": str(path), **kw})
+
+    def text(model):
+        return client.completions.create(model=model, prompt="The sea is", max_tokens=8,
+                                         temperature=0).choices[0].text
+
+    assert load("tune", folders["tune-a"]).status_code == 200
+    assert load("tune-b", folders["tune-b"]).status_code == 200
+    a, b = text("tune"), text("tune-b")
+    assert a != b
+    r = load("tune", folders["tune-b"])  # taken, without load_inplace
+    assert r.status_code == 409, r.text
+    r = load("tune", folders["tune-b"], load_inplace=True)
+    assert r.status_code == 200 and r.json()["path"] == str(folders["tune-b"]), r.text
+    assert text("tune") == b
+    listed = {m["name"]: m for m in admin.get("/admin/adapters").json()["data"]}
+    assert listed["tune"]["path"] == str(folders["tune-b"]) and listed["tune"]["loaded"]
+    assert load("tune", folders["thinker"].parent / "missing", load_inplace=True
+                ).status_code == 404
+    assert text("tune") == b  # a failed replacement leaves the adapter as it was
+    for name in ("tune", "tune-b"):
+        assert admin.post("/v1/unload_lora_adapter", json={"lora_name": name}
+                          ).status_code == 200

@@ -485,3 +485,46 @@ def test_a_shared_adapter_is_charged_to_the_tenant_using_it(tiny_models):
     slots.ensure({"X", "Y"}, {"X": "b", "Y": "a"}, 1)
     assert slots.owner == {"X": "b", "Y": "a", "Z": "z"}  # C, the least recent, evicted
     slots.check_integrity()
+
+
+def test_replace_an_adapter_in_place_during_a_request(lora_setup, mixed):
+    """vLLM's load_inplace: the running request finishes on the old weights, the next gets
+    the new, the old version is dropped once idle, and the two never share cached KV (the
+    second request's prompt is the first's, which the prefix cache holds)."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    e = _engine(base, {"x": paths["r16"]}, enable_prefix_caching=True)
+    try:
+        core = e.local.core
+        prompt = prompts[3] * 3  # long enough to fill cached pages
+        new = peft_greedy(base, {"r8": paths["r8"]}, [prompt], ["r8"], 8)[0]
+        old = peft_greedy(base, {"r16": paths["r16"]}, [prompt], ["r16"], 8)[0]
+        assert new != old
+        params = SamplingParams(max_tokens=8, temperature=0)
+        with e.local._lock:
+            log = DeltaLog()
+            core.enqueue(EngineRequest("a", "x", prompt, params))
+            log.add(core.step())
+            log.add(core.step())
+            core.add_adapter("x", "base", str(paths["r8"]), replace=True)
+            assert e.adapters == {"x": "base"}
+            core.enqueue(EngineRequest("b", "x", prompt, params))
+            while core.has_work():
+                log.add(core.step())
+            assert log.tokens["a"] == old and log.tokens["b"] == new
+            assert set(core.adapters.refs) == {"x#2"}  # the old version dropped when idle
+            core.check_integrity()
+        again = e.generate(prompt, params, model="x")[0]  # the cache serves one version
+        assert again.cached_tokens > 0 and list(again.token_ids) == new
+        with pytest.raises(AdapterError, match="nothing to replace"):
+            e.add_adapter("nope", "base", paths["r8"], replace=True)
+        with pytest.raises(AdapterError, match="already"):
+            e.add_adapter("x", "base", paths["r8"])  # without replace: taken
+        e.add_adapter("x", "base", paths["r16"], replace=True)  # back, idle: dropped at once
+        assert set(core.adapters.refs) == {"x#3"}
+        assert list(e.generate(prompt, params, model="x")[0].token_ids) == old
+        e.remove_adapter("x")
+        assert e.adapters == {} and not core.adapters.refs
+        e.check_integrity()
+    finally:
+        e.shutdown()
