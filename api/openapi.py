@@ -373,6 +373,33 @@ class EmbeddingList(_Out):
     usage: EmbeddingUsage
 
 
+class ResponseObject(BaseModel):
+    """OpenAI's Response (``/v1/responses``; fields as OpenAI documents them)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
+class ResponseEvent(BaseModel):
+    """One event of a streamed response (``type``: ``response.created``, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    sequence_number: int
+
+
+class ResponseDeleted(_Out):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
 class Version(_Out):
     version: str
 
@@ -382,6 +409,7 @@ def openai_route(kind: str, path: str) -> dict:
     ``models``, ``model``, ``completions``, ``chat``, ``embeddings``, ``tokenize``,
     ``detokenize`` or ``version``."""
     from gpupool.api.protocol import DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+    from gpupool.api.responses import ResponsesRequest
 
     tenant = path.startswith("/tenants/")
     request, answer, chunk, summary, op = {
@@ -398,6 +426,11 @@ def openai_route(kind: str, path: str) -> dict:
                  "Chat completion", "createChatCompletion"),
         "embeddings": (EmbeddingRequest, EmbeddingList, None,
                        "Embeddings (models registered with task embed)", "createEmbedding"),
+        "responses": (ResponsesRequest, ResponseObject, ResponseEvent, "A response",
+                      "createResponse"),
+        "response": (None, ResponseObject, None, "A stored response", "getResponse"),
+        "response_delete": (None, ResponseDeleted, None, "Delete a stored response",
+                            "deleteResponse"),
     }[kind]
     ok: dict[str, Any] = {"model": answer}
     if chunk is not None:

@@ -605,10 +605,21 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
     return out
 
 
-async def _complete(state, request: Request, tenant_path: str | None, route: _Route):
-    tenant = await authenticate(state, request, tenant_path)
-    body = await read_json(request, state.config.max_body_bytes)
-    req = parse(route.body, body, route.path)
+@dataclass
+class Call:
+    """A started call: its run, the model's tokenizer, prompts, and how its answers are read
+    (``tools``: the model's tool-call format when they may hold calls; ``think``: a thinking
+    model's markers)."""
+    run: Run
+    tokenizer: object
+    prompts: list[list[int]]
+    tools: str | None
+    think: tuple[int, int] | None
+
+
+async def start_call(state, tenant: Tenant | None, req, route: _Route) -> Call:
+    """Check, tokenize and submit a parsed completion or chat request (shared with
+    /v1/responses, which makes a chat request of its input)."""
     check_model_access(state, tenant, req.model)
     await state.models.ensure(req.model)
     incoming = req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
@@ -632,15 +643,25 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
     choices = await asyncio.to_thread(_choices, route, req, tenant, info, tokenizer, prompts,
                                       run.call_id, think)
     await run.start(choices)
+    tools = None  # the model's tool-call format, when the answer may hold calls
+    if isinstance(req, ChatCompletionRequest) and req.tool_choice_value() != "none":
+        tools = tool_format(tokenizer)
+    return Call(run, tokenizer, prompts, tools, think)
+
+
+async def _complete(state, request: Request, tenant_path: str | None, route: _Route):
+    tenant = await authenticate(state, request, tenant_path)
+    body = await read_json(request, state.config.max_body_bytes)
+    req = parse(route.body, body, route.path)
+    call = await start_call(state, tenant, req, route)
+    run, tokenizer, prompts, tools, think = (call.run, call.tokenizer, call.prompts,
+                                             call.tools, call.think)
     cid, created = f"{route.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def answer(obj: str, choices: list[dict]) -> dict:
         return {"id": cid, "object": obj, "created": created, "model": req.model,
                 "choices": choices}
 
-    tools = None  # the model's tool-call format, when the answer may hold calls
-    if isinstance(req, ChatCompletionRequest) and req.tool_choice_value() != "none":
-        tools = tool_format(tokenizer)
     echo = [""] * len(run.choices)  # completions' echo: each choice's prompt text first
     if getattr(req, "echo", False):
         texts = [p if isinstance(p, str) else tokenizer.decode(ids)
@@ -775,7 +796,9 @@ async def version_route(request: Request):
 
 
 def router(state) -> APIRouter:
-    from gpupool.api.embeddings import embeddings_route  # it builds on this module
+    # they build on this module
+    from gpupool.api.embeddings import embeddings_route
+    from gpupool.api.responses import create_response, delete_response, get_response
 
     r = APIRouter()
     def plain(fn):  # the handler's only parameter is the request (others become query ones)
@@ -803,7 +826,11 @@ def router(state) -> APIRouter:
                 ("/models/{model:path}", one_model, "model", "GET"),
                 ("/completions", bind(_complete, COMPLETIONS), "completions", "POST"),
                 ("/chat/completions", bind(_complete, CHAT), "chat", "POST"),
-                ("/embeddings", bind(embeddings_route), "embeddings", "POST")):
+                ("/embeddings", bind(embeddings_route), "embeddings", "POST"),
+                ("/responses", bind(create_response), "responses", "POST"),
+                ("/responses/{response_id}", bind(get_response), "response", "GET"),
+                ("/responses/{response_id}", bind(delete_response), "response_delete",
+                 "DELETE")):
             r.add_api_route(prefix + path, fn, methods=[method],
                             **openapi.openai_route(kind, prefix + path))
     return r

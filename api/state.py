@@ -8,6 +8,8 @@ Keys (values are JSON):
   gpupool:keys      hash  sha256(key) hex -> tenant name
   gpupool:auth      string "required" once any tenant was created: deleting the last tenant
                     does not open the server again
+  gpupool:responses:<tenant>:<id>  string {"response", "messages"}: a stored /v1/responses
+                    answer and the conversation before it, expiring (responses_ttl_s)
 
 Fail closed: a server that has seen auth required writes a marker file (``auth-required``
 under its data dir), and one started with ``--require-auth`` needs keys from the start; a
@@ -105,6 +107,22 @@ class StateStore:
         gone = bool(self.r.hdel(PREFIX + table, name))
         self._saved()
         return gone
+
+    # ---- stored responses (/v1/responses), per tenant, with a TTL -------------------------------
+    def _response_key(self, tenant: str, rid: str) -> str:
+        return f"{PREFIX}responses:{tenant}:{rid}"
+
+    def put_response(self, tenant: str, rid: str, record: dict, ttl_s: float) -> None:
+        """Not snapshotted at once: a lost stored response costs a client one re-send."""
+        self.r.set(self._response_key(tenant, rid), json.dumps(record),
+                   ex=max(1, int(ttl_s)))
+
+    def get_response(self, tenant: str, rid: str) -> dict | None:
+        raw = self.r.get(self._response_key(tenant, rid))
+        return None if raw is None else json.loads(raw)
+
+    def delete_response(self, tenant: str, rid: str) -> bool:
+        return bool(self.r.delete(self._response_key(tenant, rid)))
 
     # ---- models and adapters ---------------------------------------------------------------
     def models(self) -> dict[str, dict]:

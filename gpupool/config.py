@@ -248,6 +248,10 @@ class ServerConfig:
     require_auth: bool = False  # tenant keys needed even before the first tenant (fail closed)
     # a tenant limit entry lives this long unless its front end renews it (api/limits.py)
     limit_lease_s: float = 10.0
+    # /v1/responses answers kept for previous_response_id and GET (in Redis: every gateway
+    # of a cluster sees them); one larger than the cap is not stored
+    responses_ttl_s: float = 86400.0
+    responses_max_bytes: int = 1 << 20
     models: tuple[ModelSpec, ...] = ()
     adapters: tuple[AdapterSpec, ...] = ()
     tenants: tuple[TenantSpec, ...] = ()

@@ -48,6 +48,11 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCH
 def folders(tmp_path_factory, smollm2_path):
     thinker = make_byte_model(tmp_path_factory.mktemp("thinker"), smollm2_path, seed=3,
                               chat_template=TEMPLATE, extra_tokens=("<think>", "</think>"))
+    r1 = make_byte_model(tmp_path_factory.mktemp("r1"), smollm2_path, seed=3,
+                         chat_template=TEMPLATE.replace("{%- if enable_thinking is defined",
+                                                        "<think>\n{%- if false")
+                         .replace("<think>\n\n</think>", ""),
+                         extra_tokens=("<think>", "</think>"))
     embedder = make_byte_model(tmp_path_factory.mktemp("embedder"), smollm2_path, seed=4)
     meaner = make_byte_model(tmp_path_factory.mktemp("meaner"), smollm2_path, seed=5)
     (meaner / "modules.json").write_text(json.dumps([
@@ -63,7 +68,7 @@ def folders(tmp_path_factory, smollm2_path):
                                 ("tune-b", 2, ["k_proj", "o_proj"])):
         make_peft_adapter(thinker, root / name, 4, targets, seed=seed)
     make_peft_adapter(embedder, embedder.parent / "emb-ad", 4, ["q_proj", "down_proj"], seed=3)
-    return {"thinker": thinker, "embedder": embedder, "meaner": meaner,
+    return {"thinker": thinker, "r1": r1, "embedder": embedder, "meaner": meaner,
             "tune-a": root / "tune-a", "tune-b": root / "tune-b",
             "emb-ad": embedder.parent / "emb-ad"}
 
@@ -73,10 +78,12 @@ def server(tmp_path_factory, folders):
     models = "".join(
         f'\n[[models]]\nname = "{n}"\npath = "{folders[n]}"\n{extra}\n'
         for n, extra in (("thinker", 'reasoning_parser = "qwen3"'),
+                         ("r1", 'reasoning_parser = "deepseek_r1"'),
                          ("embedder", 'task = "embed"'), ("meaner", 'task = "embed"')))
+    models += f'\n[[models]]\nname = "plain"\npath = "{folders["thinker"]}"\n'
     models += (f'\n[[adapters]]\nname = "emb-ad"\nbase = "embedder"\n'
                f'path = "{folders["emb-ad"]}"\n')
-    roots = [a for n in ("thinker", "embedder", "meaner")
+    roots = [a for n in ("thinker", "r1", "embedder", "meaner")
              for a in ("--model-root", str(folders[n].parent))]
     with Server(tmp_path_factory.mktemp("home"), "--admin-key", ADMIN_KEY, *roots,
                 kv=32 << 20, engine_toml=models) as s:
@@ -275,3 +282,156 @@ def test_load_inplace_replaces_an_adapter(client, server, folders):
     for name in ("tune", "tune-b"):
         assert admin.post("/v1/unload_lora_adapter", json={"lora_name": name}
                           ).status_code == 200
+
+
+# ---- the Responses API ------------------------------------------------------------------------
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {
+               "city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+               "additionalProperties": False}}
+
+
+def _chat_text(client, model, messages, max_tokens, **kw) -> str:
+    return client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                          max_tokens=max_tokens, **kw).choices[0].message.content
+
+
+def test_a_response_is_the_chat_answer_whole_and_streamed(client):
+    r = client.responses.create(model="plain", input="Is the sky blue?", max_output_tokens=8,
+                                temperature=0)
+    want = _chat_text(client, "plain", ASK, 8)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text == want and [o.type for o in r.output] == ["message"]
+    assert r.usage.output_tokens == 8 and r.usage.input_tokens > 0
+    types, numbers = [], []
+    with client.responses.stream(model="plain", input="Is the sky blue?",
+                                 max_output_tokens=8, temperature=0) as stream:
+        for event in stream:
+            types.append(event.type)
+            numbers.append(event.sequence_number)
+        final = stream.get_final_response()
+    assert final.output_text == want and final.status == "incomplete"
+    assert numbers == list(range(len(types)))
+    assert types[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+
+
+def test_previous_response_id_instructions_get_and_delete(client):
+    r1 = client.responses.create(model="plain", input="Hi", max_output_tokens=6,
+                                 temperature=0)
+    r2 = client.responses.create(model="plain", input="More", instructions="Be brief",
+                                 previous_response_id=r1.id, max_output_tokens=6,
+                                 temperature=0)
+    messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": r1.output_text},
+                {"role": "user", "content": "More"}]
+    assert r2.output_text == _chat_text(client, "plain", messages, 6)
+    assert r2.previous_response_id == r1.id
+    got = client.responses.retrieve(r1.id)
+    assert got.id == r1.id and got.output_text == r1.output_text
+    client.responses.delete(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="plain", input="x", previous_response_id=r1.id)
+    unstored = client.responses.create(model="plain", input="Hi", max_output_tokens=2,
+                                       store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_function_calls_and_their_outputs(client):
+    ask = "What is the weather in Paris?"
+    r1 = client.responses.create(model="plain", input=ask, tools=[WEATHER],
+                                 tool_choice="required", max_output_tokens=60, temperature=0)
+    calls = [o for o in r1.output if o.type == "function_call"]
+    assert r1.status == "completed" and len(calls) >= 1
+    assert calls[0].name == "get_weather" and "city" in json.loads(calls[0].arguments)
+    with client.responses.stream(model="plain", input=ask, tools=[WEATHER],
+                                 tool_choice="required", max_output_tokens=60,
+                                 temperature=0) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    assert [(o.name, o.arguments) for o in final.output if o.type == "function_call"] == [
+        (c.name, c.arguments) for c in calls]
+    # the call's output, sent back: the model continues after a tool message
+    r2 = client.responses.create(model="plain", previous_response_id=r1.id, tools=[WEATHER],
+                                 tool_choice="none", max_output_tokens=6, temperature=0,
+                                 input=[{"type": "function_call_output",
+                                         "call_id": calls[0].call_id, "output": "sunny"}])
+    chat_calls = [{"id": c.call_id, "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+    messages = [{"role": "user", "content": ask},
+                {"role": "assistant", "content": None, "tool_calls": chat_calls},
+                {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"}]
+    tools = [{"type": "function", "function": {k: v for k, v in WEATHER.items()
+                                               if k != "type"}}]
+    if r1.output[0].type == "message":  # text before the calls
+        messages[1]["content"] = r1.output[0].content[0].text
+    assert r2.output_text == _chat_text(client, "plain", messages, 6, tools=tools,
+                                        tool_choice="none")
+
+
+def test_json_schema_text_format(client):
+    r = client.responses.create(model="plain", input="Answer.", max_output_tokens=40,
+                                temperature=0, text={"format": {
+                                    "type": "json_schema", "name": "answer",
+                                    "schema": SCHEMA, "strict": True}})
+    assert r.status == "completed" and json.loads(r.output_text) in ({"ok": True},
+                                                                     {"ok": False})
+
+
+def test_a_thinking_models_reasoning_item(client, server):
+    """r1's template opens the block: a short answer is all reasoning."""
+    r = client.responses.create(model="r1", input="Is the sky blue?", max_output_tokens=8,
+                                temperature=0)
+    ids = httpx.post(server.url + "/tokenize", json={"model": "r1", "messages": ASK}
+                     ).json()["tokens"]
+    assert ids[-1] == START
+    plain = client.completions.create(model="r1", prompt=ids, max_tokens=8,
+                                      temperature=0).choices[0].text
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == plain and r.output_text == ""
+    assert r.usage.output_tokens_details.reasoning_tokens == 8
+    with client.responses.stream(model="r1", input="Is the sky blue?", max_output_tokens=8,
+                                 temperature=0) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_text.delta" in kinds
+    assert final.output[0].content[0].text == plain
+
+
+def test_responses_refuse_what_they_do_not_do(client):
+    for kw, param in (({"tools": [{"type": "web_search"}]}, "tools"),
+                      ({"background": True}, "background"),
+                      ({"input": [{"role": "user", "content": [
+                          {"type": "input_image", "image_url": "x"}]}]}, "input")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**{"model": "plain", "input": "x", **kw})
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="embedder", input="x")
+
+
+def test_stored_responses_belong_to_their_tenant(server):
+    """Last in this module: the first tenant makes the server need keys."""
+    admin = httpx.Client(base_url=server.url, headers=ADMIN, timeout=60)
+    keys = {}
+    for name in ("acme", "other"):
+        r = admin.post("/admin/tenants", json={"name": name, "models": ["plain"]})
+        assert r.status_code == 201, r.text
+        keys[name] = r.json()["api_key"]
+    acme, other = (openai.OpenAI(base_url=server.url + "/v1", api_key=keys[n], max_retries=0)
+                   for n in ("acme", "other"))
+    r = acme.responses.create(model="plain", input="Hi", max_output_tokens=3)
+    assert acme.responses.retrieve(r.id).output_text == r.output_text
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="plain", input="x", previous_response_id=r.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(r.id)
+    acme.responses.delete(r.id)
