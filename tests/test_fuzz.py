@@ -91,6 +91,14 @@ BUDGET = {
     ("GET", "/version"): (1, 0),
     ("POST", "/v1/load_lora_adapter"): (3, 2),
     ("POST", "/v1/unload_lora_adapter"): (2, 1),
+    ("POST", "/v1/embeddings"): (3, 2),
+    ("POST", "/tenants/{tenant}/v1/embeddings"): (1, 1),
+    ("POST", "/v1/responses"): (6, 3),
+    ("POST", "/tenants/{tenant}/v1/responses"): (2, 1),
+    ("GET", "/v1/responses/{response_id}"): (1, 0),
+    ("GET", "/tenants/{tenant}/v1/responses/{response_id}"): (1, 0),
+    ("DELETE", "/v1/responses/{response_id}"): (1, 0),
+    ("DELETE", "/tenants/{tenant}/v1/responses/{response_id}"): (1, 0),
 }
 
 
