@@ -14,6 +14,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0)
+# vLLM's buckets (vllm/v1/metrics, 0.34), so quantiles compare with a vLLM server's
+VLLM_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+             7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+            10.0, 20.0, 40.0, 80.0)
+VLLM_REQUEST = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's 1-2-5 series up to its max_model_len; gpupool serves many models: up to 1M tokens
+VLLM_TOKENS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e <= 10**6)
+VLLM_PREEMPTIONS = (1, 2, 3, 4, 5, 10, 20)
+VLLM_N = (1, 2, 5, 10, 20)
 
 
 class _PoolCollector:
@@ -34,6 +45,19 @@ class _PoolCollector:
         ph = CounterMetricFamily("gpupool_prefix_cache_hits",
                                  "Prompt tokens found in the prefix cache", labels=["model"])
         # vLLM's names for the same (label model_name)
+        vq = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the "
+                                 "prefix cache (vLLM's name)", labels=["model_name"])
+        vh = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix "
+                                 "cache (vLLM's name)", labels=["model_name"])
+        pre = CounterMetricFamily("vllm:num_preemptions", "Requests preempted (vLLM's name)",
+                                  labels=["model_name"])
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc",
+                                  "KV pages held by requests, 0 to 1 (vLLM's name; one pool "
+                                  "for every model, so each model shows the same value; "
+                                  "cached prefix pages nobody holds count as free)",
+                                  labels=["model_name"])
+        p = s["kv_pages"]
+        kv_used = p["used"] / p["total"] if p["total"] else 0.0
         running = GaugeMetricFamily("vllm:num_requests_running",
                                     "Requests in the running batch (vLLM's name)",
                                     labels=["model_name"])
@@ -52,15 +76,14 @@ class _PoolCollector:
             ph.add_metric([name], m.get("prefix_cache_hits", 0))
             running.add_metric([name], m["running"])
             waiting.add_metric([name], m["waiting"])
+            vq.add_metric([name], m.get("prefix_cache_queries", 0))
+            vh.add_metric([name], m.get("prefix_cache_hits", 0))
+            pre.add_metric([name], m.get("preemptions", 0))
+            usage.add_metric([name], kv_used)
             lora.add_metric([name, ",".join(m.get("running_adapters", ())),
                              ",".join(m.get("waiting_adapters", ())),
                              str(m.get("adapter_slots", 0))], now)
-        yield from (queue, resident, pq, ph, running, waiting, lora)
-        p = s["kv_pages"]
-        yield GaugeMetricFamily("vllm:kv_cache_usage_perc",
-                                "KV pages held by requests, 0 to 1 (vLLM's name; cached "
-                                "prefix pages nobody holds count as free)",
-                                value=p["used"] / p["total"] if p["total"] else 0.0)
+        yield from (queue, resident, pq, ph, running, waiting, lora, vq, vh, pre, usage)
         kv = GaugeMetricFamily("gpupool_kv_pages", "KV cache pages", labels=["where", "state"])
         kv.add_metric(["device", "used"], p["used"])
         kv.add_metric(["device", "free"], p["free"])
@@ -140,10 +163,39 @@ class Metrics:
         # gpupool; the gauges are in _PoolCollector
         self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds",
                                    "Time to first token (vLLM's name)", ["model_name"],
-                                   buckets=LATENCY_BUCKETS, registry=r)
+                                   buckets=VLLM_TTFT, registry=r)
         self.vllm_itl = Histogram("vllm:inter_token_latency_seconds",
                                   "Inter-token latency (vLLM's name)", ["model_name"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
+                                  buckets=VLLM_ITL, registry=r)
+        self.vllm_success = Counter("vllm:request_success", "Finished requests by reason "
+                                    "(vLLM's name)", ["model_name", "finished_reason"],
+                                    registry=r)
+
+        def hist(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(f"vllm:{name}", doc + " (vLLM's name)", ["model_name"],
+                             buckets=buckets, registry=r)
+
+        # per finished request, as vLLM records them (from the front end's arrival; the
+        # queue time is the engine's, from its arrival to the first step that ran it)
+        self.vllm_e2e = hist("e2e_request_latency_seconds", "Arrival to the last token",
+                             VLLM_REQUEST)
+        self.vllm_queue = hist("request_queue_time_seconds", "Waiting for a first step",
+                               VLLM_REQUEST)
+        self.vllm_prefill = hist("request_prefill_time_seconds",
+                                 "First step to the first token", VLLM_REQUEST)
+        self.vllm_decode = hist("request_decode_time_seconds", "First token to the last",
+                                VLLM_REQUEST)
+        self.vllm_inference = hist("request_inference_time_seconds",
+                                   "First step to the last token", VLLM_REQUEST)
+        self.vllm_tpot = hist("request_time_per_output_token_seconds",
+                              "Mean time per output token after the first", VLLM_ITL)
+        self.vllm_prompt_len = hist("request_prompt_tokens", "Prompt tokens", VLLM_TOKENS)
+        self.vllm_gen_len = hist("request_generation_tokens", "Generated tokens", VLLM_TOKENS)
+        self.vllm_max_gen = hist("request_max_num_generation_tokens",
+                                 "Most tokens generated by one choice of a call", VLLM_TOKENS)
+        self.vllm_req_preemptions = hist("request_num_preemptions", "Times preempted",
+                                         VLLM_PREEMPTIONS)
+        self.vllm_n = hist("request_params_n", "Choices asked (n)", VLLM_N)
         self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens (vLLM's name)",
                                           ["model_name"], registry=r)
         self.vllm_generation_tokens = Counter("vllm:generation_tokens",
@@ -158,9 +210,34 @@ class Metrics:
         keep = {"model": set(models), "model_name": set(models),
                 "tenant": set(tenants) | {""}}
         for metric in (self.requests, self.slo_requests, self.prompt_tokens,
-                       self.generation_tokens, self.ttft, self.tbt, self.vllm_ttft,
-                       self.vllm_itl, self.vllm_prompt_tokens, self.vllm_generation_tokens):
+                       self.generation_tokens, self.ttft, self.tbt, *self._vllm()):
             names = metric._labelnames
             for values in list(metric._metrics):
                 if any(v not in keep[n] for n, v in zip(names, values) if n in keep):
                     metric.remove(*values)
+
+    def _vllm(self) -> list:
+        return [m for name, m in vars(self).items() if name.startswith("vllm_")]
+
+    def observe_choice(self, model: str, started: float, ch, now: float) -> None:
+        """vLLM's per-request series for one finished choice (``routes_openai._Choice``)."""
+        last = ch.last
+        self.vllm_success.labels(model, "error" if last.error else last.finish_reason).inc()
+        e2e = (ch.finished_at or now) - started
+        usage = ch.text.usage
+        queue = min(usage.queue_s, e2e) if usage is not None else 0.0
+        first = ch.first_token_at - started if ch.first_token_at is not None else e2e
+        decode = (ch.last_token_at - ch.first_token_at) if ch.first_token_at is not None \
+            else 0.0
+        prefill = max(0.0, first - queue)
+        generated = len(ch.text.token_ids)
+        for metric, value in ((self.vllm_e2e, e2e), (self.vllm_queue, queue),
+                              (self.vllm_prefill, prefill), (self.vllm_decode, decode),
+                              (self.vllm_inference, prefill + decode),
+                              (self.vllm_tpot, decode / (generated - 1) if generated > 1
+                               else 0.0),
+                              (self.vllm_prompt_len, len(ch.request.prompt_token_ids)),
+                              (self.vllm_gen_len, generated),
+                              (self.vllm_req_preemptions,
+                               usage.preemptions if usage is not None else 0)):
+            metric.labels(model).observe(value)

@@ -64,6 +64,7 @@ class _Choice:
     last_token_at: float | None = None
     tokens: int = 0  # output tokens seen
     aborted: bool = False  # an abort was sent to the engine
+    finished_at: float | None = None
 
     @property
     def cached_tokens(self) -> int:
@@ -194,6 +195,7 @@ class Run:
                 self._observe(ch, out)
                 ch.last = out
                 if out.finished:
+                    ch.finished_at = time.monotonic()
                     remaining -= 1
                 yield ch, out
         finally:
@@ -228,6 +230,14 @@ class Run:
         m.generation_tokens.labels(self.model, tenant).inc(self.completion_tokens)
         m.vllm_prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         m.vllm_generation_tokens.labels(self.model).inc(self.completion_tokens)
+        finished = [ch for ch in self.choices if ch.finished]  # a client's abort: none
+        now = time.monotonic()
+        for ch in finished:
+            m.observe_choice(self.model, self.started, ch, now)
+        if finished:
+            m.vllm_max_gen.labels(self.model).observe(
+                max(len(ch.text.token_ids) for ch in finished))
+            m.vllm_n.labels(self.model).observe(self.n)
         try:  # a clean-up: never let Redis being away break the answer's end
             info = self.state.client.model_info(self.model)
             if info is None:  # deleted while this call ran

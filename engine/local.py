@@ -382,6 +382,7 @@ class LocalEngine:
             # prefix cache: prompt tokens looked up, and found cached
             "prefix_cache_queries": sched.cache_queries[name],
             "prefix_cache_hits": sched.cache_hits[name],
+            "preemptions": sched.preemptions_by_model[name],
             "running_adapters": sorted({q.adapter for q in sched.running.get(name, ())
                                         if q.adapter}),
             "waiting_adapters": sorted({q.adapter for q in sched.waiting.get(name, ())

@@ -200,8 +200,9 @@ def emit(tr: Tracked, finished: bool, error: str | None, orphans: list[str]) -> 
         logprobs=lps,
         finish_reason=seq.finish_reason if finished else None,
         stop_token=tr.stop_token if finished else None,
-        usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids),
-                    seq.num_cached_tokens) if finished else None,
+        usage=Usage(seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens,
+                    max(0.0, (seq.first_scheduled_time or seq.arrival_time)
+                        - seq.arrival_time), seq.num_preemptions) if finished else None,
         error=error,
         cached_tokens=seq.num_cached_tokens,
         prompt_logprobs=_take_prompt_logprobs(tr, new, finished),

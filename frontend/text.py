@@ -133,6 +133,7 @@ class TextStream:
         self.cached_tokens = 0
         self.prompt_logprobs: tuple | None = None
         self.embedding: tuple[float, ...] | None = None
+        self.usage = None  # the engine's Usage, from the final delta
         for token in delivered_token_ids:  # a resumed request: its text so far, no checks
             self.token_ids.append(token)
             append_token(tokenizer, self.detok, token)
@@ -151,6 +152,8 @@ class TextStream:
             self.prompt_logprobs = delta.prompt_logprobs
         if delta.embedding is not None:
             self.embedding = delta.embedding
+        if delta.usage is not None:
+            self.usage = delta.usage
         skip = len(self.token_ids) - delta.index
         if skip < 0:
             raise RequestError(f"request {self.request_id}: output tokens from "

@@ -68,6 +68,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int  # every output token, delivered ones of a resumed request included
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    queue_s: float = 0.0  # from its arrival at the engine to the first step that ran it
+    preemptions: int = 0  # times the engine preempted it
 
 
 @dataclass(frozen=True)

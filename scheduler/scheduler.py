@@ -135,6 +135,7 @@ class Scheduler:
         self.running: dict[str, list[Sequence]] = {}
         self._step = 0
         self.num_preemptions = 0  # sequences preempted (swapped out or dropped), in total
+        self.preemptions_by_model: Counter = Counter()
         # prefix cache, per model: prompt tokens looked up, and found cached
         self.cache_queries: Counter[str] = Counter()
         self.cache_hits: Counter[str] = Counter()
@@ -186,6 +187,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self.preemptions_by_model[seq.model] += 1
         self.running[seq.model].remove(seq)
         self.waiting[seq.model].appendleft(seq)
 
@@ -224,7 +226,8 @@ class Scheduler:
         """A step's batch. Swap-outs (preemption) and swap-ins (waiting sequences resuming)
         never share a step: a page freed by one could otherwise be overwritten before the
         other's copy reads it."""
-        model = self.policy.pick(self, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        model = self.policy.pick(self, now)
         if model is None:
             return SchedulerOutput(None, (), ())
         self._swap_out, self._swap_in = [], []
@@ -243,6 +246,9 @@ class Scheduler:
         step.preempted.extend(fair)
         # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
         step.scheduled.sort(key=lambda x: (not x.is_decode, x.seq.adapter or ""))
+        for x in step.scheduled:
+            if x.seq.first_scheduled_time is None:  # its queue time ends (vLLM's metric)
+                x.seq.first_scheduled_time = now
         return SchedulerOutput(model, tuple(step.scheduled), tuple(step.preempted),
                                tuple(self._swap_out), tuple(self._swap_in))
 

@@ -20,7 +20,7 @@ POOL_TOML = """
 device = "cpu"
 dtype = "float32"
 kv_cache_bytes = {kv}
-kv_page_bytes = 262144
+kv_page_bytes = {page}
 weight_bytes = {weights}
 host_cache_bytes = 2147483648
 """
@@ -34,13 +34,15 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, home: Path, *args: str, kv: int = 128 << 20, weights: int = 1 << 30,
-                 env: dict | None = None, engine_toml: str = "", command: str = "serve"):
+                 env: dict | None = None, engine_toml: str = "", command: str = "serve",
+                 page: int = 262144):
         """``engine_toml``: more ``key = value`` lines for the config's ``[engine]`` table;
         ``command``: serve, or gateway (``args`` then name the cluster's Redis)."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.config = self.home / "gpupool.toml"
-        self.config.write_text(POOL_TOML.format(kv=kv, weights=weights) + engine_toml)
+        self.config.write_text(POOL_TOML.format(kv=kv, weights=weights, page=page)
+                               + engine_toml)
         self.args = args
         self.command = command
         self.env = env or {}

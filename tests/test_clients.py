@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -435,3 +438,42 @@ def test_stored_responses_belong_to_their_tenant(server):
     with pytest.raises(openai.NotFoundError):
         other.responses.delete(r.id)
     acme.responses.delete(r.id)
+
+
+# ---- vLLM's metrics ---------------------------------------------------------------------------
+DASHBOARD = Path(__file__).parent / "data" / "vllm_grafana_v0.34.0.json"
+
+
+def test_every_series_of_vllms_dashboard_has_samples(tmp_path_factory, tiny_models):
+    """vLLM's own Grafana dashboard (pinned) reads gpupool: after a workload with a prefix
+    cache hit and preemptions (a 16-page KV pool of 32 tokens each), every series its
+    queries name is in /metrics with samples for the model."""
+    names = sorted(set(re.findall(r"vllm:[a-z0-9_:]+", DASHBOARD.read_text())))
+    assert len(names) >= 20
+    home = tmp_path_factory.mktemp("metrics")
+    with Server(home, "--model", f"tiny={tiny_models('llama')}", kv=16 << 14,
+                page=16 << 10) as s:
+        prompt = list(range(3, 103))
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        for _ in range(2):  # the second finds the first's full pages
+            assert httpx.post(s.url + "/v1/completions", json=body, timeout=60
+                              ).status_code == 200
+        long = {"model": "tiny", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+        with ThreadPoolExecutor(6) as pool:  # 6 x ~220 tokens > 512 in the pool: preempts
+            codes = list(pool.map(lambda i: httpx.post(
+                s.url + "/v1/completions", json={**long, "prompt": [3 + i] * 100},
+                timeout=120).status_code, range(6)))
+        assert codes == [200] * 6
+        text = httpx.get(s.url + "/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        m = re.match(r'(vllm:[a-z0-9_:]+)\{([^}]*)\} (\S+)$', line)
+        if m and 'model_name="tiny"' in m.group(2):
+            samples.setdefault(m.group(1), []).append(float(m.group(3)))
+    missing = [n for n in names if n not in samples]
+    assert not missing, missing
+    for name in ("vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
+                 "vllm:request_num_preemptions_sum", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_success_total"):
+        assert max(samples[name]) > 0, name
+    assert samples["vllm:request_generation_tokens_sum"] == [4 * 2 + 120 * 6]
