@@ -461,7 +461,8 @@ def test_tenants_share_no_cached_prompt_unless_marked(env):
         pool = c.get("/admin/pool", headers=ADMIN).json()
         assert pool["kv_pages"]["cached"] >= 3 * 2  # three namespaces' two pages
         for name in ('vllm:num_requests_running{model_name="tiny"}',  # vLLM's names too
-                     'vllm:num_requests_waiting{model_name="tiny"}', "vllm:kv_cache_usage_perc",
+                     'vllm:num_requests_waiting{model_name="tiny"}',
+                     'vllm:kv_cache_usage_perc{model_name="tiny"}',
                      'vllm:prompt_tokens_total{model_name="tiny"}',
                      'vllm:generation_tokens_total{model_name="tiny"}',
                      'vllm:time_to_first_token_seconds_count{model_name="tiny"}',

@@ -146,3 +146,16 @@ def test_engine_rows_think_freely_then_follow_the_grammar(thinker):
         json.loads(outs[4].text)
     finally:
         engine.shutdown()
+
+
+def test_tool_calls_are_read_from_the_content_only():
+    from gpupool.api.routes_openai import CHAT
+    from gpupool.frontend.text import RequestOutput
+
+    call = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    for text, calls, reasoning in (
+            (f"<think>maybe {call}</think>no call", 0, f"maybe {call}"),
+            (f"<think>first</think>{call}", 1, "first")):
+        out = RequestOutput("r", "m", (1, 2), (3,), text, (3,), text, True, "stop")
+        msg = CHAT.choice(0, out, None, tools="hermes", think=(START, END))["message"]
+        assert len(msg["tool_calls"]) == calls and msg["reasoning_content"] == reasoning

@@ -65,7 +65,20 @@ def test_file_then_environment_then_flags(config_file, monkeypatch):
                                                               ("y", "b", "/m/y")]
 
 
+def test_reasoning_parser_and_task_from_the_file_and_the_flags(config_file):
+    config_file.write_text("[[models]]\nname = 'a'\npath = '/m/a'\n"
+                           "reasoning_parser = 'deepseek_r1'\n")
+    c = load_server_config(str(config_file), models=["b=/m/b"], reasoning_parser="qwen3",
+                           task="generate")
+    assert [(m.name, m.reasoning_parser, m.task) for m in c.models] == [
+        ("a", "deepseek_r1", "generate"), ("b", "qwen3", "generate")]  # flags: their models
+    c = load_server_config(task="embed")  # no --model: the default model
+    assert [(m.name, m.task) for m in c.models] == [("smollm2", "embed")]
+
+
 @pytest.mark.parametrize("text,match", [
+    ("[[models]]\nname='a'\npath='p'\nreasoning_parser='r9'", "reasoning_parser"),
+    ("[[models]]\nname='a'\npath='p'\ntask='rank'", "task must be"),
     ("bogus = 1", "unknown keys"),
     ("[[models]]\nname = 'a'", "bad entry in models"),
     ("[[models]]\nname = 'a'\npath = 'p'\nextra = 1", "unknown keys in models"),
