@@ -21,18 +21,49 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
 from gpupool.adapters.base import PROJECTIONS, AdapterError
+from gpupool.kernels.reference import permute_heads, rotary_order
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\."
-    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv_proj|gate_up_proj)"
+    r"\.lora_([AB])\.weight$"
 )
+# a fused projection's LoRA (Phi-3's qkv_proj, gate_up_proj) is its parts' LoRA with one A
+# and B split by rows: each part's x @ A is the same numbers, so the terms are exact
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """Projection -> (in_features, out_features) of the base model."""
+    """Projection -> (in_features, out_features) of the base model (Phi-3's fused ones for a
+    fused checkpoint)."""
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    out = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+           "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    if getattr(cfg, "fused_checkpoint", False):
+        out.update(qkv_proj=(h, q + 2 * kv), gate_up_proj=(h, 2 * inter))
+    return out
+
+
+def _split_fused(parts: dict, cfg) -> dict:
+    """{(layer, projection): (A, B)} with fused projections split into their parts, and q's
+    and k's B rows in the stored head order (``models.rope.rotary_order``)."""
+    shapes = projection_shapes(cfg)
+    out = {}
+    for (layer, proj), (a, b) in parts.items():
+        if proj in FUSED:
+            row = 0
+            for part in FUSED[proj]:
+                n = shapes[part][1]
+                out[(layer, part)] = (a, b[row: row + n])
+                row += n
+        else:
+            out[(layer, proj)] = (a, b)
+    order = (rotary_order(cfg.head_dim, cfg.rotary_dim) if hasattr(cfg, "rotary_dim")
+             else None)
+    for key in [k for k in out if k[1] in ("q_proj", "k_proj")]:
+        a, b = out[key]
+        out[key] = (a, permute_heads(b, order, cfg.head_dim))
+    return out
 
 
 def _config(folder: Path, max_rank: int) -> tuple[int, float]:
@@ -47,7 +78,7 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
         raise AdapterError(f"{path}: must hold a JSON object, not {type(c).__name__}")
     targets = c.get("target_modules")
     unknown = ([t for t in targets if not isinstance(t, str)
-                or t.rsplit(".", 1)[-1] not in PROJECTIONS]
+                or t.rsplit(".", 1)[-1] not in (*PROJECTIONS, *FUSED)]
                if isinstance(targets, list) else [])
     checks = [
         (c.get("peft_type", "LORA") != "LORA", f"peft_type {c.get('peft_type')!r} is not LORA"),
@@ -58,7 +89,7 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
          "per-module rank_pattern/alpha_pattern is not supported"),
         (bool(c.get("fan_in_fan_out")), "fan_in_fan_out adapters are not supported"),
         (bool(unknown), f"target_modules {unknown!r} are not supported (only "
-                        f"{', '.join(PROJECTIONS)})"),
+                        f"{', '.join((*PROJECTIONS, *FUSED))})"),
     ]
     for bad, msg in checks:
         if bad:
@@ -128,6 +159,9 @@ def _layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
         if layer >= base_cfg.num_layers:
             raise AdapterError(f"{wfile}: {key!r} names layer {layer}; the base has "
                                f"{base_cfg.num_layers}")
+        if proj not in shapes:
+            raise AdapterError(f"{wfile}: {key!r} targets {proj}, which the base model does "
+                               "not have (its checkpoint's projections are not fused)")
         fan_in, fan_out = shapes[proj]
         want = (rank, fan_in) if ab == "A" else (fan_out, rank)
         if shape != want:
@@ -140,7 +174,11 @@ def _layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
     for (layer, proj), abs_ in parts.items():
         if abs_ != {"A", "B"}:
             raise AdapterError(f"{wfile}: layer {layer} {proj} lacks lora_A or lora_B")
-        masks[proj] = masks.get(proj, 0) | 1 << layer
+        for part in FUSED.get(proj, (proj,)):
+            if masks.get(part, 0) & 1 << layer:
+                raise AdapterError(f"{wfile}: layer {layer} has LoRA on {part} twice (alone "
+                                   "and in a fused projection)")
+            masks[part] = masks.get(part, 0) | 1 << layer
     return tuple(sorted(masks.items()))
 
 
@@ -169,7 +207,8 @@ def load_peft_weights(spec: AdapterFile, base_cfg):
     for key, t in tensors.items():
         m = KEY.match(key)
         parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
-    return {k: (ab["A"], ab["B"] * spec.scaling) for k, ab in parts.items()}
+    return _split_fused({k: (ab["A"], ab["B"] * spec.scaling) for k, ab in parts.items()},
+                        base_cfg)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -287,5 +287,6 @@ def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
                              all_logits=(seq.params.pooling == "mean" or (
                                  seq.params.prompt_logprobs is not None
                                  and start < seq.num_prompt_tokens - 1)),
-                             hidden=seq.params.pooling is not None))
+                             hidden=seq.params.pooling is not None,
+                             rope_long=seq.long_rope))
     return rows

@@ -9,6 +9,7 @@ from gpupool.adapters.registry import AdapterRegistry
 from gpupool.engine.grammar import Grammars
 from gpupool.messages.errors import AdapterError, RequestError
 from gpupool.messages.types import EngineRequest
+from gpupool.models.rope import rope_switch
 from gpupool.pool.pages import PagePool
 from gpupool.scheduler.scheduler import Scheduler
 
@@ -32,7 +33,8 @@ class ModelRegistry:
             raise RequestError(f"{worker.name!r} is already the name of an adapter")
         self.workers[worker.name] = worker
         self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity(),
-                                 worker.adapter_config.max_loras_per_tenant or 1 << 30)
+                                 worker.adapter_config.max_loras_per_tenant or 1 << 30,
+                                 rope_switch(worker.cfg))
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""

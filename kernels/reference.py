@@ -25,6 +25,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def rotary_order(head_dim: int, rotary_dim: int) -> torch.Tensor | None:
+    """The order a partial-rotary head's dimensions are stored in so that ``apply_rope``,
+    which rotates pairs (i, i + head_dim / 2), rotates transformers' pairs
+    (i, i + rotary_dim / 2) of the first ``rotary_dim`` dimensions: their halves at 0 and
+    head_dim / 2, the dimensions that do not rotate between (their table rows are cos 1,
+    sin 0). None when every dimension rotates."""
+    d, r = head_dim, rotary_dim
+    if r == d:
+        return None
+    p = d - r
+    return torch.tensor([*range(r // 2), *range(r, r + p // 2), *range(r // 2, r),
+                         *range(r + p // 2, d)])
+
+
+def permute_heads(rows: torch.Tensor, order: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """``rows`` [heads * head_dim, ...] with each head's rows in ``order``."""
+    if order is None:
+        return rows
+    heads = rows.shape[0] // head_dim
+    return rows.reshape(heads, head_dim, *rows.shape[1:])[:, order].reshape(rows.shape)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2 * inter] (gate first)."""
     gate, up = gate_up.chunk(2, dim=-1)

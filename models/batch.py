@@ -32,6 +32,7 @@ class BatchRow:
     all_logits: bool = False  # logits for every token of the row (prompt logprobs), in order
     tenant: str | None = None  # whose request (its adapter's device slot is charged to it)
     hidden: bool = False  # the final norm's output of its rows instead of logits (pooling)
+    rope_long: bool = False  # LongRoPE's long factors (a sequence past the model's switch)
 
 
 @dataclass(frozen=True)

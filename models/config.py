@@ -18,7 +18,32 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",  # fused qkv and gate_up checkpoints, LongRoPE, partial rotary
 )
+
+
+def _rope(cfg: dict) -> tuple[float, dict, float]:
+    """(rope_theta, the scaling parameters ({} for none), partial_rotary_factor) of a config
+    in either spelling."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    if not scaling and rope.get("rope_type", "default") != "default":
+        scaling = rope
+    partial = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor")
+                    or scaling.get("partial_rotary_factor") or 1.0)
+    scaling.pop("rope_theta", None)
+    scaling.pop("partial_rotary_factor", None)
+    if scaling.get("type") and not scaling.get("rope_type"):
+        scaling["rope_type"] = scaling["type"]
+    if scaling.get("rope_type", "default") == "default":
+        scaling = {}
+    elif (scaling["rope_type"] == "longrope"
+          and "original_max_position_embeddings" not in scaling):
+        scaling["original_max_position_embeddings"] = int(
+            cfg.get("original_max_position_embeddings")
+            or cfg.get("max_position_embeddings", 2048))
+    return theta, scaling, partial
 
 
 @dataclass(frozen=True)
@@ -41,6 +66,8 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
     sliding_window: int | None = None
+    fused_checkpoint: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first part of each head
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -56,10 +83,19 @@ class ModelConfig:
             raise ValueError(f"{', '.join(bad)} must be positive (and below 2**24)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        rot = self.head_dim * self.partial_rotary_factor
+        if not 0 < rot <= self.head_dim or rot != int(rot) or int(rot) % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} must leave "
+                             f"an even number of rotary dimensions of {self.head_dim}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the first ones, as transformers)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_size(self) -> int:
@@ -93,16 +129,7 @@ class ModelConfig:
             num_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             head_dim = cfg.get("head_dim") or hidden // num_heads
-            rope = dict(cfg.get("rope_parameters") or {})
-            scaling = dict(cfg.get("rope_scaling") or {})
-            theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-            if not scaling and rope.get("rope_type", "default") != "default":
-                scaling = rope
-            scaling.pop("rope_theta", None)
-            if scaling.get("type") and not scaling.get("rope_type"):
-                scaling["rope_type"] = scaling["type"]
-            if scaling.get("rope_type", "default") == "default":
-                scaling = {}
+            theta, scaling, partial = _rope(cfg)
             window = cfg.get("sliding_window")
             if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
                 window = None
@@ -125,6 +152,8 @@ class ModelConfig:
                 qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
                 qk_norm=arch == "Qwen3ForCausalLM",
                 sliding_window=int(window) if window else None,
+                fused_checkpoint=arch == "Phi3ForCausalLM",
+                partial_rotary_factor=partial,
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),

@@ -17,7 +17,7 @@ from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
-from gpupool.models.rope import cos_sin_table
+from gpupool.models.rope import rope_table
 from gpupool.pool.weights import SCALE_SUFFIX
 
 LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
@@ -37,7 +37,9 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         self.scale = cfg.head_dim**-0.5
-        self.rope = cos_sin_table(cfg, cfg.max_model_len, dtype, device)  # [pos, 2, D]
+        # [pos, 2, D]; LongRoPE's long rows after the short ones (rope.rope_table)
+        self.rope = rope_table(cfg, cfg.max_model_len, dtype, device)
+        self.rope_long_offset = cfg.max_model_len
         self.ops = ops if ops is not None else backend.select(device, dtype, cfg)
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []

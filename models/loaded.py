@@ -257,10 +257,10 @@ class LoadedModel:
         self.steps_bound += 1
         if self.steps_bound == PACK_AFTER_STEPS and self.device.type == "cpu":
             self.model.pack_weights()  # stayed resident: worth a reorder (kernels.linear)
-        if (self.graphs is not None and not any(r.hidden for r in rows)
+        if (self.graphs is not None and not any(r.hidden or r.rope_long for r in rows)
                 and self.graphs.eligible(rows) and self.model.ops.capture_safe):
             logits = self.graphs.run(rows)
             if logits is not None:
                 return logits
-        batch = build_batch(rows, self.block_tokens, self.device)
+        batch = build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset)
         return self.model.forward(batch, self.kv_view, self._lora_batch(rows))

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gpupool.kernels.reference import permute_heads
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
+from gpupool.models.rope import rotary_order
 from gpupool.pool.weights import SCALE_SUFFIX, WeightLayout
 from gpupool.progress import Progress
 
@@ -33,7 +35,8 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         out[f"layers.{i}.input_norm"] = ((h,), [p + "input_layernorm.weight"])
         out[f"layers.{i}.qkv_weight"] = (
-            (q + 2 * kv, h), [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
+            (q + 2 * kv, h), [a + "qkv_proj.weight"] if cfg.fused_checkpoint
+            else [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
         )
         if cfg.qkv_bias:
             out[f"layers.{i}.qkv_bias"] = (
@@ -45,7 +48,8 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
         out[f"layers.{i}.o_weight"] = ((h, q), [a + "o_proj.weight"])
         out[f"layers.{i}.post_norm"] = ((h,), [p + "post_attention_layernorm.weight"])
         out[f"layers.{i}.gate_up_weight"] = (
-            (2 * inter, h), [m + "gate_proj.weight", m + "up_proj.weight"]
+            (2 * inter, h), [m + "gate_up_proj.weight"] if cfg.fused_checkpoint
+            else [m + "gate_proj.weight", m + "up_proj.weight"]
         )
         out[f"layers.{i}.down_weight"] = ((h, inter), [m + "down_proj.weight"])
     out["norm"] = ((h,), ["model.norm.weight"])
@@ -130,6 +134,21 @@ def _open(path: Path):
         raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
 
 
+def _rotary_rows(cfg: ModelConfig, src: str, t: torch.Tensor) -> torch.Tensor:
+    """q's and k's rows (weights, biases) in the stored head dimension order
+    (``rope.rotary_order``: partial rotary models)."""
+    order = rotary_order(cfg)
+    if order is None:
+        return t
+    kind = src.rsplit(".", 2)[-2]
+    if kind in ("q_proj", "k_proj"):
+        return permute_heads(t, order, cfg.head_dim)
+    if kind == "qkv_proj":
+        qk = cfg.q_size + cfg.kv_size
+        return torch.cat((permute_heads(t[:qk], order, cfg.head_dim), t[qk:]))
+    return t
+
+
 def load_flat_weights(
     folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None
 ) -> tuple[WeightLayout, torch.Tensor]:
@@ -155,6 +174,7 @@ def load_flat_weights(
                     t = handles[path].get_tensor(src)
                 except (SafetensorError, OSError, ValueError) as e:
                     raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
+                t = _rotary_rows(cfg, src, t)
                 n = t.shape[0] if t.dim() else 0
                 dest = views[name][row : row + n]
                 if tuple(t.shape) != tuple(dest.shape) or t.dim() != len(shape):

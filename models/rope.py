@@ -1,4 +1,19 @@
-"""Rotary position embeddings: default, linear and Llama-3 frequency scaling."""
+"""Rotary position embeddings: default, linear, Llama-3 and LongRoPE frequency scaling, and
+partial rotary dimensions.
+
+LongRoPE (Phi-3): a sequence of at most ``original_max_position_embeddings`` tokens uses the
+short factors, a longer one the long factors at every position, each row scaled by the
+attention factor: transformers' rule (it recomputes a sequence's cache when its length
+crosses the threshold; the scheduler does the same, ``Scheduler.rope_switch``). The table
+holds both: the short rows, then the long rows from ``rope_long_offset``.
+
+Partial rotary (Phi-4-mini): transformers rotates the first ``rotary_dim`` dimensions of
+each head in pairs (i, i + rotary_dim / 2). The kernels rotate whole heads in pairs
+(i, i + head_dim / 2), so q's and k's head dimensions are stored in the order
+``rotary_order`` gives (``kernels.reference.rotary_order``; the loader permutes the rows of
+q and k, and of LoRA B for them; a dot product of q and k is the same sum in another order)
+and the table's rows are cos 1, sin 0 on the dimensions that do not rotate.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +21,30 @@ import math
 
 import torch
 
+from gpupool.kernels import reference
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 
-SUPPORTED_ROPE = ("default", "linear", "llama3")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
 
 
-def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """[head_dim // 2] float32, computed exactly as transformers does."""
-    dim = cfg.head_dim
-    inv = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)
-    )
+def inv_frequencies(cfg: ModelConfig, long: bool = False) -> torch.Tensor:
+    """[rotary_dim // 2] float32, computed exactly as transformers does (``long``: LongRoPE's
+    long factors)."""
+    dim = cfg.rotary_dim
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
     scaling = cfg.rope_scaling
     kind = scaling.get("rope_type", "default")
     if kind not in SUPPORTED_ROPE:
         supported = ", ".join(SUPPORTED_ROPE)
         raise ModelLoadError(f"rope scaling {kind!r} is not supported ({supported})")
+    if kind == "longrope":
+        factors = scaling["long_factor" if long else "short_factor"]
+        if len(factors) != dim // 2:
+            raise ModelLoadError(f"longrope factors: {len(factors)}, the rotary dimensions "
+                                 f"need {dim // 2}")
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta**shape)
+    inv = 1.0 / (cfg.rope_theta ** shape)
     if kind == "linear":
         return inv / scaling["factor"]
     if kind == "llama3":
@@ -38,9 +60,52 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
-def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype, device) -> torch.Tensor:
-    """[max_positions, 2, head_dim]: cos and sin per position (rows of ``cat(f, f)``)."""
-    inv = inv_frequencies(cfg).to(device)
-    freqs = torch.arange(max_positions, device=device).float()[:, None] * inv[None, :]
+def _longrope_attention_factor(cfg: ModelConfig) -> float:
+    scaling = cfg.rope_scaling
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / original
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rotary_order(cfg: ModelConfig) -> torch.Tensor | None:
+    """The order q's and k's head dimensions are stored in (None: as they come)."""
+    return reference.rotary_order(cfg.head_dim, cfg.rotary_dim)
+
+
+def rope_switch(cfg: ModelConfig) -> int | None:
+    """LongRoPE's threshold: a sequence longer than this many tokens uses the long factors."""
+    if cfg.rope_scaling.get("rope_type") == "longrope":
+        return int(cfg.rope_scaling["original_max_position_embeddings"])
+    return None
+
+
+def rope_table(cfg: ModelConfig, max_positions: int, dtype, device) -> torch.Tensor:
+    """The model's table: ``cos_sin_table``, and for LongRoPE the long factors' rows after
+    the short ones (a long sequence's rows start at ``max_positions``)."""
+    table = cos_sin_table(cfg, max_positions, dtype, device)
+    if rope_switch(cfg) is None:
+        return table
+    return torch.cat((table, cos_sin_table(cfg, max_positions, dtype, device, long=True)))
+
+
+def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype, device,
+                  long: bool = False) -> torch.Tensor:
+    """[max_positions, 2, head_dim]: cos and sin per position (rows of ``cat(f, f)`` in the
+    stored dimension order; ``long``: LongRoPE's long factors)."""
+    positions = torch.arange(max_positions, device=device).float()[:, None]
+    freqs = positions * inv_frequencies(cfg, long).to(device)[None, :]
+    scale = 1.0
+    if rope_switch(cfg) is not None:
+        scale = _longrope_attention_factor(cfg)
+    pad = (cfg.head_dim - cfg.rotary_dim) // 2  # dimensions that do not rotate: angle 0
+    freqs = torch.cat((freqs, freqs.new_zeros(max_positions, pad)), dim=-1)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:  # on the rotary dimensions only (as transformers scales its cos/sin)
+        rot = torch.cat((freqs.new_ones(freqs.shape[-1] - pad), freqs.new_zeros(pad)))
+        rot = torch.cat((rot, rot)).bool()
+        cos[:, rot] *= scale
+        sin[:, rot] *= scale
+    return torch.stack((cos, sin), dim=1).to(dtype)

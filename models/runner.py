@@ -17,10 +17,21 @@ def _table(rows: list[list[int]]) -> tuple[list[int], int]:
     return flat, width
 
 
-def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch:
+def _pooling_split(pools: list[bool]) -> tuple[list[int], int]:
+    """The logits rows that sample then those that pool (none when no row pools), and how
+    many sample."""
+    if not any(pools):
+        return [], len(pools)
+    sample = [i for i, p in enumerate(pools) if not p]
+    return sample + [i for i, p in enumerate(pools) if p], len(sample)
+
+
+def build_batch(rows: list[BatchRow], block_tokens: int, device,
+                rope_long_offset: int = 0) -> ForwardBatch:
     """The step's tensors from its rows (decode rows first): two host-to-device tensors, one
     long and one int32, the fields views of them (a torch.tensor call costs ~7 us on a small
-    CPU, and each is a copy to a GPU)."""
+    CPU, and each is a copy to a GPU). ``positions`` index the rotary table: a ``rope_long``
+    row's are offset by ``rope_long_offset`` (its long rows)."""
     ids, pos, pages, offs, logits_rows, pools = [], [], [], [], [], []
     dec_tables, dec_lens, pre_tables, pre_lens, cu = [], [], [], [], [0]
     num_decode = 0
@@ -28,7 +39,8 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
         n, start, seq_pages = len(item.token_ids), item.start, item.pages
         ids.extend(item.token_ids)
         positions = range(start, start + n)
-        pos.extend(positions)
+        pos.extend(range(start + rope_long_offset, start + n + rope_long_offset)
+                   if item.rope_long else positions)
         pages.extend(seq_pages[p // block_tokens] for p in positions)
         offs.extend(p % block_tokens for p in positions)
         if item.is_decode:
@@ -46,10 +58,7 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device) -> ForwardBatch
             logits_rows.append(len(ids) - 1)
         pools.extend([item.hidden] * (len(logits_rows) - first))
     t, r = len(ids), len(logits_rows)
-    split, ns = [], r - sum(pools)  # the logits rows that sample (ns), then those that pool
-    if any(pools):
-        split = ([i for i, p in enumerate(pools) if not p]
-                 + [i for i, p in enumerate(pools) if p])
+    split, ns = _pooling_split(pools)
     longs = torch.tensor(ids + pos + pages + offs + logits_rows + split, dtype=torch.long,
                          device=device)
     dec_flat, dec_w = _table(dec_tables)

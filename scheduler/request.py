@@ -34,6 +34,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # when a step first ran it (its queue time ends)
+    long_rope: bool = False  # its KV uses LongRoPE's long factors (Scheduler.rope_switch)
     last_step: int = -1  # the scheduler step that last ran it (least recently run go first)
     num_delivered: int = 0  # output tokens it arrived with (resumed elsewhere): its SLO clock
     # starts at the first token after them, as a new request's does

@@ -19,6 +19,7 @@ host pages, or with none free it is recomputed later from its prompt + output so
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -136,14 +137,19 @@ class Scheduler:
         self._step = 0
         self.num_preemptions = 0  # sequences preempted (swapped out or dropped), in total
         self.preemptions_by_model: Counter = Counter()
+        self.rope_switch: dict[str, int | None] = {}
         # prefix cache, per model: prompt tokens looked up, and found cached
         self.cache_queries: Counter[str] = Counter()
         self.cache_hits: Counter[str] = Counter()
 
     def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30,
-                  max_tenant_adapters: int = 1 << 30) -> None:
+                  max_tenant_adapters: int = 1 << 30, rope_switch: int | None = None) -> None:
         """``max_adapters``: distinct adapters one step may hold (the device slots);
-        ``max_tenant_adapters``: of them, brought in by one tenant (its cap of slots)."""
+        ``max_tenant_adapters``: of them, brought in by one tenant (its cap of slots);
+        ``rope_switch``: LongRoPE's threshold (a sequence longer than this computes every
+        position with the long factors: one that grows past it is recomputed, as
+        transformers recomputes its cache)."""
+        self.rope_switch[model] = rope_switch
         self.block_tokens[model] = block_tokens
         self.max_adapters[model] = max_adapters
         self.max_tenant_adapters[model] = max_tenant_adapters
@@ -154,7 +160,7 @@ class Scheduler:
         """Forget a model with no unfinished sequences."""
         assert not self.num_unfinished(model)
         for table in (self.block_tokens, self.max_adapters, self.max_tenant_adapters,
-                      self.waiting, self.running):
+                      self.waiting, self.running, self.rope_switch):
             table.pop(model)
         self.policy.forget(model)
 
@@ -239,6 +245,7 @@ class Scheduler:
             step.prefill_cap = min(step.budget, self.prefill_cap(model, decoding))
             step.prefill_left = step.prefill_cap
         fair = self._preempt_for_fairness(model)
+        self._recompute_past_rope_switch(model, step)
         self._share_prefill(model, step)
         self._schedule_running(model, step)
         if not any(q.model == model for q in step.preempted):  # no room freed by own preemption
@@ -251,6 +258,27 @@ class Scheduler:
                 x.seq.first_scheduled_time = now
         return SchedulerOutput(model, tuple(step.scheduled), tuple(step.preempted),
                                tuple(self._swap_out), tuple(self._swap_in))
+
+    def _recompute_past_rope_switch(self, model: str, step: _Step) -> None:
+        """Running sequences about to grow past the model's LongRoPE switch with KV of the
+        short factors: dropped to be recomputed with the long ones."""
+        switch = self.rope_switch.get(model)
+        if switch is None:
+            return
+        for seq in [q for q in self.running[model] if not q.long_rope
+                    and q.num_tokens > switch]:
+            self._preempt(seq, swap=False)
+            step.preempted.append(seq)
+
+    def _rope_mode(self, seq: Sequence) -> None:
+        """A sequence starting from nothing past the LongRoPE switch: long factors, and a
+        prefix-cache chain of their own (the short factors' KV differs)."""
+        switch = self.rope_switch.get(seq.model)
+        if switch is not None and not seq.long_rope and seq.num_tokens > switch:
+            seq.long_rope = True
+            if seq.cache_root is not None:
+                seq.cache_root = hashlib.sha256(seq.cache_root + b"longrope").digest()
+                seq.page_keys = []
 
     def _share_prefill(self, model: str, step: _Step) -> None:
         """While prompts prefill and prompts of other tenants wait, the running prompts get
@@ -379,6 +407,8 @@ class Scheduler:
         """For a sequence starting from nothing: hold the longest cached chain of its full
         pages (never its last token: at least one is computed, to sample from) and skip
         their tokens. Returns the tokens taken."""
+        if not seq.pages and not seq.host_pages and not seq.num_computed_tokens:
+            self._rope_mode(seq)
         if (seq.cache_root is None or seq.pages or seq.host_pages
                 or seq.num_computed_tokens or not self.config.enable_prefix_caching
                 or seq.params.prompt_logprobs is not None  # needs every prompt position

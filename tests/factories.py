@@ -23,6 +23,18 @@ VARIANTS = {
     "mistral": ("MistralConfig", {"sliding_window": 4096}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    # Phi-3.5-style: fused qkv/gate_up checkpoint, LongRoPE (its long factors from position
+    # 128, past the parity prompts: transformers recomputes a sequence that crosses it,
+    # tests/test_families.py)
+    "phi3": ("Phi3Config", {"original_max_position_embeddings": 128, "rope_scaling": {
+        "type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(8)],
+        "long_factor": [1.5 + 0.4 * i for i in range(8)]}}),
+    # Phi-4-mini-style: a quarter of each head does not rotate, tied embeddings
+    "phi3_partial": ("Phi3Config", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+                                    "original_max_position_embeddings": 128, "rope_scaling": {
+                                        "type": "longrope",
+                                        "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                        "long_factor": [2.0 + 0.3 * i for i in range(6)]}}),
 }
 
 

@@ -1,0 +1,108 @@
+"""Model families beyond Llama (issue 34): Phi-3 (fused qkv and gate_up checkpoints,
+LongRoPE, Phi-4-mini's partial rotary and tied embeddings) against transformers and peft in
+fp32. The plain parity over the reference prompts is tests/test_parity.py's (variants phi3
+and phi3_partial); here: the rotary tables, sequences that cross LongRoPE's switch (which
+transformers' generate recomputes), chunked prefill, the prefix cache and preemption, and
+adapters on the fused projections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpupool import SamplingParams
+from gpupool.models.config import ModelConfig
+from gpupool.models.rope import cos_sin_table
+from tests.factories import (
+    VARIANTS,
+    hf_greedy,
+    make_engine,
+    make_peft_adapter,
+    make_tiny_model,
+    peft_greedy,
+    random_prompts,
+)
+
+PHI = ("phi3", "phi3_partial")
+
+
+@pytest.fixture(scope="module")
+def switching(tmp_path_factory):
+    """phi3 with its LongRoPE switch at 24 tokens: the test prompts cross it."""
+    cls, extra = VARIANTS["phi3"]
+    VARIANTS["phi3_switch24"] = (cls, {**extra, "original_max_position_embeddings": 24})
+    try:
+        return make_tiny_model(tmp_path_factory.mktemp("phi3s"), "phi3_switch24", seed=5)
+    finally:
+        del VARIANTS["phi3_switch24"]
+
+
+@pytest.mark.parametrize("variant", PHI)
+def test_rotary_tables_are_transformers(tiny_models, variant):
+    """Each table row equals transformers' cos/sin for that position, short factors for a
+    short sequence and long ones for a long one (partial rotary: the rotating dimensions,
+    in the stored order; the others cos 1, sin 0)."""
+    import transformers
+
+    from gpupool.kernels.reference import rotary_order
+
+    folder = tiny_models(variant)
+    cfg = ModelConfig.from_folder(folder)
+    rot = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32).model.rotary_emb
+    order = rotary_order(cfg.head_dim, cfg.rotary_dim)
+    r = cfg.rotary_dim
+    for long, n in ((False, 100), (True, 200)):  # the switch is at 128
+        cos, sin = rot(torch.zeros(1, n, 64), torch.arange(n)[None])
+        table = cos_sin_table(cfg, n, torch.float32, "cpu", long=long)
+        ours = table if order is None else table[:, :, torch.argsort(order)]
+        assert torch.equal(ours[:, 0, :r], cos[0]) and torch.equal(ours[:, 1, :r], sin[0])
+        assert bool((ours[:, 0, r:] == 1).all() and (ours[:, 1, r:] == 0).all())
+
+
+def test_sequences_crossing_the_longrope_switch_match_transformers(switching):
+    """Prompts shorter than the switch that grow past it while decoding (transformers
+    recomputes their cache with the long factors; so does the scheduler), and prompts longer
+    than it; chunked, with the prefix cache on and preemption in a small KV pool."""
+    prompts = random_prompts(6, 10, 36, seed=7)
+    prompts.append(prompts[0][:])  # a cache hit on a short-factor prefix, then crossing
+    want = hf_greedy(switching, prompts, 20)
+    assert any(len(p) <= 24 < len(p) + 20 for p in prompts)
+    assert any(len(p) > 24 for p in prompts)
+    engine = make_engine(switching, max_num_batched_tokens=16, enable_prefix_caching=True,
+                         kv_cache_bytes=24 << 10, kv_page_bytes=4 << 10)
+    try:
+        seqs_before = engine.local.core.scheduler.num_preemptions
+        outs = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0,
+                                                       ignore_eos=True))
+        for out, ref, p in zip(outs, want, prompts):
+            got = list(out.token_ids)
+            assert got[: len(ref)] == ref, len(p)
+        assert engine.local.core.scheduler.num_preemptions > seqs_before
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("variant", PHI)
+def test_adapters_on_fused_projections_match_peft(tiny_models, tmp_path, variant):
+    base = tiny_models(variant)
+    paths = {"fused": make_peft_adapter(base, tmp_path / "fused", 4,
+                                        ["qkv_proj", "gate_up_proj"], seed=1),
+             "all": make_peft_adapter(base, tmp_path / "all", 8,
+                                      ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                                      seed=2)}
+    names = ["fused", None, "all", "fused", "all"]
+    prompts = random_prompts(len(names), 4, 30, seed=8)
+    want = peft_greedy(base, paths, prompts, names, 12)
+    plain = hf_greedy(base, prompts, 12)
+    assert all(w != b for w, b, n in zip(want, plain, names) if n)  # the adapters act
+    engine = make_engine(base, max_lora_rank=8)
+    try:
+        for name, path in paths.items():
+            engine.add_adapter(name, "m", path)
+        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0),
+                               model=[n or "m" for n in names])
+        assert [list(o.token_ids) for o in outs] == want
+    finally:
+        engine.shutdown()
