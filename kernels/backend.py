@@ -158,10 +158,13 @@ class TorchOps:
         reference.write_kv(k_cache, v_cache, k, v, batch.slot_pages, batch.slot_offsets)
         return q
 
-    def attention(self, cfg, q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
-        """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size]."""
-        if self.batch_invariant:
-            return fixed.attention(q, k_cache, v_cache, batch, scale).reshape(
+    def attention(self, cfg, q, k_cache, v_cache, batch, scale: float, window: int = 0,
+                  softcap: float | None = None) -> torch.Tensor:
+        """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size].
+        ``window``: a query sees only its last ``window`` keys (0: all); ``softcap``: the
+        scores tanh soft-capped (Gemma 2); both only through the fixed-order attention."""
+        if self.batch_invariant or window or softcap:
+            return fixed.attention(q, k_cache, v_cache, batch, scale, window, softcap).reshape(
                 q.shape[0], cfg.q_size)
         nd = batch.num_decode
         parts = []
@@ -195,6 +198,13 @@ class TorchOps:
         if self.batch_invariant:
             return fixed.silu_mul(gate_up)
         return reference.silu_mul(gate_up)
+
+    def act_mul(self, gate_up: torch.Tensor, kind: str) -> torch.Tensor:
+        """act(gate) * up of ``gate_up`` = [gate | up]: "gelu_tanh" (GeGLU, Gemma), or silu.
+        Elementwise: the same bits whatever shares the step."""
+        if kind == "silu":
+            return self.silu_mul(gate_up)
+        return reference.act_mul(gate_up, kind)
 
     def _products(self):
         """The products' function under batch invariance (the fixed-order one), else None
@@ -430,6 +440,8 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     elsewhere (``kernels="reference"``: the reference attention too)."""
     if kernels == "reference":
         return TorchOps(reference_only=True)
+    if getattr(cfg, "torch_only", False):  # features only the torch ops have (Gemma 2)
+        return TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
         return TritonOps()
     cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16

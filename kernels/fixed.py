@@ -259,22 +259,30 @@ def _keys(cache: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, blocks: 
 
 
 def _attend(qt: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            scale: float, used: int) -> torch.Tensor:
+            scale: float, used: int, window: int = 0,
+            softcap: float | None = None) -> torch.Tensor:
     """Items of one KV head of one sequence, N query vectors each (N >= COLUMNS, the first
     ``used`` real): ``qt`` [I, D, N] (the vectors as columns), ``qpos`` [I, used] their
     positions, ``k`` [I, blocks, BLOCK, D], ``v`` [I, blocks, D, BLOCK]; returns float32
-    [I, D, used]."""
+    [I, D, used]. ``window``: a vector sees keys within ``window`` of its position only
+    (transformers' sliding window: position - key < window); ``softcap``: scores become
+    tanh(s / cap) * cap (each alone: the same bits whatever else is computed)."""
     items, blocks, _, d = k.shape
     n, span = qt.shape[2], blocks * BLOCK
     qb = qt[:, None].expand(items, blocks, d, n).reshape(items * blocks, d, n)
     scores = torch.bmm(k.reshape(items * blocks, BLOCK, d), qb).view(items, span, n)
     scores = scores[..., :used].mul_(scale)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     first = int(qpos.min()) + 1  # keys before it are seen by every vector
     if first < span:
         key_pos = torch.arange(first, span).view(1, -1, 1)
         scores[:, first:].masked_fill_(key_pos > qpos[:, None, :], float("-inf"))
+    if window and int(qpos.max()) >= window:  # keys a window behind some vector
+        key_pos = torch.arange(span).view(1, -1, 1)
+        scores.masked_fill_(key_pos <= qpos[:, None, :] - window, float("-inf"))
     scores = scores.view(items, blocks, BLOCK, used)
-    top = scores.amax((1, 2))  # [I, used]: every vector sees key 0
+    top = scores.amax((1, 2))  # [I, used]: every vector sees its own key
     p = torch.exp(scores - top[:, None, None, :])
     den = _tree(_halving_sum(p, 2))  # [I, used]
     if used < n:  # the product's N: zero columns up to the padded count
@@ -284,7 +292,7 @@ def _attend(qt: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-              scale: float) -> torch.Tensor:
+              scale: float, window: int = 0, softcap: float | None = None) -> torch.Tensor:
     """Decode rows, then each prefill sequence's rows (``models.batch.ForwardBatch``), over
     the paged KV; q: [T, H, D]; returns [T, H, D] in q's dtype.
 
@@ -310,7 +318,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
         qt[..., :grp] = qf[:nd].view(nd, kvh, grp, d).transpose(2, 3)
         qpos = (ctx - 1)[:, None, None].expand(nd, kvh, grp).reshape(nd * kvh, grp)
         o = _attend(qt.view(nd * kvh, d, cols), qpos, k.view(nd * kvh, blocks, BLOCK, d),
-                    v.view(nd * kvh, blocks, d, BLOCK), scale, grp)
+                    v.view(nd * kvh, blocks, d, BLOCK), scale, grp, window, softcap)
         out[:nd] = o.view(nd, kvh, d, grp).permute(0, 1, 3, 2).reshape(nd, h, d)
     cu = batch.prefill_cu_seqlens.tolist()
     for s, c in enumerate(batch.prefill_context_lens.tolist()):
@@ -328,7 +336,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
             qt = qf.new_zeros(kvh, d, cols)
             qt[..., : rows * grp] = qs[lo:hi].permute(1, 3, 0, 2).reshape(kvh, d, rows * grp)
             qpos = torch.arange(c - n + lo, c - n + hi).repeat_interleave(grp)[None]
-            o = _attend(qt, qpos.expand(kvh, rows * grp), k, v, scale, rows * grp)
+            o = _attend(qt, qpos.expand(kvh, rows * grp), k, v, scale, rows * grp, window,
+                        softcap)
             out[r0 + lo : r0 + hi] = o.view(kvh, d, rows, grp).permute(2, 0, 3, 1).reshape(
                 rows, h, d)
     return out

@@ -47,6 +47,15 @@ def permute_heads(rows: torch.Tensor, order: torch.Tensor | None, head_dim: int)
     return rows.reshape(heads, head_dim, *rows.shape[1:])[:, order].reshape(rows.shape)
 
 
+def act_mul(gate_up: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up of ``gate_up`` = [gate | up] (transformers' GeGLU: gelu with the tanh
+    approximation)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if kind == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    return F.silu(gate) * up
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2 * inter] (gate first)."""
     gate, up = gate_up.chunk(2, dim=-1)

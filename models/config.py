@@ -19,7 +19,28 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",  # fused qkv and gate_up checkpoints, LongRoPE, partial rotary
+    "Gemma2ForCausalLM",  # sandwich norms, GeGLU, soft-capping, sliding-window layers
 )
+
+
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _gemma(cfg: dict, window: int) -> dict:
+    """Gemma 2's fields of ModelConfig."""
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not supported")
+    n = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                       for i in range(n)]
+    scalar = cfg.get("query_pre_attn_scalar")
+    return {"norm_offset": True, "embed_scale": True, "sandwich_norms": True,
+            "activation": ACTIVATIONS[act],
+            "attn_scale": float(scalar) ** -0.5 if scalar else None,
+            "attn_softcap": cfg.get("attn_logit_softcapping"),
+            "final_softcap": cfg.get("final_logit_softcapping"),
+            "layer_windows": tuple(window if t == "sliding_attention" else 0 for t in types)}
 
 
 def _rope(cfg: dict) -> tuple[float, dict, float]:
@@ -68,6 +89,18 @@ class ModelConfig:
     sliding_window: int | None = None
     fused_checkpoint: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first part of each head
+    # Gemma 2: norms scale by (1 + weight) (the loader adds the 1), the embedding is scaled
+    # by sqrt(hidden_size), a norm after attention and around the MLP ("sandwich"), GeGLU,
+    # its own attention scale, tanh soft-capping of the scores and of the logits, and
+    # per-layer sliding windows (0: a global layer) the attention honours itself
+    norm_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    activation: str = "silu"  # or "gelu_tanh"
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_windows: tuple[int, ...] = ()  # per layer, when the model has windowed layers
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -93,6 +126,13 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
     @property
+    def torch_only(self) -> bool:
+        """Features the native and Triton kernels lack: such a model runs on the torch
+        backend (``kernels.backend.select``)."""
+        return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
+                    or self.final_softcap or any(self.layer_windows) or self.embed_scale)
+
+    @property
     def rotary_dim(self) -> int:
         """Dimensions of each head that RoPE rotates (the first ones, as transformers)."""
         return int(self.head_dim * self.partial_rotary_factor)
@@ -108,7 +148,8 @@ class ModelConfig:
     @property
     def max_model_len(self) -> int:
         """Longest sequence (prompt + output) the engine accepts for this model."""
-        if self.sliding_window:  # attention is exact only while the window covers everything
+        if self.sliding_window and not self.layer_windows:
+            # attention is exact only while the window covers everything
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
@@ -154,6 +195,7 @@ class ModelConfig:
                 sliding_window=int(window) if window else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,
+                **(_gemma(cfg, int(window or 0)) if arch == "Gemma2ForCausalLM" else {}),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),

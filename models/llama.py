@@ -36,7 +36,13 @@ class LlamaModel:
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        # Gemma: the embedding times sqrt(hidden_size) rounded to the model's dtype (as
+        # transformers multiplies), and each layer's window and score soft-capping
+        self.embed_normalizer = (torch.full((), cfg.hidden_size**0.5, dtype=dtype,
+                                            device=device) if cfg.embed_scale else None)
+        self.attn_options = [({"window": w, "softcap": cfg.attn_softcap} if cfg.torch_only
+                              else {}) for w in (cfg.layer_windows or [0] * cfg.num_layers)]
         # [pos, 2, D]; LongRoPE's long rows after the short ones (rope.rope_table)
         self.rope = rope_table(cfg, cfg.max_model_len, dtype, device)
         self.rope_long_offset = cfg.max_model_len
@@ -118,28 +124,50 @@ class LlamaModel:
         if logits is not None:  # the backend ran the whole step in one call
             return logits
         x = self.embed(batch.input_ids)  # [T, hidden]
+        if self.embed_normalizer is not None:
+            x = x * self.embed_normalizer
         delta = None  # the previous layer's MLP output, added to x by the next norm
         for i, lw in enumerate(plan.layers):
-            x, h = ops.add_norm(x, delta, lw["input_norm"], eps)
-            o = self._attention(plan, h, lw, kv_layers[i], batch, lora, i)  # [T, q_size]
-            out = ops.linear(plan, o, lw, "o_weight")
-            if lora is not None:
-                lora.apply(i, "o", o, out)
-            x, h = ops.add_norm(x, out, lw["post_norm"], eps)
-            gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
-            if lora is not None:
-                lora.apply(i, "gate_up", h, gate_up)
-            act = ops.silu_mul(gate_up)
-            delta = ops.linear(plan, act, lw, "down_weight")
-            if lora is not None:
-                lora.apply(i, "down", act, delta)
+            x, delta = self._layer(plan, x, delta, lw, kv_layers[i], batch, lora, i)
         h = ops.final_norm(x, delta, self.w["norm"], eps, batch)  # the rows that sample
         if hidden is None:
-            return ops.logits(plan, self, h)
+            return self._logits(plan, h)
         samples, pools = hidden
-        logits = (ops.logits(plan, self, h[samples]) if samples.numel()
+        logits = (self._logits(plan, h[samples]) if samples.numel()
                   else h.new_zeros(0, self.cfg.vocab_size, dtype=torch.float32))
         return logits, h[pools]
+
+    def _layer(self, plan, x, delta, lw, kv, batch: ForwardBatch, lora, i):
+        """One decoder layer: (the residual stream, the MLP's output the next norm adds)."""
+        ops, cfg, eps = self.ops, self.cfg, self.cfg.rms_norm_eps
+        x, h = ops.add_norm(x, delta, lw["input_norm"], eps)
+        o = self._attention(plan, h, lw, kv, batch, lora, i)  # [T, q_size]
+        out = ops.linear(plan, o, lw, "o_weight")
+        if lora is not None:
+            lora.apply(i, "o", o, out)
+        if cfg.sandwich_norms:  # Gemma 2: the attention's output normed, then the MLP's norm
+            out = ops.add_norm(out, None, lw["post_norm"], eps)[1]
+            x, h = ops.add_norm(x, out, lw["pre_ff_norm"], eps)
+        else:
+            x, h = ops.add_norm(x, out, lw["post_norm"], eps)
+        gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
+        if lora is not None:
+            lora.apply(i, "gate_up", h, gate_up)
+        act = (ops.silu_mul(gate_up) if cfg.activation == "silu"
+               else ops.act_mul(gate_up, cfg.activation))
+        delta = ops.linear(plan, act, lw, "down_weight")
+        if lora is not None:
+            lora.apply(i, "down", act, delta)
+        if cfg.sandwich_norms:
+            delta = ops.add_norm(delta, None, lw["post_ff_norm"], eps)[1]
+        return x, delta
+
+    def _logits(self, plan, h: torch.Tensor) -> torch.Tensor:
+        logits = self.ops.logits(plan, self, h)
+        cap = self.cfg.final_softcap
+        if cap:  # as transformers: divide, tanh, multiply
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _attention(self, plan, h, lw, kv, batch: ForwardBatch, lora, i) -> torch.Tensor:
         """The attention block up to its output projection: [T, q_size]."""
@@ -149,7 +177,8 @@ class LlamaModel:
             lora.apply(i, "qkv", h, qkv)
         k_cache, v_cache = kv
         q = ops.rope_kv(plan, cfg, qkv, lw, k_cache, v_cache, batch)
-        return ops.attention(cfg, q, k_cache, v_cache, batch, self.scale)
+        return ops.attention(cfg, q, k_cache, v_cache, batch, self.scale,
+                             **self.attn_options[i])
 
     def _kv_layers(self, kv: torch.Tensor) -> list:
         """Each layer's (K, V) cache views: the same storage every step, so made once."""

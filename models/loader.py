@@ -47,6 +47,9 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
             out[f"layers.{i}.k_norm"] = ((hd,), [a + "k_norm.weight"])
         out[f"layers.{i}.o_weight"] = ((h, q), [a + "o_proj.weight"])
         out[f"layers.{i}.post_norm"] = ((h,), [p + "post_attention_layernorm.weight"])
+        if cfg.sandwich_norms:  # Gemma 2: post_norm on the attention's output, then these
+            out[f"layers.{i}.pre_ff_norm"] = ((h,), [p + "pre_feedforward_layernorm.weight"])
+            out[f"layers.{i}.post_ff_norm"] = ((h,), [p + "post_feedforward_layernorm.weight"])
         out[f"layers.{i}.gate_up_weight"] = (
             (2 * inter, h), [m + "gate_up_proj.weight"] if cfg.fused_checkpoint
             else [m + "gate_proj.weight", m + "up_proj.weight"]
@@ -175,6 +178,8 @@ def load_flat_weights(
                 except (SafetensorError, OSError, ValueError) as e:
                     raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
                 t = _rotary_rows(cfg, src, t)
+                if cfg.norm_offset and "norm" in src:  # Gemma's norms scale by 1 + weight
+                    t = t.float() + 1.0
                 n = t.shape[0] if t.dim() else 0
                 dest = views[name][row : row + n]
                 if tuple(t.shape) != tuple(dest.shape) or t.dim() != len(shape):

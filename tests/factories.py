@@ -29,6 +29,12 @@ VARIANTS = {
     "phi3": ("Phi3Config", {"original_max_position_embeddings": 128, "rope_scaling": {
         "type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(8)],
         "long_factor": [1.5 + 0.4 * i for i in range(8)]}}),
+    # Gemma 2: layer 0 sees the last 8 keys only (the parity prompts are longer), soft caps
+    # (untied: a tiny random tied Gemma repeats one token)
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8,
+                                "query_pre_attn_scalar": 24, "attn_logit_softcapping": 50.0,
+                                "final_logit_softcapping": 30.0,
+                                "tie_word_embeddings": False}),
     # Phi-4-mini-style: a quarter of each head does not rotate, tied embeddings
     "phi3_partial": ("Phi3Config", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
                                     "original_max_position_embeddings": 128, "rope_scaling": {

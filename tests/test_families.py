@@ -1,9 +1,11 @@
-"""Model families beyond Llama (issue 34): Phi-3 (fused qkv and gate_up checkpoints,
-LongRoPE, Phi-4-mini's partial rotary and tied embeddings) against transformers and peft in
-fp32. The plain parity over the reference prompts is tests/test_parity.py's (variants phi3
-and phi3_partial); here: the rotary tables, sequences that cross LongRoPE's switch (which
-transformers' generate recomputes), chunked prefill, the prefix cache and preemption, and
-adapters on the fused projections."""
+"""Model families beyond Llama (issue 34) against transformers and peft in fp32: Phi-3
+(fused qkv and gate_up checkpoints, LongRoPE, Phi-4-mini's partial rotary and tied
+embeddings) and Gemma 2 (sandwich norms, GeGLU, soft-capping, sliding-window layers). The
+plain parity over the reference prompts is tests/test_parity.py's (variants phi3,
+phi3_partial, gemma2: its prompts are longer than gemma2's window of 8); here: the rotary
+tables, sequences that cross LongRoPE's switch (which transformers' generate recomputes),
+chunked prefill, the prefix cache and preemption, and adapters (on Phi's fused
+projections)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tests.factories import (
 )
 
 PHI = ("phi3", "phi3_partial")
+FAMILIES = (*PHI, "gemma2")
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +87,14 @@ def test_sequences_crossing_the_longrope_switch_match_transformers(switching):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("variant", PHI)
-def test_adapters_on_fused_projections_match_peft(tiny_models, tmp_path, variant):
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_adapters_match_peft(tiny_models, tmp_path, variant):
     base = tiny_models(variant)
-    paths = {"fused": make_peft_adapter(base, tmp_path / "fused", 4,
-                                        ["qkv_proj", "gate_up_proj"], seed=1),
+    qkv, gate_up = ((["qkv_proj"], ["gate_up_proj"]) if variant in PHI
+                    else (["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]))
+    paths = {"fused": make_peft_adapter(base, tmp_path / "fused", 4, qkv + gate_up, seed=1),
              "all": make_peft_adapter(base, tmp_path / "all", 8,
-                                      ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-                                      seed=2)}
+                                      qkv + ["o_proj"] + gate_up + ["down_proj"], seed=2)}
     names = ["fused", None, "all", "fused", "all"]
     prompts = random_prompts(len(names), 4, 30, seed=8)
     want = peft_greedy(base, paths, prompts, names, 12)
@@ -104,5 +107,36 @@ def test_adapters_on_fused_projections_match_peft(tiny_models, tmp_path, variant
         outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0),
                                model=[n or "m" for n in names])
         assert [list(o.token_ids) for o in outs] == want
+    finally:
+        engine.shutdown()
+
+
+def test_gemma2_chunked_cached_and_preempted(tiny_models):
+    """Sliding-window layers and soft caps through chunked prefill (chunks of 5 tokens, the
+    window 8), prefix-cache hits and preemption by recompute in a small KV pool."""
+    folder = tiny_models("gemma2")
+    prompts = random_prompts(6, 12, 40, seed=9)
+    prompts += [prompts[1][:], prompts[4][:30]]  # cache hits
+    want = hf_greedy(folder, prompts, 16)
+    engine = make_engine(folder, max_num_batched_tokens=5, enable_prefix_caching=True,
+                         kv_cache_bytes=40 << 10, kv_page_bytes=2 << 10)
+    try:
+        before = engine.local.core.scheduler.num_preemptions
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        outs = engine.generate(prompts[:6], params)
+        assert engine.local.core.scheduler.num_preemptions > before
+        for out, ref in zip(outs, want):
+            assert list(out.token_ids)[: len(ref)] == ref
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+    engine = make_engine(folder, max_num_batched_tokens=5, enable_prefix_caching=True,
+                         kv_page_bytes=2 << 10)
+    try:  # a pool that keeps the first prompts' pages: the copies start from them
+        engine.generate(prompts[:6], params)
+        again = engine.generate(prompts[6:], params)
+        assert all(o.cached_tokens > 0 for o in again)
+        for out, ref in zip(again, want[6:]):
+            assert list(out.token_ids)[: len(ref)] == ref
     finally:
         engine.shutdown()
