@@ -30,13 +30,13 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpupool.api.auth import authenticate
 from gpupool.api.errors import APIError
 from gpupool.api.protocol import ChatCompletionRequest, parse
-from gpupool.api.routes_openai import CHAT, Call, _collect, start_call
+from gpupool.api.routes_openai import CHAT, Call, RunStream, _collect, start_call
 from gpupool.api.util import read_json
 from gpupool.frontend.reasoning import ReasoningStream, prompt_state, split_reasoning
 from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
@@ -449,7 +449,7 @@ async def create_response(state, request: Request, tenant_path: str | None = Non
                                  state.config.responses_ttl_s)
 
     if req.stream:
-        return StreamingResponse(_stream(answer, store), media_type="text/event-stream")
+        return RunStream(_stream(answer, store), answer.call.run)
     outs = await _collect(answer.call.run, request)
     await answer.call.run.released()
     if outs is None:

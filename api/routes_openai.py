@@ -275,6 +275,25 @@ class Run:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
+class RunStream(StreamingResponse):
+    """A streamed answer of a started run that ends the run however the response ends: a
+    client that left before the first byte cancels the response before its generator ever
+    starts, and that generator's own clean-up would then never run (the call would hold its
+    tenant's slot, its lease renewed, for ever)."""
+
+    def __init__(self, content, run: Run):
+        super().__init__(content, media_type="text/event-stream")
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.run.done:
+                self.run.abort()
+                self.run._count()
+
+
 async def _collect(run: Run, request: Request) -> list[RequestOutput] | None:
     """Every choice's final output, in order; None (run aborted) if the client goes away."""
 
@@ -729,7 +748,7 @@ async def _complete(state, request: Request, tenant_path: str | None, route: _Ro
         await run.released()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return RunStream(stream(), run)
 
 
 # ---- models ---------------------------------------------------------------------------------

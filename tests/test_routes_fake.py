@@ -188,3 +188,40 @@ def test_finished_choices_are_counted_against_the_model_s_slos(env, monkeypatch)
         info(name), ttft_ms=None, tbt_ms=None))  # a client that knows no SLOs counts none
     _post(client, "/v1/completions", prompt="ab", max_tokens=3, temperature=0)
     assert counts() == before
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_still_ends_its_run():
+    """uvicorn's ASGI 2.3 scope makes Starlette listen for the disconnect: a client gone at
+    once cancels the response before its generator starts, so the generator's clean-up never
+    runs; the response itself aborts and counts the run (its tenant slot released: the soak
+    test's tenant once kept a slot for ever)."""
+    import asyncio
+
+    from gpupool.api.routes_openai import RunStream
+
+    class Run:
+        done, aborted = False, 0
+
+        def abort(self):
+            self.aborted += 1
+
+        def _count(self):
+            self.done = True
+
+    started = []
+
+    async def body():
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(0.01)
+
+    run = Run()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+    asyncio.run(RunStream(body(), run)(scope, receive, send))
+    assert not started  # the case: the generator never ran
+    assert run.done and run.aborted == 1
