@@ -20,33 +20,55 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",  # fused qkv and gate_up checkpoints, LongRoPE, partial rotary
     "Gemma2ForCausalLM",  # sandwich norms, GeGLU, soft-capping, sliding-window layers
+    "Gemma3ForCausalLM",  # Gemma 2's, q/k norms, a rope base of its own for sliding layers
+    "Gemma3ForConditionalGeneration",  # its text model (config text_config)
 )
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
-def _gemma(cfg: dict, window: int) -> dict:
-    """Gemma 2's fields of ModelConfig."""
+def _gemma(cfg: dict, window: int, arch: str) -> dict:
+    """Gemma 2's and 3's fields of ModelConfig."""
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ACTIVATIONS:
         raise ValueError(f"activation {act!r} is not supported")
     n = int(cfg["num_hidden_layers"])
-    types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                       for i in range(n)]
+    every = 2 if arch == "Gemma2ForCausalLM" else 6  # each such layer is a global one
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % every == 0
+                                       else "sliding_attention" for i in range(n)]
     scalar = cfg.get("query_pre_attn_scalar")
     return {"norm_offset": True, "embed_scale": True, "sandwich_norms": True,
             "activation": ACTIVATIONS[act],
             "attn_scale": float(scalar) ** -0.5 if scalar else None,
             "attn_softcap": cfg.get("attn_logit_softcapping"),
             "final_softcap": cfg.get("final_logit_softcapping"),
-            "layer_windows": tuple(window if t == "sliding_attention" else 0 for t in types)}
+            "layer_windows": tuple(window if t == "sliding_attention" else 0 for t in types),
+            "rope_local_theta": _rope(cfg)[3] if arch != "Gemma2ForCausalLM" else None}
 
 
-def _rope(cfg: dict) -> tuple[float, dict, float]:
-    """(rope_theta, the scaling parameters ({} for none), partial_rotary_factor) of a config
-    in either spelling."""
+def _with_text_defaults(path, cfg: dict) -> dict:
+    """A multimodal Gemma 3 config with its text_config completed by transformers' defaults
+    (its config.json lists only what differs from them)."""
+    try:
+        from transformers import AutoConfig
+
+        text = AutoConfig.from_pretrained(str(path)).text_config.to_dict()
+    except Exception as e:  # noqa: BLE001 (whatever transformers raises for a bad config)
+        raise ModelLoadError(f"{path}: cannot read the text model's config ({e})") from None
+    return {**cfg, "text_config": text}
+
+
+def _rope(cfg: dict) -> tuple[float, dict, float, float | None]:
+    """(rope_theta, the scaling parameters ({} for none), partial_rotary_factor, the
+    sliding layers' own base or None) of a config in either spelling (Gemma 3's per layer
+    type ones: the global layers' are the model's)."""
     rope = dict(cfg.get("rope_parameters") or {})
+    local = cfg.get("rope_local_base_freq")
+    if isinstance(rope.get("full_attention"), dict):
+        local = (rope.get("sliding_attention") or {}).get("rope_theta", local)
+        rope = dict(rope["full_attention"])
     scaling = dict(cfg.get("rope_scaling") or {})
     theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     if not scaling and rope.get("rope_type", "default") != "default":
@@ -64,7 +86,7 @@ def _rope(cfg: dict) -> tuple[float, dict, float]:
         scaling["original_max_position_embeddings"] = int(
             cfg.get("original_max_position_embeddings")
             or cfg.get("max_position_embeddings", 2048))
-    return theta, scaling, partial
+    return theta, scaling, partial, float(local) if local else None
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,7 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     layer_windows: tuple[int, ...] = ()  # per layer, when the model has windowed layers
+    rope_local_theta: float | None = None  # Gemma 3: the windowed layers' rope base
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -166,11 +189,17 @@ class ModelConfig:
                 f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"gpupool supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if arch == "Gemma3ForConditionalGeneration":  # the text model's config
+            text = cfg.get("text_config")
+            if not isinstance(text, dict):
+                raise ModelLoadError(f"{source}: {arch} without a text_config")
+            cfg = {"tie_word_embeddings": cfg.get("tie_word_embeddings", True), **text,
+                   "eos_token_id": cfg.get("eos_token_id", text.get("eos_token_id"))}
         try:
             num_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             head_dim = cfg.get("head_dim") or hidden // num_heads
-            theta, scaling, partial = _rope(cfg)
+            theta, scaling, partial, _ = _rope(cfg)
             window = cfg.get("sliding_window")
             if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
                 window = None
@@ -191,11 +220,11 @@ class ModelConfig:
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-                qk_norm=arch == "Qwen3ForCausalLM",
+                qk_norm=arch in ("Qwen3ForCausalLM", *GEMMA[1:]),
                 sliding_window=int(window) if window else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,
-                **(_gemma(cfg, int(window or 0)) if arch == "Gemma2ForCausalLM" else {}),
+                **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA else {}),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
@@ -216,6 +245,8 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise ModelLoadError(f"{cfg_path}: must hold a JSON object, not "
                                  f"{type(cfg).__name__}")
+        if "Gemma3ForConditionalGeneration" in (cfg.get("architectures") or ()):
+            cfg = _with_text_defaults(path, cfg)
         if cfg.get("mlp_bias"):
             raise ModelLoadError(f"{cfg_path}: mlp_bias=true is not supported")
         if cfg.get("hidden_act", "silu") != "silu":

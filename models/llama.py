@@ -9,6 +9,8 @@ once when the model is made: one layer loop whatever runs it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +19,7 @@ from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
-from gpupool.models.rope import rope_table
+from gpupool.models.rope import cos_sin_table, rope_table
 from gpupool.pool.weights import SCALE_SUFFIX
 
 LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
@@ -46,6 +48,12 @@ class LlamaModel:
         # [pos, 2, D]; LongRoPE's long rows after the short ones (rope.rope_table)
         self.rope = rope_table(cfg, cfg.max_model_len, dtype, device)
         self.rope_long_offset = cfg.max_model_len
+        # Gemma 3: the windowed layers' own rope base (plain rotation)
+        self.rope_local = (cos_sin_table(dataclasses.replace(
+            cfg, rope_theta=cfg.rope_local_theta, rope_scaling={}), cfg.max_model_len, dtype,
+            device) if cfg.rope_local_theta else None)
+        self.local_layers = [bool(w) and self.rope_local is not None
+                             for w in (cfg.layer_windows or [0] * cfg.num_layers)]
         self.ops = ops if ops is not None else backend.select(device, dtype, cfg)
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
@@ -127,8 +135,10 @@ class LlamaModel:
         if self.embed_normalizer is not None:
             x = x * self.embed_normalizer
         delta = None  # the previous layer's MLP output, added to x by the next norm
+        plans = (plan, self._local_plan(plan, batch))
         for i, lw in enumerate(plan.layers):
-            x, delta = self._layer(plan, x, delta, lw, kv_layers[i], batch, lora, i)
+            x, delta = self._layer(plans[self.local_layers[i]], x, delta, lw, kv_layers[i],
+                                   batch, lora, i)
         h = ops.final_norm(x, delta, self.w["norm"], eps, batch)  # the rows that sample
         if hidden is None:
             return self._logits(plan, h)
@@ -161,6 +171,14 @@ class LlamaModel:
         if cfg.sandwich_norms:
             delta = ops.add_norm(delta, None, lw["post_ff_norm"], eps)[1]
         return x, delta
+
+    def _local_plan(self, plan, batch: ForwardBatch):
+        """The plan of the windowed layers: their own rotary rows (Gemma 3), else ``plan``."""
+        if self.rope_local is None:
+            return plan
+        cos_sin = self.rope_local[batch.positions]
+        return dataclasses.replace(plan, rope=self.rope_local, cos=cos_sin[:, 0:1],
+                                   sin=cos_sin[:, 1:2])
 
     def _logits(self, plan, h: torch.Tensor) -> torch.Tensor:
         logits = self.ops.logits(plan, self, h)

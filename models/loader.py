@@ -102,6 +102,24 @@ def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype
     return q, s
 
 
+# a multimodal checkpoint's text model (Gemma 3 at 4B and above): its tensors' prefixes
+TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                 "language_model.lm_head.": "lm_head."}
+
+
+def _aliased(where: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """(tensor name -> file, with a text model's tensors under the names a text-only
+    checkpoint gives them; our name -> the name in the file, where they differ)."""
+    if "model.embed_tokens.weight" in where:
+        return where, {}
+    alias = {}
+    for name in where:
+        for prefix, ours in TEXT_PREFIXES.items():
+            if name.startswith(prefix):
+                alias[ours + name[len(prefix):]] = name
+    return {**where, **{ours: where[name] for ours, name in alias.items()}}, alias
+
+
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
@@ -161,7 +179,7 @@ def load_flat_weights(
     layout = build_layout(cfg, dtype, quantization)
     buffer = layout.allocate("cpu")
     views = layout.views(buffer)
-    where = _checkpoint_files(folder)
+    where, alias = _aliased(_checkpoint_files(folder))
     handles: dict[Path, object] = {}
     with Progress(layout.num_bytes, f"loading {folder.name}", "bytes",
                   active=None if layout.num_bytes >= PROGRESS_MIN_BYTES else False) as bar:
@@ -174,7 +192,7 @@ def load_flat_weights(
                 if path not in handles:
                     handles[path] = _open(path)
                 try:
-                    t = handles[path].get_tensor(src)
+                    t = handles[path].get_tensor(alias.get(src, src))
                 except (SafetensorError, OSError, ValueError) as e:
                     raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
                 t = _rotary_rows(cfg, src, t)

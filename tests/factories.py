@@ -35,6 +35,13 @@ VARIANTS = {
                                 "query_pre_attn_scalar": 24, "attn_logit_softcapping": 50.0,
                                 "final_logit_softcapping": 30.0,
                                 "tie_word_embeddings": False}),
+    # Gemma 3: q/k norms, the window layers' own rope base, the global one's linear scaling
+    "gemma3": ("Gemma3TextConfig", {
+        "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24,
+        "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": False,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
     # Phi-4-mini-style: a quarter of each head does not rotate, tied embeddings
     "phi3_partial": ("Phi3Config", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
                                     "original_max_position_embeddings": 128, "rope_scaling": {

@@ -1,8 +1,9 @@
 """Model families beyond Llama (issue 34) against transformers and peft in fp32: Phi-3
 (fused qkv and gate_up checkpoints, LongRoPE, Phi-4-mini's partial rotary and tied
-embeddings) and Gemma 2 (sandwich norms, GeGLU, soft-capping, sliding-window layers). The
+embeddings), Gemma 2 (sandwich norms, GeGLU, soft-capping, sliding-window layers) and Gemma
+3 (q/k norms, the window layers' own rope base; the multimodal checkpoint's text model). The
 plain parity over the reference prompts is tests/test_parity.py's (variants phi3,
-phi3_partial, gemma2: its prompts are longer than gemma2's window of 8); here: the rotary
+phi3_partial, gemma2, gemma3: its prompts are longer than the windows of 8); here: the rotary
 tables, sequences that cross LongRoPE's switch (which transformers' generate recomputes),
 chunked prefill, the prefix cache and preemption, and adapters (on Phi's fused
 projections)."""
@@ -26,7 +27,7 @@ from tests.factories import (
 )
 
 PHI = ("phi3", "phi3_partial")
-FAMILIES = (*PHI, "gemma2")
+FAMILIES = (*PHI, "gemma2", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -138,5 +139,35 @@ def test_gemma2_chunked_cached_and_preempted(tiny_models):
         assert all(o.cached_tokens > 0 for o in again)
         for out, ref in zip(again, want[6:]):
             assert list(out.token_ids)[: len(ref)] == ref
+    finally:
+        engine.shutdown()
+
+
+def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(tiny_models, tmp_path):
+    """Gemma 3 at 4B and above ships as Gemma3ForConditionalGeneration: its text model's
+    config under text_config (completed by transformers' defaults), its tensors under
+    model.language_model.; it gives the text model's tokens."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    text = tiny_models("gemma3")
+    folder = tmp_path / "mm"
+    shutil.copytree(text, folder)
+    cfg = json.loads((text / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": {**cfg, "model_type": "gemma3_text"}, "tie_word_embeddings": False,
+        "eos_token_id": cfg["eos_token_id"]}))
+    tensors = load_file(str(text / "model.safetensors"))
+    save_file({k.replace("model.", "model.language_model.", 1): v
+               for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    prompts = random_prompts(4, 10, 30, seed=10)
+    want = hf_greedy(text, prompts, 12)
+    engine = make_engine(folder)
+    try:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+        assert [list(o.token_ids) for o in outs] == want
     finally:
         engine.shutdown()
