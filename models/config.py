@@ -245,7 +245,8 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise ModelLoadError(f"{cfg_path}: must hold a JSON object, not "
                                  f"{type(cfg).__name__}")
-        if "Gemma3ForConditionalGeneration" in (cfg.get("architectures") or ()):
+        archs = cfg.get("architectures")
+        if isinstance(archs, list) and "Gemma3ForConditionalGeneration" in archs:
             cfg = _with_text_defaults(path, cfg)
         if cfg.get("mlp_bias"):
             raise ModelLoadError(f"{cfg_path}: mlp_bias=true is not supported")
