@@ -29,7 +29,10 @@ class AdapterRegistry:
         self.in_flight[ref.name] = 0
 
     def get(self, name: str) -> AdapterRef | None:
-        """The adapter (its current version) if it can take new requests."""
+        """The adapter (its current version) if it can take new requests; a version's own
+        name is no adapter's."""
+        if "#" in name:
+            return None
         name = self.current.get(name, name)
         return None if name in self.removing else self.refs.get(name)
 
@@ -39,8 +42,12 @@ class AdapterRegistry:
         return name in self.refs or name in self.current
 
     def next_version(self, name: str) -> str:
-        """The name the next version of adapter ``name`` is registered under."""
-        return f"{name}#{self.versions.get(name, 1) + 1}"
+        """The name the next version of adapter ``name`` is registered under (never one
+        still registered: an old version may be draining)."""
+        k = self.versions.get(name, 1) + 1
+        while f"{name}#{k}" in self.refs:
+            k += 1
+        return f"{name}#{k}"
 
     def replace(self, name: str, ref: AdapterRef) -> str | None:
         """Make ``ref`` (named ``next_version(name)``) what ``name`` resolves to; the old
@@ -54,7 +61,8 @@ class AdapterRegistry:
         return old if self._remove(old) else None
 
     def acquire(self, name: str) -> AdapterRef:
-        ref = self.get(name)
+        """One request more on adapter version ``name`` (what ``get`` resolved)."""
+        ref = None if name in self.removing else self.refs.get(name)
         if ref is None:
             state = "being removed" if name in self.removing else "not loaded"
             raise AdapterError(f"adapter {name!r} is {state}")
@@ -72,9 +80,8 @@ class AdapterRegistry:
         version = self.current.get(name, name)
         if version not in self.refs or version in self.removing:
             raise AdapterError(f"adapter {name!r} is not loaded")
-        self.current.pop(name, None)
-        self.versions.pop(name, None)
-        return version if self._remove(version) else None
+        self.current.pop(name, None)  # versions stay counted: a re-added name's next
+        return version if self._remove(version) else None  # version is a new name
 
     def _remove(self, version: str) -> bool:
         self.removing.add(version)
@@ -83,6 +90,9 @@ class AdapterRegistry:
     def drop(self, name: str) -> AdapterRef:
         self.removing.discard(name)
         self.in_flight.pop(name)
+        public = name.split("#", 1)[0]
+        if self.current.get(public) == name:  # dropped with its base model
+            del self.current[public]
         return self.refs.pop(name)
 
     def names(self) -> dict[str, AdapterRef]:

@@ -439,14 +439,19 @@ async def create_response(state, request: Request, tenant_path: str | None = Non
     def store(body: dict) -> None:
         if not req.store:
             return
-        record = json.dumps({"response": body, "messages": conversation})
-        if len(record) > state.config.responses_max_bytes:
+        record = {"response": body, "messages": conversation}
+        size = len(json.dumps(record).encode())
+        if size > state.config.responses_max_bytes:
             logger.warning("response %s not stored: %d bytes, over responses_max_bytes",
-                           answer.id, len(record))
+                           answer.id, size)
             body["store"] = False
             return
-        state.store.put_response(_owner(tenant), answer.id, json.loads(record),
-                                 state.config.responses_ttl_s)
+        try:  # the answer is the client's whatever becomes of its copy
+            state.store.put_response(_owner(tenant), answer.id, record,
+                                     state.config.responses_ttl_s)
+        except Exception as e:  # noqa: BLE001 (Redis errors)
+            logger.warning("response %s not stored: %s", answer.id, e)
+            body["store"] = False
 
     if req.stream:
         return RunStream(_stream(answer, store), answer.call.run)

@@ -36,7 +36,12 @@ from gpupool.api.protocol import (
     validate,
 )
 from gpupool.api.util import read_json
-from gpupool.frontend.reasoning import ReasoningStream, marker_ids, prompt_state, split_reasoning
+from gpupool.frontend.reasoning import (
+    ReasoningStream,
+    prompt_state,
+    reasoning_markers,
+    split_reasoning,
+)
 from gpupool.frontend.text import (
     ContextLengthError,
     RequestOutput,
@@ -477,7 +482,7 @@ class _Route:
         return req.logprobs
 
     def choice(self, i: int, out: RequestOutput, tokenizer, tools: str | None = None,
-               think: tuple[int, int] | None = None) -> dict:
+               think: tuple | None = None) -> dict:
         if self.body is ChatCompletionRequest:
             content, calls, message = out.text, [], {"role": "assistant"}
             if think is not None:  # a thinking model: its reasoning apart, calls in content
@@ -507,7 +512,7 @@ class _Route:
                  "logprobs": None, "finish_reason": None} for ch in run.choices]
 
     def chunks(self, ch: _Choice, out: RequestOutput, tokenizer, offsets: dict,
-               tools: str | None = None, think: tuple[int, int] | None = None):
+               tools: str | None = None, think: tuple | None = None):
         """The chunk choices for one update (maybe none), one at a time: text already
         generated goes out before a failure's error event. With ``tools`` (the model's
         tool-call format) text that may be a call is held back until the output ends; with
@@ -601,7 +606,7 @@ def _model(state, name: str) -> tuple[ModelInfo, object]:
 
 def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
              tokenizer, prompts: list[list[int]], call_id: str,
-             think: tuple[int, int] | None = None) -> list[_Choice]:
+             think: tuple | None = None) -> list[_Choice]:
     """One choice per prompt and ``n``: its engine request (max_tokens checked against the
     context; choice k of a seeded call uses seed + k) and its text stream. A thinking
     model's (``think``: its markers) grammar starts after its reasoning."""
@@ -624,7 +629,7 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
                 state = prompt_state(prompt, think)
                 if state != "closed":
                     params = dataclasses.replace(params,
-                                                 reasoning=(*think, state == "inside"))
+                                                 reasoning=(*think[:2], state == "inside"))
             rid = f"{call_id}-{len(out)}"
             salt = tenant.cache_salt(req.cache_salt) if tenant else req.cache_salt
             engine_req = EngineRequest(rid, req.model, prompt, params,
@@ -643,7 +648,7 @@ class Call:
     tokenizer: object
     prompts: list[list[int]]
     tools: str | None
-    think: tuple[int, int] | None
+    think: tuple | None
 
 
 async def start_call(state, tenant: Tenant | None, req, route: _Route) -> Call:
@@ -665,7 +670,7 @@ async def start_call(state, tenant: Tenant | None, req, route: _Route) -> Call:
                             "/v1/embeddings", param="model")
     think = None  # a thinking model's markers: its chat answers' reasoning apart
     if route is CHAT and spec.get("reasoning_parser"):
-        think = marker_ids(tokenizer)
+        think = reasoning_markers(tokenizer)
     prompts = await asyncio.to_thread(route.prompts, req, tokenizer, info)
     run = Run(state, req.model, tenant, n=req.n)
     # off the event loop: bad_words are tokenized here (thousands of them take seconds)

@@ -138,8 +138,11 @@ class _RemoteStream:
         lps = d.logprobs[skip:] if d.logprobs is not None else None
         if not toks and not d.finished:
             return
-        self.pending.append(OutputDelta(self.request_id, len(self.tokens), toks, lps,
-                                        d.finish_reason, d.stop_token, d.usage, d.error))
+        # every field of the worker's delta (embedding, cached tokens, prompt logprobs) but
+        # the tokens a copy already delivered
+        self.pending.append(dataclasses.replace(d, request_id=self.request_id,
+                                                index=len(self.tokens), token_ids=toks,
+                                                logprobs=lps))
         self.tokens.extend(toks)
         self.finished = d.finished
 

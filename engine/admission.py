@@ -75,6 +75,8 @@ def _check_params(req: EngineRequest, worker) -> None:
 
 
 def _check_grammar(registry: ModelRegistry, req: EngineRequest, vocab: int) -> None:
+    if req.params.reasoning is not None and max(req.params.reasoning[:2]) >= vocab:
+        raise RequestError(f"reasoning marker ids must be below the vocabulary size {vocab}")
     if req.params.min_tokens:
         raise RequestError("min_tokens cannot be combined with response_format (the "
                            "grammar decides where the output ends)")

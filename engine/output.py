@@ -110,14 +110,13 @@ def record_pooled(out: SchedulerOutput, rows: list[BatchRow], hidden: torch.Tens
         if not row.hidden:
             continue
         n = len(row.token_ids) if row.all_logits else int(row.samples)
-        rows_here, at = hidden[at: at + n].float(), at + n
+        rows_here, at = hidden[at: at + n].float().cpu(), at + n  # host: a long prompt's
         tr = requests[item.seq.request_id]
         if not row.all_logits:  # last-token pooling: the final row only
             tr.pooled = rows_here
         else:
             if tr.pooled is None:
-                tr.pooled = hidden.new_empty(item.seq.num_prompt_tokens, hidden.shape[-1],
-                                             dtype=torch.float32)
+                tr.pooled = torch.empty(item.seq.num_prompt_tokens, hidden.shape[-1])
             tr.pooled[row.start: row.start + n] = rows_here
         if row.samples:  # the prompt's last chunk
             vec = tr.pooled.mean(dim=0) if row.all_logits else tr.pooled[-1]

@@ -23,6 +23,8 @@ START, END = "<think>", "</think>"
 
 def marker_ids(tokenizer) -> tuple[int, int] | None:
     """The ids of ``<think>`` and ``</think>`` when each is one token of the vocabulary."""
+    if tokenizer is None:
+        return None
     out = []
     for marker in (START, END):
         tid = tokenizer.convert_tokens_to_ids(marker)
@@ -32,14 +34,28 @@ def marker_ids(tokenizer) -> tuple[int, int] | None:
     return out[0], out[1]
 
 
-def prompt_state(prompt: list[int], markers: tuple[int, int]) -> str:
-    """``closed``, ``inside`` or ``open`` (the output may open a block): the rule above."""
-    start, end = markers
+def reasoning_markers(tokenizer) -> tuple[int, int, frozenset] | None:
+    """(``<think>`` id, ``</think>`` id, the other special token ids: turn boundaries that
+    end the search for a marker in the prompt), or None."""
+    ids = marker_ids(tokenizer)
+    if ids is None:
+        return None
+    return (*ids, frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) - set(ids))
+
+
+def prompt_state(prompt: list[int], markers: tuple) -> str:
+    """``closed``, ``inside`` or ``open`` (the output may open a block): the rule above,
+    looking back only to the last other special token (the assistant turn's header: a
+    ``<think>`` a user typed in an earlier turn is not the answer's)."""
+    start, end = markers[0], markers[1]
+    stops = markers[2] if len(markers) > 2 else ()
     for t in reversed(prompt):
         if t == end:
             return "closed"
         if t == start:
             return "inside"
+        if t in stops:
+            break
     return "open"
 
 

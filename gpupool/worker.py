@@ -190,7 +190,7 @@ class Worker:
                   and msg.name in self.engine.adapters):  # others load the new spec on use
                 self.engine.add_adapter(msg.name, msg.base, self._allowed(msg.path),
                                         replace=True)
-        except EngineError as e:
+        except (EngineError, OSError) as e:
             logger.warning("%s: %s", type(msg).__name__, e)
         self._consumed(entry_id)
 

@@ -135,6 +135,9 @@ class SamplingParams:
         object.__setattr__(self, "reasoning", _reasoning(self.reasoning))
         if self.pooling not in (None, *POOLINGS):
             bad(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.pooling and (self.logprobs is not None or self.prompt_logprobs is not None
+                             or self.structured is not None):
+            bad("pooling (an embedding) takes no logprobs, prompt_logprobs or structured")
         plp = self.prompt_logprobs
         if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int)
                                 or not 0 <= plp <= MAX_LOGPROBS):

@@ -250,6 +250,7 @@ class ModelConfig:
             cfg = _with_text_defaults(path, cfg)
         if cfg.get("mlp_bias"):
             raise ModelLoadError(f"{cfg_path}: mlp_bias=true is not supported")
-        if cfg.get("hidden_act", "silu") != "silu":
+        gemma = isinstance(archs, list) and any(a in GEMMA for a in archs)
+        if cfg.get("hidden_act", "silu") not in (("silu", *ACTIVATIONS) if gemma else ("silu",)):
             raise ModelLoadError(f"{cfg_path}: hidden_act {cfg['hidden_act']!r} not supported")
         return cls.from_dict(cfg, str(cfg_path))

@@ -181,6 +181,9 @@ class Scheduler:
     def _preempt(self, seq: Sequence, swap: bool = True) -> None:
         """Swap the sequence's KV out to host pages, or (no room there, or ``swap`` False)
         drop it to recompute."""
+        switch = self.rope_switch.get(seq.model)
+        if switch is not None and not seq.long_rope and seq.num_tokens > switch:
+            swap = False  # past LongRoPE's switch: its KV is recomputed with the long factors
         host = self.host_pages.allocate(len(seq.pages)) if self.host_pages and swap else None
         if host is not None and seq.pages:
             self._swap_out.extend(zip(seq.pages, host))

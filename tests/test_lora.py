@@ -523,8 +523,24 @@ def test_replace_an_adapter_in_place_during_a_request(lora_setup, mixed):
         e.add_adapter("x", "base", paths["r16"], replace=True)  # back, idle: dropped at once
         assert set(core.adapters.refs) == {"x#3"}
         assert list(e.generate(prompt, params, model="x")[0].token_ids) == old
+        with pytest.raises(RequestError):  # a version's own name is no adapter's
+            e.generate(prompt, params, model="x#3")
         e.remove_adapter("x")
         assert e.adapters == {} and not core.adapters.refs
+        # a version still draining is never reused by a name added and replaced again
+        with e.local._lock:
+            core.add_adapter("y", "base", str(paths["r16"]))
+            core.add_adapter("y", "base", str(paths["r8"]), replace=True)  # y#2
+            core.enqueue(EngineRequest("c", "y", prompt, params))
+            core.step()
+            core.remove_adapter("y")  # y#2 drains
+            core.add_adapter("y", "base", str(paths["r16"]))
+            core.add_adapter("y", "base", str(paths["r8"]), replace=True)
+            assert set(core.adapters.refs) >= {"y#2", "y#3"}
+            while core.has_work():
+                core.step()
+            assert set(core.adapters.refs) == {"y#3"}
+            core.check_integrity()
         e.check_integrity()
     finally:
         e.shutdown()

@@ -27,6 +27,14 @@ def test_the_prompts_last_marker_decides_where_the_output_begins(prompt, state):
     assert prompt_state(prompt, (START, END)) == state
 
 
+def test_a_marker_before_the_last_turn_boundary_is_not_the_answers():
+    """A user who typed <think> in an earlier turn: the special token that opened the
+    assistant's turn ends the search."""
+    turn = 7  # <|im_start|>, say
+    assert prompt_state([START, 5, turn, 9, 10], (START, END, frozenset({turn}))) == "open"
+    assert prompt_state([turn, 9, START, 4], (START, END, frozenset({turn}))) == "inside"
+
+
 @pytest.mark.parametrize("text,state,want", [
     ("<think>a b</think>\n\nThe answer", "open", ("a b", "The answer")),
     ("  <think>x</think>y", "open", ("x", "y")),

@@ -66,3 +66,22 @@ def test_a_worker_holding_the_adapter_is_preferred_then_load_spreads():
     plain = r.route("m", ws, adapter="y")  # an adapter no worker holds: the base's tiers
     assert (plain.worker, plain.reason) == ("a", "resident")
     assert r.route("m", ws).reason == "resident"  # the base model itself
+
+
+def test_a_gateways_stream_keeps_every_field_of_a_workers_delta():
+    """The gateway's copy of a worker's delta drops only the tokens it already delivered:
+    an embedding, cached tokens and prompt logprobs come through (an embedding request
+    behind a gateway was a 500 when they were dropped)."""
+    from collections import deque
+
+    from gpupool.cluster.client import _RemoteStream
+    from gpupool.messages.types import OutputDelta, Usage
+
+    stream = _RemoteStream.__new__(_RemoteStream)  # no Redis: only what _accept reads
+    stream.request_id, stream.tokens, stream.finished, stream.pending = "r", [], False, deque()
+    stream._accept(OutputDelta("r", 0, finish_reason="stop", usage=Usage(2, 0, 1),
+                               cached_tokens=1, embedding=(0.5, -1.0),
+                               prompt_logprobs=(None,)))
+    (out,) = stream.pending
+    assert out.embedding == (0.5, -1.0) and out.cached_tokens == 1
+    assert out.prompt_logprobs == (None,) and out.finished and out.usage == Usage(2, 0, 1)
