@@ -41,6 +41,9 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     if getattr(cfg, "fused_checkpoint", False):
         out.update(qkv_proj=(h, q + 2 * kv), gate_up_proj=(h, 2 * inter))
+    if getattr(cfg, "num_experts", 0):  # LoRA on experts is not served: attention only
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            del out[p]
     return out
 
 
@@ -160,8 +163,9 @@ def _layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
             raise AdapterError(f"{wfile}: {key!r} names layer {layer}; the base has "
                                f"{base_cfg.num_layers}")
         if proj not in shapes:
-            raise AdapterError(f"{wfile}: {key!r} targets {proj}, which the base model does "
-                               "not have (its checkpoint's projections are not fused)")
+            raise AdapterError(f"{wfile}: {key!r} targets {proj}, which adapters of this base "
+                               "model cannot (fused projections of an unfused checkpoint, or "
+                               "the MLP of a mixture of experts)")
         fan_in, fan_out = shapes[proj]
         want = (rank, fan_in) if ab == "A" else (fan_out, rank)
         if shape != want:

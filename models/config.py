@@ -22,11 +22,32 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma2ForCausalLM",  # sandwich norms, GeGLU, soft-capping, sliding-window layers
     "Gemma3ForCausalLM",  # Gemma 2's, q/k norms, a rope base of its own for sliding layers
     "Gemma3ForConditionalGeneration",  # its text model (config text_config)
+    "MixtralForCausalLM",  # mixture of experts: softmax top-k routing, renormalised
+    "Qwen3MoeForCausalLM",  # ... norm_topk_prob from the config, dense layers among them
 )
+MOE = {"MixtralForCausalLM": "block_sparse_moe.", "Qwen3MoeForCausalLM": "mlp."}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _moe(cfg: dict, arch: str) -> dict:
+    """A mixture of experts' fields of ModelConfig."""
+    n = int(cfg["num_hidden_layers"])
+    if arch == "MixtralForCausalLM":
+        return {"num_experts": int(cfg["num_local_experts"]),
+                "experts_per_tok": int(cfg["num_experts_per_tok"]),
+                "moe_intermediate_size": int(cfg["intermediate_size"]), "norm_topk_prob": True,
+                "moe_layers": (True,) * n}
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    experts = int(cfg.get("num_experts") or cfg["num_local_experts"])  # 4.x / 5.x names
+    return {"num_experts": experts, "experts_per_tok": int(cfg["num_experts_per_tok"]),
+            "moe_intermediate_size": int(cfg["moe_intermediate_size"]),
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+            "moe_layers": tuple(i not in dense and experts > 0 and (i + 1) % step == 0
+                                for i in range(n))}
 
 
 def _gemma(cfg: dict, window: int, arch: str) -> dict:
@@ -124,6 +145,14 @@ class ModelConfig:
     final_softcap: float | None = None
     layer_windows: tuple[int, ...] = ()  # per layer, when the model has windowed layers
     rope_local_theta: float | None = None  # Gemma 3: the windowed layers' rope base
+    # mixture of experts: each token's MLP is the routing-weighted sum of its top
+    # experts_per_tok experts' (softmax over num_experts router logits; the top weights
+    # renormalised with norm_topk_prob); moe_layers says which layers (others are dense)
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[bool, ...] = ()
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -153,7 +182,8 @@ class ModelConfig:
         """Features the native and Triton kernels lack: such a model runs on the torch
         backend (``kernels.backend.select``)."""
         return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
-                    or self.final_softcap or any(self.layer_windows) or self.embed_scale)
+                    or self.final_softcap or any(self.layer_windows) or self.embed_scale
+                    or self.num_experts)
 
     @property
     def rotary_dim(self) -> int:
@@ -220,11 +250,12 @@ class ModelConfig:
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-                qk_norm=arch in ("Qwen3ForCausalLM", *GEMMA[1:]),
+                qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *GEMMA[1:]),
                 sliding_window=int(window) if window else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,
                 **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA else {}),
+                **(_moe(cfg, arch) if arch in MOE else {}),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),

@@ -160,14 +160,17 @@ class LlamaModel:
             x, h = ops.add_norm(x, out, lw["pre_ff_norm"], eps)
         else:
             x, h = ops.add_norm(x, out, lw["post_norm"], eps)
-        gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
-        if lora is not None:
-            lora.apply(i, "gate_up", h, gate_up)
-        act = (ops.silu_mul(gate_up) if cfg.activation == "silu"
-               else ops.act_mul(gate_up, cfg.activation))
-        delta = ops.linear(plan, act, lw, "down_weight")
-        if lora is not None:
-            lora.apply(i, "down", act, delta)
+        if cfg.moe_layers and cfg.moe_layers[i]:
+            delta = self._experts(plan, h, lw)
+        else:
+            gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
+            if lora is not None:
+                lora.apply(i, "gate_up", h, gate_up)
+            act = (ops.silu_mul(gate_up) if cfg.activation == "silu"
+                   else ops.act_mul(gate_up, cfg.activation))
+            delta = ops.linear(plan, act, lw, "down_weight")
+            if lora is not None:
+                lora.apply(i, "down", act, delta)
         if cfg.sandwich_norms:
             delta = ops.add_norm(delta, None, lw["post_ff_norm"], eps)[1]
         return x, delta
@@ -179,6 +182,28 @@ class LlamaModel:
         cos_sin = self.rope_local[batch.positions]
         return dataclasses.replace(plan, rope=self.rope_local, cos=cos_sin[:, 0:1],
                                    sin=cos_sin[:, 1:2])
+
+    def _experts(self, plan, h: torch.Tensor, lw) -> torch.Tensor:
+        """A mixture-of-experts MLP: each token's top experts by the router's softmax, their
+        outputs weighted and added in expert order (as transformers), each expert's rows
+        through the step's products (row-invariant: a token's sum is the same whatever
+        shares its experts)."""
+        ops, cfg = self.ops, self.cfg
+        probs = torch.softmax(ops.linear(plan, h, lw, "router_weight"), dim=-1,
+                              dtype=torch.float)
+        top, idx = torch.topk(probs, cfg.experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        top = top.to(h.dtype)
+        out = torch.zeros_like(h)
+        for e in torch.unique(idx).tolist():  # ascending
+            rows, pos = torch.where(idx == e)
+            gate_up = ops.linear(plan, h[rows], lw, f"experts.{e}.gate_up_weight")
+            act = (ops.silu_mul(gate_up) if cfg.activation == "silu"
+                   else ops.act_mul(gate_up, cfg.activation))
+            y = ops.linear(plan, act, lw, f"experts.{e}.down_weight")
+            out.index_add_(0, rows, y * top[rows, pos, None])
+        return out
 
     def _logits(self, plan, h: torch.Tensor) -> torch.Tensor:
         logits = self.ops.logits(plan, self, h)

@@ -14,13 +14,29 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from gpupool.kernels.reference import permute_heads
-from gpupool.models.config import ModelConfig
+from gpupool.models.config import MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.rope import rotary_order
 from gpupool.pool.weights import SCALE_SUFFIX, WeightLayout
 from gpupool.progress import Progress
 
 PROGRESS_MIN_BYTES = 64 << 20  # a smaller model loads too fast for a progress line
+
+
+def _expert_sources(cfg: ModelConfig, i: int) -> dict:
+    """A mixture-of-experts layer's router and experts (each expert's gate and up stacked as
+    a dense layer's are)."""
+    h, mi = cfg.hidden_size, cfg.moe_intermediate_size
+    m = f"model.layers.{i}." + MOE[cfg.architecture]
+    mixtral = cfg.architecture == "MixtralForCausalLM"
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    out = {f"layers.{i}.router_weight": ((cfg.num_experts, h), [m + "gate.weight"])}
+    for e in range(cfg.num_experts):
+        x = f"{m}experts.{e}."
+        out[f"layers.{i}.experts.{e}.gate_up_weight"] = (
+            (2 * mi, h), [x + gate + ".weight", x + up + ".weight"])
+        out[f"layers.{i}.experts.{e}.down_weight"] = ((h, mi), [x + down + ".weight"])
+    return out
 
 
 def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[str]]]:
@@ -50,6 +66,9 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
         if cfg.sandwich_norms:  # Gemma 2: post_norm on the attention's output, then these
             out[f"layers.{i}.pre_ff_norm"] = ((h,), [p + "pre_feedforward_layernorm.weight"])
             out[f"layers.{i}.post_ff_norm"] = ((h,), [p + "post_feedforward_layernorm.weight"])
+        if cfg.moe_layers and cfg.moe_layers[i]:
+            out.update(_expert_sources(cfg, i))
+            continue
         out[f"layers.{i}.gate_up_weight"] = (
             (2 * inter, h), [m + "gate_up_proj.weight"] if cfg.fused_checkpoint
             else [m + "gate_proj.weight", m + "up_proj.weight"]

@@ -171,3 +171,95 @@ def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(tiny_models, tmp_p
         assert [list(o.token_ids) for o in outs] == want
     finally:
         engine.shutdown()
+
+
+# ---- mixtures of experts ----------------------------------------------------------------------
+MOE_VARIANTS = ("mixtral", "qwen3_moe")
+
+
+def _router_margins_clear(hf, ids: list[int], k: int) -> bool:
+    """Whether every token's k-th expert probability exceeds its (k+1)-th by 1e-3 in every
+    layer (transformers' router): a nearer tie could flip an expert either way."""
+    with torch.no_grad():
+        res = hf(torch.tensor([ids]), output_router_logits=True)
+    for router in res.router_logits:
+        srt = torch.softmax(router.float().view(len(ids), -1), dim=-1).sort(
+            dim=-1, descending=True).values
+        if not bool((srt[:, k - 1] - srt[:, k] > 1e-3).all()):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_moe_logits_and_tokens_match_transformers(tiny_models, variant):
+    """On prompts whose router margins are checked to exceed 1e-3 (their generated tokens'
+    too): prompt log-probabilities (every position's log-softmax at the next token) within
+    1e-4 of transformers', and greedy tokens identical."""
+    import transformers
+
+    folder = tiny_models(variant)
+    k = ModelConfig.from_folder(folder).experts_per_tok
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    candidates = random_prompts(40, 4, 16, seed=11)
+    outs_hf = hf_greedy(folder, candidates, 8)
+    prompts = [p for p, o in zip(candidates, outs_hf) if _router_margins_clear(hf, p + o, k)]
+    assert len(prompts) >= 3, "too few prompts with clear router margins"  # of 40
+    want = [o for p, o in zip(candidates, outs_hf) if p in prompts]
+    engine = make_engine(folder)
+    try:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0,
+                                                       prompt_logprobs=0))
+        for ids, out, ref in zip(prompts, outs, want):
+            assert list(out.token_ids) == ref
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+            got = [e[1] for e in out.prompt_logprobs[1:]]
+            assert got == pytest.approx(
+                [logp[p, ids[p + 1]].item() for p in range(len(ids) - 1)], abs=1e-4)
+    finally:
+        engine.shutdown()
+
+
+def test_a_dense_and_a_moe_model_take_turns_in_one_weight_region(tiny_models):
+    from gpupool.models.loader import build_layout
+
+    dense, moe = tiny_models("llama"), tiny_models("mixtral")
+    sizes = [build_layout(ModelConfig.from_folder(f), torch.float32).num_bytes
+             for f in (dense, moe)]
+    prompts = random_prompts(2, 5, 20, seed=12)
+    want = {n: hf_greedy(f, prompts, 8) for n, f in (("d", dense), ("e", moe))}
+    engine = make_engine(weight_bytes=max(sizes) + (64 << 10))  # one model at a time
+    try:
+        engine.add_model("d", dense)
+        engine.add_model("e", moe)
+        for name in ("d", "e", "d", "e"):
+            outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0),
+                                   model=name)
+            assert [list(o.token_ids) for o in outs] == want[name]
+        assert engine.stats()["swaps"]["weight_swaps"] >= 3
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_attention_adapters_on_a_moe_model_match_peft(tiny_models, tmp_path):
+    from gpupool import AdapterError
+
+    base = tiny_models("mixtral")
+    paths = {"att": make_peft_adapter(base, tmp_path / "att", 4,
+                                      ["q_proj", "k_proj", "v_proj", "o_proj"], seed=3)}
+    prompts = random_prompts(3, 5, 20, seed=13)
+    want = peft_greedy(base, paths, prompts, ["att"] * 3, 8)
+    engine = make_engine(base, max_lora_rank=8)
+    try:
+        engine.add_adapter("att", "m", paths["att"])
+        outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0),
+                               model="att")
+        assert [list(o.token_ids) for o in outs] == want
+        mlp = make_peft_adapter(tiny_models("qwen3_moe"), tmp_path / "mlp", 4,
+                                ["gate_proj", "up_proj"], seed=4)  # its dense layer 1
+        engine.add_model("q", tiny_models("qwen3_moe"))
+        with pytest.raises(AdapterError):  # refused (the MLP of a mixture)
+            engine.add_adapter("mlp", "q", mlp)
+    finally:
+        engine.shutdown()
