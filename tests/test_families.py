@@ -263,3 +263,19 @@ def test_attention_adapters_on_a_moe_model_match_peft(tiny_models, tmp_path):
             engine.add_adapter("mlp", "q", mlp)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("variant", (*FAMILIES, *MOE_VARIANTS))
+def test_every_family_in_bf16_gives_a_request_its_tokens_whatever_shares_its_batch(
+        tiny_models, variant):
+    """"Same request, same tokens" in the default dtype on this CPU: Phi-3 on the native
+    kernels, Gemma and the mixtures on the torch backend's fixed-order ops."""
+    engine = make_engine(tiny_models(variant), dtype="bfloat16")
+    try:
+        prompts = random_prompts(5, 3, 30, seed=3)
+        params = SamplingParams(max_tokens=8, temperature=0)
+        batch = engine.generate(prompts, params)
+        assert [o.token_ids for o in batch] == [engine.generate([p], params)[0].token_ids
+                                                for p in prompts]
+    finally:
+        engine.shutdown()
