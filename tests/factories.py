@@ -199,6 +199,19 @@ def peft_greedy(base_folder: Path, adapters: dict[str, Path], prompts: list[list
     return out
 
 
+def adapters_greedy(engine, base: str, paths: dict, prompts: list, names: list,
+                    max_tokens: int) -> list[list[int]]:
+    """The engine's greedy tokens of each prompt with its adapter (None: the base model
+    ``base``), the adapters in ``paths`` registered first."""
+    from gpupool import SamplingParams
+
+    for name, path in paths.items():
+        engine.add_adapter(name, base, path)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0),
+                           model=[n or base for n in names])
+    return [list(o.token_ids) for o in outs]
+
+
 def engine_alone(folder: Path, prompts: list, params) -> list[list[int]]:
     """Token ids of ``prompts`` on an engine serving only the model in ``folder``."""
     engine = make_engine(folder)

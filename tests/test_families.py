@@ -18,6 +18,7 @@ from gpupool.models.config import ModelConfig
 from gpupool.models.rope import cos_sin_table
 from tests.factories import (
     VARIANTS,
+    adapters_greedy,
     hf_greedy,
     make_engine,
     make_peft_adapter,
@@ -103,11 +104,7 @@ def test_adapters_match_peft(tiny_models, tmp_path, variant):
     assert all(w != b for w, b, n in zip(want, plain, names) if n)  # the adapters act
     engine = make_engine(base, max_lora_rank=8)
     try:
-        for name, path in paths.items():
-            engine.add_adapter(name, "m", path)
-        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0),
-                               model=[n or "m" for n in names])
-        assert [list(o.token_ids) for o in outs] == want
+        assert adapters_greedy(engine, "m", paths, prompts, names, 12) == want
     finally:
         engine.shutdown()
 

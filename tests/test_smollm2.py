@@ -5,7 +5,7 @@ import torch
 
 from gpupool import SamplingParams
 from gpupool.default_model import gguf_path
-from tests.factories import hf_greedy_with, make_engine
+from tests.factories import adapters_greedy, hf_greedy_with, make_engine
 
 pytestmark = pytest.mark.slow
 
@@ -123,11 +123,7 @@ def test_lora_adapters_match_peft(smollm2_path, reference, tmp_path):
     engine = make_engine(smollm2_path, name="base", kv_cache_bytes=64 << 20,
                          kv_page_bytes=1 << 20, max_lora_rank=64)
     try:
-        for n, p in paths.items():
-            engine.add_adapter(n, "base", p)
-        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0),
-                               model=[n or "base" for n in names])
-        assert [list(o.token_ids) for o in outs] == want
+        assert adapters_greedy(engine, "base", paths, prompts, names, 12) == want
         engine.check_integrity()
     finally:
         engine.shutdown()
