@@ -12,9 +12,13 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    """As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype; a
+    float32 ``weight`` on narrower ``x`` scales in float32 and rounds once (Gemma's norms,
+    whose weights are kept in float32)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == torch.float32 and x.dtype != torch.float32:
+        return (xf * weight).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 

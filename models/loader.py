@@ -106,8 +106,11 @@ def quantized_names(cfg: ModelConfig, quantization: str | None) -> frozenset[str
 
 def build_layout(cfg: ModelConfig, dtype: torch.dtype,
                  quantization: str | None = None) -> WeightLayout:
-    return WeightLayout.build({k: v[0] for k, v in weight_sources(cfg).items()}, dtype,
-                              quantized_names(cfg, quantization))
+    sources = weight_sources(cfg)
+    # Gemma's norms scale by 1 + weight in float32 (transformers): kept in float32
+    fp32 = {k for k in sources if cfg.norm_offset and k.rsplit(".", 1)[-1].endswith("norm")}
+    return WeightLayout.build({k: v[0] for k, v in sources.items()}, dtype,
+                              quantized_names(cfg, quantization), fp32)
 
 
 def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype

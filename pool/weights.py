@@ -46,7 +46,10 @@ class WeightLayout:
 
     @classmethod
     def build(cls, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-              int8: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
+              int8: frozenset[str] | set[str] = frozenset(),
+              fp32: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
+        """``int8``: names stored int8 with a scale per row; ``fp32``: names kept in float32
+        whatever ``dtype`` is (Gemma's norm weights)."""
         unknown = set(int8) - set(shapes)
         if unknown:
             raise ValueError(f"cannot quantize unknown weights {sorted(unknown)}")
@@ -56,7 +59,7 @@ class WeightLayout:
                 entries.append((name, tuple(shape), torch.int8))
                 entries.append((name + SCALE_SUFFIX, (shape[0],), dtype))
             else:
-                entries.append((name, tuple(shape), dtype))
+                entries.append((name, tuple(shape), torch.float32 if name in fp32 else dtype))
         specs, offset = [], 0
         for name, shape, dt in entries:
             specs.append(TensorSpec(name, shape, offset, dt))

@@ -276,3 +276,20 @@ def test_every_family_in_bf16_gives_a_request_its_tokens_whatever_shares_its_bat
                                                 for p in prompts]
     finally:
         engine.shutdown()
+
+
+def test_gemma_norms_round_as_transformers_in_bf16():
+    """Gemma's norm weights are kept in float32 as 1 + weight: in bf16 a norm gives
+    transformers' Gemma2RMSNorm's bits (1 + weight added in float32 at each call there)."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    from gpupool.kernels.reference import rms_norm
+
+    torch.manual_seed(0)
+    norm = Gemma2RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(0.01 * torch.randn(64))  # small: 1 + w rounds away in bf16
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    ours = rms_norm(x, norm.weight.float() + 1.0, 1e-6)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, norm(x))
+    assert not torch.equal(rms_norm(x, (norm.weight.float() + 1.0).bfloat16(), 1e-6), norm(x))
