@@ -142,7 +142,9 @@ class TorchOps:
         """RoPE on q and k (after their per-head norms, Qwen3), k and v into their KV slots;
         returns q in the form :meth:`attention` takes ([T, H, D] here)."""
         cos, sin = plan.cos, plan.sin
-        if cfg.qk_norm:
+        if getattr(cfg, "qk_norm_whole", False):  # OLMoE: over all of q and k, then a clip
+            qkv = _olmoe_qkv(cfg, qkv, lw)
+        if cfg.qk_norm and not getattr(cfg, "qk_norm_whole", False):
             q, k, _ = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = reference.rms_norm(q.view(-1, cfg.num_heads, cfg.head_dim), lw["q_norm"],
                                    cfg.rms_norm_eps)
@@ -430,6 +432,18 @@ class NativeOps(TorchOps):
 
     def silu_mul(self, gate_up):
         return native.silu_mul(gate_up)
+
+
+def _olmoe_qkv(cfg, qkv: torch.Tensor, lw) -> torch.Tensor:
+    """qkv with q and k each normed as one vector (OLMoE's q_norm, k_norm) and every part
+    clipped to ``clip_qkv`` where the model sets it (transformers' order)."""
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    eps = cfg.rms_norm_eps
+    out = torch.cat([reference.rms_norm(q, lw["q_norm"], eps),
+                     reference.rms_norm(k, lw["k_norm"], eps), v], dim=-1)
+    if cfg.clip_qkv is not None:
+        out.clamp_(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+    return out
 
 
 def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",

@@ -24,8 +24,10 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForConditionalGeneration",  # its text model (config text_config)
     "MixtralForCausalLM",  # mixture of experts: softmax top-k routing, renormalised
     "Qwen3MoeForCausalLM",  # ... norm_topk_prob from the config, dense layers among them
+    "OlmoeForCausalLM",  # ... q and k normed whole, an optional clip of q, k and v
 )
-MOE = {"MixtralForCausalLM": "block_sparse_moe.", "Qwen3MoeForCausalLM": "mlp."}
+MOE = {"MixtralForCausalLM": "block_sparse_moe.", "Qwen3MoeForCausalLM": "mlp.",
+       "OlmoeForCausalLM": "mlp."}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
 
@@ -44,7 +46,8 @@ def _moe(cfg: dict, arch: str) -> dict:
     dense = set(cfg.get("mlp_only_layers") or ())
     experts = int(cfg.get("num_experts") or cfg["num_local_experts"])  # 4.x / 5.x names
     return {"num_experts": experts, "experts_per_tok": int(cfg["num_experts_per_tok"]),
-            "moe_intermediate_size": int(cfg["moe_intermediate_size"]),
+            "moe_intermediate_size": int(cfg.get("moe_intermediate_size")
+                                         or cfg["intermediate_size"]),
             "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
             "moe_layers": tuple(i not in dense and experts > 0 and (i + 1) % step == 0
                                 for i in range(n))}
@@ -153,6 +156,8 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[bool, ...] = ()
+    qk_norm_whole: bool = False  # OLMoE: q and k normed as whole vectors, not per head
+    clip_qkv: float | None = None  # OLMoE: q, k and v clipped to this magnitude
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -250,7 +255,10 @@ class ModelConfig:
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-                qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *GEMMA[1:]),
+                qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+                                 *GEMMA[1:]),
+                qk_norm_whole=arch == "OlmoeForCausalLM",
+                clip_qkv=float(cfg["clip_qkv"]) if cfg.get("clip_qkv") is not None else None,
                 sliding_window=int(window) if window else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,

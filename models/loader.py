@@ -59,8 +59,9 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
                 (q + 2 * kv,), [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]
             )
         if cfg.qk_norm:
-            out[f"layers.{i}.q_norm"] = ((hd,), [a + "q_norm.weight"])
-            out[f"layers.{i}.k_norm"] = ((hd,), [a + "k_norm.weight"])
+            whole = cfg.qk_norm_whole  # OLMoE: over all of q and k
+            out[f"layers.{i}.q_norm"] = ((q if whole else hd,), [a + "q_norm.weight"])
+            out[f"layers.{i}.k_norm"] = ((kv if whole else hd,), [a + "k_norm.weight"])
         out[f"layers.{i}.o_weight"] = ((h, q), [a + "o_proj.weight"])
         out[f"layers.{i}.post_norm"] = ((h,), [p + "post_attention_layernorm.weight"])
         if cfg.sandwich_norms:  # Gemma 2: post_norm on the attention's output, then these

@@ -47,6 +47,7 @@ VARIANTS = {
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": 32, "head_dim": 16,
                                      "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 4.0}),
     # Phi-4-mini-style: a quarter of each head does not rotate, tied embeddings
     "phi3_partial": ("Phi3Config", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
                                     "original_max_position_embeddings": 128, "rope_scaling": {
