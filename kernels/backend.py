@@ -355,6 +355,7 @@ class NativeOps(TorchOps):
         embedding and the head when every row samples; None where it does not apply
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
+                or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
                 or (lora is not None and lora.native is None)):
             return None
         table, ends, kv = self._whole_step_inputs(model, kv_layers)

@@ -188,7 +188,7 @@ class ModelConfig:
         backend (``kernels.backend.select``)."""
         return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
                     or self.final_softcap or any(self.layer_windows) or self.embed_scale
-                    or self.num_experts)
+                    or self.qk_norm_whole)
 
     @property
     def rotary_dim(self) -> int:
