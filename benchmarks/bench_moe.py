@@ -1,0 +1,91 @@
+"""A mixture of experts against a dense model of the same active parameters (issue 34's MoE
+goal: batch-1 decode within 1.5x of the dense model).
+
+Two random SmolLM2-shaped models (hidden 576, 30 layers, 9 heads, 3 KV heads, vocabulary
+49152, bf16), made once under ``$GPUPOOL_HOME/bench-moe``: a Mixtral-style mixture of 8
+experts of intermediate size 768, 2 a token, and a dense Llama of intermediate size 1536
+(the same multiply-adds a token; the mixture holds 4x the MLP weights). Decode tokens/s at
+batch 1 and 16 (64 new tokens, greedy) on one engine each, interleaved for --rounds rounds;
+medians, ranges and the ratio. Random weights route tokens about uniformly, so a batch of 16
+touches every expert: its bound is the mixture's whole weights, not the active ones.
+Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_flags, emit, engine_threads  # noqa: E402
+
+from gpupool import Engine, SamplingParams  # noqa: E402
+from gpupool.config import default_home  # noqa: E402
+
+SHAPE = {"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+         "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
+         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _make(folder: Path, kind: str) -> Path:
+    import torch
+    import transformers
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    if kind == "moe":
+        cfg = transformers.MixtralConfig(intermediate_size=768, num_local_experts=8,
+                                         num_experts_per_tok=2, **SHAPE)
+    else:
+        cfg = transformers.LlamaConfig(intermediate_size=1536, **SHAPE)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def _decode(engine: Engine, name: str, batch: int, tokens: int = 64) -> float:
+    prompts = [[3 + i, 40 + i, 77, 120 + i] for i in range(batch)]
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0), model=name)
+    start = time.perf_counter()
+    engine.generate(prompts, params, model=name)
+    return batch * tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    root = default_home() / "bench-moe"
+    folders = {k: _make(root / k, k) for k in ("moe", "dense")}
+    runs: dict[str, list[float]] = {}
+    engines = {}
+    for kind, folder in folders.items():  # one engine each, both kept: interleaved rounds
+        engines[kind] = Engine(device="cpu", threads=engine_threads(),
+                               enable_prefix_caching=False)
+        engines[kind].add_model(kind, str(folder))
+    try:
+        for _ in range(args.rounds):
+            for batch in (1, 16):
+                for kind, engine in engines.items():
+                    runs.setdefault(f"{kind}_b{batch}", []).append(
+                        _decode(engine, kind, batch))
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    result = {"cpu": cpu_flags(), "rounds": args.rounds,
+              "tok_s": {k: [round(med[k], 1), round(min(v), 1), round(max(v), 1)]
+                        for k, v in runs.items()},
+              "moe_over_dense_step": {b: round(med[f"dense_b{b}"] / med[f"moe_b{b}"], 2)
+                                      for b in (1, 16)}}
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
