@@ -5,7 +5,8 @@ Two random SmolLM2-shaped models (hidden 576, 30 layers, 9 heads, 3 KV heads, vo
 49152, bf16), made once under ``$GPUPOOL_HOME/bench-moe``: a Mixtral-style mixture of 8
 experts of intermediate size 768, 2 a token, and a dense Llama of intermediate size 1536
 (the same multiply-adds a token; the mixture holds 4x the MLP weights). Decode tokens/s at
-batch 1 and 16 (64 new tokens, greedy) on one engine each, interleaved for --rounds rounds;
+batch 1 and 16 (64 new tokens, greedy) on one engine serving both, interleaved for --rounds
+rounds;
 medians, ranges and the ratio. Random weights route tokens about uniformly, so a batch of 16
 touches every expert: its bound is the mixture's whole weights, not the active ones.
 Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3]
@@ -64,22 +65,23 @@ def main() -> None:
     root = default_home() / "bench-moe"
     folders = {k: _make(root / k, k) for k in ("moe", "dense")}
     runs: dict[str, list[float]] = {}
-    engines = {}
-    for kind, folder in folders.items():  # one engine each, both kept: interleaved rounds
-        engines[kind] = Engine(device="cpu", threads=engine_threads(),
-                               enable_prefix_caching=False)
-        engines[kind].add_model(kind, str(folder))
+    # one engine serving both (one thread team: a second engine's idle threads spinning
+    # beside the measured one's slowed it by half here), rounds interleaved; the weight
+    # region holds both, so no swap is timed
+    engine = Engine(device="cpu", threads=engine_threads(), enable_prefix_caching=False)
     try:
+        for kind, folder in folders.items():
+            engine.add_model(kind, str(folder))
         for _ in range(args.rounds):
             for batch in (1, 16):
-                for kind, engine in engines.items():
+                for kind in folders:
                     runs.setdefault(f"{kind}_b{batch}", []).append(
                         _decode(engine, kind, batch))
+        swaps = engine.stats()["swaps"]["weight_swaps"]
     finally:
-        for engine in engines.values():
-            engine.shutdown()
+        engine.shutdown()
     med = {k: statistics.median(v) for k, v in runs.items()}
-    result = {"cpu": cpu_flags(), "rounds": args.rounds,
+    result = {"cpu": cpu_flags(), "rounds": args.rounds, "weight_swaps": swaps,
               "tok_s": {k: [round(med[k], 1), round(min(v), 1), round(max(v), 1)]
                         for k, v in runs.items()},
               "moe_over_dense_step": {b: round(med[f"dense_b{b}"] / med[f"moe_b{b}"], 2)
