@@ -17,7 +17,14 @@ from fastapi.responses import JSONResponse, Response
 from gpupool.api.auth import authenticate, check_model_access
 from gpupool.api.errors import APIError
 from gpupool.api.protocol import EmbeddingRequest, parse
-from gpupool.api.routes_openai import Run, _Choice, _collect, _finish_reason, _model
+from gpupool.api.routes_openai import (
+    Run,
+    _Choice,
+    _collect,
+    _finish_reason,
+    _model,
+    check_queue,
+)
 from gpupool.api.util import read_json
 from gpupool.frontend.pooling import encode_base64, finish_vector, pooling_of
 from gpupool.frontend.text import ContextLengthError, TextStream, max_tokens_for, tokenize
@@ -69,9 +76,7 @@ async def embeddings_route(state, request: Request, tenant_path: str | None = No
     except ValueError as e:
         raise APIError(400, f"model {req.model!r}: {e}", param="model") from None
     _check_dimensions(req, pooling, None)
-    if state.client.num_unfinished() + len(req.inputs()) > state.config.max_queued_requests:
-        raise APIError(503, "the server's request queue is full; retry later",
-                       code="queue_full", headers={"Retry-After": "1"})
+    check_queue(state, len(req.inputs()))
     prompts = await asyncio.to_thread(_prompts, req, tokenizer, info)
     run = Run(state, req.model, tenant)
     params = SamplingParams(max_tokens=1, pooling=pooling.mode)

@@ -38,8 +38,7 @@ from gpupool.api.errors import APIError
 from gpupool.api.protocol import ChatCompletionRequest, parse
 from gpupool.api.routes_openai import CHAT, Call, RunStream, _collect, start_call
 from gpupool.api.util import read_json
-from gpupool.frontend.reasoning import ReasoningStream, prompt_state, split_reasoning
-from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
+from gpupool.frontend.reasoning import AnswerStream, read_answer
 
 logger = logging.getLogger(__name__)
 PATH = "/v1/responses"
@@ -255,21 +254,17 @@ class _Answer:
                     out.token_ids, self.call.think, reasoned) if self.call.think else 0},
                 "total_tokens": run.prompt_tokens + run.completion_tokens}
 
-    def calls(self, content: str | None) -> tuple[str | None, list]:
-        if self.call.tools is None or content is None:
-            return content, []
-        content, calls = parse_tool_calls(content, self.call.tools)
-        return content, calls if self.req.parallel_tool_calls else calls[:1]
+    def calls(self, calls: list) -> list:
+        """The calls the answer gives (the first only without parallel_tool_calls)."""
+        return calls if self.req.parallel_tool_calls else calls[:1]
 
 
 def _whole(answer: _Answer, out) -> tuple[dict, bool]:
     """The whole answer's body from the final output; whether it was cut short."""
     call = answer.call
-    reasoning, content = None, out.text
-    if call.think is not None:
-        reasoning, content = split_reasoning(
-            out.text, prompt_state(out.prompt_token_ids, call.think))
-    content, calls = answer.calls(content)
+    reasoning, content, calls = read_answer(out.text, out.prompt_token_ids, call.think,
+                                            call.tools)
+    calls = answer.calls(calls)
     if reasoning is not None:
         answer.output.append(_reasoning(reasoning))
     if content or not calls:
@@ -357,30 +352,21 @@ class _Events:
 def _stream(answer: _Answer, store):
     call, run = answer.call, answer.call.run
     ev = _Events(answer)
-    rs = (ReasoningStream(prompt_state(call.prompts[0], call.think))
-          if call.think is not None else None)
-    tp = ToolStreamParser(call.tools) if call.tools is not None else None
+    reader = AnswerStream(call.prompts[0], call.think, call.tools)
 
     def update(out) -> list[str]:
-        reasoning, content = ("", out.delta_text) if rs is None else rs.feed(out.delta_text)
-        if out.finished and rs is not None:
-            more, rest = rs.finish()
-            reasoning, content = reasoning + more, content + rest
+        reasoning, content = reader.feed(out.delta_text, out.finished)
         events = []
-        if reasoning or (rs is not None and rs.reasoned and not answer.output):
+        if reasoning or (reader.reasoned and not answer.output):
             events += ev.text(reasoning, reasoning=True)
-        if tp is not None:
-            content = tp.feed(content)
         if content:
             events += ev.text(content, reasoning=False)
         if not out.finished:
             return events
-        calls = []
-        if tp is not None:
-            rest, calls = tp.finish()
-            if rest:
-                events += ev.text(rest, reasoning=False)
-            calls = calls if answer.req.parallel_tool_calls else calls[:1]
+        rest, calls = reader.finish()
+        if rest:
+            events += ev.text(rest, reasoning=False)
+        calls = answer.calls(calls)
         cut = out.finish_reason == "length"
         if not ev.had_message and not calls:  # an answer always has its message
             events += ev.text("", reasoning=False)
@@ -388,7 +374,7 @@ def _stream(answer: _Answer, store):
         for c in calls:
             events += ev.function_call(c)
         body = answer.body("incomplete" if cut else "completed",
-                           answer.usage(out, rs is not None and rs.reasoned), incomplete=cut)
+                           answer.usage(out, reader.reasoned), incomplete=cut)
         store(body)
         return events + [ev("response.completed", response=body)]
 

@@ -37,10 +37,10 @@ from gpupool.api.protocol import (
 )
 from gpupool.api.util import read_json
 from gpupool.frontend.reasoning import (
-    ReasoningStream,
+    AnswerStream,
     prompt_state,
+    read_answer,
     reasoning_markers,
-    split_reasoning,
 )
 from gpupool.frontend.text import (
     ContextLengthError,
@@ -51,7 +51,6 @@ from gpupool.frontend.text import (
     tokenize,
     tool_format,
 )
-from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
 from gpupool.messages.errors import EngineError, RequestError
 from gpupool.messages.types import EngineRequest, ModelInfo, OutputDelta
 
@@ -484,12 +483,11 @@ class _Route:
     def choice(self, i: int, out: RequestOutput, tokenizer, tools: str | None = None,
                think: tuple | None = None) -> dict:
         if self.body is ChatCompletionRequest:
-            content, calls, message = out.text, [], {"role": "assistant"}
+            reasoning, content, calls = read_answer(out.text, out.prompt_token_ids, think,
+                                                    tools)
+            message = {"role": "assistant"}
             if think is not None:  # a thinking model: its reasoning apart, calls in content
-                message["reasoning_content"], content = split_reasoning(
-                    out.text, prompt_state(out.prompt_token_ids, think))
-            if tools is not None and content is not None:
-                content, calls = parse_tool_calls(content, tools)
+                message["reasoning_content"] = reasoning
             reason = _finish_reason(out)
             message.update(content=content, tool_calls=[_tool_call(t) for t in calls])
             c = {"index": i, "message": message,
@@ -520,20 +518,11 @@ class _Route:
         new = _new_logprobs(out)
         if self.body is ChatCompletionRequest:
             lps = _chat_logprobs(tokenizer, new)
-            text, reasoning = out.delta_text, ""
-            if think is not None:
-                rs = offsets.get(("think", ch.index))
-                if rs is None:
-                    rs = offsets[("think", ch.index)] = ReasoningStream(
-                        prompt_state(out.prompt_token_ids, think))
-                reasoning, text = rs.feed(text)
-                if out.finished:
-                    more, rest = rs.finish()
-                    reasoning, text = reasoning + more, text + rest
-            parser = None
-            if tools is not None:
-                parser = offsets.setdefault(("tools", ch.index), ToolStreamParser(tools))
-                text = parser.feed(text)
+            answer = offsets.get(("answer", ch.index))
+            if answer is None:
+                answer = offsets[("answer", ch.index)] = AnswerStream(
+                    out.prompt_token_ids, think, tools)
+            reasoning, text = answer.feed(out.delta_text, out.finished)
             delta = {"reasoning_content": reasoning} if reasoning else {}
             if text or (lps and not reasoning):
                 delta["content"] = text
@@ -541,16 +530,15 @@ class _Route:
                 yield {"index": ch.index, "delta": delta, "logprobs": lps,
                        "finish_reason": None}
             if out.finished:
-                reason, calls = _finish_reason(out), []
-                if parser is not None:
-                    rest, calls = parser.finish()
-                    if rest:
-                        yield {"index": ch.index, "delta": {"content": rest},
-                               "logprobs": None, "finish_reason": None}
-                    if calls:
-                        yield {"index": ch.index, "delta": {"tool_calls": [
-                            {"index": k, **_tool_call(t)} for k, t in enumerate(calls)]},
-                            "logprobs": None, "finish_reason": None}
+                reason = _finish_reason(out)
+                rest, calls = answer.finish()
+                if rest:
+                    yield {"index": ch.index, "delta": {"content": rest},
+                           "logprobs": None, "finish_reason": None}
+                if calls:
+                    yield {"index": ch.index, "delta": {"tool_calls": [
+                        {"index": k, **_tool_call(t)} for k, t in enumerate(calls)]},
+                        "logprobs": None, "finish_reason": None}
                 yield {"index": ch.index, "delta": {}, "logprobs": None,
                        "finish_reason": "tool_calls" if calls and reason == "stop" else reason}
             return
@@ -639,6 +627,13 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
     return out
 
 
+def check_queue(state, incoming: int) -> None:
+    """503 (retry later) when ``incoming`` more requests would pass the server's queue."""
+    if state.client.num_unfinished() + incoming > state.config.max_queued_requests:
+        raise APIError(503, "the server's request queue is full; retry later",
+                       code="queue_full", headers={"Retry-After": "1"})
+
+
 @dataclass
 class Call:
     """A started call: its run, the model's tokenizer, prompts, and how its answers are read
@@ -660,9 +655,7 @@ async def start_call(state, tenant: Tenant | None, req, route: _Route) -> Call:
     if incoming > state.config.max_queued_requests:  # could never be admitted: not a 503
         raise APIError(400, f"the request makes {incoming} choices (n x prompts); the server "
                             f"queues at most {state.config.max_queued_requests}", param="n")
-    if state.client.num_unfinished() + incoming > state.config.max_queued_requests:
-        raise APIError(503, "the server's request queue is full; retry later",
-                       code="queue_full", headers={"Retry-After": "1"})
+    check_queue(state, incoming)
     info, tokenizer = _model(state, req.model)
     spec = state.models.spec_of(req.model)
     if spec.get("task") == "embed":

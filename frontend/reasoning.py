@@ -17,6 +17,8 @@ Whitespace right after ``</think>`` is dropped (the models write a blank line th
 
 from __future__ import annotations
 
+from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
+
 PARSERS = ("qwen3", "deepseek_r1")
 START, END = "<think>", "</think>"
 
@@ -117,3 +119,47 @@ def split_reasoning(text: str, state: str) -> tuple[str | None, str | None]:
     if not p.reasoned:
         return None, content
     return reasoning, content or None
+
+
+def read_answer(text: str, prompt: list[int], think: tuple | None,
+                tools: str | None) -> tuple[str | None, str | None, list]:
+    """(reasoning or None, content, tool calls) of a whole chat answer: a thinking model's
+    reasoning apart (``think``: its markers, ``reasoning_markers``), then the calls of the
+    model's tool-call format (``tools``) read from the content only."""
+    reasoning, content, calls = None, text, []
+    if think is not None:
+        reasoning, content = split_reasoning(text, prompt_state(prompt, think))
+    if tools is not None and content is not None:
+        content, calls = parse_tool_calls(content, tools)
+    return reasoning, content, calls
+
+
+class AnswerStream:
+    """``read_answer`` as the text streams in: ``feed`` gives the reasoning and the content
+    to send now (content that may be a tool call held back), ``finish`` the content held
+    back and the calls."""
+
+    def __init__(self, prompt: list[int], think: tuple | None, tools: str | None):
+        self.thinking = (ReasoningStream(prompt_state(prompt, think)) if think is not None
+                         else None)
+        self.tools = ToolStreamParser(tools) if tools is not None else None
+
+    @property
+    def reasoned(self) -> bool:
+        """Whether a reasoning block was opened."""
+        return self.thinking is not None and self.thinking.reasoned
+
+    def feed(self, delta: str, finished: bool) -> tuple[str, str]:
+        reasoning, content = "", delta
+        if self.thinking is not None:
+            reasoning, content = self.thinking.feed(delta)
+            if finished:
+                more, rest = self.thinking.finish()
+                reasoning, content = reasoning + more, content + rest
+        if self.tools is not None:
+            content = self.tools.feed(content)
+        return reasoning, content
+
+    def finish(self) -> tuple[str, list]:
+        """(the content held back as a possible call, the calls) at the answer's end."""
+        return self.tools.finish() if self.tools is not None else ("", [])

@@ -52,12 +52,12 @@ def permute_heads(rows: torch.Tensor, order: torch.Tensor | None, head_dim: int)
 
 
 def act_mul(gate_up: torch.Tensor, kind: str) -> torch.Tensor:
-    """act(gate) * up of ``gate_up`` = [gate | up] (transformers' GeGLU: gelu with the tanh
-    approximation)."""
+    """act(gate) * up of ``gate_up`` = [gate | up]: "gelu_tanh" (transformers' GeGLU: gelu
+    with the tanh approximation), else ``silu_mul``'s."""
+    if kind != "gelu_tanh":
+        return silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
-    if kind == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
-    return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -166,8 +166,7 @@ class LlamaModel:
             gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
-            act = (ops.silu_mul(gate_up) if cfg.activation == "silu"
-                   else ops.act_mul(gate_up, cfg.activation))
+            act = ops.act_mul(gate_up, cfg.activation)
             delta = ops.linear(plan, act, lw, "down_weight")
             if lora is not None:
                 lora.apply(i, "down", act, delta)
@@ -199,8 +198,7 @@ class LlamaModel:
         for e in torch.unique(idx).tolist():  # ascending
             rows, pos = torch.where(idx == e)
             gate_up = ops.linear(plan, h[rows], lw, f"experts.{e}.gate_up_weight")
-            act = (ops.silu_mul(gate_up) if cfg.activation == "silu"
-                   else ops.act_mul(gate_up, cfg.activation))
+            act = ops.act_mul(gate_up, cfg.activation)
             y = ops.linear(plan, act, lw, f"experts.{e}.down_weight")
             out.index_add_(0, rows, y * top[rows, pos, None])
         return out
