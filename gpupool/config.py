@@ -82,7 +82,7 @@ class Config:
     # the model's 16-bit dtype | float32 | bfloat16 | float16
     dtype: str = "auto"
     # int8: every model's linear layers and lm_head stored int8 (weight-only, per-row scales)
-    quantization: str | None = None  # None | "none" | "int8"; a model may set its own
+    quantization: str | None = None  # None | "none" | "int8" | "int4[-gN]"; a model may set its own
     kernels: str = "auto"  # auto | reference | triton
     # the native CPU kernels (kernels/native.c) for bf16 models where they build; False:
     # torch ops (GPUPOOL_NATIVE=0)
@@ -142,7 +142,9 @@ class Config:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8")  # weight storage; "none": the dtype's
+# weight storage ("none": the dtype's); int4: 4-bit groups of 128 columns (32 where 128 does
+# not divide a weight's), int4-gN: of N
+QUANTIZATIONS = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 TASKS = ("generate", "embed")  # what a model serves: completions and chat, or embeddings
 
 

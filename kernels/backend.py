@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpupool.kernels import decode, fixed, native, reference
+from gpupool.kernels import decode, fixed, native, quant4, reference
 from gpupool.kernels.linear import linear, linear_int8, linear_int8_reference
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
+GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"  # a 4-bit weight's groups (likewise)
 # the native products' row limits where batch invariance is off (Config.batch_invariant):
 # past them torch's are faster (int8: from ~17 rows) or as fast (bf16, oneDNN's packed GEMM)
 FAST_MAX_ROWS = {"bf16": 64, "int8": 16}
@@ -52,7 +53,17 @@ def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
             product=None) -> torch.Tensor:
     """``x @ w[name].T (+ bias)``; an int8 weight comes with its per-row ``name_scale``.
     ``product``: every product through it (``kernels.fixed.linear``), an int8 weight widened
-    to x's dtype and its rows scaled after (``linear_int8_reference``)."""
+    to x's dtype and its rows scaled after (``linear_int8_reference``). A 4-bit weight
+    (``name_gscale``, ``name_goffset``): its float32 values times x in float32
+    (``quant4.linear_int4_reference``; Triton's kernel where ``triton``)."""
+    gscale = w.get(name + GSCALE_SUFFIX)
+    if gscale is not None:
+        if triton and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            from gpupool.kernels.int4 import linear_int4
+
+            return linear_int4(x, w[name], gscale, w[name + GOFFSET_SUFFIX], bias)
+        return quant4.linear_int4_reference(x, w[name], gscale, w[name + GOFFSET_SUFFIX],
+                                            bias, product)
     scale = w.get(name + SCALE_SUFFIX)
     if scale is None:
         return (product or linear)(x, w[name], bias)
@@ -310,10 +321,12 @@ class NativeOps(TorchOps):
         self.invariant = invariant
         self._head_dim = head_dim
         self._int8 = False  # the bound model's weights are int8
+        self._int4 = False  # some of them 4-bit
 
     def bind(self, model) -> None:
         self._cache = _NativeCache()
         self._int8 = model.int8
+        self._int4 = model.int4
 
     @property
     def batch_invariant(self) -> bool:
@@ -321,7 +334,8 @@ class NativeOps(TorchOps):
         # kernel for decode rows too (AVX-512 BF16 or AVX2, head_dim % 16 == 0)
         return (self.invariant and native.has_gemv()
                 and native.has_prefill_attention(self._head_dim)
-                and (not self._int8 or native.has_gemv_int8()))
+                and (not self._int8 or native.has_gemv_int8())
+                and (not self._int4 or native.has_gemv_int4()))
 
     @property
     def packs_weights(self) -> bool:
@@ -336,6 +350,8 @@ class NativeOps(TorchOps):
         # (int8 on a CPU without AVX-512). Not invariant: torch's products past a few rows
         # (FAST_MAX_ROWS), where they are faster (int8) or as fast (bf16, packed)
         gemv = native.has_gemv_int8() if model.int8 else native.has_gemv()
+        if model.int4:  # the 4-bit weights through the native 4-bit product
+            gemv = gemv and native.has_gemv_int4()
         if not self.invariant:
             gemv = gemv and batch.num_tokens <= FAST_MAX_ROWS["int8" if model.int8 else "bf16"]
         return StepPlan(model.plain if gemv else model.layers, model.rope, gemv=gemv)
@@ -385,6 +401,9 @@ class NativeOps(TorchOps):
     def linear(self, plan, x, w, name, bias=None):
         if not plan.gemv:
             return project(x, w, name, bias)
+        gscale = w.get(name + GSCALE_SUFFIX)
+        if gscale is not None:
+            return native.gemv_int4(x, w[name], gscale, w[name + GOFFSET_SUFFIX], bias)
         scale = w.get(name + SCALE_SUFFIX)
         if scale is None:
             return native.gemv(x, w[name], bias)

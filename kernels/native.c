@@ -187,7 +187,8 @@ SIMD_HELPER __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), k
 #define MAX_LORA_COLS 768 /* a group's A rows, projections x rank: rank <= 256 (native.py) */
 
 /* which kernels with intrinsics this build has: bit 0 the bf16 GEMV (AVX-512 BF16, or AVX2 +
- * FMA: bit 3), bit 1 the int8 one (AVX-512 BW), bit 2 prefill attention (the GEMV's builds);
+ * FMA: bit 3), bit 1 the int8 one (AVX-512 BW), bit 2 prefill attention and bit 4 the 4-bit
+ * product (the GEMV's builds);
  * the others are built everywhere */
 int gp_gemv_features(void) {
     int f = 0;
@@ -202,6 +203,9 @@ int gp_gemv_features(void) {
 #endif
 #ifdef HAVE_GEMV_INT8
     f |= 2;
+#endif
+#ifdef HAVE_GEMV_BF16
+    f |= 16;  /* the 4-bit product (HAVE_GEMV_INT4: the bf16 GEMV's builds) */
 #endif
     return f;
 }
@@ -1386,6 +1390,212 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)scale;
     (void)bias; (void)y; (void)ldy;
+#endif
+}
+
+/* ---- 4-bit weights (kernels/quant4.py's format) --------------------------------------------
+ * y[m][n] = bf16(bf16(sum_k x[m][k] w[n][k]) + bias[n]) for w[n][k] = q * scale[n][g] +
+ * offset[n][g], q the 4-bit values packed in blocks of 32 columns (byte j: column j low,
+ * column 16 + j high), groups of G columns (a multiple of 32), computed in float32 as
+ *   sum over groups g of  scale[n][g] * (sum_{k in g} x[k] q[k]) + offset[n][g] * xs[g]
+ * with xs[g] = sum_{k in g} x[k] (per lane, made once per row of x): the same sum as the
+ * float32 weights' (quant4.linear_int4_reference), rounded otherwise, and four fewer operations
+ * a block than widening each weight to its float32 value. x is widened to float32 once per
+ * call (exact). Per (m, n): 16 float32 lanes; a group's integer-weighted sums in one
+ * accumulator (FMAs, the block's low 16 columns then its high 16, block after block), folded
+ * into the total by two FMAs at the group's end; then gemv_hsum's fixed tree. Nothing in a
+ * row's sums depends on how many rows share the call or how they are tiled: a row alone and
+ * in a batch of 1000 get the same bits (batch invariance). The two builds (AVX-512F: 16
+ * lanes; AVX2 + FMA: two halves of 8) do the same lane operations: bit-identical (the empty
+ * asm statements keep -ffast-math from reordering sums). Rows of x in tiles of up to Q4_MR
+ * share each widened block; W is read as up to Q4_NR streams (one output row each) so the
+ * FMA chains overlap. */
+#ifdef HAVE_GEMV_BF16
+#define HAVE_GEMV_INT4 1
+#define Q4_MR 4
+#define Q4_NR 4  /* at most 2 with more than 2 rows of x: MR x NR <= 8 */
+#define Q4_MBLOCK 32  /* rows of x a pass over a thread's share of W (their float32 in L2) */
+
+#ifdef __AVX512F__
+typedef __m512 q4v_t;
+static inline q4v_t q4v_zero(void) { return _mm512_setzero_ps(); }
+static inline q4v_t q4v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void q4v_store(float *p, q4v_t a) { _mm512_storeu_ps(p, a); }
+static inline q4v_t q4v_set1(float f) { return _mm512_set1_ps(f); }
+static inline q4v_t q4v_fma(q4v_t a, q4v_t b, q4v_t c) { return _mm512_fmadd_ps(a, b, c); }
+static inline q4v_t q4v_add(q4v_t a, q4v_t b) {  /* one add, never merged with others */
+    __m512 r = _mm512_add_ps(a, b);
+    __asm__("" : "+v"(r));
+    return r;
+}
+/* the block's 32 values as float32: columns 0-15 (lo), 16-31 (hi) */
+static inline void q4_block(const uint8_t *b, q4v_t *lo, q4v_t *hi) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const void *)b));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+static inline float q4v_sum(q4v_t a) {
+    return gemv_hsum(_mm512_castps512_ps256(a),
+                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+#else
+typedef struct { __m256 lo, hi; } q4v_t;
+static inline q4v_t q4v_zero(void) {
+    q4v_t a = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    return a;
+}
+static inline q4v_t q4v_load(const float *p) {
+    q4v_t a = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+    return a;
+}
+static inline void q4v_store(float *p, q4v_t a) {
+    _mm256_storeu_ps(p, a.lo);
+    _mm256_storeu_ps(p + 8, a.hi);
+}
+static inline q4v_t q4v_set1(float f) {
+    q4v_t a = {_mm256_set1_ps(f), _mm256_set1_ps(f)};
+    return a;
+}
+static inline q4v_t q4v_fma(q4v_t a, q4v_t b, q4v_t c) {
+    q4v_t r = {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+    return r;
+}
+static inline q4v_t q4v_add(q4v_t a, q4v_t b) {
+    q4v_t r = {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+    __asm__("" : "+x"(r.lo), "+x"(r.hi));
+    return r;
+}
+static inline void q4_block(const uint8_t *b, q4v_t *lo, q4v_t *hi) {
+    __m128i v = _mm_loadu_si128((const void *)b);
+    __m256i a = _mm256_cvtepu8_epi32(v), c = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
+    const __m256i m15 = _mm256_set1_epi32(15);
+    lo->lo = _mm256_cvtepi32_ps(_mm256_and_si256(a, m15));
+    lo->hi = _mm256_cvtepi32_ps(_mm256_and_si256(c, m15));
+    hi->lo = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    hi->hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+}
+static inline float q4v_sum(q4v_t a) { return gemv_hsum(a.lo, a.hi); }
+#endif
+
+/* rows [m0, m0 + MR) of x32 (float32, row stride K; xs: their groups' lane sums, [M][K / G]
+ * vectors) times output rows n0, n0 + cs, ... (NR of them) of W */
+static inline __attribute__((always_inline)) void q4_tile(
+        const float *x32, const float *xs, int64_t K, const uint8_t *Q, int64_t ldq,
+        const float *S, const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
+        int64_t ldy, int64_t m0, int64_t n0, int64_t cs, const int MR, const int NR) {
+    q4v_t tot[Q4_MR * Q4_NR], acc[Q4_MR * Q4_NR];
+    int64_t ng = K / G;
+    for (int e = 0; e < MR * NR; e++) tot[e] = q4v_zero();
+    for (int64_t g = 0; g < ng; g++) {
+        for (int e = 0; e < MR * NR; e++) acc[e] = q4v_zero();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            q4v_t wl[Q4_NR], wh[Q4_NR];
+            for (int n = 0; n < NR; n++)
+                q4_block(Q + (n0 + n * cs) * ldq + k / 2, &wl[n], &wh[n]);
+            for (int m = 0; m < MR; m++) {
+                const float *xm = x32 + (m0 + m) * K + k;
+                q4v_t xl = q4v_load(xm), xh = q4v_load(xm + 16);
+                for (int n = 0; n < NR; n++) {
+                    acc[m * NR + n] = q4v_fma(xl, wl[n], acc[m * NR + n]);
+                    acc[m * NR + n] = q4v_fma(xh, wh[n], acc[m * NR + n]);
+                }
+            }
+        }
+        for (int n = 0; n < NR; n++) {
+            q4v_t s = q4v_set1(S[(n0 + n * cs) * ng + g]);
+            q4v_t o = q4v_set1(O[(n0 + n * cs) * ng + g]);
+            for (int m = 0; m < MR; m++) {
+                q4v_t x_g = q4v_load(xs + ((m0 + m) * ng + g) * 16);
+                tot[m * NR + n] = q4v_fma(acc[m * NR + n], s, tot[m * NR + n]);
+                tot[m * NR + n] = q4v_fma(x_g, o, tot[m * NR + n]);
+            }
+        }
+    }
+    for (int m = 0; m < MR; m++)
+        for (int n = 0; n < NR; n++) {
+            float v = round_bf(q4v_sum(tot[m * NR + n]));
+            if (bias) v += bf2f(bias[n0 + n * cs]);
+            y[(m0 + m) * ldy + n0 + n * cs] = f2bf(v);
+        }
+}
+
+#define Q4_CASE(A, B) \
+    case (A) * 8 + (B): q4_tile(x32, xs, K, Q, ldq, S, O, G, bias, y, ldy, m0, c0, cs, A, B); \
+        break
+
+/* this thread's share [n0, n1) of W's rows for all M rows of x32: the share in Q4_NR parts
+ * read side by side (each a sequential stream), rows of x in tiles of Q4_MR, Q4_MBLOCK rows
+ * of x a pass over the share */
+static void gemv_int4_rows(const float *x32, const float *xs, int64_t M, int64_t K,
+                           const uint8_t *Q, int64_t ldq, const float *S, const float *O, int64_t G,
+                           int64_t n0, int64_t n1, const uint16_t *bias, uint16_t *y,
+                           int64_t ldy) {
+#ifdef __AVX512F__  /* 32 registers: up to 8 (m, n) pairs a tile */
+    const int64_t NRmax = M <= 2 ? 4 : 2, MRmax = Q4_MR;
+#else  /* 16: up to 2 (each pair takes 4 of them) */
+    const int64_t NRmax = M <= 1 ? 2 : 1, MRmax = 2;
+#endif
+    int64_t cs = (n1 - n0 + NRmax - 1) / NRmax;
+    for (int64_t b0 = 0; b0 < M; b0 += Q4_MBLOCK) {
+        int64_t b1 = b0 + Q4_MBLOCK < M ? b0 + Q4_MBLOCK : M;
+        for (int64_t i = 0; i < cs; i++) {
+            int64_t c0 = n0 + i;
+            int nr = 0;
+            while (nr < NRmax && c0 + nr * cs < n1) nr++;
+            for (int64_t m0 = b0; m0 < b1; m0 += MRmax) {
+                int mr = b1 - m0 < MRmax ? (int)(b1 - m0) : (int)MRmax;
+                switch (mr * 8 + nr) {
+                Q4_CASE(1, 1); Q4_CASE(1, 2); Q4_CASE(1, 3); Q4_CASE(1, 4);
+                Q4_CASE(2, 1); Q4_CASE(2, 2); Q4_CASE(2, 3); Q4_CASE(2, 4);
+                Q4_CASE(3, 1); Q4_CASE(3, 2); Q4_CASE(4, 1); Q4_CASE(4, 2);
+                default: break;
+                }
+            }
+        }
+    }
+}
+#undef Q4_CASE
+
+static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
+                           const uint8_t *Q, int64_t N, int64_t ldq, const float *S,
+                           const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
+                           int64_t ldy, float *x32, float *xs) {
+    int64_t ng = K / G;
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k++) x32[m * K + k] = bf2f(x[m * ldx + k]);
+        for (int64_t g = 0; g < ng; g++) {  /* the group's lanes: low then high, in order */
+            q4v_t v = q4v_zero();
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                v = q4v_add(v, q4v_load(x32 + m * K + k));
+                v = q4v_add(v, q4v_load(x32 + m * K + k + 16));
+            }
+            q4v_store(xs + (m * ng + g) * 16, v);
+        }
+    }
+    int64_t n0, n1;
+    thread_share(N, &n0, &n1);
+    if (n0 < n1) gemv_int4_rows(x32, xs, M, K, Q, ldq, S, O, G, n0, n1, bias, y, ldy);
+}
+#endif
+
+/* gp_gemv_features bit 4: this build has it. K and G multiples of 32, G dividing K; S and O
+ * [N][K / G] float32 contiguous; Q's rows ldq bytes apart. */
+void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *Q,
+                  int64_t N, int64_t ldq, const float *S, const float *O, int64_t G,
+                  const uint16_t *bias, uint16_t *y, int64_t ldy, int threads) {
+    (void)threads;
+#ifdef HAVE_GEMV_INT4
+    float *x32 = malloc(sizeof(float) * (size_t)(M * K) + 64);
+    float *xs = malloc(sizeof(float) * (size_t)(M * (K / G) * 16) + 64);
+    if (!x32 || !xs) { free(x32); free(xs); return; }
+    #pragma omp parallel num_threads(threads) if (N * K >= 65536)
+    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, O, G, bias, y, ldy, x32, xs);
+    free(x32);
+    free(xs);
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)S; (void)O;
+    (void)G; (void)bias; (void)y; (void)ldy;
 #endif
 }
 

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 1
+#define GP_ABI_VERSION 2
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], or int8 with bf16 row scales; NULL where absent (a

@@ -80,6 +80,8 @@ _SIGNATURES = {
                 _i64, _vp, _vp, _int],
     "gp_decode_layers": [_vp, _int],  # (const gp_step_t *, threads)
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
+    "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _i64,
+                     _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
@@ -395,6 +397,38 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     out = torch.empty(rows, n, dtype=x.dtype)
     _lib().gp_gemv_int8(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
                         scale.data_ptr(), _p(bias), out.data_ptr(), n, torch.get_num_threads())
+    return out
+
+
+def has_gemv_int4() -> bool:
+    """Whether the 4-bit product was built (the bf16 GEMV's builds: AVX-512F or AVX2 + FMA,
+    bit-identical)."""
+    return _has(16)
+
+
+def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant4.linear_int4_reference(x, q, scale, offset, bias)`` for bf16 rows, each row's
+    sums in one order whatever the number of rows (where :func:`has_gemv_int4`): packed
+    ``q`` uint8 [N, K / 2] with unit stride in a row, float32 ``scale`` and ``offset``
+    [N, K / G] contiguous (G a multiple of 32)."""
+    check("x", x, torch.bfloat16, 2)
+    check("q", q, torch.uint8, 2)
+    check("scale", scale, torch.float32, 2, contiguous=True)
+    check("offset", offset, torch.float32, 2, contiguous=True)
+    rows, k = x.shape
+    n = q.shape[0]
+    groups = scale.shape[1]
+    if (q.shape[1] * 2 != k or k % 32 or groups == 0 or k % groups or (k // groups) % 32
+            or scale.shape != (n, groups) or offset.shape != scale.shape
+            or (bias is not None and bias.shape != (n,))):
+        raise ValueError("native: gemv_int4's x, q, scale, offset and bias do not fit")
+    out = torch.empty(rows, n, dtype=x.dtype)
+    if rows == 0:
+        return out
+    _lib().gp_gemv_int4(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
+                        scale.data_ptr(), offset.data_ptr(), k // groups, _p(bias),
+                        out.data_ptr(), n, torch.get_num_threads())
     return out
 
 
@@ -777,6 +811,14 @@ def failures(seed: int = 0) -> list[str]:
     want = torch.nn.functional.linear(xs, q.to(bf)) * scale + b
     if features & 2 and not close(gemv_int8(xs, q, scale, b), want):
         bad.append("gemv_int8")
+    if features & 16:  # 4-bit: 2 groups of 32 over 64 columns, strided x
+        from gpupool.kernels import quant4
+
+        x4 = rnd(3, 100)[:, :64]
+        q4, s4, o4 = quant4.quantize(torch.randn(40, 64, generator=g), 32)
+        if not close(gemv_int4(x4, q4, s4, o4, b),
+                     quant4.linear_int4_reference(x4, q4, s4, o4, b)):
+            bad.append("gemv_int4")
     if features & 4:  # prefill: sequence 0's last 3 tokens after its prefix, 1's first 4
         cu, ctx = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([7, 4],
                                                                            dtype=torch.int32)

@@ -14,13 +14,13 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from gpupool.kernels import backend
+from gpupool.kernels import backend, quant4
 from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import cos_sin_table, rope_table
-from gpupool.pool.weights import SCALE_SUFFIX
+from gpupool.pool.weights import GOFFSET_SUFFIX, GSCALE_SUFFIX, SCALE_SUFFIX
 
 LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
@@ -61,6 +61,7 @@ class LlamaModel:
         self.head: torch.Tensor | None = None  # the lm_head weight (maybe packed)
         self.packed = False  # pack_weights() ran since the last bind
         self.int8 = False  # every linear weight int8 (set by bind)
+        self.int4 = False  # some weight 4-bit (set by bind)
         self._kv: tuple | None = None  # (kv, its per-layer (K, V) views)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
@@ -77,6 +78,7 @@ class LlamaModel:
         self.int8 = self.lm_head_name + SCALE_SUFFIX in views and all(
             name + SCALE_SUFFIX in lw for lw in self.layers for name in LINEAR_WEIGHTS
             if name in lw)
+        self.int4 = any(k.endswith(GSCALE_SUFFIX) for k in views)
         self.ops.bind(self)
 
     def pack_weights(self) -> None:
@@ -87,11 +89,12 @@ class LlamaModel:
         resident a while. Elsewhere nothing changes."""
         if self.packed or not self.layers or not self.ops.packs_weights:
             return
-        if self.lm_head_name + SCALE_SUFFIX not in self.w:  # int8 weights stay as they are
+        quantized = (SCALE_SUFFIX, GSCALE_SUFFIX)  # int8 and 4-bit weights stay as they are
+        if all(self.lm_head_name + q not in self.w for q in quantized):
             self.head = _packed(self.head)
         for lw in self.layers:
             for name in LINEAR_WEIGHTS:
-                if name in lw and name + SCALE_SUFFIX not in lw:
+                if name in lw and all(name + q not in lw for q in quantized):
                     lw[name] = _packed(lw[name])
         self.packed = True
 
@@ -99,7 +102,7 @@ class LlamaModel:
         """Forget the weights (evicted: the views' slab now holds another model, and packed
         copies would hold host memory): the next ``bind`` brings them back."""
         self.w, self.layers, self.plain, self.head, self.packed = {}, [], [], None, False
-        self.int8 = False
+        self.int8 = self.int4 = False
         self.ops.bind(self)
 
     @property
@@ -107,6 +110,10 @@ class LlamaModel:
         return "embed_tokens" if self.cfg.tie_word_embeddings else "lm_head"
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        gscale = self.w.get("embed_tokens" + GSCALE_SUFFIX)
+        if gscale is not None:  # 4-bit rows (tied with a 4-bit lm_head): their float32 values
+            return quant4.dequantize(self.w["embed_tokens"], gscale,
+                                     self.w["embed_tokens" + GOFFSET_SUFFIX], ids).to(self.dtype)
         x = F.embedding(ids, self.w["embed_tokens"])
         scale = self.w.get("embed_tokens" + SCALE_SUFFIX)
         if scale is not None:  # int8 rows (tied with an int8 lm_head)

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gpupool.kernels import quant4
 from gpupool.kernels.reference import permute_heads
 from gpupool.models.config import MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.rope import rotary_order
-from gpupool.pool.weights import SCALE_SUFFIX, WeightLayout
+from gpupool.pool.weights import GOFFSET_SUFFIX, GSCALE_SUFFIX, SCALE_SUFFIX, WeightLayout
 from gpupool.progress import Progress
 
 PROGRESS_MIN_BYTES = 64 << 20  # a smaller model loads too fast for a progress line
@@ -81,7 +82,18 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
     return out
 
 
-QUANTIZATIONS = ("int8",)
+# int8: per-row scales; int4: 4-bit groups of 128 columns (32 where 128 does not divide a
+# weight's columns), int4-gN: of N (kernels/quant4.py)
+QUANTIZATIONS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+
+
+def int4_group(quantization: str | None) -> int | None:
+    """The group size a 4-bit quantization asks for, None for any other."""
+    if quantization == "int4":
+        return 128
+    if quantization and quantization.startswith("int4-g"):
+        return int(quantization[len("int4-g"):])
+    return None
 
 
 def check_quantization(quantization: str | None) -> str | None:
@@ -110,8 +122,14 @@ def build_layout(cfg: ModelConfig, dtype: torch.dtype,
     sources = weight_sources(cfg)
     # Gemma's norms scale by 1 + weight in float32 (transformers): kept in float32
     fp32 = {k for k in sources if cfg.norm_offset and k.rsplit(".", 1)[-1].endswith("norm")}
-    return WeightLayout.build({k: v[0] for k, v in sources.items()}, dtype,
-                              quantized_names(cfg, quantization), fp32)
+    names = quantized_names(cfg, quantization)
+    group = int4_group(quantization)
+    int4 = {}
+    if group is not None:  # a weight whose columns are not a multiple of 32 stays unquantized
+        int4 = {n: g for n in names
+                if (g := quant4.choose_group(sources[n][0][1], group)) is not None}
+        names = frozenset()
+    return WeightLayout.build({k: v[0] for k, v in sources.items()}, dtype, names, fp32, int4)
 
 
 def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype
@@ -193,6 +211,28 @@ def _rotary_rows(cfg: ModelConfig, src: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _store(t: torch.Tensor, dest: torch.Tensor, views: dict, name: str, row: int,
+           dtype: torch.dtype, path: Path, src: str) -> None:
+    """Checkpoint tensor ``t`` into its rows of ``name`` from ``row`` on: as it is, or
+    quantized where the layout stores ``name`` int8 or 4-bit (refused if not finite)."""
+    scales = views.get(name + SCALE_SUFFIX)
+    gscales = views.get(name + GSCALE_SUFFIX)
+    if scales is None and gscales is None:
+        dest.copy_(t)
+    if not bool(torch.isfinite(dest if scales is None and gscales is None else t).all()):
+        raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite values")
+    n = t.shape[0]
+    if scales is not None:
+        q, s = quantize_rows(t, dtype)
+        dest.copy_(q)
+        scales[row : row + n].copy_(s)
+    elif gscales is not None:
+        q, s, o = quant4.quantize(t, quant4.group_size(dest, gscales))
+        dest.copy_(q)
+        gscales[row : row + n].copy_(s)
+        views[name + GOFFSET_SUFFIX][row : row + n].copy_(o)
+
+
 def load_flat_weights(
     folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None
 ) -> tuple[WeightLayout, torch.Tensor]:
@@ -223,26 +263,19 @@ def load_flat_weights(
                     t = t.float() + 1.0
                 n = t.shape[0] if t.dim() else 0
                 dest = views[name][row : row + n]
-                if tuple(t.shape) != tuple(dest.shape) or t.dim() != len(shape):
+                want = (min(n, max(shape[0] - row, 0)), *shape[1:]) if shape else ()
+                if tuple(t.shape) != want or t.dim() != len(shape):
                     raise ModelLoadError(
                         f"{path}: tensor {src!r} has shape {tuple(t.shape)}, "
-                        f"config expects {tuple(dest.shape)}"
+                        f"config expects {want}"
                     )
-                scales = views.get(name + SCALE_SUFFIX)
-                finite = dest if scales is None else t  # the int8 copy has no NaN to see
-                if scales is None:
-                    dest.copy_(t)
-                if not bool(torch.isfinite(finite).all()):
-                    raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite values")
-                if scales is not None:
-                    q, s = quantize_rows(t, dtype)
-                    dest.copy_(q)
-                    scales[row : row + n].copy_(s)
+                _store(t, dest, views, name, row, dtype, path, src)
                 row += n
             if row != shape[0]:
                 raise ModelLoadError(f"{folder}: tensor {name!r} assembled {row} rows of "
                                      f"{shape[0]}")
-            bar.update(views[name].nbytes + (views[name + SCALE_SUFFIX].nbytes
-                                              if name + SCALE_SUFFIX in views else 0))
+            bar.update(sum(views[name + x].nbytes for x in ("", SCALE_SUFFIX, GSCALE_SUFFIX,
+                                                             GOFFSET_SUFFIX)
+                           if name + x in views))
         bar.update(layout.num_bytes - bar.done)  # the alignment gaps: end at 100%
     return layout, buffer

@@ -33,11 +33,15 @@ def parameter_count(folder: str | Path) -> int:
     return total
 
 
-def model_element_bytes(dtype: str | None, quantization: str | None) -> int:
+def model_element_bytes(dtype: str | None, quantization: str | None) -> float:
     """Bytes per weight element a model's own settings fix (int8: 1, about: norms and an
-    untied embedding stay 16/32-bit), or 0 when they leave it to the worker's dtype."""
+    untied embedding stay 16/32-bit; 4-bit: half a byte and 8 bytes of scale and offset a
+    group, 0.75 at groups of 32, which a weight takes where 128 does not divide it), or 0
+    when they leave it to the worker's dtype."""
     if quantization == "int8":
         return 1
+    if quantization and quantization.startswith("int4"):
+        return 0.75
     if dtype in (None, "auto"):
         return 0
     return 4 if dtype == "float32" else 2

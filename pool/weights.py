@@ -17,6 +17,8 @@ import torch
 
 ALIGN_BYTES = 256
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales: "<name>_scale"
+# a 4-bit weight's per-group float32 scales and offsets (kernels/quant4.py)
+GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class WeightLayout:
 
     ``dtype`` is the model's compute dtype. A weight named in ``int8`` is stored as int8
     (``name``) with one scale per output row in ``dtype`` (``name + "_scale"``, right after
-    it): weight-only quantization, ``W[n, k] ~ int8[n, k] * scale[n]``.
+    it): weight-only quantization, ``W[n, k] ~ int8[n, k] * scale[n]``. A weight named in
+    ``int4`` (name -> group size) is stored as packed 4-bit values (uint8 [N, K / 2]) with a
+    float32 scale and offset per group (``name + "_gscale"``, ``name + "_goffset"``, [N, K /
+    group]): the format of ``kernels/quant4.py``.
     """
 
     dtype: torch.dtype
@@ -47,15 +52,27 @@ class WeightLayout:
     @classmethod
     def build(cls, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
               int8: frozenset[str] | set[str] = frozenset(),
-              fp32: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
+              fp32: frozenset[str] | set[str] = frozenset(),
+              int4: dict[str, int] | None = None) -> WeightLayout:
         """``int8``: names stored int8 with a scale per row; ``fp32``: names kept in float32
-        whatever ``dtype`` is (Gemma's norm weights)."""
-        unknown = set(int8) - set(shapes)
+        whatever ``dtype`` is (Gemma's norm weights); ``int4``: names stored 4-bit, with
+        their group sizes."""
+        int4 = int4 or {}
+        unknown = (set(int8) | set(int4)) - set(shapes)
         if unknown:
             raise ValueError(f"cannot quantize unknown weights {sorted(unknown)}")
         entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
         for name, shape in shapes.items():
-            if name in int8:
+            if name in int4:
+                n, k = shape
+                g = int4[name]
+                if k % g or g % 32:
+                    raise ValueError(f"{name}: group {g} does not divide its {k} columns in "
+                                     "blocks of 32")
+                entries.append((name, (n, k // 2), torch.uint8))
+                entries.append((name + GSCALE_SUFFIX, (n, k // g), torch.float32))
+                entries.append((name + GOFFSET_SUFFIX, (n, k // g), torch.float32))
+            elif name in int8:
                 entries.append((name, tuple(shape), torch.int8))
                 entries.append((name + SCALE_SUFFIX, (shape[0],), dtype))
             else:

@@ -41,7 +41,7 @@ class WorkerView:
         return self.running + self.queued + self.sent
 
 
-def fits_weights(w: WorkerView, model_params: int, element_bytes: int = 0) -> bool:
+def fits_weights(w: WorkerView, model_params: int, element_bytes: float = 0) -> bool:
     """Whether the worker's weight region can hold the model (unknown sizes: assume so);
     ``element_bytes``: the model's own bytes per weight (its dtype or int8), 0: the worker's."""
     eb = element_bytes or w.element_bytes
@@ -51,7 +51,7 @@ def fits_weights(w: WorkerView, model_params: int, element_bytes: int = 0) -> bo
 
 
 def too_large(model: str, model_params: int, workers: list[WorkerView],
-              element_bytes: int = 0) -> str:
+              element_bytes: float = 0) -> str:
     """The message for a model no worker's weight region can hold."""
     best = max(workers, key=lambda w: w.weight_bytes)
     need = model_params * (element_bytes or best.element_bytes or 2)
@@ -75,7 +75,7 @@ class Router:
         self.max_queue = max_queue
 
     def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
-              exclude: frozenset[str] = frozenset(), element_bytes: int = 0,
+              exclude: frozenset[str] = frozenset(), element_bytes: float = 0,
               adapter: str | None = None) -> Route:
         """The worker for a request of base model ``model`` (``model_params``: its weight
         elements, 0 if unknown; ``element_bytes``: the model's own bytes per element, 0: each

@@ -38,7 +38,7 @@ def test_int8_layout_stores_int8_with_row_scales(tmp_path):
     assert views["embed_tokens"].dtype == torch.bfloat16  # untied: an embedding, not a linear
     assert views["layers.0.input_norm"].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="quantization"):
-        build_layout(cfg, torch.float32, "int4")
+        build_layout(cfg, torch.float32, "int3")
 
 
 def test_quantize_rows_error_is_half_a_step():

@@ -1,0 +1,101 @@
+"""4-bit weight-only matmul in Triton: ``y = x @ W.T + bias`` for the format of
+:mod:`gpupool.kernels.quant4` (packed values, float32 scale and offset per group).
+
+A program computes one [BLOCK_M, BLOCK_N] tile of y. Per block of 32 columns it loads its
+weight rows' 16 packed bytes once, splits them into the low nibbles (columns 0-15 of the
+block) and the high ones (16-31), widens each to float32 as ``q * scale + offset`` with the
+block's group's scale and offset, and accumulates ``x @ w.T`` for both halves in float32;
+the tile is rounded to x's dtype once, then the bias added. So the weight bytes read are a
+quarter of bf16's (plus 8 bytes a group), which a decode step is bound by. Each output's sum
+runs over the blocks in order whatever the number of rows (one order a tile shape: the tile
+shape follows the row count, as in ``kernels.int8``; the CPU's native product is the
+batch-invariant one). fp32 activations use IEEE products (no TF32).
+
+Under ``TRITON_INTERPRET=1`` (the tests on CPU) ``tl.dot`` on bf16 is wrong; tests there use
+fp32 and fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _int4_kernel(
+    X, Q, S, O, B, Y, M, N, K, NG, G,
+    sx_m, sq_n, sy_m,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, 16)
+    mmask = m < M
+    nmask = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, 32):
+        g = k0 // G
+        s = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+        o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+        b = tl.load(Q + n[:, None].to(tl.int64) * sq_n + (k0 // 2) + j[None, :],
+                    mask=nmask[:, None], other=0).to(tl.int32)
+        w_lo = (b & 15).to(tl.float32) * s[:, None] + o[:, None]
+        w_hi = (b >> 4).to(tl.float32) * s[:, None] + o[:, None]
+        x_lo = tl.load(X + m[:, None].to(tl.int64) * sx_m + k0 + j[None, :],
+                       mask=mmask[:, None], other=0.0)
+        x_hi = tl.load(X + m[:, None].to(tl.int64) * sx_m + k0 + 16 + j[None, :],
+                       mask=mmask[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
+            acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
+        else:  # 16-bit activations: the weights rounded to them for the tensor cores
+            acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
+            acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+    y = acc.to(Y.dtype.element_ty)
+    if HAS_BIAS:
+        y = (y.to(tl.float32) + tl.load(B + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+             ).to(Y.dtype.element_ty)
+    tl.store(Y + m[:, None].to(tl.int64) * sy_m + n[None, :], y,
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def _tiles(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) by the number of rows."""
+    if m <= 16:
+        return 16, 64, 4
+    if m <= 64:
+        return 64, 64, 4
+    return 128, 64, 8
+
+
+def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    if q.dim() != 2 or q.dtype != torch.uint8 or q.stride(-1) != 1:
+        raise ValueError("q must be a uint8 [N, K / 2] matrix with a contiguous last axis")
+    n, k = q.shape[0], 2 * q.shape[1]
+    ng = scale.shape[1] if scale.dim() == 2 else 0
+    if (x.shape[-1] != k or k % 32 or not ng or k % ng or (k // ng) % 32
+            or scale.shape != (n, ng) or offset.shape != (n, ng)):
+        raise ValueError(f"x [..., {k}], scale and offset [{n}, groups] expected for q "
+                         f"{tuple(q.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.view(*lead, n)
+    bm, bn, warps = _tiles(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _int4_kernel[grid](
+        x2, q, scale.contiguous(), offset.contiguous(), bias if bias is not None else scale,
+        y, m, n, k, ng, k // ng, x2.stride(0), q.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+    )
+    return y.view(*lead, n)

@@ -1,0 +1,287 @@
+"""4-bit weights (issue 34, item 3): the packed format and its quantization, the native CPU
+product and the Triton kernel against the torch reference, batch invariance, and whole models
+stored 4-bit against transformers running the same model with the de-quantized weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gpupool import SamplingParams
+from gpupool.kernels import native, quant4, triton_available
+from gpupool.models.batch import BatchRow
+from gpupool.models.config import ModelConfig
+from gpupool.models.llama import LlamaModel
+from gpupool.models.loader import build_layout
+from gpupool.models.runner import build_batch
+from gpupool.pool.weights import GOFFSET_SUFFIX, GSCALE_SUFFIX
+from tests.factories import hf_greedy, make_engine, make_peft_adapter, make_tiny_model
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+PROMPTS = [[1, 5, 9, 23, 44, 2, 17], [3, 4, 5, 6]]
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+needs_native = pytest.mark.skipif(not (native.available() and native.has_gemv_int4()),
+                                  reason="the native 4-bit product is not built on this CPU")
+
+
+def test_pack_puts_a_blocks_columns_in_its_low_then_high_nibbles():
+    q = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
+    q[0, 40] = 9
+    p = quant4.pack(q)
+    assert p.shape == (1, 32)
+    # byte j of block b: column 32 b + j low, 32 b + 16 + j high
+    for b in range(2):
+        for j in range(16):
+            byte = int(p[0, 16 * b + j])
+            assert byte & 15 == int(q[0, 32 * b + j]) and byte >> 4 == int(q[0, 32 * b + 16 + j])
+    assert torch.equal(quant4.unpack(p), q)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant4.pack(torch.zeros(2, 48, dtype=torch.uint8))
+
+
+def test_quantize_is_within_half_a_step_of_every_weight():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 256, generator=g) * torch.logspace(-3, 2, 6)[:, None]
+    w[2, 32:64] = 0.7  # a constant group
+    for group in quant4.GROUPS:
+        q, s, o = quant4.quantize(w, group)
+        assert q.dtype == torch.uint8 and q.shape == (6, 128)
+        assert s.shape == o.shape == (6, 256 // group) and s.dtype == o.dtype == torch.float32
+        err = (quant4.dequantize(q, s, o) - w).abs().view(6, -1, group)
+        assert bool((err <= s[:, :, None] * 0.5001 + 1e-6).all()), group
+    q, s, o = quant4.quantize(w, 32)
+    assert bool((quant4.dequantize(q, s, o)[2, 32:64] == 0.7).all())
+    rows = torch.tensor([4, 1, 4])
+    assert torch.equal(quant4.dequantize(q, s, o, rows), quant4.dequantize(q, s, o)[rows])
+
+
+def test_the_layout_stores_linear_weights_4bit_with_group_scales(tmp_path):
+    cfg = ModelConfig.from_folder(make_tiny_model(tmp_path / "m", "llama"))
+    dense = build_layout(cfg, torch.bfloat16)
+    lay = build_layout(cfg, torch.bfloat16, "int4")
+    assert lay.num_bytes < dense.num_bytes * 0.5
+    views = lay.views(lay.allocate())
+    h = cfg.hidden_size  # 64: 128 does not divide it, so its weights take groups of 32
+    assert views["layers.0.qkv_weight"].dtype == torch.uint8
+    assert views["layers.0.qkv_weight"].shape == (cfg.q_size + 2 * cfg.kv_size, h // 2)
+    rows = cfg.q_size + 2 * cfg.kv_size
+    assert views["layers.0.qkv_weight" + GSCALE_SUFFIX].shape == (rows, h // 32)
+    inter = cfg.intermediate_size  # 128: one group a row
+    assert views["layers.1.down_weight" + GOFFSET_SUFFIX].shape == (h, inter // 128)
+    assert views["lm_head"].dtype == torch.uint8
+    assert views["embed_tokens"].dtype == torch.bfloat16  # untied: an embedding
+    g32 = build_layout(cfg, torch.bfloat16, "int4-g32")
+    g32 = g32.views(g32.allocate())
+    assert g32["layers.1.down_weight" + GSCALE_SUFFIX].shape == (h, inter // 32)
+    with pytest.raises(ValueError, match="quantization"):
+        build_layout(cfg, torch.float32, "int3")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])
+@pytest.mark.parametrize("n,k,group", [(40, 64, 32), (70, 576, 32), (33, 256, 128)])
+def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, group):
+    g = torch.Generator().manual_seed(rows * 7 + k)
+    q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
+    x = torch.randn(rows, k + 8, generator=g).to(torch.bfloat16)[:, :k]  # strided rows
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    for b in (None, bias):
+        got = native.gemv_int4(x, q, s, o, b)
+        want = quant4.linear_int4_reference(x, q, s, o, b)
+        # the same sums in another order: a bf16 rounding step at most
+        assert ((got.float() - want.float()).abs()
+                <= 1e-2 * (1 + want.float().abs())).all(), (rows, n, k)
+        alone = torch.cat([native.gemv_int4(x[i : i + 1], q, s, o, b) for i in range(rows)])
+        assert torch.equal(alone, got)  # a row's bits do not depend on its batch
+    with pytest.raises(ValueError, match="fit"):
+        native.gemv_int4(x, q, s[:-1].contiguous(), o[:-1].contiguous())
+
+
+def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypatch):
+    """The AVX2 build (``-march=x86-64-v3``, what most users' CPUs run) and this CPU's own give
+    the same bits, so either continues the other's request exactly."""
+    from gpupool.models.cpu import cpu_flags
+
+    if not {"avx2", "fma"} <= set(cpu_flags()) or native._compiler() is None:
+        pytest.skip("this CPU cannot run the AVX2 build, or there is no C compiler")
+    if not native.has_gemv_int4():
+        pytest.skip("no native 4-bit product on this CPU")
+    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
+    libs = [native.open_library(native.build("x86-64-v3")), native._lib()]
+    assert all(lib.gp_gemv_features() & 16 for lib in libs)
+    g = torch.Generator().manual_seed(3)
+    for rows, n, k, group in ((1, 70, 576, 32), (3, 33, 256, 128), (9, 40, 64, 32)):
+        q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
+        x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+        bias = torch.randn(n, generator=g).to(torch.bfloat16)
+        ys = []
+        for lib in libs:
+            y = torch.empty(rows, n, dtype=torch.bfloat16)
+            lib.gp_gemv_int4(x.data_ptr(), rows, k, k, q.data_ptr(), n, k // 2, s.data_ptr(),
+                             o.data_ptr(), group, bias.data_ptr(), y.data_ptr(), n, 2)
+            ys.append(y.view(torch.int16))
+        assert torch.equal(*ys), (rows, n, k)
+
+
+def _twin(folder, dest, group: int):
+    """``folder``'s model with each weight gpupool stores 4-bit replaced by its de-quantized
+    float32 values (quantized alone, as the loader quantizes each checkpoint tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    head = "model.embed_tokens.weight" if cfg.get("tie_word_embeddings") else "lm_head.weight"
+    out = {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and (name.split(".")[-2] in LINEAR or name == head):
+            g = quant4.choose_group(t.shape[1], group)
+            t = quant4.dequantize(*quant4.quantize(t, g))
+        out[name] = t.float().contiguous()
+    dest.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        if (folder / f).exists():
+            (dest / f).write_text((folder / f).read_text())
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.parametrize("variant,quant", [("llama", "int4"), ("qwen2", "int4-g32")])
+def test_a_4bit_model_is_token_exact_with_transformers_on_its_dequantized_weights(
+        tmp_path, variant, quant):
+    """fp32: an int4 model's greedy tokens are transformers' on the same model whose weights
+    are the 4-bit values' float32 meaning (llama: untied, groups of 128 and 32; qwen2: tied,
+    so the embedding reads 4-bit rows, and a qkv bias)."""
+    folder = make_tiny_model(tmp_path / variant, variant)
+    twin = _twin(folder, tmp_path / "twin", 128 if quant == "int4" else 32)
+    engine = make_engine(folder, "q", quantization=quant)
+    try:
+        got = [list(o.token_ids) for o in engine.generate(PROMPTS, GREEDY, model="q")]
+        assert got == hf_greedy(twin, PROMPTS, 8)
+        assert engine.stats()["models"]["q"]["quantization"] == quant
+        plain = make_engine(folder, "p")
+        try:  # the quantization changed something (else the comparison proves nothing)
+            worker, pw = engine.local.core.workers["q"], plain.local.core.workers["p"]
+            worker.make_resident()
+            pw.make_resident()
+            batch = build_batch(_rows(), worker.block_tokens, worker.device)
+            diff = (worker.model.forward(batch, worker.kv_view)
+                    - pw.model.forward(batch, pw.kv_view)).abs().max()
+            assert diff > 1e-3
+        finally:
+            plain.shutdown()
+    finally:
+        engine.shutdown()
+
+
+def _rows(adapter=None) -> list[BatchRow]:
+    return [BatchRow(token_ids=p, start=0, pages=[1 + 2 * i, 2 + 2 * i], is_decode=False,
+                     samples=True, adapter=adapter) for i, p in enumerate(PROMPTS)]
+
+
+def _dequantized_twin(worker) -> LlamaModel:
+    views = worker.model.w
+    twin = {k: v for k, v in views.items() if not k.endswith((GSCALE_SUFFIX, GOFFSET_SUFFIX))}
+    for name in list(twin):
+        if name + GSCALE_SUFFIX in views:
+            twin[name] = quant4.dequantize(views[name], views[name + GSCALE_SUFFIX],
+                                           views[name + GOFFSET_SUFFIX]).to(worker.dtype)
+    model = LlamaModel(worker.cfg, worker.dtype, worker.device)
+    model.bind(twin)
+    return model
+
+
+def test_adapters_on_a_4bit_base(tmp_path):
+    """A LoRA adapter's terms on a 4-bit base: the same as on the de-quantized base."""
+    folder = make_tiny_model(tmp_path / "base", "llama")
+    ad = make_peft_adapter(folder, tmp_path / "ad", 8,
+                           ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    engine = make_engine(folder, "q", quantization="int4")
+    try:
+        engine.add_adapter("a", "q", ad)
+        worker = engine.local.core.workers["q"]
+        worker.make_resident()
+        rows = _rows(adapter="a")
+        batch = build_batch(rows, worker.block_tokens, worker.device)
+        lora = worker._lora_batch(rows)
+        got = worker.model.forward(batch, worker.kv_view, lora)
+        want = _dequantized_twin(worker).forward(batch, worker.kv_view, lora)
+        base = worker.model.forward(batch, worker.kv_view)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert (got - base).abs().max() > 0.1  # the adapter did something
+    finally:
+        engine.shutdown()
+
+
+@needs_native
+def test_a_bf16_4bit_model_on_the_native_product_gives_a_request_the_same_tokens_in_any_batch(
+        tmp_path):
+    """bf16 on the native kernels: the 4-bit products run natively, and a request's greedy
+    tokens alone equal its tokens beside others (batch invariance); a 4-bit and a bf16 model
+    take turns in a weight region that holds one and keep their tokens."""
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    dense = build_layout(ModelConfig.from_folder(folder), torch.bfloat16).num_bytes
+    engine = make_engine(dtype="bfloat16", weight_bytes=dense + 4096, prefetch=False)
+    try:
+        engine.add_model("q", folder, quantization="int4")
+        engine.add_model("b", folder)
+        worker = engine.local.core.workers["q"]
+        assert type(worker.model.ops).__name__ == "NativeOps"
+        prompts = PROMPTS + [[7, 8, 9, 10, 11, 12], [2] * 9]
+        together = [o.token_ids for o in engine.generate(prompts, GREEDY, model="q")]
+        alone = [engine.generate([p], GREEDY, model="q")[0].token_ids for p in prompts]
+        assert together == alone
+        assert worker.model.int4 and worker.model.ops.batch_invariant
+        engine.generate(PROMPTS, GREEDY, model="b")  # evicts q
+        again = [o.token_ids for o in engine.generate(prompts, GREEDY, model="q")]
+        assert again == together
+        q_bytes = engine.stats()["models"]["q"]["weight_bytes"]
+        assert q_bytes < 0.5 * dense
+    finally:
+        engine.shutdown()
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 17, 70])  # each tile shape of kernels.int4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # interpreter: no bf16 dot
+def test_triton_int4_matches_its_reference(rows, dtype):
+    """The Triton kernel (interpreted on CPU) against the reference, N not a multiple of the
+    tile, groups of 64, a bias and without."""
+    from gpupool.kernels import int4 as tk
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 72, 192
+    q, s, o = quant4.quantize(torch.randn(n, k, generator=g), 64)
+    bias = torch.randn(n, generator=g).to(dtype)
+    x = (torch.randn(rows, k, generator=g) / 4).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    for b in (None, bias):
+        got = tk.linear_int4(x, q, s, o, b)
+        want = x.double() @ quant4.dequantize(q, s, o).double().T
+        want = want if b is None else want + b.double()
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert (got.double() - want).abs().max() <= tol * want.abs().max(), (rows, dtype)
+    with pytest.raises(ValueError, match="uint8"):
+        tk.linear_int4(x, q.float(), s, o)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_int4_on_gpu(rows, dtype):
+    """Compiled for real, against the float64 product of the de-quantized weight."""
+    from gpupool.kernels import int4 as tk
+
+    g = torch.Generator().manual_seed(rows)
+    q, s, o = quant4.quantize(torch.randn(960, 576, generator=g), 32)
+    x = torch.randn(rows, 576, generator=g).to(dtype)
+    exact = x.double() @ quant4.dequantize(q, s, o).double().T
+    got = tk.linear_int4(x.cuda(), q.cuda(), s.cuda(), o.cuda()).cpu()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype
+    assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
