@@ -32,6 +32,7 @@ from gpupool.kernels.linear import linear, linear_int8, linear_int8_reference
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
 GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"  # a 4-bit weight's groups (likewise)
+PERM_SUFFIX = "_perm"  # a 4-bit weight's column order where it is not x's (act-order GPTQ)
 # the native products' row limits where batch invariance is off (Config.batch_invariant):
 # past them torch's are faster (int8: from ~17 rows) or as fast (bf16, oneDNN's packed GEMM)
 FAST_MAX_ROWS = {"bf16": 64, "int8": 16}
@@ -58,6 +59,7 @@ def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
     (``quant4.linear_int4_reference``; Triton's kernel where ``triton``)."""
     gscale = w.get(name + GSCALE_SUFFIX)
     if gscale is not None:
+        x = _in_weight_order(x, w, name)
         if triton and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
             from gpupool.kernels.int4 import linear_int4
 
@@ -70,6 +72,12 @@ def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
     if product is not None:
         return linear_int8_reference(x, w[name], scale, bias, product)
     return linear_int8(x, w[name], scale, bias, triton=triton)
+
+
+def _in_weight_order(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """x's columns in the order a 4-bit weight stores its own (act-order GPTQ), else x."""
+    perm = w.get(name + PERM_SUFFIX)
+    return x if perm is None else x.index_select(-1, perm)
 
 
 class TorchOps:
@@ -403,7 +411,8 @@ class NativeOps(TorchOps):
             return project(x, w, name, bias)
         gscale = w.get(name + GSCALE_SUFFIX)
         if gscale is not None:
-            return native.gemv_int4(x, w[name], gscale, w[name + GOFFSET_SUFFIX], bias)
+            return native.gemv_int4(_in_weight_order(x, w, name), w[name], gscale,
+                                    w[name + GOFFSET_SUFFIX], bias)
         scale = w.get(name + SCALE_SUFFIX)
         if scale is None:
             return native.gemv(x, w[name], bias)

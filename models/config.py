@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpupool.models.errors import ModelLoadError
+from gpupool.models.quantized import checkpoint_quant
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -158,6 +159,8 @@ class ModelConfig:
     moe_layers: tuple[bool, ...] = ()
     qk_norm_whole: bool = False  # OLMoE: q and k normed as whole vectors, not per head
     clip_qkv: float | None = None  # OLMoE: q, k and v clipped to this magnitude
+    # a 4-bit checkpoint's format (models/quantized.py: GPTQ, AWQ, a converted GGUF), or {}
+    quant: dict = field(default_factory=dict, compare=False, hash=False)
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -264,6 +267,7 @@ class ModelConfig:
                 partial_rotary_factor=partial,
                 **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA else {}),
                 **(_moe(cfg, arch) if arch in MOE else {}),
+                quant=checkpoint_quant(cfg, source),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),

@@ -17,8 +17,15 @@ from gpupool.kernels import quant4
 from gpupool.kernels.reference import permute_heads
 from gpupool.models.config import MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
+from gpupool.models.quantized import Int4, layer_parts, read_int4
 from gpupool.models.rope import rotary_order
-from gpupool.pool.weights import GOFFSET_SUFFIX, GSCALE_SUFFIX, SCALE_SUFFIX, WeightLayout
+from gpupool.pool.weights import (
+    GOFFSET_SUFFIX,
+    GSCALE_SUFFIX,
+    PERM_SUFFIX,
+    SCALE_SUFFIX,
+    WeightLayout,
+)
 from gpupool.progress import Progress
 
 PROGRESS_MIN_BYTES = 64 << 20  # a smaller model loads too fast for a progress line
@@ -117,8 +124,11 @@ def quantized_names(cfg: ModelConfig, quantization: str | None) -> frozenset[str
     return frozenset(names)
 
 
-def build_layout(cfg: ModelConfig, dtype: torch.dtype,
-                 quantization: str | None = None) -> WeightLayout:
+def build_layout(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None,
+                 stored_4bit: dict[str, int] | None = None,
+                 perm: frozenset[str] = frozenset()) -> WeightLayout:
+    """``stored_4bit``: our weights a 4-bit checkpoint holds 4-bit, with their groups (kept
+    4-bit unless ``quantization`` is int8; ``perm``: those stored in another column order)."""
     sources = weight_sources(cfg)
     # Gemma's norms scale by 1 + weight in float32 (transformers): kept in float32
     fp32 = {k for k in sources if cfg.norm_offset and k.rsplit(".", 1)[-1].endswith("norm")}
@@ -129,7 +139,10 @@ def build_layout(cfg: ModelConfig, dtype: torch.dtype,
         int4 = {n: g for n in names
                 if (g := quant4.choose_group(sources[n][0][1], group)) is not None}
         names = frozenset()
-    return WeightLayout.build({k: v[0] for k, v in sources.items()}, dtype, names, fp32, int4)
+    if stored_4bit and quantization != "int8":
+        int4.update(stored_4bit)
+    return WeightLayout.build({k: v[0] for k, v in sources.items()}, dtype, names, fp32, int4,
+                              perm if quantization != "int8" else frozenset())
 
 
 def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype
@@ -196,12 +209,14 @@ def _open(path: Path):
         raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def _rotary_rows(cfg: ModelConfig, src: str, t: torch.Tensor) -> torch.Tensor:
+def _rotary_rows(cfg: ModelConfig, src: str, t):
     """q's and k's rows (weights, biases) in the stored head dimension order
     (``rope.rotary_order``: partial rotary models)."""
     order = rotary_order(cfg)
     if order is None:
         return t
+    if isinstance(t, Int4):
+        return t.map_rows(lambda rows: _rotary_rows(cfg, src, rows))
     kind = src.rsplit(".", 2)[-2]
     if kind in ("q_proj", "k_proj"):
         return permute_heads(t, order, cfg.head_dim)
@@ -211,12 +226,41 @@ def _rotary_rows(cfg: ModelConfig, src: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _store(t: torch.Tensor, dest: torch.Tensor, views: dict, name: str, row: int,
+def _store_int4(t: Int4, dest: torch.Tensor, views: dict, name: str, row: int, path: Path,
+                src: str) -> None:
+    """A 4-bit checkpoint tensor into a 4-bit weight's rows (its column order, where it has
+    one, shared by every part of the weight)."""
+    if not (bool(torch.isfinite(t.scale).all()) and bool(torch.isfinite(t.offset).all())):
+        raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite scales")
+    order = views.get(name + PERM_SUFFIX)
+    perm = t.perm if t.perm is not None else torch.arange(t.shape[1])
+    if order is None and t.perm is not None:
+        raise ModelLoadError(f"{path}: {src!r} reorders its columns (act-order) where the "
+                             "checkpoint's config does not say desc_act")
+    if order is not None:
+        if row == 0:
+            order.copy_(perm)
+        elif not torch.equal(order, perm):
+            raise ModelLoadError(f"{path}: {src!r} orders its input columns otherwise than "
+                                 f"the projections fused with it into {name}")
+    n = t.shape[0]
+    dest.copy_(t.q)
+    views[name + GSCALE_SUFFIX][row : row + n].copy_(t.scale)
+    views[name + GOFFSET_SUFFIX][row : row + n].copy_(t.offset)
+
+
+def _store(t, dest: torch.Tensor, views: dict, name: str, row: int,
            dtype: torch.dtype, path: Path, src: str) -> None:
     """Checkpoint tensor ``t`` into its rows of ``name`` from ``row`` on: as it is, or
-    quantized where the layout stores ``name`` int8 or 4-bit (refused if not finite)."""
+    quantized where the layout stores ``name`` int8 or 4-bit (refused if not finite). A
+    4-bit checkpoint tensor (:class:`Int4`) is copied as it is into a 4-bit weight of its
+    group, else widened to its float32 values first."""
     scales = views.get(name + SCALE_SUFFIX)
     gscales = views.get(name + GSCALE_SUFFIX)
+    if isinstance(t, Int4):
+        if gscales is not None and quant4.group_size(dest, gscales) == t.group:
+            return _store_int4(t, dest, views, name, row, path, src)
+        t = t.dequantize()
     if scales is None and gscales is None:
         dest.copy_(t)
     if not bool(torch.isfinite(dest if scales is None and gscales is None else t).all()):
@@ -233,31 +277,62 @@ def _store(t: torch.Tensor, dest: torch.Tensor, views: dict, name: str, row: int
         views[name + GOFFSET_SUFFIX][row : row + n].copy_(o)
 
 
+def _stored_4bit(cfg: ModelConfig, where: dict) -> tuple[dict[str, int], frozenset[str]]:
+    """(our weights every source of which the checkpoint holds 4-bit -> their group; those
+    whose columns it may reorder: act-order GPTQ)."""
+    if not cfg.quant:
+        return {}, frozenset()
+    out = {}
+    for name, (shape, sources) in weight_sources(cfg).items():
+        parts = [layer_parts(s, cfg.quant) for s in sources]
+        if len(shape) == 2 and all(p is not None and p[0] in where for p in parts):
+            out[name] = shape[1] if cfg.quant["group"] == -1 else cfg.quant["group"]
+    return out, frozenset(out) if cfg.quant.get("desc_act") else frozenset()
+
+
+def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict, path: Path):
+    """Checkpoint tensor ``src``: a tensor, or its 4-bit form (:class:`Int4`) where the
+    checkpoint holds it 4-bit."""
+    def get(name: str) -> torch.Tensor:
+        file = where[name]
+        if file not in handles:
+            handles[file] = _open(file)
+        try:
+            return handles[file].get_tensor(alias.get(name, name))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e})") from e
+
+    if src not in where:
+        t = read_int4(get, src, quant, lambda n: n in where)
+        if t is not None:
+            return t
+    return get(src)
+
+
 def load_flat_weights(
     folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None
 ) -> tuple[WeightLayout, torch.Tensor]:
     """Read every weight once into a new host buffer in the layout's order (quantizing the
     weights ``quantization`` names, row by row as they are read)."""
     folder = Path(folder)
-    layout = build_layout(cfg, dtype, quantization)
+    where, alias = _aliased(_checkpoint_files(folder))
+    stored, perm = _stored_4bit(cfg, where)
+    layout = build_layout(cfg, dtype, quantization, stored, perm)
     buffer = layout.allocate("cpu")
     views = layout.views(buffer)
-    where, alias = _aliased(_checkpoint_files(folder))
     handles: dict[Path, object] = {}
     with Progress(layout.num_bytes, f"loading {folder.name}", "bytes",
                   active=None if layout.num_bytes >= PROGRESS_MIN_BYTES else False) as bar:
         for name, (shape, sources) in weight_sources(cfg).items():
             row = 0
             for src in sources:
-                path = where.get(src)
+                parts = layer_parts(src, cfg.quant)
+                path = where.get(src) or (where.get(parts[0]) if parts else None)
                 if path is None:
                     raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
                 if path not in handles:
                     handles[path] = _open(path)
-                try:
-                    t = handles[path].get_tensor(alias.get(src, src))
-                except (SafetensorError, OSError, ValueError) as e:
-                    raise ModelLoadError(f"{path}: cannot read tensor {src!r} ({e})") from e
+                t = _read(handles, where, alias, src, cfg.quant, path)
                 t = _rotary_rows(cfg, src, t)
                 if cfg.norm_offset and "norm" in src:  # Gemma's norms scale by 1 + weight
                     t = t.float() + 1.0

@@ -19,6 +19,7 @@ ALIGN_BYTES = 256
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales: "<name>_scale"
 # a 4-bit weight's per-group float32 scales and offsets (kernels/quant4.py)
 GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"
+PERM_SUFFIX = "_perm"  # a 4-bit weight's input column order (act-order GPTQ), int64 [K]
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,12 @@ class WeightLayout:
     def build(cls, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
               int8: frozenset[str] | set[str] = frozenset(),
               fp32: frozenset[str] | set[str] = frozenset(),
-              int4: dict[str, int] | None = None) -> WeightLayout:
+              int4: dict[str, int] | None = None,
+              perm: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
         """``int8``: names stored int8 with a scale per row; ``fp32``: names kept in float32
         whatever ``dtype`` is (Gemma's norm weights); ``int4``: names stored 4-bit, with
-        their group sizes."""
+        their group sizes; ``perm``: 4-bit names whose columns are stored in another order
+        than x's (``name + "_perm"``: x's column of each, int64 [K])."""
         int4 = int4 or {}
         unknown = (set(int8) | set(int4)) - set(shapes)
         if unknown:
@@ -72,6 +75,8 @@ class WeightLayout:
                 entries.append((name, (n, k // 2), torch.uint8))
                 entries.append((name + GSCALE_SUFFIX, (n, k // g), torch.float32))
                 entries.append((name + GOFFSET_SUFFIX, (n, k // g), torch.float32))
+                if name in perm:
+                    entries.append((name + PERM_SUFFIX, (k,), torch.int64))
             elif name in int8:
                 entries.append((name, tuple(shape), torch.int8))
                 entries.append((name + SCALE_SUFFIX, (shape[0],), dtype))

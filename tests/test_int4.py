@@ -285,3 +285,152 @@ def test_triton_int4_on_gpu(rows, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.dtype == dtype
     assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
+
+
+# ---- 4-bit checkpoints: GPTQ and AWQ, written here from their published layouts -------------
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed eight holds column AWQ_ORDER[i]
+
+
+def _int32(v: torch.Tensor) -> torch.Tensor:
+    """int64 words of 32 bits -> int32 (two's complement)."""
+    v = v & 0xFFFFFFFF
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
+
+
+def _pack8(v: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
+    """Eight 4-bit values along ``dim`` a word: nibble i holds element ``order[i]``."""
+    v = v.movedim(dim, -1).long()
+    v = v.reshape(*v.shape[:-1], -1, 8)[..., list(order)]
+    words = (v << (4 * torch.arange(8))).sum(-1)
+    return _int32(words).movedim(-1, dim).contiguous()
+
+
+def _quantize_groups(w: torch.Tensor, cols: list[torch.Tensor], sym: bool):
+    """w [N, K]: per group (its columns ``cols[g]``) fp16 scales and integer zeros [G, N],
+    the values q [K, N] and the de-quantized weight [N, K] ``(q - z) * s``."""
+    n, k = w.shape
+    q = torch.zeros(k, n, dtype=torch.long)
+    s = torch.zeros(len(cols), n, dtype=torch.float16)
+    z = torch.zeros(len(cols), n, dtype=torch.long)
+    deq = torch.zeros(n, k)
+    for g, c in enumerate(cols):
+        wg = w[:, c]
+        if sym:
+            sg = (wg.abs().amax(1) / 7).half()
+            zg = torch.full((n,), 8)
+        else:
+            lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)
+            sg = ((hi - lo) / 15).half()
+            zg = torch.round(-lo / sg.float()).long().clamp(0, 15)
+        qg = (torch.round(wg / sg.float()[:, None]).long() + zg[:, None]).clamp(0, 15)
+        q[c] = qg.T
+        s[g], z[g] = sg, zg
+        deq[:, c] = (qg - zg[:, None]).float() * sg.float()[:, None]
+    return q, s, z, deq
+
+
+def _write_quantized(folder, dest, twin_dest, method: str, group: int, sym: bool = False,
+                     act_order: bool = False, fmt: str = "gptq", seed: int = 0,
+                     shared_orders: bool = True):
+    """``folder``'s model as a GPTQ or AWQ checkpoint in ``dest`` (every linear layer 4-bit,
+    the embedding and lm_head float) and its de-quantized twin in ``twin_dest``."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    out, twin, orders = {}, {}, {}
+    for name, t in tensors.items():
+        kind = name.split(".")[-2]
+        if t.dim() != 2 or kind not in LINEAR:
+            out[name] = twin[name] = t.float().contiguous()
+            continue
+        n, k = t.shape
+        base = name[: -len(".weight")]
+        # GPTQ's act-order: one column order per input (q, k, v share theirs; gate, up too)
+        shared = name.rsplit(".", 2)[0] + {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
+                                           "gate_proj": "gu", "up_proj": "gu"}.get(kind, kind)
+        if not shared_orders:
+            shared = name
+        perm = orders.setdefault(shared, torch.randperm(k, generator=g) if act_order
+                                 else torch.arange(k))
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // group).to(torch.int32)
+        cols = [torch.where(g_idx == i)[0] for i in range(k // group)]
+        q, s, z, deq = _quantize_groups(t.float(), cols, sym)
+        twin[name] = deq
+        if method == "gptq":
+            out[base + ".qweight"] = _pack8(q, 0)  # [K / 8, N]
+            out[base + ".qzeros"] = _pack8(z - (1 if fmt == "gptq" else 0), 1)
+            out[base + ".scales"] = s
+            out[base + ".g_idx"] = g_idx
+        else:
+            out[base + ".qweight"] = _pack8(q, 1, AWQ_ORDER)  # [K, N / 8]
+            out[base + ".qzeros"] = _pack8(z, 1, AWQ_ORDER)
+            out[base + ".scales"] = s
+    qc = ({"quant_method": "gptq", "bits": 4, "group_size": group, "sym": sym,
+           "desc_act": act_order, "checkpoint_format": fmt} if method == "gptq"
+          else {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm",
+                "zero_point": True})
+    for d, weights, extra in ((dest, out, {"quantization_config": qc}), (twin_dest, twin, {})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+        save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return dest, twin_dest
+
+
+@pytest.mark.parametrize("method,group,sym,act_order,fmt", [
+    ("gptq", 32, False, False, "gptq"),   # asymmetric, zeros stored minus 1 (v1)
+    ("gptq", 64, True, True, "gptq"),     # symmetric, act-order: scattered groups
+    ("gptq", 32, False, True, "gptq_v2"),  # zeros as they are
+    ("awq", 32, False, False, None),
+])
+def test_gptq_and_awq_checkpoints_load_4bit_and_match_transformers(tmp_path, method, group,
+                                                                   sym, act_order, fmt):
+    """fp32: greedy tokens of the checkpoint loaded 4-bit (no float copy of its weights) are
+    transformers' on the float model of its de-quantized values; the layout keeps them 4-bit
+    with the checkpoint's groups."""
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    ckpt, twin = _write_quantized(folder, tmp_path / "q", tmp_path / "twin", method, group,
+                                  sym, act_order, fmt or "gptq")
+    engine = make_engine(ckpt, "q")
+    try:
+        got = [list(o.token_ids) for o in engine.generate(PROMPTS, GREEDY, model="q")]
+        assert got == hf_greedy(twin, PROMPTS, 8)
+        w = engine.local.core.workers["q"]
+        w.make_resident()
+        views = w.model.w
+        assert views["layers.0.qkv_weight"].dtype == torch.uint8
+        assert views["layers.1.down_weight" + GSCALE_SUFFIX].shape[1] == 128 // group
+        assert views["lm_head"].dtype == torch.float32  # left float by the checkpoint
+        assert ("layers.0.qkv_weight_perm" in views) == act_order
+    finally:
+        engine.shutdown()
+
+
+def test_act_order_projections_fused_with_other_orders_are_refused(tmp_path):
+    from gpupool.models.errors import ModelLoadError
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    ckpt, _ = _write_quantized(folder, tmp_path / "q", tmp_path / "twin", "gptq", 32,
+                               act_order=True, shared_orders=False)
+    engine = make_engine()
+    try:
+        with pytest.raises(ModelLoadError, match="orders its input columns otherwise"):
+            engine.add_model("q", ckpt)
+        assert "q" not in engine.stats()["models"]
+    finally:
+        engine.shutdown()
+
+
+def test_other_quantized_checkpoints_are_refused_by_name(tmp_path):
+    from gpupool.models.errors import ModelLoadError
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    for qc, match in (({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+                      ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8 bits"),
+                      ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "gemv")):
+        (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+        with pytest.raises(ModelLoadError, match=match):
+            ModelConfig.from_folder(folder)

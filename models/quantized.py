@@ -1,0 +1,182 @@
+"""4-bit checkpoints read as they come, into gpupool's 4-bit format (``kernels/quant4.py``).
+
+``config.json``'s ``quantization_config`` says which (:func:`checkpoint_quant`):
+
+- **GPTQ** (``quant_method: gptq``, 4 bits): per linear layer ``qweight`` int32 [K / 8, N]
+  (column k of output n: bits ``4 (k % 8)`` of ``qweight[k // 8, n]``), ``qzeros`` int32
+  [groups, N / 8] (likewise along N), ``scales`` float16 [groups, N] and ``g_idx`` [K] (each
+  input column's group). ``W[n, k] = (q - z) s`` of the column's group, where z is the stored
+  zero plus 1 in the original format (``checkpoint_format: gptq``; ``gptq_v2`` stores it
+  as it is). With act-order (``desc_act``) the groups are scattered over the columns: the
+  columns are reordered so each group is contiguous and the product permutes x likewise
+  (``<name>_perm``); the projections that share an input (q, k, v; gate, up) must share the
+  order, which GPTQ gives them (the same input's Hessian orders each).
+- **AWQ** (``quant_method: awq``, ``version: gemm``, with zero points): ``qweight`` int32
+  [K, N / 8] packed along N in AWQ's order (nibble i holds column ``(0, 2, 4, 6, 1, 3, 5,
+  7)[i]`` of its eight), ``qzeros`` [groups, N / 8] likewise, ``scales`` [groups, N];
+  ``W[n, k] = (q - z) s``.
+- **gpupool's own** (``quant_method: gpupool_int4``: what a GGUF Q4_0 / Q4_K file converts
+  to, ``models/gguf.py``): ``<name>.qweight4`` (packed uint8 [N, K / 2]), ``.scales4`` and
+  ``.offsets4`` (float32 [N, K / G]).
+
+Each becomes scale ``s`` and offset ``-z s`` per group: exact (``(q - z) s`` and ``q s - z s``
+are the same float32 number: both products are exact, so the sum rounds to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpupool.kernels import quant4
+from gpupool.models.errors import ModelLoadError
+
+AWQ_COLUMN_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a packed eight is nibble [j]
+OWN = "gpupool_int4"
+
+
+@dataclass
+class Int4:
+    """One checkpoint tensor's 4-bit form: packed q [N, K / 2], float32 scale and offset
+    [N, K / G]; ``perm`` [K]: the input columns' order (act-order GPTQ), or None."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    perm: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], 2 * self.q.shape[1]
+
+    @property
+    def group(self) -> int:
+        return quant4.group_size(self.q, self.scale)
+
+    def dim(self) -> int:
+        return 2
+
+    def map_rows(self, fn) -> Int4:
+        """The same weight with ``fn`` applied to its rows (each part's)."""
+        return Int4(fn(self.q), fn(self.scale), fn(self.offset), self.perm)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K] in the checkpoint's column order."""
+        w = quant4.dequantize(self.q, self.scale, self.offset)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+
+def checkpoint_quant(cfg: dict, source: str) -> dict:
+    """The checkpoint's 4-bit format from ``quantization_config`` ({} for none):
+    method, group (-1: one group a row), zero_plus (GPTQ v1's +1), desc_act. Any other
+    quantization is refused with its name."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return {}
+    if not isinstance(qc, dict):
+        raise ModelLoadError(f"{source}: quantization_config must be an object")
+    method = str(qc.get("quant_method", "")).lower()
+    bits = qc.get("bits", qc.get("w_bit", 4))
+    group = qc.get("group_size", qc.get("q_group_size", 128))
+    if method not in ("gptq", "awq", OWN):
+        raise ModelLoadError(f"{source}: quantization {method or qc!r} is not supported; "
+                             "gpupool reads 4-bit GPTQ and AWQ checkpoints and GGUF files")
+    if bits != 4 or not isinstance(group, int) or (group != -1 and (group <= 0 or group % 32)):
+        raise ModelLoadError(f"{source}: {method} with {bits} bits and groups of {group} is "
+                             "not supported (4 bits, groups a multiple of 32 or -1)")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or qc.get("zero_point", True) is False:
+            raise ModelLoadError(f"{source}: AWQ {version} without zero points is not "
+                                 "supported (AWQ gemm with zero points is)")
+        return {"method": "awq", "group": group}
+    if method == "gptq":
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ModelLoadError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported")
+        return {"method": "gptq", "group": group, "zero_plus": 1 if fmt == "gptq" else 0,
+                "desc_act": bool(qc.get("desc_act", False))}
+    return {"method": OWN, "group": group}
+
+
+def _nibbles(t: torch.Tensor) -> torch.Tensor:
+    """int32 [..., C] -> its eight 4-bit fields [..., C, 8] (field i: bits 4 i .. 4 i + 3)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    return (t.to(torch.int32)[..., None] >> shifts) & 15
+
+
+def _group_of(k: int, quant: dict) -> int:
+    return k if quant["group"] == -1 else quant["group"]
+
+
+def gptq(qweight, qzeros, scales, g_idx, quant: dict) -> Int4:
+    """A GPTQ layer's tensors (see the module docstring) in gpupool's 4-bit form."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    q = _nibbles(qweight).permute(0, 2, 1).reshape(k, n)  # [K, N]
+    z = _nibbles(qzeros).reshape(qzeros.shape[0], -1)[:, :n] + quant["zero_plus"]  # [G, N]
+    s = scales.float()  # [groups, N]
+    group = _group_of(k, quant)
+    perm = None
+    if g_idx is not None:
+        g_idx = g_idx.long()
+        if not torch.equal(g_idx, torch.arange(k) // group):
+            perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], torch.arange(k) // group):
+                raise ModelLoadError("GPTQ g_idx does not give every group its "
+                                     f"{group} columns")
+            q = q[perm]
+    if s.shape != (k // group, n) or z.shape != s.shape:
+        raise ModelLoadError(f"GPTQ scales {tuple(s.shape)} / qzeros do not fit a [{k}, {n}] "
+                             f"weight in groups of {group}")
+    zeros = z.float()
+    return Int4(quant4.pack(q.T.contiguous()), s.T.contiguous(),
+                (-(zeros * s)).T.contiguous(), perm)
+
+
+def awq(qweight, qzeros, scales, quant: dict) -> Int4:
+    """An AWQ (gemm) layer's tensors in gpupool's 4-bit form."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    order = torch.tensor(AWQ_COLUMN_NIBBLE)
+    q = _nibbles(qweight)[..., order].reshape(k, n)
+    z = _nibbles(qzeros)[..., order].reshape(qzeros.shape[0], n)
+    s = scales.float()
+    group = _group_of(k, quant)
+    if s.shape != (k // group, n) or z.shape != s.shape:
+        raise ModelLoadError(f"AWQ scales {tuple(s.shape)} / qzeros do not fit a [{k}, {n}] "
+                             f"weight in groups of {group}")
+    return Int4(quant4.pack(q.T.contiguous()), s.T.contiguous(),
+                (-(z.float() * s)).T.contiguous())
+
+
+# the checkpoint's tensor names of a 4-bit layer, by method (the layer's name + suffix)
+PARTS = {"gptq": (".qweight", ".qzeros", ".scales", ".g_idx"),
+         "awq": (".qweight", ".qzeros", ".scales"),
+         OWN: (".qweight4", ".scales4", ".offsets4")}
+
+
+def layer_parts(name: str, quant: dict) -> tuple[str, ...] | None:
+    """The checkpoint names holding ``name`` (``....weight``) 4-bit, None if ``quant`` is
+    none (the optional g_idx included: the caller skips absent ones)."""
+    if not quant or not name.endswith(".weight"):
+        return None
+    base = name[: -len(".weight")]
+    return tuple(base + p for p in PARTS[quant["method"]])
+
+
+def read_int4(get, name: str, quant: dict, present) -> Int4 | None:
+    """``name`` as the checkpoint's 4-bit tensors (``get``: a reader of checkpoint names;
+    ``present``: whether the checkpoint holds a name), or None where it holds it otherwise."""
+    parts = layer_parts(name, quant)
+    if parts is None or not present(parts[0]):
+        return None
+    method = quant["method"]
+    if method == OWN:
+        return Int4(*(get(p) for p in parts))
+    if method == "awq":
+        return awq(*(get(p) for p in parts), quant)
+    return gptq(*(get(p) for p in parts[:3]), get(parts[3]) if present(parts[3]) else None,
+                quant)
