@@ -3,7 +3,13 @@
 Only what gpupool needs to serve a GGUF model: the ``gguf`` package reads the metadata and
 de-quantizes each tensor to float32 (exact: a quantized value has one float meaning; a
 ``Q8_0`` file, 8-bit values with one scale per 32, becomes its exact float32 values, which
-``quantization="int8"`` requantizes with one scale per row);
+``quantization="int8"`` requantizes with one scale per row), except the 4-bit ones: a
+``Q4_0`` or ``Q4_K`` tensor is repacked, without going through float32, into gpupool's 4-bit
+format (``kernels/quant4.py``: groups of 32, scale and offset exact: Q4_0's ``d (q - 8)`` is
+scale ``d``, offset ``-8 d``; Q4_K's ``d sc q - dmin m`` is scale ``d sc``, offset ``-dmin m``)
+as ``<name>.qweight4``, ``.scales4`` and ``.offsets4`` beside the float tensors, and
+``config.json`` says ``quant_method: gpupool_int4`` (``models/quantized.py``). A Q4_K_M file's
+Q6_K tensors (6 bits: no 4-bit form holds them) are de-quantized to float32 like the rest;
 transformers builds the config and the tokenizer. No accelerate and no model instance, so the
 default model's first run costs the plain install and a few seconds.
 
@@ -106,20 +112,78 @@ def llama_config(reader):
     )
 
 
+def _pack_blocks(v: np.ndarray) -> np.ndarray:
+    """Values [..., 32] (0..15) -> gpupool's packed bytes [..., 16] (byte j: value j low,
+    value 16 + j high)."""
+    return (v[..., :16] | (v[..., 16:] << 4)).astype(np.uint8)
+
+
+def q4_0_to_int4(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """A Q4_0 tensor's bytes (blocks of 32: a float16 d, 16 bytes of values - 8 whose byte j
+    holds value j low and 16 + j high: gpupool's own order) -> (q, scale, offset)."""
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // 32, 18)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = np.ascontiguousarray(blocks[..., 2:]).reshape(rows, cols // 2)
+    return torch.from_numpy(q.copy()), torch.from_numpy(d), torch.from_numpy(-8 * d)
+
+
+def q4_k_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes of 6-bit scales and minimums [..., 12] -> each [..., 8] (llama.cpp's
+    get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 and 4-7, 4-7 in bytes
+    8-11's nibbles with their top 2 bits in bytes 0-7's top 2)."""
+    sc = sc.astype(np.uint8)
+    lo, mid, hi = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]
+    scales = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
+    mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
+    return scales, mins
+
+
+def q4_k_to_int4(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """A Q4_K tensor's bytes (super-blocks of 256: float16 d and dmin, 12 bytes of 6-bit
+    scales and minimums of 8 sub-blocks of 32, 128 bytes of values: each 32 bytes hold two
+    sub-blocks, the first in their low nibbles) -> (q, scale, offset) in groups of 32."""
+    nb = cols // 256
+    blocks = np.ascontiguousarray(data).reshape(rows, nb, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mn = q4_k_scales(blocks[..., 4:16])
+    qs = blocks[..., 16:].reshape(rows, nb, 4, 1, 32)
+    vals = ((qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 15)
+    q = _pack_blocks(vals.reshape(rows, nb * 8, 32)).reshape(rows, cols // 2)
+    scale = (d[..., None] * sc.astype(np.float32)).reshape(rows, nb * 8)
+    offset = -(dmin[..., None] * mn.astype(np.float32)).reshape(rows, nb * 8)
+    return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(offset)
+
+
+INT4_TYPES = {"Q4_0": q4_0_to_int4, "Q4_K": q4_k_to_int4}
+INT4_PARTS = (".qweight4", ".scales4", ".offsets4")  # as models/quantized.py reads them
+
+
 def read_tensors(reader, config, progress: Callable[[int, int], None] | None = None
                  ) -> dict[str, torch.Tensor]:
-    """Every tensor de-quantized to float32 under its Hugging Face name."""
+    """Every tensor under its Hugging Face name: de-quantized to float32, or, for a Q4_0 or
+    Q4_K weight, its 4-bit form as three tensors (``INT4_PARTS``)."""
     from gguf import dequantize
 
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     out: dict[str, torch.Tensor] = {}
     for i, t in enumerate(reader.tensors):
-        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest first
+        shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims fastest first
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-        if kind in heads:
-            w = unpermute_rows(w, heads[kind])
-        out[hf_name(t.name)] = torch.from_numpy(np.array(w, order="C"))  # owns its memory
+        repack = INT4_TYPES.get(t.tensor_type.name) if len(shape) == 2 else None
+        if repack is not None:
+            parts = repack(t.data, *shape)
+            if kind in heads:
+                parts = [unpermute_rows(p, heads[kind]) for p in parts]
+            base = hf_name(t.name)[: -len(".weight")]
+            for suffix, p in zip(INT4_PARTS, parts):
+                out[base + suffix] = p.contiguous()
+        else:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = w.reshape(shape)
+            if kind in heads:
+                w = unpermute_rows(w, heads[kind])
+            out[hf_name(t.name)] = torch.from_numpy(np.array(w, order="C"))  # owns its memory
         if progress is not None:
             progress(i + 1, len(reader.tensors))
     return out
@@ -149,6 +213,9 @@ def _convert(src: Path, dest: Path, bar: Progress, start: float) -> bool:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{src}: not a readable GGUF file: {e}") from e
     config = llama_config(reader)
+    if any(t.tensor_type.name in INT4_TYPES and len(t.shape) == 2 for t in reader.tensors):
+        config.quantization_config = {"quant_method": "gpupool_int4", "bits": 4,
+                                      "group_size": 32}
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(dest))
     bar.total = sum(4 * int(t.n_elements) for t in reader.tensors)  # float32 bytes written

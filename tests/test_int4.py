@@ -434,3 +434,125 @@ def test_other_quantized_checkpoints_are_refused_by_name(tmp_path):
         (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
         with pytest.raises(ModelLoadError, match=match):
             ModelConfig.from_folder(folder)
+
+
+# ---- GGUF Q4_0 and Q4_K_M: repacked, not de-quantized ---------------------------------------
+def _random_blocks(qtype, rows: int, cols: int, g: torch.Generator):
+    """Random valid Q4_K or Q6_K bytes [rows, bytes a row] (the gguf package cannot quantize
+    to them): float16 super-block scales near 1e-3, every other byte random."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    nb = rows * cols // block
+    raw = torch.randint(0, 256, (nb, nbytes), generator=g, dtype=torch.uint8).numpy()
+    scale = (torch.rand(nb, 2, generator=g) * 2e-3 + 5e-4).numpy().astype(np.float16)
+    if qtype == GGMLQuantizationType.Q4_K:  # d, dmin lead the block
+        raw[:, :4] = scale.view(np.uint8)
+    else:  # Q6_K: d ends it
+        raw[:, -2:] = scale[:, :1].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_gguf_4bit_tensors_repack_to_their_exact_values(qtype):
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from gpupool.models.gguf import INT4_TYPES
+
+    g = torch.Generator().manual_seed(5)
+    t = getattr(GGMLQuantizationType, qtype)
+    rows, cols = 6, 512
+    packed = (quantize(torch.randn(rows, cols, generator=g).numpy(), t) if qtype == "Q4_0"
+              else _random_blocks(t, rows, cols, g))
+    want = dequantize(packed, t).reshape(rows, cols).astype(np.float32)
+    q, s, o = INT4_TYPES[qtype](packed, rows, cols)
+    assert q.dtype == torch.uint8 and s.shape == (rows, cols // 32)
+    assert torch.equal(quant4.dequantize(q, s, o), torch.from_numpy(want))  # bit for bit
+
+
+def test_a_q4_k_m_gguf_loads_4bit_and_matches_transformers(tmp_path):
+    """A Q4_K_M-like file (Q4_K weights, some Q6_K ones as llama.cpp mixes them, Q4_0 and F32
+    besides) converts with its 4-bit tensors repacked and the rest de-quantized; fp32 greedy
+    tokens equal transformers' on the file's exact float values; the repacked weights stay
+    4-bit in the pool, a fused weight with a Q6_K part is stored float."""
+    import numpy as np
+    import transformers
+    from gguf import GGMLQuantizationType, GGUFWriter, dequantize, quantize
+    from safetensors.torch import save_file
+
+    from gpupool.models.gguf import unpermute_rows
+    from tests.test_quant import _gguf_name, _permute_rows
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=160, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=2, bos_token_id=1, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    folder = tmp_path / "hf"
+    model.save_pretrained(str(folder))
+    tensors = {k: v.detach().float() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "tiny.Q4_K_M.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(256)
+    w.add_feed_forward_length(512)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(160)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    heads = {"q_proj": 4, "k_proj": 2}
+    twin, types = {}, {}
+    for name, t in tensors.items():
+        a = t.numpy()
+        kind = name.split(".")[-2]
+        if a.ndim == 1 or name == "model.embed_tokens.weight":
+            twin[name] = t
+            w.add_tensor(_gguf_name(name), a)
+            continue
+        qtype = (GGMLQuantizationType.Q6_K if kind in ("v_proj", "down_proj") and ".0." in name
+                 else GGMLQuantizationType.Q4_0 if kind == "o_proj"
+                 else GGMLQuantizationType.Q4_K)
+        types[name] = qtype.name
+        if qtype == GGMLQuantizationType.Q4_0:
+            file_rows = _permute_rows(a, heads[kind]) if kind in heads else a
+            packed = quantize(np.ascontiguousarray(file_rows), qtype)
+        else:
+            packed = _random_blocks(qtype, *a.shape, g)
+        values = dequantize(packed, qtype).reshape(a.shape).astype(np.float32)
+        if kind in heads:
+            values = unpermute_rows(values, heads[kind])
+        twin[name] = torch.from_numpy(np.ascontiguousarray(values))
+        w.add_tensor(_gguf_name(name), packed, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (tmp_path / "twin").mkdir()
+    (tmp_path / "twin" / "config.json").write_text((folder / "config.json").read_text())
+    save_file(twin, str(tmp_path / "twin" / "model.safetensors"), metadata={"format": "pt"})
+
+    engine = make_engine(home=tmp_path / "home")
+    try:
+        engine.add_model("g", path)
+        got = [list(o.token_ids) for o in engine.generate(PROMPTS, GREEDY, model="g")]
+        assert got == hf_greedy(tmp_path / "twin", PROMPTS, 8)
+        worker = engine.local.core.workers["g"]
+        worker.make_resident()
+        views = worker.model.w
+        assert views["layers.1.qkv_weight"].dtype == torch.uint8  # Q4_K q, k, v
+        assert views["layers.0.qkv_weight"].dtype == torch.float32  # a Q6_K v among them
+        assert views["layers.0.o_weight"].dtype == torch.uint8  # Q4_0
+        assert views["layers.0.down_weight"].dtype == torch.float32  # Q6_K
+        assert views["lm_head"].dtype == torch.uint8
+        converted = next((engine.config.home / "models").glob("tiny.Q4_K_M-*"))
+        cfg_json = json.loads((converted / "config.json").read_text())
+        assert cfg_json["quantization_config"]["quant_method"] == "gpupool_int4"
+    finally:
+        engine.shutdown()
