@@ -53,7 +53,11 @@ from gpupool.messages.types import (
     Usage,
 )
 from gpupool.models.config import ModelConfig
-from gpupool.models.sizes import model_element_bytes, parameter_count
+from gpupool.models.sizes import (
+    checkpoint_element_bytes,
+    model_element_bytes,
+    parameter_count,
+)
 from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
 from gpupool.scheduler.router import NoWorker, Router, fits_weights, too_large
 
@@ -222,6 +226,7 @@ class RedisClient:
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[tuple, ModelInfo] = {}
         self._param_counts: dict[str, int] = {}
+        self._elem_bytes: dict[str, float] = {}  # a 4-bit checkpoint folder: 0.75
         self.routes: Counter[str] = Counter()
         self.closed = False
 
@@ -318,8 +323,9 @@ class RedisClient:
         spec = self._read_specs()[0].get(info.base, {})
         route = self.router.route(info.base, list(self._views.values()),
                                   self._params(info.folder), exclude=exclude,
-                                  element_bytes=model_element_bytes(spec.get("dtype"),
-                                                                    spec.get("quantization")),
+                                  element_bytes=(model_element_bytes(spec.get("dtype"),
+                                                                     spec.get("quantization"))
+                                                 or self._checkpoint_bytes(info.folder)),
                                   adapter=info.adapter)
         self.routes[route.reason] += 1
         return route.worker
@@ -390,7 +396,8 @@ class RedisClient:
             self._config(cmd.path)  # a folder the gateway cannot read is refused now
             live = [info.view(alive) for info, alive in self.workers(fresh=True) if alive]
             params = self._params(cmd.path)
-            eb = model_element_bytes(cmd.dtype, cmd.quantization)
+            eb = (model_element_bytes(cmd.dtype, cmd.quantization)
+                  or self._checkpoint_bytes(cmd.path))
             if live and not any(fits_weights(w, params, eb) for w in live):
                 raise ModelLoadError(too_large(cmd.name, params, live, eb))
             r.hset(keys.MODELS, cmd.name, json.dumps(
@@ -483,6 +490,12 @@ class RedisClient:
             except ModelLoadError:
                 self._param_counts[folder] = 0  # unknown: the worker will say
         return self._param_counts[folder]
+
+    def _checkpoint_bytes(self, folder: str) -> float:
+        """Bytes an element of a 4-bit checkpoint (0: the worker's dtype), read once."""
+        if folder not in self._elem_bytes:
+            self._elem_bytes[folder] = checkpoint_element_bytes(folder)
+        return self._elem_bytes[folder]
 
     def _config(self, folder: str) -> ModelConfig:
         if folder not in self._configs:

@@ -11,9 +11,15 @@ from pathlib import Path
 from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
 
+# a 4-bit checkpoint's tensors (models/quantized.py): packed values count as the weights they
+# hold; the groups' scales, zeros and orders are in the 0.75 byte an element of a 4-bit model
+PACKED = {".qweight": 8, ".qweight4": 2}
+GROUP_PARTS = (".qzeros", ".scales", ".g_idx", ".scales4", ".offsets4")
+
 
 def parameter_count(folder: str | Path) -> int:
-    """Elements of every tensor in the folder's ``*.safetensors`` files."""
+    """Elements of every tensor in the folder's ``*.safetensors`` files (a 4-bit
+    checkpoint's packed values counted as the weights they hold, its scales not)."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no .safetensors files")
@@ -28,8 +34,10 @@ def parameter_count(folder: str | Path) -> int:
         except (OSError, ValueError, struct.error) as e:
             raise ModelLoadError(f"{f}: unreadable safetensors header ({e})") from None
         for name, spec in header.items():
-            if name != "__metadata__":
-                total += math.prod(spec.get("shape") or [1])
+            if name == "__metadata__" or name.endswith(GROUP_PARTS):
+                continue
+            pack = next((n for s, n in PACKED.items() if name.endswith(s)), 1)
+            total += math.prod(spec.get("shape") or [1]) * pack
     return total
 
 
@@ -45,6 +53,16 @@ def model_element_bytes(dtype: str | None, quantization: str | None) -> float:
     if dtype in (None, "auto"):
         return 0
     return 4 if dtype == "float32" else 2
+
+
+def checkpoint_element_bytes(folder: str | Path) -> float:
+    """0.75 for a folder whose ``config.json`` says its weights are 4-bit (GPTQ, AWQ, a
+    converted GGUF: most of its bytes), else 0 (the worker's dtype decides)."""
+    try:
+        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return 0.75 if isinstance(qc, dict) and qc.get("bits", qc.get("w_bit")) == 4 else 0
 
 
 def element_bytes(dtype: str, device: str) -> int:

@@ -556,3 +556,14 @@ def test_a_q4_k_m_gguf_loads_4bit_and_matches_transformers(tmp_path):
         assert cfg_json["quantization_config"]["quant_method"] == "gpupool_int4"
     finally:
         engine.shutdown()
+
+
+def test_the_gateways_size_check_counts_a_4bit_checkpoint_as_4bit(tmp_path):
+    """A GPTQ folder's packed values count as the weights they hold, at 0.75 byte each (its
+    safetensors header alone: no torch, no weights read)."""
+    from gpupool.models.sizes import checkpoint_element_bytes, parameter_count
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    ckpt, twin = _write_quantized(folder, tmp_path / "q", tmp_path / "twin", "gptq", 32)
+    assert parameter_count(ckpt) == parameter_count(twin) == parameter_count(folder)
+    assert checkpoint_element_bytes(ckpt) == 0.75 and checkpoint_element_bytes(folder) == 0
