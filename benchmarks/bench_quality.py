@@ -1,6 +1,8 @@
-"""What bf16 and int8 weights cost in quality on SmolLM2-135M-Instruct, against float32.
+"""What bf16, int8 and 4-bit weights cost in quality on SmolLM2-135M-Instruct, against float32.
 
-For each of --variants (dtype, optionally +int8 weights), in the same run:
+For each of --variants (dtype, optionally +int8, +int4, +int4-g32 weights, or +q4_0: the
+model's 2-D tensors quantized to GGUF Q4_0 by the gguf package and repacked as a GGUF file's
+are, ``models/gguf.py``), in the same run:
 - perplexity of a fixed English text (TEXT below, ~400 tokens) under the engine's own forward
   pass (every position's logits, float32 softmax), and its ratio to float32's;
 - greedy agreement with float32 on the 8 fixed prompts of bench_engine (48 new tokens each):
@@ -10,6 +12,10 @@ For each of --variants (dtype, optionally +int8 weights), in the same run:
   batch-1 stream runs): the share of positions whose top token is float32's, and the mean
   KL divergence from float32's next-token distribution. Unlike greedy agreement, one near-tie
   does not decide the rest, so this is the steadier figure.
+The float32 reference is the default model as shipped (a Q4_1 GGUF's exact values), so a
+4-bit variant quantizes it a second time; llama.cpp's published deltas for the same formats
+(``llama-quantize --help``, perplexity on wikitext-2 at Llama-3-8B, F16 6.23) are printed
+beside: Q4_0 +0.4685 (+7.5%), Q4_K_M +0.1754 (+2.8%), Q8_0 +0.0026 (+0.04%).
 Usage: python3 benchmarks/bench_quality.py [--json] [--variants float32,bfloat16,...]
 """
 
@@ -35,6 +41,7 @@ from gpupool.models.batch import BatchRow  # noqa: E402
 from gpupool.models.runner import build_batch  # noqa: E402
 
 NEW_TOKENS = 48
+LLAMA_CPP_PPL_DELTA = {"q4_0": 0.4685 / 6.23, "q4_k_m": 0.1754 / 6.23, "q8_0": 0.0026 / 6.23}
 TEXT = (
     "The river rises in the hills north of the town and runs south for about forty miles "
     "before it meets the sea. For most of the year it is shallow enough to wade across, but "
@@ -87,6 +94,40 @@ def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def q4_0_folder(folder: Path, dest: Path) -> Path:
+    """``folder``'s model with every 2-D tensor quantized to GGUF Q4_0 (the gguf package's
+    quantizer) and repacked into gpupool's 4-bit form as a converted GGUF file's is; the
+    other files (tokenizer, config with its quantization_config) beside."""
+    import json
+    import shutil
+
+    from gguf import GGMLQuantizationType, quantize
+    from safetensors.torch import load_file, save_file
+
+    from gpupool.models.gguf import INT4_PARTS, q4_0_to_int4
+
+    if (dest / "model.safetensors").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, t in load_file(str(folder / "model.safetensors")).items():
+        if t.dim() == 2 and t.shape[1] % 32 == 0:
+            packed = quantize(t.float().numpy(), GGMLQuantizationType.Q4_0)
+            base = name[: -len(".weight")]
+            for suffix, part in zip(INT4_PARTS, q4_0_to_int4(packed, *t.shape)):
+                out[base + suffix] = part.contiguous()
+        else:
+            out[name] = t
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    for f in folder.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dest / f.name)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gpupool_int4", "bits": 4, "group_size": 32}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -99,9 +140,14 @@ def main() -> None:
     result = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "cpu": cpu_flags(),
               "greedy_prompts": len(texts), "greedy_new_tokens": NEW_TOKENS}
     reference = None
+    result["llama_cpp_ppl_delta_at_llama3_8b"] = {
+        k: round(v, 4) for k, v in LLAMA_CPP_PPL_DELTA.items()}
     for label, dtype, quant in variants(args.variants):
+        model = folder
+        if quant == "q4_0":
+            model, quant = q4_0_folder(folder, default_home() / "bench-q4_0"), None
         engine = Engine(device="cpu", dtype=dtype, quantization=quant)
-        engine.add_model("m", folder)
+        engine.add_model("m", model)
         try:
             ids = engine.tokenize("m", TEXT)
             ppl = perplexity(engine, ids)

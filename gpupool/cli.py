@@ -185,9 +185,9 @@ def _worker(args) -> int:
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 QUANTIZATIONS = ["none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
 QUANT_HELP = ("int8: store the linear layers and lm_head int8 with one scale per row "
-              "(half bf16's bytes); int4: 4-bit values with a float32 scale and offset per "
-              "group of 128 columns (32 where 128 does not divide), int4-g32/64/128 to choose "
-              "(default none)")
+              "(half bf16's bytes); int4: the linear layers 4-bit with a float32 scale and "
+              "offset per group of 32 columns (the head int8), int4-g64/int4-g128 for larger "
+              "groups (default none)")
 
 
 def _http_args(s) -> None:

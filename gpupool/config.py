@@ -142,8 +142,8 @@ class Config:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# weight storage ("none": the dtype's); int4: 4-bit groups of 128 columns (32 where 128 does
-# not divide a weight's), int4-gN: of N
+# weight storage ("none": the dtype's); int4: 4-bit groups of 32 columns (the head int8),
+# int4-gN: of N (32 where N does not divide a weight's columns)
 QUANTIZATIONS = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 TASKS = ("generate", "embed")  # what a model serves: completions and chat, or embeddings
 

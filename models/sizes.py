@@ -44,7 +44,7 @@ def parameter_count(folder: str | Path) -> int:
 def model_element_bytes(dtype: str | None, quantization: str | None) -> float:
     """Bytes per weight element a model's own settings fix (int8: 1, about: norms and an
     untied embedding stay 16/32-bit; 4-bit: half a byte and 8 bytes of scale and offset a
-    group, 0.75 at groups of 32, which a weight takes where 128 does not divide it), or 0
+    group: 0.75 at groups of 32, the default and the fallback of larger ones), or 0
     when they leave it to the worker's dtype."""
     if quantization == "int8":
         return 1

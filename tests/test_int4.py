@@ -60,7 +60,7 @@ def test_quantize_is_within_half_a_step_of_every_weight():
 def test_the_layout_stores_linear_weights_4bit_with_group_scales(tmp_path):
     cfg = ModelConfig.from_folder(make_tiny_model(tmp_path / "m", "llama"))
     dense = build_layout(cfg, torch.bfloat16)
-    lay = build_layout(cfg, torch.bfloat16, "int4")
+    lay = build_layout(cfg, torch.bfloat16, "int4-g128")
     assert lay.num_bytes < dense.num_bytes * 0.5
     views = lay.views(lay.allocate())
     h = cfg.hidden_size  # 64: 128 does not divide it, so its weights take groups of 32
@@ -70,9 +70,10 @@ def test_the_layout_stores_linear_weights_4bit_with_group_scales(tmp_path):
     assert views["layers.0.qkv_weight" + GSCALE_SUFFIX].shape == (rows, h // 32)
     inter = cfg.intermediate_size  # 128: one group a row
     assert views["layers.1.down_weight" + GOFFSET_SUFFIX].shape == (h, inter // 128)
-    assert views["lm_head"].dtype == torch.uint8
+    assert views["lm_head"].dtype == torch.int8  # the head int8, as llama.cpp keeps it wider
+    assert views["lm_head_scale"].shape == (cfg.vocab_size,)
     assert views["embed_tokens"].dtype == torch.bfloat16  # untied: an embedding
-    g32 = build_layout(cfg, torch.bfloat16, "int4-g32")
+    g32 = build_layout(cfg, torch.bfloat16, "int4")  # groups of 32
     g32 = g32.views(g32.allocate())
     assert g32["layers.1.down_weight" + GSCALE_SUFFIX].shape == (h, inter // 32)
     with pytest.raises(ValueError, match="quantization"):
@@ -126,8 +127,11 @@ def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypat
 
 
 def _twin(folder, dest, group: int):
-    """``folder``'s model with each weight gpupool stores 4-bit replaced by its de-quantized
-    float32 values (quantized alone, as the loader quantizes each checkpoint tensor)."""
+    """``folder``'s model with each weight gpupool stores 4-bit (int8: the head) replaced by
+    its de-quantized float32 values (quantized alone, as the loader quantizes each checkpoint
+    tensor)."""
+    from gpupool.models.loader import quantize_rows
+
     from safetensors.torch import load_file, save_file
 
     cfg = json.loads((folder / "config.json").read_text())
@@ -135,7 +139,10 @@ def _twin(folder, dest, group: int):
     head = "model.embed_tokens.weight" if cfg.get("tie_word_embeddings") else "lm_head.weight"
     out = {}
     for name, t in tensors.items():
-        if t.dim() == 2 and (name.split(".")[-2] in LINEAR or name == head):
+        if name == head:
+            q, s = quantize_rows(t, torch.float32)
+            t = q.float() * s[:, None]
+        elif t.dim() == 2 and name.split(".")[-2] in LINEAR:
             g = quant4.choose_group(t.shape[1], group)
             t = quant4.dequantize(*quant4.quantize(t, g))
         out[name] = t.float().contiguous()
@@ -147,14 +154,14 @@ def _twin(folder, dest, group: int):
     return dest
 
 
-@pytest.mark.parametrize("variant,quant", [("llama", "int4"), ("qwen2", "int4-g32")])
+@pytest.mark.parametrize("variant,quant", [("llama", "int4-g128"), ("qwen2", "int4")])
 def test_a_4bit_model_is_token_exact_with_transformers_on_its_dequantized_weights(
         tmp_path, variant, quant):
     """fp32: an int4 model's greedy tokens are transformers' on the same model whose weights
     are the 4-bit values' float32 meaning (llama: untied, groups of 128 and 32; qwen2: tied,
-    so the embedding reads 4-bit rows, and a qkv bias)."""
+    so the embedding reads the head's int8 rows, and a qkv bias)."""
     folder = make_tiny_model(tmp_path / variant, variant)
-    twin = _twin(folder, tmp_path / "twin", 128 if quant == "int4" else 32)
+    twin = _twin(folder, tmp_path / "twin", 128 if quant == "int4-g128" else 32)
     engine = make_engine(folder, "q", quantization=quant)
     try:
         got = [list(o.token_ids) for o in engine.generate(PROMPTS, GREEDY, model="q")]
@@ -567,3 +574,24 @@ def test_the_gateways_size_check_counts_a_4bit_checkpoint_as_4bit(tmp_path):
     ckpt, twin = _write_quantized(folder, tmp_path / "q", tmp_path / "twin", "gptq", 32)
     assert parameter_count(ckpt) == parameter_count(twin) == parameter_count(folder)
     assert checkpoint_element_bytes(ckpt) == 0.75 and checkpoint_element_bytes(folder) == 0
+
+
+def test_a_tied_4bit_embedding_reads_its_rows_values(tmp_path):
+    """A checkpoint whose tied embedding is 4-bit (a GGUF's Q4_K token_embd): the embedding
+    of a token is its row's float32 values in the model's dtype."""
+    cfg = ModelConfig.from_folder(make_tiny_model(tmp_path / "m", "qwen2"))
+    assert cfg.tie_word_embeddings
+    lay = build_layout(cfg, torch.float32, None, {"embed_tokens": 32})
+    views = lay.views(lay.allocate())
+    for v in views.values():
+        if v.is_floating_point():
+            v.normal_()
+    w = torch.randn(cfg.vocab_size, cfg.hidden_size)
+    q, s, o = quant4.quantize(w, 32)
+    views["embed_tokens"].copy_(q)
+    views["embed_tokens" + GSCALE_SUFFIX].copy_(s)
+    views["embed_tokens" + GOFFSET_SUFFIX].copy_(o)
+    model = LlamaModel(cfg, torch.float32, torch.device("cpu"))
+    model.bind(views)
+    ids = torch.tensor([3, 0, 3, cfg.vocab_size - 1])
+    assert model.int4 and torch.equal(model.embed(ids), quant4.dequantize(q, s, o)[ids])
