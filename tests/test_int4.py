@@ -130,9 +130,9 @@ def _twin(folder, dest, group: int):
     """``folder``'s model with each weight gpupool stores 4-bit (int8: the head) replaced by
     its de-quantized float32 values (quantized alone, as the loader quantizes each checkpoint
     tensor)."""
-    from gpupool.models.loader import quantize_rows
-
     from safetensors.torch import load_file, save_file
+
+    from gpupool.models.loader import quantize_rows
 
     cfg = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
