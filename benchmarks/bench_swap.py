@@ -118,7 +118,7 @@ def main() -> None:
         bar.note("cold starts")
         for _ in range(cold_runs):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-c", COLD.format(prompt=PROMPT), str(folder)],
+            subprocess.run([sys.executable, "-P", "-c", COLD.format(prompt=PROMPT), str(folder)],
                            check=True, capture_output=True)
             cold.append(time.perf_counter() - t)
             bar.update()
