@@ -1805,11 +1805,26 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
  * step's LoRA terms. */
 int gp_abi_version(void) { return GP_ABI_VERSION; }
 
+/* a 4-bit weight's groups (gs NULL: the weight is not 4-bit) */
+typedef struct {
+    const float *gs, *go;
+    int64_t group;
+} gp_int4_t;
+
 /* y [M][N] = x [M][K] times the weights W [N][K] (bf16, or int8 with bf16 row scales s) plus
  * the bias b (or NULL), with the GEMVs' rounding: this thread's share of the rows, no barrier */
 static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
                       const uint16_t *s, const uint16_t *b, int64_t N, uint16_t *y, int16_t *xq,
-                      float *xs) {
+                      float *xs, const gp_int4_t *q4, float *x4) {
+#ifdef HAVE_GEMV_INT4
+    if (q4 && q4->gs) {  /* 4-bit: x widened into x4, its groups' sums after */
+        gemv_int4_body(x, M, K, K, (const uint8_t *)W, N, K / 2, q4->gs, q4->go, q4->group, b,
+                       y, N, x4, x4 + M * K);
+        return;
+    }
+#else
+    (void)q4; (void)x4;
+#endif
 #ifdef HAVE_GEMV_INT8
     if (s)
         gemv_int8_body(x, M, K, K, (const int8_t *)W, N, K, s, b, y, N, xq, xs);
@@ -1827,9 +1842,10 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
 
 /* one layer's product, inside the team: this thread's share of the rows, then a barrier */
 static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const void *w,
-                        const void *scale, const void *bias, int64_t N, uint16_t *y,
-                        int16_t *xq, float *xs) {
-    gemv_body(x, M, K, w, (const uint16_t *)scale, (const uint16_t *)bias, N, y, xq, xs);
+                        const void *scale, const gp_int4_t *q4, const void *bias, int64_t N,
+                        uint16_t *y, int16_t *xq, float *xs, float *x4) {
+    gemv_body(x, M, K, w, (const uint16_t *)scale, (const uint16_t *)bias, N, y, xq, xs, q4,
+              x4);
     #pragma omp barrier
 }
 
@@ -1867,7 +1883,7 @@ static void embed_body(const int64_t *ids, int64_t T, int64_t hidden, const void
 static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void *head,
                       const uint16_t *head_scale, int64_t vocab, uint16_t *hb, float *logits,
                       int16_t *xq, float *xs) {
-    gemv_body(out, T, hidden, head, head_scale, NULL, vocab, hb, xq, xs);
+    gemv_body(out, T, hidden, head, head_scale, NULL, vocab, hb, xq, xs, NULL, NULL);
     int64_t n0, n1;
     thread_share(vocab, &n0, &n1);
     for (int64_t t = 0; t < T; t++)
@@ -1876,29 +1892,39 @@ static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void
 
 static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h, uint16_t *qkv,
                        uint16_t *o, uint16_t *gu, uint16_t *act, uint16_t *delta,
-                       int16_t *xq, float *xs, int64_t items, const int64_t *item_seg) {
+                       int16_t *xq, float *xs, float *x4, int64_t items,
+                       const int64_t *item_seg) {
     const gp_layer_t *p = st->layers + l;
+    const gp_int4_t q4[4] = {
+        {p->qkv_weight_gscale, p->qkv_weight_goffset, p->qkv_weight_group},
+        {p->o_weight_gscale, p->o_weight_goffset, p->o_weight_group},
+        {p->gate_up_weight_gscale, p->gate_up_weight_goffset, p->gate_up_weight_group},
+        {p->down_weight_gscale, p->down_weight_goffset, p->down_weight_group}};
     int64_t T = st->rows, hidden = st->hidden, inter = st->inter, nq = st->num_heads;
     int64_t nkv = st->num_kv_heads, D = st->head_dim, nqkv = (nq + 2 * nkv) * D;
     uint16_t *kc = (uint16_t *)st->kv->k[l], *vc = (uint16_t *)st->kv->v[l];
     const gp_lora_t *lora = st->lora;
     add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden, (const uint16_t *)p->input_norm, h,
                      hidden, T, hidden, st->eps);
-    matmul_body(h, T, hidden, p->qkv_weight, p->qkv_weight_scale, p->qkv_bias, nqkv, qkv, xq, xs);
+    matmul_body(h, T, hidden, p->qkv_weight, p->qkv_weight_scale, &q4[0], p->qkv_bias, nqkv,
+                qkv, xq, xs, x4);
     if (lora) lora_group(lora, l, 0, h, hidden, qkv, nqkv, items, item_seg);
     rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
                  st->kv->page_stride, st->slot_pages, st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
                           st->kv->block_tokens, st->block_tables, st->block_table_stride,
                           st->context_lens, st->scale, o);
-    matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, NULL, hidden, delta, xq, xs);
+    matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
+                xs, x4);
     if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
     add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
                      hidden, st->eps);
-    matmul_body(h, T, hidden, p->gate_up_weight, p->gate_up_weight_scale, NULL, 2 * inter, gu, xq, xs);
+    matmul_body(h, T, hidden, p->gate_up_weight, p->gate_up_weight_scale, &q4[2], NULL,
+                2 * inter, gu, xq, xs, x4);
     if (lora) lora_group(lora, l, 2, h, hidden, gu, 2 * inter, items, item_seg);
     silu_mul_body(gu, 2 * inter, act, inter, T, inter);
-    matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, NULL, hidden, delta, xq, xs);
+    matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, &q4[3], NULL, hidden,
+                delta, xq, xs, x4);
     if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
 }
 
@@ -1913,13 +1939,18 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     uint16_t *buf = malloc(elems * 2);
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * ((kmax + 31) / 32 * 32)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+    /* the 4-bit products' x in float32 [T][K] and its groups' lane sums (<= [T][K / 2]) */
+    float *x4 = malloc(sizeof(float) * (size_t)(T * kmax * 3 / 2) + 64);
     int64_t *item_seg = NULL, items = 0;
     if (st->lora) {
         items = lora_items(st->lora->num_segments, st->lora->starts, st->lora->seg_rank,
                            &item_seg);
-        if (!item_seg) { free(buf); free(xq); free(xs); return -1; }
+        if (!item_seg) { free(buf); free(xq); free(xs); free(x4); return -1; }
     }
-    if (!buf || !xq || !xs) { free(buf); free(xq); free(xs); free(item_seg); return -1; }
+    if (!buf || !xq || !xs || !x4) {
+        free(buf); free(xq); free(xs); free(x4); free(item_seg);
+        return -1;
+    }
     uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
     uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter, *hb = delta + T * hidden;
     uint16_t *x = st->x;
@@ -1929,7 +1960,7 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     {
         if (st->ids) embed_body(st->ids, T, hidden, st->embed, st->embed_scale, x);
         for (int64_t l = 0; l < L; l++)
-            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, items, item_seg);
+            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg);
         add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out, hidden,
                          T, hidden, st->eps);
         if (st->logits)
@@ -1938,6 +1969,7 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     }
     free(xq);
     free(xs);
+    free(x4);
     free(item_seg);
     free(buf);
     return 0;

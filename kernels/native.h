@@ -14,24 +14,38 @@
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 2
+#define GP_ABI_VERSION 3
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
-/* one layer's weights: bf16 [N][K], or int8 with bf16 row scales; NULL where absent (a
- * scale: bf16 weights; the bias: none). The field names are the model's weight names
- * (LlamaModel.layers' keys): native.py fills each field from the weight of its name. */
+/* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]
+ * with float32 group scales and offsets [N][K / group], kernels/quant4.py); NULL where absent
+ * (a scale: not that kind; the bias: none). The field names are the model's weight names
+ * (LlamaModel.layers' keys): native.py fills each field from the weight of its name, and a
+ * `_group` field with the 4-bit weight's group size (0: not 4-bit). */
 typedef struct {
     const void *input_norm;
     const void *post_norm;
     const void *qkv_weight;
     const void *qkv_weight_scale;
+    const void *qkv_weight_gscale;
+    const void *qkv_weight_goffset;
+    int64_t qkv_weight_group;
     const void *qkv_bias;
     const void *o_weight;
     const void *o_weight_scale;
+    const void *o_weight_gscale;
+    const void *o_weight_goffset;
+    int64_t o_weight_group;
     const void *gate_up_weight;
     const void *gate_up_weight_scale;
+    const void *gate_up_weight_gscale;
+    const void *gate_up_weight_goffset;
+    int64_t gate_up_weight_group;
     const void *down_weight;
     const void *down_weight_scale;
+    const void *down_weight_gscale;
+    const void *down_weight_goffset;
+    int64_t down_weight_group;
 } gp_layer_t;
 
 /* one projection group's LoRA mirror strides (see gp_lora in native.c): A [slots][P r][K]

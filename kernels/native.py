@@ -529,23 +529,36 @@ def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.
 
 def layer_table(layers: list[dict[str, torch.Tensor]]):
     """``decode_layers``' array of native.h's gp_layer_t (plain, unpacked views; the caller
-    keeps them alive), or None if a weight is not one it reads: contiguous bf16 (int8 with
-    bf16 scales where quantized)."""
+    keeps them alive), or None if a weight is not one it reads: contiguous bf16, int8 with
+    bf16 scales, or 4-bit with float32 groups in x's column order."""
     entries = [name for name, _ in Layer._fields_]  # native.h names them as the model does
     table = (Layer * len(layers))()
     for lw, row in zip(layers, table):
+        if any(k.endswith("_perm") for k in lw):  # x reordered first: the per-op path
+            return None
         for entry in entries:
+            if entry.endswith("_group"):  # a 4-bit weight's group size, 0 for another kind
+                w, gs = lw.get(entry[: -len("_group")]), lw.get(entry[: -len("_group")]
+                                                                  + "_gscale")
+                setattr(row, entry, 0 if gs is None else 2 * w.shape[1] // gs.shape[1])
+                continue
             t = lw.get(entry)
             if t is None:
-                if not entry.endswith(("_scale", "_bias")):
+                if not entry.endswith(("_scale", "_bias", "_gscale", "_goffset")):
                     return None
                 continue
-            if not t.is_contiguous() or t.dtype not in (torch.bfloat16, torch.int8):
+            if not t.is_contiguous() or t.dtype not in _LAYER_DTYPES[entry.endswith(
+                    ("_gscale", "_goffset"))]:
                 return None
-            if t.dtype == torch.int8 and not has_gemv_int8():
+            if ((t.dtype == torch.int8 and not has_gemv_int8())
+                    or (t.dtype == torch.uint8 and not has_gemv_int4())):
                 return None
             setattr(row, entry, t.data_ptr())
     return table
+
+
+# the dtypes a layer's entry may have (a 4-bit weight's groups: float32)
+_LAYER_DTYPES = {False: (torch.bfloat16, torch.int8, torch.uint8), True: (torch.float32,)}
 
 
 def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str):

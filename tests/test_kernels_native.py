@@ -519,7 +519,8 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
 
 @pytest.mark.parametrize("variant,quantization,adapters", [
     ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
-    ("llama", None, True), ("llama", "int8", True)])
+    ("llama", None, True), ("llama", "int8", True), ("llama", "int4", False),
+    ("qwen2", "int4", True)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the
@@ -530,7 +531,7 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
     from gpupool.models.batch import BatchRow
     from gpupool.models.runner import build_batch
 
-    if quantization and not native.has_gemv_int8():
+    if quantization and not native.has_gemv_int8():  # int4's head is int8
         pytest.skip("this build has no int8 GEMV (AVX-512 BW): no whole-step call for int8")
     folder = tiny_models(variant)
     engine = make_engine(folder, dtype="bfloat16", quantization=quantization, max_lora_rank=8)
