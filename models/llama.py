@@ -62,6 +62,8 @@ class LlamaModel:
         self.packed = False  # pack_weights() ran since the last bind
         self.int8 = False  # every linear weight int8 (set by bind)
         self.int4 = False  # some weight 4-bit (set by bind)
+        # tensor parallelism (models/tp.py): this rank's group; cfg is then its shard's
+        self.tp = None
         self._kv: tuple | None = None  # (kv, its per-layer (K, V) views)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
@@ -120,6 +122,15 @@ class LlamaModel:
             x = x.to(self.dtype) * scale[ids, None]
         return x
 
+    def _embed_tp(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding split by vocabulary: each rank's rows of the ids it holds, zeros for
+        the others, added over the ranks."""
+        v = self.cfg.vocab_size  # this rank's share
+        local = ids - self.tp.rank * v
+        mine = (local >= 0) & (local < v)
+        x = self.embed(torch.where(mine, local, torch.zeros_like(local)))
+        return self.tp.all_reduce(x * mine[:, None].to(x.dtype))
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: torch.Tensor, lora=None):
         """Logits [len(batch.logits_indices), vocab] in float32. A batch with rows that pool
@@ -134,11 +145,11 @@ class LlamaModel:
         kv_layers = self._kv_layers(kv)
         plan = ops.plan(self, batch)
         hidden = batch.pooling
-        logits = None if hidden is not None else ops.decode_step(self, batch, plan,
-                                                                  kv_layers, lora)
+        logits = (None if hidden is not None or self.tp is not None  # no collectives there
+                  else ops.decode_step(self, batch, plan, kv_layers, lora))
         if logits is not None:  # the backend ran the whole step in one call
             return logits
-        x = self.embed(batch.input_ids)  # [T, hidden]
+        x = self._embed_tp(batch.input_ids) if self.tp else self.embed(batch.input_ids)
         if self.embed_normalizer is not None:
             x = x * self.embed_normalizer
         delta = None  # the previous layer's MLP output, added to x by the next norm
@@ -160,6 +171,8 @@ class LlamaModel:
         x, h = ops.add_norm(x, delta, lw["input_norm"], eps)
         o = self._attention(plan, h, lw, kv, batch, lora, i)  # [T, q_size]
         out = ops.linear(plan, o, lw, "o_weight")
+        if self.tp is not None:  # row-parallel: the ranks' partial sums added
+            out = self.tp.all_reduce(out)
         if lora is not None:
             lora.apply(i, "o", o, out)
         if cfg.sandwich_norms:  # Gemma 2: the attention's output normed, then the MLP's norm
@@ -175,6 +188,8 @@ class LlamaModel:
                 lora.apply(i, "gate_up", h, gate_up)
             act = ops.act_mul(gate_up, cfg.activation)
             delta = ops.linear(plan, act, lw, "down_weight")
+            if self.tp is not None:
+                delta = self.tp.all_reduce(delta)
             if lora is not None:
                 lora.apply(i, "down", act, delta)
         if cfg.sandwich_norms:
@@ -212,6 +227,8 @@ class LlamaModel:
 
     def _logits(self, plan, h: torch.Tensor) -> torch.Tensor:
         logits = self.ops.logits(plan, self, h)
+        if self.tp is not None:  # each rank's share of the vocabulary, whole rows gathered
+            logits = self.tp.gather_columns(logits)
         cap = self.cfg.final_softcap
         if cap:  # as transformers: divide, tanh, multiply
             logits = torch.tanh(logits / cap) * cap

@@ -315,10 +315,13 @@ def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict, path: 
 
 
 def load_flat_weights(
-    folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None
+    folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None,
+    cut=None,
 ) -> tuple[WeightLayout, torch.Tensor]:
     """Read every weight once into a new host buffer in the layout's order (quantizing the
-    weights ``quantization`` names, row by row as they are read)."""
+    weights ``quantization`` names, row by row as they are read). ``cut(name, src, t)``: the
+    part of checkpoint tensor ``src`` this buffer holds (a tensor-parallel rank's shard,
+    ``models/tp.py``; ``cfg`` is then the shard's)."""
     folder = Path(folder)
     where, alias = _aliased(_checkpoint_files(folder))
     stored, perm = _stored_4bit(cfg, where)
@@ -338,6 +341,8 @@ def load_flat_weights(
                 if path not in handles:
                     handles[path] = _open(path)
                 t = _read(handles, where, alias, src, cfg.quant, path)
+                if cut is not None:
+                    t = cut(name, src, t)
                 t = _rotary_rows(cfg, src, t)
                 if cfg.norm_offset and "norm" in src:  # Gemma's norms scale by 1 + weight
                     t = t.float() + 1.0

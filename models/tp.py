@@ -1,0 +1,145 @@
+"""Tensor parallelism (issue 35, first part): one model's weights sharded Megatron-style over
+the ranks of a ``torch.distributed`` group, and the collectives of its forward pass.
+
+Each rank holds a shard, read straight from the checkpoint (never the whole model):
+
+- q, k, v (and their biases) and gate, up: column-parallel, each rank the rows of its heads
+  (its q heads and their KV heads) and its share of the intermediate size;
+- o and down: row-parallel, each rank the input columns of its heads / intermediate share;
+  their outputs are partial sums, added over the ranks by one all-reduce each (in float32,
+  rounded to the model's dtype once);
+- the embedding and the lm_head: split by vocabulary; a token's embedding row lives on one
+  rank (the others add zeros in the all-reduce) and each rank's logits columns are gathered
+  into whole rows before anything reads them (sampler, logprobs, grammar masks);
+- norms replicated.
+
+The rank's model is a :class:`~gpupool.models.llama.LlamaModel` of the *local* config
+(:func:`local_config`: its heads, KV heads, intermediate size and vocabulary), so attention and
+the KV pages are the single-rank code on the rank's heads: a page holds the rank's KV heads,
+page ids are the same on every rank. With fewer KV heads than ranks each rank keeps the one
+KV head its q heads read (replicated). A model whose counts do not divide is refused with
+the counts named (:func:`check_shardable`).
+
+Sums: a row-parallel product's partial sums are added across ranks, so logits match the
+single-rank model's to rounding (float32: within 1e-5 relative here), not bit for bit; a TP
+group's requests fail over only to groups of the same degree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from gpupool.models.config import ModelConfig
+from gpupool.models.errors import ModelLoadError
+
+
+@dataclasses.dataclass
+class TPGroup:
+    """This process's place in a tensor-parallel group (``group``: its torch.distributed
+    process group, None for the default one)."""
+    rank: int
+    world: int
+    group: object = None
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over the ranks, added in float32 and rounded to t's dtype once."""
+        import torch.distributed as dist
+
+        s = t.float() if t.dtype != torch.float32 else t.clone()
+        dist.all_reduce(s, group=self.group)
+        return s.to(t.dtype)
+
+    def gather_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """Each rank's ``t`` [..., C] side by side in rank order: [..., world * C]."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def check_shardable(cfg: ModelConfig, world: int) -> None:
+    """ModelLoadError naming the counts that ``world`` ranks cannot split."""
+    bad = []
+    if cfg.num_heads % world:
+        bad.append(f"{cfg.num_heads} attention heads")
+    if cfg.num_kv_heads % world and world % cfg.num_kv_heads:
+        bad.append(f"{cfg.num_kv_heads} KV heads")
+    if cfg.intermediate_size % world:
+        bad.append(f"intermediate size {cfg.intermediate_size}")
+    if cfg.vocab_size % world:
+        bad.append(f"vocabulary of {cfg.vocab_size}")
+    if bad:
+        raise ModelLoadError(f"tensor parallelism over {world} ranks needs counts it divides: "
+                             f"{', '.join(bad)} are not")
+    if cfg.num_experts or cfg.qk_norm_whole:
+        raise ModelLoadError(f"{cfg.architecture}: mixtures of experts and whole-vector q/k "
+                             "norms are not sharded yet")
+
+
+def local_config(cfg: ModelConfig, world: int) -> ModelConfig:
+    """The config of one rank's shard (its heads, KV heads, intermediate size, vocabulary)."""
+    check_shardable(cfg, world)
+    return dataclasses.replace(
+        cfg, num_heads=cfg.num_heads // world,
+        num_kv_heads=max(cfg.num_kv_heads // world, 1),
+        intermediate_size=cfg.intermediate_size // world,
+        vocab_size=cfg.vocab_size // world)
+
+
+def _rows(t: torch.Tensor, size: int, world: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s block of ``size // world`` rows of ``t`` (``size`` rows)."""
+    n = size // world
+    return t[rank * n : (rank + 1) * n]
+
+
+def _kv_rows(cfg: ModelConfig, t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """A k or v projection's rows for the rank: its share of the KV heads, or (fewer KV heads
+    than ranks) the one KV head its q heads read."""
+    if cfg.num_kv_heads >= world:
+        return _rows(t, cfg.kv_size, world, rank)
+    head = rank // (world // cfg.num_kv_heads)
+    return t[head * cfg.head_dim : (head + 1) * cfg.head_dim]
+
+
+def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
+          rank: int) -> torch.Tensor:
+    """The rank's part of checkpoint tensor ``src`` (which makes our ``name``)."""
+    kind = src.rsplit(".", 2)[-2] if src.endswith((".weight", ".bias")) else ""
+    if name.endswith(("qkv_weight", "qkv_bias")):
+        if kind == "qkv_proj":  # fused (Phi-3): each part's rows
+            q, k, v = t.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+            return torch.cat([_rows(q, cfg.q_size, world, rank),
+                              _kv_rows(cfg, k, world, rank), _kv_rows(cfg, v, world, rank)])
+        if kind == "q_proj":
+            return _rows(t, cfg.q_size, world, rank)
+        return _kv_rows(cfg, t, world, rank)
+    if name.endswith("gate_up_weight"):
+        if kind == "gate_up_proj":  # fused: gate's rows, then up's
+            g, u = t.chunk(2)
+            inter = cfg.intermediate_size
+            return torch.cat([_rows(g, inter, world, rank), _rows(u, inter, world, rank)])
+        return _rows(t, cfg.intermediate_size, world, rank)
+    if name.endswith(("o_weight", "down_weight")):  # row-parallel: the input columns
+        n = t.shape[1] // world
+        return t[:, rank * n : (rank + 1) * n]
+    if name in ("embed_tokens", "lm_head"):
+        return _rows(t, cfg.vocab_size, world, rank)
+    return t
+
+
+def load_shard(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, world: int,
+               rank: int, quantization: str | None = None):
+    """(the local config, its layout, a host buffer holding rank ``rank``'s shard): each
+    checkpoint tensor read once, cut to the rank's part, stored (quantized where asked)."""
+    from gpupool.models import loader
+
+    local = local_config(cfg, world)
+    if cfg.quant:
+        raise ModelLoadError(f"{folder}: 4-bit checkpoints are not sharded yet")
+    return local, *loader.load_flat_weights(folder, local, dtype, quantization,
+                                            cut=lambda name, src, t: shard(cfg, name, src, t,
+                                                                           world, rank))

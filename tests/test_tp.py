@@ -1,0 +1,78 @@
+"""Tensor parallelism's forward pass (issue 35, first part): a model sharded over 2 gloo ranks
+(processes) on CPU against the same model on one rank, in float32: prefill and greedy decode
+through the paged KV, identical tokens and logits within 1e-4 relative; a model with one KV
+head (replicated on both ranks); refusals naming the counts that do not divide."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpupool.models.config import ModelConfig
+from gpupool.models.errors import ModelLoadError
+from tests.factories import make_tiny_model
+from tests.tp_rank import greedy
+
+RANK = Path(__file__).with_name("tp_rank.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_kv_head_model(folder):
+    import transformers
+
+    from tests.factories import make_tokenizer
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+        initializer_range=0.5, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    make_tokenizer(folder)
+    return folder
+
+
+def test_two_ranks_give_one_ranks_tokens_and_logits(tmp_path):
+    folders = [str(make_tiny_model(tmp_path / "llama", "llama")),  # 2 KV heads: one a rank
+               str(make_tiny_model(tmp_path / "qwen2", "qwen2")),  # biases, tied embedding
+               str(_one_kv_head_model(tmp_path / "mqa"))]  # 1 KV head: replicated
+    out = tmp_path / "tp.pt"
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-P", str(RANK), port, str(r), "2", str(out),
+                               *folders]) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    got = torch.load(out)
+    for f in folders:
+        want_tokens, want_logits = greedy(f)
+        tokens, logits = got[f]
+        assert tokens == want_tokens, f
+        for a, b in zip(logits, want_logits):
+            assert a.shape == b.shape
+            # the ranks' partial sums added in another order: within 1e-4 of the largest
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (f, (a - b).abs().max())
+
+
+def test_counts_that_do_not_divide_are_refused_by_name(tmp_path):
+    from gpupool.models import tp
+
+    cfg = ModelConfig.from_folder(make_tiny_model(tmp_path / "m", "llama"))
+    with pytest.raises(ModelLoadError, match="4 attention heads"):
+        tp.local_config(cfg, 3)
+    local = tp.local_config(cfg, 2)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size,
+            local.vocab_size) == (2, 1, 64, cfg.vocab_size // 2)
+    odd = json.loads((tmp_path / "m" / "config.json").read_text())
+    odd["intermediate_size"] = 130
+    with pytest.raises(ModelLoadError, match="intermediate size 130"):
+        tp.local_config(ModelConfig.from_dict(odd), 4)
