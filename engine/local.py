@@ -130,6 +130,9 @@ class LocalEngine:
                            pool.adapter_bytes, num_pages * pool.kv_page_bytes, self.device)
         self.kv = KVStorage(num_pages, pool.kv_page_bytes, self.device, self.arena.kv)
         self.kv.enable_host_swap(pool.host_kv_bytes // pool.kv_page_bytes)
+        self.tp = None  # the other tensor-parallel ranks (engine/tp.py)
+        if self.config.tensor_parallel > 1:
+            self.tp = self._start_ranks(num_pages, pool)
         host_bytes = pool.host_cache_bytes or int(psutil.virtual_memory().available * 0.5)
         self.weights = WeightPool(self.arena, host_bytes)
         self.core = EngineCore(self.config.scheduler, self.kv.pages, self.kv,
@@ -145,6 +148,24 @@ class LocalEngine:
         self.load_tokenizers = True  # False in a cluster worker (its gateways tokenize)
         logger.info("engine on %s: %d KV pages of %d KiB", self.device,
                     self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
+
+    def _start_ranks(self, num_pages: int, pool):
+        """The other ranks, started; a KV swap moves every rank's share of the pages."""
+        from gpupool.engine.tp import TPRanks
+
+        if self.device.type != "cpu":
+            raise ValueError("tensor_parallel > 1 runs on CPU (gloo) only so far")
+        ranks = TPRanks(self.config.tensor_parallel, num_pages, pool.kv_page_bytes,
+                        pool.host_kv_bytes // pool.kv_page_bytes, self.threads)
+        local_copy = self.kv.copy_pages
+
+        def copy_pages(pairs, to_host):
+            if pairs:
+                ranks.command("copy", list(pairs), to_host)
+            local_copy(pairs, to_host)
+
+        self.kv.copy_pages = copy_pages
+        return ranks
 
     # ---- models ---------------------------------------------------------------------------
     def resolve_model_path(self, path: str | Path) -> Path:
@@ -174,7 +195,13 @@ class LocalEngine:
                                  quantization=quantization or self.config.quantization,
                                  cuda_graphs=self.config.cuda_graphs,
                                  kernels=self.config.kernels, use_native=self.config.native,
-                                 batch_invariant=self.config.batch_invariant)
+                                 batch_invariant=self.config.batch_invariant, tp=self.tp)
+            if self.tp is not None:  # rank 0 read its shard: the others read theirs
+                with self._lock:
+                    self.tp.command("load", name, str(worker.folder),
+                                    str(worker.dtype).removeprefix("torch."),
+                                    worker.quantization, self.config.kernels,
+                                    self.config.native, self.config.batch_invariant)
             with self._lock:
                 try:
                     self.core.add_worker(worker)
@@ -206,6 +233,9 @@ class LocalEngine:
         """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``;
         ``replace``: the loaded adapter ``name`` gets these weights (its running requests
         finish on the old ones; vLLM's load_inplace)."""
+        if self.tp is not None:
+            raise RequestError("LoRA adapters on a tensor-parallel engine are not supported "
+                               "yet")
         with self._lock:
             self.core.add_adapter(name, base, str(Path(path).expanduser()), replace)
 
@@ -472,6 +502,8 @@ class LocalEngine:
         if self._thread is not None:
             self._thread.join()
         self.weights.close()
+        if self.tp is not None:
+            self.tp.close()
 
     def __enter__(self):
         return self

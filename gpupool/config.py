@@ -96,6 +96,9 @@ class Config:
     cuda_graphs: bool = True
     # CPU threads of the step loop (None: torch's count in the thread that makes the engine)
     threads: int | None = None
+    # ranks that share each model's weights and KV (engine/tp.py, models/tp.py): this process
+    # and tensor_parallel - 1 others on this host (CPU, gloo; each with `threads` threads)
+    tensor_parallel: int = 1
     home: Path = field(default_factory=default_home)
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -107,6 +110,9 @@ class Config:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not "
                              f"{self.quantization!r}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be a positive integer, not "
+                             f"{self.tensor_parallel!r}")
 
     @classmethod
     def from_env(cls, **overrides) -> Config:

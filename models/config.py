@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpupool.models.errors import ModelLoadError
-from gpupool.models.quantized import checkpoint_quant
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -30,6 +29,40 @@ SUPPORTED_ARCHITECTURES = (
 MOE = {"MixtralForCausalLM": "block_sparse_moe.", "Qwen3MoeForCausalLM": "mlp.",
        "OlmoeForCausalLM": "mlp."}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+OWN_INT4 = "gpupool_int4"  # a converted GGUF's 4-bit tensors (models/gguf.py, quantized.py)
+
+
+def checkpoint_quant(cfg: dict, source: str) -> dict:
+    """The checkpoint's 4-bit format from ``quantization_config`` ({} for none):
+    method, group (-1: one group a row), zero_plus (GPTQ v1's +1), desc_act. Any other
+    quantization is refused with its name."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return {}
+    if not isinstance(qc, dict):
+        raise ModelLoadError(f"{source}: quantization_config must be an object")
+    method = str(qc.get("quant_method", "")).lower()
+    bits = qc.get("bits", qc.get("w_bit", 4))
+    group = qc.get("group_size", qc.get("q_group_size", 128))
+    if method not in ("gptq", "awq", OWN_INT4):
+        raise ModelLoadError(f"{source}: quantization {method or qc!r} is not supported; "
+                             "gpupool reads 4-bit GPTQ and AWQ checkpoints and GGUF files")
+    if bits != 4 or not isinstance(group, int) or (group != -1 and (group <= 0 or group % 32)):
+        raise ModelLoadError(f"{source}: {method} with {bits} bits and groups of {group} is "
+                             "not supported (4 bits, groups a multiple of 32 or -1)")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or qc.get("zero_point", True) is False:
+            raise ModelLoadError(f"{source}: AWQ {version} without zero points is not "
+                                 "supported (AWQ gemm with zero points is)")
+        return {"method": "awq", "group": group}
+    if method == "gptq":
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ModelLoadError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported")
+        return {"method": "gptq", "group": group, "zero_plus": 1 if fmt == "gptq" else 0,
+                "desc_act": bool(qc.get("desc_act", False))}
+    return {"method": OWN_INT4, "group": group}
 
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}

@@ -11,6 +11,7 @@ from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.slots import AdapterSlots, group_ranks
 from gpupool.kernels import backend, native
+from gpupool.models import tp as tp_shard
 from gpupool.models.batch import BatchRow
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype
@@ -63,7 +64,7 @@ class LoadedModel:
                  dtype: str | torch.dtype = "auto", adapters: AdapterConfig | None = None,
                  weight_pool=None, tokenizer: bool = True, quantization: str | None = None,
                  cuda_graphs: bool = False, kernels: str = "auto", use_native: bool = True,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, tp=None):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
         they are copied to the device once and stay. Adapter slots live in the pool's arena
@@ -71,7 +72,10 @@ class LoadedModel:
         ``quantization="int8"`` stores the linear layers and the lm_head as int8 with one scale
         per output row (the rest, activations and adapters stay in ``dtype``). ``kernels``,
         ``use_native``, ``batch_invariant``: the engine's kernel settings, from which the
-        model's backend is chosen once (kernels.backend.select)."""
+        model's backend is chosen once (kernels.backend.select). ``tp``: the engine's other
+        tensor-parallel ranks (``engine/tp.py``'s TPRanks): this process holds rank 0's
+        shard (``models/tp.py``; ``cfg`` stays the whole model's, ``model.cfg`` is the
+        shard's) and each step is sent to the others first."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -92,12 +96,9 @@ class LoadedModel:
         self.tokenizer = load_tokenizer(folder) if tokenizer else None
         self.eos_token_ids = eos_token_ids(folder, self.cfg, self.tokenizer,
                                            load_if_needed=not tokenizer)
-        self.layout, host = load_flat_weights(folder, self.cfg, self.dtype, self.quantization)
-        self.model = LlamaModel(self.cfg, self.dtype, device,
-                                backend.select(device, self.dtype, self.cfg, kernels,
-                                               use_native, batch_invariant))
-        self.kv_view = kv.model_view(self.cfg.num_layers, self.cfg.num_kv_heads,
-                                     self.cfg.head_dim, self.dtype)
+        self.tp = tp
+        self.layout, host = self._read()
+        self._make_model(kv, kernels, use_native, batch_invariant)
         self.block_tokens = self.kv_view.shape[3]
         self.steps_bound = 0  # steps run since the weights were last bound
         # decode steps replayed from captured CUDA graphs (models/graphs.py)
@@ -119,8 +120,27 @@ class LoadedModel:
                     folder, self.dtype, f", {quantization}" if quantization else "",
                     self.layout.num_bytes / 2**20, self.block_tokens)
 
+    def _make_model(self, kv: KVStorage, kernels: str, use_native: bool,
+                    batch_invariant: bool) -> None:
+        """The forward pass and its KV view: of the whole model, or of rank 0's shard."""
+        local = self.cfg if self.tp is None else tp_shard.local_config(self.cfg, self.tp.world)
+        self.model = LlamaModel(local, self.dtype, self.device,
+                                backend.select(self.device, self.dtype, local, kernels,
+                                               use_native, batch_invariant))
+        if self.tp is not None:
+            self.model.tp = self.tp.group
+        self.kv_view = kv.model_view(local.num_layers, local.num_kv_heads, local.head_dim,
+                                     self.dtype)
+
+    def _read(self) -> tuple:
+        """(layout, a new host buffer of the weights): the whole model's, or rank 0's shard."""
+        if self.tp is None:
+            return load_flat_weights(self.folder, self.cfg, self.dtype, self.quantization)
+        return tp_shard.load_shard(self.folder, self.cfg, self.dtype, self.tp.world, 0,
+                                   self.quantization)[1:]
+
     def _reload(self) -> torch.Tensor:
-        return load_flat_weights(self.folder, self.cfg, self.dtype, self.quantization)[1]
+        return self._read()[1]
 
     def make_resident(self, keep: frozenset[str] = frozenset()):
         """Ensure the weights are on the device (a swap, or a prefetch's first use: copy and
@@ -263,4 +283,6 @@ class LoadedModel:
             if logits is not None:
                 return logits
         batch = build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset)
+        if self.tp is not None:  # the other ranks run the same step beside this one
+            self.tp.command("forward", self.name, batch)
         return self.model.forward(batch, self.kv_view, self._lora_batch(rows))

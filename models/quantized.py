@@ -1,6 +1,6 @@
 """4-bit checkpoints read as they come, into gpupool's 4-bit format (``kernels/quant4.py``).
 
-``config.json``'s ``quantization_config`` says which (:func:`checkpoint_quant`):
+``config.json``'s ``quantization_config`` says which (``models.config.checkpoint_quant``):
 
 - **GPTQ** (``quant_method: gptq``, 4 bits): per linear layer ``qweight`` int32 [K / 8, N]
   (column k of output n: bits ``4 (k % 8)`` of ``qweight[k // 8, n]``), ``qzeros`` int32
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from gpupool.kernels import quant4
+from gpupool.models.config import OWN_INT4 as OWN
 from gpupool.models.errors import ModelLoadError
 
 AWQ_COLUMN_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a packed eight is nibble [j]
-OWN = "gpupool_int4"
 
 
 @dataclass
@@ -68,39 +68,6 @@ class Int4:
         out = torch.empty_like(w)
         out[:, self.perm] = w
         return out
-
-
-def checkpoint_quant(cfg: dict, source: str) -> dict:
-    """The checkpoint's 4-bit format from ``quantization_config`` ({} for none):
-    method, group (-1: one group a row), zero_plus (GPTQ v1's +1), desc_act. Any other
-    quantization is refused with its name."""
-    qc = cfg.get("quantization_config")
-    if not qc:
-        return {}
-    if not isinstance(qc, dict):
-        raise ModelLoadError(f"{source}: quantization_config must be an object")
-    method = str(qc.get("quant_method", "")).lower()
-    bits = qc.get("bits", qc.get("w_bit", 4))
-    group = qc.get("group_size", qc.get("q_group_size", 128))
-    if method not in ("gptq", "awq", OWN):
-        raise ModelLoadError(f"{source}: quantization {method or qc!r} is not supported; "
-                             "gpupool reads 4-bit GPTQ and AWQ checkpoints and GGUF files")
-    if bits != 4 or not isinstance(group, int) or (group != -1 and (group <= 0 or group % 32)):
-        raise ModelLoadError(f"{source}: {method} with {bits} bits and groups of {group} is "
-                             "not supported (4 bits, groups a multiple of 32 or -1)")
-    if method == "awq":
-        version = str(qc.get("version", "gemm")).lower()
-        if version != "gemm" or qc.get("zero_point", True) is False:
-            raise ModelLoadError(f"{source}: AWQ {version} without zero points is not "
-                                 "supported (AWQ gemm with zero points is)")
-        return {"method": "awq", "group": group}
-    if method == "gptq":
-        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-        if fmt not in ("gptq", "gptq_v2"):
-            raise ModelLoadError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported")
-        return {"method": "gptq", "group": group, "zero_plus": 1 if fmt == "gptq" else 0,
-                "desc_act": bool(qc.get("desc_act", False))}
-    return {"method": OWN, "group": group}
 
 
 def _nibbles(t: torch.Tensor) -> torch.Tensor:

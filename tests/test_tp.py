@@ -76,3 +76,50 @@ def test_counts_that_do_not_divide_are_refused_by_name(tmp_path):
     odd["intermediate_size"] = 130
     with pytest.raises(ModelLoadError, match="intermediate size 130"):
         tp.local_config(ModelConfig.from_dict(odd), 4)
+
+
+def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
+    """``Engine(tensor_parallel=2)``: the same greedy tokens as a one-rank engine for a
+    batch, again on prefix-cache hits, after preemptions in a small KV pool (pages swapped to
+    the host on both ranks), and across a switch between two models in a weight region that
+    holds one; adapters are refused."""
+    from gpupool import SamplingParams
+    from gpupool.messages.errors import RequestError
+    from gpupool.models.loader import build_layout
+    from tests.factories import make_engine, make_peft_adapter, random_prompts
+
+    a = make_tiny_model(tmp_path / "a", "llama")
+    b = make_tiny_model(tmp_path / "b", "qwen2", seed=1)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = random_prompts(6, 20, 40, seed=3)
+    region = build_layout(ModelConfig.from_folder(b), torch.float32).num_bytes + 4096
+    want = {}
+    one = make_engine(weight_bytes=2 * region, kv_cache_bytes=1 << 20)
+    try:
+        for name, folder in (("a", a), ("b", b)):
+            one.add_model(name, folder)
+            want[name] = [o.token_ids for o in one.generate(prompts, params, model=name)]
+    finally:
+        one.shutdown()
+    two = make_engine(tensor_parallel=2, weight_bytes=region, kv_cache_bytes=64 << 10,
+                      kv_page_bytes=4 << 10, prefetch=False)
+    try:
+        two.add_model("a", a)
+        two.add_model("b", b)
+        for _ in range(2):  # one model's weights at a time: a switch each
+            for name in ("a", "b"):
+                got = [o.token_ids for o in two.generate(prompts, params, model=name)]
+                assert got == want[name], name
+        for _ in range(2):  # one request at a time: the second one's prompt pages cached
+            assert two.generate([prompts[0]], params, model="a")[0].token_ids == want["a"][0]
+        stats = two.stats()
+        assert stats["swaps"]["weight_swaps"] >= 3
+        models = stats["models"]
+        assert sum(m["preemptions"] for m in models.values()) > 0  # a small KV pool
+        assert two.local.kv.num_pages_swapped_out > 0  # both ranks' shares moved (a rank
+        # that kept its pages while they were reused would give other tokens: tested)
+        assert models["a"]["prefix_cache_hits"] > 0
+        with pytest.raises(RequestError, match="tensor-parallel"):
+            two.add_adapter("x", "a", make_peft_adapter(a, tmp_path / "x", 4, ["q_proj"]))
+    finally:
+        two.shutdown()

@@ -1,0 +1,151 @@
+"""A tensor-parallel engine's other ranks (issue 35, first part): processes on this host that
+each hold their shard of every model and their share of every KV page, and run each step's
+forward pass beside rank 0 (the engine's own process, which schedules, samples and serves).
+
+Rank 0 sends every rank the same commands in the same order (``dist.broadcast_object_list``
+over gloo, TCP on 127.0.0.1): ``load`` (a model's shard, read from its checkpoint by each rank
+itself, ``models/tp.py``), ``forward`` (a step's :class:`~gpupool.models.batch.ForwardBatch`:
+page ids, positions, block tables; the same on every rank, since one page pool's integers
+serve them all), ``copy`` (a KV swap's page pairs: every rank moves its share), ``unload`` and
+``stop``. So residency of KV pages, prefix-cache hits and preemption agree on every rank
+without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go through
+the engine's weight pool as any model's). Limits of this first part: CPU and gloo only (NCCL
+and CUDA graphs: not yet), one tensor-parallel engine per process (torch.distributed's
+default group), no LoRA adapters on a sharded model, the commands pickled (a packed integer
+message is the next step), and a rank that dies makes rank 0's next collective fail after
+``TIMEOUT_S``.
+
+Run as a rank: ``python -P -m gpupool.engine.tp PORT RANK WORLD NUM_PAGES PAGE_BYTES
+HOST_PAGES THREADS``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import subprocess
+import sys
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_S = 120  # a collective that waits longer for a rank fails (the rank died)
+
+
+def _init(port: int, rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+
+
+class TPRanks:
+    """Ranks 1 .. world - 1 as processes; this process is rank 0."""
+
+    def __init__(self, world: int, num_pages: int, page_bytes: int, host_pages: int,
+                 threads: int):
+        import torch.distributed as dist
+
+        from gpupool.models.tp import TPGroup
+
+        if dist.is_initialized():
+            raise RuntimeError("one tensor-parallel engine per process (torch.distributed's "
+                               "default group is taken)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.world = world
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-P", "-m", "gpupool.engine.tp", str(port), str(r), str(world),
+             str(num_pages), str(page_bytes), str(host_pages), str(threads)])
+            for r in range(1, world)]
+        try:
+            _init(port, 0, world)
+        except Exception:
+            for p in self.procs:
+                p.kill()
+            raise
+        self.group = TPGroup(0, world)
+        self.closed = False
+
+    def command(self, *msg) -> None:
+        """Every other rank runs ``msg`` (rank 0 runs its own part after)."""
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([msg], src=0)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.command("stop")
+        finally:
+            for p in self.procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            dist.destroy_process_group()
+
+
+def _load(models: dict, kv, msg, rank: int, world: int) -> None:
+    from gpupool.kernels import backend
+    from gpupool.models import tp
+    from gpupool.models.config import ModelConfig
+    from gpupool.models.llama import LlamaModel
+
+    _, name, folder, dtype, quantization, kernels, use_native, invariant = msg
+    dtype = getattr(torch, dtype)
+    cfg = ModelConfig.from_folder(folder)
+    local, layout, host = tp.load_shard(folder, cfg, dtype, world, rank, quantization)
+    model = LlamaModel(local, dtype, torch.device("cpu"),
+                       backend.select(torch.device("cpu"), dtype, local, kernels, use_native,
+                                      invariant))
+    model.bind(layout.views(host))
+    model.tp = tp.TPGroup(rank, world)
+    view = kv.model_view(local.num_layers, local.num_kv_heads, local.head_dim, dtype)
+    models[name] = (model, view, host)
+
+
+def main(argv: list[str]) -> None:
+    """A rank's loop: run rank 0's commands until ``stop``."""
+    import torch.distributed as dist
+
+    from gpupool.pool.kv import KVStorage
+
+    port, rank, world, num_pages, page_bytes, host_pages, threads = map(int, argv)
+    torch.set_num_threads(threads)
+    _init(port, rank, world)
+    kv = KVStorage(num_pages, page_bytes, "cpu")
+    kv.enable_host_swap(host_pages)
+    models: dict = {}
+    try:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            msg = box[0]
+            op = msg[0]
+            if op == "stop":
+                break
+            if op == "load":
+                _load(models, kv, msg, rank, world)
+            elif op == "unload":
+                models.pop(msg[1], None)
+            elif op == "copy":
+                kv.copy_pages(msg[1], to_host=msg[2])
+            elif op == "forward":
+                model, view, _ = models[msg[1]]
+                with torch.inference_mode():
+                    model.forward(msg[2], view)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main(sys.argv[1:])
