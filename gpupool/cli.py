@@ -77,6 +77,7 @@ def _serve(args) -> int:
             models=args.model, adapters=args.adapter, device=args.device, policy=args.policy,
             reasoning_parser=args.reasoning_parser, task=args.task,
             dtype=args.dtype, quantization=args.quantization,
+            tensor_parallel=args.tensor_parallel,
             metrics_key=args.metrics_key, public_metrics=args.public_metrics or None,
             require_auth=args.require_auth or None,
             default_model=args.command == "serve")
@@ -158,7 +159,7 @@ def _worker(args) -> int:
         if args.config:
             with open(args.config, "rb") as f:
                 engine = dict(tomllib.load(f).get("engine", {}) or {})
-        for key in ("device", "dtype", "policy", "quantization"):
+        for key in ("device", "dtype", "policy", "quantization", "tensor_parallel"):
             if getattr(args, key) is not None:
                 engine[key] = getattr(args, key)
         engine["threads"] = _engine_threads(args.threads or engine.get("threads"))
@@ -184,6 +185,8 @@ def _worker(args) -> int:
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 QUANTIZATIONS = ["none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
+TP_HELP = ("shard every model over N ranks: this process and N - 1 others on this host (CPU, "
+           "gloo; default 1)")
 QUANT_HELP = ("int8: store the linear layers and lm_head int8 with one scale per row "
               "(half bf16's bytes); int4: the linear layers 4-bit with a float32 scale and "
               "offset per group of 32 columns (the head int8), int4-g64/int4-g128 for larger "
@@ -217,6 +220,8 @@ def _http_args(s) -> None:
                         "float32; a GPU: the model's dtype)")
     s.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help=QUANT_HELP)
+    s.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help=TP_HELP)
     s.add_argument("--max-queued-requests", type=int, default=None,
                    help="unfinished requests beyond this are refused with 503 (default 1024)")
     s.add_argument("--metrics-key", default=None,
@@ -254,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     w.add_argument("--dtype", default=None, choices=DTYPES, help="auto (default), ...")
     w.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANT_HELP)
+    w.add_argument("--tensor-parallel", type=int, default=None, metavar="N", help=TP_HELP)
     w.add_argument("--policy", choices=["token", "request", "fcfs"], default=None)
     w.add_argument("--config", default=None, help="TOML file whose [engine] table sizes the pool")
     w.add_argument("--model-root", action="append", metavar="DIR",

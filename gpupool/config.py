@@ -351,7 +351,7 @@ def load_server_config(path: str | None = None, default_model: bool = True,
         if not sep or not base or not apath:
             raise ValueError(f"--adapter must look like NAME=BASE:PATH, got {text!r}")
         adapters = [a for a in adapters if a.name != name] + [AdapterSpec(name, base, apath)]
-    for key in ("device", "policy", "dtype", "quantization"):
+    for key in ("device", "policy", "dtype", "quantization", "tensor_parallel"):
         if flags.get(key) is not None:
             engine[key] = flags.pop(key)
         flags.pop(key, None)
