@@ -425,6 +425,12 @@ def test_a_model_may_be_stored_int8(env):
         assert c.delete("/admin/models/small", headers=ADMIN).status_code == 200
     r = c.post("/admin/models", headers=ADMIN,
                json={"name": "smaller", "path": str(env["base"]), "quantization": "int4"})
+    assert r.status_code == 201, r.text  # 4-bit: issue 34
+    assert c.get("/admin/pool", headers=ADMIN).json()["models"]["smaller"][
+        "quantization"] == "int4"
+    assert c.delete("/admin/models/smaller", headers=ADMIN).status_code == 200
+    r = c.post("/admin/models", headers=ADMIN,
+               json={"name": "smallest", "path": str(env["base"]), "quantization": "int3"})
     assert _err(r, 400, "quantization")
 
 
