@@ -15,14 +15,19 @@ default group), no LoRA adapters on a sharded model, the commands pickled (a pac
 message is the next step), and a rank that dies makes rank 0's next collective fail after
 ``TIMEOUT_S``.
 
+The forward pass's all-reduces and logits gathers go through a shared-memory exchange
+(``models/tp.py`` ``ShmExchange``: a file in /dev/shm, each rank a slot, sequence numbers;
+gloo for a tensor larger than a slot), not gloo's TCP loopback.
+
 Run as a rank: ``python -P -m gpupool.engine.tp PORT RANK WORLD NUM_PAGES PAGE_BYTES
-HOST_PAGES THREADS``.
+HOST_PAGES THREADS SHM_PATH``.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -32,6 +37,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 120  # a collective that waits longer for a rank fails (the rank died)
+SHM_SLOT_BYTES = 16 << 20  # a rank's slot in the shared-memory exchange (larger: gloo)
 
 
 def _init(port: int, rank: int, world: int) -> None:
@@ -48,7 +54,7 @@ class TPRanks:
                  threads: int):
         import torch.distributed as dist
 
-        from gpupool.models.tp import TPGroup
+        from gpupool.models.tp import ShmExchange, TPGroup
 
         if dist.is_initialized():
             raise RuntimeError("one tensor-parallel engine per process (torch.distributed's "
@@ -57,17 +63,20 @@ class TPRanks:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.world = world
+        self.shm_path = ShmExchange.create(world, SHM_SLOT_BYTES)
         self.procs = [subprocess.Popen(
             [sys.executable, "-P", "-m", "gpupool.engine.tp", str(port), str(r), str(world),
-             str(num_pages), str(page_bytes), str(host_pages), str(threads)])
+             str(num_pages), str(page_bytes), str(host_pages), str(threads), self.shm_path])
             for r in range(1, world)]
         try:
             _init(port, 0, world)
         except Exception:
             for p in self.procs:
                 p.kill()
+            os.unlink(self.shm_path)
             raise
-        self.group = TPGroup(0, world)
+        self.group = TPGroup(0, world, shm=ShmExchange(self.shm_path, 0, world,
+                                                       SHM_SLOT_BYTES))
         self.closed = False
 
     def command(self, *msg) -> None:
@@ -91,9 +100,10 @@ class TPRanks:
                 except subprocess.TimeoutExpired:
                     p.kill()
             dist.destroy_process_group()
+            os.unlink(self.shm_path)
 
 
-def _load(models: dict, kv, msg, rank: int, world: int) -> None:
+def _load(models: dict, kv, msg, rank: int, world: int, shm) -> None:
     from gpupool.kernels import backend
     from gpupool.models import tp
     from gpupool.models.config import ModelConfig
@@ -107,7 +117,7 @@ def _load(models: dict, kv, msg, rank: int, world: int) -> None:
                        backend.select(torch.device("cpu"), dtype, local, kernels, use_native,
                                       invariant))
     model.bind(layout.views(host))
-    model.tp = tp.TPGroup(rank, world)
+    model.tp = tp.TPGroup(rank, world, shm=shm)
     view = kv.model_view(local.num_layers, local.num_kv_heads, local.head_dim, dtype)
     models[name] = (model, view, host)
 
@@ -116,11 +126,13 @@ def main(argv: list[str]) -> None:
     """A rank's loop: run rank 0's commands until ``stop``."""
     import torch.distributed as dist
 
+    from gpupool.models.tp import ShmExchange
     from gpupool.pool.kv import KVStorage
 
-    port, rank, world, num_pages, page_bytes, host_pages, threads = map(int, argv)
+    port, rank, world, num_pages, page_bytes, host_pages, threads = map(int, argv[:7])
     torch.set_num_threads(threads)
     _init(port, rank, world)
+    shm = ShmExchange(argv[7], rank, world, SHM_SLOT_BYTES)
     kv = KVStorage(num_pages, page_bytes, "cpu")
     kv.enable_host_swap(host_pages)
     models: dict = {}
@@ -133,7 +145,7 @@ def main(argv: list[str]) -> None:
             if op == "stop":
                 break
             if op == "load":
-                _load(models, kv, msg, rank, world)
+                _load(models, kv, msg, rank, world, shm)
             elif op == "unload":
                 models.pop(msg[1], None)
             elif op == "copy":

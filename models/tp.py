@@ -36,16 +36,78 @@ from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 
 
+class ShmExchange:
+    """The ranks of one host swap tensors through a shared file in /dev/shm: each rank
+    writes its tensor into its slot, then publishes a sequence number; a rank reads the
+    others' slots once their numbers match its own (x86 keeps stores, and loads, in program
+    order). Two slots a rank, used alternately: a rank cannot be two exchanges ahead of
+    another, so a slot is never rewritten while a rank still reads it. A wait spins (the
+    ranks run on their own cores), then yields. ``path``: made by :meth:`create`."""
+
+    FLAGS = 4096  # bytes of sequence numbers (one 64-byte line a rank) before the slots
+
+    def __init__(self, path: str, rank: int, world: int, slot_bytes: int):
+        self.path, self.rank, self.world, self.slot_bytes = path, rank, world, slot_bytes
+        size = self.FLAGS + 2 * world * slot_bytes
+        self.buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        self.flags = self.buf[: self.FLAGS].view(torch.int64)  # rank r: flags[8 r]
+        self.seq = 0
+
+    @classmethod
+    def create(cls, world: int, slot_bytes: int) -> str:
+        """A new zeroed exchange file's path (in /dev/shm where there is one)."""
+        import os
+        import tempfile
+
+        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="gpupool-tp-", dir=where)
+        os.ftruncate(fd, cls.FLAGS + 2 * world * slot_bytes)
+        os.close(fd)
+        return path
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return t.numel() * 4 <= self.slot_bytes
+
+    def _slot(self, rank: int, seq: int, numel: int) -> torch.Tensor:
+        start = self.FLAGS + ((seq % 2) * self.world + rank) * self.slot_bytes
+        return self.buf[start : start + 4 * numel].view(torch.float32)
+
+    def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's float32 ``t`` (flattened), in rank order."""
+        import time
+
+        self.seq += 1
+        n = t.numel()
+        self._slot(self.rank, self.seq, n).copy_(t.reshape(-1))
+        self.flags[8 * self.rank] = self.seq
+        spins = 0
+        for r in range(self.world):
+            while int(self.flags[8 * r]) < self.seq:
+                spins += 1
+                if spins > 20000:
+                    time.sleep(0)
+        return [self._slot(r, self.seq, n) for r in range(self.world)]
+
+
 @dataclasses.dataclass
 class TPGroup:
     """This process's place in a tensor-parallel group (``group``: its torch.distributed
-    process group, None for the default one)."""
+    process group, None for the default one; ``shm``: the host's shared-memory exchange,
+    used for every tensor that fits its slots, gloo for the rest)."""
     rank: int
     world: int
     group: object = None
+    shm: ShmExchange | None = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum of ``t`` over the ranks, added in float32 and rounded to t's dtype once."""
+        """The sum of ``t`` over the ranks, added in float32 in rank order (the same bits on
+        every rank) and rounded to t's dtype once."""
+        if self.shm is not None and self.shm.fits(t):
+            parts = self.shm.exchange(t.float())
+            s = parts[0].clone()
+            for p in parts[1:]:
+                s += p
+            return s.view(t.shape).to(t.dtype)
         import torch.distributed as dist
 
         s = t.float() if t.dtype != torch.float32 else t.clone()
@@ -54,6 +116,9 @@ class TPGroup:
 
     def gather_columns(self, t: torch.Tensor) -> torch.Tensor:
         """Each rank's ``t`` [..., C] side by side in rank order: [..., world * C]."""
+        if self.shm is not None and self.shm.fits(t) and t.dtype == torch.float32:
+            parts = self.shm.exchange(t)
+            return torch.cat([p.view(t.shape) for p in parts], dim=-1)
         import torch.distributed as dist
 
         parts = [torch.empty_like(t) for _ in range(self.world)]
