@@ -2,10 +2,10 @@
 each hold their shard of every model and their share of every KV page, and run each step's
 forward pass beside rank 0 (the engine's own process, which schedules, samples and serves).
 
-Rank 0 sends every rank the same commands in the same order (``dist.broadcast_object_list``
-over gloo, TCP on 127.0.0.1): ``load`` (a model's shard, read from its checkpoint by each rank
-itself, ``models/tp.py``), ``forward`` (a step's :class:`~gpupool.models.batch.ForwardBatch`:
-page ids, positions, block tables; the same on every rank, since one page pool's integers
+Rank 0 sends every rank the same commands in the same order (pickled into a shared file,
+``models/tp.py`` ``ShmCommands``; gloo over TCP on 127.0.0.1 for a larger one): ``load`` (a
+model's shard, read from its checkpoint by each rank itself, ``models/tp.py``), ``forward``
+(a step's :class:`~gpupool.models.batch.ForwardBatch`: page ids, positions, block tables; the same on every rank, since one page pool's integers
 serve them all), ``copy`` (a KV swap's page pairs: every rank moves its share), ``unload`` and
 ``stop``. So residency of KV pages, prefix-cache hits and preemption agree on every rank
 without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go through
@@ -20,7 +20,7 @@ The forward pass's all-reduces and logits gathers go through a shared-memory exc
 gloo for a tensor larger than a slot), not gloo's TCP loopback.
 
 Run as a rank: ``python -P -m gpupool.engine.tp PORT RANK WORLD NUM_PAGES PAGE_BYTES
-HOST_PAGES THREADS SHM_PATH``.
+HOST_PAGES THREADS SHM_PATH CMD_PATH``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class TPRanks:
                  threads: int):
         import torch.distributed as dist
 
-        from gpupool.models.tp import ShmExchange, TPGroup
+        from gpupool.models.tp import ShmCommands, ShmExchange, TPGroup
 
         if dist.is_initialized():
             raise RuntimeError("one tensor-parallel engine per process (torch.distributed's "
@@ -64,9 +64,11 @@ class TPRanks:
             port = s.getsockname()[1]
         self.world = world
         self.shm_path = ShmExchange.create(world, SHM_SLOT_BYTES)
+        self.cmd_path = ShmCommands.create()
         self.procs = [subprocess.Popen(
             [sys.executable, "-P", "-m", "gpupool.engine.tp", str(port), str(r), str(world),
-             str(num_pages), str(page_bytes), str(host_pages), str(threads), self.shm_path])
+             str(num_pages), str(page_bytes), str(host_pages), str(threads), self.shm_path,
+             self.cmd_path])
             for r in range(1, world)]
         try:
             _init(port, 0, world)
@@ -74,16 +76,16 @@ class TPRanks:
             for p in self.procs:
                 p.kill()
             os.unlink(self.shm_path)
+            os.unlink(self.cmd_path)
             raise
+        self.commands = ShmCommands(self.cmd_path, 0, world)
         self.group = TPGroup(0, world, shm=ShmExchange(self.shm_path, 0, world,
                                                        SHM_SLOT_BYTES))
         self.closed = False
 
     def command(self, *msg) -> None:
         """Every other rank runs ``msg`` (rank 0 runs its own part after)."""
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([msg], src=0)
+        self.commands.send(msg)
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -101,6 +103,7 @@ class TPRanks:
                     p.kill()
             dist.destroy_process_group()
             os.unlink(self.shm_path)
+            os.unlink(self.cmd_path)
 
 
 def _load(models: dict, kv, msg, rank: int, world: int, shm) -> None:
@@ -126,21 +129,20 @@ def main(argv: list[str]) -> None:
     """A rank's loop: run rank 0's commands until ``stop``."""
     import torch.distributed as dist
 
-    from gpupool.models.tp import ShmExchange
+    from gpupool.models.tp import ShmCommands, ShmExchange
     from gpupool.pool.kv import KVStorage
 
     port, rank, world, num_pages, page_bytes, host_pages, threads = map(int, argv[:7])
     torch.set_num_threads(threads)
     _init(port, rank, world)
     shm = ShmExchange(argv[7], rank, world, SHM_SLOT_BYTES)
+    commands = ShmCommands(argv[8], rank, world)
     kv = KVStorage(num_pages, page_bytes, "cpu")
     kv.enable_host_swap(host_pages)
     models: dict = {}
     try:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            msg = box[0]
+            msg = commands.receive()
             op = msg[0]
             if op == "stop":
                 break

@@ -89,6 +89,80 @@ class ShmExchange:
         return [self._slot(r, self.seq, n) for r in range(self.world)]
 
 
+class ShmCommands:
+    """Rank 0's commands to the other ranks through a shared file: a pickled message and
+    its length behind a sequence number (``CMD_BYTES`` at most; a longer one goes through
+    gloo, the header saying so); each rank acknowledges a message once read, and rank 0
+    writes the next one only when all have (one message in flight). A rank waiting for the
+    next command spins a while, then sleeps in short naps (an idle engine burns no core)."""
+
+    CMD_BYTES = 8 << 20
+    HEADER = 4096  # int64s: [0] seq, [1] bytes (-1: gloo), [8 r] rank r's last read seq
+
+    def __init__(self, path: str, rank: int, world: int = 2):
+        self.rank, self.world = rank, world
+        self.buf = torch.from_file(path, shared=True, size=self.HEADER + self.CMD_BYTES,
+                                   dtype=torch.uint8)
+        self.header = self.buf[: self.HEADER].view(torch.int64)
+        self.seq = 0
+
+    @classmethod
+    def create(cls) -> str:
+        import os
+        import tempfile
+
+        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="gpupool-tp-cmd-", dir=where)
+        os.ftruncate(fd, cls.HEADER + cls.CMD_BYTES)
+        os.close(fd)
+        return path
+
+    def send(self, msg) -> None:
+        import pickle
+
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        _wait(lambda: all(int(self.header[8 * r]) >= self.seq for r in range(1, self.world)))
+        self.seq += 1
+        big = len(data) > self.CMD_BYTES
+        if not big:
+            self.buf[self.HEADER : self.HEADER + len(data)].copy_(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self.header[1] = -1 if big else len(data)
+        self.header[0] = self.seq  # last: the message is whole
+        if big:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([msg], src=0)
+
+    def receive(self):
+        import pickle
+
+        self.seq += 1
+        _wait(lambda: int(self.header[0]) >= self.seq)
+        n = int(self.header[1])
+        if n < 0:
+            import torch.distributed as dist
+
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            msg = box[0]
+        else:
+            msg = pickle.loads(self.buf[self.HEADER : self.HEADER + n].numpy().tobytes())
+        self.header[8 * self.rank] = self.seq  # read: rank 0 may write the next one
+        return msg
+
+
+def _wait(ready, spins: int = 200000) -> None:
+    """Until ``ready()``: spinning first, then naps of half a millisecond."""
+    import time
+
+    n = 0
+    while not ready():
+        n += 1
+        if n > spins:
+            time.sleep(0.0005)
+
+
 @dataclasses.dataclass
 class TPGroup:
     """This process's place in a tensor-parallel group (``group``: its torch.distributed
