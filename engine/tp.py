@@ -7,8 +7,8 @@ Rank 0 sends every rank the same commands in the same order (pickled into a shar
 model's shard, read from its checkpoint by each rank itself, ``models/tp.py``), ``forward``
 (a step's :class:`~gpupool.models.batch.ForwardBatch`: page ids, positions, block tables;
 the same on every rank, since one page pool's integers serve them all), ``copy`` (a KV
-swap's page pairs: every rank moves its share), ``unload`` and ``stop``. So residency of KV pages, prefix-cache hits and preemption agree on every rank
-without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go through
+swap's page pairs: every rank moves its share), ``unload`` and ``stop``. So residency of KV
+pages, prefix-cache hits and preemption agree on every rank without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go through
 the engine's weight pool as any model's). Limits of this first part: CPU and gloo only (NCCL
 and CUDA graphs: not yet), one tensor-parallel engine per process (torch.distributed's
 default group), no LoRA adapters on a sharded model, the commands pickled (a packed integer
