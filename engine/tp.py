@@ -4,16 +4,16 @@ forward pass beside rank 0 (the engine's own process, which schedules, samples a
 
 Rank 0 sends every rank the same commands in the same order (pickled into a shared file,
 ``models/tp.py`` ``ShmCommands``; gloo over TCP on 127.0.0.1 for a larger one): ``load`` (a
-model's shard, read from its checkpoint by each rank itself, ``models/tp.py``), ``forward``
-(a step's :class:`~gpupool.models.batch.ForwardBatch`: page ids, positions, block tables;
-the same on every rank, since one page pool's integers serve them all), ``copy`` (a KV
-swap's page pairs: every rank moves its share), ``unload`` and ``stop``. So residency of KV
-pages, prefix-cache hits and preemption agree on every rank without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go through
-the engine's weight pool as any model's). Limits of this first part: CPU and gloo only (NCCL
-and CUDA graphs: not yet), one tensor-parallel engine per process (torch.distributed's
-default group), no LoRA adapters on a sharded model, the commands pickled (a packed integer
-message is the next step), and a rank that dies makes rank 0's next collective fail after
-``TIMEOUT_S``.
+model's shard, read from its checkpoint by each rank itself, ``models/tp.py``), ``forward`` (a
+step's :class:`~gpupool.models.batch.ForwardBatch`: page ids, positions, block tables; the same
+on every rank, since one page pool's integers serve them all), ``copy`` (a KV swap's page
+pairs: every rank moves its share), ``unload`` and ``stop``. So residency of KV pages, prefix-
+cache hits and preemption agree on every rank without a second scheduler. Each rank keeps its
+shards in its host memory (rank 0's go through the engine's weight pool as any model's). Limits
+of this first part: CPU and gloo only (NCCL and CUDA graphs: not yet), one tensor-parallel
+engine per process (torch.distributed's default group), no LoRA adapters on a sharded model,
+the commands pickled (a packed integer message is the next step), and a rank that dies makes
+rank 0's next collective fail after ``TIMEOUT_S``.
 
 The forward pass's all-reduces and logits gathers go through a shared-memory exchange
 (``models/tp.py`` ``ShmExchange``: a file in /dev/shm, each rank a slot, sequence numbers;
