@@ -81,7 +81,12 @@ class TPRanks:
         self.commands = ShmCommands(self.cmd_path, 0, world)
         self.group = TPGroup(0, world, shm=ShmExchange(self.shm_path, 0, world,
                                                        SHM_SLOT_BYTES))
+        self.commands.alive = self.group.shm.alive = self.alive
         self.closed = False
+
+    def alive(self) -> bool:
+        """Whether every other rank's process still runs."""
+        return all(p.poll() is None for p in self.procs)
 
     def command(self, *msg) -> None:
         """Every other rank runs ``msg`` (rank 0 runs its own part after)."""
@@ -94,7 +99,10 @@ class TPRanks:
             return
         self.closed = True
         try:
-            self.command("stop")
+            if self.alive():
+                self.command("stop")
+        except RuntimeError:  # a rank died meanwhile: the others are killed below
+            pass
         finally:
             for p in self.procs:
                 try:
@@ -137,6 +145,8 @@ def main(argv: list[str]) -> None:
     _init(port, rank, world)
     shm = ShmExchange(argv[7], rank, world, SHM_SLOT_BYTES)
     commands = ShmCommands(argv[8], rank, world)
+    parent = os.getppid()
+    shm.alive = commands.alive = lambda: os.getppid() == parent  # rank 0 (our parent) lives
     kv = KVStorage(num_pages, page_bytes, "cpu")
     kv.enable_host_swap(host_pages)
     models: dict = {}

@@ -52,6 +52,8 @@ class ShmExchange:
         self.buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         self.flags = self.buf[: self.FLAGS].view(torch.int64)  # rank r: flags[8 r]
         self.seq = 0
+        self.alive = None  # () -> whether the peers live (a wait fails once they do not)
+        self.timeout_s = 120.0
 
     @classmethod
     def create(cls, world: int, slot_bytes: int) -> str:
@@ -74,18 +76,12 @@ class ShmExchange:
 
     def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's float32 ``t`` (flattened), in rank order."""
-        import time
-
         self.seq += 1
         n = t.numel()
         self._slot(self.rank, self.seq, n).copy_(t.reshape(-1))
         self.flags[8 * self.rank] = self.seq
-        spins = 0
-        for r in range(self.world):
-            while int(self.flags[8 * r]) < self.seq:
-                spins += 1
-                if spins > 20000:
-                    time.sleep(0)
+        _wait(lambda: all(int(self.flags[8 * r]) >= self.seq for r in range(self.world)),
+              self.alive, self.timeout_s, spins=20000)
         return [self._slot(r, self.seq, n) for r in range(self.world)]
 
 
@@ -105,6 +101,7 @@ class ShmCommands:
                                    dtype=torch.uint8)
         self.header = self.buf[: self.HEADER].view(torch.int64)
         self.seq = 0
+        self.alive = None  # () -> whether the peers live
 
     @classmethod
     def create(cls) -> str:
@@ -121,7 +118,8 @@ class ShmCommands:
         import pickle
 
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        _wait(lambda: all(int(self.header[8 * r]) >= self.seq for r in range(1, self.world)))
+        _wait(lambda: all(int(self.header[8 * r]) >= self.seq for r in range(1, self.world)),
+              self.alive, 120.0)
         self.seq += 1
         big = len(data) > self.CMD_BYTES
         if not big:
@@ -138,7 +136,7 @@ class ShmCommands:
         import pickle
 
         self.seq += 1
-        _wait(lambda: int(self.header[0]) >= self.seq)
+        _wait(lambda: int(self.header[0]) >= self.seq, self.alive)  # idle: no timeout
         n = int(self.header[1])
         if n < 0:
             import torch.distributed as dist
@@ -152,15 +150,23 @@ class ShmCommands:
         return msg
 
 
-def _wait(ready, spins: int = 200000) -> None:
-    """Until ``ready()``: spinning first, then naps of half a millisecond."""
+def _wait(ready, alive=None, timeout_s: float | None = None, spins: int = 200000) -> None:
+    """Until ``ready()``: spinning first, then naps of half a millisecond; RuntimeError once
+    ``alive()`` (asked every ~0.1 s of napping) says a peer is gone, or after ``timeout_s``."""
     import time
 
-    n = 0
+    n, start = 0, None
     while not ready():
         n += 1
         if n > spins:
             time.sleep(0.0005)
+            if n % 200 == 0:
+                start = start or time.monotonic()
+                if alive is not None and not alive():
+                    raise RuntimeError("a tensor-parallel rank is gone")
+                if timeout_s is not None and time.monotonic() - start > timeout_s:
+                    raise RuntimeError(f"a tensor-parallel rank did not answer in "
+                                       f"{timeout_s:.0f} s")
 
 
 @dataclasses.dataclass

@@ -123,3 +123,26 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
             two.add_adapter("x", "a", make_peft_adapter(a, tmp_path / "x", 4, ["q_proj"]))
     finally:
         two.shutdown()
+
+
+def test_a_dead_rank_fails_the_step_instead_of_hanging(tmp_path):
+    """SIGKILL of rank 1: rank 0's next step fails within seconds (its wait for the dead
+    rank's share notices the process is gone), the engine still answers and shuts down."""
+    import time
+
+    from gpupool import SamplingParams
+    from tests.factories import make_engine
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    two = make_engine(folder, tensor_parallel=2)
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        assert len(two.generate([[1, 2, 3]], params)[0].token_ids) == 4
+        two.local.tp.procs[0].kill()
+        two.local.tp.procs[0].wait()
+        start = time.monotonic()
+        out = two.generate([[4, 5, 6]], params)[0]  # a failed step aborts its requests
+        assert out.finish_reason == "abort" and "rank is gone" in (out.error or "")
+        assert time.monotonic() - start < 30
+    finally:
+        two.shutdown()
