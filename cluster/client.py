@@ -158,6 +158,8 @@ class _RemoteStream:
             pass
         if self.finished:
             return
+        view = self.client._views.get(dead)
+        degree = view.tensor_parallel if view is not None else 1  # moves to its own kind
         await self.client.forget_worker_async(dead)
         p = self.req.params
         usage = Usage(len(self.req.prompt_token_ids), len(self.tokens))
@@ -172,7 +174,8 @@ class _RemoteStream:
             return
         moved = dataclasses.replace(self.req, delivered_token_ids=tuple(self.tokens))
         try:
-            worker = await asyncio.to_thread(self.client._route, moved, frozenset({dead}))
+            worker = await asyncio.to_thread(self.client._route, moved, frozenset({dead}),
+                                             degree)
         except (NoWorker, EngineError) as e:
             self._accept(OutputDelta(self.request_id, len(self.tokens), finish_reason="abort",
                                      usage=usage, error=f"worker {dead} died: {e}"))
@@ -315,7 +318,8 @@ class RedisClient:
                 await self._call(forget)
         self._workers = (0.0, [])
 
-    def _route(self, req: EngineRequest, exclude: frozenset[str] = frozenset()) -> str:
+    def _route(self, req: EngineRequest, exclude: frozenset[str] = frozenset(),
+               degree: int | None = None) -> str:
         info = self.model_info(req.model)
         if info is None:
             raise RequestError(f"model {req.model!r} is not loaded")
@@ -326,7 +330,7 @@ class RedisClient:
                                   element_bytes=(model_element_bytes(spec.get("dtype"),
                                                                      spec.get("quantization"))
                                                  or self._checkpoint_bytes(info.folder)),
-                                  adapter=info.adapter)
+                                  adapter=info.adapter, degree=degree)
         self.routes[route.reason] += 1
         return route.worker
 

@@ -34,6 +34,7 @@ class WorkerInfo:
     kv_capacity: dict = field(default_factory=dict)  # loaded model -> most tokens a request
     adapters: list[str] = field(default_factory=list)  # in device slots
     host_adapters: list[str] = field(default_factory=list)  # read into the host cache
+    tensor_parallel: int = 1  # ranks sharing each model (weight_bytes: each rank's region)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -49,7 +50,8 @@ class WorkerInfo:
                           running=self.running, queued=self.queued,
                           weight_bytes=self.weight_bytes, element_bytes=self.element_bytes,
                           adapters=frozenset(self.adapters),
-                          host_adapters=frozenset(self.host_adapters))
+                          host_adapters=frozenset(self.host_adapters),
+                          tensor_parallel=self.tensor_parallel)
 
 
 def read_workers(r) -> list[tuple[WorkerInfo, bool]]:

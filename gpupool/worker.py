@@ -296,6 +296,15 @@ class Worker:
     def _beat_loop(self) -> None:
         beats = 0
         while not self.stopping.wait(self.heartbeat_s):
+            tp = self.engine.tp
+            if tp is not None and not tp.alive():
+                # a tensor-parallel rank died: the group is down; this process exits, so its
+                # Redis connections close, the cluster sees the worker dead and its requests
+                # move (cluster/client.py: to a worker of the same degree)
+                logger.error("worker %s: a tensor-parallel rank died; exiting", self.name)
+                for p in tp.procs:
+                    p.kill()
+                os._exit(70)
             try:
                 self._heartbeat()
                 self._check_fences()
@@ -354,7 +363,7 @@ class Worker:
             running=sum(m["running"] for m in s["models"].values()),
             queued=sum(m["waiting"] for m in s["models"].values()),
             draining=self.draining.is_set(), at=time.time(), step_s=s["step_s"],
-            ttl_s=self.ttl_s,
+            ttl_s=self.ttl_s, tensor_parallel=self.engine.config.tensor_parallel,
             kv_capacity={m: v["kv_capacity_tokens"] for m, v in s["models"].items()},
             adapters=sorted({a for v in s["models"].values() for a in v["resident_adapters"]}),
             host_adapters=sorted({a for v in s["models"].values()

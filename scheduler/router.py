@@ -34,6 +34,7 @@ class WorkerView:
     queued: int = 0
     weight_bytes: int = 0  # the weight region's size (0: unknown, no limit checked)
     element_bytes: int = 0  # bytes per weight element in its dtype (0: unknown)
+    tensor_parallel: int = 1  # ranks sharing each model (weight_bytes: each rank's region)
     sent: int = field(default=0, compare=False)  # routed here since the last report
 
     @property
@@ -43,11 +44,13 @@ class WorkerView:
 
 def fits_weights(w: WorkerView, model_params: int, element_bytes: float = 0) -> bool:
     """Whether the worker's weight region can hold the model (unknown sizes: assume so);
-    ``element_bytes``: the model's own bytes per weight (its dtype or int8), 0: the worker's."""
+    ``element_bytes``: the model's own bytes per weight (its dtype or int8), 0: the worker's.
+    A tensor-parallel worker holds a shard a rank, each in a region of ``weight_bytes``: its
+    share of the model's bytes (the norms it replicates are a rounding error)."""
     eb = element_bytes or w.element_bytes
     if not model_params or not w.weight_bytes or not eb:
         return True
-    return model_params * eb <= w.weight_bytes
+    return model_params * eb / max(w.tensor_parallel, 1) <= w.weight_bytes
 
 
 def too_large(model: str, model_params: int, workers: list[WorkerView],
@@ -57,7 +60,8 @@ def too_large(model: str, model_params: int, workers: list[WorkerView],
     need = model_params * (element_bytes or best.element_bytes or 2)
     return (f"model {model!r} needs about {need / 2**30:.2f} GiB of weights, more than any "
             f"worker's weight region (largest {best.weight_bytes / 2**30:.2f} GiB, on "
-            f"{best.name}); no tensor parallelism yet")
+            f"{best.name}, {best.tensor_parallel} rank(s)); a worker with more ranks "
+            "(--tensor-parallel N) shards it")
 
 
 class NoWorker(Exception):
@@ -76,14 +80,19 @@ class Router:
 
     def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
               exclude: frozenset[str] = frozenset(), element_bytes: float = 0,
-              adapter: str | None = None) -> Route:
+              adapter: str | None = None, degree: int | None = None) -> Route:
         """The worker for a request of base model ``model`` (``model_params``: its weight
         elements, 0 if unknown; ``element_bytes``: the model's own bytes per element, 0: each
         worker's; ``adapter``: the request's adapter, if any); ``exclude``: workers not to
-        use (one that just failed it)."""
+        use (one that just failed it); ``degree``: only workers of that many tensor-parallel
+        ranks (a request moved from a dead worker: other degrees add the ranks' partial sums
+        otherwise, so its continuation could differ)."""
         live = [w for w in workers if w.alive and not w.draining and w.name not in exclude]
+        if degree is not None:
+            live = [w for w in live if w.tensor_parallel == degree]
         if not live:
-            raise NoWorker("no live worker in the pool")
+            raise NoWorker("no live worker in the pool" if degree is None else
+                           f"no live worker of {degree} tensor-parallel rank(s) in the pool")
         fits = [w for w in live if fits_weights(w, model_params, element_bytes)]
         if not fits:
             raise NoWorker(too_large(model, model_params, live, element_bytes))

@@ -85,3 +85,19 @@ def test_a_gateways_stream_keeps_every_field_of_a_workers_delta():
     (out,) = stream.pending
     assert out.embedding == (0.5, -1.0) and out.cached_tokens == 1
     assert out.prompt_logprobs == (None,) and out.finished and out.usage == Usage(2, 0, 1)
+
+
+def test_a_model_too_large_for_one_rank_goes_to_a_tensor_parallel_group():
+    """Each rank of a tensor-parallel worker holds a shard: a model larger than a one-rank
+    worker's weight region goes to a group whose ranks' regions hold its shards; a request
+    moved from a dead worker goes only to a worker of its degree (or fails, named)."""
+    r = Router()
+    one = WorkerView("one", weight_bytes=1000, element_bytes=2)
+    group = WorkerView("tp2", weight_bytes=1000, element_bytes=2, tensor_parallel=2)
+    assert r.route("big", [one, group], model_params=800).worker == "tp2"  # 1600 B: 800 a rank
+    assert r.route("small", [one, group], model_params=100, degree=1).worker == "one"
+    assert r.route("small", [one, group], model_params=100, degree=2).worker == "tp2"
+    with pytest.raises(NoWorker, match="2 tensor-parallel rank"):
+        r.route("big", [one, group], model_params=800, exclude=frozenset({"tp2"}), degree=2)
+    with pytest.raises(NoWorker, match="--tensor-parallel"):
+        r.route("huge", [one, group], model_params=1200)

@@ -146,3 +146,66 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(tmp_path):
         assert time.monotonic() - start < 30
     finally:
         two.shutdown()
+
+
+def test_a_dead_rank_takes_its_group_down_and_streams_move_to_a_group_of_its_degree(
+        tmp_path):
+    """A cluster of two workers of 2 ranks each: streams on one group, SIGKILL of its rank 1
+    mid-stream: the group's worker exits (it leaves the registry), every stream finishes on
+    the other group with the text one engine gives (fp32 greedy: the ranks' sums agree)."""
+    import signal
+    import threading
+
+    import httpx
+    import psutil
+
+    openai = pytest.importorskip("openai")
+    from gpupool import SamplingParams
+    from tests.cluster import ADMIN, Cluster
+    from tests.factories import make_engine, random_prompts
+    from tests.test_cluster import _pool, _stream, _wait_for
+
+    root = tmp_path / "models"
+    llama = make_tiny_model(root / "llama", "llama")
+    prompts = random_prompts(4, 4, 10, seed=5)
+    one = make_engine(llama, "llama")
+    try:
+        want = [o.text for o in one.generate(
+            prompts, SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))]
+    finally:
+        one.shutdown()
+    c = Cluster(root, tmp_path / "home")
+    try:
+        for name in ("tpA", "tpB"):
+            c.start_worker(name, "--tensor-parallel", "2")
+        gw = c.gateway("--model", f"llama={llama}")
+        try:
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+            client.completions.create(model="llama", prompt=prompts[0], max_tokens=1)
+            holder = _wait_for(lambda: [w["name"] for w in _pool(gw, True)
+                                        if "llama" in w["models"]])
+            assert len(holder) == 1
+            victim = holder[0]
+            chunks = [[] for _ in prompts]
+            threads = [threading.Thread(target=_stream, args=(client, "llama", p, 120, ch),
+                                        kwargs={"temperature": 0})
+                       for p, ch in zip(prompts, chunks)]
+            for t in threads:
+                t.start()
+            _wait_for(lambda: all(len(ch) >= 3 for ch in chunks), timeout=60, step=0.005)
+            rank1 = psutil.Process(c.workers[victim].pid).children()[0]
+            rank1.send_signal(signal.SIGKILL)
+            assert c.workers[victim].wait(timeout=30) != 0  # the group went down
+            for t in threads:
+                t.join(timeout=120)
+            assert not any(t.is_alive() for t in threads)
+            for i, ch in enumerate(chunks):
+                assert "".join(text for _, text, _ in ch) == want[i], i
+                assert ch[-1][2] == "length"
+            assert victim not in {w["name"] for w in _pool(gw)}
+            assert int(c.r.get("gpupool:cluster:redispatched") or 0) == len(prompts)
+            assert httpx.get(gw.url + "/admin/pool", headers=ADMIN).status_code == 200
+        finally:
+            gw.stop()
+    finally:
+        c.close()
