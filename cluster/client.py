@@ -330,7 +330,8 @@ class RedisClient:
                                   element_bytes=(model_element_bytes(spec.get("dtype"),
                                                                      spec.get("quantization"))
                                                  or self._checkpoint_bytes(info.folder)),
-                                  adapter=info.adapter, degree=degree)
+                                  adapter=info.adapter, degree=degree,
+                                  refusal=self._config(info.folder).tp_refusal)
         self.routes[route.reason] += 1
         return route.worker
 
@@ -404,6 +405,9 @@ class RedisClient:
                   or self._checkpoint_bytes(cmd.path))
             if live and not any(fits_weights(w, params, eb) for w in live):
                 raise ModelLoadError(too_large(cmd.name, params, live, eb))
+            why = [self._config(cmd.path).tp_refusal(w.tensor_parallel) for w in live]
+            if live and all(why):  # every worker shards over ranks the model cannot split
+                raise ModelLoadError(f"model {cmd.name!r}: {why[0]}")
             r.hset(keys.MODELS, cmd.name, json.dumps(
                 {"path": cmd.path, "ttft_ms": cmd.ttft_ms, "tbt_ms": cmd.tbt_ms,
                  "dtype": cmd.dtype, "quantization": cmd.quantization}))

@@ -247,6 +247,28 @@ class ModelConfig:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
+    def tp_refusal(self, world: int) -> str | None:
+        """Why ``world`` tensor-parallel ranks cannot shard this model (the counts that do not
+        divide, named), or None (models/tp.py)."""
+        if world <= 1:
+            return None
+        bad = []
+        if self.num_heads % world:
+            bad.append(f"{self.num_heads} attention heads")
+        if self.num_kv_heads % world and world % self.num_kv_heads:
+            bad.append(f"{self.num_kv_heads} KV heads")
+        if self.intermediate_size % world:
+            bad.append(f"intermediate size {self.intermediate_size}")
+        if self.vocab_size % world:
+            bad.append(f"vocabulary of {self.vocab_size}")
+        if bad:
+            return (f"tensor parallelism over {world} ranks needs counts it divides: "
+                    f"{', '.join(bad)} are not")
+        if self.num_experts or self.qk_norm_whole or self.quant:
+            return (f"{self.architecture}: mixtures of experts, whole-vector q/k norms and "
+                    "4-bit checkpoints are not sharded yet")
+        return None
+
     def kv_bytes_per_token(self, element_bytes: int) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element_bytes
 

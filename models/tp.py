@@ -207,22 +207,11 @@ class TPGroup:
 
 
 def check_shardable(cfg: ModelConfig, world: int) -> None:
-    """ModelLoadError naming the counts that ``world`` ranks cannot split."""
-    bad = []
-    if cfg.num_heads % world:
-        bad.append(f"{cfg.num_heads} attention heads")
-    if cfg.num_kv_heads % world and world % cfg.num_kv_heads:
-        bad.append(f"{cfg.num_kv_heads} KV heads")
-    if cfg.intermediate_size % world:
-        bad.append(f"intermediate size {cfg.intermediate_size}")
-    if cfg.vocab_size % world:
-        bad.append(f"vocabulary of {cfg.vocab_size}")
-    if bad:
-        raise ModelLoadError(f"tensor parallelism over {world} ranks needs counts it divides: "
-                             f"{', '.join(bad)} are not")
-    if cfg.num_experts or cfg.qk_norm_whole:
-        raise ModelLoadError(f"{cfg.architecture}: mixtures of experts and whole-vector q/k "
-                             "norms are not sharded yet")
+    """ModelLoadError naming the counts that ``world`` ranks cannot split
+    (``ModelConfig.tp_refusal``)."""
+    why = cfg.tp_refusal(world)
+    if why is not None:
+        raise ModelLoadError(why)
 
 
 def local_config(cfg: ModelConfig, world: int) -> ModelConfig:
@@ -283,8 +272,6 @@ def load_shard(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, world: 
     from gpupool.models import loader
 
     local = local_config(cfg, world)
-    if cfg.quant:
-        raise ModelLoadError(f"{folder}: 4-bit checkpoints are not sharded yet")
     return local, *loader.load_flat_weights(folder, local, dtype, quantization,
                                             cut=lambda name, src, t: shard(cfg, name, src, t,
                                                                            world, rank))

@@ -80,16 +80,23 @@ class Router:
 
     def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
               exclude: frozenset[str] = frozenset(), element_bytes: float = 0,
-              adapter: str | None = None, degree: int | None = None) -> Route:
+              adapter: str | None = None, degree: int | None = None,
+              refusal=None) -> Route:
         """The worker for a request of base model ``model`` (``model_params``: its weight
         elements, 0 if unknown; ``element_bytes``: the model's own bytes per element, 0: each
         worker's; ``adapter``: the request's adapter, if any); ``exclude``: workers not to
         use (one that just failed it); ``degree``: only workers of that many tensor-parallel
         ranks (a request moved from a dead worker: other degrees add the ranks' partial sums
-        otherwise, so its continuation could differ)."""
+        otherwise, so its continuation could differ); ``refusal(degree)``: why a worker of
+        that many ranks cannot shard the model (None: it can)."""
         live = [w for w in workers if w.alive and not w.draining and w.name not in exclude]
         if degree is not None:
             live = [w for w in live if w.tensor_parallel == degree]
+        if refusal is not None and live:
+            why = {w.tensor_parallel: refusal(w.tensor_parallel) for w in live}
+            if all(why.values()):
+                raise NoWorker(next(iter(why.values())))
+            live = [w for w in live if not why[w.tensor_parallel]]
         if not live:
             raise NoWorker("no live worker in the pool" if degree is None else
                            f"no live worker of {degree} tensor-parallel rank(s) in the pool")

@@ -101,3 +101,17 @@ def test_a_model_too_large_for_one_rank_goes_to_a_tensor_parallel_group():
         r.route("big", [one, group], model_params=800, exclude=frozenset({"tp2"}), degree=2)
     with pytest.raises(NoWorker, match="--tensor-parallel"):
         r.route("huge", [one, group], model_params=1200)
+
+
+def test_a_model_no_group_can_shard_goes_to_a_one_rank_worker_or_is_refused():
+    r = Router()
+    one = WorkerView("one", weight_bytes=1000, element_bytes=2)
+    group = WorkerView("tp2", weight_bytes=1000, element_bytes=2, tensor_parallel=2)
+
+    def refusal(degree):  # 9 heads (SmolLM2): 2 ranks cannot split them
+        return None if degree == 1 else "9 attention heads are not"
+
+    for _ in range(3):
+        assert r.route("m", [one, group], model_params=100, refusal=refusal).worker == "one"
+    with pytest.raises(NoWorker, match="9 attention heads"):
+        r.route("m", [group], model_params=100, refusal=refusal)
