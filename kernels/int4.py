@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpupool.kernels.int8 import rows_and_output
+
 
 @triton.jit
 def _int4_kernel(
@@ -82,12 +84,8 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: t
             or scale.shape != (n, ng) or offset.shape != (n, ng)):
         raise ValueError(f"x [..., {k}], scale and offset [{n}, groups] expected for q "
                          f"{tuple(q.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y, lead = rows_and_output(x, k, n)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
     bm, bn, warps = _tiles(m)

@@ -66,6 +66,15 @@ def _tiles(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 64, 8
 
 
+def rows_and_output(x: torch.Tensor, k: int, n: int):
+    """(x as rows [M, k] with a unit last stride, the output [M, n] to fill, x's leading
+    shape): what a weight-only kernel's wrapper starts from."""
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device), x.shape[:-1]
+
+
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     if q.dim() != 2 or q.dtype != torch.int8 or q.stride(-1) != 1:
@@ -73,12 +82,8 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     n, k = q.shape
     if x.shape[-1] != k or scale.shape != (n,):
         raise ValueError(f"x [..., {k}] and scale [{n}] expected for q {tuple(q.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y, lead = rows_and_output(x, k, n)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
     bm, bn, bk, warps = _tiles(m)

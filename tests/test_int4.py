@@ -1,6 +1,7 @@
 """4-bit weights (issue 34, item 3): the packed format and its quantization, the native CPU
 product and the Triton kernel against the torch reference, batch invariance, and whole models
-stored 4-bit against transformers running the same model with the de-quantized weights."""
+stored 4-bit against transformers running the same model with the de-quantized weights
+(adapters on a 4-bit base: tests/test_quant.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gpupool.models.llama import LlamaModel
 from gpupool.models.loader import build_layout
 from gpupool.models.runner import build_batch
 from gpupool.pool.weights import GOFFSET_SUFFIX, GSCALE_SUFFIX
-from tests.factories import hf_greedy, make_engine, make_peft_adapter, make_tiny_model
+from tests.factories import hf_greedy, make_engine, make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 PROMPTS = [[1, 5, 9, 23, 44, 2, 17], [3, 4, 5, 6]]
@@ -185,40 +186,6 @@ def test_a_4bit_model_is_token_exact_with_transformers_on_its_dequantized_weight
 def _rows(adapter=None) -> list[BatchRow]:
     return [BatchRow(token_ids=p, start=0, pages=[1 + 2 * i, 2 + 2 * i], is_decode=False,
                      samples=True, adapter=adapter) for i, p in enumerate(PROMPTS)]
-
-
-def _dequantized_twin(worker) -> LlamaModel:
-    views = worker.model.w
-    twin = {k: v for k, v in views.items() if not k.endswith((GSCALE_SUFFIX, GOFFSET_SUFFIX))}
-    for name in list(twin):
-        if name + GSCALE_SUFFIX in views:
-            twin[name] = quant4.dequantize(views[name], views[name + GSCALE_SUFFIX],
-                                           views[name + GOFFSET_SUFFIX]).to(worker.dtype)
-    model = LlamaModel(worker.cfg, worker.dtype, worker.device)
-    model.bind(twin)
-    return model
-
-
-def test_adapters_on_a_4bit_base(tmp_path):
-    """A LoRA adapter's terms on a 4-bit base: the same as on the de-quantized base."""
-    folder = make_tiny_model(tmp_path / "base", "llama")
-    ad = make_peft_adapter(folder, tmp_path / "ad", 8,
-                           ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
-    engine = make_engine(folder, "q", quantization="int4")
-    try:
-        engine.add_adapter("a", "q", ad)
-        worker = engine.local.core.workers["q"]
-        worker.make_resident()
-        rows = _rows(adapter="a")
-        batch = build_batch(rows, worker.block_tokens, worker.device)
-        lora = worker._lora_batch(rows)
-        got = worker.model.forward(batch, worker.kv_view, lora)
-        want = _dequantized_twin(worker).forward(batch, worker.kv_view, lora)
-        base = worker.model.forward(batch, worker.kv_view)
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
-        assert (got - base).abs().max() > 0.1  # the adapter did something
-    finally:
-        engine.shutdown()
 
 
 @needs_native

@@ -84,13 +84,21 @@ def test_int8_kernel_can_be_switched_off():
 
 
 def _dequantized_twin(worker) -> LlamaModel:
-    """The worker's model with every int8 weight replaced by int8 * scale in its dtype."""
+    """The worker's model with every int8 weight replaced by int8 * scale in its dtype (and
+    every 4-bit one by its float32 values: issue 34)."""
+    from gpupool.kernels import quant4
+    from gpupool.pool.weights import GOFFSET_SUFFIX, GSCALE_SUFFIX
+
     views = worker.model.w
-    twin = {k: v for k, v in views.items() if not k.endswith(SCALE_SUFFIX)}
+    twin = {k: v for k, v in views.items()
+            if not k.endswith((SCALE_SUFFIX, GSCALE_SUFFIX, GOFFSET_SUFFIX))}
     for name in list(twin):
         if name + SCALE_SUFFIX in views:
             twin[name] = (views[name].double()
                           * views[name + SCALE_SUFFIX].double()[:, None]).to(worker.dtype)
+        elif name + GSCALE_SUFFIX in views:
+            twin[name] = quant4.dequantize(views[name], views[name + GSCALE_SUFFIX],
+                                           views[name + GOFFSET_SUFFIX]).to(worker.dtype)
     model = LlamaModel(worker.cfg, worker.dtype, worker.device)
     model.bind(twin)
     return model
@@ -119,12 +127,14 @@ def test_int8_forward_is_the_dequantized_model(tmp_path, variant):
         engine.shutdown()
 
 
-def test_adapters_on_an_int8_base(tmp_path):
-    """A LoRA adapter's terms on an int8 base: the same as on the de-quantized base."""
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_adapters_on_a_quantized_base(tmp_path, quantization):
+    """A LoRA adapter's terms on an int8 or 4-bit base: the same as on the de-quantized
+    base."""
     folder = make_tiny_model(tmp_path / "base", "llama")
     ad = make_peft_adapter(folder, tmp_path / "ad", 8,
                            ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
-    engine = make_engine(folder, "q", quantization="int8")
+    engine = make_engine(folder, "q", quantization=quantization)
     try:
         engine.add_adapter("a", "q", ad)
         worker = engine.local.core.workers["q"]
