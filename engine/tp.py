@@ -82,6 +82,9 @@ class TPRanks:
         self.group = TPGroup(0, world, shm=ShmExchange(self.shm_path, 0, world,
                                                        SHM_SLOT_BYTES))
         self.commands.alive = self.group.shm.alive = self.alive
+        dist.barrier()  # every rank has mapped both files: their names can go (no leftovers
+        os.unlink(self.shm_path)  # in /dev/shm, whatever way the processes end)
+        os.unlink(self.cmd_path)
         self.closed = False
 
     def alive(self) -> bool:
@@ -110,8 +113,6 @@ class TPRanks:
                 except subprocess.TimeoutExpired:
                     p.kill()
             dist.destroy_process_group()
-            os.unlink(self.shm_path)
-            os.unlink(self.cmd_path)
 
 
 def _load(models: dict, kv, msg, rank: int, world: int, shm) -> None:
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> None:
     commands = ShmCommands(argv[8], rank, world)
     parent = os.getppid()
     shm.alive = commands.alive = lambda: os.getppid() == parent  # rank 0 (our parent) lives
+    dist.barrier()  # both files mapped: rank 0 removes their names
     kv = KVStorage(num_pages, page_bytes, "cpu")
     kv.enable_host_swap(host_pages)
     models: dict = {}

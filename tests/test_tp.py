@@ -106,6 +106,8 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
     try:
         two.add_model("a", a)
         two.add_model("b", b)
+        ranks = two.local.tp  # its shared files mapped by every rank, their names gone
+        assert not Path(ranks.shm_path).exists() and not Path(ranks.cmd_path).exists()
         for _ in range(2):  # one model's weights at a time: a switch each
             for name in ("a", "b"):
                 got = [o.token_ids for o in two.generate(prompts, params, model=name)]
