@@ -211,3 +211,23 @@ def test_a_dead_rank_takes_its_group_down_and_streams_move_to_a_group_of_its_deg
             gw.stop()
     finally:
         c.close()
+
+
+def test_a_bf16_tensor_parallel_request_has_the_same_tokens_in_any_batch(tmp_path):
+    """bf16 on 2 ranks (the native per-op kernels, the shared-memory sums in rank order): a
+    request's greedy tokens alone equal its tokens beside others ("Same request, same
+    tokens" holds under tensor parallelism)."""
+    from gpupool import SamplingParams
+    from tests.factories import make_engine, random_prompts
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    two = make_engine(folder, tensor_parallel=2, dtype="bfloat16")
+    try:
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        prompts = random_prompts(5, 3, 30, seed=9)
+        together = [o.token_ids for o in two.generate(prompts, params)]
+        alone = [two.generate([p], params)[0].token_ids for p in prompts]
+        assert together == alone
+        assert two.local.core.workers["m"].model.ops.batch_invariant
+    finally:
+        two.shutdown()
