@@ -104,7 +104,8 @@ def q4_0_folder(folder: Path, dest: Path) -> Path:
     from gguf import GGMLQuantizationType, quantize
     from safetensors.torch import load_file, save_file
 
-    from gpupool.models.gguf import INT4_PARTS, q4_0_to_int4
+    from gpupool.models.config import INT4_PARTS, OWN_INT4, int4_quantization_config
+    from gpupool.models.gguf import q4_0_to_int4
 
     if (dest / "model.safetensors").is_file():
         return dest
@@ -114,7 +115,7 @@ def q4_0_folder(folder: Path, dest: Path) -> Path:
         if t.dim() == 2 and t.shape[1] % 32 == 0:
             packed = quantize(t.float().numpy(), GGMLQuantizationType.Q4_0)
             base = name[: -len(".weight")]
-            for suffix, part in zip(INT4_PARTS, q4_0_to_int4(packed, *t.shape)):
+            for suffix, part in zip(INT4_PARTS[OWN_INT4], q4_0_to_int4(packed, *t.shape)):
                 out[base + suffix] = part.contiguous()
         else:
             out[name] = t
@@ -123,7 +124,7 @@ def q4_0_folder(folder: Path, dest: Path) -> Path:
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy(f, dest / f.name)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gpupool_int4", "bits": 4, "group_size": 32}
+    cfg["quantization_config"] = int4_quantization_config(32)
     (dest / "config.json").write_text(json.dumps(cfg))
     return dest
 

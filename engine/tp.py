@@ -13,7 +13,7 @@ shards in its host memory (rank 0's go through the engine's weight pool as any m
 of this first part: CPU and gloo only (NCCL and CUDA graphs: not yet), one tensor-parallel
 engine per process (torch.distributed's default group), no LoRA adapters on a sharded model,
 the commands pickled (a packed integer message is the next step), and a rank that dies makes
-rank 0's next collective fail after ``TIMEOUT_S``.
+rank 0's next step fail (``models/tp.py``'s waits ask whether the ranks live).
 
 The forward pass's all-reduces and logits gathers go through a shared-memory exchange
 (``models/tp.py`` ``ShmExchange``: a file in /dev/shm, each rank a slot, sequence numbers;
@@ -36,13 +36,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_S = 120  # a collective that waits longer for a rank fails (the rank died)
 SHM_SLOT_BYTES = 16 << 20  # a rank's slot in the shared-memory exchange (larger: gloo)
 
 
 def _init(port: int, rank: int, world: int) -> None:
     import torch.distributed as dist
 
+    from gpupool.models.tp import TIMEOUT_S  # gloo's collectives wait as long as the exchange
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
 

@@ -30,6 +30,18 @@ MOE = {"MixtralForCausalLM": "block_sparse_moe.", "Qwen3MoeForCausalLM": "mlp.",
        "OlmoeForCausalLM": "mlp."}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 OWN_INT4 = "gpupool_int4"  # a converted GGUF's 4-bit tensors (models/gguf.py, quantized.py)
+# a 4-bit checkpoint's tensor names for one layer, by method: the layer's name + each suffix,
+# the packed values first (models/quantized.py reads them, models/gguf.py writes gpupool's own,
+# models/sizes.py counts them from the headers)
+INT4_PARTS = {"gptq": (".qweight", ".qzeros", ".scales", ".g_idx"),
+              "awq": (".qweight", ".qzeros", ".scales"),
+              OWN_INT4: (".qweight4", ".scales4", ".offsets4")}
+
+
+def int4_quantization_config(group: int) -> dict:
+    """``config.json``'s ``quantization_config`` of a folder holding gpupool's own 4-bit
+    tensors (a converted GGUF file)."""
+    return {"quant_method": OWN_INT4, "bits": 4, "group_size": group}
 
 
 def checkpoint_quant(cfg: dict, source: str) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpupool.models.config import INT4_PARTS, OWN_INT4, int4_quantization_config
 from gpupool.models.errors import ModelLoadError
 from gpupool.progress import Progress
 
@@ -156,13 +157,12 @@ def q4_k_to_int4(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, 
 
 
 INT4_TYPES = {"Q4_0": q4_0_to_int4, "Q4_K": q4_k_to_int4}
-INT4_PARTS = (".qweight4", ".scales4", ".offsets4")  # as models/quantized.py reads them
 
 
 def read_tensors(reader, config, progress: Callable[[int, int], None] | None = None
                  ) -> dict[str, torch.Tensor]:
     """Every tensor under its Hugging Face name: de-quantized to float32, or, for a Q4_0 or
-    Q4_K weight, its 4-bit form as three tensors (``INT4_PARTS``)."""
+    Q4_K weight, its 4-bit form as three tensors (``config.INT4_PARTS[OWN_INT4]``)."""
     from gguf import dequantize
 
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
@@ -176,7 +176,7 @@ def read_tensors(reader, config, progress: Callable[[int, int], None] | None = N
             if kind in heads:
                 parts = [unpermute_rows(p, heads[kind]) for p in parts]
             base = hf_name(t.name)[: -len(".weight")]
-            for suffix, p in zip(INT4_PARTS, parts):
+            for suffix, p in zip(INT4_PARTS[OWN_INT4], parts):
                 out[base + suffix] = p.contiguous()
         else:
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
@@ -214,8 +214,7 @@ def _convert(src: Path, dest: Path, bar: Progress, start: float) -> bool:
         raise ModelLoadError(f"{src}: not a readable GGUF file: {e}") from e
     config = llama_config(reader)
     if any(t.tensor_type.name in INT4_TYPES and len(t.shape) == 2 for t in reader.tensors):
-        config.quantization_config = {"quant_method": "gpupool_int4", "bits": 4,
-                                      "group_size": 32}
+        config.quantization_config = int4_quantization_config(32)
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(dest))
     bar.total = sum(4 * int(t.n_elements) for t in reader.tensors)  # float32 bytes written

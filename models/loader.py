@@ -17,7 +17,7 @@ from gpupool.kernels import quant4
 from gpupool.kernels.reference import permute_heads
 from gpupool.models.config import MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
-from gpupool.models.quantized import Int4, layer_parts, read_int4
+from gpupool.models.quantized import Int4, group_of, layer_parts, read_int4
 from gpupool.models.rope import rotary_order
 from gpupool.pool.weights import (
     GOFFSET_SUFFIX,
@@ -291,11 +291,11 @@ def _stored_4bit(cfg: ModelConfig, where: dict) -> tuple[dict[str, int], frozens
     for name, (shape, sources) in weight_sources(cfg).items():
         parts = [layer_parts(s, cfg.quant) for s in sources]
         if len(shape) == 2 and all(p is not None and p[0] in where for p in parts):
-            out[name] = shape[1] if cfg.quant["group"] == -1 else cfg.quant["group"]
+            out[name] = group_of(shape[1], cfg.quant)
     return out, frozenset(out) if cfg.quant.get("desc_act") else frozenset()
 
 
-def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict, path: Path):
+def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict):
     """Checkpoint tensor ``src``: a tensor, or its 4-bit form (:class:`Int4`) where the
     checkpoint holds it 4-bit."""
     def get(name: str) -> torch.Tensor:
@@ -338,9 +338,7 @@ def load_flat_weights(
                 path = where.get(src) or (where.get(parts[0]) if parts else None)
                 if path is None:
                     raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
-                if path not in handles:
-                    handles[path] = _open(path)
-                t = _read(handles, where, alias, src, cfg.quant, path)
+                t = _read(handles, where, alias, src, cfg.quant)
                 if cut is not None:
                     t = cut(name, src, t)
                 t = _rotary_rows(cfg, src, t)

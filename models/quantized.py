@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from gpupool.kernels import quant4
+from gpupool.models.config import INT4_PARTS as PARTS
 from gpupool.models.config import OWN_INT4 as OWN
 from gpupool.models.errors import ModelLoadError
 
@@ -76,7 +77,8 @@ def _nibbles(t: torch.Tensor) -> torch.Tensor:
     return (t.to(torch.int32)[..., None] >> shifts) & 15
 
 
-def _group_of(k: int, quant: dict) -> int:
+def group_of(k: int, quant: dict) -> int:
+    """The group size of a layer of ``k`` input columns (-1 in the config: one group)."""
     return k if quant["group"] == -1 else quant["group"]
 
 
@@ -86,7 +88,7 @@ def gptq(qweight, qzeros, scales, g_idx, quant: dict) -> Int4:
     q = _nibbles(qweight).permute(0, 2, 1).reshape(k, n)  # [K, N]
     z = _nibbles(qzeros).reshape(qzeros.shape[0], -1)[:, :n] + quant["zero_plus"]  # [G, N]
     s = scales.float()  # [groups, N]
-    group = _group_of(k, quant)
+    group = group_of(k, quant)
     perm = None
     if g_idx is not None:
         g_idx = g_idx.long()
@@ -111,18 +113,12 @@ def awq(qweight, qzeros, scales, quant: dict) -> Int4:
     q = _nibbles(qweight)[..., order].reshape(k, n)
     z = _nibbles(qzeros)[..., order].reshape(qzeros.shape[0], n)
     s = scales.float()
-    group = _group_of(k, quant)
+    group = group_of(k, quant)
     if s.shape != (k // group, n) or z.shape != s.shape:
         raise ModelLoadError(f"AWQ scales {tuple(s.shape)} / qzeros do not fit a [{k}, {n}] "
                              f"weight in groups of {group}")
     return Int4(quant4.pack(q.T.contiguous()), s.T.contiguous(),
                 (-(z.float() * s)).T.contiguous())
-
-
-# the checkpoint's tensor names of a 4-bit layer, by method (the layer's name + suffix)
-PARTS = {"gptq": (".qweight", ".qzeros", ".scales", ".g_idx"),
-         "awq": (".qweight", ".qzeros", ".scales"),
-         OWN: (".qweight4", ".scales4", ".offsets4")}
 
 
 def layer_parts(name: str, quant: dict) -> tuple[str, ...] | None:

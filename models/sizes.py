@@ -8,13 +8,15 @@ import math
 import struct
 from pathlib import Path
 
+from gpupool.models.config import INT4_PARTS, OWN_INT4
 from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
 
-# a 4-bit checkpoint's tensors (models/quantized.py): packed values count as the weights they
-# hold; the groups' scales, zeros and orders are in the 0.75 byte an element of a 4-bit model
-PACKED = {".qweight": 8, ".qweight4": 2}
-GROUP_PARTS = (".qzeros", ".scales", ".g_idx", ".scales4", ".offsets4")
+# a 4-bit checkpoint's tensors (config.INT4_PARTS): packed values count as the weights they
+# hold (int32 words: 8, bytes: 2); the groups' scales, zeros and orders are in the 0.75 byte
+# an element of a 4-bit model
+PACKED = {INT4_PARTS["gptq"][0]: 8, INT4_PARTS[OWN_INT4][0]: 2}
+GROUP_PARTS = tuple(sorted({p for parts in INT4_PARTS.values() for p in parts[1:]}))
 
 
 def parameter_count(folder: str | Path) -> int:
