@@ -150,21 +150,15 @@ class LocalEngine:
                     self.kv.pages.num_pages, pool.kv_page_bytes // 1024)
 
     def _start_ranks(self, num_pages: int, pool):
-        """The other ranks, started; a KV swap moves every rank's share of the pages."""
+        """The other ranks, started; a KV swap moves every rank's share of the pages
+        (``KVStorage.mirror``)."""
         from gpupool.engine.tp import TPRanks
 
         if self.device.type != "cpu":
             raise ValueError("tensor_parallel > 1 runs on CPU (gloo) only so far")
         ranks = TPRanks(self.config.tensor_parallel, num_pages, pool.kv_page_bytes,
                         pool.host_kv_bytes // pool.kv_page_bytes, self.threads)
-        local_copy = self.kv.copy_pages
-
-        def copy_pages(pairs, to_host):
-            if pairs:
-                ranks.command("copy", list(pairs), to_host)
-            local_copy(pairs, to_host)
-
-        self.kv.copy_pages = copy_pages
+        self.kv.mirror = lambda pairs, to_host: ranks.command("copy", list(pairs), to_host)
         return ranks
 
     # ---- models ---------------------------------------------------------------------------

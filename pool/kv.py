@@ -33,6 +33,9 @@ class KVStorage:
         self.host_pages: PagePool | None = None
         self.num_pages_swapped_out = 0
         self.num_pages_swapped_in = 0
+        # (pairs, to_host) -> None: whoever else holds a share of every page (a
+        # tensor-parallel engine's other ranks) moves it too, before this copy
+        self.mirror = None
         if storage is None:
             storage = torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device)
         self.storage = storage[: num_pages * page_bytes]
@@ -49,6 +52,8 @@ class KVStorage:
         """Copy whole pages: (device page, host page) pairs, device->host or host->device."""
         if not pairs:
             return
+        if self.mirror is not None:
+            self.mirror(pairs, to_host)
         device_view = self.storage.view(self.pages.num_pages, self.page_bytes)
         dev = torch.tensor([d for d, _ in pairs], device=self.storage.device)
         host = torch.tensor([h for _, h in pairs])
