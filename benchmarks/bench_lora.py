@@ -26,6 +26,7 @@ same run (a 64 MB file written, synced, dropped, read back) plus one step (the s
 with its adapter warm), --runs adapters each.
 Usage: python3 benchmarks/bench_lora.py [--json] [--runs 3] [--requests 8 --distinct 4]
        python3 benchmarks/bench_lora.py --adapters 64,512,2000 --zipf 1 [--slots 64]
+           [--adapter-wait-ms 0,500]
        python3 benchmarks/bench_lora.py --cold [--runs 5]
 """
 
@@ -188,11 +189,12 @@ def many_adapters(args, threads: int) -> dict:
               "slots": args.slots or "default"}
     proc = psutil.Process()
     extra = {"max_loras_on_device": args.slots} if args.slots else {}
-    for count in counts:
+    waits = [float(w) for w in args.adapter_wait_ms.split(",")]
+    for count, wait in [(c, w) for c in counts for w in waits]:
         engine = Engine(device="cpu", dtype="bfloat16", threads=threads,
-                        enable_prefix_caching=False, **extra)
+                        enable_prefix_caching=False, adapter_wait_ms=wait, **extra)
         engine.add_model("base", folder)
-        if count == counts[0]:
+        if "base_tok_s" not in result:
             base_s = median_seconds(lambda e=engine: e.generate(texts, params, model="base"),
                                     args.runs)
             result["base_tok_s"] = round(total / base_s, 1)
@@ -200,17 +202,19 @@ def many_adapters(args, threads: int) -> dict:
         t = time.perf_counter()
         for i in range(count):
             engine.add_adapter(f"a{i}", "base", str(paths[i]))
-        result[f"register_s_{count}"] = round(time.perf_counter() - t, 2)
-        result[f"register_rss_mb_{count}"] = round((proc.memory_info().rss - rss) / 2**20, 1)
+        key = count if len(waits) == 1 else f"{count}_wait{wait:g}"
+        result[f"register_s_{key}"] = round(time.perf_counter() - t, 2)
+        result[f"register_rss_mb_{key}"] = round((proc.memory_info().rss - rss) / 2**20, 1)
         slots = engine.local.core.workers["base"].slots
-        result[f"host_cache_bytes_{count}"] = slots.host_bytes
+        result[f"host_cache_bytes_{key}"] = slots.host_bytes
         names = zipf_names(count, n, args.zipf)
-        result[f"distinct_{count}"] = len(set(names))
+        result[f"distinct_{key}"] = len(set(names))
         ours = median_seconds(
             lambda e=engine, names=names: e.generate(texts, params, model=names), args.runs)
-        result[f"tok_s_{count}"] = round(total / ours, 1)
-        result[f"of_base_{count}"] = round(base_s / ours, 3)
-        result[f"device_slots_{count}"] = slots.num_slots
+        result[f"tok_s_{key}"] = round(total / ours, 1)
+        result[f"of_base_{key}"] = round(base_s / ours, 3)
+        result[f"device_slots_{key}"] = slots.num_slots
+        result[f"adapter_loads_{key}"] = slots.num_loads
         engine.shutdown()
     return result
 
@@ -286,6 +290,9 @@ def main() -> None:
                     help="many-adapter mode: registered adapter counts, e.g. 64,512,2000")
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--slots", type=int, default=None, help="max_loras_on_device (many mode)")
+    ap.add_argument("--adapter-wait-ms", default="500",
+                    help="many mode: adapter_wait_ms values, each its own engine (0,500 "
+                         "compares the scheduler without and with its preference)")
     ap.add_argument("--cold", action="store_true",
                     help="time to first token with an adapter cold on disk")
     args = ap.parse_args()

@@ -177,8 +177,9 @@ class EngineCore:
         while self._orphans:
             self.abort(self._orphans.pop())
         for name, worker in self.workers.items():  # slots following demand: what fits now
-            if worker.slots is not None:
+            if worker.slots is not None:  # and which adapters queued requests find warm
                 self.scheduler.max_adapters[name] = worker.adapter_capacity()
+                self.scheduler.resident_adapters[name] = worker.slots.resident
         out = self.scheduler.schedule()
         self.ran = not out.is_empty  # the loop yields after a step that ran nothing
         if out.is_empty:

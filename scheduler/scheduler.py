@@ -51,6 +51,10 @@ class SchedulerConfig:
     # running prompts leave a share of the step's budget to other tenants' waiting prompts
     # (False: they take it all, as before; benchmarks/bench_fairness.py compares the two)
     fair_prefill: bool = True
+    # a waiting request whose adapter is off the device lets requests whose adapters are on
+    # it (or already in the step) go first for at most this long after its arrival, then
+    # keeps its place (0: plain fair order, no preference)
+    adapter_wait_ms: float = 500.0
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -58,6 +62,8 @@ class SchedulerConfig:
         cap = self.max_prefill_tokens_while_decoding
         if cap is not None and cap < 1:
             raise ValueError("max_prefill_tokens_while_decoding must be >= 1 (or unset)")
+        if self.adapter_wait_ms < 0:
+            raise ValueError("adapter_wait_ms must be >= 0")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
 
@@ -132,6 +138,9 @@ class Scheduler:
         self.max_adapters: dict[str, int] = {}
         # per model: distinct adapters of one tenant a step may hold (its slots' cap)
         self.max_tenant_adapters: dict[str, int] = {}
+        # per model: the adapters on the device now (the engine sets it before each step;
+        # absent: unknown, no preference)
+        self.resident_adapters: dict[str, object] = {}
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
         self._step = 0
@@ -162,6 +171,7 @@ class Scheduler:
         for table in (self.block_tokens, self.max_adapters, self.max_tenant_adapters,
                       self.waiting, self.running, self.rope_switch):
             table.pop(model)
+        self.resident_adapters.pop(model, None)
         self.policy.forget(model)
 
     def enqueue(self, seq: Sequence) -> None:
@@ -252,7 +262,7 @@ class Scheduler:
         self._share_prefill(model, step)
         self._schedule_running(model, step)
         if not any(q.model == model for q in step.preempted):  # no room freed by own preemption
-            self._admit_waiting(model, step, skip=fair)
+            self._admit_waiting(model, step, skip=fair, now=now)
         step.preempted.extend(fair)
         # decode rows first, then prefill chunks; each part grouped by adapter (SGMV segments)
         step.scheduled.sort(key=lambda x: (not x.is_decode, x.seq.adapter or ""))
@@ -356,14 +366,20 @@ class Scheduler:
             if prefilling:
                 step.running_prefill_left -= num_new
 
-    def _admit_waiting(self, model: str, step: _Step, skip: list[Sequence]) -> None:
-        """Waiting sequences in fair order while budgets, the sequence cap and pages allow;
-        ``skip``: preempted for fairness this step (never re-admitted at once)."""
+    def _admit_waiting(self, model: str, step: _Step, skip: list[Sequence],
+                       now: float) -> None:
+        """Waiting sequences in fair order (those whose adapter is warm first, see
+        :meth:`_warm_first`) while budgets, the sequence cap and pages allow; ``skip``:
+        preempted for fairness this step (never re-admitted at once)."""
         running = self.running[model]
-        for seq in self._fair_order(model):
+        for seq in self._warm_first(model, self._fair_order(model), step, now):
             if step.budget <= 0 or len(running) >= self.config.max_num_seqs:
                 break
-            if not step.fits(seq) or any(seq is q for q in skip):
+            if any(seq is q for q in skip):
+                continue
+            if not step.fits(seq):
+                if self._overdue(seq, step, now):  # nothing passes it any more: the
+                    break  # running adapters drain until it fits (its wait is bounded)
                 continue
             if seq.host_pages and self._swap_out:  # its swap-in waits for a step without
                 break  # swap-outs (the freed pages may be the ones it would copy into)
@@ -445,6 +461,32 @@ class Scheduler:
             keyed.append((counts[seq.tenant], i, seq))
             counts[seq.tenant] += 1
         return [seq for _, _, seq in sorted(keyed, key=lambda k: k[:2])]
+
+    def _warm_first(self, model: str, order: list[Sequence], step: _Step,
+                    now: float) -> list[Sequence]:
+        """``order`` with the sequences whose adapter is cold (not on the device, nor in
+        the step) after the others, unless they have waited ``adapter_wait_ms`` since
+        arrival (then they keep their place: a cold adapter's wait is bounded). Each group
+        keeps its fair order. A step then loads fewer adapters, and evicts fewer that
+        queued requests need, where the device holds fewer adapters than are queued."""
+        resident = self.resident_adapters.get(model)
+        wait = self.config.adapter_wait_ms / 1000.0
+        if resident is None or not wait:
+            return order
+        running = {q.adapter for q in self.running[model]}
+
+        def cold(seq: Sequence) -> bool:
+            return (seq.adapter is not None and seq.adapter not in resident
+                    and seq.adapter not in step.adapters and seq.adapter not in running
+                    and now - seq.arrival_time < wait)
+        return sorted(order, key=cold)
+
+    def _overdue(self, seq: Sequence, step: _Step, now: float) -> bool:
+        """Whether ``seq`` has waited ``adapter_wait_ms`` and finds the step's adapters
+        full: then later sequences are not admitted past it."""
+        wait = self.config.adapter_wait_ms / 1000.0
+        return (wait > 0 and seq.adapter is not None and now - seq.arrival_time >= wait
+                and len(step.adapters) >= step.max_adapters)
 
     def _preempt_for_fairness(self, model: str) -> list[Sequence]:
         """When the batch is full and a tenant with waiting work holds less than its share of

@@ -123,6 +123,28 @@ def test_more_adapters_than_slots(lora_setup, mixed):
         e.shutdown()
 
 
+def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
+    """One slot holding r4; a request for r8 queued before two for r4: the r4 requests run
+    first (one load, r8's) unless the preference is off (adapter_wait_ms=0: r8 first, then r4
+    loaded again). Outputs match peft either way."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    i4, i8 = names.index("r4"), names.index("r8")
+    for wait_ms, loads in ((500.0, 2), (0.0, 3)):
+        e = _engine(base, paths, max_loras_on_device=1, adapter_wait_ms=wait_ms)
+        try:
+            slots = e.local.core.workers["base"].slots
+            params = SamplingParams(max_tokens=16, temperature=0)
+            assert list(e.generate([prompts[i4]], params, model="r4")[0].token_ids) == want[i4]
+            outs = e.generate([prompts[i8], prompts[i4], prompts[i4]], params,
+                              model=["r8", "r4", "r4"])
+            assert [list(o.token_ids) for o in outs] == [want[i8], want[i4], want[i4]]
+            assert slots.num_loads == loads, wait_ms
+            e.check_integrity()
+        finally:
+            e.shutdown()
+
+
 def test_remove_adapter_during_a_request(lora_setup, mixed):
     base, paths = lora_setup
     names, prompts, want = mixed

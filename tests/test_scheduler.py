@@ -290,3 +290,52 @@ def test_another_tenants_short_prompt_is_admitted_while_a_long_prompt_prefills()
     s2.enqueue(_tseq(1, 20, tenant="A"))
     out = _run(s2, 1)[0]
     assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 1024)]
+
+
+def _one_slot(**cfg):
+    """One adapter a step fits; adapter "a" is on the device."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, **cfg), PagePool(200))
+    s.add_model("m", 4, max_adapters=1)
+    s.resident_adapters["m"] = {"a"}
+    return s
+
+
+def _aseq(i, adapter, t):
+    return Sequence(str(i), "m", [1, 2, 3], SamplingParams(), t, 999, adapter=adapter)
+
+
+def test_a_request_whose_adapter_is_on_the_device_goes_before_a_cold_one_for_a_while():
+    ids = lambda out: [x.seq.request_id for x in out.scheduled]  # noqa: E731
+    for wait_ms, now, first in ((500.0, 10.2, "1"),  # b is cold, a warm: a first
+                                (0.0, 10.2, "0"),  # no preference: arrival order
+                                (500.0, 10.6, "0")):  # b waited 600 ms: it keeps its place
+        s = _one_slot(adapter_wait_ms=wait_ms)
+        s.enqueue(_aseq(0, "b", 10.0))
+        s.enqueue(_aseq(1, "a", 10.1))
+        assert ids(s.schedule(now=now)) == [first], (wait_ms, now)
+
+
+def test_a_cold_adapters_wait_is_bounded_under_a_stream_of_warm_requests():
+    """A request for adapter a arrives every 100 ms and runs 3 tokens; b's request arrives at
+    t=0.05. Without the bound a's requests pass b forever (the step's one adapter is always a);
+    with it, nothing passes b after 500 ms, a's running requests drain, and b runs."""
+    def first_step_of_b(wait_ms):
+        s = _one_slot(adapter_wait_ms=wait_ms)
+        b = _aseq("b", "b", 0.05)
+        for k in range(60):
+            now = 0.1 * k
+            s.enqueue(_aseq(k, "a", now))
+            if k == 1:
+                s.enqueue(b)
+            out = s.schedule(now=now)
+            if any(x.seq is b for x in out.scheduled):
+                return now
+            _advance(s, out)
+            for q in list(s.running["m"]):
+                if len(q.output_token_ids) >= 3:
+                    s.finish(q, "length")
+        return None
+
+    assert first_step_of_b(0.0) is None
+    got = first_step_of_b(500.0)
+    assert got is not None and got <= 0.05 + 0.5 + 0.4, got  # the bound, 3 tokens of drain
