@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +146,10 @@ def inspect_peft_adapter(folder: str | Path, base_cfg, max_rank: int) -> Adapter
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{wfile}: corrupt or unreadable safetensors ({e})") from e
-    return AdapterFile(wfile, rank, scaling, _layer_masks(wfile, header, base_cfg, rank))
+    return AdapterFile(wfile, rank, scaling, layer_masks(wfile, header, base_cfg, rank))
 
 
-def _layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
+def layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
     """The (projection, layer bit mask) pairs of a file's tensors (key -> shape), each key
     and shape checked against the base model; AdapterError naming the first bad one."""
     shapes = projection_shapes(base_cfg)
@@ -195,7 +196,7 @@ def load_peft_weights(spec: AdapterFile, base_cfg):
         tensors = read_tensors(spec.path)
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{spec.path}: corrupt or unreadable safetensors ({e})") from e
-    masks = _layer_masks(spec.path, {k: tuple(t.shape) for k, t in tensors.items()},
+    masks = layer_masks(spec.path, {k: tuple(t.shape) for k, t in tensors.items()},
                          base_cfg, spec.rank)
     if masks != spec.layers:
         raise AdapterError(f"{spec.path}: its tensors differ from the file registered "
@@ -207,12 +208,80 @@ def load_peft_weights(spec: AdapterFile, base_cfg):
                                                       for t in tensors.values()])).all()):
         key = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
         raise AdapterError(f"{spec.path}: {key!r} holds NaN or infinite values")
+    return adapter_weights(tensors, spec.scaling, base_cfg)
+
+
+def adapter_weights(tensors: dict[str, torch.Tensor], scaling: float, base_cfg) -> dict:
+    """{(layer, projection): (A, B*scaling)} from a file's tensors (keys checked): fused
+    projections split, q's and k's B rows in the stored head order. Moves values only, but
+    for the one product (``adapters.slots.PackPlan`` runs it on element indices)."""
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = KEY.match(key)
         parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
-    return _split_fused({k: (ab["A"], ab["B"] * spec.scaling) for k, ab in parts.items()},
+    return _split_fused({k: (ab["A"], ab["B"] * scaling) for k, ab in parts.items()},
                         base_cfg)
+
+
+class PeftLoader:
+    """An inspected adapter's loader: calling it gives :func:`load_peft_weights`; ``spec``
+    lets the slots pack the file's values straight from its bytes (:func:`read_raw`)."""
+
+    def __init__(self, spec: AdapterFile, base_cfg):
+        self.spec, self.base_cfg = spec, base_cfg
+
+    def __call__(self):
+        return load_peft_weights(self.spec, self.base_cfg)
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A safetensors file's values as one 1-D tensor (the data region in the file's one
+    dtype), and where each tensor starts in it."""
+
+    values: torch.Tensor
+    signature: tuple  # ((key, dtype, shape, first element), ...) sorted: the file's layout
+    shapes: dict[str, tuple[int, ...]]
+    starts: dict[str, int]
+
+
+def read_raw(path: Path) -> RawFile | None:
+    """The file read in one call and viewed without a copy, or None where it is not plain
+    (several dtypes, other dtypes, unaligned or out-of-bounds offsets, an unreadable
+    header): :func:`load_peft_weights` reads those (and gives their errors)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            if hasattr(os, "posix_fadvise"):  # the whole file asked for at once (cold, the
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)  # readahead's
+            if f.readinto(data) != len(data):  # window would split it into round trips)
+                return None
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header.pop("__metadata__", None)
+        kinds = {v["dtype"] for v in header.values()}
+        if len(kinds) != 1 or next(iter(kinds)) not in _DTYPES:
+            return None
+        dtype = _DTYPES[kinds.pop()]
+        elem = torch.empty((), dtype=dtype).element_size()
+        size = (len(data) - 8 - n) // elem
+        shapes, starts = {}, {}
+        for key, v in header.items():
+            begin, end = v["data_offsets"]
+            shape = tuple(int(d) for d in v["shape"])
+            if begin % elem or end - begin != math.prod(shape) * elem or end // elem > size:
+                return None
+            shapes[key], starts[key] = shape, begin // elem
+        if not size:
+            return None
+        values = torch.frombuffer(data, dtype=dtype, offset=8 + n, count=size)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    signature = tuple(sorted((k, str(dtype), shapes[k], starts[k]) for k in shapes))
+    return RawFile(values, signature, shapes, starts)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

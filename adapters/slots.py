@@ -37,12 +37,15 @@ Half the bytes of the float32 slots for the kernel to read, and an expand withou
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from gpupool.adapters.base import GROUPS, AdapterError
+from gpupool.adapters.peft_format import RawFile, adapter_weights, layer_masks, read_raw
 from gpupool.pool.weights import WeightLayout
 
 
@@ -104,13 +107,8 @@ def fill_mirror(mirror: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
                 col += b.shape[0]
 
 
-def pack_adapter(layout: WeightLayout, cfg, rank: int, loader) -> torch.Tensor:
-    """A host buffer in slot layout holding one adapter (zeros where it has no LoRA), from
-    ``loader()``, its weights {(layer, projection): (A, B)}."""
-    weights = loader()
-    buf = layout.allocate("cpu")
-    buf.zero_()
-    views = layout.views(buf)
+def _fill_slot(views: dict[str, torch.Tensor], cfg, rank: int, weights: dict) -> None:
+    """One slot's tensors (``views``, zeros) from the weights {(layer, projection): (A, B)}."""
     for i in range(cfg.num_layers):
         for group, (_, projs) in GROUPS.items():
             for j, (proj, _) in enumerate(projs):
@@ -118,7 +116,97 @@ def pack_adapter(layout: WeightLayout, cfg, rank: int, loader) -> torch.Tensor:
                 if ab is not None:  # the layout has its group (it was sized to hold it)
                     views[f"{i}.{group}.A"][j * rank : (j + 1) * rank] = ab[0]
                     views[f"{i}.{proj}.B"][:, :rank] = ab[1]
+
+
+def pack_adapter(layout: WeightLayout, cfg, rank: int, loader) -> torch.Tensor:
+    """A host buffer in slot layout holding one adapter (zeros where it has no LoRA), from
+    ``loader()``, its weights {(layer, projection): (A, B)}. The reference of
+    :func:`pack_raw`, and the path of adapters it cannot read."""
+    weights = loader()
+    buf = layout.allocate("cpu")
+    buf.zero_()
+    _fill_slot(layout.views(buf), cfg, rank, weights)
     return buf
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _index_twin(specs, dtype: torch.dtype, first: int = 1) -> dict[str, torch.Tensor]:
+    """Each spec's tensor holding its elements' positions in a buffer of ``dtype`` elements
+    (plus ``first``), as float64 (exact to 2**53): moved by the code that moves values, they
+    say where each value came from."""
+    elem = _elem(dtype)
+    return {s.name: (torch.arange(s.numel, dtype=torch.float64)
+                     + (s.offset_bytes // elem + first)).view(s.shape) for s in specs}
+
+
+def _moves(specs, dtype: torch.dtype, twin: dict[str, torch.Tensor]):
+    """(destination, source) element positions of each spec's filled elements (``twin``:
+    source position + 1 where filled, 0 where not), destinations in a buffer of ``dtype``."""
+    elem, out = _elem(dtype), {}
+    for s in specs:
+        v = twin[s.name].reshape(-1)
+        nz = v.nonzero().squeeze(1)
+        out[s.name] = (nz + s.offset_bytes // elem, v[nz].long() - 1)
+    return out
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Where each value of an adapter file of one layout (``RawFile.signature``) and rank
+    goes in a slot, found once by running the reference packing (:func:`adapter_weights`,
+    :func:`_fill_slot`) on the values' positions instead of the values; then packing an
+    adapter of that layout is one gather, one product by its scaling and one scatter
+    (:func:`pack_raw`) instead of a few hundred small copies."""
+
+    masks: tuple  # the file's (projection, layer mask) pairs: equal to what was registered
+    dst: torch.Tensor  # int64: positions in the slot (its dtype's elements), A's then B's
+    src: torch.Tensor  # int64: positions in RawFile.values
+    num_a: int  # A's values come first (B's are multiplied by the scaling)
+
+    @classmethod
+    def build(cls, layout: WeightLayout, dtype: torch.dtype, cfg, rank: int,
+              raw: RawFile, path) -> PackPlan:
+        masks = layer_masks(path, raw.shapes, cfg, rank)  # AdapterError for a bad file
+        positions = {k: (torch.arange(math.prod(shape), dtype=torch.float64)
+                         + raw.starts[k] + 1).view(shape) for k, shape in raw.shapes.items()}
+        twin = {s.name: torch.zeros(s.shape, dtype=torch.float64) for s in layout.specs}
+        _fill_slot(twin, cfg, rank, adapter_weights(positions, 1.0, cfg))
+        moves = _moves(layout.specs, dtype, twin)
+        a = [moves[n] for n in moves if not n.endswith(".B")]
+        b = [moves[n] for n in moves if n.endswith(".B")]
+        dst = torch.cat([d for d, _ in a + b])
+        src = torch.cat([s for _, s in a + b])
+        return cls(masks, dst, src, sum(len(d) for d, _ in a))
+
+
+def pack_raw(layout: WeightLayout, dtype: torch.dtype, plan: PackPlan, raw: RawFile,
+             scaling: float) -> torch.Tensor | None:
+    """:func:`pack_adapter`'s buffer, bit for bit, from the file's bytes by ``plan``; None
+    where a value is not finite (the reference path then names it)."""
+    values = raw.values.index_select(0, plan.src).float()
+    values[plan.num_a:] *= scaling  # as the reference's B * scaling, in float32
+    if not math.isfinite(float(values.sum())):  # a NaN or inf among them (or an overflow)
+        return None
+    buf = layout.allocate("cpu")
+    buf.zero_()
+    buf.view(dtype).index_copy_(0, plan.dst, values.to(dtype))
+    return buf
+
+
+def mirror_moves(cfg, ranks: dict[str, int], layout: WeightLayout, dtype: torch.dtype):
+    """(mirror positions, slot positions): :func:`fill_mirror` as one gather, found by
+    running it on the slot's element positions (bf16 mirror elements, ``dtype`` slot
+    elements, within one slot's row)."""
+    mirror = mirror_layout(cfg, ranks)
+    views = {n: t.unsqueeze(0) for n, t in _index_twin(layout.specs, dtype).items()}
+    twin = {s.name: torch.zeros(1, *s.shape, dtype=torch.float64) for s in mirror.specs}
+    fill_mirror(twin, views, cfg.num_layers, 0)
+    moves = _moves(mirror.specs, torch.bfloat16, {n: t[0] for n, t in twin.items()})
+    return (torch.cat([d for d, _ in moves.values()]),
+            torch.cat([s for _, s in moves.values()]))
 
 
 def _views(layout: WeightLayout, buffer: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
@@ -177,6 +265,10 @@ class AdapterSlots:
         self._reading: dict[str, Future] = {}
         self._reader: ThreadPoolExecutor | None = None
         self.num_prefetched = 0  # host copies that came from a prefetch
+        # (file layout, rank) -> PackPlan, the few most recent (adapters of one base are
+        # mostly made alike: one plan serves thousands)
+        self._plans: OrderedDict[tuple, PackPlan] = OrderedDict()
+        self._mirror_moves = None  # mirror_moves of this layout, made on first use
 
     def _bind(self, num_slots: int, memory: torch.Tensor) -> None:
         """Slots, views and mirror over ``memory`` (uint8, :meth:`num_bytes` for
@@ -251,8 +343,7 @@ class AdapterSlots:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="gpupool-adapter-read")
         # the layout, config, rank and loader are fixed for this slots object: the reader
         # touches nothing the engine thread changes
-        self._reading[name] = self._reader.submit(
-            pack_adapter, self.layout, self.cfg, self.ranks[name], self.loaders[name])
+        self._reading[name] = self._reader.submit(self._pack, name)
         return True
 
     def close(self) -> None:
@@ -279,7 +370,44 @@ class AdapterSlots:
                 return buf
             except Exception:  # read again here: the error goes to the request
                 pass
-        return pack_adapter(self.layout, self.cfg, self.ranks[name], self.loaders[name])
+        return self._pack(name)
+
+    def _pack(self, name: str) -> torch.Tensor:
+        """The adapter's host copy in slot layout: from the file's bytes by a plan
+        (:func:`pack_raw`) where the loader names an ordinary file, else (and for every
+        error, which it then reports) by :func:`pack_adapter`. Runs on the reader thread
+        too: it touches only the plans and what is fixed for this slots object."""
+        loader, rank = self.loaders[name], self.ranks[name]
+        spec = getattr(loader, "spec", None)
+        raw = read_raw(spec.path) if spec is not None else None
+        if raw is not None:
+            key = (raw.signature, rank)
+            plan = self._plans.get(key)
+            if plan is None:
+                try:
+                    plan = PackPlan.build(self.layout, self.dtype, self.cfg, rank, raw,
+                                          spec.path)
+                except AdapterError:
+                    plan = None
+                else:
+                    self._plans[key] = plan
+                    while len(self._plans) > 4:
+                        self._plans.popitem(last=False)
+            if plan is not None and plan.masks == spec.layers:
+                buf = pack_raw(self.layout, self.dtype, plan, raw, spec.scaling)
+                if buf is not None:
+                    return buf
+        return pack_adapter(self.layout, self.cfg, rank, loader)
+
+    def _fill_mirror(self, slot: int) -> None:
+        """Slot ``slot`` of the mirror from the slot: :func:`fill_mirror` by one gather."""
+        if self._mirror_moves is None:
+            self._mirror_moves = mirror_moves(self.cfg, self.group_ranks, self.layout,
+                                              self.dtype)
+        dst, src = self._mirror_moves
+        row = self.buffer[slot].view(self.dtype)
+        self._mirror_rows[slot].view(torch.bfloat16).index_copy_(
+            0, dst, row.index_select(0, src).to(torch.bfloat16))
 
     def load_host(self, name: str) -> torch.Tensor:
         """The adapter's host copy, read from disk if the cache has none (AdapterError if
@@ -338,7 +466,7 @@ class AdapterSlots:
                 slot = self._evict(next(n for n in self.resident if n not in self.pinned))
             self.buffer[slot].copy_(self.load_host(name), non_blocking=True)
             if self.mirror is not None:
-                fill_mirror(self.mirror, self.views, self.cfg.num_layers, slot)
+                self._fill_mirror(slot)
             self.resident[name] = slot
             self.owner[name] = tenant
             self.num_loads += 1

@@ -4,7 +4,7 @@ with removal that waits until nothing runs them. Used from the engine's one thre
 from __future__ import annotations
 
 from gpupool.adapters.base import AdapterRef
-from gpupool.adapters.peft_format import inspect_peft_adapter, load_peft_weights
+from gpupool.adapters.peft_format import PeftLoader, inspect_peft_adapter
 from gpupool.adapters.registry import AdapterRegistry
 from gpupool.engine.grammar import Grammars
 from gpupool.messages.errors import AdapterError, RequestError
@@ -85,7 +85,7 @@ class ModelRegistry:
         ref = AdapterRef(version, base, str(path), spec.rank, spec.scaling, spec.targets)
         # the weights are read on first use (AdapterSlots.load_host), not now
         worker.add_adapter(version, spec.rank, spec.targets,
-                           lambda: load_peft_weights(spec, worker.cfg))
+                           PeftLoader(spec, worker.cfg))
         if replace:
             dropped = self.adapters.replace(name, ref)
             if dropped is not None:

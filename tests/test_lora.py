@@ -1,11 +1,15 @@
 """Multi-LoRA against peft: mixed batches of base and adapter rows, slots, removal, and the
 slots' home in the arena's adapter region."""
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from gpupool import AdapterError, RequestError, SamplingParams
-from gpupool.adapters.slots import AdapterSlots, group_ranks
+from gpupool.adapters.peft_format import read_raw
+from gpupool.adapters.slots import AdapterSlots, fill_mirror, group_ranks, pack_adapter
 from gpupool.engine.core import batch_rows
 from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
@@ -143,6 +147,53 @@ def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
             e.check_integrity()
         finally:
             e.shutdown()
+
+
+def _packs_as_the_reference(engine, names) -> None:
+    """Each adapter's host copy packed from its file's bytes by a plan equals the reference
+    packing bit for bit, and the bf16 mirror filled by one gather equals fill_mirror's."""
+    slots = engine.local.core.workers[next(iter(engine.local.core.workers))].slots
+    for name in names:
+        fast = slots._pack(name)
+        assert (read_raw(slots.loaders[name].spec.path).signature,
+                slots.ranks[name]) in slots._plans  # the plan's path, not the fallback
+        ref = pack_adapter(slots.layout, slots.cfg, slots.ranks[name], slots.loaders[name])
+        assert torch.equal(fast, ref), name
+        if slots.mirror is not None:
+            slot = slots.ensure([name])[name]
+            got = slots._mirror_rows[slot].clone()
+            slots._mirror_rows[slot].zero_()
+            fill_mirror(slots.mirror, slots.views, slots.cfg.num_layers, slot)
+            assert torch.equal(got, slots._mirror_rows[slot]), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_adapter_is_packed_from_its_files_bytes_as_the_reference_packs_it(
+        lora_setup, tiny_models, tmp_path, dtype):
+    """Files stored in float32 (peft's), bfloat16 and float16; ranks 4 to 64, rsLoRA; a Phi
+    base's fused qkv_proj and gate_up_proj (split by the plan as by the reference)."""
+    base, paths = lora_setup
+    paths = dict(paths)
+    for kind in (torch.bfloat16, torch.float16):
+        out = tmp_path / str(kind).split(".")[1]
+        shutil.copytree(paths["r64"], out)
+        tensors = load_file(str(out / "adapter_model.safetensors"))
+        save_file({k: v.to(kind) for k, v in tensors.items()},
+                  str(out / "adapter_model.safetensors"))
+        paths[out.name] = out
+    e = _engine(base, paths, dtype=dtype)
+    try:
+        _packs_as_the_reference(e, paths)
+    finally:
+        e.shutdown()
+    phi = tiny_models("phi3")
+    fused = make_peft_adapter(phi, tmp_path / "fused", 4, ["qkv_proj", "gate_up_proj"], seed=3)
+    e = make_engine(phi, max_lora_rank=8, dtype=dtype)
+    try:
+        e.add_adapter("fused", "m", fused)
+        _packs_as_the_reference(e, ["fused"])
+    finally:
+        e.shutdown()
 
 
 def test_remove_adapter_during_a_request(lora_setup, mixed):
