@@ -136,6 +136,12 @@ class _PoolCollector:
             for reason, n in sorted(cluster["routes"].items()):
                 routes.add_metric([reason], n)
             yield routes
+            by_worker = CounterMetricFamily("gpupool_cluster_worker_routes",
+                                            "Requests this gateway routed to each worker",
+                                            labels=["worker"])
+            for worker, n in sorted(cluster.get("routes_by_worker", {}).items()):
+                by_worker.add_metric([worker], n)
+            yield by_worker
 
 
 class Metrics:

@@ -13,7 +13,19 @@
    (``--ttl-s``). The gateway moves one request at most ``--migration-limit`` times.
 
 Baseline in the same run: ``gpupool serve``. The CPU's flags are printed with the result.
+
+Adapters (``--zipf-adapters N``, issue 31's cluster goal): SmolLM2-135M-Instruct in bf16 and N
+rank-8 q/k/v/o adapters (``bench_lora.py``'s, made once into ``<home>/bench-adapters``)
+registered on a gateway; ``--zipf-clients`` closed-loop clients send ``--zipf-requests``
+completions (``--max-tokens`` greedy tokens, ignore_eos), each request's adapter drawn by
+Zipf(``--zipf``) over the N. One worker (one torch thread) serves the workload, then two
+workers (one thread each) serve it again; each run repeated ``--runs`` times (tokens/s
+median). Printed: tokens/s of each and their ratio, and for the two-worker runs the share of
+requests routed to a worker that already held their adapter (``routes{reason=adapter}``: in
+a device slot; ``adapter-cached``: in its host cache) and each worker's share
+(``worker_routes``). The baseline in the same run is the one-worker cluster.
 Usage: python3 benchmarks/bench_cluster.py [--json] [--trials 5]
+       python3 benchmarks/bench_cluster.py --zipf-adapters 64 [--zipf 1] [--runs 3]
 """
 
 from __future__ import annotations
@@ -137,6 +149,118 @@ def failover(c: Cluster, gw: Server, model: str, how: str, before: int, trials: 
     return out
 
 
+ZIPF_TOML = """
+[engine]
+device = "cpu"
+dtype = "bfloat16"
+kv_cache_bytes = 268435456
+kv_page_bytes = 65536
+weight_bytes = 1073741824
+host_cache_bytes = 1073741824
+"""
+
+
+def _metric(url: str, name: str) -> dict[str, float]:
+    """A gateway counter family by its one label: {label value: count}."""
+    text = httpx.get(url + "/metrics", headers=ADMIN).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_total{"):
+            label, value = line[len(name) + 7:].split("} ")
+            out[label.split('"')[1]] = float(value)
+    return out
+
+
+def zipf_load(url: str, names: list[str], clients: int, max_tokens: int) -> float:
+    """Output tokens/s of ``clients`` closed-loop clients working through one request per
+    name in ``names`` (its adapter)."""
+    todo = list(reversed(names))
+    lock = threading.Lock()
+    tokens = [0]
+
+    def client():
+        with httpx.Client(timeout=300) as c:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    name = todo.pop()
+                r = c.post(url + "/v1/completions", json={
+                    "model": name, "prompt": PROMPT * 4, "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True})
+                if r.status_code != 200:
+                    raise RuntimeError(f"{r.status_code}: {r.text}")
+                with lock:
+                    tokens[0] += r.json()["usage"]["completion_tokens"]
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return tokens[0] / (time.perf_counter() - t)
+
+
+def zipf_adapters(args) -> dict:
+    from bench_lora import many_adapter_folders, zipf_names
+
+    from gpupool.config import default_home
+    from gpupool.default_model import ensure_default_model
+
+    home = default_home()
+    folder = ensure_default_model(home)
+    paths = many_adapter_folders(folder, args.zipf_adapters)
+    runs = [zipf_names(args.zipf_adapters, args.zipf_requests, args.zipf, seed=k)
+            for k in range(args.runs + 1)]  # a warm-up, then the timed ones
+    out = {"cpu": cpu_flags(), "model": "SmolLM2-135M-Instruct, bf16, CPU, 1 thread a worker",
+           "adapters": args.zipf_adapters, "zipf": args.zipf, "requests": args.zipf_requests,
+           "clients": args.zipf_clients, "max_tokens": args.max_tokens, "runs": args.runs,
+           "distinct_per_run": [len(set(r)) for r in runs[1:]]}
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Cluster(home, Path(tmp) / "cluster", threads=1, worker_toml=ZIPF_TOML)
+        try:
+            c.start_worker("w1")
+            gw = c.gateway("--model", f"base={folder}")
+            try:
+                for i, path in enumerate(paths):
+                    r = httpx.post(gw.url + "/admin/adapters", headers=ADMIN, timeout=60,
+                                   json={"name": f"a{i}", "base": "base", "path": str(path)})
+                    r.raise_for_status()
+                for workers in (1, 2):
+                    if workers == 2:
+                        c.start_worker("w2")
+                        deadline = time.monotonic() + 60
+                        while time.monotonic() < deadline and sum(
+                                w["alive"] for w in httpx.get(
+                                    gw.url + "/admin/pool", headers=ADMIN).json()["workers"]
+                        ) < 2:
+                            time.sleep(0.1)
+                    zipf_load(gw.url, runs[0], args.zipf_clients, args.max_tokens)
+                    routes = _metric(gw.url, "gpupool_cluster_routes")
+                    by_worker = _metric(gw.url, "gpupool_cluster_worker_routes")
+                    rates = [zipf_load(gw.url, names, args.zipf_clients, args.max_tokens)
+                             for names in runs[1:]]
+                    out[f"tok_s_{workers}_worker"] = round(statistics.median(rates), 1)
+                    out[f"tok_s_{workers}_worker_each"] = [round(x, 1) for x in rates]
+                    after = _metric(gw.url, "gpupool_cluster_routes")
+                    after_w = _metric(gw.url, "gpupool_cluster_worker_routes")
+                    total = sum(after.values()) - sum(routes.values())
+                    if workers == 2:
+                        for reason in after:
+                            out[f"routed_{reason}"] = round(
+                                (after[reason] - routes.get(reason, 0)) / total, 3)
+                        for w in after_w:
+                            out[f"share_{w}"] = round(
+                                (after_w[w] - by_worker.get(w, 0)) / total, 3)
+            finally:
+                gw.stop()
+        finally:
+            c.close()
+    out["two_over_one"] = round(out["tok_s_2_worker"] / out["tok_s_1_worker"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -145,7 +269,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--tokens-before", type=int, default=10)
+    ap.add_argument("--zipf-adapters", type=int, default=0)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--zipf-requests", type=int, default=96)
+    ap.add_argument("--zipf-clients", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    if args.zipf_adapters:
+        emit(zipf_adapters(args), args.json)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_tiny_model(tmp / "models" / "tiny", "llama")

@@ -231,6 +231,7 @@ class RedisClient:
         self._param_counts: dict[str, int] = {}
         self._elem_bytes: dict[str, float] = {}  # a 4-bit checkpoint folder: 0.75
         self.routes: Counter[str] = Counter()
+        self.routes_by_worker: Counter[str] = Counter()  # requests routed to each worker
         self.closed = False
 
     # ---- Redis -------------------------------------------------------------------------------
@@ -333,6 +334,7 @@ class RedisClient:
                                   adapter=info.adapter, degree=degree,
                                   refusal=self._config(info.folder).tp_refusal)
         self.routes[route.reason] += 1
+        self.routes_by_worker[route.worker] += 1
         return route.worker
 
     # ---- the protocol ------------------------------------------------------------------------
@@ -479,7 +481,8 @@ class RedisClient:
             cluster={"workers_alive": len(live), "workers_dead": len(workers) - len(live),
                      "redispatched": int(self.r.get(keys.REDISPATCHED) or 0),
                      "fenced_deltas": int(self.r.get(keys.FENCED) or 0),
-                     "routes": dict(self.routes)})
+                     "routes": dict(self.routes),
+                     "routes_by_worker": dict(self.routes_by_worker)})
 
     # ---- what is served ----------------------------------------------------------------------
     def _read_specs(self, fresh: bool = False) -> tuple[dict, dict]:

@@ -10,6 +10,10 @@ Preference, for a request of base model ``m`` (and adapter ``a``, if any):
   5. the least loaded worker whose weight region can hold ``m`` at all.
 A worker counts as overloaded when its queue (waiting requests) reaches ``max_queue``: then
 the next tier is tried, so a model whose load outgrows one worker is served by a second.
+Every tier also passes over a worker whose load exceeds the least loaded one's (of those that
+can hold the model) by ``spread`` or more, so the load spreads before any queue builds (a
+worker runs its batch's rows together: more of them, slower steps for each): a hot base model
+or adapter is then served by a second worker, which loads it once and from then on holds it.
 Load is running + queued requests, plus what this router sent since the worker's last report
 (so a burst between two heartbeats is spread, not piled on one worker).
 """
@@ -75,8 +79,9 @@ class Route:
 
 
 class Router:
-    def __init__(self, max_queue: int = 16):
+    def __init__(self, max_queue: int = 16, spread: int = 8):
         self.max_queue = max_queue
+        self.spread = spread
 
     def route(self, model: str, workers: list[WorkerView], model_params: int = 0,
               exclude: frozenset[str] = frozenset(), element_bytes: float = 0,
@@ -103,8 +108,10 @@ class Router:
         fits = [w for w in live if fits_weights(w, model_params, element_bytes)]
         if not fits:
             raise NoWorker(too_large(model, model_params, live, element_bytes))
-        resident = [w for w in fits if model in w.resident]
-        tiers = [("resident", resident), ("cached", [w for w in fits if model in w.cached])]
+        least = min(w.load for w in fits)
+        near = [w for w in fits if w.load - least < self.spread]  # not far above the least
+        resident = [w for w in near if model in w.resident]
+        tiers = [("resident", resident), ("cached", [w for w in near if model in w.cached])]
         if adapter is not None:
             tiers[:0] = [("adapter", [w for w in resident if adapter in w.adapters]),
                          ("adapter-cached", [w for w in resident if adapter in w.host_adapters])]

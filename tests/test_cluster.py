@@ -416,18 +416,22 @@ def test_requests_for_an_adapter_go_to_the_worker_that_holds_it(cluster):
     c, gw, paths = cluster
     client = _client(gw)
 
-    def adapter_routes() -> float:
+    def counter(name: str, label: str, value: str) -> float:
         text = httpx.get(gw.url + "/metrics", headers=ADMIN).text
-        m = re.search(r'gpupool_cluster_routes_total\{reason="adapter"\} ([0-9.]+)', text)
+        m = re.search(rf'{name}_total\{{{label}="{value}"\}} ([0-9.]+)', text)
         return float(m.group(1)) if m else 0.0
 
     client.completions.create(model="lora", prompt=[5, 6, 7], max_tokens=1)
     holders = _wait_for(lambda: [w["name"] for w in _pool(gw, True)
                                  if "lora" in w.get("adapters", ())])
-    before = adapter_routes()
+    before = counter("gpupool_cluster_routes", "reason", "adapter")
+    to_holder = counter("gpupool_cluster_worker_routes", "worker", holders[0])
     for _ in range(4):
         client.completions.create(model="lora", prompt=[5, 6, 7], max_tokens=1)
-    assert adapter_routes() - before == 4, holders
+    assert counter("gpupool_cluster_routes", "reason", "adapter") - before == 4, holders
+    if len(holders) == 1:  # each request went to it (the per-worker counter)
+        assert counter("gpupool_cluster_worker_routes", "worker", holders[0]) \
+            - to_holder == 4
 
 
 def test_a_cluster_behind_redis_auth(tmp_path, tiny_models):

@@ -11,7 +11,7 @@ def _w(name, **kw):
 
 
 def test_resident_then_cached_then_least_loaded():
-    r = Router()
+    r = Router(spread=100)
     ws = [_w("a", running=5), _w("b", cached=frozenset({"m"}), running=9),
           _w("c", resident=frozenset({"m"}), running=20)]
     first = r.route("m", ws)
@@ -53,7 +53,7 @@ def test_a_model_larger_than_every_weight_region_is_refused():
 def test_a_worker_holding_the_adapter_is_preferred_then_load_spreads():
     """Among workers with the base resident: the one with the adapter in a device slot, then
     one that read it into its host cache, then the least loaded; a full queue spills."""
-    r = Router(max_queue=2)
+    r = Router(max_queue=2, spread=100)
     m = frozenset({"m"})
     ws = [_w("a", resident=m, running=1), _w("b", resident=m, running=5,
                                               host_adapters=frozenset({"x"})),
@@ -66,6 +66,26 @@ def test_a_worker_holding_the_adapter_is_preferred_then_load_spreads():
     plain = r.route("m", ws, adapter="y")  # an adapter no worker holds: the base's tiers
     assert (plain.worker, plain.reason) == ("a", "resident")
     assert r.route("m", ws).reason == "resident"  # the base model itself
+
+
+def test_load_spreads_before_a_queue_builds():
+    """A worker whose load is ``spread`` above the least loaded one's is passed over in
+    every tier: the adapter's holder, then a worker with the base resident, then one that
+    must load the base (no queue needed; max_queue is never reached here)."""
+    r = Router(max_queue=100, spread=4)
+    m, x = frozenset({"m"}), frozenset({"x"})
+    ws = [_w("a", resident=m, running=10, adapters=x), _w("b", resident=m, running=7),
+          _w("c", running=5)]
+    first = r.route("m", ws, adapter="x")  # a's load 10, the least 5: 5 above, passed over
+    assert (first.worker, first.reason) == ("b", "resident")
+    assert r.route("m", ws, adapter="x").worker == "b"  # b at 8: 3 above c's 5
+    third = r.route("m", ws, adapter="x")  # b at 9, 4 above: only c, which loads m
+    assert (third.worker, third.reason) == ("c", "load")
+    picks = [r.route("m", ws).worker for _ in range(12)]
+    loads = [w.load for w in ws]
+    assert max(loads) - min(loads) <= 4 and set(picks) == {"a", "b", "c"}
+    far = Router(max_queue=100, spread=100)  # no spreading: the holder every time
+    assert {far.route("m", ws, adapter="x").worker for _ in range(8)} == {"a"}
 
 
 def test_a_gateways_stream_keeps_every_field_of_a_workers_delta():
