@@ -49,18 +49,24 @@ class LoraBatch:
     native: tuple | None = None
     # the model's kernel backend (kernels.backend): its SGMV kernels for the segmented path
     ops: object = None
+    # tensor parallelism (models/tp.py): the sum over the ranks of a row-parallel group's
+    # shrink (o, down: each rank holds A's columns of its input), before its expand; None
+    # on one rank. Only the segmented path has it.
+    reduce: object = None
 
     @classmethod
     def build(cls, row_adapters: list[str | None], slot_of: dict[str, int],
               rank_of: dict[str, int], targets_of: dict[str, tuple[str, ...]],
               views: dict[str, torch.Tensor], device, ops=None, batched: bool = False,
               mirror: dict[str, torch.Tensor] | None = None,
-              native_weights: dict | None = None) -> LoraBatch:
+              native_weights: dict | None = None, reduce=None) -> LoraBatch:
         """``ops``: the model's kernel backend (default: torch's); ``mirror``: the slots'
         bf16 copies for the fused CPU kernel (AdapterSlots.mirror; used where ``ops`` has
         fused LoRA terms); ``native_weights``: the slots' cache of
         native.lora_weights per (layer, group) (AdapterSlots.native_weights); a batch without
-        one prepares its own."""
+        one prepares its own; ``reduce``: see the field (then the segmented path only)."""
+        if reduce is not None:
+            batched, mirror = False, None
         starts, names = [], []
         for i, name in enumerate(row_adapters):
             if i == 0 or name != row_adapters[i - 1]:
@@ -109,7 +115,7 @@ class LoraBatch:
                                 for group, (_, projs) in GROUPS.items()},
                      {} if native_weights is None else native_weights, mirror)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
-                   proj_ranks, proj_offsets, views, plan, fused, ops)
+                   proj_ranks, proj_offsets, views, plan, fused, ops, reduce)
 
     def _native_weights(self, layer: int, group: str) -> tuple:
         weights = self.native[2].get((layer, group))
@@ -148,6 +154,8 @@ class LoraBatch:
             return
         h = self.ops.sgmv_shrink(x, self.views[f"{layer}.{group}.A"], self.starts,
                                  self.slots, self.group_rows[group])
+        if self.reduce is not None and group in ("o", "down"):  # row-parallel: partial sums
+            h = self.reduce(h)
         col = 0
         for proj, _ in GROUPS[group][1]:
             b = self.views[f"{layer}.{proj}.B"]

@@ -227,9 +227,6 @@ class LocalEngine:
         """Serve the PEFT LoRA adapter in folder ``path`` as ``name``, on loaded ``base``;
         ``replace``: the loaded adapter ``name`` gets these weights (its running requests
         finish on the old ones; vLLM's load_inplace)."""
-        if self.tp is not None:
-            raise RequestError("LoRA adapters on a tensor-parallel engine are not supported "
-                               "yet")
         with self._lock:
             self.core.add_adapter(name, base, str(Path(path).expanduser()), replace)
 

@@ -7,13 +7,15 @@ Rank 0 sends every rank the same commands in the same order (pickled into a shar
 model's shard, read from its checkpoint by each rank itself, ``models/tp.py``), ``forward`` (a
 step's :class:`~gpupool.models.batch.ForwardBatch`: page ids, positions, block tables; the same
 on every rank, since one page pool's integers serve them all), ``copy`` (a KV swap's page
-pairs: every rank moves its share), ``unload`` and ``stop``. So residency of KV pages, prefix-
-cache hits and preemption agree on every rank without a second scheduler. Each rank keeps its
-shards in its host memory (rank 0's go through the engine's weight pool as any model's). Limits
-of this first part: CPU and gloo only (NCCL and CUDA graphs: not yet), one tensor-parallel
-engine per process (torch.distributed's default group), no LoRA adapters on a sharded model,
-the commands pickled (a packed integer message is the next step), and a rank that dies makes
-rank 0's next step fail (``models/tp.py``'s waits ask whether the ranks live).
+pairs: every rank moves its share), ``add_adapter`` / ``remove_adapter`` (a LoRA file each rank
+reads its part of when a step first needs it: ``models/tp.py`` ``RankAdapters``), ``unload``
+and ``stop``. So residency of KV pages, prefix-cache hits and preemption agree on every rank
+without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go
+through the engine's weight pool as any model's). Limits of this first part: CPU and gloo
+only (NCCL and CUDA graphs: not yet), one tensor-parallel engine per process
+(torch.distributed's default group), the commands pickled (a packed integer message is the
+next step), and a rank that dies makes rank 0's next step fail (``models/tp.py``'s waits ask
+whether the ranks live).
 
 The forward pass's all-reduces and logits gathers go through a shared-memory exchange
 (``models/tp.py`` ``ShmExchange``: a file in /dev/shm, each rank a slot, sequence numbers;
@@ -131,7 +133,19 @@ def _load(models: dict, kv, msg, rank: int, world: int, shm) -> None:
     model.bind(layout.views(host))
     model.tp = tp.TPGroup(rank, world, shm=shm)
     view = kv.model_view(local.num_layers, local.num_kv_heads, local.head_dim, dtype)
-    models[name] = (model, view, host)
+    # the whole model's config, and its RankAdapters (made by its first adapter)
+    models[name] = (model, view, host, [cfg, None])
+
+
+def _add_adapter(entry, msg, rank: int, world: int) -> None:
+    """Register an adapter of a loaded model on this rank (read when first run)."""
+    from gpupool.models import tp
+
+    model, _, _, held = entry
+    _, _, name, spec, targets, dtype = msg
+    if held[1] is None:
+        held[1] = tp.RankAdapters(held[0], model.cfg, getattr(torch, dtype), world, rank)
+    held[1].add(name, spec, targets)
 
 
 def main(argv: list[str]) -> None:
@@ -164,10 +178,18 @@ def main(argv: list[str]) -> None:
                 models.pop(msg[1], None)
             elif op == "copy":
                 kv.copy_pages(msg[1], to_host=msg[2])
+            elif op == "add_adapter":
+                _add_adapter(models[msg[1]], msg, rank, world)
+            elif op == "remove_adapter":
+                adapters = models[msg[1]][3][1]
+                if adapters is not None:
+                    adapters.remove(msg[2])
             elif op == "forward":
-                model, view, _ = models[msg[1]]
+                model, view, _, held = models[msg[1]]
                 with torch.inference_mode():
-                    model.forward(msg[2], view)
+                    lora = (None if msg[3] is None else
+                            held[1].batch(msg[3], model.ops, model.tp.all_reduce))
+                    model.forward(msg[2], view, lora)
     finally:
         dist.destroy_process_group()
 

@@ -160,6 +160,8 @@ class LoadedModel:
         adapter region; one of a larger rank or on other projections lays them out again
         (:meth:`_relayout`). AdapterError, with nothing changed, when the region cannot hold
         them."""
+        if self.tp is not None:  # rank 0 holds its part; each other rank reads its own
+            weights = self._sharded(weights)
         if self.slots is None:
             self.slots = self._make_slots(group_ranks([(rank, targets)]))
         elif not self.slots.holds(rank, targets):
@@ -172,6 +174,24 @@ class LoadedModel:
                 self.weight_pool.release_adapters(self.name)
             raise
         self.adapter_targets[name] = targets
+        if self.tp is not None:
+            self.tp.command("add_adapter", self.name, name, weights.tp_spec, targets,
+                            str(self.adapter_dtype).removeprefix("torch."))
+
+    def _sharded(self, loader):
+        """Rank 0's part of the adapter ``loader`` reads (models/tp.py ``shard_adapter``);
+        ``tp_spec``: the file's, for the other ranks, which read it themselves (not
+        ``spec``: the slots' plans pack whole files, not a rank's part)."""
+        spec = getattr(loader, "spec", None)
+        if spec is None:
+            raise AdapterError("an adapter of a tensor-parallel model must come from a PEFT "
+                               "folder (each rank reads its part)")
+        cfg, world = self.cfg, self.tp.world
+
+        def shard():
+            return tp_shard.shard_adapter(cfg, loader(), world, 0)
+        shard.tp_spec = spec
+        return shard
 
     def _relayout(self, rank: int, targets: tuple[str, ...]) -> None:
         """New slots laid out for the registered adapters and one more of ``rank`` on
@@ -200,16 +220,18 @@ class LoadedModel:
         cfg = self.adapter_config
         # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
         mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora)
+                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora
+                  and self.tp is None)  # the fused kernel has no sum between the ranks
         # one slot's bytes, made once per layout (each step asks adapter_capacity)
-        self._slot_bytes = AdapterSlots.num_bytes(self.cfg, 1, ranks, self.adapter_dtype,
-                                                  mirror)
+        self._slot_bytes = AdapterSlots.num_bytes(self.model.cfg, 1, ranks,
+                                                  self.adapter_dtype, mirror)
         count = cfg.max_loras_on_device or count  # following demand: grown by a step
         try:
             memory = self.weight_pool.adapter_buffer(self.name, count * self._slot_bytes)
         except PoolCapacityError as e:
             raise AdapterError(str(e)) from None
-        return AdapterSlots(self.cfg, count, ranks, self.adapter_dtype, memory, mirror,
+        # the shard's config under tensor parallelism: slots of rank 0's part
+        return AdapterSlots(self.model.cfg, count, ranks, self.adapter_dtype, memory, mirror,
                             cfg.host_adapter_bytes)
 
     def adapter_capacity(self) -> int:
@@ -235,6 +257,8 @@ class LoadedModel:
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter (the caller ensures nothing runs it); with the last one gone the
         slots go back to the arena's adapter region."""
+        if self.tp is not None and name in self.adapter_targets:
+            self.tp.command("remove_adapter", self.name, name)
         if self.slots is not None:
             self.slots.remove(name)
             if not self.slots.ranks:
@@ -268,7 +292,8 @@ class LoadedModel:
                                self.slots.views, self.device, self.model.ops,
                                batched=self.adapter_dtype != self.dtype,
                                mirror=self.slots.mirror,
-                               native_weights=self.slots.native_weights)
+                               native_weights=self.slots.native_weights,
+                               reduce=None if self.tp is None else self.model.tp.all_reduce)
 
     def execute(self, rows: list[BatchRow]):
         """Run one step (the caller made the weights resident); logits [rows that sample,
@@ -283,6 +308,9 @@ class LoadedModel:
             if logits is not None:
                 return logits
         batch = build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset)
+        lora = self._lora_batch(rows)  # adapters loaded first: a failure stops rank 0 alone
         if self.tp is not None:  # the other ranks run the same step beside this one
-            self.tp.command("forward", self.name, batch)
-        return self.model.forward(batch, self.kv_view, self._lora_batch(rows))
+            self.tp.command("forward", self.name, batch,
+                            None if lora is None else
+                            [item.adapter for item in rows for _ in item.token_ids])
+        return self.model.forward(batch, self.kv_view, lora)

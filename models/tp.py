@@ -261,6 +261,84 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
     return t
 
 
+def shard_adapter(cfg: ModelConfig, weights: dict, world: int, rank: int) -> dict:
+    """Rank ``rank``'s part of an adapter's weights {(layer, projection): (A, B)} (fused
+    projections already split): a column-parallel projection's B cut to the rank's output
+    rows as its weight is (A whole: every rank shrinks the same input); a row-parallel one's
+    (o, down) A cut to the rank's input columns (B whole: the shrink's partial sums are
+    added over the ranks before the expand, ``adapters.batch.LoraBatch.reduce``)."""
+    out = {}
+    for (layer, proj), (a, b) in weights.items():
+        if proj == "q_proj":
+            b = _rows(b, cfg.q_size, world, rank)
+        elif proj in ("k_proj", "v_proj"):
+            b = _kv_rows(cfg, b, world, rank)
+        elif proj in ("gate_proj", "up_proj"):
+            b = _rows(b, cfg.intermediate_size, world, rank)
+        else:  # o_proj, down_proj: row-parallel
+            n = a.shape[1] // world
+            a = a[:, rank * n : (rank + 1) * n]
+        out[layer, proj] = (a.contiguous(), b.contiguous())
+    return out
+
+
+class RankAdapters:
+    """A rank's adapters of one sharded model (ranks 1 .. world - 1; rank 0's live in its
+    ``LoadedModel``): each read from its file by the rank itself when a step first needs it
+    and cut to the rank's part (:func:`shard_adapter`), in host slots of this rank's own
+    (``adapters.slots.AdapterSlots`` over the local config). Slot ids are the rank's own: the
+    step carries adapter names, never slots."""
+
+    def __init__(self, cfg: ModelConfig, local: ModelConfig, dtype: torch.dtype,
+                 world: int, rank: int):
+        self.cfg, self.local, self.dtype = cfg, local, dtype
+        self.world, self.rank = world, rank
+        self.slots = None
+        self.targets: dict[str, tuple[str, ...]] = {}
+
+    def _make(self, ranks: dict[str, int], count: int):
+        from gpupool.adapters.slots import AdapterSlots
+
+        memory = torch.zeros(AdapterSlots.num_bytes(self.local, count, ranks, self.dtype),
+                             dtype=torch.uint8)
+        return AdapterSlots(self.local, count, ranks, self.dtype, memory)
+
+    def add(self, name: str, spec, targets: tuple[str, ...]) -> None:
+        from gpupool.adapters.peft_format import load_peft_weights
+        from gpupool.adapters.slots import group_ranks
+
+        if self.slots is None:
+            self.slots = self._make(group_ranks([(spec.rank, targets)]), 1)
+        elif not self.slots.holds(spec.rank, targets):  # laid out again, as rank 0's are
+            old = self.slots
+            self.slots = self._make(old.ranks_with(spec.rank, targets), old.num_slots)
+            for n, loader in old.loaders.items():
+                self.slots.add(n, old.ranks[n], loader)
+        cfg, world, rank = self.cfg, self.world, self.rank
+        self.slots.add(name, spec.rank, lambda: shard_adapter(
+            cfg, load_peft_weights(spec, cfg), world, rank))
+        self.targets[name] = targets
+
+    def remove(self, name: str) -> None:
+        if self.slots is not None:
+            self.slots.remove(name)
+        self.targets.pop(name, None)
+
+    def batch(self, rows: list, ops, reduce):
+        """The step's LoraBatch on this rank (``rows``: each token row's adapter or None)."""
+        from gpupool.adapters.batch import LoraBatch
+
+        names = {n for n in rows if n}
+        if len(names) > self.slots.num_slots:  # as many as rank 0's step holds
+            count = max(len(names), 2 * self.slots.num_slots)
+            memory = torch.zeros(self.slots.num_bytes(self.local, count, self.slots.group_ranks,
+                                                      self.dtype), dtype=torch.uint8)
+            self.slots.grow(count, memory)
+        slot_of = self.slots.ensure(names)
+        return LoraBatch.build(rows, slot_of, self.slots.ranks, self.targets, self.slots.views,
+                               torch.device("cpu"), ops, reduce=reduce)
+
+
 def load_shard(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, world: int,
                rank: int, quantization: str | None = None):
     """(the local config, its layout, a host buffer holding rank ``rank``'s shard): each

@@ -82,11 +82,10 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
     """``Engine(tensor_parallel=2)``: the same greedy tokens as a one-rank engine for a
     batch, again on prefix-cache hits, after preemptions in a small KV pool (pages swapped to
     the host on both ranks), and across a switch between two models in a weight region that
-    holds one; adapters are refused."""
+    holds one."""
     from gpupool import SamplingParams
-    from gpupool.messages.errors import RequestError
     from gpupool.models.loader import build_layout
-    from tests.factories import make_engine, make_peft_adapter, random_prompts
+    from tests.factories import make_engine, random_prompts
 
     a = make_tiny_model(tmp_path / "a", "llama")
     b = make_tiny_model(tmp_path / "b", "qwen2", seed=1)
@@ -121,8 +120,49 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
         assert two.local.kv.num_pages_swapped_out > 0  # both ranks' shares moved (a rank
         # that kept its pages while they were reused would give other tokens: tested)
         assert models["a"]["prefix_cache_hits"] > 0
-        with pytest.raises(RequestError, match="tensor-parallel"):
-            two.add_adapter("x", "a", make_peft_adapter(a, tmp_path / "x", 4, ["q_proj"]))
+    finally:
+        two.shutdown()
+
+
+@pytest.mark.parametrize("variant", ["llama", "one_kv_head"])
+def test_adapters_on_two_ranks_match_peft(tmp_path, variant):
+    """LoRA on a model sharded over 2 ranks (S-LoRA's split: q/k/v and gate/up's B cut to
+    each rank's rows, A whole; o and down's A cut to each rank's input columns, their shrinks
+    summed over the ranks before the whole B): a mixed batch (base rows, three adapters of
+    ranks 2, 4, 8 on every projection or some) has peft's greedy tokens; then an adapter
+    of a larger rank lays both ranks' slots out again, and a removed one is refused, with
+    peft's tokens still. A model with one KV head: its k/v rows replicated on both ranks."""
+    from gpupool import SamplingParams
+    from gpupool.messages.errors import RequestError
+    from tests.factories import make_engine, make_peft_adapter, peft_greedy, random_prompts
+
+    base = (make_tiny_model(tmp_path / "m", "llama") if variant == "llama"
+            else _one_kv_head_model(tmp_path / "m"))
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    specs = {"x": (4, ["q_proj", "v_proj", "down_proj"]), "y": (8, every),
+             "z": (2, ["o_proj", "k_proj"]), "big": (16, every)}
+    paths = {n: make_peft_adapter(base, tmp_path / n, r, t, seed=i)
+             for i, (n, (r, t)) in enumerate(specs.items())}
+    names = ["x", None, "y", "z", "y", "x", None, "z"]
+    prompts = random_prompts(len(names), 6, 24, seed=5)
+    want = peft_greedy(base, paths, prompts, names, 10)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    two = make_engine(base, tensor_parallel=2, max_lora_rank=16, prefetch=False)
+    try:
+        for n in ("x", "y", "z"):
+            two.add_adapter(n, "m", paths[n])
+        got = two.generate(prompts, params, model=[n or "m" for n in names])
+        # peft stops at EOS; ours runs on (ignore_eos): its tokens up to there
+        assert [list(o.token_ids)[: len(w)] for o, w in zip(got, want)] == want
+        two.add_adapter("big", "m", paths["big"])  # rank 16: both ranks' slots laid out again
+        two.remove_adapter("z")
+        again = ["big", "y", None, "big"]
+        want2 = peft_greedy(base, paths, prompts[:4], again, 10)
+        got = two.generate(prompts[:4], params, model=[n or "m" for n in again])
+        assert [list(o.token_ids)[: len(w)] for o, w in zip(got, want2)] == want2
+        with pytest.raises(RequestError, match="z"):
+            two.generate(prompts[:1], params, model="z")
+        two.check_integrity()
     finally:
         two.shutdown()
 
