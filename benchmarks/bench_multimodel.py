@@ -30,7 +30,9 @@ models per GPU the attainment per policy, and the most models per GPU with >= 90
 GPUs for the cluster, each GPU serving its own share of the models). Four settings: switch
 cost from the artifact's pessimistic estimate or a bulk copy at 80% of PCIe bandwidth, each
 with copies stalling the device (the engine with prefetch off) or prefetched beside compute
-(the engine's default, Aegaeon-style).
+(the engine's default, Aegaeon-style). --sim-int4 adds the last setting with the models'
+weights 4-bit (0.75 B a weight, ``models/sizes.py``): as many resident as fit in the memory
+that holds 2 fp16 ones (5), switches 0.375x as long, step times the fp16 tables'.
 --plot DIR (off by default; needs matplotlib, a dev dependency): also write PNGs into DIR
 (created) and print their paths (to stderr; the result gains a ``plots`` key). Engine mode:
 cpu_attainment_vs_rate.png (goodput and Aegaeon's score against the total rate, per policy)
@@ -277,6 +279,7 @@ def drive(engine, reqs, SamplingParams) -> list[RequestTiming]:
 
 
 def run_simulation(args) -> dict:
+    from gpupool.models.sizes import model_element_bytes
     from gpupool.scheduler.simulator import DeviceConfig, load_sim_models, simulate_device
     from gpupool.scheduler.workload import SHAREGPT_INPUT, SHAREGPT_OUTPUT
 
@@ -287,22 +290,34 @@ def run_simulation(args) -> dict:
               "resident_models": 2, "duration_s": args.sim_duration,
               "cost_model": "scheduler/data step_times.csv (vLLM fp16 measured), interpolated",
               "attainment": "goodput (TTFT and mean TPOT); *_aegaeon: Aegaeon's time score"}
-    for label, eff, prefetch in (("pessimistic_switch", None, False),
-                                 ("bulk_copy_switch", 0.8, False),
-                                 ("pessimistic_switch_prefetch", None, True),
-                                 ("bulk_copy_switch_prefetch", 0.8, True)):
+    settings = [(label, eff, prefetch, 1.0, 2, args.max_models)
+                for label, eff, prefetch in (("pessimistic_switch", None, False),
+                                             ("bulk_copy_switch", 0.8, False),
+                                             ("pessimistic_switch_prefetch", None, True),
+                                             ("bulk_copy_switch_prefetch", 0.8, True))]
+    if args.sim_int4:  # the same device memory holding 4-bit weights (groups of 32)
+        ratio = model_element_bytes("bfloat16", "int4") / 2
+        settings.append(("int4_bulk_copy_switch_prefetch", 0.8, True, ratio, int(2 / ratio),
+                         3 * args.max_models))
+        result["int4"] = (f"weights {ratio:.3f}x fp16's bytes (0.75 B a weight: groups of "
+                          f"32), so {int(2 / ratio)} resident where fp16 has 2 and switches "
+                          f"{ratio:.3f}x as long; step times the fp16 tables' (no measured "
+                          "4-bit GPU steps: at small batches a 4-bit step reads fewer bytes)")
+    for label, eff, prefetch, ratio, resident, max_models in settings:
         best, best_a = {}, {}
         for policy in ("token", "request", "fcfs"):
             per_n, per_n_a, low = {}, {}, 0
-            for n in range(1, args.max_models + 1):
+            for n in range(1, max_models + 1):
                 if low >= 2:
                     break
                 names = [f"{bases[i % 3]}#{i}" for i in range(n)]
-                models = load_sim_models(data, "H100", names, efficiency=eff)
+                models = load_sim_models(data, "H100", names, efficiency=eff,
+                                         bytes_ratio=ratio)
                 reqs = poisson_workload({m: 0.1 for m in names}, args.sim_duration,
                                         SHAREGPT_INPUT, SHAREGPT_OUTPUT, seed=n)
                 res = simulate_device(models, reqs, policy, {m: slo for m in names},
-                                      DeviceConfig(resident_models=2, prefetch=prefetch))
+                                      DeviceConfig(resident_models=resident,
+                                                   prefetch=prefetch))
                 a = attainment(res, slo)
                 per_n[n], per_n_a[n] = a["slo_attainment"], a["aegaeon_score"]
                 low = low + 1 if per_n[n] < 0.5 else 0
@@ -425,6 +440,9 @@ def main() -> None:
                     help="with --simulate: also simulate this many devices behind the "
                          "gateway's router (0: skip; default 16)")
     ap.add_argument("--cluster-duration", type=float, default=None)
+    ap.add_argument("--sim-int4", action="store_true",
+                    help="with --simulate: also the bulk-copy, prefetch setting with 4-bit "
+                         "weights (more resident, shorter switches; up to 3x --max-models)")
     ap.add_argument("--data", default=str(DEFAULT_DATA_DIR),
                     help="folder of the measured tables (default: the package's copy)")
     args = ap.parse_args()

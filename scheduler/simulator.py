@@ -307,9 +307,12 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"  # measured tables; 
 
 
 def load_sim_models(data_dir: str | Path, gpu: str, names: list[str],
-                    efficiency: float | None = None) -> dict[str, SimModel]:
+                    efficiency: float | None = None,
+                    bytes_ratio: float = 1.0) -> dict[str, SimModel]:
     """Models named ``<base>#<i>`` use the figures of ``<base>`` (several copies of a 7B);
-    ``data_dir`` holds the tables (``DEFAULT_DATA_DIR``: the package's own copy)."""
+    ``data_dir`` holds the tables (``DEFAULT_DATA_DIR``: the package's own copy).
+    ``bytes_ratio``: the weights' bytes against the tables' fp16 (0.375 for 4-bit weights
+    in groups of 32): the switch costs scale with it; the step times are the tables'."""
     data_dir = Path(data_dir)
     sizes = {r["model"]: r for r in csv.DictReader(open(data_dir / "model_sizes.csv"))}
     pcie = {"H800": 64.0}.get(gpu, 32.0)
@@ -323,5 +326,5 @@ def load_sim_models(data_dir: str | Path, gpu: str, names: list[str],
             switch = float(row[f"switch_s_{gpu}"])
         else:
             switch = int(row["model_bytes"]) / (pcie * 2**30 * efficiency)
-        out[name] = SimModel(name, tables[base], switch)
+        out[name] = SimModel(name, tables[base], switch * bytes_ratio)
     return out
