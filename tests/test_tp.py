@@ -124,6 +124,34 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
         two.shutdown()
 
 
+def test_own_4bit_weights_on_two_ranks_give_one_ranks_tokens(tmp_path):
+    """``--quantization int4`` on a sharded model: each rank quantizes its part (groups of 32
+    columns, which each rank's columns hold whole: the row-parallel o and down cut at a
+    group boundary), so its weights are the one-rank model's and so are the greedy tokens;
+    an adapter on the 4-bit base too."""
+    from gpupool import SamplingParams
+    from tests.factories import make_engine, make_peft_adapter, random_prompts
+
+    base = make_tiny_model(tmp_path / "m", "llama")
+    lora = make_peft_adapter(base, tmp_path / "lora", 4, ["q_proj", "o_proj", "down_proj"],
+                             seed=2)
+    p0, p1 = random_prompts(2, 6, 24, seed=7)
+    prompts = [p0, p0, p1, p1]  # each with the adapter and without
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    names = ["lora", "m", "lora", "m"]
+    got = {}
+    for world in (1, 2):
+        e = make_engine(base, quantization="int4", max_lora_rank=8,
+                        **({"tensor_parallel": 2, "prefetch": False} if world == 2 else {}))
+        try:
+            e.add_adapter("lora", "m", lora)
+            got[world] = [list(o.token_ids) for o in e.generate(prompts, params, model=names)]
+        finally:
+            e.shutdown()
+    assert got[2] == got[1]
+    assert got[1][0] != got[1][1] or got[1][2] != got[1][3]  # the adapter acts
+
+
 @pytest.mark.parametrize("variant", ["llama", "one_kv_head"])
 def test_adapters_on_two_ranks_match_peft(tmp_path, variant):
     """LoRA on a model sharded over 2 ranks (S-LoRA's split: q/k/v and gate/up's B cut to
