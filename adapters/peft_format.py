@@ -268,14 +268,18 @@ def read_raw(path: Path) -> RawFile | None:
         dtype = _DTYPES[kinds.pop()]
         elem = torch.empty((), dtype=dtype).element_size()
         size = (len(data) - 8 - n) // elem
-        shapes, starts = {}, {}
+        shapes, starts, spans = {}, {}, []
         for key, v in header.items():
-            begin, end = v["data_offsets"]
+            begin, end = (int(o) for o in v["data_offsets"])
             shape = tuple(int(d) for d in v["shape"])
-            if begin % elem or end - begin != math.prod(shape) * elem or end // elem > size:
+            if begin % elem or end - begin != math.prod(shape) * elem:
                 return None
             shapes[key], starts[key] = shape, begin // elem
-        if not size:
+            spans.append((begin, end))
+        spans.sort()
+        # the tensors tile the data region, no gap nor overlap (as safetensors checks)
+        if (not spans or spans[0][0] != 0 or spans[-1][1] != len(data) - 8 - n
+                or any(a[1] != b[0] for a, b in zip(spans, spans[1:]))):
             return None
         values = torch.frombuffer(data, dtype=dtype, offset=8 + n, count=size)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -107,6 +107,13 @@ def fill_mirror(mirror: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
                 col += b.shape[0]
 
 
+# packing plans (PackPlan): kept for the PLANS_KEPT most recent file layouts, and only for
+# slots of at most PLAN_MAX_VALUES values (12 bytes of indices a value; larger adapters pack
+# by the reference path, whose few hundred copies are then large ones)
+PLANS_KEPT = 2
+PLAN_MAX_VALUES = 1 << 24
+
+
 def _fill_slot(views: dict[str, torch.Tensor], cfg, rank: int, weights: dict) -> None:
     """One slot's tensors (``views``, zeros) from the weights {(layer, projection): (A, B)}."""
     for i in range(cfg.num_layers):
@@ -149,7 +156,7 @@ def _moves(specs, dtype: torch.dtype, twin: dict[str, torch.Tensor]):
     for s in specs:
         v = twin[s.name].reshape(-1)
         nz = v.nonzero().squeeze(1)
-        out[s.name] = (nz + s.offset_bytes // elem, v[nz].long() - 1)
+        out[s.name] = (nz + s.offset_bytes // elem, (v[nz] - 1).int())  # int64, int32
     return out
 
 
@@ -162,8 +169,9 @@ class PackPlan:
     (:func:`pack_raw`) instead of a few hundred small copies."""
 
     masks: tuple  # the file's (projection, layer mask) pairs: equal to what was registered
-    dst: torch.Tensor  # int64: positions in the slot (its dtype's elements), A's then B's
-    src: torch.Tensor  # int64: positions in RawFile.values
+    dst: torch.Tensor  # int64 (index_copy_'s): positions in the slot (its dtype's
+    # elements), A's values then B's
+    src: torch.Tensor  # int32 (index_select's, 4 bytes a value): positions in RawFile.values
     num_a: int  # A's values come first (B's are multiplied by the scaling)
 
     @classmethod
@@ -318,7 +326,9 @@ class AdapterSlots:
 
     def remove(self, name: str) -> None:
         """Forget an adapter (its slot becomes free). The caller ensures nothing runs it."""
-        self._reading.pop(name, None)
+        future = self._reading.pop(name, None)
+        if future is not None:
+            future.cancel()
         self.resident.pop(name, None)
         self.owner.pop(name, None)
         self.pinned.discard(name)
@@ -341,9 +351,10 @@ class AdapterSlots:
             return False
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="gpupool-adapter-read")
-        # the layout, config, rank and loader are fixed for this slots object: the reader
-        # touches nothing the engine thread changes
-        self._reading[name] = self._reader.submit(self._pack, name)
+        # the loader and rank taken now: the reader touches nothing the engine thread
+        # changes but the plans (whole values swapped under the GIL)
+        self._reading[name] = self._reader.submit(self._pack, name, self.loaders[name],
+                                                  self.ranks[name])
         return True
 
     def close(self) -> None:
@@ -372,32 +383,38 @@ class AdapterSlots:
                 pass
         return self._pack(name)
 
-    def _pack(self, name: str) -> torch.Tensor:
-        """The adapter's host copy in slot layout: from the file's bytes by a plan
-        (:func:`pack_raw`) where the loader names an ordinary file, else (and for every
-        error, which it then reports) by :func:`pack_adapter`. Runs on the reader thread
-        too: it touches only the plans and what is fixed for this slots object."""
-        loader, rank = self.loaders[name], self.ranks[name]
+    def _pack(self, name: str, loader=None, rank: int | None = None) -> torch.Tensor:
+        """The adapter's host copy in slot layout (``loader``, ``rank``: the registered ones,
+        taken by the caller on the reader thread): from the file's bytes by a plan
+        (:func:`pack_raw`) where the loader names an ordinary file and the slot is small
+        enough for plans (PLAN_MAX_VALUES), else (and for any error, which it then reports)
+        by :func:`pack_adapter`."""
+        loader = self.loaders[name] if loader is None else loader
+        rank = self.ranks[name] if rank is None else rank
         spec = getattr(loader, "spec", None)
-        raw = read_raw(spec.path) if spec is not None else None
-        if raw is not None:
-            key = (raw.signature, rank)
-            plan = self._plans.get(key)
-            if plan is None:
-                try:
-                    plan = PackPlan.build(self.layout, self.dtype, self.cfg, rank, raw,
-                                          spec.path)
-                except AdapterError:
-                    plan = None
-                else:
-                    self._plans[key] = plan
-                    while len(self._plans) > 4:
-                        self._plans.popitem(last=False)
-            if plan is not None and plan.masks == spec.layers:
-                buf = pack_raw(self.layout, self.dtype, plan, raw, spec.scaling)
-                if buf is not None:
-                    return buf
+        if spec is not None and self.layout.num_bytes // _elem(self.dtype) <= PLAN_MAX_VALUES:
+            try:
+                buf = self._pack_raw(spec, rank)
+            except Exception:  # whatever it is, the reference path reports it
+                buf = None
+            if buf is not None:
+                return buf
         return pack_adapter(self.layout, self.cfg, rank, loader)
+
+    def _pack_raw(self, spec, rank: int) -> torch.Tensor | None:
+        raw = read_raw(spec.path)
+        if raw is None:
+            return None
+        key = (raw.signature, rank)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = PackPlan.build(self.layout, self.dtype, self.cfg, rank, raw, spec.path)
+            self._plans[key] = plan
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        if plan.masks != spec.layers:
+            return None
+        return pack_raw(self.layout, self.dtype, plan, raw, spec.scaling)
 
     def _fill_mirror(self, slot: int) -> None:
         """Slot ``slot`` of the mirror from the slot: :func:`fill_mirror` by one gather."""

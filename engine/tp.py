@@ -142,10 +142,27 @@ def _add_adapter(entry, msg, rank: int, world: int) -> None:
     from gpupool.models import tp
 
     model, _, _, held = entry
-    _, _, name, spec, targets, dtype = msg
+    _, _, name, spec, targets, dtype, ranks, host_bytes = msg
     if held[1] is None:
         held[1] = tp.RankAdapters(held[0], model.cfg, getattr(torch, dtype), world, rank)
-    held[1].add(name, spec, targets)
+    held[1].add(name, spec, targets, ranks, host_bytes)
+
+
+def _forward(entry, msg) -> None:
+    """A step on this rank. With adapters, every rank says (a sum over the ranks) whether
+    it could read its part of them: if one could not, none runs the step and rank 0 fails
+    its requests (never a rank lost over an unreadable adapter file)."""
+    model, view, _, held = entry
+    lora, failed = None, 0.0
+    if msg[3] is not None:
+        try:
+            lora = held[1].batch(msg[3], model.ops, model.tp.all_reduce)
+        except Exception:
+            logger.exception("rank %d: the adapters of a step could not be read", model.tp.rank)
+            failed = 1.0
+        if float(model.tp.all_reduce(torch.tensor([failed]))[0]):
+            return
+    model.forward(msg[2], view, lora)
 
 
 def main(argv: list[str]) -> None:
@@ -185,11 +202,8 @@ def main(argv: list[str]) -> None:
                 if adapters is not None:
                     adapters.remove(msg[2])
             elif op == "forward":
-                model, view, _, held = models[msg[1]]
                 with torch.inference_mode():
-                    lora = (None if msg[3] is None else
-                            held[1].batch(msg[3], model.ops, model.tp.all_reduce))
-                    model.forward(msg[2], view, lora)
+                    _forward(models[msg[1]], msg)
     finally:
         dist.destroy_process_group()
 

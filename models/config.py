@@ -271,14 +271,16 @@ class ModelConfig:
             bad.append(f"{self.num_kv_heads} KV heads")
         if self.intermediate_size % world:
             bad.append(f"intermediate size {self.intermediate_size}")
+        if self.moe_intermediate_size % world:
+            bad.append(f"expert intermediate size {self.moe_intermediate_size}")
         if self.vocab_size % world:
             bad.append(f"vocabulary of {self.vocab_size}")
         if bad:
             return (f"tensor parallelism over {world} ranks needs counts it divides: "
                     f"{', '.join(bad)} are not")
-        if self.num_experts or self.qk_norm_whole or self.quant:
-            return (f"{self.architecture}: mixtures of experts, whole-vector q/k norms and "
-                    "4-bit checkpoints are not sharded yet")
+        if self.qk_norm_whole or self.quant:
+            return (f"{self.architecture}: whole-vector q/k norms (OLMoE's) and 4-bit "
+                    "checkpoints are not sharded yet")
         return None
 
     def kv_bytes_per_token(self, element_bytes: int) -> int:

@@ -182,6 +182,8 @@ class LlamaModel:
             x, h = ops.add_norm(x, out, lw["post_norm"], eps)
         if cfg.moe_layers and cfg.moe_layers[i]:
             delta = self._experts(plan, h, lw)
+            if self.tp is not None:  # each rank's share of every expert: partial sums
+                delta = self.tp.all_reduce(delta)
         else:
             gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
             if lora is not None:

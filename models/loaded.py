@@ -174,9 +174,11 @@ class LoadedModel:
                 self.weight_pool.release_adapters(self.name)
             raise
         self.adapter_targets[name] = targets
-        if self.tp is not None:
+        if self.tp is not None:  # the ranks lay their slots out as these are
             self.tp.command("add_adapter", self.name, name, weights.tp_spec, targets,
-                            str(self.adapter_dtype).removeprefix("torch."))
+                            str(self.adapter_dtype).removeprefix("torch."),
+                            dict(self.slots.group_ranks),
+                            self.adapter_config.host_adapter_bytes)
 
     def _sharded(self, loader):
         """Rank 0's part of the adapter ``loader`` reads (models/tp.py ``shard_adapter``);
@@ -310,7 +312,11 @@ class LoadedModel:
         batch = build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset)
         lora = self._lora_batch(rows)  # adapters loaded first: a failure stops rank 0 alone
         if self.tp is not None:  # the other ranks run the same step beside this one
-            self.tp.command("forward", self.name, batch,
-                            None if lora is None else
-                            [item.adapter for item in rows for _ in item.token_ids])
+            self.tp.command("forward", self.name, batch, None if lora is None else
+                            tp_shard.adapter_runs([item.adapter for item in rows
+                                                   for _ in item.token_ids]))
+            # each rank reads its part of an adapter itself: whether all could, summed
+            if lora is not None and float(self.model.tp.all_reduce(torch.zeros(1))[0]):
+                raise AdapterError("a tensor-parallel rank could not read an adapter of this "
+                                   "step (its log says why)")
         return self.model.forward(batch, self.kv_view, lora)

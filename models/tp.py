@@ -11,7 +11,11 @@ Each rank holds a shard, read straight from the checkpoint (never the whole mode
 - the embedding and the lm_head: split by vocabulary; a token's embedding row lives on one
   rank (the others add zeros in the all-reduce) and each rank's logits columns are gathered
   into whole rows before anything reads them (sampler, logprobs, grammar masks);
-- norms replicated.
+- norms replicated;
+- a mixture of experts' router replicated (every rank picks the same experts), each expert
+  split as a dense MLP is (gate and up by output rows, down by input columns of its own
+  intermediate size): the weighted expert outputs are partial sums, added over the ranks by
+  one all-reduce after the layer's experts.
 
 The rank's model is a :class:`~gpupool.models.llama.LlamaModel` of the *local* config
 (:func:`local_config`: its heads, KV heads, intermediate size and vocabulary), so attention and
@@ -217,6 +221,7 @@ def local_config(cfg: ModelConfig, world: int) -> ModelConfig:
         cfg, num_heads=cfg.num_heads // world,
         num_kv_heads=max(cfg.num_kv_heads // world, 1),
         intermediate_size=cfg.intermediate_size // world,
+        moe_intermediate_size=cfg.moe_intermediate_size // world,
         vocab_size=cfg.vocab_size // world)
 
 
@@ -247,12 +252,12 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
         if kind == "q_proj":
             return _rows(t, cfg.q_size, world, rank)
         return _kv_rows(cfg, t, world, rank)
-    if name.endswith("gate_up_weight"):
+    if name.endswith("gate_up_weight"):  # a dense MLP's, or an expert's (its own size)
+        inter = cfg.moe_intermediate_size if ".experts." in name else cfg.intermediate_size
         if kind == "gate_up_proj":  # fused: gate's rows, then up's
             g, u = t.chunk(2)
-            inter = cfg.intermediate_size
             return torch.cat([_rows(g, inter, world, rank), _rows(u, inter, world, rank)])
-        return _rows(t, cfg.intermediate_size, world, rank)
+        return _rows(t, inter, world, rank)
     if name.endswith(("o_weight", "down_weight")):  # row-parallel: the input columns
         n = t.shape[1] // world
         return t[:, rank * n : (rank + 1) * n]
@@ -296,23 +301,25 @@ class RankAdapters:
         self.slots = None
         self.targets: dict[str, tuple[str, ...]] = {}
 
-    def _make(self, ranks: dict[str, int], count: int):
+    def _make(self, ranks: dict[str, int], count: int, host_bytes: int):
         from gpupool.adapters.slots import AdapterSlots
 
         memory = torch.zeros(AdapterSlots.num_bytes(self.local, count, ranks, self.dtype),
                              dtype=torch.uint8)
-        return AdapterSlots(self.local, count, ranks, self.dtype, memory)
+        return AdapterSlots(self.local, count, ranks, self.dtype, memory,
+                            host_bytes=host_bytes)
 
-    def add(self, name: str, spec, targets: tuple[str, ...]) -> None:
+    def add(self, name: str, spec, targets: tuple[str, ...], ranks: dict[str, int],
+            host_bytes: int) -> None:
+        """Register ``spec``'s file as ``name``; ``ranks``: rank 0's slot layout after it (a
+        group's rank sets the width of its shrink, which the ranks sum: every rank lays its
+        slots out exactly so, again whenever rank 0 does)."""
         from gpupool.adapters.peft_format import load_peft_weights
-        from gpupool.adapters.slots import group_ranks
 
-        if self.slots is None:
-            self.slots = self._make(group_ranks([(spec.rank, targets)]), 1)
-        elif not self.slots.holds(spec.rank, targets):  # laid out again, as rank 0's are
+        if self.slots is None or self.slots.group_ranks != ranks:
             old = self.slots
-            self.slots = self._make(old.ranks_with(spec.rank, targets), old.num_slots)
-            for n, loader in old.loaders.items():
+            self.slots = self._make(ranks, old.num_slots if old else 1, host_bytes)
+            for n, loader in (old.loaders.items() if old else ()):
                 self.slots.add(n, old.ranks[n], loader)
         cfg, world, rank = self.cfg, self.world, self.rank
         self.slots.add(name, spec.rank, lambda: shard_adapter(
@@ -320,14 +327,20 @@ class RankAdapters:
         self.targets[name] = targets
 
     def remove(self, name: str) -> None:
+        """Forget ``name``; with the last one gone the slots go too (as rank 0's)."""
         if self.slots is not None:
             self.slots.remove(name)
+            if not self.slots.ranks:
+                self.slots.close()
+                self.slots = None
         self.targets.pop(name, None)
 
-    def batch(self, rows: list, ops, reduce):
-        """The step's LoraBatch on this rank (``rows``: each token row's adapter or None)."""
+    def batch(self, runs: list, ops, reduce):
+        """The step's LoraBatch on this rank (``runs``: (adapter or None, rows) in row order,
+        :func:`adapter_runs`)."""
         from gpupool.adapters.batch import LoraBatch
 
+        rows = [name for name, n in runs for _ in range(n)]
         names = {n for n in rows if n}
         if len(names) > self.slots.num_slots:  # as many as rank 0's step holds
             count = max(len(names), 2 * self.slots.num_slots)
@@ -337,6 +350,18 @@ class RankAdapters:
         slot_of = self.slots.ensure(names)
         return LoraBatch.build(rows, slot_of, self.slots.ranks, self.targets, self.slots.views,
                                torch.device("cpu"), ops, reduce=reduce)
+
+
+def adapter_runs(rows: list) -> list:
+    """Each token row's adapter (or None) as (adapter, count) runs: the step's command
+    carries a run per segment, not a name per row."""
+    runs: list = []
+    for name in rows:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return runs
 
 
 def load_shard(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, world: int,

@@ -80,6 +80,8 @@ class Route:
 
 class Router:
     def __init__(self, max_queue: int = 16, spread: int = 8):
+        if max_queue < 1 or spread < 1:
+            raise ValueError("max_queue and spread must be >= 1")
         self.max_queue = max_queue
         self.spread = spread
 

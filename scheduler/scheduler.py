@@ -372,15 +372,20 @@ class Scheduler:
         :meth:`_warm_first`) while budgets, the sequence cap and pages allow; ``skip``:
         preempted for fairness this step (never re-admitted at once)."""
         running = self.running[model]
-        cutoff = float("inf")  # sequences that arrived from then on wait (see _overdue)
+        wait = self.config.adapter_wait_ms / 1000.0
+        # adapter sequences that arrived from then on wait (see _overdue); found before the
+        # loop too, so none that comes earlier in the fair order passes an overdue one
+        cutoff = min((q.arrival_time + wait for q in self.waiting[model]
+                      if self._overdue(q, step, now)), default=float("inf"))
         for seq in self._warm_first(model, self._fair_order(model), step, now):
             if step.budget <= 0 or len(running) >= self.config.max_num_seqs:
                 break
-            if any(seq is q for q in skip) or seq.arrival_time >= cutoff:
+            if any(seq is q for q in skip) or (seq.adapter is not None
+                                                and seq.arrival_time >= cutoff):
                 continue
             if not step.fits(seq):
                 if self._overdue(seq, step, now):
-                    cutoff = min(cutoff, seq.arrival_time + self.config.adapter_wait_ms / 1e3)
+                    cutoff = min(cutoff, seq.arrival_time + wait)
                 continue
             if seq.host_pages and self._swap_out:  # its swap-in waits for a step without
                 break  # swap-outs (the freed pages may be the ones it would copy into)
@@ -483,12 +488,15 @@ class Scheduler:
         return sorted(order, key=cold)
 
     def _overdue(self, seq: Sequence, step: _Step, now: float) -> bool:
-        """Whether ``seq`` has waited ``adapter_wait_ms`` and finds the step's adapters
-        full: then no sequence that arrived after it became overdue is admitted, so the
-        adapters running drain (their requests from before still run) and it gets in: its
-        wait is bounded by ``adapter_wait_ms`` plus that drain."""
+        """Whether ``seq`` has waited ``adapter_wait_ms`` and finds the step's adapters full
+        without its own: then no adapter sequence that arrived after it became overdue is
+        admitted (base-model ones are: they hold no adapter), so the adapters running drain
+        (their requests from before still run) and it gets in: its wait is bounded by
+        ``adapter_wait_ms`` plus that drain. ``adapter_wait_ms=0`` turns the bound off with
+        the preference (the order before both)."""
         wait = self.config.adapter_wait_ms / 1000.0
-        return (wait > 0 and seq.adapter is not None and now - seq.arrival_time >= wait
+        return (wait > 0 and seq.adapter is not None and seq.adapter not in step.adapters
+                and now - seq.arrival_time >= wait
                 and len(step.adapters) >= step.max_adapters)
 
     def _preempt_for_fairness(self, model: str) -> list[Sequence]:

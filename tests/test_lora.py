@@ -9,7 +9,13 @@ from safetensors.torch import load_file, save_file
 
 from gpupool import AdapterError, RequestError, SamplingParams
 from gpupool.adapters.peft_format import read_raw
-from gpupool.adapters.slots import AdapterSlots, fill_mirror, group_ranks, pack_adapter
+from gpupool.adapters.slots import (
+    AdapterSlots,
+    fill_mirror,
+    group_ranks,
+    pack_adapter,
+    pack_raw,
+)
 from gpupool.engine.core import batch_rows
 from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
@@ -155,10 +161,13 @@ def _packs_as_the_reference(engine, names) -> None:
     slots = engine.local.core.workers[next(iter(engine.local.core.workers))].slots
     for name in names:
         fast = slots._pack(name)
-        assert (read_raw(slots.loaders[name].spec.path).signature,
-                slots.ranks[name]) in slots._plans  # the plan's path, not the fallback
+        spec = slots.loaders[name].spec
+        raw = read_raw(spec.path)
+        plan = slots._plans[raw.signature, slots.ranks[name]]
+        direct = pack_raw(slots.layout, slots.dtype, plan, raw, spec.scaling)
+        assert direct is not None  # the plan's path, not the fallback
         ref = pack_adapter(slots.layout, slots.cfg, slots.ranks[name], slots.loaders[name])
-        assert torch.equal(fast, ref), name
+        assert torch.equal(fast, ref) and torch.equal(direct, ref), name
         if slots.mirror is not None:
             slot = slots.ensure([name])[name]
             got = slots._mirror_rows[slot].clone()

@@ -339,3 +339,24 @@ def test_a_cold_adapters_wait_is_bounded_under_a_stream_of_warm_requests():
     assert first_step_of_b(0.0) is None
     got = first_step_of_b(500.0)
     assert got is not None and got <= 0.05 + 0.5 + 0.4, got  # the bound, 3 tokens of drain
+
+
+def test_the_bound_holds_back_adapter_requests_only_and_whatever_the_tenant_order():
+    """b (adapter, tenant B) is overdue while a's requests hold the one adapter: a request of
+    tenant C for a that arrived after b became overdue waits, even though C's place in the
+    fair order comes before b's (fewer running); a base-model request that arrived then is
+    admitted (it holds no adapter)."""
+    s = _one_slot(adapter_wait_ms=500.0)
+    first = Sequence("a0", "m", [1, 2, 3], SamplingParams(), 0.0, 999, adapter="a",
+                     tenant="A")
+    s.enqueue(first)
+    _advance(s, s.schedule(now=0.0))  # a0 runs: the step's one adapter is a
+    b = Sequence("b", "m", [1, 2, 3], SamplingParams(), 0.1, 999, adapter="b", tenant="A")
+    late = Sequence("c", "m", [1, 2, 3], SamplingParams(), 0.7, 999, adapter="a",
+                    tenant="C")
+    base = Sequence("d", "m", [1, 2, 3], SamplingParams(), 0.7, 999, tenant="D")
+    for q in (b, late, base):
+        s.enqueue(q)
+    out = s.schedule(now=0.8)  # b overdue since 0.6
+    ran = {x.seq.request_id for x in out.scheduled}
+    assert "d" in ran and "c" not in ran and "b" not in ran

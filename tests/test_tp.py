@@ -124,6 +124,34 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
         two.shutdown()
 
 
+@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_on_two_ranks_gives_one_ranks_tokens(tmp_path, variant):
+    """The router replicated, each expert split as a dense MLP (gate/up rows, down columns
+    of its own intermediate size), the experts' weighted partial sums all-reduced once a
+    layer: a batch's greedy tokens are the one-rank engine's (float32); OLMoE's whole-vector
+    q/k norms are refused by name."""
+    from gpupool import SamplingParams
+    from gpupool.models import tp
+    from tests.factories import make_engine, random_prompts
+
+    base = make_tiny_model(tmp_path / "m", variant)
+    prompts = random_prompts(5, 6, 30, seed=9)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    got = {}
+    for world in (1, 2):
+        e = make_engine(base, **({"tensor_parallel": 2, "prefetch": False}
+                                 if world == 2 else {}))
+        try:
+            got[world] = [list(o.token_ids) for o in e.generate(prompts, params)]
+        finally:
+            e.shutdown()
+    assert got[2] == got[1]
+    local = tp.local_config(ModelConfig.from_folder(base), 2)
+    assert local.moe_intermediate_size * 2 == ModelConfig.from_folder(base).moe_intermediate_size
+    with pytest.raises(ModelLoadError, match="whole-vector q/k norms"):
+        tp.local_config(ModelConfig.from_folder(make_tiny_model(tmp_path / "o", "olmoe")), 2)
+
+
 def test_own_4bit_weights_on_two_ranks_give_one_ranks_tokens(tmp_path):
     """``--quantization int4`` on a sharded model: each rank quantizes its part (groups of 32
     columns, which each rank's columns hold whole: the row-parallel o and down cut at a
@@ -190,7 +218,40 @@ def test_adapters_on_two_ranks_match_peft(tmp_path, variant):
         assert [list(o.token_ids)[: len(w)] for o, w in zip(got, want2)] == want2
         with pytest.raises(RequestError, match="z"):
             two.generate(prompts[:1], params, model="z")
+        for n in ("x", "y", "big"):  # every adapter gone: both ranks drop their slots
+            two.remove_adapter(n)
+        two.add_adapter("z2", "m", paths["z"])  # a rank-2 layout of two groups on both ranks
+        got = two.generate(prompts[:2], params, model="z2")
+        want3 = peft_greedy(base, paths, prompts[:2], ["z", "z"], 10)
+        assert [list(o.token_ids)[: len(w)] for o, w in zip(got, want3)] == want3
         two.check_integrity()
+    finally:
+        two.shutdown()
+
+
+def test_an_adapter_a_rank_cannot_read_fails_its_requests_not_the_group(tmp_path):
+    """Rank 0 holds its part of the adapter (read at admission); the file then breaks, so
+    rank 1's own read fails: every rank hears of it before the step (a sum over the ranks),
+    none runs it, the request fails, and the group serves on."""
+    from gpupool import SamplingParams
+    from tests.factories import make_engine, make_peft_adapter, random_prompts
+
+    base = make_tiny_model(tmp_path / "m", "llama")
+    path = make_peft_adapter(base, tmp_path / "x", 4, ["q_proj", "o_proj"], seed=1)
+    prompts = random_prompts(2, 6, 20, seed=3)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    two = make_engine(base, tensor_parallel=2, max_lora_rank=8, prefetch=False)
+    try:
+        two.add_adapter("x", "m", path)
+        two.local.core.workers["m"].slots.load_host("x")  # rank 0's copy, before the step
+        (path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+        try:
+            out = two.generate(prompts[:1], params, model="x")[0]
+            assert out.finish_reason == "abort" and not out.token_ids
+        except Exception as e:  # the error itself: also a failed request
+            assert "could not read an adapter" in str(e), e
+        assert two.local.tp.alive()
+        assert len(two.generate(prompts, params, model="m")[1].token_ids) == 6
     finally:
         two.shutdown()
 
