@@ -120,16 +120,26 @@ class ShmCommands:
         return _shared_file("gpupool-tp-cmd-", cls.HEADER + cls.CMD_BYTES)
 
     def send(self, msg) -> None:
-        import pickle
-
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        """``msg`` to every other rank: pickled, but for its CPU tensors, whose bytes go
+        behind the pickle as they are (:class:`_TensorPickler`: a step's ForwardBatch
+        pickles in ~0.4-0.8 ms the torch way, its integers' bytes copy in microseconds)."""
+        tensors: list = []
+        data = _TensorPickler.dumps(msg, tensors)
+        base = -(-len(data) // 64) * 64  # the tensors' bytes from here, each 64-aligned
+        size = base + (tensors[-1][0] + tensors[-1][1].numel() * tensors[-1][1].element_size()
+                       if tensors else 0)
         _wait(lambda: all(int(self.header[8 * r]) >= self.seq for r in range(1, self.world)),
               self.alive, TIMEOUT_S)
         self.seq += 1
-        big = len(data) > self.CMD_BYTES
+        big = size > self.CMD_BYTES
         if not big:
-            self.buf[self.HEADER : self.HEADER + len(data)].copy_(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            start = self.HEADER
+            self.buf[start : start + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
+            for off, t in tensors:
+                n = t.numel() * t.element_size()
+                if n:
+                    self.buf[start + base + off : start + base + off + n].copy_(
+                        t.reshape(-1).view(torch.uint8))
         self.header[1] = -1 if big else len(data)
         self.header[0] = self.seq  # last: the message is whole
         if big:
@@ -138,8 +148,6 @@ class ShmCommands:
             dist.broadcast_object_list([msg], src=0)
 
     def receive(self):
-        import pickle
-
         self.seq += 1
         _wait(lambda: int(self.header[0]) >= self.seq, self.alive)  # idle: no timeout
         n = int(self.header[1])
@@ -150,9 +158,55 @@ class ShmCommands:
             dist.broadcast_object_list(box, src=0)
             msg = box[0]
         else:
-            msg = pickle.loads(self.buf[self.HEADER : self.HEADER + n].numpy().tobytes())
+            data = self.buf[self.HEADER : self.HEADER + n].numpy().tobytes()
+            msg = _TensorUnpickler.loads(data, self.buf, self.HEADER + -(-n // 64) * 64)
         self.header[8 * self.rank] = self.seq  # read: rank 0 may write the next one
         return msg
+
+
+class _TensorPickler:
+    """A pickle whose CPU tensors are left out, each replaced by (dtype, shape, offset) of
+    its bytes in a region written behind it (``tensors``: (offset, contiguous tensor))."""
+
+    @staticmethod
+    def dumps(msg, tensors: list) -> bytearray:
+        import io
+        import pickle
+
+        class P(pickle.Pickler):
+            def persistent_id(self, obj):
+                if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+                    return None
+                t = obj.detach().contiguous()
+                off = 0
+                if tensors:
+                    last_off, last = tensors[-1]
+                    off = -(-(last_off + last.numel() * last.element_size()) // 64) * 64
+                tensors.append((off, t))
+                return ("t", str(t.dtype).removeprefix("torch."), tuple(t.shape), off)
+
+        f = io.BytesIO()
+        P(f, protocol=pickle.HIGHEST_PROTOCOL).dump(msg)
+        return bytearray(f.getbuffer())
+
+
+class _TensorUnpickler:
+    @staticmethod
+    def loads(data: bytes, buf: torch.Tensor, base: int):
+        """:class:`_TensorPickler`'s message; its tensors copied out of ``buf`` (whose bytes
+        the next message overwrites) from ``base`` on."""
+        import io
+        import math
+        import pickle
+
+        class U(pickle.Unpickler):
+            def persistent_load(self, pid):
+                _, dtype, shape, off = pid
+                dtype = getattr(torch, dtype)
+                n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                return buf[base + off : base + off + n].clone().view(dtype).view(shape)
+
+        return U(io.BytesIO(data)).load()
 
 
 def _wait(ready, alive=None, timeout_s: float | None = None, spins: int = 200000) -> None:
