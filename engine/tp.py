@@ -2,8 +2,9 @@
 each hold their shard of every model and their share of every KV page, and run each step's
 forward pass beside rank 0 (the engine's own process, which schedules, samples and serves).
 
-Rank 0 sends every rank the same commands in the same order (pickled into a shared file,
-``models/tp.py`` ``ShmCommands``; gloo over TCP on 127.0.0.1 for a larger one): ``load`` (a
+Rank 0 sends every rank the same commands in the same order (pickled into a shared file, a
+command's tensors as their bytes behind the pickle, ``models/tp.py`` ``ShmCommands``; gloo
+over TCP on 127.0.0.1 for a larger one): ``load`` (a
 model's shard, read from its checkpoint by each rank itself, ``models/tp.py``), ``forward`` (a
 step's :class:`~gpupool.models.batch.ForwardBatch`: page ids, positions, block tables; the same
 on every rank, since one page pool's integers serve them all), ``copy`` (a KV swap's page
@@ -13,9 +14,8 @@ and ``stop``. So residency of KV pages, prefix-cache hits and preemption agree o
 without a second scheduler. Each rank keeps its shards in its host memory (rank 0's go
 through the engine's weight pool as any model's). Limits of this first part: CPU and gloo
 only (NCCL and CUDA graphs: not yet), one tensor-parallel engine per process
-(torch.distributed's default group), the commands pickled (a packed integer message is the
-next step), and a rank that dies makes rank 0's next step fail (``models/tp.py``'s waits ask
-whether the ranks live).
+(torch.distributed's default group), and a rank that dies makes rank 0's next step fail
+(``models/tp.py``'s waits ask whether the ranks live).
 
 The forward pass's all-reduces and logits gathers go through a shared-memory exchange
 (``models/tp.py`` ``ShmExchange``: a file in /dev/shm, each rank a slot, sequence numbers;
