@@ -217,6 +217,23 @@ def test_moe_logits_and_tokens_match_transformers(tiny_models, variant):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dtype):
+    """Decoding a single row takes the one-row expert path (no gathers or scatters), a batch
+    the general one: the same tokens and log-probabilities, bit for bit."""
+    folder = tiny_models("mixtral")
+    prompts = random_prompts(4, 5, 20, seed=13)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    engine = make_engine(folder, dtype=dtype)
+    try:
+        alone = engine.generate(prompts[:1], params)[0]
+        batch = engine.generate(prompts, params)[0]
+        assert list(alone.token_ids) == list(batch.token_ids)
+        assert alone.logprobs == batch.logprobs
+    finally:
+        engine.shutdown()
+
+
 def test_a_dense_and_a_moe_model_take_turns_in_one_weight_region(tiny_models):
     from gpupool.models.loader import build_layout
 
