@@ -8,7 +8,9 @@ experts of intermediate size 768, 2 a token, and a dense Llama of intermediate s
 batch 1 and 16 (64 new tokens, greedy) on one engine serving both, interleaved for --rounds
 rounds;
 medians, ranges and the ratio. Random weights route tokens about uniformly, so a batch of 16
-touches every expert: its bound is the mixture's whole weights, not the active ones.
+touches every expert: its bound is the mixture's whole weights, not the active ones. The
+bound: the weight bytes a step reads (all but the untouched experts) over the read rate of a
+plain float32 sum of 512 MB measured in the same run.
 Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3]
 """
 
@@ -57,6 +59,33 @@ def _decode(engine: Engine, name: str, batch: int, tokens: int = 64) -> float:
     return batch * tokens / (time.perf_counter() - start)
 
 
+def read_rate(nbytes: int = 512 << 20, runs: int = 5) -> float:
+    """Bytes a second of a plain read of memory: a float32 buffer summed (the median of
+    ``runs``), the raw baseline of the bandwidth bound."""
+    import torch
+
+    buf = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def touched_bytes(worker, batch_experts: int) -> int:
+    """Weight bytes a decode step reads: everything but the experts no row routes to
+    (``batch_experts``: experts touched a layer) and the embedding rows (the head reads the
+    tied table whole)."""
+    import torch
+
+    cfg = worker.cfg
+    expert = sum(sp.numel * torch.empty((), dtype=sp.dtype).element_size()
+                 for sp in worker.layout.specs
+                 if sp.name.startswith("layers.0.experts.0."))
+    return worker.layout.num_bytes - (cfg.num_experts - batch_experts) * expert * cfg.num_layers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -78,6 +107,12 @@ def main() -> None:
                     runs.setdefault(f"{kind}_b{batch}", []).append(
                         _decode(engine, kind, batch))
         swaps = engine.stats()["swaps"]["weight_swaps"]
+        moe = engine.local.core.workers["moe"]
+        # batch 1 touches its top-k experts a layer; 16 rows x 2 of 8 (random weights route
+        # about uniformly): a given expert is missed with probability (6/8)^16 = 1%: all
+        sizes = {1: touched_bytes(moe, moe.cfg.experts_per_tok),
+                 16: touched_bytes(moe, moe.cfg.num_experts)}
+        rate = read_rate()
     finally:
         engine.shutdown()
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -85,7 +120,13 @@ def main() -> None:
               "tok_s": {k: [round(med[k], 1), round(min(v), 1), round(max(v), 1)]
                         for k, v in runs.items()},
               "moe_over_dense_step": {b: round(med[f"dense_b{b}"] / med[f"moe_b{b}"], 2)
-                                      for b in (1, 16)}}
+                                      for b in (1, 16)},
+              "read_gb_s": round(rate / 1e9, 1),
+              "moe_touched_mb": {b: round(n / 1e6, 1) for b, n in sizes.items()},
+              "moe_bound_ms": {b: round(n / rate * 1e3, 2) for b, n in sizes.items()},
+              "moe_step_ms": {b: round(b / med[f"moe_b{b}"] * 1e3, 2) for b in (1, 16)},
+              "moe_step_over_bound": {b: round(b / med[f"moe_b{b}"] / (n / rate), 2)
+                                      for b, n in sizes.items()}}
     emit(result, args.json)
 
 
