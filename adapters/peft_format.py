@@ -270,8 +270,10 @@ def read_raw(path: Path) -> RawFile | None:
         size = (len(data) - 8 - n) // elem
         shapes, starts, spans = {}, {}, []
         for key, v in header.items():
-            begin, end = (int(o) for o in v["data_offsets"])
-            shape = tuple(int(d) for d in v["shape"])
+            if not all(type(o) is int for o in (*v["data_offsets"], *v["shape"])):
+                return None  # safetensors' own reader refuses these: let it say so
+            begin, end = v["data_offsets"]
+            shape = tuple(v["shape"])
             if begin % elem or end - begin != math.prod(shape) * elem:
                 return None
             shapes[key], starts[key] = shape, begin // elem

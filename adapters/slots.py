@@ -37,6 +37,7 @@ Half the bytes of the float32 slots for the kernel to read, and an expand withou
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,8 @@ import torch
 from gpupool.adapters.base import GROUPS, AdapterError
 from gpupool.adapters.peft_format import RawFile, adapter_weights, layer_masks, read_raw
 from gpupool.pool.weights import WeightLayout
+
+logger = logging.getLogger(__name__)
 
 
 def _widths(cfg) -> dict[str, int]:
@@ -396,6 +399,7 @@ class AdapterSlots:
             try:
                 buf = self._pack_raw(spec, rank)
             except Exception:  # whatever it is, the reference path reports it
+                logger.debug("packing %s from its bytes failed", name, exc_info=True)
                 buf = None
             if buf is not None:
                 return buf
@@ -407,7 +411,9 @@ class AdapterSlots:
             return None
         key = (raw.signature, rank)
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is not None:
+            self._plans.move_to_end(key)  # least recently used dropped first
+        else:
             plan = PackPlan.build(self.layout, self.dtype, self.cfg, rank, raw, spec.path)
             self._plans[key] = plan
             while len(self._plans) > PLANS_KEPT:

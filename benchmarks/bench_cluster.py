@@ -185,9 +185,14 @@ def zipf_load(url: str, names: list[str], clients: int, max_tokens: int) -> floa
                     if not todo or errors:
                         return
                     name = todo.pop()
-                r = c.post(url + "/v1/completions", json={
-                    "model": name, "prompt": PROMPT * 4, "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True})
+                try:
+                    r = c.post(url + "/v1/completions", json={
+                        "model": name, "prompt": PROMPT * 4, "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": True})
+                except httpx.HTTPError as e:
+                    with lock:
+                        errors.append(repr(e))
+                    return
                 with lock:
                     if r.status_code != 200:
                         errors.append(f"{r.status_code}: {r.text}")

@@ -164,6 +164,7 @@ def _packs_as_the_reference(engine, names) -> None:
         spec = slots.loaders[name].spec
         raw = read_raw(spec.path)
         plan = slots._plans[raw.signature, slots.ranks[name]]
+        assert plan.masks == spec.layers  # so _pack took the plan, not the fallback
         direct = pack_raw(slots.layout, slots.dtype, plan, raw, spec.scaling)
         assert direct is not None  # the plan's path, not the fallback
         ref = pack_adapter(slots.layout, slots.cfg, slots.ranks[name], slots.loaders[name])
