@@ -221,13 +221,23 @@ class LlamaModel:
         out = torch.zeros_like(h)
         if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
             return self._one_rows_experts(plan, h, lw, top, idx, out)
-        for e in torch.unique(idx).tolist():  # ascending
-            rows, pos = torch.where(idx == e)
-            gate_up = ops.linear(plan, h[rows], lw, f"experts.{e}.gate_up_weight")
-            act = ops.act_mul(gate_up, cfg.activation)
-            y = ops.linear(plan, act, lw, f"experts.{e}.down_weight")
-            out.index_add_(0, rows, y * top[rows, pos, None])
-        return out
+        # the (row, choice) pairs grouped by expert (ascending; rows ascending within one):
+        # one gather of the rows, each expert's rows a slice, one scatter adding every
+        # weighted output in that order (the expert order of each row's sum)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        rows = order // idx.shape[1]
+        xs, ws = h.index_select(0, rows), top.reshape(-1).index_select(0, order)
+        parts, start = [], 0
+        for e, n in enumerate(torch.bincount(flat, minlength=cfg.num_experts).tolist()):
+            if n:
+                gate_up = ops.linear(plan, xs[start : start + n], lw,
+                                     f"experts.{e}.gate_up_weight")
+                y = ops.linear(plan, ops.act_mul(gate_up, cfg.activation), lw,
+                               f"experts.{e}.down_weight")
+                parts.append(y * ws[start : start + n, None])
+                start += n
+        return out.index_add_(0, rows, torch.cat(parts))
 
     def _one_rows_experts(self, plan, h, lw, top, idx, out):
         """:meth:`_experts` for a single row: its experts in ascending order, each output
