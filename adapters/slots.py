@@ -222,7 +222,7 @@ def mirror_moves(cfg, ranks: dict[str, int], layout: WeightLayout, dtype: torch.
 
 def _views(layout: WeightLayout, buffer: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
     """Each tensor of ``layout`` across the slots' rows of ``buffer``: [num_slots, *shape]."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = _elem(dtype)
     views = {}
     for s in layout.specs:
         cols = buffer[:, s.offset_bytes : s.offset_bytes + s.numel * elem]

@@ -312,9 +312,8 @@ class LoadedModel:
         batch = build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset)
         lora = self._lora_batch(rows)  # adapters loaded first: a failure stops rank 0 alone
         if self.tp is not None:  # the other ranks run the same step beside this one
-            self.tp.command("forward", self.name, batch, None if lora is None else
-                            tp_shard.adapter_runs([item.adapter for item in rows
-                                                   for _ in item.token_ids]))
+            self.tp.command("forward", self.name, batch,
+                            None if lora is None else tp_shard.adapter_runs(rows))
             # each rank reads its part of an adapter itself: whether all could, summed
             if lora is not None and float(self.model.tp.all_reduce(torch.zeros(1))[0]):
                 raise AdapterError("a tensor-parallel rank could not read an adapter of this "

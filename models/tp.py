@@ -125,9 +125,8 @@ class ShmCommands:
         pickles in ~0.4-0.8 ms the torch way, its integers' bytes copy in microseconds)."""
         tensors: list = []
         data = _TensorPickler.dumps(msg, tensors)
-        base = -(-len(data) // 64) * 64  # the tensors' bytes from here, each 64-aligned
-        size = base + (tensors[-1][0] + tensors[-1][1].numel() * tensors[-1][1].element_size()
-                       if tensors else 0)
+        base = _aligned(len(data))  # the tensors' bytes from here, each 64-aligned
+        size = base + (tensors[-1][0] + _nbytes(tensors[-1][1]) if tensors else 0)
         _wait(lambda: all(int(self.header[8 * r]) >= self.seq for r in range(1, self.world)),
               self.alive, TIMEOUT_S)
         self.seq += 1
@@ -136,7 +135,7 @@ class ShmCommands:
             start = self.HEADER
             self.buf[start : start + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
             for off, t in tensors:
-                n = t.numel() * t.element_size()
+                n = _nbytes(t)
                 if n:
                     self.buf[start + base + off : start + base + off + n].copy_(
                         t.reshape(-1).view(torch.uint8))
@@ -159,9 +158,18 @@ class ShmCommands:
             msg = box[0]
         else:
             data = self.buf[self.HEADER : self.HEADER + n].numpy().tobytes()
-            msg = _TensorUnpickler.loads(data, self.buf, self.HEADER + -(-n // 64) * 64)
+            msg = _TensorUnpickler.loads(data, self.buf, self.HEADER + _aligned(n))
         self.header[8 * self.rank] = self.seq  # read: rank 0 may write the next one
         return msg
+
+
+def _aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of 64 (where a command's next part starts)."""
+    return -(-n // 64) * 64
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class _TensorPickler:
@@ -178,10 +186,7 @@ class _TensorPickler:
                 if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
                     return None
                 t = obj.detach().contiguous()
-                off = 0
-                if tensors:
-                    last_off, last = tensors[-1]
-                    off = -(-(last_off + last.numel() * last.element_size()) // 64) * 64
+                off = _aligned(tensors[-1][0] + _nbytes(tensors[-1][1])) if tensors else 0
                 tensors.append((off, t))
                 return ("t", str(t.dtype).removeprefix("torch."), tuple(t.shape), off)
 
@@ -203,7 +208,7 @@ class _TensorUnpickler:
             def persistent_load(self, pid):
                 _, dtype, shape, off = pid
                 dtype = getattr(torch, dtype)
-                n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                n = math.prod(shape) * dtype.itemsize
                 return buf[base + off : base + off + n].clone().view(dtype).view(shape)
 
         return U(io.BytesIO(data)).load()
@@ -294,6 +299,25 @@ def _kv_rows(cfg: ModelConfig, t: torch.Tensor, world: int, rank: int) -> torch.
     return t[head * cfg.head_dim : (head + 1) * cfg.head_dim]
 
 
+def _out_rows(cfg: ModelConfig, proj: str, t: torch.Tensor, world: int, rank: int,
+              inter: int | None = None) -> torch.Tensor:
+    """The rank's output rows of a column-parallel projection (q, k, v, gate, up; ``inter``:
+    an expert's intermediate size, the dense MLP's by default): of its weight, or of an
+    adapter's B."""
+    if proj == "q_proj":
+        return _rows(t, cfg.q_size, world, rank)
+    if proj in ("k_proj", "v_proj"):
+        return _kv_rows(cfg, t, world, rank)
+    return _rows(t, inter or cfg.intermediate_size, world, rank)
+
+
+def _in_columns(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """The rank's input columns of a row-parallel projection (o, down): of its weight, or of
+    an adapter's A."""
+    n = t.shape[1] // world
+    return t[:, rank * n : (rank + 1) * n]
+
+
 def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
           rank: int) -> torch.Tensor:
     """The rank's part of checkpoint tensor ``src`` (which makes our ``name``)."""
@@ -301,20 +325,17 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
     if name.endswith(("qkv_weight", "qkv_bias")):
         if kind == "qkv_proj":  # fused (Phi-3): each part's rows
             q, k, v = t.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
-            return torch.cat([_rows(q, cfg.q_size, world, rank),
-                              _kv_rows(cfg, k, world, rank), _kv_rows(cfg, v, world, rank)])
-        if kind == "q_proj":
-            return _rows(t, cfg.q_size, world, rank)
-        return _kv_rows(cfg, t, world, rank)
+            return torch.cat([_out_rows(cfg, p, x, world, rank)
+                              for p, x in (("q_proj", q), ("k_proj", k), ("v_proj", v))])
+        return _out_rows(cfg, "q_proj" if kind == "q_proj" else "k_proj", t, world, rank)
     if name.endswith("gate_up_weight"):  # a dense MLP's, or an expert's (its own size)
         inter = cfg.moe_intermediate_size if ".experts." in name else cfg.intermediate_size
         if kind == "gate_up_proj":  # fused: gate's rows, then up's
-            g, u = t.chunk(2)
-            return torch.cat([_rows(g, inter, world, rank), _rows(u, inter, world, rank)])
-        return _rows(t, inter, world, rank)
+            return torch.cat([_out_rows(cfg, "gate_proj", x, world, rank, inter)
+                              for x in t.chunk(2)])
+        return _out_rows(cfg, "gate_proj", t, world, rank, inter)
     if name.endswith(("o_weight", "down_weight")):  # row-parallel: the input columns
-        n = t.shape[1] // world
-        return t[:, rank * n : (rank + 1) * n]
+        return _in_columns(t, world, rank)
     if name in ("embed_tokens", "lm_head"):
         return _rows(t, cfg.vocab_size, world, rank)
     return t
@@ -322,21 +343,16 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
 
 def shard_adapter(cfg: ModelConfig, weights: dict, world: int, rank: int) -> dict:
     """Rank ``rank``'s part of an adapter's weights {(layer, projection): (A, B)} (fused
-    projections already split): a column-parallel projection's B cut to the rank's output
-    rows as its weight is (A whole: every rank shrinks the same input); a row-parallel one's
-    (o, down) A cut to the rank's input columns (B whole: the shrink's partial sums are
-    added over the ranks before the expand, ``adapters.batch.LoraBatch.reduce``)."""
+    projections already split), cut as the projection's weight is: a column-parallel
+    projection's B to the rank's output rows (A whole: every rank shrinks the same input); a
+    row-parallel one's (o, down) A to the rank's input columns (B whole: the shrink's partial
+    sums are added over the ranks before the expand, ``adapters.batch.LoraBatch.reduce``)."""
     out = {}
     for (layer, proj), (a, b) in weights.items():
-        if proj == "q_proj":
-            b = _rows(b, cfg.q_size, world, rank)
-        elif proj in ("k_proj", "v_proj"):
-            b = _kv_rows(cfg, b, world, rank)
-        elif proj in ("gate_proj", "up_proj"):
-            b = _rows(b, cfg.intermediate_size, world, rank)
-        else:  # o_proj, down_proj: row-parallel
-            n = a.shape[1] // world
-            a = a[:, rank * n : (rank + 1) * n]
+        if proj in ("o_proj", "down_proj"):
+            a = _in_columns(a, world, rank)
+        else:
+            b = _out_rows(cfg, proj, b, world, rank)
         out[layer, proj] = (a.contiguous(), b.contiguous())
     return out
 
@@ -406,15 +422,15 @@ class RankAdapters:
                                torch.device("cpu"), ops, reduce=reduce)
 
 
-def adapter_runs(rows: list) -> list:
-    """Each token row's adapter (or None) as (adapter, count) runs: the step's command
-    carries a run per segment, not a name per row."""
+def adapter_runs(rows) -> list:
+    """The step's (adapter or None, token rows) runs from its BatchRows, in row order: the
+    step's command carries a run per segment, not a name per token row."""
     runs: list = []
-    for name in rows:
-        if runs and runs[-1][0] == name:
-            runs[-1][1] += 1
+    for item in rows:
+        if runs and runs[-1][0] == item.adapter:
+            runs[-1][1] += len(item.token_ids)
         else:
-            runs.append([name, 1])
+            runs.append([item.adapter, len(item.token_ids)])
     return runs
 
 

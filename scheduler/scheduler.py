@@ -53,7 +53,7 @@ class SchedulerConfig:
     fair_prefill: bool = True
     # a waiting request whose adapter is off the device lets requests whose adapters are on
     # it (or already in the step) go first for at most this long after its arrival, then
-    # keeps its place (0: plain fair order, no preference)
+    # keeps its place (0: plain fair order, neither the preference nor its bound)
     adapter_wait_ms: float = 500.0
 
     def __post_init__(self):
@@ -66,6 +66,10 @@ class SchedulerConfig:
             raise ValueError("adapter_wait_ms must be >= 0")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+
+    @property
+    def adapter_wait_s(self) -> float:
+        return self.adapter_wait_ms / 1000.0
 
 
 @dataclass
@@ -372,7 +376,7 @@ class Scheduler:
         :meth:`_warm_first`) while budgets, the sequence cap and pages allow; ``skip``:
         preempted for fairness this step (never re-admitted at once)."""
         running = self.running[model]
-        wait = self.config.adapter_wait_ms / 1000.0
+        wait = self.config.adapter_wait_s
         # adapter sequences that arrived from then on wait (see _overdue); found before the
         # loop too, so none that comes earlier in the fair order passes an overdue one
         cutoff = min((q.arrival_time + wait for q in self.waiting[model]
@@ -476,7 +480,7 @@ class Scheduler:
         keeps its fair order. A step then loads fewer adapters, and evicts fewer that
         queued requests need, where the device holds fewer adapters than are queued."""
         resident = self.resident_adapters.get(model)
-        wait = self.config.adapter_wait_ms / 1000.0
+        wait = self.config.adapter_wait_s
         if resident is None or not wait:
             return order
         running = {q.adapter for q in self.running[model]}
@@ -494,7 +498,7 @@ class Scheduler:
         (their requests from before still run) and it gets in: its wait is bounded by
         ``adapter_wait_ms`` plus that drain. ``adapter_wait_ms=0`` turns the bound off with
         the preference (the order before both)."""
-        wait = self.config.adapter_wait_ms / 1000.0
+        wait = self.config.adapter_wait_s
         return (wait > 0 and seq.adapter is not None and seq.adapter not in step.adapters
                 and now - seq.arrival_time >= wait
                 and len(step.adapters) >= step.max_adapters)
