@@ -63,6 +63,8 @@ class ModelRegistry:
         self.grammars.forget(name)
         if worker.weight_pool is not None:
             worker.weight_pool.unregister(name)
+        if worker.tp is not None:  # the other tensor-parallel ranks drop their shards too
+            worker.tp.command("unload", name)
         self.scheduler.remove_model(name)
         self.removing_models.discard(name)
 

@@ -149,6 +149,10 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
         assert two.local.kv.num_pages_swapped_out > 0  # both ranks' shares moved (a rank
         # that kept its pages while they were reused would give other tokens: tested)
         assert models["a"]["prefix_cache_hits"] > 0
+        two.remove_model("b")  # every rank drops b's shard; added again, it serves as before
+        two.add_model("b", b)
+        got = [o.token_ids for o in two.generate(prompts, params, model="b")]
+        assert got == want["b"]
     finally:
         two.shutdown()
 
