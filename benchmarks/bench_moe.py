@@ -11,12 +11,15 @@ medians, ranges and the ratio. Random weights route tokens about uniformly, so a
 touches every expert: its bound is the mixture's whole weights, not the active ones. The
 bound: the weight bytes a step reads (all but the untouched experts) over the read rate of a
 plain float32 sum of 512 MB measured in the same run.
-Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3]
+--loop-too also times the mixture with its experts run as the model's loop of products (the
+path before the one-call native kernel, native.moe_experts) in the same engine, interleaved.
+Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3] [--loop-too]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -59,6 +62,20 @@ def _decode(engine: Engine, name: str, batch: int, tokens: int = 64) -> float:
     return batch * tokens / (time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def experts_loop(on: bool):
+    """The native backend's one-call experts off while ``on`` (the model's loop instead)."""
+    from gpupool.kernels.backend import NativeOps, TorchOps
+
+    own = NativeOps.__dict__["experts"]
+    if on:
+        NativeOps.experts = TorchOps.experts
+    try:
+        yield
+    finally:
+        NativeOps.experts = own
+
+
 def read_rate(nbytes: int = 512 << 20, runs: int = 5) -> float:
     """Bytes a second of a plain read of memory: a float32 buffer summed (the median of
     ``runs``), the raw baseline of the bandwidth bound."""
@@ -90,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--loop-too", action="store_true")
     args = ap.parse_args()
     root = default_home() / "bench-moe"
     folders = {k: _make(root / k, k) for k in ("moe", "dense")}
@@ -101,11 +119,13 @@ def main() -> None:
     try:
         for kind, folder in folders.items():
             engine.add_model(kind, str(folder))
+        kinds = list(folders) + (["moe_loop"] if args.loop_too else [])
         for _ in range(args.rounds):
             for batch in (1, 16):
-                for kind in folders:
-                    runs.setdefault(f"{kind}_b{batch}", []).append(
-                        _decode(engine, kind, batch))
+                for kind in kinds:
+                    with experts_loop(kind == "moe_loop"):
+                        runs.setdefault(f"{kind}_b{batch}", []).append(
+                            _decode(engine, kind.removesuffix("_loop"), batch))
         swaps = engine.stats()["swaps"]["weight_swaps"]
         moe = engine.local.core.workers["moe"]
         # batch 1 touches its top-k experts a layer; 16 rows x 2 of 8 (random weights route
@@ -127,6 +147,11 @@ def main() -> None:
               "moe_step_ms": {b: round(b / med[f"moe_b{b}"] * 1e3, 2) for b in (1, 16)},
               "moe_step_over_bound": {b: round(b / med[f"moe_b{b}"] / (n / rate), 2)
                                       for b, n in sizes.items()}}
+    if args.loop_too:
+        result["loop_step_over_bound"] = {b: round(b / med[f"moe_loop_b{b}"] / (n / rate), 2)
+                                          for b, n in sizes.items()}
+        result["loop_over_one_call_step"] = {
+            b: round(med[f"moe_b{b}"] / med[f"moe_loop_b{b}"], 2) for b in (1, 16)}
     emit(result, args.json)
 
 

@@ -227,6 +227,13 @@ class TorchOps:
             return self.silu_mul(gate_up)
         return reference.act_mul(gate_up, kind)
 
+    def experts(self, plan, h: torch.Tensor, lw, idx: torch.Tensor, top: torch.Tensor,
+                num_experts: int, activation: str) -> torch.Tensor | None:
+        """A mixture-of-experts MLP's output for rows ``h`` (experts ``idx``, routing weights
+        ``top``) in one call, or None: the model runs its loop of products
+        (LlamaModel._experts), whose bits a backend's call must give."""
+        return None
+
     def _products(self):
         """The products' function under batch invariance (the fixed-order one), else None
         (the callees' own: ``kernels.linear``)."""
@@ -313,6 +320,7 @@ class _NativeCache:
     table: object = None
     ends: tuple | None = None
     kv: tuple = field(default_factory=tuple)  # (kv views, their native.KVTable) or ()
+    experts: dict = field(default_factory=dict)  # id(layer's dict) -> (it, MoeTable)
     made: bool = False
 
 
@@ -405,6 +413,25 @@ class NativeOps(TorchOps):
 
     def final_norm(self, x, delta, weight, eps, batch):
         return batch.sampled_rows(self.add_norm(x, delta, weight, eps)[1])
+
+    def experts(self, plan, h, lw, idx, top, num_experts, activation):
+        # bf16 experts in one native call (their rows through the step's products): the
+        # loop's bits, without its ~40 ops a layer at batch 16
+        if not plan.gemv or activation != "silu" or h.dtype != torch.bfloat16:
+            return None
+        tables = self._cache.experts  # per layer (its weights' dict, kept), until the next bind
+        if id(lw) not in tables:
+            names = [f"experts.{e}.{part}_weight" for part in ("gate_up", "down")
+                     for e in range(num_experts)]
+            if any(n + SCALE_SUFFIX in lw or n + GSCALE_SUFFIX in lw or n not in lw
+                   for n in names):
+                tables[id(lw)] = (lw, None)  # int8 or 4-bit experts: the loop
+            else:
+                weights = [lw[n] for n in names]
+                tables[id(lw)] = (lw, native.moe_table(weights[:num_experts],
+                                                       weights[num_experts:]))
+        table = tables[id(lw)][1]
+        return None if table is None else native.moe_experts(h, idx, top, table)
 
     def linear(self, plan, x, w, name, bias=None):
         if not plan.gemv:

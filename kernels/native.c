@@ -1085,6 +1085,84 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 #endif
 }
 
+/* A mixture-of-experts MLP in one call: out[t] (bf16 [T][H], row stride ldo) = the sum over
+ * row t's k choices, in ascending expert order, of bf16(down_e(silu(gate_e) * up_e) * top),
+ * each addition rounded to bf16 from out's zeros, for idx [T][k] (experts) and top [T][k]
+ * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
+ * [H][inter] (addresses). The same bits as LlamaModel._experts' loop of products (each row
+ * through gemv_rows, whose sums do not depend on which rows share a call; SiLU x up as
+ * gp_silu_mul; the weighting and additions as torch's bf16 mul and index_add_), so a row's
+ * output does not depend on its step: pairs (row, choice) sorted by expert, stable; every
+ * touched expert's gate_up rows, then every down row, shared among the threads as one list
+ * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
+#ifdef HAVE_GEMV_BF16
+static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *start,
+                         int64_t E, int64_t N, uint16_t *y) {
+    int64_t total = 0, a, b;
+    for (int64_t e = 0; e < E; e++) total += start[e + 1] > start[e] ? N : 0;
+    thread_share(total, &a, &b);
+    for (int64_t e = 0, base = 0; e < E && base < b; e++) {
+        int64_t n = start[e + 1] - start[e];
+        if (!n) continue;
+        int64_t lo = a > base ? a - base : 0, hi = b - base < N ? b - base : N;
+        if (lo < hi)
+            gemv_rows(x + start[e] * K, n, K, K, (const uint16_t *)(intptr_t)W[e], lo, hi, K,
+                      NULL, y + start[e] * N, N);
+        base += N;
+    }
+}
+#endif
+
+int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
+                   const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
+                   const int64_t *down, int64_t inter, uint16_t *out, int64_t ldo,
+                   uint16_t *scratch, int64_t *order, int threads) {
+    (void)threads;
+#ifdef HAVE_GEMV_BF16
+    int64_t P = T * k, *start = order + P;  /* start [E + 1] after order [P] */
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int64_t j = 0; j < P; j++) {
+        if (idx[j] < 0 || idx[j] >= E || !gate_up[idx[j]] || !down[idx[j]]) return 1;
+        start[idx[j] + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    {   /* counting sort, stable: pairs of one expert in row order */
+        int64_t *fill = start + E + 1;
+        for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+        for (int64_t j = 0; j < P; j++) order[fill[idx[j]]++] = j;
+    }
+    uint16_t *xs = scratch, *gu = xs + P * H, *act = gu + P * 2 * inter, *ys = act + P * inter;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t s = 0; s < P; s++)
+            memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
+        moe_products(xs, H, gate_up, start, E, 2 * inter, gu);
+        #pragma omp barrier
+        silu_mul_body(gu, 2 * inter, act, inter, P, inter);  /* its loop ends in a barrier */
+        moe_products(act, inter, down, start, E, H, ys);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            uint16_t *o = out + t * ldo;
+            for (int64_t c = 0; c < H; c++) o[c] = 0;
+            for (int64_t s = 0; s < P; s++) {  /* this row's pairs, in expert order */
+                if (order[s] / k != t) continue;
+                float w = bf2f(top[order[s]]);
+                const uint16_t *y = ys + s * H;
+                for (int64_t c = 0; c < H; c++)
+                    o[c] = f2bf(bf2f(o[c]) + round_bf(bf2f(y[c]) * w));
+            }
+        }
+    }
+    return 0;
+#else
+    (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
+    (void)gate_up; (void)down; (void)inter; (void)out; (void)ldo; (void)scratch; (void)order;
+    return 1;
+#endif
+}
+
 /* y[m] = bf16(bf16((x[m] . q[n]) * scale[n]) (+ bias[n])) for int8 weights q [N][K] (row stride
  * ldq) with one bf16 scale per row: the int8 weight-only product, reading q once, row after row
  * (as gp_gemv_bf16). Each row x[m] is first quantized to int16 with one float32 scale

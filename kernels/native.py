@@ -51,6 +51,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -82,6 +83,8 @@ _SIGNATURES = {
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _i64,
                      _int],
+    "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _i64,
+                       _vp, _vp, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
@@ -282,6 +285,7 @@ def open_library(path: Path):
     lib.gp_gemv_features.restype = ctypes.c_int
     lib.gp_decode_layers.restype = ctypes.c_int
     lib.gp_prefill_attention.restype = ctypes.c_int
+    lib.gp_moe_experts.restype = ctypes.c_int
     return lib
 
 
@@ -374,6 +378,63 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(rows, n, dtype=x.dtype)
     _lib().gp_gemv_bf16(x.data_ptr(), rows, k, x.stride(0), weight.data_ptr(), n,
                         weight.stride(0), _p(bias), out.data_ptr(), n, torch.get_num_threads())
+    return out
+
+
+class MoeTable(NamedTuple):
+    """A mixture-of-experts layer's expert weights for :func:`moe_experts`: their addresses
+    (int64 [2 E]: gate_up's then down's, 0 where absent), hidden and intermediate sizes."""
+    addresses: torch.Tensor
+    hidden: int
+    inter: int
+
+
+def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None]) -> MoeTable:
+    """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent),
+    checked once (a layer's table is kept while its weights stay where they are)."""
+    if len(gate_up) != len(down):
+        raise ValueError("native: moe_table's gate_up and down lists differ in length")
+    shape = None
+    for g, d in zip(gate_up, down):
+        if g is None or d is None:
+            continue
+        check("gate_up", g, torch.bfloat16, 2, contiguous=True)
+        check("down", d, torch.bfloat16, 2, contiguous=True)
+        shape = shape or (d.shape[0], d.shape[1])
+        if g.shape != (2 * shape[1], shape[0]) or d.shape != shape:
+            raise ValueError("native: moe_table's expert weights do not fit")
+    if shape is None or max(shape) > MAX_DIM:
+        raise ValueError(f"native: moe_table needs expert weights of at most {MAX_DIM} columns")
+    present = [g is not None and d is not None for g, d in zip(gate_up, down)]
+    addresses = torch.tensor([w.data_ptr() if ok else 0 for ws in (gate_up, down)
+                              for w, ok in zip(ws, present)], dtype=torch.int64)
+    return MoeTable(addresses, *shape)
+
+
+def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
+                table: MoeTable) -> torch.Tensor:
+    """A mixture-of-experts MLP's output for bf16 rows ``h`` [T, H] in one call (where
+    :func:`has_gemv`): row t's experts ``idx[t]`` (int64 [T, k]), weighted by ``top[t]`` (bf16),
+    added in ascending expert order, the experts' weights in ``table`` (:func:`moe_table`). The
+    bits of the loop of :func:`gemv` and :func:`silu_mul` per expert with torch's bf16
+    weighting and ``index_add_`` (LlamaModel._experts), whatever shares the call."""
+    check("h", h, torch.bfloat16, 2)
+    check("idx", idx, torch.int64, 2, contiguous=True)
+    check("top", top, torch.bfloat16, 2, contiguous=True)
+    rows, hidden = h.shape
+    k, experts, inter = idx.shape[1], table.addresses.shape[0] // 2, table.inter
+    if idx.shape[0] != rows or top.shape != idx.shape or hidden != table.hidden:
+        raise ValueError("native: moe_experts' rows, choices and experts do not fit")
+    pairs = rows * k
+    scratch = torch.empty(pairs * (2 * hidden + 3 * inter), dtype=torch.bfloat16)
+    order = torch.empty(pairs + 2 * experts + 1, dtype=torch.int64)
+    out = torch.empty(rows, hidden, dtype=h.dtype)
+    addr = table.addresses.data_ptr()
+    if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
+                             top.data_ptr(), k, experts, addr, addr + 8 * experts, inter,
+                             out.data_ptr(), hidden, scratch.data_ptr(), order.data_ptr(),
+                             torch.get_num_threads()):
+        raise ValueError("native: moe_experts chose an expert out of range or without weights")
     return out
 
 

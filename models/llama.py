@@ -218,6 +218,9 @@ class LlamaModel:
         if cfg.norm_topk_prob:
             top = top / top.sum(dim=-1, keepdim=True)
         top = top.to(h.dtype)
+        fused = ops.experts(plan, h, lw, idx, top, cfg.num_experts, cfg.activation)
+        if fused is not None:
+            return fused
         out = torch.zeros_like(h)
         if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
             return self._one_rows_experts(plan, h, lw, top, idx, out)

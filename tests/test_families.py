@@ -218,9 +218,16 @@ def test_moe_logits_and_tokens_match_transformers(tiny_models, variant):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dtype):
+def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dtype,
+                                                                 monkeypatch):
     """Decoding a single row takes the one-row expert path (no gathers or scatters), a batch
-    the general one: the same tokens and log-probabilities, bit for bit."""
+    the general one (in bf16 on the native kernels: one call a layer, native.moe_experts):
+    the same tokens and log-probabilities, bit for bit."""
+    from gpupool.kernels import native
+
+    calls = []
+    real = native.moe_experts
+    monkeypatch.setattr(native, "moe_experts", lambda *a: calls.append(1) or real(*a))
     folder = tiny_models("mixtral")
     prompts = random_prompts(4, 5, 20, seed=13)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
@@ -232,6 +239,30 @@ def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dty
         assert alone.logprobs == batch.logprobs
     finally:
         engine.shutdown()
+    assert bool(calls) == (dtype == "bfloat16" and native.has_gemv())
+
+
+def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, monkeypatch):
+    """bf16 on the native kernels: a batch's tokens and log-probabilities with the experts in
+    one call a layer equal those of the model's loop over experts (LlamaModel._experts)."""
+    from gpupool.kernels import native
+    from gpupool.kernels.backend import NativeOps
+
+    if not native.has_gemv():
+        pytest.skip("this CPU's native build has no bf16 product")
+    prompts = random_prompts(6, 5, 20, seed=17)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    outs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(NativeOps, "experts", lambda self, *a: None)
+        engine = make_engine(tiny_models("qwen3_moe"), dtype="bfloat16")
+        try:
+            outs.append([(list(o.token_ids), o.logprobs) for o in
+                         engine.generate(prompts, params)])
+        finally:
+            engine.shutdown()
+    assert outs[0] == outs[1]
 
 
 def test_a_dense_and_a_moe_model_take_turns_in_one_weight_region(tiny_models):

@@ -148,6 +148,52 @@ def test_the_products_give_a_row_the_same_bits_whatever_shares_it(kind):
                 (n, k, m)
 
 
+def _experts_loop(h, idx, top, gate_up, down):
+    """LlamaModel._experts' loop of ops on the native products (the bits the one call must
+    give): pairs sorted by expert, each expert's rows through gemv, SiLU x up and gemv, the
+    weighted outputs added by index_add_ in that order."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = order // idx.shape[1]
+    xs, ws = h.index_select(0, rows), top.reshape(-1).index_select(0, order)
+    parts, start = [], 0
+    for e, n in enumerate(torch.bincount(flat, minlength=len(gate_up)).tolist()):
+        if n:
+            y = native.gemv(native.silu_mul(native.gemv(xs[start : start + n], gate_up[e])),
+                            down[e])
+            parts.append(y * ws[start : start + n, None])
+            start += n
+    return torch.zeros_like(h).index_add_(0, rows, torch.cat(parts))
+
+
+@pytest.mark.parametrize("hidden,inter", [(64, 96), (72, 40), (576, 768)])
+def test_the_experts_call_gives_the_loops_bits_whatever_shares_it(hidden, inter):
+    """native.moe_experts (one call a mixture-of-experts layer) against the model's loop over
+    experts, bit for bit, for steps of 1 to 37 rows (each expert's rows on the stream and
+    tiled paths, an expert no row chooses, partial chunks when H or inter is not a multiple
+    of 32), and each row equal to the same row alone."""
+    if not native.has_gemv():
+        pytest.skip("this build has no bf16 product")
+    experts, k = 8, 2
+    gate_up = [_rand(2 * inter, hidden, seed=e, scale=0.2) for e in range(experts)]
+    down = [_rand(hidden, inter, seed=50 + e, scale=0.2) for e in range(experts)]
+    g = torch.Generator().manual_seed(hidden + inter)
+    h = _rand(37, hidden, seed=7)
+    idx = torch.stack([torch.randperm(experts - 1, generator=g)[:k] for _ in range(37)])
+    top = torch.rand(37, k, generator=g).to(BF)
+    gate_up[experts - 1] = down[experts - 1] = None  # the one no row routes to
+    table = native.moe_table(gate_up, down)
+    alone = torch.cat([native.moe_experts(h[r : r + 1], idx[r : r + 1], top[r : r + 1], table)
+                       for r in range(37)])
+    for m in (1, 2, 5, 16, 37):
+        got = native.moe_experts(h[:m], idx[:m], top[:m], table)
+        want = _experts_loop(h[:m], idx[:m], top[:m], gate_up, down)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (m, hidden, inter)
+        assert torch.equal(got.view(torch.int16), alone[:m].view(torch.int16)), m
+    with pytest.raises(ValueError, match="without weights"):
+        native.moe_experts(h[:1], torch.tensor([[0, experts - 1]]), top[:1], table)
+
+
 @pytest.mark.parametrize("k", [576, 1024, 1536, 5000])
 @pytest.mark.parametrize("rows", [2, 8])  # the few-row path and the tiled one
 def test_gemv_int8_sums_extreme_rows_without_overflow(k, rows):
