@@ -321,6 +321,7 @@ class _NativeCache:
     ends: tuple | None = None
     kv: tuple = field(default_factory=tuple)  # (kv views, their native.KVTable) or ()
     experts: dict = field(default_factory=dict)  # id(layer's dict) -> (it, MoeTable)
+    tp: object = None  # a tensor-parallel rank's native.TPTable
     made: bool = False
 
 
@@ -386,14 +387,27 @@ class NativeOps(TorchOps):
         """Every layer of a decode step in one call (``native.decode_layers``), with the
         embedding and the head when every row samples; None where it does not apply
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
+        tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
-                or (lora is not None and lora.native is None)):
+                or (lora is not None and lora.native is None)
+                or (tp is not None and (lora is not None or tp.shm is None))):
             return None
         table, ends, kv = self._whole_step_inputs(model, kv_layers)
         if table is None:
             return None
         cfg, rows = model.cfg, batch.num_tokens
+        if tp is not None:
+            exchange = self._tp_table(tp)
+            if not exchange.fits(rows * cfg.hidden_size):
+                return None
+            out = native.decode_layers(
+                model._embed_tp(batch.input_ids), table, cfg.num_layers,
+                cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                cfg.rms_norm_eps, model.rope, batch.positions, kv, batch.slot_pages,
+                batch.slot_offsets, batch.decode_block_tables, batch.decode_context_lens,
+                model.scale, model.w["norm"], tp=exchange)
+            return model._logits(plan, batch.sampled_rows(out))  # the vocabulary gathered
         whole = ends is not None and batch.logits_indices.shape[0] == rows
         x = (torch.empty(rows, cfg.hidden_size, dtype=model.dtype) if whole
              else model.embed(batch.input_ids))
@@ -405,6 +419,12 @@ class NativeOps(TorchOps):
             ends[0] if whole else None, ends[1] if whole else None,
             None if lora is None else lora.native_table(cfg.num_layers))
         return out if whole else self.logits(plan, model, batch.sampled_rows(out))
+
+    def _tp_table(self, tp):
+        c = self._cache
+        if c.tp is None or c.tp.shm is not tp.shm:
+            c.tp = native.TPTable(tp.shm, tp.shm.timeout_s)
+        return c.tp
 
     def add_norm(self, x, delta, weight, eps):
         h = torch.empty_like(x)

@@ -1963,10 +1963,62 @@ static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void
         for (int64_t n = n0; n < n1; n++) logits[t * vocab + n] = bf2f(hb[t * vocab + n]);
 }
 
+/* ---- tensor parallelism: the row-parallel products' all-reduce inside the step ------------
+ * x [n] (bf16) = the float32 sum of every rank's x in rank order, rounded once: what
+ * TPGroup.all_reduce gives through ShmExchange (this rank's x widened into its slot, its
+ * sequence number published, the others' awaited, the slots added in rank order; the same
+ * bits on every rank). Called by the whole team: the slot written and the sums made by all
+ * threads, the wait by one. A wait spins, then naps 0.5 ms, asking alive() every 200 naps;
+ * a dead peer or the timeout sets *failed (shared), and later exchanges of the step return at
+ * once (the step's outputs are then garbage and the call returns 2). */
+#include <time.h>
+static int tp_wait(const gp_tp_t *tp, int64_t seq) {
+    int64_t spins = 0, naps = 0;
+    for (;;) {
+        int ready = 1;
+        for (int64_t r = 0; r < tp->world; r++)
+            ready &= __atomic_load_n(tp->flags + 8 * r, __ATOMIC_ACQUIRE) >= seq;
+        if (ready) return 0;
+        if (++spins < 20000) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            continue;
+        }
+        struct timespec nap = {0, 500000};
+        nanosleep(&nap, NULL);
+        if (++naps % 200 == 0 && tp->alive && !((int (*)(void))tp->alive)()) return 1;
+        if (naps * 5 / 10 > tp->timeout_ms) return 1;
+    }
+}
+
+static void tp_all_reduce(const gp_tp_t *tp, uint16_t *x, int64_t n, int *failed) {
+    if (*failed) return;  /* read after the barrier that ended the last op: every thread agrees */
+    int64_t seq = *tp->seq + 1;
+    float *mine = (float *)((char *)tp->slots + ((seq % 2) * tp->world + tp->rank) * tp->slot_bytes);
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) mine[i] = bf2f(x[i]);
+    #pragma omp single
+    {
+        __atomic_store_n(tp->flags + 8 * tp->rank, seq, __ATOMIC_RELEASE);
+        if (tp_wait(tp, seq)) *failed = 1;
+        *tp->seq = seq;
+    }  /* the single's barrier: every thread sees *failed and the peers' slots */
+    if (*failed) return;
+    const float *first = (const float *)((char *)tp->slots + (seq % 2) * tp->world * tp->slot_bytes);
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float s = first[i];
+        for (int64_t r = 1; r < tp->world; r++)
+            s += ((const float *)((const char *)first + r * tp->slot_bytes))[i];
+        x[i] = f2bf(s);
+    }
+}
+
 static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h, uint16_t *qkv,
                        uint16_t *o, uint16_t *gu, uint16_t *act, uint16_t *delta,
                        int16_t *xq, float *xs, float *x4, int64_t items,
-                       const int64_t *item_seg) {
+                       const int64_t *item_seg, int *failed) {
     const gp_layer_t *p = st->layers + l;
     const gp_int4_t q4[4] = {
         {p->qkv_weight_gscale, p->qkv_weight_goffset, p->qkv_weight_group},
@@ -1989,6 +2041,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                           st->context_lens, st->scale, o);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
+    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, failed);  /* (no LoRA under TP) */
     if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
     add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
                      hidden, st->eps);
@@ -1998,6 +2051,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     silu_mul_body(gu, 2 * inter, act, inter, T, inter);
     matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, &q4[3], NULL, hidden,
                 delta, xq, xs, x4);
+    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, failed);
     if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
 }
 
@@ -2027,13 +2081,15 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     uint16_t *h = buf, *qkv = h + T * hidden, *o = qkv + T * nqkv, *gu = o + T * nq * D;
     uint16_t *act = gu + T * 2 * inter, *delta = act + T * inter, *hb = delta + T * hidden;
     uint16_t *x = st->x;
+    int failed = 0;  /* a tensor-parallel exchange failed (see tp_all_reduce) */
     /* one thread team for the whole step: every op's loop is shared, a barrier between ops
      * (the worksharing loops end in one; matmul_body adds its own) */
     #pragma omp parallel num_threads(threads)
     {
         if (st->ids) embed_body(st->ids, T, hidden, st->embed, st->embed_scale, x);
         for (int64_t l = 0; l < L; l++)
-            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg);
+            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg,
+                       &failed);
         add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out, hidden,
                          T, hidden, st->eps);
         if (st->logits)
@@ -2045,5 +2101,5 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     free(x4);
     free(item_seg);
     free(buf);
-    return 0;
+    return failed ? 2 : 0;
 }

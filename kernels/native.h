@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 4
+#define GP_ABI_VERSION 5
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]
@@ -80,6 +80,23 @@ typedef struct {
     int64_t block_tokens;
 } gp_kv_t;
 
+/* a tensor-parallel rank's place in its host's shared-memory exchange (models/tp.py's
+ * ShmExchange: the same file, layout and protocol): the sequence numbers (rank r's at
+ * flags[8 r]), the slots (two a rank, slot_bytes each, after the flags), this rank, the
+ * group's size, the last sequence number used (updated by the call), the caller's alive()
+ * (an int (*)(void): 0 once a peer is gone; asked every ~0.1 s of waiting) and how long a
+ * wait may last */
+typedef struct {
+    int64_t *flags;
+    void *slots;
+    int64_t slot_bytes;
+    int64_t rank;
+    int64_t world;
+    int64_t *seq;
+    const void *alive;
+    int64_t timeout_ms;
+} gp_tp_t;
+
 /* a decode step through every layer (gp_decode_layers) */
 typedef struct {
     int64_t rows;
@@ -111,6 +128,7 @@ typedef struct {
     int64_t vocab;
     float *logits;
     const gp_lora_t *lora;
+    const gp_tp_t *tp;
 } gp_step_t;
 
 int gp_abi_version(void);

@@ -129,8 +129,8 @@ def _structs(text: str) -> tuple[int, dict[str, type]]:
 # an install without the header (a copy of the .py files only) imports, with the kernels
 # unavailable: build() refuses, and the model takes the torch backend
 ABI_VERSION, STRUCTS = _structs(HEADER.read_text()) if HEADER.exists() else (0, {})
-Layer, LoraGroup, Lora, KV, Step = (STRUCTS.get(n) for n in (
-    "gp_layer_t", "gp_lora_group_t", "gp_lora_t", "gp_kv_t", "gp_step_t"))
+Layer, LoraGroup, Lora, KV, Step, Tp = (STRUCTS.get(n) for n in (
+    "gp_layer_t", "gp_lora_group_t", "gp_lora_t", "gp_kv_t", "gp_step_t", "gp_tp_t"))
 
 
 def check(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int,
@@ -645,14 +645,16 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                   slot_offsets: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
                   ids: torch.Tensor | None = None, embed: tuple | None = None,
-                  head: tuple | None = None, lora=None):
+                  head: tuple | None = None, lora=None, tp=None):
     """Every layer of a decode step of a few rows in one call (the same kernels, in the same
     order, as the per-op path). x: [T, hidden] contiguous, the embeddings (updated in place);
     or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
     first. Returns the final norm's output [T, hidden]; or, with ``head`` = (weight [V,
     hidden], int8 scales or None), the float32 logits [T, V] of it (the GEMVs' rounding).
     table: :func:`layer_table`; kv: a :class:`KVTable` of the layers' caches; lora: None, or the
-    step's :func:`lora_table`."""
+    step's :func:`lora_table`; tp: None, or a tensor-parallel rank's :class:`TPTable` (the o and
+    down products' all-reduce inside the call; no LoRA then). RuntimeError where a rank is
+    gone or keeps the others waiting past models.tp.TIMEOUT_S."""
     t, hidden = x.shape
     check("x", x, torch.bfloat16, 2, contiguous=True)
     for name, v, dtype, dims in (
@@ -669,6 +671,9 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
         raise ValueError(f"native: decode_layers needs {num_layers} layers' weights and caches")
     if ids is not None:
         check("ids", ids, torch.int64, 1, contiguous=True)
+    if tp is not None and (lora is not None or not tp.fits(t * hidden)):
+        raise ValueError("native: decode_layers under tensor parallelism takes no LoRA and "
+                         "steps whose rows fit the exchange's slots")
     out = torch.empty_like(x)
     logits = None if head is None else torch.empty(t, head[0].shape[0], dtype=torch.float32)
     step = Step(rows=t, hidden=hidden, inter=inter, num_heads=num_heads,
@@ -684,10 +689,47 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                 head=None if head is None else head[0].data_ptr(),
                 head_scale=None if head is None else _p(head[1]),
                 vocab=0 if head is None else head[0].shape[0], logits=_p(logits),
-                lora=None if lora is None else ctypes.addressof(lora))
-    if _lib().gp_decode_layers(ctypes.byref(step), torch.get_num_threads()):
+                lora=None if lora is None else ctypes.addressof(lora),
+                tp=None if tp is None else ctypes.addressof(tp.struct))
+    if tp is not None:
+        tp.seq[0] = tp.shm.seq
+    rc = _lib().gp_decode_layers(ctypes.byref(step), torch.get_num_threads())
+    if tp is not None:
+        tp.shm.seq = int(tp.seq[0])  # the exchanges made inside, as ShmExchange counts them
+    if rc == 2:
+        raise RuntimeError("a tensor-parallel rank is gone or did not answer")
+    if rc:
         raise MemoryError("decode_layers could not allocate its buffers")
     return out if logits is None else logits
+
+
+_ALIVE = ctypes.CFUNCTYPE(ctypes.c_int)
+
+
+class TPTable:
+    """``decode_layers``' view of a tensor-parallel rank's shared-memory exchange (a
+    models.tp.ShmExchange): native.h's gp_tp_t over the same file, with the exchange's
+    alive() as a C callback (asked by the waiting thread, the one that called in)."""
+
+    def __init__(self, shm, timeout_s: float):
+        self.shm = shm
+        self.seq = torch.zeros(1, dtype=torch.int64)
+
+        def alive() -> int:
+            try:
+                return int(shm.alive is None or bool(shm.alive()))
+            except Exception:  # noqa: BLE001 - a failing check counts as a dead peer
+                return 0
+
+        self._alive = _ALIVE(alive)  # kept: C holds its address
+        self.struct = Tp(flags=shm.flags.data_ptr(), slots=shm.buf.data_ptr() + shm.FLAGS,
+                         slot_bytes=shm.slot_bytes, rank=shm.rank, world=shm.world,
+                         seq=self.seq.data_ptr(),
+                         alive=ctypes.cast(self._alive, ctypes.c_void_p).value,
+                         timeout_ms=int(timeout_s * 1000))
+
+    def fits(self, numel: int) -> bool:
+        return numel * 4 <= self.shm.slot_bytes
 
 
 class KVTable:

@@ -145,7 +145,7 @@ class LlamaModel:
         kv_layers = self._kv_layers(kv)
         plan = ops.plan(self, batch)
         hidden = batch.pooling
-        logits = (None if hidden is not None or self.tp is not None  # no collectives there
+        logits = (None if hidden is not None
                   else ops.decode_step(self, batch, plan, kv_layers, lora))
         if logits is not None:  # the backend ran the whole step in one call
             return logits

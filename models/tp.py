@@ -72,6 +72,7 @@ class ShmExchange:
         self.flags = self.buf[: self.FLAGS].view(torch.int64)  # rank r: flags[8 r]
         self.seq = 0
         self.alive = None  # () -> whether the peers live (a wait fails once they do not)
+        self.timeout_s = TIMEOUT_S  # a wait's limit (the native step's exchanges' too)
 
     @classmethod
     def create(cls, world: int, slot_bytes: int) -> str:
@@ -92,7 +93,7 @@ class ShmExchange:
         self._slot(self.rank, self.seq, n).copy_(t.reshape(-1))
         self.flags[8 * self.rank] = self.seq
         _wait(lambda: all(int(self.flags[8 * r]) >= self.seq for r in range(self.world)),
-              self.alive, TIMEOUT_S, spins=20000)
+              self.alive, self.timeout_s, spins=20000)
         return [self._slot(r, self.seq, n) for r in range(self.world)]
 
 

@@ -396,3 +396,75 @@ def test_a_bf16_tensor_parallel_request_has_the_same_tokens_in_any_batch(tmp_pat
         assert two.local.core.workers["m"].model.ops.batch_invariant
     finally:
         two.shutdown()
+
+
+def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op_bits(
+        tmp_path, monkeypatch):
+    """bf16 decode on 2 ranks: each rank's step is one native call with the o and down
+    products' all-reduces inside it (through the same shared-memory exchange); its tokens and
+    log-probabilities equal those of rank 0's per-op path (its whole-step call turned off:
+    rank 1 keeps its own, the exchanges follow one protocol)."""
+    from gpupool import SamplingParams
+    from gpupool.kernels import native
+    from gpupool.kernels.backend import NativeOps
+    from tests.factories import make_engine, random_prompts
+
+    calls = []
+    real = native.decode_layers
+    monkeypatch.setattr(native, "decode_layers",
+                        lambda *a, **k: calls.append(k.get("tp")) or real(*a, **k))
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    prompts = random_prompts(4, 3, 30, seed=5)
+    outs = []
+    for whole in (True, False):
+        if not whole:
+            monkeypatch.setattr(NativeOps, "decode_step", lambda self, *a: None)
+        two = make_engine(folder, tensor_parallel=2, dtype="bfloat16")
+        try:
+            outs.append([(list(o.token_ids), o.logprobs) for o in two.generate(prompts, params)])
+        finally:
+            two.shutdown()
+        if whole:
+            if not native.has_gemv():
+                pytest.skip("this CPU's native build has no bf16 product")
+            assert calls and all(tp is not None for tp in calls)
+            calls.clear()
+    assert not calls
+    assert outs[0] == outs[1]
+
+
+def test_a_dead_rank_fails_a_native_decode_step_instead_of_hanging(tmp_path):
+    """SIGKILL of rank 1 between two bf16 decode steps: rank 0's next step, waiting inside the
+    native call for the dead rank's share, asks the group's alive() and fails within seconds;
+    the request ends with the error, the engine still answers."""
+    import threading
+    import time
+
+    from gpupool import SamplingParams
+    from gpupool.kernels import native
+    from tests.factories import make_engine
+
+    if not native.has_gemv():
+        pytest.skip("this CPU's native build has no bf16 product")
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    two = make_engine(folder, tensor_parallel=2, dtype="bfloat16")
+    try:
+        deltas, done, killed = [], threading.Event(), []
+
+        def sink(delta):  # the engine's thread, between steps
+            deltas.append(delta)
+            if len(deltas) == 3:
+                two.local.tp.procs[0].kill()
+                killed.append(time.monotonic())
+            if delta.finished:
+                done.set()
+
+        two.add_request([1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0,
+                                                  ignore_eos=True), sink=sink)
+        assert done.wait(60)
+        assert killed and time.monotonic() - killed[0] < 30
+        assert deltas[-1].finish_reason == "abort" and "rank is gone" in deltas[-1].error
+        assert sum(len(d.token_ids) for d in deltas) < 200
+    finally:
+        two.shutdown()
