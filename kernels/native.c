@@ -1995,22 +1995,30 @@ static int tp_wait(const gp_tp_t *tp, int64_t seq) {
 static void tp_all_reduce(const gp_tp_t *tp, uint16_t *x, int64_t n, int *failed) {
     if (*failed) return;  /* read after the barrier that ended the last op: every thread agrees */
     int64_t seq = *tp->seq + 1;
-    float *mine = (float *)((char *)tp->slots + ((seq % 2) * tp->world + tp->rank) * tp->slot_bytes);
+    char *slots = (char *)tp->slots + (seq % 2) * tp->world * tp->slot_bytes;  /* this seq's */
+    float *mine = (float *)(slots + tp->rank * tp->slot_bytes);
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; i++) mine[i] = bf2f(x[i]);
-    #pragma omp single
+#ifdef _OPENMP
+    if (omp_get_thread_num() == 0)  /* the caller's thread: alive() is a Python callback */
+#endif
     {
         __atomic_store_n(tp->flags + 8 * tp->rank, seq, __ATOMIC_RELEASE);
         if (tp_wait(tp, seq)) *failed = 1;
         *tp->seq = seq;
-    }  /* the single's barrier: every thread sees *failed and the peers' slots */
+    }
+    #pragma omp barrier
+    /* every thread sees *failed and the peers' slots */
     if (*failed) return;
-    const float *first = (const float *)((char *)tp->slots + (seq % 2) * tp->world * tp->slot_bytes);
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        float s = first[i];
-        for (int64_t r = 1; r < tp->world; r++)
-            s += ((const float *)((const char *)first + r * tp->slot_bytes))[i];
+        float s = ((const float *)slots)[i];
+        for (int64_t r = 1; r < tp->world; r++) {
+            s += ((const float *)(slots + r * tp->slot_bytes))[i];
+#if defined(__x86_64__)
+            __asm__("" : "+x"(s));  /* in rank order: -ffast-math may not reassociate */
+#endif
+        }
         x[i] = f2bf(s);
     }
 }
