@@ -22,7 +22,13 @@ The forward pass's all-reduces and logits gathers go through a shared-memory exc
 gloo for a tensor larger than a slot), not gloo's TCP loopback.
 
 Run as a rank: ``python -P -m gpupool.engine.tp PORT RANK WORLD NUM_PAGES PAGE_BYTES
-HOST_PAGES THREADS SHM_PATH CMD_PATH``.
+HOST_PAGES THREADS SHM_PATH CMD_PATH``. Under torchrun (``torchrun --nproc-per-node N
+gpupool serve --tensor-parallel N``, or ``worker``): every process runs the command; rank 0
+(torchrun's RANK 0) is the engine and starts no processes, the others follow it
+(:func:`follow_torchrun`, called by the CLI): torch.distributed from torchrun's environment
+(``env://``), rank 0's shared files and sizes broadcast, each rank's pid gathered for the
+liveness checks (torchrun, not rank 0, is then every rank's parent). The shared-memory
+exchange needs the ranks on one host (``--nnodes 1``).
 """
 
 from __future__ import annotations
@@ -41,12 +47,40 @@ logger = logging.getLogger(__name__)
 SHM_SLOT_BYTES = 16 << 20  # a rank's slot in the shared-memory exchange (larger: gloo)
 
 
-def _init(port: int, rank: int, world: int) -> None:
+def _init(port: int | None, rank: int, world: int) -> None:
+    """torch.distributed's gloo group: over 127.0.0.1:``port``, or (None) torchrun's
+    MASTER_ADDR and MASTER_PORT."""
     import torch.distributed as dist
 
     from gpupool.models.tp import TIMEOUT_S  # gloo's collectives wait as long as the exchange
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group("gloo", init_method="env://" if port is None
+                            else f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when torchrun started this process (its environment), else None.
+    ValueError where its ranks do not share this host (the shared-memory exchange)."""
+    env = os.environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    world = int(env["WORLD_SIZE"])
+    if int(env.get("LOCAL_WORLD_SIZE", world)) != world:
+        raise ValueError("tensor-parallel ranks must share one host (they meet in shared "
+                         "memory): start torchrun with --nnodes 1")
+    return int(env["RANK"]), world
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (not gone, not a zombie)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError, IndexError):
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists; its state cannot be read here
 
 
 class TPRanks:
@@ -61,19 +95,32 @@ class TPRanks:
         if dist.is_initialized():
             raise RuntimeError("one tensor-parallel engine per process (torch.distributed's "
                                "default group is taken)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        launched = torchrun_rank()
+        if launched is not None and launched != (0, world):
+            raise ValueError(f"torchrun made this process rank {launched[0]} of {launched[1]}; "
+                             f"tensor_parallel is {world}: rank 0 of {world} runs the engine")
         self.world = world
         self.shm_path = ShmExchange.create(world, SHM_SLOT_BYTES)
         self.cmd_path = ShmCommands.create()
-        self.procs = [subprocess.Popen(
-            [sys.executable, "-P", "-m", "gpupool.engine.tp", str(port), str(r), str(world),
-             str(num_pages), str(page_bytes), str(host_pages), str(threads), self.shm_path,
-             self.cmd_path])
-            for r in range(1, world)]
+        self.procs, self.pids = [], []  # our children; or torchrun's other ranks' pids
         try:
-            _init(port, 0, world)
+            if launched is None:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                self.procs = [subprocess.Popen(
+                    [sys.executable, "-P", "-m", "gpupool.engine.tp", str(port), str(r),
+                     str(world), str(num_pages), str(page_bytes), str(host_pages),
+                     str(threads), self.shm_path, self.cmd_path])
+                    for r in range(1, world)]
+                _init(port, 0, world)
+            else:  # torchrun started the ranks: tell them what rank 0's children get
+                _init(None, 0, world)
+                dist.broadcast_object_list([(num_pages, page_bytes, host_pages, threads,
+                                             self.shm_path, self.cmd_path)], src=0)
+                pids = [None] * world
+                dist.all_gather_object(pids, os.getpid())
+                self.pids = pids[1:]
         except Exception:
             for p in self.procs:
                 p.kill()
@@ -91,7 +138,8 @@ class TPRanks:
 
     def alive(self) -> bool:
         """Whether every other rank's process still runs."""
-        return all(p.poll() is None for p in self.procs)
+        return (all(p.poll() is None for p in self.procs)
+                and all(_pid_alive(pid) for pid in self.pids))
 
     def command(self, *msg) -> None:
         """Every other rank runs ``msg`` (rank 0 runs its own part after)."""
@@ -166,19 +214,45 @@ def _forward(entry, msg) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """A rank's loop: run rank 0's commands until ``stop``."""
+    """A rank started by rank 0: run its commands until ``stop``."""
+    port, rank, world, num_pages, page_bytes, host_pages, threads = map(int, argv[:7])
+    torch.set_num_threads(threads)
+    _init(port, rank, world)
+    parent = os.getppid()
+    _follow(rank, world, num_pages, page_bytes, host_pages, argv[7], argv[8],
+            lambda: os.getppid() == parent)  # rank 0 (our parent) lives
+
+
+def follow_torchrun() -> None:
+    """A rank > 0 that torchrun started: join rank 0 (see the module's doc) and run its
+    commands until ``stop``."""
+    import torch.distributed as dist
+
+    rank, world = torchrun_rank()
+    _init(None, rank, world)
+    params = [None]
+    dist.broadcast_object_list(params, src=0)
+    num_pages, page_bytes, host_pages, threads, shm_path, cmd_path = params[0]
+    pids = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    torch.set_num_threads(threads)
+    leader = pids[0]
+    _follow(rank, world, num_pages, page_bytes, host_pages, shm_path, cmd_path,
+            lambda: _pid_alive(leader))
+
+
+def _follow(rank: int, world: int, num_pages: int, page_bytes: int, host_pages: int,
+            shm_path: str, cmd_path: str, alive) -> None:
+    """A rank's loop (torch.distributed joined): run rank 0's commands until ``stop``;
+    ``alive()``: whether rank 0 lives."""
     import torch.distributed as dist
 
     from gpupool.models.tp import ShmCommands, ShmExchange
     from gpupool.pool.kv import KVStorage
 
-    port, rank, world, num_pages, page_bytes, host_pages, threads = map(int, argv[:7])
-    torch.set_num_threads(threads)
-    _init(port, rank, world)
-    shm = ShmExchange(argv[7], rank, world, SHM_SLOT_BYTES)
-    commands = ShmCommands(argv[8], rank, world)
-    parent = os.getppid()
-    shm.alive = commands.alive = lambda: os.getppid() == parent  # rank 0 (our parent) lives
+    shm = ShmExchange(shm_path, rank, world, SHM_SLOT_BYTES)
+    commands = ShmCommands(cmd_path, rank, world)
+    shm.alive = commands.alive = alive
     dist.barrier()  # both files mapped: rank 0 removes their names
     kv = KVStorage(num_pages, page_bytes, "cpu")
     kv.enable_host_swap(host_pages)

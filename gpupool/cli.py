@@ -186,7 +186,7 @@ def _worker(args) -> int:
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 QUANTIZATIONS = ["none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
 TP_HELP = ("shard every model over N ranks: this process and N - 1 others on this host (CPU, "
-           "gloo; default 1)")
+           "gloo; default 1); under torchrun --nproc-per-node N, its N processes")
 QUANT_HELP = ("int8: store the linear layers and lm_head int8 with one scale per row "
               "(half bf16's bytes); int4: the linear layers 4-bit with a float32 scale and "
               "offset per group of 32 columns (the head int8), int4-g64/int4-g128 for larger "
@@ -311,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "command", None) in ("serve", "worker"):
+        from gpupool.engine import tp
+
+        try:
+            launched = tp.torchrun_rank()
+        except ValueError as e:
+            print(f"gpupool: error: {e}", file=sys.stderr)
+            return 2
+        if launched is not None and launched[0] > 0:  # torchrun's other ranks follow rank 0
+            tp.follow_torchrun()
+            return 0
     return args.func(args)
 
 

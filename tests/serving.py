@@ -35,9 +35,11 @@ def free_port() -> int:
 class Server:
     def __init__(self, home: Path, *args: str, kv: int = 128 << 20, weights: int = 1 << 30,
                  env: dict | None = None, engine_toml: str = "", command: str = "serve",
-                 page: int = 262144):
+                 page: int = 262144, launcher: tuple[str, ...] = ()):
         """``engine_toml``: more ``key = value`` lines for the config's ``[engine]`` table;
-        ``command``: serve, or gateway (``args`` then name the cluster's Redis)."""
+        ``command``: serve, or gateway (``args`` then name the cluster's Redis);
+        ``launcher``: a program that starts gpupool (e.g. torchrun's arguments, ending in
+        ``--no-python``), run from the home folder."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.config = self.home / "gpupool.toml"
@@ -45,6 +47,7 @@ class Server:
                                + engine_toml)
         self.args = args
         self.command = command
+        self.launcher = launcher
         self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,9 +59,10 @@ class Server:
         cmd = [exe] if exe else [sys.executable, "-P", "-m", "gpupool.cli"]
         env = {**os.environ, "GPUPOOL_HOME": str(self.home), **self.env}
         self.proc = subprocess.Popen(
-            [*cmd, self.command, "--port", str(self.port), "--config", str(self.config),
-             "--log-level", "info", *self.args],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
+            [*self.launcher, *cmd, self.command, "--port", str(self.port), "--config",
+             str(self.config), "--log-level", "info", *self.args],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env,
+            cwd=self.home if self.launcher else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -468,3 +468,38 @@ def test_a_dead_rank_fails_a_native_decode_step_instead_of_hanging(tmp_path):
         assert sum(len(d.token_ids) for d in deltas) < 200
     finally:
         two.shutdown()
+
+
+def test_torchrun_starts_a_tensor_parallel_server_whose_rank_0_serves(tmp_path):
+    """``torchrun --nproc-per-node 2 gpupool serve --tensor-parallel 2``: rank 0 serves and
+    starts no rank of its own, rank 1 follows it (torch.distributed from torchrun's
+    environment); a completion gives the one-rank engine's greedy tokens; SIGTERM ends
+    every process."""
+    import httpx
+    import psutil
+
+    from gpupool import SamplingParams
+    from tests.factories import make_engine
+    from tests.serving import Server, free_port
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc-per-node", "2", "--master-port", str(free_port()), "--no-python")
+    prompt = [5, 9, 23, 41, 7]
+    with Server(tmp_path / "home", "--model", f"tiny={folder}", "--tensor-parallel", "2",
+                launcher=launcher, kv=1 << 20, page=16 << 10) as s:
+        out = httpx.post(s.url + "/v1/completions", json={
+            "model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0}, timeout=60).json()
+        ranks = [p for p in psutil.Process(s.proc.pid).children()
+                 if "redis" not in p.name()]
+        assert len(ranks) == 2  # torchrun's two processes, ...
+        for rank in ranks:  # ... neither with a rank process of its own
+            assert not [c for c in rank.children() if "redis" not in c.name()]
+    one = make_engine(folder)
+    try:
+        want = one.generate([prompt], SamplingParams(max_tokens=8, temperature=0,
+                                                     ignore_eos=True))[0].text
+    finally:
+        one.shutdown()
+    assert out["choices"][0]["text"] == want
