@@ -23,12 +23,15 @@ is a :class:`StepPlan` made once by :meth:`TorchOps.plan`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from gpupool.kernels import decode, fixed, native, quant4, reference
 from gpupool.kernels.linear import linear, linear_int8, linear_int8_reference
+
+logger = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
 GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"  # a 4-bit weight's groups (likewise)
@@ -423,7 +426,7 @@ class NativeOps(TorchOps):
     def _tp_table(self, tp):
         c = self._cache
         if c.tp is None or c.tp.shm is not tp.shm:
-            c.tp = native.TPTable(tp.shm, tp.shm.timeout_s)
+            c.tp = native.TPTable(tp.shm)
         return c.tp
 
     def add_norm(self, x, delta, weight, eps):
@@ -448,8 +451,12 @@ class NativeOps(TorchOps):
                 tables[id(lw)] = (lw, None)  # int8 or 4-bit experts: the loop
             else:
                 weights = [lw[n] for n in names]
-                tables[id(lw)] = (lw, native.moe_table(weights[:num_experts],
-                                                       weights[num_experts:]))
+                try:
+                    table = native.moe_table(weights[:num_experts], weights[num_experts:])
+                except ValueError as e:  # a layout the call cannot read: the loop
+                    logger.info("experts through the model's loop: %s", e)
+                    table = None
+                tables[id(lw)] = (lw, table)
         table = tables[id(lw)][1]
         return None if table is None else native.moe_experts(h, idx, top, table)
 

@@ -1087,11 +1087,11 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 
 /* A mixture-of-experts MLP in one call: out[t] (bf16 [T][H], row stride ldo) = the sum over
  * row t's k choices, in ascending expert order, of bf16(down_e(silu(gate_e) * up_e) * top),
- * each addition rounded to bf16 from out's zeros, for idx [T][k] (experts) and top [T][k]
+ * added in float32 from zero and rounded once, for idx [T][k] (experts) and top [T][k]
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
  * [H][inter] (addresses). The same bits as LlamaModel._experts' loop of products (each row
  * through gemv_rows, whose sums do not depend on which rows share a call; SiLU x up as
- * gp_silu_mul; the weighting and additions as torch's bf16 mul and index_add_), so a row's
+ * gp_silu_mul; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
  * output does not depend on its step: pairs (row, choice) sorted by expert, stable; every
  * touched expert's gate_up rows, then every down row, shared among the threads as one list
  * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
@@ -1144,15 +1144,16 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         #pragma omp barrier
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
-            uint16_t *o = out + t * ldo;
-            for (int64_t c = 0; c < H; c++) o[c] = 0;
+            float acc[MAX_DIM];
+            for (int64_t c = 0; c < H; c++) acc[c] = 0.0f;
             for (int64_t s = 0; s < P; s++) {  /* this row's pairs, in expert order */
                 if (order[s] / k != t) continue;
                 float w = bf2f(top[order[s]]);
                 const uint16_t *y = ys + s * H;
-                for (int64_t c = 0; c < H; c++)
-                    o[c] = f2bf(bf2f(o[c]) + round_bf(bf2f(y[c]) * w));
+                for (int64_t c = 0; c < H; c++) acc[c] += round_bf(bf2f(y[c]) * w);
             }
+            uint16_t *o = out + t * ldo;
+            for (int64_t c = 0; c < H; c++) o[c] = f2bf(acc[c]);
         }
     }
     return 0;
@@ -1968,12 +1969,19 @@ static void head_body(const uint16_t *out, int64_t T, int64_t hidden, const void
  * TPGroup.all_reduce gives through ShmExchange (this rank's x widened into its slot, its
  * sequence number published, the others' awaited, the slots added in rank order; the same
  * bits on every rank). Called by the whole team: the slot written and the sums made by all
- * threads, the wait by one. A wait spins, then naps 0.5 ms, asking alive() every 200 naps;
- * a dead peer or the timeout sets *failed (shared), and later exchanges of the step return at
- * once (the step's outputs are then garbage and the call returns 2). */
+ * threads, the wait by thread 0 (the caller's: alive() is a Python callback). A wait spins,
+ * then naps 0.5 ms, asking alive() every 200 naps; a dead peer or the timeout (monotonic
+ * clock) sets *failed (shared): the step's remaining layers are skipped and the call
+ * returns 2. */
 #include <time.h>
+static int64_t now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 static int tp_wait(const gp_tp_t *tp, int64_t seq) {
-    int64_t spins = 0, naps = 0;
+    int64_t spins = 0, naps = 0, start = 0;
     for (;;) {
         int ready = 1;
         for (int64_t r = 0; r < tp->world; r++)
@@ -1985,10 +1993,11 @@ static int tp_wait(const gp_tp_t *tp, int64_t seq) {
 #endif
             continue;
         }
+        if (!start) start = now_ms();
         struct timespec nap = {0, 500000};
         nanosleep(&nap, NULL);
         if (++naps % 200 == 0 && tp->alive && !((int (*)(void))tp->alive)()) return 1;
-        if (naps * 5 / 10 > tp->timeout_ms) return 1;
+        if (now_ms() - start > tp->timeout_ms) return 1;
     }
 }
 
@@ -2095,12 +2104,14 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     #pragma omp parallel num_threads(threads)
     {
         if (st->ids) embed_body(st->ids, T, hidden, st->embed, st->embed_scale, x);
-        for (int64_t l = 0; l < L; l++)
+        /* failed changes only before a barrier every thread has passed here: one path */
+        for (int64_t l = 0; l < L && !failed; l++)
             layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg,
                        &failed);
-        add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out, hidden,
-                         T, hidden, st->eps);
-        if (st->logits)
+        if (!failed)
+            add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out,
+                             hidden, T, hidden, st->eps);
+        if (st->logits && !failed)
             head_body(st->out, T, hidden, st->head, st->head_scale, st->vocab, hb, st->logits,
                       xq, xs);
     }

@@ -415,9 +415,9 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
                 table: MoeTable) -> torch.Tensor:
     """A mixture-of-experts MLP's output for bf16 rows ``h`` [T, H] in one call (where
     :func:`has_gemv`): row t's experts ``idx[t]`` (int64 [T, k]), weighted by ``top[t]`` (bf16),
-    added in ascending expert order, the experts' weights in ``table`` (:func:`moe_table`). The
-    bits of the loop of :func:`gemv` and :func:`silu_mul` per expert with torch's bf16
-    weighting and ``index_add_`` (LlamaModel._experts), whatever shares the call."""
+    added in float32 in ascending expert order and rounded once, the experts' weights in
+    ``table`` (:func:`moe_table`). The bits of LlamaModel._experts' loop of :func:`gemv` and
+    :func:`silu_mul` per expert (NaN bit patterns aside), whatever shares the call."""
     check("h", h, torch.bfloat16, 2)
     check("idx", idx, torch.int64, 2, contiguous=True)
     check("top", top, torch.bfloat16, 2, contiguous=True)
@@ -693,6 +693,7 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                 tp=None if tp is None else ctypes.addressof(tp.struct))
     if tp is not None:
         tp.seq[0] = tp.shm.seq
+        tp.struct.timeout_ms = int(tp.shm.timeout_s * 1000)
     rc = _lib().gp_decode_layers(ctypes.byref(step), torch.get_num_threads())
     if tp is not None:
         tp.shm.seq = int(tp.seq[0])  # the exchanges made inside, as ShmExchange counts them
@@ -709,9 +710,10 @@ _ALIVE = ctypes.CFUNCTYPE(ctypes.c_int)
 class TPTable:
     """``decode_layers``' view of a tensor-parallel rank's shared-memory exchange (a
     models.tp.ShmExchange): native.h's gp_tp_t over the same file, with the exchange's
-    alive() as a C callback (asked by the waiting thread, the one that called in)."""
+    alive() as a C callback (asked by OpenMP's thread 0, the one that called in; ctypes
+    took the GIL off it for the call (CDLL), the callback takes it again)."""
 
-    def __init__(self, shm, timeout_s: float):
+    def __init__(self, shm):
         self.shm = shm
         self.seq = torch.zeros(1, dtype=torch.int64)
 
@@ -726,7 +728,7 @@ class TPTable:
                          slot_bytes=shm.slot_bytes, rank=shm.rank, world=shm.world,
                          seq=self.seq.data_ptr(),
                          alive=ctypes.cast(self._alive, ctypes.c_void_p).value,
-                         timeout_ms=int(timeout_s * 1000))
+                         timeout_ms=int(shm.timeout_s * 1000))  # again at each call
 
     def fits(self, numel: int) -> bool:
         return numel * 4 <= self.shm.slot_bytes

@@ -208,9 +208,11 @@ class LlamaModel:
 
     def _experts(self, plan, h: torch.Tensor, lw) -> torch.Tensor:
         """A mixture-of-experts MLP: each token's top experts by the router's softmax, their
-        outputs weighted and added in expert order (as transformers), each expert's rows
-        through the step's products (row-invariant: a token's sum is the same whatever
-        shares its experts)."""
+        outputs weighted (rounded to h's dtype) and added in float32 in ascending expert
+        order from zero, rounded once (as transformers adds them in its dtype: the same in
+        float32), each expert's rows through the step's products (row-invariant: a token's
+        sum is the same whatever shares its experts, and a backend's one call,
+        ``ops.experts``, gives the same bits)."""
         ops, cfg = self.ops, self.cfg
         probs = torch.softmax(ops.linear(plan, h, lw, "router_weight"), dim=-1,
                               dtype=torch.float)
@@ -221,15 +223,16 @@ class LlamaModel:
         fused = ops.experts(plan, h, lw, idx, top, cfg.num_experts, cfg.activation)
         if fused is not None:
             return fused
-        out = torch.zeros_like(h)
         if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
-            return self._one_rows_experts(plan, h, lw, top, idx, out)
+            return self._one_rows_experts(plan, h, lw, top, idx)
         # the (row, choice) pairs grouped by expert (ascending; rows ascending within one):
-        # one gather of the rows, each expert's rows a slice, one scatter adding every
-        # weighted output in that order (the expert order of each row's sum)
+        # one gather of the rows, each expert's rows a slice; each weighted output put at
+        # its row's place k of its experts in ascending order, the k places added in order
+        rows_n, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        rows = order // idx.shape[1]
+        rows = order // k
+        place = idx.argsort(dim=1).argsort(dim=1).reshape(-1).index_select(0, order)
         xs, ws = h.index_select(0, rows), top.reshape(-1).index_select(0, order)
         parts, start = [], 0
         for e, n in enumerate(torch.bincount(flat, minlength=cfg.num_experts).tolist()):
@@ -240,19 +243,25 @@ class LlamaModel:
                                f"experts.{e}.down_weight")
                 parts.append(y * ws[start : start + n, None])
                 start += n
-        return out.index_add_(0, rows, torch.cat(parts))
+        placed = torch.zeros(rows_n * k, h.shape[1], dtype=torch.float32).index_copy_(
+            0, rows * k + place, torch.cat(parts).float()).view(rows_n, k, -1)
+        acc = torch.zeros(rows_n, h.shape[1], dtype=torch.float32)
+        for j in range(k):
+            acc += placed[:, j]
+        return acc.to(h.dtype)
 
-    def _one_rows_experts(self, plan, h, lw, top, idx, out):
-        """:meth:`_experts` for a single row: its experts in ascending order, each output
-        weighted and added to ``out`` (zeros) as the general path's index_add_ does, without
-        its unique, where, gathers and scatters (a dozen small ops a layer fewer)."""
+    def _one_rows_experts(self, plan, h, lw, top, idx):
+        """:meth:`_experts` for a single row: its experts in ascending order, each weighted
+        output added to a float32 zero in that order as the general path does, without its
+        sorts, gathers and scatters (a dozen small ops a layer fewer)."""
         ops, cfg = self.ops, self.cfg
+        acc = torch.zeros(h.shape, dtype=torch.float32)
         for e, p in sorted(zip(idx[0].tolist(), range(idx.shape[1]))):
             gate_up = ops.linear(plan, h, lw, f"experts.{e}.gate_up_weight")
             y = ops.linear(plan, ops.act_mul(gate_up, cfg.activation), lw,
                            f"experts.{e}.down_weight")
-            out.add_(y * top[:, p, None])
-        return out
+            acc += (y * top[:, p, None]).float()
+        return acc.to(h.dtype)
 
     def _logits(self, plan, h: torch.Tensor) -> torch.Tensor:
         logits = self.ops.logits(plan, self, h)

@@ -48,6 +48,10 @@ VARIANTS = {
                                      "moe_intermediate_size": 32, "head_dim": 16,
                                      "norm_topk_prob": True, "mlp_only_layers": [1]}),
     "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 4.0}),
+    # three of six experts a token: a row's sum of more than two outputs
+    "qwen3_moe_k3": ("Qwen3MoeConfig", {"num_experts": 6, "num_experts_per_tok": 3,
+                                        "moe_intermediate_size": 32, "head_dim": 16,
+                                        "norm_topk_prob": True}),
     # Phi-4-mini-style: a quarter of each head does not rotate, tied embeddings
     "phi3_partial": ("Phi3Config", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
                                     "original_max_position_embeddings": 128, "rope_scaling": {

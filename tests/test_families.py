@@ -217,21 +217,24 @@ def test_moe_logits_and_tokens_match_transformers(tiny_models, variant):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dtype,
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe_k3"])  # 2 and 3 experts a token
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-torch"])
+def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dtype, variant,
                                                                  monkeypatch):
     """Decoding a single row takes the one-row expert path (no gathers or scatters), a batch
-    the general one (in bf16 on the native kernels: one call a layer, native.moe_experts):
-    the same tokens and log-probabilities, bit for bit."""
+    the general one (in bf16 on the native kernels: one call a layer, native.moe_experts; on
+    the torch backend, the model's loops): the same tokens and log-probabilities, bit for
+    bit."""
     from gpupool.kernels import native
 
     calls = []
     real = native.moe_experts
     monkeypatch.setattr(native, "moe_experts", lambda *a: calls.append(1) or real(*a))
-    folder = tiny_models("mixtral")
+    folder = tiny_models(variant)
     prompts = random_prompts(4, 5, 20, seed=13)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
-    engine = make_engine(folder, dtype=dtype)
+    engine = make_engine(folder, dtype=dtype.removesuffix("-torch"),
+                         native=not dtype.endswith("-torch"))
     try:
         alone = engine.generate(prompts[:1], params)[0]
         batch = engine.generate(prompts, params)[0]
@@ -242,7 +245,9 @@ def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dty
     assert bool(calls) == (dtype == "bfloat16" and native.has_gemv())
 
 
-def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, monkeypatch):
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_k3"])
+def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, variant,
+                                                                   monkeypatch):
     """bf16 on the native kernels: a batch's tokens and log-probabilities with the experts in
     one call a layer equal those of the model's loop over experts (LlamaModel._experts)."""
     from gpupool.kernels import native
@@ -256,7 +261,7 @@ def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, 
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(NativeOps, "experts", lambda self, *a: None)
-        engine = make_engine(tiny_models("qwen3_moe"), dtype="bfloat16")
+        engine = make_engine(tiny_models(variant), dtype="bfloat16")
         try:
             outs.append([(list(o.token_ids), o.logprobs) for o in
                          engine.generate(prompts, params)])

@@ -149,32 +149,30 @@ def test_the_products_give_a_row_the_same_bits_whatever_shares_it(kind):
 
 
 def _experts_loop(h, idx, top, gate_up, down):
-    """LlamaModel._experts' loop of ops on the native products (the bits the one call must
-    give): pairs sorted by expert, each expert's rows through gemv, SiLU x up and gemv, the
-    weighted outputs added by index_add_ in that order."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    rows = order // idx.shape[1]
-    xs, ws = h.index_select(0, rows), top.reshape(-1).index_select(0, order)
-    parts, start = [], 0
-    for e, n in enumerate(torch.bincount(flat, minlength=len(gate_up)).tolist()):
-        if n:
-            y = native.gemv(native.silu_mul(native.gemv(xs[start : start + n], gate_up[e])),
-                            down[e])
-            parts.append(y * ws[start : start + n, None])
-            start += n
-    return torch.zeros_like(h).index_add_(0, rows, torch.cat(parts))
+    """The stated sums of a mixture-of-experts layer, one row and one expert at a time on the
+    native products: each expert's output through gemv, SiLU x up and gemv, weighted in
+    bf16, added in float32 from zero in ascending expert order, rounded once."""
+    out = []
+    for t in range(h.shape[0]):
+        acc = torch.zeros(1, h.shape[1], dtype=torch.float32)
+        for e, c in sorted(zip(idx[t].tolist(), range(idx.shape[1]))):
+            y = native.gemv(native.silu_mul(native.gemv(h[t : t + 1], gate_up[e])), down[e])
+            acc += (y * top[t : t + 1, c, None]).float()
+        out.append(acc.to(h.dtype))
+    return torch.cat(out)
 
 
-@pytest.mark.parametrize("hidden,inter", [(64, 96), (72, 40), (576, 768)])
-def test_the_experts_call_gives_the_loops_bits_whatever_shares_it(hidden, inter):
-    """native.moe_experts (one call a mixture-of-experts layer) against the model's loop over
-    experts, bit for bit, for steps of 1 to 37 rows (each expert's rows on the stream and
-    tiled paths, an expert no row chooses, partial chunks when H or inter is not a multiple
-    of 32), and each row equal to the same row alone."""
+@pytest.mark.parametrize("hidden,inter,k", [(64, 96, 2), (72, 40, 3), (576, 768, 2),
+                                            (64, 32, 7)])
+def test_the_experts_call_gives_the_loops_bits_whatever_shares_it(hidden, inter, k):
+    """native.moe_experts (one call a mixture-of-experts layer) against the stated sums
+    computed expert by expert, bit for bit, for steps of 1 to 37 rows (each expert's rows on
+    the stream and tiled paths, an expert no row chooses, partial chunks when H or inter is
+    not a multiple of 32, 2, 3 and 7 experts a token), and each row equal to the same row
+    alone."""
     if not native.has_gemv():
         pytest.skip("this build has no bf16 product")
-    experts, k = 8, 2
+    experts = 8
     gate_up = [_rand(2 * inter, hidden, seed=e, scale=0.2) for e in range(experts)]
     down = [_rand(hidden, inter, seed=50 + e, scale=0.2) for e in range(experts)]
     g = torch.Generator().manual_seed(hidden + inter)
@@ -190,8 +188,10 @@ def test_the_experts_call_gives_the_loops_bits_whatever_shares_it(hidden, inter)
         want = _experts_loop(h[:m], idx[:m], top[:m], gate_up, down)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (m, hidden, inter)
         assert torch.equal(got.view(torch.int16), alone[:m].view(torch.int16)), m
+    bad = idx[:1].clone()
+    bad[0, -1] = experts - 1
     with pytest.raises(ValueError, match="without weights"):
-        native.moe_experts(h[:1], torch.tensor([[0, experts - 1]]), top[:1], table)
+        native.moe_experts(h[:1], bad, top[:1], table)
 
 
 @pytest.mark.parametrize("k", [576, 1024, 1536, 5000])
