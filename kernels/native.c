@@ -1470,43 +1470,44 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
 /* ---- 4-bit weights (kernels/quant4.py's format) --------------------------------------------
  * y[m][n] = bf16(bf16(sum_k x[m][k] w[n][k]) + bias[n]) for w[n][k] = q * scale[n][g] +
  * offset[n][g], q the 4-bit values packed in blocks of 32 columns (byte j: column j low,
- * column 16 + j high), groups of G columns (a multiple of 32), computed in float32 as
- *   sum over groups g of  scale[n][g] * (sum_{k in g} x[k] q[k]) + offset[n][g] * xs[g]
- * with xs[g] = sum_{k in g} x[k] (per lane, made once per row of x): the same sum as the
- * float32 weights' (quant4.linear_int4_reference), rounded otherwise, and four fewer operations
- * a block than widening each weight to its float32 value. x is widened to float32 once per
- * call (exact). Per (m, n): 16 float32 lanes; a group's integer-weighted sums in one
- * accumulator (FMAs, the block's low 16 columns then its high 16, block after block), folded
- * into the total by two FMAs at the group's end; then gemv_hsum's fixed tree. Nothing in a
- * row's sums depends on how many rows share the call or how they are tiled: a row alone and
- * in a batch of 1000 get the same bits (batch invariance). The two builds (AVX-512F: 16
- * lanes; AVX2 + FMA: two halves of 8) do the same lane operations: bit-identical (the empty
- * asm statements keep -ffast-math from reordering sums). Rows of x in tiles of up to Q4_MR
- * share each widened block; W is read as up to Q4_NR streams (one output row each) so the
- * FMA chains overlap. */
+ * column 16 + j high), groups of G columns (a multiple of 32), computed as
+ *   sum over groups g of  scale[n][g] * (sum_{k in g} x[k] q[k])  +  offset[n][g] * xsum[g]
+ * with the products x[k] q[k] exact (a bf16 times an integer of 4 bits) and summed as
+ * vdpbf16ps sums pairs: the columns in pairs of blocks (64 columns: the first block's 16 low
+ * columns, the second's 16 low, the first's 16 high, the second's 16 high; a last lone block
+ * paired with zeros), the two 32-column halves of a pair, low then high, each into 16 lanes
+ * (lanes 0-7: the first block's columns 2j, 2j + 1; lanes 8-15: the second's), every
+ * product pair as vdpbf16ps adds it (denormal inputs as zero, lane = fma(odd) then fma(even),
+ * flushed). A group's lanes, from zero, are then multiplied by its scale into the total by
+ * one FMA per lane (groups of 32: each pair's two groups in their own 8 lanes). xsum[g]: the
+ * group's x in float32, 16 lanes added in column order, then gemv_hsum's tree; the offsets'
+ * term: per 16 groups a lane each, FMAs in group order, added to the total's lanes, then
+ * gemv_hsum's tree, rounded to bf16, the bias added, rounded again. All under DAZ/FTZ. A row's
+ * sums do not depend on how many rows share the call or how they are tiled (batch
+ * invariance). Two builds do exactly that: AVX-512 BF16 (the 4-bit values turned into bf16
+ * by a word permute from a table, the dot-product instruction itself) and AVX2 + FMA (the
+ * same words by byte shuffles, vdpbf16ps emulated as the bf16 product does): bit-identical,
+ * tested. Rows of x in tiles of up to Q4_MR share each pair's weights; W is read as up to
+ * Q4_NR streams (one output row each). x is permuted into the pairs' column order once per
+ * call (bf16, exact). */
 #ifdef HAVE_GEMV_BF16
 #define HAVE_GEMV_INT4 1
 #define Q4_MR 4
-#define Q4_NR 4  /* at most 2 with more than 2 rows of x: MR x NR <= 8 */
-#define Q4_MBLOCK 32  /* rows of x a pass over a thread's share of W (their float32 in L2) */
+#define Q4_NR 4  /* MR x NR <= 8 (accumulator and total each) */
+#define Q4_MBLOCK 32  /* rows of x a pass over a thread's share of W (their x in L2) */
 
 #ifdef __AVX512F__
 typedef __m512 q4v_t;
 static inline q4v_t q4v_zero(void) { return _mm512_setzero_ps(); }
 static inline q4v_t q4v_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline void q4v_store(float *p, q4v_t a) { _mm512_storeu_ps(p, a); }
-static inline q4v_t q4v_set1(float f) { return _mm512_set1_ps(f); }
+static inline q4v_t q4v_load_n(const float *p, int64_t n) {  /* lanes n.. zero */
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
 static inline q4v_t q4v_fma(q4v_t a, q4v_t b, q4v_t c) { return _mm512_fmadd_ps(a, b, c); }
 static inline q4v_t q4v_add(q4v_t a, q4v_t b) {  /* one add, never merged with others */
     __m512 r = _mm512_add_ps(a, b);
     __asm__("" : "+v"(r));
     return r;
-}
-/* the block's 32 values as float32: columns 0-15 (lo), 16-31 (hi) */
-static inline void q4_block(const uint8_t *b, q4v_t *lo, q4v_t *hi) {
-    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const void *)b));
-    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
 static inline float q4v_sum(q4v_t a) {
     return gemv_hsum(_mm512_castps512_ps256(a),
@@ -1522,12 +1523,11 @@ static inline q4v_t q4v_load(const float *p) {
     q4v_t a = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
     return a;
 }
-static inline void q4v_store(float *p, q4v_t a) {
-    _mm256_storeu_ps(p, a.lo);
-    _mm256_storeu_ps(p + 8, a.hi);
-}
-static inline q4v_t q4v_set1(float f) {
-    q4v_t a = {_mm256_set1_ps(f), _mm256_set1_ps(f)};
+static inline q4v_t q4v_load_n(const float *p, int64_t n) {  /* lanes n.. zero */
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane);
+    __m256i hi = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n - 8), lane);
+    q4v_t a = {_mm256_maskload_ps(p, lo), _mm256_maskload_ps(p + 8, hi)};
     return a;
 }
 static inline q4v_t q4v_fma(q4v_t a, q4v_t b, q4v_t c) {
@@ -1539,76 +1539,136 @@ static inline q4v_t q4v_add(q4v_t a, q4v_t b) {
     __asm__("" : "+x"(r.lo), "+x"(r.hi));
     return r;
 }
-static inline void q4_block(const uint8_t *b, q4v_t *lo, q4v_t *hi) {
-    __m128i v = _mm_loadu_si128((const void *)b);
-    __m256i a = _mm256_cvtepu8_epi32(v), c = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
-    const __m256i m15 = _mm256_set1_epi32(15);
-    lo->lo = _mm256_cvtepi32_ps(_mm256_and_si256(a, m15));
-    lo->hi = _mm256_cvtepi32_ps(_mm256_and_si256(c, m15));
-    hi->lo = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-    hi->hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
-}
 static inline float q4v_sum(q4v_t a) { return gemv_hsum(a.lo, a.hi); }
 #endif
 
-/* rows [m0, m0 + MR) of x32 (float32, row stride K; xs: their groups' lane sums, [M][K / G]
- * vectors) times output rows n0, n0 + cs, ... (NR of them) of W */
+/* the bf16 bits of 0..15: high bytes, low bytes */
+#define Q4_HI 0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, \
+    0x41, 0x41, 0x41
+#define Q4_LO 0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, \
+    0x50, 0x60, 0x70
+
+/* a pair of blocks' 64 4-bit values (32 bytes; one block: 16, the rest zeros) as the bf16
+ * words of the dot products: *lo = the blocks' low columns, *hi = their high columns */
+#ifdef __AVX512BF16__
+static inline void q4_pair(const uint8_t *b, int full, gop_t *lo, gop_t *hi) {
+    const __m512i table = _mm512_set_epi16(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
+        0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+    __m256i v = full ? _mm256_loadu_si256((const void *)b)
+                     : _mm256_zextsi128_si256(_mm_loadu_si128((const void *)b));
+    __m512i w = _mm512_cvtepu8_epi16(v);
+    *lo = _mm512_permutexvar_epi16(_mm512_and_si512(w, _mm512_set1_epi16(15)), table);
+    *hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+}
+/* per-lane scales: lanes 0-7 a, 8-15 b */
+static inline gacc_t q4_scales(float a, float b) {
+    return _mm512_shuffle_f32x4(_mm512_set1_ps(a), _mm512_set1_ps(b), 0x00);
+}
+static inline gacc_t gacc_fma(gacc_t a, gacc_t s, gacc_t t) { return _mm512_fmadd_ps(a, s, t); }
+static inline q4v_t gacc_q4v(gacc_t a) { return a; }
+#else
+static inline __m256i q4_words(__m128i nib) {  /* 16 values 0..15 (bytes) -> bf16 words */
+    const __m128i th = _mm_setr_epi8(Q4_HI), tl = _mm_setr_epi8(Q4_LO);
+    __m128i h = _mm_shuffle_epi8(th, nib), l = _mm_shuffle_epi8(tl, nib);
+    return _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h));
+}
+static inline void q4_pair(const uint8_t *b, int full, gop_t *lo, gop_t *hi) {
+    const __m128i m15 = _mm_set1_epi8(15);
+    __m128i b0 = _mm_loadu_si128((const void *)b);
+    __m128i b1 = full ? _mm_loadu_si128((const void *)(b + 16)) : _mm_setzero_si128();
+    lo->lo = q4_words(_mm_and_si128(b0, m15));
+    lo->hi = q4_words(_mm_and_si128(b1, m15));
+    hi->lo = q4_words(_mm_and_si128(_mm_srli_epi16(b0, 4), m15));
+    hi->hi = q4_words(_mm_and_si128(_mm_srli_epi16(b1, 4), m15));
+}
+static inline gacc_t q4_scales(float a, float b) {
+    gacc_t s = {_mm256_set1_ps(a), _mm256_set1_ps(b)};
+    return s;
+}
+static inline gacc_t gacc_fma(gacc_t a, gacc_t s, gacc_t t) {
+    gacc_t r = {_mm256_fmadd_ps(a.lo, s.lo, t.lo), _mm256_fmadd_ps(a.hi, s.hi, t.hi)};
+    return r;
+}
+static inline q4v_t gacc_q4v(gacc_t a) {
+#ifdef __AVX512F__
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(a.lo)),
+                                               _mm256_castps_pd(a.hi), 1));
+#else
+    q4v_t r = {a.lo, a.hi};
+    return r;
+#endif
+}
+#endif
+
+/* rows [m0, m0 + MR) of xp (x in the pairs' order, bf16, row stride Kp; xsum: their groups'
+ * sums, [M][ng]) times output rows n0, n0 + cs, ... (NR of them) of W */
 static inline __attribute__((always_inline)) void q4_tile(
-        const float *x32, const float *xs, int64_t K, const uint8_t *Q, int64_t ldq,
-        const float *S, const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
-        int64_t ldy, int64_t m0, int64_t n0, int64_t cs, const int MR, const int NR) {
-    q4v_t tot[Q4_MR * Q4_NR], acc[Q4_MR * Q4_NR];
-    int64_t ng = K / G;
-    for (int e = 0; e < MR * NR; e++) tot[e] = q4v_zero();
-    for (int64_t g = 0; g < ng; g++) {
-        for (int e = 0; e < MR * NR; e++) acc[e] = q4v_zero();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-            q4v_t wl[Q4_NR], wh[Q4_NR];
-            for (int n = 0; n < NR; n++)
-                q4_block(Q + (n0 + n * cs) * ldq + k / 2, &wl[n], &wh[n]);
-            for (int m = 0; m < MR; m++) {
-                const float *xm = x32 + (m0 + m) * K + k;
-                q4v_t xl = q4v_load(xm), xh = q4v_load(xm + 16);
-                for (int n = 0; n < NR; n++) {
-                    acc[m * NR + n] = q4v_fma(xl, wl[n], acc[m * NR + n]);
-                    acc[m * NR + n] = q4v_fma(xh, wh[n], acc[m * NR + n]);
-                }
+        const uint16_t *xp, int64_t Kp, const float *xsum, int64_t K, const uint8_t *Q,
+        int64_t ldq, const float *S, const float *O, int64_t G, const uint16_t *bias,
+        uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, int64_t cs, const int MR,
+        const int NR) {
+    gacc_t tot[Q4_MR * Q4_NR], acc[Q4_MR * Q4_NR];
+    int64_t ng = K / G, nb = K / 32, per = G / 64;  /* per: pairs a group (0: G = 32) */
+    for (int e = 0; e < MR * NR; e++) tot[e] = acc[e] = gacc_zero();
+    for (int64_t p = 0; 2 * p < nb; p++) {
+        int full = 2 * p + 1 < nb;
+        gop_t wl[Q4_NR], wh[Q4_NR];
+        for (int n = 0; n < NR; n++)
+            q4_pair(Q + (n0 + n * cs) * ldq + 32 * p, full, &wl[n], &wh[n]);
+        for (int m = 0; m < MR; m++) {
+            const uint16_t *xm = xp + (m0 + m) * Kp + 64 * p;
+            gop_t xl = gop_load(xm), xh = gop_load(xm + 32);
+            for (int n = 0; n < NR; n++) {
+                acc[m * NR + n] = gacc_dp(acc[m * NR + n], xl, wl[n]);
+                acc[m * NR + n] = gacc_dp(acc[m * NR + n], xh, wh[n]);
             }
         }
-        for (int n = 0; n < NR; n++) {
-            q4v_t s = q4v_set1(S[(n0 + n * cs) * ng + g]);
-            q4v_t o = q4v_set1(O[(n0 + n * cs) * ng + g]);
-            for (int m = 0; m < MR; m++) {
-                q4v_t x_g = q4v_load(xs + ((m0 + m) * ng + g) * 16);
-                tot[m * NR + n] = q4v_fma(acc[m * NR + n], s, tot[m * NR + n]);
-                tot[m * NR + n] = q4v_fma(x_g, o, tot[m * NR + n]);
+        if (!per || (p + 1) % per == 0) {  /* a group (or two) ends here */
+            for (int n = 0; n < NR; n++) {
+                const float *sn = S + (n0 + n * cs) * ng;
+                gacc_t sv = per ? q4_scales(sn[p / per], sn[p / per])
+                                : q4_scales(sn[2 * p], full ? sn[2 * p + 1] : 0.0f);
+                for (int m = 0; m < MR; m++) {
+                    tot[m * NR + n] = gacc_fma(acc[m * NR + n], sv, tot[m * NR + n]);
+                    acc[m * NR + n] = gacc_zero();
+                }
             }
         }
     }
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++) {
-            float v = round_bf(q4v_sum(tot[m * NR + n]));
+            const float *on = O + (n0 + n * cs) * ng, *xg = xsum + (m0 + m) * ng;
+            q4v_t off = gacc_q4v(tot[m * NR + n]);
+            int64_t g = 0;
+            for (; g + 16 <= ng; g += 16) off = q4v_fma(q4v_load(xg + g), q4v_load(on + g), off);
+            if (g < ng)  /* the last groups, zero-padded */
+                off = q4v_fma(q4v_load_n(xg + g, ng - g), q4v_load_n(on + g, ng - g), off);
+            float v = round_bf(q4v_sum(off));
             if (bias) v += bf2f(bias[n0 + n * cs]);
             y[(m0 + m) * ldy + n0 + n * cs] = f2bf(v);
         }
 }
 
 #define Q4_CASE(A, B) \
-    case (A) * 8 + (B): q4_tile(x32, xs, K, Q, ldq, S, O, G, bias, y, ldy, m0, c0, cs, A, B); \
-        break
+    case (A) * 8 + (B): q4_tile(xp, Kp, xsum, K, Q, ldq, S, O, G, bias, y, ldy, m0, c0, cs, \
+                                A, B); break
 
-/* this thread's share [n0, n1) of W's rows for all M rows of x32: the share in Q4_NR parts
+/* this thread's share [n0, n1) of W's rows for all M rows of xp: the share in Q4_NR parts
  * read side by side (each a sequential stream), rows of x in tiles of Q4_MR, Q4_MBLOCK rows
  * of x a pass over the share */
-static void gemv_int4_rows(const float *x32, const float *xs, int64_t M, int64_t K,
-                           const uint8_t *Q, int64_t ldq, const float *S, const float *O, int64_t G,
-                           int64_t n0, int64_t n1, const uint16_t *bias, uint16_t *y,
-                           int64_t ldy) {
-#ifdef __AVX512F__  /* 32 registers: up to 8 (m, n) pairs a tile */
+static void gemv_int4_rows(const uint16_t *xp, int64_t Kp, const float *xsum, int64_t M,
+                           int64_t K, const uint8_t *Q, int64_t ldq, const float *S,
+                           const float *O, int64_t G, int64_t n0, int64_t n1,
+                           const uint16_t *bias, uint16_t *y, int64_t ldy) {
+#ifdef __AVX512BF16__  /* 32 registers: up to 8 (m, n) pairs a tile */
     const int64_t NRmax = M <= 2 ? 4 : 2, MRmax = Q4_MR;
-#else  /* 16: up to 2 (each pair takes 4 of them) */
+#else  /* 16: up to 2 */
     const int64_t NRmax = M <= 1 ? 2 : 1, MRmax = 2;
 #endif
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | MXCSR_DAZ_FTZ);
     int64_t cs = (n1 - n0 + NRmax - 1) / NRmax;
     for (int64_t b0 = 0; b0 < M; b0 += Q4_MBLOCK) {
         int64_t b1 = b0 + Q4_MBLOCK < M ? b0 + Q4_MBLOCK : M;
@@ -1627,46 +1687,65 @@ static void gemv_int4_rows(const float *x32, const float *xs, int64_t M, int64_t
             }
         }
     }
+    _mm_setcsr(csr);
 }
 #undef Q4_CASE
 
+static inline int64_t q4_kp(int64_t K) { return (K + 63) / 64 * 64; }
+
+/* x's rows in the pairs' order (xp [M][Kp], bf16) and their groups' sums (xsum [M][K / G]),
+ * shared among the team (a barrier after), then this thread's share of W's rows */
 static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t *Q, int64_t N, int64_t ldq, const float *S,
                            const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
-                           int64_t ldy, float *x32, float *xs) {
-    int64_t ng = K / G;
+                           int64_t ldy, uint16_t *xp, float *xsum) {
+    int64_t ng = K / G, nb = K / 32, Kp = q4_kp(K);
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t k = 0; k < K; k++) x32[m * K + k] = bf2f(x[m * ldx + k]);
-        for (int64_t g = 0; g < ng; g++) {  /* the group's lanes: low then high, in order */
-            q4v_t v = q4v_zero();
-            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-                v = q4v_add(v, q4v_load(x32 + m * K + k));
-                v = q4v_add(v, q4v_load(x32 + m * K + k + 16));
+        const uint16_t *xm = x + m * ldx;
+        uint16_t *pm = xp + m * Kp;
+        for (int64_t p = 0; 2 * p < nb; p++) {
+            const uint16_t *b0 = xm + 64 * p, *b1 = b0 + 32;
+            int full = 2 * p + 1 < nb;
+            for (int j = 0; j < 16; j++) {
+                pm[64 * p + j] = b0[j];
+                pm[64 * p + 16 + j] = full ? b1[j] : 0;
+                pm[64 * p + 32 + j] = b0[16 + j];
+                pm[64 * p + 48 + j] = full ? b1[16 + j] : 0;
             }
-            q4v_store(xs + (m * ng + g) * 16, v);
         }
+        unsigned int csr = _mm_getcsr();
+        _mm_setcsr(csr | MXCSR_DAZ_FTZ);
+        for (int64_t g = 0; g < ng; g++) {  /* the group's x: 16 lanes in column order */
+            float f[16];
+            q4v_t v = q4v_zero();
+            for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+                for (int j = 0; j < 16; j++) f[j] = bf2f(xm[k + j]);
+                v = q4v_add(v, q4v_load(f));
+            }
+            xsum[m * ng + g] = q4v_sum(v);
+        }
+        _mm_setcsr(csr);
     }
     int64_t n0, n1;
     thread_share(N, &n0, &n1);
-    if (n0 < n1) gemv_int4_rows(x32, xs, M, K, Q, ldq, S, O, G, n0, n1, bias, y, ldy);
+    if (n0 < n1)
+        gemv_int4_rows(xp, Kp, xsum, M, K, Q, ldq, S, O, G, n0, n1, bias, y, ldy);
 }
 #endif
 
-/* gp_gemv_features bit 4: this build has it. K and G multiples of 32, G dividing K; S and O
- * [N][K / G] float32 contiguous; Q's rows ldq bytes apart. */
 void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *Q,
                   int64_t N, int64_t ldq, const float *S, const float *O, int64_t G,
                   const uint16_t *bias, uint16_t *y, int64_t ldy, int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_INT4
-    float *x32 = malloc(sizeof(float) * (size_t)(M * K) + 64);
-    float *xs = malloc(sizeof(float) * (size_t)(M * (K / G) * 16) + 64);
-    if (!x32 || !xs) { free(x32); free(xs); return; }
+    uint16_t *xp = malloc(sizeof(uint16_t) * (size_t)(M * q4_kp(K)) + 64);
+    float *xsum = malloc(sizeof(float) * (size_t)(M * (K / G)) + 64);
+    if (!xp || !xsum) { free(xp); free(xsum); return; }
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, O, G, bias, y, ldy, x32, xs);
-    free(x32);
-    free(xs);
+    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, O, G, bias, y, ldy, xp, xsum);
+    free(xp);
+    free(xsum);
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)S; (void)O;
     (void)G; (void)bias; (void)y; (void)ldy;
@@ -1891,9 +1970,9 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
                       const uint16_t *s, const uint16_t *b, int64_t N, uint16_t *y, int16_t *xq,
                       float *xs, const gp_int4_t *q4, float *x4) {
 #ifdef HAVE_GEMV_INT4
-    if (q4 && q4->gs) {  /* 4-bit: x widened into x4, its groups' sums after */
+    if (q4 && q4->gs) {  /* 4-bit: x in the pairs' order into x4, its groups' sums after */
         gemv_int4_body(x, M, K, K, (const uint8_t *)W, N, K / 2, q4->gs, q4->go, q4->group, b,
-                       y, N, x4, x4 + M * K);
+                       y, N, (uint16_t *)x4, x4 + M * q4_kp(K) / 2);
         return;
     }
 #else
@@ -2083,8 +2162,8 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     uint16_t *buf = malloc(elems * 2);
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * ((kmax + 31) / 32 * 32)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
-    /* the 4-bit products' x in float32 [T][K] and its groups' lane sums (<= [T][K / 2]) */
-    float *x4 = malloc(sizeof(float) * (size_t)(T * kmax * 3 / 2) + 64);
+    /* the 4-bit products' x in the pairs' order (bf16 [T][K + 63]) and its groups' sums */
+    float *x4 = malloc(sizeof(float) * (size_t)(T * (kmax + 64)) + 64);
     int64_t *item_seg = NULL, items = 0;
     if (st->lora) {
         items = lora_items(st->lora->num_segments, st->lora->starts, st->lora->seg_rank,

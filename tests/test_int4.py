@@ -83,7 +83,8 @@ def test_the_layout_stores_linear_weights_4bit_with_group_scales(tmp_path):
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])
-@pytest.mark.parametrize("n,k,group", [(40, 64, 32), (70, 576, 32), (33, 256, 128)])
+@pytest.mark.parametrize("n,k,group", [(40, 64, 32), (70, 576, 32), (33, 256, 128),
+                                       (21, 96, 32), (18, 192, 64)])  # a lone last block
 def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, group):
     g = torch.Generator().manual_seed(rows * 7 + k)
     q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
@@ -102,8 +103,9 @@ def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, gr
 
 
 def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypatch):
-    """The AVX2 build (``-march=x86-64-v3``, what most users' CPUs run) and this CPU's own give
-    the same bits, so either continues the other's request exactly."""
+    """The AVX2 build (``-march=x86-64-v3``, what most users' CPUs run), the AVX-512 build
+    without BF16 (Skylake, where this CPU runs it) and this CPU's own give the same bits, so
+    any continues another's request exactly."""
     from gpupool.models.cpu import cpu_flags
 
     if not {"avx2", "fma"} <= set(cpu_flags()) or native._compiler() is None:
@@ -112,9 +114,12 @@ def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypat
         pytest.skip("no native 4-bit product on this CPU")
     monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
     libs = [native.open_library(native.build("x86-64-v3")), native._lib()]
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(cpu_flags()):
+        libs.append(native.open_library(native.build("skylake-avx512")))
     assert all(lib.gp_gemv_features() & 16 for lib in libs)
     g = torch.Generator().manual_seed(3)
-    for rows, n, k, group in ((1, 70, 576, 32), (3, 33, 256, 128), (9, 40, 64, 32)):
+    for rows, n, k, group in ((1, 70, 576, 32), (3, 33, 256, 128), (9, 40, 64, 32),
+                              (2, 21, 96, 32), (5, 18, 192, 64), (1, 9, 1536, 32)):
         q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         bias = torch.randn(n, generator=g).to(torch.bfloat16)
@@ -124,7 +129,7 @@ def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypat
             lib.gp_gemv_int4(x.data_ptr(), rows, k, k, q.data_ptr(), n, k // 2, s.data_ptr(),
                              o.data_ptr(), group, bias.data_ptr(), y.data_ptr(), n, 2)
             ys.append(y.view(torch.int16))
-        assert torch.equal(*ys), (rows, n, k)
+        assert all(torch.equal(ys[0], y) for y in ys[1:]), (rows, n, k)
 
 
 def _twin(folder, dest, group: int):
