@@ -278,9 +278,22 @@ class ModelConfig:
         if bad:
             return (f"tensor parallelism over {world} ranks needs counts it divides: "
                     f"{', '.join(bad)} are not")
-        if self.qk_norm_whole or self.quant:
-            return (f"{self.architecture}: whole-vector q/k norms (OLMoE's) and 4-bit "
-                    "checkpoints are not sharded yet")
+        if self.qk_norm_whole:
+            return (f"{self.architecture}: whole-vector q/k norms (OLMoE's) are not sharded "
+                    "yet")
+        if self.quant:  # a 4-bit checkpoint: o and down cut between whole groups
+            group = self.quant["group"]
+            if self.quant.get("desc_act"):
+                return "act-order (desc_act) GPTQ checkpoints are not sharded"
+            cuts = {"o_proj's input": self.q_size // world,
+                    "down_proj's input": self.intermediate_size // world}
+            if self.num_experts:
+                cuts["the experts' down_proj input"] = self.moe_intermediate_size // world
+            bad = [f"{name} of {n}" for name, n in cuts.items() if group == -1 or n % group]
+            if bad:
+                return (f"a 4-bit checkpoint's groups of {group} columns must not be cut: "
+                        f"over {world} ranks, {', '.join(bad)} columns a rank are not whole "
+                        "groups")
         return None
 
     def kv_bytes_per_token(self, element_bytes: int) -> int:

@@ -61,6 +61,34 @@ class Int4:
         """The same weight with ``fn`` applied to its rows (each part's)."""
         return Int4(fn(self.q), fn(self.scale), fn(self.offset), self.perm)
 
+    def __getitem__(self, rows: slice) -> Int4:
+        """Output rows ``rows`` (a tensor-parallel rank's, models/tp.py)."""
+        return self.map_rows(lambda t: t[rows])
+
+    def split(self, sizes: list[int]) -> list[Int4]:
+        """Consecutive blocks of ``sizes`` output rows (a fused projection's parts)."""
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [self[a : a + n] for a, n in zip(starts, sizes)]
+
+    def chunk(self, n: int) -> list[Int4]:
+        return self.split([self.shape[0] // n] * n)
+
+    def columns(self, start: int, stop: int) -> Int4:
+        """Input columns [start, stop) (multiples of the group size; not act-order)."""
+        group = self.group
+        if self.perm is not None or start % group or stop % group:
+            raise ValueError(f"4-bit columns {start}:{stop} cut groups of {group}"
+                             + (" (act-order)" if self.perm is not None else ""))
+        return Int4(self.q[:, start // 2 : stop // 2].contiguous(),
+                    self.scale[:, start // group : stop // group].contiguous(),
+                    self.offset[:, start // group : stop // group].contiguous())
+
+    @staticmethod
+    def cat(parts: list[Int4]) -> Int4:
+        """Row blocks stacked (one column order)."""
+        return Int4(*(torch.cat([getattr(p, f) for p in parts])
+                      for f in ("q", "scale", "offset")), parts[0].perm)
+
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] in the checkpoint's column order."""
         w = quant4.dequantize(self.q, self.scale, self.offset)

@@ -38,6 +38,7 @@ import torch
 
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
+from gpupool.models.quantized import Int4
 
 TIMEOUT_S = 120.0  # a rank that keeps the others waiting longer is taken for dead
 
@@ -313,10 +314,16 @@ def _out_rows(cfg: ModelConfig, proj: str, t: torch.Tensor, world: int, rank: in
 
 
 def _in_columns(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    """The rank's input columns of a row-parallel projection (o, down): of its weight, or of
-    an adapter's A."""
+    """The rank's input columns of a row-parallel projection (o, down): of its weight (a
+    4-bit checkpoint's too: whole groups), or of an adapter's A."""
     n = t.shape[1] // world
+    if isinstance(t, Int4):
+        return t.columns(rank * n, (rank + 1) * n)
     return t[:, rank * n : (rank + 1) * n]
+
+
+def _cat(parts: list):
+    return Int4.cat(parts) if isinstance(parts[0], Int4) else torch.cat(parts)
 
 
 def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
@@ -326,14 +333,14 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
     if name.endswith(("qkv_weight", "qkv_bias")):
         if kind == "qkv_proj":  # fused (Phi-3): each part's rows
             q, k, v = t.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
-            return torch.cat([_out_rows(cfg, p, x, world, rank)
-                              for p, x in (("q_proj", q), ("k_proj", k), ("v_proj", v))])
+            return _cat([_out_rows(cfg, p, x, world, rank)
+                         for p, x in (("q_proj", q), ("k_proj", k), ("v_proj", v))])
         return _out_rows(cfg, "q_proj" if kind == "q_proj" else "k_proj", t, world, rank)
     if name.endswith("gate_up_weight"):  # a dense MLP's, or an expert's (its own size)
         inter = cfg.moe_intermediate_size if ".experts." in name else cfg.intermediate_size
         if kind == "gate_up_proj":  # fused: gate's rows, then up's
-            return torch.cat([_out_rows(cfg, "gate_proj", x, world, rank, inter)
-                              for x in t.chunk(2)])
+            return _cat([_out_rows(cfg, "gate_proj", x, world, rank, inter)
+                         for x in t.chunk(2)])
         return _out_rows(cfg, "gate_proj", t, world, rank, inter)
     if name.endswith(("o_weight", "down_weight")):  # row-parallel: the input columns
         return _in_columns(t, world, rank)

@@ -510,3 +510,55 @@ def test_torchrun_starts_a_tensor_parallel_server_whose_rank_0_serves(tmp_path):
     finally:
         one.shutdown()
     assert out["choices"][0]["text"] == want
+
+
+@pytest.mark.parametrize("method,sym,fmt", [("gptq", False, "gptq"), ("gptq", True, "gptq_v2"),
+                                            ("awq", False, "gptq")])
+def test_4bit_checkpoints_on_two_ranks_give_one_ranks_tokens(tmp_path, method, sym, fmt):
+    """GPTQ (asymmetric v1, symmetric v2) and AWQ checkpoints with groups of 32 columns,
+    sharded as they come (each rank's rows of q/k/v/gate/up, whole groups of o's and down's
+    columns, still 4-bit): greedy tokens equal to the one-rank engine's (fp32)."""
+    from gpupool import SamplingParams
+    from tests.factories import make_engine, random_prompts
+    from tests.test_int4 import _write_quantized
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    ckpt, _ = _write_quantized(folder, tmp_path / "q", tmp_path / "twin", method, 32, sym,
+                               False, fmt)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = random_prompts(4, 3, 20, seed=4)
+    outs = []
+    for tp in (1, 2):
+        e = make_engine(ckpt, **({"tensor_parallel": 2, "prefetch": False} if tp == 2 else {}))
+        try:
+            outs.append([o.token_ids for o in e.generate(prompts, params)])
+            if tp == 2:
+                w = e.local.core.workers["m"]
+                w.make_resident()
+                assert w.model.w["layers.0.down_weight"].dtype == torch.uint8  # 4-bit shard
+                assert w.model.w["layers.0.down_weight"].shape == (64, 32)  # 64 of 128 cols
+        finally:
+            e.shutdown()
+    assert outs[0] == outs[1]
+
+
+def test_4bit_checkpoints_whose_groups_a_shard_would_cut_are_refused(tmp_path):
+    """Groups of 64 columns over 2 ranks: o_proj's 64 input columns split into 32 a rank,
+    half a group: refused, naming it; act-order GPTQ: refused."""
+    from gpupool.models.errors import ModelLoadError
+    from tests.factories import make_engine
+    from tests.test_int4 import _write_quantized
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    for sub, act_order in (("g64", False), ("act", True)):
+        ckpt, _ = _write_quantized(folder, tmp_path / sub, tmp_path / f"{sub}-twin", "gptq",
+                                   64 if not act_order else 32, True, act_order)
+        cfg = ModelConfig.from_folder(ckpt)
+        why = cfg.tp_refusal(2)
+        assert why and ("o_proj" in why if not act_order else "act-order" in why)
+    e = make_engine(tensor_parallel=2)
+    try:
+        with pytest.raises(ModelLoadError, match="o_proj"):
+            e.add_model("g64", tmp_path / "g64")
+    finally:
+        e.shutdown()
