@@ -446,13 +446,17 @@ class NativeOps(TorchOps):
         if id(lw) not in tables:
             names = [f"experts.{e}.{part}_weight" for part in ("gate_up", "down")
                      for e in range(num_experts)]
-            if any(n + SCALE_SUFFIX in lw or n + GSCALE_SUFFIX in lw or n not in lw
-                   for n in names):
-                tables[id(lw)] = (lw, None)  # int8 or 4-bit experts: the loop
+            four = all(n + GSCALE_SUFFIX in lw for n in names) and native.has_gemv_int4()
+            if any(n + SCALE_SUFFIX in lw or (n + GSCALE_SUFFIX in lw) != four or n not in lw
+                   or n + PERM_SUFFIX in lw for n in names):
+                tables[id(lw)] = (lw, None)  # int8, act-order or mixed experts: the loop
             else:
                 weights = [lw[n] for n in names]
+                quant = ([lw[n + GSCALE_SUFFIX] for n in names],
+                         [lw[n + GOFFSET_SUFFIX] for n in names]) if four else (None, None)
                 try:
-                    table = native.moe_table(weights[:num_experts], weights[num_experts:])
+                    table = native.moe_table(weights[:num_experts], weights[num_experts:],
+                                             *quant)
                 except ValueError as e:  # a layout the call cannot read: the loop
                     logger.info("experts through the model's loop: %s", e)
                     table = None

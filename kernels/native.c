@@ -1085,85 +1085,6 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 #endif
 }
 
-/* A mixture-of-experts MLP in one call: out[t] (bf16 [T][H], row stride ldo) = the sum over
- * row t's k choices, in ascending expert order, of bf16(down_e(silu(gate_e) * up_e) * top),
- * added in float32 from zero and rounded once, for idx [T][k] (experts) and top [T][k]
- * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
- * [H][inter] (addresses). The same bits as LlamaModel._experts' loop of products (each row
- * through gemv_rows, whose sums do not depend on which rows share a call; SiLU x up as
- * gp_silu_mul; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
- * output does not depend on its step: pairs (row, choice) sorted by expert, stable; every
- * touched expert's gate_up rows, then every down row, shared among the threads as one list
- * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
-#ifdef HAVE_GEMV_BF16
-static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *start,
-                         int64_t E, int64_t N, uint16_t *y) {
-    int64_t total = 0, a, b;
-    for (int64_t e = 0; e < E; e++) total += start[e + 1] > start[e] ? N : 0;
-    thread_share(total, &a, &b);
-    for (int64_t e = 0, base = 0; e < E && base < b; e++) {
-        int64_t n = start[e + 1] - start[e];
-        if (!n) continue;
-        int64_t lo = a > base ? a - base : 0, hi = b - base < N ? b - base : N;
-        if (lo < hi)
-            gemv_rows(x + start[e] * K, n, K, K, (const uint16_t *)(intptr_t)W[e], lo, hi, K,
-                      NULL, y + start[e] * N, N);
-        base += N;
-    }
-}
-#endif
-
-int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
-                   const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
-                   const int64_t *down, int64_t inter, uint16_t *out, int64_t ldo,
-                   uint16_t *scratch, int64_t *order, int threads) {
-    (void)threads;
-#ifdef HAVE_GEMV_BF16
-    int64_t P = T * k, *start = order + P;  /* start [E + 1] after order [P] */
-    for (int64_t e = 0; e <= E; e++) start[e] = 0;
-    for (int64_t j = 0; j < P; j++) {
-        if (idx[j] < 0 || idx[j] >= E || !gate_up[idx[j]] || !down[idx[j]]) return 1;
-        start[idx[j] + 1]++;
-    }
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    {   /* counting sort, stable: pairs of one expert in row order */
-        int64_t *fill = start + E + 1;
-        for (int64_t e = 0; e < E; e++) fill[e] = start[e];
-        for (int64_t j = 0; j < P; j++) order[fill[idx[j]]++] = j;
-    }
-    uint16_t *xs = scratch, *gu = xs + P * H, *act = gu + P * 2 * inter, *ys = act + P * inter;
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t s = 0; s < P; s++)
-            memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
-        moe_products(xs, H, gate_up, start, E, 2 * inter, gu);
-        #pragma omp barrier
-        silu_mul_body(gu, 2 * inter, act, inter, P, inter);  /* its loop ends in a barrier */
-        moe_products(act, inter, down, start, E, H, ys);
-        #pragma omp barrier
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            float acc[MAX_DIM];
-            for (int64_t c = 0; c < H; c++) acc[c] = 0.0f;
-            for (int64_t s = 0; s < P; s++) {  /* this row's pairs, in expert order */
-                if (order[s] / k != t) continue;
-                float w = bf2f(top[order[s]]);
-                const uint16_t *y = ys + s * H;
-                for (int64_t c = 0; c < H; c++) acc[c] += round_bf(bf2f(y[c]) * w);
-            }
-            uint16_t *o = out + t * ldo;
-            for (int64_t c = 0; c < H; c++) o[c] = f2bf(acc[c]);
-        }
-    }
-    return 0;
-#else
-    (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
-    (void)gate_up; (void)down; (void)inter; (void)out; (void)ldo; (void)scratch; (void)order;
-    return 1;
-#endif
-}
-
 /* y[m] = bf16(bf16((x[m] . q[n]) * scale[n]) (+ bias[n])) for int8 weights q [N][K] (row stride
  * ldq) with one bf16 scale per row: the int8 weight-only product, reading q once, row after row
  * (as gp_gemv_bf16). Each row x[m] is first quantized to int16 with one float32 scale
@@ -1694,11 +1615,9 @@ static void gemv_int4_rows(const uint16_t *xp, int64_t Kp, const float *xsum, in
 static inline int64_t q4_kp(int64_t K) { return (K + 63) / 64 * 64; }
 
 /* x's rows in the pairs' order (xp [M][Kp], bf16) and their groups' sums (xsum [M][K / G]),
- * shared among the team (a barrier after), then this thread's share of W's rows */
-static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
-                           const uint8_t *Q, int64_t N, int64_t ldq, const float *S,
-                           const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
-                           int64_t ldy, uint16_t *xp, float *xsum) {
+ * shared among the team (a barrier after) */
+static void q4_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, int64_t G,
+                       uint16_t *xp, float *xsum) {
     int64_t ng = K / G, nb = K / 32, Kp = q4_kp(K);
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
@@ -1727,10 +1646,18 @@ static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
         }
         _mm_setcsr(csr);
     }
+}
+
+/* q4_prepare, then this thread's share of W's rows */
+static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
+                           const uint8_t *Q, int64_t N, int64_t ldq, const float *S,
+                           const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
+                           int64_t ldy, uint16_t *xp, float *xsum) {
+    q4_prepare(x, M, K, ldx, G, xp, xsum);
     int64_t n0, n1;
     thread_share(N, &n0, &n1);
     if (n0 < n1)
-        gemv_int4_rows(xp, Kp, xsum, M, K, Q, ldq, S, O, G, n0, n1, bias, y, ldy);
+        gemv_int4_rows(xp, q4_kp(K), xsum, M, K, Q, ldq, S, O, G, n0, n1, bias, y, ldy);
 }
 #endif
 
@@ -1749,6 +1676,109 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)S; (void)O;
     (void)G; (void)bias; (void)y; (void)ldy;
+#endif
+}
+
+/* A mixture-of-experts MLP in one call: out[t] (bf16 [T][H], row stride ldo) = the sum over
+ * row t's k choices, in ascending expert order, of bf16(down_e(silu(gate_e) * up_e) * top),
+ * added in float32 from zero and rounded once, for idx [T][k] (experts) and top [T][k]
+ * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
+ * [H][inter] (addresses); or, with group, 4-bit: packed [2 inter][H / 2] and [H][inter / 2]
+ * with float32 group scales gs and offsets go (addresses, gate_up's E then down's E) through
+ * the 4-bit product's rows (q4: float32 scratch for its prepared x, see the Python wrapper).
+ * The same bits as LlamaModel._experts' loop of products (each row
+ * through gemv_rows, whose sums do not depend on which rows share a call; SiLU x up as
+ * gp_silu_mul; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
+ * output does not depend on its step: pairs (row, choice) sorted by expert, stable; every
+ * touched expert's gate_up rows, then every down row, shared among the threads as one list
+ * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
+#ifdef HAVE_GEMV_BF16
+/* every touched expert's rows of W (bf16 [N][K]; or 4-bit [N][K / 2] with group scales and
+ * offsets GS, GO [N][K / G] when G, x then as q4_prepare leaves it in xp, xsum) for its rows
+ * of x, this thread's share of them all */
+static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *GS,
+                         const int64_t *GO, int64_t G, const uint16_t *xp, const float *xsum,
+                         const int64_t *start, int64_t E, int64_t N, uint16_t *y) {
+    int64_t total = 0, a, b;
+    for (int64_t e = 0; e < E; e++) total += start[e + 1] > start[e] ? N : 0;
+    thread_share(total, &a, &b);
+    for (int64_t e = 0, base = 0; e < E && base < b; e++) {
+        int64_t n = start[e + 1] - start[e];
+        if (!n) continue;
+        int64_t lo = a > base ? a - base : 0, hi = b - base < N ? b - base : N;
+        if (lo < hi && G)
+            gemv_int4_rows(xp + start[e] * q4_kp(K), q4_kp(K), xsum + start[e] * (K / G), n,
+                           K, (const uint8_t *)(intptr_t)W[e], K / 2,
+                           (const float *)(intptr_t)GS[e], (const float *)(intptr_t)GO[e], G,
+                           lo, hi, NULL, y + start[e] * N, N);
+        else if (lo < hi)
+            gemv_rows(x + start[e] * K, n, K, K, (const uint16_t *)(intptr_t)W[e], lo, hi, K,
+                      NULL, y + start[e] * N, N);
+        base += N;
+    }
+}
+#endif
+
+int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
+                   const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
+                   const int64_t *down, const int64_t *gs, const int64_t *go, int64_t group,
+                   int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
+                   int64_t *order, int threads) {
+    (void)threads;
+#ifdef HAVE_GEMV_BF16
+    int64_t P = T * k, *start = order + P;  /* start [E + 1] after order [P] */
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int64_t j = 0; j < P; j++) {
+        if (idx[j] < 0 || idx[j] >= E || !gate_up[idx[j]] || !down[idx[j]]) return 1;
+        start[idx[j] + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    {   /* counting sort, stable: pairs of one expert in row order */
+        int64_t *fill = start + E + 1;
+        for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+        for (int64_t j = 0; j < P; j++) order[fill[idx[j]]++] = j;
+    }
+    uint16_t *xs = scratch, *gu = xs + P * H, *act = gu + P * 2 * inter, *ys = act + P * inter;
+    /* 4-bit experts: each product's x as q4_prepare leaves it */
+    uint16_t *xp1 = (uint16_t *)q4, *xp2 = NULL;
+    float *xsum1 = NULL, *xsum2 = NULL;
+    if (group) {
+        xsum1 = q4 + P * q4_kp(H) / 2;
+        xp2 = (uint16_t *)(xsum1 + P * (H / group));
+        xsum2 = (float *)(xp2 + P * q4_kp(inter));
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t s = 0; s < P; s++)
+            memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
+        if (group) q4_prepare(xs, P, H, H, group, xp1, xsum1);  /* ends in a barrier */
+        moe_products(xs, H, gate_up, gs, go, group, xp1, xsum1, start, E, 2 * inter, gu);
+        #pragma omp barrier
+        silu_mul_body(gu, 2 * inter, act, inter, P, inter);  /* its loop ends in a barrier */
+        if (group) q4_prepare(act, P, inter, inter, group, xp2, xsum2);
+        moe_products(act, inter, down, gs + E, go + E, group, xp2, xsum2, start, E, H, ys);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float acc[MAX_DIM];
+            for (int64_t c = 0; c < H; c++) acc[c] = 0.0f;
+            for (int64_t s = 0; s < P; s++) {  /* this row's pairs, in expert order */
+                if (order[s] / k != t) continue;
+                float w = bf2f(top[order[s]]);
+                const uint16_t *y = ys + s * H;
+                for (int64_t c = 0; c < H; c++) acc[c] += round_bf(bf2f(y[c]) * w);
+            }
+            uint16_t *o = out + t * ldo;
+            for (int64_t c = 0; c < H; c++) o[c] = f2bf(acc[c]);
+        }
+    }
+    return 0;
+#else
+    (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
+    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)inter; (void)out;
+    (void)ldo; (void)scratch; (void)q4; (void)order;
+    return 1;
 #endif
 }
 

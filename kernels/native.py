@@ -83,8 +83,8 @@ _SIGNATURES = {
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _i64,
                      _int],
-    "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _i64,
-                       _vp, _vp, _int],
+    "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64,
+                       _i64, _vp, _i64, _vp, _vp, _vp, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
@@ -383,32 +383,61 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 class MoeTable(NamedTuple):
     """A mixture-of-experts layer's expert weights for :func:`moe_experts`: their addresses
-    (int64 [2 E]: gate_up's then down's, 0 where absent), hidden and intermediate sizes."""
+    (int64 [2 E]: gate_up's then down's, 0 where absent), hidden and intermediate sizes; for
+    4-bit experts their group scales' and offsets' addresses (likewise) and the group size
+    (0: bf16)."""
     addresses: torch.Tensor
     hidden: int
     inter: int
+    scales: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    group: int = 0
 
 
-def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None]) -> MoeTable:
-    """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent),
-    checked once (a layer's table is kept while its weights stay where they are)."""
+def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None],
+              scales: list | None = None, offsets: list | None = None) -> MoeTable:
+    """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent);
+    or 4-bit (kernels/quant4.py: uint8 [N, K / 2]) with ``scales`` and ``offsets`` (float32
+    [N, K / G], gate_up's E then down's E), checked once (a layer's table is kept while its
+    weights stay where they are)."""
     if len(gate_up) != len(down):
         raise ValueError("native: moe_table's gate_up and down lists differ in length")
-    shape = None
-    for g, d in zip(gate_up, down):
-        if g is None or d is None:
+    four = scales is not None
+    present = [g is not None and d is not None for g, d in zip(gate_up, down)]
+    shape, group = None, 0
+    for e, (g, d) in enumerate(zip(gate_up, down)):
+        if not present[e]:
             continue
-        check("gate_up", g, torch.bfloat16, 2, contiguous=True)
-        check("down", d, torch.bfloat16, 2, contiguous=True)
-        shape = shape or (d.shape[0], d.shape[1])
-        if g.shape != (2 * shape[1], shape[0]) or d.shape != shape:
+        dtype = torch.uint8 if four else torch.bfloat16
+        check("gate_up", g, dtype, 2, contiguous=True)
+        check("down", d, dtype, 2, contiguous=True)
+        unpacked = (d.shape[0], d.shape[1] * 2 if four else d.shape[1])
+        shape = shape or unpacked
+        if tuple(g.shape) != (2 * shape[1], shape[0] // 2 if four else shape[0]) or \
+                unpacked != shape:
             raise ValueError("native: moe_table's expert weights do not fit")
+        if four:
+            parts = [(scales[e], offsets[e], g, shape[0]),
+                     (scales[len(gate_up) + e], offsets[len(gate_up) + e], d, shape[1])]
+            for sc, of, w, k in parts:
+                check("scales", sc, torch.float32, 2, contiguous=True)
+                check("offsets", of, torch.float32, 2, contiguous=True)
+                gsz = k // sc.shape[1] if sc.shape[1] else 0
+                group = group or gsz
+                if (sc.shape != of.shape or sc.shape[0] != w.shape[0] or gsz != group
+                        or group % 32 or k % group):
+                    raise ValueError("native: moe_table's 4-bit groups do not fit")
     if shape is None or max(shape) > MAX_DIM:
         raise ValueError(f"native: moe_table needs expert weights of at most {MAX_DIM} columns")
-    present = [g is not None and d is not None for g, d in zip(gate_up, down)]
-    addresses = torch.tensor([w.data_ptr() if ok else 0 for ws in (gate_up, down)
-                              for w, ok in zip(ws, present)], dtype=torch.int64)
-    return MoeTable(addresses, *shape)
+
+    def addresses(ws):
+        return torch.tensor([w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
+                            dtype=torch.int64)
+
+    if not four:
+        return MoeTable(addresses(gate_up + down), *shape)
+    return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
+                    group)
 
 
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
@@ -425,15 +454,19 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
     k, experts, inter = idx.shape[1], table.addresses.shape[0] // 2, table.inter
     if idx.shape[0] != rows or top.shape != idx.shape or hidden != table.hidden:
         raise ValueError("native: moe_experts' rows, choices and experts do not fit")
-    pairs = rows * k
+    pairs, group = rows * k, table.group
     scratch = torch.empty(pairs * (2 * hidden + 3 * inter), dtype=torch.bfloat16)
+    q4 = None if not group else torch.empty(  # the 4-bit products' prepared x (native.c)
+        pairs * ((hidden + 63) // 64 * 32 + hidden // group + (inter + 63) // 64 * 32
+                 + inter // group) + 16, dtype=torch.float32)
     order = torch.empty(pairs + 2 * experts + 1, dtype=torch.int64)
     out = torch.empty(rows, hidden, dtype=h.dtype)
     addr = table.addresses.data_ptr()
     if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
-                             top.data_ptr(), k, experts, addr, addr + 8 * experts, inter,
-                             out.data_ptr(), hidden, scratch.data_ptr(), order.data_ptr(),
-                             torch.get_num_threads()):
+                             top.data_ptr(), k, experts, addr, addr + 8 * experts,
+                             _p(table.scales), _p(table.offsets), group, inter,
+                             out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
+                             order.data_ptr(), torch.get_num_threads()):
         raise ValueError("native: moe_experts chose an expert out of range or without weights")
     return out
 

@@ -115,12 +115,14 @@ def check_quantization(quantization: str | None) -> str | None:
 
 
 def quantized_names(cfg: ModelConfig, quantization: str | None) -> frozenset[str]:
-    """The weights stored int8 under ``quantization``: every linear layer's and the lm_head
-    (which is ``embed_tokens`` when the two are tied; the embedding then reads int8 rows)."""
+    """The weights stored int8 under ``quantization``: every linear layer's (a mixture's
+    experts' too; its router stays as it is) and the lm_head (which is ``embed_tokens`` when
+    the two are tied; the embedding then reads int8 rows)."""
     if check_quantization(quantization) is None:
         return frozenset()
-    names = {f"layers.{i}.{w}" for i in range(cfg.num_layers)
-             for w in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")}
+    linear = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+    names = {n for n in weight_sources(cfg)
+             if n.startswith("layers.") and n.rsplit(".", 1)[-1] in linear}
     names.add("embed_tokens" if cfg.tie_word_embeddings else "lm_head")
     return frozenset(names)
 

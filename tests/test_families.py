@@ -245,11 +245,37 @@ def test_a_moe_request_alone_has_its_batchs_tokens_and_logprobs(tiny_models, dty
     assert bool(calls) == (dtype == "bfloat16" and native.has_gemv())
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_k3"])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_a_quantized_mixture_stores_its_experts_so_and_serves_a_request_alike_in_any_batch(
+        tiny_models, quantization):
+    """--quantization int8 / int4 on a mixture (it used to fail at registration: the layout
+    named dense MLP weights its MoE layers do not have): every expert stored so, the router
+    not; bf16, a request alone gets its tokens in a batch."""
+    from gpupool.models.loader import SCALE_SUFFIX
+
+    suffix = SCALE_SUFFIX if quantization == "int8" else "_gscale"
+    prompts = random_prompts(4, 5, 20, seed=19)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine = make_engine(tiny_models("mixtral"), dtype="bfloat16", quantization=quantization)
+    try:
+        w = engine.local.core.workers["m"]
+        w.make_resident()
+        names = [n for n in w.model.w if ".experts." in n and n.endswith("_weight")]
+        assert names and all(n + suffix in w.model.w for n in names)
+        assert "layers.0.router_weight" + suffix not in w.model.w
+        alone = engine.generate(prompts[:1], params)[0].token_ids
+        assert engine.generate(prompts, params)[0].token_ids == alone
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("variant,quantization", [("qwen3_moe", None), ("qwen3_moe_k3", None),
+                                                  ("qwen3_moe", "int4")])
 def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, variant,
-                                                                   monkeypatch):
-    """bf16 on the native kernels: a batch's tokens and log-probabilities with the experts in
-    one call a layer equal those of the model's loop over experts (LlamaModel._experts)."""
+                                                                   quantization, monkeypatch):
+    """bf16 on the native kernels (bf16 or 4-bit experts): a batch's tokens and
+    log-probabilities with the experts in one call a layer equal those of the model's loop
+    over experts (LlamaModel._experts)."""
     from gpupool.kernels import native
     from gpupool.kernels.backend import NativeOps
 
@@ -261,7 +287,12 @@ def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, 
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(NativeOps, "experts", lambda self, *a: None)
-        engine = make_engine(tiny_models(variant), dtype="bfloat16")
+        engine = make_engine(tiny_models(variant), dtype="bfloat16", quantization=quantization)
+        if fused:
+            w = engine.local.core.workers["m"]
+            w.make_resident()
+            four = "layers.0.experts.0.down_weight_gscale" in w.model.w
+            assert four == (quantization == "int4")  # the experts stored 4-bit
         try:
             outs.append([(list(o.token_ids), o.logprobs) for o in
                          engine.generate(prompts, params)])
