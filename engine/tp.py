@@ -62,13 +62,21 @@ def torchrun_rank() -> tuple[int, int] | None:
     """(RANK, WORLD_SIZE) when torchrun started this process (its environment), else None.
     ValueError where its ranks do not share this host (the shared-memory exchange)."""
     env = os.environ
-    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        return None
+    if not all(k in env for k in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE",
+                                  "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None  # (RANK and WORLD_SIZE alone are set by other launchers too)
     world = int(env["WORLD_SIZE"])
-    if int(env.get("LOCAL_WORLD_SIZE", world)) != world:
+    if int(env["LOCAL_WORLD_SIZE"]) != world:
         raise ValueError("tensor-parallel ranks must share one host (they meet in shared "
                          "memory): start torchrun with --nnodes 1")
     return int(env["RANK"]), world
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # another rank removed it first
+        pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,19 +129,20 @@ class TPRanks:
                 pids = [None] * world
                 dist.all_gather_object(pids, os.getpid())
                 self.pids = pids[1:]
-        except Exception:
+            self.commands = ShmCommands(self.cmd_path, 0, world)
+            self.group = TPGroup(0, world, shm=ShmExchange(self.shm_path, 0, world,
+                                                           SHM_SLOT_BYTES))
+            self.commands.alive = self.group.shm.alive = self.alive
+            dist.barrier()  # every rank has mapped both files
+        except BaseException:
             for p in self.procs:
                 p.kill()
-            os.unlink(self.shm_path)
-            os.unlink(self.cmd_path)
+            if dist.is_initialized():
+                dist.destroy_process_group()
             raise
-        self.commands = ShmCommands(self.cmd_path, 0, world)
-        self.group = TPGroup(0, world, shm=ShmExchange(self.shm_path, 0, world,
-                                                       SHM_SLOT_BYTES))
-        self.commands.alive = self.group.shm.alive = self.alive
-        dist.barrier()  # every rank has mapped both files: their names can go (no leftovers
-        os.unlink(self.shm_path)  # in /dev/shm, whatever way the processes end)
-        os.unlink(self.cmd_path)
+        finally:  # their names go (no leftovers in /dev/shm, whatever way the processes end)
+            for path in (self.shm_path, self.cmd_path):
+                _unlink(path)
         self.closed = False
 
     def alive(self) -> bool:
@@ -253,7 +262,9 @@ def _follow(rank: int, world: int, num_pages: int, page_bytes: int, host_pages: 
     shm = ShmExchange(shm_path, rank, world, SHM_SLOT_BYTES)
     commands = ShmCommands(cmd_path, rank, world)
     shm.alive = commands.alive = alive
-    dist.barrier()  # both files mapped: rank 0 removes their names
+    dist.barrier()  # every rank has mapped both files: the names can go (rank 0 removes
+    for path in (shm_path, cmd_path):  # them too; whichever comes first)
+        _unlink(path)
     kv = KVStorage(num_pages, page_bytes, "cpu")
     kv.enable_host_swap(host_pages)
     models: dict = {}

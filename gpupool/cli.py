@@ -316,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             launched = tp.torchrun_rank()
-        except ValueError as e:
+            if launched is not None and args.tensor_parallel != launched[1]:
+                raise ValueError(f"torchrun started {launched[1]} processes: run "
+                                 f"'{args.command} --tensor-parallel {launched[1]}' under it "
+                                 "(each process a rank)")
+        except ValueError as e:  # every rank says so and exits: none waits for the others
             print(f"gpupool: error: {e}", file=sys.stderr)
             return 2
         if launched is not None and launched[0] > 0:  # torchrun's other ranks follow rank 0

@@ -1399,8 +1399,11 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
  * paired with zeros), the two 32-column halves of a pair, low then high, each into 16 lanes
  * (lanes 0-7: the first block's columns 2j, 2j + 1; lanes 8-15: the second's), every
  * product pair as vdpbf16ps adds it (denormal inputs as zero, lane = fma(odd) then fma(even),
- * flushed). A group's lanes, from zero, are then multiplied by its scale into the total by
- * one FMA per lane (groups of 32: each pair's two groups in their own 8 lanes). xsum[g]: the
+ * flushed). Each half's lanes (from zero) are multiplied by their block's group scale into
+ * the total by one FMA per lane after the pair where the half's next block (the pair after's,
+ * or none) is in another group (groups of 32: after every pair, a group a half; groups of 64
+ * or more: after a group's last pair; groups of 96 or G = K: where either half's group
+ * changes). xsum[g]: the
  * group's x in float32, 16 lanes added in column order, then gemv_hsum's tree; the offsets'
  * term: per 16 groups a lane each, FMAs in group order, added to the total's lanes, then
  * gemv_hsum's tree, rounded to bf16, the bias added, rounded again. All under DAZ/FTZ. A row's
@@ -1531,10 +1534,12 @@ static inline __attribute__((always_inline)) void q4_tile(
         uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, int64_t cs, const int MR,
         const int NR) {
     gacc_t tot[Q4_MR * Q4_NR], acc[Q4_MR * Q4_NR];
-    int64_t ng = K / G, nb = K / 32, per = G / 64;  /* per: pairs a group (0: G = 32) */
+    int64_t ng = K / G, nb = K / 32;
+#define Q4_GROUP(b) ((b) < nb ? (b) * 32 / G : -1)  /* block b's group (-1: none) */
     for (int e = 0; e < MR * NR; e++) tot[e] = acc[e] = gacc_zero();
     for (int64_t p = 0; 2 * p < nb; p++) {
         int full = 2 * p + 1 < nb;
+        int64_t g0 = Q4_GROUP(2 * p), g1 = Q4_GROUP(2 * p + 1);
         gop_t wl[Q4_NR], wh[Q4_NR];
         for (int n = 0; n < NR; n++)
             q4_pair(Q + (n0 + n * cs) * ldq + 32 * p, full, &wl[n], &wh[n]);
@@ -1546,11 +1551,12 @@ static inline __attribute__((always_inline)) void q4_tile(
                 acc[m * NR + n] = gacc_dp(acc[m * NR + n], xh, wh[n]);
             }
         }
-        if (!per || (p + 1) % per == 0) {  /* a group (or two) ends here */
+        /* each half's lanes into the total when its next block is in another group (or
+         * none): every lane's accumulator holds one group's sums */
+        if (Q4_GROUP(2 * p + 2) != g0 || Q4_GROUP(2 * p + 3) != g1) {
             for (int n = 0; n < NR; n++) {
                 const float *sn = S + (n0 + n * cs) * ng;
-                gacc_t sv = per ? q4_scales(sn[p / per], sn[p / per])
-                                : q4_scales(sn[2 * p], full ? sn[2 * p + 1] : 0.0f);
+                gacc_t sv = q4_scales(sn[g0], g1 >= 0 ? sn[g1] : 0.0f);
                 for (int m = 0; m < MR; m++) {
                     tot[m * NR + n] = gacc_fma(acc[m * NR + n], sv, tot[m * NR + n]);
                     acc[m * NR + n] = gacc_zero();
@@ -1566,6 +1572,7 @@ static inline __attribute__((always_inline)) void q4_tile(
             for (; g + 16 <= ng; g += 16) off = q4v_fma(q4v_load(xg + g), q4v_load(on + g), off);
             if (g < ng)  /* the last groups, zero-padded */
                 off = q4v_fma(q4v_load_n(xg + g, ng - g), q4v_load_n(on + g, ng - g), off);
+#undef Q4_GROUP
             float v = round_bf(q4v_sum(off));
             if (bias) v += bf2f(bias[n0 + n * cs]);
             y[(m0 + m) * ldy + n0 + n * cs] = f2bf(v);

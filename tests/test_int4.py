@@ -84,7 +84,8 @@ def test_the_layout_stores_linear_weights_4bit_with_group_scales(tmp_path):
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])
 @pytest.mark.parametrize("n,k,group", [(40, 64, 32), (70, 576, 32), (33, 256, 128),
-                                       (21, 96, 32), (18, 192, 64)])  # a lone last block
+                                       (21, 96, 32), (18, 192, 64),  # a lone last block
+                                       (13, 192, 96), (11, 480, 480), (9, 320, 160)])
 def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, group):
     g = torch.Generator().manual_seed(rows * 7 + k)
     q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
@@ -119,7 +120,8 @@ def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypat
     assert all(lib.gp_gemv_features() & 16 for lib in libs)
     g = torch.Generator().manual_seed(3)
     for rows, n, k, group in ((1, 70, 576, 32), (3, 33, 256, 128), (9, 40, 64, 32),
-                              (2, 21, 96, 32), (5, 18, 192, 64), (1, 9, 1536, 32)):
+                              (2, 21, 96, 32), (5, 18, 192, 64), (1, 9, 1536, 32),
+                              (3, 13, 192, 96), (2, 11, 480, 480), (1, 9, 320, 160)):
         q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         bias = torch.randn(n, generator=g).to(torch.bfloat16)
