@@ -13,7 +13,9 @@ bound: the weight bytes a step reads (all but the untouched experts) over the re
 plain float32 sum of 512 MB measured in the same run.
 --loop-too also times the mixture with its experts run as the model's loop of products (the
 path before the one-call native kernel, native.moe_experts) in the same engine, interleaved.
-Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3] [--loop-too]
+--quantization int4 stores both models' linear layers 4-bit (the bound then counts their
+4-bit bytes).
+Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3] [--loop-too] [--quantization Q]
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loop-too", action="store_true")
+    ap.add_argument("--quantization", default=None, help="e.g. int4: both models so")
     args = ap.parse_args()
     root = default_home() / "bench-moe"
     folders = {k: _make(root / k, k) for k in ("moe", "dense")}
@@ -115,7 +118,8 @@ def main() -> None:
     # one engine serving both (one thread team: a second engine's idle threads spinning
     # beside the measured one's slowed it by half here), rounds interleaved; the weight
     # region holds both, so no swap is timed
-    engine = Engine(device="cpu", threads=engine_threads(), enable_prefix_caching=False)
+    engine = Engine(device="cpu", threads=engine_threads(), enable_prefix_caching=False,
+                    quantization=args.quantization)
     try:
         for kind, folder in folders.items():
             engine.add_model(kind, str(folder))
@@ -137,6 +141,7 @@ def main() -> None:
         engine.shutdown()
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {"cpu": cpu_flags(), "rounds": args.rounds, "weight_swaps": swaps,
+              "quantization": args.quantization,
               "tok_s": {k: [round(med[k], 1), round(min(v), 1), round(max(v), 1)]
                         for k, v in runs.items()},
               "moe_over_dense_step": {b: round(med[f"dense_b{b}"] / med[f"moe_b{b}"], 2)
