@@ -273,7 +273,8 @@ def test_the_structs_native_py_reads_have_the_compilers_layout(tmp_path):
     got = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True,
                          check=True).stdout.split()
     assert [int(v) for v in got] == want
-    assert len(native.STRUCTS) == 5 and native.Step.lora.offset > 0
+    assert len(native.STRUCTS) == 6
+    assert native.Step.lora.offset > 0 and native.Step.tp.offset > 0
 
 
 def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
