@@ -1690,9 +1690,11 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * row t's k choices, in ascending expert order, of bf16(down_e(silu(gate_e) * up_e) * top),
  * added in float32 from zero and rounded once, for idx [T][k] (experts) and top [T][k]
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
- * [H][inter] (addresses); or, with group, 4-bit: packed [2 inter][H / 2] and [H][inter / 2]
- * with float32 group scales gs and offsets go (addresses, gate_up's E then down's E) through
- * the 4-bit product's rows (q4: float32 scratch for its prepared x, see the Python wrapper).
+ * [H][inter] (addresses); or, with group > 0, 4-bit: packed [2 inter][H / 2] and
+ * [H][inter / 2] with float32 group scales gs and offsets go (addresses, gate_up's E then
+ * down's E) through the 4-bit product's rows; or, with group < 0, int8 with bf16 row scales
+ * gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
+ * Python wrapper).
  * The same bits as LlamaModel._experts' loop of products (each row
  * through gemv_rows, whose sums do not depend on which rows share a call; SiLU x up as
  * gp_silu_mul; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
@@ -1700,11 +1702,14 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * touched expert's gate_up rows, then every down row, shared among the threads as one list
  * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
 #ifdef HAVE_GEMV_BF16
-/* every touched expert's rows of W (bf16 [N][K]; or 4-bit [N][K / 2] with group scales and
- * offsets GS, GO [N][K / G] when G, x then as q4_prepare leaves it in xp, xsum) for its rows
- * of x, this thread's share of them all */
+#define I8_KP(K) (((K) + 31) / 32 * 32)  /* an int8 product's quantized row length */
+
+/* every touched expert's rows of W (bf16 [N][K]; 4-bit [N][K / 2] with group scales and
+ * offsets GS, GO [N][K / G] when G > 0, x then as q4_prepare leaves it in xp, xsum; int8
+ * [N][K] with bf16 row scales GS when G < 0, x then quantized as the int8 product does, into
+ * xp and xsum) for its rows of x, this thread's share of them all */
 static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *GS,
-                         const int64_t *GO, int64_t G, const uint16_t *xp, const float *xsum,
+                         const int64_t *GO, int64_t G, const void *xp, const float *xsum,
                          const int64_t *start, int64_t E, int64_t N, uint16_t *y) {
     int64_t total = 0, a, b;
     for (int64_t e = 0; e < E; e++) total += start[e + 1] > start[e] ? N : 0;
@@ -1713,16 +1718,40 @@ static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const i
         int64_t n = start[e + 1] - start[e];
         if (!n) continue;
         int64_t lo = a > base ? a - base : 0, hi = b - base < N ? b - base : N;
-        if (lo < hi && G)
-            gemv_int4_rows(xp + start[e] * q4_kp(K), q4_kp(K), xsum + start[e] * (K / G), n,
-                           K, (const uint8_t *)(intptr_t)W[e], K / 2,
-                           (const float *)(intptr_t)GS[e], (const float *)(intptr_t)GO[e], G,
-                           lo, hi, NULL, y + start[e] * N, N);
+        if (lo < hi && G > 0)
+            gemv_int4_rows((const uint16_t *)xp + start[e] * q4_kp(K), q4_kp(K),
+                           xsum + start[e] * (K / G), n, K, (const uint8_t *)(intptr_t)W[e],
+                           K / 2, (const float *)(intptr_t)GS[e],
+                           (const float *)(intptr_t)GO[e], G, lo, hi, NULL,
+                           y + start[e] * N, N);
+#ifdef HAVE_GEMV_INT8
+        else if (lo < hi && G < 0)
+            gemv_i8_rows((const int16_t *)xp + start[e] * I8_KP(K), xsum + start[e], n, K,
+                         I8_KP(K), (const int8_t *)(intptr_t)W[e], lo, hi, K,
+                         (const uint16_t *)(intptr_t)GS[e], NULL, y + start[e] * N, N);
+#endif
         else if (lo < hi)
             gemv_rows(x + start[e] * K, n, K, K, (const uint16_t *)(intptr_t)W[e], lo, hi, K,
                       NULL, y + start[e] * N, N);
         base += N;
     }
+}
+#endif
+
+#ifdef HAVE_GEMV_BF16
+/* x's rows [M][K] made ready for the experts' products of kind G (see moe_products; the team
+ * shares the rows, a barrier after) */
+static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void *xp,
+                        float *xsum) {
+    if (G > 0) {
+        q4_prepare(x, M, K, K, G, (uint16_t *)xp, xsum);
+        return;
+    }
+#ifdef HAVE_GEMV_INT8
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        i8_quantize_row(x + m * K, K, I8_KP(K), (int16_t *)xp + m * I8_KP(K), xsum + m);
+#endif
 }
 #endif
 
@@ -1733,6 +1762,9 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
                    int64_t *order, int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_BF16
+#ifndef HAVE_GEMV_INT8
+    if (group < 0) return 1;  /* int8 experts: this build has no int8 product */
+#endif
     int64_t P = T * k, *start = order + P;  /* start [E + 1] after order [P] */
     for (int64_t e = 0; e <= E; e++) start[e] = 0;
     for (int64_t j = 0; j < P; j++) {
@@ -1746,24 +1778,29 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         for (int64_t j = 0; j < P; j++) order[fill[idx[j]]++] = j;
     }
     uint16_t *xs = scratch, *gu = xs + P * H, *act = gu + P * 2 * inter, *ys = act + P * inter;
-    /* 4-bit experts: each product's x as q4_prepare leaves it */
-    uint16_t *xp1 = (uint16_t *)q4, *xp2 = NULL;
+    /* 4-bit experts: each product's x as q4_prepare leaves it; int8: quantized rows (int16,
+     * I8_KP) and their scales */
+    void *xp1 = q4, *xp2 = NULL;
     float *xsum1 = NULL, *xsum2 = NULL;
-    if (group) {
+    if (group > 0) {
         xsum1 = q4 + P * q4_kp(H) / 2;
-        xp2 = (uint16_t *)(xsum1 + P * (H / group));
-        xsum2 = (float *)(xp2 + P * q4_kp(inter));
+        xp2 = xsum1 + P * (H / group);
+        xsum2 = (float *)((uint16_t *)xp2 + P * q4_kp(inter));
+    } else if (group < 0) {
+        xsum1 = q4 + P * I8_KP(H) / 2;
+        xp2 = xsum1 + P;
+        xsum2 = (float *)((int16_t *)xp2 + P * I8_KP(inter));
     }
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t s = 0; s < P; s++)
             memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
-        if (group) q4_prepare(xs, P, H, H, group, xp1, xsum1);  /* ends in a barrier */
+        if (group) moe_prepare(xs, P, H, group, xp1, xsum1);  /* ends in a barrier */
         moe_products(xs, H, gate_up, gs, go, group, xp1, xsum1, start, E, 2 * inter, gu);
         #pragma omp barrier
         silu_mul_body(gu, 2 * inter, act, inter, P, inter);  /* its loop ends in a barrier */
-        if (group) q4_prepare(act, P, inter, inter, group, xp2, xsum2);
+        if (group) moe_prepare(act, P, inter, group, xp2, xsum2);
         moe_products(act, inter, down, gs + E, go + E, group, xp2, xsum2, start, E, H, ys);
         #pragma omp barrier
         #pragma omp for schedule(static)

@@ -384,8 +384,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 class MoeTable(NamedTuple):
     """A mixture-of-experts layer's expert weights for :func:`moe_experts`: their addresses
     (int64 [2 E]: gate_up's then down's, 0 where absent), hidden and intermediate sizes; for
-    4-bit experts their group scales' and offsets' addresses (likewise) and the group size
-    (0: bf16)."""
+    4-bit experts their group scales' and offsets' addresses (likewise) and the group size;
+    for int8 experts their row scales' addresses and group -1 (0: bf16)."""
     addresses: torch.Tensor
     hidden: int
     inter: int
@@ -398,10 +398,13 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
               scales: list | None = None, offsets: list | None = None) -> MoeTable:
     """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent);
     or 4-bit (kernels/quant4.py: uint8 [N, K / 2]) with ``scales`` and ``offsets`` (float32
-    [N, K / G], gate_up's E then down's E), checked once (a layer's table is kept while its
-    weights stay where they are)."""
+    [N, K / G], gate_up's E then down's E); or int8 [N, K] with ``scales`` only (bf16 [N],
+    where :func:`has_gemv_int8`). Checked once (a layer's table is kept while its weights stay
+    where they are)."""
     if len(gate_up) != len(down):
         raise ValueError("native: moe_table's gate_up and down lists differ in length")
+    if scales is not None and offsets is None:
+        return _moe_table_int8(gate_up, down, scales)
     four = scales is not None
     present = [g is not None and d is not None for g, d in zip(gate_up, down)]
     shape, group = None, 0
@@ -440,6 +443,33 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                     group)
 
 
+def _moe_table_int8(gate_up: list, down: list, scales: list) -> MoeTable:
+    if not has_gemv_int8():
+        raise ValueError("native: this build has no int8 product")
+    present = [g is not None and d is not None for g, d in zip(gate_up, down)]
+    shape = None
+    for e, (g, d) in enumerate(zip(gate_up, down)):
+        if not present[e]:
+            continue
+        check("gate_up", g, torch.int8, 2, contiguous=True)
+        check("down", d, torch.int8, 2, contiguous=True)
+        shape = shape or tuple(d.shape)
+        for w, sc in ((g, scales[e]), (d, scales[len(gate_up) + e])):
+            check("scales", sc, torch.bfloat16, 1, contiguous=True)
+            if sc.shape[0] != w.shape[0]:
+                raise ValueError("native: moe_table's int8 row scales do not fit")
+        if tuple(g.shape) != (2 * shape[1], shape[0]) or tuple(d.shape) != shape:
+            raise ValueError("native: moe_table's expert weights do not fit")
+    if shape is None or max(shape) > MAX_DIM:
+        raise ValueError(f"native: moe_table needs expert weights of at most {MAX_DIM} columns")
+
+    def addresses(ws):
+        return torch.tensor([w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
+                            dtype=torch.int64)
+
+    return MoeTable(addresses(gate_up + down), *shape, addresses(scales), None, -1)
+
+
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
                 table: MoeTable) -> torch.Tensor:
     """A mixture-of-experts MLP's output for bf16 rows ``h`` [T, H] in one call (where
@@ -456,9 +486,15 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
         raise ValueError("native: moe_experts' rows, choices and experts do not fit")
     pairs, group = rows * k, table.group
     scratch = torch.empty(pairs * (2 * hidden + 3 * inter), dtype=torch.bfloat16)
-    q4 = None if not group else torch.empty(  # the 4-bit products' prepared x (native.c)
-        pairs * ((hidden + 63) // 64 * 32 + hidden // group + (inter + 63) // 64 * 32
-                 + inter // group) + 16, dtype=torch.float32)
+    if group > 0:  # the 4-bit products' prepared x (native.c), in floats
+        q4 = torch.empty(pairs * ((hidden + 63) // 64 * 32 + hidden // group
+                                  + (inter + 63) // 64 * 32 + inter // group) + 16,
+                         dtype=torch.float32)
+    elif group < 0:  # the int8 products': int16 rows (32-column multiples) and a scale each
+        q4 = torch.empty(pairs * ((hidden + 31) // 32 * 16 + 1 + (inter + 31) // 32 * 16 + 1)
+                         + 16, dtype=torch.float32)
+    else:
+        q4 = None
     order = torch.empty(pairs + 2 * experts + 1, dtype=torch.int64)
     out = torch.empty(rows, hidden, dtype=h.dtype)
     addr = table.addresses.data_ptr()

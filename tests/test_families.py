@@ -270,10 +270,10 @@ def test_a_quantized_mixture_stores_its_experts_so_and_serves_a_request_alike_in
 
 
 @pytest.mark.parametrize("variant,quantization", [("qwen3_moe", None), ("qwen3_moe_k3", None),
-                                                  ("qwen3_moe", "int4")])
+                                                  ("qwen3_moe", "int4"), ("qwen3_moe", "int8")])
 def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, variant,
                                                                    quantization, monkeypatch):
-    """bf16 on the native kernels (bf16 or 4-bit experts): a batch's tokens and
+    """bf16 on the native kernels (bf16, 4-bit or int8 experts): a batch's tokens and
     log-probabilities with the experts in one call a layer equal those of the model's loop
     over experts (LlamaModel._experts)."""
     from gpupool.kernels import native
@@ -283,16 +283,21 @@ def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, 
         pytest.skip("this CPU's native build has no bf16 product")
     prompts = random_prompts(6, 5, 20, seed=17)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    calls = []
+    real = native.moe_experts
+    monkeypatch.setattr(native, "moe_experts", lambda *a: calls.append(1) or real(*a))
     outs = []
     for fused in (True, False):
         if not fused:
+            assert calls  # the first engine took the one call
             monkeypatch.setattr(NativeOps, "experts", lambda self, *a: None)
         engine = make_engine(tiny_models(variant), dtype="bfloat16", quantization=quantization)
         if fused:
             w = engine.local.core.workers["m"]
             w.make_resident()
-            four = "layers.0.experts.0.down_weight_gscale" in w.model.w
-            assert four == (quantization == "int4")  # the experts stored 4-bit
+            stored = {"int4": "_gscale", "int8": "_scale"}.get(quantization)
+            assert all(("layers.0.experts.0.down_weight" + sfx in w.model.w) == (sfx == stored)
+                       for sfx in ("_gscale", "_scale"))  # the experts stored so
         try:
             outs.append([(list(o.token_ids), o.logprobs) for o in
                          engine.generate(prompts, params)])

@@ -194,6 +194,36 @@ def test_the_experts_call_gives_the_loops_bits_whatever_shares_it(hidden, inter,
         native.moe_experts(h[:1], bad, top[:1], table)
 
 
+def test_the_experts_call_on_int8_experts_gives_the_loops_bits():
+    """int8 experts (row scales in bf16, as the loader stores them) in one call: the stated
+    sums computed expert by expert through native.gemv_int8, bit for bit, 1 to 21 rows."""
+    from gpupool.models.loader import quantize_rows
+
+    if not native.has_gemv_int8():
+        pytest.skip("this build has no int8 product")
+    experts, hidden, inter, k = 6, 96, 80, 3
+    g = torch.Generator().manual_seed(8)
+    gu = [quantize_rows(torch.randn(2 * inter, hidden, generator=g) * 0.2, BF)
+          for _ in range(experts)]
+    dn = [quantize_rows(torch.randn(hidden, inter, generator=g) * 0.2, BF)
+          for _ in range(experts)]
+    table = native.moe_table([w[0] for w in gu], [w[0] for w in dn], [w[1] for w in gu + dn])
+    h = _rand(21, hidden, seed=4)
+    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(21)])
+    top = torch.rand(21, k, generator=g).to(BF)
+    for m in (1, 4, 21):
+        want = []
+        for t in range(m):
+            acc = torch.zeros(1, hidden)
+            for e, c in sorted(zip(idx[t].tolist(), range(k))):
+                a = native.silu_mul(native.gemv_int8(h[t : t + 1], *gu[e], None))
+                y = native.gemv_int8(a, *dn[e], None)
+                acc += (y * top[t : t + 1, c, None]).float()
+            want.append(acc.to(BF))
+        got = native.moe_experts(h[:m], idx[:m], top[:m], table)
+        assert torch.equal(got.view(torch.int16), torch.cat(want).view(torch.int16)), m
+
+
 @pytest.mark.parametrize("group,k", [(32, 2), (64, 3)])
 def test_the_experts_call_on_4bit_experts_gives_the_loops_bits(group, k):
     """4-bit experts (kernels/quant4.py) in one call: the stated sums computed expert by
