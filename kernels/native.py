@@ -430,17 +430,22 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                 if (sc.shape != of.shape or sc.shape[0] != w.shape[0] or gsz != group
                         or group % 32 or k % group):
                     raise ValueError("native: moe_table's 4-bit groups do not fit")
+    _moe_fits(shape)
+    if not four:
+        return MoeTable(_addresses(gate_up + down, present), *shape)
+    return MoeTable(_addresses(gate_up + down, present), *shape, _addresses(scales, present),
+                    _addresses(offsets, present), group)
+
+
+def _moe_fits(shape) -> None:
     if shape is None or max(shape) > MAX_DIM:
         raise ValueError(f"native: moe_table needs expert weights of at most {MAX_DIM} columns")
 
-    def addresses(ws):
-        return torch.tensor([w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
-                            dtype=torch.int64)
 
-    if not four:
-        return MoeTable(addresses(gate_up + down), *shape)
-    return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
-                    group)
+def _addresses(ws: list, present: list[bool]) -> torch.Tensor:
+    """The experts' tensors' addresses (gate_up's E then down's E; 0 where absent)."""
+    return torch.tensor([w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
+                        dtype=torch.int64)
 
 
 def _moe_table_int8(gate_up: list, down: list, scales: list) -> MoeTable:
@@ -460,14 +465,9 @@ def _moe_table_int8(gate_up: list, down: list, scales: list) -> MoeTable:
                 raise ValueError("native: moe_table's int8 row scales do not fit")
         if tuple(g.shape) != (2 * shape[1], shape[0]) or tuple(d.shape) != shape:
             raise ValueError("native: moe_table's expert weights do not fit")
-    if shape is None or max(shape) > MAX_DIM:
-        raise ValueError(f"native: moe_table needs expert weights of at most {MAX_DIM} columns")
-
-    def addresses(ws):
-        return torch.tensor([w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
-                            dtype=torch.int64)
-
-    return MoeTable(addresses(gate_up + down), *shape, addresses(scales), None, -1)
+    _moe_fits(shape)
+    return MoeTable(_addresses(gate_up + down, present), *shape, _addresses(scales, present),
+                    None, -1)
 
 
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
