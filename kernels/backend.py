@@ -400,28 +400,29 @@ class NativeOps(TorchOps):
         if table is None:
             return None
         cfg, rows = model.cfg, batch.num_tokens
-        if tp is not None:
-            exchange = self._tp_table(tp)
-            if not exchange.fits(rows * cfg.hidden_size):
-                return None
-            out = native.decode_layers(
-                model._embed_tp(batch.input_ids), table, cfg.num_layers,
-                cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                cfg.rms_norm_eps, model.rope, batch.positions, kv, batch.slot_pages,
-                batch.slot_offsets, batch.decode_block_tables, batch.decode_context_lens,
-                model.scale, model.w["norm"], tp=exchange)
-            return model._logits(plan, batch.sampled_rows(out))  # the vocabulary gathered
-        whole = ends is not None and batch.logits_indices.shape[0] == rows
-        x = (torch.empty(rows, cfg.hidden_size, dtype=model.dtype) if whole
-             else model.embed(batch.input_ids))
+        exchange = None if tp is None else self._tp_table(tp)
+        if exchange is not None and not exchange.fits(rows * cfg.hidden_size):
+            return None
+        # the embedding and the head inside too, where every row samples (not under TP: the
+        # vocabulary is split over the ranks, the embedding's sum and the logits' gather are
+        # the model's)
+        whole = exchange is None and ends is not None and batch.logits_indices.shape[0] == rows
+        if whole:
+            x = torch.empty(rows, cfg.hidden_size, dtype=model.dtype)
+        else:
+            x = model._embed_tp(batch.input_ids) if tp else model.embed(batch.input_ids)
         out = native.decode_layers(
             x, table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.rms_norm_eps, model.rope, batch.positions, kv, batch.slot_pages,
             batch.slot_offsets, batch.decode_block_tables, batch.decode_context_lens,
             model.scale, model.w["norm"], batch.input_ids if whole else None,
             ends[0] if whole else None, ends[1] if whole else None,
-            None if lora is None else lora.native_table(cfg.num_layers))
-        return out if whole else self.logits(plan, model, batch.sampled_rows(out))
+            None if lora is None else lora.native_table(cfg.num_layers), tp=exchange)
+        if whole:
+            return out
+        if tp is not None:  # the vocabulary's columns gathered from the ranks
+            return model._logits(plan, batch.sampled_rows(out))
+        return self.logits(plan, model, batch.sampled_rows(out))
 
     def _tp_table(self, tp):
         c = self._cache

@@ -1105,6 +1105,8 @@ void gp_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * products, the 4 accumulators' sum 6.4e8 < 2^31 a lane, the lanes and the blocks summed in
  * int64 (16 lanes of a long row can pass 2^31: a constant row of 1536 would give 6.4e9); in
  * the tiles, a lane is added into int64 every I8_FLUSH pairs; converted to float32 once. */
+static inline int64_t i8_kp(int64_t K) { return (K + 31) / 32 * 32; }  /* x's int16 row */
+
 #ifdef HAVE_GEMV_INT8
 #define I8_BLOCK 2048
 /* many rows of x (the tiled path, i8_tile): W's rows I8_NB at a time widened and laid
@@ -1354,16 +1356,22 @@ static void i8_quantize_row(const uint16_t *xm, int64_t K, int64_t Kp, int16_t *
     }
 }
 
-/* x's rows quantized to int16 into xq [M][Kp] (Kp: K rounded up to 32, zero past K) with their
- * scales xs[M], rows shared by the threads (a barrier after), then the calling thread's share
- * of the columns (no barrier after) */
+/* x's rows quantized to int16 into xq [M][Kp] (Kp = i8_kp(K): K rounded up to 32, zero past
+ * K) with their scales xs[M], rows shared by the threads (a barrier after) */
+static void i8_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, int16_t *xq,
+                       float *xs) {
+    int64_t Kp = i8_kp(K);
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) i8_quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m);
+}
+
+/* i8_prepare, then the calling thread's share of the columns (no barrier after) */
 static void gemv_int8_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t *Q, int64_t N, int64_t ldq, const uint16_t *scale,
                            const uint16_t *bias, uint16_t *y, int64_t ldy, int16_t *xq,
                            float *xs) {
-    int64_t Kp = (K + 31) / 32 * 32;
-    #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) i8_quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m);
+    int64_t Kp = i8_kp(K);
+    i8_prepare(x, M, K, ldx, xq, xs);
     int64_t n0, n1;
     thread_share(N, &n0, &n1);
     if (n0 < n1) gemv_i8_rows(xq, xs, M, K, Kp, Q, n0, n1, ldq, scale, bias, y, ldy);
@@ -1375,7 +1383,7 @@ void gp_gemv_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const in
                   uint16_t *y, int64_t ldy, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
 #ifdef HAVE_GEMV_INT8
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * ((K + 31) / 32 * 32)) + 64);
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * i8_kp(K)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     if (!xq || !xs) { free(xq); free(xs); return; }
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
@@ -1702,8 +1710,6 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * touched expert's gate_up rows, then every down row, shared among the threads as one list
  * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
 #ifdef HAVE_GEMV_BF16
-#define I8_KP(K) (((K) + 31) / 32 * 32)  /* an int8 product's quantized row length */
-
 /* every touched expert's rows of W (bf16 [N][K]; 4-bit [N][K / 2] with group scales and
  * offsets GS, GO [N][K / G] when G > 0, x then as q4_prepare leaves it in xp, xsum; int8
  * [N][K] with bf16 row scales GS when G < 0, x then quantized as the int8 product does, into
@@ -1726,8 +1732,8 @@ static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const i
                            y + start[e] * N, N);
 #ifdef HAVE_GEMV_INT8
         else if (lo < hi && G < 0)
-            gemv_i8_rows((const int16_t *)xp + start[e] * I8_KP(K), xsum + start[e], n, K,
-                         I8_KP(K), (const int8_t *)(intptr_t)W[e], lo, hi, K,
+            gemv_i8_rows((const int16_t *)xp + start[e] * i8_kp(K), xsum + start[e], n, K,
+                         i8_kp(K), (const int8_t *)(intptr_t)W[e], lo, hi, K,
                          (const uint16_t *)(intptr_t)GS[e], NULL, y + start[e] * N, N);
 #endif
         else if (lo < hi)
@@ -1748,9 +1754,7 @@ static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void
         return;
     }
 #ifdef HAVE_GEMV_INT8
-    #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++)
-        i8_quantize_row(x + m * K, K, I8_KP(K), (int16_t *)xp + m * I8_KP(K), xsum + m);
+    i8_prepare(x, M, K, K, (int16_t *)xp, xsum);
 #endif
 }
 #endif
@@ -1779,7 +1783,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
     }
     uint16_t *xs = scratch, *gu = xs + P * H, *act = gu + P * 2 * inter, *ys = act + P * inter;
     /* 4-bit experts: each product's x as q4_prepare leaves it; int8: quantized rows (int16,
-     * I8_KP) and their scales */
+     * i8_kp) and their scales */
     void *xp1 = q4, *xp2 = NULL;
     float *xsum1 = NULL, *xsum2 = NULL;
     if (group > 0) {
@@ -1787,9 +1791,9 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         xp2 = xsum1 + P * (H / group);
         xsum2 = (float *)((uint16_t *)xp2 + P * q4_kp(inter));
     } else if (group < 0) {
-        xsum1 = q4 + P * I8_KP(H) / 2;
+        xsum1 = q4 + P * i8_kp(H) / 2;
         xp2 = xsum1 + P;
-        xsum2 = (float *)((int16_t *)xp2 + P * I8_KP(inter));
+        xsum2 = (float *)((int16_t *)xp2 + P * i8_kp(inter));
     }
     #pragma omp parallel num_threads(threads)
     {
@@ -2234,7 +2238,7 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     int64_t kmax = hidden > inter ? hidden : inter;
     kmax = kmax > nq * D ? kmax : nq * D;
     uint16_t *buf = malloc(elems * 2);
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * ((kmax + 31) / 32 * 32)) + 64);
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(T * i8_kp(kmax)) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
     /* the 4-bit products' x in the pairs' order (bf16 [T][K + 63]) and its groups' sums */
     float *x4 = malloc(sizeof(float) * (size_t)(T * (kmax + 64)) + 64);

@@ -403,26 +403,31 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
     where they are)."""
     if len(gate_up) != len(down):
         raise ValueError("native: moe_table's gate_up and down lists differ in length")
-    if scales is not None and offsets is None:
-        return _moe_table_int8(gate_up, down, scales)
-    four = scales is not None
+    four, eight = scales is not None and offsets is not None, scales is not None and not offsets
+    if eight and not has_gemv_int8():
+        raise ValueError("native: this build has no int8 product")
+    dtype = torch.uint8 if four else torch.int8 if eight else torch.bfloat16
     present = [g is not None and d is not None for g, d in zip(gate_up, down)]
     shape, group = None, 0
     for e, (g, d) in enumerate(zip(gate_up, down)):
         if not present[e]:
             continue
-        dtype = torch.uint8 if four else torch.bfloat16
         check("gate_up", g, dtype, 2, contiguous=True)
         check("down", d, dtype, 2, contiguous=True)
-        unpacked = (d.shape[0], d.shape[1] * 2 if four else d.shape[1])
+        unpacked = (d.shape[0], d.shape[1] * 2 if four else d.shape[1])  # [H, inter]
         shape = shape or unpacked
         if tuple(g.shape) != (2 * shape[1], shape[0] // 2 if four else shape[0]) or \
                 unpacked != shape:
             raise ValueError("native: moe_table's expert weights do not fit")
-        if four:
-            parts = [(scales[e], offsets[e], g, shape[0]),
-                     (scales[len(gate_up) + e], offsets[len(gate_up) + e], d, shape[1])]
-            for sc, of, w, k in parts:
+        parts = ((g, shape[0], scales[e] if scales else None, offsets[e] if four else None),
+                 (d, shape[1], scales[len(gate_up) + e] if scales else None,
+                  offsets[len(gate_up) + e] if four else None))
+        for w, k, sc, of in parts:
+            if eight:
+                check("scales", sc, torch.bfloat16, 1, contiguous=True)
+                if sc.shape[0] != w.shape[0]:
+                    raise ValueError("native: moe_table's int8 row scales do not fit")
+            elif four:
                 check("scales", sc, torch.float32, 2, contiguous=True)
                 check("offsets", of, torch.float32, 2, contiguous=True)
                 gsz = k // sc.shape[1] if sc.shape[1] else 0
@@ -430,44 +435,16 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                 if (sc.shape != of.shape or sc.shape[0] != w.shape[0] or gsz != group
                         or group % 32 or k % group):
                     raise ValueError("native: moe_table's 4-bit groups do not fit")
-    _moe_fits(shape)
-    if not four:
-        return MoeTable(_addresses(gate_up + down, present), *shape)
-    return MoeTable(_addresses(gate_up + down, present), *shape, _addresses(scales, present),
-                    _addresses(offsets, present), group)
-
-
-def _moe_fits(shape) -> None:
     if shape is None or max(shape) > MAX_DIM:
         raise ValueError(f"native: moe_table needs expert weights of at most {MAX_DIM} columns")
 
+    def addresses(ws):  # gate_up's E then down's E; 0 where absent
+        return None if ws is None else torch.tensor(
+            [w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
+            dtype=torch.int64)
 
-def _addresses(ws: list, present: list[bool]) -> torch.Tensor:
-    """The experts' tensors' addresses (gate_up's E then down's E; 0 where absent)."""
-    return torch.tensor([w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
-                        dtype=torch.int64)
-
-
-def _moe_table_int8(gate_up: list, down: list, scales: list) -> MoeTable:
-    if not has_gemv_int8():
-        raise ValueError("native: this build has no int8 product")
-    present = [g is not None and d is not None for g, d in zip(gate_up, down)]
-    shape = None
-    for e, (g, d) in enumerate(zip(gate_up, down)):
-        if not present[e]:
-            continue
-        check("gate_up", g, torch.int8, 2, contiguous=True)
-        check("down", d, torch.int8, 2, contiguous=True)
-        shape = shape or tuple(d.shape)
-        for w, sc in ((g, scales[e]), (d, scales[len(gate_up) + e])):
-            check("scales", sc, torch.bfloat16, 1, contiguous=True)
-            if sc.shape[0] != w.shape[0]:
-                raise ValueError("native: moe_table's int8 row scales do not fit")
-        if tuple(g.shape) != (2 * shape[1], shape[0]) or tuple(d.shape) != shape:
-            raise ValueError("native: moe_table's expert weights do not fit")
-    _moe_fits(shape)
-    return MoeTable(_addresses(gate_up + down, present), *shape, _addresses(scales, present),
-                    None, -1)
+    return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
+                    -1 if eight else group)
 
 
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,

@@ -48,7 +48,8 @@ def test_two_engines_in_one_process_keep_their_backends(tiny_models, monkeypatch
     for name in ("decode_layers", "decode_attention", "add_rmsnorm"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name,
-                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+                            lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     prompts = random_prompts(2, 4, 9, seed=3)
     try:

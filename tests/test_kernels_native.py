@@ -603,7 +603,8 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     calls = []
     for name in ("decode_attention", "decode_layers"):  # per op, or every layer in one call
         real = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, real=real: calls.append(1) or real(*a))
+        monkeypatch.setattr(native, name,
+                            lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     try:
         ref = _teacher_forced_logits(exact, ids)
         fast = _teacher_forced_logits(engine, ids)
@@ -648,7 +649,8 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
         names = ["a", "b", "b", "a", "a", None, "b", "b"]
     calls = []
     real = native.decode_layers
-    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(native, "decode_layers",
+                        lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     try:
         w = engine.local.core.workers["m"]
         w.make_resident()
