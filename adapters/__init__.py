@@ -1,1 +1,1 @@
-"""LoRA adapters: PEFT adapter loading, the registry and device slots (issue: multi-LoRA)."""
+"""LoRA adapters: PEFT adapter loading, the registry, and their pages in the KV pool."""

@@ -24,11 +24,11 @@ __all__ = ["GROUPS", "PROJECTIONS", "AdapterConfig", "AdapterError", "AdapterRef
 class AdapterConfig:
     """Adapter memory per base model."""
 
-    # device slots: None (default) follows demand, growing into the arena's free adapter
-    # region when a step holds more distinct adapters; a number caps them (made at once)
+    # device copies: None (default) follows demand, in pages of the KV pool as many as
+    # requests need (adapters/paged.py); a number caps them (and a step's distinct adapters)
     max_loras_on_device: int | None = None
     max_lora_rank: int = 16  # largest rank accepted
-    # device slots the adapters of one tenant may hold at once (None: no cap), so one
+    # device copies the adapters of one tenant may hold at once (None: no cap), so one
     # tenant's many adapters cannot push other tenants' hot ones out; a step also holds at
     # most this many distinct adapters of one tenant
     max_loras_per_tenant: int | None = None

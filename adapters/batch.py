@@ -1,4 +1,4 @@
-"""Per-step SGMV metadata: which rows use which slot, and the calls that add LoRA terms.
+"""Per-step SGMV metadata: which rows use which adapter, and the calls that add LoRA terms.
 
 Rows arrive grouped by adapter (the scheduler sorts decode rows and prefill rows by adapter),
 so each run of equal adapters is one segment; base-model runs are segments of rank 0, which
@@ -13,10 +13,14 @@ ones; used while the padding at most doubles the rows) and their results gathere
 row order. Same products, summed in another order, so within rounding of the segmented
 path. Identity claims are made in fp32, which keeps the segmented path.
 
-Fused path (``LoraBatch.native``, a bf16 model on CPU whose float32 slots have a bf16 mirror,
-``adapters.slots``): each group's terms in one call of ``kernels.native.lora``, for steps of
-any size (measured on SmolLM2, rank 16 on all projections, 4 adapters, 30 layers: 16 rows
-2.3 ms against the batched path's 10.7, 110 rows 9.2 against 29.8, 1000 rows 79 against 244).
+Fused path (``LoraBatch.native``, a bf16 model on CPU whose float32 pieces have a bf16 mirror,
+``adapters.paged``): each group's terms in one call of ``kernels.native.lora``, the adapters
+read in place through their page tables, for steps of any size (measured on SmolLM2 with
+slots, before the pages: rank 16 on all projections, 4 adapters, 30 layers: 16 rows 2.3 ms
+against the batched path's 10.7, 110 rows 9.2 against 29.8, 1000 rows 79 against 244).
+
+The other paths read the step's adapters gathered from their pages into the slot shapes
+(``LoraBatch.views``, made on first use).
 """
 
 from __future__ import annotations
@@ -35,44 +39,48 @@ PAD_LIMIT = 2  # the batched path pads segments to the longest while that costs 
 @dataclass(frozen=True)
 class LoraBatch:
     starts: torch.Tensor  # [S + 1] int32 row boundaries
-    slots: torch.Tensor  # [S] int32
+    slots: torch.Tensor  # [S] int32: each segment's adapter, an index into the gathered views
     group_rows: dict[str, torch.Tensor]  # group -> [S] rows of the stacked A to use
     proj_ranks: dict[str, torch.Tensor]  # projection -> [S] rank (0: not targeted / base)
     proj_offsets: dict[str, torch.Tensor]  # projection -> [S] column offset into h
-    views: dict[str, torch.Tensor]  # slot views, "{layer}.{name}" -> [num_slots, ...]
+    groups: frozenset  # the groups the adapters' layout holds (others: no LoRA terms)
+    # the step's adapters (slot order) and their pages (adapters.paged.AdapterPages), for
+    # the views the torch paths read (gathered from the pages on first use)
+    names: tuple = ()
+    pages: object = None
+    device: object = None
     # the batched path: (segments, rows each, rank, slot index or None when the segments'
     # slots are 0..S-1 in order, projections some adapter targets); None: segmented
     batched: tuple | None = None
-    # the fused CPU kernel: (each segment's rank [S], group -> its projections' ranks [P, S],
-    # the slots' cache of native.lora_weights per (layer, group) and of lora_table_body,
-    # the slots' bf16 mirror (adapters.slots))
-    native: tuple | None = None
+    # the fused CPU kernel: native.lora_table of the step (the adapters read in place
+    # through their page tables), or None
+    native: object = None
     # the model's kernel backend (kernels.backend): its SGMV kernels for the segmented path
     ops: object = None
     # tensor parallelism (models/tp.py): the sum over the ranks of a row-parallel group's
     # shrink (o, down: each rank holds A's columns of its input), before its expand; None
     # on one rank. Only the segmented path has it.
     reduce: object = None
+    _views: dict = None  # the gathered views, made on first use
 
     @classmethod
-    def build(cls, row_adapters: list[str | None], slot_of: dict[str, int],
-              rank_of: dict[str, int], targets_of: dict[str, tuple[str, ...]],
-              views: dict[str, torch.Tensor], device, ops=None, batched: bool = False,
-              mirror: dict[str, torch.Tensor] | None = None,
-              native_weights: dict | None = None, reduce=None) -> LoraBatch:
-        """``ops``: the model's kernel backend (default: torch's); ``mirror``: the slots'
-        bf16 copies for the fused CPU kernel (AdapterSlots.mirror; used where ``ops`` has
-        fused LoRA terms); ``native_weights``: the slots' cache of
-        native.lora_weights per (layer, group) (AdapterSlots.native_weights); a batch without
-        one prepares its own; ``reduce``: see the field (then the segmented path only)."""
+    def build(cls, row_adapters: list[str | None], tables: dict[str, list[int]], pages,
+              targets_of: dict[str, tuple[str, ...]], device, ops=None,
+              batched: bool = False, reduce=None) -> LoraBatch:
+        """``tables``: each adapter's page table (``pages.ensure``); ``pages``: the base's
+        adapters.paged.AdapterPages; ``ops``: the model's kernel backend (default: torch's);
+        the fused CPU kernel where ``ops`` has fused LoRA terms, ``batched`` (float32 pieces
+        of a bf16 model) and the pieces have a bf16 part; ``reduce``: see the field (then
+        the segmented path only)."""
         if reduce is not None:
-            batched, mirror = False, None
+            batched = False
         starts, names = [], []
         for i, name in enumerate(row_adapters):
             if i == 0 or name != row_adapters[i - 1]:
                 starts.append(i)
                 names.append(name)
         starts.append(len(row_adapters))
+        rank_of = pages.ranks
         ranks = [rank_of[n] if n else 0 for n in names]
 
         def t(x):
@@ -81,7 +89,7 @@ class LoraBatch:
         group_rows, proj_ranks, proj_offsets = {}, {}, {}
         for group, (_, projs) in GROUPS.items():
             # a segment whose adapter targets none of the group's projections skips it (the
-            # slot layout may not even hold the group: adapters.slots.group_ranks)
+            # layout may not even hold the group: adapters.paged.target_groups)
             group_rows[group] = t([len(projs) * r if n and any(p in targets_of[n]
                                                                 for p, _ in projs) else 0
                                    for n, r in zip(names, ranks)])
@@ -89,13 +97,31 @@ class LoraBatch:
                 proj_ranks[proj] = t([r if n and proj in targets_of[n] else 0
                                       for n, r in zip(names, ranks)])
                 proj_offsets[proj] = t([j * r for r in ranks])
+        distinct = list(dict.fromkeys(n for n in names if n))
+        slot_of = {n: i for i, n in enumerate(distinct)}
+        ops = ops if ops is not None else TorchOps()
+        layout = pages.layout
+        fused = None
+        if (batched and ops.fused_lora and reduce is None and max(ranks) <= native.MAX_LORA_RANK
+                and layout.bf16(pages.memory[:1, : layout.piece_bytes]) is not None):
+            seg_pages, page_ids = [0], []
+            for n in names:
+                page_ids.extend(tables[n] if n else ())
+                seg_pages.append(len(page_ids))
+            groups = [None if g not in layout.offsets else
+                      (layout.offsets[g][0] * 2, layout.offsets[g][1] * 2, layout.widths[g])
+                      for g in GROUPS]
+            fused = native.lora_table(
+                t(starts), t(ranks), t(seg_pages), t(page_ids), pages.memory,
+                layout.piece_bytes, layout.mirror_offset or 0, groups,
+                [torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
+                 for _, (_, projs) in GROUPS.items()])
         plan = None
         sizes = [b - a for a, b in zip(starts, starts[1:])]
         total, longest = len(row_adapters), max(sizes)
-        ops = ops if ops is not None else TorchOps()
         # the batched products' shapes follow the step's segments: not with batch invariance
-        if (batched and not ops.batch_invariant and all(names) and len(set(ranks)) == 1
-                and len(names) * longest <= PAD_LIMIT * total):
+        if (fused is None and batched and not ops.batch_invariant and all(names)
+                and len(set(ranks)) == 1 and len(names) * longest <= PAD_LIMIT * total):
             slots = [slot_of[n] for n in names]
             index = (None if slots == list(range(len(slots)))
                      else torch.tensor(slots, dtype=torch.long, device=device))
@@ -108,46 +134,28 @@ class LoraBatch:
                 pad = (torch.tensor(rows, dtype=torch.long, device=device),
                        torch.tensor(valid, dtype=torch.long, device=device))
             plan = (len(names), longest, ranks[0], index, targeted, pad)
-        fused = None
-        if (batched and mirror is not None and max(ranks) <= native.MAX_LORA_RANK
-                and ops.fused_lora):
-            fused = (t(ranks), {group: torch.stack([proj_ranks[p] for p, _ in projs])
-                                for group, (_, projs) in GROUPS.items()},
-                     {} if native_weights is None else native_weights, mirror)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
-                   proj_ranks, proj_offsets, views, plan, fused, ops, reduce)
+                   proj_ranks, proj_offsets, frozenset(layout.groups), tuple(distinct), pages,
+                   device, plan, fused, ops, reduce, {})
 
-    def _native_weights(self, layer: int, group: str) -> tuple:
-        weights = self.native[2].get((layer, group))
-        if weights is None and f"{layer}.{group}.A" not in self.views:
-            # a group no registered adapter targets: every segment's projection ranks are 0
-            # there, so the kernel reads nothing of it
-            weights = self.native[2][layer, group] = native.lora_absent(len(GROUPS[group][1]))
-        if weights is None:
-            mirror = self.native[3]
-            weights = self.native[2][layer, group] = native.lora_weights(
-                mirror[f"{layer}.{group}.A"], mirror[f"{layer}.{group}.BT"],
-                [self.views[f"{layer}.{p}.B"].shape[1] for p, _ in GROUPS[group][1]])
-        return weights
+    @property
+    def views(self) -> dict[str, torch.Tensor]:
+        """The step's adapters in slot shapes, gathered from their pages on first use
+        (``AdapterPages.gather``): the torch and Triton paths' input."""
+        if not self._views:
+            self._views.update(self.pages.gather(list(self.names), self.device))
+        return self._views
 
     def native_table(self, num_layers: int):
-        """The step's LoRA terms for ``native.decode_layers`` (the fused path only); the
-        per-layer addresses are kept with the slots' cache, as the weights are."""
-        body = self.native[2].get(("body", num_layers))
-        if body is None:
-            body = self.native[2]["body", num_layers] = native.lora_table_body(
-                [[self._native_weights(i, g) for g in GROUPS] for i in range(num_layers)])
-        return native.lora_table(self.starts, self.slots, self.native[0],
-                                 [self.native[1][g] for g in GROUPS],
-                                 [self._native_weights(0, g) for g in GROUPS], body)
+        """The step's LoRA terms for ``native.decode_layers`` (the fused path only)."""
+        return self.native
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""
-        if f"{layer}.{group}.A" not in self.views:  # no registered adapter targets it
+        if group not in self.groups:  # no registered adapter targets it
             return
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
-            native.lora(x, out, self.starts, self.slots, self.native[0],
-                        self._native_weights(layer, group), self.native[1][group])
+            native.lora(x, out, self.native, layer, list(GROUPS).index(group))
             return
         if self.batched is not None:
             self._apply_batched(layer, group, x, out)

@@ -214,7 +214,7 @@ def load_peft_weights(spec: AdapterFile, base_cfg):
 def adapter_weights(tensors: dict[str, torch.Tensor], scaling: float, base_cfg) -> dict:
     """{(layer, projection): (A, B*scaling)} from a file's tensors (keys checked): fused
     projections split, q's and k's B rows in the stored head order. Moves values only, but
-    for the one product (``adapters.slots.PackPlan`` runs it on element indices)."""
+    for the one product (``adapters.paged.PackPlan`` runs it on element indices)."""
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = KEY.match(key)
@@ -225,7 +225,7 @@ def adapter_weights(tensors: dict[str, torch.Tensor], scaling: float, base_cfg) 
 
 class PeftLoader:
     """An inspected adapter's loader: calling it gives :func:`load_peft_weights`; ``spec``
-    lets the slots pack the file's values straight from its bytes (:func:`read_raw`)."""
+    lets the adapter pages pack the file's values straight from its bytes (:func:`read_raw`)."""
 
     def __init__(self, spec: AdapterFile, base_cfg):
         self.spec, self.base_cfg = spec, base_cfg

@@ -82,12 +82,13 @@ class _PoolCollector:
             usage.add_metric([name], kv_used)
             lora.add_metric([name, ",".join(m.get("running_adapters", ())),
                              ",".join(m.get("waiting_adapters", ())),
-                             str(m.get("adapter_slots", 0))], now)
+                             str(m.get("max_loras", 0))], now)
         yield from (queue, resident, pq, ph, running, waiting, lora, vq, vh, pre, usage)
         kv = GaugeMetricFamily("gpupool_kv_pages", "KV cache pages", labels=["where", "state"])
         kv.add_metric(["device", "used"], p["used"])
         kv.add_metric(["device", "free"], p["free"])
         kv.add_metric(["device", "cached"], p.get("cached", 0))
+        kv.add_metric(["device", "adapters"], p.get("adapters", 0))  # adapters' copies
         kv.add_metric(["host", "used"], p["host_used"])
         kv.add_metric(["host", "free"], p["host_total"] - p["host_used"])
         yield kv
@@ -96,7 +97,6 @@ class _PoolCollector:
         w = s["arena"]["weights"]
         arena.add_metric(["weights", "total"], w["bytes"])
         arena.add_metric(["weights", "used"], w["used_bytes"])
-        arena.add_metric(["adapters", "total"], s["arena"]["adapters"]["bytes"])
         arena.add_metric(["kv", "total"], s["arena"]["kv"]["bytes"])
         yield arena
         sw = s["swaps"]

@@ -452,7 +452,8 @@ class RedisClient:
             holders = [w for w in live if name in w.models]
             per_model[name] = {"resident": any(name in w.resident for w in live),
                                "weight_bytes": 0, "removing": False, "waiting": 0,
-                               "running": 0, "adapter_slots": 0, "resident_adapters": [],
+                               "running": 0, "max_loras": 0, "adapter_pages": 0,
+                               "resident_adapters": [],
                                "workers": [w.name for w in holders]}
         view = []
         for w, alive in workers:
@@ -467,7 +468,7 @@ class RedisClient:
             device="cluster", policy=self.policy,
             arena={"total_bytes": 0, "weights": {"bytes": sum(w.weight_bytes for w in live),
                                                  "used_bytes": 0},
-                   "adapters": {"bytes": 0}, "kv": {"bytes": 0}},
+                   "kv": {"bytes": 0}},
             kv_pages={"page_bytes": 0, "total": total, "used": total - free, "free": free,
                       "host_total": 0, "host_used": 0},
             swaps=dict.fromkeys(("weight_swaps", "weight_bytes", "weight_seconds",

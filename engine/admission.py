@@ -20,12 +20,14 @@ def check_request(registry: ModelRegistry, pages: PagePool, req: EngineRequest) 
     _check_params(req, worker)
     if req.params.structured is not None:
         _check_grammar(registry, req, worker.cfg.vocab_size)
+    adapter_pages = 0  # its adapter's device copy shares the pool (adapters/paged.py)
     if adapter is not None:  # read now, not inside a step: a bad file fails this request
         try:
-            worker.slots.load_host(adapter)
+            worker.adapter_pages.load_host(adapter)
         except AdapterError as e:
             raise RequestError(f"adapter {adapter!r} could not be read: {e}") from None
-    capacity = pages.num_pages * worker.block_tokens
+        adapter_pages = worker.adapter_pages.pages_needed(adapter)
+    capacity = max(0, pages.num_pages - adapter_pages) * worker.block_tokens
     if total > capacity:
         raise RequestError(
             f"request needs up to {total} tokens of KV cache, but the pool holds "

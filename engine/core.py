@@ -176,10 +176,17 @@ class EngineCore:
     def step(self) -> list[OutputDelta]:
         while self._orphans:
             self.abort(self._orphans.pop())
-        for name, worker in self.workers.items():  # slots following demand: what fits now
-            if worker.slots is not None:  # and which adapters queued requests find warm
-                self.scheduler.max_adapters[name] = worker.adapter_capacity()
-                self.scheduler.resident_adapters[name] = worker.slots.resident
+        for name, worker in self.workers.items():
+            if worker.adapter_pages is not None:  # which adapters queued requests find warm,
+                # and what a cold one's device copy takes of the pool (pool/pages.py)
+                self.scheduler.resident_adapters[name] = worker.adapter_pages.resident
+                self.scheduler.adapter_pages[name] = worker.adapter_page_request
+            else:
+                self.scheduler.resident_adapters.pop(name, None)
+                self.scheduler.adapter_pages.pop(name, None)
+            per_token = self.scheduler.policy.cost.token(name)
+            if per_token is not None:  # the eviction policy's cost of a cached page
+                self.pages.kv_page_cost[name] = per_token * worker.block_tokens
         out = self.scheduler.schedule()
         self.ran = not out.is_empty  # the loop yields after a step that ran nothing
         if out.is_empty:
@@ -231,7 +238,7 @@ class EngineCore:
         """Start reading the adapters of the model's queued requests (the first
         ADAPTER_PREFETCH_DEPTH waiting, oldest first) from disk while this step runs, so
         their first step finds a host copy. An optimisation: a failure is logged."""
-        if worker.slots is None:
+        if worker.adapter_pages is None:
             return
         model = out.model
         waiting = self.scheduler.waiting.get(model, ())

@@ -1,5 +1,5 @@
 """The engine's state checks (tests and idle time): every page, host page, adapter count and
-slot accounted for."""
+adapter's pages accounted for."""
 
 from __future__ import annotations
 
@@ -34,10 +34,20 @@ def check(core) -> None:
             live[tr.seq.adapter] = live.get(tr.seq.adapter, 0) + 1
     core.adapters.check_integrity(live)
     for worker in core.workers.values():
-        if worker.slots is not None:
-            worker.slots.check_integrity()
-            assert set(worker.slots.ranks) == {
+        if worker.adapter_pages is not None:
+            worker.adapter_pages.check_integrity()
+            assert set(worker.adapter_pages.ranks) == {
                 n for n, r in core.adapters.refs.items() if r.base == worker.name}
+    for model, adapter in core.pages.adapters():  # no device copy outlives its adapter
+        worker = core.workers.get(model)
+        assert worker is not None and worker.adapter_pages is not None \
+            and adapter in worker.adapter_pages.ranks, (
+                f"pages of adapter {adapter!r} of {model!r}, which is not registered")
+    held = core.pages.adapters()
+    for tr in requests:  # a running request's adapter is never evicted
+        key = (tr.seq.model, tr.seq.adapter)
+        if tr.seq.adapter and tr.seq.status is Status.RUNNING and key in held:
+            assert core.pages.is_pinned(key), f"adapter {key} of a running request is idle"
 
 
 def _check_host_pages(core) -> None:

@@ -69,7 +69,7 @@ def free_bytes(device: torch.device) -> int:
 def default_kv_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(free_bytes(device) * 0.3)
-    return min(2 << 30, int(free_bytes(device) * 0.2))
+    return min(3 << 30, int(free_bytes(device) * 0.25))  # (adapters' pages too)
 
 
 def default_weight_bytes(device: torch.device) -> int:
@@ -127,7 +127,7 @@ class LocalEngine:
         kv_bytes = pool.kv_cache_bytes or default_kv_bytes(self.device)
         num_pages = kv_bytes // pool.kv_page_bytes
         self.arena = Arena(pool.weight_bytes or default_weight_bytes(self.device),
-                           pool.adapter_bytes, num_pages * pool.kv_page_bytes, self.device)
+                           num_pages * pool.kv_page_bytes, self.device)
         self.kv = KVStorage(num_pages, pool.kv_page_bytes, self.device, self.arena.kv)
         self.kv.enable_host_swap(pool.host_kv_bytes // pool.kv_page_bytes)
         self.tp = None  # the other tensor-parallel ranks (engine/tp.py)
@@ -351,7 +351,6 @@ class LocalEngine:
             "arena": {
                 "total_bytes": arena.num_bytes,
                 "weights": {"bytes": arena.weight_bytes, "used_bytes": weight_used},
-                "adapters": {"bytes": arena.adapter_bytes},
                 "kv": {"bytes": arena.kv_bytes},
             },
             "kv_pages": self._kv_stats(),
@@ -385,12 +384,15 @@ class LocalEngine:
             "cached": kv.pages.num_cached_pages,  # in the prefix index
             "evictable": kv.pages.num_evictable_pages,  # cached and held by none
             "prefix_cache_evictions": kv.pages.num_evicted,
+            # pages holding adapters' device copies (adapters/paged.py), and adapters evicted
+            "adapters": kv.pages.num_adapter_pages,
+            "adapter_evictions": kv.pages.num_adapters_evicted,
             "host_total": host.num_pages if host is not None else 0,
             "host_used": host.num_used_pages if host is not None else 0,
         }
 
     def _model_stats(self, name: str, worker: LoadedModel) -> dict:
-        w, sched, slots = self.weights, self.core.scheduler, worker.slots
+        w, sched, paged = self.weights, self.core.scheduler, worker.adapter_pages
         return {
             "dtype": str(worker.dtype).removeprefix("torch."),
             "quantization": worker.quantization,
@@ -408,9 +410,14 @@ class LocalEngine:
                                         if q.adapter}),
             "waiting_adapters": sorted({q.adapter for q in sched.waiting.get(name, ())
                                         if q.adapter}),
-            "adapter_slots": slots.num_slots if slots is not None else 0,
-            "resident_adapters": list(slots.resident) if slots is not None else [],
-            "host_adapters": list(slots.host) if slots is not None else [],
+            # distinct adapters a step may hold (vLLM's max_lora): max_loras_on_device, or 0
+            # where the pages decide
+            "max_loras": worker.adapter_config.max_loras_on_device or 0,
+            # KV pool pages holding this model's adapters (adapters/paged.py)
+            "adapter_pages": sum(len(p) for (m, _), p in self.kv.pages.adapters().items()
+                                 if m == name),
+            "resident_adapters": list(paged.resident) if paged is not None else [],
+            "host_adapters": list(paged.host) if paged is not None else [],
             # the most tokens one request of this model can hold in the KV pool
             "kv_capacity_tokens": self.kv.pages.num_pages * worker.block_tokens,
         }

@@ -60,10 +60,11 @@ def default_home() -> Path:
 class PoolConfig:
     """Device memory the engine reserves once (the arena) and the host model cache."""
 
-    kv_cache_bytes: int | None = None  # KV region; None: a share of free memory
+    # the pages: KV cache and LoRA adapters' device copies (adapters/paged.py); None: a share
+    # of free memory
+    kv_cache_bytes: int | None = None
     kv_page_bytes: int = 1 << 20  # bytes per KV page (every model's view of a page)
     weight_bytes: int | None = None  # weight region (model slabs); None: a share of free
-    adapter_bytes: int = 1 << 30  # adapter region (LoRA slots of every base model)
     host_cache_bytes: int | None = None  # host model cache bound; None: 50% of available
     host_kv_bytes: int = 512 << 20  # host pages for preempted requests' KV (0: recompute)
     prefetch: bool = True  # copy the next model's weights while the current one runs

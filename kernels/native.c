@@ -1847,36 +1847,35 @@ static inline float bf16_dot(const uint16_t *a, const uint16_t *b, int64_t K) {
     return acc;
 }
 
-/* h[u * ldh + i] = A[i] . x[u] for the R rows of A (row stride lda) and n rows of x (row
- * stride ldx), bf16 inputs, float32 sums: four rows of A at a time (four sums in flight, each
- * x vector loaded once for four rows) */
-static void lora_shrink(const uint16_t *A, int64_t lda, int64_t R, const uint16_t *x,
-                        int64_t ldx, int64_t n, int64_t K, float *h, int64_t ldh) {
+/* h[u * ldh + i] = A_i . x[u] for the R rows A_i = rows[i] and n rows of x (row stride ldx),
+ * bf16 inputs, float32 sums: four rows of A at a time (four sums in flight, each x vector
+ * loaded once for four rows). The rows are read through their addresses (an adapter's rank
+ * rows lie in pages, adapters/paged.py); each sum runs over K in one order whatever page a row
+ * is in. */
+static void lora_shrink(const uint16_t *const *rows, int64_t R, const uint16_t *x, int64_t ldx,
+                        int64_t n, int64_t K, float *h, int64_t ldh) {
     int64_t i = 0;
 #ifdef __AVX512BF16__
     __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);
     for (; i + 4 <= R; i += 4) {
-        const uint16_t *a = A + i * lda;
+        const uint16_t *a0 = rows[i], *a1 = rows[i + 1], *a2 = rows[i + 2], *a3 = rows[i + 3];
         for (int64_t u = 0; u < n; u++) {
             const uint16_t *xu = x + u * ldx;
             __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
             int64_t k = 0;
             for (; k + 32 <= K; k += 32) {
                 __m512bh xv = (__m512bh)_mm512_loadu_si512(xu + k);
-                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + k), xv);
-                s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + lda + k), xv);
-                s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a + 2 * lda + k), xv);
-                s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a + 3 * lda + k), xv);
+                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a0 + k), xv);
+                s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a1 + k), xv);
+                s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a2 + k), xv);
+                s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a3 + k), xv);
             }
             if (k < K) {
                 __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xu + k);
-                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + k), xv);
-                s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + lda + k),
-                                      xv);
-                s2 = _mm512_dpbf16_ps(
-                    s2, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + 2 * lda + k), xv);
-                s3 = _mm512_dpbf16_ps(
-                    s3, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + 3 * lda + k), xv);
+                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_maskz_loadu_epi16(tail, a0 + k), xv);
+                s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(tail, a1 + k), xv);
+                s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_maskz_loadu_epi16(tail, a2 + k), xv);
+                s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_maskz_loadu_epi16(tail, a3 + k), xv);
             }
             float *hu = h + u * ldh + i;
             hu[0] = _mm512_reduce_add_ps(s0);
@@ -1887,7 +1886,7 @@ static void lora_shrink(const uint16_t *A, int64_t lda, int64_t R, const uint16_
     }
 #endif
     for (; i < R; i++)
-        for (int64_t u = 0; u < n; u++) h[u * ldh + i] = bf16_dot(A + i * lda, x + u * ldx, K);
+        for (int64_t u = 0; u < n; u++) h[u * ldh + i] = bf16_dot(rows[i], x + u * ldx, K);
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -1911,11 +1910,11 @@ static void add_into_bf16x16(uint16_t *o, __m512 add, __mmask16 mk) {
 }
 #endif
 
-/* out[u][c] += sum_i<r h[u][i] BT[i][c] for c < W, n rows u (out row stride ldo, h row stride
- * ldh, BT row stride ldb): 64 columns at a time (four sums in flight), then 16, then a masked
- * tail */
-static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, const float *h,
-                        int64_t ldh, int64_t n, uint16_t *out, int64_t ldo) {
+/* out[u][c] += sum_i<r h[u][i] BT_i[c0 + c] for c < W, n rows u (out row stride ldo, h row
+ * stride ldh; BT_i = rows[i], the transposed B's rank rows, each in its page): 64 columns at a
+ * time (four sums in flight), then 16, then a masked tail */
+static void lora_expand(const uint16_t *const *rows, int64_t c0, int64_t W, int64_t r,
+                        const float *h, int64_t ldh, int64_t n, uint16_t *out, int64_t ldo) {
     int64_t c = 0;
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
     for (; c + 64 <= W; c += 64)
@@ -1924,7 +1923,7 @@ static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, c
             __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
             for (int64_t i = 0; i < r; i++) {
                 __m512 hv = _mm512_set1_ps(hu[i]);
-                const uint16_t *b = BT + i * ldb + c;
+                const uint16_t *b = rows[i] + c0 + c;
                 s0 = _mm512_fmadd_ps(hv, bf16x16_loadu(b), s0);
                 s1 = _mm512_fmadd_ps(hv, bf16x16_loadu(b + 16), s1);
                 s2 = _mm512_fmadd_ps(hv, bf16x16_loadu(b + 32), s2);
@@ -1942,8 +1941,8 @@ static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, c
             const float *hu = h + u * ldh;
             __m512 s0 = _mm512_setzero_ps();
             for (int64_t i = 0; i < r; i++)
-                s0 = _mm512_fmadd_ps(_mm512_set1_ps(hu[i]), bf16x16_load(BT + i * ldb + c, mk),
-                                     s0);
+                s0 = _mm512_fmadd_ps(_mm512_set1_ps(hu[i]),
+                                     bf16x16_load(rows[i] + c0 + c, mk), s0);
             add_into_bf16x16(out + u * ldo + c, s0, mk);
         }
     }
@@ -1951,7 +1950,7 @@ static void lora_expand(const uint16_t *BT, int64_t ldb, int64_t W, int64_t r, c
     for (; c < W; c++)
         for (int64_t u = 0; u < n; u++) {
             float acc = 0.0f;
-            for (int64_t i = 0; i < r; i++) acc += h[u * ldh + i] * bf2f(BT[i * ldb + c]);
+            for (int64_t i = 0; i < r; i++) acc += h[u * ldh + i] * bf2f(rows[i][c0 + c]);
             uint16_t *o = out + u * ldo + c;
             *o = f2bf(bf2f(*o) + acc);
         }
@@ -1981,47 +1980,59 @@ static int64_t lora_items(int64_t S, const int32_t *starts, const int32_t *seg_r
     return items;
 }
 
-/* the items shared by the calling team (a barrier after) */
+/* the bf16 piece of segment s's adapter holding rank row k of layer l (native.h's gp_lora_t:
+ * piece l r + k of the adapter, in its pages' order) */
+static inline const uint8_t *lora_piece(const gp_lora_t *lora, int64_t s, int64_t r, int64_t l,
+                                        int64_t k) {
+    int64_t i = l * r + k, ppp = lora->pieces_per_page;
+    int64_t page = lora->page_ids[lora->seg_pages[s] + i / ppp];
+    return lora->base + page * lora->page_bytes + (i % ppp) * lora->piece_bytes
+           + lora->mirror_offset;
+}
+
+/* group g of layer l for the items (shared by the calling team; a barrier after) */
 static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo,
-                      int64_t S, const int32_t *starts, const int32_t *slots,
-                      const int32_t *seg_rank, const uint16_t *A, int64_t a_slot, int64_t a_row,
-                      int64_t P, const uint16_t *BT, int64_t bt_slot, int64_t bt_row,
-                      const int64_t *widths, const int32_t *proj_rank, int64_t items,
+                      const gp_lora_t *lora, int64_t l, int g, int64_t items,
                       const int64_t *item_seg) {
     const int64_t *item_row = item_seg + items;
+    const gp_lora_group_t *grp = &lora->groups[g];
+    int64_t S = lora->num_segments, P = grp->num_proj;
+    const int32_t *proj_rank = grp->proj_rank, *starts = lora->starts;
     #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; it++) {
-        int64_t s = item_seg[it], t0 = item_row[it], r = seg_rank[s];
+        int64_t s = item_seg[it], t0 = item_row[it], r = lora->seg_rank[s];
         int any = 0;  /* an adapter that targets none of the group's projections skips it */
         for (int64_t j = 0; j < P; j++) any |= proj_rank[j * S + s] > 0;
         if (!any) continue;
         int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
         float h[LORA_CHUNK * MAX_LORA_COLS];  /* [n][P r] */
-        lora_shrink(A + slots[s] * a_slot, a_row, P * r, x + t0 * ldx, ldx, n, K, h, P * r);
-        const uint16_t *bt = BT + slots[s] * bt_slot;
+        const uint16_t *arow[MAX_LORA_COLS], *brow[MAX_LORA_COLS / 3];
+        for (int64_t k = 0; k < r; k++) {  /* row j r + k of A: projection j's rank row k */
+            const uint8_t *piece = lora_piece(lora, s, r, l, k);
+            for (int64_t j = 0; j < P; j++)
+                arow[j * r + k] = (const uint16_t *)(piece + grp->a_offset) + j * K;
+            brow[k] = (const uint16_t *)(piece + grp->bt_offset);
+        }
+        lora_shrink(arow, P * r, x + t0 * ldx, ldx, n, K, h, P * r);
         int64_t col = 0;
         for (int64_t j = 0; j < P; j++) {
             int64_t rj = proj_rank[j * S + s];
             if (rj > 0)
-                lora_expand(bt + col, bt_row, widths[j], rj, h + j * r, P * r, n,
+                lora_expand(brow, col, grp->widths[j], rj, h + j * r, P * r, n,
                             out + t0 * ldo + col, ldo);
-            col += widths[j];
+            col += grp->widths[j];
         }
     }
 }
 
-void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo, int64_t S,
-             const int32_t *starts, const int32_t *slots, const int32_t *seg_rank,
-             const uint16_t *A, int64_t a_slot, int64_t a_row, int64_t P, const uint16_t *BT,
-             int64_t bt_slot, int64_t bt_row, const int64_t *widths, const int32_t *proj_rank,
-             int threads) {
+void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo,
+             const gp_lora_t *lora, int64_t layer, int64_t group, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
     int64_t *item_seg;
-    int64_t items = lora_items(S, starts, seg_rank, &item_seg);
+    int64_t items = lora_items(lora->num_segments, lora->starts, lora->seg_rank, &item_seg);
     if (!item_seg) return;
     #pragma omp parallel num_threads(threads) if (items > 1)
-    lora_body(x, ldx, K, out, ldo, S, starts, slots, seg_rank, A, a_slot, a_row, P, BT, bt_slot,
-              bt_row, widths, proj_rank, items, item_seg);
+    lora_body(x, ldx, K, out, ldo, lora, layer, (int)group, items, item_seg);
     free(item_seg);
 }
 
@@ -2083,12 +2094,7 @@ static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const void *w,
 /* group g's LoRA terms for layer l (inside the team; a barrier after) */
 static void lora_group(const gp_lora_t *lora, int64_t l, int g, const uint16_t *x, int64_t K,
                        uint16_t *out, int64_t ldo, int64_t items, const int64_t *item_seg) {
-    const gp_lora_group_t *h = &lora->groups[g];
-    const void *const *m = lora->mirrors + (l * GP_LORA_GROUPS + g) * 2;
-    lora_body(x, K, K, out, ldo, lora->num_segments, lora->starts, lora->slots,
-              lora->seg_rank, (const uint16_t *)m[0], h->a_slot, h->a_row, h->num_proj,
-              (const uint16_t *)m[1], h->bt_slot, h->bt_row, h->widths, h->proj_rank, items,
-              item_seg);
+    lora_body(x, K, K, out, ldo, lora, l, g, items, item_seg);
 }
 
 /* x [T][hidden] = the embedding rows ids[t] of emb [vocab][hidden]: bf16 rows as they are;

@@ -7,14 +7,13 @@
  * native.py refuses a library whose gp_abi_version() is not the one it read here.
  *
  * Room left for the open issues (each bumps the version): attention options (sliding window,
- * logit soft-cap, sinks) in gp_step_t, the activation kind, a 4-bit weight kind in gp_layer_t, a
- * per-adapter page table in gp_lora. */
+ * logit soft-cap, sinks) in gp_step_t, the activation kind. */
 #ifndef GPUPOOL_NATIVE_H
 #define GPUPOOL_NATIVE_H
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 6
+#define GP_ABI_VERSION 7
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]
@@ -48,28 +47,35 @@ typedef struct {
     int64_t down_weight_group;
 } gp_layer_t;
 
-/* one projection group's LoRA mirror strides (see gp_lora in native.c): A [slots][P r][K]
- * (a_slot, a_row), BT [slots][r][sum widths] (bt_slot, bt_row), the projections' widths and
- * their ranks per segment, [P][S] */
+/* one projection group's LoRA terms: where its rows lie in a piece's bf16 part (bytes from
+ * the part's start): A's rows [P][K] at a_offset (projection j's rank row at a_offset + j K
+ * elements), the transposed Bs' rank row [sum widths] at bt_offset; the projections' widths
+ * and their ranks per segment, [P][S] */
 typedef struct {
-    int64_t a_slot;
-    int64_t a_row;
+    int64_t a_offset;
+    int64_t bt_offset;
     int64_t num_proj;
-    int64_t bt_slot;
-    int64_t bt_row;
     int64_t widths[3];
     const int32_t *proj_rank;
 } gp_lora_group_t;
 
-/* a step's LoRA terms: its segments (starts [S + 1], slots and ranks [S]), the groups'
- * strides, and per layer and group the mirror's A and BT addresses ([layers][4][2]) */
+/* a step's LoRA terms: its segments (starts [S + 1], ranks [S]) and each segment's adapter
+ * through its page table (adapters/paged.py): the adapter's pieces, one a rank row of one
+ * layer (piece l r + k: layer l, rank row k), lie pieces_per_page to a page in the order of
+ * its pages, page_ids[seg_pages[s] .. seg_pages[s + 1]); page p starts at base + p page_bytes;
+ * a piece's bf16 part at mirror_offset in it */
 typedef struct {
     int64_t num_segments;
     const int32_t *starts;
-    const int32_t *slots;
     const int32_t *seg_rank;
+    const int32_t *seg_pages;
+    const int32_t *page_ids;
+    const uint8_t *base;
+    int64_t page_bytes;
+    int64_t piece_bytes;
+    int64_t pieces_per_page;
+    int64_t mirror_offset;
     gp_lora_group_t groups[4];
-    const void *const *mirrors;
 } gp_lora_t;
 
 /* the model's KV caches: each layer's K and V pages ([pages][block_tokens][kv heads][D]) */

@@ -77,8 +77,7 @@ _SIGNATURES = {
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
                             _vp, _f32, _vp, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
-    "gp_lora": [_vp, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
-                _i64, _vp, _vp, _int],
+    "gp_lora": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _i64, _int],
     "gp_decode_layers": [_vp, _int],  # (const gp_step_t *, threads)
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _i64,
@@ -565,73 +564,61 @@ def finite_rows(x: torch.Tensor) -> list[bool]:
     return [bool(b) for b in ok]
 
 
-def lora_weights(a: torch.Tensor, bt: torch.Tensor, widths: list[int]) -> tuple:
-    """:func:`lora`'s view of one projection group's bf16 slot copies (addresses, strides,
-    widths): a: the group's A [slots, P r_max, K]; bt: its projections' B stacked and
-    transposed [slots, r_max, sum(widths)] (adapters.slots.fill_mirror). Valid while the
-    views' memory is (the slots' life): callers keep it per (layer, group) instead of
-    rebuilding it every step."""
-    check("lora A", a, torch.bfloat16, 3)
-    check("lora BT", bt, torch.bfloat16, 3)
-    return (a.data_ptr(), a.stride(0), a.stride(1), len(widths), bt.data_ptr(), bt.stride(0),
-            bt.stride(1), (ctypes.c_int64 * len(widths))(*widths))
-
-
-def lora_absent(num_proj: int) -> tuple:
-    """:func:`lora_weights` of a projection group the slots do not hold (no registered
-    adapter targets it): no memory; valid only where every segment's projection ranks of
-    the group are 0 (the kernel then skips it)."""
-    return (0, 0, 0, num_proj, 0, 0, 0, (ctypes.c_int64 * num_proj)(*[0] * num_proj))
-
-
-def lora_table_body(layers: list[list[tuple]]):
-    """The per-layer part of :func:`lora_table`: each layer's groups' mirror A and BT slot
-    addresses ([layers][4][2], native.h's gp_lora_t.mirrors), from their
-    :func:`lora_weights` (fixed while the slots are: callers keep it)."""
-    ptrs = [ptr for groups in layers for w in groups for ptr in (w[0], w[4])]
-    return (ctypes.c_void_p * len(ptrs))(*ptrs)
-
-
-def lora_table(starts: torch.Tensor, slots: torch.Tensor, seg_rank: torch.Tensor,
-               proj_ranks: list[torch.Tensor], groups: list[tuple], body):
-    """``decode_layers``' view of a step's LoRA terms (native.h's gp_lora_t): the segments
-    (starts [S + 1], slots, seg_rank [S] int32), each group's projection ranks [P, S] int32
-    and :func:`lora_weights` (of any layer: their strides and widths; groups in
-    adapters.base.GROUPS' order: qkv, o, gate_up, down), then :func:`lora_table_body`. The
-    tensors and ``body`` must outlive the call (the struct keeps ``body``)."""
-    num_segments = slots.shape[0]
-    for name, t, n in (("starts", starts, num_segments + 1), ("slots", slots, num_segments),
-                       ("seg_rank", seg_rank, num_segments)):
+def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Tensor,
+               page_ids: torch.Tensor, memory: torch.Tensor, piece_bytes: int,
+               mirror_offset: int, groups: list, proj_ranks: list[torch.Tensor]):
+    """A step's LoRA terms (native.h's gp_lora_t) for :func:`lora` and ``decode_layers``:
+    the segments (starts [S + 1], seg_rank [S] int32), each segment's pages (seg_pages
+    [S + 1] into page_ids, int32), the pages' ``memory`` (uint8 [pages, page bytes]), the
+    pieces' size and their bf16 part's offset (adapters/paged.py), and per group in
+    adapters.base.GROUPS' order (qkv, o, gate_up, down) its (A offset, BT offset) in bytes
+    of the bf16 part and widths, or None where the layout lacks it, with its projections'
+    ranks [P, S] int32. The tensors must outlive the struct's use."""
+    num_segments = seg_rank.shape[0]
+    for name, t, n in (("starts", starts, num_segments + 1), ("seg_rank", seg_rank, num_segments),
+                       ("seg_pages", seg_pages, num_segments + 1)):
         check(name, t, torch.int32, 1, contiguous=True)
         if t.shape[0] != n:
             raise ValueError(f"native: {name} must hold {n} entries, not {t.shape[0]}")
-    table = Lora(num_segments=num_segments, starts=starts.data_ptr(), slots=slots.data_ptr(),
-                 seg_rank=seg_rank.data_ptr(), mirrors=ctypes.addressof(body))
-    for g, ((_, a_slot, a_row, p, _, bt_slot, bt_row, widths), ranks) in enumerate(
-            zip(groups, proj_ranks)):
+    check("page_ids", page_ids, torch.int32, 1, contiguous=True)
+    if memory.dtype != torch.uint8 or memory.dim() != 2 or memory.stride(1) != 1:
+        raise ValueError("native: adapter page memory must be uint8 [pages, page bytes]")
+    if piece_bytes < 1 or memory.shape[1] < piece_bytes:
+        raise ValueError("native: a page must hold a piece")
+    if page_ids.numel() and (int(page_ids.min()) < 0
+                             or int(page_ids.max()) >= memory.shape[0]):
+        raise ValueError("native: a page id is outside the memory")
+    table = Lora(num_segments=num_segments, starts=starts.data_ptr(),
+                 seg_rank=seg_rank.data_ptr(), seg_pages=seg_pages.data_ptr(),
+                 page_ids=page_ids.data_ptr(), base=memory.data_ptr(),
+                 page_bytes=memory.stride(0), piece_bytes=piece_bytes,
+                 pieces_per_page=memory.shape[1] // piece_bytes, mirror_offset=mirror_offset)
+    for g, (group, ranks) in enumerate(zip(groups, proj_ranks)):
         check("proj_rank", ranks, torch.int32, 2, contiguous=True)
-        if tuple(ranks.shape) != (p, num_segments):
+        p = ranks.shape[0]
+        if ranks.shape[1] != num_segments:
             raise ValueError(f"native: proj_rank must be [{p}, {num_segments}]")
-        table.groups[g] = LoraGroup(a_slot=a_slot, a_row=a_row, num_proj=p, bt_slot=bt_slot,
-                                    bt_row=bt_row, widths=(ctypes.c_int64 * 3)(*widths),
+        a_off, bt_off, widths = group if group is not None else (0, 0, [0] * p)
+        if group is None and bool((ranks > 0).any()):
+            raise ValueError("native: a segment's adapter targets a group the pieces lack")
+        table.groups[g] = LoraGroup(a_offset=a_off, bt_offset=bt_off, num_proj=p,
+                                    widths=(ctypes.c_int64 * 3)(*widths),
                                     proj_rank=ranks.data_ptr())
-    table._keep = body  # the mirrors array lives as long as the struct that points at it
+    table._keep = (starts, seg_rank, seg_pages, page_ids, memory, proj_ranks)
     return table
 
 
-def lora(x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
-         seg_rank: torch.Tensor, weights: tuple, proj_rank: torch.Tensor) -> None:
-    """``out[:, projection j's columns] += x A_s^T B_{s,j}^T`` per segment s (the LoRA terms of
-    one projection group; see native.c's gp_lora). x, out: bf16 rows (unit stride); starts
-    [S + 1], slots, seg_rank [S] int32; weights: :func:`lora_weights`; proj_rank [P, S]
-    int32."""
+def lora(x: torch.Tensor, out: torch.Tensor, table, layer: int, group: int) -> None:
+    """``out[:, projection j's columns] += x A_s^T B_{s,j}^T`` per segment s for projection
+    group ``group`` (GROUPS' index) of ``layer`` (see native.c's gp_lora), the adapters read
+    in place through their page tables (:func:`lora_table`). x, out: bf16 rows (unit
+    stride)."""
     check("x", x, torch.bfloat16, 2)
     check("out", out, torch.bfloat16, 2)
     if out.shape[0] != x.shape[0]:
         raise ValueError("native: lora's x and out must have the same rows")
-    _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(),
-                   out.stride(0), slots.shape[0], starts.data_ptr(), slots.data_ptr(),
-                   seg_rank.data_ptr(), *weights, proj_rank.data_ptr(), torch.get_num_threads())
+    _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0),
+                   ctypes.addressof(table), layer, group, torch.get_num_threads())
 
 
 def layer_table(layers: list[dict[str, torch.Tensor]]):

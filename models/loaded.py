@@ -9,7 +9,7 @@ import torch
 
 from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
-from gpupool.adapters.slots import AdapterSlots, group_ranks
+from gpupool.adapters.paged import AdapterPages, target_groups
 from gpupool.kernels import backend, native
 from gpupool.models import tp as tp_shard
 from gpupool.models.batch import BatchRow
@@ -22,7 +22,6 @@ from gpupool.models.loader import check_quantization, load_flat_weights
 from gpupool.models.runner import build_batch
 from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
 from gpupool.pool.kv import KVStorage
-from gpupool.pool.residency import PoolCapacityError
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +66,8 @@ class LoadedModel:
                  batch_invariant: bool = True, tp=None):
         """With ``weight_pool`` (a :class:`gpupool.pool.residency.WeightPool`) the weights live
         in the host cache and are copied into an arena slab when the model runs; without it
-        they are copied to the device once and stay. Adapter slots live in the pool's arena
-        (its adapter region), so a worker without ``weight_pool`` serves no adapters.
+        they are copied to the device once and stay. Adapters live in pages of ``kv``'s pool
+        (adapters/paged.py).
         ``quantization="int8"`` stores the linear layers and the lm_head as int8 with one scale
         per output row (the rest, activations and adapters stay in ``dtype``). ``kernels``,
         ``use_native``, ``batch_invariant``: the engine's kernel settings, from which the
@@ -85,7 +84,7 @@ class LoadedModel:
         self.device = device
         self.dtype = resolve_dtype(dtype, self.cfg, device,
                                    bf16_gemv=None if use_native else False)
-        # LoRA slots: float32 on CPU for 16-bit models (the adapters' small products run 2-4x
+        # LoRA pieces: float32 on CPU for 16-bit models (the adapters' small products run 2-4x
         # faster in fp32 there: 1-8 rows x 576 x 48 took 18-25 us in bf16, 4-11 us in fp32,
         # measured on an avx512_bf16 CPU; and the LoRA terms are then computed in fp32); the
         # model's dtype elsewhere (the Triton kernels accumulate in fp32 anyway)
@@ -112,9 +111,8 @@ class LoadedModel:
             weight_pool.register(name, self.layout, host, self._reload,
                                  on_evict=self.model.unbind)
         self.adapter_config = adapters or AdapterConfig()
-        # carved from the arena's adapter region when the first adapter arrives, returned
-        # when the last one is dropped (or the model is unregistered from the pool)
-        self.slots: AdapterSlots | None = None
+        # made by the first adapter, dropped with the last; device copies in the KV pages
+        self.adapter_pages: AdapterPages | None = None
         self.adapter_targets: dict[str, tuple[str, ...]] = {}
         logger.info("loaded model %s from %s (%s%s, %.1f MiB, %d KV tokens per page)", name,
                     folder, self.dtype, f", {quantization}" if quantization else "",
@@ -123,6 +121,7 @@ class LoadedModel:
     def _make_model(self, kv: KVStorage, kernels: str, use_native: bool,
                     batch_invariant: bool) -> None:
         """The forward pass and its KV view: of the whole model, or of rank 0's shard."""
+        self.kv = kv  # its pages also hold the adapters (adapters/paged.py)
         local = self.cfg if self.tp is None else tp_shard.local_config(self.cfg, self.tp.world)
         self.model = LlamaModel(local, self.dtype, self.device,
                                 backend.select(self.device, self.dtype, local, kernels,
@@ -154,36 +153,27 @@ class LoadedModel:
         return swap
 
     def add_adapter(self, name: str, rank: int, targets: tuple[str, ...], weights) -> None:
-        """Register the adapter (``weights``: its loader, called on first use);
-        the first one carves this model's slots (``max_loras_on_device`` of them, or one
-        where they follow demand), laid out for its rank and targets, out of the arena's
-        adapter region; one of a larger rank or on other projections lays them out again
-        (:meth:`_relayout`). AdapterError, with nothing changed, when the region cannot hold
-        them."""
+        """Register the adapter (``weights``: its loader, called on first use); the first one
+        makes this model's adapter pages (adapters/paged.py), laid out for the groups it
+        targets; one on other groups lays them out again (:meth:`_relayout`)."""
         if self.tp is not None:  # rank 0 holds its part; each other rank reads its own
             weights = self._sharded(weights)
-        if self.slots is None:
-            self.slots = self._make_slots(group_ranks([(rank, targets)]))
-        elif not self.slots.holds(rank, targets):
-            self._relayout(rank, targets)
-        try:
-            self.slots.add(name, rank, weights)
-        except Exception:
-            if not self.slots.ranks:  # made for this adapter: give the range back
-                self.slots = None
-                self.weight_pool.release_adapters(self.name)
-            raise
+        if self.adapter_pages is None:
+            self.adapter_pages = self._make_pages(target_groups(targets))
+        elif not self.adapter_pages.holds(targets):
+            self._relayout(targets)
+        self.adapter_pages.add(name, rank, weights)
         self.adapter_targets[name] = targets
-        if self.tp is not None:  # the ranks lay their slots out as these are
+        if self.tp is not None:  # the ranks lay their pieces out as these are
             self.tp.command("add_adapter", self.name, name, weights.tp_spec, targets,
                             str(self.adapter_dtype).removeprefix("torch."),
-                            dict(self.slots.group_ranks),
+                            sorted(self.adapter_pages.groups),
                             self.adapter_config.host_adapter_bytes)
 
     def _sharded(self, loader):
         """Rank 0's part of the adapter ``loader`` reads (models/tp.py ``shard_adapter``);
         ``tp_spec``: the file's, for the other ranks, which read it themselves (not
-        ``spec``: the slots' plans pack whole files, not a rank's part)."""
+        ``spec``: the plans pack whole files, not a rank's part)."""
         spec = getattr(loader, "spec", None)
         if spec is None:
             raise AdapterError("an adapter of a tensor-parallel model must come from a PEFT "
@@ -195,106 +185,80 @@ class LoadedModel:
         shard.tp_spec = spec
         return shard
 
-    def _relayout(self, rank: int, targets: tuple[str, ...]) -> None:
-        """New slots laid out for the registered adapters and one more of ``rank`` on
-        ``targets`` (between steps: the engine lock is held). The adapters stay registered;
-        their device and host copies are dropped (read again on first use: a layout grows
-        a few times at most, with the largest rank and the targeted projections)."""
-        old = self.slots
-        old.close()
-        ranks = old.ranks_with(rank, targets)
-        self.weight_pool.release_adapters(self.name)
-        try:
-            self.slots = self._make_slots(ranks, old.num_slots)
-        except Exception:  # the old layout fitted where it was: made again there
-            self.slots = self._make_slots(old.group_ranks, old.num_slots)
-            raise
-        finally:
-            for n, loader in old.loaders.items():
-                self.slots.add(n, old.ranks[n], loader)
+    def _relayout(self, targets: tuple[str, ...]) -> None:
+        """New pieces laid out for the registered adapters' groups and those of ``targets``
+        (between steps: the engine lock is held). The adapters stay registered; their
+        device and host copies are dropped (read again on first use: a layout grows a few
+        times at most, with the targeted projections)."""
+        old = self.adapter_pages
+        old.release()
+        self.adapter_pages = self._make_pages(old.groups | target_groups(targets))
+        for n, loader in old.loaders.items():
+            self.adapter_pages.add(n, old.ranks[n], loader)
 
-    def _make_slots(self, ranks: dict[str, int], count: int = 1) -> AdapterSlots:
-        """Slots laid out for ``ranks`` (adapters.slots.group_ranks): ``max_loras_on_device``
-        of them, or ``count`` where they follow demand."""
-        if self.weight_pool is None:
-            raise AdapterError(f"model {self.name!r} has no weight pool: adapter slots live "
-                               "in the arena's adapter region")
+    def _make_pages(self, groups) -> AdapterPages:
+        """Adapter pages of this model laid out for ``groups``, over the KV pool."""
         cfg = self.adapter_config
-        # float32 slots of a bf16 model on CPU: bf16 copies beside them for the fused kernel
+        # float32 pieces of a bf16 model on CPU: bf16 copies in them for the fused kernel
         mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
                   and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora
                   and self.tp is None)  # the fused kernel has no sum between the ranks
-        # one slot's bytes, made once per layout (each step asks adapter_capacity)
-        self._slot_bytes = AdapterSlots.num_bytes(self.model.cfg, 1, ranks,
-                                                  self.adapter_dtype, mirror)
-        count = cfg.max_loras_on_device or count  # following demand: grown by a step
-        try:
-            memory = self.weight_pool.adapter_buffer(self.name, count * self._slot_bytes)
-        except PoolCapacityError as e:
-            raise AdapterError(str(e)) from None
-        # the shard's config under tensor parallelism: slots of rank 0's part
-        return AdapterSlots(self.model.cfg, count, ranks, self.adapter_dtype, memory, mirror,
-                            cfg.host_adapter_bytes)
+        memory = self.kv.storage.view(self.kv.pages.num_pages, self.kv.page_bytes)
+        # the shard's config under tensor parallelism: pieces of rank 0's part
+        return AdapterPages(self.model.cfg, groups, self.adapter_dtype, self.kv.pages, memory,
+                            self.name, mirror, cfg.host_adapter_bytes,
+                            cfg.max_loras_on_device)
 
     def adapter_capacity(self) -> int:
-        """Distinct adapters one step may hold now: ``max_loras_on_device`` where set, else
-        the slots there are or as many as the adapter region's largest free range holds
-        (a growth allocates the new range beside the old one)."""
-        cap = self.adapter_config.max_loras_on_device
-        if cap is not None or self.slots is None:
-            return cap or 1 << 30
-        fit = self.weight_pool.adapter_free_bytes() // self._slot_bytes
-        return max(self.slots.num_slots, fit)
+        """Distinct adapters one step may hold: ``max_loras_on_device`` where set, else no
+        count (the pages the scheduler finds for each decide)."""
+        return self.adapter_config.max_loras_on_device or 1 << 30
 
-    def _grow_slots(self, needed: int) -> None:
-        """Slots for ``needed`` adapters at least (doubling, within :meth:`adapter_capacity`),
-        moved to a larger range of the adapter region with their contents."""
-        slots = self.slots
-        count = min(self.adapter_capacity(), max(needed, 2 * slots.num_slots))
-        if count < needed or self.weight_pool.grow_adapter_buffer(
-                self.name, count * self._slot_bytes, lambda new: slots.grow(count, new)) is None:
-            raise AdapterError(f"{needed} adapters in one step, and the adapter region holds "
-                               f"{max(count, slots.num_slots)} slots of model {self.name!r}")
+    def adapter_page_request(self, name: str):
+        """For the scheduler's admission: (the pool's key, pages, cost) of adapter ``name``'s
+        device copy (adapters/paged.py ``page_request``)."""
+        return self.adapter_pages.page_request(name)
 
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter (the caller ensures nothing runs it); with the last one gone the
-        slots go back to the arena's adapter region."""
+        adapter pages go."""
         if self.tp is not None and name in self.adapter_targets:
             self.tp.command("remove_adapter", self.name, name)
-        if self.slots is not None:
-            self.slots.remove(name)
-            if not self.slots.ranks:
-                self.slots.close()
-                self.slots = None
-                self.weight_pool.release_adapters(self.name)
+        if self.adapter_pages is not None:
+            self.adapter_pages.remove(name)
+            if not self.adapter_pages.ranks:
+                self.adapter_pages.release()
+                self.adapter_pages = None
         self.adapter_targets.pop(name, None)
+
+    def drop_adapters(self) -> None:
+        """Give every adapter's device copy back to the pool (the model goes)."""
+        if self.adapter_pages is not None:
+            self.adapter_pages.release()
 
     def prefetch_adapters(self, names, running=()) -> int:
         """Start reading the host copies of ``names`` (queued requests' adapters, in the
         order they will run) beside the steps, and drop reads of adapters neither queued
         nor in ``running`` (this step's); how many reads started."""
-        if self.slots is None:
+        if self.adapter_pages is None:
             return 0
-        self.slots.keep_reads(set(names) | set(running))
-        return sum(self.slots.prefetch(n) for n in names)
+        self.adapter_pages.keep_reads(set(names) | set(running))
+        return sum(self.adapter_pages.prefetch(n) for n in names)
 
     def _lora_batch(self, batch: list[BatchRow]) -> LoraBatch | None:
         rows = [item.adapter for item in batch for _ in item.token_ids]
         names = {n for n in rows if n}
         if not names:
             return None
-        if len(names) > self.slots.num_slots:  # slots follow demand (within the capacity)
-            self._grow_slots(len(names))
         owners: dict = {}  # each adapter charged to its first row's tenant (the scheduler's)
         for item in batch:
             if item.adapter:
                 owners.setdefault(item.adapter, item.tenant)
-        slot_of = self.slots.ensure(names, owners, self.adapter_config.max_loras_per_tenant)
-        return LoraBatch.build(rows, slot_of, self.slots.ranks, self.adapter_targets,
-                               self.slots.views, self.device, self.model.ops,
+        tables = self.adapter_pages.ensure(names, owners,
+                                           self.adapter_config.max_loras_per_tenant)
+        return LoraBatch.build(rows, tables, self.adapter_pages, self.adapter_targets,
+                               self.device, self.model.ops,
                                batched=self.adapter_dtype != self.dtype,
-                               mirror=self.slots.mirror,
-                               native_weights=self.slots.native_weights,
                                reduce=None if self.tp is None else self.model.tp.all_reduce)
 
     def execute(self, rows: list[BatchRow]):

@@ -368,49 +368,55 @@ def shard_adapter(cfg: ModelConfig, weights: dict, world: int, rank: int) -> dic
 class RankAdapters:
     """A rank's adapters of one sharded model (ranks 1 .. world - 1; rank 0's live in its
     ``LoadedModel``): each read from its file by the rank itself when a step first needs it
-    and cut to the rank's part (:func:`shard_adapter`), in host slots of this rank's own
-    (``adapters.slots.AdapterSlots`` over the local config). Slot ids are the rank's own: the
-    step carries adapter names, never slots."""
+    and cut to the rank's part (:func:`shard_adapter`), in pages of this rank's own
+    (``adapters.paged.AdapterPages`` over the local config and a page pool of host memory,
+    grown when a step holds more than it has). The step carries adapter names, never pages."""
+
+    PAGE_BYTES = 1 << 20
 
     def __init__(self, cfg: ModelConfig, local: ModelConfig, dtype: torch.dtype,
                  world: int, rank: int):
         self.cfg, self.local, self.dtype = cfg, local, dtype
         self.world, self.rank = world, rank
-        self.slots = None
+        self.pages = None
         self.targets: dict[str, tuple[str, ...]] = {}
 
-    def _make(self, ranks: dict[str, int], count: int, host_bytes: int):
-        from gpupool.adapters.slots import AdapterSlots
+    def _make(self, groups, num_pages: int, host_bytes: int):
+        from gpupool.adapters.paged import AdapterPages
+        from gpupool.pool.pages import PagePool
 
-        memory = torch.zeros(AdapterSlots.num_bytes(self.local, count, ranks, self.dtype),
-                             dtype=torch.uint8)
-        return AdapterSlots(self.local, count, ranks, self.dtype, memory,
-                            host_bytes=host_bytes)
+        memory = torch.zeros(num_pages, self.PAGE_BYTES, dtype=torch.uint8)
+        return AdapterPages(self.local, groups, self.dtype, PagePool(num_pages), memory,
+                            "rank", host_bytes=host_bytes)
 
-    def add(self, name: str, spec, targets: tuple[str, ...], ranks: dict[str, int],
-            host_bytes: int) -> None:
-        """Register ``spec``'s file as ``name``; ``ranks``: rank 0's slot layout after it (a
-        group's rank sets the width of its shrink, which the ranks sum: every rank lays its
-        slots out exactly so, again whenever rank 0 does)."""
+    def _remake(self, groups, num_pages: int) -> None:
+        old = self.pages
+        old.release()
+        self.pages = self._make(groups, num_pages, old.host_budget)
+        for n, loader in old.loaders.items():
+            self.pages.add(n, old.ranks[n], loader)
+
+    def add(self, name: str, spec, targets: tuple[str, ...], groups, host_bytes: int) -> None:
+        """Register ``spec``'s file as ``name``; ``groups``: rank 0's layout after it (every
+        rank holds the same groups)."""
         from gpupool.adapters.peft_format import load_peft_weights
 
-        if self.slots is None or self.slots.group_ranks != ranks:
-            old = self.slots
-            self.slots = self._make(ranks, old.num_slots if old else 1, host_bytes)
-            for n, loader in (old.loaders.items() if old else ()):
-                self.slots.add(n, old.ranks[n], loader)
+        if self.pages is None:
+            self.pages = self._make(set(groups), 1, host_bytes)
+        elif self.pages.groups != set(groups):
+            self._remake(set(groups), self.pages.pool.num_pages)
         cfg, world, rank = self.cfg, self.world, self.rank
-        self.slots.add(name, spec.rank, lambda: shard_adapter(
+        self.pages.add(name, spec.rank, lambda: shard_adapter(
             cfg, load_peft_weights(spec, cfg), world, rank))
         self.targets[name] = targets
 
     def remove(self, name: str) -> None:
-        """Forget ``name``; with the last one gone the slots go too (as rank 0's)."""
-        if self.slots is not None:
-            self.slots.remove(name)
-            if not self.slots.ranks:
-                self.slots.close()
-                self.slots = None
+        """Forget ``name``; with the last one gone the pages go too (as rank 0's)."""
+        if self.pages is not None:
+            self.pages.remove(name)
+            if not self.pages.ranks:
+                self.pages.release()
+                self.pages = None
         self.targets.pop(name, None)
 
     def batch(self, runs: list, ops, reduce):
@@ -419,15 +425,14 @@ class RankAdapters:
         from gpupool.adapters.batch import LoraBatch
 
         rows = [name for name, n in runs for _ in range(n)]
-        names = {n for n in rows if n}
-        if len(names) > self.slots.num_slots:  # as many as rank 0's step holds
-            count = max(len(names), 2 * self.slots.num_slots)
-            memory = torch.zeros(self.slots.num_bytes(self.local, count, self.slots.group_ranks,
-                                                      self.dtype), dtype=torch.uint8)
-            self.slots.grow(count, memory)
-        slot_of = self.slots.ensure(names)
-        return LoraBatch.build(rows, slot_of, self.slots.ranks, self.targets, self.slots.views,
-                               torch.device("cpu"), ops, reduce=reduce)
+        names = list(dict.fromkeys(n for n in rows if n))
+        need = sum(self.pages.pages_needed(n) for n in names)
+        if need > self.pages.pool.num_pages:  # as many as rank 0's step holds
+            self._remake(self.pages.groups, max(need, 2 * self.pages.pool.num_pages))
+        self.pages.pool.set_pinned(())  # nothing runs between steps on a rank
+        tables = self.pages.ensure(names)
+        return LoraBatch.build(rows, tables, self.pages, self.targets, torch.device("cpu"),
+                               ops, reduce=reduce)
 
 
 def adapter_runs(rows) -> list:

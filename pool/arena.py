@@ -1,12 +1,12 @@
-"""The arena: one reservation per device, carved once into weight, adapter and KV regions.
+"""The arena: one reservation per device, carved once into a weight region and the pages.
 
     arena (uint8, pool_bytes)
-    | weights: model slabs (SlabAllocator) | adapters: slot buffers (SlabAllocator) | KV pages |
-    0                                      weight_bytes                  weight + adapter bytes
+    | weights: model slabs (SlabAllocator) | pages: KV and adapters (pool/pages.py)  |
+    0                                      weight_bytes
 
 Nothing in the steady state asks the framework allocator for weights, adapters or KV: a model
-switch is a copy into a slab plus rebinding views; a base model's LoRA slots are one range of
-the adapter region, carved when its first adapter arrives and freed when it has none left.
+switch is a copy into a slab plus rebinding views; KV and LoRA adapters share the pages
+(adapters/paged.py: S-LoRA's unified paging).
 :class:`SlabAllocator` is the integer bookkeeping of a region (first fit, neighbours
 coalesced on free); it never touches a tensor.
 """
@@ -79,67 +79,19 @@ class SlabAllocator:
 class Arena:
     """The device reservation and its three regions (views, no copies)."""
 
-    def __init__(self, weight_bytes: int, adapter_bytes: int, kv_bytes: int, device):
+    def __init__(self, weight_bytes: int, kv_bytes: int, device):
         self.weight_bytes = -(-weight_bytes // ALIGN) * ALIGN
-        self.adapter_bytes = -(-adapter_bytes // ALIGN) * ALIGN
         self.kv_bytes = kv_bytes
-        total = self.weight_bytes + self.adapter_bytes + kv_bytes
+        total = self.weight_bytes + kv_bytes
         self.buffer = torch.empty(total, dtype=torch.uint8, device=device)
-        w, a = self.weight_bytes, self.weight_bytes + self.adapter_bytes
-        self.weights = self.buffer[:w]
-        self.adapters = self.buffer[w:a]
-        self.kv = self.buffer[a:]
+        self.weights = self.buffer[: self.weight_bytes]
+        self.kv = self.buffer[self.weight_bytes :]
         self.kv.zero_()  # never-written KV slots are read (masked) by attention: keep finite
         self.weight_slabs = SlabAllocator(self.weight_bytes)
-        self.adapter_slabs = SlabAllocator(self.adapter_bytes)
-        self.adapter_owners: dict[str, int] = {}  # base model -> offset in the adapter region
 
     @property
     def num_bytes(self) -> int:
         return self.buffer.numel()
 
-    def allocate_adapters(self, owner: str, num_bytes: int) -> torch.Tensor | None:
-        """A zeroed range of ``num_bytes`` of the adapter region for ``owner`` (one per
-        owner), or None when no free range is large enough."""
-        if owner in self.adapter_owners:
-            raise ValueError(f"{owner!r} already holds an adapter range")
-        got = self._zeroed_adapter_range(num_bytes)
-        if got is None:
-            return None
-        self.adapter_owners[owner] = got[0]
-        return got[1]
-
-    def _zeroed_adapter_range(self, num_bytes: int) -> tuple[int, torch.Tensor] | None:
-        offset = self.adapter_slabs.allocate(num_bytes)
-        if offset is None:
-            return None
-        view = self.adapters[offset : offset + num_bytes]
-        view.zero_()
-        return offset, view
-
-    def grow_adapters(self, owner: str, num_bytes: int, move) -> torch.Tensor | None:
-        """A new zeroed range of ``num_bytes`` for ``owner`` (who holds one): ``move(new)``
-        copies what it needs from the old range, which is freed after; None (nothing
-        changed) when no free range is large enough."""
-        got = self._zeroed_adapter_range(num_bytes)
-        if got is None:
-            return None
-        move(got[1])
-        self.adapter_slabs.free(self.adapter_owners[owner])
-        self.adapter_owners[owner] = got[0]
-        return got[1]
-
-    def free_adapters(self, owner: str) -> bool:
-        """Return ``owner``'s adapter range to the region; False if it held none."""
-        offset = self.adapter_owners.pop(owner, None)
-        if offset is None:
-            return False
-        self.adapter_slabs.free(offset)
-        return True
-
     def check_integrity(self) -> None:
         self.weight_slabs.check_integrity()
-        self.adapter_slabs.check_integrity()
-        offsets = sorted(self.adapter_owners.values())
-        assert offsets == sorted(self.adapter_slabs._used), (
-            "adapter ranges and their owners disagree")

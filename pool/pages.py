@@ -2,25 +2,42 @@
 cached prefix. No tensors (the scheduler and the simulator use it anywhere, torch or not);
 :class:`gpupool.pool.kv.KVStorage` owns the bytes.
 
-Every page is in exactly one of three states:
+Every page is in exactly one of four states:
 
     free        on the free list, content meaningless
     held        by one or more sequences (a reference count); a full page of a prompt may be
                 held by several sequences at once (a shared prefix) and is then never written
     cached      held by none but still indexed by its prefix key: free memory that a request
-                with the same prefix can take back, handed out least recently used first
-                when the free list runs dry
+                with the same prefix can take back
+    adapter     one of the pages of an adapter's device copy (``adapters/paged.py``: LoRA
+                weights share the pool with the KV cache, S-LoRA's unified paging); an adapter
+                a running request uses is *pinned*, the others are *idle*
 
 A held page may be indexed too (a running request's full pages are cached as soon as they
 are computed); when its last holder frees it, it becomes *cached* instead of *free*.
+
+When the free list runs dry, ``allocate`` evicts cached pages and idle adapters by one policy
+that weighs what each costs to bring back (GreedyDual, Young 1994; Cao and Irani's
+GreedyDual-Size): each evictable unit has a priority ``H = L + cost per page``, set when it
+becomes evictable or is used; the lowest goes first and ``L`` rises to it, so a unit cheap to
+restore goes before one dear to restore, and among units of one cost the least recently used
+goes first (plain LRU when all costs are equal). A cached page costs a prefill of its tokens
+(``kv_page_cost``, seconds, per model; the engine sets it from the measured cost of a prompt
+token); an adapter costs a copy from its host copy, or a read from disk where it has none
+(given by the engine with each allocation and use). Pinned adapters and held pages are never
+evicted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
+
+# seconds to recompute a cached page of a model the engine has measured no prompt token for
+DEFAULT_PAGE_COST_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -44,9 +61,9 @@ def page_key(parent: bytes, token_ids: list[int]) -> bytes:
 
 
 class PagePool:
-    """Page ids: free list, reference counts, and the prefix index. ``allocate`` is
-    all-or-nothing and evicts cached pages (LRU) when the free list is short; ``free``
-    drops one reference."""
+    """Page ids: free list, reference counts, the prefix index and the adapters' pages.
+    ``allocate`` is all-or-nothing and evicts cached pages and idle adapters (the module's
+    policy) when the free list is short; ``free`` drops one reference."""
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
@@ -54,15 +71,32 @@ class PagePool:
         self.num_pages = num_pages
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() yields 0, 1, 2, ...
         self._refs: dict[int, int] = {}  # held page -> holders
-        self._cached: OrderedDict[int, None] = OrderedDict()  # unheld indexed pages, LRU first
+        self._cached: dict[int, None] = {}  # unheld indexed pages
         self._index: dict[bytes, int] = {}  # prefix key -> page
         self._entry: dict[int, CacheEntry] = {}  # indexed page -> its entry
         self.num_evicted = 0
+        # adapters' device copies: owner (any hashable: the engine's (model, adapter)) -> its
+        # pages, in the order the adapter's pieces fill them; the list is replaced, never
+        # changed, so a holder can tell its copy from a later one by identity
+        self._adapters: dict[object, list[int]] = {}
+        self._adapter_cost: dict[object, float] = {}  # owner -> seconds to bring it back
+        self._pinned: set = set()  # owners a running request uses
+        self._idle_pages = 0  # pages of unpinned adapters
+        self.num_adapters_evicted = 0
+        # eviction (the module's policy): the current priority of each evictable unit
+        # (("p", page) or ("a", owner)), and a heap of (priority, order, unit) with stale
+        # entries skipped
+        self.kv_page_cost: dict[str, float] = {}  # model -> seconds to recompute a page
+        self._clock = 0.0
+        self._prio: dict[tuple, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, tuple]] = []
+        self._order = itertools.count()
 
     @property
     def num_free_pages(self) -> int:
-        """Pages ``allocate`` can hand out: free ones and cached ones (evicted on demand)."""
-        return len(self._free) + len(self._cached)
+        """Pages ``allocate`` can hand out: free ones, cached ones and idle adapters' (evicted
+        on demand)."""
+        return len(self._free) + len(self._cached) + self._idle_pages
 
     @property
     def num_used_pages(self) -> int:
@@ -75,6 +109,11 @@ class PagePool:
         return len(self._entry)
 
     @property
+    def num_adapter_pages(self) -> int:
+        """Pages holding adapters' device copies (pinned or idle)."""
+        return sum(len(p) for p in self._adapters.values())
+
+    @property
     def num_evictable_pages(self) -> int:
         return len(self._cached)
 
@@ -83,21 +122,126 @@ class PagePool:
 
     def allocate(self, num_pages: int) -> list[int] | None:
         """``num_pages`` page ids held once each, or None (and nothing taken) when not enough
-        are free or evictable. The free list goes first, then cached pages, least recently
-        used first (their index entries are dropped)."""
+        are free or evictable. The free list goes first, then cached pages and idle adapters
+        by the module's policy (a cached page's index entry is dropped; an adapter goes
+        whole)."""
+        pages = self._take(num_pages)
+        if pages is not None:
+            for page in pages:
+                self._refs[page] = 1
+        return pages
+
+    def _take(self, num_pages: int) -> list[int] | None:
         if num_pages > self.num_free_pages:
             return None
-        pages = []
-        for _ in range(num_pages):
-            if self._free:
-                page = self._free.pop()
-            else:
-                page, _ = self._cached.popitem(last=False)
-                self._unindex(page)
-                self.num_evicted += 1
-            self._refs[page] = 1
-            pages.append(page)
+        while len(self._free) < num_pages:
+            self._evict_one()
+        return [self._free.pop() for _ in range(num_pages)]
+
+    # ---- eviction ------------------------------------------------------------------------
+    def _page_cost(self, page: int) -> float:
+        return self.kv_page_cost.get(self._entry[page].model, DEFAULT_PAGE_COST_S)
+
+    def _set_prio(self, unit: tuple, cost_per_page: float) -> None:
+        """The unit became evictable or was used: priority L + its cost a page."""
+        prio = (self._clock + cost_per_page, next(self._order))
+        self._prio[unit] = prio
+        heapq.heappush(self._heap, (*prio, unit))
+
+    def _evict_one(self) -> None:
+        """Free the evictable unit of the lowest priority (there is one: the caller checked
+        ``num_free_pages``)."""
+        while True:
+            prio, order, unit = heapq.heappop(self._heap)
+            if self._prio.get(unit) != (prio, order):
+                continue  # stale: used again since, or no longer evictable
+            kind, key = unit
+            if kind == "a" and key in self._pinned:
+                del self._prio[unit]  # set again when it becomes idle
+                continue
+            break
+        del self._prio[unit]
+        self._clock = prio
+        if kind == "p":
+            del self._cached[key]
+            self._unindex(key)
+            self._free.append(key)
+            self.num_evicted += 1
+        else:
+            self._drop_adapter(key)
+            self.num_adapters_evicted += 1
+        if len(self._heap) > 4 * (len(self._prio) + 16):  # mostly stale: rebuilt
+            self._heap = [(*p, u) for u, p in self._prio.items()]
+            heapq.heapify(self._heap)
+
+    # ---- adapters' pages -----------------------------------------------------------------
+    def allocate_adapter(self, owner, num_pages: int, cost_s: float) -> list[int] | None:
+        """Pages for ``owner``'s device copy (pinned until :meth:`set_pinned` says otherwise:
+        it is being loaded for a step), or None (nothing taken) when not enough are free or
+        evictable; ``cost_s``: what bringing it back would cost, in seconds."""
+        if owner in self._adapters:
+            raise ValueError(f"adapter {owner!r} already has pages")
+        pages = self._take(num_pages)
+        if pages is None:
+            return None
+        self._adapters[owner] = pages
+        self._adapter_cost[owner] = cost_s
+        self._pinned.add(owner)
         return pages
+
+    def adapter_pages(self, owner) -> list[int] | None:
+        """The pages of ``owner``'s device copy, or None when it has none (never loaded, or
+        evicted)."""
+        return self._adapters.get(owner)
+
+    def adapters(self) -> dict:
+        """Owner -> pages of every adapter on the device."""
+        return dict(self._adapters)
+
+    def use_adapter(self, owner, cost_s: float | None = None) -> None:
+        """``owner`` was used now (its priority rises); ``cost_s``: its cost changed (its
+        host copy was dropped or made)."""
+        if owner not in self._adapters:
+            return
+        if cost_s is not None:
+            self._adapter_cost[owner] = cost_s
+        self._set_prio(("a", owner),
+                       self._adapter_cost[owner] / max(1, len(self._adapters[owner])))
+
+    def set_pinned(self, owners) -> None:
+        """The adapters running requests use (never evicted); the others are idle."""
+        owners = {o for o in owners if o in self._adapters}
+        for o in self._pinned - owners:
+            if o in self._adapters and ("a", o) not in self._prio:
+                self.use_adapter(o)
+        self._pinned = owners
+        self._idle_pages = sum(len(p) for o, p in self._adapters.items() if o not in owners)
+
+    def is_pinned(self, owner) -> bool:
+        return owner in self._pinned
+
+    def pin(self, owner) -> None:
+        """Add ``owner`` to the pinned adapters (a request using it was admitted)."""
+        if owner in self._adapters and owner not in self._pinned:
+            self._pinned.add(owner)
+            self._idle_pages -= len(self._adapters[owner])
+
+    def free_adapter(self, owner) -> bool:
+        """Drop ``owner``'s device copy (the adapter was removed); whether it had one."""
+        if owner not in self._adapters:
+            return False
+        self._drop_adapter(owner)
+        return True
+
+    def _drop_adapter(self, owner) -> None:
+        pages = self._adapters.pop(owner)
+        self._adapter_cost.pop(owner, None)
+        self._prio.pop(("a", owner), None)
+        if owner in self._pinned:
+            self._pinned.discard(owner)
+        else:
+            self._idle_pages -= len(pages)
+        self._free.extend(pages)
 
     def free(self, pages: list[int]) -> None:
         """Drop one reference to each page; a page nobody holds becomes cached (if indexed,
@@ -111,6 +255,7 @@ class PagePool:
                 del self._refs[p]
                 if p in self._entry:
                     self._cached[p] = None
+                    self._set_prio(("p", p), self._page_cost(p))
                 else:
                     self._free.append(p)
 
@@ -136,6 +281,7 @@ class PagePool:
                 self._refs[p] += 1
             else:
                 del self._cached[p]
+                del self._prio["p", p]
                 self._refs[p] = 1
 
     def register(self, page: int, key: bytes, model: str, adapter: str | None) -> bool:
@@ -170,6 +316,7 @@ class PagePool:
             self._unindex(p)
             if p in self._cached:
                 del self._cached[p]
+                del self._prio["p", p]
                 self._free.append(p)
         return len(doomed)
 
@@ -179,17 +326,22 @@ class PagePool:
         for p in list(self._entry):
             self._unindex(p)
         self._free.extend(self._cached)
+        for p in self._cached:
+            del self._prio["p", p]
         self._cached.clear()
         return n
 
     def reset(self) -> None:
-        """Every page free again, the cache empty. Only for recovery, when no sequence holds
-        a page."""
+        """Every page free again, the cache empty, no adapter on the device. Only for
+        recovery, when no sequence holds a page."""
         self._free = list(range(self.num_pages - 1, -1, -1))
         self._refs = {}
-        self._cached = OrderedDict()
+        self._cached = {}
         self._index = {}
         self._entry = {}
+        self._adapters, self._adapter_cost, self._pinned = {}, {}, set()
+        self._idle_pages = 0
+        self._prio, self._heap = {}, []
 
     def check_integrity(self, holders: dict[int, int] | None = None) -> None:
         """Raise AssertionError unless every page is in exactly one state, the index and its
@@ -199,9 +351,20 @@ class PagePool:
         assert len(free) == len(self._free), "a page is on the free list twice"
         cached = set(self._cached)
         held = set(self._refs)
+        adapter = [p for pages in self._adapters.values() for p in pages]
+        owned = set(adapter)
+        assert len(owned) == len(adapter), "two adapters (or one twice) hold a page"
         assert not (free & held), "a page is both free and used"
         assert not (free & cached) and not (held & cached), "a cached page is also free/held"
-        assert len(free) + len(held) + len(cached) == self.num_pages, "pages were lost"
+        assert not (owned & (free | held | cached)), "an adapter's page is also free/held/cached"
+        assert len(free) + len(held) + len(cached) + len(owned) == self.num_pages, (
+            "pages were lost")
+        assert self._pinned <= set(self._adapters), "a pinned adapter has no pages"
+        assert self._idle_pages == sum(len(p) for o, p in self._adapters.items()
+                                       if o not in self._pinned), "idle pages miscounted"
+        evictable = {("p", p) for p in cached} | {("a", o) for o in self._adapters
+                                                  if o not in self._pinned}
+        assert evictable <= set(self._prio), "an evictable unit has no priority"
         assert all(n > 0 for n in self._refs.values()), "a held page has no holder"
         assert set(self._entry) <= held | cached, "an indexed page is free"
         assert cached <= set(self._entry), "a cached page is not indexed"

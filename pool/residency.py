@@ -17,9 +17,6 @@ counts as resident at once; the first :meth:`make_resident` that needs it waits 
 rest of its copy (an event on CUDA, the copy's future on CPU) and reports that wait. A slab is
 never reused while a copy into it may still run: evicting or unregistering a model waits for
 its copy first.
-
-The pool also hands out each registered model's range of the arena's adapter region (its LoRA
-slots, :meth:`WeightPool.adapter_buffer`); ``unregister`` returns it with the weight slab.
 """
 
 from __future__ import annotations
@@ -119,38 +116,6 @@ class WeightPool:
         entry = self.entries.pop(name)
         if entry.slab is not None:
             self._release_slab(entry)
-        self.arena.free_adapters(name)
-
-    @_locked
-    def adapter_buffer(self, name: str, num_bytes: int) -> torch.Tensor:
-        """A zeroed uint8 view of ``num_bytes`` in the arena's adapter region for registered
-        model ``name`` (its LoRA slots), held until :meth:`release_adapters` or
-        :meth:`unregister`. PoolCapacityError when no free range is large enough."""
-        if name not in self.entries:
-            raise KeyError(f"model {name!r} is not registered")
-        view = self.arena.allocate_adapters(name, num_bytes)
-        if view is None:
-            slabs = self.arena.adapter_slabs
-            raise PoolCapacityError(
-                f"model {name!r} needs {num_bytes / 2**20:.1f} MiB of adapter slots, but the "
-                f"arena's adapter region ({self.arena.adapter_bytes / 2**20:.1f} MiB, "
-                f"{slabs.largest_free_bytes / 2**20:.1f} MiB free in one range, used by "
-                f"{sorted(self.arena.adapter_owners) or 'no model'}) cannot hold them; raise "
-                "adapter_bytes, or lower max_loras_on_device or max_lora_rank")
-        return view
-
-    def grow_adapter_buffer(self, name: str, num_bytes: int, move) -> torch.Tensor | None:
-        """``name``'s adapter range moved to a larger one (``move(new)`` copies into it; see
-        ``Arena.grow_adapters``); None when the region has no such free range."""
-        return self.arena.grow_adapters(name, num_bytes, move)
-
-    def adapter_free_bytes(self) -> int:
-        """The largest free range of the arena's adapter region."""
-        return self.arena.adapter_slabs.largest_free_bytes
-
-    def release_adapters(self, name: str) -> None:
-        """Return ``name``'s adapter slots to the arena (no-op if it holds none)."""
-        self.arena.free_adapters(name)
 
     def is_resident(self, name: str) -> bool:
         return self.entries[name].slab is not None
@@ -343,5 +308,3 @@ class WeightPool:
         assert len(slabs) == len(self.arena.weight_slabs._used), "a slab is owned by no model"
         assert all(e.slab is not None for e in self.entries.values() if e.copy is not None), (
             "a prefetch copy targets no slab")
-        assert set(self.arena.adapter_owners) <= set(self.entries), (
-            "adapter slots are held by a model that is no longer registered")

@@ -145,6 +145,10 @@ class Scheduler:
         # per model: the adapters on the device now (the engine sets it before each step;
         # absent: unknown, no preference)
         self.resident_adapters: dict[str, object] = {}
+        # per model: adapter -> (the pool's key, pages, cost) of its device copy, which
+        # lives in the KV pool (adapters/paged.py; the engine sets it): a request whose
+        # adapter has no pages takes them at admission, with its KV pages
+        self.adapter_pages: dict[str, object] = {}
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
         self._step = 0
@@ -176,6 +180,7 @@ class Scheduler:
                       self.waiting, self.running, self.rope_switch):
             table.pop(model)
         self.resident_adapters.pop(model, None)
+        self.adapter_pages.pop(model, None)
         self.policy.forget(model)
 
     def enqueue(self, seq: Sequence) -> None:
@@ -213,6 +218,8 @@ class Scheduler:
         self.preemptions_by_model[seq.model] += 1
         self.running[seq.model].remove(seq)
         self.waiting[seq.model].appendleft(seq)
+        if seq.adapter:
+            self._pin_running()
 
     def _evict_others(self, model: str, need: int, preempted: list[Sequence],
                       swap: bool = True) -> None:
@@ -255,6 +262,7 @@ class Scheduler:
             return SchedulerOutput(None, (), ())
         self._swap_out, self._swap_in = [], []
         self._step += 1
+        self._pin_running()
         step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model],
                      self.max_tenant_adapters[model])
         decoding = sum(q.num_tokens - q.num_computed_tokens == 1 for q in self.running[model])
@@ -354,17 +362,19 @@ class Scheduler:
             if num_new == 0:
                 continue
             need = self._pages_needed(seq, num_new)
-            self._evict_others(model, need, step.preempted)
-            while not self.pages.can_allocate(need):
+            key, extra, cost = self._adapter_need(seq)
+            self._evict_others(model, need + extra, step.preempted)
+            while not self.pages.can_allocate(need + extra):
                 victim = self._victim(model, step, seq)
                 if victim is None:
                     break
                 self._preempt(victim)
                 step.preempted.append(victim)
-            if not self.pages.can_allocate(need):  # nothing else to evict: preempt it too
+            if not self.pages.can_allocate(need + extra):  # nothing else to evict: it too
                 self._preempt(seq)
                 step.preempted.append(seq)
                 break
+            self._take_adapter_pages(key, extra, cost)
             seq.pages.extend(self.pages.allocate(need))
             self._take(seq, num_new, step)
             if prefilling:
@@ -396,11 +406,12 @@ class Scheduler:
             hit = self._take_cached_prefix(seq)
             num_new = self._num_new(seq, step)
             need = self._pages_needed(seq, num_new)
+            key, extra, cost = self._adapter_need(seq)
             # evicted KV recomputes if this step swaps in: no swap-out beside a swap-in
             if num_new:
-                self._evict_others(model, need, step.preempted,
+                self._evict_others(model, need + extra, step.preempted,
                                    swap=not (seq.host_pages or self._swap_in))
-            if num_new == 0 or not self.pages.can_allocate(need):
+            if num_new == 0 or not self.pages.can_allocate(need + extra):
                 if hit:  # not admitted: the prefix goes back to the cache
                     self.pages.free(seq.pages)
                     seq.pages, seq.num_computed_tokens, seq.num_indexed_pages = [], 0, 0
@@ -413,6 +424,7 @@ class Scheduler:
                 self.cache_queries[model] += seq.num_tokens
                 self.cache_hits[model] += hit
             self.waiting[model].remove(seq)
+            self._take_adapter_pages(key, extra, cost)
             seq.pages.extend(self.pages.allocate(need))
             if seq.host_pages:  # resume: bring the swapped KV back into the new pages
                 self._swap_in.extend(zip(seq.pages, seq.host_pages))
@@ -421,6 +433,30 @@ class Scheduler:
             seq.status = Status.RUNNING
             running.append(seq)
             self._take(seq, num_new, step)
+
+    def _pin_running(self) -> None:
+        """The adapters of running sequences are never evicted; the others are idle."""
+        self.pages.set_pinned({(q.model, q.adapter) for run in self.running.values()
+                               for q in run if q.adapter})
+
+    def _adapter_need(self, seq: Sequence) -> tuple:
+        """(the pool's key, pages to take, cost) for ``seq``'s adapter's device copy: none
+        where it has them already (then pinned now, so the pages counted free next are not
+        its own), no adapter, or a model without adapters."""
+        request = self.adapter_pages.get(seq.model)
+        if seq.adapter is None or request is None:
+            return None, 0, 0.0
+        key, num_pages, cost = request(seq.adapter)
+        if self.pages.adapter_pages(key) is not None:
+            self.pages.pin(key)
+            return key, 0, cost
+        return key, num_pages, cost
+
+    def _take_adapter_pages(self, key, extra: int, cost: float) -> None:
+        """The pages of the adapter of a sequence taken into the step, where it has none
+        (the caller checked they are there: ``can_allocate``); pinned."""
+        if extra:
+            self.pages.allocate_adapter(key, extra, cost)
 
     # ---- prefix cache -------------------------------------------------------------------
     def _page_key(self, seq: Sequence, i: int) -> bytes:
@@ -546,6 +582,8 @@ class Scheduler:
             return
         if seq.status is Status.RUNNING:
             self.running[seq.model].remove(seq)
+            if seq.adapter:
+                self._pin_running()
         elif seq in self.waiting[seq.model]:
             self.waiting[seq.model].remove(seq)
         self.pages.free(seq.pages)

@@ -300,34 +300,44 @@ def make_byte_model(folder: Path, smollm2_path: Path, seed: int = 0, max_len: in
     return folder
 
 
-def lora_mirror(views: dict[str, torch.Tensor], num_slots: int) -> dict[str, torch.Tensor]:
-    """The bf16 mirror (adapters.slots.fill_mirror) of one layer's slot views, every slot."""
+def lora_pages(widths: dict[str, int], adapters: dict[str, tuple], g: torch.Generator,
+               dtype=torch.float32, mirror: bool = False, page_bytes: int = 4096,
+               exact_in_bf16: bool = False, transform=None):
+    """One layer's adapters ``adapters`` (name -> (rank, targets)) with random weights, made
+    resident in pages of a page pool of their own whose free list is shuffled (so each
+    adapter's pages are scattered and out of order; small pages: an adapter spans several),
+    as ``adapters.paged.AdapterPages`` lays them out; widths: "hidden", "q", "kv", "inter".
+    ``exact_in_bf16``: weights bf16 holds exactly; ``transform``: applied to every weight
+    (abs, for magnitudes). Returns (the AdapterPages, the page tables)."""
+    import random
+    from types import SimpleNamespace
+
     from gpupool.adapters.base import GROUPS
-    from gpupool.adapters.slots import fill_mirror
+    from gpupool.adapters.paged import AdapterPages, target_groups
+    from gpupool.pool.pages import PagePool
 
-    mirror = {}
-    for group, (_, projs) in GROUPS.items():
-        a = views[f"0.{group}.A"]
-        bs = [views[f"0.{p}.B"] for p, _ in projs]
-        mirror[f"0.{group}.A"] = torch.empty(a.shape, dtype=torch.bfloat16)
-        mirror[f"0.{group}.BT"] = torch.empty(num_slots, bs[0].shape[2],
-                                              sum(b.shape[1] for b in bs), dtype=torch.bfloat16)
-    for slot in range(num_slots):
-        fill_mirror(mirror, views, 1, slot)
-    return mirror
-
-
-def lora_slot_views(widths: dict[str, int], num_slots: int, rank_max: int,
-                    g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random float32 LoRA slot views of one layer ("0.{group}.A", "0.{proj}.B"), shaped as
-    AdapterSlots makes them; widths: "hidden", "q", "kv", "inter" sizes."""
-    from gpupool.adapters.base import GROUPS
-
-    views = {}
-    for group, (fan_in, projs) in GROUPS.items():
-        views[f"0.{group}.A"] = torch.randn(num_slots, len(projs) * rank_max, widths[fan_in],
-                                           generator=g)
-        for proj, fan_out in projs:
-            views[f"0.{proj}.B"] = torch.randn(num_slots, widths[fan_out], rank_max,
-                                               generator=g)
-    return views
+    cfg = SimpleNamespace(num_layers=1, hidden_size=widths["hidden"], q_size=widths["q"],
+                          kv_size=widths["kv"], intermediate_size=widths["inter"])
+    weights = {}
+    for name, (rank, targets) in adapters.items():
+        w = {}
+        for fan_in, projs in GROUPS.values():
+            for proj, fan_out in projs:
+                a = torch.randn(rank, widths[fan_in], generator=g)
+                b = torch.randn(widths[fan_out], rank, generator=g)
+                if proj in targets:
+                    w[0, proj] = (a, b)
+        if exact_in_bf16:
+            w = {k: tuple(t.to(torch.bfloat16).float() for t in ab) for k, ab in w.items()}
+        if transform is not None:
+            w = {k: tuple(transform(t) for t in ab) for k, ab in w.items()}
+        weights[name] = w
+    groups = set().union(*(target_groups(t) for _, t in adapters.values()))
+    pool = PagePool(256)
+    random.Random(0).shuffle(pool._free)
+    memory = torch.zeros(256, page_bytes, dtype=torch.uint8)
+    paged = AdapterPages(cfg, groups, dtype, pool, memory, "m", mirror=mirror)
+    for name, (rank, _) in adapters.items():
+        paged.add(name, rank, lambda w=weights[name]: w)
+    tables = paged.ensure(list(adapters))
+    return paged, tables

@@ -152,9 +152,9 @@ class FakeClient:
                                "weight_prefetches_wasted", "kv_pages_out", "kv_pages_in",
                                "kv_bytes"), 0)
         arena = {"total_bytes": 0, "weights": {"bytes": 0, "used_bytes": 0},
-                 "adapters": {"bytes": 0}, "kv": {"bytes": 0}}
+                 "kv": {"bytes": 0}}
         models = {n: {"resident": True, "weight_bytes": 0, "removing": False, "waiting": 0,
-                      "running": 0, "adapter_slots": 0, "resident_adapters": []}
+                      "running": 0, "max_loras": 0, "adapter_pages": 0, "resident_adapters": []}
                   for n in self.models}
         return Stats("fake", "token", arena, kv, swaps, tuple(self.models), models,
                      dict(self.adapters), len(self._tasks))

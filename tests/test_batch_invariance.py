@@ -51,6 +51,22 @@ def setup(tiny_models, tmp_path_factory):
     return folder, adapters, {}
 
 
+_ADAPTER_BYTES: dict = {}
+
+
+def _adapter_bytes(folder, adapters, variant) -> int:
+    """Bytes of the pages both adapters' device copies take in ``variant``'s engine."""
+    if variant not in _ADAPTER_BYTES:
+        engine = _engine(folder, adapters, VARIANTS.get(variant, variant))
+        try:
+            paged = engine.local.core.workers["m"].adapter_pages
+            _ADAPTER_BYTES[variant] = sum(paged.pages_needed(n) for n in adapters) \
+                * engine.local.kv.page_bytes
+        finally:
+            engine.shutdown()
+    return _ADAPTER_BYTES[variant]
+
+
 def _engine(folder, adapters, quant, **overrides):
     """``quant``: a VARIANTS value (the backend this machine selects in bf16) or a
     TORCH_VARIANTS key (the torch backend)."""
@@ -202,6 +218,8 @@ def _check_scenario(setup, case):
     pool = {"kv_cache_bytes": 96 << 10, "host_kv_bytes": 0} if case["small_pool"] else {}
     if case["small_pool"] and case["variant"] == "torch-fp32":  # float32 pages: twice the bytes
         pool["kv_cache_bytes"] *= 2
+    if case["small_pool"]:  # the adapters' device copies share the pool: room for them too
+        pool["kv_cache_bytes"] += _adapter_bytes(folder, adapters, case["variant"])
     engine = _engine(folder, adapters, VARIANTS.get(case["variant"], case["variant"]),
                      max_num_batched_tokens=case["budget"],
                      max_prefill_tokens_while_decoding=case["prefill_cap"], **pool)

@@ -13,7 +13,7 @@ from gpupool.models.loaded import resolve_dtype
 from tests.factories import (
     hf_gap_in_ulps,
     hf_greedy_with,
-    lora_slot_views,
+    lora_pages,
     make_engine,
     make_peft_adapter,
     random_prompts,
@@ -91,7 +91,7 @@ def test_bf16_lora_runs_its_adapter_terms_in_fp32_and_agrees_with_fp32(tiny_mode
             assert worker.adapter_dtype == torch.float32
             outs[dtype] = [e.generate([p], first if dtype == "float32" else greedy,
                                       model=n or "m")[0] for p, n in zip(prompts, names)]
-            assert {v.dtype for v in worker.slots.views.values()} == {torch.float32}
+            assert worker.adapter_pages.layout.dtype == torch.float32
         finally:
             e.shutdown()
     for o16, o32 in zip(outs["bfloat16"], outs["float32"]):
@@ -118,19 +118,16 @@ def _check_batched_lora(GROUPS, LoraBatch):
 
     g = torch.Generator().manual_seed(3)
     widths = {"hidden": 24, "q": 24, "kv": 8, "inter": 40}
-    num_slots, rank_max = 5, 8
-    views = lora_slot_views(widths, num_slots, rank_max, g)
-    targets = {"a": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
-               "b": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj"),
-               "c": ("q_proj",)}
-    ranks = {"a": 4, "b": 4, "c": 8}
-    for slot_of, rows in (({"a": 0, "b": 1}, ["a", "a", "a", "b", "b", "b"]),
-                          ({"a": 3, "b": 1}, ["a", "a", "a", "b", "b", "b"]),
-                          ({"a": 3, "b": 1}, ["a", "a", "b", "b", "b", "a"])):  # padded
-        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=True)
-        slow = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=False)
+    six = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "o_proj")
+    specs = {"a": (4, six), "b": (4, six), "c": (8, ("q_proj",))}
+    paged, tables = lora_pages(widths, specs, g)
+    targets = {n: t for n, (_, t) in specs.items()}
+    for rows in (["a", "a", "a", "b", "b", "b"], ["b", "b", "b", "a", "a", "a"],
+                 ["a", "a", "b", "b", "b", "a"]):  # in order, permuted (a gather), padded
+        fast = LoraBatch.build(rows, tables, paged, targets, "cpu", batched=True)
+        slow = LoraBatch.build(rows, tables, paged, targets, "cpu", batched=False)
         assert fast.batched is not None and slow.batched is None
-        assert (fast.batched[-1] is None) == (rows[2] == "a")  # equal segments: no padding
+        assert (fast.batched[-1] is None) == (rows[2] == rows[0])  # equal segments: no pad
         for group, (fan_in, projs) in GROUPS.items():
             x = torch.randn(len(rows), widths[fan_in], generator=g).to(torch.bfloat16)
             n = sum(widths[f] for _, f in projs)
@@ -141,6 +138,5 @@ def _check_batched_lora(GROUPS, LoraBatch):
             assert not torch.equal(want, base)  # the adapters did add something
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     for rows in (["a"] * 8 + ["b", "a"], ["a", None, "b"], ["a", "c"]):  # padding, base, ranks
-        slot_of = {"a": 0, "b": 1, "c": 2}
-        assert LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu",
+        assert LoraBatch.build(rows, tables, paged, targets, "cpu",
                                batched=True).batched is None

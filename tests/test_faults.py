@@ -27,9 +27,11 @@ def adapters(base, tmp_path_factory):
 def _poison(engine, adapter: str) -> None:
     """Fault injection: NaN into an adapter's host copy (its first use refuses NaN files, so
     this stands for memory gone bad after it)."""
-    slots = engine.local.core.workers["m"].slots
-    for view in slots.layout.views(slots.load_host(adapter)).values():
-        view.fill_(float("nan"))
+    paged = engine.local.core.workers["m"].adapter_pages
+    host = paged.load_host(adapter)
+    paged.layout.main(host).fill_(float("nan"))
+    if paged.layout.bf16(host) is not None:
+        paged.layout.bf16(host).fill_(float("nan"))
 
 
 def test_nan_logits_fail_only_their_request(base, adapters):

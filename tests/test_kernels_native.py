@@ -22,8 +22,7 @@ from tests import TESTS_PACKAGE
 from tests.factories import (
     hf_gap_in_ulps,
     hf_greedy_with,
-    lora_mirror,
-    lora_slot_views,
+    lora_pages,
     make_engine,
     make_peft_adapter,
     random_prompts,
@@ -367,34 +366,34 @@ def test_decode_attention_matches_dense_attention(heads, kvh, d, lengths):
 
 @pytest.mark.parametrize("exact_in_bf16", [True, False])
 def test_lora_kernel_matches_the_segmented_path(exact_in_bf16):
-    """The fused LoRA kernel (on the slots' bf16 mirror) against the segmented SGMV path (the
-    ground truth) on bf16 activations: unequal segments, permuted slots, base rows between
-    adapters, adapters of different ranks and targets, segments longer than the kernel's
-    16-row work items. On slots that bf16 holds exactly, within
-    bf16 rounding of the sum; on any float32 slots, within the slots' own rounding to bf16
-    (2^-8 of the sum of the terms' magnitudes) and that rounding of the sum."""
+    """The fused LoRA kernel (reading the pieces' bf16 part in place through the page
+    tables) against the segmented SGMV path on the same adapters gathered out of their
+    pages in float32 (the ground truth) on bf16 activations: adapters scattered over
+    shuffled pages, unequal segments, base rows between adapters, adapters of different
+    ranks and targets, segments longer than the kernel's 16-row work items. On weights
+    that bf16 holds exactly, within bf16 rounding of the sum; on any float32 weights, within
+    their own rounding to bf16 (2^-8 of the sum of the terms' magnitudes) and that rounding
+    of the sum."""
     from gpupool.adapters.base import GROUPS
     from gpupool.adapters.batch import LoraBatch
 
-    g = torch.Generator().manual_seed(3)
     widths = {"hidden": 40, "q": 40, "kv": 8, "inter": 72}
-    num_slots, rank_max = 5, 16
-    views = lora_slot_views(widths, num_slots, rank_max, g)
-    if exact_in_bf16:
-        views = {k: v.to(BF).float() for k, v in views.items()}
-    mirror = lora_mirror(views, num_slots)
-    magnitudes = {k: v.abs() for k, v in views.items()}
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    targets = {"a": every, "b": ("q_proj", "v_proj", "down_proj"), "c": ("q_proj",)}
-    ranks = {"a": 4, "b": 16, "c": 8}
-    slot_of = {"a": 3, "b": 0, "c": 4}
+    specs = {"a": (4, every), "b": (16, ("q_proj", "v_proj", "down_proj")),
+             "c": (8, ("q_proj",))}
+    paged, tables = lora_pages(widths, specs, torch.Generator().manual_seed(3), mirror=True,
+                               exact_in_bf16=exact_in_bf16)
+    sizes, size_tables = lora_pages(widths, specs, torch.Generator().manual_seed(3),
+                                    exact_in_bf16=exact_in_bf16, transform=torch.abs)
+    assert any(len(t) > 1 and t != sorted(t) for t in tables.values())  # scattered pages
+    targets = {n: t for n, (_, t) in specs.items()}
+    g = torch.Generator().manual_seed(4)
     long = ["c"] * 3 + ["b"] * 37 + [None] * 2 + ["a"] * 17  # segments over 16 rows: shared
     for rows in (["a", "a", "b", "b", "b", "c"], ["a"], [None, "a", "a", None, "c", "c", "c"],
                  long):
-        fast = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", NativeOps(),
-                               batched=True, mirror=mirror)
-        slow = LoraBatch.build(rows, slot_of, ranks, targets, views, "cpu", batched=False)
-        size = LoraBatch.build(rows, slot_of, ranks, targets, magnitudes, "cpu")
+        fast = LoraBatch.build(rows, tables, paged, targets, "cpu", NativeOps(), batched=True)
+        slow = LoraBatch.build(rows, tables, paged, targets, "cpu", batched=False)
+        size = LoraBatch.build(rows, size_tables, sizes, targets, "cpu")
         assert fast.native is not None and slow.native is None
         for group, (fan_in, projs) in GROUPS.items():
             x = torch.randn(len(rows), widths[fan_in], generator=g).to(BF)
@@ -417,13 +416,40 @@ def test_lora_kernel_matches_the_segmented_path(exact_in_bf16):
                 assert (_ulps_apart(got, want) <= 1).float().mean() >= 0.5, group
 
 
-def test_the_lora_mirror_lives_in_the_arena_and_follows_every_slot_load(tiny_models, tmp_path):
-    """A bf16 model on CPU: its float32 slots' bf16 mirror lies in the base's range of the
-    arena's adapter region, after the slots; with one slot and two adapters taking turns, each
-    load leaves the mirror equal to the slot's A rounded to bf16 and its Bs transposed, and an
-    adapter gives the same tokens after the other one evicted it."""
+def test_the_kernel_reads_pages_wherever_they_lie():
+    """The same adapters in pages laid out another way (another shuffle of the pool, other
+    page sizes: 1 to 7 pieces a page, and many) give the fused kernel's very bits: a sum over the
+    hidden size is one piece's row, its order fixed wherever the piece is."""
     from gpupool.adapters.base import GROUPS
+    from gpupool.adapters.batch import LoraBatch
 
+    widths = {"hidden": 40, "q": 40, "kv": 8, "inter": 72}
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    specs = {"a": (4, every), "b": (16, ("q_proj", "v_proj", "down_proj"))}
+    rows = ["b"] * 3 + [None] + ["a"] * 20
+    outs = []
+    for page_bytes in (4096, 3584, 7 * 3584 + 100, 1 << 20):  # a piece: 3584 bytes
+        paged, tables = lora_pages(widths, specs, torch.Generator().manual_seed(3),
+                                   mirror=True, page_bytes=page_bytes)
+        batch = LoraBatch.build(rows, tables, paged, {n: t for n, (_, t) in specs.items()},
+                                "cpu", NativeOps(), batched=True)
+        g = torch.Generator().manual_seed(4)
+        out = []
+        for group, (fan_in, projs) in GROUPS.items():
+            x = torch.randn(len(rows), widths[fan_in], generator=g).to(BF)
+            y = torch.zeros(len(rows), sum(widths[f] for _, f in projs)).to(BF)
+            batch.apply(0, group, x, y)
+            out.append(y)
+        outs.append(out)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_the_lora_mirror_lives_in_kv_pages_and_follows_every_load(tiny_models, tmp_path):
+    """A bf16 model on CPU: its float32 pieces' bf16 part lies in pages of the arena's KV
+    region; with one device copy at a time and two adapters taking turns, each load leaves
+    every piece's bf16 part equal to its float32 part rounded, and an adapter gives the same
+    tokens after the other one evicted it."""
     folder = tiny_models("llama")
     a = make_peft_adapter(folder, tmp_path / "a", 4, ["q_proj", "v_proj", "down_proj"], seed=5)
     b = make_peft_adapter(folder, tmp_path / "b", 8, ["o_proj", "gate_proj", "up_proj"],
@@ -436,22 +462,21 @@ def test_the_lora_mirror_lives_in_the_arena_and_follows_every_slot_load(tiny_mod
         greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
         worker = e.local.core.workers["m"]
         tokens = []
+        arena = e.local.arena
         for name in ("a", "b", "a"):
             tokens.append(list(e.generate([prompt], greedy, model=name)[0].token_ids))
-            slots = worker.slots
-            assert list(slots.resident) == [name] and slots.mirror is not None
-            for i in range(worker.cfg.num_layers):
-                for group, (_, projs) in GROUPS.items():
-                    assert torch.equal(slots.mirror[f"{i}.{group}.A"][0],
-                                       slots.views[f"{i}.{group}.A"][0].to(BF))
-                    bt = torch.cat([slots.views[f"{i}.{p}.B"][0] for p, _ in projs]).T
-                    assert torch.equal(slots.mirror[f"{i}.{group}.BT"][0], bt.to(BF))
-        arena = e.local.arena
-        start = slots.buffer.data_ptr() + slots.buffer.numel()  # the slots end, the mirror starts
-        end = arena.adapters.data_ptr() + arena.adapter_bytes
-        for v in slots.mirror.values():
-            assert v.untyped_storage().data_ptr() == arena.buffer.data_ptr()
-            assert start <= v.data_ptr() < end
+            paged = worker.adapter_pages
+            lay = paged.layout
+            assert list(paged.resident) == [name] and lay.mirror_offset is not None
+            table, ppp = paged._loaded[name], paged.pieces_per_page
+            pieces = torch.cat([paged.memory[p, : ppp * lay.piece_bytes].view(ppp, -1)
+                                for p in table])[: paged.num_pieces(paged.ranks[name])]
+            assert torch.equal(lay.bf16(pieces), lay.main(pieces).to(BF))
+            assert lay.main(pieces).abs().sum() > 0
+            for p in table:
+                row = paged.memory[p]
+                assert arena.kv.data_ptr() <= row.data_ptr() < arena.kv.data_ptr() \
+                    + arena.kv_bytes
         assert tokens[0] == tokens[2] and tokens[0] != tokens[1]
         e.check_integrity()
     finally:

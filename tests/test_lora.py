@@ -1,5 +1,5 @@
-"""Multi-LoRA against peft: mixed batches of base and adapter rows, slots, removal, and the
-slots' home in the arena's adapter region."""
+"""Multi-LoRA against peft: mixed batches of base and adapter rows, removal, and the
+adapters' device copies in pages of the KV pool (adapters/paged.py)."""
 
 import shutil
 
@@ -8,20 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gpupool import AdapterError, RequestError, SamplingParams
+from gpupool.adapters.paged import AdapterPages, pack_adapter, pack_raw
 from gpupool.adapters.peft_format import read_raw
-from gpupool.adapters.slots import (
-    AdapterSlots,
-    fill_mirror,
-    group_ranks,
-    pack_adapter,
-    pack_raw,
-)
 from gpupool.engine.core import batch_rows
 from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
-from gpupool.models.loaded import LoadedModel
-from gpupool.pool.arena import ALIGN
-from gpupool.pool.kv import KVStorage
+from gpupool.pool.pages import PagePool
 from tests.factories import (
     DeltaLog,
     make_engine,
@@ -114,18 +106,18 @@ def test_logits_match_peft_within_tolerance(lora_setup):
     assert worst < 1e-4, f"max relative logit error {worst}"
 
 
-def test_more_adapters_than_slots(lora_setup, mixed):
+def test_more_adapters_than_the_cap(lora_setup, mixed):
     base, paths = lora_setup
     names, prompts, want = mixed
     e = _engine(base, paths, max_loras_on_device=2)
     try:
-        slots = e.local.core.workers["base"].slots
+        slots = e.local.core.workers["base"].adapter_pages
         per_step, ensure = [], slots.ensure
         slots.ensure = lambda names, *a: per_step.append(set(names)) or ensure(names, *a)
         outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
                           model=[n or "base" for n in names])
         assert [list(o.token_ids) for o in outs] == want
-        assert max(len(s) for s in per_step) == 2  # never more adapters than slots
+        assert max(len(s) for s in per_step) == 2  # never more adapters than the cap
         assert set().union(*per_step) == set(ADAPTERS)
         assert slots.num_loads >= len(ADAPTERS) and len(slots.resident) <= 2
         e.check_integrity()
@@ -134,7 +126,7 @@ def test_more_adapters_than_slots(lora_setup, mixed):
 
 
 def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
-    """One slot holding r4; a request for r8 queued before two for r4: the r4 requests run
+    """A cap of one holding r4; a request for r8 queued before two for r4: the r4 requests run
     first (one load, r8's) unless the preference is off (adapter_wait_ms=0: r8 first, then r4
     loaded again). Outputs match peft either way."""
     base, paths = lora_setup
@@ -143,7 +135,7 @@ def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
     for wait_ms, loads in ((500.0, 2), (0.0, 3)):
         e = _engine(base, paths, max_loras_on_device=1, adapter_wait_ms=wait_ms)
         try:
-            slots = e.local.core.workers["base"].slots
+            slots = e.local.core.workers["base"].adapter_pages
             params = SamplingParams(max_tokens=16, temperature=0)
             assert list(e.generate([prompts[i4]], params, model="r4")[0].token_ids) == want[i4]
             outs = e.generate([prompts[i8], prompts[i4], prompts[i4]], params,
@@ -157,24 +149,29 @@ def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
 
 def _packs_as_the_reference(engine, names) -> None:
     """Each adapter's host copy packed from its file's bytes by a plan equals the reference
-    packing bit for bit, and the bf16 mirror filled by one gather equals fill_mirror's."""
-    slots = engine.local.core.workers[next(iter(engine.local.core.workers))].slots
+    packing bit for bit (its bf16 part included), and its device copy in the pages is the
+    host copy, piece for piece in page-table order."""
+    worker = engine.local.core.workers[next(iter(engine.local.core.workers))]
+    paged = worker.adapter_pages
+    lay = paged.layout
     for name in names:
-        fast = slots._pack(name)
-        spec = slots.loaders[name].spec
+        fast = paged._pack(name)
+        spec = paged.loaders[name].spec
         raw = read_raw(spec.path)
-        plan = slots._plans[raw.signature, slots.ranks[name]]
+        plan = paged._plans[raw.signature, paged.ranks[name]]
         assert plan.masks == spec.layers  # so _pack took the plan, not the fallback
-        direct = pack_raw(slots.layout, slots.dtype, plan, raw, spec.scaling)
+        direct = pack_raw(lay, paged.cfg, paged.ranks[name], plan, raw, spec.scaling)
         assert direct is not None  # the plan's path, not the fallback
-        ref = pack_adapter(slots.layout, slots.cfg, slots.ranks[name], slots.loaders[name])
+        ref = pack_adapter(lay, paged.cfg, paged.ranks[name], paged.loaders[name])
         assert torch.equal(fast, ref) and torch.equal(direct, ref), name
-        if slots.mirror is not None:
-            slot = slots.ensure([name])[name]
-            got = slots._mirror_rows[slot].clone()
-            slots._mirror_rows[slot].zero_()
-            fill_mirror(slots.mirror, slots.views, slots.cfg.num_layers, slot)
-            assert torch.equal(got, slots._mirror_rows[slot]), name
+        if lay.mirror_offset is not None:
+            assert torch.equal(lay.bf16(ref), lay.main(ref).to(torch.bfloat16))
+        table = paged.ensure([name])[name]
+        host, ppp = paged.load_host(name), paged.pieces_per_page
+        assert len(table) == -(-len(host) // ppp)
+        for q, page in enumerate(table):
+            chunk = host[q * ppp : (q + 1) * ppp].reshape(-1)
+            assert torch.equal(paged.memory[page, : chunk.numel()], chunk), name
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -227,7 +224,7 @@ def test_remove_adapter_during_a_request(lora_setup, mixed):
                 log.add(core.step())
             assert "x" in log.final and log.tokens["x"] == want[3]  # the running one completed
             assert "r16" not in core.adapters.refs  # dropped once it finished
-            assert "r16" not in core.workers["base"].slots.host
+            assert "r16" not in core.workers["base"].adapter_pages.host
             core.check_integrity()
         assert e.local.kv.pages.num_used_pages == 0
         with pytest.raises(RequestError):
@@ -257,103 +254,73 @@ def test_remove_idle_adapter_and_errors(lora_setup):
         e.shutdown()
 
 
-def _slot_bytes(base, num_slots, *names):
-    """Bytes of ``num_slots`` slots laid out for the adapters ``names`` (default: all)."""
-    ranks = group_ranks([(ADAPTERS[n][0], ADAPTERS[n][1]) for n in names or ADAPTERS])
-    return AdapterSlots.num_bytes(ModelConfig.from_folder(base), num_slots, ranks,
-                                  torch.float32)
+def _adapter_bytes(base, *names):
+    """Bytes of the host copy of the largest of ``names`` (default: all) in the layout of
+    every registered adapter (the test engines register them all)."""
+    from gpupool.adapters.paged import PieceLayout, target_groups
+
+    cfg = ModelConfig.from_folder(base)
+    groups = set().union(*(target_groups(t) for _, t, _ in ADAPTERS.values()))
+    lay = PieceLayout.build(cfg, groups, torch.float32, False)
+    return max(cfg.num_layers * ADAPTERS[n][0] for n in names or ADAPTERS) * lay.piece_bytes
 
 
-def test_slots_are_views_into_the_arena_adapter_region(lora_setup):
-    base, paths = lora_setup
-    e = _engine(base, paths, max_loras_on_device=3)
-    try:
-        arena, slots = e.local.arena, e.local.core.workers["base"].slots
-        lo = arena.adapters.data_ptr()
-        hi = lo + arena.adapter_bytes
-        assert arena.weights.data_ptr() + arena.weight_bytes == lo  # the region, not KV
-        assert slots.buffer.untyped_storage().data_ptr() == arena.buffer.data_ptr()
-        offset = arena.adapter_owners["base"]
-        assert slots.buffer.data_ptr() == lo + offset
-        assert slots.buffer.numel() == _slot_bytes(base, 3)
-        assert lo <= slots.buffer.data_ptr() < slots.buffer.data_ptr() + slots.buffer.numel() <= hi
-        for v in slots.views.values():  # every tensor the kernels read lies in the region
-            assert v.untyped_storage().data_ptr() == arena.buffer.data_ptr()
-            assert lo <= v.data_ptr() < hi
-        used = arena.adapter_slabs.num_bytes - arena.adapter_slabs.num_free_bytes
-        assert used == -(-_slot_bytes(base, 3) // ALIGN) * ALIGN  # one range, this base's
-        # a load writes the arena's bytes: the slot the step got holds the adapter's host copy
-        slot = slots.ensure({"r16"})["r16"]
-        start = offset + slot * slots.layout.num_bytes
-        assert torch.equal(arena.adapters[start : start + slots.layout.num_bytes],
-                           slots.load_host("r16"))
-        e.check_integrity()
-    finally:
-        e.shutdown()
-
-
-def test_adapter_space_returns_when_the_base_or_its_last_adapter_goes(lora_setup, mixed):
-    """A region that holds one base's slots: the second base gets them only once the first
-    has given its range back, by losing its last adapter or by being removed."""
+def test_device_copies_are_pages_of_the_kv_pool(lora_setup, mixed):
+    """An adapter's device copy lies in pages of the arena's KV region, taken from the one
+    page pool (the KV cache's), as many as its rank needs; the pages go back to the pool
+    when the adapter or its base goes, and no copy outlives its adapter."""
     base, paths = lora_setup
     names, prompts, want = mixed
-    # two slots for r8 hold two for r4 (q, v at rank 4) but not two more for r8 beside them
-    e = make_engine(max_lora_rank=64, max_loras_on_device=2,
-                    adapter_bytes=_slot_bytes(base, 2, "r8"))
+    e = _engine(base, paths)
     try:
-        e.add_model("a", base)
-        e.add_model("b", base)
-        arena = e.local.arena
-        e.add_adapter("r4", "a", paths["r4"])
-        with pytest.raises(AdapterError, match="adapter region"):
-            e.add_adapter("r8", "b", paths["r8"])
-        assert e.adapters == {"r4": "a"} and e.local.core.workers["b"].slots is None
-        assert list(arena.adapter_owners) == ["a"]
-        e.check_integrity()
-        e.remove_adapter("r4")  # a's last adapter: its range goes back
-        assert arena.adapter_owners == {} and e.local.core.workers["a"].slots is None
-        assert arena.adapter_slabs.num_free_bytes == arena.adapter_bytes
-        e.add_adapter("r8", "b", paths["r8"])
-        with pytest.raises(AdapterError, match="adapter region"):
-            e.add_adapter("r4", "a", paths["r4"])
-        e.remove_model("b")  # idle: dropped at once, with its adapters and their range
-        assert e.models == ["a"] and arena.adapter_owners == {} and e.adapters == {}
-        e.check_integrity()
-        e.add_adapter("r4", "a", paths["r4"])
-        out = e.generate(prompts[1], SamplingParams(max_tokens=16, temperature=0), model="r4")
-        assert names[1] == "r4" and list(out[0].token_ids) == want[1]
-        e.check_integrity()
-    finally:
-        e.shutdown()
-
-
-def test_too_small_adapter_region_refuses_cleanly(lora_setup):
-    base, paths = lora_setup
-    need = _slot_bytes(base, 4, "r4")
-    e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=4,
-                    adapter_bytes=need - ALIGN)
-    try:
-        with pytest.raises(AdapterError, match=r"adapter slots.*adapter region.*adapter_bytes"):
-            e.add_adapter("r4", "base", paths["r4"])
+        arena, pool = e.local.arena, e.local.kv.pages
         worker = e.local.core.workers["base"]
-        assert e.adapters == {} and not e.local.core.adapters.refs
-        assert worker.slots is None and worker.adapter_targets == {}
-        assert e.local.arena.adapter_owners == {}
-        assert e.local.arena.adapter_slabs.num_free_bytes == e.local.arena.adapter_bytes
+        paged = worker.adapter_pages
+        free = pool.num_free_pages
+        outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
+                          model=[n or "base" for n in names])
+        assert [list(o.token_ids) for o in outs] == want
+        held = pool.adapters()
+        assert set(held) == {("base", n) for n in ADAPTERS}
+        lo = arena.kv.data_ptr()
+        for (_, name), pages in held.items():
+            assert len(pages) == paged.pages_needed(name)
+            for p in pages:  # every byte the kernels read lies in the KV region
+                row = paged.memory[p]
+                assert lo <= row.data_ptr() < row.data_ptr() + row.numel() \
+                    <= lo + arena.kv_bytes
+        # ranks 4 and 64 on the same layout: pages in proportion (no padding to the largest)
+        assert paged.pages_needed("r4") < paged.pages_needed("r64")
+        assert pool.num_adapter_pages == sum(len(p) for p in held.values())
+        assert pool.num_free_pages == free  # idle copies count as free: evicted on demand
+        assert e.stats()["kv_pages"]["adapters"] == pool.num_adapter_pages
         e.check_integrity()
-        with pytest.raises(RequestError, match="not loaded"):
-            e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="r4")
-        assert len(e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="base")) == 1
+        e.remove_adapter("r64")
+        assert ("base", "r64") not in pool.adapters()
+        e.remove_model("base")  # idle: dropped at once, with its adapters and their pages
+        assert pool.adapters() == {} and pool.num_adapter_pages == 0
+        e.check_integrity()
     finally:
         e.shutdown()
 
 
-def test_a_worker_without_a_pool_serves_no_adapters(lora_setup):
-    base, _ = lora_setup
-    worker = LoadedModel("m", base, torch.device("cpu"), KVStorage(4, 16 << 10, "cpu"))
-    with pytest.raises(AdapterError, match="adapter region"):
-        worker.add_adapter("x", 4, ("q_proj",), dict)
-    assert worker.slots is None and worker.adapter_targets == {}
+def test_a_pool_too_small_for_an_adapter_refuses_its_requests_cleanly(lora_setup):
+    """A KV pool that cannot hold an adapter's device copy beside a request's KV: the
+    request fails with a clear error at admission; the base model serves on and the
+    adapter stays registered."""
+    base, paths = lora_setup
+    e = make_engine(base, name="base", max_lora_rank=64, kv_cache_bytes=6 * (64 << 10),
+                    kv_page_bytes=64 << 10)
+    try:
+        e.add_adapter("r64", "base", paths["r64"])
+        assert e.local.core.workers["base"].adapter_pages.pages_needed("r64") >= 6
+        with pytest.raises(RequestError, match="KV cache"):
+            e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="r64")
+        assert e.adapters == {"r64": "base"}
+        assert len(e.generate([5, 6, 7], SamplingParams(max_tokens=2), model="base")) == 1
+        e.check_integrity()
+    finally:
+        e.shutdown()
 
 
 def test_registration_reads_no_weights_and_host_copies_have_a_budget(lora_setup, mixed,
@@ -377,68 +344,96 @@ def test_registration_reads_no_weights_and_host_copies_have_a_budget(lora_setup,
             folder = tmp_path / f"copy{i}"
             shutil.copytree(paths["r4"], folder)
             e.add_adapter(f"copy{i}", "base", folder)
-        slots = e.local.core.workers["base"].slots
+        slots = e.local.core.workers["base"].adapter_pages
         assert reads == [] and slots.host_bytes == 0 and not slots.host
+        assert e.local.kv.pages.num_adapter_pages == 0
     finally:
         e.shutdown()
-    one = _slot_bytes(base, 1)
-    e = _engine(base, paths, max_loras_on_device=2, host_adapter_bytes=2 * one)
+    one = _adapter_bytes(base)  # the largest adapter's copy: the cache holds one or a few
+    e = _engine(base, paths, max_loras_on_device=2, host_adapter_bytes=one)
     try:
         outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
                           model=[n or "base" for n in names])
         assert [list(o.token_ids) for o in outs] == want
-        slots = e.local.core.workers["base"].slots
-        assert slots.host_bytes <= 2 * one + one  # the budget, and the one being loaded
+        slots = e.local.core.workers["base"].adapter_pages
+        assert slots.host_bytes <= 2 * one  # the budget, and the one being loaded
         assert slots.num_reads > 4  # copies were dropped and read again
         e.local.check_integrity()
     finally:
         e.shutdown()
 
 
-def test_slots_follow_demand_within_the_adapter_region(lora_setup, mixed):
-    """max_loras_on_device unset (the default): a base starts with one slot and a step with
-    more distinct adapters grows them (moved to a larger range with their contents), as far
-    as the adapter region holds; past that, steps hold what fits. Outputs match peft either
-    way, and the arena accounts for exactly one range."""
+def test_kv_and_adapters_share_the_pool_under_pressure(lora_setup, mixed):
+    """More adapters than the pool holds beside the KV, in a randomized stream (seeded): idle
+    adapters and cached pages are evicted by one policy as requests need pages, a running
+    request's adapter never is, and every output still matches peft (adapters evicted and
+    brought back into other pages). The unified pool's integrity holds after every step."""
+    import random
+
     base, paths = lora_setup
     names, prompts, want = mixed
-    for region_slots in (None, 3):
-        # a region of 3 slots: 1 -> 2 and no further (a growth allocates beside the old range)
-        extra = {} if region_slots is None else {"adapter_bytes": _slot_bytes(base, 3)}
-        e = _engine(base, paths, **extra)
-        try:
-            worker = e.local.core.workers["base"]
-            assert worker.slots.num_slots == 1 and worker.adapter_config.max_loras_on_device \
-                is None
-            per_step, grow = [], worker._grow_slots
-            worker._grow_slots = lambda n, log=per_step, grow=grow: log.append(n) or grow(n)
-            outs = e.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
-                              model=[n or "base" for n in names])
-            assert [list(o.token_ids) for o in outs] == want
-            slots, arena = worker.slots, e.local.arena
-            assert per_step and slots.num_slots >= max(per_step)
-            if region_slots is None:  # every adapter of the batch at once, once grown
-                assert slots.num_slots >= len(ADAPTERS)
-            else:
-                assert slots.num_slots == 2
-            used = arena.adapter_slabs.num_bytes - arena.adapter_slabs.num_free_bytes
-            assert used == -(-_slot_bytes(base, slots.num_slots) // ALIGN) * ALIGN
-            assert list(arena.adapter_owners) == ["base"]
-            e.check_integrity()
-        finally:
-            e.shutdown()
+    rng = random.Random(5)
+    e = _engine(base, paths, kv_cache_bytes=48 * (16 << 10), max_num_seqs=3,
+                enable_prefix_caching=True)
+    try:
+        core = e.local.core
+        pool = e.local.kv.pages
+        paged = core.workers["base"].adapter_pages
+        total = sum(paged.pages_needed(n) for n in ADAPTERS)
+        assert total > pool.num_pages // 2  # all of them and the KV do not fit at once
+        params = SamplingParams(max_tokens=16, temperature=0)
+        order = [rng.randrange(len(names)) for _ in range(24)]
+        with e.local._lock:
+            log = DeltaLog()
+            for k, i in enumerate(order):
+                core.enqueue(EngineRequest(str(k), names[i] or "base", prompts[i], params))
+            while core.has_work():
+                log.add(core.step())
+                core.check_integrity()  # pinned running adapters included
+        for k, i in enumerate(order):
+            assert log.tokens[str(k)] == want[i], (k, names[i])
+        assert pool.num_adapters_evicted > 0  # the stream pushed idle adapters out
+        assert paged.num_loads > len(ADAPTERS)  # and brought them back
+    finally:
+        e.shutdown()
 
 
-def test_slot_layout_follows_the_registered_ranks_and_targets(lora_setup, mixed):
-    """Slots are sized for the adapters registered, not for max_lora_rank on every
-    projection: r4 (q and v at rank 4) alone takes a sliver of a slot of r64's layout;
-    registering the others lays the slots out again (the adapters stay registered and are
-    read again on use) and a mixed batch still matches peft. A region too small for a new
-    layout refuses that registration and keeps serving the adapters it had. In bf16 (the
-    fused CPU kernel, which skips groups an adapter does not target) r4's tokens are the same
-    under either layout."""
-    from gpupool.adapters.base import GROUPS
+def test_eviction_weighs_what_each_unit_costs_to_bring_back():
+    """The pool's one policy (GreedyDual): an idle adapter cheap to bring back (a host copy)
+    goes before cached KV dear to recompute, though the KV was used longer ago; among units
+    of one cost the least recently used goes first; pinned adapters never go. (A unit's
+    cost is credit that ages: once evictions have raised L to a cached page's priority, it
+    goes before an adapter just used.)"""
+    pool = PagePool(10)
+    pool.kv_page_cost["m"] = 1.0  # a page's prefill: 1 s
+    kv = pool.allocate(3)
+    for i, p in enumerate(kv):
+        assert pool.register(p, bytes([i]), "m", None)
+    pool.free(kv)  # three cached pages
+    a = pool.allocate_adapter(("m", "a"), 3, cost_s=0.03)  # 10 ms a page to bring back
+    b = pool.allocate_adapter(("m", "b"), 2, cost_s=0.02)
+    pool.set_pinned({("m", "b")})  # a idle, b running
+    assert pool.num_free_pages == 2 + 3 + 3  # free, cached, a's
+    got = pool.allocate(4)  # 2 free, then a (cheapest), not the older cached pages
+    assert got is not None and pool.adapter_pages(("m", "a")) is None
+    assert pool.num_cached_pages == 3 and pool.adapter_pages(("m", "b")) == b
+    pool.free(got)  # 5 free now
+    assert pool.allocate(6) is not None  # 5 free + 1 cached (the least recent)
+    assert pool.lookup([bytes([0])]) == [] and pool.lookup([bytes([1])]) == [kv[1]]
+    assert pool.allocate(3) is None  # 2 cached left, and b is pinned: never evicted
+    pool.set_pinned(())
+    assert pool.allocate(3) is not None  # all: L has risen to the cached pages' priority
+    assert pool.adapter_pages(("m", "b")) is None and pool.num_cached_pages == 0
+    pool.check_integrity()
+    assert a and b
 
+
+def test_piece_layout_follows_the_targets_and_pages_the_rank(lora_setup, mixed):
+    """Pieces hold the groups the registered adapters target, and an adapter takes pages
+    for its own rank: r4 (q and v) alone lays out only the qkv group; registering the
+    others lays the pieces out again (the adapters stay registered and are read again on
+    use) and a mixed batch still matches peft. In bf16 (the fused CPU kernel, which skips
+    groups an adapter does not target) r4's tokens are the same under either layout."""
     base, paths = lora_setup
     names, prompts, want = mixed
     greedy = SamplingParams(max_tokens=16, temperature=0)
@@ -447,27 +442,16 @@ def test_slot_layout_follows_the_registered_ranks_and_targets(lora_setup, mixed)
     try:
         e.add_adapter("r4", "base", paths["r4"])
         worker = e.local.core.workers["base"]
-        assert worker.slots.group_ranks == {"qkv": 4}
-        assert worker.slots.buffer.numel() == _slot_bytes(base, 1, "r4")
-        assert _slot_bytes(base, 1, "r4") * 20 < _slot_bytes(base, 1)
+        assert worker.adapter_pages.layout.groups == ("qkv",)
         assert list(e.generate(prompts[i4], greedy, model="r4")[0].token_ids) == want[i4]
+        small = worker.adapter_pages.nbytes("r4")
         for name in ("r8", "r16", "r64"):
             e.add_adapter(name, "base", paths[name])
-        assert worker.slots.group_ranks == {g: 64 for g in GROUPS}
+        assert worker.adapter_pages.layout.groups == ("qkv", "o", "gate_up", "down")
+        assert worker.adapter_pages.nbytes("r4") * 16 == worker.adapter_pages.nbytes("r64")
+        assert small < worker.adapter_pages.nbytes("r4")
         outs = e.generate(prompts, greedy, model=[n or "base" for n in names])
         assert [list(o.token_ids) for o in outs] == want
-        e.check_integrity()
-    finally:
-        e.shutdown()
-    e = make_engine(base, name="base", max_lora_rank=64, max_loras_on_device=2,
-                    adapter_bytes=_slot_bytes(base, 2, "r4"))
-    try:
-        e.add_adapter("r4", "base", paths["r4"])
-        with pytest.raises(AdapterError, match="adapter region"):
-            e.add_adapter("r8", "base", paths["r8"])
-        worker = e.local.core.workers["base"]
-        assert e.adapters == {"r4": "base"} and worker.slots.group_ranks == {"qkv": 4}
-        assert list(e.generate(prompts[i4], greedy, model="r4")[0].token_ids) == want[i4]
         e.check_integrity()
     finally:
         e.shutdown()
@@ -495,9 +479,9 @@ def test_queued_requests_adapters_are_read_while_steps_run(lora_setup, mixed):
     names, prompts, want = mixed
     order = ["r4", "r8", "r16", "r64"]
     idx = [names.index(n) for n in order]
-    e = _engine(base, paths, max_num_seqs=1, host_adapter_bytes=2 * _slot_bytes(base, 1))
+    e = _engine(base, paths, max_num_seqs=1, host_adapter_bytes=_adapter_bytes(base, "r64"))
     try:
-        slots = e.local.core.workers["base"].slots
+        slots = e.local.core.workers["base"].adapter_pages
         outs = e.generate([prompts[i] for i in idx], SamplingParams(max_tokens=16,
                                                                     temperature=0),
                           model=order)
@@ -509,8 +493,9 @@ def test_queued_requests_adapters_are_read_while_steps_run(lora_setup, mixed):
 
 
 def test_one_tenants_adapters_cannot_push_out_anothers(lora_setup, mixed):
-    """Three slots, one sequence a step: tenant b's adapter runs, then tenant a's three. With
-    max_loras_per_tenant=2, a's third load takes a's own least recent slot and b's adapter
+    """Three device copies, one sequence a step: tenant b's adapter runs, then tenant a's
+    three. With max_loras_per_tenant=2, a's third load evicts a's own least recent and b's
+    adapter
     stays on the device (never loaded again); without the cap it is the one evicted. A step
     holds at most 2 distinct adapters of one tenant. Outputs match peft either way."""
     base, paths = lora_setup
@@ -521,7 +506,7 @@ def test_one_tenants_adapters_cannot_push_out_anothers(lora_setup, mixed):
         e = _engine(base, paths, max_loras_on_device=3, max_num_seqs=1,
                     max_loras_per_tenant=cap)
         try:
-            slots = e.local.core.workers["base"].slots
+            slots = e.local.core.workers["base"].adapter_pages
             i4 = names.index("r4")
             out = e.generate(prompts[i4], greedy, model="r4", tenant="b")
             assert list(out[0].token_ids) == want[i4][:8]
@@ -554,20 +539,23 @@ def test_one_tenants_adapters_cannot_push_out_anothers(lora_setup, mixed):
 
 
 def test_a_shared_adapter_is_charged_to_the_tenant_using_it(tiny_models):
-    """Three slots, a cap of one a tenant: tenant a loaded X; now tenant b's row uses X and
-    a brings Y. X is charged to b (its user now), so a holds one slot (Y), not two."""
+    """Three device copies, a cap of one a tenant: tenant a loaded X; now tenant b's row uses
+    X and a brings Y. X is charged to b (its user now), so a holds one copy (Y), not two."""
     cfg = ModelConfig.from_folder(tiny_models("llama"))
-    ranks = {"qkv": 4}
-    memory = torch.zeros(AdapterSlots.num_bytes(cfg, 3, ranks, torch.float32),
-                         dtype=torch.uint8)
-    slots = AdapterSlots(cfg, 3, ranks, torch.float32, memory)
+    pool = PagePool(64)
+    memory = torch.zeros(64, 16 << 10, dtype=torch.uint8)
+    paged = AdapterPages(cfg, {"qkv"}, torch.float32, pool, memory, "m", max_resident=3)
     for name in ("C", "X", "Y", "Z"):
-        slots.add(name, 4, dict)  # no weights: zero slots are enough here
+        paged.add(name, 4, dict)  # no weights: zero pieces are enough here
     for name, tenant in (("C", "c"), ("X", "a"), ("Z", "z")):
-        slots.ensure({name}, {name: tenant}, 1)
-    slots.ensure({"X", "Y"}, {"X": "b", "Y": "a"}, 1)
-    assert slots.owner == {"X": "b", "Y": "a", "Z": "z"}  # C, the least recent, evicted
-    slots.check_integrity()
+        pool.set_pinned(())
+        paged.ensure({name}, {name: tenant}, 1)
+    pool.set_pinned(())
+    paged.ensure({"X", "Y"}, {"X": "b", "Y": "a"}, 1)
+    assert paged.owner == {"X": "b", "Y": "a", "Z": "z"}  # C, the least recent, evicted
+    assert set(paged.resident) == {"X", "Y", "Z"}
+    paged.check_integrity()
+    pool.check_integrity()
 
 
 def test_replace_an_adapter_in_place_during_a_request(lora_setup, mixed):

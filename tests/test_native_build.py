@@ -296,10 +296,18 @@ def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
         native.check("x", torch.zeros(8, 2, dtype=bf).T, bf, 2)
     with pytest.raises(ValueError, match="2-d"):
         native.check("x", torch.zeros(8, dtype=bf), bf, 2)
-    starts, slots = torch.tensor([0, 2], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="seg_rank must hold 1"):
-        native.lora_table(starts, slots, torch.zeros(3, dtype=torch.int32), [], [],
-                          native.lora_table_body([]))
+    i32 = torch.int32
+    starts, pages = torch.tensor([0, 2], dtype=i32), torch.tensor([0, 1], dtype=i32)
+    memory = torch.zeros(2, 256, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="seg_pages must hold 2"):
+        native.lora_table(starts, torch.ones(1, dtype=i32), torch.zeros(3, dtype=i32),
+                          torch.zeros(1, dtype=i32), memory, 64, 0, [], [])
+    with pytest.raises(ValueError, match="outside the memory"):  # a page id past the pages
+        native.lora_table(starts, torch.ones(1, dtype=i32), pages, torch.tensor([2], dtype=i32),
+                          memory, 64, 0, [], [])
+    with pytest.raises(ValueError, match="hold a piece"):
+        native.lora_table(starts, torch.ones(1, dtype=i32), pages, torch.tensor([1], dtype=i32),
+                          memory, 512, 0, [], [])
 
 
 def test_the_int8_product_without_vnni_is_bit_identical_to_the_vnni_one(tmp_path, monkeypatch):

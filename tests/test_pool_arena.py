@@ -39,7 +39,7 @@ def test_slab_allocator_first_fit_and_coalescing():
 
 
 def _pool(weight_units: int, host_units: int = 100):
-    arena = Arena(weight_units * 1024, 0, 1024, "cpu")
+    arena = Arena(weight_units * 1024, 1024, "cpu")
     return WeightPool(arena, host_units * 1024)
 
 
@@ -145,46 +145,3 @@ def test_remove_model_with_requests_in_flight(tiny_models):
         assert e.local.kv.pages.num_used_pages == 0
     finally:
         e.shutdown()
-
-
-def test_adapter_ranges_are_carved_from_the_adapter_region():
-    arena = Arena(4 * ALIGN, 10 * ALIGN, 1024, "cpu")
-    arena.adapters.fill_(7)  # stale bytes: a new range must come back zeroed
-    a = arena.allocate_adapters("a", 4 * ALIGN)
-    b = arena.allocate_adapters("b", 3 * ALIGN + 1)  # rounds up to 4 units
-    assert a.data_ptr() == arena.adapters.data_ptr()  # first fit, in the adapter region
-    assert b.data_ptr() == arena.adapters.data_ptr() + 4 * ALIGN and b.numel() == 3 * ALIGN + 1
-    assert torch.all(a == 0) and torch.all(b == 0)
-    assert arena.allocate_adapters("c", 3 * ALIGN) is None  # 2 units left
-    with pytest.raises(ValueError, match="already"):
-        arena.allocate_adapters("a", ALIGN)
-    arena.check_integrity()
-    assert arena.free_adapters("a") and not arena.free_adapters("a")
-    assert arena.allocate_adapters("c", 3 * ALIGN).data_ptr() == arena.adapters.data_ptr()
-    arena.check_integrity()
-    arena.adapter_owners.pop("c")  # a range nobody owns any more: integrity says so
-    with pytest.raises(AssertionError, match="owners"):
-        arena.check_integrity()
-
-
-def test_weight_pool_adapter_ranges_follow_registration():
-    pool = WeightPool(Arena(4 * 1024, 4 * ALIGN, 1024, "cpu"), 100 * 1024)
-    _entry(pool, "a", 1, 1)
-    _entry(pool, "b", 1, 2)
-    with pytest.raises(KeyError):
-        pool.adapter_buffer("nobody", ALIGN)
-    pool.adapter_buffer("a", 3 * ALIGN)
-    with pytest.raises(PoolCapacityError, match=r"'b' needs.*adapter region.*\['a'\]"):
-        pool.adapter_buffer("b", 2 * ALIGN)
-    assert list(pool.arena.adapter_owners) == ["a"]  # the failure changed nothing
-    pool.check_integrity()
-    pool.unregister("a")  # the model's adapter range goes with it
-    assert pool.arena.adapter_slabs.num_free_bytes == 4 * ALIGN
-    assert pool.adapter_buffer("b", 4 * ALIGN).numel() == 4 * ALIGN
-    pool.release_adapters("b")
-    pool.release_adapters("b")  # holding none is fine
-    pool.check_integrity()
-    pool.adapter_buffer("b", ALIGN)
-    del pool.entries["b"]  # dropped without unregister: its range would leak
-    with pytest.raises(AssertionError, match="no longer registered"):
-        pool.check_integrity()

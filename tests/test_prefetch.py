@@ -20,7 +20,7 @@ VARIANTS = ("llama", "qwen2", "qwen3")
 
 
 def _pool(weight_kib: int, host_kib: int = 100, device="cpu"):
-    return WeightPool(Arena(weight_kib * 1024, 0, 1024, device), host_kib * 1024)
+    return WeightPool(Arena(weight_kib * 1024, 1024, device), host_kib * 1024)
 
 
 def _add(pool, name, kib, value):

@@ -135,7 +135,7 @@ def test_admin_flow_isolation_and_restart(setup):
         assert events[-2]["choices"][0]["finish_reason"] == "length"
         pool = a.get("/admin/pool").json()
         assert "long" not in pool["models"] and pool["kv_pages"]["used"] == 0
-        assert set(pool["arena"]) == {"total_bytes", "weights", "adapters", "kv"}
+        assert set(pool["arena"]) == {"total_bytes", "weights", "kv"}
         assert pool["swaps"]["weight_swaps"] >= 1 and "long" not in pool["resident_models"]
 
         # registrations that stay, key rotation, tenant removal

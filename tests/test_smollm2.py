@@ -120,7 +120,8 @@ def test_lora_adapters_match_peft(smollm2_path, reference, tmp_path):
     prompts = ids[: len(names)]
     want = peft_greedy(smollm2_path, paths, prompts, names, 12)
     assert sum(w != b[:12] for w, b, n in zip(want, base_want, names) if n) >= 4
-    engine = make_engine(smollm2_path, name="base", kv_cache_bytes=64 << 20,
+    # the adapters' pages share the KV pool (r64 on every projection: 79 MB in fp32)
+    engine = make_engine(smollm2_path, name="base", kv_cache_bytes=256 << 20,
                          kv_page_bytes=1 << 20, max_lora_rank=64)
     try:
         assert adapters_greedy(engine, "base", paths, prompts, names, 12) == want

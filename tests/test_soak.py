@@ -222,13 +222,13 @@ def test_soak(live):
         time.sleep(0.1)
     assert not tally.failures, tally.failures[:10]
     assert engine.num_unfinished() == 0, "requests were lost inside the engine"
-    engine.check_integrity()  # pages, prefix index, host pages, in-flight counts, slots
+    engine.check_integrity()  # pages, prefix index, host pages, in-flight counts, adapters
     assert engine.kv.pages.num_used_pages == 0 and engine.kv.host_pages.num_used_pages == 0
     assert {e.adapter for e in engine.kv.pages.entries()} <= {None, "ad0", "ad1", "ad2"}
     engine.reset_prefix_cache()  # the leak check: with the cache emptied, every page free
     assert engine.kv.pages.num_free_pages == engine.kv.pages.num_pages
     engine.check_integrity()
-    slots = engine.core.workers["tiny"].slots
+    slots = engine.core.workers["tiny"].adapter_pages
     assert set(slots.ranks) == {"ad0", "ad1", "ad2"}  # every churned adapter is gone
     assert set(slots.host) <= {"ad0", "ad1", "ad2"}
     metrics = state.metrics.ttft._metrics  # series of churned adapters were dropped

@@ -219,7 +219,7 @@ def test_adapters_on_two_ranks_match_peft(tmp_path, variant):
     each rank's rows, A whole; o and down's A cut to each rank's input columns, their shrinks
     summed over the ranks before the whole B): a mixed batch (base rows, three adapters of
     ranks 2, 4, 8 on every projection or some) has peft's greedy tokens; then an adapter
-    of a larger rank lays both ranks' slots out again, and a removed one is refused, with
+    of a larger rank is registered (pages for its own rank), and a removed one is refused, with
     peft's tokens still. A model with one KV head: its k/v rows replicated on both ranks."""
     from gpupool import SamplingParams
     from gpupool.messages.errors import RequestError
@@ -243,7 +243,7 @@ def test_adapters_on_two_ranks_match_peft(tmp_path, variant):
         got = two.generate(prompts, params, model=[n or "m" for n in names])
         # peft stops at EOS; ours runs on (ignore_eos): its tokens up to there
         assert [list(o.token_ids)[: len(w)] for o, w in zip(got, want)] == want
-        two.add_adapter("big", "m", paths["big"])  # rank 16: both ranks' slots laid out again
+        two.add_adapter("big", "m", paths["big"])  # rank 16: pages for its own rank
         two.remove_adapter("z")
         again = ["big", "y", None, "big"]
         want2 = peft_greedy(base, paths, prompts[:4], again, 10)
@@ -251,7 +251,7 @@ def test_adapters_on_two_ranks_match_peft(tmp_path, variant):
         assert [list(o.token_ids)[: len(w)] for o, w in zip(got, want2)] == want2
         with pytest.raises(RequestError, match="z"):
             two.generate(prompts[:1], params, model="z")
-        for n in ("x", "y", "big"):  # every adapter gone: both ranks drop their slots
+        for n in ("x", "y", "big"):  # every adapter gone: both ranks drop their pages
             two.remove_adapter(n)
         two.add_adapter("z2", "m", paths["z"])  # a rank-2 layout of two groups on both ranks
         got = two.generate(prompts[:2], params, model="z2")
@@ -276,7 +276,7 @@ def test_an_adapter_a_rank_cannot_read_fails_its_requests_not_the_group(tmp_path
     two = make_engine(base, tensor_parallel=2, max_lora_rank=8, prefetch=False)
     try:
         two.add_adapter("x", "m", path)
-        two.local.core.workers["m"].slots.load_host("x")  # rank 0's copy, before the step
+        two.local.core.workers["m"].adapter_pages.load_host("x")  # rank 0's copy, before the step
         (path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
         try:
             out, err = two.generate(prompts[:1], params, model="x")[0], None

@@ -1,0 +1,569 @@
+"""Adapter memory of one base model: host copies, and device copies in pages of the KV pool.
+
+Registration stores a *loader* only (the adapter's file was checked from its header); the
+weights are read on first use into a host copy, kept in an LRU cache of ``host_bytes`` (per
+base model; copies of adapters being loaded for the step are never dropped), read again from
+disk when needed after being dropped. So registering thousands of adapters costs no host
+memory until they are used.
+
+On the device an adapter lives in pages of the engine's one page pool (``pool/pages.py``,
+S-LoRA's unified paging): the same pages as the KV cache, handed out and evicted by one
+policy, so the number of adapters on the device follows demand. Its weights are split along
+the rank only, into *pieces*: piece ``l r + k`` holds rank row k of layer l for every
+projection group the layout holds, so a shrink's sum over the hidden size is one row of one
+piece (one order, wherever the piece lies):
+
+    piece (E elements of the adapter dtype, then, with a mirror, the same E in bf16):
+      per group g held (GROUPS' order; P projections, fan-in K, widths W_j):
+        A rows [P][K]    projection j's rank row k of A
+        BT row [sum W_j] the group's Bs' column k, side by side (B transposed: the expand
+                         is a sum of broadcast multiply-adds, no reductions)
+
+An adapter of rank r holds L r pieces, ``pieces_per_page`` to a page in piece order; its page
+list is its *page table*: the fused CPU kernel (``kernels.native.lora``, native.h's gp_lora_t)
+reads the pieces in place through it. The other paths (torch's and Triton's SGMV kernels, the
+batched path) gather the step's adapters from their pages into per-step tensors of the old
+slot shapes (:meth:`AdapterPages.gather`: their A ``[S, P R, K]`` with rows ``j r + k``, B
+``[S, W, R]``).
+
+The layout depends on the groups the registered adapters target, not on their ranks: an
+adapter takes pages for its own rank (a rank-8 adapter beside a rank-64 one takes an eighth
+of its pages). A registration that targets a group the layout lacks lays it out again
+(``LoadedModel``): the device copies are dropped and read again.
+
+A *mirror* (float32 pieces of a bf16 model on CPU) holds each piece's values in bf16 too, the
+bytes the fused kernel reads; the host copy holds whole pieces, mirror included, so loading
+an adapter into its pages is one copy a page.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from gpupool.adapters.base import GROUPS, AdapterError
+from gpupool.adapters.peft_format import adapter_weights, layer_masks, read_raw
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 64  # bytes: pieces and their bf16 part start on cache lines
+
+
+def _widths(cfg) -> dict[str, int]:
+    return {"hidden": cfg.hidden_size, "q": cfg.q_size, "kv": cfg.kv_size,
+            "inter": cfg.intermediate_size}
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def target_groups(targets) -> set[str]:
+    """The projection groups an adapter on ``targets`` needs."""
+    return {g for g, (_, projs) in GROUPS.items() if any(p in targets for p, _ in projs)}
+
+
+@dataclass(frozen=True)
+class PieceLayout:
+    """Where a piece holds each group's rows (see the module's docstring)."""
+
+    groups: tuple[str, ...]  # held groups, GROUPS' order
+    offsets: dict  # group -> (A's first element, BT's first element) in a piece's part
+    fan_in: dict  # group -> K
+    widths: dict  # group -> projections' widths
+    elems: int  # E: elements of one part
+    dtype: torch.dtype
+    mirror_offset: int | None  # bytes to the bf16 part; None: no mirror
+    piece_bytes: int
+
+    @classmethod
+    def build(cls, cfg, groups, dtype: torch.dtype, mirror: bool) -> PieceLayout:
+        w = _widths(cfg)
+        held = tuple(g for g in GROUPS if g in groups)
+        offsets, fan_in, widths, e = {}, {}, {}, 0
+        for g in held:
+            k_in, projs = GROUPS[g]
+            fan_in[g] = w[k_in]
+            widths[g] = tuple(w[f] for _, f in projs)
+            offsets[g] = (e, e + len(projs) * w[k_in])
+            e += len(projs) * w[k_in] + sum(widths[g])
+        main = _align(e * _elem(dtype))
+        mirror_offset = main if mirror else None
+        total = _align(main + e * 2) if mirror else main
+        return cls(held, offsets, fan_in, widths, e, dtype, mirror_offset, total)
+
+    def main(self, buf: torch.Tensor) -> torch.Tensor:
+        """The adapter-dtype part of pieces ``buf`` (uint8 [n, piece_bytes]): [n, E]."""
+        return buf.view(self.dtype)[:, : self.elems]
+
+    def bf16(self, buf: torch.Tensor) -> torch.Tensor | None:
+        """The bf16 part the fused kernel reads: the mirror, or the main part of bf16
+        pieces; None for other pieces without a mirror."""
+        if self.mirror_offset is not None:
+            return buf[:, self.mirror_offset:].view(torch.bfloat16)[:, : self.elems]
+        return self.main(buf) if self.dtype == torch.bfloat16 else None
+
+    def fill_mirror(self, buf: torch.Tensor) -> None:
+        if self.mirror_offset is not None:
+            self.bf16(buf).copy_(self.main(buf))
+
+
+def _fill_pieces(main: torch.Tensor, layout: PieceLayout, rank: int, weights: dict) -> None:
+    """Pieces' main parts (``main`` [L, r, E], zeros) from the weights {(layer, projection):
+    (A [r, K], B [W, r])}: the reference packing."""
+    for (layer, proj), (a, b) in weights.items():
+        for g in layout.groups:
+            names = [p for p, _ in GROUPS[g][1]]
+            if proj in names:
+                j, k_in = names.index(proj), layout.fan_in[g]
+                a0, bt0 = layout.offsets[g]
+                main[layer, :, a0 + j * k_in : a0 + (j + 1) * k_in] = a
+                col = bt0 + sum(layout.widths[g][:j])
+                main[layer, :, col : col + b.shape[0]] = b.T
+                break
+
+
+def pack_adapter(layout: PieceLayout, cfg, rank: int, loader) -> torch.Tensor:
+    """The adapter's host copy, whole pieces (uint8 [L r, piece_bytes], zeros where it has
+    no LoRA), from ``loader()``, its weights {(layer, projection): (A, B)}. The reference of
+    :func:`pack_raw`, and the path of adapters it cannot read."""
+    buf = torch.zeros(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
+    _fill_pieces(layout.main(buf).view(cfg.num_layers, rank, -1), layout, rank, loader())
+    layout.fill_mirror(buf)
+    return buf
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Where each value of an adapter file of one layout (``RawFile.signature``) and rank
+    goes in its pieces, found once by running the reference packing (:func:`adapter_weights`,
+    :func:`_fill_pieces`) on the values' positions instead of the values; then packing an
+    adapter of that layout is one gather, one product by its scaling and one scatter
+    (:func:`pack_raw`) instead of a few hundred small copies."""
+
+    masks: tuple  # the file's (projection, layer mask) pairs: equal to what was registered
+    dst: torch.Tensor  # int64 (index_copy_'s): positions in the pieces (adapter-dtype
+    # elements of the whole buffer), A's values then B's
+    src: torch.Tensor  # int32 (index_select's, 4 bytes a value): positions in RawFile.values
+    num_a: int  # A's values come first (B's are multiplied by the scaling)
+
+    @classmethod
+    def build(cls, layout: PieceLayout, cfg, rank: int, raw, path) -> PackPlan:
+        masks = layer_masks(path, raw.shapes, cfg, rank)  # AdapterError for a bad file
+        per_piece = layout.piece_bytes // _elem(layout.dtype)
+        positions = {k: (torch.arange(math.prod(shape), dtype=torch.float64)
+                         + raw.starts[k] + 1).view(shape) for k, shape in raw.shapes.items()}
+        twin = torch.zeros(cfg.num_layers, rank, layout.elems, dtype=torch.float64)
+        _fill_pieces(twin, layout, rank, adapter_weights(positions, 1.0, cfg))
+        flat = twin.view(cfg.num_layers * rank, layout.elems)
+        nz = flat.nonzero()
+        src = (flat[nz[:, 0], nz[:, 1]] - 1).int()
+        dst = nz[:, 0] * per_piece + nz[:, 1]
+        is_a = torch.zeros(layout.elems, dtype=torch.bool)  # a piece's A rows (else BT)
+        for a0, bt0 in layout.offsets.values():
+            is_a[a0:bt0] = True
+        a = is_a[nz[:, 1]]
+        da, sa, db, sb = dst[a], src[a], dst[~a], src[~a]
+        return cls(masks, torch.cat([da, db]), torch.cat([sa, sb]), len(da))
+
+
+def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw,
+             scaling: float) -> torch.Tensor | None:
+    """:func:`pack_adapter`'s buffer, bit for bit, from the file's bytes by ``plan``; None
+    where a value is not finite (the reference path then names it)."""
+    values = raw.values.index_select(0, plan.src).float()
+    values[plan.num_a:] *= scaling  # as the reference's B * scaling, in float32
+    if not math.isfinite(float(values.sum())):  # a NaN or inf among them (or an overflow)
+        return None
+    buf = torch.zeros(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
+    buf.view(-1).view(layout.dtype).index_copy_(0, plan.dst, values.to(layout.dtype))
+    layout.fill_mirror(buf)
+    return buf
+
+
+# packing plans (PackPlan): kept for the PLANS_KEPT most recent file layouts, and only for
+# adapters of at most PLAN_MAX_VALUES values (12 bytes of indices a value; larger adapters
+# pack by the reference path, whose few hundred copies are then large ones)
+PLANS_KEPT = 2
+PLAN_MAX_VALUES = 1 << 24
+# bytes a second of a host-to-device copy and of a disk read before any is measured (the
+# eviction policy's cost of bringing an adapter back, pool/pages.py)
+COPY_RATE, READ_RATE = 4e9, 1e9
+
+
+class Resident:
+    """The adapters whose device copy is current (their pages hold them), a live view:
+    ``name in resident``, iteration in least-recent-first order, ``len``."""
+
+    def __init__(self, owner: AdapterPages):
+        self._owner = owner
+
+    def _current(self):
+        o = self._owner
+        return [n for n in o._loaded if o.pool.adapter_pages(o.key(n)) is o._loaded[n]]
+
+    def __contains__(self, name) -> bool:
+        o = self._owner
+        pages = o._loaded.get(name)
+        return pages is not None and o.pool.adapter_pages(o.key(name)) is pages
+
+    def __iter__(self):
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+class AdapterPages:
+    """A base model's adapters: loaders, host copies (LRU within ``host_bytes``), and device
+    copies in pages of ``pool`` (the engine's :class:`gpupool.pool.pages.PagePool`) over
+    ``memory`` (uint8 [pool pages, page bytes]: the KV region, or a rank's own host memory).
+
+    ``ensure(names)`` makes a step's adapters current on the device (loading those not) and
+    returns their page tables. Device copies are owned in the pool by ``(model, name)``; the
+    pool evicts idle ones (no running request uses them) when it needs pages, so whether a
+    copy is current is asked of the pool (:attr:`resident`)."""
+
+    def __init__(self, cfg, groups, dtype, pool, memory: torch.Tensor, model: str,
+                 mirror: bool = False, host_bytes: int = 1 << 30,
+                 max_resident: int | None = None):
+        self.cfg, self.dtype, self.model = cfg, dtype, model
+        self.layout = PieceLayout.build(cfg, groups, dtype, mirror)
+        self.groups = set(self.layout.groups)
+        self.pool, self.memory = pool, memory
+        if memory.dtype != torch.uint8 or memory.dim() != 2 or memory.shape[0] != pool.num_pages:
+            raise ValueError("adapter page memory must be uint8 [pages, page bytes]")
+        self.page_bytes = memory.shape[1]
+        self.pieces_per_page = self.page_bytes // self.layout.piece_bytes
+        if self.pieces_per_page < 1:
+            raise AdapterError(
+                f"one rank row of one layer of these adapters takes "
+                f"{self.layout.piece_bytes} bytes, more than a KV page ({self.page_bytes}); "
+                "raise kv_page_bytes")
+        self.max_resident = max_resident  # max_loras_on_device: a cap, or None
+        self.loaders: dict[str, object] = {}  # name -> () -> weights (read from disk)
+        self.ranks: dict[str, int] = {}
+        self.host: OrderedDict[str, torch.Tensor] = OrderedDict()  # host copies, LRU first
+        self.host_budget = host_bytes
+        self.host_bytes = 0
+        self.num_reads = 0  # adapters read from disk (first uses and re-reads)
+        self.num_loads = 0  # device loads
+        # name -> the page list (the pool's object) its device copy was loaded into; the
+        # copy is current while the pool still gives that very list (see Resident)
+        self._loaded: OrderedDict[str, list[int]] = OrderedDict()  # least recent first
+        self.resident = Resident(self)
+        self.owner: dict[str, str | None] = {}  # loaded name -> the tenant that loaded it
+        self.pinned: set[str] = set()  # this step's (their host copies are kept)
+        # reads of queued requests' adapters running beside the steps (:meth:`prefetch`)
+        self._reading: dict[str, Future] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self.num_prefetched = 0  # host copies that came from a prefetch
+        self._plans: OrderedDict[tuple, PackPlan] = OrderedDict()
+        # measured rates (bytes a second) for the pool's eviction costs
+        self.copy_rate, self.read_rate = COPY_RATE, READ_RATE
+
+    # ---- registration --------------------------------------------------------------------
+    def key(self, name: str) -> tuple[str, str]:
+        """The pool's owner key of ``name``'s device copy."""
+        return (self.model, name)
+
+    def holds(self, targets) -> bool:
+        """Whether the layout has the groups an adapter on ``targets`` needs."""
+        return target_groups(targets) <= self.groups
+
+    def add(self, name: str, rank: int, loader) -> None:
+        """Register an adapter (the layout :meth:`holds` it): ``loader()`` returns its weights
+        when first needed."""
+        self.loaders[name] = loader
+        self.ranks[name] = rank
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter (its pages go back to the pool). The caller ensures nothing runs
+        it."""
+        future = self._reading.pop(name, None)
+        if future is not None:
+            future.cancel()
+        self.pool.free_adapter(self.key(name))
+        self._loaded.pop(name, None)
+        self.owner.pop(name, None)
+        self.pinned.discard(name)
+        self._drop_host(name)
+        self.loaders.pop(name, None)
+        self.ranks.pop(name, None)
+
+    def release(self) -> None:
+        """Give every device copy back to the pool and stop the reader (the model or its
+        layout goes)."""
+        self.close()
+        for name in list(self.loaders):
+            self.pool.free_adapter(self.key(name))
+        self._loaded.clear()
+        self.owner.clear()
+
+    def num_pieces(self, rank: int) -> int:
+        return self.cfg.num_layers * rank
+
+    def pages_needed(self, name: str) -> int:
+        """Pages ``name``'s device copy takes."""
+        return -(-self.num_pieces(self.ranks[name]) // self.pieces_per_page)
+
+    def nbytes(self, name: str) -> int:
+        return self.num_pieces(self.ranks[name]) * self.layout.piece_bytes
+
+    def cost(self, name: str) -> float:
+        """Seconds to bring ``name`` back to the device once evicted: a copy of its host
+        copy, plus a read from disk where the host cache has none (the eviction policy's
+        cost, pool/pages.py)."""
+        size = self.nbytes(name)
+        return size / self.copy_rate + (0.0 if name in self.host else size / self.read_rate)
+
+    def page_request(self, name: str):
+        """For the scheduler: (the pool's key, pages, cost) of ``name``'s device copy."""
+        return self.key(name), self.pages_needed(name), self.cost(name)
+
+    # ---- host copies ---------------------------------------------------------------------
+    def prefetch(self, name: str, limit: int = 8) -> bool:
+        """Start reading the adapter's host copy in the background (a queued request's
+        whose copy the host cache dropped, while steps run), unless it has one, is being
+        read or on the device, ``limit`` reads are in flight, or the reads would hold more
+        than the host budget (beside the cache's own: at most twice the budget in all).
+        Whether a read started. The copy joins the host cache (which drops its least
+        recent copies past the budget) when :meth:`load_host` asks for it; a failed read is
+        repeated there, where its error reaches the request."""
+        if (name in self.host or name in self._reading or name in self.resident
+                or name not in self.loaders
+                or len(self._reading) >= limit
+                or (len(self._reading) + 1) * self.nbytes(name) > self.host_budget):
+            return False
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="gpupool-adapter-read")
+        # the loader and rank taken now: the reader touches nothing the engine thread
+        # changes but the plans (whole values swapped under the GIL)
+        self._reading[name] = self._reader.submit(self._pack, name, self.loaders[name],
+                                                  self.ranks[name])
+        return True
+
+    def close(self) -> None:
+        """Stop the background reader (the pages are being replaced or dropped)."""
+        self._reading.clear()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
+
+    def keep_reads(self, names) -> None:
+        """Drop the background reads of adapters not in ``names`` (their requests were
+        aborted or already ran): they would hold memory and places in the reader's queue."""
+        for name in [n for n in self._reading if n not in names]:
+            self._reading.pop(name).cancel()
+
+    def _read(self, name: str) -> torch.Tensor:
+        future = self._reading.pop(name, None)
+        if future is not None and future.cancel():  # not started: read it here, now
+            future = None
+        if future is not None:
+            try:
+                buf = future.result()
+                self.num_prefetched += 1
+                return buf
+            except Exception:  # read again here: the error goes to the request
+                pass
+        return self._pack(name)
+
+    def _pack(self, name: str, loader=None, rank: int | None = None) -> torch.Tensor:
+        """The adapter's host copy, whole pieces (``loader``, ``rank``: the registered ones,
+        taken by the caller on the reader thread): from the file's bytes by a plan
+        (:func:`pack_raw`) where the loader names an ordinary file and the adapter is small
+        enough for plans (PLAN_MAX_VALUES), else (and for any error, which it then reports)
+        by :func:`pack_adapter`."""
+        loader = self.loaders[name] if loader is None else loader
+        rank = self.ranks[name] if rank is None else rank
+        spec = getattr(loader, "spec", None)
+        if spec is not None and self.num_pieces(rank) * self.layout.elems <= PLAN_MAX_VALUES:
+            try:
+                buf = self._pack_raw(spec, rank)
+            except Exception:  # whatever it is, the reference path reports it
+                logger.debug("packing %s from its bytes failed", name, exc_info=True)
+                buf = None
+            if buf is not None:
+                return buf
+        return pack_adapter(self.layout, self.cfg, rank, loader)
+
+    def _pack_raw(self, spec, rank: int) -> torch.Tensor | None:
+        start = time.perf_counter()
+        raw = read_raw(spec.path)
+        if raw is None:
+            return None
+        took = time.perf_counter() - start
+        if took > 0:  # the eviction costs' read rate (cached reads count too: a rough one)
+            self.read_rate = 0.5 * self.read_rate + 0.5 * raw.values.numel() \
+                * raw.values.element_size() / took
+        key = (raw.signature, rank)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)  # least recently used dropped first
+        else:
+            plan = PackPlan.build(self.layout, self.cfg, rank, raw, spec.path)
+            self._plans[key] = plan
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        if plan.masks != spec.layers:
+            return None
+        return pack_raw(self.layout, self.cfg, rank, plan, raw, spec.scaling)
+
+    def load_host(self, name: str) -> torch.Tensor:
+        """The adapter's host copy, read from disk if the cache has none (AdapterError if
+        the file is unreadable or holds non-finite weights); the LRU's least recent copies
+        not pinned by the step are dropped past the byte budget."""
+        buf = self.host.get(name)
+        if buf is not None:
+            self.host.move_to_end(name)
+            return buf
+        buf = self._read(name)
+        self.num_reads += 1
+        self.host[name] = buf
+        self.host_bytes += buf.numel()
+        for victim in [n for n in self.host if n != name]:
+            if self.host_bytes <= self.host_budget:
+                break
+            if victim not in self.pinned:
+                self._drop_host(victim)
+        return buf
+
+    def _drop_host(self, name: str) -> None:
+        buf = self.host.pop(name, None)
+        if buf is not None:
+            self.host_bytes -= buf.numel()
+
+    # ---- device copies -------------------------------------------------------------------
+    def ensure(self, names, owners: dict | None = None,
+               tenant_cap: int | None = None) -> dict[str, list[int]]:
+        """Each name's page table, loading those not current into pages (the ones the
+        scheduler took for it at admission, else new ones from the pool: AdapterError when
+        it has none to give). ``owners``: the tenant each name is loaded for; with
+        ``tenant_cap``, a tenant that holds that many device copies already gives up its own
+        least recent idle one first (so its adapters cannot push other tenants' out); with
+        ``max_resident`` (max_loras_on_device) this base's least recent idle copy goes first
+        when it has that many."""
+        owners = owners or {}
+        self.pinned = set(names)
+        for name in [n for n in self._loaded if n not in self.resident]:  # evicted
+            self._loaded.pop(name)
+            self.owner.pop(name, None)
+        for name in names:
+            if name in self.resident:
+                self._loaded.move_to_end(name)
+                self.pool.pin(self.key(name))  # (the scheduler pinned it already)
+                self.pool.use_adapter(self.key(name), self.cost(name))
+                if name in owners:  # charged to the tenant using it now
+                    self.owner[name] = owners[name]
+        for name in names:
+            if name not in self.resident:
+                self._load(name, owners.get(name), tenant_cap, set(names))
+        return {n: self._loaded[n] for n in names}
+
+    def _idle(self, names, keep) -> list[str]:
+        return [n for n in names if n not in keep and n in self.resident]
+
+    def _load(self, name: str, tenant, tenant_cap, keep) -> None:
+        host = self.load_host(name)
+        if tenant_cap is not None:
+            own = self._idle([n for n in self._loaded if self.owner.get(n) == tenant], keep)
+            held = sum(self.owner.get(n) == tenant for n in self._loaded)
+            if held >= tenant_cap and own:
+                self._evict(own[0])
+        if self.max_resident is not None and len(self._loaded) >= self.max_resident:
+            idle = self._idle(self._loaded, keep)
+            if idle:
+                self._evict(idle[0])
+        key = self.key(name)
+        pages = self.pool.adapter_pages(key)
+        if pages is None:  # not taken at admission (a rank, a test): take them now
+            pages = self.pool.allocate_adapter(key, self.pages_needed(name), self.cost(name))
+            if pages is None:
+                raise AdapterError(
+                    f"adapter {name!r} needs {self.pages_needed(name)} pages of the KV pool "
+                    f"and the pool has {self.pool.num_free_pages} free or evictable; raise "
+                    "kv_cache_bytes")
+        start = time.perf_counter()
+        ppp, bpp = self.pieces_per_page, self.layout.piece_bytes
+        for q, page in enumerate(pages):
+            chunk = host[q * ppp : (q + 1) * ppp]
+            self.memory[page, : chunk.numel()].copy_(chunk.view(-1), non_blocking=True)
+        took = time.perf_counter() - start
+        if took > 0 and self.memory.device.type == "cpu":
+            self.copy_rate = 0.5 * self.copy_rate + 0.5 * len(host) * bpp / took
+        self._loaded[name] = pages
+        self._loaded.move_to_end(name)
+        self.owner[name] = tenant
+        self.num_loads += 1
+
+    def _evict(self, name: str) -> None:
+        """Give ``name``'s device copy back to the pool (a cap made room)."""
+        self.pool.free_adapter(self.key(name))
+        self._loaded.pop(name, None)
+        self.owner.pop(name, None)
+
+    def gather(self, names: list[str], device) -> dict[str, torch.Tensor]:
+        """The step's adapters (``names``: slot s is names[s]) copied out of their pages into
+        the slot shapes the torch and Triton SGMV kernels and the batched path read:
+        ``{layer}.{group}.A`` [S, P R, K] (rows j r + k) and ``{layer}.{proj}.B`` [S, W, R],
+        R the largest rank, in the adapter dtype; call after :meth:`ensure`."""
+        lay, cfg = self.layout, self.cfg
+        num_layers, count = cfg.num_layers, len(names)
+        big = max(self.ranks[n] for n in names)
+        ppp, pb = self.pieces_per_page, lay.piece_bytes
+        pieces = self.memory[:, : ppp * pb].view(self.memory.shape[0], ppp, pb)
+        pieces = pieces.view(lay.dtype)[:, :, : lay.elems]  # [pages, ppp, E]
+        views = {}
+        for g in lay.groups:
+            k_in, projs = lay.fan_in[g], GROUPS[g][1]
+            for i in range(num_layers):
+                views[f"{i}.{g}.A"] = torch.zeros(count, len(projs) * big, k_in,
+                                                  dtype=lay.dtype, device=device)
+                for (p, _), width in zip(projs, lay.widths[g]):
+                    views[f"{i}.{p}.B"] = torch.zeros(count, width, big, dtype=lay.dtype,
+                                                      device=device)
+        for s, name in enumerate(names):
+            r, table = self.ranks[name], self._loaded[name]
+            idx = torch.arange(num_layers * r)
+            page = torch.tensor(table, dtype=torch.long)[idx // ppp]
+            mine = pieces[page.to(pieces.device), (idx % ppp).to(pieces.device)]
+            mine = mine.view(num_layers, r, lay.elems).to(device)
+            for g in lay.groups:
+                k_in, projs = lay.fan_in[g], GROUPS[g][1]
+                a0, bt0 = lay.offsets[g]
+                num_p = len(projs)
+                a = mine[:, :, a0 : a0 + num_p * k_in].view(num_layers, r, num_p, k_in)
+                a = a.transpose(1, 2).reshape(num_layers, num_p * r, k_in)
+                col = bt0
+                for i in range(num_layers):
+                    views[f"{i}.{g}.A"][s, : num_p * r] = a[i]
+                for (p, _), width in zip(projs, lay.widths[g]):
+                    b = mine[:, :, col : col + width].transpose(1, 2)  # [L, W, r]
+                    for i in range(num_layers):
+                        views[f"{i}.{p}.B"][s, :, :r] = b[i]
+                    col += width
+        return views
+
+    def check_integrity(self) -> None:
+        assert set(self._loaded) <= set(self.ranks), "a loaded adapter is not registered"
+        assert set(self.owner) <= set(self._loaded), "an owner recorded without a copy"
+        for name in self.resident:
+            pages = self._loaded[name]
+            assert len(pages) == self.pages_needed(name), "a device copy's pages miscounted"
+        owned = [o for o in self.pool.adapters() if o[0] == self.model]
+        assert all(o[1] in self.ranks for o in owned), "pages of an unregistered adapter"
+        assert set(self.host) <= set(self.ranks), "a host copy of an unregistered adapter"
+        assert self.host_bytes == sum(b.numel() for b in self.host.values()), (
+            "host bytes miscounted")
+        assert set(self._reading) <= set(self.ranks), "a read of an unregistered adapter"
