@@ -55,6 +55,10 @@ class LoraBatch:
     # the fused CPU kernel: native.lora_table of the step (the adapters read in place
     # through their page tables), or None
     native: object = None
+    # Triton's kernels reading the pages in place (kernels.sgmv.lora_paged, ops.paged_lora):
+    # (starts, seg_rank, seg_pages, page_ids, group -> projection ranks [P, S], the pages as
+    # the pieces' dtype), or None
+    paged: tuple | None = None
     # the model's kernel backend (kernels.backend): its SGMV kernels for the segmented path
     ops: object = None
     # tensor parallelism (models/tp.py): the sum over the ranks of a row-parallel group's
@@ -103,7 +107,7 @@ class LoraBatch:
         layout = pages.layout
         fused = None
         if (batched and ops.fused_lora and reduce is None and max(ranks) <= native.MAX_LORA_RANK
-                and layout.bf16(pages.memory[:1, : layout.piece_bytes]) is not None):
+                and layout.has_bf16):
             seg_pages, page_ids = [0], []
             for n in names:
                 page_ids.extend(tables[n] if n else ())
@@ -115,12 +119,23 @@ class LoraBatch:
                 t(starts), t(ranks), t(seg_pages), t(page_ids), pages.memory,
                 layout.piece_bytes, layout.mirror_offset or 0, groups,
                 [torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
-                 for _, (_, projs) in GROUPS.items()])
+                 for _, (_, projs) in GROUPS.items()], pages.cfg.num_layers)
+        paged = None
+        if fused is None and reduce is None and getattr(ops, "paged_lora", False):
+            seg_pages, page_ids = [0], []
+            for n in names:
+                page_ids.extend(tables[n] if n else ())
+                seg_pages.append(len(page_ids))
+            paged = (t(starts), t(ranks), t(seg_pages), t(page_ids),
+                     {g: torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
+                      for g, (_, projs) in GROUPS.items()},
+                     pages.memory.view(layout.dtype))
         plan = None
         sizes = [b - a for a, b in zip(starts, starts[1:])]
         total, longest = len(row_adapters), max(sizes)
         # the batched products' shapes follow the step's segments: not with batch invariance
-        if (fused is None and batched and not ops.batch_invariant and all(names)
+        if (fused is None and paged is None and batched and not ops.batch_invariant
+                and all(names)
                 and len(set(ranks)) == 1 and len(names) * longest <= PAD_LIMIT * total):
             slots = [slot_of[n] for n in names]
             index = (None if slots == list(range(len(slots)))
@@ -136,7 +151,7 @@ class LoraBatch:
             plan = (len(names), longest, ranks[0], index, targeted, pad)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, frozenset(layout.groups), tuple(distinct), pages,
-                   device, plan, fused, ops, reduce, {})
+                   device, plan, fused, paged, ops, reduce, {})
 
     @property
     def views(self) -> dict[str, torch.Tensor]:
@@ -156,6 +171,14 @@ class LoraBatch:
             return
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
             native.lora(x, out, self.native, layer, list(GROUPS).index(group))
+            return
+        if self.paged is not None:
+            starts, seg_rank, seg_pages, page_ids, proj_rank, mem = self.paged
+            lay = self.pages.layout
+            self.ops.lora_paged(x, out, mem, starts, seg_rank, seg_pages, page_ids,
+                                proj_rank[group], layer, self.pages.pieces_per_page,
+                                lay.piece_bytes // mem.element_size(), *lay.offsets[group],
+                                list(lay.widths[group]))
             return
         if self.batched is not None:
             self._apply_batched(layer, group, x, out)

@@ -102,6 +102,11 @@ class PieceLayout:
         total = _align(main + e * 2) if mirror else main
         return cls(held, offsets, fan_in, widths, e, dtype, mirror_offset, total)
 
+    @property
+    def has_bf16(self) -> bool:
+        """Whether pieces have a bf16 part (the fused kernel's): a mirror, or bf16 pieces."""
+        return self.mirror_offset is not None or self.dtype == torch.bfloat16
+
     def main(self, buf: torch.Tensor) -> torch.Tensor:
         """The adapter-dtype part of pieces ``buf`` (uint8 [n, piece_bytes]): [n, E]."""
         return buf.view(self.dtype)[:, : self.elems]
@@ -453,7 +458,8 @@ class AdapterPages:
         ``tenant_cap``, a tenant that holds that many device copies already gives up its own
         least recent idle one first (so its adapters cannot push other tenants' out); with
         ``max_resident`` (max_loras_on_device) this base's least recent idle copy goes first
-        when it has that many."""
+        when it has that many. A cap never takes a copy a running request uses (pinned): it
+        is then exceeded until those requests end."""
         owners = owners or {}
         self.pinned = set(names)
         for name in [n for n in self._loaded if n not in self.resident]:  # evicted
@@ -472,7 +478,10 @@ class AdapterPages:
         return {n: self._loaded[n] for n in names}
 
     def _idle(self, names, keep) -> list[str]:
-        return [n for n in names if n not in keep and n in self.resident]
+        """Of ``names``, the copies a cap may give up: current, not this step's, and not
+        pinned in the pool (no running request uses them)."""
+        return [n for n in names if n not in keep and n in self.resident
+                and not self.pool.is_pinned(self.key(n))]
 
     def _load(self, name: str, tenant, tenant_cap, keep) -> None:
         host = self.load_host(name)

@@ -89,6 +89,7 @@ class TorchOps:
 
     name = "torch"
     triton = False  # Triton kernels for attention, SGMV and int8 products
+    paged_lora = False  # lora_paged: LoRA terms read in place from the adapters' pages
     capture_safe = False  # a CUDA step reads nothing back to the host (CUDA graphs)
 
     def __init__(self, reference_only: bool = False, fused_lora: bool = False,
@@ -313,6 +314,14 @@ class TritonOps(TorchOps):
         from gpupool.kernels.sgmv import sgmv_expand
 
         sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)
+
+    paged_lora = True
+
+    def lora_paged(self, x, out, *args, **kw):
+        """See :func:`gpupool.kernels.sgmv.lora_paged` (adds into out in place)."""
+        from gpupool.kernels.sgmv import lora_paged
+
+        lora_paged(x, out, *args, **kw)
 
 
 @dataclass

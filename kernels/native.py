@@ -566,14 +566,16 @@ def finite_rows(x: torch.Tensor) -> list[bool]:
 
 def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Tensor,
                page_ids: torch.Tensor, memory: torch.Tensor, piece_bytes: int,
-               mirror_offset: int, groups: list, proj_ranks: list[torch.Tensor]):
+               mirror_offset: int, groups: list, proj_ranks: list[torch.Tensor],
+               num_layers: int = 1):
     """A step's LoRA terms (native.h's gp_lora_t) for :func:`lora` and ``decode_layers``:
     the segments (starts [S + 1], seg_rank [S] int32), each segment's pages (seg_pages
     [S + 1] into page_ids, int32), the pages' ``memory`` (uint8 [pages, page bytes]), the
     pieces' size and their bf16 part's offset (adapters/paged.py), and per group in
     adapters.base.GROUPS' order (qkv, o, gate_up, down) its (A offset, BT offset) in bytes
     of the bf16 part and widths, or None where the layout lacks it, with its projections'
-    ranks [P, S] int32. The tensors must outlive the struct's use."""
+    ranks [P, S] int32; ``num_layers``: the layers the pieces hold (each segment's pages
+    must hold its L r pieces). The tensors must outlive the struct's use."""
     num_segments = seg_rank.shape[0]
     for name, t, n in (("starts", starts, num_segments + 1), ("seg_rank", seg_rank, num_segments),
                        ("seg_pages", seg_pages, num_segments + 1)):
@@ -588,6 +590,13 @@ def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Te
     if page_ids.numel() and (int(page_ids.min()) < 0
                              or int(page_ids.max()) >= memory.shape[0]):
         raise ValueError("native: a page id is outside the memory")
+    if num_segments and (int(seg_rank.min()) < 0 or int(seg_rank.max()) > MAX_LORA_RANK):
+        raise ValueError(f"native: a segment's rank is outside 0..{MAX_LORA_RANK}")
+    per_page = memory.shape[1] // max(1, piece_bytes)
+    held = (seg_pages[1:] - seg_pages[:-1]).long()
+    if bool((held < 0).any()) or int(seg_pages[-1]) > page_ids.numel() or bool(
+            (held * per_page < num_layers * seg_rank.long()).any()):
+        raise ValueError("native: a segment's pages cannot hold its adapter's pieces")
     table = Lora(num_segments=num_segments, starts=starts.data_ptr(),
                  seg_rank=seg_rank.data_ptr(), seg_pages=seg_pages.data_ptr(),
                  page_ids=page_ids.data_ptr(), base=memory.data_ptr(),
@@ -605,6 +614,7 @@ def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Te
                                     widths=(ctypes.c_int64 * 3)(*widths),
                                     proj_rank=ranks.data_ptr())
     table._keep = (starts, seg_rank, seg_pages, page_ids, memory, proj_ranks)
+    table._num_layers = num_layers
     return table
 
 
@@ -617,6 +627,8 @@ def lora(x: torch.Tensor, out: torch.Tensor, table, layer: int, group: int) -> N
     check("out", out, torch.bfloat16, 2)
     if out.shape[0] != x.shape[0]:
         raise ValueError("native: lora's x and out must have the same rows")
+    if not 0 <= layer < table._num_layers or not 0 <= group < 4:
+        raise ValueError(f"native: layer {layer} or group {group} is not in the table")
     _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0),
                    ctypes.addressof(table), layer, group, torch.get_num_threads())
 

@@ -113,3 +113,124 @@ def sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets):
     _expand_kernel[grid](y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets, y.shape[1],
                          y.stride(0), h.stride(0), w.stride(0), w.stride(1),
                          BLOCK_M=16, BLOCK_N=32, BLOCK_R=16)
+
+
+# ---- LoRA terms read in place from the adapters' pages (adapters/paged.py) ----------------
+# An adapter's piece l r + k (rank row k of layer l) lies in page PAGE_IDS[SEG_PAGES[s] +
+# (l r + k) // PPP] at ((l r + k) % PPP) pieces into it; MEM is the pages' memory as elements
+# of the pieces' dtype (PAGE_E elements a page, PIECE_E a piece). A group's A rows start
+# A_OFF elements into a piece (projection j's at A_OFF + j K), its BT row at BT_OFF.
+
+
+@triton.jit
+def _piece_base(PAGE_IDS, SEG_PAGES, s, idx, PPP, PAGE_E, PIECE_E):
+    """Element offsets of pieces ``idx`` of segment s's adapter."""
+    first = tl.load(SEG_PAGES + s)
+    page = tl.load(PAGE_IDS + first + idx // PPP).to(tl.int64)
+    return page * PAGE_E + (idx % PPP).to(tl.int64) * PIECE_E
+
+
+@triton.jit
+def _paged_shrink_kernel(
+    X, MEM, H, STARTS, SEG_RANK, SEG_PAGES, PAGE_IDS, K, layer, P, PPP, PAGE_E, PIECE_E,
+    A_OFF, sx_t, sh_t,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    s = tl.program_id(0)
+    rb = tl.program_id(1)
+    lo = tl.load(STARTS + s)
+    hi = tl.load(STARTS + s + 1)
+    r = tl.load(SEG_RANK + s)
+    if r > 0 and rb * BLOCK_R < P * r:
+        i = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # h's column: projection i // r, row i % r
+        imask = i < P * r
+        j = i // tl.maximum(r, 1)
+        k = i % tl.maximum(r, 1)
+        base = _piece_base(PAGE_IDS, SEG_PAGES, s, tl.where(imask, layer * r + k, 0), PPP,
+                           PAGE_E, PIECE_E) + A_OFF + j.to(tl.int64) * K
+        for m0 in range(lo, hi, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            mmask = m < hi
+            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                kmask = kk < K
+                xt = tl.load(X + m[:, None] * sx_t + kk[None, :],
+                             mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                wt = tl.load(MEM + base[:, None] + kk[None, :],
+                             mask=imask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+            tl.store(H + m[:, None] * sh_t + i[None, :], acc,
+                     mask=mmask[:, None] & imask[None, :])
+
+
+@triton.jit
+def _paged_expand_kernel(
+    Y, H, MEM, STARTS, SEG_RANK, SEG_PAGES, PAGE_IDS, PROJ_RANK, COLS, S, layer, PPP, PAGE_E,
+    PIECE_E, BT_OFF, N, sy_t, sh_t,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    s = tl.program_id(0)
+    nb = tl.program_id(1)
+    lo = tl.load(STARTS + s)
+    hi = tl.load(STARTS + s + 1)
+    r = tl.load(SEG_RANK + s)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    if r > 0:
+        for m0 in range(lo, hi, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            mmask = m < hi
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(P):  # the columns of projection j: [COLS_j, COLS_j+1)
+                c_lo = tl.load(COLS + j)
+                c_hi = tl.load(COLS + j + 1)
+                rj = tl.load(PROJ_RANK + j * S + s)
+                jmask = nmask & (n >= c_lo) & (n < c_hi)
+                for r0 in range(0, rj, BLOCK_R):
+                    k = r0 + tl.arange(0, BLOCK_R)
+                    kmask = k < rj
+                    ht = tl.load(H + m[:, None] * sh_t + j * r + k[None, :],
+                                 mask=mmask[:, None] & kmask[None, :], other=0.0)
+                    base = _piece_base(PAGE_IDS, SEG_PAGES, s, tl.where(kmask, layer * r + k, 0),
+                                       PPP, PAGE_E, PIECE_E) + BT_OFF
+                    bt = tl.load(MEM + base[:, None] + n[None, :],
+                                 mask=kmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+                    acc += tl.dot(ht, bt, input_precision="ieee")
+            ymask = mmask[:, None] & nmask[None, :]
+            yp = Y + m[:, None] * sy_t + n[None, :]
+            tl.store(yp, (tl.load(yp, mask=ymask, other=0.0) + acc).to(Y.dtype.element_ty),
+                     mask=ymask)
+
+
+def lora_paged(x, out, mem, starts, seg_rank, seg_pages, page_ids, proj_rank, layer: int,
+               pieces_per_page: int, piece_elems: int, a_off: int, bt_off: int,
+               widths) -> None:
+    """``out[:, projection j's columns] += (x A_s^T)_j B_{s,j}^T`` per segment s for one
+    projection group of ``layer``, the adapters read in place from their pages (the layout
+    above; ``mem``: the pages as elements of the pieces' dtype, [pages, page elements];
+    proj_rank [P, S] int32; widths: the projections' widths). The shrink's sums stay in
+    float32 for the expand."""
+    _check_rows(x, "x")
+    _check_rows(out, "out")
+    _check_rows(mem, "mem")
+    num_segs, num_proj = seg_rank.shape[0], proj_rank.shape[0]
+    if num_segs == 0 or x.shape[0] == 0:
+        return
+    max_rank = int(seg_rank.max())
+    if max_rank == 0:
+        return
+    h = torch.zeros(x.shape[0], num_proj * max_rank, dtype=torch.float32, device=x.device)
+    common = (mem.stride(0), piece_elems)
+    _paged_shrink_kernel[(num_segs, triton.cdiv(num_proj * max_rank, 16))](
+        x, mem, h, starts, seg_rank, seg_pages, page_ids, x.shape[1], layer, num_proj,
+        pieces_per_page, *common, a_off, x.stride(0), h.stride(0),
+        BLOCK_M=16, BLOCK_R=16, BLOCK_K=32)
+    # h's columns per segment: projection j's at j r (r: the segment's rank), as the
+    # kernel above stores them (columns of h past a segment's P r unused)
+    cols = torch.tensor([sum(widths[:j]) for j in range(num_proj + 1)], dtype=torch.int32,
+                        device=x.device)
+    _paged_expand_kernel[(num_segs, triton.cdiv(out.shape[1], 32))](
+        out, h, mem, starts, seg_rank, seg_pages, page_ids, proj_rank, cols, num_segs, layer,
+        pieces_per_page, *common, bt_off, out.shape[1], out.stride(0), h.stride(0),
+        P=num_proj, BLOCK_M=16, BLOCK_N=32, BLOCK_R=16)

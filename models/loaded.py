@@ -231,11 +231,6 @@ class LoadedModel:
                 self.adapter_pages = None
         self.adapter_targets.pop(name, None)
 
-    def drop_adapters(self) -> None:
-        """Give every adapter's device copy back to the pool (the model goes)."""
-        if self.adapter_pages is not None:
-            self.adapter_pages.release()
-
     def prefetch_adapters(self, names, running=()) -> int:
         """Start reading the host copies of ``names`` (queued requests' adapters, in the
         order they will run) beside the steps, and drop reads of adapters neither queued

@@ -147,6 +147,14 @@ class PagePool:
         prio = (self._clock + cost_per_page, next(self._order))
         self._prio[unit] = prio
         heapq.heappush(self._heap, (*prio, unit))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live priorities when it is mostly stale entries (each
+        use pushes one: bounded whether or not anything is evicted)."""
+        if len(self._heap) > 4 * (len(self._prio) + 16):
+            self._heap = [(*p, u) for u, p in self._prio.items()]
+            heapq.heapify(self._heap)
 
     def _evict_one(self) -> None:
         """Free the evictable unit of the lowest priority (there is one: the caller checked
@@ -170,9 +178,7 @@ class PagePool:
         else:
             self._drop_adapter(key)
             self.num_adapters_evicted += 1
-        if len(self._heap) > 4 * (len(self._prio) + 16):  # mostly stale: rebuilt
-            self._heap = [(*p, u) for u, p in self._prio.items()]
-            heapq.heapify(self._heap)
+        self._compact()
 
     # ---- adapters' pages -----------------------------------------------------------------
     def allocate_adapter(self, owner, num_pages: int, cost_s: float) -> list[int] | None:

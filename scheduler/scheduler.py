@@ -149,6 +149,7 @@ class Scheduler:
         # lives in the KV pool (adapters/paged.py; the engine sets it): a request whose
         # adapter has no pages takes them at admission, with its KV pages
         self.adapter_pages: dict[str, object] = {}
+        self._step_pins: set = set()  # adapters pinned by this schedule's admissions
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: dict[str, list[Sequence]] = {}
         self._step = 0
@@ -262,6 +263,7 @@ class Scheduler:
             return SchedulerOutput(None, (), ())
         self._swap_out, self._swap_in = [], []
         self._step += 1
+        self._step_pins = set()
         self._pin_running()
         step = _Step(self.config.max_num_batched_tokens, self.max_adapters[model],
                      self.max_tenant_adapters[model])
@@ -281,6 +283,7 @@ class Scheduler:
         for x in step.scheduled:
             if x.seq.first_scheduled_time is None:  # its queue time ends (vLLM's metric)
                 x.seq.first_scheduled_time = now
+        self._step_pins = set()  # the admitted run now: pinned as running from here on
         return SchedulerOutput(model, tuple(step.scheduled), tuple(step.preempted),
                                tuple(self._swap_out), tuple(self._swap_in))
 
@@ -412,6 +415,7 @@ class Scheduler:
                 self._evict_others(model, need + extra, step.preempted,
                                    swap=not (seq.host_pages or self._swap_in))
             if num_new == 0 or not self.pages.can_allocate(need + extra):
+                self._unpin_refused(key)
                 if hit:  # not admitted: the prefix goes back to the cache
                     self.pages.free(seq.pages)
                     seq.pages, seq.num_computed_tokens, seq.num_indexed_pages = [], 0, 0
@@ -435,9 +439,10 @@ class Scheduler:
             self._take(seq, num_new, step)
 
     def _pin_running(self) -> None:
-        """The adapters of running sequences are never evicted; the others are idle."""
+        """The adapters of running sequences, and of the one being admitted, are never
+        evicted; the others are idle."""
         self.pages.set_pinned({(q.model, q.adapter) for run in self.running.values()
-                               for q in run if q.adapter})
+                               for q in run if q.adapter} | self._step_pins)
 
     def _adapter_need(self, seq: Sequence) -> tuple:
         """(the pool's key, pages to take, cost) for ``seq``'s adapter's device copy: none
@@ -448,15 +453,24 @@ class Scheduler:
             return None, 0, 0.0
         key, num_pages, cost = request(seq.adapter)
         if self.pages.adapter_pages(key) is not None:
+            self._step_pins.add(key)  # kept through preemptions that re-pin (_pin_running)
             self.pages.pin(key)
             return key, 0, cost
         return key, num_pages, cost
+
+    def _unpin_refused(self, key) -> None:
+        """The sequence pinning ``key`` was not taken: its adapter is idle again, unless a
+        running sequence uses it."""
+        if key is not None and key in self._step_pins:
+            self._step_pins.discard(key)
+            self._pin_running()
 
     def _take_adapter_pages(self, key, extra: int, cost: float) -> None:
         """The pages of the adapter of a sequence taken into the step, where it has none
         (the caller checked they are there: ``can_allocate``); pinned."""
         if extra:
             self.pages.allocate_adapter(key, extra, cost)
+            self._step_pins.add(key)
 
     # ---- prefix cache -------------------------------------------------------------------
     def _page_key(self, seq: Sequence, i: int) -> bytes:

@@ -73,6 +73,24 @@ def test_mixed_batch_matches_peft(lora_setup, mixed):
         e.shutdown()
 
 
+def test_a_mixed_batch_on_the_triton_backend_matches_peft(lora_setup, mixed):
+    """Triton's LoRA kernels reading the adapters' pages in place (kernels.sgmv.lora_paged;
+    interpreted on CPU) in an engine: peft's greedy tokens."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    pick = [0, 2, 3]  # base, r8 (q k v o), r16 (the MLP)
+    e = _engine(base, paths, kernels="triton")
+    try:
+        assert e.local.core.workers["base"].model.ops.paged_lora
+        outs = e.generate([prompts[i] for i in pick],
+                          SamplingParams(max_tokens=3, temperature=0),
+                          model=[names[i] or "base" for i in pick])
+        assert [list(o.token_ids) for o in outs] == [want[i][:3] for i in pick]
+        e.check_integrity()
+    finally:
+        e.shutdown()
+
+
 def test_logits_match_peft_within_tolerance(lora_setup):
     """Prefill logits of every row of a mixed batch vs peft's forward, fp32."""
     from peft import PeftModel

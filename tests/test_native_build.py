@@ -305,6 +305,12 @@ def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="outside the memory"):  # a page id past the pages
         native.lora_table(starts, torch.ones(1, dtype=i32), pages, torch.tensor([2], dtype=i32),
                           memory, 64, 0, [], [])
+    with pytest.raises(ValueError, match="rank is outside"):
+        native.lora_table(starts, torch.tensor([300], dtype=i32), pages,
+                          torch.tensor([1], dtype=i32), memory, 64, 0, [], [])
+    with pytest.raises(ValueError, match="cannot hold its adapter's pieces"):  # 4 a page
+        native.lora_table(starts, torch.tensor([5], dtype=i32), pages,
+                          torch.tensor([1], dtype=i32), memory, 64, 0, [], [])
     with pytest.raises(ValueError, match="hold a piece"):
         native.lora_table(starts, torch.ones(1, dtype=i32), pages, torch.tensor([1], dtype=i32),
                           memory, 512, 0, [], [])

@@ -360,3 +360,39 @@ def test_the_bound_holds_back_adapter_requests_only_and_whatever_the_tenant_orde
     out = s.schedule(now=0.8)  # b overdue since 0.6
     ran = {x.seq.request_id for x in out.scheduled}
     assert "d" in ran and "c" not in ran and "b" not in ran
+
+
+def test_an_admitted_requests_adapter_keeps_its_pages_through_other_preemptions():
+    """Adapters' device copies share the pool (adapters/paged.py): a waiting request whose
+    adapter is on the device, idle, is admitted while another model's request on an adapter
+    is preempted to make room; the admitted request's adapter stays pinned through that
+    preemption (which re-pins the running ones), so its own KV pages never evict it and the
+    scheduler preempts enough instead."""
+    pool = PagePool(10)
+    s = Scheduler(SchedulerConfig(enable_prefix_caching=False, adapter_wait_ms=0), pool)
+    s.add_model("M1", 4)
+    s.add_model("M2", 4)
+    sizes = {("M1", "A"): 3, ("M2", "X"): 1}
+    for m in ("M1", "M2"):
+        s.adapter_pages[m] = lambda name, m=m: ((m, name), sizes[m, name], 1.0)
+    pool.allocate_adapter(("M1", "A"), 3, 1.0)  # on the device, idle
+    pool.set_pinned(())
+
+    def running(rid, model, ntok, adapter, t):
+        q = Sequence(rid, model, list(range(ntok)), SamplingParams(), t, 100, adapter=adapter)
+        q.pages = pool.allocate(-(-ntok // 4))
+        q.num_computed_tokens = ntok - 1
+        q.status = Status.RUNNING
+        s.running[model].append(q)
+    running("old", "M2", 20, None, 1.0)
+    pool.allocate_adapter(("M2", "X"), 1, 1.0)
+    running("new", "M2", 4, "X", 2.0)
+    w = Sequence("w", "M1", list(range(12)), SamplingParams(), 0.0, 100, adapter="A")
+    s.enqueue(w)
+    out = s.schedule(now=10.0)
+    assert w.status is Status.RUNNING and [x.seq for x in out.scheduled] == [w]
+    assert pool.adapter_pages(("M1", "A")) is not None and pool.is_pinned(("M1", "A"))
+    assert pool.num_adapters_evicted == 0  # room came from preempting, not from A
+    assert sorted(q.request_id for q in out.preempted) == ["new", "old"]
+    assert not pool.is_pinned(("M2", "X"))  # its request was preempted: idle
+    pool.check_integrity()
