@@ -278,9 +278,10 @@ class ModelConfig:
         if bad:
             return (f"tensor parallelism over {world} ranks needs counts it divides: "
                     f"{', '.join(bad)} are not")
-        if self.qk_norm_whole:
-            return (f"{self.architecture}: whole-vector q/k norms (OLMoE's) are not sharded "
-                    "yet")
+        if self.qk_norm_whole and self.num_kv_heads < world:
+            return (f"{self.architecture}: whole-vector q/k norms (OLMoE's) over {world} ranks "
+                    f"need a KV head a rank ({self.num_kv_heads} KV heads: replicated k rows "
+                    "would count twice in k's norm)")
         if self.quant:  # a 4-bit checkpoint: o and down cut between whole groups
             group = self.quant["group"]
             if self.quant.get("desc_act"):

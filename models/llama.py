@@ -65,6 +65,7 @@ class LlamaModel:
         # tensor parallelism (models/tp.py): this rank's group; cfg is then its shard's
         self.tp = None
         self._kv: tuple | None = None  # (kv, its per-layer (K, V) views)
+        self._normed = None  # the config after OLMoE's norms on a rank (_cfg_normed)
 
     def bind(self, views: dict[str, torch.Tensor]) -> None:
         """Point the model at a set of weight views (e.g. after a swap); no copy."""
@@ -279,9 +280,39 @@ class LlamaModel:
         if lora is not None:
             lora.apply(i, "qkv", h, qkv)
         k_cache, v_cache = kv
+        if self.tp is not None and cfg.qk_norm_whole:  # OLMoE on a rank: whole-vector norms
+            qkv, cfg = self._qk_norm_tp(qkv, lw), self._cfg_normed()
         q = ops.rope_kv(plan, cfg, qkv, lw, k_cache, v_cache, batch)
         return ops.attention(cfg, q, k_cache, v_cache, batch, self.scale,
                              **self.attn_options[i])
+
+    def _qk_norm_tp(self, qkv: torch.Tensor, lw) -> torch.Tensor:
+        """OLMoE's q and k normed as whole vectors on a tensor-parallel rank (its q and k
+        rows are the rank's heads): each row's sums of squares added over the ranks (in
+        float32) before the norm (reference.rms_norm's rounding), then the clip (transformers'
+        order); within rounding of the one-rank model's."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        sums = self.tp.all_reduce(torch.stack([q.float().pow(2).sum(-1),
+                                               k.float().pow(2).sum(-1)], dim=-1))
+        parts = []
+        for x, s, w, size in ((q, sums[:, 0], lw["q_norm"], cfg.q_size),
+                              (k, sums[:, 1], lw["k_norm"], cfg.kv_size)):
+            xf = x.float() * torch.rsqrt(s / (size * self.tp.world) + eps)[:, None]
+            parts.append((xf * w).to(x.dtype) if w.dtype == torch.float32
+                         and x.dtype != torch.float32 else w * xf.to(x.dtype))
+        out = torch.cat([*parts, v], dim=-1)
+        if cfg.clip_qkv is not None:
+            out.clamp_(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+        return out
+
+    def _cfg_normed(self):
+        """The config rope_kv sees after :meth:`_qk_norm_tp` (no norms left to apply)."""
+        if self._normed is None:
+            import dataclasses
+
+            self._normed = dataclasses.replace(self.cfg, qk_norm=False, qk_norm_whole=False)
+        return self._normed
 
     def _kv_layers(self, kv: torch.Tensor) -> list:
         """Each layer's (K, V) cache views: the same storage every step, so made once."""

@@ -11,7 +11,9 @@ Each rank holds a shard, read straight from the checkpoint (never the whole mode
 - the embedding and the lm_head: split by vocabulary; a token's embedding row lives on one
   rank (the others add zeros in the all-reduce) and each rank's logits columns are gathered
   into whole rows before anything reads them (sampler, logprobs, grammar masks);
-- norms replicated;
+- norms replicated, but OLMoE's whole-vector q/k norms: their weights cut as q's and k's
+  rows, each row's sums of squares added over the ranks before it is normed
+  (``LlamaModel._qk_norm_tp``; refused where KV heads are replicated);
 - a mixture of experts' router replicated (every rank picks the same experts), each expert
   split as a dense MLP is (gate and up by output rows, down by input columns of its own
   intermediate size): the weighted expert outputs are partial sums, added over the ranks by
@@ -346,6 +348,9 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
         return _in_columns(t, world, rank)
     if name in ("embed_tokens", "lm_head"):
         return _rows(t, cfg.vocab_size, world, rank)
+    if cfg.qk_norm_whole and name.endswith(("q_norm", "k_norm")):  # OLMoE: a weight a row
+        return _out_rows(cfg, "q_proj" if name.endswith("q_norm") else "k_proj", t, world,
+                         rank)
     return t
 
 
