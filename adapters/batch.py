@@ -126,10 +126,12 @@ class LoraBatch:
             for n in names:
                 page_ids.extend(tables[n] if n else ())
                 seg_pages.append(len(page_ids))
+            cols = {g: t([sum(layout.widths[g][:j]) for j in range(len(projs) + 1)])
+                    for g, (_, projs) in GROUPS.items() if g in layout.widths}
             paged = (t(starts), t(ranks), t(seg_pages), t(page_ids),
                      {g: torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
                       for g, (_, projs) in GROUPS.items()},
-                     pages.memory.view(layout.dtype))
+                     pages.memory.view(layout.dtype), cols, max(ranks))
         plan = None
         sizes = [b - a for a, b in zip(starts, starts[1:])]
         total, longest = len(row_adapters), max(sizes)
@@ -173,12 +175,13 @@ class LoraBatch:
             native.lora(x, out, self.native, layer, list(GROUPS).index(group))
             return
         if self.paged is not None:
-            starts, seg_rank, seg_pages, page_ids, proj_rank, mem = self.paged
+            starts, seg_rank, seg_pages, page_ids, proj_rank, mem, cols, top = self.paged
             lay = self.pages.layout
-            self.ops.lora_paged(x, out, mem, starts, seg_rank, seg_pages, page_ids,
-                                proj_rank[group], layer, self.pages.pieces_per_page,
+            self.ops.lora_paged(x, out, mem, starts, seg_rank, self.group_rows[group],
+                                seg_pages, page_ids, proj_rank[group], layer,
+                                self.pages.pieces_per_page,
                                 lay.piece_bytes // mem.element_size(), *lay.offsets[group],
-                                list(lay.widths[group]))
+                                cols[group], top)
             return
         if self.batched is not None:
             self._apply_batched(layer, group, x, out)

@@ -380,7 +380,8 @@ class LocalEngine:
             "page_bytes": kv.page_bytes,
             "total": kv.pages.num_pages,
             "used": kv.pages.num_used_pages,
-            "free": kv.pages.num_free_pages,  # free or cached-unheld (evictable)
+            # free or cached-unheld (evictable); adapters' pages apart, idle ones evictable too
+            "free": kv.pages.num_free_pages - kv.pages.num_idle_adapter_pages,
             "cached": kv.pages.num_cached_pages,  # in the prefix index
             "evictable": kv.pages.num_evictable_pages,  # cached and held by none
             "prefix_cache_evictions": kv.pages.num_evicted,

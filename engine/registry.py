@@ -85,7 +85,8 @@ class ModelRegistry:
         spec = inspect_peft_adapter(path, worker.cfg, worker.adapter_config.max_lora_rank)
         version = self.adapters.next_version(name) if replace else name
         ref = AdapterRef(version, base, str(path), spec.rank, spec.scaling, spec.targets)
-        # the weights are read on first use (AdapterSlots.load_host), not now
+        self._check_layout_growth(worker, name, spec.targets)
+        # the weights are read on first use (AdapterPages.load_host), not now
         worker.add_adapter(version, spec.rank, spec.targets,
                            PeftLoader(spec, worker.cfg))
         if replace:
@@ -95,6 +96,26 @@ class ModelRegistry:
         else:
             self.adapters.add(ref)
         return ref
+
+    def _check_layout_growth(self, worker, name: str, targets) -> None:
+        """AdapterError where registering an adapter on ``targets`` would lay the base's
+        pieces out again so large that a request in flight no longer fits the pool with
+        its adapter (admission checked it against the old sizes: it would wait for ever)."""
+        grown = worker.pages_after(targets)
+        if grown is None:
+            return
+        pool, bt = self.pages.num_pages, worker.block_tokens
+        base = worker.name
+        stuck = [q for q in (*self.scheduler.waiting.get(base, ()),
+                             *self.scheduler.running.get(base, ()))
+                 if q.adapter in grown and -(-q.max_total_tokens // bt) + grown[q.adapter] > pool]
+        if stuck:
+            raise AdapterError(
+                f"registering {name!r} on {', '.join(targets)} would lay {base!r}'s adapters "
+                f"out again with more pages each, and {len(stuck)} request(s) in flight (e.g. "
+                f"{stuck[0].request_id!r} on {stuck[0].adapter!r}) would then not fit the KV "
+                f"pool of {pool} pages; register it when they are done, or raise "
+                "kv_cache_bytes")
 
     def remove_adapter(self, name: str) -> None:
         """New requests for it fail at once; running ones finish, then it is dropped."""

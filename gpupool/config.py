@@ -65,11 +65,19 @@ class PoolConfig:
     kv_cache_bytes: int | None = None
     kv_page_bytes: int = 1 << 20  # bytes per KV page (every model's view of a page)
     weight_bytes: int | None = None  # weight region (model slabs); None: a share of free
+    # gone: adapters share the KV pages (adapters/paged.py); a value is ignored with a warning
+    adapter_bytes: int | None = None
     host_cache_bytes: int | None = None  # host model cache bound; None: 50% of available
     host_kv_bytes: int = 512 << 20  # host pages for preempted requests' KV (0: recompute)
     prefetch: bool = True  # copy the next model's weights while the current one runs
 
     def __post_init__(self):
+        if self.adapter_bytes is not None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "gpupool: adapter_bytes is ignored: adapters share the KV cache's pages "
+                "(kv_cache_bytes)")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.kv_page_bytes:
             raise ValueError("kv_cache_bytes must hold at least one page")
         if self.kv_page_bytes < 16 or self.kv_page_bytes % 16:

@@ -148,8 +148,9 @@ class Engine:
         ``model`` names a base model or an adapter, or is a list with one name per prompt,
         so one call can mix bases and adapters. Requests with different ``cache_salt`` never
         share cached prompt KV. ``tenant``: whose requests (tenant-fair scheduling, and the
-        per-tenant cap of adapter slots, ``max_loras_per_tenant``). Every prompt is checked
-        before any is queued, so a bad one raises RequestError and nothing of the call runs.
+        per-tenant cap of adapters on the device, ``max_loras_per_tenant``). Every prompt is
+        checked before any is queued, so a bad one raises RequestError and nothing of the
+        call runs.
         Blocks; from a thread with a running event loop (a notebook) it runs in a helper
         thread.
         """

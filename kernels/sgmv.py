@@ -132,8 +132,8 @@ def _piece_base(PAGE_IDS, SEG_PAGES, s, idx, PPP, PAGE_E, PIECE_E):
 
 @triton.jit
 def _paged_shrink_kernel(
-    X, MEM, H, STARTS, SEG_RANK, SEG_PAGES, PAGE_IDS, K, layer, P, PPP, PAGE_E, PIECE_E,
-    A_OFF, sx_t, sh_t,
+    X, MEM, H, STARTS, SEG_RANK, ROWS, SEG_PAGES, PAGE_IDS, K, layer, P, PPP, PAGE_E,
+    PIECE_E, A_OFF, sx_t, sh_t,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -141,7 +141,7 @@ def _paged_shrink_kernel(
     lo = tl.load(STARTS + s)
     hi = tl.load(STARTS + s + 1)
     r = tl.load(SEG_RANK + s)
-    if r > 0 and rb * BLOCK_R < P * r:
+    if tl.load(ROWS + s) > 0 and rb * BLOCK_R < P * r:  # (0: the group is not targeted)
         i = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # h's column: projection i // r, row i % r
         imask = i < P * r
         j = i // tl.maximum(r, 1)
@@ -203,33 +203,33 @@ def _paged_expand_kernel(
                      mask=ymask)
 
 
-def lora_paged(x, out, mem, starts, seg_rank, seg_pages, page_ids, proj_rank, layer: int,
-               pieces_per_page: int, piece_elems: int, a_off: int, bt_off: int,
-               widths) -> None:
+def lora_paged(x, out, mem, starts, seg_rank, group_rows, seg_pages, page_ids, proj_rank,
+               layer: int, pieces_per_page: int, piece_elems: int, a_off: int, bt_off: int,
+               cols, max_rank: int) -> None:
     """``out[:, projection j's columns] += (x A_s^T)_j B_{s,j}^T`` per segment s for one
     projection group of ``layer``, the adapters read in place from their pages (the layout
     above; ``mem``: the pages as elements of the pieces' dtype, [pages, page elements];
-    proj_rank [P, S] int32; widths: the projections' widths). The shrink's sums stay in
-    float32 for the expand."""
+    group_rows [S]: P r where the segment's adapter targets the group, else 0 (its shrink
+    skipped); proj_rank [P, S] int32; cols [P + 1] int32: the projections' column bounds;
+    max_rank: the segments' largest rank, known to the caller (no read back from the
+    device). The shrink's sums stay in float32 for the expand."""
     _check_rows(x, "x")
     _check_rows(out, "out")
     _check_rows(mem, "mem")
     num_segs, num_proj = seg_rank.shape[0], proj_rank.shape[0]
     if num_segs == 0 or x.shape[0] == 0:
         return
-    max_rank = int(seg_rank.max())
     if max_rank == 0:
         return
     h = torch.zeros(x.shape[0], num_proj * max_rank, dtype=torch.float32, device=x.device)
     common = (mem.stride(0), piece_elems)
     _paged_shrink_kernel[(num_segs, triton.cdiv(num_proj * max_rank, 16))](
-        x, mem, h, starts, seg_rank, seg_pages, page_ids, x.shape[1], layer, num_proj,
+        x, mem, h, starts, seg_rank, group_rows, seg_pages, page_ids, x.shape[1], layer,
+        num_proj,
         pieces_per_page, *common, a_off, x.stride(0), h.stride(0),
         BLOCK_M=16, BLOCK_R=16, BLOCK_K=32)
     # h's columns per segment: projection j's at j r (r: the segment's rank), as the
     # kernel above stores them (columns of h past a segment's P r unused)
-    cols = torch.tensor([sum(widths[:j]) for j in range(num_proj + 1)], dtype=torch.int32,
-                        device=x.device)
     _paged_expand_kernel[(num_segs, triton.cdiv(out.shape[1], 32))](
         out, h, mem, starts, seg_rank, seg_pages, page_ids, proj_rank, cols, num_segs, layer,
         pieces_per_page, *common, bt_off, out.shape[1], out.stride(0), h.stride(0),

@@ -9,7 +9,7 @@ import torch
 
 from gpupool.adapters.base import AdapterConfig, AdapterError
 from gpupool.adapters.batch import LoraBatch
-from gpupool.adapters.paged import AdapterPages, target_groups
+from gpupool.adapters.paged import AdapterPages, PieceLayout, target_groups
 from gpupool.kernels import backend, native
 from gpupool.models import tp as tp_shard
 from gpupool.models.batch import BatchRow
@@ -208,6 +208,17 @@ class LoadedModel:
         return AdapterPages(self.model.cfg, groups, self.adapter_dtype, self.kv.pages, memory,
                             self.name, mirror, cfg.host_adapter_bytes,
                             cfg.max_loras_on_device)
+
+    def pages_after(self, targets) -> dict[str, int] | None:
+        """Each registered adapter's pages once an adapter on ``targets`` is registered, where
+        that lays the pieces out again (larger pieces: more pages); None where it does not."""
+        paged = self.adapter_pages
+        if paged is None or paged.holds(targets):
+            return None
+        layout = PieceLayout.build(self.model.cfg, paged.groups | target_groups(targets),
+                                   paged.layout.dtype, paged.layout.mirror_offset is not None)
+        per_page = max(1, paged.page_bytes // layout.piece_bytes)
+        return {n: -(-paged.num_pieces(r) // per_page) for n, r in paged.ranks.items()}
 
     def adapter_capacity(self) -> int:
         """Distinct adapters one step may hold: ``max_loras_on_device`` where set, else no

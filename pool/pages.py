@@ -109,6 +109,11 @@ class PagePool:
         return len(self._entry)
 
     @property
+    def num_idle_adapter_pages(self) -> int:
+        """Pages of adapters no running request uses (counted in num_free_pages)."""
+        return self._idle_pages
+
+    @property
     def num_adapter_pages(self) -> int:
         """Pages holding adapters' device copies (pinned or idle)."""
         return sum(len(p) for p in self._adapters.values())

@@ -633,3 +633,42 @@ def test_replace_an_adapter_in_place_during_a_request(lora_setup, mixed):
         e.check_integrity()
     finally:
         e.shutdown()
+
+
+def test_a_registration_that_would_strand_a_request_is_refused(lora_setup, mixed):
+    """Admission checked a request against its adapter's pages; registering an adapter on
+    other projections lays the pieces out again, larger, so that adapter takes more pages:
+    where a request in flight would then no longer fit the pool (it would wait for ever),
+    the registration is refused with the reason and nothing changes; once the request is
+    done it goes through. An old config's adapter_bytes is ignored with a warning."""
+    base, paths = lora_setup
+    names, prompts, want = mixed
+    page = 4 << 10  # small pages: q/v pieces fit 3 to a rank-4 adapter, every group's 8
+    e = make_engine(base, name="base", max_lora_rank=64, kv_page_bytes=page,
+                    kv_cache_bytes=(256 * page) // 8 + 4 * page)  # 256 tokens' KV + 4 pages
+    try:
+        e.add_adapter("r4", "base", paths["r4"])  # q and v: small pieces
+        core, worker = e.local.core, e.local.core.workers["base"]
+        grown = worker.pages_after(ADAPTERS["r64"][1])
+        pool, bt = e.local.kv.pages.num_pages, worker.block_tokens
+        tokens = worker.cfg.max_model_len  # fits now, not with the grown adapter
+        assert -(-tokens // bt) + worker.adapter_pages.pages_needed("r4") <= pool
+        assert -(-tokens // bt) + grown["r4"] > pool
+        with e.local._lock:
+            core.enqueue(EngineRequest("x", "r4", prompts[1][:4], SamplingParams(
+                max_tokens=tokens - 4, temperature=0, ignore_eos=True)))
+            with pytest.raises(AdapterError, match="would then not fit"):
+                core.add_adapter("r64", "base", str(paths["r64"]))
+            assert set(core.adapters.refs) == {"r4"}
+            assert worker.adapter_pages.layout.groups == ("qkv",)
+            core.abort("x")
+            while core.has_work():
+                core.step()
+        e.add_adapter("r64", "base", paths["r64"])  # nothing in flight: laid out again
+        assert worker.adapter_pages.pages_needed("r4") == grown["r4"]
+        e.check_integrity()
+    finally:
+        e.shutdown()
+    from gpupool.config import PoolConfig
+
+    assert PoolConfig(adapter_bytes=1 << 30).adapter_bytes == 1 << 30  # accepted, ignored
