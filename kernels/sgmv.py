@@ -16,6 +16,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _rows_tile(X, sx_t, m, mmask, rows, rmask, K,
+               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's rows ``m`` times the weight rows that start at pointers ``rows`` (K values each):
+    a [BLOCK_M, BLOCK_R] float32 tile, K in blocks of BLOCK_K."""
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        xt = tl.load(X + m[:, None] * sx_t + k[None, :],
+                     mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        wt = tl.load(rows[:, None] + k[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _shrink_kernel(
     X, W, OUT, STARTS, SLOTS, ROWS, K,
     sx_t, sw_s, sw_r, so_t,
@@ -33,15 +50,8 @@ def _shrink_kernel(
         for m0 in range(lo, hi, BLOCK_M):
             m = m0 + tl.arange(0, BLOCK_M)
             mmask = m < hi
-            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                kmask = k < K
-                xt = tl.load(X + m[:, None] * sx_t + k[None, :],
-                             mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                wt = tl.load(W + slot * sw_s + r[:, None] * sw_r + k[None, :],
-                             mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+            acc = _rows_tile(X, sx_t, m, mmask, W + slot * sw_s + r * sw_r, rmask, K,
+                             BLOCK_M, BLOCK_R, BLOCK_K)
             tl.store(OUT + m[:, None] * so_t + r[None, :], acc.to(OUT.dtype.element_ty),
                      mask=mmask[:, None] & rmask[None, :])
 
@@ -151,15 +161,8 @@ def _paged_shrink_kernel(
         for m0 in range(lo, hi, BLOCK_M):
             m = m0 + tl.arange(0, BLOCK_M)
             mmask = m < hi
-            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                kmask = kk < K
-                xt = tl.load(X + m[:, None] * sx_t + kk[None, :],
-                             mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                wt = tl.load(MEM + base[:, None] + kk[None, :],
-                             mask=imask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+            acc = _rows_tile(X, sx_t, m, mmask, MEM + base, imask, K, BLOCK_M, BLOCK_R,
+                             BLOCK_K)
             tl.store(H + m[:, None] * sh_t + i[None, :], acc,
                      mask=mmask[:, None] & imask[None, :])
 
