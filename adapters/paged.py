@@ -161,6 +161,7 @@ class PackPlan:
     # elements of the whole buffer), A's values then B's
     src: torch.Tensor  # int32 (index_select's, 4 bytes a value): positions in RawFile.values
     num_a: int  # A's values come first (B's are multiplied by the scaling)
+    covers: bool  # the values fill every element of the pieces' main parts (no zeros left)
 
     @classmethod
     def build(cls, layout: PieceLayout, cfg, rank: int, raw, path) -> PackPlan:
@@ -179,7 +180,8 @@ class PackPlan:
             is_a[a0:bt0] = True
         a = is_a[nz[:, 1]]
         da, sa, db, sb = dst[a], src[a], dst[~a], src[~a]
-        return cls(masks, torch.cat([da, db]), torch.cat([sa, sb]), len(da))
+        covers = bool((flat != 0).all())
+        return cls(masks, torch.cat([da, db]), torch.cat([sa, sb]), len(da), covers)
 
 
 def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw,
@@ -190,7 +192,17 @@ def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw,
     values[plan.num_a:] *= scaling  # as the reference's B * scaling, in float32
     if not math.isfinite(float(values.sum())):  # a NaN or inf among them (or an overflow)
         return None
-    buf = torch.zeros(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
+    # zeros only where nothing is written: the pieces' padding, and the main parts where the
+    # adapter leaves some projection of a held group untargeted (a fresh zeroed buffer costs
+    # a fill of every byte, beside the engine loop's threads)
+    buf = torch.empty(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
+    used = layout.elems * _elem(layout.dtype)
+    if plan.covers:
+        buf[:, used : layout.mirror_offset or layout.piece_bytes].zero_()
+    else:
+        buf[:, : layout.mirror_offset or layout.piece_bytes].zero_()
+    if layout.mirror_offset is not None:
+        buf[:, layout.mirror_offset + 2 * layout.elems :].zero_()
     buf.view(-1).view(layout.dtype).index_copy_(0, plan.dst, values.to(layout.dtype))
     layout.fill_mirror(buf)
     return buf
