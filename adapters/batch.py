@@ -63,7 +63,7 @@ class LoraBatch:
     ops: object = None
     # tensor parallelism (models/tp.py): the sum over the ranks of a row-parallel group's
     # shrink (o, down: each rank holds A's columns of its input), before its expand; None
-    # on one rank. Only the segmented path has it.
+    # on one rank. The segmented path and the fused kernel (its two halves) have it.
     reduce: object = None
     _views: dict = None  # the gathered views, made on first use
 
@@ -76,8 +76,6 @@ class LoraBatch:
         the fused CPU kernel where ``ops`` has fused LoRA terms, ``batched`` (float32 pieces
         of a bf16 model) and the pieces have a bf16 part; ``reduce``: see the field (then
         the segmented path only)."""
-        if reduce is not None:
-            batched = False
         starts, names = [], []
         for i, name in enumerate(row_adapters):
             if i == 0 or name != row_adapters[i - 1]:
@@ -106,7 +104,7 @@ class LoraBatch:
         ops = ops if ops is not None else TorchOps()
         layout = pages.layout
         fused = None
-        if (batched and ops.fused_lora and reduce is None and max(ranks) <= native.MAX_LORA_RANK
+        if (batched and ops.fused_lora and max(ranks) <= native.MAX_LORA_RANK
                 and layout.has_bf16):
             seg_pages, page_ids = [0], []
             for n in names:
@@ -137,7 +135,7 @@ class LoraBatch:
         total, longest = len(row_adapters), max(sizes)
         # the batched products' shapes follow the step's segments: not with batch invariance
         if (fused is None and paged is None and batched and not ops.batch_invariant
-                and all(names)
+                and reduce is None and all(names)
                 and len(set(ranks)) == 1 and len(names) * longest <= PAD_LIMIT * total):
             slots = [slot_of[n] for n in names]
             index = (None if slots == list(range(len(slots)))
@@ -172,7 +170,15 @@ class LoraBatch:
         if group not in self.groups:  # no registered adapter targets it
             return
         if self.native is not None and x.dtype == out.dtype == torch.bfloat16:
-            native.lora(x, out, self.native, layer, list(GROUPS).index(group))
+            g = list(GROUPS).index(group)
+            if self.reduce is not None and group in ("o", "down"):  # row-parallel: the
+                # ranks' partial shrinks added before the expand
+                top = max(self.native._keep[1].tolist())
+                h = torch.zeros(x.shape[0], len(GROUPS[group][1]) * top)
+                native.lora_half(x, h, None, self.native, layer, g)
+                native.lora_half(None, self.reduce(h), out, self.native, layer, g)
+                return
+            native.lora(x, out, self.native, layer, g)
             return
         if self.paged is not None:
             starts, seg_rank, seg_pages, page_ids, proj_rank, mem, cols, top = self.paged

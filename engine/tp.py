@@ -200,8 +200,11 @@ def _add_adapter(entry, msg, rank: int, world: int) -> None:
 
     model, _, _, held = entry
     _, _, name, spec, targets, dtype, ranks, host_bytes = msg
-    if held[1] is None:
-        held[1] = tp.RankAdapters(held[0], model.cfg, getattr(torch, dtype), world, rank)
+    if held[1] is None:  # pieces with a bf16 part where rank 0's have one (its condition)
+        adapter_dtype = getattr(torch, dtype)
+        mirror = (model.dtype == torch.bfloat16 and adapter_dtype == torch.float32
+                  and model.ops.fused_lora)
+        held[1] = tp.RankAdapters(held[0], model.cfg, adapter_dtype, world, rank, mirror)
     held[1].add(name, spec, targets, ranks, host_bytes)
 
 

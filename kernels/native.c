@@ -2025,6 +2025,60 @@ static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, 
     }
 }
 
+/* the shrink or the expand of group g of layer l alone, for a sum between them (tensor
+ * parallelism: a row-parallel group's partial shrinks added over the ranks): shrink writes
+ * h[t][j r + i] (float32, row stride ldh) for every row t of a segment with an adapter that
+ * targets the group; expand adds h's terms into out as gp_lora does. The same per-row sums
+ * as lora_body's. */
+static void lora_half(const uint16_t *x, int64_t ldx, int64_t K, float *h, int64_t ldh,
+                      uint16_t *out, int64_t ldo, const gp_lora_t *lora, int64_t l, int g,
+                      int expand, int64_t items, const int64_t *item_seg) {
+    const int64_t *item_row = item_seg + items;
+    const gp_lora_group_t *grp = &lora->groups[g];
+    int64_t S = lora->num_segments, P = grp->num_proj;
+    const int32_t *proj_rank = grp->proj_rank, *starts = lora->starts;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t s = item_seg[it], t0 = item_row[it], r = lora->seg_rank[s];
+        int any = 0;
+        for (int64_t j = 0; j < P; j++) any |= proj_rank[j * S + s] > 0;
+        if (!any) continue;
+        int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
+        const uint16_t *arow[MAX_LORA_COLS], *brow[MAX_LORA_COLS / 3];
+        for (int64_t k = 0; k < r; k++) {
+            const uint8_t *piece = lora_piece(lora, s, r, l, k);
+            for (int64_t j = 0; j < P; j++)
+                arow[j * r + k] = (const uint16_t *)(piece + grp->a_offset) + j * K;
+            brow[k] = (const uint16_t *)(piece + grp->bt_offset);
+        }
+        if (!expand) {
+            lora_shrink(arow, P * r, x + t0 * ldx, ldx, n, K, h + t0 * ldh, ldh);
+            continue;
+        }
+        int64_t col = 0;
+        for (int64_t j = 0; j < P; j++) {
+            int64_t rj = proj_rank[j * S + s];
+            if (rj > 0)
+                lora_expand(brow, col, grp->widths[j], rj, h + t0 * ldh + j * r, ldh, n,
+                            out + t0 * ldo + col, ldo);
+            col += grp->widths[j];
+        }
+    }
+}
+
+void gp_lora_half(const uint16_t *x, int64_t ldx, int64_t K, float *h, int64_t ldh,
+                  uint16_t *out, int64_t ldo, const gp_lora_t *lora, int64_t layer,
+                  int64_t group, int64_t expand, int threads) {
+    (void)threads;
+    int64_t *item_seg;
+    int64_t items = lora_items(lora->num_segments, lora->starts, lora->seg_rank, &item_seg);
+    if (!item_seg) return;
+    #pragma omp parallel num_threads(threads) if (items > 1)
+    lora_half(x, ldx, K, h, ldh, out, ldo, lora, layer, (int)group, (int)expand, items,
+              item_seg);
+    free(item_seg);
+}
+
 void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo,
              const gp_lora_t *lora, int64_t layer, int64_t group, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
@@ -2221,7 +2275,9 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                           st->context_lens, st->scale, o);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
-    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, failed);  /* (no LoRA under TP) */
+    /* (adapter steps under TP take the per-op path: gp_lora_half's shrink, the sum, the
+     * expand) */
+    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, failed);
     if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
     add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
                      hidden, st->eps);

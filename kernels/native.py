@@ -78,6 +78,7 @@ _SIGNATURES = {
                             _vp, _f32, _vp, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
     "gp_lora": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _i64, _int],
+    "gp_lora_half": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_decode_layers": [_vp, _int],  # (const gp_step_t *, threads)
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
     "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _i64,
@@ -631,6 +632,31 @@ def lora(x: torch.Tensor, out: torch.Tensor, table, layer: int, group: int) -> N
         raise ValueError(f"native: layer {layer} or group {group} is not in the table")
     _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0),
                    ctypes.addressof(table), layer, group, torch.get_num_threads())
+
+
+def lora_half(x: torch.Tensor | None, h: torch.Tensor, out: torch.Tensor | None, table,
+              layer: int, group: int) -> None:
+    """:func:`lora`'s two halves apart, for a sum between them (a row-parallel group under
+    tensor parallelism): with ``out`` None, the shrink: h [rows, P r_max] float32 (each
+    segment's columns j r + i) from x; with ``x`` None, the expand: out += h's terms."""
+    check("h", h, torch.float32, 2)
+    if not 0 <= layer < table._num_layers or not 0 <= group < 4:
+        raise ValueError(f"native: layer {layer} or group {group} is not in the table")
+    rows = h.shape[0]
+    if h.shape[1] < table.groups[group].num_proj * int(max(table._keep[1].tolist() or [0])):
+        raise ValueError("native: h is narrower than the group's rows of the largest rank")
+    for name, t in (("x", x), ("out", out)):
+        if t is not None:
+            check(name, t, torch.bfloat16, 2)
+            if t.shape[0] != rows:
+                raise ValueError(f"native: lora_half's {name} must have h's rows")
+    if (x is None) == (out is None):
+        raise ValueError("native: lora_half takes x (the shrink) or out (the expand)")
+    _lib().gp_lora_half(0 if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
+                        0 if x is None else x.shape[1], h.data_ptr(), h.stride(0),
+                        0 if out is None else out.data_ptr(),
+                        0 if out is None else out.stride(0), ctypes.addressof(table), layer,
+                        group, 0 if out is None else 1, torch.get_num_threads())
 
 
 def layer_table(layers: list[dict[str, torch.Tensor]]):

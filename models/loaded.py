@@ -201,8 +201,7 @@ class LoadedModel:
         cfg = self.adapter_config
         # float32 pieces of a bf16 model on CPU: bf16 copies in them for the fused kernel
         mirror = (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora
-                  and self.tp is None)  # the fused kernel has no sum between the ranks
+                  and self.adapter_dtype == torch.float32 and self.model.ops.fused_lora)
         memory = self.kv.storage.view(self.kv.pages.num_pages, self.kv.page_bytes)
         # the shard's config under tensor parallelism: pieces of rank 0's part
         return AdapterPages(self.model.cfg, groups, self.adapter_dtype, self.kv.pages, memory,

@@ -380,9 +380,10 @@ class RankAdapters:
     PAGE_BYTES = 1 << 20
 
     def __init__(self, cfg: ModelConfig, local: ModelConfig, dtype: torch.dtype,
-                 world: int, rank: int):
+                 world: int, rank: int, mirror: bool = False):
+        """``mirror``: pieces with a bf16 part for the fused CPU kernel (as rank 0's)."""
         self.cfg, self.local, self.dtype = cfg, local, dtype
-        self.world, self.rank = world, rank
+        self.world, self.rank, self.mirror = world, rank, mirror
         self.pages = None
         self.targets: dict[str, tuple[str, ...]] = {}
 
@@ -392,7 +393,7 @@ class RankAdapters:
 
         memory = torch.zeros(num_pages, self.PAGE_BYTES, dtype=torch.uint8)
         return AdapterPages(self.local, groups, self.dtype, PagePool(num_pages), memory,
-                            "rank", host_bytes=host_bytes)
+                            "rank", mirror=self.mirror, host_bytes=host_bytes)
 
     def _remake(self, groups, num_pages: int) -> None:
         old = self.pages
@@ -437,7 +438,7 @@ class RankAdapters:
         self.pages.pool.set_pinned(())  # nothing runs between steps on a rank
         tables = self.pages.ensure(names)
         return LoraBatch.build(rows, tables, self.pages, self.targets, torch.device("cpu"),
-                               ops, reduce=reduce)
+                               ops, batched=self.mirror, reduce=reduce)
 
 
 def adapter_runs(rows) -> list:

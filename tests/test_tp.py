@@ -585,3 +585,140 @@ def test_torchrun_without_a_matching_tensor_parallel_size_stops_every_rank_at_on
     assert proc.returncode != 0
     assert proc.stderr.count("run 'serve --tensor-parallel 2' under it") == 2
     assert set(glob.glob("/dev/shm/gpupool-tp-*")) <= before
+
+
+def test_the_fused_lora_kernel_under_tensor_parallelism_sums_the_row_parallel_shrinks(
+        tmp_path):
+    """bf16 adapters on 2 ranks (simulated in threads, each with its shard in pages of its
+    own): the fused CPU kernel runs under tensor parallelism, a row-parallel group (o, down)
+    as its shrink, the sum over the ranks, then its expand (native.lora_half); against one
+    rank's fused kernel on the whole adapter: a column-parallel group's columns bit for bit,
+    a row-parallel group's terms within a bf16 step (the partial shrinks' float32 sums in
+    another order)."""
+    import threading
+
+    from gpupool.adapters.base import GROUPS
+    from gpupool.adapters.batch import LoraBatch
+    from gpupool.adapters.paged import AdapterPages, target_groups
+    from gpupool.kernels import native
+    from gpupool.kernels.backend import NativeOps
+    from gpupool.models import tp
+    from gpupool.pool.pages import PagePool
+
+    if not native.available():
+        pytest.skip("the native kernels do not build here")
+    cfg = ModelConfig.from_folder(make_tiny_model(tmp_path / "m", "llama"))
+    local = tp.local_config(cfg, 2)
+    g = torch.Generator().manual_seed(7)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    width = {"hidden": cfg.hidden_size, "q": cfg.q_size, "kv": cfg.kv_size,
+             "inter": cfg.intermediate_size}
+    weights = {(layer, p): (torch.randn(4, width[fan_in], generator=g) * 0.3,
+                            torch.randn(width[fan_out], 4, generator=g) * 0.3)
+               for layer in range(cfg.num_layers) for fan_in, projs in GROUPS.values()
+               for p, fan_out in projs}
+
+    def pages(c, w):
+        paged = AdapterPages(c, target_groups(every), torch.float32, PagePool(64),
+                             torch.zeros(64, 16 << 10, dtype=torch.uint8), "m", mirror=True)
+        paged.add("a", 4, lambda: w)
+        return paged, paged.ensure(["a"])
+    rows = [None, "a", "a", "a", None]
+    whole, tables = pages(cfg, weights)
+    one = LoraBatch.build(rows, tables, whole, {"a": every}, "cpu", NativeOps(), batched=True)
+    x = {k: torch.randn(len(rows), width[f], generator=g).to(torch.bfloat16)
+         for k, f in (("hidden", "hidden"), ("q", "q"), ("inter", "inter"))}
+    parts, barrier = [None, None], threading.Barrier(2)
+
+    def reduce_for(rank):
+        def reduce(h):
+            parts[rank] = h
+            barrier.wait()
+            total = parts[0] + parts[1]  # rank order, as TPGroup.all_reduce adds
+            barrier.wait()
+            return total
+        return reduce
+    got = [None, None]
+
+    def rank_run(rank):
+        paged, tabs = pages(local, tp.shard_adapter(cfg, weights, 2, rank))
+        batch = LoraBatch.build(rows, tabs, paged, {"a": every}, "cpu", NativeOps(),
+                                batched=True, reduce=reduce_for(rank))
+        assert batch.native is not None
+        out = {}
+        for layer in range(cfg.num_layers):
+            for group, (_, projs) in GROUPS.items():
+                if group in ("o", "down"):  # the rank's input columns of a row-parallel
+                    full = x["q" if group == "o" else "inter"]
+                    n = full.shape[1] // 2
+                    xin = full[:, rank * n : (rank + 1) * n]
+                else:
+                    xin = x["hidden"]
+                widths = [getattr(local, {"q": "q_size", "kv": "kv_size", "hidden":
+                                          "hidden_size", "inter": "intermediate_size"}[f])
+                          for _, f in projs]
+                y = torch.zeros(len(rows), sum(widths), dtype=torch.bfloat16)
+                batch.apply(layer, group, xin.contiguous(), y)
+                out[layer, group] = y
+        got[rank] = out
+    threads = [threading.Thread(target=rank_run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for layer in range(cfg.num_layers):
+        for group, (_, projs) in GROUPS.items():
+            xin = x["hidden"] if group in ("qkv", "gate_up") else x[
+                "q" if group == "o" else "inter"]
+            want = torch.zeros(len(rows), sum(width[f] for _, f in projs),
+                               dtype=torch.bfloat16)
+            one.apply(layer, group, xin, want)
+            if group in ("o", "down"):  # every rank the whole term, the same on both
+                assert torch.equal(got[0][layer, group], got[1][layer, group])
+                gap = (got[0][layer, group].float() - want.float()).abs()
+                assert (gap <= want.float().abs() * 2**-7 + 1e-3).all(), (layer, group)
+                assert not torch.equal(want, torch.zeros_like(want))
+            else:  # each rank its rows of every projection: those columns of the whole
+                for rank in range(2):
+                    cols, start = [], 0
+                    for _, f in projs:
+                        n = width[f] // 2
+                        cols.extend(range(start + rank * n, start + (rank + 1) * n))
+                        start += width[f]
+                    assert torch.equal(got[rank][layer, group], want[:, cols]), (layer, group)
+
+
+def test_bf16_adapters_on_two_ranks_take_the_fused_kernel(tmp_path, monkeypatch):
+    """A bf16 engine on 2 ranks with adapters runs their terms through the fused kernel on
+    every rank (rank 0's row-parallel groups counted here); its first tokens' log
+    probabilities are one rank's as closely as the base model's are (the kernel's sums are
+    checked above; in bf16 the ranks' partial sums of the base model already move log
+    probabilities by tenths and make later tokens differ)."""
+    from gpupool import SamplingParams
+    from gpupool.kernels import native
+    from tests.factories import make_engine, make_peft_adapter, random_prompts
+
+    base = make_tiny_model(tmp_path / "m", "llama")
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    path = make_peft_adapter(base, tmp_path / "a", 4, every, seed=3)
+    prompts = random_prompts(3, 6, 20, seed=4)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=3)
+    calls, real = [], native.lora_half
+    monkeypatch.setattr(native, "lora_half", lambda *a: calls.append(a[5]) or real(*a))
+    got = {}
+    for world in (1, 2):
+        e = make_engine(base, dtype="bfloat16", **({"tensor_parallel": 2, "prefetch": False}
+                                                   if world == 2 else {}))
+        try:
+            e.add_adapter("a", "m", path)
+            got[world] = [dict(o.logprobs[0][2]) for o in e.generate(prompts, params,
+                                                                      model="a")]
+            got[world, "base"] = [dict(o.logprobs[0][2]) for o in e.generate(prompts, params)]
+            e.check_integrity()
+        finally:
+            e.shutdown()
+    assert calls and set(calls) == {1, 3}  # o and down: the row-parallel groups
+    for one, two, plain in zip(got[1], got[2], got[2, "base"]):
+        assert set(one) == set(two) and one != plain  # the adapter changed the top tokens
+        # as close as the base model's own (2 ranks' bf16 partial sums: up to 0.25 here)
+        assert all(abs(one[t] - two[t]) < 0.3 for t in one), (one, two, plain)
