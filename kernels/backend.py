@@ -403,7 +403,7 @@ class NativeOps(TorchOps):
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
                 or (lora is not None and lora.native is None)
-                or (tp is not None and (lora is not None or tp.shm is None))):
+                or (tp is not None and tp.shm is None)):
             return None
         table, ends, kv = self._whole_step_inputs(model, kv_layers)
         if table is None:
@@ -411,6 +411,9 @@ class NativeOps(TorchOps):
         cfg, rows = model.cfg, batch.num_tokens
         exchange = None if tp is None else self._tp_table(tp)
         if exchange is not None and not exchange.fits(rows * cfg.hidden_size):
+            return None
+        if (exchange is not None and lora is not None  # its row-parallel shrinks' sums too
+                and max(lora.native._keep[1].tolist()) > cfg.hidden_size):
             return None
         # the embedding and the head inside too, where every row samples (not under TP: the
         # vocabulary is split over the ranks, the embedding's sum and the logits' gather are

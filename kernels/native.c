@@ -2145,10 +2145,31 @@ static void matmul_body(const uint16_t *x, int64_t M, int64_t K, const void *w,
     #pragma omp barrier
 }
 
-/* group g's LoRA terms for layer l (inside the team; a barrier after) */
-static void lora_group(const gp_lora_t *lora, int64_t l, int g, const uint16_t *x, int64_t K,
-                       uint16_t *out, int64_t ldo, int64_t items, const int64_t *item_seg) {
-    lora_body(x, K, K, out, ldo, lora, l, g, items, item_seg);
+static void tp_all_reduce(const gp_tp_t *tp, void *xv, int64_t n, int f32,
+                          int *failed);
+
+/* group g's LoRA terms for layer l (inside the team; a barrier after); under tensor
+ * parallelism a row-parallel group (o, down: one projection, the rank's input columns of A)
+ * as its shrink into lh ([T][top], zeroed first), the sum over the ranks in float32 (as
+ * TPGroup.all_reduce adds, rank order), then its expand: gp_lora_half's halves, the same bits
+ * as the per-op path. A failed exchange leaves out alone (the step fails). */
+static void lora_group(const gp_step_t *st, int64_t l, int g, const uint16_t *x, int64_t K,
+                       uint16_t *out, int64_t ldo, int64_t items, const int64_t *item_seg,
+                       float *lh, int *failed) {
+    const gp_lora_t *lora = st->lora;
+    if (!st->tp || (g != 1 && g != 3)) {
+        lora_body(x, K, K, out, ldo, lora, l, g, items, item_seg);
+        return;
+    }
+    int64_t T = st->rows, top = 0;
+    for (int64_t s = 0; s < lora->num_segments; s++)
+        top = lora->seg_rank[s] > top ? lora->seg_rank[s] : top;
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < T * top; i++) lh[i] = 0.0f;
+    lora_half(x, K, K, lh, top, NULL, 0, lora, l, g, 0, items, item_seg);
+    tp_all_reduce(st->tp, lh, T * top, 1, failed);
+    if (*failed) return;
+    lora_half(NULL, 0, 0, lh, top, out, ldo, lora, l, g, 1, items, item_seg);
 }
 
 /* x [T][hidden] = the embedding rows ids[t] of emb [vocab][hidden]: bf16 rows as they are;
@@ -2218,13 +2239,15 @@ static int tp_wait(const gp_tp_t *tp, int64_t seq) {
     }
 }
 
-static void tp_all_reduce(const gp_tp_t *tp, uint16_t *x, int64_t n, int *failed) {
+static void tp_all_reduce(const gp_tp_t *tp, void *xv, int64_t n, int f32, int *failed) {
+    uint16_t *x = (uint16_t *)xv;  /* bf16 values, or (f32) float32 ones at xf */
+    float *xf = (float *)xv;
     if (*failed) return;  /* read after the barrier that ended the last op: every thread agrees */
     int64_t seq = *tp->seq + 1;
     char *slots = (char *)tp->slots + (seq % 2) * tp->world * tp->slot_bytes;  /* this seq's */
     float *mine = (float *)(slots + tp->rank * tp->slot_bytes);
     #pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; i++) mine[i] = bf2f(x[i]);
+    for (int64_t i = 0; i < n; i++) mine[i] = f32 ? xf[i] : bf2f(x[i]);
 #ifdef _OPENMP
     if (omp_get_thread_num() == 0)  /* the caller's thread: alive() is a Python callback */
 #endif
@@ -2245,14 +2268,17 @@ static void tp_all_reduce(const gp_tp_t *tp, uint16_t *x, int64_t n, int *failed
             __asm__("" : "+x"(s));  /* in rank order: -ffast-math may not reassociate */
 #endif
         }
-        x[i] = f2bf(s);
+        if (f32)
+            xf[i] = s;
+        else
+            x[i] = f2bf(s);
     }
 }
 
 static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h, uint16_t *qkv,
                        uint16_t *o, uint16_t *gu, uint16_t *act, uint16_t *delta,
                        int16_t *xq, float *xs, float *x4, int64_t items,
-                       const int64_t *item_seg, int *failed) {
+                       const int64_t *item_seg, float *lh, int *failed) {
     const gp_layer_t *p = st->layers + l;
     const gp_int4_t q4[4] = {
         {p->qkv_weight_gscale, p->qkv_weight_goffset, p->qkv_weight_group},
@@ -2267,7 +2293,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                      hidden, T, hidden, st->eps);
     matmul_body(h, T, hidden, p->qkv_weight, p->qkv_weight_scale, &q4[0], p->qkv_bias, nqkv,
                 qkv, xq, xs, x4);
-    if (lora) lora_group(lora, l, 0, h, hidden, qkv, nqkv, items, item_seg);
+    if (lora) lora_group(st, l, 0, h, hidden, qkv, nqkv, items, item_seg, lh, failed);
     rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
                  st->kv->page_stride, st->slot_pages, st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
@@ -2275,20 +2301,18 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                           st->context_lens, st->scale, o);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
-    /* (adapter steps under TP take the per-op path: gp_lora_half's shrink, the sum, the
-     * expand) */
-    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, failed);
-    if (lora) lora_group(lora, l, 1, o, nq * D, delta, hidden, items, item_seg);
+    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);
+    if (lora) lora_group(st, l, 1, o, nq * D, delta, hidden, items, item_seg, lh, failed);
     add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
                      hidden, st->eps);
     matmul_body(h, T, hidden, p->gate_up_weight, p->gate_up_weight_scale, &q4[2], NULL,
                 2 * inter, gu, xq, xs, x4);
-    if (lora) lora_group(lora, l, 2, h, hidden, gu, 2 * inter, items, item_seg);
+    if (lora) lora_group(st, l, 2, h, hidden, gu, 2 * inter, items, item_seg, lh, failed);
     silu_mul_body(gu, 2 * inter, act, inter, T, inter);
     matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, &q4[3], NULL, hidden,
                 delta, xq, xs, x4);
-    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, failed);
-    if (lora) lora_group(lora, l, 3, act, inter, delta, hidden, items, item_seg);
+    if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);
+    if (lora) lora_group(st, l, 3, act, inter, delta, hidden, items, item_seg, lh, failed);
 }
 
 int gp_decode_layers(const gp_step_t *st, int threads) {
@@ -2305,10 +2329,18 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     /* the 4-bit products' x in the pairs' order (bf16 [T][K + 63]) and its groups' sums */
     float *x4 = malloc(sizeof(float) * (size_t)(T * (kmax + 64)) + 64);
     int64_t *item_seg = NULL, items = 0;
+    float *lh = NULL;  /* under TP: a row-parallel group's shrinks [T][max rank], summed */
     if (st->lora) {
         items = lora_items(st->lora->num_segments, st->lora->starts, st->lora->seg_rank,
                            &item_seg);
         if (!item_seg) { free(buf); free(xq); free(xs); free(x4); return -1; }
+        if (st->tp) {
+            int64_t top = 0;
+            for (int64_t s = 0; s < st->lora->num_segments; s++)
+                top = st->lora->seg_rank[s] > top ? st->lora->seg_rank[s] : top;
+            lh = malloc(sizeof(float) * (size_t)(T * (top > 0 ? top : 1)));
+            if (!lh) { free(buf); free(xq); free(xs); free(x4); free(item_seg); return -1; }
+        }
     }
     if (!buf || !xq || !xs || !x4) {
         free(buf); free(xq); free(xs); free(x4); free(item_seg);
@@ -2325,7 +2357,7 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
         if (st->ids) embed_body(st->ids, T, hidden, st->embed, st->embed_scale, x);
         /* failed changes only before a barrier every thread has passed here: one path */
         for (int64_t l = 0; l < L && !failed; l++)
-            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg,
+            layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg, lh,
                        &failed);
         if (!failed)
             add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out,
@@ -2338,6 +2370,7 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
     free(xs);
     free(x4);
     free(item_seg);
+    free(lh);
     free(buf);
     return failed ? 2 : 0;
 }

@@ -742,9 +742,13 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
         raise ValueError(f"native: decode_layers needs {num_layers} layers' weights and caches")
     if ids is not None:
         check("ids", ids, torch.int64, 1, contiguous=True)
-    if tp is not None and (lora is not None or not tp.fits(t * hidden)):
-        raise ValueError("native: decode_layers under tensor parallelism takes no LoRA and "
-                         "steps whose rows fit the exchange's slots")
+    if tp is not None and not tp.fits(t * hidden):
+        raise ValueError("native: decode_layers under tensor parallelism takes steps whose rows "
+                         "fit the exchange's slots")
+    if tp is not None and lora is not None and not tp.fits(
+            t * max(lora._keep[1].tolist() or [0])):
+        raise ValueError("native: decode_layers under tensor parallelism takes LoRA shrinks "
+                         "that fit the exchange's slots")
     out = torch.empty_like(x)
     logits = None if head is None else torch.empty(t, head[0].shape[0], dtype=torch.float32)
     step = Step(rows=t, hidden=hidden, inter=inter, num_heads=num_heads,

@@ -401,12 +401,15 @@ def test_a_bf16_tensor_parallel_request_has_the_same_tokens_in_any_batch(tmp_pat
         two.shutdown()
 
 
+@pytest.mark.parametrize("adapter", [False, True])
 def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op_bits(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, adapter):
     """bf16 decode on 2 ranks: each rank's step is one native call with the o and down
     products' all-reduces inside it (through the same shared-memory exchange); its tokens and
     log-probabilities equal those of rank 0's per-op path (its whole-step call turned off:
-    rank 1 keeps its own, the exchanges follow one protocol)."""
+    rank 1 keeps its own, the exchanges follow one protocol). With an adapter on every
+    projection, its terms are inside the call too, the o and down shrinks summed over the
+    ranks there."""
     from gpupool import SamplingParams
     from gpupool.kernels import native
     from gpupool.kernels.backend import NativeOps
@@ -415,23 +418,36 @@ def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op
     calls = []
     real = native.decode_layers
     monkeypatch.setattr(native, "decode_layers",
-                        lambda *a, **k: calls.append(k.get("tp")) or real(*a, **k))
+                        lambda *a, **k: calls.append((k.get("tp"), a[20] if len(a) > 20
+                                                      else k.get("lora"))) or real(*a, **k))
     folder = make_tiny_model(tmp_path / "m", "llama")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
     prompts = random_prompts(4, 3, 30, seed=5)
+    model = "m"
+    if adapter:
+        from tests.factories import make_peft_adapter
+
+        every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        path = make_peft_adapter(folder, tmp_path / "a", 4, every, seed=3)
+        model = "a"
     outs = []
     for whole in (True, False):
         if not whole:
             monkeypatch.setattr(NativeOps, "decode_step", lambda self, *a: None)
         two = make_engine(folder, tensor_parallel=2, dtype="bfloat16")
         try:
-            outs.append([(list(o.token_ids), o.logprobs) for o in two.generate(prompts, params)])
+            if adapter:
+                two.add_adapter("a", "m", path)
+            got = two.generate(prompts, params, model=model)
+            assert all(o.error is None and len(o.token_ids) == 12 for o in got)
+            outs.append([(list(o.token_ids), o.logprobs) for o in got])
         finally:
             two.shutdown()
         if whole:
             if not native.has_gemv():
                 pytest.skip("this CPU's native build has no bf16 product")
-            assert calls and all(tp is not None for tp in calls)
+            assert calls and all(tp is not None for tp, _ in calls)
+            assert any(lora is not None for _, lora in calls) == adapter
             calls.clear()
     assert not calls
     assert outs[0] == outs[1]
