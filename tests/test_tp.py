@@ -585,13 +585,17 @@ def test_4bit_checkpoints_whose_groups_a_shard_would_cut_are_refused(tmp_path):
 
 def test_torchrun_without_a_matching_tensor_parallel_size_stops_every_rank_at_once(tmp_path):
     """torchrun's 2 processes with --tensor-parallel left out: each says what to pass and
-    exits 2 (no rank waits for a rank 0 that never joins), leaving nothing in /dev/shm."""
+    exits 2 (no rank waits for a rank 0 that never joins: the run ends at once, not after a
+    rank's 120 s wait), leaving nothing in /dev/shm. (torchrun stops the other worker when
+    one exits: on a loaded machine the second may be stopped before it has printed.)"""
     import glob
     import os
+    import time
 
     from tests.serving import free_port
 
     before = set(glob.glob("/dev/shm/gpupool-tp-*"))
+    start = time.monotonic()
     exe = [sys.executable, "-P", "-m", "gpupool.cli"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
@@ -599,7 +603,8 @@ def test_torchrun_without_a_matching_tensor_parallel_size_stops_every_rank_at_on
          str(free_port())], capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "GPUPOOL_HOME": str(tmp_path / "home")})
     assert proc.returncode != 0
-    assert proc.stderr.count("run 'serve --tensor-parallel 2' under it") == 2
+    assert proc.stderr.count("run 'serve --tensor-parallel 2' under it") >= 1
+    assert time.monotonic() - start < 60
     assert set(glob.glob("/dev/shm/gpupool-tp-*")) <= before
 
 
