@@ -1990,10 +1990,17 @@ static inline const uint8_t *lora_piece(const gp_lora_t *lora, int64_t s, int64_
            + lora->mirror_offset;
 }
 
-/* group g of layer l for the items (shared by the calling team; a barrier after) */
-static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo,
-                      const gp_lora_t *lora, int64_t l, int g, int64_t items,
-                      const int64_t *item_seg) {
+/* group g of layer l for the items (shared by the calling team; a barrier after): the
+ * shrink and the expand of each item (mode LORA_BOTH, h kept per item); or, for a sum between
+ * them (tensor parallelism: a row-parallel group's partial shrinks added over the ranks), the
+ * shrink alone into h[t][j r + i] (LORA_SHRINK: float32, row stride ldh, every row of a
+ * segment whose adapter targets the group) or the expand alone from it (LORA_EXPAND). The
+ * same per-row sums in every mode. */
+enum { LORA_BOTH, LORA_SHRINK, LORA_EXPAND };
+
+static void lora_terms(const uint16_t *x, int64_t ldx, int64_t K, float *h, int64_t ldh,
+                       uint16_t *out, int64_t ldo, const gp_lora_t *lora, int64_t l, int g,
+                       int mode, int64_t items, const int64_t *item_seg) {
     const int64_t *item_row = item_seg + items;
     const gp_lora_group_t *grp = &lora->groups[g];
     int64_t S = lora->num_segments, P = grp->num_proj;
@@ -2005,7 +2012,9 @@ static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, 
         for (int64_t j = 0; j < P; j++) any |= proj_rank[j * S + s] > 0;
         if (!any) continue;
         int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
-        float h[LORA_CHUNK * MAX_LORA_COLS];  /* [n][P r] */
+        float mine[LORA_CHUNK * MAX_LORA_COLS];  /* [n][P r]: LORA_BOTH's h */
+        float *hp = mode == LORA_BOTH ? mine : h + t0 * ldh;
+        int64_t ld = mode == LORA_BOTH ? P * r : ldh;
         const uint16_t *arow[MAX_LORA_COLS], *brow[MAX_LORA_COLS / 3];
         for (int64_t k = 0; k < r; k++) {  /* row j r + k of A: projection j's rank row k */
             const uint8_t *piece = lora_piece(lora, s, r, l, k);
@@ -2013,57 +2022,23 @@ static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, 
                 arow[j * r + k] = (const uint16_t *)(piece + grp->a_offset) + j * K;
             brow[k] = (const uint16_t *)(piece + grp->bt_offset);
         }
-        lora_shrink(arow, P * r, x + t0 * ldx, ldx, n, K, h, P * r);
+        if (mode != LORA_EXPAND) lora_shrink(arow, P * r, x + t0 * ldx, ldx, n, K, hp, ld);
+        if (mode == LORA_SHRINK) continue;
         int64_t col = 0;
         for (int64_t j = 0; j < P; j++) {
             int64_t rj = proj_rank[j * S + s];
             if (rj > 0)
-                lora_expand(brow, col, grp->widths[j], rj, h + j * r, P * r, n,
+                lora_expand(brow, col, grp->widths[j], rj, hp + j * r, ld, n,
                             out + t0 * ldo + col, ldo);
             col += grp->widths[j];
         }
     }
 }
 
-/* the shrink or the expand of group g of layer l alone, for a sum between them (tensor
- * parallelism: a row-parallel group's partial shrinks added over the ranks): shrink writes
- * h[t][j r + i] (float32, row stride ldh) for every row t of a segment with an adapter that
- * targets the group; expand adds h's terms into out as gp_lora does. The same per-row sums
- * as lora_body's. */
-static void lora_half(const uint16_t *x, int64_t ldx, int64_t K, float *h, int64_t ldh,
-                      uint16_t *out, int64_t ldo, const gp_lora_t *lora, int64_t l, int g,
-                      int expand, int64_t items, const int64_t *item_seg) {
-    const int64_t *item_row = item_seg + items;
-    const gp_lora_group_t *grp = &lora->groups[g];
-    int64_t S = lora->num_segments, P = grp->num_proj;
-    const int32_t *proj_rank = grp->proj_rank, *starts = lora->starts;
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; it++) {
-        int64_t s = item_seg[it], t0 = item_row[it], r = lora->seg_rank[s];
-        int any = 0;
-        for (int64_t j = 0; j < P; j++) any |= proj_rank[j * S + s] > 0;
-        if (!any) continue;
-        int64_t n = starts[s + 1] - t0 < LORA_CHUNK ? starts[s + 1] - t0 : LORA_CHUNK;
-        const uint16_t *arow[MAX_LORA_COLS], *brow[MAX_LORA_COLS / 3];
-        for (int64_t k = 0; k < r; k++) {
-            const uint8_t *piece = lora_piece(lora, s, r, l, k);
-            for (int64_t j = 0; j < P; j++)
-                arow[j * r + k] = (const uint16_t *)(piece + grp->a_offset) + j * K;
-            brow[k] = (const uint16_t *)(piece + grp->bt_offset);
-        }
-        if (!expand) {
-            lora_shrink(arow, P * r, x + t0 * ldx, ldx, n, K, h + t0 * ldh, ldh);
-            continue;
-        }
-        int64_t col = 0;
-        for (int64_t j = 0; j < P; j++) {
-            int64_t rj = proj_rank[j * S + s];
-            if (rj > 0)
-                lora_expand(brow, col, grp->widths[j], rj, h + t0 * ldh + j * r, ldh, n,
-                            out + t0 * ldo + col, ldo);
-            col += grp->widths[j];
-        }
-    }
+static void lora_body(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t ldo,
+                      const gp_lora_t *lora, int64_t l, int g, int64_t items,
+                      const int64_t *item_seg) {
+    lora_terms(x, ldx, K, NULL, 0, out, ldo, lora, l, g, LORA_BOTH, items, item_seg);
 }
 
 void gp_lora_half(const uint16_t *x, int64_t ldx, int64_t K, float *h, int64_t ldh,
@@ -2074,8 +2049,8 @@ void gp_lora_half(const uint16_t *x, int64_t ldx, int64_t K, float *h, int64_t l
     int64_t items = lora_items(lora->num_segments, lora->starts, lora->seg_rank, &item_seg);
     if (!item_seg) return;
     #pragma omp parallel num_threads(threads) if (items > 1)
-    lora_half(x, ldx, K, h, ldh, out, ldo, lora, layer, (int)group, (int)expand, items,
-              item_seg);
+    lora_terms(x, ldx, K, h, ldh, out, ldo, lora, layer, (int)group,
+               expand ? LORA_EXPAND : LORA_SHRINK, items, item_seg);
     free(item_seg);
 }
 
@@ -2166,10 +2141,10 @@ static void lora_group(const gp_step_t *st, int64_t l, int g, const uint16_t *x,
         top = lora->seg_rank[s] > top ? lora->seg_rank[s] : top;
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < T * top; i++) lh[i] = 0.0f;
-    lora_half(x, K, K, lh, top, NULL, 0, lora, l, g, 0, items, item_seg);
+    lora_terms(x, K, K, lh, top, NULL, 0, lora, l, g, LORA_SHRINK, items, item_seg);
     tp_all_reduce(st->tp, lh, T * top, 1, failed);
     if (*failed) return;
-    lora_half(NULL, 0, 0, lh, top, out, ldo, lora, l, g, 1, items, item_seg);
+    lora_terms(NULL, 0, 0, lh, top, out, ldo, lora, l, g, LORA_EXPAND, items, item_seg);
 }
 
 /* x [T][hidden] = the embedding rows ids[t] of emb [vocab][hidden]: bf16 rows as they are;
