@@ -103,33 +103,31 @@ class LoraBatch:
         slot_of = {n: i for i, n in enumerate(distinct)}
         ops = ops if ops is not None else TorchOps()
         layout = pages.layout
-        fused = None
-        if (batched and ops.fused_lora and max(ranks) <= native.MAX_LORA_RANK
-                and layout.has_bf16):
+        fused = paged = None
+        use_fused = (batched and ops.fused_lora and max(ranks) <= native.MAX_LORA_RANK
+                     and layout.has_bf16)
+        use_paged = not use_fused and reduce is None and getattr(ops, "paged_lora", False)
+        if use_fused or use_paged:
+            # the kernels that read the pages in place: each segment's page table, and each
+            # group's projection ranks [P, S]
             seg_pages, page_ids = [0], []
             for n in names:
                 page_ids.extend(tables[n] if n else ())
                 seg_pages.append(len(page_ids))
+            seg = (t(starts), t(ranks), t(seg_pages), t(page_ids))
+            stacked = {g: torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
+                       for g, (_, projs) in GROUPS.items()}
+        if use_fused:
             groups = [None if g not in layout.offsets else
                       (layout.offsets[g][0] * 2, layout.offsets[g][1] * 2, layout.widths[g])
                       for g in GROUPS]
             fused = native.lora_table(
-                t(starts), t(ranks), t(seg_pages), t(page_ids), pages.memory,
-                layout.piece_bytes, layout.mirror_offset or 0, groups,
-                [torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
-                 for _, (_, projs) in GROUPS.items()], pages.cfg.num_layers)
-        paged = None
-        if fused is None and reduce is None and getattr(ops, "paged_lora", False):
-            seg_pages, page_ids = [0], []
-            for n in names:
-                page_ids.extend(tables[n] if n else ())
-                seg_pages.append(len(page_ids))
+                *seg, pages.memory, layout.piece_bytes, layout.mirror_offset or 0, groups,
+                list(stacked.values()), pages.cfg.num_layers)
+        elif use_paged:
             cols = {g: t([sum(layout.widths[g][:j]) for j in range(len(projs) + 1)])
                     for g, (_, projs) in GROUPS.items() if g in layout.widths}
-            paged = (t(starts), t(ranks), t(seg_pages), t(page_ids),
-                     {g: torch.stack([proj_ranks[p] for p, _ in projs]).contiguous()
-                      for g, (_, projs) in GROUPS.items()},
-                     pages.memory.view(layout.dtype), cols, max(ranks))
+            paged = (*seg, stacked, pages.memory.view(layout.dtype), cols, max(ranks))
         plan = None
         sizes = [b - a for a, b in zip(starts, starts[1:])]
         total, longest = len(row_adapters), max(sizes)
@@ -173,8 +171,7 @@ class LoraBatch:
             g = list(GROUPS).index(group)
             if self.reduce is not None and group in ("o", "down"):  # row-parallel: the
                 # ranks' partial shrinks added before the expand
-                top = max(self.native._keep[1].tolist())
-                h = torch.zeros(x.shape[0], len(GROUPS[group][1]) * top)
+                h = torch.zeros(x.shape[0], len(GROUPS[group][1]) * self.native.max_rank)
                 native.lora_half(x, h, None, self.native, layer, g)
                 native.lora_half(None, self.reduce(h), out, self.native, layer, g)
                 return

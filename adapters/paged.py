@@ -310,13 +310,18 @@ class AdapterPages:
         future = self._reading.pop(name, None)
         if future is not None:
             future.cancel()
-        self.pool.free_adapter(self.key(name))
-        self._loaded.pop(name, None)
-        self.owner.pop(name, None)
+        self._evict(name)
         self.pinned.discard(name)
         self._drop_host(name)
         self.loaders.pop(name, None)
         self.ranks.pop(name, None)
+
+    def adopt(self, old: AdapterPages) -> None:
+        """Register ``old``'s adapters here (a layout laid out again: their copies are
+        read again on first use) and release ``old``."""
+        old.release()
+        for name, loader in old.loaders.items():
+            self.add(name, old.ranks[name], loader)
 
     def release(self) -> None:
         """Give every device copy back to the pool and stop the reader (the model or its
@@ -529,7 +534,7 @@ class AdapterPages:
         self.num_loads += 1
 
     def _evict(self, name: str) -> None:
-        """Give ``name``'s device copy back to the pool (a cap made room)."""
+        """Give ``name``'s device copy back to the pool (a cap made room, or it goes)."""
         self.pool.free_adapter(self.key(name))
         self._loaded.pop(name, None)
         self.owner.pop(name, None)

@@ -413,7 +413,7 @@ class NativeOps(TorchOps):
         if exchange is not None and not exchange.fits(rows * cfg.hidden_size):
             return None
         if (exchange is not None and lora is not None  # its row-parallel shrinks' sums too
-                and max(lora.native._keep[1].tolist()) > cfg.hidden_size):
+                and lora.native.max_rank > cfg.hidden_size):
             return None
         # the embedding and the head inside too, where every row samples (not under TP: the
         # vocabulary is split over the ranks, the embedding's sum and the logits' gather are

@@ -615,8 +615,14 @@ def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Te
                                     widths=(ctypes.c_int64 * 3)(*widths),
                                     proj_rank=ranks.data_ptr())
     table._keep = (starts, seg_rank, seg_pages, page_ids, memory, proj_ranks)
-    table._num_layers = num_layers
+    table.num_layers = num_layers
+    table.max_rank = max(seg_rank.tolist(), default=0)  # the widest shrink, for its sums
     return table
+
+
+def _check_layer(table, layer: int, group: int) -> None:
+    if not 0 <= layer < table.num_layers or not 0 <= group < 4:
+        raise ValueError(f"native: layer {layer} or group {group} is not in the table")
 
 
 def lora(x: torch.Tensor, out: torch.Tensor, table, layer: int, group: int) -> None:
@@ -628,8 +634,7 @@ def lora(x: torch.Tensor, out: torch.Tensor, table, layer: int, group: int) -> N
     check("out", out, torch.bfloat16, 2)
     if out.shape[0] != x.shape[0]:
         raise ValueError("native: lora's x and out must have the same rows")
-    if not 0 <= layer < table._num_layers or not 0 <= group < 4:
-        raise ValueError(f"native: layer {layer} or group {group} is not in the table")
+    _check_layer(table, layer, group)
     _lib().gp_lora(x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0),
                    ctypes.addressof(table), layer, group, torch.get_num_threads())
 
@@ -640,10 +645,9 @@ def lora_half(x: torch.Tensor | None, h: torch.Tensor, out: torch.Tensor | None,
     tensor parallelism): with ``out`` None, the shrink: h [rows, P r_max] float32 (each
     segment's columns j r + i) from x; with ``x`` None, the expand: out += h's terms."""
     check("h", h, torch.float32, 2)
-    if not 0 <= layer < table._num_layers or not 0 <= group < 4:
-        raise ValueError(f"native: layer {layer} or group {group} is not in the table")
+    _check_layer(table, layer, group)
     rows = h.shape[0]
-    if h.shape[1] < table.groups[group].num_proj * int(max(table._keep[1].tolist() or [0])):
+    if h.shape[1] < table.groups[group].num_proj * table.max_rank:
         raise ValueError("native: h is narrower than the group's rows of the largest rank")
     for name, t in (("x", x), ("out", out)):
         if t is not None:
@@ -745,8 +749,7 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     if tp is not None and not tp.fits(t * hidden):
         raise ValueError("native: decode_layers under tensor parallelism takes steps whose rows "
                          "fit the exchange's slots")
-    if tp is not None and lora is not None and not tp.fits(
-            t * max(lora._keep[1].tolist() or [0])):
+    if tp is not None and lora is not None and not tp.fits(t * lora.max_rank):
         raise ValueError("native: decode_layers under tensor parallelism takes LoRA shrinks "
                          "that fit the exchange's slots")
     out = torch.empty_like(x)

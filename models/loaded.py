@@ -191,10 +191,8 @@ class LoadedModel:
         device and host copies are dropped (read again on first use: a layout grows a few
         times at most, with the targeted projections)."""
         old = self.adapter_pages
-        old.release()
         self.adapter_pages = self._make_pages(old.groups | target_groups(targets))
-        for n, loader in old.loaders.items():
-            self.adapter_pages.add(n, old.ranks[n], loader)
+        self.adapter_pages.adopt(old)
 
     def _make_pages(self, groups) -> AdapterPages:
         """Adapter pages of this model laid out for ``groups``, over the KV pool."""

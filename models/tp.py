@@ -397,10 +397,8 @@ class RankAdapters:
 
     def _remake(self, groups, num_pages: int) -> None:
         old = self.pages
-        old.release()
         self.pages = self._make(groups, num_pages, old.host_budget)
-        for n, loader in old.loaders.items():
-            self.pages.add(n, old.ranks[n], loader)
+        self.pages.adopt(old)
 
     def add(self, name: str, spec, targets: tuple[str, ...], groups, host_bytes: int) -> None:
         """Register ``spec``'s file as ``name``; ``groups``: rank 0's layout after it (every
