@@ -359,7 +359,7 @@ class NativeOps(TorchOps):
 
     @property
     def batch_invariant(self) -> bool:
-        # every product native (the int8 one is AVX-512 only) and attention through the prefill
+        # every product native (the int8 one: AVX-512 BW or AVX2) and attention through the prefill
         # kernel for decode rows too (AVX-512 BF16 or AVX2, head_dim % 16 == 0)
         return (self.invariant and native.has_gemv()
                 and native.has_prefill_attention(self._head_dim)
@@ -376,7 +376,7 @@ class NativeOps(TorchOps):
         # every step, of 1 row or 1000, through the native products on the plain weights: a
         # row's sums have one order whatever shares its step (batch invariance; tiled, they
         # keep up with oneDNN's GEMM, native.c); torch's where they do not read the weights
-        # (int8 on a CPU without AVX-512). Not invariant: torch's products past a few rows
+        # (int8 on a CPU without AVX2). Not invariant: torch's products past a few rows
         # (FAST_MAX_ROWS), where they are faster (int8) or as fast (bf16, packed)
         gemv = native.has_gemv_int8() if model.int8 else native.has_gemv()
         if model.int4:  # the 4-bit weights through the native 4-bit product

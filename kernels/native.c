@@ -18,9 +18,13 @@
 #define HAVE_GEMV_BF16 1
 #define HAVE_PREFILL_ATTENTION 1  /* the same two builds (see prefill_item) */
 #endif
-/* the int8 products: AVX-512 BW (the int16 multiply-adds) and DQ (int64 -> float) */
+/* the int8 products: AVX-512 BW (the int16 multiply-adds) and DQ (int64 -> float), else
+ * AVX2 (the same integer sums on 8 lanes, GEMV_INT8_AVX2) */
 #if defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define HAVE_GEMV_INT8 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HAVE_GEMV_INT8 1
+#define GEMV_INT8_AVX2 1
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>  /* the GEMVs, attention and LoRA use intrinsics; the rest is portable C */
@@ -187,7 +191,7 @@ SIMD_HELPER __m512 bf16_round_ps(__m512 v) {  /* round to bf16 (nearest even), k
 #define MAX_LORA_COLS 768 /* a group's A rows, projections x rank: rank <= 256 (native.py) */
 
 /* which kernels with intrinsics this build has: bit 0 the bf16 GEMV (AVX-512 BF16, or AVX2 +
- * FMA: bit 3), bit 1 the int8 one (AVX-512 BW), bit 2 prefill attention and bit 4 the 4-bit
+ * FMA: bit 3), bit 1 the int8 one (AVX-512 BW or AVX2), bit 2 prefill attention and bit 4 the 4-bit
  * product (the GEMV's builds);
  * the others are built everywhere */
 int gp_gemv_features(void) {
@@ -1109,6 +1113,19 @@ static inline int64_t i8_kp(int64_t K) { return (K + 31) / 32 * 32; }  /* x's in
 
 #ifdef HAVE_GEMV_INT8
 #define I8_BLOCK 2048
+/* the output of an int8 product: the exact integer dot times x's row scale, then the weight's
+ * row scale, rounded to bf16 (as torch's _weight_int8pack_mm), the bias added after (the asm
+ * keeps -ffast-math from regrouping the products, so every caller rounds alike) */
+static inline uint16_t i8_out(int64_t dot, float xs, const uint16_t *scale, const uint16_t *bias,
+                              int64_t n) {
+    float v = (float)dot * xs;
+    __asm__("" : "+x"(v));
+    v = round_bf(v * bf2f(scale[n]));
+    if (bias) v += bf2f(bias[n]);
+    return f2bf(v);
+}
+
+#ifndef GEMV_INT8_AVX2
 /* many rows of x (the tiled path, i8_tile): W's rows I8_NB at a time widened and laid
  * out as column pairs (a panel, read from L2 by every tile), I8_MR rows of x a tile; an int32
  * lane takes I8_FLUSH pairs' products (two of at most 128 x 32767 each a pair: 2.147e9 <
@@ -1126,18 +1143,6 @@ static inline __m512i dp16(__m512i acc, __m512i w, __m512i x) {
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
 #endif
-}
-
-/* the output of an int8 product: the exact integer dot times x's row scale, then the weight's
- * row scale, rounded to bf16 (as torch's _weight_int8pack_mm), the bias added after (the asm
- * keeps -ffast-math from regrouping the products, so every caller rounds alike) */
-static inline uint16_t i8_out(int64_t dot, float xs, const uint16_t *scale, const uint16_t *bias,
-                              int64_t n) {
-    float v = (float)dot * xs;
-    __asm__("" : "+x"(v));
-    v = round_bf(v * bf2f(scale[n]));
-    if (bias) v += bf2f(bias[n]);
-    return f2bf(v);
 }
 
 /* f2bf on 16 lanes (the bf16 bits in each lane's low half) */
@@ -1355,6 +1360,132 @@ static void i8_quantize_row(const uint16_t *xm, int64_t K, int64_t Kp, int16_t *
         else _mm256_mask_storeu_epi16(xq + k, (__mmask16)((1u << (Kp - k)) - 1), h);
     }
 }
+
+#else  /* GEMV_INT8_AVX2 */
+/* AVX2: the same exact integer sums on 8 lanes (vpmaddwd + vpaddd: 16 columns an instruction,
+ * two accumulators a row, 32 columns a step), so a row's bits match the AVX-512 build's. No
+ * int32 overflows: over a block of I8_BLOCK columns an accumulator takes I8_BLOCK / 32 + 1
+ * instructions of two products of at most 128 * 32767 a lane: 5.5e8, the two 1.1e9 < 2^31,
+ * the lanes and the blocks summed in int64. Any number of rows goes four at a time over a
+ * band of I8_BAND weight rows (kept in L1 while every group of x's rows reads them). */
+#define I8_BAND 16
+
+/* 16 int8 weights widened to int16 */
+static inline __m256i i8_w16(const int8_t *q) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const void *)q));
+}
+
+/* the 8 int32 lanes summed in int64 */
+static inline int64_t i8_hsum(__m256i s) {
+    __m256i t = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(s, 1)));
+    __m128i u = _mm_add_epi64(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    return _mm_cvtsi128_si64(u) + _mm_extract_epi64(u, 1);
+}
+
+/* the rows [n0, n1) for M (1..4, a constant after inlining) rows of int16 x (row stride Kp,
+ * zero past K) */
+static inline __attribute__((always_inline)) void gemv_i8_rows_m(
+        const int16_t *xq, const float *xs, const int M, int64_t K, int64_t Kp, const int8_t *Q,
+        int64_t n0, int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
+        uint16_t *y, int64_t ldy) {
+    (void)Kp;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *q = Q + n * ldq;
+        int64_t dot[4] = {0, 0, 0, 0};
+        for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
+            int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
+            __m256i acc[4][2];
+            for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+            int64_t k = b0;
+            for (; k < b1; k += 32) {
+                __m256i w0, w1;
+                if (b1 - k >= 32) {
+                    w0 = i8_w16(q + k);
+                    w1 = i8_w16(q + k + 16);
+                } else {  /* the row's tail, zero-padded (x is zero past K too) */
+                    int8_t t[32] = {0};
+                    memcpy(t, q + k, (size_t)(b1 - k));
+                    w0 = i8_w16(t);
+                    w1 = i8_w16(t + 16);
+                }
+                for (int m = 0; m < M; m++) {
+                    const int16_t *xm = xq + m * Kp + k;
+                    acc[m][0] = _mm256_add_epi32(
+                        acc[m][0], _mm256_madd_epi16(w0, _mm256_loadu_si256((const void *)xm)));
+                    acc[m][1] = _mm256_add_epi32(
+                        acc[m][1],
+                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const void *)(xm + 16))));
+                }
+            }
+            for (int m = 0; m < M; m++) dot[m] += i8_hsum(_mm256_add_epi32(acc[m][0], acc[m][1]));
+        }
+        for (int m = 0; m < M; m++) y[m * ldy + n] = i8_out(dot[m], xs[m], scale, bias, n);
+    }
+}
+
+static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t K, int64_t Kp,
+                         const int8_t *Q, int64_t n0, int64_t n1, int64_t ldq,
+                         const uint16_t *scale, const uint16_t *bias, uint16_t *y,
+                         int64_t ldy) {
+    for (int64_t b = n0; b < n1; b += I8_BAND) {
+        int64_t b1 = b + I8_BAND < n1 ? b + I8_BAND : n1;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int16_t *x = xq + m0 * Kp;
+            const float *s = xs + m0;
+            uint16_t *ym = y + m0 * ldy;
+            switch (M - m0 < 4 ? (int)(M - m0) : 4) {
+            case 1: gemv_i8_rows_m(x, s, 1, K, Kp, Q, b, b1, ldq, scale, bias, ym, ldy); break;
+            case 2: gemv_i8_rows_m(x, s, 2, K, Kp, Q, b, b1, ldq, scale, bias, ym, ldy); break;
+            case 3: gemv_i8_rows_m(x, s, 3, K, Kp, Q, b, b1, ldq, scale, bias, ym, ldy); break;
+            default: gemv_i8_rows_m(x, s, 4, K, Kp, Q, b, b1, ldq, scale, bias, ym, ldy); break;
+            }
+        }
+    }
+}
+
+/* 8 bf16 values from p (n < 8: zero-padded) as float32 bits */
+static inline __m256i i8_bf8(const uint16_t *p, int64_t n) {
+    __m128i h;
+    if (n >= 8) {
+        h = _mm_loadu_si128((const void *)p);
+    } else {
+        uint16_t t[8] = {0};
+        if (n > 0) memcpy(t, p, sizeof(uint16_t) * (size_t)n);
+        h = _mm_loadu_si128((const void *)t);
+    }
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+}
+
+/* i8_quantize_row of the AVX-512 build on 8 lanes: the same amax, scale and rounding (to
+ * nearest even, MXCSR's mode) */
+static void i8_quantize_row(const uint16_t *xm, int64_t K, int64_t Kp, int16_t *xq, float *xs) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+    const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
+    __m256 amax8 = _mm256_setzero_ps();
+    __m256i bad = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 8) {  /* zero padding: neither inf nor larger */
+        __m256i v = i8_bf8(xm + k, K - k);
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(v, exp_mask), exp_mask));
+        amax8 = _mm256_max_ps(amax8, _mm256_castsi256_ps(_mm256_and_si256(v, abs_mask)));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, amax8);
+    float amax = lanes[0];
+    for (int j = 1; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
+    int finite = _mm256_testz_si256(bad, bad);
+    float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
+    *xs = !finite ? NAN : amax / 32767.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t k = 0; k < Kp; k += 8) {  /* past K: zeros times inv */
+        __m256 v = _mm256_castsi256_ps(i8_bf8(xm + k, K - k));
+        __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));
+        /* |r| <= 32767: the saturating pack keeps it (NaN rows: any value) */
+        _mm_storeu_si128((void *)(xq + k), _mm_packs_epi32(_mm256_castsi256_si128(r),
+                                                           _mm256_extracti128_si256(r, 1)));
+    }
+}
+#endif  /* GEMV_INT8_AVX2 */
 
 /* x's rows quantized to int16 into xq [M][Kp] (Kp = i8_kp(K): K rounded up to 32, zero past
  * K) with their scales xs[M], rows shared by the threads (a barrier after) */

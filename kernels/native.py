@@ -31,10 +31,10 @@ hash of the source, the compiler's version, the flags and the CPU's flags; later
 load it in milliseconds. Then each kernel is checked once against torch on small random
 inputs. Which kernels a build has follows its target: the portable C ones everywhere, the bf16
 GEMV and the prefill (and decode) attention with AVX2 + FMA or AVX-512 BF16 (bit-identical),
-the int8 GEMV with AVX-512 BW (``gp_gemv_features``). Without a compiler, or if the build or the
-check fails, :func:`available` is False (a WARNING naming the compiler's first error) and the
-model keeps its torch path. ``GPUPOOL_NATIVE=0`` (the engine's ``native`` setting) keeps
-a model off them.
+the int8 GEMV with AVX-512 BW or AVX2 + FMA (the same integer sums) (``gp_gemv_features``).
+Without a compiler, or if the build or the check fails, :func:`available` is False (a WARNING
+naming the compiler's first error) and the model keeps its torch path. ``GPUPOOL_NATIVE=0``
+(the engine's ``native`` setting) keeps a model off them.
 """
 
 from __future__ import annotations
@@ -485,7 +485,7 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
 
 
 def has_gemv_int8() -> bool:
-    """Whether the int8 GEMV was built (the compiler targets AVX-512F on this CPU)."""
+    """Whether the int8 GEMV was built (AVX-512 BW or AVX2 + FMA: the same bits)."""
     return _has(2)
 
 

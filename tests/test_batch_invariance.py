@@ -298,7 +298,7 @@ def test_an_avx2_worker_gives_an_avx512_workers_tokens_and_logprobs(tiny_models,
     """The kernels' AVX2 build (what a CPU without AVX-512 runs) and the AVX-512 BF16 one
     compute the same bits, whole model included: a stream the cluster moves between such
     workers continues exactly. Two processes, one a build, 8 prompts x 16 greedy tokens with
-    their top-5 logprobs, Llama and Qwen3 (per-head q/k norms)."""
+    their top-5 logprobs, Llama, Qwen3 (per-head q/k norms) and Llama in int8."""
     import subprocess
     import sys
 
@@ -316,15 +316,18 @@ import sys
 from tests.factories import make_engine, random_prompts
 from gpupool import SamplingParams
 from gpupool.kernels import native
-for folder in sys.argv[1:]:
-    e = make_engine(folder, dtype="bfloat16")
+for arg in sys.argv[1:]:
+    folder, _, quantization = arg.partition("+")
+    e = make_engine(dtype="bfloat16")
+    e.add_model("m", folder, quantization=quantization or None)
     assert e.local.core.workers["m"].model.ops.batch_invariant
     outs = e.generate(random_prompts(8, 4, 60, seed=61), SamplingParams(
         max_tokens=16, temperature=0, ignore_eos=True, logprobs=5))
     print("ISA", native.gemv_isa(), [(list(o.token_ids), o.logprobs) for o in outs])
     e.shutdown()
 """
-    folders = [str(tiny_models("llama")), str(tiny_models("qwen3"))]
+    folders = [str(tiny_models("llama")), str(tiny_models("qwen3")),
+               f"{tiny_models('llama')}+int8"]
     runs = {}
     for march in ("x86-64-v3", "native"):
         proc = subprocess.run([sys.executable, "-P", "-c", code, *folders], capture_output=True,
@@ -332,8 +335,8 @@ for folder in sys.argv[1:]:
                               env={**os.environ, "GPUPOOL_NATIVE_MARCH": march})
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[march] = [ln for ln in proc.stdout.splitlines() if ln.startswith("ISA")]
-    assert [r.split()[1] for r in runs["x86-64-v3"]] == ["avx2", "avx2"]
-    assert [r.split()[1] for r in runs["native"]] == ["avx512_bf16", "avx512_bf16"]
+    assert [r.split()[1] for r in runs["x86-64-v3"]] == ["avx2"] * 3
+    assert [r.split()[1] for r in runs["native"]] == ["avx512_bf16"] * 3
     assert [r.split(None, 2)[2] for r in runs["x86-64-v3"]] == \
         [r.split(None, 2)[2] for r in runs["native"]]
 

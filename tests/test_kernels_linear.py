@@ -126,7 +126,8 @@ def test_an_evicted_model_lets_go_of_its_weights(tiny_models):
         assert not a.packed  # 3 steps: too few to pay for a reorder
         long = SamplingParams(max_tokens=worker_steps(), temperature=0, ignore_eos=True)
         e.generate([5, 6, 7], long, model="a")
-        assert a.packed == lin._pack_ok(torch.bfloat16)  # resident long enough
+        assert a.packed  # resident long enough: packed where packing works (its probe)
+        assert a.layers[0]["qkv_weight"].is_mkldnn == lin._pack_ok(torch.bfloat16)
         e.generate([5, 6, 7], params, model="b")
         assert a.layers == [] and a.head is None and a.w == {}  # evicted: nothing held
         assert b.layers and b.head is not None

@@ -61,8 +61,15 @@ def test_add_rmsnorm_matches_torch(rows, with_delta):
     got = native.add_rmsnorm(x, delta, w, 1e-5)
     assert torch.equal(x, want_x)  # the residual add, in place: bit for bit
     assert torch.equal(base[:, dim:], _rand(rows, dim + 8, seed=1, scale=3.0)[:, dim:])
+    # rounded twice (the normed value, then times w): a last-bit difference in the inverse
+    # norm (the kernel sums squares in its own order, torch's mean in one that varies with
+    # the CPU) can move an output by two steps, never further from float64 than torch's
     ulps = _ulps_apart(got, want)
-    assert ulps.max() <= 1 and (ulps == 0).float().mean() >= 0.999
+    assert ulps.max() <= 2 and (ulps == 0).float().mean() >= 0.999
+    xd = want_x.double()
+    exact = w.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    their_err = (want.double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= their_err * (1 + 2**-8)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
@@ -97,9 +104,10 @@ def test_gemv_int8_matches_the_int8_linear(rows, n, k, with_bias):
     from gpupool.kernels.linear import linear_int8
 
     if native.target() == "native":  # a forced target (GPUPOOL_NATIVE_MARCH) has its own
-        assert native.has_gemv_int8() == ("avx512bw" in cpu_flags())
+        flags = cpu_flags()
+        assert native.has_gemv_int8() == ("avx512bw" in flags or {"avx2", "fma"} <= flags)
     if not native.has_gemv_int8():
-        pytest.skip("this build has no int8 GEMV (AVX-512 BW)")
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW or AVX2)")
     g = torch.Generator().manual_seed(15)
     x = _rand(rows, k + 8, seed=16)[:, :k]
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -260,7 +268,7 @@ def test_gemv_int8_sums_extreme_rows_without_overflow(k, rows):
     from gpupool.kernels.linear import linear_int8
 
     if not native.has_gemv_int8():
-        pytest.skip("this build has no int8 GEMV (AVX-512 BW)")
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW or AVX2)")
     x = torch.full((rows, k), 3.0).to(BF)
     x[1::2] = -0.5
     q = torch.full((20, k), 127, dtype=torch.int8)
@@ -275,7 +283,7 @@ def test_gemv_int8_rows_with_inf_or_nan_give_nan(k):
     """A row holding inf or NaN has no integer form: its outputs are NaN, the other rows'
     unchanged (every K: the check once missed a NaN in a row shorter than a vector)."""
     if not native.has_gemv_int8():
-        pytest.skip("this build has no int8 GEMV (AVX-512 BW)")
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW or AVX2)")
     g = torch.Generator().manual_seed(k)
     q = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8)
     scale = (torch.rand(9, generator=g) * 0.02 + 0.001).to(BF)
@@ -662,7 +670,7 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
     from gpupool.models.runner import build_batch
 
     if quantization and not native.has_gemv_int8():  # int4's head is int8
-        pytest.skip("this build has no int8 GEMV (AVX-512 BW): no whole-step call for int8")
+        pytest.skip("this build has no int8 GEMV (AVX-512 BW or AVX2): no whole-step call for int8")
     folder = tiny_models(variant)
     engine = make_engine(folder, dtype="bfloat16", quantization=quantization, max_lora_rank=8)
     names = [None] * 8

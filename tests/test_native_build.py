@@ -316,26 +316,39 @@ def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
                           memory, 512, 0, [], [])
 
 
-def test_the_int8_product_without_vnni_is_bit_identical_to_the_vnni_one(tmp_path, monkeypatch):
-    """The Skylake build (AVX-512 BW without VNNI: vpmaddwd + vpaddd) and this CPU's own (VNNI's
-    vpdpwssd) give the same bits on the few-row path and the tiled one, so either continues
-    the other's request exactly."""
-    need = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512_vnni")
-    if not all(f in cpu_flags() for f in need):
-        pytest.skip("this CPU cannot run both the Skylake build and a VNNI one")
+INT8_OTHERS = {  # the other build: what the CPU needs to run it besides this CPU's own
+    "skylake-avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512_vnni"),
+    "x86-64-v3": ("avx2", "fma", "avx512bw", "avx512dq"),
+}
+
+
+@pytest.mark.parametrize("other", list(INT8_OTHERS))
+def test_the_int8_product_gives_the_same_bits_in_every_build(tmp_path, monkeypatch, other):
+    """The Skylake build (AVX-512 BW without VNNI: vpmaddwd + vpaddd) and the AVX2 one (the same
+    integer sums on 8 lanes, four rows at a time, no tiles) give this CPU's own build's bits
+    (VNNI's vpdpwssd; the tiled path past four rows), quantization of x included (tails,
+    rows past a block of 2048 columns, extremes, a row with inf), so any of them continues
+    another's request exactly."""
+    if not all(f in cpu_flags() for f in INT8_OTHERS[other]):
+        pytest.skip(f"this CPU cannot run both the {other} build and one with "
+                    f"{INT8_OTHERS[other][-1]}")
     if native._compiler() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
-    libs = {march: native.open_library(native.build(march))
-            for march in ("skylake-avx512", "native")}
+    libs = {march: native.open_library(native.build(march)) for march in (other, "native")}
     assert all(lib.gp_gemv_features() & 2 for lib in libs.values())
     g = torch.Generator().manual_seed(9)
     compared = 0
     for rows in (1, 3, 5, 8, 40):
-        for k in (7, 100, 576, 1100):
+        for k in (7, 100, 576, 1100, 2100):
             for n in (5, 70):
                 x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
                 q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+                if k == 2100:  # the largest sums there are, past a block edge
+                    q[:2] = -128
+                    x[0] = -1.0
+                if rows == 5 and k == 100:
+                    x[1, 3] = float("inf")
                 scale = (torch.rand(n, generator=g) * 0.02).to(torch.bfloat16)
                 bias = torch.randn(n, generator=g).to(torch.bfloat16) if n == 5 else None
                 ys = []
@@ -347,4 +360,4 @@ def test_the_int8_product_without_vnni_is_bit_identical_to_the_vnni_one(tmp_path
                     ys.append(y.view(torch.int16))
                 assert torch.equal(*ys), (rows, k, n)
                 compared += 1
-    assert compared == 40
+    assert compared == 50

@@ -3,7 +3,7 @@ under mixed tenants, streams, client disconnects, bad requests and admin churn (
 added and removed under traffic). Afterwards: every request got its answer, no KV page,
 adapter slot or limiter entry leaked, the engine's bookkeeping holds, RSS growth is bounded.
 
-``GPUPOOL_SOAK_SECONDS`` sets the traffic time (60 s by default; longer by hand)."""
+``GPUPOOL_SOAK_SECONDS`` sets the traffic time (30 s by default; longer by hand)."""
 
 import asyncio
 import gc
@@ -26,7 +26,7 @@ from gpupool.llm import local_client
 from tests.factories import make_peft_adapter
 from tests.serving import free_port
 
-SOAK_S = float(os.environ.get("GPUPOOL_SOAK_SECONDS", "60"))
+SOAK_S = float(os.environ.get("GPUPOOL_SOAK_SECONDS", "30"))
 ADMIN = {"Authorization": "Bearer soak-admin-key"}
 WORKERS = 8
 OK_FINISH = {"stop", "length"}
@@ -233,14 +233,19 @@ def test_soak(live):
     assert set(slots.host) <= {"ad0", "ad1", "ad2"}
     metrics = state.metrics.ttft._metrics  # series of churned adapters were dropped
     assert {v[0] for v in metrics} <= {"tiny", "ad0", "ad1", "ad2"}, set(metrics)
-    drained_by = time.monotonic() + 15  # from now: the checks above take seconds of their own
-    for tenant in ("big", "small", "capped"):  # a handler may still be closing its stream
-        usage = state.limiter.usage(tenant)
+    # from now (the checks above take seconds of their own): a handler may still be closing
+    # its stream; a release that failed under load frees its slot when its lease ends, while
+    # a call this front end still holds (a leak) keeps its lease renewed for ever
+    limiter = state.limiter
+    drained_by = time.monotonic() + 15 + limiter.lease_s
+    for tenant in ("big", "small", "capped"):
+        usage = limiter.usage(tenant)
         while usage["requests_in_flight"] + usage["requests_queued"] and \
                 time.monotonic() < drained_by:
             time.sleep(0.1)
-            usage = state.limiter.usage(tenant)
-        assert usage["requests_in_flight"] == 0 and usage["requests_queued"] == 0, tenant
+            usage = limiter.usage(tenant)
+        assert usage["requests_in_flight"] == 0 and usage["requests_queued"] == 0, (
+            tenant, usage, limiter._held.get(tenant))
     first, second = ((b - a) / 2**20 for a, b in zip(rss, rss[1:]))
     kinds = Counter(k if isinstance(k, str) else k[0] for k in tally.kinds.elements())
     for kind in ("complete", "stream", "left-early", "churn add"):
@@ -248,7 +253,8 @@ def test_soak(live):
     assert tally.kinds[("complete", 429)] + tally.kinds[("stream", 429)] > 0  # capped tenant
     # RSS: native caches (oneDNN keeps a primitive per new matmul shape, up to 1024) and the
     # allocator's heap grow at first and level off; a leak grows with the requests served,
-    # as much in the second half as in the first. Measured here (60 s): +179 then +63 MiB.
+    # as much in the second half as in the first. Measured: +179 then +63 MiB (60 s, AMD EPYC);
+    # +6 to +9 then +1 MiB (30 s, Xeon with AMX).
     print(f"soak {SOAK_S:.0f} s: RSS +{first:.0f} then +{second:.0f} MiB;",
           dict(sorted(tally.kinds.items(), key=str)))
     assert first + second < 400, f"RSS grew {first + second:.0f} MiB"
