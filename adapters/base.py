@@ -15,9 +15,39 @@ GROUPS = {
     "down": ("inter", [("down_proj", "hidden")]),
 }
 PROJECTIONS = tuple(p for _, projs in GROUPS.values() for p, _ in projs)
+# a mixture of experts' expert projections (peft's ``target_parameters`` on
+# ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``): each expert has its own A and B,
+# projection ``experts.{e}.gate_up_proj`` / ``experts.{e}.down_proj``, one group a part (P =
+# the number of experts), added after GROUPS' in a piece; only the torch path applies them
+EXPERT_GROUPS = {"experts_gate_up": ("gate_up", "hidden", "moe_gate_up"),
+                 "experts_down": ("down", "moe_inter", "hidden")}
 
 
-__all__ = ["GROUPS", "PROJECTIONS", "AdapterConfig", "AdapterError", "AdapterRef"]
+def expert_projection(e: int, part: str) -> str:
+    """The name of expert ``e``'s ``part`` (gate_up or down) as a LoRA target."""
+    return f"experts.{e}.{part}_proj"
+
+
+def groups_for(cfg) -> dict:
+    """GROUPS, and for a mixture of experts (``cfg.num_experts``) its expert groups."""
+    experts = getattr(cfg, "num_experts", 0) or 0
+    if not experts:
+        return GROUPS
+    out = dict(GROUPS)
+    for g, (part, k_in, width) in EXPERT_GROUPS.items():
+        out[g] = (k_in, [(expert_projection(e, part), width) for e in range(experts)])
+    return out
+
+
+def expert_group(projection: str) -> str | None:
+    """The expert group ``projection`` belongs to (None: not an expert projection)."""
+    if not projection.startswith("experts."):
+        return None
+    return "experts_gate_up" if projection.endswith(".gate_up_proj") else "experts_down"
+
+
+__all__ = ["EXPERT_GROUPS", "GROUPS", "PROJECTIONS", "AdapterConfig", "AdapterError",
+           "AdapterRef", "expert_group", "expert_projection", "groups_for"]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool.adapters.base import GROUPS
+from gpupool.adapters.base import EXPERT_GROUPS, GROUPS, groups_for
 from gpupool.kernels import native
 from gpupool.kernels.backend import TorchOps
 
@@ -89,7 +89,7 @@ class LoraBatch:
             return torch.tensor(x, dtype=torch.int32, device=device)
 
         group_rows, proj_ranks, proj_offsets = {}, {}, {}
-        for group, (_, projs) in GROUPS.items():
+        for group, (_, projs) in groups_for(pages.cfg).items():
             # a segment whose adapter targets none of the group's projections skips it (the
             # layout may not even hold the group: adapters.paged.target_groups)
             group_rows[group] = t([len(projs) * r if n and any(p in targets_of[n]
@@ -162,6 +162,38 @@ class LoraBatch:
     def native_table(self, num_layers: int):
         """The step's LoRA terms for ``native.decode_layers`` (the fused path only)."""
         return self.native
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the step's adapters' layout holds LoRA on a mixture's experts."""
+        return any(g in self.groups for g in EXPERT_GROUPS)
+
+    def apply_expert(self, layer: int, group: str, expert: int, rows: torch.Tensor,
+                     x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += LoRA(x)`` of expert ``expert``'s ``group`` (experts_gate_up or
+        experts_down) for its rows ``x``, which are the step's rows ``rows``: each row by its
+        segment's adapter, in the adapter dtype (torch's products on the gathered views; a
+        row alone, x A^T then B, where the backend promises batch invariance)."""
+        if group not in self.groups:
+            return
+        proj = f"experts.{expert}.{EXPERT_GROUPS[group][0]}_proj"
+        seg = torch.searchsorted(self.starts, rows.to(self.starts.dtype), right=True) - 1
+        ranks = self.proj_ranks[proj].index_select(0, seg)
+        if not bool((ranks > 0).any()):
+            return
+        slots = self.slots.index_select(0, seg)
+        a_all = self.views[f"{layer}.{group}.A"]  # [S, E r, K]: expert e's rows e r + k
+        b_all = self.views[f"{layer}.{proj}.B"]  # [S, W, R]
+        alone = bool(getattr(self.ops, "batch_invariant", False))
+        for slot in torch.unique(slots[ranks > 0]).tolist():
+            mine = ((slots == slot) & (ranks > 0)).nonzero().flatten()
+            r = int(ranks[mine[0]])
+            a, b = a_all[slot, expert * r : (expert + 1) * r], b_all[slot, :, :r]
+            parts = [mine[i : i + 1] for i in range(len(mine))] if alone else [mine]
+            for idx in parts:
+                xs = x.index_select(0, idx).to(a.dtype)
+                delta = (xs @ a.T) @ b.T
+                out.index_add_(0, idx, delta.to(out.dtype))
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, projection columns] += LoRA(x)`` for every projection of ``group``."""

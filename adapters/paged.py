@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool.adapters.base import GROUPS, AdapterError
+from gpupool.adapters.base import GROUPS, AdapterError, expert_group, groups_for
 from gpupool.adapters.peft_format import adapter_weights, layer_masks, read_raw
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ ALIGN = 64  # bytes: pieces and their bf16 part start on cache lines
 
 
 def _widths(cfg) -> dict[str, int]:
+    moe = getattr(cfg, "moe_intermediate_size", 0) or 0
     return {"hidden": cfg.hidden_size, "q": cfg.q_size, "kv": cfg.kv_size,
-            "inter": cfg.intermediate_size}
+            "inter": cfg.intermediate_size, "moe_inter": moe, "moe_gate_up": 2 * moe}
 
 
 def _elem(dtype: torch.dtype) -> int:
@@ -70,14 +71,15 @@ def _align(n: int) -> int:
 
 def target_groups(targets) -> set[str]:
     """The projection groups an adapter on ``targets`` needs."""
-    return {g for g, (_, projs) in GROUPS.items() if any(p in targets for p, _ in projs)}
+    out = {g for g, (_, projs) in GROUPS.items() if any(p in targets for p, _ in projs)}
+    return out | {g for g in map(expert_group, targets) if g}
 
 
 @dataclass(frozen=True)
 class PieceLayout:
     """Where a piece holds each group's rows (see the module's docstring)."""
 
-    groups: tuple[str, ...]  # held groups, GROUPS' order
+    groups: tuple[str, ...]  # held groups, GROUPS' order (then the expert groups)
     offsets: dict  # group -> (A's first element, BT's first element) in a piece's part
     fan_in: dict  # group -> K
     widths: dict  # group -> projections' widths
@@ -85,14 +87,15 @@ class PieceLayout:
     dtype: torch.dtype
     mirror_offset: int | None  # bytes to the bf16 part; None: no mirror
     piece_bytes: int
+    projs: dict  # group -> its projections' names
 
     @classmethod
     def build(cls, cfg, groups, dtype: torch.dtype, mirror: bool) -> PieceLayout:
-        w = _widths(cfg)
-        held = tuple(g for g in GROUPS if g in groups)
+        w, spec = _widths(cfg), groups_for(cfg)
+        held = tuple(g for g in spec if g in groups)
         offsets, fan_in, widths, e = {}, {}, {}, 0
         for g in held:
-            k_in, projs = GROUPS[g]
+            k_in, projs = spec[g]
             fan_in[g] = w[k_in]
             widths[g] = tuple(w[f] for _, f in projs)
             offsets[g] = (e, e + len(projs) * w[k_in])
@@ -100,7 +103,8 @@ class PieceLayout:
         main = _align(e * _elem(dtype))
         mirror_offset = main if mirror else None
         total = _align(main + e * 2) if mirror else main
-        return cls(held, offsets, fan_in, widths, e, dtype, mirror_offset, total)
+        return cls(held, offsets, fan_in, widths, e, dtype, mirror_offset, total,
+                   {g: tuple(p for p, _ in spec[g][1]) for g in held})
 
     @property
     def has_bf16(self) -> bool:
@@ -128,7 +132,7 @@ def _fill_pieces(main: torch.Tensor, layout: PieceLayout, rank: int, weights: di
     (A [r, K], B [W, r])}: the reference packing."""
     for (layer, proj), (a, b) in weights.items():
         for g in layout.groups:
-            names = [p for p, _ in GROUPS[g][1]]
+            names = layout.projs[g]
             if proj in names:
                 j, k_in = names.index(proj), layout.fan_in[g]
                 a0, bt0 = layout.offsets[g]
@@ -552,11 +556,11 @@ class AdapterPages:
         pieces = pieces.view(lay.dtype)[:, :, : lay.elems]  # [pages, ppp, E]
         views = {}
         for g in lay.groups:
-            k_in, projs = lay.fan_in[g], GROUPS[g][1]
+            k_in, projs = lay.fan_in[g], lay.projs[g]
             for i in range(num_layers):
                 views[f"{i}.{g}.A"] = torch.zeros(count, len(projs) * big, k_in,
                                                   dtype=lay.dtype, device=device)
-                for (p, _), width in zip(projs, lay.widths[g]):
+                for p, width in zip(projs, lay.widths[g]):
                     views[f"{i}.{p}.B"] = torch.zeros(count, width, big, dtype=lay.dtype,
                                                       device=device)
         for s, name in enumerate(names):
@@ -566,7 +570,7 @@ class AdapterPages:
             mine = pieces[page.to(pieces.device), (idx % ppp).to(pieces.device)]
             mine = mine.view(num_layers, r, lay.elems).to(device)
             for g in lay.groups:
-                k_in, projs = lay.fan_in[g], GROUPS[g][1]
+                k_in, projs = lay.fan_in[g], lay.projs[g]
                 a0, bt0 = lay.offsets[g]
                 num_p = len(projs)
                 a = mine[:, :, a0 : a0 + num_p * k_in].view(num_layers, r, num_p, k_in)
@@ -574,7 +578,7 @@ class AdapterPages:
                 col = bt0
                 for i in range(num_layers):
                     views[f"{i}.{g}.A"][s, : num_p * r] = a[i]
-                for (p, _), width in zip(projs, lay.widths[g]):
+                for p, width in zip(projs, lay.widths[g]):
                     b = mine[:, :, col : col + width].transpose(1, 2)  # [L, W, r]
                     for i in range(num_layers):
                         views[f"{i}.{p}.B"][s, :, :r] = b[i]

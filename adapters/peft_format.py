@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
-from gpupool.adapters.base import PROJECTIONS, AdapterError
+from gpupool.adapters.base import PROJECTIONS, AdapterError, expert_projection
 from gpupool.kernels.reference import permute_heads, rotary_order
 
 KEY = re.compile(
@@ -29,6 +29,14 @@ KEY = re.compile(
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv_proj|gate_up_proj)"
     r"\.lora_([AB])\.weight$"
 )
+# LoRA on a mixture's experts (peft's target_parameters on the experts' stacked weights):
+# one A [E r, in] and B [out, E r] a part, the parts told apart by their shapes (the
+# second wrapper's keys nest under the first's base_layer, in the order the config lists)
+EXPERT_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)"
+    r"lora_([AB])\.weight$"
+)
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 # a fused projection's LoRA (Phi-3's qkv_proj, gate_up_proj) is its parts' LoRA with one A
 # and B split by rows: each part's x @ A is the same numbers, so the terms are exact
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -42,10 +50,38 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     if getattr(cfg, "fused_checkpoint", False):
         out.update(qkv_proj=(h, q + 2 * kv), gate_up_proj=(h, 2 * inter))
-    if getattr(cfg, "num_experts", 0):  # LoRA on experts is not served: attention only
+    experts = getattr(cfg, "num_experts", 0) or 0
+    if experts:  # the MLP's LoRA is on the experts (one A and B each), not dense weights
         for p in ("gate_proj", "up_proj", "down_proj"):
             del out[p]
+        mi = cfg.moe_intermediate_size
+        for e in range(experts):
+            out[expert_projection(e, "gate_up")] = (h, 2 * mi)
+            out[expert_projection(e, "down")] = (mi, h)
     return out
+
+
+def _expert_part(cfg, a_shape: tuple, b_shape: tuple, rank: int) -> str | None:
+    """Which expert weights (gate_up or down) a pair of expert LoRA tensors adapts, from
+    their shapes (A [E r, in], B [out, E r]); None if they fit neither."""
+    experts = getattr(cfg, "num_experts", 0) or 0
+    if not experts:
+        return None
+    h, mi, er = cfg.hidden_size, cfg.moe_intermediate_size, experts * rank
+    for part, (fan_in, fan_out) in (("gate_up", (h, 2 * mi)), ("down", (mi, h))):
+        if a_shape == (er, fan_in) and b_shape == (fan_out, er):
+            return part
+    return None
+
+
+def _expert_pairs(tensors: dict) -> dict[tuple[int, str], dict[str, object]]:
+    """{(layer, nesting): {"A": value, "B": value}} of a file's expert LoRA keys."""
+    pairs: dict[tuple[int, str], dict[str, object]] = {}
+    for key, value in tensors.items():
+        m = EXPERT_KEY.match(key)
+        if m is not None:
+            pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value
+    return pairs
 
 
 def _split_fused(parts: dict, cfg) -> dict:
@@ -84,6 +120,10 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
     unknown = ([t for t in targets if not isinstance(t, str)
                 or t.rsplit(".", 1)[-1] not in (*PROJECTIONS, *FUSED)]
                if isinstance(targets, list) else [])
+    params = c.get("target_parameters") or []
+    unknown += ([t for t in params if not isinstance(t, str)
+                 or not t.endswith(EXPERT_PARAMETERS)]
+                if isinstance(params, list) else [params])
     checks = [
         (c.get("peft_type", "LORA") != "LORA", f"peft_type {c.get('peft_type')!r} is not LORA"),
         (bool(c.get("use_dora")), "DoRA adapters (use_dora) are not supported"),
@@ -92,8 +132,9 @@ def _config(folder: Path, max_rank: int) -> tuple[int, float]:
         (bool(c.get("rank_pattern")) or bool(c.get("alpha_pattern")),
          "per-module rank_pattern/alpha_pattern is not supported"),
         (bool(c.get("fan_in_fan_out")), "fan_in_fan_out adapters are not supported"),
-        (bool(unknown), f"target_modules {unknown!r} are not supported (only "
-                        f"{', '.join((*PROJECTIONS, *FUSED))})"),
+        (bool(unknown), f"targets {unknown!r} are not supported (only "
+                        f"{', '.join((*PROJECTIONS, *FUSED))}, and a mixture's "
+                        f"{' and '.join(EXPERT_PARAMETERS)} as target_parameters)"),
     ]
     for bad, msg in checks:
         if bad:
@@ -154,7 +195,25 @@ def layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
     and shape checked against the base model; AdapterError naming the first bad one."""
     shapes = projection_shapes(base_cfg)
     parts: dict[tuple[int, str], set[str]] = {}
+    moe_layers = getattr(base_cfg, "moe_layers", None) or ()
+    for (layer, _), ab in sorted(_expert_pairs(shapes_of).items()):
+        if layer >= base_cfg.num_layers or not (layer < len(moe_layers) and moe_layers[layer]):
+            raise AdapterError(f"{wfile}: expert LoRA on layer {layer}, which is not a "
+                               "mixture-of-experts layer of the base model")
+        part = (_expert_part(base_cfg, ab["A"], ab["B"], rank)
+                if set(ab) == {"A", "B"} else None)
+        if part is None:
+            raise AdapterError(f"{wfile}: layer {layer}'s expert LoRA (shapes "
+                               f"{sorted(ab.items())}) fits neither the experts' gate_up nor "
+                               "their down weights of the base model at this rank")
+        if (layer, expert_projection(0, part)) in parts:
+            raise AdapterError(f"{wfile}: layer {layer} has two expert LoRA pairs on the "
+                               f"experts' {part} weights")
+        for e in range(base_cfg.num_experts):
+            parts[(layer, expert_projection(e, part))] = {"A", "B"}
     for key, shape in sorted(shapes_of.items()):
+        if EXPERT_KEY.match(key):
+            continue
         m = KEY.match(key)
         if m is None:
             raise AdapterError(f"{wfile}: unsupported tensor {key!r} (only LoRA A/B on "
@@ -182,7 +241,7 @@ def layer_masks(wfile: Path, shapes_of: dict[str, tuple], base_cfg, rank: int):
         for part in FUSED.get(proj, (proj,)):
             if masks.get(part, 0) & 1 << layer:
                 raise AdapterError(f"{wfile}: layer {layer} has LoRA on {part} twice (alone "
-                                   "and in a fused projection)")
+                                   "and in a fused projection, or two expert tensors)")
             masks[part] = masks.get(part, 0) | 1 << layer
     return tuple(sorted(masks.items()))
 
@@ -218,9 +277,20 @@ def adapter_weights(tensors: dict[str, torch.Tensor], scaling: float, base_cfg) 
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = KEY.match(key)
-        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
-    return _split_fused({k: (ab["A"], ab["B"] * scaling) for k, ab in parts.items()},
-                        base_cfg)
+        if m is not None:
+            parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+    out = _split_fused({k: (ab["A"], ab["B"] * scaling) for k, ab in parts.items()}, base_cfg)
+    # each expert's A and B out of the stacked ones (peft's ParamWrapper: A viewed as
+    # [E, r, in], B as [out, r, E])
+    for (layer, _), ab in _expert_pairs(tensors).items():
+        experts = base_cfg.num_experts
+        rank = ab["A"].shape[0] // experts
+        part = _expert_part(base_cfg, tuple(ab["A"].shape), tuple(ab["B"].shape), rank)
+        a = ab["A"].reshape(experts, rank, -1)
+        b = ab["B"].reshape(ab["B"].shape[0], rank, experts)
+        for e in range(experts):
+            out[(layer, expert_projection(e, part))] = (a[e], b[:, :, e] * scaling)
+    return out
 
 
 class PeftLoader:

@@ -182,7 +182,7 @@ class LlamaModel:
         else:
             x, h = ops.add_norm(x, out, lw["post_norm"], eps)
         if cfg.moe_layers and cfg.moe_layers[i]:
-            delta = self._experts(plan, h, lw)
+            delta = self._experts(plan, h, lw, lora, i)
             if self.tp is not None:  # each rank's share of every expert: partial sums
                 delta = self.tp.all_reduce(delta)
         else:
@@ -207,13 +207,15 @@ class LlamaModel:
         return dataclasses.replace(plan, rope=self.rope_local, cos=cos_sin[:, 0:1],
                                    sin=cos_sin[:, 1:2])
 
-    def _experts(self, plan, h: torch.Tensor, lw) -> torch.Tensor:
+    def _experts(self, plan, h: torch.Tensor, lw, lora=None, layer: int = 0) -> torch.Tensor:
         """A mixture-of-experts MLP: each token's top experts by the router's softmax, their
         outputs weighted (rounded to h's dtype) and added in float32 in ascending expert
         order from zero, rounded once (as transformers adds them in its dtype: the same in
         float32), each expert's rows through the step's products (row-invariant: a token's
         sum is the same whatever shares its experts, and a backend's one call,
-        ``ops.experts``, gives the same bits)."""
+        ``ops.experts``, gives the same bits). LoRA on the experts (``lora`` holding
+        expert groups): each expert's rows get their adapters' terms after its gate_up and
+        its down product (``LoraBatch.apply_expert``), through this loop only."""
         ops, cfg = self.ops, self.cfg
         probs = torch.softmax(ops.linear(plan, h, lw, "router_weight"), dim=-1,
                               dtype=torch.float)
@@ -221,11 +223,13 @@ class LlamaModel:
         if cfg.norm_topk_prob:
             top = top / top.sum(dim=-1, keepdim=True)
         top = top.to(h.dtype)
-        fused = ops.experts(plan, h, lw, idx, top, cfg.num_experts, cfg.activation)
-        if fused is not None:
-            return fused
-        if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
-            return self._one_rows_experts(plan, h, lw, top, idx)
+        adapted = lora is not None and lora.has_experts
+        if not adapted:
+            fused = ops.experts(plan, h, lw, idx, top, cfg.num_experts, cfg.activation)
+            if fused is not None:
+                return fused
+            if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
+                return self._one_rows_experts(plan, h, lw, top, idx)
         # the (row, choice) pairs grouped by expert (ascending; rows ascending within one):
         # one gather of the rows, each expert's rows a slice; each weighted output put at
         # its row's place k of its experts in ascending order, the k places added in order
@@ -240,8 +244,13 @@ class LlamaModel:
             if n:
                 gate_up = ops.linear(plan, xs[start : start + n], lw,
                                      f"experts.{e}.gate_up_weight")
-                y = ops.linear(plan, ops.act_mul(gate_up, cfg.activation), lw,
-                               f"experts.{e}.down_weight")
+                if adapted:
+                    lora.apply_expert(layer, "experts_gate_up", e, rows[start : start + n],
+                                      xs[start : start + n], gate_up)
+                act = ops.act_mul(gate_up, cfg.activation)
+                y = ops.linear(plan, act, lw, f"experts.{e}.down_weight")
+                if adapted:
+                    lora.apply_expert(layer, "experts_down", e, rows[start : start + n], act, y)
                 parts.append(y * ws[start : start + n, None])
                 start += n
         placed = torch.zeros(rows_n * k, h.shape[1], dtype=torch.float32).index_copy_(
