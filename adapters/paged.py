@@ -554,15 +554,16 @@ class AdapterPages:
         ppp, pb = self.pieces_per_page, lay.piece_bytes
         pieces = self.memory[:, : ppp * pb].view(self.memory.shape[0], ppp, pb)
         pieces = pieces.view(lay.dtype)[:, :, : lay.elems]  # [pages, ppp, E]
-        views = {}
+        # one tensor a group's A and one a projection's B, every layer's in it (a layer's
+        # view is contiguous), filled by one copy an adapter: a step's gather costs a few
+        # ops a projection, not a few a projection and layer (a mixture's experts: many)
+        whole = {}
         for g in lay.groups:
-            k_in, projs = lay.fan_in[g], lay.projs[g]
-            for i in range(num_layers):
-                views[f"{i}.{g}.A"] = torch.zeros(count, len(projs) * big, k_in,
-                                                  dtype=lay.dtype, device=device)
-                for p, width in zip(projs, lay.widths[g]):
-                    views[f"{i}.{p}.B"] = torch.zeros(count, width, big, dtype=lay.dtype,
-                                                      device=device)
+            whole["A", g] = torch.zeros(num_layers, count, len(lay.projs[g]) * big,
+                                        lay.fan_in[g], dtype=lay.dtype, device=device)
+            for p, width in zip(lay.projs[g], lay.widths[g]):
+                whole["B", p] = torch.zeros(num_layers, count, width, big, dtype=lay.dtype,
+                                       device=device)
         for s, name in enumerate(names):
             r, table = self.ranks[name], self._loaded[name]
             idx = torch.arange(num_layers * r)
@@ -574,15 +575,18 @@ class AdapterPages:
                 a0, bt0 = lay.offsets[g]
                 num_p = len(projs)
                 a = mine[:, :, a0 : a0 + num_p * k_in].view(num_layers, r, num_p, k_in)
-                a = a.transpose(1, 2).reshape(num_layers, num_p * r, k_in)
+                whole["A", g][:, s, : num_p * r] = a.transpose(1, 2).reshape(
+                    num_layers, num_p * r, k_in)
                 col = bt0
-                for i in range(num_layers):
-                    views[f"{i}.{g}.A"][s, : num_p * r] = a[i]
                 for p, width in zip(projs, lay.widths[g]):
-                    b = mine[:, :, col : col + width].transpose(1, 2)  # [L, W, r]
-                    for i in range(num_layers):
-                        views[f"{i}.{p}.B"][s, :, :r] = b[i]
+                    whole["B", p][:, s, :, :r] = mine[:, :, col : col + width].transpose(1, 2)
                     col += width
+        views = {}
+        for g in lay.groups:
+            for i in range(num_layers):
+                views[f"{i}.{g}.A"] = whole["A", g][i]
+                for p in lay.projs[g]:
+                    views[f"{i}.{p}.B"] = whole["B", p][i]
         return views
 
     def check_integrity(self) -> None:

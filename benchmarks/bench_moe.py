@@ -15,7 +15,12 @@ plain float32 sum of 512 MB measured in the same run.
 path before the one-call native kernel, native.moe_experts) in the same engine, interleaved.
 --quantization int4 stores both models' linear layers 4-bit (the bound then counts their
 4-bit bytes).
+--lora-rank R also times the mixture with every row on one adapter of rank R (random, made
+once by peft): ``moe_attn_lora`` on q/k/v/o only (the one-call experts stay), ``moe_lora`` on
+q/k/v/o and the experts' gate_up and down weights (peft's target_parameters: the loop over
+experts with each expert's terms), interleaved with the rest; each against the base mixture.
 Usage: python3 benchmarks/bench_moe.py [--json] [--rounds 3] [--loop-too] [--quantization Q]
+  [--lora-rank R]
 """
 
 from __future__ import annotations
@@ -53,6 +58,25 @@ def _make(folder: Path, kind: str) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(str(folder))
     return folder
+
+
+def _adapter(folder: Path, out: Path, rank: int, experts: bool) -> Path:
+    """A random peft adapter of the mixture (made once): q/k/v/o, and with ``experts`` the
+    experts' gate_up and down weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if (out / "adapter_config.json").is_file():
+        return out
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    extra = ({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+             if experts else {})
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **extra)
+    get_peft_model(base, cfg).save_pretrained(str(out))
+    return out
 
 
 def _decode(engine: Engine, name: str, batch: int, tokens: int = 64) -> float:
@@ -111,6 +135,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loop-too", action="store_true")
     ap.add_argument("--quantization", default=None, help="e.g. int4: both models so")
+    ap.add_argument("--lora-rank", type=int, default=0, help="also time adapters of this rank")
     args = ap.parse_args()
     root = default_home() / "bench-moe"
     folders = {k: _make(root / k, k) for k in ("moe", "dense")}
@@ -124,6 +149,12 @@ def main() -> None:
         for kind, folder in folders.items():
             engine.add_model(kind, str(folder))
         kinds = list(folders) + (["moe_loop"] if args.loop_too else [])
+        if args.lora_rank:
+            for name, experts in (("moe_attn_lora", False), ("moe_lora", True)):
+                path = _adapter(folders["moe"], root / f"{name}-r{args.lora_rank}",
+                                args.lora_rank, experts)
+                engine.add_adapter(name, "moe", str(path))
+                kinds.append(name)
         for _ in range(args.rounds):
             for batch in (1, 16):
                 for kind in kinds:
@@ -152,6 +183,10 @@ def main() -> None:
               "moe_step_ms": {b: round(b / med[f"moe_b{b}"] * 1e3, 2) for b in (1, 16)},
               "moe_step_over_bound": {b: round(b / med[f"moe_b{b}"] / (n / rate), 2)
                                       for b, n in sizes.items()}}
+    for name in ("moe_attn_lora", "moe_lora"):
+        if f"{name}_b1" in med:
+            result[f"{name}_over_base_step"] = {
+                b: round(med[f"moe_b{b}"] / med[f"{name}_b{b}"], 2) for b in (1, 16)}
     if args.loop_too:
         result["loop_step_over_bound"] = {b: round(b / med[f"moe_loop_b{b}"] / (n / rate), 2)
                                           for b, n in sizes.items()}

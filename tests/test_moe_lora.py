@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from gpupool import SamplingParams
 from gpupool.adapters.base import AdapterError
 from tests.factories import hf_greedy_with, make_engine, make_peft_adapter, random_prompts
+from tests.test_lora import _packs_as_the_reference
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -57,7 +58,8 @@ def _peft_greedy(folder, adapters: dict, prompts, names) -> list[list[int]]:
 @pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
 def test_expert_lora_gives_peft_tokens_in_a_mixed_batch(moe_adapters, variant):
     """fp32: adapters on the experts (and on attention) beside the base model in one batch:
-    greedy tokens identical to peft's, each adapter changing its prompts' tokens."""
+    greedy tokens identical to peft's, each adapter changing its prompts' tokens; packed from
+    the files' bytes as the reference packs them."""
     folder, adapters = moe_adapters(variant)
     prompts = random_prompts(6, 3, 14, seed=5)
     names = ["both", None, "down", "both", "down", None]
@@ -71,6 +73,7 @@ def test_expert_lora_gives_peft_tokens_in_a_mixed_batch(moe_adapters, variant):
         got = engine.generate(prompts, GREEDY, model=[n or "m" for n in names])
         assert [list(o.token_ids) for o in got] == want
         engine.check_integrity()
+        _packs_as_the_reference(engine, list(adapters))  # the plan splits them as peft
     finally:
         engine.shutdown()
 
@@ -91,6 +94,7 @@ def test_expert_lora_in_bf16_gives_a_request_the_same_tokens_alone_and_batched(m
             alone = engine.generate([p], params, model=n or "m")[0]
             assert list(alone.token_ids) == list(batched[i].token_ids), i
             assert alone.logprobs == batched[i].logprobs, i
+        _packs_as_the_reference(engine, list(adapters))  # with the pieces' bf16 part
     finally:
         engine.shutdown()
 
