@@ -157,9 +157,6 @@ class LoadedModel:
         makes this model's adapter pages (adapters/paged.py), laid out for the groups it
         targets; one on other groups lays them out again (:meth:`_relayout`)."""
         if self.tp is not None:  # rank 0 holds its part; each other rank reads its own
-            if any(t.startswith("experts.") for t in targets):
-                raise AdapterError("LoRA on a mixture's experts is not served under tensor "
-                                   "parallelism (attention LoRA is)")
             weights = self._sharded(weights)
         if self.adapter_pages is None:
             self.adapter_pages = self._make_pages(target_groups(targets))

@@ -359,11 +359,17 @@ def shard_adapter(cfg: ModelConfig, weights: dict, world: int, rank: int) -> dic
     projections already split), cut as the projection's weight is: a column-parallel
     projection's B to the rank's output rows (A whole: every rank shrinks the same input); a
     row-parallel one's (o, down) A to the rank's input columns (B whole: the shrink's partial
-    sums are added over the ranks before the expand, ``adapters.batch.LoraBatch.reduce``)."""
+    sums are added over the ranks before the expand, ``adapters.batch.LoraBatch.reduce``).
+    A mixture's experts are cut as their weights: an expert's gate_up B to the rank's gate
+    rows and up rows, its down A to the rank's input columns (B whole: each rank adds B times
+    its partial shrink to its partial output, which the layer's one all-reduce sums)."""
     out = {}
     for (layer, proj), (a, b) in weights.items():
-        if proj in ("o_proj", "down_proj"):
+        if proj in ("o_proj", "down_proj") or proj.endswith(".down_proj"):
             a = _in_columns(a, world, rank)
+        elif proj.endswith(".gate_up_proj"):  # an expert's gate rows, then its up rows
+            b = _cat([_out_rows(cfg, "gate_proj", x, world, rank, cfg.moe_intermediate_size)
+                      for x in b.chunk(2)])
         else:
             b = _out_rows(cfg, proj, b, world, rank)
         out[layer, proj] = (a.contiguous(), b.contiguous())

@@ -139,3 +139,25 @@ def test_bad_expert_lora_is_refused_at_registration(moe_adapters, tiny_models, t
         assert engine.generate([[5, 6, 7]], GREEDY, model="both")[0].token_ids == before
     finally:
         engine.shutdown()
+
+
+def test_expert_lora_on_two_ranks_gives_one_ranks_tokens(moe_adapters):
+    """Sharded over 2 ranks (gloo, fp32): each expert's gate_up B cut to the rank's gate and
+    up rows, its down A to the rank's input columns (B whole, the layer's all-reduce summing
+    the ranks' terms): a mixed batch's greedy tokens are the one-rank engine's."""
+    folder, adapters = moe_adapters("qwen3_moe")
+    prompts = random_prompts(4, 3, 14, seed=13)
+    names = ["both", "down", None, "both"]
+    got = {}
+    for world in (1, 2):
+        engine = make_engine(folder, **({"tensor_parallel": 2, "prefetch": False}
+                                        if world == 2 else {}))
+        try:
+            for name, path in adapters.items():
+                engine.add_adapter(name, "m", path)
+            outs = engine.generate(prompts, GREEDY, model=[n or "m" for n in names])
+            got[world] = [list(o.token_ids) for o in outs]
+        finally:
+            engine.shutdown()
+    assert got[2] == got[1]
+    assert got[1] == _peft_greedy(*moe_adapters("qwen3_moe"), prompts, names)
