@@ -12,7 +12,11 @@ in the collectives it makes from Python is measured (all of them on the per-op p
 embedding's all-reduce and the logits' gather around the native call). Goal (issue 35): 2
 ranks >= 0.8x one rank's tokens/s.
 Each configuration runs in its own process (``--rounds`` of them, interleaved).
+``--lora-rank R``: every row on one adapter of rank R on all seven projections (random, made
+once by peft into ``<home>/bench-tp-lora-rR``), in every configuration: the fused LoRA kernel
+on each rank (the row-parallel groups' shrinks summed over the ranks), against one rank's.
 Usage: python3 benchmarks/bench_tp.py [--json] [--runs 3] [--rounds 2] [--batch-sizes 1,16]
+  [--lora-rank R]
 """
 
 from __future__ import annotations
@@ -51,11 +55,29 @@ def model_folder() -> Path:
     return folder
 
 
-def _timed(engine: Engine, batch: int) -> float:
+def lora_folder(rank: int) -> Path:
+    """A random rank-``rank`` peft adapter of the model on all seven projections."""
+    folder = default_home() / f"bench-tp-lora-r{rank}"
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(model_folder()), dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj"])
+    get_peft_model(base, cfg).save_pretrained(str(folder))
+    return folder
+
+
+def _timed(engine: Engine, batch: int, model: str = "m") -> float:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     prompts = [[1 + (i * 7 + j) % 400 for j in range(16)] for i in range(batch)]
     start = time.perf_counter()
-    engine.generate(prompts, params, model="m")
+    engine.generate(prompts, params, model=model)
     return batch * NEW_TOKENS / (time.perf_counter() - start)
 
 
@@ -85,15 +107,19 @@ CONFIGS = {  # name: (engine options, whole-step decode call kept)
 }
 
 
-def run_config(name: str, sizes: list[int], runs: int) -> dict:
+def run_config(name: str, sizes: list[int], runs: int, lora_rank: int = 0) -> dict:
     """One configuration in this process (its own: two engines' idle thread teams in one
     process slow each other): tokens/s per batch size, and rank 0's collectives per step."""
     options, whole = CONFIGS[name]
-    engine = Engine(device="cpu", dtype="bfloat16", **options)
+    engine = Engine(device="cpu", dtype="bfloat16", **options,
+                    **({"max_lora_rank": lora_rank} if lora_rank else {}))
     out: dict[str, list[float]] = {}
+    target = "a" if lora_rank else "m"
     try:
         engine.add_model("m", model_folder())
-        _timed(engine, 1)  # warm-up, weights resident
+        if lora_rank:
+            engine.add_adapter("a", "m", str(lora_folder(lora_rank)))
+        _timed(engine, 1, target)  # warm-up, weights (and the adapter) resident
         model = engine.local.core.workers["m"].model
         if not whole:
             model.ops.decode_step = lambda *a: None  # the per-op path the ranks take
@@ -101,7 +127,8 @@ def run_config(name: str, sizes: list[int], runs: int) -> dict:
         for batch in sizes:
             for _ in range(runs):
                 before = dict(spent) if spent else None
-                out.setdefault(f"{name}_tok_s_bs{batch}", []).append(_timed(engine, batch))
+                out.setdefault(f"{name}_tok_s_bs{batch}", []).append(
+                    _timed(engine, batch, target))
                 if spent:
                     out.setdefault(f"{name}_collectives_ms_per_step_bs{batch}", []).append(
                         (spent["s"] - before["s"]) / NEW_TOKENS * 1e3)
@@ -116,25 +143,28 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="timed runs a configuration a round")
     ap.add_argument("--rounds", type=int, default=2, help="each configuration's processes")
     ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--lora-rank", type=int, default=0, help="every row on an adapter")
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)  # a child's
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.config:
-        print(json.dumps(run_config(args.config, sizes, args.runs)))
+        print(json.dumps(run_config(args.config, sizes, args.runs, args.lora_rank)))
         return
     model_folder()
+    if args.lora_rank:
+        lora_folder(args.lora_rank)
     rates: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # interleaved: the machine's drift hits all alike
         for name in CONFIGS:
             child = subprocess.run(
                 [sys.executable, "-P", __file__, "--config", name, "--runs", str(args.runs),
-                 "--batch-sizes", args.batch_sizes], capture_output=True, text=True,
-                check=True)
+                 "--batch-sizes", args.batch_sizes, "--lora-rank", str(args.lora_rank)],
+                capture_output=True, text=True, check=True)
             for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items():
                 rates.setdefault(k, []).extend(v)
     result = {"model": "random, SmolLM2-sized, 8 heads / 2 KV heads", "dtype": "bfloat16",
-              "cpu": cpu_flags(), "new_tokens": NEW_TOKENS,
+              "cpu": cpu_flags(), "new_tokens": NEW_TOKENS, "lora_rank": args.lora_rank,
               "runs": args.runs * args.rounds}
     for k, v in sorted(rates.items()):
         result[k] = round(statistics.median(v), 2)
