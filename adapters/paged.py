@@ -292,6 +292,9 @@ class AdapterPages:
         self._plans: OrderedDict[tuple, PackPlan] = OrderedDict()
         # measured rates (bytes a second) for the pool's eviction costs
         self.copy_rate, self.read_rate = COPY_RATE, READ_RATE
+        # the last gather's (key, views): a step of the same adapters in the same pages, none
+        # loaded since, reads the same values (see :meth:`gather`)
+        self._gathered: tuple | None = None
 
     # ---- registration --------------------------------------------------------------------
     def key(self, name: str) -> tuple[str, str]:
@@ -331,6 +334,7 @@ class AdapterPages:
         """Give every device copy back to the pool and stop the reader (the model or its
         layout goes)."""
         self.close()
+        self._gathered = None
         for name in list(self.loaders):
             self.pool.free_adapter(self.key(name))
         self._loaded.clear()
@@ -539,6 +543,7 @@ class AdapterPages:
 
     def _evict(self, name: str) -> None:
         """Give ``name``'s device copy back to the pool (a cap made room, or it goes)."""
+        self._gathered = None
         self.pool.free_adapter(self.key(name))
         self._loaded.pop(name, None)
         self.owner.pop(name, None)
@@ -547,7 +552,20 @@ class AdapterPages:
         """The step's adapters (``names``: slot s is names[s]) copied out of their pages into
         the slot shapes the torch and Triton SGMV kernels and the batched path read:
         ``{layer}.{group}.A`` [S, P R, K] (rows j r + k) and ``{layer}.{proj}.B`` [S, W, R],
-        R the largest rank, in the adapter dtype; call after :meth:`ensure`."""
+        R the largest rank, in the adapter dtype; call after :meth:`ensure`. The views are
+        kept for the next step of the same adapters in the same pages with no device load
+        since (every load, of any adapter, may have reused a page; the callers only read
+        them): a decode run of one adapter set gathers once."""
+        key = (tuple(names), tuple(tuple(self._loaded[n]) for n in names), self.num_loads,
+               str(device))
+        if self._gathered is not None and self._gathered[0] == key:
+            return self._gathered[1]
+        self._gathered = None  # its tensors go before the new ones are made
+        views = self._gather(names, device)
+        self._gathered = (key, views)
+        return views
+
+    def _gather(self, names: list[str], device) -> dict[str, torch.Tensor]:
         lay, cfg = self.layout, self.cfg
         num_layers, count = cfg.num_layers, len(names)
         big = max(self.ranks[n] for n in names)

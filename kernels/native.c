@@ -1477,12 +1477,17 @@ static void i8_quantize_row(const uint16_t *xm, int64_t K, int64_t Kp, int16_t *
     float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
     *xs = !finite ? NAN : amax / 32767.f;
     const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i lo16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
+                                          -1, -1);
     for (int64_t k = 0; k < Kp; k += 8) {  /* past K: zeros times inv */
         __m256 v = _mm256_castsi256_ps(i8_bf8(xm + k, K - k));
         __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));
-        /* |r| <= 32767: the saturating pack keeps it (NaN rows: any value) */
-        _mm_storeu_si128((void *)(xq + k), _mm_packs_epi32(_mm256_castsi256_si128(r),
-                                                           _mm256_extracti128_si256(r, 1)));
+        /* each lane's low 16 bits, as AVX-512's vpmovdw truncates (|r| <= 32767 keeps its
+         * value; a lane made of inf or NaN, 0x80000000, gives 0 in both builds: a row so
+         * small that 32767 / amax overflows) */
+        r = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, lo16), 0x08);
+        _mm_storeu_si128((void *)(xq + k), _mm256_castsi256_si128(r));
     }
 }
 #endif  /* GEMV_INT8_AVX2 */
