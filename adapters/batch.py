@@ -66,7 +66,7 @@ class LoraBatch:
     # on one rank. The segmented path and the fused kernel (its two halves) have it.
     reduce: object = None
     _views: dict = None  # the gathered views, made on first use
-    _row_segment: list = None  # [each row's segment] once apply_expert needs it
+    _memo: dict = None  # apply_expert's per-step lookups (each row's segment, pieces)
 
     @classmethod
     def build(cls, row_adapters: list[str | None], tables: dict[str, list[int]], pages,
@@ -90,14 +90,19 @@ class LoraBatch:
             return torch.tensor(x, dtype=torch.int32, device=device)
 
         group_rows, proj_ranks, proj_offsets = {}, {}, {}
-        for group, (_, projs) in groups_for(pages.cfg).items():
+        targets = {n: set(targets_of[n]) for n in names if n}
+        # the dense groups (the kernels' tables name all four), and a mixture's expert groups
+        # where the layout holds them (2E projections: not built for attention-only adapters)
+        spec = {g: v for g, v in groups_for(pages.cfg).items()
+                if g in GROUPS or g in pages.layout.groups}
+        for group, (_, projs) in spec.items():
             # a segment whose adapter targets none of the group's projections skips it (the
             # layout may not even hold the group: adapters.paged.target_groups)
-            group_rows[group] = t([len(projs) * r if n and any(p in targets_of[n]
+            group_rows[group] = t([len(projs) * r if n and any(p in targets[n]
                                                                 for p, _ in projs) else 0
                                    for n, r in zip(names, ranks)])
             for j, (proj, _) in enumerate(projs):
-                proj_ranks[proj] = t([r if n and proj in targets_of[n] else 0
+                proj_ranks[proj] = t([r if n and proj in targets[n] else 0
                                       for n, r in zip(names, ranks)])
                 proj_offsets[proj] = t([j * r for r in ranks])
         distinct = list(dict.fromkeys(n for n in names if n))
@@ -150,7 +155,7 @@ class LoraBatch:
             plan = (len(names), longest, ranks[0], index, targeted, pad)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, frozenset(layout.groups), tuple(distinct), pages,
-                   device, plan, fused, paged, ops, reduce, {}, [])
+                   device, plan, fused, paged, ops, reduce, {}, {})
 
     @property
     def views(self) -> dict[str, torch.Tensor]:
@@ -173,37 +178,41 @@ class LoraBatch:
                      x: torch.Tensor, out: torch.Tensor) -> None:
         """``out += LoRA(x)`` of expert ``expert``'s ``group`` (experts_gate_up or
         experts_down) for its rows ``x``, which are the step's rows ``rows``: each row by its
-        segment's adapter, in the adapter dtype: torch's products on the gathered views, a
-        slot's rows at once, or where the backend promises batch invariance each row alone
-        (a one-row product of one shape: a row's bits whatever shares its step; cheaper here
-        than the fixed-order products of ``kernels.fixed``, ~0.1 ms a call at these
-        sizes)."""
+        segment's adapter, in the adapter dtype: the expert's A and B read from the
+        adapter's pieces in place (``AdapterPages.expert_lora``: a mixture's expert groups
+        are never gathered whole), torch's products, a slot's rows at once, or where the
+        backend promises batch invariance each row alone (a one-row product of one shape: a
+        row's bits whatever shares its step; cheaper here than the fixed-order products of
+        ``kernels.fixed``, ~0.1 ms a call at these sizes)."""
         if group not in self.groups:
             return
         proj = f"experts.{expert}.{EXPERT_GROUPS[group][0]}_proj"
-        if not self._row_segment:  # each row's segment, once a step
+        if "segment" not in self._memo:  # each row's segment, once a step
             sizes = (self.starts[1:] - self.starts[:-1]).long()
-            self._row_segment.append(torch.repeat_interleave(
-                torch.arange(len(sizes), device=sizes.device), sizes))
-        seg = self._row_segment[0].index_select(0, rows)
+            self._memo["segment"] = torch.repeat_interleave(
+                torch.arange(len(sizes), device=sizes.device), sizes)
+        seg = self._memo["segment"].index_select(0, rows)
         ranks = self.proj_ranks[proj].index_select(0, seg)
         if not bool((ranks > 0).any()):
             return
         slots = self.slots.index_select(0, seg)
-        a_all = self.views[f"{layer}.{group}.A"]  # [S, E r, K]: expert e's rows e r + k
-        b_all = self.views[f"{layer}.{proj}.B"]  # [S, W, R]
+        weights = {}  # slot -> (A [r, K], B [W, r])
+        for slot in torch.unique(slots[ranks > 0]).tolist():
+            name = self.names[slot]
+            if name not in self._memo:  # its pieces' (page, slot) indices, once a step
+                self._memo[name] = self.pages.piece_index(name)
+            weights[slot] = self.pages.expert_lora(name, layer, group, expert,
+                                                   self._memo[name])
         linear = torch.nn.functional.linear
         if getattr(self.ops, "batch_invariant", False):
             for i, (slot, r) in enumerate(zip(slots.tolist(), ranks.tolist())):
                 if r:
-                    a, b = a_all[slot, expert * r : (expert + 1) * r], b_all[slot, :, :r]
+                    a, b = weights[slot]
                     delta = linear(linear(x[i : i + 1].to(a.dtype), a), b)
                     out[i : i + 1] = (out[i : i + 1].float() + delta.float()).to(out.dtype)
             return
-        for slot in torch.unique(slots[ranks > 0]).tolist():
+        for slot, (a, b) in weights.items():
             idx = ((slots == slot) & (ranks > 0)).nonzero().flatten()
-            r = int(ranks[idx[0]])
-            a, b = a_all[slot, expert * r : (expert + 1) * r], b_all[slot, :, :r]
             delta = linear(linear(x.index_select(0, idx).to(a.dtype), a), b)
             # added in float32, rounded once (index_add_ on bf16 took ~0.2 ms a call here)
             out[idx] = (out.index_select(0, idx).float() + delta.float()).to(out.dtype)

@@ -47,7 +47,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool.adapters.base import GROUPS, AdapterError, expert_group, groups_for
+from gpupool.adapters.base import (
+    EXPERT_GROUPS,
+    GROUPS,
+    AdapterError,
+    expert_group,
+    groups_for,
+)
 from gpupool.adapters.peft_format import adapter_weights, layer_masks, read_raw
 
 logger = logging.getLogger(__name__)
@@ -220,6 +226,9 @@ PLAN_MAX_VALUES = 1 << 24
 # bytes a second of a host-to-device copy and of a disk read before any is measured (the
 # eviction policy's cost of bringing an adapter back, pool/pages.py)
 COPY_RATE, READ_RATE = 4e9, 1e9
+# bytes of experts' LoRA weights copied out of their pieces kept between steps (a decode run
+# reads the same experts' again and again; AdapterPages.expert_lora)
+EXPERT_CACHE_BYTES = 64 << 20
 
 
 class Resident:
@@ -295,6 +304,9 @@ class AdapterPages:
         # the last gather's (key, views): a step of the same adapters in the same pages, none
         # loaded since, reads the same values (see :meth:`gather`)
         self._gathered: tuple | None = None
+        # expert_lora's copies, kept while no device load happened (LRU, EXPERT_CACHE_BYTES)
+        self._experts: OrderedDict[tuple, tuple] = OrderedDict()
+        self._experts_at, self._experts_bytes = -1, 0
 
     # ---- registration --------------------------------------------------------------------
     def key(self, name: str) -> tuple[str, str]:
@@ -335,6 +347,7 @@ class AdapterPages:
         layout goes)."""
         self.close()
         self._gathered = None
+        self._drop_experts()
         for name in list(self.loaders):
             self.pool.free_adapter(self.key(name))
         self._loaded.clear()
@@ -544,15 +557,66 @@ class AdapterPages:
     def _evict(self, name: str) -> None:
         """Give ``name``'s device copy back to the pool (a cap made room, or it goes)."""
         self._gathered = None
+        self._drop_experts()
         self.pool.free_adapter(self.key(name))
         self._loaded.pop(name, None)
         self.owner.pop(name, None)
+
+    def pieces(self) -> torch.Tensor:
+        """The page memory as pieces' main parts: [pages, pieces_per_page, E] (a view)."""
+        ppp, pb = self.pieces_per_page, self.layout.piece_bytes
+        pieces = self.memory[:, : ppp * pb].view(self.memory.shape[0], ppp, pb)
+        return pieces.view(self.layout.dtype)[:, :, : self.layout.elems]
+
+    def piece_index(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``name``'s pieces lie (current on the device: after :meth:`ensure`): the
+        page and the place in it of piece ``l r + k``, as two index tensors [L r]."""
+        r, table = self.ranks[name], self._loaded[name]
+        q = torch.arange(self.cfg.num_layers * r)
+        page = torch.tensor(table, dtype=torch.long)[q // self.pieces_per_page]
+        dev = self.memory.device
+        return page.to(dev), (q % self.pieces_per_page).to(dev)
+
+    def expert_lora(self, name: str, layer: int, group: str, expert: int,
+                    index: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Expert ``expert``'s A [r, K] and B [W, r] in ``group`` (an expert group) at
+        ``layer`` of adapter ``name``, copied out of its pieces (``index``: its
+        :meth:`piece_index`): only those values, not the group's whole rows. Copies are
+        kept (within EXPERT_CACHE_BYTES, least recent out first) until a device load or an
+        eviction, which may have moved or overwritten any adapter's pages."""
+        if self._experts_at != self.num_loads:
+            self._drop_experts()
+        key = (name, layer, group, expert)
+        hit = self._experts.get(key)
+        if hit is not None:
+            self._experts.move_to_end(key)
+            return hit
+        lay, r = self.layout, self.ranks[name]
+        k_in, width = lay.fan_in[group], lay.widths[group][expert]
+        a0, bt0 = lay.offsets[group]
+        page, place = (t[layer * r : (layer + 1) * r] for t in index)
+        pieces = self.pieces()
+        a = pieces[:, :, a0 + expert * k_in : a0 + (expert + 1) * k_in][page, place]
+        b = pieces[:, :, bt0 + expert * width : bt0 + (expert + 1) * width][page, place]
+        out = (a, b.T)
+        self._experts[key] = out
+        self._experts_bytes += (a.numel() + b.numel()) * a.element_size()
+        while self._experts_bytes > EXPERT_CACHE_BYTES and len(self._experts) > 1:
+            _, (a_old, b_old) = self._experts.popitem(last=False)
+            self._experts_bytes -= (a_old.numel() + b_old.numel()) * a_old.element_size()
+        return out
+
+    def _drop_experts(self) -> None:
+        self._experts.clear()
+        self._experts_at, self._experts_bytes = self.num_loads, 0
 
     def gather(self, names: list[str], device) -> dict[str, torch.Tensor]:
         """The step's adapters (``names``: slot s is names[s]) copied out of their pages into
         the slot shapes the torch and Triton SGMV kernels and the batched path read:
         ``{layer}.{group}.A`` [S, P R, K] (rows j r + k) and ``{layer}.{proj}.B`` [S, W, R],
-        R the largest rank, in the adapter dtype; call after :meth:`ensure`. The views are
+        R the largest rank, in the adapter dtype (the dense groups: a mixture's expert
+        groups are read per expert, :meth:`expert_lora`); call after :meth:`ensure`. The
+        views are
         kept for the next step of the same adapters in the same pages with no device load
         since (every load, of any adapter, may have reused a page; the callers only read
         them): a decode run of one adapter set gathers once."""
@@ -569,14 +633,14 @@ class AdapterPages:
         lay, cfg = self.layout, self.cfg
         num_layers, count = cfg.num_layers, len(names)
         big = max(self.ranks[n] for n in names)
-        ppp, pb = self.pieces_per_page, lay.piece_bytes
-        pieces = self.memory[:, : ppp * pb].view(self.memory.shape[0], ppp, pb)
-        pieces = pieces.view(lay.dtype)[:, :, : lay.elems]  # [pages, ppp, E]
+        ppp = self.pieces_per_page
+        pieces = self.pieces()  # [pages, ppp, E]
         # one tensor a group's A and one a projection's B, every layer's in it (a layer's
         # view is contiguous), filled by one copy an adapter: a step's gather costs a few
         # ops a projection, not a few a projection and layer (a mixture's experts: many)
         whole = {}
-        for g in lay.groups:
+        dense = [g for g in lay.groups if g not in EXPERT_GROUPS]
+        for g in dense:
             whole["A", g] = torch.zeros(num_layers, count, len(lay.projs[g]) * big,
                                         lay.fan_in[g], dtype=lay.dtype, device=device)
             for p, width in zip(lay.projs[g], lay.widths[g]):
@@ -588,7 +652,7 @@ class AdapterPages:
             page = torch.tensor(table, dtype=torch.long)[idx // ppp]
             mine = pieces[page.to(pieces.device), (idx % ppp).to(pieces.device)]
             mine = mine.view(num_layers, r, lay.elems).to(device)
-            for g in lay.groups:
+            for g in dense:
                 k_in, projs = lay.fan_in[g], lay.projs[g]
                 a0, bt0 = lay.offsets[g]
                 num_p = len(projs)
@@ -600,7 +664,7 @@ class AdapterPages:
                     whole["B", p][:, s, :, :r] = mine[:, :, col : col + width].transpose(1, 2)
                     col += width
         views = {}
-        for g in lay.groups:
+        for g in dense:
             for i in range(num_layers):
                 views[f"{i}.{g}.A"] = whole["A", g][i]
                 for p in lay.projs[g]:

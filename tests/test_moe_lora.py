@@ -55,21 +55,25 @@ def _peft_greedy(folder, adapters: dict, prompts, names) -> list[list[int]]:
     return [next(want[n]) for n in names]
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
-def test_expert_lora_gives_peft_tokens_in_a_mixed_batch(moe_adapters, variant):
+@pytest.mark.parametrize("variant,invariant", [("qwen3_moe", True), ("mixtral", True),
+                                               ("qwen3_moe", False)])
+def test_expert_lora_gives_peft_tokens_in_a_mixed_batch(moe_adapters, variant, invariant):
     """fp32: adapters on the experts (and on attention) beside the base model in one batch:
-    greedy tokens identical to peft's, each adapter changing its prompts' tokens; packed from
-    the files' bytes as the reference packs them."""
+    greedy tokens identical to peft's, each adapter changing its prompts' tokens (each row's
+    terms alone, or without batch invariance a slot's rows at once); packed from the files'
+    bytes as the reference packs them."""
     folder, adapters = moe_adapters(variant)
     prompts = random_prompts(6, 3, 14, seed=5)
     names = ["both", None, "down", "both", "down", None]
     want = _peft_greedy(folder, adapters, prompts, names)
     base = _peft_greedy(folder, adapters, prompts, [None] * len(prompts))
     assert all(w != b for w, b, n in zip(want, base, names) if n)  # the adapters matter
-    engine = make_engine(folder)
+    engine = make_engine(folder, batch_invariant=invariant)
     try:
         for name, path in adapters.items():
             engine.add_adapter(name, "m", path)
+        ops = engine.local.core.workers["m"].model.ops
+        assert ops.batch_invariant == invariant
         got = engine.generate(prompts, GREEDY, model=[n or "m" for n in names])
         assert [list(o.token_ids) for o in got] == want
         engine.check_integrity()
