@@ -1389,7 +1389,6 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
         const int16_t *xq, const float *xs, const int M, int64_t K, int64_t Kp, const int8_t *Q,
         int64_t n0, int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
         uint16_t *y, int64_t ldy) {
-    (void)Kp;
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *q = Q + n * ldq;
         int64_t dot[4] = {0, 0, 0, 0};
