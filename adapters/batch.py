@@ -187,11 +187,11 @@ class LoraBatch:
         if group not in self.groups:
             return
         proj = f"experts.{expert}.{EXPERT_GROUPS[group][0]}_proj"
-        if "segment" not in self._memo:  # each row's segment, once a step
+        if ("segment",) not in self._memo:  # each row's segment, once a step
             sizes = (self.starts[1:] - self.starts[:-1]).long()
-            self._memo["segment"] = torch.repeat_interleave(
+            self._memo["segment",] = torch.repeat_interleave(
                 torch.arange(len(sizes), device=sizes.device), sizes)
-        seg = self._memo["segment"].index_select(0, rows)
+        seg = self._memo["segment",].index_select(0, rows)
         ranks = self.proj_ranks[proj].index_select(0, seg)
         if not bool((ranks > 0).any()):
             return
@@ -199,10 +199,10 @@ class LoraBatch:
         weights = {}  # slot -> (A [r, K], B [W, r])
         for slot in torch.unique(slots[ranks > 0]).tolist():
             name = self.names[slot]
-            if name not in self._memo:  # its pieces' (page, slot) indices, once a step
-                self._memo[name] = self.pages.piece_index(name)
+            if ("index", name) not in self._memo:  # its pieces' places, once a step
+                self._memo["index", name] = self.pages.piece_index(name)
             weights[slot] = self.pages.expert_lora(name, layer, group, expert,
-                                                   self._memo[name])
+                                                   self._memo["index", name])
         linear = torch.nn.functional.linear
         if getattr(self.ops, "batch_invariant", False):
             for i, (slot, r) in enumerate(zip(slots.tolist(), ranks.tolist())):

@@ -640,6 +640,10 @@ class AdapterPages:
         # ops a projection, not a few a projection and layer (a mixture's experts: many)
         whole = {}
         dense = [g for g in lay.groups if g not in EXPERT_GROUPS]
+        # the expert groups lie after the dense ones in a piece: only the dense part copied
+        end = min((lay.offsets[g][0] for g in lay.groups if g in EXPERT_GROUPS),
+                  default=lay.elems)
+        dense_part = pieces[:, :, :end]
         for g in dense:
             whole["A", g] = torch.zeros(num_layers, count, len(lay.projs[g]) * big,
                                         lay.fan_in[g], dtype=lay.dtype, device=device)
@@ -650,8 +654,8 @@ class AdapterPages:
             r, table = self.ranks[name], self._loaded[name]
             idx = torch.arange(num_layers * r)
             page = torch.tensor(table, dtype=torch.long)[idx // ppp]
-            mine = pieces[page.to(pieces.device), (idx % ppp).to(pieces.device)]
-            mine = mine.view(num_layers, r, lay.elems).to(device)
+            mine = dense_part[page.to(pieces.device), (idx % ppp).to(pieces.device)]
+            mine = mine.view(num_layers, r, end).to(device)
             for g in dense:
                 k_in, projs = lay.fan_in[g], lay.projs[g]
                 a0, bt0 = lay.offsets[g]

@@ -63,8 +63,10 @@ def test_expert_lora_gives_peft_tokens_in_a_mixed_batch(moe_adapters, variant, i
     terms alone, or without batch invariance a slot's rows at once); packed from the files'
     bytes as the reference packs them."""
     folder, adapters = moe_adapters(variant)
+    # "segment": a name the step's own lookups once shared a dict with
+    adapters = {"both": adapters["both"], "segment": adapters["down"]}
     prompts = random_prompts(6, 3, 14, seed=5)
-    names = ["both", None, "down", "both", "down", None]
+    names = ["both", None, "segment", "both", "segment", None]
     want = _peft_greedy(folder, adapters, prompts, names)
     base = _peft_greedy(folder, adapters, prompts, [None] * len(prompts))
     assert all(w != b for w, b, n in zip(want, base, names) if n)  # the adapters matter
