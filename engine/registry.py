@@ -110,8 +110,11 @@ class ModelRegistry:
                              *self.scheduler.running.get(base, ()))
                  if q.adapter in grown and -(-q.max_total_tokens // bt) + grown[q.adapter] > pool]
         if stuck:
+            # a mixture's experts named once a part, not once an expert
+            shown = dict.fromkeys(t if not t.startswith("experts.")
+                                  else "experts.*." + t.rsplit(".", 1)[-1] for t in targets)
             raise AdapterError(
-                f"registering {name!r} on {', '.join(targets)} would lay {base!r}'s adapters "
+                f"registering {name!r} on {', '.join(shown)} would lay {base!r}'s adapters "
                 f"out again with more pages each, and {len(stuck)} request(s) in flight (e.g. "
                 f"{stuck[0].request_id!r} on {stuck[0].adapter!r}) would then not fit the KV "
                 f"pool of {pool} pages; register it when they are done, or raise "
