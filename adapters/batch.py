@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool.adapters.base import EXPERT_GROUPS, GROUPS, groups_for
+from gpupool.adapters.base import EXPERT_GROUPS, GROUPS, expert_group, groups_for
 from gpupool.kernels import native
 from gpupool.kernels.backend import TorchOps
 
@@ -67,6 +67,9 @@ class LoraBatch:
     reduce: object = None
     _views: dict = None  # the gathered views, made on first use
     _memo: dict = None  # apply_expert's per-step lookups (each row's segment, pieces)
+    # whether a segment's adapter targets a mixture's experts (the layout may hold their
+    # groups for other registered adapters: then this step keeps the one-call experts)
+    experts: bool = False
 
     @classmethod
     def build(cls, row_adapters: list[str | None], tables: dict[str, list[int]], pages,
@@ -155,7 +158,8 @@ class LoraBatch:
             plan = (len(names), longest, ranks[0], index, targeted, pad)
         return cls(t(starts), t([slot_of[n] if n else 0 for n in names]), group_rows,
                    proj_ranks, proj_offsets, frozenset(layout.groups), tuple(distinct), pages,
-                   device, plan, fused, paged, ops, reduce, {}, {})
+                   device, plan, fused, paged, ops, reduce, {}, {},
+                   any(expert_group(p) for n in targets.values() for p in n))
 
     @property
     def views(self) -> dict[str, torch.Tensor]:
@@ -171,8 +175,8 @@ class LoraBatch:
 
     @property
     def has_experts(self) -> bool:
-        """Whether the step's adapters' layout holds LoRA on a mixture's experts."""
-        return any(g in self.groups for g in EXPERT_GROUPS)
+        """Whether a segment's adapter has LoRA on a mixture's experts."""
+        return self.experts
 
     def apply_expert(self, layer: int, group: str, expert: int, rows: torch.Tensor,
                      x: torch.Tensor, out: torch.Tensor) -> None:

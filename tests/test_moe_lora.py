@@ -21,8 +21,8 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def moe_adapters(tiny_models, tmp_path_factory):
-    """Per variant: its folder and two adapters, one on q_proj and both expert weights
-    (rank 4), one on the experts' down weights only (rank 2)."""
+    """Per variant: its folder and three adapters, one on q_proj and both expert weights
+    (rank 4), one on the experts' down weights only (rank 2), one on q/v only (rank 4)."""
     made = {}
 
     def get(variant):
@@ -33,7 +33,8 @@ def moe_adapters(tiny_models, tmp_path_factory):
                                      target_parameters=EXPERTS, seed=1)
             down = make_peft_adapter(folder, out / "down", 2, None,
                                      target_parameters=["mlp.experts.down_proj"], seed=2)
-            made[variant] = folder, {"both": both, "down": down}
+            attn = make_peft_adapter(folder, out / "attn", 4, ["q_proj", "v_proj"], seed=3)
+            made[variant] = folder, {"both": both, "down": down, "attn": attn}
         return made[variant]
 
     return get
@@ -167,3 +168,29 @@ def test_expert_lora_on_two_ranks_gives_one_ranks_tokens(moe_adapters):
             engine.shutdown()
     assert got[2] == got[1]
     assert got[1] == _peft_greedy(*moe_adapters("qwen3_moe"), prompts, names)
+
+
+def test_a_step_without_expert_adapters_keeps_the_one_call_experts(moe_adapters, monkeypatch):
+    """bf16 on the kernels, the layout holding the expert groups (an expert adapter is
+    registered): a step whose adapters are on attention only still runs each mixture layer
+    in the native one-call experts; the loop over experts only where an adapter has expert
+    LoRA."""
+    from gpupool.kernels import native
+
+    folder, adapters = moe_adapters("qwen3_moe")
+    engine = make_engine(folder, dtype="bfloat16")
+    calls = []
+    real = native.moe_experts
+    monkeypatch.setattr(native, "moe_experts", lambda *a: calls.append(1) or real(*a))
+    try:
+        for name, path in adapters.items():
+            engine.add_adapter(name, "m", path)
+        if not engine.local.core.workers["m"].model.ops.name == "native":
+            pytest.skip("no native kernels here: the one-call experts do not exist")
+        engine.generate([[5, 6, 7]], GREEDY, model="attn")
+        assert calls  # the one call, though the layout holds the expert groups
+        calls.clear()
+        engine.generate([[5, 6, 7]], GREEDY, model="both")
+        assert not calls  # expert LoRA: the loop over experts
+    finally:
+        engine.shutdown()
