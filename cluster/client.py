@@ -158,8 +158,7 @@ class _RemoteStream:
             pass
         if self.finished:
             return
-        view = self.client._views.get(dead)
-        degree = view.tensor_parallel if view is not None else 1  # moves to its own kind
+        degree = self.client.degree_of(dead)  # moves to its own kind
         await self.client.forget_worker_async(dead)
         p = self.req.params
         usage = Usage(len(self.req.prompt_token_ids), len(self.tokens))
@@ -224,6 +223,10 @@ class RedisClient:
         self._ar: tuple | None = None  # (event loop, asyncio client)
         self._workers: tuple[float, list] = (0.0, [])
         self._views: dict = {}
+        # each worker's tensor-parallel degree as last seen, kept after the registry forgets
+        # it: a dead worker's streams find their own kind even after another stream of it
+        # (or another gateway) removed it and the views were read again
+        self._degrees: dict[str, int] = {}
         self._specs: tuple[float, dict, dict] = (0.0, {}, {})
         self._configs: dict[str, ModelConfig] = {}
         self._tokenizers: dict[str, object] = {}
@@ -286,7 +289,12 @@ class RedisClient:
         self._workers = (time.monotonic(), cached)
         # fresh views: what the router sent since is in the workers' own counts now
         self._views = {info.name: info.view(alive) for info, alive in cached}
+        self._degrees.update((name, v.tensor_parallel) for name, v in self._views.items())
         return cached
+
+    def degree_of(self, worker: str) -> int:
+        """``worker``'s tensor-parallel ranks as last seen (1 if never seen)."""
+        return self._degrees.get(worker, 1)
 
     def _grace_s(self) -> float:
         """How long after an outage a missing heartbeat says nothing: the longest heartbeat

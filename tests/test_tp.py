@@ -743,3 +743,24 @@ def test_bf16_adapters_on_two_ranks_take_the_fused_kernel(tmp_path, monkeypatch)
         assert set(one) == set(two) and one != plain  # the adapter changed the top tokens
         # as close as the base model's own (2 ranks' bf16 partial sums: up to 0.25 here)
         assert all(abs(one[t] - two[t]) < 0.3 for t in one), (one, two, plain)
+
+
+def test_a_dead_workers_degree_outlives_its_registry_entry():
+    """A group's streams move to a group of its degree, read from what the gateway last saw
+    of the dead worker: the first stream to notice the death removes it from the registry,
+    so the views the others read next lack it (they once moved to degree 1: "no live worker
+    of 1 tensor-parallel rank(s)", seen once in CI)."""
+    from types import SimpleNamespace
+
+    from gpupool.cluster.client import RedisClient
+
+    def info(name, tp):
+        return SimpleNamespace(name=name, view=lambda alive: SimpleNamespace(tensor_parallel=tp))
+
+    client = RedisClient.__new__(RedisClient)  # the bookkeeping alone, no Redis
+    client._views, client._degrees = {}, {}
+    client._set_workers([(info("tpA", 2), True), (info("one", 1), True)])
+    client._set_workers([(info("one", 1), True)])  # tpA forgotten by another stream
+    assert "tpA" not in client._views
+    assert client.degree_of("tpA") == 2 and client.degree_of("one") == 1
+    assert client.degree_of("never-seen") == 1
