@@ -29,7 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupool.adapters.base import EXPERT_GROUPS, GROUPS, expert_group, groups_for
+from gpupool.adapters.base import (
+    EXPERT_GROUPS,
+    GROUPS,
+    expert_group,
+    expert_projection,
+    groups_for,
+)
 from gpupool.kernels import native
 from gpupool.kernels.backend import TorchOps
 
@@ -173,11 +179,6 @@ class LoraBatch:
         """The step's LoRA terms for ``native.decode_layers`` (the fused path only)."""
         return self.native
 
-    @property
-    def has_experts(self) -> bool:
-        """Whether a segment's adapter has LoRA on a mixture's experts."""
-        return self.experts
-
     def apply_expert(self, layer: int, group: str, expert: int, rows: torch.Tensor,
                      x: torch.Tensor, out: torch.Tensor) -> None:
         """``out += LoRA(x)`` of expert ``expert``'s ``group`` (experts_gate_up or
@@ -190,7 +191,7 @@ class LoraBatch:
         ``kernels.fixed``, ~0.1 ms a call at these sizes)."""
         if group not in self.groups:
             return
-        proj = f"experts.{expert}.{EXPERT_GROUPS[group][0]}_proj"
+        proj = expert_projection(expert, EXPERT_GROUPS[group][0])
         if ("segment",) not in self._memo:  # each row's segment, once a step
             sizes = (self.starts[1:] - self.starts[:-1]).long()
             self._memo["segment",] = torch.repeat_interleave(

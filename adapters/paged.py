@@ -616,10 +616,9 @@ class AdapterPages:
         ``{layer}.{group}.A`` [S, P R, K] (rows j r + k) and ``{layer}.{proj}.B`` [S, W, R],
         R the largest rank, in the adapter dtype (the dense groups: a mixture's expert
         groups are read per expert, :meth:`expert_lora`); call after :meth:`ensure`. The
-        views are
-        kept for the next step of the same adapters in the same pages with no device load
-        since (every load, of any adapter, may have reused a page; the callers only read
-        them): a decode run of one adapter set gathers once."""
+        views are kept for the next step of the same adapters in the same pages with no
+        device load since (every load, of any adapter, may have reused a page; the callers
+        only read them): a decode run of one adapter set gathers once."""
         key = (tuple(names), tuple(tuple(self._loaded[n]) for n in names), self.num_loads,
                str(device))
         if self._gathered is not None and self._gathered[0] == key:
@@ -633,7 +632,6 @@ class AdapterPages:
         lay, cfg = self.layout, self.cfg
         num_layers, count = cfg.num_layers, len(names)
         big = max(self.ranks[n] for n in names)
-        ppp = self.pieces_per_page
         pieces = self.pieces()  # [pages, ppp, E]
         # one tensor a group's A and one a projection's B, every layer's in it (a layer's
         # view is contiguous), filled by one copy an adapter: a step's gather costs a few
@@ -649,13 +647,10 @@ class AdapterPages:
                                         lay.fan_in[g], dtype=lay.dtype, device=device)
             for p, width in zip(lay.projs[g], lay.widths[g]):
                 whole["B", p] = torch.zeros(num_layers, count, width, big, dtype=lay.dtype,
-                                       device=device)
+                                            device=device)
         for s, name in enumerate(names):
-            r, table = self.ranks[name], self._loaded[name]
-            idx = torch.arange(num_layers * r)
-            page = torch.tensor(table, dtype=torch.long)[idx // ppp]
-            mine = dense_part[page.to(pieces.device), (idx % ppp).to(pieces.device)]
-            mine = mine.view(num_layers, r, end).to(device)
+            r = self.ranks[name]
+            mine = dense_part[self.piece_index(name)].view(num_layers, r, end).to(device)
             for g in dense:
                 k_in, projs = lay.fan_in[g], lay.projs[g]
                 a0, bt0 = lay.offsets[g]

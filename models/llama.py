@@ -213,9 +213,9 @@ class LlamaModel:
         order from zero, rounded once (as transformers adds them in its dtype: the same in
         float32), each expert's rows through the step's products (row-invariant: a token's
         sum is the same whatever shares its experts, and a backend's one call,
-        ``ops.experts``, gives the same bits). LoRA on the experts (``lora`` holding
-        expert groups): each expert's rows get their adapters' terms after its gate_up and
-        its down product (``LoraBatch.apply_expert``), through this loop only."""
+        ``ops.experts``, gives the same bits). LoRA on the experts (``lora.experts``: a
+        step's adapter has some): each expert's rows get their adapters' terms after its
+        gate_up and its down product (``LoraBatch.apply_expert``), through this loop only."""
         ops, cfg = self.ops, self.cfg
         probs = torch.softmax(ops.linear(plan, h, lw, "router_weight"), dim=-1,
                               dtype=torch.float)
@@ -223,7 +223,7 @@ class LlamaModel:
         if cfg.norm_topk_prob:
             top = top / top.sum(dim=-1, keepdim=True)
         top = top.to(h.dtype)
-        adapted = lora is not None and lora.has_experts
+        adapted = lora is not None and lora.experts
         if not adapted:
             fused = ops.experts(plan, h, lw, idx, top, cfg.num_experts, cfg.activation)
             if fused is not None:
