@@ -1156,8 +1156,93 @@ static inline __m512i f2bf16(__m512 f) {
     return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
 }
 
+/* a block [b0, b1) of weight row q against M (1..4, a constant after inlining) rows of int16
+ * x (row stride Kp, zero past K): each row's exact sum added into dot[m] */
+static inline __attribute__((always_inline)) void i8_block(
+        const int8_t *q, const int16_t *xq, const int M, int64_t Kp, int64_t b0, int64_t b1,
+        int64_t *dot) {
+    __m512i acc[4][4];
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_si512();
+    int64_t k = b0;
+    for (; k + 128 <= b1; k += 128) {
+        __m512i w[4];
+        for (int j = 0; j < 4; j++)
+            w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(q + k + 32 * j)));
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < 4; j++)
+                acc[m][j] = dp16(acc[m][j], w[j], _mm512_loadu_si512(xq + m * Kp + k + 32 * j));
+    }
+    for (; k < b1; k += 32) {  /* x is zero past K: only the weights are masked */
+        int64_t left = b1 - k < 32 ? b1 - k : 32;
+        __mmask32 mk = left == 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
+        __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, q + k));
+        for (int m = 0; m < M; m++)
+            acc[m][0] = dp16(acc[m][0], w, _mm512_loadu_si512(xq + m * Kp + k));
+    }
+    for (int m = 0; m < M; m++) {  /* lanes summed in int64: 16 lanes can overflow */
+        __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]),
+                                     _mm512_add_epi32(acc[m][2], acc[m][3]));
+        dot[m] += _mm512_reduce_add_epi64(_mm512_add_epi64(
+            _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s)),
+            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1))));
+    }
+}
+
+#else  /* GEMV_INT8_AVX2 */
+/* AVX2: the same exact integer sums on 8 lanes (vpmaddwd + vpaddd: 16 columns an instruction,
+ * two accumulators a row, 32 columns a step), so a row's bits match the AVX-512 build's. No
+ * int32 overflows: over a block of I8_BLOCK columns an accumulator takes I8_BLOCK / 32 + 1
+ * instructions of two products of at most 128 * 32767 a lane: 5.5e8, the two 1.1e9 < 2^31,
+ * the lanes and the blocks summed in int64. Any number of rows goes four at a time over a
+ * band of I8_BAND weight rows (kept in L1 while every group of x's rows reads them). */
+#define I8_BAND 16
+
+/* 16 int8 weights widened to int16 */
+static inline __m256i i8_w16(const int8_t *q) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const void *)q));
+}
+
+/* the 8 int32 lanes summed in int64 */
+static inline int64_t i8_hsum(__m256i s) {
+    __m256i t = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(s, 1)));
+    __m128i u = _mm_add_epi64(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    return _mm_cvtsi128_si64(u) + _mm_extract_epi64(u, 1);
+}
+
+/* i8_block of the AVX-512 build on 8 lanes: the same exact sums */
+static inline __attribute__((always_inline)) void i8_block(
+        const int8_t *q, const int16_t *xq, const int M, int64_t Kp, int64_t b0, int64_t b1,
+        int64_t *dot) {
+    __m256i acc[4][2];
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t k = b0; k < b1; k += 32) {
+        __m256i w0, w1;
+        if (b1 - k >= 32) {
+            w0 = i8_w16(q + k);
+            w1 = i8_w16(q + k + 16);
+        } else {  /* the row's tail, zero-padded (x is zero past K too) */
+            int8_t t[32] = {0};
+            memcpy(t, q + k, (size_t)(b1 - k));
+            w0 = i8_w16(t);
+            w1 = i8_w16(t + 16);
+        }
+        for (int m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * Kp + k;
+            acc[m][0] = _mm256_add_epi32(
+                acc[m][0], _mm256_madd_epi16(w0, _mm256_loadu_si256((const void *)xm)));
+            acc[m][1] = _mm256_add_epi32(
+                acc[m][1], _mm256_madd_epi16(w1, _mm256_loadu_si256((const void *)(xm + 16))));
+        }
+    }
+    for (int m = 0; m < M; m++) dot[m] += i8_hsum(_mm256_add_epi32(acc[m][0], acc[m][1]));
+}
+
+#endif  /* GEMV_INT8_AVX2 */
+
 /* the rows [n0, n1) for M (1..4, a constant after inlining) rows of int16 x (row stride Kp,
- * zero past K) */
+ * zero past K): each row's exact sum block by block (i8_block), then i8_out */
 static inline __attribute__((always_inline)) void gemv_i8_rows_m(
         const int16_t *xq, const float *xs, const int M, int64_t K, int64_t Kp, const int8_t *Q,
         int64_t n0, int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
@@ -1165,41 +1250,13 @@ static inline __attribute__((always_inline)) void gemv_i8_rows_m(
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *q = Q + n * ldq;
         int64_t dot[4] = {0, 0, 0, 0};
-        for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
-            int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
-            __m512i acc[4][4];
-            for (int m = 0; m < M; m++)
-                for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_si512();
-            int64_t k = b0;
-            for (; k + 128 <= b1; k += 128) {
-                __m512i w[4];
-                for (int j = 0; j < 4; j++)
-                    w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(q + k + 32 * j)));
-                for (int m = 0; m < M; m++)
-                    for (int j = 0; j < 4; j++)
-                        acc[m][j] = dp16(acc[m][j], w[j],
-                                         _mm512_loadu_si512(xq + m * Kp + k + 32 * j));
-            }
-            for (; k < b1; k += 32) {  /* x is zero past K: only the weights are masked */
-                int64_t left = b1 - k < 32 ? b1 - k : 32;
-                __mmask32 mk = left == 32 ? (__mmask32)0xffffffffu
-                                          : (__mmask32)((1u << left) - 1);
-                __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, q + k));
-                for (int m = 0; m < M; m++)
-                    acc[m][0] = dp16(acc[m][0], w, _mm512_loadu_si512(xq + m * Kp + k));
-            }
-            for (int m = 0; m < M; m++) {  /* lanes summed in int64: 16 lanes can overflow */
-                __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]),
-                                             _mm512_add_epi32(acc[m][2], acc[m][3]));
-                dot[m] += _mm512_reduce_add_epi64(_mm512_add_epi64(
-                    _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s)),
-                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1))));
-            }
-        }
+        for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK)
+            i8_block(q, xq, M, Kp, b0, b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K, dot);
         for (int m = 0; m < M; m++) y[m * ldy + n] = i8_out(dot[m], xs[m], scale, bias, n);
     }
 }
 
+#ifndef GEMV_INT8_AVX2
 /* W's rows [c0, c0 + nc) (nc <= I8_NB) widened to int16 as column pairs: panel[p][c] holds
  * (q[c0 + c][2p], q[c0 + c][2p + 1]) as one int32, p < Kp / 2, c < I8_NB (zeros past K and
  * past nc): 16 columns by 16 pairs a transpose */
@@ -1362,66 +1419,6 @@ static void i8_quantize_row(const uint16_t *xm, int64_t K, int64_t Kp, int16_t *
 }
 
 #else  /* GEMV_INT8_AVX2 */
-/* AVX2: the same exact integer sums on 8 lanes (vpmaddwd + vpaddd: 16 columns an instruction,
- * two accumulators a row, 32 columns a step), so a row's bits match the AVX-512 build's. No
- * int32 overflows: over a block of I8_BLOCK columns an accumulator takes I8_BLOCK / 32 + 1
- * instructions of two products of at most 128 * 32767 a lane: 5.5e8, the two 1.1e9 < 2^31,
- * the lanes and the blocks summed in int64. Any number of rows goes four at a time over a
- * band of I8_BAND weight rows (kept in L1 while every group of x's rows reads them). */
-#define I8_BAND 16
-
-/* 16 int8 weights widened to int16 */
-static inline __m256i i8_w16(const int8_t *q) {
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const void *)q));
-}
-
-/* the 8 int32 lanes summed in int64 */
-static inline int64_t i8_hsum(__m256i s) {
-    __m256i t = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s)),
-                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(s, 1)));
-    __m128i u = _mm_add_epi64(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-    return _mm_cvtsi128_si64(u) + _mm_extract_epi64(u, 1);
-}
-
-/* the rows [n0, n1) for M (1..4, a constant after inlining) rows of int16 x (row stride Kp,
- * zero past K) */
-static inline __attribute__((always_inline)) void gemv_i8_rows_m(
-        const int16_t *xq, const float *xs, const int M, int64_t K, int64_t Kp, const int8_t *Q,
-        int64_t n0, int64_t n1, int64_t ldq, const uint16_t *scale, const uint16_t *bias,
-        uint16_t *y, int64_t ldy) {
-    for (int64_t n = n0; n < n1; n++) {
-        const int8_t *q = Q + n * ldq;
-        int64_t dot[4] = {0, 0, 0, 0};
-        for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
-            int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
-            __m256i acc[4][2];
-            for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-            int64_t k = b0;
-            for (; k < b1; k += 32) {
-                __m256i w0, w1;
-                if (b1 - k >= 32) {
-                    w0 = i8_w16(q + k);
-                    w1 = i8_w16(q + k + 16);
-                } else {  /* the row's tail, zero-padded (x is zero past K too) */
-                    int8_t t[32] = {0};
-                    memcpy(t, q + k, (size_t)(b1 - k));
-                    w0 = i8_w16(t);
-                    w1 = i8_w16(t + 16);
-                }
-                for (int m = 0; m < M; m++) {
-                    const int16_t *xm = xq + m * Kp + k;
-                    acc[m][0] = _mm256_add_epi32(
-                        acc[m][0], _mm256_madd_epi16(w0, _mm256_loadu_si256((const void *)xm)));
-                    acc[m][1] = _mm256_add_epi32(
-                        acc[m][1],
-                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const void *)(xm + 16))));
-                }
-            }
-            for (int m = 0; m < M; m++) dot[m] += i8_hsum(_mm256_add_epi32(acc[m][0], acc[m][1]));
-        }
-        for (int m = 0; m < M; m++) y[m * ldy + n] = i8_out(dot[m], xs[m], scale, bias, n);
-    }
-}
 
 static void gemv_i8_rows(const int16_t *xq, const float *xs, int64_t M, int64_t K, int64_t Kp,
                          const int8_t *Q, int64_t n0, int64_t n1, int64_t ldq,
