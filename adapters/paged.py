@@ -32,12 +32,16 @@ of its pages). A registration that targets a group the layout lacks lays it out 
 (``LoadedModel``): the device copies are dropped and read again.
 
 A *mirror* (float32 pieces of a bf16 model on CPU) holds each piece's values in bf16 too, the
-bytes the fused kernel reads; the host copy holds whole pieces, mirror included, so loading
-an adapter into its pages is one copy a page.
+bytes the fused kernel reads. A host copy is either whole pieces, mirror included (loading it
+into its pages is one copy a page), or, where the pages are host memory (a CPU engine) and
+the native kernels are loaded, the file's values themselves (:class:`RawCopy`: a third of
+the bytes of a bf16 file's pieces with their mirror), written into the pages by one native
+pass over the file layout's packing plan at each load.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -55,6 +59,7 @@ from gpupool.adapters.base import (
     groups_for,
 )
 from gpupool.adapters.peft_format import adapter_weights, layer_masks, read_raw
+from gpupool.kernels import native
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +177,9 @@ class PackPlan:
     src: torch.Tensor  # int32 (index_select's, 4 bytes a value): positions in RawFile.values
     num_a: int  # A's values come first (B's are multiplied by the scaling)
     covers: bool  # the values fill every element of the pieces' main parts (no zeros left)
+    runs: torch.Tensor  # the same moves as runs (int64 [R, 5]: dst, src, n, src stride,
+    # scaled): the native packing's (kernels/native.py pack_pieces), a few thousand runs
+    # where dst and src above take 12 bytes a value
 
     @classmethod
     def build(cls, layout: PieceLayout, cfg, rank: int, raw, path) -> PackPlan:
@@ -191,13 +199,60 @@ class PackPlan:
         a = is_a[nz[:, 1]]
         da, sa, db, sb = dst[a], src[a], dst[~a], src[~a]
         covers = bool((flat != 0).all())
-        return cls(masks, torch.cat([da, db]), torch.cat([sa, sb]), len(da), covers)
+        dst, src = torch.cat([da, db]), torch.cat([sa, sb])
+        return cls(masks, dst, src, len(da), covers, _runs(dst, src, len(da), per_piece))
 
 
-def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw,
-             scaling: float) -> torch.Tensor | None:
+def _runs(dst: torch.Tensor, src: torch.Tensor, num_a: int, per_piece: int) -> torch.Tensor:
+    """The moves ``dst[i] <- src[i]`` as runs (int64 [R, 5]: dst, src, n, src stride,
+    scaled: whether past the first ``num_a``): a run's destinations are consecutive, in one
+    piece and all A's or all B's, its sources evenly spaced (A's rows are rows of the file's
+    A; a piece holds B's columns, the file's B's rows: stride r)."""
+    n = len(dst)
+    if n == 0:
+        return torch.zeros(0, 5, dtype=torch.int64)
+    d, s = dst.long(), src.long()
+    # where a run must end: destinations not consecutive, another piece, the B's begin
+    apart = torch.ones(n + 1, dtype=torch.bool)
+    apart[1:n] = (d[1:] != d[:-1] + 1) | (d[1:] // per_piece != d[:-1] // per_piece)
+    if 0 < num_a < n:
+        apart[num_a] = True
+    step = torch.zeros(n, dtype=torch.int64)
+    step[1:] = s[1:] - s[:-1]
+    turn = torch.zeros(n + 1, dtype=torch.bool)  # step[i] != step[i - 1]
+    turn[2:n] = step[2:] != step[1:-1]
+    stops = (apart | turn).nonzero().flatten().tolist()  # sorted, n the last
+    hard = set(apart.nonzero().flatten().tolist())
+    starts = []  # each run's first value: a few thousand, found run by run
+    i = 0
+    while i < n:
+        starts.append(i)
+        if i + 1 in hard:
+            i += 1  # one value
+        else:  # from i + 1 on the stride is step[i + 1]; it ends at the next stop past it
+            i = stops[bisect.bisect_left(stops, i + 2)]
+    first = torch.tensor(starts, dtype=torch.int64)
+    count = torch.diff(first, append=torch.tensor([n]))
+    stride = torch.where(count > 1, step[(first + 1).clamp(max=n - 1)], 1)
+    return torch.stack([d[first], s[first], count, stride, (first >= num_a).long()], 1)
+
+
+def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw, scaling: float,
+             use_native: bool | None = None) -> torch.Tensor | None:
     """:func:`pack_adapter`'s buffer, bit for bit, from the file's bytes by ``plan``; None
-    where a value is not finite (the reference path then names it)."""
+    where a value is not finite (the reference path then names it). By the native kernels'
+    one pass over the plan's runs where their library is loaded already (never built here:
+    this runs at admission) and the pieces are float32 (``use_native``: force it either
+    way), else by torch's gather and scatter."""
+    fast = (layout.dtype == torch.float32 and native.loaded() if use_native is None
+            else use_native)
+    buf = torch.empty(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
+    if fast:  # one pass in C over the runs: the bf16 mirror beside, the zeros (same bits)
+        rows = torch.arange(len(buf), dtype=torch.int64) * layout.piece_bytes + buf.data_ptr()
+        if native.pack_pieces(raw.values, plan.runs, scaling, rows, layout.piece_bytes,
+                              layout.elems, layout.mirror_offset, plan.covers):
+            return None  # a NaN or inf among them (or an overflow)
+        return buf
     values = raw.values.index_select(0, plan.src).float()
     values[plan.num_a:] *= scaling  # as the reference's B * scaling, in float32
     if not math.isfinite(float(values.sum())):  # a NaN or inf among them (or an overflow)
@@ -205,7 +260,6 @@ def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw,
     # zeros only where nothing is written: the pieces' padding, and the main parts where the
     # adapter leaves some projection of a held group untargeted (a fresh zeroed buffer costs
     # a fill of every byte, beside the engine loop's threads)
-    buf = torch.empty(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
     used = layout.elems * _elem(layout.dtype)
     if plan.covers:
         buf[:, used : layout.mirror_offset or layout.piece_bytes].zero_()
@@ -216,6 +270,33 @@ def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw,
     buf.view(-1).view(layout.dtype).index_copy_(0, plan.dst, values.to(layout.dtype))
     layout.fill_mirror(buf)
     return buf
+
+
+@dataclass(frozen=True)
+class RawCopy:
+    """A host copy kept as its file's values and packed straight into its pages at each load
+    (the native pass over the plan's runs), for device pages in host memory (a CPU engine):
+    no packed buffer (float32 pieces and their bf16 mirror: ~3x the bytes of a bfloat16
+    file), whose fresh memory costs page faults, and no copy of it into the pages. The
+    values were checked finite (after the scaling) when read."""
+
+    values: torch.Tensor  # the file's values (RawFile.values)
+    runs: torch.Tensor  # PackPlan.runs
+    covers: bool
+    scaling: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+    def pack(self, layout: PieceLayout, rows: torch.Tensor) -> None:
+        """Write the pieces at ``rows`` (int64 [L r]: each piece's address)."""
+        native.pack_pieces(self.values, self.runs, self.scaling, rows, layout.piece_bytes,
+                           layout.elems, layout.mirror_offset, self.covers)
+
+
+def _host_nbytes(copy) -> int:
+    return copy.nbytes if isinstance(copy, RawCopy) else copy.numel()
 
 
 # packing plans (PackPlan): kept for the PLANS_KEPT most recent file layouts, and only for
@@ -299,6 +380,9 @@ class AdapterPages:
         self._reader: ThreadPoolExecutor | None = None
         self.num_prefetched = 0  # host copies that came from a prefetch
         self._plans: OrderedDict[tuple, PackPlan] = OrderedDict()
+        # host copies kept as the file's values (RawCopy) where the pages are host memory and
+        # float32 pieces (the native pass writes those); else packed buffers
+        self.raw_copies = memory.device.type == "cpu" and self.layout.dtype == torch.float32
         # measured rates (bytes a second) for the pool's eviction costs
         self.copy_rate, self.read_rate = COPY_RATE, READ_RATE
         # the last gather's (key, views): a step of the same adapters in the same pages, none
@@ -461,9 +545,27 @@ class AdapterPages:
                 self._plans.popitem(last=False)
         if plan.masks != spec.layers:
             return None
+        if self.raw_copies and native.loaded():
+            if native.pack_pieces(raw.values, plan.runs, spec.scaling, None,
+                                  self.layout.piece_bytes, self.layout.elems,
+                                  self.layout.mirror_offset, plan.covers):
+                return None  # not finite: the reference path names it
+            return RawCopy(raw.values, plan.runs, plan.covers, spec.scaling)
         return pack_raw(self.layout, self.cfg, rank, plan, raw, spec.scaling)
 
-    def load_host(self, name: str) -> torch.Tensor:
+    def packed(self, name: str) -> torch.Tensor:
+        """``name``'s host copy (:meth:`load_host`) as whole pieces (uint8 [L r,
+        piece_bytes]): a packed one as it is, a :class:`RawCopy` packed into a new buffer."""
+        copy = self.load_host(name)
+        if not isinstance(copy, RawCopy):
+            return copy
+        bpp = self.layout.piece_bytes
+        buf = torch.empty(self.num_pieces(self.ranks[name]), bpp, dtype=torch.uint8)
+        copy.pack(self.layout, torch.arange(len(buf), dtype=torch.int64) * bpp
+                  + buf.data_ptr())
+        return buf
+
+    def load_host(self, name: str) -> torch.Tensor | RawCopy:
         """The adapter's host copy, read from disk if the cache has none (AdapterError if
         the file is unreadable or holds non-finite weights); the LRU's least recent copies
         not pinned by the step are dropped past the byte budget."""
@@ -474,7 +576,7 @@ class AdapterPages:
         buf = self._read(name)
         self.num_reads += 1
         self.host[name] = buf
-        self.host_bytes += buf.numel()
+        self.host_bytes += _host_nbytes(buf)
         for victim in [n for n in self.host if n != name]:
             if self.host_bytes <= self.host_budget:
                 break
@@ -485,7 +587,7 @@ class AdapterPages:
     def _drop_host(self, name: str) -> None:
         buf = self.host.pop(name, None)
         if buf is not None:
-            self.host_bytes -= buf.numel()
+            self.host_bytes -= _host_nbytes(buf)
 
     # ---- device copies -------------------------------------------------------------------
     def ensure(self, names, owners: dict | None = None,
@@ -543,12 +645,18 @@ class AdapterPages:
                     "kv_cache_bytes")
         start = time.perf_counter()
         ppp, bpp = self.pieces_per_page, self.layout.piece_bytes
-        for q, page in enumerate(pages):
-            chunk = host[q * ppp : (q + 1) * ppp]
-            self.memory[page, : chunk.numel()].copy_(chunk.view(-1), non_blocking=True)
+        if isinstance(host, RawCopy):  # packed straight into the pages
+            n = self.num_pieces(self.ranks[name])
+            q = torch.arange(n, dtype=torch.int64)
+            at = torch.tensor(pages, dtype=torch.int64)[q // ppp] * self.memory.stride(0)
+            host.pack(self.layout, at + (q % ppp) * bpp + self.memory.data_ptr())
+        else:
+            for q, page in enumerate(pages):
+                chunk = host[q * ppp : (q + 1) * ppp]
+                self.memory[page, : chunk.numel()].copy_(chunk.view(-1), non_blocking=True)
         took = time.perf_counter() - start
         if took > 0 and self.memory.device.type == "cpu":
-            self.copy_rate = 0.5 * self.copy_rate + 0.5 * len(host) * bpp / took
+            self.copy_rate = 0.5 * self.copy_rate + 0.5 * self.nbytes(name) / took
         self._loaded[name] = pages
         self._loaded.move_to_end(name)
         self.owner[name] = tenant
@@ -679,6 +787,6 @@ class AdapterPages:
         owned = [o for o in self.pool.adapters() if o[0] == self.model]
         assert all(o[1] in self.ranks for o in owned), "pages of an unregistered adapter"
         assert set(self.host) <= set(self.ranks), "a host copy of an unregistered adapter"
-        assert self.host_bytes == sum(b.numel() for b in self.host.values()), (
+        assert self.host_bytes == sum(_host_nbytes(b) for b in self.host.values()), (
             "host bytes miscounted")
         assert set(self._reading) <= set(self.ranks), "a read of an unregistered adapter"

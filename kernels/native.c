@@ -325,6 +325,100 @@ void gp_finite_rows(const float *x, int64_t R, int64_t V, int64_t ldx, int8_t *o
     }
 }
 
+/* float32 of a float16 value, exactly (subnormals, infinities and NaNs included), without
+ * branches (the loops over a run vectorise): the exponent rebased, or for a subnormal the
+ * value rebuilt as a float32 and 2^-14 taken off (exact: the result is a float32 normal) */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13, exp = o & 0x0f800000u;
+    uint32_t normal = o + ((uint32_t)(127 - 15) << 23);
+    uint32_t special = normal + ((uint32_t)(128 - 16) << 23);  /* inf, NaN: exponent 255 */
+    float sub, magic;
+    uint32_t s_bits = o + (113u << 23), m_bits = 113u << 23;
+    memcpy(&sub, &s_bits, 4);
+    memcpy(&magic, &m_bits, 4);
+    sub -= magic;
+    uint32_t sub_u;
+    memcpy(&sub_u, &sub, 4);
+    uint32_t u = exp == 0x0f800000u ? special : exp == 0 ? sub_u : normal;
+    u |= (uint32_t)(h & 0x8000u) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* n values of the file from src on, stride apart, as float32 into t */
+static void pack_load(const void *values, int64_t kind, int64_t src, int64_t n, int64_t stride,
+                      float *t) {
+    if (kind == 0) {
+        const float *v = (const float *)values + src;
+        if (stride == 1) memcpy(t, v, (size_t)n * 4);
+        else for (int64_t j = 0; j < n; j++) t[j] = v[j * stride];
+    } else if (kind == 1) {
+        const uint16_t *v = (const uint16_t *)values + src;
+        if (stride == 1) for (int64_t j = 0; j < n; j++) t[j] = f16_to_f32(v[j]);
+        else for (int64_t j = 0; j < n; j++) t[j] = f16_to_f32(v[j * stride]);
+    } else {
+        const uint16_t *v = (const uint16_t *)values + src;
+        if (stride == 1) for (int64_t j = 0; j < n; j++) t[j] = bf2f(v[j]);
+        else for (int64_t j = 0; j < n; j++) t[j] = bf2f(v[j * stride]);
+    }
+}
+
+/* An adapter's pieces from its file's values (adapters/paged.py PackPlan.runs): run i =
+ * runs[5 i ..] (dst, src, n, stride, scaled) writes float32 elements dst .. dst + n - 1 of
+ * the pieces counted as one buffer of pieces of piece_bytes bytes (a run lies in one piece:
+ * piece dst / (piece_bytes / 4)), from values src, src + stride, ... of the file (kind 0
+ * float32, 1 float16, 2 bfloat16), times scaling where scaled (one float32 product, as
+ * torch's), and the same values rounded to bf16 (nearest even) at mirror_offset bytes into
+ * the piece unless mirror_offset < 0. Piece p lies at pieces[p] (num_pieces of them: a host
+ * buffer's rows, or places in KV pages); the bytes no run writes are zeroed: a piece's
+ * padding (past its elems float32 values, past the mirror's elems bf16 values) and, unless
+ * covers, its values first. pieces NULL: nothing written, the values only counted. Returns
+ * the number of values that are not finite (the caller then packs by the reference path,
+ * which names them). */
+#define PACK_CHUNK 512
+int64_t gp_pack_pieces(const void *values, int64_t kind, const int64_t *runs, int64_t num_runs,
+                       float scaling, uint8_t *const *pieces, int64_t num_pieces,
+                       int64_t piece_bytes, int64_t elems, int64_t mirror_offset,
+                       int64_t covers) {
+    int64_t per_piece = piece_bytes / 4, bad = 0, main_end = mirror_offset < 0 ? piece_bytes
+                                                                              : mirror_offset;
+    for (int64_t p = 0; pieces && p < num_pieces; p++) {
+        uint8_t *piece = pieces[p];
+        memset(piece + (covers ? 4 * elems : 0), 0, (size_t)(main_end - (covers ? 4 * elems : 0)));
+        if (mirror_offset >= 0) {
+            int64_t from = mirror_offset + (covers ? 2 * elems : 0);
+            memset(piece + from, 0, (size_t)(piece_bytes - from));
+        }
+    }
+    float t[PACK_CHUNK];
+    for (int64_t i = 0; i < num_runs; i++) {
+        const int64_t *r = runs + 5 * i;
+        int64_t dst = r[0], src = r[1], n = r[2], stride = r[3];
+        for (int64_t j0 = 0; j0 < n; j0 += PACK_CHUNK) {
+            int64_t m = n - j0 < PACK_CHUNK ? n - j0 : PACK_CHUNK;
+            pack_load(values, kind, src + j0 * stride, m, stride, t);
+            if (r[4]) for (int64_t j = 0; j < m; j++) t[j] *= scaling;
+            uint32_t nonfinite = 0;
+            for (int64_t j = 0; j < m; j++) {
+                uint32_t u;
+                memcpy(&u, t + j, 4);
+                nonfinite += (u & 0x7f800000u) == 0x7f800000u;
+            }
+            bad += nonfinite;
+            if (!pieces) continue;
+            int64_t d = dst + j0;
+            uint8_t *piece = pieces[d / per_piece];
+            memcpy((float *)piece + d % per_piece, t, (size_t)m * 4);
+            if (mirror_offset >= 0) {
+                uint16_t *mir = (uint16_t *)(piece + mirror_offset) + d % per_piece;
+                for (int64_t j = 0; j < m; j++) mir[j] = f2bf(t[j]);
+            }
+        }
+    }
+    return bad;
+}
+
 /* out[r] = the first index of row r's largest value, as torch.argmax, for float32 rows
  * x [R][V] (row stride ldx) holding no NaN (the caller's check). Three passes that the
  * compiler vectorises: each block of 64 values' largest, the first block holding the row's

@@ -87,6 +87,7 @@ _SIGNATURES = {
                        _i64, _vp, _i64, _vp, _vp, _vp, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
+    "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
                              _vp, _i64, _f32, _vp, _i64, _int],
 }
@@ -286,6 +287,7 @@ def open_library(path: Path):
     lib.gp_decode_layers.restype = ctypes.c_int
     lib.gp_prefill_attention.restype = ctypes.c_int
     lib.gp_moe_experts.restype = ctypes.c_int
+    lib.gp_pack_pieces.restype = ctypes.c_int64
     return lib
 
 
@@ -563,6 +565,33 @@ def finite_rows(x: torch.Tensor) -> list[bool]:
     ok = (ctypes.c_int8 * rows)()
     _lib().gp_finite_rows(x.data_ptr(), rows, v, x.stride(0), ok)
     return [bool(b) for b in ok]
+
+
+_PACK_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def pack_pieces(values: torch.Tensor, runs: torch.Tensor, scaling: float,
+                pieces: torch.Tensor | None, piece_bytes: int, elems: int,
+                mirror_offset: int | None, covers: bool) -> int:
+    """Write an adapter's float32 pieces from its file's ``values`` (1-d float32, float16 or
+    bfloat16) by ``runs`` (int64 [R, 5]: dst, src, n, stride, scaled; adapters/paged.py
+    PackPlan), their bf16 copies at ``mirror_offset`` (None: none), zeros where no run
+    writes (``covers``: the runs write every one of a piece's ``elems`` values); each
+    piece's address in ``pieces`` (int64 [n]: a host buffer's rows or places in KV pages;
+    None: only count). The number of values that are not finite. The caller checks that
+    the runs stay inside ``values`` and the pieces, and that each piece has piece_bytes."""
+    if (values.dtype not in _PACK_KINDS or values.dim() != 1 or not values.is_contiguous()
+            or not values.is_cpu):
+        raise ValueError("values must be a contiguous 1-d float32, float16 or bfloat16 tensor")
+    check("runs", runs, torch.int64, 2, contiguous=True)
+    if pieces is not None:
+        check("pieces", pieces, torch.int64, 1, contiguous=True)
+    if runs.shape[1] != 5 or piece_bytes % 4:
+        raise ValueError("runs must be [R, 5] and piece_bytes a multiple of 4")
+    return _lib().gp_pack_pieces(
+        values.data_ptr(), _PACK_KINDS[values.dtype], runs.data_ptr(), runs.shape[0], scaling,
+        None if pieces is None else pieces.data_ptr(), 0 if pieces is None else len(pieces),
+        piece_bytes, elems, -1 if mirror_offset is None else mirror_offset, int(covers))
 
 
 def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Tensor,

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gpupool import AdapterError, RequestError, SamplingParams
-from gpupool.adapters.paged import AdapterPages, pack_adapter, pack_raw
+from gpupool.adapters.paged import AdapterPages, RawCopy, pack_adapter, pack_raw
 from gpupool.adapters.peft_format import read_raw
 from gpupool.engine.core import batch_rows
+from gpupool.kernels import native
 from gpupool.messages.types import EngineRequest
 from gpupool.models.config import ModelConfig
 from gpupool.pool.pages import PagePool
@@ -166,29 +167,53 @@ def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
 
 
 def _packs_as_the_reference(engine, names) -> None:
-    """Each adapter's host copy packed from its file's bytes by a plan equals the reference
-    packing bit for bit (its bf16 part included), and its device copy in the pages is the
-    host copy, piece for piece in page-table order."""
+    """Each adapter's host copy packed from its file's bytes by a plan (torch's gather and
+    scatter, the native pass over the plan's runs, a RawCopy packed) equals the reference
+    packing bit for bit (its bf16 part included), and its device copy in the pages (over
+    stale bytes) is the reference's, piece for piece in page-table order."""
     worker = engine.local.core.workers[next(iter(engine.local.core.workers))]
     paged = worker.adapter_pages
     lay = paged.layout
+    native.available()  # (the engine has run no step: built and loaded here)
     for name in names:
-        fast = paged._pack(name)
+        paged._drop_host(name)
+        # read from its file now: where the pages are host memory, the file's values
+        copy = paged.load_host(name)
+        assert isinstance(copy, RawCopy) == (paged.raw_copies and native.loaded()), name
+        fast = paged.packed(name)
         spec = paged.loaders[name].spec
         raw = read_raw(spec.path)
         plan = paged._plans[raw.signature, paged.ranks[name]]
         assert plan.masks == spec.layers  # so _pack took the plan, not the fallback
-        direct = pack_raw(lay, paged.cfg, paged.ranks[name], plan, raw, spec.scaling)
-        assert direct is not None  # the plan's path, not the fallback
         ref = pack_adapter(lay, paged.cfg, paged.ranks[name], paged.loaders[name])
-        assert torch.equal(fast, ref) and torch.equal(direct, ref), name
+        assert torch.equal(fast, ref), name
+        ways = (False, True) if native.available() and lay.dtype == torch.float32 else (False,)
+        for way in ways:  # torch's gather and scatter, the native pass over runs
+            direct = pack_raw(lay, paged.cfg, paged.ranks[name], plan, raw, spec.scaling,
+                              use_native=way)
+            assert direct is not None  # the plan's path, not the fallback
+            assert torch.equal(direct, ref), (name, way)
+            # a NaN, an infinity, or a B value the scaling takes past float32's range: None
+            # (the reference path then names it)
+            b_value = int(plan.src[-1])
+            big = 6e4 if raw.values.dtype == torch.float16 else 3e38
+            for at, value, scale in ((int(plan.src[0]), float("nan"), 1.0),
+                                     (b_value, float("-inf"), 1.0), (b_value, big, 1e36)):
+                bad = raw.values.clone()
+                bad[at] = value
+                bad_raw = type(raw)(bad, raw.signature, raw.shapes, raw.starts)
+                assert pack_raw(lay, paged.cfg, paged.ranks[name], plan, bad_raw, scale,
+                                use_native=way) is None, (name, way, value)
         if lay.mirror_offset is not None:
             assert torch.equal(lay.bf16(ref), lay.main(ref).to(torch.bfloat16))
+        paged._evict(name)
+        for page in paged.pool._free:  # stale bytes where its pages will be
+            paged.memory[page].random_(0, 256)
         table = paged.ensure([name])[name]
-        host, ppp = paged.load_host(name), paged.pieces_per_page
-        assert len(table) == -(-len(host) // ppp)
+        ppp = paged.pieces_per_page
+        assert len(table) == -(-len(ref) // ppp)
         for q, page in enumerate(table):
-            chunk = host[q * ppp : (q + 1) * ppp].reshape(-1)
+            chunk = ref[q * ppp : (q + 1) * ppp].reshape(-1)
             assert torch.equal(paged.memory[page, : chunk.numel()], chunk), name
 
 
@@ -672,3 +697,35 @@ def test_a_registration_that_would_strand_a_request_is_refused(lora_setup, mixed
     from gpupool.config import PoolConfig
 
     assert PoolConfig(adapter_bytes=1 << 30).adapter_bytes == 1 << 30  # accepted, ignored
+
+
+def test_packing_runs_make_the_same_moves():
+    """PackPlan's runs (dst, src, n, stride, scaled) expand to exactly its value moves:
+    consecutive destinations with evenly spaced sources (strides 1, r and others, turns of
+    stride inside a stretch, single values), broken at pieces and where B's begin."""
+    from gpupool.adapters.paged import _runs
+    g = torch.Generator().manual_seed(5)
+    per_piece, dst, src = 40, [], []
+    for piece in range(30):  # odd pieces filled to their end, the next from its start on
+        at = piece * per_piece + (0 if piece % 2 == 0 else int(torch.randint(0, 3, (),
+                                                                          generator=g)))
+        while at < (piece + 1) * per_piece - (0 if piece % 2 else 2):
+            n = int(torch.randint(1, 9, (), generator=g))
+            n = min(n, (piece + 1) * per_piece - at)
+            stride = int(torch.randint(-3, 9, (), generator=g))
+            s0 = int(torch.randint(100, 10_000, (), generator=g))
+            dst += range(at, at + n)
+            src += [s0 + j * stride for j in range(n)]
+            at += n + int(torch.randint(0, 2, (), generator=g))  # a gap or none
+    dst, src = torch.tensor(dst), torch.tensor(src, dtype=torch.int32)
+    num_a = len(dst) // 2
+    runs = _runs(dst, src, num_a, per_piece)
+    got_d, got_s, got_b = [], [], []
+    for d0, s0, n, stride, scaled in runs.tolist():
+        assert n >= 1 and d0 // per_piece == (d0 + n - 1) // per_piece
+        got_d += range(d0, d0 + n)
+        got_s += [s0 + j * stride for j in range(n)]
+        got_b += [scaled] * n
+    assert got_d == dst.tolist() and got_s == src.tolist()
+    assert got_b == [0] * num_a + [1] * (len(dst) - num_a)
+    assert len(runs) < len(dst) // 2  # runs, not values one by one
