@@ -429,7 +429,8 @@ class NativeOps(TorchOps):
             batch.slot_offsets, batch.decode_block_tables, batch.decode_context_lens,
             model.scale, model.w["norm"], batch.input_ids if whole else None,
             ends[0] if whole else None, ends[1] if whole else None,
-            None if lora is None else lora.native_table(cfg.num_layers), tp=exchange)
+            None if lora is None else lora.native_table(cfg.num_layers), tp=exchange,
+            windows=model.windows)
         if whole:
             return out
         if tp is not None:  # the vocabulary's columns gathered from the ranks
@@ -513,19 +514,33 @@ class NativeOps(TorchOps):
                        batch.positions, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
         return qkv
 
-    def attention(self, cfg, q, k_cache, v_cache, batch, scale):
+    def attention(self, cfg, q, k_cache, v_cache, batch, scale, window: int = 0,
+                  softcap: float | None = None):
+        """``window``: a token sees only its last ``window`` keys (0: all); no soft-capping
+        here (such models run on the torch backend: ModelConfig.torch_only)."""
+        if softcap:
+            raise ValueError("the native attention has no logit soft-capping")
+        if window and batch.num_prefill_seqs and not native.has_prefill_attention(cfg.head_dim):
+            # the torch prefill path has no window: every row by the fixed-order attention
+            qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
+            return fixed.attention(qh, k_cache, v_cache, batch, scale, window).reshape(
+                qh.shape[0], cfg.q_size)
         nd = batch.num_decode
         parts = []
         if nd:
             parts.append(native.decode_attention(
                 q[:nd], cfg.num_heads, k_cache, v_cache, batch.decode_block_tables,
-                batch.decode_context_lens, scale))
+                batch.decode_context_lens, scale, window))
         if batch.num_prefill_seqs:
             o = None
             if native.has_prefill_attention(cfg.head_dim):  # flash-style, on the pages
                 o = native.prefill_attention(
                     q[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
-                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale)
+                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window)
+            if o is None and window:  # (out of memory) the fixed-order attention, windowed
+                qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
+                return fixed.attention(qh, k_cache, v_cache, batch, scale, window).reshape(
+                    qh.shape[0], cfg.q_size)
             if o is None:
                 qp = q[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)
                 o = super().prefill_attention(
@@ -561,6 +576,8 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     if getattr(cfg, "torch_only", False):  # features only the torch ops have (Gemma 2)
         return TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
+        if any(getattr(cfg, "layer_windows", ())):  # Triton's attention has no window yet
+            return TorchOps(invariant=False, dtype=dtype)
         return TritonOps()
     cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16
                 and native.available())

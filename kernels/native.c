@@ -515,14 +515,15 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *table, float scale, uint16_t *out,
-                         int64_t ldo, float *buf);
+                         int64_t ldo, int64_t window, float *buf);
 #endif
 
 static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq,
                                   int64_t nkv, int64_t D, const uint16_t *k_cache,
                                   const uint16_t *v_cache, int64_t page_stride, int64_t bt,
                                   const int32_t *block_tables, int64_t ldt,
-                                  const int32_t *context_lens, float scale, uint16_t *out) {
+                                  const int32_t *context_lens, float scale, uint16_t *out,
+                                  int64_t window) {
     int64_t group = nq / nkv;
     #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
@@ -538,7 +539,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                                     * (size_t)(group * (D + 2) + PA_BLOCK_FLOATS(D)));
                 if (!buf) continue;  /* native.py never asks for more than memory holds */
                 prefill_item(q, ldq, b, 0, 1, len - 1, g, group, nkv, D, k_cache, v_cache,
-                             page_stride, bt, table, scale, out, nq * D, buf);
+                             page_stride, bt, table, scale, out, nq * D, window, buf);
                 free(buf);
                 continue;
             }
@@ -553,8 +554,9 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
             }
             float *scores = malloc(sizeof(float) * (size_t)(group * len));
             if (!scores) continue;  /* native.py never asks for more than memory holds */
+            int64_t lo = window > 0 && len > window ? len - window : 0;  /* sliding window */
             /* pass 1: scores */
-            for (int64_t t = 0; t < len; t++) {
+            for (int64_t t = lo; t < len; t++) {
                 const uint16_t *kr = token_row(k_cache, table, t, bt, page_stride, nkv, D, g);
                 float kf[MAX_HEAD_DIM];
                 for (int64_t i = 0; i < D; i++) kf[i] = bf2f(kr[i]);
@@ -570,12 +572,12 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
              * torch path of batched decode rows; transformers' eager attention does the same) */
             for (int64_t j = 0; j < group; j++) {
                 float *sj = scores + j * len, m = mx[j], d = 0.0f;
-                for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - m); d += sj[t]; }
+                for (int64_t t = lo; t < len; t++) { sj[t] = expf(sj[t] - m); d += sj[t]; }
                 den[j] = 1.0f / d;
-                for (int64_t t = 0; t < len; t++) sj[t] = round_bf(sj[t] * den[j]);
+                for (int64_t t = lo; t < len; t++) sj[t] = round_bf(sj[t] * den[j]);
             }
             /* pass 2: probabilities times V */
-            for (int64_t t = 0; t < len; t++) {
+            for (int64_t t = lo; t < len; t++) {
                 const uint16_t *vr = token_row(v_cache, table, t, bt, page_stride, nkv, D, g);
                 float vf[MAX_HEAD_DIM];
                 for (int64_t i = 0; i < D; i++) vf[i] = bf2f(vr[i]);
@@ -597,14 +599,14 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
                          int64_t D, const uint16_t *k_cache, const uint16_t *v_cache,
                          int64_t page_stride, int64_t bt, const int32_t *block_tables,
                          int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
-                         int threads) {
+                         int64_t window, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += context_lens[b];
     (void)work;
     #pragma omp parallel num_threads(threads) if (work * nkv >= 256)
     decode_attention_body(q, ldq, B, nq, nkv, D, k_cache, v_cache, page_stride, bt,
-                          block_tables, ldt, context_lens, scale, out);
+                          block_tables, ldt, context_lens, scale, out, window);
 }
 
 /* ---- prefill attention ---------------------------------------------------------------------
@@ -659,10 +661,11 @@ static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const 
     }
 }
 
-/* one query vector (bf16 pairs qp) over the block's first nvalid keys: its scores, the online
- * softmax's step (running max *mx, sum *den) and its accumulator a[D] */
-static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nvalid,
-                     float scale, float *mx, float *den, float *a) {
+/* one query vector (bf16 pairs qp) over the block's keys nlo .. nvalid - 1 (nlo > 0: a sliding
+ * window starts inside the block; the keys before it count as masked: probability 0): its
+ * scores, the online softmax's step (running max *mx, sum *den) and its accumulator a[D] */
+static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nlo,
+                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
     const uint32_t *kt = (const uint32_t *)blk, *v2 = kt + (D / 2) * PA_KB;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     __m512 t0 = s0, t1 = s0, t2 = s0, t3 = s0;
@@ -684,9 +687,11 @@ static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nv
     __m512 bmax = _mm512_set1_ps(-INFINITY);
     __mmask16 mk[4];
     for (int c = 0; c < 4; c++) {
-        int64_t left = nvalid - 16 * c;
+        int64_t left = nvalid - 16 * c, below = nlo - 16 * c;
         mk[c] = left >= 16 ? (__mmask16)0xffff
                            : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+        if (below > 0)  /* keys before the window's first */
+            mk[c] &= below >= 16 ? (__mmask16)0 : (__mmask16)~((1u << below) - 1);
         sv[c] = _mm512_mul_ps(sv[c], _mm512_set1_ps(scale));
         __asm__("" : "+v"(sv[c]));  /* no contraction into the exponent's argument */
         bmax = _mm512_mask_max_ps(bmax, mk[c], bmax, sv[c]);
@@ -803,8 +808,8 @@ static inline __attribute__((always_inline)) void pa_v_sum(
     }
 }
 
-static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nvalid,
-                     float scale, float *mx, float *den, float *a) {
+static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nlo,
+                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
     const float *kf = blk, *vf = blk + D * PA_KB;
     unsigned int csr = _mm_getcsr();
     __m256 sv[8], tv[8];  /* keys 8 c .. 8 c + 7: even d-pairs' sums, odd ones' */
@@ -831,8 +836,9 @@ static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nv
     __m256 bmax = _mm256_set1_ps(-INFINITY), mk[8];
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int c = 0; c < 8; c++) {
-        mk[c] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-            _mm256_set1_epi32((int)(nvalid - 8 * c)), lane));
+        mk[c] = _mm256_castsi256_ps(_mm256_and_si256(  /* nlo <= key < nvalid */
+            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nvalid - 8 * c)), lane),
+            _mm256_cmpgt_epi32(lane, _mm256_set1_epi32((int)(nlo - 8 * c - 1)))));
         sv[c] = _mm256_mul_ps(_mm256_add_ps(sv[c], tv[c]), _mm256_set1_ps(scale));
         __asm__("" : "+x"(sv[c]));  /* no contraction into the exponent's argument */
         bmax = _mm256_blendv_ps(bmax, _mm256_max_ps(bmax, sv[c]), mk[c]);
@@ -877,12 +883,15 @@ static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nv
 #endif
 
 /* one work item: rows [r0, r0 + nr) of sequence s (relative row i: token past + i), KV head g.
- * buf: nr * group * (D + 2) floats of state, then the K and V blocks */
+ * window > 0: token t sees keys t - window + 1 .. t only (transformers' sliding window); the
+ * key blocks stay those from token 0 on (a block wholly before a row's window is skipped for
+ * that row, a block it starts in masks the keys before it), so a token's attention is the
+ * same in any item. buf: nr * group * (D + 2) floats of state, then the K and V blocks */
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *table, float scale, uint16_t *out,
-                         int64_t ldo, float *buf) {
+                         int64_t ldo, int64_t window, float *buf) {
     int64_t nv = nr * group;
     float *acc = buf, *mx = acc + nv * D, *den = mx + nv;
     float *blk = den + nv;  /* the key block, as the build's pa_kv_block lays it out */
@@ -892,7 +901,8 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
         for (int64_t d = 0; d < D; d++) acc[v * D + d] = 0.0f;
     }
     int64_t kmax = past + r0 + nr;  /* the last row's keys */
-    for (int64_t k0 = 0; k0 < kmax; k0 += PA_KB) {
+    int64_t first = window > 0 && past + r0 + 1 > window ? past + r0 + 1 - window : 0;
+    for (int64_t k0 = first / PA_KB * PA_KB; k0 < kmax; k0 += PA_KB) {
         int64_t nb = kmax - k0 < PA_KB ? kmax - k0 : PA_KB;
         /* the block's token rows: the page walked, one division a block */
         int64_t rel[PA_KB], page = k0 / bt, off = k0 % bt, row = nkv * D;
@@ -902,14 +912,16 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
         }
         pa_kv_block(k_cache, v_cache, rel, nb, D, blk);
         for (int64_t i = 0; i < nr; i++) {
-            int64_t lim = past + r0 + i + 1;  /* keys [0, lim) */
-            if (lim <= k0) continue;
+            int64_t lim = past + r0 + i + 1;  /* keys [lo, lim) */
+            int64_t lo = window > 0 && lim > window ? lim - window : 0;
+            if (lim <= k0 || lo >= k0 + nb) continue;
             int64_t nvalid = (lim < k0 + nb ? lim : k0 + nb) - k0;
+            int64_t nlo = lo > k0 ? lo - k0 : 0;
             for (int64_t j = 0; j < group; j++) {
                 int64_t v = i * group + j;
                 const uint32_t *qp = (const uint32_t *)(q + (row0 + r0 + i) * ldq
                                                         + (g * group + j) * D);
-                pa_query(qp, blk, D, nvalid, scale, mx + v, den + v, acc + v * D);
+                pa_query(qp, blk, D, nlo, nvalid, scale, mx + v, den + v, acc + v * D);
             }
         }
     }
@@ -930,7 +942,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
                          const int32_t *ctx, int64_t nq, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *block_tables, int64_t ldt, float scale,
-                         uint16_t *out, int64_t ldo, int threads) {
+                         uint16_t *out, int64_t ldo, int64_t window, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
 #ifdef HAVE_PREFILL_ATTENTION
     int64_t group = nq / nkv, items = 0;
@@ -964,7 +976,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
             int64_t s = it_s[it], r0 = it_r[it], n = cu[s + 1] - cu[s];
             int64_t nr = n - r0 < PA_QT ? n - r0 : PA_QT;
             prefill_item(q, ldq, cu[s], r0, nr, ctx[s] - n, it_g[it], group, nkv, D, k_cache,
-                         v_cache, ps, bt, block_tables + s * ldt, scale, out, ldo, buf);
+                         v_cache, ps, bt, block_tables + s * ldt, scale, out, ldo, window, buf);
         }
         free(buf);
     }
@@ -973,7 +985,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
 #else
     (void)q; (void)ldq; (void)S; (void)cu; (void)ctx; (void)nq; (void)nkv; (void)D;
     (void)k_cache; (void)v_cache; (void)ps; (void)bt; (void)block_tables; (void)ldt;
-    (void)scale; (void)out; (void)ldo;
+    (void)scale; (void)out; (void)ldo; (void)window;
     return -1;
 #endif
 }
@@ -2499,7 +2511,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                  st->kv->page_stride, st->slot_pages, st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
                           st->kv->block_tokens, st->block_tables, st->block_table_stride,
-                          st->context_lens, st->scale, o);
+                          st->context_lens, st->scale, o, st->windows ? st->windows[l] : 0);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
     if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);

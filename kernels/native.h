@@ -6,14 +6,15 @@
  * typedef'd above it). GP_ABI_VERSION changes with any struct or exported signature, and
  * native.py refuses a library whose gp_abi_version() is not the one it read here.
  *
- * Room left for the open issues (each bumps the version): attention options (sliding window,
- * logit soft-cap, sinks) in gp_step_t, the activation kind. */
+ * Room left for the open issues (each bumps the version): attention options (logit soft-cap,
+ * sinks) in gp_step_t, the activation kind. gp_step_t's windows: each layer's sliding window
+ * (0: none), or NULL. */
 #ifndef GPUPOOL_NATIVE_H
 #define GPUPOOL_NATIVE_H
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 8
+#define GP_ABI_VERSION 9
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]
@@ -135,6 +136,7 @@ typedef struct {
     float *logits;
     const gp_lora_t *lora;
     const gp_tp_t *tp;
+    const int64_t *windows;
 } gp_step_t;
 
 int gp_abi_version(void);

@@ -75,7 +75,7 @@ _SIGNATURES = {
     "gp_silu_mul": [_vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_rope_kv": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
-                            _vp, _f32, _vp, _int],
+                            _vp, _f32, _vp, _i64, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
     "gp_lora": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _i64, _int],
     "gp_lora_half": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _i64, _i64, _int],
@@ -89,7 +89,7 @@ _SIGNATURES = {
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
-                             _vp, _i64, _f32, _vp, _i64, _int],
+                             _vp, _i64, _f32, _vp, _i64, _i64, _int],
 }
 
 
@@ -749,7 +749,8 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                   slot_offsets: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
                   ids: torch.Tensor | None = None, embed: tuple | None = None,
-                  head: tuple | None = None, lora=None, tp=None):
+                  head: tuple | None = None, lora=None, tp=None,
+                  windows: torch.Tensor | None = None):
     """Every layer of a decode step of a few rows in one call (the same kernels, in the same
     order, as the per-op path). x: [T, hidden] contiguous, the embeddings (updated in place);
     or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
@@ -757,8 +758,9 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     hidden], int8 scales or None), the float32 logits [T, V] of it (the GEMVs' rounding).
     table: :func:`layer_table`; kv: a :class:`KVTable` of the layers' caches; lora: None, or the
     step's :func:`lora_table`; tp: None, or a tensor-parallel rank's :class:`TPTable` (the o and
-    down products' all-reduce inside the call; no LoRA then). RuntimeError where a rank is
-    gone or keeps the others waiting past models.tp.TIMEOUT_S."""
+    down products' all-reduce inside the call; no LoRA then); windows: None, or each layer's
+    sliding window (int64 [layers], 0: none). RuntimeError where a rank is gone or keeps the
+    others waiting past models.tp.TIMEOUT_S."""
     t, hidden = x.shape
     check("x", x, torch.bfloat16, 2, contiguous=True)
     for name, v, dtype, dims in (
@@ -775,6 +777,10 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
         raise ValueError(f"native: decode_layers needs {num_layers} layers' weights and caches")
     if ids is not None:
         check("ids", ids, torch.int64, 1, contiguous=True)
+    if windows is not None:
+        check("windows", windows, torch.int64, 1, contiguous=True)
+        if windows.shape[0] != num_layers:
+            raise ValueError(f"native: decode_layers needs {num_layers} layers' windows")
     if tp is not None and not tp.fits(t * hidden):
         raise ValueError("native: decode_layers under tensor parallelism takes steps whose rows "
                          "fit the exchange's slots")
@@ -797,7 +803,7 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                 head_scale=None if head is None else _p(head[1]),
                 vocab=0 if head is None else head[0].shape[0], logits=_p(logits),
                 lora=None if lora is None else ctypes.addressof(lora),
-                tp=None if tp is None else ctypes.addressof(tp.struct))
+                tp=None if tp is None else ctypes.addressof(tp.struct), windows=_p(windows))
     if tp is not None:
         tp.seq[0] = tp.shm.seq
         tp.struct.timeout_ms = int(tp.shm.timeout_s * 1000)
@@ -912,9 +918,10 @@ def rope_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
 
 def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
     """q: [B, >= H * D] rows (e.g. the leading part of qkv rows); caches [P, bt, KVH, D];
-    block_tables [B, M] int32 contiguous; context_lens [B] int32. Returns [B, H * D]."""
+    block_tables [B, M] int32 contiguous; context_lens [B] int32; ``window``: a row sees only
+    its last ``window`` keys (0: all). Returns [B, H * D]."""
     check("q", q, torch.bfloat16, 2)
     check("block_tables", block_tables, torch.int32, 2)
     check("context_lens", context_lens, torch.int32, 1, contiguous=True)
@@ -927,7 +934,7 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                                k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                                k_cache.shape[1], block_tables.data_ptr(),
                                block_tables.stride(0), context_lens.data_ptr(), scale,
-                               out.data_ptr(), torch.get_num_threads())
+                               out.data_ptr(), window, torch.get_num_threads())
     return out
 
 
@@ -940,11 +947,12 @@ def has_prefill_attention(head_dim: int) -> bool:
 def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
-                      scale: float) -> torch.Tensor | None:
+                      scale: float, window: int = 0) -> torch.Tensor | None:
     """``kernels.reference.paged_attention_prefill`` on the pages in place (see native.c):
     q: [T, >= H * D] rows (the leading part of qkv rows); caches [P, bt, KVH, D]; block_tables
-    [S, M], cu_seqlens [S + 1], context_lens [S] int32 contiguous. Returns [T, H * D], or None
-    if the kernel could not run (no memory: the caller takes the torch path)."""
+    [S, M], cu_seqlens [S + 1], context_lens [S] int32 contiguous; ``window``: a token sees
+    only its last ``window`` keys, itself included (0: all). Returns [T, H * D], or None if
+    the kernel could not run (no memory: the caller takes the torch path)."""
     check("q", q, torch.bfloat16, 2)
     check("cu_seqlens", cu_seqlens, torch.int32, 1, contiguous=True)
     if cu_seqlens.shape[0] != context_lens.shape[0] + 1:
@@ -956,7 +964,7 @@ def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
         q.data_ptr(), q.stride(0), context_lens.shape[0], cu_seqlens.data_ptr(),
         context_lens.data_ptr(), num_heads, kvh, d, k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.shape[1], block_tables.data_ptr(), block_tables.stride(0),
-        scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
+        scale, out.data_ptr(), out.stride(0), window, torch.get_num_threads())
     return None if rc else out
 
 

@@ -99,6 +99,29 @@ def _moe(cfg: dict, arch: str) -> dict:
                                 for i in range(n))}
 
 
+# sliding windows on the layers that layer_types names (else from max_window_layers on), as
+# transformers' Qwen2 and Qwen3 configs; Mistral, Mixtral, Phi-3 and Qwen3-MoE window every
+# layer when sliding_window is set
+QWEN_WINDOWS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def _windows(cfg: dict, window: int, arch: str) -> dict:
+    """ModelConfig.layer_windows of a non-Gemma family, as transformers applies its
+    sliding_window ({} where none)."""
+    if window <= 0:
+        return {}
+    n = int(cfg["num_hidden_layers"])
+    if arch in QWEN_WINDOWS[:2]:
+        types = cfg.get("layer_types")
+        if not isinstance(types, list) or len(types) != n:
+            first = int(cfg.get("max_window_layers", 28))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    else:
+        windows = (window,) * n
+    return {"layer_windows": windows} if any(windows) else {}
+
+
 def _gemma(cfg: dict, window: int, arch: str) -> dict:
     """Gemma 2's and 3's fields of ModelConfig."""
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
@@ -235,8 +258,7 @@ class ModelConfig:
         """Features the native and Triton kernels lack: such a model runs on the torch
         backend (``kernels.backend.select``)."""
         return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
-                    or self.final_softcap or any(self.layer_windows) or self.embed_scale
-                    or self.qk_norm_whole)
+                    or self.final_softcap or self.embed_scale or self.qk_norm_whole)
 
     @property
     def rotary_dim(self) -> int:
@@ -253,10 +275,8 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence (prompt + output) the engine accepts for this model."""
-        if self.sliding_window and not self.layer_windows:
-            # attention is exact only while the window covers everything
-            return min(self.max_position_embeddings, self.sliding_window)
+        """Longest sequence (prompt + output) the engine accepts for this model (sliding
+        windows are honoured by every attention kernel: no cap at the window)."""
         return self.max_position_embeddings
 
     def tp_refusal(self, world: int) -> str | None:
@@ -322,8 +342,10 @@ class ModelConfig:
             head_dim = cfg.get("head_dim") or hidden // num_heads
             theta, scaling, partial, _ = _rope(cfg)
             window = cfg.get("sliding_window")
-            if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
-                window = None
+            if arch in QWEN_WINDOWS and not cfg.get("use_sliding_window", False):
+                window = None  # (transformers' Qwen configs drop it then)
+            if arch in ("LlamaForCausalLM", "OlmoeForCausalLM"):
+                window = None  # no sliding window in transformers' models of these
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             return cls(
@@ -348,7 +370,8 @@ class ModelConfig:
                 sliding_window=int(window) if window else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,
-                **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA else {}),
+                **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA
+                   else _windows(cfg, int(window or 0), arch)),
                 **(_moe(cfg, arch) if arch in MOE else {}),
                 quant=checkpoint_quant(cfg, source),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),

@@ -43,8 +43,12 @@ class LlamaModel:
         # transformers multiplies), and each layer's window and score soft-capping
         self.embed_normalizer = (torch.full((), cfg.hidden_size**0.5, dtype=dtype,
                                             device=device) if cfg.embed_scale else None)
-        self.attn_options = [({"window": w, "softcap": cfg.attn_softcap} if cfg.torch_only
-                              else {}) for w in (cfg.layer_windows or [0] * cfg.num_layers)]
+        windows = list(cfg.layer_windows or [0] * cfg.num_layers)
+        self.attn_options = [{**({"window": w} if w else {}),
+                              **({"softcap": cfg.attn_softcap} if cfg.attn_softcap else {})}
+                             for w in windows]
+        # each layer's sliding window for the native decode step (None: no layer has one)
+        self.windows = torch.tensor(windows, dtype=torch.int64) if any(windows) else None
         # [pos, 2, D]; LongRoPE's long rows after the short ones (rope.rope_table)
         self.rope = rope_table(cfg, cfg.max_model_len, dtype, device)
         self.rope_long_offset = cfg.max_model_len

@@ -20,8 +20,12 @@ VARIANTS = {
                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 32},
     }),
-    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+    # every layer sees its last 6 keys only (the parity prompts are longer)
+    "mistral": ("MistralConfig", {"sliding_window": 6}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    # Qwen2's sliding window from max_window_layers on: layer 0 global, layer 1 its last 6
+    "qwen2_window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 6,
+                                     "max_window_layers": 1}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
     # Phi-3.5-style: fused qkv/gate_up checkpoint, LongRoPE (its long factors from position
     # 128, past the parity prompts: transformers recomputes a sequence that crosses it,

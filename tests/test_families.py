@@ -140,6 +140,45 @@ def test_gemma2_chunked_cached_and_preempted(tiny_models):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("variant", ["mistral", "qwen2_window"])
+def test_sliding_windows_in_bf16_give_a_request_the_same_tokens_whatever_shares_it(
+        tiny_models, variant):
+    """A model whose layers see their last 6 keys (every layer; Qwen2's from
+    max_window_layers on) in bf16 on the backend this machine selects (the native kernels'
+    windowed attention where they built): a 30-token prompt's greedy tokens alone equal its
+    tokens beside other requests, in prefill chunks of 5, after preemption in a small pool
+    and from prefix-cache hits (a request's attention does not depend on what shares its
+    steps)."""
+    folder = tiny_models(variant)
+    target = random_prompts(1, 30, 30, seed=13)[0]
+    others = random_prompts(5, 8, 40, seed=14)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = make_engine(folder, dtype="bfloat16")
+    try:
+        alone = list(engine.generate([target], params)[0].token_ids)
+    finally:
+        engine.shutdown()
+    engine = make_engine(folder, dtype="bfloat16", max_num_batched_tokens=5,
+                         enable_prefix_caching=True, kv_cache_bytes=20 << 10,
+                         kv_page_bytes=2 << 10)
+    try:
+        before = engine.local.core.scheduler.num_preemptions
+        outs = engine.generate([others[0], target, *others[1:]], params)
+        assert list(outs[1].token_ids) == alone
+        assert engine.local.core.scheduler.num_preemptions > before
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+    engine = make_engine(folder, dtype="bfloat16", max_num_batched_tokens=5,
+                         enable_prefix_caching=True, kv_page_bytes=2 << 10)
+    try:  # a pool that keeps the first requests' pages: the target's prefix from the cache
+        engine.generate([target, *others[:2]], params)
+        again = engine.generate([others[3], target], params)
+        assert again[1].cached_tokens > 0 and list(again[1].token_ids) == alone
+    finally:
+        engine.shutdown()
+
+
 def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(tiny_models, tmp_path):
     """Gemma 3 at 4B and above ships as Gemma3ForConditionalGeneration: its text model's
     config under text_config (completed by transformers' defaults), its tensors under

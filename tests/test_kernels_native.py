@@ -546,6 +546,82 @@ def test_prefill_attention_matches_the_reference(new, ctx, nq, nkv, d):
     assert err.mean() <= 1.25 * their.mean(), (err.mean(), their.mean())
 
 
+def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window):
+    """Float64 attention of each new token over its last ``window`` keys (itself included)."""
+    t, d, bt = qkv.shape[0], kc.shape[3], kc.shape[1]
+    nkv = kc.shape[2]
+    out = torch.zeros(t, nq, d, dtype=torch.float64)
+    for s in range(len(lens)):
+        n, c = int(cu[s + 1] - cu[s]), int(lens[s])
+        keys = torch.stack([kc[int(tables[s, j // bt]), j % bt] for j in range(c)]).double()
+        vals = torch.stack([vc[int(tables[s, j // bt]), j % bt] for j in range(c)]).double()
+        for i in range(n):
+            pos, row = c - n + i, int(cu[s]) + i
+            lo = max(0, pos - window + 1)
+            q = qkv[row, : nq * d].double().view(nkv, nq // nkv, d)
+            sc = torch.einsum("ghd,kgd->ghk", q, keys[lo : pos + 1]) * scale
+            out[row] = torch.einsum("ghk,kgd->ghd", sc.softmax(-1),
+                                    vals[lo : pos + 1]).reshape(nq, d)
+    return out.reshape(t, nq * d)
+
+
+def _windowed_sdpa(q, kc, vc, tables, cu, lens, scale, window):
+    """kernels.reference.paged_attention_prefill's torch SDPA in bf16, its mask windowed."""
+    out, bt = torch.empty_like(q), kc.shape[1]
+    for s in range(len(lens)):
+        lo, hi, c = int(cu[s]), int(cu[s + 1]), int(lens[s])
+        idx = [(int(tables[s, j // bt]), j % bt) for j in range(c)]
+        k = torch.stack([kc[p, o] for p, o in idx]).transpose(0, 1)[None]  # [1, KVH, L, D]
+        v = torch.stack([vc[p, o] for p, o in idx]).transpose(0, 1)[None]
+        pos = torch.arange(hi - lo)[:, None] + (c - (hi - lo))
+        key = torch.arange(c)[None, :]
+        mask = (key <= pos) & (key > pos - window)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[lo:hi] = o[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("new,ctx,window", [
+    ([200], [200], 37),            # the window starts inside the 64-key blocks
+    ([40, 3, 70], [40, 130, 100], 64),
+    ([65, 1], [300, 129], 128),     # after a cached prefix longer than the window
+    ([5], [5], 16),                # the window covers everything
+])
+def test_windowed_attention_matches_the_reference(new, ctx, window):
+    """Sliding-window attention (each token over its last ``window`` keys): the native prefill
+    and decode kernels against float64 on the same bf16 inputs, no further off than torch's
+    SDPA in bf16 (windowed) in their largest and mean error; and each token's row the
+    same bits whether its sequence's new tokens are one prefill chunk or decode rows one by
+    one (a token's attention does not depend on the chunk: batch invariance)."""
+    nq, nkv, d = 6, 2, 64
+    if not native.has_prefill_attention(d):
+        pytest.skip("this build has no prefill attention (AVX-512 BF16 or AVX2)")
+    qkv, kc, vc, tables, cu, lens = _paged_prefill_case(new, ctx, nq, nkv, d)
+    scale, t = d**-0.5, qkv.shape[0]
+    exact = _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window)
+    got = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, window)
+    assert got is not None and torch.isfinite(got).all()
+    theirs = _windowed_sdpa(qkv[:, : nq * d].reshape(t, nq, d), kc, vc, tables, cu, lens,
+                            scale, window).reshape(t, -1)
+    err, their = (got.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert err.max() <= 1.25 * their.max() + 1e-3, (err.max(), their.max())
+    assert err.mean() <= 1.25 * their.mean(), (err.mean(), their.mean())
+    # the same tokens as decode rows: row i of sequence s with its context up to itself
+    rows, row_tables, row_lens = [], [], []
+    for s in range(len(new)):
+        for i in range(new[s]):
+            rows.append(int(cu[s]) + i)
+            row_tables.append(tables[s])
+            row_lens.append(ctx[s] - new[s] + i + 1)
+    dec = native.decode_attention(qkv[rows], nq, kc, vc, torch.stack(row_tables).contiguous(),
+                                  torch.tensor(row_lens, dtype=torch.int32), scale, window)
+    assert torch.equal(dec, got[rows])
+    # and a window wider than every context is no window
+    wide = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, max(ctx))
+    assert torch.equal(wide, native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale))
+
+
 def _prefill_logits(engine, ids, chunk):
     """Logits of every position of ``ids`` through the model's prefill path, ``chunk`` tokens a
     step (later chunks attend to the cached prefix)."""
@@ -620,7 +696,7 @@ def _teacher_forced_logits(engine, ids):
 
 
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
-                                                  ("llama", "int8")])
+                                                  ("llama", "int8"), ("mistral", None)])
 def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, variant,
                                                                        quantization,
                                                                        monkeypatch):
@@ -658,7 +734,7 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
 @pytest.mark.parametrize("variant,quantization,adapters", [
     ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
     ("llama", None, True), ("llama", "int8", True), ("llama", "int4", False),
-    ("qwen2", "int4", True)])
+    ("qwen2", "int4", True), ("qwen2_window", None, True)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the

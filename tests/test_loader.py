@@ -126,3 +126,36 @@ def test_transformers5_and_4_rope_spellings_agree():
     v4 = ModelConfig.from_dict({**base, "rope_theta": 5e5, "rope_scaling": scaling})
     v5 = ModelConfig.from_dict({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
     assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling["rope_type"] == "llama3"
+
+
+def test_sliding_windows_are_read_as_transformers_applies_them():
+    """Mistral, Mixtral, Phi-3 and Qwen3-MoE window every layer when sliding_window is set;
+    Qwen2 and Qwen3 only with use_sliding_window, on the layers layer_types names (else from
+    max_window_layers on); Llama and OLMoE never. A window does not cap the context (every
+    attention kernel honours it): the checks against transformers are tests/test_parity.py's
+    mistral and qwen2_window variants."""
+    import transformers
+
+    base = {"vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "max_position_embeddings": 512,
+            "sliding_window": 64}
+    experts = {"num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2}
+    for arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
+        cfg = ModelConfig.from_dict({**base, **experts, "architectures": [arch]})
+        assert cfg.layer_windows == (64,) * 4 and cfg.max_model_len == 512, arch
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Qwen3MoeForCausalLM"):  # (the Qwens: use_sliding_window off)
+        assert not any(ModelConfig.from_dict({**base, **experts,
+                                              "architectures": [arch]}).layer_windows)
+    moe = ModelConfig.from_dict({**base, **experts, "architectures": ["Qwen3MoeForCausalLM"],
+                                 "use_sliding_window": True})
+    assert moe.layer_windows == (64,) * 4
+    for arch, cls in (("Qwen2ForCausalLM", "Qwen2Config"), ("Qwen3ForCausalLM", "Qwen3Config")):
+        on = {**base, "architectures": [arch], "use_sliding_window": True,
+              "max_window_layers": 3}
+        hf = getattr(transformers, cls)(**{k: v for k, v in on.items() if k != "architectures"})
+        want = tuple(64 if t == "sliding_attention" else 0 for t in hf.layer_types)
+        assert ModelConfig.from_dict(on).layer_windows == want == (0, 0, 0, 64), arch
+        types = ["sliding_attention", "full_attention"] * 2
+        assert ModelConfig.from_dict({**on, "layer_types": types}).layer_windows == (
+            64, 0, 64, 0)
