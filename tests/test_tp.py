@@ -740,9 +740,15 @@ def test_bf16_adapters_on_two_ranks_take_the_fused_kernel(tmp_path, monkeypatch)
             e.shutdown()
     assert calls and set(calls) == {1, 3}  # o and down: the row-parallel groups
     for one, two, plain in zip(got[1], got[2], got[2, "base"]):
-        assert set(one) == set(two) and one != plain  # the adapter changed the top tokens
-        # as close as the base model's own (2 ranks' bf16 partial sums: up to 0.25 here)
-        assert all(abs(one[t] - two[t]) < 0.3 for t in one), (one, two, plain)
+        assert one != plain  # the adapter changed the top tokens
+        assert max(one, key=one.get) == max(two, key=two.get), (one, two)
+        # as close as the base model's own (2 ranks' bf16 partial sums: up to 0.25 here); a
+        # third token within that of the next one may trade places with it (one full-suite
+        # run here: {134, 115, 99} on one rank, {134, 115, 152} on two)
+        for a, b in ((one, two), (two, one)):
+            for t in a:
+                assert (abs(a[t] - b[t]) < 0.3 if t in b
+                        else a[t] < min(b.values()) + 0.3), (one, two, plain)
 
 
 def test_a_dead_workers_degree_outlives_its_registry_entry():
