@@ -401,6 +401,7 @@ class NativeOps(TorchOps):
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
         tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
+                or model.cfg.torch_only  # Gemma's norms, GeGLU, caps: the ops one by one
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
                 or (lora is not None and lora.native is None)
                 or (tp is not None and tp.shm is None)):
@@ -444,6 +445,8 @@ class NativeOps(TorchOps):
         return c.tp
 
     def add_norm(self, x, delta, weight, eps):
+        if weight.dtype != torch.bfloat16:  # Gemma's 1 + weight, kept in float32: torch's
+            return TorchOps.add_norm(self, x, delta, weight, eps)  # (row by row: invariant)
         h = torch.empty_like(x)
         native.add_rmsnorm(x, delta, weight, eps, h)  # x += delta in place
         return x, h
@@ -508,7 +511,10 @@ class NativeOps(TorchOps):
             for name, lo, hi in (("q_norm", 0, cfg.q_size),
                                  ("k_norm", cfg.q_size, cfg.q_size + cfg.kv_size)):
                 heads = qkv[:, lo:hi].reshape(-1, cfg.head_dim)
-                normed = native.add_rmsnorm(heads, None, lw[name], cfg.rms_norm_eps)
+                if lw[name].dtype == torch.bfloat16:
+                    normed = native.add_rmsnorm(heads, None, lw[name], cfg.rms_norm_eps)
+                else:  # Gemma 3's 1 + weight in float32: torch's norm of each head
+                    normed = reference.rms_norm(heads, lw[name], cfg.rms_norm_eps)
                 qkv[:, lo:hi] = normed.view(qkv.shape[0], hi - lo)
         native.rope_kv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, plan.rope,
                        batch.positions, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
@@ -516,10 +522,13 @@ class NativeOps(TorchOps):
 
     def attention(self, cfg, q, k_cache, v_cache, batch, scale, window: int = 0,
                   softcap: float | None = None):
-        """``window``: a token sees only its last ``window`` keys (0: all); no soft-capping
-        here (such models run on the torch backend: ModelConfig.torch_only)."""
+        """``window``: a token sees only its last ``window`` keys (0: all); ``softcap``
+        (Gemma 2's tanh capping of the scores): the fixed-order torch attention, which has it
+        (kernels.fixed: a row's bits whatever shares the step)."""
         if softcap:
-            raise ValueError("the native attention has no logit soft-capping")
+            qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
+            return fixed.attention(qh, k_cache, v_cache, batch, scale, window,
+                                   softcap).reshape(qh.shape[0], cfg.q_size)
         if window and batch.num_prefill_seqs and not native.has_prefill_attention(cfg.head_dim):
             # the torch prefill path has no window: every row by the fixed-order attention
             qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
@@ -573,17 +582,22 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     elsewhere (``kernels="reference"``: the reference attention too)."""
     if kernels == "reference":
         return TorchOps(reference_only=True)
-    if getattr(cfg, "torch_only", False):  # features only the torch ops have (Gemma 2)
-        return TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
+    # features the Triton kernels lack (Gemma's norms, GeGLU, soft caps; sliding windows):
+    # the torch ops; the native ones take them op by op (NativeOps: torch's where it has no
+    # kernel of its own: Gemma's float32 norms, GeGLU, soft-capped attention)
+    torch_only = getattr(cfg, "torch_only", False)
+    invariant_torch = TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
-        if any(getattr(cfg, "layer_windows", ())):  # Triton's attention has no window yet
-            return TorchOps(invariant=False, dtype=dtype)
+        if torch_only or any(getattr(cfg, "layer_windows", ())):
+            return invariant_torch
         return TritonOps()
     cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16
                 and native.available())
     if (cpu_bf16 and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)):
         return NativeOps(cfg.head_dim, batch_invariant)
+    if torch_only:
+        return invariant_torch
     # the fixed-order torch ops on CPU (CUDA's invariant kernels: issue 32)
     return TorchOps(fused_lora=cpu_bf16, invariant=batch_invariant and device.type == "cpu",
                     dtype=dtype)

@@ -255,8 +255,9 @@ class ModelConfig:
 
     @property
     def torch_only(self) -> bool:
-        """Features the native and Triton kernels lack: such a model runs on the torch
-        backend (``kernels.backend.select``)."""
+        """Features the Triton kernels and the native whole-step decode lack (Gemma's): such
+        a model runs on the torch ops on CUDA, and on the native ones op by op on CPU, torch's
+        where they have no kernel (``kernels.backend.select``, ``NativeOps``)."""
         return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
                     or self.final_softcap or self.embed_scale or self.qk_norm_whole)
 

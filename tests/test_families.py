@@ -140,14 +140,15 @@ def test_gemma2_chunked_cached_and_preempted(tiny_models):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("variant", ["mistral", "qwen2_window"])
-def test_sliding_windows_in_bf16_give_a_request_the_same_tokens_whatever_shares_it(
+@pytest.mark.parametrize("variant", ["mistral", "qwen2_window", "gemma2", "gemma3"])
+def test_windows_and_gemma_in_bf16_give_a_request_the_same_tokens_whatever_shares_it(
         tiny_models, variant):
-    """A model whose layers see their last 6 keys (every layer; Qwen2's from
-    max_window_layers on) in bf16 on the backend this machine selects (the native kernels'
-    windowed attention where they built): a 30-token prompt's greedy tokens alone equal its
+    """Models whose layers see their last 6 or 8 keys (every layer; Qwen2's from
+    max_window_layers on; Gemma's alternate) in bf16 on the backend this machine selects
+    (the native kernels' windowed attention where they built; Gemma's norms, GeGLU and soft
+    caps by torch's ops between them): a 30-token prompt's greedy tokens alone equal its
     tokens beside other requests, in prefill chunks of 5, after preemption in a small pool
-    and from prefix-cache hits (a request's attention does not depend on what shares its
+    and from prefix-cache hits (a request's tokens do not depend on what shares its
     steps)."""
     folder = tiny_models(variant)
     target = random_prompts(1, 30, 30, seed=13)[0]

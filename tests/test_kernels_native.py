@@ -696,7 +696,8 @@ def _teacher_forced_logits(engine, ids):
 
 
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
-                                                  ("llama", "int8"), ("mistral", None)])
+                                                  ("llama", "int8"), ("mistral", None),
+                                                  ("gemma2", None), ("gemma3", None)])
 def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, variant,
                                                                        quantization,
                                                                        monkeypatch):
@@ -710,7 +711,8 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     plain = make_engine(folder, dtype="bfloat16", quantization=quantization, native=False)
     exact = make_engine(folder, dtype="float32")
     calls = []
-    for name in ("decode_attention", "decode_layers"):  # per op, or every layer in one call
+    # the products per op, the attention per op, or every layer in one call
+    for name in ("gemv", "decode_attention", "decode_layers"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name,
                             lambda *a, real=real, **k: calls.append(1) or real(*a, **k))

@@ -1,0 +1,131 @@
+"""Gemma and sliding-window models on the native CPU kernels against the torch ops (issue 34).
+
+Three random models (bf16, made once under ``$GPUPOOL_HOME/bench-families``; a vocabulary of
+32000 so the layers, not the head, are what is timed):
+  gemma3    Gemma 3 270M's layer shape (hidden 640, 18 layers, 4 heads, 1 KV head, head_dim
+            256, intermediate 2048), 5 local layers (window 512) to 1 global, q/k norms
+  gemma2    the same shape as Gemma 2: a window of 512 on every other layer, soft caps of
+            the scores (50) and of the logits (30)
+  mistral   SmolLM2's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536)
+            as a Mistral with a sliding window of 256 on every layer
+Each is served by an engine on the native kernels (``native=True``: before this change Gemma
+ran on the torch ops, and a windowed Mistral was capped at its window) and by one on the
+torch ops (``native=False``, the fixed-order ops: both batch invariant), one engine at a
+time, --rounds rounds alternating. Timed: time to first token of a 1000-token prompt, and
+decode tokens/s at batch 1 and 8 (prompts of 600 tokens, past the windows; 32 new tokens,
+greedy). Medians and ranges; native over torch.
+Usage: python3 benchmarks/bench_families.py [--json] [--rounds 3] [--models gemma3,mistral]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_flags, emit, engine_threads  # noqa: E402
+
+from gpupool import Engine, SamplingParams  # noqa: E402
+from gpupool.config import default_home  # noqa: E402
+
+GEMMA = {"vocab_size": 32000, "hidden_size": 640, "intermediate_size": 2048,
+         "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+         "head_dim": 256, "max_position_embeddings": 4096, "query_pre_attn_scalar": 256,
+         "sliding_window": 512, "tie_word_embeddings": True, "bos_token_id": 1,
+         "eos_token_id": 2}
+MODELS = {
+    "gemma3": ("Gemma3TextConfig", {**GEMMA, "layer_types": [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]}),
+    "gemma2": ("Gemma2Config", {**GEMMA, "attn_logit_softcapping": 50.0,
+                                "final_logit_softcapping": 30.0}),
+    "mistral": ("MistralConfig", {"vocab_size": 32000, "hidden_size": 576,
+                                  "intermediate_size": 1536, "num_hidden_layers": 30,
+                                  "num_attention_heads": 9, "num_key_value_heads": 3,
+                                  "max_position_embeddings": 4096, "sliding_window": 256,
+                                  "tie_word_embeddings": True, "bos_token_id": 1,
+                                  "eos_token_id": 2}),
+}
+
+
+def _make(folder: Path, kind: str) -> Path:
+    import torch
+    import transformers
+
+    if (folder / "config.json").is_file():
+        return folder
+    cls, fields = MODELS[kind]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, cls)(**fields)).to(torch.bfloat16)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 32000, (n, length), generator=g).tolist()
+
+
+def _measure(folder: Path, native: bool) -> dict[str, float]:
+    engine = Engine(device="cpu", dtype="bfloat16", native=native, threads=engine_threads(),
+                    enable_prefix_caching=False)
+    try:
+        engine.add_model("m", str(folder))
+        first = SamplingParams(max_tokens=1, temperature=0)
+        engine.generate(_prompts(1, 64, 0), first)  # warm: weights resident, kernels
+        out = {}
+        long = _prompts(1, 1000, 1)
+        start = time.perf_counter()
+        engine.generate(long, first)
+        out["ttft_1000_ms"] = (time.perf_counter() - start) * 1e3
+        params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        for batch in (1, 8):
+            prompts = _prompts(batch, 600, 2 + batch)
+            engine.generate(prompts, first)  # (the prefill outside the decode's time)
+            start = time.perf_counter()
+            engine.generate(prompts, params)
+            out[f"decode_b{batch}_tok_s"] = batch * 32 / (time.perf_counter() - start)
+        return out
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args()
+    root = default_home() / "bench-families"
+    kinds = args.models.split(",")
+    folders = {k: _make(root / k, k) for k in kinds}
+    runs: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):
+        for kind in kinds:
+            for backend in ("native", "torch"):
+                got = _measure(folders[kind], backend == "native")
+                for key, value in got.items():
+                    runs.setdefault(f"{kind}_{backend}", {}).setdefault(key, []).append(value)
+    result: dict = {"cpu": cpu_flags(), "threads": engine_threads(), "rounds": args.rounds}
+    for kind in kinds:
+        for backend in ("native", "torch"):
+            result[f"{kind}_{backend}"] = {
+                k: [round(statistics.median(v), 1), round(min(v), 1), round(max(v), 1)]
+                for k, v in runs[f"{kind}_{backend}"].items()}
+        nat, tor = runs[f"{kind}_native"], runs[f"{kind}_torch"]
+        result[f"{kind}_native_over_torch"] = {
+            "ttft_1000": round(statistics.median(tor["ttft_1000_ms"])
+                               / statistics.median(nat["ttft_1000_ms"]), 2),
+            **{f"decode_b{b}": round(statistics.median(nat[f"decode_b{b}_tok_s"])
+                                     / statistics.median(tor[f"decode_b{b}_tok_s"]), 2)
+               for b in (1, 8)}}
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
