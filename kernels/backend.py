@@ -591,6 +591,9 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
         if torch_only or any(getattr(cfg, "layer_windows", ())):
             return invariant_torch
         return TritonOps()
+    if getattr(cfg, "attn_softcap", None):  # Gemma 2: on the native ops its soft-capped
+        return invariant_torch  # attention stays torch's, and it ran slower at batch 8 and in
+        # prefill than here (benchmarks/bench_families.py: 0.80-0.92x, 0.42-0.85x)
     cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16
                 and native.available())
     if (cpu_bf16 and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,

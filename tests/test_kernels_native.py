@@ -697,7 +697,7 @@ def _teacher_forced_logits(engine, ids):
 
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
                                                   ("llama", "int8"), ("mistral", None),
-                                                  ("gemma2", None), ("gemma3", None)])
+                                                  ("gemma3", None)])
 def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, variant,
                                                                        quantization,
                                                                        monkeypatch):
