@@ -143,8 +143,19 @@ class Run:
         if self.tenant is None:  # an open server has no tenants and no limits
             return
         limiter = self.state.limiter
-        refusal = await asyncio.to_thread(limiter.admit, self.tenant.name, self.call_id,
-                                          self.tenant.limits, prompt_tokens)
+        tenant, call_id = self.tenant.name, self.call_id
+        admitting = asyncio.ensure_future(asyncio.to_thread(
+            limiter.admit, tenant, call_id, self.tenant.limits, prompt_tokens))
+        try:
+            refusal = await asyncio.shield(admitting)
+        except asyncio.CancelledError:  # the client left while Redis counted the call: the
+            # thread still counts it, and nothing would release it (its lease renewed for
+            # ever); release it once the count is made
+            def release(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None and done.result() is None:
+                    _off_loop(limiter.finished, tenant, call_id, 0)
+            admitting.add_done_callback(release)
+            raise
         if refusal is not None:
             raise APIError(429, f"tenant limit {refusal.limit} reached; retry later",
                            code="rate_limit_exceeded",

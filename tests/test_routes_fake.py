@@ -225,3 +225,50 @@ def test_a_stream_whose_client_left_before_its_first_byte_still_ends_its_run():
     asyncio.run(RunStream(body(), run)(scope, receive, send))
     assert not started  # the case: the generator never ran
     assert run.done and run.aborted == 1
+
+
+def test_a_call_cancelled_while_its_tenant_limiter_admits_it_is_released():
+    """The handler cancelled (its client gone) while the limiter's Redis round trip counts
+    the call in a thread: the count is made all the same, so the call is released when it
+    is (else its lease is renewed for ever: the soak test's tenant kept a slot so)."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from gpupool.api.routes_openai import Run
+
+    class Limiter:
+        def __init__(self):
+            self.counting, self.go = threading.Event(), threading.Event()
+            self.finished_ids = []
+
+        def admit(self, tenant, call_id, limits, prompt_tokens):
+            self.counting.set()
+            self.go.wait(5)
+            return None  # counted
+
+        def finished(self, tenant, call_id, completion_tokens):
+            self.finished_ids.append(call_id)
+
+    limiter = Limiter()
+    run = Run(SimpleNamespace(limiter=limiter), "m", SimpleNamespace(name="t", limits={}))
+
+    async def scenario():
+        task = asyncio.create_task(run._admit(3))
+        await asyncio.to_thread(limiter.counting.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0)
+        limiter.go.set()  # the count is made after the cancel
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("the admission was not cancelled")
+        for _ in range(100):  # the release runs in a thread once the count is made
+            if limiter.finished_ids:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+    assert limiter.finished_ids == [run.call_id] and not run.counted
