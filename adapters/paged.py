@@ -248,9 +248,7 @@ def pack_raw(layout: PieceLayout, cfg, rank: int, plan: PackPlan, raw, scaling: 
             else use_native)
     buf = torch.empty(cfg.num_layers * rank, layout.piece_bytes, dtype=torch.uint8)
     if fast:  # one pass in C over the runs: the bf16 mirror beside, the zeros (same bits)
-        rows = torch.arange(len(buf), dtype=torch.int64) * layout.piece_bytes + buf.data_ptr()
-        if native.pack_pieces(raw.values, plan.runs, scaling, rows, layout.piece_bytes,
-                              layout.elems, layout.mirror_offset, plan.covers):
+        if RawCopy(raw.values, plan.runs, plan.covers, scaling).pack(layout, _rows(buf)):
             return None  # a NaN or inf among them (or an overflow)
         return buf
     values = raw.values.index_select(0, plan.src).float()
@@ -289,10 +287,17 @@ class RawCopy:
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size()
 
-    def pack(self, layout: PieceLayout, rows: torch.Tensor) -> None:
-        """Write the pieces at ``rows`` (int64 [L r]: each piece's address)."""
-        native.pack_pieces(self.values, self.runs, self.scaling, rows, layout.piece_bytes,
-                           layout.elems, layout.mirror_offset, self.covers)
+    def pack(self, layout: PieceLayout, rows: torch.Tensor | None = None) -> int:
+        """Write the pieces at ``rows`` (int64 [L r]: each piece's address; None: write
+        nothing); the number of values that are not finite (after the scaling)."""
+        return native.pack_pieces(self.values, self.runs, self.scaling, rows,
+                                  layout.piece_bytes, layout.elems, layout.mirror_offset,
+                                  self.covers)
+
+
+def _rows(buf: torch.Tensor) -> torch.Tensor:
+    """The address of each row (a piece) of ``buf`` (uint8 [n, piece_bytes], contiguous)."""
+    return torch.arange(len(buf), dtype=torch.int64) * buf.stride(0) + buf.data_ptr()
 
 
 def _host_nbytes(copy) -> int:
@@ -546,11 +551,9 @@ class AdapterPages:
         if plan.masks != spec.layers:
             return None
         if self.raw_copies and native.loaded():
-            if native.pack_pieces(raw.values, plan.runs, spec.scaling, None,
-                                  self.layout.piece_bytes, self.layout.elems,
-                                  self.layout.mirror_offset, plan.covers):
-                return None  # not finite: the reference path names it
-            return RawCopy(raw.values, plan.runs, plan.covers, spec.scaling)
+            copy = RawCopy(raw.values, plan.runs, plan.covers, spec.scaling)
+            # a value not finite: None (the reference path names it)
+            return None if copy.pack(self.layout) else copy
         return pack_raw(self.layout, self.cfg, rank, plan, raw, spec.scaling)
 
     def packed(self, name: str) -> torch.Tensor:
@@ -559,10 +562,9 @@ class AdapterPages:
         copy = self.load_host(name)
         if not isinstance(copy, RawCopy):
             return copy
-        bpp = self.layout.piece_bytes
-        buf = torch.empty(self.num_pieces(self.ranks[name]), bpp, dtype=torch.uint8)
-        copy.pack(self.layout, torch.arange(len(buf), dtype=torch.int64) * bpp
-                  + buf.data_ptr())
+        buf = torch.empty(self.num_pieces(self.ranks[name]), self.layout.piece_bytes,
+                          dtype=torch.uint8)
+        copy.pack(self.layout, _rows(buf))
         return buf
 
     def load_host(self, name: str) -> torch.Tensor | RawCopy:
@@ -646,10 +648,9 @@ class AdapterPages:
         start = time.perf_counter()
         ppp, bpp = self.pieces_per_page, self.layout.piece_bytes
         if isinstance(host, RawCopy):  # packed straight into the pages
-            n = self.num_pieces(self.ranks[name])
-            q = torch.arange(n, dtype=torch.int64)
-            at = torch.tensor(pages, dtype=torch.int64)[q // ppp] * self.memory.stride(0)
-            host.pack(self.layout, at + (q % ppp) * bpp + self.memory.data_ptr())
+            page, place = self._places(pages, self.ranks[name])
+            host.pack(self.layout, page * self.memory.stride(0) + place * bpp
+                      + self.memory.data_ptr())
         else:
             for q, page in enumerate(pages):
                 chunk = host[q * ppp : (q + 1) * ppp]
@@ -679,11 +680,16 @@ class AdapterPages:
     def piece_index(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Where ``name``'s pieces lie (current on the device: after :meth:`ensure`): the
         page and the place in it of piece ``l r + k``, as two index tensors [L r]."""
-        r, table = self.ranks[name], self._loaded[name]
-        q = torch.arange(self.cfg.num_layers * r)
-        page = torch.tensor(table, dtype=torch.long)[q // self.pieces_per_page]
+        page, place = self._places(self._loaded[name], self.ranks[name])
         dev = self.memory.device
-        return page.to(dev), (q % self.pieces_per_page).to(dev)
+        return page.to(dev), place.to(dev)
+
+    def _places(self, table: list[int], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The page (of page list ``table``) and the place in it of each of the L r pieces of
+        an adapter of ``rank`` (int64 on the host)."""
+        q = torch.arange(self.cfg.num_layers * rank, dtype=torch.int64)
+        page = torch.tensor(table, dtype=torch.int64)[q // self.pieces_per_page]
+        return page, q % self.pieces_per_page
 
     def expert_lora(self, name: str, layer: int, group: str, expert: int,
                     index: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:

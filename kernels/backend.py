@@ -525,15 +525,14 @@ class NativeOps(TorchOps):
         """``window``: a token sees only its last ``window`` keys (0: all); ``softcap``
         (Gemma 2's tanh capping of the scores): the fixed-order torch attention, which has it
         (kernels.fixed: a row's bits whatever shares the step)."""
-        if softcap:
+        def fixed_order():  # every row by kernels.fixed's attention
             qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
             return fixed.attention(qh, k_cache, v_cache, batch, scale, window,
                                    softcap).reshape(qh.shape[0], cfg.q_size)
-        if window and batch.num_prefill_seqs and not native.has_prefill_attention(cfg.head_dim):
-            # the torch prefill path has no window: every row by the fixed-order attention
-            qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
-            return fixed.attention(qh, k_cache, v_cache, batch, scale, window).reshape(
-                qh.shape[0], cfg.q_size)
+
+        if softcap or (window and batch.num_prefill_seqs
+                       and not native.has_prefill_attention(cfg.head_dim)):
+            return fixed_order()  # (the torch prefill path has no window)
         nd = batch.num_decode
         parts = []
         if nd:
@@ -547,9 +546,7 @@ class NativeOps(TorchOps):
                     q[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
                     batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window)
             if o is None and window:  # (out of memory) the fixed-order attention, windowed
-                qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
-                return fixed.attention(qh, k_cache, v_cache, batch, scale, window).reshape(
-                    qh.shape[0], cfg.q_size)
+                return fixed_order()
             if o is None:
                 qp = q[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)
                 o = super().prefill_attention(

@@ -201,13 +201,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
-    sliding_window: int | None = None
     fused_checkpoint: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first part of each head
     # Gemma 2: norms scale by (1 + weight) (the loader adds the 1), the embedding is scaled
     # by sqrt(hidden_size), a norm after attention and around the MLP ("sandwich"), GeGLU,
-    # its own attention scale, tanh soft-capping of the scores and of the logits, and
-    # per-layer sliding windows (0: a global layer) the attention honours itself
+    # its own attention scale, tanh soft-capping of the scores and of the logits
     norm_offset: bool = False
     embed_scale: bool = False
     sandwich_norms: bool = False
@@ -215,7 +213,9 @@ class ModelConfig:
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    layer_windows: tuple[int, ...] = ()  # per layer, when the model has windowed layers
+    # each layer's sliding window (0: a global layer; () none), as transformers applies the
+    # config's sliding_window per family (_windows, _gemma); every attention honours it
+    layer_windows: tuple[int, ...] = ()
     rope_local_theta: float | None = None  # Gemma 3: the windowed layers' rope base
     # mixture of experts: each token's MLP is the routing-weighted sum of its top
     # experts_per_tok experts' (softmax over num_experts router logits; the top weights
@@ -368,7 +368,6 @@ class ModelConfig:
                                  *GEMMA[1:]),
                 qk_norm_whole=arch == "OlmoeForCausalLM",
                 clip_qkv=float(cfg["clip_qkv"]) if cfg.get("clip_qkv") is not None else None,
-                sliding_window=int(window) if window else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,
                 **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA
