@@ -27,8 +27,9 @@ def check_request(registry: ModelRegistry, pages: PagePool, req: EngineRequest) 
         except AdapterError as e:
             raise RequestError(f"adapter {adapter!r} could not be read: {e}") from None
         adapter_pages = worker.adapter_pages.pages_needed(adapter)
-    capacity = max(0, pages.num_pages - adapter_pages) * worker.block_tokens
-    if total > capacity:
+    room = max(0, pages.num_pages - adapter_pages)
+    if registry.scheduler.peak_pages(base, total) > room:  # (a windowed model's: its window)
+        capacity = room * worker.block_tokens
         raise RequestError(
             f"request needs up to {total} tokens of KV cache, but the pool holds "
             f"{capacity} tokens of model {req.model!r}; lower max_tokens or the prompt")

@@ -290,7 +290,7 @@ def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
     for item in out.scheduled:
         seq, start = item.seq, item.seq.num_computed_tokens
         rows.append(BatchRow(token_ids=seq.token_ids(start, start + item.num_new_tokens),
-                             start=start, pages=seq.pages, is_decode=item.is_decode,
+                             start=start, pages=seq.block_table, is_decode=item.is_decode,
                              samples=item.samples, adapter=seq.adapter, tenant=seq.tenant,
                              all_logits=(seq.params.pooling == "mean" or (
                                  seq.params.prompt_logprobs is not None

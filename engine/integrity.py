@@ -18,8 +18,10 @@ def check(core) -> None:
     for tr in requests:
         seq = tr.seq
         assert len(seq.pages) == len(set(seq.pages)), "a sequence lists a page twice"
-        bt = core.scheduler.block_tokens[seq.model]
-        for i, p in enumerate(seq.pages[: seq.num_indexed_pages]):
+        bt, dropped = core.scheduler.block_tokens[seq.model], seq.num_dropped_pages
+        assert dropped <= core.scheduler.dead_blocks(seq, seq.num_computed_tokens), (
+            "a page in a layer's window was released")
+        for i, p in enumerate(seq.pages[: max(0, seq.num_indexed_pages - dropped)], dropped):
             if core.pages.is_indexed(p) and holders[p] > 1:  # shared: a full page
                 assert (i + 1) * bt <= seq.num_computed_tokens, "a shared page is partial"
     for entry in core.pages.entries():

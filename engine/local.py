@@ -299,17 +299,18 @@ class LocalEngine:
     def model_info(self, name: str) -> ModelInfo | None:
         """What ``name`` is, if it takes requests now (a snapshot read without the lock).
         Its context limit is the model's window, or the KV pool's capacity in that model's
-        tokens if smaller."""
+        tokens if smaller (unless every layer has a sliding window the pool holds)."""
         try:
             base, adapter = self.core.resolve(name)
             worker = self.core.workers[base]
         except (RequestError, KeyError):
             return None
         slo = self.core.scheduler.policy.slo(base)
+        limit = worker.cfg.max_model_len
+        if self.core.scheduler.peak_pages(base, limit) > self.kv.pages.num_pages:
+            limit = min(limit, self.kv.pages.num_pages * worker.block_tokens)
         return ModelInfo(name, base, adapter, str(worker.folder), worker.cfg.vocab_size,
-                         min(worker.cfg.max_model_len,
-                             self.kv.pages.num_pages * worker.block_tokens),
-                         tuple(worker.eos_token_ids), slo.ttft_ms, slo.tbt_ms)
+                         limit, tuple(worker.eos_token_ids), slo.ttft_ms, slo.tbt_ms)
 
     def tokenizer(self, model: str):
         """The tokenizer of ``model``'s base (None if it has none); KeyError/RequestError if

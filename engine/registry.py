@@ -34,7 +34,7 @@ class ModelRegistry:
         self.workers[worker.name] = worker
         self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity(),
                                  worker.adapter_config.max_loras_per_tenant or 1 << 30,
-                                 rope_switch(worker.cfg))
+                                 rope_switch(worker.cfg), worker.cfg.kv_window)
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""

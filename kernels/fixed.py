@@ -232,11 +232,12 @@ def _tree(x: torch.Tensor) -> torch.Tensor:
 
 
 def _keys(cache: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, blocks: int,
-          values: bool) -> torch.Tensor:
+          values: bool, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence's first ``blocks`` key blocks, float32, per KV head: keys as
     [S, KVH, blocks, BLOCK, D], values as [S, KVH, blocks, D, BLOCK] (slots past a
-    sequence's end zeroed: stale pages may hold NaN, and 0 * NaN is NaN; a key there only
-    meets a score masked out)."""
+    sequence's end, and before ``seen`` — per sequence the first key any of its vectors
+    sees, a sliding window's: their pages may have been released — zeroed: stale pages may
+    hold NaN, and 0 * NaN is NaN; a key there only meets a score masked out)."""
     bt, kvh, d = cache.shape[1:]
     span = blocks * BLOCK
     pages = -(-span // bt)
@@ -250,6 +251,10 @@ def _keys(cache: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, blocks: 
         if low < span:
             stale = torch.arange(low, span)[None, :] >= ctx[:, None]  # [S, span - low]
             x[:, low:].masked_fill_(stale[:, :, None, None], 0.0)
+        top = 0 if seen is None else min(span, int(seen.max()))
+        if top > 0:
+            before = torch.arange(top)[None, :] < seen[:, None]  # [S, top]
+            x[:, :top].masked_fill_(before[:, :, None, None], 0.0)
         out = torch.empty(s_, kvh, blocks, d, BLOCK)
         out.copy_(x.view(s_, blocks, BLOCK, kvh, d).permute(0, 3, 1, 4, 2))
     else:
@@ -312,7 +317,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
         ctx = batch.decode_context_lens.long()
         blocks = -(-int(ctx.max()) // BLOCK)
         k = _keys(k_cache, batch.decode_block_tables, ctx, blocks, False)
-        v = _keys(v_cache, batch.decode_block_tables, ctx, blocks, True)
+        v = _keys(v_cache, batch.decode_block_tables, ctx, blocks, True,
+                  (ctx - window).clamp(min=0) if window else None)
         cols = max(COLUMNS, grp)
         qt = qf.new_zeros(nd, kvh, d, cols)
         qt[..., :grp] = qf[:nd].view(nd, kvh, grp, d).transpose(2, 3)
@@ -332,7 +338,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
             blocks = -(-(c - n + hi) // BLOCK)  # the blocks its last row sees
             ctx = torch.tensor([c])
             k = _keys(k_cache, table, ctx, blocks, False)[0]  # [KVH, blocks, BLOCK, D]
-            v = _keys(v_cache, table, ctx, blocks, True)[0]
+            seen = torch.tensor([max(0, c - n + lo - window + 1)]) if window else None
+            v = _keys(v_cache, table, ctx, blocks, True, seen)[0]
             qt = qf.new_zeros(kvh, d, cols)
             qt[..., : rows * grp] = qs[lo:hi].permute(1, 3, 0, 2).reshape(kvh, d, rows * grp)
             qpos = torch.arange(c - n + lo, c - n + hi).repeat_interleave(grp)[None]

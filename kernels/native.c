@@ -630,7 +630,8 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
 #ifdef HAVE_PREFILL_ATTENTION
 #ifdef __AVX512BF16__
 /* the block's K as kt[d'][k] (key k's d-pair d'), 16 keys by 16 d-pairs at a time, and its V
- * as v2[k'][d] (keys 2k', 2k'+1 of dim d as a bf16 pair); keys past nb read as zeros */
+ * as v2[k'][d] (keys 2k', 2k'+1 of dim d as a bf16 pair); keys past nb, and those whose rel is
+ * -1, read as zeros */
 static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *rel,
                         int64_t nb, int64_t D, float *blk) {
     uint32_t *kt = (uint32_t *)blk, *v2 = kt + (D / 2) * PA_KB;
@@ -640,17 +641,18 @@ static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const 
             __mmask16 md = (__mmask16)((1u << nd) - 1);
             __m512i r[16];
             for (int64_t i = 0; i < 16; i++)
-                r[i] = c0 + i < nb ? _mm512_maskz_loadu_epi32(
-                           md, (const uint32_t *)(k_cache + rel[c0 + i]) + d0)
-                                   : _mm512_setzero_si512();
+                r[i] = c0 + i < nb && rel[c0 + i] >= 0
+                           ? _mm512_maskz_loadu_epi32(
+                                 md, (const uint32_t *)(k_cache + rel[c0 + i]) + d0)
+                           : _mm512_setzero_si512();
             transpose16_u32(r);
             for (int64_t j = 0; j < nd; j++)
                 _mm512_storeu_si512(kt + (d0 + j) * PA_KB + c0, r[j]);
         }
     }
     for (int64_t kk = 0; kk < PA_KB; kk += 2) {
-        const uint16_t *va = kk < nb ? v_cache + rel[kk] : NULL;
-        const uint16_t *vb = kk + 1 < nb ? v_cache + rel[kk + 1] : NULL;
+        const uint16_t *va = kk < nb && rel[kk] >= 0 ? v_cache + rel[kk] : NULL;
+        const uint16_t *vb = kk + 1 < nb && rel[kk + 1] >= 0 ? v_cache + rel[kk + 1] : NULL;
         uint32_t *o = v2 + (kk / 2) * D;
         if (va && vb) {
             for (int64_t d = 0; d < D; d++) o[d] = (uint32_t)va[d] | (uint32_t)vb[d] << 16;
@@ -763,14 +765,14 @@ static inline __m256 bf16_round256(__m256 v) {  /* bf16_round_ps on 8 lanes */
 }
 
 /* the block's K as kf[2 d' + e][k] (key k's d-pair d': e = 0 its odd element, 1 its even one,
- * as float32) and its V as vf[k][d]; keys past nb are zeros. Widened once a block, so the dot
- * products below are two FMAs a pair with no bit operations. */
+ * as float32) and its V as vf[k][d]; keys past nb, and those whose rel is -1, are zeros.
+ * Widened once a block, so the dot products below are two FMAs a pair with no bit operations. */
 static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *rel,
                         int64_t nb, int64_t D, float *blk) {
     float *kf = blk, *vf = blk + D * PA_KB;
     for (int64_t kk = 0; kk < PA_KB; kk++) {
-        const uint16_t *kr = kk < nb ? k_cache + rel[kk] : NULL;
-        const uint16_t *vr = kk < nb ? v_cache + rel[kk] : NULL;
+        const uint16_t *kr = kk < nb && rel[kk] >= 0 ? k_cache + rel[kk] : NULL;
+        const uint16_t *vr = kk < nb && rel[kk] >= 0 ? v_cache + rel[kk] : NULL;
         for (int64_t d = 0; d < D / 2; d++) {
             kf[(2 * d) * PA_KB + kk] = kr ? bf2f(kr[2 * d + 1]) : 0.0f;
             kf[(2 * d + 1) * PA_KB + kk] = kr ? bf2f(kr[2 * d]) : 0.0f;
@@ -886,7 +888,10 @@ static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nl
  * window > 0: token t sees keys t - window + 1 .. t only (transformers' sliding window); the
  * key blocks stay those from token 0 on (a block wholly before a row's window is skipped for
  * that row, a block it starts in masks the keys before it), so a token's attention is the
- * same in any item. buf: nr * group * (D + 2) floats of state, then the K and V blocks */
+ * same in any item. Keys before the item's first row's window are never read (zeros: their
+ * probability is an exact 0, and +0 stays +0): their pages may have been released (the
+ * scheduler frees pages out of every layer's window, their table entries then name page 0).
+ * buf: nr * group * (D + 2) floats of state, then the K and V blocks */
 static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r0, int64_t nr,
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
@@ -906,8 +911,8 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
         int64_t nb = kmax - k0 < PA_KB ? kmax - k0 : PA_KB;
         /* the block's token rows: the page walked, one division a block */
         int64_t rel[PA_KB], page = k0 / bt, off = k0 % bt, row = nkv * D;
-        for (int64_t kk = 0; kk < nb; kk++) {
-            rel[kk] = (int64_t)table[page] * ps + off * row + g * D;
+        for (int64_t kk = 0; kk < nb; kk++) {  /* -1: before every row's window */
+            rel[kk] = k0 + kk < first ? -1 : (int64_t)table[page] * ps + off * row + g * D;
             if (++off == bt) { off = 0; page++; }
         }
         pa_kv_block(k_cache, v_cache, rel, nb, D, blk);

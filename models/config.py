@@ -275,6 +275,13 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def kv_window(self) -> int:
+        """The widest sliding window where every layer has one, else 0: how far back any
+        token's attention reaches (the scheduler releases KV pages behind it)."""
+        windows = self.layer_windows
+        return max(windows) if windows and all(windows) else 0
+
+    @property
     def max_model_len(self) -> int:
         """Longest sequence (prompt + output) the engine accepts for this model (sliding
         windows are honoured by every attention kernel: no cap at the window)."""

@@ -16,7 +16,10 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """Integer state of one request. ``num_computed_tokens`` tokens have K/V in ``pages``."""
+    """Integer state of one request. ``num_computed_tokens`` tokens have K/V in ``pages``,
+    which hold its KV blocks from block ``num_dropped_pages`` on: a model whose every layer
+    has a sliding window no longer needs the blocks wholly behind its window, and they are
+    released (``Scheduler.release_behind_window``)."""
 
     request_id: str
     model: str
@@ -28,6 +31,7 @@ class Sequence:
     tenant: str | None = None  # who asked: the scheduler shares batch slots between tenants
     output_token_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    num_dropped_pages: int = 0  # its first KV blocks, released: out of every layer's window
     host_pages: list[int] = field(default_factory=list)  # KV swapped out while preempted
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
@@ -51,6 +55,12 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        """Its page per KV block, a released block naming page 0 (never read: out of every
+        layer's window)."""
+        return [0] * self.num_dropped_pages + self.pages if self.num_dropped_pages else self.pages
 
     def token_ids(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)

@@ -139,6 +139,10 @@ class Scheduler:
         self._swap_out: list[tuple[int, int]] = []
         self._swap_in: list[tuple[int, int]] = []
         self.block_tokens: dict[str, int] = {}
+        # per model: the widest sliding window where every layer has one (0: some layer sees
+        # the whole context): a sequence's KV blocks wholly behind it are released
+        self.windows: dict[str, int] = {}
+        self.num_released_pages = 0  # pages freed behind windows, in total
         self.max_adapters: dict[str, int] = {}
         # per model: distinct adapters of one tenant a step may hold (its slots' cap)
         self.max_tenant_adapters: dict[str, int] = {}
@@ -161,14 +165,18 @@ class Scheduler:
         self.cache_hits: Counter[str] = Counter()
 
     def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30,
-                  max_tenant_adapters: int = 1 << 30, rope_switch: int | None = None) -> None:
+                  max_tenant_adapters: int = 1 << 30, rope_switch: int | None = None,
+                  window: int = 0) -> None:
         """``max_adapters``: distinct adapters one step may hold (the device slots);
         ``max_tenant_adapters``: of them, brought in by one tenant (its cap of slots);
         ``rope_switch``: LongRoPE's threshold (a sequence longer than this computes every
         position with the long factors: one that grows past it is recomputed, as
-        transformers recomputes its cache)."""
+        transformers recomputes its cache); ``window``: where every layer of the model has
+        a sliding window, the widest (a token sees keys ``window - 1`` behind it at most),
+        else 0."""
         self.rope_switch[model] = rope_switch
         self.block_tokens[model] = block_tokens
+        self.windows[model] = window
         self.max_adapters[model] = max_adapters
         self.max_tenant_adapters[model] = max_tenant_adapters
         self.waiting.setdefault(model, deque())
@@ -178,7 +186,7 @@ class Scheduler:
         """Forget a model with no unfinished sequences."""
         assert not self.num_unfinished(model)
         for table in (self.block_tokens, self.max_adapters, self.max_tenant_adapters,
-                      self.waiting, self.running, self.rope_switch):
+                      self.waiting, self.running, self.rope_switch, self.windows):
             table.pop(model)
         self.resident_adapters.pop(model, None)
         self.adapter_pages.pop(model, None)
@@ -196,7 +204,36 @@ class Scheduler:
 
     def _pages_needed(self, seq: Sequence, num_new: int) -> int:
         bt = self.block_tokens[seq.model]
-        return -(-(seq.num_computed_tokens + num_new) // bt) - len(seq.pages)
+        return (-(-(seq.num_computed_tokens + num_new) // bt) - seq.num_dropped_pages
+                - len(seq.pages))
+
+    def peak_pages(self, model: str, num_tokens: int) -> int:
+        """The most KV pages a sequence of ``num_tokens`` tokens holds at once: all its
+        blocks, or with every layer windowed the window's blocks plus one step's tokens
+        (a step computes at most ``max_num_batched_tokens`` of one sequence)."""
+        bt, window = self.block_tokens[model], self.windows.get(model, 0)
+        pages = -(-num_tokens // bt)
+        if window:
+            pages = min(pages, (window - 1 + self.config.max_num_batched_tokens) // bt + 2)
+        return pages
+
+    def dead_blocks(self, seq: Sequence, first_query: int) -> int:
+        """Blocks a sequence's queries from position ``first_query`` on never read: those
+        wholly behind every layer's window (0 where some layer sees everything)."""
+        window = self.windows.get(seq.model, 0)
+        if not window:
+            return 0
+        return max(0, first_query - window + 1) // self.block_tokens[seq.model]
+
+    def release_behind_window(self, seq: Sequence) -> None:
+        """Free the sequence's pages that no query of it will read again (behind every
+        layer's window of its next token); an indexed one stays cached for other prompts."""
+        dead = self.dead_blocks(seq, seq.num_computed_tokens) - seq.num_dropped_pages
+        if dead > 0:
+            self.pages.free(seq.pages[:dead])
+            del seq.pages[:dead]
+            seq.num_dropped_pages += dead
+            self.num_released_pages += dead
 
     def _preempt(self, seq: Sequence, swap: bool = True) -> None:
         """Swap the sequence's KV out to host pages, or (no room there, or ``swap`` False)
@@ -207,9 +244,9 @@ class Scheduler:
         host = self.host_pages.allocate(len(seq.pages)) if self.host_pages and swap else None
         if host is not None and seq.pages:
             self._swap_out.extend(zip(seq.pages, host))
-            seq.host_pages = host
+            seq.host_pages = host  # (its released blocks stay released)
         else:
-            seq.num_computed_tokens = 0
+            seq.num_computed_tokens = seq.num_dropped_pages = 0
         self.pages.free(seq.pages)  # indexed pages stay cached: a recompute may hit them
         seq.pages = []
         seq.num_indexed_pages = 0
@@ -419,6 +456,7 @@ class Scheduler:
                 if hit:  # not admitted: the prefix goes back to the cache
                     self.pages.free(seq.pages)
                     seq.pages, seq.num_computed_tokens, seq.num_indexed_pages = [], 0, 0
+                    seq.num_dropped_pages = 0
                 if num_new == 0:
                     continue
                 break
@@ -494,21 +532,44 @@ class Scheduler:
                 or seq.params.pooling == "mean"):
             return 0
         bt = self.block_tokens[seq.model]
-        hit = self.pages.lookup([self._page_key(seq, i)
-                                 for i in range((seq.num_tokens - 1) // bt)])
+        keys = [self._page_key(seq, i) for i in range((seq.num_tokens - 1) // bt)]
+        if self.windows.get(seq.model):
+            blocks, dead = self._window_hit(seq, keys)
+            hit = self.pages.lookup(keys[dead:blocks])
+        else:
+            hit = self.pages.lookup(keys)
+            blocks, dead = len(hit), 0
         if not hit:
             return 0
         self.pages.share(hit)
         seq.pages = list(hit)
-        seq.num_computed_tokens = len(hit) * bt
-        seq.num_indexed_pages = len(hit)
+        seq.num_dropped_pages = dead
+        seq.num_computed_tokens = blocks * bt
+        seq.num_indexed_pages = blocks
         return seq.num_computed_tokens
+
+    def _window_hit(self, seq: Sequence, keys: list[bytes]) -> tuple[int, int]:
+        """(blocks, dead): the longest run of cached blocks a sequence of a model whose
+        every layer is windowed can skip: only the blocks its window reaches back into
+        from the first token it computes must be cached (``dead`` before them need not)."""
+        cached = [self.pages.lookup([k]) != [] for k in keys]
+        run = 0  # cached blocks just before block i
+        best = (0, 0)
+        for i, here in enumerate(cached, 1):
+            run = run + 1 if here else 0
+            dead = self.dead_blocks(seq, i * self.block_tokens[seq.model])
+            if run and i - run <= dead:
+                best = (i, dead)
+        return best
 
     def _index_full_pages(self, seq: Sequence) -> None:
         """Put the sequence's newly computed full pages in the prefix index."""
-        full = min(seq.num_computed_tokens // self.block_tokens[seq.model], len(seq.pages))
-        for i in range(seq.num_indexed_pages, full):
-            self.pages.register(seq.pages[i], self._page_key(seq, i), seq.model, seq.adapter)
+        first = seq.num_dropped_pages
+        full = min(seq.num_computed_tokens // self.block_tokens[seq.model],
+                   first + len(seq.pages))
+        for i in range(max(seq.num_indexed_pages, first), full):
+            self.pages.register(seq.pages[i - first], self._page_key(seq, i), seq.model,
+                                seq.adapter)
         seq.num_indexed_pages = max(seq.num_indexed_pages, full)
 
     def _fair_order(self, model: str) -> list[Sequence]:
@@ -589,6 +650,7 @@ class Scheduler:
             s.seq.num_computed_tokens += s.num_new_tokens
             if s.seq.cache_root is not None and self.config.enable_prefix_caching:
                 self._index_full_pages(s.seq)
+            self.release_behind_window(s.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence wherever it is and free its pages. Safe to call twice."""
@@ -601,7 +663,7 @@ class Scheduler:
         elif seq in self.waiting[seq.model]:
             self.waiting[seq.model].remove(seq)
         self.pages.free(seq.pages)
-        seq.pages = []
+        seq.pages, seq.num_dropped_pages = [], 0
         if seq.host_pages:
             self.host_pages.free(seq.host_pages)
             seq.host_pages = []
