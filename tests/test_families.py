@@ -425,3 +425,54 @@ def test_gemma_norms_round_as_transformers_in_bf16():
     ours = rms_norm(x, norm.weight.float() + 1.0, 1e-6)
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, norm(x))
     assert not torch.equal(rms_norm(x, (norm.weight.float() + 1.0).bfloat16(), 1e-6), norm(x))
+
+
+def _released_and_poisoned(folder, dtype, release: bool, poison: bool):
+    """Six requests of a model whose every layer sees its last 6 keys, in a pool of 6 pages
+    (every page kept: 64) with host swap, chunks of 7 tokens; with ``poison`` every free page is filled with NaN
+    after each step (a kernel reading a released page, whose table entry names page 0 or
+    whose bytes another request may now own, would then give NaN or other tokens)."""
+    from gpupool.config import SchedulerConfig
+    from gpupool.engine.core import EngineCore
+    from gpupool.messages.types import EngineRequest
+    from gpupool.models.loaded import LoadedModel
+    from gpupool.pool.kv import KVStorage
+    from tests.factories import DeltaLog
+
+    kv = KVStorage(6 if release else 64, 4096 if dtype == torch.float32 else 2048,
+                   "cpu")  # 8 tokens a page
+    kv.enable_host_swap(64)
+    core = EngineCore(SchedulerConfig(max_num_batched_tokens=7, enable_prefix_caching=False,
+                                      max_prefill_tokens_while_decoding=7),  # not timed
+                      kv.pages, kv)
+    core.add_worker(LoadedModel("m", folder, torch.device("cpu"), kv, dtype))
+    if not release:
+        core.scheduler.windows["m"] = 0
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(random_prompts(6, 20, 40, seed=21)):
+        core.enqueue(EngineRequest(str(i), "m", ids, params))
+    log = DeltaLog()
+    pages = kv.storage.view(kv.pages.num_pages, kv.page_bytes)
+    while core.has_work():
+        log.add(core.step())
+        core.check_integrity()
+        if poison:
+            pages[torch.tensor(kv.pages._free, dtype=torch.long)] = 0xFF  # NaN in fp32, bf16
+    assert kv.pages.num_used_pages == 0
+    return ([log.tokens[str(i)] for i in range(6)], core.scheduler.num_released_pages,
+            core.scheduler.num_preemptions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_released_pages_are_never_read(tiny_models, dtype):
+    """fp32 (the fixed-order torch attention): transformers' greedy tokens with pages
+    released behind the window, preempted ones swapped out and back, free pages poisoned;
+    bf16 (the native kernels where they built): the same tokens as with every page kept."""
+    folder = tiny_models("mistral")
+    tokens, released, preempted = _released_and_poisoned(folder, dtype, True, True)
+    if dtype == torch.float32:
+        want = hf_greedy(folder, random_prompts(6, 20, 40, seed=21), 24)
+    else:
+        want = _released_and_poisoned(folder, dtype, False, False)[0]
+    assert tokens == want
+    assert released > 0 and preempted > 0

@@ -3,7 +3,7 @@
 from collections import Counter
 
 from gpupool import SamplingParams
-from gpupool.pool.pages import PagePool
+from gpupool.pool.pages import PagePool, prefix_root
 from gpupool.scheduler.policy import Policy
 from gpupool.scheduler.request import Sequence, Status
 from gpupool.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -396,3 +396,69 @@ def test_an_admitted_requests_adapter_keeps_its_pages_through_other_preemptions(
     assert sorted(q.request_id for q in out.preempted) == ["new", "old"]
     assert not pool.is_pinned(("M2", "X"))  # its request was preempted: idle
     pool.check_integrity()
+
+
+def _windowed(num_pages=100, window=6, **cfg):
+    s = Scheduler(SchedulerConfig(**cfg), PagePool(num_pages))
+    s.add_model("m", 4, window=window)  # 4 tokens a block; every layer sees its last 6 keys
+    return s
+
+
+def test_pages_behind_every_layers_window_are_released_as_a_sequence_grows():
+    """A token at position p sees keys p - 5 .. p: the blocks wholly before the next token's
+    window are freed after each step, and the table keeps their places."""
+    s = _windowed(max_num_batched_tokens=8)
+    seq = _seq(0, 21)
+    s.enqueue(seq)
+    most = 0
+    for _ in range(30):
+        out = s.schedule()
+        most = max(most, len(seq.pages))
+        _advance(s, out)
+        n = seq.num_computed_tokens
+        assert seq.num_dropped_pages == max(0, n - 5) // 4
+        assert seq.num_dropped_pages + len(seq.pages) == -(-n // 4)
+        assert seq.block_table[seq.num_dropped_pages:] == seq.pages
+        assert seq.block_table[: seq.num_dropped_pages] == [0] * seq.num_dropped_pages
+        s.pages.check_integrity({p: 1 for p in seq.pages})
+    assert seq.num_computed_tokens == 48  # 21 in 3 chunks, then 27 decoded
+    assert seq.num_dropped_pages == s.num_released_pages == (48 - 5) // 4
+    assert most <= s.peak_pages("m", 999) == (6 - 1 + 8) // 4 + 2
+    s.finish(seq, "length")
+    assert s.pages.num_used_pages == 0 and s.pages.num_free_pages == 100
+
+
+def test_a_model_with_a_global_layer_keeps_every_page():
+    s = _windowed(window=0)
+    seq = _seq(0, 21)
+    s.enqueue(seq)
+    for _ in range(10):
+        _advance(s, s.schedule())
+    assert seq.num_dropped_pages == 0 and len(seq.pages) == -(-seq.num_computed_tokens // 4)
+    assert s.peak_pages("m", 999) == -(-999 // 4)
+
+
+def test_a_windowed_prefix_hit_needs_only_the_blocks_its_window_reaches():
+    """The first prompt's early blocks, released and cached first, are evicted first; the
+    same prompt again still skips 28 of its 30 tokens: its first computed token (28) sees
+    keys 23.. only, in blocks 5 and 6. Without windows nothing is found (block 0 is gone)."""
+    for window in (6, 0):
+        s = _windowed(num_pages=10, window=window, max_num_batched_tokens=32)
+        root = prefix_root("m", None, None)
+        first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999, cache_root=root)
+        s.enqueue(first)
+        _advance(s, s.schedule())
+        s.finish(first, "stop")
+        assert s.pages.num_cached_pages == 7  # full blocks 0..6
+        taken = s.pages.allocate(7)  # 3 free pages, then 4 cached ones evicted
+        s.pages.free(taken)
+        again = Sequence("b", "m", list(range(30)), SamplingParams(), 1.0, 999,
+                         cache_root=root)
+        s.enqueue(again)
+        out = s.schedule()
+        if window:
+            assert again.num_dropped_pages == 5 and len(again.pages) == 3  # 5, 6 + new 7
+            assert out.scheduled[0].num_new_tokens == 2 and s.cache_hits["m"] == 28
+        else:
+            assert out.scheduled[0].num_new_tokens == 30 and s.cache_hits["m"] == 0
+        s.pages.check_integrity({p: 1 for p in again.pages})
