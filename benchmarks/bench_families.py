@@ -15,7 +15,14 @@ time, --rounds rounds alternating. Timed: time to first token of a 1000-token pr
 decode tokens/s at batch 1 and 8 (prompts of 600 tokens, past the windows, prefilled by a
 call before and found in the prefix cache; 32 new tokens, greedy). Medians and ranges;
 native over torch.
+
+--kv: the windowed Mistral's KV memory instead. 12 requests of 800-token prompts and 48 new
+tokens (greedy) at once, on the native kernels, in a KV pool of 3 requests' whole contexts:
+pages behind every layer's window released (this change) against every page kept (the
+scheduler told the model has no window: the same kernels and bits). Timed: the whole run's
+tokens/s; counted: preemptions, the most requests running at once, pages released.
 Usage: python3 benchmarks/bench_families.py [--json] [--rounds 3] [--models gemma3,mistral]
+       python3 benchmarks/bench_families.py --kv [--json] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -98,12 +105,65 @@ def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
         engine.shutdown()
 
 
+def _measure_kv(folder: Path, release: bool, threads: int) -> dict[str, float]:
+    from gpupool.models.config import ModelConfig
+
+    cfg = ModelConfig.from_folder(folder)
+    per_token = cfg.kv_bytes_per_token(2)
+    engine = Engine(device="cpu", dtype="bfloat16", threads=threads,
+                    enable_prefix_caching=False, kv_cache_bytes=3 * 848 * per_token)
+    try:
+        engine.add_model("m", str(folder))
+        engine.generate(_prompts(1, 64, 0), SamplingParams(max_tokens=1, temperature=0))
+        scheduler = engine.local.core.scheduler
+        if not release:
+            scheduler.windows["m"] = 0
+        most, step = 0, scheduler.schedule
+
+        def counting(now=None):  # the most sequences running at once
+            nonlocal most
+            out = step(now)
+            most = max(most, len(scheduler.running["m"]))
+            return out
+
+        scheduler.schedule = counting
+        before = (scheduler.num_preemptions, scheduler.num_released_pages)
+        params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        engine.generate(_prompts(12, 800, 7), params)
+        seconds = time.perf_counter() - start
+        return {"tok_s": 12 * 48 / seconds, "preemptions": scheduler.num_preemptions - before[0],
+                "most_running": most,
+                "released_pages": scheduler.num_released_pages - before[1]}
+    finally:
+        engine.shutdown()
+
+
+def main_kv(args, threads: int) -> None:
+    folder = _make(default_home() / "bench-families" / "mistral", "mistral")
+    runs: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):
+        for mode in ("released", "kept"):
+            for key, value in _measure_kv(folder, mode == "released", threads).items():
+                runs.setdefault(mode, {}).setdefault(key, []).append(value)
+    result: dict = {"cpu": cpu_flags(), "threads": threads, "rounds": args.rounds}
+    for mode, got in runs.items():
+        result[mode] = {k: [round(statistics.median(v), 1), round(min(v), 1),
+                            round(max(v), 1)] for k, v in got.items()}
+    result["released_over_kept_tok_s"] = round(statistics.median(runs["released"]["tok_s"])
+                                               / statistics.median(runs["kept"]["tok_s"]), 2)
+    emit(result, args.json)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--kv", action="store_true", help="the windowed model's KV memory")
     args = ap.parse_args()
+    if args.kv:
+        return main_kv(args, engine_threads())
     root = default_home() / "bench-families"
     kinds = args.models.split(",")
     folders = {k: _make(root / k, k) for k in kinds}

@@ -174,11 +174,12 @@ def _rope(cfg: dict) -> tuple[float, dict, float, float | None]:
         scaling["rope_type"] = scaling["type"]
     if scaling.get("rope_type", "default") == "default":
         scaling = {}
-    elif (scaling["rope_type"] == "longrope"
-          and "original_max_position_embeddings" not in scaling):
-        scaling["original_max_position_embeddings"] = int(
-            cfg.get("original_max_position_embeddings")
-            or cfg.get("max_position_embeddings", 2048))
+    elif scaling["rope_type"] in ("llama3", "yarn", "longrope"):  # (transformers' rule)
+        if cfg.get("original_max_position_embeddings"):  # Phi-3's, beside the scaling
+            scaling["original_max_position_embeddings"] = int(
+                cfg["original_max_position_embeddings"])
+        scaling.setdefault("original_max_position_embeddings",
+                           int(cfg.get("max_position_embeddings", 2048)))
     return theta, scaling, partial, float(local) if local else None
 
 

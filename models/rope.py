@@ -1,5 +1,5 @@
-"""Rotary position embeddings: default, linear, Llama-3 and LongRoPE frequency scaling, and
-partial rotary dimensions.
+"""Rotary position embeddings: default, linear, Llama-3, YaRN and LongRoPE frequency scaling,
+and partial rotary dimensions.
 
 LongRoPE (Phi-3): a sequence of at most ``original_max_position_embeddings`` tokens uses the
 short factors, a longer one the long factors at every position, each row scaled by the
@@ -25,7 +25,7 @@ from gpupool.kernels import reference
 from gpupool.models.config import ModelConfig
 from gpupool.models.errors import ModelLoadError
 
-SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def inv_frequencies(cfg: ModelConfig, long: bool = False) -> torch.Tensor:
@@ -47,6 +47,8 @@ def inv_frequencies(cfg: ModelConfig, long: bool = False) -> torch.Tensor:
     inv = 1.0 / (cfg.rope_theta ** shape)
     if kind == "linear":
         return inv / scaling["factor"]
+    if kind == "yarn":
+        return _yarn_frequencies(cfg, cfg.rope_theta ** shape)
     if kind == "llama3":
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -58,6 +60,52 @@ def inv_frequencies(cfg: ModelConfig, long: bool = False) -> torch.Tensor:
         medium = ~(wavelen < hi_wavelen) * ~(wavelen > lo_wavelen)
         return torch.where(medium, smoothed, scaled)
     return inv
+
+
+def _yarn_factor(cfg: ModelConfig) -> float:
+    scaling = cfg.rope_scaling
+    return float(scaling.get("factor") or cfg.max_position_embeddings
+                 / scaling["original_max_position_embeddings"])
+
+
+def _yarn_frequencies(cfg: ModelConfig, pos_freqs: torch.Tensor) -> torch.Tensor:
+    """YaRN (Peng et al. 2023; Qwen2.5/Qwen3's long context, gpt-oss): each frequency
+    between its own and its interpolated one (/ factor) by a ramp over the dimensions whose
+    number of rotations in the original context lies between beta_slow and beta_fast;
+    transformers' arithmetic, its ``truncate`` included."""
+    scaling, dim, base = cfg.rope_scaling, cfg.rotary_dim, cfg.rope_theta
+    original = scaling["original_max_position_embeddings"]
+    factor = _yarn_factor(cfg)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = correction_dim(scaling.get("beta_fast") or 32)
+    high = correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (transformers': no division by zero)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # the share of the frequency's own value
+    return 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+
+
+def _yarn_attention_factor(cfg: ModelConfig) -> float:
+    """The scale of YaRN's cos and sin rows: ``attention_factor``, else 0.1 ln(factor) + 1
+    (with DeepSeek's ``mscale`` / ``mscale_all_dim`` where both are given)."""
+    scaling = cfg.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = _yarn_factor(cfg)
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return float(mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"]))
+    return mscale(factor)
 
 
 def _longrope_attention_factor(cfg: ModelConfig) -> float:
@@ -99,6 +147,8 @@ def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype, device,
     scale = 1.0
     if rope_switch(cfg) is not None:
         scale = _longrope_attention_factor(cfg)
+    elif cfg.rope_scaling.get("rope_type") == "yarn":
+        scale = _yarn_attention_factor(cfg)
     pad = (cfg.head_dim - cfg.rotary_dim) // 2  # dimensions that do not rotate: angle 0
     freqs = torch.cat((freqs, freqs.new_zeros(max_positions, pad)), dim=-1)
     emb = torch.cat((freqs, freqs), dim=-1)

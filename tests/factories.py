@@ -27,6 +27,10 @@ VARIANTS = {
     "qwen2_window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 6,
                                      "max_window_layers": 1}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    # YaRN (Qwen3's long context), its original context 16 (the parity prompts are longer)
+    "qwen3_yarn": ("Qwen3Config", {"head_dim": 32, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 16}}),
     # Phi-3.5-style: fused qkv/gate_up checkpoint, LongRoPE (its long factors from position
     # 128, past the parity prompts: transformers recomputes a sequence that crosses it,
     # tests/test_families.py)

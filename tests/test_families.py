@@ -65,6 +65,32 @@ def test_rotary_tables_are_transformers(tiny_models, variant):
         assert bool((ours[:, 0, r:] == 1).all() and (ours[:, 1, r:] == 0).all())
 
 
+@pytest.mark.parametrize("params", [
+    {"factor": 4.0, "original_max_position_embeddings": 16},
+    {"factor": 32.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+     "beta_slow": 2.0, "truncate": False},  # gpt-oss's kind
+    {"factor": 8.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
+    {"factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+     "mscale_all_dim": 0.707}])  # DeepSeek's kind
+def test_yarn_tables_are_transformers(params):
+    """YaRN's cos/sin rows equal transformers' (its frequencies' ramp, truncated or not, and
+    its attention factor, given, computed, or from mscale and mscale_all_dim)."""
+    import transformers
+
+    hf = transformers.Qwen3Config(head_dim=32, hidden_size=64, num_attention_heads=2,
+                                  num_key_value_heads=2,
+                                  max_position_embeddings=512, rope_parameters={
+                                      "rope_type": "yarn", "rope_theta": 10000.0, **params})
+    rot = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf)
+    cfg = ModelConfig.from_dict({**hf.to_dict(), "architectures": ["Qwen3ForCausalLM"]})
+    cos, sin = rot(torch.zeros(1, 300, 64), torch.arange(300)[None])
+    table = cos_sin_table(cfg, 300, torch.float32, "cpu")
+    assert torch.equal(table[:, 0], cos[0]) and torch.equal(table[:, 1], sin[0])
+    assert not torch.equal(table, cos_sin_table(ModelConfig.from_dict(
+        {**hf.to_dict(), "rope_parameters": {"rope_theta": 10000.0},
+         "architectures": ["Qwen3ForCausalLM"]}), 300, torch.float32, "cpu"))
+
+
 def test_sequences_crossing_the_longrope_switch_match_transformers(switching):
     """Prompts shorter than the switch that grow past it while decoding (transformers
     recomputes their cache with the long factors; so does the scheduler), and prompts longer
