@@ -184,13 +184,15 @@ class TorchOps:
         return q
 
     def attention(self, cfg, q, k_cache, v_cache, batch, scale: float, window: int = 0,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size].
         ``window``: a query sees only its last ``window`` keys (0: all); ``softcap``: the
-        scores tanh soft-capped (Gemma 2); both only through the fixed-order attention."""
-        if self.batch_invariant or window or softcap:
-            return fixed.attention(q, k_cache, v_cache, batch, scale, window, softcap).reshape(
-                q.shape[0], cfg.q_size)
+        scores tanh soft-capped (Gemma 2); ``sinks``: a logit a head in every row's softmax,
+        its probability dropped (gpt-oss); all only through the fixed-order attention."""
+        if self.batch_invariant or window or softcap or sinks is not None:
+            return fixed.attention(q, k_cache, v_cache, batch, scale, window, softcap,
+                                   sinks).reshape(q.shape[0], cfg.q_size)
         nd = batch.num_decode
         parts = []
         if nd:
@@ -521,16 +523,17 @@ class NativeOps(TorchOps):
         return qkv
 
     def attention(self, cfg, q, k_cache, v_cache, batch, scale, window: int = 0,
-                  softcap: float | None = None):
+                  softcap: float | None = None, sinks: torch.Tensor | None = None):
         """``window``: a token sees only its last ``window`` keys (0: all); ``softcap``
-        (Gemma 2's tanh capping of the scores): the fixed-order torch attention, which has it
-        (kernels.fixed: a row's bits whatever shares the step)."""
+        (Gemma 2's tanh capping of the scores) and ``sinks`` (gpt-oss): the fixed-order
+        torch attention, which has them (kernels.fixed: a row's bits whatever shares the
+        step)."""
         def fixed_order():  # every row by kernels.fixed's attention
             qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
             return fixed.attention(qh, k_cache, v_cache, batch, scale, window,
-                                   softcap).reshape(qh.shape[0], cfg.q_size)
+                                   softcap, sinks).reshape(qh.shape[0], cfg.q_size)
 
-        if softcap or (window and batch.num_prefill_seqs
+        if softcap or sinks is not None or (window and batch.num_prefill_seqs
                        and not native.has_prefill_attention(cfg.head_dim)):
             return fixed_order()  # (the torch prefill path has no window)
         nd = batch.num_decode

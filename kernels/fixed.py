@@ -264,14 +264,15 @@ def _keys(cache: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, blocks: 
 
 
 def _attend(qt: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            scale: float, used: int, window: int = 0,
-            softcap: float | None = None) -> torch.Tensor:
+            scale: float, used: int, window: int = 0, softcap: float | None = None,
+            sink: torch.Tensor | None = None) -> torch.Tensor:
     """Items of one KV head of one sequence, N query vectors each (N >= COLUMNS, the first
     ``used`` real): ``qt`` [I, D, N] (the vectors as columns), ``qpos`` [I, used] their
     positions, ``k`` [I, blocks, BLOCK, D], ``v`` [I, blocks, D, BLOCK]; returns float32
     [I, D, used]. ``window``: a vector sees keys within ``window`` of its position only
     (transformers' sliding window: position - key < window); ``softcap``: scores become
-    tanh(s / cap) * cap (each alone: the same bits whatever else is computed)."""
+    tanh(s / cap) * cap (each alone: the same bits whatever else is computed); ``sink``
+    [I, used]: each vector's sink logit, in its maximum and denominator."""
     items, blocks, _, d = k.shape
     n, span = qt.shape[2], blocks * BLOCK
     qb = qt[:, None].expand(items, blocks, d, n).reshape(items * blocks, d, n)
@@ -288,8 +289,12 @@ def _attend(qt: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tens
         scores.masked_fill_(key_pos <= qpos[:, None, :] - window, float("-inf"))
     scores = scores.view(items, blocks, BLOCK, used)
     top = scores.amax((1, 2))  # [I, used]: every vector sees its own key
+    if sink is not None:
+        top = torch.maximum(top, sink)
     p = torch.exp(scores - top[:, None, None, :])
     den = _tree(_halving_sum(p, 2))  # [I, used]
+    if sink is not None:
+        den = den + torch.exp(sink - top)
     if used < n:  # the product's N: zero columns up to the padded count
         p = torch.cat([p, p.new_zeros(items, blocks, BLOCK, n - used)], 3)
     pv = torch.bmm(v.reshape(items * blocks, d, BLOCK), p.view(items * blocks, BLOCK, n))
@@ -297,7 +302,8 @@ def _attend(qt: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-              scale: float, window: int = 0, softcap: float | None = None) -> torch.Tensor:
+              scale: float, window: int = 0, softcap: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Decode rows, then each prefill sequence's rows (``models.batch.ForwardBatch``), over
     the paged KV; q: [T, H, D]; returns [T, H, D] in q's dtype.
 
@@ -306,12 +312,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
     COLUMNS up: a decode row's vectors are padded to COLUMNS with zeros; probed), the
     vector's maximum over what it may see (exact in any order), exp, each block's sum by a
     halving tree and the blocks' sums by a tree over a power-of-two count (blocks a vector
-    cannot see add exact zeros); the probabilities times V likewise."""
+    cannot see add exact zeros); the probabilities times V likewise. ``sinks`` [H]: each
+    head's logit beside its scores (in the maximum and the denominator, no value)."""
     t, h, d = q.shape
     kvh = k_cache.shape[2]
     grp = h // kvh
     out = torch.empty(t, h, d, dtype=q.dtype)
     qf = q.float()
+    sink = None if sinks is None else sinks.float().view(kvh, grp)
     nd = batch.num_decode
     if nd:  # every decode row in one pass: its group's vectors padded to COLUMNS
         ctx = batch.decode_context_lens.long()
@@ -324,7 +332,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
         qt[..., :grp] = qf[:nd].view(nd, kvh, grp, d).transpose(2, 3)
         qpos = (ctx - 1)[:, None, None].expand(nd, kvh, grp).reshape(nd * kvh, grp)
         o = _attend(qt.view(nd * kvh, d, cols), qpos, k.view(nd * kvh, blocks, BLOCK, d),
-                    v.view(nd * kvh, blocks, d, BLOCK), scale, grp, window, softcap)
+                    v.view(nd * kvh, blocks, d, BLOCK), scale, grp, window, softcap,
+                    None if sink is None else sink.repeat(nd, 1))
         out[:nd] = o.view(nd, kvh, d, grp).permute(0, 1, 3, 2).reshape(nd, h, d)
     cu = batch.prefill_cu_seqlens.tolist()
     for s, c in enumerate(batch.prefill_context_lens.tolist()):
@@ -344,7 +353,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
             qt[..., : rows * grp] = qs[lo:hi].permute(1, 3, 0, 2).reshape(kvh, d, rows * grp)
             qpos = torch.arange(c - n + lo, c - n + hi).repeat_interleave(grp)[None]
             o = _attend(qt, qpos.expand(kvh, rows * grp), k, v, scale, rows * grp, window,
-                        softcap)
+                        softcap, None if sink is None else sink.repeat(1, rows))
             out[r0 + lo : r0 + hi] = o.view(kvh, d, rows, grp).permute(2, 0, 3, 1).reshape(
                 rows, h, d)
     return out

@@ -60,6 +60,16 @@ def act_mul(gate_up: torch.Tensor, kind: str) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def swiglu_oai(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's activation of ``gate_up`` = [gate | up] (its interleaved halves split at
+    load): gate clamped above at ``limit``, up to +-``limit``, then
+    ``(up + 1) * gate * sigmoid(alpha * gate)``, in the input's dtype as transformers."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2 * inter] (gate first)."""
     gate, up = gate_up.chunk(2, dim=-1)

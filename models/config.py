@@ -25,9 +25,11 @@ SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",  # mixture of experts: softmax top-k routing, renormalised
     "Qwen3MoeForCausalLM",  # ... norm_topk_prob from the config, dense layers among them
     "OlmoeForCausalLM",  # ... q and k normed whole, an optional clip of q, k and v
+    "GptOssForCausalLM",  # ... top-k then softmax, biases, clamped SwiGLU; attention sinks
 )
 MOE = {"MixtralForCausalLM": "block_sparse_moe.", "Qwen3MoeForCausalLM": "mlp.",
-       "OlmoeForCausalLM": "mlp."}
+       "OlmoeForCausalLM": "mlp.", "GptOssForCausalLM": "mlp."}
+GPT_OSS = "GptOssForCausalLM"
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 OWN_INT4 = "gpupool_int4"  # a converted GGUF's 4-bit tensors (models/gguf.py, quantized.py)
 # a 4-bit checkpoint's tensor names for one layer, by method: the layer's name + each suffix,
@@ -56,6 +58,8 @@ def checkpoint_quant(cfg: dict, source: str) -> dict:
     method = str(qc.get("quant_method", "")).lower()
     bits = qc.get("bits", qc.get("w_bit", 4))
     group = qc.get("group_size", qc.get("q_group_size", 128))
+    if method == "mxfp4":  # gpt-oss's experts: de-quantized as they are read (loader)
+        return {}
     if method not in ("gptq", "awq", OWN_INT4):
         raise ModelLoadError(f"{source}: quantization {method or qc!r} is not supported; "
                              "gpupool reads 4-bit GPTQ and AWQ checkpoints and GGUF files")
@@ -88,6 +92,13 @@ def _moe(cfg: dict, arch: str) -> dict:
                 "experts_per_tok": int(cfg["num_experts_per_tok"]),
                 "moe_intermediate_size": int(cfg["intermediate_size"]), "norm_topk_prob": True,
                 "moe_layers": (True,) * n}
+    if arch == GPT_OSS:  # the router's top-k logits, then their softmax; biases
+        return {"num_experts": int(cfg["num_local_experts"]),
+                "experts_per_tok": int(cfg["num_experts_per_tok"]),
+                "moe_intermediate_size": int(cfg["intermediate_size"]),
+                "router_topk_first": True, "moe_bias": True, "moe_layers": (True,) * n,
+                "activation": "swiglu_oai", "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
+                "swiglu_alpha": float(cfg.get("swiglu_alpha", 1.702)), "attn_sinks": True}
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or ())
     experts = int(cfg.get("num_experts") or cfg["num_local_experts"])  # 4.x / 5.x names
@@ -103,6 +114,8 @@ def _moe(cfg: dict, arch: str) -> dict:
 # transformers' Qwen2 and Qwen3 configs; Mistral, Mixtral, Phi-3 and Qwen3-MoE window every
 # layer when sliding_window is set
 QWEN_WINDOWS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+LAYER_TYPES = (*QWEN_WINDOWS[:2], GPT_OSS)  # windows where layer_types says (gpt-oss: every
+# other layer from the first, by default)
 
 
 def _windows(cfg: dict, window: int, arch: str) -> dict:
@@ -111,9 +124,11 @@ def _windows(cfg: dict, window: int, arch: str) -> dict:
     if window <= 0:
         return {}
     n = int(cfg["num_hidden_layers"])
-    if arch in QWEN_WINDOWS[:2]:
+    if arch in LAYER_TYPES:
         types = cfg.get("layer_types")
-        if not isinstance(types, list) or len(types) != n:
+        if (not isinstance(types, list) or len(types) != n) and arch == GPT_OSS:
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        elif not isinstance(types, list) or len(types) != n:
             first = int(cfg.get("max_window_layers", 28))
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
         windows = tuple(window if t == "sliding_attention" else 0 for t in types)
@@ -201,6 +216,7 @@ class ModelConfig:
     rope_scaling: dict = field(default_factory=dict)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
+    o_bias: bool = False  # attention_bias (Llama's spelling; not Qwen2): o_proj's bias too
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
     fused_checkpoint: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first part of each head
@@ -210,7 +226,10 @@ class ModelConfig:
     norm_offset: bool = False
     embed_scale: bool = False
     sandwich_norms: bool = False
-    activation: str = "silu"  # or "gelu_tanh"
+    activation: str = "silu"  # or "gelu_tanh", or "swiglu_oai" (gpt-oss: clamped, below)
+    swiglu_limit: float = 7.0  # gpt-oss: gate clamped above, up on both sides, at this
+    swiglu_alpha: float = 1.702  # ... and act = (up + 1) * gate * sigmoid(alpha * gate)
+    attn_sinks: bool = False  # gpt-oss: a learned logit a head beside every row's scores
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -225,6 +244,8 @@ class ModelConfig:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    router_topk_first: bool = False  # gpt-oss: softmax over the top-k logits only
+    moe_bias: bool = False  # gpt-oss: biases on the router and each expert's projections
     moe_layers: tuple[bool, ...] = ()
     qk_norm_whole: bool = False  # OLMoE: q and k normed as whole vectors, not per head
     clip_qkv: float | None = None  # OLMoE: q, k and v clipped to this magnitude
@@ -260,7 +281,8 @@ class ModelConfig:
         a model runs on the torch ops on CUDA, and on the native ones op by op on CPU, torch's
         where they have no kernel (``kernels.backend.select``, ``NativeOps``)."""
         return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
-                    or self.final_softcap or self.embed_scale or self.qk_norm_whole)
+                    or self.final_softcap or self.embed_scale or self.qk_norm_whole
+                    or self.attn_sinks or self.o_bias)
 
     @property
     def rotary_dim(self) -> int:
@@ -293,6 +315,9 @@ class ModelConfig:
         divide, named), or None (models/tp.py)."""
         if world <= 1:
             return None
+        if self.o_bias or self.moe_bias or self.attn_sinks:
+            return (f"{self.architecture}: biases on row-parallel projections and attention "
+                    "sinks are not sharded yet")
         bad = []
         if self.num_heads % world:
             bad.append(f"{self.num_heads} attention heads")
@@ -372,6 +397,7 @@ class ModelConfig:
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+                o_bias=arch != "Qwen2ForCausalLM" and bool(cfg.get("attention_bias", False)),
                 qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                                  *GEMMA[1:]),
                 qk_norm_whole=arch == "OlmoeForCausalLM",

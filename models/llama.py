@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from gpupool.kernels import backend, quant4
+from gpupool.kernels import backend, quant4, reference
 from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
@@ -175,7 +175,7 @@ class LlamaModel:
         ops, cfg, eps = self.ops, self.cfg, self.cfg.rms_norm_eps
         x, h = ops.add_norm(x, delta, lw["input_norm"], eps)
         o = self._attention(plan, h, lw, kv, batch, lora, i)  # [T, q_size]
-        out = ops.linear(plan, o, lw, "o_weight")
+        out = ops.linear(plan, o, lw, "o_weight", lw.get("o_bias"))  # (no bias over ranks)
         if self.tp is not None:  # row-parallel: the ranks' partial sums added
             out = self.tp.all_reduce(out)
         if lora is not None:
@@ -193,7 +193,7 @@ class LlamaModel:
             gate_up = ops.linear(plan, h, lw, "gate_up_weight")  # [T, 2 * inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
-            act = ops.act_mul(gate_up, cfg.activation)
+            act = self._act(gate_up)
             delta = ops.linear(plan, act, lw, "down_weight")
             if self.tp is not None:
                 delta = self.tp.all_reduce(delta)
@@ -221,11 +221,15 @@ class LlamaModel:
         step's adapter has some): each expert's rows get their adapters' terms after its
         gate_up and its down product (``LoraBatch.apply_expert``), through this loop only."""
         ops, cfg = self.ops, self.cfg
-        probs = torch.softmax(ops.linear(plan, h, lw, "router_weight"), dim=-1,
-                              dtype=torch.float)
-        top, idx = torch.topk(probs, cfg.experts_per_tok, dim=-1)
-        if cfg.norm_topk_prob:
-            top = top / top.sum(dim=-1, keepdim=True)
+        logits = ops.linear(plan, h, lw, "router_weight", lw.get("router_bias"))
+        if cfg.router_topk_first:  # gpt-oss: the top logits' softmax, in h's dtype
+            top, idx = torch.topk(logits, cfg.experts_per_tok, dim=-1)
+            top = torch.softmax(top, dim=-1, dtype=top.dtype)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+            top, idx = torch.topk(probs, cfg.experts_per_tok, dim=-1)
+            if cfg.norm_topk_prob:
+                top = top / top.sum(dim=-1, keepdim=True)
         top = top.to(h.dtype)
         adapted = lora is not None and lora.experts
         if not adapted:
@@ -247,12 +251,14 @@ class LlamaModel:
         for e, n in enumerate(torch.bincount(flat, minlength=cfg.num_experts).tolist()):
             if n:
                 gate_up = ops.linear(plan, xs[start : start + n], lw,
-                                     f"experts.{e}.gate_up_weight")
+                                     f"experts.{e}.gate_up_weight",
+                                     lw.get(f"experts.{e}.gate_up_bias"))
                 if adapted:
                     lora.apply_expert(layer, "experts_gate_up", e, rows[start : start + n],
                                       xs[start : start + n], gate_up)
-                act = ops.act_mul(gate_up, cfg.activation)
-                y = ops.linear(plan, act, lw, f"experts.{e}.down_weight")
+                act = self._act(gate_up)
+                y = ops.linear(plan, act, lw, f"experts.{e}.down_weight",
+                               lw.get(f"experts.{e}.down_bias"))
                 if adapted:
                     lora.apply_expert(layer, "experts_down", e, rows[start : start + n], act, y)
                 parts.append(y * ws[start : start + n, None])
@@ -264,16 +270,24 @@ class LlamaModel:
             acc += placed[:, j]
         return acc.to(h.dtype)
 
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP's activation of [gate | up]: the backend's, or gpt-oss's clamped SwiGLU."""
+        cfg = self.cfg
+        if cfg.activation == "swiglu_oai":
+            return reference.swiglu_oai(gate_up, cfg.swiglu_limit, cfg.swiglu_alpha)
+        return self.ops.act_mul(gate_up, cfg.activation)
+
     def _one_rows_experts(self, plan, h, lw, top, idx):
         """:meth:`_experts` for a single row: its experts in ascending order, each weighted
         output added to a float32 zero in that order as the general path does, without its
         sorts, gathers and scatters (a dozen small ops a layer fewer)."""
-        ops, cfg = self.ops, self.cfg
+        ops = self.ops
         acc = torch.zeros(h.shape, dtype=torch.float32)
         for e, p in sorted(zip(idx[0].tolist(), range(idx.shape[1]))):
-            gate_up = ops.linear(plan, h, lw, f"experts.{e}.gate_up_weight")
-            y = ops.linear(plan, ops.act_mul(gate_up, cfg.activation), lw,
-                           f"experts.{e}.down_weight")
+            gate_up = ops.linear(plan, h, lw, f"experts.{e}.gate_up_weight",
+                                 lw.get(f"experts.{e}.gate_up_bias"))
+            y = ops.linear(plan, self._act(gate_up), lw, f"experts.{e}.down_weight",
+                           lw.get(f"experts.{e}.down_bias"))
             acc += (y * top[:, p, None]).float()
         return acc.to(h.dtype)
 
@@ -296,8 +310,9 @@ class LlamaModel:
         if self.tp is not None and cfg.qk_norm_whole:  # OLMoE on a rank: whole-vector norms
             qkv, cfg = self._qk_norm_tp(qkv, lw), self._cfg_normed()
         q = ops.rope_kv(plan, cfg, qkv, lw, k_cache, v_cache, batch)
+        sinks = {"sinks": lw["sinks"]} if cfg.attn_sinks else {}
         return ops.attention(cfg, q, k_cache, v_cache, batch, self.scale,
-                             **self.attn_options[i])
+                             **self.attn_options[i], **sinks)
 
     def _qk_norm_tp(self, qkv: torch.Tensor, lw) -> torch.Tensor:
         """OLMoE's q and k normed as whole vectors on a tensor-parallel rank (its q and k

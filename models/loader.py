@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from gpupool.kernels import quant4
 from gpupool.kernels.reference import permute_heads
-from gpupool.models.config import MOE, ModelConfig
+from gpupool.models.config import GPT_OSS, MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.quantized import Int4, group_of, layer_parts, read_int4
 from gpupool.models.rope import rotary_order
@@ -36,6 +36,15 @@ def _expert_sources(cfg: ModelConfig, i: int) -> dict:
     a dense layer's are)."""
     h, mi = cfg.hidden_size, cfg.moe_intermediate_size
     m = f"model.layers.{i}." + MOE[cfg.architecture]
+    if cfg.architecture == GPT_OSS:  # every expert in one tensor a part: see _read_stacked
+        out = {f"layers.{i}.router_weight": ((cfg.num_experts, h), [m + "router.weight"]),
+               f"layers.{i}.router_bias": ((cfg.num_experts,), [m + "router.bias"])}
+        for e in range(cfg.num_experts):
+            for part, shape in (("gate_up", (2 * mi, h)), ("down", (h, mi))):
+                x = f"{m}experts.{part}_proj"
+                out[f"layers.{i}.experts.{e}.{part}_weight"] = (shape, [f"{x}[{e}]"])
+                out[f"layers.{i}.experts.{e}.{part}_bias"] = (shape[:1], [f"{x}_bias[{e}]"])
+        return out
     mixtral = cfg.architecture == "MixtralForCausalLM"
     gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     out = {f"layers.{i}.router_weight": ((cfg.num_experts, h), [m + "gate.weight"])}
@@ -71,6 +80,10 @@ def weight_sources(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[st
             out[f"layers.{i}.q_norm"] = ((q if whole else hd,), [a + "q_norm.weight"])
             out[f"layers.{i}.k_norm"] = ((kv if whole else hd,), [a + "k_norm.weight"])
         out[f"layers.{i}.o_weight"] = ((h, q), [a + "o_proj.weight"])
+        if cfg.o_bias:
+            out[f"layers.{i}.o_bias"] = ((h,), [a + "o_proj.bias"])
+        if cfg.attn_sinks:
+            out[f"layers.{i}.sinks"] = ((cfg.num_heads,), [a + "sinks"])
         out[f"layers.{i}.post_norm"] = ((h,), [p + "post_attention_layernorm.weight"])
         if cfg.sandwich_norms:  # Gemma 2: post_norm on the attention's output, then these
             out[f"layers.{i}.pre_ff_norm"] = ((h,), [p + "pre_feedforward_layernorm.weight"])
@@ -297,18 +310,64 @@ def _stored_4bit(cfg: ModelConfig, where: dict) -> tuple[dict[str, int], frozens
     return out, frozenset(out) if cfg.quant.get("desc_act") else frozenset()
 
 
+# MXFP4 (gpt-oss's experts): 4-bit e2m1 codes, two a byte (the low nibble first), and a
+# power-of-two scale (a biased exponent byte) for each 32 of a row
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values of MXFP4 ``blocks`` [..., G, 16] (uint8) with ``scales`` [..., G]
+    (uint8, exponent + 127): [..., G * 32] (exact: each value is a code times 2^e)."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    b = blocks.to(torch.int64)
+    codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
+    exp = scales.to(torch.int32) - 127
+    return torch.ldexp(lut[codes], exp[..., None].float()).reshape(*blocks.shape[:-2], -1)
+
+
+def stacked_base(src: str) -> str:
+    """The checkpoint tensor a ``name[e]`` source (one expert of gpt-oss's stacked experts)
+    reads from; any other source is itself."""
+    return src[: src.index("[")] if src.endswith("]") else src
+
+
+def _read_stacked(get, where: dict, src: str) -> torch.Tensor:
+    """Expert ``e`` of gpt-oss's stacked tensor ``name[e]`` in our layout: its gate_up
+    ([E, hidden, 2 inter], gate and up interleaved: gate columns 0, 2, ..) as [gate | up]
+    rows, its down ([E, inter, hidden]) transposed, biases de-interleaved likewise; from
+    MXFP4 blocks and scales (stored [E, rows, ...]: rows are outputs) where the checkpoint
+    holds those."""
+    name = stacked_base(src)
+    e = int(src[len(name) + 1: -1])
+    if name in where:
+        t = get(name, e)
+        t = t if t.dim() == 1 else t.t()
+    elif name + "_blocks" in where and name + "_scales" in where:
+        t = mxfp4_values(get(name + "_blocks", e), get(name + "_scales", e))
+    else:
+        raise ModelLoadError(f"checkpoint has no tensor {name!r} (nor MXFP4 blocks)")
+    if "gate_up" in name:
+        t = torch.cat((t[0::2], t[1::2]))
+    return t.contiguous()
+
+
 def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict):
     """Checkpoint tensor ``src``: a tensor, or its 4-bit form (:class:`Int4`) where the
     checkpoint holds it 4-bit."""
-    def get(name: str) -> torch.Tensor:
+    def get(name: str, index: int | None = None) -> torch.Tensor:
         file = where[name]
         if file not in handles:
             handles[file] = _open(file)
         try:
+            if index is not None:  # one expert's slice of a stacked tensor
+                return handles[file].get_slice(alias.get(name, name))[index]
             return handles[file].get_tensor(alias.get(name, name))
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, IndexError) as e:
             raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
+    if src.endswith("]"):
+        return _read_stacked(get, where, src)
     if src not in where:
         t = read_int4(get, src, quant, lambda n: n in where)
         if t is not None:
@@ -337,7 +396,9 @@ def load_flat_weights(
             row = 0
             for src in sources:
                 parts = layer_parts(src, cfg.quant)
-                path = where.get(src) or (where.get(parts[0]) if parts else None)
+                base = stacked_base(src)
+                path = (where.get(base) or where.get(base + "_blocks")
+                        or (where.get(parts[0]) if parts else None))
                 if path is None:
                     raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
                 t = _read(handles, where, alias, src, cfg.quant)

@@ -15,8 +15,9 @@ from gpupool.models.errors import ModelLoadError
 # a 4-bit checkpoint's tensors (config.INT4_PARTS): packed values count as the weights they
 # hold (int32 words: 8, bytes: 2); the groups' scales, zeros and orders are in the 0.75 byte
 # an element of a 4-bit model
-PACKED = {INT4_PARTS["gptq"][0]: 8, INT4_PARTS[OWN_INT4][0]: 2}
-GROUP_PARTS = tuple(sorted({p for parts in INT4_PARTS.values() for p in parts[1:]}))
+PACKED = {INT4_PARTS["gptq"][0]: 8, INT4_PARTS[OWN_INT4][0]: 2,
+          "_blocks": 2}  # MXFP4 (gpt-oss's experts): two 4-bit codes a byte
+GROUP_PARTS = (*sorted({p for parts in INT4_PARTS.values() for p in parts[1:]}), "_scales")
 
 
 def parameter_count(folder: str | Path) -> int:

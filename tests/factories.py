@@ -56,6 +56,13 @@ VARIANTS = {
                                      "moe_intermediate_size": 32, "head_dim": 16,
                                      "norm_topk_prob": True, "mlp_only_layers": [1]}),
     "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 4.0}),
+    # gpt-oss: attention sinks, biases, layer 0 sees its last 6 keys, YaRN, 4 experts with
+    # biases, 2 a token by the softmax of their top logits, clamped SwiGLU
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                 "head_dim": 16, "sliding_window": 6, "rope_parameters": {
+                                     "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                     "original_max_position_embeddings": 16}}),
     # three of six experts a token: a row's sum of more than two outputs
     "qwen3_moe_k3": ("Qwen3MoeConfig", {"num_experts": 6, "num_experts_per_tok": 3,
                                         "moe_intermediate_size": 32, "head_dim": 16,

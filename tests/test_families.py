@@ -240,7 +240,7 @@ def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(tiny_models, tmp_p
 
 
 # ---- mixtures of experts ----------------------------------------------------------------------
-MOE_VARIANTS = ("mixtral", "qwen3_moe", "olmoe")
+MOE_VARIANTS = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 def _router_margins_clear(hf, ids: list[int], k: int) -> bool:
@@ -455,9 +455,10 @@ def test_gemma_norms_round_as_transformers_in_bf16():
 
 def _released_and_poisoned(folder, dtype, release: bool, poison: bool):
     """Six requests of a model whose every layer sees its last 6 keys, in a pool of 6 pages
-    (every page kept: 64) with host swap, chunks of 7 tokens; with ``poison`` every free page is filled with NaN
-    after each step (a kernel reading a released page, whose table entry names page 0 or
-    whose bytes another request may now own, would then give NaN or other tokens)."""
+    (every page kept: 64) with host swap, chunks of 7 tokens; with ``poison`` every free
+    page is filled with NaN after each step (a kernel reading a released page, whose table
+    entry names page 0 or whose bytes another request may now own, would then give NaN or
+    other tokens)."""
     from gpupool.config import SchedulerConfig
     from gpupool.engine.core import EngineCore
     from gpupool.messages.types import EngineRequest
@@ -502,3 +503,62 @@ def test_released_pages_are_never_read(tiny_models, dtype):
         want = _released_and_poisoned(folder, dtype, False, False)[0]
     assert tokens == want
     assert released > 0 and preempted > 0
+
+
+def test_mxfp4_values_are_transformers_dequantization():
+    """gpt-oss's MXFP4 experts (two e2m1 codes a byte, a power-of-two scale a 32): the
+    values the loader reads equal transformers' de-quantization (its layout transposed)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from gpupool.models.loader import mxfp4_values
+
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (3, 8, 4, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(100, 150, (3, 8, 4), generator=g, dtype=torch.uint8)
+    want = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
+    assert torch.equal(mxfp4_values(blocks, scales), want)
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models, tmp_path):
+    """The tiny gpt-oss with MXFP4 experts (blocks and scales as gpt-oss ships them, a
+    quantization_config of mxfp4): greedy tokens equal transformers' on the same values
+    stored plainly; the gateway's size check counts the blocks as their values."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gpupool.models.loader import mxfp4_values
+    from gpupool.models.sizes import parameter_count
+
+    src = tiny_models("gpt_oss")
+    plain, packed = tmp_path / "plain", tmp_path / "mxfp4"
+    shutil.copytree(src, plain)
+    shutil.copytree(src, packed)
+    tensors = load_file(str(src / "model.safetensors"))
+    quantized = dict(tensors)
+    g = torch.Generator().manual_seed(5)
+    for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
+        e, cols, rows = tensors[name].shape  # stored [E, in, out]; blocks are [E, out, ...]
+        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g,
+                               dtype=torch.uint8)
+        scales = torch.randint(124, 127, (e, rows, cols // 32), generator=g,
+                               dtype=torch.uint8)
+        tensors[name] = mxfp4_values(blocks, scales).transpose(1, 2).contiguous()
+        del quantized[name]
+        quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
+    save_file(tensors, str(plain / "model.safetensors"))
+    save_file(quantized, str(packed / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    (packed / "config.json").write_text(json.dumps(
+        {**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    assert parameter_count(packed) == parameter_count(plain)
+    prompts = random_prompts(4, 5, 30, seed=23)
+    want = hf_greedy(plain, prompts, 12)
+    engine = make_engine(packed)
+    try:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
+                                                       ignore_eos=True))
+        assert [list(o.token_ids)[: len(w)] for o, w in zip(outs, want)] == want
+    finally:
+        engine.shutdown()
