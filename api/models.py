@@ -18,7 +18,7 @@ from gpupool.api.state import StateStore
 from gpupool.config import ServerConfig, check_model_options
 from gpupool.config import check_name as config_check_name
 from gpupool.frontend.pooling import pooling_of
-from gpupool.frontend.reasoning import END, START, marker_ids
+from gpupool.frontend.reasoning import END, HARMONY, START, reasoning_markers
 from gpupool.messages.client import EngineClient
 from gpupool.messages.errors import AdapterError, ModelLoadError, RequestError
 from gpupool.messages.types import AddAdapter, AddModel, RemoveAdapter, RemoveModel
@@ -141,10 +141,11 @@ class ModelManager:
                                            spec.get("tbt_ms") or None, spec.get("dtype"),
                                            spec.get("quantization")))
         try:
-            if (spec.get("reasoning_parser")
-                    and marker_ids(self.client.tokenizer(name)) is None):
-                raise ValueError(f"reasoning_parser {spec['reasoning_parser']}: the model's "
-                                 f"vocabulary has no {START} and {END} tokens")
+            parser = spec.get("reasoning_parser")
+            if parser and reasoning_markers(self.client.tokenizer(name), parser) is None:
+                need = HARMONY if parser == "gpt_oss" else (START, END)
+                raise ValueError(f"reasoning_parser {parser}: the model's vocabulary has no "
+                                 f"{' and '.join(need)} tokens")
             if spec.get("task") == "embed":
                 pooling_of(spec["path"])  # its pooling is one the engine does
         except ValueError:

@@ -29,7 +29,7 @@ class ModelBody(_Body):
     tbt_ms: float | None = Field(None, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     quantization: Literal["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "none"] | None = None
-    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
+    reasoning_parser: Literal["qwen3", "deepseek_r1", "gpt_oss"] | None = None
     task: Literal["generate", "embed"] = "generate"
 
 

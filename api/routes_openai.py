@@ -38,6 +38,7 @@ from gpupool.api.protocol import (
 from gpupool.api.util import read_json
 from gpupool.frontend.reasoning import (
     AnswerStream,
+    is_harmony,
     prompt_state,
     read_answer,
     reasoning_markers,
@@ -624,7 +625,7 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
             # choice k's seed, wrapped into the signed 64-bit range
             seed = None if req.seed is None else (req.seed + k + 2**63) % 2**64 - 2**63
             params = sampling_params(req, max_tokens, route.logprobs(req), seed, tokenizer)
-            if think is not None and params.structured is not None:
+            if think is not None and params.structured is not None and not is_harmony(think):
                 state = prompt_state(prompt, think)
                 if state != "closed":
                     params = dataclasses.replace(params,
@@ -633,8 +634,9 @@ def _choices(route: _Route, req, tenant: Tenant | None, info: ModelInfo,
             salt = tenant.cache_salt(req.cache_salt) if tenant else req.cache_salt
             engine_req = EngineRequest(rid, req.model, prompt, params,
                                        tenant.name if tenant else None, cache_salt=salt)
-            out.append(_Choice(len(out), engine_req,
-                               TextStream(rid, req.model, tokenizer, prompt, params)))
+            out.append(_Choice(len(out), engine_req, TextStream(
+                rid, req.model, tokenizer, prompt, params,
+                keep_special=is_harmony(think))))  # (its parser reads the markers)
     return out
 
 
@@ -674,7 +676,7 @@ async def start_call(state, tenant: Tenant | None, req, route: _Route) -> Call:
                             "/v1/embeddings", param="model")
     think = None  # a thinking model's markers: its chat answers' reasoning apart
     if route is CHAT and spec.get("reasoning_parser"):
-        think = reasoning_markers(tokenizer)
+        think = reasoning_markers(tokenizer, spec["reasoning_parser"])
     prompts = await asyncio.to_thread(route.prompts, req, tokenizer, info)
     run = Run(state, req.model, tenant, n=req.n)
     # off the event loop: bad_words are tokenized here (thousands of them take seconds)
@@ -682,7 +684,8 @@ async def start_call(state, tenant: Tenant | None, req, route: _Route) -> Call:
                                       run.call_id, think)
     await run.start(choices)
     tools = None  # the model's tool-call format, when the answer may hold calls
-    if isinstance(req, ChatCompletionRequest) and req.tool_choice_value() != "none":
+    if (isinstance(req, ChatCompletionRequest) and req.tool_choice_value() != "none"
+            and not is_harmony(think)):  # (harmony's calls are its parser's)
         tools = tool_format(tokenizer)
     return Call(run, tokenizer, prompts, tools, think)
 

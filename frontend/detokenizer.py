@@ -21,11 +21,13 @@ class DetokenizerState:
     text: str = ""
     stop_checked_upto: int = 0
     extra: dict = field(default_factory=dict)
+    skip_special: bool = True  # special tokens left out of the text
 
     @classmethod
-    def start(cls, prompt_token_ids: list[int]) -> DetokenizerState:
+    def start(cls, prompt_token_ids: list[int], skip_special: bool = True) -> DetokenizerState:
         tail = list(prompt_token_ids[-CONTEXT_TOKENS:])
-        return cls(tokens=tail, prefix_offset=0, read_offset=len(tail))
+        return cls(tokens=tail, prefix_offset=0, read_offset=len(tail),
+                   skip_special=skip_special)
 
 
 def append_token(tokenizer, state: DetokenizerState, token_id: int) -> str:
@@ -33,10 +35,11 @@ def append_token(tokenizer, state: DetokenizerState, token_id: int) -> str:
     state.tokens.append(token_id)
     if tokenizer is None:
         return ""
+    skip = state.skip_special
     prefix = tokenizer.decode(
-        state.tokens[state.prefix_offset : state.read_offset], skip_special_tokens=True
+        state.tokens[state.prefix_offset : state.read_offset], skip_special_tokens=skip
     )
-    full = tokenizer.decode(state.tokens[state.prefix_offset :], skip_special_tokens=True)
+    full = tokenizer.decode(state.tokens[state.prefix_offset :], skip_special_tokens=skip)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         delta = full[len(prefix) :]
         state.prefix_offset = state.read_offset

@@ -13,36 +13,62 @@ from the prompt's last marker:
 - neither: the output is reasoning if it opens with ``<think>``, else content.
 
 Whitespace right after ``</think>`` is dropped (the models write a blank line there).
+
+A third parser, ``gpt_oss``, reads gpt-oss's harmony channels instead (``frontend/harmony.py``:
+its analysis channel is the reasoning, its tool calls its own).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from gpupool.frontend.harmony import HarmonyStream, read_harmony
 from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
 
-PARSERS = ("qwen3", "deepseek_r1")
+PARSERS = ("qwen3", "deepseek_r1", "gpt_oss")
 START, END = "<think>", "</think>"
+HARMONY = ("<|channel|>", "<|end|>", "<|message|>")  # gpt_oss: markers it needs
 
 
-def marker_ids(tokenizer) -> tuple[int, int] | None:
-    """The ids of ``<think>`` and ``</think>`` when each is one token of the vocabulary."""
+class Markers(NamedTuple):
+    """A thinking model's marker ids: the block's start and end (gpt_oss: ``<|channel|>``
+    and ``<|end|>``, ``harmony`` set), and the other special ids (turn boundaries)."""
+    start: int
+    end: int
+    stops: frozenset = frozenset()
+    harmony: bool = False
+
+
+def marker_ids(tokenizer, markers: tuple[str, ...] = (START, END)) -> tuple[int, ...] | None:
+    """The ids of ``markers`` (``<think>`` and ``</think>``) when each is one token of the
+    vocabulary."""
     if tokenizer is None:
         return None
     out = []
-    for marker in (START, END):
+    for marker in markers:
         tid = tokenizer.convert_tokens_to_ids(marker)
         if not isinstance(tid, int) or tokenizer.convert_ids_to_tokens(tid) != marker:
             return None
         out.append(tid)
-    return out[0], out[1]
+    return tuple(out)
 
 
-def reasoning_markers(tokenizer) -> tuple[int, int, frozenset] | None:
-    """(``<think>`` id, ``</think>`` id, the other special token ids: turn boundaries that
-    end the search for a marker in the prompt), or None."""
+def reasoning_markers(tokenizer, parser: str = "qwen3") -> Markers | None:
+    """The markers of ``parser`` (``<think>`` id, ``</think>`` id, the other special token
+    ids: turn boundaries that end the search for a marker in the prompt; gpt_oss: harmony's),
+    or None where the vocabulary lacks them."""
+    if parser == "gpt_oss":
+        ids = marker_ids(tokenizer, HARMONY)
+        return None if ids is None else Markers(ids[0], ids[1], frozenset(), True)
     ids = marker_ids(tokenizer)
     if ids is None:
         return None
-    return (*ids, frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) - set(ids))
+    return Markers(*ids, frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) - set(ids))
+
+
+def is_harmony(think) -> bool:
+    """Whether ``think`` (markers, a plain (start, end) pair, or None) are gpt_oss's."""
+    return bool(getattr(think, "harmony", False))
 
 
 def prompt_state(prompt: list[int], markers: tuple) -> str:
@@ -121,11 +147,13 @@ def split_reasoning(text: str, state: str) -> tuple[str | None, str | None]:
     return reasoning, content or None
 
 
-def read_answer(text: str, prompt: list[int], think: tuple | None,
+def read_answer(text: str, prompt: list[int], think: Markers | tuple | None,
                 tools: str | None) -> tuple[str | None, str | None, list]:
     """(reasoning or None, content, tool calls) of a whole chat answer: a thinking model's
     reasoning apart (``think``: its markers, ``reasoning_markers``), then the calls of the
     model's tool-call format (``tools``) read from the content only."""
+    if is_harmony(think):  # its channels, its own tool calls
+        return read_harmony(text)
     reasoning, content, calls = None, text, []
     if think is not None:
         reasoning, content = split_reasoning(text, prompt_state(prompt, think))
@@ -139,17 +167,28 @@ class AnswerStream:
     to send now (content that may be a tool call held back), ``finish`` the content held
     back and the calls."""
 
-    def __init__(self, prompt: list[int], think: tuple | None, tools: str | None):
-        self.thinking = (ReasoningStream(prompt_state(prompt, think)) if think is not None
-                         else None)
-        self.tools = ToolStreamParser(tools) if tools is not None else None
+    def __init__(self, prompt: list[int], think: Markers | tuple | None, tools: str | None):
+        self.harmony = HarmonyStream() if is_harmony(think) else None
+        self.thinking = (ReasoningStream(prompt_state(prompt, think))
+                         if think is not None and self.harmony is None else None)
+        self.tools = (ToolStreamParser(tools) if tools is not None and self.harmony is None
+                      else None)
+        self.held: list = []  # harmony's calls, read as its output ended
 
     @property
     def reasoned(self) -> bool:
         """Whether a reasoning block was opened."""
+        if self.harmony is not None:
+            return self.harmony.reasoned
         return self.thinking is not None and self.thinking.reasoned
 
     def feed(self, delta: str, finished: bool) -> tuple[str, str]:
+        if self.harmony is not None:
+            reasoning, content = self.harmony.feed(delta)
+            if finished:
+                more, rest, self.held = self.harmony.finish()
+                reasoning, content = reasoning + more, content + rest
+            return reasoning, content
         reasoning, content = "", delta
         if self.thinking is not None:
             reasoning, content = self.thinking.feed(delta)
@@ -162,4 +201,6 @@ class AnswerStream:
 
     def finish(self) -> tuple[str, list]:
         """(the content held back as a possible call, the calls) at the answer's end."""
+        if self.harmony is not None:
+            return "", self.held
         return self.tools.finish() if self.tools is not None else ("", [])

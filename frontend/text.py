@@ -120,11 +120,13 @@ class TextStream:
     changed. ``stopped``: a stop string ended the output (abort the engine request)."""
 
     def __init__(self, request_id: str, model: str, tokenizer, prompt_token_ids,
-                 params: SamplingParams, delivered_token_ids=()):
+                 params: SamplingParams, delivered_token_ids=(), keep_special: bool = False):
+        """``keep_special``: special tokens stay in the text (a parser reads them: gpt-oss's
+        harmony channels)."""
         self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
         self.prompt_token_ids = tuple(prompt_token_ids)
         self.params = params
-        self.detok = DetokenizerState.start(list(prompt_token_ids))
+        self.detok = DetokenizerState.start(list(prompt_token_ids), not keep_special)
         self.token_ids: list[int] = []
         self.logprobs: list | None = [] if params.logprobs is not None else None
         self.emitted_chars = self.emitted_tokens = 0

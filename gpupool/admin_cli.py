@@ -169,8 +169,10 @@ def add_parsers(sub) -> None:
                    help="add: int8 weight-only (default: the server's)")
     m.add_argument("--ttft-ms", type=float, default=None, help="add: time-to-first-token SLO")
     m.add_argument("--tbt-ms", type=float, default=None, help="add: time-between-tokens SLO")
-    m.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
-                   help="add: a thinking model (its <think> text as reasoning_content)")
+    m.add_argument("--reasoning-parser", default=None,
+                   choices=["qwen3", "deepseek_r1", "gpt_oss"],
+                   help="add: a thinking model (its <think> text, or gpt-oss's analysis "
+                        "channel, as reasoning_content)")
     m.add_argument("--task", default=None, choices=["generate", "embed"],
                    help="add: embed serves /v1/embeddings (default generate)")
     a = sub.add_parser("adapters", help="list, add or remove a running server's adapters")

@@ -202,9 +202,11 @@ def _http_args(s) -> None:
                    help=f"serve a model folder (repeatable; default {DEFAULT_MODEL}=smollm2)")
     s.add_argument("--adapter", action="append", metavar="NAME=BASE:PATH",
                    help="serve a PEFT LoRA adapter of a served base model (repeatable)")
-    s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+    s.add_argument("--reasoning-parser", default=None,
+                   choices=["qwen3", "deepseek_r1", "gpt_oss"],
                    help="the --model models (or the default) are thinking models: their "
-                        "<think> text goes out as reasoning_content")
+                        "<think> text (gpt_oss: harmony's analysis channel) goes out as "
+                        "reasoning_content")
     s.add_argument("--task", default=None, choices=["generate", "embed"],
                    help="embed: the --model models (or the default) serve /v1/embeddings "
                         "instead of completions (default generate)")
