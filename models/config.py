@@ -96,9 +96,7 @@ def _moe(cfg: dict, arch: str) -> dict:
         return {"num_experts": int(cfg["num_local_experts"]),
                 "experts_per_tok": int(cfg["num_experts_per_tok"]),
                 "moe_intermediate_size": int(cfg["intermediate_size"]),
-                "router_topk_first": True, "moe_bias": True, "moe_layers": (True,) * n,
-                "activation": "swiglu_oai", "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
-                "swiglu_alpha": float(cfg.get("swiglu_alpha", 1.702)), "attn_sinks": True}
+                "router_topk_first": True, "moe_bias": True, "moe_layers": (True,) * n}
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or ())
     experts = int(cfg.get("num_experts") or cfg["num_local_experts"])  # 4.x / 5.x names
@@ -116,6 +114,12 @@ def _moe(cfg: dict, arch: str) -> dict:
 QWEN_WINDOWS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 LAYER_TYPES = (*QWEN_WINDOWS[:2], GPT_OSS)  # windows where layer_types says (gpt-oss: every
 # other layer from the first, by default)
+
+
+def _gpt_oss(cfg: dict) -> dict:
+    """gpt-oss's fields of ModelConfig beside its mixture's: the clamped SwiGLU, the sinks."""
+    return {"activation": "swiglu_oai", "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
+            "swiglu_alpha": float(cfg.get("swiglu_alpha", 1.702)), "attn_sinks": True}
 
 
 def _windows(cfg: dict, window: int, arch: str) -> dict:
@@ -407,6 +411,7 @@ class ModelConfig:
                 **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA
                    else _windows(cfg, int(window or 0), arch)),
                 **(_moe(cfg, arch) if arch in MOE else {}),
+                **(_gpt_oss(cfg) if arch == GPT_OSS else {}),
                 quant=checkpoint_quant(cfg, source),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),

@@ -15,6 +15,8 @@ VARIANTS = {
     # name: (transformers config class, extra config)
     "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
     "llama_tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    # attention_bias: q, k, v and o_proj biases (o_proj's was not read before gpt-oss)
+    "llama_bias": ("LlamaConfig", {"attention_bias": True}),
     "llama3_rope": ("LlamaConfig", {
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
