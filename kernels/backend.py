@@ -91,6 +91,7 @@ class TorchOps:
     triton = False  # Triton kernels for attention, SGMV and int8 products
     paged_lora = False  # lora_paged: LoRA terms read in place from the adapters' pages
     capture_safe = False  # a CUDA step reads nothing back to the host (CUDA graphs)
+    windowed = False  # decode/prefill_attention take sliding windows and sinks
 
     def __init__(self, reference_only: bool = False, fused_lora: bool = False,
                  invariant: bool = False, dtype: torch.dtype | None = None):
@@ -189,20 +190,24 @@ class TorchOps:
         """Decode rows, then each prefill sequence's rows, over the paged KV: [T, q_size].
         ``window``: a query sees only its last ``window`` keys (0: all); ``softcap``: the
         scores tanh soft-capped (Gemma 2); ``sinks``: a logit a head in every row's softmax,
-        its probability dropped (gpt-oss); all only through the fixed-order attention."""
-        if self.batch_invariant or window or softcap or sinks is not None:
+        its probability dropped (gpt-oss); the soft cap only through the fixed-order
+        attention, windows and sinks also through a backend's own kernels where they take
+        them (``windowed``: Triton's)."""
+        shaped = bool(window) or sinks is not None
+        if self.batch_invariant or softcap or (shaped and not self.windowed):
             return fixed.attention(q, k_cache, v_cache, batch, scale, window, softcap,
                                    sinks).reshape(q.shape[0], cfg.q_size)
+        extra = {"window": window, "sinks": sinks} if shaped else {}
         nd = batch.num_decode
         parts = []
         if nd:
             parts.append(self.decode_attention(
                 q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
-                scale, batch.decode_max_len, batch.decode_min_len))
+                scale, batch.decode_max_len, batch.decode_min_len, **extra))
         if batch.num_prefill_seqs:
             parts.append(self.prefill_attention(
                 q[nd:], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
-                batch.prefill_context_lens, scale))
+                batch.prefill_context_lens, scale, **extra))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
         return o.reshape(o.shape[0], cfg.q_size)
 
@@ -262,6 +267,7 @@ class TritonOps(TorchOps):
     name = "triton"
     triton = True
     capture_safe = True
+    windowed = True
 
     def add_norm(self, x, delta, weight, eps):
         from gpupool.kernels.fused import add_rmsnorm
@@ -295,17 +301,18 @@ class TritonOps(TorchOps):
                        cfg.head_dim, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale,
-                         max_len=None, min_len=None):
+                         max_len=None, min_len=None, window: int = 0, sinks=None):
         from gpupool.kernels.paged_attention import paged_attention_decode
 
-        return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                      window, sinks)
 
     def prefill_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens, context_lens,
-                          scale):
+                          scale, window: int = 0, sinks=None):
         from gpupool.kernels.paged_attention import paged_attention_prefill
 
         return paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens,
-                                       context_lens, scale)
+                                       context_lens, scale, window, sinks)
 
     def sgmv_shrink(self, x, w, seg_starts, seg_slots, seg_rows):
         from gpupool.kernels.sgmv import sgmv_shrink
@@ -404,6 +411,7 @@ class NativeOps(TorchOps):
         tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
                 or model.cfg.torch_only  # Gemma's norms, GeGLU, caps: the ops one by one
+                or model.cfg.o_bias or model.cfg.attn_sinks  # (not in the step's call)
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
                 or (lora is not None and lora.native is None)
                 or (tp is not None and tp.shm is None)):
@@ -582,15 +590,13 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     elsewhere (``kernels="reference"``: the reference attention too)."""
     if kernels == "reference":
         return TorchOps(reference_only=True)
-    # features the Triton kernels lack (Gemma's norms, GeGLU, soft caps; sliding windows):
-    # the torch ops; the native ones take them op by op (NativeOps: torch's where it has no
-    # kernel of its own: Gemma's float32 norms, GeGLU, soft-capped attention)
+    # features the Triton kernels lack (Gemma's norms, GeGLU, soft caps; windows and sinks
+    # they take): the torch ops; the native ones take them op by op (NativeOps: torch's
+    # where it has no kernel of its own: Gemma's float32 norms, GeGLU, soft-capped attention)
     torch_only = getattr(cfg, "torch_only", False)
     invariant_torch = TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
-        if torch_only or any(getattr(cfg, "layer_windows", ())):
-            return invariant_torch
-        return TritonOps()
+        return invariant_torch if torch_only else TritonOps()
     if getattr(cfg, "attn_softcap", None):  # Gemma 2: on the native ops its soft-capped
         return invariant_torch  # attention stays torch's, and it ran slower at batch 8 and in
         # prefill than here (benchmarks/bench_families.py: 0.80-0.92x, 0.42-0.85x)

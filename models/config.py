@@ -283,10 +283,12 @@ class ModelConfig:
     def torch_only(self) -> bool:
         """Features the Triton kernels and the native whole-step decode lack (Gemma's): such
         a model runs on the torch ops on CUDA, and on the native ones op by op on CPU, torch's
-        where they have no kernel (``kernels.backend.select``, ``NativeOps``)."""
-        return bool(self.sandwich_norms or self.activation != "silu" or self.attn_softcap
-                    or self.final_softcap or self.embed_scale or self.qk_norm_whole
-                    or self.attn_sinks or self.o_bias)
+        where they have no kernel (``kernels.backend.select``, ``NativeOps``). Not gpt-oss's:
+        its activation is the model's own, Triton's attention takes its sinks and windows,
+        and the whole-step decode refuses biases and sinks itself."""
+        return bool(self.sandwich_norms or self.activation not in ("silu", "swiglu_oai")
+                    or self.attn_softcap or self.final_softcap or self.embed_scale
+                    or self.qk_norm_whole)
 
     @property
     def rotary_dim(self) -> int:

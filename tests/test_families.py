@@ -562,3 +562,36 @@ def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models,
         assert [list(o.token_ids)[: len(w)] for o, w in zip(outs, want)] == want
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("variant", ["mistral", "gpt_oss"])
+def test_windows_and_sinks_on_the_triton_kernels_give_transformers_tokens(tiny_models,
+                                                                           variant):
+    """What a CUDA device runs (Triton's attention, interpreted here, fp32): a windowed
+    model (pages behind the window released) and gpt-oss (sinks, a window on layer 0) on
+    the Triton backend, its attention called with the windows and sinks, give transformers'
+    greedy tokens."""
+    from gpupool.kernels import paged_attention
+
+    folder = tiny_models(variant)
+    prompts = random_prompts(4, 10, 30, seed=29)
+    want = hf_greedy(folder, prompts, 10)
+    seen = []
+    real = paged_attention.paged_attention_decode
+
+    def spy(*a, **k):
+        seen.append((a[6], a[7] is not None))  # window, sinks
+        return real(*a, **k)
+
+    engine = make_engine(folder, kernels="triton", kv_page_bytes=4 << 10)  # 8 tokens a page
+    try:
+        assert engine.local.core.workers["m"].model.ops.name == "triton"
+        paged_attention.paged_attention_decode = spy
+        outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0,
+                                                       ignore_eos=True))
+        assert [list(o.token_ids)[: len(w)] for o, w in zip(outs, want)] == want
+        assert (6, variant == "gpt_oss") in seen
+        assert (engine.local.core.scheduler.num_released_pages > 0) == (variant == "mistral")
+    finally:
+        paged_attention.paged_attention_decode = real
+        engine.shutdown()

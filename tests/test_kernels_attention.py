@@ -163,6 +163,70 @@ def test_triton_prefill_matches_reference(block_tokens, heads, kvh, d):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def _dense_windowed(q, k, v, scale, offset, window, sinks):
+    """float64 attention of queries at positions offset.. over keys 0..: each sees its last
+    ``window`` keys (0: all), with ``sinks`` [H] (or None) beside the scores."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.einsum("nhd,lhd->hnl", q.double(), k.double()) * scale
+    rows, keys = torch.arange(q.shape[0])[:, None] + offset, torch.arange(k.shape[0])[None, :]
+    hidden = keys > rows
+    if window:
+        hidden |= keys <= rows - window
+    s = s.masked_fill(hidden, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[:, None, None].expand(*s.shape[:2], 1)], -1)
+    p = s.softmax(-1)[..., : k.shape[0]]
+    return torch.einsum("hnl,lhd->nhd", p, v.double()).float()
+
+
+def _poison_behind(k_cache, v_cache, bt, firsts, block_tokens):
+    """Point each sequence's blocks wholly before its first seen key ``firsts[i]`` at a page
+    of NaN (as released pages may hold anything): a kernel reading one gives NaN."""
+    nan_page = max(set(range(k_cache.shape[0])) - set(bt.flatten().tolist()))  # unused
+    k_cache[nan_page], v_cache[nan_page] = float("nan"), float("nan")
+    bt = bt.clone()
+    for i, first in enumerate(firsts):
+        bt[i, : max(0, first) // block_tokens] = nan_page
+    return bt
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [0, 9])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_triton_windows_and_sinks_match_dense_and_never_read_behind_the_window(
+        window, with_sinks):
+    """Sliding windows (the walk starts at the window's tile; pages wholly behind it hold
+    NaN) and gpt-oss's sinks, decode and prefill, against float64 attention."""
+    from gpupool.kernels import paged_attention as tk
+
+    heads, kvh, d, bts = 4, 2, 16, 4
+    sinks = torch.randn(heads) if with_sinks else None
+    lengths = [1, 40, 17, 64, 3]
+    k_cache, v_cache, bt, dk, dv = _paged(lengths, bts, kvh, d, num_pages=96, seed=5)
+    if window:
+        bt = _poison_behind(k_cache, v_cache, bt, [n - window for n in lengths], bts)
+    q = torch.randn(len(lengths), heads, d)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    got = tk.paged_attention_decode(q, k_cache, v_cache, bt, lens, 0.3, window, sinks)
+    for b, n in enumerate(lengths):
+        want = _dense_windowed(q[b : b + 1], dk[b], dv[b], 0.3, n - 1, window, sinks)[0]
+        torch.testing.assert_close(got[b], want, atol=2e-5, rtol=2e-5)
+    lengths, chunks = [37, 20, 5, 18], [37, 3, 1, 17]
+    k_cache, v_cache, bt, dk, dv = _paged(lengths, bts, kvh, d, num_pages=96, seed=6)
+    if window:
+        bt = _poison_behind(k_cache, v_cache, bt,
+                            [n - c - window + 1 for n, c in zip(lengths, chunks)], bts)
+    q = torch.randn(sum(chunks), heads, d)
+    cu = torch.tensor([0, 37, 40, 41, 58], dtype=torch.int32)
+    got = tk.paged_attention_prefill(q, k_cache, v_cache, bt, cu,
+                                     torch.tensor(lengths, dtype=torch.int32), 0.3, window,
+                                     sinks)
+    for s, (n, c) in enumerate(zip(lengths, chunks)):
+        want = _dense_windowed(q[cu[s] : cu[s + 1]], dk[s], dv[s], 0.3, n - c, window, sinks)
+        torch.testing.assert_close(got[cu[s] : cu[s + 1]], want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
