@@ -288,6 +288,8 @@ def adapter_weights(tensors: dict[str, torch.Tensor], scaling: float, base_cfg) 
         part = _expert_part(base_cfg, tuple(ab["A"].shape), tuple(ab["B"].shape), rank)
         a = ab["A"].reshape(experts, rank, -1)
         b = ab["B"].reshape(ab["B"].shape[0], rank, experts)
+        if part == "gate_up" and getattr(base_cfg, "interleaved_gate_up", False):
+            b = torch.cat((b[0::2], b[1::2]))  # gpt-oss: its gate outputs first, as loaded
         for e in range(experts):
             out[(layer, expert_projection(e, part))] = (a[e], b[:, :, e] * scaling)
     return out

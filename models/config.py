@@ -119,7 +119,8 @@ LAYER_TYPES = (*QWEN_WINDOWS[:2], GPT_OSS)  # windows where layer_types says (gp
 def _gpt_oss(cfg: dict) -> dict:
     """gpt-oss's fields of ModelConfig beside its mixture's: the clamped SwiGLU, the sinks."""
     return {"activation": "swiglu_oai", "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
-            "swiglu_alpha": float(cfg.get("swiglu_alpha", 1.702)), "attn_sinks": True}
+            "swiglu_alpha": float(cfg.get("swiglu_alpha", 1.702)), "attn_sinks": True,
+            "interleaved_gate_up": True}
 
 
 def _windows(cfg: dict, window: int, arch: str) -> dict:
@@ -250,6 +251,9 @@ class ModelConfig:
     norm_topk_prob: bool = False
     router_topk_first: bool = False  # gpt-oss: softmax over the top-k logits only
     moe_bias: bool = False  # gpt-oss: biases on the router and each expert's projections
+    # gpt-oss: the checkpoint's expert gate_up interleaves gate and up outputs (0, 2, .. gate);
+    # ours stacks them, so its rows (and an adapter's B rows for them) are split at load
+    interleaved_gate_up: bool = False
     moe_layers: tuple[bool, ...] = ()
     qk_norm_whole: bool = False  # OLMoE: q and k normed as whole vectors, not per head
     clip_qkv: float | None = None  # OLMoE: q, k and v clipped to this magnitude
