@@ -532,31 +532,32 @@ class NativeOps(TorchOps):
 
     def attention(self, cfg, q, k_cache, v_cache, batch, scale, window: int = 0,
                   softcap: float | None = None, sinks: torch.Tensor | None = None):
-        """``window``: a token sees only its last ``window`` keys (0: all); ``softcap``
-        (Gemma 2's tanh capping of the scores) and ``sinks`` (gpt-oss): the fixed-order
-        torch attention, which has them (kernels.fixed: a row's bits whatever shares the
-        step)."""
+        """``window``: a token sees only its last ``window`` keys (0: all); ``sinks``
+        (gpt-oss): each head's logit beside the scores (both in the native kernels);
+        ``softcap`` (Gemma 2's tanh capping of the scores): the fixed-order torch attention,
+        which has it (kernels.fixed: a row's bits whatever shares the step)."""
         def fixed_order():  # every row by kernels.fixed's attention
             qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
             return fixed.attention(qh, k_cache, v_cache, batch, scale, window,
                                    softcap, sinks).reshape(qh.shape[0], cfg.q_size)
 
-        if softcap or sinks is not None or (window and batch.num_prefill_seqs
+        shaped = bool(window) or sinks is not None
+        if softcap or (shaped and batch.num_prefill_seqs
                        and not native.has_prefill_attention(cfg.head_dim)):
-            return fixed_order()  # (the torch prefill path has no window)
+            return fixed_order()  # (the torch prefill path has no window nor sinks)
         nd = batch.num_decode
         parts = []
         if nd:
             parts.append(native.decode_attention(
                 q[:nd], cfg.num_heads, k_cache, v_cache, batch.decode_block_tables,
-                batch.decode_context_lens, scale, window))
+                batch.decode_context_lens, scale, window, sinks))
         if batch.num_prefill_seqs:
             o = None
             if native.has_prefill_attention(cfg.head_dim):  # flash-style, on the pages
                 o = native.prefill_attention(
                     q[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
-                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window)
-            if o is None and window:  # (out of memory) the fixed-order attention, windowed
+                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window, sinks)
+            if o is None and shaped:  # (out of memory) the fixed-order attention, windowed
                 return fixed_order()
             if o is None:
                 qp = q[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)

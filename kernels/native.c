@@ -515,7 +515,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *table, float scale, uint16_t *out,
-                         int64_t ldo, int64_t window, float *buf);
+                         int64_t ldo, int64_t window, const float *sinks, float *buf);
 #endif
 
 static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq,
@@ -523,7 +523,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                                   const uint16_t *v_cache, int64_t page_stride, int64_t bt,
                                   const int32_t *block_tables, int64_t ldt,
                                   const int32_t *context_lens, float scale, uint16_t *out,
-                                  int64_t window) {
+                                  int64_t window, const float *sinks) {
     int64_t group = nq / nkv;
     #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
@@ -539,7 +539,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                                     * (size_t)(group * (D + 2) + PA_BLOCK_FLOATS(D)));
                 if (!buf) continue;  /* native.py never asks for more than memory holds */
                 prefill_item(q, ldq, b, 0, 1, len - 1, g, group, nkv, D, k_cache, v_cache,
-                             page_stride, bt, table, scale, out, nq * D, window, buf);
+                             page_stride, bt, table, scale, out, nq * D, window, sinks, buf);
                 free(buf);
                 continue;
             }
@@ -549,7 +549,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
             for (int64_t j = 0; j < group; j++) {
                 const uint16_t *qr = q + b * ldq + (g * group + j) * D;
                 for (int64_t i = 0; i < D; i++) { qf[j][i] = bf2f(qr[i]); acc[j][i] = 0.0f; }
-                mx[j] = -FLT_MAX;
+                mx[j] = sinks ? sinks[g * group + j] : -FLT_MAX;  /* a sink: in the maximum */
                 den[j] = 0.0f;
             }
             float *scores = malloc(sizeof(float) * (size_t)(group * len));
@@ -573,6 +573,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
             for (int64_t j = 0; j < group; j++) {
                 float *sj = scores + j * len, m = mx[j], d = 0.0f;
                 for (int64_t t = lo; t < len; t++) { sj[t] = expf(sj[t] - m); d += sj[t]; }
+                if (sinks) d += expf(sinks[g * group + j] - m);  /* ... and the denominator */
                 den[j] = 1.0f / d;
                 for (int64_t t = lo; t < len; t++) sj[t] = round_bf(sj[t] * den[j]);
             }
@@ -599,14 +600,14 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
                          int64_t D, const uint16_t *k_cache, const uint16_t *v_cache,
                          int64_t page_stride, int64_t bt, const int32_t *block_tables,
                          int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
-                         int64_t window, int threads) {
+                         int64_t window, const float *sinks, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += context_lens[b];
     (void)work;
     #pragma omp parallel num_threads(threads) if (work * nkv >= 256)
     decode_attention_body(q, ldq, B, nq, nkv, D, k_cache, v_cache, page_stride, bt,
-                          block_tables, ldt, context_lens, scale, out, window);
+                          block_tables, ldt, context_lens, scale, out, window, sinks);
 }
 
 /* ---- prefill attention ---------------------------------------------------------------------
@@ -896,13 +897,13 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *table, float scale, uint16_t *out,
-                         int64_t ldo, int64_t window, float *buf) {
+                         int64_t ldo, int64_t window, const float *sinks, float *buf) {
     int64_t nv = nr * group;
     float *acc = buf, *mx = acc + nv * D, *den = mx + nv;
     float *blk = den + nv;  /* the key block, as the build's pa_kv_block lays it out */
-    for (int64_t v = 0; v < nv; v++) {
-        mx[v] = -INFINITY;
-        den[v] = 0.0f;
+    for (int64_t v = 0; v < nv; v++) {  /* a sink starts the online softmax: max it, sum 1 */
+        mx[v] = sinks ? sinks[g * group + v % group] : -INFINITY;
+        den[v] = sinks ? 1.0f : 0.0f;
         for (int64_t d = 0; d < D; d++) acc[v * D + d] = 0.0f;
     }
     int64_t kmax = past + r0 + nr;  /* the last row's keys */
@@ -947,7 +948,8 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
                          const int32_t *ctx, int64_t nq, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *block_tables, int64_t ldt, float scale,
-                         uint16_t *out, int64_t ldo, int64_t window, int threads) {
+                         uint16_t *out, int64_t ldo, int64_t window, const float *sinks,
+                         int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
 #ifdef HAVE_PREFILL_ATTENTION
     int64_t group = nq / nkv, items = 0;
@@ -981,7 +983,8 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
             int64_t s = it_s[it], r0 = it_r[it], n = cu[s + 1] - cu[s];
             int64_t nr = n - r0 < PA_QT ? n - r0 : PA_QT;
             prefill_item(q, ldq, cu[s], r0, nr, ctx[s] - n, it_g[it], group, nkv, D, k_cache,
-                         v_cache, ps, bt, block_tables + s * ldt, scale, out, ldo, window, buf);
+                         v_cache, ps, bt, block_tables + s * ldt, scale, out, ldo, window, sinks,
+                         buf);
         }
         free(buf);
     }
@@ -990,7 +993,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
 #else
     (void)q; (void)ldq; (void)S; (void)cu; (void)ctx; (void)nq; (void)nkv; (void)D;
     (void)k_cache; (void)v_cache; (void)ps; (void)bt; (void)block_tables; (void)ldt;
-    (void)scale; (void)out; (void)ldo; (void)window;
+    (void)scale; (void)out; (void)ldo; (void)window; (void)sinks;
     return -1;
 #endif
 }
@@ -2516,7 +2519,8 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                  st->kv->page_stride, st->slot_pages, st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
                           st->kv->block_tokens, st->block_tables, st->block_table_stride,
-                          st->context_lens, st->scale, o, st->windows ? st->windows[l] : 0);
+                          st->context_lens, st->scale, o, st->windows ? st->windows[l] : 0,
+                          NULL);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
     if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);

@@ -546,8 +546,9 @@ def test_prefill_attention_matches_the_reference(new, ctx, nq, nkv, d):
     assert err.mean() <= 1.25 * their.mean(), (err.mean(), their.mean())
 
 
-def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window):
-    """Float64 attention of each new token over its last ``window`` keys (itself included)."""
+def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks=None):
+    """Float64 attention of each new token over its last ``window`` keys (itself included),
+    with ``sinks`` [H] (a logit a head beside the scores) or none."""
     t, d, bt = qkv.shape[0], kc.shape[3], kc.shape[1]
     nkv = kc.shape[2]
     out = torch.zeros(t, nq, d, dtype=torch.float64)
@@ -560,8 +561,12 @@ def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window):
             lo = max(0, pos - window + 1)
             q = qkv[row, : nq * d].double().view(nkv, nq // nkv, d)
             sc = torch.einsum("ghd,kgd->ghk", q, keys[lo : pos + 1]) * scale
-            out[row] = torch.einsum("ghk,kgd->ghd", sc.softmax(-1),
-                                    vals[lo : pos + 1]).reshape(nq, d)
+            if sinks is not None:
+                sink = sinks.double().view(nkv, nq // nkv, 1)
+                p = torch.cat([sc, sink], -1).softmax(-1)[..., :-1]
+            else:
+                p = sc.softmax(-1)
+            out[row] = torch.einsum("ghk,kgd->ghd", p, vals[lo : pos + 1]).reshape(nq, d)
     return out.reshape(t, nq * d)
 
 
@@ -588,23 +593,27 @@ def _windowed_sdpa(q, kc, vc, tables, cu, lens, scale, window):
     ([65, 1], [300, 129], 128),     # after a cached prefix longer than the window
     ([5], [5], 16),                # the window covers everything
 ])
-def test_windowed_attention_matches_the_reference(new, ctx, window):
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_windowed_attention_matches_the_reference(new, ctx, window, with_sinks):
     """Sliding-window attention (each token over its last ``window`` keys): the native prefill
     and decode kernels against float64 on the same bf16 inputs, no further off than torch's
     SDPA in bf16 (windowed) in their largest and mean error; and each token's row the
     same bits whether its sequence's new tokens are one prefill chunk or decode rows one by
-    one (a token's attention does not depend on the chunk: batch invariance)."""
+    one (a token's attention does not depend on the chunk: batch invariance). With gpt-oss's
+    sinks: against float64 with them, no further off than SDPA is without."""
     nq, nkv, d = 6, 2, 64
     if not native.has_prefill_attention(d):
         pytest.skip("this build has no prefill attention (AVX-512 BF16 or AVX2)")
     qkv, kc, vc, tables, cu, lens = _paged_prefill_case(new, ctx, nq, nkv, d)
     scale, t = d**-0.5, qkv.shape[0]
-    exact = _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window)
-    got = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, window)
+    sinks = torch.linspace(-2.0, 3.0, nq) if with_sinks else None
+    exact = _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks)
+    got = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks)
     assert got is not None and torch.isfinite(got).all()
     theirs = _windowed_sdpa(qkv[:, : nq * d].reshape(t, nq, d), kc, vc, tables, cu, lens,
                             scale, window).reshape(t, -1)
-    err, their = (got.double() - exact).abs(), (theirs.double() - exact).abs()
+    plain = _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window)
+    err, their = (got.double() - exact).abs(), (theirs.double() - plain).abs()
     assert err.max() <= 1.25 * their.max() + 1e-3, (err.max(), their.max())
     assert err.mean() <= 1.25 * their.mean(), (err.mean(), their.mean())
     # the same tokens as decode rows: row i of sequence s with its context up to itself
@@ -615,11 +624,13 @@ def test_windowed_attention_matches_the_reference(new, ctx, window):
             row_tables.append(tables[s])
             row_lens.append(ctx[s] - new[s] + i + 1)
     dec = native.decode_attention(qkv[rows], nq, kc, vc, torch.stack(row_tables).contiguous(),
-                                  torch.tensor(row_lens, dtype=torch.int32), scale, window)
+                                  torch.tensor(row_lens, dtype=torch.int32), scale, window,
+                                  sinks)
     assert torch.equal(dec, got[rows])
     # and a window wider than every context is no window
-    wide = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, max(ctx))
-    assert torch.equal(wide, native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale))
+    wide = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, max(ctx), sinks)
+    assert torch.equal(wide, native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale,
+                                                      0, sinks))
 
 
 def _prefill_logits(engine, ids, chunk):

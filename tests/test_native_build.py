@@ -136,25 +136,28 @@ def _attention_cases():
         yield q, k_cache, v_cache, tables, cu, torch.tensor(ctx, dtype=torch.int32), group
 
 
-def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=0):
+def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=0,
+               sinks=None):
     """gp_prefill_attention of one build, or (decode) gp_decode_attention of each sequence's
-    last row over all its tokens (``window``: a sliding window, 0 none)."""
+    last row over all its tokens (``window``: a sliding window, 0 none; ``sinks``: float32
+    logits a query head, or None)."""
     kvh, d = k_cache.shape[2], k_cache.shape[3]
     nq = kvh * group
+    sink = 0 if sinks is None else sinks.data_ptr()
     if decode:
         rows = q[(cu[1:] - 1).long()].contiguous()
         out = torch.empty(rows.shape[0], nq * d, dtype=torch.bfloat16)
         lib.gp_decode_attention(rows.data_ptr(), rows.stride(0), rows.shape[0], nq, kvh, d,
                                 k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                                 k_cache.shape[1], tables.data_ptr(), tables.stride(0),
-                                ctx.data_ptr(), 0.125, out.data_ptr(), window, 2)
+                                ctx.data_ptr(), 0.125, out.data_ptr(), window, sink, 2)
         return out.view(torch.int16)
     out = torch.empty(q.shape[0], nq * d, dtype=torch.bfloat16)
     rc = lib.gp_prefill_attention(q.data_ptr(), q.stride(0), ctx.shape[0], cu.data_ptr(),
                                   ctx.data_ptr(), nq, kvh, d, k_cache.data_ptr(),
                                   v_cache.data_ptr(), k_cache.stride(0), k_cache.shape[1],
                                   tables.data_ptr(), tables.stride(0), 0.125, out.data_ptr(),
-                                  out.stride(0), window, 2)
+                                  out.stride(0), window, sink, 2)
     assert rc == 0
     return out.view(torch.int16)
 
@@ -162,14 +165,16 @@ def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=
 def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
     """Prefill chunks and decode rows (the same kernel) give the same bits in both builds, so
     an AVX2 worker's attention continues an AVX-512 worker's request exactly; sliding windows
-    too (none, inside a key block, a block's width)."""
+    too (none, inside a key block, a block's width), and gpt-oss's sinks on every other."""
     libs = _both_builds(tmp_path, monkeypatch)
     assert all(lib.gp_gemv_features() & 4 for lib in libs.values())
     compared = 0
     for i, case in enumerate(_attention_cases()):
         window = (0, 37, 64)[i % 3]
+        nq = case[1].shape[2] * case[6]
+        sinks = torch.randn(nq, generator=torch.Generator().manual_seed(i)) * 3 if i % 2 else None
         for decode in (False, True):
-            avx2, bf16 = (_attention(libs[m], *case, decode, window)
+            avx2, bf16 = (_attention(libs[m], *case, decode, window, sinks)
                           for m in ("x86-64-v3", "native"))
             assert torch.equal(avx2, bf16), (compared, decode, window, tuple(case[0].shape))
             compared += 1
