@@ -533,30 +533,30 @@ class NativeOps(TorchOps):
     def attention(self, cfg, q, k_cache, v_cache, batch, scale, window: int = 0,
                   softcap: float | None = None, sinks: torch.Tensor | None = None):
         """``window``: a token sees only its last ``window`` keys (0: all); ``sinks``
-        (gpt-oss): each head's logit beside the scores (both in the native kernels);
-        ``softcap`` (Gemma 2's tanh capping of the scores): the fixed-order torch attention,
-        which has it (kernels.fixed: a row's bits whatever shares the step)."""
+        (gpt-oss): each head's logit beside the scores; ``softcap`` (Gemma 2): scores become
+        cap tanh(s / cap); all in the native kernels (a build without the prefill kernel:
+        prefill steps through the fixed-order torch attention, kernels.fixed)."""
         def fixed_order():  # every row by kernels.fixed's attention
             qh = q[:, : cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
             return fixed.attention(qh, k_cache, v_cache, batch, scale, window,
                                    softcap, sinks).reshape(qh.shape[0], cfg.q_size)
 
-        shaped = bool(window) or sinks is not None
-        if softcap or (shaped and batch.num_prefill_seqs
-                       and not native.has_prefill_attention(cfg.head_dim)):
-            return fixed_order()  # (the torch prefill path has no window nor sinks)
+        shaped = bool(window) or sinks is not None or bool(softcap)
+        if shaped and batch.num_prefill_seqs and not native.has_prefill_attention(cfg.head_dim):
+            return fixed_order()  # (the torch prefill path has no window, sinks nor cap)
         nd = batch.num_decode
         parts = []
         if nd:
             parts.append(native.decode_attention(
                 q[:nd], cfg.num_heads, k_cache, v_cache, batch.decode_block_tables,
-                batch.decode_context_lens, scale, window, sinks))
+                batch.decode_context_lens, scale, window, sinks, softcap or 0.0))
         if batch.num_prefill_seqs:
             o = None
             if native.has_prefill_attention(cfg.head_dim):  # flash-style, on the pages
                 o = native.prefill_attention(
                     q[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
-                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window, sinks)
+                    batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window, sinks,
+                    softcap or 0.0)
             if o is None and shaped:  # (out of memory) the fixed-order attention, windowed
                 return fixed_order()
             if o is None:
@@ -598,9 +598,6 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
     invariant_torch = TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
         return invariant_torch if torch_only else TritonOps()
-    if getattr(cfg, "attn_softcap", None):  # Gemma 2: on the native ops its soft-capped
-        return invariant_torch  # attention stays torch's, and it ran slower at batch 8 and in
-        # prefill than here (benchmarks/bench_families.py: 0.80-0.92x, 0.42-0.85x)
     cpu_bf16 = (use_native and device.type == "cpu" and dtype == torch.bfloat16
                 and native.available())
     if (cpu_bf16 and native.supports(device, dtype, cfg.hidden_size, cfg.intermediate_size,

@@ -515,7 +515,8 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *table, float scale, uint16_t *out,
-                         int64_t ldo, int64_t window, const float *sinks, float *buf);
+                         int64_t ldo, int64_t window, const float *sinks, float softcap,
+                         float *buf);
 #endif
 
 static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq,
@@ -523,7 +524,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                                   const uint16_t *v_cache, int64_t page_stride, int64_t bt,
                                   const int32_t *block_tables, int64_t ldt,
                                   const int32_t *context_lens, float scale, uint16_t *out,
-                                  int64_t window, const float *sinks) {
+                                  int64_t window, const float *sinks, float softcap) {
     int64_t group = nq / nkv;
     #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
@@ -539,7 +540,8 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                                     * (size_t)(group * (D + 2) + PA_BLOCK_FLOATS(D)));
                 if (!buf) continue;  /* native.py never asks for more than memory holds */
                 prefill_item(q, ldq, b, 0, 1, len - 1, g, group, nkv, D, k_cache, v_cache,
-                             page_stride, bt, table, scale, out, nq * D, window, sinks, buf);
+                             page_stride, bt, table, scale, out, nq * D, window, sinks,
+                             softcap, buf);
                 free(buf);
                 continue;
             }
@@ -564,6 +566,7 @@ static void decode_attention_body(const uint16_t *q, int64_t ldq, int64_t B, int
                     float dot = 0.0f;
                     for (int64_t i = 0; i < D; i++) dot += qf[j][i] * kf[i];
                     float v = dot * scale;
+                    if (softcap > 0.0f) v = softcap * tanhf(v / softcap);  /* Gemma 2 */
                     scores[j * len + t] = v;
                     if (v > mx[j]) mx[j] = v;
                 }
@@ -600,14 +603,14 @@ void gp_decode_attention(const uint16_t *q, int64_t ldq, int64_t B, int64_t nq, 
                          int64_t D, const uint16_t *k_cache, const uint16_t *v_cache,
                          int64_t page_stride, int64_t bt, const int32_t *block_tables,
                          int64_t ldt, const int32_t *context_lens, float scale, uint16_t *out,
-                         int64_t window, const float *sinks, int threads) {
+                         int64_t window, const float *sinks, float softcap, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += context_lens[b];
     (void)work;
     #pragma omp parallel num_threads(threads) if (work * nkv >= 256)
     decode_attention_body(q, ldq, B, nq, nkv, D, k_cache, v_cache, page_stride, bt,
-                          block_tables, ldt, context_lens, scale, out, window, sinks);
+                          block_tables, ldt, context_lens, scale, out, window, sinks, softcap);
 }
 
 /* ---- prefill attention ---------------------------------------------------------------------
@@ -667,8 +670,28 @@ static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const 
 /* one query vector (bf16 pairs qp) over the block's keys nlo .. nvalid - 1 (nlo > 0: a sliding
  * window starts inside the block; the keys before it count as masked: probability 0): its
  * scores, the online softmax's step (running max *mx, sum *den) and its accumulator a[D] */
+/* Gemma 2's soft cap of scores s: cap tanh(s / cap), tanh(x) = sign(x) (1 - u) / (1 + u) with
+ * u = e^(-2 |x|) by exp512 (x <= 0 its domain); every step an IEEE operation behind an empty
+ * asm, as the AVX2 build's softcap256 does: the same bits in both builds */
+static inline __m512 softcap512(__m512 sv, float inv_cap, float cap) {
+    __m512 x = _mm512_mul_ps(sv, _mm512_set1_ps(inv_cap));
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    __m512 ax = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32((int)0x80000000u),
+                                                        _mm512_castps_si512(x)));
+    __m512 u = exp512(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)));
+    __asm__("" : "+v"(u));
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 num = _mm512_sub_ps(one, u), dn = _mm512_add_ps(one, u);
+    __asm__("" : "+v"(num), "+v"(dn));
+    __m512 th = _mm512_div_ps(num, dn);
+    __asm__("" : "+v"(th));
+    th = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(th), sign));
+    return _mm512_mul_ps(th, _mm512_set1_ps(cap));
+}
+
 static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nlo,
-                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
+                     int64_t nvalid, float scale, float softcap, float *mx, float *den,
+                     float *a) {
     const uint32_t *kt = (const uint32_t *)blk, *v2 = kt + (D / 2) * PA_KB;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     __m512 t0 = s0, t1 = s0, t2 = s0, t3 = s0;
@@ -697,6 +720,10 @@ static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nl
             mk[c] &= below >= 16 ? (__mmask16)0 : (__mmask16)~((1u << below) - 1);
         sv[c] = _mm512_mul_ps(sv[c], _mm512_set1_ps(scale));
         __asm__("" : "+v"(sv[c]));  /* no contraction into the exponent's argument */
+        if (softcap > 0.0f) {
+            sv[c] = softcap512(sv[c], 1.0f / softcap, softcap);
+            __asm__("" : "+v"(sv[c]));
+        }
         bmax = _mm512_mask_max_ps(bmax, mk[c], bmax, sv[c]);
     }
     float m_new = _mm512_reduce_max_ps(bmax);
@@ -811,8 +838,25 @@ static inline __attribute__((always_inline)) void pa_v_sum(
     }
 }
 
+/* softcap512's soft cap on 8 lanes: the same operations */
+static inline __m256 softcap256(__m256 sv, float inv_cap, float cap) {
+    __m256 x = _mm256_mul_ps(sv, _mm256_set1_ps(inv_cap));
+    __m256 sign = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u)));
+    __m256 ax = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u)), x);
+    __m256 u = exp256(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0f)));
+    __asm__("" : "+x"(u));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 num = _mm256_sub_ps(one, u), dn = _mm256_add_ps(one, u);
+    __asm__("" : "+x"(num), "+x"(dn));
+    __m256 th = _mm256_div_ps(num, dn);
+    __asm__("" : "+x"(th));
+    th = _mm256_or_ps(th, sign);
+    return _mm256_mul_ps(th, _mm256_set1_ps(cap));
+}
+
 static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nlo,
-                     int64_t nvalid, float scale, float *mx, float *den, float *a) {
+                     int64_t nvalid, float scale, float softcap, float *mx, float *den,
+                     float *a) {
     const float *kf = blk, *vf = blk + D * PA_KB;
     unsigned int csr = _mm_getcsr();
     __m256 sv[8], tv[8];  /* keys 8 c .. 8 c + 7: even d-pairs' sums, odd ones' */
@@ -844,6 +888,10 @@ static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nl
             _mm256_cmpgt_epi32(lane, _mm256_set1_epi32((int)(nlo - 8 * c - 1)))));
         sv[c] = _mm256_mul_ps(_mm256_add_ps(sv[c], tv[c]), _mm256_set1_ps(scale));
         __asm__("" : "+x"(sv[c]));  /* no contraction into the exponent's argument */
+        if (softcap > 0.0f) {
+            sv[c] = softcap256(sv[c], 1.0f / softcap, softcap);
+            __asm__("" : "+x"(sv[c]));
+        }
         bmax = _mm256_blendv_ps(bmax, _mm256_max_ps(bmax, sv[c]), mk[c]);
     }
     float lanes[8], m_new = -INFINITY;
@@ -897,7 +945,8 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                          int64_t past, int64_t g, int64_t group, int64_t nkv, int64_t D,
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *table, float scale, uint16_t *out,
-                         int64_t ldo, int64_t window, const float *sinks, float *buf) {
+                         int64_t ldo, int64_t window, const float *sinks, float softcap,
+                         float *buf) {
     int64_t nv = nr * group;
     float *acc = buf, *mx = acc + nv * D, *den = mx + nv;
     float *blk = den + nv;  /* the key block, as the build's pa_kv_block lays it out */
@@ -927,7 +976,7 @@ static void prefill_item(const uint16_t *q, int64_t ldq, int64_t row0, int64_t r
                 int64_t v = i * group + j;
                 const uint32_t *qp = (const uint32_t *)(q + (row0 + r0 + i) * ldq
                                                         + (g * group + j) * D);
-                pa_query(qp, blk, D, nlo, nvalid, scale, mx + v, den + v, acc + v * D);
+                pa_query(qp, blk, D, nlo, nvalid, scale, softcap, mx + v, den + v, acc + v * D);
             }
         }
     }
@@ -949,7 +998,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
                          const uint16_t *k_cache, const uint16_t *v_cache, int64_t ps,
                          int64_t bt, const int32_t *block_tables, int64_t ldt, float scale,
                          uint16_t *out, int64_t ldo, int64_t window, const float *sinks,
-                         int threads) {
+                         float softcap, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
 #ifdef HAVE_PREFILL_ATTENTION
     int64_t group = nq / nkv, items = 0;
@@ -984,7 +1033,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
             int64_t nr = n - r0 < PA_QT ? n - r0 : PA_QT;
             prefill_item(q, ldq, cu[s], r0, nr, ctx[s] - n, it_g[it], group, nkv, D, k_cache,
                          v_cache, ps, bt, block_tables + s * ldt, scale, out, ldo, window, sinks,
-                         buf);
+                         softcap, buf);
         }
         free(buf);
     }
@@ -993,7 +1042,7 @@ int gp_prefill_attention(const uint16_t *q, int64_t ldq, int64_t S, const int32_
 #else
     (void)q; (void)ldq; (void)S; (void)cu; (void)ctx; (void)nq; (void)nkv; (void)D;
     (void)k_cache; (void)v_cache; (void)ps; (void)bt; (void)block_tables; (void)ldt;
-    (void)scale; (void)out; (void)ldo; (void)window; (void)sinks;
+    (void)scale; (void)out; (void)ldo; (void)window; (void)sinks; (void)softcap;
     return -1;
 #endif
 }
@@ -2520,7 +2569,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
                           st->kv->block_tokens, st->block_tables, st->block_table_stride,
                           st->context_lens, st->scale, o, st->windows ? st->windows[l] : 0,
-                          NULL);
+                          NULL, 0.0f);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
     if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);

@@ -8,14 +8,15 @@
  *
  * Room left for the open issues (each bumps the version): attention options (logit soft-cap,
  * sinks) in gp_step_t, the activation kind. gp_decode_attention and gp_prefill_attention
- * take sinks (one float32 logit a query head, or NULL) since version 10. gp_step_t's windows: each layer's sliding window
+ * take sinks (one float32 logit a query head, or NULL) since version 10, a soft cap of the
+ * scores (0: none; Gemma 2) since 11. gp_step_t's windows: each layer's sliding window
  * (0: none), or NULL. */
 #ifndef GPUPOOL_NATIVE_H
 #define GPUPOOL_NATIVE_H
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 10
+#define GP_ABI_VERSION 11
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]

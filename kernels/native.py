@@ -75,7 +75,7 @@ _SIGNATURES = {
     "gp_silu_mul": [_vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_rope_kv": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
-                            _vp, _f32, _vp, _i64, _vp, _int],
+                            _vp, _f32, _vp, _i64, _vp, _f32, _int],
     "gp_gemv_bf16": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int],
     "gp_lora": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _i64, _int],
     "gp_lora_half": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _i64, _i64, _int],
@@ -89,7 +89,7 @@ _SIGNATURES = {
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
-                             _vp, _i64, _f32, _vp, _i64, _i64, _vp, _int],
+                             _vp, _i64, _f32, _vp, _i64, _i64, _vp, _f32, _int],
 }
 
 
@@ -929,11 +929,12 @@ def _sinks(sinks: torch.Tensor | None, num_heads: int) -> tuple[torch.Tensor | N
 def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, window: int = 0,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+                     sinks: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """q: [B, >= H * D] rows (e.g. the leading part of qkv rows); caches [P, bt, KVH, D];
     block_tables [B, M] int32 contiguous; context_lens [B] int32; ``window``: a row sees only
     its last ``window`` keys (0: all); ``sinks`` [H]: each head's logit beside the scores
-    (gpt-oss). Returns [B, H * D]."""
+    (gpt-oss); ``softcap``: scores become cap tanh(s / cap) (Gemma 2; 0: none). Returns
+    [B, H * D]."""
     check("q", q, torch.bfloat16, 2)
     check("block_tables", block_tables, torch.int32, 2)
     check("context_lens", context_lens, torch.int32, 1, contiguous=True)
@@ -947,7 +948,8 @@ def decode_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                                k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                                k_cache.shape[1], block_tables.data_ptr(),
                                block_tables.stride(0), context_lens.data_ptr(), scale,
-                               out.data_ptr(), window, sinks_ptr, torch.get_num_threads())
+                               out.data_ptr(), window, sinks_ptr, softcap or 0.0,
+                               torch.get_num_threads())
     return out
 
 
@@ -960,12 +962,12 @@ def has_prefill_attention(head_dim: int) -> bool:
 def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
-                      scale: float, window: int = 0,
-                      sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+                      scale: float, window: int = 0, sinks: torch.Tensor | None = None,
+                      softcap: float = 0.0) -> torch.Tensor | None:
     """``kernels.reference.paged_attention_prefill`` on the pages in place (see native.c):
     q: [T, >= H * D] rows (the leading part of qkv rows); caches [P, bt, KVH, D]; block_tables
     [S, M], cu_seqlens [S + 1], context_lens [S] int32 contiguous; ``window``: a token sees
-    only its last ``window`` keys, itself included (0: all); ``sinks`` as
+    only its last ``window`` keys, itself included (0: all); ``sinks`` and ``softcap`` as
     :func:`decode_attention`'s. Returns [T, H * D], or None if the kernel could not run (no
     memory: the caller takes the torch path)."""
     check("q", q, torch.bfloat16, 2)
@@ -980,7 +982,8 @@ def prefill_attention(q: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
         q.data_ptr(), q.stride(0), context_lens.shape[0], cu_seqlens.data_ptr(),
         context_lens.data_ptr(), num_heads, kvh, d, k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.shape[1], block_tables.data_ptr(), block_tables.stride(0),
-        scale, out.data_ptr(), out.stride(0), window, sinks_ptr, torch.get_num_threads())
+        scale, out.data_ptr(), out.stride(0), window, sinks_ptr, softcap or 0.0,
+        torch.get_num_threads())
     return None if rc else out
 
 

@@ -546,7 +546,8 @@ def test_prefill_attention_matches_the_reference(new, ctx, nq, nkv, d):
     assert err.mean() <= 1.25 * their.mean(), (err.mean(), their.mean())
 
 
-def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks=None):
+def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks=None,
+                    softcap=0.0):
     """Float64 attention of each new token over its last ``window`` keys (itself included),
     with ``sinks`` [H] (a logit a head beside the scores) or none."""
     t, d, bt = qkv.shape[0], kc.shape[3], kc.shape[1]
@@ -561,6 +562,8 @@ def _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks=None
             lo = max(0, pos - window + 1)
             q = qkv[row, : nq * d].double().view(nkv, nq // nkv, d)
             sc = torch.einsum("ghd,kgd->ghk", q, keys[lo : pos + 1]) * scale
+            if softcap:
+                sc = torch.tanh(sc / softcap) * softcap
             if sinks is not None:
                 sink = sinks.double().view(nkv, nq // nkv, 1)
                 p = torch.cat([sc, sink], -1).softmax(-1)[..., :-1]
@@ -593,22 +596,24 @@ def _windowed_sdpa(q, kc, vc, tables, cu, lens, scale, window):
     ([65, 1], [300, 129], 128),     # after a cached prefix longer than the window
     ([5], [5], 16),                # the window covers everything
 ])
-@pytest.mark.parametrize("with_sinks", [False, True])
-def test_windowed_attention_matches_the_reference(new, ctx, window, with_sinks):
+@pytest.mark.parametrize("with_sinks,softcap", [(False, 0.0), (True, 0.0), (False, 1.5)])
+def test_windowed_attention_matches_the_reference(new, ctx, window, with_sinks, softcap):
     """Sliding-window attention (each token over its last ``window`` keys): the native prefill
     and decode kernels against float64 on the same bf16 inputs, no further off than torch's
     SDPA in bf16 (windowed) in their largest and mean error; and each token's row the
     same bits whether its sequence's new tokens are one prefill chunk or decode rows one by
     one (a token's attention does not depend on the chunk: batch invariance). With gpt-oss's
-    sinks: against float64 with them, no further off than SDPA is without."""
+    sinks or Gemma 2's soft cap (of 1.5: most scores capped): against float64 with them, no
+    further off than SDPA is without."""
     nq, nkv, d = 6, 2, 64
     if not native.has_prefill_attention(d):
         pytest.skip("this build has no prefill attention (AVX-512 BF16 or AVX2)")
     qkv, kc, vc, tables, cu, lens = _paged_prefill_case(new, ctx, nq, nkv, d)
     scale, t = d**-0.5, qkv.shape[0]
     sinks = torch.linspace(-2.0, 3.0, nq) if with_sinks else None
-    exact = _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks)
-    got = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks)
+    exact = _windowed_exact(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks, softcap)
+    got = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, window, sinks,
+                                   softcap)
     assert got is not None and torch.isfinite(got).all()
     theirs = _windowed_sdpa(qkv[:, : nq * d].reshape(t, nq, d), kc, vc, tables, cu, lens,
                             scale, window).reshape(t, -1)
@@ -625,12 +630,13 @@ def test_windowed_attention_matches_the_reference(new, ctx, window, with_sinks):
             row_lens.append(ctx[s] - new[s] + i + 1)
     dec = native.decode_attention(qkv[rows], nq, kc, vc, torch.stack(row_tables).contiguous(),
                                   torch.tensor(row_lens, dtype=torch.int32), scale, window,
-                                  sinks)
+                                  sinks, softcap)
     assert torch.equal(dec, got[rows])
     # and a window wider than every context is no window
-    wide = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, max(ctx), sinks)
+    wide = native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale, max(ctx), sinks,
+                                    softcap)
     assert torch.equal(wide, native.prefill_attention(qkv, nq, kc, vc, tables, cu, lens, scale,
-                                                      0, sinks))
+                                                      0, sinks, softcap))
 
 
 def _prefill_logits(engine, ids, chunk):
@@ -708,7 +714,8 @@ def _teacher_forced_logits(engine, ids):
 
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
                                                   ("llama", "int8"), ("mistral", None),
-                                                  ("gemma3", None)])
+                                                  ("gemma3", None), ("gemma2", None),
+                                                  ("gpt_oss", None)])
 def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, variant,
                                                                        quantization,
                                                                        monkeypatch):

@@ -137,7 +137,7 @@ def _attention_cases():
 
 
 def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=0,
-               sinks=None):
+               sinks=None, softcap=0.0):
     """gp_prefill_attention of one build, or (decode) gp_decode_attention of each sequence's
     last row over all its tokens (``window``: a sliding window, 0 none; ``sinks``: float32
     logits a query head, or None)."""
@@ -150,14 +150,15 @@ def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=
         lib.gp_decode_attention(rows.data_ptr(), rows.stride(0), rows.shape[0], nq, kvh, d,
                                 k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                                 k_cache.shape[1], tables.data_ptr(), tables.stride(0),
-                                ctx.data_ptr(), 0.125, out.data_ptr(), window, sink, 2)
+                                ctx.data_ptr(), 0.125, out.data_ptr(), window, sink, softcap,
+                                2)
         return out.view(torch.int16)
     out = torch.empty(q.shape[0], nq * d, dtype=torch.bfloat16)
     rc = lib.gp_prefill_attention(q.data_ptr(), q.stride(0), ctx.shape[0], cu.data_ptr(),
                                   ctx.data_ptr(), nq, kvh, d, k_cache.data_ptr(),
                                   v_cache.data_ptr(), k_cache.stride(0), k_cache.shape[1],
                                   tables.data_ptr(), tables.stride(0), 0.125, out.data_ptr(),
-                                  out.stride(0), window, sink, 2)
+                                  out.stride(0), window, sink, softcap, 2)
     assert rc == 0
     return out.view(torch.int16)
 
@@ -165,7 +166,8 @@ def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=
 def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
     """Prefill chunks and decode rows (the same kernel) give the same bits in both builds, so
     an AVX2 worker's attention continues an AVX-512 worker's request exactly; sliding windows
-    too (none, inside a key block, a block's width), and gpt-oss's sinks on every other."""
+    too (none, inside a key block, a block's width), gpt-oss's sinks on every other, Gemma
+    2's soft cap (of 50, or of 2: most scores capped) on two of every three."""
     libs = _both_builds(tmp_path, monkeypatch)
     assert all(lib.gp_gemv_features() & 4 for lib in libs.values())
     compared = 0
@@ -173,8 +175,9 @@ def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(tmp_path, mo
         window = (0, 37, 64)[i % 3]
         nq = case[1].shape[2] * case[6]
         sinks = torch.randn(nq, generator=torch.Generator().manual_seed(i)) * 3 if i % 2 else None
+        softcap = (0.0, 50.0, 2.0)[(i // 3) % 3]
         for decode in (False, True):
-            avx2, bf16 = (_attention(libs[m], *case, decode, window, sinks)
+            avx2, bf16 = (_attention(libs[m], *case, decode, window, sinks, softcap)
                           for m in ("x86-64-v3", "native"))
             assert torch.equal(avx2, bf16), (compared, decode, window, tuple(case[0].shape))
             compared += 1
