@@ -593,7 +593,7 @@ def select(device: torch.device, dtype: torch.dtype, cfg, kernels: str = "auto",
         return TorchOps(reference_only=True)
     # features the Triton kernels lack (Gemma's norms, GeGLU, soft caps; windows and sinks
     # they take): the torch ops; the native ones take them op by op (NativeOps: torch's
-    # where it has no kernel of its own: Gemma's float32 norms, GeGLU, soft-capped attention)
+    # where it has no kernel of its own: Gemma's float32 norms, GeGLU)
     torch_only = getattr(cfg, "torch_only", False)
     invariant_torch = TorchOps(invariant=batch_invariant and device.type == "cpu", dtype=dtype)
     if kernels == "triton" or (device.type == "cuda" and triton_available()):
