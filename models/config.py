@@ -123,6 +123,16 @@ def _gpt_oss(cfg: dict) -> dict:
             "interleaved_gate_up": True}
 
 
+def _sliding_window(cfg: dict, arch: str) -> int:
+    """The config's sliding window where transformers' model of ``arch`` applies one, else 0
+    (its Qwen configs drop it without use_sliding_window; Llama and OLMoE have none)."""
+    if arch in QWEN_WINDOWS and not cfg.get("use_sliding_window", False):
+        return 0
+    if arch in ("LlamaForCausalLM", "OlmoeForCausalLM"):
+        return 0
+    return int(cfg.get("sliding_window") or 0)
+
+
 def _windows(cfg: dict, window: int, arch: str) -> dict:
     """ModelConfig.layer_windows of a non-Gemma family, as transformers applies its
     sliding_window ({} where none)."""
@@ -385,11 +395,7 @@ class ModelConfig:
             hidden = int(cfg["hidden_size"])
             head_dim = cfg.get("head_dim") or hidden // num_heads
             theta, scaling, partial, _ = _rope(cfg)
-            window = cfg.get("sliding_window")
-            if arch in QWEN_WINDOWS and not cfg.get("use_sliding_window", False):
-                window = None  # (transformers' Qwen configs drop it then)
-            if arch in ("LlamaForCausalLM", "OlmoeForCausalLM"):
-                window = None  # no sliding window in transformers' models of these
+            window = _sliding_window(cfg, arch)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             return cls(
@@ -414,8 +420,8 @@ class ModelConfig:
                 clip_qkv=float(cfg["clip_qkv"]) if cfg.get("clip_qkv") is not None else None,
                 fused_checkpoint=arch == "Phi3ForCausalLM",
                 partial_rotary_factor=partial,
-                **(_gemma(cfg, int(window or 0), arch) if arch in GEMMA
-                   else _windows(cfg, int(window or 0), arch)),
+                **(_gemma(cfg, window, arch) if arch in GEMMA
+                   else _windows(cfg, window, arch)),
                 **(_moe(cfg, arch) if arch in MOE else {}),
                 **(_gpt_oss(cfg) if arch == GPT_OSS else {}),
                 quant=checkpoint_quant(cfg, source),
