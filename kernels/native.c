@@ -667,9 +667,6 @@ static void pa_kv_block(const uint16_t *k_cache, const uint16_t *v_cache, const 
     }
 }
 
-/* one query vector (bf16 pairs qp) over the block's keys nlo .. nvalid - 1 (nlo > 0: a sliding
- * window starts inside the block; the keys before it count as masked: probability 0): its
- * scores, the online softmax's step (running max *mx, sum *den) and its accumulator a[D] */
 /* Gemma 2's soft cap of scores s: cap tanh(s / cap), tanh(x) = sign(x) (1 - u) / (1 + u) with
  * u = e^(-2 |x|) by exp512 (x <= 0 its domain); every step an IEEE operation behind an empty
  * asm, as the AVX2 build's softcap256 does: the same bits in both builds */
@@ -689,6 +686,10 @@ static inline __m512 softcap512(__m512 sv, float inv_cap, float cap) {
     return _mm512_mul_ps(th, _mm512_set1_ps(cap));
 }
 
+/* one query vector (bf16 pairs qp) over the block's keys nlo .. nvalid - 1 (nlo > 0: a sliding
+ * window starts inside the block; the keys before it count as masked: probability 0): its
+ * scores (softcap > 0: soft-capped, Gemma 2), the online softmax's step (running max *mx,
+ * sum *den) and its accumulator a[D] */
 static void pa_query(const uint32_t *qp, const float *blk, int64_t D, int64_t nlo,
                      int64_t nvalid, float scale, float softcap, float *mx, float *den,
                      float *a) {
