@@ -20,8 +20,9 @@ import json
 
 from gpupool.frontend.tools import ToolCall
 
-MESSAGE = "<|message|>"
+CHANNEL, MESSAGE = "<|channel|>", "<|message|>"
 ENDS = ("<|end|>", "<|return|>", "<|call|>")
+MARKERS = (CHANNEL, ENDS[0], MESSAGE)  # the vocabulary must hold these (reasoning_markers)
 MARKER_START = "<|"
 
 
@@ -36,7 +37,7 @@ def _header(header: str) -> tuple[str, str | None]:
         recipient = rest[:end]
     if recipient and recipient.startswith("functions."):
         return "call", recipient[len("functions."):]
-    channel = header.split("<|channel|>", 1)[1] if "<|channel|>" in header else ""
+    channel = header.split(CHANNEL, 1)[1] if CHANNEL in header else ""
     channel = channel.split(" ", 1)[0].split(MARKER_START, 1)[0]
     return ("reasoning" if channel == "analysis" else "content"), None
 

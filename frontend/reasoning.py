@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from gpupool.frontend.harmony import MARKERS as HARMONY
 from gpupool.frontend.harmony import HarmonyStream, read_harmony
 from gpupool.frontend.tools import ToolStreamParser, parse_tool_calls
 
 PARSERS = ("qwen3", "deepseek_r1", "gpt_oss")
 START, END = "<think>", "</think>"
-HARMONY = ("<|channel|>", "<|end|>", "<|message|>")  # gpt_oss: markers it needs
 
 
 class Markers(NamedTuple):

@@ -87,16 +87,13 @@ ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "g
 def _moe(cfg: dict, arch: str) -> dict:
     """A mixture of experts' fields of ModelConfig."""
     n = int(cfg["num_hidden_layers"])
-    if arch == "MixtralForCausalLM":
-        return {"num_experts": int(cfg["num_local_experts"]),
-                "experts_per_tok": int(cfg["num_experts_per_tok"]),
-                "moe_intermediate_size": int(cfg["intermediate_size"]), "norm_topk_prob": True,
-                "moe_layers": (True,) * n}
-    if arch == GPT_OSS:  # the router's top-k logits, then their softmax; biases
+    if arch in ("MixtralForCausalLM", GPT_OSS):  # every layer a mixture
+        oss = arch == GPT_OSS  # the router's top-k logits, then their softmax; biases
         return {"num_experts": int(cfg["num_local_experts"]),
                 "experts_per_tok": int(cfg["num_experts_per_tok"]),
                 "moe_intermediate_size": int(cfg["intermediate_size"]),
-                "router_topk_first": True, "moe_bias": True, "moe_layers": (True,) * n}
+                "norm_topk_prob": not oss, "router_topk_first": oss, "moe_bias": oss,
+                "moe_layers": (True,) * n}
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or ())
     experts = int(cfg.get("num_experts") or cfg["num_local_experts"])  # 4.x / 5.x names
@@ -141,11 +138,10 @@ def _windows(cfg: dict, window: int, arch: str) -> dict:
     n = int(cfg["num_hidden_layers"])
     if arch in LAYER_TYPES:
         types = cfg.get("layer_types")
-        if (not isinstance(types, list) or len(types) != n) and arch == GPT_OSS:
-            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-        elif not isinstance(types, list) or len(types) != n:
+        if not isinstance(types, list) or len(types) != n:  # each family's default
             first = int(cfg.get("max_window_layers", 28))
-            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+            types = ["sliding_attention" if (i % 2 == 0 if arch == GPT_OSS else i >= first)
+                     else "full_attention" for i in range(n)]
         windows = tuple(window if t == "sliding_attention" else 0 for t in types)
     else:
         windows = (window,) * n
