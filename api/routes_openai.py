@@ -171,9 +171,11 @@ class Run:
 
     async def released(self) -> None:
         """Wait until the limiter has released this call (before the answer's last byte:
-        a client's next call then finds its slot free)."""
+        a client's next call then finds its slot free). Shielded: a waiter cancelled (a
+        streaming client gone) would cancel the release still queued for a thread, and the
+        call would hold its slot, its lease renewed, for ever."""
         if self._release_done is not None:
-            await self._release_done
+            await asyncio.shield(self._release_done)
 
     def _observe(self, ch: _Choice, out: RequestOutput) -> None:
         now = time.monotonic()

@@ -272,3 +272,47 @@ def test_a_call_cancelled_while_its_tenant_limiter_admits_it_is_released():
 
     asyncio.run(scenario())
     assert limiter.finished_ids == [run.call_id] and not run.counted
+
+
+def test_a_release_still_queued_when_its_waiter_is_cancelled_runs_all_the_same():
+    """A streamed answer waits for its call's release before its last byte; a client that
+    leaves then cancels that wait. Under load the release is still queued for a thread, and
+    a cancelled wait cancelled it too: the call held its tenant's slot, its lease renewed,
+    for ever (the soak test's flake of sessions 23-25, "big" holding one call id)."""
+    import asyncio
+    import concurrent.futures
+    import threading
+    from types import SimpleNamespace
+
+    from gpupool.api.routes_openai import Run
+
+    class Limiter:
+        def __init__(self):
+            self.finished_ids = []
+
+        def finished(self, tenant, call_id, completion_tokens):
+            self.finished_ids.append(call_id)
+
+    limiter, busy, go = Limiter(), threading.Event(), threading.Event()
+    run = Run(SimpleNamespace(limiter=limiter), "m", SimpleNamespace(name="t", limits={}))
+    run.counted = True
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        loop.run_in_executor(None, lambda: (busy.set(), go.wait(5)))  # the only thread busy
+        while not busy.is_set():
+            await asyncio.sleep(0.01)
+        run._release(2)  # queued behind the busy thread
+        waiter = asyncio.create_task(run.released())
+        await asyncio.sleep(0.05)
+        waiter.cancel()  # the client left
+        await asyncio.sleep(0.05)
+        go.set()
+        for _ in range(100):
+            if limiter.finished_ids:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+    assert limiter.finished_ids == [run.call_id]
