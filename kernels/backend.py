@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (as pool.weights names them)
 GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"  # a 4-bit weight's groups (likewise)
+GCODE_SUFFIX = "_gcode"  # a 4-bit weight's codebook (likewise; kernels/quant4.py)
 PERM_SUFFIX = "_perm"  # a 4-bit weight's column order where it is not x's (act-order GPTQ)
 # the native products' row limits where batch invariance is off (Config.batch_invariant):
 # past them torch's are faster (int8: from ~17 rows) or as fast (bf16, oneDNN's packed GEMM)
@@ -58,17 +59,18 @@ def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
     """``x @ w[name].T (+ bias)``; an int8 weight comes with its per-row ``name_scale``.
     ``product``: every product through it (``kernels.fixed.linear``), an int8 weight widened
     to x's dtype and its rows scaled after (``linear_int8_reference``). A 4-bit weight
-    (``name_gscale``, ``name_goffset``): its float32 values times x in float32
-    (``quant4.linear_int4_reference``; Triton's kernel where ``triton``)."""
+    (``name_gscale``, ``name_goffset``, a codebook ``name_gcode``): its float32 values times
+    x in float32 (``quant4.linear_int4_reference``; Triton's kernel where ``triton``)."""
     gscale = w.get(name + GSCALE_SUFFIX)
     if gscale is not None:
         x = _in_weight_order(x, w, name)
+        code = w.get(name + GCODE_SUFFIX)
         if triton and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
             from gpupool.kernels.int4 import linear_int4
 
-            return linear_int4(x, w[name], gscale, w[name + GOFFSET_SUFFIX], bias)
+            return linear_int4(x, w[name], gscale, w[name + GOFFSET_SUFFIX], bias, code)
         return quant4.linear_int4_reference(x, w[name], gscale, w[name + GOFFSET_SUFFIX],
-                                            bias, product)
+                                            bias, product, code)
     scale = w.get(name + SCALE_SUFFIX)
     if scale is None:
         return (product or linear)(x, w[name], bias)
@@ -482,9 +484,10 @@ class NativeOps(TorchOps):
             else:
                 weights = [lw[n] for n in names]
                 quant = (([lw[n + GSCALE_SUFFIX] for n in names],
-                          [lw[n + GOFFSET_SUFFIX] for n in names]) if four
-                         else ([lw[n + SCALE_SUFFIX] for n in names], None) if eight
-                         else (None, None))
+                          [lw[n + GOFFSET_SUFFIX] for n in names],
+                          [lw.get(n + GCODE_SUFFIX) for n in names]) if four
+                         else ([lw[n + SCALE_SUFFIX] for n in names], None, None) if eight
+                         else (None, None, None))
                 try:
                     table = native.moe_table(weights[:num_experts], weights[num_experts:],
                                              *quant)
@@ -501,7 +504,7 @@ class NativeOps(TorchOps):
         gscale = w.get(name + GSCALE_SUFFIX)
         if gscale is not None:
             return native.gemv_int4(_in_weight_order(x, w, name), w[name], gscale,
-                                    w[name + GOFFSET_SUFFIX], bias)
+                                    w[name + GOFFSET_SUFFIX], bias, w.get(name + GCODE_SUFFIX))
         scale = w.get(name + SCALE_SUFFIX)
         if scale is None:
             return native.gemv(x, w[name], bias)

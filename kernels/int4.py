@@ -3,7 +3,8 @@
 
 A program computes one [BLOCK_M, BLOCK_N] tile of y. Per block of 32 columns it loads its
 weight rows' 16 packed bytes once, splits them into the low nibbles (columns 0-15 of the
-block) and the high ones (16-31), widens each to float32 as ``q * scale + offset`` with the
+block) and the high ones (16-31), widens each to float32 as ``q * scale + offset`` (q's
+codebook value for q, where the weight has one) with the
 block's group's scale and offset, and accumulates ``x @ w.T`` for both halves in float32;
 the tile is rounded to x's dtype once, then the bias added. So the weight bytes read are a
 quarter of bf16's (plus 8 bytes a group), which a decode step is bound by. Each output's sum
@@ -21,14 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
+from gpupool.kernels import quant4
 from gpupool.kernels.int8 import rows_and_output
 
 
 @triton.jit
 def _int4_kernel(
-    X, Q, S, O, B, Y, M, N, K, NG, G,
+    X, Q, S, O, C, B, Y, M, N, K, NG, G,
     sx_m, sq_n, sy_m,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CODE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pm = tl.program_id(0)
@@ -45,8 +47,12 @@ def _int4_kernel(
         o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
         b = tl.load(Q + n[:, None].to(tl.int64) * sq_n + (k0 // 2) + j[None, :],
                     mask=nmask[:, None], other=0).to(tl.int32)
-        w_lo = (b & 15).to(tl.float32) * s[:, None] + o[:, None]
-        w_hi = (b >> 4).to(tl.float32) * s[:, None] + o[:, None]
+        if HAS_CODE:  # a codebook's values (float32, already rounded to bf16)
+            w_lo = tl.load(C + (b & 15)) * s[:, None] + o[:, None]
+            w_hi = tl.load(C + (b >> 4)) * s[:, None] + o[:, None]
+        else:
+            w_lo = (b & 15).to(tl.float32) * s[:, None] + o[:, None]
+            w_hi = (b >> 4).to(tl.float32) * s[:, None] + o[:, None]
         x_lo = tl.load(X + m[:, None].to(tl.int64) * sx_m + k0 + j[None, :],
                        mask=mmask[:, None], other=0.0)
         x_hi = tl.load(X + m[:, None].to(tl.int64) * sx_m + k0 + 16 + j[None, :],
@@ -75,7 +81,9 @@ def _tiles(m: int) -> tuple[int, int, int]:
 
 
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, code: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """``quant4.linear_int4_reference`` (its ``code``: a codebook's 16 values, or None)."""
     if q.dim() != 2 or q.dtype != torch.uint8 or q.stride(-1) != 1:
         raise ValueError("q must be a uint8 [N, K / 2] matrix with a contiguous last axis")
     n, k = q.shape[0], 2 * q.shape[1]
@@ -91,9 +99,11 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: t
     bm, bn, warps = _tiles(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int4_kernel[grid](
-        x2, q, scale.contiguous(), offset.contiguous(), bias if bias is not None else scale,
+        x2, q, scale.contiguous(), offset.contiguous(),
+        scale if code is None else quant4.codebook(code).contiguous(),
+        bias if bias is not None else scale,
         y, m, n, k, ng, k // ng, x2.stride(0), q.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, HAS_CODE=code is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
     )
     return y.view(*lead, n)

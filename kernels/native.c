@@ -1770,20 +1770,31 @@ static inline q4v_t q4v_add(q4v_t a, q4v_t b) {
 static inline float q4v_sum(q4v_t a) { return gemv_hsum(a.lo, a.hi); }
 #endif
 
-/* the bf16 bits of 0..15: high bytes, low bytes */
-#define Q4_HI 0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, \
-    0x41, 0x41, 0x41
-#define Q4_LO 0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, \
-    0x50, 0x60, 0x70
+/* the bf16 words of a 4-bit weight's 16 values: 0..15 (code NULL), or its codebook
+ * code[0..15] rounded to bf16 (kernels/quant4.py: MXFP4's e2m1 values are exact) */
+#ifdef __AVX512BF16__
+typedef __m512i q4tab_t;  /* the 16 words in lanes 0-15 (a word permute's table) */
+#else
+typedef struct { __m128i hi, lo; } q4tab_t;  /* their high and low bytes (byte shuffles) */
+#endif
+static inline q4tab_t q4_table(const float *code) {
+    uint16_t w[32] = {0};
+    for (int i = 0; i < 16; i++) w[i] = f2bf(code ? code[i] : (float)i);
+#ifdef __AVX512BF16__
+    return _mm512_loadu_si512((const void *)w);
+#else
+    uint8_t hi[16], lo[16];
+    for (int i = 0; i < 16; i++) { hi[i] = (uint8_t)(w[i] >> 8); lo[i] = (uint8_t)w[i]; }
+    q4tab_t t = {_mm_loadu_si128((const void *)hi), _mm_loadu_si128((const void *)lo)};
+    return t;
+#endif
+}
 
 /* a pair of blocks' 64 4-bit values (32 bytes; one block: 16, the rest zeros) as the bf16
- * words of the dot products: *lo = the blocks' low columns, *hi = their high columns */
+ * words of the dot products (table: q4_table's): *lo = the blocks' low columns, *hi = their
+ * high columns */
 #ifdef __AVX512BF16__
-static inline void q4_pair(const uint8_t *b, int full, gop_t *lo, gop_t *hi) {
-    const __m512i table = _mm512_set_epi16(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
-        0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+static inline void q4_pair(const uint8_t *b, int full, q4tab_t table, gop_t *lo, gop_t *hi) {
     __m256i v = full ? _mm256_loadu_si256((const void *)b)
                      : _mm256_zextsi128_si256(_mm_loadu_si128((const void *)b));
     __m512i w = _mm512_cvtepu8_epi16(v);
@@ -1797,19 +1808,18 @@ static inline gacc_t q4_scales(float a, float b) {
 static inline gacc_t gacc_fma(gacc_t a, gacc_t s, gacc_t t) { return _mm512_fmadd_ps(a, s, t); }
 static inline q4v_t gacc_q4v(gacc_t a) { return a; }
 #else
-static inline __m256i q4_words(__m128i nib) {  /* 16 values 0..15 (bytes) -> bf16 words */
-    const __m128i th = _mm_setr_epi8(Q4_HI), tl = _mm_setr_epi8(Q4_LO);
-    __m128i h = _mm_shuffle_epi8(th, nib), l = _mm_shuffle_epi8(tl, nib);
+static inline __m256i q4_words(__m128i nib, q4tab_t t) {  /* 16 values (bytes) -> words */
+    __m128i h = _mm_shuffle_epi8(t.hi, nib), l = _mm_shuffle_epi8(t.lo, nib);
     return _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h));
 }
-static inline void q4_pair(const uint8_t *b, int full, gop_t *lo, gop_t *hi) {
+static inline void q4_pair(const uint8_t *b, int full, q4tab_t t, gop_t *lo, gop_t *hi) {
     const __m128i m15 = _mm_set1_epi8(15);
     __m128i b0 = _mm_loadu_si128((const void *)b);
     __m128i b1 = full ? _mm_loadu_si128((const void *)(b + 16)) : _mm_setzero_si128();
-    lo->lo = q4_words(_mm_and_si128(b0, m15));
-    lo->hi = q4_words(_mm_and_si128(b1, m15));
-    hi->lo = q4_words(_mm_and_si128(_mm_srli_epi16(b0, 4), m15));
-    hi->hi = q4_words(_mm_and_si128(_mm_srli_epi16(b1, 4), m15));
+    lo->lo = q4_words(_mm_and_si128(b0, m15), t);
+    lo->hi = q4_words(_mm_and_si128(b1, m15), t);
+    hi->lo = q4_words(_mm_and_si128(_mm_srli_epi16(b0, 4), m15), t);
+    hi->hi = q4_words(_mm_and_si128(_mm_srli_epi16(b1, 4), m15), t);
 }
 static inline gacc_t q4_scales(float a, float b) {
     gacc_t s = {_mm256_set1_ps(a), _mm256_set1_ps(b)};
@@ -1834,9 +1844,9 @@ static inline q4v_t gacc_q4v(gacc_t a) {
  * sums, [M][ng]) times output rows n0, n0 + cs, ... (NR of them) of W */
 static inline __attribute__((always_inline)) void q4_tile(
         const uint16_t *xp, int64_t Kp, const float *xsum, int64_t K, const uint8_t *Q,
-        int64_t ldq, const float *S, const float *O, int64_t G, const uint16_t *bias,
-        uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, int64_t cs, const int MR,
-        const int NR) {
+        int64_t ldq, const float *S, const float *O, int64_t G, q4tab_t tab,
+        const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, int64_t cs,
+        const int MR, const int NR) {
     gacc_t tot[Q4_MR * Q4_NR], acc[Q4_MR * Q4_NR];
     int64_t ng = K / G, nb = K / 32;
 #define Q4_GROUP(b) ((b) < nb ? (b) * 32 / G : -1)  /* block b's group (-1: none) */
@@ -1846,7 +1856,7 @@ static inline __attribute__((always_inline)) void q4_tile(
         int64_t g0 = Q4_GROUP(2 * p), g1 = Q4_GROUP(2 * p + 1);
         gop_t wl[Q4_NR], wh[Q4_NR];
         for (int n = 0; n < NR; n++)
-            q4_pair(Q + (n0 + n * cs) * ldq + 32 * p, full, &wl[n], &wh[n]);
+            q4_pair(Q + (n0 + n * cs) * ldq + 32 * p, full, tab, &wl[n], &wh[n]);
         for (int m = 0; m < MR; m++) {
             const uint16_t *xm = xp + (m0 + m) * Kp + 64 * p;
             gop_t xl = gop_load(xm), xh = gop_load(xm + 32);
@@ -1884,21 +1894,22 @@ static inline __attribute__((always_inline)) void q4_tile(
 }
 
 #define Q4_CASE(A, B) \
-    case (A) * 8 + (B): q4_tile(xp, Kp, xsum, K, Q, ldq, S, O, G, bias, y, ldy, m0, c0, cs, \
-                                A, B); break
+    case (A) * 8 + (B): q4_tile(xp, Kp, xsum, K, Q, ldq, S, O, G, tab, bias, y, ldy, m0, c0, \
+                                cs, A, B); break
 
 /* this thread's share [n0, n1) of W's rows for all M rows of xp: the share in Q4_NR parts
  * read side by side (each a sequential stream), rows of x in tiles of Q4_MR, Q4_MBLOCK rows
  * of x a pass over the share */
 static void gemv_int4_rows(const uint16_t *xp, int64_t Kp, const float *xsum, int64_t M,
                            int64_t K, const uint8_t *Q, int64_t ldq, const float *S,
-                           const float *O, int64_t G, int64_t n0, int64_t n1,
-                           const uint16_t *bias, uint16_t *y, int64_t ldy) {
+                           const float *O, int64_t G, const float *code, int64_t n0,
+                           int64_t n1, const uint16_t *bias, uint16_t *y, int64_t ldy) {
 #ifdef __AVX512BF16__  /* 32 registers: up to 8 (m, n) pairs a tile */
     const int64_t NRmax = M <= 2 ? 4 : 2, MRmax = Q4_MR;
 #else  /* 16: up to 2 */
     const int64_t NRmax = M <= 1 ? 2 : 1, MRmax = 2;
 #endif
+    const q4tab_t tab = q4_table(code);
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | MXCSR_DAZ_FTZ);
     int64_t cs = (n1 - n0 + NRmax - 1) / NRmax;
@@ -1962,31 +1973,34 @@ static void q4_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, int
 /* q4_prepare, then this thread's share of W's rows */
 static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t *Q, int64_t N, int64_t ldq, const float *S,
-                           const float *O, int64_t G, const uint16_t *bias, uint16_t *y,
-                           int64_t ldy, uint16_t *xp, float *xsum) {
+                           const float *O, int64_t G, const float *code,
+                           const uint16_t *bias, uint16_t *y, int64_t ldy, uint16_t *xp,
+                           float *xsum) {
     q4_prepare(x, M, K, ldx, G, xp, xsum);
     int64_t n0, n1;
     thread_share(N, &n0, &n1);
     if (n0 < n1)
-        gemv_int4_rows(xp, q4_kp(K), xsum, M, K, Q, ldq, S, O, G, n0, n1, bias, y, ldy);
+        gemv_int4_rows(xp, q4_kp(K), xsum, M, K, Q, ldq, S, O, G, code, n0, n1, bias, y,
+                       ldy);
 }
 #endif
 
 void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *Q,
                   int64_t N, int64_t ldq, const float *S, const float *O, int64_t G,
-                  const uint16_t *bias, uint16_t *y, int64_t ldy, int threads) {
+                  const float *code, const uint16_t *bias, uint16_t *y, int64_t ldy,
+                  int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_INT4
     uint16_t *xp = malloc(sizeof(uint16_t) * (size_t)(M * q4_kp(K)) + 64);
     float *xsum = malloc(sizeof(float) * (size_t)(M * (K / G)) + 64);
     if (!xp || !xsum) { free(xp); free(xsum); return; }
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, O, G, bias, y, ldy, xp, xsum);
+    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, O, G, code, bias, y, ldy, xp, xsum);
     free(xp);
     free(xsum);
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)S; (void)O;
-    (void)G; (void)bias; (void)y; (void)ldy;
+    (void)G; (void)code; (void)bias; (void)y; (void)ldy;
 #endif
 }
 
@@ -1996,7 +2010,8 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
  * [H][inter] (addresses); or, with group > 0, 4-bit: packed [2 inter][H / 2] and
  * [H][inter / 2] with float32 group scales gs and offsets go (addresses, gate_up's E then
- * down's E) through the 4-bit product's rows; or, with group < 0, int8 with bf16 row scales
+ * down's E) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
+ * product's rows; or, with group < 0, int8 with bf16 row scales
  * gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
  * Python wrapper).
  * The same bits as LlamaModel._experts' loop of products (each row
@@ -2007,12 +2022,13 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
 #ifdef HAVE_GEMV_BF16
 /* every touched expert's rows of W (bf16 [N][K]; 4-bit [N][K / 2] with group scales and
- * offsets GS, GO [N][K / G] when G > 0, x then as q4_prepare leaves it in xp, xsum; int8
+ * offsets GS, GO [N][K / G] and every expert's codebook code (or NULL) when G > 0, x then as q4_prepare leaves it in xp, xsum; int8
  * [N][K] with bf16 row scales GS when G < 0, x then quantized as the int8 product does, into
  * xp and xsum) for its rows of x, this thread's share of them all */
 static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *GS,
-                         const int64_t *GO, int64_t G, const void *xp, const float *xsum,
-                         const int64_t *start, int64_t E, int64_t N, uint16_t *y) {
+                         const int64_t *GO, int64_t G, const float *code, const void *xp,
+                         const float *xsum, const int64_t *start, int64_t E, int64_t N,
+                         uint16_t *y) {
     int64_t total = 0, a, b;
     for (int64_t e = 0; e < E; e++) total += start[e + 1] > start[e] ? N : 0;
     thread_share(total, &a, &b);
@@ -2024,7 +2040,7 @@ static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const i
             gemv_int4_rows((const uint16_t *)xp + start[e] * q4_kp(K), q4_kp(K),
                            xsum + start[e] * (K / G), n, K, (const uint8_t *)(intptr_t)W[e],
                            K / 2, (const float *)(intptr_t)GS[e],
-                           (const float *)(intptr_t)GO[e], G, lo, hi, NULL,
+                           (const float *)(intptr_t)GO[e], G, code, lo, hi, NULL,
                            y + start[e] * N, N);
 #ifdef HAVE_GEMV_INT8
         else if (lo < hi && G < 0)
@@ -2058,7 +2074,7 @@ static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void
 int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
                    const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
                    const int64_t *down, const int64_t *gs, const int64_t *go, int64_t group,
-                   int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
+                   const float *code, int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
                    int64_t *order, int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_BF16
@@ -2097,11 +2113,11 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         for (int64_t s = 0; s < P; s++)
             memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
         if (group) moe_prepare(xs, P, H, group, xp1, xsum1);  /* ends in a barrier */
-        moe_products(xs, H, gate_up, gs, go, group, xp1, xsum1, start, E, 2 * inter, gu);
+        moe_products(xs, H, gate_up, gs, go, group, code, xp1, xsum1, start, E, 2 * inter, gu);
         #pragma omp barrier
         silu_mul_body(gu, 2 * inter, act, inter, P, inter);  /* its loop ends in a barrier */
         if (group) moe_prepare(act, P, inter, group, xp2, xsum2);
-        moe_products(act, inter, down, gs + E, go + E, group, xp2, xsum2, start, E, H, ys);
+        moe_products(act, inter, down, gs + E, go + E, group, code, xp2, xsum2, start, E, H, ys);
         #pragma omp barrier
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
@@ -2120,7 +2136,8 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
     return 0;
 #else
     (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
-    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)inter; (void)out;
+    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)code; (void)inter;
+    (void)out;
     (void)ldo; (void)scratch; (void)q4; (void)order;
     return 1;
 #endif
@@ -2385,8 +2402,8 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
                       float *xs, const gp_int4_t *q4, float *x4) {
 #ifdef HAVE_GEMV_INT4
     if (q4 && q4->gs) {  /* 4-bit: x in the pairs' order into x4, its groups' sums after */
-        gemv_int4_body(x, M, K, K, (const uint8_t *)W, N, K / 2, q4->gs, q4->go, q4->group, b,
-                       y, N, (uint16_t *)x4, x4 + M * q4_kp(K) / 2);
+        gemv_int4_body(x, M, K, K, (const uint8_t *)W, N, K / 2, q4->gs, q4->go, q4->group,
+                       NULL, b, y, N, (uint16_t *)x4, x4 + M * q4_kp(K) / 2);
         return;
     }
 #else

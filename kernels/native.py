@@ -81,10 +81,10 @@ _SIGNATURES = {
     "gp_lora_half": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_decode_layers": [_vp, _int],  # (const gp_step_t *, threads)
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
-    "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _i64,
-                     _int],
+    "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp,
+                     _i64, _int],
     "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64,
-                       _i64, _vp, _i64, _vp, _vp, _vp, _int],
+                       _vp, _i64, _vp, _i64, _vp, _vp, _vp, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64],
@@ -386,21 +386,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 class MoeTable(NamedTuple):
     """A mixture-of-experts layer's expert weights for :func:`moe_experts`: their addresses
     (int64 [2 E]: gate_up's then down's, 0 where absent), hidden and intermediate sizes; for
-    4-bit experts their group scales' and offsets' addresses (likewise) and the group size;
-    for int8 experts their row scales' addresses and group -1 (0: bf16)."""
+    4-bit experts their group scales' and offsets' addresses (likewise), the group size and
+    their one codebook (or None); for int8 experts their row scales' addresses and group -1
+    (0: bf16)."""
     addresses: torch.Tensor
     hidden: int
     inter: int
     scales: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
     group: int = 0
+    code: torch.Tensor | None = None
 
 
 def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None],
-              scales: list | None = None, offsets: list | None = None) -> MoeTable:
+              scales: list | None = None, offsets: list | None = None,
+              codes: list | None = None) -> MoeTable:
     """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent);
     or 4-bit (kernels/quant4.py: uint8 [N, K / 2]) with ``scales`` and ``offsets`` (float32
-    [N, K / G], gate_up's E then down's E); or int8 [N, K] with ``scales`` only (bf16 [N],
+    [N, K / G], gate_up's E then down's E) and ``codes`` (each one's codebook, float32 [16],
+    or None: one for all or none); or int8 [N, K] with ``scales`` only (bf16 [N],
     where :func:`has_gemv_int8`). Checked once (a layer's table is kept while its weights stay
     where they are)."""
     if len(gate_up) != len(down):
@@ -445,8 +449,23 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
             [w.data_ptr() if ok else 0 for w, ok in zip(ws, present + present)],
             dtype=torch.int64)
 
+    code = _one_code(codes or [], present + present)
     return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
-                    -1 if eight else group)
+                    -1 if eight else group, code)
+
+
+def _one_code(codes: list, present: list[bool]) -> torch.Tensor | None:
+    """The experts' one codebook (None: none has one); ValueError where they differ."""
+    held = [c for c, ok in zip(codes, present) if ok]
+    if not held or all(c is None for c in held):
+        return None
+    first = held[0]
+    if first is not None:
+        check("code", first, torch.float32, 1, contiguous=True)
+    if first is None or first.shape != (16,) or any(
+            c is None or not torch.equal(c, first) for c in held):
+        raise ValueError("native: moe_table's experts have different codebooks")
+    return first
 
 
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
@@ -479,7 +498,8 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
     addr = table.addresses.data_ptr()
     if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
                              top.data_ptr(), k, experts, addr, addr + 8 * experts,
-                             _p(table.scales), _p(table.offsets), group, inter,
+                             _p(table.scales), _p(table.offsets), group, _p(table.code),
+                             inter,
                              out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
                              order.data_ptr(), torch.get_num_threads()):
         raise ValueError("native: moe_experts chose an expert out of range or without weights")
@@ -516,12 +536,17 @@ def has_gemv_int4() -> bool:
 
 
 def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``quant4.linear_int4_reference(x, q, scale, offset, bias)`` for bf16 rows, each row's
-    sums in one order whatever the number of rows (where :func:`has_gemv_int4`): packed
-    ``q`` uint8 [N, K / 2] with unit stride in a row, float32 ``scale`` and ``offset``
-    [N, K / G] contiguous (G a multiple of 32)."""
+              bias: torch.Tensor | None = None, code: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """``quant4.linear_int4_reference(x, q, scale, offset, bias, code=code)`` for bf16 rows,
+    each row's sums in one order whatever the number of rows (where :func:`has_gemv_int4`):
+    packed ``q`` uint8 [N, K / 2] with unit stride in a row, float32 ``scale`` and ``offset``
+    [N, K / G] contiguous (G a multiple of 32), ``code`` float32 [16] (a codebook) or None."""
     check("x", x, torch.bfloat16, 2)
+    if code is not None:
+        check("code", code, torch.float32, 1, contiguous=True)
+        if code.shape != (16,):
+            raise ValueError("native: gemv_int4's codebook must hold 16 values")
     check("q", q, torch.uint8, 2)
     check("scale", scale, torch.float32, 2, contiguous=True)
     check("offset", offset, torch.float32, 2, contiguous=True)
@@ -536,7 +561,7 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: tor
     if rows == 0:
         return out
     _lib().gp_gemv_int4(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
-                        scale.data_ptr(), offset.data_ptr(), k // groups, _p(bias),
+                        scale.data_ptr(), offset.data_ptr(), k // groups, _p(code), _p(bias),
                         out.data_ptr(), n, torch.get_num_threads())
     return out
 
@@ -699,8 +724,8 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
     entries = [name for name, _ in Layer._fields_]  # native.h names them as the model does
     table = (Layer * len(layers))()
     for lw, row in zip(layers, table):
-        if any(k.endswith("_perm") for k in lw):  # x reordered first: the per-op path
-            return None
+        if any(k.endswith(("_perm", "_gcode")) for k in lw):  # x reordered first, or
+            return None  # codebook 4-bit (the step's products take none): the per-op path
         for entry in entries:
             if entry.endswith("_group"):  # a 4-bit weight's group size, 0 for another kind
                 w, gs = lw.get(entry[: -len("_group")]), lw.get(entry[: -len("_group")]
@@ -1068,8 +1093,11 @@ def failures(seed: int = 0) -> list[str]:
 
         x4 = rnd(3, 100)[:, :64]
         q4, s4, o4 = quant4.quantize(torch.randn(40, 64, generator=g), 32)
-        if not close(gemv_int4(x4, q4, s4, o4, b),
-                     quant4.linear_int4_reference(x4, q4, s4, o4, b)):
+        code = torch.tensor(quant4.E2M1)
+        if not (close(gemv_int4(x4, q4, s4, o4, b),
+                      quant4.linear_int4_reference(x4, q4, s4, o4, b))
+                and close(gemv_int4(x4, q4, s4, o4, b, code),
+                          quant4.linear_int4_reference(x4, q4, s4, o4, b, code=code))):
             bad.append("gemv_int4")
     if features & 4:  # prefill: sequence 0's last 3 tokens after its prefix, 1's first 4
         cu, ctx = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([7, 4],

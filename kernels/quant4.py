@@ -16,6 +16,11 @@ Q4_K's ``d sc q - dmin m`` is scale ``d sc``, offset ``-dmin m`` (group 32); AWQ
 GPTQ's ``(q - z) s`` is scale ``s``, offset ``-z s`` (each product of a 16-bit float and a
 small integer is exact in float32).
 
+A weight may carry a **codebook** ``code`` (float32 [16]): its 4-bit values then stand for
+``code[q]`` rounded to bf16, ``W[n, k] = bf16(code[q[n, k]]) * scale[n, g] + offset[n, g]``.
+MXFP4 (gpt-oss's experts) is codebook :data:`E2M1` (exact in bf16) with the block's power of
+two as its scale and offset 0: exact, kept 4-bit (the same bytes as the file).
+
 A product reads the weight as its float32 values: ``y = x @ W.T`` summed in float32 and
 rounded to x's dtype once, then the bias added (:func:`linear_int4_reference`; the native
 GEMV and the Triton kernel compute the same sums in their own fixed order).
@@ -26,6 +31,8 @@ from __future__ import annotations
 import torch
 
 BLOCK = 32  # columns a packed block holds (16 bytes)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,  # MXFP4's 4-bit floats: sign, 2 + 1 bits
+        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 GROUPS = (32, 64, 128)  # the group sizes gpupool's own quantization takes
 
 
@@ -50,13 +57,22 @@ def group_size(q: torch.Tensor, scale: torch.Tensor) -> int:
     return 2 * q.shape[1] // scale.shape[1]
 
 
+def codebook(code: torch.Tensor) -> torch.Tensor:
+    """The values a codebook's 4-bit values stand for (float32 [16]: rounded to bf16)."""
+    return code.to(torch.bfloat16).float()
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 [N, K] (or the rows ``rows`` of it): ``q * scale + offset`` per group."""
+               rows: torch.Tensor | None = None, code: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """float32 [N, K] (or the rows ``rows`` of it): ``q * scale + offset`` per group (q's
+    ``code`` value for q, where it has a codebook)."""
     if rows is not None:
         q, scale, offset = q[rows], scale[rows], offset[rows]
     g = group_size(q, scale)
-    v = unpack(q).float().view(q.shape[0], -1, g)
+    v = unpack(q)
+    v = (v.float() if code is None else codebook(code.cpu()).to(q.device)[v.long()])
+    v = v.view(q.shape[0], -1, g)
     return (v * scale[:, :, None] + offset[:, :, None]).view(q.shape[0], -1)
 
 
@@ -86,11 +102,11 @@ def quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 def linear_int4_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                           offset: torch.Tensor, bias: torch.Tensor | None = None,
-                          product=None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the 4-bit weight (q, scale, offset): the float32 weight's
-    product with x in float32 (``product``: the product to use, default torch's), rounded to
-    x's dtype once, then the bias added in x's dtype."""
-    w = dequantize(q, scale, offset)
+                          product=None, code: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the 4-bit weight (q, scale, offset; its codebook ``code``):
+    the float32 weight's product with x in float32 (``product``: the product to use, default
+    torch's), rounded to x's dtype once, then the bias added in x's dtype."""
+    w = dequantize(q, scale, offset, code=code)
     xf = x.float()
     y = (product(xf, w) if product is not None else xf @ w.T).to(x.dtype)
     return y if bias is None else y + bias

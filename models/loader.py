@@ -17,9 +17,10 @@ from gpupool.kernels import quant4
 from gpupool.kernels.reference import permute_heads
 from gpupool.models.config import GPT_OSS, MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
-from gpupool.models.quantized import Int4, group_of, layer_parts, read_int4
+from gpupool.models.quantized import Int4, group_of, layer_parts, mxfp4, read_int4
 from gpupool.models.rope import rotary_order
 from gpupool.pool.weights import (
+    GCODE_SUFFIX,
     GOFFSET_SUFFIX,
     GSCALE_SUFFIX,
     PERM_SUFFIX,
@@ -142,9 +143,11 @@ def quantized_names(cfg: ModelConfig, quantization: str | None) -> frozenset[str
 
 def build_layout(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None,
                  stored_4bit: dict[str, int] | None = None,
-                 perm: frozenset[str] = frozenset()) -> WeightLayout:
+                 perm: frozenset[str] = frozenset(),
+                 codes: frozenset[str] = frozenset()) -> WeightLayout:
     """``stored_4bit``: our weights a 4-bit checkpoint holds 4-bit, with their groups (kept
-    4-bit unless ``quantization`` is int8; ``perm``: those stored in another column order)."""
+    4-bit unless ``quantization`` is int8; ``perm``: those stored in another column order;
+    ``codes``: those with a codebook, MXFP4's)."""
     sources = weight_sources(cfg)
     # Gemma's norms scale by 1 + weight in float32 (transformers): kept in float32
     fp32 = {k for k in sources if cfg.norm_offset and k.rsplit(".", 1)[-1].endswith("norm")}
@@ -161,8 +164,9 @@ def build_layout(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None 
         names = frozenset({head})
     if stored_4bit and quantization != "int8":
         int4.update(stored_4bit)
+    kept = quantization != "int8"
     return WeightLayout.build({k: v[0] for k, v in sources.items()}, dtype, names, fp32, int4,
-                              perm if quantization != "int8" else frozenset())
+                              perm if kept else frozenset(), codes if kept else frozenset())
 
 
 def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype
@@ -267,6 +271,8 @@ def _store_int4(t: Int4, dest: torch.Tensor, views: dict, name: str, row: int, p
     dest.copy_(t.q)
     views[name + GSCALE_SUFFIX][row : row + n].copy_(t.scale)
     views[name + GOFFSET_SUFFIX][row : row + n].copy_(t.offset)
+    if t.code is not None:
+        views[name + GCODE_SUFFIX].copy_(t.code)
 
 
 def _store(t, dest: torch.Tensor, views: dict, name: str, row: int,
@@ -278,7 +284,8 @@ def _store(t, dest: torch.Tensor, views: dict, name: str, row: int,
     scales = views.get(name + SCALE_SUFFIX)
     gscales = views.get(name + GSCALE_SUFFIX)
     if isinstance(t, Int4):
-        if gscales is not None and quant4.group_size(dest, gscales) == t.group:
+        if (gscales is not None and quant4.group_size(dest, gscales) == t.group
+                and (t.code is None) == (name + GCODE_SUFFIX not in views)):
             return _store_int4(t, dest, views, name, row, path, src)
         t = t.dequantize()
     if scales is None and gscales is None:
@@ -297,29 +304,30 @@ def _store(t, dest: torch.Tensor, views: dict, name: str, row: int,
         views[name + GOFFSET_SUFFIX][row : row + n].copy_(o)
 
 
-def _stored_4bit(cfg: ModelConfig, where: dict) -> tuple[dict[str, int], frozenset[str]]:
+def _stored_4bit(cfg: ModelConfig, where: dict
+                 ) -> tuple[dict[str, int], frozenset[str], frozenset[str]]:
     """(our weights every source of which the checkpoint holds 4-bit -> their group; those
-    whose columns it may reorder: act-order GPTQ)."""
+    whose columns it may reorder: act-order GPTQ; those MXFP4 holds: a codebook's)."""
+    sources = weight_sources(cfg)
+    mx = frozenset(name for name, (shape, srcs) in sources.items()
+                   if len(shape) == 2 and srcs and all(
+                       s.endswith("]") and stacked_base(s) + "_blocks" in where for s in srcs))
     if not cfg.quant:
-        return {}, frozenset()
+        return dict.fromkeys(mx, quant4.BLOCK), frozenset(), mx
     out = {}
-    for name, (shape, sources) in weight_sources(cfg).items():
-        parts = [layer_parts(s, cfg.quant) for s in sources]
+    for name, (shape, srcs) in sources.items():
+        parts = [layer_parts(s, cfg.quant) for s in srcs]
         if len(shape) == 2 and all(p is not None and p[0] in where for p in parts):
             out[name] = group_of(shape[1], cfg.quant)
-    return out, frozenset(out) if cfg.quant.get("desc_act") else frozenset()
-
-
-# MXFP4 (gpt-oss's experts): 4-bit e2m1 codes, two a byte (the low nibble first), and a
-# power-of-two scale (a biased exponent byte) for each 32 of a row
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+    return out, frozenset(out) if cfg.quant.get("desc_act") else frozenset(), frozenset()
 
 
 def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float32 values of MXFP4 ``blocks`` [..., G, 16] (uint8) with ``scales`` [..., G]
-    (uint8, exponent + 127): [..., G * 32] (exact: each value is a code times 2^e)."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    """float32 values of MXFP4 ``blocks`` [..., G, 16] (uint8: 4-bit e2m1 codes, two a byte,
+    the low nibble first) with ``scales`` [..., G] (uint8, exponent + 127): [..., G * 32]
+    (exact: each value is a code times 2^e). The loader keeps them 4-bit (quantized.mxfp4);
+    this is their reference."""
+    lut = torch.tensor(quant4.E2M1, dtype=torch.float32)
     b = blocks.to(torch.int64)
     codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
     exp = scales.to(torch.int32) - 127
@@ -337,19 +345,20 @@ def _read_stacked(get, where: dict, src: str) -> torch.Tensor:
     ([E, hidden, 2 inter], gate and up interleaved: gate columns 0, 2, ..) as [gate | up]
     rows, its down ([E, inter, hidden]) transposed, biases de-interleaved likewise; from
     MXFP4 blocks and scales (stored [E, rows, ...]: rows are outputs) where the checkpoint
-    holds those."""
+    holds those (kept 4-bit: :func:`quantized.mxfp4`)."""
     name = stacked_base(src)
     e = int(src[len(name) + 1: -1])
     if name in where:
         t = get(name, e)
         t = t if t.dim() == 1 else t.t()
     elif name + "_blocks" in where and name + "_scales" in where:
-        t = mxfp4_values(get(name + "_blocks", e), get(name + "_scales", e))
+        t = mxfp4(get(name + "_blocks", e), get(name + "_scales", e))
     else:
         raise ModelLoadError(f"checkpoint has no tensor {name!r} (nor MXFP4 blocks)")
-    if "gate_up" in name:
-        t = torch.cat((t[0::2], t[1::2]))
-    return t.contiguous()
+    def rows(r: torch.Tensor) -> torch.Tensor:  # gate_up's de-interleaved
+        return torch.cat((r[0::2], r[1::2])).contiguous() if "gate_up" in name else r.contiguous()
+
+    return t.map_rows(rows) if isinstance(t, Int4) else rows(t)
 
 
 def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict):
@@ -385,8 +394,8 @@ def load_flat_weights(
     ``models/tp.py``; ``cfg`` is then the shard's)."""
     folder = Path(folder)
     where, alias = _aliased(_checkpoint_files(folder))
-    stored, perm = _stored_4bit(cfg, where)
-    layout = build_layout(cfg, dtype, quantization, stored, perm)
+    stored, perm, codes = _stored_4bit(cfg, where)
+    layout = build_layout(cfg, dtype, quantization, stored, perm, codes)
     buffer = layout.allocate("cpu")
     views = layout.views(buffer)
     handles: dict[Path, object] = {}

@@ -40,11 +40,13 @@ AWQ_COLUMN_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a packed eight is ni
 @dataclass
 class Int4:
     """One checkpoint tensor's 4-bit form: packed q [N, K / 2], float32 scale and offset
-    [N, K / G]; ``perm`` [K]: the input columns' order (act-order GPTQ), or None."""
+    [N, K / G]; ``perm`` [K]: the input columns' order (act-order GPTQ), or None; ``code``:
+    the codebook its values stand for (float32 [16], MXFP4's), or None."""
     q: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
     perm: torch.Tensor | None = None
+    code: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,7 +61,7 @@ class Int4:
 
     def map_rows(self, fn) -> Int4:
         """The same weight with ``fn`` applied to its rows (each part's)."""
-        return Int4(fn(self.q), fn(self.scale), fn(self.offset), self.perm)
+        return Int4(fn(self.q), fn(self.scale), fn(self.offset), self.perm, self.code)
 
     def __getitem__(self, rows: slice) -> Int4:
         """Output rows ``rows`` (a tensor-parallel rank's, models/tp.py)."""
@@ -81,22 +83,36 @@ class Int4:
                              + (" (act-order)" if self.perm is not None else ""))
         return Int4(self.q[:, start // 2 : stop // 2].contiguous(),
                     self.scale[:, start // group : stop // group].contiguous(),
-                    self.offset[:, start // group : stop // group].contiguous())
+                    self.offset[:, start // group : stop // group].contiguous(),
+                    code=self.code)
 
     @staticmethod
     def cat(parts: list[Int4]) -> Int4:
         """Row blocks stacked (one column order)."""
         return Int4(*(torch.cat([getattr(p, f) for p in parts])
-                      for f in ("q", "scale", "offset")), parts[0].perm)
+                      for f in ("q", "scale", "offset")), parts[0].perm, parts[0].code)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] in the checkpoint's column order."""
-        w = quant4.dequantize(self.q, self.scale, self.offset)
+        w = quant4.dequantize(self.q, self.scale, self.offset, code=self.code)
         if self.perm is None:
             return w
         out = torch.empty_like(w)
         out[:, self.perm] = w
         return out
+
+
+def mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> Int4:
+    """MXFP4 ``blocks`` [N, G, 16] (uint8: two e2m1 codes a byte, the low nibble first) with
+    ``scales`` [N, G] (uint8: the block's exponent + 127) as a 4-bit weight of codebook
+    ``quant4.E2M1``: the codes in our block order, scale 2^e (float32), offset 0. Exact:
+    each value is a code's value times a power of two."""
+    n, g = scales.shape
+    b = blocks.reshape(n, g, 16)
+    codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(n, g * 32)
+    scale = torch.ldexp(torch.ones(n, g), scales.to(torch.int32) - 127)
+    return Int4(quant4.pack(codes), scale, torch.zeros(n, g),
+                code=torch.tensor(quant4.E2M1, dtype=torch.float32))
 
 
 def _nibbles(t: torch.Tensor) -> torch.Tensor:

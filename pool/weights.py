@@ -19,6 +19,7 @@ ALIGN_BYTES = 256
 SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales: "<name>_scale"
 # a 4-bit weight's per-group float32 scales and offsets (kernels/quant4.py)
 GSCALE_SUFFIX, GOFFSET_SUFFIX = "_gscale", "_goffset"
+GCODE_SUFFIX = "_gcode"  # a 4-bit weight's codebook (MXFP4's e2m1 values), float32 [16]
 PERM_SUFFIX = "_perm"  # a 4-bit weight's input column order (act-order GPTQ), int64 [K]
 
 
@@ -55,11 +56,13 @@ class WeightLayout:
               int8: frozenset[str] | set[str] = frozenset(),
               fp32: frozenset[str] | set[str] = frozenset(),
               int4: dict[str, int] | None = None,
-              perm: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
+              perm: frozenset[str] | set[str] = frozenset(),
+              codes: frozenset[str] | set[str] = frozenset()) -> WeightLayout:
         """``int8``: names stored int8 with a scale per row; ``fp32``: names kept in float32
         whatever ``dtype`` is (Gemma's norm weights); ``int4``: names stored 4-bit, with
         their group sizes; ``perm``: 4-bit names whose columns are stored in another order
-        than x's (``name + "_perm"``: x's column of each, int64 [K])."""
+        than x's (``name + "_perm"``: x's column of each, int64 [K]); ``codes``: 4-bit names
+        whose values stand for a codebook's (``name + "_gcode"``, float32 [16])."""
         int4 = int4 or {}
         unknown = (set(int8) | set(int4)) - set(shapes)
         if unknown:
@@ -77,6 +80,8 @@ class WeightLayout:
                 entries.append((name + GOFFSET_SUFFIX, (n, k // g), torch.float32))
                 if name in perm:
                     entries.append((name + PERM_SUFFIX, (k,), torch.int64))
+                if name in codes:
+                    entries.append((name + GCODE_SUFFIX, (16,), torch.float32))
             elif name in int8:
                 entries.append((name, tuple(shape), torch.int8))
                 entries.append((name + SCALE_SUFFIX, (shape[0],), dtype))

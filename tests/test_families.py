@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gpupool import SamplingParams
+from gpupool.kernels import quant4
 from gpupool.models.config import ModelConfig
 from gpupool.models.rope import cos_sin_table
 from tests.factories import (
@@ -555,11 +556,23 @@ def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models,
     assert parameter_count(packed) == parameter_count(plain)
     prompts = random_prompts(4, 5, 30, seed=23)
     want = hf_greedy(plain, prompts, 12)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     engine = make_engine(packed)
     try:
-        outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
-                                                       ignore_eos=True))
+        outs = engine.generate(prompts, params)
         assert [list(o.token_ids)[: len(w)] for o, w in zip(outs, want)] == want
+        w = engine.local.core.workers["m"].model.layers[0]  # kept 4-bit, with the codebook
+        assert w["experts.0.gate_up_weight"].dtype == torch.uint8
+        assert w["experts.0.down_weight_gcode"].tolist() == list(quant4.E2M1)
+    finally:
+        engine.shutdown()
+    # bf16 on the native 4-bit product (the codebook's values in its table): a request's
+    # tokens alone are its tokens in a batch
+    engine = make_engine(packed, dtype="bfloat16")
+    try:
+        assert engine.local.core.workers["m"].model.ops.name == "native"
+        batched = [list(o.token_ids) for o in engine.generate(prompts, params)]
+        assert batched == [list(engine.generate([p], params)[0].token_ids) for p in prompts]
     finally:
         engine.shutdown()
 

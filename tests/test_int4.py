@@ -91,13 +91,15 @@ def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, gr
     q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
     x = torch.randn(rows, k + 8, generator=g).to(torch.bfloat16)[:, :k]  # strided rows
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
-    for b in (None, bias):
-        got = native.gemv_int4(x, q, s, o, b)
-        want = quant4.linear_int4_reference(x, q, s, o, b)
+    e2m1 = torch.tensor(quant4.E2M1)  # a codebook: MXFP4's values
+    for b, code in ((None, None), (bias, None), (bias, e2m1)):
+        got = native.gemv_int4(x, q, s, o, b, code)
+        want = quant4.linear_int4_reference(x, q, s, o, b, code=code)
         # the same sums in another order: a bf16 rounding step at most
         assert ((got.float() - want.float()).abs()
                 <= 1e-2 * (1 + want.float().abs())).all(), (rows, n, k)
-        alone = torch.cat([native.gemv_int4(x[i : i + 1], q, s, o, b) for i in range(rows)])
+        alone = torch.cat([native.gemv_int4(x[i : i + 1], q, s, o, b, code)
+                           for i in range(rows)])
         assert torch.equal(alone, got)  # a row's bits do not depend on its batch
     with pytest.raises(ValueError, match="fit"):
         native.gemv_int4(x, q, s[:-1].contiguous(), o[:-1].contiguous())
@@ -125,13 +127,16 @@ def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypat
         q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         bias = torch.randn(n, generator=g).to(torch.bfloat16)
-        ys = []
-        for lib in libs:
-            y = torch.empty(rows, n, dtype=torch.bfloat16)
-            lib.gp_gemv_int4(x.data_ptr(), rows, k, k, q.data_ptr(), n, k // 2, s.data_ptr(),
-                             o.data_ptr(), group, bias.data_ptr(), y.data_ptr(), n, 2)
-            ys.append(y.view(torch.int16))
-        assert all(torch.equal(ys[0], y) for y in ys[1:]), (rows, n, k)
+        for code in (None, torch.tensor(quant4.E2M1)):  # values 0..15; MXFP4's codebook
+            ys = []
+            for lib in libs:
+                y = torch.empty(rows, n, dtype=torch.bfloat16)
+                lib.gp_gemv_int4(x.data_ptr(), rows, k, k, q.data_ptr(), n, k // 2,
+                                 s.data_ptr(), o.data_ptr(), group,
+                                 None if code is None else code.data_ptr(), bias.data_ptr(),
+                                 y.data_ptr(), n, 2)
+                ys.append(y.view(torch.int16))
+            assert all(torch.equal(ys[0], y) for y in ys[1:]), (rows, n, k, code is None)
 
 
 def _twin(folder, dest, group: int):
@@ -240,9 +245,9 @@ def test_triton_int4_matches_its_reference(rows, dtype):
     bias = torch.randn(n, generator=g).to(dtype)
     x = (torch.randn(rows, k, generator=g) / 4).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 4e-3
-    for b in (None, bias):
-        got = tk.linear_int4(x, q, s, o, b)
-        want = x.double() @ quant4.dequantize(q, s, o).double().T
+    for b, code in ((None, None), (bias, None), (bias, torch.tensor(quant4.E2M1))):
+        got = tk.linear_int4(x, q, s, o, b, code)
+        want = x.double() @ quant4.dequantize(q, s, o, code=code).double().T
         want = want if b is None else want + b.double()
         assert got.dtype == dtype and got.shape == (rows, n)
         assert (got.double() - want).abs().max() <= tol * want.abs().max(), (rows, dtype)

@@ -238,10 +238,10 @@ def _check_quantized_experts(table, experts, hidden, k, g, gate_up, down):
         assert torch.equal(got.view(torch.int16), torch.cat(want).view(torch.int16)), m
 
 
-@pytest.mark.parametrize("group,k", [(32, 2), (64, 3)])
-def test_the_experts_call_on_4bit_experts_gives_the_loops_bits(group, k):
-    """4-bit experts (kernels/quant4.py) in one call: the stated sums computed expert by
-    expert through native.gemv_int4, bit for bit, 1 to 21 rows."""
+@pytest.mark.parametrize("group,k,codebook", [(32, 2, False), (64, 3, False), (32, 2, True)])
+def test_the_experts_call_on_4bit_experts_gives_the_loops_bits(group, k, codebook):
+    """4-bit experts (kernels/quant4.py; with a codebook: MXFP4's) in one call: the stated
+    sums computed expert by expert through native.gemv_int4, bit for bit, 1 to 21 rows."""
     from gpupool.kernels import quant4
 
     if not native.has_gemv_int4():
@@ -252,11 +252,18 @@ def test_the_experts_call_on_4bit_experts_gives_the_loops_bits(group, k):
           for _ in range(experts)]
     dn = [quant4.quantize(torch.randn(hidden, inter, generator=g) * 0.2, group)
           for _ in range(experts)]
+    code = torch.tensor(quant4.E2M1) if codebook else None
+    codes = [code] * (2 * experts)
     table = native.moe_table([w[0] for w in gu], [w[0] for w in dn],
-                             [w[1] for w in gu + dn], [w[2] for w in gu + dn])
+                             [w[1] for w in gu + dn], [w[2] for w in gu + dn], codes)
+    assert (table.code is not None) == codebook
     _check_quantized_experts(table, experts, hidden, k, g,
-                             lambda x, e: native.gemv_int4(x, *gu[e]),
-                             lambda x, e: native.gemv_int4(x, *dn[e]))
+                             lambda x, e: native.gemv_int4(x, *gu[e], None, code),
+                             lambda x, e: native.gemv_int4(x, *dn[e], None, code))
+    if codebook:  # experts of two codebooks (or one without) cannot share the call
+        with pytest.raises(ValueError, match="codebooks"):
+            native.moe_table([w[0] for w in gu], [w[0] for w in dn], [w[1] for w in gu + dn],
+                             [w[2] for w in gu + dn], [None, *codes[1:]])
 
 
 @pytest.mark.parametrize("k", [576, 1024, 1536, 5000])
