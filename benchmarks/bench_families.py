@@ -23,8 +23,16 @@ tokens (greedy) at once, on the native kernels, in a KV pool of 3 requests' whol
 pages behind every layer's window released (this change) against every page kept (the
 scheduler told the model has no window: the same kernels and bits). Timed: the whole run's
 tokens/s; counted: preemptions, the most requests running at once, pages released.
+--mxfp4: a wider gpt-oss (hidden 1024, 12 layers, 32 experts of 1024, 2 a token) with its
+experts as gpt-oss ships them (MXFP4: e2m1 codes, a power-of-two scale per 32; quantized
+from the random bf16 weights) against the same values stored bf16, both on the native
+kernels: the weights' bytes, time to first token and decode tokens/s as above (MXFP4 kept
+4-bit: the 4-bit product with the e2m1 codebook); and MXFP4
+with its experts run as the model's loop of products (``mxfp4_loop``: gpt-oss's path before
+its biases and clamped SwiGLU went into the one native experts call).
 Usage: python3 benchmarks/bench_families.py [--json] [--rounds 3] [--models gemma3,mistral]
        python3 benchmarks/bench_families.py --kv [--json] [--rounds 3]
+       python3 benchmarks/bench_families.py --mxfp4 [--json] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -67,6 +75,11 @@ MODELS = {
                                  "max_position_embeddings": 4096, "bos_token_id": 1,
                                  "eos_token_id": 2}),
 }
+# --mxfp4's: wider, with 32 experts (1.2 G expert parameters, 2 of 32 a token), so a decode
+# step's expert bytes, not the head's, dominate its reads
+MODELS["gpt_oss_wide"] = ("GptOssConfig", {**MODELS["gpt_oss"][1], "hidden_size": 1024,
+                                           "intermediate_size": 1024, "head_dim": 128,
+                                           "num_local_experts": 32})
 
 
 def _make(folder: Path, kind: str) -> Path:
@@ -90,6 +103,56 @@ def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(3, 32000, (n, length), generator=g).tolist()
 
 
+def _to_mxfp4(w):
+    """MXFP4 (blocks [..., C / 32, 16], scales [..., C / 32]) of ``w`` [..., C]: each 32's
+    scale the power of two that brings its largest magnitude to at most 6, each value the
+    nearest e2m1 code."""
+    import torch
+
+    from gpupool.kernels import quant4
+
+    b = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    e = torch.ceil(torch.log2(b.abs().amax(-1).clamp_min(2.0**-100) / 6)).clamp(-126, 127)
+    v = b / torch.exp2(e)[..., None]
+    mags = torch.tensor(quant4.E2M1[:8])
+    code = (v.abs()[..., None] - mags).abs().argmin(-1) + 8 * (v < 0)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (e + 127).to(torch.uint8)
+
+
+def _make_mxfp4(root: Path) -> tuple[Path, Path]:
+    """(the small gpt-oss with MXFP4 experts, the same values stored bf16), made once."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from gpupool.models.loader import mxfp4_values
+
+    packed, plain = root / "gpt_oss_mxfp4", root / "gpt_oss_mxfp4_values"
+    if (packed / "config.json").is_file() and (plain / "config.json").is_file():
+        return packed, plain
+    src = _make(root / "gpt_oss_wide", "gpt_oss_wide")
+    for d in (packed, plain):
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(src, d)
+    tensors = load_file(str(src / "model.safetensors"))
+    quantized = dict(tensors)
+    for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
+        blocks, scales = _to_mxfp4(tensors[name].transpose(1, 2))  # [E, out, in]: by rows
+        tensors[name] = mxfp4_values(blocks, scales).transpose(1, 2).to(torch.bfloat16)
+        del quantized[name]
+        quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(plain / "model.safetensors"),
+              metadata={"format": "pt"})
+    save_file(quantized, str(packed / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (packed / "config.json").write_text(json.dumps(
+        {**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    return packed, plain
+
+
 def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
     # the prefix cache on: a decode run's prompts were prefilled by the call before it, so
     # its time is the decode steps' (the 1000-token prompt is new: a whole prefill)
@@ -97,9 +160,9 @@ def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
                     enable_prefix_caching=True)
     try:
         engine.add_model("m", str(folder))
+        out = {"weight_mib": engine.local.weights.entries["m"].layout.num_bytes / 2**20}
         first = SamplingParams(max_tokens=1, temperature=0)
         engine.generate(_prompts(1, 64, 0), first)  # warm: weights resident, kernels
-        out = {}
         long = _prompts(1, 1000, 1)
         start = time.perf_counter()
         engine.generate(long, first)
@@ -170,15 +233,46 @@ def main_kv(args, threads: int) -> None:
     emit(result, args.json)
 
 
+def main_mxfp4(args, threads: int) -> None:
+    packed, plain = _make_mxfp4(default_home() / "bench-families")
+    runs: dict[str, dict[str, list[float]]] = {}
+    from bench_moe import experts_loop
+
+    for _ in range(args.rounds):
+        for kind, folder in (("mxfp4", packed), ("bf16", plain), ("mxfp4_loop", packed)):
+            with experts_loop(kind.endswith("_loop")):
+                got = _measure(folder, True, threads)
+            for key, value in got.items():
+                runs.setdefault(kind, {}).setdefault(key, []).append(value)
+    result: dict = {"cpu": cpu_flags(), "threads": threads, "rounds": args.rounds}
+    for kind, got in runs.items():
+        result[kind] = {k: [round(statistics.median(v), 1), round(min(v), 1),
+                            round(max(v), 1)] for k, v in got.items()}
+    mid = {k: {m: statistics.median(v) for m, v in got.items()} for k, got in runs.items()}
+    result["mxfp4_over_bf16"] = {
+        "weight_bytes": round(mid["mxfp4"]["weight_mib"] / mid["bf16"]["weight_mib"], 2),
+        "ttft_1000": round(mid["bf16"]["ttft_1000_ms"] / mid["mxfp4"]["ttft_1000_ms"], 2),
+        **{f"decode_b{b}": round(mid["mxfp4"][f"decode_b{b}_tok_s"]
+                                 / mid["bf16"][f"decode_b{b}_tok_s"], 2) for b in (1, 8)}}
+    result["one_call_over_loop"] = {
+        "ttft_1000": round(mid["mxfp4_loop"]["ttft_1000_ms"] / mid["mxfp4"]["ttft_1000_ms"], 2),
+        **{f"decode_b{b}": round(mid["mxfp4"][f"decode_b{b}_tok_s"]
+                                 / mid["mxfp4_loop"][f"decode_b{b}_tok_s"], 2) for b in (1, 8)}}
+    emit(result, args.json)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="gemma3,gemma2,mistral")
     ap.add_argument("--kv", action="store_true", help="the windowed model's KV memory")
+    ap.add_argument("--mxfp4", action="store_true", help="gpt-oss's MXFP4 experts, kept 4-bit")
     args = ap.parse_args()
     if args.kv:
         return main_kv(args, engine_threads())
+    if args.mxfp4:
+        return main_mxfp4(args, engine_threads())
     root = default_home() / "bench-families"
     kinds = args.models.split(",")
     folders = {k: _make(root / k, k) for k in kinds}

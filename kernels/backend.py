@@ -240,11 +240,15 @@ class TorchOps:
             return self.silu_mul(gate_up)
         return reference.act_mul(gate_up, kind)
 
+    def swiglu(self, gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+        """gpt-oss's clamped SwiGLU of [gate | up] (elementwise, as ``act_mul``)."""
+        return reference.swiglu_oai(gate_up, limit, alpha)
+
     def experts(self, plan, h: torch.Tensor, lw, idx: torch.Tensor, top: torch.Tensor,
-                num_experts: int, activation: str) -> torch.Tensor | None:
+                cfg) -> torch.Tensor | None:
         """A mixture-of-experts MLP's output for rows ``h`` (experts ``idx``, routing weights
-        ``top``) in one call, or None: the model runs its loop of products
-        (LlamaModel._experts), whose bits a backend's call must give."""
+        ``top``; ``cfg`` the model's) in one call, or None: the model runs its loop of
+        products (LlamaModel._experts), whose bits a backend's call must give."""
         return None
 
     def _products(self):
@@ -466,11 +470,15 @@ class NativeOps(TorchOps):
     def final_norm(self, x, delta, weight, eps, batch):
         return batch.sampled_rows(self.add_norm(x, delta, weight, eps)[1])
 
-    def experts(self, plan, h, lw, idx, top, num_experts, activation):
+    def experts(self, plan, h, lw, idx, top, cfg):
         # bf16, 4-bit or int8 experts in one native call (their rows through the step's
-        # products): the loop's bits, without its ~40 ops a layer at batch 16
-        if not plan.gemv or activation != "silu" or h.dtype != torch.bfloat16:
+        # products, their biases, SiLU or gpt-oss's SwiGLU as the ops here compute them): the
+        # loop's bits, without its ~40 ops a layer at batch 16
+        if (not plan.gemv or cfg.activation not in ("silu", "swiglu_oai")
+                or h.dtype != torch.bfloat16):
             return None
+        swiglu = cfg.activation == "swiglu_oai"
+        num_experts = cfg.num_experts
         tables = self._cache.experts  # per layer (its weights' dict, kept), until the next bind
         if id(lw) not in tables:
             names = [f"experts.{e}.{part}_weight" for part in ("gate_up", "down")
@@ -483,6 +491,8 @@ class NativeOps(TorchOps):
                 tables[id(lw)] = (lw, None)  # act-order or mixed experts: the loop
             else:
                 weights = [lw[n] for n in names]
+                biases = ([lw.get(n[: -len("weight")] + "bias") for n in names]
+                          if cfg.moe_bias else None)
                 quant = (([lw[n + GSCALE_SUFFIX] for n in names],
                           [lw[n + GOFFSET_SUFFIX] for n in names],
                           [lw.get(n + GCODE_SUFFIX) for n in names]) if four
@@ -490,13 +500,14 @@ class NativeOps(TorchOps):
                          else (None, None, None))
                 try:
                     table = native.moe_table(weights[:num_experts], weights[num_experts:],
-                                             *quant)
+                                             *quant, biases)
                 except ValueError as e:  # a layout the call cannot read: the loop
                     logger.info("experts through the model's loop: %s", e)
                     table = None
                 tables[id(lw)] = (lw, table)
         table = tables[id(lw)][1]
-        return None if table is None else native.moe_experts(h, idx, top, table)
+        return None if table is None else native.moe_experts(
+            h, idx, top, table, (cfg.swiglu_limit, cfg.swiglu_alpha) if swiglu else None)
 
     def linear(self, plan, x, w, name, bias=None):
         if not plan.gemv:
@@ -572,6 +583,11 @@ class NativeOps(TorchOps):
 
     def silu_mul(self, gate_up):
         return native.silu_mul(gate_up)
+
+    def swiglu(self, gate_up, limit, alpha):
+        if gate_up.dtype != torch.bfloat16:
+            return super().swiglu(gate_up, limit, alpha)
+        return native.swiglu_oai(gate_up, limit, alpha)
 
 
 def _olmoe_qkv(cfg, qkv: torch.Tensor, lw) -> torch.Tensor:

@@ -314,6 +314,34 @@ void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, in
     silu_mul_body(gu, ldg, out, ldo, rows, inter);
 }
 
+/* gpt-oss's clamped SwiGLU, each operation rounded to bf16 as torch's bf16 ops round
+ * (kernels/reference.py swiglu_oai): g = min(gate, limit), u = clamp(up, -limit, limit),
+ * out[r] = bf16(bf16(u + 1) * bf16(g * bf16(sigmoid(bf16(g * alpha))))), the sigmoid
+ * 1 / (1 + e^-x) in float32 with exp_fixed (the same bits in every build) */
+static void swiglu_oai_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
+                            int64_t rows, int64_t inter, float limit, float alpha) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gu + r * ldg, *u = g + inter;
+        uint16_t *o = out + r * ldo;
+        for (int64_t i = 0; i < inter; i++) {
+            float v = fminf(bf2f(g[i]), limit);
+            float a = round_bf(v * alpha);
+            float e = exp_fixed(-fminf(fmaxf(a, -88.0f), 88.0f));
+            float sg = round_bf(1.0f / (1.0f + e));
+            float w = fminf(fmaxf(bf2f(u[i]), -limit), limit);
+            o[i] = f2bf(round_bf(w + 1.0f) * round_bf(v * sg));
+        }
+    }
+}
+
+void gp_swiglu_oai(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, int64_t rows,
+                   int64_t inter, float limit, float alpha, int threads) {
+    (void)threads;
+    #pragma omp parallel num_threads(threads) if (rows * inter >= 65536)
+    swiglu_oai_body(gu, ldg, out, ldo, rows, inter, limit, alpha);
+}
+
 /* ok[r] = 1 when every value of float32 row r of x [R][V] (row stride ldx) is finite, else 0:
  * a test of the exponent bits (exact under -ffast-math, which may drop float tests of NaN) */
 void gp_finite_rows(const float *x, int64_t R, int64_t V, int64_t ldx, int8_t *ok) {
@@ -2005,7 +2033,7 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
 }
 
 /* A mixture-of-experts MLP in one call: out[t] (bf16 [T][H], row stride ldo) = the sum over
- * row t's k choices, in ascending expert order, of bf16(down_e(silu(gate_e) * up_e) * top),
+ * row t's k choices, in ascending expert order, of bf16(down_e(act(gate_up_e)) * top),
  * added in float32 from zero and rounded once, for idx [T][k] (experts) and top [T][k]
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
  * [H][inter] (addresses); or, with group > 0, 4-bit: packed [2 inter][H / 2] and
@@ -2013,45 +2041,57 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * down's E) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
  * product's rows; or, with group < 0, int8 with bf16 row scales
  * gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
- * Python wrapper).
+ * Python wrapper). bias: NULL, or each product's bf16 bias (addresses, gate_up's E then
+ * down's E; 0: none), added as the products add theirs. act 0: SiLU x up (gp_silu_mul), 1:
+ * gpt-oss's clamped SwiGLU (gp_swiglu_oai, with limit and alpha).
  * The same bits as LlamaModel._experts' loop of products (each row
- * through gemv_rows, whose sums do not depend on which rows share a call; SiLU x up as
- * gp_silu_mul; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
+ * through gemv_rows, whose sums do not depend on which rows share a call; the activation as
+ * the native op; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
  * output does not depend on its step: pairs (row, choice) sorted by expert, stable; every
  * touched expert's gate_up rows, then every down row, shared among the threads as one list
  * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
 #ifdef HAVE_GEMV_BF16
 /* every touched expert's rows of W (bf16 [N][K]; 4-bit [N][K / 2] with group scales and
- * offsets GS, GO [N][K / G] and every expert's codebook code (or NULL) when G > 0, x then as q4_prepare leaves it in xp, xsum; int8
- * [N][K] with bf16 row scales GS when G < 0, x then quantized as the int8 product does, into
- * xp and xsum) for its rows of x, this thread's share of them all */
+ * offsets GS, GO [N][K / G] and the experts' codebook code (or NULL) when G > 0, x then as
+ * q4_prepare leaves it in xp, xsum; int8 [N][K] with bf16 row scales GS when G < 0, x then
+ * quantized as the int8 product does, into xp and xsum), plus expert e's bias B[e] (B NULL
+ * or B[e] 0: none), for its rows of x, this thread's share of them all */
 static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *GS,
-                         const int64_t *GO, int64_t G, const float *code, const void *xp,
-                         const float *xsum, const int64_t *start, int64_t E, int64_t N,
-                         uint16_t *y) {
+                         const int64_t *GO, int64_t G, const float *code, const int64_t *B,
+                         const void *xp, const float *xsum, const int64_t *start, int64_t E,
+                         int64_t N, uint16_t *y) {
+    /* the threads share the work, not the rows: an output row of expert e costs its n rows
+     * of x plus about 4 rows' worth for reading its weights (a prefill's experts differ in
+     * n by 10x; the rows' split never changes a row's sums) */
     int64_t total = 0, a, b;
-    for (int64_t e = 0; e < E; e++) total += start[e + 1] > start[e] ? N : 0;
+    for (int64_t e = 0; e < E; e++)
+        total += start[e + 1] > start[e] ? (start[e + 1] - start[e] + 4) * N : 0;
     thread_share(total, &a, &b);
     for (int64_t e = 0, base = 0; e < E && base < b; e++) {
-        int64_t n = start[e + 1] - start[e];
+        int64_t n = start[e + 1] - start[e], unit = n + 4;
         if (!n) continue;
-        int64_t lo = a > base ? a - base : 0, hi = b - base < N ? b - base : N;
+        /* rows whose first unit lies in [a, b) */
+        int64_t lo = a > base ? (a - base + unit - 1) / unit : 0;
+        int64_t hi = (b - base + unit - 1) / unit;
+        lo = lo < N ? lo : N;
+        hi = hi < N ? hi : N;
+        base += unit * N;
+        const uint16_t *bias = B ? (const uint16_t *)(intptr_t)B[e] : NULL;
         if (lo < hi && G > 0)
             gemv_int4_rows((const uint16_t *)xp + start[e] * q4_kp(K), q4_kp(K),
                            xsum + start[e] * (K / G), n, K, (const uint8_t *)(intptr_t)W[e],
                            K / 2, (const float *)(intptr_t)GS[e],
-                           (const float *)(intptr_t)GO[e], G, code, lo, hi, NULL,
+                           (const float *)(intptr_t)GO[e], G, code, lo, hi, bias,
                            y + start[e] * N, N);
 #ifdef HAVE_GEMV_INT8
         else if (lo < hi && G < 0)
             gemv_i8_rows((const int16_t *)xp + start[e] * i8_kp(K), xsum + start[e], n, K,
                          i8_kp(K), (const int8_t *)(intptr_t)W[e], lo, hi, K,
-                         (const uint16_t *)(intptr_t)GS[e], NULL, y + start[e] * N, N);
+                         (const uint16_t *)(intptr_t)GS[e], bias, y + start[e] * N, N);
 #endif
         else if (lo < hi)
             gemv_rows(x + start[e] * K, n, K, K, (const uint16_t *)(intptr_t)W[e], lo, hi, K,
-                      NULL, y + start[e] * N, N);
-        base += N;
+                      bias, y + start[e] * N, N);
     }
 }
 #endif
@@ -2074,7 +2114,8 @@ static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void
 int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
                    const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
                    const int64_t *down, const int64_t *gs, const int64_t *go, int64_t group,
-                   const float *code, int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
+                   const float *code, const int64_t *bias, int act, float limit, float alpha,
+                   int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
                    int64_t *order, int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_BF16
@@ -2093,7 +2134,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         for (int64_t e = 0; e < E; e++) fill[e] = start[e];
         for (int64_t j = 0; j < P; j++) order[fill[idx[j]]++] = j;
     }
-    uint16_t *xs = scratch, *gu = xs + P * H, *act = gu + P * 2 * inter, *ys = act + P * inter;
+    uint16_t *xs = scratch, *gu = xs + P * H, *mid = gu + P * 2 * inter, *ys = mid + P * inter;
     /* 4-bit experts: each product's x as q4_prepare leaves it; int8: quantized rows (int16,
      * i8_kp) and their scales */
     void *xp1 = q4, *xp2 = NULL;
@@ -2113,11 +2154,16 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         for (int64_t s = 0; s < P; s++)
             memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
         if (group) moe_prepare(xs, P, H, group, xp1, xsum1);  /* ends in a barrier */
-        moe_products(xs, H, gate_up, gs, go, group, code, xp1, xsum1, start, E, 2 * inter, gu);
+        moe_products(xs, H, gate_up, gs, go, group, code, bias, xp1, xsum1, start, E,
+                     2 * inter, gu);
         #pragma omp barrier
-        silu_mul_body(gu, 2 * inter, act, inter, P, inter);  /* its loop ends in a barrier */
-        if (group) moe_prepare(act, P, inter, group, xp2, xsum2);
-        moe_products(act, inter, down, gs + E, go + E, group, code, xp2, xsum2, start, E, H, ys);
+        if (act)  /* gpt-oss's clamped SwiGLU; else SiLU x up (each loop ends in a barrier) */
+            swiglu_oai_body(gu, 2 * inter, mid, inter, P, inter, limit, alpha);
+        else
+            silu_mul_body(gu, 2 * inter, mid, inter, P, inter);
+        if (group) moe_prepare(mid, P, inter, group, xp2, xsum2);
+        moe_products(mid, inter, down, gs + E, go + E, group, code, bias ? bias + E : NULL, xp2,
+                     xsum2, start, E, H, ys);
         #pragma omp barrier
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
@@ -2136,8 +2182,8 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
     return 0;
 #else
     (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
-    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)code; (void)inter;
-    (void)out;
+    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)code; (void)bias;
+    (void)act; (void)limit; (void)alpha; (void)inter; (void)out;
     (void)ldo; (void)scratch; (void)q4; (void)order;
     return 1;
 #endif

@@ -84,7 +84,8 @@ _SIGNATURES = {
     "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp,
                      _i64, _int],
     "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64,
-                       _vp, _i64, _vp, _i64, _vp, _vp, _vp, _int],
+                       _vp, _vp, _int, _f32, _f32, _i64, _vp, _i64, _vp, _vp, _vp, _int],
+    "gp_swiglu_oai": [_vp, _i64, _vp, _i64, _i64, _i64, _f32, _f32, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64],
@@ -388,7 +389,7 @@ class MoeTable(NamedTuple):
     (int64 [2 E]: gate_up's then down's, 0 where absent), hidden and intermediate sizes; for
     4-bit experts their group scales' and offsets' addresses (likewise), the group size and
     their one codebook (or None); for int8 experts their row scales' addresses and group -1
-    (0: bf16)."""
+    (0: bf16); the products' biases' addresses (likewise, 0 where none), or None."""
     addresses: torch.Tensor
     hidden: int
     inter: int
@@ -396,15 +397,17 @@ class MoeTable(NamedTuple):
     offsets: torch.Tensor | None = None
     group: int = 0
     code: torch.Tensor | None = None
+    biases: torch.Tensor | None = None
 
 
 def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None],
               scales: list | None = None, offsets: list | None = None,
-              codes: list | None = None) -> MoeTable:
+              codes: list | None = None, biases: list | None = None) -> MoeTable:
     """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent);
     or 4-bit (kernels/quant4.py: uint8 [N, K / 2]) with ``scales`` and ``offsets`` (float32
     [N, K / G], gate_up's E then down's E) and ``codes`` (each one's codebook, float32 [16],
-    or None: one for all or none); or int8 [N, K] with ``scales`` only (bf16 [N],
+    or None: one for all or none); ``biases``: each product's bf16 bias [N] or None (gate_up's
+    E then down's E), or None for none; or int8 [N, K] with ``scales`` only (bf16 [N],
     where :func:`has_gemv_int8`). Checked once (a layer's table is kept while its weights stay
     where they are)."""
     if len(gate_up) != len(down):
@@ -450,8 +453,19 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
             dtype=torch.int64)
 
     code = _one_code(codes or [], present + present)
+    if biases is not None:
+        for b, w in zip(biases, gate_up + down):
+            if b is not None and w is not None:
+                check("bias", b, torch.bfloat16, 1, contiguous=True)
+                if b.shape[0] != w.shape[0]:
+                    raise ValueError("native: moe_table's biases do not fit")
+        biases = [b if b is not None else torch.empty(0) for b in biases]
+        bias_addresses = torch.tensor([b.data_ptr() if b.numel() and ok else 0
+                                       for b, ok in zip(biases, present + present)],
+                                      dtype=torch.int64)
     return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
-                    -1 if eight else group, code)
+                    -1 if eight else group, code,
+                    None if biases is None else bias_addresses)
 
 
 def _one_code(codes: list, present: list[bool]) -> torch.Tensor | None:
@@ -468,13 +482,14 @@ def _one_code(codes: list, present: list[bool]) -> torch.Tensor | None:
     return first
 
 
-def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
-                table: MoeTable) -> torch.Tensor:
+def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: MoeTable,
+                swiglu: tuple[float, float] | None = None) -> torch.Tensor:
     """A mixture-of-experts MLP's output for bf16 rows ``h`` [T, H] in one call (where
     :func:`has_gemv`): row t's experts ``idx[t]`` (int64 [T, k]), weighted by ``top[t]`` (bf16),
     added in float32 in ascending expert order and rounded once, the experts' weights in
     ``table`` (:func:`moe_table`). The bits of LlamaModel._experts' loop of :func:`gemv` and
-    :func:`silu_mul` per expert (NaN bit patterns aside), whatever shares the call."""
+    :func:`silu_mul` per expert (``swiglu`` (limit, alpha): :func:`swiglu_oai`'s, gpt-oss;
+    NaN bit patterns aside), whatever shares the call."""
     check("h", h, torch.bfloat16, 2)
     check("idx", idx, torch.int64, 2, contiguous=True)
     check("top", top, torch.bfloat16, 2, contiguous=True)
@@ -499,7 +514,8 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor,
     if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
                              top.data_ptr(), k, experts, addr, addr + 8 * experts,
                              _p(table.scales), _p(table.offsets), group, _p(table.code),
-                             inter,
+                             _p(table.biases), int(swiglu is not None),
+                             *(swiglu or (0.0, 0.0)), inter,
                              out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
                              order.data_ptr(), torch.get_num_threads()):
         raise ValueError("native: moe_experts chose an expert out of range or without weights")
@@ -920,6 +936,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, two // 2, dtype=gate_up.dtype)
     _lib().gp_silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0),
                        rows, two // 2, torch.get_num_threads())
+    return out
+
+
+def swiglu_oai(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU of bf16 ``gate_up`` [rows, 2 * inter] (gate first): each
+    operation of ``reference.swiglu_oai`` rounded to bf16 as torch's are, its sigmoid from
+    native.c's exp (the same bits in every build; torch's may differ by a bf16 step)."""
+    check("gate_up", gate_up, torch.bfloat16, 2)
+    rows, two = gate_up.shape
+    out = torch.empty(rows, two // 2, dtype=gate_up.dtype)
+    _lib().gp_swiglu_oai(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0),
+                         rows, two // 2, limit, alpha, torch.get_num_threads())
     return out
 
 

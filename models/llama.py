@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from gpupool.kernels import backend, quant4, reference
+from gpupool.kernels import backend, quant4
 from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
@@ -233,7 +233,7 @@ class LlamaModel:
         top = top.to(h.dtype)
         adapted = lora is not None and lora.experts
         if not adapted:
-            fused = ops.experts(plan, h, lw, idx, top, cfg.num_experts, cfg.activation)
+            fused = ops.experts(plan, h, lw, idx, top, cfg)
             if fused is not None:
                 return fused
             if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
@@ -274,7 +274,7 @@ class LlamaModel:
         """The MLP's activation of [gate | up]: the backend's, or gpt-oss's clamped SwiGLU."""
         cfg = self.cfg
         if cfg.activation == "swiglu_oai":
-            return reference.swiglu_oai(gate_up, cfg.swiglu_limit, cfg.swiglu_alpha)
+            return self.ops.swiglu(gate_up, cfg.swiglu_limit, cfg.swiglu_alpha)
         return self.ops.act_mul(gate_up, cfg.activation)
 
     def _one_rows_experts(self, plan, h, lw, top, idx):

@@ -340,12 +340,13 @@ def test_a_quantized_mixture_stores_its_experts_so_and_serves_a_request_alike_in
 
 
 @pytest.mark.parametrize("variant,quantization", [("qwen3_moe", None), ("qwen3_moe_k3", None),
-                                                  ("qwen3_moe", "int4"), ("qwen3_moe", "int8")])
+                                                  ("qwen3_moe", "int4"), ("qwen3_moe", "int8"),
+                                                  ("gpt_oss", None), ("gpt_oss", "int4")])
 def test_the_native_experts_call_gives_the_models_loop_bit_for_bit(tiny_models, variant,
                                                                    quantization, monkeypatch):
-    """bf16 on the native kernels (bf16, 4-bit or int8 experts): a batch's tokens and
-    log-probabilities with the experts in one call a layer equal those of the model's loop
-    over experts (LlamaModel._experts)."""
+    """bf16 on the native kernels (bf16, 4-bit or int8 experts; gpt-oss's with biases and
+    its clamped SwiGLU): a batch's tokens and log-probabilities with the experts in one call
+    a layer equal those of the model's loop over experts (LlamaModel._experts)."""
     from gpupool.kernels import native
     from gpupool.kernels.backend import NativeOps
 

@@ -220,9 +220,10 @@ def test_the_experts_call_on_int8_experts_gives_the_loops_bits():
                              lambda x, e: native.gemv_int8(x, *dn[e], None))
 
 
-def _check_quantized_experts(table, experts, hidden, k, g, gate_up, down):
+def _check_quantized_experts(table, experts, hidden, k, g, gate_up, down, swiglu=None):
     """native.moe_experts against the stated sums made expert by expert with ``gate_up(x, e)``
-    and ``down(x, e)`` (the quantized products), bit for bit, for 1, 4 and 21 rows."""
+    and ``down(x, e)`` (the quantized products), bit for bit, for 1, 4 and 21 rows (the
+    activation SiLU x up, or gpt-oss's SwiGLU with ``swiglu`` = (limit, alpha))."""
     h = _rand(21, hidden, seed=4)
     idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(21)])
     top = torch.rand(21, k, generator=g).to(BF)
@@ -231,10 +232,12 @@ def _check_quantized_experts(table, experts, hidden, k, g, gate_up, down):
         for t in range(m):
             acc = torch.zeros(1, hidden)
             for e, c in sorted(zip(idx[t].tolist(), range(k))):
-                y = down(native.silu_mul(gate_up(h[t : t + 1], e)), e)
+                gu = gate_up(h[t : t + 1], e)
+                y = down(native.silu_mul(gu) if swiglu is None
+                         else native.swiglu_oai(gu, *swiglu), e)
                 acc += (y * top[t : t + 1, c, None]).float()
             want.append(acc.to(BF))
-        got = native.moe_experts(h[:m], idx[:m], top[:m], table)
+        got = native.moe_experts(h[:m], idx[:m], top[:m], table, swiglu)
         assert torch.equal(got.view(torch.int16), torch.cat(want).view(torch.int16)), m
 
 
@@ -318,6 +321,50 @@ def test_argmax_and_finite_rows_match_torch(vocab):
     want = torch.isfinite(x).all(-1).tolist()
     assert native.finite_rows(x) == want
     assert want[0] is False and want[5] is False and want[3] is False and want[1] is True
+
+
+@pytest.mark.parametrize("four", [False, True])
+def test_the_experts_call_with_biases_and_gpt_oss_swiglu_gives_the_loops_bits(four):
+    """gpt-oss's experts in one call: a bias on every product and the clamped SwiGLU (gates
+    past the limit), bf16 or MXFP4-like 4-bit experts (the e2m1 codebook): the stated sums
+    made expert by expert with the biased products and native.swiglu_oai, bit for bit."""
+    from gpupool.kernels import quant4
+
+    if not native.has_gemv_int4():
+        pytest.skip("this build has no 4-bit product")
+    experts, hidden, inter, k = 6, 96, 64, 2
+    g = torch.Generator().manual_seed(11 + four)
+    code = torch.tensor(quant4.E2M1)
+
+    def weight(n, kk):
+        w = torch.randn(n, kk, generator=g) * 0.6  # gate_up's outputs reach past 7
+        return quant4.quantize(w, 32) if four else (w.to(BF),)
+
+    gu = [weight(2 * inter, hidden) for _ in range(experts)]
+    dn = [weight(hidden, inter) for _ in range(experts)]
+    bias = [_rand(w[0].shape[0], seed=30 + i) for i, w in enumerate(gu + dn)]
+
+    def product(x, w, b):
+        return native.gemv_int4(x, *w, b, code) if four else native.gemv(x, w[0], b)
+
+    quant = (([w[1] for w in gu + dn], [w[2] for w in gu + dn], [code] * 2 * experts)
+             if four else (None, None, None))
+    table = native.moe_table([w[0] for w in gu], [w[0] for w in dn], *quant, bias)
+    _check_quantized_experts(table, experts, hidden, k, g,
+                             lambda x, e: product(x, gu[e], bias[e]),
+                             lambda x, e: product(x, dn[e], bias[experts + e]),
+                             swiglu=(7.0, 1.702))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_swiglu_oai_matches_torch(rows):
+    """gpt-oss's clamped SwiGLU: torch's bf16 ops' bits but where the sigmoid's last float
+    bit moves a rounding (as SiLU's below); gates and ups past the limit clamped."""
+    gu = _rand(rows, 2 * 1536, seed=5, scale=5.0)
+    got, want = native.swiglu_oai(gu, 7.0, 1.702), reference.swiglu_oai(gu, 7.0, 1.702)
+    ulps = _ulps_apart(got, want)
+    assert ulps.max() <= 2 and (ulps == 0).float().mean() >= 0.999
+    assert (gu[:, :1536].float() > 7).any() and (gu[:, 1536:].float().abs() > 7).any()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])
