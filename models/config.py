@@ -58,8 +58,8 @@ def checkpoint_quant(cfg: dict, source: str) -> dict:
     method = str(qc.get("quant_method", "")).lower()
     bits = qc.get("bits", qc.get("w_bit", 4))
     group = qc.get("group_size", qc.get("q_group_size", 128))
-    if method == "mxfp4":  # gpt-oss's experts: de-quantized as they are read (loader)
-        return {}
+    if method == "mxfp4":  # gpt-oss's experts: the loader finds their blocks and keeps them
+        return {}  # 4-bit with the e2m1 codebook (quantized.mxfp4)
     if method not in ("gptq", "awq", OWN_INT4):
         raise ModelLoadError(f"{source}: quantization {method or qc!r} is not supported; "
                              "gpupool reads 4-bit GPTQ and AWQ checkpoints and GGUF files")
@@ -331,9 +331,6 @@ class ModelConfig:
         divide, named), or None (models/tp.py)."""
         if world <= 1:
             return None
-        if self.o_bias or self.moe_bias or self.attn_sinks:
-            return (f"{self.architecture}: biases on row-parallel projections and attention "
-                    "sinks are not sharded yet")
         bad = []
         if self.num_heads % world:
             bad.append(f"{self.num_heads} attention heads")

@@ -17,7 +17,12 @@ Each rank holds a shard, read straight from the checkpoint (never the whole mode
 - a mixture of experts' router replicated (every rank picks the same experts), each expert
   split as a dense MLP is (gate and up by output rows, down by input columns of its own
   intermediate size): the weighted expert outputs are partial sums, added over the ranks by
-  one all-reduce after the layer's experts.
+  one all-reduce after the layer's experts;
+- gpt-oss: each rank its heads' attention sinks; a row-parallel product's bias (o's, each
+  expert's down) kept by rank 0 alone (zeros elsewhere: the all-reduce adds it once); its
+  stacked experts' [gate | up] rows (split so as they are read) cut as a fused gate_up's;
+  MXFP4 experts (4-bit with the e2m1 codebook) cut between whole groups of 32, else refused
+  (``_in_columns``).
 
 The rank's model is a :class:`~gpupool.models.llama.LlamaModel` of the *local* config
 (:func:`local_config`: its heads, KV heads, intermediate size and vocabulary), so attention and
@@ -319,8 +324,12 @@ def _in_columns(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     """The rank's input columns of a row-parallel projection (o, down): of its weight (a
     4-bit checkpoint's too: whole groups), or of an adapter's A."""
     n = t.shape[1] // world
-    if isinstance(t, Int4):
-        return t.columns(rank * n, (rank + 1) * n)
+    if isinstance(t, Int4):  # (MXFP4's groups of 32, which no config names, checked here)
+        try:
+            return t.columns(rank * n, (rank + 1) * n)
+        except ValueError as e:
+            raise ModelLoadError(f"a 4-bit weight cannot be split over {world} ranks: "
+                                 f"{e}") from None
     return t[:, rank * n : (rank + 1) * n]
 
 
@@ -338,14 +347,19 @@ def shard(cfg: ModelConfig, name: str, src: str, t: torch.Tensor, world: int,
             return _cat([_out_rows(cfg, p, x, world, rank)
                          for p, x in (("q_proj", q), ("k_proj", k), ("v_proj", v))])
         return _out_rows(cfg, "q_proj" if kind == "q_proj" else "k_proj", t, world, rank)
-    if name.endswith("gate_up_weight"):  # a dense MLP's, or an expert's (its own size)
+    if name.endswith(("gate_up_weight", "gate_up_bias")):  # a dense MLP's, or an expert's
         inter = cfg.moe_intermediate_size if ".experts." in name else cfg.intermediate_size
-        if kind == "gate_up_proj":  # fused: gate's rows, then up's
+        if kind == "gate_up_proj" or src.endswith("]"):  # fused (gpt-oss's stacked experts
+            # too, split into [gate | up] as read): gate's rows, then up's
             return _cat([_out_rows(cfg, "gate_proj", x, world, rank, inter)
                          for x in t.chunk(2)])
         return _out_rows(cfg, "gate_proj", t, world, rank, inter)
     if name.endswith(("o_weight", "down_weight")):  # row-parallel: the input columns
         return _in_columns(t, world, rank)
+    if name.endswith(("o_bias", "down_bias")):  # a row-parallel product's bias: added once,
+        return t if rank == 0 else torch.zeros_like(t)  # by rank 0 (the sum adds the rest)
+    if name.endswith("sinks"):  # gpt-oss's sink logit a head: the rank's heads'
+        return _rows(t, cfg.num_heads, world, rank)
     if name in ("embed_tokens", "lm_head"):
         return _rows(t, cfg.vocab_size, world, rank)
     if cfg.qk_norm_whole and name.endswith(("q_norm", "k_norm")):  # OLMoE: a weight a row

@@ -178,6 +178,40 @@ def make_engine(folder: Path | None = None, name: str = "m", **overrides):
     return engine
 
 
+def make_mxfp4_twins(src: Path, dest: Path) -> tuple[Path, Path]:
+    """(gpt-oss ``src`` with its experts as MXFP4 blocks and scales, random codes and scales
+    near 1, as gpt-oss ships them; the same model with those values stored plainly), under
+    ``dest``."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gpupool.models.loader import mxfp4_values
+
+    plain, packed = dest / "plain", dest / "mxfp4"
+    shutil.copytree(src, plain)
+    shutil.copytree(src, packed)
+    tensors = load_file(str(src / "model.safetensors"))
+    quantized = dict(tensors)
+    g = torch.Generator().manual_seed(5)
+    for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
+        e, cols, rows = tensors[name].shape  # stored [E, in, out]; blocks are [E, out, ...]
+        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g,
+                               dtype=torch.uint8)
+        scales = torch.randint(124, 127, (e, rows, cols // 32), generator=g,
+                               dtype=torch.uint8)
+        tensors[name] = mxfp4_values(blocks, scales).transpose(1, 2).contiguous()
+        del quantized[name]
+        quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
+    save_file(tensors, str(plain / "model.safetensors"))
+    save_file(quantized, str(packed / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    (packed / "config.json").write_text(json.dumps(
+        {**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    return packed, plain
+
+
 def make_peft_adapter(base_folder: Path, out: Path, rank: int, targets: list[str],
                       alpha: float | None = None, rslora: bool = False, seed: int = 0,
                       **extra) -> Path:

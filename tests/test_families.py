@@ -22,6 +22,7 @@ from tests.factories import (
     adapters_greedy,
     hf_greedy,
     make_engine,
+    make_mxfp4_twins,
     make_peft_adapter,
     make_tiny_model,
     peft_greedy,
@@ -525,35 +526,9 @@ def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models,
     """The tiny gpt-oss with MXFP4 experts (blocks and scales as gpt-oss ships them, a
     quantization_config of mxfp4): greedy tokens equal transformers' on the same values
     stored plainly; the gateway's size check counts the blocks as their values."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from gpupool.models.loader import mxfp4_values
     from gpupool.models.sizes import parameter_count
 
-    src = tiny_models("gpt_oss")
-    plain, packed = tmp_path / "plain", tmp_path / "mxfp4"
-    shutil.copytree(src, plain)
-    shutil.copytree(src, packed)
-    tensors = load_file(str(src / "model.safetensors"))
-    quantized = dict(tensors)
-    g = torch.Generator().manual_seed(5)
-    for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
-        e, cols, rows = tensors[name].shape  # stored [E, in, out]; blocks are [E, out, ...]
-        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g,
-                               dtype=torch.uint8)
-        scales = torch.randint(124, 127, (e, rows, cols // 32), generator=g,
-                               dtype=torch.uint8)
-        tensors[name] = mxfp4_values(blocks, scales).transpose(1, 2).contiguous()
-        del quantized[name]
-        quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
-    save_file(tensors, str(plain / "model.safetensors"))
-    save_file(quantized, str(packed / "model.safetensors"))
-    cfg = json.loads((src / "config.json").read_text())
-    (packed / "config.json").write_text(json.dumps(
-        {**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    packed, plain = make_mxfp4_twins(tiny_models("gpt_oss"), tmp_path)
     assert parameter_count(packed) == parameter_count(plain)
     prompts = random_prompts(4, 5, 30, seed=23)
     want = hf_greedy(plain, prompts, 12)

@@ -149,11 +149,13 @@ def test_bad_expert_lora_is_refused_at_registration(moe_adapters, tiny_models, t
         engine.shutdown()
 
 
-def test_expert_lora_on_two_ranks_gives_one_ranks_tokens(moe_adapters):
+@pytest.mark.parametrize("variant", ["qwen3_moe", "gpt_oss"])
+def test_expert_lora_on_two_ranks_gives_one_ranks_tokens(moe_adapters, variant):
     """Sharded over 2 ranks (gloo, fp32): each expert's gate_up B cut to the rank's gate and
     up rows, its down A to the rank's input columns (B whole, the layer's all-reduce summing
-    the ranks' terms): a mixed batch's greedy tokens are the one-rank engine's."""
-    folder, adapters = moe_adapters("qwen3_moe")
+    the ranks' terms): a mixed batch's greedy tokens are the one-rank engine's (gpt-oss: its
+    interleaved gate_up B rows split as read, then cut as its weights)."""
+    folder, adapters = moe_adapters(variant)
     prompts = random_prompts(4, 3, 14, seed=13)
     names = ["both", "down", None, "both"]
     got = {}
@@ -168,7 +170,7 @@ def test_expert_lora_on_two_ranks_gives_one_ranks_tokens(moe_adapters):
         finally:
             engine.shutdown()
     assert got[2] == got[1]
-    assert got[1] == _peft_greedy(*moe_adapters("qwen3_moe"), prompts, names)
+    assert got[1] == _peft_greedy(*moe_adapters(variant), prompts, names)
 
 
 def test_a_step_without_expert_adapters_keeps_the_one_call_experts(moe_adapters, monkeypatch):
