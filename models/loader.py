@@ -340,10 +340,11 @@ def stacked_base(src: str) -> str:
     return src[: src.index("[")] if src.endswith("]") else src
 
 
-def _read_stacked(get, where: dict, src: str) -> torch.Tensor:
+def _read_stacked(get, where: dict, src: str, interleaved: bool) -> torch.Tensor:
     """Expert ``e`` of gpt-oss's stacked tensor ``name[e]`` in our layout: its gate_up
-    ([E, hidden, 2 inter], gate and up interleaved: gate columns 0, 2, ..) as [gate | up]
-    rows, its down ([E, inter, hidden]) transposed, biases de-interleaved likewise; from
+    ([E, hidden, 2 inter]; ``interleaved``, ModelConfig.interleaved_gate_up as the adapter
+    reader asks it: gate and up interleaved, gate columns 0, 2, ..) as [gate | up] rows, its
+    down ([E, inter, hidden]) transposed, biases de-interleaved likewise; from
     MXFP4 blocks and scales (stored [E, rows, ...]: rows are outputs) where the checkpoint
     holds those (kept 4-bit: :func:`quantized.mxfp4`)."""
     name = stacked_base(src)
@@ -355,13 +356,15 @@ def _read_stacked(get, where: dict, src: str) -> torch.Tensor:
         t = mxfp4(get(name + "_blocks", e), get(name + "_scales", e))
     else:
         raise ModelLoadError(f"checkpoint has no tensor {name!r} (nor MXFP4 blocks)")
+
     def rows(r: torch.Tensor) -> torch.Tensor:  # gate_up's de-interleaved
-        return torch.cat((r[0::2], r[1::2])).contiguous() if "gate_up" in name else r.contiguous()
+        split = interleaved and "gate_up" in name
+        return torch.cat((r[0::2], r[1::2])).contiguous() if split else r.contiguous()
 
     return t.map_rows(rows) if isinstance(t, Int4) else rows(t)
 
 
-def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict):
+def _read(handles: dict, where: dict, alias: dict, src: str, cfg: ModelConfig):
     """Checkpoint tensor ``src``: a tensor, or its 4-bit form (:class:`Int4`) where the
     checkpoint holds it 4-bit."""
     def get(name: str, index: int | None = None) -> torch.Tensor:
@@ -376,9 +379,9 @@ def _read(handles: dict, where: dict, alias: dict, src: str, quant: dict):
             raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
     if src.endswith("]"):
-        return _read_stacked(get, where, src)
+        return _read_stacked(get, where, src, cfg.interleaved_gate_up)
     if src not in where:
-        t = read_int4(get, src, quant, lambda n: n in where)
+        t = read_int4(get, src, cfg.quant, lambda n: n in where)
         if t is not None:
             return t
     return get(src)
@@ -410,7 +413,7 @@ def load_flat_weights(
                         or (where.get(parts[0]) if parts else None))
                 if path is None:
                     raise ModelLoadError(f"{folder}: checkpoint has no tensor {src!r}")
-                t = _read(handles, where, alias, src, cfg.quant)
+                t = _read(handles, where, alias, src, cfg)
                 if cut is not None:
                     t = cut(name, src, t)
                 t = _rotary_rows(cfg, src, t)
