@@ -19,7 +19,7 @@ small integer is exact in float32).
 A weight may carry a **codebook** ``code`` (float32 [16]): its 4-bit values then stand for
 ``code[q]`` rounded to bf16, ``W[n, k] = bf16(code[q[n, k]]) * scale[n, g] + offset[n, g]``.
 MXFP4 (gpt-oss's experts) is codebook :data:`E2M1` (exact in bf16) with the block's power of
-two as its scale and offset 0: exact, kept 4-bit (the same bytes as the file).
+two as its scale and offset 0: exact, kept 4-bit (the file's codes, re-ordered into blocks).
 
 A product reads the weight as its float32 values: ``y = x @ W.T`` summed in float32 and
 rounded to x's dtype once, then the bias added (:func:`linear_int4_reference`; the native

@@ -83,9 +83,10 @@ def _cases():
         yield x, w, bias
 
 
-def _both_builds(tmp_path, monkeypatch) -> dict:
-    """The AVX2 build and this CPU's own (AVX-512 BF16), loaded; skips where either cannot
-    run or there is no compiler."""
+@pytest.fixture(scope="module")
+def both_builds(tmp_path_factory) -> dict:
+    """The AVX2 build and this CPU's own (AVX-512 BF16), loaded (built once for the module's
+    tests); skips where either cannot run or there is no compiler."""
     if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
         pytest.skip("this CPU has no AVX2 + FMA: the AVX2 build cannot run here")
     if "avx512_bf16" not in cpu_flags():
@@ -93,13 +94,14 @@ def _both_builds(tmp_path, monkeypatch) -> dict:
                     "compare it with")
     if native._compiler() is None:
         pytest.skip("no C compiler")
-    monkeypatch.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path))
-    return {march: native.open_library(native.build(march))
-            for march in ("x86-64-v3", "native")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPUPOOL_NATIVE_DIR", str(tmp_path_factory.mktemp("builds")))
+        return {march: native.open_library(native.build(march))
+                for march in ("x86-64-v3", "native")}
 
 
-def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
-    libs = _both_builds(tmp_path, monkeypatch)
+def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(both_builds):
+    libs = both_builds
     features = {march: lib.gp_gemv_features() for march, lib in libs.items()}
     assert features["x86-64-v3"] & 9 == 9 and features["native"] & 9 == 1  # AVX2 vs BF16
     compared = 0
@@ -110,11 +112,11 @@ def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeyp
     assert compared == 120
 
 
-def test_the_avx2_activations_are_bit_identical_to_the_avx512_ones(tmp_path, monkeypatch):
+def test_the_avx2_activations_are_bit_identical_to_the_avx512_ones(both_builds):
     """SiLU x up and gpt-oss's clamped SwiGLU (exp_fixed's float32 operations, which the
     compiler vectorises on 8 or 16 lanes) give the same bits in both builds, on gates and ups
     from tiny to past the clamp and exp's range."""
-    libs = _both_builds(tmp_path, monkeypatch)
+    libs = both_builds
     g = torch.Generator().manual_seed(5)
     for rows, inter, spread in ((1, 24, 1.0), (5, 1536, 6.0), (64, 100, 40.0)):
         gu = (torch.randn(rows, 2 * inter, generator=g) * spread).to(torch.bfloat16)
@@ -183,12 +185,12 @@ def _attention(lib, q, k_cache, v_cache, tables, cu, ctx, group, decode, window=
     return out.view(torch.int16)
 
 
-def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(tmp_path, monkeypatch):
+def test_the_avx2_attention_is_bit_identical_to_the_avx512_bf16_one(both_builds):
     """Prefill chunks and decode rows (the same kernel) give the same bits in both builds, so
     an AVX2 worker's attention continues an AVX-512 worker's request exactly; sliding windows
     too (none, inside a key block, a block's width), gpt-oss's sinks on every other, Gemma
     2's soft cap (of 50, or of 2: most scores capped) on two of every three."""
-    libs = _both_builds(tmp_path, monkeypatch)
+    libs = both_builds
     assert all(lib.gp_gemv_features() & 4 for lib in libs.values())
     compared = 0
     for i, case in enumerate(_attention_cases()):
