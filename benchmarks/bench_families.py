@@ -156,8 +156,10 @@ def _make_mxfp4(root: Path) -> tuple[Path, Path]:
 def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
     # the prefix cache on: a decode run's prompts were prefilled by the call before it, so
     # its time is the decode steps' (the 1000-token prompt is new: a whole prefill)
+    # the weight region set (its default, 30% of the memory free when the engine starts,
+    # can fall below the 2.5 GB bf16 gpt-oss after another engine's run in this process)
     engine = Engine(device="cpu", dtype="bfloat16", native=native, threads=threads,
-                    enable_prefix_caching=True)
+                    enable_prefix_caching=True, weight_bytes=4 << 30)
     try:
         engine.add_model("m", str(folder))
         out = {"weight_mib": engine.local.weights.entries["m"].layout.num_bytes / 2**20}

@@ -68,8 +68,8 @@ def project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
         if triton and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
             from gpupool.kernels.int4 import linear_int4
 
-            return linear_int4(x, w[name], gscale, w[name + GOFFSET_SUFFIX], bias, code)
-        return quant4.linear_int4_reference(x, w[name], gscale, w[name + GOFFSET_SUFFIX],
+            return linear_int4(x, w[name], gscale, w.get(name + GOFFSET_SUFFIX), bias, code)
+        return quant4.linear_int4_reference(x, w[name], gscale, w.get(name + GOFFSET_SUFFIX),
                                             bias, product, code)
     scale = w.get(name + SCALE_SUFFIX)
     if scale is None:
@@ -494,7 +494,7 @@ class NativeOps(TorchOps):
                 biases = ([lw.get(n[: -len("weight")] + "bias") for n in names]
                           if cfg.moe_bias else None)
                 quant = (([lw[n + GSCALE_SUFFIX] for n in names],
-                          [lw[n + GOFFSET_SUFFIX] for n in names],
+                          [lw.get(n + GOFFSET_SUFFIX) for n in names],
                           [lw.get(n + GCODE_SUFFIX) for n in names]) if four
                          else ([lw[n + SCALE_SUFFIX] for n in names], None, None) if eight
                          else (None, None, None))
@@ -515,7 +515,8 @@ class NativeOps(TorchOps):
         gscale = w.get(name + GSCALE_SUFFIX)
         if gscale is not None:
             return native.gemv_int4(_in_weight_order(x, w, name), w[name], gscale,
-                                    w[name + GOFFSET_SUFFIX], bias, w.get(name + GCODE_SUFFIX))
+                                    w.get(name + GOFFSET_SUFFIX), bias,
+                                    w.get(name + GCODE_SUFFIX))
         scale = w.get(name + SCALE_SUFFIX)
         if scale is None:
             return native.gemv(x, w[name], bias)

@@ -30,7 +30,8 @@ from gpupool.kernels.int8 import rows_and_output
 def _int4_kernel(
     X, Q, S, O, C, B, Y, M, N, K, NG, G,
     sx_m, sq_n, sy_m,
-    HAS_BIAS: tl.constexpr, HAS_CODE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pm = tl.program_id(0)
@@ -44,7 +45,10 @@ def _int4_kernel(
     for k0 in range(0, K, 32):
         g = k0 // G
         s = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
-        o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+        if HAS_OFFSET:
+            o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+        else:  # a codebook weight's: zero
+            o = tl.zeros([BLOCK_N], dtype=tl.float32)
         b = tl.load(Q + n[:, None].to(tl.int64) * sq_n + (k0 // 2) + j[None, :],
                     mask=nmask[:, None], other=0).to(tl.int32)
         if HAS_CODE:  # a codebook's values (float32, already rounded to bf16)
@@ -80,7 +84,8 @@ def _tiles(m: int) -> tuple[int, int, int]:
     return 128, 64, 8
 
 
-def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor | None,
                 bias: torch.Tensor | None = None, code: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """``quant4.linear_int4_reference`` (its ``code``: a codebook's 16 values, or None)."""
@@ -89,7 +94,7 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: t
     n, k = q.shape[0], 2 * q.shape[1]
     ng = scale.shape[1] if scale.dim() == 2 else 0
     if (x.shape[-1] != k or k % 32 or not ng or k % ng or (k // ng) % 32
-            or scale.shape != (n, ng) or offset.shape != (n, ng)):
+            or scale.shape != (n, ng) or (offset is not None and offset.shape != (n, ng))):
         raise ValueError(f"x [..., {k}], scale and offset [{n}, groups] expected for q "
                          f"{tuple(q.shape)}")
     x2, y, lead = rows_and_output(x, k, n)
@@ -99,11 +104,12 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: t
     bm, bn, warps = _tiles(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int4_kernel[grid](
-        x2, q, scale.contiguous(), offset.contiguous(),
+        x2, q, scale.contiguous(), scale if offset is None else offset.contiguous(),
         scale if code is None else quant4.codebook(code).contiguous(),
         bias if bias is not None else scale,
         y, m, n, k, ng, k // ng, x2.stride(0), q.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, HAS_CODE=code is not None, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, HAS_CODE=code is not None, HAS_OFFSET=offset is not None,
+        IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
     )
     return y.view(*lead, n)

@@ -1908,12 +1908,16 @@ static inline __attribute__((always_inline)) void q4_tile(
     }
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++) {
-            const float *on = O + (n0 + n * cs) * ng, *xg = xsum + (m0 + m) * ng;
+            const float *xg = xsum + (m0 + m) * ng;
             q4v_t off = gacc_q4v(tot[m * NR + n]);
             int64_t g = 0;
-            for (; g + 16 <= ng; g += 16) off = q4v_fma(q4v_load(xg + g), q4v_load(on + g), off);
-            if (g < ng)  /* the last groups, zero-padded */
-                off = q4v_fma(q4v_load_n(xg + g, ng - g), q4v_load_n(on + g, ng - g), off);
+            if (O) {  /* (none: offsets all zero, a codebook weight's) */
+                const float *on = O + (n0 + n * cs) * ng;
+                for (; g + 16 <= ng; g += 16)
+                    off = q4v_fma(q4v_load(xg + g), q4v_load(on + g), off);
+                if (g < ng)  /* the last groups, zero-padded */
+                    off = q4v_fma(q4v_load_n(xg + g, ng - g), q4v_load_n(on + g, ng - g), off);
+            }
 #undef Q4_GROUP
             float v = round_bf(q4v_sum(off));
             if (bias) v += bf2f(bias[n0 + n * cs]);
@@ -2038,7 +2042,7 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
  * [H][inter] (addresses); or, with group > 0, 4-bit: packed [2 inter][H / 2] and
  * [H][inter / 2] with float32 group scales gs and offsets go (addresses, gate_up's E then
- * down's E) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
+ * down's E; go NULL: none, all zero) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
  * product's rows; or, with group < 0, int8 with bf16 row scales
  * gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
  * Python wrapper). bias: NULL, or each product's bf16 bias (addresses, gate_up's E then
@@ -2081,7 +2085,7 @@ static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const i
             gemv_int4_rows((const uint16_t *)xp + start[e] * q4_kp(K), q4_kp(K),
                            xsum + start[e] * (K / G), n, K, (const uint8_t *)(intptr_t)W[e],
                            K / 2, (const float *)(intptr_t)GS[e],
-                           (const float *)(intptr_t)GO[e], G, code, lo, hi, bias,
+                           GO ? (const float *)(intptr_t)GO[e] : NULL, G, code, lo, hi, bias,
                            y + start[e] * N, N);
 #ifdef HAVE_GEMV_INT8
         else if (lo < hi && G < 0)
@@ -2162,8 +2166,8 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         else
             silu_mul_body(gu, 2 * inter, mid, inter, P, inter);
         if (group) moe_prepare(mid, P, inter, group, xp2, xsum2);
-        moe_products(mid, inter, down, gs + E, go + E, group, code, bias ? bias + E : NULL, xp2,
-                     xsum2, start, E, H, ys);
+        moe_products(mid, inter, down, gs + E, go ? go + E : NULL, group, code,
+                     bias ? bias + E : NULL, xp2, xsum2, start, E, H, ys);
         #pragma omp barrier
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {

@@ -412,7 +412,8 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
     where they are)."""
     if len(gate_up) != len(down):
         raise ValueError("native: moe_table's gate_up and down lists differ in length")
-    four, eight = scales is not None and offsets is not None, scales is not None and not offsets
+    four = scales is not None and offsets is not None
+    eight = scales is not None and offsets is None
     if eight and not has_gemv_int8():
         raise ValueError("native: this build has no int8 product")
     dtype = torch.uint8 if four else torch.int8 if eight else torch.bfloat16
@@ -438,10 +439,12 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                     raise ValueError("native: moe_table's int8 row scales do not fit")
             elif four:
                 check("scales", sc, torch.float32, 2, contiguous=True)
-                check("offsets", of, torch.float32, 2, contiguous=True)
+                if of is not None:  # (None: zero, a codebook weight's)
+                    check("offsets", of, torch.float32, 2, contiguous=True)
                 gsz = k // sc.shape[1] if sc.shape[1] else 0
                 group = group or gsz
-                if (sc.shape != of.shape or sc.shape[0] != w.shape[0] or gsz != group
+                if ((of is not None and sc.shape != of.shape) or sc.shape[0] != w.shape[0]
+                        or gsz != group
                         or group % 32 or k % group):
                     raise ValueError("native: moe_table's 4-bit groups do not fit")
     if shape is None or max(shape) > MAX_DIM:
@@ -453,6 +456,10 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
             dtype=torch.int64)
 
     code = _one_code(codes or [], present + present)
+    if four and any(o is None for o, ok in zip(offsets, present + present) if ok):
+        if any(o is not None for o, ok in zip(offsets, present + present) if ok):
+            raise ValueError("native: moe_table's experts have offsets and none")
+        offsets = None  # none has offsets: NULL
     if biases is not None:
         for b, w in zip(biases, gate_up + down):
             if b is not None and w is not None:
@@ -551,13 +558,14 @@ def has_gemv_int4() -> bool:
     return _has(16)
 
 
-def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-              bias: torch.Tensor | None = None, code: torch.Tensor | None = None
-              ) -> torch.Tensor:
+def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+              offset: torch.Tensor | None, bias: torch.Tensor | None = None,
+              code: torch.Tensor | None = None) -> torch.Tensor:
     """``quant4.linear_int4_reference(x, q, scale, offset, bias, code=code)`` for bf16 rows,
     each row's sums in one order whatever the number of rows (where :func:`has_gemv_int4`):
     packed ``q`` uint8 [N, K / 2] with unit stride in a row, float32 ``scale`` and ``offset``
-    [N, K / G] contiguous (G a multiple of 32), ``code`` float32 [16] (a codebook) or None."""
+    [N, K / G] contiguous (G a multiple of 32; ``offset`` None: zero), ``code`` float32 [16]
+    (a codebook) or None."""
     check("x", x, torch.bfloat16, 2)
     if code is not None:
         check("code", code, torch.float32, 1, contiguous=True)
@@ -565,19 +573,21 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: tor
             raise ValueError("native: gemv_int4's codebook must hold 16 values")
     check("q", q, torch.uint8, 2)
     check("scale", scale, torch.float32, 2, contiguous=True)
-    check("offset", offset, torch.float32, 2, contiguous=True)
+    if offset is not None:
+        check("offset", offset, torch.float32, 2, contiguous=True)
     rows, k = x.shape
     n = q.shape[0]
     groups = scale.shape[1]
     if (q.shape[1] * 2 != k or k % 32 or groups == 0 or k % groups or (k // groups) % 32
-            or scale.shape != (n, groups) or offset.shape != scale.shape
+            or scale.shape != (n, groups)
+            or (offset is not None and offset.shape != scale.shape)
             or (bias is not None and bias.shape != (n,))):
         raise ValueError("native: gemv_int4's x, q, scale, offset and bias do not fit")
     out = torch.empty(rows, n, dtype=x.dtype)
     if rows == 0:
         return out
     _lib().gp_gemv_int4(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
-                        scale.data_ptr(), offset.data_ptr(), k // groups, _p(code), _p(bias),
+                        scale.data_ptr(), _p(offset), k // groups, _p(code), _p(bias),
                         out.data_ptr(), n, torch.get_num_threads())
     return out
 

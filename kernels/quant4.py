@@ -62,18 +62,21 @@ def codebook(code: torch.Tensor) -> torch.Tensor:
     return code.to(torch.bfloat16).float()
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                rows: torch.Tensor | None = None, code: torch.Tensor | None = None
                ) -> torch.Tensor:
     """float32 [N, K] (or the rows ``rows`` of it): ``q * scale + offset`` per group (q's
-    ``code`` value for q, where it has a codebook)."""
+    ``code`` value for q, where it has a codebook; ``offset`` None: zero, a codebook
+    weight's)."""
     if rows is not None:
-        q, scale, offset = q[rows], scale[rows], offset[rows]
+        q, scale = q[rows], scale[rows]
+        offset = None if offset is None else offset[rows]
     g = group_size(q, scale)
     v = unpack(q)
     v = (v.float() if code is None else codebook(code.cpu()).to(q.device)[v.long()])
     v = v.view(q.shape[0], -1, g)
-    return (v * scale[:, :, None] + offset[:, :, None]).view(q.shape[0], -1)
+    w = v * scale[:, :, None]
+    return (w if offset is None else w + offset[:, :, None]).view(q.shape[0], -1)
 
 
 def choose_group(k: int, group: int) -> int | None:
@@ -101,7 +104,7 @@ def quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def linear_int4_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                          offset: torch.Tensor, bias: torch.Tensor | None = None,
+                          offset: torch.Tensor | None, bias: torch.Tensor | None = None,
                           product=None, code: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the 4-bit weight (q, scale, offset; its codebook ``code``):
     the float32 weight's product with x in float32 (``product``: the product to use, default

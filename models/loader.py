@@ -270,7 +270,10 @@ def _store_int4(t: Int4, dest: torch.Tensor, views: dict, name: str, row: int, p
     n = t.shape[0]
     dest.copy_(t.q)
     views[name + GSCALE_SUFFIX][row : row + n].copy_(t.scale)
-    views[name + GOFFSET_SUFFIX][row : row + n].copy_(t.offset)
+    if name + GOFFSET_SUFFIX in views:
+        views[name + GOFFSET_SUFFIX][row : row + n].copy_(t.offset)
+    elif bool(t.offset.any()):  # a codebook weight stores no offsets: they must be zero
+        raise ModelLoadError(f"{path}: {src!r} has offsets where its format has none")
     if t.code is not None:
         views[name + GCODE_SUFFIX].copy_(t.code)
 

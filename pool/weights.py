@@ -62,7 +62,7 @@ class WeightLayout:
         whatever ``dtype`` is (Gemma's norm weights); ``int4``: names stored 4-bit, with
         their group sizes; ``perm``: 4-bit names whose columns are stored in another order
         than x's (``name + "_perm"``: x's column of each, int64 [K]); ``codes``: 4-bit names
-        whose values stand for a codebook's (``name + "_gcode"``, float32 [16])."""
+        whose values stand for a codebook's (``name + "_gcode"``, float32 [16]; no offsets)."""
         int4 = int4 or {}
         unknown = (set(int8) | set(int4)) - set(shapes)
         if unknown:
@@ -77,7 +77,8 @@ class WeightLayout:
                                      "blocks of 32")
                 entries.append((name, (n, k // 2), torch.uint8))
                 entries.append((name + GSCALE_SUFFIX, (n, k // g), torch.float32))
-                entries.append((name + GOFFSET_SUFFIX, (n, k // g), torch.float32))
+                if name not in codes:  # a codebook weight's offsets are zero: none stored
+                    entries.append((name + GOFFSET_SUFFIX, (n, k // g), torch.float32))
                 if name in perm:
                     entries.append((name + PERM_SUFFIX, (k,), torch.int64))
                 if name in codes:

@@ -540,6 +540,7 @@ def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models,
         w = engine.local.core.workers["m"].model.layers[0]  # kept 4-bit, with the codebook
         assert w["experts.0.gate_up_weight"].dtype == torch.uint8
         assert w["experts.0.down_weight_gcode"].tolist() == list(quant4.E2M1)
+        assert "experts.0.down_weight_goffset" not in w  # zero: none stored
     finally:
         engine.shutdown()
     # bf16 on the native 4-bit product (the codebook's values in its table): a request's

@@ -101,6 +101,10 @@ def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, gr
         alone = torch.cat([native.gemv_int4(x[i : i + 1], q, s, o, b, code)
                            for i in range(rows)])
         assert torch.equal(alone, got)  # a row's bits do not depend on its batch
+    # no offsets (a codebook weight's: zero): the bits of zero offsets
+    zero = torch.zeros_like(o)
+    assert torch.equal(native.gemv_int4(x, q, s, None, bias, e2m1),
+                       native.gemv_int4(x, q, s, zero, bias, e2m1))
     with pytest.raises(ValueError, match="fit"):
         native.gemv_int4(x, q, s[:-1].contiguous(), o[:-1].contiguous())
 
@@ -245,9 +249,10 @@ def test_triton_int4_matches_its_reference(rows, dtype):
     bias = torch.randn(n, generator=g).to(dtype)
     x = (torch.randn(rows, k, generator=g) / 4).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 4e-3
-    for b, code in ((None, None), (bias, None), (bias, torch.tensor(quant4.E2M1))):
-        got = tk.linear_int4(x, q, s, o, b, code)
-        want = x.double() @ quant4.dequantize(q, s, o, code=code).double().T
+    e2m1 = torch.tensor(quant4.E2M1)
+    for b, code, off in ((None, None, o), (bias, None, o), (bias, e2m1, o), (bias, e2m1, None)):
+        got = tk.linear_int4(x, q, s, off, b, code)
+        want = x.double() @ quant4.dequantize(q, s, off, code=code).double().T
         want = want if b is None else want + b.double()
         assert got.dtype == dtype and got.shape == (rows, n)
         assert (got.double() - want).abs().max() <= tol * want.abs().max(), (rows, dtype)

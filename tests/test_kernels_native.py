@@ -345,9 +345,12 @@ def test_the_experts_call_with_biases_and_gpt_oss_swiglu_gives_the_loops_bits(fo
     bias = [_rand(w[0].shape[0], seed=30 + i) for i, w in enumerate(gu + dn)]
 
     def product(x, w, b):
-        return native.gemv_int4(x, *w, b, code) if four else native.gemv(x, w[0], b)
+        if four:
+            return native.gemv_int4(x, w[0], w[1], None, b, code)
+        return native.gemv(x, w[0], b)
 
-    quant = (([w[1] for w in gu + dn], [w[2] for w in gu + dn], [code] * 2 * experts)
+    # 4-bit: MXFP4-like, codebook experts without offsets (zero), as the loader stores them
+    quant = (([w[1] for w in gu + dn], [None] * 2 * experts, [code] * 2 * experts)
              if four else (None, None, None))
     table = native.moe_table([w[0] for w in gu], [w[0] for w in dn], *quant, bias)
     _check_quantized_experts(table, experts, hidden, k, g,
