@@ -31,7 +31,7 @@ def _int4_kernel(
     X, Q, S, O, C, B, Y, M, N, K, NG, G,
     sx_m, sq_n, sy_m,
     HAS_BIAS: tl.constexpr, HAS_CODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    IEEE: tl.constexpr,
+    E8: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pm = tl.program_id(0)
@@ -44,7 +44,11 @@ def _int4_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, 32):
         g = k0 // G
-        s = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+        if E8:  # MXFP4's exponent bytes: 2^(e - 127) (e 0: the subnormal 2^-127)
+            e = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=127).to(tl.int32)
+            s = tl.where(e > 0, e << 23, 0x00400000).to(tl.float32, bitcast=True)
+        else:
+            s = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
         if HAS_OFFSET:
             o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
         else:  # a codebook weight's: zero
@@ -109,7 +113,7 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         bias if bias is not None else scale,
         y, m, n, k, ng, k // ng, x2.stride(0), q.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_CODE=code is not None, HAS_OFFSET=offset is not None,
-        IEEE=x.dtype == torch.float32,
+        E8=scale.dtype == torch.uint8, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
     )
     return y.view(*lead, n)

@@ -1868,11 +1868,20 @@ static inline q4v_t gacc_q4v(gacc_t a) {
 }
 #endif
 
+/* group scale i of S: float32, or (e8) MXFP4's one-byte exponent e, 2^(e - 127) (e 0: the
+ * subnormal 2^-127; 255: infinity, which the loader refuses) */
+static inline float q4_scale(const void *S, int64_t i, int e8) {
+    if (!e8) return ((const float *)S)[i];
+    uint32_t e = ((const uint8_t *)S)[i];
+    union { uint32_t u; float f; } v = {.u = e ? e << 23 : 0x00400000u};
+    return v.f;
+}
+
 /* rows [m0, m0 + MR) of xp (x in the pairs' order, bf16, row stride Kp; xsum: their groups'
  * sums, [M][ng]) times output rows n0, n0 + cs, ... (NR of them) of W */
 static inline __attribute__((always_inline)) void q4_tile(
         const uint16_t *xp, int64_t Kp, const float *xsum, int64_t K, const uint8_t *Q,
-        int64_t ldq, const float *S, const float *O, int64_t G, q4tab_t tab,
+        int64_t ldq, const void *S, int e8, const float *O, int64_t G, q4tab_t tab,
         const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, int64_t cs,
         const int MR, const int NR) {
     gacc_t tot[Q4_MR * Q4_NR], acc[Q4_MR * Q4_NR];
@@ -1897,8 +1906,9 @@ static inline __attribute__((always_inline)) void q4_tile(
          * none): every lane's accumulator holds one group's sums */
         if (Q4_GROUP(2 * p + 2) != g0 || Q4_GROUP(2 * p + 3) != g1) {
             for (int n = 0; n < NR; n++) {
-                const float *sn = S + (n0 + n * cs) * ng;
-                gacc_t sv = q4_scales(sn[g0], g1 >= 0 ? sn[g1] : 0.0f);
+                int64_t sn = (n0 + n * cs) * ng;
+                gacc_t sv = q4_scales(q4_scale(S, sn + g0, e8),
+                                      g1 >= 0 ? q4_scale(S, sn + g1, e8) : 0.0f);
                 for (int m = 0; m < MR; m++) {
                     tot[m * NR + n] = gacc_fma(acc[m * NR + n], sv, tot[m * NR + n]);
                     acc[m * NR + n] = gacc_zero();
@@ -1926,14 +1936,14 @@ static inline __attribute__((always_inline)) void q4_tile(
 }
 
 #define Q4_CASE(A, B) \
-    case (A) * 8 + (B): q4_tile(xp, Kp, xsum, K, Q, ldq, S, O, G, tab, bias, y, ldy, m0, c0, \
-                                cs, A, B); break
+    case (A) * 8 + (B): q4_tile(xp, Kp, xsum, K, Q, ldq, S, e8, O, G, tab, bias, y, ldy, m0, \
+                                c0, cs, A, B); break
 
 /* this thread's share [n0, n1) of W's rows for all M rows of xp: the share in Q4_NR parts
  * read side by side (each a sequential stream), rows of x in tiles of Q4_MR, Q4_MBLOCK rows
  * of x a pass over the share */
 static void gemv_int4_rows(const uint16_t *xp, int64_t Kp, const float *xsum, int64_t M,
-                           int64_t K, const uint8_t *Q, int64_t ldq, const float *S,
+                           int64_t K, const uint8_t *Q, int64_t ldq, const void *S, int e8,
                            const float *O, int64_t G, const float *code, int64_t n0,
                            int64_t n1, const uint16_t *bias, uint16_t *y, int64_t ldy) {
 #ifdef __AVX512BF16__  /* 32 registers: up to 8 (m, n) pairs a tile */
@@ -2004,7 +2014,7 @@ static void q4_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, int
 
 /* q4_prepare, then this thread's share of W's rows */
 static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
-                           const uint8_t *Q, int64_t N, int64_t ldq, const float *S,
+                           const uint8_t *Q, int64_t N, int64_t ldq, const void *S, int e8,
                            const float *O, int64_t G, const float *code,
                            const uint16_t *bias, uint16_t *y, int64_t ldy, uint16_t *xp,
                            float *xsum) {
@@ -2012,13 +2022,13 @@ static void gemv_int4_body(const uint16_t *x, int64_t M, int64_t K, int64_t ldx,
     int64_t n0, n1;
     thread_share(N, &n0, &n1);
     if (n0 < n1)
-        gemv_int4_rows(xp, q4_kp(K), xsum, M, K, Q, ldq, S, O, G, code, n0, n1, bias, y,
-                       ldy);
+        gemv_int4_rows(xp, q4_kp(K), xsum, M, K, Q, ldq, S, e8, O, G, code, n0, n1, bias,
+                       y, ldy);
 }
 #endif
 
 void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *Q,
-                  int64_t N, int64_t ldq, const float *S, const float *O, int64_t G,
+                  int64_t N, int64_t ldq, const void *S, int e8, const float *O, int64_t G,
                   const float *code, const uint16_t *bias, uint16_t *y, int64_t ldy,
                   int threads) {
     (void)threads;
@@ -2027,12 +2037,12 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
     float *xsum = malloc(sizeof(float) * (size_t)(M * (K / G)) + 64);
     if (!xp || !xsum) { free(xp); free(xsum); return; }
     #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, O, G, code, bias, y, ldy, xp, xsum);
+    gemv_int4_body(x, M, K, ldx, Q, N, ldq, S, e8, O, G, code, bias, y, ldy, xp, xsum);
     free(xp);
     free(xsum);
 #else
-    (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)S; (void)O;
-    (void)G; (void)code; (void)bias; (void)y; (void)ldy;
+    (void)x; (void)M; (void)K; (void)ldx; (void)Q; (void)N; (void)ldq; (void)S; (void)e8;
+    (void)O; (void)G; (void)code; (void)bias; (void)y; (void)ldy;
 #endif
 }
 
@@ -2042,7 +2052,7 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
  * [H][inter] (addresses); or, with group > 0, 4-bit: packed [2 inter][H / 2] and
  * [H][inter / 2] with float32 group scales gs and offsets go (addresses, gate_up's E then
- * down's E; go NULL: none, all zero) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
+ * down's E; go NULL: none, all zero; e8: the scales MXFP4's exponent bytes, q4_scale) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
  * product's rows; or, with group < 0, int8 with bf16 row scales
  * gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
  * Python wrapper). bias: NULL, or each product's bf16 bias (addresses, gate_up's E then
@@ -2061,7 +2071,8 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * quantized as the int8 product does, into xp and xsum), plus expert e's bias B[e] (B NULL
  * or B[e] 0: none), for its rows of x, this thread's share of them all */
 static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *GS,
-                         const int64_t *GO, int64_t G, const float *code, const int64_t *B,
+                         const int64_t *GO, int64_t G, int e8, const float *code,
+                         const int64_t *B,
                          const void *xp, const float *xsum, const int64_t *start, int64_t E,
                          int64_t N, uint16_t *y) {
     /* the threads share the work, not the rows: an output row of expert e costs its n rows
@@ -2084,7 +2095,7 @@ static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const i
         if (lo < hi && G > 0)
             gemv_int4_rows((const uint16_t *)xp + start[e] * q4_kp(K), q4_kp(K),
                            xsum + start[e] * (K / G), n, K, (const uint8_t *)(intptr_t)W[e],
-                           K / 2, (const float *)(intptr_t)GS[e],
+                           K / 2, (const void *)(intptr_t)GS[e], e8,
                            GO ? (const float *)(intptr_t)GO[e] : NULL, G, code, lo, hi, bias,
                            y + start[e] * N, N);
 #ifdef HAVE_GEMV_INT8
@@ -2118,7 +2129,7 @@ static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void
 int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
                    const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
                    const int64_t *down, const int64_t *gs, const int64_t *go, int64_t group,
-                   const float *code, const int64_t *bias, int act, float limit, float alpha,
+                   int e8, const float *code, const int64_t *bias, int act, float limit, float alpha,
                    int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
                    int64_t *order, int threads) {
     (void)threads;
@@ -2158,7 +2169,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         for (int64_t s = 0; s < P; s++)
             memcpy(xs + s * H, h + (order[s] / k) * ldh, 2 * (size_t)H);
         if (group) moe_prepare(xs, P, H, group, xp1, xsum1);  /* ends in a barrier */
-        moe_products(xs, H, gate_up, gs, go, group, code, bias, xp1, xsum1, start, E,
+        moe_products(xs, H, gate_up, gs, go, group, e8, code, bias, xp1, xsum1, start, E,
                      2 * inter, gu);
         #pragma omp barrier
         if (act)  /* gpt-oss's clamped SwiGLU; else SiLU x up (each loop ends in a barrier) */
@@ -2166,7 +2177,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         else
             silu_mul_body(gu, 2 * inter, mid, inter, P, inter);
         if (group) moe_prepare(mid, P, inter, group, xp2, xsum2);
-        moe_products(mid, inter, down, gs + E, go ? go + E : NULL, group, code,
+        moe_products(mid, inter, down, gs + E, go ? go + E : NULL, group, e8, code,
                      bias ? bias + E : NULL, xp2, xsum2, start, E, H, ys);
         #pragma omp barrier
         #pragma omp for schedule(static)
@@ -2186,7 +2197,8 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
     return 0;
 #else
     (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
-    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)code; (void)bias;
+    (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)e8; (void)code;
+    (void)bias;
     (void)act; (void)limit; (void)alpha; (void)inter; (void)out;
     (void)ldo; (void)scratch; (void)q4; (void)order;
     return 1;
@@ -2452,8 +2464,8 @@ static void gemv_body(const uint16_t *x, int64_t M, int64_t K, const void *W,
                       float *xs, const gp_int4_t *q4, float *x4) {
 #ifdef HAVE_GEMV_INT4
     if (q4 && q4->gs) {  /* 4-bit: x in the pairs' order into x4, its groups' sums after */
-        gemv_int4_body(x, M, K, K, (const uint8_t *)W, N, K / 2, q4->gs, q4->go, q4->group,
-                       NULL, b, y, N, (uint16_t *)x4, x4 + M * q4_kp(K) / 2);
+        gemv_int4_body(x, M, K, K, (const uint8_t *)W, N, K / 2, q4->gs, 0, q4->go,
+                       q4->group, NULL, b, y, N, (uint16_t *)x4, x4 + M * q4_kp(K) / 2);
         return;
     }
 #else

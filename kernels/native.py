@@ -81,10 +81,10 @@ _SIGNATURES = {
     "gp_lora_half": [_vp, _i64, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_decode_layers": [_vp, _int],  # (const gp_step_t *, threads)
     "gp_gemv_int8": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _int],
-    "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp,
-                     _i64, _int],
+    "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _int, _vp, _i64, _vp, _vp,
+                     _vp, _i64, _int],
     "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64,
-                       _vp, _vp, _int, _f32, _f32, _i64, _vp, _i64, _vp, _vp, _vp, _int],
+                       _int, _vp, _vp, _int, _f32, _f32, _i64, _vp, _i64, _vp, _vp, _vp, _int],
     "gp_swiglu_oai": [_vp, _i64, _vp, _i64, _i64, _i64, _f32, _f32, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
@@ -398,6 +398,7 @@ class MoeTable(NamedTuple):
     group: int = 0
     code: torch.Tensor | None = None
     biases: torch.Tensor | None = None
+    e8: bool = False  # 4-bit scales as MXFP4's exponent bytes
 
 
 def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None],
@@ -414,6 +415,7 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
         raise ValueError("native: moe_table's gate_up and down lists differ in length")
     four = scales is not None and offsets is not None
     eight = scales is not None and offsets is None
+    e8 = four and next((sc.dtype == torch.uint8 for sc in scales if sc is not None), False)
     if eight and not has_gemv_int8():
         raise ValueError("native: this build has no int8 product")
     dtype = torch.uint8 if four else torch.int8 if eight else torch.bfloat16
@@ -438,7 +440,7 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                 if sc.shape[0] != w.shape[0]:
                     raise ValueError("native: moe_table's int8 row scales do not fit")
             elif four:
-                check("scales", sc, torch.float32, 2, contiguous=True)
+                check("scales", sc, torch.uint8 if e8 else torch.float32, 2, contiguous=True)
                 if of is not None:  # (None: zero, a codebook weight's)
                     check("offsets", of, torch.float32, 2, contiguous=True)
                 gsz = k // sc.shape[1] if sc.shape[1] else 0
@@ -472,7 +474,7 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                                       dtype=torch.int64)
     return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
                     -1 if eight else group, code,
-                    None if biases is None else bias_addresses)
+                    None if biases is None else bias_addresses, e8)
 
 
 def _one_code(codes: list, present: list[bool]) -> torch.Tensor | None:
@@ -520,7 +522,8 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: Mo
     addr = table.addresses.data_ptr()
     if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
                              top.data_ptr(), k, experts, addr, addr + 8 * experts,
-                             _p(table.scales), _p(table.offsets), group, _p(table.code),
+                             _p(table.scales), _p(table.offsets), group, int(table.e8),
+                             _p(table.code),
                              _p(table.biases), int(swiglu is not None),
                              *(swiglu or (0.0, 0.0)), inter,
                              out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
@@ -567,12 +570,13 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     [N, K / G] contiguous (G a multiple of 32; ``offset`` None: zero), ``code`` float32 [16]
     (a codebook) or None."""
     check("x", x, torch.bfloat16, 2)
+    e8 = scale.dtype == torch.uint8  # MXFP4's exponent bytes (quant4.scale_values)
     if code is not None:
         check("code", code, torch.float32, 1, contiguous=True)
         if code.shape != (16,):
             raise ValueError("native: gemv_int4's codebook must hold 16 values")
     check("q", q, torch.uint8, 2)
-    check("scale", scale, torch.float32, 2, contiguous=True)
+    check("scale", scale, torch.uint8 if e8 else torch.float32, 2, contiguous=True)
     if offset is not None:
         check("offset", offset, torch.float32, 2, contiguous=True)
     rows, k = x.shape
@@ -587,7 +591,8 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if rows == 0:
         return out
     _lib().gp_gemv_int4(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
-                        scale.data_ptr(), _p(offset), k // groups, _p(code), _p(bias),
+                        scale.data_ptr(), int(e8), _p(offset), k // groups, _p(code),
+                        _p(bias),
                         out.data_ptr(), n, torch.get_num_threads())
     return out
 

@@ -19,7 +19,8 @@ small integer is exact in float32).
 A weight may carry a **codebook** ``code`` (float32 [16]): its 4-bit values then stand for
 ``code[q]`` rounded to bf16, ``W[n, k] = bf16(code[q[n, k]]) * scale[n, g] + offset[n, g]``.
 MXFP4 (gpt-oss's experts) is codebook :data:`E2M1` (exact in bf16) with the block's power of
-two as its scale and offset 0: exact, kept 4-bit (the file's codes, re-ordered into blocks).
+two as its scale and offset 0: exact, kept 4-bit (the file's codes, re-ordered into blocks;
+its scales as the file's exponent bytes, ``scale`` uint8: 2^(e - 127); no offsets).
 
 A product reads the weight as its float32 values: ``y = x @ W.T`` summed in float32 and
 rounded to x's dtype once, then the bias added (:func:`linear_int4_reference`; the native
@@ -57,6 +58,14 @@ def group_size(q: torch.Tensor, scale: torch.Tensor) -> int:
     return 2 * q.shape[1] // scale.shape[1]
 
 
+def scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """float32 group scales: as they are, or (uint8) MXFP4's exponent bytes e, 2^(e - 127)."""
+    if scale.dtype != torch.uint8:
+        return scale
+    return torch.ldexp(torch.ones(scale.shape, device=scale.device),
+                       scale.to(torch.int32) - 127)
+
+
 def codebook(code: torch.Tensor) -> torch.Tensor:
     """The values a codebook's 4-bit values stand for (float32 [16]: rounded to bf16)."""
     return code.to(torch.bfloat16).float()
@@ -75,7 +84,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None
     v = unpack(q)
     v = (v.float() if code is None else codebook(code.cpu()).to(q.device)[v.long()])
     v = v.view(q.shape[0], -1, g)
-    w = v * scale[:, :, None]
+    w = v * scale_values(scale)[:, :, None]
     return (w if offset is None else w + offset[:, :, None]).view(q.shape[0], -1)
 
 

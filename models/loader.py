@@ -254,7 +254,8 @@ def _store_int4(t: Int4, dest: torch.Tensor, views: dict, name: str, row: int, p
                 src: str) -> None:
     """A 4-bit checkpoint tensor into a 4-bit weight's rows (its column order, where it has
     one, shared by every part of the weight)."""
-    if not (bool(torch.isfinite(t.scale).all()) and bool(torch.isfinite(t.offset).all())):
+    if not (bool(torch.isfinite(quant4.scale_values(t.scale)).all())
+            and bool(torch.isfinite(t.offset).all())):
         raise ModelLoadError(f"{path}: tensor {src!r} holds NaN or infinite scales")
     order = views.get(name + PERM_SUFFIX)
     perm = t.perm if t.perm is not None else torch.arange(t.shape[1])

@@ -105,13 +105,13 @@ class Int4:
 def mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> Int4:
     """MXFP4 ``blocks`` [N, G, 16] (uint8: two e2m1 codes a byte, the low nibble first) with
     ``scales`` [N, G] (uint8: the block's exponent + 127) as a 4-bit weight of codebook
-    ``quant4.E2M1``: the codes in our block order, scale 2^e (float32), offset 0. Exact:
-    each value is a code's value times a power of two."""
+    ``quant4.E2M1``: the codes in our block order, its scales the file's exponent bytes
+    (uint8: 2^(e - 127), ``quant4.scale_values``), offset 0. Exact: each value is a code's
+    value times a power of two."""
     n, g = scales.shape
     b = blocks.reshape(n, g, 16)
     codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(n, g * 32)
-    scale = torch.ldexp(torch.ones(n, g), scales.to(torch.int32) - 127)
-    return Int4(quant4.pack(codes), scale, torch.zeros(n, g),
+    return Int4(quant4.pack(codes), scales.reshape(n, g).contiguous(), torch.zeros(n, g),
                 code=torch.tensor(quant4.E2M1, dtype=torch.float32))
 
 

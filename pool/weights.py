@@ -76,7 +76,9 @@ class WeightLayout:
                     raise ValueError(f"{name}: group {g} does not divide its {k} columns in "
                                      "blocks of 32")
                 entries.append((name, (n, k // 2), torch.uint8))
-                entries.append((name + GSCALE_SUFFIX, (n, k // g), torch.float32))
+                # a codebook weight's scales: MXFP4's exponent bytes (kernels/quant4.py)
+                entries.append((name + GSCALE_SUFFIX, (n, k // g),
+                                torch.uint8 if name in codes else torch.float32))
                 if name not in codes:  # a codebook weight's offsets are zero: none stored
                     entries.append((name + GOFFSET_SUFFIX, (n, k // g), torch.float32))
                 if name in perm:

@@ -105,6 +105,14 @@ def test_native_int4_matches_the_reference_and_is_batch_invariant(rows, n, k, gr
     zero = torch.zeros_like(o)
     assert torch.equal(native.gemv_int4(x, q, s, None, bias, e2m1),
                        native.gemv_int4(x, q, s, zero, bias, e2m1))
+    # MXFP4's scales: exponent bytes (0: the subnormal 2^-127 flushed as the kernel's DAZ
+    # does: not among these), the bits of their float32 values
+    e8 = torch.randint(118, 134, s.shape, generator=g, dtype=torch.uint8)
+    assert torch.equal(native.gemv_int4(x, q, e8, None, bias, e2m1),
+                       native.gemv_int4(x, q, quant4.scale_values(e8), None, bias, e2m1))
+    want = quant4.linear_int4_reference(x, q, e8, None, bias, code=e2m1)
+    got = native.gemv_int4(x, q, e8, None, bias, e2m1)
+    assert ((got.float() - want.float()).abs() <= 1e-2 * (1 + want.float().abs())).all()
     with pytest.raises(ValueError, match="fit"):
         native.gemv_int4(x, q, s[:-1].contiguous(), o[:-1].contiguous())
 
@@ -131,12 +139,16 @@ def test_the_avx2_int4_product_is_bit_identical_to_this_cpus(tmp_path, monkeypat
         q, s, o = quant4.quantize(torch.randn(n, k, generator=g), group)
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         bias = torch.randn(n, generator=g).to(torch.bfloat16)
-        for code in (None, torch.tensor(quant4.E2M1)):  # values 0..15; MXFP4's codebook
+        e8 = torch.randint(118, 134, s.shape, generator=g, dtype=torch.uint8)
+        # values 0..15; MXFP4's codebook; MXFP4's (exponent-byte scales, no offsets)
+        for code, sc, off in ((None, s, o), (torch.tensor(quant4.E2M1), s, o),
+                              (torch.tensor(quant4.E2M1), e8, None)):
             ys = []
             for lib in libs:
                 y = torch.empty(rows, n, dtype=torch.bfloat16)
                 lib.gp_gemv_int4(x.data_ptr(), rows, k, k, q.data_ptr(), n, k // 2,
-                                 s.data_ptr(), o.data_ptr(), group,
+                                 sc.data_ptr(), int(sc.dtype == torch.uint8),
+                                 None if off is None else off.data_ptr(), group,
                                  None if code is None else code.data_ptr(), bias.data_ptr(),
                                  y.data_ptr(), n, 2)
                 ys.append(y.view(torch.int16))
@@ -250,9 +262,11 @@ def test_triton_int4_matches_its_reference(rows, dtype):
     x = (torch.randn(rows, k, generator=g) / 4).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     e2m1 = torch.tensor(quant4.E2M1)
-    for b, code, off in ((None, None, o), (bias, None, o), (bias, e2m1, o), (bias, e2m1, None)):
-        got = tk.linear_int4(x, q, s, off, b, code)
-        want = x.double() @ quant4.dequantize(q, s, off, code=code).double().T
+    e8 = torch.randint(120, 130, s.shape, generator=g, dtype=torch.uint8)  # MXFP4's scales
+    for b, code, sc, off in ((None, None, s, o), (bias, None, s, o), (bias, e2m1, s, o),
+                             (bias, e2m1, s, None), (bias, e2m1, e8, None)):
+        got = tk.linear_int4(x, q, sc, off, b, code)
+        want = x.double() @ quant4.dequantize(q, sc, off, code=code).double().T
         want = want if b is None else want + b.double()
         assert got.dtype == dtype and got.shape == (rows, n)
         assert (got.double() - want).abs().max() <= tol * want.abs().max(), (rows, dtype)

@@ -336,9 +336,11 @@ def test_the_experts_call_with_biases_and_gpt_oss_swiglu_gives_the_loops_bits(fo
     g = torch.Generator().manual_seed(11 + four)
     code = torch.tensor(quant4.E2M1)
 
-    def weight(n, kk):
-        w = torch.randn(n, kk, generator=g) * 0.6  # gate_up's outputs reach past 7
-        return quant4.quantize(w, 32) if four else (w.to(BF),)
+    def weight(n, kk):  # 4-bit: MXFP4's codes and exponent-byte scales (2^-4 .. 2^1)
+        if four:
+            return (torch.randint(0, 256, (n, kk // 2), generator=g, dtype=torch.uint8),
+                    torch.randint(123, 129, (n, kk // 32), generator=g, dtype=torch.uint8))
+        return ((torch.randn(n, kk, generator=g) * 0.6).to(BF),)  # gate_up's reach past 7
 
     gu = [weight(2 * inter, hidden) for _ in range(experts)]
     dn = [weight(hidden, inter) for _ in range(experts)]
@@ -349,7 +351,7 @@ def test_the_experts_call_with_biases_and_gpt_oss_swiglu_gives_the_loops_bits(fo
             return native.gemv_int4(x, w[0], w[1], None, b, code)
         return native.gemv(x, w[0], b)
 
-    # 4-bit: MXFP4-like, codebook experts without offsets (zero), as the loader stores them
+    # 4-bit: MXFP4's, codebook experts without offsets (zero), as the loader stores them
     quant = (([w[1] for w in gu + dn], [None] * 2 * experts, [code] * 2 * experts)
              if four else (None, None, None))
     table = native.moe_table([w[0] for w in gu], [w[0] for w in dn], *quant, bias)
