@@ -60,12 +60,17 @@ def model_element_bytes(dtype: str | None, quantization: str | None) -> float:
 
 def checkpoint_element_bytes(folder: str | Path) -> float:
     """0.75 for a folder whose ``config.json`` says its weights are 4-bit (GPTQ, AWQ, a
-    converted GGUF: most of its bytes), else 0 (the worker's dtype decides)."""
+    converted GGUF: most of its bytes; MXFP4, gpt-oss's experts, kept 4-bit: 0.53 a value
+    there, its other weights 2 bytes: about 0.66 for gpt-oss-20b), else 0 (the worker's
+    dtype decides)."""
     try:
         qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         return 0
-    return 0.75 if isinstance(qc, dict) and qc.get("bits", qc.get("w_bit")) == 4 else 0
+    if not isinstance(qc, dict):
+        return 0
+    four = qc.get("bits", qc.get("w_bit")) == 4 or qc.get("quant_method") == "mxfp4"
+    return 0.75 if four else 0
 
 
 def element_bytes(dtype: str, device: str) -> int:

@@ -525,11 +525,13 @@ def test_mxfp4_values_are_transformers_dequantization():
 def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models, tmp_path):
     """The tiny gpt-oss with MXFP4 experts (blocks and scales as gpt-oss ships them, a
     quantization_config of mxfp4): greedy tokens equal transformers' on the same values
-    stored plainly; the gateway's size check counts the blocks as their values."""
-    from gpupool.models.sizes import parameter_count
+    stored plainly; the gateway's size check counts the blocks as their values, 4-bit."""
+    from gpupool.models.sizes import checkpoint_element_bytes, parameter_count
 
     packed, plain = make_mxfp4_twins(tiny_models("gpt_oss"), tmp_path)
     assert parameter_count(packed) == parameter_count(plain)
+    # kept 4-bit: the gateway counts it as a 4-bit checkpoint, not at the worker's dtype
+    assert checkpoint_element_bytes(packed) == 0.75 and checkpoint_element_bytes(plain) == 0
     prompts = random_prompts(4, 5, 30, seed=23)
     want = hf_greedy(plain, prompts, 12)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
