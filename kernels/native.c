@@ -2051,10 +2051,10 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * added in float32 from zero and rounded once, for idx [T][k] (experts) and top [T][k]
  * (bf16 routing weights). Expert e's weights: gate_up[e] bf16 [2 inter][H], down[e] bf16
  * [H][inter] (addresses); or, with group > 0, 4-bit: packed [2 inter][H / 2] and
- * [H][inter / 2] with float32 group scales gs and offsets go (addresses, gate_up's E then
- * down's E; go NULL: none, all zero; e8: the scales MXFP4's exponent bytes, q4_scale) and the experts' one codebook code (NULL: values 0..15) through the 4-bit
- * product's rows; or, with group < 0, int8 with bf16 row scales
- * gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
+ * [H][inter / 2] with group scales gs and offsets go (addresses, gate_up's E then down's E;
+ * the scales float32, or with e8 MXFP4's exponent bytes, q4_scale; go NULL: none, all zero)
+ * and the experts' one codebook code (NULL: values 0..15) through the 4-bit product's rows;
+ * or, with group < 0, int8 with bf16 row scales gs through the int8 product's rows (q4: float32 scratch for their prepared x, sized by the
  * Python wrapper). bias: NULL, or each product's bf16 bias (addresses, gate_up's E then
  * down's E; 0: none), added as the products add theirs. act 0: SiLU x up (gp_silu_mul), 1:
  * gpt-oss's clamped SwiGLU (gp_swiglu_oai, with limit and alpha).
@@ -2072,9 +2072,8 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * or B[e] 0: none), for its rows of x, this thread's share of them all */
 static void moe_products(const uint16_t *x, int64_t K, const int64_t *W, const int64_t *GS,
                          const int64_t *GO, int64_t G, int e8, const float *code,
-                         const int64_t *B,
-                         const void *xp, const float *xsum, const int64_t *start, int64_t E,
-                         int64_t N, uint16_t *y) {
+                         const int64_t *B, const void *xp, const float *xsum,
+                         const int64_t *start, int64_t E, int64_t N, uint16_t *y) {
     /* the threads share the work, not the rows: an output row of expert e costs its n rows
      * of x plus about 4 rows' worth for reading its weights (a prefill's experts differ in
      * n by 10x; the rows' split never changes a row's sums) */
@@ -2129,8 +2128,8 @@ static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void
 int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
                    const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
                    const int64_t *down, const int64_t *gs, const int64_t *go, int64_t group,
-                   int e8, const float *code, const int64_t *bias, int act, float limit, float alpha,
-                   int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
+                   int e8, const float *code, const int64_t *bias, int act, float limit,
+                   float alpha, int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
                    int64_t *order, int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_BF16
@@ -2198,8 +2197,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
 #else
     (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
     (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)e8; (void)code;
-    (void)bias;
-    (void)act; (void)limit; (void)alpha; (void)inter; (void)out;
+    (void)bias; (void)act; (void)limit; (void)alpha; (void)inter; (void)out;
     (void)ldo; (void)scratch; (void)q4; (void)order;
     return 1;
 #endif

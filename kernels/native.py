@@ -405,9 +405,10 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
               scales: list | None = None, offsets: list | None = None,
               codes: list | None = None, biases: list | None = None) -> MoeTable:
     """Expert e's ``gate_up[e]`` [2 inter, H] and ``down[e]`` [H, inter] bf16 (None: absent);
-    or 4-bit (kernels/quant4.py: uint8 [N, K / 2]) with ``scales`` and ``offsets`` (float32
-    [N, K / G], gate_up's E then down's E) and ``codes`` (each one's codebook, float32 [16],
-    or None: one for all or none); ``biases``: each product's bf16 bias [N] or None (gate_up's
+    or 4-bit (kernels/quant4.py: uint8 [N, K / 2]) with ``scales`` and ``offsets`` ([N, K / G],
+    gate_up's E then down's E: float32, or the scales MXFP4's exponent bytes, uint8; offsets
+    None: zero, every expert's or none) and ``codes`` (each one's codebook, float32 [16], or
+    None: one for all or none); ``biases``: each product's bf16 bias [N] or None (gate_up's
     E then down's E), or None for none; or int8 [N, K] with ``scales`` only (bf16 [N],
     where :func:`has_gemv_int8`). Checked once (a layer's table is kept while its weights stay
     where they are)."""
@@ -468,8 +469,7 @@ def moe_table(gate_up: list[torch.Tensor | None], down: list[torch.Tensor | None
                 check("bias", b, torch.bfloat16, 1, contiguous=True)
                 if b.shape[0] != w.shape[0]:
                     raise ValueError("native: moe_table's biases do not fit")
-        biases = [b if b is not None else torch.empty(0) for b in biases]
-        bias_addresses = torch.tensor([b.data_ptr() if b.numel() and ok else 0
+        bias_addresses = torch.tensor([b.data_ptr() if b is not None and ok else 0
                                        for b, ok in zip(biases, present + present)],
                                       dtype=torch.int64)
     return MoeTable(addresses(gate_up + down), *shape, addresses(scales), addresses(offsets),
@@ -523,8 +523,7 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: Mo
     if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
                              top.data_ptr(), k, experts, addr, addr + 8 * experts,
                              _p(table.scales), _p(table.offsets), group, int(table.e8),
-                             _p(table.code),
-                             _p(table.biases), int(swiglu is not None),
+                             _p(table.code), _p(table.biases), int(swiglu is not None),
                              *(swiglu or (0.0, 0.0)), inter,
                              out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
                              order.data_ptr(), torch.get_num_threads()):
@@ -566,9 +565,9 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
               code: torch.Tensor | None = None) -> torch.Tensor:
     """``quant4.linear_int4_reference(x, q, scale, offset, bias, code=code)`` for bf16 rows,
     each row's sums in one order whatever the number of rows (where :func:`has_gemv_int4`):
-    packed ``q`` uint8 [N, K / 2] with unit stride in a row, float32 ``scale`` and ``offset``
-    [N, K / G] contiguous (G a multiple of 32; ``offset`` None: zero), ``code`` float32 [16]
-    (a codebook) or None."""
+    packed ``q`` uint8 [N, K / 2] with unit stride in a row, ``scale`` and ``offset``
+    [N, K / G] contiguous (G a multiple of 32): float32 (the scales may be MXFP4's exponent
+    bytes, uint8; ``offset`` None: zero), ``code`` float32 [16] (a codebook) or None."""
     check("x", x, torch.bfloat16, 2)
     e8 = scale.dtype == torch.uint8  # MXFP4's exponent bytes (quant4.scale_values)
     if code is not None:
@@ -592,8 +591,7 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         return out
     _lib().gp_gemv_int4(x.data_ptr(), rows, k, x.stride(0), q.data_ptr(), n, q.stride(0),
                         scale.data_ptr(), int(e8), _p(offset), k // groups, _p(code),
-                        _p(bias),
-                        out.data_ptr(), n, torch.get_num_threads())
+                        _p(bias), out.data_ptr(), n, torch.get_num_threads())
     return out
 
 
