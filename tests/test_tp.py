@@ -157,7 +157,8 @@ def test_an_engine_of_two_ranks_gives_one_ranks_tokens(tmp_path):
         two.shutdown()
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss",
+                                     "gpt_oss_mxfp4"])
 def test_a_mixture_of_experts_on_two_ranks_gives_one_ranks_tokens(tmp_path, variant):
     """The router replicated, each expert split as a dense MLP (gate/up rows, down columns
     of its own intermediate size), the experts' weighted partial sums all-reduced once a
@@ -165,12 +166,16 @@ def test_a_mixture_of_experts_on_two_ranks_gives_one_ranks_tokens(tmp_path, vari
     q/k norms: their weights cut as q's and k's rows, each row's sums of squares added over
     the ranks; refused by name where KV heads would be replicated. gpt-oss: each rank its
     heads' sinks, the o and experts' down biases added once (rank 0's), its stacked
-    experts' [gate | up] rows cut as a fused gate_up's."""
+    experts' [gate | up] rows cut as a fused gate_up's; its MXFP4 experts kept 4-bit (the
+    codebook, exponent-byte scales), each rank the down columns of its half of the
+    intermediate size (whole groups of 32)."""
     from gpupool import SamplingParams
     from gpupool.models import tp
-    from tests.factories import make_engine, random_prompts
+    from tests.factories import make_engine, make_mxfp4_twins, random_prompts
 
-    base = make_tiny_model(tmp_path / "m", variant)
+    base = make_tiny_model(tmp_path / "m", variant.removesuffix("_mxfp4"))
+    if variant.endswith("_mxfp4"):
+        base = make_mxfp4_twins(base, tmp_path)[0]
     prompts = random_prompts(5, 6, 30, seed=9)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     got = {}
@@ -179,6 +184,8 @@ def test_a_mixture_of_experts_on_two_ranks_gives_one_ranks_tokens(tmp_path, vari
                                  if world == 2 else {}))
         try:
             got[world] = [list(o.token_ids) for o in e.generate(prompts, params)]
+            if variant.endswith("_mxfp4"):  # kept 4-bit
+                assert "experts.0.down_weight_gcode" in e.local.core.workers["m"].model.layers[0]
         finally:
             e.shutdown()
     assert got[2] == got[1]
@@ -188,29 +195,6 @@ def test_a_mixture_of_experts_on_two_ranks_gives_one_ranks_tokens(tmp_path, vari
         cfg = ModelConfig.from_folder(base)
         with pytest.raises(ModelLoadError, match="whole-vector q/k norms"):
             tp.local_config(cfg, 2 * cfg.num_kv_heads)
-
-
-def test_mxfp4_experts_on_two_ranks_give_one_ranks_tokens(tmp_path):
-    """gpt-oss with MXFP4 experts, kept 4-bit (the e2m1 codebook): each rank its gate/up
-    rows and the down columns of its half of the intermediate size (whole groups of 32),
-    the codebook with them; a batch's greedy tokens are the one-rank engine's (float32)."""
-    from gpupool import SamplingParams
-    from tests.factories import make_engine, make_mxfp4_twins, random_prompts
-
-    packed, _ = make_mxfp4_twins(make_tiny_model(tmp_path / "m", "gpt_oss"), tmp_path)
-    prompts = random_prompts(5, 6, 30, seed=9)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    got = {}
-    for world in (1, 2):
-        e = make_engine(packed, **({"tensor_parallel": 2, "prefetch": False}
-                                   if world == 2 else {}))
-        try:
-            got[world] = [list(o.token_ids) for o in e.generate(prompts, params)]
-            w = e.local.core.workers["m"].model.layers[0]
-            assert w["experts.0.down_weight_gcode"].shape == (16,)  # kept 4-bit
-        finally:
-            e.shutdown()
-    assert got[2] == got[1]
 
 
 def test_a_4bit_weight_a_shard_would_cut_between_groups_is_refused_by_name():
