@@ -556,6 +556,29 @@ def test_an_mxfp4_gpt_oss_checkpoint_gives_the_tokens_of_its_values(tiny_models,
         engine.shutdown()
 
 
+def test_an_mxfp4_checkpoint_with_an_infinite_scale_is_refused_by_name(tiny_models, tmp_path):
+    """An exponent byte of 255 (MXFP4's NaN; 2^128 as read) in one expert's scales: the
+    registration fails naming the tensor, and the engine keeps serving what it had."""
+    from safetensors.torch import load_file, save_file
+
+    from gpupool.models.errors import ModelLoadError
+
+    src = tiny_models("gpt_oss")
+    packed, _ = make_mxfp4_twins(src, tmp_path)
+    tensors = load_file(str(packed / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name][2, 3, 0] = 255
+    save_file(tensors, str(packed / "model.safetensors"))
+    engine = make_engine(src)
+    try:
+        with pytest.raises(ModelLoadError, match="down_proj.*infinite scales"):
+            engine.add_model("bad", packed)
+        out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
+        assert len(out[0].token_ids) == 2
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("variant", ["mistral", "gpt_oss"])
 def test_windows_and_sinks_on_the_triton_kernels_give_transformers_tokens(tiny_models,
                                                                            variant):
