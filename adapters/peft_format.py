@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
 from gpupool.adapters.base import PROJECTIONS, AdapterError, expert_projection
-from gpupool.kernels.reference import permute_heads, rotary_order
+from gpupool.kernels.reference import deinterleave, permute_heads, rotary_order
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\."
@@ -289,7 +289,7 @@ def adapter_weights(tensors: dict[str, torch.Tensor], scaling: float, base_cfg) 
         a = ab["A"].reshape(experts, rank, -1)
         b = ab["B"].reshape(ab["B"].shape[0], rank, experts)
         if part == "gate_up" and getattr(base_cfg, "interleaved_gate_up", False):
-            b = torch.cat((b[0::2], b[1::2]))  # gpt-oss: its gate outputs first, as loaded
+            b = deinterleave(b)  # gpt-oss: its gate outputs first, as loaded
         for e in range(experts):
             out[(layer, expert_projection(e, part))] = (a[e], b[:, :, e] * scaling)
     return out

@@ -128,7 +128,7 @@ def _make_mxfp4(root: Path) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from gpupool.models.loader import mxfp4_values
+    from gpupool.models.quantized import mxfp4_values
 
     packed, plain = root / "gpt_oss_mxfp4", root / "gpt_oss_mxfp4_values"
     if (packed / "config.json").is_file() and (plain / "config.json").is_file():

@@ -572,7 +572,8 @@ class NativeOps(TorchOps):
                     q[nd:], cfg.num_heads, k_cache, v_cache, batch.prefill_block_tables,
                     batch.prefill_cu_seqlens, batch.prefill_context_lens, scale, window, sinks,
                     softcap or 0.0)
-            if o is None and shaped:  # (out of memory) the fixed-order attention, windowed
+            if o is None and shaped:  # (out of memory) the fixed-order attention: it takes
+                # windows, sinks and caps
                 return fixed_order()
             if o is None:
                 qp = q[nd:, : cfg.q_size].view(-1, cfg.num_heads, cfg.head_dim)

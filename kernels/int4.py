@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gpupool.kernels import quant4
 from gpupool.kernels.int8 import rows_and_output
 
 
@@ -55,9 +54,9 @@ def _int4_kernel(
             o = tl.zeros([BLOCK_N], dtype=tl.float32)
         b = tl.load(Q + n[:, None].to(tl.int64) * sq_n + (k0 // 2) + j[None, :],
                     mask=nmask[:, None], other=0).to(tl.int32)
-        if HAS_CODE:  # a codebook's values (float32, already rounded to bf16)
-            w_lo = tl.load(C + (b & 15)) * s[:, None] + o[:, None]
-            w_hi = tl.load(C + (b >> 4)) * s[:, None] + o[:, None]
+        if HAS_CODE:  # a codebook's values, rounded to bf16 (quant4.codebook)
+            w_lo = tl.load(C + (b & 15)).to(tl.bfloat16).to(tl.float32) * s[:, None] + o[:, None]
+            w_hi = tl.load(C + (b >> 4)).to(tl.bfloat16).to(tl.float32) * s[:, None] + o[:, None]
         else:
             w_lo = (b & 15).to(tl.float32) * s[:, None] + o[:, None]
             w_hi = (b >> 4).to(tl.float32) * s[:, None] + o[:, None]
@@ -109,7 +108,7 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int4_kernel[grid](
         x2, q, scale.contiguous(), scale if offset is None else offset.contiguous(),
-        scale if code is None else quant4.codebook(code).contiguous(),
+        scale if code is None else code.contiguous(),
         bias if bias is not None else scale,
         y, m, n, k, ng, k // ng, x2.stride(0), q.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_CODE=code is not None, HAS_OFFSET=offset is not None,

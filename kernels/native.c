@@ -291,6 +291,10 @@ static inline float exp_fixed(float x) {
     return p * two_n.f;
 }
 
+/* e^-x, x clamped to exp_fixed's range (SiLU's and the sigmoid's: beyond it 1 + e^-x is
+ * 1 or past float32's range either way) */
+static inline float exp_neg(float x) { return exp_fixed(-fminf(fmaxf(x, -88.0f), 88.0f)); }
+
 static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
                           int64_t rows, int64_t inter) {
     #pragma omp for schedule(static)
@@ -300,8 +304,7 @@ static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_
         float s[MAX_DIM];
         for (int64_t i = 0; i < inter; i++) {
             float v = bf2f(g[i]);
-            float e = exp_fixed(-fminf(fmaxf(v, -88.0f), 88.0f));
-            s[i] = v / (1.0f + e);
+            s[i] = v / (1.0f + exp_neg(v));
         }
         for (int64_t i = 0; i < inter; i++) o[i] = f2bf(round_bf(s[i]) * bf2f(u[i]));
     }
@@ -327,8 +330,7 @@ static void swiglu_oai_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int6
         for (int64_t i = 0; i < inter; i++) {
             float v = fminf(bf2f(g[i]), limit);
             float a = round_bf(v * alpha);
-            float e = exp_fixed(-fminf(fmaxf(a, -88.0f), 88.0f));
-            float sg = round_bf(1.0f / (1.0f + e));
+            float sg = round_bf(1.0f / (1.0f + exp_neg(a)));
             float w = fminf(fmaxf(bf2f(u[i]), -limit), limit);
             o[i] = f2bf(round_bf(w + 1.0f) * round_bf(v * sg));
         }

@@ -82,7 +82,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None
         offset = None if offset is None else offset[rows]
     g = group_size(q, scale)
     v = unpack(q)
-    v = (v.float() if code is None else codebook(code.cpu()).to(q.device)[v.long()])
+    v = v.float() if code is None else codebook(code)[v.long()]
     v = v.view(q.shape[0], -1, g)
     w = v * scale_values(scale)[:, :, None]
     return (w if offset is None else w + offset[:, :, None]).view(q.shape[0], -1)

@@ -51,6 +51,12 @@ def permute_heads(rows: torch.Tensor, order: torch.Tensor | None, head_dim: int)
     return rows.reshape(heads, head_dim, *rows.shape[1:])[:, order].reshape(rows.shape)
 
 
+def deinterleave(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` 0, 2, 4, .. then 1, 3, 5, ..: gpt-oss's gate_up outputs (gate and up
+    interleaved in its checkpoint) as [gate | up], for its weights and an adapter's B."""
+    return torch.cat((rows[0::2], rows[1::2]))
+
+
 def act_mul(gate_up: torch.Tensor, kind: str) -> torch.Tensor:
     """act(gate) * up of ``gate_up`` = [gate | up]: "gelu_tanh" (transformers' GeGLU: gelu
     with the tanh approximation), else ``silu_mul``'s."""

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from gpupool.kernels import quant4
-from gpupool.kernels.reference import permute_heads
+from gpupool.kernels.reference import deinterleave, permute_heads
 from gpupool.models.config import GPT_OSS, MOE, ModelConfig
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.quantized import Int4, group_of, layer_parts, mxfp4, read_int4
@@ -326,18 +326,6 @@ def _stored_4bit(cfg: ModelConfig, where: dict
     return out, frozenset(out) if cfg.quant.get("desc_act") else frozenset(), frozenset()
 
 
-def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float32 values of MXFP4 ``blocks`` [..., G, 16] (uint8: 4-bit e2m1 codes, two a byte,
-    the low nibble first) with ``scales`` [..., G] (uint8, exponent + 127): [..., G * 32]
-    (exact: each value is a code times 2^e). The loader keeps them 4-bit (quantized.mxfp4);
-    this is their reference."""
-    lut = torch.tensor(quant4.E2M1, dtype=torch.float32)
-    b = blocks.to(torch.int64)
-    codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
-    exp = scales.to(torch.int32) - 127
-    return torch.ldexp(lut[codes], exp[..., None].float()).reshape(*blocks.shape[:-2], -1)
-
-
 def stacked_base(src: str) -> str:
     """The checkpoint tensor a ``name[e]`` source (one expert of gpt-oss's stacked experts)
     reads from; any other source is itself."""
@@ -362,8 +350,7 @@ def _read_stacked(get, where: dict, src: str, interleaved: bool) -> torch.Tensor
         raise ModelLoadError(f"checkpoint has no tensor {name!r} (nor MXFP4 blocks)")
 
     def rows(r: torch.Tensor) -> torch.Tensor:  # gate_up's de-interleaved
-        split = interleaved and "gate_up" in name
-        return torch.cat((r[0::2], r[1::2])).contiguous() if split else r.contiguous()
+        return (deinterleave(r) if interleaved and "gate_up" in name else r).contiguous()
 
     return t.map_rows(rows) if isinstance(t, Int4) else rows(t)
 

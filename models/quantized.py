@@ -115,6 +115,15 @@ def mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> Int4:
                 code=torch.tensor(quant4.E2M1, dtype=torch.float32))
 
 
+def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values of MXFP4 ``blocks`` [..., G, 16] with ``scales`` [..., G]: [..., G * 32],
+    what :func:`mxfp4` keeps, de-quantized (its test against transformers' de-quantization
+    is that of the form the loader stores)."""
+    g = scales.shape[-1]
+    w = mxfp4(blocks.reshape(-1, g, 16), scales.reshape(-1, g)).dequantize()
+    return w.reshape(*scales.shape[:-1], g * 32)
+
+
 def _nibbles(t: torch.Tensor) -> torch.Tensor:
     """int32 [..., C] -> its eight 4-bit fields [..., C, 8] (field i: bits 4 i .. 4 i + 3)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)

@@ -187,7 +187,7 @@ def make_mxfp4_twins(src: Path, dest: Path) -> tuple[Path, Path]:
 
     from safetensors.torch import load_file, save_file
 
-    from gpupool.models.loader import mxfp4_values
+    from gpupool.models.quantized import mxfp4_values
 
     plain, packed = dest / "plain", dest / "mxfp4"
     shutil.copytree(src, plain)

@@ -513,7 +513,7 @@ def test_mxfp4_values_are_transformers_dequantization():
     values the loader reads equal transformers' de-quantization (its layout transposed)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gpupool.models.loader import mxfp4_values
+    from gpupool.models.quantized import mxfp4_values
 
     g = torch.Generator().manual_seed(3)
     blocks = torch.randint(0, 256, (3, 8, 4, 16), generator=g, dtype=torch.uint8)
