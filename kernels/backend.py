@@ -244,6 +244,13 @@ class TorchOps:
         """gpt-oss's clamped SwiGLU of [gate | up] (elementwise, as ``act_mul``)."""
         return reference.swiglu_oai(gate_up, limit, alpha)
 
+    def mlp_act(self, gate_up: torch.Tensor, cfg) -> torch.Tensor:
+        """The MLP's activation of [gate | up] for a model of ``cfg``: gpt-oss's clamped
+        SwiGLU, else ``act_mul``'s of its kind."""
+        if cfg.activation == "swiglu_oai":
+            return self.swiglu(gate_up, cfg.swiglu_limit, cfg.swiglu_alpha)
+        return self.act_mul(gate_up, cfg.activation)
+
     def experts(self, plan, h: torch.Tensor, lw, idx: torch.Tensor, top: torch.Tensor,
                 cfg) -> torch.Tensor | None:
         """A mixture-of-experts MLP's output for rows ``h`` (experts ``idx``, routing weights
@@ -330,6 +337,33 @@ class TritonOps(TorchOps):
 
         sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._moe = {}  # id(layer's dict) -> (it, its experts' two moe.Product or None)
+
+    def bind(self, model) -> None:
+        self._moe = {}
+
+    def experts(self, plan, h, lw, idx, top, cfg):
+        # every expert's rows in one grouped GEMM a product (kernels.moe), not the loop's two
+        # products a touched expert
+        from gpupool.kernels import moe
+
+        if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return None
+        tables = self._moe
+        if id(lw) not in tables:
+            try:
+                made = tuple(moe.product(*expert_tensors(lw, cfg, part))
+                             for part in ("gate_up", "down"))
+            except ValueError as e:  # a layout the kernel cannot read: the loop
+                logger.info("experts through the model's loop: %s", e)
+                made = None
+            tables[id(lw)] = (lw, made)
+        made = tables[id(lw)][1]
+        return None if made is None else moe.experts(
+            h, idx, top, *made, lambda gate_up: self.mlp_act(gate_up, cfg))
+
     paged_lora = True
 
     def lora_paged(self, x, out, *args, **kw):
@@ -337,6 +371,26 @@ class TritonOps(TorchOps):
         from gpupool.kernels.sgmv import lora_paged
 
         lora_paged(x, out, *args, **kw)
+
+
+def expert_tensors(lw, cfg, part: str) -> tuple:
+    """Every expert's ``part`` ("gate_up" or "down") of a mixture layer ``lw``: (weights,
+    their int8 or 4-bit scales, 4-bit offsets, codebooks, biases), a list over the experts
+    each or None where none has one. ValueError: an expert missing, or a 4-bit weight whose
+    columns are not in x's order (act-order: the model's loop reads those)."""
+    names = [f"experts.{e}.{part}_weight" for e in range(cfg.num_experts)]
+    if any(n not in lw or n + PERM_SUFFIX in lw for n in names):
+        raise ValueError(f"an expert's {part} is missing or in act order")
+    if any(lw[n].layout != torch.strided for n in names):
+        raise ValueError(f"an expert's {part} is packed")
+
+    def each(suffix):
+        got = [lw.get(n + suffix) for n in names]
+        return None if all(t is None for t in got) else got
+
+    biases = [lw.get(n[: -len("weight")] + "bias") for n in names] if cfg.moe_bias else None
+    return ([lw[n] for n in names], each(GSCALE_SUFFIX) or each(SCALE_SUFFIX),
+            each(GOFFSET_SUFFIX), each(GCODE_SUFFIX), biases)
 
 
 @dataclass

@@ -26,6 +26,48 @@ from gpupool.kernels.int8 import rows_and_output
 
 
 @triton.jit
+def weight_block(Q, S, O, C, n, nmask, k0, NG, G, sq_n,
+                 HAS_CODE: tl.constexpr, HAS_OFFSET: tl.constexpr, E8: tl.constexpr):
+    """Rows ``n`` of a 4-bit weight's block of 32 columns from ``k0`` as float32: (columns
+    0-15, columns 16-31), each ``q * scale + offset`` (q's codebook value where there is
+    one) with the block's group's scale and offset. Also ``kernels.moe``'s."""
+    g = k0 // G
+    if E8:  # MXFP4's exponent bytes: 2^(e - 127) (e 0: the subnormal 2^-127)
+        e = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=127).to(tl.int32)
+        s = tl.where(e > 0, e << 23, 0x00400000).to(tl.float32, bitcast=True)
+    else:
+        s = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+    if HAS_OFFSET:
+        o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
+    else:  # a codebook weight's: zero
+        o = tl.zeros(s.shape, dtype=tl.float32)
+    j = tl.arange(0, 16)
+    b = tl.load(Q + n[:, None].to(tl.int64) * sq_n + (k0 // 2) + j[None, :],
+                mask=nmask[:, None], other=0).to(tl.int32)
+    if HAS_CODE:  # a codebook's values, rounded to bf16 (quant4.codebook)
+        w_lo = tl.load(C + (b & 15)).to(tl.bfloat16).to(tl.float32) * s[:, None] + o[:, None]
+        w_hi = tl.load(C + (b >> 4)).to(tl.bfloat16).to(tl.float32) * s[:, None] + o[:, None]
+    else:
+        w_lo = (b & 15).to(tl.float32) * s[:, None] + o[:, None]
+        w_hi = (b >> 4).to(tl.float32) * s[:, None] + o[:, None]
+    return w_lo, w_hi
+
+
+@triton.jit
+def block_product(acc, x_lo, x_hi, w_lo, w_hi, IEEE: tl.constexpr):
+    """``acc`` plus the block's x halves times its weight halves (``weight_block``'s):
+    float32 IEEE products, or 16-bit activations with the weights rounded to them for the
+    tensor cores."""
+    if IEEE:
+        acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
+        acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
+    else:
+        acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
+        acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+    return acc
+
+
+@triton.jit
 def _int4_kernel(
     X, Q, S, O, C, B, Y, M, N, K, NG, G,
     sx_m, sq_n, sy_m,
@@ -42,34 +84,13 @@ def _int4_kernel(
     nmask = n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, 32):
-        g = k0 // G
-        if E8:  # MXFP4's exponent bytes: 2^(e - 127) (e 0: the subnormal 2^-127)
-            e = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=127).to(tl.int32)
-            s = tl.where(e > 0, e << 23, 0x00400000).to(tl.float32, bitcast=True)
-        else:
-            s = tl.load(S + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
-        if HAS_OFFSET:
-            o = tl.load(O + n.to(tl.int64) * NG + g, mask=nmask, other=0.0)
-        else:  # a codebook weight's: zero
-            o = tl.zeros([BLOCK_N], dtype=tl.float32)
-        b = tl.load(Q + n[:, None].to(tl.int64) * sq_n + (k0 // 2) + j[None, :],
-                    mask=nmask[:, None], other=0).to(tl.int32)
-        if HAS_CODE:  # a codebook's values, rounded to bf16 (quant4.codebook)
-            w_lo = tl.load(C + (b & 15)).to(tl.bfloat16).to(tl.float32) * s[:, None] + o[:, None]
-            w_hi = tl.load(C + (b >> 4)).to(tl.bfloat16).to(tl.float32) * s[:, None] + o[:, None]
-        else:
-            w_lo = (b & 15).to(tl.float32) * s[:, None] + o[:, None]
-            w_hi = (b >> 4).to(tl.float32) * s[:, None] + o[:, None]
+        w_lo, w_hi = weight_block(Q, S, O, C, n, nmask, k0, NG, G, sq_n,
+                                  HAS_CODE, HAS_OFFSET, E8)
         x_lo = tl.load(X + m[:, None].to(tl.int64) * sx_m + k0 + j[None, :],
                        mask=mmask[:, None], other=0.0)
         x_hi = tl.load(X + m[:, None].to(tl.int64) * sx_m + k0 + 16 + j[None, :],
                        mask=mmask[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
-            acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
-        else:  # 16-bit activations: the weights rounded to them for the tensor cores
-            acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
-            acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+        acc = block_product(acc, x_lo, x_hi, w_lo, w_hi, IEEE)
     y = acc.to(Y.dtype.element_ty)
     if HAS_BIAS:
         y = (y.to(tl.float32) + tl.load(B + n, mask=nmask, other=0.0).to(tl.float32)[None, :]

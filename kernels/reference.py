@@ -76,6 +76,31 @@ def swiglu_oai(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tenso
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def expert_order(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mixture's (row, choice) pairs of ``idx`` [rows, k] sorted by expert (stable: rows
+    ascending within one): (``order``, the pairs' flat indices ``row * k + choice`` in that
+    order; ``rows``, their rows; ``place``, each pair's rank among its row's k experts in
+    ascending order), what :func:`sum_in_expert_order` puts the outputs back by."""
+    k = idx.shape[1]
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    place = idx.argsort(dim=1).argsort(dim=1).reshape(-1).index_select(0, order)
+    return order, order // k, place
+
+
+def sum_in_expert_order(y: torch.Tensor, rows: torch.Tensor, place: torch.Tensor,
+                        shape: tuple[int, int]) -> torch.Tensor:
+    """The weighted expert outputs ``y`` [pairs, H] (in :func:`expert_order`'s order, each
+    rounded to the model's dtype) added per row in float32 from zero in ascending expert
+    order, rounded once to y's dtype: [rows, H]. ``shape``: (rows, k)."""
+    rows_n, k = shape
+    placed = torch.zeros(rows_n * k, y.shape[1], dtype=torch.float32, device=y.device)
+    placed = placed.index_copy_(0, rows * k + place, y.float()).view(rows_n, k, -1)
+    acc = torch.zeros(rows_n, y.shape[1], dtype=torch.float32, device=y.device)
+    for j in range(k):
+        acc += placed[:, j]
+    return acc.to(y.dtype)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2 * inter] (gate first)."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from gpupool.kernels import backend, quant4
+from gpupool.kernels import backend, quant4, reference
 from gpupool.kernels.backend import TorchOps
 from gpupool.kernels.linear import pack
 from gpupool.models.batch import ForwardBatch
@@ -241,14 +241,11 @@ class LlamaModel:
         # the (row, choice) pairs grouped by expert (ascending; rows ascending within one):
         # one gather of the rows, each expert's rows a slice; each weighted output put at
         # its row's place k of its experts in ascending order, the k places added in order
-        rows_n, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        rows = order // k
-        place = idx.argsort(dim=1).argsort(dim=1).reshape(-1).index_select(0, order)
+        order, rows, place = reference.expert_order(idx)
         xs, ws = h.index_select(0, rows), top.reshape(-1).index_select(0, order)
         parts, start = [], 0
-        for e, n in enumerate(torch.bincount(flat, minlength=cfg.num_experts).tolist()):
+        for e, n in enumerate(torch.bincount(idx.reshape(-1),
+                                             minlength=cfg.num_experts).tolist()):
             if n:
                 gate_up = ops.linear(plan, xs[start : start + n], lw,
                                      f"experts.{e}.gate_up_weight",
@@ -263,19 +260,11 @@ class LlamaModel:
                     lora.apply_expert(layer, "experts_down", e, rows[start : start + n], act, y)
                 parts.append(y * ws[start : start + n, None])
                 start += n
-        placed = torch.zeros(rows_n * k, h.shape[1], dtype=torch.float32).index_copy_(
-            0, rows * k + place, torch.cat(parts).float()).view(rows_n, k, -1)
-        acc = torch.zeros(rows_n, h.shape[1], dtype=torch.float32)
-        for j in range(k):
-            acc += placed[:, j]
-        return acc.to(h.dtype)
+        return reference.sum_in_expert_order(torch.cat(parts), rows, place, tuple(idx.shape))
 
     def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The MLP's activation of [gate | up]: the backend's, or gpt-oss's clamped SwiGLU."""
-        cfg = self.cfg
-        if cfg.activation == "swiglu_oai":
-            return self.ops.swiglu(gate_up, cfg.swiglu_limit, cfg.swiglu_alpha)
-        return self.ops.act_mul(gate_up, cfg.activation)
+        return self.ops.mlp_act(gate_up, self.cfg)
 
     def _one_rows_experts(self, plan, h, lw, top, idx):
         """:meth:`_experts` for a single row: its experts in ascending order, each weighted
