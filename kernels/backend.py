@@ -376,8 +376,9 @@ class TritonOps(TorchOps):
 def expert_tensors(lw, cfg, part: str) -> tuple:
     """Every expert's ``part`` ("gate_up" or "down") of a mixture layer ``lw``: (weights,
     their int8 or 4-bit scales, 4-bit offsets, codebooks, biases), a list over the experts
-    each or None where none has one. ValueError: an expert missing, or a 4-bit weight whose
-    columns are not in x's order (act-order: the model's loop reads those)."""
+    each or None where none has one. ValueError: an expert missing, experts of mixed forms,
+    or a 4-bit weight whose columns are not in x's order (act order: the model's loop reads
+    those)."""
     names = [f"experts.{e}.{part}_weight" for e in range(cfg.num_experts)]
     if any(n not in lw or n + PERM_SUFFIX in lw for n in names):
         raise ValueError(f"an expert's {part} is missing or in act order")
@@ -386,11 +387,32 @@ def expert_tensors(lw, cfg, part: str) -> tuple:
 
     def each(suffix):
         got = [lw.get(n + suffix) for n in names]
-        return None if all(t is None for t in got) else got
+        if all(t is None for t in got):
+            return None
+        if any(t is None for t in got):
+            raise ValueError(f"some experts' {part} have {suffix}, some not")
+        return got
 
     biases = [lw.get(n[: -len("weight")] + "bias") for n in names] if cfg.moe_bias else None
     return ([lw[n] for n in names], each(GSCALE_SUFFIX) or each(SCALE_SUFFIX),
             each(GOFFSET_SUFFIX), each(GCODE_SUFFIX), biases)
+
+
+def _native_experts(lw, cfg) -> tuple:
+    """``native.moe_table``'s arguments for a mixture layer ``lw`` (ValueError: a form it
+    cannot take)."""
+    gate_up, down = (expert_tensors(lw, cfg, part) for part in ("gate_up", "down"))
+    four = gate_up[0][0].dtype == torch.uint8
+    if four and not native.has_gemv_int4():
+        raise ValueError("this build has no 4-bit product")
+    none = [None] * cfg.num_experts
+
+    def both(i):  # gate_up's E then down's E, as moe_table takes them
+        if gate_up[i] is None and down[i] is None:
+            return none + none if i == 2 and four else None  # 4-bit offsets: zero
+        return [*(gate_up[i] or none), *(down[i] or none)]
+
+    return gate_up[0], down[0], both(1), both(2), both(3), both(4)
 
 
 @dataclass
@@ -532,33 +554,14 @@ class NativeOps(TorchOps):
                 or h.dtype != torch.bfloat16):
             return None
         swiglu = cfg.activation == "swiglu_oai"
-        num_experts = cfg.num_experts
         tables = self._cache.experts  # per layer (its weights' dict, kept), until the next bind
         if id(lw) not in tables:
-            names = [f"experts.{e}.{part}_weight" for part in ("gate_up", "down")
-                     for e in range(num_experts)]
-            four = all(n + GSCALE_SUFFIX in lw for n in names) and native.has_gemv_int4()
-            eight = (all(n + SCALE_SUFFIX in lw and lw[n + SCALE_SUFFIX].dtype == torch.bfloat16
-                         for n in names) and native.has_gemv_int8())
-            if any((n + SCALE_SUFFIX in lw) != eight or (n + GSCALE_SUFFIX in lw) != four
-                   or n not in lw or n + PERM_SUFFIX in lw for n in names):
-                tables[id(lw)] = (lw, None)  # act-order or mixed experts: the loop
-            else:
-                weights = [lw[n] for n in names]
-                biases = ([lw.get(n[: -len("weight")] + "bias") for n in names]
-                          if cfg.moe_bias else None)
-                quant = (([lw[n + GSCALE_SUFFIX] for n in names],
-                          [lw.get(n + GOFFSET_SUFFIX) for n in names],
-                          [lw.get(n + GCODE_SUFFIX) for n in names]) if four
-                         else ([lw[n + SCALE_SUFFIX] for n in names], None, None) if eight
-                         else (None, None, None))
-                try:
-                    table = native.moe_table(weights[:num_experts], weights[num_experts:],
-                                             *quant, biases)
-                except ValueError as e:  # a layout the call cannot read: the loop
-                    logger.info("experts through the model's loop: %s", e)
-                    table = None
-                tables[id(lw)] = (lw, table)
+            try:
+                table = native.moe_table(*_native_experts(lw, cfg))
+            except ValueError as e:  # a layout the call cannot read (act order, mixed): the loop
+                logger.info("experts through the model's loop: %s", e)
+                table = None
+            tables[id(lw)] = (lw, table)
         table = tables[id(lw)][1]
         return None if table is None else native.moe_experts(
             h, idx, top, table, (cfg.swiglu_limit, cfg.swiglu_alpha) if swiglu else None)

@@ -209,3 +209,29 @@ def test_grouped_experts_on_gpu(form):
     alone = moe.experts(h[:1].cuda(), idx[:1].cuda(), top[:1].cuda(), gate_up, down,
                         reference.silu_mul).cpu()
     assert torch.equal(alone, got[:1])
+
+
+def test_experts_of_mixed_forms_or_act_order_keep_the_loop():
+    """``backend.expert_tensors`` (what the native call and the grouped GEMM read) refuses a
+    layer whose experts differ in form (one int8, the rest plain) or whose 4-bit columns are
+    in act order; the backends then answer None (the model's loop)."""
+    from types import SimpleNamespace
+
+    from gpupool.kernels import backend
+
+    cfg = SimpleNamespace(num_experts=3, moe_bias=False, activation="silu")
+    lw = {f"experts.{e}.{p}_weight": torch.randn(64, 64) for e in range(3)
+          for p in ("gate_up", "down")}
+    assert [len(t) if t else t for t in backend.expert_tensors(lw, cfg, "down")] == [
+        3, None, None, None, None]
+    mixed = dict(lw)
+    q, s = quantize_rows(lw["experts.1.down_weight"], torch.float32)
+    mixed.update({"experts.1.down_weight": q, "experts.1.down_weight_scale": s})
+    with pytest.raises(ValueError, match="some experts' down have _scale"):
+        backend.expert_tensors(mixed, cfg, "down")
+    ordered = dict(lw, **{"experts.2.gate_up_weight_perm": torch.arange(64)})
+    with pytest.raises(ValueError, match="act order"):
+        backend.expert_tensors(ordered, cfg, "gate_up")
+    h, idx = torch.randn(2, 64), torch.tensor([[0, 1], [1, 2]])
+    for layer in (mixed, ordered):
+        assert backend.TritonOps().experts(None, h, layer, idx, torch.ones(2, 2), cfg) is None
