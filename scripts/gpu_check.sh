@@ -26,7 +26,7 @@ nvidia-smi -L 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 timeout "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rs -k "gpu or cuda" \
   tests/test_kernels_sgmv.py tests/test_kernels_attention.py tests/test_quant.py \
-  tests/test_prefetch.py 2>&1 | tee "$OUT/pytest.log"
+  tests/test_prefetch.py tests/test_int4.py tests/test_kernels_moe.py 2>&1 | tee "$OUT/pytest.log"
 timeout "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py \
   tests/test_kernels_fused.py 2>&1 | tee -a "$OUT/pytest.log"
 timeout "${2:-300}" python3 benchmarks/bench_gpu.py --out "$OUT/gpu.json" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$OUT/bench.log"
