@@ -14,7 +14,9 @@ folder. In one run:
                 prompts, 64 new tokens), and the step time as a multiple of the bound
                 (weight bytes / copy bandwidth);
   swap          switching the weight region between two models: the engine's copy against a
-                raw pinned host-to-device copy of the same bytes.
+                raw pinned host-to-device copy of the same bytes;
+  experts       a mixture layer's experts (Qwen3-30B-A3B's shape) through Triton's grouped
+                GEMMs (kernels/moe.py) against the loop over experts, and its bound.
 Prints one JSON object (also written to --out). Usage:
   python3 benchmarks/bench_gpu.py [--shape smollm2] [--out gpu.json] [--runs 3]
 """
@@ -99,6 +101,62 @@ def kernels(shape: dict) -> list[dict]:
                         "int8_vs_bf16": t_bf16 / t_int8,
                         "max_abs_err_vs_reference": float(err.max())})
             log("kernel", out[-1])
+    return out
+
+
+def experts(copy_gb_s: float, timer=None, device: str = "cuda",
+            shape=(2048, 768, 128, 8), row_counts=(1, 16, 256),
+            dtype=torch.bfloat16) -> list[dict]:
+    """A mixture layer's experts (Qwen3-30B-A3B's: hidden 2048, 768 wide, 128 experts, 8 a
+    token; bf16; the other arguments: a smoke run on CPU, interpreted, in float32): Triton's
+    grouped GEMMs (kernels/moe.py) against the model's loop of two
+    products a touched expert, per row count; the touched experts' bytes over the copy
+    bandwidth as the bound; the largest difference between the two in units of the output."""
+    from gpupool.kernels import moe, reference
+
+    timer = timer or cuda_ms
+    hidden, inter, num, k = shape
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the weights made on the device (1.2 GB in bf16)
+    slab = torch.randn(num * 3 * inter * hidden, device=device, dtype=dtype).div_(hidden**0.5)
+    per = 3 * inter * hidden
+    gate_up = [slab[e * per : e * per + 2 * inter * hidden].view(2 * inter, hidden)
+               for e in range(num)]
+    down = [slab[e * per + 2 * inter * hidden : (e + 1) * per].view(hidden, inter)
+            for e in range(num)]
+    products = moe.product(gate_up), moe.product(down)
+    act = reference.silu_mul
+    out = []
+    for rows in row_counts:
+        h = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
+        logits = torch.randn(rows, num, generator=g).to(device)
+        top, idx = torch.topk(torch.softmax(logits, -1), k)
+        top = top.to(dtype)
+
+        def loop(h=h, idx=idx, top=top):
+            order, at, place = reference.expert_order(idx)
+            xs, ws = h.index_select(0, at), top.reshape(-1).index_select(0, order)
+            parts, start = [], 0
+            for e, n in enumerate(torch.bincount(idx.reshape(-1), minlength=num).tolist()):
+                if n:
+                    y = act(torch.nn.functional.linear(xs[start : start + n], gate_up[e]))
+                    parts.append(torch.nn.functional.linear(y, down[e])
+                                 * ws[start : start + n, None])
+                    start += n
+            return reference.sum_in_expert_order(torch.cat(parts), at, place, tuple(idx.shape))
+
+        def grouped(h=h, idx=idx, top=top):
+            return moe.experts(h, idx, top, *products, act)
+
+        touched = int(torch.unique(idx).numel())
+        bound = touched * per * slab.element_size() / (copy_gb_s * 1e9)
+        t_loop, t_grouped = timer(loop), timer(grouped)
+        diff = (grouped().float() - loop().float()).abs().max() / loop().float().abs().max()
+        out.append({"rows": rows, "experts_touched": touched, "loop_ms": t_loop,
+                    "grouped_ms": t_grouped, "grouped_over_loop": t_loop / t_grouped,
+                    "bound_ms": bound * 1e3, "grouped_over_bound": t_grouped / (bound * 1e3),
+                    "max_rel_diff": float(diff)})
+        log("experts", out[-1])
     return out
 
 
@@ -305,6 +363,7 @@ def main() -> None:
     section("bandwidth", bandwidth)
     copy = result.get("bandwidth", {}).get("copy_read_gb_s", 4000.0)
     section("kernels", kernels, SHAPES[args.shape])
+    section("experts", experts, copy)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         section("parity", tiny_parity, tmp)
