@@ -340,6 +340,7 @@ class TritonOps(TorchOps):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self._moe = {}  # id(layer's dict) -> (it, its experts' two moe.Product or None)
+        self._moe_offsets = {}  # moe.product's offsets tensors, kept across binds (graphs)
 
     def bind(self, model) -> None:
         self._moe = {}
@@ -354,7 +355,8 @@ class TritonOps(TorchOps):
         tables = self._moe
         if id(lw) not in tables:
             try:
-                made = tuple(moe.product(*expert_tensors(lw, cfg, part))
+                made = tuple(moe.product(*expert_tensors(lw, cfg, part),
+                                         kept=self._moe_offsets)
                              for part in ("gate_up", "down"))
             except ValueError as e:  # a layout the kernel cannot read: the loop
                 logger.info("experts through the model's loop: %s", e)

@@ -45,8 +45,8 @@ PLAIN, INT8, INT4 = 0, 1, 2
 def _grouped_kernel(
     X, ROWS, PAIRS, BLOCKS, W, S, O, C, B, OFFS, Y,
     N, K, NG, G, E, sx_m, sw_n, sy_m,
-    FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CODE: tl.constexpr,
-    HAS_OFFSET: tl.constexpr, E8: tl.constexpr, IEEE: tl.constexpr,
+    FORMAT: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_CODE: tl.constexpr, HAS_OFFSET: tl.constexpr, E8: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pb = tl.program_id(0)
@@ -59,7 +59,10 @@ def _grouped_kernel(
     row = tl.load(ROWS + pair, mask=mmask, other=0).to(tl.int64)  # x's row of each pair
     n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    w = W + tl.load(OFFS + e)  # this expert's tensors: element offsets from each base
+    w_at = tl.load(OFFS + e)  # this expert's tensors: element offsets from each base
+    if ALIGNED:  # every expert's weight 16 elements apart from the base: vector loads
+        w_at = tl.multiple_of(w_at, 16)
+    w = W + w_at
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if FORMAT == 2:
         s = S + tl.load(OFFS + E + e)
@@ -114,6 +117,7 @@ class Product:
     bases: tuple
     offsets: torch.Tensor
     has: tuple  # (bias, code, offset, exponent-byte scales)
+    aligned: bool  # every weight's offset a multiple of 16 elements (a load hint)
     tensors: tuple  # every expert's, held: the offsets point into them
 
 
@@ -139,31 +143,44 @@ def _based(tensors: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, lis
     return base, offsets
 
 
-def product(weights, scales=None, goffsets=None, codes=None, biases=None) -> Product:
+def product(weights, scales=None, goffsets=None, codes=None, biases=None,
+            kept: dict | None = None) -> Product:
     """A product's kernel view of every expert's weight (and its scales, offsets,
-    codebooks and biases, lists or None). ValueError: a layout the kernel cannot read."""
+    codebooks and biases, lists or None). ValueError: a layout the kernel cannot read.
+    ``kept``: the offsets tensors made so far, by their values, to reuse (a captured CUDA
+    graph holds an offsets tensor's address: a model back in the same slab after a swap
+    keeps its graphs, and must find its offsets where they were)."""
     first = weights[0]
     if any(w.shape != first.shape or w.dim() != 2 or w.stride(-1) != 1 for w in weights):
         raise ValueError("the experts' weights are not matrices of one shape with unit "
                          "column strides")
     if any(w.stride(0) != first.stride(0) for w in weights):
         raise ValueError("the experts' weights have different row strides")
-    none = [None] * len(weights)
     fmt = PLAIN if scales is None else INT8 if first.dtype == torch.int8 else INT4
     n, k = first.shape[0], first.shape[1] * (2 if fmt == INT4 else 1)
-    groups = scales[0].shape[1] if fmt == INT4 else 0
+    groups = scales[0].shape[1] if fmt == INT4 and scales[0].dim() == 2 else 0
     if fmt == INT4 and (k % 32 or not groups or k % groups or (k // groups) % 32):
         raise ValueError("4-bit experts need groups of a multiple of 32 columns")
+    shapes = ((scales, (n, groups) if fmt == INT4 else (n,)), (goffsets, (n, groups)),
+              (codes, (16,)), (biases, (n,)))
+    for t, shape in shapes:
+        if t is not None and any(x is not None and (tuple(x.shape) != shape
+                                                    or not x.is_contiguous()
+                                                    or x.device != first.device) for x in t):
+            raise ValueError(f"an expert's scales, offsets, codebook or bias is not a "
+                             f"contiguous {shape} on {first.device}")
+    none = [None] * len(weights)
     parts = [_based(list(t) if t is not None else none)
              for t in (weights, scales, goffsets, codes, biases)]
-    for t in (scales, goffsets, codes):
-        if t is not None and any(not x.is_contiguous() for x in t if x is not None):
-            raise ValueError("the experts' scales, offsets or codebooks are not contiguous")
-    offsets = torch.tensor([p[1] for p in parts], dtype=torch.int64, device=first.device)
-    has = (biases is not None, codes is not None and codes[0] is not None,
-           goffsets is not None and goffsets[0] is not None,
-           scales is not None and scales[0].dtype == torch.uint8)
-    return Product(fmt, n, k, groups, tuple(p[0] for p in parts), offsets, has,
+    values = tuple(tuple(p[1]) for p in parts)
+    kept = {} if kept is None else kept
+    if (first.device, values) not in kept:
+        kept[first.device, values] = torch.tensor(values, dtype=torch.int64,
+                                                  device=first.device)
+    has = (parts[4][0] is not None, parts[3][0] is not None, parts[2][0] is not None,
+           parts[1][0] is not None and parts[1][0].dtype == torch.uint8)
+    return Product(fmt, n, k, groups, tuple(p[0] for p in parts), kept[first.device, values],
+                   has, all(o % 16 == 0 for o in values[0]),
                    (weights, scales, goffsets, codes, biases))
 
 
@@ -193,6 +210,8 @@ def blocks(idx: torch.Tensor, num_experts: int):
 def grouped(x: torch.Tensor, rows: torch.Tensor, pairs: torch.Tensor,
             block_experts: torch.Tensor, p: Product) -> torch.Tensor:
     """[pairs, N]: sorted pair i's row of ``x`` (``rows[i]``) times its expert's weight."""
+    if x.shape[-1] != p.k:
+        raise ValueError(f"x has {x.shape[-1]} columns, the experts' weights {p.k}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     total = rows.shape[0]
@@ -207,7 +226,8 @@ def grouped(x: torch.Tensor, rows: torch.Tensor, pairs: torch.Tensor,
         c if c is not None else w, b if b is not None else w, p.offsets, y,
         p.n, p.k, p.groups, p.k // p.groups if p.groups else 0, num_experts,
         x.stride(0), w.stride(0), y.stride(0),
-        FORMAT=p.fmt, HAS_BIAS=p.has[0], HAS_CODE=p.has[1], HAS_OFFSET=p.has[2], E8=p.has[3],
+        FORMAT=p.fmt, ALIGNED=p.aligned, HAS_BIAS=p.has[0], HAS_CODE=p.has[1],
+        HAS_OFFSET=p.has[2], E8=p.has[3],
         IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=4,
     )

@@ -216,10 +216,12 @@ class LlamaModel:
         outputs weighted (rounded to h's dtype) and added in float32 in ascending expert
         order from zero, rounded once (as transformers adds them in its dtype: the same in
         float32), each expert's rows through the step's products (row-invariant: a token's
-        sum is the same whatever shares its experts, and a backend's one call,
-        ``ops.experts``, gives the same bits). LoRA on the experts (``lora.experts``: a
-        step's adapter has some): each expert's rows get their adapters' terms after its
-        gate_up and its down product (``LoraBatch.apply_expert``), through this loop only."""
+        sum is the same whatever shares its experts). A backend may run them in one call,
+        ``ops.experts``: the native one gives this loop's bits; Triton's grouped GEMM its own,
+        row-invariant too (a step with expert LoRA takes this loop there: torch's products).
+        LoRA on the experts (``lora.experts``: a step's adapter has some): each expert's rows
+        get their adapters' terms after its gate_up and its down product
+        (``LoraBatch.apply_expert``), through this loop only."""
         ops, cfg = self.ops, self.cfg
         logits = ops.linear(plan, h, lw, "router_weight", lw.get("router_bias"))
         if cfg.router_topk_first:  # gpt-oss: the top logits' softmax, in h's dtype
@@ -271,7 +273,7 @@ class LlamaModel:
         output added to a float32 zero in that order as the general path does, without its
         sorts, gathers and scatters (a dozen small ops a layer fewer)."""
         ops = self.ops
-        acc = torch.zeros(h.shape, dtype=torch.float32)
+        acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for e, p in sorted(zip(idx[0].tolist(), range(idx.shape[1]))):
             gate_up = ops.linear(plan, h, lw, f"experts.{e}.gate_up_weight",
                                  lw.get(f"experts.{e}.gate_up_bias"))

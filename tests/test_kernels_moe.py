@@ -235,3 +235,28 @@ def test_experts_of_mixed_forms_or_act_order_keep_the_loop():
     h, idx = torch.randn(2, 64), torch.tensor([[0, 1], [1, 2]])
     for layer in (mixed, ordered):
         assert backend.TritonOps().experts(None, h, layer, idx, torch.ones(2, 2), cfg) is None
+
+
+def test_offsets_are_kept_by_value_and_absent_biases_add_nothing():
+    """A product remade for weights at the same places (a model back in the same slab)
+    reuses its offsets tensor, whose address a captured CUDA graph holds; every expert's
+    bias absent (a list of None) adds nothing rather than reading the weights as biases."""
+    from gpupool.kernels import moe
+
+    g = torch.Generator().manual_seed(5)
+    w = _slab([(H, INTER)] * E, torch.float32, g)
+    kept = {}
+    first, again = moe.product(w, kept=kept), moe.product(w, kept=kept)
+    assert first.offsets is again.offsets and len(kept) == 1
+    assert moe.product(w[::-1], kept=kept).offsets is not first.offsets
+    biased = moe.product(w, biases=[None] * E)
+    assert not biased.has[0]
+    x = torch.randn(6, INTER, generator=g)
+    idx = torch.randint(0, E, (6, 1), generator=g)
+    _, rows, _, pairs, experts = moe.blocks(idx, E)
+    assert torch.equal(moe.grouped(x, rows.to(torch.int32), pairs, experts, biased),
+                       moe.grouped(x, rows.to(torch.int32), pairs, experts, first))
+    with pytest.raises(ValueError, match="columns"):
+        moe.grouped(x[:, :32], rows.to(torch.int32), pairs, experts, first)
+    with pytest.raises(ValueError, match="contiguous"):
+        moe.product(w, biases=[torch.zeros(H + 1)] * E)
