@@ -252,10 +252,11 @@ class TorchOps:
         return self.act_mul(gate_up, cfg.activation)
 
     def experts(self, plan, h: torch.Tensor, lw, idx: torch.Tensor, top: torch.Tensor,
-                cfg) -> torch.Tensor | None:
+                cfg, lora=None, layer: int = 0) -> torch.Tensor | None:
         """A mixture-of-experts MLP's output for rows ``h`` (experts ``idx``, routing weights
         ``top``; ``cfg`` the model's) in one call, or None: the model runs its loop of
-        products (LlamaModel._experts), whose bits a backend's call must give."""
+        products (LlamaModel._experts). ``lora``: the step's LoraBatch where its adapters
+        have expert terms (at ``layer``), else None."""
         return None
 
     def _products(self):
@@ -345,12 +346,12 @@ class TritonOps(TorchOps):
     def bind(self, model) -> None:
         self._moe = {}
 
-    def experts(self, plan, h, lw, idx, top, cfg):
+    def experts(self, plan, h, lw, idx, top, cfg, lora=None, layer=0):
         # every expert's rows in one grouped GEMM a product (kernels.moe), not the loop's two
-        # products a touched expert
+        # products a touched expert; expert LoRA: the loop
         from gpupool.kernels import moe
 
-        if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if lora is not None or h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return None
         tables = self._moe
         if id(lw) not in tables:
@@ -548,12 +549,16 @@ class NativeOps(TorchOps):
     def final_norm(self, x, delta, weight, eps, batch):
         return batch.sampled_rows(self.add_norm(x, delta, weight, eps)[1])
 
-    def experts(self, plan, h, lw, idx, top, cfg):
+    def experts(self, plan, h, lw, idx, top, cfg, lora=None, layer=0):
         # bf16, 4-bit or int8 experts in one native call (their rows through the step's
         # products, their biases, SiLU or gpt-oss's SwiGLU as the ops here compute them): the
-        # loop's bits, without its ~40 ops a layer at batch 16
+        # loop's bits, without its ~40 ops a layer at batch 16; the adapters' expert terms in
+        # it too, as native.lora computes a projection's (the loop: torch's per row)
         if (not plan.gemv or cfg.activation not in ("silu", "swiglu_oai")
                 or h.dtype != torch.bfloat16):
+            return None
+        terms = None if lora is None else lora.native_experts(layer)
+        if lora is not None and terms is None:
             return None
         swiglu = cfg.activation == "swiglu_oai"
         tables = self._cache.experts  # per layer (its weights' dict, kept), until the next bind
@@ -566,7 +571,8 @@ class NativeOps(TorchOps):
             tables[id(lw)] = (lw, table)
         table = tables[id(lw)][1]
         return None if table is None else native.moe_experts(
-            h, idx, top, table, (cfg.swiglu_limit, cfg.swiglu_alpha) if swiglu else None)
+            h, idx, top, table, (cfg.swiglu_limit, cfg.swiglu_alpha) if swiglu else None,
+            terms)
 
     def linear(self, plan, x, w, name, bias=None):
         if not plan.gemv:

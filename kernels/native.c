@@ -2065,7 +2065,14 @@ void gp_gemv_int4(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
  * the native op; the weighting as torch's bf16 mul; NaN bit patterns aside), so a row's
  * output does not depend on its step: pairs (row, choice) sorted by expert, stable; every
  * touched expert's gate_up rows, then every down row, shared among the threads as one list
- * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter). */
+ * (three barriers a call, not three an expert). scratch: bf16, T k (2 H + 3 inter).
+ * LoRA on the experts (lora: NULL, or the step's terms, native.h's gp_lora_t, at layer; xl:
+ * the two expert groups, gate_up's then down's, each num_proj = E projections of one width
+ * widths[0], their ranks [E][S], proj_rank NULL where no adapter targets the group): each
+ * pair's row's adapter's terms of its expert, added into its gate_up (before the activation)
+ * and its down output (before the weighting) as gp_lora adds a projection's (the shrink's
+ * float32 sums, the expand's float32 sums in rank order, added and rounded once): row by
+ * row, so a row's bits do not depend on its step either. order: int64 [T k + 2 (E + 1) + T]. */
 #ifdef HAVE_GEMV_BF16
 /* every touched expert's rows of W (bf16 [N][K]; 4-bit [N][K / 2] with group scales and
  * offsets GS, GO [N][K / G] and the experts' codebook code (or NULL) when G > 0, x then as
@@ -2127,18 +2134,32 @@ static void moe_prepare(const uint16_t *x, int64_t M, int64_t K, int64_t G, void
 }
 #endif
 
+#ifdef HAVE_GEMV_BF16
+static void moe_lora(const uint16_t *x, int64_t K, uint16_t *y, int64_t W, const gp_lora_t *lora,
+                     int64_t layer, const gp_lora_group_t *grp, const int64_t *idx,
+                     const int64_t *order, int64_t k, int64_t P, const int64_t *row_seg);
+#endif
+
 int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const int64_t *idx,
                    const uint16_t *top, int64_t k, int64_t E, const int64_t *gate_up,
                    const int64_t *down, const int64_t *gs, const int64_t *go, int64_t group,
                    int e8, const float *code, const int64_t *bias, int act, float limit,
                    float alpha, int64_t inter, uint16_t *out, int64_t ldo, uint16_t *scratch, float *q4,
-                   int64_t *order, int threads) {
+                   int64_t *order, const gp_lora_t *lora, int64_t layer,
+                   const gp_lora_group_t *xl, int threads) {
     (void)threads;
 #ifdef HAVE_GEMV_BF16
 #ifndef HAVE_GEMV_INT8
     if (group < 0) return 1;  /* int8 experts: this build has no int8 product */
 #endif
     int64_t P = T * k, *start = order + P;  /* start [E + 1] after order [P] */
+    int64_t *row_seg = start + 2 * (E + 1);  /* [T]: each row's LoRA segment (-1: none) */
+    if (lora) {
+        for (int64_t t = 0; t < T; t++) row_seg[t] = -1;
+        for (int64_t s = 0; s < lora->num_segments; s++)
+            for (int64_t t = lora->starts[s]; t < lora->starts[s + 1] && t < T; t++)
+                if (t >= 0 && lora->seg_rank[s] > 0) row_seg[t] = s;
+    }
     for (int64_t e = 0; e <= E; e++) start[e] = 0;
     for (int64_t j = 0; j < P; j++) {
         if (idx[j] < 0 || idx[j] >= E || !gate_up[idx[j]] || !down[idx[j]]) return 1;
@@ -2173,6 +2194,8 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         moe_products(xs, H, gate_up, gs, go, group, e8, code, bias, xp1, xsum1, start, E,
                      2 * inter, gu);
         #pragma omp barrier
+        if (lora && xl[0].proj_rank)  /* the pairs' adapters' terms (a barrier after) */
+            moe_lora(xs, H, gu, 2 * inter, lora, layer, &xl[0], idx, order, k, P, row_seg);
         if (act)  /* gpt-oss's clamped SwiGLU; else SiLU x up (each loop ends in a barrier) */
             swiglu_oai_body(gu, 2 * inter, mid, inter, P, inter, limit, alpha);
         else
@@ -2181,6 +2204,8 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         moe_products(mid, inter, down, gs + E, go ? go + E : NULL, group, e8, code,
                      bias ? bias + E : NULL, xp2, xsum2, start, E, H, ys);
         #pragma omp barrier
+        if (lora && xl[1].proj_rank)
+            moe_lora(mid, inter, ys, H, lora, layer, &xl[1], idx, order, k, P, row_seg);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             float acc[MAX_DIM];
@@ -2200,7 +2225,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
     (void)h; (void)ldh; (void)T; (void)H; (void)idx; (void)top; (void)k; (void)E;
     (void)gate_up; (void)down; (void)gs; (void)go; (void)group; (void)e8; (void)code;
     (void)bias; (void)act; (void)limit; (void)alpha; (void)inter; (void)out;
-    (void)ldo; (void)scratch; (void)q4; (void)order;
+    (void)ldo; (void)scratch; (void)q4; (void)order; (void)lora; (void)layer; (void)xl;
     return 1;
 #endif
 }
@@ -2439,6 +2464,33 @@ void gp_lora(const uint16_t *x, int64_t ldx, int64_t K, uint16_t *out, int64_t l
     lora_body(x, ldx, K, out, ldo, lora, layer, (int)group, items, item_seg);
     free(item_seg);
 }
+
+#ifdef HAVE_GEMV_BF16
+/* the LoRA terms of one expert group for gp_moe_experts' pairs (sorted: pair s is x's row s,
+ * y's row s; its step row order[s] / k, its expert idx[order[s]]): the team shares the pairs,
+ * a barrier after */
+static void moe_lora(const uint16_t *x, int64_t K, uint16_t *y, int64_t W, const gp_lora_t *lora,
+                     int64_t layer, const gp_lora_group_t *grp, const int64_t *idx,
+                     const int64_t *order, int64_t k, int64_t P, const int64_t *row_seg) {
+    int64_t S = lora->num_segments;
+    #pragma omp for schedule(dynamic, 4)
+    for (int64_t s = 0; s < P; s++) {
+        int64_t seg = row_seg[order[s] / k], e = idx[order[s]];
+        if (seg < 0) continue;
+        int64_t r = lora->seg_rank[seg], rj = grp->proj_rank[e * S + seg];
+        if (rj <= 0) continue;
+        const uint16_t *arow[MAX_LORA_COLS / 3], *brow[MAX_LORA_COLS / 3];
+        float hs[MAX_LORA_COLS / 3];
+        for (int64_t i = 0; i < rj; i++) {  /* expert e's rank row i of A, of B transposed */
+            const uint8_t *piece = lora_piece(lora, seg, r, layer, i);
+            arow[i] = (const uint16_t *)(piece + grp->a_offset) + e * K;
+            brow[i] = (const uint16_t *)(piece + grp->bt_offset);
+        }
+        lora_shrink(arow, rj, x + s * K, K, 1, K, hs, rj);
+        lora_expand(brow, e * W, W, rj, hs, rj, 1, y + s * W, W);
+    }
+}
+#endif
 
 /* ---- a whole decode step's layers in one call ----------------------------------------------
  * For steps of a few decode rows: every layer of the model, in the order and with the kernels

@@ -84,7 +84,8 @@ _SIGNATURES = {
     "gp_gemv_int4": [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _int, _vp, _i64, _vp, _vp,
                      _vp, _i64, _int],
     "gp_moe_experts": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64,
-                       _int, _vp, _vp, _int, _f32, _f32, _i64, _vp, _i64, _vp, _vp, _vp, _int],
+                       _int, _vp, _vp, _int, _f32, _f32, _i64, _vp, _i64, _vp, _vp, _vp, _vp,
+                       _i64, _vp, _int],
     "gp_swiglu_oai": [_vp, _i64, _vp, _i64, _i64, _i64, _f32, _f32, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
@@ -491,14 +492,38 @@ def _one_code(codes: list, present: list[bool]) -> torch.Tensor | None:
     return first
 
 
+def moe_lora(table, layer: int, groups: list) -> tuple:
+    """:func:`moe_experts`' LoRA terms: the step's ``table`` (:func:`lora_table`: its segments
+    are the rows'), the layer, and per expert group (gate_up's, down's) None, or (A offset,
+    BT offset in bytes of the pieces' bf16 part, the one width of every expert's
+    projection, ranks int32 [E, S]): expert e's A rows at A offset + e K elements, its BT
+    columns from e width."""
+    _check_layer(table, layer, 0)
+    made = (LoraGroup * 2)()
+    for g, group in enumerate(groups):
+        if group is None:
+            continue
+        a_off, bt_off, width, ranks = group
+        check("proj_rank", ranks, torch.int32, 2, contiguous=True)
+        if ranks.shape[1] != table.num_segments or int(ranks.max()) > MAX_LORA_RANK:
+            raise ValueError(f"native: expert ranks must be [E, {table.num_segments}]")
+        made[g] = LoraGroup(a_offset=a_off, bt_offset=bt_off, num_proj=ranks.shape[0],
+                            widths=(ctypes.c_int64 * 3)(width, 0, 0),
+                            proj_rank=ranks.data_ptr())
+    return table, layer, made, groups
+
+
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: MoeTable,
-                swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+                swiglu: tuple[float, float] | None = None, lora: tuple | None = None
+                ) -> torch.Tensor:
     """A mixture-of-experts MLP's output for bf16 rows ``h`` [T, H] in one call (where
     :func:`has_gemv`): row t's experts ``idx[t]`` (int64 [T, k]), weighted by ``top[t]`` (bf16),
     added in float32 in ascending expert order and rounded once, the experts' weights in
     ``table`` (:func:`moe_table`). The bits of LlamaModel._experts' loop of :func:`gemv` and
     :func:`silu_mul` per expert (``swiglu`` (limit, alpha): :func:`swiglu_oai`'s, gpt-oss;
-    NaN bit patterns aside), whatever shares the call."""
+    NaN bit patterns aside), whatever shares the call. ``lora`` (:func:`moe_lora`'s): each
+    pair's adapter's expert terms added after its gate_up and its down product, as
+    :func:`lora` adds a projection's (row by row)."""
     check("h", h, torch.bfloat16, 2)
     check("idx", idx, torch.int64, 2, contiguous=True)
     check("top", top, torch.bfloat16, 2, contiguous=True)
@@ -517,7 +542,13 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: Mo
                          + 16, dtype=torch.float32)
     else:
         q4 = None
-    order = torch.empty(pairs + 2 * experts + 1, dtype=torch.int64)
+    order = torch.empty(pairs + 2 * experts + 2 + rows, dtype=torch.int64)
+    if lora is not None:
+        for part in lora[2]:
+            if part.proj_rank and part.num_proj != experts:
+                raise ValueError("native: moe_experts' LoRA names another number of experts")
+        if int(lora[0]._keep[0][-1]) != rows:  # the segments' starts [S + 1]
+            raise ValueError("native: moe_experts' LoRA segments do not cover its rows")
     out = torch.empty(rows, hidden, dtype=h.dtype)
     addr = table.addresses.data_ptr()
     if _lib().gp_moe_experts(h.data_ptr(), h.stride(0), rows, hidden, idx.data_ptr(),
@@ -526,7 +557,11 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: Mo
                              _p(table.code), _p(table.biases), int(swiglu is not None),
                              *(swiglu or (0.0, 0.0)), inter,
                              out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
-                             order.data_ptr(), torch.get_num_threads()):
+                             order.data_ptr(),
+                             None if lora is None else ctypes.addressof(lora[0]),
+                             0 if lora is None else lora[1],
+                             None if lora is None else ctypes.addressof(lora[2]),
+                             torch.get_num_threads()):
         raise ValueError("native: moe_experts chose an expert out of range or without weights")
     return out
 

@@ -220,8 +220,8 @@ class LlamaModel:
         ``ops.experts``: the native one gives this loop's bits; Triton's grouped GEMM its own,
         row-invariant too (a step with expert LoRA takes this loop there: torch's products).
         LoRA on the experts (``lora.experts``: a step's adapter has some): each expert's rows
-        get their adapters' terms after its gate_up and its down product
-        (``LoraBatch.apply_expert``), through this loop only."""
+        get their adapters' terms after its gate_up and its down product: in the native call
+        (``LoraBatch.native_experts``), else here (``LoraBatch.apply_expert``)."""
         ops, cfg = self.ops, self.cfg
         logits = ops.linear(plan, h, lw, "router_weight", lw.get("router_bias"))
         if cfg.router_topk_first:  # gpt-oss: the top logits' softmax, in h's dtype
@@ -234,12 +234,11 @@ class LlamaModel:
                 top = top / top.sum(dim=-1, keepdim=True)
         top = top.to(h.dtype)
         adapted = lora is not None and lora.experts
-        if not adapted:
-            fused = ops.experts(plan, h, lw, idx, top, cfg)
-            if fused is not None:
-                return fused
-            if h.shape[0] == 1:  # one row (batch-1 decode): no gathers, the same sums
-                return self._one_rows_experts(plan, h, lw, top, idx)
+        fused = ops.experts(plan, h, lw, idx, top, cfg, lora if adapted else None, layer)
+        if fused is not None:
+            return fused
+        if not adapted and h.shape[0] == 1:  # one row (batch-1 decode): the same sums
+            return self._one_rows_experts(plan, h, lw, top, idx)
         # the (row, choice) pairs grouped by expert (ascending; rows ascending within one):
         # one gather of the rows, each expert's rows a slice; each weighted output put at
         # its row's place k of its experts in ascending order, the k places added in order
