@@ -2241,20 +2241,39 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
  * the sum of the widths before it), added in float32 and rounded once (as torch adds a float32
  * delta into a bf16 tensor). The transposed B makes the expand a sum of r broadcast
  * multiply-adds over 16 consecutive columns, no reductions. */
+#ifndef HAVE_GEMV_BF16
 static inline float bf16_dot(const uint16_t *a, const uint16_t *b, int64_t K) {
     float acc = 0.0f;
     for (int64_t k = 0; k < K; k++) acc += bf2f(a[k]) * bf2f(b[k]);
     return acc;
 }
+#endif
 
 /* h[u * ldh + i] = A_i . x[u] for the R rows A_i = rows[i] and n rows of x (row stride ldx),
- * bf16 inputs, float32 sums: four rows of A at a time (four sums in flight, each x vector
+ * bf16 inputs, float32 sums. Where the bf16 product is built (AVX-512 BF16, or AVX2 + FMA
+ * emulating it) each sum is the product's stated one (16 lanes, a pair of a chunk of 32 a
+ * lane, odd then even, gemv_hsum's tree; under DAZ and FTZ), so the two builds give the same
+ * bits; AVX-512 BF16 takes four rows of A at a time (four sums in flight, each x vector
  * loaded once for four rows). The rows are read through their addresses (an adapter's rank
- * rows lie in pages, adapters/paged.py); each sum runs over K in one order whatever page a row
- * is in. */
+ * rows lie in pages, adapters/paged.py); each sum runs over K in one order whatever page a
+ * row is in. */
+#ifdef HAVE_GEMV_BF16
+static inline float stated_dot(const uint16_t *a, const uint16_t *x, int64_t K) {
+    gacc_t acc = gacc_zero();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) acc = gacc_dp(acc, gop_load(x + k), gop_load(a + k));
+    if (k < K) acc = gacc_dp(acc, gop_tail(x + k, K - k), gop_tail(a + k, K - k));
+    return gacc_sum(acc);
+}
+#endif
+
 static void lora_shrink(const uint16_t *const *rows, int64_t R, const uint16_t *x, int64_t ldx,
                         int64_t n, int64_t K, float *h, int64_t ldh) {
     int64_t i = 0;
+#ifdef HAVE_GEMV_BF16
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | MXCSR_DAZ_FTZ);
+#endif
 #ifdef __AVX512BF16__
     __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);
     for (; i + 4 <= R; i += 4) {
@@ -2278,15 +2297,21 @@ static void lora_shrink(const uint16_t *const *rows, int64_t R, const uint16_t *
                 s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_maskz_loadu_epi16(tail, a3 + k), xv);
             }
             float *hu = h + u * ldh + i;
-            hu[0] = _mm512_reduce_add_ps(s0);
-            hu[1] = _mm512_reduce_add_ps(s1);
-            hu[2] = _mm512_reduce_add_ps(s2);
-            hu[3] = _mm512_reduce_add_ps(s3);
+            hu[0] = gacc_sum(s0);
+            hu[1] = gacc_sum(s1);
+            hu[2] = gacc_sum(s2);
+            hu[3] = gacc_sum(s3);
         }
     }
 #endif
+#ifdef HAVE_GEMV_BF16
+    for (; i < R; i++)
+        for (int64_t u = 0; u < n; u++) h[u * ldh + i] = stated_dot(rows[i], x + u * ldx, K);
+    _mm_setcsr(csr);
+#else
     for (; i < R; i++)
         for (int64_t u = 0; u < n; u++) h[u * ldh + i] = bf16_dot(rows[i], x + u * ldx, K);
+#endif
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -2346,11 +2371,32 @@ static void lora_expand(const uint16_t *const *rows, int64_t c0, int64_t W, int6
             add_into_bf16x16(out + u * ldo + c, s0, mk);
         }
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (; c + 8 <= W; c += 8)  /* the same operations an element, on 8 lanes */
+        for (int64_t u = 0; u < n; u++) {
+            const float *hu = h + u * ldh;
+            __m256 s0 = _mm256_setzero_ps();
+            for (int64_t i = 0; i < r; i++) {
+                __m256i b = _mm256_cvtepu16_epi32(
+                    _mm_loadu_si128((const __m128i *)(rows[i] + c0 + c)));
+                s0 = _mm256_fmadd_ps(_mm256_set1_ps(hu[i]),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), s0);
+            }
+            float sum[8];
+            _mm256_storeu_ps(sum, s0);
+            uint16_t *o = out + u * ldo + c;
+            for (int j = 0; j < 8; j++) o[j] = f2bf(bf2f(o[j]) + sum[j]);
+        }
 #endif
-    for (; c < W; c++)
+    for (; c < W; c++)  /* each element: fma in rank order from 0, added and rounded once */
         for (int64_t u = 0; u < n; u++) {
             float acc = 0.0f;
-            for (int64_t i = 0; i < r; i++) acc += h[u * ldh + i] * bf2f(rows[i][c0 + c]);
+            for (int64_t i = 0; i < r; i++) {
+                acc = fmaf(h[u * ldh + i], bf2f(rows[i][c0 + c]), acc);
+#if defined(__x86_64__)
+                __asm__("" : "+x"(acc));  /* in rank order: -ffast-math may not reassociate */
+#endif
+            }
             uint16_t *o = out + u * ldo + c;
             *o = f2bf(bf2f(*o) + acc);
         }

@@ -397,3 +397,47 @@ def test_the_int8_product_gives_the_same_bits_in_every_build(tmp_path, monkeypat
                 assert torch.equal(*ys), (rows, k, n)
                 compared += 1
     assert compared == 50
+
+
+def _lora_case(k, width, rank, rows, g):
+    """One segment of ``rows`` rows on an adapter of ``rank`` targeting group o (one
+    projection of ``width`` columns) of one layer, its pieces bf16 in one page: the table
+    and the tensors it reads (kept alive by the caller)."""
+    piece = 2 * (k + width)  # A's row, then B's transposed row
+    memory = torch.zeros(1, piece * rank, dtype=torch.uint8)
+    values = memory.view(torch.bfloat16).view(rank, k + width)
+    values.copy_((torch.randn(rank, k + width, generator=g) / 8).to(torch.bfloat16))
+    values.view(torch.int16)[:, ::13] &= 0x807F  # denormal bf16 in A and B
+    i32 = torch.int32
+    zeros = [torch.zeros(p, 1, dtype=i32) for p in (3, 1, 2, 1)]
+    zeros[1] = torch.full((1, 1), rank, dtype=i32)
+    table = native.lora_table(torch.tensor([0, rows], dtype=i32), torch.tensor([rank], dtype=i32),
+                              torch.tensor([0, 1], dtype=i32), torch.tensor([0], dtype=i32),
+                              memory, piece, 0, [None, (0, 2 * k, [width]), None, None], zeros)
+    x = (torch.randn(rows, k, generator=g)).to(torch.bfloat16)
+    x.view(torch.int16)[:, ::17] &= 0x807F
+    out = (torch.randn(rows, width, generator=g)).to(torch.bfloat16)
+    return table, x, out, memory
+
+
+def test_the_avx2_lora_terms_are_bit_identical_to_the_avx512_ones(both_builds):
+    """gp_lora (the attention and MLP groups' adapter terms; the experts' use the same shrink
+    and expand): the AVX2 build's shrink sums in the bf16 products' stated order and its
+    expand in rank order as the AVX-512 one does, so a request on an adapter moves between
+    such workers exactly. Widths and K on both sides of the vector edges, ranks 1 to 16,
+    1 to 17 rows, denormal inputs."""
+    g = torch.Generator().manual_seed(11)
+    compared = 0
+    for k, width, rank, rows in ((576, 576, 8, 1), (64, 1536, 16, 5), (100, 75, 3, 17),
+                                 (33, 17, 1, 2), (576, 1536, 12, 9)):
+        table, x, base, memory = _lora_case(k, width, rank, rows, g)
+        outs = {}
+        for march, lib in both_builds.items():
+            out = base.clone()
+            lib.gp_lora(x.data_ptr(), x.stride(0), k, out.data_ptr(), out.stride(0),
+                        ctypes.addressof(table), 0, 1, 2)
+            outs[march] = out.view(torch.int16)
+        assert not torch.equal(outs["native"], base.view(torch.int16))  # terms were added
+        assert torch.equal(outs["x86-64-v3"], outs["native"]), (k, width, rank, rows)
+        compared += 1
+    assert compared == 5
