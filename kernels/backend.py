@@ -275,13 +275,22 @@ class TorchOps:
 
 
 class TritonOps(TorchOps):
-    """Triton's paged attention, SGMV and int8 products, and the fused small ops of
-    ``kernels/fused.py`` (add + RMSNorm, SiLU x up, RoPE + KV write); the rest in torch."""
+    """Triton's paged attention, SGMV, int8 and 4-bit products, a mixture's experts as two
+    grouped GEMMs (``kernels/moe.py``), and the fused small ops of ``kernels/fused.py`` (add +
+    RMSNorm, SiLU x up, RoPE + KV write); the rest in torch."""
 
     name = "triton"
     triton = True
     capture_safe = True
     windowed = True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._moe = {}  # id(layer's dict) -> (it, its experts' two moe.Product or None)
+        self._moe_offsets = {}  # moe.product's offsets tensors, kept across binds (graphs)
+
+    def bind(self, model) -> None:
+        self._moe = {}
 
     def add_norm(self, x, delta, weight, eps):
         from gpupool.kernels.fused import add_rmsnorm
@@ -337,14 +346,6 @@ class TritonOps(TorchOps):
         from gpupool.kernels.sgmv import sgmv_expand
 
         sgmv_expand(y, h, w, seg_starts, seg_slots, seg_ranks, seg_h_offsets)
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self._moe = {}  # id(layer's dict) -> (it, its experts' two moe.Product or None)
-        self._moe_offsets = {}  # moe.product's offsets tensors, kept across binds (graphs)
-
-    def bind(self, model) -> None:
-        self._moe = {}
 
     def experts(self, plan, h, lw, idx, top, cfg, lora=None, layer=0):
         # every expert's rows in one grouped GEMM a product (kernels.moe), not the loop's two
@@ -557,10 +558,6 @@ class NativeOps(TorchOps):
         if (not plan.gemv or cfg.activation not in ("silu", "swiglu_oai")
                 or h.dtype != torch.bfloat16):
             return None
-        terms = None if lora is None else lora.native_experts(layer)
-        if lora is not None and terms is None:
-            return None
-        swiglu = cfg.activation == "swiglu_oai"
         tables = self._cache.experts  # per layer (its weights' dict, kept), until the next bind
         if id(lw) not in tables:
             try:
@@ -570,9 +567,11 @@ class NativeOps(TorchOps):
                 table = None
             tables[id(lw)] = (lw, table)
         table = tables[id(lw)][1]
-        return None if table is None else native.moe_experts(
-            h, idx, top, table, (cfg.swiglu_limit, cfg.swiglu_alpha) if swiglu else None,
-            terms)
+        terms = None if lora is None or table is None else lora.native_experts(layer)
+        if table is None or (lora is not None and terms is None):
+            return None
+        swiglu = (cfg.swiglu_limit, cfg.swiglu_alpha) if cfg.activation == "swiglu_oai" else None
+        return native.moe_experts(h, idx, top, table, swiglu, terms)
 
     def linear(self, plan, x, w, name, bias=None):
         if not plan.gemv:
