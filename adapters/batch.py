@@ -179,11 +179,11 @@ class LoraBatch:
         """The step's LoRA terms for ``native.decode_layers`` (the fused path only)."""
         return self.native
 
-    def native_experts(self, layer: int):
-        """The step's expert terms at ``layer`` for the one native experts call
-        (``native.moe_lora``: the fused path's table, each expert group's offsets, width and
-        ranks [E, S]), or None where that path does not run them (no fused table; under
-        tensor parallelism the row-parallel down's shrink is summed over the ranks first)."""
+    def native_experts(self):
+        """The step's expert terms for the one native experts call (``native.moe_lora``: the
+        fused path's table, each expert group's offsets, fan-in, width and ranks [E, S]),
+        or None where that path does not run them (no fused table; under tensor
+        parallelism the row-parallel down's shrink is summed over the ranks first)."""
         if self.native is None or self.reduce is not None:
             return None
         if ("moe",) not in self._memo:  # once a step
@@ -198,9 +198,10 @@ class LoraBatch:
                     groups.append(None)
                     continue
                 a0, bt0 = lay.offsets[group]
-                groups.append((2 * a0, 2 * bt0, lay.widths[group][0], ranks))
-            self._memo["moe",] = groups
-        return native.moe_lora(self.native, layer, self._memo["moe",])
+                groups.append((2 * a0, 2 * bt0, lay.fan_in[group], lay.widths[group][0],
+                               ranks))
+            self._memo["moe",] = native.moe_lora(self.native, groups)
+        return self._memo["moe",]
 
     def apply_expert(self, layer: int, group: str, expert: int, rows: torch.Tensor,
                      x: torch.Tensor, out: torch.Tensor) -> None:

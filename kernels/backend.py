@@ -567,11 +567,11 @@ class NativeOps(TorchOps):
                 table = None
             tables[id(lw)] = (lw, table)
         table = tables[id(lw)][1]
-        terms = None if lora is None or table is None else lora.native_experts(layer)
+        terms = None if lora is None or table is None else lora.native_experts()
         if table is None or (lora is not None and terms is None):
             return None
         swiglu = (cfg.swiglu_limit, cfg.swiglu_alpha) if cfg.activation == "swiglu_oai" else None
-        return native.moe_experts(h, idx, top, table, swiglu, terms)
+        return native.moe_experts(h, idx, top, table, swiglu, terms, layer)
 
     def linear(self, plan, x, w, name, bias=None):
         if not plan.gemv:

@@ -2194,7 +2194,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         moe_products(xs, H, gate_up, gs, go, group, e8, code, bias, xp1, xsum1, start, E,
                      2 * inter, gu);
         #pragma omp barrier
-        if (lora && xl[0].proj_rank)  /* the pairs' adapters' terms (a barrier after) */
+        if (lora && xl && xl[0].proj_rank)  /* the pairs' adapters' terms (a barrier after) */
             moe_lora(xs, H, gu, 2 * inter, lora, layer, &xl[0], idx, order, k, P, row_seg);
         if (act)  /* gpt-oss's clamped SwiGLU; else SiLU x up (each loop ends in a barrier) */
             swiglu_oai_body(gu, 2 * inter, mid, inter, P, inter, limit, alpha);
@@ -2204,7 +2204,7 @@ int gp_moe_experts(const uint16_t *h, int64_t ldh, int64_t T, int64_t H, const i
         moe_products(mid, inter, down, gs + E, go ? go + E : NULL, group, e8, code,
                      bias ? bias + E : NULL, xp2, xsum2, start, E, H, ys);
         #pragma omp barrier
-        if (lora && xl[1].proj_rank)
+        if (lora && xl && xl[1].proj_rank)
             moe_lora(mid, inter, ys, H, lora, layer, &xl[1], idx, order, k, P, row_seg);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {

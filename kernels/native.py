@@ -492,38 +492,37 @@ def _one_code(codes: list, present: list[bool]) -> torch.Tensor | None:
     return first
 
 
-def moe_lora(table, layer: int, groups: list) -> tuple:
+def moe_lora(table, groups: list) -> tuple:
     """:func:`moe_experts`' LoRA terms: the step's ``table`` (:func:`lora_table`: its segments
-    are the rows'), the layer, and per expert group (gate_up's, down's) None, or (A offset,
-    BT offset in bytes of the pieces' bf16 part, the one width of every expert's
+    are the rows') and per expert group (gate_up's, down's) None, or (A offset, BT offset in
+    bytes of the pieces' bf16 part, the fan-in K and the one width of every expert's
     projection, ranks int32 [E, S]): expert e's A rows at A offset + e K elements, its BT
-    columns from e width."""
-    _check_layer(table, layer, 0)
+    columns from e width. Made once a step: the layer is :func:`moe_experts`' argument."""
     made = (LoraGroup * 2)()
     for g, group in enumerate(groups):
         if group is None:
             continue
-        a_off, bt_off, width, ranks = group
+        a_off, bt_off, _, width, ranks = group
         check("proj_rank", ranks, torch.int32, 2, contiguous=True)
         if ranks.shape[1] != table.num_segments or int(ranks.max()) > MAX_LORA_RANK:
             raise ValueError(f"native: expert ranks must be [E, {table.num_segments}]")
         made[g] = LoraGroup(a_offset=a_off, bt_offset=bt_off, num_proj=ranks.shape[0],
                             widths=(ctypes.c_int64 * 3)(width, 0, 0),
                             proj_rank=ranks.data_ptr())
-    return table, layer, made, groups
+    return table, made, groups
 
 
 def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: MoeTable,
-                swiglu: tuple[float, float] | None = None, lora: tuple | None = None
-                ) -> torch.Tensor:
+                swiglu: tuple[float, float] | None = None, lora: tuple | None = None,
+                layer: int = 0) -> torch.Tensor:
     """A mixture-of-experts MLP's output for bf16 rows ``h`` [T, H] in one call (where
     :func:`has_gemv`): row t's experts ``idx[t]`` (int64 [T, k]), weighted by ``top[t]`` (bf16),
     added in float32 in ascending expert order and rounded once, the experts' weights in
     ``table`` (:func:`moe_table`). The bits of LlamaModel._experts' loop of :func:`gemv` and
     :func:`silu_mul` per expert (``swiglu`` (limit, alpha): :func:`swiglu_oai`'s, gpt-oss;
     NaN bit patterns aside), whatever shares the call. ``lora`` (:func:`moe_lora`'s): each
-    pair's adapter's expert terms added after its gate_up and its down product, as
-    :func:`lora` adds a projection's (row by row)."""
+    pair's adapter's expert terms at ``layer`` added after its gate_up and its down product,
+    as :func:`lora` adds a projection's (row by row)."""
     check("h", h, torch.bfloat16, 2)
     check("idx", idx, torch.int64, 2, contiguous=True)
     check("top", top, torch.bfloat16, 2, contiguous=True)
@@ -544,9 +543,10 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: Mo
         q4 = None
     order = torch.empty(pairs + 2 * experts + 2 + rows, dtype=torch.int64)
     if lora is not None:
-        for part in lora[2]:
-            if part.proj_rank and part.num_proj != experts:
-                raise ValueError("native: moe_experts' LoRA names another number of experts")
+        _check_layer(lora[0], layer, 0)
+        for part, sizes in zip(lora[2], ((hidden, 2 * inter), (inter, hidden))):
+            if part is not None and (part[2:4] != sizes or part[4].shape[0] != experts):
+                raise ValueError("native: moe_experts' LoRA names other experts or sizes")
         if int(lora[0]._keep[0][-1]) != rows:  # the segments' starts [S + 1]
             raise ValueError("native: moe_experts' LoRA segments do not cover its rows")
     out = torch.empty(rows, hidden, dtype=h.dtype)
@@ -558,9 +558,8 @@ def moe_experts(h: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, table: Mo
                              *(swiglu or (0.0, 0.0)), inter,
                              out.data_ptr(), hidden, scratch.data_ptr(), _p(q4),
                              order.data_ptr(),
-                             None if lora is None else ctypes.addressof(lora[0]),
-                             0 if lora is None else lora[1],
-                             None if lora is None else ctypes.addressof(lora[2]),
+                             None if lora is None else ctypes.addressof(lora[0]), layer,
+                             None if lora is None else ctypes.addressof(lora[1]),
                              torch.get_num_threads()):
         raise ValueError("native: moe_experts chose an expert out of range or without weights")
     return out

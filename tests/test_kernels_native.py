@@ -201,6 +201,99 @@ def test_the_experts_call_gives_the_loops_bits_whatever_shares_it(hidden, inter,
         native.moe_experts(h[:1], bad, top[:1], table)
 
 
+def moe_lora_case(hidden, inter, experts, k, layers, layer, segments, seed=0):
+    """A mixture layer's experts (bf16) and a step's expert LoRA terms as the native call
+    reads them, built by hand: ``segments`` (rows, rank, experts whose gate_up the adapter
+    targets, experts whose down it targets), one page of pieces a segment, each piece a rank
+    row of one layer: [A gate_up E x H | BT gate_up E x 2I | A down E x I | BT down E x H].
+    Returns (h, idx, top, moe table, terms, the tensors a reference reads)."""
+    g = torch.Generator().manual_seed(seed)
+    i32, num = torch.int32, len(segments)
+    starts = [0]
+    for rows, *_ in segments:
+        starts.append(starts[-1] + rows)
+    h_, i_ = hidden, inter
+    a_gu, bt_gu = 0, experts * h_
+    a_d, bt_d = bt_gu + experts * 2 * i_, bt_gu + experts * 2 * i_ + experts * i_
+    elems = bt_d + experts * h_
+    per_page = layers * max(1, max(s[1] for s in segments))
+    memory = torch.zeros(num, per_page * 2 * elems, dtype=torch.uint8)
+    values = memory.view(BF).view(num, per_page, elems)
+    values.copy_((torch.randn(num, per_page, elems, generator=g) / 4).to(BF))
+    ranks = [torch.zeros(experts, num, dtype=i32) for _ in range(2)]
+    for j, (_, r, gate_ups, downs) in enumerate(segments):
+        for part, chosen in enumerate((gate_ups, downs)):
+            for e in chosen:
+                ranks[part][e, j] = r
+    table = native.lora_table(torch.tensor(starts, dtype=i32),
+                              torch.tensor([s[1] for s in segments], dtype=i32),
+                              torch.arange(num + 1, dtype=i32), torch.arange(num, dtype=i32),
+                              memory, 2 * elems, 0, [None] * 4,
+                              [torch.zeros(p, num, dtype=i32) for p in (3, 1, 2, 1)], layers)
+    offsets = [(2 * a_gu, 2 * bt_gu, h_, 2 * i_), (2 * a_d, 2 * bt_d, i_, h_)]
+    terms = native.moe_lora(table, [(*o, r) for o, r in zip(offsets, ranks)])
+    gate_up = [(torch.randn(2 * i_, h_, generator=g) / h_**0.5).to(BF) for _ in range(experts)]
+    down = [(torch.randn(h_, i_, generator=g) / i_**0.5).to(BF) for _ in range(experts)]
+    rows = starts[-1]
+    h = torch.randn(rows, h_, generator=g).to(BF)
+    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(rows)])
+    top = torch.softmax(torch.randn(rows, k, generator=g), -1).to(BF)
+    parts = (values, ranks, (a_gu, bt_gu, a_d, bt_d), gate_up, down, (memory, elems, offsets))
+    return h, idx, top, native.moe_table(gate_up, down), terms, parts
+
+
+def test_the_experts_call_adds_each_rows_expert_lora_terms():
+    """native.moe_experts with a step's expert LoRA (segments of ranks 1 to 16 on one layer
+    of two, an adapter on both groups, on down only, on some experts, a row without an
+    adapter): against float64 terms on the call's own base products, within bf16's rounding
+    of the sum; rows without terms bit for bit the call without LoRA; each row alone its
+    bits in the step."""
+    if not native.has_gemv():
+        pytest.skip("this build has no bf16 product")
+    hidden, inter, experts, k, layer = 96, 48, 6, 2, 1
+    segments = [(2, 5, range(6), range(6)), (1, 0, (), ()), (3, 8, (), range(6)),
+                (1, 1, (0, 2), ()), (4, 16, range(6), (1, 3))]
+    h, idx, top, table, terms, parts = moe_lora_case(hidden, inter, experts, k, 2, layer,
+                                                     segments)
+    values, ranks, (a_gu, bt_gu, a_d, bt_d), gate_up, down, (memory, elems, offsets) = parts
+    got = native.moe_experts(h, idx, top, table, None, terms, layer)
+    base = native.moe_experts(h, idx, top, table)
+    seg_of = [j for j, s in enumerate(segments) for _ in range(s[0])]
+    for t in range(h.shape[0]):
+        j, r = seg_of[t], segments[seg_of[t]][1]
+        rows = values[j, layer * r : (layer + 1) * r].double()
+        acc = torch.zeros(hidden, dtype=torch.float64)
+        for e, c in sorted(zip(idx[t].tolist(), range(k))):
+            gu = native.gemv(h[t : t + 1], gate_up[e]).double()[0]
+            if ranks[0][e, j]:
+                a = rows[:, a_gu + e * hidden : a_gu + (e + 1) * hidden]
+                gu = gu + (a @ h[t].double()) @ rows[:, bt_gu + e * 2 * inter :
+                                                     bt_gu + (e + 1) * 2 * inter]
+            mid = native.silu_mul(gu.to(BF)[None])
+            y = native.gemv(mid, down[e]).double()[0]
+            if ranks[1][e, j]:
+                a = rows[:, a_d + e * inter : a_d + (e + 1) * inter]
+                y = y + (a @ mid[0].double()) @ rows[:, bt_d + e * hidden : bt_d + (e + 1) * hidden]
+            acc += y * top[t, c].double()
+        assert (got[t].double() - acc).abs().max() <= 0.02 * acc.abs().max() + 1e-3, t
+        touched = any(int(ranks[p][e, j]) for p in (0, 1) for e in idx[t].tolist())
+        assert touched or torch.equal(got[t].view(torch.int16), base[t].view(torch.int16)), t
+    assert not torch.equal(got, base)
+    i32 = torch.int32
+    for t in range(h.shape[0]):  # alone: a step of its one row, its segment's page
+        j = seg_of[t]
+        one = native.lora_table(torch.tensor([0, 1], dtype=i32),
+                                torch.tensor([segments[j][1]], dtype=i32),
+                                torch.tensor([0, 1], dtype=i32), torch.tensor([j], dtype=i32),
+                                memory, 2 * elems, 0, [None] * 4,
+                                [torch.zeros(p, 1, dtype=i32) for p in (3, 1, 2, 1)], 2)
+        mine = native.moe_lora(one, [(*o, r[:, j : j + 1].contiguous())
+                                     for o, r in zip(offsets, ranks)])
+        alone = native.moe_experts(h[t : t + 1], idx[t : t + 1], top[t : t + 1], table, None,
+                                   mine, layer)
+        assert torch.equal(alone.view(torch.int16), got[t : t + 1].view(torch.int16)), t
+
+
 def test_the_experts_call_on_int8_experts_gives_the_loops_bits():
     """int8 experts (row scales in bf16, as the loader stores them) in one call: the stated
     sums computed expert by expert through native.gemv_int8, bit for bit, 1 to 21 rows."""

@@ -441,3 +441,19 @@ def test_the_avx2_lora_terms_are_bit_identical_to_the_avx512_ones(both_builds):
         assert torch.equal(outs["x86-64-v3"], outs["native"]), (k, width, rank, rows)
         compared += 1
     assert compared == 5
+
+
+def test_the_experts_call_with_lora_gives_the_same_bits_in_both_builds(both_builds,
+                                                                       monkeypatch):
+    """native.moe_experts with expert LoRA terms (gp_moe_experts' products, activation and
+    each pair's terms) in the AVX2 build and the AVX-512 BF16 one: the same bits."""
+    from tests.test_kernels_native import moe_lora_case
+
+    segments = [(2, 5, range(6), range(6)), (1, 0, (), ()), (3, 8, (), range(6)),
+                (4, 16, range(6), (1, 3))]
+    h, idx, top, table, terms, _ = moe_lora_case(96, 48, 6, 2, 2, 1, segments, seed=3)
+    outs = {}
+    for march, lib in both_builds.items():
+        monkeypatch.setitem(native._STATE, "lib", lib)
+        outs[march] = native.moe_experts(h, idx, top, table, None, terms, 1).view(torch.int16)
+    assert torch.equal(outs["x86-64-v3"], outs["native"])
