@@ -23,6 +23,10 @@ tokens (greedy) at once, on the native kernels, in a KV pool of 3 requests' whol
 pages behind every layer's window released (this change) against every page kept (the
 scheduler told the model has no window: the same kernels and bits). Timed: the whole run's
 tokens/s; counted: preemptions, the most requests running at once, pages released.
+``--kv --models gemma3``: the same for the Gemma 3 shape (5 windowed layers of 6, a window
+of 512, prompts of 3000 tokens): its windowed layers' pages, a KV group of their own,
+released behind the window, against the same groups with a window no block is ever behind
+(every page kept, as when one page list held all layers).
 --mxfp4: a wider gpt-oss (hidden 1024, 12 layers, 32 experts of 1024, 2 a token) with its
 experts as gpt-oss ships them (MXFP4: e2m1 codes, a power-of-two scale per 32; quantized
 from the random bf16 weights) against the same values stored bf16, both on the native
@@ -31,7 +35,7 @@ kernels: the weights' bytes, time to first token and decode tokens/s as above (M
 with its experts run as the model's loop of products (``mxfp4_loop``: gpt-oss's path before
 its biases and clamped SwiGLU went into the one native experts call).
 Usage: python3 benchmarks/bench_families.py [--json] [--rounds 3] [--models gemma3,mistral]
-       python3 benchmarks/bench_families.py --kv [--json] [--rounds 3]
+       python3 benchmarks/bench_families.py --kv [--json] [--rounds 3] [--models gemma3]
        python3 benchmarks/bench_families.py --mxfp4 [--json] [--rounds 3]
 """
 
@@ -181,23 +185,27 @@ def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
         engine.shutdown()
 
 
-KV_PROMPT, KV_NEW = 1000, 96  # --kv's requests: far past the window of 256
+# --kv's requests (prompt, new tokens): far past the windows (256; Gemma 3's 512)
+KV_LENGTHS = {"mistral": (1000, 96), "gemma3": (3000, 96)}
 
 
-def _measure_kv(folder: Path, release: bool, threads: int) -> dict[str, float]:
+def _measure_kv(folder: Path, kind: str, release: bool, threads: int) -> dict[str, float]:
     from gpupool.models.config import ModelConfig
 
     cfg = ModelConfig.from_folder(folder)
     per_token = cfg.kv_bytes_per_token(2)
+    prompt, new = KV_LENGTHS[kind]
     engine = Engine(device="cpu", dtype="bfloat16", threads=threads,
                     enable_prefix_caching=False,
-                    kv_cache_bytes=3 * (KV_PROMPT + KV_NEW) * per_token)
+                    kv_cache_bytes=3 * (prompt + new) * per_token)
     try:
         engine.add_model("m", str(folder))
         engine.generate(_prompts(1, 64, 0), SamplingParams(max_tokens=1, temperature=0))
         scheduler = engine.local.core.scheduler
         if not release:
             scheduler.windows["m"] = 0
+            if "m" in scheduler.window_groups:  # a window no block is ever behind
+                scheduler.window_groups["m"] = (scheduler.window_groups["m"][0], 1 << 30)
         most, step = 0, scheduler.schedule
 
         def counting(now=None):  # the most sequences running at once
@@ -208,11 +216,11 @@ def _measure_kv(folder: Path, release: bool, threads: int) -> dict[str, float]:
 
         scheduler.schedule = counting
         before = (scheduler.num_preemptions, scheduler.num_released_pages)
-        params = SamplingParams(max_tokens=KV_NEW, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
         start = time.perf_counter()
-        engine.generate(_prompts(12, KV_PROMPT, 7), params)
+        engine.generate(_prompts(12, prompt, 7), params)
         seconds = time.perf_counter() - start
-        return {"tok_s": 12 * KV_NEW / seconds,
+        return {"tok_s": 12 * new / seconds,
                 "preemptions": scheduler.num_preemptions - before[0], "most_running": most,
                 "released_pages": scheduler.num_released_pages - before[1]}
     finally:
@@ -220,13 +228,15 @@ def _measure_kv(folder: Path, release: bool, threads: int) -> dict[str, float]:
 
 
 def main_kv(args, threads: int) -> None:
-    folder = _make(default_home() / "bench-families" / "mistral", "mistral")
+    kind = args.models if args.models in KV_LENGTHS else "mistral"
+    folder = _make(default_home() / "bench-families" / kind, kind)
     runs: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for mode in ("released", "kept"):
-            for key, value in _measure_kv(folder, mode == "released", threads).items():
+            for key, value in _measure_kv(folder, kind, mode == "released", threads).items():
                 runs.setdefault(mode, {}).setdefault(key, []).append(value)
-    result: dict = {"cpu": cpu_flags(), "threads": threads, "rounds": args.rounds}
+    result: dict = {"cpu": cpu_flags(), "threads": threads, "rounds": args.rounds,
+                    "model": kind, "prompt_new_tokens": KV_LENGTHS[kind]}
     for mode, got in runs.items():
         result[mode] = {k: [round(statistics.median(v), 1), round(min(v), 1),
                             round(max(v), 1)] for k, v in got.items()}

@@ -38,7 +38,6 @@ from gpupool import Engine, SamplingParams  # noqa: E402
 from gpupool.config import default_home  # noqa: E402
 from gpupool.default_model import ensure_default_model  # noqa: E402
 from gpupool.models.batch import BatchRow  # noqa: E402
-from gpupool.models.runner import build_batch  # noqa: E402
 
 NEW_TOKENS = 48
 LLAMA_CPP_PPL_DELTA = {"q4_0": 0.4685 / 6.23, "q4_k_m": 0.1754 / 6.23, "q8_0": 0.0026 / 6.23}
@@ -61,18 +60,28 @@ TEXT = (
 )
 
 
+def _pages(engine: Engine, worker, n: int) -> tuple[list[int], list[int] | None]:
+    """Pages for ``n`` tokens: the model's, and its windowed layers' where they are a KV
+    group of their own (else None)."""
+    pool = engine.local.kv.pages
+    pages = pool.allocate(-(-n // worker.block_tokens))
+    group = worker.window_group
+    return pages, pool.allocate(-(-n // group[0])) if group else None
+
+
 def perplexity(engine: Engine, ids: list[int]) -> float:
     """exp(mean negative log-likelihood) of ``ids[1:]`` given the prefix, one forward pass."""
     worker = engine.local.core.workers["m"]
     worker.make_resident()
-    pages = engine.local.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
+    pages, window = _pages(engine, worker, len(ids))
     try:
-        row = BatchRow(token_ids=ids, start=0, pages=pages, is_decode=False, samples=True)
-        batch = build_batch([row], worker.block_tokens, worker.device)
+        row = BatchRow(token_ids=ids, start=0, pages=pages, is_decode=False, samples=True,
+                       window_pages=window)
+        batch = worker.batch([row])
         batch = dataclasses.replace(batch, logits_indices=torch.arange(len(ids) - 1))
         logits = worker.model.forward(batch, worker.kv_view)
     finally:
-        engine.local.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages + (window or []))
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
     return math.exp(float(nll))
 
@@ -81,16 +90,15 @@ def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     """The logits after each token of ``ids``, fed one token a step as decode rows."""
     worker = engine.local.core.workers["m"]
     worker.make_resident()
-    pages = engine.local.kv.pages.allocate(-(-len(ids) // worker.block_tokens))
+    pages, window = _pages(engine, worker, len(ids))
     try:
         out = []
         for p, token in enumerate(ids):
             row = BatchRow(token_ids=[token], start=p, pages=pages, is_decode=p > 0,
-                           samples=True)
-            batch = build_batch([row], worker.block_tokens, worker.device)
-            out.append(worker.model.forward(batch, worker.kv_view))
+                           samples=True, window_pages=window)
+            out.append(worker.model.forward(worker.batch([row]), worker.kv_view))
     finally:
-        engine.local.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages + (window or []))
     return torch.cat(out)
 
 

@@ -29,7 +29,7 @@ def check_request(registry: ModelRegistry, pages: PagePool, req: EngineRequest) 
         adapter_pages = worker.adapter_pages.pages_needed(adapter)
     room = max(0, pages.num_pages - adapter_pages)
     if registry.scheduler.peak_pages(base, total) > room:  # (a windowed model's: its window)
-        capacity = room * worker.block_tokens
+        capacity = registry.scheduler.max_tokens(base, room, total)
         raise RequestError(
             f"request needs up to {total} tokens of KV cache, but the pool holds "
             f"{capacity} tokens of model {req.model!r}; lower max_tokens or the prompt")

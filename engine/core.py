@@ -296,5 +296,6 @@ def batch_rows(out: SchedulerOutput) -> list[BatchRow]:
                                  seq.params.prompt_logprobs is not None
                                  and start < seq.num_prompt_tokens - 1)),
                              hidden=seq.params.pooling is not None,
-                             rope_long=seq.long_rope))
+                             rope_long=seq.long_rope,
+                             window_pages=seq.window_block_table or None))
     return rows

@@ -13,17 +13,26 @@ def check(core) -> None:
     are full; cached pages belong to loaded models and adapters; host pages, adapter counts
     and each model's slots agree with the requests."""
     requests = core.requests.values()
-    holders = Counter(p for tr in requests for p in tr.seq.pages)
+    holders = Counter(p for tr in requests for p in tr.seq.pages + tr.seq.window_pages)
     core.pages.check_integrity(dict(holders))  # shared prefix pages: one count per holder
+    scheduler = core.scheduler
     for tr in requests:
         seq = tr.seq
-        assert len(seq.pages) == len(set(seq.pages)), "a sequence lists a page twice"
-        bt, dropped = core.scheduler.block_tokens[seq.model], seq.num_dropped_pages
-        assert dropped <= core.scheduler.dead_blocks(seq, seq.num_computed_tokens), (
-            "a page in a layer's window was released")
-        for i, p in enumerate(seq.pages[: max(0, seq.num_indexed_pages - dropped)], dropped):
-            if core.pages.is_indexed(p) and holders[p] > 1:  # shared: a full page
-                assert (i + 1) * bt <= seq.num_computed_tokens, "a shared page is partial"
+        held = seq.pages + seq.window_pages
+        assert len(held) == len(set(held)), "a sequence lists a page twice"
+        group = scheduler.window_groups.get(seq.model)
+        assert group is not None or not (seq.window_pages or seq.host_window_pages), (
+            "windowed layers' pages of a model without their group")
+        for pages, bt, dropped, indexed, dead in (
+                (seq.pages, scheduler.block_tokens[seq.model], seq.num_dropped_pages,
+                 seq.num_indexed_pages, scheduler.dead_blocks(seq, seq.num_computed_tokens)),
+                (seq.window_pages, group[0] if group else 1, seq.num_dropped_window_pages,
+                 seq.num_indexed_window_pages,
+                 scheduler.dead_window_blocks(seq, seq.num_computed_tokens))):
+            assert dropped <= dead, "a page in a layer's window was released"
+            for i, p in enumerate(pages[: max(0, indexed - dropped)], dropped):
+                if core.pages.is_indexed(p) and holders[p] > 1:  # shared: a full page
+                    assert (i + 1) * bt <= seq.num_computed_tokens, "a shared page is partial"
     for entry in core.pages.entries():
         assert entry.model in core.workers, f"cached pages of removed model {entry.model}"
         assert entry.adapter is None or entry.adapter in core.adapters.refs, (
@@ -53,7 +62,8 @@ def check(core) -> None:
 
 
 def _check_host_pages(core) -> None:
-    host = [p for tr in core.requests.values() for p in tr.seq.host_pages]
+    host = [p for tr in core.requests.values()
+            for p in tr.seq.host_pages + tr.seq.host_window_pages]
     if core.scheduler.host_pages is not None:
         core.scheduler.host_pages.check_integrity()
         assert len(host) == len(set(host)) == core.scheduler.host_pages.num_used_pages

@@ -308,7 +308,7 @@ class LocalEngine:
         slo = self.core.scheduler.policy.slo(base)
         limit = worker.cfg.max_model_len
         if self.core.scheduler.peak_pages(base, limit) > self.kv.pages.num_pages:
-            limit = min(limit, self.kv.pages.num_pages * worker.block_tokens)
+            limit = self.core.scheduler.max_tokens(base, self.kv.pages.num_pages, limit)
         return ModelInfo(name, base, adapter, str(worker.folder), worker.cfg.vocab_size,
                          limit, tuple(worker.eos_token_ids), slo.ttft_ms, slo.tbt_ms)
 
@@ -421,7 +421,8 @@ class LocalEngine:
             "resident_adapters": list(paged.resident) if paged is not None else [],
             "host_adapters": list(paged.host) if paged is not None else [],
             # the most tokens one request of this model can hold in the KV pool
-            "kv_capacity_tokens": self.kv.pages.num_pages * worker.block_tokens,
+            "kv_capacity_tokens": sched.max_tokens(name, self.kv.pages.num_pages,
+                                                   self.kv.pages.num_pages * worker.block_tokens),
         }
 
     def abort(self, request_id: str) -> None:

@@ -34,7 +34,8 @@ class ModelRegistry:
         self.workers[worker.name] = worker
         self.scheduler.add_model(worker.name, worker.block_tokens, worker.adapter_capacity(),
                                  worker.adapter_config.max_loras_per_tenant or 1 << 30,
-                                 rope_switch(worker.cfg), worker.cfg.kv_window)
+                                 rope_switch(worker.cfg), worker.cfg.kv_window,
+                                 worker.window_group)
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         """(base model, adapter or None) for a model or adapter name; RequestError if none."""
@@ -104,11 +105,12 @@ class ModelRegistry:
         grown = worker.pages_after(targets)
         if grown is None:
             return
-        pool, bt = self.pages.num_pages, worker.block_tokens
-        base = worker.name
+        pool, base = self.pages.num_pages, worker.name
+        peak = self.scheduler.peak_pages
         stuck = [q for q in (*self.scheduler.waiting.get(base, ()),
                              *self.scheduler.running.get(base, ()))
-                 if q.adapter in grown and -(-q.max_total_tokens // bt) + grown[q.adapter] > pool]
+                 if q.adapter in grown
+                 and peak(base, q.max_total_tokens) + grown[q.adapter] > pool]
         if stuck:
             # a mixture's experts named once a part, not once an expert
             shown = dict.fromkeys(t if not t.startswith("experts.")

@@ -178,7 +178,7 @@ def _load(models: dict, kv, msg, rank: int, world: int, shm) -> None:
     from gpupool.kernels import backend
     from gpupool.models import tp
     from gpupool.models.config import ModelConfig
-    from gpupool.models.llama import LlamaModel
+    from gpupool.models.llama import LlamaModel, kv_views
 
     _, name, folder, dtype, quantization, kernels, use_native, invariant = msg
     dtype = getattr(torch, dtype)
@@ -189,7 +189,7 @@ def _load(models: dict, kv, msg, rank: int, world: int, shm) -> None:
                                       invariant))
     model.bind(layout.views(host))
     model.tp = tp.TPGroup(rank, world, shm=shm)
-    view = kv.model_view(local.num_layers, local.num_kv_heads, local.head_dim, dtype)
+    view = kv_views(kv, local, dtype)
     # the whole model's config, and its RankAdapters (made by its first adapter)
     models[name] = (model, view, host, [cfg, None])
 

@@ -496,6 +496,7 @@ class NativeOps(TorchOps):
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
         tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
+                or batch.window_group is not None  # two KV groups: the layers one by one
                 or model.cfg.torch_only  # Gemma's norms, GeGLU, caps: the ops one by one
                 or model.cfg.o_bias or model.cfg.attn_sinks  # (not in the step's call)
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop

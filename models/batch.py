@@ -33,6 +33,9 @@ class BatchRow:
     tenant: str | None = None  # whose request (its adapter's device slot is charged to it)
     hidden: bool = False  # the final norm's output of its rows instead of logits (pooling)
     rope_long: bool = False  # LongRoPE's long factors (a sequence past the model's switch)
+    # a model mixing global and windowed layers: ``pages`` are the global layers', these the
+    # windowed layers' (their own block size; a block released behind the window: page 0)
+    window_pages: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class ForwardBatch:
     # rows with ``hidden``: the logits_indices positions that sample and those that pool
     # (None: every one samples)
     pooling: tuple[torch.Tensor, torch.Tensor] | None = None
+    # a model mixing global and windowed layers: the batch its windowed layers see (these
+    # fields but the slots and block tables, which are their pages'); None otherwise
+    window_group: ForwardBatch | None = None
 
     @property
     def num_tokens(self) -> int:

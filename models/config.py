@@ -321,6 +321,24 @@ class ModelConfig:
         return max(windows) if windows and all(windows) else 0
 
     @property
+    def kv_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The layers whose KV blocks share a page list: every layer, or where global and
+        windowed layers mix (Gemma 2/3, gpt-oss, Qwen2 with max_window_layers) the global
+        layers', then the windowed layers' (pages of their own, those behind the window
+        released as a model windowed throughout releases its own)."""
+        windows = self.layer_windows
+        if not any(windows) or all(windows):
+            return (tuple(range(self.num_layers)),)
+        return (tuple(i for i, w in enumerate(windows) if not w),
+                tuple(i for i, w in enumerate(windows) if w))
+
+    @property
+    def group_window(self) -> int:
+        """The windowed layers' widest window where they are a KV group of their own
+        (:attr:`kv_groups`), else 0."""
+        return max(self.layer_windows) if len(self.kv_groups) > 1 else 0
+
+    @property
     def max_model_len(self) -> int:
         """Longest sequence (prompt + output) the engine accepts for this model (sliding
         windows are honoured by every attention kernel: no cap at the window)."""

@@ -2,7 +2,8 @@
 
 Weights are views into the model's flat buffer (:meth:`LlamaModel.bind`); the model owns no
 memory of its own besides the rotary table. Attention reads and writes the paged KV view
-``[num_pages, num_layers, 2, block_tokens, num_kv_heads, head_dim]`` it is handed. Every op
+``[num_pages, num_layers, 2, block_tokens, num_kv_heads, head_dim]`` it is handed (a model
+mixing global and windowed layers: one such view a group, :func:`kv_views`). Every op
 of a step goes through the model's kernel backend (:mod:`gpupool.kernels.backend`), chosen
 once when the model is made: one layer loop whatever runs it.
 """
@@ -58,6 +59,12 @@ class LlamaModel:
             device) if cfg.rope_local_theta else None)
         self.local_layers = [bool(w) and self.rope_local is not None
                              for w in (cfg.layer_windows or [0] * cfg.num_layers)]
+        # global and windowed layers mixed: each layer's KV group (0 global, 1 windowed: its
+        # own pages, block tables and slots, ForwardBatch.window_group) and place in it
+        groups = cfg.kv_groups
+        self.kv_places = [(g, j) for i in range(cfg.num_layers) for g, layers in
+                          enumerate(groups) for j, layer in enumerate(layers) if layer == i]
+        self.mixed_kv = len(groups) > 1
         self.ops = ops if ops is not None else backend.select(device, dtype, cfg)
         self.w: dict[str, torch.Tensor] = {}
         self.layers: list[dict[str, torch.Tensor]] = []
@@ -159,9 +166,13 @@ class LlamaModel:
             x = x * self.embed_normalizer
         delta = None  # the previous layer's MLP output, added to x by the next norm
         plans = (plan, self._local_plan(plan, batch))
+        batches = (batch, batch.window_group) if self.mixed_kv else (batch,)
+        if batches[-1] is None:
+            raise ValueError("a model with global and windowed layers needs the windowed "
+                             "layers' pages in its batch (build_batch's window_tokens)")
         for i, lw in enumerate(plan.layers):
             x, delta = self._layer(plans[self.local_layers[i]], x, delta, lw, kv_layers[i],
-                                   batch, lora, i)
+                                   batches[self.kv_places[i][0]], lora, i)
         h = ops.final_norm(x, delta, self.w["norm"], eps, batch)  # the rows that sample
         if hidden is None:
             return self._logits(plan, h)
@@ -332,8 +343,21 @@ class LlamaModel:
             self._normed = dataclasses.replace(self.cfg, qk_norm=False, qk_norm_whole=False)
         return self._normed
 
-    def _kv_layers(self, kv: torch.Tensor) -> list:
-        """Each layer's (K, V) cache views: the same storage every step, so made once."""
+    def _kv_layers(self, kv) -> list:
+        """Each layer's (K, V) cache views: the same storage every step, so made once. ``kv``:
+        the model's view, or its KV groups' (:func:`kv_views`)."""
         if self._kv is None or self._kv[0] is not kv:
-            self._kv = (kv, [(kv[:, i, 0], kv[:, i, 1]) for i in range(self.cfg.num_layers)])
+            views = kv if isinstance(kv, tuple) else (kv,)
+            if len(views) != 1 + self.mixed_kv:
+                raise ValueError(f"{len(views)} KV views for {1 + self.mixed_kv} groups")
+            self._kv = (kv, [(views[g][:, j, 0], views[g][:, j, 1]) for g, j in self.kv_places])
         return self._kv[1]
+
+
+def kv_views(kv, cfg: ModelConfig, dtype: torch.dtype):
+    """The model's view of the KV pages (``pool.kv.KVStorage``): one of every layer, or where
+    global and windowed layers mix, a tuple of the two groups' (``ModelConfig.kv_groups``)."""
+    groups = cfg.kv_groups
+    if len(groups) == 1:
+        return kv.model_view(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    return kv.group_views(tuple(len(g) for g in groups), cfg.num_kv_heads, cfg.head_dim, dtype)

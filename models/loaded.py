@@ -12,12 +12,12 @@ from gpupool.adapters.batch import LoraBatch
 from gpupool.adapters.paged import AdapterPages, PieceLayout, target_groups
 from gpupool.kernels import backend, native
 from gpupool.models import tp as tp_shard
-from gpupool.models.batch import BatchRow
+from gpupool.models.batch import BatchRow, ForwardBatch
 from gpupool.models.config import ModelConfig
 from gpupool.models.cpu import auto_cpu_dtype
 from gpupool.models.errors import ModelLoadError
 from gpupool.models.graphs import DecodeGraphs
-from gpupool.models.llama import LlamaModel
+from gpupool.models.llama import LlamaModel, kv_views
 from gpupool.models.loader import check_quantization, load_flat_weights
 from gpupool.models.runner import build_batch
 from gpupool.models.tokenizer import eos_token_ids, load_tokenizer
@@ -98,11 +98,12 @@ class LoadedModel:
         self.tp = tp
         self.layout, host = self._read()
         self._make_model(kv, kernels, use_native, batch_invariant)
-        self.block_tokens = self.kv_view.shape[3]
         self.steps_bound = 0  # steps run since the weights were last bound
-        # decode steps replayed from captured CUDA graphs (models/graphs.py)
+        # decode steps replayed from captured CUDA graphs (models/graphs.py; not for a model
+        # of two KV groups: its graphs would need the second group's tables)
         self.graphs = (DecodeGraphs(name, self.model, self.kv_view, self.block_tokens, device)
-                       if cuda_graphs and device.type == "cuda" else None)
+                       if cuda_graphs and device.type == "cuda" and self.window_group is None
+                       else None)
         self.weight_pool = weight_pool
         if weight_pool is None:
             self.weights = host if device.type == "cpu" else host.to(device)
@@ -120,7 +121,8 @@ class LoadedModel:
 
     def _make_model(self, kv: KVStorage, kernels: str, use_native: bool,
                     batch_invariant: bool) -> None:
-        """The forward pass and its KV view: of the whole model, or of rank 0's shard."""
+        """The forward pass and its KV view (views: one a KV group): of the whole model, or
+        of rank 0's shard."""
         self.kv = kv  # its pages also hold the adapters (adapters/paged.py)
         local = self.cfg if self.tp is None else tp_shard.local_config(self.cfg, self.tp.world)
         self.model = LlamaModel(local, self.dtype, self.device,
@@ -128,8 +130,13 @@ class LoadedModel:
                                                use_native, batch_invariant))
         if self.tp is not None:
             self.model.tp = self.tp.group
-        self.kv_view = kv.model_view(local.num_layers, local.num_kv_heads, local.head_dim,
-                                     self.dtype)
+        self.kv_view = kv_views(kv, local, self.dtype)
+        views = self.kv_view if isinstance(self.kv_view, tuple) else (self.kv_view,)
+        self.block_tokens = views[0].shape[3]  # (the global layers' where they mix)
+        # global and windowed layers mixed: (the windowed layers' tokens a page, their
+        # widest window), their KV group's; else None
+        self.window_group = ((views[1].shape[3], self.cfg.group_window) if len(views) > 1
+                             else None)
 
     def _read(self) -> tuple:
         """(layout, a new host buffer of the weights): the whole model's, or rank 0's shard."""
@@ -264,6 +271,11 @@ class LoadedModel:
                                batched=self.adapter_dtype != self.dtype,
                                reduce=None if self.tp is None else self.model.tp.all_reduce)
 
+    def batch(self, rows: list[BatchRow]) -> ForwardBatch:
+        """The step's tensors of ``rows`` for this model (``runner.build_batch``)."""
+        return build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset,
+                           self.window_group[0] if self.window_group else 0)
+
     def execute(self, rows: list[BatchRow]):
         """Run one step (the caller made the weights resident); logits [rows that sample,
         vocab] in float32. With rows that pool (``hidden``), the pair (those logits, the
@@ -276,7 +288,7 @@ class LoadedModel:
             logits = self.graphs.run(rows)
             if logits is not None:
                 return logits
-        batch = build_batch(rows, self.block_tokens, self.device, self.model.rope_long_offset)
+        batch = self.batch(rows)
         lora = self._lora_batch(rows)  # adapters loaded first: a failure stops rank 0 alone
         if self.tp is not None:  # the other ranks run the same step beside this one
             self.tp.command("forward", self.name, batch,

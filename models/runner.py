@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from gpupool.models.batch import BatchRow, ForwardBatch
@@ -26,15 +28,29 @@ def _pooling_split(pools: list[bool]) -> tuple[list[int], int]:
     return sample + [i for i, p in enumerate(pools) if p], len(sample)
 
 
+def _window_slots(rows: list[BatchRow], window_tokens: int) -> tuple[list, list, list, list]:
+    """The windowed layers' KV group (a model mixing them with global layers; none for
+    ``window_tokens`` 0): each token's page and slot, the decode rows' and the prefill rows'
+    block tables, from each row's ``window_pages``."""
+    pages, offs, dec, pre = [], [], [], []
+    for item in rows if window_tokens else ():
+        for p in range(item.start, item.start + len(item.token_ids)):
+            pages.append(item.window_pages[p // window_tokens])
+            offs.append(p % window_tokens)
+        (dec if item.is_decode else pre).append(item.window_pages)
+    return pages, offs, dec, pre
+
+
 def build_batch(rows: list[BatchRow], block_tokens: int, device,
-                rope_long_offset: int = 0) -> ForwardBatch:
+                rope_long_offset: int = 0, window_tokens: int = 0) -> ForwardBatch:
     """The step's tensors from its rows (decode rows first): two host-to-device tensors, one
     long and one int32, the fields views of them (a torch.tensor call costs ~7 us on a small
     CPU, and each is a copy to a GPU). ``positions`` index the rotary table: a ``rope_long``
-    row's are offset by ``rope_long_offset`` (its long rows)."""
+    row's are offset by ``rope_long_offset`` (its long rows). ``window_tokens``: a model
+    mixing global and windowed layers, the windowed layers' tokens a page (their slots and
+    block tables from each row's ``window_pages``: ``ForwardBatch.window_group``)."""
     ids, pos, pages, offs, logits_rows, pools = [], [], [], [], [], []
     dec_tables, dec_lens, pre_tables, pre_lens, cu = [], [], [], [], [0]
-    num_decode = 0
     for item in rows:
         n, start, seq_pages = len(item.token_ids), item.start, item.pages
         ids.extend(item.token_ids)
@@ -43,12 +59,10 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device,
                    if item.rope_long else positions)
         pages.extend(seq_pages[p // block_tokens] for p in positions)
         offs.extend(p % block_tokens for p in positions)
+        (dec_tables if item.is_decode else pre_tables).append(seq_pages)
         if item.is_decode:
-            num_decode += 1
-            dec_tables.append(seq_pages)
             dec_lens.append(start + n)
         else:
-            pre_tables.append(seq_pages)
             pre_lens.append(start + n)
             cu.append(cu[-1] + n)
         first = len(logits_rows)
@@ -59,28 +73,29 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device,
         pools.extend([item.hidden] * (len(logits_rows) - first))
     t, r = len(ids), len(logits_rows)
     split, ns = _pooling_split(pools)
-    longs = torch.tensor(ids + pos + pages + offs + logits_rows + split, dtype=torch.long,
-                         device=device)
-    dec_flat, dec_w = _table(dec_tables)
-    pre_flat, pre_w = _table(pre_tables)
+    end = 4 * t + r + len(split)  # the window group's slots after the rest
+    wpages, woffs, *wtables = _window_slots(rows, window_tokens)
+    longs = torch.tensor(ids + pos + pages + offs + logits_rows + split + wpages + woffs,
+                         dtype=torch.long, device=device)
+    tables = [_table(x) for x in (dec_tables, pre_tables, *wtables)]
     d, s = len(dec_lens), len(pre_lens)
-    ints = torch.tensor(dec_lens + cu + pre_lens + dec_flat + pre_flat, dtype=torch.int32,
-                        device=device)
-    at = d + len(cu) + s
-    return ForwardBatch(
-        input_ids=longs[:t],
-        positions=longs[t : 2 * t],
-        slot_pages=longs[2 * t : 3 * t],
-        slot_offsets=longs[3 * t : 4 * t],
-        num_decode=num_decode,
-        decode_block_tables=ints[at : at + len(dec_flat)].view(d, dec_w) if d else ints[:0],
-        decode_context_lens=ints[:d],
-        prefill_block_tables=ints[at + len(dec_flat) :].view(s, pre_w) if s else ints[:0],
+    ints = torch.tensor(dec_lens + cu + pre_lens + [v for flat, _ in tables for v in flat],
+                        dtype=torch.int32, device=device)
+    at, views = d + len(cu) + s, []  # each table [rows, width] (none: an empty tensor)
+    for (flat, width), count in zip(tables, (d, s, *map(len, wtables))):
+        views.append(ints[at : at + len(flat)].view(count, width) if count else ints[:0])
+        at += len(flat)
+    batch = ForwardBatch(
+        input_ids=longs[:t], positions=longs[t : 2 * t], slot_pages=longs[2 * t : 3 * t],
+        slot_offsets=longs[3 * t : 4 * t], num_decode=d, decode_block_tables=views[0],
+        decode_context_lens=ints[:d], prefill_block_tables=views[1],
         prefill_cu_seqlens=ints[d : d + len(cu)],
-        prefill_context_lens=ints[d + len(cu) : at],
+        prefill_context_lens=ints[d + len(cu) : d + len(cu) + s],
         logits_indices=longs[4 * t : 4 * t + r],
-        pooling=((longs[4 * t + r : 4 * t + r + ns], longs[4 * t + r + ns :])
+        pooling=((longs[4 * t + r : 4 * t + r + ns], longs[4 * t + r + ns : end])
                  if split else None),
-        decode_max_len=max(dec_lens, default=0),
-        decode_min_len=min(dec_lens, default=0),
-    )
+        decode_max_len=max(dec_lens, default=0), decode_min_len=min(dec_lens, default=0))
+    return batch if not window_tokens else dataclasses.replace(
+        batch, window_group=dataclasses.replace(
+            batch, slot_pages=longs[end : end + t], slot_offsets=longs[end + t : end + 2 * t],
+            decode_block_tables=views[2], prefill_block_tables=views[3]))

@@ -3,6 +3,9 @@
 A page is a fixed number of bytes. Each model views a page as
 ``[num_layers, 2, block_tokens, num_kv_heads, head_dim]`` (2 = key, value), so a model with a
 small KV footprint per token fits more tokens in a page, and any free page can serve any model.
+A model mixing global and windowed layers views a page as one of two groups' (its global
+layers', or its windowed layers', :meth:`KVStorage.group_views`), each group with its own page
+list per sequence and its own tokens a page.
 
     storage (uint8, num_pages * page_bytes)
     | page 0                        | page 1 | ...
@@ -66,18 +69,43 @@ class KVStorage:
                 self.storage.device, non_blocking=True))
 
     def model_view(
-        self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+        block_tokens: int | None = None,
     ) -> torch.Tensor:
-        """``[num_pages, num_layers, 2, block_tokens, num_kv_heads, head_dim]`` view, no copy."""
+        """``[num_pages, num_layers, 2, block_tokens, num_kv_heads, head_dim]`` view, no copy
+        (``block_tokens``: fewer tokens a page than fit, else as many as fit)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        bt = block_tokens_for(self.page_bytes, num_layers * 2 * num_kv_heads * head_dim * elem)
+        token_bytes = num_layers * 2 * num_kv_heads * head_dim * elem
+        bt = block_tokens_for(self.page_bytes, token_bytes)
         if bt < 1:
             raise ValueError(
                 f"kv page of {self.page_bytes} bytes holds no token of a model needing "
-                f"{num_layers * 2 * num_kv_heads * head_dim * elem} bytes per token"
+                f"{token_bytes} bytes per token"
             )
+        if block_tokens is not None:
+            if not 0 < block_tokens <= bt:
+                raise ValueError(f"a kv page holds 1 to {bt} tokens of these layers, "
+                                 f"not {block_tokens}")
+            bt = block_tokens
         used = num_layers * 2 * bt * num_kv_heads * head_dim * elem
         pages = self.storage.view(self.pages.num_pages, self.page_bytes)[:, :used]
         return pages.view(dtype).view(
             self.pages.num_pages, num_layers, 2, bt, num_kv_heads, head_dim
         )
+
+    def group_views(self, group_layers: tuple[int, ...], num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """One :meth:`model_view` a KV group of ``group_layers[g]`` layers (a model whose
+        global and windowed layers keep pages of their own): the group whose page holds the
+        fewest tokens keeps that many, each other group the most a page holds that are a
+        multiple of it, so every group's block ends where one of the smallest blocks ends (a
+        prefix-cache hit of whole blocks of each)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        fits = [block_tokens_for(self.page_bytes, n * 2 * num_kv_heads * head_dim * elem)
+                for n in group_layers]
+        unit = min(fits)
+        if unit < 1:
+            raise ValueError(f"kv page of {self.page_bytes} bytes holds no token of a "
+                             f"group of {max(group_layers)} layers")
+        return tuple(self.model_view(n, num_kv_heads, head_dim, dtype, f // unit * unit)
+                     for n, f in zip(group_layers, fits))

@@ -19,7 +19,10 @@ class Sequence:
     """Integer state of one request. ``num_computed_tokens`` tokens have K/V in ``pages``,
     which hold its KV blocks from block ``num_dropped_pages`` on: a model whose every layer
     has a sliding window no longer needs the blocks wholly behind its window, and they are
-    released (``Scheduler.release_behind_window``)."""
+    released (``Scheduler.release_behind_window``). A model mixing global and windowed layers
+    keeps its windowed layers' blocks in ``window_pages`` (blocks of their own size, from
+    ``num_dropped_window_pages`` on: those behind the window released) and its global layers'
+    in ``pages``."""
 
     request_id: str
     model: str
@@ -47,6 +50,12 @@ class Sequence:
     page_keys: list[bytes] = field(default_factory=list)  # chain keys of its full pages
     num_indexed_pages: int = 0  # its first pages that are in the prefix index (or tried)
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the cache
+    # the windowed layers' KV group (a model mixing them with global layers), as above
+    window_pages: list[int] = field(default_factory=list)
+    num_dropped_window_pages: int = 0
+    host_window_pages: list[int] = field(default_factory=list)
+    window_page_keys: list[bytes] = field(default_factory=list)
+    num_indexed_window_pages: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +70,12 @@ class Sequence:
         """Its page per KV block, a released block naming page 0 (never read: out of every
         layer's window)."""
         return [0] * self.num_dropped_pages + self.pages if self.num_dropped_pages else self.pages
+
+    @property
+    def window_block_table(self) -> list[int]:
+        """:attr:`block_table` of the windowed layers' group (empty: the model has none)."""
+        dropped = self.num_dropped_window_pages
+        return [0] * dropped + self.window_pages if dropped else self.window_pages
 
     def token_ids(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)

@@ -142,6 +142,9 @@ class Scheduler:
         # per model: the widest sliding window where every layer has one (0: some layer sees
         # the whole context): a sequence's KV blocks wholly behind it are released
         self.windows: dict[str, int] = {}
+        # per model mixing global and windowed layers: (the windowed layers' tokens a page,
+        # their widest window); their KV blocks have pages of their own, released behind it
+        self.window_groups: dict[str, tuple[int, int]] = {}
         self.num_released_pages = 0  # pages freed behind windows, in total
         self.max_adapters: dict[str, int] = {}
         # per model: distinct adapters of one tenant a step may hold (its slots' cap)
@@ -166,17 +169,21 @@ class Scheduler:
 
     def add_model(self, model: str, block_tokens: int, max_adapters: int = 1 << 30,
                   max_tenant_adapters: int = 1 << 30, rope_switch: int | None = None,
-                  window: int = 0) -> None:
+                  window: int = 0, window_group: tuple[int, int] | None = None) -> None:
         """``max_adapters``: distinct adapters one step may hold (the device slots);
         ``max_tenant_adapters``: of them, brought in by one tenant (its cap of slots);
         ``rope_switch``: LongRoPE's threshold (a sequence longer than this computes every
         position with the long factors: one that grows past it is recomputed, as
         transformers recomputes its cache); ``window``: where every layer of the model has
         a sliding window, the widest (a token sees keys ``window - 1`` behind it at most),
-        else 0."""
+        else 0; ``window_group``: where windowed layers mix with global ones, their KV
+        group's (tokens a page, widest window); ``block_tokens`` is then the global layers'
+        (a multiple of the windowed layers' tokens a page, or one of them)."""
         self.rope_switch[model] = rope_switch
         self.block_tokens[model] = block_tokens
         self.windows[model] = window
+        if window_group is not None:
+            self.window_groups[model] = window_group
         self.max_adapters[model] = max_adapters
         self.max_tenant_adapters[model] = max_tenant_adapters
         self.waiting.setdefault(model, deque())
@@ -190,6 +197,7 @@ class Scheduler:
             table.pop(model)
         self.resident_adapters.pop(model, None)
         self.adapter_pages.pop(model, None)
+        self.window_groups.pop(model, None)
         self.policy.forget(model)
 
     def enqueue(self, seq: Sequence) -> None:
@@ -203,19 +211,55 @@ class Scheduler:
         return sum(len(self.waiting[m]) + len(self.running[m]) for m in models)
 
     def _pages_needed(self, seq: Sequence, num_new: int) -> int:
-        bt = self.block_tokens[seq.model]
-        return (-(-(seq.num_computed_tokens + num_new) // bt) - seq.num_dropped_pages
-                - len(seq.pages))
+        """New pages the sequence's next ``num_new`` tokens need (in both KV groups of a model
+        that has two)."""
+        return sum(self._group_needs(seq, num_new))
+
+    def _group_needs(self, seq: Sequence, num_new: int) -> tuple[int, int]:
+        """(pages, window pages) :meth:`_pages_needed` counts."""
+        end = seq.num_computed_tokens + num_new
+        need = -(-end // self.block_tokens[seq.model]) - seq.num_dropped_pages - len(seq.pages)
+        group = self.window_groups.get(seq.model)
+        if group is None:
+            return need, 0
+        return need, (-(-end // group[0]) - seq.num_dropped_window_pages
+                      - len(seq.window_pages))
+
+    def _grow(self, seq: Sequence, num_new: int) -> None:
+        """Give the sequence the pages its next ``num_new`` tokens need (the caller checked
+        the pool has them: ``can_allocate``)."""
+        need, window = self._group_needs(seq, num_new)
+        pages = self.pages.allocate(need + window)
+        seq.pages.extend(pages[:need])
+        seq.window_pages.extend(pages[need:])
 
     def peak_pages(self, model: str, num_tokens: int) -> int:
         """The most KV pages a sequence of ``num_tokens`` tokens holds at once: all its
         blocks, or with every layer windowed the window's blocks plus one step's tokens
-        (a step computes at most ``max_num_batched_tokens`` of one sequence)."""
-        bt, window = self.block_tokens[model], self.windows.get(model, 0)
-        pages = -(-num_tokens // bt)
-        if window:
-            pages = min(pages, (window - 1 + self.config.max_num_batched_tokens) // bt + 2)
-        return pages
+        (a step computes at most ``max_num_batched_tokens`` of one sequence); a model
+        mixing global and windowed layers, its global layers' blocks and its windowed
+        layers' window."""
+        def held(bt: int, window: int) -> int:
+            pages = -(-num_tokens // bt)
+            if window:
+                pages = min(pages, (window - 1 + self.config.max_num_batched_tokens) // bt + 2)
+            return pages
+
+        pages = held(self.block_tokens[model], self.windows.get(model, 0))
+        group = self.window_groups.get(model)
+        return pages + (held(*group) if group else 0)
+
+    def max_tokens(self, model: str, num_pages: int, limit: int) -> int:
+        """The longest sequence (at most ``limit`` tokens) whose :meth:`peak_pages` fit in
+        ``num_pages``."""
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.peak_pages(model, mid) <= num_pages:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def dead_blocks(self, seq: Sequence, first_query: int) -> int:
         """Blocks a sequence's queries from position ``first_query`` on never read: those
@@ -225,14 +269,29 @@ class Scheduler:
             return 0
         return max(0, first_query - window + 1) // self.block_tokens[seq.model]
 
+    def dead_window_blocks(self, seq: Sequence, first_query: int) -> int:
+        """:meth:`dead_blocks` of the windowed layers' KV group (0: the model has none)."""
+        group = self.window_groups.get(seq.model)
+        if group is None:
+            return 0
+        return max(0, first_query - group[1] + 1) // group[0]
+
     def release_behind_window(self, seq: Sequence) -> None:
         """Free the sequence's pages that no query of it will read again (behind every
-        layer's window of its next token); an indexed one stays cached for other prompts."""
+        layer's window of its next token, or behind the windowed layers' window in their
+        own group); an indexed one stays cached for other prompts."""
         dead = self.dead_blocks(seq, seq.num_computed_tokens) - seq.num_dropped_pages
         if dead > 0:
             self.pages.free(seq.pages[:dead])
             del seq.pages[:dead]
             seq.num_dropped_pages += dead
+            self.num_released_pages += dead
+        dead = (self.dead_window_blocks(seq, seq.num_computed_tokens)
+                - seq.num_dropped_window_pages)
+        if dead > 0:
+            self.pages.free(seq.window_pages[:dead])
+            del seq.window_pages[:dead]
+            seq.num_dropped_window_pages += dead
             self.num_released_pages += dead
 
     def _preempt(self, seq: Sequence, swap: bool = True) -> None:
@@ -241,15 +300,17 @@ class Scheduler:
         switch = self.rope_switch.get(seq.model)
         if switch is not None and not seq.long_rope and seq.num_tokens > switch:
             swap = False  # past LongRoPE's switch: its KV is recomputed with the long factors
-        host = self.host_pages.allocate(len(seq.pages)) if self.host_pages and swap else None
-        if host is not None and seq.pages:
-            self._swap_out.extend(zip(seq.pages, host))
-            seq.host_pages = host  # (its released blocks stay released)
+        held = seq.pages + seq.window_pages  # (a model's windowed layers' group after)
+        host = self.host_pages.allocate(len(held)) if self.host_pages and swap else None
+        if host is not None and held:
+            self._swap_out.extend(zip(held, host))
+            # (its released blocks stay released)
+            seq.host_pages, seq.host_window_pages = host[:len(seq.pages)], host[len(seq.pages):]
         else:
-            seq.num_computed_tokens = seq.num_dropped_pages = 0
-        self.pages.free(seq.pages)  # indexed pages stay cached: a recompute may hit them
-        seq.pages = []
-        seq.num_indexed_pages = 0
+            seq.num_computed_tokens = seq.num_dropped_pages = seq.num_dropped_window_pages = 0
+        self.pages.free(held)  # indexed pages stay cached: a recompute may hit them
+        seq.pages, seq.window_pages = [], []
+        seq.num_indexed_pages = seq.num_indexed_window_pages = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -343,7 +404,7 @@ class Scheduler:
             seq.long_rope = True
             if seq.cache_root is not None:
                 seq.cache_root = hashlib.sha256(seq.cache_root + b"longrope").digest()
-                seq.page_keys = []
+                seq.page_keys, seq.window_page_keys = [], []
 
     def _share_prefill(self, model: str, step: _Step) -> None:
         """While prompts prefill and prompts of other tenants wait, the running prompts get
@@ -415,7 +476,7 @@ class Scheduler:
                 step.preempted.append(seq)
                 break
             self._take_adapter_pages(key, extra, cost)
-            seq.pages.extend(self.pages.allocate(need))
+            self._grow(seq, num_new)
             self._take(seq, num_new, step)
             if prefilling:
                 step.running_prefill_left -= num_new
@@ -454,9 +515,10 @@ class Scheduler:
             if num_new == 0 or not self.pages.can_allocate(need + extra):
                 self._unpin_refused(key)
                 if hit:  # not admitted: the prefix goes back to the cache
-                    self.pages.free(seq.pages)
+                    self.pages.free(seq.pages + seq.window_pages)
                     seq.pages, seq.num_computed_tokens, seq.num_indexed_pages = [], 0, 0
-                    seq.num_dropped_pages = 0
+                    seq.window_pages, seq.num_indexed_window_pages = [], 0
+                    seq.num_dropped_pages = seq.num_dropped_window_pages = 0
                 if num_new == 0:
                     continue
                 break
@@ -467,11 +529,12 @@ class Scheduler:
                 self.cache_hits[model] += hit
             self.waiting[model].remove(seq)
             self._take_adapter_pages(key, extra, cost)
-            seq.pages.extend(self.pages.allocate(need))
+            self._grow(seq, num_new)
             if seq.host_pages:  # resume: bring the swapped KV back into the new pages
                 self._swap_in.extend(zip(seq.pages, seq.host_pages))
-                self.host_pages.free(seq.host_pages)
-                seq.host_pages = []
+                self._swap_in.extend(zip(seq.window_pages, seq.host_window_pages))
+                self.host_pages.free(seq.host_pages + seq.host_window_pages)
+                seq.host_pages, seq.host_window_pages = [], []
             seq.status = Status.RUNNING
             running.append(seq)
             self._take(seq, num_new, step)
@@ -513,12 +576,23 @@ class Scheduler:
     # ---- prefix cache -------------------------------------------------------------------
     def _page_key(self, seq: Sequence, i: int) -> bytes:
         """The chain key of the sequence's page ``i`` (its tokens must be known)."""
-        bt = self.block_tokens[seq.model]
-        while len(seq.page_keys) <= i:
-            j = len(seq.page_keys)
-            parent = seq.page_keys[-1] if seq.page_keys else seq.cache_root
-            seq.page_keys.append(page_key(parent, seq.token_ids(j * bt, (j + 1) * bt)))
-        return seq.page_keys[i]
+        return self._chain_key(seq, seq.page_keys, seq.cache_root,
+                               self.block_tokens[seq.model], i)
+
+    def _window_page_key(self, seq: Sequence, i: int) -> bytes:
+        """:meth:`_page_key` of the windowed layers' group: a chain of its own (its blocks'
+        size, its root: another group's page of the same tokens holds other layers)."""
+        root = hashlib.sha256(seq.cache_root + b"window layers").digest()
+        return self._chain_key(seq, seq.window_page_keys, root,
+                               self.window_groups[seq.model][0], i)
+
+    @staticmethod
+    def _chain_key(seq: Sequence, keys: list[bytes], root: bytes, bt: int, i: int) -> bytes:
+        while len(keys) <= i:
+            j = len(keys)
+            keys.append(page_key(keys[-1] if keys else root,
+                                 seq.token_ids(j * bt, (j + 1) * bt)))
+        return keys[i]
 
     def _take_cached_prefix(self, seq: Sequence) -> int:
         """For a sequence starting from nothing: hold the longest cached chain of its full
@@ -539,6 +613,9 @@ class Scheduler:
         else:
             hit = self.pages.lookup(keys)
             blocks, dead = len(hit), 0
+        if seq.model in self.window_groups:
+            blocks, window_hit = self._mixed_hit(seq, len(hit))
+            hit = hit[:blocks]
         if not hit:
             return 0
         self.pages.share(hit)
@@ -546,7 +623,30 @@ class Scheduler:
         seq.num_dropped_pages = dead
         seq.num_computed_tokens = blocks * bt
         seq.num_indexed_pages = blocks
+        if seq.model in self.window_groups:  # the windowed layers' pages the window reaches
+            self.pages.share(window_hit)
+            seq.window_pages = list(window_hit)
+            seq.num_dropped_window_pages = self.dead_window_blocks(seq, blocks * bt)
+            seq.num_indexed_window_pages = seq.num_dropped_window_pages + len(window_hit)
         return seq.num_computed_tokens
+
+    def _mixed_hit(self, seq: Sequence, blocks: int) -> tuple[int, list[int]]:
+        """(blocks, window pages): of a model mixing global and windowed layers whose first
+        ``blocks`` global pages are cached, the most of them a hit can skip, whose tokens
+        end where a windowed layers' block ends and whose windowed layers' pages the
+        window reaches back into (from the first token it computes) are cached too, and
+        those pages."""
+        bt, wbt = self.block_tokens[seq.model], self.window_groups[seq.model][0]
+        keys = [self._window_page_key(seq, j) for j in range(blocks * bt // wbt)]
+        run = [0]  # run[j]: cached windowed layers' blocks just before block j
+        for key in keys:
+            run.append(run[-1] + 1 if self.pages.lookup([key]) else 0)
+        for b in range(blocks, 0, -1):
+            end = b * bt
+            dead = self.dead_window_blocks(seq, end)
+            if end % wbt == 0 and run[end // wbt] >= end // wbt - dead:
+                return b, self.pages.lookup(keys[dead : end // wbt])
+        return 0, []
 
     def _window_hit(self, seq: Sequence, keys: list[bytes]) -> tuple[int, int]:
         """(blocks, dead): the longest run of cached blocks a sequence of a model whose
@@ -563,7 +663,8 @@ class Scheduler:
         return best
 
     def _index_full_pages(self, seq: Sequence) -> None:
-        """Put the sequence's newly computed full pages in the prefix index."""
+        """Put the sequence's newly computed full pages in the prefix index (of both KV
+        groups where its model has two)."""
         first = seq.num_dropped_pages
         full = min(seq.num_computed_tokens // self.block_tokens[seq.model],
                    first + len(seq.pages))
@@ -571,6 +672,15 @@ class Scheduler:
             self.pages.register(seq.pages[i - first], self._page_key(seq, i), seq.model,
                                 seq.adapter)
         seq.num_indexed_pages = max(seq.num_indexed_pages, full)
+        group = self.window_groups.get(seq.model)
+        if group is None:
+            return
+        first = seq.num_dropped_window_pages
+        full = min(seq.num_computed_tokens // group[0], first + len(seq.window_pages))
+        for i in range(max(seq.num_indexed_window_pages, first), full):
+            self.pages.register(seq.window_pages[i - first], self._window_page_key(seq, i),
+                                seq.model, seq.adapter)
+        seq.num_indexed_window_pages = max(seq.num_indexed_window_pages, full)
 
     def _fair_order(self, model: str) -> list[Sequence]:
         """Waiting sequences, tenants interleaved: each one's key is its tenant's running
@@ -662,10 +772,11 @@ class Scheduler:
                 self._pin_running()
         elif seq in self.waiting[seq.model]:
             self.waiting[seq.model].remove(seq)
-        self.pages.free(seq.pages)
+        self.pages.free(seq.pages + seq.window_pages)
         seq.pages, seq.num_dropped_pages = [], 0
+        seq.window_pages, seq.num_dropped_window_pages = [], 0
         if seq.host_pages:
-            self.host_pages.free(seq.host_pages)
-            seq.host_pages = []
+            self.host_pages.free(seq.host_pages + seq.host_window_pages)
+            seq.host_pages, seq.host_window_pages = [], []
         seq.status = Status.FINISHED
         seq.finish_reason = reason

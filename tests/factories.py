@@ -52,6 +52,12 @@ VARIANTS = {
         "rope_parameters": {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    # Gemma 3's pattern in small: 3 windowed layers, then a global one (their KV groups'
+    # pages hold 5 and 15 tokens in 4 KiB)
+    "gemma3_wide": ("Gemma3TextConfig", {
+        "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24,
+        "num_hidden_layers": 4, "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}),
     # mixtures of experts: 4 experts, 2 a token
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
@@ -104,12 +110,11 @@ def make_tiny_model(folder: Path, variant: str = "llama", seed: int = 0) -> Path
     import transformers
 
     cls_name, extra = VARIANTS[variant]
-    cfg = getattr(transformers, cls_name)(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        initializer_range=0.5, eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=0,
-        **extra,
-    )
+    cfg = getattr(transformers, cls_name)(**{
+        "vocab_size": VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "initializer_range": 0.5, "eos_token_id": EOS_ID,
+        "bos_token_id": 1, "pad_token_id": 0, **extra})  # (a variant may name other sizes)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():

@@ -168,7 +168,42 @@ def test_gemma2_chunked_cached_and_preempted(tiny_models):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("variant", ["mistral", "qwen2_window", "gemma2", "gemma3"])
+def test_gemma3s_pattern_in_two_kv_groups_gives_transformers_tokens(tiny_models):
+    """Three windowed layers and a global one: their pages hold 5 and 15 tokens (the
+    global group's a multiple of the windowed one's); chunked prefill (chunks of 7),
+    preemption with host swap in a small pool and prefix-cache hits give transformers'
+    greedy tokens, and the windowed layers' pages behind the window are released."""
+    folder = tiny_models("gemma3_wide")
+    prompts = random_prompts(5, 20, 45, seed=33)
+    prompts += [prompts[1][:], prompts[3][:40]]  # cache hits
+    want = hf_greedy(folder, prompts, 14)
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    engine = make_engine(folder, max_num_batched_tokens=7, enable_prefix_caching=True,
+                         kv_cache_bytes=12 * 4096, kv_page_bytes=4096)
+    try:
+        worker = engine.local.core.workers["m"]
+        assert (worker.block_tokens, worker.window_group) == (15, (5, 8))
+        scheduler = engine.local.core.scheduler
+        outs = engine.generate(prompts[:5], params)
+        assert scheduler.num_preemptions > 0 and scheduler.num_released_pages > 0
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+    engine = make_engine(folder, max_num_batched_tokens=7, enable_prefix_caching=True,
+                         kv_page_bytes=4096)
+    try:  # a pool that keeps the first prompts' pages: the copies start from them
+        engine.generate(prompts[:5], params)
+        again = engine.generate(prompts[5:], params)
+        assert all(o.cached_tokens > 0 for o in again)
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+    for out, ref in zip([*outs, *again], want):
+        assert list(out.token_ids)[: len(ref)] == ref
+
+
+@pytest.mark.parametrize("variant", ["mistral", "qwen2_window", "gemma2", "gemma3",
+                                     "gemma3_wide"])
 def test_windows_and_gemma_in_bf16_give_a_request_the_same_tokens_whatever_shares_it(
         tiny_models, variant):
     """Models whose layers see their last 6 or 8 keys (every layer; Qwen2's from
@@ -187,7 +222,7 @@ def test_windows_and_gemma_in_bf16_give_a_request_the_same_tokens_whatever_share
         alone = list(engine.generate([target], params)[0].token_ids)
     finally:
         engine.shutdown()
-    every = variant == "mistral"  # every layer windowed: pages behind it are released
+    every = variant == "mistral"  # every layer windowed (the others: half of them)
     engine = make_engine(folder, dtype="bfloat16", max_num_batched_tokens=5,
                          enable_prefix_caching=True, kv_cache_bytes=(4 if every else 10) << 11,
                          kv_page_bytes=2 << 10)
@@ -197,7 +232,8 @@ def test_windows_and_gemma_in_bf16_give_a_request_the_same_tokens_whatever_share
         outs = engine.generate([others[0], target, *others[1:]], params)
         assert list(outs[1].token_ids) == alone
         assert scheduler.num_preemptions > before
-        assert (scheduler.num_released_pages > 0) == every
+        # every layer's pages behind the window (Mistral), or the windowed layers' own
+        assert scheduler.num_released_pages > 0
         engine.check_integrity()
     finally:
         engine.shutdown()
@@ -207,6 +243,33 @@ def test_windows_and_gemma_in_bf16_give_a_request_the_same_tokens_whatever_share
         engine.generate([target, *others[:2]], params)
         again = engine.generate([others[3], target], params)
         assert again[1].cached_tokens > 0 and list(again[1].token_ids) == alone
+    finally:
+        engine.shutdown()
+
+
+def test_a_gemma_request_longer_than_every_layers_pages_would_hold_fits_its_groups(tiny_models):
+    """Gemma 3's global and windowed (last 8 keys) layers keep pages of their own: in 8 pages
+    of 16 tokens of one layer, a request holds its global layer's blocks and its windowed
+    layer's window (3 pages: the window and a step's 16 tokens) only: 80 tokens, where every
+    layer's blocks in one page list held 64 (8 tokens a page). A 72-token request, refused
+    then, now gives transformers' tokens; the pool's accounting stays whole."""
+    folder = tiny_models("gemma3")
+    prompt = random_prompts(1, 50, 50, seed=31)[0]
+    want = hf_greedy(folder, [prompt], 22)[0]
+    engine = make_engine(folder, kv_cache_bytes=8 * 4096, kv_page_bytes=4096,
+                         max_num_batched_tokens=16)
+    try:
+        worker = engine.local.core.workers["m"]
+        assert (worker.block_tokens, worker.window_group) == (16, (16, 8))
+        assert engine.model_info("m").context_limit == 80
+        assert engine.stats()["models"]["m"]["kv_capacity_tokens"] == 80
+        out = engine.generate([prompt], SamplingParams(max_tokens=22, temperature=0,
+                                                       ignore_eos=True))[0]
+        assert list(out.token_ids)[: len(want)] == want
+        assert engine.local.core.scheduler.num_released_pages > 0
+        engine.check_integrity()
+        with pytest.raises(ValueError, match="holds 80 tokens"):
+            engine.generate([prompt], SamplingParams(max_tokens=31))
     finally:
         engine.shutdown()
 
@@ -457,11 +520,12 @@ def test_gemma_norms_round_as_transformers_in_bf16():
 
 
 def _released_and_poisoned(folder, dtype, release: bool, poison: bool):
-    """Six requests of a model whose every layer sees its last 6 keys, in a pool of 6 pages
-    (every page kept: 64) with host swap, chunks of 7 tokens; with ``poison`` every free
-    page is filled with NaN after each step (a kernel reading a released page, whose table
-    entry names page 0 or whose bytes another request may now own, would then give NaN or
-    other tokens)."""
+    """Six requests of a model whose every layer sees its last 6 keys (or whose windowed
+    layers, a KV group of their own, see their last 6 or 8), in a pool of 6 pages (every
+    page kept: 64) with host swap, chunks of 7 tokens; with ``poison`` every free page is
+    filled with NaN after each step (a kernel reading a released page, whose table entry
+    names page 0 or whose bytes another request may now own, would then give NaN or other
+    tokens)."""
     from gpupool.config import SchedulerConfig
     from gpupool.engine.core import EngineCore
     from gpupool.messages.types import EngineRequest
@@ -478,6 +542,8 @@ def _released_and_poisoned(folder, dtype, release: bool, poison: bool):
     core.add_worker(LoadedModel("m", folder, torch.device("cpu"), kv, dtype))
     if not release:
         core.scheduler.windows["m"] = 0
+        if "m" in core.scheduler.window_groups:  # a window no block is ever behind
+            core.scheduler.window_groups["m"] = (core.scheduler.window_groups["m"][0], 1 << 30)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for i, ids in enumerate(random_prompts(6, 20, 40, seed=21)):
         core.enqueue(EngineRequest(str(i), "m", ids, params))
@@ -493,15 +559,19 @@ def _released_and_poisoned(folder, dtype, release: bool, poison: bool):
             core.scheduler.num_preemptions)
 
 
+@pytest.mark.parametrize("variant", ["mistral", "gemma2", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_released_pages_are_never_read(tiny_models, dtype):
+def test_released_pages_are_never_read(tiny_models, dtype, variant):
     """fp32 (the fixed-order torch attention): transformers' greedy tokens with pages
     released behind the window, preempted ones swapped out and back, free pages poisoned;
-    bf16 (the native kernels where they built): the same tokens as with every page kept."""
-    folder = tiny_models("mistral")
+    bf16 (the native kernels where they built): the same tokens as with every page kept.
+    Mistral: every layer windowed; Gemma 2 and gpt-oss: global and windowed layers, the
+    windowed layers' pages a group of their own."""
+    folder = tiny_models(variant)
     tokens, released, preempted = _released_and_poisoned(folder, dtype, True, True)
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # (transformers stops at an EOS: its tokens to there)
         want = hf_greedy(folder, random_prompts(6, 20, 40, seed=21), 24)
+        tokens = [t[: len(w)] for t, w in zip(tokens, want)]
     else:
         want = _released_and_poisoned(folder, dtype, False, False)[0]
     assert tokens == want
@@ -583,9 +653,9 @@ def test_an_mxfp4_checkpoint_with_an_infinite_scale_is_refused_by_name(tiny_mode
 def test_windows_and_sinks_on_the_triton_kernels_give_transformers_tokens(tiny_models,
                                                                            variant):
     """What a CUDA device runs (Triton's attention, interpreted here, fp32): a windowed
-    model (pages behind the window released) and gpt-oss (sinks, a window on layer 0) on
-    the Triton backend, its attention called with the windows and sinks, give transformers'
-    greedy tokens."""
+    model and gpt-oss (sinks, a window on layer 0: that layer's pages a group of their own)
+    on the Triton backend, its attention called with the windows and sinks, pages behind
+    the window released, give transformers' greedy tokens."""
     from gpupool.kernels import paged_attention
 
     folder = tiny_models(variant)
@@ -606,7 +676,7 @@ def test_windows_and_sinks_on_the_triton_kernels_give_transformers_tokens(tiny_m
                                                        ignore_eos=True))
         assert [list(o.token_ids)[: len(w)] for o, w in zip(outs, want)] == want
         assert (6, variant == "gpt_oss") in seen
-        assert (engine.local.core.scheduler.num_released_pages > 0) == (variant == "mistral")
+        assert engine.local.core.scheduler.num_released_pages > 0
     finally:
         paged_attention.paged_attention_decode = real
         engine.shutdown()

@@ -795,21 +795,27 @@ def _prefill_logits(engine, ids, chunk):
     """Logits of every position of ``ids`` through the model's prefill path, ``chunk`` tokens a
     step (later chunks attend to the cached prefix)."""
     from gpupool.models.batch import BatchRow
-    from gpupool.models.runner import build_batch
 
     w = engine.local.core.workers["m"]
     w.make_resident()
-    pages = engine.local.kv.pages.allocate(-(-len(ids) // w.block_tokens))
+    pages, window = _row_pages(engine, w, len(ids))
     try:
         out = []
         for p in range(0, len(ids), chunk):
             row = BatchRow(token_ids=ids[p : p + chunk], start=p, pages=pages, is_decode=False,
-                           samples=True, all_logits=True)
-            out.append(w.model.forward(build_batch([row], w.block_tokens, w.device),
-                                       w.kv_view))
+                           samples=True, all_logits=True, window_pages=window)
+            out.append(w.model.forward(w.batch([row]), w.kv_view))
         return torch.cat(out)
     finally:
-        engine.local.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages + (window or []))
+
+
+def _row_pages(engine, w, n: int):
+    """Pages for ``n`` tokens of model ``w``: (its pages, its windowed layers' where they
+    are a KV group of their own, else None)."""
+    pool = engine.local.kv.pages
+    pages = pool.allocate(-(-n // w.block_tokens))
+    return pages, pool.allocate(-(-n // w.window_group[0])) if w.window_group else None
 
 
 @pytest.mark.parametrize("chunk", [80, 23])
@@ -847,21 +853,19 @@ def test_prefill_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_model
 def _teacher_forced_logits(engine, ids):
     """Logits of each position of ``ids`` through the model's decode path, one row a step."""
     from gpupool.models.batch import BatchRow
-    from gpupool.models.runner import build_batch
 
     w = engine.local.core.workers["m"]
     w.make_resident()
-    pages = engine.local.kv.pages.allocate(-(-len(ids) // w.block_tokens))
+    pages, window = _row_pages(engine, w, len(ids))
     try:
         out = []
         for p in range(len(ids)):
             row = BatchRow(token_ids=[ids[p]], start=p, pages=pages, is_decode=p > 0,
-                           samples=True)
-            out.append(w.model.forward(build_batch([row], w.block_tokens, w.device),
-                                       w.kv_view))
+                           samples=True, window_pages=window)
+            out.append(w.model.forward(w.batch([row]), w.kv_view))
         return torch.cat(out)
     finally:
-        engine.local.kv.pages.free(pages)
+        engine.local.kv.pages.free(pages + (window or []))
 
 
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
@@ -906,7 +910,7 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
 @pytest.mark.parametrize("variant,quantization,adapters", [
     ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
     ("llama", None, True), ("llama", "int8", True), ("llama", "int4", False),
-    ("qwen2", "int4", True), ("qwen2_window", None, True)])
+    ("qwen2", "int4", True), ("mistral", None, True)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the

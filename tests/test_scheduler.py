@@ -462,3 +462,128 @@ def test_a_windowed_prefix_hit_needs_only_the_blocks_its_window_reaches():
         else:
             assert out.scheduled[0].num_new_tokens == 30 and s.cache_hits["m"] == 0
         s.pages.check_integrity({p: 1 for p in again.pages})
+
+
+# ---- a model mixing global and windowed layers: two KV groups ------------------------------
+def _mixed(num_pages=100, block_tokens=8, window_tokens=4, host=0, **cfg):
+    """Model m: its global layers' blocks ``block_tokens`` tokens a page, its windowed layers'
+    (a group of their own, each token seeing its last 6 keys) ``window_tokens``."""
+    s = Scheduler(SchedulerConfig(**cfg), PagePool(num_pages), PagePool(host) if host else None)
+    s.add_model("m", block_tokens, window_group=(window_tokens, 6))
+    return s
+
+
+def test_a_mixed_models_windowed_layers_release_their_pages_and_its_global_ones_keep_theirs():
+    s = _mixed(max_num_batched_tokens=8)
+    seq = _seq(0, 21)
+    s.enqueue(seq)
+    most = 0
+    for _ in range(30):
+        out = s.schedule()
+        most = max(most, len(seq.window_pages))
+        _advance(s, out)
+        n = seq.num_computed_tokens
+        assert seq.num_dropped_pages == 0 and len(seq.pages) == -(-n // 8)
+        assert seq.num_dropped_window_pages == max(0, n - 5) // 4
+        assert seq.num_dropped_window_pages + len(seq.window_pages) == -(-n // 4)
+        dropped = seq.num_dropped_window_pages
+        assert seq.window_block_table == [0] * dropped + seq.window_pages
+        assert not set(seq.pages) & set(seq.window_pages)
+        s.pages.check_integrity({p: 1 for p in seq.pages + seq.window_pages})
+    assert seq.num_computed_tokens == 48  # 21 in 3 chunks, then 27 decoded
+    assert seq.num_dropped_window_pages == s.num_released_pages == (48 - 5) // 4
+    window = (6 - 1 + 8) // 4 + 2  # the window's blocks and a step's tokens
+    assert most <= window and s.peak_pages("m", 999) == -(-999 // 8) + window
+    # 20 pages: the window's 5, then 15 of 8 tokens (120 tokens), not 20 pages of 4 or 8
+    assert s.max_tokens("m", 20, 999) == 120
+    s.finish(seq, "length")
+    assert s.pages.num_used_pages == 0 and s.pages.num_free_pages == 100
+
+
+def test_a_mixed_models_preemption_swaps_both_groups_out_and_back():
+    """Two sequences decode until the global pages they gain fill the pool: the newer one's
+    pages of both groups go to host pages (its released window blocks stay released), and
+    come back, each group's in order, when it resumes."""
+    s = _mixed(num_pages=16, host=40, max_num_batched_tokens=64)
+    a, b = _seq(0, 20), _seq(1, 20)
+    s.enqueue(a)
+    s.enqueue(b)
+    for _ in range(40):
+        held = (list(b.pages), list(b.window_pages), b.num_computed_tokens,
+                b.num_dropped_window_pages)
+        out = s.schedule()
+        if out.preempted:
+            break
+        _advance(s, out)
+    assert [q.request_id for q in out.preempted] == ["1"]
+    assert list(out.swap_out) == list(zip(held[0] + held[1],
+                                          b.host_pages + b.host_window_pages))
+    assert (len(b.host_pages), len(b.host_window_pages)) == (len(held[0]), len(held[1]))
+    assert len(held[0]) > 3 and held[1]  # (the global pages grew, the window's did not)
+    assert b.num_computed_tokens == held[2] and b.num_dropped_window_pages == held[3] > 0
+    assert not b.pages and not b.window_pages
+    _advance(s, out)
+    host = (b.host_pages, b.host_window_pages)
+    s.finish(a, "stop")
+    out = s.schedule()  # b resumes: its blocks back in new pages of each group, in order
+    assert [x.seq.request_id for x in out.scheduled] == ["1"]
+    assert list(out.swap_in) == (list(zip(b.pages, host[0]))
+                                 + list(zip(b.window_pages, host[1])))
+    n = b.num_computed_tokens + 1  # (its next token's pages too)
+    assert len(b.pages) == -(-n // 8) and b.num_dropped_window_pages == held[3]
+    assert b.num_dropped_window_pages + len(b.window_pages) == -(-n // 4)
+    assert s.host_pages.num_used_pages == 0
+    s.pages.check_integrity({p: 1 for p in b.pages + b.window_pages})
+
+
+def test_a_mixed_models_prefix_hit_takes_its_global_pages_and_its_windows_own():
+    """30 tokens cached; the same prompt again skips 24: every global block before it, and
+    of the windowed layers' blocks only those token 24's window (keys 19..) reaches. With
+    blocks of 8 and 4 tokens: global 0-2, window 4-5; of 4 and 8: global 0-5 (28 is no
+    window block's end), window 2."""
+    for bt, wbt, pages, window in ((8, 4, (3, 4), (4, 2, 4)), (4, 8, (6, 8), (2, 1, 2))):
+        s = _mixed(num_pages=30, block_tokens=bt, window_tokens=wbt, max_num_batched_tokens=32)
+        root = prefix_root("m", None, None)
+        first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999, cache_root=root)
+        s.enqueue(first)
+        _advance(s, s.schedule())
+        s.finish(first, "stop")
+        assert s.pages.num_cached_pages == 30 // bt + 30 // wbt
+        again = Sequence("b", "m", list(range(30)), SamplingParams(), 1.0, 999,
+                         cache_root=root)
+        s.enqueue(again)
+        out = s.schedule()
+        assert out.scheduled[0].num_new_tokens == 6 and s.cache_hits["m"] == 24
+        assert (pages[0], len(again.pages)) == (24 // bt, -(-30 // bt))
+        assert (again.num_dropped_window_pages, window[1],
+                len(again.window_pages)) == window
+        s.pages.check_integrity({p: 1 for p in again.pages + again.window_pages})
+
+
+def test_a_mixed_models_hit_ends_earlier_where_its_window_pages_are_gone():
+    """The first prompt's windowed blocks 4 and 5 evicted (0-3 used again since): the global
+    blocks 0-2 are cached but token 24's window is not, so the hit ends at 16 (window blocks
+    2 and 3)."""
+    s = _mixed(num_pages=30, max_num_batched_tokens=32)
+    root = prefix_root("m", None, None)
+    first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999, cache_root=root)
+    s.enqueue(first)
+    _advance(s, s.schedule())
+    window = list(first.window_block_table)  # (blocks 0-5 released, cached)
+    s.finish(first, "stop")
+    early = s.pages.lookup([s._window_page_key(first, j) for j in range(4)])
+    assert len(early) == 4
+    s.pages.share(early)  # used again: now the most recent
+    s.pages.free(early)
+    free = s.pages.num_free_pages - s.pages.num_cached_pages
+    taken = s.pages.allocate(free + 2)  # the free list, then the least recent: blocks 4, 5
+    assert s.pages.lookup([s._window_page_key(first, 4)]) == []
+    assert window[0] == 0  # (released: the table names page 0)
+    s.pages.free(taken)
+    again = Sequence("b", "m", list(range(30)), SamplingParams(), 1.0, 999, cache_root=root)
+    s.enqueue(again)
+    out = s.schedule()
+    assert out.scheduled[0].num_new_tokens == 14 and s.cache_hits["m"] == 16
+    assert again.num_dropped_window_pages == 2
+    assert again.window_pages[:2] == early[2:]
+    s.pages.check_integrity({p: 1 for p in again.pages + again.window_pages})
