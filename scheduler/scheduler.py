@@ -582,7 +582,8 @@ class Scheduler:
     def _window_page_key(self, seq: Sequence, i: int) -> bytes:
         """:meth:`_page_key` of the windowed layers' group: a chain of its own (its blocks'
         size, its root: another group's page of the same tokens holds other layers)."""
-        root = hashlib.sha256(seq.cache_root + b"window layers").digest()
+        root = (b"" if seq.window_page_keys  # (the root: only for the first key)
+                else hashlib.sha256(seq.cache_root + b"window layers").digest())
         return self._chain_key(seq, seq.window_page_keys, root,
                                self.window_groups[seq.model][0], i)
 
