@@ -487,7 +487,8 @@ class NativeOps(TorchOps):
             c.ends = native.step_ends(model.w, model.lm_head_name, SCALE_SUFFIX)
             c.made = True
         if not c.kv or c.kv[0] is not kv_layers:
-            c.kv = (kv_layers, native.KVTable(kv_layers))
+            groups = [g for g, _ in model.kv_places] if model.mixed_kv else None
+            c.kv = (kv_layers, native.KVTable(kv_layers, groups))
         return c.table, c.ends, c.kv[1]
 
     def decode_step(self, model, batch, plan, kv_layers, lora) -> torch.Tensor | None:
@@ -496,7 +497,6 @@ class NativeOps(TorchOps):
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
         tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
         if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
-                or batch.window_group is not None  # two KV groups: the layers one by one
                 or model.cfg.torch_only  # Gemma's norms, GeGLU, caps: the ops one by one
                 or model.cfg.o_bias or model.cfg.attn_sinks  # (not in the step's call)
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
@@ -528,7 +528,9 @@ class NativeOps(TorchOps):
             model.scale, model.w["norm"], batch.input_ids if whole else None,
             ends[0] if whole else None, ends[1] if whole else None,
             None if lora is None else lora.native_table(cfg.num_layers), tp=exchange,
-            windows=model.windows)
+            windows=model.windows, window_group=None if batch.window_group is None else (
+                batch.window_group.slot_pages, batch.window_group.slot_offsets,
+                batch.window_group.decode_block_tables))
         if whole:
             return out
         if tp is not None:  # the vocabulary's columns gathered from the ranks

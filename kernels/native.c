@@ -2736,6 +2736,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     int64_t T = st->rows, hidden = st->hidden, inter = st->inter, nq = st->num_heads;
     int64_t nkv = st->num_kv_heads, D = st->head_dim, nqkv = (nq + 2 * nkv) * D;
     uint16_t *kc = (uint16_t *)st->kv->k[l], *vc = (uint16_t *)st->kv->v[l];
+    int win = st->kv->groups && st->kv->groups[l];  /* the windowed layers' own pages */
     const gp_lora_t *lora = st->lora;
     add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden, (const uint16_t *)p->input_norm, h,
                      hidden, T, hidden, st->eps);
@@ -2743,9 +2744,12 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
                 qkv, xq, xs, x4);
     if (lora) lora_group(st, l, 0, h, hidden, qkv, nqkv, items, item_seg, lh, failed);
     rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
-                 st->kv->page_stride, st->slot_pages, st->slot_offsets);
+                 st->kv->page_stride, win ? st->window_slot_pages : st->slot_pages,
+                 win ? st->window_slot_offsets : st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
-                          st->kv->block_tokens, st->block_tables, st->block_table_stride,
+                          win ? st->kv->window_block_tokens : st->kv->block_tokens,
+                          win ? st->window_block_tables : st->block_tables,
+                          win ? st->window_block_table_stride : st->block_table_stride,
                           st->context_lens, st->scale, o, st->windows ? st->windows[l] : 0,
                           NULL, 0.0f);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,

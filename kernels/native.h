@@ -10,13 +10,14 @@
  * sinks) in gp_step_t, the activation kind. gp_decode_attention and gp_prefill_attention
  * take sinks (one float32 logit a query head, or NULL) since version 10, a soft cap of the
  * scores (0: none; Gemma 2) since 11. gp_step_t's windows: each layer's sliding window
- * (0: none), or NULL. */
+ * (0: none), or NULL. Since 16 a step's layers may be two KV groups (gp_kv_t's groups, the
+ * step's window_* slots and tables: a model mixing global and windowed layers). */
 #ifndef GPUPOOL_NATIVE_H
 #define GPUPOOL_NATIVE_H
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 15
+#define GP_ABI_VERSION 16
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]
@@ -81,12 +82,17 @@ typedef struct {
     gp_lora_group_t groups[4];
 } gp_lora_t;
 
-/* the model's KV caches: each layer's K and V pages ([pages][block_tokens][kv heads][D]) */
+/* the model's KV caches: each layer's K and V pages ([pages][block_tokens][kv heads][D]); a
+ * model mixing global and windowed layers: groups[l] 1 for a windowed layer, whose pages are
+ * its KV group's own (window_block_tokens tokens a page, the step's window_* slots and block
+ * tables); groups NULL: every layer in one group */
 typedef struct {
     const void *const *k;
     const void *const *v;
     int64_t page_stride;
     int64_t block_tokens;
+    const int64_t *groups;
+    int64_t window_block_tokens;
 } gp_kv_t;
 
 /* a tensor-parallel rank's place in its host's shared-memory exchange (models/tp.py's
@@ -139,6 +145,10 @@ typedef struct {
     const gp_lora_t *lora;
     const gp_tp_t *tp;
     const int64_t *windows;
+    const int64_t *window_slot_pages;
+    const int64_t *window_slot_offsets;
+    const int32_t *window_block_tables;
+    int64_t window_block_table_stride;
 } gp_step_t;
 
 int gp_abi_version(void);

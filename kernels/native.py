@@ -838,7 +838,7 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                   context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
                   ids: torch.Tensor | None = None, embed: tuple | None = None,
                   head: tuple | None = None, lora=None, tp=None,
-                  windows: torch.Tensor | None = None):
+                  windows: torch.Tensor | None = None, window_group: tuple | None = None):
     """Every layer of a decode step of a few rows in one call (the same kernels, in the same
     order, as the per-op path). x: [T, hidden] contiguous, the embeddings (updated in place);
     or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
@@ -847,15 +847,24 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     table: :func:`layer_table`; kv: a :class:`KVTable` of the layers' caches; lora: None, or the
     step's :func:`lora_table`; tp: None, or a tensor-parallel rank's :class:`TPTable` (the o and
     down products' all-reduce inside the call; no LoRA then); windows: None, or each layer's
-    sliding window (int64 [layers], 0: none). RuntimeError where a rank is gone or keeps the
-    others waiting past models.tp.TIMEOUT_S."""
+    sliding window (int64 [layers], 0: none); window_group: where ``kv`` has two KV groups,
+    the windowed layers' (slot pages, slot offsets, block tables), else None. RuntimeError
+    where a rank is gone or keeps the others waiting past models.tp.TIMEOUT_S."""
     t, hidden = x.shape
     check("x", x, torch.bfloat16, 2, contiguous=True)
-    for name, v, dtype, dims in (
-            ("positions", positions, torch.int64, 1), ("slot_pages", slot_pages, torch.int64, 1),
-            ("slot_offsets", slot_offsets, torch.int64, 1),
-            ("context_lens", context_lens, torch.int32, 1),
-            ("block_tables", block_tables, torch.int32, 2)):
+    if (window_group is not None) != kv.mixed:
+        raise ValueError("native: decode_layers takes the windowed layers' slots and tables "
+                         "where its KVTable has their group, and only there")
+    named = [("positions", positions), ("slot_pages", slot_pages),
+             ("slot_offsets", slot_offsets), ("context_lens", context_lens),
+             ("block_tables", block_tables)]
+    if window_group is not None:
+        named += zip(("window_slot_pages", "window_slot_offsets", "window_block_tables"),
+                     window_group)
+    for name, v in named:
+        dims = 2 if name.endswith("block_tables") else 1
+        dtype = torch.int32 if name in ("context_lens", "block_tables",
+                                        "window_block_tables") else torch.int64
         check(name, v, dtype, dims, contiguous=dims == 1)
         if v.shape[0] != t:
             raise ValueError(f"native: decode_layers' {name} must have {t} rows")
@@ -892,6 +901,11 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                 vocab=0 if head is None else head[0].shape[0], logits=_p(logits),
                 lora=None if lora is None else ctypes.addressof(lora),
                 tp=None if tp is None else ctypes.addressof(tp.struct), windows=_p(windows))
+    if window_group is not None:
+        step.window_slot_pages, step.window_slot_offsets = (window_group[0].data_ptr(),
+                                                           window_group[1].data_ptr())
+        step.window_block_tables = window_group[2].data_ptr()
+        step.window_block_table_stride = window_group[2].stride(0)
     if tp is not None:
         tp.seq[0] = tp.shm.seq
         tp.struct.timeout_ms = int(tp.shm.timeout_s * 1000)
@@ -940,20 +954,33 @@ class KVTable:
     arrays it points at (the caller keeps the views alive; the backend makes it once per
     cache)."""
 
-    def __init__(self, kv_layers: list):
+    def __init__(self, kv_layers: list, groups: list[int] | None = None):
+        """``groups``: each layer's KV group (1: a windowed layer whose pages are its group's
+        own, a model mixing global and windowed layers), or None (one group)."""
         n = len(kv_layers)
-        k0 = kv_layers[0][0]
-        for k, v in kv_layers:  # [pages, block_tokens, kv heads, D], dense inside a page
+        groups = groups or [0] * n
+        if len(groups) != n or not set(groups) <= {0, 1} or 0 not in groups:
+            raise ValueError("native: a KVTable's groups are 0 or 1 a layer, some layer's 0")
+        first = {g: kv_layers[groups.index(g)][0] for g in set(groups)}
+        for (k, v), g in zip(kv_layers, groups):  # [pages, block_tokens, kv heads, D]
+            k0 = first[g]
             for name, c in (("k cache", k), ("v cache", v)):
                 check(name, c, torch.bfloat16, 4)
                 if c.shape != k0.shape or c.stride() != k0.stride() or c.stride()[1:] != (
                         c.shape[2] * c.shape[3], c.shape[3], 1):
                     raise ValueError(f"native: every layer's {name} must be dense pages of "
-                                     f"one shape and stride")
+                                     f"one shape and stride (its KV group's)")
+        if any(c.stride(0) != first[0].stride(0) or c.shape[2:] != first[0].shape[2:]
+               for c in first.values()):  # (the same pages, seen by each group)
+            raise ValueError("native: the KV groups' pages must have one stride and head shape")
         self.arrays = ((ctypes.c_void_p * n)(*(k.data_ptr() for k, _ in kv_layers)),
-                       (ctypes.c_void_p * n)(*(v.data_ptr() for _, v in kv_layers)))
+                       (ctypes.c_void_p * n)(*(v.data_ptr() for _, v in kv_layers)),
+                       (ctypes.c_int64 * n)(*groups))
+        self.mixed = 1 in groups
         self.struct = KV(k=ctypes.addressof(self.arrays[0]), v=ctypes.addressof(self.arrays[1]),
-                         page_stride=k0.stride(0), block_tokens=k0.shape[1])
+                         page_stride=first[0].stride(0), block_tokens=first[0].shape[1],
+                         groups=ctypes.addressof(self.arrays[2]) if self.mixed else None,
+                         window_block_tokens=first[1].shape[1] if self.mixed else 0)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

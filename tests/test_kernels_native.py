@@ -910,7 +910,7 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
 @pytest.mark.parametrize("variant,quantization,adapters", [
     ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
     ("llama", None, True), ("llama", "int8", True), ("llama", "int4", False),
-    ("qwen2", "int4", True), ("mistral", None, True)])
+    ("qwen2", "int4", True), ("mistral", None, True), ("qwen2_window", None, True)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the
@@ -919,7 +919,6 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
     adapters, rows of two adapters of different ranks and targets and base rows, the LoRA
     terms inside the call."""
     from gpupool.models.batch import BatchRow
-    from gpupool.models.runner import build_batch
 
     if quantization and not native.has_gemv_int8():  # int4's head is int8
         pytest.skip("this build has no int8 GEMV (AVX-512 BW or AVX2): no whole-step call for int8")
@@ -942,16 +941,19 @@ def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant,
         sizes = (1, 3, 8) if quantization else (1, 3)
         prompts = random_prompts(max(sizes), 5, 9, seed=21)
         pages = [engine.local.kv.pages.allocate(2) for _ in prompts]
-        rows = [BatchRow(token_ids=p, start=0, pages=pg, is_decode=False, samples=True)
-                for p, pg in zip(prompts, pages)]
-        w.model.forward(build_batch(rows, w.block_tokens, w.device), w.kv_view)
+        # Qwen2's windowed layer: pages of its own (its KV group's)
+        window = [engine.local.kv.pages.allocate(2) if w.window_group else None
+                  for _ in prompts]
+        rows = [BatchRow(token_ids=p, start=0, pages=pg, is_decode=False, samples=True,
+                         window_pages=wp) for p, pg, wp in zip(prompts, pages, window)]
+        w.model.forward(w.batch(rows), w.kv_view)
         for n in sizes:
             step = sorted(  # rows grouped by adapter, as the scheduler sends them
                 [BatchRow(token_ids=[7 + i], start=len(p), pages=pg, is_decode=True,
-                          samples=True, adapter=names[i])
-                 for i, (p, pg) in enumerate(list(zip(prompts, pages))[:n])],
+                          samples=True, adapter=names[i], window_pages=wp)
+                 for i, (p, pg, wp) in enumerate(list(zip(prompts, pages, window))[:n])],
                 key=lambda r: r.adapter or "")
-            batch = build_batch(step, w.block_tokens, w.device)
+            batch = w.batch(step)
             lora = w._lora_batch(step)
             assert (lora is not None) == any(r.adapter for r in step)
             before = len(calls)
