@@ -99,11 +99,10 @@ class LoadedModel:
         self.layout, host = self._read()
         self._make_model(kv, kernels, use_native, batch_invariant)
         self.steps_bound = 0  # steps run since the weights were last bound
-        # decode steps replayed from captured CUDA graphs (models/graphs.py; not for a model
-        # of two KV groups: its graphs would need the second group's tables)
-        self.graphs = (DecodeGraphs(name, self.model, self.kv_view, self.block_tokens, device)
-                       if cuda_graphs and device.type == "cuda" and self.window_group is None
-                       else None)
+        # decode steps replayed from captured CUDA graphs (models/graphs.py)
+        self.graphs = (DecodeGraphs(name, self.model, self.kv_view, self.block_tokens, device,
+                                    self.window_group[0] if self.window_group else 0)
+                       if cuda_graphs and device.type == "cuda" else None)
         self.weight_pool = weight_pool
         if weight_pool is None:
             self.weights = host if device.type == "cpu" else host.to(device)

@@ -3,6 +3,8 @@
 Needs a CUDA GPU: skipped without one (CI has none; run on a GPU with scripts/gpu_check.sh).
 On CPU only the switch is checked: an engine on CPU never makes graphs."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,33 +87,52 @@ def test_graphs_follow_the_weights_through_swaps(tiny_models, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels interpreted on "
                     "CPU tensors; on a GPU the replay tests above cover the static inputs")
-def test_the_static_inputs_give_the_eager_logits(tiny_models):
+@pytest.mark.parametrize("variant", ["qwen2", "gpt_oss"])
+def test_the_static_inputs_give_the_eager_logits(tiny_models, variant):
     """What a graph replays, run eagerly on CPU: the static batch filled from a step's rows
     (block tables padded to the model's longest context) gives build_batch's logits, with
-    the Triton kernels (interpreted here) that a CUDA graph captures."""
+    the Triton kernels (interpreted here) that a CUDA graph captures. gpt-oss: its windowed
+    layer's pages a KV group of their own (their slots and tables static inputs too; a
+    released block's entry page 0)."""
     from gpupool.models.batch import BatchRow
     from gpupool.models.graphs import DecodeGraphs, _Graph
-    from gpupool.models.runner import build_batch
 
-    e = make_engine(tiny_models("qwen2"), kernels="triton")  # what a CUDA graph captures
+    e = make_engine(tiny_models(variant), kernels="triton")  # what a CUDA graph captures
     try:
         w = e.local.core.workers["m"]
         w.make_resident(frozenset({"m"}))
-        bt = w.block_tokens
-        graphs = DecodeGraphs("m", w.model, w.kv_view, bt, torch.device("cpu"))
+        bt, wbt = w.block_tokens, w.window_group[0] if w.window_group else 0
+        assert (variant == "gpt_oss") == bool(wbt)
+        graphs = DecodeGraphs("m", w.model, w.kv_view, bt, torch.device("cpu"), wbt)
         g = torch.Generator().manual_seed(0)
-        w.kv_view.copy_(torch.randn(w.kv_view.shape, generator=g))  # any cached context
-        rows = [BatchRow([7], start, list(range(first, first + start // bt + 1)), True, True)
+        for view in w.kv_view if wbt else (w.kv_view,):  # any cached context
+            view.copy_(torch.randn(view.shape, generator=g))
+
+        def window(start, first):  # the windowed layers' pages: blocks behind the window 0
+            if not wbt:
+                return None
+            pages = list(range(first, first + start // wbt + 1))
+            dead = max(0, start - w.cfg.group_window + 1) // wbt
+            return [0] * dead + pages[dead:]
+
+        rows = [BatchRow([7], start, list(range(first, first + start // bt + 1)), True, True,
+                         window_pages=window(start, 20 + first))
                 for start, first in ((0, 0), (bt + 3, 5), (3 * bt - 1, 9))]
         assert graphs.eligible(rows)
         assert not graphs.eligible([BatchRow([7, 8], 0, [0], False, True)])  # prefill
         assert not graphs.eligible([BatchRow([7], 0, [0], True, True, adapter="a")])
         assert w.model.ops.name == "triton"
-        static = _Graph(len(rows), graphs.max_pages, torch.device("cpu"))
+        static = _Graph(len(rows), graphs.max_pages, torch.device("cpu"),
+                        graphs.max_window_pages)
         graphs._fill(static, rows)
         assert static.batch.decode_block_tables.shape == (3, graphs.max_pages)
         got = w.model.forward(static.batch, w.kv_view, None)
-        want = w.model.forward(build_batch(rows, bt, "cpu"), w.kv_view, None)
+        want = w.model.forward(w.batch(rows), w.kv_view, None)
         assert torch.equal(got, want)
+        if wbt:  # the windowed layers read their own pages: other ones give other logits
+            moved = [dataclasses.replace(r, window_pages=[p + 1 for p in r.window_pages])
+                     for r in rows]
+            graphs._fill(static, moved)
+            assert not torch.equal(w.model.forward(static.batch, w.kv_view, None), want)
     finally:
         e.shutdown()
