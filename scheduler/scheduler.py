@@ -302,13 +302,14 @@ class Scheduler:
             swap = False  # past LongRoPE's switch: its KV is recomputed with the long factors
         held = seq.pages + seq.window_pages  # (a model's windowed layers' group after)
         host = self.host_pages.allocate(len(held)) if self.host_pages and swap else None
-        if host is not None and held:
+        swapped = host is not None and bool(held)
+        if swapped:
             self._swap_out.extend(zip(held, host))
             # (its released blocks stay released)
             seq.host_pages, seq.host_window_pages = host[:len(seq.pages)], host[len(seq.pages):]
-        else:
+        self._give_back(seq)  # indexed pages stay cached: a recompute may hit them
+        if not swapped:
             seq.num_computed_tokens = seq.num_dropped_pages = seq.num_dropped_window_pages = 0
-        self.pages.free(held)  # indexed pages stay cached: a recompute may hit them
         seq.pages, seq.window_pages = [], []
         seq.num_indexed_pages = seq.num_indexed_window_pages = 0
         seq.status = Status.WAITING
@@ -319,6 +320,38 @@ class Scheduler:
         self.waiting[seq.model].appendleft(seq)
         if seq.adapter:
             self._pin_running()
+
+    def _give_back(self, seq: Sequence) -> None:
+        """Free the sequence's pages (the caller forgets them) its last blocks first, and
+        touch its blocks released behind a window that are still cached, each in its place:
+        the pool then evicts a cached prefix from its tail (what is left still serves a
+        shorter hit) rather than from its head, which would leave no hit at all; and a
+        window's blocks before a hit's end, released early, stay as long as the blocks they
+        follow."""
+        placed = [(i * self.block_tokens[seq.model], p)
+                  for i, p in enumerate(seq.pages, seq.num_dropped_pages)]
+        group = self.window_groups.get(seq.model)
+        if group:
+            placed += [(j * group[0], p)
+                       for j, p in enumerate(seq.window_pages, seq.num_dropped_window_pages)]
+        released = self._released_cached(seq)
+        self.pages.share([p for _, p in released])  # held a moment: touched when freed
+        # (a stable sort: of one first token, a released block after a held one)
+        self.pages.free([p for _, p in sorted(placed + released, key=lambda x: -x[0])])
+
+    def _released_cached(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(first token, page) of the sequence's blocks released behind a window that the
+        prefix index still holds (as it indexed them)."""
+        out = []
+        for keys, dropped, bt in (
+                (seq.page_keys, seq.num_dropped_pages, self.block_tokens[seq.model]),
+                (seq.window_page_keys, seq.num_dropped_window_pages,
+                 self.window_groups.get(seq.model, (1,))[0])):
+            for i, key in enumerate(keys[:dropped]):
+                page = self.pages.lookup([key])
+                if page:
+                    out.append((i * bt, page[0]))
+        return out
 
     def _evict_others(self, model: str, need: int, preempted: list[Sequence],
                       swap: bool = True) -> None:
@@ -515,7 +548,7 @@ class Scheduler:
             if num_new == 0 or not self.pages.can_allocate(need + extra):
                 self._unpin_refused(key)
                 if hit:  # not admitted: the prefix goes back to the cache
-                    self.pages.free(seq.pages + seq.window_pages)
+                    self._give_back(seq)
                     seq.pages, seq.num_computed_tokens, seq.num_indexed_pages = [], 0, 0
                     seq.window_pages, seq.num_indexed_window_pages = [], 0
                     seq.num_dropped_pages = seq.num_dropped_window_pages = 0
@@ -773,7 +806,7 @@ class Scheduler:
                 self._pin_running()
         elif seq in self.waiting[seq.model]:
             self.waiting[seq.model].remove(seq)
-        self.pages.free(seq.pages + seq.window_pages)
+        self._give_back(seq)
         seq.pages, seq.num_dropped_pages = [], 0
         seq.window_pages, seq.num_dropped_window_pages = [], 0
         if seq.host_pages:

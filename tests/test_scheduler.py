@@ -439,28 +439,48 @@ def test_a_model_with_a_global_layer_keeps_every_page():
 
 
 def test_a_windowed_prefix_hit_needs_only_the_blocks_its_window_reaches():
-    """The first prompt's early blocks, released and cached first, are evicted first; the
-    same prompt again still skips 28 of its 30 tokens: its first computed token (28) sees
-    keys 23.. only, in blocks 5 and 6. Without windows nothing is found (block 0 is gone)."""
-    for window in (6, 0):
+    """The first prompt's early blocks, released behind its window and cached, are evicted
+    while it still runs (nothing else is evictable then); the same prompt again still
+    skips 28 of its 30 tokens: its first computed token (28) sees keys 23.. only, in
+    blocks 5 and 6."""
+    s = _windowed(num_pages=10, window=6, max_num_batched_tokens=32)
+    root = prefix_root("m", None, None)
+    first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999, cache_root=root)
+    s.enqueue(first)
+    _advance(s, s.schedule())  # blocks 0-5 released (behind token 30's window), cached
+    assert first.num_dropped_pages == 6 and s.pages.num_cached_pages == 7
+    taken = s.pages.allocate(s.pages.num_free_pages - s.pages.num_cached_pages + 5)
+    s.pages.free(taken)  # the free list, then the least recent cached: blocks 0-4
+    s.finish(first, "stop")
+    again = Sequence("b", "m", list(range(30)), SamplingParams(), 1.0, 999, cache_root=root)
+    s.enqueue(again)
+    out = s.schedule()
+    assert again.num_dropped_pages == 5 and len(again.pages) == 3  # 5, 6 + new 7
+    assert out.scheduled[0].num_new_tokens == 2 and s.cache_hits["m"] == 28
+    s.pages.check_integrity({p: 1 for p in again.pages})
+
+
+def test_a_finished_prompts_cached_blocks_are_evicted_from_its_tail():
+    """A prompt's 7 cached blocks: taking 3 pages more than the free list evicts its last
+    3 (blocks 4-6), not its first (which would leave no hit): the same prompt again still
+    skips its first 16 tokens. With every layer windowed, the blocks it released while it
+    ran are touched again when it finishes, each in its place."""
+    for window in (0, 6):
         s = _windowed(num_pages=10, window=window, max_num_batched_tokens=32)
         root = prefix_root("m", None, None)
-        first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999, cache_root=root)
+        first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999,
+                         cache_root=root)
         s.enqueue(first)
         _advance(s, s.schedule())
         s.finish(first, "stop")
         assert s.pages.num_cached_pages == 7  # full blocks 0..6
-        taken = s.pages.allocate(7)  # 3 free pages, then 4 cached ones evicted
+        taken = s.pages.allocate(s.pages.num_free_pages - s.pages.num_cached_pages + 3)
         s.pages.free(taken)
         again = Sequence("b", "m", list(range(30)), SamplingParams(), 1.0, 999,
                          cache_root=root)
         s.enqueue(again)
         out = s.schedule()
-        if window:
-            assert again.num_dropped_pages == 5 and len(again.pages) == 3  # 5, 6 + new 7
-            assert out.scheduled[0].num_new_tokens == 2 and s.cache_hits["m"] == 28
-        else:
-            assert out.scheduled[0].num_new_tokens == 30 and s.cache_hits["m"] == 0
+        assert s.cache_hits["m"] == 16 and out.scheduled[0].num_new_tokens == 14
         s.pages.check_integrity({p: 1 for p in again.pages})
 
 
@@ -561,29 +581,27 @@ def test_a_mixed_models_prefix_hit_takes_its_global_pages_and_its_windows_own():
 
 
 def test_a_mixed_models_hit_ends_earlier_where_its_window_pages_are_gone():
-    """The first prompt's windowed blocks 4 and 5 evicted (0-3 used again since): the global
-    blocks 0-2 are cached but token 24's window is not, so the hit ends at 16 (window blocks
-    2 and 3)."""
+    """The first prompt's cached blocks evicted from the tail (two pages: its windowed
+    layers' blocks 6 and 5, of tokens 24.. and 20..): its global blocks 0-2 are still
+    cached but token 24's window (blocks 4, 5) is not, so the hit ends at 16 (window
+    blocks 2 and 3, released while it ran and touched again when it finished)."""
     s = _mixed(num_pages=30, max_num_batched_tokens=32)
     root = prefix_root("m", None, None)
     first = Sequence("a", "m", list(range(30)), SamplingParams(), 0.0, 999, cache_root=root)
     s.enqueue(first)
     _advance(s, s.schedule())
-    window = list(first.window_block_table)  # (blocks 0-5 released, cached)
+    assert first.num_dropped_window_pages == 6  # (blocks 0-5 released, cached)
     s.finish(first, "stop")
-    early = s.pages.lookup([s._window_page_key(first, j) for j in range(4)])
-    assert len(early) == 4
-    s.pages.share(early)  # used again: now the most recent
-    s.pages.free(early)
+    window = [s.pages.lookup([s._window_page_key(first, j)]) for j in range(7)]
     free = s.pages.num_free_pages - s.pages.num_cached_pages
-    taken = s.pages.allocate(free + 2)  # the free list, then the least recent: blocks 4, 5
-    assert s.pages.lookup([s._window_page_key(first, 4)]) == []
-    assert window[0] == 0  # (released: the table names page 0)
+    taken = s.pages.allocate(free + 2)  # the free list, then the tail: blocks 6, 5
+    assert [s.pages.lookup([s._window_page_key(first, j)]) for j in range(7)] == (
+        window[:5] + [[], []])
     s.pages.free(taken)
     again = Sequence("b", "m", list(range(30)), SamplingParams(), 1.0, 999, cache_root=root)
     s.enqueue(again)
     out = s.schedule()
     assert out.scheduled[0].num_new_tokens == 14 and s.cache_hits["m"] == 16
     assert again.num_dropped_window_pages == 2
-    assert again.window_pages[:2] == early[2:]
+    assert again.window_pages[:2] == window[2] + window[3]
     s.pages.check_integrity({p: 1 for p in again.pages + again.window_pages})
