@@ -429,15 +429,17 @@ def test_a_bf16_tensor_parallel_request_has_the_same_tokens_in_any_batch(tmp_pat
         two.shutdown()
 
 
-@pytest.mark.parametrize("adapter", [False, True])
+@pytest.mark.parametrize("variant,adapter", [("llama", False), ("llama", True),
+                                             ("qwen2_window", False)])
 def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op_bits(
-        tmp_path, monkeypatch, adapter):
+        tmp_path, monkeypatch, variant, adapter):
     """bf16 decode on 2 ranks: each rank's step is one native call with the o and down
     products' all-reduces inside it (through the same shared-memory exchange); its tokens and
     log-probabilities equal those of rank 0's per-op path (its whole-step call turned off:
     rank 1 keeps its own, the exchanges follow one protocol). With an adapter on every
     projection, its terms are inside the call too, the o and down shrinks summed over the
-    ranks there."""
+    ranks there. Qwen2 with a windowed layer: its pages a KV group of their own on every
+    rank, released behind the window."""
     from gpupool import SamplingParams
     from gpupool.kernels import native
     from gpupool.kernels.backend import NativeOps
@@ -448,7 +450,7 @@ def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op
     monkeypatch.setattr(native, "decode_layers",
                         lambda *a, **k: calls.append((k.get("tp"), a[20] if len(a) > 20
                                                       else k.get("lora"))) or real(*a, **k))
-    folder = make_tiny_model(tmp_path / "m", "llama")
+    folder = make_tiny_model(tmp_path / "m", variant)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
     prompts = random_prompts(4, 3, 30, seed=5)
     model = "m"
@@ -462,13 +464,17 @@ def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op
     for whole in (True, False):
         if not whole:
             monkeypatch.setattr(NativeOps, "decode_step", lambda self, *a: None)
-        two = make_engine(folder, tensor_parallel=2, dtype="bfloat16")
+        # (Qwen2's: pages of 32 tokens of a layer on a rank, so the window's are released)
+        two = make_engine(folder, tensor_parallel=2, dtype="bfloat16",
+                          **({"kv_page_bytes": 2 << 10} if variant == "qwen2_window" else {}))
         try:
             if adapter:
                 two.add_adapter("a", "m", path)
             got = two.generate(prompts, params, model=model)
             assert all(o.error is None and len(o.token_ids) == 12 for o in got)
             outs.append([(list(o.token_ids), o.logprobs) for o in got])
+            released = two.local.core.scheduler.num_released_pages
+            assert (released > 0) == (variant == "qwen2_window")
         finally:
             two.shutdown()
         if whole:
