@@ -404,17 +404,26 @@ def _windowed(num_pages=100, window=6, **cfg):
     return s
 
 
+def _alone(s, seq, pages, steps: int = 30):
+    """Run ``seq`` alone for ``steps`` steps, yielding after each the most of ``pages(seq)``
+    it held at once so far."""
+    s.enqueue(seq)
+    most = 0
+    for _ in range(steps):
+        out = s.schedule()
+        most = max(most, len(pages(seq)))
+        _advance(s, out)
+        yield most
+
+
 def test_pages_behind_every_layers_window_are_released_as_a_sequence_grows():
     """A token at position p sees keys p - 5 .. p: the blocks wholly before the next token's
     window are freed after each step, and the table keeps their places."""
     s = _windowed(max_num_batched_tokens=8)
     seq = _seq(0, 21)
-    s.enqueue(seq)
-    most = 0
-    for _ in range(30):
-        out = s.schedule()
-        most = max(most, len(seq.pages))
-        _advance(s, out)
+    window = (6 - 1 + 8) // 4 + 2  # the window's blocks and a step's tokens
+    for most in _alone(s, seq, lambda q: q.pages):
+        assert most <= window
         n = seq.num_computed_tokens
         assert seq.num_dropped_pages == max(0, n - 5) // 4
         assert seq.num_dropped_pages + len(seq.pages) == -(-n // 4)
@@ -423,7 +432,7 @@ def test_pages_behind_every_layers_window_are_released_as_a_sequence_grows():
         s.pages.check_integrity({p: 1 for p in seq.pages})
     assert seq.num_computed_tokens == 48  # 21 in 3 chunks, then 27 decoded
     assert seq.num_dropped_pages == s.num_released_pages == (48 - 5) // 4
-    assert most <= s.peak_pages("m", 999) == (6 - 1 + 8) // 4 + 2
+    assert s.peak_pages("m", 999) == window
     s.finish(seq, "length")
     assert s.pages.num_used_pages == 0 and s.pages.num_free_pages == 100
 
@@ -496,12 +505,9 @@ def _mixed(num_pages=100, block_tokens=8, window_tokens=4, host=0, **cfg):
 def test_a_mixed_models_windowed_layers_release_their_pages_and_its_global_ones_keep_theirs():
     s = _mixed(max_num_batched_tokens=8)
     seq = _seq(0, 21)
-    s.enqueue(seq)
-    most = 0
-    for _ in range(30):
-        out = s.schedule()
-        most = max(most, len(seq.window_pages))
-        _advance(s, out)
+    window = (6 - 1 + 8) // 4 + 2  # the window's blocks and a step's tokens
+    for most in _alone(s, seq, lambda q: q.window_pages):
+        assert most <= window
         n = seq.num_computed_tokens
         assert seq.num_dropped_pages == 0 and len(seq.pages) == -(-n // 8)
         assert seq.num_dropped_window_pages == max(0, n - 5) // 4
@@ -512,8 +518,7 @@ def test_a_mixed_models_windowed_layers_release_their_pages_and_its_global_ones_
         s.pages.check_integrity({p: 1 for p in seq.pages + seq.window_pages})
     assert seq.num_computed_tokens == 48  # 21 in 3 chunks, then 27 decoded
     assert seq.num_dropped_window_pages == s.num_released_pages == (48 - 5) // 4
-    window = (6 - 1 + 8) // 4 + 2  # the window's blocks and a step's tokens
-    assert most <= window and s.peak_pages("m", 999) == -(-999 // 8) + window
+    assert s.peak_pages("m", 999) == -(-999 // 8) + window
     # 20 pages: the window's 5, then 15 of 8 tokens (120 tokens), not 20 pages of 4 or 8
     assert s.max_tokens("m", 20, 999) == 120
     s.finish(seq, "length")
