@@ -2,6 +2,8 @@
 
 from collections import Counter
 
+import pytest
+
 from gpupool import SamplingParams
 from gpupool.pool.pages import PagePool, prefix_root
 from gpupool.scheduler.policy import Policy
@@ -416,27 +418,6 @@ def _alone(s, seq, pages, steps: int = 30):
         yield most
 
 
-def test_pages_behind_every_layers_window_are_released_as_a_sequence_grows():
-    """A token at position p sees keys p - 5 .. p: the blocks wholly before the next token's
-    window are freed after each step, and the table keeps their places."""
-    s = _windowed(max_num_batched_tokens=8)
-    seq = _seq(0, 21)
-    window = (6 - 1 + 8) // 4 + 2  # the window's blocks and a step's tokens
-    for most in _alone(s, seq, lambda q: q.pages):
-        assert most <= window
-        n = seq.num_computed_tokens
-        assert seq.num_dropped_pages == max(0, n - 5) // 4
-        assert seq.num_dropped_pages + len(seq.pages) == -(-n // 4)
-        assert seq.block_table[seq.num_dropped_pages:] == seq.pages
-        assert seq.block_table[: seq.num_dropped_pages] == [0] * seq.num_dropped_pages
-        s.pages.check_integrity({p: 1 for p in seq.pages})
-    assert seq.num_computed_tokens == 48  # 21 in 3 chunks, then 27 decoded
-    assert seq.num_dropped_pages == s.num_released_pages == (48 - 5) // 4
-    assert s.peak_pages("m", 999) == window
-    s.finish(seq, "length")
-    assert s.pages.num_used_pages == 0 and s.pages.num_free_pages == 100
-
-
 def test_a_model_with_a_global_layer_keeps_every_page():
     s = _windowed(window=0)
     seq = _seq(0, 21)
@@ -502,25 +483,31 @@ def _mixed(num_pages=100, block_tokens=8, window_tokens=4, host=0, **cfg):
     return s
 
 
-def test_a_mixed_models_windowed_layers_release_their_pages_and_its_global_ones_keep_theirs():
-    s = _mixed(max_num_batched_tokens=8)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_pages_behind_a_window_are_released_as_a_sequence_grows(mixed):
+    """A token at position p sees keys p - 5 .. p: the blocks (of 4 tokens) wholly before the
+    next token's window are freed after each step, and the table keeps their places. Every
+    layer windowed: the sequence's pages; a model mixing global and windowed layers: its
+    windowed layers' own (``window_`` pages), its global layers' (8 tokens a page) kept."""
+    s = _mixed(max_num_batched_tokens=8) if mixed else _windowed(max_num_batched_tokens=8)
     seq = _seq(0, 21)
+    group = "window_" if mixed else ""
     window = (6 - 1 + 8) // 4 + 2  # the window's blocks and a step's tokens
-    for most in _alone(s, seq, lambda q: q.window_pages):
+    for most in _alone(s, seq, lambda q: getattr(q, group + "pages")):
         assert most <= window
         n = seq.num_computed_tokens
-        assert seq.num_dropped_pages == 0 and len(seq.pages) == -(-n // 8)
-        assert seq.num_dropped_window_pages == max(0, n - 5) // 4
-        assert seq.num_dropped_window_pages + len(seq.window_pages) == -(-n // 4)
-        dropped = seq.num_dropped_window_pages
-        assert seq.window_block_table == [0] * dropped + seq.window_pages
-        assert not set(seq.pages) & set(seq.window_pages)
+        held, dropped = getattr(seq, group + "pages"), getattr(seq, f"num_dropped_{group}pages")
+        assert dropped == max(0, n - 5) // 4 and dropped + len(held) == -(-n // 4)
+        assert getattr(seq, group + "block_table") == [0] * dropped + held
+        if mixed:
+            assert seq.num_dropped_pages == 0 and len(seq.pages) == -(-n // 8)
+            assert not set(seq.pages) & set(seq.window_pages)
         s.pages.check_integrity({p: 1 for p in seq.pages + seq.window_pages})
     assert seq.num_computed_tokens == 48  # 21 in 3 chunks, then 27 decoded
-    assert seq.num_dropped_window_pages == s.num_released_pages == (48 - 5) // 4
-    assert s.peak_pages("m", 999) == -(-999 // 8) + window
-    # 20 pages: the window's 5, then 15 of 8 tokens (120 tokens), not 20 pages of 4 or 8
-    assert s.max_tokens("m", 20, 999) == 120
+    assert getattr(seq, f"num_dropped_{group}pages") == s.num_released_pages == (48 - 5) // 4
+    assert s.peak_pages("m", 999) == window + (-(-999 // 8) if mixed else 0)
+    if mixed:  # 20 pages: the window's 5, then 15 of 8 tokens (120), not 20 of 4 or 8
+        assert s.max_tokens("m", 20, 999) == 120
     s.finish(seq, "length")
     assert s.pages.num_used_pages == 0 and s.pages.num_free_pages == 100
 
