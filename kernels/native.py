@@ -855,16 +855,15 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     if (window_group is not None) != kv.mixed:
         raise ValueError("native: decode_layers takes the windowed layers' slots and tables "
                          "where its KVTable has their group, and only there")
-    named = [("positions", positions), ("slot_pages", slot_pages),
-             ("slot_offsets", slot_offsets), ("context_lens", context_lens),
-             ("block_tables", block_tables)]
+    named = [("positions", positions, torch.int64, 1), ("slot_pages", slot_pages, torch.int64, 1),
+             ("slot_offsets", slot_offsets, torch.int64, 1),
+             ("context_lens", context_lens, torch.int32, 1),
+             ("block_tables", block_tables, torch.int32, 2)]
     if window_group is not None:
-        named += zip(("window_slot_pages", "window_slot_offsets", "window_block_tables"),
-                     window_group)
-    for name, v in named:
-        dims = 2 if name.endswith("block_tables") else 1
-        dtype = torch.int32 if name in ("context_lens", "block_tables",
-                                        "window_block_tables") else torch.int64
+        named += [("window_slot_pages", window_group[0], torch.int64, 1),
+                  ("window_slot_offsets", window_group[1], torch.int64, 1),
+                  ("window_block_tables", window_group[2], torch.int32, 2)]
+    for name, v, dtype, dims in named:
         check(name, v, dtype, dims, contiguous=dims == 1)
         if v.shape[0] != t:
             raise ValueError(f"native: decode_layers' {name} must have {t} rows")

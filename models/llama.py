@@ -62,8 +62,10 @@ class LlamaModel:
         # global and windowed layers mixed: each layer's KV group (0 global, 1 windowed: its
         # own pages, block tables and slots, ForwardBatch.window_group) and place in it
         groups = cfg.kv_groups
-        self.kv_places = [(g, j) for i in range(cfg.num_layers) for g, layers in
-                          enumerate(groups) for j, layer in enumerate(layers) if layer == i]
+        self.kv_places = [(0, 0)] * cfg.num_layers
+        for g, layers in enumerate(groups):
+            for j, layer in enumerate(layers):
+                self.kv_places[layer] = (g, j)
         self.mixed_kv = len(groups) > 1
         self.ops = ops if ops is not None else backend.select(device, dtype, cfg)
         self.w: dict[str, torch.Tensor] = {}

@@ -28,16 +28,15 @@ def _pooling_split(pools: list[bool]) -> tuple[list[int], int]:
     return sample + [i for i, p in enumerate(pools) if p], len(sample)
 
 
-def _window_slots(rows: list[BatchRow], window_tokens: int) -> tuple[list, list, list, list]:
-    """The windowed layers' KV group (a model mixing them with global layers; none for
-    ``window_tokens`` 0): each token's page and slot, the decode rows' and the prefill rows'
-    block tables, from each row's ``window_pages``."""
+def _slots(rows: list[BatchRow], tables: list[list[int]], bt: int) -> tuple[list, ...]:
+    """A KV group's slots (its tables: each row's pages, ``bt`` tokens a page): each token's
+    page and slot, the decode rows' and the prefill rows' block tables."""
     pages, offs, dec, pre = [], [], [], []
-    for item in rows if window_tokens else ():
+    for item, table in zip(rows, tables):
         for p in range(item.start, item.start + len(item.token_ids)):
-            pages.append(item.window_pages[p // window_tokens])
-            offs.append(p % window_tokens)
-        (dec if item.is_decode else pre).append(item.window_pages)
+            pages.append(table[p // bt])
+            offs.append(p % bt)
+        (dec if item.is_decode else pre).append(table)
     return pages, offs, dec, pre
 
 
@@ -49,17 +48,13 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device,
     row's are offset by ``rope_long_offset`` (its long rows). ``window_tokens``: a model
     mixing global and windowed layers, the windowed layers' tokens a page (their slots and
     block tables from each row's ``window_pages``: ``ForwardBatch.window_group``)."""
-    ids, pos, pages, offs, logits_rows, pools = [], [], [], [], [], []
-    dec_tables, dec_lens, pre_tables, pre_lens, cu = [], [], [], [], [0]
+    ids, pos, logits_rows, pools = [], [], [], []
+    dec_lens, pre_lens, cu = [], [], [0]
     for item in rows:
-        n, start, seq_pages = len(item.token_ids), item.start, item.pages
+        n, start = len(item.token_ids), item.start
         ids.extend(item.token_ids)
-        positions = range(start, start + n)
         pos.extend(range(start + rope_long_offset, start + n + rope_long_offset)
-                   if item.rope_long else positions)
-        pages.extend(seq_pages[p // block_tokens] for p in positions)
-        offs.extend(p % block_tokens for p in positions)
-        (dec_tables if item.is_decode else pre_tables).append(seq_pages)
+                   if item.rope_long else range(start, start + n))
         if item.is_decode:
             dec_lens.append(start + n)
         else:
@@ -74,10 +69,12 @@ def build_batch(rows: list[BatchRow], block_tokens: int, device,
     t, r = len(ids), len(logits_rows)
     split, ns = _pooling_split(pools)
     end = 4 * t + r + len(split)  # the window group's slots after the rest
-    wpages, woffs, *wtables = _window_slots(rows, window_tokens)
+    pages, offs, *own = _slots(rows, [item.pages for item in rows], block_tokens)
+    wpages, woffs, *wtables = (_slots(rows, [item.window_pages for item in rows], window_tokens)
+                               if window_tokens else ([], [], [], []))
     longs = torch.tensor(ids + pos + pages + offs + logits_rows + split + wpages + woffs,
                          dtype=torch.long, device=device)
-    tables = [_table(x) for x in (dec_tables, pre_tables, *wtables)]
+    tables = [_table(x) for x in (*own, *wtables)]
     d, s = len(dec_lens), len(pre_lens)
     ints = torch.tensor(dec_lens + cu + pre_lens + [v for flat, _ in tables for v in flat],
                         dtype=torch.int32, device=device)

@@ -280,19 +280,21 @@ class Scheduler:
         """Free the sequence's pages that no query of it will read again (behind every
         layer's window of its next token, or behind the windowed layers' window in their
         own group); an indexed one stays cached for other prompts."""
-        dead = self.dead_blocks(seq, seq.num_computed_tokens) - seq.num_dropped_pages
-        if dead > 0:
-            self.pages.free(seq.pages[:dead])
-            del seq.pages[:dead]
-            seq.num_dropped_pages += dead
-            self.num_released_pages += dead
-        dead = (self.dead_window_blocks(seq, seq.num_computed_tokens)
-                - seq.num_dropped_window_pages)
-        if dead > 0:
-            self.pages.free(seq.window_pages[:dead])
-            del seq.window_pages[:dead]
-            seq.num_dropped_window_pages += dead
-            self.num_released_pages += dead
+        n = seq.num_computed_tokens
+        seq.num_dropped_pages += self._release(
+            seq.pages, self.dead_blocks(seq, n) - seq.num_dropped_pages)
+        seq.num_dropped_window_pages += self._release(
+            seq.window_pages, self.dead_window_blocks(seq, n) - seq.num_dropped_window_pages)
+
+    def _release(self, pages: list[int], dead: int) -> int:
+        """Free the first ``dead`` of a sequence's ``pages`` (a group's page list) and drop
+        them from it; how many (none where ``dead`` < 1)."""
+        if dead <= 0:
+            return 0
+        self.pages.free(pages[:dead])
+        del pages[:dead]
+        self.num_released_pages += dead
+        return dead
 
     def _preempt(self, seq: Sequence, swap: bool = True) -> None:
         """Swap the sequence's KV out to host pages, or (no room there, or ``swap`` False)
@@ -699,22 +701,24 @@ class Scheduler:
     def _index_full_pages(self, seq: Sequence) -> None:
         """Put the sequence's newly computed full pages in the prefix index (of both KV
         groups where its model has two)."""
-        first = seq.num_dropped_pages
-        full = min(seq.num_computed_tokens // self.block_tokens[seq.model],
-                   first + len(seq.pages))
-        for i in range(max(seq.num_indexed_pages, first), full):
-            self.pages.register(seq.pages[i - first], self._page_key(seq, i), seq.model,
-                                seq.adapter)
-        seq.num_indexed_pages = max(seq.num_indexed_pages, full)
+        seq.num_indexed_pages = self._index(
+            seq, seq.pages, seq.num_dropped_pages, seq.num_indexed_pages,
+            self.block_tokens[seq.model], self._page_key)
         group = self.window_groups.get(seq.model)
-        if group is None:
-            return
-        first = seq.num_dropped_window_pages
-        full = min(seq.num_computed_tokens // group[0], first + len(seq.window_pages))
-        for i in range(max(seq.num_indexed_window_pages, first), full):
-            self.pages.register(seq.window_pages[i - first], self._window_page_key(seq, i),
-                                seq.model, seq.adapter)
-        seq.num_indexed_window_pages = max(seq.num_indexed_window_pages, full)
+        if group is not None:
+            seq.num_indexed_window_pages = self._index(
+                seq, seq.window_pages, seq.num_dropped_window_pages,
+                seq.num_indexed_window_pages, group[0], self._window_page_key)
+
+    def _index(self, seq: Sequence, pages: list[int], first: int, indexed: int, bt: int,
+               key) -> int:
+        """Register a group's full pages (``pages`` hold its blocks from ``first`` on; blocks
+        before ``indexed`` are done; ``key(seq, i)``: block i's chain key); the blocks done
+        after."""
+        full = min(seq.num_computed_tokens // bt, first + len(pages))
+        for i in range(max(indexed, first), full):
+            self.pages.register(pages[i - first], key(seq, i), seq.model, seq.adapter)
+        return max(indexed, full)
 
     def _fair_order(self, model: str) -> list[Sequence]:
         """Waiting sequences, tenants interleaved: each one's key is its tenant's running
