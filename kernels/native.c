@@ -407,44 +407,56 @@ static void pack_load(const void *values, int64_t kind, int64_t src, int64_t n, 
  * the number of values that are not finite (the caller then packs by the reference path,
  * which names them). */
 #define PACK_CHUNK 512
+static int64_t pack_run(const void *values, int64_t kind, const int64_t *r, float scaling,
+                        uint8_t *const *pieces, int64_t per_piece, int64_t mirror_offset) {
+    int64_t dst = r[0], src = r[1], n = r[2], stride = r[3], bad = 0;
+    float t[PACK_CHUNK];
+    for (int64_t j0 = 0; j0 < n; j0 += PACK_CHUNK) {
+        int64_t m = n - j0 < PACK_CHUNK ? n - j0 : PACK_CHUNK;
+        pack_load(values, kind, src + j0 * stride, m, stride, t);
+        if (r[4]) for (int64_t j = 0; j < m; j++) t[j] *= scaling;
+        uint32_t nonfinite = 0;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u;
+            memcpy(&u, t + j, 4);
+            nonfinite += (u & 0x7f800000u) == 0x7f800000u;
+        }
+        bad += nonfinite;
+        if (!pieces) continue;
+        int64_t d = dst + j0;
+        uint8_t *piece = pieces[d / per_piece];
+        memcpy((float *)piece + d % per_piece, t, (size_t)m * 4);
+        if (mirror_offset >= 0) {
+            uint16_t *mir = (uint16_t *)(piece + mirror_offset) + d % per_piece;
+            for (int64_t j = 0; j < m; j++) mir[j] = f2bf(t[j]);
+        }
+    }
+    return bad;
+}
+
+/* threads: the runs shared out (they write apart); 1 where only counted (a reader thread's) */
 int64_t gp_pack_pieces(const void *values, int64_t kind, const int64_t *runs, int64_t num_runs,
                        float scaling, uint8_t *const *pieces, int64_t num_pieces,
                        int64_t piece_bytes, int64_t elems, int64_t mirror_offset,
-                       int64_t covers) {
+                       int64_t covers, int64_t threads) {
     int64_t per_piece = piece_bytes / 4, bad = 0, main_end = mirror_offset < 0 ? piece_bytes
                                                                               : mirror_offset;
-    for (int64_t p = 0; pieces && p < num_pieces; p++) {
-        uint8_t *piece = pieces[p];
-        memset(piece + (covers ? 4 * elems : 0), 0, (size_t)(main_end - (covers ? 4 * elems : 0)));
-        if (mirror_offset >= 0) {
-            int64_t from = mirror_offset + (covers ? 2 * elems : 0);
-            memset(piece + from, 0, (size_t)(piece_bytes - from));
-        }
-    }
-    float t[PACK_CHUNK];
-    for (int64_t i = 0; i < num_runs; i++) {
-        const int64_t *r = runs + 5 * i;
-        int64_t dst = r[0], src = r[1], n = r[2], stride = r[3];
-        for (int64_t j0 = 0; j0 < n; j0 += PACK_CHUNK) {
-            int64_t m = n - j0 < PACK_CHUNK ? n - j0 : PACK_CHUNK;
-            pack_load(values, kind, src + j0 * stride, m, stride, t);
-            if (r[4]) for (int64_t j = 0; j < m; j++) t[j] *= scaling;
-            uint32_t nonfinite = 0;
-            for (int64_t j = 0; j < m; j++) {
-                uint32_t u;
-                memcpy(&u, t + j, 4);
-                nonfinite += (u & 0x7f800000u) == 0x7f800000u;
-            }
-            bad += nonfinite;
-            if (!pieces) continue;
-            int64_t d = dst + j0;
-            uint8_t *piece = pieces[d / per_piece];
-            memcpy((float *)piece + d % per_piece, t, (size_t)m * 4);
+    int64_t zero_from = covers ? 4 * elems : 0;
+    #pragma omp parallel num_threads(threads) if (threads > 1 && pieces && num_runs > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < (pieces ? num_pieces : 0); p++) {
+            uint8_t *piece = pieces[p];
+            memset(piece + zero_from, 0, (size_t)(main_end - zero_from));
             if (mirror_offset >= 0) {
-                uint16_t *mir = (uint16_t *)(piece + mirror_offset) + d % per_piece;
-                for (int64_t j = 0; j < m; j++) mir[j] = f2bf(t[j]);
+                int64_t from = mirror_offset + (covers ? 2 * elems : 0);
+                memset(piece + from, 0, (size_t)(piece_bytes - from));
             }
         }
+        #pragma omp for schedule(dynamic, 8) reduction(+:bad)
+        for (int64_t i = 0; i < num_runs; i++)
+            bad += pack_run(values, kind, runs + 5 * i, scaling, pieces, per_piece,
+                            mirror_offset);
     }
     return bad;
 }

@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define GP_ABI_VERSION 16
+#define GP_ABI_VERSION 17
 #define GP_LORA_GROUPS 4 /* qkv, o, gate_up, down (adapters.base.GROUPS' order) */
 
 /* one layer's weights: bf16 [N][K], int8 with bf16 row scales, or 4-bit (packed [N][K / 2]

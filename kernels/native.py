@@ -89,7 +89,7 @@ _SIGNATURES = {
     "gp_swiglu_oai": [_vp, _i64, _vp, _i64, _i64, _i64, _f32, _f32, _int],
     "gp_argmax_rows": [_vp, _i64, _i64, _i64, _vp],
     "gp_finite_rows": [_vp, _i64, _i64, _i64, _vp],
-    "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64],
+    "gp_pack_pieces": [_vp, _i64, _vp, _i64, _f32, _vp, _i64, _i64, _i64, _i64, _i64, _i64],
     "gp_prefill_attention": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64,
                              _vp, _i64, _f32, _vp, _i64, _i64, _vp, _f32, _int],
 }
@@ -666,7 +666,8 @@ def pack_pieces(values: torch.Tensor, runs: torch.Tensor, scaling: float,
     PackPlan), their bf16 copies at ``mirror_offset`` (None: none), zeros where no run
     writes (``covers``: the runs write every one of a piece's ``elems`` values); each
     piece's address in ``pieces`` (int64 [n]: a host buffer's rows or places in KV pages;
-    None: only count). The number of values that are not finite. The caller checks that
+    None: only count), on the calling thread's torch threads where it writes (the runs write
+    apart). The number of values that are not finite. The caller checks that
     the runs stay inside ``values`` and the pieces, and that each piece has piece_bytes."""
     if (values.dtype not in _PACK_KINDS or values.dim() != 1 or not values.is_contiguous()
             or not values.is_cpu):
@@ -679,7 +680,8 @@ def pack_pieces(values: torch.Tensor, runs: torch.Tensor, scaling: float,
     return _lib().gp_pack_pieces(
         values.data_ptr(), _PACK_KINDS[values.dtype], runs.data_ptr(), runs.shape[0], scaling,
         None if pieces is None else pieces.data_ptr(), 0 if pieces is None else len(pieces),
-        piece_bytes, elems, -1 if mirror_offset is None else mirror_offset, int(covers))
+        piece_bytes, elems, -1 if mirror_offset is None else mirror_offset, int(covers),
+        1 if pieces is None else torch.get_num_threads())
 
 
 def lora_table(starts: torch.Tensor, seg_rank: torch.Tensor, seg_pages: torch.Tensor,

@@ -166,6 +166,45 @@ def test_requests_whose_adapter_is_on_the_device_go_first(lora_setup, mixed):
             e.shutdown()
 
 
+def test_files_of_one_layout_share_its_parse_and_keep_their_own_values(tmp_path):
+    """read_raw parses a header once for every file that has it byte for byte (adapters of
+    one recipe), each file's values its own; another header (other shapes, several dtypes,
+    a gap between tensors) is parsed for itself, and the files it cannot view plainly give
+    None, also when asked again."""
+    def write(name, tensors):
+        save_file(tensors, str(tmp_path / name))
+        return tmp_path / name
+
+    def ab(seed, dtype=torch.float16, rows=4):
+        g = torch.Generator().manual_seed(seed)
+        return {"x.lora_A.weight": torch.randn(rows, 8, generator=g).to(dtype),
+                "x.lora_B.weight": torch.randn(8, rows, generator=g).to(dtype)}
+
+    first, second = ab(1), ab(2)
+    a = read_raw(write("a.safetensors", first))
+    b = read_raw(write("b.safetensors", second))
+    other = read_raw(write("c.safetensors", ab(3, rows=2)))
+    assert a.signature is b.signature and a.shapes is b.shapes  # one parse of the header
+    assert other.signature != a.signature and other.shapes["x.lora_A.weight"] == (2, 8)
+    for raw, want in ((a, first), (b, second)):
+        for key, t in want.items():
+            start = raw.starts[key]
+            assert torch.equal(raw.values[start : start + t.numel()].view(t.shape), t), key
+    mixed = {**ab(4), "y.lora_A.weight": torch.ones(2, 2)}  # float16 and float32
+    bad = write("mixed.safetensors", mixed)
+    raw = bytearray((tmp_path / "a.safetensors").read_bytes())  # a gap: B's offsets moved
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].decode()
+    begin, end = (int(x) for x in header.split('"data_offsets":[')[2].split("]")[0].split(","))
+    moved = header.replace(f"[{begin},{end}]", f"[{begin + 2},{end + 2}]")
+    assert len(moved) == len(header) and moved != header
+    gap = tmp_path / "gap.safetensors"
+    gap.write_bytes(raw[:8] + moved.encode() + raw[8 + n :] + b"\0\0")
+    for _ in range(2):
+        assert read_raw(bad) is None and read_raw(gap) is None
+        assert read_raw(tmp_path / "a.safetensors").signature is a.signature
+
+
 def _packs_as_the_reference(engine, names) -> None:
     """Each adapter's host copy packed from its file's bytes by a plan (torch's gather and
     scatter, the native pass over the plan's runs, a RawCopy packed) equals the reference
