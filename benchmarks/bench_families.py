@@ -35,14 +35,20 @@ kernels: the weights' bytes, time to first token and decode tokens/s as above (M
 4-bit: the 4-bit product with the e2m1 codebook); and MXFP4
 with its experts run as the model's loop of products (``mxfp4_loop``: gpt-oss's path before
 its biases and clamped SwiGLU went into the one native experts call).
+--whole-step: decode on the native kernels in one call a step (``native.decode_layers``)
+against the same kernels op by op (the call turned off), per model (default ``qwen3``: Qwen3
+0.6B's layer shape, whose heads' q and k norms the call now takes): decode tokens/s at batch
+1 and 8 as above, the one call over op by op.
 Usage: python3 benchmarks/bench_families.py [--json] [--rounds 3] [--models gemma3,mistral]
        python3 benchmarks/bench_families.py --kv [--json] [--rounds 3] [--models gemma3]
        python3 benchmarks/bench_families.py --mxfp4 [--json] [--rounds 3]
+       python3 benchmarks/bench_families.py --whole-step [--json] [--rounds 3] [--models qwen3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -80,6 +86,13 @@ MODELS = {
                                  "max_position_embeddings": 4096, "bos_token_id": 1,
                                  "eos_token_id": 2}),
 }
+# --whole-step's: Qwen3 0.6B's layer shape (each head's q and k norms)
+MODELS["qwen3"] = ("Qwen3Config", {"vocab_size": 32000, "hidden_size": 1024,
+                                   "intermediate_size": 3072, "num_hidden_layers": 28,
+                                   "num_attention_heads": 16, "num_key_value_heads": 8,
+                                   "head_dim": 128, "max_position_embeddings": 4096,
+                                   "tie_word_embeddings": True, "bos_token_id": 1,
+                                   "eos_token_id": 2})
 # --mxfp4's: wider, with 32 experts (1.2 G expert parameters, 2 of 32 a token), so a decode
 # step's expert bytes, not the head's, dominate its reads
 MODELS["gpt_oss_wide"] = ("GptOssConfig", {**MODELS["gpt_oss"][1], "hidden_size": 1024,
@@ -278,6 +291,44 @@ def main_mxfp4(args, threads: int) -> None:
     emit(result, args.json)
 
 
+@contextlib.contextmanager
+def _per_op(on: bool):
+    """The native backend's decode steps op by op (its whole-step call turned off)."""
+    from gpupool.kernels.backend import NativeOps
+
+    real = NativeOps.decode_step
+    if on:
+        NativeOps.decode_step = lambda self, *a, **k: None
+    try:
+        yield
+    finally:
+        NativeOps.decode_step = real
+
+
+def main_whole_step(args, threads: int) -> None:
+    kinds = args.models.split(",")
+    folders = {k: _make(default_home() / "bench-families" / k, k) for k in kinds}
+    runs: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):
+        for kind in kinds:
+            for mode in ("one_call", "per_op"):
+                with _per_op(mode == "per_op"):
+                    got = _measure(folders[kind], True, threads)
+                for key, value in got.items():
+                    runs.setdefault(f"{kind}_{mode}", {}).setdefault(key, []).append(value)
+    result: dict = {"cpu": cpu_flags(), "threads": threads, "rounds": args.rounds}
+    for name, got in runs.items():
+        result[name] = {k: [round(statistics.median(v), 1), round(min(v), 1),
+                            round(max(v), 1)] for k, v in got.items()}
+    for kind in kinds:
+        one, per = runs[f"{kind}_one_call"], runs[f"{kind}_per_op"]
+        result[f"{kind}_one_call_over_per_op"] = {
+            f"decode_b{b}": round(statistics.median(one[f"decode_b{b}_tok_s"])
+                                  / statistics.median(per[f"decode_b{b}_tok_s"]), 2)
+            for b in (1, 8)}
+    emit(result, args.json)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -285,7 +336,13 @@ def main() -> None:
     ap.add_argument("--models", default="gemma3,gemma2,mistral")
     ap.add_argument("--kv", action="store_true", help="the windowed model's KV memory")
     ap.add_argument("--mxfp4", action="store_true", help="gpt-oss's MXFP4 experts, kept 4-bit")
+    ap.add_argument("--whole-step", action="store_true",
+                    help="decode in one native call against op by op (default model qwen3)")
     args = ap.parse_args()
+    if args.whole_step:
+        if args.models == ap.get_default("models"):
+            args.models = "qwen3"
+        return main_whole_step(args, engine_threads())
     if args.kv:
         return main_kv(args, engine_threads())
     if args.mxfp4:

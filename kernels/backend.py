@@ -496,7 +496,7 @@ class NativeOps(TorchOps):
         embedding and the head when every row samples; None where it does not apply
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
         tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
-        if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm
+        if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm_whole
                 or model.cfg.torch_only  # Gemma's norms, GeGLU, caps: the ops one by one
                 or model.cfg.o_bias or model.cfg.attn_sinks  # (not in the step's call)
                 or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
@@ -600,13 +600,16 @@ class NativeOps(TorchOps):
         """RoPE and the KV write in place in qkv (after q's and k's per-head norms, Qwen3);
         returns qkv (q leads each row)."""
         if cfg.qk_norm:  # each head's row normed alone: the same whatever shares the step
-            for name, lo, hi in (("q_norm", 0, cfg.q_size),
-                                 ("k_norm", cfg.q_size, cfg.q_size + cfg.kv_size)):
+            for name, first, count in (("q_norm", 0, cfg.num_heads),
+                                       ("k_norm", cfg.num_heads, cfg.num_kv_heads)):
+                if lw[name].dtype == torch.bfloat16:  # in place, as decode_layers does
+                    native.head_norms(qkv, first, count, cfg.head_dim, lw[name],
+                                      cfg.rms_norm_eps)
+                    continue
+                # Gemma 3's 1 + weight in float32: torch's norm of each head
+                lo, hi = first * cfg.head_dim, (first + count) * cfg.head_dim
                 heads = qkv[:, lo:hi].reshape(-1, cfg.head_dim)
-                if lw[name].dtype == torch.bfloat16:
-                    normed = native.add_rmsnorm(heads, None, lw[name], cfg.rms_norm_eps)
-                else:  # Gemma 3's 1 + weight in float32: torch's norm of each head
-                    normed = reference.rms_norm(heads, lw[name], cfg.rms_norm_eps)
+                normed = reference.rms_norm(heads, lw[name], cfg.rms_norm_eps)
                 qkv[:, lo:hi] = normed.view(qkv.shape[0], hi - lo)
         native.rope_kv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, plan.rope,
                        batch.positions, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)

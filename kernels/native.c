@@ -232,34 +232,53 @@ static inline void thread_share(int64_t N, int64_t *n0, int64_t *n1) {
 /* Each kernel's work is a *_body function: its loop shared by the calling OpenMP team (an
  * orphaned worksharing loop: alone, the gp_* wrapper opens a team; gp_decode_layers runs every
  * body of a step inside one team, with barriers instead of a thread fork and join per op). */
+static inline void rmsnorm_row(uint16_t *xr, const uint16_t *dr, const uint16_t *w,
+                               uint16_t *orow, int64_t dim, float eps) {
+    float xf[MAX_DIM];
+    float ss = 0.0f;
+    if (dr) {
+        for (int64_t i = 0; i < dim; i++) {
+            float v = round_bf(bf2f(xr[i]) + bf2f(dr[i]));
+            xr[i] = f2bf(v);
+            xf[i] = v;
+            ss += v * v;
+        }
+    } else {
+        for (int64_t i = 0; i < dim; i++) {
+            float v = bf2f(xr[i]);
+            xf[i] = v;
+            ss += v * v;
+        }
+    }
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int64_t i = 0; i < dim; i++)
+        orow[i] = f2bf(bf2f(w[i]) * round_bf(xf[i] * inv));
+}
+
 static void add_rmsnorm_body(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
                              const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows,
                              int64_t dim, float eps) {
     #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *xr = x + r * ldx;
-        float xf[MAX_DIM];
-        float ss = 0.0f;
-        if (delta) {
-            const uint16_t *dr = delta + r * ldd;
-            for (int64_t i = 0; i < dim; i++) {
-                float v = round_bf(bf2f(xr[i]) + bf2f(dr[i]));
-                xr[i] = f2bf(v);
-                xf[i] = v;
-                ss += v * v;
-            }
-        } else {
-            for (int64_t i = 0; i < dim; i++) {
-                float v = bf2f(xr[i]);
-                xf[i] = v;
-                ss += v * v;
-            }
-        }
-        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-        uint16_t *orow = out + r * ldo;
-        for (int64_t i = 0; i < dim; i++)
-            orow[i] = f2bf(bf2f(w[i]) * round_bf(xf[i] * inv));
+    for (int64_t r = 0; r < rows; r++)
+        rmsnorm_row(x + r * ldx, delta ? delta + r * ldd : NULL, w, out + r * ldo, dim, eps);
+}
+
+/* heads h0 .. h0 + nh - 1 (of D values each) of every row of qkv [T][ld], each normed in
+ * place as one row of add_rmsnorm (Qwen3's q_norm and k_norm, before RoPE) */
+static void head_norms_body(uint16_t *qkv, int64_t ld, int64_t T, int64_t h0, int64_t nh,
+                            int64_t D, const uint16_t *w, float eps) {
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < T * nh; i++) {
+        uint16_t *x = qkv + (i / nh) * ld + (h0 + i % nh) * D;
+        rmsnorm_row(x, NULL, w, x, D, eps);
     }
+}
+
+void gp_head_norms(uint16_t *qkv, int64_t ld, int64_t T, int64_t h0, int64_t nh, int64_t D,
+                   const uint16_t *w, float eps, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
+    #pragma omp parallel num_threads(threads) if (T * nh * D >= 65536)
+    head_norms_body(qkv, ld, T, h0, nh, D, w, eps);
 }
 
 void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
@@ -2755,6 +2774,10 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     matmul_body(h, T, hidden, p->qkv_weight, p->qkv_weight_scale, &q4[0], p->qkv_bias, nqkv,
                 qkv, xq, xs, x4);
     if (lora) lora_group(st, l, 0, h, hidden, qkv, nqkv, items, item_seg, lh, failed);
+    if (p->q_norm)
+        head_norms_body(qkv, nqkv, T, 0, nq, D, (const uint16_t *)p->q_norm, st->eps);
+    if (p->k_norm)
+        head_norms_body(qkv, nqkv, T, nq, nkv, D, (const uint16_t *)p->k_norm, st->eps);
     rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
                  st->kv->page_stride, win ? st->window_slot_pages : st->slot_pages,
                  win ? st->window_slot_offsets : st->slot_offsets);

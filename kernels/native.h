@@ -24,10 +24,13 @@
  * with float32 group scales and offsets [N][K / group], kernels/quant4.py); NULL where absent
  * (a scale: not that kind; the bias: none). The field names are the model's weight names
  * (LlamaModel.layers' keys): native.py fills each field from the weight of its name, and a
- * `_group` field with the 4-bit weight's group size (0: not 4-bit). */
+ * `_group` field with the 4-bit weight's group size (0: not 4-bit). q_norm, k_norm: each
+ * head's norm weights [head_dim] (Qwen3), NULL where the model has none. */
 typedef struct {
     const void *input_norm;
     const void *post_norm;
+    const void *q_norm;
+    const void *k_norm;
     const void *qkv_weight;
     const void *qkv_weight_scale;
     const void *qkv_weight_gscale;

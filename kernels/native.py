@@ -72,6 +72,7 @@ _STATE: dict[str, object] = {}
 _i64, _int, _f32, _vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "gp_add_rmsnorm": [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _f32, _int],
+    "gp_head_norms": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _int],
     "gp_silu_mul": [_vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_rope_kv": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
@@ -799,7 +800,8 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
                 continue
             t = lw.get(entry)
             if t is None:
-                if not entry.endswith(("_scale", "_bias", "_gscale", "_goffset")):
+                if not entry.endswith(("_scale", "_bias", "_gscale", "_goffset")) and (
+                        entry not in ("q_norm", "k_norm")):  # (Qwen3's: each head's norm)
                     return None
                 continue
             if not t.is_contiguous() or t.dtype not in _LAYER_DTYPES[entry.endswith(
@@ -1002,6 +1004,21 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
                           0 if delta is None else delta.stride(0), weight.data_ptr(),
                           out.data_ptr(), out.stride(0), rows, dim, eps, torch.get_num_threads())
     return out
+
+
+def head_norms(qkv: torch.Tensor, first: int, count: int, head_dim: int, weight: torch.Tensor,
+               eps: float) -> None:
+    """Heads ``first`` .. ``first + count - 1`` of every row of ``qkv`` ([rows, n head_dim]
+    bf16, unit stride in the row) normed in place, each as one row of :func:`add_rmsnorm`
+    with ``weight`` [head_dim] (Qwen3's q_norm and k_norm; ``decode_layers`` the same)."""
+    check("qkv", qkv, torch.bfloat16, 2)
+    check("weight", weight, torch.bfloat16, 1, contiguous=True)
+    if (weight.shape[0] != head_dim or head_dim > MAX_HEAD_DIM or first < 0
+            or (first + count) * head_dim > qkv.shape[1]):
+        raise ValueError(f"native: head_norms' heads {first}..{first + count} of {head_dim} "
+                         f"do not fit rows of {qkv.shape[1]} or weight {tuple(weight.shape)}")
+    _lib().gp_head_norms(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, count, head_dim,
+                         weight.data_ptr(), eps, torch.get_num_threads())
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,29 @@ def test_add_rmsnorm_matches_torch(rows, with_delta):
     assert (got.double() - exact).abs().max() <= their_err * (1 + 2**-8)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 70])  # 70 x 8 heads of 128: the threaded branch
+def test_head_norms_are_each_heads_add_rmsnorm_in_place(rows):
+    """Qwen3's q and k norms (native.head_norms, decode_layers' too): each head of a qkv row
+    normed in place as add_rmsnorm norms a row of head_dim, bit for bit; the other heads and
+    the row's tail past its width untouched."""
+    nq, nkv, d = 8, 2, 128
+    width = (nq + 2 * nkv) * d
+    base = _rand(rows, width + 8, seed=4, scale=3.0)
+    qkv = base[:, :width]
+    before = base.clone()
+    wq, wk = ((torch.rand(d, generator=torch.Generator().manual_seed(s)) + 0.5).to(BF)
+              for s in (5, 6))
+    native.head_norms(qkv, 0, nq, d, wq, 1e-6)
+    native.head_norms(qkv, nq, nkv, d, wk, 1e-6)
+    for lo, n, w in ((0, nq, wq), (nq, nkv, wk)):
+        heads = before[:, lo * d : (lo + n) * d].reshape(-1, d)
+        want = native.add_rmsnorm(heads.contiguous(), None, w, 1e-6).view(rows, n * d)
+        assert torch.equal(qkv[:, lo * d : (lo + n) * d], want)
+    assert torch.equal(base[:, (nq + nkv) * d :], before[:, (nq + nkv) * d :])
+    with pytest.raises(ValueError, match="do not fit"):
+        native.head_norms(qkv, nq + nkv, nkv + 1, d, wk, 1e-6)  # past the row
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("n,k", [(960, 576), (49152 // 8, 576), (576, 1536), (37, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -910,7 +933,8 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
 @pytest.mark.parametrize("variant,quantization,adapters", [
     ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
     ("llama", None, True), ("llama", "int8", True), ("llama", "int4", False),
-    ("qwen2", "int4", True), ("mistral", None, True), ("qwen2_window", None, True)])
+    ("qwen2", "int4", True), ("mistral", None, True), ("qwen2_window", None, True),
+    ("qwen3", None, True)])  # qwen3: each head's q and k norms in the call
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the

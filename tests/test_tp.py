@@ -430,7 +430,7 @@ def test_a_bf16_tensor_parallel_request_has_the_same_tokens_in_any_batch(tmp_pat
 
 
 @pytest.mark.parametrize("variant,adapter", [("llama", False), ("llama", True),
-                                             ("qwen2_window", False)])
+                                             ("qwen2_window", False), ("qwen3", True)])
 def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op_bits(
         tmp_path, monkeypatch, variant, adapter):
     """bf16 decode on 2 ranks: each rank's step is one native call with the o and down
@@ -439,7 +439,7 @@ def test_a_bf16_decode_step_on_two_ranks_runs_in_one_native_call_with_the_per_op
     rank 1 keeps its own, the exchanges follow one protocol). With an adapter on every
     projection, its terms are inside the call too, the o and down shrinks summed over the
     ranks there. Qwen2 with a windowed layer: its pages a KV group of their own on every
-    rank, released behind the window."""
+    rank, released behind the window. Qwen3: each rank's heads' q and k norms in the call."""
     from gpupool import SamplingParams
     from gpupool.kernels import native
     from gpupool.kernels.backend import NativeOps
