@@ -423,12 +423,13 @@ def _native_experts(lw, cfg) -> tuple:
 class _NativeCache:
     """What the whole-step call reads, made once per bind: the layers' weight addresses
     (None: some weight is not a form it reads), the embedding and head (None likewise), the
-    KV caches' addresses (per KV view)."""
+    KV caches' addresses (per KV view), Gemma 3's windowed layers' rotary table."""
     table: object = None
     ends: tuple | None = None
     kv: tuple = field(default_factory=tuple)  # (kv views, their native.KVTable) or ()
     experts: dict = field(default_factory=dict)  # id(layer's dict) -> (it, MoeTable)
     tp: object = None  # a tensor-parallel rank's native.TPTable
+    local: tuple | None = None  # Gemma 3's (local rotary table, each layer's flag)
     made: bool = False
 
 
@@ -485,6 +486,9 @@ class NativeOps(TorchOps):
         if not c.made:
             c.table = native.layer_table(model.plain)
             c.ends = native.step_ends(model.w, model.lm_head_name, SCALE_SUFFIX)
+            if model.rope_local is not None:  # Gemma 3's windowed layers' rotary table
+                c.local = (model.rope_local,
+                           torch.tensor(model.local_layers, dtype=torch.int64))
             c.made = True
         if not c.kv or c.kv[0] is not kv_layers:
             groups = [g for g, _ in model.kv_places] if model.mixed_kv else None
@@ -495,18 +499,18 @@ class NativeOps(TorchOps):
         """Every layer of a decode step in one call (``native.decode_layers``), with the
         embedding and the head when every row samples; None where it does not apply
         (prefill rows, a weight it cannot read). The same kernels as the ops one by one."""
-        tp = model.tp  # a tensor-parallel rank: the all-reduces inside, through its shm
-        if (not plan.gemv or batch.num_prefill_seqs or model.cfg.qk_norm_whole
-                or model.cfg.torch_only  # Gemma's norms, GeGLU, caps: the ops one by one
-                or model.cfg.o_bias or model.cfg.attn_sinks  # (not in the step's call)
-                or getattr(model.cfg, "num_experts", 0)  # its MLP is the model's loop
+        tp, cfg = model.tp, model.cfg  # a TP rank: the all-reduces inside, through its shm
+        if (not plan.gemv or batch.num_prefill_seqs or cfg.qk_norm_whole  # (OLMoE's norms)
+                or cfg.activation not in ("silu", "gelu_tanh")
+                or cfg.o_bias or cfg.attn_sinks  # (not in the step's call)
+                or getattr(cfg, "num_experts", 0)  # its MLP is the model's loop
                 or (lora is not None and lora.native is None)
                 or (tp is not None and tp.shm is None)):
             return None
         table, ends, kv = self._whole_step_inputs(model, kv_layers)
-        if table is None:
+        if table is None or native.norms_dtype(model.plain) != model.w["norm"].dtype:
             return None
-        cfg, rows = model.cfg, batch.num_tokens
+        rows = batch.num_tokens
         exchange = None if tp is None else self._tp_table(tp)
         if exchange is not None and not exchange.fits(rows * cfg.hidden_size):
             return None
@@ -515,12 +519,15 @@ class NativeOps(TorchOps):
             return None
         # the embedding and the head inside too, where every row samples (not under TP: the
         # vocabulary is split over the ranks, the embedding's sum and the logits' gather are
-        # the model's)
-        whole = exchange is None and ends is not None and batch.logits_indices.shape[0] == rows
+        # the model's; nor Gemma's scaled embedding and capped logits)
+        whole = (exchange is None and ends is not None and batch.logits_indices.shape[0] == rows
+                 and model.embed_normalizer is None and not cfg.final_softcap)
         if whole:
             x = torch.empty(rows, cfg.hidden_size, dtype=model.dtype)
         else:
             x = model._embed_tp(batch.input_ids) if tp else model.embed(batch.input_ids)
+            if model.embed_normalizer is not None:  # (as forward scales it)
+                x = x * model.embed_normalizer
         out = native.decode_layers(
             x, table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.rms_norm_eps, model.rope, batch.positions, kv, batch.slot_pages,
@@ -530,12 +537,13 @@ class NativeOps(TorchOps):
             None if lora is None else lora.native_table(cfg.num_layers), tp=exchange,
             windows=model.windows, window_group=None if batch.window_group is None else (
                 batch.window_group.slot_pages, batch.window_group.slot_offsets,
-                batch.window_group.decode_block_tables))
+                batch.window_group.decode_block_tables),
+            gelu=cfg.activation == "gelu_tanh", softcap=cfg.attn_softcap or 0.0,
+            rope_local=self._cache.local if model.rope_local is not None else None)
         if whole:
             return out
-        if tp is not None:  # the vocabulary's columns gathered from the ranks
-            return model._logits(plan, batch.sampled_rows(out))
-        return self.logits(plan, model, batch.sampled_rows(out))
+        # (the vocabulary's columns gathered from the ranks; Gemma 2's cap)
+        return model._logits(plan, batch.sampled_rows(out))
 
     def _tp_table(self, tp):
         c = self._cache
@@ -544,8 +552,7 @@ class NativeOps(TorchOps):
         return c.tp
 
     def add_norm(self, x, delta, weight, eps):
-        if weight.dtype != torch.bfloat16:  # Gemma's 1 + weight, kept in float32: torch's
-            return TorchOps.add_norm(self, x, delta, weight, eps)  # (row by row: invariant)
+        # (Gemma's 1 + weight, kept in float32: scaled in float32, rounded once)
         h = torch.empty_like(x)
         native.add_rmsnorm(x, delta, weight, eps, h)  # x += delta in place
         return x, h
@@ -597,20 +604,16 @@ class NativeOps(TorchOps):
         return super().logits(plan, model, h)
 
     def rope_kv(self, plan, cfg, qkv, lw, k_cache, v_cache, batch):
-        """RoPE and the KV write in place in qkv (after q's and k's per-head norms, Qwen3);
-        returns qkv (q leads each row)."""
-        if cfg.qk_norm:  # each head's row normed alone: the same whatever shares the step
-            for name, first, count in (("q_norm", 0, cfg.num_heads),
-                                       ("k_norm", cfg.num_heads, cfg.num_kv_heads)):
-                if lw[name].dtype == torch.bfloat16:  # in place, as decode_layers does
-                    native.head_norms(qkv, first, count, cfg.head_dim, lw[name],
-                                      cfg.rms_norm_eps)
-                    continue
-                # Gemma 3's 1 + weight in float32: torch's norm of each head
-                lo, hi = first * cfg.head_dim, (first + count) * cfg.head_dim
-                heads = qkv[:, lo:hi].reshape(-1, cfg.head_dim)
-                normed = reference.rms_norm(heads, lw[name], cfg.rms_norm_eps)
-                qkv[:, lo:hi] = normed.view(qkv.shape[0], hi - lo)
+        """RoPE and the KV write in place in qkv (after q's and k's norms: per head, Qwen3
+        and Gemma 3; whole vectors, OLMoE); returns qkv (q leads each row)."""
+        if getattr(cfg, "qk_norm_whole", False):  # OLMoE: torch's norms over all of q and k
+            qkv = _olmoe_qkv(cfg, qkv, lw)  # (row by row), then the clip
+        elif cfg.qk_norm:  # each head's row normed alone: the same whatever shares the step
+            # (in place, as decode_layers does; Gemma 3's weights float32, 1 + weight)
+            native.head_norms(qkv, 0, cfg.num_heads, cfg.head_dim, lw["q_norm"],
+                              cfg.rms_norm_eps)
+            native.head_norms(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              lw["k_norm"], cfg.rms_norm_eps)
         native.rope_kv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, plan.rope,
                        batch.positions, k_cache, v_cache, batch.slot_pages, batch.slot_offsets)
         return qkv
@@ -655,6 +658,11 @@ class NativeOps(TorchOps):
 
     def silu_mul(self, gate_up):
         return native.silu_mul(gate_up)
+
+    def act_mul(self, gate_up, kind):
+        if kind == "gelu_tanh":  # Gemma's GeGLU (decode_layers' too)
+            return native.gelu_tanh_mul(gate_up)
+        return super().act_mul(gate_up, kind)
 
     def swiglu(self, gate_up, limit, alpha):
         if gate_up.dtype != torch.bfloat16:

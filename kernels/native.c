@@ -232,7 +232,7 @@ static inline void thread_share(int64_t N, int64_t *n0, int64_t *n1) {
 /* Each kernel's work is a *_body function: its loop shared by the calling OpenMP team (an
  * orphaned worksharing loop: alone, the gp_* wrapper opens a team; gp_decode_layers runs every
  * body of a step inside one team, with barriers instead of a thread fork and join per op). */
-static inline void rmsnorm_row(uint16_t *xr, const uint16_t *dr, const uint16_t *w,
+static inline void rmsnorm_row(uint16_t *xr, const uint16_t *dr, const void *w, int w32,
                                uint16_t *orow, int64_t dim, float eps) {
     float xf[MAX_DIM];
     float ss = 0.0f;
@@ -251,42 +251,51 @@ static inline void rmsnorm_row(uint16_t *xr, const uint16_t *dr, const uint16_t 
         }
     }
     float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-    for (int64_t i = 0; i < dim; i++)
-        orow[i] = f2bf(bf2f(w[i]) * round_bf(xf[i] * inv));
+    if (w32) {  /* Gemma's 1 + weight in float32: scaled in float32, rounded once */
+        const float *wf = (const float *)w;
+        for (int64_t i = 0; i < dim; i++) orow[i] = f2bf(xf[i] * inv * wf[i]);
+    } else {
+        const uint16_t *wb = (const uint16_t *)w;
+        for (int64_t i = 0; i < dim; i++) orow[i] = f2bf(bf2f(wb[i]) * round_bf(xf[i] * inv));
+    }
 }
 
+/* w32: the weight is float32 (Gemma's norms, kept as 1 + weight): out[r] = bf16(x * rsqrt(
+ * mean(x^2) + eps) * w) in float32, as transformers' GemmaRMSNorm; else bf16, as above */
 static void add_rmsnorm_body(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
-                             const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows,
+                             const void *w, int w32, uint16_t *out, int64_t ldo, int64_t rows,
                              int64_t dim, float eps) {
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++)
-        rmsnorm_row(x + r * ldx, delta ? delta + r * ldd : NULL, w, out + r * ldo, dim, eps);
+        rmsnorm_row(x + r * ldx, delta ? delta + r * ldd : NULL, w, w32, out + r * ldo, dim,
+                    eps);
+}
+
+void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
+                    const void *w, int w32, uint16_t *out, int64_t ldo, int64_t rows,
+                    int64_t dim, float eps, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
+    #pragma omp parallel num_threads(threads) if (rows * dim >= 65536)
+    add_rmsnorm_body(x, ldx, delta, ldd, w, w32, out, ldo, rows, dim, eps);
 }
 
 /* heads h0 .. h0 + nh - 1 (of D values each) of every row of qkv [T][ld], each normed in
- * place as one row of add_rmsnorm (Qwen3's q_norm and k_norm, before RoPE) */
+ * place as one row of add_rmsnorm (the q_norm and k_norm of Qwen3 and Gemma 3, before
+ * RoPE) */
 static void head_norms_body(uint16_t *qkv, int64_t ld, int64_t T, int64_t h0, int64_t nh,
-                            int64_t D, const uint16_t *w, float eps) {
+                            int64_t D, const void *w, int w32, float eps) {
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < T * nh; i++) {
         uint16_t *x = qkv + (i / nh) * ld + (h0 + i % nh) * D;
-        rmsnorm_row(x, NULL, w, x, D, eps);
+        rmsnorm_row(x, NULL, w, w32, x, D, eps);
     }
 }
 
 void gp_head_norms(uint16_t *qkv, int64_t ld, int64_t T, int64_t h0, int64_t nh, int64_t D,
-                   const uint16_t *w, float eps, int threads) {
+                   const void *w, int w32, float eps, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
     #pragma omp parallel num_threads(threads) if (T * nh * D >= 65536)
-    head_norms_body(qkv, ld, T, h0, nh, D, w, eps);
-}
-
-void gp_add_rmsnorm(uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd,
-                    const uint16_t *w, uint16_t *out, int64_t ldo, int64_t rows, int64_t dim,
-                    float eps, int threads) {
-    (void)threads;  /* a build without OpenMP has one thread */
-    #pragma omp parallel num_threads(threads) if (rows * dim >= 65536)
-    add_rmsnorm_body(x, ldx, delta, ldd, w, out, ldo, rows, dim, eps);
+    head_norms_body(qkv, ld, T, h0, nh, D, w, w32, eps);
 }
 
 /* out[r] = bf16(bf16(silu(g)) * u) for g = gu[r, :inter], u = gu[r, inter:2*inter]. */
@@ -334,6 +343,34 @@ void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, in
     (void)threads;  /* a build without OpenMP has one thread */
     #pragma omp parallel num_threads(threads) if (rows * inter >= 65536)
     silu_mul_body(gu, ldg, out, ldo, rows, inter);
+}
+
+/* Gemma's GeGLU: out[r] = bf16(bf16(gelu(g)) * u), gelu with the tanh approximation in
+ * float32, 0.5 g (1 + tanh(y)) for y = sqrt(2 / pi) (g + 0.044715 g^3), written as
+ * g / (1 + e^-2y) (the same function; torch's 1 + tanh(y) cancels to a few bits for g below
+ * -2, this keeps them; 0 where e^-2y passes float32's range), e^-2y by exp_fixed (the same
+ * bits in every build) */
+static void gelu_tanh_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
+                               int64_t rows, int64_t inter) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gu + r * ldg, *u = g + inter;
+        uint16_t *o = out + r * ldo;
+        for (int64_t i = 0; i < inter; i++) {
+            float v = bf2f(g[i]);
+            float y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+            float a = 2.0f * y < -88.0f ? 0.0f * v  /* below float32's range: +-0 */
+                                        : v / (1.0f + exp_neg(2.0f * y));
+            o[i] = f2bf(round_bf(a) * bf2f(u[i]));
+        }
+    }
+}
+
+void gp_gelu_tanh_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
+                      int64_t rows, int64_t inter, int threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
+    #pragma omp parallel num_threads(threads) if (rows * inter >= 65536)
+    gelu_tanh_mul_body(gu, ldg, out, ldo, rows, inter);
 }
 
 /* gpt-oss's clamped SwiGLU, each operation rounded to bf16 as torch's bf16 ops round
@@ -2769,38 +2806,52 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     uint16_t *kc = (uint16_t *)st->kv->k[l], *vc = (uint16_t *)st->kv->v[l];
     int win = st->kv->groups && st->kv->groups[l];  /* the windowed layers' own pages */
     const gp_lora_t *lora = st->lora;
-    add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden, (const uint16_t *)p->input_norm, h,
-                     hidden, T, hidden, st->eps);
+    int w32 = (int)st->norm_f32;
+    add_rmsnorm_body(x, hidden, l ? delta : NULL, hidden, p->input_norm, w32, h, hidden, T,
+                     hidden, st->eps);
     matmul_body(h, T, hidden, p->qkv_weight, p->qkv_weight_scale, &q4[0], p->qkv_bias, nqkv,
                 qkv, xq, xs, x4);
     if (lora) lora_group(st, l, 0, h, hidden, qkv, nqkv, items, item_seg, lh, failed);
-    if (p->q_norm)
-        head_norms_body(qkv, nqkv, T, 0, nq, D, (const uint16_t *)p->q_norm, st->eps);
-    if (p->k_norm)
-        head_norms_body(qkv, nqkv, T, nq, nkv, D, (const uint16_t *)p->k_norm, st->eps);
-    rope_kv_body(qkv, nqkv, T, nq, nkv, D, st->cos_sin, st->positions, kc, vc,
-                 st->kv->page_stride, win ? st->window_slot_pages : st->slot_pages,
+    if (p->q_norm) head_norms_body(qkv, nqkv, T, 0, nq, D, p->q_norm, w32, st->eps);
+    if (p->k_norm) head_norms_body(qkv, nqkv, T, nq, nkv, D, p->k_norm, w32, st->eps);
+    int local = st->local_layers && st->local_layers[l];  /* Gemma 3's own rope base */
+    rope_kv_body(qkv, nqkv, T, nq, nkv, D, local ? st->cos_sin_local : st->cos_sin,
+                 st->positions, kc, vc, st->kv->page_stride,
+                 win ? st->window_slot_pages : st->slot_pages,
                  win ? st->window_slot_offsets : st->slot_offsets);
     decode_attention_body(qkv, nqkv, T, nq, nkv, D, kc, vc, st->kv->page_stride,
                           win ? st->kv->window_block_tokens : st->kv->block_tokens,
                           win ? st->window_block_tables : st->block_tables,
                           win ? st->window_block_table_stride : st->block_table_stride,
                           st->context_lens, st->scale, o, st->windows ? st->windows[l] : 0,
-                          NULL, 0.0f);
+                          NULL, st->softcap);
     matmul_body(o, T, nq * D, p->o_weight, p->o_weight_scale, &q4[1], NULL, hidden, delta, xq,
                 xs, x4);
     if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);
     if (lora) lora_group(st, l, 1, o, nq * D, delta, hidden, items, item_seg, lh, failed);
-    add_rmsnorm_body(x, hidden, delta, hidden, (const uint16_t *)p->post_norm, h, hidden, T,
-                     hidden, st->eps);
+    if (p->pre_ff_norm) {  /* Gemma's sandwich: the attention's output normed, then added */
+        add_rmsnorm_body(delta, hidden, NULL, 0, p->post_norm, w32, delta, hidden, T, hidden,
+                         st->eps);
+        add_rmsnorm_body(x, hidden, delta, hidden, p->pre_ff_norm, w32, h, hidden, T, hidden,
+                         st->eps);
+    } else {
+        add_rmsnorm_body(x, hidden, delta, hidden, p->post_norm, w32, h, hidden, T, hidden,
+                         st->eps);
+    }
     matmul_body(h, T, hidden, p->gate_up_weight, p->gate_up_weight_scale, &q4[2], NULL,
                 2 * inter, gu, xq, xs, x4);
     if (lora) lora_group(st, l, 2, h, hidden, gu, 2 * inter, items, item_seg, lh, failed);
-    silu_mul_body(gu, 2 * inter, act, inter, T, inter);
+    if (st->act)
+        gelu_tanh_mul_body(gu, 2 * inter, act, inter, T, inter);
+    else
+        silu_mul_body(gu, 2 * inter, act, inter, T, inter);
     matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, &q4[3], NULL, hidden,
                 delta, xq, xs, x4);
     if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);
     if (lora) lora_group(st, l, 3, act, inter, delta, hidden, items, item_seg, lh, failed);
+    if (p->post_ff_norm)  /* (the next norm adds it to x) */
+        add_rmsnorm_body(delta, hidden, NULL, 0, p->post_ff_norm, w32, delta, hidden, T,
+                         hidden, st->eps);
 }
 
 int gp_decode_layers(const gp_step_t *st, int threads) {
@@ -2848,8 +2899,8 @@ int gp_decode_layers(const gp_step_t *st, int threads) {
             layer_body(st, l, x, h, qkv, o, gu, act, delta, xq, xs, x4, items, item_seg, lh,
                        &failed);
         if (!failed)
-            add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm, st->out,
-                             hidden, T, hidden, st->eps);
+            add_rmsnorm_body(x, hidden, L ? delta : NULL, hidden, st->final_norm,
+                             (int)st->norm_f32, st->out, hidden, T, hidden, st->eps);
         if (st->logits && !failed)
             head_body(st->out, T, hidden, st->head, st->head_scale, st->vocab, hb, st->logits,
                       xq, xs);

@@ -24,13 +24,17 @@
  * with float32 group scales and offsets [N][K / group], kernels/quant4.py); NULL where absent
  * (a scale: not that kind; the bias: none). The field names are the model's weight names
  * (LlamaModel.layers' keys): native.py fills each field from the weight of its name, and a
- * `_group` field with the 4-bit weight's group size (0: not 4-bit). q_norm, k_norm: each
- * head's norm weights [head_dim] (Qwen3), NULL where the model has none. */
+ * `_group` field with the 4-bit weight's group size (0: not 4-bit). The norms' weights are
+ * bf16, or float32 (Gemma's 1 + weight: the step's norm_f32); q_norm, k_norm: each head's
+ * [head_dim] (Qwen3, Gemma 3); pre_ff_norm, post_ff_norm: Gemma's sandwich (post_norm then
+ * norms the attention's output); NULL where the model has none. */
 typedef struct {
     const void *input_norm;
     const void *post_norm;
     const void *q_norm;
     const void *k_norm;
+    const void *pre_ff_norm;
+    const void *post_ff_norm;
     const void *qkv_weight;
     const void *qkv_weight_scale;
     const void *qkv_weight_gscale;
@@ -115,7 +119,10 @@ typedef struct {
     int64_t timeout_ms;
 } gp_tp_t;
 
-/* a decode step through every layer (gp_decode_layers) */
+/* a decode step through every layer (gp_decode_layers). Gemma's: norm_f32 (every norm's
+ * weights float32), act 1 (GeGLU; 0: SiLU x up), softcap (the scores' cap, 0: none), and
+ * Gemma 3's windowed layers' rotary table cos_sin_local for the layers local_layers[l] says
+ * (NULL: none) */
 typedef struct {
     int64_t rows;
     int64_t hidden;
@@ -135,7 +142,7 @@ typedef struct {
     const int32_t *block_tables;
     int64_t block_table_stride;
     const int32_t *context_lens;
-    const uint16_t *final_norm;
+    const void *final_norm;
     uint16_t *x;
     uint16_t *out;
     const int64_t *ids;
@@ -152,6 +159,11 @@ typedef struct {
     const int64_t *window_slot_offsets;
     const int32_t *window_block_tables;
     int64_t window_block_table_stride;
+    int64_t norm_f32;
+    int64_t act;
+    float softcap;
+    const uint16_t *cos_sin_local;
+    const int64_t *local_layers;
 } gp_step_t;
 
 int gp_abi_version(void);

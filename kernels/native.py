@@ -71,8 +71,9 @@ _STATE: dict[str, object] = {}
 
 _i64, _int, _f32, _vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
-    "gp_add_rmsnorm": [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _f32, _int],
-    "gp_head_norms": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _f32, _int],
+    "gp_add_rmsnorm": [_vp, _i64, _vp, _i64, _vp, _int, _vp, _i64, _i64, _i64, _f32, _int],
+    "gp_head_norms": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _int, _f32, _int],
+    "gp_gelu_tanh_mul": [_vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_silu_mul": [_vp, _i64, _vp, _i64, _i64, _i64, _int],
     "gp_rope_kv": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _int],
     "gp_decode_attention": [_vp, _i64, _i64, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _i64,
@@ -786,8 +787,11 @@ def lora_half(x: torch.Tensor | None, h: torch.Tensor, out: torch.Tensor | None,
 def layer_table(layers: list[dict[str, torch.Tensor]]):
     """``decode_layers``' array of native.h's gp_layer_t (plain, unpacked views; the caller
     keeps them alive), or None if a weight is not one it reads: contiguous bf16, int8 with
-    bf16 scales, or 4-bit with float32 groups in x's column order."""
+    bf16 scales, or 4-bit with float32 groups in x's column order; the norms bf16 or float32
+    (Gemma's), all of one dtype (:func:`norms_dtype`)."""
     entries = [name for name, _ in Layer._fields_]  # native.h names them as the model does
+    if len({t.dtype for lw in layers for k, t in lw.items() if k in _NORMS}) > 1:
+        return None
     table = (Layer * len(layers))()
     for lw, row in zip(layers, table):
         if any(k.endswith(("_perm", "_gcode")) for k in lw):  # x reordered first, or
@@ -801,11 +805,12 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
             t = lw.get(entry)
             if t is None:
                 if not entry.endswith(("_scale", "_bias", "_gscale", "_goffset")) and (
-                        entry not in ("q_norm", "k_norm")):  # (Qwen3's: each head's norm)
+                        entry not in _OPTIONAL_NORMS):
                     return None
                 continue
-            if not t.is_contiguous() or t.dtype not in _LAYER_DTYPES[entry.endswith(
-                    ("_gscale", "_goffset"))]:
+            kinds = (_NORM_DTYPES if entry in _NORMS
+                     else _LAYER_DTYPES[entry.endswith(("_gscale", "_goffset"))])
+            if not t.is_contiguous() or t.dtype not in kinds:
                 return None
             if ((t.dtype == torch.int8 and not has_gemv_int8())
                     or (t.dtype == torch.uint8 and not has_gemv_int4())):
@@ -814,8 +819,17 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
     return table
 
 
-# the dtypes a layer's entry may have (a 4-bit weight's groups: float32)
+# the dtypes a layer's entry may have (a 4-bit weight's groups: float32; a norm's: bf16, or
+# float32 for Gemma's 1 + weight)
 _LAYER_DTYPES = {False: (torch.bfloat16, torch.int8, torch.uint8), True: (torch.float32,)}
+_NORMS = ("input_norm", "post_norm", "q_norm", "k_norm", "pre_ff_norm", "post_ff_norm")
+_OPTIONAL_NORMS = _NORMS[2:]  # each head's (Qwen3, Gemma 3), the sandwich's (Gemma)
+_NORM_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def norms_dtype(layers: list[dict[str, torch.Tensor]]) -> torch.dtype:
+    """The dtype of the layers' norms (:func:`layer_table` takes one for all)."""
+    return layers[0]["input_norm"].dtype
 
 
 def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str):
@@ -842,7 +856,8 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                   context_lens: torch.Tensor, scale: float, final_norm: torch.Tensor,
                   ids: torch.Tensor | None = None, embed: tuple | None = None,
                   head: tuple | None = None, lora=None, tp=None,
-                  windows: torch.Tensor | None = None, window_group: tuple | None = None):
+                  windows: torch.Tensor | None = None, window_group: tuple | None = None,
+                  gelu: bool = False, softcap: float = 0.0, rope_local: tuple | None = None):
     """Every layer of a decode step of a few rows in one call (the same kernels, in the same
     order, as the per-op path). x: [T, hidden] contiguous, the embeddings (updated in place);
     or, with ``ids`` [T] and ``embed`` = (table, int8 scales or None), filled with those rows
@@ -852,8 +867,11 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
     step's :func:`lora_table`; tp: None, or a tensor-parallel rank's :class:`TPTable` (the o and
     down products' all-reduce inside the call; no LoRA then); windows: None, or each layer's
     sliding window (int64 [layers], 0: none); window_group: where ``kv`` has two KV groups,
-    the windowed layers' (slot pages, slot offsets, block tables), else None. RuntimeError
-    where a rank is gone or keeps the others waiting past models.tp.TIMEOUT_S."""
+    the windowed layers' (slot pages, slot offsets, block tables), else None. Gemma's:
+    float32 norms (``final_norm``'s dtype says the layers' too), ``gelu`` (GeGLU, else SiLU x
+    up), ``softcap`` (the scores' cap, 0: none), ``rope_local`` = (Gemma 3's windowed layers'
+    rotary table, each layer's flag int64 [layers]) or None. RuntimeError where a rank is
+    gone or keeps the others waiting past models.tp.TIMEOUT_S."""
     t, hidden = x.shape
     check("x", x, torch.bfloat16, 2, contiguous=True)
     if (window_group is not None) != kv.mixed:
@@ -872,7 +890,13 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
         if v.shape[0] != t:
             raise ValueError(f"native: decode_layers' {name} must have {t} rows")
     check("cos_sin", cos_sin, torch.bfloat16, 3, contiguous=True)
-    check("final_norm", final_norm, torch.bfloat16, 1, contiguous=True)
+    _check_norm_weight(final_norm, "final_norm")
+    if rope_local is not None:
+        check("cos_sin_local", rope_local[0], torch.bfloat16, 3, contiguous=True)
+        check("local_layers", rope_local[1], torch.int64, 1, contiguous=True)
+        if rope_local[0].shape != cos_sin.shape or rope_local[1].shape[0] != num_layers:
+            raise ValueError("native: decode_layers' local rotary table must be shaped as "
+                             "cos_sin, its flags one a layer")
     if len(table) != num_layers or len(kv.arrays[0]) != num_layers:
         raise ValueError(f"native: decode_layers needs {num_layers} layers' weights and caches")
     if ids is not None:
@@ -903,7 +927,12 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
                 head_scale=None if head is None else _p(head[1]),
                 vocab=0 if head is None else head[0].shape[0], logits=_p(logits),
                 lora=None if lora is None else ctypes.addressof(lora),
-                tp=None if tp is None else ctypes.addressof(tp.struct), windows=_p(windows))
+                tp=None if tp is None else ctypes.addressof(tp.struct), windows=_p(windows),
+                norm_f32=int(final_norm.dtype == torch.float32), act=int(gelu),
+                softcap=softcap)
+    if rope_local is not None:
+        step.cos_sin_local, step.local_layers = (rope_local[0].data_ptr(),
+                                                 rope_local[1].data_ptr())
     if window_group is not None:
         step.window_slot_pages, step.window_slot_offsets = (window_group[0].data_ptr(),
                                                            window_group[1].data_ptr())
@@ -989,9 +1018,11 @@ class KVTable:
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                 eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x += delta`` (in place, if given), then ``rms_norm(x, weight)`` into ``out``.
-    x, delta, out: [rows, dim] bf16 with unit stride in dim; weight: [dim] contiguous."""
+    x, delta, out: [rows, dim] bf16 with unit stride in dim; weight: [dim] contiguous, bf16,
+    or float32 (Gemma's 1 + weight: scaled in float32 and rounded once, as
+    ``reference.rms_norm``)."""
     check("x", x, torch.bfloat16, 2)
-    check("weight", weight, torch.bfloat16, 1, contiguous=True)
+    _check_norm_weight(weight)
     for name, t in (("delta", delta), ("out", out)):
         if t is not None:
             check(name, t, torch.bfloat16, 2)
@@ -1002,23 +1033,46 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         out = torch.empty_like(x)
     _lib().gp_add_rmsnorm(x.data_ptr(), x.stride(0), _p(delta),
                           0 if delta is None else delta.stride(0), weight.data_ptr(),
-                          out.data_ptr(), out.stride(0), rows, dim, eps, torch.get_num_threads())
+                          int(weight.dtype == torch.float32), out.data_ptr(), out.stride(0),
+                          rows, dim, eps, torch.get_num_threads())
     return out
+
+
+def _check_norm_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    if weight.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"native: a norm's {name} must be bf16 or float32, not {weight.dtype}")
+    check(name, weight, weight.dtype, 1, contiguous=True)
 
 
 def head_norms(qkv: torch.Tensor, first: int, count: int, head_dim: int, weight: torch.Tensor,
                eps: float) -> None:
     """Heads ``first`` .. ``first + count - 1`` of every row of ``qkv`` ([rows, n head_dim]
     bf16, unit stride in the row) normed in place, each as one row of :func:`add_rmsnorm`
-    with ``weight`` [head_dim] (Qwen3's q_norm and k_norm; ``decode_layers`` the same)."""
+    with ``weight`` [head_dim] (bf16, or float32: Gemma 3's; the q_norm and k_norm of Qwen3
+    and Gemma 3; ``decode_layers`` the same)."""
     check("qkv", qkv, torch.bfloat16, 2)
-    check("weight", weight, torch.bfloat16, 1, contiguous=True)
+    _check_norm_weight(weight)
     if (weight.shape[0] != head_dim or head_dim > MAX_HEAD_DIM or first < 0
             or (first + count) * head_dim > qkv.shape[1]):
         raise ValueError(f"native: head_norms' heads {first}..{first + count} of {head_dim} "
                          f"do not fit rows of {qkv.shape[1]} or weight {tuple(weight.shape)}")
     _lib().gp_head_norms(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, count, head_dim,
-                         weight.data_ptr(), eps, torch.get_num_threads())
+                         weight.data_ptr(), int(weight.dtype == torch.float32), eps,
+                         torch.get_num_threads())
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Gemma's GeGLU of ``gate_up`` [rows, 2 * inter] (gate first): ``gelu(gate) * up``,
+    gelu with the tanh approximation in float32 rounded once, as torch's for bf16, then the
+    product rounded (``reference.act_mul(..., "gelu_tanh")`` within its tanh's last bits)."""
+    check("gate_up", gate_up, torch.bfloat16, 2)
+    rows, two = gate_up.shape
+    if two % 2:
+        raise ValueError("native: gelu_tanh_mul's gate_up must have an even width")
+    out = torch.empty(rows, two // 2, dtype=torch.bfloat16)
+    _lib().gp_gelu_tanh_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
+                            out.stride(0), rows, two // 2, torch.get_num_threads())
+    return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -1163,9 +1217,14 @@ def failures(seed: int = 0) -> list[str]:
     got = add_rmsnorm(x, delta, w, 1e-5)  # x is updated in place
     if not (torch.equal(x, want_x) and close(got, want)):
         bad.append("add_rmsnorm")
+    w32 = torch.rand(40, generator=g) + 0.5  # Gemma's 1 + weight, float32
+    if not close(add_rmsnorm(x.clone(), None, w32, 1e-6), reference.rms_norm(x, w32, 1e-6)):
+        bad.append("add_rmsnorm (float32 weight)")
     gu = rnd(3, 2 * 24)
     if not close(silu_mul(gu), reference.silu_mul(gu)):
         bad.append("silu_mul")
+    if not close(gelu_tanh_mul(gu * 3), reference.act_mul(gu * 3, "gelu_tanh")):
+        bad.append("gelu_tanh_mul")
     # 2 sequences, 4 heads over 2 KV heads, D 8, pages of 4 tokens
     h, kvh, d, bt, pages = 4, 2, 8, 4, 6
     kv = rnd(pages, 2, bt, kvh, d)

@@ -72,6 +72,50 @@ def test_add_rmsnorm_matches_torch(rows, with_delta):
     assert (got.double() - exact).abs().max() <= their_err * (1 + 2**-8)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 160])
+def test_a_float32_weight_norm_scales_in_float32_and_rounds_once(rows):
+    """Gemma's norms (weights kept as 1 + weight in float32): as reference.rms_norm, within
+    a bf16 step (the sum of squares in the kernel's order), never further from float64."""
+    dim = 640
+    x = _rand(rows, dim, seed=7, scale=3.0)
+    delta = _rand(rows, dim, seed=8)
+    w = torch.rand(dim, generator=torch.Generator().manual_seed(9)) + 0.5
+    want_x = (x.float() + delta.float()).to(BF)
+    want = reference.rms_norm(want_x, w, 1e-6)
+    got = native.add_rmsnorm(x, delta, w, 1e-6)
+    assert torch.equal(x, want_x)
+    ulps = _ulps_apart(got, want)
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() >= 0.99
+    xd = want_x.double()
+    exact = w.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01
+    with pytest.raises(ValueError, match="bf16 or float32"):
+        native.add_rmsnorm(x, None, w.double(), 1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 70])  # 70 rows: the threaded branch
+def test_gelu_tanh_mul_is_the_exact_geglu_rounded_as_torch_rounds(rows):
+    """Gemma's GeGLU (gelu with the tanh approximation, rounded to bf16, times up, rounded):
+    within one bf16 step of that computed in float64, everywhere; torch's bits on most
+    values, and where not, no further from float64 than torch's (torch's 1 + tanh(y)
+    cancels for gates below about -2)."""
+    gu = _rand(rows, 2 * 2048, seed=10, scale=3.0)
+    gu[0, :7] = torch.tensor([0.0, -0.0, 12.0, -12.0, 1e-6, -60.0, -5.0]).to(BF)
+    got = native.gelu_tanh_mul(gu)
+    g, up = gu.double().chunk(2, dim=-1)
+    y = (2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3)
+    exact = (g / (1 + torch.exp(-2 * y))).to(BF).double() * up  # (= 0.5 g (1 + tanh y))
+    def steps(a, b):  # bf16 steps apart; values both below 1e-30 (zeros of either sign,
+        # and what e^-2y's range gives near float32's least normal) alike
+        tiny = (a.double().abs() < 1e-30) & (b.double().abs() < 1e-30)
+        return torch.where(tiny, 0, _ulps_apart(a, b))
+
+    assert steps(got, exact.to(BF)).max() <= 1
+    theirs = reference.act_mul(gu, "gelu_tanh")
+    assert (steps(got, theirs) == 0).float().mean() >= 0.9
+    assert ((got.double() - exact).abs() <= (theirs.double() - exact).abs()).all()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 70])  # 70 x 8 heads of 128: the threaded branch
 def test_head_norms_are_each_heads_add_rmsnorm_in_place(rows):
     """Qwen3's q and k norms (native.head_norms, decode_layers' too): each head of a qkv row
@@ -84,6 +128,7 @@ def test_head_norms_are_each_heads_add_rmsnorm_in_place(rows):
     before = base.clone()
     wq, wk = ((torch.rand(d, generator=torch.Generator().manual_seed(s)) + 0.5).to(BF)
               for s in (5, 6))
+    wk = wk.float()  # (Gemma 3's: float32)
     native.head_norms(qkv, 0, nq, d, wq, 1e-6)
     native.head_norms(qkv, nq, nkv, d, wk, 1e-6)
     for lo, n, w in ((0, nq, wq), (nq, nkv, wk)):
@@ -894,7 +939,7 @@ def _teacher_forced_logits(engine, ids):
 @pytest.mark.parametrize("variant,quantization", [("llama", None), ("qwen2", None),
                                                   ("llama", "int8"), ("mistral", None),
                                                   ("gemma3", None), ("gemma2", None),
-                                                  ("gpt_oss", None)])
+                                                  ("gpt_oss", None), ("olmoe", None)])
 def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models, variant,
                                                                        quantization,
                                                                        monkeypatch):
@@ -934,7 +979,8 @@ def test_model_on_the_kernels_is_as_close_to_fp32_as_its_torch_path(tiny_models,
     ("llama", None, False), ("qwen2", None, False), ("llama", "int8", False),
     ("llama", None, True), ("llama", "int8", True), ("llama", "int4", False),
     ("qwen2", "int4", True), ("mistral", None, True), ("qwen2_window", None, True),
-    ("qwen3", None, True)])  # qwen3: each head's q and k norms in the call
+    ("qwen3", None, True),  # qwen3: each head's q and k norms in the call
+    ("gemma2", None, True), ("gemma3", None, True), ("gemma3_wide", None, False)])
 def test_whole_step_call_gives_the_per_op_path_bit_for_bit(tiny_models, variant, quantization,
                                                             adapters, tmp_path, monkeypatch):
     """native.decode_layers (every layer of a small decode step in one call, with the
