@@ -37,8 +37,12 @@ with its experts run as the model's loop of products (``mxfp4_loop``: gpt-oss's 
 its biases and clamped SwiGLU went into the one native experts call).
 --whole-step: decode on the native kernels in one call a step (``native.decode_layers``)
 against the same kernels op by op (the call turned off), per model (default ``qwen3``: Qwen3
-0.6B's layer shape, whose heads' q and k norms the call now takes): decode tokens/s at batch
-1 and 8 as above, the one call over op by op.
+0.6B's layer shape, whose heads' q and k norms the call takes; ``gemma3``, ``gemma2``):
+decode tokens/s at batch 1 and 8 as above but of decode steps only: prompts of whole pages
+of the model's global layers and one token (600 rounded up: a cache hit on 600 tokens of
+Gemma 3's shape, whose global layers' pages hold 340 tokens, skips 340, and the rest is
+prefilled a few dozen tokens a step beside the decoding rows, most of the run's time), the
+one call over op by op.
 Usage: python3 benchmarks/bench_families.py [--json] [--rounds 3] [--models gemma3,mistral]
        python3 benchmarks/bench_families.py --kv [--json] [--rounds 3] [--models gemma3]
        python3 benchmarks/bench_families.py --mxfp4 [--json] [--rounds 3]
@@ -171,7 +175,8 @@ def _make_mxfp4(root: Path) -> tuple[Path, Path]:
     return packed, plain
 
 
-def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
+def _measure(folder: Path, native: bool, threads: int,
+             steps_only: bool = False) -> dict[str, float]:
     # the prefix cache on: a decode run's prompts were prefilled by the call before it, so
     # its time is the decode steps' (the 1000-token prompt is new: a whole prefill)
     # the weight region set (its default, 30% of the memory free when the engine starts,
@@ -188,8 +193,12 @@ def _measure(folder: Path, native: bool, threads: int) -> dict[str, float]:
         engine.generate(long, first)
         out["ttft_1000_ms"] = (time.perf_counter() - start) * 1e3
         params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        length = 600
+        if steps_only:  # whole cached pages and one token: the steps decode only
+            bt = engine.local.core.scheduler.block_tokens["m"]
+            length = -(-length // bt) * bt + 1
         for batch in (1, 8):
-            prompts = _prompts(batch, 600, 2 + batch)
+            prompts = _prompts(batch, length, 2 + batch)
             engine.generate(prompts, first)  # the prefill, outside the decode's time
             start = time.perf_counter()
             engine.generate(prompts, params)
@@ -313,7 +322,7 @@ def main_whole_step(args, threads: int) -> None:
         for kind in kinds:
             for mode in ("one_call", "per_op"):
                 with _per_op(mode == "per_op"):
-                    got = _measure(folders[kind], True, threads)
+                    got = _measure(folders[kind], True, threads, steps_only=True)
                 for key, value in got.items():
                     runs.setdefault(f"{kind}_{mode}", {}).setdefault(key, []).append(value)
     result: dict = {"cpu": cpu_flags(), "threads": threads, "rounds": args.rounds}
