@@ -423,13 +423,12 @@ def _native_experts(lw, cfg) -> tuple:
 class _NativeCache:
     """What the whole-step call reads, made once per bind: the layers' weight addresses
     (None: some weight is not a form it reads), the embedding and head (None likewise), the
-    KV caches' addresses (per KV view), Gemma 3's windowed layers' rotary table."""
+    KV caches' addresses (per KV view)."""
     table: object = None
     ends: tuple | None = None
     kv: tuple = field(default_factory=tuple)  # (kv views, their native.KVTable) or ()
     experts: dict = field(default_factory=dict)  # id(layer's dict) -> (it, MoeTable)
     tp: object = None  # a tensor-parallel rank's native.TPTable
-    local: tuple | None = None  # Gemma 3's (local rotary table, each layer's flag)
     made: bool = False
 
 
@@ -486,9 +485,6 @@ class NativeOps(TorchOps):
         if not c.made:
             c.table = native.layer_table(model.plain)
             c.ends = native.step_ends(model.w, model.lm_head_name, SCALE_SUFFIX)
-            if model.rope_local is not None:  # Gemma 3's windowed layers' rotary table
-                c.local = (model.rope_local,
-                           torch.tensor(model.local_layers, dtype=torch.int64))
             c.made = True
         if not c.kv or c.kv[0] is not kv_layers:
             groups = [g for g, _ in model.kv_places] if model.mixed_kv else None
@@ -539,7 +535,8 @@ class NativeOps(TorchOps):
                 batch.window_group.slot_pages, batch.window_group.slot_offsets,
                 batch.window_group.decode_block_tables),
             gelu=cfg.activation == "gelu_tanh", softcap=cfg.attn_softcap or 0.0,
-            rope_local=self._cache.local if model.rope_local is not None else None)
+            rope_local=None if model.local_flags is None else (model.rope_local,
+                                                               model.local_flags))
         if whole:
             return out
         # (the vocabulary's columns gathered from the ranks; Gemma 2's cap)

@@ -59,6 +59,9 @@ class LlamaModel:
             device) if cfg.rope_local_theta else None)
         self.local_layers = [bool(w) and self.rope_local is not None
                              for w in (cfg.layer_windows or [0] * cfg.num_layers)]
+        # the same flags for the native whole-step decode (None: no local rotary table)
+        self.local_flags = (torch.tensor(self.local_layers, dtype=torch.int64)
+                            if self.rope_local is not None else None)
         # global and windowed layers mixed: each layer's KV group (0 global, 1 windowed: its
         # own pages, block tables and slots, ForwardBatch.window_group) and place in it
         groups = cfg.kv_groups
