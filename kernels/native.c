@@ -495,6 +495,7 @@ int64_t gp_pack_pieces(const void *values, int64_t kind, const int64_t *runs, in
                        float scaling, uint8_t *const *pieces, int64_t num_pieces,
                        int64_t piece_bytes, int64_t elems, int64_t mirror_offset,
                        int64_t covers, int64_t threads) {
+    (void)threads;  /* a build without OpenMP has one thread */
     int64_t per_piece = piece_bytes / 4, bad = 0, main_end = mirror_offset < 0 ? piece_bytes
                                                                               : mirror_offset;
     int64_t zero_from = covers ? 4 * elems : 0;
