@@ -323,12 +323,33 @@ static inline float exp_fixed(float x) {
  * 1 or past float32's range either way) */
 static inline float exp_neg(float x) { return exp_fixed(-fminf(fmaxf(x, -88.0f), 88.0f)); }
 
-static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
-                          int64_t rows, int64_t inter) {
+/* Gemma's GeGLU: out[r] = bf16(bf16(gelu(g)) * u), gelu with the tanh approximation in
+ * float32, 0.5 g (1 + tanh(y)) for y = sqrt(2 / pi) (g + 0.044715 g^3), written as
+ * g / (1 + e^-2y) (the same function; torch's 1 + tanh(y) cancels to a few bits for g below
+ * -2, this keeps them; 0 where e^-2y passes float32's range), e^-2y by exp_fixed (the same
+ * bits in every build) */
+static inline void gelu_tanh_row(const uint16_t *g, const uint16_t *u, uint16_t *o,
+                                 int64_t inter) {
+    for (int64_t i = 0; i < inter; i++) {
+        float v = bf2f(g[i]);
+        float y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        float a = 2.0f * y < -88.0f ? 0.0f * v  /* below float32's range: +-0 */
+                                    : v / (1.0f + exp_neg(2.0f * y));
+        o[i] = f2bf(round_bf(a) * bf2f(u[i]));
+    }
+}
+
+/* SiLU x up (above), or with gelu Gemma's GeGLU */
+static void act_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
+                         int64_t rows, int64_t inter, int gelu) {
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *g = gu + r * ldg, *u = g + inter;
         uint16_t *o = out + r * ldo;
+        if (gelu) {
+            gelu_tanh_row(g, u, o, inter);
+            continue;
+        }
         float s[MAX_DIM];
         for (int64_t i = 0; i < inter; i++) {
             float v = bf2f(g[i]);
@@ -338,6 +359,11 @@ static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_
     }
 }
 
+static void silu_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
+                          int64_t rows, int64_t inter) {
+    act_mul_body(gu, ldg, out, ldo, rows, inter, 0);
+}
+
 void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, int64_t rows,
                  int64_t inter, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
@@ -345,32 +371,11 @@ void gp_silu_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo, in
     silu_mul_body(gu, ldg, out, ldo, rows, inter);
 }
 
-/* Gemma's GeGLU: out[r] = bf16(bf16(gelu(g)) * u), gelu with the tanh approximation in
- * float32, 0.5 g (1 + tanh(y)) for y = sqrt(2 / pi) (g + 0.044715 g^3), written as
- * g / (1 + e^-2y) (the same function; torch's 1 + tanh(y) cancels to a few bits for g below
- * -2, this keeps them; 0 where e^-2y passes float32's range), e^-2y by exp_fixed (the same
- * bits in every build) */
-static void gelu_tanh_mul_body(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
-                               int64_t rows, int64_t inter) {
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *g = gu + r * ldg, *u = g + inter;
-        uint16_t *o = out + r * ldo;
-        for (int64_t i = 0; i < inter; i++) {
-            float v = bf2f(g[i]);
-            float y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-            float a = 2.0f * y < -88.0f ? 0.0f * v  /* below float32's range: +-0 */
-                                        : v / (1.0f + exp_neg(2.0f * y));
-            o[i] = f2bf(round_bf(a) * bf2f(u[i]));
-        }
-    }
-}
-
 void gp_gelu_tanh_mul(const uint16_t *gu, int64_t ldg, uint16_t *out, int64_t ldo,
                       int64_t rows, int64_t inter, int threads) {
     (void)threads;  /* a build without OpenMP has one thread */
     #pragma omp parallel num_threads(threads) if (rows * inter >= 65536)
-    gelu_tanh_mul_body(gu, ldg, out, ldo, rows, inter);
+    act_mul_body(gu, ldg, out, ldo, rows, inter, 1);
 }
 
 /* gpt-oss's clamped SwiGLU, each operation rounded to bf16 as torch's bf16 ops round
@@ -2842,10 +2847,7 @@ static void layer_body(const gp_step_t *st, int64_t l, uint16_t *x, uint16_t *h,
     matmul_body(h, T, hidden, p->gate_up_weight, p->gate_up_weight_scale, &q4[2], NULL,
                 2 * inter, gu, xq, xs, x4);
     if (lora) lora_group(st, l, 2, h, hidden, gu, 2 * inter, items, item_seg, lh, failed);
-    if (st->act)
-        gelu_tanh_mul_body(gu, 2 * inter, act, inter, T, inter);
-    else
-        silu_mul_body(gu, 2 * inter, act, inter, T, inter);
+    act_mul_body(gu, 2 * inter, act, inter, T, inter, (int)st->act);
     matmul_body(act, T, inter, p->down_weight, p->down_weight_scale, &q4[3], NULL, hidden,
                 delta, xq, xs, x4);
     if (st->tp) tp_all_reduce(st->tp, delta, T * hidden, 0, failed);

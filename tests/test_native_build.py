@@ -113,9 +113,10 @@ def test_the_avx2_gemv_is_bit_identical_to_the_avx512_bf16_one(both_builds):
 
 
 def test_the_avx2_activations_are_bit_identical_to_the_avx512_ones(both_builds):
-    """SiLU x up and gpt-oss's clamped SwiGLU (exp_fixed's float32 operations, which the
-    compiler vectorises on 8 or 16 lanes) give the same bits in both builds, on gates and ups
-    from tiny to past the clamp and exp's range."""
+    """SiLU x up, gpt-oss's clamped SwiGLU and Gemma's GeGLU (exp_fixed's float32
+    operations, which the compiler vectorises on 8 or 16 lanes) give the same bits in both
+    builds, on gates and ups from tiny to past the clamp and exp's range; so do Gemma's
+    norms (float32 weights)."""
     libs = both_builds
     g = torch.Generator().manual_seed(5)
     for rows, inter, spread in ((1, 24, 1.0), (5, 1536, 6.0), (64, 100, 40.0)):
@@ -124,10 +125,18 @@ def test_the_avx2_activations_are_bit_identical_to_the_avx512_ones(both_builds):
         for march, lib in libs.items():
             silu = torch.empty(rows, inter, dtype=torch.bfloat16)
             swiglu = torch.empty(rows, inter, dtype=torch.bfloat16)
+            gelu = torch.empty(rows, inter, dtype=torch.bfloat16)
+            normed = torch.empty(rows, 2 * inter, dtype=torch.bfloat16)
+            w32 = torch.rand(2 * inter, generator=torch.Generator().manual_seed(6)) + 0.5
             lib.gp_silu_mul(gu.data_ptr(), 2 * inter, silu.data_ptr(), inter, rows, inter, 2)
             lib.gp_swiglu_oai(gu.data_ptr(), 2 * inter, swiglu.data_ptr(), inter, rows, inter,
                               ctypes.c_float(7.0), ctypes.c_float(1.702), 2)
-            outs[march] = (silu.view(torch.int16), swiglu.view(torch.int16))
+            lib.gp_gelu_tanh_mul(gu.data_ptr(), 2 * inter, gelu.data_ptr(), inter, rows,
+                                 inter, 2)
+            lib.gp_add_rmsnorm(gu.data_ptr(), 2 * inter, None, 0, w32.data_ptr(), 1,
+                               normed.data_ptr(), 2 * inter, rows, 2 * inter,
+                               ctypes.c_float(1e-6), 2)
+            outs[march] = tuple(t.view(torch.int16) for t in (silu, swiglu, gelu, normed))
         for a, b in zip(outs["x86-64-v3"], outs["native"]):
             assert torch.equal(a, b), (rows, inter, spread)
 
