@@ -352,8 +352,9 @@ _LAYOUTS_LOCK = threading.Lock()
 
 
 def _layout(header: bytes, file_bytes: int) -> tuple | None:
-    """(dtype, values, signature, shapes, starts) of a safetensors file of ``file_bytes``
-    whose header is ``header``, or None where it is not plain (:func:`read_raw`)."""
+    """(dtype, number of values, signature, shapes, starts) of a safetensors file of
+    ``file_bytes`` whose header is ``header``, or None where it is not plain
+    (:func:`read_raw`): parsed once per header and size, the last _LAYOUTS_KEPT kept."""
     key = (header, file_bytes)
     with _LAYOUTS_LOCK:
         if key in _LAYOUTS:

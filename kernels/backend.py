@@ -504,7 +504,7 @@ class NativeOps(TorchOps):
                 or (tp is not None and tp.shm is None)):
             return None
         table, ends, kv = self._whole_step_inputs(model, kv_layers)
-        if table is None or native.norms_dtype(model.plain) != model.w["norm"].dtype:
+        if table is None or table.norm_dtype != model.w["norm"].dtype:
             return None
         rows = batch.num_tokens
         exchange = None if tp is None else self._tp_table(tp)

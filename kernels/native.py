@@ -788,7 +788,7 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
     """``decode_layers``' array of native.h's gp_layer_t (plain, unpacked views; the caller
     keeps them alive), or None if a weight is not one it reads: contiguous bf16, int8 with
     bf16 scales, or 4-bit with float32 groups in x's column order; the norms bf16 or float32
-    (Gemma's), all of one dtype (:func:`norms_dtype`)."""
+    (Gemma's), all of one dtype (the table's ``norm_dtype``)."""
     entries = [name for name, _ in Layer._fields_]  # native.h names them as the model does
     if len({t.dtype for lw in layers for k, t in lw.items() if k in _NORMS}) > 1:
         return None
@@ -816,6 +816,8 @@ def layer_table(layers: list[dict[str, torch.Tensor]]):
                     or (t.dtype == torch.uint8 and not has_gemv_int4())):
                 return None
             setattr(row, entry, t.data_ptr())
+    # (the norms' one dtype: decode_layers' final norm must have it too)
+    table.norm_dtype = layers[0]["input_norm"].dtype if layers else torch.bfloat16
     return table
 
 
@@ -826,10 +828,6 @@ _NORMS = ("input_norm", "post_norm", "q_norm", "k_norm", "pre_ff_norm", "post_ff
 _OPTIONAL_NORMS = _NORMS[2:]  # each head's (Qwen3, Gemma 3), the sandwich's (Gemma)
 _NORM_DTYPES = (torch.bfloat16, torch.float32)
 
-
-def norms_dtype(layers: list[dict[str, torch.Tensor]]) -> torch.dtype:
-    """The dtype of the layers' norms (:func:`layer_table` takes one for all)."""
-    return layers[0]["input_norm"].dtype
 
 
 def step_ends(weights: dict[str, torch.Tensor], lm_head: str, scale_suffix: str):
@@ -891,6 +889,9 @@ def decode_layers(x: torch.Tensor, table, num_layers: int, inter: int, num_heads
             raise ValueError(f"native: decode_layers' {name} must have {t} rows")
     check("cos_sin", cos_sin, torch.bfloat16, 3, contiguous=True)
     _check_norm_weight(final_norm, "final_norm")
+    if final_norm.dtype != getattr(table, "norm_dtype", torch.bfloat16):
+        raise ValueError("native: decode_layers' final norm and its layers' norms must share "
+                         "one dtype")
     if rope_local is not None:
         check("cos_sin_local", rope_local[0], torch.bfloat16, 3, contiguous=True)
         check("local_layers", rope_local[1], torch.int64, 1, contiguous=True)
@@ -1029,6 +1030,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
             if t.shape != x.shape:
                 raise ValueError(f"native: add_rmsnorm's {name} must be shaped as x")
     rows, dim = x.shape
+    if weight.shape[0] != dim:  # (a longer or shorter one would be read out of its bounds)
+        raise ValueError(f"native: add_rmsnorm's weight has {weight.shape[0]} values for rows "
+                         f"of {dim}")
     if out is None:
         out = torch.empty_like(x)
     _lib().gp_add_rmsnorm(x.data_ptr(), x.stride(0), _p(delta),
@@ -1063,8 +1067,9 @@ def head_norms(qkv: torch.Tensor, first: int, count: int, head_dim: int, weight:
 
 def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """Gemma's GeGLU of ``gate_up`` [rows, 2 * inter] (gate first): ``gelu(gate) * up``,
-    gelu with the tanh approximation in float32 rounded once, as torch's for bf16, then the
-    product rounded (``reference.act_mul(..., "gelu_tanh")`` within its tanh's last bits)."""
+    gelu with the tanh approximation in float32 as g / (1 + e^-2y) rounded once, then the
+    product rounded: within a bf16 step of float64 everywhere, torch's bits on most values
+    (``reference.act_mul(..., "gelu_tanh")``, whose 1 + tanh(y) cancels below g = -2)."""
     check("gate_up", gate_up, torch.bfloat16, 2)
     rows, two = gate_up.shape
     if two % 2:

@@ -338,6 +338,8 @@ def test_the_interface_refuses_what_would_corrupt_memory(tmp_path, monkeypatch):
         native.check("x", torch.zeros(8, 2, dtype=bf).T, bf, 2)
     with pytest.raises(ValueError, match="2-d"):
         native.check("x", torch.zeros(8, dtype=bf), bf, 2)
+    with pytest.raises(ValueError, match="weight has 4 values for rows of 8"):
+        native.add_rmsnorm(torch.zeros(2, 8, dtype=bf), None, torch.ones(4, dtype=bf), 1e-6)
     i32 = torch.int32
     starts, pages = torch.tensor([0, 2], dtype=i32), torch.tensor([0, 1], dtype=i32)
     memory = torch.zeros(2, 256, dtype=torch.uint8)
