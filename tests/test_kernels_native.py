@@ -118,9 +118,10 @@ def test_gelu_tanh_mul_is_the_exact_geglu_rounded_as_torch_rounds(rows):
 
 @pytest.mark.parametrize("rows", [1, 3, 70])  # 70 x 8 heads of 128: the threaded branch
 def test_head_norms_are_each_heads_add_rmsnorm_in_place(rows):
-    """Qwen3's q and k norms (native.head_norms, decode_layers' too): each head of a qkv row
-    normed in place as add_rmsnorm norms a row of head_dim, bit for bit; the other heads and
-    the row's tail past its width untouched."""
+    """The q and k norms of Qwen3 (bf16 weights) and Gemma 3 (float32: the k heads' here)
+    (native.head_norms, decode_layers' too): each head of a qkv row normed in place as
+    add_rmsnorm norms a row of head_dim, bit for bit; the other heads and the row's tail past
+    its width untouched."""
     nq, nkv, d = 8, 2, 128
     width = (nq + 2 * nkv) * d
     base = _rand(rows, width + 8, seed=4, scale=3.0)
