@@ -521,9 +521,7 @@ class NativeOps(TorchOps):
         if whole:
             x = torch.empty(rows, cfg.hidden_size, dtype=model.dtype)
         else:
-            x = model._embed_tp(batch.input_ids) if tp else model.embed(batch.input_ids)
-            if model.embed_normalizer is not None:  # (as forward scales it)
-                x = x * model.embed_normalizer
+            x = model.input_rows(batch.input_ids)
         out = native.decode_layers(
             x, table, cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.rms_norm_eps, model.rope, batch.positions, kv, batch.slot_pages,

@@ -139,6 +139,14 @@ class LlamaModel:
             x = x.to(self.dtype) * scale[ids, None]
         return x
 
+    def input_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: the embedding (over the ranks' vocabularies under TP),
+        times Gemma's scale."""
+        x = self._embed_tp(ids) if self.tp else self.embed(ids)
+        if self.embed_normalizer is not None:
+            x = x * self.embed_normalizer
+        return x
+
     def _embed_tp(self, ids: torch.Tensor) -> torch.Tensor:
         """The embedding split by vocabulary: each rank's rows of the ids it holds, zeros for
         the others, added over the ranks."""
@@ -166,9 +174,7 @@ class LlamaModel:
                   else ops.decode_step(self, batch, plan, kv_layers, lora))
         if logits is not None:  # the backend ran the whole step in one call
             return logits
-        x = self._embed_tp(batch.input_ids) if self.tp else self.embed(batch.input_ids)
-        if self.embed_normalizer is not None:
-            x = x * self.embed_normalizer
+        x = self.input_rows(batch.input_ids)
         delta = None  # the previous layer's MLP output, added to x by the next norm
         plans = (plan, self._local_plan(plan, batch))
         batches = (batch, batch.window_group) if self.mixed_kv else (batch,)
